@@ -1,0 +1,102 @@
+"""Input validation shared by the public API.
+
+Every error names the argument, what was expected and what was given, so a user can fix the call without reading
+the source. Value checks that need a device-to-host sync (``check_targets``) are skipped while ``torch.compile``
+traces, where they would break the graph.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+_KINDS = {
+    "float": (lambda d: d.is_floating_point, "a floating-point tensor"),
+    "int": (lambda d: (not d.is_floating_point) and (not d.is_complex) and d != torch.bool, "an integer tensor"),
+    "bool": (lambda d: d == torch.bool, "a bool tensor"),
+    "real": (lambda d: not d.is_complex, "a real (float, integer or bool) tensor"),
+}
+
+
+def check_tensor(
+    name: str,
+    t,
+    *,
+    ndim: Optional[int] = None,
+    kind: Optional[str] = None,
+    shape: Optional[Sequence[Optional[int]]] = None,
+) -> None:
+    """Raise a TypeError/ValueError naming ``name`` unless ``t`` is a tensor of the given rank, dtype kind and shape.
+
+    ``shape`` entries that are ``None`` match any size; ``kind`` is one of "float", "int", "bool", "real".
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"argument '{name}': expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is None and shape is not None:
+        ndim = len(shape)
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"argument '{name}': expected a {ndim}-D tensor, got shape {tuple(t.shape)} ({t.dim()}-D)")
+    if kind is not None:
+        ok, what = _KINDS[kind]
+        if not ok(t.dtype):
+            raise TypeError(f"argument '{name}': expected {what}, got dtype {t.dtype}")
+    if shape is not None:
+        for i, (got, want) in enumerate(zip(t.shape, shape)):
+            if want is not None and got != want:
+                expected = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+                raise ValueError(
+                    f"argument '{name}': expected shape {expected}, got {tuple(t.shape)} (dimension {i} differs)"
+                )
+
+
+def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
+    """Raise a ValueError listing every argument's device unless all given tensors share one device."""
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"'{k}' on {v.device}" for k, v in present.items())
+        raise ValueError(f"expected all tensors on one device, got {listing}")
+
+
+def check_same_dtype(**tensors: Optional[torch.Tensor]) -> None:
+    """Raise a TypeError listing every argument's dtype unless all given tensors share one dtype."""
+    present = {k: v for k, v in tensors.items() if v is not None}
+    if len({v.dtype for v in present.values()}) > 1:
+        listing = ", ".join(f"'{k}' {v.dtype}" for k, v in present.items())
+        raise TypeError(f"expected one floating-point dtype for all features, got {listing}")
+
+
+def check_scalar_param(name: str, t) -> None:
+    """A blending coefficient: a floating-point tensor with exactly one element (shape () or (1,))."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"argument '{name}': expected a one-element torch.Tensor, got {type(t).__name__}")
+    if t.numel() != 1 or t.dim() > 1:
+        raise ValueError(f"argument '{name}': expected a one-element tensor of shape () or (1,), got {tuple(t.shape)}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"argument '{name}': expected a floating-point tensor, got dtype {t.dtype}")
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def check_targets(name: str, t: torch.Tensor) -> None:
+    """Partial targets must hold only -1 (known absent), 0 (unknown) and +1 (known present)."""
+    check_tensor(name, t, kind="real")
+    if _compiling() or t.numel() == 0:
+        return
+    bad = (t != 0) & (t != 1) & (t != -1)
+    if bool(bad.any()):
+        value = t[bad].flatten()[0].item()
+        raise ValueError(f"argument '{name}': expected values in {{-1, 0, 1}}, found {value}")
+
+
+def check_index_range(name: str, t: torch.Tensor, low: int, high: int) -> None:
+    """Integer tensor with every value in [low, high] (inclusive); skipped while compiling."""
+    check_tensor(name, t, kind="int")
+    if _compiling() or t.numel() == 0:
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < low or hi > high:
+        raise ValueError(f"argument '{name}': expected values in [{low}, {high}], found range [{lo}, {hi}]")

@@ -1,0 +1,291 @@
+"""Loading checkpoints of the official DSRB code into :class:`dsrb.models.DSRB`, and writing them back.
+
+Key table (official name -> ``DSRB`` name); ``*`` stands for the rest of the key, copied unchanged:
+
+=========================================  ==========================  ==========================================
+official key                               DSRB key                    shape
+=========================================  ==========================  ==========================================
+``backbone.*``                             ``backbone.*``              torchvision ResNet keys, no ``fc``
+``changeChannel.0.weight``                 ``reduction.0.weight``      (D, Cb, 1, 1)
+``changeChannel.1.*``                      ``reduction.1.*``           BatchNorm2d(D) (weight, bias, running stats)
+``SemanticDecoupling.fc1.weight``          ``semantic.fc1.weight``     (I, D)
+``SemanticDecoupling.fc2.weight``          ``semantic.fc2.weight``     (I, E)
+``SemanticDecoupling.fc3.{weight,bias}``   ``semantic.fc3.*``          (I, I), (I,)
+``SemanticDecoupling.fc4.{weight,bias}``   ``semantic.fc4.*``          (1, I), (1,)
+``GraphNeuralNetwork.fc_{1,2,3}_w.*``      ``gnn.fc_{1,2,3}_w.*``      (D, 2D), (D,)
+``GraphNeuralNetwork.fc_{1,2,3}_u.*``      ``gnn.fc_{1,2,3}_u.*``      (D, D), (D,)
+``fc.{weight,bias}``                       ``head.*``                  (D, 2D), (D,)
+``classifiers.{weight,bias}``              ``classifier.*``            (C, D), (C,)
+``wordFeatures``                           ``word_features``           (C, E)
+``inMatrix``                               ``in_matrix``               (C, C), the label graph A
+``outMatrix``                              ``out_matrix``              (C, C), A transposed
+``GraphNeuralNetwork.inMatrix``            (same as ``inMatrix``)      optional duplicate, must equal ``inMatrix``
+``GraphNeuralNetwork.outMatrix``           (same as ``outMatrix``)     optional duplicate, must equal ``outMatrix``
+``alpha``, ``beta``                        ``alpha``, ``beta``         () officially; (1,) also accepted
+(none)                                     ``prototype_bank.*``        not in official checkpoints; left empty
+=========================================  ==========================  ==========================================
+
+The optional duplicates: a checkpoint whose graph network registered the model's ``inMatrix``/``outMatrix``
+Parameters again would carry them twice; such copies are accepted (and must agree with the top-level ones) but
+never required, and :func:`to_official_state_dict` writes only the top-level keys.
+
+Sizes are all inferred from the tensors: C and D from ``classifiers.weight``, E from ``wordFeatures``, I from
+``SemanticDecoupling.fc1.weight``, the backbone depth from the number of blocks per layer and whether ``conv3``
+exists (ResNet-18/34/50/101), its width from ``backbone.conv1.weight``. Two things cannot be inferred: the number of
+GGNN steps (default 3, as officially) and whether the 2x2 average pool follows layer4 (default on, as officially);
+pass ``gnn_steps=`` / ``avgpool=`` to override.
+
+NaN in the label graph: the official graph divides by the number of known positives of each class, so a class
+without any known positive gets a NaN row, which the official model propagates to every logit. The loader replaces
+NaN by 0 in ``inMatrix``/``outMatrix`` and warns (a zero row means "no incoming messages", the fixed graph of
+spec §10.2 item 3). Logits of such a checkpoint are then finite, where the official model would return NaN; for a
+checkpoint without NaN, ``model(images)`` in eval mode equals the official model's logits.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections import OrderedDict
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+
+__all__ = ["load_official_checkpoint", "to_official_state_dict", "official_to_dsrb_key", "dsrb_to_official_key"]
+
+# (official prefix, DSRB prefix), tried in order; a prefix ending in "." maps every key below it.
+_PREFIXES: Tuple[Tuple[str, str], ...] = (
+    ("backbone.", "backbone."),
+    ("changeChannel.", "reduction."),
+    ("SemanticDecoupling.", "semantic."),
+    ("GraphNeuralNetwork.fc_", "gnn.fc_"),
+    ("fc.", "head."),
+    ("classifiers.", "classifier."),
+)
+_EXACT: Dict[str, str] = {
+    "wordFeatures": "word_features",
+    "inMatrix": "in_matrix",
+    "outMatrix": "out_matrix",
+    "alpha": "alpha",
+    "beta": "beta",
+}
+_ALIASES: Dict[str, str] = {"GraphNeuralNetwork.inMatrix": "inMatrix", "GraphNeuralNetwork.outMatrix": "outMatrix"}
+_NOT_IN_OFFICIAL = ("prototype_bank.",)
+
+_BACKBONES = {
+    (False, (2, 2, 2, 2)): "resnet18",
+    (False, (3, 4, 6, 3)): "resnet34",
+    (True, (3, 4, 6, 3)): "resnet50",
+    (True, (3, 4, 23, 3)): "resnet101",
+}
+
+
+def official_to_dsrb_key(key: str) -> Optional[str]:
+    """DSRB state-dict name of an official key (aliases excluded), or None if the key is not an official one."""
+    if key in _EXACT:
+        return _EXACT[key]
+    for off, new in _PREFIXES:
+        if key.startswith(off) and len(key) > len(off):
+            return new + key[len(off):]
+    return None
+
+
+def dsrb_to_official_key(key: str) -> Optional[str]:
+    """Official name of a DSRB state-dict key, or None for a key with no official counterpart."""
+    for off, new in _EXACT.items():
+        if key == new:
+            return off
+    for off, new in _PREFIXES:
+        if key.startswith(new) and len(key) > len(new):
+            return off + key[len(new):]
+    return None
+
+
+def _extract(obj: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{where}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj.get(wrapper), Mapping):
+            return obj[wrapper]
+    return obj
+
+
+def _block_counts(state: Mapping[str, torch.Tensor]) -> Tuple[int, ...]:
+    counts = []
+    for k in range(1, 5):
+        pat = re.compile(rf"^backbone\.layer{k}\.(\d+)\.")
+        idx = {int(m.group(1)) for key in state for m in [pat.match(key)] if m}
+        counts.append(max(idx) + 1 if idx else 0)
+    return tuple(counts)
+
+
+def _infer(state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
+    needed = ["classifiers.weight", "SemanticDecoupling.fc1.weight", "backbone.conv1.weight"]
+    absent = [k for k in needed if k not in state]
+    if "wordFeatures" not in state and "SemanticDecoupling.fc2.weight" not in state:
+        absent.append("wordFeatures")
+    if absent:
+        raise ValueError(f"cannot infer the model sizes: missing keys: {', '.join(absent)}")
+    C, D = state["classifiers.weight"].shape
+    I = state["SemanticDecoupling.fc1.weight"].shape[0]
+    E = state["wordFeatures"].shape[1] if "wordFeatures" in state else state["SemanticDecoupling.fc2.weight"].shape[1]
+    bottleneck = any(re.match(r"^backbone\.layer\d\.\d+\.conv3\.weight$", k) for k in state)
+    blocks = _block_counts(state)
+    name = _BACKBONES.get((bottleneck, blocks))
+    if name is None:
+        kind = "Bottleneck" if bottleneck else "BasicBlock"
+        raise ValueError(
+            f"cannot infer the backbone: {kind} blocks per layer {list(blocks)} match none of "
+            f"{', '.join(sorted(_BACKBONES.values()))}"
+        )
+    return {
+        "num_classes": int(C),
+        "feature_dim": int(D),
+        "word_dim": int(E),
+        "inter_dim": int(I),
+        "backbone": name,
+        "backbone_width": int(state["backbone.conv1.weight"].shape[0]),
+    }
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))) and bool(
+        torch.equal(torch.isnan(a), torch.isnan(b))
+    )
+
+
+def load_official_checkpoint(
+    path_or_state_dict: Union[str, "os.PathLike[str]", Mapping[str, Any]],
+    *,
+    map_location: Any = "cpu",
+    **model_kwargs: Any,
+):
+    """Build a :class:`dsrb.models.DSRB` from a checkpoint of the official code and return it in eval mode.
+
+    Args:
+        path_or_state_dict: a file path (loaded with ``torch.load(weights_only=True)`` on ``map_location``), a state
+            dict, or a dict holding it under ``"state_dict"`` or ``"model"``. A ``module.`` prefix (DataParallel) on
+            every key is stripped.
+        map_location: passed to ``torch.load`` for a path.
+        **model_kwargs: further ``DSRB`` arguments (``gnn_steps``, ``avgpool``, ``top_k``, ``compat``, ...). Sizes
+            inferred from the tensors (``num_classes``, ``feature_dim``, ``word_dim``, ``inter_dim``, ``backbone``,
+            ``backbone_width``) may be given only with the inferred value (``backbone`` may also be a module).
+
+    Returns:
+        The model, in eval mode, with an empty prototype bank.
+
+    Raises:
+        ValueError: listing every missing key, unexpected key and shape conflict, or a size argument that disagrees
+            with the checkpoint.
+    """
+    from dsrb.models import DSRB  # lazy: keeps ``import dsrb.compat`` light
+
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        where = f"checkpoint {os.fspath(path_or_state_dict)}"
+        raw = _extract(torch.load(path_or_state_dict, map_location=map_location, weights_only=True), where)
+    else:
+        where = "checkpoint"
+        raw = _extract(path_or_state_dict, where)
+    if raw and all(isinstance(k, str) and k.startswith("module.") for k in raw):
+        raw = {k[len("module."):]: v for k, v in raw.items()}
+    not_tensors = [str(k) for k, v in raw.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ValueError(f"cannot load {where}: values that are not tensors: {', '.join(not_tensors)}")
+    state: Dict[str, torch.Tensor] = dict(raw)
+
+    inferred = _infer(state)
+    conflicts = []
+    for name, value in inferred.items():
+        if name in model_kwargs:
+            given = model_kwargs[name]
+            if name == "backbone" and isinstance(given, torch.nn.Module):
+                continue
+            if given != value:
+                conflicts.append(f"'{name}' given as {given!r} but the checkpoint has {value!r}")
+    if conflicts:
+        raise ValueError(f"cannot load {where}: " + "; ".join(conflicts))
+    kwargs = {**inferred, **model_kwargs}
+    kwargs.setdefault("pretrained", None)
+    num_classes = kwargs.pop("num_classes")
+    model = DSRB(num_classes, **kwargs)
+
+    own = model.state_dict()
+    expected = {k: v for k, v in own.items() if not k.startswith(_NOT_IN_OFFICIAL)}
+    mapped: Dict[str, torch.Tensor] = {}
+    unexpected, shape_conflicts = [], []
+    for key, value in state.items():
+        if key in _ALIASES:
+            main = _ALIASES[key]
+            if main in state and not _same(value, state[main]):
+                shape_conflicts.append(f"{key} differs from {main}")
+            elif main not in state:
+                mapped[_EXACT[main]] = value
+            continue
+        new = official_to_dsrb_key(key)
+        if new is None or new not in expected:
+            unexpected.append(key)
+            continue
+        want = expected[new]
+        if new in ("alpha", "beta") and value.numel() == 1 and value.dim() <= 1:
+            value = value.reshape(want.shape)
+        if tuple(value.shape) != tuple(want.shape):
+            shape_conflicts.append(f"{key} (expected {tuple(want.shape)}, found {tuple(value.shape)})")
+            continue
+        mapped[new] = value
+    # Checkpoints written before PyTorch 0.4.1 have no BatchNorm counters; anything else must be there.
+    missing = [
+        dsrb_to_official_key(k) or k
+        for k in expected
+        if k not in mapped and not k.endswith(".num_batches_tracked")
+        and dsrb_to_official_key(k) not in state  # present but rejected for its shape: reported as a conflict
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+    if shape_conflicts:
+        problems.append(f"shape conflicts: {', '.join(shape_conflicts)}")
+    if problems:
+        raise ValueError(f"cannot load {where} into DSRB: " + "; ".join(problems))
+
+    for key in ("in_matrix", "out_matrix"):
+        if bool(torch.isnan(mapped[key]).any()):
+            rows = sorted({int(i) for i in torch.nonzero(torch.isnan(mapped[key]))[:, 0]})
+            warnings.warn(
+                f"{where}: the label graph '{dsrb_to_official_key(key)}' holds NaN (rows {rows}: classes without a "
+                f"known positive); replaced by 0. The official model would output NaN logits.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            mapped[key] = torch.nan_to_num(mapped[key], nan=0.0)
+    for key, value in own.items():
+        mapped.setdefault(key, value)
+    model.load_state_dict(mapped, strict=True)
+    return model.eval()
+
+
+def to_official_state_dict(model) -> "OrderedDict[str, torch.Tensor]":
+    """The state dict of a :class:`dsrb.models.DSRB` under the official names (inverse of the loader).
+
+    The prototype bank is dropped (the official code does not save it) and ``alpha``/``beta`` become 0-dim; the
+    result loads into :class:`dsrb.reference.model.ReferenceDSRB` with ``strict=True``. Tensors are the
+    model's own (detached, sharing storage), not copies.
+
+    Raises:
+        ValueError: listing the model's keys that have no official name.
+    """
+    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    unknown = []
+    for key, value in model.state_dict().items():
+        if key.startswith(_NOT_IN_OFFICIAL):
+            continue
+        off = dsrb_to_official_key(key)
+        if off is None:
+            unknown.append(key)
+            continue
+        out[off] = value.reshape(()) if off in ("alpha", "beta") else value
+    if unknown:
+        raise ValueError(f"keys without an official name: {', '.join(unknown)}")
+    return out

@@ -1,0 +1,50 @@
+"""``python -m dsrb.info``: versions, what was built, and which backend serves each op, with reasons."""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+
+import torch
+
+from . import __version__
+from .ops import KNOWN_BACKENDS, OPS, reasons
+
+
+def _optional_version(module: str) -> str:
+    if importlib.util.find_spec(module) is None:
+        return "not installed"
+    mod = __import__(module)
+    return getattr(mod, "__version__", "installed")
+
+
+def report() -> str:
+    lines = [
+        f"dsrb {__version__}",
+        f"python {platform.python_version()}, torch {torch.__version__}, numpy {_optional_version('numpy')}, "
+        f"triton {_optional_version('triton')}",
+        f"CUDA available: {torch.cuda.is_available()} (torch built with CUDA {torch.version.cuda})",
+        "C++/CUDA extension: not part of this version (csrc/ holds no sources yet)",
+        "",
+    ]
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    width = max(len(op) for op in OPS)
+    for device in devices:
+        header = f"ops on {device.type} (float32)"
+        lines.append(f"{header:<{width + 4}}" + "  ".join(f"{n:<6}" for n in KNOWN_BACKENDS))
+        notes = {}
+        for op in OPS:
+            why = reasons(op, device, torch.float32)
+            notes.update({n: r for n, r in why.items() if r is not None})
+            cells = "  ".join(f"{'yes' if why[n] is None else 'no':<6}" for n in KNOWN_BACKENDS)
+            lines.append(f"  {op:<{width}}  {cells}".rstrip())
+        lines += [f"  {name}: {why}" for name, why in notes.items()] + [""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The location-aware prototype bank of PPRB (spec §5.1), kept as pooled (C, 4, D) vectors."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import dsrb.ops as ops
+from dsrb._checks import check_tensor
+
+__all__ = ["PrototypeBank", "COMPAT_MODES"]
+
+COMPAT_MODES = ("fixed", "official")
+
+
+def check_compat(compat) -> str:
+    if compat not in COMPAT_MODES:
+        raise ValueError(f"argument 'compat': expected one of {', '.join(map(repr, COMPAT_MODES))}, got {compat!r}")
+    return compat
+
+
+class PrototypeBank(nn.Module):
+    """Per-(class, quadrant) prototypes of the known-positive semantic features.
+
+    The official code stores up to 100 (H, W, D) attention-weighted maps per (class, quadrant) bucket and averages
+    them; PPRB sums the blended map over space right away, so only the spatial sums matter and each bucket reduces
+    to a running sum of semantic vectors S[b, c] plus a count (spec §5.2 item 7).
+
+    Protocol (what the trainer does before the blending epochs)::
+
+        bank.reset()
+        for images, targets in train_loader:      # model in eval mode
+            ... bank.update(S, targets, quadrant)  # or DSRB.update_prototypes(images, targets)
+        bank.finalize(compat)
+
+    Buffers (all in ``state_dict``, so checkpoints carry the bank; the official code does not save it):
+        sums: (C, 4, D) float32 running sums of the stored samples per bucket.
+        counts: (C, 4) int64 stored samples per bucket (at most ``cap``).
+        prototypes: (C, 4, D) float32 prototypes computed by :meth:`finalize`.
+        valid: (C,) bool, False for a class with no stored sample (its prototypes are zero and PPRB skips it).
+        ready: () bool, True once :meth:`finalize` has run since the last :meth:`reset`.
+
+    Args:
+        num_classes: C.
+        dim: D, the semantic feature size.
+        cap: samples kept per bucket, the first ``cap`` met in loader order (100 officially).
+        backend: backend of :func:`dsrb.ops.prototype_bank_update`.
+    """
+
+    def __init__(self, num_classes: int, dim: int, cap: int = 100, *, backend: str = "auto") -> None:
+        super().__init__()
+        for name, value in (("num_classes", num_classes), ("dim", dim), ("cap", cap)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"argument '{name}': expected a positive int, got {value!r}")
+        self.num_classes = num_classes
+        self.dim = dim
+        self.cap = cap
+        self.backend = backend
+        self.register_buffer("sums", torch.zeros(num_classes, 4, dim))
+        self.register_buffer("counts", torch.zeros(num_classes, 4, dtype=torch.int64))
+        self.register_buffer("prototypes", torch.zeros(num_classes, 4, dim))
+        self.register_buffer("valid", torch.zeros(num_classes, dtype=torch.bool))
+        self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Empty the bank: zero sums, counts and prototypes, mark every class invalid and the bank not ready."""
+        self.sums.zero_()
+        self.counts.zero_()
+        self.prototypes.zero_()
+        self.valid.zero_()
+        self.ready.fill_(False)
+
+    @torch.no_grad()
+    def update(self, S: torch.Tensor, T: torch.Tensor, quadrant: torch.Tensor) -> None:
+        """Add every known-positive S[b, c] (T[b, c] == 1) to bucket (c, quadrant[b, c]) while it holds < ``cap``.
+
+        Samples are taken class by class, batch index ascending, as in the official loop. The features are
+        accumulated in the bank's dtype (float32 unless the module was converted).
+
+        Args:
+            S: (B, C, D) semantic features.  T: (B, C) partial targets in {-1, 0, 1}.
+            quadrant: (B, C) int64 quadrant index in [0, 3] (see :func:`dsrb.ops.quadrant_index`).
+        """
+        check_tensor("S", S, kind="float", shape=(None, self.num_classes, self.dim))
+        B = S.shape[0]
+        check_tensor("T", T, kind="real", shape=(B, self.num_classes))
+        check_tensor("quadrant", quadrant, kind="int", shape=(B, self.num_classes))
+        sums, counts = ops.prototype_bank_update(
+            self.sums, self.counts, S.detach().to(self.sums.dtype), T, quadrant, self.cap, backend=self.backend
+        )
+        self.sums.copy_(sums)
+        self.counts.copy_(counts)
+
+    @torch.no_grad()
+    def finalize(self, compat: str = "fixed") -> None:
+        """Turn the sums and counts into prototypes (spec §5.1) and mark the bank ready.
+
+        * non-empty bucket with n samples: sums / n ("fixed"), or sums / (n + 1) ("official": the zero placeholder
+          row of the official bucket is averaged in, shrinking the prototype by n / (n + 1));
+        * empty bucket: the class mean over all its stored samples (sum over its buckets / total count), in both
+          modes;
+        * class without any stored sample: zeros, and ``valid`` False (the official code crashes there).
+        """
+        check_compat(compat)
+        counts = self.counts.to(self.sums.dtype)  # (C, 4)
+        total = counts.sum(1)  # (C,)
+        class_mean = self.sums.sum(1) / total.clamp(min=1)[:, None]  # (C, D); zero for a class without samples
+        denom = counts + 1 if compat == "official" else counts.clamp(min=1)
+        bucket_mean = self.sums / denom[..., None]  # (C, 4, D)
+        filled = (self.counts > 0)[..., None]
+        self.prototypes.copy_(torch.where(filled, bucket_mean, class_mean[:, None, :]))
+        self.valid.copy_(self.counts.sum(1) > 0)
+        self.ready.fill_(True)
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, dim={self.dim}, cap={self.cap}"

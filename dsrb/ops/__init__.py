@@ -1,0 +1,28 @@
+"""The fused ops of DSRB, one public function each, dispatched to a backend.
+
+``semantic_attention``, ``instance_blend``, ``prototype_blend``, ``quadrant_index`` and ``prototype_bank_update``
+take ``backend="auto"`` (the first available of cuda -> triton -> torch on GPU, cpu -> torch on CPU) or a backend
+name; the environment variable ``DSRB_BACKEND`` forces one for every call. Every backend implementation is a
+``torch.library`` custom op (namespace ``dsrb``) with a fake implementation and autograd, so
+``torch.compile(fullgraph=True)`` traces the model without graph breaks. Oracles with the same names and signatures
+live in :mod:`dsrb.reference`.
+"""
+
+from ._registry import KNOWN_BACKENDS, OPS, reasons, select
+from .instance_blend import instance_blend
+from .prototype_bank_update import prototype_bank_update
+from .prototype_blend import prototype_blend
+from .quadrant_index import quadrant_index
+from .semantic_attention import semantic_attention
+
+__all__ = [
+    "semantic_attention",
+    "instance_blend",
+    "prototype_blend",
+    "quadrant_index",
+    "prototype_bank_update",
+    "reasons",
+    "select",
+    "OPS",
+    "KNOWN_BACKENDS",
+]

@@ -1,0 +1,107 @@
+"""Backend registry: which implementation serves an op for given tensors, and why the others cannot.
+
+Backends in priority order per device type (architecture §4): on CUDA ``cuda`` -> ``triton`` -> ``torch``; on CPU
+``cpu`` -> ``torch``; any other device ``torch``. ``backend="auto"`` (or ``DSRB_BACKEND`` unset / ``auto``) takes the
+first backend that can serve the inputs and falls back silently. A backend named explicitly (argument or
+``DSRB_BACKEND``) never falls back: if it cannot serve the inputs, the error lists every backend and its reason.
+
+Everything here looks only at device types and dtypes, so ``torch.compile`` traces it without a graph break.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+OPS = ("semantic_attention", "instance_blend", "prototype_blend", "quadrant_index", "prototype_bank_update")
+KNOWN_BACKENDS = ("torch", "cpu", "cuda", "triton")
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class Backend:
+    """One implementation family. ``devices`` of None means every device type."""
+
+    name: str
+    devices: Optional[Tuple[str, ...]]
+    dtypes: Tuple[torch.dtype, ...]
+    impls: Dict[str, Callable] = field(default_factory=dict)
+    unavailable: Optional[Callable[[], Optional[str]]] = None  # returns a reason when it cannot run at all
+
+    def reason(self, op: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        if op not in self.impls:
+            return f"no '{op}' implementation"
+        if self.unavailable is not None:
+            why = self.unavailable()
+            if why:
+                return why
+        if self.devices is not None and device.type not in self.devices:
+            return f"device={device.type} (supported: {', '.join(self.devices)})"
+        if dtype not in self.dtypes:
+            return f"dtype={dtype} (supported: {', '.join(str(d) for d in self.dtypes)})"
+        return None
+
+
+_BACKENDS: Dict[str, Backend] = {}
+
+_NOT_BUILT = {
+    "cpu": "not available: the C++ CPU extension is not part of this build",
+    "cuda": "not available: the CUDA extension is not part of this build",
+    "triton": "not available: the Triton kernels are not part of this build",
+}
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Add (or return the existing) backend of that name."""
+    if backend.name not in KNOWN_BACKENDS:
+        raise ValueError(f"unknown backend name {backend.name!r}; expected one of {KNOWN_BACKENDS}")
+    return _BACKENDS.setdefault(backend.name, backend)
+
+
+def register_impl(backend: str, op: str, fn: Callable) -> None:
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+    _BACKENDS[backend].impls[op] = fn
+
+
+def reasons(op: str, device: torch.device, dtype: torch.dtype) -> Dict[str, Optional[str]]:
+    """For every known backend: None if it can serve ``op`` on (device, dtype), else the reason it cannot."""
+    out = {}
+    for name in KNOWN_BACKENDS:
+        b = _BACKENDS.get(name)
+        out[name] = _NOT_BUILT[name] if b is None else b.reason(op, device, dtype)
+    return out
+
+
+def _requested(backend: str) -> str:
+    if backend == "auto":
+        backend = os.environ.get("DSRB_BACKEND", "auto") or "auto"
+    if backend != "auto" and backend not in KNOWN_BACKENDS:
+        raise ValueError(f"argument 'backend': expected 'auto' or one of {KNOWN_BACKENDS}, got {backend!r}")
+    return backend
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype, backend: str = "auto") -> Callable:
+    """Return the implementation of ``op`` that serves tensors on ``device`` with ``dtype``."""
+    requested = _requested(backend)
+    if requested != "auto":
+        b = _BACKENDS.get(requested)
+        if b is not None and b.reason(op, device, dtype) is None:
+            return b.impls[op]
+        candidates = (requested,)
+    else:
+        candidates = AUTO_ORDER.get(device.type, ("torch",))
+        for name in candidates:
+            b = _BACKENDS.get(name)
+            if b is not None and b.reason(op, device, dtype) is None:
+                return b.impls[op]
+    table = "\n".join(f"  {name}: {why or 'available'}" for name, why in reasons(op, device, dtype).items())
+    what = f"backend {requested!r} was requested" if requested != "auto" else "no backend fits"
+    raise RuntimeError(f"dsrb.ops.{op}: {what} for device={device.type}, dtype={dtype}. Backends:\n{table}")
+
+
+TORCH = register_backend(Backend("torch", devices=None, dtypes=FLOAT_DTYPES))

@@ -1,0 +1,108 @@
+"""``instance_blend``: masked cross-image blending, the instance perspective (IPRB; architecture §3, spec §4).
+
+m[b, c] = alpha where T[b, c] == 0 (unknown) and T[partner[b], c] == +1 (known present in the partner), else 1;
+S1 = m * S + (1 - m) * S[partner];  T1 = m * T + (1 - m) * T[partner] (= 1 - alpha at blended entries).
+
+Blending pooled (B, C, D) vectors equals the official blending of (B, H, W, C, D) maps followed by the spatial sum,
+because m has no spatial index (spec §4); the oracle proves it in the tests.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .._checks import check_index_range, check_same_device, check_tensor
+from ._common import check_blend_inputs
+from ._registry import register_impl, select
+
+
+def _blend_mask(T: Tensor, partner: Tensor) -> Tensor:
+    return (T == 0) & (T[partner] == 1)
+
+
+@torch.library.custom_op("dsrb::instance_blend_torch", mutates_args=())
+def _forward(S: Tensor, T: Tensor, alpha: Tensor, partner: Tensor, detach_target: bool) -> Tuple[Tensor, Tensor]:
+    blend = _blend_mask(T, partner)
+    S1 = torch.where(blend[..., None], alpha * S + (1 - alpha) * S[partner], S)
+    T1 = torch.where(blend, 1 - alpha, T)  # alpha * 0 + (1 - alpha) * 1
+    return S1, T1
+
+
+@_forward.register_fake
+def _(S, T, alpha, partner, detach_target):
+    return torch.empty_like(S), torch.empty_like(T)
+
+
+@torch.library.custom_op("dsrb::instance_blend_torch_backward", mutates_args=())
+def _backward_op(
+    grad_S1: Tensor, grad_T1: Tensor, S: Tensor, T: Tensor, alpha: Tensor, partner: Tensor, detach_target: bool
+) -> Tuple[Tensor, Tensor]:
+    w = _blend_mask(T, partner).to(S.dtype)  # 1 at blended entries
+    grad_S = grad_S1 * (1 - w + w * alpha)[..., None]
+    # Image b's blended entries pull (1 - alpha) of their gradient back to its partner's features.
+    grad_S = grad_S.index_add(0, partner, grad_S1 * (w * (1 - alpha))[..., None])
+    grad_alpha = (grad_S1 * (S - S[partner]) * w[..., None]).sum()
+    if not detach_target:
+        grad_alpha = grad_alpha - (grad_T1 * w).sum()  # dT1/dalpha = T - T[partner] = -1 where blended
+    return grad_S, grad_alpha.reshape(alpha.shape)
+
+
+@_backward_op.register_fake
+def _(grad_S1, grad_T1, S, T, alpha, partner, detach_target):
+    return torch.empty_like(S), torch.empty_like(alpha)
+
+
+def _setup_context(ctx, inputs, output):
+    S, T, alpha, partner, detach_target = inputs
+    ctx.save_for_backward(S, T, alpha, partner)
+    ctx.detach_target = detach_target
+
+
+def _autograd_backward(ctx, grad_S1, grad_T1):
+    S, T, alpha, partner = ctx.saved_tensors
+    grad_S1 = torch.zeros_like(S) if grad_S1 is None else grad_S1
+    grad_T1 = torch.zeros_like(T) if grad_T1 is None else grad_T1
+    grad_S, grad_alpha = _backward_op(grad_S1, grad_T1, S, T, alpha, partner, ctx.detach_target)
+    return grad_S, None, grad_alpha, None, None
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+register_impl("torch", "instance_blend", _forward)
+
+
+def instance_blend(
+    S: Tensor,
+    T: Tensor,
+    alpha: Tensor,
+    partner: Optional[Tensor] = None,
+    *,
+    detach_target: bool = False,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
+    """Blend each image's unknown labels with the known positives of its partner image.
+
+    Args:
+        S: (B, C, D) semantic features.
+        T: (B, C) partial targets in {-1, 0, 1} (any real dtype).
+        alpha: one-element float tensor (the model clamps it to [0, 1] before calling).
+        partner: (B,) int64 partner index of each image; default the batch flip b -> B - 1 - b.
+        detach_target: if True, alpha gets no gradient through the soft target T1 (the official code keeps it).
+        backend: "auto" or a backend name (see :mod:`dsrb.ops`).
+
+    Returns:
+        S1: (B, C, D) blended features and T1: (B, C) soft targets, both in S's dtype. Gradients flow to S (both
+        images of a pair) and to alpha.
+    """
+    B, C, D = check_blend_inputs(S, T, "alpha", alpha)
+    if partner is None:
+        partner = torch.arange(B - 1, -1, -1, device=S.device)
+    else:
+        check_tensor("partner", partner, shape=(B,), kind="int")
+        check_same_device(S=S, partner=partner)
+        check_index_range("partner", partner, 0, B - 1)
+        partner = partner.long()
+    fn = select("instance_blend", S.device, S.dtype, backend)
+    return fn(S, T.to(S.dtype), alpha.to(S.dtype).reshape(()), partner, bool(detach_target))

@@ -1,0 +1,130 @@
+"""``prototype_blend``: location-sensitive prototype blending, the prototype perspective (PPRB; spec §5.2).
+
+p[b, c] = bank[c, (quadrant[b, c] - shift[b, c]) mod 4]: the prototype of the same class from one of the three
+other quadrants. S2 = select * (beta * S + (1 - beta) * p) + (1 - select) * S; T2 = (1 - select) * T + select * (1 - beta).
+
+The bank holds spatial sums of the official (C, 4, H, W, D) prototype maps; since the blended map is summed over
+space straight away, blending pooled vectors is exact (spec §5.2 item 7).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from .._checks import check_index_range, check_same_device, check_tensor
+from ._common import check_blend_inputs
+from ._registry import register_impl, select as select_backend
+
+
+def _bucket(quadrant: Tensor, shift: Tensor) -> Tensor:
+    """(B, C) flat index c * 4 + (quadrant - shift) mod 4 into the (C * 4) rows of the bank."""
+    C = quadrant.shape[1]
+    classes = torch.arange(C, device=quadrant.device)[None, :]
+    return classes * 4 + torch.remainder(quadrant - shift, 4)
+
+
+@torch.library.custom_op("dsrb::prototype_blend_torch", mutates_args=())
+def _forward(
+    S: Tensor, T: Tensor, beta: Tensor, bank: Tensor, quadrant: Tensor, shift: Tensor, select: Tensor,
+    detach_target: bool,
+) -> Tuple[Tensor, Tensor]:
+    C, _, D = bank.shape
+    p = bank.reshape(C * 4, D)[_bucket(quadrant, shift)]  # (B, C, D)
+    S2 = torch.where(select[..., None], beta * S + (1 - beta) * p, S)
+    T2 = torch.where(select, 1 - beta, T)
+    return S2, T2
+
+
+@_forward.register_fake
+def _(S, T, beta, bank, quadrant, shift, select, detach_target):
+    return torch.empty_like(S), torch.empty_like(T)
+
+
+@torch.library.custom_op("dsrb::prototype_blend_torch_backward", mutates_args=())
+def _backward_op(
+    grad_S2: Tensor, grad_T2: Tensor, S: Tensor, beta: Tensor, bank: Tensor, quadrant: Tensor, shift: Tensor,
+    select: Tensor, detach_target: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    C, _, D = bank.shape
+    w = select.to(S.dtype)
+    idx = _bucket(quadrant, shift)
+    p = bank.reshape(C * 4, D)[idx]
+    grad_S = grad_S2 * (1 - w + w * beta)[..., None]
+    grad_beta = (grad_S2 * (S - p) * w[..., None]).sum()
+    if not detach_target:
+        grad_beta = grad_beta - (grad_T2 * w).sum()  # dT2/dbeta = -1 where selected
+    grad_bank = torch.zeros((C * 4, D), dtype=bank.dtype, device=bank.device)
+    grad_bank.index_add_(0, idx.reshape(-1), (grad_S2 * (w * (1 - beta))[..., None]).reshape(-1, D))
+    return grad_S, grad_beta.reshape(beta.shape), grad_bank.reshape(C, 4, D)
+
+
+@_backward_op.register_fake
+def _(grad_S2, grad_T2, S, beta, bank, quadrant, shift, select, detach_target):
+    return torch.empty_like(S), torch.empty_like(beta), torch.empty_like(bank)
+
+
+def _setup_context(ctx, inputs, output):
+    S, T, beta, bank, quadrant, shift, select, detach_target = inputs
+    ctx.save_for_backward(S, beta, bank, quadrant, shift, select)
+    ctx.detach_target = detach_target
+
+
+def _autograd_backward(ctx, grad_S2, grad_T2):
+    S, beta, bank, quadrant, shift, select = ctx.saved_tensors
+    grad_S2 = torch.zeros_like(S) if grad_S2 is None else grad_S2
+    grad_T2 = S.new_zeros(S.shape[:2]) if grad_T2 is None else grad_T2
+    grad_S, grad_beta, grad_bank = _backward_op(
+        grad_S2, grad_T2, S, beta, bank, quadrant, shift, select, ctx.detach_target
+    )
+    return grad_S, None, grad_beta, grad_bank, None, None, None, None
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+register_impl("torch", "prototype_blend", _forward)
+
+
+def prototype_blend(
+    S: Tensor,
+    T: Tensor,
+    beta: Tensor,
+    bank: Tensor,
+    quadrant: Tensor,
+    shift: Tensor,
+    select: Tensor,
+    *,
+    detach_target: bool = False,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
+    """Blend the selected (image, class) features with a prototype from another quadrant of the same class.
+
+    Args:
+        S: (B, C, D) semantic features.
+        T: (B, C) partial targets in {-1, 0, 1}.
+        beta: one-element float tensor (clamped to [0, 1] by the model).
+        bank: (C, 4, D) pooled prototypes, S's dtype.
+        quadrant: (B, C) int64 own quadrant in [0, 3] (see :func:`quadrant_index`).
+        shift: (B, C) int64 in {1, 2, 3}; the prototype comes from quadrant (quadrant - shift) mod 4.
+        select: (B, C) bool, the entries to blend (drawn by the caller from its own generator).
+        detach_target: if True, beta gets no gradient through the soft target T2 (the official code keeps it).
+
+    Returns:
+        S2: (B, C, D) and T2: (B, C) in S's dtype. Gradients flow to S, beta and bank.
+    """
+    B, C, D = check_blend_inputs(S, T, "beta", beta)
+    check_tensor("bank", bank, shape=(C, 4, D), kind="float")
+    if bank.dtype != S.dtype:
+        raise TypeError(f"argument 'bank': expected dtype {S.dtype} (the dtype of 'S'), got {bank.dtype}")
+    check_tensor("quadrant", quadrant, shape=(B, C), kind="int")
+    check_tensor("shift", shift, shape=(B, C), kind="int")
+    check_tensor("select", select, shape=(B, C), kind="bool")
+    check_same_device(S=S, bank=bank, quadrant=quadrant, shift=shift, select=select)
+    check_index_range("quadrant", quadrant, 0, 3)
+    check_index_range("shift", shift, 1, 3)
+    fn = select_backend("prototype_blend", S.device, S.dtype, backend)
+    return fn(
+        S, T.to(S.dtype), beta.to(S.dtype).reshape(()), bank, quadrant.long(), shift.long(), select,
+        bool(detach_target),
+    )

@@ -1,0 +1,55 @@
+"""``quadrant_index``: which quadrant of the map holds the peak of each (image, class) (spec §5.1, §10.2 item 4).
+
+The score is G = a[b, c, n] * x_sum[b, n], the attention-weighted map summed over channels (the official score;
+x is a BN output without ReLU, so this is not the attention peak). Official rule: row = arg-max over rows of the
+row-wise maxima, column = arg-max over columns of the column-wise maxima, first index on ties; quadrant
+q = 2 * [row >= H // 2] + [col >= W // 2] (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right; uneven halves
+at odd H, W). No gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._checks import check_same_device, check_tensor
+from ._registry import register_impl, select
+
+
+@torch.library.custom_op("dsrb::quadrant_index_torch", mutates_args=())
+def _quadrant_index(a: Tensor, x_sum: Tensor, height: int, width: int) -> Tensor:
+    B, C, _ = a.shape
+    G = (a * x_sum[:, None, :]).reshape(B, C, height, width)
+    if B * C == 0:
+        return torch.zeros((B, C), dtype=torch.int64, device=a.device)
+    row = G.amax(dim=3).argmax(dim=2)
+    col = G.amax(dim=2).argmax(dim=2)
+    return 2 * (row >= height // 2).long() + (col >= width // 2).long()
+
+
+@_quadrant_index.register_fake
+def _(a, x_sum, height, width):
+    return a.new_empty(a.shape[:2], dtype=torch.int64)
+
+
+register_impl("torch", "quadrant_index", _quadrant_index)
+
+
+def quadrant_index(a: Tensor, x_sum: Tensor, height: int, width: int, *, backend: str = "auto") -> Tensor:
+    """Quadrant of the official peak of a * x_sum for every (image, class).
+
+    Args:
+        a: (B, C, N) attention.  x_sum: (B, N) channel sum of the reduced map.  height * width == N.
+
+    Returns:
+        (B, C) int64 in [0, 3].
+    """
+    check_tensor("a", a, ndim=3, kind="float")
+    B, C, N = a.shape
+    check_tensor("x_sum", x_sum, shape=(B, N), kind="float")
+    check_same_device(a=a, x_sum=x_sum)
+    height, width = int(height), int(width)
+    if height < 1 or width < 1 or height * width != N:
+        raise ValueError(f"arguments 'height', 'width': expected height * width == N = {N}, got {height} x {width}")
+    fn = select("quadrant_index", a.device, a.dtype, backend)
+    return fn(a.detach(), x_sum.detach().to(a.dtype), height, width)

@@ -1,0 +1,136 @@
+"""``semantic_attention``: category-wise attention of semantic decoupling (architecture §3, spec §3.3).
+
+s[b, c, n] = sum_k v[k] * tanh(u[b, n, k] * e[c, k]);  a = softmax over n;  S[b, c, :] = sum_n a[b, c, n] * x[b, n, :]
+
+The ``torch`` backend uses the exact identities of the spec (the collapsed score vector v, S = a @ x) and walks over
+classes in chunks, in the forward and again in the backward, where it recomputes the tanh terms instead of saving
+them: its extra memory is one chunk of (B, N, C_chunk, I) plus O(B*C*N + B*C*D), never the official (B, N, C, D)
+map or a full (B, N, C, I) tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from .._checks import check_same_device, check_same_dtype, check_tensor
+from ._registry import register_impl, select
+
+# Elements of one (B, N, C_chunk, I) temporary: 8 Mi elements = 32 MiB in fp32.
+_CHUNK_ELEMENTS = 8 * 1024 * 1024
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision inputs accumulate in fp32, as the fused kernels do.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _class_chunks(B: int, N: int, C: int, I: int):
+    step = max(1, _CHUNK_ELEMENTS // max(1, B * N * I))
+    return [(c0, min(C, c0 + step)) for c0 in range(0, C, step)]
+
+
+def _tanh_terms(u: Tensor, e: Tensor) -> Tensor:
+    """(B, N, I) x (Cc, I) -> z (B, N, Cc, I) = tanh(u[b, n, k] * e[c, k])."""
+    return torch.tanh(u[:, :, None, :] * e[None, None, :, :])
+
+
+@torch.library.custom_op("dsrb::semantic_attention_torch", mutates_args=())
+def _forward(x: Tensor, u: Tensor, e: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+    cd = _compute_dtype(x.dtype)
+    xc, uc, ec, vc = x.to(cd), u.to(cd), e.to(cd), v.to(cd)
+    B, N, _ = x.shape
+    C, I = e.shape
+    s = torch.empty((B, C, N), dtype=cd, device=x.device)
+    for c0, c1 in _class_chunks(B, N, C, I):
+        s[:, c0:c1, :] = (_tanh_terms(uc, ec[c0:c1]) @ vc).transpose(1, 2)
+    a = torch.softmax(s, dim=-1)
+    S = torch.bmm(a, xc)
+    return S.to(x.dtype), a.to(x.dtype)
+
+
+@_forward.register_fake
+def _(x, u, e, v):
+    B, N, D = x.shape
+    C = e.shape[0]
+    return x.new_empty((B, C, D)), x.new_empty((B, C, N))
+
+
+@torch.library.custom_op("dsrb::semantic_attention_torch_backward", mutates_args=())
+def _backward_op(
+    grad_S: Tensor, grad_a: Tensor, x: Tensor, u: Tensor, e: Tensor, v: Tensor, a: Tensor
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    cd = _compute_dtype(x.dtype)
+    xc, uc, ec, vc, ac = x.to(cd), u.to(cd), e.to(cd), v.to(cd), a.to(cd)
+    gS, ga = grad_S.to(cd), grad_a.to(cd)
+    B, N, _ = x.shape
+    C, I = e.shape
+    grad_x = torch.bmm(ac.transpose(1, 2), gS)  # through S = a @ x
+    ga_total = ga + torch.bmm(gS, xc.transpose(1, 2))  # (B, C, N)
+    gs = ac * (ga_total - (ac * ga_total).sum(-1, keepdim=True))  # softmax backward, (B, C, N)
+    grad_u = torch.zeros_like(uc)
+    grad_e = torch.empty_like(ec)
+    grad_v = torch.zeros_like(vc)
+    for c0, c1 in _class_chunks(B, N, C, I):
+        z = _tanh_terms(uc, ec[c0:c1])  # recomputed, (B, N, Cc, I)
+        g = gs[:, c0:c1, :].transpose(1, 2)  # (B, N, Cc)
+        grad_v += torch.einsum("bnc,bnck->k", g, z)
+        gpre = (g[..., None] * vc) * (1 - z * z)  # d/d(u*e) of v . tanh(u*e)
+        grad_u += torch.einsum("bnck,ck->bnk", gpre, ec[c0:c1])
+        grad_e[c0:c1] = torch.einsum("bnck,bnk->ck", gpre, uc)
+    return grad_x.to(x.dtype), grad_u.to(u.dtype), grad_e.to(e.dtype), grad_v.to(v.dtype)
+
+
+@_backward_op.register_fake
+def _(grad_S, grad_a, x, u, e, v, a):
+    return torch.empty_like(x), torch.empty_like(u), torch.empty_like(e), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    x, u, e, v = inputs
+    ctx.save_for_backward(x, u, e, v, output[1])
+
+
+def _autograd_backward(ctx, grad_S, grad_a):
+    x, u, e, v, a = ctx.saved_tensors
+    if grad_S is None:
+        grad_S = x.new_zeros((x.shape[0], e.shape[0], x.shape[2]))
+    if grad_a is None:
+        grad_a = torch.zeros_like(a)
+    return _backward_op(grad_S, grad_a, x, u, e, v, a)
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+register_impl("torch", "semantic_attention", _forward)
+
+
+def semantic_attention(x: Tensor, u: Tensor, e: Tensor, v: Tensor, *, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """Category-wise spatial attention and attention-pooled semantic features.
+
+    Args:
+        x: (B, N, D) features at N = H*W positions.
+        u: (B, N, I) = fc1(x).
+        e: (C, I) = fc2(word vectors).
+        v: (I,) = fc3.weight.T @ fc4.weight[0], the exact collapse of the two chained linears.
+        backend: "auto", or one of "torch", "cpu", "cuda", "triton" (see :mod:`dsrb.ops`).
+
+    Returns:
+        S: (B, C, D) semantic features and a: (B, C, N) attention (softmax over n), in x's dtype.
+
+    Equivalent PyTorch (materialises (B, N, C, I))::
+
+        a = torch.softmax((torch.tanh(u[:, :, None] * e) @ v).transpose(1, 2), -1); S = a @ x
+    """
+    check_tensor("x", x, ndim=3, kind="float")
+    B, N, D = x.shape
+    check_tensor("u", u, shape=(B, N, None), kind="float")
+    I = u.shape[2]
+    check_tensor("e", e, shape=(None, I), kind="float")
+    check_tensor("v", v, shape=(I,), kind="float")
+    check_same_device(x=x, u=u, e=e, v=v)
+    check_same_dtype(x=x, u=u, e=e, v=v)
+    if N == 0:
+        raise ValueError("argument 'x': expected at least one spatial position, got N = 0")
+    return select("semantic_attention", x.device, x.dtype, backend)(x, u, e, v)

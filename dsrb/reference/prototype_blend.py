@@ -1,0 +1,93 @@
+"""Oracle for ``prototype_blend`` (PPRB, spec §5.2) and the official top-K label selection."""
+
+from __future__ import annotations
+
+import torch
+
+from .quadrant_index import quadrant_index_map
+
+
+def prototype_blend(
+    S: torch.Tensor,
+    T: torch.Tensor,
+    beta: torch.Tensor,
+    bank: torch.Tensor,
+    quadrant: torch.Tensor,
+    shift: torch.Tensor,
+    select: torch.Tensor,
+    *,
+    detach_target: bool = False,
+):
+    """Op contract: p = bank[c, (quadrant - shift) mod 4]; blend the selected entries with their prototype.
+
+    S2 = select * (beta * S + (1 - beta) * p) + (1 - select) * S;  T2 = (1 - select) * T + select * (1 - beta).
+
+    Args:
+        S: (B, C, D).  T: (B, C).  beta: one-element tensor.  bank: (C, 4, D) pooled prototypes.
+        quadrant: (B, C) int64 in [0, 3].  shift: (B, C) int64 in {1, 2, 3}.  select: (B, C) bool.
+
+    Returns:
+        S2: (B, C, D) and T2: (B, C) in S's dtype.
+    """
+    B, C, D = S.shape
+    b = beta.reshape(())
+    bt = b.detach() if detach_target else b
+    q = torch.remainder(quadrant - shift, 4)
+    p = torch.stack([torch.stack([bank[c, q[i, c]] for c in range(C)]) for i in range(B)]) if B * C else S * 0
+    sel = select.to(S.dtype)
+    S2 = sel[..., None] * (b * S + (1 - b) * p) + (1 - sel[..., None]) * S
+    T2 = (1 - sel) * T.to(S.dtype) + sel * (1 - bt)
+    return S2, T2
+
+
+def prototype_blend_map(
+    F: torch.Tensor,
+    T: torch.Tensor,
+    beta: torch.Tensor,
+    prototype_maps: torch.Tensor,
+    shift: torch.Tensor,
+    select: torch.Tensor,
+):
+    """The official formulation on maps: F (B, H, W, C, D), prototype maps (C, 4, H, W, D).
+
+    The own quadrant comes from F itself (official peak rule); the prototype comes from quadrant (q - shift) mod 4.
+    Returns S2 (B, C, D) = blended map summed over space, and T2 (B, C).
+    """
+    B, H, W, C, D = F.shape
+    q = torch.remainder(quadrant_index_map(F) - shift, 4)  # (B, C)
+    P = prototype_maps[torch.arange(C, device=F.device)[None, :], q]  # (B, C, H, W, D)
+    P = P.permute(0, 2, 3, 1, 4)  # (B, H, W, C, D)
+    sel = select.to(F.dtype)
+    sel5 = sel[:, None, None, :, None]
+    b = beta.reshape(())
+    F2 = sel5 * (b * F + (1 - b) * P) + (1 - sel5) * F
+    T2 = (1 - sel) * T.to(F.dtype) + sel * (1 - b)
+    return F2.sum(dim=(1, 2)), T2
+
+
+def select_labels(T: torch.Tensor, rho: torch.Tensor, top_k: int, compat: str = "fixed") -> torch.Tensor:
+    """Which (image, class) entries PPRB blends, one image at a time (spec §5.2 step 3, §10.2 item 1).
+
+    Official: mask the uniform draws rho (B, C) to zero on known labels and take the top-K per image, which picks
+    known labels when an image has fewer than K unknowns. Fixed: pick the K unknowns with the largest rho, and
+    nothing in an image with fewer than K unknowns.
+
+    Returns:
+        (B, C) bool selection.
+    """
+    B, C = T.shape
+    select = torch.zeros(B, C, dtype=torch.bool, device=T.device)
+    k = min(top_k, C)
+    for b in range(B):
+        unknown = T[b] == 0
+        if compat == "official":
+            masked = rho[b] * unknown.to(rho.dtype)
+            order = sorted(range(C), key=lambda c: (-float(masked[c]), c))
+            chosen = order[:k]
+        else:
+            candidates = [c for c in range(C) if bool(unknown[c])]
+            if len(candidates) < top_k:
+                continue
+            chosen = sorted(candidates, key=lambda c: -float(rho[b, c]))[:k]
+        select[b, chosen] = True
+    return select

@@ -1,0 +1,34 @@
+"""Shared test helpers: the one tolerance table and a comparator that reports the worst element."""
+
+from __future__ import annotations
+
+import torch
+
+# Tolerances per dtype of the values compared, for every op and backend. fp64 comparisons are against the oracle in
+# fp64 (rounding only); lower precisions are compared against the oracle run in fp64 on the same (rounded) inputs.
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-9, atol=1e-10),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=5e-3, atol=5e-3),
+    torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+}
+
+
+def assert_close(actual, expected, *, dtype=None, what=""):
+    """assert_close with the table's tolerance for ``dtype`` (default: actual's dtype).
+
+    torch.testing reports the greatest difference with its index and the fraction of mismatched elements.
+    """
+    tol = TOLERANCES[dtype or actual.dtype]
+    torch.testing.assert_close(
+        actual.to(expected.dtype), expected, **tol, msg=lambda m: f"{what}: {m}" if what else m
+    )
+
+
+def noncontiguous(t: torch.Tensor) -> torch.Tensor:
+    """The same values in a non-contiguous layout (every other element of a twice-as-wide buffer)."""
+    wide = torch.empty(t.shape + (2,), dtype=t.dtype, device=t.device)
+    wide[..., 0] = t.detach()
+    out = wide[..., 0]
+    assert not out.is_contiguous() or t.numel() <= 1
+    return out.requires_grad_(t.requires_grad)

@@ -1,0 +1,131 @@
+"""instance_blend (torch backend) against the oracle on vectors and on the official feature maps."""
+
+import pytest
+import torch
+
+import dsrb.ops as ops
+from dsrb import reference
+from helpers import assert_close, noncontiguous
+
+SHAPES = [(1, 1, 3), (2, 3, 7), (5, 20, 33), (8, 80, 9), (0, 4, 5), (3, 1, 1)]
+
+
+def make(B, C, D, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    S = torch.randn(B, C, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    T = torch.randint(-1, 2, (B, C), generator=g).to(dtype)
+    alpha = torch.tensor([0.3], dtype=dtype, requires_grad=True)
+    return S, T, alpha
+
+
+def run(fn, S, T, alpha, seed=1, **kw):
+    S1, T1 = fn(S, T, alpha, **kw)
+    g = torch.Generator().manual_seed(seed)
+    wS = torch.randn(S1.shape, generator=g, dtype=torch.float64).to(S1.dtype)
+    wT = torch.randn(T1.shape, generator=g, dtype=torch.float64).to(T1.dtype)
+    gS, ga = torch.autograd.grad((S1 * wS).sum() + (T1 * wT).sum(), (S, alpha))
+    return [S1, T1, gS, ga]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("detach_target", [False, True])
+def test_matches_oracle(shape, detach_target):
+    S, T, alpha = make(*shape)
+    got = run(lambda *a, **k: ops.instance_blend(*a, **k, backend="torch"), S, T, alpha, detach_target=detach_target)
+    want = run(reference.instance_blend, S, T, alpha, detach_target=detach_target)
+    for name, o, r in zip(["S1", "T1", "grad S", "grad alpha"], got, want):
+        assert_close(o, r, what=name)
+
+
+def test_alpha_gets_gradient_through_both_paths():
+    S, T, alpha = make(4, 6, 5)
+    T[0] = 0
+    T[3] = 1  # image 0 has unknowns, its partner 3 has positives: blended entries exist
+    S1, T1 = ops.instance_blend(S, T, alpha)
+    (g_feat,) = torch.autograd.grad(S1.sum(), alpha, retain_graph=True)
+    (g_target,) = torch.autograd.grad(T1.sum(), alpha)
+    assert g_feat.abs() > 0 and g_target.abs() > 0
+    assert T1[0].eq(1 - alpha.detach()).all()
+    (g_detached,) = torch.autograd.grad(ops.instance_blend(S, T, alpha, detach_target=True)[1].sum(), alpha,
+                                        allow_unused=True, materialize_grads=True)
+    assert g_detached == 0
+
+
+@pytest.mark.parametrize("B, H, W, C, D", [(1, 7, 7, 1, 4), (2, 5, 6, 3, 5), (5, 1, 1, 20, 3)])
+def test_map_formulation_equals_vectors(B, H, W, C, D):
+    """The official blend of (B, H, W, C, D) maps, summed over space, equals the op on pooled vectors (spec §4)."""
+    g = torch.Generator().manual_seed(2)
+    F = torch.randn(B, H, W, C, D, generator=g, dtype=torch.float64, requires_grad=True)
+    T = torch.randint(-1, 2, (B, C), generator=g).double()
+    alpha = torch.tensor([0.7], dtype=torch.float64, requires_grad=True)
+    S1_map, T1_map = reference.instance_blend_map(F, T, alpha)
+    S1, T1 = ops.instance_blend(F.sum((1, 2)), T, alpha)
+    assert_close(S1, S1_map)
+    assert_close(T1, T1_map)
+    g_map = torch.autograd.grad(S1_map.sum() + T1_map.sum(), (F, alpha))
+    g_vec = torch.autograd.grad(S1.sum() + T1.sum(), (F, alpha))
+    for a, b in zip(g_vec, g_map):
+        assert_close(a, b)
+
+
+def test_explicit_partner_and_noncontiguous():
+    S, T, alpha = make(5, 4, 6)
+    partner = torch.tensor([2, 0, 1, 4, 3])
+    Sn = noncontiguous(S)
+    got = run(lambda *a, **k: ops.instance_blend(*a, **k), Sn, T, alpha, partner=partner)
+    want = run(reference.instance_blend, S, T, alpha, partner=partner)
+    for o, r in zip(got, want):
+        assert_close(o, r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_lower_precision(dtype):
+    S, T, alpha = make(4, 20, 16, dtype=dtype)
+    got = run(lambda *a: ops.instance_blend(*a), S, T, alpha)
+    S64, T64, a64 = (t.detach().double().requires_grad_(t.requires_grad) for t in (S, T, alpha))
+    want = run(reference.instance_blend, S64, T64, a64)
+    for o, r in zip(got, want):
+        assert o.dtype == dtype
+        assert_close(o, r, dtype=dtype)
+
+
+def test_gradcheck_and_opcheck():
+    S, T, alpha = make(3, 4, 2)
+    T[0] = 0
+    T[2] = 1
+    assert torch.autograd.gradcheck(lambda s, a: ops.instance_blend(s, T, a), (S, alpha))
+    partner = torch.arange(2, -1, -1)
+    for detach in (False, True):
+        torch.library.opcheck(torch.ops.dsrb.instance_blend_torch.default, (S, T, alpha.reshape(()), partner, detach))
+
+
+def test_compile_fullgraph_matches_eager():
+    S, T, alpha = make(4, 6, 5, dtype=torch.float32)
+    compiled = torch.compile(lambda s, t, a: ops.instance_blend(s, t, a), fullgraph=True)
+    for o, r in zip(run(compiled, S, T, alpha), run(lambda *a: ops.instance_blend(*a), S, T, alpha)):
+        assert_close(o, r)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (lambda S, T, a: (S[0], T, a), "'S'.*3-D"),
+        (lambda S, T, a: (S, T[:, :-1], a), "'T'.*shape"),
+        (lambda S, T, a: (S, T * 2, a), "'T'.*-1, 0, 1"),
+        (lambda S, T, a: (S, T, torch.ones(2)), "'alpha'.*one-element"),
+        (lambda S, T, a: (S.long(), T, a), "'S'.*floating"),
+        (lambda S, T, a: (S, T.to("meta"), a), "'T' on meta"),
+    ],
+)
+def test_bad_input(args, match):
+    S, T, alpha = (t.detach() for t in make(3, 4, 5))
+    with pytest.raises((TypeError, ValueError), match=match):
+        ops.instance_blend(*args(S, T, alpha))
+
+
+def test_bad_partner():
+    S, T, alpha = (t.detach() for t in make(3, 4, 5))
+    with pytest.raises(ValueError, match="'partner'.*range"):
+        ops.instance_blend(S, T, alpha, torch.tensor([0, 1, 3]))
+    with pytest.raises(ValueError, match="'partner'.*shape"):
+        ops.instance_blend(S, T, alpha, torch.tensor([0, 1]))

@@ -1,0 +1,389 @@
+"""dsrb.losses (vectorised) against dsrb.reference.losses (the official formulations written loop-style)."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import NamedTuple, Optional
+
+import pytest
+import torch
+
+from dsrb import losses
+from dsrb.reference import losses as ref
+
+D = 7
+BATCHES = [0, 1, 2, 5, 8]
+CLASSES = [1, 3, 20]
+# (P(+1), P(-1)); the rest is unknown. Mostly-negative, balanced and mostly-positive batches.
+MIXES = [(0.15, 0.7), (0.4, 0.4), (0.75, 0.15)]
+
+
+def _gen(*seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(hash(seed) % (2**31))
+
+
+def _targets(batch: int, classes: int, p_pos: float, p_neg: float, g: torch.Generator) -> torch.Tensor:
+    u = torch.rand(batch, classes, generator=g, dtype=torch.float64)
+    return torch.where(u < p_pos, 1.0, torch.where(u < p_pos + p_neg, -1.0, 0.0)).to(torch.float64)
+
+
+def _keys(batch: int, classes: int, g: torch.Generator) -> torch.Tensor:
+    return torch.rand(batch * (batch - 1) // 2, classes, generator=g)
+
+
+def _regime(targets: torch.Tensor) -> tuple[int, int, int]:
+    """(P, n_pos_neg, n_neg_neg) counted by hand."""
+    p = pn = nn = 0
+    for i, j in ref.pair_order(targets.shape[0]):
+        for c in range(targets.shape[1]):
+            a, b = int(targets[i, c]), int(targets[j, c])
+            if a == b == 1:
+                p += 1
+            elif a == b == -1:
+                nn += 1
+            elif a * b == -1:
+                pn += 1
+    return p, pn, nn
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12, msg=lambda m: f"{what}: {m}")
+
+
+def _check_contrastive(features: torch.Tensor, targets: torch.Tensor, keys: torch.Tensor) -> None:
+    f1 = features.detach().clone().requires_grad_(True)
+    f2 = features.detach().clone().requires_grad_(True)
+    fast = losses.contrastive_loss(f1, targets, keys=keys)
+    slow = ref.contrastive_loss(f2, targets, keys)
+    assert fast.shape == () and fast.dtype == features.dtype
+    _assert_close(fast, slow, "value")
+    (g1,) = torch.autograd.grad(fast, f1, allow_unused=True)
+    (g2,) = torch.autograd.grad(slow, f2, allow_unused=True)
+    g1 = torch.zeros_like(f1) if g1 is None else g1
+    g2 = torch.zeros_like(f2) if g2 is None else g2
+    _assert_close(g1, g2, "grad features")
+
+
+# ------------------------------------------------------------------------------------------------ partial BCE
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("classes", CLASSES)
+@pytest.mark.parametrize("mix", MIXES)
+def test_partial_bce_matches_reference(batch, classes, mix):
+    g = _gen(1, batch, classes, *[int(100 * m) for m in mix])
+    hard = _targets(batch, classes, *mix, g)
+    logits = 3 * torch.randn(batch, classes, generator=g, dtype=torch.float64)
+    # Soft blended targets in (0, 1] at half of the positives, requiring grad (the alpha/beta path).
+    soft = torch.where((hard > 0) & (torch.rand(batch, classes, generator=g) < 0.5),
+                       torch.rand(batch, classes, generator=g, dtype=torch.float64) * 0.99 + 0.01, hard)
+    for targets in (hard, soft):
+        x1, x2 = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+        t1, t2 = targets.clone().requires_grad_(True), targets.clone().requires_grad_(True)
+        fast, slow = losses.partial_bce(x1, t1), ref.partial_bce(x2, t2)
+        assert fast.shape == () and fast.dtype == torch.float64
+        _assert_close(fast, slow, "value")
+        g1 = torch.autograd.grad(fast, (x1, t1), allow_unused=True, materialize_grads=True)
+        g2 = torch.autograd.grad(slow, (x2, t2), allow_unused=True, materialize_grads=True)
+        _assert_close(g1[0], g2[0], "grad logits")
+        _assert_close(g1[1], g2[1], "grad targets")
+
+
+def test_partial_bce_hand_computed():
+    ln3 = math.log(3.0)
+    logits = torch.tensor([[0.0, ln3], [-ln3, 2.0]], dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([[1.0, -1.0], [0.0, 0.5]], dtype=torch.float64, requires_grad=True)
+    # (0,0): -log s(0) = log 2; (0,1): -log s(-ln 3) = log 4; (1,0) unknown; (1,1): softplus(2) - 0.5 * 2.
+    expected = (math.log(2) + math.log(4) + math.log1p(math.exp(2)) - 1.0) / 3
+    loss = losses.partial_bce(logits, targets)
+    assert loss.item() == pytest.approx(expected, rel=1e-14)
+    assert ref.partial_bce(logits, targets).item() == pytest.approx(expected, rel=1e-14)
+    g_logits, g_targets = torch.autograd.grad(loss, (logits, targets))
+    # d/dx: (sigmoid(x) - t) / 3 on positives, sigmoid(x) / 3 on negatives; d/dt = -x / 3 on positives only.
+    sig = torch.sigmoid(logits.detach())
+    expected_gx = torch.tensor([[sig[0, 0] - 1, sig[0, 1]], [0.0, sig[1, 1] - 0.5]], dtype=torch.float64) / 3
+    torch.testing.assert_close(g_logits, expected_gx)
+    torch.testing.assert_close(g_targets, torch.tensor([[-0.0, 0.0], [0.0, -2.0 / 3]], dtype=torch.float64))
+
+
+def test_partial_bce_integer_targets_and_float32():
+    logits = torch.randn(4, 3, generator=_gen(2))
+    hard = torch.tensor([[1, -1, 0], [0, 0, 1], [-1, -1, -1], [1, 1, 0]])
+    torch.testing.assert_close(losses.partial_bce(logits, hard), ref.partial_bce(logits, hard))
+    assert losses.partial_bce(logits, hard).dtype == torch.float32
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (3, 4), (1, 1)])
+def test_no_known_entry_gives_zero(shape):
+    logits = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    targets = torch.zeros(*shape, dtype=torch.float64)
+    for fn in (losses.partial_bce, ref.partial_bce):
+        loss = fn(logits, targets)
+        assert loss.item() == 0.0
+        (g,) = torch.autograd.grad(loss, logits)
+        assert torch.equal(g, torch.zeros_like(logits))
+    features = torch.randn(shape[0], shape[1], D, dtype=torch.float64, requires_grad=True)
+    keys = _keys(shape[0], shape[1], _gen(3))
+    for loss in (losses.contrastive_loss(features, targets, keys=keys), ref.contrastive_loss(features, targets, keys)):
+        assert loss.item() == 0.0
+        (g,) = torch.autograd.grad(loss, features)
+        assert torch.equal(g, torch.zeros_like(features))
+
+
+# ------------------------------------------------------------------------------------------- contrastive loss
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("classes", CLASSES)
+@pytest.mark.parametrize("mix", MIXES)
+def test_contrastive_matches_reference(batch, classes, mix):
+    g = _gen(4, batch, classes, *[int(100 * m) for m in mix])
+    targets = _targets(batch, classes, *mix, g)
+    features = torch.randn(batch, classes, D, generator=g, dtype=torch.float64)
+    _check_contrastive(features, targets, _keys(batch, classes, g))
+
+
+def _rows(*columns: str) -> torch.Tensor:
+    """Targets from one string per class: '+' present, '-' absent, '0' unknown, one character per image."""
+    table = {"+": 1.0, "-": -1.0, "0": 0.0}
+    return torch.tensor([[table[ch] for ch in col] for col in columns], dtype=torch.float64).T.contiguous()
+
+
+# Each case states which mining regime it reaches; _regime checks that the case really does.
+REGIMES = {
+    # P = 0: at most one positive per class, both sets used in full.
+    "p_zero": (_rows("+---0---", "--0-----", "0000+---"), lambda p, pn, nn: p == 0 and pn > 0 and nn > 0),
+    # P large for neg-neg (2P >= n >= P), P small for pos-neg (2P < n and P < n).
+    "p_large": (_rows("++++----"), lambda p, pn, nn: p == 6 and 2 * p >= nn >= p and 2 * p < pn),
+    # P small for both sets.
+    "p_small": (_rows("++--0---", "--------"), lambda p, pn, nn: p == 1 and 2 * p < pn and 2 * p < nn),
+    # n < P: the official code would crash; we take min(P, n) hardest. neg-neg empty here.
+    "n_below_p": (_rows("+++++++-"), lambda p, pn, nn: p == 21 and pn < p and nn == 0),
+    # n < P for neg-neg, 2P >= n > P for pos-neg, with unknowns and several classes.
+    "mixed": (_rows("+++++---", "0+0+0+-0", "00-0+0-0"), lambda p, pn, nn: nn < p <= pn <= 2 * p),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REGIMES))
+def test_contrastive_mining_regimes(name):
+    targets, holds = REGIMES[name]
+    assert holds(*_regime(targets)), _regime(targets)
+    g = _gen(5, len(name))
+    for _ in range(3):  # a few draws of features and keys
+        features = torch.randn(*targets.shape, D, generator=g, dtype=torch.float64)
+        _check_contrastive(features, targets, _keys(targets.shape[0], targets.shape[1], g))
+
+
+def test_contrastive_tied_keys_follow_entry_order():
+    # All keys equal: the random subset is then the first 2P entries in pair order, in both versions.
+    targets, _ = REGIMES["p_small"]
+    features = torch.randn(*targets.shape, D, generator=_gen(6), dtype=torch.float64)
+    _check_contrastive(features, targets, torch.zeros(28, targets.shape[1]))
+    _check_contrastive(features, targets, torch.full((28, targets.shape[1]), 0.5, dtype=torch.float64))
+
+
+def test_contrastive_hand_computed():
+    # B = 2, C = 2. Class 0: identical directions, cos 1; class 1: orthogonal, cos 0.
+    features = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[2.0, 0.0], [0.0, 3.0]]], dtype=torch.float64)
+    keys = torch.rand(1, 2, generator=_gen(7))
+    # Both images +1 on class 0 and -1 on class 1: pos-pos loss 1 - 1 = 0, P = 1; neg-neg loss 1 + 0 = 1 is taken
+    # twice (random subset of min(1, 2) plus the min(1, 1) hardest, the official duplicate): (0 + 1 + 1) / 3.
+    mined = torch.tensor([[1.0, -1.0], [1.0, -1.0]])
+    # Image 0 +1/-1, image 1 -1/-1: P = 0, so pos-neg (1 + 1 = 2) and neg-neg (1 + 0 = 1) are used once: 1.5.
+    unmined = torch.tensor([[1.0, -1.0], [-1.0, -1.0]])
+    # An unknown in the only pos-pos pair: excluded, only the neg-neg pair remains.
+    with_unknown = torch.tensor([[0.0, -1.0], [1.0, -1.0]])
+    for targets, expected in ((mined, 2 / 3), (unmined, 1.5), (with_unknown, 1.0)):
+        assert losses.contrastive_loss(features, targets, keys=keys).item() == pytest.approx(expected, abs=1e-15)
+        assert ref.contrastive_loss(features, targets, keys).item() == pytest.approx(expected, abs=1e-15)
+
+
+def test_contrastive_generator_reproducible():
+    targets, _ = REGIMES["p_small"]
+    features = torch.randn(*targets.shape, D, generator=_gen(8), dtype=torch.float64)
+    first = losses.contrastive_loss(features, targets, generator=torch.Generator().manual_seed(11))
+    again = losses.contrastive_loss(features, targets, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(first, again)
+    # Keys drawn when not given: torch.rand((B(B-1)/2, C), float32) from the same generator.
+    keys = torch.rand((28, targets.shape[1]), generator=torch.Generator().manual_seed(11), dtype=torch.float32)
+    assert torch.equal(first, losses.contrastive_loss(features, targets, keys=keys))
+    # The draw really matters here (P small): some other seed picks another random subset.
+    others = {losses.contrastive_loss(features, targets, generator=torch.Generator().manual_seed(s)).item()
+              for s in range(12, 20)}
+    assert len(others | {first.item()}) > 1
+
+
+def test_contrastive_compiles_fullgraph():
+    g = _gen(9)
+    targets = _targets(8, 20, 0.4, 0.4, g)
+    features = torch.randn(8, 20, D, generator=g, dtype=torch.float64)
+    keys = _keys(8, 20, g)
+    compiled = torch.compile(losses.contrastive_loss, fullgraph=True)
+    f1 = features.clone().requires_grad_(True)
+    f2 = features.clone().requires_grad_(True)
+    got = compiled(f1, targets, keys=keys)
+    want = losses.contrastive_loss(f2, targets, keys=keys)
+    _assert_close(got, want, "compiled value")
+    _assert_close(torch.autograd.grad(got, f1)[0], torch.autograd.grad(want, f2)[0], "compiled grad")
+
+
+# ------------------------------------------------------------------------------------------------- total loss
+
+
+class Out(NamedTuple):
+    logits: torch.Tensor
+    features: torch.Tensor
+    instance_logits: Optional[torch.Tensor] = None
+    instance_targets: Optional[torch.Tensor] = None
+    prototype_logits: Optional[torch.Tensor] = None
+    prototype_targets: Optional[torch.Tensor] = None
+
+
+def _output(g: torch.Generator, alpha: Optional[torch.Tensor] = None, batch: int = 8, classes: int = 5):
+    targets = _targets(batch, classes, 0.4, 0.4, g)
+    logits = torch.randn(batch, classes, generator=g, dtype=torch.float64, requires_grad=True)
+    features = torch.randn(batch, classes, D, generator=g, dtype=torch.float64, requires_grad=True)
+    blend = (targets == 0) & (targets.flip(0) == 1)
+    alpha = torch.tensor(0.3, dtype=torch.float64, requires_grad=True) if alpha is None else alpha
+    soft_ins = torch.where(blend, 1 - alpha, targets)
+    soft_pro = torch.where(targets == 0, 1 - alpha, targets)
+    out = Out(logits, features,
+              torch.randn(batch, classes, generator=g, dtype=torch.float64, requires_grad=True), soft_ins,
+              torch.randn(batch, classes, generator=g, dtype=torch.float64, requires_grad=True), soft_pro)
+    return out, targets, alpha
+
+
+@pytest.mark.parametrize("epoch,progress,weight", [(0, 0.0, 0.0), (0, 0.25, 0.0125), (1, 0.0, 0.05), (7, 0.9, 0.05)])
+def test_dsrb_loss_matches_reference_and_warmup(epoch, progress, weight):
+    out, targets, alpha = _output(_gen(10))
+    keys = _keys(8, 5, _gen(11))
+    total, parts = losses.dsrb_loss(out, targets, epoch=epoch, progress=progress, keys=keys)
+    bce = ref.partial_bce(out.logits, targets)
+    con = ref.contrastive_loss(out.features, targets, keys)
+    ins = ref.partial_bce(out.instance_logits, out.instance_targets)
+    pro = ref.partial_bce(out.prototype_logits, out.prototype_targets)
+    expected = bce + weight * con + ins + pro
+    _assert_close(total, expected, "total")
+    assert parts["contrastive_weight"].item() == pytest.approx(weight, rel=1e-15)
+    _assert_close(parts["bce"], bce.detach(), "bce part")
+    _assert_close(parts["instance"], ins.detach(), "instance part")
+    _assert_close(parts["prototype"], pro.detach(), "prototype part")
+    _assert_close(parts["contrastive"], con.detach() if weight else torch.zeros((), dtype=torch.float64), "con")
+    assert all(not p.requires_grad for p in parts.values())
+    leaves = (out.logits, out.features, out.instance_logits, out.prototype_logits, alpha)
+    got = torch.autograd.grad(total, leaves, allow_unused=True, materialize_grads=True, retain_graph=True)
+    want = torch.autograd.grad(expected, leaves, allow_unused=True, materialize_grads=True)
+    for name, a, b in zip(("logits", "features", "instance", "prototype", "alpha"), got, want):
+        _assert_close(a, b, f"grad {name}")
+    assert got[-1].abs().item() > 0  # alpha learns through the soft targets
+    if weight == 0.0:
+        assert torch.equal(got[1], torch.zeros_like(got[1]))
+
+
+def test_dsrb_loss_none_terms_and_zero_weights():
+    out, targets, _ = _output(_gen(12))
+    keys = _keys(8, 5, _gen(13))
+    bce = ref.partial_bce(out.logits, targets)
+    con = ref.contrastive_loss(out.features, targets, keys)
+    ins = ref.partial_bce(out.instance_logits, out.instance_targets)
+    # Blending passes absent (before the blending start epoch).
+    plain = Out(out.logits, out.features)
+    total, parts = losses.dsrb_loss(plain, targets, epoch=3, progress=0.5, keys=keys)
+    _assert_close(total, bce + 0.05 * con, "no blending")
+    assert parts["instance"].item() == 0.0 and parts["prototype"].item() == 0.0
+    # Only the prototype pass absent.
+    half = out._replace(prototype_logits=None, prototype_targets=None)
+    total, _ = losses.dsrb_loss(half, targets, epoch=3, progress=0.5, keys=keys, instance_weight=2.0)
+    _assert_close(total, bce + 0.05 * con + 2.0 * ins, "instance only")
+    # Zero weights skip their terms; no keys are drawn for a skipped contrastive term.
+    gen = torch.Generator().manual_seed(5)
+    state = gen.get_state()
+    total, parts = losses.dsrb_loss(out, targets, epoch=2, progress=0.0, contrastive_weight=0.0,
+                                    instance_weight=0.0, prototype_weight=0.0, generator=gen)
+    _assert_close(total, bce, "bce only")
+    assert torch.equal(gen.get_state(), state)
+    assert parts["contrastive"].item() == 0.0 and parts["instance"].item() == 0.0
+    # The generator is used when keys are not given.
+    a, _ = losses.dsrb_loss(plain, targets, epoch=1, progress=0.0, generator=torch.Generator().manual_seed(3))
+    b, _ = losses.dsrb_loss(plain, targets, epoch=1, progress=0.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------- bad arguments
+
+
+def _raises(exc, name: str):
+    return pytest.raises(exc, match=re.escape(name))
+
+
+def test_partial_bce_bad_arguments():
+    x, t = torch.randn(3, 4), torch.zeros(3, 4)
+    with _raises(TypeError, "'logits'"):
+        losses.partial_bce([[0.0]], t)
+    with _raises(ValueError, "'logits'"):
+        losses.partial_bce(torch.randn(12), t)
+    with _raises(TypeError, "'logits'"):
+        losses.partial_bce(torch.zeros(3, 4, dtype=torch.long), t)
+    with _raises(ValueError, "'targets'"):
+        losses.partial_bce(x, torch.zeros(2, 4))  # batch differs
+    with _raises(ValueError, "'targets'"):
+        losses.partial_bce(x, torch.zeros(3, 5))  # classes differ
+    with _raises(ValueError, "'targets'"):
+        losses.partial_bce(x, torch.zeros(3, 4, 1))
+    with _raises(ValueError, "'targets' on meta"):
+        losses.partial_bce(x, torch.zeros(3, 4, device="meta"))
+
+
+def test_contrastive_bad_arguments():
+    s, t = torch.randn(4, 3, D), torch.zeros(4, 3)
+    with _raises(ValueError, "'features'"):
+        losses.contrastive_loss(torch.randn(4, 3), t)
+    with _raises(TypeError, "'features'"):
+        losses.contrastive_loss(torch.zeros(4, 3, D, dtype=torch.int32), t)
+    with _raises(ValueError, "'targets'"):
+        losses.contrastive_loss(s, torch.zeros(5, 3))
+    with _raises(ValueError, "'targets'"):
+        losses.contrastive_loss(s, torch.zeros(4, 2))
+    with _raises(ValueError, "'targets'"):
+        losses.contrastive_loss(s, torch.full((4, 3), 0.5))  # soft values are not hard targets
+    with _raises(ValueError, "'keys'"):
+        losses.contrastive_loss(s, t, keys=torch.rand(5, 3))
+    with _raises(TypeError, "'keys'"):
+        losses.contrastive_loss(s, t, keys=torch.zeros(6, 3, dtype=torch.long))
+    with _raises(ValueError, "'targets' on meta"):
+        losses.contrastive_loss(s, torch.zeros(4, 3, device="meta"))
+    with _raises(ValueError, "'keys' on meta"):
+        losses.contrastive_loss(s, t, keys=torch.rand(6, 3, device="meta"))
+
+
+def test_dsrb_loss_bad_arguments():
+    out, targets, _ = _output(_gen(14))
+    kw = dict(epoch=1, progress=0.0)
+    with _raises(ValueError, "'targets'"):
+        losses.dsrb_loss(out, targets * 2, **kw)
+    with _raises(ValueError, "'targets'"):
+        losses.dsrb_loss(out, targets[:, :3], **kw)
+    with _raises(ValueError, "'output.logits'"):
+        losses.dsrb_loss(out._replace(logits=out.logits[0]), targets, **kw)
+    with _raises(ValueError, "'output.features'"):
+        losses.dsrb_loss(out._replace(features=out.features[:, :4]), targets, **kw)
+    with _raises(ValueError, "'output.instance_targets'"):
+        losses.dsrb_loss(out._replace(instance_targets=out.instance_targets[:4]), targets, **kw)
+    with _raises(ValueError, "'output.prototype_logits'"):
+        losses.dsrb_loss(out._replace(prototype_logits=out.prototype_logits[:, :2],
+                                      prototype_targets=out.prototype_targets[:, :2]), targets, **kw)
+    with _raises(ValueError, "'instance_logits' and 'instance_targets'"):
+        losses.dsrb_loss(out._replace(instance_targets=None), targets, **kw)
+    with _raises(TypeError, "'output'"):
+        losses.dsrb_loss((out.logits, out.features), targets, **kw)
+    with _raises(ValueError, "'progress'"):
+        losses.dsrb_loss(out, targets, epoch=0, progress=1.5)
+    with _raises(ValueError, "'epoch'"):
+        losses.dsrb_loss(out, targets, epoch=-1, progress=0.0)
+    with _raises(ValueError, "'contrastive_weight'"):
+        losses.dsrb_loss(out, targets, contrastive_weight=-0.1, **kw)
+    with _raises(TypeError, "'instance_weight'"):
+        losses.dsrb_loss(out, targets, instance_weight="1", **kw)
+    with _raises(ValueError, "'targets' on meta"):
+        losses.dsrb_loss(out, targets.to("meta"), **kw)

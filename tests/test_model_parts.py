@@ -1,0 +1,586 @@
+"""Unit tests for the DSRB model parts: GGNN, label graph, prototype bank, PPRB draws, semantic decoupling, DSRB.
+
+Everything runs in float64 on the CPU with tiny sizes (ResNet-18 of width 4, D = 16, E = 6, I = 8).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import dsrb.ops as ops
+from dsrb import reference
+from dsrb.models import (
+    DSRB,
+    DSRBOutput,
+    ElementWiseLinear,
+    GatedGNN,
+    PrototypeBank,
+    SemanticDecoupling,
+    build_backbone,
+    draw_prototype_choices,
+    label_graph,
+)
+
+DT = torch.float64
+C = 5
+TINY = dict(backbone="resnet18", backbone_width=4, feature_dim=16, word_dim=6, inter_dim=8)
+
+
+def tiny_model(**kwargs) -> DSRB:
+    torch.manual_seed(0)
+    opts = dict(TINY)
+    opts.update(kwargs)
+    return DSRB(C, **opts).to(DT)
+
+
+def images(B, H=128, W=96, seed=1):
+    """128x96 -> layer4 4x3 -> avgpool 2x1 map (N = 2); 64x64 -> 1x1."""
+    return torch.randn(B, 3, H, W, generator=torch.Generator().manual_seed(seed), dtype=DT)
+
+
+# Every class has a known positive somewhere; rows mix known, unknown and (row 1) no unknown at all.
+TARGETS = torch.tensor(
+    [
+        [1, 0, -1, 0, 1],
+        [1, 1, -1, -1, 1],
+        [0, 1, 1, 0, 0],
+        [1, 0, 0, 1, -1],
+    ]
+)
+
+
+def ready_model(**kwargs) -> DSRB:
+    model = tiny_model(**kwargs)
+    model.eval()
+    model.prototype_bank.reset()
+    model.update_prototypes(images(4, seed=7), TARGETS)
+    model.finalize_prototypes()
+    model.train()
+    return model
+
+
+# ------------------------------------------------------------------------------------------------------ GatedGNN
+
+
+def test_gated_gnn_matches_hand_written_step():
+    torch.manual_seed(0)
+    B, Cn, D = 2, 3, 4
+    gnn = GatedGNN(D, steps=1).to(DT)
+    h = torch.randn(B, Cn, D, dtype=DT)
+    A = torch.rand(Cn, Cn, dtype=DT)
+    Aout = torch.rand(Cn, Cn, dtype=DT)
+    got = gnn(h, A, Aout)
+
+    def lin(layer, x):
+        return layer.weight @ x + layer.bias
+
+    want = torch.empty_like(h)
+    for b in range(B):
+        for c in range(Cn):
+            a_in = sum(A[c, j] * h[b, j] for j in range(Cn))
+            a_out = sum(Aout[c, j] * h[b, j] for j in range(Cn))
+            a = torch.cat([a_in, a_out])
+            z = torch.sigmoid(lin(gnn.fc_1_w, a) + lin(gnn.fc_1_u, h[b, c]))
+            r = torch.sigmoid(lin(gnn.fc_2_w, a) + lin(gnn.fc_2_u, h[b, c]))
+            hh = torch.tanh(lin(gnn.fc_3_w, a) + lin(gnn.fc_3_u, r * h[b, c]))
+            want[b, c] = (1 - z) * h[b, c] + z * hh
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+    # Three steps = the one-step module applied three times with the same weights.
+    gnn3 = GatedGNN(D, steps=3).to(DT)
+    gnn3.load_state_dict(gnn.state_dict())
+    torch.testing.assert_close(gnn3(h, A, Aout), gnn(gnn(gnn(h, A, Aout), A, Aout), A, Aout))
+    assert sorted(n for n, _ in gnn.named_children()) == sorted(
+        f"fc_{i}_{k}" for i in (1, 2, 3) for k in ("w", "u")
+    )
+
+
+def test_gated_gnn_bad_matrix_shape():
+    gnn = GatedGNN(4, steps=1)
+    with pytest.raises(ValueError, match="in_matrix"):
+        gnn(torch.randn(1, 3, 4), torch.eye(2), torch.eye(3))
+
+
+# ------------------------------------------------------------------------------------------------------- graph
+
+
+def test_label_graph_hand_computed():
+    labels = torch.tensor(
+        [
+            [1, 1, -1],
+            [1, 0, 0],
+            [0, 1, -1],
+            [1, 1, 0],
+            [0, 1, 0],
+        ]
+    )
+    # Known positives: class 0 in rows {0, 1, 3} (3), class 1 in rows {0, 2, 3, 4} (4), both in {0, 3} (2);
+    # class 2 never known positive -> zero row, no NaN.
+    want = torch.tensor([[1.0, 2 / 3, 0.0], [2 / 4, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    A = label_graph(labels)
+    assert A.dtype == torch.float64
+    assert torch.isfinite(A).all()
+    torch.testing.assert_close(A, want)
+    torch.testing.assert_close(label_graph(labels.numpy()), want)
+
+    model = DSRB(3, **TINY)
+    model.set_label_graph(labels)
+    torch.testing.assert_close(model.in_matrix, want.float())
+    torch.testing.assert_close(model.out_matrix, want.T.float())
+
+
+def test_label_graph_rejects_bad_labels():
+    with pytest.raises(ValueError, match="labels"):
+        label_graph(torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match="labels"):
+        label_graph(torch.tensor([1, 0]))
+    model = DSRB(3, **TINY)
+    with pytest.raises(ValueError, match="labels"):
+        model.set_label_graph(torch.tensor([[1, 0]]))
+
+
+# -------------------------------------------------------------------------------------------------- prototype bank
+
+
+def hand_bank():
+    bank = PrototypeBank(3, 2, cap=100).to(DT)
+    bank.counts.copy_(torch.tensor([[2, 0, 1, 3], [0, 0, 0, 0], [1, 0, 0, 0]]))
+    bank.sums.copy_(
+        torch.tensor(
+            [
+                [[2.0, 4.0], [0.0, 0.0], [1.0, 1.0], [3.0, -3.0]],
+                [[0.0, 0.0]] * 4,
+                [[5.0, 5.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]],
+            ],
+            dtype=DT,
+        )
+    )
+    return bank
+
+
+def test_prototype_bank_finalize_fixed():
+    bank = hand_bank()
+    assert not bool(bank.ready)
+    bank.finalize("fixed")
+    mean0 = [1.0, 1 / 3]  # (2+1+3, 4+1-3) / 6
+    want = torch.tensor(
+        [
+            [[1.0, 2.0], mean0, [1.0, 1.0], [1.0, -1.0]],
+            [[0.0, 0.0]] * 4,
+            [[5.0, 5.0]] * 4,
+        ],
+        dtype=DT,
+    )
+    torch.testing.assert_close(bank.prototypes, want)
+    assert bank.valid.tolist() == [True, False, True]
+    assert bool(bank.ready)
+
+
+def test_prototype_bank_finalize_official():
+    bank = hand_bank()
+    bank.finalize("official")
+    mean0 = [1.0, 1 / 3]  # the empty-bucket fallback is the plain class mean in both modes
+    want = torch.tensor(
+        [
+            [[2 / 3, 4 / 3], mean0, [0.5, 0.5], [0.75, -0.75]],
+            [[0.0, 0.0]] * 4,
+            [[2.5, 2.5], [5.0, 5.0], [5.0, 5.0], [5.0, 5.0]],
+        ],
+        dtype=DT,
+    )
+    torch.testing.assert_close(bank.prototypes, want)
+    assert bank.valid.tolist() == [True, False, True]
+    with pytest.raises(ValueError, match="compat"):
+        bank.finalize("nope")
+
+
+def test_prototype_bank_update_reset_and_state_dict():
+    torch.manual_seed(0)
+    bank = PrototypeBank(3, 4, cap=2)
+    S = torch.randn(5, 3, 4)
+    T = torch.tensor([[1, 1, 0], [1, -1, 1], [1, 1, 1], [0, 1, 1], [1, 1, -1]])
+    q = torch.tensor([[0, 1, 2], [0, 1, 2], [0, 3, 2], [1, 1, 2], [0, 1, 3]])
+    bank.update(S, T, q)
+    want_sums, want_counts = reference.prototype_bank_update(
+        torch.zeros(3, 4, 4), torch.zeros(3, 4, dtype=torch.int64), S, T, q, 2
+    )
+    torch.testing.assert_close(bank.sums, want_sums)
+    assert torch.equal(bank.counts, want_counts)
+    assert int(bank.counts.max()) == 2  # the cap holds
+    bank.finalize()
+    keys = set(bank.state_dict())
+    assert keys == {"sums", "counts", "prototypes", "valid", "ready"}
+    other = PrototypeBank(3, 4, cap=2)
+    other.load_state_dict(bank.state_dict())
+    assert bool(other.ready) and torch.equal(other.prototypes, bank.prototypes)
+    bank.reset()
+    assert not bool(bank.ready) and int(bank.counts.sum()) == 0 and not bank.valid.any()
+    assert float(bank.sums.abs().sum()) == 0.0 and float(bank.prototypes.abs().sum()) == 0.0
+
+
+# ------------------------------------------------------------------------------------------ PPRB label selection
+
+DRAW_T = torch.tensor(
+    [
+        [1, -1, 1, -1, 1, -1],  # no unknown: official falls back to known labels (ties -> lowest index)
+        [0, 1, -1, 1, 1, -1],  # one unknown: fewer than K = 2
+        [0, 0, 0, 0, 0, 0],  # all unknown
+        [0, 1, 0, -1, 0, 1],
+        [-1, 0, 0, 1, -1, 0],
+        [0, 0, 1, 1, -1, -1],
+        [1, 1, 1, 1, 1, 0],
+    ]
+)
+
+
+@pytest.mark.parametrize("compat", ["fixed", "official"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_draw_prototype_choices_matches_reference(compat, top_k):
+    B, Cn = DRAW_T.shape
+    for seed in range(20):
+        shift, select = draw_prototype_choices(DRAW_T, top_k, torch.Generator().manual_seed(seed), compat=compat)
+        g = torch.Generator().manual_seed(seed)
+        want_shift = torch.randint(1, 4, (B, Cn), generator=g)
+        rho = torch.rand(B, Cn, generator=g)
+        assert shift.dtype == torch.int64 and select.dtype == torch.bool
+        assert torch.equal(shift, want_shift)
+        assert torch.equal(select, reference.select_labels(DRAW_T, rho, top_k, compat))
+        assert int(shift.min()) >= 1 and int(shift.max()) <= 3
+    # Rows fixed by construction.
+    if compat == "official":
+        assert select[0].tolist() == [True] * top_k + [False] * (Cn - top_k)  # tie broken by class index
+        assert int(select.sum(1).min()) == top_k
+    else:
+        assert not select[0].any()
+        assert int(select[1].sum()) == (1 if top_k == 1 else 0)
+        assert not (select & (DRAW_T != 0)).any()
+
+
+def test_draw_prototype_choices_valid_mask_and_edges():
+    valid = torch.tensor([True, False, True, True, False, True])
+    for compat in ("fixed", "official"):
+        _, sel_all = draw_prototype_choices(DRAW_T, 2, torch.Generator().manual_seed(3), compat=compat)
+        _, sel = draw_prototype_choices(DRAW_T, 2, torch.Generator().manual_seed(3), compat=compat, valid=valid)
+        assert torch.equal(sel, sel_all & valid)
+    # K larger than C, K = 0, and an empty batch.
+    T = torch.zeros(2, 1, dtype=torch.int64)
+    for compat in ("fixed", "official"):
+        g = torch.Generator().manual_seed(0)
+        _, sel = draw_prototype_choices(T, 2, g, compat=compat)
+        g = torch.Generator().manual_seed(0)
+        torch.randint(1, 4, (2, 1), generator=g)
+        assert torch.equal(sel, reference.select_labels(T, torch.rand(2, 1, generator=g), 2, compat))
+        assert not draw_prototype_choices(DRAW_T, 0, compat=compat)[1].any()
+        shift, sel = draw_prototype_choices(DRAW_T[:0], 1, compat=compat)
+        assert shift.shape == (0, DRAW_T.shape[1]) and sel.shape == (0, DRAW_T.shape[1])
+    with pytest.raises(ValueError, match="compat"):
+        draw_prototype_choices(DRAW_T, 1, compat="bad")
+    with pytest.raises(ValueError, match="top_k"):
+        draw_prototype_choices(DRAW_T, -1)
+    with pytest.raises(ValueError, match="valid"):
+        draw_prototype_choices(DRAW_T, 1, valid=torch.ones(3, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------------------------------- semantic decoupling
+
+
+def test_semantic_decoupling_matches_official_and_bias_grads_are_zero():
+    torch.manual_seed(0)
+    B, D, E, I, H, W, Cn = 2, 6, 5, 4, 3, 2, 3
+    sd = SemanticDecoupling(D, E, I).to(DT)
+    with torch.no_grad():  # non-trivial biases, so a wrong collapse would show
+        sd.fc3.bias.uniform_(-1, 1)
+        sd.fc4.bias.uniform_(-1, 1)
+    fmap = torch.randn(B, D, H, W, dtype=DT)
+    words = torch.randn(Cn, E, dtype=DT)
+    S, a = sd(fmap.flatten(2).transpose(1, 2), words)
+    S_ref, _, a_ref = reference.semantic_decoupling_official(fmap, words, sd.fc1, sd.fc2, sd.fc3, sd.fc4)
+    a_ref = a_ref.reshape(B, H * W, Cn).transpose(1, 2)
+    torch.testing.assert_close(S, S_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(a, a_ref, rtol=1e-10, atol=1e-12)
+
+    weight = torch.randn(B, Cn, D, dtype=DT)
+    (S * weight).sum().backward()
+    grads = {n: p.grad.clone() for n, p in sd.named_parameters()}
+    for n in ("fc3.bias", "fc4.bias"):
+        assert grads[n] is not None
+        assert torch.count_nonzero(grads[n]) == 0, n
+    sd.zero_grad()
+    (S_ref * weight).sum().backward()
+    for n in ("fc1.weight", "fc2.weight", "fc3.weight", "fc4.weight"):
+        torch.testing.assert_close(grads[n], dict(sd.named_parameters())[n].grad, rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------- DSRB
+
+
+def test_element_wise_linear():
+    torch.manual_seed(0)
+    layer = ElementWiseLinear(3, 16)
+    bound = 1 / math.sqrt(16)
+    assert float(layer.weight.detach().abs().max()) <= bound and float(layer.bias.detach().abs().max()) <= bound
+    o = torch.randn(2, 3, 16)
+    want = torch.stack([torch.stack([o[b, c] @ layer.weight[c] + layer.bias[c] for c in range(3)]) for b in range(2)])
+    torch.testing.assert_close(layer(o), want)
+
+
+def test_dsrb_names_and_defaults():
+    model = tiny_model()
+    children = {n for n, _ in model.named_children()}
+    assert children == {"backbone", "reduction", "semantic", "gnn", "head", "classifier", "prototype_bank"}
+    keys = set(model.state_dict())
+    for k in ("word_features", "in_matrix", "out_matrix", "alpha", "beta", "prototype_bank.sums",
+              "prototype_bank.counts", "prototype_bank.prototypes", "prototype_bank.valid", "prototype_bank.ready",
+              "reduction.0.weight", "reduction.1.running_mean", "semantic.fc3.bias", "semantic.fc4.bias",
+              "gnn.fc_1_w.weight", "head.weight", "classifier.weight", "classifier.bias", "backbone.conv1.weight"):
+        assert k in keys, k
+    assert "reduction.0.bias" not in keys
+    assert isinstance(model.reduction[0], nn.Conv2d) and isinstance(model.reduction[1], nn.BatchNorm2d)
+    assert len(model.reduction) == 2
+    assert model.alpha.shape == (1,) and float(model.alpha.detach()) == 0.5 and model.alpha.requires_grad
+    assert model.beta.shape == (1,) and float(model.beta.detach()) == 0.5 and model.beta.requires_grad
+    want_words = torch.randn(C, 6, generator=torch.Generator().manual_seed(0)).to(DT)
+    torch.testing.assert_close(model.word_features, want_words)
+    torch.testing.assert_close(model.in_matrix, torch.eye(C, dtype=DT))
+    fixed = DSRB(C, learn_alpha=False, learn_beta=False, **TINY)
+    assert not fixed.alpha.requires_grad and not fixed.beta.requires_grad
+    # Frozen backbone: stem..layer3 without gradient and in eval mode; layer4 trains.
+    model.train()
+    assert not model.backbone.layer3.training and model.backbone.layer4.training and model.reduction.training
+    assert not any(p.requires_grad for p in model.backbone.layer1.parameters())
+    assert all(p.requires_grad for p in model.backbone.layer4.parameters())
+
+
+def test_dsrb_constructor_validation():
+    with pytest.raises(ValueError, match="compat"):
+        DSRB(C, compat="paper", **TINY)
+    with pytest.raises(ValueError, match="word_features"):
+        DSRB(C, word_features=torch.randn(C, 7), **TINY)
+    with pytest.raises(ValueError, match="word_features"):
+        DSRB(C, word_features=torch.randn(C + 1, 6), **TINY)
+    with pytest.raises(ValueError, match="adjacency"):
+        DSRB(C, adjacency=torch.eye(C + 1), **TINY)
+    with pytest.raises(ValueError, match="adjacency"):
+        DSRB(C, adjacency=torch.full((C, C), float("nan")), **TINY)
+    with pytest.raises(ValueError, match="num_classes"):
+        DSRB(0, **TINY)
+    A = torch.rand(C, C)
+    model = DSRB(C, adjacency=A, word_features=torch.ones(C, 6).numpy(), **TINY)
+    torch.testing.assert_close(model.in_matrix, A)
+    torch.testing.assert_close(model.out_matrix, A.T)
+    torch.testing.assert_close(model.word_features, torch.ones(C, 6))
+
+
+def test_dsrb_custom_backbone_module():
+    class Tiny(nn.Module):
+        out_channels = 7
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 7, 3, stride=4)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    opts = {k: v for k, v in TINY.items() if k not in ("backbone", "backbone_width")}
+    model = DSRB(C, backbone=Tiny(), **opts).eval()
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, C)
+    with pytest.raises(ValueError, match="backbone"):
+        DSRB(C, backbone=nn.Identity(), **opts)
+
+
+def test_dsrb_eval_returns_logits_and_train_returns_output():
+    model = ready_model()
+    x = images(4)
+    model.eval()
+    logits = model(x)
+    assert isinstance(logits, torch.Tensor) and logits.shape == (4, C)
+    torch.testing.assert_close(model(x, TARGETS), logits)  # targets are ignored in eval mode
+
+    model.train()
+    out = model(x, TARGETS, generator=torch.Generator().manual_seed(0))
+    assert isinstance(out, DSRBOutput)
+    assert out.logits.shape == (4, C) and out.features.shape == (4, C, 16) and out.attention.shape == (4, C, 2)
+    for t in (out.instance_logits, out.instance_targets, out.prototype_logits, out.prototype_targets):
+        assert t.shape == (4, C) and t.dtype == DT
+    torch.testing.assert_close(out.attention.sum(-1), torch.ones(4, C, dtype=DT))
+
+    plain = model(x)
+    assert plain.instance_logits is None and plain.prototype_logits is None and plain.instance_targets is None
+    only_inst = model(x, TARGETS, prototype_blend=False)
+    assert only_inst.instance_logits is not None and only_inst.prototype_logits is None
+    only_proto = model(x, TARGETS, instance_blend=False)
+    assert only_proto.instance_logits is None and only_proto.prototype_targets is not None
+
+
+def test_dsrb_blend_wiring_matches_ops():
+    """The batched head pass equals running classify on each blended tensor built by the ops directly."""
+    model = ready_model(compat="official")
+    x = images(4)
+    partner = torch.tensor([2, 3, 0, 1])
+    shift = torch.randint(1, 4, (4, C), generator=torch.Generator().manual_seed(5))
+    select = torch.rand(4, C, generator=torch.Generator().manual_seed(6)) < 0.5
+    out = model(x, TARGETS, partner=partner, prototype_choices=(shift, select))
+    S = out.features
+    T = TARGETS.to(DT)
+    S1, T1 = ops.instance_blend(S, T, model.alpha, partner)
+    torch.testing.assert_close(out.instance_targets, T1)
+    torch.testing.assert_close(out.instance_logits, model.classify(S1))
+    torch.testing.assert_close(out.logits, model.classify(S))
+    # Quadrants from the same forward (eval/train BN would differ, so recompute X in train mode without blending).
+    with torch.no_grad():
+        S0, a0, X = model.extract(x)
+    q = reference.quadrant_index(a0, X.sum(1).flatten(1), *X.shape[-2:])
+    S2, T2 = reference.prototype_blend(S, T, model.beta, model.prototype_bank.prototypes, q, shift, select)
+    torch.testing.assert_close(out.prototype_targets, T2)
+    torch.testing.assert_close(out.prototype_logits, model.classify(S2))
+    # Default partner = batch flip.
+    out_flip = model(x, TARGETS, prototype_blend=False)
+    torch.testing.assert_close(out_flip.instance_targets, ops.instance_blend(S, T, model.alpha)[1])
+
+
+def test_dsrb_prototype_not_ready_error():
+    model = tiny_model().train()
+    with pytest.raises(RuntimeError, match="prototype"):
+        model(images(2), TARGETS[:2])
+    out = model(images(2), TARGETS[:2], prototype_blend=False)
+    assert out.prototype_logits is None and out.instance_logits is not None
+
+
+def test_dsrb_update_prototypes_matches_reference():
+    model = tiny_model().eval()
+    x = images(4, seed=7)
+    model.prototype_bank.reset()
+    model.update_prototypes(x, TARGETS)
+    S, a, X = model.extract(x)
+    q = reference.quadrant_index(a, X.sum(1).flatten(1), *X.shape[-2:])
+    sums, counts = reference.prototype_bank_update(
+        torch.zeros(C, 4, 16, dtype=DT), torch.zeros(C, 4, dtype=torch.int64), S, TARGETS, q, 100
+    )
+    torch.testing.assert_close(model.prototype_bank.sums, sums)
+    assert torch.equal(model.prototype_bank.counts, counts)
+    assert not bool(model.prototype_bank.ready)
+    model.finalize_prototypes()
+    assert bool(model.prototype_bank.ready)
+    assert model.prototype_bank.valid.tolist() == [bool((TARGETS[:, c] == 1).any()) for c in range(C)]
+
+
+def test_dsrb_empty_batch():
+    model = ready_model()
+    x0 = images(0)
+    model.eval()
+    assert model(x0).shape == (0, C)
+    model.train()
+    out = model(x0, TARGETS[:0])
+    assert out.logits.shape == (0, C) and out.features.shape == (0, C, 16) and out.attention.shape == (0, C, 2)
+    assert out.instance_logits.shape == (0, C) and out.prototype_targets.shape == (0, C)
+    model.eval()
+    model.update_prototypes(x0, TARGETS[:0])
+
+
+def test_dsrb_bad_inputs_name_the_argument():
+    model = ready_model()
+    x = images(2)
+    with pytest.raises(ValueError, match="images"):
+        model(x[0])  # wrong rank
+    with pytest.raises(ValueError, match="images"):
+        model(torch.randn(2, 4, 128, 96, dtype=DT))  # wrong channel count
+    with pytest.raises(TypeError, match="images"):
+        model(torch.zeros(2, 3, 128, 96, dtype=torch.int64))  # integer images
+    bad = TARGETS[:2].clone()
+    bad[0, 1] = 2
+    with pytest.raises(ValueError, match="targets"):
+        model(x, bad)
+    with pytest.raises(ValueError, match="targets"):
+        model(x, TARGETS[:2, :3])  # wrong number of classes
+    with pytest.raises(ValueError, match="targets"):
+        model(x, TARGETS[:3])  # wrong batch size
+    with pytest.raises(ValueError, match="partner"):
+        model(x, TARGETS[:2], partner=torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="prototype_choices"):
+        model(x, TARGETS[:2], prototype_choices=(torch.ones(2, 3, dtype=torch.int64), torch.ones(2, C).bool()))
+    with pytest.raises(ValueError, match="targets"):
+        model.update_prototypes(x, bad)
+
+
+def test_dsrb_clamps_alpha_beta():
+    model = ready_model()
+    with torch.no_grad():
+        model.alpha.fill_(1.7)
+        model.beta.fill_(-0.3)
+    model(images(2), TARGETS[:2])
+    assert float(model.alpha.detach()) == 1.0 and float(model.beta.detach()) == 0.0
+
+
+def test_dsrb_all_trainable_parameters_get_gradients():
+    model = ready_model()
+    x = images(4)
+    # Row 0 (unknown 1, 3) pairs with row 3 (class 3 known positive): IPRB blends; select forces PPRB blending.
+    select = torch.zeros(4, C, dtype=torch.bool)
+    select[0, 1] = select[2, 0] = select[3, 2] = True
+    shift = torch.ones(4, C, dtype=torch.int64)
+    out = model(x, TARGETS, prototype_choices=(shift, select))
+    g = torch.Generator().manual_seed(11)
+    parts = [out.logits, out.features, out.instance_logits, out.instance_targets, out.prototype_logits,
+             out.prototype_targets]
+    loss = sum((t * torch.randn(t.shape, generator=g, dtype=DT)).sum() for t in parts)
+    loss.backward()
+    frozen = {f"backbone.{n}" for part in ("conv1", "bn1", "layer1", "layer2", "layer3")
+              for n, _ in getattr(model.backbone, part).named_parameters(prefix=part)}
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert not p.requires_grad and p.grad is None, name
+            continue
+        assert p.grad is not None, name
+        if name in ("semantic.fc3.bias", "semantic.fc4.bias"):
+            assert torch.count_nonzero(p.grad) == 0, name  # exactly zero, but present (weight decay acts)
+        else:
+            assert torch.count_nonzero(p.grad) > 0, name
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_dsrb_detach_blend_targets(detach):
+    model = ready_model(detach_blend_targets=detach)
+    select = torch.zeros(4, C, dtype=torch.bool)
+    select[0, 1] = True
+    choices = (torch.ones(4, C, dtype=torch.int64), select)
+    out = model(images(4), TARGETS, prototype_choices=choices)
+    if not (out.instance_targets.requires_grad or out.prototype_targets.requires_grad):
+        assert detach
+        return
+    (out.instance_targets.sum() + out.prototype_targets.sum()).backward()
+    grads = [0.0 if p.grad is None else float(p.grad.abs().sum()) for p in (model.alpha, model.beta)]
+    if detach:
+        assert grads == [0.0, 0.0]
+    else:
+        assert grads[0] > 0 and grads[1] > 0  # the official target path: d(1 - alpha)/d alpha = -1 per entry
+
+
+def test_build_backbone_reexported():
+    assert build_backbone("resnet18", width=4).out_channels == 32
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_dsrb_gradients_at_batch_size_one(B):
+    """Regression: at B = 1 the gradient reaching the reduction BatchNorm used to have an odd batch stride, for which
+    torch's CPU BatchNorm backward returns wrong gradients. Compare with the official formulation on the same modules.
+    """
+    model = tiny_model().train()
+    x = images(B, 128, 128)  # 2x2 map
+    g = torch.Generator().manual_seed(3)
+    w1 = torch.randn(B, C, generator=g, dtype=DT)
+    w2 = torch.randn(B, C, 16, generator=g, dtype=DT)
+    params = [model.reduction[0].weight, model.reduction[1].weight, model.reduction[1].bias,
+              model.backbone.layer4[0].conv1.weight, model.semantic.fc1.weight]
+    out = model(x)
+    got = torch.autograd.grad((out.logits * w1).sum() + (out.features * w2).sum(), params)
+    X = model.reduction(model.backbone(x))
+    sd = model.semantic
+    S, _, _ = reference.semantic_decoupling_official(X, model.word_features, sd.fc1, sd.fc2, sd.fc3, sd.fc4)
+    want = torch.autograd.grad((model.classify(S) * w1).sum() + (S * w2).sum(), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)

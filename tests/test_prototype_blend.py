@@ -1,0 +1,129 @@
+"""prototype_blend (torch backend) against the oracle on vectors and on the official prototype maps."""
+
+import pytest
+import torch
+
+import dsrb.ops as ops
+from dsrb import reference
+from helpers import assert_close, noncontiguous
+
+SHAPES = [(1, 1, 3), (2, 3, 7), (5, 20, 33), (8, 80, 9), (0, 4, 5)]
+
+
+def make(B, C, D, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    S = torch.randn(B, C, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    T = torch.randint(-1, 2, (B, C), generator=g).to(dtype)
+    beta = torch.tensor([0.4], dtype=dtype, requires_grad=True)
+    bank = torch.randn(C, 4, D, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    quadrant = torch.randint(0, 4, (B, C), generator=g)
+    shift = torch.randint(1, 4, (B, C), generator=g)
+    select = torch.rand(B, C, generator=g) < 0.5
+    return S, T, beta, bank, quadrant, shift, select
+
+
+def run(fn, S, T, beta, bank, quadrant, shift, select, seed=1, **kw):
+    S2, T2 = fn(S, T, beta, bank, quadrant, shift, select, **kw)
+    g = torch.Generator().manual_seed(seed)
+    wS = torch.randn(S2.shape, generator=g, dtype=torch.float64).to(S2.dtype)
+    wT = torch.randn(T2.shape, generator=g, dtype=torch.float64).to(T2.dtype)
+    grads = torch.autograd.grad(
+        (S2 * wS).sum() + (T2 * wT).sum(), (S, beta, bank), allow_unused=True, materialize_grads=True
+    )
+    return [S2, T2, *grads]
+
+
+NAMES = ["S2", "T2", "grad S", "grad beta", "grad bank"]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("detach_target", [False, True])
+def test_matches_oracle(shape, detach_target):
+    args = make(*shape)
+    got = run(lambda *a, **k: ops.prototype_blend(*a, **k, backend="torch"), *args, detach_target=detach_target)
+    want = run(reference.prototype_blend, *args, detach_target=detach_target)
+    for name, o, r in zip(NAMES, got, want):
+        assert_close(o, r, what=name)
+
+
+@pytest.mark.parametrize("B, H, W, C, D", [(1, 7, 7, 1, 4), (2, 5, 6, 3, 5), (5, 1, 1, 20, 3), (3, 2, 3, 4, 2)])
+def test_map_formulation_equals_vectors(B, H, W, C, D):
+    """Official blending with (C, 4, H, W, D) prototype maps equals the op with their spatial sums (spec §5.2)."""
+    g = torch.Generator().manual_seed(3)
+    F = torch.randn(B, H, W, C, D, generator=g, dtype=torch.float64, requires_grad=True)
+    T = torch.randint(-1, 2, (B, C), generator=g).double()
+    beta = torch.tensor([0.6], dtype=torch.float64, requires_grad=True)
+    maps = torch.randn(C, 4, H, W, D, generator=g, dtype=torch.float64)
+    shift = torch.randint(1, 4, (B, C), generator=g)
+    select = torch.rand(B, C, generator=g) < 0.6
+    S2_map, T2_map = reference.prototype_blend_map(F, T, beta, maps, shift, select)
+    quadrant = reference.quadrant_index_map(F.detach())
+    S2, T2 = ops.prototype_blend(F.sum((1, 2)), T, beta, maps.sum((2, 3)), quadrant, shift, select)
+    assert_close(S2, S2_map)
+    assert_close(T2, T2_map)
+    for a, b in zip(torch.autograd.grad(S2.sum() + T2.sum(), (F, beta)),
+                    torch.autograd.grad(S2_map.sum() + T2_map.sum(), (F, beta))):
+        assert_close(a, b)
+
+
+def test_noncontiguous():
+    args = make(4, 5, 6)
+    strided = (noncontiguous(args[0]),) + args[1:3] + (noncontiguous(args[3]),) + args[4:]
+    got = run(lambda *a: ops.prototype_blend(*a), *strided)
+    want = run(reference.prototype_blend, *args)
+    for o, r in zip(got, want):
+        assert_close(o, r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_lower_precision(dtype):
+    args = make(4, 20, 16, dtype=dtype)
+    got = run(lambda *a: ops.prototype_blend(*a), *args)
+    ref_args = [t.detach().double().requires_grad_(t.requires_grad) if t.is_floating_point() else t for t in args]
+    want = run(reference.prototype_blend, *ref_args)
+    for o, r in zip(got, want):
+        assert o.dtype == dtype
+        assert_close(o, r, dtype=dtype)
+
+
+def test_beta_gradient_through_both_paths():
+    S, T, beta, bank, q, shift, select = make(3, 4, 5)
+    select[:] = True
+    S2, T2 = ops.prototype_blend(S, T, beta, bank, q, shift, select)
+    assert torch.autograd.grad(S2.sum(), beta, retain_graph=True)[0].abs() > 0
+    assert torch.autograd.grad(T2.sum(), beta)[0] == -select.sum()
+
+
+def test_gradcheck_and_opcheck():
+    S, T, beta, bank, q, shift, select = make(3, 4, 2)
+    assert torch.autograd.gradcheck(lambda s, b, k: ops.prototype_blend(s, T, b, k, q, shift, select), (S, beta, bank))
+    for detach in (False, True):
+        torch.library.opcheck(
+            torch.ops.dsrb.prototype_blend_torch.default, (S, T, beta.reshape(()), bank, q, shift, select, detach)
+        )
+
+
+def test_compile_fullgraph_matches_eager():
+    args = make(4, 6, 5, dtype=torch.float32)
+    compiled = torch.compile(lambda *a: ops.prototype_blend(*a), fullgraph=True)
+    for o, r in zip(run(compiled, *args), run(lambda *a: ops.prototype_blend(*a), *args)):
+        assert_close(o, r)
+
+
+@pytest.mark.parametrize(
+    "index, value, match",
+    [
+        (3, torch.zeros(4, 3, 5), "'bank'.*shape"),
+        (3, torch.zeros(4, 4, 5, dtype=torch.float32), "'bank'.*dtype"),
+        (4, torch.full((3, 4), 4), "'quadrant'.*range"),
+        (5, torch.zeros(3, 4, dtype=torch.long), "'shift'.*range"),
+        (6, torch.zeros(3, 4), "'select'.*bool"),
+        (4, torch.zeros(3, 4), "'quadrant'.*integer"),
+        (2, torch.tensor(1), "'beta'.*floating"),
+    ],
+)
+def test_bad_input(index, value, match):
+    args = [t.detach() for t in make(3, 4, 5)]
+    args[index] = value
+    with pytest.raises((TypeError, ValueError), match=match):
+        ops.prototype_blend(*args)

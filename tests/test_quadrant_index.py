@@ -1,0 +1,64 @@
+"""quadrant_index (torch backend) against the official row/column peak rule."""
+
+import pytest
+import torch
+
+import dsrb.ops as ops
+from dsrb import reference
+
+
+@pytest.mark.parametrize("B, C, H, W", [(1, 1, 7, 7), (2, 3, 5, 6), (5, 20, 1, 1), (3, 4, 13, 2), (0, 3, 7, 7)])
+def test_matches_oracle(B, C, H, W):
+    g = torch.Generator().manual_seed(0)
+    a = torch.softmax(torch.randn(B, C, H * W, generator=g, dtype=torch.float64), -1)
+    x_sum = torch.randn(B, H * W, generator=g, dtype=torch.float64)  # BN output without ReLU: signs vary
+    q = ops.quadrant_index(a, x_sum, H, W, backend="torch")
+    assert q.dtype == torch.int64 and q.shape == (B, C)
+    assert torch.equal(q, reference.quadrant_index(a, x_sum, H, W))
+
+
+def test_hand_cases_odd_map():
+    """7x7 splits at 3: rows/cols 0-2 are top/left, 3-6 bottom/right (spec §5.1)."""
+    H = W = 7
+    a = torch.ones(1, 4, H * W)
+    x_sum = torch.zeros(1, H * W)
+    peaks = [(2, 2), (2, 3), (3, 2), (6, 6)]
+    scores = torch.zeros(4, H, W)
+    for c, (r, col) in enumerate(peaks):
+        scores[c, r, col] = 1.0
+    q = ops.quadrant_index(scores.reshape(1, 4, H * W), torch.ones(1, H * W), H, W)
+    assert q.tolist() == [[0, 1, 2, 3]]
+    del a, x_sum
+
+
+def test_row_column_rule_differs_from_flat_argmax_on_ties():
+    """Ties at different cells: the official rule combines the first peak row with the first peak column."""
+    scores = torch.zeros(1, 1, 4, 4)
+    scores[0, 0, 0, 3] = 1.0  # top-right
+    scores[0, 0, 3, 0] = 1.0  # bottom-left
+    q = ops.quadrant_index(scores.reshape(1, 1, 16), torch.ones(1, 16), 4, 4)
+    assert q.item() == 0  # row 0 and column 0: top-left, a cell that is not a maximum
+    assert torch.equal(q, reference.quadrant_index(scores.reshape(1, 1, 16), torch.ones(1, 16), 4, 4))
+
+
+def test_map_formulation():
+    g = torch.Generator().manual_seed(1)
+    B, H, W, C, D = 2, 5, 6, 3, 4
+    X = torch.randn(B, H * W, D, generator=g, dtype=torch.float64)
+    a = torch.softmax(torch.randn(B, C, H * W, generator=g, dtype=torch.float64), -1)
+    F = (a.transpose(1, 2)[..., None] * X[:, :, None, :]).reshape(B, H, W, C, D)
+    assert torch.equal(ops.quadrant_index(a, X.sum(-1), H, W), reference.quadrant_index_map(F))
+
+
+def test_opcheck_compile_and_errors():
+    a = torch.softmax(torch.randn(2, 3, 12), -1)
+    x_sum = torch.randn(2, 12)
+    torch.library.opcheck(torch.ops.dsrb.quadrant_index_torch.default, (a, x_sum, 3, 4))
+    compiled = torch.compile(lambda a, s: ops.quadrant_index(a, s, 3, 4), fullgraph=True)
+    assert torch.equal(compiled(a, x_sum), ops.quadrant_index(a, x_sum, 3, 4))
+    with pytest.raises(ValueError, match="'height', 'width'"):
+        ops.quadrant_index(a, x_sum, 5, 4)
+    with pytest.raises(ValueError, match="'x_sum'.*shape"):
+        ops.quadrant_index(a, x_sum[:, :-1], 3, 4)
+    with pytest.raises(TypeError, match="'a'.*floating"):
+        ops.quadrant_index(a.long(), x_sum, 3, 4)
