@@ -7,7 +7,7 @@ import dsrb.ops as ops
 from dsrb import reference
 from helpers import assert_close, noncontiguous
 
-SHAPES = [(1, 1, 3), (2, 3, 7), (5, 20, 33), (8, 80, 9), (0, 4, 5), (3, 1, 1)]
+SHAPES = [(1, 1, 3), (2, 3, 7), (5, 20, 33), (8, 80, 9), (2, 200, 3), (0, 4, 5), (3, 1, 1)]
 
 
 def make(B, C, D, dtype=torch.float64, seed=0):
@@ -97,6 +97,8 @@ def test_gradcheck_and_opcheck():
     partner = torch.arange(2, -1, -1)
     for detach in (False, True):
         torch.library.opcheck(torch.ops.dsrb.instance_blend_torch.default, (S, T, alpha.reshape(()), partner, detach))
+    torch.library.opcheck(torch.ops.dsrb.instance_blend_torch.default,
+                          (noncontiguous(S), noncontiguous(T), alpha.reshape(()), partner, False))
 
 
 def test_compile_fullgraph_matches_eager():

@@ -7,7 +7,7 @@ import dsrb.ops as ops
 from dsrb import reference
 from helpers import assert_close, noncontiguous
 
-SHAPES = [(1, 1, 3), (2, 3, 7), (5, 20, 33), (8, 80, 9), (0, 4, 5)]
+SHAPES = [(1, 1, 3), (2, 3, 7), (5, 20, 33), (8, 80, 9), (2, 200, 3), (0, 4, 5)]
 
 
 def make(B, C, D, dtype=torch.float64, seed=0):
@@ -101,6 +101,10 @@ def test_gradcheck_and_opcheck():
         torch.library.opcheck(
             torch.ops.dsrb.prototype_blend_torch.default, (S, T, beta.reshape(()), bank, q, shift, select, detach)
         )
+    torch.library.opcheck(
+        torch.ops.dsrb.prototype_blend_torch.default,
+        (noncontiguous(S), noncontiguous(T), beta.reshape(()), noncontiguous(bank), q, shift, select, False),
+    )
 
 
 def test_compile_fullgraph_matches_eager():

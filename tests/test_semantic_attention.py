@@ -13,9 +13,10 @@ from helpers import assert_close, noncontiguous
 # The package re-exports the function under the module's name, so fetch the module itself.
 sa_module = importlib.import_module("dsrb.ops.semantic_attention")
 
-# (B, N, C, D, I): odd N (49, 13, 30), C in {1, 20, 80}, D and I not multiples of 16, B = 1, and a random draw.
+# (B, N, C, D, I): odd N (49, 13, 30), C in {1, 20, 80, 200}, D and I not multiples of 16, B = 1, and a random draw.
 _rng = random.Random(0)
-SHAPES = [(1, 49, 1, 7, 5), (2, 13, 20, 33, 17), (3, 30, 80, 9, 12), (1, 1, 3, 4, 4), (0, 49, 5, 8, 6)] + [
+SHAPES = [(1, 49, 1, 7, 5), (2, 13, 20, 33, 17), (3, 30, 80, 9, 12), (1, 13, 200, 5, 4), (1, 1, 3, 4, 4),
+          (0, 49, 5, 8, 6)] + [
     (_rng.randint(1, 4), _rng.choice([1, 13, 49]), _rng.choice([1, 7, 20]), _rng.randint(1, 40), _rng.randint(1, 20))
     for _ in range(3)
 ]
@@ -113,10 +114,18 @@ def test_opcheck():
     inputs = make_inputs(2, 7, 3, 5, 4)
     torch.library.opcheck(torch.ops.dsrb.semantic_attention_torch.default, tuple(inputs))
     torch.library.opcheck(torch.ops.dsrb.semantic_attention_torch.default, tuple(t.detach() for t in inputs))
+    # Strided inputs: the outputs and gradients must have the layout the fake implementations declare.
+    torch.library.opcheck(torch.ops.dsrb.semantic_attention_torch.default, tuple(noncontiguous(t) for t in inputs))
+    x = inputs[0].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # channels-last-like view
+    torch.library.opcheck(torch.ops.dsrb.semantic_attention_torch.default, (x, *inputs[1:]))
 
 
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("strided", [False, True])
+def test_compile_fullgraph_matches_eager(strided):
+    """Strided x as the model passes it (a transposed view): inductor checks the declared output strides."""
     inputs = make_inputs(2, 13, 5, 9, 6, dtype=torch.float32)
+    if strided:
+        inputs[0] = inputs[0].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
     compiled = torch.compile(lambda *t: ops.semantic_attention(*t), fullgraph=True)
     out, grads = run(compiled, inputs)
     out_ref, grads_ref = run(lambda *t: ops.semantic_attention(*t), inputs)

@@ -402,7 +402,9 @@ class DSRB(nn.Module):
             partner: (B,) int64 IPRB partner of each image; None = the batch flip b -> B-1-b (official).
             prototype_choices: (shift (B, C) int64 in {1, 2, 3}, select (B, C) bool) to use instead of drawing
                 them with :func:`draw_prototype_choices`; used as given (not masked by the bank's ``valid``).
-            generator: torch.Generator for the PPRB draws.
+            generator: torch.Generator for the PPRB draws. torch.compile cannot trace a Generator object: in a
+                compiled model pass ``prototype_choices`` drawn outside it (:func:`draw_prototype_choices`), or
+                leave ``generator`` None to draw from the global RNG.
 
         Returns:
             eval mode: logits (B, C). Train mode: :class:`DSRBOutput`.
@@ -505,11 +507,6 @@ class DSRB(nn.Module):
     def finalize_prototypes(self) -> None:
         """Compute the prototypes with this model's ``compat`` (shorthand for ``prototype_bank.finalize``)."""
         self.prototype_bank.finalize(self.compat)
-
-    def train(self, mode: bool = True) -> "DSRB":
-        """Set train/eval mode. A frozen named backbone keeps its stem and layer1–layer3 in eval mode."""
-        super().train(mode)  # ResNet.train keeps its frozen parts in eval mode
-        return self
 
     def extra_repr(self) -> str:
         return (

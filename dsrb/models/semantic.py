@@ -61,15 +61,14 @@ class SemanticDecoupling(nn.Module):
         check_tensor("word_features", word_features, kind="float", shape=(None, self.word_dim))
         u = self.fc1(x)  # (B, N, I)
         e = self.fc2(word_features)  # (C, I)
-        w4 = self.fc4.weight[0]  # (I,)
-        v = self.fc3.weight.t() @ w4  # (I,)
+        v = self.collapsed_score_vector()  # (I,)
         # Under autocast the linears return the autocast dtype while x may not; the op wants one dtype (x's).
         S, a = ops.semantic_attention(x, u.to(x.dtype), e.to(x.dtype), v.to(x.dtype), backend=self.backend)
         # The official biases b3, b4 shift every score of a (b, c) row by the same constant, so their true gradient
         # is exactly zero. Adding 0 * (w4·b3 + b4) keeps them in the graph: they get a zero gradient rather than None,
         # as in the official code, so an optimizer with coupled L2 weight decay (Adam's weight_decay) still decays
         # them exactly as it does there. The term is an exact zero and changes neither S nor any other gradient.
-        S = S + 0 * (w4 @ self.fc3.bias + self.fc4.bias[0]).to(S.dtype)
+        S = S + 0 * (self.fc4.weight[0] @ self.fc3.bias + self.fc4.bias[0]).to(S.dtype)
         return S, a
 
     def extra_repr(self) -> str:

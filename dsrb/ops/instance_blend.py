@@ -28,12 +28,12 @@ def _forward(S: Tensor, T: Tensor, alpha: Tensor, partner: Tensor, detach_target
     blend = _blend_mask(T, partner)
     S1 = torch.where(blend[..., None], alpha * S + (1 - alpha) * S[partner], S)
     T1 = torch.where(blend, 1 - alpha, T)  # alpha * 0 + (1 - alpha) * 1
-    return S1, T1
+    return S1.contiguous(), T1.contiguous()
 
 
 @_forward.register_fake
 def _(S, T, alpha, partner, detach_target):
-    return torch.empty_like(S), torch.empty_like(T)
+    return S.new_empty(S.shape), T.new_empty(T.shape)
 
 
 @torch.library.custom_op("dsrb::instance_blend_torch_backward", mutates_args=())
@@ -47,12 +47,12 @@ def _backward_op(
     grad_alpha = (grad_S1 * (S - S[partner]) * w[..., None]).sum()
     if not detach_target:
         grad_alpha = grad_alpha - (grad_T1 * w).sum()  # dT1/dalpha = T - T[partner] = -1 where blended
-    return grad_S, grad_alpha.reshape(alpha.shape)
+    return grad_S.contiguous(), grad_alpha.reshape(alpha.shape)
 
 
 @_backward_op.register_fake
 def _(grad_S1, grad_T1, S, T, alpha, partner, detach_target):
-    return torch.empty_like(S), torch.empty_like(alpha)
+    return S.new_empty(S.shape), alpha.new_empty(alpha.shape)
 
 
 def _setup_context(ctx, inputs, output):

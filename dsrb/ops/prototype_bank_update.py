@@ -23,12 +23,12 @@ def _update(sums: Tensor, counts: Tensor, S: Tensor, T: Tensor, quadrant: Tensor
     rank = torch.cumsum(onehot, dim=0) - onehot  # earlier candidates of the same bucket in this batch
     keep = (onehot > 0) & (counts[None] + rank < cap)
     new_sums = sums + torch.einsum("bcq,bcd->cqd", keep.to(sums.dtype), S.to(sums.dtype))
-    return new_sums, counts + keep.sum(0)
+    return new_sums.contiguous(), (counts + keep.sum(0)).contiguous()
 
 
 @_update.register_fake
 def _(sums, counts, S, T, quadrant, cap):
-    return torch.empty_like(sums), torch.empty_like(counts)
+    return sums.new_empty(sums.shape), counts.new_empty(counts.shape)
 
 
 register_impl("torch", "prototype_bank_update", _update)

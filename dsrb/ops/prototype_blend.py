@@ -35,12 +35,12 @@ def _forward(
     p = bank.reshape(C * 4, D)[_bucket(quadrant, shift)]  # (B, C, D)
     S2 = torch.where(select[..., None], beta * S + (1 - beta) * p, S)
     T2 = torch.where(select, 1 - beta, T)
-    return S2, T2
+    return S2.contiguous(), T2.contiguous()
 
 
 @_forward.register_fake
 def _(S, T, beta, bank, quadrant, shift, select, detach_target):
-    return torch.empty_like(S), torch.empty_like(T)
+    return S.new_empty(S.shape), T.new_empty(T.shape)
 
 
 @torch.library.custom_op("dsrb::prototype_blend_torch_backward", mutates_args=())
@@ -58,12 +58,12 @@ def _backward_op(
         grad_beta = grad_beta - (grad_T2 * w).sum()  # dT2/dbeta = -1 where selected
     grad_bank = torch.zeros((C * 4, D), dtype=bank.dtype, device=bank.device)
     grad_bank.index_add_(0, idx.reshape(-1), (grad_S2 * (w * (1 - beta))[..., None]).reshape(-1, D))
-    return grad_S, grad_beta.reshape(beta.shape), grad_bank.reshape(C, 4, D)
+    return grad_S.contiguous(), grad_beta.reshape(beta.shape), grad_bank.reshape(C, 4, D)
 
 
 @_backward_op.register_fake
 def _(grad_S2, grad_T2, S, beta, bank, quadrant, shift, select, detach_target):
-    return torch.empty_like(S), torch.empty_like(beta), torch.empty_like(bank)
+    return S.new_empty(S.shape), beta.new_empty(beta.shape), bank.new_empty(bank.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -48,7 +48,7 @@ def _forward(x: Tensor, u: Tensor, e: Tensor, v: Tensor) -> Tuple[Tensor, Tensor
         s[:, c0:c1, :] = (_tanh_terms(uc, ec[c0:c1]) @ vc).transpose(1, 2)
     a = torch.softmax(s, dim=-1)
     S = torch.bmm(a, xc)
-    return S.to(x.dtype), a.to(x.dtype)
+    return S.to(x.dtype).contiguous(), a.to(x.dtype).contiguous()
 
 
 @_forward.register_fake
@@ -80,12 +80,12 @@ def _backward_op(
         gpre = (g[..., None] * vc) * (1 - z * z)  # d/d(u*e) of v . tanh(u*e)
         grad_u += torch.einsum("bnck,ck->bnk", gpre, ec[c0:c1])
         grad_e[c0:c1] = torch.einsum("bnck,bnk->ck", gpre, uc)
-    return grad_x.to(x.dtype), grad_u.to(u.dtype), grad_e.to(e.dtype), grad_v.to(v.dtype)
+    return tuple(g.to(t.dtype).contiguous() for g, t in ((grad_x, x), (grad_u, u), (grad_e, e), (grad_v, v)))
 
 
 @_backward_op.register_fake
 def _(grad_S, grad_a, x, u, e, v, a):
-    return torch.empty_like(x), torch.empty_like(u), torch.empty_like(e), torch.empty_like(v)
+    return tuple(t.new_empty(t.shape) for t in (x, u, e, v))
 
 
 def _setup_context(ctx, inputs, output):

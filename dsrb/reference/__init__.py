@@ -5,13 +5,17 @@ op, and the fused model, is tested against them. The op functions share the name
 :mod:`dsrb.ops` (without ``backend``).
 """
 
+from . import losses
 from .instance_blend import instance_blend, instance_blend_map
+from .model import ReferenceDSRB
 from .prototype_bank_update import compute_prototype_maps, prototype_bank_update
 from .prototype_blend import prototype_blend, prototype_blend_map, select_labels
 from .quadrant_index import quadrant_index, quadrant_index_map
 from .semantic_attention import semantic_attention, semantic_decoupling_official
 
 __all__ = [
+    "ReferenceDSRB",
+    "losses",
     "semantic_attention",
     "semantic_decoupling_official",
     "instance_blend",
