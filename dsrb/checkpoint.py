@@ -1,0 +1,70 @@
+"""Crash-safe files: atomic writes, and the random-number-generator state a resumed run needs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from typing import Any, Dict
+
+import numpy as np
+import torch
+
+
+def atomic_write(path: str, write) -> None:
+    """Write a file so that ``path`` holds either the old or the complete new content, never a torn one.
+
+    ``write(f)`` fills a temporary file in the same directory (binary mode); it is flushed, fsynced and renamed over
+    ``path``, and the directory entry is fsynced too.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
+    """torch.save ``state`` atomically."""
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def save_json(path: str, obj: Any) -> None:
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    # Our checkpoints hold numpy RNG state and plain Python values besides tensors.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def rng_state() -> Dict[str, Any]:
+    """Every RNG the training loop touches: Python, NumPy, torch CPU and (if initialised) CUDA."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,240 @@
+"""Training settings: one dataclass, four presets, overrides from a YAML/JSON file and from flags.
+
+Precedence: preset < config file < command-line flags. ``python -m dsrb.train --help`` lists every setting; each
+field below is one flag (``known_proportion`` -> ``--known-proportion``; booleans take ``--name`` / ``--no-name``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional
+
+METHODS = ("dsrb", "baseline")
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str = "builtin"
+    data_root: Optional[str] = None
+    known_proportion: float = 0.5
+    label_seed: int = 0  # the official partial labels use seed 0 (spec §7.2)
+    word_vectors: Optional[str] = None
+    image_size: int = 448
+    workers: int = 4
+    skip_bad_images: bool = False
+    # model
+    backbone: str = "resnet101"
+    backbone_width: int = 64
+    pretrained: Optional[str] = None
+    freeze_backbone: Optional[bool] = None  # None: freeze stem..layer3 iff pretrained weights are loaded
+    avgpool: bool = True
+    feature_dim: int = 1024
+    inter_dim: int = 512
+    word_dim: int = 300
+    gnn_steps: int = 3
+    compat: str = "fixed"
+    backend: str = "auto"
+    # method
+    method: str = "dsrb"
+    instance_blend: bool = True
+    prototype_blend: bool = True
+    contrastive: bool = True
+    blend_start_epoch: int = 5
+    prototype_interval: int = 5
+    prototype_cap: int = 100
+    top_k: int = 1
+    contrastive_weight: float = 0.05
+    instance_weight: float = 1.0
+    prototype_weight: float = 1.0
+    detach_blend_targets: bool = False
+    # optimisation
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 1e-5
+    weight_decay: float = 5e-4
+    lr_step: int = 10
+    lr_gamma: float = 0.1
+    amp: str = "none"
+    compile: bool = False
+    # run
+    seed: int = 0
+    device: str = "auto"
+    out: Optional[str] = None
+    resume: bool = False
+    tensorboard: bool = False
+    limit_train_batches: Optional[int] = None
+    limit_test_batches: Optional[int] = None
+    preset: str = field(default="demo")
+
+    def validate(self) -> "TrainConfig":
+        def bad(name, expected):
+            raise ValueError(f"setting '{name}': expected {expected}, got {getattr(self, name)!r}")
+
+        if self.method not in METHODS:
+            bad("method", f"one of {METHODS}")
+        if self.amp not in AMP_MODES:
+            bad("amp", f"one of {AMP_MODES}")
+        if self.compat not in ("fixed", "official"):
+            bad("compat", "'fixed' or 'official'")
+        if not 0.0 < self.known_proportion <= 1.0:
+            bad("known_proportion", "a number in (0, 1]")
+        for name in ("epochs", "batch_size", "image_size", "prototype_interval", "prototype_cap", "lr_step"):
+            if getattr(self, name) < 1:
+                bad(name, "a positive integer")
+        for name in ("workers", "blend_start_epoch", "top_k", "gnn_steps"):
+            if getattr(self, name) < 0:
+                bad(name, "a non-negative integer")
+        for name in ("lr", "weight_decay", "contrastive_weight", "instance_weight", "prototype_weight"):
+            if not getattr(self, name) >= 0:
+                bad(name, "a non-negative number")
+        return self
+
+    @property
+    def blending(self) -> bool:
+        return self.method == "dsrb" and (self.instance_blend or self.prototype_blend)
+
+
+# Paper protocol (spec §6.4, §12): ResNet-101 at 448, batch 8, Adam 1e-5, coupled L2 5e-4, StepLR(10, 0.1), 20 epochs,
+# blending and prototype passes from epoch 5 every 5 epochs, contrastive weight 0.05 with the epoch-0 ramp, top-K 1.
+_PAPER = dict(backbone="resnet101", image_size=448, batch_size=8, lr=1e-5, weight_decay=5e-4, lr_step=10, epochs=20,
+              blend_start_epoch=5, prototype_interval=5, contrastive_weight=0.05, top_k=1)
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # Built-in synthetic data on a laptop CPU: a narrow ResNet-18 trained from scratch, small head.
+    "demo": dict(dataset="builtin", backbone="resnet18", backbone_width=16, image_size=128, feature_dim=256,
+                 inter_dim=128, word_dim=64, batch_size=16, epochs=8, lr=1e-3, weight_decay=5e-4, lr_step=6,
+                 blend_start_epoch=3, prototype_interval=2, workers=2),
+    "coco": dict(dataset="coco", **_PAPER),
+    "voc": dict(dataset="voc", **_PAPER),
+    "vg": dict(dataset="vg", **_PAPER),
+}
+
+
+def preset_config(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise ValueError(f"setting 'preset': expected one of {tuple(PRESETS)}, got {name!r}")
+    return TrainConfig(preset=name, **PRESETS[name])
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """Settings from a .json or .yaml/.yml file (a flat mapping of field names, dashes or underscores)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        if path.endswith((".yaml", ".yml")):
+            try:
+                import yaml
+            except ImportError as err:
+                raise ImportError(f"reading {path} needs PyYAML (pip install pyyaml), or use a .json file") from err
+            data = yaml.safe_load(f) or {}
+        else:
+            data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: expected a mapping of settings, got {type(data).__name__}")
+    known = {f.name for f in fields(TrainConfig)}
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"config file {path}: unknown settings {unknown}; known: {sorted(known)}")
+    return data
+
+
+HELP = {
+    "dataset": "builtin | coco | voc | vg | list",
+    "data_root": "dataset folder (see the README for each layout); builtin: generated under $DSRB_DATA if omitted",
+    "known_proportion": "fraction of training labels kept known, in (0, 1]",
+    "label_seed": "seed of the partial-label draw (0 reproduces the official files)",
+    "word_vectors": "class word vectors: .npy (C x E) or a GloVe text file; default: deterministic random vectors",
+    "image_size": "training/test crop size",
+    "workers": "data-loading worker processes",
+    "skip_bad_images": "skip unreadable images (with a count) instead of stopping",
+    "backbone": "resnet18 | resnet34 | resnet50 | resnet101",
+    "backbone_width": "ResNet base width (64 = standard)",
+    "pretrained": "local torchvision ImageNet weights for the backbone (nothing is downloaded)",
+    "freeze_backbone": "freeze stem..layer3 (default: on iff --pretrained is given)",
+    "avgpool": "the official 2x2 average pool after layer4",
+    "feature_dim": "D, channels after the 1x1 reduction",
+    "inter_dim": "I, semantic-decoupling intermediate size",
+    "word_dim": "E, word-vector size (taken from the file when one is given)",
+    "gnn_steps": "gated-GNN propagation steps",
+    "compat": "fixed | official (official quirks of spec 10.2)",
+    "backend": "op backend: auto | torch | cpu | cuda | triton",
+    "method": "dsrb | baseline (partial BCE only, same network)",
+    "instance_blend": "instance-perspective blending (IPRB)",
+    "prototype_blend": "prototype-perspective blending (PPRB)",
+    "contrastive": "contrastive loss on the semantic features",
+    "blend_start_epoch": "first epoch with blending and prototype passes",
+    "prototype_interval": "epochs between prototype passes",
+    "prototype_cap": "samples kept per (class, quadrant) prototype bucket",
+    "top_k": "labels per image blended by PPRB",
+    "detach_blend_targets": "stop alpha/beta gradients through the soft targets",
+    "lr_step": "StepLR step size (epochs)",
+    "lr_gamma": "StepLR decay factor",
+    "amp": "none | bf16 | fp16 autocast",
+    "compile": "torch.compile the model",
+    "seed": "training seed (shuffling, augmentation, blending draws)",
+    "device": "auto | cpu | cuda | cuda:N",
+    "out": "run directory (default runs/<preset>-<time>)",
+    "resume": "continue the run in --out from last.pt",
+    "tensorboard": "also write TensorBoard logs to <out>/tb (needs tensorboard)",
+    "limit_train_batches": "cap batches per epoch (smoke runs)",
+    "limit_test_batches": "cap test batches per evaluation (smoke runs)",
+}
+
+
+def _flag_type(f: dataclasses.Field):
+    t = str(f.type)
+    if "int" in t and "Optional" in t:
+        return int
+    if "float" in t:
+        return float
+    if "int" in t:
+        return int
+    return str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dsrb.train",
+        description="Train DSRB (or the partial-BCE baseline) on a built-in or real multi-label dataset.",
+        epilog="Every setting defaults to the chosen preset's value; see dsrb/config.py for the presets.",
+    )
+    parser.add_argument("--preset", default="demo", choices=tuple(PRESETS), help="starting settings")
+    parser.add_argument("--config", default=None, help="YAML/JSON file of settings (applied after the preset)")
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        if f.name == "preset":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", "Optional[bool]") or isinstance(getattr(defaults, f.name), bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=HELP.get(f.name))
+        else:
+            parser.add_argument(flag, dest=f.name, type=_flag_type(f), default=None, metavar=f.name.upper(),
+                                help=HELP.get(f.name))
+    return parser
+
+
+def parse_args(argv=None):
+    """(settings, explicit): preset, then config file, then flags, validated; ``explicit`` maps the settings that
+    the config file or a flag set (a resumed run re-applies only those on top of its saved settings)."""
+    args = build_parser().parse_args(argv)
+    explicit: Dict[str, Any] = {}
+    if args.config:
+        explicit.update(load_config_file(args.config))
+    explicit.update({k: v for k, v in vars(args).items() if k not in ("preset", "config") and v is not None})
+    cfg = dataclasses.asdict(preset_config(args.preset))
+    cfg.update(explicit)
+    cfg["preset"] = args.preset
+    return TrainConfig(**cfg).validate(), explicit
+
+
+def config_from_args(argv=None) -> TrainConfig:
+    """Preset, then config file, then explicit flags; validated."""
+    return parse_args(argv)[0]

@@ -1,0 +1,387 @@
+"""The built-in dataset: a deterministic synthetic multi-label image set in COCO format.
+
+It lets the whole pipeline (training, partial labels, evaluation) run without downloading anything. Each image shows
+1-5 coloured shapes (mean about 3) on a textured background; the 16 classes are distinct (shape, colour) pairs, so
+a small CNN trained from scratch at 128 x 128 can tell them apart. Some pairs of classes co-occur far more often than
+chance (:data:`CO_OCCURRING`), which gives the label graph something to learn.
+
+Layout, written once under ``$DSRB_DATA`` (default ``~/.cache/dsrb``)::
+
+    builtin-v1/                          (default parameters; other parameters get builtin-v1-<parameters>/)
+        images/train/000000.png ...
+        images/test/000000.png ...
+        annotations/instances_train.json  (COCO: images, annotations with bbox, categories 1..C)
+        annotations/instances_test.json
+        meta.json                         (generator version and parameters)
+        DONE                              (written last: a folder without it is never used)
+
+The folder is generated in a temporary sibling folder and renamed into place at the end, so a crash never leaves a
+folder that looks complete. The version in the folder name changes whenever the generator's output changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+__all__ = [
+    "BUILTIN_CLASSES",
+    "CO_OCCURRING",
+    "BUILTIN_VERSION",
+    "builtin_dir",
+    "default_data_root",
+    "ensure_builtin",
+    "generate_builtin",
+]
+
+BUILTIN_VERSION = 1
+
+#: The classes, in class-index order (COCO category id = index + 1): each is a distinct (colour, shape) pair; every
+#: colour and every shape is used by exactly two classes, so neither colour nor shape alone identifies a class.
+BUILTIN_CLASSES = (
+    "red circle",
+    "blue circle",
+    "green square",
+    "orange square",
+    "blue triangle",
+    "yellow triangle",
+    "yellow star",
+    "magenta star",
+    "magenta diamond",
+    "cyan diamond",
+    "cyan cross",
+    "white cross",
+    "orange ring",
+    "green ring",
+    "white hexagon",
+    "red hexagon",
+)
+
+#: Pairs of classes that tend to appear together: once one is in an image, its partner is added with high
+#: probability (P(partner | class) is about 0.7, against about 0.2 unconditionally).
+CO_OCCURRING = (
+    ("red circle", "green square"),
+    ("blue triangle", "yellow star"),
+    ("magenta diamond", "cyan cross"),
+    ("orange ring", "white hexagon"),
+)
+
+_COLOURS = {
+    "red": (220, 30, 30),
+    "orange": (255, 140, 0),
+    "yellow": (240, 225, 30),
+    "green": (30, 175, 45),
+    "cyan": (30, 215, 225),
+    "blue": (35, 65, 225),
+    "magenta": (220, 40, 205),
+    "white": (248, 248, 248),
+}
+
+# Relative class frequencies (before co-occurrence): mildly imbalanced, like real data.
+_CLASS_WEIGHTS = np.array([1.6, 1.0, 1.3, 0.8, 1.2, 0.9, 1.1, 0.7, 1.0, 0.8, 1.2, 0.7, 1.0, 0.9, 1.1, 0.7])
+_COUNT_VALUES = np.arange(1, 6)
+_COUNT_PROBS = np.array([0.12, 0.22, 0.30, 0.22, 0.14])  # mean 3.04
+_PARTNER_PROB = 0.7
+_SPLITS = ("train", "test")
+_DEFAULTS = dict(num_train=2000, num_test=500, image_size=128, seed=0)
+
+
+def _partners() -> dict:
+    index = {name: i for i, name in enumerate(BUILTIN_CLASSES)}
+    out = {}
+    for a, b in CO_OCCURRING:
+        out[index[a]] = index[b]
+        out[index[b]] = index[a]
+    return out
+
+
+_PARTNERS = _partners()
+
+
+def default_data_root() -> Path:
+    """``$DSRB_DATA`` if set, else ``~/.cache/dsrb``."""
+    env = os.environ.get("DSRB_DATA")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "dsrb"
+
+
+def _params(num_train: int, num_test: int, image_size: int, seed: int) -> dict:
+    for name, value, low in (("num_train", num_train, 1), ("num_test", num_test, 1), ("image_size", image_size, 32)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"argument '{name}': expected an int >= {low}, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"argument 'seed': expected a non-negative int, got {seed!r}")
+    return dict(num_train=num_train, num_test=num_test, image_size=image_size, seed=seed)
+
+
+def builtin_dir(root: Union[str, os.PathLike, None] = None, **params) -> Path:
+    """The folder :func:`ensure_builtin` uses for these parameters (``builtin-v1`` for the defaults)."""
+    p = _params(**{**_DEFAULTS, **params})
+    base = Path(root).expanduser() if root is not None else default_data_root()
+    name = f"builtin-v{BUILTIN_VERSION}"
+    if p != _DEFAULTS:
+        name += f"-n{p['num_train']}-{p['num_test']}-s{p['image_size']}-seed{p['seed']}"
+    return base / name
+
+
+def _meta(params: dict) -> dict:
+    return {"version": BUILTIN_VERSION, **params, "classes": list(BUILTIN_CLASSES)}
+
+
+def _is_complete(folder: Path, params: dict) -> bool:
+    if not (folder / "DONE").is_file():
+        return False
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if meta != _meta(params):
+        return False
+    return all((folder / "annotations" / f"instances_{s}.json").is_file() for s in _SPLITS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Image generation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _background(rng: np.random.RandomState, size: int) -> np.ndarray:
+    """A float (size, size, 3) background: a low-saturation gradient plus one texture (blotches, stripes, checks)."""
+    from PIL import Image
+
+    def tone():
+        grey = rng.uniform(55, 175)
+        return np.clip(grey + rng.uniform(-28, 28, size=3), 0, 255)
+
+    c1, c2 = tone(), tone()
+    coords = (np.arange(size, dtype=np.float32) + 0.5) / size
+    angle = rng.uniform(0, 2 * np.pi)
+    u = np.cos(angle) * coords[None, :] + np.sin(angle) * coords[:, None]
+    u = (u - u.min()) / max(float(u.max() - u.min()), 1e-6)
+    img = c1[None, None, :] * (1 - u[:, :, None]) + c2[None, None, :] * u[:, :, None]
+    kind = rng.randint(4)
+    if kind == 1:  # smooth blotches: coarse noise upsampled
+        cells = rng.randint(3, 9)
+        coarse = rng.uniform(-1, 1, size=(cells, cells)).astype(np.float32)
+        blot = np.asarray(Image.fromarray(coarse, "F").resize((size, size), Image.BILINEAR))
+        img += rng.uniform(12, 30) * blot[:, :, None]
+    elif kind == 2:  # stripes
+        freq = rng.uniform(4, 14) * 2 * np.pi
+        theta = rng.uniform(0, np.pi)
+        v = np.cos(theta) * coords[None, :] + np.sin(theta) * coords[:, None]
+        img += rng.uniform(10, 25) * np.sin(freq * v)[:, :, None]
+    elif kind == 3:  # checks
+        cells = rng.randint(4, 12)
+        idx = (np.arange(size) * cells) // size
+        checks = ((idx[None, :] + idx[:, None]) % 2).astype(np.float32) * 2 - 1
+        img += rng.uniform(8, 20) * checks[:, :, None]
+    return img
+
+
+def _rotated(points: np.ndarray, angle: float, cx: float, cy: float) -> list:
+    c, s = np.cos(angle), np.sin(angle)
+    x = points[:, 0] * c - points[:, 1] * s + cx
+    y = points[:, 0] * s + points[:, 1] * c + cy
+    return [(float(a), float(b)) for a, b in zip(x, y)]
+
+
+def _regular(n: int, r: float, start: float = -np.pi / 2) -> np.ndarray:
+    t = start + np.arange(n) * 2 * np.pi / n
+    return np.stack([r * np.cos(t), r * np.sin(t)], axis=1)
+
+
+def _draw_shape(draw, rng: np.random.RandomState, shape: str, colour: tuple, cx: float, cy: float, r: float):
+    small_tilt = rng.uniform(-0.35, 0.35)  # about +-20 degrees: a square never turns into a diamond
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif shape == "ring":
+        width = max(2, int(round(0.3 * r)))
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=colour, width=width)
+    elif shape == "square":
+        h = r * 0.82
+        pts = np.array([[-h, -h], [h, -h], [h, h], [-h, h]])
+        draw.polygon(_rotated(pts, small_tilt, cx, cy), fill=colour)
+    elif shape == "diamond":
+        pts = np.array([[0, -r], [0.55 * r, 0], [0, r], [-0.55 * r, 0]])
+        draw.polygon(_rotated(pts, small_tilt, cx, cy), fill=colour)
+    elif shape == "triangle":
+        draw.polygon(_rotated(_regular(3, r), rng.uniform(0, 2 * np.pi), cx, cy), fill=colour)
+    elif shape == "hexagon":
+        draw.polygon(_rotated(_regular(6, r), rng.uniform(0, np.pi / 3), cx, cy), fill=colour)
+    elif shape == "star":
+        outer, inner = _regular(5, r), _regular(5, 0.42 * r, start=-np.pi / 2 + np.pi / 5)
+        pts = np.empty((10, 2))
+        pts[0::2], pts[1::2] = outer, inner
+        draw.polygon(_rotated(pts, rng.uniform(0, 2 * np.pi), cx, cy), fill=colour)
+    elif shape == "cross":
+        a, b = r, 0.32 * r
+        pts = np.array(
+            [[-b, -a], [b, -a], [b, -b], [a, -b], [a, b], [b, b], [b, a], [-b, a], [-b, b], [-a, b], [-a, -b], [-b, -b]]
+        )
+        draw.polygon(_rotated(pts, small_tilt, cx, cy), fill=colour)
+    else:  # pragma: no cover - the class list is a constant
+        raise AssertionError(shape)
+
+
+def _sample_classes(rng: np.random.RandomState) -> list:
+    count = int(rng.choice(_COUNT_VALUES, p=_COUNT_PROBS))
+    probs = _CLASS_WEIGHTS / _CLASS_WEIGHTS.sum()
+    classes = [int(rng.choice(len(BUILTIN_CLASSES), p=probs))]
+    while len(classes) < count:
+        owed = [_PARTNERS[c] for c in classes if c in _PARTNERS and _PARTNERS[c] not in classes]
+        if owed and rng.uniform() < _PARTNER_PROB:
+            classes.append(owed[0])
+        else:
+            classes.append(int(rng.choice(len(BUILTIN_CLASSES), p=probs)))
+    rng.shuffle(classes)  # drawing order (occlusion) independent of the sampling order
+    return classes
+
+
+def _overlap(a, b) -> float:
+    """Intersection over the smaller box, boxes as (x0, y0, x1, y1)."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    if w <= 0 or h <= 0:
+        return 0.0
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return w * h / smaller
+
+
+def _render(rng: np.random.RandomState, size: int):
+    """One image (uint8 array) and its objects [(class index, (x, y, w, h))]."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.fromarray(np.clip(_background(rng, size), 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(canvas)
+    objects, boxes = [], []
+    for cls in _sample_classes(rng):
+        colour_name, shape = BUILTIN_CLASSES[cls].split(" ")
+        for _ in range(12):  # rejection sampling to keep objects mostly visible; the last try is kept regardless
+            r = rng.uniform(0.08, 0.2) * size
+            cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
+            box = (cx - r, cy - r, cx + r, cy + r)
+            if all(_overlap(box, other) < 0.3 for other in boxes):
+                break
+        base = np.array(_COLOURS[colour_name], dtype=np.float64)
+        colour = np.clip(base * rng.uniform(0.85, 1.08) + rng.uniform(-18, 18, size=3), 0, 255)
+        _draw_shape(draw, rng, shape, tuple(int(v) for v in colour), cx, cy, r)
+        boxes.append(box)
+        x0, y0 = max(0, int(np.floor(cx - r))), max(0, int(np.floor(cy - r)))
+        x1, y1 = min(size, int(np.ceil(cx + r))), min(size, int(np.ceil(cy + r)))
+        objects.append((cls, (x0, y0, x1 - x0, y1 - y0)))
+    pixels = np.asarray(canvas, dtype=np.float32)
+    noise = rng.uniform(0, 4)
+    if noise > 0.5:
+        pixels = pixels + rng.normal(0, noise, size=pixels.shape).astype(np.float32)
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8), objects
+
+
+def _write_split(folder: Path, split: str, count: int, size: int, seed: int) -> None:
+    from PIL import Image
+
+    image_dir = folder / "images" / split
+    image_dir.mkdir(parents=True)
+    images, annotations = [], []
+    split_id = _SPLITS.index(split)
+    for i in range(count):
+        rng = np.random.RandomState([seed, split_id, i])  # one stream per image: any subset regenerates alike
+        pixels, objects = _render(rng, size)
+        file_name = f"{i:06d}.png"
+        Image.fromarray(pixels, "RGB").save(image_dir / file_name, format="PNG", compress_level=1)
+        images.append({"id": i + 1, "file_name": file_name, "width": size, "height": size})
+        for cls, (x, y, w, h) in objects:
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": cls + 1,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
+    coco = {
+        "info": {"description": f"dsrb builtin synthetic multi-label dataset v{BUILTIN_VERSION}", "split": split},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(BUILTIN_CLASSES)],
+    }
+    ann_dir = folder / "annotations"
+    ann_dir.mkdir(exist_ok=True)
+    (ann_dir / f"instances_{split}.json").write_text(json.dumps(coco, separators=(",", ":")))
+
+
+def generate_builtin(folder: Union[str, os.PathLike], *, num_train: int, num_test: int, image_size: int, seed: int):
+    """Write the dataset into ``folder`` (which must not exist), non-atomically; :func:`ensure_builtin` wraps it."""
+    params = _params(num_train, num_test, image_size, seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    _write_split(folder, "train", num_train, image_size, seed)
+    _write_split(folder, "test", num_test, image_size, seed)
+    (folder / "meta.json").write_text(json.dumps(_meta(params), indent=1))
+    (folder / "DONE").write_text("ok\n")
+    return folder
+
+
+_STALE_TMP_SECONDS = 24 * 3600
+
+
+def _remove_stale_tmp(parent: Path, prefix: str) -> None:
+    """Remove temporary folders left by crashed generations (older than a day, so never a running one)."""
+    now = time.time()
+    for p in parent.glob(prefix + "*"):
+        try:
+            if p.is_dir() and now - p.stat().st_mtime > _STALE_TMP_SECONDS:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def ensure_builtin(
+    root: Union[str, os.PathLike, None] = None,
+    *,
+    num_train: int = 2000,
+    num_test: int = 500,
+    image_size: int = 128,
+    seed: int = 0,
+) -> Path:
+    """Return the built-in dataset's folder, generating it first if needed.
+
+    ``root`` is the data root (default ``$DSRB_DATA`` or ``~/.cache/dsrb``); the dataset lives in
+    :func:`builtin_dir` under it. A complete folder (``DONE`` marker and matching ``meta.json``) is returned at once.
+    Otherwise it is generated in a temporary sibling folder and renamed into place; an incomplete or stale folder at
+    the target is removed first. Generation is deterministic given the parameters: the same bytes every time.
+    """
+    params = _params(num_train, num_test, image_size, seed)
+    target = builtin_dir(root, **params)
+    if _is_complete(target, params):
+        return target
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}.tmp-"
+    _remove_stale_tmp(parent, prefix)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        generate_builtin(tmp / "data", **params)
+        if target.exists() and not _is_complete(target, params):
+            # Half-written, stale or foreign: move it aside (rename is atomic), then delete it.
+            trash = Path(tempfile.mkdtemp(prefix=prefix, dir=parent)) / "old"
+            try:
+                os.replace(target, trash)
+            except OSError:
+                pass
+            shutil.rmtree(trash.parent, ignore_errors=True)
+        try:
+            os.replace(tmp / "data", target)
+        except OSError:
+            if not _is_complete(target, params):  # not a concurrent generator that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

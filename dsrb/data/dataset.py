@@ -1,0 +1,156 @@
+"""The in-memory multi-label dataset every loader returns (spec §7.1).
+
+A :class:`MultiLabelDataset` holds image paths, the full ground-truth label matrix ``labels`` (N, C) with -1
+(absent) / +1 (present) entries (0 = unknown is accepted for data read from a partial-label file), and the
+training targets ``targets`` (N, C), which start as a copy of ``labels`` and are replaced by the partial labels of
+the run through :meth:`MultiLabelDataset.set_targets`. Images are read lazily with Pillow in ``__getitem__``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = ["MultiLabelDataset", "pil_to_tensor"]
+
+
+def pil_to_tensor(image) -> torch.Tensor:
+    """An RGB ``PIL.Image`` -> float32 tensor (3, H, W) in [0, 1] (what torchvision's ToTensor gives)."""
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
+
+
+def _label_matrix(name: str, value, rows: int, cols: int) -> torch.Tensor:
+    """``value`` (tensor, array or nested list) -> int8 tensor (rows, cols) with values in {-1, 0, 1}."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu()
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(value))
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"argument '{name}': expected a ({rows}, {cols}) matrix of -1/0/1 values, got {err}")
+    if t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"argument '{name}': expected a real (integer or float) matrix, got dtype {t.dtype}")
+    if t.dim() != 2 or tuple(t.shape) != (rows, cols):
+        raise ValueError(
+            f"argument '{name}': expected shape ({rows}, {cols}) (images, classes), got {tuple(t.shape)}"
+        )
+    if t.numel():
+        bad = (t != 0) & (t != 1) & (t != -1)
+        if bool(bad.any()):
+            value = t[bad].flatten()[0].item()
+            raise ValueError(f"argument '{name}': expected values in {{-1, 0, 1}}, found {value}")
+    return t.to(torch.int8).clone()
+
+
+class MultiLabelDataset(Dataset):
+    """Multi-label images with full labels and (partial) training targets.
+
+    Args:
+        image_paths: one path per image (N).
+        labels: full ground truth (N, C), -1 absent / +1 present (0 unknown accepted); stored as int8 ``labels``.
+        class_names: the C class names, in class-index order.
+        transform: callable ``PIL.Image -> Tensor (3, H, W)``; ``None`` gives a float32 tensor in [0, 1].
+        name: a short dataset name ("coco", "voc", ...), for messages.
+
+    ``dataset[i]`` is ``(image, target, i)`` with ``target = targets[i]`` as float32 (C,).
+    """
+
+    def __init__(
+        self,
+        image_paths: Sequence[str],
+        labels,
+        class_names: Sequence[str],
+        *,
+        transform: Optional[Callable] = None,
+        name: str = "",
+    ):
+        if isinstance(image_paths, (str, bytes)):
+            raise TypeError("argument 'image_paths': expected a sequence of paths, got a single string")
+        if isinstance(class_names, (str, bytes)):
+            raise TypeError("argument 'class_names': expected a sequence of class names, got a single string")
+        self.image_paths = [str(p) for p in image_paths]
+        self.class_names = [str(c) for c in class_names]
+        if len(set(self.class_names)) != len(self.class_names):
+            seen, dup = set(), None
+            for c in self.class_names:
+                if c in seen:
+                    dup = c
+                    break
+                seen.add(c)
+            raise ValueError(f"argument 'class_names': expected unique names, '{dup}' appears more than once")
+        if transform is not None and not callable(transform):
+            raise TypeError(f"argument 'transform': expected a callable or None, got {type(transform).__name__}")
+        self.labels = _label_matrix("labels", labels, len(self.image_paths), len(self.class_names))
+        self.targets = self.labels.clone()
+        self.transform = transform
+        self.name = str(name)
+        self.skipped = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def __repr__(self) -> str:
+        return (
+            f"MultiLabelDataset(name={self.name!r}, images={len(self)}, classes={self.num_classes}, "
+            f"transform={self.transform!r})"
+        )
+
+    def set_targets(self, targets) -> None:
+        """Replace the training targets: a (N, C) matrix with values in {-1, 0, 1}, stored as int8."""
+        self.targets = _label_matrix("targets", targets, len(self.image_paths), len(self.class_names))
+
+    def load_image(self, index: int):
+        """The RGB ``PIL.Image`` of image ``index``; a missing or unreadable file raises naming its path."""
+        from PIL import Image
+
+        path = self.image_paths[index]
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+            raise RuntimeError(f"cannot read image {path}: {err}") from err
+
+    def __getitem__(self, index: int):
+        index = int(index)
+        image = self.load_image(index)
+        image = pil_to_tensor(image) if self.transform is None else self.transform(image)
+        target = self.targets[index].to(torch.float32)
+        return image, target, index
+
+    def verify_images(self, skip_bad: bool) -> int:
+        """Open every image and check it with ``PIL.Image.verify``.
+
+        With ``skip_bad`` False the first bad image raises a RuntimeError naming its path. With ``skip_bad`` True
+        the bad images are dropped (from ``image_paths``, ``labels`` and ``targets``) and their number is returned
+        (also kept in ``skipped``).
+        """
+        from PIL import Image
+
+        keep = []
+        for i, path in enumerate(self.image_paths):
+            try:
+                with Image.open(path) as im:
+                    im.verify()
+            except Exception as err:
+                if not skip_bad:
+                    raise RuntimeError(f"cannot read image {path}: {err}") from err
+                continue
+            keep.append(i)
+        skipped = len(self.image_paths) - len(keep)
+        if skipped:
+            idx = torch.tensor(keep, dtype=torch.long)
+            self.image_paths = [self.image_paths[i] for i in keep]
+            self.labels = self.labels[idx].clone()
+            self.targets = self.targets[idx].clone()
+        self.skipped = skipped
+        return skipped

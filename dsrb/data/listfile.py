@@ -1,0 +1,132 @@
+"""A plain list format for a user's own multi-label data.
+
+Format: a UTF-8 CSV file whose first line is the header ``path,labels``; each following row is one image::
+
+    path,labels
+    images/0001.jpg,cat;sofa
+    /data/photos/0002.jpg,dog
+    images/0003.jpg,
+
+* ``path``: the image file, relative to ``image_root`` (default: the list file's folder) or absolute.
+* ``labels``: the names of the classes present, separated by ``;`` (surrounding spaces are ignored, so class names
+  cannot contain ``;``). Every class not listed is absent (-1); an empty field means no class is present.
+* Standard CSV quoting applies (quote a path that contains a comma). A tab-separated file (header
+  ``path<TAB>labels``) is accepted too. Blank lines are skipped.
+
+Classes: by default the sorted union of the names found in the file. Pass ``classes`` (a list of names, or the path
+of a text file with one name per line) to fix the class order, e.g. to make a train and a test file agree; then a
+name not in ``classes`` is an error naming the file and the line. :func:`dsrb.data.registry.build_dataset` reads
+``<root>/train.csv`` / ``<root>/test.csv`` with the classes of ``<root>/classes.txt`` when present, else the sorted
+union of the names in both files.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .dataset import MultiLabelDataset
+
+__all__ = ["load_list", "read_list", "read_class_file"]
+
+PathLike = Union[str, os.PathLike]
+_HEADER = ["path", "labels"]
+_FORMAT = "expected a CSV file with the header 'path,labels' and rows '<image path>,<name 1>;<name 2>;...'"
+
+
+def read_class_file(path: PathLike) -> List[str]:
+    """Class names from a text file, one per line (blank lines ignored); duplicates raise naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class-name file not found: {path} (expected one class name per line)")
+    names = []
+    seen = {}
+    for line_no, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        name = line.strip()
+        if not name:
+            continue
+        if name in seen:
+            raise ValueError(f"{path}: line {line_no}: class '{name}' already given on line {seen[name]}")
+        seen[name] = line_no
+        names.append(name)
+    return names
+
+
+def read_list(path: PathLike) -> List[Tuple[int, str, List[str]]]:
+    """Parse a list file -> [(line number, image path as written, [class names])]."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"list file not found: {path}; {_FORMAT}")
+    with open(path, "r", encoding="utf-8-sig", newline="") as f:
+        text = f.read()
+    first = text.splitlines()[0] if text else ""
+    delimiter = "\t" if "\t" in first else ","
+    reader = csv.reader(text.splitlines(), delimiter=delimiter)
+    rows = []
+    header_seen = False
+    for line_no, fields in enumerate(reader, start=1):
+        if not fields or all(not f.strip() for f in fields):
+            continue
+        if not header_seen:
+            if [f.strip().lower() for f in fields] != _HEADER:
+                raise ValueError(f"{path}: line {line_no}: expected the header 'path,labels', got {fields!r}")
+            header_seen = True
+            continue
+        if len(fields) == 1:
+            fields = fields + [""]
+        if len(fields) != 2:
+            raise ValueError(
+                f"{path}: line {line_no}: expected 2 fields (path, labels), got {len(fields)}; quote a path that "
+                "contains the delimiter"
+            )
+        image, labels = fields[0].strip(), fields[1]
+        if not image:
+            raise ValueError(f"{path}: line {line_no}: empty image path")
+        names = [n.strip() for n in labels.split(";") if n.strip()]
+        rows.append((line_no, image, names))
+    if not header_seen:
+        raise ValueError(f"{path}: empty file; {_FORMAT}")
+    return rows
+
+
+def load_list(
+    path: PathLike,
+    *,
+    classes: Union[Sequence[str], PathLike, None] = None,
+    image_root: Optional[PathLike] = None,
+    transform: Optional[Callable] = None,
+) -> MultiLabelDataset:
+    """A list file (see the module docstring) -> :class:`MultiLabelDataset`.
+
+    Args:
+        path: the CSV list file.
+        classes: class names in index order, or a text file with one per line; default the sorted union of the
+            names in the file.
+        image_root: the folder relative image paths start from (default: the list file's folder).
+        transform: passed to the dataset.
+    """
+    path = Path(path)
+    rows = read_list(path)
+    if classes is None:
+        class_names = sorted({n for _, _, names in rows for n in names})
+    elif isinstance(classes, (str, os.PathLike)):
+        class_names = read_class_file(classes)
+    else:
+        class_names = [str(c) for c in classes]
+    index = {c: i for i, c in enumerate(class_names)}
+    base = Path(image_root) if image_root is not None else path.parent
+    labels = np.full((len(rows), len(class_names)), -1, dtype=np.int8)
+    paths = []
+    for row, (line_no, image, names) in enumerate(rows):
+        for n in names:
+            if n not in index:
+                shown = ", ".join(class_names[:20]) + (", ..." if len(class_names) > 20 else "")
+                raise ValueError(f"{path}: line {line_no}: unknown class '{n}'; known classes: {shown}")
+            labels[row, index[n]] = 1
+        p = Path(image)
+        paths.append(str(p if p.is_absolute() else base / p))
+    return MultiLabelDataset(paths, labels, class_names, transform=transform, name="list")

@@ -1,0 +1,120 @@
+"""PASCAL VOC 2007 from the devkit layout (spec §7.1).
+
+Images are listed by ``ImageSets/Main/{trainval,test}.txt`` (that order is the dataset order), labels come from the
+``Annotations/<id>.xml`` files; objects flagged ``<difficult>1</difficult>`` are skipped, as the official code
+does, so a class present only as difficult objects is -1. trainval and test must live in one ``VOC2007`` folder.
+"""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import numpy as np
+
+from .dataset import MultiLabelDataset
+
+__all__ = ["VOC_CLASSES", "load_voc2007"]
+
+#: The 20 VOC classes in the standard (alphabetical) order: the class index.
+VOC_CLASSES = (
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
+
+_VOC_SPLITS = {"train": "trainval", "test": "test"}
+_LAYOUT = (
+    "expected the VOC 2007 devkit layout <root>/VOC2007/{JPEGImages,Annotations,ImageSets/Main/{trainval,test}.txt} "
+    "(or root pointing at the VOC2007 folder itself), with trainval and test merged into one VOC2007 folder"
+)
+
+
+def _voc_dir(root: Union[str, os.PathLike]) -> Path:
+    root = Path(root)
+    for base in (root / "VOC2007", root):
+        if (base / "ImageSets" / "Main").is_dir():
+            return base
+    raise FileNotFoundError(
+        f"VOC 2007 not found: neither {root / 'VOC2007' / 'ImageSets' / 'Main'} nor {root / 'ImageSets' / 'Main'} "
+        f"exists; {_LAYOUT}"
+    )
+
+
+def _read_ids(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"VOC image list not found: {path}; {_LAYOUT}")
+    ids = []
+    with open(path, "r", encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            if fields:
+                ids.append(fields[0])
+    return ids
+
+
+def _parse_annotation(path: Path, class_index: dict):
+    """The set of class indices with at least one non-difficult object in the XML file ``path``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"VOC annotation file not found: {path}; {_LAYOUT}")
+    try:
+        tree = ET.parse(path)
+    except ET.ParseError as err:
+        raise ValueError(f"{path}: not a valid XML annotation: {err}") from err
+    present = set()
+    for k, obj in enumerate(tree.getroot().iter("object")):
+        name = obj.findtext("name")
+        if name is None or not name.strip():
+            raise ValueError(f"{path}: object {k}: missing <name>")
+        name = name.strip()
+        if name not in class_index:
+            raise ValueError(f"{path}: object {k}: unknown class '{name}'; expected one of {', '.join(VOC_CLASSES)}")
+        difficult = (obj.findtext("difficult") or "0").strip()
+        if difficult not in ("0", "1"):
+            raise ValueError(f"{path}: object {k}: <difficult> must be 0 or 1, got '{difficult}'")
+        if difficult == "1":
+            continue
+        present.add(class_index[name])
+    return present
+
+
+def load_voc2007(
+    root: Union[str, os.PathLike], split: str, *, transform: Optional[Callable] = None
+) -> MultiLabelDataset:
+    """PASCAL VOC 2007 -> :class:`MultiLabelDataset` (20 classes, :data:`VOC_CLASSES` order).
+
+    Args:
+        root: the devkit folder holding ``VOC2007/`` (or the ``VOC2007`` folder itself).
+        split: "train" (trainval, 5,011 images) or "test" (4,952 images).
+        transform: passed to the dataset.
+    """
+    if split not in _VOC_SPLITS:
+        raise ValueError(f"argument 'split': expected 'train' or 'test', got {split!r}")
+    base = _voc_dir(root)
+    ids = _read_ids(base / "ImageSets" / "Main" / f"{_VOC_SPLITS[split]}.txt")
+    class_index = {c: i for i, c in enumerate(VOC_CLASSES)}
+    labels = np.full((len(ids), len(VOC_CLASSES)), -1, dtype=np.int8)
+    for row, image_id in enumerate(ids):
+        for c in _parse_annotation(base / "Annotations" / f"{image_id}.xml", class_index):
+            labels[row, c] = 1
+    paths = [str(base / "JPEGImages" / f"{image_id}.jpg") for image_id in ids]
+    return MultiLabelDataset(paths, labels, VOC_CLASSES, transform=transform, name="voc")

@@ -1,0 +1,178 @@
+"""Class word vectors (spec §7.3): the semantic-decoupling queries, one row per class, in class-index order.
+
+Three sources, chosen by ``path``:
+
+* an ``.npy`` file holding a (C, E) array, e.g. the official ``vectors.npy`` (80 x 300), ``voc07_vector.npy``
+  (20 x 300) or ``vg_200_vector.npy`` (200 x 300). Recognised by the ``.npy`` extension or NumPy's magic bytes.
+* a GloVe text file (``word v1 v2 ... vE`` per line, any E; optionally gzip-compressed as ``.gz``; a word2vec
+  ``"<count> <dim>"`` header line is skipped). Each class name is lower-cased and split into words on whitespace,
+  underscores and hyphens (``"Traffic light"`` -> ``traffic``, ``light``; ``"hair_drier"`` -> ``hair``,
+  ``drier``; ``"t-shirt"`` -> ``t``, ``shirt``), and the class vector is the mean of its words' vectors, the
+  lineage (SSGRL) convention. The file is streamed and only the needed words are parsed, so multi-GB files are
+  fine. The first occurrence of a word wins. If any word is missing, :class:`MissingWordsError` lists all of them
+  with their classes.
+* ``None``: ``torch.randn(C, dim, generator=torch.Generator().manual_seed(seed))``. These vectors are deterministic
+  but carry **no semantics**: the model still trains, and semantic decoupling then learns its class queries from
+  scratch (through its trainable projection of them) instead of starting from related embeddings for related
+  classes. Use it for tests and smoke runs, not to reproduce published numbers.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+__all__ = ["load_word_vectors", "class_name_words", "MissingWordsError"]
+
+_NPY_MAGIC = b"\x93NUMPY"
+_SPLIT = re.compile(r"[\s_\-]+")
+
+
+class MissingWordsError(KeyError, ValueError):
+    """Words of class names absent from an embedding file. ``missing`` maps class name -> its missing words.
+
+    A KeyError (a lookup failed) and a ValueError (the file does not fit the classes): catch either.
+    """
+
+    def __init__(self, message: str, missing: Dict[str, List[str]]):
+        super().__init__(message)
+        self.message = message
+        self.missing = missing
+
+    def __str__(self) -> str:  # KeyError would show repr(message)
+        return self.message
+
+
+def class_name_words(name: str) -> List[str]:
+    """The GloVe words of a class name: lower-cased, split on whitespace, underscores and hyphens."""
+    return [w for w in _SPLIT.split(name.lower()) if w]
+
+
+def _check_class_names(class_names) -> List[str]:
+    if isinstance(class_names, (str, bytes)) or not hasattr(class_names, "__iter__"):
+        raise TypeError(
+            f"argument 'class_names': expected a sequence of str, got {type(class_names).__name__}"
+        )
+    names = list(class_names)
+    if not names:
+        raise ValueError("argument 'class_names': expected at least one class name, got an empty sequence")
+    for i, n in enumerate(names):
+        if not isinstance(n, str):
+            raise TypeError(f"argument 'class_names': expected str entries, entry {i} is {type(n).__name__}")
+    return names
+
+
+def _is_npy(path: str) -> bool:
+    if path.lower().endswith(".npy"):
+        return True
+    with open(path, "rb") as f:
+        return f.read(len(_NPY_MAGIC)) == _NPY_MAGIC
+
+
+def _load_npy(path: str, num_classes: int) -> torch.Tensor:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise ValueError(f"word-vector file '{path}': cannot read it as a .npy array ({e})") from e
+    if not isinstance(arr, np.ndarray):
+        raise ValueError(f"word-vector file '{path}': expected a .npy array, got an .npz archive")
+    if arr.ndim != 2:
+        raise ValueError(
+            f"word-vector file '{path}': expected a 2-D (C, E) array with C = {num_classes}, got shape {arr.shape}"
+        )
+    if arr.shape[0] != num_classes:
+        raise ValueError(
+            f"word-vector file '{path}': expected {num_classes} rows (one per class name), got shape {arr.shape}"
+        )
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"word-vector file '{path}': expected a numeric array, got dtype {arr.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+
+def _open_text(path: str):
+    if path.lower().endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return open(path, "r", encoding="utf-8", errors="replace")
+
+
+def _load_glove(path: str, names: List[str]) -> torch.Tensor:
+    words_of = [class_name_words(n) for n in names]
+    empty = [n for n, ws in zip(names, words_of) if not ws]
+    if empty:
+        raise ValueError(f"argument 'class_names': names with no word to look up: {empty}")
+    needed = {w for ws in words_of for w in ws}
+    found: Dict[str, np.ndarray] = {}
+    dim: Optional[int] = None
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if dim is None:
+                if lineno == 1 and len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
+                    dim = int(fields[1])  # word2vec text header "<count> <dim>"
+                    continue
+                dim = len(fields) - 1
+                if dim < 1:
+                    raise ValueError(f"word-vector file '{path}', line {lineno}: expected 'word v1 ... vE'")
+            if fields[0] not in needed and len(fields) == dim + 1:
+                continue  # the common case, decided without parsing numbers
+            if len(fields) < dim + 1:
+                continue  # malformed or truncated line
+            word = " ".join(fields[: len(fields) - dim])  # a few GloVe tokens contain spaces
+            if word in needed and word not in found:
+                try:
+                    found[word] = np.asarray(fields[len(fields) - dim :], dtype=np.float64)
+                except ValueError as e:
+                    raise ValueError(f"word-vector file '{path}', line {lineno}: bad number ({e})") from e
+                if len(found) == len(needed):
+                    break
+    if dim is None:
+        raise ValueError(f"word-vector file '{path}': no vectors found (empty file)")
+    missing: Dict[str, List[str]] = {}
+    for n, ws in zip(names, words_of):
+        gone = [w for w in ws if w not in found]
+        if gone:
+            missing[n] = gone
+    if missing:
+        listing = "; ".join(f"{n!r}: {', '.join(ws)}" for n, ws in missing.items())
+        total = sum(len(ws) for ws in missing.values())
+        raise MissingWordsError(
+            f"word-vector file '{path}': {total} word(s) of {len(missing)} class name(s) not found ({listing})",
+            missing,
+        )
+    out = np.stack([np.mean([found[w] for w in ws], axis=0) for ws in words_of]).astype(np.float32)
+    return torch.from_numpy(out)
+
+
+def load_word_vectors(
+    path: Optional[Union[str, os.PathLike]],
+    class_names: Sequence[str],
+    *,
+    dim: int = 300,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Class word vectors, float32 (C, E) with C = len(class_names), rows in the order of ``class_names``.
+
+    ``path``: an .npy (C, E) array, a GloVe text file (any E), or None for seeded random vectors of width ``dim``
+    (see the module docstring: they carry no semantics). ``dim`` and ``seed`` are used only when ``path`` is None.
+    """
+    names = _check_class_names(class_names)
+    if path is None:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"argument 'dim': expected a positive int, got {dim!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"argument 'seed': expected an int, got {type(seed).__name__}")
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(len(names), dim, generator=g, dtype=torch.float32)
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"word-vector file '{path}' does not exist (argument 'path')")
+    if _is_npy(path):
+        return _load_npy(path, len(names))
+    return _load_glove(path, names)

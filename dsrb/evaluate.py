@@ -1,0 +1,223 @@
+"""``python -m dsrb.evaluate``: evaluate a training checkpoint on a dataset split with the full labels.
+
+Usage::
+
+    python -m dsrb.evaluate --checkpoint runs/x/best.pt
+    python -m dsrb.evaluate --checkpoint runs/x/best.pt --dataset coco --data-root /data/coco --split test \
+        --batch-size 32 --device cuda --out metrics.json
+
+The dataset, its root, the image size and ``skip_bad_images`` default to the settings saved in the checkpoint's
+config; the split defaults to "test". The model's logits over the split are scored with
+:func:`dsrb.metrics.compute_metrics` against the full labels (spec §8). A short table (percent) is printed and a JSON
+file is written atomically to ``--out`` (default ``<checkpoint folder>/eval_<split>.json``) with the metrics as
+**fractions** in [0, 1], the per-class VOC AP with the class names, the checkpoint path, the dataset, the split and
+the number of images. Undefined values (a class without a positive image) are written as ``null``.
+
+The dataset's classes must be the checkpoint's classes; when they are the same names in another order the label
+columns are reordered to the checkpoint's order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Any, Dict, Optional, Union
+
+import torch
+from torch.utils.data import DataLoader
+
+from .checkpoint import atomic_write
+from .inference import load_model, resolve_device
+from .metrics import METRIC_KEYS, compute_metrics, voc_map
+
+__all__ = ["evaluate_checkpoint", "format_table", "main"]
+
+_ROW_KEYS = ("OP", "OR", "OF1", "CP", "CR", "CF1")
+
+
+def _json_float(value) -> Optional[float]:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _column_order(dataset_names, model_names, where: str):
+    """Indices that put the dataset's label columns in the model's class order."""
+    dataset_names = list(dataset_names)
+    if dataset_names == list(model_names):
+        return None
+    if sorted(dataset_names) != sorted(model_names):
+        missing = [n for n in model_names if n not in dataset_names]
+        extra = [n for n in dataset_names if n not in model_names]
+        raise ValueError(
+            f"{where}: the dataset's {len(dataset_names)} classes do not match the checkpoint's {len(model_names)} "
+            f"classes (in the checkpoint only: {missing[:10]}; in the dataset only: {extra[:10]})"
+        )
+    position = {n: i for i, n in enumerate(dataset_names)}
+    return torch.tensor([position[n] for n in model_names])
+
+
+@torch.no_grad()
+def evaluate_checkpoint(
+    checkpoint: Union[str, os.PathLike],
+    *,
+    dataset: Optional[str] = None,
+    data_root: Optional[str] = None,
+    split: str = "test",
+    batch_size: int = 16,
+    workers: int = 2,
+    device: str = "auto",
+    image_size: Optional[int] = None,
+    skip_bad: Optional[bool] = None,
+    out: Union[str, os.PathLike, None] = None,
+) -> Dict[str, Any]:
+    """Evaluate ``checkpoint`` on ``split`` of a dataset; returns the result dict (the JSON written to ``out``).
+
+    Args:
+        checkpoint: training checkpoint (best.pt / last.pt).
+        dataset, data_root, image_size, skip_bad: default to the checkpoint config's ``dataset``, ``data_root``,
+            ``image_size`` and ``skip_bad_images``.
+        split: "train" or "test" (labels are always the full ground truth).
+        batch_size, workers: DataLoader settings.
+        device: "auto", "cpu", "cuda", ...
+        out: JSON file to write atomically; None writes nothing (the command line defaults to
+            ``<checkpoint folder>/eval_<split>.json``).
+
+    Returns:
+        dict with ``metrics`` ({name: fraction in [0, 1] or None}, keys of :data:`dsrb.metrics.METRIC_KEYS`),
+        ``per_class_ap`` ([{"class": name, "ap": fraction or None}] in class order), ``checkpoint``, ``dataset``,
+        ``data_root``, ``split``, ``num_images``, ``num_classes``, ``image_size`` and ``epoch`` (of the checkpoint).
+    """
+    from .data import TestTransform, build_dataset
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"argument 'batch_size': expected a positive int, got {batch_size!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"argument 'workers': expected a non-negative int, got {workers!r}")
+    dev = resolve_device(device)
+    path = os.fspath(checkpoint)
+    model, info = load_model(path, device=dev)
+    cfg = info["config"]
+    dataset = dataset if dataset is not None else cfg.get("dataset")
+    if dataset is None:
+        raise ValueError(f"argument 'dataset': checkpoint {path} saves no dataset setting; pass --dataset")
+    data_root = data_root if data_root is not None else cfg.get("data_root")
+    size = image_size if image_size is not None else info["image_size"]
+    skip = skip_bad if skip_bad is not None else bool(cfg.get("skip_bad_images", False))
+
+    ds = build_dataset(dataset, split, root=data_root, transform=TestTransform(size), skip_bad=skip)
+    order = _column_order(ds.class_names, info["class_names"], f"dataset '{dataset}' ({split}) vs checkpoint {path}")
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=dev.type == "cuda")
+    scores, indices = [], []
+    for images, _, index in loader:
+        scores.append(model(images.to(dev, non_blocking=True)).float().cpu())
+        indices.append(torch.as_tensor(index).long())
+    C = info["num_classes"]
+    scores_t = torch.cat(scores) if scores else torch.zeros(0, C)
+    index_t = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
+    labels = torch.as_tensor(ds.labels)[index_t].float()
+    if order is not None:
+        labels = labels[:, order]
+    metrics = compute_metrics(scores_t, labels)
+    if scores_t.shape[0]:
+        _, ap = voc_map(scores_t, labels)
+        ap_list = ap.tolist()
+    else:
+        ap_list = [math.nan] * C
+    result = {
+        "checkpoint": path,
+        "epoch": info["epoch"],
+        "dataset": dataset,
+        "data_root": None if data_root is None else os.fspath(data_root),
+        "split": split,
+        "num_images": int(scores_t.shape[0]),
+        "num_classes": C,
+        "image_size": size,
+        "metrics": {k: _json_float(metrics[k]) for k in METRIC_KEYS if k in metrics},
+        "per_class_ap": [{"class": n, "ap": _json_float(v)} for n, v in zip(info["class_names"], ap_list)],
+    }
+    if out is not None:
+        text = json.dumps(result, indent=2) + "\n"
+        atomic_write(os.fspath(out), lambda f: f.write(text.encode("utf-8")))
+        result["out"] = os.fspath(out)
+    return result
+
+
+def _pct(value) -> str:
+    return "   n/a" if value is None else f"{100.0 * value:6.2f}"
+
+
+def format_table(result: Dict[str, Any]) -> str:
+    """A short plain-text table of ``result["metrics"]`` in percent."""
+    m = result["metrics"]
+    lines = [
+        f"{result['dataset']} / {result['split']}: {result['num_images']} images, {result['num_classes']} classes "
+        f"({result['checkpoint']})",
+        f"mAP {_pct(m.get('mAP')).strip()}   averageAP {_pct(m.get('averageAP')).strip()}",
+        "        " + " ".join(f"{k:>6}" for k in _ROW_KEYS),
+        "all     " + " ".join(_pct(m.get(k)) for k in _ROW_KEYS),
+        "top-3   " + " ".join(_pct(m.get(k + "_top3")) for k in _ROW_KEYS),
+    ]
+    return "\n".join(lines)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dsrb.evaluate",
+        description="Evaluate a DSRB training checkpoint on a dataset split (full labels); dataset settings default "
+                    "to those saved in the checkpoint.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="training checkpoint (best.pt / last.pt)")
+    parser.add_argument("--dataset", default=None, help="builtin, coco, voc, vg or list (default: the checkpoint's)")
+    parser.add_argument("--data-root", default=None, help="dataset folder (default: the checkpoint's)")
+    parser.add_argument("--split", default="test", choices=("train", "test"), help="default test")
+    parser.add_argument("--batch-size", type=_positive_int, default=16)
+    parser.add_argument("--workers", type=_non_negative_int, default=2, help="DataLoader workers (default 2)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    parser.add_argument("--image-size", type=_positive_int, default=None,
+                        help="input side (default: the checkpoint's training image size)")
+    parser.add_argument("--skip-bad-images", dest="skip_bad", action=argparse.BooleanOptionalAction, default=None,
+                        help="drop unreadable images (default: the checkpoint's setting)")
+    parser.add_argument("--out", default=None,
+                        help="JSON file to write (default: <checkpoint folder>/eval_<split>.json)")
+    return parser
+
+
+def main(argv=None) -> Dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    out = args.out
+    if out is None:
+        out = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval_{args.split}.json")
+    result = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_root=args.data_root, split=args.split,
+                                 batch_size=args.batch_size, workers=args.workers, device=args.device,
+                                 image_size=args.image_size, skip_bad=args.skip_bad, out=out)
+    print(format_table(result))
+    print(f"wrote {out}", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    main()

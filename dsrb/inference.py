@@ -1,0 +1,241 @@
+"""Shared helpers of ``dsrb.evaluate``, ``dsrb.predict`` and ``dsrb.visualize``: load a trained model, list images,
+read and batch them.
+
+A training checkpoint (``best.pt`` / ``last.pt`` written by :mod:`dsrb.train`) is a dict with at least ``"model"``
+(the DSRB ``state_dict``, which carries the word vectors, the label graph and the prototype bank), ``"model_kwargs"``
+(the DSRB constructor arguments) and ``"num_classes"``; ``"class_names"`` and ``"config"`` (the TrainConfig as a
+dict) are used when present. Checkpoints are Python pickles (they hold NumPy RNG states): only load files you trust.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .checkpoint import load_checkpoint
+from .models import DSRB
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "REQUIRED_KEYS",
+    "CheckpointError",
+    "resolve_device",
+    "load_model",
+    "load_images",
+    "open_image",
+    "ImageFiles",
+    "image_logits",
+    "sanitize",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+REQUIRED_KEYS = ("model", "model_kwargs", "num_classes")
+DEFAULT_IMAGE_SIZE = 448
+# Constructor arguments that a checkpoint's model_kwargs must not override: the state dict supplies the word
+# vectors and the graph, and no ImageNet weights are needed for a trained model.
+_NOT_KWARGS = ("num_classes", "word_features", "pretrained", "adjacency")
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(ValueError):
+    """The file exists but is not a usable dsrb training checkpoint."""
+
+
+def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:
+    """"auto" (or None): CUDA when available, else the CPU; otherwise ``torch.device(device)``, checked to exist."""
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"argument 'device': expected 'auto', 'cpu', 'cuda', 'cuda:N', ..., got {device!r}") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"argument 'device': {device!r} was requested but no CUDA device is available")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise RuntimeError(f"argument 'device': {device!r} was requested but MPS is not available")
+    return dev
+
+
+def _read_checkpoint(path: str) -> Dict[str, Any]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} is not a file")
+    try:
+        state = load_checkpoint(path)
+    except Exception as err:  # torch.load raises many kinds (UnpicklingError, RuntimeError, EOFError, ...)
+        raise CheckpointError(
+            f"checkpoint {path} could not be read as a PyTorch file ({type(err).__name__}: {err}); expected a "
+            "best.pt / last.pt written by python -m dsrb.train"
+        ) from err
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{path} is not a dsrb training checkpoint: it holds a {type(state).__name__}, expected a dict with keys "
+            f"{list(REQUIRED_KEYS)} (written by python -m dsrb.train)"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a dsrb training checkpoint: missing keys {missing} (found {sorted(map(str, state))[:12]}); "
+            "expected a best.pt / last.pt written by python -m dsrb.train"
+        )
+    if not isinstance(state["model_kwargs"], dict) or not isinstance(state["model"], dict):
+        raise CheckpointError(f"{path} is not a dsrb training checkpoint: 'model' and 'model_kwargs' must be dicts")
+    return state
+
+
+def load_model(checkpoint_path: PathLike, *, device: Union[str, torch.device] = "cpu") -> Tuple[DSRB, Dict[str, Any]]:
+    """Rebuild the trained DSRB from a training checkpoint.
+
+    ``DSRB(num_classes, word_features=None, pretrained=None, **model_kwargs)`` followed by ``load_state_dict``
+    (strict): the word vectors, label graph and prototype bank come from the state dict.
+
+    Args:
+        checkpoint_path: path of a ``best.pt`` / ``last.pt`` written by ``python -m dsrb.train``.
+        device: "cpu" (default), "auto", "cuda", "cuda:1", ...
+
+    Returns:
+        (model in eval mode on ``device``, info) with info keys ``class_names`` (list of C names; "class_<i>" when
+        the checkpoint has none), ``num_classes``, ``image_size`` (from the saved config; 448 when absent),
+        ``config`` (dict, possibly empty), ``model_kwargs``, ``checkpoint`` (the path), ``epoch`` and ``metrics``
+        (None when absent).
+
+    Raises:
+        FileNotFoundError: no such file. CheckpointError (a ValueError): not a dsrb training checkpoint, or its
+        weights do not fit the model its model_kwargs describe. Every message names the path.
+    """
+    path = os.fspath(checkpoint_path)
+    state = _read_checkpoint(path)
+    dev = resolve_device(device)
+    num_classes = state["num_classes"]
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise CheckpointError(f"checkpoint {path}: 'num_classes' must be a positive int, got {num_classes!r}")
+    kwargs = {k: v for k, v in state["model_kwargs"].items() if k not in _NOT_KWARGS}
+    class_names = state.get("class_names")
+    if class_names is None:
+        class_names = [f"class_{i}" for i in range(num_classes)]
+    class_names = [str(c) for c in class_names]
+    if len(class_names) != num_classes:
+        raise CheckpointError(
+            f"checkpoint {path}: {len(class_names)} class names for {num_classes} classes"
+        )
+    config = state.get("config") or {}
+    if not isinstance(config, dict):
+        config = dict(config) if hasattr(config, "keys") else {}
+    try:
+        model = DSRB(num_classes, word_features=None, pretrained=None, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: its model_kwargs do not build a DSRB model: {err}") from err
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"checkpoint {path}: the saved weights do not fit the model: {err}") from err
+    model.to(dev).eval()
+    image_size = config.get("image_size") or DEFAULT_IMAGE_SIZE
+    info = {
+        "checkpoint": path,
+        "class_names": class_names,
+        "num_classes": num_classes,
+        "image_size": int(image_size),
+        "config": config,
+        "model_kwargs": dict(state["model_kwargs"]),
+        "epoch": state.get("epoch"),
+        "metrics": state.get("metrics"),
+    }
+    return model, info
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def load_images(paths_or_folder: Union[PathLike, Iterable[PathLike]]) -> List[str]:
+    """The image files named by a path, a folder or a list of both, in order.
+
+    A folder contributes its files (not sub-folders) ending in .jpg, .jpeg, .png, .bmp or .webp (any case), sorted
+    by name; a file is taken as given, whatever its extension.
+
+    Raises:
+        FileNotFoundError: a path does not exist (named in the message).
+        ValueError: a folder holds no image file (named), or nothing was given at all.
+    """
+    if isinstance(paths_or_folder, (str, bytes, os.PathLike)):
+        items: Sequence = [paths_or_folder]
+    else:
+        items = list(paths_or_folder)
+    if not items:
+        raise ValueError("no image paths given")
+    out: List[str] = []
+    for item in items:
+        p = os.fsdecode(item)
+        if os.path.isdir(p):
+            found = sorted(os.path.join(p, n) for n in os.listdir(p)
+                           if _is_image(n) and os.path.isfile(os.path.join(p, n)))
+            if not found:
+                raise ValueError(f"folder {p} holds no image file ({', '.join(IMAGE_EXTENSIONS)})")
+            out.extend(found)
+        elif os.path.isfile(p):
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"image path not found: {p}")
+    return out
+
+
+def open_image(path: str):
+    """The image at ``path`` as an RGB PIL image; an unreadable file raises a ValueError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from err
+
+
+class ImageFiles(Dataset):
+    """Image files through a transform: ``dataset[i] = (transform(image), i)``."""
+
+    def __init__(self, paths: Sequence[str], transform) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        return self.transform(open_image(self.paths[i])), i
+
+
+def _positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"argument '{name}': expected a positive int, got {value!r}")
+    return value
+
+
+@torch.no_grad()
+def image_logits(model: DSRB, paths: Sequence[str], image_size: int, *, batch_size: int = 16, workers: int = 0,
+                 device: Optional[torch.device] = None) -> torch.Tensor:
+    """Logits (len(paths), C) on the CPU for the images at ``paths`` (test transform at ``image_size``)."""
+    from .data.transforms import TestTransform
+
+    _positive("batch_size", batch_size)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"argument 'workers': expected a non-negative int, got {workers!r}")
+    device = device if device is not None else next(model.parameters()).device
+    loader = DataLoader(ImageFiles(paths, TestTransform(image_size)), batch_size=batch_size, shuffle=False,
+                        num_workers=workers)
+    model.eval()
+    chunks = [model(images.to(device)).float().cpu() for images, _ in loader]
+    if not chunks:
+        return torch.zeros(0, model.num_classes)
+    return torch.cat(chunks)
+
+
+def sanitize(name: str) -> str:
+    """A file-name-safe version of a class name: characters other than letters, digits, '.', '-', '_' become '_'."""
+    safe = "".join(ch if (ch.isascii() and ch.isalnum()) or ch in "._-" else "_" for ch in name).strip(".")
+    return safe or "class"

@@ -1,0 +1,302 @@
+"""Evaluation metrics (spec §8): VOC2012-style mAP, non-interpolated average AP, OP/OR/OF1/CP/CR/CF1 and top-3.
+
+Everything is vectorised over the (N, C) score matrix: one per-column sort replaces the official per-class loops,
+with no Python loop over images or classes. Results are host floats (one sync per metric), so these functions are
+meant for the end of an evaluation pass, not for a compiled hot path.
+
+Conventions shared by every function here:
+
+* ``scores`` (N, C) are raw logits (any floating dtype); ``targets`` (N, C) are the full test labels, any real
+  dtype. Ground truth is ``targets > 0``: both -1 and 0 are negatives, as the official code maps -1 to 0 before
+  evaluating (spec §8).
+* **All metrics are fractions in [0, 1], not percent.** Multiply by 100 to compare with the paper's tables.
+* **Ties in scores** are broken by a stable descending sort: among images with equal scores in a class, the one
+  that comes first in the input is ranked first. The official code uses ``np.argsort`` / ``torch.sort``, whose tie
+  order is implementation-defined; ours is deterministic, but with ties the AP still depends on image order. For
+  top-k selection, ties between classes of one image are broken the same way (the lower class index wins).
+* **A class with no positive image** has an undefined AP (0/0 recall): its AP is NaN, exactly as officially, and it
+  is **excluded from the mean** with a ``RuntimeWarning`` naming the classes. If every class is undefined, the mean
+  is NaN. The same classes are excluded from CR (officially a NaN there too).
+* **Empty input** (N = 0 or C = 0): nothing is defined; every metric is NaN and a ``RuntimeWarning`` says so,
+  rather than a crash or a misleading 0.
+* NaN scores or NaN targets raise a ValueError (the ranking would be meaningless). Internally counts and ratios are
+  computed in float64 (float32 on MPS, which has no float64).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from typing import Mapping, Optional
+
+import torch
+
+from dsrb._checks import check_same_device, check_tensor
+
+__all__ = [
+    "voc_map",
+    "average_precision",
+    "threshold_metrics",
+    "compute_metrics",
+    "average_over_proportions",
+    "METRIC_KEYS",
+    "PRECISION_EPS",
+]
+
+PRECISION_EPS = float(torch.finfo(torch.float64).eps)  # the official eps of precision = TP / max(TP + FP, eps)
+
+_THRESHOLD_KEYS = ("OP", "OR", "OF1", "CP", "CR", "CF1")
+METRIC_KEYS = ("mAP", "averageAP") + _THRESHOLD_KEYS + tuple(k + "_top3" for k in _THRESHOLD_KEYS)
+
+# ------------------------------------------------------------------------------------------------------ helpers
+
+
+def _work_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _check_inputs(scores, targets) -> None:
+    check_tensor("scores", scores, ndim=2, kind="float")
+    check_tensor("targets", targets, ndim=2, kind="real")
+    if targets.shape != scores.shape:
+        raise ValueError(
+            f"argument 'targets': expected the shape of 'scores' {tuple(scores.shape)}, got {tuple(targets.shape)}"
+        )
+    check_same_device(scores=scores, targets=targets)
+    if scores.numel() and bool(torch.isnan(scores).any()):
+        raise ValueError("argument 'scores': contains NaN; the ranking of images is undefined")
+    if targets.is_floating_point() and targets.numel() and bool(torch.isnan(targets).any()):
+        raise ValueError("argument 'targets': contains NaN; expected real labels (> 0 positive, <= 0 negative)")
+
+
+def _is_empty(scores: torch.Tensor) -> bool:
+    return scores.shape[0] == 0 or scores.shape[1] == 0
+
+
+def _warn_empty(what: str, scores: torch.Tensor) -> None:
+    warnings.warn(
+        f"{what}: no {'images' if scores.shape[0] == 0 else 'classes'} (scores of shape {tuple(scores.shape)}); "
+        "every metric is undefined and returned as NaN",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _warn_no_positive(what: str, ap: torch.Tensor) -> None:
+    bad = torch.isnan(ap).nonzero().flatten().tolist()
+    if bad:
+        shown = ", ".join(map(str, bad[:20])) + (", ..." if len(bad) > 20 else "")
+        warnings.warn(
+            f"{what}: {len(bad)} of {ap.numel()} classes have no positive image (targets > 0), so their AP is "
+            f"undefined (NaN) and they are excluded from the mean: classes [{shown}]",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _nan_ap(scores: torch.Tensor) -> torch.Tensor:
+    return torch.full((scores.shape[1],), math.nan, dtype=_work_dtype(scores.device), device=scores.device)
+
+
+def _nanmean(ap: torch.Tensor) -> float:
+    """Mean over the defined (non-NaN) entries; NaN when there is none."""
+    defined = ~torch.isnan(ap)
+    count = int(defined.sum())
+    if count == 0:
+        return math.nan
+    return float(torch.where(defined, ap, torch.zeros_like(ap)).sum() / count)
+
+
+def _ranked(scores: torch.Tensor, targets: torch.Tensor):
+    """Per-class ranking: (positives in ranked order as 0/1 (N, C), cumulative TP (N, C), #positives (C,)).
+
+    Stable descending sort of each column: equal scores keep their input order.
+    """
+    dt = _work_dtype(scores.device)
+    order = torch.sort(scores.detach(), dim=0, descending=True, stable=True).indices
+    hit = (targets > 0).gather(0, order).to(dt)
+    tp = hit.cumsum(0)
+    return hit, tp, tp[-1]
+
+
+# ------------------------------------------------------------------------------------------------------ AP
+
+
+def _voc_ap(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    hit, tp, npos = _ranked(scores, targets)
+    n = scores.shape[0]
+    rank = torch.arange(1, n + 1, dtype=tp.dtype, device=tp.device).unsqueeze(1)  # TP + FP at each rank
+    precision = tp / rank.clamp_min(PRECISION_EPS)
+    recall = tp / npos  # NaN for a class without positives (0/0), as officially
+    # Envelope: precision made monotone non-increasing from the right (running max from the end).
+    envelope = precision.flip(0).cummax(0).values.flip(0)
+    delta = torch.diff(recall, dim=0, prepend=torch.zeros_like(recall[:1]))
+    # Recall only changes at positive ranks, where the envelope is taken: the official sum over change points.
+    ap = (delta * envelope).sum(0)
+    return torch.where(npos > 0, ap, torch.full_like(ap, math.nan))
+
+
+def voc_map(scores: torch.Tensor, targets: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """The reported metric (spec §8, ``Compute_mAP_VOC2012``): VOC2012 all-point interpolated AP per class.
+
+    Per class: rank images by descending score (stable: ties keep input order), accumulate TP and FP,
+    recall = TP / #positives, precision = TP / max(TP + FP, eps); make precision non-increasing from the right
+    (the envelope) and sum Δrecall × envelope precision over the ranks.
+
+    Args:
+        scores: (N, C) floating-point logits.
+        targets: (N, C) real labels; > 0 is positive, -1 and 0 are negative.
+
+    Returns:
+        ``(mAP, ap)``: ``mAP`` a Python float in [0, 1] (a fraction, not percent), the mean over classes with at
+        least one positive; ``ap`` a (C,) float64 tensor on ``scores.device`` with NaN for classes without a
+        positive (excluded from the mean with a RuntimeWarning; mAP is NaN if every class is). N = 0 or C = 0
+        gives NaN with a RuntimeWarning.
+    """
+    _check_inputs(scores, targets)
+    if _is_empty(scores):
+        _warn_empty("voc_map", scores)
+        return math.nan, _nan_ap(scores)
+    ap = _voc_ap(scores, targets)
+    _warn_no_positive("voc_map", ap)
+    return _nanmean(ap), ap
+
+
+def _plain_ap(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    hit, tp, npos = _ranked(scores, targets)
+    n = scores.shape[0]
+    rank = torch.arange(1, n + 1, dtype=tp.dtype, device=tp.device).unsqueeze(1)
+    ap = (hit * (tp / rank)).sum(0) / npos
+    return torch.where(npos > 0, ap, torch.full_like(ap, math.nan))
+
+
+def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Non-interpolated AP (spec §8, ``AveragePrecisionMeter`` "averageAP", logged only, never used for selection).
+
+    Per class: the mean over the positive images of precision@rank, with the same stable ranking as ``voc_map``
+    (``difficult_examples=False``: 0 and -1 are both negatives). It is never above the interpolated AP.
+
+    Returns:
+        ``(mean, ap)`` as in ``voc_map``: a float in [0, 1] and a (C,) tensor, NaN for classes without a positive
+        (excluded from the mean with a RuntimeWarning; the official code would divide by zero there).
+    """
+    _check_inputs(scores, targets)
+    if _is_empty(scores):
+        _warn_empty("average_precision", scores)
+        return math.nan, _nan_ap(scores)
+    ap = _plain_ap(scores, targets)
+    _warn_no_positive("average_precision", ap)
+    return _nanmean(ap), ap
+
+
+# ------------------------------------------------------------------------------------------ threshold metrics
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den, and 0 where den is 0."""
+    nonzero = den > 0
+    return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def _threshold(scores: torch.Tensor, targets: torch.Tensor, threshold: float, top_k: Optional[int]) -> dict:
+    dt = _work_dtype(scores.device)
+    scores = scores.detach()
+    predicted = scores >= threshold
+    if top_k is not None:
+        k = min(top_k, scores.shape[1])
+        top = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+        in_top = torch.zeros_like(predicted).scatter_(1, top, True)
+        predicted = predicted & in_top
+    truth = targets > 0
+    n_c = (predicted & truth).sum(0).to(dt)
+    n_p = predicted.sum(0).to(dt)
+    n_g = truth.sum(0).to(dt)
+
+    op = _ratio(n_c.sum(), n_p.sum())
+    o_r = _ratio(n_c.sum(), n_g.sum())
+    cp = _ratio(n_c, n_p).mean()  # N_p = 0 means N_c = 0: precision 0, as with the official N_p := 1
+    has_pos = n_g > 0
+    cr = _ratio(_ratio(n_c, n_g).sum(), has_pos.sum().to(dt))  # classes with N_g = 0 add 0 and are not counted
+    out = {
+        "OP": op,
+        "OR": o_r,
+        "OF1": _ratio(2 * op * o_r, op + o_r),
+        "CP": cp,
+        "CR": cr,
+        "CF1": _ratio(2 * cp * cr, cp + cr),
+    }
+    return {k: float(v) for k, v in out.items()}
+
+
+def _check_threshold_args(threshold, top_k) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold):
+        raise TypeError(f"argument 'threshold': expected a real number, got {threshold!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+        raise ValueError(f"argument 'top_k': expected None or a positive integer, got {top_k!r}")
+
+
+def threshold_metrics(
+    scores: torch.Tensor, targets: torch.Tensor, *, threshold: float = 0.0, top_k: Optional[int] = None
+) -> dict[str, float]:
+    """OP, OR, OF1, CP, CR, CF1 (spec §8) of the predictions ``scores >= threshold``.
+
+    Image i predicts class c iff ``scores[i, c] >= threshold`` (logits: 0 is probability 0.5) and, with ``top_k``,
+    c is also among the image's ``top_k`` highest scores (ties: lower class index first; ``top_k`` larger than C
+    means all classes). Per class: N_c correct predictions, N_p predicted positives, N_g positives (targets > 0).
+
+    * OP = ΣN_c / ΣN_p, OR = ΣN_c / ΣN_g, OF1 = 2·OP·OR / (OP + OR);
+    * CP = mean over all classes of N_c / N_p (a class predicted nowhere counts as 0, as with the official N_p := 1);
+    * CR = mean of N_c / N_g over the classes with N_g > 0 (officially NaN otherwise; excluded, as in ``voc_map``);
+    * CF1 = 2·CP·CR / (CP + CR), the harmonic mean of CP and CR (not the mean of per-class F1s).
+
+    Every ratio whose denominator is 0 is 0 (e.g. OR and CR when there is no positive at all, OF1 when OP = OR = 0).
+    Returns floats in [0, 1] (fractions, not percent); all NaN, with a RuntimeWarning, when N = 0 or C = 0.
+    """
+    _check_inputs(scores, targets)
+    _check_threshold_args(threshold, top_k)
+    if _is_empty(scores):
+        _warn_empty("threshold_metrics", scores)
+        return {k: math.nan for k in _THRESHOLD_KEYS}
+    return _threshold(scores, targets, float(threshold), top_k)
+
+
+# ----------------------------------------------------------------------------------------------------- summary
+
+
+def compute_metrics(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Everything the trainer logs per epoch, as fractions in [0, 1]; keys in the order of ``METRIC_KEYS``.
+
+    ``mAP`` (``voc_map``, the reported/selection metric), ``averageAP`` (``average_precision``), and the threshold
+    metrics at logit >= 0: ``OP``, ``OR``, ``OF1``, ``CP``, ``CR``, ``CF1`` and their top-3 variants with the suffix
+    ``_top3``. Classes without a positive are warned about once. N = 0 or C = 0: all NaN, with one warning.
+    """
+    _check_inputs(scores, targets)
+    if _is_empty(scores):
+        _warn_empty("compute_metrics", scores)
+        return {k: math.nan for k in METRIC_KEYS}
+    ap = _voc_ap(scores, targets)
+    _warn_no_positive("compute_metrics", ap)
+    out = {"mAP": _nanmean(ap), "averageAP": _nanmean(_plain_ap(scores, targets))}
+    out.update(_threshold(scores, targets, 0.0, None))
+    out.update({k + "_top3": v for k, v in _threshold(scores, targets, 0.0, 3).items()})
+    return out
+
+
+def average_over_proportions(results: Mapping[float, float]) -> float:
+    """Average mAP over known-label proportions (spec §8): the plain arithmetic mean of the values.
+
+    Args:
+        results: proportion p in (0, 1] -> mAP at p (e.g. the 9 runs at p = 0.1, ..., 0.9). The values are averaged
+            as given, so fractions stay fractions and percent stays percent; a NaN value gives NaN.
+    """
+    if not isinstance(results, Mapping):
+        raise TypeError(f"argument 'results': expected a mapping proportion -> mAP, got {type(results).__name__}")
+    if not results:
+        raise ValueError("argument 'results': expected at least one proportion, got an empty mapping")
+    for p, v in results.items():
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p <= 1:
+            raise ValueError(f"argument 'results': expected proportions (keys) in (0, 1], got key {p!r}")
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"argument 'results': expected a real mAP for proportion {p}, got {v!r}")
+    return math.fsum(float(v) for v in results.values()) / len(results)

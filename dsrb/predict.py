@@ -1,0 +1,177 @@
+"""``python -m dsrb.predict``: class probabilities and predicted labels for image files.
+
+Usage::
+
+    python -m dsrb.predict --checkpoint runs/x/best.pt photo.jpg                # labels with probability >= 0.5
+    python -m dsrb.predict --checkpoint runs/x/best.pt photos/ --top-k 3        # the 3 most probable labels
+    python -m dsrb.predict --checkpoint runs/x/best.pt photos/ --threshold 0.3 --top-k 3 --out predictions.json
+
+Label selection (probabilities are ``sigmoid(logits)``):
+
+* neither ``--threshold`` nor ``--top-k``: the classes with probability >= 0.5;
+* ``--threshold T`` alone: the classes with probability >= T (">=" as in the evaluation metrics);
+* ``--top-k K`` alone: the K most probable classes, whatever their probability;
+* both: the top-K classes among those with probability >= T (so at most K, possibly none).
+
+Labels are listed from the most to the least probable (ties: lower class index first). The output is a JSON list
+with one object per image: ``{"path": ..., "labels": [names], "scores": {class name: probability rounded to 4
+decimals, in class order}}``, written atomically to ``--out`` or printed to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import numbers
+import os
+import sys
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+
+from .checkpoint import atomic_write
+from .inference import image_logits, load_images, load_model, resolve_device
+
+__all__ = ["predict", "select_labels", "main"]
+
+DEFAULT_THRESHOLD = 0.5
+
+
+def _check_args(threshold, top_k) -> None:
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"argument 'threshold': expected a probability in [0, 1], got {threshold!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"argument 'top_k': expected a positive int, got {top_k!r}")
+
+
+def select_labels(probs: torch.Tensor, threshold: Optional[float] = None, top_k: Optional[int] = None) -> torch.Tensor:
+    """(N, C) probabilities -> (N, C) bool selection, with the rules of the module docstring.
+
+    threshold None and top_k None means threshold 0.5; top_k larger than C means all classes.
+    """
+    _check_args(threshold, top_k)
+    if threshold is None and top_k is None:
+        threshold = DEFAULT_THRESHOLD
+    selected = torch.ones_like(probs, dtype=torch.bool)
+    if threshold is not None:
+        selected &= probs >= threshold
+    if top_k is not None:
+        k = min(top_k, probs.shape[1])
+        top = torch.sort(probs, dim=1, descending=True, stable=True).indices[:, :k]
+        selected &= torch.zeros_like(selected).scatter_(1, top, True)
+    return selected
+
+
+def predict(
+    checkpoint: Union[str, os.PathLike],
+    images: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
+    *,
+    threshold: Optional[float] = None,
+    top_k: Optional[int] = None,
+    device: str = "auto",
+    batch_size: int = 16,
+    workers: int = 0,
+    image_size: Optional[int] = None,
+) -> List[Dict]:
+    """Predict labels for image files, folders or a list of both (see :func:`dsrb.inference.load_images`).
+
+    Args:
+        checkpoint: training checkpoint (best.pt / last.pt).
+        images: an image path, a folder, or a list of paths and folders.
+        threshold: probability threshold in [0, 1] (see the module docstring for how it combines with top_k).
+        top_k: number of most probable classes to return.
+        device: "auto", "cpu", "cuda", ...
+        batch_size, workers: DataLoader settings.
+        image_size: input side; default the checkpoint's training image size.
+
+    Returns:
+        one dict per image: ``path``, ``labels`` (names, most probable first), ``scores`` ({name: probability}
+        rounded to 4 decimals, class order).
+    """
+    _check_args(threshold, top_k)
+    paths = load_images(images)
+    dev = resolve_device(device)
+    model, info = load_model(checkpoint, device=dev)
+    size = image_size if image_size is not None else info["image_size"]
+    probs = torch.sigmoid(image_logits(model, paths, size, batch_size=batch_size, workers=workers, device=dev))
+    selected = select_labels(probs, threshold, top_k)
+    names = info["class_names"]
+    results = []
+    for path, p, sel in zip(paths, probs.tolist(), selected.tolist()):
+        order = sorted((c for c in range(len(names)) if sel[c]), key=lambda c: (-p[c], c))
+        results.append({
+            "path": path,
+            "labels": [names[c] for c in order],
+            "scores": {names[c]: round(float(p[c]), 4) for c in range(len(names))},
+        })
+    return results
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dsrb.predict",
+        description="Predict labels with a trained DSRB checkpoint. Without --threshold/--top-k: probability >= 0.5; "
+                    "--top-k K alone: the K most probable classes; both: the top K among those >= the threshold.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="training checkpoint (best.pt / last.pt)")
+    parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER",
+                        help="image files and/or folders (.jpg .jpeg .png .bmp .webp)")
+    parser.add_argument("--threshold", type=_probability, default=None,
+                        help="probability threshold (default 0.5 unless --top-k is given)")
+    parser.add_argument("--top-k", type=_positive_int, default=None, help="return the K most probable classes")
+    parser.add_argument("--out", default=None, help="JSON file to write (default: print to stdout)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    parser.add_argument("--batch-size", type=_positive_int, default=16)
+    parser.add_argument("--workers", type=_non_negative_int, default=0, help="DataLoader workers (default 0)")
+    parser.add_argument("--image-size", type=_positive_int, default=None,
+                        help="input side (default: the checkpoint's training image size)")
+    return parser
+
+
+def main(argv=None) -> List[Dict]:
+    args = build_parser().parse_args(argv)
+    results = predict(args.checkpoint, args.images, threshold=args.threshold, top_k=args.top_k, device=args.device,
+                      batch_size=args.batch_size, workers=args.workers, image_size=args.image_size)
+    text = json.dumps(results, indent=2) + "\n"
+    if args.out:
+        atomic_write(args.out, lambda f: f.write(text.encode("utf-8")))
+        print(f"wrote predictions for {len(results)} image(s) to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,465 @@
+"""``python -m dsrb.train``: train DSRB (or the partial-BCE baseline) and evaluate it every epoch.
+
+With no arguments it trains the ``demo`` preset on the built-in dataset (generated on first use) on the CPU. With
+``--preset coco|voc|vg --data-root PATH`` it runs the paper's protocol (spec §6.4, §12). ``--help`` lists every
+setting. A run directory (``--out``, default ``runs/<preset>-<time>``) receives:
+
+* ``train.log``: the log; ``config.json``: the settings; ``partial_labels.npz``: the known-label mask;
+* ``metrics.jsonl``: one JSON line per epoch with every metric (fractions in [0, 1]) and the training losses;
+* ``last.pt`` (every epoch) and ``best.pt`` (best test mAP so far), written atomically;
+* ``summary.json``: best epoch, best mAP, settings and versions; ``tb/`` with ``--tensorboard``.
+
+``--resume`` continues the run in ``--out`` from ``last.pt`` (model, optimizer, scheduler, AMP scaler, prototype bank,
+RNG states, epoch and best score) with its saved settings, re-applying only the flags given again; every epoch's
+randomness is derived from (seed, epoch), so a resumed run ends exactly where an uninterrupted one ends.
+Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m dsrb.train ...`` (DDP; only rank 0 writes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import random
+import sys
+import time
+from contextlib import nullcontext
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+from . import __version__
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, save_json, set_rng_state
+from .config import TrainConfig, parse_args
+from .losses import dsrb_loss
+from .metrics import compute_metrics
+from .models import DSRB, draw_prototype_choices
+from .progress import Progress
+
+log = logging.getLogger("dsrb.train")
+
+# Keys of a metrics.jsonl line that measure time, not results (a resumed run differs only in these).
+TIMING_KEYS = ("time_s", "train_images_per_s")
+
+
+# ------------------------------------------------------------------------------------------------ environment
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def setup_distributed(cfg: TrainConfig) -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); NCCL on CUDA, gloo otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if use_cuda:
+        torch.cuda.set_device(d.local_rank)
+    return d
+
+
+def resolve_device(cfg: TrainConfig, d: Dist) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda", d.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("setting 'device': 'cuda' was requested but no CUDA device is available")
+        if device.index is None:
+            device = torch.device("cuda", d.local_rank)
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from (seed, epoch, purpose, rank): each epoch's randomness is independent of earlier ones."""
+    value = 0x9E3779B97F4A7C15
+    for p in parts:
+        value = (value ^ (p + 0x9E3779B97F4A7C15 + (value << 6) + (value >> 2))) & ((1 << 63) - 1)
+    return value
+
+
+def versions() -> Dict[str, str]:
+    return {"dsrb": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def setup_logging(out: Optional[str], main: bool) -> None:
+    log.handlers.clear()
+    log.setLevel(logging.INFO if main else logging.WARNING)
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(fmt)
+    log.addHandler(stream)
+    if main and out:
+        handler = logging.FileHandler(os.path.join(out, "train.log"))
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool):
+    """Datasets (train with partial labels, test with full labels) and the word vectors."""
+    from .data import (TestTransform, TrainTransform, build_dataset, format_known_fraction, known_fraction,
+                       load_partial_labels, load_word_vectors, make_partial_labels, save_partial_labels)
+
+    # The built-in dataset is generated on first use: by rank 0 alone, the others wait.
+    if d.main:
+        train_set = build_dataset(cfg.dataset, "train", root=cfg.data_root, transform=TrainTransform(cfg.image_size),
+                                  skip_bad=cfg.skip_bad_images)
+    if d.enabled:
+        dist.barrier()
+    if not d.main:
+        train_set = build_dataset(cfg.dataset, "train", root=cfg.data_root, transform=TrainTransform(cfg.image_size),
+                                  skip_bad=cfg.skip_bad_images)
+    test_set = build_dataset(cfg.dataset, "test", root=cfg.data_root, transform=TestTransform(cfg.image_size),
+                             skip_bad=cfg.skip_bad_images)
+    path = os.path.join(out, "partial_labels.npz")
+    if resumed and os.path.exists(path):
+        partial, _ = load_partial_labels(path, expected_shape=tuple(train_set.labels.shape))
+    else:
+        partial = make_partial_labels(train_set.labels, cfg.known_proportion, seed=cfg.label_seed)
+        if d.main:
+            save_partial_labels(path, partial, proportion=cfg.known_proportion, seed=cfg.label_seed,
+                                class_names=train_set.class_names)
+    train_set.set_targets(partial)
+    log.info("data: %s, %d train / %d test images, %d classes; %s", cfg.dataset, len(train_set), len(test_set),
+             train_set.num_classes, format_known_fraction(known_fraction(partial, train_set.labels)))
+    words = load_word_vectors(cfg.word_vectors, train_set.class_names, dim=cfg.word_dim, seed=cfg.seed)
+    return train_set, test_set, words
+
+
+def make_loader(dataset, cfg: TrainConfig, d: Dist, *, train: bool, seed: int, device: torch.device) -> DataLoader:
+    """Shuffling, worker seeds and the augmentations all follow from ``seed`` (pass one per epoch)."""
+    generator = torch.Generator().manual_seed(seed)
+    if d.enabled:
+        sampler = DistributedSampler(dataset, num_replicas=d.world, rank=d.rank, shuffle=train, seed=seed % 2**31,
+                                     drop_last=train)
+    else:
+        sampler = RandomSampler(dataset, generator=generator) if train else SequentialSampler(dataset)
+    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                      drop_last=train, pin_memory=device.type == "cuda", generator=generator,
+                      persistent_workers=False)
+
+
+def _limit(loader: DataLoader, limit: Optional[int]) -> int:
+    return len(loader) if limit is None else min(len(loader), limit)
+
+
+# ----------------------------------------------------------------------------------------------------- model
+
+
+def model_kwargs(cfg: TrainConfig, word_dim: int) -> Dict[str, Any]:
+    """DSRB constructor arguments (saved in checkpoints, so evaluate/predict rebuild the same model)."""
+    freeze = cfg.freeze_backbone if cfg.freeze_backbone is not None else cfg.pretrained is not None
+    return dict(backbone=cfg.backbone, backbone_width=cfg.backbone_width, avgpool=cfg.avgpool,
+                feature_dim=cfg.feature_dim, word_dim=word_dim, inter_dim=cfg.inter_dim, gnn_steps=cfg.gnn_steps,
+                top_k=cfg.top_k, prototype_cap=cfg.prototype_cap, compat=cfg.compat,
+                detach_blend_targets=cfg.detach_blend_targets, freeze_backbone=freeze, backend=cfg.backend)
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.amp == "none":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
+
+
+def prototype_epoch(cfg: TrainConfig, epoch: int) -> bool:
+    """The prototype pass runs before epochs start, start + interval, ... (spec §5.1: 5, 10, 15)."""
+    return (cfg.blending and cfg.prototype_blend and epoch >= cfg.blend_start_epoch
+            and (epoch - cfg.blend_start_epoch) % cfg.prototype_interval == 0)
+
+
+@torch.no_grad()
+def prototype_pass(core: DSRB, loader: DataLoader, cfg: TrainConfig, d: Dist, device: torch.device) -> None:
+    """Official prototype pass: eval mode over the (augmented, shuffled) training loader, known positives only."""
+    core.eval()
+    core.reset_prototypes()
+    total = _limit(loader, cfg.limit_train_batches)
+    bar = Progress(total, "prototypes", enabled=d.main)
+    for step, (images, targets, _) in enumerate(loader):
+        if step >= total:
+            break
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with autocast(cfg, device):
+            core.update_prototypes(images, targets)
+        bar.update(images.shape[0])
+    bar.close()
+    if d.enabled:  # each rank keeps up to `cap` samples per bucket from its shard
+        dist.all_reduce(core.prototype_bank.sums)
+        dist.all_reduce(core.prototype_bank.counts)
+    core.finalize_prototypes()
+    filled = int((core.prototype_bank.counts > 0).sum())
+    log.info("prototypes: %d of %d (class, quadrant) buckets filled, %d classes without a prototype", filled,
+             core.prototype_bank.counts.numel(), int((~core.prototype_bank.valid).sum()))
+
+
+def train_epoch(model, core: DSRB, loader, optimizer, scaler, cfg: TrainConfig, epoch: int, d: Dist,
+                device: torch.device) -> Dict[str, float]:
+    model.train()
+    blend = cfg.blending and epoch >= cfg.blend_start_epoch
+    use_instance, use_prototype = blend and cfg.instance_blend, blend and cfg.prototype_blend
+    con_weight = cfg.contrastive_weight if cfg.method == "dsrb" and cfg.contrastive else 0.0
+    generator = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, epoch, 2, d.rank))
+    total = _limit(loader, cfg.limit_train_batches)
+    sums: Dict[str, float] = {}
+    bar = Progress(total, f"epoch {epoch}", enabled=d.main)
+    for step, (images, targets, _) in enumerate(loader):
+        if step >= total:
+            break
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        choices = None
+        if use_prototype:  # drawn outside the model so a compiled model needs no Generator
+            choices = draw_prototype_choices(targets, core.top_k, generator, compat=core.compat,
+                                             valid=core.prototype_bank.valid)
+        with autocast(cfg, device):
+            out = model(images, targets, instance_blend=use_instance, prototype_blend=use_prototype,
+                        prototype_choices=choices)
+            loss, parts = dsrb_loss(out, targets, epoch=epoch, progress=step / total, contrastive_weight=con_weight,
+                                    instance_weight=cfg.instance_weight, prototype_weight=cfg.prototype_weight,
+                                    generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"epoch {epoch}, step {step}: the loss is {value}; lower --lr or check the data")
+        sums["loss"] = sums.get("loss", 0.0) + value
+        for key in ("bce", "contrastive", "instance", "prototype"):
+            sums[f"loss_{key}"] = sums.get(f"loss_{key}", 0.0) + float(parts[key])
+        bar.update(images.shape[0] * d.world, loss=value)
+    elapsed = bar.close()
+    stats = {k: v / max(1, total) for k, v in sums.items()}
+    if d.enabled:
+        packed = torch.tensor([stats[k] for k in sorted(stats)], dtype=torch.float64, device=device)
+        dist.all_reduce(packed)
+        stats = {k: float(v) / d.world for k, v in zip(sorted(stats), packed)}
+    stats["time_s"] = elapsed
+    stats["train_images_per_s"] = total * cfg.batch_size * d.world / elapsed if elapsed > 0 else 0.0
+    return stats
+
+
+@torch.no_grad()
+def predict_scores(model, loader, cfg: TrainConfig, d: Dist, device: torch.device, limit=None):
+    """Logits for the loader's images and their dataset indices, gathered from every rank (rank order)."""
+    model.eval()
+    total = _limit(loader, limit)
+    scores, indices = [], []
+    for step, (images, _, index) in enumerate(loader):
+        if step >= total:
+            break
+        with autocast(cfg, device):
+            scores.append(model(images.to(device, non_blocking=True)).float())
+        indices.append(index.to(device))
+    C = loader.dataset.num_classes
+    scores = torch.cat(scores) if scores else torch.zeros(0, C, device=device)
+    indices = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.int64, device=device)
+    if d.enabled:
+        scores, indices = _gather(scores, d), _gather(indices, d)
+    # DistributedSampler pads with repeated images: keep the first score of each index.
+    order = torch.argsort(indices, stable=True)
+    indices, scores = indices[order], scores[order]
+    keep = torch.ones_like(indices, dtype=torch.bool)
+    keep[1:] = indices[1:] != indices[:-1]
+    return scores[keep].cpu(), indices[keep].cpu()
+
+
+def _gather(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    size = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(size) for _ in range(d.world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    parts = [torch.zeros_like(padded) for _ in range(d.world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+def evaluate(model, loader, cfg: TrainConfig, d: Dist, device: torch.device) -> Dict[str, float]:
+    scores, indices = predict_scores(model, loader, cfg, d, device, cfg.limit_test_batches)
+    return compute_metrics(scores, loader.dataset.labels[indices].float())
+
+
+# ------------------------------------------------------------------------------------------------------- run
+
+
+def _default_out(cfg: TrainConfig) -> str:
+    return os.path.join("runs", f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _resolve_settings(cfg: TrainConfig, explicit: Dict[str, Any]) -> TrainConfig:
+    """On --resume, the run's saved settings with only the explicitly given ones re-applied."""
+    if not cfg.resume:
+        return cfg
+    if not cfg.out:
+        raise ValueError("setting 'resume': give the run directory to resume with --out")
+    path = os.path.join(cfg.out, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"setting 'resume': no run to resume in {cfg.out} ({path} is missing)")
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    saved.update(explicit)
+    saved["resume"] = True
+    return TrainConfig(**saved).validate()
+
+
+def run(cfg: TrainConfig, explicit: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Train and evaluate; returns the summary (also written to summary.json)."""
+    cfg = _resolve_settings(cfg, explicit or {})
+    d = setup_distributed(cfg)
+    device = resolve_device(cfg, d)
+    out = cfg.out or _default_out(cfg)
+    if d.enabled:  # every rank must use rank 0's default directory name
+        holder = [out]
+        dist.broadcast_object_list(holder, src=0)
+        out = holder[0]
+    cfg = dataclasses.replace(cfg, out=out)
+    last_path = os.path.join(out, "last.pt")
+    if d.main:
+        if not cfg.resume and os.path.exists(last_path):
+            raise FileExistsError(f"setting 'out': {out} already holds a run; pass --resume to continue it or "
+                                  "choose another --out")
+        os.makedirs(out, exist_ok=True)
+    if d.enabled:
+        dist.barrier()
+    setup_logging(out, d.main)
+    log.info("dsrb %s, torch %s, device %s, %d process(es); run directory %s", __version__, torch.__version__,
+             device, d.world, out)
+    seed_everything(derived_seed(cfg.seed, 0, 0, d.rank))
+
+    resumed = cfg.resume and os.path.exists(last_path)
+    train_set, test_set, words = build_data(cfg, out, d, resumed)
+    kwargs = model_kwargs(cfg, words.shape[1])
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    core = DSRB(train_set.num_classes, word_features=words, pretrained=cfg.pretrained, **kwargs)
+    core.set_label_graph(train_set.targets)
+    core.to(device)
+    params = [p for p in core.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)  # coupled L2, as officially
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+
+    start_epoch, best = 0, {"epoch": -1, "mAP": -1.0}
+    if resumed:
+        state = load_checkpoint(last_path)
+        core.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best = state["epoch"], state["best"]
+        set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)])
+        log.info("resumed from %s at epoch %d (best mAP %.2f at epoch %d)", last_path, start_epoch,
+                 100 * best["mAP"], best["epoch"])
+    if d.main:
+        save_json(os.path.join(out, "config.json"), dataclasses.asdict(dataclasses.replace(cfg, resume=False)))
+
+    model = core
+    if d.enabled:  # alpha/beta (and unused blends) leave parameters without gradient in some epochs
+        model = torch.nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda"
+                                                          else None, find_unused_parameters=True)
+    if cfg.compile:
+        model = torch.compile(model)
+    writer = _tensorboard(out) if cfg.tensorboard and d.main else None
+
+    for epoch in range(start_epoch, cfg.epochs):
+        seed_everything(derived_seed(cfg.seed, epoch, 1, d.rank))
+        if prototype_epoch(cfg, epoch):
+            prototype_pass(core, make_loader(train_set, cfg, d, train=True, seed=derived_seed(cfg.seed, epoch, 3),
+                                             device=device), cfg, d, device)
+        loader = make_loader(train_set, cfg, d, train=True, seed=derived_seed(cfg.seed, epoch, 4), device=device)
+        if d.enabled:
+            loader.sampler.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        stats = train_epoch(model, core, loader, optimizer, scaler, cfg, epoch, d, device)
+        scheduler.step()
+        metrics = evaluate(model, make_loader(test_set, cfg, d, train=False, seed=0, device=device), cfg, d, device)
+        record = {"epoch": epoch, "lr": lr, "alpha": float(core.alpha.detach()), "beta": float(core.beta.detach()), **stats, **metrics}
+        improved = metrics["mAP"] > best["mAP"]
+        if improved:
+            best = {"epoch": epoch, "mAP": metrics["mAP"]}
+        log.info("epoch %d: mAP %.2f (best %.2f at %d), OF1 %.2f, CF1 %.2f, loss %.4f, %.1f img/s", epoch,
+                 100 * metrics["mAP"], 100 * best["mAP"], best["epoch"], 100 * metrics["OF1"], 100 * metrics["CF1"],
+                 stats["loss"], stats["train_images_per_s"])
+        rngs = [rng_state()]
+        if d.enabled:
+            rngs = [None] * d.world
+            dist.all_gather_object(rngs, rng_state())
+        if d.main:
+            with open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
+                     "best": best, "rng": rngs, "config": dataclasses.asdict(cfg), "model_kwargs": kwargs,
+                     "num_classes": train_set.num_classes, "class_names": list(train_set.class_names),
+                     "metrics": record, "versions": versions()}
+            if improved:
+                save_checkpoint(os.path.join(out, "best.pt"), state)
+            save_checkpoint(last_path, state)
+            if writer is not None:
+                for key, value in record.items():
+                    if isinstance(value, (int, float)) and key != "epoch":
+                        writer.add_scalar(key, value, epoch)
+        if d.enabled:
+            dist.barrier()
+
+    summary = {"best_epoch": best["epoch"], "best_mAP": best["mAP"], "epochs": cfg.epochs, "out": out,
+               "settings": dataclasses.asdict(cfg), "versions": versions()}
+    if d.main:
+        save_json(os.path.join(out, "summary.json"), summary)
+        log.info("done: best mAP %.2f at epoch %d; results in %s", 100 * best["mAP"], best["epoch"], out)
+    if writer is not None:
+        writer.close()
+    if d.enabled:
+        dist.destroy_process_group()
+    return summary
+
+
+def _tensorboard(out: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from err
+    return SummaryWriter(os.path.join(out, "tb"))
+
+
+def main(argv=None) -> None:
+    cfg, explicit = parse_args(argv)
+    run(cfg, explicit)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""``python -m dsrb.visualize``: the category-wise spatial attention of a trained DSRB, overlaid on the image.
+
+Usage::
+
+    python -m dsrb.visualize --checkpoint runs/x/best.pt photo.jpg                       # the 3 most probable classes
+    python -m dsrb.visualize --checkpoint runs/x/best.pt photo.jpg --classes dog,person --out-dir attention/
+
+For every image and chosen class c, the attention a[c] (N = H·W positions of the reduced feature map, from
+``model.extract``) is reshaped to (H, W), upsampled bilinearly to the model's input size, scaled to [0, 1] by its
+own minimum and maximum (so each map shows where that class looks, not how strongly), coloured with a built-in
+jet-like colormap (blue = low, red = high) and blended over the resized, denormalised input image. The result is
+saved as ``<out-dir>/<image stem>_<class name>.png`` (class name made file-name safe), at the model's input size
+(the checkpoint's training ``image_size`` unless ``--image-size`` is given). The paths are printed, one per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .inference import load_images, load_model, open_image, resolve_device, sanitize
+
+__all__ = ["visualize", "colormap", "attention_maps", "overlay", "main"]
+
+DEFAULT_TOP_K = 3
+
+
+def _jet_lut(n: int = 256) -> np.ndarray:
+    """(n, 3) uint8 lookup table: dark blue -> blue -> cyan -> yellow -> red -> dark red (piecewise linear)."""
+    x = np.linspace(0.0, 1.0, n)
+    r = np.clip(1.5 - np.abs(4.0 * x - 3.0), 0.0, 1.0)
+    g = np.clip(1.5 - np.abs(4.0 * x - 2.0), 0.0, 1.0)
+    b = np.clip(1.5 - np.abs(4.0 * x - 1.0), 0.0, 1.0)
+    return np.round(np.stack([r, g, b], axis=1) * 255.0).astype(np.uint8)
+
+
+_LUT = _jet_lut()
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """(H, W) values in [0, 1] -> (H, W, 3) uint8 RGB (values outside [0, 1] are clipped; NaN counts as 0)."""
+    v = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0)
+    idx = np.round(np.clip(v, 0.0, 1.0) * (len(_LUT) - 1)).astype(np.int64)
+    return _LUT[idx]
+
+
+def attention_maps(a: torch.Tensor, height: int, width: int, size: int) -> torch.Tensor:
+    """Attention (K, N = height*width) -> (K, size, size) maps, bilinearly upsampled and min-max scaled to [0, 1]."""
+    K, N = a.shape
+    if N != height * width:
+        raise ValueError(f"attention of {N} positions does not fit a {height}x{width} map")
+    maps = a.detach().float().reshape(K, 1, height, width)
+    maps = F.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    lo = maps.flatten(1).min(1).values[:, None, None]
+    hi = maps.flatten(1).max(1).values[:, None, None]
+    span = hi - lo
+    return torch.where(span > 0, (maps - lo) / torch.where(span > 0, span, torch.ones_like(span)),
+                       torch.zeros_like(maps))
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> Image.Image:
+    """Blend the colour-mapped ``heat`` (H, W) in [0, 1] over ``image`` (H, W, 3) uint8 with weight ``alpha``."""
+    base = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+    return Image.blend(base, Image.fromarray(colormap(heat)), alpha)
+
+
+def _resolve_classes(classes, class_names: List[str]) -> Optional[List[int]]:
+    if classes is None:
+        return None
+    if isinstance(classes, str):
+        classes = [c for c in classes.split(",")]
+    names = [str(c).strip() for c in classes]
+    names = [n for n in names if n]
+    if not names:
+        raise ValueError("argument 'classes': expected at least one class name")
+    index = {n: i for i, n in enumerate(class_names)}
+    unknown = [n for n in names if n not in index]
+    if unknown:
+        raise ValueError(f"argument 'classes': unknown class name(s) {unknown}; the checkpoint's classes are "
+                         f"{class_names}")
+    out: List[int] = []
+    for n in names:
+        if index[n] not in out:
+            out.append(index[n])
+    return out
+
+
+def _unique_stem(path: str, used: dict) -> str:
+    stem = sanitize(os.path.splitext(os.path.basename(path))[0])
+    count = used.get(stem, 0)
+    used[stem] = count + 1
+    return stem if count == 0 else f"{stem}_{count + 1}"
+
+
+@torch.no_grad()
+def visualize(
+    checkpoint: Union[str, os.PathLike],
+    images: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
+    *,
+    classes: Union[str, Sequence[str], None] = None,
+    top_k: Optional[int] = None,
+    out_dir: Union[str, os.PathLike] = "attention",
+    device: str = "auto",
+    image_size: Optional[int] = None,
+    alpha: float = 0.5,
+) -> List[str]:
+    """Write attention overlays; returns the written PNG paths (image order, then class order).
+
+    Args:
+        checkpoint: training checkpoint (best.pt / last.pt).
+        images: an image path, a folder, or a list of paths and folders.
+        classes: class names (a list or a comma-separated string) to show for every image; default: each image's
+            ``top_k`` most probable classes.
+        top_k: number of most probable classes when ``classes`` is None (default 3; capped at C).
+        out_dir: output folder (created).
+        device: "auto", "cpu", "cuda", ...
+        image_size: input side; default the checkpoint's training image size. The PNGs have this size.
+        alpha: weight of the heat map in the blend, in [0, 1].
+    """
+    from .data.transforms import TestTransform, denormalize
+
+    if classes is not None and top_k is not None:
+        raise ValueError("arguments 'classes' and 'top_k' are exclusive: give one or the other")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"argument 'top_k': expected a positive int, got {top_k!r}")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"argument 'alpha': expected a number in [0, 1], got {alpha!r}")
+    paths = load_images(images)
+    dev = resolve_device(device)
+    model, info = load_model(checkpoint, device=dev)
+    names = info["class_names"]
+    chosen = _resolve_classes(classes, names)
+    k = min(top_k if top_k is not None else DEFAULT_TOP_K, len(names))
+    size = image_size if image_size is not None else info["image_size"]
+    transform = TestTransform(size)
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    written: List[str] = []
+    used: dict = {}
+    for path in paths:
+        x = transform(open_image(path))[None].to(dev)
+        S, a, X = model.extract(x)
+        H, W = X.shape[-2:]
+        if chosen is None:
+            probs = torch.sigmoid(model.classify(S))[0].float().cpu()
+            picked = torch.sort(probs, descending=True, stable=True).indices[:k].tolist()
+        else:
+            picked = chosen
+        maps = attention_maps(a[0, picked], H, W, size).cpu().numpy()
+        rgb = denormalize(x[0].float().cpu()).clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
+        base = rgb.permute(1, 2, 0).contiguous().numpy()
+        stem = _unique_stem(path, used)
+        for c, heat in zip(picked, maps):
+            target = os.path.join(out_dir, f"{stem}_{sanitize(names[c])}.png")
+            overlay(base, heat, alpha).save(target, format="PNG")
+            written.append(target)
+    return written
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dsrb.visualize",
+        description="Overlay DSRB's category-wise attention maps on images; writes <out-dir>/<stem>_<class>.png.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="training checkpoint (best.pt / last.pt)")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files and/or folders")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--classes", default=None, help="comma-separated class names to show (default: top-k)")
+    group.add_argument("--top-k", type=_positive_int, default=None,
+                       help=f"show the K most probable classes of each image (default {DEFAULT_TOP_K})")
+    parser.add_argument("--out-dir", default="attention", help="output folder (default attention/)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    parser.add_argument("--image-size", type=_positive_int, default=None,
+                        help="input side (default: the checkpoint's training image size)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="heat-map weight in the blend (default 0.5)")
+    return parser
+
+
+def main(argv=None) -> List[str]:
+    args = build_parser().parse_args(argv)
+    written = visualize(args.checkpoint, args.images, classes=args.classes, top_k=args.top_k, out_dir=args.out_dir,
+                        device=args.device, image_size=args.image_size, alpha=args.alpha)
+    for path in written:
+        print(path)
+    return written
+
+
+if __name__ == "__main__":
+    main()

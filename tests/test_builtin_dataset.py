@@ -1,0 +1,152 @@
+"""The built-in synthetic dataset: determinism, statistics, atomic generation, loading through load_coco."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dsrb.data import builtin
+from dsrb.data.builtin import BUILTIN_CLASSES, CO_OCCURRING, builtin_dir, ensure_builtin
+from dsrb.data.coco import load_coco
+from dsrb.data.registry import build_dataset
+
+SMALL = dict(num_train=60, num_test=20, image_size=64, seed=3)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return ensure_builtin(tmp_path_factory.mktemp("data"), **SMALL)
+
+
+@pytest.fixture(scope="module")
+def stats(tmp_path_factory):
+    """Annotation statistics of a larger (but tiny-image) generation."""
+    folder = ensure_builtin(tmp_path_factory.mktemp("stats"), num_train=500, num_test=1, image_size=48, seed=0)
+    data = json.loads((folder / "annotations" / "instances_train.json").read_text())
+    return data
+
+
+def _read(folder, split):
+    return (folder / "annotations" / f"instances_{split}.json").read_text()
+
+
+def test_layout_and_meta(small):
+    assert small.name.startswith("builtin-v1")
+    assert (small / "DONE").is_file()
+    meta = json.loads((small / "meta.json").read_text())
+    assert meta["version"] == builtin.BUILTIN_VERSION and meta["num_train"] == 60 and meta["seed"] == 3
+    train = json.loads(_read(small, "train"))
+    assert [im["file_name"] for im in train["images"][:2]] == ["000000.png", "000001.png"]
+    assert len(train["images"]) == 60 and len(json.loads(_read(small, "test"))["images"]) == 20
+    assert (small / "images" / "train" / "000059.png").is_file()
+    assert (small / "images" / "test" / "000019.png").is_file()
+    assert train["categories"] == [{"id": i + 1, "name": n} for i, n in enumerate(BUILTIN_CLASSES)]
+    for ann in train["annotations"][:20]:
+        assert set(ann) >= {"id", "image_id", "category_id", "bbox", "area", "iscrowd"}
+        x, y, w, h = ann["bbox"]
+        assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= 64 and y + h <= 64
+
+
+def test_default_folder_name(tmp_path, monkeypatch):
+    assert builtin_dir(tmp_path) == tmp_path / "builtin-v1"
+    monkeypatch.setenv("DSRB_DATA", str(tmp_path / "env"))
+    assert builtin_dir() == tmp_path / "env" / "builtin-v1"
+    assert builtin_dir(**SMALL) != builtin_dir()
+
+
+def test_deterministic(small, tmp_path):
+    other = ensure_builtin(tmp_path, **SMALL)
+    assert other != small
+    for split in ("train", "test"):
+        assert _read(small, split) == _read(other, split)
+    for name in ("train/000000.png", "train/000017.png", "test/000005.png"):
+        assert (small / "images" / name).read_bytes() == (other / "images" / name).read_bytes()
+    different = ensure_builtin(tmp_path, **{**SMALL, "seed": 4})
+    assert (different / "images/train/000000.png").read_bytes() != (small / "images/train/000000.png").read_bytes()
+
+
+def test_second_call_reuses(small):
+    stamp = (small / "DONE").stat().st_mtime_ns
+    assert ensure_builtin(small.parent, **SMALL) == small
+    assert (small / "DONE").stat().st_mtime_ns == stamp
+
+
+def test_class_count_and_objects_per_image(stats):
+    assert len(BUILTIN_CLASSES) >= 12 and len(set(BUILTIN_CLASSES)) == len(BUILTIN_CLASSES)
+    n = len(stats["images"])
+    per_image = np.bincount([a["image_id"] for a in stats["annotations"]], minlength=n + 1)[1:]
+    assert 2.0 <= per_image.mean() <= 4.0
+    assert per_image.min() >= 1 and per_image.max() <= 5
+    used = {a["category_id"] for a in stats["annotations"]}
+    assert used == set(range(1, len(BUILTIN_CLASSES) + 1))
+
+
+def test_every_quadrant_and_varied_sizes(stats):
+    size = stats["images"][0]["width"]
+    quadrants = set()
+    widths = []
+    for a in stats["annotations"]:
+        x, y, w, h = a["bbox"]
+        quadrants.add((x + w / 2 >= size / 2, y + h / 2 >= size / 2))
+        widths.append(w)
+    assert len(quadrants) == 4
+    assert max(widths) >= 2 * min(widths)
+
+
+def test_co_occurrence(stats):
+    n, c = len(stats["images"]), len(BUILTIN_CLASSES)
+    y = np.zeros((n, c), dtype=bool)
+    for a in stats["annotations"]:
+        y[a["image_id"] - 1, a["category_id"] - 1] = True
+    p = y.mean(0)
+    count = y.sum(0)
+    cond = (y.T.astype(float) @ y) / np.maximum(count[:, None], 1)  # cond[i, j] = P(j | i)
+    index = {name: k for k, name in enumerate(BUILTIN_CLASSES)}
+    for a, b in CO_OCCURRING:
+        i, j = index[a], index[b]
+        assert cond[i, j] > 2 * p[j] and cond[i, j] > 0.5, (a, b, cond[i, j], p[j])
+
+
+def test_partial_folder_is_regenerated(tmp_path, small):
+    target = builtin_dir(tmp_path, **SMALL)
+    # a half-written folder at the target (no DONE marker) and a crashed temporary folder next to it
+    (target / "annotations").mkdir(parents=True)
+    (target / "annotations" / "instances_train.json").write_text('{"images": []}')
+    (target / "meta.json").write_text(json.dumps({"version": 1}))
+    leftover = tmp_path / f".{target.name}.tmp-crashed"
+    (leftover / "data").mkdir(parents=True)
+    out = ensure_builtin(tmp_path, **SMALL)
+    assert out == target and (target / "DONE").is_file()
+    assert _read(target, "train") == _read(small, "train")
+    assert (target / "images/train/000003.png").read_bytes() == (small / "images/train/000003.png").read_bytes()
+    # a complete folder with other parameters in meta.json is stale, and regenerated too
+    meta = json.loads((target / "meta.json").read_text())
+    (target / "meta.json").write_text(json.dumps({**meta, "seed": 99}))
+    assert ensure_builtin(tmp_path, **SMALL) == target
+    assert json.loads((target / "meta.json").read_text()) == meta
+    # only the target and the (young) leftover remain: no stray temporary folders of ours
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, leftover.name])
+
+
+def test_bad_parameters(tmp_path):
+    with pytest.raises(ValueError, match="'image_size'"):
+        ensure_builtin(tmp_path, image_size=8)
+    with pytest.raises(ValueError, match="'num_train'"):
+        ensure_builtin(tmp_path, num_train=0)
+
+
+def test_load_through_coco(small):
+    train = json.loads(_read(small, "train"))
+    ds = load_coco(small, "train")
+    assert ds.name == "builtin" and ds.class_names == list(BUILTIN_CLASSES) and len(ds) == 60
+    expected = -np.ones((60, len(BUILTIN_CLASSES)), dtype=np.int8)
+    for a in train["annotations"]:
+        expected[a["image_id"] - 1, a["category_id"] - 1] = 1
+    assert np.array_equal(ds.labels.numpy(), expected)
+    image, target, index = ds[7]
+    assert image.shape == (3, 64, 64) and image.dtype == torch.float32 and index == 7
+    assert torch.equal(target, torch.from_numpy(expected[7]).float())
+    test = build_dataset("builtin", "test", root=small)
+    assert len(test) == 20 and test.name == "builtin" and test.image_paths[0].endswith("images/test/000000.png")
+    assert test.verify_images(skip_bad=False) == 0

@@ -1,0 +1,376 @@
+"""Dataset loaders on tiny datasets written by each test: COCO, VOC 2007, VG-200, list files, build_dataset."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dsrb.data.coco import load_coco
+from dsrb.data.dataset import MultiLabelDataset
+from dsrb.data.listfile import load_list
+from dsrb.data.registry import DATASETS, build_dataset
+from dsrb.data.vg import load_vg200
+from dsrb.data.voc import VOC_CLASSES, load_voc2007
+
+
+def _image(path, size=(12, 10), colour=(10, 200, 30), fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path, format=fmt)
+    return path
+
+
+def _garbage(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"this is not an image at all" * 10)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------------- COCO
+
+
+def _coco(root, split_dir="train2014", ann_name="instances_train2014.json", bad_image=False):
+    """3 images (the second without annotations), categories with unsorted, non-contiguous ids."""
+    for i in range(3):
+        if bad_image and i == 1:
+            _garbage(root / split_dir / f"img{i}.jpg")
+        else:
+            _image(root / split_dir / f"img{i}.jpg", fmt="JPEG")
+    data = {
+        "images": [{"id": 30 + i, "file_name": f"img{i}.jpg", "width": 12, "height": 10} for i in (0, 1, 2)],
+        "categories": [{"id": 7, "name": "dog"}, {"id": 2, "name": "cat"}, {"id": 5, "name": "bird"}],
+        "annotations": [
+            {"id": 1, "image_id": 30, "category_id": 7, "bbox": [0, 0, 1, 1], "iscrowd": 0},
+            {"id": 2, "image_id": 30, "category_id": 2, "bbox": [0, 0, 1, 1], "iscrowd": 0},
+            {"id": 3, "image_id": 32, "category_id": 5, "bbox": [0, 0, 1, 1], "iscrowd": 1},
+            {"id": 4, "image_id": 32, "category_id": 5, "bbox": [1, 1, 1, 1], "iscrowd": 0},
+        ],
+    }
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    path = root / "annotations" / ann_name
+    path.write_text(json.dumps(data))
+    return path, data
+
+
+def test_coco_labels_by_hand(tmp_path):
+    _coco(tmp_path)
+    ds = load_coco(tmp_path, "train")
+    # categories sorted by id: 2 cat, 5 bird, 7 dog
+    assert ds.class_names == ["cat", "bird", "dog"]
+    assert ds.num_classes == 3 and len(ds) == 3 and ds.name == "coco"
+    expected = torch.tensor([[1, -1, 1], [-1, -1, -1], [-1, 1, -1]], dtype=torch.int8)
+    assert ds.labels.dtype == torch.int8 and torch.equal(ds.labels, expected)
+    assert torch.equal(ds.targets, expected)
+    assert ds.image_paths == [str(tmp_path / "train2014" / f"img{i}.jpg") for i in range(3)]
+    image, target, index = ds[2]
+    assert image.shape == (3, 10, 12) and image.dtype == torch.float32
+    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+    assert target.dtype == torch.float32 and target.tolist() == [-1.0, 1.0, -1.0] and index == 2
+
+
+def test_coco_test_split_is_val2014_and_transform(tmp_path):
+    _coco(tmp_path, "val2014", "instances_val2014.json")
+    ds = load_coco(tmp_path, "test", transform=lambda im: torch.zeros(3, 4, 4))
+    assert ds.image_paths[0] == str(tmp_path / "val2014" / "img0.jpg")
+    assert ds[0][0].shape == (3, 4, 4)
+
+
+def test_coco_explicit_files(tmp_path):
+    ann, _ = _coco(tmp_path, "somewhere", "mine.json")
+    ds = load_coco(None, "train", annotation=ann, image_dir=tmp_path / "somewhere")
+    assert len(ds) == 3 and ds.labels[0].tolist() == [1, -1, 1]
+
+
+def test_coco_unknown_image_id_names_file_and_record(tmp_path):
+    path, data = _coco(tmp_path)
+    data["annotations"][3]["image_id"] = 999
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"instances_train2014\.json.*annotations\[3\].*999"):
+        load_coco(tmp_path, "train")
+
+
+def test_coco_unknown_category_and_missing_key(tmp_path):
+    path, data = _coco(tmp_path)
+    data["annotations"][0]["category_id"] = 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"annotations\[0\].*category_id 1"):
+        load_coco(tmp_path, "train")
+    path, data = _coco(tmp_path)
+    del data["images"][1]["file_name"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"instances_train2014\.json: images\[1\]: missing key 'file_name'"):
+        load_coco(tmp_path, "train")
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_coco(tmp_path, "train")
+
+
+def test_coco_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"instances_train2014\.json.*layout"):
+        load_coco(tmp_path, "train")
+    _coco(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"val2014"):
+        load_coco(tmp_path, "test")
+    with pytest.raises(ValueError, match="'split'"):
+        load_coco(tmp_path, "val")
+    # annotations present, image folder missing
+    (tmp_path / "annotations" / "instances_val2014.json").write_text(
+        (tmp_path / "annotations" / "instances_train2014.json").read_text()
+    )
+    with pytest.raises(FileNotFoundError, match="image folder not found: .*val2014"):
+        load_coco(tmp_path, "test")
+
+
+def test_corrupt_image_getitem_and_verify(tmp_path):
+    _coco(tmp_path, bad_image=True)
+    ds = load_coco(tmp_path, "train")
+    bad = str(tmp_path / "train2014" / "img1.jpg")
+    ds[0]
+    with pytest.raises(RuntimeError, match="cannot read image .*img1.jpg") as info:
+        ds[1]
+    assert bad in str(info.value)
+    with pytest.raises(RuntimeError, match="img1.jpg"):
+        ds.verify_images(skip_bad=False)
+    partial = torch.tensor([[0, -1, 1], [1, 0, 0], [0, 1, 0]])
+    ds.set_targets(partial)
+    assert ds.verify_images(skip_bad=True) == 1 and ds.skipped == 1
+    assert len(ds) == 2 and bad not in ds.image_paths
+    assert ds.labels.tolist() == [[1, -1, 1], [-1, 1, -1]]
+    assert ds.targets.tolist() == [[0, -1, 1], [0, 1, 0]]
+    assert ds[1][1].tolist() == [0.0, 1.0, 0.0]
+
+
+def test_missing_image_names_path(tmp_path):
+    ds = MultiLabelDataset([str(tmp_path / "nope.png")], [[1, -1]], ["a", "b"])
+    with pytest.raises(RuntimeError, match="nope.png"):
+        ds[0]
+
+
+# -------------------------------------------------------------------------------------------------------------- VOC
+
+
+def _voc_xml(objects):
+    body = "".join(
+        f"<object><name>{n}</name><pose>Left</pose><truncated>0</truncated><difficult>{d}</difficult>"
+        "<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax></bndbox></object>"
+        for n, d in objects
+    )
+    return f"<annotation><folder>VOC2007</folder><filename>x.jpg</filename>{body}</annotation>"
+
+
+def _voc(root):
+    base = root / "VOC2007"
+    (base / "ImageSets" / "Main").mkdir(parents=True)
+    (base / "Annotations").mkdir()
+    annotations = {
+        "000005": [("chair", 0), ("chair", 1), ("person", 0)],
+        "000007": [("car", 0)],
+        "000009": [("dog", 1), ("horse", 0)],  # dog only difficult -> -1
+    }
+    for image_id, objects in annotations.items():
+        (base / "Annotations" / f"{image_id}.xml").write_text(_voc_xml(objects))
+        _image(base / "JPEGImages" / f"{image_id}.jpg", fmt="JPEG")
+    (base / "ImageSets" / "Main" / "trainval.txt").write_text("000009\n000005\n\n")
+    (base / "ImageSets" / "Main" / "test.txt").write_text("000007\n")
+    return base
+
+
+def test_voc_labels_by_hand(tmp_path):
+    base = _voc(tmp_path)
+    ds = load_voc2007(tmp_path, "train")
+    assert ds.class_names == list(VOC_CLASSES) and len(VOC_CLASSES) == 20
+    assert ds.class_names[:3] == ["aeroplane", "bicycle", "bird"] and ds.class_names[-1] == "tvmonitor"
+    assert ds.image_paths == [str(base / "JPEGImages" / "000009.jpg"), str(base / "JPEGImages" / "000005.jpg")]
+    c = VOC_CLASSES.index
+    expected = -np.ones((2, 20), dtype=np.int8)
+    expected[0, c("horse")] = 1
+    expected[1, c("chair")] = 1
+    expected[1, c("person")] = 1
+    assert np.array_equal(ds.labels.numpy(), expected)
+    assert ds.labels[0, c("dog")] == -1  # difficult-only class
+    test = load_voc2007(base, "test")  # root pointing at VOC2007 itself
+    assert len(test) == 1 and test.labels[0, c("car")] == 1 and int(test.labels[0].sum()) == -18
+    assert test[0][0].shape == (3, 10, 12)
+
+
+def test_voc_errors_name_path(tmp_path):
+    base = _voc(tmp_path)
+    bad = base / "Annotations" / "000005.xml"
+    bad.write_text("this is <not xml")
+    with pytest.raises(ValueError, match=r"000005\.xml.*not a valid XML"):
+        load_voc2007(tmp_path, "train")
+    bad.write_text(_voc_xml([("unicorn", 0)]))
+    with pytest.raises(ValueError, match=r"000005\.xml.*unknown class 'unicorn'"):
+        load_voc2007(tmp_path, "train")
+    bad.unlink()
+    with pytest.raises(FileNotFoundError, match=r"000005\.xml"):
+        load_voc2007(tmp_path, "train")
+    with pytest.raises(FileNotFoundError, match=r"VOC2007.*ImageSets.*layout"):
+        load_voc2007(tmp_path / "elsewhere", "train")
+    (base / "ImageSets" / "Main" / "test.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"test\.txt"):
+        load_voc2007(tmp_path, "test")
+
+
+# --------------------------------------------------------------------------------------------------------------- VG
+
+
+def _vg(root, names=None):
+    root.mkdir(parents=True, exist_ok=True)
+    labels = {"1.jpg": [0, 199], "2.jpg": [], "3.jpg": [5, 5, 17]}
+    (root / "vg_category_200_labels_index.json").write_text(json.dumps(labels))
+    (root / "train_list_500.txt").write_text("3.jpg\n1.jpg\n")
+    (root / "test_list_500.txt").write_text("2.jpg\n")
+    for f in labels:
+        _image(root / "VG_100K" / f, fmt="JPEG")
+    if names is not None:
+        (root / "vg_category_200.json").write_text(json.dumps(names))
+
+
+def test_vg_labels_by_hand(tmp_path):
+    _vg(tmp_path)
+    ds = load_vg200(tmp_path, "train")
+    assert ds.num_classes == 200 and ds.class_names[0] == "class_000" and ds.class_names[199] == "class_199"
+    assert ds.image_paths == [str(tmp_path / "VG_100K" / "3.jpg"), str(tmp_path / "VG_100K" / "1.jpg")]
+    assert ds.labels[0].nonzero().numel() == 200  # no zeros
+    assert (ds.labels[0] == 1).nonzero().flatten().tolist() == [5, 17]
+    assert (ds.labels[1] == 1).nonzero().flatten().tolist() == [0, 199]
+    test = load_vg200(tmp_path, "test")
+    assert len(test) == 1 and bool((test.labels == -1).all())
+
+
+def test_vg_class_names_file(tmp_path):
+    names = [f"thing {i}" for i in range(200)]
+    _vg(tmp_path, names={n: i for i, n in enumerate(names)})
+    assert load_vg200(tmp_path, "train").class_names == names
+    (tmp_path / "vg_category_200.json").write_text(json.dumps(names[:3]))
+    with pytest.raises(ValueError, match=r"vg_category_200\.json: expected 200 class names, found 3"):
+        load_vg200(tmp_path, "train")
+
+
+def test_vg_errors_name_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"vg_category_200_labels_index\.json"):
+        load_vg200(tmp_path, "train")
+    _vg(tmp_path)
+    (tmp_path / "test_list_500.txt").write_text("2.jpg\nmissing.jpg\n")
+    with pytest.raises(ValueError, match=r"test_list_500\.txt: line 2: image 'missing.jpg'"):
+        load_vg200(tmp_path, "test")
+    (tmp_path / "vg_category_200_labels_index.json").write_text(json.dumps({"1.jpg": [200], "3.jpg": []}))
+    with pytest.raises(ValueError, match=r"labels_index\.json: entry '1.jpg': class index 200"):
+        load_vg200(tmp_path, "train")
+    (tmp_path / "train_list_500.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"train_list_500\.txt"):
+        load_vg200(tmp_path, "train")
+
+
+# ------------------------------------------------------------------------------------------------------------- list
+
+
+def _list_root(root):
+    _image(root / "imgs" / "a.png")
+    _image(root / "imgs" / "b.png")
+    outside = _image(root.parent / f"{root.name}-outside" / "c.png")
+    (root / "train.csv").write_text(
+        f"path,labels\nimgs/a.png,cat; dog\n\n{outside},\n\"imgs/b.png\",sofa;cat\n"
+    )
+    (root / "test.csv").write_text("path,labels\nimgs/b.png,zebra\n")
+    return outside
+
+
+def test_list_labels_by_hand(tmp_path):
+    outside = _list_root(tmp_path)
+    ds = load_list(tmp_path / "train.csv")
+    assert ds.class_names == ["cat", "dog", "sofa"]
+    assert ds.image_paths == [str(tmp_path / "imgs" / "a.png"), str(outside), str(tmp_path / "imgs" / "b.png")]
+    assert ds.labels.tolist() == [[1, 1, -1], [-1, -1, -1], [1, -1, 1]]
+    ds = load_list(tmp_path / "train.csv", classes=["sofa", "dog", "cat", "zebra"], image_root="/data")
+    assert ds.labels.tolist() == [[-1, 1, 1, -1], [-1, -1, -1, -1], [1, -1, 1, -1]]
+    assert ds.image_paths[0] == "/data/imgs/a.png"
+    # tab-separated variant, class file
+    (tmp_path / "t.tsv").write_text("path\tlabels\nimgs/a.png\tdog\n")
+    (tmp_path / "classes.txt").write_text("dog\ncat\n")
+    ds = load_list(tmp_path / "t.tsv", classes=tmp_path / "classes.txt")
+    assert ds.class_names == ["dog", "cat"] and ds.labels.tolist() == [[1, -1]]
+
+
+def test_list_errors(tmp_path):
+    _list_root(tmp_path)
+    with pytest.raises(ValueError, match=r"train\.csv: line 2: unknown class 'dog'"):
+        load_list(tmp_path / "train.csv", classes=["cat", "sofa"])
+    (tmp_path / "bad.csv").write_text("image,classes\na.png,cat\n")
+    with pytest.raises(ValueError, match=r"bad\.csv: line 1: expected the header 'path,labels'"):
+        load_list(tmp_path / "bad.csv")
+    (tmp_path / "bad.csv").write_text("path,labels\na.png,cat,dog\n")
+    with pytest.raises(ValueError, match=r"bad\.csv: line 2: expected 2 fields"):
+        load_list(tmp_path / "bad.csv")
+    with pytest.raises(FileNotFoundError, match=r"missing\.csv"):
+        load_list(tmp_path / "missing.csv")
+
+
+# ---------------------------------------------------------------------------------------------------- build_dataset
+
+
+def test_build_dataset_dispatch(tmp_path):
+    _coco(tmp_path / "coco")
+    _voc(tmp_path / "voc")
+    _vg(tmp_path / "vg")
+    _list_root(tmp_path / "list")
+    ds = build_dataset("coco", "train", root=tmp_path / "coco")
+    assert ds.name == "coco" and ds.class_names == ["cat", "bird", "dog"] and ds.skipped == 0
+    assert build_dataset("voc", "test", root=tmp_path / "voc").num_classes == 20
+    assert len(build_dataset("vg", "train", root=str(tmp_path / "vg"))) == 2
+    tr = build_dataset("list", "train", root=tmp_path / "list", transform=lambda im: torch.ones(3, 2, 2))
+    te = build_dataset("list", "test", root=tmp_path / "list")
+    # one class order for both splits: the union over train.csv and test.csv
+    assert tr.class_names == te.class_names == ["cat", "dog", "sofa", "zebra"]
+    assert te.labels.tolist() == [[-1, -1, -1, 1]] and tr[0][0].shape == (3, 2, 2)
+    (tmp_path / "list" / "classes.txt").write_text("zebra\nsofa\ndog\ncat\n")
+    assert build_dataset("list", "test", root=tmp_path / "list").class_names == ["zebra", "sofa", "dog", "cat"]
+    assert set(DATASETS) == {"builtin", "coco", "voc", "vg", "list"}
+
+
+def test_build_dataset_errors(tmp_path, caplog):
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'.*builtin, coco, voc, vg, list"):
+        build_dataset("imagenet", "train", root=tmp_path)
+    for name in ("coco", "voc", "vg", "list"):
+        with pytest.raises(ValueError, match=f"'root': dataset '{name}' needs root"):
+            build_dataset(name, "train")
+    with pytest.raises(ValueError, match="'split'"):
+        build_dataset("coco", "val", root=tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"train\.csv"):
+        build_dataset("list", "train", root=tmp_path)
+    _coco(tmp_path / "coco", bad_image=True)
+    with caplog.at_level(logging.WARNING, logger="dsrb.data"):
+        ds = build_dataset("coco", "train", root=tmp_path / "coco", skip_bad=True)
+    assert ds.skipped == 1 and len(ds) == 2
+    assert "skipped 1 unreadable image" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------- set_targets
+
+
+def test_set_targets_validation():
+    ds = MultiLabelDataset(["a.png", "b.png"], np.array([[1, -1, -1], [-1, 1, 1]]), ["x", "y", "z"], name="t")
+    assert ds.labels.dtype == torch.int8 and ds.targets.dtype == torch.int8
+    ds.set_targets(torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 1.0]]))
+    assert ds.targets.dtype == torch.int8 and ds.targets.tolist() == [[0, -1, 0], [1, 0, 1]]
+    assert ds.labels.tolist() == [[1, -1, -1], [-1, 1, 1]]  # full labels untouched
+    with pytest.raises(ValueError, match=r"'targets': expected shape \(2, 3\)"):
+        ds.set_targets(torch.zeros(3, 3))
+    with pytest.raises(ValueError, match=r"'targets': expected values in \{-1, 0, 1\}, found 2"):
+        ds.set_targets(torch.tensor([[0, 2, 0], [0, 0, 0]]))
+    with pytest.raises(ValueError, match=r"'targets'.*found 0.5"):
+        ds.set_targets(np.full((2, 3), 0.5))
+    with pytest.raises(TypeError, match="'targets'"):
+        ds.set_targets(torch.zeros(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"'labels': expected shape \(2, 3\)"):
+        MultiLabelDataset(["a.png", "b.png"], [[1, -1, 1]], ["x", "y", "z"])
+    with pytest.raises(ValueError, match="'class_names'.*'x'"):
+        MultiLabelDataset(["a.png"], [[1, -1]], ["x", "x"])
+    # labels copied, not aliased
+    src = torch.ones(1, 2, dtype=torch.int8)
+    ds = MultiLabelDataset(["a.png"], src, ["x", "y"])
+    src[0, 0] = -1
+    assert ds.labels.tolist() == [[1, 1]]

@@ -1,0 +1,287 @@
+"""dsrb.inference / evaluate / predict / visualize on a tiny hand-made checkpoint (no training)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dsrb.inference import CheckpointError, load_images, load_model
+from dsrb.models import DSRB
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ["cat", "dog house", "tree"]
+IMAGE_SIZE = 64
+KWARGS = dict(backbone="resnet18", backbone_width=4, feature_dim=16, inter_dim=8, word_dim=6, gnn_steps=2,
+              avgpool=True, freeze_backbone=False, backend="torch")
+
+
+def _write_images(folder, count, seed=0):
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    paths = []
+    for i in range(count):
+        arr = rng.randint(0, 256, size=(IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+        path = os.path.join(folder, f"img_{i}.png")
+        Image.fromarray(arr).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("inference")
+    torch.manual_seed(0)
+    model = DSRB(len(CLASSES), word_features=torch.randn(len(CLASSES), 6), **KWARGS)
+    model.set_adjacency(torch.rand(len(CLASSES), len(CLASSES)))
+    # Non-trivial BatchNorm statistics, so that a load that forgot the buffers would show.
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE))
+    model.eval()
+
+    data = tmp / "data"
+    images = _write_images(str(data / "images"), 6)
+    rows = ["cat", "dog house;tree", "", "cat;tree", "dog house", "cat;dog house;tree"]
+    with open(data / "test.csv", "w", encoding="utf-8") as f:
+        f.write("path,labels\n")
+        for p, labels in zip(images, rows):
+            f.write(f"images/{os.path.basename(p)},{labels}\n")
+    with open(data / "train.csv", "w", encoding="utf-8") as f:
+        f.write("path,labels\n")
+        for p, labels in zip(images[:3], rows[:3]):
+            f.write(f"images/{os.path.basename(p)},{labels}\n")
+    with open(data / "classes.txt", "w", encoding="utf-8") as f:
+        f.write("\n".join(CLASSES) + "\n")
+
+    ckpt = tmp / "run" / "best.pt"
+    ckpt.parent.mkdir()
+    torch.save({"model": model.state_dict(), "model_kwargs": dict(KWARGS), "num_classes": len(CLASSES),
+                "class_names": list(CLASSES), "epoch": 1, "metrics": {"mAP": 0.5},
+                "config": {"image_size": IMAGE_SIZE, "dataset": "list", "data_root": str(data),
+                           "skip_bad_images": False}}, ckpt)
+    return {"tmp": tmp, "model": model, "ckpt": str(ckpt), "data": str(data), "images": images}
+
+
+# ------------------------------------------------------------------------------------------------- load_model
+
+
+def test_load_model_round_trip(setup):
+    model, info = load_model(setup["ckpt"])
+    assert not model.training
+    assert info["class_names"] == CLASSES and info["image_size"] == IMAGE_SIZE and info["num_classes"] == 3
+    assert info["config"]["dataset"] == "list"
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), setup["model"](x), rtol=0, atol=0)
+    torch.testing.assert_close(model.word_features, setup["model"].word_features)
+    torch.testing.assert_close(model.in_matrix, setup["model"].in_matrix)
+
+
+def test_load_model_errors(setup, tmp_path):
+    missing = str(tmp_path / "nope.pt")
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_model(missing)
+    other = str(tmp_path / "other.pt")
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(CheckpointError, match=r"other\.pt.*not a dsrb training checkpoint"):
+        load_model(other)
+    garbage = str(tmp_path / "garbage.pt")
+    with open(garbage, "wb") as f:
+        f.write(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError, match="garbage.pt"):
+        load_model(garbage)
+    # The CLIs report the same errors.
+    from dsrb import predict as predict_mod
+
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        predict_mod.main(["--checkpoint", missing, setup["images"][0]])
+    with pytest.raises(CheckpointError, match="other.pt"):
+        predict_mod.main(["--checkpoint", other, setup["images"][0]])
+
+
+def test_load_images(setup, tmp_path):
+    folder = os.path.dirname(setup["images"][0])
+    assert load_images(folder) == sorted(setup["images"])
+    assert load_images([setup["images"][1], setup["images"][0]]) == [setup["images"][1], setup["images"][0]]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="empty"):
+        load_images(str(empty))
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        load_images([setup["images"][0], str(tmp_path / "missing.png")])
+
+
+# ---------------------------------------------------------------------------------------------------- predict
+
+
+def _expected_probs(setup):
+    from dsrb.data.transforms import TestTransform
+
+    t = TestTransform(IMAGE_SIZE)
+    x = torch.stack([t(Image.open(p).convert("RGB")) for p in setup["images"]])
+    with torch.no_grad():
+        return torch.sigmoid(setup["model"](x))
+
+
+def test_predict_json_and_semantics(setup, tmp_path):
+    from dsrb.predict import main, predict
+
+    out = str(tmp_path / "pred.json")
+    results = main(["--checkpoint", setup["ckpt"], os.path.dirname(setup["images"][0]), "--out", out,
+                    "--device", "cpu", "--batch-size", "4"])
+    with open(out, encoding="utf-8") as f:
+        written = json.load(f)
+    assert written == results
+    assert [r["path"] for r in written] == sorted(setup["images"])
+    probs = _expected_probs(setup)
+    for r, p in zip(written, probs):
+        assert set(r) == {"path", "labels", "scores"}
+        assert list(r["scores"]) == CLASSES
+        for c, name in enumerate(CLASSES):
+            assert r["scores"][name] == pytest.approx(float(p[c]), abs=6e-5)
+        # default: probability >= 0.5, most probable first
+        expected = sorted((c for c in range(3) if p[c] >= 0.5), key=lambda c: -float(p[c]))
+        assert r["labels"] == [CLASSES[c] for c in expected]
+
+    # threshold alone
+    res = predict(setup["ckpt"], setup["images"], threshold=0.0, device="cpu")
+    assert all(len(r["labels"]) == 3 for r in res)
+    res = predict(setup["ckpt"], setup["images"], threshold=1.0, device="cpu")
+    assert all(r["labels"] == [] for r in res if max(r["scores"].values()) < 1.0)
+    # top-k alone: exactly k names, most probable first, whatever the probability
+    res = predict(setup["ckpt"], setup["images"], top_k=2, device="cpu")
+    for r, p in zip(res, probs):
+        order = torch.sort(p, descending=True, stable=True).indices[:2].tolist()
+        assert r["labels"] == [CLASSES[c] for c in order]
+    # top-k larger than C: all classes
+    assert all(len(r["labels"]) == 3 for r in predict(setup["ckpt"], setup["images"], top_k=10, device="cpu"))
+    # both: top-k among those above the threshold
+    t = float(probs.median())
+    res = predict(setup["ckpt"], setup["images"], top_k=1, threshold=t, device="cpu")
+    for r, p in zip(res, probs):
+        best = int(torch.argmax(p))
+        assert r["labels"] == ([CLASSES[best]] if float(p[best]) >= t else [])
+    with pytest.raises(ValueError, match="threshold"):
+        predict(setup["ckpt"], setup["images"], threshold=1.5)
+    with pytest.raises(ValueError, match="top_k"):
+        predict(setup["ckpt"], setup["images"], top_k=0)
+
+
+def test_predict_stdout(setup, capsys):
+    from dsrb.predict import main
+
+    main(["--checkpoint", setup["ckpt"], setup["images"][0], "--top-k", "1", "--device", "cpu"])
+    printed = json.loads(capsys.readouterr().out)
+    assert len(printed) == 1 and printed[0]["path"] == setup["images"][0] and len(printed[0]["labels"]) == 1
+
+
+def test_predict_empty_folder(setup, tmp_path):
+    from dsrb.predict import main
+
+    empty = tmp_path / "no_images"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no_images"):
+        main(["--checkpoint", setup["ckpt"], str(empty)])
+
+
+def test_predict_module_help():
+    proc = subprocess.run([sys.executable, "-m", "dsrb.predict", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--checkpoint" in proc.stdout and "--top-k" in proc.stdout and "--threshold" in proc.stdout
+
+
+# --------------------------------------------------------------------------------------------------- evaluate
+
+
+def test_evaluate(setup, tmp_path, capsys):
+    from dsrb.evaluate import evaluate_checkpoint, main
+    from dsrb.metrics import METRIC_KEYS
+
+    out = str(tmp_path / "metrics.json")
+    result = main(["--checkpoint", setup["ckpt"], "--workers", "0", "--device", "cpu", "--batch-size", "4",
+                   "--out", out])
+    table = capsys.readouterr().out
+    assert "mAP" in table and "CF1" in table and "top-3" in table
+    with open(out, encoding="utf-8") as f:
+        written = json.load(f)
+    assert written["num_images"] == 6 and written["split"] == "test" and written["dataset"] == "list"
+    assert written["checkpoint"] == setup["ckpt"]
+    assert set(written["metrics"]) == set(METRIC_KEYS)
+    for key, value in written["metrics"].items():
+        assert value is not None and 0.0 <= value <= 1.0, key
+    assert [e["class"] for e in written["per_class_ap"]] == CLASSES
+    aps = [e["ap"] for e in written["per_class_ap"]]
+    assert all(0.0 <= a <= 1.0 for a in aps)
+    assert written["metrics"]["mAP"] == pytest.approx(sum(aps) / len(aps))
+    assert result["metrics"] == written["metrics"]
+
+    # Python API, default: nothing written; explicit settings override the checkpoint's.
+    again = evaluate_checkpoint(setup["ckpt"], dataset="list", data_root=setup["data"], split="train", workers=0,
+                                device="cpu")
+    assert again["num_images"] == 3 and "out" not in again
+
+    # The command line's default output path.
+    main(["--checkpoint", setup["ckpt"], "--workers", "0", "--device", "cpu"])
+    default = os.path.join(os.path.dirname(setup["ckpt"]), "eval_test.json")
+    assert os.path.isfile(default)
+    os.remove(default)
+
+
+def test_evaluate_class_mismatch(setup, tmp_path):
+    from dsrb.evaluate import evaluate_checkpoint
+
+    data = tmp_path / "other"
+    data.mkdir()
+    (data / "test.csv").write_text(f"path,labels\n{setup['images'][0]},bird\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="do not match"):
+        evaluate_checkpoint(setup["ckpt"], data_root=str(data), workers=0, device="cpu")
+
+
+# -------------------------------------------------------------------------------------------------- visualize
+
+
+def test_visualize(setup, tmp_path, capsys):
+    from dsrb.visualize import main, visualize
+
+    out_dir = str(tmp_path / "att")
+    written = main(["--checkpoint", setup["ckpt"], setup["images"][0], "--out-dir", out_dir, "--device", "cpu"])
+    assert capsys.readouterr().out.split() == written
+    assert len(written) == 3  # default top-3 of 3 classes
+    stem = os.path.splitext(os.path.basename(setup["images"][0]))[0]
+    names = {os.path.basename(p) for p in written}
+    assert names == {f"{stem}_cat.png", f"{stem}_dog_house.png", f"{stem}_tree.png"}
+    for p in written:
+        with Image.open(p) as img:
+            assert img.format == "PNG" and img.size == (IMAGE_SIZE, IMAGE_SIZE) and img.mode == "RGB"
+
+    only = visualize(setup["ckpt"], setup["images"][1], classes="tree", out_dir=out_dir, device="cpu")
+    assert [os.path.basename(p) for p in only] == ["img_1_tree.png"]
+    top1 = visualize(setup["ckpt"], setup["images"][1], top_k=1, out_dir=out_dir, device="cpu")
+    assert len(top1) == 1
+
+    with pytest.raises(ValueError, match=r"classes.*'bird'"):
+        main(["--checkpoint", setup["ckpt"], setup["images"][0], "--classes", "cat,bird", "--out-dir", out_dir])
+
+
+def test_colormap_and_maps():
+    from dsrb.visualize import attention_maps, colormap
+
+    rgb = colormap(np.array([[0.0, 0.5, 1.0]]))
+    assert rgb.shape == (1, 3, 3) and rgb.dtype == np.uint8
+    assert rgb[0, 0, 2] > rgb[0, 0, 0]  # low: blue
+    assert rgb[0, 2, 0] > rgb[0, 2, 2]  # high: red
+    a = torch.softmax(torch.randn(2, 4), dim=1)
+    maps = attention_maps(a, 2, 2, 8)
+    assert maps.shape == (2, 8, 8)
+    assert float(maps.min()) == 0.0 and math.isclose(float(maps.max()), 1.0, rel_tol=1e-6)
+    assert float(attention_maps(torch.full((1, 4), 0.25), 2, 2, 8).abs().max()) == 0.0

@@ -1,0 +1,376 @@
+"""dsrb.metrics: hand-computed cases, a loop-style reference written from the spec text (§8), invariances, errors."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from dsrb import metrics
+from dsrb.metrics import (
+    METRIC_KEYS,
+    average_over_proportions,
+    average_precision,
+    compute_metrics,
+    threshold_metrics,
+    voc_map,
+)
+
+
+def col(*values) -> torch.Tensor:
+    """A one-class (N, 1) tensor."""
+    return torch.tensor(values, dtype=torch.float64).unsqueeze(1)
+
+
+# ------------------------------------------------------------------ slow reference, per class, following the spec
+
+
+def ref_ranking(scores_c: list[float]) -> list[int]:
+    # Descending score; Python's sort is stable, so equal scores keep input order (the documented tie rule).
+    return sorted(range(len(scores_c)), key=lambda i: -scores_c[i])
+
+
+def ref_voc_ap(scores_c: list[float], truth_c: list[bool]) -> float:
+    order = ref_ranking(scores_c)
+    n_pos = sum(truth_c)
+    tp = fp = 0
+    rec, prec = [], []
+    for i in order:
+        if truth_c[i]:
+            tp += 1
+        else:
+            fp += 1
+        rec.append(tp / n_pos if n_pos else math.nan)
+        prec.append(tp / max(tp + fp, 2.220446049250313e-16))
+    # VOC all-point interpolation with sentinels, made monotone from the right, summed at recall changes.
+    mrec = [0.0] + rec + [1.0]
+    mpre = [0.0] + prec + [0.0]
+    for i in range(len(mpre) - 1, 0, -1):
+        mpre[i - 1] = max(mpre[i - 1], mpre[i])
+    if n_pos == 0:
+        return math.nan
+    return sum((mrec[i + 1] - mrec[i]) * mpre[i + 1] for i in range(len(mrec) - 1) if mrec[i + 1] != mrec[i])
+
+
+def ref_plain_ap(scores_c: list[float], truth_c: list[bool]) -> float:
+    pos = total = 0
+    acc = 0.0
+    for i in ref_ranking(scores_c):
+        total += 1
+        if truth_c[i]:
+            pos += 1
+            acc += pos / total
+    return acc / pos if pos else math.nan
+
+
+def ref_threshold(scores: torch.Tensor, targets: torch.Tensor, threshold: float, top_k) -> dict:
+    s, t = scores.tolist(), targets.tolist()
+    n, c = len(s), len(s[0])
+    pred = [[s[i][k] >= threshold for k in range(c)] for i in range(n)]
+    if top_k is not None:
+        for i in range(n):
+            top = sorted(range(c), key=lambda k: -s[i][k])[:top_k]  # stable: lower class index wins ties
+            pred[i] = [pred[i][k] and k in top for k in range(c)]
+    nc, np_, ng = [0] * c, [0] * c, [0] * c
+    for k in range(c):
+        for i in range(n):
+            truth = t[i][k] > 0
+            ng[k] += truth
+            np_[k] += pred[i][k]
+            nc[k] += truth and pred[i][k]
+    div = lambda a, b: a / b if b else 0.0  # noqa: E731
+    op, o_r = div(sum(nc), sum(np_)), div(sum(nc), sum(ng))
+    cp = sum(div(nc[k], np_[k]) for k in range(c)) / c
+    with_pos = [k for k in range(c) if ng[k]]
+    cr = div(sum(nc[k] / ng[k] for k in with_pos), len(with_pos))
+    return dict(OP=op, OR=o_r, OF1=div(2 * op * o_r, op + o_r), CP=cp, CR=cr, CF1=div(2 * cp * cr, cp + cr))
+
+
+def ref_all(scores: torch.Tensor, targets: torch.Tensor) -> tuple[list[float], list[float], dict]:
+    c = scores.shape[1]
+    voc, plain = [], []
+    for k in range(c):
+        s_c = scores[:, k].tolist()
+        g_c = [v > 0 for v in targets[:, k].tolist()]
+        voc.append(ref_voc_ap(s_c, g_c))
+        plain.append(ref_plain_ap(s_c, g_c))
+    thr = ref_threshold(scores, targets, 0.0, None)
+    thr.update({k + "_top3": v for k, v in ref_threshold(scores, targets, 0.0, 3).items()})
+    return voc, plain, thr
+
+
+def ref_mean(values: list[float]) -> float:
+    defined = [v for v in values if not math.isnan(v)]
+    return sum(defined) / len(defined) if defined else math.nan
+
+
+def random_case(seed: int, n: int = 50, c: int = 7, ties: bool = True, empty_class: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    if ties:  # few distinct values: many ties within a class and within an image
+        scores = torch.randint(-4, 5, (n, c), generator=g).to(torch.float32) / 2
+    else:
+        scores = torch.randn(n, c, generator=g, dtype=torch.float64)
+    u = torch.rand(n, c, generator=g)
+    targets = torch.where(u < 0.3, 1, torch.where(u < 0.8, -1, 0)).to(torch.int64)
+    if empty_class:
+        targets[:, 2] = torch.where(targets[:, 2] > 0, 0, targets[:, 2])
+    return scores, targets
+
+
+# ---------------------------------------------------------------------------------------- hand-computed AP
+
+
+def test_voc_ap_hand_example():
+    # Ranked labels 1 0 1 0. precision 1, 1/2, 2/3, 1/2; recall 1/2, 1/2, 1, 1.
+    # Envelope (max to the right): 1, 2/3, 2/3, 1/2. Recall rises at ranks 1 and 3:
+    # AP = 1/2 * 1 + 1/2 * 2/3 = 5/6.
+    m, ap = voc_map(col(0.9, 0.8, 0.7, 0.6), col(1, 0, 1, 0))
+    assert ap.shape == (1,) and ap.dtype == torch.float64
+    assert m == pytest.approx(5 / 6, abs=1e-12)
+    # Non-interpolated: mean of precision at the positive ranks = (1 + 2/3) / 2 = 5/6 as well.
+    a, _ = average_precision(col(0.9, 0.8, 0.7, 0.6), col(1, 0, 1, 0))
+    assert a == pytest.approx(5 / 6, abs=1e-12)
+
+
+def test_voc_ap_interpolation_matters():
+    # Ranked labels 1 0 0 1 1: precision 1, 1/2, 1/3, 2/4, 3/5; recall steps of 1/3 at ranks 1, 4, 5.
+    # Envelope at rank 4 = max(1/2, 3/5) = 3/5 (precision rises later), at rank 5 = 3/5.
+    # VOC AP = 1/3 * (1 + 3/5 + 3/5) = 11/15; non-interpolated = (1 + 1/2 + 3/5) / 3 = 7/10.
+    s, t = col(5, 4, 3, 2, 1), col(1, 0, 0, 1, 1)
+    assert voc_map(s, t)[0] == pytest.approx(11 / 15, abs=1e-12)
+    assert average_precision(s, t)[0] == pytest.approx(7 / 10, abs=1e-12)
+
+
+def test_perfect_and_worst_ranking():
+    s = col(4, 3, 2, 1)
+    assert voc_map(s, col(1, 1, 0, -1))[0] == pytest.approx(1.0)
+    assert average_precision(s, col(1, 1, 0, -1))[0] == pytest.approx(1.0)
+    # Positives last: precision 1/3 at rank 3 and 2/4 at rank 4; envelope 1/2, 1/2.
+    # VOC = 1/2 * 1/2 + 1/2 * 1/2 = 1/2; plain = (1/3 + 1/2) / 2 = 5/12.
+    assert voc_map(s, col(0, -1, 1, 1))[0] == pytest.approx(1 / 2)
+    assert average_precision(s, col(0, -1, 1, 1))[0] == pytest.approx(5 / 12)
+
+
+def test_minus_one_and_zero_are_both_negative():
+    s = torch.tensor([[0.9, 0.9], [0.8, 0.8], [0.7, 0.7], [0.6, 0.6]])
+    t = torch.tensor([[1, 1], [0, -1], [-1, 0], [1, 1]])  # class 0 and class 1 differ only in -1 vs 0
+    _, ap = voc_map(s, t)
+    assert ap[0] == ap[1]
+    # Ranked 1 0 0 1: precision 1, 1/2, 1/3, 1/2; envelope at rank 4 = 1/2. AP = 1/2 + 1/4 = 3/4.
+    assert ap[0].item() == pytest.approx(3 / 4)
+    assert torch.equal(average_precision(s, t)[1], average_precision(s, t.clamp_min(0))[1])
+
+
+def test_ties_keep_input_order():
+    # All scores equal: the ranking is the input order. Labels 0 1 -> AP 1/2; labels 1 0 -> AP 1.
+    s = col(0.5, 0.5)
+    assert voc_map(s, col(0, 1))[0] == pytest.approx(0.5)
+    assert voc_map(s, col(1, 0))[0] == pytest.approx(1.0)
+
+
+def test_class_without_positive_is_nan_and_excluded():
+    s = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3]])
+    t = torch.tensor([[1, -1], [0, 0], [1, -1]])
+    # Class 0: ranked 1 0 1 -> envelope 1, 2/3, 2/3; AP = 1/2 + 1/2 * 2/3 = 5/6. Class 1 has no positive.
+    with pytest.warns(RuntimeWarning, match=r"1 of 2 classes have no positive.*\[1\]"):
+        m, ap = voc_map(s, t)
+    assert math.isnan(ap[1].item()) and m == pytest.approx(5 / 6)
+    with pytest.warns(RuntimeWarning, match="no positive"):
+        m2, ap2 = average_precision(s, t)
+    assert math.isnan(ap2[1].item()) and m2 == pytest.approx(5 / 6)
+    with pytest.warns(RuntimeWarning, match="2 of 2 classes"):
+        m, ap = voc_map(s, -torch.ones_like(t))
+    assert math.isnan(m) and torch.isnan(ap).all()
+
+
+def test_empty_inputs_are_nan_with_warning():
+    for shape in [(0, 3), (4, 0)]:
+        s, t = torch.zeros(shape), torch.zeros(shape)
+        with pytest.warns(RuntimeWarning, match="undefined"):
+            m, ap = voc_map(s, t)
+        assert math.isnan(m) and ap.shape == (shape[1],)
+        with pytest.warns(RuntimeWarning, match="undefined"):
+            assert math.isnan(average_precision(s, t)[0])
+        with pytest.warns(RuntimeWarning, match="undefined"):
+            assert all(math.isnan(v) for v in threshold_metrics(s, t).values())
+        with pytest.warns(RuntimeWarning, match="undefined"):
+            out = compute_metrics(s, t)
+        assert tuple(out) == METRIC_KEYS and all(math.isnan(v) for v in out.values())
+
+
+# ------------------------------------------------------------------------------------- threshold metrics
+
+
+def test_threshold_metrics_hand_example():
+    scores = torch.tensor([[2.0, -1.0, 0.5], [-0.5, 1.0, 0.0], [1.5, -2.0, -0.1]])
+    targets = torch.tensor([[1, 0, -1], [-1, 1, 1], [0, 1, -1]])
+    # Predicted (logit >= 0, so 0.0 counts): img0 {0, 2}, img1 {1, 2}, img2 {0}. Truth: img0 {0}, img1 {1, 2},
+    # img2 {1}. Per class (N_c, N_p, N_g): c0 (1, 2, 1), c1 (1, 1, 2), c2 (1, 2, 1).
+    # OP = 3/5, OR = 3/4, OF1 = 2 * 3/5 * 3/4 / (27/20) = 2/3.
+    # CP = (1/2 + 1 + 1/2) / 3 = 2/3, CR = (1 + 1/2 + 1) / 3 = 5/6, CF1 = 2 * 2/3 * 5/6 / (3/2) = 20/27
+    # (the mean of per-class F1s would be 2/3: CF1 is the harmonic mean of CP and CR).
+    out = threshold_metrics(scores, targets)
+    expected = dict(OP=3 / 5, OR=3 / 4, OF1=2 / 3, CP=2 / 3, CR=5 / 6, CF1=20 / 27)
+    assert list(out) == list(expected)
+    for k, v in expected.items():
+        assert out[k] == pytest.approx(v, abs=1e-12), k
+    # Probabilities with threshold 0.5 give the same predictions.
+    prob = threshold_metrics(torch.sigmoid(scores), targets, threshold=0.5)
+    assert prob == pytest.approx(out)
+
+
+def test_top3_hand_example():
+    scores = torch.tensor([[3.0, 2.0, 1.0, 0.5, -1.0], [-1.0, -2.0, 0.2, 4.0, -3.0]])
+    targets = torch.tensor([[1, 0, 1, 1, 0], [0, 1, 1, 1, -1]])
+    # Top-3: img0 keeps {0, 1, 2}; class 3 (score 0.5 >= 0, a positive) is excluded by the top-3 rule.
+    # img1's top 3 are {3, 2, 0}; class 0 has a negative logit, so it predicts {2, 3}.
+    # (N_c, N_p, N_g): c0 (1,1,1), c1 (0,1,1), c2 (2,2,2), c3 (1,1,2), c4 (0,0,0).
+    # OP = 4/5, OR = 4/6, OF1 = 2 * 4/5 * 2/3 / (22/15) = 8/11.
+    # CP = (1 + 0 + 1 + 1 + 0) / 5 = 3/5 (c4, predicted nowhere, counts 0).
+    # CR = (1 + 0 + 1 + 1/2) / 4 = 5/8 (c4 has no positive: excluded). CF1 = 2 * 3/5 * 5/8 / (49/40) = 30/49.
+    top = threshold_metrics(scores, targets, top_k=3)
+    expected = dict(OP=4 / 5, OR=2 / 3, OF1=8 / 11, CP=3 / 5, CR=5 / 8, CF1=30 / 49)
+    for k, v in expected.items():
+        assert top[k] == pytest.approx(v, abs=1e-12), k
+    # Without top-3, img0 also predicts class 3: c3 becomes (2, 2, 2). OP = OR = OF1 = 5/6, CP = 3/5, CR = 3/4.
+    plain = threshold_metrics(scores, targets)
+    expected = dict(OP=5 / 6, OR=5 / 6, OF1=5 / 6, CP=3 / 5, CR=3 / 4, CF1=2 * 0.6 * 0.75 / 1.35)
+    for k, v in expected.items():
+        assert plain[k] == pytest.approx(v, abs=1e-12), k
+    # top_k >= C is no restriction.
+    assert threshold_metrics(scores, targets, top_k=5) == plain
+    assert threshold_metrics(scores, targets, top_k=50) == plain
+    with pytest.warns(RuntimeWarning, match="no positive"):
+        out = compute_metrics(scores, targets)
+    assert {k: out[k + "_top3"] for k in top} == top
+    assert {k: out[k] for k in plain} == plain
+
+
+def test_threshold_zero_denominators():
+    s = torch.tensor([[-1.0, -2.0], [-3.0, -4.0]])
+    # Nothing predicted, no positive: every ratio has a zero denominator and is 0.
+    assert threshold_metrics(s, torch.zeros(2, 2)) == dict(OP=0.0, OR=0.0, OF1=0.0, CP=0.0, CR=0.0, CF1=0.0)
+    out = threshold_metrics(-s, torch.zeros(2, 2))  # everything predicted, nothing right
+    assert all(v == 0.0 for v in out.values())
+
+
+# ----------------------------------------------------------------------------------- against the reference
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("ties", [True, False])
+def test_against_reference(seed, ties):
+    scores, targets = random_case(seed, ties=ties, empty_class=seed % 3 == 0)
+    voc, plain, thr = ref_all(scores, targets)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = compute_metrics(scores, targets)
+        m, ap = voc_map(scores, targets)
+        a, pap = average_precision(scores, targets)
+    n_warn = sum(issubclass(w.category, RuntimeWarning) for w in caught)
+    assert n_warn == (3 if seed % 3 == 0 else 0)  # one per call, never a duplicate from compute_metrics
+
+    expected = torch.tensor(voc, dtype=torch.float64)
+    torch.testing.assert_close(ap, expected, rtol=0, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(pap, torch.tensor(plain, dtype=torch.float64), rtol=0, atol=1e-12, equal_nan=True)
+    assert m == pytest.approx(ref_mean(voc), abs=1e-12) and out["mAP"] == m
+    assert a == pytest.approx(ref_mean(plain), abs=1e-12) and out["averageAP"] == a
+    assert a <= m + 1e-12  # non-interpolated AP never exceeds the interpolated one
+    assert tuple(out) == METRIC_KEYS
+    for k, v in thr.items():
+        assert out[k] == pytest.approx(v, abs=1e-12), k
+        assert 0.0 <= out[k] <= 1.0
+    for k_top in (None, 1, 2, 3):
+        got = threshold_metrics(scores, targets, threshold=0.25, top_k=k_top)
+        assert got == pytest.approx(ref_threshold(scores, targets, 0.25, k_top), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_invariant_to_image_order(seed):
+    scores, targets = random_case(seed, ties=False)
+    perm = torch.randperm(scores.shape[0], generator=torch.Generator().manual_seed(100 + seed))
+    a, b = compute_metrics(scores, targets), compute_metrics(scores[perm], targets[perm])
+    assert b == pytest.approx(a, abs=1e-12)
+    torch.testing.assert_close(voc_map(scores[perm], targets[perm])[1], voc_map(scores, targets)[1])
+
+
+def test_input_variants():
+    scores, targets = random_case(7, ties=False)
+    base = compute_metrics(scores, targets)
+    # Low-precision scores give the metrics of their rounded values; targets of any real dtype; no grad issues.
+    half = scores.to(torch.float16)
+    assert compute_metrics(half, targets) == pytest.approx(compute_metrics(half.double(), targets), abs=1e-12)
+    assert compute_metrics(scores, targets.double()) == base
+    assert compute_metrics(scores, (targets > 0)) == base
+    assert compute_metrics(scores.clone().requires_grad_(True), targets) == base
+    assert compute_metrics(scores.t().contiguous().t(), targets) == base  # non-contiguous
+    # Infinite logits rank first/last.
+    s = col(math.inf, 1.0, -math.inf)
+    assert voc_map(s, col(1, 0, 1))[0] == pytest.approx(1 / 2 + 1 / 2 * 2 / 3)
+
+
+# ---------------------------------------------------------------------------------- average over proportions
+
+
+def test_average_over_proportions():
+    # SARB-style row: the plain arithmetic mean of the nine values.
+    values = [0.7, 0.72, 0.74, 0.75, 0.76, 0.77, 0.775, 0.78, 0.785]
+    results = {round(0.1 * (i + 1), 1): v for i, v in enumerate(values)}
+    assert average_over_proportions(results) == pytest.approx(sum(values) / 9, abs=1e-15)
+    assert average_over_proportions({0.5: 0.8}) == 0.8
+    assert math.isnan(average_over_proportions({0.1: 0.5, 0.2: math.nan}))
+    with pytest.raises(ValueError, match="empty"):
+        average_over_proportions({})
+    with pytest.raises(TypeError, match="mapping"):
+        average_over_proportions([0.5, 0.6])
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        average_over_proportions({10: 0.5})
+    with pytest.raises(TypeError, match="real mAP"):
+        average_over_proportions({0.1: "0.5"})
+
+
+# ----------------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("fn", [voc_map, average_precision, threshold_metrics, compute_metrics])
+def test_errors(fn):
+    s, t = torch.randn(4, 3), torch.ones(4, 3)
+    with pytest.raises(TypeError, match="'scores'.*torch.Tensor"):
+        fn(s.numpy(), t)
+    with pytest.raises(ValueError, match="'scores'.*2-D"):
+        fn(s[0], t[0])
+    with pytest.raises(TypeError, match="'scores'.*floating-point"):
+        fn(s.long(), t)
+    with pytest.raises(TypeError, match="'targets'.*real"):
+        fn(s, t.to(torch.complex64))
+    with pytest.raises(ValueError, match="'targets'.*2-D"):
+        fn(s, t[0])
+    with pytest.raises(ValueError, match=r"'targets'.*\(4, 3\).*\(4, 2\)"):
+        fn(s, t[:, :2])
+    with pytest.raises(ValueError, match="'scores' on cpu, 'targets' on meta"):
+        fn(s, t.to("meta"))
+    bad = s.clone()
+    bad[1, 2] = math.nan
+    with pytest.raises(ValueError, match="'scores'.*NaN"):
+        fn(bad, t)
+    bad_t = t.clone()
+    bad_t[0, 0] = math.nan
+    with pytest.raises(ValueError, match="'targets'.*NaN"):
+        fn(s, bad_t)
+
+
+def test_threshold_argument_errors():
+    s, t = torch.randn(4, 3), torch.ones(4, 3)
+    for k in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="'top_k'"):
+            threshold_metrics(s, t, top_k=k)
+    for th in ("0", None, math.nan):
+        with pytest.raises(TypeError, match="'threshold'"):
+            threshold_metrics(s, t, threshold=th)
+
+
+def test_module_exports():
+    assert set(metrics.__all__) >= {"voc_map", "average_precision", "threshold_metrics", "compute_metrics"}
+    assert len(METRIC_KEYS) == 14 and len(set(METRIC_KEYS)) == 14
