@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .checkpoint import atomic_write
-from .inference import load_model, resolve_device
+from .inference import load_model, non_negative_int, positive_int, resolve_device
 from .metrics import METRIC_KEYS, compute_metrics, voc_map
 
 __all__ = ["evaluate_checkpoint", "format_table", "main"]
@@ -164,26 +164,6 @@ def format_table(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dsrb.evaluate",
@@ -194,10 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default=None, help="builtin, coco, voc, vg or list (default: the checkpoint's)")
     parser.add_argument("--data-root", default=None, help="dataset folder (default: the checkpoint's)")
     parser.add_argument("--split", default="test", choices=("train", "test"), help="default test")
-    parser.add_argument("--batch-size", type=_positive_int, default=16)
-    parser.add_argument("--workers", type=_non_negative_int, default=2, help="DataLoader workers (default 2)")
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader workers (default 2)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
-    parser.add_argument("--image-size", type=_positive_int, default=None,
+    parser.add_argument("--image-size", type=positive_int, default=None,
                         help="input side (default: the checkpoint's training image size)")
     parser.add_argument("--skip-bad-images", dest="skip_bad", action=argparse.BooleanOptionalAction, default=None,
                         help="drop unreadable images (default: the checkpoint's setting)")

@@ -9,6 +9,8 @@ dict) are used when present. Checkpoints are Python pickles (they hold NumPy RNG
 
 from __future__ import annotations
 
+import argparse
+
 import os
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -239,3 +241,21 @@ def sanitize(name: str) -> str:
     """A file-name-safe version of a class name: characters other than letters, digits, '.', '-', '_' become '_'."""
     safe = "".join(ch if (ch.isascii() and ch.isalnum()) or ch in "._-" else "_" for ch in name).strip(".")
     return safe or "class"
+
+
+def _int_at_least(minimum: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}")
+        return value
+
+    return parse
+
+
+# argparse types shared by the command-line tools.
+positive_int = _int_at_least(1, "positive")
+non_negative_int = _int_at_least(0, "non-negative")

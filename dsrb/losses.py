@@ -102,8 +102,13 @@ def _get_keys(features: torch.Tensor, generator: Optional[torch.Generator], keys
 
 def _contrastive_loss(features: torch.Tensor, targets: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     first, second = _pair_indices(features.shape[0], features.device)
-    # (pairs, C): cosine of S[i, c] and S[j, c] for every pair i < j and every class at once.
-    cos = F.cosine_similarity(features[first], features[second], dim=-1, eps=COSINE_EPS).flatten()
+    # (pairs, C): cosine of S[i, c] and S[j, c] for every pair i < j and every class at once, as
+    # F.cosine_similarity computes it (each vector divided by max(norm, eps)). A Gram matrix per class rather than
+    # features[first] / features[second]: the backward of indexing with repeated indices accumulates in a
+    # thread-dependent order, which made training irreproducible across runs.
+    unit = features / torch.linalg.vector_norm(features, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+    gram = torch.einsum("icd,jcd->cij", unit, unit)  # (C, B, B)
+    cos = gram[:, first, second].transpose(0, 1).flatten()
     ti, tj = targets[first].flatten(), targets[second].flatten()
     pos_i, pos_j, neg_i, neg_j = ti == 1, tj == 1, ti == -1, tj == -1
     pos_pos = pos_i & pos_j

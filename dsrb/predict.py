@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from .checkpoint import atomic_write
-from .inference import image_logits, load_images, load_model, resolve_device
+from .inference import image_logits, load_images, load_model, non_negative_int, positive_int, resolve_device
 
 __all__ = ["predict", "select_labels", "main"]
 
@@ -119,26 +119,6 @@ def _probability(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dsrb.predict",
@@ -150,12 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="image files and/or folders (.jpg .jpeg .png .bmp .webp)")
     parser.add_argument("--threshold", type=_probability, default=None,
                         help="probability threshold (default 0.5 unless --top-k is given)")
-    parser.add_argument("--top-k", type=_positive_int, default=None, help="return the K most probable classes")
+    parser.add_argument("--top-k", type=positive_int, default=None, help="return the K most probable classes")
     parser.add_argument("--out", default=None, help="JSON file to write (default: print to stdout)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
-    parser.add_argument("--batch-size", type=_positive_int, default=16)
-    parser.add_argument("--workers", type=_non_negative_int, default=0, help="DataLoader workers (default 0)")
-    parser.add_argument("--image-size", type=_positive_int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers (default 0)")
+    parser.add_argument("--image-size", type=positive_int, default=None,
                         help="input side (default: the checkpoint's training image size)")
     return parser
 

@@ -405,7 +405,8 @@ def run(cfg: TrainConfig, explicit: Optional[Dict[str, Any]] = None) -> Dict[str
         stats = train_epoch(model, core, loader, optimizer, scaler, cfg, epoch, d, device)
         scheduler.step()
         metrics = evaluate(model, make_loader(test_set, cfg, d, train=False, seed=0, device=device), cfg, d, device)
-        record = {"epoch": epoch, "lr": lr, "alpha": float(core.alpha.detach()), "beta": float(core.beta.detach()), **stats, **metrics}
+        record = {"epoch": epoch, "lr": lr, "alpha": float(core.alpha.detach()), "beta": float(core.beta.detach()),
+                  **stats, **metrics}
         improved = metrics["mAP"] > best["mAP"]
         if improved:
             best = {"epoch": epoch, "mAP": metrics["mAP"]}

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .inference import load_images, load_model, open_image, resolve_device, sanitize
+from .inference import load_images, load_model, open_image, positive_int, resolve_device, sanitize
 
 __all__ = ["visualize", "colormap", "attention_maps", "overlay", "main"]
 
@@ -163,16 +163,6 @@ def visualize(
     return written
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dsrb.visualize",
@@ -182,11 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files and/or folders")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--classes", default=None, help="comma-separated class names to show (default: top-k)")
-    group.add_argument("--top-k", type=_positive_int, default=None,
+    group.add_argument("--top-k", type=positive_int, default=None,
                        help=f"show the K most probable classes of each image (default {DEFAULT_TOP_K})")
     parser.add_argument("--out-dir", default="attention", help="output folder (default attention/)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
-    parser.add_argument("--image-size", type=_positive_int, default=None,
+    parser.add_argument("--image-size", type=positive_int, default=None,
                         help="input side (default: the checkpoint's training image size)")
     parser.add_argument("--alpha", type=float, default=0.5, help="heat-map weight in the blend (default 0.5)")
     return parser

@@ -244,7 +244,9 @@ def _extract_state_dict(obj: object, path: str) -> Mapping[str, torch.Tensor]:
             if isinstance(obj.get(wrapper), Mapping):
                 return obj[wrapper]
         return obj
-    raise ValueError(f"checkpoint {path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+    raise ValueError(
+        f"checkpoint {path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
+    )
 
 
 def load_pretrained(model: ResNet, path: Union[str, "os.PathLike[str]"]) -> None:

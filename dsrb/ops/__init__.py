@@ -5,8 +5,8 @@ take ``backend="auto"`` (the first available of cuda -> triton -> torch on GPU, 
 name; the environment variable ``DSRB_BACKEND`` forces one for every call. Every backend implementation is a
 ``torch.library`` custom op (namespace ``dsrb``) with a fake implementation and autograd, so
 ``torch.compile(fullgraph=True)`` traces the model without graph breaks. Every implementation returns contiguous
-outputs whatever the input strides, which is what its fake implementation declares. Oracles with the same names and signatures
-live in :mod:`dsrb.reference`.
+outputs whatever the input strides, which is what its fake implementation declares. Oracles with the same names and
+signatures live in :mod:`dsrb.reference`.
 """
 
 from ._registry import KNOWN_BACKENDS, OPS, reasons, select

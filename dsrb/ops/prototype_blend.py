@@ -1,7 +1,8 @@
 """``prototype_blend``: location-sensitive prototype blending, the prototype perspective (PPRB; spec §5.2).
 
 p[b, c] = bank[c, (quadrant[b, c] - shift[b, c]) mod 4]: the prototype of the same class from one of the three
-other quadrants. S2 = select * (beta * S + (1 - beta) * p) + (1 - select) * S; T2 = (1 - select) * T + select * (1 - beta).
+other quadrants. S2 = select * (beta * S + (1 - beta) * p) + (1 - select) * S;
+T2 = (1 - select) * T + select * (1 - beta).
 
 The bank holds spatial sums of the official (C, 4, H, W, D) prototype maps; since the blended map is summed over
 space straight away, blending pooled vectors is exact (spec §5.2 item 7).
@@ -46,7 +47,7 @@ def _(S, T, beta, bank, quadrant, shift, select, detach_target):
 @torch.library.custom_op("dsrb::prototype_blend_torch_backward", mutates_args=())
 def _backward_op(
     grad_S2: Tensor, grad_T2: Tensor, S: Tensor, beta: Tensor, bank: Tensor, quadrant: Tensor, shift: Tensor,
-    select: Tensor, detach_target: bool,
+    select: Tensor, detach_target: bool, bank_grad: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     C, _, D = bank.shape
     w = select.to(S.dtype)
@@ -57,12 +58,13 @@ def _backward_op(
     if not detach_target:
         grad_beta = grad_beta - (grad_T2 * w).sum()  # dT2/dbeta = -1 where selected
     grad_bank = torch.zeros((C * 4, D), dtype=bank.dtype, device=bank.device)
-    grad_bank.index_add_(0, idx.reshape(-1), (grad_S2 * (w * (1 - beta))[..., None]).reshape(-1, D))
+    if bank_grad:  # the model's bank is a buffer: skip the scatter when nobody asks for it
+        grad_bank.index_add_(0, idx.reshape(-1), (grad_S2 * (w * (1 - beta))[..., None]).reshape(-1, D))
     return grad_S.contiguous(), grad_beta.reshape(beta.shape), grad_bank.reshape(C, 4, D)
 
 
 @_backward_op.register_fake
-def _(grad_S2, grad_T2, S, beta, bank, quadrant, shift, select, detach_target):
+def _(grad_S2, grad_T2, S, beta, bank, quadrant, shift, select, detach_target, bank_grad):
     return S.new_empty(S.shape), beta.new_empty(beta.shape), bank.new_empty(bank.shape)
 
 
@@ -76,10 +78,11 @@ def _autograd_backward(ctx, grad_S2, grad_T2):
     S, beta, bank, quadrant, shift, select = ctx.saved_tensors
     grad_S2 = torch.zeros_like(S) if grad_S2 is None else grad_S2
     grad_T2 = S.new_zeros(S.shape[:2]) if grad_T2 is None else grad_T2
+    bank_grad = ctx.needs_input_grad[3]
     grad_S, grad_beta, grad_bank = _backward_op(
-        grad_S2, grad_T2, S, beta, bank, quadrant, shift, select, ctx.detach_target
+        grad_S2, grad_T2, S, beta, bank, quadrant, shift, select, ctx.detach_target, bank_grad
     )
-    return grad_S, None, grad_beta, grad_bank, None, None, None, None
+    return grad_S, None, grad_beta, grad_bank if bank_grad else None, None, None, None, None
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
