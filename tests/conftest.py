@@ -3,17 +3,24 @@ import os
 import sys
 import tempfile
 
+import torch
+
 # Tests import their helpers as `helpers` from this folder.
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Without a GPU the Triton kernels run under the interpreter on CPU tensors. The flag must be set before triton is
+# imported (and before dsrb.ops registers the triton backend's devices).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Inductor's on-disk graph cache does not notice a change to a custom op's schema or fake implementation, so a
 # stale entry can fail a compile test for no reason: key the cache folder on the package sources.
-_root = os.path.join(os.path.dirname(__file__), "..", "dsrb")
 _digest = hashlib.sha1()
-for folder, _, files in sorted(os.walk(_root)):
-    for name in sorted(files):
-        if name.endswith(".py"):
-            with open(os.path.join(folder, name), "rb") as f:
-                _digest.update(f.read())
+for _root in ("dsrb", "kernels"):
+    for folder, _, files in sorted(os.walk(os.path.join(os.path.dirname(__file__), "..", _root))):
+        for name in sorted(files):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    _digest.update(f.read())
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"dsrb-inductor-{_digest.hexdigest()[:12]}"))

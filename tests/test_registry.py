@@ -11,8 +11,7 @@ def test_auto_picks_torch_on_cpu_and_reports_reasons():
     assert set(why) == set(ops.KNOWN_BACKENDS)
     assert why["torch"] is None
     for name in ("cpu", "cuda", "triton"):
-        if why[name] is not None:
-            assert "not" in why[name]
+        assert why[name] is None or (isinstance(why[name], str) and why[name])
     impl = ops.select("semantic_attention", torch.device("cpu"), torch.float32)
     assert impl is torch.ops.dsrb.semantic_attention_torch or callable(impl)
 

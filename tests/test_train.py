@@ -112,3 +112,9 @@ def test_bf16_autocast_run(data_root, tmp_path):
     train.main(args(data_root, tmp_path / "amp", 2, "--amp", "bf16"))
     records = read_metrics(tmp_path / "amp")
     assert len(records) == 2 and all(0.0 <= r["mAP"] <= 1.0 for r in records)
+
+
+def test_tensorboard_logs(data_root, tmp_path):
+    pytest.importorskip("tensorboard", reason="the optional tensorboard package is not installed")
+    train.main(args(data_root, tmp_path / "tb", 1, "--tensorboard"))
+    assert list((tmp_path / "tb" / "tb").glob("events.out.tfevents.*"))

@@ -10,6 +10,7 @@ Everything here looks only at device types and dtypes, so ``torch.compile`` trac
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
@@ -51,7 +52,7 @@ _BACKENDS: Dict[str, Backend] = {}
 _NOT_BUILT = {
     "cpu": "not available: the C++ CPU extension is not part of this build",
     "cuda": "not available: the CUDA extension is not part of this build",
-    "triton": "not available: the Triton kernels are not part of this build",
+    "triton": "not available",
 }
 
 
@@ -104,4 +105,18 @@ def select(op: str, device: torch.device, dtype: torch.dtype, backend: str = "au
     raise RuntimeError(f"dsrb.ops.{op}: {what} for device={device.type}, dtype={dtype}. Backends:\n{table}")
 
 
+def _triton_unavailable() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton, or the triton that matches your torch)"
+    return None
+
+
 TORCH = register_backend(Backend("torch", devices=None, dtypes=FLOAT_DTYPES))
+# Triton kernels run on CUDA tensors; under the Triton interpreter (TRITON_INTERPRET=1, how the tests run them on
+# machines without a GPU) they also take CPU tensors, when the backend is forced. fp64 is left to the other backends.
+TRITON = register_backend(Backend(
+    "triton",
+    devices=("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",),
+    dtypes=(torch.float16, torch.bfloat16, torch.float32),
+    unavailable=_triton_unavailable,
+))

@@ -23,23 +23,14 @@ def _blend_mask(T: Tensor, partner: Tensor) -> Tensor:
     return (T == 0) & (T[partner] == 1)
 
 
-@torch.library.custom_op("dsrb::instance_blend_torch", mutates_args=())
-def _forward(S: Tensor, T: Tensor, alpha: Tensor, partner: Tensor, detach_target: bool) -> Tuple[Tensor, Tensor]:
+def _torch_forward(S: Tensor, T: Tensor, alpha: Tensor, partner: Tensor, detach_target: bool):
     blend = _blend_mask(T, partner)
     S1 = torch.where(blend[..., None], alpha * S + (1 - alpha) * S[partner], S)
     T1 = torch.where(blend, 1 - alpha, T)  # alpha * 0 + (1 - alpha) * 1
     return S1.contiguous(), T1.contiguous()
 
 
-@_forward.register_fake
-def _(S, T, alpha, partner, detach_target):
-    return S.new_empty(S.shape), T.new_empty(T.shape)
-
-
-@torch.library.custom_op("dsrb::instance_blend_torch_backward", mutates_args=())
-def _backward_op(
-    grad_S1: Tensor, grad_T1: Tensor, S: Tensor, T: Tensor, alpha: Tensor, partner: Tensor, detach_target: bool
-) -> Tuple[Tensor, Tensor]:
+def _torch_backward(grad_S1, grad_T1, S, T, alpha, partner, detach_target: bool):
     w = _blend_mask(T, partner).to(S.dtype)  # 1 at blended entries
     grad_S = grad_S1 * (1 - w + w * alpha)[..., None]
     # Image b's blended entries pull (1 - alpha) of their gradient back to its partner's features.
@@ -50,27 +41,57 @@ def _backward_op(
     return grad_S.contiguous(), grad_alpha.reshape(alpha.shape)
 
 
-@_backward_op.register_fake
-def _(grad_S1, grad_T1, S, T, alpha, partner, detach_target):
-    return S.new_empty(S.shape), alpha.new_empty(alpha.shape)
+def _triton_forward(S, T, alpha, partner, detach_target):
+    from dsrb.kernels.instance_blend import instance_blend_forward
+
+    return instance_blend_forward(S, T, alpha, partner)
 
 
-def _setup_context(ctx, inputs, output):
-    S, T, alpha, partner, detach_target = inputs
-    ctx.save_for_backward(S, T, alpha, partner)
-    ctx.detach_target = detach_target
+def _triton_backward(grad_S1, grad_T1, S, T, alpha, partner, detach_target):
+    from dsrb.kernels.instance_blend import instance_blend_backward
+
+    return instance_blend_backward(grad_S1, grad_T1, S, T, alpha, partner, detach_target)
 
 
-def _autograd_backward(ctx, grad_S1, grad_T1):
-    S, T, alpha, partner = ctx.saved_tensors
-    grad_S1 = torch.zeros_like(S) if grad_S1 is None else grad_S1
-    grad_T1 = torch.zeros_like(T) if grad_T1 is None else grad_T1
-    grad_S, grad_alpha = _backward_op(grad_S1, grad_T1, S, T, alpha, partner, ctx.detach_target)
-    return grad_S, None, grad_alpha, None, None
+def _define(backend: str, forward, backward):
+    """Register one backend as the custom ops ``dsrb::instance_blend_<backend>`` (+ ``_backward``)."""
+    fwd = torch.library.custom_op(
+        f"dsrb::instance_blend_{backend}", forward, mutates_args=(),
+        schema="(Tensor S, Tensor T, Tensor alpha, Tensor partner, bool detach_target) -> (Tensor, Tensor)",
+    )
+    bwd = torch.library.custom_op(
+        f"dsrb::instance_blend_{backend}_backward", backward, mutates_args=(),
+        schema="(Tensor grad_S1, Tensor grad_T1, Tensor S, Tensor T, Tensor alpha, Tensor partner, "
+               "bool detach_target) -> (Tensor, Tensor)",
+    )
+
+    @fwd.register_fake
+    def _(S, T, alpha, partner, detach_target):
+        return S.new_empty(S.shape), T.new_empty(T.shape)
+
+    @bwd.register_fake
+    def _(grad_S1, grad_T1, S, T, alpha, partner, detach_target):
+        return S.new_empty(S.shape), alpha.new_empty(alpha.shape)
+
+    def setup_context(ctx, inputs, output):
+        S, T, alpha, partner, detach_target = inputs
+        ctx.save_for_backward(S, T, alpha, partner)
+        ctx.detach_target = detach_target
+
+    def backward_fn(ctx, grad_S1, grad_T1):
+        S, T, alpha, partner = ctx.saved_tensors
+        grad_S1 = torch.zeros_like(S) if grad_S1 is None else grad_S1
+        grad_T1 = torch.zeros_like(T) if grad_T1 is None else grad_T1
+        grad_S, grad_alpha = bwd(grad_S1, grad_T1, S, T, alpha, partner, ctx.detach_target)
+        return grad_S, None, grad_alpha, None, None
+
+    fwd.register_autograd(backward_fn, setup_context=setup_context)
+    register_impl(backend, "instance_blend", fwd)
+    return fwd
 
 
-_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
-register_impl("torch", "instance_blend", _forward)
+_define("torch", _torch_forward, _torch_backward)
+_define("triton", _triton_forward, _triton_backward)
 
 
 def instance_blend(

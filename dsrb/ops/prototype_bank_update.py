@@ -17,8 +17,7 @@ from .._checks import check_index_range, check_same_device, check_targets, check
 from ._registry import register_impl, select
 
 
-@torch.library.custom_op("dsrb::prototype_bank_update_torch", mutates_args=())
-def _update(sums: Tensor, counts: Tensor, S: Tensor, T: Tensor, quadrant: Tensor, cap: int) -> Tuple[Tensor, Tensor]:
+def _torch_update(sums: Tensor, counts: Tensor, S: Tensor, T: Tensor, quadrant: Tensor, cap: int):
     onehot = torch.nn.functional.one_hot(quadrant, 4) * (T == 1)[..., None].long()  # (B, C, 4) candidates
     rank = torch.cumsum(onehot, dim=0) - onehot  # earlier candidates of the same bucket in this batch
     keep = (onehot > 0) & (counts[None] + rank < cap)
@@ -26,12 +25,27 @@ def _update(sums: Tensor, counts: Tensor, S: Tensor, T: Tensor, quadrant: Tensor
     return new_sums.contiguous(), (counts + keep.sum(0)).contiguous()
 
 
-@_update.register_fake
-def _(sums, counts, S, T, quadrant, cap):
-    return sums.new_empty(sums.shape), counts.new_empty(counts.shape)
+def _triton_update(sums, counts, S, T, quadrant, cap):
+    from dsrb.kernels.prototype_bank_update import prototype_bank_update as kernel
+
+    return kernel(sums, counts, S, T, quadrant, cap)
 
 
-register_impl("torch", "prototype_bank_update", _update)
+def _define(backend: str, impl):
+    op = torch.library.custom_op(
+        f"dsrb::prototype_bank_update_{backend}", impl, mutates_args=(),
+        schema="(Tensor sums, Tensor counts, Tensor S, Tensor T, Tensor quadrant, int cap) -> (Tensor, Tensor)",
+    )
+
+    @op.register_fake
+    def _(sums, counts, S, T, quadrant, cap):
+        return sums.new_empty(sums.shape), counts.new_empty(counts.shape)
+
+    register_impl(backend, "prototype_bank_update", op)
+
+
+_define("torch", _torch_update)
+_define("triton", _triton_update)
 
 
 def prototype_bank_update(

@@ -27,11 +27,7 @@ def _bucket(quadrant: Tensor, shift: Tensor) -> Tensor:
     return classes * 4 + torch.remainder(quadrant - shift, 4)
 
 
-@torch.library.custom_op("dsrb::prototype_blend_torch", mutates_args=())
-def _forward(
-    S: Tensor, T: Tensor, beta: Tensor, bank: Tensor, quadrant: Tensor, shift: Tensor, select: Tensor,
-    detach_target: bool,
-) -> Tuple[Tensor, Tensor]:
+def _torch_forward(S, T, beta, bank, quadrant, shift, select, detach_target: bool):
     C, _, D = bank.shape
     p = bank.reshape(C * 4, D)[_bucket(quadrant, shift)]  # (B, C, D)
     S2 = torch.where(select[..., None], beta * S + (1 - beta) * p, S)
@@ -39,16 +35,7 @@ def _forward(
     return S2.contiguous(), T2.contiguous()
 
 
-@_forward.register_fake
-def _(S, T, beta, bank, quadrant, shift, select, detach_target):
-    return S.new_empty(S.shape), T.new_empty(T.shape)
-
-
-@torch.library.custom_op("dsrb::prototype_blend_torch_backward", mutates_args=())
-def _backward_op(
-    grad_S2: Tensor, grad_T2: Tensor, S: Tensor, beta: Tensor, bank: Tensor, quadrant: Tensor, shift: Tensor,
-    select: Tensor, detach_target: bool, bank_grad: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
+def _torch_backward(grad_S2, grad_T2, S, beta, bank, quadrant, shift, select, detach_target: bool, bank_grad: bool):
     C, _, D = bank.shape
     w = select.to(S.dtype)
     idx = _bucket(quadrant, shift)
@@ -63,30 +50,62 @@ def _backward_op(
     return grad_S.contiguous(), grad_beta.reshape(beta.shape), grad_bank.reshape(C, 4, D)
 
 
-@_backward_op.register_fake
-def _(grad_S2, grad_T2, S, beta, bank, quadrant, shift, select, detach_target, bank_grad):
-    return S.new_empty(S.shape), beta.new_empty(beta.shape), bank.new_empty(bank.shape)
+def _triton_forward(S, T, beta, bank, quadrant, shift, select, detach_target):
+    from dsrb.kernels.prototype_blend import prototype_blend_forward
+
+    return prototype_blend_forward(S, T, beta, bank, quadrant, shift, select)
 
 
-def _setup_context(ctx, inputs, output):
-    S, T, beta, bank, quadrant, shift, select, detach_target = inputs
-    ctx.save_for_backward(S, beta, bank, quadrant, shift, select)
-    ctx.detach_target = detach_target
+def _triton_backward(grad_S2, grad_T2, S, beta, bank, quadrant, shift, select, detach_target, bank_grad):
+    from dsrb.kernels.prototype_blend import prototype_blend_backward
+
+    return prototype_blend_backward(grad_S2, grad_T2, S, beta, bank, quadrant, shift, select, detach_target,
+                                    bank_grad)
 
 
-def _autograd_backward(ctx, grad_S2, grad_T2):
-    S, beta, bank, quadrant, shift, select = ctx.saved_tensors
-    grad_S2 = torch.zeros_like(S) if grad_S2 is None else grad_S2
-    grad_T2 = S.new_zeros(S.shape[:2]) if grad_T2 is None else grad_T2
-    bank_grad = ctx.needs_input_grad[3]
-    grad_S, grad_beta, grad_bank = _backward_op(
-        grad_S2, grad_T2, S, beta, bank, quadrant, shift, select, ctx.detach_target, bank_grad
+def _define(backend: str, forward, backward):
+    """Register one backend as the custom ops ``dsrb::prototype_blend_<backend>`` (+ ``_backward``)."""
+    fwd = torch.library.custom_op(
+        f"dsrb::prototype_blend_{backend}", forward, mutates_args=(),
+        schema="(Tensor S, Tensor T, Tensor beta, Tensor bank, Tensor quadrant, Tensor shift, Tensor select, "
+               "bool detach_target) -> (Tensor, Tensor)",
     )
-    return grad_S, None, grad_beta, grad_bank if bank_grad else None, None, None, None, None
+    bwd = torch.library.custom_op(
+        f"dsrb::prototype_blend_{backend}_backward", backward, mutates_args=(),
+        schema="(Tensor grad_S2, Tensor grad_T2, Tensor S, Tensor beta, Tensor bank, Tensor quadrant, "
+               "Tensor shift, Tensor select, bool detach_target, bool bank_grad) -> (Tensor, Tensor, Tensor)",
+    )
+
+    @fwd.register_fake
+    def _(S, T, beta, bank, quadrant, shift, select, detach_target):
+        return S.new_empty(S.shape), T.new_empty(T.shape)
+
+    @bwd.register_fake
+    def _(grad_S2, grad_T2, S, beta, bank, quadrant, shift, select, detach_target, bank_grad):
+        return S.new_empty(S.shape), beta.new_empty(beta.shape), bank.new_empty(bank.shape)
+
+    def setup_context(ctx, inputs, output):
+        S, T, beta, bank, quadrant, shift, select, detach_target = inputs
+        ctx.save_for_backward(S, beta, bank, quadrant, shift, select)
+        ctx.detach_target = detach_target
+
+    def backward_fn(ctx, grad_S2, grad_T2):
+        S, beta, bank, quadrant, shift, select = ctx.saved_tensors
+        grad_S2 = torch.zeros_like(S) if grad_S2 is None else grad_S2
+        grad_T2 = S.new_zeros(S.shape[:2]) if grad_T2 is None else grad_T2
+        bank_grad = ctx.needs_input_grad[3]
+        grad_S, grad_beta, grad_bank = bwd(
+            grad_S2, grad_T2, S, beta, bank, quadrant, shift, select, ctx.detach_target, bank_grad
+        )
+        return grad_S, None, grad_beta, grad_bank if bank_grad else None, None, None, None, None
+
+    fwd.register_autograd(backward_fn, setup_context=setup_context)
+    register_impl(backend, "prototype_blend", fwd)
+    return fwd
 
 
-_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
-register_impl("torch", "prototype_blend", _forward)
+_define("torch", _torch_forward, _torch_backward)
+_define("triton", _triton_forward, _triton_backward)
 
 
 def prototype_blend(

@@ -16,8 +16,7 @@ from .._checks import check_same_device, check_tensor
 from ._registry import register_impl, select
 
 
-@torch.library.custom_op("dsrb::quadrant_index_torch", mutates_args=())
-def _quadrant_index(a: Tensor, x_sum: Tensor, height: int, width: int) -> Tensor:
+def _torch_quadrant_index(a: Tensor, x_sum: Tensor, height: int, width: int) -> Tensor:
     B, C, _ = a.shape
     G = (a * x_sum[:, None, :]).reshape(B, C, height, width)
     if B * C == 0:
@@ -27,12 +26,27 @@ def _quadrant_index(a: Tensor, x_sum: Tensor, height: int, width: int) -> Tensor
     return 2 * (row >= height // 2).long() + (col >= width // 2).long()
 
 
-@_quadrant_index.register_fake
-def _(a, x_sum, height, width):
-    return a.new_empty(a.shape[:2], dtype=torch.int64)
+def _triton_quadrant_index(a, x_sum, height, width):
+    from dsrb.kernels.quadrant_index import quadrant_index as kernel
+
+    return kernel(a, x_sum, height, width)
 
 
-register_impl("torch", "quadrant_index", _quadrant_index)
+def _define(backend: str, impl):
+    op = torch.library.custom_op(
+        f"dsrb::quadrant_index_{backend}", impl, mutates_args=(),
+        schema="(Tensor a, Tensor x_sum, int height, int width) -> Tensor",
+    )
+
+    @op.register_fake
+    def _(a, x_sum, height, width):
+        return a.new_empty(a.shape[:2], dtype=torch.int64)
+
+    register_impl(backend, "quadrant_index", op)
+
+
+_define("torch", _torch_quadrant_index)
+_define("triton", _triton_quadrant_index)
 
 
 def quadrant_index(a: Tensor, x_sum: Tensor, height: int, width: int, *, backend: str = "auto") -> Tensor:

@@ -37,8 +37,7 @@ def _tanh_terms(u: Tensor, e: Tensor) -> Tensor:
     return torch.tanh(u[:, :, None, :] * e[None, None, :, :])
 
 
-@torch.library.custom_op("dsrb::semantic_attention_torch", mutates_args=())
-def _forward(x: Tensor, u: Tensor, e: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+def _torch_forward(x: Tensor, u: Tensor, e: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
     cd = _compute_dtype(x.dtype)
     xc, uc, ec, vc = x.to(cd), u.to(cd), e.to(cd), v.to(cd)
     B, N, _ = x.shape
@@ -51,15 +50,7 @@ def _forward(x: Tensor, u: Tensor, e: Tensor, v: Tensor) -> Tuple[Tensor, Tensor
     return S.to(x.dtype).contiguous(), a.to(x.dtype).contiguous()
 
 
-@_forward.register_fake
-def _(x, u, e, v):
-    B, N, D = x.shape
-    C = e.shape[0]
-    return x.new_empty((B, C, D)), x.new_empty((B, C, N))
-
-
-@torch.library.custom_op("dsrb::semantic_attention_torch_backward", mutates_args=())
-def _backward_op(
+def _torch_backward(
     grad_S: Tensor, grad_a: Tensor, x: Tensor, u: Tensor, e: Tensor, v: Tensor, a: Tensor
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     cd = _compute_dtype(x.dtype)
@@ -83,27 +74,60 @@ def _backward_op(
     return tuple(g.to(t.dtype).contiguous() for g, t in ((grad_x, x), (grad_u, u), (grad_e, e), (grad_v, v)))
 
 
-@_backward_op.register_fake
-def _(grad_S, grad_a, x, u, e, v, a):
-    return tuple(t.new_empty(t.shape) for t in (x, u, e, v))
+def _triton_forward(x, u, e, v):
+    from dsrb.kernels.semantic_attention import semantic_attention_forward
+
+    return semantic_attention_forward(x, u, e, v)
 
 
-def _setup_context(ctx, inputs, output):
-    x, u, e, v = inputs
-    ctx.save_for_backward(x, u, e, v, output[1])
+def _triton_backward(grad_S, grad_a, x, u, e, v, a):
+    from dsrb.kernels.semantic_attention import semantic_attention_backward
+
+    return semantic_attention_backward(grad_S, grad_a, x, u, e, v, a)
 
 
-def _autograd_backward(ctx, grad_S, grad_a):
-    x, u, e, v, a = ctx.saved_tensors
-    if grad_S is None:
-        grad_S = x.new_zeros((x.shape[0], e.shape[0], x.shape[2]))
-    if grad_a is None:
-        grad_a = torch.zeros_like(a)
-    return _backward_op(grad_S, grad_a, x, u, e, v, a)
+def _define(backend: str, forward, backward):
+    """Register one backend as the custom ops ``dsrb::semantic_attention_<backend>`` (+ ``_backward``) with fake
+    implementations and autograd, and add it to the registry."""
+    fwd = torch.library.custom_op(
+        f"dsrb::semantic_attention_{backend}", forward, mutates_args=(),
+        schema="(Tensor x, Tensor u, Tensor e, Tensor v) -> (Tensor, Tensor)",
+    )
+    bwd = torch.library.custom_op(
+        f"dsrb::semantic_attention_{backend}_backward", backward, mutates_args=(),
+        schema="(Tensor grad_S, Tensor grad_a, Tensor x, Tensor u, Tensor e, Tensor v, Tensor a) "
+               "-> (Tensor, Tensor, Tensor, Tensor)",
+    )
+
+    @fwd.register_fake
+    def _(x, u, e, v):
+        B, N, D = x.shape
+        C = e.shape[0]
+        return x.new_empty((B, C, D)), x.new_empty((B, C, N))
+
+    @bwd.register_fake
+    def _(grad_S, grad_a, x, u, e, v, a):
+        return tuple(t.new_empty(t.shape) for t in (x, u, e, v))
+
+    def setup_context(ctx, inputs, output):
+        x, u, e, v = inputs
+        ctx.save_for_backward(x, u, e, v, output[1])
+
+    def backward_fn(ctx, grad_S, grad_a):
+        x, u, e, v, a = ctx.saved_tensors
+        if grad_S is None:
+            grad_S = x.new_zeros((x.shape[0], e.shape[0], x.shape[2]))
+        if grad_a is None:
+            grad_a = torch.zeros_like(a)
+        return bwd(grad_S, grad_a, x, u, e, v, a)
+
+    fwd.register_autograd(backward_fn, setup_context=setup_context)
+    register_impl(backend, "semantic_attention", fwd)
+    return fwd
 
 
-_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
-register_impl("torch", "semantic_attention", _forward)
+_define("torch", _torch_forward, _torch_backward)
+_define("triton", _triton_forward, _triton_backward)
 
 
 def semantic_attention(x: Tensor, u: Tensor, e: Tensor, v: Tensor, *, backend: str = "auto") -> Tuple[Tensor, Tensor]:
