@@ -90,8 +90,19 @@ def test_opcheck_triton_ops():
     S = torch.randn(3, 4, 5, generator=g).to(**F32).requires_grad_()
     T = torch.randint(-1, 2, (3, 4), generator=g).to(**F32)
     alpha = torch.tensor(0.4, **F32).requires_grad_()
-    torch.library.opcheck(torch.ops.dsrb.instance_blend_triton.default,
-                          (S, T, alpha, torch.arange(2, -1, -1, device=DEVICE), False))
+    for detach in (False, True):
+        torch.library.opcheck(torch.ops.dsrb.instance_blend_triton.default,
+                              (S, T, alpha, torch.arange(2, -1, -1, device=DEVICE), detach))
+    bank = torch.randn(4, 4, 5, generator=g).to(**F32).requires_grad_()
+    q = torch.randint(0, 4, (3, 4), generator=g).to(DEVICE)
+    shift = torch.randint(1, 4, (3, 4), generator=g).to(DEVICE)
+    select = (torch.rand(3, 4, generator=g) < 0.5).to(DEVICE)
+    torch.library.opcheck(torch.ops.dsrb.prototype_blend_triton.default, (S, T, alpha, bank, q, shift, select, False))
+    a = torch.softmax(torch.randn(3, 4, 6, generator=g), -1).to(**F32)
+    torch.library.opcheck(torch.ops.dsrb.quadrant_index_triton.default, (a, torch.randn(3, 6).to(**F32), 2, 3))
+    sums, counts = torch.zeros(4, 4, 5, **F32), torch.zeros(4, 4, dtype=torch.int64, device=DEVICE)
+    torch.library.opcheck(torch.ops.dsrb.prototype_bank_update_triton.default,
+                          (sums, counts, S.detach(), T, q, 2))
 
 
 def test_compile_fullgraph_with_triton_backend():
@@ -101,4 +112,32 @@ def test_compile_fullgraph_with_triton_backend():
     out = compiled(x, u, e, v)
     ref = ops.semantic_attention(x, u, e, v, backend="triton")
     for o, r in zip(list(out) + list(grads(out, [x, u, e, v])), list(ref) + list(grads(ref, [x, u, e, v]))):
+        assert_close(o, r)
+
+
+def test_dsrb_model_on_triton_backend_matches_torch_backend():
+    """The whole training forward and backward (both blends, prototype pass) with every op on the triton backend."""
+    from dsrb.models import DSRB, draw_prototype_choices
+
+    outputs = {}
+    for backend in ("triton", "torch"):
+        torch.manual_seed(0)
+        model = DSRB(5, backbone="resnet18", backbone_width=4, feature_dim=16, word_dim=6, inter_dim=8,
+                     backend=backend).to(DEVICE)
+        images = torch.randn(4, 3, 128, 96, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        targets = torch.tensor([[1, 0, -1, 0, 1], [1, 1, -1, -1, 1], [0, 1, 1, 0, 0], [1, 0, 0, 1, -1]],
+                               device=DEVICE)
+        model.eval()
+        model.update_prototypes(images, targets)
+        model.finalize_prototypes()
+        model.train()
+        choices = draw_prototype_choices(targets, 1, torch.Generator(DEVICE).manual_seed(2),
+                                         valid=model.prototype_bank.valid)
+        out = model(images, targets, prototype_choices=choices)
+        loss = out.logits.sum() + out.instance_logits.sum() + out.prototype_logits.sum() + out.instance_targets.sum()
+        loss.backward()
+        outputs[backend] = [out.logits, out.features, out.attention, out.prototype_logits,
+                            model.prototype_bank.prototypes, model.alpha.grad, model.beta.grad,
+                            model.semantic.fc1.weight.grad]
+    for o, r in zip(outputs["triton"], outputs["torch"]):
         assert_close(o, r)
