@@ -1,0 +1,346 @@
+"""Shared machinery of the pytest-benchmark suites (architecture §8).
+
+Users:  ``pytest benchmarks/ --benchmark-only [--bench-size full] [--benchmark-json out.json]``
+CI:     ``pytest benchmarks/ --benchmark-disable`` (every case runs once, untimed: a smoke test)
+
+Each suite parametrizes provider x pass x shape and calls :func:`run_case`, which times one callable with
+``benchmark.pedantic`` and records what was measured in ``benchmark.extra_info``. The benchmark ``group`` is
+``f"{op}-{shape}-{pass}"``, so each table of the report compares the providers of one case side by side.
+
+Providers:
+    official  the official formulation from :mod:`dsrb.reference` (5-D maps, chained fc3/fc4)
+    torch     the op with ``backend="torch"``
+    compile   ``torch.compile`` of the same ``backend="torch"`` call (compiled once, outside the timed region)
+    triton, cuda, cpu   the fused backends, each skipped with the reason from :func:`dsrb.ops.reasons` where it
+              cannot run (Triton is timed on CUDA only: the CPU interpreter's timings mean nothing)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import platform
+import statistics
+import tempfile
+import zlib
+from typing import Callable, Dict, Optional
+
+import pytest
+import torch
+
+# Inductor's on-disk graph cache does not notice a change to a custom op's schema or fake implementation: key the
+# cache folder on the package sources, so that an edited op is never served a stale compiled graph.
+_digest = hashlib.sha1()
+_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+for _part in ("dsrb", "kernels"):
+    for _folder, _, _files in sorted(os.walk(os.path.join(_ROOT, _part))):
+        for _name in sorted(_files):
+            if _name.endswith(".py"):
+                with open(os.path.join(_folder, _name), "rb") as _f:
+                    _digest.update(_f.read())
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"dsrb-inductor-{_digest.hexdigest()[:12]}")
+)
+
+import dsrb  # noqa: E402  (the version only: dsrb.ops is imported lazily, after any TRITON_INTERPRET setting)
+
+PROVIDERS = ("official", "torch", "compile", "triton", "cuda", "cpu")
+PASSES = ("fwd", "bwd", "fwd+bwd")
+DTYPE = torch.float32
+
+# N = H * W. E is the word-vector size (300 in the paper), used by semantic decoupling only.
+SHAPES: Dict[str, Dict[str, Dict[str, int]]] = {
+    # Small enough for the whole suite to run in a few minutes on 2 CPU cores.
+    "quick": {
+        "demo": dict(B=16, H=2, W=2, C=16, D=256, I=128, E=300),
+        "coco-small": dict(B=2, H=7, W=7, C=80, D=256, I=128, E=300),
+    },
+    # The paper's shapes (spec §2, §11): meant for a GPU.
+    "full": {
+        "coco": dict(B=8, H=7, W=7, C=80, D=1024, I=512, E=300),
+        "vg": dict(B=8, H=7, W=7, C=200, D=1024, I=512, E=300),
+        "vg-b32": dict(B=32, H=7, W=7, C=200, D=1024, I=512, E=300),
+    },
+}
+for _size in SHAPES.values():
+    for _dims in _size.values():
+        _dims["N"] = _dims["H"] * _dims["W"]
+
+# Timed rounds per case (one iteration each); DSRB_BENCH_ROUNDS overrides.
+ROUNDS = {"quick": 20, "full": 50}
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("dsrb benchmarks")
+    group.addoption(
+        "--bench-size",
+        choices=tuple(SHAPES),
+        default=None,
+        help="shape set of the dsrb benchmarks: quick (CPU-friendly, default; env DSRB_BENCH_SIZE) or full (the "
+        "paper's COCO and VG-200 shapes, meant for a GPU)",
+    )
+
+
+def bench_size(config) -> str:
+    size = config.getoption("--bench-size", default=None) or os.environ.get("DSRB_BENCH_SIZE") or "quick"
+    if size not in SHAPES:
+        raise pytest.UsageError(f"DSRB_BENCH_SIZE: expected one of {tuple(SHAPES)}, got {size!r}")
+    return size
+
+
+def pytest_generate_tests(metafunc):
+    # Shape outermost, then pass, then provider: consecutive cases share the cached inputs of one shape.
+    if "shape" in metafunc.fixturenames:
+        metafunc.parametrize("shape", list(SHAPES[bench_size(metafunc.config)]))
+    if "pass_" in metafunc.fixturenames:
+        metafunc.parametrize("pass_", PASSES)
+    if "provider" in metafunc.fixturenames:
+        metafunc.parametrize("provider", PROVIDERS)
+
+
+@pytest.fixture(scope="session")
+def size(request) -> str:
+    return bench_size(request.config)
+
+
+@pytest.fixture
+def dims(size, shape) -> Dict[str, int]:
+    return dict(SHAPES[size][shape])
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@pytest.fixture(scope="session")
+def dtype() -> torch.dtype:
+    return DTYPE
+
+
+@pytest.fixture(scope="session")
+def rounds(size) -> int:
+    env = os.environ.get("DSRB_BENCH_ROUNDS")
+    return int(env) if env else ROUNDS[size]
+
+
+# ----------------------------------------------------------------------------------------------- provider checks
+
+
+def require_provider(op: str, provider: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Skip the current case when ``provider`` cannot run ``op`` here; return the backend name for op providers
+    (None for "official")."""
+    import dsrb.ops
+
+    if provider == "official":
+        return None
+    backend = "torch" if provider == "compile" else provider
+    why = dsrb.ops.reasons(op, device, dtype).get(backend, f"unknown backend {backend!r}")
+    if why:
+        pytest.skip(f"{provider}: backend {backend!r} cannot run {op} on {device.type}/{dtype}: {why}")
+    if backend == "triton" and device.type != "cuda":
+        pytest.skip("triton: on CPU the kernels run only under the Triton interpreter (TRITON_INTERPRET=1), whose "
+                    "timings mean nothing; timed on CUDA only")
+    return backend
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Free memory in bytes on the device (CUDA: mem_get_info plus the allocator's unused cache; CPU: MemAvailable
+    of /proc/meminfo), or None when unknown."""
+    if device.type == "cuda":  # free on the device plus what this process's caching allocator holds unused
+        return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def skip_if_too_big(estimate_bytes: int, device: torch.device, what: str, fraction: float = 0.8) -> None:
+    """Skip when a rough estimate of a case's live memory exceeds ``fraction`` of the device's free memory."""
+    free = available_memory(device)
+    if free is not None and estimate_bytes > fraction * free:
+        pytest.skip(f"{what}: estimated {estimate_bytes / 2**30:.1f} GiB of live tensors exceeds "
+                    f"{fraction:.0%} of the {free / 2**30:.1f} GiB free on {device.type}")
+
+
+# ------------------------------------------------------------------------------------------------ environment
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()})"
+
+
+def environment(device: torch.device) -> Dict[str, object]:
+    return {
+        "device": device.type,
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "dsrb": dsrb.__version__,
+        "cuda_runtime": torch.version.cuda,
+    }
+
+
+def seed_for(*parts: str) -> int:
+    """A stable seed from strings (Python's hash() is salted per process)."""
+    return zlib.crc32("/".join(parts).encode())
+
+
+def attention_weighted_map(gen: torch.Generator, dims: Dict[str, int], device, dtype) -> torch.Tensor:
+    """F (B, H, W, C, D) = a[b, c, n] * x[b, n, :] with a a spatial softmax: the map the official semantic
+    decoupling builds (spec §3.3 step 5), from random x and scores drawn from ``gen``."""
+    B, H, W, N, C, D = (dims[k] for k in "BHWNCD")
+    x = torch.randn(B, N, D, generator=gen, dtype=dtype).to(device)
+    a = torch.softmax(torch.randn(B, C, N, generator=gen, dtype=dtype), dim=-1).to(device)
+    return (a.transpose(1, 2)[..., None] * x[:, :, None, :]).reshape(B, H, W, C, D)
+
+
+# ------------------------------------------------------------------------------------------------- passes
+
+
+def pass_callables(pass_: str, forward: Callable, leaves, grad_outputs):
+    """(fn, setup) for one pass, for :func:`run_case`.
+
+    forward() returns the tuple of differentiable outputs; grad_outputs matches it. The backward is
+    ``torch.autograd.grad`` w.r.t. ``leaves`` (no ``.grad`` accumulation between rounds). "bwd" builds a fresh
+    forward graph in the untimed setup of every round and times only the backward.
+    """
+    leaves = tuple(leaves)
+
+    def backward(outputs):
+        return torch.autograd.grad(outputs, leaves, grad_outputs, allow_unused=True)
+
+    if pass_ == "fwd":
+        return forward, None
+    if pass_ == "bwd":
+        return backward, lambda: ((forward(),), {})
+    if pass_ == "fwd+bwd":
+        return (lambda: backward(forward())), None
+    raise ValueError(f"unknown pass {pass_!r}; expected one of {PASSES}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _args(setup):
+    return setup() if setup is not None else ((), {})
+
+
+def run_case(benchmark, fn: Callable, *, device, info: dict, setup: Optional[Callable] = None,
+             rounds: int = 10) -> None:
+    """Warm up once, time ``fn`` with ``benchmark.pedantic`` and record the case in ``benchmark.extra_info``.
+
+    Args:
+        fn: the timed callable; with ``setup``, it receives the arguments ``setup()`` returns as ``(args, kwargs)``
+            (built again, untimed, before every round).
+        device: where the tensors live. On CUDA the timed callable ends with ``torch.cuda.synchronize`` so the
+            host clock is valid; a CUDA-event median of the same number of rounds goes into extra_info too.
+        info: op, provider, pass, shape, dims, dtype (recorded as given; ``benchmark.group`` is set from it).
+        rounds: timed rounds, one iteration each.
+
+    Peak memory: on CUDA, ``max_memory_allocated`` over one extra run after ``reset_peak_memory_stats``, minus the
+    memory allocated before that run (inputs and parameters, plus the saved forward graph for "bwd"). On CPU it is
+    not measured and recorded as None.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    benchmark.group = f"{info['op']}-{info['shape']}-{info['pass']}"
+    extra = benchmark.extra_info
+    extra.update({k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in info.items()})
+    extra.update(environment(device))
+    extra["rounds"] = rounds
+
+    def timed(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        _sync(device)
+        return out
+
+    def timed_setup():
+        out = setup()
+        _sync(device)
+        return out
+
+    if benchmark.disabled:  # smoke run: once, untimed, nothing measured
+        extra["peak_memory_bytes"] = None
+        extra["peak_memory_note"] = "not measured (benchmark disabled)"
+        benchmark.pedantic(timed, setup=timed_setup if setup else None, rounds=1, iterations=1)
+        return
+
+    args, kwargs = _args(setup)  # warm-up (and, for torch.compile, the last compilation) outside the timing
+    timed(*args, **kwargs)
+    del args, kwargs
+
+    if cuda:
+        args, kwargs = _args(setup)
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn(*args, **kwargs)
+        _sync(device)
+        extra["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device) - before
+        extra["memory_before_bytes"] = before
+        extra["peak_memory_note"] = ("max_memory_allocated during one run minus the memory allocated before it "
+                                     "(inputs, parameters and, for bwd, the saved forward graph)")
+        del args, kwargs
+        times = []
+        for _ in range(rounds):
+            args, kwargs = _args(setup)
+            _sync(device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*args, **kwargs)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+            del args, kwargs
+        extra["cuda_event_median_ms"] = statistics.median(times)
+        extra["cuda_event_min_ms"] = min(times)
+    else:
+        extra["peak_memory_bytes"] = None
+        extra["peak_memory_note"] = "not measured on CPU"
+
+    benchmark.pedantic(timed, setup=timed_setup if setup else None, rounds=rounds, iterations=1, warmup_rounds=0)
+
+
+# Fixtures for the suites (they use these instead of importing this module).
+
+
+@pytest.fixture(scope="session")
+def bench():
+    """The helpers of this module, as one namespace."""
+    import types
+
+    return types.SimpleNamespace(
+        run_case=run_case,
+        require_provider=require_provider,
+        skip_if_too_big=skip_if_too_big,
+        pass_callables=pass_callables,
+        seed_for=seed_for,
+        attention_weighted_map=attention_weighted_map,
+    )

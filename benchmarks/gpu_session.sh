@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (see benchmarks/RESULTS.md): install dsrb from this tree, print what serves each
+# op, run the test suite (the GPU-only cases included), then the paper-scale benchmarks. Everything lands in $OUT.
+#
+#   run: bash benchmarks/gpu_session.sh        (carry .whl with pytest/pytest-benchmark wheels if the host lacks them)
+set -uo pipefail
+OUT="${OUT:-$PWD/gpu-out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+python3 -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1 || { tail -20 "$OUT/install.log"; exit 1; }
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; git rev-parse HEAD 2>/dev/null;
+  python3 -m dsrb.info; } | tee "$OUT/info.txt"
+python3 -m pytest tests -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/tests.log" | tail -15
+python3 -m pytest benchmarks --benchmark-only --bench-size full --benchmark-json "$OUT/bench-full.json" \
+    --benchmark-columns=median,iqr,rounds --benchmark-sort=name 2>&1 | tee "$OUT/bench.log" | tail -60

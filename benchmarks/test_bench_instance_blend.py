@@ -1,0 +1,112 @@
+"""Benchmark of ``instance_blend`` (IPRB): the official map formulation vs the op's backends.
+
+Inputs of one shape: an attention-weighted map F (B, H, W, C, D) built as the official semantic decoupling builds it
+(F[b, h, w, c] = a[b, c, n] * x[b, n]), S = F.sum over space (so both formulations see the same features), partial
+targets T in {-1, 0, 1}, alpha = 0.5 and the batch-flip pairing. The backward takes fixed gradients of S1 and T1
+(alpha gets gradient through the features and the soft target, as in the official code).
+
+* official: :func:`dsrb.reference.instance_blend_map`, blending the (B, H, W, C, D) maps and summing over space,
+  with the gradient w.r.t. F and alpha: what the official code costs.
+* torch / triton / cuda / cpu: ``dsrb.ops.instance_blend(S, T, alpha, backend=...)`` on (B, C, D), gradient w.r.t.
+  S and alpha.
+* compile: ``torch.compile(fullgraph=True)`` of the torch-backend call, compiled once outside the timing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsrb.ops
+from dsrb.reference import instance_blend_map
+
+OP = "instance_blend"
+_STATE = {"key": None, "value": None}  # the inputs of one shape at a time
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_inputs():
+    """Drop this suite's cached inputs when it ends, so the next suite has the device memory."""
+    yield
+    _STATE["key"] = _STATE["value"] = None
+
+
+def _blend_torch(S, T, alpha):
+    return dsrb.ops.instance_blend(S, T, alpha, backend="torch")
+
+
+def _inputs(bench, shape, dims, device, dtype):
+    key = (shape, str(device), str(dtype))
+    if _STATE["key"] != key:
+        _STATE["key"] = _STATE["value"] = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        B, C, D = dims["B"], dims["C"], dims["D"]
+        gen = torch.Generator().manual_seed(bench.seed_for(OP, shape))
+        F = bench.attention_weighted_map(gen, dims, device, dtype)
+        S = F.sum(dim=(1, 2)).detach().requires_grad_()
+        F.requires_grad_()
+        T = torch.randint(-1, 2, (B, C), generator=gen).to(dtype).to(device)
+        alpha = torch.full((1,), 0.5, dtype=dtype, device=device, requires_grad=True)
+        grads = (torch.randn(B, C, D, generator=gen, dtype=dtype).to(device),
+                 torch.randn(B, C, generator=gen, dtype=dtype).to(device))
+        _STATE["value"] = dict(F=F, S=S, T=T, alpha=alpha, grad_outputs=grads, compiled=None, reference=None,
+                               validated=set())
+        _STATE["key"] = key
+    return _STATE["value"]
+
+
+def _official_estimate(dims) -> int:
+    """Rough fp32 bytes of the official forward + backward: about 9 live (B, H, W, C, D) tensors (spec §11.1)."""
+    return 4 * 9 * dims["B"] * dims["N"] * dims["C"] * dims["D"]
+
+
+def _forward(provider, backend, inp):
+    T, alpha = inp["T"], inp["alpha"]
+    if provider == "official":
+        F = inp["F"]
+        return (lambda: instance_blend_map(F, T, alpha)), (F, alpha)
+    S = inp["S"]
+    if provider == "compile":
+        if inp["compiled"] is None:
+            inp["compiled"] = torch.compile(_blend_torch, fullgraph=True, dynamic=False)
+        compiled = inp["compiled"]
+        return (lambda: compiled(S, T, alpha)), (S, alpha)
+    return (lambda: dsrb.ops.instance_blend(S, T, alpha, backend=backend)), (S, alpha)
+
+
+def _validate(provider, forward, inp, device):
+    """Once per shape and provider, outside the timing: the provider computes the official (S1, T1). The provider
+    runs with grad enabled, as timed (so torch.compile compiles the graph it will run, once)."""
+    if provider in inp["validated"]:
+        return
+    if inp["reference"] is None:
+        with torch.no_grad():
+            inp["reference"] = instance_blend_map(inp["F"], inp["T"], inp["alpha"])
+    if provider != "official":
+        tol = 1e-3 if device.type == "cuda" else 1e-4
+        for name, got, want in zip(("S1", "T1"), forward(), inp["reference"]):
+            torch.testing.assert_close(got.detach(), want, rtol=tol, atol=tol,
+                                       msg=lambda m: f"{provider} disagrees with the official {name}: {m}")
+    inp["validated"].add(provider)
+
+
+def test_instance_blend(benchmark, bench, provider, pass_, shape, dims, device, dtype, rounds):
+    backend = bench.require_provider(OP, provider, device, dtype)
+    if provider == "official":
+        bench.skip_if_too_big(_official_estimate(dims), device, f"official {OP} at {shape}")
+    inp = _inputs(bench, shape, dims, device, dtype)
+    forward, leaves = _forward(provider, backend, inp)
+    _validate(provider, forward, inp, device)
+    fn, setup = bench.pass_callables(pass_, forward, leaves, inp["grad_outputs"])
+    formulation = (
+        "dsrb.reference.instance_blend_map on the (B,H,W,C,D) map, summed over space; grad w.r.t. F and alpha"
+        if provider == "official"
+        else f"dsrb.ops.instance_blend(backend='{backend}') on (B,C,D); grad w.r.t. S and alpha"
+        + (" under torch.compile(fullgraph=True)" if provider == "compile" else "")
+    )
+    bench.run_case(
+        benchmark, fn, setup=setup, device=device, rounds=rounds,
+        info={"op": OP, "provider": provider, "pass": pass_, "shape": shape, "dims": dims, "dtype": dtype,
+              "formulation": formulation},
+    )

@@ -1,0 +1,141 @@
+"""Benchmark of ``prototype_blend`` (PPRB): the official map formulation vs the op's backends.
+
+Inputs of one shape: an attention-weighted map F (B, H, W, C, D) built as the official semantic decoupling builds it,
+S = F.sum over space, prototype maps (C, 4, H, W, D) and their spatial sums, the bank (C, 4, D); the own quadrant
+of every (image, class) computed once by the official rule (:func:`dsrb.reference.quadrant_index_map`), random
+shifts in {1, 2, 3}, the official top-1 selection of an unknown label per image (:func:`dsrb.reference.select_labels`),
+beta = 0.5. The backward takes fixed gradients of S2 and T2 (beta gets gradient through the features and the soft
+target, as in the official code; the prototypes are not trained, as there).
+
+* official: the blending step of :func:`dsrb.reference.prototype_blend_map` (gather each entry's (H, W, D)
+  prototype map, blend the (B, H, W, C, D) maps, sum over space) with the gradient w.r.t. F and beta. The quadrant
+  is an input here, as it is for the op (its computation is the separate ``quadrant_index`` op), so the official
+  column leaves out the official code's quadrant search on the maps: its cost is understated, not inflated.
+* torch / triton / cuda / cpu: ``dsrb.ops.prototype_blend(S, T, beta, bank, quadrant, shift, select,
+  backend=...)`` on (B, C, D), gradient w.r.t. S and beta.
+* compile: ``torch.compile(fullgraph=True)`` of the torch-backend call, compiled once outside the timing.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsrb.ops
+from dsrb.reference import prototype_blend_map, quadrant_index_map, select_labels
+
+OP = "prototype_blend"
+_STATE = {"key": None, "value": None}  # the inputs of one shape at a time
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_inputs():
+    """Drop this suite's cached inputs when it ends, so the next suite has the device memory."""
+    yield
+    _STATE["key"] = _STATE["value"] = None
+
+
+def official_prototype_blend_map(F, T, beta, prototype_maps, quadrant, shift, select):
+    """:func:`dsrb.reference.prototype_blend_map` with the own quadrant given instead of searched on F."""
+    B, H, W, C, D = F.shape
+    q = torch.remainder(quadrant - shift, 4)  # (B, C)
+    P = prototype_maps[torch.arange(C, device=F.device)[None, :], q]  # (B, C, H, W, D)
+    P = P.permute(0, 2, 3, 1, 4)  # (B, H, W, C, D)
+    sel = select.to(F.dtype)
+    sel5 = sel[:, None, None, :, None]
+    b = beta.reshape(())
+    F2 = sel5 * (b * F + (1 - b) * P) + (1 - sel5) * F
+    T2 = (1 - sel) * T.to(F.dtype) + sel * (1 - b)
+    return F2.sum(dim=(1, 2)), T2
+
+
+def _blend_torch(S, T, beta, bank, quadrant, shift, select):
+    return dsrb.ops.prototype_blend(S, T, beta, bank, quadrant, shift, select, backend="torch")
+
+
+def _inputs(bench, shape, dims, device, dtype):
+    key = (shape, str(device), str(dtype))
+    if _STATE["key"] != key:
+        _STATE["key"] = _STATE["value"] = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        B, H, W, N, C, D = (dims[k] for k in "BHWNCD")
+        gen = torch.Generator().manual_seed(bench.seed_for(OP, shape))
+        F = bench.attention_weighted_map(gen, dims, device, dtype)
+        S = F.sum(dim=(1, 2)).detach().requires_grad_()
+        T = torch.randint(-1, 2, (B, C), generator=gen).to(dtype)
+        # Prototype maps: means of attention-weighted maps, so of the scale of F (a ~ 1/N).
+        maps = (torch.randn(C, 4, H, W, D, generator=gen, dtype=dtype) / N).to(device)
+        bank = maps.sum(dim=(2, 3))
+        quadrant = quadrant_index_map(F)  # the official peak rule, once, untimed
+        shift = torch.randint(1, 4, (B, C), generator=gen).to(device)
+        select = select_labels(T, torch.rand(B, C, generator=gen, dtype=dtype), top_k=1).to(device)
+        T = T.to(device)
+        F.requires_grad_()
+        beta = torch.full((1,), 0.5, dtype=dtype, device=device, requires_grad=True)
+        grads = (torch.randn(B, C, D, generator=gen, dtype=dtype).to(device),
+                 torch.randn(B, C, generator=gen, dtype=dtype).to(device))
+        _STATE["value"] = dict(F=F, S=S, T=T, beta=beta, maps=maps, bank=bank, quadrant=quadrant, shift=shift,
+                               select=select, grad_outputs=grads, compiled=None, reference=None, validated=set())
+        _STATE["key"] = key
+    return _STATE["value"]
+
+
+def _official_estimate(dims) -> int:
+    """Rough fp32 bytes of the official forward + backward: about 10 live (B, H, W, C, D) tensors plus the
+    (C, 4, H, W, D) prototype maps (spec §11.1)."""
+    U = dims["B"] * dims["N"] * dims["C"] * dims["D"]
+    return 4 * (10 * U + 4 * dims["C"] * dims["N"] * dims["D"])
+
+
+def _forward(provider, backend, inp):
+    T, beta, quadrant, shift, select = (inp[k] for k in ("T", "beta", "quadrant", "shift", "select"))
+    if provider == "official":
+        F, maps = inp["F"], inp["maps"]
+        return (lambda: official_prototype_blend_map(F, T, beta, maps, quadrant, shift, select)), (F, beta)
+    S, bank = inp["S"], inp["bank"]
+    if provider == "compile":
+        if inp["compiled"] is None:
+            inp["compiled"] = torch.compile(_blend_torch, fullgraph=True, dynamic=False)
+        compiled = inp["compiled"]
+        return (lambda: compiled(S, T, beta, bank, quadrant, shift, select)), (S, beta)
+    return (lambda: dsrb.ops.prototype_blend(S, T, beta, bank, quadrant, shift, select, backend=backend)), (S, beta)
+
+
+def _validate(provider, forward, inp, device):
+    """Once per shape and provider, outside the timing: the provider computes the official (S2, T2); the official
+    provider itself is checked against :func:`dsrb.reference.prototype_blend_map`, which searches the quadrant. The
+    provider runs with grad enabled, as timed (so torch.compile compiles the graph it will run, once)."""
+    if provider in inp["validated"]:
+        return
+    if inp["reference"] is None:
+        with torch.no_grad():
+            inp["reference"] = prototype_blend_map(inp["F"], inp["T"], inp["beta"], inp["maps"], inp["shift"],
+                                                   inp["select"])
+    tol = 1e-3 if device.type == "cuda" else 1e-4
+    for name, got, want in zip(("S2", "T2"), forward(), inp["reference"]):
+        torch.testing.assert_close(got.detach(), want, rtol=tol, atol=tol,
+                                   msg=lambda m: f"{provider} disagrees with the official {name}: {m}")
+    inp["validated"].add(provider)
+
+
+def test_prototype_blend(benchmark, bench, provider, pass_, shape, dims, device, dtype, rounds):
+    backend = bench.require_provider(OP, provider, device, dtype)
+    if provider == "official":
+        bench.skip_if_too_big(_official_estimate(dims), device, f"official {OP} at {shape}")
+    inp = _inputs(bench, shape, dims, device, dtype)
+    forward, leaves = _forward(provider, backend, inp)
+    _validate(provider, forward, inp, device)
+    fn, setup = bench.pass_callables(pass_, forward, leaves, inp["grad_outputs"])
+    formulation = (
+        "prototype maps (C,4,H,W,D) gathered per entry and blended on the (B,H,W,C,D) map, summed over space "
+        "(dsrb.reference.prototype_blend_map with the quadrant given); grad w.r.t. F and beta"
+        if provider == "official"
+        else f"dsrb.ops.prototype_blend(backend='{backend}') on (B,C,D) with the (C,4,D) bank; grad w.r.t. S and beta"
+        + (" under torch.compile(fullgraph=True)" if provider == "compile" else "")
+    )
+    bench.run_case(
+        benchmark, fn, setup=setup, device=device, rounds=rounds,
+        info={"op": OP, "provider": provider, "pass": pass_, "shape": shape, "dims": dims, "dtype": dtype,
+              "formulation": formulation},
+    )

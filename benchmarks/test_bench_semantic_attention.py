@@ -1,0 +1,141 @@
+"""Benchmark of ``semantic_attention``: the semantic-decoupling stage, official formulation vs the op's backends.
+
+Every provider computes the same thing from the same inputs: the reduced map X (B, N, D), the word vectors (C, E)
+and the four linears fc1..fc4 of the official module, giving S (B, C, D) (and a); the backward takes a fixed
+gradient of S and differentiates w.r.t. X and the linears' parameters.
+
+* official: :func:`dsrb.reference.semantic_decoupling_official`, the official code path: u = fc1(x), e = fc2(w),
+  z = tanh(u * e) on (B, N, C, I), the two chained linears fc4(fc3(z)) and the (B, H, W, C, D) attention-weighted
+  map F, S = F.sum over space.
+* torch / triton / cuda / cpu: u = fc1(x), e = fc2(w), v = W3ᵀ w4 (the exact collapse of fc3/fc4, spec §3.3), then
+  ``dsrb.ops.semantic_attention(x, u, e, v, backend=...)``.
+* compile: ``torch.compile(fullgraph=True)`` of that torch-backend stage, compiled once outside the timing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import dsrb.ops
+from dsrb.reference import semantic_decoupling_official
+
+OP = "semantic_attention"
+_STATE = {"key": None, "value": None}  # the inputs of one shape at a time
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_inputs():
+    """Drop this suite's cached inputs when it ends, so the next suite has the device memory."""
+    yield
+    _STATE["key"] = _STATE["value"] = None
+
+
+def _stage(x, word, fc1, fc2, fc3, fc4, backend):
+    u = fc1(x)
+    e = fc2(word)
+    v = fc3.weight.t() @ fc4.weight[0]
+    S, _ = dsrb.ops.semantic_attention(x, u, e, v, backend=backend)
+    return S
+
+
+def _stage_torch(x, word, fc1, fc2, fc3, fc4):
+    return _stage(x, word, fc1, fc2, fc3, fc4, "torch")
+
+
+def _linear(gen, fan_in, fan_out, bias, device, dtype):
+    layer = nn.Linear(fan_in, fan_out, bias=bias, device=device, dtype=dtype)
+    bound = 1 / math.sqrt(fan_in)  # the nn.Linear init range, drawn from our own generator
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_((torch.rand(p.shape, generator=gen, dtype=dtype) * 2 - 1) * bound)
+    return layer
+
+
+def _inputs(bench, shape, dims, device, dtype):
+    key = (shape, str(device), str(dtype))
+    if _STATE["key"] != key:
+        _STATE["key"] = _STATE["value"] = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        B, H, W, N, C, D, I, E = (dims[k] for k in "BHWNCDIE")
+        gen = torch.Generator().manual_seed(bench.seed_for(OP, shape))
+        X = torch.randn(B, D, H, W, generator=gen, dtype=dtype)
+        word = torch.randn(C, E, generator=gen, dtype=dtype).to(device)
+        fc1 = _linear(gen, D, I, False, device, dtype)
+        fc2 = _linear(gen, E, I, False, device, dtype)
+        fc3 = _linear(gen, I, I, True, device, dtype)
+        fc4 = _linear(gen, I, 1, True, device, dtype)
+        x = X.permute(0, 2, 3, 1).reshape(B, N, D).contiguous().to(device).requires_grad_()
+        X = X.to(device).requires_grad_()
+        params = (fc1.weight, fc2.weight, fc3.weight, fc3.bias, fc4.weight, fc4.bias)
+        grad_S = torch.randn(B, C, D, generator=gen, dtype=dtype).to(device)
+        _STATE["value"] = dict(
+            X=X, x=x, word=word, fc=(fc1, fc2, fc3, fc4), params=params, grad_outputs=(grad_S,),
+            compiled=None, reference=None, validated=set(),
+        )
+        _STATE["key"] = key
+    return _STATE["value"]
+
+
+def _official_estimate(dims) -> int:
+    """Rough fp32 bytes of the official forward + backward: about 7 live (B, N, C, I) and 5 (B, N, C, D) tensors
+    (spec §10.3, §11.1)."""
+    V = dims["B"] * dims["N"] * dims["C"] * dims["I"]
+    U = dims["B"] * dims["N"] * dims["C"] * dims["D"]
+    return 4 * (7 * V + 5 * U)
+
+
+def _forward(provider, backend, inp):
+    fc = inp["fc"]
+    if provider == "official":
+        X, word = inp["X"], inp["word"]
+        return (lambda: (semantic_decoupling_official(X, word, *fc)[0],)), (X,) + inp["params"]
+    x, word = inp["x"], inp["word"]
+    if provider == "compile":
+        if inp["compiled"] is None:
+            inp["compiled"] = torch.compile(_stage_torch, fullgraph=True, dynamic=False)
+        compiled = inp["compiled"]
+        return (lambda: (compiled(x, word, *fc),)), (x,) + inp["params"]
+    return (lambda: (_stage(x, word, *fc, backend),)), (x,) + inp["params"]
+
+
+def _validate(provider, forward, inp, device):
+    """Once per shape and provider, outside the timing: the provider computes the official S. The provider runs
+    with grad enabled, as timed (so torch.compile compiles the graph it will run, once)."""
+    if provider in inp["validated"]:
+        return
+    if inp["reference"] is None:
+        with torch.no_grad():
+            inp["reference"] = semantic_decoupling_official(inp["X"], inp["word"], *inp["fc"])[0]
+    if provider != "official":
+        S = forward()[0].detach()
+        tol = 5e-3 if device.type == "cuda" else 1e-4
+        torch.testing.assert_close(S, inp["reference"], rtol=tol, atol=tol,
+                                   msg=lambda m: f"{provider} disagrees with the official S: {m}")
+    inp["validated"].add(provider)
+
+
+def test_semantic_attention(benchmark, bench, provider, pass_, shape, dims, device, dtype, rounds):
+    backend = bench.require_provider(OP, provider, device, dtype)
+    if provider == "official":
+        bench.skip_if_too_big(_official_estimate(dims), device, f"official {OP} at {shape}")
+    inp = _inputs(bench, shape, dims, device, dtype)
+    forward, leaves = _forward(provider, backend, inp)
+    _validate(provider, forward, inp, device)
+    fn, setup = bench.pass_callables(pass_, forward, leaves, inp["grad_outputs"])
+    formulation = (
+        "dsrb.reference.semantic_decoupling_official: fc1, fc2, fc4(fc3(tanh(u*e))) on (B,N,C,I), "
+        "(B,H,W,C,D) map summed over space"
+        if provider == "official"
+        else f"fc1, fc2, v = W3^T w4, dsrb.ops.semantic_attention(backend='{backend}')"
+        + (" under torch.compile(fullgraph=True)" if provider == "compile" else "")
+    )
+    bench.run_case(
+        benchmark, fn, setup=setup, device=device, rounds=rounds,
+        info={"op": OP, "provider": provider, "pass": pass_, "shape": shape, "dims": dims, "dtype": dtype,
+              "formulation": formulation, "grad_wrt": "X and the fc1..fc4 parameters, from a fixed dL/dS"},
+    )
