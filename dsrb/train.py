@@ -133,6 +133,9 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool):
     from .data import (TestTransform, TrainTransform, build_dataset, format_known_fraction, known_fraction,
                        load_partial_labels, load_word_vectors, make_partial_labels, save_partial_labels)
 
+    if cfg.data_root is None and cfg.dataset != "builtin":
+        raise ValueError(f"setting 'data_root': dataset '{cfg.dataset}' needs --data-root (see the README's dataset "
+                         "layouts); only the built-in dataset is generated on first use")
     # The built-in dataset is generated on first use: by rank 0 alone, the others wait.
     if d.main:
         train_set = build_dataset(cfg.dataset, "train", root=cfg.data_root, transform=TrainTransform(cfg.image_size),
@@ -463,4 +466,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError) as err:  # a setting or a file to fix: no traceback
+        sys.exit(f"python -m dsrb.train: error: {err}")
