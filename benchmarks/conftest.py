@@ -328,6 +328,26 @@ def run_case(benchmark, fn: Callable, *, device, info: dict, setup: Optional[Cal
     benchmark.pedantic(timed, setup=timed_setup if setup else None, rounds=rounds, iterations=1, warmup_rounds=0)
 
 
+def measure(benchmark, bench, op: str, provider: str, pass_: str, shape: str, dims, device, dtype, rounds, *,
+            estimate: Callable, inputs: Callable, forward: Callable, validate: Callable, official: str, fused: str,
+            **info) -> None:
+    """The body every op suite shares: check the provider, build the inputs and the forward, check the forward
+    against the official output once, then time the pass. ``official``/``fused`` describe what is computed (the
+    fused text takes the backend name as ``{backend}``)."""
+    backend = require_provider(op, provider, device, dtype)
+    if provider == "official":
+        skip_if_too_big(estimate(dims), device, f"official {op} at {shape}")
+    inp = inputs(bench, shape, dims, device, dtype)
+    fwd, leaves = forward(provider, backend, inp)
+    validate(provider, fwd, inp, device)
+    fn, setup = pass_callables(pass_, fwd, leaves, inp["grad_outputs"])
+    formulation = official if provider == "official" else fused.format(backend=backend) + (
+        " under torch.compile(fullgraph=True)" if provider == "compile" else "")
+    run_case(benchmark, fn, setup=setup, device=device, rounds=rounds,
+             info={"op": op, "provider": provider, "pass": pass_, "shape": shape, "dims": dims, "dtype": dtype,
+                   "formulation": formulation, **info})
+
+
 # Fixtures for the suites (they use these instead of importing this module).
 
 
@@ -338,6 +358,7 @@ def bench():
 
     return types.SimpleNamespace(
         run_case=run_case,
+        measure=measure,
         require_provider=require_provider,
         skip_if_too_big=skip_if_too_big,
         pass_callables=pass_callables,

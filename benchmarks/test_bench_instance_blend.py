@@ -92,21 +92,9 @@ def _validate(provider, forward, inp, device):
 
 
 def test_instance_blend(benchmark, bench, provider, pass_, shape, dims, device, dtype, rounds):
-    backend = bench.require_provider(OP, provider, device, dtype)
-    if provider == "official":
-        bench.skip_if_too_big(_official_estimate(dims), device, f"official {OP} at {shape}")
-    inp = _inputs(bench, shape, dims, device, dtype)
-    forward, leaves = _forward(provider, backend, inp)
-    _validate(provider, forward, inp, device)
-    fn, setup = bench.pass_callables(pass_, forward, leaves, inp["grad_outputs"])
-    formulation = (
-        "dsrb.reference.instance_blend_map on the (B,H,W,C,D) map, summed over space; grad w.r.t. F and alpha"
-        if provider == "official"
-        else f"dsrb.ops.instance_blend(backend='{backend}') on (B,C,D); grad w.r.t. S and alpha"
-        + (" under torch.compile(fullgraph=True)" if provider == "compile" else "")
-    )
-    bench.run_case(
-        benchmark, fn, setup=setup, device=device, rounds=rounds,
-        info={"op": OP, "provider": provider, "pass": pass_, "shape": shape, "dims": dims, "dtype": dtype,
-              "formulation": formulation},
+    bench.measure(
+        benchmark, bench, OP, provider, pass_, shape, dims, device, dtype, rounds,
+        estimate=_official_estimate, inputs=_inputs, forward=_forward, validate=_validate,
+        official="dsrb.reference.instance_blend_map on the (B,H,W,C,D) map, summed over space; grad w.r.t. F and alpha",
+        fused="dsrb.ops.instance_blend(backend='{backend}') on (B,C,D); grad w.r.t. S and alpha",
     )

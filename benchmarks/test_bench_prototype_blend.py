@@ -37,16 +37,7 @@ def _release_inputs():
 
 def official_prototype_blend_map(F, T, beta, prototype_maps, quadrant, shift, select):
     """:func:`dsrb.reference.prototype_blend_map` with the own quadrant given instead of searched on F."""
-    B, H, W, C, D = F.shape
-    q = torch.remainder(quadrant - shift, 4)  # (B, C)
-    P = prototype_maps[torch.arange(C, device=F.device)[None, :], q]  # (B, C, H, W, D)
-    P = P.permute(0, 2, 3, 1, 4)  # (B, H, W, C, D)
-    sel = select.to(F.dtype)
-    sel5 = sel[:, None, None, :, None]
-    b = beta.reshape(())
-    F2 = sel5 * (b * F + (1 - b) * P) + (1 - sel5) * F
-    T2 = (1 - sel) * T.to(F.dtype) + sel * (1 - b)
-    return F2.sum(dim=(1, 2)), T2
+    return prototype_blend_map(F, T, beta, prototype_maps, shift, select, quadrant=quadrant)
 
 
 def _blend_torch(S, T, beta, bank, quadrant, shift, select):
@@ -120,22 +111,10 @@ def _validate(provider, forward, inp, device):
 
 
 def test_prototype_blend(benchmark, bench, provider, pass_, shape, dims, device, dtype, rounds):
-    backend = bench.require_provider(OP, provider, device, dtype)
-    if provider == "official":
-        bench.skip_if_too_big(_official_estimate(dims), device, f"official {OP} at {shape}")
-    inp = _inputs(bench, shape, dims, device, dtype)
-    forward, leaves = _forward(provider, backend, inp)
-    _validate(provider, forward, inp, device)
-    fn, setup = bench.pass_callables(pass_, forward, leaves, inp["grad_outputs"])
-    formulation = (
-        "prototype maps (C,4,H,W,D) gathered per entry and blended on the (B,H,W,C,D) map, summed over space "
-        "(dsrb.reference.prototype_blend_map with the quadrant given); grad w.r.t. F and beta"
-        if provider == "official"
-        else f"dsrb.ops.prototype_blend(backend='{backend}') on (B,C,D) with the (C,4,D) bank; grad w.r.t. S and beta"
-        + (" under torch.compile(fullgraph=True)" if provider == "compile" else "")
-    )
-    bench.run_case(
-        benchmark, fn, setup=setup, device=device, rounds=rounds,
-        info={"op": OP, "provider": provider, "pass": pass_, "shape": shape, "dims": dims, "dtype": dtype,
-              "formulation": formulation},
+    bench.measure(
+        benchmark, bench, OP, provider, pass_, shape, dims, device, dtype, rounds,
+        estimate=_official_estimate, inputs=_inputs, forward=_forward, validate=_validate,
+        official="prototype maps (C,4,H,W,D) gathered per entry and blended on the (B,H,W,C,D) map, summed over "
+                 "space (dsrb.reference.prototype_blend_map with the quadrant given); grad w.r.t. F and beta",
+        fused="dsrb.ops.prototype_blend(backend='{backend}') on (B,C,D) with the (C,4,D) bank; grad w.r.t. S and beta",
     )

@@ -120,22 +120,11 @@ def _validate(provider, forward, inp, device):
 
 
 def test_semantic_attention(benchmark, bench, provider, pass_, shape, dims, device, dtype, rounds):
-    backend = bench.require_provider(OP, provider, device, dtype)
-    if provider == "official":
-        bench.skip_if_too_big(_official_estimate(dims), device, f"official {OP} at {shape}")
-    inp = _inputs(bench, shape, dims, device, dtype)
-    forward, leaves = _forward(provider, backend, inp)
-    _validate(provider, forward, inp, device)
-    fn, setup = bench.pass_callables(pass_, forward, leaves, inp["grad_outputs"])
-    formulation = (
-        "dsrb.reference.semantic_decoupling_official: fc1, fc2, fc4(fc3(tanh(u*e))) on (B,N,C,I), "
-        "(B,H,W,C,D) map summed over space"
-        if provider == "official"
-        else f"fc1, fc2, v = W3^T w4, dsrb.ops.semantic_attention(backend='{backend}')"
-        + (" under torch.compile(fullgraph=True)" if provider == "compile" else "")
-    )
-    bench.run_case(
-        benchmark, fn, setup=setup, device=device, rounds=rounds,
-        info={"op": OP, "provider": provider, "pass": pass_, "shape": shape, "dims": dims, "dtype": dtype,
-              "formulation": formulation, "grad_wrt": "X and the fc1..fc4 parameters, from a fixed dL/dS"},
+    bench.measure(
+        benchmark, bench, OP, provider, pass_, shape, dims, device, dtype, rounds,
+        estimate=_official_estimate, inputs=_inputs, forward=_forward, validate=_validate,
+        official="dsrb.reference.semantic_decoupling_official: fc1, fc2, fc4(fc3(tanh(u*e))) on (B,N,C,I), "
+                 "(B,H,W,C,D) map summed over space",
+        fused="fc1, fc2, v = W3^T w4, dsrb.ops.semantic_attention(backend='{backend}')",
+        grad_wrt="X and the fc1..fc4 parameters, from a fixed dL/dS",
     )

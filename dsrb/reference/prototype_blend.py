@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .quadrant_index import quadrant_index_map
@@ -47,14 +49,16 @@ def prototype_blend_map(
     prototype_maps: torch.Tensor,
     shift: torch.Tensor,
     select: torch.Tensor,
+    quadrant: Optional[torch.Tensor] = None,
 ):
     """The official formulation on maps: F (B, H, W, C, D), prototype maps (C, 4, H, W, D).
 
-    The own quadrant comes from F itself (official peak rule); the prototype comes from quadrant (q - shift) mod 4.
-    Returns S2 (B, C, D) = blended map summed over space, and T2 (B, C).
+    The own quadrant comes from F itself (official peak rule) unless ``quadrant`` (B, C) is given; the prototype
+    comes from quadrant (q - shift) mod 4. Returns S2 (B, C, D) = blended map summed over space, and T2 (B, C).
     """
     B, H, W, C, D = F.shape
-    q = torch.remainder(quadrant_index_map(F) - shift, 4)  # (B, C)
+    own = quadrant_index_map(F) if quadrant is None else quadrant
+    q = torch.remainder(own - shift, 4)  # (B, C)
     P = prototype_maps[torch.arange(C, device=F.device)[None, :], q]  # (B, C, H, W, D)
     P = P.permute(0, 2, 3, 1, 4)  # (B, H, W, C, D)
     sel = select.to(F.dtype)
