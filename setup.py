@@ -1,50 +1,70 @@
-"""Build script: the pure-Python package always; the C++/CUDA extension when it can be built.
+"""Build script: the Python package, and the C++/CUDA extension ``dsrb._C`` when torch is importable here.
 
-Guarded pattern (architecture §5):
-- torch importable at build time (``pip install -e . --no-build-isolation``) and sources under csrc/ -> the
-  ``dsrb._C`` extension is compiled (CUDA sources too when nvcc is found or ``DSRB_BUILD_CUDA=1``;
-  ``TORCH_CUDA_ARCH_LIST`` defaults to 9.0; ``MAX_JOBS`` is honoured by torch's ninja builder);
-- otherwise the plain package is installed and every op runs on the ``torch`` backend;
-- ``DSRB_REQUIRE_EXT=1`` turns "could not build the extension" into an error (CI uses it).
+- ``pip install -e . --no-build-isolation`` (torch installed first): compiles the extension now, CUDA kernels
+  included when nvcc is found (``DSRB_BUILD_CUDA``, ``TORCH_CUDA_ARCH_LIST`` default 9.0, ``MAX_JOBS``).
+- ``pip install -e .`` builds in an isolated environment without torch, so it installs the Python package only;
+  the extension is then compiled on first use (see dsrb/_ext.py) or explained by ``python -m dsrb.info``.
+- ``DSRB_REQUIRE_EXT=1``: a failure to compile here is an error, not a warning (torch being absent is not a
+  failure: the first-use build takes over, and fails loudly under the same variable).
+The recipe (sources, flags, nvcc step) lives in dsrb/_build.py and is shared with the first-use build.
 """
 
-import glob
+import importlib.util
 import os
-import shutil
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.util.spec_from_file_location("dsrb_build", os.path.join(ROOT, "dsrb", "_build.py"))
+build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build)
 
 
-def _fail_or_skip(reason):
-    if os.environ.get("DSRB_REQUIRE_EXT") == "1":
-        raise SystemExit(f"dsrb: DSRB_REQUIRE_EXT=1 but the extension cannot be built: {reason}")
-    print(f"dsrb: building the pure-Python package only ({reason})")
-    return [], {}
-
-
-def extensions():
-    cpp = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
-    cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
-    if not cpp and not cu:
-        return [], {}  # no C++ sources in this version: nothing to build, nothing required
+def extension():
     try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
-        return _fail_or_skip(
-            "torch is not importable at build time; install torch first, then "
-            "`pip install -e . --no-build-isolation`"
-        )
-    build_cuda = os.environ.get("DSRB_BUILD_CUDA", "1" if shutil.which("nvcc") else "0") == "1"
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
-    kind = CUDAExtension if build_cuda and cu else CppExtension
-    sources = cpp + (cu if kind is CUDAExtension else [])
-    ext = kind("dsrb._C", sources, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]} if build_cuda else ["-O3"])
-    return [ext], {"build_ext": BuildExtension}
+        print("dsrb: torch is not importable at build time (isolated build): installing the Python package; the "
+              "C++ extension will be built on first use (or use `pip install -e . --no-build-isolation`)")
+        return [], {}
+
+    class Build(BuildExtension):
+        """Compiles csrc/cuda/*.cu with nvcc first, then the C++ sources with the objects and the CUDA runtime."""
+
+        def build_extensions(self):
+            try:
+                nvcc = build.want_cuda()
+                ext, root = self.extensions[0], build.source_root()
+                if nvcc:
+                    ext.extra_objects += build.compile_cuda(build.cuda_sources(root),
+                                                            os.path.join(self.build_temp, "cuda"), nvcc, root, [])
+                    ext.sources += [os.path.relpath(p, ROOT) for p in build.cuda_glue_sources(root)]
+                    ext.extra_compile_args["cxx"].append("-DDSRB_WITH_CUDA")
+                    ext.extra_link_args += build.cuda_link_flags(nvcc)
+                super().build_extensions()
+                self.dsrb_info = build.build_info(root, nvcc)
+                build.write_info(self.get_ext_fullpath(ext.name), self.dsrb_info)
+            except Exception as exc:  # noqa: BLE001 - reported; the first-use build or dsrb.info explains later
+                if os.environ.get("DSRB_REQUIRE_EXT") == "1":
+                    raise
+                print(f"dsrb: WARNING: the C++ extension was not built ({exc}); the package works on the torch "
+                      "backend, and `python -m dsrb.info` says what is missing")
+
+        def copy_extensions_to_source(self):
+            """Editable installs copy the built library into dsrb/ (self.inplace is set again by now, so
+            get_ext_fullpath names that copy): its build record goes beside it."""
+            super().copy_extensions_to_source()
+            if getattr(self, "dsrb_info", None):
+                build.write_info(self.get_ext_fullpath(self.extensions[0].name), self.dsrb_info)
+
+    root = build.source_root()
+    cpp = build.cpp_sources(root, with_cuda=False)
+    ext = CppExtension("dsrb._C", [os.path.relpath(p, ROOT) for p in cpp], include_dirs=[root],
+                       extra_compile_args={"cxx": list(build.CXX_FLAGS)}, extra_link_args=list(build.LD_FLAGS))
+    return [ext], {"build_ext": Build}
 
 
-ext_modules, cmdclass = extensions()
+ext_modules, cmdclass = extension()
 
 setup(
     packages=find_packages(include=["dsrb", "dsrb.*"]) + ["dsrb.kernels"],

@@ -5,7 +5,9 @@ CI:     ``pytest benchmarks/ --benchmark-disable`` (every case runs once, untime
 
 Each suite parametrizes provider x pass x shape and calls :func:`run_case`, which times one callable with
 ``benchmark.pedantic`` and records what was measured in ``benchmark.extra_info``. The benchmark ``group`` is
-``f"{op}-{shape}-{pass}"``, so each table of the report compares the providers of one case side by side.
+``f"{case}-{shape}-{pass}"`` (case: the op, or e.g. ``semantic_attention_op`` for the op without its linears), so
+each table of the report compares the providers of one case side by side. ``python -m benchmarks.report`` renders
+a run's JSON as those tables.
 
 Providers:
     official  the official formulation from :mod:`dsrb.reference` (5-D maps, chained fc3/fc4)
@@ -51,10 +53,10 @@ DTYPE = torch.float32
 
 # N = H * W. E is the word-vector size (300 in the paper), used by semantic decoupling only.
 SHAPES: Dict[str, Dict[str, Dict[str, int]]] = {
-    # Small enough for the whole suite to run in a few minutes on 2 CPU cores.
+    # The demo preset and the COCO shape at batch 8: the whole suite runs in a few minutes on 2 CPU cores.
     "quick": {
         "demo": dict(B=16, H=2, W=2, C=16, D=256, I=128, E=300),
-        "coco-small": dict(B=2, H=7, W=7, C=80, D=256, I=128, E=300),
+        "coco-b8": dict(B=8, H=7, W=7, C=80, D=1024, I=512, E=300),
     },
     # The paper's shapes (spec §2, §11): meant for a GPU.
     "full": {
@@ -68,7 +70,7 @@ for _size in SHAPES.values():
         _dims["N"] = _dims["H"] * _dims["W"]
 
 # Timed rounds per case (one iteration each); DSRB_BENCH_ROUNDS overrides.
-ROUNDS = {"quick": 20, "full": 50}
+ROUNDS = {"quick": 10, "full": 50}
 
 
 def pytest_addoption(parser):
@@ -248,6 +250,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cpu_peak_bytes(fn: Callable) -> Optional[int]:
+    """Peak of live CPU tensor memory allocated during ``fn()``: every allocation and free recorded by the profiler
+    (``profile_memory=True``), summed in time order. None where this torch has no allocation events."""
+    try:
+        from torch._C._profiler import _EventType
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.typed[0] == _EventType.Allocation and event.typed[1].device.type == "cpu":
+            events.append((event.start_time_ns, event.typed[1].alloc_size))
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
 def _args(setup):
     return setup() if setup is not None else ((), {})
 
@@ -265,12 +291,12 @@ def run_case(benchmark, fn: Callable, *, device, info: dict, setup: Optional[Cal
         rounds: timed rounds, one iteration each.
 
     Peak memory: on CUDA, ``max_memory_allocated`` over one extra run after ``reset_peak_memory_stats``, minus the
-    memory allocated before that run (inputs and parameters, plus the saved forward graph for "bwd"). On CPU it is
-    not measured and recorded as None.
+    memory allocated before that run (inputs and parameters, plus the saved forward graph for "bwd"). On CPU, the
+    peak of live allocations during one extra run under the profiler (:func:`cpu_peak_bytes`).
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
-    benchmark.group = f"{info['op']}-{info['shape']}-{info['pass']}"
+    benchmark.group = f"{info.get('case') or info['op']}-{info['shape']}-{info['pass']}"
     extra = benchmark.extra_info
     extra.update({k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in info.items()})
     extra.update(environment(device))
@@ -322,15 +348,18 @@ def run_case(benchmark, fn: Callable, *, device, info: dict, setup: Optional[Cal
         extra["cuda_event_median_ms"] = statistics.median(times)
         extra["cuda_event_min_ms"] = min(times)
     else:
-        extra["peak_memory_bytes"] = None
-        extra["peak_memory_note"] = "not measured on CPU"
+        args, kwargs = _args(setup)
+        extra["peak_memory_bytes"] = cpu_peak_bytes(lambda: fn(*args, **kwargs))
+        extra["peak_memory_note"] = ("peak of the bytes allocated and not yet freed during one run, from the "
+                                     "profiler's allocation events (torch's CPU allocator; inputs excluded)")
+        del args, kwargs
 
     benchmark.pedantic(timed, setup=timed_setup if setup else None, rounds=rounds, iterations=1, warmup_rounds=0)
 
 
 def measure(benchmark, bench, op: str, provider: str, pass_: str, shape: str, dims, device, dtype, rounds, *,
             estimate: Callable, inputs: Callable, forward: Callable, validate: Callable, official: str, fused: str,
-            **info) -> None:
+            case: Optional[str] = None, **info) -> None:
     """The body every op suite shares: check the provider, build the inputs and the forward, check the forward
     against the official output once, then time the pass. ``official``/``fused`` describe what is computed (the
     fused text takes the backend name as ``{backend}``)."""
@@ -344,8 +373,8 @@ def measure(benchmark, bench, op: str, provider: str, pass_: str, shape: str, di
     formulation = official if provider == "official" else fused.format(backend=backend) + (
         " under torch.compile(fullgraph=True)" if provider == "compile" else "")
     run_case(benchmark, fn, setup=setup, device=device, rounds=rounds,
-             info={"op": op, "provider": provider, "pass": pass_, "shape": shape, "dims": dims, "dtype": dtype,
-                   "formulation": formulation, **info})
+             info={"op": op, "case": case or op, "provider": provider, "pass": pass_, "shape": shape, "dims": dims,
+                   "dtype": dtype, "formulation": formulation, **info})
 
 
 # Fixtures for the suites (they use these instead of importing this module).

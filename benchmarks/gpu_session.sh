@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (see benchmarks/RESULTS.md): install dsrb from this tree, print what serves each
-# op, run the test suite (the GPU-only cases included), then the paper-scale benchmarks. Everything lands in $OUT.
+# One call on a lent GPU machine (see benchmarks/RESULTS.md): install dsrb from this tree and build its C++/CUDA
+# extension there (sm_90, the host's nvcc), print what serves each op, run the test suite (the GPU-only cases
+# included), then the paper-scale benchmarks. Everything lands in $OUT.
 #
 #   run: bash benchmarks/gpu_session.sh        (carry .whl with pytest/pytest-benchmark wheels if the host lacks them)
 set -uo pipefail
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)"
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" DSRB_EXT_CACHE="$(mktemp -d)"
+export DSRB_REQUIRE_EXT=1 DSRB_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"

@@ -75,7 +75,7 @@ def _inputs(bench, shape, dims, device, dtype):
         grad_S = torch.randn(B, C, D, generator=gen, dtype=dtype).to(device)
         _STATE["value"] = dict(
             X=X, x=x, word=word, fc=(fc1, fc2, fc3, fc4), params=params, grad_outputs=(grad_S,),
-            compiled=None, reference=None, validated=set(),
+            compiled=None, reference=None, validated=set(), op_leaves=None, compiled_op=None,
         )
         _STATE["key"] = key
     return _STATE["value"]
@@ -111,12 +111,46 @@ def _validate(provider, forward, inp, device):
     if inp["reference"] is None:
         with torch.no_grad():
             inp["reference"] = semantic_decoupling_official(inp["X"], inp["word"], *inp["fc"])[0]
-    if provider != "official":
+    if not provider.endswith("official"):
         S = forward()[0].detach()
         tol = 5e-3 if device.type == "cuda" else 1e-4
         torch.testing.assert_close(S, inp["reference"], rtol=tol, atol=tol,
                                    msg=lambda m: f"{provider} disagrees with the official S: {m}")
     inp["validated"].add(provider)
+
+
+def _op_forward(provider, backend, inp):
+    """The op alone on fixed x, u, e, v (u, e, v computed once from the same linears): what the fused backends
+    replace, without the linears every provider shares."""
+    if inp["op_leaves"] is None:
+        fc1, fc2, fc3, fc4 = inp["fc"]
+        with torch.no_grad():
+            leaves = (inp["x"], fc1(inp["x"]), fc2(inp["word"]), fc3.weight.t() @ fc4.weight[0])
+        inp["op_leaves"] = tuple(t.detach().clone().requires_grad_() for t in leaves)
+    leaves = inp["op_leaves"]
+    if provider == "compile":
+        if inp["compiled_op"] is None:
+            inp["compiled_op"] = torch.compile(lambda *t: dsrb.ops.semantic_attention(*t, backend="torch")[0],
+                                               fullgraph=True, dynamic=False)
+        compiled = inp["compiled_op"]
+        return (lambda: (compiled(*leaves),)), leaves
+    return (lambda: (dsrb.ops.semantic_attention(*leaves, backend=backend)[0],)), leaves
+
+
+def _validate_op(provider, forward, inp, device):
+    _validate(f"op:{provider}", forward, inp, device)
+
+
+def test_semantic_attention_op(benchmark, bench, provider, pass_, shape, dims, device, dtype, rounds):
+    if provider == "official":
+        pytest.skip("the op alone has no official counterpart (the official code chains fc3/fc4 inside it); "
+                    "test_semantic_attention compares the whole stage with the official formulation")
+    bench.measure(
+        benchmark, bench, OP, provider, pass_, shape, dims, device, dtype, rounds,
+        estimate=_official_estimate, inputs=_inputs, forward=_op_forward, validate=_validate_op,
+        official="", fused="dsrb.ops.semantic_attention(x, u, e, v, backend='{backend}')",
+        grad_wrt="x, u, e and v, from a fixed dL/dS", case="semantic_attention_op",
+    )
 
 
 def test_semantic_attention(benchmark, bench, provider, pass_, shape, dims, device, dtype, rounds):

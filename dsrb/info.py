@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-from . import __version__
+from . import __version__, _ext
 from .ops import KNOWN_BACKENDS, OPS, reasons
 
 
@@ -18,13 +18,27 @@ def _optional_version(module: str) -> str:
     return getattr(mod, "__version__", "installed")
 
 
+def _extension_lines() -> list:
+    ext = _ext.load()
+    if not ext.loaded:
+        return [f"C++/CUDA extension: not available: {ext.reason}"]
+    info = ext.info
+    cuda = (f"CUDA kernels for arch {info.get('cuda_arch_list')} ({info.get('nvcc')})" if info.get("cuda")
+            else "no CUDA kernels (nvcc not found at build time, or DSRB_BUILD_CUDA=0)")
+    return [
+        f"C++/CUDA extension: {ext.path} ({ext.origin})",
+        f"  built for torch {info.get('torch')}, python {info.get('python')}, sources {info.get('source_hash')}",
+        f"  CPU kernels (flags {' '.join(info.get('cxx_flags', []))}); {cuda}",
+    ]
+
+
 def report() -> str:
     lines = [
         f"dsrb {__version__}",
         f"python {platform.python_version()}, torch {torch.__version__}, numpy {_optional_version('numpy')}, "
         f"triton {_optional_version('triton')}",
         f"CUDA available: {torch.cuda.is_available()} (torch built with CUDA {torch.version.cuda})",
-        "C++/CUDA extension: not part of this version (csrc/ holds no sources yet)",
+        *_extension_lines(),
         "",
     ]
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])

@@ -32,3 +32,26 @@ def noncontiguous(t: torch.Tensor) -> torch.Tensor:
     out = wide[..., 0]
     assert not out.is_contiguous() or t.numel() <= 1
     return out.requires_grad_(t.requires_grad)
+
+
+def dsrb_training_outputs(backend: str, device) -> list:
+    """One training forward and backward of a tiny DSRB (both blends, the prototype pass) with every op on
+    ``backend``: the outputs and gradients that backend-equality tests compare."""
+    from dsrb.models import DSRB, draw_prototype_choices
+
+    torch.manual_seed(0)
+    model = DSRB(5, backbone="resnet18", backbone_width=4, feature_dim=16, word_dim=6, inter_dim=8,
+                 backend=backend).to(device)
+    images = torch.randn(4, 3, 128, 96, generator=torch.Generator().manual_seed(1)).to(device)
+    targets = torch.tensor([[1, 0, -1, 0, 1], [1, 1, -1, -1, 1], [0, 1, 1, 0, 0], [1, 0, 0, 1, -1]], device=device)
+    model.eval()
+    model.update_prototypes(images, targets)
+    model.finalize_prototypes()
+    model.train()
+    choices = draw_prototype_choices(targets, 1, torch.Generator(device).manual_seed(2),
+                                     valid=model.prototype_bank.valid)
+    out = model(images, targets, prototype_choices=choices)
+    loss = out.logits.sum() + out.instance_logits.sum() + out.prototype_logits.sum() + out.instance_targets.sum()
+    loss.backward()
+    return [out.logits, out.features, out.attention, out.prototype_logits, model.prototype_bank.prototypes,
+            model.alpha.grad, model.beta.grad, model.semantic.fc1.weight.grad]

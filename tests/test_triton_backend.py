@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dsrb.ops as ops
-from helpers import assert_close, noncontiguous
+from helpers import assert_close, dsrb_training_outputs, noncontiguous
 
 pytest.importorskip("triton", reason="the optional triton package is not installed")
 
@@ -117,27 +117,5 @@ def test_compile_fullgraph_with_triton_backend():
 
 def test_dsrb_model_on_triton_backend_matches_torch_backend():
     """The whole training forward and backward (both blends, prototype pass) with every op on the triton backend."""
-    from dsrb.models import DSRB, draw_prototype_choices
-
-    outputs = {}
-    for backend in ("triton", "torch"):
-        torch.manual_seed(0)
-        model = DSRB(5, backbone="resnet18", backbone_width=4, feature_dim=16, word_dim=6, inter_dim=8,
-                     backend=backend).to(DEVICE)
-        images = torch.randn(4, 3, 128, 96, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-        targets = torch.tensor([[1, 0, -1, 0, 1], [1, 1, -1, -1, 1], [0, 1, 1, 0, 0], [1, 0, 0, 1, -1]],
-                               device=DEVICE)
-        model.eval()
-        model.update_prototypes(images, targets)
-        model.finalize_prototypes()
-        model.train()
-        choices = draw_prototype_choices(targets, 1, torch.Generator(DEVICE).manual_seed(2),
-                                         valid=model.prototype_bank.valid)
-        out = model(images, targets, prototype_choices=choices)
-        loss = out.logits.sum() + out.instance_logits.sum() + out.prototype_logits.sum() + out.instance_targets.sum()
-        loss.backward()
-        outputs[backend] = [out.logits, out.features, out.attention, out.prototype_logits,
-                            model.prototype_bank.prototypes, model.alpha.grad, model.beta.grad,
-                            model.semantic.fc1.weight.grad]
-    for o, r in zip(outputs["triton"], outputs["torch"]):
+    for o, r in zip(dsrb_training_outputs("triton", DEVICE), dsrb_training_outputs("torch", DEVICE)):
         assert_close(o, r)

@@ -34,12 +34,12 @@ class Backend:
     unavailable: Optional[Callable[[], Optional[str]]] = None  # returns a reason when it cannot run at all
 
     def reason(self, op: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-        if op not in self.impls:
-            return f"no '{op}' implementation"
         if self.unavailable is not None:
             why = self.unavailable()
             if why:
                 return why
+        if op not in self.impls:
+            return f"no '{op}' implementation"
         if self.devices is not None and device.type not in self.devices:
             return f"device={device.type} (supported: {', '.join(self.devices)})"
         if dtype not in self.dtypes:
@@ -48,12 +48,6 @@ class Backend:
 
 
 _BACKENDS: Dict[str, Backend] = {}
-
-_NOT_BUILT = {
-    "cpu": "not available: the C++ CPU extension is not part of this build",
-    "cuda": "not available: the CUDA extension is not part of this build",
-    "triton": "not available",
-}
 
 
 def register_backend(backend: Backend) -> Backend:
@@ -73,8 +67,7 @@ def reasons(op: str, device: torch.device, dtype: torch.dtype) -> Dict[str, Opti
     """For every known backend: None if it can serve ``op`` on (device, dtype), else the reason it cannot."""
     out = {}
     for name in KNOWN_BACKENDS:
-        b = _BACKENDS.get(name)
-        out[name] = _NOT_BUILT[name] if b is None else b.reason(op, device, dtype)
+        out[name] = _BACKENDS[name].reason(op, device, dtype)
     return out
 
 
@@ -90,19 +83,46 @@ def select(op: str, device: torch.device, dtype: torch.dtype, backend: str = "au
     """Return the implementation of ``op`` that serves tensors on ``device`` with ``dtype``."""
     requested = _requested(backend)
     if requested != "auto":
-        b = _BACKENDS.get(requested)
-        if b is not None and b.reason(op, device, dtype) is None:
+        b = _BACKENDS[requested]
+        if b.reason(op, device, dtype) is None:
             return b.impls[op]
-        candidates = (requested,)
     else:
-        candidates = AUTO_ORDER.get(device.type, ("torch",))
-        for name in candidates:
-            b = _BACKENDS.get(name)
-            if b is not None and b.reason(op, device, dtype) is None:
+        for name in AUTO_ORDER.get(device.type, ("torch",)):
+            b = _BACKENDS[name]
+            if b.reason(op, device, dtype) is None:
                 return b.impls[op]
     table = "\n".join(f"  {name}: {why or 'available'}" for name, why in reasons(op, device, dtype).items())
     what = f"backend {requested!r} was requested" if requested != "auto" else "no backend fits"
     raise RuntimeError(f"dsrb.ops.{op}: {what} for device={device.type}, dtype={dtype}. Backends:\n{table}")
+
+
+def define_op(name: str, schema: str, impl: Optional[Callable] = None):
+    """The op ``dsrb::<name>``: defined here from a Python implementation, or (``impl`` None) already defined by the
+    C++ extension with the same schema (csrc/registration.cpp, csrc/cuda/glue.cpp). Returns its OpOverload; fakes
+    and autograd are then registered by name, the same way for both."""
+    if impl is not None:
+        torch.library.custom_op(f"dsrb::{name}", impl, mutates_args=(), schema=schema)
+    return getattr(torch.ops.dsrb, name).default
+
+
+def extension_backends() -> Tuple[str, ...]:
+    """The backends the C++ extension provides in this process ("cpu", and "cuda" if built with CUDA kernels).
+
+    The first call loads the extension, building it first if needed (dsrb/_ext.py)."""
+    from .. import _ext
+
+    return _ext.load().backends
+
+
+def _extension_unavailable(backend: str) -> Optional[str]:
+    from .. import _ext
+
+    ext = _ext.load()
+    if not ext.loaded:
+        return f"the C++ extension is not available: {ext.reason}"
+    if backend not in ext.backends:
+        return "the C++ extension was built without CUDA kernels (no nvcc at build time, or DSRB_BUILD_CUDA=0)"
+    return None
 
 
 def _triton_unavailable() -> Optional[str]:
@@ -112,6 +132,10 @@ def _triton_unavailable() -> Optional[str]:
 
 
 TORCH = register_backend(Backend("torch", devices=None, dtypes=FLOAT_DTYPES))
+CPU = register_backend(Backend("cpu", devices=("cpu",), dtypes=FLOAT_DTYPES,
+                               unavailable=lambda: _extension_unavailable("cpu")))
+CUDA = register_backend(Backend("cuda", devices=("cuda",), dtypes=FLOAT_DTYPES,
+                                unavailable=lambda: _extension_unavailable("cuda")))
 # Triton kernels run on CUDA tensors; under the Triton interpreter (TRITON_INTERPRET=1, how the tests run them on
 # machines without a GPU) they also take CPU tensors, when the backend is forced. fp64 is left to the other backends.
 TRITON = register_backend(Backend(

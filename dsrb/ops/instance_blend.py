@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .._checks import check_index_range, check_same_device, check_tensor
 from ._common import check_blend_inputs
-from ._registry import register_impl, select
+from ._registry import define_op, extension_backends, register_impl, select
 
 
 def _blend_mask(T: Tensor, partner: Tensor) -> Tensor:
@@ -53,23 +53,25 @@ def _triton_backward(grad_S1, grad_T1, S, T, alpha, partner, detach_target):
     return instance_blend_backward(grad_S1, grad_T1, S, T, alpha, partner, detach_target)
 
 
-def _define(backend: str, forward, backward):
-    """Register one backend as the custom ops ``dsrb::instance_blend_<backend>`` (+ ``_backward``)."""
-    fwd = torch.library.custom_op(
-        f"dsrb::instance_blend_{backend}", forward, mutates_args=(),
-        schema="(Tensor S, Tensor T, Tensor alpha, Tensor partner, bool detach_target) -> (Tensor, Tensor)",
+def _define(backend: str, forward=None, backward=None):
+    """Register one backend as the ops ``dsrb::instance_blend_<backend>`` (+ ``_backward``), from Python
+    implementations or (None) from the C++ extension."""
+    name = f"instance_blend_{backend}"
+    fwd = define_op(
+        name, "(Tensor S, Tensor T, Tensor alpha, Tensor partner, bool detach_target) -> (Tensor, Tensor)", forward
     )
-    bwd = torch.library.custom_op(
-        f"dsrb::instance_blend_{backend}_backward", backward, mutates_args=(),
-        schema="(Tensor grad_S1, Tensor grad_T1, Tensor S, Tensor T, Tensor alpha, Tensor partner, "
-               "bool detach_target) -> (Tensor, Tensor)",
+    bwd = define_op(
+        f"{name}_backward",
+        "(Tensor grad_S1, Tensor grad_T1, Tensor S, Tensor T, Tensor alpha, Tensor partner, "
+        "bool detach_target) -> (Tensor, Tensor)",
+        backward,
     )
 
-    @fwd.register_fake
+    @torch.library.register_fake(fwd)
     def _(S, T, alpha, partner, detach_target):
         return S.new_empty(S.shape), T.new_empty(T.shape)
 
-    @bwd.register_fake
+    @torch.library.register_fake(bwd)
     def _(grad_S1, grad_T1, S, T, alpha, partner, detach_target):
         return S.new_empty(S.shape), alpha.new_empty(alpha.shape)
 
@@ -85,13 +87,15 @@ def _define(backend: str, forward, backward):
         grad_S, grad_alpha = bwd(grad_S1, grad_T1, S, T, alpha, partner, ctx.detach_target)
         return grad_S, None, grad_alpha, None, None
 
-    fwd.register_autograd(backward_fn, setup_context=setup_context)
+    torch.library.register_autograd(fwd, backward_fn, setup_context=setup_context)
     register_impl(backend, "instance_blend", fwd)
     return fwd
 
 
 _define("torch", _torch_forward, _torch_backward)
 _define("triton", _triton_forward, _triton_backward)
+for _backend in extension_backends():
+    _define(_backend)
 
 
 def instance_blend(

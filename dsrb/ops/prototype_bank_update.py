@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_index_range, check_same_device, check_targets, check_tensor
-from ._registry import register_impl, select
+from ._registry import define_op, extension_backends, register_impl, select
 
 
 def _torch_update(sums: Tensor, counts: Tensor, S: Tensor, T: Tensor, quadrant: Tensor, cap: int):
@@ -31,13 +31,16 @@ def _triton_update(sums, counts, S, T, quadrant, cap):
     return kernel(sums, counts, S, T, quadrant, cap)
 
 
-def _define(backend: str, impl):
-    op = torch.library.custom_op(
-        f"dsrb::prototype_bank_update_{backend}", impl, mutates_args=(),
-        schema="(Tensor sums, Tensor counts, Tensor S, Tensor T, Tensor quadrant, int cap) -> (Tensor, Tensor)",
+def _define(backend: str, impl=None):
+    """Register one backend as the op ``dsrb::prototype_bank_update_<backend>`` (impl None: from the C++
+    extension)."""
+    op = define_op(
+        f"prototype_bank_update_{backend}",
+        "(Tensor sums, Tensor counts, Tensor S, Tensor T, Tensor quadrant, int cap) -> (Tensor, Tensor)",
+        impl,
     )
 
-    @op.register_fake
+    @torch.library.register_fake(op)
     def _(sums, counts, S, T, quadrant, cap):
         return sums.new_empty(sums.shape), counts.new_empty(counts.shape)
 
@@ -46,6 +49,8 @@ def _define(backend: str, impl):
 
 _define("torch", _torch_update)
 _define("triton", _triton_update)
+for _backend in extension_backends():
+    _define(_backend)
 
 
 def prototype_bank_update(
@@ -73,4 +78,4 @@ def prototype_bank_update(
     if int(cap) < 0:
         raise ValueError(f"argument 'cap': expected a non-negative integer, got {cap}")
     fn = select("prototype_bank_update", S.device, S.dtype, backend)
-    return fn(sums.detach(), counts.long(), S.detach(), T.detach(), quadrant.long(), int(cap))
+    return fn(sums.detach(), counts.long(), S.detach(), T.detach().to(S.dtype), quadrant.long(), int(cap))

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .._checks import check_index_range, check_same_device, check_tensor
 from ._common import check_blend_inputs
-from ._registry import register_impl, select as select_backend
+from ._registry import define_op, extension_backends, register_impl, select as select_backend
 
 
 def _bucket(quadrant: Tensor, shift: Tensor) -> Tensor:
@@ -46,7 +46,7 @@ def _torch_backward(grad_S2, grad_T2, S, beta, bank, quadrant, shift, select, de
         grad_beta = grad_beta - (grad_T2 * w).sum()  # dT2/dbeta = -1 where selected
     grad_bank = torch.zeros((C * 4, D), dtype=bank.dtype, device=bank.device)
     if bank_grad:  # the model's bank is a buffer: skip the scatter when nobody asks for it
-        grad_bank.index_add_(0, idx.reshape(-1), (grad_S2 * (w * (1 - beta))[..., None]).reshape(-1, D))
+        grad_bank.index_add_(0, idx.reshape(-1), (grad_S2 * (w * (1 - beta))[..., None]).reshape(idx.numel(), D))
     return grad_S.contiguous(), grad_beta.reshape(beta.shape), grad_bank.reshape(C, 4, D)
 
 
@@ -63,24 +63,28 @@ def _triton_backward(grad_S2, grad_T2, S, beta, bank, quadrant, shift, select, d
                                     bank_grad)
 
 
-def _define(backend: str, forward, backward):
-    """Register one backend as the custom ops ``dsrb::prototype_blend_<backend>`` (+ ``_backward``)."""
-    fwd = torch.library.custom_op(
-        f"dsrb::prototype_blend_{backend}", forward, mutates_args=(),
-        schema="(Tensor S, Tensor T, Tensor beta, Tensor bank, Tensor quadrant, Tensor shift, Tensor select, "
-               "bool detach_target) -> (Tensor, Tensor)",
+def _define(backend: str, forward=None, backward=None):
+    """Register one backend as the ops ``dsrb::prototype_blend_<backend>`` (+ ``_backward``), from Python
+    implementations or (None) from the C++ extension."""
+    name = f"prototype_blend_{backend}"
+    fwd = define_op(
+        name,
+        "(Tensor S, Tensor T, Tensor beta, Tensor bank, Tensor quadrant, Tensor shift, Tensor select, "
+        "bool detach_target) -> (Tensor, Tensor)",
+        forward,
     )
-    bwd = torch.library.custom_op(
-        f"dsrb::prototype_blend_{backend}_backward", backward, mutates_args=(),
-        schema="(Tensor grad_S2, Tensor grad_T2, Tensor S, Tensor beta, Tensor bank, Tensor quadrant, "
-               "Tensor shift, Tensor select, bool detach_target, bool bank_grad) -> (Tensor, Tensor, Tensor)",
+    bwd = define_op(
+        f"{name}_backward",
+        "(Tensor grad_S2, Tensor grad_T2, Tensor S, Tensor beta, Tensor bank, Tensor quadrant, "
+        "Tensor shift, Tensor select, bool detach_target, bool bank_grad) -> (Tensor, Tensor, Tensor)",
+        backward,
     )
 
-    @fwd.register_fake
+    @torch.library.register_fake(fwd)
     def _(S, T, beta, bank, quadrant, shift, select, detach_target):
         return S.new_empty(S.shape), T.new_empty(T.shape)
 
-    @bwd.register_fake
+    @torch.library.register_fake(bwd)
     def _(grad_S2, grad_T2, S, beta, bank, quadrant, shift, select, detach_target, bank_grad):
         return S.new_empty(S.shape), beta.new_empty(beta.shape), bank.new_empty(bank.shape)
 
@@ -99,13 +103,15 @@ def _define(backend: str, forward, backward):
         )
         return grad_S, None, grad_beta, grad_bank if bank_grad else None, None, None, None, None
 
-    fwd.register_autograd(backward_fn, setup_context=setup_context)
+    torch.library.register_autograd(fwd, backward_fn, setup_context=setup_context)
     register_impl(backend, "prototype_blend", fwd)
     return fwd
 
 
 _define("torch", _torch_forward, _torch_backward)
 _define("triton", _triton_forward, _triton_backward)
+for _backend in extension_backends():
+    _define(_backend)
 
 
 def prototype_blend(

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_same_device, check_tensor
-from ._registry import register_impl, select
+from ._registry import define_op, extension_backends, register_impl, select
 
 
 def _torch_quadrant_index(a: Tensor, x_sum: Tensor, height: int, width: int) -> Tensor:
@@ -32,13 +32,11 @@ def _triton_quadrant_index(a, x_sum, height, width):
     return kernel(a, x_sum, height, width)
 
 
-def _define(backend: str, impl):
-    op = torch.library.custom_op(
-        f"dsrb::quadrant_index_{backend}", impl, mutates_args=(),
-        schema="(Tensor a, Tensor x_sum, int height, int width) -> Tensor",
-    )
+def _define(backend: str, impl=None):
+    """Register one backend as the op ``dsrb::quadrant_index_<backend>`` (impl None: from the C++ extension)."""
+    op = define_op(f"quadrant_index_{backend}", "(Tensor a, Tensor x_sum, int height, int width) -> Tensor", impl)
 
-    @op.register_fake
+    @torch.library.register_fake(op)
     def _(a, x_sum, height, width):
         return a.new_empty(a.shape[:2], dtype=torch.int64)
 
@@ -47,6 +45,8 @@ def _define(backend: str, impl):
 
 _define("torch", _torch_quadrant_index)
 _define("triton", _triton_quadrant_index)
+for _backend in extension_backends():
+    _define(_backend)
 
 
 def quadrant_index(a: Tensor, x_sum: Tensor, height: int, width: int, *, backend: str = "auto") -> Tensor:

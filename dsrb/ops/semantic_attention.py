@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_same_device, check_same_dtype, check_tensor
-from ._registry import register_impl, select
+from ._registry import define_op, extension_backends, register_impl, select
 
 # Elements of one (B, N, C_chunk, I) temporary: 8 Mi elements = 32 MiB in fp32.
 _CHUNK_ELEMENTS = 8 * 1024 * 1024
@@ -86,26 +86,26 @@ def _triton_backward(grad_S, grad_a, x, u, e, v, a):
     return semantic_attention_backward(grad_S, grad_a, x, u, e, v, a)
 
 
-def _define(backend: str, forward, backward):
-    """Register one backend as the custom ops ``dsrb::semantic_attention_<backend>`` (+ ``_backward``) with fake
-    implementations and autograd, and add it to the registry."""
-    fwd = torch.library.custom_op(
-        f"dsrb::semantic_attention_{backend}", forward, mutates_args=(),
-        schema="(Tensor x, Tensor u, Tensor e, Tensor v) -> (Tensor, Tensor)",
-    )
-    bwd = torch.library.custom_op(
-        f"dsrb::semantic_attention_{backend}_backward", backward, mutates_args=(),
-        schema="(Tensor grad_S, Tensor grad_a, Tensor x, Tensor u, Tensor e, Tensor v, Tensor a) "
-               "-> (Tensor, Tensor, Tensor, Tensor)",
+def _define(backend: str, forward=None, backward=None):
+    """Register one backend as the ops ``dsrb::semantic_attention_<backend>`` (+ ``_backward``), from Python
+    implementations or (None) from the C++ extension, with fake implementations and autograd, and add it to the
+    registry."""
+    name = f"semantic_attention_{backend}"
+    fwd = define_op(name, "(Tensor x, Tensor u, Tensor e, Tensor v) -> (Tensor, Tensor)", forward)
+    bwd = define_op(
+        f"{name}_backward",
+        "(Tensor grad_S, Tensor grad_a, Tensor x, Tensor u, Tensor e, Tensor v, Tensor a) "
+        "-> (Tensor, Tensor, Tensor, Tensor)",
+        backward,
     )
 
-    @fwd.register_fake
+    @torch.library.register_fake(fwd)
     def _(x, u, e, v):
         B, N, D = x.shape
         C = e.shape[0]
         return x.new_empty((B, C, D)), x.new_empty((B, C, N))
 
-    @bwd.register_fake
+    @torch.library.register_fake(bwd)
     def _(grad_S, grad_a, x, u, e, v, a):
         return tuple(t.new_empty(t.shape) for t in (x, u, e, v))
 
@@ -121,13 +121,15 @@ def _define(backend: str, forward, backward):
             grad_a = torch.zeros_like(a)
         return bwd(grad_S, grad_a, x, u, e, v, a)
 
-    fwd.register_autograd(backward_fn, setup_context=setup_context)
+    torch.library.register_autograd(fwd, backward_fn, setup_context=setup_context)
     register_impl(backend, "semantic_attention", fwd)
     return fwd
 
 
 _define("torch", _torch_forward, _torch_backward)
 _define("triton", _triton_forward, _triton_backward)
+for _backend in extension_backends():
+    _define(_backend)
 
 
 def semantic_attention(x: Tensor, u: Tensor, e: Tensor, v: Tensor, *, backend: str = "auto") -> Tuple[Tensor, Tensor]:

@@ -1,0 +1,156 @@
+// Argument checks shared by the CPU and CUDA entry points: every message names the argument, what was expected and
+// what was given (architecture §10). Shape/dtype/device checks only; value checks that need data (index ranges,
+// target values) are done by each kernel where it reads the value, so a bad value is an error, never a bad read.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <initializer_list>
+#include <string>
+#include <utility>
+
+namespace dsrb {
+namespace checks {
+
+inline void device(const at::Tensor& t, const char* name, c10::DeviceType type) {
+  TORCH_CHECK(t.device().type() == type, "argument '", name, "': expected a ", c10::DeviceTypeName(type, true),
+              " tensor, got one on ", t.device());
+}
+
+inline void floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "argument '", name, "': expected a floating-point tensor, got ",
+              t.scalar_type());
+}
+
+inline void dtype(const at::Tensor& t, const char* name, at::ScalarType want, const char* why) {
+  TORCH_CHECK(t.scalar_type() == want, "argument '", name, "': expected dtype ", want, " (", why, "), got ",
+              t.scalar_type());
+}
+
+// sizes: -1 matches any size.
+inline void shape(const at::Tensor& t, const char* name, std::initializer_list<int64_t> sizes) {
+  bool ok = t.dim() == static_cast<int64_t>(sizes.size());
+  int64_t i = 0;
+  for (int64_t want : sizes) {
+    if (ok && want >= 0 && t.size(i) != want) ok = false;
+    ++i;
+  }
+  if (!ok) {
+    std::string expected = "(";
+    i = 0;
+    for (int64_t want : sizes) expected += (i++ ? ", " : "") + (want < 0 ? std::string("*") : std::to_string(want));
+    expected += ")";
+    TORCH_CHECK(false, "argument '", name, "': expected shape ", expected, ", got ", t.sizes());
+  }
+}
+
+inline void same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), "argument '", name, "': expected it on ", ref.device(), " (the device of '",
+              ref_name, "'), got ", t.device());
+}
+
+// ---- per op --------------------------------------------------------------------------------------------------------
+
+inline void semantic_attention(const at::Tensor& x, const at::Tensor& u, const at::Tensor& e, const at::Tensor& v,
+                               c10::DeviceType type) {
+  device(x, "x", type);
+  floating(x, "x");
+  shape(x, "x", {-1, -1, -1});
+  TORCH_CHECK(x.size(1) > 0, "argument 'x': expected at least one spatial position, got N = 0");
+  shape(u, "u", {x.size(0), x.size(1), -1});
+  shape(e, "e", {-1, u.size(2)});
+  shape(v, "v", {u.size(2)});
+  for (auto [t, n] : {std::pair<const at::Tensor&, const char*>{u, "u"}, {e, "e"}, {v, "v"}}) {
+    same_device(t, n, x, "x");
+    dtype(t, n, x.scalar_type(), "the dtype of 'x'");
+  }
+}
+
+inline void semantic_attention_backward(const at::Tensor& grad_S, const at::Tensor& grad_a, const at::Tensor& x,
+                                        const at::Tensor& u, const at::Tensor& e, const at::Tensor& v,
+                                        const at::Tensor& a, c10::DeviceType type) {
+  semantic_attention(x, u, e, v, type);
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), C = e.size(0);
+  shape(grad_S, "grad_S", {B, C, D});
+  shape(grad_a, "grad_a", {B, C, N});
+  shape(a, "a", {B, C, N});
+  for (auto [t, n] : {std::pair<const at::Tensor&, const char*>{grad_S, "grad_S"}, {grad_a, "grad_a"}, {a, "a"}}) {
+    same_device(t, n, x, "x");
+    dtype(t, n, x.scalar_type(), "the dtype of 'x'");
+  }
+}
+
+// S (B, C, D) float on `type`; T (B, C) and the coefficient in S's dtype.
+inline void blend(const at::Tensor& S, const at::Tensor& T, const at::Tensor& coef, const char* coef_name,
+                  c10::DeviceType type) {
+  device(S, "S", type);
+  floating(S, "S");
+  shape(S, "S", {-1, -1, -1});
+  shape(T, "T", {S.size(0), S.size(1)});
+  TORCH_CHECK(coef.numel() == 1 && coef.dim() <= 1, "argument '", coef_name,
+              "': expected a one-element tensor of shape () or (1,), got ", coef.sizes());
+  for (auto [t, n] : {std::pair<const at::Tensor&, const char*>{T, "T"}, {coef, coef_name}}) {
+    same_device(t, n, S, "S");
+    dtype(t, n, S.scalar_type(), "the dtype of 'S'");
+  }
+}
+
+inline void index(const at::Tensor& t, const char* name, const at::Tensor& S, std::initializer_list<int64_t> sizes,
+                  at::ScalarType want = at::kLong) {
+  shape(t, name, sizes);
+  same_device(t, name, S, "S");
+  dtype(t, name, want, want == at::kBool ? "a mask" : "an index");
+}
+
+inline void instance_blend(const at::Tensor& S, const at::Tensor& T, const at::Tensor& alpha,
+                           const at::Tensor& partner, c10::DeviceType type) {
+  blend(S, T, alpha, "alpha", type);
+  index(partner, "partner", S, {S.size(0)});
+}
+
+inline void prototype_blend(const at::Tensor& S, const at::Tensor& T, const at::Tensor& beta, const at::Tensor& bank,
+                            const at::Tensor& quadrant, const at::Tensor& shift, const at::Tensor& select,
+                            c10::DeviceType type) {
+  blend(S, T, beta, "beta", type);
+  const int64_t B = S.size(0), C = S.size(1), D = S.size(2);
+  shape(bank, "bank", {C, 4, D});
+  same_device(bank, "bank", S, "S");
+  dtype(bank, "bank", S.scalar_type(), "the dtype of 'S'");
+  index(quadrant, "quadrant", S, {B, C});
+  index(shift, "shift", S, {B, C});
+  index(select, "select", S, {B, C}, at::kBool);
+}
+
+inline void quadrant_index(const at::Tensor& a, const at::Tensor& x_sum, int64_t height, int64_t width,
+                           c10::DeviceType type) {
+  device(a, "a", type);
+  floating(a, "a");
+  shape(a, "a", {-1, -1, -1});
+  shape(x_sum, "x_sum", {a.size(0), a.size(2)});
+  same_device(x_sum, "x_sum", a, "a");
+  dtype(x_sum, "x_sum", a.scalar_type(), "the dtype of 'a'");
+  TORCH_CHECK(height >= 1 && width >= 1 && height * width == a.size(2), "arguments 'height', 'width': expected ",
+              "height * width == N = ", a.size(2), ", got ", height, " x ", width);
+}
+
+inline void prototype_bank_update(const at::Tensor& sums, const at::Tensor& counts, const at::Tensor& S,
+                                  const at::Tensor& T, const at::Tensor& quadrant, int64_t cap,
+                                  c10::DeviceType type) {
+  device(S, "S", type);
+  floating(S, "S");
+  shape(S, "S", {-1, -1, -1});
+  const int64_t B = S.size(0), C = S.size(1), D = S.size(2);
+  shape(sums, "sums", {C, 4, D});
+  floating(sums, "sums");
+  same_device(sums, "sums", S, "S");
+  index(counts, "counts", S, {C, 4});
+  shape(T, "T", {B, C});
+  same_device(T, "T", S, "S");
+  dtype(T, "T", S.scalar_type(), "the dtype of 'S'");
+  index(quadrant, "quadrant", S, {B, C});
+  TORCH_CHECK(cap >= 0, "argument 'cap': expected a non-negative integer, got ", cap);
+}
+
+}  // namespace checks
+}  // namespace dsrb

@@ -1,0 +1,35 @@
+// Schemas and CPU implementations of the extension's ops (architecture §4, §5).
+//
+// Each backend is its own op, dsrb::<op>_<backend> (+ _backward), with the same schema as the Python-defined
+// backends in dsrb/ops/<op>.py (a test compares them); the CUDA ops are defined in csrc/cuda/glue.cpp. Fakes and
+// autograd are registered from Python (dsrb/ops), like for every other backend.
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY_FRAGMENT(dsrb, m) {
+  m.def("semantic_attention_cpu(Tensor x, Tensor u, Tensor e, Tensor v) -> (Tensor, Tensor)");
+  m.def("semantic_attention_cpu_backward(Tensor grad_S, Tensor grad_a, Tensor x, Tensor u, Tensor e, Tensor v, "
+        "Tensor a) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("instance_blend_cpu(Tensor S, Tensor T, Tensor alpha, Tensor partner, bool detach_target) -> (Tensor, Tensor)");
+  m.def("instance_blend_cpu_backward(Tensor grad_S1, Tensor grad_T1, Tensor S, Tensor T, Tensor alpha, "
+        "Tensor partner, bool detach_target) -> (Tensor, Tensor)");
+  m.def("prototype_blend_cpu(Tensor S, Tensor T, Tensor beta, Tensor bank, Tensor quadrant, Tensor shift, "
+        "Tensor select, bool detach_target) -> (Tensor, Tensor)");
+  m.def("prototype_blend_cpu_backward(Tensor grad_S2, Tensor grad_T2, Tensor S, Tensor beta, Tensor bank, "
+        "Tensor quadrant, Tensor shift, Tensor select, bool detach_target, bool bank_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("quadrant_index_cpu(Tensor a, Tensor x_sum, int height, int width) -> Tensor");
+  m.def("prototype_bank_update_cpu(Tensor sums, Tensor counts, Tensor S, Tensor T, Tensor quadrant, int cap) "
+        "-> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dsrb, CPU, m) {
+  m.impl("semantic_attention_cpu", &dsrb::semantic_attention_cpu);
+  m.impl("semantic_attention_cpu_backward", &dsrb::semantic_attention_cpu_backward);
+  m.impl("instance_blend_cpu", &dsrb::instance_blend_cpu);
+  m.impl("instance_blend_cpu_backward", &dsrb::instance_blend_cpu_backward);
+  m.impl("prototype_blend_cpu", &dsrb::prototype_blend_cpu);
+  m.impl("prototype_blend_cpu_backward", &dsrb::prototype_blend_cpu_backward);
+  m.impl("quadrant_index_cpu", &dsrb::quadrant_index_cpu);
+  m.impl("prototype_bank_update_cpu", &dsrb::prototype_bank_update_cpu);
+}

@@ -1,0 +1,183 @@
+"""How the C++/CUDA extension is built: shared by ``setup.py`` and the first-use build of :mod:`dsrb._ext`.
+
+Standard library only at import (``setup.py`` loads this file by path, before torch may exist). Layout:
+
+    csrc/*.cpp, csrc/cpu/*.cpp    op schemas, CPU kernels             (g++, against torch)
+    csrc/cuda/*.cu                CUDA kernels on raw pointers        (nvcc, no torch headers)
+    csrc/cuda/*.cpp               glue registering the CUDA kernels   (g++, only with CUDA)
+
+The ``.cu`` files are compiled here with nvcc and linked with the static CUDA runtime into an ordinary C++
+extension, so the CPU build of torch links them too: a machine without a GPU still compiles every CUDA line.
+
+Environment: ``DSRB_BUILD_CUDA`` (1/0; default 1 when nvcc is found), ``TORCH_CUDA_ARCH_LIST`` (default "9.0";
+e.g. "8.0;9.0+PTX"), ``MAX_JOBS`` (parallel compiler processes), ``CUDA_HOME`` (toolkit location).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional
+
+DEFAULT_ARCH_LIST = "9.0"
+# -fopenmp: at::parallel_for runs serially without it. -fno-trapping-math: lets GCC turn the clamps of the CPU
+# kernels' vectorisable tanh into selects (with trapping math it keeps branches and the loops stay scalar).
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
+LD_FLAGS = ["-fopenmp"]
+
+
+class BuildError(RuntimeError):
+    """The extension could not be built; the message says why and where the log is."""
+
+
+def source_root() -> Optional[str]:
+    """The csrc/ folder of a source checkout or editable install, or None (installed without sources)."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    return root if os.path.isfile(os.path.join(root, "registration.cpp")) else None
+
+
+def cpp_sources(root: str, with_cuda: bool) -> List[str]:
+    """C++ sources: schemas and CPU kernels, plus the CUDA glue (csrc/cuda/*.cpp) when building CUDA."""
+    cpp = sorted(glob.glob(os.path.join(root, "*.cpp")) + glob.glob(os.path.join(root, "cpu", "*.cpp")))
+    return cpp + (cuda_glue_sources(root) if with_cuda else [])
+
+
+def cuda_glue_sources(root: str) -> List[str]:
+    return sorted(glob.glob(os.path.join(root, "cuda", "*.cpp")))
+
+
+def cuda_sources(root: str) -> List[str]:
+    return sorted(glob.glob(os.path.join(root, "cuda", "*.cu")))
+
+
+def source_hash(root: str) -> str:
+    """Digest of every file under csrc/ and of this build recipe: a change to either means a rebuild."""
+    digest = hashlib.sha256()
+    files = sorted(glob.glob(os.path.join(root, "**", "*"), recursive=True)) + [os.path.abspath(__file__)]
+    for path in files:
+        if os.path.isfile(path) and not path.endswith(".md"):
+            digest.update(os.path.relpath(path, os.path.dirname(root)).encode())
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
+def find_nvcc() -> Optional[str]:
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def cuda_home(nvcc: str) -> str:
+    """The toolkit folder holding the static CUDA runtime that goes with ``nvcc``."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                  os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
+    for home in filter(None, candidates):
+        if _cudart_dir(home):
+            return home
+    raise BuildError(f"found {nvcc} but no libcudart_static.a beside it; set CUDA_HOME to the CUDA toolkit")
+
+
+def _cudart_dir(home: str) -> Optional[str]:
+    for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):
+        if os.path.isfile(os.path.join(home, sub, "libcudart_static.a")):
+            return os.path.join(home, sub)
+    return None
+
+
+def want_cuda() -> Optional[str]:
+    """The nvcc to build the CUDA kernels with, or None. DSRB_BUILD_CUDA=1 without nvcc is an error."""
+    flag = os.environ.get("DSRB_BUILD_CUDA", "")
+    if flag == "0":
+        return None
+    nvcc = find_nvcc()
+    if flag == "1" and nvcc is None:
+        raise BuildError("DSRB_BUILD_CUDA=1 but nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
+    return nvcc
+
+
+def arch_list() -> str:
+    return os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
+
+
+def gencode_flags(archs: str) -> List[str]:
+    """TORCH_CUDA_ARCH_LIST syntax ("8.0;9.0+PTX", "9.0a", spaces or semicolons) -> nvcc -gencode flags."""
+    flags = []
+    for item in archs.replace(";", " ").split():
+        ptx = item.endswith("+PTX")
+        number = item[:-4] if ptx else item
+        digits = number.replace(".", "")
+        if not digits[:2].isdigit():
+            raise BuildError(f"TORCH_CUDA_ARCH_LIST: cannot read {item!r} (expected entries like 8.0, 9.0, 9.0+PTX)")
+        flags.append(f"-gencode=arch=compute_{digits},code=sm_{digits}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{digits},code=compute_{digits}")
+    return flags
+
+
+def jobs() -> int:
+    try:
+        return max(1, int(os.environ.get("MAX_JOBS", "")))
+    except ValueError:
+        return max(1, min(os.cpu_count() or 1, 8))
+
+
+def compile_cuda(cu_sources: List[str], out_dir: str, nvcc: str, include_dir: str, log: List[str]) -> List[str]:
+    """Compile each .cu to an object in ``out_dir`` (in parallel); returns the object paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", f"-I{include_dir}", *gencode_flags(arch_list())]
+
+    def one(src: str) -> str:
+        obj = os.path.join(out_dir, os.path.basename(src) + ".o")
+        cmd = [nvcc, "-c", src, "-o", obj, *flags]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        log.append(" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            raise BuildError(f"nvcc failed on {os.path.basename(src)}:\n{proc.stderr.strip()[-4000:]}")
+        return obj
+
+    with ThreadPoolExecutor(jobs()) as pool:
+        return list(pool.map(one, cu_sources))
+
+
+def cuda_link_flags(nvcc: str) -> List[str]:
+    """Static CUDA runtime: the extension needs no libcudart on the library path (and loads without a GPU)."""
+    return [f"-L{_cudart_dir(cuda_home(nvcc))}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
+
+
+def nvcc_version(nvcc: str) -> str:
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+    return out[-1] if out else "unknown"
+
+
+def build_info(root: str, nvcc: Optional[str]) -> Dict[str, object]:
+    """What a build was made from; stored beside the library and compared before loading it."""
+    import torch
+
+    return {
+        "torch": torch.__version__,
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        "source_hash": source_hash(root),
+        "cuda": bool(nvcc),
+        "cuda_arch_list": arch_list() if nvcc else None,
+        "nvcc": nvcc_version(nvcc) if nvcc else None,
+        "cxx_flags": CXX_FLAGS,
+    }
+
+
+def info_path(library: str) -> str:
+    return library + ".json"
+
+
+def write_info(library: str, info: Dict[str, object]) -> None:
+    tmp = info_path(library) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=1, sort_keys=True)
+    os.replace(tmp, info_path(library))

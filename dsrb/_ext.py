@@ -1,0 +1,187 @@
+"""The C++/CUDA extension: find it, build it on first use, load it, or say why it is not there.
+
+Where a build comes from, in order:
+1. ``dsrb/_C*.so``, built by ``pip install -e . --no-build-isolation`` (setup.py), if it was built from the same
+   sources for the same torch and Python (``<library>.json`` beside it records what it was built from);
+2. the first-use cache ``$DSRB_EXT_CACHE`` (default ``~/.cache/dsrb/extensions``), one folder per
+   (sources, torch, Python, CUDA, arch list): a plain ``pip install -e .`` cannot build against torch (pip builds in
+   an isolated environment), so the first ``import dsrb.ops`` compiles the extension there, once (a few minutes on
+   2 cores; torch's ninja builder), and later imports load it in milliseconds.
+
+``DSRB_BUILD_ON_FIRST_USE=0`` skips step 2's compile (report only); ``DSRB_DISABLE_EXT=1`` skips the extension
+entirely; ``DSRB_REQUIRE_EXT=1`` turns a missing extension into an ImportError (CI). A failed first-use build is
+remembered (``FAILED`` + ``build.log`` in its cache folder) and not retried until that folder is deleted, so a
+broken toolchain costs one attempt, not one per import. ``python -m dsrb.info`` prints the outcome.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.machinery
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+from . import _build
+
+
+@dataclass
+class Extension:
+    """What was loaded (``path``, ``info``) or why nothing was (``reason``)."""
+
+    path: Optional[str] = None
+    info: Dict[str, object] = field(default_factory=dict)
+    reason: Optional[str] = None
+    origin: str = ""  # "setup.py build" or "first-use build (cache)"
+
+    @property
+    def loaded(self) -> bool:
+        return self.path is not None
+
+    @property
+    def backends(self) -> Tuple[str, ...]:
+        if not self.loaded:
+            return ()
+        return ("cpu", "cuda") if self.info.get("cuda") else ("cpu",)
+
+
+_STATE: Optional[Extension] = None
+
+
+def load() -> Extension:
+    """Load the extension once per process (building it first if needed); never raises unless DSRB_REQUIRE_EXT=1."""
+    global _STATE
+    if _STATE is None:
+        _STATE = _load()
+        if not _STATE.loaded and os.environ.get("DSRB_REQUIRE_EXT") == "1":
+            raise ImportError(f"dsrb: DSRB_REQUIRE_EXT=1 but the C++ extension is not available: {_STATE.reason}")
+    return _STATE
+
+
+def cache_root() -> str:
+    return os.environ.get("DSRB_EXT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dsrb", "extensions")
+
+
+def _matches(info: Dict[str, object], want: Dict[str, object]) -> Optional[str]:
+    """None if a build recorded as ``info`` fits ``want``, else what differs."""
+    for key in ("torch", "python", "source_hash"):
+        if want.get(key) is not None and info.get(key) != want[key]:
+            return f"{key} {info.get(key)} != {want[key]}"
+    return None
+
+
+def _read_info(library: str) -> Dict[str, object]:
+    try:
+        with open(_build.info_path(library)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _open(library: str, info: Dict[str, object], origin: str) -> Extension:
+    import torch
+
+    try:
+        torch.ops.load_library(library)
+    except OSError as exc:  # e.g. built for another torch ABI despite the record
+        return Extension(reason=f"{library} could not be loaded: {exc}")
+    return Extension(path=library, info=info, origin=origin)
+
+
+def _load() -> Extension:
+    if os.environ.get("DSRB_DISABLE_EXT") == "1":
+        return Extension(reason="disabled by DSRB_DISABLE_EXT=1")
+    import torch
+
+    root = _build.source_root()
+    want = {"torch": torch.__version__, "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+            "source_hash": _build.source_hash(root) if root else None}
+
+    stale = []
+    here = os.path.dirname(os.path.abspath(__file__))
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        for library in sorted(glob.glob(os.path.join(here, "_C" + suffix))):
+            info = _read_info(library)
+            why = _matches(info, want) if info else "no build record beside it"
+            if why is None:
+                return _open(library, info, "setup.py build")
+            stale.append(f"{os.path.basename(library)} is stale ({why})")
+
+    if root is None:
+        return Extension(reason="; ".join(stale + ["no csrc/ sources to build from (install from a source checkout)"]))
+    try:
+        return _first_use_build(root, want)
+    except _build.BuildError as exc:
+        return Extension(reason=str(exc))
+
+
+def _first_use_build(root: str, want: Dict[str, object]) -> Extension:
+    nvcc = _build.want_cuda()
+    key = f"{want['source_hash']}-torch{want['torch']}-py{want['python']}-" + (
+        f"cuda{_build.arch_list().replace(';', '_').replace(' ', '_')}" if nvcc else "cpu")
+    folder = os.path.join(cache_root(), key)
+    library = os.path.join(folder, "dsrb_ext.so")
+    failed = os.path.join(folder, "FAILED")
+    os.makedirs(folder, exist_ok=True)
+    with _Lock(os.path.join(folder, ".lock")):  # concurrent processes (DDP ranks, pytest-xdist) build once
+        if os.path.isfile(library) and _read_info(library):
+            return _open(library, _read_info(library), "first-use build (cache)")
+        if os.path.isfile(failed):
+            return Extension(reason=f"the first-use build failed earlier (log: {os.path.join(folder, 'build.log')}); "
+                                    f"delete {folder} to retry")
+        if os.environ.get("DSRB_BUILD_ON_FIRST_USE") == "0":
+            return Extension(reason="not built yet and DSRB_BUILD_ON_FIRST_USE=0 (unset it, or "
+                                    "`pip install -e . --no-build-isolation`)")
+        print(f"dsrb: building the C++{'/CUDA' if nvcc else ''} extension for torch {want['torch']} (first use, "
+              f"a few minutes; cached in {folder})", file=sys.stderr, flush=True)
+        start = time.time()
+        log = []
+        try:
+            _compile(root, folder, nvcc, log)
+        except Exception as exc:  # noqa: BLE001 - any compiler/toolchain failure becomes a reported reason
+            with open(os.path.join(folder, "build.log"), "w") as f:
+                f.write("\n\n".join(log + [str(exc)]))
+            open(failed, "w").close()
+            raise _build.BuildError(f"the first-use build failed: {str(exc).strip()[-2000:]}\n(log: "
+                                    f"{os.path.join(folder, 'build.log')}; delete {folder} to retry)") from None
+        info = _build.build_info(root, nvcc)
+        _build.write_info(library, info)
+        print(f"dsrb: extension built in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
+        return Extension(path=library, info=info, origin="first-use build (cache)")  # load() below loaded it
+
+
+def _compile(root: str, folder: str, nvcc: Optional[str], log: list) -> None:
+    from torch.utils import cpp_extension
+
+    cflags, ldflags = list(_build.CXX_FLAGS), list(_build.LD_FLAGS)
+    if nvcc:
+        objects = _build.compile_cuda(_build.cuda_sources(root), os.path.join(folder, "cuda"), nvcc, root, log)
+        cflags.append("-DDSRB_WITH_CUDA")
+        ldflags = objects + _build.cuda_link_flags(nvcc) + ldflags
+    os.environ.setdefault("MAX_JOBS", str(_build.jobs()))
+    # is_python_module=False: a plain shared library whose static initialisers register the ops; load() dlopens it.
+    cpp_extension.load(name="dsrb_ext", sources=_build.cpp_sources(root, bool(nvcc)), extra_cflags=cflags, extra_ldflags=ldflags,
+                       extra_include_paths=[root], build_directory=folder, is_python_module=False, verbose=False)
+
+
+class _Lock:
+    """An exclusive advisory file lock (POSIX); a no-op where fcntl is missing."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        self.file = open(self.path, "w")
+        try:
+            import fcntl
+
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - Windows
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()  # closing releases the lock

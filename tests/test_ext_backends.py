@@ -1,0 +1,350 @@
+"""The C++ extension's backends, `cpu` (here) and `cuda` (on a GPU host), against the oracle and the torch backend.
+
+Every op: outputs and every gradient against dsrb.reference in float64 (rounding-level tolerance) and in lower
+precision (the tolerance table), odd shapes, B = 0/1, non-contiguous inputs, float64 gradcheck, opcheck,
+torch.compile(fullgraph=True) equality, determinism, and errors that name the argument. The module skips where the
+extension is not available (DSRB_REQUIRE_EXT=1, as in CI, turns that into an import error instead).
+"""
+
+import pytest
+import torch
+
+import dsrb.ops as ops
+from dsrb import _ext, reference
+from helpers import TOLERANCES, assert_close, dsrb_training_outputs, noncontiguous
+
+EXT = _ext.load()
+pytestmark = pytest.mark.skipif(not EXT.loaded, reason=f"the C++ extension is not available: {EXT.reason}")
+HAS_CUDA = torch.cuda.is_available()
+BACKENDS = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(
+        not (HAS_CUDA and "cuda" in EXT.backends), reason="needs a CUDA GPU and an extension built with nvcc")),
+]
+LOW = [torch.float32, torch.bfloat16, torch.float16]
+HALF = (torch.bfloat16, torch.float16)
+
+
+def _device(backend):
+    return "cuda" if backend == "cuda" else "cpu"
+
+
+def randn(*shape, gen, dtype=torch.float64, device="cpu"):
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def grads(outputs, inputs, seed=1, rounding=None):
+    """Gradients of a random weighting of the float outputs. The weights are the same for every backend: rounded to
+    ``rounding`` (the dtype under test) when the outputs are the fp64 oracle's."""
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o * randn(*o.shape, gen=g, device=o.device).to(rounding or o.dtype).to(o.dtype)).sum()
+               for o in outputs if o.is_floating_point())
+    return list(torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True))
+
+
+def compare(got, want, dtype, names, baseline=None):
+    """Each of ``got`` against the fp64 oracle ``want``: within the table's tolerance, or, for half precision with a
+    ``baseline`` (the torch backend in the same dtype), no further from the oracle than twice the baseline's error
+    (flash-attention's criterion: rounding of saved half-precision outputs such as ``a`` makes large reductions
+    inexact for every backend)."""
+    for i, (name, o, r) in enumerate(zip(names, got, want)):
+        o, r = o.detach().cpu(), r.detach().cpu()
+        if baseline is None or dtype not in HALF:
+            assert_close(o, r, dtype=dtype, what=name)
+            continue
+        err = (o.double() - r).abs().max().item() if r.numel() else 0.0
+        base = (baseline[i].detach().cpu().double() - r).abs().max().item() if r.numel() else 0.0
+        assert err <= 2 * base + TOLERANCES[dtype]["atol"], f"{name}: error {err:.3g} vs torch backend's {base:.3g}"
+
+
+# ---- semantic_attention ------------------------------------------------------------------------------------------
+
+SA_SHAPES = [(1, 49, 3, 33, 17), (2, 13, 20, 16, 8), (3, 7, 1, 5, 40), (2, 4, 80, 9, 130), (0, 5, 4, 3, 2)]
+
+
+def sa_inputs(B, N, C, D, I, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [randn(*s, gen=g, dtype=dtype, device=device).requires_grad_() for s in ((B, N, D), (B, N, I), (C, I), (I,))]
+
+
+def sa_oracle(inputs):
+    leaves = [t.detach().cpu().double().requires_grad_() for t in inputs]
+    out = reference.semantic_attention(*leaves)
+    return list(out) + grads(out, leaves, rounding=inputs[0].dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SA_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64] + LOW, ids=str)
+def test_semantic_attention_matches_oracle(backend, shape, dtype):
+    inputs = sa_inputs(*shape, dtype, _device(backend))
+    out = ops.semantic_attention(*inputs, backend=backend)
+    assert all(o.dtype == dtype and o.is_contiguous() for o in out)
+    base = ops.semantic_attention(*inputs, backend="torch")
+    compare(list(out) + grads(out, inputs), sa_oracle(inputs), dtype, ["S", "a", "grad x", "grad u", "grad e", "grad v"],
+            baseline=list(base) + grads(base, inputs))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_semantic_attention_noncontiguous_and_deterministic(backend):
+    inputs = [noncontiguous(t) for t in sa_inputs(2, 49, 20, 33, 17, torch.float32, _device(backend))]
+    first = list(ops.semantic_attention(*inputs, backend=backend))
+    first += grads(first, inputs)
+    second = list(ops.semantic_attention(*inputs, backend=backend))
+    second += grads(second, inputs)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    compare(first, sa_oracle(inputs), torch.float32, ["S", "a", "grad x", "grad u", "grad e", "grad v"])
+
+
+def test_semantic_attention_cpu_tanh_at_extremes():
+    """The CPU kernel's own tanh (tiny, saturated, infinite, NaN arguments) against torch.tanh, through the op: at
+    position 0 the score is tanh(w), at position 1 it is 0, and x is one-hot per position, so S = a."""
+    inf, nan = float("inf"), float("nan")
+    w = torch.tensor([0.0, 1e-8, -1e-3, 0.3, -0.7, 2.5, -8.9, 9.5, 40.0, -1e30, inf, -inf, nan])
+    u = torch.stack([w, torch.zeros_like(w)], 1)[..., None].requires_grad_()  # (B, 2, 1)
+    x = torch.eye(2).expand(w.numel(), 2, 2).contiguous()
+    e, v = torch.ones(1, 1), torch.ones(1)
+    results = []
+    for backend in ("cpu", "torch"):
+        S, a = ops.semantic_attention(x, u, e, v, backend=backend)
+        results.append([S, a] + grads([S], [u]))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, equal_nan=True)
+    assert results[0][1][:-1].isfinite().all() and results[0][1][-1].isnan().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_semantic_attention_gradcheck(backend):
+    inputs = sa_inputs(2, 5, 3, 4, 6, torch.float64, _device(backend))
+    assert torch.autograd.gradcheck(lambda *t: ops.semantic_attention(*t, backend=backend), inputs)
+
+
+# ---- blends --------------------------------------------------------------------------------------------------------
+
+BLEND_SHAPES = [(1, 1, 3), (5, 20, 33), (8, 80, 9), (3, 7, 1), (0, 4, 5)]
+
+
+def blend_inputs(B, C, D, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    S = randn(B, C, D, gen=g, dtype=dtype, device=device).requires_grad_()
+    T = torch.randint(-1, 2, (B, C), generator=g).to(device=device, dtype=dtype)
+    coef = torch.tensor(0.3, dtype=dtype, device=device, requires_grad=True)
+    bank = randn(C, 4, D, gen=g, dtype=dtype, device=device).requires_grad_()
+    quadrant = torch.randint(0, 4, (B, C), generator=g).to(device)
+    shift = torch.randint(1, 4, (B, C), generator=g).to(device)
+    select = (torch.rand(B, C, generator=g) < 0.5).to(device)
+    partner = torch.randint(0, max(B, 1), (B,), generator=g).to(device)  # repeats and self-pairs
+    return S, T, coef, bank, quadrant, shift, select, partner
+
+
+def _leaf64(t):
+    return t.detach().cpu().double().requires_grad_(t.requires_grad) if t.is_floating_point() else t.cpu()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", BLEND_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64] + LOW, ids=str)
+@pytest.mark.parametrize("detach_target", [False, True])
+def test_instance_blend_matches_oracle(backend, shape, dtype, detach_target):
+    S, T, alpha, _, _, _, _, partner = blend_inputs(*shape, dtype, _device(backend))
+    for p in (partner, None):
+        out = ops.instance_blend(S, T, alpha, p, detach_target=detach_target, backend=backend)
+        got = list(out) + grads(out, [S, alpha])
+        S64, a64 = _leaf64(S), _leaf64(alpha)
+        ref = reference.instance_blend(S64, T.cpu().double(), a64, None if p is None else p.cpu(),
+                                       detach_target=detach_target)
+        compare(got, list(ref) + grads(ref, [S64, a64], rounding=dtype), dtype, ["S1", "T1", "grad S", "grad alpha"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", BLEND_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64] + LOW, ids=str)
+@pytest.mark.parametrize("detach_target", [False, True])
+def test_prototype_blend_matches_oracle(backend, shape, dtype, detach_target):
+    S, T, beta, bank, quadrant, shift, select, _ = blend_inputs(*shape, dtype, _device(backend))
+    out = ops.prototype_blend(S, T, beta, bank, quadrant, shift, select, detach_target=detach_target, backend=backend)
+    got = list(out) + grads(out, [S, beta, bank])
+    S64, b64, k64 = _leaf64(S), _leaf64(beta), _leaf64(bank)
+    ref = reference.prototype_blend(S64, T.cpu().double(), b64, k64, quadrant.cpu(), shift.cpu(), select.cpu(),
+                                    detach_target=detach_target)
+    compare(got, list(ref) + grads(ref, [S64, b64, k64], rounding=dtype), dtype,
+            ["S2", "T2", "grad S", "grad beta", "grad bank"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_blends_noncontiguous_deterministic_and_bank_grad_flag(backend):
+    S, T, coef, bank, quadrant, shift, select, partner = blend_inputs(6, 20, 33, torch.float32, _device(backend))
+    S_nc, bank_nc = noncontiguous(S), noncontiguous(bank)
+    for _ in range(2):  # the same bits twice
+        runs = []
+        for _ in range(2):
+            out = list(ops.instance_blend(S_nc, T, coef, partner, backend=backend))
+            out += list(ops.prototype_blend(S_nc, T, coef, bank_nc, quadrant, shift, select, backend=backend))
+            runs.append(out + grads(out, [S_nc, coef, bank_nc]))
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+    want = list(ops.instance_blend(S, T, coef, partner, backend="torch"))
+    want += list(ops.prototype_blend(S, T, coef, bank, quadrant, shift, select, backend="torch"))
+    compare(runs[0], want + grads(want, [S, coef, bank]), torch.float32, ["S1", "T1", "S2", "T2", "gS", "gc", "gk"])
+    # bank_grad=False (the model's bank is a buffer): zeros, the other gradients unchanged.
+    fn = getattr(torch.ops.dsrb, f"prototype_blend_{backend}_backward")
+    args = (torch.ones_like(S), torch.ones_like(T), S.detach(), coef.detach(), bank.detach(), quadrant, shift, select,
+            False)
+    with_bank, without = fn(*args, True), fn(*args, False)
+    assert torch.equal(without[2], torch.zeros_like(bank)) and with_bank[2].abs().sum() > 0
+    assert torch.equal(with_bank[0], without[0]) and torch.equal(with_bank[1], without[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_blend_gradcheck(backend):
+    S, T, coef, bank, quadrant, shift, select, partner = blend_inputs(3, 5, 4, torch.float64, _device(backend))
+    T[0], T[2] = 0, 1  # some blended entries for the batch flip
+    assert torch.autograd.gradcheck(lambda s, a: ops.instance_blend(s, T, a, partner, backend=backend), (S, coef))
+    assert torch.autograd.gradcheck(
+        lambda s, b, k: ops.prototype_blend(s, T, b, k, quadrant, shift, select, backend=backend), (S, coef, bank))
+
+
+# ---- quadrant index and bank update -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B, C, H, W", [(2, 3, 7, 7), (1, 20, 5, 6), (3, 2, 1, 1), (2, 4, 3, 1), (1, 80, 14, 14)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_quadrant_index_equals_oracle(backend, B, C, H, W, dtype):
+    g = torch.Generator().manual_seed(0)
+    a = torch.softmax(torch.randn(B, C, H * W, generator=g), -1).to(dtype)
+    x_sum = torch.randn(B, H * W, generator=g).to(dtype)
+    a[0, 0] = 1.0 / (H * W)  # ties: a constant row, then the first maximum wins
+    x_sum[0] = x_sum[0].abs().max()
+    dev = _device(backend)
+    got = ops.quadrant_index(a.to(dev), x_sum.to(dev), H, W, backend=backend)
+    assert got.dtype == torch.int64
+    assert torch.equal(got.cpu(), reference.quadrant_index(a, x_sum, H, W))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cap", [0, 1, 2, 100])
+def test_prototype_bank_update_equals_oracle(backend, cap):
+    g = torch.Generator().manual_seed(0)
+    B, C, D, dev = 9, 5, 7, _device(backend)
+    S = torch.randn(B, C, D, generator=g)
+    T = torch.randint(-1, 2, (B, C), generator=g).float()
+    quadrant = torch.randint(0, 4, (B, C), generator=g)
+    sums = torch.randn(C, 4, D, generator=g, dtype=torch.float64)
+    counts = torch.randint(0, 2, (C, 4), generator=g)
+    before = sums.clone(), counts.clone()
+    got = ops.prototype_bank_update(sums.to(dev), counts.to(dev), S.to(dev), T.to(dev), quadrant.to(dev), cap,
+                                    backend=backend)
+    want = reference.prototype_bank_update(sums, counts, S, T, quadrant, cap)
+    assert torch.equal(got[1].cpu(), want[1]) and got[0].dtype == torch.float64
+    assert_close(got[0].cpu(), want[0], dtype=torch.float32)
+    assert torch.equal(sums, before[0]) and torch.equal(counts, before[1])  # inputs untouched
+
+
+# ---- registration: schemas, opcheck, compile, errors --------------------------------------------------------------
+
+OP_NAMES = ["semantic_attention", "semantic_attention_backward", "instance_blend", "instance_blend_backward",
+            "prototype_blend", "prototype_blend_backward", "quadrant_index", "prototype_bank_update"]
+
+
+def _op(name, backend):
+    base, _, tail = name.partition("_backward")
+    return getattr(torch.ops.dsrb, f"{base}_{backend}{'_backward' if _ else ''}").default
+
+
+@pytest.mark.parametrize("name", OP_NAMES)
+def test_schemas_equal_the_python_backends(name):
+    for backend in EXT.backends:
+        ours = _op(name, backend)._schema
+        theirs = _op(name, "torch")._schema
+        assert [(a.name, str(a.type)) for a in ours.arguments] == [(a.name, str(a.type)) for a in theirs.arguments]
+        assert [str(r.type) for r in ours.returns] == [str(r.type) for r in theirs.returns]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    dev = _device(backend)
+    x, u, e, v = sa_inputs(2, 5, 3, 4, 6, torch.float32, dev)
+    torch.library.opcheck(_op("semantic_attention", backend), (x, u, e, v))
+    S, T, coef, bank, quadrant, shift, select, partner = blend_inputs(3, 4, 5, torch.float32, dev)
+    for detach in (False, True):
+        torch.library.opcheck(_op("instance_blend", backend), (S, T, coef, partner, detach))
+        torch.library.opcheck(_op("prototype_blend", backend), (S, T, coef, bank, quadrant, shift, select, detach))
+    a = torch.softmax(torch.randn(3, 4, 6), -1).to(dev)
+    torch.library.opcheck(_op("quadrant_index", backend), (a, torch.randn(3, 6, device=dev), 2, 3))
+    torch.library.opcheck(_op("prototype_bank_update", backend),
+                          (bank.detach(), torch.zeros(4, 4, dtype=torch.int64, device=dev), S.detach(), T, quadrant, 2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph_matches_eager(backend):
+    dev = _device(backend)
+    x, u, e, v = sa_inputs(2, 7, 5, 16, 8, torch.float32, dev)
+    S, T, coef, bank, quadrant, shift, select, partner = blend_inputs(2, 5, 16, torch.float32, dev)
+
+    def head(x, u, e, v, coef, bank):
+        S, a = ops.semantic_attention(x, u, e, v, backend=backend)
+        S1, T1 = ops.instance_blend(S, T, coef, partner, backend=backend)
+        S2, T2 = ops.prototype_blend(S1, T1, coef, bank, quadrant, shift, select, backend=backend)
+        return S2, T2, a
+
+    inputs = [x, u, e, v, coef, bank]
+    compiled = torch.compile(head, fullgraph=True, backend="aot_eager")
+    got, want = compiled(*inputs), head(*inputs)
+    compare(list(got) + grads(got, inputs), list(want) + grads(want, inputs), torch.float32,
+            ["S2", "T2", "a", "gx", "gu", "ge", "gv", "gcoef", "gbank"])
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: torch.ops.dsrb.semantic_attention_cpu(torch.ones(2, 3, 4), torch.ones(2, 4, 5), torch.ones(6, 5),
+                                                       torch.ones(5)), "argument 'u': expected shape \\(2, 3, \\*\\)"),
+        (lambda: torch.ops.dsrb.semantic_attention_cpu(torch.ones(2, 3, 4), torch.ones(2, 3, 5), torch.ones(6, 5),
+                                                       torch.ones(5, dtype=torch.float64)), "argument 'v': expected dtype"),
+        (lambda: torch.ops.dsrb.semantic_attention_cpu(torch.ones(2, 0, 4), torch.ones(2, 0, 5), torch.ones(6, 5),
+                                                       torch.ones(5)), "argument 'x': expected at least one"),
+        (lambda: torch.ops.dsrb.instance_blend_cpu(torch.ones(3, 2, 4), torch.zeros(3, 2), torch.tensor(0.5),
+                                                   torch.tensor([0, 1, 3]), False), "argument 'partner'"),
+        (lambda: torch.ops.dsrb.instance_blend_cpu(torch.ones(3, 2, 4), torch.zeros(3, 2), torch.ones(2),
+                                                   torch.tensor([0, 1, 2]), False), "argument 'alpha'"),
+        (lambda: torch.ops.dsrb.prototype_blend_cpu(torch.ones(1, 2, 4), torch.zeros(1, 2), torch.tensor(0.5),
+                                                    torch.ones(2, 4, 4), torch.tensor([[0, 4]]), torch.ones(1, 2).long(),
+                                                    torch.ones(1, 2, dtype=torch.bool), False), "argument 'quadrant'"),
+        (lambda: torch.ops.dsrb.prototype_blend_cpu(torch.ones(1, 2, 4), torch.zeros(1, 2), torch.tensor(0.5),
+                                                    torch.ones(2, 4, 4), torch.zeros(1, 2).long(), torch.zeros(1, 2).long(),
+                                                    torch.ones(1, 2, dtype=torch.bool), False), "argument 'shift'"),
+        (lambda: torch.ops.dsrb.prototype_blend_cpu(torch.ones(1, 2, 4), torch.zeros(1, 2), torch.tensor(0.5),
+                                                    torch.ones(2, 3, 4), torch.zeros(1, 2).long(), torch.ones(1, 2).long(),
+                                                    torch.ones(1, 2, dtype=torch.bool), False), "argument 'bank'"),
+        (lambda: torch.ops.dsrb.quadrant_index_cpu(torch.ones(1, 2, 6), torch.ones(1, 6), 4, 2),
+         "arguments 'height', 'width'"),
+        (lambda: torch.ops.dsrb.prototype_bank_update_cpu(torch.zeros(2, 4, 3), torch.zeros(2, 4).long(),
+                                                          torch.ones(1, 2, 3), torch.ones(1, 2), torch.tensor([[0, 9]]),
+                                                          5), "argument 'quadrant'"),
+        (lambda: torch.ops.dsrb.prototype_bank_update_cpu(torch.zeros(2, 4, 3), torch.zeros(2, 4).long(),
+                                                          torch.ones(1, 2, 3), torch.ones(1, 2), torch.zeros(1, 2).long(),
+                                                          -1), "argument 'cap'"),
+    ],
+)
+def test_cpu_errors_name_the_argument(call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call()
+
+
+# ---- the whole model on the extension's backend -------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dsrb_model_matches_torch_backend(backend):
+    """Training forward and backward (both blends, prototype pass) with every op on the extension's backend."""
+    dev = _device(backend)
+    for o, r in zip(dsrb_training_outputs(backend, dev), dsrb_training_outputs("torch", dev)):
+        assert_close(o, r)
+
+
+def test_auto_picks_the_cpu_backend_on_cpu():
+    impl = ops.select("semantic_attention", torch.device("cpu"), torch.float32)
+    assert impl is ops.select("semantic_attention", torch.device("cpu"), torch.float32, "cpu")
+    assert ops.reasons("instance_blend", torch.device("cpu"), torch.bfloat16)["cpu"] is None
+
+
+def test_tolerance_table_covers_every_dtype_tested():
+    assert set([torch.float64] + LOW) <= set(TOLERANCES)
