@@ -221,6 +221,16 @@ def attention_weighted_map(gen: torch.Generator, dims: Dict[str, int], device, d
     return (a.transpose(1, 2)[..., None] * x[:, :, None, :]).reshape(B, H, W, C, D)
 
 
+def seeded_linear(gen: torch.Generator, fan_in: int, fan_out: int, bias: bool, device, dtype) -> torch.nn.Linear:
+    """nn.Linear with its default init range, drawn from ``gen`` (the same weights for every provider)."""
+    layer = torch.nn.Linear(fan_in, fan_out, bias=bias, device=device, dtype=dtype)
+    bound = 1 / fan_in ** 0.5
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_((torch.rand(p.shape, generator=gen, dtype=dtype) * 2 - 1) * bound)
+    return layer
+
+
 # ------------------------------------------------------------------------------------------------- passes
 
 
@@ -393,4 +403,7 @@ def bench():
         pass_callables=pass_callables,
         seed_for=seed_for,
         attention_weighted_map=attention_weighted_map,
+        cpu_peak_bytes=cpu_peak_bytes,
+        seeded_linear=seeded_linear,
+        available_memory=available_memory,
     )

@@ -15,12 +15,18 @@ from collections import defaultdict
 from typing import Dict, List, Optional
 
 ORDER = ("official", "torch", "compile", "cpu", "cuda", "triton")
+# extra_info figures some suites add (train step, largest batch, scaling, prototype pass), shown in a notes column.
+NOTES = ("images_per_s", "largest_batch", "per_image_ms", "time_vs_x1", "peak_vs_x1")
 
 
 def _ratio(num: Optional[float], den: Optional[float]) -> str:
     if not num or not den:
         return "–"
     return f"{num / den:.2f}×"
+
+
+def _num(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _mib(value: Optional[float]) -> str:
@@ -44,7 +50,7 @@ def load(path: str) -> Dict[str, Dict[str, dict]]:
             "iqr_ms": stats["iqr"] * 1e3,
             "peak": info.get("peak_memory_bytes"),
             "rounds": stats["rounds"],
-            "info": info,
+            "notes": ", ".join(f"{k} {_num(info[k])}" for k in NOTES if info.get(k) is not None),
         }
     return dict(groups)
 
@@ -57,8 +63,8 @@ def render(groups: Dict[str, Dict[str, dict]], baseline: str = "torch") -> str:
     for op, names in by_op.items():
         lines += [f"### {op}", "",
                   f"| group | provider | median (ms) | IQR (ms) | vs official | vs {baseline} | peak memory (MiB) | "
-                  f"memory vs official | memory vs {baseline} |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  f"memory vs official | memory vs {baseline} | notes |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for group in names:
             row = groups[group]
             off, base = row.get("official", {}), row.get(baseline, {})
@@ -66,8 +72,11 @@ def render(groups: Dict[str, Dict[str, dict]], baseline: str = "torch") -> str:
                 r = row[provider]
                 lines.append(
                     f"| {group} | {provider} | {r['median_ms']:.3f} | {r['iqr_ms']:.3f} | "
-                    f"{_ratio(off.get('median_ms'), r['median_ms'])} | {_ratio(base.get('median_ms'), r['median_ms'])} | "
-                    f"{_mib(r['peak'])} | {_ratio(off.get('peak'), r['peak'])} | {_ratio(base.get('peak'), r['peak'])} |")
+                    f"{_ratio(off.get('median_ms'), r['median_ms'])} | "
+                    f"{_ratio(base.get('median_ms'), r['median_ms'])} | "
+                    f"{_mib(r['peak'])} | {_ratio(off.get('peak'), r['peak'])} | "
+                    f"{_ratio(base.get('peak'), r['peak'])} | "
+                    f"{r['notes']} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -14,11 +14,9 @@ gradient of S and differentiates w.r.t. X and the linears' parameters.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
-from torch import nn
 
 import dsrb.ops
 from dsrb.reference import semantic_decoupling_official
@@ -46,15 +44,6 @@ def _stage_torch(x, word, fc1, fc2, fc3, fc4):
     return _stage(x, word, fc1, fc2, fc3, fc4, "torch")
 
 
-def _linear(gen, fan_in, fan_out, bias, device, dtype):
-    layer = nn.Linear(fan_in, fan_out, bias=bias, device=device, dtype=dtype)
-    bound = 1 / math.sqrt(fan_in)  # the nn.Linear init range, drawn from our own generator
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_((torch.rand(p.shape, generator=gen, dtype=dtype) * 2 - 1) * bound)
-    return layer
-
-
 def _inputs(bench, shape, dims, device, dtype):
     key = (shape, str(device), str(dtype))
     if _STATE["key"] != key:
@@ -65,10 +54,10 @@ def _inputs(bench, shape, dims, device, dtype):
         gen = torch.Generator().manual_seed(bench.seed_for(OP, shape))
         X = torch.randn(B, D, H, W, generator=gen, dtype=dtype)
         word = torch.randn(C, E, generator=gen, dtype=dtype).to(device)
-        fc1 = _linear(gen, D, I, False, device, dtype)
-        fc2 = _linear(gen, E, I, False, device, dtype)
-        fc3 = _linear(gen, I, I, True, device, dtype)
-        fc4 = _linear(gen, I, 1, True, device, dtype)
+        fc1 = bench.seeded_linear(gen, D, I, False, device, dtype)
+        fc2 = bench.seeded_linear(gen, E, I, False, device, dtype)
+        fc3 = bench.seeded_linear(gen, I, I, True, device, dtype)
+        fc4 = bench.seeded_linear(gen, I, 1, True, device, dtype)
         x = X.permute(0, 2, 3, 1).reshape(B, N, D).contiguous().to(device).requires_grad_()
         X = X.to(device).requires_grad_()
         params = (fc1.weight, fc2.weight, fc3.weight, fc3.bias, fc4.weight, fc4.bias)

@@ -163,8 +163,9 @@ def _compile(root: str, folder: str, nvcc: Optional[str], log: list) -> None:
         ldflags = objects + _build.cuda_link_flags(nvcc) + ldflags
     os.environ.setdefault("MAX_JOBS", str(_build.jobs()))
     # is_python_module=False: a plain shared library whose static initialisers register the ops; load() dlopens it.
-    cpp_extension.load(name="dsrb_ext", sources=_build.cpp_sources(root, bool(nvcc)), extra_cflags=cflags, extra_ldflags=ldflags,
-                       extra_include_paths=[root], build_directory=folder, is_python_module=False, verbose=False)
+    cpp_extension.load(name="dsrb_ext", sources=_build.cpp_sources(root, bool(nvcc)), extra_cflags=cflags,
+                       extra_ldflags=ldflags, extra_include_paths=[root], build_directory=folder,
+                       is_python_module=False, verbose=False)
 
 
 class _Lock:

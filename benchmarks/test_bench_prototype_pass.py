@@ -1,0 +1,177 @@
+"""Benchmark of the prototype pass over a synthetic epoch: the vectorised bank vs the official per-sample loop.
+
+The prototype pass (spec §5.1) runs before the blending epochs: the model, in eval mode, goes over the training set
+and stores the known-positive (image, class) features per (class, quadrant) bucket, then averages them. Both
+formulations start here from the same per-batch quantities, the attention a and the reduced map x the forward
+computes, and each builds from them what its own forward hands to the pass (the official map F, the model's pooled
+S, both timed); they compute the same prototypes (the official ones as (C, 4, H, W, D) maps, the model's as their
+spatial sums, (C, 4, D)).
+
+A synthetic epoch of one shape: ``BATCHES[size]`` batches (8 quick, 32 full; at most ``MAX_IMAGES[size]`` images,
+so vg-b32 gets 8) of B images, each (a (B, C, N) spatial-softmax attention, x (B, N, D) rows of the reduced map X,
+T (B, C) partial targets with 50 % of the labels known and 1/3 of the known ones positive), drawn from a seeded
+generator; images_per_epoch = batches x B. Bucket cap 100 (official); ``compat="official"`` (a bucket's sum is
+divided by n + 1, the official placeholder row averaged in) for both formulations.
+
+Timed, per provider (one call = one whole epoch, no gradient):
+
+* official: for every batch, the official attention-weighted map F (B, H, W, C, D) = a[b, c, n] * x[b, n] (what
+  the official forward hands to the prototype pass), then :func:`dsrb.reference.compute_prototype_maps` over the
+  epoch: the official quadrant search on F and the class-major per-sample loop that stores (H, W, D) maps in the
+  buckets, then the per-bucket averaging. Every F of the epoch stays alive (the buckets hold views of it).
+* torch / cpu / cuda / triton: for every batch, S = a @ x (B, C, D) (what the model's forward hands over),
+  ``dsrb.ops.quadrant_index(a, x.sum(-1), H, W, backend=provider)`` and
+  :meth:`dsrb.models.prototype_bank.PrototypeBank.update` (``dsrb.ops.prototype_bank_update``); then
+  ``PrototypeBank.finalize("official")``: exactly what ``DSRB.update_prototypes`` / ``finalize_prototypes`` do
+  after the model's forward.
+* compile: not timed (the pass is a host-side loop over batches of no-grad custom ops; there is nothing for
+  torch.compile to fuse).
+
+Before timing, once per provider: the bank's prototypes equal the official maps summed over space, and both mark
+the same classes valid. ``extra_info`` records images_per_epoch, batches, cap, compat and the time per image.
+
+Rounds: the official provider's rounds are cut where its estimated epoch time (``OFFICIAL_SECONDS_PER_ENTRY`` per
+(image, class) entry) would make a case exceed ``OFFICIAL_BUDGET_S`` (the full shapes; recorded in
+``extra_info["rounds_note"]``; not when ``DSRB_BENCH_ROUNDS`` is set).
+
+Target: the vectorised pass >= 100x faster than the official loop.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import dsrb.ops
+from dsrb.models.prototype_bank import PrototypeBank
+from dsrb.reference import compute_prototype_maps
+
+CASE = "prototype_pass"
+OPS = ("quadrant_index", "prototype_bank_update")
+BATCHES = {"quick": 8, "full": 32}  # batches per synthetic epoch ...
+MAX_IMAGES = {"quick": 128, "full": 256}  # ... but at most this many images (vg-b32: 8 batches)
+CAP = 100  # samples per (class, quadrant) bucket, as officially
+COMPAT = "official"
+# The official loop costs roughly this much per (image, class) entry of the epoch on a CPU (quadrant search and
+# per-sample loop); its rounds are cut so that one case stays near OFFICIAL_BUDGET_S (unless DSRB_BENCH_ROUNDS is
+# set).
+OFFICIAL_SECONDS_PER_ENTRY = 200e-6
+OFFICIAL_BUDGET_S = 20.0
+_STATE = {"key": None, "value": None}  # the epoch of one shape at a time
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_inputs():
+    """Drop this suite's cached epoch when it ends, so the next suite has the device memory."""
+    yield
+    _STATE["key"] = _STATE["value"] = None
+
+
+def _batches(size, dims) -> int:
+    return min(BATCHES[size], max(1, MAX_IMAGES[size] // dims["B"]))
+
+
+def _epoch(bench, size, shape, dims, device, dtype):
+    key = (size, shape, str(device), str(dtype))
+    if _STATE["key"] != key:
+        _STATE["key"] = _STATE["value"] = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        B, N, C, D = dims["B"], dims["N"], dims["C"], dims["D"]
+        gen = torch.Generator().manual_seed(bench.seed_for(CASE, shape))
+        batches = []
+        for _ in range(_batches(size, dims)):
+            a = torch.softmax(2 * torch.randn(B, C, N, generator=gen, dtype=dtype), dim=-1)
+            x = torch.randn(B, N, D, generator=gen, dtype=dtype)
+            known = torch.rand(B, C, generator=gen) < 0.5
+            positive = torch.rand(B, C, generator=gen) < 1 / 3
+            T = torch.where(known, torch.where(positive, 1, -1), 0)
+            batches.append(tuple(t.to(device) for t in (a, x, T)))
+        _STATE["value"] = dict(batches=batches, banks={}, reference=None, validated=set())
+        _STATE["key"] = key
+    return _STATE["value"]
+
+
+def _official_epoch(batches, dims):
+    """F per batch, then the official prototype pass over the epoch: (maps (C, 4, H, W, D), valid (C,))."""
+    B, H, W, C, D = (dims[k] for k in "BHWCD")
+    pairs = (((a.transpose(1, 2)[..., None] * x[:, :, None, :]).reshape(B, H, W, C, D), T) for a, x, T in batches)
+    return compute_prototype_maps(pairs, cap=CAP, compat=COMPAT)
+
+
+def _vectorised_epoch(bank: PrototypeBank, batches, dims, backend: str):
+    """S and the quadrants per batch, the bank update, the finalization: (prototypes (C, 4, D), valid (C,))."""
+    H, W = dims["H"], dims["W"]
+    bank.reset()
+    for a, x, T in batches:
+        S = torch.bmm(a, x)
+        quadrant = dsrb.ops.quadrant_index(a, x.sum(-1), H, W, backend=backend)
+        bank.update(S, T, quadrant)
+    bank.finalize(COMPAT)
+    return bank.prototypes, bank.valid
+
+
+def _official_estimate(dims, batches: int) -> int:
+    """Bytes the official epoch keeps alive: every batch's (B, H, W, C, D) map, plus the stacks of one bucket."""
+    return int(4 * 1.1 * batches * dims["B"] * dims["N"] * dims["C"] * dims["D"])
+
+
+def _validate(provider, run, inp, dims, device):
+    """Once per shape and provider, outside the timing: the provider's prototypes equal the official maps summed
+    over space (the bank holds spatial sums), and the valid classes agree."""
+    if provider in inp["validated"]:
+        return
+    if inp["reference"] is None:
+        maps, valid = _official_epoch(inp["batches"], dims)
+        inp["reference"] = (maps.sum(dim=(2, 3)), valid)
+    if provider != "official":
+        prototypes, valid = run()
+        want, want_valid = inp["reference"]
+        assert torch.equal(valid, want_valid), f"{provider}: valid classes differ from the official pass"
+        tol = 1e-4 if device.type == "cuda" else 1e-5
+        torch.testing.assert_close(prototypes, want, rtol=tol, atol=tol,
+                                   msg=lambda m: f"{provider} disagrees with the official prototypes: {m}")
+    inp["validated"].add(provider)
+
+
+def test_prototype_pass(benchmark, bench, provider, shape, size, dims, device, dtype, rounds):
+    if provider == "compile":
+        pytest.skip("compile: the prototype pass is a host-side loop over batches of no-grad custom ops; "
+                    "torch.compile has nothing to fuse, so it is not timed")
+    backend = None
+    for op in OPS:
+        backend = bench.require_provider(op, provider, device, dtype)
+    n_batches = _batches(size, dims)
+    images = n_batches * dims["B"]
+    info = {"op": CASE, "case": CASE, "provider": provider, "pass": "epoch", "shape": shape, "dims": dims,
+            "dtype": dtype, "batches": n_batches, "images_per_epoch": images, "cap": CAP, "compat": COMPAT}
+    if provider == "official":
+        bench.skip_if_too_big(_official_estimate(dims, n_batches), device, f"official prototype pass at {shape}")
+    inp = _epoch(bench, size, shape, dims, device, dtype)
+    batches = inp["batches"]
+    if provider == "official":
+        run = lambda: _official_epoch(batches, dims)  # noqa: E731
+        info["formulation"] = ("per batch F (B,H,W,C,D) = a * x; dsrb.reference.compute_prototype_maps over the "
+                               "epoch (official quadrant search on F, per-sample loop storing maps, averaging)")
+        estimate = images * dims["C"] * OFFICIAL_SECONDS_PER_ENTRY
+        if not os.environ.get("DSRB_BENCH_ROUNDS") and estimate * rounds > OFFICIAL_BUDGET_S:
+            info["rounds_note"] = (f"official rounds cut from {rounds}: about {estimate:.1f} s per round estimated "
+                                   f"({OFFICIAL_SECONDS_PER_ENTRY * 1e6:.0f} us per (image, class) entry)")
+            rounds = max(1, int(OFFICIAL_BUDGET_S / estimate))
+    else:
+        if backend not in inp["banks"]:
+            inp["banks"][backend] = PrototypeBank(dims["C"], dims["D"], cap=CAP, backend=backend).to(device)
+        bank = inp["banks"][backend]
+        run = lambda: _vectorised_epoch(bank, batches, dims, backend)  # noqa: E731
+        info["formulation"] = (f"per batch S = a @ x, dsrb.ops.quadrant_index and PrototypeBank.update "
+                               f"(dsrb.ops.prototype_bank_update, backend='{backend}'); PrototypeBank.finalize")
+    _validate(provider, run, inp, dims, device)
+    with torch.no_grad():
+        bench.run_case(benchmark, run, device=device, rounds=rounds, info=info)
+    if not benchmark.disabled and benchmark.stats is not None:
+        extra = benchmark.extra_info
+        median_ms = extra.get("cuda_event_median_ms") or benchmark.stats.stats.median * 1e3
+        extra["epoch_median_ms"] = median_ms
+        extra["per_image_ms"] = median_ms / images
