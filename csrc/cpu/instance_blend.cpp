@@ -8,6 +8,7 @@
 // per-row partials in a fixed order (deterministic).
 #include "../checks.h"
 #include "../ops.h"
+#include "common.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,9 +20,6 @@
 
 namespace dsrb {
 namespace {
-
-// Elements per parallel chunk (ATen's GRAIN_SIZE, which lives in the heavy TensorIterator.h).
-constexpr int64_t kGrainSize = 32768;
 
 // Partner indices, validated before any row is read through them.
 std::vector<int64_t> read_partner(const Tensor& partner, int64_t B) {
@@ -48,28 +46,6 @@ std::vector<uint8_t> blend_mask(const scalar_t* T, const std::vector<int64_t>& p
   return w;
 }
 
-// Rows per parallel chunk: about kGrainSize elements each.
-int64_t row_grain(int64_t D) { return std::max<int64_t>(1, kGrainSize / std::max<int64_t>(D, 1)); }
-
-// sum_d g[d] * (s[d] - p[d]) with 8 interleaved partials: vectorisable without -ffast-math, and more accurate than a
-// single running sum.
-template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
-opmath_t dot_diff(const scalar_t* g, const scalar_t* s, const scalar_t* p, int64_t D) {
-  opmath_t lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8) {
-    for (int k = 0; k < 8; ++k) {
-      lane[k] += static_cast<opmath_t>(g[d + k]) *
-                 (static_cast<opmath_t>(s[d + k]) - static_cast<opmath_t>(p[d + k]));
-    }
-  }
-  opmath_t tail = 0;
-  for (; d < D; ++d) {
-    tail += static_cast<opmath_t>(g[d]) * (static_cast<opmath_t>(s[d]) - static_cast<opmath_t>(p[d]));
-  }
-  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7])) + tail;
-}
-
 }  // namespace
 
 std::tuple<Tensor, Tensor> instance_blend_cpu(const Tensor& S_, const Tensor& T_, const Tensor& alpha_,
@@ -94,7 +70,7 @@ std::tuple<Tensor, Tensor> instance_blend_cpu(const Tensor& S_, const Tensor& T_
     const opmath_t oma = static_cast<opmath_t>(one_minus_s);
     const std::vector<uint8_t> w = blend_mask(t, partner, B, C);
 
-    at::parallel_for(0, B * C, row_grain(D), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * C, cpu::grain_for(D), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / C, c = r % C;
         const scalar_t* src = s + r * D;
@@ -154,14 +130,14 @@ std::tuple<Tensor, Tensor> instance_blend_cpu_backward(const Tensor& grad_S1_, c
     const std::vector<uint8_t> w = blend_mask(T.data_ptr<scalar_t>(), partner, B, C);
     std::vector<opmath_t> partial(B * C, opmath_t(0));  // grad_alpha contribution of each row
 
-    at::parallel_for(0, B * C, row_grain(D), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * C, cpu::grain_for(D), [&](int64_t begin, int64_t end) {
       std::vector<opmath_t> acc(D);
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / C, c = r % C;
         const scalar_t* gr = g + r * D;
         scalar_t* out = gs + r * D;
         const opmath_t m = w[r] ? a : opmath_t(1);
-        if (w[r]) partial[r] = dot_diff(gr, s + r * D, s + (partner[b] * C + c) * D, D);
+        if (w[r]) partial[r] = cpu::dot_diff(gr, s + r * D, s + (partner[b] * C + c) * D, D);
         bool gathered = false;
         for (int64_t i = start[b]; i < start[b + 1]; ++i) {
           const int64_t src = from[i];

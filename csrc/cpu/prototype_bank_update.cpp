@@ -6,6 +6,7 @@
 // whole classes and walks b in order: one writer per output element and a fixed summation order (deterministic).
 #include "../checks.h"
 #include "../ops.h"
+#include "common.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -16,12 +17,6 @@
 #include <vector>
 
 namespace dsrb {
-namespace {
-
-// Elements per parallel chunk (ATen's GRAIN_SIZE, which lives in the heavy TensorIterator.h).
-constexpr int64_t kGrainSize = 32768;
-
-}  // namespace
 
 std::tuple<Tensor, Tensor> prototype_bank_update_cpu(const Tensor& sums_, const Tensor& counts_, const Tensor& S_,
                                                      const Tensor& T_, const Tensor& quadrant_, int64_t cap) {
@@ -45,7 +40,7 @@ std::tuple<Tensor, Tensor> prototype_bank_update_cpu(const Tensor& sums_, const 
       using opmath_t = at::opmath_type<scalar_t>;
       const scalar_t* sm = sums.data_ptr<scalar_t>();
       scalar_t* out = new_sums.data_ptr<scalar_t>();
-      const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(B * D, 1));
+      const int64_t grain = cpu::grain_for(B * D);
       at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
         std::vector<opmath_t> acc(4 * D);  // the batch's kept samples, added to sums at the end (torch's order)
         for (int64_t c = begin; c < end; ++c) {

@@ -8,6 +8,7 @@
 // order, so every output element has one writer and a fixed summation order (deterministic, no atomics).
 #include "../checks.h"
 #include "../ops.h"
+#include "common.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -20,9 +21,6 @@
 
 namespace dsrb {
 namespace {
-
-// Elements per parallel chunk (ATen's GRAIN_SIZE, which lives in the heavy TensorIterator.h).
-constexpr int64_t kGrainSize = 32768;
 
 // Bank bucket (quadrant - shift) mod 4 of every (b, c), validating both indices before the bank is read.
 std::vector<uint8_t> buckets(const Tensor& quadrant, const Tensor& shift, int64_t B, int64_t C) {
@@ -37,26 +35,6 @@ std::vector<uint8_t> buckets(const Tensor& quadrant, const Tensor& shift, int64_
     out[r] = static_cast<uint8_t>((q[r] - s[r] + 4) % 4);  // q - s >= -3: the non-negative remainder
   }
   return out;
-}
-
-int64_t row_grain(int64_t D) { return std::max<int64_t>(1, kGrainSize / std::max<int64_t>(D, 1)); }
-
-// sum_d g[d] * (s[d] - p[d]) with 8 interleaved partials (vectorisable without -ffast-math).
-template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
-opmath_t dot_diff(const scalar_t* g, const scalar_t* s, const scalar_t* p, int64_t D) {
-  opmath_t lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8) {
-    for (int k = 0; k < 8; ++k) {
-      lane[k] += static_cast<opmath_t>(g[d + k]) *
-                 (static_cast<opmath_t>(s[d + k]) - static_cast<opmath_t>(p[d + k]));
-    }
-  }
-  opmath_t tail = 0;
-  for (; d < D; ++d) {
-    tail += static_cast<opmath_t>(g[d]) * (static_cast<opmath_t>(s[d]) - static_cast<opmath_t>(p[d]));
-  }
-  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7])) + tail;
 }
 
 }  // namespace
@@ -86,7 +64,7 @@ std::tuple<Tensor, Tensor> prototype_blend_cpu(const Tensor& S_, const Tensor& T
     const scalar_t one_minus_s = static_cast<scalar_t>(opmath_t(1) - be);
     const opmath_t omb = static_cast<opmath_t>(one_minus_s);
 
-    at::parallel_for(0, B * C, row_grain(D), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * C, cpu::grain_for(D), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t c = r % C;
         const scalar_t* src = s + r * D;
@@ -143,12 +121,12 @@ std::tuple<Tensor, Tensor, Tensor> prototype_blend_cpu_backward(
     const opmath_t omb = static_cast<opmath_t>(static_cast<scalar_t>(opmath_t(1) - be));
     std::vector<opmath_t> partial(B * C, opmath_t(0));  // grad_beta contribution of each row
 
-    at::parallel_for(0, B * C, row_grain(D), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * C, cpu::grain_for(D), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* gr = g + r * D;
         scalar_t* out = gs + r * D;
         if (sel[r]) {
-          partial[r] = dot_diff(gr, s + r * D, bk + ((r % C) * 4 + bucket[r]) * D, D);
+          partial[r] = cpu::dot_diff(gr, s + r * D, bk + ((r % C) * 4 + bucket[r]) * D, D);
           for (int64_t d = 0; d < D; ++d) out[d] = static_cast<scalar_t>(static_cast<opmath_t>(gr[d]) * be);
         } else {
           std::copy(gr, gr + D, out);
@@ -171,7 +149,7 @@ std::tuple<Tensor, Tensor, Tensor> prototype_blend_cpu_backward(
     if (bank_grad) {
       // One task per bank row (c, q): it gathers its selected rows in increasing b (the index_add order).
       scalar_t* gb = grad_bank.data_ptr<scalar_t>();
-      const int64_t grain = std::max<int64_t>(1, kGrainSize / std::max<int64_t>(B * D / 4, 1));
+      const int64_t grain = cpu::grain_for(B * D / 4);
       at::parallel_for(0, C * 4, grain, [&](int64_t begin, int64_t end) {
         std::vector<opmath_t> acc(D);
         for (int64_t k = begin; k < end; ++k) {

@@ -5,6 +5,7 @@
 // quadrant = 2 * (row >= H / 2) + (col >= W / 2). One (b, c) map per iteration of a parallel loop.
 #include "../checks.h"
 #include "../ops.h"
+#include "common.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -17,9 +18,6 @@
 
 namespace dsrb {
 namespace {
-
-// Elements per parallel chunk (ATen's GRAIN_SIZE, which lives in the heavy TensorIterator.h).
-constexpr int64_t kGrainSize = 32768;
 
 // torch.amax: a NaN anywhere makes the maximum NaN.
 template <typename T>
@@ -51,7 +49,7 @@ Tensor quadrant_index_cpu(const Tensor& a_, const Tensor& x_sum_, int64_t height
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* pa = a.data_ptr<scalar_t>();
     const scalar_t* px = x_sum.data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, kGrainSize / N);
+    const int64_t grain = cpu::grain_for(N);
     at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) {
       std::vector<opmath_t> row_max(H), col_max(W);
       for (int64_t r = begin; r < end; ++r) {
