@@ -150,7 +150,8 @@ def _first_use_build(root: str, want: Dict[str, object]) -> Extension:
         info = _build.build_info(root, nvcc)
         _build.write_info(library, info)
         print(f"dsrb: extension built in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
-        return Extension(path=library, info=info, origin="first-use build (cache)")  # load() below loaded it
+        # cpp_extension.load in _compile has already loaded the library into this process.
+        return Extension(path=library, info=info, origin="first-use build (cache)")
 
 
 def _compile(root: str, folder: str, nvcc: Optional[str], log: list) -> None:
