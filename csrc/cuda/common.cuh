@@ -80,6 +80,15 @@ __device__ __forceinline__ Acc<T> tsub(Acc<T> a, Acc<T> b) {
   return rnd<T>(sub_rn(a, b));
 }
 
+// One warp blends a row: o[d] = coef * s[d] + om * other[d] (om = 1 - coef), each product and the sum rounded to T
+// as torch computes them on tensors of dtype T.
+template <typename T>
+__device__ __forceinline__ void blend_row(T* o, const T* s, const T* other, Acc<T> coef, Acc<T> om, int64_t lane,
+                                          int64_t D) {
+  for (int64_t d = lane; d < D; d += 32)
+    o[d] = from_acc<T>(tadd<T>(tmul<T>(coef, to_acc(s[d])), tmul<T>(om, to_acc(other[d]))));
+}
+
 template <typename A>
 __device__ __forceinline__ A warp_sum(A x) {
 #pragma unroll

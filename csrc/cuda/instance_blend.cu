@@ -56,8 +56,7 @@ __global__ void __launch_bounds__(kRowWarps * 32)
   const A a = to_acc(alpha[0]);
   const A om = tsub<T>(A(1), a);
   const T* sp = S + (p * C + c) * D;
-  for (int64_t d = lane; d < D; d += 32)
-    o[d] = from_acc<T>(tadd<T>(tmul<T>(a, to_acc(s[d])), tmul<T>(om, to_acc(sp[d]))));
+  blend_row<T>(o, s, sp, a, om, lane, D);
   if (lane == 0) T1[row] = from_acc<T>(om);
 }
 

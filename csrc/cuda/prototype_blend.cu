@@ -57,8 +57,7 @@ __global__ void __launch_bounds__(kRowWarps * 32)
   const T* p = bank + (c * 4 + bucket_of(quadrant[row], shift[row])) * D;
   const A bt = to_acc(beta[0]);
   const A om = tsub<T>(A(1), bt);
-  for (int64_t d = lane; d < D; d += 32)
-    o[d] = from_acc<T>(tadd<T>(tmul<T>(bt, to_acc(s[d])), tmul<T>(om, to_acc(p[d]))));
+  blend_row<T>(o, s, p, bt, om, lane, D);
   if (lane == 0) T2[row] = from_acc<T>(om);
 }
 
