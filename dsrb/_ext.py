@@ -119,6 +119,8 @@ def _load() -> Extension:
 
 
 def _first_use_build(root: str, want: Dict[str, object]) -> Extension:
+    from .checkpoint import FileLock
+
     nvcc = _build.want_cuda()
     key = f"{want['source_hash']}-torch{want['torch']}-py{want['python']}-" + (
         f"cuda{_build.arch_list().replace(';', '_').replace(' ', '_')}" if nvcc else "cpu")
@@ -126,7 +128,7 @@ def _first_use_build(root: str, want: Dict[str, object]) -> Extension:
     library = os.path.join(folder, "dsrb_ext.so")
     failed = os.path.join(folder, "FAILED")
     os.makedirs(folder, exist_ok=True)
-    with _Lock(os.path.join(folder, ".lock")):  # concurrent processes (DDP ranks, pytest-xdist) build once
+    with FileLock(os.path.join(folder, ".lock")):  # concurrent processes (DDP ranks, pytest-xdist) build once
         if os.path.isfile(library) and _read_info(library):
             return _open(library, _read_info(library), "first-use build (cache)")
         if os.path.isfile(failed):
@@ -167,23 +169,3 @@ def _compile(root: str, folder: str, nvcc: Optional[str], log: list) -> None:
     cpp_extension.load(name="dsrb_ext", sources=_build.cpp_sources(root, bool(nvcc)), extra_cflags=cflags,
                        extra_ldflags=ldflags, extra_include_paths=[root], build_directory=folder,
                        is_python_module=False, verbose=False)
-
-
-class _Lock:
-    """An exclusive advisory file lock (POSIX); a no-op where fcntl is missing."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __enter__(self):
-        self.file = open(self.path, "w")
-        try:
-            import fcntl
-
-            fcntl.flock(self.file, fcntl.LOCK_EX)
-        except ImportError:  # pragma: no cover - Windows
-            pass
-        return self
-
-    def __exit__(self, *exc):
-        self.file.close()  # closing releases the lock

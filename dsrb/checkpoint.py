@@ -68,3 +68,23 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class FileLock:
+    """An exclusive advisory file lock (POSIX) held while inside ``with``; a no-op where fcntl is missing."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self):
+        self.file = open(self.path, "w")
+        try:
+            import fcntl
+
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        except ImportError:  # pragma: no cover - Windows
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()  # closing releases the lock

@@ -110,6 +110,13 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "demo": dict(dataset="builtin", backbone="resnet18", backbone_width=16, image_size=128, feature_dim=256,
                  inter_dim=128, word_dim=64, batch_size=16, epochs=8, lr=1e-3, weight_decay=5e-4, lr_step=6,
                  blend_start_epoch=3, prototype_interval=2, workers=2),
+    # The demo data at the size where the known-label-proportion sweep (python -m dsrb.experiments.proportions:
+    # 5 proportions x 3 seeds per method) runs on 2 CPU cores: 96x96 input without the 2x2 pool (3x3 maps, so the
+    # quadrants are uneven as in the paper's 7x7), a narrower head.
+    "sweep": dict(dataset="builtin", backbone="resnet18", backbone_width=16, pretrained="builtin", image_size=96,
+                  avgpool=False,
+                  feature_dim=128, inter_dim=64, word_dim=64, batch_size=16, epochs=10, lr=1e-3, weight_decay=5e-4,
+                  lr_step=8, blend_start_epoch=3, prototype_interval=2, workers=2),
     "coco": dict(dataset="coco", **_PAPER),
     "voc": dict(dataset="voc", **_PAPER),
     "vg": dict(dataset="vg", **_PAPER),
@@ -156,7 +163,8 @@ HELP = {
     "skip_bad_images": "skip unreadable images (with a count) instead of stopping",
     "backbone": "resnet18 | resnet34 | resnet50 | resnet101",
     "backbone_width": "ResNet base width (64 = standard)",
-    "pretrained": "local torchvision ImageNet weights for the backbone (nothing is downloaded)",
+    "pretrained": "local torchvision ImageNet weights for the backbone (nothing is downloaded), or 'builtin': the "
+                  "backbone pre-trained on the built-in pre-training set (python -m dsrb.pretrain; once, then cached)",
     "freeze_backbone": "freeze stem..layer3 (default: on iff --pretrained is given)",
     "avgpool": "the official 2x2 average pool after layer4",
     "feature_dim": "D, channels after the 1x1 reduction",

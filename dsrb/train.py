@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from . import __version__
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, save_json, set_rng_state
+from .checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, save_json, set_rng_state
 from .config import TrainConfig, parse_args
 from .losses import dsrb_loss
 from .metrics import compute_metrics
@@ -191,6 +191,24 @@ def model_kwargs(cfg: TrainConfig, word_dim: int) -> Dict[str, Any]:
                 detach_blend_targets=cfg.detach_blend_targets, freeze_backbone=freeze, backend=cfg.backend)
 
 
+def resolve_pretrained(cfg: TrainConfig, d: Dist, device: torch.device) -> Optional[str]:
+    """The backbone weights file: ``--pretrained`` as given, or for "builtin" the backbone pre-trained on the
+    built-in pre-training set (:mod:`dsrb.pretrain`; trained once by rank 0 on first use, then cached)."""
+    if cfg.pretrained != "builtin":
+        return cfg.pretrained
+    from .pretrain import builtin_pretrained
+
+    def resolve():
+        return builtin_pretrained(cfg.backbone, cfg.backbone_width, cfg.image_size, device=device)
+
+    path = resolve() if d.main else None
+    if d.enabled:
+        dist.barrier()
+    path = path or resolve()
+    log.info("backbone: pre-trained on the built-in pre-training set, %s", path)
+    return path
+
+
 def autocast(cfg: TrainConfig, device: torch.device):
     if cfg.amp == "none":
         return nullcontext()
@@ -338,6 +356,22 @@ def _resolve_settings(cfg: TrainConfig, explicit: Dict[str, Any]) -> TrainConfig
     return TrainConfig(**saved).validate()
 
 
+def _truncate_metrics(path: str, start_epoch: int) -> None:
+    """Keep only the lines of epochs before ``start_epoch``: a run killed after writing an epoch's line but before
+    its checkpoint repeats that epoch when resumed, and a fresh run must not append to a stale file."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                if json.loads(line)["epoch"] < start_epoch:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):  # a line torn by a kill mid-write
+                pass
+    atomic_write(path, lambda f: f.write("".join(keep).encode()))
+
+
 def run(cfg: TrainConfig, explicit: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Train and evaluate; returns the summary (also written to summary.json)."""
     cfg = _resolve_settings(cfg, explicit or {})
@@ -365,8 +399,9 @@ def run(cfg: TrainConfig, explicit: Optional[Dict[str, Any]] = None) -> Dict[str
     resumed = cfg.resume and os.path.exists(last_path)
     train_set, test_set, words = build_data(cfg, out, d, resumed)
     kwargs = model_kwargs(cfg, words.shape[1])
+    pretrained = resolve_pretrained(cfg, d, device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    core = DSRB(train_set.num_classes, word_features=words, pretrained=cfg.pretrained, **kwargs)
+    core = DSRB(train_set.num_classes, word_features=words, pretrained=pretrained, **kwargs)
     core.set_label_graph(train_set.targets)
     core.to(device)
     params = [p for p in core.parameters() if p.requires_grad]
@@ -387,6 +422,7 @@ def run(cfg: TrainConfig, explicit: Optional[Dict[str, Any]] = None) -> Dict[str
                  100 * best["mAP"], best["epoch"])
     if d.main:
         save_json(os.path.join(out, "config.json"), dataclasses.asdict(dataclasses.replace(cfg, resume=False)))
+        _truncate_metrics(os.path.join(out, "metrics.jsonl"), start_epoch)
 
     model = core
     if d.enabled:  # alpha/beta (and unused blends) leave parameters without gradient in some epochs

@@ -150,3 +150,30 @@ def test_load_through_coco(small):
     test = build_dataset("builtin", "test", root=small)
     assert len(test) == 20 and test.name == "builtin" and test.image_paths[0].endswith("images/test/000000.png")
     assert test.verify_images(skip_bad=False) == 0
+
+
+def test_generator_output_is_pinned(small):
+    """The generator's output for given parameters never changes silently (a change must bump BUILTIN_VERSION)."""
+    import hashlib
+
+    digest = hashlib.sha1((small / "annotations" / "instances_train.json").read_bytes()).hexdigest()
+    assert digest == "7018bc70ccd9177ec23c06d4e39204231abc33dc"
+
+
+def test_pretrain_variant(tmp_path, small):
+    assert len(builtin.PRETRAIN_CLASSES) == 48 and not set(builtin.PRETRAIN_CLASSES) & set(BUILTIN_CLASSES)
+    colours = {c.split()[0] for c in BUILTIN_CLASSES}
+    shapes = {c.split()[1] for c in BUILTIN_CLASSES}
+    assert set(builtin.PRETRAIN_CLASSES) | set(BUILTIN_CLASSES) == {f"{c} {s}" for c in colours for s in shapes}
+    folder = ensure_builtin(tmp_path, variant="pretrain", **SMALL)
+    assert folder == builtin_dir(tmp_path, variant="pretrain", **SMALL) and folder.name.startswith("builtin-pretrain-v1")
+    assert json.loads((folder / "meta.json").read_text())["variant"] == "pretrain"
+    train = json.loads(_read(folder, "train"))
+    assert train["categories"] == [{"id": i + 1, "name": n} for i, n in enumerate(builtin.PRETRAIN_CLASSES)]
+    assert len({a["category_id"] for a in train["annotations"]}) > 16  # draws from the 48 classes
+    assert _read(folder, "train") != _read(small, "train")
+    assert ensure_builtin(tmp_path, variant="pretrain", **SMALL) == folder  # reused, not regenerated
+    ds = build_dataset("builtin", "test", root=folder)
+    assert ds.num_classes == 48 and len(ds) == 20
+    with pytest.raises(ValueError, match="variant"):
+        ensure_builtin(tmp_path, variant="imagenet")

@@ -67,6 +67,18 @@ def test_resume_equals_uninterrupted_run(data_root, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+def test_resume_after_a_kill_between_metrics_line_and_checkpoint(data_root, tmp_path):
+    """A run killed after writing epoch 1's metrics line (and half of another) but before epoch 1's checkpoint
+    repeats epoch 1 on resume; metrics.jsonl must not keep the stale lines."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    train.main(args(data_root, straight, 2))
+    train.main(args(data_root, killed, 1))
+    with open(killed / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({**read_metrics(straight)[1], "mAP": -1.0}) + "\n" + '{"epoch": 1, "mA')
+    train.main(["--out", str(killed), "--resume", "--epochs", "2"])
+    assert without_timing(read_metrics(killed)) == without_timing(read_metrics(straight))
+
+
 def test_baseline_and_ablation_switches(data_root, tmp_path):
     train.main(args(data_root, tmp_path / "base", 2, "--method", "baseline"))
     records = read_metrics(tmp_path / "base")

@@ -5,9 +5,15 @@ It lets the whole pipeline (training, partial labels, evaluation) run without do
 a small CNN trained from scratch at 128 x 128 can tell them apart. Some pairs of classes co-occur far more often than
 chance (:data:`CO_OCCURRING`), which gives the label graph something to learn.
 
+A second set, ``variant="pretrain"``, is drawn the same way from the 48 other (colour, shape) pairs
+(:data:`PRETRAIN_CLASSES`: uniform frequencies, no co-occurrence). It has none of the 16 classes and is what
+:mod:`dsrb.pretrain` trains a backbone on with every label known: the CPU-sized stand-in for the ImageNet weights the
+paper starts from (generic colour and shape features, no target class).
+
 Layout, written once under ``$DSRB_DATA`` (default ``~/.cache/dsrb``)::
 
-    builtin-v1/                          (default parameters; other parameters get builtin-v1-<parameters>/)
+    builtin-v1/                          (default parameters; other parameters get builtin-v1-<parameters>/;
+                                          the pre-training set builtin-pretrain-v1[-<parameters>]/)
         images/train/000000.png ...
         images/test/000000.png ...
         annotations/instances_train.json  (COCO: images, annotations with bbox, categories 1..C)
@@ -27,13 +33,15 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Union
+from typing import Dict, NamedTuple, Tuple, Union
 
 import numpy as np
 
 __all__ = [
     "BUILTIN_CLASSES",
     "CO_OCCURRING",
+    "PRETRAIN_CLASSES",
+    "VARIANTS",
     "BUILTIN_VERSION",
     "builtin_dir",
     "default_data_root",
@@ -91,6 +99,10 @@ _COUNT_PROBS = np.array([0.12, 0.22, 0.30, 0.22, 0.14])  # mean 3.04
 _PARTNER_PROB = 0.7
 _SPLITS = ("train", "test")
 _DEFAULTS = dict(num_train=2000, num_test=500, image_size=128, seed=0)
+_SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross", "ring", "hexagon")
+
+#: The pre-training classes: every (colour, shape) pair that is not a class of the built-in dataset (48).
+PRETRAIN_CLASSES = tuple(f"{c} {s}" for c in _COLOURS for s in _SHAPES if f"{c} {s}" not in BUILTIN_CLASSES)
 
 
 def _partners() -> dict:
@@ -103,6 +115,20 @@ def _partners() -> dict:
 
 
 _PARTNERS = _partners()
+
+
+class _ClassSet(NamedTuple):
+    classes: Tuple[str, ...]
+    weights: np.ndarray  # relative frequencies
+    partners: Dict[int, int]  # class -> co-occurring class
+
+
+#: variant -> its classes; "target" is the built-in dataset itself.
+_CLASS_SETS = {
+    "target": _ClassSet(BUILTIN_CLASSES, _CLASS_WEIGHTS, _PARTNERS),
+    "pretrain": _ClassSet(PRETRAIN_CLASSES, np.ones(len(PRETRAIN_CLASSES)), {}),
+}
+VARIANTS = tuple(_CLASS_SETS)
 
 
 def default_data_root() -> Path:
@@ -120,28 +146,36 @@ def _params(num_train: int, num_test: int, image_size: int, seed: int) -> dict:
     return dict(num_train=num_train, num_test=num_test, image_size=image_size, seed=seed)
 
 
-def builtin_dir(root: Union[str, os.PathLike, None] = None, **params) -> Path:
+def _check_variant(variant: str) -> str:
+    if variant not in _CLASS_SETS:
+        raise ValueError(f"argument 'variant': expected one of {VARIANTS}, got {variant!r}")
+    return variant
+
+
+def builtin_dir(root: Union[str, os.PathLike, None] = None, *, variant: str = "target", **params) -> Path:
     """The folder :func:`ensure_builtin` uses for these parameters (``builtin-v1`` for the defaults)."""
     p = _params(**{**_DEFAULTS, **params})
     base = Path(root).expanduser() if root is not None else default_data_root()
-    name = f"builtin-v{BUILTIN_VERSION}"
+    prefix = "builtin" if _check_variant(variant) == "target" else f"builtin-{variant}"
+    name = f"{prefix}-v{BUILTIN_VERSION}"
     if p != _DEFAULTS:
         name += f"-n{p['num_train']}-{p['num_test']}-s{p['image_size']}-seed{p['seed']}"
     return base / name
 
 
-def _meta(params: dict) -> dict:
-    return {"version": BUILTIN_VERSION, **params, "classes": list(BUILTIN_CLASSES)}
+def _meta(params: dict, variant: str) -> dict:
+    meta = {"version": BUILTIN_VERSION, **params, "classes": list(_CLASS_SETS[variant].classes)}
+    return meta if variant == "target" else {**meta, "variant": variant}
 
 
-def _is_complete(folder: Path, params: dict) -> bool:
+def _is_complete(folder: Path, params: dict, variant: str) -> bool:
     if not (folder / "DONE").is_file():
         return False
     try:
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, ValueError):
         return False
-    if meta != _meta(params):
+    if meta != _meta(params, variant):
         return False
     return all((folder / "annotations" / f"instances_{s}.json").is_file() for s in _SPLITS)
 
@@ -229,16 +263,16 @@ def _draw_shape(draw, rng: np.random.RandomState, shape: str, colour: tuple, cx:
         raise AssertionError(shape)
 
 
-def _sample_classes(rng: np.random.RandomState) -> list:
+def _sample_classes(rng: np.random.RandomState, spec: _ClassSet) -> list:
     count = int(rng.choice(_COUNT_VALUES, p=_COUNT_PROBS))
-    probs = _CLASS_WEIGHTS / _CLASS_WEIGHTS.sum()
-    classes = [int(rng.choice(len(BUILTIN_CLASSES), p=probs))]
+    probs = spec.weights / spec.weights.sum()
+    classes = [int(rng.choice(len(spec.classes), p=probs))]
     while len(classes) < count:
-        owed = [_PARTNERS[c] for c in classes if c in _PARTNERS and _PARTNERS[c] not in classes]
+        owed = [spec.partners[c] for c in classes if c in spec.partners and spec.partners[c] not in classes]
         if owed and rng.uniform() < _PARTNER_PROB:
             classes.append(owed[0])
         else:
-            classes.append(int(rng.choice(len(BUILTIN_CLASSES), p=probs)))
+            classes.append(int(rng.choice(len(spec.classes), p=probs)))
     rng.shuffle(classes)  # drawing order (occlusion) independent of the sampling order
     return classes
 
@@ -253,15 +287,15 @@ def _overlap(a, b) -> float:
     return w * h / smaller
 
 
-def _render(rng: np.random.RandomState, size: int):
+def _render(rng: np.random.RandomState, size: int, spec: _ClassSet):
     """One image (uint8 array) and its objects [(class index, (x, y, w, h))]."""
     from PIL import Image, ImageDraw
 
     canvas = Image.fromarray(np.clip(_background(rng, size), 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(canvas)
     objects, boxes = [], []
-    for cls in _sample_classes(rng):
-        colour_name, shape = BUILTIN_CLASSES[cls].split(" ")
+    for cls in _sample_classes(rng, spec):
+        colour_name, shape = spec.classes[cls].split(" ")
         for _ in range(12):  # rejection sampling to keep objects mostly visible; the last try is kept regardless
             r = rng.uniform(0.08, 0.2) * size
             cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
@@ -282,7 +316,7 @@ def _render(rng: np.random.RandomState, size: int):
     return np.clip(np.rint(pixels), 0, 255).astype(np.uint8), objects
 
 
-def _write_split(folder: Path, split: str, count: int, size: int, seed: int) -> None:
+def _write_split(folder: Path, split: str, count: int, size: int, seed: int, spec: _ClassSet) -> None:
     from PIL import Image
 
     image_dir = folder / "images" / split
@@ -291,7 +325,7 @@ def _write_split(folder: Path, split: str, count: int, size: int, seed: int) -> 
     split_id = _SPLITS.index(split)
     for i in range(count):
         rng = np.random.RandomState([seed, split_id, i])  # one stream per image: any subset regenerates alike
-        pixels, objects = _render(rng, size)
+        pixels, objects = _render(rng, size, spec)
         file_name = f"{i:06d}.png"
         Image.fromarray(pixels, "RGB").save(image_dir / file_name, format="PNG", compress_level=1)
         images.append({"id": i + 1, "file_name": file_name, "width": size, "height": size})
@@ -310,21 +344,23 @@ def _write_split(folder: Path, split: str, count: int, size: int, seed: int) -> 
         "info": {"description": f"dsrb builtin synthetic multi-label dataset v{BUILTIN_VERSION}", "split": split},
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(BUILTIN_CLASSES)],
+        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(spec.classes)],
     }
     ann_dir = folder / "annotations"
     ann_dir.mkdir(exist_ok=True)
     (ann_dir / f"instances_{split}.json").write_text(json.dumps(coco, separators=(",", ":")))
 
 
-def generate_builtin(folder: Union[str, os.PathLike], *, num_train: int, num_test: int, image_size: int, seed: int):
+def generate_builtin(folder: Union[str, os.PathLike], *, num_train: int, num_test: int, image_size: int, seed: int,
+                     variant: str = "target"):
     """Write the dataset into ``folder`` (which must not exist), non-atomically; :func:`ensure_builtin` wraps it."""
     params = _params(num_train, num_test, image_size, seed)
+    spec = _CLASS_SETS[_check_variant(variant)]
     folder = Path(folder)
     folder.mkdir(parents=True)
-    _write_split(folder, "train", num_train, image_size, seed)
-    _write_split(folder, "test", num_test, image_size, seed)
-    (folder / "meta.json").write_text(json.dumps(_meta(params), indent=1))
+    _write_split(folder, "train", num_train, image_size, seed, spec)
+    _write_split(folder, "test", num_test, image_size, seed, spec)
+    (folder / "meta.json").write_text(json.dumps(_meta(params, variant), indent=1))
     (folder / "DONE").write_text("ok\n")
     return folder
 
@@ -350,17 +386,19 @@ def ensure_builtin(
     num_test: int = 500,
     image_size: int = 128,
     seed: int = 0,
+    variant: str = "target",
 ) -> Path:
     """Return the built-in dataset's folder, generating it first if needed.
 
     ``root`` is the data root (default ``$DSRB_DATA`` or ``~/.cache/dsrb``); the dataset lives in
-    :func:`builtin_dir` under it. A complete folder (``DONE`` marker and matching ``meta.json``) is returned at once.
+    :func:`builtin_dir` under it. ``variant``: "target" (the built-in dataset, :data:`BUILTIN_CLASSES`) or
+    "pretrain" (the pre-training set, :data:`PRETRAIN_CLASSES`). A complete folder (``DONE`` marker and matching ``meta.json``) is returned at once.
     Otherwise it is generated in a temporary sibling folder and renamed into place; an incomplete or stale folder at
     the target is removed first. Generation is deterministic given the parameters: the same bytes every time.
     """
     params = _params(num_train, num_test, image_size, seed)
-    target = builtin_dir(root, **params)
-    if _is_complete(target, params):
+    target = builtin_dir(root, variant=variant, **params)
+    if _is_complete(target, params, variant):
         return target
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -368,8 +406,8 @@ def ensure_builtin(
     _remove_stale_tmp(parent, prefix)
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
-        generate_builtin(tmp / "data", **params)
-        if target.exists() and not _is_complete(target, params):
+        generate_builtin(tmp / "data", variant=variant, **params)
+        if target.exists() and not _is_complete(target, params, variant):
             # Half-written, stale or foreign: move it aside (rename is atomic), then delete it.
             trash = Path(tempfile.mkdtemp(prefix=prefix, dir=parent)) / "old"
             try:
@@ -380,7 +418,7 @@ def ensure_builtin(
         try:
             os.replace(tmp / "data", target)
         except OSError:
-            if not _is_complete(target, params):  # not a concurrent generator that finished first
+            if not _is_complete(target, params, variant):  # not a concurrent generator that finished first
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -22,6 +22,7 @@ from torch import nn
 from dsrb._checks import check_tensor
 
 __all__ = [
+    "BACKBONES",
     "BasicBlock",
     "Bottleneck",
     "ResNet",
@@ -200,6 +201,7 @@ _SPECS: Dict[str, Tuple[Block, Tuple[int, int, int, int]]] = {
     "resnet50": (Bottleneck, (3, 4, 6, 3)),
     "resnet101": (Bottleneck, (3, 4, 23, 3)),
 }
+BACKBONES = tuple(_SPECS)  # the names build_backbone accepts
 
 
 def build_backbone(

@@ -1,0 +1,419 @@
+"""``python -m dsrb.experiments.proportions``: mAP by known-label proportion, DSRB against the baseline.
+
+The paper's claim (spec §9) is that blending moves information from known to unknown labels, so DSRB beats a
+partial-BCE baseline, most where few labels are known. This command trains each chosen method at each known-label
+proportion with each seed, one ``python -m dsrb.train`` run apiece, and reports mAP per proportion with the average
+over proportions, as the paper's tables do, with the mean and spread over seeds::
+
+    python -m dsrb.experiments.proportions                               # baseline and dsrb, sweep preset
+    python -m dsrb.experiments.proportions --methods all --jobs 2        # with the three ablations, 2 at a time
+    python -m dsrb.experiments.proportions --proportions 0.1,0.5 --seeds 0 -- --epochs 4   # train flags after --
+    python -m dsrb.experiments.proportions --report-only                 # tables and plot from finished runs
+
+Methods: ``baseline`` (the same network, partial BCE only), ``dsrb``, and the ablations ``no-instance`` (without
+instance blending), ``no-prototype`` (without prototype blending) and ``no-contrastive`` (without the contrastive
+loss). Every method gets the same settings and budget: the preset (default ``sweep``, the built-in dataset at a
+size where the default grid runs on 2 CPU cores in well under an hour) plus the train flags given after ``--``.
+A seed fixes the initial weights, the data order, the augmentations and the blending draws, so the methods are
+compared paired by seed; the partial labels come from ``--label-seed`` (default 0, the official generator) and
+are the same for every method and seed.
+
+Output folder (``--out``, default ``runs/proportions-<preset>``):
+
+* ``sweep.json``: the grid's shared settings; a later call with other shared settings is refused (use another
+  ``--out``), while methods, proportions and seeds may be added;
+* ``runs/<method>-p<proportion>-s<seed>/``: each run's own directory (see ``python -m dsrb.train``), plus
+  ``sweep_run.json`` (wall time, threads, command) once it has finished and ``stdout.log``;
+* ``results.csv``, ``summary.csv``, ``table.md``, ``plot.png``: see :mod:`dsrb.experiments.report`.
+
+Resumable: a finished run is never trained again, an interrupted one continues from its ``last.pt`` (exactly, see
+``dsrb.train --resume``); rerun the same command after a crash or Ctrl-C. The report is rewritten after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+from dsrb.checkpoint import save_json
+from dsrb.config import PRESETS, parse_args
+from dsrb.config import build_parser as build_train_parser
+
+from .report import SELECTIONS, RunResult, Sweep, write_reports
+
+__all__ = ["METHODS", "GridRun", "main", "plan", "run_sweep"]
+
+#: method name -> the train settings that define it (on top of the shared ones)
+METHODS: Dict[str, Dict[str, object]] = {
+    "baseline": {"method": "baseline"},
+    "dsrb": {"method": "dsrb"},
+    "no-instance": {"method": "dsrb", "instance_blend": False},
+    "no-prototype": {"method": "dsrb", "prototype_blend": False},
+    "no-contrastive": {"method": "dsrb", "contrastive": False},
+}
+DEFAULT_METHODS = ("baseline", "dsrb")
+DEFAULT_PROPORTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
+DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_PRESET = "sweep"
+# Settings the grid itself sets for each run; given as train flags they would silently break the comparison.
+_GRID_SETTINGS = {"method", "instance_blend", "prototype_blend", "contrastive", "known_proportion", "seed", "out",
+                  "resume"}
+
+
+@dataclasses.dataclass(frozen=True)
+class GridRun:
+    method: str
+    proportion: float
+    seed: int
+    directory: str
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.directory)
+
+    def train_args(self, preset: str, train_flags: Sequence[str]) -> List[str]:
+        args = ["--preset", preset, *train_flags]
+        for key, value in METHODS[self.method].items():
+            flag = "--" + key.replace("_", "-")
+            args += [flag, str(value)] if not isinstance(value, bool) else [flag if value else "--no-" + flag[2:]]
+        return args + ["--known-proportion", repr(self.proportion), "--seed", str(self.seed), "--out",
+                       self.directory]
+
+    @property
+    def finished(self) -> bool:
+        return os.path.isfile(os.path.join(self.directory, "sweep_run.json"))
+
+    @property
+    def started(self) -> bool:
+        return os.path.isfile(os.path.join(self.directory, "last.pt"))
+
+
+# --------------------------------------------------------------------------------------------------- arguments
+
+
+def _csv_list(kind, name: str):
+    def parse(text: str):
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected a comma-separated list of {kind.__name__}, got "
+                                             f"{text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"{name}: expected at least one value, got {text!r}")
+        if len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"{name}: values repeat in {text!r}")
+        return values
+    return parse
+
+
+def _methods(text: str) -> List[str]:
+    names = list(METHODS) if text == "all" else _csv_list(str, "--methods")(text)
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"--methods: unknown {unknown}; expected 'all' or names from "
+                                         f"{list(METHODS)}")
+    return names
+
+
+def _proportions(text: str) -> List[float]:
+    values = _csv_list(float, "--proportions")(text)
+    bad = [p for p in values if not 0.0 < p <= 1.0]
+    if bad:
+        raise argparse.ArgumentTypeError(f"--proportions: expected values in (0, 1], got {bad}")
+    return sorted(values)
+
+
+def _seeds(text: str) -> List[int]:
+    values = _csv_list(int, "--seeds")(text)
+    if any(s < 0 for s in values):
+        raise argparse.ArgumentTypeError(f"--seeds: expected non-negative integers, got {values}")
+    return values
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dsrb.experiments.proportions",
+        description="Train methods over known-label proportions and seeds; write the paper-style mAP table, a CSV "
+                    "and a plot. Train settings for every run go after '--' (see python -m dsrb.train --help).",
+        epilog=f"methods: {', '.join(METHODS)}",
+    )
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=tuple(PRESETS), help="train preset of every run")
+    p.add_argument("--methods", type=_methods, default=list(DEFAULT_METHODS),
+                   help="comma-separated methods, or 'all' (default: baseline,dsrb)")
+    p.add_argument("--proportions", type=_proportions, default=list(DEFAULT_PROPORTIONS),
+                   help="comma-separated known-label proportions (default: 0.1,0.3,0.5,0.7,0.9)")
+    p.add_argument("--seeds", type=_seeds, default=list(DEFAULT_SEEDS), help="comma-separated seeds (default: 0,1,2)")
+    p.add_argument("--out", default=None, help="sweep folder (default: runs/proportions-<preset>)")
+    p.add_argument("--jobs", type=_positive, default=None,
+                   help="runs trained at the same time (default: on the CPU one per core, at most 4; on a GPU 1)")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="CPU threads per run (default: the machine's cores / jobs); results depend on it in rounding")
+    p.add_argument("--selection", choices=tuple(SELECTIONS), default="best",
+                   help="headline epoch: best (best test epoch, the official protocol) or final (last epoch)")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the tables and plot from finished runs")
+    p.add_argument("--no-plot", action="store_true", help="skip plot.png (then matplotlib is not needed)")
+    return p
+
+
+def _split_argv(argv: Sequence[str]):
+    argv = list(argv)
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def _check_train_flags(train_flags: Sequence[str]) -> None:
+    if any(a == "--preset" or a.startswith("--preset=") for a in train_flags):
+        raise ValueError("give the preset as the sweep's own --preset (before '--'), not as a train flag")
+    given = {k for k, v in vars(build_train_parser().parse_args(list(train_flags))).items() if v is not None}
+    clash = sorted(given & _GRID_SETTINGS)
+    if clash:
+        raise ValueError(f"train flags {clash} are set by the sweep for each run; choose them with --methods, "
+                         "--proportions, --seeds and --out instead")
+
+
+# ---------------------------------------------------------------------------------------------------- the grid
+
+
+def _run_dir(out: str, method: str, p: float, seed: int) -> str:
+    return os.path.join(out, "runs", f"{method}-p{p:.2f}-s{seed}")
+
+
+def plan(out: str, methods: Sequence[str], proportions: Sequence[float], seeds: Sequence[int]) -> List[GridRun]:
+    """Every run of the grid, ordered so that an interrupted sweep has a complete paired comparison for as many
+    seeds as possible: seed-major, then proportion, then method."""
+    return [GridRun(m, p, s, _run_dir(out, m, p, s)) for s in seeds for p in proportions for m in methods]
+
+
+def _shared_settings(preset: str, train_flags: Sequence[str], probe: GridRun) -> Dict[str, object]:
+    """The settings every run of the grid shares (all but the grid's own), as ``dsrb.train`` resolves them."""
+    cfg, _ = parse_args(probe.train_args(preset, train_flags))
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _GRID_SETTINGS}
+
+
+def _claim_folder(out: str, shared: Dict[str, object]) -> None:
+    path = os.path.join(out, "sweep.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved != json.loads(json.dumps(shared)):
+            diff = sorted(k for k in set(saved) | set(shared) if saved.get(k) != shared.get(k))
+            raise ValueError(f"setting 'out': {out} holds a sweep with other shared settings (differing: {diff}); "
+                             "use the same preset and train flags to continue it, or another --out")
+    else:
+        os.makedirs(out, exist_ok=True)
+        save_json(path, shared)
+
+
+def _result(run: GridRun) -> RunResult:
+    with open(os.path.join(run.directory, "summary.json"), encoding="utf-8") as f:
+        summary = json.load(f)
+    with open(os.path.join(run.directory, "metrics.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    with open(os.path.join(run.directory, "sweep_run.json"), encoding="utf-8") as f:
+        info = json.load(f)
+    return RunResult(method=run.method, proportion=run.proportion, seed=run.seed,
+                     best_mAP=100 * summary["best_mAP"], best_epoch=int(summary["best_epoch"]),
+                     final_mAP=100 * records[-1]["mAP"], epochs=len(records), seconds=float(info["seconds"]),
+                     threads=int(info["threads"]), run=os.path.join("runs", run.name))
+
+
+def _auto_jobs(shared: Dict[str, object]) -> int:
+    """One run per core on the CPU (single-threaded small models use cores better side by side than with two
+    threads each), at most 4; one at a time on a GPU."""
+    device = str(shared.get("device"))
+    if device.startswith("cuda") or (device == "auto" and _cuda_available()):
+        return 1
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _prepare(shared: Dict[str, object]) -> None:
+    """Once, before any run starts: build the C++ extension, generate the built-in dataset and pre-train the built-in
+    backbone if the runs need them, with all cores, so that parallel runs find them cached (each is also safe
+    under concurrency: the runs would wait for the first one)."""
+    import dsrb.ops  # noqa: F401  (first use builds the C++ extension)
+
+    if shared.get("dataset") == "builtin" and shared.get("data_root") is None:
+        from dsrb.data.builtin import ensure_builtin
+
+        ensure_builtin()
+    if shared.get("pretrained") == "builtin":
+        import logging
+
+        from dsrb.pretrain import builtin_pretrained
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                            stream=sys.stdout)
+        device = str(shared["device"])
+        device = ("cuda" if _cuda_available() else "cpu") if device == "auto" else device
+        print("sweep: backbone " + builtin_pretrained(str(shared["backbone"]), int(shared["backbone_width"]),
+                                                      int(shared["image_size"]), device=device), flush=True)
+
+
+def _launch(run: GridRun, preset: str, train_flags: Sequence[str], threads: int):
+    args = run.train_args(preset, train_flags) + (["--resume"] if run.started else [])
+    cmd = [sys.executable, "-m", "dsrb.train", *args]
+    os.makedirs(run.directory, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    log = open(os.path.join(run.directory, "stdout.log"), "ab")
+    log.write(("\n$ " + " ".join(cmd) + "\n").encode())
+    log.flush()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return proc, log, cmd, time.perf_counter()
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def run_sweep(runs: Sequence[GridRun], preset: str, train_flags: Sequence[str], *, jobs: int, threads: int,
+              on_finish=None) -> List[GridRun]:
+    """Train the runs that have not finished, ``jobs`` at a time; returns the runs that failed (after a failure no
+    new run starts, the running ones are waited for)."""
+    todo = [r for r in runs if not r.finished]
+    total, done, failed, active = len(todo), 0, [], []
+    start = time.perf_counter()
+    print(f"sweep: {len(runs) - total} of {len(runs)} runs already finished, {total} to train, {jobs} at a time "
+          f"with {threads} thread(s) each", flush=True)
+    try:
+        while todo or active:
+            while todo and len(active) < jobs and not failed:
+                run = todo.pop(0)
+                print(f"  start {run.name}" + (" (resuming)" if run.started else ""), flush=True)
+                active.append((run, *_launch(run, preset, train_flags, threads)))
+            time.sleep(0.2)
+            for item in list(active):
+                run, proc, log, cmd, t0 = item
+                if proc.poll() is None:
+                    continue
+                active.remove(item)
+                log.close()
+                seconds = time.perf_counter() - t0
+                if proc.returncode != 0:
+                    failed.append(run)
+                    print(f"  FAILED {run.name} (exit {proc.returncode}); last lines of "
+                          f"{os.path.join(run.directory, 'stdout.log')}:\n{_tail(log.name)}", flush=True)
+                    continue
+                save_json(os.path.join(run.directory, "sweep_run.json"),
+                          {"seconds": seconds, "threads": threads, "command": cmd})
+                done += 1
+                result = _result(run)
+                elapsed = time.perf_counter() - start
+                eta = elapsed / done * (total - done - len(failed))
+                print(f"[{done}/{total}] {run.name}: mAP best {result.best_mAP:.2f} (epoch {result.best_epoch}), "
+                      f"final {result.final_mAP:.2f}, {_clock(seconds)}; elapsed {_clock(elapsed)}, "
+                      f"about {_clock(eta)} left", flush=True)
+                if on_finish is not None:
+                    on_finish()
+    except KeyboardInterrupt:
+        for run, proc, log, *_ in active:
+            proc.terminate()
+        for run, proc, log, *_ in active:
+            proc.wait()
+            log.close()
+        raise
+    return failed
+
+
+# --------------------------------------------------------------------------------------------------------- main
+
+
+def _notes(preset: str, train_flags: Sequence[str], shared: Dict[str, object], results: Sequence[RunResult]):
+    notes = [f"preset `{preset}`" + (f", train flags `{' '.join(train_flags)}`" if train_flags else "") +
+             f": dataset {shared['dataset']}, {shared['epochs']} epochs, batch {shared['batch_size']}, image "
+             f"{shared['image_size']}, backbone {shared['backbone']} (width {shared['backbone_width']}), "
+             f"D {shared['feature_dim']}, partial labels seed {shared['label_seed']}"]
+    if results:
+        seconds = sum(r.seconds for r in results)
+        notes.append(f"{len(results)} runs, {_clock(seconds)} of run time in all "
+                     f"({seconds / len(results):.0f} s a run, {results[0].threads} thread(s) each)")
+    return notes
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    own, train_flags = _split_argv(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(own)
+    _check_train_flags(train_flags)
+    out = args.out or os.path.join("runs", f"proportions-{args.preset}")
+    runs = plan(out, args.methods, args.proportions, args.seeds)
+    shared = _shared_settings(args.preset, train_flags, runs[0])
+    for run in runs:  # every run's settings are valid before anything trains
+        parse_args(run.train_args(args.preset, train_flags))
+    make_plot = not args.no_plot
+    if make_plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ImportError("plot.png needs matplotlib: pip install matplotlib (or pip install -e \".[plot]\"), "
+                              "or pass --no-plot") from None
+    jobs = args.jobs or _auto_jobs(shared)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
+
+    def report() -> Dict[str, str]:
+        results = [_result(r) for r in runs if r.finished]
+        sweep = Sweep(results, args.methods, args.proportions, args.seeds)
+        return write_reports(out, sweep, args.selection, make_plot=make_plot,
+                             notes=_notes(args.preset, train_flags, shared, results))
+
+    if args.report_only:
+        if not os.path.isfile(os.path.join(out, "sweep.json")):
+            raise FileNotFoundError(f"setting 'out': no sweep in {out} (sweep.json is missing)")
+        _claim_folder(out, shared)
+    else:
+        _claim_folder(out, shared)
+        _prepare(shared)
+        start = time.perf_counter()
+        failed = run_sweep(runs, args.preset, train_flags, jobs=jobs, threads=threads, on_finish=report)
+        print(f"sweep: {_clock(time.perf_counter() - start)} wall time", flush=True)
+        if failed:
+            report()
+            print(f"sweep: {len(failed)} run(s) failed: {', '.join(r.name for r in failed)}; fix the cause and "
+                  "rerun the same command to continue", file=sys.stderr)
+            return 1
+    paths = report()
+    with open(paths["table.md"], encoding="utf-8") as f:
+        print(f.read())
+    print("written: " + ", ".join(paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        sys.exit(f"python -m dsrb.experiments.proportions: error: {err}")
+    except KeyboardInterrupt:
+        sys.exit("python -m dsrb.experiments.proportions: interrupted; rerun the same command to continue")

@@ -1,0 +1,182 @@
+"""``python -m dsrb.pretrain``: pre-train a backbone on the built-in pre-training set, the CPU demos' ImageNet.
+
+The paper fine-tunes an ImageNet-pretrained ResNet-101 with its stem..layer3 frozen (spec §3.1, §12). Nothing can
+be downloaded here, and a backbone trained from scratch on the partial labels learns its features from those labels
+themselves: a different regime from the paper's. This module makes a pre-trained backbone the way ImageNet weights
+are made, on data that holds none of the target classes: a multi-label classifier (backbone, global average pool,
+linear layer) trained with **every label known** on the built-in pre-training set
+(``ensure_builtin(variant="pretrain")``): images drawn like the built-in dataset's, with the 48 (colour, shape)
+classes that are *not* its 16 classes. It learns colours and shapes, never a target class or a target label.
+
+``python -m dsrb.train --pretrained builtin`` (the ``sweep`` preset does) loads these weights for the run's
+backbone, width and image size, pre-training them first when they are not cached yet: once per recipe, under
+``$DSRB_DATA/pretrained/`` (default ``~/.cache/dsrb/pretrained/``), written atomically under a file lock, with a
+``.json`` beside the weights (recipe, pre-training test mAP, time, versions)::
+
+    python -m dsrb.pretrain                                  # resnet18, width 16, 96 px: the sweep preset's
+    python -m dsrb.pretrain --backbone-width 32 --image-size 128 --out weights.pth
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+
+from . import __version__
+from .checkpoint import FileLock, atomic_write, save_json
+from .data import TestTransform, TrainTransform, build_dataset
+from .data.builtin import default_data_root, ensure_builtin
+from .metrics import compute_metrics
+from .models.resnet import BACKBONES, build_backbone
+from .progress import Progress
+
+__all__ = ["RECIPE", "builtin_pretrained", "pretrain_backbone", "main"]
+
+log = logging.getLogger("dsrb.pretrain")
+
+#: The pre-training recipe. Any change gives new cache file names (the recipe is hashed into them).
+RECIPE: Dict[str, Any] = dict(num_train=4000, num_test=500, data_image_size=128, data_seed=0, epochs=8,
+                              batch_size=32, lr=1e-3, weight_decay=1e-4, lr_step=6, lr_gamma=0.1, seed=0, workers=2)
+# workers belongs to the recipe: the augmentations a sample gets depend on which loader worker draws them.
+
+
+class _Classifier(nn.Module):
+    """backbone -> global average pool -> linear: (B, 3, S, S) -> (B, classes) logits."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.fc = nn.Linear(backbone.out_channels, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.backbone(images).mean(dim=(2, 3)))
+
+
+def _loader(dataset, batch_size: int, train: bool, seed: int, workers: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    sampler = RandomSampler(dataset, generator=generator) if train else SequentialSampler(dataset)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=train,
+                      generator=generator)
+
+
+def pretrain_backbone(backbone: str = "resnet18", width: int = 16, image_size: int = 96, *,
+                      data_root: Union[str, os.PathLike, None] = None, device: Union[str, torch.device] = "cpu",
+                      recipe: Optional[Dict[str, Any]] = None):
+    """Train ``backbone`` on the pre-training set with every label known.
+
+    Returns (the backbone's state dict, torchvision key names; info: recipe, test metrics, seconds, versions).
+    """
+    recipe = {**RECIPE, **(recipe or {})}
+    unknown = sorted(set(recipe) - set(RECIPE))
+    if unknown:
+        raise ValueError(f"argument 'recipe': unknown entries {unknown}; known: {sorted(RECIPE)}")
+    device, workers = torch.device(device), recipe["workers"]
+    root = ensure_builtin(data_root, variant="pretrain", num_train=recipe["num_train"],
+                          num_test=recipe["num_test"], image_size=recipe["data_image_size"], seed=recipe["data_seed"])
+    train_set = build_dataset("builtin", "train", root=root, transform=TrainTransform(image_size))
+    test_set = build_dataset("builtin", "test", root=root, transform=TestTransform(image_size))
+    train_set.set_targets(train_set.labels)  # every label known
+    torch.manual_seed(recipe["seed"])
+    # No 2x2 pool: the classifier pools globally, and the weights do not depend on the pool.
+    model = _Classifier(build_backbone(backbone, width=width, avgpool=False), train_set.num_classes).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, recipe["lr_step"], recipe["lr_gamma"])
+    start = time.perf_counter()
+    for epoch in range(recipe["epochs"]):
+        model.train()
+        loader = _loader(train_set, recipe["batch_size"], True, recipe["seed"] * 1000 + epoch, workers)
+        bar = Progress(len(loader), f"pretrain epoch {epoch}")
+        for images, targets, _ in loader:
+            logits = model(images.to(device))
+            loss = nn.functional.binary_cross_entropy_with_logits(logits, (targets.to(device) > 0).to(logits.dtype))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.update(images.shape[0], loss=float(loss.detach()))
+        bar.close()
+        scheduler.step()
+    model.eval()
+    scores = []
+    with torch.no_grad():
+        for images, _, _ in _loader(test_set, 64, False, 0, workers):
+            scores.append(model(images.to(device)).float().cpu())
+    metrics = compute_metrics(torch.cat(scores), test_set.labels.float())
+    info = {"backbone": backbone, "width": width, "image_size": image_size, "recipe": recipe,
+            "classes": list(train_set.class_names), "test_mAP": metrics["mAP"], "test_OF1": metrics["OF1"],
+            "seconds": time.perf_counter() - start, "threads": torch.get_num_threads(),
+            "versions": {"dsrb": __version__, "torch": torch.__version__, "python": platform.python_version()}}
+    log.info("pretrained %s (width %d) at %d px on %d images, %d classes: test mAP %.2f, %.0f s", backbone, width,
+             image_size, len(train_set), train_set.num_classes, 100 * metrics["mAP"], info["seconds"])
+    return {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}, info
+
+
+def cache_path(backbone: str, width: int, image_size: int, root: Union[str, os.PathLike, None] = None,
+               recipe: Optional[Dict[str, Any]] = None) -> Path:
+    """Where :func:`builtin_pretrained` keeps the weights of this backbone, width, image size and recipe."""
+    digest = hashlib.sha1(json.dumps({**RECIPE, **(recipe or {})}, sort_keys=True).encode()).hexdigest()[:10]
+    base = Path(root).expanduser() if root is not None else default_data_root()
+    return base / "pretrained" / f"{backbone}-w{width}-s{image_size}-{digest}.pth"
+
+
+def _save(path: Path, state, info) -> None:
+    atomic_write(str(path), lambda f: torch.save(state, f))
+    save_json(str(path.with_suffix(".json")), info)
+
+
+def builtin_pretrained(backbone: str, width: int, image_size: int, *, root: Union[str, os.PathLike, None] = None,
+                       device: Union[str, torch.device] = "cpu", recipe: Optional[Dict[str, Any]] = None) -> str:
+    """Path of the pre-trained weights for (backbone, width, image size), pre-training them first if needed.
+
+    ``root``: the data root (default ``$DSRB_DATA`` or ``~/.cache/dsrb``) for the pre-training set and the weights;
+    ``recipe``: entries that replace :data:`RECIPE`'s. Concurrent callers (DDP ranks, parallel sweep runs)
+    pre-train once: the first holds a file lock, the others wait and then read the file it wrote.
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(f"argument 'backbone': expected one of {tuple(BACKBONES)}, got {backbone!r}")
+    path = cache_path(backbone, width, image_size, root, recipe)
+    if path.is_file():
+        return str(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not path.is_file():
+            log.info("pre-training a %s backbone (width %d, %d px) on the built-in pre-training set, once; cached in "
+                     "%s", backbone, width, image_size, path)
+            state, info = pretrain_backbone(backbone, width, image_size, data_root=root, device=device, recipe=recipe)
+            _save(path, state, info)
+    return str(path)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m dsrb.pretrain", description=__doc__.split("\n\n")[0])
+    p.add_argument("--backbone", default="resnet18", choices=tuple(BACKBONES))
+    p.add_argument("--backbone-width", type=int, default=16, help="ResNet base width (64 = standard)")
+    p.add_argument("--image-size", type=int, default=96, help="the training image size the weights are for")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--out", default=None, help="weights file (default: the cache file that --pretrained builtin uses)")
+    args = p.parse_args(argv)
+    for name in ("backbone_width", "image_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    if args.out is None:
+        print(builtin_pretrained(args.backbone, args.backbone_width, args.image_size, device=args.device))
+    else:
+        state, info = pretrain_backbone(args.backbone, args.backbone_width, args.image_size, device=args.device)
+        _save(Path(args.out), state, info)
+        print(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Backbone pre-training on the built-in pre-training set, its cache, and ``dsrb.train --pretrained builtin``."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from dsrb import pretrain, train
+from dsrb.data.builtin import PRETRAIN_CLASSES, ensure_builtin
+from dsrb.models.resnet import build_backbone, load_pretrained
+
+# A recipe small enough for a test: a few images, one epoch.
+TINY_RECIPE = dict(num_train=24, num_test=8, data_image_size=48, epochs=1, batch_size=8, workers=0)
+TINY_TRAIN = ["--backbone-width", "4", "--feature-dim", "16", "--inter-dim", "8", "--word-dim", "6", "--batch-size",
+              "4", "--image-size", "48", "--workers", "0", "--blend-start-epoch", "1", "--prototype-interval", "1",
+              "--limit-train-batches", "3", "--limit-test-batches", "3", "--lr", "1e-3", "--device", "cpu"]
+
+
+def test_builtin_pretrained_trains_once_and_loads(tmp_path):
+    path = pretrain.builtin_pretrained("resnet18", 4, 32, root=tmp_path, recipe=TINY_RECIPE)
+    assert path == str(pretrain.cache_path("resnet18", 4, 32, tmp_path, TINY_RECIPE))
+    assert path.startswith(str(tmp_path / "pretrained"))
+    info = json.loads(open(path[: -len(".pth")] + ".json").read())
+    assert info["classes"] == list(PRETRAIN_CLASSES) and 0 <= info["test_mAP"] <= 1
+    assert info["recipe"] == {**pretrain.RECIPE, **TINY_RECIPE} and info["width"] == 4 and info["image_size"] == 32
+    backbone = build_backbone("resnet18", width=4)
+    before = backbone.conv1.weight.clone()
+    load_pretrained(backbone, path)  # torchvision key names, every key present
+    assert not torch.equal(before, backbone.conv1.weight)
+    stamp = os.stat(path).st_mtime_ns
+    assert pretrain.builtin_pretrained("resnet18", 4, 32, root=tmp_path, recipe=TINY_RECIPE) == path
+    assert os.stat(path).st_mtime_ns == stamp  # cached: not trained again
+    assert pretrain.cache_path("resnet18", 4, 48, tmp_path, TINY_RECIPE) != pretrain.cache_path(
+        "resnet18", 4, 32, tmp_path, TINY_RECIPE)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="backbone"):
+        pretrain.builtin_pretrained("vgg16", 4, 32, root=tmp_path)
+    with pytest.raises(ValueError, match="unknown entries"):
+        pretrain.pretrain_backbone("resnet18", 4, 32, data_root=tmp_path, recipe={"epoch": 1})
+
+
+def test_train_with_builtin_pretrained_backbone(tmp_path, monkeypatch):
+    """--pretrained builtin pre-trains on first use, loads the weights and freezes stem..layer3: after training,
+    the frozen layers still hold exactly the pre-trained weights."""
+    monkeypatch.setenv("DSRB_DATA", str(tmp_path / "data"))
+    for key, value in TINY_RECIPE.items():
+        monkeypatch.setitem(pretrain.RECIPE, key, value)
+    target = ensure_builtin(tmp_path / "target", num_train=24, num_test=12, image_size=48, seed=0)
+    train.main(["--data-root", str(target), "--out", str(tmp_path / "run"), "--epochs", "2", "--pretrained", "builtin",
+                *TINY_TRAIN])
+    weights = torch.load(pretrain.cache_path("resnet18", 4, 48), weights_only=True)
+    model = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]
+    for key in ("conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer3.1.bn2.weight"):
+        assert torch.equal(model["backbone." + key], weights[key]), key
+    assert not torch.equal(model["backbone.layer4.0.conv1.weight"], weights["layer4.0.conv1.weight"])  # trained
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["pretrained"] == "builtin"

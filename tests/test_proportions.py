@@ -1,0 +1,188 @@
+"""The known-label-proportion sweep: its tables from known results, and a real (tiny) sweep end to end, rerun,
+interrupted and resumed."""
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dsrb.data.builtin import ensure_builtin
+from dsrb.experiments import proportions
+from dsrb.experiments.report import RunResult, Stat, Sweep, markdown, read_results_csv, write_reports
+
+TINY = ["--backbone-width", "4", "--feature-dim", "16", "--inter-dim", "8", "--word-dim", "6", "--batch-size", "4",
+        "--image-size", "64", "--workers", "0", "--blend-start-epoch", "1", "--prototype-interval", "1",
+        "--limit-train-batches", "3", "--limit-test-batches", "3", "--lr", "1e-3", "--device", "cpu", "--epochs", "3"]
+GRID = ["--preset", "demo", "--methods", "baseline,dsrb", "--proportions", "0.3,0.7", "--threads", "1"]
+
+
+def _result(method, p, seed, best, final=None):
+    return RunResult(method, p, seed, best, 2, best if final is None else final, 3, 1.0, 1, f"runs/{method}")
+
+
+# --------------------------------------------------------------------------------------------- tables, no training
+
+
+def test_stat_and_cells():
+    s = Stat.of([1.0, 2.0, 4.0])
+    assert s.n == 3 and s.mean == pytest.approx(7 / 3) and s.low == 1.0 and s.high == 4.0
+    assert s.std == pytest.approx(math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2))
+    assert s.cell() == "2.3 ± 1.5" and s.cell(signed=True) == "+2.3 ± 1.5"
+    assert Stat.of([5.0]).cell() == "5.0" and math.isnan(Stat.of([5.0]).std)
+    assert Stat.of([]).cell() == "–"
+
+
+def test_rows_pair_by_seed_and_average_complete_seeds_only():
+    results = [
+        _result("baseline", 0.1, 0, 40.0), _result("baseline", 0.5, 0, 60.0),
+        _result("baseline", 0.1, 1, 44.0), _result("baseline", 0.5, 1, 64.0),
+        _result("dsrb", 0.1, 0, 45.0), _result("dsrb", 0.5, 0, 61.0),
+        _result("dsrb", 0.1, 1, 47.0),  # (dsrb, 0.5, seed 1) is missing
+    ]
+    sweep = Sweep(results, ["baseline", "dsrb"], [0.1, 0.5], [0, 1])
+    assert not sweep.complete
+    cells, avg = sweep.row("baseline", "best")
+    assert [c.mean for c in cells] == [42.0, 62.0] and avg.mean == 52.0 and avg.n == 2
+    cells, avg = sweep.row("dsrb", "best")
+    assert [c.n for c in cells] == [2, 1] and avg.n == 1 and avg.mean == 53.0  # seed 1 lacks p = 0.5
+    diff, avg_diff = sweep.row("dsrb", "best", "baseline")
+    assert [d.mean for d in diff] == [4.0, 1.0]  # paired: (45-40, 47-44) and (61-60)
+    assert diff[0].std == pytest.approx(math.sqrt(2.0))
+    assert avg_diff.mean == pytest.approx(3.0) and avg_diff.n == 1
+    text = markdown(sweep, "best")
+    assert "| baseline | 42.0 ± 2.8 | 62.0 ± 2.8 | 52.0 ± 2.8 |" in text
+    assert "| dsrb − baseline | +4.0 ± 1.4 | +1.0 | +3.0 |" in text
+    assert "**incomplete**: 1 run(s)" in text
+
+
+def test_report_files(tmp_path):
+    results = [_result(m, p, s, 10.0 * (1 + s) + 100 * p + (m == "dsrb"), final=5.0 + s)
+               for m in ("baseline", "dsrb") for p in (0.3, 0.7) for s in (0, 1)]
+    sweep = Sweep(results, ["baseline", "dsrb"], [0.3, 0.7], [0, 1])
+    paths = write_reports(str(tmp_path), sweep, "final")
+    assert read_results_csv(paths["results.csv"]) == sorted(results, key=lambda r: (r.method, r.proportion, r.seed))
+    with open(paths["summary.csv"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * 3  # selections x methods x (2 proportions + avg)
+    row = next(r for r in rows if r["selection"] == "best" and r["method"] == "dsrb" and r["proportion_pct"] == "30")
+    assert float(row["mean"]) == pytest.approx(46.0) and row["n"] == "2" and float(row["min"]) == 41.0
+    text = open(paths["table.md"]).read()
+    assert text.index("## mAP at the last epoch") < text.index("## mAP at the best epoch")  # headline first
+    assert "| dsrb − baseline | +1.0 ± 0.0 | +1.0 ± 0.0 | +1.0 ± 0.0 |" in text
+    with open(paths["plot.png"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------------------- arguments
+
+
+def test_bad_arguments(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"\['seed'\] are set by the sweep"):
+        proportions.main(["--out", str(tmp_path / "a"), "--", "--seed", "3"])
+    with pytest.raises(ValueError, match="known_proportion"):
+        proportions.main(["--out", str(tmp_path / "a"), "--", "--known-proportion", "0.2"])
+    with pytest.raises(ValueError, match="sweep's own --preset"):
+        proportions.main(["--out", str(tmp_path / "a"), "--", "--preset", "demo"])
+    for flag, value, message in (("--methods", "dsrb,best", "unknown"), ("--proportions", "0,0.5", "(0, 1]"),
+                                 ("--seeds", "1,1", "repeat"), ("--jobs", "0", "positive")):
+        with pytest.raises(SystemExit):
+            proportions.main(["--out", str(tmp_path / "a"), flag, value])
+        assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="epochs"):  # train settings are validated before anything trains
+        proportions.main(["--out", str(tmp_path / "a"), "--no-plot", "--", "--epochs", "0"])
+    with pytest.raises(FileNotFoundError, match="no sweep"):
+        proportions.main(["--out", str(tmp_path / "nothing"), "--report-only"])
+    assert not os.path.exists(tmp_path / "a")
+
+
+def test_plan_order_and_method_settings(tmp_path):
+    runs = proportions.plan(str(tmp_path), ["baseline", "no-instance"], [0.1, 0.5], [0, 1])
+    assert [(r.seed, r.proportion, r.method) for r in runs[:3]] == [(0, 0.1, "baseline"), (0, 0.1, "no-instance"),
+                                                                     (0, 0.5, "baseline")]
+    args = runs[1].train_args("sweep", ["--epochs", "2"])
+    assert args[:4] == ["--preset", "sweep", "--epochs", "2"]
+    assert "--no-instance-blend" in args and args[args.index("--method") + 1] == "dsrb"
+    assert args[-6:] == ["--known-proportion", "0.1", "--seed", "0", "--out", runs[1].directory]
+
+
+# --------------------------------------------------------------------------------------------- real sweeps
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return str(ensure_builtin(tmp_path_factory.mktemp("data"), num_train=48, num_test=24, image_size=64, seed=0))
+
+
+def _flags(data_root):
+    return ["--", "--data-root", data_root, *TINY]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data_root):
+    """A sweep of 2 methods x 2 proportions x 2 seeds, two runs at a time, never interrupted."""
+    out = tmp_path_factory.mktemp("straight")
+    assert proportions.main(["--out", str(out), *GRID, "--seeds", "0,1", "--jobs", "2", *_flags(data_root)]) == 0
+    return out
+
+
+def test_sweep_writes_every_output(straight):
+    for name in ("sweep.json", "results.csv", "summary.csv", "table.md", "plot.png"):
+        assert os.path.isfile(straight / name), name
+    results = read_results_csv(straight / "results.csv")
+    assert len(results) == 8
+    for r in results:
+        with open(straight / r.run / "summary.json") as f:
+            summary = json.load(f)
+        with open(straight / r.run / "metrics.jsonl") as f:
+            records = [json.loads(line) for line in f]
+        assert r.best_mAP == pytest.approx(100 * summary["best_mAP"], abs=1e-4)
+        assert r.final_mAP == pytest.approx(100 * records[-1]["mAP"], abs=1e-4) and r.epochs == 3
+        assert r.threads == 1 and r.seconds > 0
+        config = json.load(open(straight / r.run / "config.json"))
+        assert config["known_proportion"] == r.proportion and config["seed"] == r.seed
+        assert config["method"] == r.method and config["epochs"] == 3
+    text = (straight / "table.md").read_text()
+    assert "| dsrb − baseline |" in text and "incomplete" not in text
+
+
+def test_rerun_trains_nothing_and_other_settings_are_refused(straight, data_root, capsys):
+    stamps = {p: os.stat(straight / "runs" / p / "last.pt").st_mtime_ns for p in os.listdir(straight / "runs")}
+    assert proportions.main(["--out", str(straight), *GRID, "--seeds", "0,1", *_flags(data_root)]) == 0
+    assert "8 of 8 runs already finished, 0 to train" in capsys.readouterr().out
+    assert stamps == {p: os.stat(straight / "runs" / p / "last.pt").st_mtime_ns for p in stamps}
+    with pytest.raises(ValueError, match=r"other shared settings \(differing: \['lr'\]\)"):
+        proportions.main(["--out", str(straight), *GRID, *_flags(data_root), "--lr", "1e-2"])
+
+
+def test_interrupted_sweep_resumes_to_the_same_results(straight, data_root, tmp_path):
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "dsrb.experiments.proportions", "--out", str(out), *GRID, "--seeds", "0",
+           "--jobs", "1", *_flags(data_root)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    second = out / "runs" / "dsrb-p0.30-s0" / "last.pt"  # the second run has finished an epoch
+    deadline = time.monotonic() + 300
+    while not second.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode != 0 and "interrupted" in output, output
+    assert not (out / "runs" / "baseline-p0.70-s0").exists()  # stopped before the third run
+
+    resumed = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    text = resumed.stdout.decode()
+    assert resumed.returncode == 0, text
+    assert "1 of 4 runs already finished" in text and "start dsrb-p0.30-s0 (resuming)" in text
+    with open(out / "runs" / "dsrb-p0.30-s0" / "metrics.jsonl") as f:
+        assert [json.loads(line)["epoch"] for line in f] == [0, 1, 2]
+    want = {(r.method, r.proportion): r for r in read_results_csv(straight / "results.csv") if r.seed == 0}
+    got = {(r.method, r.proportion): r for r in read_results_csv(out / "results.csv")}
+    assert set(got) == set(want)
+    for key, r in got.items():  # a resumed run ends exactly where an uninterrupted one ends
+        assert (r.best_mAP, r.best_epoch, r.final_mAP) == (want[key].best_mAP, want[key].best_epoch,
+                                                           want[key].final_mAP), key
