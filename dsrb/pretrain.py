@@ -38,6 +38,7 @@ from . import __version__
 from .checkpoint import FileLock, atomic_write, save_json
 from .data import TestTransform, TrainTransform, build_dataset
 from .data.builtin import default_data_root, ensure_builtin
+from .inference import positive_int
 from .metrics import compute_metrics
 from .models.resnet import BACKBONES, build_backbone
 from .progress import Progress
@@ -161,14 +162,11 @@ def builtin_pretrained(backbone: str, width: int, image_size: int, *, root: Unio
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m dsrb.pretrain", description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", default="resnet18", choices=tuple(BACKBONES))
-    p.add_argument("--backbone-width", type=int, default=16, help="ResNet base width (64 = standard)")
-    p.add_argument("--image-size", type=int, default=96, help="the training image size the weights are for")
+    p.add_argument("--backbone-width", type=positive_int, default=16, help="ResNet base width (64 = standard)")
+    p.add_argument("--image-size", type=positive_int, default=96, help="the training image size the weights are for")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--out", default=None, help="weights file (default: the cache file that --pretrained builtin uses)")
     args = p.parse_args(argv)
-    for name in ("backbone_width", "image_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     if args.out is None:
         print(builtin_pretrained(args.backbone, args.backbone_width, args.image_size, device=args.device))

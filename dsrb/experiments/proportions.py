@@ -44,6 +44,7 @@ from typing import Dict, List, Optional, Sequence
 from dsrb.checkpoint import save_json
 from dsrb.config import PRESETS, parse_args
 from dsrb.config import build_parser as build_train_parser
+from dsrb.inference import positive_int
 
 from .report import SELECTIONS, RunResult, Sweep, write_reports
 
@@ -100,7 +101,7 @@ class GridRun:
 def _csv_list(kind, name: str):
     def parse(text: str):
         try:
-            values = [kind(v) for v in text.split(",") if v.strip()]
+            values = [kind(v.strip()) for v in text.split(",") if v.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name}: expected a comma-separated list of {kind.__name__}, got "
                                              f"{text!r}") from None
@@ -136,16 +137,6 @@ def _seeds(text: str) -> List[int]:
     return values
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dsrb.experiments.proportions",
@@ -160,9 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated known-label proportions (default: 0.1,0.3,0.5,0.7,0.9)")
     p.add_argument("--seeds", type=_seeds, default=list(DEFAULT_SEEDS), help="comma-separated seeds (default: 0,1,2)")
     p.add_argument("--out", default=None, help="sweep folder (default: runs/proportions-<preset>)")
-    p.add_argument("--jobs", type=_positive, default=None,
+    p.add_argument("--jobs", type=positive_int, default=None,
                    help="runs trained at the same time (default: on the CPU one per core, at most 4; on a GPU 1)")
-    p.add_argument("--threads", type=_positive, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads per run (default: the machine's cores / jobs); results depend on it in rounding")
     p.add_argument("--selection", choices=tuple(SELECTIONS), default="best",
                    help="headline epoch: best (best test epoch, the official protocol) or final (last epoch)")

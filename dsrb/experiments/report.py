@@ -141,6 +141,10 @@ def markdown(sweep: Sweep, selection: str = "best", title: str = "mAP (%) by kno
             "proportions per seed (as in the paper), then mean ± std over seeds",
             "- differences are paired by seed: the same seed gives both methods the same initial weights, data "
             "order and augmentations"]
+    at_last = sum(r.best_epoch == r.epochs - 1 for r in sweep.results.values())
+    if sweep.results:
+        out.append(f"- {at_last} of {len(sweep.results)} runs had their best test mAP at their last epoch"
+                   + (" (so both selections below agree)" if at_last == len(sweep.results) else ""))
     if not sweep.complete:
         missing = sum((m, p, s) not in sweep.results for m in sweep.methods for p in sweep.proportions
                       for s in sweep.seeds)
