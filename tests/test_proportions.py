@@ -164,7 +164,10 @@ def test_interrupted_sweep_resumes_to_the_same_results(straight, data_root, tmp_
     out = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "dsrb.experiments.proportions", "--out", str(out), *GRID, "--seeds", "0",
            "--jobs", "1", *_flags(data_root)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # SIGINT back to its default in the child: a shell that starts this suite in the background (`cmd &`) has it
+    # ignored, an ignored signal is inherited, and Python then installs no KeyboardInterrupt handler.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     second = out / "runs" / "dsrb-p0.30-s0" / "last.pt"  # the second run has finished an epoch
     deadline = time.monotonic() + 300
     while not second.exists() and proc.poll() is None and time.monotonic() < deadline:
