@@ -221,6 +221,38 @@ def test_quadrant_index_equals_oracle(backend, B, C, H, W, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B, C, H, W", [(4, 50, 7, 7), (3, 40, 5, 6), (2, 30, 1, 9), (2, 30, 9, 1), (2, 20, 1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_quadrant_index_special_values(backend, B, C, H, W, dtype):
+    """The torch.amax / torch.argmax rules on special scores: a NaN (either sign, any payload) is the maximum and the
+    first NaN wins, -0 ties with +0, +-inf order as numbers, first index on ties. Each (b, c) map is of one kind:
+    plain with dense ties, signed zeros only, with NaNs, or with infinities."""
+    g = torch.Generator().manual_seed(1)
+    N = H * W
+    a = torch.softmax(torch.randn(B, C, N, generator=g), -1)
+    x_sum = torch.randint(-2, 3, (B, N), generator=g).float()  # few distinct values: ties everywhere
+    kind = torch.randint(0, 4, (B, C, 1), generator=g).expand(B, C, N)
+    pick = torch.rand(B, C, N, generator=g)
+    # signed zeros only: -0 * x (x > 0), +0 * x (x < 0) and -0 * 0 give -0; a few a > 0 at x == 0 give +0
+    x = x_sum[:, None, :].expand(B, C, N)
+    zeros = torch.where(x > 0, -0.0, torch.where(x < 0, 0.0, torch.where(pick < 0.3, a, -0.0)))
+    a = torch.where(kind == 1, zeros, a)
+    a = torch.where((kind == 2) & (pick < 0.04), float("nan"), a)
+    a = torch.where((kind == 2) & (pick >= 0.04) & (pick < 0.08), -float("nan"), a)
+    a = torch.where((kind == 3) & (pick < 0.05), float("inf"), a)
+    a = torch.where((kind == 3) & (pick >= 0.05) & (pick < 0.1), -float("inf"), a)
+    a, x_sum = a.to(dtype), x_sum.to(dtype)
+    if dtype in (torch.float32, torch.float64):  # NaNs with other payloads
+        bits = {torch.float32: torch.int32, torch.float64: torch.int64}[dtype]
+        payload = a.view(bits) | torch.randint(1, 4, (B, C, N), generator=g).to(bits)
+        a = torch.where(a.isnan(), payload.view(dtype), a)
+    dev = _device(backend)
+    got = ops.quadrant_index(a.to(dev), x_sum.to(dev), H, W, backend=backend).cpu()
+    assert torch.equal(got, ops.quadrant_index(a, x_sum, H, W, backend="torch"))
+    assert torch.equal(got, reference.quadrant_index(a, x_sum, H, W))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cap", [0, 1, 2, 100])
 def test_prototype_bank_update_equals_oracle(backend, cap):
     g = torch.Generator().manual_seed(0)
