@@ -49,6 +49,10 @@ Tensor quadrant_index_cpu(const Tensor& a, const Tensor& x_sum, int64_t height, 
 // -> new sums (sums' dtype), new counts (int64); inputs untouched
 std::tuple<Tensor, Tensor> prototype_bank_update_cpu(const Tensor& sums, const Tensor& counts, const Tensor& S,
                                                      const Tensor& T, const Tensor& quadrant, int64_t cap);
+// The same update in place (sums, counts contiguous; T of any real dtype): T's values and the quadrants are checked
+// (ValueError) before anything is written, then only the buckets the batch reaches are written
+void prototype_bank_update_cpu_(Tensor& sums, Tensor& counts, const Tensor& S, const Tensor& T, const Tensor& quadrant,
+                                int64_t cap);
 
 // ---- CUDA (same signatures; built only when nvcc is found) --------------------------------------------------------
 std::tuple<Tensor, Tensor> semantic_attention_cuda(const Tensor& x, const Tensor& u, const Tensor& e, const Tensor& v);

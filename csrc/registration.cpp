@@ -21,6 +21,9 @@ TORCH_LIBRARY_FRAGMENT(dsrb, m) {
   m.def("quadrant_index_cpu(Tensor a, Tensor x_sum, int height, int width) -> Tensor");
   m.def("prototype_bank_update_cpu(Tensor sums, Tensor counts, Tensor S, Tensor T, Tensor quadrant, int cap) "
         "-> (Tensor, Tensor)");
+  // In place (dsrb.ops.prototype_bank_update_, the bank's per-batch update); CPU only, the other backends copy.
+  m.def("prototype_bank_update_cpu_(Tensor(a!) sums, Tensor(b!) counts, Tensor S, Tensor T, Tensor quadrant, "
+        "int cap) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(dsrb, CPU, m) {
@@ -32,4 +35,5 @@ TORCH_LIBRARY_IMPL(dsrb, CPU, m) {
   m.impl("prototype_blend_cpu_backward", &dsrb::prototype_blend_cpu_backward);
   m.impl("quadrant_index_cpu", &dsrb::quadrant_index_cpu);
   m.impl("prototype_bank_update_cpu", &dsrb::prototype_bank_update_cpu);
+  m.impl("prototype_bank_update_cpu_", &dsrb::prototype_bank_update_cpu_);
 }

@@ -271,6 +271,139 @@ def test_prototype_bank_update_equals_oracle(backend, cap):
     assert torch.equal(sums, before[0]) and torch.equal(counts, before[1])  # inputs untouched
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("sums_dtype, S_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float32),
+                                                 (torch.float16, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("cap", [0, 2, 100])
+def test_prototype_bank_update_in_place_equals_functional(backend, sums_dtype, S_dtype, cap):
+    """prototype_bank_update_ writes what prototype_bank_update returns, bit for bit, batch after batch (the cap
+    carried over); non-contiguous buckets take the copying path."""
+    g = torch.Generator().manual_seed(4)
+    C, D = 7, 19
+    sums = torch.zeros(C, 4, D, dtype=sums_dtype)
+    counts = torch.zeros(C, 4, dtype=torch.int64)
+    strided_sums = torch.zeros(C, 4, 2 * D, dtype=sums_dtype)[..., ::2]
+    strided_counts = torch.zeros(4, C, dtype=torch.int64).t()
+    ref_sums, ref_counts = sums.clone(), counts.clone()
+    for B in (5, 0, 9, 1):
+        S = torch.randn(B, C, D, generator=g).to(S_dtype)
+        T = torch.randint(-1, 2, (B, C), generator=g)
+        quadrant = torch.randint(0, 4, (B, C), generator=g)
+        ref_sums, ref_counts = ops.prototype_bank_update(ref_sums, ref_counts, S, T, quadrant, cap, backend=backend)
+        assert ops.prototype_bank_update_(sums, counts, S, T, quadrant, cap, backend=backend) is None
+        ops.prototype_bank_update_(strided_sums, strided_counts, S, T, quadrant, cap, backend=backend)
+        for got_sums, got_counts in ((sums, counts), (strided_sums, strided_counts)):
+            assert torch.equal(got_counts, ref_counts)
+            assert torch.equal(got_sums, ref_sums)
+
+
+def test_prototype_bank_update_in_place_cpu_kernel():
+    """The cpu in-place kernel: only the reached buckets are written; a bad quadrant or target anywhere raises before
+    anything is written; non-contiguous buckets are refused; opcheck; torch.compile(fullgraph=True) of the op."""
+    g = torch.Generator().manual_seed(5)
+    B, C, D = 6, 5, 8
+    S = torch.randn(B, C, D, generator=g)
+    T = torch.randint(-1, 2, (B, C), generator=g).float()
+    T[:, 1] = 0  # class 1 is never reached
+    quadrant = torch.randint(0, 4, (B, C), generator=g)
+    sums = torch.randn(C, 4, D, generator=g)
+    sums[1] = -0.0
+    counts = torch.randint(0, 3, (C, 4), generator=g)
+    want_sums, want_counts = ops.prototype_bank_update(sums, counts, S, T, quadrant, 100, backend="cpu")
+    got_sums, got_counts = sums.clone(), counts.clone()
+    torch.ops.dsrb.prototype_bank_update_cpu_(got_sums, got_counts, S, T, quadrant, 100)
+    assert torch.equal(got_sums, want_sums) and torch.equal(got_counts, want_counts)
+    assert torch.equal(got_sums[1].view(torch.int32), sums[1].view(torch.int32))  # untouched: -0 stays -0
+    bad = quadrant.clone()
+    bad[-1, -1] = 4
+    before = got_sums.clone(), got_counts.clone()
+    bad_T = T.clone()
+    bad_T[-1, -1] = 0.5
+    for args, match in [((S, T, bad, 100), "argument 'quadrant'"), ((S, bad_T, quadrant, 100), "argument 'T'")]:
+        with pytest.raises(ValueError, match=match):
+            torch.ops.dsrb.prototype_bank_update_cpu_(got_sums, got_counts, *args)
+        assert torch.equal(got_sums, before[0]) and torch.equal(got_counts, before[1])  # nothing written
+    with pytest.raises(RuntimeError, match="argument 'sums': expected a contiguous"):
+        torch.ops.dsrb.prototype_bank_update_cpu_(torch.zeros(C, 4, 2 * D)[..., ::2], got_counts, S, T, quadrant, 1)
+    torch.library.opcheck(torch.ops.dsrb.prototype_bank_update_cpu_.default,
+                          (got_sums, got_counts, S, T, quadrant, 2))
+    compiled = torch.compile(lambda *args: ops.prototype_bank_update_(*args, 2, backend="cpu"), fullgraph=True)
+    sums, counts = torch.zeros(C, 4, D), torch.zeros(C, 4, dtype=torch.int64)
+    compiled(sums, counts, S, T, quadrant)
+    want_sums, want_counts = ops.prototype_bank_update(torch.zeros(C, 4, D), torch.zeros(C, 4, dtype=torch.int64), S,
+                                                       T, quadrant, 2, backend="cpu")
+    assert torch.equal(sums, want_sums) and torch.equal(counts, want_counts)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_prototype_bank_update_in_place_targets_and_errors(backend):
+    """T in any real dtype (the cpu kernel reads it as given, compared in its dtype as torch compares it); the errors
+    of the functional op, worded the same, and nothing written."""
+    g = torch.Generator().manual_seed(6)
+    B, C, D = 7, 4, 6
+    S = torch.randn(B, C, D, generator=g)
+    T = torch.randint(-1, 2, (B, C), generator=g)
+    quadrant = torch.randint(0, 4, (B, C), generator=g)
+    want = ops.prototype_bank_update(torch.zeros(C, 4, D), torch.zeros(C, 4, dtype=torch.int64), S, T, quadrant, 3,
+                                     backend=backend)
+    for dtype in [torch.int64, torch.int8, torch.int32, torch.float16, torch.float32, torch.float64]:
+        sums, counts = torch.zeros(C, 4, D), torch.zeros(C, 4, dtype=torch.int64)
+        ops.prototype_bank_update_(sums, counts, S, T.to(dtype), quadrant, 3, backend=backend)
+        assert torch.equal(sums, want[0]) and torch.equal(counts, want[1]), dtype
+    positive = T == 1
+    for mask in [positive, positive.to(torch.uint8)]:  # bool / uint8 targets: only 0 and 1
+        sums, counts = torch.zeros(C, 4, D), torch.zeros(C, 4, dtype=torch.int64)
+        ops.prototype_bank_update_(sums, counts, S, mask, quadrant, 3, backend=backend)
+        ref = ops.prototype_bank_update(torch.zeros(C, 4, D), torch.zeros(C, 4, dtype=torch.int64), S, mask.long(),
+                                        quadrant, 3, backend=backend)
+        assert torch.equal(sums, ref[0]) and torch.equal(counts, ref[1])
+    sums, counts = torch.zeros(C, 4, D), torch.zeros(C, 4, dtype=torch.int64)
+    cases = [((S, T * 3, quadrant), ValueError, "argument 'T': expected values in \\{-1, 0, 1\\}, found 3$"),
+             ((S, T.float() * 0.5, quadrant), ValueError, "argument 'T'.*found 0.5$"),
+             ((S, T.float().masked_fill(T == 0, float("nan")), quadrant), ValueError, "argument 'T'.*found nan$"),
+             ((S, T, quadrant + 4), ValueError, "argument 'quadrant': expected values in \\[0, 3\\], found range"),
+             ((S[:, :2], T, quadrant), ValueError, "argument 'sums'.*shape"),
+             ((S, T, quadrant.float()), TypeError, "argument 'quadrant'.*integer")]
+    for args, error, match in cases:
+        for fn in (ops.prototype_bank_update, ops.prototype_bank_update_):
+            with pytest.raises(error, match=match):
+                fn(sums, counts, *args, 3, backend=backend)
+    assert not sums.any() and not counts.any()
+
+
+@pytest.mark.parametrize("sums_dtype, S_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float32),
+                                                 (torch.float32, torch.bfloat16), (torch.float16, torch.float16)],
+                         ids=str)
+def test_prototype_bank_update_cpu_rounding_order(sums_dtype, S_dtype):
+    """The cpu kernel's exact arithmetic: a bucket's kept samples of the batch are summed from +0 in batch order in
+    the opmath type of sums (S first rounded to sums' dtype), then added to sums; an untouched bucket is sums + 0.
+    Signed zeros included (+0 + -0 == +0)."""
+    g = torch.Generator().manual_seed(3)
+    B, C, D, cap = 12, 6, 37, 5
+    S = torch.randn(B, C, D, generator=g).to(S_dtype)
+    S[:, :, :5] = -0.0
+    T = torch.randint(-1, 2, (B, C), generator=g)
+    T[:, 0] = 1  # class 0: more candidates than the cap allows
+    quadrant = torch.randint(0, 4, (B, C), generator=g)
+    sums = torch.randn(C, 4, D, generator=g).to(sums_dtype)
+    sums[:, :, 3:9] = -0.0
+    counts = torch.randint(0, 3, (C, 4), generator=g)
+    got_sums, got_counts = ops.prototype_bank_update(sums, counts, S, T, quadrant, cap, backend="cpu")
+    acc_dtype = torch.float64 if sums_dtype == torch.float64 else torch.float32
+    want_sums, want_counts = sums.clone(), counts.clone()
+    for c in range(C):
+        acc = torch.zeros(4, D, dtype=acc_dtype)
+        for b in range(B):
+            q = int(quadrant[b, c])
+            if T[b, c] == 1 and want_counts[c, q] < cap:
+                acc[q] = acc[q] + S[b, c].to(sums_dtype).to(acc_dtype)
+                want_counts[c, q] += 1
+        want_sums[c] = (sums[c].to(acc_dtype) + acc).to(sums_dtype)
+    bits = {torch.float16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}[sums_dtype]
+    assert torch.equal(got_counts, want_counts)
+    assert torch.equal(got_sums.view(bits), want_sums.view(bits))  # bitwise: the signs of zeros too
+
+
 # ---- registration: schemas, opcheck, compile, errors --------------------------------------------------------------
 
 OP_NAMES = ["semantic_attention", "semantic_attention_backward", "instance_blend", "instance_blend_backward",

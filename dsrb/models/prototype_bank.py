@@ -86,11 +86,9 @@ class PrototypeBank(nn.Module):
         B = S.shape[0]
         check_tensor("T", T, kind="real", shape=(B, self.num_classes))
         check_tensor("quadrant", quadrant, kind="int", shape=(B, self.num_classes))
-        sums, counts = ops.prototype_bank_update(
-            self.sums, self.counts, S.detach().to(self.sums.dtype), T, quadrant, self.cap, backend=self.backend
-        )
-        self.sums.copy_(sums)
-        self.counts.copy_(counts)
+        if S.requires_grad or S.dtype != self.sums.dtype:
+            S = S.detach().to(self.sums.dtype)
+        ops.prototype_bank_update_(self.sums, self.counts, S, T, quadrant, self.cap, backend=self.backend)
 
     @torch.no_grad()
     def finalize(self, compat: str = "fixed") -> None:

@@ -6,12 +6,13 @@ name; the environment variable ``DSRB_BACKEND`` forces one for every call. Every
 ``torch.library`` custom op (namespace ``dsrb``) with a fake implementation and autograd, so
 ``torch.compile(fullgraph=True)`` traces the model without graph breaks. Every implementation returns contiguous
 outputs whatever the input strides, which is what its fake implementation declares. Oracles with the same names and
-signatures live in :mod:`dsrb.reference`.
+signatures live in :mod:`dsrb.reference`. ``prototype_bank_update_`` is the in-place form of ``prototype_bank_update``
+that the prototype bank uses.
 """
 
 from ._registry import KNOWN_BACKENDS, OPS, reasons, select
 from .instance_blend import instance_blend
-from .prototype_bank_update import prototype_bank_update
+from .prototype_bank_update import prototype_bank_update, prototype_bank_update_
 from .prototype_blend import prototype_blend
 from .quadrant_index import quadrant_index
 from .semantic_attention import semantic_attention
@@ -22,6 +23,7 @@ __all__ = [
     "prototype_blend",
     "quadrant_index",
     "prototype_bank_update",
+    "prototype_bank_update_",
     "reasons",
     "select",
     "OPS",

@@ -1,7 +1,10 @@
-"""Argument checks shared by the blending ops."""
+"""Argument checks shared by the blending ops; what the ops hand to their implementations."""
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 from torch import Tensor
 
 from .._checks import check_scalar_param, check_same_device, check_tensor, check_targets
@@ -16,3 +19,11 @@ def check_blend_inputs(S: Tensor, T: Tensor, coef_name: str, coef: Tensor):
     check_same_device(S=S, T=T, **{coef_name: coef})
     check_targets("T", T)
     return B, C, D
+
+
+def plain(t: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``t.detach().to(dtype)`` for a no-gradient implementation, but ``t`` itself when it already is that (no call
+    through the dispatcher: the per-batch ops are small, and each extra call costs microseconds)."""
+    if t.requires_grad:
+        t = t.detach()
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)

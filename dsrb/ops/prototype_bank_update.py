@@ -4,6 +4,11 @@ Every known positive (T[b, c] == +1) adds S[b, c] to bucket (c, quadrant[b, c]) 
 ``cap`` samples; within a batch, samples are met in batch order (the official class-major loop), so the cap keeps
 the first ``cap`` samples in loader order. Vectorised: a cumulative count over the batch ranks the candidates of
 each bucket, and a candidate is kept when count + rank < cap. No gradient.
+
+``prototype_bank_update_`` does the same update in place (what :class:`dsrb.models.prototype_bank.PrototypeBank`
+runs per batch): the ``cpu`` backend writes only the buckets the batch reaches into contiguous ``sums`` and
+``counts``, so a batch costs its samples rather than a new (C, 4, D) tensor and a copy; every other backend (or
+non-contiguous buckets) copies the functional result back.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_index_range, check_same_device, check_targets, check_tensor
+from ._common import plain
 from ._registry import define_op, extension_backends, register_impl, select
 
 
@@ -45,12 +51,41 @@ def _define(backend: str, impl=None):
         return sums.new_empty(sums.shape), counts.new_empty(counts.shape)
 
     register_impl(backend, "prototype_bank_update", op)
+    return op
 
+
+# In-place kernels, by the functional implementation they stand for (the C++ extension's cpu backend).
+_IN_PLACE = {}
 
 _define("torch", _torch_update)
 _define("triton", _triton_update)
 for _backend in extension_backends():
-    _define(_backend)
+    _functional = _define(_backend)
+    if _backend == "cpu":
+        _IN_PLACE[_functional] = torch.ops.dsrb.prototype_bank_update_cpu_.default
+
+        @torch.library.register_fake("dsrb::prototype_bank_update_cpu_")
+        def _(sums, counts, S, T, quadrant, cap):
+            return None
+
+
+def _check_layout(sums: Tensor, counts: Tensor, S: Tensor, T: Tensor, quadrant: Tensor, cap: int) -> None:
+    """Ranks, shapes, dtypes, devices and cap: read from the tensors' metadata, no tensor op."""
+    check_tensor("S", S, ndim=3, kind="float")
+    B, C, D = S.shape
+    check_tensor("sums", sums, shape=(C, 4, D), kind="float")
+    check_tensor("counts", counts, shape=(C, 4), kind="int")
+    check_tensor("T", T, shape=(B, C), kind="real")
+    check_tensor("quadrant", quadrant, shape=(B, C), kind="int")
+    check_same_device(sums=sums, counts=counts, S=S, T=T, quadrant=quadrant)
+    if int(cap) < 0:
+        raise ValueError(f"argument 'cap': expected a non-negative integer, got {cap}")
+
+
+def _check_values(T: Tensor, quadrant: Tensor) -> None:
+    """T in {-1, 0, 1}, quadrant in [0, 3]: reductions over the values, a device-to-host sync each."""
+    check_targets("T", T)
+    check_index_range("quadrant", quadrant, 0, 3)
 
 
 def prototype_bank_update(
@@ -66,16 +101,38 @@ def prototype_bank_update(
     Returns:
         (new_sums, new_counts); the inputs are not modified.
     """
-    check_tensor("S", S, ndim=3, kind="float")
-    B, C, D = S.shape
-    check_tensor("sums", sums, shape=(C, 4, D), kind="float")
-    check_tensor("counts", counts, shape=(C, 4), kind="int")
-    check_tensor("T", T, shape=(B, C), kind="real")
-    check_tensor("quadrant", quadrant, shape=(B, C), kind="int")
-    check_same_device(sums=sums, counts=counts, S=S, T=T, quadrant=quadrant)
-    check_targets("T", T)
-    check_index_range("quadrant", quadrant, 0, 3)
-    if int(cap) < 0:
-        raise ValueError(f"argument 'cap': expected a non-negative integer, got {cap}")
+    _check_layout(sums, counts, S, T, quadrant, cap)
+    _check_values(T, quadrant)
     fn = select("prototype_bank_update", S.device, S.dtype, backend)
-    return fn(sums.detach(), counts.long(), S.detach(), T.detach().to(S.dtype), quadrant.long(), int(cap))
+    return fn(plain(sums), plain(counts, torch.int64), plain(S), plain(T, S.dtype), plain(quadrant, torch.int64),
+              int(cap))
+
+
+def prototype_bank_update_(
+    sums: Tensor, counts: Tensor, S: Tensor, T: Tensor, quadrant: Tensor, cap: int = 100, *, backend: str = "auto"
+) -> None:
+    """:func:`prototype_bank_update` in place: ``sums`` and ``counts`` take the new sums and counts.
+
+    Same arguments, errors and backend choice (the backend serving :func:`prototype_bank_update` for these tensors);
+    nothing is written when an argument is rejected. The buckets the batch reaches get the values the functional op
+    returns, bit for bit; with the ``cpu`` kernel the others are left untouched (the functional op returns sums + 0
+    there, which differs only in the sign of a -0 entry, a value the bank's own updates never produce). The ``cpu``
+    kernel checks the values of T and quadrant itself, as it reads them, and takes T in its own dtype, so a batch is
+    one call through the dispatcher.
+    """
+    _check_layout(sums, counts, S, T, quadrant, cap)
+    fn = select("prototype_bank_update", S.device, S.dtype, backend)
+    in_place = _IN_PLACE.get(fn)
+    if in_place is not None and counts.dtype == torch.int64 and sums.is_contiguous() and counts.is_contiguous():
+        try:
+            in_place(sums, counts, plain(S), plain(T), plain(quadrant, torch.int64), int(cap))
+            return
+        except ValueError as error:  # a value the kernel rejects (nothing written) ...
+            rejected = error
+        _check_values(T, quadrant)  # ... is reported as by every backend
+        raise rejected
+    _check_values(T, quadrant)
+    new_sums, new_counts = fn(plain(sums), plain(counts, torch.int64), plain(S), plain(T, S.dtype),
+                              plain(quadrant, torch.int64), int(cap))
+    sums.copy_(new_sums)
+    counts.copy_(new_counts)
