@@ -198,6 +198,29 @@ def test_prototype_bank_finalize_official():
         bank.finalize("nope")
 
 
+@pytest.mark.parametrize("compat", ["fixed", "official"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("C, D", [(9, 13), (80, 1024)])
+def test_prototype_bank_finalize_is_bitwise_the_formula(compat, dtype, C, D):
+    """finalize == where(filled, sums / denom, class mean) bit for bit: empty buckets, an empty class, -0 sums."""
+    g = torch.Generator().manual_seed(0)
+    bank = PrototypeBank(C, D).to(dtype)
+    counts = torch.randint(0, 4, (C, 4), generator=g)
+    counts[2] = 0  # a class without samples
+    sums = torch.randn(C, 4, D, generator=g, dtype=dtype) * (counts > 0)[..., None]
+    sums[0, :, :3] = -0.0
+    bank.counts.copy_(counts)
+    bank.sums.copy_(sums)
+    bank.finalize(compat)
+    n = counts.to(dtype)
+    class_mean = sums.sum(1) / n.sum(1).clamp(min=1)[:, None]
+    denom = n + 1 if compat == "official" else n.clamp(min=1)
+    want = torch.where((counts > 0)[..., None], sums / denom[..., None], class_mean[:, None, :])
+    bits = torch.int32 if dtype == torch.float32 else torch.int64
+    assert torch.equal(bank.prototypes.view(bits), want.view(bits))
+    assert torch.equal(bank.valid, counts.sum(1) > 0) and bool(bank.ready)
+
+
 def test_prototype_bank_update_reset_and_state_dict():
     torch.manual_seed(0)
     bank = PrototypeBank(3, 4, cap=2)

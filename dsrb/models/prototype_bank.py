@@ -102,13 +102,13 @@ class PrototypeBank(nn.Module):
         """
         check_compat(compat)
         counts = self.counts.to(self.sums.dtype)  # (C, 4)
-        total = counts.sum(1)  # (C,)
-        class_mean = self.sums.sum(1) / total.clamp(min=1)[:, None]  # (C, D); zero for a class without samples
         denom = counts + 1 if compat == "official" else counts.clamp(min=1)
-        bucket_mean = self.sums / denom[..., None]  # (C, 4, D)
-        filled = (self.counts > 0)[..., None]
-        self.prototypes.copy_(torch.where(filled, bucket_mean, class_mean[:, None, :]))
-        self.valid.copy_(self.counts.sum(1) > 0)
+        torch.div(self.sums, denom.unsqueeze(-1), out=self.prototypes)  # every bucket's mean, in place
+        c, q = (self.counts == 0).nonzero(as_tuple=True)  # the empty buckets take their class's mean
+        if c.numel():  # (zero for a class without samples)
+            total = counts.sum(1)[c]  # (K,)
+            self.prototypes[c, q] = self.sums.sum(1)[c] / total.clamp(min=1).unsqueeze(-1)
+        torch.gt(self.counts.sum(1), 0, out=self.valid)
         self.ready.fill_(True)
 
     def extra_repr(self) -> str:
