@@ -81,11 +81,25 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+# Signed integer targets hold only -1, 0 and 1 exactly when they lie in [-1, 1]: one reduction checks them.
+_SIGNED_INT = (torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _min_max(t: torch.Tensor):
+    """(min, max) of an integer tensor as Python ints: one reduction, one device-to-host sync."""
+    lo, hi = torch.stack(torch.aminmax(t)).tolist()
+    return lo, hi
+
+
 def check_targets(name: str, t: torch.Tensor) -> None:
     """Partial targets must hold only -1 (known absent), 0 (unknown) and +1 (known present)."""
     check_tensor(name, t, kind="real")
-    if _compiling() or t.numel() == 0:
+    if _compiling() or t.numel() == 0 or t.dtype == torch.bool:
         return
+    if t.dtype in _SIGNED_INT:
+        lo, hi = _min_max(t)
+        if lo >= -1 and hi <= 1:
+            return
     bad = (t != 0) & (t != 1) & (t != -1)
     if bool(bad.any()):
         value = t[bad].flatten()[0].item()
@@ -97,6 +111,6 @@ def check_index_range(name: str, t: torch.Tensor, low: int, high: int) -> None:
     check_tensor(name, t, kind="int")
     if _compiling() or t.numel() == 0:
         return
-    lo, hi = int(t.min()), int(t.max())
+    lo, hi = _min_max(t)
     if lo < low or hi > high:
         raise ValueError(f"argument '{name}': expected values in [{low}, {high}], found range [{lo}, {hi}]")

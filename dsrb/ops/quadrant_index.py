@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_same_device, check_tensor
+from ._common import plain
 from ._registry import define_op, extension_backends, register_impl, select
 
 
@@ -66,4 +67,4 @@ def quadrant_index(a: Tensor, x_sum: Tensor, height: int, width: int, *, backend
     if height < 1 or width < 1 or height * width != N:
         raise ValueError(f"arguments 'height', 'width': expected height * width == N = {N}, got {height} x {width}")
     fn = select("quadrant_index", a.device, a.dtype, backend)
-    return fn(a.detach(), x_sum.detach().to(a.dtype), height, width)
+    return fn(plain(a), plain(x_sum, a.dtype), height, width)
