@@ -134,9 +134,11 @@ inline void quadrant_index(const at::Tensor& a, const at::Tensor& x_sum, int64_t
               "height * width == N = ", a.size(2), ", got ", height, " x ", width);
 }
 
+// The functional form takes T in S's dtype; the in-place form (in_place) takes T of any real dtype and needs sums and
+// counts contiguous (they are written in place).
 inline void prototype_bank_update(const at::Tensor& sums, const at::Tensor& counts, const at::Tensor& S,
                                   const at::Tensor& T, const at::Tensor& quadrant, int64_t cap,
-                                  c10::DeviceType type) {
+                                  c10::DeviceType type, bool in_place = false) {
   device(S, "S", type);
   floating(S, "S");
   shape(S, "S", {-1, -1, -1});
@@ -145,30 +147,17 @@ inline void prototype_bank_update(const at::Tensor& sums, const at::Tensor& coun
   floating(sums, "sums");
   same_device(sums, "sums", S, "S");
   index(counts, "counts", S, {C, 4});
+  if (in_place) {
+    TORCH_CHECK(sums.is_contiguous(), "argument 'sums': expected a contiguous tensor (it is updated in place)");
+    TORCH_CHECK(counts.is_contiguous(), "argument 'counts': expected a contiguous tensor (it is updated in place)");
+  }
   shape(T, "T", {B, C});
   same_device(T, "T", S, "S");
-  dtype(T, "T", S.scalar_type(), "the dtype of 'S'");
-  index(quadrant, "quadrant", S, {B, C});
-  TORCH_CHECK(cap >= 0, "argument 'cap': expected a non-negative integer, got ", cap);
-}
-
-// The in-place form: T of any real dtype; sums and counts contiguous (written in place).
-inline void prototype_bank_update_(const at::Tensor& sums, const at::Tensor& counts, const at::Tensor& S,
-                                   const at::Tensor& T, const at::Tensor& quadrant, int64_t cap,
-                                   c10::DeviceType type) {
-  device(S, "S", type);
-  floating(S, "S");
-  shape(S, "S", {-1, -1, -1});
-  const int64_t B = S.size(0), C = S.size(1), D = S.size(2);
-  shape(sums, "sums", {C, 4, D});
-  floating(sums, "sums");
-  same_device(sums, "sums", S, "S");
-  TORCH_CHECK(sums.is_contiguous(), "argument 'sums': expected a contiguous tensor (it is updated in place)");
-  index(counts, "counts", S, {C, 4});
-  TORCH_CHECK(counts.is_contiguous(), "argument 'counts': expected a contiguous tensor (it is updated in place)");
-  shape(T, "T", {B, C});
-  same_device(T, "T", S, "S");
-  TORCH_CHECK(!at::isComplexType(T.scalar_type()), "argument 'T': expected a real tensor, got ", T.scalar_type());
+  if (in_place) {
+    TORCH_CHECK(!at::isComplexType(T.scalar_type()), "argument 'T': expected a real tensor, got ", T.scalar_type());
+  } else {
+    dtype(T, "T", S.scalar_type(), "the dtype of 'S'");
+  }
   index(quadrant, "quadrant", S, {B, C});
   TORCH_CHECK(cap >= 0, "argument 'cap': expected a non-negative integer, got ", cap);
 }
