@@ -13,7 +13,7 @@ T (B, C) partial targets with 50 % of the labels known and 1/3 of the known ones
 generator; images_per_epoch = batches x B. Bucket cap 100 (official); ``compat="official"`` (a bucket's sum is
 divided by n + 1, the official placeholder row averaged in) for both formulations.
 
-Two passes, per provider (one call = one whole epoch, no gradient):
+Two scopes (``scope``, the last part of the group name), per provider (one call = one whole epoch, no gradient):
 
 * ``epoch``: from a and x; each side also builds, per batch, what its own forward hands to the pass (below), so
   the official (B, H, W, C, D) map and the model's S = a @ x (a bmm that is most of the vectorised time on a CPU)

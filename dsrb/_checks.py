@@ -87,8 +87,7 @@ _SIGNED_INT = (torch.int8, torch.int16, torch.int32, torch.int64)
 
 def _min_max(t: torch.Tensor):
     """(min, max) of an integer tensor as Python ints: one reduction, one device-to-host sync."""
-    lo, hi = torch.stack(torch.aminmax(t)).tolist()
-    return lo, hi
+    return tuple(torch.stack(torch.aminmax(t)).tolist())
 
 
 def check_targets(name: str, t: torch.Tensor) -> None:
