@@ -1,4 +1,4 @@
-"""benchmarks/report.py: merging the JSON of a split run and checking the issues' targets against its figures."""
+"""benchmarks/report.py (merging the JSON of a split run, checking the issues' targets) and a check of gpu_session.sh."""
 
 import json
 import os
@@ -89,3 +89,18 @@ def test_no_cases_is_an_error(tmp_path):
     empty = write(tmp_path / "empty.json", [])
     with pytest.raises(SystemExit, match="no dsrb benchmark cases"):
         report.main([empty])
+
+
+def test_gpu_session_script_parses_and_names_existing_files():
+    """benchmarks/gpu_session.sh runs only on a lent GPU: at least its syntax and every test or benchmark file it
+    names are checked here, so a rename cannot break the one call a GPU session gets."""
+    import re
+    import subprocess
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    script = os.path.join(root, "benchmarks", "gpu_session.sh")
+    subprocess.run(["bash", "-n", script], check=True)
+    named = set(re.findall(r"\b((?:tests|benchmarks)/test_\w+\.py)\b", open(script).read()))
+    assert len(named) >= 10
+    missing = sorted(p for p in named if not os.path.isfile(os.path.join(root, p)))
+    assert not missing, f"gpu_session.sh names files that do not exist: {missing}"
