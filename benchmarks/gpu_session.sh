@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine, inside the device's time (benchmarks/RESULTS.md, "GPU results"):
 #
-#   run(command="bash benchmarks/gpu_session.sh", timeout_s=600)
+#   run(command="DSRB_COMMIT=<git rev-parse HEAD, here> bash benchmarks/gpu_session.sh", timeout_s=600)
+#
+# (the copy of the tree on the device may lack .git, so the commit is passed in to be recorded in info.txt)
 #
 # Installs dsrb from this tree and builds its C++/CUDA extension there (sm_90, the host's nvcc), prints what serves
 # each op, runs the GPU tests, then the benchmarks in the order of the issues' targets (full size). Every part runs
@@ -79,7 +81,8 @@ else
     echo "== the C++/CUDA extension is NOT loaded: see build.log and info.txt; continuing with the other backends"
     grep -iE "error|warning: the c\+\+" "$OUT/build.log" 2>/dev/null | head -20
 fi
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1; git rev-parse HEAD 2>/dev/null
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+  echo "commit: ${DSRB_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo "unknown (pass DSRB_COMMIT)")}"
   python3 -m dsrb.info; } 2>&1 | tee "$OUT/info.txt"
 
 # 2. The GPU tests: the C++/CUDA and Triton backends against the oracles on the GPU (CI runs the rest on CPU).
