@@ -85,10 +85,13 @@ fi
   echo "commit: ${DSRB_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo "unknown (pass DSRB_COMMIT)")}"
   python3 -m dsrb.info; } 2>&1 | tee "$OUT/info.txt"
 
-# 2. The GPU tests: the C++/CUDA and Triton backends against the oracles on the GPU (CI runs the rest on CPU).
+# 2. The GPU tests: the C++/CUDA and Triton backends against the oracles on the GPU (CI runs the rest on CPU), in
+#    4 processes where pytest-xdist is installed (the image has it): kernel compilation is CPU-bound.
+WORKERS=()
+python3 -c "import xdist" 2>/dev/null && WORKERS=(-n 4)
 part "GPU tests" 60 200 python3 -m pytest tests/test_ext_backends.py tests/test_triton_backend.py \
     tests/test_triton_blend.py tests/test_triton_semantic_attention.py tests/test_registry.py \
-    -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
+    "${WORKERS[@]}" -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
 
 # 3. The benchmarks, in the order of the targets: the ops at the issues' shapes (torch.compile, slow to build, only
 #    where a target names it, after the training step and the largest batch), the head path; then the other passes
