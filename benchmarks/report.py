@@ -38,35 +38,50 @@ def _mib(value: Optional[float]) -> str:
     return "–" if value is None else f"{value / 2**20:.2f}"
 
 
-def load(paths: Sequence[str]) -> Tuple[Dict[str, Dict[str, dict]], List[dict]]:
-    """({group: {provider: {"median_ms", "iqr_ms", "peak", "rounds", "notes", "figures", "device"}}}, runs) from
-    pytest-benchmark JSON files, merged in order (a later file's case replaces an earlier one's); ``runs`` holds
-    each file's path, date, commit and environment for the header."""
-    groups: Dict[str, Dict[str, dict]] = defaultdict(dict)
+def _read(paths: Sequence[str]) -> Tuple[dict, List[dict]]:
+    """(merged, runs): the files' cases in one pytest-benchmark document (a later file's case replaces an earlier
+    one's of the same name; machine, commit and date from the first file), and each file's path, date, commit,
+    environment and case count for the header."""
+    merged: Optional[dict] = None
+    cases: Dict[str, dict] = {}
     runs: List[dict] = []
     for path in paths:
         with open(path) as f:
             data = json.load(f)
-        cases = data.get("benchmarks", [])
+        merged = merged or data
+        found = data.get("benchmarks", [])
         runs.append({"path": path, "datetime": data.get("datetime", "?"), "commit": data.get("commit_info", {}),
-                     "info": next((b.get("extra_info", {}) for b in cases), {}), "cases": len(cases)})
-        for bench in cases:
-            info = bench.get("extra_info", {})
-            provider = info.get("provider")
-            if provider is None or bench.get("group") is None:
-                continue
-            stats = bench["stats"]
-            groups[bench["group"]][provider] = {
-                # CUDA-event timings where recorded (GPU), else pytest-benchmark's host clock.
-                "median_ms": info.get("cuda_event_median_ms") or stats["median"] * 1e3,
-                "iqr_ms": stats["iqr"] * 1e3,
-                "peak": info.get("peak_memory_bytes"),
-                "rounds": stats["rounds"],
-                "notes": ", ".join(f"{k} {_num(info[k])}" for k in NOTES if info.get(k) is not None),
-                "figures": {k: info[k] for k in NOTES if isinstance(info.get(k), (int, float))},
-                "device": info.get("device"),
-            }
-    return dict(groups), runs
+                     "info": next((b.get("extra_info", {}) for b in found), {}), "cases": len(found)})
+        cases.update((b["fullname"], b) for b in found)
+    return dict(merged or {}, benchmarks=list(cases.values())), runs
+
+
+def _groups(cases: List[dict]) -> Dict[str, Dict[str, dict]]:
+    groups: Dict[str, Dict[str, dict]] = defaultdict(dict)
+    for bench in cases:
+        info = bench.get("extra_info", {})
+        provider = info.get("provider")
+        if provider is None or bench.get("group") is None:
+            continue
+        stats = bench["stats"]
+        groups[bench["group"]][provider] = {
+            # CUDA-event timings where recorded (GPU), else pytest-benchmark's host clock.
+            "median_ms": info.get("cuda_event_median_ms") or stats["median"] * 1e3,
+            "iqr_ms": stats["iqr"] * 1e3,
+            "peak": info.get("peak_memory_bytes"),
+            "rounds": stats["rounds"],
+            "notes": ", ".join(f"{k} {_num(info[k])}" for k in NOTES if info.get(k) is not None),
+            "figures": {k: info[k] for k in NOTES if isinstance(info.get(k), (int, float))},
+            "device": info.get("device"),
+        }
+    return dict(groups)
+
+
+def load(paths: Sequence[str]) -> Tuple[Dict[str, Dict[str, dict]], List[dict]]:
+    """({group: {provider: {"median_ms", "iqr_ms", "peak", "rounds", "notes", "figures", "device"}}}, runs) from
+    pytest-benchmark JSON files, merged in order (see :func:`_read`)."""
+    merged, runs = _read(paths)
+    return _groups(merged["benchmarks"]), runs
 
 
 def render(groups: Dict[str, Dict[str, dict]], baseline: str = "torch") -> str:
@@ -93,21 +108,6 @@ def render(groups: Dict[str, Dict[str, dict]], baseline: str = "torch") -> str:
                     f"{r['notes']} |")
         lines.append("")
     return "\n".join(lines)
-
-
-def merge(paths: Sequence[str], out: str) -> None:
-    """Write the cases of ``paths`` as one pytest-benchmark JSON file: a later file's case replaces an earlier
-    one's of the same name; the rest (machine, commit, date) comes from the first file."""
-    merged: Optional[dict] = None
-    cases: Dict[str, dict] = {}
-    for path in paths:
-        with open(path) as f:
-            data = json.load(f)
-        merged = merged or data
-        cases.update((b["fullname"], b) for b in data.get("benchmarks", []))
-    merged = dict(merged or {}, benchmarks=list(cases.values()))
-    with open(out, "w") as f:
-        json.dump(merged, f, indent=1)
 
 
 class Target(NamedTuple):
@@ -210,7 +210,8 @@ def render_targets(rows: List[dict]) -> str:
 
 def header(runs: List[dict]) -> str:
     info = next((r["info"] for r in runs if r["info"]), {})
-    commits = sorted({r["commit"].get("id", "?") + (" (dirty tree)" if r["commit"].get("dirty") else "") for r in runs})
+    commits = sorted({r["commit"].get("id", "?") + (" (dirty tree)" if r["commit"].get("dirty") else "")
+                      for r in runs})
     dates = sorted(r["datetime"] for r in runs)
     return "\n".join([
         f"- Date: {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else ""),
@@ -233,9 +234,11 @@ def main(argv=None) -> None:
     parser.add_argument("--merged-json", metavar="PATH", help="also write the merged cases as one pytest-benchmark "
                         "JSON file (the first file's machine and commit information)")
     args = parser.parse_args(argv)
+    merged, runs = _read(args.json)
     if args.merged_json:
-        merge(args.json, args.merged_json)
-    groups, runs = load(args.json)
+        with open(args.merged_json, "w") as f:
+            json.dump(merged, f, indent=1)
+    groups = _groups(merged["benchmarks"])
     if not groups:
         sys.exit(f"{', '.join(args.json)}: no dsrb benchmark cases found (was it written with --benchmark-only?)")
     devices = sorted({r["device"] for row in groups.values() for r in row.values() if r["device"]})

@@ -1,4 +1,4 @@
-"""benchmarks/report.py (merging the JSON of a split run, checking the issues' targets) and a check of gpu_session.sh."""
+"""benchmarks/report.py (merging a split run's JSON, checking the issues' targets) and a check of gpu_session.sh."""
 
 import json
 import os
