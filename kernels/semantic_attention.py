@@ -15,34 +15,38 @@ Backward, with gS = dL/dS and ga = dL/da given, z = tanh(u[b, n, k] * e[c, k])::
     grad_e    = sum_{b, n} gs[b, c, n] * v[k] * (1 - z^2) * u[b, n, k]         (Triton, kernel B)
 
 Memory. The official formulation materialises z as a (B, N, C, I) tensor and the attention-weighted map as
-(B, N, C, D). Neither is ever written here: the forward builds the (BLOCK_C, BLOCK_N) score tile in registers,
-chunk by chunk over I, and the backward *recomputes* z tile by tile (flash-attention style) instead of storing it,
-because recomputing a tanh is far cheaper than writing and re-reading B*N*C*I values. Extra memory is
-O(B*C*N + B*C*D) (a, gs, an fp32 score scratch for large N, and per-class-block partial sums of grad_v).
+(B, N, C, D). Neither is ever written here: the forward builds each score tile in registers, chunk by chunk over I,
+and the backward *recomputes* z tile by tile (flash-attention style) instead of storing it, because recomputing a
+tanh is far cheaper than writing and re-reading B*N*C*I values. Extra memory is O(ksplit*B*C*N + B*C*D) (the k-split
+partial scores, a, gs, and per-class-block partial sums of grad_v).
 
 Dtype policy. Outputs are contiguous and in the input dtypes (S and a in x's dtype; each gradient in its input's
 dtype). fp16/bf16 inputs are upcast on load and everything (tanh, scores, softmax, the a @ x product, gradient
 sums) accumulates in fp32; fp32 stays fp32 (tl.dot with input_precision="ieee", never tf32); fp64 computes in fp64.
 
-Determinism. No atomics: grad_v is written as one partial row per class block and summed by torch, so two runs give
-bitwise-equal results.
+Determinism. No atomics: the k-split partial scores and the per-class-block partial rows of grad_v are summed in a
+fixed order, so two runs give bitwise-equal results.
 
 Kernels:
-    * ``_sa_fwd_kernel``   grid (B, cdiv(C, BLOCK_C)): scores, softmax, store a, then S = a @ x per BLOCK_D chunk.
-      N <= MAX_SINGLE_BLOCK_N keeps the whole row in registers (one pass); larger N uses three passes over N blocks
-      (scores + online max/sum into an fp32 scratch, normalise, then S), separated by block barriers.
+    * ``_sa_scores_kernel`` grid (cdiv(B*N, BLOCK_R), cdiv(C, BLOCK_C), ksplit): partial scores of a tile of flattened
+      rows r = b*N + n (odd N wastes nothing) and classes over one of ksplit ranges of I (:func:`k_split`: small
+      problems split I so that the grid fills the GPU).
+    * ``_sa_softmax_product_kernel`` grid (B, cdiv(C, BLOCK_C), cdiv(D, BLOCK_D)): sums the partials, softmax over
+      N (one tile for N <= MAX_SINGLE_BLOCK_N, else an online max/sum pass and a normalising pass over N blocks),
+      stores a (D block 0 only) and S = a @ x for its D block.
     * ``_sa_bwd_u_kernel`` grid (B, cdiv(N, BLOCK_N), cdiv(I, BLOCK_K)): loops over all classes, writes grad_u.
     * ``_sa_bwd_e_kernel`` grid (cdiv(C, BLOCK_C), cdiv(I, BLOCK_K)): loops over (b, n), writes grad_e and a
       partial grad_v per class block.
 
 Triton notes: there is no tl.tanh (and libdevice.tanh fails under the interpreter), so tanh(x) = 2*sigmoid(2x) - 1.
-tl.dot operands keep M, N, K >= 16 (BLOCK_C, BLOCK_N, BLOCK_D >= 16) as the GPU requires; the backward has no
-tl.dot, so its blocks are free.
+tl.dot operands keep M, N, K >= 16 (BLOCK_C, BLOCK_N, BLOCK_D >= 16) as the GPU requires; the score and backward
+kernels have no tl.dot, so their blocks are free.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+import functools
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -51,10 +55,13 @@ from torch import Tensor
 
 __all__ = ["semantic_attention_forward", "semantic_attention_backward", "block_sizes", "MAX_SINGLE_BLOCK_N"]
 
-# N up to this (rounded up to a power of two) keeps a whole score row in registers; beyond it the multi-pass path.
+# N up to this (rounded up to a power of two) keeps a whole score row in one tile of the softmax/product kernel;
+# beyond it that kernel walks the row in N blocks (two passes).
 MAX_SINGLE_BLOCK_N = 256
-# Budget of elements for the (BLOCK_C, BLOCK_N, BLOCK_K) tanh tile held in registers.
+# Budget of elements for the (BLOCK_C, rows, BLOCK_K) tanh tile held in registers.
 _TILE_BUDGET = 8192
+# The score kernel splits the I reduction until the grid holds about this many programs per SM (4 warps each).
+_PROGRAMS_PER_SM = 8
 
 
 def _np2(n: int) -> int:
@@ -62,26 +69,49 @@ def _np2(n: int) -> int:
 
 
 def block_sizes(N: int, C: int, D: int, I: int) -> dict:
-    """Power-of-two block sizes for the three kernels, chosen from the shape.
+    """Power-of-two block sizes of the four kernels, chosen from the shape.
 
-    Forward: BLOCK_C = 16 and BLOCK_N, BLOCK_D >= 16 (the operands of tl.dot on the GPU need M, N, K >= 16);
-    BLOCK_N covers N when N <= MAX_SINGLE_BLOCK_N (single pass), else it is MAX_SINGLE_BLOCK_N / 4 (multi-pass);
-    BLOCK_K is what keeps the (BLOCK_C, BLOCK_N, BLOCK_K) tanh tile within a register budget. Backward (no tl.dot):
-    BLOCK_C = 16, BLOCK_N <= 64 (more programs for kernel A), BLOCK_K by the same budget.
+    Scores (no tl.dot): a (BLOCK_C = 16, BLOCK_R = 16, BLOCK_K) tanh tile, BLOCK_K within the register budget.
+    Softmax/product: BLOCK_C = 16 and BLOCK_N, BLOCK_D >= 16 (the operands of tl.dot on the GPU need M, N, K >= 16);
+    BLOCK_N covers N when N <= MAX_SINGLE_BLOCK_N (single tile), else it is MAX_SINGLE_BLOCK_N / 4 (two passes).
+    Backward (no tl.dot): BLOCK_C = 16, BLOCK_N <= 64 (more programs for kernel A), BLOCK_K by the same budget.
     """
-    fwd_single = _np2(N) <= MAX_SINGLE_BLOCK_N
-    f_bn = max(16, _np2(N)) if fwd_single else max(16, MAX_SINGLE_BLOCK_N // 4)
-    f_bc = 16
-    f_bk = max(1, min(32, _np2(I), _TILE_BUDGET // (f_bc * f_bn)))
-    f_bd = max(16, min(64 if f_bn <= 128 else 32, _np2(D)))
+    s_bc, s_br = 16, 16
+    s_bk = max(1, min(32, _np2(I), _TILE_BUDGET // (s_bc * s_br)))
+    single = _np2(N) <= MAX_SINGLE_BLOCK_N
+    p_bn = max(16, _np2(N)) if single else max(16, MAX_SINGLE_BLOCK_N // 4)
+    p_bd = max(16, min(64 if p_bn <= 128 else 32, _np2(D)))
     b_bc = 16
     b_bn = max(16, min(64, _np2(N)))
     b_bk = max(1, min(32, _np2(I), _TILE_BUDGET // (b_bc * b_bn)))
     return dict(
-        fwd=dict(BLOCK_C=f_bc, BLOCK_N=f_bn, BLOCK_K=f_bk, BLOCK_D=f_bd, SINGLE=fwd_single,
-                 num_warps=8 if f_bn >= 128 else 4),
+        scores=dict(BLOCK_C=s_bc, BLOCK_R=s_br, BLOCK_K=s_bk, num_warps=4),
+        product=dict(BLOCK_C=16, BLOCK_N=p_bn, BLOCK_D=p_bd, SINGLE=single, num_warps=8 if p_bn >= 128 else 4),
         bwd=dict(BLOCK_C=b_bc, BLOCK_N=b_bn, BLOCK_K=b_bk, num_warps=4),
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter: few programs keep it fast)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def k_split(B: int, N: int, C: int, I: int, sm_count: int) -> Tuple[int, int]:
+    """(ksplit, k_per): the score kernel's I range is cut into ksplit ranges of k_per (a multiple of BLOCK_K).
+
+    A small problem (COCO: B*N = 392 rows x 80 classes is 125 tiles) would leave most of a large GPU idle with one
+    program per tile, so the I reduction is split until the grid holds about _PROGRAMS_PER_SM programs per SM; the
+    partial sums are added in a fixed order by the softmax kernel. One range when the tiles already fill the GPU.
+    """
+    cfg = block_sizes(N, C, 1, I)["scores"]
+    k_blocks = triton.cdiv(max(I, 1), cfg["BLOCK_K"])
+    tiles = triton.cdiv(B * N, cfg["BLOCK_R"]) * triton.cdiv(C, cfg["BLOCK_C"])
+    want = min(k_blocks, max(1, triton.cdiv(_PROGRAMS_PER_SM * sm_count, max(tiles, 1))))
+    k_per = triton.cdiv(k_blocks, want) * cfg["BLOCK_K"]
+    return triton.cdiv(max(I, 1), k_per), k_per
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -102,111 +132,114 @@ def _tanh(x):
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
-@triton.jit
-def _score_tile(u_row_ptr, e_ptr, v_ptr, offs_c, mask_c, offs_n, mask_n, I,
-                stride_un, stride_uk, stride_ec, stride_ek, stride_vk,
-                ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(BLOCK_C, BLOCK_N) tile of s[c, n] = sum_k v[k] * tanh(u[n, k] * e[c, k]) (masked entries: garbage-free 0)."""
-    acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=ACC)
-    for k0 in range(0, I, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < I
-        e = tl.load(e_ptr + offs_c[:, None] * stride_ec + offs_k[None, :] * stride_ek,
-                    mask=mask_c[:, None] & mask_k[None, :], other=0.0).to(ACC)
-        u = tl.load(u_row_ptr + offs_n[:, None] * stride_un + offs_k[None, :] * stride_uk,
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(ACC)
-        v = tl.load(v_ptr + offs_k * stride_vk, mask=mask_k, other=0.0).to(ACC)
-        z = _tanh(u[None, :, :] * e[:, None, :])  # (BLOCK_C, BLOCK_N, BLOCK_K), registers only
-        acc += tl.sum(z * v[None, None, :], axis=2)
-    return acc
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Forward
 
 
 @triton.jit
-def _sa_fwd_kernel(x_ptr, u_ptr, e_ptr, v_ptr, S_ptr, a_ptr, scratch_ptr,
-                   N, C, D, I,
-                   stride_xb, stride_xn, stride_xd,
-                   stride_ub, stride_un, stride_uk,
-                   stride_ec, stride_ek, stride_vk,
-                   ACC: tl.constexpr, SINGLE: tl.constexpr,
-                   BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    cb = tl.program_id(1)
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    arange_n = tl.arange(0, BLOCK_N)
-    arange_d = tl.arange(0, BLOCK_D)
-    x_b = x_ptr + b * stride_xb
-    u_b = u_ptr + b * stride_ub
-    # Outputs are contiguous: a (B, C, N), S (B, C, D); the scratch (if any) is a contiguous (B, C, N) in ACC.
-    a_b = a_ptr + b * C * N
-    S_b = S_ptr + b * C * D
-    scr_b = scratch_ptr + b * C * N
+def _sa_scores_kernel(u_ptr, e_ptr, v_ptr, part_ptr,
+                      R, N, C, I, K_PER,
+                      stride_ub, stride_un, stride_uk,
+                      stride_ec, stride_ek, stride_vk,
+                      ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """part[ks, b, c, n] = sum_{k in split ks} v[k] * tanh(u[b, n, k] * e[c, k]) for a (BLOCK_C, BLOCK_R) tile.
 
+    Rows r = b * N + n are flattened over the batch, so odd N (49) wastes nothing but the last tile's tail.
+    """
+    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ks = tl.program_id(2)
+    mask_r = offs_r < R
+    mask_c = offs_c < C
+    b = offs_r // N
+    n = offs_r - b * N
+    u_rows = u_ptr + b * stride_ub + n * stride_un  # (BLOCK_R,) row pointers
+    k_end = tl.minimum(I, (ks + 1) * K_PER)
+    acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=ACC)
+    for k0 in range(ks * K_PER, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
+        e = tl.load(e_ptr + offs_c[:, None] * stride_ec + offs_k[None, :] * stride_ek,
+                    mask=mask_c[:, None] & mask_k[None, :], other=0.0).to(ACC)
+        u = tl.load(u_rows[:, None] + offs_k[None, :] * stride_uk,
+                    mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(ACC)
+        v = tl.load(v_ptr + offs_k * stride_vk, mask=mask_k, other=0.0).to(ACC)
+        z = _tanh(u[None, :, :] * e[:, None, :])  # (BLOCK_C, BLOCK_R, BLOCK_K), registers only
+        acc += tl.sum(z * v[None, None, :], axis=2)
+    # part: contiguous (KSPLIT, B, C, N) in ACC; row r of image b sits at b * C * N + n.
+    ptrs = part_ptr + ks.to(tl.int64) * R * C + (b * C * N + n)[None, :] + offs_c[:, None] * N
+    tl.store(ptrs, acc, mask=mask_c[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _load_scores(part_b, ks_stride, KSPLIT, offs_c, mask_c, offs_n, mask_n, N, ACC: tl.constexpr,
+                 BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(BLOCK_C, BLOCK_N) scores: the k-split partials summed in a fixed order; -inf at positions beyond N (rows
+    beyond C are 0, so that their softmax stays finite)."""
+    s = tl.zeros((BLOCK_C, BLOCK_N), dtype=ACC)
+    ptrs = part_b + offs_c[:, None] * N + offs_n[None, :]
+    for ks in range(0, KSPLIT):
+        s += tl.load(ptrs + ks * ks_stride, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+    return tl.where(mask_n[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _sa_softmax_product_kernel(part_ptr, x_ptr, S_ptr, a_ptr,
+                               KSPLIT, N, C, D,
+                               stride_xb, stride_xn, stride_xd,
+                               ACC: tl.constexpr, SINGLE: tl.constexpr,
+                               BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """a = softmax_n(scores) and S[:, d-block] = a @ x[:, d-block] for one (image, class block, D block).
+
+    Every D block recomputes the (cheap) softmax of its class block; only D block 0 stores a.
+    """
+    b = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid_d = tl.program_id(2)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_c = offs_c < C
+    mask_d = offs_d < D
+    arange_n = tl.arange(0, BLOCK_N)
+    ks_stride = tl.num_programs(0).to(tl.int64) * C * N  # B * C * N
+    part_b = part_ptr + b * C * N
+    x_b = x_ptr + b * stride_xb
+    a_b = a_ptr + b * C * N  # outputs are contiguous: a (B, C, N), S (B, C, D)
+    store_a = pid_d == 0
     if SINGLE:
-        # The whole row of N positions fits one tile: scores, softmax and S straight from registers.
+        # The whole row of N positions fits one tile.
         mask_n = arange_n < N
-        s = _score_tile(u_b, e_ptr, v_ptr, offs_c, mask_c, arange_n, mask_n, I,
-                        stride_un, stride_uk, stride_ec, stride_ek, stride_vk, ACC, BLOCK_C, BLOCK_N, BLOCK_K)
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m = tl.max(s, axis=1)
-        p = tl.exp(s - m[:, None])
-        p = tl.where(mask_n[None, :], p, 0.0)
+        s = _load_scores(part_b, ks_stride, KSPLIT, offs_c, mask_c, arange_n, mask_n, N, ACC, BLOCK_C, BLOCK_N)
+        p = tl.exp(s - tl.max(s, axis=1)[:, None])  # masked entries: exp(-inf) = 0
         a = p / tl.sum(p, axis=1)[:, None]
         tl.store(a_b + offs_c[:, None] * N + arange_n[None, :], a.to(a_ptr.dtype.element_ty),
-                 mask=mask_c[:, None] & mask_n[None, :])
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + arange_d
-            mask_d = offs_d < D
-            xt = tl.load(x_b + arange_n[:, None] * stride_xn + offs_d[None, :] * stride_xd,
-                         mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(ACC)
-            out = tl.dot(a, xt, input_precision="ieee")
-            tl.store(S_b + offs_c[:, None] * D + offs_d[None, :], out.to(S_ptr.dtype.element_ty),
-                     mask=mask_c[:, None] & mask_d[None, :])
+                 mask=mask_c[:, None] & mask_n[None, :] & store_a)
+        xt = tl.load(x_b + arange_n[:, None] * stride_xn + offs_d[None, :] * stride_xd,
+                     mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(ACC)
+        out = tl.dot(a, xt, input_precision="ieee")
     else:
-        # Pass 1: scores of each N block into the scratch, with an online row max and sum of exponentials.
+        # Pass 1: online row max and sum of exponentials over the N blocks.
         m = tl.full((BLOCK_C,), float("-inf"), dtype=ACC)
         l = tl.zeros((BLOCK_C,), dtype=ACC)
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + arange_n
-            mask_n = offs_n < N
-            s = _score_tile(u_b, e_ptr, v_ptr, offs_c, mask_c, offs_n, mask_n, I,
-                            stride_un, stride_uk, stride_ec, stride_ek, stride_vk, ACC, BLOCK_C, BLOCK_N, BLOCK_K)
-            s = tl.where(mask_n[None, :], s, float("-inf"))
-            tl.store(scr_b + offs_c[:, None] * N + offs_n[None, :], s, mask=mask_c[:, None] & mask_n[None, :])
+            s = _load_scores(part_b, ks_stride, KSPLIT, offs_c, mask_c, offs_n, offs_n < N, N, ACC, BLOCK_C, BLOCK_N)
             m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every block holds at least one valid position
-            p = tl.where(mask_n[None, :], tl.exp(s - m_new[:, None]), 0.0)
-            l = l * tl.exp(m - m_new) + tl.sum(p, axis=1)
+            l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
             m = m_new
-        tl.debug_barrier()
-        # Pass 2: normalise; a goes to the output and (in ACC precision) back to the scratch for the product.
+        # Pass 2: normalise and accumulate S over the N blocks.
+        out = tl.zeros((BLOCK_C, BLOCK_D), dtype=ACC)
         for n0 in range(0, N, BLOCK_N):
             offs_n = n0 + arange_n
-            mask = mask_c[:, None] & (offs_n < N)[None, :]
-            ptrs = offs_c[:, None] * N + offs_n[None, :]
-            s = tl.load(scr_b + ptrs, mask=mask, other=float("-inf"))
+            mask_n = offs_n < N
+            s = _load_scores(part_b, ks_stride, KSPLIT, offs_c, mask_c, offs_n, mask_n, N, ACC, BLOCK_C, BLOCK_N)
             a = tl.exp(s - m[:, None]) / l[:, None]
-            tl.store(a_b + ptrs, a.to(a_ptr.dtype.element_ty), mask=mask)
-            tl.store(scr_b + ptrs, a, mask=mask)
-        tl.debug_barrier()
-        # Pass 3: S[c, d-block] = sum over N blocks of a_tile @ x_tile.
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + arange_d
-            mask_d = offs_d < D
-            out = tl.zeros((BLOCK_C, BLOCK_D), dtype=ACC)
-            for n0 in range(0, N, BLOCK_N):
-                offs_n = n0 + arange_n
-                mask_n = offs_n < N
-                a = tl.load(scr_b + offs_c[:, None] * N + offs_n[None, :],
-                            mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-                xt = tl.load(x_b + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd,
-                             mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(ACC)
-                out += tl.dot(a, xt, input_precision="ieee")
-            tl.store(S_b + offs_c[:, None] * D + offs_d[None, :], out.to(S_ptr.dtype.element_ty),
-                     mask=mask_c[:, None] & mask_d[None, :])
+            tl.store(a_b + offs_c[:, None] * N + offs_n[None, :], a.to(a_ptr.dtype.element_ty),
+                     mask=mask_c[:, None] & mask_n[None, :] & store_a)
+            xt = tl.load(x_b + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd,
+                         mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(ACC)
+            out += tl.dot(a, xt, input_precision="ieee")
+    tl.store(S_ptr + b * C * D + offs_c[:, None] * D + offs_d[None, :], out.to(S_ptr.dtype.element_ty),
+             mask=mask_c[:, None] & mask_d[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -303,27 +336,37 @@ def _check_inputs(x: Tensor, u: Tensor, e: Tensor, v: Tensor) -> Tuple[int, int,
     return B, N, e.shape[0], D, I
 
 
-def semantic_attention_forward(x: Tensor, u: Tensor, e: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
-    """S (B, C, D) and a (B, C, N), contiguous, in x's dtype. Inputs may have any strides."""
+def semantic_attention_forward(x: Tensor, u: Tensor, e: Tensor, v: Tensor, *,
+                               ksplit: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """S (B, C, D) and a (B, C, N), contiguous, in x's dtype. Inputs may have any strides.
+
+    ``ksplit`` forces the number of I ranges of the score kernel (tests); default: :func:`k_split`'s choice.
+    """
     B, N, C, D, I = _check_inputs(x, u, e, v)
     S = torch.empty((B, C, D), dtype=x.dtype, device=x.device)
     a = torch.empty((B, C, N), dtype=x.dtype, device=x.device)
     if B == 0 or C == 0:
         return S, a
-    cfg = block_sizes(N, C, D, I)["fwd"]
+    cfg = block_sizes(N, C, D, I)
+    sc, pc = cfg["scores"], cfg["product"]
+    if ksplit is None:
+        ksplit, k_per = k_split(B, N, C, I, _sm_count(x.device))
+    else:
+        k_per = triton.cdiv(triton.cdiv(max(I, 1), ksplit), sc["BLOCK_K"]) * sc["BLOCK_K"]
+        ksplit = triton.cdiv(max(I, 1), k_per)  # no empty range
     acc = _acc_dtype(x.dtype)
-    # Scores (then a) in ACC precision for the multi-pass path only; a 1-element dummy otherwise.
-    scratch = torch.empty((B, C, N) if not cfg["SINGLE"] else (1,), dtype=acc, device=x.device)
-    grid = (B, triton.cdiv(C, cfg["BLOCK_C"]))
-    _sa_fwd_kernel[grid](
-        x, u, e, v, S, a, scratch,
-        N, C, D, I,
-        x.stride(0), x.stride(1), x.stride(2),
-        u.stride(0), u.stride(1), u.stride(2),
-        e.stride(0), e.stride(1), v.stride(0),
-        ACC=_tl_acc(x.dtype), SINGLE=cfg["SINGLE"],
-        BLOCK_C=cfg["BLOCK_C"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"],
+    part = torch.empty((ksplit, B, C, N), dtype=acc, device=x.device)
+    R = B * N
+    _sa_scores_kernel[(triton.cdiv(R, sc["BLOCK_R"]), triton.cdiv(C, sc["BLOCK_C"]), ksplit)](
+        u, e, v, part, R, N, C, I, k_per,
+        u.stride(0), u.stride(1), u.stride(2), e.stride(0), e.stride(1), v.stride(0),
+        ACC=_tl_acc(x.dtype), BLOCK_R=sc["BLOCK_R"], BLOCK_C=sc["BLOCK_C"], BLOCK_K=sc["BLOCK_K"],
+        num_warps=sc["num_warps"],
+    )
+    _sa_softmax_product_kernel[(B, triton.cdiv(C, pc["BLOCK_C"]), triton.cdiv(D, pc["BLOCK_D"]))](
+        part, x, S, a, ksplit, N, C, D, x.stride(0), x.stride(1), x.stride(2),
+        ACC=_tl_acc(x.dtype), SINGLE=pc["SINGLE"], BLOCK_C=pc["BLOCK_C"], BLOCK_N=pc["BLOCK_N"],
+        BLOCK_D=pc["BLOCK_D"], num_warps=pc["num_warps"],
     )
     return S, a
 

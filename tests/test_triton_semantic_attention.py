@@ -8,8 +8,7 @@ run and the module skips with that reason; tests/conftest.py sets the flag first
 skips. On a CUDA host the flag is left alone so the compiled kernels run on the GPU (the same tests then use CUDA
 tensors, and the GPU-only cases run too).
 
-Interpreter cost is 10-50 ms per program, so every CPU case keeps B * cdiv(C, 16) (forward) and the backward grids
-to a few programs.
+Interpreter cost is 10-50 ms per program, so every CPU case keeps the grids to a few programs.
 """
 
 import importlib
@@ -36,7 +35,7 @@ def _interpreted(module) -> bool:
         from triton.runtime.interpreter import InterpretedFunction
     except ImportError:  # pragma: no cover - layout of other triton versions
         return os.environ.get("TRITON_INTERPRET") == "1"
-    return isinstance(module._sa_fwd_kernel, InterpretedFunction)
+    return isinstance(module._sa_scores_kernel, InterpretedFunction)
 
 
 _LATE_FLAG = (
@@ -146,14 +145,14 @@ def test_transposed_feature_map_view():
 
 @pytest.mark.parametrize("shape", [(1, 300, 3, 9, 5), (2, 49, 20, 33, 17)], ids=str)
 def test_multi_pass_large_n(shape, monkeypatch):
-    """N beyond one register tile: scores, online max/sum, normalise and S over several N blocks.
+    """N beyond one register tile: online max/sum, then normalise and S over several N blocks.
 
     (1, 300, ...) takes that path by default (N > MAX_SINGLE_BLOCK_N); for N = 49 the limit is lowered to 16 so the
     path runs with four N blocks, the last one partial.
     """
     if shape[1] <= K.MAX_SINGLE_BLOCK_N:
         monkeypatch.setattr(K, "MAX_SINGLE_BLOCK_N", 16)
-    cfg = K.block_sizes(shape[1], shape[2], shape[3], shape[4])["fwd"]
+    cfg = K.block_sizes(shape[1], shape[2], shape[3], shape[4])["product"]
     assert not cfg["SINGLE"] and cfg["BLOCK_N"] < shape[1]
     compare(*make_inputs(*shape), dtype=torch.float32)
 
@@ -192,24 +191,45 @@ def test_bad_input_names_the_argument(change, match):
         K.semantic_attention_forward(*change(x, u, e, v))
 
 
-@pytest.mark.parametrize("shape", [(8, 49, 80, 1024, 512), (1, 13, 200, 33, 17), (2, 1000, 3, 64, 16), (2, 7, 1, 1, 1)],
-                         ids=str)
-def test_block_size_policy(shape):
-    """Powers of two; tl.dot operands of the forward keep M, N, K >= 16 (GPU minimum); tanh tiles within budget."""
+@pytest.mark.parametrize("ksplit", [1, 2, 3, 50])
+def test_k_split_matches_oracle(ksplit):
+    """The score kernel's I reduction cut into 1, 2 or 3 ranges (I = 70 is three BLOCK_K = 32 blocks, the last partial),
+    or more ranges than blocks (clamped to 3): partials summed by the softmax kernel, same results."""
+    inputs, grads_out = make_inputs(2, 13, 20, 33, 70)
+    S, a = K.semantic_attention_forward(*inputs, ksplit=ksplit)
+    (S_ref, a_ref), _ = oracle(inputs, grads_out)
+    assert_close(S, S_ref.to(S.device), dtype=torch.float32, what="S")
+    assert_close(a, a_ref.to(a.device), dtype=torch.float32, what="a")
+
+
+@pytest.mark.parametrize("shape", [(8, 49, 80, 1024, 512), (32, 49, 200, 1024, 512), (1, 13, 200, 33, 17),
+                                   (2, 1000, 3, 64, 16), (2, 7, 1, 1, 1), (1, 1, 1, 8, 1000)], ids=str)
+@pytest.mark.parametrize("sms", [1, 132])
+def test_block_size_and_split_policy(shape, sms):
+    """Powers of two; tl.dot operands keep M, N, K >= 16 (GPU minimum); tanh tiles within budget; the k split
+    covers I with non-empty ranges of whole BLOCK_K blocks and stops once the grid fills the GPU."""
     B, N, C, D, I = shape
     cfg = K.block_sizes(N, C, D, I)
-    for kernel in ("fwd", "bwd"):
-        for key in ("BLOCK_C", "BLOCK_N", "BLOCK_K"):
-            value = cfg[kernel][key]
-            assert value >= 1 and value & (value - 1) == 0, (kernel, key, value)
-        assert cfg[kernel]["BLOCK_C"] * cfg[kernel]["BLOCK_N"] * cfg[kernel]["BLOCK_K"] <= max(
-            K._TILE_BUDGET, cfg[kernel]["BLOCK_C"] * cfg[kernel]["BLOCK_N"])
-    fwd = cfg["fwd"]
-    assert fwd["BLOCK_C"] >= 16 and fwd["BLOCK_N"] >= 16 and fwd["BLOCK_D"] >= 16
-    assert fwd["BLOCK_D"] & (fwd["BLOCK_D"] - 1) == 0
-    assert fwd["SINGLE"] == (N <= K.MAX_SINGLE_BLOCK_N)
-    if fwd["SINGLE"]:
-        assert fwd["BLOCK_N"] >= N
+    sc, pc, bc = cfg["scores"], cfg["product"], cfg["bwd"]
+    for kernel, keys in ((sc, ("BLOCK_C", "BLOCK_R", "BLOCK_K")), (pc, ("BLOCK_C", "BLOCK_N", "BLOCK_D")),
+                         (bc, ("BLOCK_C", "BLOCK_N", "BLOCK_K"))):
+        for key in keys:
+            assert kernel[key] >= 1 and kernel[key] & (kernel[key] - 1) == 0, (key, kernel)
+    assert sc["BLOCK_C"] * sc["BLOCK_R"] * sc["BLOCK_K"] <= K._TILE_BUDGET
+    assert bc["BLOCK_C"] * bc["BLOCK_N"] * bc["BLOCK_K"] <= max(K._TILE_BUDGET, bc["BLOCK_C"] * bc["BLOCK_N"])
+    assert pc["BLOCK_C"] >= 16 and pc["BLOCK_N"] >= 16 and pc["BLOCK_D"] >= 16
+    assert pc["SINGLE"] == (N <= K.MAX_SINGLE_BLOCK_N)
+    if pc["SINGLE"]:
+        assert pc["BLOCK_N"] >= N
+    ksplit, k_per = K.k_split(B, N, C, I, sms)
+    assert k_per % sc["BLOCK_K"] == 0 and (ksplit - 1) * k_per < I <= ksplit * k_per
+    tiles = -(-B * N // sc["BLOCK_R"]) * -(-C // sc["BLOCK_C"])
+    if tiles >= K._PROGRAMS_PER_SM * sms:
+        assert ksplit == 1
+    else:  # equal ranges of whole blocks reach at least half the target, unless ranges are down to one block
+        assert 2 * tiles * ksplit >= K._PROGRAMS_PER_SM * sms or k_per == sc["BLOCK_K"]
+    if shape[:3] == (8, 49, 80) and sms == 132:  # COCO on an H200: 125 tiles -> 1000 programs
+        assert ksplit == 8
 
 
 # ---------------------------------------------------------------------------------------------------------------
