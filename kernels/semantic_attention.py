@@ -10,21 +10,21 @@ Backward, with gS = dL/dS and ga = dL/da given, z = tanh(u[b, n, k] * e[c, k])::
 
     grad_x    = a^T @ gS                                       (torch bmm: O(B*C*N*D), not the hot spot)
     ga_total  = ga + gS @ x^T;  gs = a * (ga_total - sum_n a * ga_total)      (softmax backward, torch)
-    grad_v[k] = sum_{b, n, c} gs[b, c, n] * z                                  (Triton, kernel B)
-    grad_u    = sum_c gs[b, c, n] * v[k] * (1 - z^2) * e[c, k]                 (Triton, kernel A)
-    grad_e    = sum_{b, n} gs[b, c, n] * v[k] * (1 - z^2) * u[b, n, k]         (Triton, kernel B)
+    grad_v[k] = sum_{b, n, c} gs[b, c, n] * z                                  (Triton, one fused pass:
+    grad_u    = sum_c gs[b, c, n] * v[k] * (1 - z^2) * e[c, k]                  z is recomputed once per
+    grad_e    = sum_{b, n} gs[b, c, n] * v[k] * (1 - z^2) * u[b, n, k]          (row, class, k) triple)
 
 Memory. The official formulation materialises z as a (B, N, C, I) tensor and the attention-weighted map as
 (B, N, C, D). Neither is ever written here: the forward builds each score tile in registers, chunk by chunk over I,
 and the backward *recomputes* z tile by tile (flash-attention style) instead of storing it, because recomputing a
-tanh is far cheaper than writing and re-reading B*N*C*I values. Extra memory is O(ksplit*B*C*N + B*C*D) (the k-split
-partial scores, a, gs, and per-class-block partial sums of grad_v).
+tanh is far cheaper than writing and re-reading B*N*C*I values. Extra memory is O(ksplit*B*C*N + B*C*D + G*C*I):
+the k-split partial scores, a, gs, and the backward's (G, C, I) partial sums of grad_e (G <= 8 * SMs / cdiv(I, 32)).
 
 Dtype policy. Outputs are contiguous and in the input dtypes (S and a in x's dtype; each gradient in its input's
 dtype). fp16/bf16 inputs are upcast on load and everything (tanh, scores, softmax, the a @ x product, gradient
 sums) accumulates in fp32; fp32 stays fp32 (tl.dot with input_precision="ieee", never tf32); fp64 computes in fp64.
 
-Determinism. No atomics: the k-split partial scores and the per-class-block partial rows of grad_v are summed in a
+Determinism. No atomics: the k-split partial scores and the per-group partials of grad_e and grad_v are summed in a
 fixed order, so two runs give bitwise-equal results.
 
 Kernels:
@@ -34,9 +34,9 @@ Kernels:
     * ``_sa_softmax_product_kernel`` grid (B, cdiv(C, BLOCK_C), cdiv(D, BLOCK_D)): sums the partials, softmax over
       N (one tile for N <= MAX_SINGLE_BLOCK_N, else an online max/sum pass and a normalising pass over N blocks),
       stores a (D block 0 only) and S = a @ x for its D block.
-    * ``_sa_bwd_u_kernel`` grid (B, cdiv(N, BLOCK_N), cdiv(I, BLOCK_K)): loops over all classes, writes grad_u.
-    * ``_sa_bwd_e_kernel`` grid (cdiv(C, BLOCK_C), cdiv(I, BLOCK_K)): loops over (b, n), writes grad_e and a
-      partial grad_v per class block.
+    * ``_sa_bwd_kernel`` grid (G, cdiv(I, BLOCK_K)): program g walks row tiles g, g + G, ... and all classes;
+      writes grad_u and the group's partial grad_e (G, C, I) and grad_v (G, I), summed over groups by torch
+      (:func:`bwd_groups` picks G to fill the GPU).
 
 Triton notes: there is no tl.tanh (and libdevice.tanh fails under the interpreter), so tanh(x) = 2*sigmoid(2x) - 1.
 tl.dot operands keep M, N, K >= 16 (BLOCK_C, BLOCK_N, BLOCK_D >= 16) as the GPU requires; the score and backward
@@ -53,7 +53,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["semantic_attention_forward", "semantic_attention_backward", "block_sizes", "MAX_SINGLE_BLOCK_N"]
+__all__ = ["semantic_attention_forward", "semantic_attention_backward", "block_sizes", "k_split", "bwd_groups",
+           "MAX_SINGLE_BLOCK_N"]
 
 # N up to this (rounded up to a power of two) keeps a whole score row in one tile of the softmax/product kernel;
 # beyond it that kernel walks the row in N blocks (two passes).
@@ -69,25 +70,22 @@ def _np2(n: int) -> int:
 
 
 def block_sizes(N: int, C: int, D: int, I: int) -> dict:
-    """Power-of-two block sizes of the four kernels, chosen from the shape.
+    """Power-of-two block sizes of the three kernels, chosen from the shape.
 
     Scores (no tl.dot): a (BLOCK_C = 16, BLOCK_R = 16, BLOCK_K) tanh tile, BLOCK_K within the register budget.
     Softmax/product: BLOCK_C = 16 and BLOCK_N, BLOCK_D >= 16 (the operands of tl.dot on the GPU need M, N, K >= 16);
     BLOCK_N covers N when N <= MAX_SINGLE_BLOCK_N (single tile), else it is MAX_SINGLE_BLOCK_N / 4 (two passes).
-    Backward (no tl.dot): BLOCK_C = 16, BLOCK_N <= 64 (more programs for kernel A), BLOCK_K by the same budget.
+    Backward (no tl.dot): the score kernel's tile.
     """
     s_bc, s_br = 16, 16
     s_bk = max(1, min(32, _np2(I), _TILE_BUDGET // (s_bc * s_br)))
     single = _np2(N) <= MAX_SINGLE_BLOCK_N
     p_bn = max(16, _np2(N)) if single else max(16, MAX_SINGLE_BLOCK_N // 4)
     p_bd = max(16, min(64 if p_bn <= 128 else 32, _np2(D)))
-    b_bc = 16
-    b_bn = max(16, min(64, _np2(N)))
-    b_bk = max(1, min(32, _np2(I), _TILE_BUDGET // (b_bc * b_bn)))
     return dict(
         scores=dict(BLOCK_C=s_bc, BLOCK_R=s_br, BLOCK_K=s_bk, num_warps=4),
         product=dict(BLOCK_C=16, BLOCK_N=p_bn, BLOCK_D=p_bd, SINGLE=single, num_warps=8 if p_bn >= 128 else 4),
-        bwd=dict(BLOCK_C=b_bc, BLOCK_N=b_bn, BLOCK_K=b_bk, num_warps=4),
+        bwd=dict(BLOCK_C=s_bc, BLOCK_R=s_br, BLOCK_K=s_bk, num_warps=4),
     )
 
 
@@ -112,6 +110,15 @@ def k_split(B: int, N: int, C: int, I: int, sm_count: int) -> Tuple[int, int]:
     want = min(k_blocks, max(1, triton.cdiv(_PROGRAMS_PER_SM * sm_count, max(tiles, 1))))
     k_per = triton.cdiv(k_blocks, want) * cfg["BLOCK_K"]
     return triton.cdiv(max(I, 1), k_per), k_per
+
+
+def bwd_groups(B: int, N: int, C: int, I: int, sm_count: int) -> int:
+    """G, the backward kernel's row-tile groups: enough (G x k tiles) programs for about _PROGRAMS_PER_SM per SM,
+    at most one group per row tile. The partial grad_e buffer is (G, C, I)."""
+    cfg = block_sizes(N, C, 1, I)["bwd"]
+    row_tiles = triton.cdiv(B * N, cfg["BLOCK_R"])
+    want = triton.cdiv(_PROGRAMS_PER_SM * sm_count, triton.cdiv(max(I, 1), cfg["BLOCK_K"]))
+    return max(1, min(row_tiles, want))
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -247,70 +254,55 @@ def _sa_softmax_product_kernel(part_ptr, x_ptr, S_ptr, a_ptr,
 
 
 @triton.jit
-def _sa_bwd_u_kernel(gs_ptr, u_ptr, e_ptr, v_ptr, gu_ptr,
-                     N, C, I,
-                     stride_ub, stride_un, stride_uk,
-                     stride_ec, stride_ek, stride_vk,
-                     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """grad_u[b, n, k] = v[k] * sum_c gs[b, c, n] * (1 - z^2) * e[c, k], z recomputed."""
-    b = tl.program_id(0).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_n = offs_n < N
-    mask_k = offs_k < I
-    mask_nk = mask_n[:, None] & mask_k[None, :]
-    u = tl.load(u_ptr + b * stride_ub + offs_n[:, None] * stride_un + offs_k[None, :] * stride_uk,
-                mask=mask_nk, other=0.0).to(ACC)
-    v = tl.load(v_ptr + offs_k * stride_vk, mask=mask_k, other=0.0).to(ACC)
-    gs_b = gs_ptr + b * C * N  # gs: contiguous (B, C, N) in ACC
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < C
-        e = tl.load(e_ptr + offs_c[:, None] * stride_ec + offs_k[None, :] * stride_ek,
-                    mask=mask_c[:, None] & mask_k[None, :], other=0.0).to(ACC)
-        g = tl.load(gs_b + offs_c[:, None] * N + offs_n[None, :], mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-        z = _tanh(u[None, :, :] * e[:, None, :])  # (BLOCK_C, BLOCK_N, BLOCK_K)
-        acc += tl.sum(g[:, :, None] * (1.0 - z * z) * e[:, None, :], axis=0)
-    gu = acc * v[None, :]
-    tl.store(gu_ptr + b * N * I + offs_n[:, None] * I + offs_k[None, :], gu.to(gu_ptr.dtype.element_ty), mask=mask_nk)
+def _sa_bwd_kernel(gs_ptr, u_ptr, e_ptr, v_ptr, gu_ptr, ge_part_ptr, gv_part_ptr,
+                   R, N, C, I, ROW_TILES,
+                   stride_ub, stride_un, stride_uk,
+                   stride_ec, stride_ek, stride_vk,
+                   ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One pass over the (row, class, k) triples of row tiles g, g + G, g + 2G, ... and one k tile.
 
-
-@triton.jit
-def _sa_bwd_e_kernel(gs_ptr, u_ptr, e_ptr, v_ptr, ge_ptr, gv_partial_ptr,
-                     B, N, C, I,
-                     stride_ub, stride_un, stride_uk,
-                     stride_ec, stride_ek, stride_vk,
-                     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """grad_e[c, k] = v[k] * sum_{b,n} gs * (1 - z^2) * u[b, n, k]; partial grad_v[cb, k] = sum_{b,n,c in cb} gs * z."""
-    cb = tl.program_id(0)
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    Per row tile (rows r = b * N + n flattened over the batch) and class block, z = tanh(u e) is recomputed once and
+    feeds all three gradients: grad_u of the row tile accumulates over the classes in registers; the group's partial
+    grad_e[g, c, k] is read, added to and written back (this program owns it; a block barrier separates row tiles);
+    the group's partial grad_v[g, k] accumulates in registers.
+    """
+    g = tl.program_id(0)
+    G = tl.num_programs(0)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_c = offs_c < C
     mask_k = offs_k < I
-    mask_ck = mask_c[:, None] & mask_k[None, :]
-    e = tl.load(e_ptr + offs_c[:, None] * stride_ec + offs_k[None, :] * stride_ek, mask=mask_ck, other=0.0).to(ACC)
     v = tl.load(v_ptr + offs_k * stride_vk, mask=mask_k, other=0.0).to(ACC)
-    acc_e = tl.zeros((BLOCK_C, BLOCK_K), dtype=ACC)
-    acc_v = tl.zeros((BLOCK_C, BLOCK_K), dtype=ACC)
-    for b in range(0, B):
-        b64 = tl.cast(b, tl.int64)
-        u_b = u_ptr + b64 * stride_ub
-        gs_b = gs_ptr + b64 * C * N
-        for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < N
-            u = tl.load(u_b + offs_n[:, None] * stride_un + offs_k[None, :] * stride_uk,
-                        mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(ACC)
-            g = tl.load(gs_b + offs_c[:, None] * N + offs_n[None, :],
-                        mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-            z = _tanh(u[None, :, :] * e[:, None, :])  # (BLOCK_C, BLOCK_N, BLOCK_K)
-            gz = g[:, :, None] * z
-            acc_v += tl.sum(gz, axis=1)
-            acc_e += tl.sum((g[:, :, None] - gz * z) * u[None, :, :], axis=1)  # g * (1 - z^2) * u
-    ge = acc_e * v[None, :]
-    tl.store(ge_ptr + offs_c[:, None] * I + offs_k[None, :], ge.to(ge_ptr.dtype.element_ty), mask=mask_ck)
-    tl.store(gv_partial_ptr + cb * I + offs_k, tl.sum(acc_v, axis=0), mask=mask_k)
+    ge_g = ge_part_ptr + g.to(tl.int64) * C * I  # ge_part: contiguous (G, C, I) in ACC
+    acc_v = tl.zeros((BLOCK_K,), dtype=ACC)
+    for rt in range(g, ROW_TILES, G):
+        offs_r = tl.cast(rt, tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        b = offs_r // N
+        n = offs_r - b * N
+        mask_rk = mask_r[:, None] & mask_k[None, :]
+        u = tl.load(u_ptr + (b * stride_ub + n * stride_un)[:, None] + offs_k[None, :] * stride_uk,
+                    mask=mask_rk, other=0.0).to(ACC)
+        gs_rows = b * C * N + n  # gs: contiguous (B, C, N) in ACC
+        acc_u = tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < C
+            mask_ck = mask_c[:, None] & mask_k[None, :]
+            e = tl.load(e_ptr + offs_c[:, None] * stride_ec + offs_k[None, :] * stride_ek,
+                        mask=mask_ck, other=0.0).to(ACC)
+            gsv = tl.load(gs_ptr + gs_rows[None, :] + offs_c[:, None] * N,
+                          mask=mask_c[:, None] & mask_r[None, :], other=0.0)  # (BLOCK_C, BLOCK_R)
+            z = _tanh(u[None, :, :] * e[:, None, :])  # (BLOCK_C, BLOCK_R, BLOCK_K)
+            gz = gsv[:, :, None] * z
+            acc_v += tl.sum(tl.sum(gz, axis=1), axis=0)
+            t = gsv[:, :, None] - gz * z  # gs * (1 - z^2)
+            acc_u += tl.sum(t * e[:, None, :], axis=0)
+            ge_ptrs = ge_g + offs_c[:, None] * I + offs_k[None, :]
+            ge = tl.load(ge_ptrs, mask=mask_ck, other=0.0)
+            tl.store(ge_ptrs, ge + tl.sum(t * u[None, :, :], axis=1), mask=mask_ck)
+        tl.store(gu_ptr + offs_r[:, None] * I + offs_k[None, :], (acc_u * v[None, :]).to(gu_ptr.dtype.element_ty),
+                 mask=mask_rk)
+        tl.debug_barrier()  # this row tile's grad_e stores land before the next tile reads them back
+    tl.store(gv_part_ptr + g * I + offs_k, acc_v, mask=mask_k)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -372,9 +364,13 @@ def semantic_attention_forward(x: Tensor, u: Tensor, e: Tensor, v: Tensor, *,
 
 
 def semantic_attention_backward(
-    grad_S: Tensor, grad_a: Tensor, x: Tensor, u: Tensor, e: Tensor, v: Tensor, a: Tensor
+    grad_S: Tensor, grad_a: Tensor, x: Tensor, u: Tensor, e: Tensor, v: Tensor, a: Tensor, *,
+    groups: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad_x, grad_u, grad_e, grad_v), contiguous, each in its input's dtype; ``a`` is the forward's output."""
+    """(grad_x, grad_u, grad_e, grad_v), contiguous, each in its input's dtype; ``a`` is the forward's output.
+
+    ``groups`` forces the number of row-tile groups of the backward kernel (tests); default: :func:`bwd_groups`.
+    """
     B, N, C, D, I = _check_inputs(x, u, e, v)
     if tuple(grad_S.shape) != (B, C, D):
         raise ValueError(f"argument 'grad_S': expected shape {(B, C, D)}, got {tuple(grad_S.shape)}")
@@ -388,29 +384,20 @@ def semantic_attention_backward(
     ga_total = grad_a.to(acc) + torch.bmm(gS, xc.transpose(1, 2))
     gs = (ac * (ga_total - (ac * ga_total).sum(-1, keepdim=True))).contiguous()  # (B, C, N), softmax backward
     grad_u = torch.empty((B, N, I), dtype=u.dtype, device=u.device)
-    grad_e = torch.empty((C, I), dtype=e.dtype, device=e.device)
     cfg = block_sizes(N, C, D, I)["bwd"]
-    BC, BN, BK = cfg["BLOCK_C"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    n_cblocks = triton.cdiv(C, BC)
-    gv_partial = torch.empty((n_cblocks, I), dtype=acc, device=x.device)
-    tl_acc = _tl_acc(x.dtype)
-    strides = (u.stride(0), u.stride(1), u.stride(2), e.stride(0), e.stride(1), v.stride(0))
-    if B > 0 and I > 0:
-        if C == 0:
-            grad_u.zero_()
-        else:
-            _sa_bwd_u_kernel[(B, triton.cdiv(N, BN), triton.cdiv(I, BK))](
-                gs, u, e, v, grad_u, N, C, I, *strides,
-                ACC=tl_acc, BLOCK_C=BC, BLOCK_N=BN, BLOCK_K=BK, num_warps=cfg["num_warps"],
-            )
-    if C > 0 and I > 0:
-        if B == 0:
-            grad_e.zero_()
-            gv_partial.zero_()
-        else:
-            _sa_bwd_e_kernel[(n_cblocks, triton.cdiv(I, BK))](
-                gs, u, e, v, grad_e, gv_partial, B, N, C, I, *strides,
-                ACC=tl_acc, BLOCK_C=BC, BLOCK_N=BN, BLOCK_K=BK, num_warps=cfg["num_warps"],
-            )
-    grad_v = gv_partial.sum(0) if n_cblocks > 0 else torch.zeros((I,), dtype=acc, device=x.device)
-    return (grad_x.to(x.dtype).contiguous(), grad_u, grad_e, grad_v.to(v.dtype).contiguous())
+    R = B * N
+    G = bwd_groups(B, N, C, I, _sm_count(x.device)) if groups is None else max(1, min(groups, R))
+    ge_part = torch.zeros((G, C, I), dtype=acc, device=x.device)
+    gv_part = torch.zeros((G, I), dtype=acc, device=x.device)
+    if C == 0:
+        grad_u.zero_()
+    elif R > 0 and I > 0:
+        _sa_bwd_kernel[(G, triton.cdiv(I, cfg["BLOCK_K"]))](
+            gs, u, e, v, grad_u, ge_part, gv_part, R, N, C, I, triton.cdiv(R, cfg["BLOCK_R"]),
+            u.stride(0), u.stride(1), u.stride(2), e.stride(0), e.stride(1), v.stride(0),
+            ACC=_tl_acc(x.dtype), BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"],
+            num_warps=cfg["num_warps"],
+        )
+    grad_e = ge_part.sum(0) * v.to(acc)  # fixed-order sums over the groups
+    grad_v = gv_part.sum(0)
+    return tuple(g.to(t.dtype).contiguous() for g, t in ((grad_x, x), (grad_u, u), (grad_e, e), (grad_v, v)))

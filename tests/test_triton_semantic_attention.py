@@ -83,17 +83,17 @@ def oracle(inputs, grads_out):
     return (S.detach(), a.detach()), grads
 
 
-def fused(inputs, grads_out):
+def fused(inputs, grads_out, groups=None):
     S, a = K.semantic_attention_forward(*inputs)
-    grads = K.semantic_attention_backward(*grads_out, *inputs, a)
+    grads = K.semantic_attention_backward(*grads_out, *inputs, a, groups=groups)
     return (S, a), grads
 
 
 NAMES = ("S", "a", "grad_x", "grad_u", "grad_e", "grad_v")
 
 
-def compare(inputs, grads_out, *, dtype, tol=None):
-    (S, a), grads = fused(inputs, grads_out)
+def compare(inputs, grads_out, *, dtype, tol=None, groups=None):
+    (S, a), grads = fused(inputs, grads_out, groups)
     (S_ref, a_ref), grads_ref = oracle(inputs, grads_out)
     x, u, e, v = inputs
     B, N, D = x.shape
@@ -202,6 +202,13 @@ def test_k_split_matches_oracle(ksplit):
     assert_close(a, a_ref.to(a.device), dtype=torch.float32, what="a")
 
 
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_backward_groups_match_oracle(groups):
+    """The backward's row-tile groups: with G < 10 row tiles (B*N = 147) each program walks several row tiles and
+    reads back its partial grad_e; I = 70 gives three k tiles, the last partial."""
+    compare(*make_inputs(3, 49, 20, 8, 70), dtype=torch.float32, groups=groups)
+
+
 @pytest.mark.parametrize("shape", [(8, 49, 80, 1024, 512), (32, 49, 200, 1024, 512), (1, 13, 200, 33, 17),
                                    (2, 1000, 3, 64, 16), (2, 7, 1, 1, 1), (1, 1, 1, 8, 1000)], ids=str)
 @pytest.mark.parametrize("sms", [1, 132])
@@ -212,11 +219,11 @@ def test_block_size_and_split_policy(shape, sms):
     cfg = K.block_sizes(N, C, D, I)
     sc, pc, bc = cfg["scores"], cfg["product"], cfg["bwd"]
     for kernel, keys in ((sc, ("BLOCK_C", "BLOCK_R", "BLOCK_K")), (pc, ("BLOCK_C", "BLOCK_N", "BLOCK_D")),
-                         (bc, ("BLOCK_C", "BLOCK_N", "BLOCK_K"))):
+                         (bc, ("BLOCK_C", "BLOCK_R", "BLOCK_K"))):
         for key in keys:
             assert kernel[key] >= 1 and kernel[key] & (kernel[key] - 1) == 0, (key, kernel)
     assert sc["BLOCK_C"] * sc["BLOCK_R"] * sc["BLOCK_K"] <= K._TILE_BUDGET
-    assert bc["BLOCK_C"] * bc["BLOCK_N"] * bc["BLOCK_K"] <= max(K._TILE_BUDGET, bc["BLOCK_C"] * bc["BLOCK_N"])
+    assert bc["BLOCK_C"] * bc["BLOCK_R"] * bc["BLOCK_K"] <= K._TILE_BUDGET
     assert pc["BLOCK_C"] >= 16 and pc["BLOCK_N"] >= 16 and pc["BLOCK_D"] >= 16
     assert pc["SINGLE"] == (N <= K.MAX_SINGLE_BLOCK_N)
     if pc["SINGLE"]:
@@ -228,8 +235,12 @@ def test_block_size_and_split_policy(shape, sms):
         assert ksplit == 1
     else:  # equal ranges of whole blocks reach at least half the target, unless ranges are down to one block
         assert 2 * tiles * ksplit >= K._PROGRAMS_PER_SM * sms or k_per == sc["BLOCK_K"]
-    if shape[:3] == (8, 49, 80) and sms == 132:  # COCO on an H200: 125 tiles -> 1000 programs
-        assert ksplit == 8
+    row_tiles, k_tiles = -(-B * N // bc["BLOCK_R"]), -(-I // bc["BLOCK_K"])
+    G = K.bwd_groups(B, N, C, I, sms)
+    assert 1 <= G <= row_tiles
+    assert G == row_tiles or G * k_tiles >= K._PROGRAMS_PER_SM * sms
+    if shape[:3] == (8, 49, 80) and sms == 132:  # COCO on an H200: 125 tiles -> 1000 programs; 25 x 16 backward
+        assert ksplit == 8 and G == 25
 
 
 # ---------------------------------------------------------------------------------------------------------------
