@@ -18,7 +18,7 @@ Memory. The official formulation materialises z as a (B, N, C, I) tensor and the
 (B, N, C, D). Neither is ever written here: the forward builds each score tile in registers, chunk by chunk over I,
 and the backward *recomputes* z tile by tile (flash-attention style) instead of storing it, because recomputing a
 tanh is far cheaper than writing and re-reading B*N*C*I values. Extra memory is O(ksplit*B*C*N + B*C*D + G*C*I):
-the k-split partial scores, a, gs, and the backward's (G, C, I) partial sums of grad_e (G <= 8 * SMs / cdiv(I, 32)).
+the k-split partial scores, a, gs, and the backward's (G, C, I) partial sums of grad_e (G <= 8 * SMs / cdiv(I, 16)).
 
 Dtype policy. Outputs are contiguous and in the input dtypes (S and a in x's dtype; each gradient in its input's
 dtype). fp16/bf16 inputs are upcast on load and everything (tanh, scores, softmax, the a @ x product, gradient
@@ -32,8 +32,8 @@ Kernels:
       rows r = b*N + n (odd N wastes nothing) and classes over one of ksplit ranges of I (:func:`k_split`: small
       problems split I so that the grid fills the GPU).
     * ``_sa_softmax_product_kernel`` grid (B, cdiv(C, BLOCK_C), cdiv(D, BLOCK_D)): sums the partials, softmax over
-      N (one tile for N <= MAX_SINGLE_BLOCK_N, else an online max/sum pass and a normalising pass over N blocks),
-      stores a (D block 0 only) and S = a @ x for its D block.
+      N (an online max/sum pass and a normalising pass over N blocks), stores a (D block 0 only) and S = a @ x for
+      its D block.
     * ``_sa_bwd_kernel`` grid (G, cdiv(I, BLOCK_K)): program g walks row tiles g, g + G, ... and all classes;
       writes grad_u and the group's partial grad_e (G, C, I) and grad_v (G, I), summed over groups by torch
       (:func:`bwd_groups` picks G to fill the GPU).
@@ -53,14 +53,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["semantic_attention_forward", "semantic_attention_backward", "block_sizes", "k_split", "bwd_groups",
-           "MAX_SINGLE_BLOCK_N"]
+__all__ = ["semantic_attention_forward", "semantic_attention_backward", "block_sizes", "k_split", "bwd_groups"]
 
-# N up to this (rounded up to a power of two) keeps a whole score row in one tile of the softmax/product kernel;
-# beyond it that kernel walks the row in N blocks (two passes).
-MAX_SINGLE_BLOCK_N = 256
-# Budget of elements for the (BLOCK_C, rows, BLOCK_K) tanh tile held in registers.
+# Budgets of elements for the (BLOCK_C, BLOCK_R, BLOCK_K) tanh tiles held in registers. The backward keeps several
+# such tiles live: at 8192 elements and 4 warps ptxas gives it 240 registers per thread (sm_90); 4096 with 8 warps
+# about 125.
 _TILE_BUDGET = 8192
+_BWD_TILE_BUDGET = 4096
 # The score kernel splits the I reduction until the grid holds about this many programs per SM (4 warps each).
 _PROGRAMS_PER_SM = 8
 
@@ -73,19 +72,16 @@ def block_sizes(N: int, C: int, D: int, I: int) -> dict:
     """Power-of-two block sizes of the three kernels, chosen from the shape.
 
     Scores (no tl.dot): a (BLOCK_C = 16, BLOCK_R = 16, BLOCK_K) tanh tile, BLOCK_K within the register budget.
-    Softmax/product: BLOCK_C = 16 and BLOCK_N, BLOCK_D >= 16 (the operands of tl.dot on the GPU need M, N, K >= 16);
-    BLOCK_N covers N when N <= MAX_SINGLE_BLOCK_N (single tile), else it is MAX_SINGLE_BLOCK_N / 4 (two passes).
-    Backward (no tl.dot): the score kernel's tile.
+    Softmax/product: BLOCK_C = 16, 16 <= BLOCK_N <= 64, 16 <= BLOCK_D <= 32 (tl.dot on the GPU needs M, N, K >= 16).
+    Backward (no tl.dot): the score tile within the smaller budget. Block sizes and warps are those for which ptxas
+    reports no register spills on sm_90 (``tests/sm90_compile.py``; BLOCK_D = 64 with 4 warps spilled).
     """
-    s_bc, s_br = 16, 16
-    s_bk = max(1, min(32, _np2(I), _TILE_BUDGET // (s_bc * s_br)))
-    single = _np2(N) <= MAX_SINGLE_BLOCK_N
-    p_bn = max(16, _np2(N)) if single else max(16, MAX_SINGLE_BLOCK_N // 4)
-    p_bd = max(16, min(64 if p_bn <= 128 else 32, _np2(D)))
+    s_bk = max(1, min(32, _np2(I), _TILE_BUDGET // 256))
+    b_bk = max(1, min(32, _np2(I), _BWD_TILE_BUDGET // 256))
     return dict(
-        scores=dict(BLOCK_C=s_bc, BLOCK_R=s_br, BLOCK_K=s_bk, num_warps=4),
-        product=dict(BLOCK_C=16, BLOCK_N=p_bn, BLOCK_D=p_bd, SINGLE=single, num_warps=8 if p_bn >= 128 else 4),
-        bwd=dict(BLOCK_C=s_bc, BLOCK_R=s_br, BLOCK_K=s_bk, num_warps=4),
+        scores=dict(BLOCK_C=16, BLOCK_R=16, BLOCK_K=s_bk, num_warps=4),
+        product=dict(BLOCK_C=16, BLOCK_N=max(16, min(64, _np2(N))), BLOCK_D=max(16, min(32, _np2(D))), num_warps=8),
+        bwd=dict(BLOCK_C=16, BLOCK_R=16, BLOCK_K=b_bk, num_warps=8),
     )
 
 
@@ -194,11 +190,13 @@ def _load_scores(part_b, ks_stride, KSPLIT, offs_c, mask_c, offs_n, mask_n, N, A
 def _sa_softmax_product_kernel(part_ptr, x_ptr, S_ptr, a_ptr,
                                KSPLIT, N, C, D,
                                stride_xb, stride_xn, stride_xd,
-                               ACC: tl.constexpr, SINGLE: tl.constexpr,
-                               BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                               ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_D: tl.constexpr):
     """a = softmax_n(scores) and S[:, d-block] = a @ x[:, d-block] for one (image, class block, D block).
 
-    Every D block recomputes the (cheap) softmax of its class block; only D block 0 stores a.
+    Two passes over the N blocks (one block for N <= BLOCK_N): the online row max and sum of exponentials, then
+    normalise and accumulate S. Every D block recomputes the (cheap) softmax of its class block; only D block 0
+    stores a.
     """
     b = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -211,40 +209,25 @@ def _sa_softmax_product_kernel(part_ptr, x_ptr, S_ptr, a_ptr,
     part_b = part_ptr + b * C * N
     x_b = x_ptr + b * stride_xb
     a_b = a_ptr + b * C * N  # outputs are contiguous: a (B, C, N), S (B, C, D)
-    store_a = pid_d == 0
-    if SINGLE:
-        # The whole row of N positions fits one tile.
-        mask_n = arange_n < N
-        s = _load_scores(part_b, ks_stride, KSPLIT, offs_c, mask_c, arange_n, mask_n, N, ACC, BLOCK_C, BLOCK_N)
-        p = tl.exp(s - tl.max(s, axis=1)[:, None])  # masked entries: exp(-inf) = 0
-        a = p / tl.sum(p, axis=1)[:, None]
-        tl.store(a_b + offs_c[:, None] * N + arange_n[None, :], a.to(a_ptr.dtype.element_ty),
-                 mask=mask_c[:, None] & mask_n[None, :] & store_a)
-        xt = tl.load(x_b + arange_n[:, None] * stride_xn + offs_d[None, :] * stride_xd,
+    m = tl.full((BLOCK_C,), float("-inf"), dtype=ACC)
+    l = tl.zeros((BLOCK_C,), dtype=ACC)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + arange_n
+        s = _load_scores(part_b, ks_stride, KSPLIT, offs_c, mask_c, offs_n, offs_n < N, N, ACC, BLOCK_C, BLOCK_N)
+        m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every block holds at least one valid position
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        m = m_new
+    out = tl.zeros((BLOCK_C, BLOCK_D), dtype=ACC)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + arange_n
+        mask_n = offs_n < N
+        s = _load_scores(part_b, ks_stride, KSPLIT, offs_c, mask_c, offs_n, mask_n, N, ACC, BLOCK_C, BLOCK_N)
+        a = tl.exp(s - m[:, None]) / l[:, None]
+        tl.store(a_b + offs_c[:, None] * N + offs_n[None, :], a.to(a_ptr.dtype.element_ty),
+                 mask=mask_c[:, None] & mask_n[None, :] & (pid_d == 0))
+        xt = tl.load(x_b + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd,
                      mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(ACC)
-        out = tl.dot(a, xt, input_precision="ieee")
-    else:
-        # Pass 1: online row max and sum of exponentials over the N blocks.
-        m = tl.full((BLOCK_C,), float("-inf"), dtype=ACC)
-        l = tl.zeros((BLOCK_C,), dtype=ACC)
-        for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + arange_n
-            s = _load_scores(part_b, ks_stride, KSPLIT, offs_c, mask_c, offs_n, offs_n < N, N, ACC, BLOCK_C, BLOCK_N)
-            m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every block holds at least one valid position
-            l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
-            m = m_new
-        # Pass 2: normalise and accumulate S over the N blocks.
-        out = tl.zeros((BLOCK_C, BLOCK_D), dtype=ACC)
-        for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + arange_n
-            mask_n = offs_n < N
-            s = _load_scores(part_b, ks_stride, KSPLIT, offs_c, mask_c, offs_n, mask_n, N, ACC, BLOCK_C, BLOCK_N)
-            a = tl.exp(s - m[:, None]) / l[:, None]
-            tl.store(a_b + offs_c[:, None] * N + offs_n[None, :], a.to(a_ptr.dtype.element_ty),
-                     mask=mask_c[:, None] & mask_n[None, :] & store_a)
-            xt = tl.load(x_b + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd,
-                         mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(ACC)
-            out += tl.dot(a, xt, input_precision="ieee")
+        out += tl.dot(a, xt, input_precision="ieee")
     tl.store(S_ptr + b * C * D + offs_c[:, None] * D + offs_d[None, :], out.to(S_ptr.dtype.element_ty),
              mask=mask_c[:, None] & mask_d[None, :])
 
@@ -357,7 +340,7 @@ def semantic_attention_forward(x: Tensor, u: Tensor, e: Tensor, v: Tensor, *,
     )
     _sa_softmax_product_kernel[(B, triton.cdiv(C, pc["BLOCK_C"]), triton.cdiv(D, pc["BLOCK_D"]))](
         part, x, S, a, ksplit, N, C, D, x.stride(0), x.stride(1), x.stride(2),
-        ACC=_tl_acc(x.dtype), SINGLE=pc["SINGLE"], BLOCK_C=pc["BLOCK_C"], BLOCK_N=pc["BLOCK_N"],
+        ACC=_tl_acc(x.dtype), BLOCK_C=pc["BLOCK_C"], BLOCK_N=pc["BLOCK_N"],
         BLOCK_D=pc["BLOCK_D"], num_warps=pc["num_warps"],
     )
     return S, a

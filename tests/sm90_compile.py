@@ -1,0 +1,171 @@
+"""Compile every Triton kernel for an H100/H200 (sm_90) on a machine without a GPU, and report register use.
+
+The interpreter (TRITON_INTERPRET=1) checks the kernels' maths on the CPU but never runs Triton's GPU compiler, so
+a kernel can pass every CPU test and still fail to compile, or spill registers, on the GPU. This module calls each
+launcher of ``kernels/`` at the benchmark shapes with the launch recorded instead of run (the kernel objects are
+swapped for recorders), turns each recorded launch into the signature, constants and divisibility hints the Triton
+runtime would derive from the same arguments, compiles it ahead of time for ``GPUTarget("cuda", 90, 32)`` and runs
+the ptxas that ships with triton (``-v``) on the PTX for registers and spills. No GPU and no CUDA driver are needed.
+
+Run it as a script in a process where TRITON_INTERPRET is not set (the kernels must be JIT functions, not
+interpreted ones): ``python tests/sm90_compile.py`` prints a JSON line with the names of all kernels, then one per
+distinct launch (kernel, case, constants, num_warps, registers, spill bytes, or the compiler's error). ``tests/test_triton_sm90_compile.py`` runs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Any, Dict, List, Tuple
+
+import torch
+import triton
+
+# (name, B, N, C, D, I, dtypes): the benchmark shapes (coco in every dtype a kernel takes, vg-b32) and a large map
+# (14 x 14: N > BLOCK_N). Other shapes change only runtime sizes, not what is compiled, except through the block-size
+# rules, which these cover (one and several N blocks, k split and not).
+SHAPES = [("coco", 8, 49, 80, 1024, 512, (torch.float32, torch.bfloat16, torch.float16, torch.float64)),
+          ("vg-b32", 32, 49, 200, 1024, 512, (torch.float32, torch.bfloat16)),
+          ("n196", 4, 196, 20, 256, 64, (torch.float32,))]
+_TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+       torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+
+
+class _Recorder:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` records the call, runs nothing."""
+
+    def __init__(self, fn, log: List[Tuple[Any, tuple, dict]]):
+        self.fn, self.log = fn, log
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.log.append((self.fn, args, kwargs))
+
+
+def _signature(fn, args: tuple, kwargs: dict):
+    """(signature, constexprs, attrs, options) as the Triton runtime specialises these arguments."""
+    names = fn.arg_names
+    values = dict(zip(names, args))
+    values.update({k: v for k, v in kwargs.items() if k in names})
+    options = {k: v for k, v in kwargs.items() if k not in names}
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(fn.params):
+        name, value = param.name, values[param.name]
+        if param.is_constexpr:
+            signature[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TT[value.dtype]
+            if value.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            if value == 1:  # the runtime turns an int argument equal to 1 into a constant
+                signature[name], constexprs[name] = "constexpr", 1
+                continue
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: argument {name!r} of type {type(value).__name__} is not handled")
+    return signature, constexprs, attrs, options
+
+
+def _launches() -> Tuple[List[Tuple[str, Any, tuple, dict]], List[str]]:
+    """Every kernel launch the launchers make at SHAPES, recorded (label, fn, args, kwargs), and the names of all the
+    kernels found (so that a kernel no launch reaches is noticed)."""
+    mods = {n: importlib.import_module(f"dsrb.kernels.{n}") for n in
+            ("semantic_attention", "instance_blend", "prototype_blend", "prototype_bank_update", "quadrant_index")}
+    log: List[Tuple[Any, tuple, dict]] = []
+    kernels = []
+    for mod in mods.values():
+        for attr in dir(mod):
+            obj = getattr(mod, attr)
+            if isinstance(obj, triton.runtime.JITFunction) and attr.endswith("_kernel"):
+                setattr(mod, attr, _Recorder(obj, log))
+                kernels.append(attr)
+    sa, ib, pb = mods["semantic_attention"], mods["instance_blend"], mods["prototype_blend"]
+    bu, qi = mods["prototype_bank_update"], mods["quadrant_index"]
+    out = []
+    for label, B, N, C, D, I, dtypes in SHAPES:
+        for dtype in dtypes:
+            def z(*shape, dt=dtype):
+                return torch.zeros(shape, dtype=dt)
+
+            q = torch.zeros((B, C), dtype=torch.int64)
+            partner = torch.arange(B).flip(0)
+            start = len(log)
+            x, u, e, v = z(B, N, D), z(B, N, I), z(C, I), z(I)
+            sa.semantic_attention_forward(x, u, e, v)
+            sa.semantic_attention_forward(x, u, e, v, ksplit=4)
+            sa.semantic_attention_backward(z(B, C, D), z(B, C, N), x, u, e, v, z(B, C, N))
+            S, T = z(B, C, D), z(B, C)
+            ib.instance_blend_forward(S, T, z(), partner)
+            for detach in (False, True):
+                ib.instance_blend_backward(S, T, S, T, z(), partner, detach)
+            pb_args = (S, T, z(), z(C, 4, D), q, q + 1, torch.zeros((B, C), dtype=torch.bool))
+            pb.prototype_blend_forward(*pb_args)
+            for detach in (False, True):
+                for bank_grad in (False, True):
+                    pb.prototype_blend_backward(S, T, *pb_args[:1], *pb_args[2:], detach, bank_grad)
+            bu.prototype_bank_update(z(C, 4, D), torch.zeros((C, 4), dtype=torch.int64), S, T, q, 100)
+            side = int(N ** 0.5)
+            if side * side == N:
+                qi.quadrant_index(z(B, C, N), z(B, N), side, side)
+            out += [(f"{label}/{str(dtype).replace('torch.', '')}",) + rec for rec in log[start:]]
+    return out, kernels
+
+
+def _ptxas_usage(ptx: str) -> Dict[str, int]:
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        res = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True,
+                             text=True, check=True)
+    finally:
+        os.unlink(f.name)
+    usage = {}
+    for key, pattern in (("registers", r"Used (\d+) registers"), ("spill_stores", r"(\d+) bytes spill stores"),
+                         ("spill_loads", r"(\d+) bytes spill loads")):
+        found = re.search(pattern, res.stderr)
+        usage[key] = int(found.group(1)) if found else None
+    return usage
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("sm90_compile: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", 90, 32)
+    seen = set()
+    launches, kernels = _launches()
+    print(json.dumps(dict(kernels=sorted(kernels))), flush=True)
+    for label, fn, args, kwargs in launches:
+        signature, constexprs, attrs, options = _signature(fn, args, kwargs)
+        key = (fn.__name__, tuple(sorted(signature.items())), tuple(sorted((k, str(v)) for k, v in constexprs.items())),
+               tuple(sorted(attrs)), tuple(sorted(options.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        record = dict(kernel=fn.__name__, case=label, num_warps=options.get("num_warps", 4),
+                      constants={k: str(v) for k, v in constexprs.items()})
+        try:
+            compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
+            record.update(_ptxas_usage(compiled.asm["ptx"]))
+        except Exception as exc:  # noqa: BLE001 - reported per launch; the test fails on it
+            record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        print(json.dumps(record), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
