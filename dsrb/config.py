@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional
 
 METHODS = ("dsrb", "baseline")
 AMP_MODES = ("none", "bf16", "fp16")
+MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision
 
 
 @dataclass
@@ -61,6 +62,8 @@ class TrainConfig:
     lr_step: int = 10
     lr_gamma: float = 0.1
     amp: str = "none"
+    matmul_precision: str = "highest"
+    channels_last: bool = False
     compile: bool = False
     # run
     seed: int = 0
@@ -80,6 +83,8 @@ class TrainConfig:
             bad("method", f"one of {METHODS}")
         if self.amp not in AMP_MODES:
             bad("amp", f"one of {AMP_MODES}")
+        if self.matmul_precision not in MATMUL_PRECISIONS:
+            bad("matmul_precision", f"one of {MATMUL_PRECISIONS}")
         if self.compat not in ("fixed", "official"):
             bad("compat", "'fixed' or 'official'")
         if not 0.0 < self.known_proportion <= 1.0:
@@ -185,6 +190,10 @@ HELP = {
     "lr_step": "StepLR step size (epochs)",
     "lr_gamma": "StepLR decay factor",
     "amp": "none | bf16 | fp16 autocast",
+    "matmul_precision": "float32 matrix products (torch.set_float32_matmul_precision): highest = full fp32 | high = "
+                        "TF32 on Ampere and newer GPUs | medium",
+    "channels_last": "channels-last memory format for the images and the network (faster convolutions, notably on "
+                     "GPUs with --amp)",
     "compile": "torch.compile the model",
     "seed": "training seed (shuffling, augmentation, blending draws)",
     "device": "auto | cpu | cuda | cuda:N",

@@ -209,6 +209,12 @@ def resolve_pretrained(cfg: TrainConfig, d: Dist, device: torch.device) -> Optio
     return path
 
 
+def to_device(images: torch.Tensor, cfg: TrainConfig, device: torch.device) -> torch.Tensor:
+    """A batch of images on the device, in channels-last memory format with --channels-last."""
+    fmt = torch.channels_last if cfg.channels_last else torch.preserve_format
+    return images.to(device, non_blocking=True, memory_format=fmt)
+
+
 def autocast(cfg: TrainConfig, device: torch.device):
     if cfg.amp == "none":
         return nullcontext()
@@ -231,7 +237,7 @@ def prototype_pass(core: DSRB, loader: DataLoader, cfg: TrainConfig, d: Dist, de
     for step, (images, targets, _) in enumerate(loader):
         if step >= total:
             break
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        images, targets = to_device(images, cfg, device), targets.to(device, non_blocking=True)
         with autocast(cfg, device):
             core.update_prototypes(images, targets)
         bar.update(images.shape[0])
@@ -258,7 +264,7 @@ def train_epoch(model, core: DSRB, loader, optimizer, scaler, cfg: TrainConfig, 
     for step, (images, targets, _) in enumerate(loader):
         if step >= total:
             break
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        images, targets = to_device(images, cfg, device), targets.to(device, non_blocking=True)
         choices = None
         if use_prototype:  # drawn outside the model so a compiled model needs no Generator
             choices = draw_prototype_choices(targets, core.top_k, generator, compat=core.compat,
@@ -301,7 +307,7 @@ def predict_scores(model, loader, cfg: TrainConfig, d: Dist, device: torch.devic
         if step >= total:
             break
         with autocast(cfg, device):
-            scores.append(model(images.to(device, non_blocking=True)).float())
+            scores.append(model(to_device(images, cfg, device)).float())
         indices.append(index.to(device))
     C = loader.dataset.num_classes
     scores = torch.cat(scores) if scores else torch.zeros(0, C, device=device)
@@ -373,8 +379,20 @@ def _truncate_metrics(path: str, start_epoch: int) -> None:
 
 
 def run(cfg: TrainConfig, explicit: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Train and evaluate; returns the summary (also written to summary.json)."""
+    """Train and evaluate; returns the summary (also written to summary.json).
+
+    ``--matmul-precision`` is set for the run and the previous process-wide setting restored after it.
+    """
     cfg = _resolve_settings(cfg, explicit or {})
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(cfg.matmul_precision)
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _run(cfg: TrainConfig) -> Dict[str, Any]:
     d = setup_distributed(cfg)
     device = resolve_device(cfg, d)
     out = cfg.out or _default_out(cfg)
@@ -404,6 +422,8 @@ def run(cfg: TrainConfig, explicit: Optional[Dict[str, Any]] = None) -> Dict[str
     core = DSRB(train_set.num_classes, word_features=words, pretrained=pretrained, **kwargs)
     core.set_label_graph(train_set.targets)
     core.to(device)
+    if cfg.channels_last:  # the 4-D weights; the images follow in to_device
+        core.to(memory_format=torch.channels_last)
     params = [p for p in core.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)  # coupled L2, as officially
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step, gamma=cfg.lr_gamma)

@@ -631,3 +631,31 @@ def test_dsrb_compiles_fullgraph_and_matches_eager(backend):
                                      params)
     for g, w in zip(grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("B", [1, 4])
+def test_dsrb_channels_last_matches_contiguous(B):
+    """--channels-last (the 4-D weights and the images in channels-last format) computes the same training outputs
+    and parameter gradients, both blends on, in float64; at B = 1 too (the BatchNorm stride case above)."""
+    ref = ready_model()
+    model = ready_model().to(memory_format=torch.channels_last)
+    assert model.backbone.layer4[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x, T = images(B, 128, 128), TARGETS[:B]
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    choices = draw_prototype_choices(T, ref.top_k, torch.Generator().manual_seed(3), valid=ref.prototype_bank.valid)
+    want = ref(x, T, prototype_choices=choices)
+    got = model(x_cl, T, prototype_choices=choices)
+    for name in DSRBOutput._fields:
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-9, atol=1e-11, msg=name)
+
+    def loss(out):
+        return out.logits.sum() + out.instance_logits.square().sum() + out.prototype_logits.sum() + out.features.sum()
+
+    names = [n for n, p in ref.named_parameters() if p.requires_grad]
+    want_g = torch.autograd.grad(loss(want), [p for p in ref.parameters() if p.requires_grad], allow_unused=True)
+    got_g = torch.autograd.grad(loss(got), [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    for name, g, w in zip(names, got_g, want_g):
+        if w is None:
+            assert g is None, name
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11, msg=name)

@@ -126,6 +126,34 @@ def test_bf16_autocast_run(data_root, tmp_path):
     assert len(records) == 2 and all(0.0 <= r["mAP"] <= 1.0 for r in records)
 
 
+def test_channels_last_and_matmul_precision(data_root, tmp_path, monkeypatch):
+    """--channels-last trains with channels-last weights and resumes exactly; --matmul-precision holds during the run
+    and the previous process-wide setting is back after it."""
+    seen = []
+    train_epoch = train.train_epoch
+
+    def spy(*a, **k):
+        seen.append(torch.get_float32_matmul_precision())
+        return train_epoch(*a, **k)
+
+    monkeypatch.setattr(train, "train_epoch", spy)
+    before = torch.get_float32_matmul_precision()
+    extra = ("--channels-last", "--matmul-precision", "medium")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train.main(args(data_root, straight, 2, *extra))
+    train.main(args(data_root, resumed, 1, *extra))
+    train.main(["--out", str(resumed), "--resume", "--epochs", "2"])
+    assert seen == ["medium"] * 4 and torch.get_float32_matmul_precision() == before
+    assert without_timing(read_metrics(resumed)) == without_timing(read_metrics(straight))
+    saved = json.loads((straight / "config.json").read_text())
+    assert saved["channels_last"] is True and saved["matmul_precision"] == "medium"
+    weights = torch.load(straight / "last.pt", weights_only=False)["model"]
+    convs = [k for k, v in weights.items() if v.dim() == 4]
+    assert convs and all(weights[k].is_contiguous(memory_format=torch.channels_last) for k in convs)
+    with pytest.raises(ValueError, match="matmul_precision"):
+        train.main(args(data_root, tmp_path / "bad", 1, "--matmul-precision", "tf32"))
+
+
 def test_tensorboard_logs(data_root, tmp_path):
     pytest.importorskip("tensorboard", reason="the optional tensorboard package is not installed")
     train.main(args(data_root, tmp_path / "tb", 1, "--tensorboard"))
