@@ -66,11 +66,13 @@ def _torch_backward(
     grad_v = torch.zeros_like(vc)
     for c0, c1 in _class_chunks(B, N, C, I):
         z = _tanh_terms(uc, ec[c0:c1])  # recomputed, (B, N, Cc, I)
-        g = gs[:, c0:c1, :].transpose(1, 2)  # (B, N, Cc)
-        grad_v += torch.einsum("bnc,bnck->k", g, z)
-        gpre = (g[..., None] * vc) * (1 - z * z)  # d/d(u*e) of v . tanh(u*e)
-        grad_u += torch.einsum("bnck,ck->bnk", gpre, ec[c0:c1])
-        grad_e[c0:c1] = torch.einsum("bnck,bnk->ck", gpre, uc)
+        g = gs[:, c0:c1, :].transpose(1, 2).contiguous()  # (B, N, Cc)
+        grad_v += g.reshape(-1) @ z.reshape(-1, I)
+        t = z.square_().neg_().add_(1).mul_(g[..., None])  # g * (1 - z^2), in z's buffer; v is applied below
+        grad_e[c0:c1] = (t * uc[:, :, None, :]).sum((0, 1))
+        grad_u += t.mul_(ec[c0:c1]).sum(2)
+    grad_u *= vc
+    grad_e *= vc
     return tuple(g.to(t.dtype).contiguous() for g, t in ((grad_x, x), (grad_u, u), (grad_e, e), (grad_v, v)))
 
 
