@@ -26,12 +26,13 @@ from typing import Any, Dict, List, Tuple
 import torch
 import triton
 
-# (name, B, N, C, D, I, dtypes): the benchmark shapes (coco in every dtype a kernel takes, vg-b32) and a large map
-# (14 x 14: N > BLOCK_N). Other shapes change only runtime sizes, not what is compiled, except through the block-size
+# (name, B, N, C, D, I, dtypes): the benchmark shapes (coco in every dtype a kernel takes, vg-b32), a large map
+# (14 x 14: N > BLOCK_N) and the odd sizes of the GPU tests (the smallest blocks). Other shapes change only runtime sizes, not what is compiled, except through the block-size
 # rules, which these cover (one and several N blocks, k split and not).
 SHAPES = [("coco", 8, 49, 80, 1024, 512, (torch.float32, torch.bfloat16, torch.float16, torch.float64)),
           ("vg-b32", 32, 49, 200, 1024, 512, (torch.float32, torch.bfloat16)),
-          ("n196", 4, 196, 20, 256, 64, (torch.float32,))]
+          ("n196", 4, 196, 20, 256, 64, (torch.float32,)),
+          ("odd", 2, 13, 20, 33, 17, (torch.float32, torch.bfloat16, torch.float16, torch.float64))]
 _TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
        torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
 
