@@ -22,7 +22,8 @@ the k-split partial scores, a, gs, and the backward's (G, C, I) partial sums of 
 
 Dtype policy. Outputs are contiguous and in the input dtypes (S and a in x's dtype; each gradient in its input's
 dtype). fp16/bf16 inputs are upcast on load and everything (tanh, scores, softmax, the a @ x product, gradient
-sums) accumulates in fp32; fp32 stays fp32 (tl.dot with input_precision="ieee", never tf32); fp64 computes in fp64.
+sums) accumulates in fp32; fp32 stays fp32 (tl.dot with input_precision="ieee", never tf32; the backward's two
+torch.bmm follow torch's float32 matmul precision, full fp32 by default); fp64 computes in fp64.
 
 Determinism. No atomics: the k-split partial scores and the per-group partials of grad_e and grad_v are summed in a
 fixed order, so two runs give bitwise-equal results.
