@@ -192,8 +192,8 @@ HELP = {
     "amp": "none | bf16 | fp16 autocast",
     "matmul_precision": "float32 matrix products (torch.set_float32_matmul_precision): highest = full fp32 | high = "
                         "TF32 on Ampere and newer GPUs | medium",
-    "channels_last": "channels-last memory format for the images and the network (faster convolutions, notably on "
-                     "GPUs with --amp)",
+    "channels_last": "channels-last memory format for the images and the network (meant for GPUs, whose "
+                     "convolutions favour it, notably with --amp)",
     "compile": "torch.compile the model",
     "seed": "training seed (shuffling, augmentation, blending draws)",
     "device": "auto | cpu | cuda | cuda:N",
