@@ -95,18 +95,20 @@ part "GPU tests" 60 200 python3 -m pytest tests/test_ext_backends.py tests/test_
 
 # 3. The benchmarks, in the order of the targets: the ops at the issues' shapes (torch.compile, slow to build, only
 #    where a target names it, after the training step and the largest batch), the head path; then the other passes
-#    and shapes, the prototype pass and the scaling sweep.
+#    and shapes, the training step with a GPU user's settings (bf16, channels-last, TF32), the prototype pass and
+#    the scaling sweep.
 SIZE_TARGETS="coco or vg-b32"
 [ "$DSRB_BENCH_SIZE" = quick ] && SIZE_TARGETS="coco-b8 or demo"
 OPS=(benchmarks/test_bench_semantic_attention.py benchmarks/test_bench_instance_blend.py
      benchmarks/test_bench_prototype_blend.py)
 bench ops 40 "fwd+bwd and ($SIZE_TARGETS) and not compile" "${OPS[@]}"
-bench train_step 40 "not compile" benchmarks/test_bench_train_step.py
+bench train_step 40 "not compile and not fast" benchmarks/test_bench_train_step.py
 bench largest_batch 40 "not compile" benchmarks/test_bench_largest_batch.py
 bench compile 40 "fwd+bwd and ($SIZE_TARGETS) and compile" benchmarks/test_bench_semantic_attention.py
 bench head 40 "fwd+bwd and not compile" benchmarks/test_bench_head.py
 bench ops_rest 30 "not (fwd+bwd and ($SIZE_TARGETS)) or (compile and not semantic_attention)" "${OPS[@]}"
 bench head_rest 30 "not fwd+bwd or compile" benchmarks/test_bench_head.py
+bench train_step_fast 30 "fast and not compile" benchmarks/test_bench_train_step.py
 bench prototype_pass 30 "" benchmarks/test_bench_prototype_pass.py
 bench scaling 30 "" benchmarks/test_bench_scaling.py
 
