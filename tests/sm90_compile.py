@@ -9,7 +9,8 @@ the ptxas that ships with triton (``-v``) on the PTX for registers and spills. N
 
 Run it as a script in a process where TRITON_INTERPRET is not set (the kernels must be JIT functions, not
 interpreted ones): ``python tests/sm90_compile.py`` prints a JSON line with the names of all kernels, then one per
-distinct launch (kernel, case, constants, num_warps, registers, spill bytes, or the compiler's error). ``tests/test_triton_sm90_compile.py`` runs it.
+distinct launch (kernel, case, constants, num_warps, registers, spill bytes, or the compiler's error).
+``tests/test_triton_sm90_compile.py`` runs it.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import torch
 import triton
 
 # (name, B, N, C, D, I, dtypes): the benchmark shapes (coco in every dtype a kernel takes, vg-b32), a large map
-# (14 x 14: N > BLOCK_N) and the odd sizes of the GPU tests (the smallest blocks). Other shapes change only runtime sizes, not what is compiled, except through the block-size
-# rules, which these cover (one and several N blocks, k split and not).
+# (14 x 14: N > BLOCK_N) and the odd sizes of the GPU tests (the smallest blocks). Other shapes change only runtime
+# sizes, not what is compiled, except through the block-size rules, which these cover.
 SHAPES = [("coco", 8, 49, 80, 1024, 512, (torch.float32, torch.bfloat16, torch.float16, torch.float64)),
           ("vg-b32", 32, 49, 200, 1024, 512, (torch.float32, torch.bfloat16)),
           ("n196", 4, 196, 20, 256, 64, (torch.float32,)),
@@ -110,11 +111,11 @@ def _launches() -> Tuple[List[Tuple[str, Any, tuple, dict]], List[str]]:
             ib.instance_blend_forward(S, T, z(), partner)
             for detach in (False, True):
                 ib.instance_blend_backward(S, T, S, T, z(), partner, detach)
-            pb_args = (S, T, z(), z(C, 4, D), q, q + 1, torch.zeros((B, C), dtype=torch.bool))
-            pb.prototype_blend_forward(*pb_args)
+            beta, bank, shift, select = z(), z(C, 4, D), q + 1, torch.zeros((B, C), dtype=torch.bool)
+            pb.prototype_blend_forward(S, T, beta, bank, q, shift, select)
             for detach in (False, True):
                 for bank_grad in (False, True):
-                    pb.prototype_blend_backward(S, T, *pb_args[:1], *pb_args[2:], detach, bank_grad)
+                    pb.prototype_blend_backward(S, T, S, beta, bank, q, shift, select, detach, bank_grad)
             bu.prototype_bank_update(z(C, 4, D), torch.zeros((C, 4), dtype=torch.int64), S, T, q, 100)
             side = int(N ** 0.5)
             if side * side == N:
