@@ -370,14 +370,15 @@ def semantic_attention_backward(
     grad_u = torch.empty((B, N, I), dtype=u.dtype, device=u.device)
     cfg = block_sizes(N, C, D, I)["bwd"]
     R = B * N
-    G = bwd_groups(B, N, C, I, _sm_count(x.device)) if groups is None else max(1, min(groups, R))
+    row_tiles = triton.cdiv(R, cfg["BLOCK_R"])
+    G = bwd_groups(B, N, C, I, _sm_count(x.device)) if groups is None else max(1, min(groups, row_tiles))
     ge_part = torch.zeros((G, C, I), dtype=acc, device=x.device)
     gv_part = torch.zeros((G, I), dtype=acc, device=x.device)
     if C == 0:
         grad_u.zero_()
     elif R > 0 and I > 0:
         _sa_bwd_kernel[(G, triton.cdiv(I, cfg["BLOCK_K"]))](
-            gs, u, e, v, grad_u, ge_part, gv_part, R, N, C, I, triton.cdiv(R, cfg["BLOCK_R"]),
+            gs, u, e, v, grad_u, ge_part, gv_part, R, N, C, I, row_tiles,
             u.stride(0), u.stride(1), u.stride(2), e.stride(0), e.stride(1), v.stride(0),
             ACC=_tl_acc(x.dtype), BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"],
             num_warps=cfg["num_warps"],
