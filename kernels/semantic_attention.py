@@ -9,7 +9,8 @@ Maths (x (B, N, D), u (B, N, I), e (C, I), v (I,))::
 Backward, with gS = dL/dS and ga = dL/da given, z = tanh(u[b, n, k] * e[c, k])::
 
     grad_x    = a^T @ gS                                       (torch bmm: O(B*C*N*D), not the hot spot)
-    ga_total  = ga + gS @ x^T;  gs = a * (ga_total - sum_n a * ga_total)      (softmax backward, torch)
+    ga_total  = ga + gS @ x^T (torch);  gs = a * (ga_total - sum_n a * ga_total)    (softmax backward, in the
+                                                                               Triton kernel, from dot = sum_n)
     grad_v[k] = sum_{b, n, c} gs[b, c, n] * z                                  (Triton, one fused pass:
     grad_u    = sum_c gs[b, c, n] * v[k] * (1 - z^2) * e[c, k]                  z is recomputed once per
     grad_e    = sum_{b, n} gs[b, c, n] * v[k] * (1 - z^2) * u[b, n, k]          (row, class, k) triple)
@@ -35,9 +36,10 @@ Kernels:
     * ``_sa_softmax_product_kernel`` grid (B, cdiv(C, BLOCK_C), cdiv(D, BLOCK_D)): sums the partials, softmax over
       N (an online max/sum pass and a normalising pass over N blocks), stores a (D block 0 only) and S = a @ x for
       its D block.
-    * ``_sa_bwd_kernel`` grid (G, cdiv(I, BLOCK_K)): program g walks row tiles g, g + G, ... and all classes;
-      writes grad_u and the group's partial grad_e (G, C, I) and grad_v (G, I), summed over groups by torch
-      (:func:`bwd_groups` picks G to fill the GPU).
+    * ``_sa_bwd_kernel`` grid (G, cdiv(I, BLOCK_K)): program g walks row tiles g, g + G, ... and all classes,
+      forms the softmax backward gs on the fly, writes grad_u and the group's partial grad_e (G, C, I) and grad_v
+      (G, I), summed over groups by torch (:func:`bwd_groups` picks G to fill the GPU). Besides it the backward
+      makes five small torch calls (two bmm, the row term of the softmax backward, the group sums).
 
 Triton notes: there is no tl.tanh (and libdevice.tanh fails under the interpreter), so tanh(x) = 2*sigmoid(2x) - 1.
 tl.dot operands keep M, N, K >= 16 (BLOCK_C, BLOCK_N, BLOCK_D >= 16) as the GPU requires; the score and backward
@@ -238,17 +240,19 @@ def _sa_softmax_product_kernel(part_ptr, x_ptr, S_ptr, a_ptr,
 
 
 @triton.jit
-def _sa_bwd_kernel(gs_ptr, u_ptr, e_ptr, v_ptr, gu_ptr, ge_part_ptr, gv_part_ptr,
+def _sa_bwd_kernel(a_ptr, gat_ptr, dot_ptr, u_ptr, e_ptr, v_ptr, gu_ptr, ge_part_ptr, gv_part_ptr,
                    R, N, C, I, ROW_TILES,
                    stride_ub, stride_un, stride_uk,
                    stride_ec, stride_ek, stride_vk,
                    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """One pass over the (row, class, k) triples of row tiles g, g + G, g + 2G, ... and one k tile.
 
-    Per row tile (rows r = b * N + n flattened over the batch) and class block, z = tanh(u e) is recomputed once and
-    feeds all three gradients: grad_u of the row tile accumulates over the classes in registers; the group's partial
-    grad_e[g, c, k] is read, added to and written back (this program owns it; a block barrier separates row tiles);
-    the group's partial grad_v[g, k] accumulates in registers.
+    Per row tile (rows r = b * N + n flattened over the batch) and class block, the softmax backward
+    gs = a * (ga_total - dot) is formed from its three inputs (dot[b, c] = sum_n a * ga_total) and z = tanh(u e) is
+    recomputed once; both feed all three gradients: grad_u of the row tile accumulates over the classes in
+    registers; the group's partial grad_e[g, c, k] is written by the group's first row tile, then read, added to
+    and written back (this program owns it; a block barrier separates row tiles); the group's partial grad_v[g, k]
+    accumulates in registers and is written at the end.
     """
     g = tl.program_id(0)
     G = tl.num_programs(0)
@@ -265,7 +269,7 @@ def _sa_bwd_kernel(gs_ptr, u_ptr, e_ptr, v_ptr, gu_ptr, ge_part_ptr, gv_part_ptr
         mask_rk = mask_r[:, None] & mask_k[None, :]
         u = tl.load(u_ptr + (b * stride_ub + n * stride_un)[:, None] + offs_k[None, :] * stride_uk,
                     mask=mask_rk, other=0.0).to(ACC)
-        gs_rows = b * C * N + n  # gs: contiguous (B, C, N) in ACC
+        bcn_rows = b * C * N + n  # a and ga_total: contiguous (B, C, N); dot: contiguous (B, C)
         acc_u = tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC)
         for c0 in range(0, C, BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
@@ -273,15 +277,19 @@ def _sa_bwd_kernel(gs_ptr, u_ptr, e_ptr, v_ptr, gu_ptr, ge_part_ptr, gv_part_ptr
             mask_ck = mask_c[:, None] & mask_k[None, :]
             e = tl.load(e_ptr + offs_c[:, None] * stride_ec + offs_k[None, :] * stride_ek,
                         mask=mask_ck, other=0.0).to(ACC)
-            gsv = tl.load(gs_ptr + gs_rows[None, :] + offs_c[:, None] * N,
-                          mask=mask_c[:, None] & mask_r[None, :], other=0.0)  # (BLOCK_C, BLOCK_R)
+            mask_cr = mask_c[:, None] & mask_r[None, :]
+            bcn = bcn_rows[None, :] + offs_c[:, None] * N
+            a = tl.load(a_ptr + bcn, mask=mask_cr, other=0.0).to(ACC)
+            gat = tl.load(gat_ptr + bcn, mask=mask_cr, other=0.0)
+            dot = tl.load(dot_ptr + b[None, :] * C + offs_c[:, None], mask=mask_cr, other=0.0)
+            gsv = a * (gat - dot)  # (BLOCK_C, BLOCK_R): dL/ds, the softmax backward
             z = _tanh(u[None, :, :] * e[:, None, :])  # (BLOCK_C, BLOCK_R, BLOCK_K)
             gz = gsv[:, :, None] * z
             acc_v += tl.sum(tl.sum(gz, axis=1), axis=0)
             t = gsv[:, :, None] - gz * z  # gs * (1 - z^2)
             acc_u += tl.sum(t * e[:, None, :], axis=0)
             ge_ptrs = ge_g + offs_c[:, None] * I + offs_k[None, :]
-            ge = tl.load(ge_ptrs, mask=mask_ck, other=0.0)
+            ge = tl.load(ge_ptrs, mask=mask_ck & (rt != g), other=0.0)  # the first row tile writes it
             tl.store(ge_ptrs, ge + tl.sum(t * u[None, :, :], axis=1), mask=mask_ck)
         tl.store(gu_ptr + offs_r[:, None] * I + offs_k[None, :], (acc_u * v[None, :]).to(gu_ptr.dtype.element_ty),
                  mask=mask_rk)
@@ -362,23 +370,25 @@ def semantic_attention_backward(
         if tuple(t.shape) != (B, C, N):
             raise ValueError(f"argument '{name}': expected shape {(B, C, N)}, got {tuple(t.shape)}")
     acc = _acc_dtype(x.dtype)
-    xc, ac, gS = x.to(acc), a.to(acc), grad_S.to(acc)
-    # Not the hot spot (O(B*C*N*D) matrix products): torch.
+    xc, ac, gS = x.to(acc), a.to(acc).contiguous(), grad_S.to(acc)
+    # Not the hot spot (O(B*C*N*D) matrix products): torch. ga_total = dL/da, through S = a @ x too.
     grad_x = torch.bmm(ac.transpose(1, 2), gS)
-    ga_total = grad_a.to(acc) + torch.bmm(gS, xc.transpose(1, 2))
-    gs = (ac * (ga_total - (ac * ga_total).sum(-1, keepdim=True))).contiguous()  # (B, C, N), softmax backward
+    ga_total = torch.baddbmm(grad_a.to(acc), gS, xc.transpose(1, 2)).contiguous()  # (B, C, N)
+    dot = (ac * ga_total).sum(-1)  # (B, C): sum_n a * ga_total, the softmax backward's row term (full fp32)
     grad_u = torch.empty((B, N, I), dtype=u.dtype, device=u.device)
     cfg = block_sizes(N, C, D, I)["bwd"]
     R = B * N
     row_tiles = triton.cdiv(R, cfg["BLOCK_R"])
     G = bwd_groups(B, N, C, I, _sm_count(x.device)) if groups is None else max(1, min(groups, row_tiles))
-    ge_part = torch.zeros((G, C, I), dtype=acc, device=x.device)
-    gv_part = torch.zeros((G, I), dtype=acc, device=x.device)
-    if C == 0:
+    if C == 0 or R == 0 or I == 0:
         grad_u.zero_()
-    elif R > 0 and I > 0:
+        ge_part = torch.zeros((G, C, I), dtype=acc, device=x.device)
+        gv_part = torch.zeros((G, I), dtype=acc, device=x.device)
+    else:  # every (group, k tile) program writes its whole slice of both partials: no zero fill
+        ge_part = torch.empty((G, C, I), dtype=acc, device=x.device)
+        gv_part = torch.empty((G, I), dtype=acc, device=x.device)
         _sa_bwd_kernel[(G, triton.cdiv(I, cfg["BLOCK_K"]))](
-            gs, u, e, v, grad_u, ge_part, gv_part, R, N, C, I, row_tiles,
+            ac, ga_total, dot, u, e, v, grad_u, ge_part, gv_part, R, N, C, I, row_tiles,
             u.stride(0), u.stride(1), u.stride(2), e.stride(0), e.stride(1), v.stride(0),
             ACC=_tl_acc(x.dtype), BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"],
             num_warps=cfg["num_warps"],

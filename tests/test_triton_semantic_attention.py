@@ -202,6 +202,26 @@ def test_backward_groups_match_oracle(groups):
     compare(*make_inputs(3, 49, 20, 8, 70), dtype=torch.float32, groups=groups)
 
 
+@pytest.mark.parametrize("groups", [1, 4])
+def test_uninitialised_buffers_are_fully_written(groups, monkeypatch):
+    """Every buffer the launchers take from torch.empty (outputs, the k-split partial scores, the backward's partial
+    grad_e and grad_v, which its first row tile writes) is filled with NaN here: nothing unwritten may reach a
+    result. The oracle (semantic_attention in dsrb.reference, autograd) takes no torch.empty buffer."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    inputs, grads_out = make_inputs(3, 49, 20, 8, 70)
+    S, a = K.semantic_attention_forward(*inputs, ksplit=3)  # partial scores of three I ranges
+    (S_ref, a_ref), _ = oracle(inputs, grads_out)
+    assert_close(S, S_ref.to(S.device), dtype=torch.float32, what="S")
+    assert_close(a, a_ref.to(a.device), dtype=torch.float32, what="a")
+    compare(inputs, grads_out, dtype=torch.float32, groups=groups)
+
+
 @pytest.mark.parametrize("shape", [(8, 49, 80, 1024, 512), (32, 49, 200, 1024, 512), (1, 13, 200, 33, 17),
                                    (2, 1000, 3, 64, 16), (2, 7, 1, 1, 1), (1, 1, 1, 8, 1000)], ids=str)
 @pytest.mark.parametrize("sms", [1, 132])
