@@ -208,7 +208,7 @@ def _train_step_case(benchmark, bench, provider, preset, size, device, dtype, ro
                     "provider; meant for a GPU")
     import dsrb.ops
     from dsrb.models import draw_prototype_choices
-    from dsrb.train import autocast
+    from dsrb.train import autocast, matmul_precision
 
     backend = None
     for op in OPS_USED:
@@ -252,9 +252,7 @@ def _train_step_case(benchmark, bench, provider, preset, size, device, dtype, ro
         formulation = f"dsrb.models.DSRB(backend='{backend}')" + (
             " under torch.compile (model only)" if provider == "compile" else "") + "; dsrb_loss, Adam step"
     dims = inp["dims"]
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(cfg.matmul_precision)
-    try:
+    with matmul_precision(cfg.matmul_precision):
         bench.run_case(benchmark, step, device=device, rounds=rounds,
                        info={"op": "train_step", "case": "train_step", "provider": provider, "pass": "step",
                              "shape": f"{preset}-fast" if fast else preset, "dims": dims, "dtype": dtype,
@@ -263,8 +261,6 @@ def _train_step_case(benchmark, bench, provider, preset, size, device, dtype, ro
                              "optimizer": "Adam", "freeze_backbone": inp["kwargs"]["freeze_backbone"],
                              "step": "draw_prototype_choices, forward (targets, IPRB + PPRB), dsrb_loss, zero_grad, "
                                      "backward, optimizer step"})
-    finally:
-        torch.set_float32_matmul_precision(previous)
     stats = getattr(benchmark, "stats", None)
     if stats is not None and not benchmark.disabled:
         median_s = (benchmark.extra_info.get("cuda_event_median_ms") or stats.stats.median * 1e3) / 1e3

@@ -26,7 +26,7 @@ import platform
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -215,6 +215,17 @@ def to_device(images: torch.Tensor, cfg: TrainConfig, device: torch.device) -> t
     return images.to(device, non_blocking=True, memory_format=fmt)
 
 
+@contextmanager
+def matmul_precision(value: str):
+    """torch.set_float32_matmul_precision(value) inside the block; the previous process-wide setting after it."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(value)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def autocast(cfg: TrainConfig, device: torch.device):
     if cfg.amp == "none":
         return nullcontext()
@@ -384,12 +395,8 @@ def run(cfg: TrainConfig, explicit: Optional[Dict[str, Any]] = None) -> Dict[str
     ``--matmul-precision`` is set for the run and the previous process-wide setting restored after it.
     """
     cfg = _resolve_settings(cfg, explicit or {})
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(cfg.matmul_precision)
-    try:
+    with matmul_precision(cfg.matmul_precision):
         return _run(cfg)
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def _run(cfg: TrainConfig) -> Dict[str, Any]:

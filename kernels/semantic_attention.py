@@ -104,10 +104,14 @@ def k_split(B: int, N: int, C: int, I: int, sm_count: int) -> Tuple[int, int]:
     partial sums are added in a fixed order by the softmax kernel. One range when the tiles already fill the GPU.
     """
     cfg = block_sizes(N, C, 1, I)["scores"]
-    k_blocks = triton.cdiv(max(I, 1), cfg["BLOCK_K"])
     tiles = triton.cdiv(B * N, cfg["BLOCK_R"]) * triton.cdiv(C, cfg["BLOCK_C"])
-    want = min(k_blocks, max(1, triton.cdiv(_PROGRAMS_PER_SM * sm_count, max(tiles, 1))))
-    k_per = triton.cdiv(k_blocks, want) * cfg["BLOCK_K"]
+    return _k_ranges(I, cfg["BLOCK_K"], triton.cdiv(_PROGRAMS_PER_SM * sm_count, max(tiles, 1)))
+
+
+def _k_ranges(I: int, block_k: int, want: int) -> Tuple[int, int]:
+    """(ksplit, k_per): I cut into about ``want`` equal ranges of whole BLOCK_K blocks, none empty."""
+    k_blocks = triton.cdiv(max(I, 1), block_k)
+    k_per = triton.cdiv(k_blocks, min(k_blocks, max(1, want))) * block_k
     return triton.cdiv(max(I, 1), k_per), k_per
 
 
@@ -336,8 +340,7 @@ def semantic_attention_forward(x: Tensor, u: Tensor, e: Tensor, v: Tensor, *,
     if ksplit is None:
         ksplit, k_per = k_split(B, N, C, I, _sm_count(x.device))
     else:
-        k_per = triton.cdiv(triton.cdiv(max(I, 1), ksplit), sc["BLOCK_K"]) * sc["BLOCK_K"]
-        ksplit = triton.cdiv(max(I, 1), k_per)  # no empty range
+        ksplit, k_per = _k_ranges(I, sc["BLOCK_K"], ksplit)
     acc = _acc_dtype(x.dtype)
     part = torch.empty((ksplit, B, C, N), dtype=acc, device=x.device)
     R = B * N
