@@ -25,6 +25,7 @@ import dsrb.ops
 from dsrb.reference import prototype_blend_map, quadrant_index_map, select_labels
 
 OP = "prototype_blend"
+HOST_OVERHEAD_SHAPE = True  # also the conftest's "tiny" shape: the host cost of one call
 _STATE = {"key": None, "value": None}  # the inputs of one shape at a time
 
 

@@ -155,7 +155,8 @@ def _loss(out, inp, **kw):
     # A blending epoch (the contrastive ramp of epoch 0 is over), halfway through it.
     return dsrb_loss(out, inp["T"], epoch=max(1, cfg.blend_start_epoch), progress=0.5,
                      contrastive_weight=cfg.contrastive_weight if cfg.contrastive else 0.0,
-                     instance_weight=cfg.instance_weight, prototype_weight=cfg.prototype_weight, **kw)[0]
+                     instance_weight=cfg.instance_weight, prototype_weight=cfg.prototype_weight, validate=False,
+                     **kw)[0]  # as dsrb.train: the model's forward has checked the targets
 
 
 def _check(provider, model, inp, device):

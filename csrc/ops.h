@@ -2,7 +2,8 @@
 //
 // Names: <op>_cpu (csrc/cpu/<op>.cpp) and <op>_cuda (csrc/cuda/glue.cpp, launching csrc/cuda/<op>.cu). They are
 // registered in csrc/registration.cpp (CPU) and csrc/cuda/glue.cpp (CUDA) as the ops dsrb::<op>_<backend>, with the
-// same schemas as the Python-defined backends (dsrb/ops/<op>.py); Python adds fakes and autograd.
+// same schemas as the Python-defined backends (dsrb/ops/<op>.py); autograd is registered in C++ (csrc/autograd.h),
+// fakes from Python.
 //
 // Every entry point validates its arguments with TORCH_CHECK messages naming the argument (csrc/checks.h), accepts
 // any strides, and returns contiguous outputs in the dtype the Python contract states. Half-precision inputs

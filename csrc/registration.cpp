@@ -1,11 +1,16 @@
 // Schemas and CPU implementations of the extension's ops (architecture §4, §5).
 //
 // Each backend is its own op, dsrb::<op>_<backend> (+ _backward), with the same schema as the Python-defined
-// backends in dsrb/ops/<op>.py (a test compares them); the CUDA ops are defined in csrc/cuda/glue.cpp. Fakes and
-// autograd are registered from Python (dsrb/ops), like for every other backend.
+// backends in dsrb/ops/<op>.py (a test compares them); the CUDA ops are defined in csrc/cuda/glue.cpp. Autograd is
+// registered here in C++ (csrc/autograd.h), fakes from Python (dsrb/ops).
 #include <torch/library.h>
 
+#include "autograd.h"
 #include "ops.h"
+
+namespace {
+constexpr char kCpu[] = "cpu";
+}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dsrb, m) {
   m.def("semantic_attention_cpu(Tensor x, Tensor u, Tensor e, Tensor v) -> (Tensor, Tensor)");
@@ -37,3 +42,5 @@ TORCH_LIBRARY_IMPL(dsrb, CPU, m) {
   m.impl("prototype_bank_update_cpu", &dsrb::prototype_bank_update_cpu);
   m.impl("prototype_bank_update_cpu_", &dsrb::prototype_bank_update_cpu_);
 }
+
+TORCH_LIBRARY_IMPL(dsrb, Autograd, m) { dsrb::autograd::register_ops<kCpu>(m); }

@@ -85,31 +85,58 @@ def _compiling() -> bool:
 _SIGNED_INT = (torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def _min_max(t: torch.Tensor):
-    """(min, max) of an integer tensor as Python ints: one reduction, one device-to-host sync."""
-    return tuple(torch.stack(torch.aminmax(t)).tolist())
+def _min_maxes(tensors) -> list:
+    """[(min, max)] of non-empty integer tensors on one device, as Python ints: one reduction per tensor and a single
+    device-to-host copy (one synchronisation on a GPU) for all of them."""
+    if not tensors:
+        return []
+    return torch.stack([torch.stack(torch.aminmax(t)).long() for t in tensors]).tolist()
 
 
-def check_targets(name: str, t: torch.Tensor) -> None:
-    """Partial targets must hold only -1 (known absent), 0 (unknown) and +1 (known present)."""
+def _report_ranges(checks, values) -> None:
+    for (name, _, low, high), (lo, hi) in zip(checks, values):
+        if lo < low or hi > high:
+            raise ValueError(f"argument '{name}': expected values in [{low}, {high}], found range [{lo}, {hi}]")
+
+
+def check_targets(name: str, t: torch.Tensor, *ranges) -> None:
+    """Partial targets must hold only -1 (known absent), 0 (unknown) and +1 (known present).
+
+    ``ranges``: (name, tensor, low, high) checks of :func:`check_index_ranges` on t's device, read in the same
+    device-to-host copy as integer targets (one synchronisation for all).
+    """
     check_tensor(name, t, kind="real")
-    if _compiling() or t.numel() == 0 or t.dtype == torch.bool:
+    for r in ranges:
+        check_tensor(r[0], r[1], kind="int")
+    if _compiling():
         return
-    if t.dtype in _SIGNED_INT:
-        lo, hi = _min_max(t)
+    ranges = [r for r in ranges if r[1].numel()]
+    if t.numel() and t.dtype in _SIGNED_INT:
+        (lo, hi), *values = _min_maxes([t] + [r[1] for r in ranges])
+        _report_ranges(ranges, values)
         if lo >= -1 and hi <= 1:
             return
+    else:
+        _report_ranges(ranges, _min_maxes([r[1] for r in ranges]))
+    if t.numel() == 0 or t.dtype == torch.bool:
+        return
     bad = (t != 0) & (t != 1) & (t != -1)
     if bool(bad.any()):
         value = t[bad].flatten()[0].item()
         raise ValueError(f"argument '{name}': expected values in {{-1, 0, 1}}, found {value}")
 
 
+def check_index_ranges(*checks) -> None:
+    """Each check (name, tensor, low, high): an integer tensor with every value in [low, high] (inclusive). The
+    tensors are on one device and read in one device-to-host copy; skipped while compiling."""
+    for name, t, _, _ in checks:
+        check_tensor(name, t, kind="int")
+    if _compiling():
+        return
+    checks = [c for c in checks if c[1].numel()]
+    _report_ranges(checks, _min_maxes([c[1] for c in checks]))
+
+
 def check_index_range(name: str, t: torch.Tensor, low: int, high: int) -> None:
     """Integer tensor with every value in [low, high] (inclusive); skipped while compiling."""
-    check_tensor(name, t, kind="int")
-    if _compiling() or t.numel() == 0:
-        return
-    lo, hi = _min_max(t)
-    if lo < low or hi > high:
-        raise ValueError(f"argument '{name}': expected values in [{low}, {high}], found range [{lo}, {hi}]")
+    check_index_ranges((name, t, low, high))

@@ -285,17 +285,18 @@ def train_epoch(model, core: DSRB, loader, optimizer, scaler, cfg: TrainConfig, 
                         prototype_choices=choices)
             loss, parts = dsrb_loss(out, targets, epoch=epoch, progress=step / total, contrastive_weight=con_weight,
                                     instance_weight=cfg.instance_weight, prototype_weight=cfg.prototype_weight,
-                                    generator=generator)
+                                    generator=generator, validate=False)  # the model checked the targets
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        value = float(loss.detach())
+        keys = ("bce", "contrastive", "instance", "prototype")  # read with the loss in one device-to-host copy
+        value, *terms = torch.stack([loss.detach().float()] + [parts[k].float() for k in keys]).tolist()
         if not math.isfinite(value):
             raise FloatingPointError(f"epoch {epoch}, step {step}: the loss is {value}; lower --lr or check the data")
         sums["loss"] = sums.get("loss", 0.0) + value
-        for key in ("bce", "contrastive", "instance", "prototype"):
-            sums[f"loss_{key}"] = sums.get(f"loss_{key}", 0.0) + float(parts[key])
+        for key, term in zip(keys, terms):
+            sums[f"loss_{key}"] = sums.get(f"loss_{key}", 0.0) + term
         bar.update(images.shape[0] * d.world, loss=value)
     elapsed = bar.close()
     stats = {k: v / max(1, total) for k, v in sums.items()}

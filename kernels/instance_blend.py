@@ -66,6 +66,14 @@ def _device_guard(t: Tensor):
 
 
 @triton.jit
+def _own_if_invalid(pb, b, B):
+    # A partner outside [0, B) (possible only with validate=False) becomes the image itself, which blends nothing
+    # (T[b, c] cannot be both 0 and 1): out-of-range values never reach memory. The backward's gather never matches
+    # them either.
+    return tl.where((pb >= 0) & (pb < B), pb, b)
+
+
+@triton.jit
 def _instance_blend_fwd_kernel(
     S_ptr, T_ptr, alpha_ptr, partner_ptr, S1_ptr, T1_ptr,
     C, D,
@@ -83,7 +91,7 @@ def _instance_blend_fwd_kernel(
     mask_d = offs_d < D
     mask = mask_c[:, None] & mask_d[None, :]
 
-    pb = tl.load(partner_ptr + b * p_s)
+    pb = _own_if_invalid(tl.load(partner_ptr + b * p_s), b, tl.num_programs(0))
     alpha = tl.load(alpha_ptr).to(COMPUTE)
     t_own = tl.load(T_ptr + b * t_sb + offs_c * t_sc, mask=mask_c, other=0).to(COMPUTE)
     t_par = tl.load(T_ptr + pb * t_sb + offs_c * t_sc, mask=mask_c, other=0).to(COMPUTE)
@@ -121,7 +129,7 @@ def _instance_blend_bwd_kernel(
     mask_d = offs_d < D
     mask = mask_c[:, None] & mask_d[None, :]
 
-    pb = tl.load(partner_ptr + b * p_s)
+    pb = _own_if_invalid(tl.load(partner_ptr + b * p_s), b, B)
     alpha = tl.load(alpha_ptr).to(COMPUTE)
     t_own = tl.load(T_ptr + b * t_sb + offs_c * t_sc, mask=mask_c, other=0).to(COMPUTE)
     t_par = tl.load(T_ptr + pb * t_sb + offs_c * t_sc, mask=mask_c, other=0).to(COMPUTE)

@@ -195,6 +195,32 @@ def test_blends_noncontiguous_deterministic_and_bank_grad_flag(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_cpp_autograd_one_output_and_frozen_inputs(backend):
+    """The extension's autograd (C++, csrc/autograd.h): a loss on one output only (the other's gradient arrives as
+    zeros) and inputs that do not require grad (the model's bank is a buffer) give the torch backend's gradients."""
+    dev = _device(backend)
+    for op in ("semantic_attention", "instance_blend", "prototype_blend"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dsrb::{op}_{backend}", "Autograd"), op
+    x, u, e, v = sa_inputs(2, 13, 5, 16, 8, torch.float64, dev)
+    S, T, coef, bank, quadrant, shift, select, partner = blend_inputs(4, 5, 6, torch.float64, dev)
+    bank.requires_grad_(False)
+    cases = [
+        (lambda b: ops.semantic_attention(x, u, e, v, backend=b), [x, u, e, v]),
+        (lambda b: ops.instance_blend(S, T, coef, partner, backend=b), [S, coef]),
+        (lambda b: ops.prototype_blend(S, T, coef, bank, quadrant, shift, select, backend=b), [S, coef]),
+    ]
+    for run, leaves in cases:
+        for which in (0, 1):
+            got, want = run(backend)[which], run("torch")[which]
+            assert_close(got, want, dtype=torch.float64, what=f"output {which}")
+            for i, (gg, gw) in enumerate(zip(grads([got], leaves), grads([want], leaves))):
+                assert_close(gg, gw, dtype=torch.float64, what=f"gradient {i} from output {which}")
+    out = ops.prototype_blend(S, T, coef, bank, quadrant, shift, select, backend=backend)
+    out[0].sum().backward()
+    assert bank.grad is None and S.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_blend_gradcheck(backend):
     S, T, coef, bank, quadrant, shift, select, partner = blend_inputs(3, 5, 4, torch.float64, _device(backend))
     T[0], T[2] = 0, 1  # some blended entries for the batch flip

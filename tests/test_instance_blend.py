@@ -131,3 +131,30 @@ def test_bad_partner():
         ops.instance_blend(S, T, alpha, torch.tensor([0, 1, 3]))
     with pytest.raises(ValueError, match="'partner'.*shape"):
         ops.instance_blend(S, T, alpha, torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_validate_false_reads_no_values(backend, monkeypatch):
+    """validate=False (what the model passes for targets it has checked) reads no tensor value; the shape checks
+    stay. The cpu kernels still reject bad values, as they read them anyway."""
+    from dsrb import _checks
+
+    if backend == "cpu" and ops.reasons("instance_blend", torch.device("cpu"), torch.float64)["cpu"]:
+        pytest.skip("the C++ extension is not available")
+    S, T, alpha = (t.detach() for t in make(3, 4, 5))
+    partner = torch.tensor([2, 0, 1])
+    want = ops.instance_blend(S, T, alpha, partner, backend=backend)
+
+    def no_reads(tensors):
+        raise AssertionError("a value check ran")
+
+    monkeypatch.setattr(_checks, "_min_maxes", no_reads)
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda self: no_reads(None))
+    got = ops.instance_blend(S, T, alpha, partner, validate=False, backend=backend)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    with pytest.raises(ValueError, match="'partner'.*shape"):
+        ops.instance_blend(S, T, alpha, partner[:2], validate=False, backend=backend)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="'partner'.*range"):
+        ops.instance_blend(S, T, alpha, torch.tensor([0, 1, 3]), validate=True, backend=backend)
+

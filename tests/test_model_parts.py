@@ -528,6 +528,73 @@ def test_dsrb_bad_inputs_name_the_argument():
         model(x, TARGETS[:2], prototype_choices=(torch.ones(2, 3, dtype=torch.int64), torch.ones(2, C).bool()))
     with pytest.raises(ValueError, match="targets"):
         model.update_prototypes(x, bad)
+    shift = torch.full((2, C), 2, dtype=torch.int64)
+    shift[1, 3] = 4
+    with pytest.raises(ValueError, match=r"'prototype_choices\[0\] \(shift\)': expected values in \[1, 3\]"):
+        model(x, TARGETS[:2], prototype_choices=(shift, torch.ones(2, C).bool()))
+    with pytest.raises(ValueError, match=r"'partner': expected values in \[0, 1\], found range \[0, 2\]"):
+        model(x, TARGETS[:2], partner=torch.tensor([0, 2]), prototype_choices=(shift.clamp(max=3), shift > 0))
+
+
+def test_dsrb_training_step_reads_device_values_once():
+    """A training step (forward with both blends, loss as dsrb.train calls it, backward) reads tensor values on the
+    host once: the model's one check of targets, partner and shift together. On a GPU every read is a device
+    synchronisation; the ops, the bank's ready flag and the loss trust what the model checked."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dsrb import _checks
+    from dsrb.losses import dsrb_loss
+
+    model = ready_model()
+    x = images(4)
+    choices = draw_prototype_choices(TARGETS, model.top_k, torch.Generator().manual_seed(3), compat=model.compat,
+                                     valid=model.prototype_bank.valid)
+    reads = []
+
+    class ValueReads(TorchDispatchMode):  # .item(), bool(), int() and float() of a tensor all land here
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                reads.append(func)
+            return func(*args, **(kwargs or {}))
+
+    real_min_maxes = _checks._min_maxes  # .tolist() of a CPU tensor does not dispatch: count the checks' reads
+
+    def counted(tensors):
+        reads.append(len(tensors))
+        return real_min_maxes(tensors)
+
+    def step():
+        out = model(x, TARGETS, partner=torch.tensor([1, 0, 3, 2]), prototype_choices=choices)
+        dsrb_loss(out, TARGETS, epoch=1, progress=0.5, validate=False)[0].backward()
+
+    step()  # the first step reads the bank's ready flag once
+    _checks._min_maxes = counted
+    try:
+        with ValueReads():
+            step()
+    finally:
+        _checks._min_maxes = real_min_maxes
+    assert reads == [3]  # one read, of the three tensors
+
+
+def test_prototype_bank_is_ready_follows_reset_finalize_and_loading():
+    bank = PrototypeBank(C, 16)
+    assert not bank.is_ready()
+    bank.ready.fill_(True)  # written directly (as the benchmarks do): read on the next call
+    assert bank.is_ready()
+    bank.reset()
+    assert not bank.is_ready()
+    bank.finalize()
+    assert bank.is_ready()
+    fresh = PrototypeBank(C, 16).state_dict()
+    bank.load_state_dict(fresh)
+    assert not bank.is_ready()
+    holder = nn.Module()  # a parent's load_state_dict reaches the bank's hook too
+    holder.bank = bank
+    bank.finalize()
+    assert bank.is_ready()
+    holder.load_state_dict({f"bank.{k}": v for k, v in fresh.items()})
+    assert not bank.is_ready()
 
 
 def test_dsrb_clamps_alpha_beta():

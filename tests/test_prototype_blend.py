@@ -131,3 +131,24 @@ def test_bad_input(index, value, match):
     args[index] = value
     with pytest.raises((TypeError, ValueError), match=match):
         ops.prototype_blend(*args)
+
+
+def test_validate_false_reads_no_values(monkeypatch):
+    """validate=False reads no value of T, quadrant or shift; the torch backend then takes any quadrant and shift
+    modulo 4 (memory-safe; the values are the caller's promise)."""
+    from dsrb import _checks
+
+    args = [t.detach() for t in make(3, 4, 5)]
+    want = ops.prototype_blend(*args, backend="torch")
+
+    def no_reads(*_):
+        raise AssertionError("a value check ran")
+
+    monkeypatch.setattr(_checks, "_min_maxes", no_reads)
+    monkeypatch.setattr(torch.Tensor, "__bool__", no_reads)
+    got = ops.prototype_blend(*args, validate=False, backend="torch")
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    args[4] = args[4] + 4  # quadrant out of range: the same bucket modulo 4
+    got = ops.prototype_blend(*args, validate=False, backend="torch")
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+

@@ -191,6 +191,20 @@ def test_instance_blend_every_entry_blended():
     ib_compare((S, T, alpha, p), grads_out, False, torch.float32)
 
 
+def test_instance_blend_partner_out_of_range_blends_nothing():
+    """Partners outside [0, B) (reachable only with validate=False) never reach memory: such an image blends nothing,
+    exactly as if it were its own partner, forward and backward."""
+    (S, T, alpha, _), (gS1, gT1) = ib_inputs(4, 20, 33, torch.float32, seed=6)
+    bad = torch.tensor([-3, 4, 1, 100], device=DEVICE)
+    own = torch.tensor([0, 1, 1, 3], device=DEVICE)
+    for detach_target in (False, True):
+        got = IB.instance_blend_forward(S, T, alpha, bad) + IB.instance_blend_backward(gS1, gT1, S, T, alpha, bad,
+                                                                                      detach_target)
+        want = IB.instance_blend_forward(S, T, alpha, own) + IB.instance_blend_backward(gS1, gT1, S, T, alpha, own,
+                                                                                       detach_target)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
 def test_instance_blend_empty_batch(monkeypatch):
     monkeypatch.setattr(IB, "_instance_blend_fwd_kernel", _NoLaunch())
     monkeypatch.setattr(IB, "_instance_blend_bwd_kernel", _NoLaunch())

@@ -6,8 +6,9 @@
 // CPU build of torch; the ATen calls made here (bmm, baddbmm, sort, searchsorted, aminmax, sum, ...) dispatch
 // to torch's CUDA kernels at run time.
 //
-// Index arguments (partner, quadrant, shift) are range-checked here with one device synchronisation per call (the
-// kernels additionally never read out of bounds, whatever the values).
+// Index values (partner, quadrant, shift) are not checked here: reading them would cost a device synchronisation per
+// call. The public API checks them (dsrb.ops, validate=True), and the kernels never read out of bounds whatever the
+// values (an out-of-range partner blends nothing; a bucket is always taken modulo 4; another quadrant is skipped).
 #include <ATen/ATen.h>
 #include <ATen/DeviceAccelerator.h>
 #include <c10/core/DeviceGuard.h>
@@ -16,8 +17,8 @@
 #include <initializer_list>
 #include <string>
 #include <tuple>
-#include <vector>
 
+#include "autograd.h"
 #include "checks.h"
 #include "cuda/launchers.h"
 #include "ops.h"
@@ -54,34 +55,6 @@ void* stream_of(const at::Tensor& t) {
 
 void check_launch(int err, const char* op) {
   TORCH_CHECK(err == 0, "dsrb::", op, "_cuda: CUDA error: ", cuda::cuda_error_string(err));
-}
-
-struct IndexRange {
-  const at::Tensor* t;
-  const char* name;
-  int64_t lo, hi;
-};
-
-// Every value of each (non-empty) int64 tensor must lie in [lo, hi]; one device-to-host copy for all of them.
-void check_ranges(std::initializer_list<IndexRange> items) {
-  std::vector<at::Tensor> parts;
-  for (const auto& it : items) {
-    if (it.t->numel() == 0) continue;
-    auto mm = at::aminmax(*it.t);
-    parts.push_back(std::get<0>(mm).reshape({1}));
-    parts.push_back(std::get<1>(mm).reshape({1}));
-  }
-  if (parts.empty()) return;
-  const at::Tensor host = at::cat(parts).to(at::kCPU).contiguous();
-  const int64_t* v = host.data_ptr<int64_t>();
-  size_t i = 0;
-  for (const auto& it : items) {
-    if (it.t->numel() == 0) continue;
-    const int64_t mn = v[i], mx = v[i + 1];
-    i += 2;
-    TORCH_CHECK(mn >= it.lo && mx <= it.hi, "argument '", it.name, "': expected values in [", it.lo, ", ", it.hi,
-                "], got ", mn < it.lo ? mn : mx);
-  }
 }
 
 // The checks of the tensors that only the backward entry points take (upstream gradients).
@@ -169,9 +142,7 @@ std::tuple<Tensor, Tensor> instance_blend_cuda(const Tensor& S_, const Tensor& T
   const int64_t B = S.size(0), C = S.size(1), D = S.size(2);
   Tensor S1 = at::empty({B, C, D}, S.options());
   Tensor T1 = at::empty({B, C}, S.options());
-  if (B == 0) return {S1, T1};
-  check_ranges({{&partner, "partner", 0, B - 1}});
-  if (C == 0) return {S1, T1};
+  if (B == 0 || C == 0) return {S1, T1};
   check_launch(cuda::instance_blend_forward(dt, S.data_ptr(), T.data_ptr(), alpha.data_ptr(),
                                             partner.data_ptr<int64_t>(), S1.data_ptr(), T1.data_ptr(), B, C, D,
                                             stream_of(S)),
@@ -192,10 +163,8 @@ std::tuple<Tensor, Tensor> instance_blend_cuda_backward(const Tensor& grad_S1_, 
   const Tensor gS1 = grad_S1_.contiguous(), gT1 = grad_T1_.contiguous();
   Tensor grad_S = at::empty({B, C, D}, S.options());
   if (B == 0 || C == 0) {
-    if (B > 0) check_ranges({{&partner, "partner", 0, B - 1}});
     return {grad_S, at::zeros(alpha_.sizes(), alpha_.options())};
   }
-  check_ranges({{&partner, "partner", 0, B - 1}});
   // Inverse of partner: the images b' with partner[b'] == b are order[offsets[b] .. offsets[b + 1]), ascending
   // (stable sort), so every destination sums its sources in a fixed order.
   const auto sorted = at::sort(partner, /*stable=*/true, /*dim=*/0, /*descending=*/false);
@@ -227,7 +196,6 @@ std::tuple<Tensor, Tensor> prototype_blend_cuda(const Tensor& S_, const Tensor& 
   Tensor S2 = at::empty({B, C, D}, S.options());
   Tensor T2 = at::empty({B, C}, S.options());
   if (B == 0 || C == 0) return {S2, T2};
-  check_ranges({{&quadrant, "quadrant", 0, 3}, {&shift, "shift", 1, 3}});
   check_launch(cuda::prototype_blend_forward(dt, S.data_ptr(), T.data_ptr(), beta.data_ptr(), bank.data_ptr(),
                                              quadrant.data_ptr<int64_t>(), shift.data_ptr<int64_t>(),
                                              select.data_ptr<bool>(), S2.data_ptr(), T2.data_ptr(), B, C, D,
@@ -257,7 +225,6 @@ std::tuple<Tensor, Tensor, Tensor> prototype_blend_cuda_backward(const Tensor& g
   Tensor grad_S = at::empty({B, C, D}, S.options());
   Tensor grad_bank = bank_grad && B > 0 ? at::empty({C, 4, D}, bank.options()) : at::zeros({C, 4, D}, bank.options());
   if (B == 0 || C == 0) return {grad_S, at::zeros(beta_.sizes(), beta_.options()), grad_bank};
-  check_ranges({{&quadrant, "quadrant", 0, 3}, {&shift, "shift", 1, 3}});
   const at::ScalarType acc = acc_type(S.scalar_type());
   Tensor row_partial = at::empty({B * C}, S.options().dtype(acc));
   check_launch(cuda::prototype_blend_backward(dt, gS2.data_ptr(), gT2.data_ptr(), S.data_ptr(), beta.data_ptr(),
@@ -304,7 +271,6 @@ std::tuple<Tensor, Tensor> prototype_bank_update_cuda(const Tensor& sums_, const
     new_counts.copy_(counts);
     return {new_sums, new_counts};
   }
-  check_ranges({{&quadrant, "quadrant", 0, 3}});
   // As the torch backend: S is converted to the sums' dtype, the candidates are T == 1 in T's own dtype.
   const Tensor S = S_.to(sums.scalar_type()).contiguous();
   const Tensor positive = T_.eq(1).contiguous();
@@ -354,3 +320,9 @@ TORCH_LIBRARY_IMPL(dsrb, CUDA, m) {
   m.impl("quadrant_index_cuda", &dsrb::quadrant_index_cuda);
   m.impl("prototype_bank_update_cuda", &dsrb::prototype_bank_update_cuda);
 }
+
+namespace {
+constexpr char kCuda[] = "cuda";
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dsrb, Autograd, m) { dsrb::autograd::register_ops<kCuda>(m); }

@@ -350,10 +350,10 @@ class DSRB(nn.Module):
                 f"got {images.device}"
             )
 
-    def _check_targets(self, targets, images) -> None:
+    def _check_targets(self, targets, images, *ranges) -> None:
         check_tensor("targets", targets, kind="real", shape=(images.shape[0], self.num_classes))
         check_same_device(images=images, targets=targets)
-        check_targets("targets", targets)
+        check_targets("targets", targets, *ranges)
 
     # ------------------------------------------------------------------------------------------------- pipeline
 
@@ -410,30 +410,38 @@ class DSRB(nn.Module):
             eval mode: logits (B, C). Train mode: :class:`DSRBOutput`.
         """
         self._check_images(images)
-        if targets is not None:
-            self._check_targets(targets, images)
         if not self.training:
+            if targets is not None:
+                self._check_targets(targets, images)
             S, _, _ = self._extract(images)
             return self.classify(S)
 
         B = images.shape[0]
         run_instance = targets is not None and bool(instance_blend)
         run_prototype = targets is not None and bool(prototype_blend)
-        if run_prototype and not torch.compiler.is_compiling() and not bool(self.prototype_bank.ready):
-            raise RuntimeError(
-                "prototype blending (PPRB) needs prototypes, but the prototype bank is not ready: run the prototype "
-                "pass first (model.eval(); model.prototype_bank.reset(); model.update_prototypes(images, targets) "
-                "over the training set; model.prototype_bank.finalize(model.compat)), or pass prototype_blend=False"
-            )
+        # Every value is checked here, in one device-to-host copy (a GPU synchronisation); the ops then trust them
+        # (validate=False), and the quadrants and draws the model makes itself.
+        ranges = []
         if partner is not None and run_instance:
             check_tensor("partner", partner, kind="int", shape=(B,))
-            check_same_device(images=images, partner=partner)  # the op checks the index range
+            check_same_device(images=images, partner=partner)
+            ranges.append(("partner", partner, 0, B - 1))
         if prototype_choices is not None and run_prototype:
             if not isinstance(prototype_choices, (tuple, list)) or len(prototype_choices) != 2:
                 raise TypeError("argument 'prototype_choices': expected a pair (shift, select)")
             check_tensor("prototype_choices[0] (shift)", prototype_choices[0], kind="int", shape=(B, self.num_classes))
             check_tensor("prototype_choices[1] (select)", prototype_choices[1], kind="bool",
                          shape=(B, self.num_classes))
+            check_same_device(images=images, shift=prototype_choices[0], select=prototype_choices[1])
+            ranges.append(("prototype_choices[0] (shift)", prototype_choices[0], 1, 3))
+        if targets is not None:
+            self._check_targets(targets, images, *ranges)
+        if run_prototype and not torch.compiler.is_compiling() and not self.prototype_bank.is_ready():
+            raise RuntimeError(
+                "prototype blending (PPRB) needs prototypes, but the prototype bank is not ready: run the prototype "
+                "pass first (model.eval(); model.prototype_bank.reset(); model.update_prototypes(images, targets) "
+                "over the training set; model.prototype_bank.finalize(model.compat)), or pass prototype_blend=False"
+            )
 
         S, a, X = self._extract(images)
         parts = [S]
@@ -445,7 +453,8 @@ class DSRB(nn.Module):
             T = targets.to(S.dtype)
         if run_instance:
             S1, T1 = ops.instance_blend(
-                S, T, self.alpha, partner, detach_target=self.detach_blend_targets, backend=self.backend
+                S, T, self.alpha, partner, detach_target=self.detach_blend_targets, validate=False,
+                backend=self.backend,
             )
             parts.append(S1)
         if run_prototype:
@@ -465,6 +474,7 @@ class DSRB(nn.Module):
                 shift,
                 select,
                 detach_target=self.detach_blend_targets,
+                validate=False,
                 backend=self.backend,
             )
             parts.append(S2)
@@ -498,7 +508,7 @@ class DSRB(nn.Module):
         self._check_images(images)
         self._check_targets(targets, images)
         S, a, X = self._extract(images)
-        self.prototype_bank.update(S, targets, self._quadrant(a, X))
+        self.prototype_bank.update(S, targets, self._quadrant(a, X), validate=False)  # targets checked above
 
     def reset_prototypes(self) -> None:
         """Empty the prototype bank (shorthand for ``prototype_bank.reset()``)."""

@@ -61,6 +61,20 @@ class PrototypeBank(nn.Module):
         self.register_buffer("prototypes", torch.zeros(num_classes, 4, dim))
         self.register_buffer("valid", torch.zeros(num_classes, dtype=torch.bool))
         self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
+        # is_ready()'s host copy of `ready` once it was read True: training asks every step, and on a GPU each read
+        # of the buffer is a device synchronisation. Forgotten by reset() and by loading a state dict.
+        self._ready_seen = False
+        self.register_load_state_dict_post_hook(PrototypeBank._forget_ready)
+
+    @staticmethod
+    def _forget_ready(module, incompatible_keys) -> None:
+        module._ready_seen = False
+
+    def is_ready(self) -> bool:
+        """``bool(ready)``, read from the device only until it is first True (see ``_ready_seen``)."""
+        if not self._ready_seen:
+            self._ready_seen = bool(self.ready)
+        return self._ready_seen
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -70,9 +84,10 @@ class PrototypeBank(nn.Module):
         self.prototypes.zero_()
         self.valid.zero_()
         self.ready.fill_(False)
+        self._ready_seen = False
 
     @torch.no_grad()
-    def update(self, S: torch.Tensor, T: torch.Tensor, quadrant: torch.Tensor) -> None:
+    def update(self, S: torch.Tensor, T: torch.Tensor, quadrant: torch.Tensor, *, validate: bool = True) -> None:
         """Add every known-positive S[b, c] (T[b, c] == 1) to bucket (c, quadrant[b, c]) while it holds < ``cap``.
 
         Samples are taken class by class, batch index ascending, as in the official loop. The features are
@@ -81,6 +96,7 @@ class PrototypeBank(nn.Module):
         Args:
             S: (B, C, D) semantic features.  T: (B, C) partial targets in {-1, 0, 1}.
             quadrant: (B, C) int64 quadrant index in [0, 3] (see :func:`dsrb.ops.quadrant_index`).
+            validate: check the values of T and quadrant (see :func:`dsrb.ops.prototype_bank_update`).
         """
         check_tensor("S", S, kind="float", shape=(None, self.num_classes, self.dim))
         B = S.shape[0]
@@ -88,7 +104,8 @@ class PrototypeBank(nn.Module):
         check_tensor("quadrant", quadrant, kind="int", shape=(B, self.num_classes))
         if S.requires_grad or S.dtype != self.sums.dtype:
             S = S.detach().to(self.sums.dtype)
-        ops.prototype_bank_update_(self.sums, self.counts, S, T, quadrant, self.cap, backend=self.backend)
+        ops.prototype_bank_update_(self.sums, self.counts, S, T, quadrant, self.cap, validate=validate,
+                                   backend=self.backend)
 
     @torch.no_grad()
     def finalize(self, compat: str = "fixed") -> None:

@@ -87,7 +87,8 @@ def _define(backend: str, forward=None, backward=None):
         grad_S, grad_alpha = bwd(grad_S1, grad_T1, S, T, alpha, partner, ctx.detach_target)
         return grad_S, None, grad_alpha, None, None
 
-    torch.library.register_autograd(fwd, backward_fn, setup_context=setup_context)
+    if forward is not None:  # the extension's ops carry their autograd in C++ (csrc/autograd.h)
+        torch.library.register_autograd(fwd, backward_fn, setup_context=setup_context)
     register_impl(backend, "instance_blend", fwd)
     return fwd
 
@@ -105,6 +106,7 @@ def instance_blend(
     partner: Optional[Tensor] = None,
     *,
     detach_target: bool = False,
+    validate: bool = True,
     backend: str = "auto",
 ) -> Tuple[Tensor, Tensor]:
     """Blend each image's unknown labels with the known positives of its partner image.
@@ -115,19 +117,23 @@ def instance_blend(
         alpha: one-element float tensor (the model clamps it to [0, 1] before calling).
         partner: (B,) int64 partner index of each image; default the batch flip b -> B - 1 - b.
         detach_target: if True, alpha gets no gradient through the soft target T1 (the official code keeps it).
+        validate: check the values of T (in {-1, 0, 1}) and of partner (in [0, B)) first; each check reads tensor values,
+            a device synchronisation on a GPU. False trusts them (the model passes False for targets it has checked
+            and indices it made): out-of-range values then give unspecified results, never an out-of-bounds access.
         backend: "auto" or a backend name (see :mod:`dsrb.ops`).
 
     Returns:
         S1: (B, C, D) blended features and T1: (B, C) soft targets, both in S's dtype. Gradients flow to S (both
         images of a pair) and to alpha.
     """
-    B, C, D = check_blend_inputs(S, T, "alpha", alpha)
+    B, C, D = check_blend_inputs(S, T, "alpha", alpha, validate)
     if partner is None:
         partner = torch.arange(B - 1, -1, -1, device=S.device)
     else:
         check_tensor("partner", partner, shape=(B,), kind="int")
         check_same_device(S=S, partner=partner)
-        check_index_range("partner", partner, 0, B - 1)
+        if validate:
+            check_index_range("partner", partner, 0, B - 1)
         partner = partner.long()
     fn = select("instance_blend", S.device, S.dtype, backend)
     return fn(S, T.to(S.dtype), alpha.to(S.dtype).reshape(()), partner, bool(detach_target))

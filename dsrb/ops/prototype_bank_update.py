@@ -89,7 +89,8 @@ def _check_values(T: Tensor, quadrant: Tensor) -> None:
 
 
 def prototype_bank_update(
-    sums: Tensor, counts: Tensor, S: Tensor, T: Tensor, quadrant: Tensor, cap: int = 100, *, backend: str = "auto"
+    sums: Tensor, counts: Tensor, S: Tensor, T: Tensor, quadrant: Tensor, cap: int = 100, *, validate: bool = True,
+    backend: str = "auto",
 ) -> Tuple[Tensor, Tensor]:
     """Accumulate one batch into the prototype buckets.
 
@@ -97,19 +98,23 @@ def prototype_bank_update(
         sums: (C, 4, D) float running sums.  counts: (C, 4) int64 running counts.
         S: (B, C, D) semantic features.  T: (B, C) partial targets.  quadrant: (B, C) int64 in [0, 3].
         cap: samples kept per bucket (100 officially).
+        validate: check the values of T (in {-1, 0, 1}) and quadrant first (a device synchronisation each on a
+            GPU); False trusts them: other values are then never stored, and never used as an index.
 
     Returns:
         (new_sums, new_counts); the inputs are not modified.
     """
     _check_layout(sums, counts, S, T, quadrant, cap)
-    _check_values(T, quadrant)
+    if validate:
+        _check_values(T, quadrant)
     fn = select("prototype_bank_update", S.device, S.dtype, backend)
     return fn(plain(sums), plain(counts, torch.int64), plain(S), plain(T, S.dtype), plain(quadrant, torch.int64),
               int(cap))
 
 
 def prototype_bank_update_(
-    sums: Tensor, counts: Tensor, S: Tensor, T: Tensor, quadrant: Tensor, cap: int = 100, *, backend: str = "auto"
+    sums: Tensor, counts: Tensor, S: Tensor, T: Tensor, quadrant: Tensor, cap: int = 100, *, validate: bool = True,
+    backend: str = "auto",
 ) -> None:
     """:func:`prototype_bank_update` in place: ``sums`` and ``counts`` take the new sums and counts.
 
@@ -131,7 +136,8 @@ def prototype_bank_update_(
             rejected = error
         _check_values(T, quadrant)  # ... is reported as by every backend
         raise rejected
-    _check_values(T, quadrant)
+    if validate:
+        _check_values(T, quadrant)
     new_sums, new_counts = fn(plain(sums), plain(counts, torch.int64), plain(S), plain(T, S.dtype),
                               plain(quadrant, torch.int64), int(cap))
     sums.copy_(new_sums)

@@ -103,7 +103,8 @@ def _define(backend: str, forward=None, backward=None):
         )
         return grad_S, None, grad_beta, grad_bank if bank_grad else None, None, None, None, None
 
-    torch.library.register_autograd(fwd, backward_fn, setup_context=setup_context)
+    if forward is not None:  # the extension's ops carry their autograd in C++ (csrc/autograd.h)
+        torch.library.register_autograd(fwd, backward_fn, setup_context=setup_context)
     register_impl(backend, "prototype_blend", fwd)
     return fwd
 
@@ -124,6 +125,7 @@ def prototype_blend(
     select: Tensor,
     *,
     detach_target: bool = False,
+    validate: bool = True,
     backend: str = "auto",
 ) -> Tuple[Tensor, Tensor]:
     """Blend the selected (image, class) features with a prototype from another quadrant of the same class.
@@ -137,11 +139,14 @@ def prototype_blend(
         shift: (B, C) int64 in {1, 2, 3}; the prototype comes from quadrant (quadrant - shift) mod 4.
         select: (B, C) bool, the entries to blend (drawn by the caller from its own generator).
         detach_target: if True, beta gets no gradient through the soft target T2 (the official code keeps it).
+        validate: check the values of T (in {-1, 0, 1}) and of quadrant (in [0, 3]) and shift (in {1, 2, 3}) first; each check reads tensor values,
+            a device synchronisation on a GPU. False trusts them (the model passes False for targets it has checked
+            and indices it made): out-of-range values then give unspecified results, never an out-of-bounds access.
 
     Returns:
         S2: (B, C, D) and T2: (B, C) in S's dtype. Gradients flow to S, beta and bank.
     """
-    B, C, D = check_blend_inputs(S, T, "beta", beta)
+    B, C, D = check_blend_inputs(S, T, "beta", beta, validate)
     check_tensor("bank", bank, shape=(C, 4, D), kind="float")
     if bank.dtype != S.dtype:
         raise TypeError(f"argument 'bank': expected dtype {S.dtype} (the dtype of 'S'), got {bank.dtype}")
@@ -149,8 +154,9 @@ def prototype_blend(
     check_tensor("shift", shift, shape=(B, C), kind="int")
     check_tensor("select", select, shape=(B, C), kind="bool")
     check_same_device(S=S, bank=bank, quadrant=quadrant, shift=shift, select=select)
-    check_index_range("quadrant", quadrant, 0, 3)
-    check_index_range("shift", shift, 1, 3)
+    if validate:
+        check_index_range("quadrant", quadrant, 0, 3)
+        check_index_range("shift", shift, 1, 3)
     fn = select_backend("prototype_blend", S.device, S.dtype, backend)
     return fn(
         S, T.to(S.dtype), beta.to(S.dtype).reshape(()), bank, quadrant.long(), shift.long(), select,

@@ -90,8 +90,8 @@ def _triton_backward(grad_S, grad_a, x, u, e, v, a):
 
 def _define(backend: str, forward=None, backward=None):
     """Register one backend as the ops ``dsrb::semantic_attention_<backend>`` (+ ``_backward``), from Python
-    implementations or (None) from the C++ extension, with fake implementations and autograd, and add it to the
-    registry."""
+    implementations or (None) from the C++ extension, with fake implementations and (Python-defined ones) autograd,
+    and add it to the registry."""
     name = f"semantic_attention_{backend}"
     fwd = define_op(name, "(Tensor x, Tensor u, Tensor e, Tensor v) -> (Tensor, Tensor)", forward)
     bwd = define_op(
@@ -123,7 +123,8 @@ def _define(backend: str, forward=None, backward=None):
             grad_a = torch.zeros_like(a)
         return bwd(grad_S, grad_a, x, u, e, v, a)
 
-    torch.library.register_autograd(fwd, backward_fn, setup_context=setup_context)
+    if forward is not None:  # the extension's ops carry their autograd in C++ (csrc/autograd.h)
+        torch.library.register_autograd(fwd, backward_fn, setup_context=setup_context)
     register_impl(backend, "semantic_attention", fwd)
     return fwd
 

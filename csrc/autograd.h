@@ -1,0 +1,143 @@
+// Autograd of the extension's differentiable ops, in C++ (architecture §5).
+//
+// dsrb::<op>_<backend> gets an Autograd kernel that runs the op below autograd and records a node whose backward
+// calls dsrb::<op>_<backend>_backward, both through the dispatcher (so fake tensors, torch.compile and opcheck see the
+// two ops as they are). Same maths as the Python autograd of the torch and triton backends (dsrb/ops/<op>.py): the
+// upstream gradients of unused outputs arrive as zeros, only S/x, u, e, v, alpha, beta and (when it requires grad)
+// the bank get gradients. In C++ rather than through torch.library.register_autograd because the Python autograd
+// costs about 60 us of host time per forward+backward (measured on the CI machine at a tiny shape), which at the
+// fused kernels' sizes on a GPU is more than the kernels take.
+//
+// Use, with a backend name of static storage (a template argument):
+//   inline constexpr char kCpu[] = "cpu";
+//   TORCH_LIBRARY_IMPL(dsrb, Autograd, m) { dsrb::autograd::register_ops<kCpu>(m); }
+#pragma once
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+
+namespace dsrb::autograd {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// "<op>_<backend>" and the typed dispatcher handle of "dsrb::<op>_<backend><suffix>".
+inline std::string op_name(const char* op, const char* backend) { return std::string(op) + "_" + backend; }
+
+template <class Sig>
+c10::TypedOperatorHandle<Sig> find_op(const char* op, const char* backend, const char* suffix = "") {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(("dsrb::" + op_name(op, backend) + suffix).c_str(), "")
+      .typed<Sig>();
+}
+
+template <const char* Backend>
+struct SemanticAttention : torch::autograd::Function<SemanticAttention<Backend>> {
+  static constexpr const char* kOp = "semantic_attention";
+  using Fwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&);
+  using Bwd = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                         const Tensor&, const Tensor&, const Tensor&);
+
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& u, const Tensor& e,
+                               const Tensor& v) {
+    static const auto op = find_op<Fwd>(kOp, Backend);
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [S, a] = op.call(x, u, e, v);
+    ctx->save_for_backward({x, u, e, v, a});
+    return {S, a};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad) {
+    static const auto op = find_op<Bwd>(kOp, Backend, "_backward");
+    const auto s = ctx->get_saved_variables();
+    auto [gx, gu, ge, gv] = op.call(grad[0], grad[1], s[0], s[1], s[2], s[3], s[4]);
+    return {gx, gu, ge, gv};
+  }
+
+  static std::tuple<Tensor, Tensor> kernel(const Tensor& x, const Tensor& u, const Tensor& e, const Tensor& v) {
+    auto out = SemanticAttention::apply(x, u, e, v);
+    return {out[0], out[1]};
+  }
+};
+
+template <const char* Backend>
+struct InstanceBlend : torch::autograd::Function<InstanceBlend<Backend>> {
+  static constexpr const char* kOp = "instance_blend";
+  using Fwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool);
+  using Bwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                         const Tensor&, bool);
+
+  static variable_list forward(AutogradContext* ctx, const Tensor& S, const Tensor& T, const Tensor& alpha,
+                               const Tensor& partner, bool detach_target) {
+    static const auto op = find_op<Fwd>(kOp, Backend);
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [S1, T1] = op.call(S, T, alpha, partner, detach_target);
+    ctx->save_for_backward({S, T, alpha, partner});
+    ctx->saved_data["detach_target"] = detach_target;
+    return {S1, T1};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad) {
+    static const auto op = find_op<Bwd>(kOp, Backend, "_backward");
+    const auto s = ctx->get_saved_variables();
+    auto [gS, galpha] = op.call(grad[0], grad[1], s[0], s[1], s[2], s[3], ctx->saved_data["detach_target"].toBool());
+    return {gS, Tensor(), galpha, Tensor(), Tensor()};
+  }
+
+  static std::tuple<Tensor, Tensor> kernel(const Tensor& S, const Tensor& T, const Tensor& alpha,
+                                           const Tensor& partner, bool detach_target) {
+    auto out = InstanceBlend::apply(S, T, alpha, partner, detach_target);
+    return {out[0], out[1]};
+  }
+};
+
+template <const char* Backend>
+struct PrototypeBlend : torch::autograd::Function<PrototypeBlend<Backend>> {
+  static constexpr const char* kOp = "prototype_blend";
+  using Fwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                         const Tensor&, const Tensor&, bool);
+  using Bwd = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                 const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool,
+                                                 bool);
+
+  static variable_list forward(AutogradContext* ctx, const Tensor& S, const Tensor& T, const Tensor& beta,
+                               const Tensor& bank, const Tensor& quadrant, const Tensor& shift, const Tensor& select,
+                               bool detach_target) {
+    static const auto op = find_op<Fwd>(kOp, Backend);
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [S2, T2] = op.call(S, T, beta, bank, quadrant, shift, select, detach_target);
+    ctx->save_for_backward({S, beta, bank, quadrant, shift, select});
+    ctx->saved_data["detach_target"] = detach_target;
+    return {S2, T2};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad) {
+    static const auto op = find_op<Bwd>(kOp, Backend, "_backward");
+    const auto s = ctx->get_saved_variables();
+    const bool bank_grad = ctx->needs_input_grad(3);
+    auto [gS, gbeta, gbank] = op.call(grad[0], grad[1], s[0], s[1], s[2], s[3], s[4], s[5],
+                                      ctx->saved_data["detach_target"].toBool(), bank_grad);
+    return {gS, Tensor(), gbeta, bank_grad ? gbank : Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+
+  static std::tuple<Tensor, Tensor> kernel(const Tensor& S, const Tensor& T, const Tensor& beta, const Tensor& bank,
+                                           const Tensor& quadrant, const Tensor& shift, const Tensor& select,
+                                           bool detach_target) {
+    auto out = PrototypeBlend::apply(S, T, beta, bank, quadrant, shift, select, detach_target);
+    return {out[0], out[1]};
+  }
+};
+
+// The Autograd kernels of one backend's three differentiable ops.
+template <const char* Backend>
+void register_ops(torch::Library& m) {
+  m.impl(op_name(SemanticAttention<Backend>::kOp, Backend).c_str(), TORCH_FN(SemanticAttention<Backend>::kernel));
+  m.impl(op_name(InstanceBlend<Backend>::kOp, Backend).c_str(), TORCH_FN(InstanceBlend<Backend>::kernel));
+  m.impl(op_name(PrototypeBlend<Backend>::kOp, Backend).c_str(), TORCH_FN(PrototypeBlend<Backend>::kernel));
+}
+
+}  // namespace dsrb::autograd
