@@ -97,8 +97,8 @@ part "GPU tests" 60 200 python3 -m pytest tests/test_ext_backends.py tests/test_
 #    where a target names it, after the training step and the largest batch), the head path; then the other passes
 #    and shapes, the training step with a GPU user's settings (bf16, channels-last, TF32), the prototype pass and
 #    the scaling sweep.
-SIZE_TARGETS="coco or vg-b32"
-[ "$DSRB_BENCH_SIZE" = quick ] && SIZE_TARGETS="coco-b8 or demo"
+SIZE_TARGETS="coco or vg-b32 or tiny"  # tiny: the host cost of one call, which bounds every op at these sizes on a GPU
+[ "$DSRB_BENCH_SIZE" = quick ] && SIZE_TARGETS="coco-b8 or demo or tiny"
 OPS=(benchmarks/test_bench_semantic_attention.py benchmarks/test_bench_instance_blend.py
      benchmarks/test_bench_prototype_blend.py)
 bench ops 40 "fwd+bwd and ($SIZE_TARGETS) and not compile" "${OPS[@]}"
