@@ -38,8 +38,10 @@ Kernels:
       its D block.
     * ``_sa_bwd_kernel`` grid (G, cdiv(I, BLOCK_K)): program g walks row tiles g, g + G, ... and all classes,
       forms the softmax backward gs on the fly, writes grad_u and the group's partial grad_e (G, C, I) and grad_v
-      (G, I), summed over groups by torch (:func:`bwd_groups` picks G to fill the GPU). Besides it the backward
-      makes five small torch calls (two bmm, the row term of the softmax backward, the group sums).
+      (G, I) (:func:`bwd_groups` picks G to fill the GPU).
+    * ``_sa_bwd_finalize_kernel`` grid (C + 1, cdiv(I, BLOCK_K)): sums the groups' partials in order, applies v to
+      grad_e and writes grad_e and grad_v in their dtypes. Besides these two the backward makes three torch calls
+      (two bmm, the row term of the softmax backward: one product and one sum).
 
 Triton notes: there is no tl.tanh (and libdevice.tanh fails under the interpreter), so tanh(x) = 2*sigmoid(2x) - 1.
 tl.dot operands keep M, N, K >= 16 (BLOCK_C, BLOCK_N, BLOCK_D >= 16) as the GPU requires; the score and backward
@@ -301,6 +303,31 @@ def _sa_bwd_kernel(a_ptr, gat_ptr, dot_ptr, u_ptr, e_ptr, v_ptr, gu_ptr, ge_part
     tl.store(gv_part_ptr + g * I + offs_k, acc_v, mask=mask_k)
 
 
+@triton.jit
+def _sa_bwd_finalize_kernel(ge_part_ptr, gv_part_ptr, v_ptr, ge_ptr, gv_ptr, G, C, I, stride_vk,
+                            ACC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """grad_e[c] = v * sum_g ge_part[g, c] for rows c < C, and grad_v = sum_g gv_part[g] for row C: the groups summed
+    in order (deterministic), v applied once, each result rounded once to its output's dtype. One launch instead of
+    the sums, the product and the casts."""
+    row = tl.program_id(0)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < I
+    acc = tl.zeros((BLOCK_K,), dtype=ACC)
+    if row < C:
+        src = ge_part_ptr + row * I + offs_k  # ge_part: contiguous (G, C, I); C * I is far below 2**31
+        for _ in range(0, G):
+            acc += tl.load(src, mask=mask_k, other=0.0)
+            src += C * I
+        acc *= tl.load(v_ptr + offs_k * stride_vk, mask=mask_k, other=0.0).to(ACC)
+        tl.store(ge_ptr + row * I + offs_k, acc.to(ge_ptr.dtype.element_ty), mask=mask_k)
+    else:
+        src = gv_part_ptr + offs_k  # gv_part: contiguous (G, I)
+        for _ in range(0, G):
+            acc += tl.load(src, mask=mask_k, other=0.0)
+            src += I
+        tl.store(gv_ptr + offs_k, acc.to(gv_ptr.dtype.element_ty), mask=mask_k)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Host launchers
 
@@ -379,23 +406,27 @@ def semantic_attention_backward(
     ga_total = torch.baddbmm(grad_a.to(acc), gS, xc.transpose(1, 2)).contiguous()  # (B, C, N)
     dot = (ac * ga_total).sum(-1)  # (B, C): sum_n a * ga_total, the softmax backward's row term (full fp32)
     grad_u = torch.empty((B, N, I), dtype=u.dtype, device=u.device)
+    grad_e = torch.empty((C, I), dtype=e.dtype, device=e.device)
+    grad_v = torch.empty((I,), dtype=v.dtype, device=v.device)
     cfg = block_sizes(N, C, D, I)["bwd"]
     R = B * N
     row_tiles = triton.cdiv(R, cfg["BLOCK_R"])
     G = bwd_groups(B, N, C, I, _sm_count(x.device)) if groups is None else max(1, min(groups, row_tiles))
     if C == 0 or R == 0 or I == 0:
         grad_u.zero_()
-        ge_part = torch.zeros((G, C, I), dtype=acc, device=x.device)
-        gv_part = torch.zeros((G, I), dtype=acc, device=x.device)
+        grad_e.zero_()
+        grad_v.zero_()
     else:  # every (group, k tile) program writes its whole slice of both partials: no zero fill
         ge_part = torch.empty((G, C, I), dtype=acc, device=x.device)
         gv_part = torch.empty((G, I), dtype=acc, device=x.device)
-        _sa_bwd_kernel[(G, triton.cdiv(I, cfg["BLOCK_K"]))](
+        k_tiles = triton.cdiv(I, cfg["BLOCK_K"])
+        _sa_bwd_kernel[(G, k_tiles)](
             ac, ga_total, dot, u, e, v, grad_u, ge_part, gv_part, R, N, C, I, row_tiles,
             u.stride(0), u.stride(1), u.stride(2), e.stride(0), e.stride(1), v.stride(0),
             ACC=_tl_acc(x.dtype), BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"],
             num_warps=cfg["num_warps"],
         )
-    grad_e = ge_part.sum(0) * v.to(acc)  # fixed-order sums over the groups
-    grad_v = gv_part.sum(0)
-    return tuple(g.to(t.dtype).contiguous() for g, t in ((grad_x, x), (grad_u, u), (grad_e, e), (grad_v, v)))
+        _sa_bwd_finalize_kernel[(C + 1, k_tiles)](
+            ge_part, gv_part, v, grad_e, grad_v, G, C, I, v.stride(0), ACC=_tl_acc(x.dtype), BLOCK_K=cfg["BLOCK_K"],
+        )
+    return grad_x.to(x.dtype).contiguous(), grad_u, grad_e, grad_v

@@ -34,6 +34,7 @@ SHAPES = [("coco", 8, 49, 80, 1024, 512, (torch.float32, torch.bfloat16, torch.f
           ("vg-b32", 32, 49, 200, 1024, 512, (torch.float32, torch.bfloat16)),
           ("n196", 4, 196, 20, 256, 64, (torch.float32,)),
           ("odd", 2, 13, 20, 33, 17, (torch.float32, torch.bfloat16, torch.float16, torch.float64))]
+H200_SMS = 132  # the SM count the launch policy (k split, backward groups) is recorded with
 _TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
        torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
 
@@ -94,6 +95,8 @@ def _launches() -> Tuple[List[Tuple[str, Any, tuple, dict]], List[str]]:
                 kernels.append(attr)
     sa, ib, pb = mods["semantic_attention"], mods["instance_blend"], mods["prototype_blend"]
     bu, qi = mods["prototype_bank_update"], mods["quadrant_index"]
+    # The launch policy as on an H200 (132 SMs: k split and backward groups > 1 at coco), not as on CPU tensors (1).
+    sa._sm_count = lambda device: H200_SMS
     out = []
     for label, B, N, C, D, I, dtypes in SHAPES:
         for dtype in dtypes:
@@ -107,6 +110,7 @@ def _launches() -> Tuple[List[Tuple[str, Any, tuple, dict]], List[str]]:
             sa.semantic_attention_forward(x, u, e, v)
             sa.semantic_attention_forward(x, u, e, v, ksplit=4)
             sa.semantic_attention_backward(z(B, C, D), z(B, C, N), x, u, e, v, z(B, C, N))
+            sa.semantic_attention_backward(z(B, C, D), z(B, C, N), x, u, e, v, z(B, C, N), groups=1)
             S, T = z(B, C, D), z(B, C)
             ib.instance_blend_forward(S, T, z(), partner)
             for detach in (False, True):
