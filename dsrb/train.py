@@ -262,6 +262,50 @@ def prototype_pass(core: DSRB, loader: DataLoader, cfg: TrainConfig, d: Dist, de
              core.prototype_bank.counts.numel(), int((~core.prototype_bank.valid).sum()))
 
 
+class _StepLosses:
+    """The loss terms of every step, summed on the host one step late.
+
+    On a GPU, step k's terms start their copy to pinned host memory as soon as step k is queued and are read after
+    step k + 1 is queued, so the host never waits for the device inside an epoch (reading them at once would stall
+    every step). A non-finite loss still stops the run, naming its step, one step later.
+    """
+
+    KEYS = ("bce", "contrastive", "instance", "prototype")
+
+    def __init__(self, epoch: int, bar: Progress) -> None:
+        self.epoch, self.bar = epoch, bar
+        self.sums: Dict[str, float] = {}
+        self.pending = None
+
+    def push(self, step: int, images: int, loss: torch.Tensor, parts: Dict[str, torch.Tensor]) -> None:
+        values = torch.stack([loss.detach().float()] + [parts[k].detach().float() for k in self.KEYS])
+        event = None
+        if values.is_cuda:
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            values = host
+        self.flush()
+        self.pending = (step, images, values, event)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        step, images, values, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        value, *terms = values.tolist()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"epoch {self.epoch}, step {step}: the loss is {value}; lower --lr or check the "
+                                     "data")
+        self.sums["loss"] = self.sums.get("loss", 0.0) + value
+        for key, term in zip(self.KEYS, terms):
+            self.sums[f"loss_{key}"] = self.sums.get(f"loss_{key}", 0.0) + term
+        self.bar.update(images, loss=value)
+
+
 def train_epoch(model, core: DSRB, loader, optimizer, scaler, cfg: TrainConfig, epoch: int, d: Dist,
                 device: torch.device) -> Dict[str, float]:
     model.train()
@@ -270,8 +314,8 @@ def train_epoch(model, core: DSRB, loader, optimizer, scaler, cfg: TrainConfig, 
     con_weight = cfg.contrastive_weight if cfg.method == "dsrb" and cfg.contrastive else 0.0
     generator = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, epoch, 2, d.rank))
     total = _limit(loader, cfg.limit_train_batches)
-    sums: Dict[str, float] = {}
     bar = Progress(total, f"epoch {epoch}", enabled=d.main)
+    losses = _StepLosses(epoch, bar)
     for step, (images, targets, _) in enumerate(loader):
         if step >= total:
             break
@@ -290,16 +334,10 @@ def train_epoch(model, core: DSRB, loader, optimizer, scaler, cfg: TrainConfig, 
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        keys = ("bce", "contrastive", "instance", "prototype")  # read with the loss in one device-to-host copy
-        value, *terms = torch.stack([loss.detach().float()] + [parts[k].float() for k in keys]).tolist()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"epoch {epoch}, step {step}: the loss is {value}; lower --lr or check the data")
-        sums["loss"] = sums.get("loss", 0.0) + value
-        for key, term in zip(keys, terms):
-            sums[f"loss_{key}"] = sums.get(f"loss_{key}", 0.0) + term
-        bar.update(images.shape[0] * d.world, loss=value)
+        losses.push(step, images.shape[0] * d.world, loss, parts)
+    losses.flush()
     elapsed = bar.close()
-    stats = {k: v / max(1, total) for k, v in sums.items()}
+    stats = {k: v / max(1, total) for k, v in losses.sums.items()}
     if d.enabled:
         packed = torch.tensor([stats[k] for k in sorted(stats)], dtype=torch.float64, device=device)
         dist.all_reduce(packed)

@@ -154,6 +154,33 @@ def test_channels_last_and_matmul_precision(data_root, tmp_path, monkeypatch):
         train.main(args(data_root, tmp_path / "bad", 1, "--matmul-precision", "tf32"))
 
 
+def test_logged_loss_is_the_mean_of_the_steps_and_a_nan_stops_the_run(data_root, tmp_path, monkeypatch):
+    """The loss terms are read one step late (no device wait inside an epoch): the logged epoch loss is still the mean
+    of its steps, and a non-finite loss stops the run naming its step."""
+    seen, real = [], train.dsrb_loss
+
+    def spy(*a, **k):
+        total, parts = real(*a, **k)
+        seen.append(float(total))
+        return total, parts
+
+    monkeypatch.setattr(train, "dsrb_loss", spy)
+    train.main(args(data_root, tmp_path / "run", 1))
+    assert len(seen) == 3
+    assert read_metrics(tmp_path / "run")[0]["loss"] == pytest.approx(sum(seen) / 3, rel=1e-6)
+
+    calls = []
+
+    def nan_at_step_1(*a, **k):
+        total, parts = real(*a, **k)
+        calls.append(None)
+        return (total * float("nan") if len(calls) == 2 else total), parts
+
+    monkeypatch.setattr(train, "dsrb_loss", nan_at_step_1)
+    with pytest.raises(FloatingPointError, match="epoch 0, step 1: the loss is nan"):
+        train.main(args(data_root, tmp_path / "nan", 1))
+
+
 def test_tensorboard_logs(data_root, tmp_path):
     pytest.importorskip("tensorboard", reason="the optional tensorboard package is not installed")
     train.main(args(data_root, tmp_path / "tb", 1, "--tensorboard"))
