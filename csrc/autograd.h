@@ -5,8 +5,8 @@
 // two ops as they are). Same maths as the Python autograd of the torch and triton backends (dsrb/ops/<op>.py): the
 // upstream gradients of unused outputs arrive as zeros, only S/x, u, e, v, alpha, beta and (when it requires grad)
 // the bank get gradients. In C++ rather than through torch.library.register_autograd because the Python autograd
-// costs about 60 us of host time per forward+backward (measured on the CI machine at a tiny shape), which at the
-// fused kernels' sizes on a GPU is more than the kernels take.
+// costs about 60 us of host time per forward+backward (measured on the 2-core CPU machine at a tiny shape): on a GPU,
+// at the benchmark sizes, that is of the order of the fused kernels' own time (an estimate, not a measurement).
 //
 // Use, with a backend name of static storage (a template argument):
 //   inline constexpr char kCpu[] = "cpu";

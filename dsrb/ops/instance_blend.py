@@ -117,9 +117,10 @@ def instance_blend(
         alpha: one-element float tensor (the model clamps it to [0, 1] before calling).
         partner: (B,) int64 partner index of each image; default the batch flip b -> B - 1 - b.
         detach_target: if True, alpha gets no gradient through the soft target T1 (the official code keeps it).
-        validate: check the values of T (in {-1, 0, 1}) and of partner (in [0, B)) first; each check reads tensor values,
-            a device synchronisation on a GPU. False trusts them (the model passes False for targets it has checked
-            and indices it made): out-of-range values then give unspecified results, never an out-of-bounds access.
+        validate: check the values of T (in {-1, 0, 1}) and partner (in [0, B)) first; each check reads tensor
+            values, a device synchronisation on a GPU. False trusts them (the model passes False for targets it has
+            checked and indices it made): out-of-range values then give unspecified results (or an error from the
+            torch backend's indexing), never an out-of-bounds access.
         backend: "auto" or a backend name (see :mod:`dsrb.ops`).
 
     Returns:

@@ -139,9 +139,10 @@ def prototype_blend(
         shift: (B, C) int64 in {1, 2, 3}; the prototype comes from quadrant (quadrant - shift) mod 4.
         select: (B, C) bool, the entries to blend (drawn by the caller from its own generator).
         detach_target: if True, beta gets no gradient through the soft target T2 (the official code keeps it).
-        validate: check the values of T (in {-1, 0, 1}) and of quadrant (in [0, 3]) and shift (in {1, 2, 3}) first; each check reads tensor values,
-            a device synchronisation on a GPU. False trusts them (the model passes False for targets it has checked
-            and indices it made): out-of-range values then give unspecified results, never an out-of-bounds access.
+        validate: check the values of T (in {-1, 0, 1}), quadrant (in [0, 3]) and shift (in {1, 2, 3}) first;
+            each check reads tensor values, a device synchronisation on a GPU. False trusts them (the model passes
+            False for targets it has checked and indices it made): out-of-range values then give unspecified
+            results, never an out-of-bounds access.
 
     Returns:
         S2: (B, C, D) and T2: (B, C) in S's dtype. Gradients flow to S, beta and bank.
