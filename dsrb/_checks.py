@@ -85,12 +85,14 @@ def _compiling() -> bool:
 _SIGNED_INT = (torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def _min_maxes(tensors) -> list:
-    """[(min, max)] of non-empty integer tensors on one device, as Python ints: one reduction per tensor and a single
-    device-to-host copy (one synchronisation on a GPU) for all of them."""
-    if not tensors:
-        return []
-    return torch.stack([torch.stack(torch.aminmax(t)).long() for t in tensors]).tolist()
+def _min_max(t: torch.Tensor) -> torch.Tensor:
+    """(min, max) of an integer tensor, on its device, as an int64 pair (read with others in one copy)."""
+    return torch.stack(torch.aminmax(t)).long()
+
+
+def _read(pairs) -> list:
+    """The int64 pairs as Python ints, in one device-to-host copy (one synchronisation on a GPU) for all."""
+    return torch.stack(pairs).tolist() if pairs else []
 
 
 def _report_ranges(checks, values) -> None:
@@ -103,7 +105,7 @@ def check_targets(name: str, t: torch.Tensor, *ranges) -> None:
     """Partial targets must hold only -1 (known absent), 0 (unknown) and +1 (known present).
 
     ``ranges``: (name, tensor, low, high) checks of :func:`check_index_ranges` on t's device, read in the same
-    device-to-host copy as integer targets (one synchronisation for all).
+    device-to-host copy as the targets' own check (one synchronisation for all, whatever t's dtype).
     """
     check_tensor(name, t, kind="real")
     for r in ranges:
@@ -111,19 +113,18 @@ def check_targets(name: str, t: torch.Tensor, *ranges) -> None:
     if _compiling():
         return
     ranges = [r for r in ranges if r[1].numel()]
-    if t.numel() and t.dtype in _SIGNED_INT:
-        (lo, hi), *values = _min_maxes([t] + [r[1] for r in ranges])
-        _report_ranges(ranges, values)
-        if lo >= -1 and hi <= 1:
-            return
-    else:
-        _report_ranges(ranges, _min_maxes([r[1] for r in ranges]))
-    if t.numel() == 0 or t.dtype == torch.bool:
-        return
-    bad = (t != 0) & (t != 1) & (t != -1)
-    if bool(bad.any()):
-        value = t[bad].flatten()[0].item()
-        raise ValueError(f"argument '{name}': expected values in {{-1, 0, 1}}, found {value}")
+    own = None
+    if t.numel() and t.dtype != torch.bool:
+        if t.dtype in _SIGNED_INT:
+            own, valid = _min_max(t), lambda lo, hi: lo >= -1 and hi <= 1
+        else:  # the number of entries outside {-1, 0, 1}, as a pair
+            n = ((t != 0) & (t != 1) & (t != -1)).sum()
+            own, valid = torch.stack([n, n]).long(), lambda lo, hi: hi == 0
+    values = _read([_min_max(r[1]) for r in ranges] + ([own] if own is not None else []))
+    if own is not None and not valid(*values[-1]):
+        wrong = (t != 0) & (t != 1) & (t != -1)
+        raise ValueError(f"argument '{name}': expected values in {{-1, 0, 1}}, found {t[wrong].flatten()[0].item()}")
+    _report_ranges(ranges, values)
 
 
 def check_index_ranges(*checks) -> None:
@@ -134,7 +135,7 @@ def check_index_ranges(*checks) -> None:
     if _compiling():
         return
     checks = [c for c in checks if c[1].numel()]
-    _report_ranges(checks, _min_maxes([c[1] for c in checks]))
+    _report_ranges(checks, _read([_min_max(c[1]) for c in checks]))
 
 
 def check_index_range(name: str, t: torch.Tensor, low: int, high: int) -> None:

@@ -557,24 +557,26 @@ def test_dsrb_training_step_reads_device_values_once():
                 reads.append(func)
             return func(*args, **(kwargs or {}))
 
-    real_min_maxes = _checks._min_maxes  # .tolist() of a CPU tensor does not dispatch: count the checks' reads
+    real_read = _checks._read  # .tolist() of a CPU tensor does not dispatch: count the checks' reads
 
-    def counted(tensors):
-        reads.append(len(tensors))
-        return real_min_maxes(tensors)
+    def counted(pairs):
+        reads.append(len(pairs))
+        return real_read(pairs)
 
-    def step():
-        out = model(x, TARGETS, partner=torch.tensor([1, 0, 3, 2]), prototype_choices=choices)
-        dsrb_loss(out, TARGETS, epoch=1, progress=0.5, validate=False)[0].backward()
+    def step(targets):
+        out = model(x, targets, partner=torch.tensor([1, 0, 3, 2]), prototype_choices=choices)
+        dsrb_loss(out, targets, epoch=1, progress=0.5, validate=False)[0].backward()
 
-    step()  # the first step reads the bank's ready flag once
-    _checks._min_maxes = counted
-    try:
-        with ValueReads():
-            step()
-    finally:
-        _checks._min_maxes = real_min_maxes
-    assert reads == [3]  # one read, of the three tensors
+    step(TARGETS)  # the first step reads the bank's ready flag once
+    for targets in (TARGETS, TARGETS.float()):  # integer targets, and float ones as the data loaders give
+        reads.clear()
+        _checks._read = counted
+        try:
+            with ValueReads():
+                step(targets)
+        finally:
+            _checks._read = real_read
+        assert reads == [3], targets.dtype  # one read, of targets, partner and shift together
 
 
 def test_prototype_bank_is_ready_follows_reset_finalize_and_loading():
