@@ -194,13 +194,19 @@ def test_blends_noncontiguous_deterministic_and_bank_grad_flag(backend):
     assert torch.equal(with_bank[0], without[0]) and torch.equal(with_bank[1], without[1])
 
 
+def test_every_built_backend_has_cpp_autograd():
+    """The Autograd kernels of csrc/autograd.h are registered for every backend the extension was built with (on a
+    CPU machine with nvcc, the cuda ops too: registered, not run)."""
+    for backend in EXT.backends:
+        for op in ("semantic_attention", "instance_blend", "prototype_blend"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dsrb::{op}_{backend}", "Autograd"), (op, backend)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cpp_autograd_one_output_and_frozen_inputs(backend):
     """The extension's autograd (C++, csrc/autograd.h): a loss on one output only (the other's gradient arrives as
     zeros) and inputs that do not require grad (the model's bank is a buffer) give the torch backend's gradients."""
     dev = _device(backend)
-    for op in ("semantic_attention", "instance_blend", "prototype_blend"):
-        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dsrb::{op}_{backend}", "Autograd"), op
     x, u, e, v = sa_inputs(2, 13, 5, 16, 8, torch.float64, dev)
     S, T, coef, bank, quadrant, shift, select, partner = blend_inputs(4, 5, 6, torch.float64, dev)
     bank.requires_grad_(False)
