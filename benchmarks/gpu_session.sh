@@ -12,7 +12,8 @@
 # still writes the cases it finished. After each benchmark part the finished cases are merged and the report
 # (targets first) is rewritten, so whatever the call reaches comes back in $OUT:
 #
-#   build.log, info.txt, tests.log, bench.log, bench-full.json (every finished case), report.md, tests-rest.log
+#   build.log, info.txt, tests.log, bench.log, bench-full.json (every finished case), report.md, profile.md
+#   (host vs device time of each op call, benchmarks/profile_ops.py), tests-rest.log
 #
 # DSRB_BENCH_ROUNDS (default here 20) sets the timed rounds per case. Rehearse on a CPU machine, with the package
 # installed and its extension built, with DSRB_GPU_SESSION_INSTALL=0 DSRB_EXT_CACHE=~/.cache/dsrb/extensions
@@ -102,6 +103,11 @@ SIZE_TARGETS="coco or vg-b32 or tiny"  # tiny: the host cost of one call, which 
 OPS=(benchmarks/test_bench_semantic_attention.py benchmarks/test_bench_instance_blend.py
      benchmarks/test_bench_prototype_blend.py)
 bench ops 40 "fwd+bwd and ($SIZE_TARGETS) and not compile" "${OPS[@]}"
+# Where those calls go (host vs device time, device events per call): benchmarks/profile_ops.py.
+PROFILE_SHAPES=(--shape coco --shape tiny)
+[ "$DSRB_BENCH_SIZE" = quick ] && PROFILE_SHAPES=(--shape coco-b8 --shape tiny)
+part profile 20 90 python3 -m benchmarks.profile_ops "${PROFILE_SHAPES[@]}" --out "$OUT/profile.md" \
+    >"$OUT/profile.log" 2>&1
 bench train_step 40 "not compile and not fast" benchmarks/test_bench_train_step.py
 bench largest_batch 40 "not compile" benchmarks/test_bench_largest_batch.py
 bench compile 40 "fwd+bwd and ($SIZE_TARGETS) and compile" benchmarks/test_bench_semantic_attention.py

@@ -1,0 +1,19 @@
+"""benchmarks/profile_ops.py, the GPU session's host-vs-device breakdown, runs and fills its table (here on CPU)."""
+
+import torch
+
+from benchmarks import profile_ops
+
+
+def test_profile_table_has_every_op_and_provider(tmp_path):
+    out = tmp_path / "profile.md"
+    assert profile_ops.main(["--shape", "tiny", "--rounds", "2", "--out", str(out)]) == 0
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| op |")]
+    for op in profile_ops.OPS:
+        want = profile_ops._providers(op, torch.device("cpu"), torch.float32)
+        assert want[:2] == ["reference", "torch"]
+        mine = [r for r in rows if r[0] == op]
+        assert [r[2] for r in mine] == want and all(r[1] == "tiny" for r in mine)
+        for r in mine:  # wall and host time are numbers (an error row would hold its message instead)
+            assert float(r[3].replace(",", "")) > 0 and float(r[4].replace(",", "")) > 0, r
