@@ -104,8 +104,9 @@ def _report_ranges(checks, values) -> None:
 def check_targets(name: str, t: torch.Tensor, *ranges) -> None:
     """Partial targets must hold only -1 (known absent), 0 (unknown) and +1 (known present).
 
-    ``ranges``: (name, tensor, low, high) checks of :func:`check_index_ranges` on t's device, read in the same
-    device-to-host copy as the targets' own check (one synchronisation for all, whatever t's dtype).
+    ``ranges``: (name, tensor, low, high) checks on t's device: an integer tensor with every value in [low, high]
+    (inclusive), read in the same device-to-host copy as the targets' own check (one synchronisation for all,
+    whatever t's dtype). Skipped while compiling.
     """
     check_tensor(name, t, kind="real")
     for r in ranges:
@@ -125,19 +126,3 @@ def check_targets(name: str, t: torch.Tensor, *ranges) -> None:
         wrong = (t != 0) & (t != 1) & (t != -1)
         raise ValueError(f"argument '{name}': expected values in {{-1, 0, 1}}, found {t[wrong].flatten()[0].item()}")
     _report_ranges(ranges, values)
-
-
-def check_index_ranges(*checks) -> None:
-    """Each check (name, tensor, low, high): an integer tensor with every value in [low, high] (inclusive). The
-    tensors are on one device and read in one device-to-host copy; skipped while compiling."""
-    for name, t, _, _ in checks:
-        check_tensor(name, t, kind="int")
-    if _compiling():
-        return
-    checks = [c for c in checks if c[1].numel()]
-    _report_ranges(checks, _read([_min_max(c[1]) for c in checks]))
-
-
-def check_index_range(name: str, t: torch.Tensor, low: int, high: int) -> None:
-    """Integer tensor with every value in [low, high] (inclusive); skipped while compiling."""
-    check_index_ranges((name, t, low, high))

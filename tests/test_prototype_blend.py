@@ -152,3 +152,15 @@ def test_validate_false_reads_no_values(monkeypatch):
     got = ops.prototype_blend(*args, validate=False, backend="torch")
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
+
+def test_validate_reads_targets_and_indices_once(monkeypatch):
+    """validate=True checks T, quadrant and shift in one read of device memory (one synchronisation on a GPU)."""
+    from dsrb import _checks
+
+    args = [t.detach() for t in make(3, 4, 5)]
+    reads, real = [], _checks._read
+    monkeypatch.setattr(_checks, "_read", lambda pairs: (reads.append(len(pairs)), real(pairs))[1])
+    ops.prototype_blend(*args, backend="torch")
+    ops.instance_blend(args[0], args[1], args[2], torch.tensor([2, 0, 1]), backend="torch")
+    assert reads == [3, 2]
+

@@ -7,19 +7,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._checks import check_scalar_param, check_same_device, check_tensor, check_targets
+from .._checks import check_scalar_param, check_same_device, check_tensor
 
 
-def check_blend_inputs(S: Tensor, T: Tensor, coef_name: str, coef: Tensor, validate: bool = True):
-    """S (B, C, D) float, T (B, C) partial targets (values checked if ``validate``), a one-element coefficient;
-    returns (B, C, D)."""
+def check_blend_inputs(S: Tensor, T: Tensor, coef_name: str, coef: Tensor):
+    """S (B, C, D) float, T (B, C) real, a one-element coefficient, on one device; returns (B, C, D). T's values are
+    checked by the op, with its indices, in one device read (``check_targets``)."""
     check_tensor("S", S, ndim=3, kind="float")
     B, C, D = S.shape
     check_tensor("T", T, shape=(B, C), kind="real")
     check_scalar_param(coef_name, coef)
     check_same_device(S=S, T=T, **{coef_name: coef})
-    if validate:
-        check_targets("T", T)
     return B, C, D
 
 

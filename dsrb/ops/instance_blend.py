@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._checks import check_index_range, check_same_device, check_tensor
+from .._checks import check_same_device, check_targets, check_tensor
 from ._common import check_blend_inputs
 from ._registry import define_op, extension_backends, register_impl, select
 
@@ -117,8 +117,8 @@ def instance_blend(
         alpha: one-element float tensor (the model clamps it to [0, 1] before calling).
         partner: (B,) int64 partner index of each image; default the batch flip b -> B - 1 - b.
         detach_target: if True, alpha gets no gradient through the soft target T1 (the official code keeps it).
-        validate: check the values of T (in {-1, 0, 1}) and partner (in [0, B)) first; each check reads tensor
-            values, a device synchronisation on a GPU. False trusts them (the model passes False for targets it has
+        validate: check the values of T (in {-1, 0, 1}) and partner (in [0, B)) first, in one read of device
+            memory (a synchronisation on a GPU). False trusts them (the model passes False for targets it has
             checked and indices it made): out-of-range values then give unspecified results (or an error from the
             torch backend's indexing), never an out-of-bounds access.
         backend: "auto" or a backend name (see :mod:`dsrb.ops`).
@@ -127,14 +127,16 @@ def instance_blend(
         S1: (B, C, D) blended features and T1: (B, C) soft targets, both in S's dtype. Gradients flow to S (both
         images of a pair) and to alpha.
     """
-    B, C, D = check_blend_inputs(S, T, "alpha", alpha, validate)
+    B, C, D = check_blend_inputs(S, T, "alpha", alpha)
+    ranges = []
     if partner is None:
         partner = torch.arange(B - 1, -1, -1, device=S.device)
     else:
         check_tensor("partner", partner, shape=(B,), kind="int")
         check_same_device(S=S, partner=partner)
-        if validate:
-            check_index_range("partner", partner, 0, B - 1)
-        partner = partner.long()
+        ranges.append(("partner", partner, 0, B - 1))
+    if validate:
+        check_targets("T", T, *ranges)  # one device read for both
+    partner = partner.long()
     fn = select("instance_blend", S.device, S.dtype, backend)
     return fn(S, T.to(S.dtype), alpha.to(S.dtype).reshape(()), partner, bool(detach_target))

@@ -18,7 +18,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .._checks import check_index_range, check_same_device, check_targets, check_tensor
+from .._checks import check_same_device, check_targets, check_tensor
 from ._common import plain
 from ._registry import define_op, extension_backends, register_impl, select
 
@@ -83,9 +83,8 @@ def _check_layout(sums: Tensor, counts: Tensor, S: Tensor, T: Tensor, quadrant: 
 
 
 def _check_values(T: Tensor, quadrant: Tensor) -> None:
-    """T in {-1, 0, 1}, quadrant in [0, 3]: reductions over the values, a device-to-host sync each."""
-    check_targets("T", T)
-    check_index_range("quadrant", quadrant, 0, 3)
+    """T in {-1, 0, 1}, quadrant in [0, 3]: reductions over the values, one device-to-host read for both."""
+    check_targets("T", T, ("quadrant", quadrant, 0, 3))
 
 
 def prototype_bank_update(
@@ -98,8 +97,8 @@ def prototype_bank_update(
         sums: (C, 4, D) float running sums.  counts: (C, 4) int64 running counts.
         S: (B, C, D) semantic features.  T: (B, C) partial targets.  quadrant: (B, C) int64 in [0, 3].
         cap: samples kept per bucket (100 officially).
-        validate: check the values of T (in {-1, 0, 1}) and quadrant first (a device synchronisation each on a
-            GPU); False trusts them: other values are then never stored, and never used as an index.
+        validate: check the values of T (in {-1, 0, 1}) and quadrant first (one read of device memory, a
+            synchronisation on a GPU); False trusts them: other values are then never stored, nor used as an index.
 
     Returns:
         (new_sums, new_counts); the inputs are not modified.

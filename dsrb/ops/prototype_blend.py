@@ -15,7 +15,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .._checks import check_index_range, check_same_device, check_tensor
+from .._checks import check_same_device, check_targets, check_tensor
 from ._common import check_blend_inputs
 from ._registry import define_op, extension_backends, register_impl, select as select_backend
 
@@ -139,15 +139,15 @@ def prototype_blend(
         shift: (B, C) int64 in {1, 2, 3}; the prototype comes from quadrant (quadrant - shift) mod 4.
         select: (B, C) bool, the entries to blend (drawn by the caller from its own generator).
         detach_target: if True, beta gets no gradient through the soft target T2 (the official code keeps it).
-        validate: check the values of T (in {-1, 0, 1}), quadrant (in [0, 3]) and shift (in {1, 2, 3}) first;
-            each check reads tensor values, a device synchronisation on a GPU. False trusts them (the model passes
-            False for targets it has checked and indices it made): out-of-range values then give unspecified
-            results, never an out-of-bounds access.
+        validate: check the values of T (in {-1, 0, 1}), quadrant (in [0, 3]) and shift (in {1, 2, 3}) first,
+            in one read of device memory (a synchronisation on a GPU). False trusts them (the model passes False
+            for targets it has checked and indices it made): out-of-range values then give unspecified results,
+            never an out-of-bounds access.
 
     Returns:
         S2: (B, C, D) and T2: (B, C) in S's dtype. Gradients flow to S, beta and bank.
     """
-    B, C, D = check_blend_inputs(S, T, "beta", beta, validate)
+    B, C, D = check_blend_inputs(S, T, "beta", beta)
     check_tensor("bank", bank, shape=(C, 4, D), kind="float")
     if bank.dtype != S.dtype:
         raise TypeError(f"argument 'bank': expected dtype {S.dtype} (the dtype of 'S'), got {bank.dtype}")
@@ -155,9 +155,8 @@ def prototype_blend(
     check_tensor("shift", shift, shape=(B, C), kind="int")
     check_tensor("select", select, shape=(B, C), kind="bool")
     check_same_device(S=S, bank=bank, quadrant=quadrant, shift=shift, select=select)
-    if validate:
-        check_index_range("quadrant", quadrant, 0, 3)
-        check_index_range("shift", shift, 1, 3)
+    if validate:  # one device read for the three
+        check_targets("T", T, ("quadrant", quadrant, 0, 3), ("shift", shift, 1, 3))
     fn = select_backend("prototype_blend", S.device, S.dtype, backend)
     return fn(
         S, T.to(S.dtype), beta.to(S.dtype).reshape(()), bank, quadrant.long(), shift.long(), select,
