@@ -27,7 +27,17 @@ namespace dsrb {
 namespace {
 
 using cuda::DType;
+#ifdef DSRB_CUDA_EMULATION
+// tests/cuda_emulator.py builds this file with the kernels run on the CPU (tests/cuda_emu/): the same entry
+// points on CPU tensors, registered as dsrb_emu::<op>_cuda so that they sit beside the real extension.
+constexpr c10::DeviceType kCUDA = c10::DeviceType::CPU;
+#define DSRB_CUDA_LIBRARY dsrb_emu
+#define DSRB_CUDA_KEY CPU
+#else
 constexpr c10::DeviceType kCUDA = c10::DeviceType::CUDA;
+#define DSRB_CUDA_LIBRARY dsrb
+#define DSRB_CUDA_KEY CUDA
+#endif
 
 DType dtype_tag(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
@@ -50,7 +60,12 @@ DType dtype_tag(const at::Tensor& t, const char* name) {
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 void* stream_of(const at::Tensor& t) {
+#ifdef DSRB_CUDA_EMULATION
+  (void)t;
+  return nullptr;
+#else
   return at::accelerator::getCurrentStream(t.device().index()).native_handle();
+#endif
 }
 
 void check_launch(int err, const char* op) {
@@ -286,7 +301,7 @@ std::tuple<Tensor, Tensor> prototype_bank_update_cuda(const Tensor& sums_, const
 
 // ---- registration ----------------------------------------------------------------------------------------------------
 
-TORCH_LIBRARY_FRAGMENT(dsrb, m) {
+TORCH_LIBRARY_FRAGMENT(DSRB_CUDA_LIBRARY, m) {
   m.def("semantic_attention_cuda(Tensor x, Tensor u, Tensor e, Tensor v) -> (Tensor, Tensor)");
   m.def(
       "semantic_attention_cuda_backward(Tensor grad_S, Tensor grad_a, Tensor x, Tensor u, Tensor e, Tensor v, "
@@ -310,7 +325,7 @@ TORCH_LIBRARY_FRAGMENT(dsrb, m) {
       "(Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(dsrb, CUDA, m) {
+TORCH_LIBRARY_IMPL(DSRB_CUDA_LIBRARY, DSRB_CUDA_KEY, m) {
   m.impl("semantic_attention_cuda", &dsrb::semantic_attention_cuda);
   m.impl("semantic_attention_cuda_backward", &dsrb::semantic_attention_cuda_backward);
   m.impl("instance_blend_cuda", &dsrb::instance_blend_cuda);
@@ -321,8 +336,10 @@ TORCH_LIBRARY_IMPL(dsrb, CUDA, m) {
   m.impl("prototype_bank_update_cuda", &dsrb::prototype_bank_update_cuda);
 }
 
+#ifndef DSRB_CUDA_EMULATION
 namespace {
 constexpr char kCuda[] = "cuda";
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dsrb, Autograd, m) { dsrb::autograd::register_ops<kCuda>(m); }
+#endif

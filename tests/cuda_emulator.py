@@ -1,0 +1,111 @@
+"""The CUDA kernels of csrc/cuda/ run on the CPU, for the tests: `load()` builds them with the host compiler against
+the emulation header tests/cuda_emu/cuda_runtime.h, with the real glue (csrc/cuda/glue.cpp, built with
+DSRB_CUDA_EMULATION), and registers the glue's ops as ``torch.ops.dsrb_emu.<op>_cuda`` on CPU tensors.
+
+So every CUDA kernel line runs in CI, without a GPU, through the same entry points as on a GPU: the launch plans of
+an H200 (132 SMs; DSRB_EMU_SMS to change), the index arithmetic, the tiling, the barriers and warp shuffles (the
+threads of a block are fibers switched at barriers, in a new order each round; see cuda_runtime.h for what is
+reported as a launch error). What it cannot show: speed, races other than those that the order of threads and
+blocks exposes (both are shuffled; no two threads run at once), and the rounding of the PTX approximations
+(computed exactly here).
+
+Two source rewrites make a ``.cu`` file valid C++: ``kernel<<<cfg>>>(args)`` becomes
+``::dsrb_emu::launch(::dsrb_emu::config(cfg), &kernel, args)`` and each ``asm`` PTX instruction becomes a call of
+its emulation (a PTX instruction not known here is an error, so none is silently skipped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from typing import Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu")
+
+LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+# asm("op %0, %1;" : "=f"(out) : "f"(in));  (single-output, single-input fp32 instructions)
+ASM = re.compile(r'asm\("([\w.]+) %0, %1;"\s*:\s*"=f"\((\w+)\)\s*:\s*"f"\((\w+)\)\);')
+PTX = {"ex2.approx.ftz.f32", "rcp.approx.ftz.f32"}
+
+
+def emulated_source(text: str, name: str) -> str:
+    """A .cu file's text rewritten for the host compiler."""
+    text = LAUNCH.sub(lambda m: f"::dsrb_emu::launch(::dsrb_emu::config({m[2]}), &{m[1]}, ", text)
+
+    def ptx(m: re.Match) -> str:
+        if m[1] not in PTX:
+            raise ValueError(f"{name}: PTX instruction {m[1]!r} has no emulation in tests/cuda_emulator.py")
+        return f"{m[2]} = ::dsrb_emu::ptx_{m[1].replace('.', '_')}({m[3]});"
+
+    text = ASM.sub(ptx, text)
+    for left in ("<<<", "asm(", "asm volatile"):
+        if left in text:
+            raise ValueError(f"{name}: {left!r} left after the rewrite; extend tests/cuda_emulator.py")
+    return text
+
+
+def toolkit_include() -> Optional[str]:
+    """The CUDA toolkit's include folder (for cuda_fp16.h, driver_types.h, ...), or None."""
+    from dsrb import _build
+
+    nvcc = _build.find_nvcc()
+    if nvcc is None:
+        return None
+    inc = os.path.join(_build.cuda_home(nvcc), "include")
+    return inc if os.path.isfile(os.path.join(inc, "cuda_fp16.h")) else None
+
+
+_LOADED: Optional[object] = None
+
+
+def load():
+    """Build (cached by the digest of its sources) and load the emulated CUDA ops; returns ``torch.ops.dsrb_emu``.
+    Raises RuntimeError when no CUDA toolkit headers are found (the caller skips)."""
+    global _LOADED
+    if _LOADED is not None:
+        return _LOADED
+    import torch
+    from torch.utils import cpp_extension
+
+    inc = toolkit_include()
+    if inc is None:
+        raise RuntimeError("no CUDA toolkit headers (cuda_fp16.h): nvcc not found (set CUDA_HOME)")
+    cuda_dir = os.path.join(CSRC, "cuda")
+    rewrite = [os.path.join(cuda_dir, f) for f in sorted(os.listdir(cuda_dir)) if f.endswith(".cu")]
+    rewrite.append(os.path.join(SHIM, "selftest.cpp"))
+    as_is = [os.path.join(cuda_dir, "glue.cpp"), os.path.join(SHIM, "runtime.cpp")]
+    headers = [os.path.join(cuda_dir, f) for f in sorted(os.listdir(cuda_dir)) if f.endswith((".h", ".cuh"))]
+    headers += [os.path.join(CSRC, "checks.h"), os.path.join(CSRC, "ops.h"), os.path.join(SHIM, "cuda_runtime.h")]
+    # DSRB_EMU_SANITIZE=address: an AddressSanitizer build (run python with LD_PRELOAD=$(gcc
+    # -print-file-name=libasan.so) and ASAN_OPTIONS=detect_leaks=0): any out-of-bounds access of a kernel aborts.
+    sanitize = os.environ.get("DSRB_EMU_SANITIZE", "")
+    digest = hashlib.sha256(sanitize.encode())
+    for path in rewrite + as_is + headers + [os.path.abspath(__file__)]:
+        with open(path, "rb") as f:
+            digest.update(path.encode() + b"\0" + f.read())
+    cache = os.environ.get("DSRB_EXT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dsrb", "extensions")
+    build = os.path.join(cache, f"cuda-emulator-{digest.hexdigest()[:16]}")
+    os.makedirs(os.path.join(build, "src"), exist_ok=True)
+    sources = list(as_is)
+    for path in rewrite:
+        with open(path) as f:
+            text = emulated_source(f.read(), os.path.basename(path))
+        out = os.path.join(build, "src", os.path.splitext(os.path.basename(path))[0] + ".cpp")
+        with open(out + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(out + ".tmp", out)
+        sources.append(out)
+    # The shim comes first so that #include <cuda_runtime.h> finds it; the toolkit's headers after it.
+    flags = ["-O1", "-DDSRB_CUDA_EMULATION", "-ffp-contract=off", "-fno-strict-aliasing", "-Wno-unknown-pragmas",
+             f"-I{SHIM}", f"-I{CSRC}", f"-I{inc}"]
+    ldflags = ["-Wl,-Bsymbolic"]
+    if sanitize:
+        flags += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer"]
+        ldflags += [f"-fsanitize={sanitize}"]
+    cpp_extension.load(name="dsrb_cuda_emulator", sources=sources, extra_cflags=flags, extra_ldflags=ldflags,
+                       build_directory=build, is_python_module=False, verbose=False)
+    _LOADED = torch.ops.dsrb_emu
+    return _LOADED

@@ -1,0 +1,276 @@
+"""The CUDA backend's kernels and glue (csrc/cuda/), run on the CPU by the host emulation of tests/cuda_emulator.py,
+against the oracle: the cases of the `cuda` backend in test_ext_backends.py, so every CUDA line runs in CI although
+no GPU is there. The ops are called as ``torch.ops.dsrb_emu.<op>_cuda`` (the real glue, built for CPU tensors) with
+the launch plans of an H200 (132 SMs); their autograd here is a small Python wrapper (on a GPU it is csrc/autograd.h,
+tested through the `cpu` backend). Skips only where no CUDA toolkit headers exist; a build failure is an error.
+
+Out-of-bounds accesses: the same tests with the kernels built with AddressSanitizer (exceptions cannot be thrown
+under the preloaded runtime, so the tests that expect one are left out):
+
+    cd tests && LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 DSRB_EMU_SANITIZE=address \
+        python -m pytest -p no:cacheprovider test_cuda_emulated.py -k "not reports_what"
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cuda_emulator
+from dsrb import ops, reference
+from helpers import assert_close, noncontiguous
+from test_ext_backends import BLEND_SHAPES, LOW, SA_SHAPES, _leaf64, blend_inputs, compare, grads, sa_inputs, sa_oracle
+
+pytestmark = pytest.mark.skipif(cuda_emulator.toolkit_include() is None,
+                                reason="no CUDA toolkit headers (nvcc not found) to build the emulated kernels")
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return cuda_emulator.load()
+
+
+class _SemanticAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, u, e, v):
+        S, a = torch.ops.dsrb_emu.semantic_attention_cuda(x, u, e, v)
+        ctx.save_for_backward(x, u, e, v, a)
+        return S, a
+
+    @staticmethod
+    def backward(ctx, grad_S, grad_a):
+        return torch.ops.dsrb_emu.semantic_attention_cuda_backward(grad_S, grad_a, *ctx.saved_tensors)
+
+
+class _InstanceBlend(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, S, T, alpha, partner, detach_target):
+        ctx.save_for_backward(S, T, alpha, partner)
+        ctx.detach_target = detach_target
+        return torch.ops.dsrb_emu.instance_blend_cuda(S, T, alpha, partner, detach_target)
+
+    @staticmethod
+    def backward(ctx, grad_S1, grad_T1):
+        grad_S, grad_alpha = torch.ops.dsrb_emu.instance_blend_cuda_backward(grad_S1, grad_T1, *ctx.saved_tensors,
+                                                                             ctx.detach_target)
+        return grad_S, None, grad_alpha, None, None
+
+
+class _PrototypeBlend(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, S, T, beta, bank, quadrant, shift, select, detach_target):
+        ctx.save_for_backward(S, beta, bank, quadrant, shift, select)
+        ctx.detach_target = detach_target
+        return torch.ops.dsrb_emu.prototype_blend_cuda(S, T, beta, bank, quadrant, shift, select, detach_target)
+
+    @staticmethod
+    def backward(ctx, grad_S2, grad_T2):
+        S, beta, bank, quadrant, shift, select = ctx.saved_tensors
+        grad_S, grad_beta, grad_bank = torch.ops.dsrb_emu.prototype_blend_cuda_backward(
+            grad_S2, grad_T2, S, beta, bank, quadrant, shift, select, ctx.detach_target, ctx.needs_input_grad[3])
+        return grad_S, None, grad_beta, grad_bank, None, None, None, None
+
+
+def semantic_attention(x, u, e, v):
+    return _SemanticAttention.apply(x, u, e, v)
+
+
+def instance_blend(S, T, alpha, partner, detach_target=False):
+    return _InstanceBlend.apply(S, T, alpha, partner, detach_target)
+
+
+def prototype_blend(S, T, beta, bank, quadrant, shift, select, detach_target=False):
+    return _PrototypeBlend.apply(S, T, beta, bank, quadrant, shift, select, detach_target)
+
+
+# ---- the emulator itself ---------------------------------------------------------------------------------------------
+
+def test_emulator_shares_block_memory_and_catches_a_missing_barrier(emu):
+    want = torch.tensor([sum(b * 1000 + t for t in range(64)) for b in range(8)], dtype=torch.int32)
+    assert torch.equal(emu.selftest("shared_sum"), want)
+    # Without the barrier thread 0 reads before the others have written (threads run in a new order each round).
+    assert not torch.equal(emu.selftest("shared_sum_no_barrier"), want)
+
+
+@pytest.mark.parametrize("name, match", [
+    ("partial_warp_shuffle", "with 16 of 32 lanes present"),
+    ("divergent_barrier", "divergent __syncthreads"),
+    ("barrier_deadlock", "deadlock"),
+])
+def test_emulator_reports_what_a_gpu_leaves_undefined(emu, name, match):
+    with pytest.raises(RuntimeError, match=match):
+        emu.selftest(name)
+
+
+@pytest.mark.skipif(os.environ.get("DSRB_EMU_SANITIZE") != "address", reason="needs the AddressSanitizer run "
+                    "(DSRB_EMU_SANITIZE=address with libasan preloaded; see the module docstring)")
+def test_address_sanitizer_catches_an_out_of_bounds_read(emu):
+    """The sanitizer run is only worth its pass if it would abort on a bad access (in a child process: it aborts)."""
+    code = "import cuda_emulator; cuda_emulator.load().selftest('read_past_end')"
+    run = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), capture_output=True, text=True)
+    assert run.returncode != 0 and "heap-buffer-overflow" in run.stderr, run.stderr[-2000:]
+
+
+# ---- semantic_attention ------------------------------------------------------------------------------------------
+
+# SA_SHAPES, and one whose plans split k four ways forward and give each backward row group several row tiles.
+EMU_SA_SHAPES = SA_SHAPES + [(2, 49, 20, 1, 200)]
+
+
+@pytest.mark.parametrize("shape", EMU_SA_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64] + LOW, ids=str)
+def test_semantic_attention_matches_oracle(emu, shape, dtype):
+    inputs = sa_inputs(*shape, dtype, "cpu")
+    out = semantic_attention(*inputs)
+    assert all(o.dtype == dtype and o.is_contiguous() for o in out)
+    base = ops.semantic_attention(*inputs, backend="torch")
+    compare(list(out) + grads(out, inputs), sa_oracle(inputs), dtype, ["S", "a", "grad x", "grad u", "grad e", "grad v"],
+            baseline=list(base) + grads(base, inputs))
+
+
+def test_semantic_attention_noncontiguous_and_deterministic(emu):
+    inputs = [noncontiguous(t) for t in sa_inputs(2, 49, 20, 33, 17, torch.float32, "cpu")]
+    runs = []
+    for _ in range(2):  # threads in another order each launch: the same bits
+        out = list(semantic_attention(*inputs))
+        runs.append(out + grads(out, inputs))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    compare(runs[0], sa_oracle(inputs), torch.float32, ["S", "a", "grad x", "grad u", "grad e", "grad v"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_semantic_attention_tanh_at_extremes(emu, dtype):
+    """The kernels' tanh (exp2 / reciprocal form in fp32) on tiny, saturated, infinite and NaN arguments, through the
+    op, against the torch backend: at position 0 the score is tanh(w), at position 1 it is 0, and x is one-hot per
+    position, so S = a."""
+    inf, nan = float("inf"), float("nan")
+    w = torch.tensor([0.0, 1e-8, -1e-3, 0.3, -0.7, 2.5, -8.9, 9.5, 40.0, -1e30, inf, -inf, nan], dtype=dtype)
+    u = torch.stack([w, torch.zeros_like(w)], 1)[..., None].requires_grad_()  # (B, 2, 1)
+    x = torch.eye(2, dtype=dtype).expand(w.numel(), 2, 2).contiguous()
+    e, v = torch.ones(1, 1, dtype=dtype), torch.ones(1, dtype=dtype)
+    got = list(semantic_attention(x, u, e, v))
+    want = list(ops.semantic_attention(x, u, e, v, backend="torch"))
+    for g, r in zip(got + grads(got[:1], [u]), want + grads(want[:1], [u])):
+        torch.testing.assert_close(g, r, equal_nan=True)
+    assert got[1][:-1].isfinite().all() and got[1][-1].isnan().all()
+
+
+def test_semantic_attention_gradcheck(emu):
+    inputs = sa_inputs(2, 5, 3, 4, 6, torch.float64, "cpu")
+    assert torch.autograd.gradcheck(semantic_attention, inputs)
+
+
+# ---- blends --------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", BLEND_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64] + LOW, ids=str)
+@pytest.mark.parametrize("detach_target", [False, True])
+def test_instance_blend_matches_oracle(emu, shape, dtype, detach_target):
+    S, T, alpha, _, _, _, _, partner = blend_inputs(*shape, dtype, "cpu")
+    out = instance_blend(S, T, alpha, partner, detach_target)
+    got = list(out) + grads(out, [S, alpha])
+    S64, a64 = _leaf64(S), _leaf64(alpha)
+    ref = reference.instance_blend(S64, T.double(), a64, partner, detach_target=detach_target)
+    compare(got, list(ref) + grads(ref, [S64, a64], rounding=dtype), dtype, ["S1", "T1", "grad S", "grad alpha"])
+
+
+@pytest.mark.parametrize("shape", BLEND_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64] + LOW, ids=str)
+@pytest.mark.parametrize("detach_target", [False, True])
+def test_prototype_blend_matches_oracle(emu, shape, dtype, detach_target):
+    S, T, beta, bank, quadrant, shift, select, _ = blend_inputs(*shape, dtype, "cpu")
+    out = prototype_blend(S, T, beta, bank, quadrant, shift, select, detach_target)
+    got = list(out) + grads(out, [S, beta, bank])
+    S64, b64, k64 = _leaf64(S), _leaf64(beta), _leaf64(bank)
+    ref = reference.prototype_blend(S64, T.double(), b64, k64, quadrant, shift, select, detach_target=detach_target)
+    compare(got, list(ref) + grads(ref, [S64, b64, k64], rounding=dtype), dtype,
+            ["S2", "T2", "grad S", "grad beta", "grad bank"])
+
+
+def test_blends_noncontiguous_deterministic_and_bank_grad_flag(emu):
+    S, T, coef, bank, quadrant, shift, select, partner = blend_inputs(6, 20, 33, torch.float32, "cpu")
+    S_nc, bank_nc = noncontiguous(S), noncontiguous(bank)
+    runs = []
+    for _ in range(2):
+        out = list(instance_blend(S_nc, T, coef, partner)) + list(
+            prototype_blend(S_nc, T, coef, bank_nc, quadrant, shift, select))
+        runs.append(out + grads(out, [S_nc, coef, bank_nc]))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    want = list(ops.instance_blend(S, T, coef, partner, backend="torch"))
+    want += list(ops.prototype_blend(S, T, coef, bank, quadrant, shift, select, backend="torch"))
+    compare(runs[0], want + grads(want, [S, coef, bank]), torch.float32, ["S1", "T1", "S2", "T2", "gS", "gc", "gk"])
+    args = (torch.ones_like(S), torch.ones_like(T), S.detach(), coef.detach(), bank.detach(), quadrant, shift, select,
+            False)
+    with_bank, without = emu.prototype_blend_cuda_backward(*args, True), emu.prototype_blend_cuda_backward(*args, False)
+    assert torch.equal(without[2], torch.zeros_like(bank)) and with_bank[2].abs().sum() > 0
+    assert torch.equal(with_bank[0], without[0]) and torch.equal(with_bank[1], without[1])
+
+
+def test_blends_gradcheck(emu):
+    S, T, coef, bank, quadrant, shift, select, partner = blend_inputs(3, 5, 4, torch.float64, "cpu")
+    T[0], T[2] = 0, 1  # some blended entries for the batch flip
+    assert torch.autograd.gradcheck(lambda s, a: instance_blend(s, T, a, partner), (S, coef))
+    assert torch.autograd.gradcheck(lambda s, b, k: prototype_blend(s, T, b, k, quadrant, shift, select),
+                                    (S, coef, bank))
+
+
+def test_blends_never_read_out_of_bounds_with_bad_indices(emu):
+    """The glue does not read index values (a device synchronisation); the kernels must stay in bounds whatever
+    they are: an out-of-range partner blends nothing, a quadrant is taken modulo 4, a shift to nowhere is skipped.
+    Here the bad rows come out as for a valid index that blends nothing, and the good rows are unchanged."""
+    S, T, coef, bank, quadrant, shift, select, partner = blend_inputs(5, 6, 7, torch.float64, "cpu")
+    T[:] = 0
+    T[1] = 1
+    bad_partner = torch.tensor([1, -3, 99, 1, 2**40])
+    S1, T1 = emu.instance_blend_cuda(S.detach(), T, coef.detach(), bad_partner, False)
+    ref1 = reference.instance_blend(S.detach(), T, coef.detach(), torch.tensor([1, 1, 2, 1, 4]))
+    for r in range(5):
+        assert_close(S1[r], ref1[0][r] if bad_partner[r] in (1, 2) else S[r].detach(), dtype=torch.float64)
+    g = emu.instance_blend_cuda_backward(torch.ones_like(S), torch.ones_like(T), S.detach(), T, coef.detach(),
+                                         bad_partner, False)
+    assert all(t.isfinite().all() for t in g)
+    bad_q, bad_s = quadrant.clone(), shift.clone()
+    bad_q[0, :3] = torch.tensor([-7, 4, 2**50])
+    bad_s[1, :3] = torch.tensor([0, -5, 2**45])
+    out = emu.prototype_blend_cuda(S.detach(), T, coef.detach(), bank.detach(), bad_q, bad_s, select, False)
+    assert all(t.isfinite().all() for t in out)
+    assert torch.equal(out[0][2:], emu.prototype_blend_cuda(S.detach(), T, coef.detach(), bank.detach(), quadrant,
+                                                            shift, select, False)[0][2:])
+
+
+# ---- quadrant index and bank update -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("B, C, H, W", [(2, 3, 7, 7), (1, 20, 5, 6), (3, 2, 1, 1), (2, 4, 3, 1), (1, 80, 14, 14)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_quadrant_index_equals_oracle(emu, B, C, H, W, dtype):
+    g = torch.Generator().manual_seed(0)
+    a = torch.softmax(torch.randn(B, C, H * W, generator=g), -1).to(dtype)
+    x_sum = torch.randn(B, H * W, generator=g).to(dtype)
+    a[0, 0] = 1.0 / (H * W)  # ties: a constant row, then the first maximum wins
+    x_sum[0] = x_sum[0].abs().max()
+    assert torch.equal(emu.quadrant_index_cuda(a, x_sum, H, W), reference.quadrant_index(a, x_sum, H, W))
+    specials = a.clone()
+    specials[..., ::5] = float("nan")
+    specials[..., 1::7] = float("inf")
+    specials[..., 2::9] = -0.0
+    assert torch.equal(emu.quadrant_index_cuda(specials, x_sum, H, W),
+                       ops.quadrant_index(specials, x_sum, H, W, backend="torch"))
+
+
+@pytest.mark.parametrize("cap", [0, 1, 2, 100])
+@pytest.mark.parametrize("sums_dtype, S_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float32),
+                                                 (torch.bfloat16, torch.float16)], ids=str)
+def test_prototype_bank_update_equals_oracle(emu, cap, sums_dtype, S_dtype):
+    g = torch.Generator().manual_seed(0)
+    B, C, D = 9, 5, 37
+    S = torch.randn(B, C, D, generator=g).to(S_dtype)
+    T = torch.randint(-1, 2, (B, C), generator=g).to(S_dtype)
+    quadrant = torch.randint(0, 4, (B, C), generator=g)
+    sums = torch.randn(C, 4, D, generator=g).to(sums_dtype)
+    counts = torch.randint(0, 2, (C, 4), generator=g)
+    got = emu.prototype_bank_update_cuda(sums, counts, S, T, quadrant, cap)
+    want = ops.prototype_bank_update(sums, counts, S, T, quadrant, cap, backend="torch")
+    assert torch.equal(got[1], want[1]) and got[0].dtype == sums_dtype
+    assert torch.equal(got[0], want[0])  # the same additions in the same order, in the sums' dtype
