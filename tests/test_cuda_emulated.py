@@ -130,6 +130,19 @@ def test_semantic_attention_matches_oracle(emu, shape, dtype):
             baseline=list(base) + grads(base, inputs))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_semantic_attention_at_the_coco_shape(emu, dtype):
+    """The benchmarks' COCO shape (B 8, N 49, C 80, D 1024, I 512), so the launch plans of the GPU benchmark run
+    (k split forward, one backward row group per row tile) are the ones tested. The gradients reach 300 and sum
+    hundreds of terms, so in fp32 too the criterion is twice the torch backend's error (about 5e-4 for grad u, e
+    and v; the `cpu` backend's is the same)."""
+    inputs = sa_inputs(8, 49, 80, 1024, 512, dtype, "cpu")
+    out = semantic_attention(*inputs)
+    base = ops.semantic_attention(*inputs, backend="torch")
+    compare(list(out) + grads(out, inputs), sa_oracle(inputs), dtype, ["S", "a", "grad x", "grad u", "grad e", "grad v"],
+            baseline=list(base) + grads(base, inputs), baseline_dtypes=(torch.float32, torch.bfloat16))
+
+
 def test_semantic_attention_noncontiguous_and_deterministic(emu):
     inputs = [noncontiguous(t) for t in sa_inputs(2, 49, 20, 33, 17, torch.float32, "cpu")]
     runs = []
@@ -187,6 +200,18 @@ def test_prototype_blend_matches_oracle(emu, shape, dtype, detach_target):
     ref = reference.prototype_blend(S64, T.double(), b64, k64, quadrant, shift, select, detach_target=detach_target)
     compare(got, list(ref) + grads(ref, [S64, b64, k64], rounding=dtype), dtype,
             ["S2", "T2", "grad S", "grad beta", "grad bank"])
+
+
+@pytest.mark.parametrize("shape", [(8, 80, 1024), (32, 200, 1024)], ids=["coco", "vg-b32"])
+def test_blends_at_the_benchmark_shapes(emu, shape):
+    S, T, coef, bank, quadrant, shift, select, partner = blend_inputs(*shape, torch.float32, "cpu")
+    got = list(instance_blend(S, T, coef, partner)) + list(prototype_blend(S, T, coef, bank, quadrant, shift, select))
+    leaves = [_leaf64(t) for t in (S, coef, bank)]
+    T64 = T.double()
+    want = list(reference.instance_blend(leaves[0], T64, leaves[1], partner))
+    want += list(reference.prototype_blend(leaves[0], T64, leaves[1], leaves[2], quadrant, shift, select))
+    compare(got + grads(got, [S, coef, bank]), want + grads(want, leaves, rounding=torch.float32), torch.float32,
+            ["S1", "T1", "S2", "T2", "grad S", "grad coef", "grad bank"])
 
 
 def test_blends_noncontiguous_deterministic_and_bank_grad_flag(emu):

@@ -42,14 +42,14 @@ def grads(outputs, inputs, seed=1, rounding=None):
     return list(torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True))
 
 
-def compare(got, want, dtype, names, baseline=None):
-    """Each of ``got`` against the fp64 oracle ``want``: within the table's tolerance, or, for half precision with a
-    ``baseline`` (the torch backend in the same dtype), no further from the oracle than twice the baseline's error
-    (flash-attention's criterion: rounding of saved half-precision outputs such as ``a`` makes large reductions
-    inexact for every backend)."""
+def compare(got, want, dtype, names, baseline=None, baseline_dtypes=HALF):
+    """Each of ``got`` against the fp64 oracle ``want``: within the table's tolerance, or, for ``baseline_dtypes``
+    (default half precision) with a ``baseline`` (the torch backend in the same dtype), no further from the oracle
+    than twice the baseline's error (flash-attention's criterion: rounding of saved half-precision outputs such as
+    ``a``, or fp32 sums over hundreds of terms, make large reductions inexact for every backend)."""
     for i, (name, o, r) in enumerate(zip(names, got, want)):
         o, r = o.detach().cpu(), r.detach().cpu()
-        if baseline is None or dtype not in HALF:
+        if baseline is None or dtype not in baseline_dtypes:
             assert_close(o, r, dtype=dtype, what=name)
             continue
         err = (o.double() - r).abs().max().item() if r.numel() else 0.0
