@@ -250,7 +250,7 @@ def prototype_pass(core: DSRB, loader: DataLoader, cfg: TrainConfig, d: Dist, de
             break
         images, targets = to_device(images, cfg, device), targets.to(device, non_blocking=True)
         with autocast(cfg, device):
-            core.update_prototypes(images, targets)
+            core.update_prototypes(images, targets, validate=False)  # checked by train_set.set_targets
         bar.update(images.shape[0])
     bar.close()
     if d.enabled:  # each rank keeps up to `cap` samples per bucket from its shard
@@ -325,11 +325,13 @@ def train_epoch(model, core: DSRB, loader, optimizer, scaler, cfg: TrainConfig, 
             choices = draw_prototype_choices(targets, core.top_k, generator, compat=core.compat,
                                              valid=core.prototype_bank.valid)
         with autocast(cfg, device):
+            # No device read in the step: the targets were checked once by train_set.set_targets, and the
+            # prototype choices come from draw_prototype_choices.
             out = model(images, targets, instance_blend=use_instance, prototype_blend=use_prototype,
-                        prototype_choices=choices)
+                        prototype_choices=choices, validate=False)
             loss, parts = dsrb_loss(out, targets, epoch=epoch, progress=step / total, contrastive_weight=con_weight,
                                     instance_weight=cfg.instance_weight, prototype_weight=cfg.prototype_weight,
-                                    generator=generator, validate=False)  # the model checked the targets
+                                    generator=generator, validate=False)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

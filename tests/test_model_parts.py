@@ -522,6 +522,8 @@ def test_dsrb_bad_inputs_name_the_argument():
         model(x, TARGETS[:2, :3])  # wrong number of classes
     with pytest.raises(ValueError, match="targets"):
         model(x, TARGETS[:3])  # wrong batch size
+    with pytest.raises(ValueError, match="targets"):
+        model(x, TARGETS[:3], validate=False)  # validate=False skips reading the values, not the shape checks
     with pytest.raises(ValueError, match="partner"):
         model(x, TARGETS[:2], partner=torch.tensor([0, 2]))
     with pytest.raises(ValueError, match="prototype_choices"):
@@ -537,9 +539,10 @@ def test_dsrb_bad_inputs_name_the_argument():
 
 
 def test_dsrb_training_step_reads_device_values_once():
-    """A training step (forward with both blends, loss as dsrb.train calls it, backward) reads tensor values on the
-    host once: the model's one check of targets, partner and shift together. On a GPU every read is a device
-    synchronisation; the ops, the bank's ready flag and the loss trust what the model checked."""
+    """A training step (forward with both blends, loss, backward) reads tensor values on the host once: the model's
+    one check of targets, partner and shift together; with validate=False (dsrb.train, whose targets were checked
+    when the dataset took them) not at all. On a GPU every read is a device synchronisation; the ops, the bank's
+    ready flag and the loss trust what the model checked."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from dsrb import _checks
@@ -563,20 +566,20 @@ def test_dsrb_training_step_reads_device_values_once():
         reads.append(len(pairs))
         return real_read(pairs)
 
-    def step(targets):
-        out = model(x, targets, partner=torch.tensor([1, 0, 3, 2]), prototype_choices=choices)
+    def step(targets, validate=True):
+        out = model(x, targets, partner=torch.tensor([1, 0, 3, 2]), prototype_choices=choices, validate=validate)
         dsrb_loss(out, targets, epoch=1, progress=0.5, validate=False)[0].backward()
 
     step(TARGETS)  # the first step reads the bank's ready flag once
-    for targets in (TARGETS, TARGETS.float()):  # integer targets, and float ones as the data loaders give
-        reads.clear()
+    for targets, validate in ((TARGETS, True), (TARGETS.float(), True), (TARGETS.float(), False)):
+        reads.clear()  # integer targets, and float ones as the data loaders give
         _checks._read = counted
         try:
             with ValueReads():
-                step(targets)
+                step(targets, validate)
         finally:
             _checks._read = real_read
-        assert reads == [3], targets.dtype  # one read, of targets, partner and shift together
+        assert reads == ([3] if validate else []), (targets.dtype, validate)  # targets, partner and shift at once
 
 
 def test_prototype_bank_is_ready_follows_reset_finalize_and_loading():

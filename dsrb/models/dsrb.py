@@ -350,10 +350,11 @@ class DSRB(nn.Module):
                 f"got {images.device}"
             )
 
-    def _check_targets(self, targets, images, *ranges) -> None:
+    def _check_targets(self, targets, images, *ranges, validate: bool = True) -> None:
         check_tensor("targets", targets, kind="real", shape=(images.shape[0], self.num_classes))
         check_same_device(images=images, targets=targets)
-        check_targets("targets", targets, *ranges)
+        if validate:
+            check_targets("targets", targets, *ranges)
 
     # ------------------------------------------------------------------------------------------------- pipeline
 
@@ -391,6 +392,7 @@ class DSRB(nn.Module):
         partner: Optional[torch.Tensor] = None,
         prototype_choices: Optional[Sequence[torch.Tensor]] = None,
         generator: Optional[torch.Generator] = None,
+        validate: bool = True,
     ):
         """Run the model.
 
@@ -405,6 +407,10 @@ class DSRB(nn.Module):
             generator: torch.Generator for the PPRB draws. torch.compile cannot trace a Generator object: in a
                 compiled model pass ``prototype_choices`` drawn outside it (:func:`draw_prototype_choices`), or
                 leave ``generator`` None to draw from the global RNG.
+            validate: check the values of ``targets``, ``partner`` and the shifts of ``prototype_choices`` (one read
+                of device memory, a synchronisation on a GPU). Shapes, dtypes and devices are always checked. False
+                only for values checked before (``dsrb.train`` checks the training set's targets once, when it sets
+                them); out-of-range values then give wrong results, never an out-of-bounds access.
 
         Returns:
             eval mode: logits (B, C). Train mode: :class:`DSRBOutput`.
@@ -412,7 +418,7 @@ class DSRB(nn.Module):
         self._check_images(images)
         if not self.training:
             if targets is not None:
-                self._check_targets(targets, images)
+                self._check_targets(targets, images, validate=validate)
             S, _, _ = self._extract(images)
             return self.classify(S)
 
@@ -435,7 +441,7 @@ class DSRB(nn.Module):
             check_same_device(images=images, shift=prototype_choices[0], select=prototype_choices[1])
             ranges.append(("prototype_choices[0] (shift)", prototype_choices[0], 1, 3))
         if targets is not None:
-            self._check_targets(targets, images, *ranges)
+            self._check_targets(targets, images, *ranges, validate=validate)
         if run_prototype and not torch.compiler.is_compiling() and not self.prototype_bank.is_ready():
             raise RuntimeError(
                 "prototype blending (PPRB) needs prototypes, but the prototype bank is not ready: run the prototype "
@@ -490,7 +496,7 @@ class DSRB(nn.Module):
     # ---------------------------------------------------------------------------------------- prototype pass
 
     @torch.no_grad()
-    def update_prototypes(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+    def update_prototypes(self, images: torch.Tensor, targets: torch.Tensor, *, validate: bool = True) -> None:
         """Add one batch to the prototype bank: extract S and the quadrants in the current mode, then update.
 
         The trainer's prototype pass (before blending epochs; spec §5.1)::
@@ -504,9 +510,10 @@ class DSRB(nn.Module):
 
         Args:
             images: (B, 3, H0, W0) float images.  targets: (B, C) partial targets; only known positives are stored.
+            validate: check the values of ``targets`` (see :meth:`forward`).
         """
         self._check_images(images)
-        self._check_targets(targets, images)
+        self._check_targets(targets, images, validate=validate)
         S, a, X = self._extract(images)
         self.prototype_bank.update(S, targets, self._quadrant(a, X), validate=False)  # targets checked above
 
