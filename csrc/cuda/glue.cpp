@@ -3,8 +3,7 @@
 // Plain C++ against ATen: argument checks (csrc/checks.h), .contiguous() inputs, outputs allocated with ATen on the
 // input's device, a device guard, the current stream from at::accelerator, then the raw-pointer launchers of
 // csrc/cuda/*.cu (csrc/cuda/launchers.h). No c10/cuda or ATen/cuda header: this file compiles and links against the
-// CPU build of torch; the ATen calls made here (bmm, baddbmm, sort, searchsorted, aminmax, sum, ...) dispatch
-// to torch's CUDA kernels at run time.
+// CPU build of torch; the ATen calls made here (bmm, baddbmm, sum, ...) dispatch to torch's CUDA kernels at run time.
 //
 // Index values (partner, quadrant, shift) are not checked here: reading them would cost a device synchronisation per
 // call. The public API checks them (dsrb.ops, validate=True), and the kernels never read out of bounds whatever the
@@ -180,17 +179,11 @@ std::tuple<Tensor, Tensor> instance_blend_cuda_backward(const Tensor& grad_S1_, 
   if (B == 0 || C == 0) {
     return {grad_S, at::zeros(alpha_.sizes(), alpha_.options())};
   }
-  // Inverse of partner: the images b' with partner[b'] == b are order[offsets[b] .. offsets[b + 1]), ascending
-  // (stable sort), so every destination sums its sources in a fixed order.
-  const auto sorted = at::sort(partner, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  const Tensor order = std::get<1>(sorted).contiguous();
-  const Tensor offsets = at::searchsorted(std::get<0>(sorted), at::arange(B + 1, partner.options())).contiguous();
   const at::ScalarType acc = acc_type(S.scalar_type());
   Tensor row_partial = at::empty({B * C}, S.options().dtype(acc));
   check_launch(cuda::instance_blend_backward(dt, gS1.data_ptr(), gT1.data_ptr(), S.data_ptr(), T.data_ptr(),
-                                             alpha.data_ptr(), partner.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
-                                             offsets.data_ptr<int64_t>(), grad_S.data_ptr(), row_partial.data_ptr(),
-                                             B, C, D, detach_target, stream_of(S)),
+                                             alpha.data_ptr(), partner.data_ptr<int64_t>(), grad_S.data_ptr(),
+                                             row_partial.data_ptr(), B, C, D, detach_target, stream_of(S)),
                "instance_blend_backward");
   Tensor grad_alpha = at::sum(row_partial).to(alpha_.scalar_type()).reshape(alpha_.sizes()).contiguous();
   return {grad_S, grad_alpha};

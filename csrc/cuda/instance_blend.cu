@@ -9,7 +9,8 @@
 // Layout: one warp per (b, c) row, lanes along D, 8 rows per block.
 //  * forward: S1 row and T1 entry.
 //  * backward: grad_S row = own term grad_S1[b] * (blend ? alpha : 1), then the sources b' (partner[b'] == b,
-//    ascending b', from the inverse map built by the glue) that blended class c add grad_S1[b'] * (1 - alpha);
+//    found by walking b' = 0 .. B-1 in ascending order, as the Triton kernel does: any partner vector, repeats and
+//    self-pairs included, no inverse map to build) that blended class c add grad_S1[b'] * (1 - alpha);
 //    accumulation in the acc type (fp32 for half types) over chunks of 4 values per lane held in registers, one
 //    rounding at the end. The warp also writes the grad_alpha partial of its row,
 //    blend ? sum_d grad_S1 (S - S[partner]) - (detach_target ? 0 : grad_T1) : 0, summed by the glue (at::sum).
@@ -64,7 +65,6 @@ template <typename T>
 __global__ void __launch_bounds__(kRowWarps * 32)
     ib_backward_kernel(const T* __restrict__ gS1, const T* __restrict__ gT1, const T* __restrict__ S,
                        const T* __restrict__ Tg, const T* __restrict__ alpha, const int64_t* __restrict__ partner,
-                       const int64_t* __restrict__ inv_order, const int64_t* __restrict__ inv_offsets,
                        T* __restrict__ grad_S, Acc<T>* __restrict__ row_partial, int64_t B, int64_t C, int64_t D,
                        bool detach_target) {
   using A = Acc<T>;
@@ -93,10 +93,7 @@ __global__ void __launch_bounds__(kRowWarps * 32)
   if (lane == 0) row_partial[row] = blend ? part - (detach_target ? A(0) : to_acc(gT1[row])) : A(0);
 
   // Sources b' of image b (partner[b'] == b) blend class c iff T[b', c] == 0 and T[b, c] == 1.
-  int64_t j0 = inv_offsets[b], j1 = inv_offsets[b + 1];
-  j0 = j0 < 0 ? 0 : (j0 > B ? B : j0);
-  j1 = j1 < j0 ? j0 : (j1 > B ? B : j1);
-  if (t_own != A(1)) j1 = j0;  // no source can blend this class
+  const int64_t sources_end = t_own == A(1) ? B : 0;  // no source can blend this class otherwise
 
   T* out = grad_S + row * D;
   for (int64_t d0 = 0; d0 < D; d0 += 32 * kPerLane) {
@@ -106,10 +103,8 @@ __global__ void __launch_bounds__(kRowWarps * 32)
       const int64_t d = d0 + i * 32 + lane;
       acc[i] = d < D ? tmul<T>(to_acc(g[d]), coef) : A(0);
     }
-    for (int64_t j = j0; j < j1; ++j) {  // warp-uniform
-      const int64_t bp = inv_order[j];
-      if (bp < 0 || bp >= B) continue;
-      if (to_acc(Tg[bp * C + c]) != A(0)) continue;
+    for (int64_t bp = 0; bp < sources_end; ++bp) {  // warp-uniform
+      if (partner[bp] != b || to_acc(Tg[bp * C + c]) != A(0)) continue;
       const T* gp = gS1 + (bp * C + c) * D;
 #pragma unroll
       for (int i = 0; i < kPerLane; ++i) {
@@ -145,9 +140,8 @@ int instance_blend_forward(DType dt, const void* S, const void* T, const void* a
 }
 
 int instance_blend_backward(DType dt, const void* grad_S1, const void* grad_T1, const void* S, const void* T,
-                            const void* alpha, const int64_t* partner, const int64_t* inv_order,
-                            const int64_t* inv_offsets, void* grad_S, void* row_partial, int64_t B, int64_t C,
-                            int64_t D, bool detach_target, void* stream) {
+                            const void* alpha, const int64_t* partner, void* grad_S, void* row_partial, int64_t B,
+                            int64_t C, int64_t D, bool detach_target, void* stream) {
   if (B <= 0 || C <= 0) return 0;
   const int64_t blocks = (B * C + kRowWarps - 1) / kRowWarps;
   if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
@@ -157,8 +151,7 @@ int instance_blend_backward(DType dt, const void* grad_S1, const void* grad_T1, 
     using A = Acc<Ty>;
     ib_backward_kernel<Ty><<<static_cast<unsigned>(blocks), kRowWarps * 32, 0, st>>>(
         static_cast<const Ty*>(grad_S1), static_cast<const Ty*>(grad_T1), static_cast<const Ty*>(S),
-        static_cast<const Ty*>(T), static_cast<const Ty*>(alpha), partner, inv_order, inv_offsets,
-        static_cast<Ty*>(grad_S), static_cast<A*>(row_partial), B, C, D, detach_target);
+        static_cast<const Ty*>(T), static_cast<const Ty*>(alpha), partner, static_cast<Ty*>(grad_S), static_cast<A*>(row_partial), B, C, D, detach_target);
     return static_cast<int>(cudaGetLastError());
   });
 }

@@ -51,12 +51,10 @@ int sa_backward(DType dt, const void* u, const void* e, const void* v, const voi
 // S (B, C, D), T (B, C), alpha (1 element) in dt; partner (B) int64 -> S1 (B, C, D), T1 (B, C) in dt.
 int instance_blend_forward(DType dt, const void* S, const void* T, const void* alpha, const int64_t* partner,
                            void* S1, void* T1, int64_t B, int64_t C, int64_t D, void* stream);
-// inv_order (B) / inv_offsets (B + 1): the images b' with partner[b'] == b are inv_order[inv_offsets[b] ..
-// inv_offsets[b + 1]), ascending. -> grad_S (B, C, D) in dt; row_partial (B*C) acc whose sum is grad_alpha.
+// -> grad_S (B, C, D) in dt; row_partial (B*C) acc whose sum is grad_alpha.
 int instance_blend_backward(DType dt, const void* grad_S1, const void* grad_T1, const void* S, const void* T,
-                            const void* alpha, const int64_t* partner, const int64_t* inv_order,
-                            const int64_t* inv_offsets, void* grad_S, void* row_partial, int64_t B, int64_t C,
-                            int64_t D, bool detach_target, void* stream);
+                            const void* alpha, const int64_t* partner, void* grad_S, void* row_partial, int64_t B,
+                            int64_t C, int64_t D, bool detach_target, void* stream);
 
 // ---- prototype_blend ---------------------------------------------------------------------------------------------
 // S (B, C, D), T (B, C), beta (1 element), bank (C, 4, D) in dt; quadrant, shift (B, C) int64; select (B, C) bool.
