@@ -21,7 +21,8 @@ import torch
 import cuda_emulator
 from dsrb import ops, reference
 from helpers import assert_close, noncontiguous
-from test_ext_backends import BLEND_SHAPES, LOW, SA_SHAPES, _leaf64, blend_inputs, compare, grads, sa_inputs, sa_oracle
+from test_ext_backends import (BLEND_SHAPES, LOW, QUADRANT_SHAPES, SA_SHAPES, _leaf64, blend_inputs, compare, grads,
+                               quadrant_inputs, sa_inputs, sa_oracle)
 
 pytestmark = pytest.mark.skipif(cuda_emulator.toolkit_include() is None,
                                 reason="no CUDA toolkit headers (nvcc not found) to build the emulated kernels")
@@ -267,14 +268,10 @@ def test_blends_never_read_out_of_bounds_with_bad_indices(emu):
 
 # ---- quadrant index and bank update -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("B, C, H, W", [(2, 3, 7, 7), (1, 20, 5, 6), (3, 2, 1, 1), (2, 4, 3, 1), (1, 80, 14, 14)])
+@pytest.mark.parametrize("B, C, H, W", QUADRANT_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_quadrant_index_equals_oracle(emu, B, C, H, W, dtype):
-    g = torch.Generator().manual_seed(0)
-    a = torch.softmax(torch.randn(B, C, H * W, generator=g), -1).to(dtype)
-    x_sum = torch.randn(B, H * W, generator=g).to(dtype)
-    a[0, 0] = 1.0 / (H * W)  # ties: a constant row, then the first maximum wins
-    x_sum[0] = x_sum[0].abs().max()
+    a, x_sum = quadrant_inputs(B, C, H, W, dtype)
     assert torch.equal(emu.quadrant_index_cuda(a, x_sum, H, W), reference.quadrant_index(a, x_sum, H, W))
     specials = a.clone()
     specials[..., ::5] = float("nan")

@@ -237,15 +237,23 @@ def test_blend_gradcheck(backend):
 
 # ---- quadrant index and bank update -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("B, C, H, W", [(2, 3, 7, 7), (1, 20, 5, 6), (3, 2, 1, 1), (2, 4, 3, 1), (1, 80, 14, 14)])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-def test_quadrant_index_equals_oracle(backend, B, C, H, W, dtype):
+QUADRANT_SHAPES = [(2, 3, 7, 7), (1, 20, 5, 6), (3, 2, 1, 1), (2, 4, 3, 1), (1, 80, 14, 14)]
+
+
+def quadrant_inputs(B, C, H, W, dtype):
     g = torch.Generator().manual_seed(0)
     a = torch.softmax(torch.randn(B, C, H * W, generator=g), -1).to(dtype)
     x_sum = torch.randn(B, H * W, generator=g).to(dtype)
     a[0, 0] = 1.0 / (H * W)  # ties: a constant row, then the first maximum wins
     x_sum[0] = x_sum[0].abs().max()
+    return a, x_sum
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B, C, H, W", QUADRANT_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_quadrant_index_equals_oracle(backend, B, C, H, W, dtype):
+    a, x_sum = quadrant_inputs(B, C, H, W, dtype)
     dev = _device(backend)
     got = ops.quadrant_index(a.to(dev), x_sum.to(dev), H, W, backend=backend)
     assert got.dtype == torch.int64
