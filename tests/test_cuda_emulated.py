@@ -266,6 +266,29 @@ def test_blends_never_read_out_of_bounds_with_bad_indices(emu):
                                                             shift, select, False)[0][2:])
 
 
+@pytest.mark.parametrize("op, args, match", [
+    ("semantic_attention_cuda", (torch.ones(2, 3, 4), torch.ones(2, 4, 5), torch.ones(6, 5), torch.ones(5)),
+     r"argument 'u': expected shape \(2, 3, \*\)"),
+    ("semantic_attention_cuda_backward", (torch.ones(2, 6, 5), torch.ones(2, 6, 3), torch.ones(2, 3, 4),
+                                          torch.ones(2, 3, 5), torch.ones(6, 5), torch.ones(5), torch.ones(2, 6, 3)),
+     "argument 'grad_S'"),
+    ("instance_blend_cuda_backward", (torch.ones(3, 2, 4), torch.ones(3, 2, dtype=torch.float64), torch.ones(3, 2, 4),
+                                      torch.zeros(3, 2), torch.tensor(0.5), torch.tensor([0, 1, 2]), False),
+     "argument 'grad_T1': expected dtype"),
+    ("prototype_blend_cuda", (torch.ones(1, 2, 4), torch.zeros(1, 2), torch.tensor(0.5), torch.ones(2, 3, 4),
+                              torch.zeros(1, 2).long(), torch.ones(1, 2).long(), torch.ones(1, 2, dtype=torch.bool),
+                              False), "argument 'bank'"),
+    ("quadrant_index_cuda", (torch.ones(1, 2, 6), torch.ones(1, 6), 4, 2), "arguments 'height', 'width'"),
+    ("prototype_bank_update_cuda", (torch.zeros(2, 4, 3, dtype=torch.int32), torch.zeros(2, 4).long(),
+                                    torch.ones(1, 2, 3), torch.ones(1, 2), torch.zeros(1, 2).long(), 5),
+     "argument 'sums'"),
+], ids=["sa-u-shape", "sa-bwd-grad_S", "ib-bwd-grad_T1-dtype", "pb-bank", "quadrant-size", "bank-int-sums"])
+def test_cuda_glue_errors_name_the_argument(emu, op, args, match):
+    """The glue's own checks (csrc/cuda/glue.cpp, csrc/checks.h), which otherwise run only on a GPU host."""
+    with pytest.raises(RuntimeError, match=match):
+        getattr(emu, op)(*args)
+
+
 # ---- quadrant index and bank update -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("B, C, H, W", QUADRANT_SHAPES)
