@@ -151,7 +151,8 @@ int instance_blend_backward(DType dt, const void* grad_S1, const void* grad_T1, 
     using A = Acc<Ty>;
     ib_backward_kernel<Ty><<<static_cast<unsigned>(blocks), kRowWarps * 32, 0, st>>>(
         static_cast<const Ty*>(grad_S1), static_cast<const Ty*>(grad_T1), static_cast<const Ty*>(S),
-        static_cast<const Ty*>(T), static_cast<const Ty*>(alpha), partner, static_cast<Ty*>(grad_S), static_cast<A*>(row_partial), B, C, D, detach_target);
+        static_cast<const Ty*>(T), static_cast<const Ty*>(alpha), partner, static_cast<Ty*>(grad_S),
+        static_cast<A*>(row_partial), B, C, D, detach_target);
     return static_cast<int>(cudaGetLastError());
   });
 }

@@ -410,7 +410,7 @@ class DSRB(nn.Module):
             validate: check the values of ``targets``, ``partner`` and the shifts of ``prototype_choices`` (one read
                 of device memory, a synchronisation on a GPU). Shapes, dtypes and devices are always checked. False
                 only for values checked before (``dsrb.train`` checks the training set's targets once, when it sets
-                them); out-of-range values then give wrong results, never an out-of-bounds access.
+                them); out-of-range values then give wrong results or a kernel's error, never an out-of-bounds access.
 
         Returns:
             eval mode: logits (B, C). Train mode: :class:`DSRBOutput`.
