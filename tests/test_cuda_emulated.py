@@ -116,6 +116,7 @@ def test_address_sanitizer_catches_an_out_of_bounds_read(emu):
 
 # ---- semantic_attention ------------------------------------------------------------------------------------------
 
+SA_NAMES = ["S", "a", "grad x", "grad u", "grad e", "grad v"]
 # SA_SHAPES, and one whose plans split k four ways forward and give each backward row group several row tiles.
 EMU_SA_SHAPES = SA_SHAPES + [(2, 49, 20, 1, 200)]
 
@@ -127,7 +128,7 @@ def test_semantic_attention_matches_oracle(emu, shape, dtype):
     out = semantic_attention(*inputs)
     assert all(o.dtype == dtype and o.is_contiguous() for o in out)
     base = ops.semantic_attention(*inputs, backend="torch")
-    compare(list(out) + grads(out, inputs), sa_oracle(inputs), dtype, ["S", "a", "grad x", "grad u", "grad e", "grad v"],
+    compare(list(out) + grads(out, inputs), sa_oracle(inputs), dtype, SA_NAMES,
             baseline=list(base) + grads(base, inputs))
 
 
@@ -140,7 +141,7 @@ def test_semantic_attention_at_the_coco_shape(emu, dtype):
     inputs = sa_inputs(8, 49, 80, 1024, 512, dtype, "cpu")
     out = semantic_attention(*inputs)
     base = ops.semantic_attention(*inputs, backend="torch")
-    compare(list(out) + grads(out, inputs), sa_oracle(inputs), dtype, ["S", "a", "grad x", "grad u", "grad e", "grad v"],
+    compare(list(out) + grads(out, inputs), sa_oracle(inputs), dtype, SA_NAMES,
             baseline=list(base) + grads(base, inputs), baseline_dtypes=(torch.float32, torch.bfloat16))
 
 
@@ -151,7 +152,7 @@ def test_semantic_attention_noncontiguous_and_deterministic(emu):
         out = list(semantic_attention(*inputs))
         runs.append(out + grads(out, inputs))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
-    compare(runs[0], sa_oracle(inputs), torch.float32, ["S", "a", "grad x", "grad u", "grad e", "grad v"])
+    compare(runs[0], sa_oracle(inputs), torch.float32, SA_NAMES)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
