@@ -16,6 +16,7 @@ its emulation (a PTX instruction not known here is an error, so none is silently
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -58,39 +59,30 @@ def toolkit_include() -> Optional[str]:
     return inc if os.path.isfile(os.path.join(inc, "cuda_fp16.h")) else None
 
 
-_LOADED: Optional[object] = None
-
-
+@functools.lru_cache(maxsize=None)
 def load():
     """Build (cached by the digest of its sources) and load the emulated CUDA ops; returns ``torch.ops.dsrb_emu``.
     Raises RuntimeError when no CUDA toolkit headers are found (the caller skips)."""
-    global _LOADED
-    if _LOADED is not None:
-        return _LOADED
     import torch
     from torch.utils import cpp_extension
+
+    from dsrb import _build, _ext
 
     inc = toolkit_include()
     if inc is None:
         raise RuntimeError("no CUDA toolkit headers (cuda_fp16.h): nvcc not found (set CUDA_HOME)")
-    cuda_dir = os.path.join(CSRC, "cuda")
-    rewrite = [os.path.join(cuda_dir, f) for f in sorted(os.listdir(cuda_dir)) if f.endswith(".cu")]
-    rewrite.append(os.path.join(SHIM, "selftest.cpp"))
-    as_is = [os.path.join(cuda_dir, "glue.cpp"), os.path.join(SHIM, "runtime.cpp")]
-    headers = [os.path.join(cuda_dir, f) for f in sorted(os.listdir(cuda_dir)) if f.endswith((".h", ".cuh"))]
-    headers += [os.path.join(CSRC, "checks.h"), os.path.join(CSRC, "ops.h"), os.path.join(SHIM, "cuda_runtime.h")]
+    shim = [os.path.join(SHIM, f) for f in ("cuda_runtime.h", "runtime.cpp", "selftest.cpp")]
     # DSRB_EMU_SANITIZE=address: an AddressSanitizer build (run python with LD_PRELOAD=$(gcc
     # -print-file-name=libasan.so) and ASAN_OPTIONS=detect_leaks=0): any out-of-bounds access of a kernel aborts.
     sanitize = os.environ.get("DSRB_EMU_SANITIZE", "")
-    digest = hashlib.sha256(sanitize.encode())
-    for path in rewrite + as_is + headers + [os.path.abspath(__file__)]:
+    digest = hashlib.sha256((_build.source_hash(CSRC) + sanitize).encode())
+    for path in shim + [os.path.abspath(__file__)]:
         with open(path, "rb") as f:
-            digest.update(path.encode() + b"\0" + f.read())
-    cache = os.environ.get("DSRB_EXT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dsrb", "extensions")
-    build = os.path.join(cache, f"cuda-emulator-{digest.hexdigest()[:16]}")
+            digest.update(f.read())
+    build = os.path.join(_ext.cache_root(), f"cuda-emulator-{digest.hexdigest()[:16]}")
     os.makedirs(os.path.join(build, "src"), exist_ok=True)
-    sources = list(as_is)
-    for path in rewrite:
+    sources = _build.cuda_glue_sources(CSRC) + [os.path.join(SHIM, "runtime.cpp")]
+    for path in _build.cuda_sources(CSRC) + [os.path.join(SHIM, "selftest.cpp")]:
         with open(path) as f:
             text = emulated_source(f.read(), os.path.basename(path))
         out = os.path.join(build, "src", os.path.splitext(os.path.basename(path))[0] + ".cpp")
@@ -107,5 +99,4 @@ def load():
         ldflags += [f"-fsanitize={sanitize}"]
     cpp_extension.load(name="dsrb_cuda_emulator", sources=sources, extra_cflags=flags, extra_ldflags=ldflags,
                        build_directory=build, is_python_module=False, verbose=False)
-    _LOADED = torch.ops.dsrb_emu
-    return _LOADED
+    return torch.ops.dsrb_emu
