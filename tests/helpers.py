@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from importlib import metadata
+from typing import Optional
+
 import torch
 
 # Tolerances per dtype of the values compared, for every op and backend. fp64 comparisons are against the oracle in
@@ -23,6 +26,27 @@ def assert_close(actual, expected, *, dtype=None, what=""):
     torch.testing.assert_close(
         actual.to(expected.dtype), expected, **tol, msg=lambda m: f"{what}: {m}" if what else m
     )
+
+
+def triton_interpreter_problem() -> Optional[str]:
+    """Why the Triton interpreter cannot run this project's kernels here, or None (also None on a CUDA host, where
+    the kernels are compiled, not interpreted).
+
+    Triton < 3.7's interpreter turns a tensor loop bound into an int with ``int(array)`` of a one-element 1-d array,
+    which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"); every kernel with a
+    loop bound read from ``tl.program_id`` then fails. Triton 3.7 squeezes the array first.
+    """
+    if torch.cuda.is_available():
+        return None
+    try:
+        triton, numpy = (tuple(int(p) for p in metadata.version(n).split(".")[:2]) for n in ("triton", "numpy"))
+    except (metadata.PackageNotFoundError, ValueError):
+        return None
+    if triton < (3, 7) and numpy >= (2, 4):
+        return (f"the Triton interpreter of triton {metadata.version('triton')} cannot run under numpy "
+                f"{metadata.version('numpy')} (int() of a one-element array, fixed in triton 3.7): install "
+                "triton>=3.7 or numpy<2.4 to run the Triton kernels on the CPU")
+    return None
 
 
 def noncontiguous(t: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,12 @@ import pytest
 import torch
 
 import dsrb.ops as ops
-from helpers import assert_close, dsrb_training_outputs, noncontiguous
+from helpers import assert_close, dsrb_training_outputs, noncontiguous, triton_interpreter_problem
 
 pytest.importorskip("triton", reason="the optional triton package is not installed")
+
+if triton_interpreter_problem():
+    pytest.skip(triton_interpreter_problem(), allow_module_level=True)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F32 = dict(device=DEVICE, dtype=torch.float32)

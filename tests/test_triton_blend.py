@@ -28,7 +28,10 @@ pytest.importorskip("triton")
 
 import dsrb.ops  # noqa: E402,F401 (registers the torch backend's custom ops used as the second reference)
 from dsrb import reference  # noqa: E402
-from helpers import assert_close, noncontiguous  # noqa: E402
+from helpers import assert_close, noncontiguous, triton_interpreter_problem  # noqa: E402
+
+if triton_interpreter_problem():
+    pytest.skip(triton_interpreter_problem(), allow_module_level=True)
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"

@@ -23,7 +23,10 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from dsrb import reference  # noqa: E402
-from helpers import assert_close, noncontiguous  # noqa: E402
+from helpers import assert_close, noncontiguous, triton_interpreter_problem  # noqa: E402
+
+if triton_interpreter_problem():
+    pytest.skip(triton_interpreter_problem(), allow_module_level=True)
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
