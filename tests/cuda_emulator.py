@@ -9,9 +9,11 @@ reported as a launch error). What it cannot show: speed, races other than those 
 blocks exposes (both are shuffled; no two threads run at once), and the rounding of the PTX approximations
 (computed exactly here).
 
-Two source rewrites make a ``.cu`` file valid C++: ``kernel<<<cfg>>>(args)`` becomes
-``::dsrb_emu::launch(::dsrb_emu::config(cfg), &kernel, args)`` and each ``asm`` PTX instruction becomes a call of
-its emulation (a PTX instruction not known here is an error, so none is silently skipped).
+Source rewrites make a ``.cu`` file valid C++: ``kernel<<<cfg>>>(args)`` becomes
+``::dsrb_emu::launch(::dsrb_emu::config(cfg), &kernel, args)``, each ``asm`` PTX instruction becomes a call of its
+emulation (a PTX instruction not known here is an error, so none is silently skipped), and each ``__shared__``
+declaration is followed by ``::dsrb_emu::block_shared(&name, sizeof(name));``, which fills the array with 0xFF bytes
+at the start of every block (uninitialised on a GPU; a read before a write gives NaN here).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
 # asm("op %0, %1;" : "=f"(out) : "f"(in));  (single-output, single-input fp32 instructions)
 ASM = re.compile(r'asm\("([\w.]+) %0, %1;"\s*:\s*"=f"\((\w+)\)\s*:\s*"f"\((\w+)\)\);')
 PTX = {"ex2.approx.ftz.f32", "rcp.approx.ftz.f32"}
+# __shared__ [qualifiers] type name[dims]...;  (static shared memory; dynamic shared memory is not emulated)
+SHARED = re.compile(r"(__shared__[^;{}]*?\b([A-Za-z_]\w*)\s*(?:\[[^\]]*\]\s*)*;)")
 
 
 def emulated_source(text: str, name: str) -> str:
@@ -42,6 +46,10 @@ def emulated_source(text: str, name: str) -> str:
         return f"{m[2]} = ::dsrb_emu::ptx_{m[1].replace('.', '_')}({m[3]});"
 
     text = ASM.sub(ptx, text)
+    shared = text.count("__shared__")
+    text, n = SHARED.subn(lambda m: f"{m[1]} ::dsrb_emu::block_shared(&{m[2]}, sizeof({m[2]}));", text)
+    if n != shared:
+        raise ValueError(f"{name}: {shared - n} __shared__ declaration(s) not understood; extend tests/cuda_emulator.py")
     for left in ("<<<", "asm(", "asm volatile"):
         if left in text:
             raise ValueError(f"{name}: {left!r} left after the rewrite; extend tests/cuda_emulator.py")

@@ -95,6 +95,11 @@ def test_emulator_shares_block_memory_and_catches_a_missing_barrier(emu):
     assert not torch.equal(emu.selftest("shared_sum_no_barrier"), want)
 
 
+def test_emulator_leaves_shared_memory_undefined_at_block_start(emu):
+    # Each block writes only the even entries and sums all: the odd ones read the emulator's NaN fill in every block.
+    assert torch.isnan(emu.selftest("shared_uninitialized")).all()
+
+
 @pytest.mark.parametrize("name, match", [
     ("partial_warp_shuffle", "with 16 of 32 lanes present"),
     ("divergent_barrier", "divergent __syncthreads"),

@@ -8,7 +8,10 @@
 // Within each barrier round the threads run in a pseudo-random order, different from launch to launch, so a missing
 // barrier (a thread reading shared memory that another writes in the same round), or blocks that write one place,
 // show up as a wrong or non-deterministic result.
-// __shared__ is a static local here: one copy per kernel, used by one block at a time, as on an SM.
+// __shared__ is a static local here: one copy per kernel, used by one block at a time, as on an SM. Each block finds
+// it filled with 0xFF bytes (NaN in every floating type, -1 in every signed integer; tests/cuda_emulator.py adds the
+// call after each declaration), as a GPU leaves it undefined: a read before any write shows up, instead of a static's
+// zeros or the previous block's values.
 // What the emulator reports as a launch error (cudaErrorLaunchFailure, message in cudaGetErrorString), where a GPU
 // would be undefined or would hang:
 //  * __syncthreads reached at two different source lines in one barrier round (divergent barrier);
@@ -153,6 +156,12 @@ class Runner {
     return n;
   }
 
+  // Counts the blocks run (by every launch): which block a __shared__ array was last poisoned for.
+  static uint64_t& block_serial() {
+    static uint64_t n = 0;
+    return n;
+  }
+
   int lane() const { return cur_ % 32; }
   unsigned char* slot(int lane) { return slots_[cur_ / 32 * 32 + lane].data(); }
 
@@ -167,6 +176,7 @@ class Runner {
   }
 
   void run_block(uint3 bid, uint64_t seed) {
+    ++block_serial();
     slots_.assign(static_cast<size_t>((n_ + 31) / 32) * 32, {});
     for (int t = 0; t < n_; ++t) {
       Fiber& f = fibers_[t];
@@ -261,6 +271,19 @@ class Runner {
   int cur_ = 0;
   bool ok_ = true;  // false after a deadlock: the remaining blocks are not run
 };
+
+// Called after each __shared__ declaration by every thread that reaches it: the first thread of a block to get there
+// (before any thread of the block can have written the array) fills it with 0xFF bytes.
+inline void block_shared(void* p, size_t bytes) {
+  static std::vector<std::pair<void*, uint64_t>> last;  // (array, block serial it was poisoned for)
+  const uint64_t serial = Runner::block_serial();
+  auto it = std::find_if(last.begin(), last.end(), [p](const auto& e) { return e.first == p; });
+  if (it == last.end()) it = last.insert(last.end(), {p, 0});
+  if (it->second != serial) {
+    std::memset(p, 0xFF, bytes);
+    it->second = serial;
+  }
+}
 
 inline void syncthreads(int line) { Runner::active()->wait_at(Wait::Sync, line); }
 

@@ -25,6 +25,19 @@ __global__ void shared_sum(int* out, bool barrier) {
   }
 }
 
+// out[block] = sum of a shared array of which only the even entries were written: the odd ones are undefined on a
+// GPU, NaN here (without the emulator's fill, a static's zeros or the previous block's values would pass unseen).
+__global__ void shared_uninitialized(float* out) {
+  __shared__ float buf[kThreads];
+  if (threadIdx.x % 2 == 0) buf[threadIdx.x] = 1.0f;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float s = 0.0f;
+    for (int i = 0; i < kThreads; ++i) s += buf[i];
+    out[blockIdx.x] = s;
+  }
+}
+
 __global__ void partial_warp_shuffle(float* out) {
   if (threadIdx.x >= 16) return;
   out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
@@ -57,6 +70,9 @@ at::Tensor selftest(std::string name) {
   if (name == "shared_sum" || name == "shared_sum_no_barrier") {
     out = at::zeros({kBlocks}, at::kInt);
     shared_sum<<<kBlocks, kThreads>>>(out.data_ptr<int>(), name == "shared_sum");
+  } else if (name == "shared_uninitialized") {
+    out = at::zeros({kBlocks}, at::kFloat);
+    shared_uninitialized<<<kBlocks, kThreads>>>(out.data_ptr<float>());
   } else if (name == "partial_warp_shuffle") {
     partial_warp_shuffle<<<1, kThreads>>>(out.data_ptr<float>());
   } else if (name == "divergent_barrier") {
