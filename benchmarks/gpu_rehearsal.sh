@@ -16,6 +16,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${DSRB_REHEARSAL_PYTHON:-python3.12}"
+if ! "$PY" --version >/dev/null 2>&1; then  # a pyenv shim with 3.12 not selected: its own installation
+    PY="$(ls -d "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)"
+    [ -n "$PY" ] || { echo "no Python 3.12 found: set DSRB_REHEARSAL_PYTHON" >&2; exit 1; }
+fi
 TORCH="${DSRB_REHEARSAL_TORCH:-2.11.0}"
 TRITON="${DSRB_REHEARSAL_TRITON:-3.6.0}"
 OUT="${OUT:-/tmp/dsrb-gpu-rehearsal}"
@@ -32,7 +36,8 @@ source "$WORK/venv/bin/activate"
 echo "== installing torch==$TORCH triton==$TRITON for $("$PY" --version) (a CUDA build of torch: about 3 GB)"
 pip install -q "torch==$TORCH" "triton==$TRITON" "numpy<2.4" pillow ninja "pytest>=7" "pytest-benchmark>=4" \
     matplotlib setuptools wheel 2>&1 | { grep -v "^WARNING: Location" || true; }
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee "$OUT/versions.txt"
+python -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__)" \
+    | tee "$OUT/versions.txt"
 
 cd "$WORK/tree"
 echo "== build (as gpu_session.sh: --no-build-isolation --no-deps, sm_90)"

@@ -49,7 +49,8 @@ def emulated_source(text: str, name: str) -> str:
     shared = text.count("__shared__")
     text, n = SHARED.subn(lambda m: f"{m[1]} ::dsrb_emu::block_shared(&{m[2]}, sizeof({m[2]}));", text)
     if n != shared:
-        raise ValueError(f"{name}: {shared - n} __shared__ declaration(s) not understood; extend tests/cuda_emulator.py")
+        raise ValueError(f"{name}: {shared - n} __shared__ declaration(s) not understood; "
+                         "extend tests/cuda_emulator.py")
     for left in ("<<<", "asm(", "asm volatile"):
         if left in text:
             raise ValueError(f"{name}: {left!r} left after the rewrite; extend tests/cuda_emulator.py")
