@@ -15,9 +15,10 @@
 #   build.log, info.txt, tests.log, bench.log, bench-full.json (every finished case), report.md, profile.md
 #   (host vs device time of each op call, benchmarks/profile_ops.py), tests-rest.log
 #
-# DSRB_BENCH_ROUNDS (default here 20) sets the timed rounds per case. Rehearse on a CPU machine, with the package
-# installed and its extension built, with DSRB_GPU_SESSION_INSTALL=0 DSRB_EXT_CACHE=~/.cache/dsrb/extensions
-# DSRB_BENCH_SIZE=quick DSRB_BENCH_ROUNDS=1 (the flow, not the figures).
+# DSRB_BENCH_ROUNDS (default here 20) sets the timed rounds per case. Rehearse on a CPU machine first:
+# benchmarks/gpu_rehearsal.sh does it with the GPU machine's Python, torch and triton; in the current environment,
+# with the package installed and its extension built, set DSRB_GPU_SESSION_INSTALL=0
+# DSRB_EXT_CACHE=~/.cache/dsrb/extensions DSRB_BENCH_SIZE=quick DSRB_BENCH_ROUNDS=1 (the flow, not the figures).
 set -uo pipefail
 START=$SECONDS
 BUDGET="${DSRB_GPU_BUDGET:-500}"
