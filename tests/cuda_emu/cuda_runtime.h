@@ -18,8 +18,8 @@
 //  * a warp shuffle with a mask other than all lanes, or while some lanes of the warp have returned or are missing
 //    (block size not a multiple of 32), or reached at two different source lines;
 //  * threads waiting at barriers that can never open (deadlock): the launch is abandoned, never a hang.
-// Not emulated: dynamic shared memory, streams (launches are synchronous), more than one device, atomics, and the
-// PTX approximations' own error (ex2.approx / rcp.approx are computed exactly).
+// Not emulated: dynamic shared memory, streams (launches are synchronous), more than one device and atomics. The PTX
+// approximations (ex2.approx, rcp.approx) carry a modelled error of a few ulp (ulp_error below).
 #pragma once
 
 // cuda_runtime_api.h: declarations of the runtime calls (tests/cuda_emu/runtime.cpp defines those used) and, through
@@ -306,8 +306,24 @@ inline T shfl_xor(int line, unsigned mask, T value, int lane_mask, int width = 3
 // ---- PTX ------------------------------------------------------------------------------------------------------------
 
 inline float ftz(float x) { return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x; }
-inline float ptx_ex2_approx_ftz_f32(float x) { return ftz(std::exp2(ftz(x))); }
-inline float ptx_rcp_approx_ftz_f32(float x) { return ftz(1.0f / ftz(x)); }
+
+// The approximations' own error, modelled: the exact result moved by up to max_ulp units in the last place, by an
+// amount that is a fixed function of the input's bits (as the hardware's error is). The bounds used, 2 ulp for
+// ex2.approx and 1 for rcp.approx, are this emulator's assumption, not a measurement of the GPU.
+inline float ulp_error(float y, float x, int max_ulp) {
+  if (!std::isfinite(y) || y == 0.0f) return y;
+  uint32_t h, b;
+  std::memcpy(&h, &x, 4);
+  h *= 0x9E3779B1u;
+  h ^= h >> 15;
+  std::memcpy(&b, &y, 4);
+  b += static_cast<uint32_t>(static_cast<int>(h % (2 * max_ulp + 1)) - max_ulp);
+  float out;
+  std::memcpy(&out, &b, 4);
+  return std::isfinite(out) ? out : y;
+}
+inline float ptx_ex2_approx_ftz_f32(float x) { return ftz(ulp_error(std::exp2(ftz(x)), x, 2)); }
+inline float ptx_rcp_approx_ftz_f32(float x) { return ftz(ulp_error(1.0f / ftz(x), x, 1)); }
 
 // ---- launches -------------------------------------------------------------------------------------------------------
 
