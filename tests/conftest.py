@@ -3,6 +3,7 @@ import os
 import sys
 import tempfile
 
+import pytest
 import torch
 
 # Tests import their helpers as `helpers` from this folder.
@@ -24,3 +25,18 @@ for _root in ("dsrb", "kernels"):
                     _digest.update(f.read())
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"dsrb-inductor-{_digest.hexdigest()[:12]}"))
+
+
+@pytest.fixture
+def uninitialized_memory_is_nan():
+    """Every tensor allocated with empty() (torch.empty in a launcher, at::empty in the extension) comes filled with
+    NaN, integers with their largest value, as fresh GPU memory holds anything: an output element a kernel should
+    write but does not, or a padding it reads before writing, then shows. Deterministic-algorithm checks only warn
+    (warn_only), so a reference op without a deterministic CUDA implementation still runs."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    torch.utils.deterministic.fill_uninitialized_memory = before[2]

@@ -24,8 +24,11 @@ from helpers import assert_close, noncontiguous
 from test_ext_backends import (BLEND_SHAPES, LOW, QUADRANT_SHAPES, SA_SHAPES, _leaf64, blend_inputs, compare, grads,
                                quadrant_inputs, sa_inputs, sa_oracle)
 
-pytestmark = pytest.mark.skipif(cuda_emulator.toolkit_include() is None,
-                                reason="no CUDA toolkit headers (nvcc not found) to build the emulated kernels")
+pytestmark = [
+    pytest.mark.skipif(cuda_emulator.toolkit_include() is None,
+                       reason="no CUDA toolkit headers (nvcc not found) to build the emulated kernels"),
+    pytest.mark.usefixtures("uninitialized_memory_is_nan"),
+]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,10 @@ from dsrb import _ext, reference
 from helpers import TOLERANCES, assert_close, dsrb_training_outputs, noncontiguous
 
 EXT = _ext.load()
-pytestmark = pytest.mark.skipif(not EXT.loaded, reason=f"the C++ extension is not available: {EXT.reason}")
+pytestmark = [
+    pytest.mark.skipif(not EXT.loaded, reason=f"the C++ extension is not available: {EXT.reason}"),
+    pytest.mark.usefixtures("uninitialized_memory_is_nan"),
+]
 HAS_CUDA = torch.cuda.is_available()
 BACKENDS = [
     pytest.param("cpu", id="cpu"),

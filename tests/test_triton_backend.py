@@ -15,6 +15,8 @@ pytest.importorskip("triton", reason="the optional triton package is not install
 if triton_interpreter_problem():
     pytest.skip(triton_interpreter_problem(), allow_module_level=True)
 
+pytestmark = pytest.mark.usefixtures("uninitialized_memory_is_nan")
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F32 = dict(device=DEVICE, dtype=torch.float32)
 

@@ -28,6 +28,8 @@ from helpers import assert_close, noncontiguous, triton_interpreter_problem  # n
 if triton_interpreter_problem():
     pytest.skip(triton_interpreter_problem(), allow_module_level=True)
 
+pytestmark = pytest.mark.usefixtures("uninitialized_memory_is_nan")
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 gpu_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (compiled Triton kernels)")
