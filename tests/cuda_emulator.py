@@ -15,7 +15,9 @@ Source rewrites make a ``.cu`` file valid C++: ``kernel<<<cfg>>>(args)`` becomes
 ``::dsrb_emu::launch(::dsrb_emu::config(cfg), &kernel, args)``, each ``asm`` PTX instruction becomes a call of its
 emulation (a PTX instruction not known here is an error, so none is silently skipped), and each ``__shared__``
 declaration is followed by ``::dsrb_emu::block_shared(&name, sizeof(name));``, which fills the array with 0xFF bytes
-at the start of every block (uninitialised on a GPU; a read before a write gives NaN here).
+at the start of every block (uninitialised on a GPU; a read before a write gives NaN here). A kernel's
+``__launch_bounds__(n)`` becomes a check at the top of its body: a launch of more than n threads per block, which a
+GPU refuses (too many resources requested for launch), is a launch error here, and the kernel does nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ ASM = re.compile(r'asm\("([\w.]+) %0, %1;"\s*:\s*"=f"\((\w+)\)\s*:\s*"f"\((\w+)\
 PTX = {"ex2.approx.ftz.f32", "rcp.approx.ftz.f32"}
 # __shared__ [qualifiers] type name[dims]...;  (static shared memory; dynamic shared memory is not emulated)
 SHARED = re.compile(r"(__shared__[^;{}]*?\b([A-Za-z_]\w*)\s*(?:\[[^\]]*\]\s*)*;)")
+# __launch_bounds__(max_threads[, min_blocks]) name(params) {  (a kernel definition)
+BOUNDS = re.compile(r"__launch_bounds__\(((?:[^()]|\([^()]*\))*)\)([^{;]*)\{")
 
 
 def emulated_source(text: str, name: str) -> str:
@@ -53,6 +57,11 @@ def emulated_source(text: str, name: str) -> str:
     if n != shared:
         raise ValueError(f"{name}: {shared - n} __shared__ declaration(s) not understood; "
                          "extend tests/cuda_emulator.py")
+    bounds = text.count("__launch_bounds__")
+    text, n = BOUNDS.subn(
+        lambda m: f"{m[2]}{{ if (!::dsrb_emu::within_launch_bounds(__LINE__, {m[1]})) return;", text)
+    if n != bounds:
+        raise ValueError(f"{name}: {bounds - n} __launch_bounds__ not understood; extend tests/cuda_emulator.py")
     for left in ("<<<", "asm(", "asm volatile"):
         if left in text:
             raise ValueError(f"{name}: {left!r} left after the rewrite; extend tests/cuda_emulator.py")

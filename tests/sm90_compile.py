@@ -9,7 +9,8 @@ the ptxas that ships with triton (``-v``) on the PTX for registers and spills. N
 
 Run it as a script in a process where TRITON_INTERPRET is not set (the kernels must be JIT functions, not
 interpreted ones): ``python tests/sm90_compile.py`` prints a JSON line with the names of all kernels, then one per
-distinct launch (kernel, case, constants, num_warps, registers, spill bytes, or the compiler's error).
+distinct launch (kernel, case, constants, num_warps, shared memory, registers, spill bytes, or the compiler's
+error).
 ``tests/test_triton_sm90_compile.py`` runs it.
 """
 
@@ -166,6 +167,7 @@ def main() -> int:
                       constants={k: str(v) for k, v in constexprs.items()})
         try:
             compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
+            record["shared"] = compiled.metadata.shared  # bytes per program (static and pipelining buffers)
             record.update(_ptxas_usage(compiled.asm["ptx"]))
         except Exception as exc:  # noqa: BLE001 - reported per launch; the test fails on it
             record["error"] = f"{type(exc).__name__}: {exc}"[:2000]

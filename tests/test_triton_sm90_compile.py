@@ -16,6 +16,18 @@ import pytest
 triton = pytest.importorskip("triton")
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "sm90_compile.py")
+# H100/H200 (sm_90) limits the Triton runtime checks when it loads a kernel (CompiledKernel._init_handles): shared
+# memory per block (the opt-in maximum, 227 KiB) and the threads a block may have with the registers it uses (a
+# 64 Ki-register file, allocated per warp in units of 256 registers).
+H200_SHARED_PER_BLOCK = 232448
+H200_REGISTERS_PER_SM = 65536
+
+
+def max_threads(registers: int) -> int:
+    per_warp = -(-registers * 32 // 256) * 256
+    return min(1024, 32 * (H200_REGISTERS_PER_SM // per_warp))
+
+
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
@@ -51,3 +63,14 @@ def test_no_register_spills(report):
               f"{r['spill_stores']} B spill stores, {r['spill_loads']} B spill loads"
               for r in rows if r["spill_stores"] or r["spill_loads"]]
     assert not spills, "\n".join(spills)
+
+
+def test_every_launch_fits_an_h200_sm(report):
+    """Shared memory and registers within what an H200 gives one block, else the launch fails with OutOfResources."""
+    rows = [r for r in report[1] if "error" not in r]
+    assert rows and all(isinstance(r["shared"], int) for r in rows)
+    too_big = [f"{r['kernel']} {r['case']} num_warps={r['num_warps']} {r['constants']}: {r['shared']} B shared "
+               f"(limit {H200_SHARED_PER_BLOCK}), {r['registers']} registers (at most {max_threads(r['registers'])} "
+               "threads)" for r in rows
+               if r["shared"] > H200_SHARED_PER_BLOCK or 32 * r["num_warps"] > max_threads(r["registers"])]
+    assert not too_big, "\n".join(too_big)

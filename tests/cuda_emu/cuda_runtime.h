@@ -17,7 +17,9 @@
 //  * __syncthreads reached at two different source lines in one barrier round (divergent barrier);
 //  * a warp shuffle with a mask other than all lanes, or while some lanes of the warp have returned or are missing
 //    (block size not a multiple of 32), or reached at two different source lines;
-//  * threads waiting at barriers that can never open (deadlock): the launch is abandoned, never a hang.
+//  * threads waiting at barriers that can never open (deadlock): the launch is abandoned, never a hang;
+//  * more threads per block than the kernel's __launch_bounds__ (a GPU refuses the launch; here the kernel returns
+//    at once).
 // Not emulated: dynamic shared memory, streams (launches are synchronous), more than one device and atomics. The PTX
 // approximations (ex2.approx, rcp.approx) carry a modelled error of a few ulp (ulp_error below).
 #pragma once
@@ -48,7 +50,6 @@
 
 #undef __shared__
 #define __shared__ static
-#define __launch_bounds__(...)
 #define __syncthreads() ::dsrb_emu::syncthreads(__LINE__)
 #define __shfl_xor_sync(...) ::dsrb_emu::shfl_xor(__LINE__, __VA_ARGS__)
 
@@ -283,6 +284,16 @@ inline void block_shared(void* p, size_t bytes) {
     std::memset(p, 0xFF, bytes);
     it->second = serial;
   }
+}
+
+// The check tests/cuda_emulator.py puts at the top of each kernel with __launch_bounds__(max_threads[, min_blocks]):
+// a GPU refuses a launch of more threads per block than the bound the kernel was compiled for.
+inline bool within_launch_bounds(int line, unsigned max_threads, int = 0) {
+  const unsigned threads = blockDim.x * blockDim.y * blockDim.z;
+  if (threads <= max_threads) return true;
+  report("launch of %u threads per block, over the __launch_bounds__(%u) of the kernel at line %d (a GPU refuses it: "
+         "too many resources requested for launch)", threads, max_threads, line);
+  return false;
 }
 
 inline void syncthreads(int line) { Runner::active()->wait_at(Wait::Sync, line); }

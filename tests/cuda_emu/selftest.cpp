@@ -60,6 +60,9 @@ __global__ void barrier_deadlock(float* out) {
   }
 }
 
+// Compiled for at most 32 threads per block; launched with kThreads it must fail as on a GPU.
+__global__ void __launch_bounds__(32) over_launch_bounds(float* out) { out[threadIdx.x] = 1.0f; }
+
 // Reads one element past the end of its input: only an AddressSanitizer build (DSRB_EMU_SANITIZE=address) runs it.
 __global__ void read_past_end(const float* in, float* out, int n) {
   if (threadIdx.x == 0) out[0] = in[n];
@@ -79,6 +82,8 @@ at::Tensor selftest(std::string name) {
     divergent_barrier<<<1, kThreads>>>(out.data_ptr<float>());
   } else if (name == "barrier_deadlock") {
     barrier_deadlock<<<1, kThreads>>>(out.data_ptr<float>());
+  } else if (name == "over_launch_bounds") {
+    over_launch_bounds<<<1, kThreads>>>(out.data_ptr<float>());
   } else if (name == "read_past_end") {
     at::Tensor in = at::ones({5}, at::kFloat);
     read_past_end<<<1, 32>>>(in.data_ptr<float>(), out.data_ptr<float>(), 5);
