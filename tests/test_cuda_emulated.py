@@ -108,6 +108,7 @@ def test_emulator_leaves_shared_memory_undefined_at_block_start(emu):
     ("divergent_barrier", "divergent __syncthreads"),
     ("barrier_deadlock", "deadlock"),
     ("over_launch_bounds", r"launch of 64 threads per block, over the __launch_bounds__\(32\)"),
+    ("misaligned_load", "__ldg of a 16-byte type from the misaligned address"),
 ])
 def test_emulator_reports_what_a_gpu_leaves_undefined(emu, name, match):
     with pytest.raises(RuntimeError, match=match):

@@ -20,6 +20,7 @@
 //  * threads waiting at barriers that can never open (deadlock): the launch is abandoned, never a hang;
 //  * more threads per block than the kernel's __launch_bounds__ (a GPU refuses the launch; here the kernel returns
 //    at once).
+//  * an __ldg from an address that is not a multiple of the loaded type's alignment (a GPU faults).
 // Not emulated: dynamic shared memory, streams (launches are synchronous), more than one device and atomics. The PTX
 // approximations (ex2.approx, rcp.approx) carry a modelled error of a few ulp (ulp_error below).
 #pragma once
@@ -66,11 +67,6 @@ inline float __fsub_rn(float a, float b) { return a - b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
 inline double __dadd_rn(double a, double b) { return a + b; }
 inline double __dsub_rn(double a, double b) { return a - b; }
-template <typename T>
-inline T __ldg(const T* p) {
-  return *p;
-}
-
 namespace dsrb_emu {
 
 // ---- errors ---------------------------------------------------------------------------------------------------------
@@ -102,6 +98,21 @@ void report(const char* fmt, A... args) {
   std::snprintf(buf, sizeof buf, fmt, args...);
   set_error(cudaErrorLaunchFailure, std::string("CUDA emulator: ") + buf);
 }
+
+}  // namespace dsrb_emu
+
+// A GPU faults on a load from an address that is not a multiple of the type's size (a float4 at 16 bytes, ...): the
+// host would read it anyway.
+template <typename T>
+inline T __ldg(const T* p) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0)
+    ::dsrb_emu::report("__ldg of a %zu-byte type from the misaligned address %p (a GPU faults: misaligned address)",
+                       sizeof(T), static_cast<const void*>(p));
+  return *p;
+}
+static_assert(alignof(float4) == 16 && alignof(double2) == 16, "the toolkit's vector types keep their alignment");
+
+namespace dsrb_emu {
 
 // ---- threads of a block ---------------------------------------------------------------------------------------------
 

@@ -63,6 +63,12 @@ __global__ void barrier_deadlock(float* out) {
 // Compiled for at most 32 threads per block; launched with kThreads it must fail as on a GPU.
 __global__ void __launch_bounds__(32) over_launch_bounds(float* out) { out[threadIdx.x] = 1.0f; }
 
+// A 16-byte load from an address 4 bytes past a 16-byte boundary: a GPU faults.
+__global__ void misaligned_load(const float* in, float* out) {
+  const float4 t = __ldg(reinterpret_cast<const float4*>(in + 1));
+  out[threadIdx.x] = t.x;
+}
+
 // Reads one element past the end of its input: only an AddressSanitizer build (DSRB_EMU_SANITIZE=address) runs it.
 __global__ void read_past_end(const float* in, float* out, int n) {
   if (threadIdx.x == 0) out[0] = in[n];
@@ -84,6 +90,9 @@ at::Tensor selftest(std::string name) {
     barrier_deadlock<<<1, kThreads>>>(out.data_ptr<float>());
   } else if (name == "over_launch_bounds") {
     over_launch_bounds<<<1, kThreads>>>(out.data_ptr<float>());
+  } else if (name == "misaligned_load") {
+    at::Tensor in = at::ones({8}, at::kFloat);  // the allocator's alignment: at least 16 bytes
+    misaligned_load<<<1, 32>>>(in.data_ptr<float>(), out.data_ptr<float>());
   } else if (name == "read_past_end") {
     at::Tensor in = at::ones({5}, at::kFloat);
     read_past_end<<<1, 32>>>(in.data_ptr<float>(), out.data_ptr<float>(), 5);
