@@ -69,10 +69,12 @@ def source_hash(root: str) -> str:
 
 
 def find_nvcc() -> Optional[str]:
+    """CUDA_HOME's or CUDA_PATH's nvcc, else the one on PATH, else /usr/local/cuda's (torch looks there too)."""
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
         if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
             return os.path.join(home, "bin", "nvcc")
-    return shutil.which("nvcc")
+    default = "/usr/local/cuda/bin/nvcc"
+    return shutil.which("nvcc") or (default if os.access(default, os.X_OK) else None)
 
 
 def cuda_home(nvcc: str) -> str:
