@@ -1,5 +1,6 @@
-"""Triton kernels, one file per op (``kernels/<op>.py``), imported as ``dsrb.kernels``.
+"""Triton kernels, one file per op (``kernels/<op>.py``, with the host helpers they share in ``_launch.py``),
+imported as ``dsrb.kernels``.
 
-Triton is optional and imported lazily by the ``triton`` backend; this version ships no Triton kernel yet, so
-``python -m dsrb.info`` reports the backend as not available and every op runs on the ``torch`` backend.
+Triton is optional: the ``triton`` backend (``dsrb/ops``) imports these modules lazily, on CUDA tensors only; on a
+machine without a GPU the tests run them under the Triton interpreter (``TRITON_INTERPRET=1``).
 """

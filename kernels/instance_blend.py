@@ -37,7 +37,6 @@ any C and D; an empty problem (B * C == 0) launches nothing.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Tuple
 
 import torch
@@ -45,24 +44,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._launch import acc_dtype, cdiv, device_guard, next_power_of_2, tl_acc
+
 __all__ = ["instance_blend_forward", "instance_blend_backward"]
 
 _MAX_BLOCK_D = 128
 _MAX_TILE = 2048  # BLOCK_C * BLOCK_D elements per program
 
 
-def _compute_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _blocks(C: int, D: int) -> Tuple[int, int]:
-    block_d = min(triton.next_power_of_2(max(D, 1)), _MAX_BLOCK_D)
-    block_c = min(triton.next_power_of_2(max(C, 1)), max(1, _MAX_TILE // block_d))
+    block_d = min(next_power_of_2(max(D, 1)), _MAX_BLOCK_D)
+    block_c = min(next_power_of_2(max(C, 1)), max(1, _MAX_TILE // block_d))
     return block_c, block_d
-
-
-def _device_guard(t: Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 @triton.jit
@@ -183,15 +176,15 @@ def instance_blend_forward(S: Tensor, T: Tensor, alpha: Tensor, partner: Tensor)
     if B * C == 0:
         return S1, T1
     block_c, block_d = _blocks(C, D)
-    grid = (B, triton.cdiv(C, block_c), max(1, triton.cdiv(D, block_d)))
-    with _device_guard(S):
+    grid = (B, cdiv(C, block_c), max(1, cdiv(D, block_d)))
+    with device_guard(S):
         _instance_blend_fwd_kernel[grid](
             S, T, alpha, partner, S1, T1,
             C, D,
             S.stride(0), S.stride(1), S.stride(2),
             T.stride(0), T.stride(1),
             partner.stride(0),
-            COMPUTE=_compute_dtype(S.dtype), BLOCK_C=block_c, BLOCK_D=block_d,
+            COMPUTE=tl_acc(S.dtype), BLOCK_C=block_c, BLOCK_D=block_d,
         )
     return S1, T1
 
@@ -209,10 +202,9 @@ def instance_blend_backward(
     if B * C == 0:
         return grad_S, torch.zeros(alpha.shape, dtype=alpha.dtype, device=alpha.device)
     block_c, block_d = _blocks(C, D)
-    grid = (B, triton.cdiv(C, block_c), max(1, triton.cdiv(D, block_d)))
-    acc_dtype = torch.float64 if S.dtype == torch.float64 else torch.float32
-    partials = torch.empty(grid[0] * grid[1] * grid[2], dtype=acc_dtype, device=S.device)
-    with _device_guard(S):
+    grid = (B, cdiv(C, block_c), max(1, cdiv(D, block_d)))
+    partials = torch.empty(grid[0] * grid[1] * grid[2], dtype=acc_dtype(S.dtype), device=S.device)
+    with device_guard(S):
         _instance_blend_bwd_kernel[grid](
             grad_S1, grad_T1, S, T, alpha, partner, grad_S, partials,
             B, C, D,
@@ -221,7 +213,7 @@ def instance_blend_backward(
             S.stride(0), S.stride(1), S.stride(2),
             T.stride(0), T.stride(1),
             partner.stride(0),
-            DETACH_TARGET=bool(detach_target), COMPUTE=_compute_dtype(S.dtype), BLOCK_C=block_c, BLOCK_D=block_d,
+            DETACH_TARGET=bool(detach_target), COMPUTE=tl_acc(S.dtype), BLOCK_C=block_c, BLOCK_D=block_d,
         )
     grad_alpha = partials.sum().to(alpha.dtype).reshape(alpha.shape)
     return grad_S, grad_alpha

@@ -25,7 +25,6 @@ the outputs are copies of the inputs.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Tuple
 
 import torch
@@ -33,14 +32,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._launch import cdiv, device_guard, next_power_of_2
+
 __all__ = ["prototype_bank_update"]
 
 _MAX_BLOCK_D = 128
 _MAX_TILE = 1024  # BLOCK_C * BLOCK_D elements per program (four accumulators of this size)
-
-
-def _device_guard(t: Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 @triton.jit
@@ -130,12 +127,12 @@ def prototype_bank_update(
         return sums.clone(memory_format=torch.contiguous_format), counts.to(torch.int64, copy=True).contiguous()
     new_sums = torch.empty((C, 4, D), dtype=sums.dtype, device=sums.device)
     new_counts = torch.empty((C, 4), dtype=torch.int64, device=counts.device)
-    block_d = min(triton.next_power_of_2(max(D, 1)), _MAX_BLOCK_D)
-    block_c = min(triton.next_power_of_2(C), max(1, _MAX_TILE // block_d))
-    grid = (triton.cdiv(C, block_c), max(1, triton.cdiv(D, block_d)))
+    block_d = min(next_power_of_2(max(D, 1)), _MAX_BLOCK_D)
+    block_c = min(next_power_of_2(C), max(1, _MAX_TILE // block_d))
+    grid = (cdiv(C, block_c), max(1, cdiv(D, block_d)))
     compute = tl.float64 if torch.float64 in (sums.dtype, S.dtype) else tl.float32
     Tv = T.view(torch.uint8) if T.dtype == torch.bool else T
-    with _device_guard(S):
+    with device_guard(S):
         _prototype_bank_update_kernel[grid](
             sums, counts, S, Tv, quadrant, new_sums, new_counts,
             B, C, D, cap,

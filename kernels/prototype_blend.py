@@ -33,13 +33,14 @@ Launch: one kernel launch per function; an empty problem (B * C == 0) launches n
 
 from __future__ import annotations
 
-import contextlib
 from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from ._launch import acc_dtype, cdiv, device_guard, next_power_of_2, tl_acc
 
 __all__ = ["prototype_blend_forward", "prototype_blend_backward"]
 
@@ -48,18 +49,10 @@ _MAX_TILE = 2048  # BLOCK_C * BLOCK_D elements per program
 _MAX_TILE_BANK_GRAD = 1024  # the backward with bank_grad keeps four more accumulator tiles in registers
 
 
-def _compute_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _blocks(C: int, D: int, max_tile: int = _MAX_TILE) -> Tuple[int, int]:
-    block_d = min(triton.next_power_of_2(max(D, 1)), _MAX_BLOCK_D)
-    block_c = min(triton.next_power_of_2(max(C, 1)), max(1, max_tile // block_d))
+    block_d = min(next_power_of_2(max(D, 1)), _MAX_BLOCK_D)
+    block_c = min(next_power_of_2(max(C, 1)), max(1, max_tile // block_d))
     return block_c, block_d
-
-
-def _device_guard(t: Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _as_bytes(select: Tensor) -> Tensor:
@@ -189,9 +182,9 @@ def prototype_blend_forward(
     if B * C == 0:
         return S2, T2
     block_c, block_d = _blocks(C, D)
-    grid = (B, triton.cdiv(C, block_c), max(1, triton.cdiv(D, block_d)))
+    grid = (B, cdiv(C, block_c), max(1, cdiv(D, block_d)))
     sel = _as_bytes(select)
-    with _device_guard(S):
+    with device_guard(S):
         _prototype_blend_fwd_kernel[grid](
             S, T, beta, bank, quadrant, shift, sel, S2, T2,
             C, D,
@@ -201,7 +194,7 @@ def prototype_blend_forward(
             quadrant.stride(0), quadrant.stride(1),
             shift.stride(0), shift.stride(1),
             sel.stride(0), sel.stride(1),
-            COMPUTE=_compute_dtype(S.dtype), BLOCK_C=block_c, BLOCK_D=block_d,
+            COMPUTE=tl_acc(S.dtype), BLOCK_C=block_c, BLOCK_D=block_d,
         )
     return S2, T2
 
@@ -223,11 +216,10 @@ def prototype_blend_backward(
         return grad_S, torch.zeros(beta.shape, dtype=beta.dtype, device=beta.device), grad_bank
     block_c, block_d = _blocks(C, D, _MAX_TILE_BANK_GRAD if bank_grad else _MAX_TILE)
     b_per_prog = B if bank_grad else 1
-    grid = (triton.cdiv(C, block_c), max(1, triton.cdiv(D, block_d)), triton.cdiv(B, b_per_prog))
-    acc_dtype = torch.float64 if S.dtype == torch.float64 else torch.float32
-    partials = torch.empty(grid[0] * grid[1] * grid[2], dtype=acc_dtype, device=S.device)
+    grid = (cdiv(C, block_c), max(1, cdiv(D, block_d)), cdiv(B, b_per_prog))
+    partials = torch.empty(grid[0] * grid[1] * grid[2], dtype=acc_dtype(S.dtype), device=S.device)
     sel = _as_bytes(select)
-    with _device_guard(S):
+    with device_guard(S):
         _prototype_blend_bwd_kernel[grid](
             grad_S2, grad_T2, S, beta, bank, quadrant, shift, sel, grad_S, grad_bank, partials,
             B, C, D, b_per_prog,
@@ -238,7 +230,7 @@ def prototype_blend_backward(
             quadrant.stride(0), quadrant.stride(1),
             shift.stride(0), shift.stride(1),
             sel.stride(0), sel.stride(1),
-            DETACH_TARGET=bool(detach_target), BANK_GRAD=bool(bank_grad), COMPUTE=_compute_dtype(S.dtype),
+            DETACH_TARGET=bool(detach_target), BANK_GRAD=bool(bank_grad), COMPUTE=tl_acc(S.dtype),
             BLOCK_C=block_c, BLOCK_D=block_d,
         )
     grad_beta = partials.sum().to(beta.dtype).reshape(beta.shape)

@@ -21,24 +21,17 @@ Launch: one program per (b, block of BLOCK_C classes); the whole (H, W) grid of 
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._launch import cdiv, device_guard, next_power_of_2, tl_acc
+
 __all__ = ["quadrant_index"]
 
 _MAX_TILE = 4096  # BLOCK_C * BLOCK_H * BLOCK_W elements per program
-
-
-def _compute_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _device_guard(t: Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 @triton.jit
@@ -88,16 +81,16 @@ def quadrant_index(a: Tensor, x_sum: Tensor, height: int, width: int) -> Tensor:
     out = torch.empty((B, C), dtype=torch.int64, device=a.device)
     if B * C == 0:
         return out
-    block_h = triton.next_power_of_2(height)
-    block_w = triton.next_power_of_2(width)
-    block_c = min(triton.next_power_of_2(C), max(1, _MAX_TILE // (block_h * block_w)))
-    grid = (B, triton.cdiv(C, block_c))
-    with _device_guard(a):
+    block_h = next_power_of_2(height)
+    block_w = next_power_of_2(width)
+    block_c = min(next_power_of_2(C), max(1, _MAX_TILE // (block_h * block_w)))
+    grid = (B, cdiv(C, block_c))
+    with device_guard(a):
         _quadrant_index_kernel[grid](
             a, x_sum, out,
             C, height, width,
             a.stride(0), a.stride(1), a.stride(2),
             x_sum.stride(0), x_sum.stride(1),
-            COMPUTE=_compute_dtype(a.dtype), BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w,
+            COMPUTE=tl_acc(a.dtype), BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w,
         )
     return out

@@ -58,6 +58,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._launch import acc_dtype, cdiv, device_guard, next_power_of_2, tl_acc
+
 __all__ = ["semantic_attention_forward", "semantic_attention_backward", "block_sizes", "k_split", "bwd_groups"]
 
 # Budgets of elements for the (BLOCK_C, BLOCK_R, BLOCK_K) tanh tiles held in registers. The backward keeps several
@@ -69,10 +71,6 @@ _BWD_TILE_BUDGET = 4096
 _PROGRAMS_PER_SM = 8
 
 
-def _np2(n: int) -> int:
-    return triton.next_power_of_2(max(1, int(n)))
-
-
 def block_sizes(N: int, C: int, D: int, I: int) -> dict:
     """Power-of-two block sizes of the three kernels, chosen from the shape.
 
@@ -81,11 +79,12 @@ def block_sizes(N: int, C: int, D: int, I: int) -> dict:
     Backward (no tl.dot): the score tile within the smaller budget. Block sizes and warps are those for which ptxas
     reports no register spills on sm_90 (``tests/sm90_compile.py``; BLOCK_D = 64 with 4 warps spilled).
     """
-    s_bk = max(1, min(32, _np2(I), _TILE_BUDGET // 256))
-    b_bk = max(1, min(32, _np2(I), _BWD_TILE_BUDGET // 256))
+    s_bk = max(1, min(32, next_power_of_2(I), _TILE_BUDGET // 256))
+    b_bk = max(1, min(32, next_power_of_2(I), _BWD_TILE_BUDGET // 256))
     return dict(
         scores=dict(BLOCK_C=16, BLOCK_R=16, BLOCK_K=s_bk, num_warps=4),
-        product=dict(BLOCK_C=16, BLOCK_N=max(16, min(64, _np2(N))), BLOCK_D=max(16, min(32, _np2(D))), num_warps=8),
+        product=dict(BLOCK_C=16, BLOCK_N=max(16, min(64, next_power_of_2(N))),
+                     BLOCK_D=max(16, min(32, next_power_of_2(D))), num_warps=8),
         bwd=dict(BLOCK_C=16, BLOCK_R=16, BLOCK_K=b_bk, num_warps=8),
     )
 
@@ -106,32 +105,24 @@ def k_split(B: int, N: int, C: int, I: int, sm_count: int) -> Tuple[int, int]:
     partial sums are added in a fixed order by the softmax kernel. One range when the tiles already fill the GPU.
     """
     cfg = block_sizes(N, C, 1, I)["scores"]
-    tiles = triton.cdiv(B * N, cfg["BLOCK_R"]) * triton.cdiv(C, cfg["BLOCK_C"])
-    return _k_ranges(I, cfg["BLOCK_K"], triton.cdiv(_PROGRAMS_PER_SM * sm_count, max(tiles, 1)))
+    tiles = cdiv(B * N, cfg["BLOCK_R"]) * cdiv(C, cfg["BLOCK_C"])
+    return _k_ranges(I, cfg["BLOCK_K"], cdiv(_PROGRAMS_PER_SM * sm_count, max(tiles, 1)))
 
 
 def _k_ranges(I: int, block_k: int, want: int) -> Tuple[int, int]:
     """(ksplit, k_per): I cut into about ``want`` equal ranges of whole BLOCK_K blocks, none empty."""
-    k_blocks = triton.cdiv(max(I, 1), block_k)
-    k_per = triton.cdiv(k_blocks, min(k_blocks, max(1, want))) * block_k
-    return triton.cdiv(max(I, 1), k_per), k_per
+    k_blocks = cdiv(max(I, 1), block_k)
+    k_per = cdiv(k_blocks, min(k_blocks, max(1, want))) * block_k
+    return cdiv(max(I, 1), k_per), k_per
 
 
 def bwd_groups(B: int, N: int, C: int, I: int, sm_count: int) -> int:
     """G, the backward kernel's row-tile groups: enough (G x k tiles) programs for about _PROGRAMS_PER_SM per SM,
     at most one group per row tile. The partial grad_e buffer is (G, C, I)."""
     cfg = block_sizes(N, C, 1, I)["bwd"]
-    row_tiles = triton.cdiv(B * N, cfg["BLOCK_R"])
-    want = triton.cdiv(_PROGRAMS_PER_SM * sm_count, triton.cdiv(max(I, 1), cfg["BLOCK_K"]))
+    row_tiles = cdiv(B * N, cfg["BLOCK_R"])
+    want = cdiv(_PROGRAMS_PER_SM * sm_count, cdiv(max(I, 1), cfg["BLOCK_K"]))
     return max(1, min(row_tiles, want))
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -368,20 +359,21 @@ def semantic_attention_forward(x: Tensor, u: Tensor, e: Tensor, v: Tensor, *,
         ksplit, k_per = k_split(B, N, C, I, _sm_count(x.device))
     else:
         ksplit, k_per = _k_ranges(I, sc["BLOCK_K"], ksplit)
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     part = torch.empty((ksplit, B, C, N), dtype=acc, device=x.device)
     R = B * N
-    _sa_scores_kernel[(triton.cdiv(R, sc["BLOCK_R"]), triton.cdiv(C, sc["BLOCK_C"]), ksplit)](
-        u, e, v, part, R, N, C, I, k_per,
-        u.stride(0), u.stride(1), u.stride(2), e.stride(0), e.stride(1), v.stride(0),
-        ACC=_tl_acc(x.dtype), BLOCK_R=sc["BLOCK_R"], BLOCK_C=sc["BLOCK_C"], BLOCK_K=sc["BLOCK_K"],
-        num_warps=sc["num_warps"],
-    )
-    _sa_softmax_product_kernel[(B, triton.cdiv(C, pc["BLOCK_C"]), triton.cdiv(D, pc["BLOCK_D"]))](
-        part, x, S, a, ksplit, N, C, D, x.stride(0), x.stride(1), x.stride(2),
-        ACC=_tl_acc(x.dtype), BLOCK_C=pc["BLOCK_C"], BLOCK_N=pc["BLOCK_N"],
-        BLOCK_D=pc["BLOCK_D"], num_warps=pc["num_warps"],
-    )
+    with device_guard(x):
+        _sa_scores_kernel[(cdiv(R, sc["BLOCK_R"]), cdiv(C, sc["BLOCK_C"]), ksplit)](
+            u, e, v, part, R, N, C, I, k_per,
+            u.stride(0), u.stride(1), u.stride(2), e.stride(0), e.stride(1), v.stride(0),
+            ACC=tl_acc(x.dtype), BLOCK_R=sc["BLOCK_R"], BLOCK_C=sc["BLOCK_C"], BLOCK_K=sc["BLOCK_K"],
+            num_warps=sc["num_warps"],
+        )
+        _sa_softmax_product_kernel[(B, cdiv(C, pc["BLOCK_C"]), cdiv(D, pc["BLOCK_D"]))](
+            part, x, S, a, ksplit, N, C, D, x.stride(0), x.stride(1), x.stride(2),
+            ACC=tl_acc(x.dtype), BLOCK_C=pc["BLOCK_C"], BLOCK_N=pc["BLOCK_N"],
+            BLOCK_D=pc["BLOCK_D"], num_warps=pc["num_warps"],
+        )
     return S, a
 
 
@@ -399,7 +391,7 @@ def semantic_attention_backward(
     for name, t in (("grad_a", grad_a), ("a", a)):
         if tuple(t.shape) != (B, C, N):
             raise ValueError(f"argument '{name}': expected shape {(B, C, N)}, got {tuple(t.shape)}")
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     xc, ac, gS = x.to(acc), a.to(acc).contiguous(), grad_S.to(acc)
     # Not the hot spot (O(B*C*N*D) matrix products): torch. ga_total = dL/da, through S = a @ x too.
     grad_x = torch.bmm(ac.transpose(1, 2), gS)
@@ -410,7 +402,7 @@ def semantic_attention_backward(
     grad_v = torch.empty((I,), dtype=v.dtype, device=v.device)
     cfg = block_sizes(N, C, D, I)["bwd"]
     R = B * N
-    row_tiles = triton.cdiv(R, cfg["BLOCK_R"])
+    row_tiles = cdiv(R, cfg["BLOCK_R"])
     G = bwd_groups(B, N, C, I, _sm_count(x.device)) if groups is None else max(1, min(groups, row_tiles))
     if C == 0 or R == 0 or I == 0:
         grad_u.zero_()
@@ -419,14 +411,15 @@ def semantic_attention_backward(
     else:  # every (group, k tile) program writes its whole slice of both partials: no zero fill
         ge_part = torch.empty((G, C, I), dtype=acc, device=x.device)
         gv_part = torch.empty((G, I), dtype=acc, device=x.device)
-        k_tiles = triton.cdiv(I, cfg["BLOCK_K"])
-        _sa_bwd_kernel[(G, k_tiles)](
-            ac, ga_total, dot, u, e, v, grad_u, ge_part, gv_part, R, N, C, I, row_tiles,
-            u.stride(0), u.stride(1), u.stride(2), e.stride(0), e.stride(1), v.stride(0),
-            ACC=_tl_acc(x.dtype), BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"],
-            num_warps=cfg["num_warps"],
-        )
-        _sa_bwd_finalize_kernel[(C + 1, k_tiles)](
-            ge_part, gv_part, v, grad_e, grad_v, G, C, I, v.stride(0), ACC=_tl_acc(x.dtype), BLOCK_K=cfg["BLOCK_K"],
-        )
+        k_tiles = cdiv(I, cfg["BLOCK_K"])
+        with device_guard(x):
+            _sa_bwd_kernel[(G, k_tiles)](
+                ac, ga_total, dot, u, e, v, grad_u, ge_part, gv_part, R, N, C, I, row_tiles,
+                u.stride(0), u.stride(1), u.stride(2), e.stride(0), e.stride(1), v.stride(0),
+                ACC=tl_acc(x.dtype), BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"],
+                num_warps=cfg["num_warps"],
+            )
+            _sa_bwd_finalize_kernel[(C + 1, k_tiles)](
+                ge_part, gv_part, v, grad_e, grad_v, G, C, I, v.stride(0), ACC=tl_acc(x.dtype), BLOCK_K=cfg["BLOCK_K"],
+            )
     return grad_x.to(x.dtype).contiguous(), grad_u, grad_e, grad_v

@@ -8,14 +8,15 @@ runtime would derive from the same arguments, compiles it ahead of time for ``GP
 the ptxas that ships with triton (``-v``) on the PTX for registers and spills. No GPU and no CUDA driver are needed.
 
 Run it as a script in a process where TRITON_INTERPRET is not set (the kernels must be JIT functions, not
-interpreted ones): ``python tests/sm90_compile.py`` prints a JSON line with the names of all kernels, then one per
-distinct launch (kernel, case, constants, num_warps, shared memory, registers, spill bytes, or the compiler's
-error).
+interpreted ones): ``python tests/sm90_compile.py`` prints a JSON line with the names of all kernels (and of those
+launched outside a ``device_guard`` of their tensors' device), then one per distinct launch (kernel, case,
+constants, num_warps, shared memory, registers, spill bytes, or the compiler's error).
 ``tests/test_triton_sm90_compile.py`` runs it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -41,13 +42,19 @@ _TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", tor
 
 
 class _Recorder:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` records the call, runs nothing."""
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` records the call, runs nothing;
+    a launch made outside a ``device_guard`` of its tensors' device is noted in ``unguarded``."""
 
-    def __init__(self, fn, log: List[Tuple[Any, tuple, dict]]):
-        self.fn, self.log = fn, log
+    def __init__(self, fn, log: List[Tuple[Any, tuple, dict]], guards: List[torch.device], unguarded: set):
+        self.fn, self.log, self.guards, self.unguarded = fn, log, guards, unguarded
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.log.append((self.fn, args, kwargs))
+        def launch(*args, **kwargs):
+            devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+            if not self.guards or devices != {self.guards[-1]}:
+                self.unguarded.add(self.fn.__name__)
+            self.log.append((self.fn, args, kwargs))
+        return launch
 
 
 def _signature(fn, args: tuple, kwargs: dict):
@@ -81,18 +88,30 @@ def _signature(fn, args: tuple, kwargs: dict):
     return signature, constexprs, attrs, options
 
 
-def _launches() -> Tuple[List[Tuple[str, Any, tuple, dict]], List[str]]:
-    """Every kernel launch the launchers make at SHAPES, recorded (label, fn, args, kwargs), and the names of all the
-    kernels found (so that a kernel no launch reaches is noticed)."""
+def _launches() -> Tuple[List[Tuple[str, Any, tuple, dict]], List[str], List[str]]:
+    """Every kernel launch the launchers make at SHAPES, recorded (label, fn, args, kwargs), the names of all the
+    kernels found (so that a kernel no launch reaches is noticed), and those launched outside a device guard of their
+    tensors' device (Triton launches on the current device, whatever the tensors': on a second GPU such a launch
+    reads another device's addresses)."""
     mods = {n: importlib.import_module(f"dsrb.kernels.{n}") for n in
             ("semantic_attention", "instance_blend", "prototype_blend", "prototype_bank_update", "quadrant_index")}
     log: List[Tuple[Any, tuple, dict]] = []
-    kernels = []
+    kernels, guards, unguarded = [], [], set()
+
+    @contextlib.contextmanager
+    def device_guard(t):
+        guards.append(t.device)
+        try:
+            yield
+        finally:
+            guards.pop()
+
     for mod in mods.values():
+        mod.device_guard = device_guard  # each launcher module imports the helper by this name
         for attr in dir(mod):
             obj = getattr(mod, attr)
             if isinstance(obj, triton.runtime.JITFunction) and attr.endswith("_kernel"):
-                setattr(mod, attr, _Recorder(obj, log))
+                setattr(mod, attr, _Recorder(obj, log, guards, unguarded))
                 kernels.append(attr)
     sa, ib, pb = mods["semantic_attention"], mods["instance_blend"], mods["prototype_blend"]
     bu, qi = mods["prototype_bank_update"], mods["quadrant_index"]
@@ -126,7 +145,7 @@ def _launches() -> Tuple[List[Tuple[str, Any, tuple, dict]], List[str]]:
             if side * side == N:
                 qi.quadrant_index(z(B, C, N), z(B, N), side, side)
             out += [(f"{label}/{str(dtype).replace('torch.', '')}",) + rec for rec in log[start:]]
-    return out, kernels
+    return out, kernels, sorted(unguarded)
 
 
 def _ptxas_usage(ptx: str) -> Dict[str, int]:
@@ -154,8 +173,8 @@ def main() -> int:
 
     target = GPUTarget("cuda", 90, 32)
     seen = set()
-    launches, kernels = _launches()
-    print(json.dumps(dict(kernels=sorted(kernels))), flush=True)
+    launches, kernels, unguarded = _launches()
+    print(json.dumps(dict(kernels=sorted(kernels), unguarded=unguarded)), flush=True)
     for label, fn, args, kwargs in launches:
         signature, constexprs, attrs, options = _signature(fn, args, kwargs)
         key = (fn.__name__, tuple(sorted(signature.items())), tuple(sorted((k, str(v)) for k, v in constexprs.items())),

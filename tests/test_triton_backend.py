@@ -43,6 +43,37 @@ def test_auto_never_picks_triton_on_cpu():
         assert impl is not ops.select("semantic_attention", torch.device("cpu"), torch.float32, "triton")
 
 
+def test_launch_helpers_match_triton():
+    """The launchers' plain-integer cdiv / next_power_of_2 (kernels/_launch.py) give Triton's values."""
+    import triton
+
+    from dsrb.kernels import _launch
+
+    for n in range(1, 1100):
+        assert _launch.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 17, 128):
+            assert _launch.cdiv(n, d) == triton.cdiv(n, d), (n, d)
+    assert _launch.next_power_of_2(0) == 1 and _launch.cdiv(0, 16) == 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_ops_on_a_second_gpu():
+    """Triton launches on the current device: the launchers switch to the tensors' (cuda:1 while cuda:0 is current)."""
+    g = torch.Generator().manual_seed(0)
+    x, u, e, v = (torch.randn(s, generator=g).to("cuda:1").requires_grad_() for s in ((2, 13, 16), (2, 13, 8),
+                                                                                      (20, 8), (8,)))
+    S = torch.randn(2, 20, 16, generator=g).to("cuda:1").requires_grad_()
+    T = torch.randint(-1, 2, (2, 20), generator=g).to("cuda:1", torch.float32)
+    alpha = torch.tensor([0.3], device="cuda:1").requires_grad_()
+    with torch.cuda.device(0):
+        for fn, inputs in ((ops.semantic_attention, (x, u, e, v)),
+                           (lambda s, a, backend: ops.instance_blend(s, T, a, backend=backend), (S, alpha))):
+            got, want = both(fn, inputs)
+            for o, r in zip(got, want):
+                assert o.device == torch.device("cuda:1")
+                assert_close(o, r)
+
+
 @pytest.mark.parametrize("B, N, C, D, I", [(1, 49, 3, 33, 17), (2, 13, 20, 16, 8)])
 def test_semantic_attention(B, N, C, D, I):
     g = torch.Generator().manual_seed(0)

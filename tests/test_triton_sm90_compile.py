@@ -39,11 +39,11 @@ def report():
     res = subprocess.run([sys.executable, SCRIPT], capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     lines = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
-    return lines[0]["kernels"], lines[1:]
+    return lines[0], lines[1:]
 
 
 def test_every_kernel_is_compiled(report):
-    kernels, launches = report
+    kernels, launches = report[0]["kernels"], report[1]
     assert len(kernels) >= 9, kernels  # three semantic_attention kernels and six for the other four ops
     assert sorted({r["kernel"] for r in launches}) == kernels
     cases = {r["case"] for r in launches}
@@ -74,3 +74,8 @@ def test_every_launch_fits_an_h200_sm(report):
                "threads)" for r in rows
                if r["shared"] > H200_SHARED_PER_BLOCK or 32 * r["num_warps"] > max_threads(r["registers"])]
     assert not too_big, "\n".join(too_big)
+
+
+def test_every_launch_is_on_its_tensors_device(report):
+    """Each kernel is launched inside ``device_guard`` of its tensors' device (Triton uses the current device)."""
+    assert report[0]["unguarded"] == []
