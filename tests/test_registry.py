@@ -43,3 +43,56 @@ def test_env_var_forces_backend(monkeypatch):
 def test_unsupported_dtype_is_explained():
     with pytest.raises(RuntimeError, match="torch: dtype=torch.complex64"):
         ops.select("instance_blend", torch.device("cpu"), torch.complex64, "torch")
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """The dsrb ops that reach the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "dsrb":
+            self.ops.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def _python_backend_calls():
+    """(name, fn(backend), leaves) for the three ops with autograd, on small random inputs."""
+    g = torch.Generator().manual_seed(0)
+    B, N, C, D, I = 2, 5, 3, 4, 6
+    x, u, e, v = (torch.randn(s, generator=g, dtype=torch.float64).requires_grad_()
+                  for s in ((B, N, D), (B, N, I), (C, I), (I,)))
+    S = torch.randn(B, C, D, generator=g, dtype=torch.float64).requires_grad_()
+    T = torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    coef = torch.tensor([0.3], dtype=torch.float64).requires_grad_()
+    bank = torch.randn(C, 4, D, generator=g, dtype=torch.float64).requires_grad_()
+    q, shift = torch.zeros(B, C, dtype=torch.long), torch.ones(B, C, dtype=torch.long)
+    select = torch.tensor([[False, True, False], [True, False, True]])
+    return [
+        ("semantic_attention", lambda backend: ops.semantic_attention(x, u, e, v, backend=backend), (x, u, e, v)),
+        ("instance_blend", lambda backend: ops.instance_blend(S, T, coef, backend=backend), (S, coef)),
+        ("prototype_blend", lambda backend: ops.prototype_blend(S, T, coef, bank, q, shift, select, backend=backend),
+         (S, coef, bank)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_python_backend_eager_path_and_compiled_op_agree(case):
+    """Eager calls of a Python-defined backend skip the custom op (an autograd.Function runs the same forward and
+    formula: less host time); under torch.compile the custom op is traced. Both give the same values and gradients,
+    and neither differentiates twice (an error, never a silent zero)."""
+    name, fn, leaves = _python_backend_calls()[case]
+    log = _OpLog()
+    with log:
+        out = fn("torch")
+        grads = torch.autograd.grad(sum(o.sum() * (i + 1) for i, o in enumerate(out)), leaves, create_graph=True)
+    assert not any(op.startswith(f"{name}_torch") for op in log.ops), log.ops
+    compiled = torch.compile(lambda: fn("torch"), fullgraph=True, backend="aot_eager")
+    out_c = compiled()
+    grads_c = torch.autograd.grad(sum(o.sum() * (i + 1) for i, o in enumerate(out_c)), leaves)
+    for got, want in zip(list(out_c) + list(grads_c), list(out) + list(grads)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(grads[0].sum(), leaves[0])

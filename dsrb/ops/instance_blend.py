@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .._checks import check_same_device, check_targets, check_tensor
 from ._common import check_blend_inputs
-from ._registry import define_op, extension_backends, register_impl, select
+from ._registry import define_op, extension_backends, register_impl, register_python_op, select
 
 
 def _blend_mask(T: Tensor, partner: Tensor) -> Tensor:
@@ -87,9 +87,10 @@ def _define(backend: str, forward=None, backward=None):
         grad_S, grad_alpha = bwd(grad_S1, grad_T1, S, T, alpha, partner, ctx.detach_target)
         return grad_S, None, grad_alpha, None, None
 
-    if forward is not None:  # the extension's ops carry their autograd in C++ (csrc/autograd.h)
-        torch.library.register_autograd(fwd, backward_fn, setup_context=setup_context)
-    register_impl(backend, "instance_blend", fwd)
+    if forward is None:  # the extension's ops carry their autograd in C++ (csrc/autograd.h)
+        register_impl(backend, "instance_blend", fwd)
+    else:
+        register_python_op(backend, "instance_blend", fwd, forward, setup_context, backward_fn)
     return fwd
 
 

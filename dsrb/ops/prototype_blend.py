@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .._checks import check_same_device, check_targets, check_tensor
 from ._common import check_blend_inputs
-from ._registry import define_op, extension_backends, register_impl, select as select_backend
+from ._registry import define_op, extension_backends, register_impl, register_python_op, select as select_backend
 
 
 def _bucket(quadrant: Tensor, shift: Tensor) -> Tensor:
@@ -103,9 +103,10 @@ def _define(backend: str, forward=None, backward=None):
         )
         return grad_S, None, grad_beta, grad_bank if bank_grad else None, None, None, None, None
 
-    if forward is not None:  # the extension's ops carry their autograd in C++ (csrc/autograd.h)
-        torch.library.register_autograd(fwd, backward_fn, setup_context=setup_context)
-    register_impl(backend, "prototype_blend", fwd)
+    if forward is None:  # the extension's ops carry their autograd in C++ (csrc/autograd.h)
+        register_impl(backend, "prototype_blend", fwd)
+    else:
+        register_python_op(backend, "prototype_blend", fwd, forward, setup_context, backward_fn)
     return fwd
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_same_device, check_same_dtype, check_tensor
-from ._registry import define_op, extension_backends, register_impl, select
+from ._registry import define_op, extension_backends, register_impl, register_python_op, select
 
 # Elements of one (B, N, C_chunk, I) temporary: 8 Mi elements = 32 MiB in fp32.
 _CHUNK_ELEMENTS = 8 * 1024 * 1024
@@ -123,9 +123,10 @@ def _define(backend: str, forward=None, backward=None):
             grad_a = torch.zeros_like(a)
         return bwd(grad_S, grad_a, x, u, e, v, a)
 
-    if forward is not None:  # the extension's ops carry their autograd in C++ (csrc/autograd.h)
-        torch.library.register_autograd(fwd, backward_fn, setup_context=setup_context)
-    register_impl(backend, "semantic_attention", fwd)
+    if forward is None:  # the extension's ops carry their autograd in C++ (csrc/autograd.h)
+        register_impl(backend, "semantic_attention", fwd)
+    else:
+        register_python_op(backend, "semantic_attention", fwd, forward, setup_context, backward_fn)
     return fwd
 
 
