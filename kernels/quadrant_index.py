@@ -21,7 +21,6 @@ Launch: one program per (b, block of BLOCK_C classes); the whole (H, W) grid of 
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

@@ -19,7 +19,7 @@
 //    (block size not a multiple of 32), or reached at two different source lines;
 //  * threads waiting at barriers that can never open (deadlock): the launch is abandoned, never a hang;
 //  * more threads per block than the kernel's __launch_bounds__ (a GPU refuses the launch; here the kernel returns
-//    at once).
+//    at once);
 //  * an __ldg from an address that is not a multiple of the loaded type's alignment (a GPU faults).
 // Not emulated: dynamic shared memory, streams (launches are synchronous), more than one device and atomics. The PTX
 // approximations (ex2.approx, rcp.approx) carry a modelled error of a few ulp (ulp_error below).
@@ -67,6 +67,7 @@ inline float __fsub_rn(float a, float b) { return a - b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
 inline double __dadd_rn(double a, double b) { return a + b; }
 inline double __dsub_rn(double a, double b) { return a - b; }
+
 namespace dsrb_emu {
 
 // ---- errors ---------------------------------------------------------------------------------------------------------
@@ -101,8 +102,8 @@ void report(const char* fmt, A... args) {
 
 }  // namespace dsrb_emu
 
-// A GPU faults on a load from an address that is not a multiple of the type's size (a float4 at 16 bytes, ...): the
-// host would read it anyway.
+// A GPU faults on a load from an address that is not a multiple of the type's alignment (16 bytes for a float4):
+// the host would read it anyway.
 template <typename T>
 inline T __ldg(const T* p) {
   if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0)
