@@ -51,7 +51,8 @@ kernels have no tl.dot, so their blocks are free.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+import types
+from typing import Mapping, Optional, Tuple
 
 import torch
 import triton
@@ -71,8 +72,10 @@ _BWD_TILE_BUDGET = 4096
 _PROGRAMS_PER_SM = 8
 
 
-def block_sizes(N: int, C: int, D: int, I: int) -> dict:
-    """Power-of-two block sizes of the three kernels, chosen from the shape.
+@functools.lru_cache(maxsize=1024)
+def block_sizes(N: int, C: int, D: int, I: int) -> Mapping[str, Mapping[str, int]]:
+    """Power-of-two block sizes of the three kernels, chosen from the shape (cached, read-only: a few microseconds
+    of host time per launcher call, which bounds these ops at training sizes on a GPU).
 
     Scores (no tl.dot): a (BLOCK_C = 16, BLOCK_R = 16, BLOCK_K) tanh tile, BLOCK_K within the register budget.
     Softmax/product: BLOCK_C = 16, 16 <= BLOCK_N <= 64, 16 <= BLOCK_D <= 32 (tl.dot on the GPU needs M, N, K >= 16).
@@ -81,12 +84,13 @@ def block_sizes(N: int, C: int, D: int, I: int) -> dict:
     """
     s_bk = max(1, min(32, next_power_of_2(I), _TILE_BUDGET // 256))
     b_bk = max(1, min(32, next_power_of_2(I), _BWD_TILE_BUDGET // 256))
-    return dict(
-        scores=dict(BLOCK_C=16, BLOCK_R=16, BLOCK_K=s_bk, num_warps=4),
-        product=dict(BLOCK_C=16, BLOCK_N=max(16, min(64, next_power_of_2(N))),
-                     BLOCK_D=max(16, min(32, next_power_of_2(D))), num_warps=8),
-        bwd=dict(BLOCK_C=16, BLOCK_R=16, BLOCK_K=b_bk, num_warps=8),
-    )
+    frozen = types.MappingProxyType
+    return frozen(dict(
+        scores=frozen(dict(BLOCK_C=16, BLOCK_R=16, BLOCK_K=s_bk, num_warps=4)),
+        product=frozen(dict(BLOCK_C=16, BLOCK_N=max(16, min(64, next_power_of_2(N))),
+                            BLOCK_D=max(16, min(32, next_power_of_2(D))), num_warps=8)),
+        bwd=frozen(dict(BLOCK_C=16, BLOCK_R=16, BLOCK_K=b_bk, num_warps=8)),
+    ))
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,6 +101,7 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=1024)
 def k_split(B: int, N: int, C: int, I: int, sm_count: int) -> Tuple[int, int]:
     """(ksplit, k_per): the score kernel's I range is cut into ksplit ranges of k_per (a multiple of BLOCK_K).
 
@@ -116,6 +121,7 @@ def _k_ranges(I: int, block_k: int, want: int) -> Tuple[int, int]:
     return cdiv(max(I, 1), k_per), k_per
 
 
+@functools.lru_cache(maxsize=1024)
 def bwd_groups(B: int, N: int, C: int, I: int, sm_count: int) -> int:
     """G, the backward kernel's row-tile groups: enough (G x k tiles) programs for about _PROGRAMS_PER_SM per SM,
     at most one group per row tile. The partial grad_e buffer is (G, C, I)."""

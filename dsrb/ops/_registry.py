@@ -10,6 +10,7 @@ Everything here looks only at device types and dtypes, so ``torch.compile`` trac
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass, field
@@ -119,19 +120,21 @@ def define_op(name: str, schema: str, impl: Optional[Callable] = None):
     return getattr(torch.ops.dsrb, name).default
 
 
-def register_python_op(backend: str, op: str, fwd, forward: Callable, setup_context: Callable,
-                       backward_fn: Callable) -> None:
+def register_python_op(backend: str, op: str, fwd, bwd, forward: Callable, backward: Callable,
+                       setup_context: Callable, backward_fn: Callable) -> None:
     """Autograd for an op defined in Python (``torch``, ``triton`` backends), and its entry in the registry.
 
-    ``fwd`` is the custom op made by :func:`define_op` from ``forward``; ``setup_context(ctx, inputs, output)`` and
-    ``backward_fn(ctx, *grads)`` are its autograd formula. Under ``torch.compile`` the registry's entry calls the custom
-    op, whose fake implementation and registered autograd are what the compiler traces. In eager mode it runs
-    ``forward`` and the same formula through a ``torch.autograd.Function`` instead: the same kernels and arithmetic,
-    without the custom op's dispatch and Python autograd wrapper (28-54 us less per forward and backward of the
-    ``torch`` backend at a tiny shape on the 2-core CI machine; on a GPU the host often bounds these ops). Neither
-    supports double backward: an error, not a silent zero.
+    ``fwd`` and ``bwd`` are the custom ops made by :func:`define_op` from ``forward`` and ``backward``;
+    ``setup_context(ctx, inputs, output)`` and ``backward_fn(impl, ctx, *grads)`` are the autograd formula, where
+    ``impl`` computes the input gradients (``bwd`` or ``backward``). Under ``torch.compile`` the registry's entry calls
+    ``fwd``, whose fake implementation and registered autograd (through ``bwd``) are what the compiler traces. In
+    eager mode it runs ``forward``, and ``backward`` in the same formula, through a ``torch.autograd.Function``: the
+    same kernels and arithmetic without the custom ops' dispatch and Python autograd wrapper, which is pure host
+    time (on a GPU the host often bounds these ops at training sizes). Neither supports double backward: an error,
+    not a silent zero.
     """
-    torch.library.register_autograd(fwd, backward_fn, setup_context=setup_context)
+    torch.library.register_autograd(fwd, functools.partial(backward_fn, bwd), setup_context=setup_context)
+    eager_backward = torch.autograd.function.once_differentiable(functools.partial(backward_fn, backward))
 
     class Eager(torch.autograd.Function):
         @staticmethod
@@ -140,7 +143,7 @@ def register_python_op(backend: str, op: str, fwd, forward: Callable, setup_cont
             setup_context(ctx, inputs, output)
             return output
 
-        backward = staticmethod(torch.autograd.function.once_differentiable(backward_fn))
+        backward = staticmethod(eager_backward)
 
     def call(*inputs):
         return fwd(*inputs) if torch.compiler.is_compiling() else Eager.apply(*inputs)

@@ -80,7 +80,7 @@ def _define(backend: str, forward=None, backward=None):
         ctx.save_for_backward(S, T, alpha, partner)
         ctx.detach_target = detach_target
 
-    def backward_fn(ctx, grad_S1, grad_T1):
+    def backward_fn(bwd, ctx, grad_S1, grad_T1):
         S, T, alpha, partner = ctx.saved_tensors
         grad_S1 = torch.zeros_like(S) if grad_S1 is None else grad_S1
         grad_T1 = torch.zeros_like(T) if grad_T1 is None else grad_T1
@@ -90,7 +90,7 @@ def _define(backend: str, forward=None, backward=None):
     if forward is None:  # the extension's ops carry their autograd in C++ (csrc/autograd.h)
         register_impl(backend, "instance_blend", fwd)
     else:
-        register_python_op(backend, "instance_blend", fwd, forward, setup_context, backward_fn)
+        register_python_op(backend, "instance_blend", fwd, bwd, forward, backward, setup_context, backward_fn)
     return fwd
 
 

@@ -93,7 +93,7 @@ def _define(backend: str, forward=None, backward=None):
         ctx.save_for_backward(S, beta, bank, quadrant, shift, select)
         ctx.detach_target = detach_target
 
-    def backward_fn(ctx, grad_S2, grad_T2):
+    def backward_fn(bwd, ctx, grad_S2, grad_T2):
         S, beta, bank, quadrant, shift, select = ctx.saved_tensors
         grad_S2 = torch.zeros_like(S) if grad_S2 is None else grad_S2
         grad_T2 = S.new_zeros(S.shape[:2]) if grad_T2 is None else grad_T2
@@ -106,7 +106,7 @@ def _define(backend: str, forward=None, backward=None):
     if forward is None:  # the extension's ops carry their autograd in C++ (csrc/autograd.h)
         register_impl(backend, "prototype_blend", fwd)
     else:
-        register_python_op(backend, "prototype_blend", fwd, forward, setup_context, backward_fn)
+        register_python_op(backend, "prototype_blend", fwd, bwd, forward, backward, setup_context, backward_fn)
     return fwd
 
 

@@ -115,7 +115,7 @@ def _define(backend: str, forward=None, backward=None):
         x, u, e, v = inputs
         ctx.save_for_backward(x, u, e, v, output[1])
 
-    def backward_fn(ctx, grad_S, grad_a):
+    def backward_fn(bwd, ctx, grad_S, grad_a):
         x, u, e, v, a = ctx.saved_tensors
         if grad_S is None:
             grad_S = x.new_zeros((x.shape[0], e.shape[0], x.shape[2]))
@@ -126,7 +126,7 @@ def _define(backend: str, forward=None, backward=None):
     if forward is None:  # the extension's ops carry their autograd in C++ (csrc/autograd.h)
         register_impl(backend, "semantic_attention", fwd)
     else:
-        register_python_op(backend, "semantic_attention", fwd, forward, setup_context, backward_fn)
+        register_python_op(backend, "semantic_attention", fwd, bwd, forward, backward, setup_context, backward_fn)
     return fwd
 
 
