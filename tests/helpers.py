@@ -6,6 +6,7 @@ from importlib import metadata
 from typing import Optional
 
 import torch
+import torch.utils._python_dispatch
 
 # Tolerances per dtype of the values compared, for every op and backend. fp64 comparisons are against the oracle in
 # fp64 (rounding only); lower precisions are compared against the oracle run in fp64 on the same (rounded) inputs.
@@ -15,6 +16,17 @@ TOLERANCES = {
     torch.float16: dict(rtol=5e-3, atol=5e-3),
     torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
 }
+
+
+class NoValueReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on any host read of a tensor value (``.item()``, ``bool()``, ``int()``, ``float()``: one device
+    synchronisation each on a GPU). ``.tolist()`` of a CPU tensor does not dispatch: patch ``dsrb._checks._read``
+    too."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise AssertionError("a tensor value was read on the host")
+        return func(*args, **(kwargs or {}))
 
 
 def assert_close(actual, expected, *, dtype=None, what=""):

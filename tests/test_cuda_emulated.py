@@ -21,8 +21,9 @@ import torch
 import cuda_emulator
 from dsrb import ops, reference
 from helpers import assert_close, noncontiguous
-from test_ext_backends import (BLEND_SHAPES, LOW, QUADRANT_SHAPES, SA_SHAPES, _leaf64, blend_inputs, compare, grads,
-                               quadrant_inputs, sa_inputs, sa_oracle)
+from test_ext_backends import (BLEND_SHAPES, LOW, QUADRANT_SHAPES, QUADRANT_SPECIAL_SHAPES, SA_SHAPES, _leaf64,
+                               blend_inputs, compare, grads, quadrant_inputs, quadrant_special_inputs, sa_inputs,
+                               sa_oracle)
 
 pytestmark = [
     pytest.mark.skipif(cuda_emulator.toolkit_include() is None,
@@ -255,26 +256,39 @@ def test_blends_gradcheck(emu):
 
 def test_blends_never_read_out_of_bounds_with_bad_indices(emu):
     """The glue does not read index values (a device synchronisation); the kernels must stay in bounds whatever
-    they are: an out-of-range partner blends nothing, a quadrant is taken modulo 4, a shift to nowhere is skipped.
-    Here the bad rows come out as for a valid index that blends nothing, and the good rows are unchanged."""
+    they are: an out-of-range partner blends nothing (as a partner equal to the image itself), and the prototype
+    bucket is (quadrant - shift) mod 4 for any values. Outputs and gradients equal those of the equivalent valid
+    indices."""
     S, T, coef, bank, quadrant, shift, select, partner = blend_inputs(5, 6, 7, torch.float64, "cpu")
+    S, coef, bank = S.detach(), coef.detach(), bank.detach()
     T[:] = 0
     T[1] = 1
     bad_partner = torch.tensor([1, -3, 99, 1, 2**40])
-    S1, T1 = emu.instance_blend_cuda(S.detach(), T, coef.detach(), bad_partner, False)
-    ref1 = reference.instance_blend(S.detach(), T, coef.detach(), torch.tensor([1, 1, 2, 1, 4]))
-    for r in range(5):
-        assert_close(S1[r], ref1[0][r] if bad_partner[r] in (1, 2) else S[r].detach(), dtype=torch.float64)
-    g = emu.instance_blend_cuda_backward(torch.ones_like(S), torch.ones_like(T), S.detach(), T, coef.detach(),
-                                         bad_partner, False)
-    assert all(t.isfinite().all() for t in g)
+    as_self = torch.tensor([1, 1, 2, 1, 4])  # each out-of-range partner replaced by the image itself
+    S1, T1 = emu.instance_blend_cuda(S, T, coef, bad_partner, False)
+    ref1 = reference.instance_blend(S, T, coef, as_self)
+    assert_close(S1, ref1[0], dtype=torch.float64)
+    assert_close(T1, ref1[1], dtype=torch.float64)
+    g = emu.instance_blend_cuda_backward(torch.ones_like(S), torch.ones_like(T), S, T, coef, bad_partner, False)
+    g_valid = emu.instance_blend_cuda_backward(torch.ones_like(S), torch.ones_like(T), S, T, coef, as_self, False)
+    for got, want in zip(g, g_valid):
+        assert torch.equal(got, want)
+    select = select.clone()
+    select[[0, 2, 3], :3] = True  # every bad index is used: rows 0, 2, 3 are unknown (T = 0) and selected
     bad_q, bad_s = quadrant.clone(), shift.clone()
     bad_q[0, :3] = torch.tensor([-7, 4, 2**50])
-    bad_s[1, :3] = torch.tensor([0, -5, 2**45])
-    out = emu.prototype_blend_cuda(S.detach(), T, coef.detach(), bank.detach(), bad_q, bad_s, select, False)
-    assert all(t.isfinite().all() for t in out)
-    assert torch.equal(out[0][2:], emu.prototype_blend_cuda(S.detach(), T, coef.detach(), bank.detach(), quadrant,
-                                                            shift, select, False)[0][2:])
+    bad_s[2, :3] = torch.tensor([0, -5, 2**45])
+    bad_q[3, :3], bad_s[3, :3] = torch.tensor([2**61, -9, 6]), torch.tensor([-2**61, 7, 2**40])
+    same_q, same_s = (bad_q - bad_s).remainder(4).add(1).remainder(4), torch.ones_like(bad_s)  # same bucket, valid
+    assert ((same_q - same_s).remainder(4) == (bad_q - bad_s).remainder(4)).all()
+    out = emu.prototype_blend_cuda(S, T, coef, bank, bad_q, bad_s, select, False)
+    want = emu.prototype_blend_cuda(S, T, coef, bank, same_q, same_s, select, False)
+    assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
+    upstream = (torch.ones_like(S), torch.ones_like(T))
+    g = emu.prototype_blend_cuda_backward(*upstream, S, coef, bank, bad_q, bad_s, select, False, True)
+    g_valid = emu.prototype_blend_cuda_backward(*upstream, S, coef, bank, same_q, same_s, select, False, True)
+    for got, want in zip(g, g_valid):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("op, args, match", [
@@ -307,12 +321,14 @@ def test_cuda_glue_errors_name_the_argument(emu, op, args, match):
 def test_quadrant_index_equals_oracle(emu, B, C, H, W, dtype):
     a, x_sum = quadrant_inputs(B, C, H, W, dtype)
     assert torch.equal(emu.quadrant_index_cuda(a, x_sum, H, W), reference.quadrant_index(a, x_sum, H, W))
-    specials = a.clone()
-    specials[..., ::5] = float("nan")
-    specials[..., 1::7] = float("inf")
-    specials[..., 2::9] = -0.0
-    assert torch.equal(emu.quadrant_index_cuda(specials, x_sum, H, W),
-                       ops.quadrant_index(specials, x_sum, H, W, backend="torch"))
+
+
+@pytest.mark.parametrize("B, C, H, W", QUADRANT_SPECIAL_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_quadrant_index_special_values(emu, B, C, H, W, dtype):
+    """NaN, +-inf, signed zeros and ties: the torch.amax / torch.argmax rules, as on the other backends."""
+    a, x_sum = quadrant_special_inputs(B, C, H, W, dtype)
+    assert torch.equal(emu.quadrant_index_cuda(a, x_sum, H, W), ops.quadrant_index(a, x_sum, H, W, backend="torch"))
 
 
 @pytest.mark.parametrize("cap", [0, 1, 2, 100])

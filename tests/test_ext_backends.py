@@ -263,13 +263,12 @@ def test_quadrant_index_equals_oracle(backend, B, C, H, W, dtype):
     assert torch.equal(got.cpu(), reference.quadrant_index(a, x_sum, H, W))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("B, C, H, W", [(4, 50, 7, 7), (3, 40, 5, 6), (2, 30, 1, 9), (2, 30, 9, 1), (2, 20, 1, 1)])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_quadrant_index_special_values(backend, B, C, H, W, dtype):
-    """The torch.amax / torch.argmax rules on special scores: a NaN (either sign, any payload) is the maximum and the
-    first NaN wins, -0 ties with +0, +-inf order as numbers, first index on ties. Each (b, c) map is of one kind:
-    plain with dense ties, signed zeros only, with NaNs, or with infinities."""
+QUADRANT_SPECIAL_SHAPES = [(4, 50, 7, 7), (3, 40, 5, 6), (2, 30, 1, 9), (2, 30, 9, 1), (2, 20, 1, 1)]
+
+
+def quadrant_special_inputs(B, C, H, W, dtype):
+    """(a, x_sum) with special scores: each (b, c) map is of one kind, plain with dense ties, signed zeros only,
+    with NaNs (either sign, any payload), or with infinities of both signs."""
     g = torch.Generator().manual_seed(1)
     N = H * W
     a = torch.softmax(torch.randn(B, C, N, generator=g), -1)
@@ -289,6 +288,16 @@ def test_quadrant_index_special_values(backend, B, C, H, W, dtype):
         bits = {torch.float32: torch.int32, torch.float64: torch.int64}[dtype]
         payload = a.view(bits) | torch.randint(1, 4, (B, C, N), generator=g).to(bits)
         a = torch.where(a.isnan(), payload.view(dtype), a)
+    return a, x_sum
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B, C, H, W", QUADRANT_SPECIAL_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_quadrant_index_special_values(backend, B, C, H, W, dtype):
+    """The torch.amax / torch.argmax rules on special scores: a NaN (either sign, any payload) is the maximum and the
+    first NaN wins, -0 ties with +0, +-inf order as numbers, first index on ties."""
+    a, x_sum = quadrant_special_inputs(B, C, H, W, dtype)
     dev = _device(backend)
     got = ops.quadrant_index(a.to(dev), x_sum.to(dev), H, W, backend=backend).cpu()
     assert torch.equal(got, ops.quadrant_index(a, x_sum, H, W, backend="torch"))
@@ -310,7 +319,7 @@ def test_prototype_bank_update_equals_oracle(backend, cap):
                                     backend=backend)
     want = reference.prototype_bank_update(sums, counts, S, T, quadrant, cap)
     assert torch.equal(got[1].cpu(), want[1]) and got[0].dtype == torch.float64
-    assert_close(got[0].cpu(), want[0], dtype=torch.float32)
+    assert_close(got[0].cpu(), want[0], dtype=torch.float64)  # float32 S added in float64
     assert torch.equal(sums, before[0]) and torch.equal(counts, before[1])  # inputs untouched
 
 

@@ -2,7 +2,9 @@
 
 import torch
 
+import dsrb.ops as ops
 from benchmarks import profile_ops
+from dsrb import _ext
 
 
 def test_profile_table_has_every_op_and_provider(tmp_path):
@@ -10,9 +12,10 @@ def test_profile_table_has_every_op_and_provider(tmp_path):
     assert profile_ops.main(["--shape", "tiny", "--rounds", "2", "--out", str(out)]) == 0
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.read_text().splitlines()
             if line.startswith("| ") and not line.startswith("| op |")]
-    for op in profile_ops.OPS:
-        want = profile_ops._providers(op, torch.device("cpu"), torch.float32)
-        assert want[:2] == ["reference", "torch"]
+    for op in profile_ops.OPS:  # every backend that can serve the op here, listed independently of profile_ops
+        why = ops.reasons(op, torch.device("cpu"), torch.float32)
+        want = ["reference", "torch"] + [b for b in ("cuda", "triton", "cpu") if why[b] is None]
+        assert ("cpu" in want) == _ext.load().loaded
         mine = [r for r in rows if r[0] == op]
         assert [r[2] for r in mine] == want and all(r[1] == "tiny" for r in mine)
         for r in mine:  # wall and host time are numbers (an error row would hold its message instead)

@@ -6,14 +6,16 @@ import torch
 import dsrb.ops as ops
 
 
-def test_auto_picks_torch_on_cpu_and_reports_reasons():
-    why = ops.reasons("semantic_attention", torch.device("cpu"), torch.float32)
+def test_auto_on_cpu_takes_the_extension_else_torch_and_reports_reasons():
+    cpu, f32 = torch.device("cpu"), torch.float32
+    why = ops.reasons("semantic_attention", cpu, f32)
     assert set(why) == set(ops.KNOWN_BACKENDS)
     assert why["torch"] is None
-    for name in ("cpu", "cuda", "triton"):
+    assert "device=cpu" in why["cuda"] or "extension" in why["cuda"], why["cuda"]
+    for name in ("cpu", "triton"):
         assert why[name] is None or (isinstance(why[name], str) and why[name])
-    impl = ops.select("semantic_attention", torch.device("cpu"), torch.float32)
-    assert impl is torch.ops.dsrb.semantic_attention_torch or callable(impl)
+    want = "cpu" if why["cpu"] is None else "torch"
+    assert ops.select("semantic_attention", cpu, f32) is ops.select("semantic_attention", cpu, f32, want)
 
 
 def test_forced_unavailable_backend_lists_every_backend():
@@ -33,8 +35,13 @@ def test_env_var_forces_backend(monkeypatch):
     x = torch.randn(1, 4, 3)
     u, e, v = torch.randn(1, 4, 2), torch.randn(2, 2), torch.randn(2)
     monkeypatch.setenv("DSRB_BACKEND", "torch")
-    S, a = ops.semantic_attention(x, u, e, v)
+    log = _OpLog()
+    with log:
+        S, a = ops.semantic_attention(x, u, e, v)
     assert S.shape == (1, 2, 3)
+    assert ops.select("semantic_attention", x.device, x.dtype) is ops.select(
+        "semantic_attention", x.device, x.dtype, "torch")
+    assert not any(op.startswith("dsrb::semantic_attention_cpu") for op in log.ops), log.ops  # the torch impl ran
     monkeypatch.setenv("DSRB_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="'backend'.*nonsense"):
         ops.semantic_attention(x, u, e, v)
@@ -91,8 +98,9 @@ def test_python_backend_eager_path_and_compiled_op_agree(case):
     assert not any(op.startswith(f"dsrb::{name}_torch") for op in log.ops), log.ops
     compiled = torch.compile(lambda: fn("torch"), fullgraph=True, backend="aot_eager")
     out_c = compiled()
-    grads_c = torch.autograd.grad(sum(o.sum() * (i + 1) for i, o in enumerate(out_c)), leaves)
+    grads_c = torch.autograd.grad(sum(o.sum() * (i + 1) for i, o in enumerate(out_c)), leaves, create_graph=True)
     for got, want in zip(list(out_c) + list(grads_c), list(out) + list(grads)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
-        torch.autograd.grad(grads[0].sum(), leaves[0])
+    for g in (grads, grads_c):
+        with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|double backward"):
+            torch.autograd.grad(g[0].sum(), leaves[0])
