@@ -53,7 +53,7 @@ tail -1 "$OUT/tests.log"
 echo "== gpu_session.sh, quick size, one round per case"
 OUT="$OUT/session" DSRB_GPU_SESSION_INSTALL=0 DSRB_BENCH_SIZE=quick DSRB_BENCH_ROUNDS=1 DSRB_COMMIT="$COMMIT" \
     bash benchmarks/gpu_session.sh >"$OUT/session.log" 2>&1 || { tail -40 "$OUT/session.log"; exit 1; }
-if grep -q "NOT loaded" "$OUT/session.log" ||
+if grep -qE "NOT loaded|== ERROR" "$OUT/session.log" ||
     grep -hE "[0-9]+ (failed|errors?)\b" "$OUT/session/tests.log" "$OUT/session/bench.log"; then
     echo "== rehearsal FAILED: see $OUT/session.log and $OUT/session/" >&2
     exit 1

@@ -12,8 +12,12 @@
 # still writes the cases it finished. After each benchmark part the finished cases are merged and the report
 # (targets first) is rewritten, so whatever the call reaches comes back in $OUT:
 #
-#   build.log, info.txt, tests.log, bench.log, bench-full.json (every finished case), report.md, profile.md
-#   (host vs device time of each op call, benchmarks/profile_ops.py), tests-rest.log
+#   build.log, info.txt, tests.log (the GPU tests, then the rest of the suite), bench.log (with profile_ops' log),
+#   bench-full.json (every finished case), report.md, profile.md (host vs device time of each op call,
+#   benchmarks/profile_ops.py)
+#
+# That is 7 files: the device tool brings back at most 8 from $OUT (device/README.md), and the call ends by
+# saying so if there are more.
 #
 # DSRB_BENCH_ROUNDS (default here 20) sets the timed rounds per case. Rehearse on a CPU machine first:
 # benchmarks/gpu_rehearsal.sh does it with the GPU machine's Python, torch and triton; in the current environment,
@@ -25,6 +29,7 @@ BUDGET="${DSRB_GPU_BUDGET:-500}"
 OUT="${OUT:-$PWD/gpu-out}"
 PARTS="$(mktemp -d)"
 mkdir -p "$OUT"
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1  # the machine reaches no package registry
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" DSRB_EXT_CACHE="${DSRB_EXT_CACHE:-$(mktemp -d)}"
 export DSRB_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
 export DSRB_BENCH_SIZE="${DSRB_BENCH_SIZE:-full}" DSRB_BENCH_ROUNDS="${DSRB_BENCH_ROUNDS:-20}"
@@ -71,9 +76,10 @@ bench() {
 }
 BENCH_PARTS=0
 
-# 1. Install and build. A failed build is reported, and the rest runs without the extension (the triton backend).
+# 1. Install and build (-v: the compilers' output goes to build.log). A failed build is reported by setup.py, the
+#    package installs without the extension (setup.py marks it optional) and the rest runs on the triton backend.
 if [ "${DSRB_GPU_SESSION_INSTALL:-1}" = 1 ]; then
-    part install 60 300 python3 -m pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 ||
+    part install 60 300 python3 -m pip install -v --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 ||
         { tail -30 "$OUT/build.log"; exit 1; }
 fi
 export DSRB_BUILD_ON_FIRST_USE=0  # never a second (first-use) build inside a timed part
@@ -107,8 +113,9 @@ bench ops 40 "fwd+bwd and ($SIZE_TARGETS) and not compile" "${OPS[@]}"
 # Where those calls go (host vs device time, device events per call): benchmarks/profile_ops.py.
 PROFILE_SHAPES=(--shape coco --shape tiny)
 [ "$DSRB_BENCH_SIZE" = quick ] && PROFILE_SHAPES=(--shape coco-b8 --shape tiny)
+echo "== profile_ops ${PROFILE_SHAPES[*]}" >>"$OUT/bench.log"
 part profile 20 90 python3 -m benchmarks.profile_ops "${PROFILE_SHAPES[@]}" --out "$OUT/profile.md" \
-    >"$OUT/profile.log" 2>&1
+    >>"$OUT/bench.log" 2>&1
 bench train_step 40 "not compile and not fast" benchmarks/test_bench_train_step.py
 bench largest_batch 40 "not compile" benchmarks/test_bench_largest_batch.py
 bench compile 40 "fwd+bwd and ($SIZE_TARGETS) and compile" benchmarks/test_bench_semantic_attention.py
@@ -119,12 +126,16 @@ bench train_step_fast 30 "fast and not compile" benchmarks/test_bench_train_step
 bench prototype_pass 30 "" benchmarks/test_bench_prototype_pass.py
 bench scaling 30 "" benchmarks/test_bench_scaling.py
 
-# 4. With time to spare, the rest of the test suite on this host (CPU paths next to a GPU).
+# 4. With time to spare, the rest of the test suite on this host (CPU paths next to a GPU), after the GPU tests in
+#    tests.log.
+echo "== the rest of the tests" >>"$OUT/tests.log"
 part "rest of the tests" 60 0 python3 -m pytest tests -q -rs -p no:cacheprovider \
     --ignore tests/test_ext_backends.py --ignore tests/test_triton_backend.py \
     --ignore tests/test_triton_blend.py --ignore tests/test_triton_semantic_attention.py \
-    --ignore tests/test_registry.py --ignore tests/test_cuda_emulated.py >"$OUT/tests-rest.log" 2>&1
-tail -3 "$OUT/tests-rest.log" 2>/dev/null
+    --ignore tests/test_registry.py --ignore tests/test_cuda_emulated.py >>"$OUT/tests.log" 2>&1
+tail -3 "$OUT/tests.log" 2>/dev/null
 
+N_OUT=$(find "$OUT" -type f | wc -l)
+((N_OUT > 8)) && echo "== ERROR: $N_OUT files under \$OUT, the device tool brings back 8: $(ls "$OUT")"
 echo "== done in $((SECONDS - START)) s; targets:"
 awk '/^### /{on = ($2 == "targets")} on' "$OUT/report.md" 2>/dev/null

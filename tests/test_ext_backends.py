@@ -11,7 +11,7 @@ import torch
 
 import dsrb.ops as ops
 from dsrb import _ext, reference
-from helpers import TOLERANCES, assert_close, dsrb_training_outputs, noncontiguous
+from helpers import TOLERANCES, assert_close, assert_within_baseline, dsrb_training_outputs, noncontiguous
 
 EXT = _ext.load()
 pytestmark = [
@@ -55,9 +55,7 @@ def compare(got, want, dtype, names, baseline=None, baseline_dtypes=HALF):
         if baseline is None or dtype not in baseline_dtypes:
             assert_close(o, r, dtype=dtype, what=name)
             continue
-        err = (o.double() - r).abs().max().item() if r.numel() else 0.0
-        base = (baseline[i].detach().cpu().double() - r).abs().max().item() if r.numel() else 0.0
-        assert err <= 2 * base + TOLERANCES[dtype]["atol"], f"{name}: error {err:.3g} vs torch backend's {base:.3g}"
+        assert_within_baseline(o, r, baseline[i], dtype=dtype, what=name)
 
 
 # ---- semantic_attention ------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from dsrb import reference  # noqa: E402
-from helpers import assert_close, noncontiguous, triton_interpreter_problem  # noqa: E402
+from helpers import assert_close, assert_within_baseline, noncontiguous, triton_interpreter_problem  # noqa: E402
 
 if triton_interpreter_problem():
     pytest.skip(triton_interpreter_problem(), allow_module_level=True)
@@ -97,7 +97,19 @@ def fused(inputs, grads_out, groups=None):
 NAMES = ("S", "a", "grad_x", "grad_u", "grad_e", "grad_v")
 
 
-def compare(inputs, grads_out, *, dtype, tol=None, groups=None):
+def torch_backend(inputs, grads_out):
+    """Outputs and gradients of the ``torch`` backend in the inputs' dtype (the baseline of large or half-precision
+    cases: it also computes in fp32 and backpropagates through the saved, rounded ``a``)."""
+    from dsrb import ops
+
+    ins = [t.detach().requires_grad_() for t in inputs]
+    S, a = ops.semantic_attention(*ins, backend="torch")
+    return (S, a), torch.autograd.grad((S, a), ins, grads_out)
+
+
+def compare(inputs, grads_out, *, dtype, baseline=False, groups=None):
+    """The kernels against the fp64 oracle: within the table's tolerance, or with ``baseline`` within twice the
+    ``torch`` backend's error (:func:`helpers.assert_within_baseline`)."""
     (S, a), grads = fused(inputs, grads_out, groups)
     (S_ref, a_ref), grads_ref = oracle(inputs, grads_out)
     x, u, e, v = inputs
@@ -106,12 +118,14 @@ def compare(inputs, grads_out, *, dtype, tol=None, groups=None):
     assert S.shape == (B, C, D) and a.shape == (B, C, N)
     for t, ref_in in zip((S, a) + tuple(grads), (x, x, x, u, e, v)):
         assert t.dtype == ref_in.dtype and t.is_contiguous()
-    for name, out, ref in zip(NAMES, (S, a) + tuple(grads), (S_ref, a_ref) + tuple(grads_ref)):
-        if tol is None:
+    got, want = (S, a) + tuple(grads), (S_ref, a_ref) + tuple(grads_ref)
+    if baseline:
+        (S_t, a_t), grads_t = torch_backend(inputs, grads_out)
+        for name, out, ref, base in zip(NAMES, got, want, (S_t, a_t) + tuple(grads_t)):
+            assert_within_baseline(out, ref, base, dtype=dtype, what=name)
+    else:
+        for name, out, ref in zip(NAMES, got, want):
             assert_close(out, ref.to(out.device), dtype=dtype, what=name)
-        else:
-            torch.testing.assert_close(out.to(ref.dtype), ref.to(out.device), **tol,
-                                       msg=lambda m, name=name: f"{name}: {m}")
 
 
 # (B, N, C, D, I): odd N (49, 13), C not a multiple of BLOCK_C = 16 (20, 3, 1), D not a multiple of BLOCK_D (33, 7),
@@ -265,26 +279,25 @@ def test_block_size_and_split_policy(shape, sms):
 @gpu_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_gpu(dtype):
-    """Half-precision inputs, fp32 accumulation, against the fp64 oracle on the same rounded values."""
+    """Half-precision inputs, fp32 accumulation, against the fp64 oracle on the same rounded values: within twice
+    the torch backend's error (the gradients come from the saved ``a``, rounded to the inputs' dtype)."""
     if INTERPRETED:
         pytest.skip("bf16/fp16 tl.dot is wrong under the Triton interpreter")
-    compare(*make_inputs(2, 49, 20, 33, 17, dtype=dtype), dtype=dtype)
+    compare(*make_inputs(2, 49, 20, 33, 17, dtype=dtype), dtype=dtype, baseline=True)
 
 
 @gpu_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_coco_shape_gpu(dtype):
-    """COCO: B 8, N 49, C 80, D 1024, I 512.
-
-    fp32 uses a documented looser tolerance (rtol = atol = 1e-4 instead of the table's 1e-5): grad_e and grad_v sum
-    B*N = 392 (and C = 80) products in a different order than the oracle, and the GPU's exp is the fast
-    approximation, so legitimate fp32 rounding grows past 1e-5 at this size. bf16 uses the table.
-    """
+    """COCO: B 8, N 49, C 80, D 1024, I 512, within twice the torch backend's error in the same dtype. No fixed
+    table entry fits this size: grad_e and grad_v sum B*N = 392 (and C = 80) products in another order than the
+    oracle, the GPU's exp is the fast approximation, and in bf16 the gradients come from the saved, rounded ``a``
+    (on the CPU the torch backend's bf16 grad_v is 1.4 off the fp64 oracle, its fp32 one 7e-4, for values up to
+    about 300)."""
     if dtype == torch.bfloat16 and INTERPRETED:
         pytest.skip("bf16 tl.dot is wrong under the Triton interpreter")
     inputs, grads_out = make_inputs(8, 49, 80, 1024, 512, dtype=dtype)
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else None
-    compare(inputs, grads_out, dtype=dtype, tol=tol)
+    compare(inputs, grads_out, dtype=dtype, baseline=True)
     # Only O(B*C*N + B*C*D) extra memory: far below one (B, N, C, I) fp32 tensor (64 MiB here).
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
