@@ -41,13 +41,19 @@ def _mib(value: Optional[float]) -> str:
 def _read(paths: Sequence[str]) -> Tuple[dict, List[dict]]:
     """(merged, runs): the files' cases in one pytest-benchmark document (a later file's case replaces an earlier
     one's of the same name; machine, commit and date from the first file), and each file's path, date, commit,
-    environment and case count for the header."""
+    environment and case count for the header. A file that cannot be read (a part killed while writing it) is
+    reported on stderr and in the header, and the others still make the report."""
     merged: Optional[dict] = None
     cases: Dict[str, dict] = {}
     runs: List[dict] = []
     for path in paths:
-        with open(path) as f:
-            data = json.load(f)
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as exc:
+            print(f"benchmarks.report: skipping {path}: {exc}", file=sys.stderr)
+            runs.append({"path": path, "error": str(exc)})
+            continue
         merged = merged or data
         found = data.get("benchmarks", [])
         runs.append({"path": path, "datetime": data.get("datetime", "?"), "commit": data.get("commit_info", {}),
@@ -209,6 +215,8 @@ def render_targets(rows: List[dict]) -> str:
 
 
 def header(runs: List[dict]) -> str:
+    unread = [r for r in runs if "error" in r]
+    runs = [r for r in runs if "error" not in r]
     info = next((r["info"] for r in runs if r["info"]), {})
     commits = sorted({r["commit"].get("id", "?") + (" (dirty tree)" if r["commit"].get("dirty") else "")
                       for r in runs})
@@ -220,6 +228,7 @@ def header(runs: List[dict]) -> str:
         f"CUDA runtime {info.get('cuda_runtime')}",
         f"- Commit: {', '.join(commits)}",
         "- Files: " + ", ".join(f"{os.path.basename(r['path'])} ({r['cases']} cases)" for r in runs),
+        *([f"- Unreadable, left out: {', '.join(os.path.basename(r['path']) for r in unread)}"] if unread else []),
         "",
         "Speed-up = the other provider's median / this provider's median; memory ratio = the other's peak / this "
         "peak (higher is better for both).",

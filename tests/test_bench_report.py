@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import sys
 
 import pytest
@@ -83,6 +84,23 @@ def test_merge_later_file_wins_and_main_prints_targets_first(tmp_path, capsys):
     assert "| head-coco-b8-fwd+bwd | cpu vs official | – | 3× | no data |" in out
     assert "semantic_attention fwd+bwd >= 10x official" not in out  # a GPU target, and this is a CPU run
     assert "- Files: a.json (2 cases), b.json (1 cases)" in out and "- Commit: abc, def" in out
+
+
+def test_unreadable_file_is_left_out_and_named(tmp_path, capsys):
+    """A part killed while writing its JSON (gpu_session.sh) must not cost the report of the other parts."""
+    g = "prototype_pass-coco-b8-pass"
+    a = write(tmp_path / "a.json", [case(g, "official", 1.0, device="cpu"), case(g, "cpu", 0.02, device="cpu")])
+    cut = tmp_path / "cut.json"
+    cut.write_text(pathlib.Path(a).read_text()[:100])
+    merged = tmp_path / "merged.json"
+    report.main([a, str(cut), "--merged-json", str(merged)])
+    out, err = capsys.readouterr()
+    assert "| prototype_pass-coco-b8-pass | cpu vs official | 50.00× | 100× | NOT met |" in out
+    assert "- Files: a.json (2 cases)" in out and "- Unreadable, left out: cut.json" in out
+    assert "skipping" in err and "cut.json" in err
+    assert len(json.loads(merged.read_text())["benchmarks"]) == 2
+    with pytest.raises(SystemExit, match="no dsrb benchmark cases"):
+        report.main([str(cut)])
 
 
 def test_no_cases_is_an_error(tmp_path):
