@@ -123,13 +123,18 @@ def test_load_images(setup, tmp_path):
 # ---------------------------------------------------------------------------------------------------- predict
 
 
-def _expected_probs(setup):
+def _expected_logits(model, paths):
+    """The fixture model's logits for ``paths``, computed here, independently of dsrb.predict / dsrb.evaluate."""
     from dsrb.data.transforms import TestTransform
 
     t = TestTransform(IMAGE_SIZE)
-    x = torch.stack([t(Image.open(p).convert("RGB")) for p in setup["images"]])
+    x = torch.stack([t(Image.open(p).convert("RGB")) for p in paths])
     with torch.no_grad():
-        return torch.sigmoid(setup["model"](x))
+        return model(x)
+
+
+def _expected_probs(setup):
+    return torch.sigmoid(_expected_logits(setup["model"], setup["images"]))
 
 
 def test_predict_json_and_semantics(setup, tmp_path):
@@ -225,6 +230,32 @@ def test_evaluate(setup, tmp_path, capsys):
     assert written["metrics"]["mAP"] == pytest.approx(sum(aps) / len(aps))
     assert result["metrics"] == written["metrics"]
 
+    # The values themselves, recomputed here: the fixture model's logits for the images of the test list, in the
+    # list's order, against the labels read back from the list (columns in the checkpoint's class order).
+    from dsrb.metrics import compute_metrics, voc_map
+
+    paths, label_rows = [], []
+    with open(os.path.join(setup["data"], "test.csv"), encoding="utf-8") as f:
+        next(f)  # header
+        for line in f:
+            rel, labels = line.rstrip("\n").split(",", 1)
+            paths.append(os.path.join(setup["data"], rel))
+            label_rows.append([n for n in labels.split(";") if n])
+    targets = torch.tensor([[1.0 if name in row else 0.0 for name in CLASSES] for row in label_rows])
+    logits = _expected_logits(setup["model"], paths)
+    expected = compute_metrics(logits, targets)
+    for key in METRIC_KEYS:
+        assert written["metrics"][key] == pytest.approx(float(expected[key]), abs=1e-9), key
+    _, expected_ap = voc_map(logits, targets)
+    assert aps == pytest.approx(expected_ap.tolist(), abs=1e-9)
+    # A hand check of one class's VOC AP, independent of dsrb.metrics: rank by logit, envelope precision.
+    c = 0
+    order = torch.argsort(logits[:, c], descending=True, stable=True)
+    hits = targets[order, c].tolist()
+    precisions = [sum(hits[: r + 1]) / (r + 1) for r in range(len(hits))]
+    hand_ap = sum(max(precisions[r:]) for r in range(len(hits)) if hits[r]) / sum(hits)
+    assert aps[c] == pytest.approx(hand_ap, abs=1e-9)
+
     # Python API, default: nothing written; explicit settings override the checkpoint's.
     again = evaluate_checkpoint(setup["ckpt"], dataset="list", data_root=setup["data"], split="train", workers=0,
                                 device="cpu")
@@ -235,6 +266,22 @@ def test_evaluate(setup, tmp_path, capsys):
     default = os.path.join(os.path.dirname(setup["ckpt"]), "eval_test.json")
     assert os.path.isfile(default)
     os.remove(default)
+
+
+def test_evaluate_reorders_the_datasets_classes(setup, tmp_path):
+    """A dataset listing the checkpoint's classes in another order is scored in the checkpoint's order."""
+    import shutil
+
+    from dsrb.evaluate import evaluate_checkpoint
+
+    data = tmp_path / "reordered"
+    shutil.copytree(setup["data"], data)
+    (data / "classes.txt").write_text("\n".join(reversed(CLASSES)) + "\n", encoding="utf-8")
+    want = evaluate_checkpoint(setup["ckpt"], workers=0, device="cpu")
+    got = evaluate_checkpoint(setup["ckpt"], data_root=str(data), workers=0, device="cpu")
+    assert got["per_class_ap"] == want["per_class_ap"] and got["metrics"] == want["metrics"]
+    aps = [e["ap"] for e in want["per_class_ap"]]
+    assert len(set(aps)) == len(aps)  # distinct per-class APs: a wrong column order would show
 
 
 def test_evaluate_class_mismatch(setup, tmp_path):
@@ -263,6 +310,41 @@ def test_visualize(setup, tmp_path, capsys):
     for p in written:
         with Image.open(p) as img:
             assert img.format == "PNG" and img.size == (IMAGE_SIZE, IMAGE_SIZE) and img.mode == "RGB"
+
+    # Each file is the overlay of its own class's attention, rebuilt here from the fixture model's attention:
+    # a[c] reshaped to (H, W), upsampled bilinearly, min-max scaled, coloured and blended at alpha 0.5 over the
+    # denormalised input (not through dsrb.visualize.attention_maps nor its class selection). At IMAGE_SIZE the
+    # reduced map is 1x1 (every map is constant, hence blank), so this check runs at a larger input: 3x3 maps.
+    import torch.nn.functional as F
+
+    from dsrb.data.transforms import TestTransform, denormalize
+    from dsrb.visualize import overlay
+
+    size = 192
+    big_dir = str(tmp_path / "att_big")
+    big = visualize(setup["ckpt"], setup["images"][0], out_dir=big_dir, device="cpu", image_size=size)
+    assert {os.path.basename(p) for p in big} == names
+    x = TestTransform(size)(Image.open(setup["images"][0]).convert("RGB"))[None]
+    with torch.no_grad():
+        _, a, X = setup["model"].extract(x)
+    H, W = X.shape[-2:]
+    base = denormalize(x[0]).clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    pixels = {}
+    for c, name in enumerate(CLASSES):
+        assert H * W > 1
+        m = F.interpolate(a[0, c].float().reshape(1, 1, H, W), size=(size, size), mode="bilinear",
+                          align_corners=False)[0, 0]
+        assert float(m.max() - m.min()) > 0  # a real map, not a constant one
+        heat = ((m - m.min()) / (m.max() - m.min())).numpy()
+        expected = np.asarray(overlay(base, heat, 0.5), dtype=np.int16)
+        with Image.open(os.path.join(big_dir, f"{stem}_{name.replace(' ', '_')}.png")) as img:
+            got = np.asarray(img.convert("RGB"), dtype=np.int16)
+        assert np.array_equal(got, expected), name  # same operations on the same CPU: bit-exact
+        pixels[name] = got
+    # Different classes look at different places: their overlays differ.
+    for i, first in enumerate(CLASSES):
+        for second in CLASSES[i + 1:]:
+            assert np.abs(pixels[first] - pixels[second]).max() > 10, (first, second)
 
     only = visualize(setup["ckpt"], setup["images"][1], classes="tree", out_dir=out_dir, device="cpu")
     assert [os.path.basename(p) for p in only] == ["img_1_tree.png"]

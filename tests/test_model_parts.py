@@ -461,9 +461,13 @@ def test_dsrb_blend_wiring_matches_ops():
     S2, T2 = reference.prototype_blend(S, T, model.beta, model.prototype_bank.prototypes, q, shift, select)
     torch.testing.assert_close(out.prototype_targets, T2)
     torch.testing.assert_close(out.prototype_logits, model.classify(S2))
-    # Default partner = batch flip.
+    # Default partner = batch flip b -> B - 1 - b, spelled out (not the op's own default, which could be wrong too).
+    flip = torch.arange(S.shape[0] - 1, -1, -1)
+    S_flip, T_flip = ops.instance_blend(S, T, model.alpha, flip)
+    assert not torch.equal(T_flip, ops.instance_blend(S, T, model.alpha, torch.arange(S.shape[0]))[1])
     out_flip = model(x, TARGETS, prototype_blend=False)
-    torch.testing.assert_close(out_flip.instance_targets, ops.instance_blend(S, T, model.alpha)[1])
+    torch.testing.assert_close(out_flip.instance_targets, T_flip)
+    torch.testing.assert_close(out_flip.instance_logits, model.classify(S_flip))
 
 
 def test_dsrb_prototype_not_ready_error():

@@ -4,12 +4,14 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 
 from dsrb import train
 from dsrb.data.builtin import ensure_builtin
+from dsrb.models import DSRB
 
 TINY = ["--backbone-width", "4", "--feature-dim", "16", "--inter-dim", "8", "--word-dim", "6", "--batch-size", "4",
         "--image-size", "64", "--workers", "0", "--blend-start-epoch", "1", "--prototype-interval", "1",
@@ -105,11 +107,45 @@ def test_config_file_and_bad_settings(data_root, tmp_path):
         train.main(["--out", str(tmp_path / "nothing"), "--resume"])
 
 
+# Run under torchrun: dsrb.train.main with train_epoch wrapped so that every rank saves its own parameters after each
+# epoch's training (the run itself writes only rank 0's).
+DDP_LAUNCHER = """
+import inspect, os, sys
+import torch
+from dsrb import train
+
+dump, argv = sys.argv[1], sys.argv[2:]
+real = train.train_epoch
+
+
+def spy(*a, **k):
+    stats = real(*a, **k)
+    bound = inspect.signature(real).bind(*a, **k)
+    core, epoch, d = bound.arguments["core"], bound.arguments["epoch"], bound.arguments["d"]
+    assert d.world == 2 and d.rank == int(os.environ["RANK"])
+    params = {n: p.detach().clone() for n, p in core.named_parameters()}
+    torch.save(params, os.path.join(dump, f"rank{d.rank}_epoch{epoch}.pt"))
+    return stats
+
+
+train.train_epoch = spy
+train.main(argv)
+"""
+
+
 def test_ddp_two_processes_gloo(data_root, tmp_path):
-    out = tmp_path / "ddp"
+    """Two gloo ranks: rank 0 alone writes, and the gradients are all-reduced, so after every epoch both ranks hold
+    the same parameters (each rank trains on its own shard, so without the all-reduce they drift apart)."""
+    out, dump = tmp_path / "ddp", tmp_path / "dump"
+    dump.mkdir()
+    launcher = tmp_path / "launch_ddp.py"
+    launcher.write_text(DDP_LAUNCHER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "dsrb.train", *args(data_root, out, 2)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+           str(launcher), str(dump), *args(data_root, out, 2)]
+    # The launcher lies in tmp_path: put the dsrb in use on the path (after any entries already there).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(train.__file__)))
+    pythonpath = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), root) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath)
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = read_metrics(out)
@@ -118,12 +154,49 @@ def test_ddp_two_processes_gloo(data_root, tmp_path):
     assert records[1]["loss_prototype"] > 0
     # Only rank 0 writes: one line per epoch, one log.
     assert len(records) == 2 and len(list(out.glob("*.log"))) == 1
+    # Both ranks in sync after every epoch, and the parameters changed (training happened).
+    initial = None
+    for epoch in (0, 1):
+        rank0 = torch.load(dump / f"rank0_epoch{epoch}.pt")
+        rank1 = torch.load(dump / f"rank1_epoch{epoch}.pt")
+        assert rank0.keys() == rank1.keys() and rank0
+        for name in rank0:
+            torch.testing.assert_close(rank1[name], rank0[name], rtol=0, atol=0, msg=f"epoch {epoch}: {name} "
+                                       "differs between the ranks (gradients not all-reduced?)")
+        if initial is None:
+            initial = rank0
+        else:
+            assert any(not torch.equal(initial[n], rank0[n]) for n in rank0)
+    # The dump is the model rank 0 saved.
+    saved = torch.load(out / "last.pt", weights_only=False)["model"]
+    for name, value in rank0.items():
+        assert torch.equal(saved[name], value), name
 
 
-def test_bf16_autocast_run(data_root, tmp_path):
+def test_bf16_autocast_run(data_root, tmp_path, monkeypatch):
+    """--amp bf16 runs every training (and evaluation) forward under CPU autocast to bfloat16: the model's forward sees
+    autocast enabled with dtype bfloat16, its nn.Linear head computes in bfloat16 while the weights stay float32."""
+    seen, forward = [], DSRB.forward
+
+    def spy(self, *a, **k):
+        head = []
+        handle = self.head.register_forward_hook(lambda module, inputs, output: head.append(output.dtype))
+        try:
+            out = forward(self, *a, **k)
+        finally:
+            handle.remove()
+        seen.append((self.training, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), set(head),
+                     self.head.weight.dtype))
+        return out
+
+    monkeypatch.setattr(DSRB, "forward", spy)
     train.main(args(data_root, tmp_path / "amp", 2, "--amp", "bf16"))
     records = read_metrics(tmp_path / "amp")
     assert len(records) == 2 and all(0.0 <= r["mAP"] <= 1.0 for r in records)
+    assert len([s for s in seen if s[0]]) == 6  # 2 epochs x 3 training steps
+    assert len([s for s in seen if not s[0]]) == 6  # 2 evaluations x 3 test batches
+    assert all(s[1:] == (True, torch.bfloat16, {torch.bfloat16}, torch.float32) for s in seen), seen
+    assert not torch.is_autocast_enabled("cpu")  # left off after the run
 
 
 def test_channels_last_and_matmul_precision(data_root, tmp_path, monkeypatch):
@@ -185,3 +258,50 @@ def test_tensorboard_logs(data_root, tmp_path):
     pytest.importorskip("tensorboard", reason="the optional tensorboard package is not installed")
     train.main(args(data_root, tmp_path / "tb", 1, "--tensorboard"))
     assert list((tmp_path / "tb" / "tb").glob("events.out.tfevents.*"))
+
+
+class _RecordingWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter: records what the run logs."""
+
+    instances = []
+
+    def __init__(self, log_dir=None, *a, **k):
+        self.log_dir, self.scalars, self.closed = log_dir, [], False
+        self.events = []
+        _RecordingWriter.instances.append(self)
+
+    def add_scalar(self, tag, value, global_step=None, *a, **k):
+        assert not self.closed, "add_scalar after close"
+        self.scalars.append((tag, value, global_step))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def test_tensorboard_logs_every_epoch_metric_with_a_stub_writer(data_root, tmp_path, monkeypatch):
+    """--tensorboard (rank 0) opens one SummaryWriter on <out>/tb, logs every numeric metrics.jsonl value of each
+    epoch under its key at step = epoch, and closes the writer; runs without the tensorboard package."""
+    stub = types.ModuleType("torch.utils.tensorboard")
+    stub.SummaryWriter = _RecordingWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", stub)
+    monkeypatch.setattr(_RecordingWriter, "instances", [])
+    out = tmp_path / "tb"
+    train.main(args(data_root, out, 2, "--tensorboard"))
+    assert len(_RecordingWriter.instances) == 1
+    writer = _RecordingWriter.instances[0]
+    assert os.path.abspath(writer.log_dir) == os.path.abspath(out / "tb") and writer.closed
+    records = read_metrics(out)
+    assert [r["epoch"] for r in records] == [0, 1]
+    expected = [(k, v, r["epoch"]) for r in records for k, v in sorted(r.items())
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "epoch"]
+    assert sorted(writer.scalars) == sorted(expected)
+    tags = {t for t, _, _ in writer.scalars}
+    assert {"loss", "mAP", "OF1", "CF1", "lr", "alpha", "beta", "loss_instance", "loss_prototype"} <= tags
+    for epoch in (0, 1):
+        assert len([1 for t, _, s in writer.scalars if s == epoch]) == len(expected) // 2
+    # Without --tensorboard no writer is opened.
+    train.main(args(data_root, tmp_path / "no_tb", 1))
+    assert len(_RecordingWriter.instances) == 1
