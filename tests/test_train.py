@@ -267,7 +267,6 @@ class _RecordingWriter:
 
     def __init__(self, log_dir=None, *a, **k):
         self.log_dir, self.scalars, self.closed = log_dir, [], False
-        self.events = []
         _RecordingWriter.instances.append(self)
 
     def add_scalar(self, tag, value, global_step=None, *a, **k):
