@@ -7,6 +7,7 @@ traces, where they would break the graph.
 
 from __future__ import annotations
 
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -77,6 +78,26 @@ def check_scalar_param(name: str, t) -> None:
         raise TypeError(f"argument '{name}': expected a floating-point tensor, got dtype {t.dtype}")
 
 
+def check_int(name: str, value, *, minimum: Optional[int] = None) -> int:
+    """``value`` as a Python int: an int or an integer scalar (NumPy, one-element integer tensor), not a bool nor a
+    float (never truncated); at least ``minimum`` when given. A size traced by torch.compile (SymInt) is specialised.
+    """
+    if isinstance(value, torch.SymInt):
+        index = int(value)
+    else:
+        is_bool = isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+        try:
+            index = None if is_bool else operator.index(value)
+        except TypeError:
+            index = None
+        if index is None:
+            raise TypeError(f"argument '{name}': expected an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and index < minimum:
+        kind = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
+        raise ValueError(f"argument '{name}': expected {kind}, got {index}")
+    return index
+
+
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
@@ -95,6 +116,17 @@ def _read(pairs) -> list:
     return torch.stack(pairs).tolist() if pairs else []
 
 
+def _unsigned(dtype: torch.dtype) -> bool:
+    return not dtype.is_signed and dtype != torch.bool
+
+
+def _bad_targets(t: torch.Tensor) -> torch.Tensor:
+    """Where t holds a value other than -1, 0, 1 (0, 1 for an unsigned dtype, in which -1 compares equal to the
+    largest value: 255 == -1 in uint8)."""
+    bad = (t != 0) & (t != 1)
+    return bad if _unsigned(t.dtype) else bad & (t != -1)
+
+
 def _report_ranges(checks, values) -> None:
     for (name, _, low, high), (lo, hi) in zip(checks, values):
         if lo < low or hi > high:
@@ -102,7 +134,8 @@ def _report_ranges(checks, values) -> None:
 
 
 def check_targets(name: str, t: torch.Tensor, *ranges) -> None:
-    """Partial targets must hold only -1 (known absent), 0 (unknown) and +1 (known present).
+    """Partial targets must hold only -1 (known absent), 0 (unknown) and +1 (known present); an unsigned integer
+    tensor, which cannot hold -1, only 0 and 1.
 
     ``ranges``: (name, tensor, low, high) checks on t's device: an integer tensor with every value in [low, high]
     (inclusive), read in the same device-to-host copy as the targets' own check (one synchronisation for all,
@@ -119,10 +152,15 @@ def check_targets(name: str, t: torch.Tensor, *ranges) -> None:
         if t.dtype in _SIGNED_INT:
             own, valid = _min_max(t), lambda lo, hi: lo >= -1 and hi <= 1
         else:  # the number of entries outside {-1, 0, 1}, as a pair
-            n = ((t != 0) & (t != 1) & (t != -1)).sum()
+            n = _bad_targets(t).sum()
             own, valid = torch.stack([n, n]).long(), lambda lo, hi: hi == 0
     values = _read([_min_max(r[1]) for r in ranges] + ([own] if own is not None else []))
     if own is not None and not valid(*values[-1]):
-        wrong = (t != 0) & (t != 1) & (t != -1)
-        raise ValueError(f"argument '{name}': expected values in {{-1, 0, 1}}, found {t[wrong].flatten()[0].item()}")
+        found = t[_bad_targets(t)].flatten()[0].item()
+        if _unsigned(t.dtype):
+            raise ValueError(
+                f"argument '{name}': expected values in {{0, 1}} for unsigned dtype {t.dtype} (which cannot hold -1; "
+                f"use a signed or float dtype for known negatives), found {found}"
+            )
+        raise ValueError(f"argument '{name}': expected values in {{-1, 0, 1}}, found {found}")
     _report_ranges(ranges, values)

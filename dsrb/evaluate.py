@@ -30,7 +30,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from .checkpoint import atomic_write
-from .inference import load_model, non_negative_int, positive_int, resolve_device
+from .inference import (check_finite_logits, device_arg, load_model, non_negative_int, positive_int, resolve_device,
+                        run_main)
 from .metrics import METRIC_KEYS, compute_metrics, voc_map
 
 __all__ = ["evaluate_checkpoint", "format_table", "main"]
@@ -96,6 +97,8 @@ def evaluate_checkpoint(
         raise ValueError(f"argument 'batch_size': expected a positive int, got {batch_size!r}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"argument 'workers': expected a non-negative int, got {workers!r}")
+    if out is not None and os.path.isdir(out):
+        raise ValueError(f"argument 'out' (--out): expected a JSON file path, but {os.fspath(out)} is a folder")
     dev = resolve_device(device)
     path = os.fspath(checkpoint)
     model, info = load_model(path, device=dev)
@@ -118,6 +121,7 @@ def evaluate_checkpoint(
     C = info["num_classes"]
     scores_t = torch.cat(scores) if scores else torch.zeros(0, C)
     index_t = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
+    check_finite_logits(scores_t, path)
     labels = torch.as_tensor(ds.labels)[index_t].float()
     if order is not None:
         labels = labels[:, order]
@@ -176,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="test", choices=("train", "test"), help="default test")
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader workers (default 2)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    parser.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help="input side (default: the checkpoint's training image size)")
     parser.add_argument("--skip-bad-images", dest="skip_bad", action=argparse.BooleanOptionalAction, default=None,
@@ -200,4 +204,4 @@ def main(argv=None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main("python -m dsrb.evaluate", main)

@@ -10,8 +10,8 @@ dict) are used when present. Checkpoints are Python pickles (they hold NumPy RNG
 from __future__ import annotations
 
 import argparse
-
 import os
+import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -30,6 +30,7 @@ __all__ = [
     "open_image",
     "ImageFiles",
     "image_logits",
+    "check_finite_logits",
     "sanitize",
 ]
 
@@ -87,6 +88,12 @@ def _read_checkpoint(path: str) -> Dict[str, Any]:
         )
     if not isinstance(state["model_kwargs"], dict) or not isinstance(state["model"], dict):
         raise CheckpointError(f"{path} is not a dsrb training checkpoint: 'model' and 'model_kwargs' must be dicts")
+    for key, value in state["model"].items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(
+                f"checkpoint {path}: the saved weight '{key}' holds NaN or inf values (a diverged training run?); "
+                "its predictions would be meaningless"
+            )
     return state
 
 
@@ -107,8 +114,9 @@ def load_model(checkpoint_path: PathLike, *, device: Union[str, torch.device] = 
         (None when absent).
 
     Raises:
-        FileNotFoundError: no such file. CheckpointError (a ValueError): not a dsrb training checkpoint, or its
-        weights do not fit the model its model_kwargs describe. Every message names the path.
+        FileNotFoundError: no such file. CheckpointError (a ValueError): not a dsrb training checkpoint, its
+        weights hold NaN or inf, or they do not fit the model its model_kwargs describe. Every message names the
+        path.
     """
     path = os.fspath(checkpoint_path)
     state = _read_checkpoint(path)
@@ -237,6 +245,18 @@ def image_logits(model: DSRB, paths: Sequence[str], image_size: int, *, batch_si
     return torch.cat(chunks)
 
 
+def check_finite_logits(logits: torch.Tensor, checkpoint, paths: Optional[Sequence[str]] = None) -> None:
+    """Raise a CheckpointError naming ``checkpoint`` (and the first image) unless every logit is finite."""
+    bad = ~torch.isfinite(logits)
+    if bool(bad.any()):
+        row = int(bad.any(1).nonzero()[0, 0])
+        where = f" for image {paths[row]}" if paths is not None else f" for image {row}"
+        raise CheckpointError(
+            f"checkpoint {os.fspath(checkpoint)}: the model gives non-finite scores (NaN or inf){where}; the "
+            "checkpoint's weights are probably broken (a diverged training run?)"
+        )
+
+
 def sanitize(name: str) -> str:
     """A file-name-safe version of a class name: characters other than letters, digits, '.', '-', '_' become '_'."""
     safe = "".join(ch if (ch.isascii() and ch.isalnum()) or ch in "._-" else "_" for ch in name).strip(".")
@@ -259,3 +279,21 @@ def _int_at_least(minimum: int, what: str):
 # argparse types shared by the command-line tools.
 positive_int = _int_at_least(1, "positive")
 non_negative_int = _int_at_least(0, "non-negative")
+
+
+def device_arg(text: str) -> str:
+    """argparse type of --device: the text, once :func:`resolve_device` accepts it (argparse then names --device)."""
+    try:
+        resolve_device(text)
+    except (ValueError, RuntimeError) as err:
+        raise argparse.ArgumentTypeError(str(err).replace("argument 'device': ", "")) from None
+    return text
+
+
+def run_main(prog: str, main) -> None:
+    """Run a command-line ``main()``; a user error (a bad setting, a missing or unreadable file) is printed as
+    "<prog>: error: ..." without a traceback, exit status 1 (as ``python -m dsrb.train``)."""
+    try:
+        main()
+    except (ValueError, OSError) as err:  # CheckpointError is a ValueError; OSError: FileNotFoundError, ...
+        sys.exit(f"{prog}: error: {err}")

@@ -31,7 +31,8 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from .checkpoint import atomic_write
-from .inference import image_logits, load_images, load_model, non_negative_int, positive_int, resolve_device
+from .inference import (check_finite_logits, device_arg, image_logits, load_images, load_model, non_negative_int,
+                        positive_int, resolve_device, run_main)
 
 __all__ = ["predict", "select_labels", "main"]
 
@@ -95,7 +96,9 @@ def predict(
     dev = resolve_device(device)
     model, info = load_model(checkpoint, device=dev)
     size = image_size if image_size is not None else info["image_size"]
-    probs = torch.sigmoid(image_logits(model, paths, size, batch_size=batch_size, workers=workers, device=dev))
+    logits = image_logits(model, paths, size, batch_size=batch_size, workers=workers, device=dev)
+    check_finite_logits(logits, checkpoint, paths)
+    probs = torch.sigmoid(logits)
     selected = select_labels(probs, threshold, top_k)
     names = info["class_names"]
     results = []
@@ -132,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="probability threshold (default 0.5 unless --top-k is given)")
     parser.add_argument("--top-k", type=positive_int, default=None, help="return the K most probable classes")
     parser.add_argument("--out", default=None, help="JSON file to write (default: print to stdout)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    parser.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers (default 0)")
     parser.add_argument("--image-size", type=positive_int, default=None,
@@ -142,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> List[Dict]:
     args = build_parser().parse_args(argv)
+    if args.out and os.path.isdir(args.out):
+        raise ValueError(f"argument --out: expected a JSON file path, but {args.out} is a folder")
     results = predict(args.checkpoint, args.images, threshold=args.threshold, top_k=args.top_k, device=args.device,
                       batch_size=args.batch_size, workers=args.workers, image_size=args.image_size)
     text = json.dumps(results, indent=2) + "\n"
@@ -154,4 +159,4 @@ def main(argv=None) -> List[Dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main("python -m dsrb.predict", main)

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .inference import load_images, load_model, open_image, positive_int, resolve_device, sanitize
+from .inference import (device_arg, load_images, load_model, open_image, positive_int, resolve_device, run_main,
+                        sanitize)
 
 __all__ = ["visualize", "colormap", "attention_maps", "overlay", "main"]
 
@@ -131,6 +132,9 @@ def visualize(
         raise ValueError(f"argument 'top_k': expected a positive int, got {top_k!r}")
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"argument 'alpha': expected a number in [0, 1], got {alpha!r}")
+    out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"argument 'out_dir' (--out-dir): expected a folder, but {out_dir} is an existing file")
     paths = load_images(images)
     dev = resolve_device(device)
     model, info = load_model(checkpoint, device=dev)
@@ -139,7 +143,6 @@ def visualize(
     k = min(top_k if top_k is not None else DEFAULT_TOP_K, len(names))
     size = image_size if image_size is not None else info["image_size"]
     transform = TestTransform(size)
-    out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     written: List[str] = []
     used: dict = {}
@@ -175,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--top-k", type=positive_int, default=None,
                        help=f"show the K most probable classes of each image (default {DEFAULT_TOP_K})")
     parser.add_argument("--out-dir", default="attention", help="output folder (default attention/)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    parser.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help="input side (default: the checkpoint's training image size)")
     parser.add_argument("--alpha", type=float, default=0.5, help="heat-map weight in the blend (default 0.5)")
@@ -192,4 +195,4 @@ def main(argv=None) -> List[str]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main("python -m dsrb.visualize", main)

@@ -258,6 +258,8 @@ class DSRB(nn.Module):
         _positive_int("inter_dim", inter_dim)
         _positive_int("gnn_steps", gnn_steps, minimum=0)
         self.top_k = _positive_int("top_k", top_k, minimum=0)
+        if top_k > num_classes:  # PPRB would then never blend anything (it needs top_k unknown labels per image)
+            raise ValueError(f"argument 'top_k': expected at most num_classes = {num_classes}, got {top_k}")
         _positive_int("prototype_cap", prototype_cap)
         self.compat = check_compat(compat)
         self.detach_blend_targets = bool(detach_blend_targets)
@@ -348,6 +350,13 @@ class DSRB(nn.Module):
             raise ValueError(
                 f"argument 'images': expected a tensor on the model's device {self.word_features.device}, "
                 f"got {images.device}"
+            )
+        # Under autocast the layers cast their inputs; otherwise a mismatch fails deep inside the first conv.
+        dtype = self.reduction[0].weight.dtype
+        if images.dtype != dtype and not torch.is_autocast_enabled(images.device.type):
+            raise TypeError(
+                f"argument 'images': expected dtype {dtype} (the model's parameters), got {images.dtype}; convert "
+                f"the images (images.to({dtype})) or the model (model.to({images.dtype}))"
             )
 
     def _check_targets(self, targets, images, *ranges, validate: bool = True) -> None:

@@ -18,7 +18,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .._checks import check_same_device, check_targets, check_tensor
+from .._checks import check_int, check_same_device, check_targets, check_tensor
 from ._common import plain
 from ._registry import define_op, extension_backends, register_impl, select
 
@@ -69,8 +69,8 @@ for _backend in extension_backends():
             return None
 
 
-def _check_layout(sums: Tensor, counts: Tensor, S: Tensor, T: Tensor, quadrant: Tensor, cap: int) -> None:
-    """Ranks, shapes, dtypes, devices and cap: read from the tensors' metadata, no tensor op."""
+def _check_layout(sums: Tensor, counts: Tensor, S: Tensor, T: Tensor, quadrant: Tensor, cap: int) -> int:
+    """Ranks, shapes, dtypes, devices and cap (returned as an int): read from the tensors' metadata, no tensor op."""
     check_tensor("S", S, ndim=3, kind="float")
     B, C, D = S.shape
     check_tensor("sums", sums, shape=(C, 4, D), kind="float")
@@ -78,8 +78,7 @@ def _check_layout(sums: Tensor, counts: Tensor, S: Tensor, T: Tensor, quadrant: 
     check_tensor("T", T, shape=(B, C), kind="real")
     check_tensor("quadrant", quadrant, shape=(B, C), kind="int")
     check_same_device(sums=sums, counts=counts, S=S, T=T, quadrant=quadrant)
-    if int(cap) < 0:
-        raise ValueError(f"argument 'cap': expected a non-negative integer, got {cap}")
+    return check_int("cap", cap, minimum=0)
 
 
 def _check_values(T: Tensor, quadrant: Tensor) -> None:
@@ -103,12 +102,11 @@ def prototype_bank_update(
     Returns:
         (new_sums, new_counts); the inputs are not modified.
     """
-    _check_layout(sums, counts, S, T, quadrant, cap)
+    cap = _check_layout(sums, counts, S, T, quadrant, cap)
     if validate:
         _check_values(T, quadrant)
     fn = select("prototype_bank_update", S.device, S.dtype, backend)
-    return fn(plain(sums), plain(counts, torch.int64), plain(S), plain(T, S.dtype), plain(quadrant, torch.int64),
-              int(cap))
+    return fn(plain(sums), plain(counts, torch.int64), plain(S), plain(T, S.dtype), plain(quadrant, torch.int64), cap)
 
 
 def prototype_bank_update_(
@@ -124,12 +122,14 @@ def prototype_bank_update_(
     kernel checks the values of T and quadrant itself, as it reads them, and takes T in its own dtype, so a batch is
     one call through the dispatcher.
     """
-    _check_layout(sums, counts, S, T, quadrant, cap)
+    cap = _check_layout(sums, counts, S, T, quadrant, cap)
     fn = select("prototype_bank_update", S.device, S.dtype, backend)
     in_place = _IN_PLACE.get(fn)
     if in_place is not None and counts.dtype == torch.int64 and sums.is_contiguous() and counts.is_contiguous():
+        if validate and not T.dtype.is_signed and T.dtype != torch.bool:
+            _check_values(T, quadrant)  # the kernel compares in T's dtype, where 255 == -1 in uint8
         try:
-            in_place(sums, counts, plain(S), plain(T), plain(quadrant, torch.int64), int(cap))
+            in_place(sums, counts, plain(S), plain(T), plain(quadrant, torch.int64), cap)
             return
         except ValueError as error:  # a value the kernel rejects (nothing written) ...
             rejected = error
@@ -138,6 +138,6 @@ def prototype_bank_update_(
     if validate:
         _check_values(T, quadrant)
     new_sums, new_counts = fn(plain(sums), plain(counts, torch.int64), plain(S), plain(T, S.dtype),
-                              plain(quadrant, torch.int64), int(cap))
+                              plain(quadrant, torch.int64), cap)
     sums.copy_(new_sums)
     counts.copy_(new_counts)

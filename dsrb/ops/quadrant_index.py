@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import check_same_device, check_tensor
+from .._checks import check_int, check_same_device, check_tensor
 from ._common import plain
 from ._registry import define_op, extension_backends, register_impl, select
 
@@ -63,7 +63,7 @@ def quadrant_index(a: Tensor, x_sum: Tensor, height: int, width: int, *, backend
     B, C, N = a.shape
     check_tensor("x_sum", x_sum, shape=(B, N), kind="float")
     check_same_device(a=a, x_sum=x_sum)
-    height, width = int(height), int(width)
+    height, width = check_int("height", height), check_int("width", width)
     if height < 1 or width < 1 or height * width != N:
         raise ValueError(f"arguments 'height', 'width': expected height * width == N = {N}, got {height} x {width}")
     fn = select("quadrant_index", a.device, a.dtype, backend)

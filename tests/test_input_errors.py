@@ -1,0 +1,163 @@
+"""User mistakes give a clear error naming the argument (audit items): unsigned targets, top_k, non-finite
+checkpoints, non-integer sizes, image dtype, and the command-line tools' exit without a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dsrb.ops as ops
+from dsrb import losses
+from dsrb import inference
+from dsrb.inference import CheckpointError
+from dsrb.models import DSRB
+from dsrb.predict import predict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ["cat", "dog", "tree"]
+IMAGE_SIZE = 64
+KWARGS = dict(backbone="resnet18", backbone_width=4, feature_dim=16, inter_dim=8, word_dim=6, gnn_steps=2,
+              avgpool=True, freeze_backbone=False, backend="torch")
+
+
+def _model(**extra):
+    torch.manual_seed(0)
+    return DSRB(len(CLASSES), word_features=torch.randn(len(CLASSES), 6), **{**KWARGS, **extra})
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny checkpoint (as in test_inference_cli), one with a NaN weight, an image, a non-image and a plain file."""
+    tmp = tmp_path_factory.mktemp("input_errors")
+    model = _model().eval()
+    state = {"model": model.state_dict(), "model_kwargs": dict(KWARGS), "num_classes": len(CLASSES),
+             "class_names": list(CLASSES), "epoch": 1, "config": {"image_size": IMAGE_SIZE}}
+    torch.save(state, tmp / "best.pt")
+    broken = {k: v.clone() for k, v in state["model"].items()}
+    broken["head.weight"][0, 0] = float("nan")
+    torch.save({**state, "model": broken}, tmp / "nan.pt")
+    image = tmp / "img.png"
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)).save(image)
+    (tmp / "not_image.png").write_text("hello")
+    (tmp / "a_file").write_text("x")
+    return {"tmp": tmp, "ckpt": str(tmp / "best.pt"), "nan": str(tmp / "nan.pt"), "image": str(image)}
+
+
+# ------------------------------------------------------------------------------------------ 1. unsigned targets
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.uint64])
+def test_unsigned_targets_reject_255(dtype):
+    S = torch.randn(2, 3, 4)
+    T = torch.tensor([[1, 0, 255], [0, 1, 0]]).to(dtype)
+    with pytest.raises(ValueError, match=r"argument 'T': expected values in \{0, 1\}.*found 255"):
+        ops.instance_blend(S, T, torch.tensor(0.5))
+    q = torch.zeros(2, 3, dtype=torch.int64)
+    sums, counts = torch.zeros(3, 4, 4), torch.zeros(3, 4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="argument 'T'.*found 255"):
+        ops.prototype_bank_update(sums, counts, S, T, q)
+    with pytest.raises(ValueError, match="argument 'T'.*found 255"):
+        ops.prototype_bank_update_(sums, counts, S, T, q)
+    assert not sums.any() and not counts.any()
+    with pytest.raises(ValueError, match="argument 'targets'.*found 255"):
+        losses.contrastive_loss(S, T)
+    # 0 and 1 in an unsigned dtype are fine.
+    _, T1 = ops.instance_blend(S, (T == 1).to(dtype), torch.tensor(0.5))
+    assert torch.equal(T1, torch.tensor([[1.0, 0.5, 0.0], [0.5, 1.0, 0.0]]))
+
+
+def test_model_rejects_uint8_targets_of_255():
+    model = _model().train()
+    T8 = torch.tensor([[1, 0, 255], [0, 1, 0]], dtype=torch.uint8)
+    with pytest.raises(ValueError, match="argument 'targets'.*found 255"):
+        model(torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE), T8, prototype_blend=False)
+
+
+# ------------------------------------------------------------------------------------------------ 2. top_k
+
+
+def test_top_k_larger_than_num_classes():
+    with pytest.raises(ValueError, match="argument 'top_k'.*at most num_classes = 3.*99"):
+        _model(top_k=99)
+    assert _model(top_k=3).top_k == 3
+
+
+# -------------------------------------------------------------------------------------- 3. non-finite weights
+
+
+def test_predict_rejects_nan_checkpoint(files):
+    with pytest.raises(CheckpointError, match=r"nan\.pt.*'head\.weight'.*NaN"):
+        predict(files["nan"], files["image"], device="cpu")
+    with pytest.raises(CheckpointError, match=r"best\.pt.*non-finite.*b\.png"):
+        logits = torch.tensor([[0.0, 1.0], [float("inf"), 0.0]])
+        inference.check_finite_logits(logits, files["ckpt"], ["a.png", "b.png"])
+
+
+# --------------------------------------------------------------------------------------- 4. integer arguments
+
+
+def test_sizes_must_be_ints():
+    a, x_sum = torch.softmax(torch.randn(1, 2, 9), -1), torch.randn(1, 9)
+    with pytest.raises(TypeError, match="argument 'height': expected an int, got float 3.9"):
+        ops.quadrant_index(a, x_sum, 3.9, 3)
+    with pytest.raises(TypeError, match="argument 'width'"):
+        ops.quadrant_index(a, x_sum, 3, True)
+    expected = ops.quadrant_index(a, x_sum, 3, 3)
+    assert torch.equal(ops.quadrant_index(a, x_sum, np.int64(3), torch.tensor(3)), expected)
+
+    S, T = torch.randn(2, 3, 4), torch.ones(2, 3)
+    q = torch.zeros(2, 3, dtype=torch.int64)
+    sums, counts = torch.zeros(3, 4, 4), torch.zeros(3, 4, dtype=torch.int64)
+    for bad in (2.7, None, "2", False):
+        with pytest.raises(TypeError, match="argument 'cap': expected an int"):
+            ops.prototype_bank_update(sums, counts, S, T, q, bad)
+        with pytest.raises(TypeError, match="argument 'cap': expected an int"):
+            ops.prototype_bank_update_(sums, counts, S, T, q, bad)
+    _, new_counts = ops.prototype_bank_update(sums, counts, S, T, q, np.int32(1))
+    assert int(new_counts.sum()) == 3
+
+
+# --------------------------------------------------------------------------------------------- 5. image dtype
+
+
+def test_image_dtype_must_match_the_model():
+    model = _model().eval()
+    with pytest.raises(TypeError, match="argument 'images': expected dtype torch.float32.*got torch.float64"):
+        model(torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.float64))
+    with torch.no_grad():
+        assert model.double()(torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.float64)).dtype == torch.float64
+        model.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the inputs itself
+            model(torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bfloat16))
+
+
+# ------------------------------------------------------------------------------------ 6. command-line errors
+
+
+def _cli(tool, *args):
+    return subprocess.run([sys.executable, "-m", f"dsrb.{tool}", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_user_errors_exit_without_traceback(files):
+    tmp, ckpt, image = files["tmp"], files["ckpt"], files["image"]
+    cases = [
+        ("predict", ["--checkpoint", str(tmp / "missing.pt"), image], 1, "checkpoint not found"),
+        ("predict", ["--checkpoint", files["nan"], image], 1, "NaN"),
+        ("predict", ["--checkpoint", ckpt, str(tmp / "not_image.png")], 1, "cannot read image"),
+        ("predict", ["--checkpoint", ckpt, image, "--device", "foo"], 2, "argument --device"),
+        ("visualize", ["--checkpoint", ckpt, image, "--out-dir", str(tmp / "a_file")], 1, "--out-dir"),
+        ("visualize", ["--checkpoint", ckpt, image, "--alpha", "5"], 1, "argument 'alpha'"),
+        ("evaluate", ["--checkpoint", ckpt, "--dataset", "coco"], 1, "argument 'root'"),
+    ]
+    for tool, args, code, message in cases:
+        proc = _cli(tool, *args)
+        assert proc.returncode == code, (tool, args, proc.stderr)
+        assert "Traceback" not in proc.stderr and f"dsrb.{tool}: error:" in proc.stderr, proc.stderr
+        assert message in proc.stderr, proc.stderr
