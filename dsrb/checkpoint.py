@@ -48,10 +48,16 @@ def save_json(path: str, obj: Any) -> None:
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
+    """The dict saved by :func:`save_checkpoint`; a ValueError naming ``path`` if it cannot be read (truncated)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     # Our checkpoints hold numpy RNG state and plain Python values besides tensors.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch.load raises many kinds (OSError, UnpicklingError, RuntimeError, EOFError, ...)
+        raise ValueError(f"checkpoint {path} could not be read ({type(err).__name__}: {err}); the file is truncated "
+                         "or not a checkpoint written by python -m dsrb.train") from err
+    return state
 
 
 def rng_state() -> Dict[str, Any]:

@@ -1,7 +1,9 @@
 """Training settings: one dataclass, four presets, overrides from a YAML/JSON file and from flags.
 
-Precedence: preset < config file < command-line flags. ``python -m dsrb.train --help`` lists every setting; each
-field below is one flag (``known_proportion`` -> ``--known-proportion``; booleans take ``--name`` / ``--no-name``).
+Precedence: preset < config file < command-line flags (a config file may name the preset; ``--preset`` wins). Every
+value is checked against its field's type and range, with an error naming the setting (and the file).
+``python -m dsrb.train --help`` lists every setting; each field below is one flag (``known_proportion`` ->
+``--known-proportion``; booleans take ``--name`` / ``--no-name``).
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional
 
@@ -76,34 +80,139 @@ class TrainConfig:
     preset: str = field(default="demo")
 
     def validate(self) -> "TrainConfig":
-        def bad(name, expected):
-            raise ValueError(f"setting '{name}': expected {expected}, got {getattr(self, name)!r}")
-
-        if self.method not in METHODS:
-            bad("method", f"one of {METHODS}")
-        if self.amp not in AMP_MODES:
-            bad("amp", f"one of {AMP_MODES}")
-        if self.matmul_precision not in MATMUL_PRECISIONS:
-            bad("matmul_precision", f"one of {MATMUL_PRECISIONS}")
-        if self.compat not in ("fixed", "official"):
-            bad("compat", "'fixed' or 'official'")
-        if not 0.0 < self.known_proportion <= 1.0:
-            bad("known_proportion", "a number in (0, 1]")
-        for name in ("epochs", "batch_size", "image_size", "prototype_interval", "prototype_cap", "lr_step"):
-            if getattr(self, name) < 1:
-                bad(name, "a positive integer")
-        for name in ("workers", "blend_start_epoch", "top_k", "gnn_steps"):
-            if getattr(self, name) < 0:
-                bad(name, "a non-negative integer")
-        for name in ("lr", "weight_decay", "contrastive_weight", "instance_weight", "prototype_weight"):
-            if not getattr(self, name) >= 0:
-                bad(name, "a non-negative number")
+        """Every setting's type (:func:`check_types`) and value (:func:`check_values`), and the image size against
+        the 2x2 pool; a ValueError names the first wrong setting."""
+        values = check_types(dataclasses.asdict(self), "TrainConfig")
+        check_values(values)
+        minimum = _min_image_size(self.avgpool)
+        if self.image_size < minimum:
+            _bad("image_size", self.image_size, f"at least {minimum} with --avgpool (the 2x2 pool after layer4 needs "
+                 "a 2x2 map; or --no-avgpool)")
         return self
 
     @property
     def blending(self) -> bool:
         return self.method == "dsrb" and (self.instance_blend or self.prototype_blend)
 
+
+_POSITIVE_INTS = ("epochs", "batch_size", "image_size", "prototype_interval", "prototype_cap", "lr_step",
+                  "backbone_width", "feature_dim", "inter_dim", "word_dim")
+_NON_NEGATIVE_INTS = ("workers", "blend_start_epoch", "top_k", "gnn_steps")
+_BATCH_LIMITS = ("limit_train_batches", "limit_test_batches")  # None: every batch
+_NON_NEGATIVE_FLOATS = ("lr", "weight_decay", "contrastive_weight", "instance_weight", "prototype_weight")
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+DEVICES = "'auto', 'cpu', 'cuda' or 'cuda:N'"
+
+
+def _bad(name: str, value, expected: str):
+    raise ValueError(f"setting '{name}' (--{name.replace('_', '-')}): expected {expected}, got {value!r}")
+
+
+def _choices() -> Dict[str, tuple]:
+    from .data.registry import DATASETS
+    from .models.resnet import BACKBONES
+    from .ops import KNOWN_BACKENDS
+
+    return {"method": METHODS, "amp": AMP_MODES, "matmul_precision": MATMUL_PRECISIONS, "compat": ("fixed", "official"),
+            "preset": tuple(PRESETS), "dataset": tuple(DATASETS), "backbone": tuple(BACKBONES),
+            "backend": ("auto",) + tuple(KNOWN_BACKENDS)}
+
+
+def _min_image_size(avgpool: bool) -> int:
+    from .models.resnet import _STRIDE
+
+    return _STRIDE + 1 if avgpool else 1
+
+
+def check_values(values: Dict[str, Any]) -> None:
+    """A ValueError naming the first setting of ``values`` (field name -> value, types already right) whose value is
+    out of range: a choice not offered, a negative count, a non-finite or negative rate, a malformed device."""
+    def get(names):
+        return [(n, values[n]) for n in names if n in values]
+
+    for name, options in _choices().items():
+        if name in values and values[name] not in options:
+            _bad(name, values[name], f"one of {options}")
+    for name, value in get(_POSITIVE_INTS):
+        if value < 1:
+            _bad(name, value, "a positive integer")
+    for name, value in get(_NON_NEGATIVE_INTS):
+        if value < 0:
+            _bad(name, value, "a non-negative integer")
+    for name, value in get(_BATCH_LIMITS):
+        if value is not None and value < 1:
+            _bad(name, value, "a positive integer (leave it unset for every batch)")
+    for name, value in get(_NON_NEGATIVE_FLOATS):
+        if not (math.isfinite(value) and value >= 0):
+            _bad(name, value, "a finite number >= 0")
+    for name, value in get(("lr_gamma",)):
+        if not (math.isfinite(value) and value > 0):
+            _bad(name, value, "a finite number > 0")
+    for name, value in get(("known_proportion",)):
+        if not 0.0 < value <= 1.0:
+            _bad(name, value, "a number in (0, 1]")
+    for name, value in get(("label_seed",)):
+        if not 0 <= value < 2**32:
+            _bad(name, value, "an integer in [0, 2**32)")
+    for name, value in get(("device",)):
+        if not _DEVICE.fullmatch(value):
+            _bad(name, value, DEVICES)
+
+
+def check_device(text: str, *, local_rank: int = 0, name: str = "setting 'device' (--device)"):
+    """``text`` ('auto', 'cpu', 'cuda' or 'cuda:N') as a torch.device that exists on this machine, else a ValueError
+    naming ``name``. 'auto': CUDA when available (GPU ``local_rank``), else the CPU; 'cuda': GPU ``local_rank``."""
+    import torch
+
+    if not isinstance(text, str) or not _DEVICE.fullmatch(text):
+        raise ValueError(f"{name}: expected {DEVICES}, got {text!r}")
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(text)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}: {text!r} was requested but no CUDA device is available (use --device cpu)")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}: {text!r} was requested but this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s): cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+_TYPE_NAMES = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+
+
+def check_types(data: Dict[str, Any], source: str) -> Dict[str, Any]:
+    """The settings ``data`` (field name -> value, read from ``source``: a file) checked against the field types:
+    a bool must be a true/false, an int an integer (not a bool), a float a number (an integer is converted), a str a
+    string; null only for the Optional settings. A ValueError names ``source`` and the setting."""
+    out = {}
+    for f in fields(TrainConfig):
+        if f.name not in data:
+            continue
+        value, kind = data[f.name], str(f.type)
+        optional = kind.startswith("Optional[")
+        kind = kind[len("Optional["):-1] if optional else kind
+        if value is None:
+            ok = optional
+        elif kind == "float":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        else:
+            ok = isinstance(value, {"bool": bool, "int": int, "str": str}[kind]) and (
+                kind == "bool" or not isinstance(value, bool))
+        if not ok:
+            expected = _TYPE_NAMES[kind] + (" or null" if optional else "")
+            shown = "null" if value is None else f"{value!r} ({type(value).__name__})"
+            raise ValueError(f"{source}: setting '{f.name}': expected {expected}, got {shown}")
+        out[f.name] = value
+    return out
+
+#: The settings a resumed run (--resume) may change: how long and where it runs, what it logs; every other setting
+#: given with --resume must equal the run's saved one (it would change what the saved state means).
+RESUMABLE = ("epochs", "device", "workers", "limit_train_batches", "limit_test_batches", "tensorboard", "compile",
+             "channels_last", "data_root", "out", "resume")
 
 # Paper protocol (spec §6.4, §12): ResNet-101 at 448, batch 8, Adam 1e-5, coupled L2 5e-4, StepLR(10, 0.1), 20 epochs,
 # blending and prototype passes from epoch 5 every 5 epochs, contrastive weight 0.05 with the epoch-0 ramp, top-K 1.
@@ -135,25 +244,38 @@ def preset_config(name: str) -> TrainConfig:
 
 
 def load_config_file(path: str) -> Dict[str, Any]:
-    """Settings from a .json or .yaml/.yml file (a flat mapping of field names, dashes or underscores)."""
+    """Settings from a .json or .yaml/.yml file (a flat mapping of field names, dashes or underscores), each value
+    checked against its field's type and range; a ValueError names the file and the setting."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        if path.endswith((".yaml", ".yml")):
-            try:
-                import yaml
-            except ImportError as err:
-                raise ImportError(f"reading {path} needs PyYAML (pip install pyyaml), or use a .json file") from err
-            data = yaml.safe_load(f) or {}
-        else:
-            data = json.load(f)
+        raise FileNotFoundError(f"config file not found: {path}" + (" (it is a directory)" if os.path.isdir(path)
+                                                                     else ""))
+    is_yaml = path.endswith((".yaml", ".yml"))
+    errors: tuple = (ValueError,)  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+    if is_yaml:
+        try:
+            import yaml
+        except ImportError as err:
+            raise ImportError(f"reading {path} needs PyYAML (pip install pyyaml), or use a .json file") from err
+        errors = (yaml.YAMLError, ValueError)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) if is_yaml else json.load(f)
+    except errors as err:
+        raise ValueError(f"config file {path}: not valid {'YAML' if is_yaml else 'JSON'}: {err}") from None
+    if is_yaml and data is None:  # an empty YAML file
+        data = {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {path}: expected a mapping of settings, got {type(data).__name__}")
     known = {f.name for f in fields(TrainConfig)}
-    data = {k.replace("-", "_"): v for k, v in data.items()}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"config file {path}: unknown settings {unknown}; known: {sorted(known)}")
+    data = check_types(data, f"config file {path}")
+    try:
+        check_values(data)
+    except ValueError as err:
+        raise ValueError(f"config file {path}: {err}") from None
     return data
 
 
@@ -222,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train DSRB (or the partial-BCE baseline) on a built-in or real multi-label dataset.",
         epilog="Every setting defaults to the chosen preset's value; see dsrb/config.py for the presets.",
     )
-    parser.add_argument("--preset", default="demo", choices=tuple(PRESETS), help="starting settings")
+    parser.add_argument("--preset", default=None, choices=tuple(PRESETS),
+                        help="starting settings (default: the config file's preset, else demo)")
     parser.add_argument("--config", default=None, help="YAML/JSON file of settings (applied after the preset)")
     defaults = TrainConfig()
     for f in fields(TrainConfig):
@@ -240,15 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None):
     """(settings, explicit): preset, then config file, then flags, validated; ``explicit`` maps the settings that
-    the config file or a flag set (a resumed run re-applies only those on top of its saved settings)."""
+    the config file or a flag set (a resumed run re-applies only those on top of its saved settings).
+
+    The preset is ``--preset``, else the config file's ``preset`` entry, else "demo": a config file may choose the
+    preset its other entries start from, and ``--preset`` overrides it like any other setting.
+    """
     args = build_parser().parse_args(argv)
     explicit: Dict[str, Any] = {}
     if args.config:
         explicit.update(load_config_file(args.config))
-    explicit.update({k: v for k, v in vars(args).items() if k not in ("preset", "config") and v is not None})
-    cfg = dataclasses.asdict(preset_config(args.preset))
+    explicit.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+    cfg = dataclasses.asdict(preset_config(explicit.get("preset", "demo")))
     cfg.update(explicit)
-    cfg["preset"] = args.preset
     return TrainConfig(**cfg).validate(), explicit
 
 

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from . import __version__
 from .checkpoint import FileLock, atomic_write, save_json
+from .config import check_device
 from .data import TestTransform, TrainTransform, build_dataset
 from .data.builtin import default_data_root, ensure_builtin
 from .inference import positive_int
@@ -164,14 +165,21 @@ def main(argv=None) -> None:
     p.add_argument("--backbone", default="resnet18", choices=tuple(BACKBONES))
     p.add_argument("--backbone-width", type=positive_int, default=16, help="ResNet base width (64 = standard)")
     p.add_argument("--image-size", type=positive_int, default=96, help="the training image size the weights are for")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", default=None, help="weights file (default: the cache file that --pretrained builtin uses)")
     args = p.parse_args(argv)
+    # Checked before pre-training, which takes minutes: its result must not be lost to a bad setting.
+    try:
+        device = check_device(args.device, name="argument --device")
+    except ValueError as err:
+        p.error(str(err))
+    if args.out is not None and (os.path.isdir(args.out) or args.out.endswith(os.sep)):
+        p.error(f"argument --out: {args.out} is a directory; expected the path of the weights file to write")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     if args.out is None:
-        print(builtin_pretrained(args.backbone, args.backbone_width, args.image_size, device=args.device))
+        print(builtin_pretrained(args.backbone, args.backbone_width, args.image_size, device=device))
     else:
-        state, info = pretrain_backbone(args.backbone, args.backbone_width, args.image_size, device=args.device)
+        state, info = pretrain_backbone(args.backbone, args.backbone_width, args.image_size, device=device)
         _save(Path(args.out), state, info)
         print(args.out)
 

@@ -9,17 +9,22 @@ setting. A run directory (``--out``, default ``runs/<preset>-<time>``) receives:
 * ``last.pt`` (every epoch) and ``best.pt`` (best test mAP so far), written atomically;
 * ``summary.json``: best epoch, best mAP, settings and versions; ``tb/`` with ``--tensorboard``.
 
-``--resume`` continues the run in ``--out`` from ``last.pt`` (model, optimizer, scheduler, AMP scaler, prototype bank,
-RNG states, epoch and best score) with its saved settings, re-applying only the flags given again; every epoch's
-randomness is derived from (seed, epoch), so a resumed run ends exactly where an uninterrupted one ends.
+Every setting is checked before the run directory is created. Ctrl-C stops with exit status 130 and says how to
+resume (the checkpoints are written atomically). ``--resume`` continues the run in ``--out`` from ``last.pt`` (model,
+optimizer, scheduler, AMP scaler, prototype bank, RNG states, epoch and best score) with its saved settings; of the
+settings given again, only those in :data:`dsrb.config.RESUMABLE` (epochs, device, workers, ...) may differ from the
+saved ones. Every epoch's randomness is derived from (seed, epoch), so a resumed run ends exactly where an
+uninterrupted one ends.
 Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m dsrb.train ...`` (DDP; only rank 0 writes).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
+import logging.handlers
 import math
 import os
 import platform
@@ -36,7 +41,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 from . import __version__
 from .checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, save_json, set_rng_state
-from .config import TrainConfig, parse_args
+from .config import RESUMABLE, TrainConfig, check_device, load_config_file, parse_args
 from .losses import dsrb_loss
 from .metrics import compute_metrics
 from .models import DSRB, draw_prototype_choices
@@ -81,15 +86,8 @@ def setup_distributed(cfg: TrainConfig) -> Dist:
 
 
 def resolve_device(cfg: TrainConfig, d: Dist) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda", d.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(cfg.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("setting 'device': 'cuda' was requested but no CUDA device is available")
-        if device.index is None:
-            device = torch.device("cuda", d.local_rank)
-    return device
+    """``--device`` (auto, cpu, cuda or cuda:N) as a device that exists here; a ValueError naming --device."""
+    return check_device(cfg.device, local_rank=d.local_rank)
 
 
 def seed_everything(seed: int) -> None:
@@ -111,25 +109,41 @@ def versions() -> Dict[str, str]:
             "python": platform.python_version()}
 
 
+_LOG_FORMAT = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+
+
 def setup_logging(out: Optional[str], main: bool) -> None:
+    """Log to stdout, and on the main process to ``<out>/train.log``; with ``out`` None, the records are kept until
+    :func:`log_to_file` names the file (the run directory is created only once the settings are checked)."""
     log.handlers.clear()
     log.setLevel(logging.INFO if main else logging.WARNING)
     log.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
     stream = logging.StreamHandler(sys.stdout)
-    stream.setFormatter(fmt)
+    stream.setFormatter(_LOG_FORMAT)
     log.addHandler(stream)
     if main and out:
-        handler = logging.FileHandler(os.path.join(out, "train.log"))
-        handler.setFormatter(fmt)
-        log.addHandler(handler)
+        log_to_file(out)
+    elif main:
+        log.addHandler(logging.handlers.MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 1))
+
+
+def log_to_file(out: str) -> None:
+    """Also log to ``<out>/train.log``, starting with the records kept since :func:`setup_logging`."""
+    handler = logging.FileHandler(os.path.join(out, "train.log"))
+    handler.setFormatter(_LOG_FORMAT)
+    for kept in [h for h in log.handlers if isinstance(h, logging.handlers.MemoryHandler)]:
+        log.removeHandler(kept)
+        kept.setTarget(handler)
+        kept.close()  # writes the kept records to the file
+    log.addHandler(handler)
 
 
 # ------------------------------------------------------------------------------------------------------ data
 
 
 def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool):
-    """Datasets (train with partial labels, test with full labels) and the word vectors."""
+    """Datasets (train with partial labels, test with full labels), the word vectors, and ``save``: None, or (on the
+    main process, for new partial labels) a function that writes them to ``<out>/partial_labels.npz``."""
     from .data import (TestTransform, TrainTransform, build_dataset, format_known_fraction, known_fraction,
                        load_partial_labels, load_word_vectors, make_partial_labels, save_partial_labels)
 
@@ -147,19 +161,35 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool):
                                   skip_bad=cfg.skip_bad_images)
     test_set = build_dataset(cfg.dataset, "test", root=cfg.data_root, transform=TestTransform(cfg.image_size),
                              skip_bad=cfg.skip_bad_images)
+    if cfg.dataset == "list" and not cfg.skip_bad_images:  # a missing image: named with its list file and line
+        from .data.listfile import check_list_images
+
+        for split in ("train", "test"):
+            check_list_images(os.path.join(os.path.expanduser(cfg.data_root), f"{split}.csv"))
     path = os.path.join(out, "partial_labels.npz")
+    save = None
     if resumed and os.path.exists(path):
         partial, _ = load_partial_labels(path, expected_shape=tuple(train_set.labels.shape))
     else:
         partial = make_partial_labels(train_set.labels, cfg.known_proportion, seed=cfg.label_seed)
-        if d.main:
-            save_partial_labels(path, partial, proportion=cfg.known_proportion, seed=cfg.label_seed,
-                                class_names=train_set.class_names)
+        if not bool((partial != 0).any()):
+            raise ValueError(f"setting 'known_proportion' (--known-proportion): {cfg.known_proportion!r} keeps none "
+                             f"of the {partial.numel()} training labels ({len(train_set)} images x "
+                             f"{train_set.num_classes} classes) known with --label-seed {cfg.label_seed}: nothing to "
+                             "learn from; give a larger proportion")
+        if d.main:  # written by the caller once the run directory exists
+            save = functools.partial(save_partial_labels, path, partial, proportion=cfg.known_proportion,
+                                     seed=cfg.label_seed, class_names=train_set.class_names)
     train_set.set_targets(partial)
     log.info("data: %s, %d train / %d test images, %d classes; %s", cfg.dataset, len(train_set), len(test_set),
              train_set.num_classes, format_known_fraction(known_fraction(partial, train_set.labels)))
+    if cfg.word_vectors is not None and not os.path.isfile(cfg.word_vectors):
+        what = "is a directory" if os.path.isdir(cfg.word_vectors) else "does not exist"
+        raise (ValueError if os.path.isdir(cfg.word_vectors) else FileNotFoundError)(
+            f"setting 'word_vectors' (--word-vectors): {cfg.word_vectors} {what}; expected an .npy file (classes x "
+            "dimensions) or a GloVe text file")
     words = load_word_vectors(cfg.word_vectors, train_set.class_names, dim=cfg.word_dim, seed=cfg.seed)
-    return train_set, test_set, words
+    return train_set, test_set, words, save
 
 
 def make_loader(dataset, cfg: TrainConfig, d: Dist, *, train: bool, seed: int, device: torch.device) -> DataLoader:
@@ -399,7 +429,10 @@ def _default_out(cfg: TrainConfig) -> str:
 
 
 def _resolve_settings(cfg: TrainConfig, explicit: Dict[str, Any]) -> TrainConfig:
-    """On --resume, the run's saved settings with only the explicitly given ones re-applied."""
+    """On --resume, the run's saved settings with the explicitly given ones that may change re-applied
+    (:data:`dsrb.config.RESUMABLE`: epochs, device, workers, limit_*_batches, tensorboard, compile, channels_last,
+    data_root); any other setting given with a value other than the saved one is a ValueError naming it and both
+    values, since the run's saved state (partial labels, weights, optimizer) was made with the saved one."""
     if not cfg.resume:
         return cfg
     if not cfg.out:
@@ -407,8 +440,14 @@ def _resolve_settings(cfg: TrainConfig, explicit: Dict[str, Any]) -> TrainConfig
     path = os.path.join(cfg.out, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"setting 'resume': no run to resume in {cfg.out} ({path} is missing)")
-    with open(path, encoding="utf-8") as f:
-        saved = json.load(f)
+    saved = load_config_file(path)
+    changeable = ", ".join(n for n in RESUMABLE if n not in ("out", "resume"))
+    for name, value in explicit.items():
+        if name not in RESUMABLE and name in saved and saved[name] != value:
+            raise ValueError(
+                f"setting '{name}': the run in {cfg.out} was made with {saved[name]!r}, --resume was given "
+                f"{value!r}; a resumed run keeps its settings, except {changeable} (start a new run with another "
+                "--out to change it)")
     saved.update(explicit)
     saved["resume"] = True
     return TrainConfig(**saved).validate()
@@ -430,10 +469,19 @@ def _truncate_metrics(path: str, start_epoch: int) -> None:
     atomic_write(path, lambda f: f.write("".join(keep).encode()))
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: ``out`` is its run directory, ``resumable`` whether ``--resume --out`` continues it."""
+
+    def __init__(self, out: str, resumable: bool) -> None:
+        super().__init__(out)
+        self.out, self.resumable = out, resumable
+
+
 def run(cfg: TrainConfig, explicit: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Train and evaluate; returns the summary (also written to summary.json).
 
-    ``--matmul-precision`` is set for the run and the previous process-wide setting restored after it.
+    ``--matmul-precision`` is set for the run and the previous process-wide setting restored after it. Every setting
+    is checked (data, model, pre-trained weights, device) before the run directory is created or written.
     """
     cfg = _resolve_settings(cfg, explicit or {})
     with matmul_precision(cfg.matmul_precision):
@@ -441,33 +489,47 @@ def run(cfg: TrainConfig, explicit: Optional[Dict[str, Any]] = None) -> Dict[str
 
 
 def _run(cfg: TrainConfig) -> Dict[str, Any]:
+    device = resolve_device(cfg, Dist(local_rank=int(os.environ.get("LOCAL_RANK", "0"))))
     d = setup_distributed(cfg)
-    device = resolve_device(cfg, d)
     out = cfg.out or _default_out(cfg)
     if d.enabled:  # every rank must use rank 0's default directory name
         holder = [out]
         dist.broadcast_object_list(holder, src=0)
         out = holder[0]
     cfg = dataclasses.replace(cfg, out=out)
+    try:
+        return _train(cfg, d, device, out)
+    except KeyboardInterrupt as err:
+        raise Interrupted(out, os.path.isfile(os.path.join(out, "config.json"))) from err
+
+
+def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[str, Any]:
     last_path = os.path.join(out, "last.pt")
-    if d.main:
-        if not cfg.resume and os.path.exists(last_path):
-            raise FileExistsError(f"setting 'out': {out} already holds a run; pass --resume to continue it or "
-                                  "choose another --out")
-        os.makedirs(out, exist_ok=True)
-    if d.enabled:
-        dist.barrier()
-    setup_logging(out, d.main)
+    if d.main and not cfg.resume and os.path.exists(last_path):
+        raise FileExistsError(f"setting 'out': {out} already holds a run; pass --resume to continue it or "
+                              "choose another --out")
+    if d.main and os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"setting 'out': {out} is a file; expected a run directory")
+    if cfg.tensorboard and d.main:
+        _summary_writer_class()
+    setup_logging(None, d.main)  # the records go to <out>/train.log once the directory exists
     log.info("dsrb %s, torch %s, device %s, %d process(es); run directory %s", __version__, torch.__version__,
              device, d.world, out)
     seed_everything(derived_seed(cfg.seed, 0, 0, d.rank))
 
     resumed = cfg.resume and os.path.exists(last_path)
-    train_set, test_set, words = build_data(cfg, out, d, resumed)
+    train_set, test_set, words, save_partial = build_data(cfg, out, d, resumed)
+    if len(make_loader(train_set, cfg, d, train=True, seed=0, device=device)) == 0:
+        images = f"{len(train_set) // d.world} training images per process" if d.enabled else \
+            f"{len(train_set)} training images"
+        raise ValueError(f"setting 'batch_size' (--batch-size): {cfg.batch_size} is larger than the {images}; the "
+                         "training loader drops an incomplete last batch, so it would yield no batch at all")
     kwargs = model_kwargs(cfg, words.shape[1])
     pretrained = resolve_pretrained(cfg, d, device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    core = DSRB(train_set.num_classes, word_features=words, pretrained=pretrained, **kwargs)
+    core = DSRB(train_set.num_classes, word_features=words, **kwargs)
+    if pretrained is not None:
+        _load_pretrained(core, pretrained)
     core.set_label_graph(train_set.targets)
     core.to(device)
     if cfg.channels_last:  # the 4-D weights; the images follow in to_device
@@ -480,17 +542,33 @@ def _run(cfg: TrainConfig) -> Dict[str, Any]:
     start_epoch, best = 0, {"epoch": -1, "mAP": -1.0}
     if resumed:
         state = load_checkpoint(last_path)
+        keys = ("model", "optimizer", "scheduler", "scaler", "epoch", "best", "rng")
+        missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
+        if missing:
+            raise ValueError(f"checkpoint {last_path}: not a dsrb training checkpoint (missing {missing}); expected "
+                             "the last.pt that python -m dsrb.train writes")
         core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         start_epoch, best = state["epoch"], state["best"]
+        if cfg.epochs < start_epoch:
+            raise ValueError(f"setting 'epochs' (--epochs): the run in {out} has already trained {start_epoch} "
+                             f"epochs; give --epochs {start_epoch} or more to resume it, got {cfg.epochs}")
         set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)])
         log.info("resumed from %s at epoch %d (best mAP %.2f at epoch %d)", last_path, start_epoch,
                  100 * best["mAP"], best["epoch"])
+
+    # Every setting is checked: now the run directory.
     if d.main:
+        os.makedirs(out, exist_ok=True)
+        log_to_file(out)
+        if save_partial is not None:
+            save_partial()
         save_json(os.path.join(out, "config.json"), dataclasses.asdict(dataclasses.replace(cfg, resume=False)))
         _truncate_metrics(os.path.join(out, "metrics.jsonl"), start_epoch)
+    if d.enabled:
+        dist.barrier()
 
     model = core
     if d.enabled:  # alpha/beta (and unused blends) leave parameters without gradient in some epochs
@@ -556,12 +634,26 @@ def _run(cfg: TrainConfig) -> Dict[str, Any]:
     return summary
 
 
-def _tensorboard(out: str):
+def _summary_writer_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
-        raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from err
-    return SummaryWriter(os.path.join(out, "tb"))
+        raise ImportError("setting 'tensorboard' (--tensorboard): needs the tensorboard package: "
+                          'pip install -e ".[tensorboard]" (or pip install tensorboard)') from err
+    return SummaryWriter
+
+
+def _tensorboard(out: str):
+    return _summary_writer_class()(os.path.join(out, "tb"))
+
+
+def _load_pretrained(core: DSRB, path: str) -> None:
+    from .models.resnet import load_pretrained
+
+    try:
+        load_pretrained(core.backbone, path)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"setting 'pretrained' (--pretrained): {err}") from err
 
 
 def main(argv=None) -> None:
@@ -569,8 +661,22 @@ def main(argv=None) -> None:
     run(cfg, explicit)
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> None:
+    """``main`` for the command line: a setting or a file to fix is one "error:" line (exit status 1), Ctrl-C one
+    "interrupted" line saying how to resume (exit status 130); no traceback for either."""
+    prog = "python -m dsrb.train"
     try:
-        main()
-    except (ValueError, FileNotFoundError, FileExistsError) as err:  # a setting or a file to fix: no traceback
-        sys.exit(f"python -m dsrb.train: error: {err}")
+        main(argv)
+    except Interrupted as err:
+        hint = f"resume with --resume --out {err.out}" if err.resumable else "nothing was saved yet"
+        print(f"{prog}: interrupted; {hint}", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (ValueError, OSError, ImportError) as err:  # OSError: FileNotFoundError, FileExistsError, ...
+        sys.exit(f"{prog}: error: {err}")
+
+
+if __name__ == "__main__":
+    cli()

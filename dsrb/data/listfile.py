@@ -31,7 +31,7 @@ import numpy as np
 
 from .dataset import MultiLabelDataset
 
-__all__ = ["load_list", "read_list", "read_class_file"]
+__all__ = ["check_list_images", "load_list", "read_list", "read_class_file"]
 
 PathLike = Union[str, os.PathLike]
 _HEADER = ["path", "labels"]
@@ -127,6 +127,24 @@ def load_list(
                 shown = ", ".join(class_names[:20]) + (", ..." if len(class_names) > 20 else "")
                 raise ValueError(f"{path}: line {line_no}: unknown class '{n}'; known classes: {shown}")
             labels[row, index[n]] = 1
-        p = Path(image)
-        paths.append(str(p if p.is_absolute() else base / p))
+        paths.append(_image_path(image, base))
     return MultiLabelDataset(paths, labels, class_names, transform=transform, name="list")
+
+
+def _image_path(image: str, base: Path) -> str:
+    p = Path(image)
+    return str(p if p.is_absolute() else base / p)
+
+
+def check_list_images(path: PathLike, *, image_root: Optional[PathLike] = None) -> None:
+    """A FileNotFoundError naming the list file, the line and the path of the first listed image that is not a file
+    (with the number of such images), resolved as :func:`load_list` does; images are otherwise read only when used."""
+    path = Path(path)
+    base = Path(image_root) if image_root is not None else path.parent
+    rows = read_list(path)
+    listed = [(line_no, _image_path(image, base)) for line_no, image, _ in rows]
+    missing = [(line_no, image) for line_no, image in listed if not os.path.isfile(image)]
+    if missing:
+        line_no, image = missing[0]
+        raise FileNotFoundError(f"{path}: line {line_no}: image not found: {image} ({len(missing)} of the "
+                                f"{len(rows)} listed images are missing)")

@@ -14,6 +14,7 @@ without depending on torchvision. Differences from a torchvision classifier:
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
@@ -263,7 +264,19 @@ def load_pretrained(model: ResNet, path: Union[str, "os.PathLike[str]"]) -> None
         raise FileNotFoundError(
             f"pretrained weights not found at {path!r}: weights must be a local file (nothing is downloaded)"
         )
-    raw = _extract_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
+    expected = ("expected torchvision-style ResNet weights: a state dict (parameter names -> tensors) saved with "
+                "torch.save, such as torchvision's resnet*.pth or python -m dsrb.pretrain's output; a dsrb "
+                "training checkpoint (best.pt / last.pt) is not one")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many kinds (UnpicklingError, RuntimeError, EOFError, ...)
+        why = "it holds more than tensors" if isinstance(err, pickle.UnpicklingError) else \
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'truncated?'}"
+        raise ValueError(f"cannot load pretrained weights from {path}: not readable as a weights file ({why}); "
+                         f"{expected}") from err
+    if isinstance(loaded, Mapping) and {"model_kwargs", "optimizer"} <= set(loaded):
+        raise ValueError(f"cannot load pretrained weights from {path}: it is a dsrb training checkpoint; {expected}")
+    raw = _extract_state_dict(loaded, path)
     state: Dict[str, torch.Tensor] = {}
     not_tensors = []
     for key, value in raw.items():

@@ -1,0 +1,248 @@
+"""User mistakes with ``python -m dsrb.train`` / ``dsrb.pretrain``: a clear error naming the setting (flag or config
+key) and what was expected, raised before the run directory is created; never a raw traceback or a silent wrong
+result."""
+
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dsrb import pretrain, train
+from dsrb.config import load_config_file, parse_args
+from dsrb.data.builtin import ensure_builtin
+from dsrb.models.resnet import build_backbone, load_pretrained
+
+TINY = ["--backbone-width", "4", "--feature-dim", "16", "--inter-dim", "8", "--word-dim", "6", "--batch-size", "4",
+        "--image-size", "64", "--workers", "0", "--blend-start-epoch", "1", "--prototype-interval", "1",
+        "--limit-train-batches", "2", "--limit-test-batches", "2", "--lr", "1e-3", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return str(ensure_builtin(tmp_path_factory.mktemp("data"), num_train=24, num_test=8, image_size=64, seed=0))
+
+
+def args(data_root, out, *extra, epochs=1):
+    return ["--data-root", data_root, "--out", str(out), "--epochs", str(epochs), *TINY, *extra]
+
+
+def fails_cleanly(data_root, out, extra, error, match):
+    """train.main raises ``error`` matching ``match`` and leaves nothing in ``out``."""
+    with pytest.raises(error, match=match):
+        train.main(args(data_root, out, *extra))
+    assert not out.exists(), sorted(os.listdir(out))
+
+
+# ----------------------------------------------------------------------------------------- 1, 9: config files
+
+
+@pytest.mark.parametrize("entry, match", [
+    ({"contrastive": "false"}, r"'contrastive': expected true or false, got 'false'"),
+    ({"instance_blend": "no"}, r"'instance_blend': expected true or false"),
+    ({"epochs": "two"}, r"'epochs': expected an integer, got 'two'"),
+    ({"epochs": True}, r"'epochs': expected an integer, got True"),
+    ({"epochs": 2.0}, r"'epochs': expected an integer, got 2.0"),
+    ({"known_proportion": "0.5"}, r"'known_proportion': expected a number, got '0.5'"),
+    ({"lr": None}, r"'lr': expected a number, got null"),
+    ({"method": "dsbr"}, r"'method' \(--method\): expected one of"),
+    ({"preset": "foo"}, r"'preset' \(--preset\): expected one of"),
+])
+def test_config_file_values_are_checked(tmp_path, entry, match):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(entry))
+    with pytest.raises(ValueError, match=match) as info:
+        parse_args(["--config", str(path)])
+    assert str(path) in str(info.value)
+
+
+def test_config_file_types_accepted_and_preset_honoured(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("preset: sweep\nlr: 1\ndata-root: null\ncontrastive: false\n")
+    cfg, explicit = parse_args(["--config", str(path)])
+    assert cfg.preset == "sweep" and cfg.image_size == 96  # the file's preset is the starting point
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float) and cfg.contrastive is False and cfg.data_root is None
+    cfg, _ = parse_args(["--config", str(path), "--preset", "demo"])  # a flag overrides the file
+    assert cfg.preset == "demo" and cfg.image_size == 128 and cfg.lr == 1.0
+    path.write_text('contrastive: "false"\n')
+    with pytest.raises(ValueError, match="'contrastive': expected true or false"):
+        parse_args(["--config", str(path)])
+
+
+@pytest.mark.parametrize("name, text, match", [
+    ("bad.yaml", "a: [1\n", "not valid YAML"),
+    ("bad.json", '{"epochs": 1,}', "not valid JSON"),
+    ("empty.json", "", "not valid JSON"),
+    ("list.json", "[1]", "expected a mapping"),
+])
+def test_malformed_config_file_is_named(tmp_path, name, text, match):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match) as info:
+        load_config_file(str(path))
+    assert str(path) in str(info.value)
+
+
+# --------------------------------------------------------------------------------------- 2, 5, 6, 12: flags
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--lr-gamma", "-5"], r"'lr_gamma' \(--lr-gamma\): expected a finite number > 0, got -5.0"),
+    (["--lr-gamma", "nan"], r"'lr_gamma' \(--lr-gamma\): expected a finite number > 0"),
+    (["--lr-gamma", "0"], r"'lr_gamma' \(--lr-gamma\): expected a finite number > 0"),
+    (["--lr", "inf"], r"'lr' \(--lr\): expected a finite number >= 0, got inf"),
+    (["--weight-decay", "inf"], r"'weight_decay' \(--weight-decay\): expected a finite number >= 0"),
+    (["--contrastive-weight", "nan"], r"'contrastive_weight' \(--contrastive-weight\): expected a finite"),
+    (["--limit-test-batches", "-1"], r"'limit_test_batches' \(--limit-test-batches\): expected a positive"),
+    (["--limit-train-batches", "0"], r"'limit_train_batches' \(--limit-train-batches\): expected a positive"),
+    (["--device", "foo"], r"'device' \(--device\): expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'foo'"),
+    (["--device", "meta"], r"'device' \(--device\): expected .* got 'meta'"),
+    (["--label-seed", "-1"], r"'label_seed' \(--label-seed\): expected an integer in \[0, 2\*\*32\)"),
+    (["--image-size", "7"], r"'image_size' \(--image-size\): expected at least 33 with --avgpool"),
+    (["--backbone", "vgg"], r"'backbone' \(--backbone\): expected one of"),
+    (["--backend", "foo"], r"'backend' \(--backend\): expected one of"),
+])
+def test_bad_flag_values(flags, match):
+    with pytest.raises(ValueError, match=match):
+        parse_args(flags)
+
+
+def test_cuda_device_checked_before_the_run(data_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fails_cleanly(data_root, tmp_path / "run", ["--device", "cuda"], ValueError,
+                  r"'device' \(--device\): 'cuda' was requested but no CUDA device is available")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    fails_cleanly(data_root, tmp_path / "run", ["--device", "cuda:3"], ValueError, r"'cuda:3'.* 1 CUDA device")
+
+
+def test_settings_found_wrong_with_the_data_leave_no_run_directory(data_root, tmp_path):
+    out = tmp_path / "run"
+    fails_cleanly(data_root, out, ["--known-proportion", "1e-9"], ValueError,
+                  r"'known_proportion' .*keeps none of the \d+ training labels")
+    fails_cleanly(data_root, out, ["--batch-size", "5000"], ValueError,
+                  r"'batch_size' .*5000 is larger than the 24 training images")
+    fails_cleanly(data_root, out, ["--word-vectors", str(tmp_path)], ValueError,
+                  r"'word_vectors' .*is a directory")
+    with pytest.raises(FileNotFoundError):
+        train.main(["--data-root", str(tmp_path / "nowhere"), "--out", str(out), *TINY])
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------- 7: --pretrained
+
+
+def test_unusable_pretrained_file_names_the_setting(data_root, tmp_path):
+    good = tmp_path / "weights.pth"
+    torch.save(build_backbone("resnet18", width=4).state_dict(), good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    text = tmp_path / "notes.txt"
+    text.write_text("not weights\n")
+    checkpoint = tmp_path / "last.pt"  # like a dsrb training checkpoint: NumPy RNG state besides tensors
+    torch.save({"model": {}, "model_kwargs": {}, "rng": [{"numpy": np.random.get_state()}]}, checkpoint)
+    for path in (truncated, text, checkpoint):
+        with pytest.raises(ValueError, match="expected torchvision-style ResNet weights") as info:
+            load_pretrained(build_backbone("resnet18", width=4), path)
+        assert str(path) in str(info.value)
+    fails_cleanly(data_root, tmp_path / "run", ["--pretrained", str(truncated)], ValueError,
+                  r"'pretrained' \(--pretrained\): cannot load pretrained weights from .*truncated.pth")
+
+
+# ------------------------------------------------------------------------------------ 3, 8: resuming a run
+
+
+def test_resume_rejects_changed_settings_and_unreadable_files(data_root, tmp_path):
+    out = tmp_path / "run"
+    train.main(args(data_root, out))
+    saved = (out / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"'known_proportion': the run in .* was made with 0.5, --resume was given "
+                                         r"0.1; .*except epochs, device, workers"):
+        train.main(["--out", str(out), "--resume", "--known-proportion", "0.1"])
+    assert (out / "config.json").read_text() == saved
+    # Settings that may change, and an unchanged one given again.
+    train.main(["--out", str(out), "--resume", "--epochs", "2", "--workers", "0", "--device", "cpu",
+                "--known-proportion", "0.5"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["epochs"] == 2 and summary["settings"]["known_proportion"] == 0.5
+    with pytest.raises(ValueError, match=r"'epochs' \(--epochs\): .*already trained 2 epochs"):
+        train.main(["--out", str(out), "--resume", "--epochs", "1"])
+    # A truncated last.pt and a corrupt config.json are named.
+    data = (out / "last.pt").read_bytes()
+    (out / "last.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"checkpoint .*last.pt could not be read"):
+        train.main(["--out", str(out), "--resume", "--epochs", "3"])
+    (out / "config.json").write_text('{"epochs": 2,')
+    with pytest.raises(ValueError, match=r"config.json: not valid JSON"):
+        train.main(["--out", str(out), "--resume", "--epochs", "3"])
+
+
+# ------------------------------------------------------------------------------------- 10: the command line
+
+
+def test_missing_listed_image_named_before_the_run(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "list"
+    root.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (64, 64)).save(root / name)
+    (root / "train.csv").write_text("path,labels\na.png,cat\nmissing.png,dog\nb.png,dog\n")
+    (root / "test.csv").write_text("path,labels\nb.png,cat\n")
+    out = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match=r"train.csv: line 3: image not found: .*missing.png \(1 of the 3"):
+        train.main(["--dataset", "list", "--data-root", str(root), "--out", str(out), *TINY])
+    assert not out.exists()
+
+
+def test_tensorboard_missing_is_a_clear_error(data_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import raises ImportError
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        train.cli(args(data_root, out, "--tensorboard"))
+    assert info.value.code != 0 and 'pip install -e ".[tensorboard]"' in str(info.value.code)
+    assert not out.exists()
+
+
+def test_ctrl_c_exits_130_and_the_run_resumes(data_root, tmp_path, monkeypatch, capsys):
+    real = train.train_epoch
+
+    def interrupted_in_epoch_1(*a, **k):
+        if a[6] == 1:  # epoch
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "train_epoch", interrupted_in_epoch_1)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        train.cli(args(data_root, out, epochs=2))
+    assert info.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+    assert err == f"python -m dsrb.train: interrupted; resume with --resume --out {out}"
+    assert torch.load(out / "last.pt", weights_only=False)["epoch"] == 1  # epoch 0 kept
+    monkeypatch.setattr(train, "train_epoch", real)
+    train.main(["--out", str(out), "--resume"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+
+
+# ------------------------------------------------------------------------------------------------ 11: pretrain
+
+
+def test_pretrain_checks_device_and_out_before_training(tmp_path, monkeypatch, capsys):
+    def never(*a, **k):
+        raise AssertionError("pre-training started")
+
+    monkeypatch.setattr(pretrain, "pretrain_backbone", never)
+    monkeypatch.setattr(pretrain, "builtin_pretrained", never)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for flags, match in ((["--device", "foo"], "argument --device: expected"),
+                         (["--device", "cuda"], "argument --device: 'cuda' was requested but no CUDA"),
+                         (["--out", str(tmp_path)], "argument --out: .* is a directory")):
+        with pytest.raises(SystemExit) as info:
+            pretrain.main(flags)
+        assert info.value.code == 2
+        assert re.search(match, capsys.readouterr().err)
