@@ -34,7 +34,7 @@ COMMIT="$(git rev-parse HEAD)"
 # shellcheck disable=SC1091
 source "$WORK/venv/bin/activate"
 echo "== installing torch==$TORCH triton==$TRITON for $("$PY" --version) (a CUDA build of torch: about 3 GB)"
-pip install -q "torch==$TORCH" "triton==$TRITON" "numpy<2.4" pillow ninja "pytest>=7" "pytest-benchmark>=4" \
+pip install -q "torch==$TORCH" "triton==$TRITON" "numpy<2.4" pillow ninja "pytest>=7" "pytest-benchmark>=4" pyyaml \
     matplotlib setuptools wheel 2>&1 | { grep -v "^WARNING: Location" || true; }
 python -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__)" \
     | tee "$OUT/versions.txt"
