@@ -229,13 +229,26 @@ def test_load_round_trip(tmp_path, wrap):
 
 
 def test_load_without_bn_counters(tmp_path):
-    # torchvision's ImageNet ResNet files predate num_batches_tracked.
+    """torchvision's ImageNet ResNet files predate num_batches_tracked. Such a file loads, every tensor it holds lands
+    in the model (weights and BatchNorm statistics of every layer), and the counters keep the model's own values."""
+    torch.manual_seed(0)
     src = build_backbone("resnet18", width=4)
-    sd = {k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}
+    with torch.no_grad():  # values no fresh model has (BN statistics included), so a tensor skipped or zeroed shows
+        for v in src.state_dict().values():
+            if v.is_floating_point():
+                v.uniform_(0.5, 2)  # positive: valid running variances too
+    sd = {k: v.clone() for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}
+    keys = expected_keys([2, 2, 2, 2], bottleneck=False)
+    assert set(sd) == {k for k in keys if not k.endswith("num_batches_tracked")}
     torch.save(sd, tmp_path / "old.pth")
     dst = build_backbone("resnet18", width=4)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
     load_pretrained(dst, str(tmp_path / "old.pth"))
-    assert torch.equal(dst.conv1.weight, src.conv1.weight)
+    got = dst.state_dict()
+    assert sorted(got) == sorted(keys)
+    for k in keys:
+        want = before[k] if k.endswith("num_batches_tracked") else sd[k]
+        assert torch.equal(got[k], want), k
 
 
 def test_load_missing_key(tmp_path):

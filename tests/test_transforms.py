@@ -116,6 +116,7 @@ def test_train_transform_matches_manual_pipeline():
     img = _noise_image()
     p = tf.sample_params(torch.Generator().manual_seed(5))
     out = tf(img, generator=torch.Generator().manual_seed(5))
+    assert p.size < tf.scale_size and p.top != p.left  # a real crop, where top and left swapped would show
     ref = img.resize((tf.scale_size, tf.scale_size), Image.Resampling.BICUBIC)
     ref = ref.crop((p.left, p.top, p.left + p.size, p.top + p.size)).resize((48, 48), Image.Resampling.BICUBIC)
     if p.flip:
@@ -135,3 +136,53 @@ def test_flip_frequency():
 
     p = CropParams(size=small.crop_sizes[1], top=2, left=3, flip=False)
     assert torch.equal(small.apply(img, p._replace(flip=True)), small.apply(img, p).flip(-1))
+
+
+def test_crop_geometry_is_plain_slicing():
+    """The crop box against numpy slicing. The input is already scale x scale and the crop of side S = 56 is
+    resized to 56, so both resizes are identities (PIL copies on a same-size resize) and the output must be exactly
+    rows top..top+S-1 and columns left..left+S-1 of the input (then mirrored left-right when flipped)."""
+    from dsrb.data.transforms import CropParams
+
+    tf = TrainTransform(56)
+    assert tf.scale_size == 64 and 56 in tf.crop_sizes
+    arr = np.random.RandomState(3).randint(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    for top, left in [(0, 0), (8, 8), (0, 8), (8, 0), (1, 6), (5, 2), (7, 3)]:
+        for flip in (False, True):
+            want = arr[top:top + 56, left:left + 56]
+            want = want[:, ::-1] if flip else want
+            want = normalize(torch.from_numpy(want.copy()).permute(2, 0, 1).float() / 255)
+            got = tf.apply(img, CropParams(size=56, top=top, left=left, flip=flip))
+            assert torch.equal(got, want), (top, left, flip)
+
+
+def test_crop_offsets_cover_the_official_range():
+    """RandomCrop (spec §7.4, torchvision) puts a c x c crop of an s x s image at top and left drawn uniformly from
+    0..s-c inclusive: every offset of that range is drawn, none outside it, and a full-size crop sits at (0, 0)."""
+    tf = TrainTransform(7, scale_size=8)  # crops of round(8 * k / 8) = 8, 7, 6, 5, 4
+    g = torch.Generator().manual_seed(0)
+    tops, lefts = {c: set() for c in (8, 7, 6, 5, 4)}, {c: set() for c in (8, 7, 6, 5, 4)}
+    for _ in range(2000):
+        p = tf.sample_params(g)
+        tops[p.size].add(p.top)
+        lefts[p.size].add(p.left)
+    for c in (8, 7, 6, 5, 4):
+        assert tops[c] == set(range(8 - c + 1)) and lefts[c] == set(range(8 - c + 1)), c
+
+
+def test_draws_follow_the_documented_order():
+    """The documented draws (module docstring), replayed on a generator of the same seed: the crop-size index into
+    the official list {512, 448, 384, 320, 256}; for a crop smaller than 512 the top offset, then the left one, each
+    from 0..512-size (torchvision's RandomCrop.get_params draws top first); then the flip, rand < 0.5."""
+    tf = TrainTransform(448)
+    official = [512, 448, 384, 320, 256]
+    for seed in range(40):
+        r = torch.Generator().manual_seed(seed)
+        size = official[int(torch.randint(5, (1,), generator=r))]
+        top = left = 0
+        if size < 512:
+            top = int(torch.randint(512 - size + 1, (1,), generator=r))
+            left = int(torch.randint(512 - size + 1, (1,), generator=r))
+        flip = bool(torch.rand(1, generator=r) < 0.5)
+        assert tf.sample_params(torch.Generator().manual_seed(seed)) == (size, top, left, flip), seed
