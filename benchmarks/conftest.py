@@ -12,7 +12,8 @@ a run's JSON as those tables.
 Providers:
     official  the official formulation from :mod:`dsrb.reference` (5-D maps, chained fc3/fc4)
     torch     the op with ``backend="torch"``
-    compile   ``torch.compile`` of the same ``backend="torch"`` call (compiled once, outside the timed region)
+    compile   ``torch.compile`` of the same ``backend="torch"`` call with the torch backend's PyTorch code traced
+              (:func:`compile_torch`; compiled once, outside the timed region)
     triton, cuda, cpu   the fused backends, each skipped with the reason from :func:`dsrb.ops.reasons` where it
               cannot run (Triton is timed on CUDA only: the CPU interpreter's timings mean nothing)
 """
@@ -239,6 +240,23 @@ def seeded_linear(gen: torch.Generator, fan_in: int, fan_out: int, bias: bool, d
 # ------------------------------------------------------------------------------------------------- passes
 
 
+def compile_torch(fn: Callable, **options) -> Callable:
+    """The ``compile`` provider: ``torch.compile(fn, **options)``, called inside :func:`dsrb.ops.trace_torch_backend`.
+
+    Without it the ``torch`` backend's ops would reach the compiler as opaque custom ops, so that ``compile`` timed
+    the eager ``torch`` backend plus a compiled remainder. Traced, the compiler sees (fuses and differentiates) the
+    PyTorch code itself: what a user would get from compiling a plain PyTorch implementation."""
+    import dsrb.ops
+
+    compiled = torch.compile(fn, **options)
+
+    def call(*args, **kwargs):
+        with dsrb.ops.trace_torch_backend():
+            return compiled(*args, **kwargs)
+
+    return call
+
+
 def pass_callables(pass_: str, forward: Callable, leaves, grad_outputs):
     """(fn, setup) for one pass, for :func:`run_case`.
 
@@ -377,16 +395,17 @@ def measure(benchmark, bench, op: str, provider: str, pass_: str, shape: str, di
             case: Optional[str] = None, **info) -> None:
     """The body every op suite shares: check the provider, build the inputs and the forward, check the forward
     against the official output once, then time the pass. ``official``/``fused`` describe what is computed (the
-    fused text takes the backend name as ``{backend}``)."""
+    fused text takes the backend name as ``{backend}``). ``forward(provider, backend, inputs, bench)`` returns
+    (the forward callable, its differentiable leaves)."""
     backend = require_provider(op, provider, device, dtype)
     if provider == "official":
         skip_if_too_big(estimate(dims), device, f"official {op} at {shape}")
     inp = inputs(bench, shape, dims, device, dtype)
-    fwd, leaves = forward(provider, backend, inp)
+    fwd, leaves = forward(provider, backend, inp, bench)
     validate(provider, fwd, inp, device)
     fn, setup = pass_callables(pass_, fwd, leaves, inp["grad_outputs"])
     formulation = official if provider == "official" else fused.format(backend=backend) + (
-        " under torch.compile(fullgraph=True)" if provider == "compile" else "")
+        " under torch.compile(fullgraph=True), torch backend traced" if provider == "compile" else "")
     run_case(benchmark, fn, setup=setup, device=device, rounds=rounds,
              info={"op": op, "case": case or op, "provider": provider, "pass": pass_, "shape": shape, "dims": dims,
                    "dtype": dtype, "formulation": formulation, **info})
@@ -406,6 +425,7 @@ def bench():
         require_provider=require_provider,
         skip_if_too_big=skip_if_too_big,
         pass_callables=pass_callables,
+        compile_torch=compile_torch,
         seed_for=seed_for,
         attention_weighted_map=attention_weighted_map,
         cpu_peak_bytes=cpu_peak_bytes,

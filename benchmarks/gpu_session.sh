@@ -94,9 +94,10 @@ fi
   python3 -m dsrb.info; } 2>&1 | tee "$OUT/info.txt"
 
 # 2. The GPU tests: the C++/CUDA and Triton backends against the oracles on the GPU (CI runs the rest on CPU), in
-#    4 processes where pytest-xdist is installed (the image has it): kernel compilation is CPU-bound.
+#    8 processes where pytest-xdist is installed (the image has it): their time is mostly Triton's compilation of
+#    each kernel specialisation (single-threaded, CPU-bound; about 480 tests), and the host has 16 cores.
 WORKERS=()
-python3 -c "import xdist" 2>/dev/null && WORKERS=(-n 4)
+python3 -c "import xdist" 2>/dev/null && WORKERS=(-n "${DSRB_GPU_TEST_WORKERS:-8}")
 part "GPU tests" 60 200 python3 -m pytest tests/test_ext_backends.py tests/test_triton_backend.py \
     tests/test_triton_blend.py tests/test_triton_semantic_attention.py tests/test_registry.py \
     "${WORKERS[@]}" -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15

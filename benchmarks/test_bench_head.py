@@ -25,8 +25,8 @@ the official time.
   GGNN + head + classifier passes.
 * torch / cpu / cuda / triton: :class:`dsrb.models.DSRB` built with ``backend=provider`` (the fused ops on
   (B, C, D) vectors, one batched GGNN + head pass over the three feature sets).
-* compile: ``torch.compile(fullgraph=True)`` of the torch-backend step (forward + loss), compiled once, outside the
-  timing (the warm-up also compiles the backward graph).
+* compile: ``torch.compile(fullgraph=True)`` of the torch-backend step (forward + loss), the torch backend's PyTorch
+  code traced (``compile_torch``), compiled once, outside the timing (the warm-up also compiles the backward graph).
 
 Passes: fwd = forward + loss; bwd = ``torch.autograd.grad`` of the loss w.r.t. X and every trainable parameter of
 the head path (fc1..fc4, GGNN, head, classifier, alpha, beta); fwd+bwd = both. The logits of every provider are
@@ -193,7 +193,7 @@ def _leaves(model, X):
     return (X,) + tuple(p for p in model.parameters() if p.requires_grad)
 
 
-def _forward(provider, backend, inp):
+def _forward(provider, backend, inp, bench):
     """(step, leaves): step() returns (loss, logits, instance_logits, prototype_logits)."""
     X, T, choices, keys = inp["X"], inp["T"], inp["choices"], inp["keys"]
     if provider == "official":
@@ -202,7 +202,7 @@ def _forward(provider, backend, inp):
     model = _model(inp, backend)
     if provider == "compile":
         if inp["compiled"] is None:
-            inp["compiled"] = torch.compile(_step, fullgraph=True, dynamic=False)
+            inp["compiled"] = bench.compile_torch(_step, fullgraph=True, dynamic=False)
         compiled = inp["compiled"]
         return (lambda: compiled(model, X, T, choices, keys)), _leaves(model, X)
     return (lambda: _step(model, X, T, choices, keys)), _leaves(model, X)
@@ -232,14 +232,14 @@ def test_head(benchmark, bench, provider, pass_, shape, dims, device, dtype, rou
     if provider == "official":
         bench.skip_if_too_big(_official_estimate(dims), device, f"official head path at {shape}")
     inp = _inputs(bench, shape, dims, device, dtype)
-    step, leaves = _forward(provider, backend, inp)
+    step, leaves = _forward(provider, backend, inp, bench)
     _validate(provider, step, inp, device)
     fn, setup = bench.pass_callables(pass_, lambda: step()[:1], leaves, inp["grad_outputs"])
     formulation = (
         "ReferenceDSRB train forward on X: fc4(fc3(tanh(u*e))) on (B,N,C,I), (B,H,W,C,D) map, IPRB/PPRB on maps, "
         "3 separate GGNN+head passes; dsrb_loss" if provider == "official" else
         f"DSRB(backend='{backend}') train forward on X: fused ops on (B,C,D), one batched GGNN+head pass; dsrb_loss"
-        + (" under torch.compile(fullgraph=True)" if provider == "compile" else ""))
+        + (" under torch.compile(fullgraph=True), torch backend traced" if provider == "compile" else ""))
     info = {"op": CASE, "case": CASE, "provider": provider, "pass": pass_, "shape": shape, "dims": dims,
             "dtype": dtype, "formulation": formulation,
             "grad_wrt": "X and every trainable head-path parameter, from the scalar loss",

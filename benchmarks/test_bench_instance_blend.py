@@ -9,7 +9,8 @@ targets T in {-1, 0, 1}, alpha = 0.5 and the batch-flip pairing. The backward ta
   with the gradient w.r.t. F and alpha: what the official code costs.
 * torch / triton / cuda / cpu: ``dsrb.ops.instance_blend(S, T, alpha, backend=...)`` on (B, C, D), gradient w.r.t.
   S and alpha.
-* compile: ``torch.compile(fullgraph=True)`` of the torch-backend call, compiled once outside the timing.
+* compile: ``torch.compile(fullgraph=True)`` of the torch-backend call, the torch backend's PyTorch code traced
+  (``compile_torch``), compiled once outside the timing.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def _official_estimate(dims) -> int:
     return 4 * 9 * dims["B"] * dims["N"] * dims["C"] * dims["D"]
 
 
-def _forward(provider, backend, inp):
+def _forward(provider, backend, inp, bench):
     T, alpha = inp["T"], inp["alpha"]
     if provider == "official":
         F = inp["F"]
@@ -70,7 +71,7 @@ def _forward(provider, backend, inp):
     S = inp["S"]
     if provider == "compile":
         if inp["compiled"] is None:
-            inp["compiled"] = torch.compile(_blend_torch, fullgraph=True, dynamic=False)
+            inp["compiled"] = bench.compile_torch(_blend_torch, fullgraph=True, dynamic=False)
         compiled = inp["compiled"]
         return (lambda: compiled(S, T, alpha)), (S, alpha)
     return (lambda: dsrb.ops.instance_blend(S, T, alpha, backend=backend)), (S, alpha)

@@ -13,7 +13,8 @@ target, as in the official code; the prototypes are not trained, as there).
   column leaves out the official code's quadrant search on the maps: its cost is understated, not inflated.
 * torch / triton / cuda / cpu: ``dsrb.ops.prototype_blend(S, T, beta, bank, quadrant, shift, select,
   backend=...)`` on (B, C, D), gradient w.r.t. S and beta.
-* compile: ``torch.compile(fullgraph=True)`` of the torch-backend call, compiled once outside the timing.
+* compile: ``torch.compile(fullgraph=True)`` of the torch-backend call, the torch backend's PyTorch code traced
+  (``compile_torch``), compiled once outside the timing.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def _official_estimate(dims) -> int:
     return 4 * (10 * U + 4 * dims["C"] * dims["N"] * dims["D"])
 
 
-def _forward(provider, backend, inp):
+def _forward(provider, backend, inp, bench):
     T, beta, quadrant, shift, select = (inp[k] for k in ("T", "beta", "quadrant", "shift", "select"))
     if provider == "official":
         F, maps = inp["F"], inp["maps"]
@@ -88,7 +89,7 @@ def _forward(provider, backend, inp):
     S, bank = inp["S"], inp["bank"]
     if provider == "compile":
         if inp["compiled"] is None:
-            inp["compiled"] = torch.compile(_blend_torch, fullgraph=True, dynamic=False)
+            inp["compiled"] = bench.compile_torch(_blend_torch, fullgraph=True, dynamic=False)
         compiled = inp["compiled"]
         return (lambda: compiled(S, T, beta, bank, quadrant, shift, select)), (S, beta)
     return (lambda: dsrb.ops.prototype_blend(S, T, beta, bank, quadrant, shift, select, backend=backend)), (S, beta)

@@ -8,9 +8,10 @@ v . tanh(u[b, n] * e[c]) applied to x, and the gradient of S (fixed random dL/dS
   tensor and the (B, N, C, D) attention-weighted map of the official code, on the op's own inputs.
 * torch / cpu / cuda / triton: ``dsrb.ops.semantic_attention(x, u, e, v, backend=...)``, skipped with the reason of
   :func:`dsrb.ops.reasons` where the backend cannot run here (triton is timed on CUDA only).
-* compile: ``torch.compile(fullgraph=True, dynamic=False)`` of the torch-backend call, one compilation per point;
-  skipped unless ``DSRB_BENCH_SCALING_COMPILE=1`` (a compilation costs about 2-20 s per point on a CPU and more on a
-  GPU host; the op suites already compare ``compile`` at fixed shapes).
+* compile: ``torch.compile(fullgraph=True, dynamic=False)`` of the torch-backend call, the torch backend's PyTorch
+  code traced (``compile_torch``), one compilation per point; skipped unless ``DSRB_BENCH_SCALING_COMPILE=1`` (a
+  compilation costs about 2-20 s per point on a CPU and more on a GPU host; the op suites already compare ``compile``
+  at fixed shapes).
 
 Sweep (one axis at a time, the others at the base): quick size, base B 8, 4x4 map (N 16), C 32, D 256, I 128 at
 x1, x2, x4 of the axis; full size, the COCO base (B 8, 7x7 map, N 49, C 80, D 1024, I 512) at x1, x2, x4, x8. N grows
@@ -150,7 +151,7 @@ def test_scaling(benchmark, bench, provider, point, device, dtype, rounds):
             return (official_op(*leaves)[0],)
     elif provider == "compile":
         if inp["compiled"] is None:
-            inp["compiled"] = torch.compile(lambda *t: dsrb.ops.semantic_attention(*t, backend="torch")[0],
+            inp["compiled"] = bench.compile_torch(lambda *t: dsrb.ops.semantic_attention(*t, backend="torch")[0],
                                             fullgraph=True, dynamic=False)
         compiled = inp["compiled"]
 
@@ -171,7 +172,7 @@ def test_scaling(benchmark, bench, provider, point, device, dtype, rounds):
     fn, setup = bench.pass_callables("fwd+bwd", forward, leaves, inp["grad_outputs"])
     formulation = ("dsrb.reference.semantic_attention: (B,N,C,I) tanh tensor, (B,N,C,D) map" if provider == "official"
                    else f"dsrb.ops.semantic_attention(x, u, e, v, backend='{backend}')"
-                   + (" under torch.compile(fullgraph=True)" if provider == "compile" else ""))
+                   + (" under torch.compile(fullgraph=True), torch backend traced" if provider == "compile" else ""))
     # One compilation per point: dynamo's per-function recompile limit (8) must not send later points to eager.
     with torch._dynamo.config.patch(recompile_limit=64):
         bench.run_case(benchmark, fn, setup=setup, device=device, rounds=rounds,

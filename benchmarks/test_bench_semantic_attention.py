@@ -9,7 +9,8 @@ gradient of S and differentiates w.r.t. X and the linears' parameters.
   map F, S = F.sum over space.
 * torch / triton / cuda / cpu: u = fc1(x), e = fc2(w), v = W3ᵀ w4 (the exact collapse of fc3/fc4, spec §3.3), then
   ``dsrb.ops.semantic_attention(x, u, e, v, backend=...)``.
-* compile: ``torch.compile(fullgraph=True)`` of that torch-backend stage, compiled once outside the timing.
+* compile: ``torch.compile(fullgraph=True)`` of that torch-backend stage, the torch backend's PyTorch code traced
+  (``compile_torch``), compiled once outside the timing.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def _official_estimate(dims) -> int:
     return 4 * (7 * V + 5 * U)
 
 
-def _forward(provider, backend, inp):
+def _forward(provider, backend, inp, bench):
     fc = inp["fc"]
     if provider == "official":
         X, word = inp["X"], inp["word"]
@@ -87,7 +88,7 @@ def _forward(provider, backend, inp):
     x, word = inp["x"], inp["word"]
     if provider == "compile":
         if inp["compiled"] is None:
-            inp["compiled"] = torch.compile(_stage_torch, fullgraph=True, dynamic=False)
+            inp["compiled"] = bench.compile_torch(_stage_torch, fullgraph=True, dynamic=False)
         compiled = inp["compiled"]
         return (lambda: (compiled(x, word, *fc),)), (x,) + inp["params"]
     return (lambda: (_stage(x, word, *fc, backend),)), (x,) + inp["params"]
@@ -109,7 +110,7 @@ def _validate(provider, forward, inp, device):
     inp["validated"].add(provider)
 
 
-def _op_forward(provider, backend, inp):
+def _op_forward(provider, backend, inp, bench):
     """The op alone on fixed x, u, e, v (u, e, v computed once from the same linears): what the fused backends
     replace, without the linears every provider shares."""
     if inp["op_leaves"] is None:
@@ -120,7 +121,7 @@ def _op_forward(provider, backend, inp):
     leaves = inp["op_leaves"]
     if provider == "compile":
         if inp["compiled_op"] is None:
-            inp["compiled_op"] = torch.compile(lambda *t: dsrb.ops.semantic_attention(*t, backend="torch")[0],
+            inp["compiled_op"] = bench.compile_torch(lambda *t: dsrb.ops.semantic_attention(*t, backend="torch")[0],
                                                fullgraph=True, dynamic=False)
         compiled = inp["compiled_op"]
         return (lambda: (compiled(*leaves),)), leaves

@@ -25,10 +25,10 @@ Providers (every provider starts from the same initial weights):
   skipped with the reason of :func:`dsrb.ops.reasons` where the backend cannot run here; triton is timed on CUDA
   only).
 * compile: ``torch.compile`` of the ``backend="torch"`` model (as ``--compile`` does in ``dsrb.train``: the model
-  only; the loss and the optimizer stay eager), compiled outside the timing. Skipped at the quick size unless
-  ``DSRB_BENCH_COMPILE_MODEL=1``: compiling the whole model, forward and backward, takes far longer than the quick set
-  allows on a small CPU (measured on a loaded 2-core machine: 114 s with a cold inductor cache, 34 s
-  warm).
+  only; the loss and the optimizer stay eager), the torch backend's PyTorch code traced (``compile_torch``), compiled
+  outside the timing. Skipped at the quick size unless ``DSRB_BENCH_COMPILE_MODEL=1``: compiling the whole model,
+  forward and backward, takes far longer than the quick set allows on a small CPU (measured on a loaded 2-core
+  machine: 114 s with a cold inductor cache, 34 s warm).
 
 Before timing, every provider's forward (logits, blended logits) and loss on a fixed batch, choices and contrastive
 keys are checked once against the official model's. Timed: one step per round (case ``train_step``, pass ``step``,
@@ -223,7 +223,7 @@ def _train_step_case(benchmark, bench, provider, preset, size, device, dtype, ro
     inp = _inputs(bench, preset, device, dtype)
     cfg, images, T = inp["cfg"], inp["images"], inp["T"]
     core, optimizer = _build(inp, provider, backend, device)
-    model = torch.compile(core) if provider == "compile" else core
+    model = bench.compile_torch(core) if provider == "compile" else core
     _check(provider, model, inp, device)
     if fast:
         cfg = dataclasses.replace(cfg, **FAST)
@@ -251,7 +251,8 @@ def _train_step_case(benchmark, bench, provider, preset, size, device, dtype, ro
                        "blending on maps with (C,4,H,W,D) prototype maps, three head passes); same loss, Adam step")
     else:
         formulation = f"dsrb.models.DSRB(backend='{backend}')" + (
-            " under torch.compile (model only)" if provider == "compile" else "") + "; dsrb_loss, Adam step"
+            " under torch.compile (model only), torch backend traced" if provider == "compile" else ""
+        ) + "; dsrb_loss, Adam step"
     dims = inp["dims"]
     with matmul_precision(cfg.matmul_precision):
         bench.run_case(benchmark, step, device=device, rounds=rounds,

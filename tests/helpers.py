@@ -44,11 +44,19 @@ def assert_within_baseline(actual, expected, baseline, *, dtype, what=""):
     """``actual`` no further from the fp64 oracle ``expected`` than twice ``baseline``'s error (the ``torch`` backend
     in the same dtype, on the same inputs), plus the table's atol for ``dtype``: flash-attention's criterion, for
     results that no implementation gets within the table, such as half-precision gradients computed from the saved,
-    rounded ``a``, or fp32 sums over thousands of terms."""
+    rounded ``a``, or fp32 sums over thousands of terms.
+
+    Or, whatever the baseline's error, within the table's rtol of the largest magnitude of ``expected`` (a normwise
+    bound): a baseline can be luckier than twice another summation order's rounding (the torch backend's fp32 grad u
+    at the COCO shape is 2.1e-4 off under torch 2.11 and about 5e-4 under 2.13, the emulated CUDA kernel's 5.3e-4,
+    with values up to about 300), and that is no fault."""
     r = expected.detach().cpu().double()
-    err = (actual.detach().cpu().double() - r).abs().max().item() if r.numel() else 0.0
-    base = (baseline.detach().cpu().double() - r).abs().max().item() if r.numel() else 0.0
-    assert err <= 2 * base + TOLERANCES[dtype]["atol"], f"{what}: error {err:.3g} vs the baseline's {base:.3g}"
+    if not r.numel():
+        return
+    err = (actual.detach().cpu().double() - r).abs().max().item()
+    base = (baseline.detach().cpu().double() - r).abs().max().item()
+    bound = max(2 * base, TOLERANCES[dtype]["rtol"] * r.abs().max().item()) + TOLERANCES[dtype]["atol"]
+    assert err <= bound, f"{what}: error {err:.3g} vs the baseline's {base:.3g} (bound {bound:.3g})"
 
 
 def triton_interpreter_problem() -> Optional[str]:

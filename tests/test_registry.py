@@ -97,10 +97,54 @@ def test_python_backend_eager_path_and_compiled_op_agree(case):
         grads = torch.autograd.grad(sum(o.sum() * (i + 1) for i, o in enumerate(out)), leaves, create_graph=True)
     assert not any(op.startswith(f"dsrb::{name}_torch") for op in log.ops), log.ops
     compiled = torch.compile(lambda: fn("torch"), fullgraph=True, backend="aot_eager")
-    out_c = compiled()
-    grads_c = torch.autograd.grad(sum(o.sum() * (i + 1) for i, o in enumerate(out_c)), leaves, create_graph=True)
+    # Donated buffers (torch 2.11 compiles the backward with them on) refuse create_graph=True before our op's
+    # double-backward error can be seen.
+    with torch._functorch.config.patch(donated_buffer=False):
+        out_c = compiled()
+        grads_c = torch.autograd.grad(sum(o.sum() * (i + 1) for i, o in enumerate(out_c)), leaves, create_graph=True)
     for got, want in zip(list(out_c) + list(grads_c), list(out) + list(grads)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     for g in (grads, grads_c):
         with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|double backward"):
             torch.autograd.grad(g[0].sum(), leaves[0])
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_trace_torch_backend_compiles_the_pytorch_code(case):
+    """Inside ops.trace_torch_backend() torch.compile traces the torch backend's PyTorch code (no custom op runs,
+    autograd derives the backward) with the values and gradients of the eager op, detach_target included; outside
+    it, the same compiled function is recompiled to call the custom op again."""
+    calls = _python_backend_calls()
+    S, T, coef = calls[1][2][0], torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0]], dtype=torch.float64), calls[1][2][1]
+    bank, (q, shift) = calls[2][2][2], (torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long))
+    select = torch.tensor([[False, True, False], [True, False, True]])
+    calls += [  # the blends with detach_target: alpha and beta get no gradient through the soft targets
+        ("instance_blend", lambda b: ops.instance_blend(S, T, coef, detach_target=True, backend=b), (S, coef)),
+        ("prototype_blend", lambda b: ops.prototype_blend(S, T, coef, bank, q, shift, select, detach_target=True,
+                                                          backend=b), (S, coef, bank)),
+    ]
+    name, fn, leaves = calls[case]
+
+    def value_and_grads(f):
+        out = f()
+        return list(out) + list(torch.autograd.grad(sum(o.sum() * (i + 2) for i, o in enumerate(out)), leaves))
+
+    want = value_and_grads(lambda: fn("torch"))
+    graphs = []  # the dsrb ops in each graph that dynamo hands to the compiler
+
+    def recording_backend(gm, example_inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes if str(n.target).startswith("dsrb.")})
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()  # every case compiles the same lambda: no recompile limit across cases
+    compiled = torch.compile(lambda: fn("torch"), fullgraph=True, backend=recording_backend)
+    with ops.trace_torch_backend():
+        got = value_and_grads(compiled)
+    assert graphs == [set()], graphs  # the op's PyTorch code was traced
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    again = value_and_grads(compiled)
+    assert graphs == [set(), {f"dsrb.{name}_torch.default"}], graphs  # recompiled: the custom op again
+    for g, w in zip(again, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)

@@ -4,13 +4,14 @@
 take ``backend="auto"`` (the first available of cuda -> triton -> torch on GPU, cpu -> torch on CPU) or a backend
 name; the environment variable ``DSRB_BACKEND`` forces one for every call. Every backend implementation is a
 ``torch.library`` custom op (namespace ``dsrb``) with a fake implementation and autograd, so
-``torch.compile(fullgraph=True)`` traces the model without graph breaks. Every implementation returns contiguous
+``torch.compile(fullgraph=True)`` traces the model without graph breaks (:func:`trace_torch_backend` makes it trace the
+``torch`` backend's PyTorch code instead). Every implementation returns contiguous
 outputs whatever the input strides, which is what its fake implementation declares. Oracles with the same names and
 signatures live in :mod:`dsrb.reference`. ``prototype_bank_update_`` is the in-place form of ``prototype_bank_update``
 that the prototype bank uses.
 """
 
-from ._registry import KNOWN_BACKENDS, OPS, reasons, select
+from ._registry import KNOWN_BACKENDS, OPS, reasons, select, trace_torch_backend
 from .instance_blend import instance_blend
 from .prototype_bank_update import prototype_bank_update, prototype_bank_update_
 from .prototype_blend import prototype_blend
@@ -26,6 +27,7 @@ __all__ = [
     "prototype_bank_update_",
     "reasons",
     "select",
+    "trace_torch_backend",
     "OPS",
     "KNOWN_BACKENDS",
 ]

@@ -10,6 +10,7 @@ Everything here looks only at device types and dtypes, so ``torch.compile`` trac
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -50,6 +51,7 @@ class Backend:
 
 _BACKENDS: Dict[str, Backend] = {}
 _SELECTED: Dict[tuple, Callable] = {}  # select()'s choices
+_TRACE_TORCH = False  # trace_torch_backend()
 
 
 def register_backend(backend: Backend) -> Backend:
@@ -120,6 +122,26 @@ def define_op(name: str, schema: str, impl: Optional[Callable] = None):
     return getattr(torch.ops.dsrb, name).default
 
 
+@contextlib.contextmanager
+def trace_torch_backend(enabled: bool = True):
+    """Within this block ``torch.compile`` traces the ``torch`` backend's differentiable ops (``semantic_attention``
+    and both blends) as the PyTorch code they run, which the compiler fuses and autograd differentiates, instead of
+    calling them as custom ops with their hand-written backward.
+
+    That is what ``torch.compile`` makes of a plain PyTorch implementation, the benchmarks' ``compile`` baseline
+    (benchmarks/conftest.py, ``compile_torch``). Faster where the compiler fuses the tanh-score chunks, but the
+    derived backward may keep more for the backward than the hand-written one (at the COCO shape on CPU
+    128 MiB instead of 97). Eager calls and the other backends are unaffected; compiled code guards on this setting
+    and is recompiled when it changes.
+    """
+    global _TRACE_TORCH
+    previous, _TRACE_TORCH = _TRACE_TORCH, bool(enabled)
+    try:
+        yield
+    finally:
+        _TRACE_TORCH = previous
+
+
 def register_python_op(backend: str, op: str, fwd, bwd, forward: Callable, backward: Callable,
                        setup_context: Callable, backward_fn: Callable) -> None:
     """Autograd for an op defined in Python (``torch``, ``triton`` backends), and its entry in the registry.
@@ -127,7 +149,9 @@ def register_python_op(backend: str, op: str, fwd, bwd, forward: Callable, backw
     ``fwd`` and ``bwd`` are the custom ops made by :func:`define_op` from ``forward`` and ``backward``;
     ``setup_context(ctx, inputs, output)`` and ``backward_fn(impl, ctx, *grads)`` are the autograd formula, where
     ``impl`` computes the input gradients (``bwd`` or ``backward``). Under ``torch.compile`` the registry's entry calls
-    ``fwd``, whose fake implementation and registered autograd (through ``bwd``) are what the compiler traces. In
+    ``fwd``, whose fake implementation and registered autograd (through ``bwd``) are what the compiler traces (for
+    the ``torch`` backend inside :func:`trace_torch_backend`, ``forward`` itself, which must then be differentiable
+    PyTorch code with the same gradients as ``backward``). In
     eager mode it runs ``forward``, and ``backward`` in the same formula, through a ``torch.autograd.Function``: the
     same kernels and arithmetic without the custom ops' dispatch and Python autograd wrapper, which is pure host
     time (on a GPU the host often bounds these ops at training sizes). Neither supports double backward: an error,
@@ -145,8 +169,12 @@ def register_python_op(backend: str, op: str, fwd, bwd, forward: Callable, backw
 
         backward = staticmethod(eager_backward)
 
+    traceable = backend == "torch"
+
     def call(*inputs):
-        return fwd(*inputs) if torch.compiler.is_compiling() else Eager.apply(*inputs)
+        if not torch.compiler.is_compiling():
+            return Eager.apply(*inputs)
+        return forward(*inputs) if traceable and _TRACE_TORCH else fwd(*inputs)
 
     call.__name__ = call.__qualname__ = f"{op}_{backend}"
     register_impl(backend, op, call)

@@ -26,7 +26,9 @@ def _blend_mask(T: Tensor, partner: Tensor) -> Tensor:
 def _torch_forward(S: Tensor, T: Tensor, alpha: Tensor, partner: Tensor, detach_target: bool):
     blend = _blend_mask(T, partner)
     S1 = torch.where(blend[..., None], alpha * S + (1 - alpha) * S[partner], S)
-    T1 = torch.where(blend, 1 - alpha, T)  # alpha * 0 + (1 - alpha) * 1
+    # alpha * 0 + (1 - alpha) * 1; detached as the backward does, for when autograd differentiates this code
+    # (trace_torch_backend)
+    T1 = torch.where(blend, 1 - (alpha.detach() if detach_target else alpha), T)
     return S1.contiguous(), T1.contiguous()
 
 

@@ -31,7 +31,7 @@ def _torch_forward(S, T, beta, bank, quadrant, shift, select, detach_target: boo
     C, _, D = bank.shape
     p = bank.reshape(C * 4, D)[_bucket(quadrant, shift)]  # (B, C, D)
     S2 = torch.where(select[..., None], beta * S + (1 - beta) * p, S)
-    T2 = torch.where(select, 1 - beta, T)
+    T2 = torch.where(select, 1 - (beta.detach() if detach_target else beta), T)  # see instance_blend's
     return S2.contiguous(), T2.contiguous()
 
 
