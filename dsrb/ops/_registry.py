@@ -123,7 +123,7 @@ def define_op(name: str, schema: str, impl: Optional[Callable] = None):
 
 
 @contextlib.contextmanager
-def trace_torch_backend(enabled: bool = True):
+def trace_torch_backend():
     """Within this block ``torch.compile`` traces the ``torch`` backend's differentiable ops (``semantic_attention``
     and both blends) as the PyTorch code they run, which the compiler fuses and autograd differentiates, instead of
     calling them as custom ops with their hand-written backward.
@@ -135,7 +135,7 @@ def trace_torch_backend(enabled: bool = True):
     and is recompiled when it changes.
     """
     global _TRACE_TORCH
-    previous, _TRACE_TORCH = _TRACE_TORCH, bool(enabled)
+    previous, _TRACE_TORCH = _TRACE_TORCH, True
     try:
         yield
     finally:
