@@ -100,8 +100,8 @@ _POSITIVE_INTS = ("epochs", "batch_size", "image_size", "prototype_interval", "p
 _NON_NEGATIVE_INTS = ("workers", "blend_start_epoch", "top_k", "gnn_steps")
 _BATCH_LIMITS = ("limit_train_batches", "limit_test_batches")  # None: every batch
 _NON_NEGATIVE_FLOATS = ("lr", "weight_decay", "contrastive_weight", "instance_weight", "prototype_weight")
-_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
-DEVICES = "'auto', 'cpu', 'cuda' or 'cuda:N'"
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?|mps")
+DEVICES = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 
 
 def _bad(name: str, value, expected: str):
@@ -159,25 +159,39 @@ def check_values(values: Dict[str, Any]) -> None:
             _bad(name, value, DEVICES)
 
 
-def check_device(text: str, *, local_rank: int = 0, name: str = "setting 'device' (--device)"):
-    """``text`` ('auto', 'cpu', 'cuda' or 'cuda:N') as a torch.device that exists on this machine, else a ValueError
-    naming ``name``. 'auto': CUDA when available (GPU ``local_rank``), else the CPU; 'cuda': GPU ``local_rank``."""
+def check_device(device, *, local_rank: Optional[int] = None, name: str = "setting 'device' (--device)"):
+    """``device`` ('auto', 'cpu', 'cuda', 'cuda:N', 'mps', a torch.device, or None for 'auto') as a torch.device that
+    exists on this machine, else a ValueError naming ``name``: the one device parser of every tool and of
+    :func:`dsrb.inference.load_model`. 'auto': CUDA when available, else the CPU. A CUDA device without an index
+    becomes GPU ``local_rank`` when one is given (torchrun's LOCAL_RANK), else it stays torch's current GPU."""
     import torch
 
-    if not isinstance(text, str) or not _DEVICE.fullmatch(text):
-        raise ValueError(f"{name}: expected {DEVICES}, got {text!r}")
+    if device is None:
+        device = "auto"
+    if isinstance(device, torch.device):
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"{name}: expected {DEVICES}, got {device!r}")
+        text = str(device)
+    elif isinstance(device, str) and _DEVICE.fullmatch(device):
+        text = device
+    else:
+        raise ValueError(f"{name}: expected {DEVICES}, got {device!r}")
     if text == "auto":
         text = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(text)
-    if device.type == "cuda":
+    dev = torch.device(text)
+    if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"{name}: {text!r} was requested but no CUDA device is available (use --device cpu)")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-        if device.index >= torch.cuda.device_count():
-            raise ValueError(f"{name}: {text!r} was requested but this machine has {torch.cuda.device_count()} CUDA "
-                             f"device(s): cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    return device
+        if dev.index is None and local_rank is not None:
+            dev = torch.device("cuda", local_rank)
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            rank = f" (GPU {dev.index}: LOCAL_RANK)" if text == "cuda" else ""
+            raise ValueError(f"{name}: {text!r}{rank} was requested but this machine has {count} CUDA device(s): "
+                             f"cuda:0 .. cuda:{count - 1}")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"{name}: {text!r} was requested but MPS is not available (use --device cpu)")
+    return dev
 
 
 _TYPE_NAMES = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
@@ -318,7 +332,7 @@ HELP = {
                      "convolutions favour it, notably with --amp)",
     "compile": "torch.compile the model",
     "seed": "training seed (shuffling, augmentation, blending draws)",
-    "device": "auto | cpu | cuda | cuda:N",
+    "device": "auto | cpu | cuda | cuda:N | mps",
     "out": "run directory (default runs/<preset>-<time>)",
     "resume": "continue the run in --out from last.pt",
     "tensorboard": "also write TensorBoard logs to <out>/tb (needs tensorboard)",

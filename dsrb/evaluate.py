@@ -19,6 +19,11 @@ columns are reordered to the checkpoint's order.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below, which take seconds (torch) or a minute (first-use build)
+    from ._cli import quiet_interrupt
+
+    quiet_interrupt("python -m dsrb.evaluate")
+
 import argparse
 import json
 import math
@@ -30,8 +35,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from .checkpoint import atomic_write
-from .inference import (check_finite_logits, device_arg, load_model, non_negative_int, positive_int, resolve_device,
-                        run_main)
+from .config import check_device
+from .inference import check_finite_logits, device_arg, load_model, non_negative_int, positive_int, run_main
 from .metrics import METRIC_KEYS, compute_metrics, voc_map
 
 __all__ = ["evaluate_checkpoint", "format_table", "main"]
@@ -99,7 +104,7 @@ def evaluate_checkpoint(
         raise ValueError(f"argument 'workers': expected a non-negative int, got {workers!r}")
     if out is not None and os.path.isdir(out):
         raise ValueError(f"argument 'out' (--out): expected a JSON file path, but {os.fspath(out)} is a folder")
-    dev = resolve_device(device)
+    dev = check_device(device, name="argument 'device'")
     path = os.fspath(checkpoint)
     model, info = load_model(path, device=dev)
     cfg = info["config"]
@@ -180,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="test", choices=("train", "test"), help="default test")
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader workers (default 2)")
-    parser.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    parser.add_argument("--device", type=device_arg, default="auto",
+                        help="auto, cpu, cuda, cuda:N or mps (default auto)")
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help="input side (default: the checkpoint's training image size)")
     parser.add_argument("--skip-bad-images", dest="skip_bad", action=argparse.BooleanOptionalAction, default=None,

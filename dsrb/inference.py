@@ -18,13 +18,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import load_checkpoint
+from .config import check_device
 from .models import DSRB
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "REQUIRED_KEYS",
     "CheckpointError",
-    "resolve_device",
     "load_model",
     "load_images",
     "open_image",
@@ -46,21 +46,6 @@ PathLike = Union[str, os.PathLike]
 
 class CheckpointError(ValueError):
     """The file exists but is not a usable dsrb training checkpoint."""
-
-
-def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:
-    """"auto" (or None): CUDA when available, else the CPU; otherwise ``torch.device(device)``, checked to exist."""
-    if device is None or (isinstance(device, str) and device == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"argument 'device': expected 'auto', 'cpu', 'cuda', 'cuda:N', ..., got {device!r}") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"argument 'device': {device!r} was requested but no CUDA device is available")
-    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise RuntimeError(f"argument 'device': {device!r} was requested but MPS is not available")
-    return dev
 
 
 def _read_checkpoint(path: str) -> Dict[str, Any]:
@@ -105,7 +90,7 @@ def load_model(checkpoint_path: PathLike, *, device: Union[str, torch.device] = 
 
     Args:
         checkpoint_path: path of a ``best.pt`` / ``last.pt`` written by ``python -m dsrb.train``.
-        device: "cpu" (default), "auto", "cuda", "cuda:1", ...
+        device: "cpu" (default), "auto", "cuda", "cuda:N", "mps" or a torch.device (:func:`dsrb.config.check_device`).
 
     Returns:
         (model in eval mode on ``device``, info) with info keys ``class_names`` (list of C names; "class_<i>" when
@@ -114,13 +99,14 @@ def load_model(checkpoint_path: PathLike, *, device: Union[str, torch.device] = 
         (None when absent).
 
     Raises:
+        ValueError: ``device`` is malformed or not on this machine (checked first).
         FileNotFoundError: no such file. CheckpointError (a ValueError): not a dsrb training checkpoint, its
         weights hold NaN or inf, or they do not fit the model its model_kwargs describe. Every message names the
         path.
     """
     path = os.fspath(checkpoint_path)
+    dev = check_device(device, name="argument 'device'")  # before reading what may be a large file
     state = _read_checkpoint(path)
-    dev = resolve_device(device)
     num_classes = state["num_classes"]
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise CheckpointError(f"checkpoint {path}: 'num_classes' must be a positive int, got {num_classes!r}")
@@ -282,11 +268,12 @@ non_negative_int = _int_at_least(0, "non-negative")
 
 
 def device_arg(text: str) -> str:
-    """argparse type of --device: the text, once :func:`resolve_device` accepts it (argparse then names --device)."""
+    """argparse type of --device: the text, once :func:`~dsrb.config.check_device` accepts it (argparse then names
+    --device)."""
     try:
-        resolve_device(text)
-    except (ValueError, RuntimeError) as err:
-        raise argparse.ArgumentTypeError(str(err).replace("argument 'device': ", "")) from None
+        check_device(text, name="")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix(": ")) from None
     return text
 
 

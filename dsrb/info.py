@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below, which take seconds (torch) or a minute (first-use build)
+    from ._cli import quiet_interrupt
+
+    quiet_interrupt("python -m dsrb.info")
+
 import importlib.util
 import platform
 

@@ -20,6 +20,11 @@ decimals, in class order}}``, written atomically to ``--out`` or printed to stdo
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below, which take seconds (torch) or a minute (first-use build)
+    from ._cli import quiet_interrupt
+
+    quiet_interrupt("python -m dsrb.predict")
+
 import argparse
 import json
 import math
@@ -31,8 +36,9 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from .checkpoint import atomic_write
+from .config import check_device
 from .inference import (check_finite_logits, device_arg, image_logits, load_images, load_model, non_negative_int,
-                        positive_int, resolve_device, run_main)
+                        positive_int, run_main)
 
 __all__ = ["predict", "select_labels", "main"]
 
@@ -93,7 +99,7 @@ def predict(
     """
     _check_args(threshold, top_k)
     paths = load_images(images)
-    dev = resolve_device(device)
+    dev = check_device(device, name="argument 'device'")
     model, info = load_model(checkpoint, device=dev)
     size = image_size if image_size is not None else info["image_size"]
     logits = image_logits(model, paths, size, batch_size=batch_size, workers=workers, device=dev)
@@ -135,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="probability threshold (default 0.5 unless --top-k is given)")
     parser.add_argument("--top-k", type=positive_int, default=None, help="return the K most probable classes")
     parser.add_argument("--out", default=None, help="JSON file to write (default: print to stdout)")
-    parser.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    parser.add_argument("--device", type=device_arg, default="auto",
+                        help="auto, cpu, cuda, cuda:N or mps (default auto)")
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers (default 0)")
     parser.add_argument("--image-size", type=positive_int, default=None,

@@ -20,6 +20,11 @@ Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m dsrb.train ...`` (DDP; 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below, which take seconds (torch) or a minute (first-use build)
+    from ._cli import quiet_interrupt
+
+    quiet_interrupt("python -m dsrb.train")
+
 import dataclasses
 import functools
 import json
@@ -83,11 +88,6 @@ def setup_distributed(cfg: TrainConfig) -> Dist:
     if use_cuda:
         torch.cuda.set_device(d.local_rank)
     return d
-
-
-def resolve_device(cfg: TrainConfig, d: Dist) -> torch.device:
-    """``--device`` (auto, cpu, cuda or cuda:N) as a device that exists here; a ValueError naming --device."""
-    return check_device(cfg.device, local_rank=d.local_rank)
 
 
 def seed_everything(seed: int) -> None:
@@ -489,7 +489,7 @@ def run(cfg: TrainConfig, explicit: Optional[Dict[str, Any]] = None) -> Dict[str
 
 
 def _run(cfg: TrainConfig) -> Dict[str, Any]:
-    device = resolve_device(cfg, Dist(local_rank=int(os.environ.get("LOCAL_RANK", "0"))))
+    device = check_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     d = setup_distributed(cfg)
     out = cfg.out or _default_out(cfg)
     if d.enabled:  # every rank must use rank 0's default directory name

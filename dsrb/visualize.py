@@ -15,6 +15,11 @@ saved as ``<out-dir>/<image stem>_<class name>.png`` (class name made file-name 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below, which take seconds (torch) or a minute (first-use build)
+    from ._cli import quiet_interrupt
+
+    quiet_interrupt("python -m dsrb.visualize")
+
 import argparse
 import os
 from typing import List, Optional, Sequence, Union
@@ -24,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .inference import (device_arg, load_images, load_model, open_image, positive_int, resolve_device, run_main,
-                        sanitize)
+from .config import check_device
+from .inference import device_arg, load_images, load_model, open_image, positive_int, run_main, sanitize
 
 __all__ = ["visualize", "colormap", "attention_maps", "overlay", "main"]
 
@@ -136,7 +141,7 @@ def visualize(
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"argument 'out_dir' (--out-dir): expected a folder, but {out_dir} is an existing file")
     paths = load_images(images)
-    dev = resolve_device(device)
+    dev = check_device(device, name="argument 'device'")
     model, info = load_model(checkpoint, device=dev)
     names = info["class_names"]
     chosen = _resolve_classes(classes, names)
@@ -178,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--top-k", type=positive_int, default=None,
                        help=f"show the K most probable classes of each image (default {DEFAULT_TOP_K})")
     parser.add_argument("--out-dir", default="attention", help="output folder (default attention/)")
-    parser.add_argument("--device", type=device_arg, default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    parser.add_argument("--device", type=device_arg, default="auto",
+                        help="auto, cpu, cuda, cuda:N or mps (default auto)")
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help="input side (default: the checkpoint's training image size)")
     parser.add_argument("--alpha", type=float, default=0.5, help="heat-map weight in the blend (default 0.5)")

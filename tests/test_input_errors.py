@@ -161,3 +161,26 @@ def test_cli_user_errors_exit_without_traceback(files):
         assert proc.returncode == code, (tool, args, proc.stderr)
         assert "Traceback" not in proc.stderr and f"dsrb.{tool}: error:" in proc.stderr, proc.stderr
         assert message in proc.stderr, proc.stderr
+
+
+# Ctrl-C while a tool imports torch (or builds the extension on first use), before its own handler runs: the import
+# of torch is made to raise KeyboardInterrupt, as a Ctrl-C there would.
+_INTERRUPT_IMPORT = """
+import builtins, runpy, sys
+real = builtins.__import__
+def interrupted(name, *args, **kwargs):
+    if name == "torch":
+        raise KeyboardInterrupt
+    return real(name, *args, **kwargs)
+builtins.__import__ = interrupted
+runpy.run_module(sys.argv[1], run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("tool", ["train", "evaluate", "predict", "visualize", "pretrain", "info",
+                                  "experiments.proportions"])
+def test_ctrl_c_during_imports_is_one_line(tool):
+    proc = subprocess.run([sys.executable, "-c", _INTERRUPT_IMPORT, f"dsrb.{tool}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode in (130, -2), (proc.returncode, proc.stderr)  # -2: ended by SIGINT, as Python does
+    assert proc.stderr == f"python -m dsrb.{tool}: interrupted\n", proc.stderr

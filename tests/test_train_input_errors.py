@@ -2,6 +2,7 @@
 key) and what was expected, raised before the run directory is created; never a raw traceback or a silent wrong
 result."""
 
+import argparse
 import json
 import os
 import re
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from dsrb import pretrain, train
-from dsrb.config import load_config_file, parse_args
+from dsrb.config import check_device, load_config_file, parse_args
 from dsrb.data.builtin import ensure_builtin
 from dsrb.models.resnet import build_backbone, load_pretrained
 
@@ -98,7 +99,7 @@ def test_malformed_config_file_is_named(tmp_path, name, text, match):
     (["--contrastive-weight", "nan"], r"'contrastive_weight' \(--contrastive-weight\): expected a finite"),
     (["--limit-test-batches", "-1"], r"'limit_test_batches' \(--limit-test-batches\): expected a positive"),
     (["--limit-train-batches", "0"], r"'limit_train_batches' \(--limit-train-batches\): expected a positive"),
-    (["--device", "foo"], r"'device' \(--device\): expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'foo'"),
+    (["--device", "foo"], r"'device' \(--device\): expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'foo'"),
     (["--device", "meta"], r"'device' \(--device\): expected .* got 'meta'"),
     (["--label-seed", "-1"], r"'label_seed' \(--label-seed\): expected an integer in \[0, 2\*\*32\)"),
     (["--image-size", "7"], r"'image_size' \(--image-size\): expected at least 33 with --avgpool"),
@@ -117,6 +118,40 @@ def test_cuda_device_checked_before_the_run(data_root, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     fails_cleanly(data_root, tmp_path / "run", ["--device", "cuda:3"], ValueError, r"'cuda:3'.* 1 CUDA device")
+
+
+def test_one_device_parser_for_every_tool(tmp_path, monkeypatch):
+    """dsrb.train, dsrb.pretrain, the inference tools (--device) and load_model(device=) share check_device: the
+    same grammar, the same checks against this machine, a ValueError naming the argument."""
+    from dsrb.inference import device_arg, load_model
+
+    assert check_device("cpu") == check_device(torch.device("cpu")) == check_device(None) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device("auto", local_rank=1) == torch.device("cuda", 1)  # torchrun's LOCAL_RANK
+    assert check_device("cuda") == torch.device("cuda")  # no rank: torch's current GPU
+    assert check_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    for device, match in (("cuda:2", r"'cuda:2' was requested but this machine has 2 CUDA device\(s\)"),
+                          (torch.device("cuda", 5), "'cuda:5' was requested"),
+                          ("gpu", "expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'gpu'"),
+                          (torch.device("meta"), "got device\\(type='meta'\\)"), (3, "got 3")):
+        with pytest.raises(ValueError, match="^argument 'device': .*" + match):
+            check_device(device, name="argument 'device'")
+    with pytest.raises(ValueError, match=r"'cuda' \(GPU 2: LOCAL_RANK\) was requested but this machine has 2"):
+        check_device("cuda", local_rank=2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for device, match in (("auto", None), ("cuda:0", "no CUDA device is available"),
+                          ("mps", "MPS is not available")):
+        if match is None:
+            assert check_device(device) == torch.device("cpu") and device_arg(device) == device
+            continue
+        with pytest.raises(ValueError, match=match):
+            check_device(device)
+        with pytest.raises(argparse.ArgumentTypeError, match="^'" + device):  # argparse adds "argument --device: "
+            device_arg(device)
+        with pytest.raises(ValueError, match="^argument 'device': '" + device):  # before the file is read
+            load_model(tmp_path / "missing.pt", device=device)
 
 
 def test_settings_found_wrong_with_the_data_leave_no_run_directory(data_root, tmp_path):

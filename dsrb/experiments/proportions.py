@@ -32,6 +32,11 @@ Resumable: a finished run is never trained again, an interrupted one continues f
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below, which take seconds (torch) or a minute (first-use build)
+    from .._cli import quiet_interrupt
+
+    quiet_interrupt("python -m dsrb.experiments.proportions")
+
 import argparse
 import dataclasses
 import json

@@ -1,0 +1,18 @@
+"""What every command-line tool does first, before its heavy imports (standard library only)."""
+
+import sys
+
+
+def quiet_interrupt(prog: str) -> None:
+    """Ctrl-C that no handler of the tool catches (while torch is imported or the extension is built on first use,
+    before ``main`` runs) prints one "<prog>: interrupted" line instead of a traceback; the exit status stays the
+    interrupted one (130). Other uncaught exceptions are printed as before."""
+    default = sys.excepthook
+
+    def hook(kind, value, tb):
+        if issubclass(kind, KeyboardInterrupt):
+            print(f"{prog}: interrupted", file=sys.stderr)
+        else:
+            default(kind, value, tb)
+
+    sys.excepthook = hook
