@@ -11,10 +11,19 @@ The recipe (sources, flags, nvcc step) lives in dsrb/_build.py and is shared wit
 
 import importlib.util
 import os
+import sys
 
+import setuptools
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# An editable install through setuptools < 64 (what pip falls back to with --no-build-isolation in an environment
+# with an old setuptools; pyproject.toml asks for >= 64) is `setup.py develop`, which ignores the package_dir mapping
+# of dsrb.kernels: the package would install without its Triton kernels.
+if "develop" in sys.argv and int(setuptools.__version__.split(".")[0]) < 64:
+    sys.exit(f"dsrb: an editable install needs setuptools >= 64 (found {setuptools.__version__}): run "
+             "`pip install -U setuptools wheel`, then install again")
 _spec = importlib.util.spec_from_file_location("dsrb_build", os.path.join(ROOT, "dsrb", "_build.py"))
 build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build)
@@ -52,10 +61,12 @@ def extension():
 
         def copy_extensions_to_source(self):
             """Editable installs copy the built library into dsrb/ (self.inplace is set again by now, so
-            get_ext_fullpath names that copy): its build record goes beside it."""
+            get_ext_fullpath names that copy): its build record goes beside it. After a failed build (reported
+            above) there is nothing to copy; setuptools < 64, which ignores `optional` here, would fail the install."""
+            if not getattr(self, "dsrb_info", None):
+                return
             super().copy_extensions_to_source()
-            if getattr(self, "dsrb_info", None):
-                build.write_info(self.get_ext_fullpath(self.extensions[0].name), self.dsrb_info)
+            build.write_info(self.get_ext_fullpath(self.extensions[0].name), self.dsrb_info)
 
     root = build.source_root()
     cpp = build.cpp_sources(root, with_cuda=False)

@@ -12,7 +12,10 @@
 #
 # numpy stays below 2.4 here: triton < 3.7's interpreter, which runs the Triton kernels on the CPU, fails under
 # numpy >= 2.4 (tests/helpers.py, triton_interpreter_problem). The GPU machine compiles the kernels instead.
-# Override the versions with DSRB_REHEARSAL_PYTHON, DSRB_REHEARSAL_TORCH, DSRB_REHEARSAL_TRITON.
+# Override the versions with DSRB_REHEARSAL_PYTHON, DSRB_REHEARSAL_TORCH, DSRB_REHEARSAL_TRITON; the oldest this
+# library supports (pyproject.toml; the README says what skips there):
+#
+#   DSRB_REHEARSAL_PYTHON=python3.9 DSRB_REHEARSAL_TORCH=2.6.0 DSRB_REHEARSAL_TRITON=3.2.0 bash benchmarks/gpu_rehearsal.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${DSRB_REHEARSAL_PYTHON:-python3.12}"
@@ -35,7 +38,7 @@ COMMIT="$(git rev-parse HEAD)"
 source "$WORK/venv/bin/activate"
 echo "== installing torch==$TORCH triton==$TRITON for $("$PY" --version) (a CUDA build of torch: about 3 GB)"
 pip install -q "torch==$TORCH" "triton==$TRITON" "numpy<2.4" pillow ninja "pytest>=7" "pytest-benchmark>=4" pyyaml \
-    matplotlib setuptools wheel 2>&1 | { grep -v "^WARNING: Location" || true; }
+    matplotlib "setuptools>=64" wheel "importlib_metadata; python_version < '3.10'" 2>&1 | { grep -v "^WARNING: Location" || true; }
 python -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__)" \
     | tee "$OUT/versions.txt"
 

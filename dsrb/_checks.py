@@ -156,7 +156,8 @@ def check_targets(name: str, t: torch.Tensor, *ranges) -> None:
             own, valid = torch.stack([n, n]).long(), lambda lo, hi: hi == 0
     values = _read([_min_max(r[1]) for r in ranges] + ([own] if own is not None else []))
     if own is not None and not valid(*values[-1]):
-        found = t[_bad_targets(t)].flatten()[0].item()
+        # The first offending value by position: boolean-mask indexing has no kernel for uint16/32/64 in torch 2.6.
+        found = t.reshape(-1)[int(_bad_targets(t).reshape(-1).nonzero()[0])].item()
         if _unsigned(t.dtype):
             raise ValueError(
                 f"argument '{name}': expected values in {{0, 1}} for unsigned dtype {t.dtype} (which cannot hold -1; "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from importlib import metadata
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.utils._python_dispatch
@@ -59,6 +59,14 @@ def assert_within_baseline(actual, expected, baseline, *, dtype, what=""):
     assert err <= bound, f"{what}: error {err:.3g} vs the baseline's {base:.3g} (bound {bound:.3g})"
 
 
+def version_of(package: str) -> Tuple[int, int]:
+    """(major, minor) of an installed package ("2.6.0+cu124" -> (2, 6)); (0, 0) when it is not installed."""
+    try:
+        return tuple(int(p) for p in metadata.version(package).split(".")[:2])
+    except (metadata.PackageNotFoundError, ValueError):
+        return (0, 0)
+
+
 def triton_interpreter_problem() -> Optional[str]:
     """Why the Triton interpreter cannot run this project's kernels here, or None (also None on a CUDA host, where
     the kernels are compiled, not interpreted).
@@ -69,11 +77,7 @@ def triton_interpreter_problem() -> Optional[str]:
     """
     if torch.cuda.is_available():
         return None
-    try:
-        triton, numpy = (tuple(int(p) for p in metadata.version(n).split(".")[:2]) for n in ("triton", "numpy"))
-    except (metadata.PackageNotFoundError, ValueError):
-        return None
-    if triton < (3, 7) and numpy >= (2, 4):
+    if version_of("triton") < (3, 7) and version_of("numpy") >= (2, 4):
         return (f"the Triton interpreter of triton {metadata.version('triton')} cannot run under numpy "
                 f"{metadata.version('numpy')} (int() of a one-element array, fixed in triton 3.7): install "
                 "triton>=3.7 or numpy<2.4 to run the Triton kernels on the CPU")

@@ -1,8 +1,13 @@
 """Where the build looks for nvcc (dsrb/_build.py): CUDA_HOME / CUDA_PATH, then PATH, then /usr/local/cuda, as
-torch does; a GPU machine whose nvcc is only in /usr/local/cuda/bin still gets the CUDA kernels."""
+torch does; a GPU machine whose nvcc is only in /usr/local/cuda/bin still gets the CUDA kernels. And what the CUDA
+glue (csrc/cuda/glue.cpp) needs of the torch it runs with."""
 
+import ctypes
 import os
 import stat
+
+import pytest
+import torch
 
 from dsrb import _build
 
@@ -30,3 +35,30 @@ def test_find_nvcc_order(tmp_path, monkeypatch):
     assert _build.find_nvcc() == default
     monkeypatch.setattr(_build.os, "access", lambda p, mode: False)
     assert _build.find_nvcc() is None
+
+
+def _current_stream_function():
+    """What glue.cpp's stream_of looks up: aoti_torch_get_current_cuda_stream, through dlopen("libtorch_cuda.so",
+    RTLD_LAZY | RTLD_NOLOAD), in the library `import torch` has loaded."""
+    lib = ctypes.CDLL("libtorch_cuda.so", mode=os.RTLD_LAZY | os.RTLD_NOLOAD)
+    assert hasattr(lib, "aoti_torch_get_current_cuda_stream"), "this torch does not export the function the glue uses"
+    current = lib.aoti_torch_get_current_cuda_stream
+    current.argtypes, current.restype = [ctypes.c_int32, ctypes.POINTER(ctypes.c_void_p)], ctypes.c_int32
+    return current
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="a CPU build of torch has no libtorch_cuda.so (the cuda "
+                    "backend needs a CUDA build; gpu_rehearsal.sh and gpu_session.sh run one)")
+def test_cuda_glue_finds_torchs_current_stream_function():
+    assert callable(_current_stream_function())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_glue_gets_torchs_current_stream():
+    """The function gives torch's current stream, a side stream included: the cuda kernels queue where torch does."""
+    current = _current_stream_function()
+    for stream in (torch.cuda.current_stream(), torch.cuda.Stream()):
+        with torch.cuda.stream(stream):
+            handle = ctypes.c_void_p()
+            assert current(torch.cuda.current_device(), ctypes.byref(handle)) == 0
+            assert (handle.value or 0) == stream.cuda_stream

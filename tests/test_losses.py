@@ -11,6 +11,7 @@ import torch
 
 from dsrb import losses
 from dsrb.reference import losses as ref
+from helpers import version_of
 
 D = 7
 BATCHES = [0, 1, 2, 5, 8]
@@ -214,6 +215,10 @@ def test_contrastive_generator_reproducible():
     assert len(others | {first.item()}) > 1
 
 
+@pytest.mark.xfail(version_of("torch") < (2, 11), strict=False,
+                   reason="inductor's CPU code generation fails on this backward in torch 2.6 (AssertionError in "
+                          "CppTile2DKernel.store: a scatter with atomic_add); passes on torch 2.11 and 2.13. "
+                          "dsrb.train --compile compiles the model, not the loss")
 def test_contrastive_compiles_fullgraph():
     g = _gen(9)
     targets = _targets(8, 20, 0.4, 0.4, g)

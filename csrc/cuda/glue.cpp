@@ -1,7 +1,7 @@
 // CUDA entry points of the dsrb extension (architecture §3-§5) and their registration as dsrb::<op>_cuda.
 //
 // Plain C++ against ATen: argument checks (csrc/checks.h), .contiguous() inputs, outputs allocated with ATen on the
-// input's device, a device guard, the current stream from at::accelerator, then the raw-pointer launchers of
+// input's device, a device guard, torch's current CUDA stream (stream_of), then the raw-pointer launchers of
 // csrc/cuda/*.cu (csrc/cuda/launchers.h). No c10/cuda or ATen/cuda header: this file compiles and links against the
 // CPU build of torch; the ATen calls made here (bmm, baddbmm, sum, ...) dispatch to torch's CUDA kernels at run time.
 //
@@ -9,10 +9,11 @@
 // call. The public API checks them (dsrb.ops, validate=True), and the kernels never read out of bounds whatever the
 // values (an out-of-range partner blends nothing; a bucket is always taken modulo 4; another quadrant is skipped).
 #include <ATen/ATen.h>
-#include <ATen/DeviceAccelerator.h>
 #include <c10/core/DeviceGuard.h>
+#include <dlfcn.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <initializer_list>
 #include <string>
 #include <tuple>
@@ -58,12 +59,34 @@ DType dtype_tag(const at::Tensor& t, const char* name) {
 // fp32 accumulation for the half types, fp64 for fp64.
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+#ifndef DSRB_CUDA_EMULATION
+// torch's current CUDA stream through AOTInductor's C shim (torch/csrc/inductor/aoti_torch/c/shim.h): a stable C
+// ABI that libtorch_cuda.so exports in every torch this project supports (2.6 to 2.13), where the C++ route
+// (at::accelerator::getCurrentStream(...).native_handle()) exists only from torch 2.11. Looked up at run time in the
+// libtorch_cuda.so that `import torch` has loaded, so the CPU build of torch, which has no such library, still links.
+using CurrentStreamFn = int32_t (*)(int32_t device_index, void** ret_stream);
+
+CurrentStreamFn current_stream_fn() {
+  static const CurrentStreamFn fn = [] {
+    void* lib = dlopen("libtorch_cuda.so", RTLD_LAZY | RTLD_NOLOAD);
+    return lib ? reinterpret_cast<CurrentStreamFn>(dlsym(lib, "aoti_torch_get_current_cuda_stream")) : nullptr;
+  }();
+  return fn;
+}
+#endif
+
 void* stream_of(const at::Tensor& t) {
 #ifdef DSRB_CUDA_EMULATION
   (void)t;
   return nullptr;
 #else
-  return at::accelerator::getCurrentStream(t.device().index()).native_handle();
+  const CurrentStreamFn fn = current_stream_fn();
+  TORCH_CHECK(fn != nullptr, "dsrb: the cuda backend found no aoti_torch_get_current_cuda_stream in a loaded "
+              "libtorch_cuda.so (is this a CUDA build of torch?)");
+  void* stream = nullptr;
+  TORCH_CHECK(fn(t.device().index(), &stream) == 0, "dsrb: torch could not give the current CUDA stream of ",
+              t.device());
+  return stream;
 #endif
 }
 
