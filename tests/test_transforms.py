@@ -20,7 +20,7 @@ from dsrb.data.transforms import (
 
 def _noise_image(w=96, h=64, seed=0):
     arr = np.random.RandomState(seed).randint(0, 256, size=(h, w, 3), dtype=np.uint8)
-    return Image.fromarray(arr, "RGB")
+    return Image.fromarray(arr)
 
 
 def _expected_constant(rgb):
@@ -147,7 +147,7 @@ def test_crop_geometry_is_plain_slicing():
     tf = TrainTransform(56)
     assert tf.scale_size == 64 and 56 in tf.crop_sizes
     arr = np.random.RandomState(3).randint(0, 256, size=(64, 64, 3), dtype=np.uint8)
-    img = Image.fromarray(arr, "RGB")
+    img = Image.fromarray(arr)
     for top, left in [(0, 0), (8, 8), (0, 8), (8, 0), (1, 6), (5, 2), (7, 3)]:
         for flip in (False, True):
             want = arr[top:top + 56, left:left + 56]

@@ -203,7 +203,7 @@ def _background(rng: np.random.RandomState, size: int) -> np.ndarray:
     if kind == 1:  # smooth blotches: coarse noise upsampled
         cells = rng.randint(3, 9)
         coarse = rng.uniform(-1, 1, size=(cells, cells)).astype(np.float32)
-        blot = np.asarray(Image.fromarray(coarse, "F").resize((size, size), Image.BILINEAR))
+        blot = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR))
         img += rng.uniform(12, 30) * blot[:, :, None]
     elif kind == 2:  # stripes
         freq = rng.uniform(4, 14) * 2 * np.pi
@@ -291,7 +291,7 @@ def _render(rng: np.random.RandomState, size: int, spec: _ClassSet):
     """One image (uint8 array) and its objects [(class index, (x, y, w, h))]."""
     from PIL import Image, ImageDraw
 
-    canvas = Image.fromarray(np.clip(_background(rng, size), 0, 255).astype(np.uint8), "RGB")
+    canvas = Image.fromarray(np.clip(_background(rng, size), 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
     objects, boxes = [], []
     for cls in _sample_classes(rng, spec):
@@ -327,7 +327,7 @@ def _write_split(folder: Path, split: str, count: int, size: int, seed: int, spe
         rng = np.random.RandomState([seed, split_id, i])  # one stream per image: any subset regenerates alike
         pixels, objects = _render(rng, size, spec)
         file_name = f"{i:06d}.png"
-        Image.fromarray(pixels, "RGB").save(image_dir / file_name, format="PNG", compress_level=1)
+        Image.fromarray(pixels).save(image_dir / file_name, format="PNG", compress_level=1)
         images.append({"id": i + 1, "file_name": file_name, "width": size, "height": size})
         for cls, (x, y, w, h) in objects:
             annotations.append(
