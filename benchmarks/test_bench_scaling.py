@@ -174,7 +174,9 @@ def test_scaling(benchmark, bench, provider, point, device, dtype, rounds):
                    else f"dsrb.ops.semantic_attention(x, u, e, v, backend='{backend}')"
                    + (" under torch.compile(fullgraph=True), torch backend traced" if provider == "compile" else ""))
     # One compilation per point: dynamo's per-function recompile limit (8) must not send later points to eager.
-    with torch._dynamo.config.patch(recompile_limit=64):
+    # (Named cache_size_limit in older torch, 2.6 among them.)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    with torch._dynamo.config.patch(**{limit: 64}):
         bench.run_case(benchmark, fn, setup=setup, device=device, rounds=rounds,
                        info={"op": OP, "case": f"scaling_{point['axis']}", "provider": provider, "pass": "fwd+bwd",
                              "shape": label, "dims": dims, "dtype": dtype, "formulation": formulation,
