@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 if "develop" in sys.argv and int(setuptools.__version__.split(".")[0]) < 64:
     sys.exit(f"dsrb: an editable install needs setuptools >= 64 (found {setuptools.__version__}): run "
              "`pip install -U setuptools wheel`, then install again")
+
 _spec = importlib.util.spec_from_file_location("dsrb_build", os.path.join(ROOT, "dsrb", "_build.py"))
 build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(build)
