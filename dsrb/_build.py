@@ -19,11 +19,12 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 DEFAULT_ARCH_LIST = "9.0"
 # -fopenmp: at::parallel_for runs serially without it. -fno-trapping-math: lets GCC turn the clamps of the CPU
@@ -109,19 +110,44 @@ def arch_list() -> str:
     return os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
 
 
-def gencode_flags(archs: str) -> List[str]:
-    """TORCH_CUDA_ARCH_LIST syntax ("8.0;9.0+PTX", "9.0a", spaces or semicolons) -> nvcc -gencode flags."""
-    flags = []
+_ARCH_ENTRY = re.compile(r"(\d+)\.?(\d)([af]?)")  # 9.0, 90, 10.0, 9.0a, 10.0f
+
+
+def parse_arch_list(archs: str) -> List[Tuple[int, int, str, bool]]:
+    """TORCH_CUDA_ARCH_LIST syntax ("8.0;9.0+PTX", "9.0a", spaces or semicolons) -> (major, minor, suffix, ptx)."""
+    entries = []
     for item in archs.replace(";", " ").split():
         ptx = item.endswith("+PTX")
-        number = item[:-4] if ptx else item
-        digits = number.replace(".", "")
-        if not digits[:2].isdigit():
+        m = _ARCH_ENTRY.fullmatch(item[:-4] if ptx else item)
+        if m is None:
             raise BuildError(f"TORCH_CUDA_ARCH_LIST: cannot read {item!r} (expected entries like 8.0, 9.0, 9.0+PTX)")
-        flags.append(f"-gencode=arch=compute_{digits},code=sm_{digits}")
+        entries.append((int(m[1]), int(m[2]), m[3], ptx))
+    return entries
+
+
+def gencode_flags(archs: str) -> List[str]:
+    """TORCH_CUDA_ARCH_LIST -> nvcc -gencode flags: a cubin per entry, and PTX where it says +PTX."""
+    flags = []
+    for major, minor, suffix, ptx in parse_arch_list(archs):
+        cc = f"{major}{minor}{suffix}"
+        flags.append(f"-gencode=arch=compute_{cc},code=sm_{cc}")
         if ptx:
-            flags.append(f"-gencode=arch=compute_{digits},code=compute_{digits}")
+            flags.append(f"-gencode=arch=compute_{cc},code=compute_{cc}")
     return flags
+
+
+def runs_on(archs: str, capability: Tuple[int, int]) -> bool:
+    """Whether kernels built for TORCH_CUDA_ARCH_LIST ``archs`` run on a GPU of compute ``capability``, by CUDA's
+    compatibility rules: a cubin for X.Y runs on X.Z with Z >= Y (an architecture-specific X.Ya only on X.Y); PTX
+    (+PTX) of a plain X.Y also on every later GPU, which the driver compiles it for."""
+    major, minor = capability
+    for M, m, suffix, ptx in parse_arch_list(archs):
+        if suffix == "a":
+            if (major, minor) == (M, m):
+                return True
+        elif (major == M and minor >= m) or (ptx and not suffix and (major, minor) >= (M, m)):
+            return True
+    return False
 
 
 def jobs() -> int:

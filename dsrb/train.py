@@ -50,6 +50,7 @@ from .config import RESUMABLE, TrainConfig, check_device, load_config_file, pars
 from .losses import dsrb_loss
 from .metrics import compute_metrics
 from .models import DSRB, draw_prototype_choices
+from .ops import OPS, selected_backend
 from .progress import Progress
 
 log = logging.getLogger("dsrb.train")
@@ -503,6 +504,16 @@ def _run(cfg: TrainConfig) -> Dict[str, Any]:
         raise Interrupted(out, os.path.isfile(os.path.join(out, "config.json"))) from err
 
 
+def op_backends(device: torch.device, backend: str) -> Dict[str, str]:
+    """The backend that serves each op on ``device`` (the run's float32 and autocast dtypes have the same backends);
+    a forced backend (setting or DSRB_BACKEND) that cannot serve one is a settings error, before the run starts."""
+    try:
+        return {op: selected_backend(op, device, torch.float32, backend) for op in OPS}
+    except RuntimeError as err:
+        forced = backend if backend != "auto" else f"{os.environ.get('DSRB_BACKEND')} (from DSRB_BACKEND)"
+        raise ValueError(f"setting 'backend': {forced} cannot serve this run: {err}") from None
+
+
 def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[str, Any]:
     last_path = os.path.join(out, "last.pt")
     if d.main and not cfg.resume and os.path.exists(last_path):
@@ -515,6 +526,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
     setup_logging(None, d.main)  # the records go to <out>/train.log once the directory exists
     log.info("dsrb %s, torch %s, device %s, %d process(es); run directory %s", __version__, torch.__version__,
              device, d.world, out)
+    log.info("ops on %s: %s (python -m dsrb.info says why a backend is passed over)", device.type,
+             ", ".join(f"{op} {name}" for op, name in op_backends(device, cfg.backend).items()))
     seed_everything(derived_seed(cfg.seed, 0, 0, d.rank))
 
     resumed = cfg.resume and os.path.exists(last_path)

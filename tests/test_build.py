@@ -4,6 +4,7 @@ glue (csrc/cuda/glue.cpp) needs of the torch it runs with."""
 
 import ctypes
 import os
+import re
 import stat
 
 import pytest
@@ -35,6 +36,29 @@ def test_find_nvcc_order(tmp_path, monkeypatch):
     assert _build.find_nvcc() == default
     monkeypatch.setattr(_build.os, "access", lambda p, mode: False)
     assert _build.find_nvcc() is None
+
+
+def test_arch_list_gencode_flags():
+    assert _build.gencode_flags("8.0;9.0+PTX 9.0a 10.0f 90") == [
+        "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90", "-gencode=arch=compute_90a,code=sm_90a",
+        "-gencode=arch=compute_100f,code=sm_100f", "-gencode=arch=compute_90,code=sm_90"]
+    for bad in ("Hopper", "9.0x", "9.", "9.0+ptx"):
+        with pytest.raises(_build.BuildError, match=f"TORCH_CUDA_ARCH_LIST: cannot read '{re.escape(bad)}'"):
+            _build.gencode_flags(bad)
+
+
+@pytest.mark.parametrize("archs, capability, runs", [
+    ("9.0", (9, 0), True), ("9.0", (8, 0), False), ("9.0", (10, 0), False),  # the default: H100/H200 only
+    ("8.0", (8, 6), True), ("8.0", (8, 9), True), ("8.6", (8, 0), False),  # a cubin runs on later minors only
+    ("9.0+PTX", (10, 0), True), ("9.0+PTX", (12, 0), True), ("9.0+PTX", (8, 9), False),  # PTX: any later GPU
+    ("9.0a", (9, 0), True), ("9.0a+PTX", (10, 0), False),  # architecture-specific: that GPU only
+    ("10.0f", (10, 3), True), ("10.0f+PTX", (12, 0), False),  # family-specific: that major
+    ("8.0;9.0", (8, 9), True), ("7.5 8.0", (9, 0), False),
+])
+def test_arch_list_runs_on(archs, capability, runs):
+    """CUDA's compatibility rules, which decide whether the cuda backend may serve a GPU (dsrb/ops/_registry.py)."""
+    assert _build.runs_on(archs, capability) is runs
 
 
 def _current_stream_function():

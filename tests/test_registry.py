@@ -12,7 +12,7 @@ def test_auto_on_cpu_takes_the_extension_else_torch_and_reports_reasons():
     why = ops.reasons("semantic_attention", cpu, f32)
     assert set(why) == set(ops.KNOWN_BACKENDS)
     assert why["torch"] is None
-    assert "device=cpu" in why["cuda"] or "extension" in why["cuda"], why["cuda"]
+    assert any(w in why["cuda"] for w in ("device=cpu", "extension", "TORCH_CUDA_ARCH_LIST")), why["cuda"]
     for name in ("cpu", "triton"):
         assert why[name] is None or (isinstance(why[name], str) and why[name])
     want = "cpu" if why["cpu"] is None else "torch"
@@ -51,6 +51,73 @@ def test_env_var_forces_backend(monkeypatch):
 def test_unsupported_dtype_is_explained():
     with pytest.raises(RuntimeError, match="torch: dtype=torch.complex64"):
         ops.select("instance_blend", torch.device("cpu"), torch.complex64, "torch")
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """Fake visible GPUs (a list of compute capabilities to fill), with the registry's remembered choices reset."""
+    from dsrb.ops import _registry
+
+    caps = []
+    monkeypatch.setattr(_registry, "_visible_gpus", lambda: [(i, f"Fake GPU {i}", c) for i, c in enumerate(caps)])
+    monkeypatch.setattr(_registry, "_SELECTED", {})
+    monkeypatch.setattr(_registry, "_GPUS_NOT_COVERED", {})
+    return caps
+
+
+def _built_archs() -> str:
+    """The TORCH_CUDA_ARCH_LIST of the extension's CUDA kernels (the test skips if it has none)."""
+    from dsrb import _ext
+
+    ext = _ext.load()
+    if "cuda" not in ext.backends:
+        pytest.skip("the extension was built without CUDA kernels here")
+    return str(ext.info["cuda_arch_list"])
+
+
+def test_cuda_backend_passes_over_gpus_its_kernels_do_not_cover(gpus):
+    """Kernels built for the default 9.0 cannot launch on an A100 (8.0): auto takes triton instead of failing at the
+    first launch, a forced cuda says how to rebuild, and a GPU the build covers is served."""
+    archs = _built_archs()
+    cuda, f32 = torch.device("cuda"), torch.float32
+    gpus += [(9, 0), (8, 0)] if archs == "9.0" else [(1, 0)]  # (1, 0): no build covers it
+    why = ops.reasons("semantic_attention", cuda, f32)["cuda"]
+    assert f"built for TORCH_CUDA_ARCH_LIST={archs}, which does not cover cuda:" in why, why
+    assert "pip install -e . --no-build-isolation" in why
+    if archs == "9.0":
+        assert "cuda:1 (Fake GPU 1, compute capability 8.0)" in why and "cuda:0" not in why
+        assert 'TORCH_CUDA_ARCH_LIST="8.0;9.0"' in why
+    assert ops.select("semantic_attention", cuda, f32) is ops.select("semantic_attention", cuda, f32, "triton")
+    with pytest.raises(RuntimeError, match="'cuda' was requested(.|\n)*does not cover"):
+        ops.select("semantic_attention", cuda, f32, "cuda")
+
+
+def test_cuda_backend_serves_gpus_its_kernels_cover(gpus):
+    from dsrb import _build
+
+    archs = _built_archs()
+    major, minor, suffix, _ = _build.parse_arch_list(archs)[0]
+    gpus.append((major, minor))
+    assert ops.reasons("semantic_attention", torch.device("cuda"), torch.float32)["cuda"] is None
+    assert ops.select("semantic_attention", torch.device("cuda"), torch.float32) is ops.select(
+        "semantic_attention", torch.device("cuda"), torch.float32, "cuda")
+
+
+def test_gpu_coverage_check_is_not_traced_by_the_compiler(gpus, monkeypatch):
+    """The first op call may happen inside torch.compile(fullgraph=True): the device queries must not break it."""
+    from dsrb.ops import _registry
+
+    @torch.compiler.disable  # what the compiler cannot trace, as torch.cuda's device queries on a real GPU
+    def visible_gpus():
+        return [(0, "Fake GPU 0", (8, 0))]
+
+    monkeypatch.setattr(_registry, "_visible_gpus", visible_gpus)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x):
+        return x + (1 if _registry._gpus_not_covered("9.0") else 0)
+
+    assert f(torch.zeros(2)).tolist() == [1.0, 1.0]
 
 
 class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):

@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from dsrb import train
+from dsrb import ops, train
 from dsrb.data.builtin import ensure_builtin
 from dsrb.models import DSRB
 
@@ -42,6 +42,8 @@ def test_short_run_writes_every_output(data_root, tmp_path):
     for name in ("train.log", "config.json", "partial_labels.npz", "metrics.jsonl", "last.pt", "best.pt",
                  "summary.json"):
         assert (out / name).is_file(), name
+    served = {op: ops.selected_backend(op, torch.device("cpu"), torch.float32) for op in ops.OPS}
+    assert "ops on cpu: " + ", ".join(f"{op} {b}" for op, b in served.items()) in (out / "train.log").read_text()
     records = read_metrics(out)
     assert [r["epoch"] for r in records] == [0, 1, 2]
     for r in records:

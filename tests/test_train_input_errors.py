@@ -120,6 +120,16 @@ def test_cuda_device_checked_before_the_run(data_root, tmp_path, monkeypatch):
     fails_cleanly(data_root, tmp_path / "run", ["--device", "cuda:3"], ValueError, r"'cuda:3'.* 1 CUDA device")
 
 
+def test_forced_backend_that_cannot_serve_the_run_is_a_settings_error(data_root, tmp_path, monkeypatch):
+    """--backend cuda (or DSRB_BACKEND=cuda) on the CPU: every backend's reason before the run, not a traceback at
+    the first forward."""
+    fails_cleanly(data_root, tmp_path / "run", ["--backend", "cuda"], ValueError,
+                  r"setting 'backend': cuda cannot serve this run: .*'cuda' was requested for device=cpu(.|\n)*"
+                  r"  cuda: device=cpu")
+    monkeypatch.setenv("DSRB_BACKEND", "cuda")
+    fails_cleanly(data_root, tmp_path / "run", [], ValueError, r"setting 'backend': cuda \(from DSRB_BACKEND\)")
+
+
 def test_one_device_parser_for_every_tool(tmp_path, monkeypatch):
     """dsrb.train, dsrb.pretrain, the inference tools (--device) and load_model(device=) share check_device: the
     same grammar, the same checks against this machine, a ValueError naming the argument."""

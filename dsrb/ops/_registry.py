@@ -15,7 +15,7 @@ import functools
 import importlib.util
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -95,6 +95,12 @@ def select(op: str, device: torch.device, dtype: torch.dtype, backend: str = "au
     if fn is None:
         fn = _SELECTED[key] = _select(op, device, dtype, requested)
     return fn
+
+
+def selected_backend(op: str, device: torch.device, dtype: torch.dtype, backend: str = "auto") -> str:
+    """The name of the backend whose implementation :func:`select` returns (raising as it does)."""
+    fn = select(op, device, dtype, backend)
+    return next(name for name, b in _BACKENDS.items() if b.impls.get(op) is fn)
 
 
 def _select(op: str, device: torch.device, dtype: torch.dtype, requested: str) -> Callable:
@@ -197,7 +203,40 @@ def _extension_unavailable(backend: str) -> Optional[str]:
         return f"the C++ extension is not available: {ext.reason}"
     if backend not in ext.backends:
         return "the C++ extension was built without CUDA kernels (no nvcc at build time, or DSRB_BUILD_CUDA=0)"
+    if backend == "cuda":
+        return _gpus_not_covered(str(ext.info.get("cuda_arch_list")))
     return None
+
+
+_GPUS_NOT_COVERED: Dict[str, Optional[str]] = {}
+
+
+def _visible_gpus() -> List[Tuple[int, str, Tuple[int, int]]]:
+    """(index, name, compute capability) of every visible CUDA GPU."""
+    if not torch.cuda.is_available():
+        return []
+    return [(i, torch.cuda.get_device_name(i), tuple(torch.cuda.get_device_capability(i)))
+            for i in range(torch.cuda.device_count())]
+
+
+@torch.compiler.assume_constant_result  # asked once per process, never traced into a compiled graph
+def _gpus_not_covered(archs: str) -> Optional[str]:
+    """Why CUDA kernels built for ``archs`` cannot serve every visible GPU (e.g. the default 9.0 on an A100), or None.
+
+    Such a GPU would fail at the first launch ("no kernel image"); instead ``auto`` passes over the ``cuda`` backend
+    (to ``triton``) and the reason says how to rebuild. The ``cuda`` backend serves all visible GPUs or none."""
+    if archs not in _GPUS_NOT_COVERED:
+        from .. import _build
+
+        missing = [(i, name, cap) for i, name, cap in _visible_gpus() if not _build.runs_on(archs, cap)]
+        why = None
+        if missing:
+            gpus = ", ".join(f"cuda:{i} ({name}, compute capability {c[0]}.{c[1]})" for i, name, c in missing)
+            wanted = ";".join(sorted({f"{c[0]}.{c[1]}" for _, _, c in missing}) + archs.replace(";", " ").split())
+            why = (f"its CUDA kernels were built for TORCH_CUDA_ARCH_LIST={archs}, which does not cover {gpus}; "
+                   f"rebuild: TORCH_CUDA_ARCH_LIST=\"{wanted}\" pip install -e . --no-build-isolation")
+        _GPUS_NOT_COVERED[archs] = why
+    return _GPUS_NOT_COVERED[archs]
 
 
 def _triton_unavailable() -> Optional[str]:
