@@ -80,7 +80,7 @@ def block_sizes(N: int, C: int, D: int, I: int) -> Mapping[str, Mapping[str, int
     Scores (no tl.dot): a (BLOCK_C = 16, BLOCK_R = 16, BLOCK_K) tanh tile, BLOCK_K within the register budget.
     Softmax/product: BLOCK_C = 16, 16 <= BLOCK_N <= 64, 16 <= BLOCK_D <= 32 (tl.dot on the GPU needs M, N, K >= 16).
     Backward (no tl.dot): the score tile within the smaller budget. Block sizes and warps are those for which ptxas
-    reports no register spills on sm_90 (``tests/sm90_compile.py``; BLOCK_D = 64 with 4 warps spilled).
+    reports no register spills on sm_90 (``tests/gpu_compile.py``; BLOCK_D = 64 with 4 warps spilled).
     """
     s_bk = max(1, min(32, next_power_of_2(I), _TILE_BUDGET // 256))
     b_bk = max(1, min(32, next_power_of_2(I), _BWD_TILE_BUDGET // 256))

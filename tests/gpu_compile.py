@@ -1,21 +1,24 @@
-"""Compile every Triton kernel for an H100/H200 (sm_90) on a machine without a GPU, and report register use.
+"""Compile every Triton kernel for an H100/H200 (sm_90) or an A100 (sm_80) on a machine without a GPU, and report
+register use.
 
 The interpreter (TRITON_INTERPRET=1) checks the kernels' maths on the CPU but never runs Triton's GPU compiler, so
 a kernel can pass every CPU test and still fail to compile, or spill registers, on the GPU. This module calls each
 launcher of ``kernels/`` at the benchmark shapes with the launch recorded instead of run (the kernel objects are
 swapped for recorders), turns each recorded launch into the signature, constants and divisibility hints the Triton
-runtime would derive from the same arguments, compiles it ahead of time for ``GPUTarget("cuda", 90, 32)`` and runs
-the ptxas that ships with triton (``-v``) on the PTX for registers and spills. No GPU and no CUDA driver are needed.
+runtime would derive from the same arguments, compiles it ahead of time for ``GPUTarget("cuda", 90, 32)`` (or 80)
+and runs the ptxas that ships with triton (``-v``) on the PTX for registers and spills. No GPU and no CUDA driver
+are needed.
 
 Run it as a script in a process where TRITON_INTERPRET is not set (the kernels must be JIT functions, not
-interpreted ones): ``python tests/sm90_compile.py`` prints a JSON line with the names of all kernels (and of those
+interpreted ones): ``python tests/gpu_compile.py [--arch 80]`` prints a JSON line with the names of all kernels (and of those
 launched outside a ``device_guard`` of their tensors' device), then one per distinct launch (kernel, case,
 constants, num_warps, shared memory, registers, spill bytes, or the compiler's error).
-``tests/test_triton_sm90_compile.py`` runs it.
+``tests/test_triton_gpu_compile.py`` runs it.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import json
@@ -36,7 +39,7 @@ SHAPES = [("coco", 8, 49, 80, 1024, 512, (torch.float32, torch.bfloat16, torch.f
           ("vg-b32", 32, 49, 200, 1024, 512, (torch.float32, torch.bfloat16)),
           ("n196", 4, 196, 20, 256, 64, (torch.float32,)),
           ("odd", 2, 13, 20, 33, 17, (torch.float32, torch.bfloat16, torch.float16, torch.float64))]
-H200_SMS = 132  # the SM count the launch policy (k split, backward groups) is recorded with
+SMS = {90: 132, 80: 108}  # H200, A100: the SM count the launch policy (k split, backward groups) is recorded with
 _TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
        torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
 
@@ -88,7 +91,7 @@ def _signature(fn, args: tuple, kwargs: dict):
     return signature, constexprs, attrs, options
 
 
-def _launches() -> Tuple[List[Tuple[str, Any, tuple, dict]], List[str], List[str]]:
+def _launches(sms: int) -> Tuple[List[Tuple[str, Any, tuple, dict]], List[str], List[str]]:
     """Every kernel launch the launchers make at SHAPES, recorded (label, fn, args, kwargs), the names of all the
     kernels found (so that a kernel no launch reaches is noticed), and those launched outside a device guard of their
     tensors' device (Triton launches on the current device, whatever the tensors': on a second GPU such a launch
@@ -115,8 +118,8 @@ def _launches() -> Tuple[List[Tuple[str, Any, tuple, dict]], List[str], List[str
                 kernels.append(attr)
     sa, ib, pb = mods["semantic_attention"], mods["instance_blend"], mods["prototype_blend"]
     bu, qi = mods["prototype_bank_update"], mods["quadrant_index"]
-    # The launch policy as on an H200 (132 SMs: k split and backward groups > 1 at coco), not as on CPU tensors (1).
-    sa._sm_count = lambda device: H200_SMS
+    # The launch policy as on the GPU (k split and backward groups > 1 at coco), not as on CPU tensors (1 SM).
+    sa._sm_count = lambda device: sms
     out = []
     for label, B, N, C, D, I, dtypes in SHAPES:
         for dtype in dtypes:
@@ -148,12 +151,12 @@ def _launches() -> Tuple[List[Tuple[str, Any, tuple, dict]], List[str], List[str
     return out, kernels, sorted(unguarded)
 
 
-def _ptxas_usage(ptx: str) -> Dict[str, int]:
+def _ptxas_usage(ptx: str, arch: str) -> Dict[str, int]:
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     try:
-        res = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True,
+        res = subprocess.run([ptxas, "-v", "--gpu-name", arch, f.name, "-o", os.devnull], capture_output=True,
                              text=True, check=True)
     finally:
         os.unlink(f.name)
@@ -165,15 +168,18 @@ def _ptxas_usage(ptx: str) -> Dict[str, int]:
     return usage
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, choices=sorted(SMS), default=90, help="compute capability x 10")
+    arch = parser.parse_args(argv).arch
     if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("sm90_compile: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)")
+        sys.exit("gpu_compile: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    target = GPUTarget("cuda", 90, 32)
+    target = GPUTarget("cuda", arch, 32)
     seen = set()
-    launches, kernels, unguarded = _launches()
+    launches, kernels, unguarded = _launches(SMS[arch])
     print(json.dumps(dict(kernels=sorted(kernels), unguarded=unguarded)), flush=True)
     for label, fn, args, kwargs in launches:
         signature, constexprs, attrs, options = _signature(fn, args, kwargs)
@@ -187,7 +193,7 @@ def main() -> int:
         try:
             compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
             record["shared"] = compiled.metadata.shared  # bytes per program (static and pipelining buffers)
-            record.update(_ptxas_usage(compiled.asm["ptx"]))
+            record.update(_ptxas_usage(compiled.asm["ptx"], "sm_90a" if arch == 90 else f"sm_{arch}"))
         except Exception as exc:  # noqa: BLE001 - reported per launch; the test fails on it
             record["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         print(json.dumps(record), flush=True)
