@@ -1,9 +1,12 @@
 """Backend selection: auto falls back silently, a forced backend never does and explains every rejection."""
 
+import re
+
 import pytest
 import torch
 
 import dsrb.ops as ops
+from dsrb import _build
 from helpers import assert_close
 
 
@@ -55,30 +58,32 @@ def test_unsupported_dtype_is_explained():
 
 @pytest.fixture
 def gpus(monkeypatch):
-    """Fake visible GPUs (a list of compute capabilities to fill), with the registry's remembered choices reset."""
+    """Fake visible GPUs (a list of compute capabilities to fill) with a driver for CUDA 99.0, and the registry's
+    remembered choices reset."""
     from dsrb.ops import _registry
 
     caps = []
     monkeypatch.setattr(_registry, "_visible_gpus", lambda: [(i, f"Fake GPU {i}", c) for i, c in enumerate(caps)])
     monkeypatch.setattr(_registry, "_SELECTED", {})
-    monkeypatch.setattr(_registry, "_GPUS_NOT_COVERED", {})
+    monkeypatch.setattr(_registry, "_driver_cuda_version", lambda: (99, 0))
+    monkeypatch.setattr(_registry, "_CUDA_UNUSABLE", {})
     return caps
 
 
-def _built_archs() -> str:
-    """The TORCH_CUDA_ARCH_LIST of the extension's CUDA kernels (the test skips if it has none)."""
+def _built(key: str = "cuda_arch_list") -> str:
+    """What the extension's CUDA kernels were built with (the test skips if it has none): the arch list or nvcc."""
     from dsrb import _ext
 
     ext = _ext.load()
     if "cuda" not in ext.backends:
         pytest.skip("the extension was built without CUDA kernels here")
-    return str(ext.info["cuda_arch_list"])
+    return str(ext.info[key])
 
 
 def test_cuda_backend_passes_over_gpus_its_kernels_do_not_cover(gpus):
     """Kernels built for the default 9.0 cannot launch on an A100 (8.0): auto takes triton instead of failing at the
     first launch, a forced cuda says how to rebuild, and a GPU the build covers is served."""
-    archs = _built_archs()
+    archs = _built()
     cuda, f32 = torch.device("cuda"), torch.float32
     gpus += [(9, 0), (8, 0)] if archs == "9.0" else [(1, 0)]  # (1, 0): no build covers it
     why = ops.reasons("semantic_attention", cuda, f32)["cuda"]
@@ -93,14 +98,37 @@ def test_cuda_backend_passes_over_gpus_its_kernels_do_not_cover(gpus):
 
 
 def test_cuda_backend_serves_gpus_its_kernels_cover(gpus):
-    from dsrb import _build
-
-    archs = _built_archs()
-    major, minor, suffix, _ = _build.parse_arch_list(archs)[0]
-    gpus.append((major, minor))
+    gpus.append(tuple(_build.parse_arch_list(_built())[0][:2]))
     assert ops.reasons("semantic_attention", torch.device("cuda"), torch.float32)["cuda"] is None
     assert ops.select("semantic_attention", torch.device("cuda"), torch.float32) is ops.select(
         "semantic_attention", torch.device("cuda"), torch.float32, "cuda")
+
+
+def test_cuda_backend_passes_over_a_driver_older_than_its_cuda_runtime(gpus, monkeypatch):
+    """The kernels carry a static CUDA runtime of nvcc's version: a driver of an older CUDA major cannot run them."""
+    from dsrb.ops import _registry
+
+    cuda, f32 = torch.device("cuda"), torch.float32
+    built = re.search(r"cuda_(\d+)\.(\d+)", _built("nvcc"))
+    assert built, _built("nvcc")
+    major = int(built[1])
+    gpus += [tuple(_build.parse_arch_list(_built())[0][:2])]  # covered
+    monkeypatch.setattr(_registry, "_driver_cuda_version", lambda: (major - 1, 8))
+    why = ops.reasons("semantic_attention", cuda, f32)["cuda"]
+    assert f"built with CUDA {major}.{built[2]} (nvcc), newer than this machine's driver supports " \
+           f"(CUDA {major - 1}.8)" in why, why
+    assert ops.select("semantic_attention", cuda, f32) is ops.select("semantic_attention", cuda, f32, "triton")
+    monkeypatch.setattr(_registry, "_CUDA_UNUSABLE", {})
+    monkeypatch.setattr(_registry, "_driver_cuda_version", lambda: (major, 0))  # an older minor: compatible
+    assert ops.reasons("semantic_attention", cuda, f32)["cuda"] is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_driver_cuda_version_is_read_on_a_gpu():
+    from dsrb.ops import _registry
+
+    driver = _registry._driver_cuda_version()  # torch runs here, so the driver has at least torch's CUDA major
+    assert driver is not None and driver[0] >= int(torch.version.cuda.split(".")[0]), driver
 
 
 def test_gpu_coverage_check_is_not_traced_by_the_compiler(gpus, monkeypatch):
@@ -115,7 +143,7 @@ def test_gpu_coverage_check_is_not_traced_by_the_compiler(gpus, monkeypatch):
 
     @torch.compile(fullgraph=True, backend="eager")
     def f(x):
-        return x + (1 if _registry._gpus_not_covered("9.0") else 0)
+        return x + (1 if _registry._cuda_kernels_unusable("9.0", "Build cuda_13.0.r13.0") else 0)
 
     assert f(torch.zeros(2)).tolist() == [1.0, 1.0]
 

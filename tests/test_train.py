@@ -236,7 +236,7 @@ def test_logged_loss_is_the_mean_of_the_steps_and_a_nan_stops_the_run(data_root,
 
     def spy(*a, **k):
         total, parts = real(*a, **k)
-        seen.append(float(total))
+        seen.append(total.item())
         return total, parts
 
     monkeypatch.setattr(train, "dsrb_loss", spy)

@@ -11,9 +11,11 @@ Everything here looks only at device types and dtypes, so ``torch.compile`` trac
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import importlib.util
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -204,11 +206,11 @@ def _extension_unavailable(backend: str) -> Optional[str]:
     if backend not in ext.backends:
         return "the C++ extension was built without CUDA kernels (no nvcc at build time, or DSRB_BUILD_CUDA=0)"
     if backend == "cuda":
-        return _gpus_not_covered(str(ext.info.get("cuda_arch_list")))
+        return _cuda_kernels_unusable(str(ext.info.get("cuda_arch_list")), str(ext.info.get("nvcc")))
     return None
 
 
-_GPUS_NOT_COVERED: Dict[str, Optional[str]] = {}
+_CUDA_UNUSABLE: Dict[Tuple[str, str], Optional[str]] = {}
 
 
 def _visible_gpus() -> List[Tuple[int, str, Tuple[int, int]]]:
@@ -219,24 +221,45 @@ def _visible_gpus() -> List[Tuple[int, str, Tuple[int, int]]]:
             for i in range(torch.cuda.device_count())]
 
 
-@torch.compiler.assume_constant_result  # asked once per process, never traced into a compiled graph
-def _gpus_not_covered(archs: str) -> Optional[str]:
-    """Why CUDA kernels built for ``archs`` cannot serve every visible GPU (e.g. the default 9.0 on an A100), or None.
+def _driver_cuda_version() -> Optional[Tuple[int, int]]:
+    """The CUDA version the installed driver supports (cuDriverGetVersion), or None if it cannot be asked."""
+    for name in ("libcuda.so.1", "nvcuda.dll"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        version = ctypes.c_int(0)
+        if lib.cuDriverGetVersion(ctypes.byref(version)) == 0 and version.value > 0:
+            return version.value // 1000, version.value % 1000 // 10
+    return None
 
-    Such a GPU would fail at the first launch ("no kernel image"); instead ``auto`` passes over the ``cuda`` backend
-    (to ``triton``) and the reason says how to rebuild. The ``cuda`` backend serves all visible GPUs or none."""
-    if archs not in _GPUS_NOT_COVERED:
+
+@torch.compiler.assume_constant_result  # asked once per process, never traced into a compiled graph
+def _cuda_kernels_unusable(archs: str, nvcc: str) -> Optional[str]:
+    """Why the CUDA kernels, built for ``archs`` by ``nvcc`` (its ``--version`` line), cannot serve every visible
+    GPU, or None. Such a launch would fail ("no kernel image" on a GPU the arch list does not cover, e.g. the default
+    9.0 on an A100; "driver version is insufficient" when the static CUDA runtime is newer than the driver); instead
+    ``auto`` passes over the ``cuda`` backend (to ``triton``) and the reason says what to do. The ``cuda`` backend
+    serves all visible GPUs or none."""
+    key = (archs, nvcc)
+    if key not in _CUDA_UNUSABLE:
         from .. import _build
 
-        missing = [(i, name, cap) for i, name, cap in _visible_gpus() if not _build.runs_on(archs, cap)]
-        why = None
-        if missing:
-            gpus = ", ".join(f"cuda:{i} ({name}, compute capability {c[0]}.{c[1]})" for i, name, c in missing)
+        gpus, why = _visible_gpus(), None
+        built = re.search(r"cuda_(\d+)\.(\d+)", nvcc)
+        driver = _driver_cuda_version() if gpus and built else None
+        missing = [(i, name, cap) for i, name, cap in gpus if not _build.runs_on(archs, cap)]
+        if driver is not None and driver[0] < int(built[1]):  # minor versions are compatible, majors are not
+            why = (f"its CUDA kernels were built with CUDA {built[1]}.{built[2]} (nvcc), newer than this machine's "
+                   f"driver supports (CUDA {driver[0]}.{driver[1]}): update the driver, or rebuild with the nvcc of a "
+                   f"CUDA {driver[0]} toolkit (CUDA_HOME=... pip install -e . --no-build-isolation)")
+        elif missing:
+            gpus_text = ", ".join(f"cuda:{i} ({name}, compute capability {c[0]}.{c[1]})" for i, name, c in missing)
             wanted = ";".join(sorted({f"{c[0]}.{c[1]}" for _, _, c in missing}) + archs.replace(";", " ").split())
-            why = (f"its CUDA kernels were built for TORCH_CUDA_ARCH_LIST={archs}, which does not cover {gpus}; "
+            why = (f"its CUDA kernels were built for TORCH_CUDA_ARCH_LIST={archs}, which does not cover {gpus_text}; "
                    f"rebuild: TORCH_CUDA_ARCH_LIST=\"{wanted}\" pip install -e . --no-build-isolation")
-        _GPUS_NOT_COVERED[archs] = why
-    return _GPUS_NOT_COVERED[archs]
+        _CUDA_UNUSABLE[key] = why
+    return _CUDA_UNUSABLE[key]
 
 
 def _triton_unavailable() -> Optional[str]:
