@@ -5,7 +5,9 @@ Backends in priority order per device type (architecture §4): on CUDA ``cuda`` 
 first backend that can serve the inputs and falls back silently. A backend named explicitly (argument or
 ``DSRB_BACKEND``) never falls back: if it cannot serve the inputs, the error lists every backend and its reason.
 
-Everything here looks only at device types and dtypes, so ``torch.compile`` traces it without a graph break.
+Everything here looks only at device types and dtypes, so ``torch.compile`` traces it without a graph break; the
+one device query, whether the CUDA kernels can run on the visible GPUs, is made once and taken by the compiler as a
+constant (:func:`_cuda_kernels_unusable`).
 """
 
 from __future__ import annotations
