@@ -225,15 +225,14 @@ def _visible_gpus() -> List[Tuple[int, str, Tuple[int, int]]]:
 
 def _driver_cuda_version() -> Optional[Tuple[int, int]]:
     """The CUDA version the installed driver supports (cuDriverGetVersion), or None if it cannot be asked."""
-    for name in ("libcuda.so.1", "nvcuda.dll"):
-        try:
-            lib = ctypes.CDLL(name)
-        except OSError:
-            continue
-        version = ctypes.c_int(0)
-        if lib.cuDriverGetVersion(ctypes.byref(version)) == 0 and version.value > 0:
-            return version.value // 1000, version.value % 1000 // 10
-    return None
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int(0)
+    if lib.cuDriverGetVersion(ctypes.byref(version)) != 0 or version.value <= 0:
+        return None
+    return version.value // 1000, version.value % 1000 // 10
 
 
 @torch.compiler.assume_constant_result  # asked once per process, never traced into a compiled graph
