@@ -19,10 +19,12 @@ pytestmark = [
     pytest.mark.usefixtures("uninitialized_memory_is_nan"),
 ]
 HAS_CUDA = torch.cuda.is_available()
+# Why the cuda backend cannot run here: no GPU, no CUDA kernels, or kernels this GPU or driver cannot run.
+CUDA_WHY = ops.reasons("semantic_attention", torch.device("cuda"), torch.float32)["cuda"] if HAS_CUDA else "no GPU"
 BACKENDS = [
     pytest.param("cpu", id="cpu"),
     pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(
-        not (HAS_CUDA and "cuda" in EXT.backends), reason="needs a CUDA GPU and an extension built with nvcc")),
+        CUDA_WHY is not None, reason=f"needs a CUDA GPU the extension's CUDA kernels can run on: {CUDA_WHY}")),
 ]
 LOW = [torch.float32, torch.bfloat16, torch.float16]
 HALF = (torch.bfloat16, torch.float16)
