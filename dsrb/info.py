@@ -23,6 +23,13 @@ def _optional_version(module: str) -> str:
     return getattr(mod, "__version__", "installed")
 
 
+def _driver() -> str:
+    from .ops._registry import _driver_cuda_version
+
+    version = _driver_cuda_version()
+    return f"; the driver supports CUDA {version[0]}.{version[1]}" if version else ""
+
+
 def _extension_lines() -> list:
     ext = _ext.load()
     if not ext.loaded:
@@ -42,7 +49,7 @@ def report() -> str:
         f"dsrb {__version__}",
         f"python {platform.python_version()}, torch {torch.__version__}, numpy {_optional_version('numpy')}, "
         f"triton {_optional_version('triton')}",
-        f"CUDA available: {torch.cuda.is_available()} (torch built with CUDA {torch.version.cuda})",
+        f"CUDA available: {torch.cuda.is_available()} (torch built with CUDA {torch.version.cuda}{_driver()})",
         *_extension_lines(),
         "",
     ]

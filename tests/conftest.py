@@ -40,3 +40,17 @@ def uninitialized_memory_is_nan():
     yield
     torch.use_deterministic_algorithms(before[0], warn_only=before[1])
     torch.utils.deterministic.fill_uninitialized_memory = before[2]
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """Fake visible GPUs (a list of compute capabilities to fill) with a driver for CUDA 99.0, and the registry's
+    remembered choices reset."""
+    from dsrb.ops import _registry
+
+    caps = []
+    monkeypatch.setattr(_registry, "_visible_gpus", lambda: [(i, f"Fake GPU {i}", c) for i, c in enumerate(caps)])
+    monkeypatch.setattr(_registry, "_SELECTED", {})
+    monkeypatch.setattr(_registry, "_driver_cuda_version", lambda: (99, 0))
+    monkeypatch.setattr(_registry, "_CUDA_UNUSABLE", {})
+    return caps

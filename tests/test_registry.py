@@ -56,20 +56,6 @@ def test_unsupported_dtype_is_explained():
         ops.select("instance_blend", torch.device("cpu"), torch.complex64, "torch")
 
 
-@pytest.fixture
-def gpus(monkeypatch):
-    """Fake visible GPUs (a list of compute capabilities to fill) with a driver for CUDA 99.0, and the registry's
-    remembered choices reset."""
-    from dsrb.ops import _registry
-
-    caps = []
-    monkeypatch.setattr(_registry, "_visible_gpus", lambda: [(i, f"Fake GPU {i}", c) for i, c in enumerate(caps)])
-    monkeypatch.setattr(_registry, "_SELECTED", {})
-    monkeypatch.setattr(_registry, "_driver_cuda_version", lambda: (99, 0))
-    monkeypatch.setattr(_registry, "_CUDA_UNUSABLE", {})
-    return caps
-
-
 def _built(key: str = "cuda_arch_list") -> str:
     """What the extension's CUDA kernels were built with (the test skips if it has none): the arch list or nvcc."""
     from dsrb import _ext

@@ -1,0 +1,36 @@
+"""``python -m dsrb.info``: versions, the extension's build, and which backend serves each op, with the reasons."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dsrb.ops as ops
+from dsrb import info
+
+
+def test_info_reports_versions_build_and_every_op():
+    res = subprocess.run([sys.executable, "-m", "dsrb.info"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert f"torch {torch.__version__}" in out and "C++/CUDA extension: " in out
+    assert re.search(r"^ops on cpu \(float32\)\s+" + r"\s+".join(ops.KNOWN_BACKENDS) + "$", out, re.M), out
+    for op in ops.OPS:
+        cells = re.search(rf"^  {op}\s+((?:(?:yes|no)\s*){{{len(ops.KNOWN_BACKENDS)}}})$", out, re.M)
+        assert cells, (op, out)
+        why = ops.reasons(op, torch.device("cpu"), torch.float32)
+        assert cells[1].split() == ["yes" if why[b] is None else "no" for b in ops.KNOWN_BACKENDS]
+    for backend, why in ops.reasons("semantic_attention", torch.device("cpu"), torch.float32).items():
+        assert why is None or f"  {backend}: {why}" in out
+
+
+def test_info_says_why_the_cuda_kernels_cannot_run_on_this_gpu(gpus):
+    from dsrb import _ext
+
+    if "cuda" not in _ext.load().backends:
+        pytest.skip("the extension was built without CUDA kernels here")
+    gpus.append((1, 0))  # a GPU no arch list covers
+    assert re.search(r"  cuda: its CUDA kernels were built for TORCH_CUDA_ARCH_LIST=\S+, which does not cover "
+                     r"cuda:0 \(Fake GPU 0, compute capability 1\.0\); rebuild: ", info.report())
