@@ -1,17 +1,22 @@
 """What every command-line tool does first, before its heavy imports (standard library only)."""
 
+import os
 import sys
 
 
 def quiet_interrupt(prog: str) -> None:
     """Ctrl-C that no handler of the tool catches (while torch is imported or the extension is built on first use,
     before ``main`` runs) prints one "<prog>: interrupted" line instead of a traceback; the exit status stays the
-    interrupted one (130). Other uncaught exceptions are printed as before."""
+    interrupted one (130). Output piped to a reader that stopped early (``| head``) ends the tool silently, exit
+    status 1. Other uncaught exceptions are printed as before."""
     default = sys.excepthook
 
     def hook(kind, value, tb):
         if issubclass(kind, KeyboardInterrupt):
             print(f"{prog}: interrupted", file=sys.stderr)
+        elif issubclass(kind, BrokenPipeError):
+            # what is still buffered for stdout would fail again at exit, with a message: it goes nowhere instead
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         else:
             default(kind, value, tb)
 

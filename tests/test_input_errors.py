@@ -184,3 +184,14 @@ def test_ctrl_c_during_imports_is_one_line(tool):
                           text=True, timeout=120)
     assert proc.returncode in (130, -2), (proc.returncode, proc.stderr)  # -2: ended by SIGINT, as Python does
     assert proc.stderr == f"python -m dsrb.{tool}: interrupted\n", proc.stderr
+
+
+def test_output_to_a_closed_pipe_ends_quietly():
+    """``python -m dsrb.info | head -1``: the reader goes away before the tool writes; no BrokenPipeError traceback."""
+    read, write = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "dsrb.info"], cwd=ROOT, stdout=write, stderr=subprocess.PIPE,
+                            text=True)
+    os.close(write)
+    os.close(read)  # long before the tool has imported torch and prints
+    _, err = proc.communicate(timeout=600)
+    assert (proc.returncode, err) == (1, ""), (proc.returncode, err)
