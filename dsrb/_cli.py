@@ -15,9 +15,14 @@ def quiet_interrupt(prog: str) -> None:
         if issubclass(kind, KeyboardInterrupt):
             print(f"{prog}: interrupted", file=sys.stderr)
         elif issubclass(kind, BrokenPipeError):
-            # what is still buffered for stdout would fail again at exit, with a message: it goes nowhere instead
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            discard(sys.stdout)
         else:
             default(kind, value, tb)
 
     sys.excepthook = hook
+
+
+def discard(stream) -> None:
+    """Send what is still written to ``stream`` (whose reader went away) nowhere: else the flush at exit fails too,
+    with an "Exception ignored" message."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())

@@ -45,6 +45,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from . import __version__
+from ._cli import discard
 from .checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, save_json, set_rng_state
 from .config import RESUMABLE, TrainConfig, check_device, load_config_file, parse_args
 from .losses import dsrb_loss
@@ -113,13 +114,25 @@ def versions() -> Dict[str, str]:
 _LOG_FORMAT = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
 
 
+class _Console(logging.StreamHandler):
+    """The log on stdout. If its reader goes away (``| head``) the run goes on, logged to ``train.log`` only, instead
+    of printing a logging error for every later line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            log.removeHandler(self)
+            discard(self.stream)
+        else:
+            super().handleError(record)
+
+
 def setup_logging(out: Optional[str], main: bool) -> None:
     """Log to stdout, and on the main process to ``<out>/train.log``; with ``out`` None, the records are kept until
     :func:`log_to_file` names the file (the run directory is created only once the settings are checked)."""
     log.handlers.clear()
     log.setLevel(logging.INFO if main else logging.WARNING)
     log.propagate = False
-    stream = logging.StreamHandler(sys.stdout)
+    stream = _Console(sys.stdout)
     stream.setFormatter(_LOG_FORMAT)
     log.addHandler(stream)
     if main and out:

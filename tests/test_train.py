@@ -59,6 +59,20 @@ def test_short_run_writes_every_output(data_root, tmp_path):
         train.main(args(data_root, out, 3))
 
 
+def test_console_reader_going_away_does_not_stop_the_run(data_root, tmp_path):
+    """``python -m dsrb.train ... | head -1``: the run goes on and finishes, logged to train.log, with no logging
+    error printed for each later line."""
+    read, write = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "dsrb.train", *args(data_root, tmp_path / "run", 2)],
+                            stdout=write, stderr=subprocess.PIPE, text=True)
+    os.close(write)
+    os.close(read)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "Traceback" not in err and "Logging error" not in err, err
+    assert [r["epoch"] for r in read_metrics(tmp_path / "run")] == [0, 1]
+    assert "done: best mAP" in (tmp_path / "run" / "train.log").read_text()
+
+
 def test_resume_equals_uninterrupted_run(data_root, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train.main(args(data_root, straight, 3))
