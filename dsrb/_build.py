@@ -136,16 +136,16 @@ def gencode_flags(archs: str) -> List[str]:
     return flags
 
 
-def runs_on(archs: str, capability: Tuple[int, int]) -> bool:
+def runs_on(archs: str, capability: Tuple[int, int], ptx: bool = True) -> bool:
     """Whether kernels built for TORCH_CUDA_ARCH_LIST ``archs`` run on a GPU of compute ``capability``, by CUDA's
     compatibility rules: a cubin for X.Y runs on X.Z with Z >= Y (an architecture-specific X.Ya only on X.Y); PTX
-    (+PTX) of a plain X.Y also on every later GPU, which the driver compiles it for."""
+    (+PTX) of a plain X.Y also on every later GPU, which the driver compiles it for (``ptx=False``: cubins only)."""
     major, minor = capability
-    for M, m, suffix, ptx in parse_arch_list(archs):
+    for M, m, suffix, has_ptx in parse_arch_list(archs):
         if suffix == "a":
             if (major, minor) == (M, m):
                 return True
-        elif (major == M and minor >= m) or (ptx and not suffix and (major, minor) >= (M, m)):
+        elif (major == M and minor >= m) or (ptx and has_ptx and not suffix and (major, minor) >= (M, m)):
             return True
     return False
 

@@ -61,6 +61,15 @@ def test_arch_list_runs_on(archs, capability, runs):
     assert _build.runs_on(archs, capability) is runs
 
 
+@pytest.mark.parametrize("archs, capability, runs", [
+    ("9.0+PTX", (9, 0), True), ("9.0+PTX", (9, 2), True), ("9.0+PTX", (10, 0), False),  # a cubin where one is built
+    ("8.0;9.0+PTX", (12, 0), False), ("8.0;9.0+PTX;12.0", (12, 0), True),
+])
+def test_arch_list_runs_on_without_ptx(archs, capability, runs):
+    """With ptx=False only cubins count: what a driver older than the PTX can still run."""
+    assert _build.runs_on(archs, capability, ptx=False) is runs
+
+
 def _current_stream_function():
     """What glue.cpp's stream_of looks up: aoti_torch_get_current_cuda_stream, through dlopen("libtorch_cuda.so",
     RTLD_LAZY | RTLD_NOLOAD), in the library `import torch` has loaded."""

@@ -109,6 +109,27 @@ def test_cuda_backend_passes_over_a_driver_older_than_its_cuda_runtime(gpus, mon
     assert ops.reasons("semantic_attention", cuda, f32)["cuda"] is None
 
 
+@pytest.mark.parametrize("driver, caps, served", [
+    ((13, 1), [(9, 0), (10, 0)], True),  # the driver knows the PTX's CUDA 13.1
+    ((13, 0), [(9, 0)], True),  # a cubin runs on an older minor of the same major
+    ((13, 0), [(9, 0), (10, 0)], False),  # cuda:1 only has PTX of CUDA 13.1, which a 13.0 driver cannot compile
+    ((12, 9), [(9, 0)], False),  # an older major runs nothing
+])
+def test_cuda_backend_passes_over_ptx_newer_than_the_driver(gpus, monkeypatch, driver, caps, served):
+    """A GPU reached only through +PTX needs a driver that knows the PTX's CUDA version, minor included; a GPU with a
+    cubin needs the same CUDA major only."""
+    from dsrb.ops import _registry
+
+    monkeypatch.setattr(_registry, "_driver_cuda_version", lambda: driver)
+    gpus += caps
+    why = _registry._cuda_kernels_unusable("9.0+PTX", "Build cuda_13.1.r13.1/compiler.36836380_0")
+    assert (why is None) is served, why
+    if not served and driver[0] == 13:
+        assert "does not cover cuda:1 (Fake GPU 1, compute capability 10.0) with a cubin (its PTX, from CUDA 13.1, " \
+               "is newer than this machine's driver, CUDA 13.0, can compile" in why, why
+        assert 'rebuild: TORCH_CUDA_ARCH_LIST="10.0;9.0+PTX" pip install' in why, why
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_driver_cuda_version_is_read_on_a_gpu():
     from dsrb.ops import _registry

@@ -239,7 +239,8 @@ def _driver_cuda_version() -> Optional[Tuple[int, int]]:
 def _cuda_kernels_unusable(archs: str, nvcc: str) -> Optional[str]:
     """Why the CUDA kernels, built for ``archs`` by ``nvcc`` (its ``--version`` line), cannot serve every visible
     GPU, or None. Such a launch would fail ("no kernel image" on a GPU the arch list does not cover, e.g. the default
-    9.0 on an A100; "driver version is insufficient" when the static CUDA runtime is newer than the driver); instead
+    9.0 on an A100, or one only PTX covers and the driver is older than that PTX; "driver version is insufficient"
+    when the static CUDA runtime is of a newer CUDA major than the driver); instead
     ``auto`` passes over the ``cuda`` backend (to ``triton``) and the reason says what to do. The ``cuda`` backend
     serves all visible GPUs or none."""
     key = (archs, nvcc)
@@ -249,16 +250,21 @@ def _cuda_kernels_unusable(archs: str, nvcc: str) -> Optional[str]:
         gpus, why = _visible_gpus(), None
         built = re.search(r"cuda_(\d+)\.(\d+)", nvcc)
         driver = _driver_cuda_version() if gpus and built else None
-        missing = [(i, name, cap) for i, name, cap in gpus if not _build.runs_on(archs, cap)]
-        if driver is not None and driver[0] < int(built[1]):  # minor versions are compatible, majors are not
+        # A driver compiles PTX only of a CUDA version it knows, minor included; cubins need the same major only.
+        ptx_ok = driver is None or driver >= (int(built[1]), int(built[2]))
+        missing = [(i, name, cap) for i, name, cap in gpus if not _build.runs_on(archs, cap, ptx=ptx_ok)]
+        if driver is not None and driver[0] < int(built[1]):
             why = (f"its CUDA kernels were built with CUDA {built[1]}.{built[2]} (nvcc), newer than this machine's "
                    f"driver supports (CUDA {driver[0]}.{driver[1]}): update the driver, or rebuild with the nvcc of a "
                    f"CUDA {driver[0]} toolkit (CUDA_HOME=... pip install -e . --no-build-isolation)")
         elif missing:
             gpus_text = ", ".join(f"cuda:{i} ({name}, compute capability {c[0]}.{c[1]})" for i, name, c in missing)
             wanted = ";".join(sorted({f"{c[0]}.{c[1]}" for _, _, c in missing}) + archs.replace(";", " ").split())
-            why = (f"its CUDA kernels were built for TORCH_CUDA_ARCH_LIST={archs}, which does not cover {gpus_text}; "
-                   f"rebuild: TORCH_CUDA_ARCH_LIST=\"{wanted}\" pip install -e . --no-build-isolation")
+            why = f"its CUDA kernels were built for TORCH_CUDA_ARCH_LIST={archs}, which does not cover {gpus_text}"
+            if not ptx_ok and any(_build.runs_on(archs, cap) for _, _, cap in missing):
+                why += (f" with a cubin (its PTX, from CUDA {built[1]}.{built[2]}, is newer than this machine's "
+                        f"driver, CUDA {driver[0]}.{driver[1]}, can compile; a driver update also helps)")
+            why += f"; rebuild: TORCH_CUDA_ARCH_LIST=\"{wanted}\" pip install -e . --no-build-isolation"
         _CUDA_UNUSABLE[key] = why
     return _CUDA_UNUSABLE[key]
 
