@@ -23,10 +23,11 @@ output dtype. beta is read from device memory (no host sync).
 Reductions, deterministic and without atomics:
 - grad_beta: each program writes one partial sum (float32, float64 for float64 inputs) indexed by its program id;
   ``torch.sum`` over the partials finishes it (fixed grid, fixed order: bitwise reproducible).
-- grad_bank (bank_grad=True): the backward grid is (cdiv(C, BLOCK_C), cdiv(D, BLOCK_D)) and each program loops over
-  b = 0 .. B-1 in order, keeping four register accumulators (one per quadrant) for its (class block, feature block);
-  every bank element is written by exactly one program. With bank_grad=False the same kernel runs with one image
-  per program (grid (cdiv(C, BLOCK_C), cdiv(D, BLOCK_D), B)) and skips the accumulators; grad_bank is zeros.
+- grad_bank (bank_grad=True): the backward grid is (1, cdiv(C, BLOCK_C), cdiv(D, BLOCK_D)) and each program loops
+  over b = 0 .. B-1 in order, keeping four register accumulators (one per quadrant) for its (class block, feature
+  block); every bank element is written by exactly one program. With bank_grad=False the same kernel runs with one
+  image per program (grid (B, cdiv(C, BLOCK_C), cdiv(D, BLOCK_D)), B on axis 0, which has no 65535 limit) and skips
+  the accumulators; grad_bank is zeros.
 
 Launch: one kernel launch per function; an empty problem (B * C == 0) launches nothing.
 """
@@ -112,9 +113,9 @@ def _prototype_blend_bwd_kernel(
     DETACH_TARGET: tl.constexpr, BANK_GRAD: tl.constexpr, COMPUTE: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    pid_b = tl.program_id(2)
+    pid_b = tl.program_id(0)  # axis 0: the only one without the 65535 limit
+    pid_c = tl.program_id(1)
+    pid_d = tl.program_id(2)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_c = offs_c < C
@@ -160,7 +161,7 @@ def _prototype_blend_bwd_kernel(
             acc3 += tl.where((k == 3)[:, None], contrib, 0)
 
     part = tl.sum(tl.sum(part_tile, axis=1), axis=0) - tl.sum(part_t, axis=0)
-    pid = (pid_b * tl.num_programs(0) + pid_c) * tl.num_programs(1) + pid_d
+    pid = (pid_b * tl.num_programs(1) + pid_c) * tl.num_programs(2) + pid_d
     tl.store(partial_ptr + pid, part)
     if BANK_GRAD:
         # grad_bank is contiguous (C, 4, D)
@@ -216,7 +217,7 @@ def prototype_blend_backward(
         return grad_S, torch.zeros(beta.shape, dtype=beta.dtype, device=beta.device), grad_bank
     block_c, block_d = _blocks(C, D, _MAX_TILE_BANK_GRAD if bank_grad else _MAX_TILE)
     b_per_prog = B if bank_grad else 1
-    grid = (cdiv(C, block_c), max(1, cdiv(D, block_d)), cdiv(B, b_per_prog))
+    grid = (cdiv(B, b_per_prog), cdiv(C, block_c), max(1, cdiv(D, block_d)))
     partials = torch.empty(grid[0] * grid[1] * grid[2], dtype=acc_dtype(S.dtype), device=S.device)
     sel = _as_bytes(select)
     with device_guard(S):

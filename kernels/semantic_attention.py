@@ -375,7 +375,8 @@ def semantic_attention_forward(x: Tensor, u: Tensor, e: Tensor, v: Tensor, *,
             ACC=tl_acc(x.dtype), BLOCK_R=sc["BLOCK_R"], BLOCK_C=sc["BLOCK_C"], BLOCK_K=sc["BLOCK_K"],
             num_warps=sc["num_warps"],
         )
-        _sa_softmax_product_kernel[(B, cdiv(C, pc["BLOCK_C"]), cdiv(D, pc["BLOCK_D"]))](
+        # max(1, ...): at D = 0 the D-block 0 programs still write a.
+        _sa_softmax_product_kernel[(B, cdiv(C, pc["BLOCK_C"]), max(1, cdiv(D, pc["BLOCK_D"])))](
             part, x, S, a, ksplit, N, C, D, x.stride(0), x.stride(1), x.stride(2),
             ACC=tl_acc(x.dtype), BLOCK_C=pc["BLOCK_C"], BLOCK_N=pc["BLOCK_N"],
             BLOCK_D=pc["BLOCK_D"], num_warps=pc["num_warps"],

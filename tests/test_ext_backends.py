@@ -62,7 +62,9 @@ def compare(got, want, dtype, names, baseline=None, baseline_dtypes=HALF):
 
 # ---- semantic_attention ------------------------------------------------------------------------------------------
 
-SA_SHAPES = [(1, 49, 3, 33, 17), (2, 13, 20, 16, 8), (3, 7, 1, 5, 40), (2, 4, 80, 9, 130), (0, 5, 4, 3, 2)]
+# (B, N, C, D, I); the last three: an empty batch, D = 0 (a still written) and I = 0 (uniform attention).
+SA_SHAPES = [(1, 49, 3, 33, 17), (2, 13, 20, 16, 8), (3, 7, 1, 5, 40), (2, 4, 80, 9, 130), (0, 5, 4, 3, 2),
+             (2, 5, 3, 0, 4), (2, 5, 3, 4, 0)]
 
 
 def sa_inputs(B, N, C, D, I, dtype, device, seed=0):
@@ -124,7 +126,7 @@ def test_semantic_attention_gradcheck(backend):
 
 # ---- blends --------------------------------------------------------------------------------------------------------
 
-BLEND_SHAPES = [(1, 1, 3), (5, 20, 33), (8, 80, 9), (3, 7, 1), (0, 4, 5)]
+BLEND_SHAPES = [(1, 1, 3), (5, 20, 33), (8, 80, 9), (3, 7, 1), (0, 4, 5), (2, 3, 0)]  # (B, C, D)
 
 
 def blend_inputs(B, C, D, dtype, device, seed=0):

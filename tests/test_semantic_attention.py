@@ -16,7 +16,7 @@ sa_module = importlib.import_module("dsrb.ops.semantic_attention")
 # (B, N, C, D, I): odd N (49, 13, 30), C in {1, 20, 80, 200}, D and I not multiples of 16, B = 1, and a random draw.
 _rng = random.Random(0)
 SHAPES = [(1, 49, 1, 7, 5), (2, 13, 20, 33, 17), (3, 30, 80, 9, 12), (1, 13, 200, 5, 4), (1, 1, 3, 4, 4),
-          (0, 49, 5, 8, 6)] + [
+          (0, 49, 5, 8, 6), (2, 5, 3, 0, 4), (2, 5, 3, 4, 0)] + [
     (_rng.randint(1, 4), _rng.choice([1, 13, 49]), _rng.choice([1, 7, 20]), _rng.randint(1, 40), _rng.randint(1, 20))
     for _ in range(3)
 ]

@@ -67,7 +67,7 @@ def _torch_backward(
     for c0, c1 in _class_chunks(B, N, C, I):
         z = _tanh_terms(uc, ec[c0:c1])  # recomputed, (B, N, Cc, I)
         g = gs[:, c0:c1, :].transpose(1, 2).contiguous()  # (B, N, Cc)
-        grad_v += g.reshape(-1) @ z.reshape(-1, I)
+        grad_v += g.reshape(-1) @ z.flatten(0, 2)
         t = z.square_().neg_().add_(1).mul_(g[..., None])  # g * (1 - z^2), in z's buffer; v is applied below
         grad_e[c0:c1] = (t * uc[:, :, None, :]).sum((0, 1))
         grad_u += t.mul_(ec[c0:c1]).sum(2)
