@@ -5,37 +5,65 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import tempfile
 from typing import Any, Dict
 
 import numpy as np
 import torch
 
+TMP_PREFIX = ".tmp-"  # atomic_write's temporary files
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
 
 def atomic_write(path: str, write) -> None:
     """Write a file so that ``path`` holds either the old or the complete new content, never a torn one.
 
     ``write(f)`` fills a temporary file in the same directory (binary mode); it is flushed, fsynced and renamed over
-    ``path``, and the directory entry is fsynced too.
+    ``path``, and the directory entry is fsynced too. The file gets the permissions of any new file (0666 less the
+    umask), not mkstemp's private 0600. A failed write (a full disk, say) is an OSError naming ``path`` and the free
+    space; ``path`` is then unchanged and the temporary file removed.
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + os.path.basename(path), dir=directory)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+                free = shutil.disk_usage(directory).free
+                raise OSError(f"could not write {path} ({type(err).__name__}: {err}); {free / 2**20:.1f} MiB free "
+                              f"in {directory}; the previous {os.path.basename(path)}, if any, is unchanged") from err
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    try:  # make the rename durable; not possible on every platform
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def remove_stale_temporaries(directory: str) -> None:
+    """Delete the temporary files of writes a killed process left in ``directory`` (each may be a whole checkpoint).
+    Only for a directory no other process writes to."""
+    for name in os.listdir(directory):
+        if name.startswith(TMP_PREFIX):
+            os.unlink(os.path.join(directory, name))
 
 
 def save_checkpoint(path: str, state: Dict[str, Any]) -> None:

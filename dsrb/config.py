@@ -154,6 +154,9 @@ def check_values(values: Dict[str, Any]) -> None:
     for name, value in get(("label_seed",)):
         if not 0 <= value < 2**32:
             _bad(name, value, "an integer in [0, 2**32)")
+    for name, value in get(("seed",)):
+        if not 0 <= value < 2**63:  # torch.manual_seed's range
+            _bad(name, value, "an integer in [0, 2**63)")
     for name, value in get(("device",)):
         if not _DEVICE.fullmatch(value):
             _bad(name, value, DEVICES)

@@ -36,7 +36,8 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import atomic_write
 from .config import check_device
-from .inference import check_finite_logits, device_arg, load_model, non_negative_int, positive_int, run_main
+from .inference import (BACKENDS, check_finite_logits, device_arg, load_model, non_negative_int, positive_int,
+                        run_main)
 from .metrics import METRIC_KEYS, compute_metrics, voc_map
 
 __all__ = ["evaluate_checkpoint", "format_table", "main"]
@@ -75,6 +76,7 @@ def evaluate_checkpoint(
     batch_size: int = 16,
     workers: int = 2,
     device: str = "auto",
+    backend: str = "auto",
     image_size: Optional[int] = None,
     skip_bad: Optional[bool] = None,
     out: Union[str, os.PathLike, None] = None,
@@ -88,6 +90,7 @@ def evaluate_checkpoint(
         split: "train" or "test" (labels are always the full ground truth).
         batch_size, workers: DataLoader settings.
         device: "auto", "cpu", "cuda", ...
+        backend: op backend, "auto" or one of "torch", "cpu", "cuda", "triton" (:func:`dsrb.inference.check_backend`).
         out: JSON file to write atomically; None writes nothing (the command line defaults to
             ``<checkpoint folder>/eval_<split>.json``).
 
@@ -106,7 +109,7 @@ def evaluate_checkpoint(
         raise ValueError(f"argument 'out' (--out): expected a JSON file path, but {os.fspath(out)} is a folder")
     dev = check_device(device, name="argument 'device'")
     path = os.fspath(checkpoint)
-    model, info = load_model(path, device=dev)
+    model, info = load_model(path, device=dev, backend=backend)
     cfg = info["config"]
     dataset = dataset if dataset is not None else cfg.get("dataset")
     if dataset is None:
@@ -187,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader workers (default 2)")
     parser.add_argument("--device", type=device_arg, default="auto",
                         help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="op backend (default auto: the first that serves --device; the checkpoint's training "
+                             "backend is not inherited)")
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help="input side (default: the checkpoint's training image size)")
     parser.add_argument("--skip-bad-images", dest="skip_bad", action=argparse.BooleanOptionalAction, default=None,
@@ -203,7 +209,7 @@ def main(argv=None) -> Dict[str, Any]:
         out = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval_{args.split}.json")
     result = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_root=args.data_root, split=args.split,
                                  batch_size=args.batch_size, workers=args.workers, device=args.device,
-                                 image_size=args.image_size, skip_bad=args.skip_bad, out=out)
+                                 backend=args.backend, image_size=args.image_size, skip_bad=args.skip_bad, out=out)
     print(format_table(result))
     print(f"wrote {out}", file=sys.stderr)
     return result

@@ -20,11 +20,14 @@ from torch.utils.data import DataLoader, Dataset
 from .checkpoint import load_checkpoint
 from .config import check_device
 from .models import DSRB
+from .ops import KNOWN_BACKENDS, OPS, selected_backend
 
 __all__ = [
+    "BACKENDS",
     "IMAGE_EXTENSIONS",
     "REQUIRED_KEYS",
     "CheckpointError",
+    "check_backend",
     "load_model",
     "load_images",
     "open_image",
@@ -37,9 +40,11 @@ __all__ = [
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 REQUIRED_KEYS = ("model", "model_kwargs", "num_classes")
 DEFAULT_IMAGE_SIZE = 448
+BACKENDS = ("auto",) + tuple(KNOWN_BACKENDS)  # --backend choices, as dsrb.train's
 # Constructor arguments that a checkpoint's model_kwargs must not override: the state dict supplies the word
-# vectors and the graph, and no ImageNet weights are needed for a trained model.
-_NOT_KWARGS = ("num_classes", "word_features", "pretrained", "adjacency")
+# vectors and the graph, no ImageNet weights are needed for a trained model, and the op backend is how this machine
+# computes, not part of the model (a run trained with --backend cuda is still evaluated on a CPU).
+_NOT_KWARGS = ("num_classes", "word_features", "pretrained", "adjacency", "backend")
 
 PathLike = Union[str, os.PathLike]
 
@@ -82,15 +87,35 @@ def _read_checkpoint(path: str) -> Dict[str, Any]:
     return state
 
 
-def load_model(checkpoint_path: PathLike, *, device: Union[str, torch.device] = "cpu") -> Tuple[DSRB, Dict[str, Any]]:
+def check_backend(backend: str, device: torch.device, *, name: str = "argument 'backend'") -> Dict[str, str]:
+    """The backend that serves each op ({op: backend name}) for float32 tensors on ``device``.
+
+    ``backend`` is "auto" (the first backend that fits ``device``, or the one the environment variable
+    ``DSRB_BACKEND`` forces) or one of :data:`dsrb.ops.KNOWN_BACKENDS`, forced. A name not in :data:`BACKENDS`, or a
+    forced backend that cannot serve ``device``, raises a ValueError starting with ``name``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{name}: expected one of {list(BACKENDS)}, got {backend!r}")
+    try:
+        return {op: selected_backend(op, device, torch.float32, backend) for op in OPS}
+    except RuntimeError as err:
+        forced = backend if backend != "auto" else f"{os.environ.get('DSRB_BACKEND')} (from DSRB_BACKEND)"
+        raise ValueError(f"{name}: {forced} cannot serve device {device}: {err}") from None
+
+
+def load_model(checkpoint_path: PathLike, *, device: Union[str, torch.device] = "cpu",
+               backend: str = "auto") -> Tuple[DSRB, Dict[str, Any]]:
     """Rebuild the trained DSRB from a training checkpoint.
 
-    ``DSRB(num_classes, word_features=None, pretrained=None, **model_kwargs)`` followed by ``load_state_dict``
-    (strict): the word vectors, label graph and prototype bank come from the state dict.
+    ``DSRB(num_classes, word_features=None, pretrained=None, backend=backend, **model_kwargs)`` followed by
+    ``load_state_dict`` (strict): the word vectors, label graph and prototype bank come from the state dict. The
+    backend the run was trained with (``--backend``, saved in model_kwargs) is not inherited: it says how the ops
+    were computed on the training machine, not what the model is.
 
     Args:
         checkpoint_path: path of a ``best.pt`` / ``last.pt`` written by ``python -m dsrb.train``.
         device: "cpu" (default), "auto", "cuda", "cuda:N", "mps" or a torch.device (:func:`dsrb.config.check_device`).
+        backend: op backend, "auto" (default) or one of "torch", "cpu", "cuda", "triton" (:func:`check_backend`).
 
     Returns:
         (model in eval mode on ``device``, info) with info keys ``class_names`` (list of C names; "class_<i>" when
@@ -99,13 +124,15 @@ def load_model(checkpoint_path: PathLike, *, device: Union[str, torch.device] = 
         (None when absent).
 
     Raises:
-        ValueError: ``device`` is malformed or not on this machine (checked first).
+        ValueError: ``device`` is malformed or not on this machine, or ``backend`` is unknown or cannot serve
+        ``device`` (both checked first, each message naming its argument).
         FileNotFoundError: no such file. CheckpointError (a ValueError): not a dsrb training checkpoint, its
         weights hold NaN or inf, or they do not fit the model its model_kwargs describe. Every message names the
         path.
     """
     path = os.fspath(checkpoint_path)
     dev = check_device(device, name="argument 'device'")  # before reading what may be a large file
+    check_backend(backend, dev)
     state = _read_checkpoint(path)
     num_classes = state["num_classes"]
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -123,7 +150,7 @@ def load_model(checkpoint_path: PathLike, *, device: Union[str, torch.device] = 
     if not isinstance(config, dict):
         config = dict(config) if hasattr(config, "keys") else {}
     try:
-        model = DSRB(num_classes, word_features=None, pretrained=None, **kwargs)
+        model = DSRB(num_classes, word_features=None, pretrained=None, backend=backend, **kwargs)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path}: its model_kwargs do not build a DSRB model: {err}") from err
     try:

@@ -13,9 +13,11 @@ Label selection (probabilities are ``sigmoid(logits)``):
 * ``--top-k K`` alone: the K most probable classes, whatever their probability;
 * both: the top-K classes among those with probability >= T (so at most K, possibly none).
 
-Labels are listed from the most to the least probable (ties: lower class index first). The output is a JSON list
-with one object per image: ``{"path": ..., "labels": [names], "scores": {class name: probability rounded to 4
-decimals, in class order}}``, written atomically to ``--out`` or printed to stdout.
+Labels are listed from the most to the least probable (ties: lower class index first), and ``--top-k`` takes the
+first K of that order. The ranking is by logit, the same order as by probability without the ties of float32
+probabilities, which round to 1.0 above a logit of about 17. The output is a JSON list with one object per image:
+``{"path": ..., "labels": [names], "scores": {class name: probability rounded to 4 decimals, in class order}}``,
+written atomically to ``--out`` or printed to stdout.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ import torch
 
 from .checkpoint import atomic_write
 from .config import check_device
-from .inference import (check_finite_logits, device_arg, image_logits, load_images, load_model, non_negative_int,
-                        positive_int, run_main)
+from .inference import (BACKENDS, check_finite_logits, device_arg, image_logits, load_images, load_model,
+                        non_negative_int, positive_int, run_main)
 
 __all__ = ["predict", "select_labels", "main"]
 
@@ -53,20 +55,22 @@ def _check_args(threshold, top_k) -> None:
         raise ValueError(f"argument 'top_k': expected a positive int, got {top_k!r}")
 
 
-def select_labels(probs: torch.Tensor, threshold: Optional[float] = None, top_k: Optional[int] = None) -> torch.Tensor:
-    """(N, C) probabilities -> (N, C) bool selection, with the rules of the module docstring.
+def select_labels(logits: torch.Tensor, threshold: Optional[float] = None, top_k: Optional[int] = None) -> torch.Tensor:
+    """(N, C) logits -> (N, C) bool selection, with the rules of the module docstring.
 
-    threshold None and top_k None means threshold 0.5; top_k larger than C means all classes.
+    The threshold applies to the probabilities ``sigmoid(logits)``; top-k ranks by the logits themselves (the same
+    order, without float32 probabilities tying at 1.0). threshold None and top_k None means threshold 0.5; top_k
+    larger than C means all classes.
     """
     _check_args(threshold, top_k)
     if threshold is None and top_k is None:
         threshold = DEFAULT_THRESHOLD
-    selected = torch.ones_like(probs, dtype=torch.bool)
+    selected = torch.ones_like(logits, dtype=torch.bool)
     if threshold is not None:
-        selected &= probs >= threshold
+        selected &= torch.sigmoid(logits) >= threshold
     if top_k is not None:
-        k = min(top_k, probs.shape[1])
-        top = torch.sort(probs, dim=1, descending=True, stable=True).indices[:, :k]
+        k = min(top_k, logits.shape[1])
+        top = torch.sort(logits, dim=1, descending=True, stable=True).indices[:, :k]
         selected &= torch.zeros_like(selected).scatter_(1, top, True)
     return selected
 
@@ -78,6 +82,7 @@ def predict(
     threshold: Optional[float] = None,
     top_k: Optional[int] = None,
     device: str = "auto",
+    backend: str = "auto",
     batch_size: int = 16,
     workers: int = 0,
     image_size: Optional[int] = None,
@@ -90,6 +95,7 @@ def predict(
         threshold: probability threshold in [0, 1] (see the module docstring for how it combines with top_k).
         top_k: number of most probable classes to return.
         device: "auto", "cpu", "cuda", ...
+        backend: op backend, "auto" or one of "torch", "cpu", "cuda", "triton" (:func:`dsrb.inference.check_backend`).
         batch_size, workers: DataLoader settings.
         image_size: input side; default the checkpoint's training image size.
 
@@ -100,16 +106,16 @@ def predict(
     _check_args(threshold, top_k)
     paths = load_images(images)
     dev = check_device(device, name="argument 'device'")
-    model, info = load_model(checkpoint, device=dev)
+    model, info = load_model(checkpoint, device=dev, backend=backend)
     size = image_size if image_size is not None else info["image_size"]
     logits = image_logits(model, paths, size, batch_size=batch_size, workers=workers, device=dev)
     check_finite_logits(logits, checkpoint, paths)
     probs = torch.sigmoid(logits)
-    selected = select_labels(probs, threshold, top_k)
+    selected = select_labels(logits, threshold, top_k)
     names = info["class_names"]
     results = []
-    for path, p, sel in zip(paths, probs.tolist(), selected.tolist()):
-        order = sorted((c for c in range(len(names)) if sel[c]), key=lambda c: (-p[c], c))
+    for path, z, p, sel in zip(paths, logits.tolist(), probs.tolist(), selected.tolist()):
+        order = sorted((c for c in range(len(names)) if sel[c]), key=lambda c: (-z[c], c))
         results.append({
             "path": path,
             "labels": [names[c] for c in order],
@@ -143,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="JSON file to write (default: print to stdout)")
     parser.add_argument("--device", type=device_arg, default="auto",
                         help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="op backend (default auto: the first that serves --device; the checkpoint's training "
+                             "backend is not inherited)")
     parser.add_argument("--batch-size", type=positive_int, default=16)
     parser.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers (default 0)")
     parser.add_argument("--image-size", type=positive_int, default=None,
@@ -155,7 +164,8 @@ def main(argv=None) -> List[Dict]:
     if args.out and os.path.isdir(args.out):
         raise ValueError(f"argument --out: expected a JSON file path, but {args.out} is a folder")
     results = predict(args.checkpoint, args.images, threshold=args.threshold, top_k=args.top_k, device=args.device,
-                      batch_size=args.batch_size, workers=args.workers, image_size=args.image_size)
+                      backend=args.backend, batch_size=args.batch_size, workers=args.workers,
+                      image_size=args.image_size)
     text = json.dumps(results, indent=2) + "\n"
     if args.out:
         atomic_write(args.out, lambda f: f.write(text.encode("utf-8")))

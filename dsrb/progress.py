@@ -9,6 +9,8 @@ import sys
 import time
 from typing import Optional
 
+from ._cli import discard
+
 
 def _clock(seconds: float) -> str:
     seconds = int(max(0, seconds))
@@ -37,12 +39,22 @@ class Progress:
         eta = (self.total - self.step) * elapsed / self.step
         shown = " ".join(f"{k} {v:.4f}" for k, v in values.items())
         line = f"{self.desc} {self.step}/{self.total} {shown} {rate:.1f} img/s {_clock(elapsed)}<{_clock(eta)}"
-        self.stream.write(("\r" + line.ljust(100)) if self.tty else line + "\n")
-        self.stream.flush()
+        self._write(("\r" + line.ljust(100)) if self.tty else line + "\n")
 
     def close(self) -> float:
         """End the line; returns the elapsed seconds."""
         if self.enabled and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+            self._write("\n")
         return time.perf_counter() - self.start
+
+    def _write(self, text: str) -> None:
+        # A reader that went away (``2>&1 | head``) ends the bar, not the run.
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (BrokenPipeError, ValueError):  # ValueError: the stream was closed
+            self.enabled = False
+            try:
+                discard(self.stream)  # what is left in its buffer, else the flush at exit fails too
+            except (OSError, ValueError, AttributeError):  # a stream without a file descriptor
+                pass

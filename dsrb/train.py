@@ -14,7 +14,7 @@ resume (the checkpoints are written atomically). ``--resume`` continues the run 
 optimizer, scheduler, AMP scaler, prototype bank, RNG states, epoch and best score) with its saved settings; of the
 settings given again, only those in :data:`dsrb.config.RESUMABLE` (epochs, device, workers, ...) may differ from the
 saved ones. Every epoch's randomness is derived from (seed, epoch), so a resumed run ends exactly where an
-uninterrupted one ends.
+uninterrupted one ends, given the same worker and process counts (another count is allowed, with a warning).
 Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m dsrb.train ...`` (DDP; only rank 0 writes).
 """
 
@@ -46,12 +46,13 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 from . import __version__
 from ._cli import discard
-from .checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, save_json, set_rng_state
+from .checkpoint import (atomic_write, load_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint, save_json,
+                         set_rng_state)
 from .config import RESUMABLE, TrainConfig, check_device, load_config_file, parse_args
+from .inference import check_backend
 from .losses import dsrb_loss
 from .metrics import compute_metrics
 from .models import DSRB, draw_prototype_choices
-from .ops import OPS, selected_backend
 from .progress import Progress
 
 log = logging.getLogger("dsrb.train")
@@ -129,7 +130,10 @@ class _Console(logging.StreamHandler):
 def setup_logging(out: Optional[str], main: bool) -> None:
     """Log to stdout, and on the main process to ``<out>/train.log``; with ``out`` None, the records are kept until
     :func:`log_to_file` names the file (the run directory is created only once the settings are checked)."""
-    log.handlers.clear()
+    for handler in list(log.handlers):  # a previous run's in this process: its train.log is closed
+        log.removeHandler(handler)
+        if not isinstance(handler, _Console):  # sys.stdout is not ours to close
+            handler.close()
     log.setLevel(logging.INFO if main else logging.WARNING)
     log.propagate = False
     stream = _Console(sys.stdout)
@@ -175,11 +179,6 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool):
                                   skip_bad=cfg.skip_bad_images)
     test_set = build_dataset(cfg.dataset, "test", root=cfg.data_root, transform=TestTransform(cfg.image_size),
                              skip_bad=cfg.skip_bad_images)
-    if cfg.dataset == "list" and not cfg.skip_bad_images:  # a missing image: named with its list file and line
-        from .data.listfile import check_list_images
-
-        for split in ("train", "test"):
-            check_list_images(os.path.join(os.path.expanduser(cfg.data_root), f"{split}.csv"))
     path = os.path.join(out, "partial_labels.npz")
     save = None
     if resumed and os.path.exists(path):
@@ -207,8 +206,10 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool):
 
 
 def make_loader(dataset, cfg: TrainConfig, d: Dist, *, train: bool, seed: int, device: torch.device) -> DataLoader:
-    """Shuffling, worker seeds and the augmentations all follow from ``seed`` (pass one per epoch)."""
-    generator = torch.Generator().manual_seed(seed)
+    """Shuffling, worker seeds and the augmentations all follow from ``seed`` (pass one per epoch). Under DDP the
+    sampler shares ``seed`` across ranks (one permutation, split), while the generator that seeds the workers (and
+    with them the augmentations) also takes the rank, so the ranks' workers draw different crops and flips."""
+    generator = torch.Generator().manual_seed(derived_seed(seed, d.rank) if d.enabled else seed)
     if d.enabled:
         sampler = DistributedSampler(dataset, num_replicas=d.world, rank=d.rank, shuffle=train, seed=seed % 2**31,
                                      drop_last=train)
@@ -467,6 +468,17 @@ def _resolve_settings(cfg: TrainConfig, explicit: Dict[str, Any]) -> TrainConfig
     return TrainConfig(**saved).validate()
 
 
+def _warn_inexact_resume(cfg: TrainConfig, state: Dict[str, Any], world: int) -> None:
+    """A resumed run ends exactly where an uninterrupted one ends only with the same worker and process counts:
+    they decide which random stream each image's crop and flip come from. Other values are allowed, with a warning."""
+    saved = (("--workers", cfg.workers, state.get("config", {}).get("workers", cfg.workers)),
+             ("processes", world, len(state["rng"])))
+    changes = [f"{what} {now} (the run was made with {then})" for what, now, then in saved if now != then]
+    if changes:
+        log.warning("resumed with %s: from here on the augmentations differ from those of an uninterrupted run, "
+                    "which this run will not match exactly", " and ".join(changes))
+
+
 def _truncate_metrics(path: str, start_epoch: int) -> None:
     """Keep only the lines of epochs before ``start_epoch``: a run killed after writing an epoch's line but before
     its checkpoint repeats that epoch when resumed, and a fresh run must not append to a stale file."""
@@ -517,16 +529,6 @@ def _run(cfg: TrainConfig) -> Dict[str, Any]:
         raise Interrupted(out, os.path.isfile(os.path.join(out, "config.json"))) from err
 
 
-def op_backends(device: torch.device, backend: str) -> Dict[str, str]:
-    """The backend that serves each op on ``device`` (the run's float32 and autocast dtypes have the same backends);
-    a forced backend (setting or DSRB_BACKEND) that cannot serve one is a settings error, before the run starts."""
-    try:
-        return {op: selected_backend(op, device, torch.float32, backend) for op in OPS}
-    except RuntimeError as err:
-        forced = backend if backend != "auto" else f"{os.environ.get('DSRB_BACKEND')} (from DSRB_BACKEND)"
-        raise ValueError(f"setting 'backend': {forced} cannot serve this run: {err}") from None
-
-
 def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[str, Any]:
     last_path = os.path.join(out, "last.pt")
     if d.main and not cfg.resume and os.path.exists(last_path):
@@ -539,8 +541,10 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
     setup_logging(None, d.main)  # the records go to <out>/train.log once the directory exists
     log.info("dsrb %s, torch %s, device %s, %d process(es); run directory %s", __version__, torch.__version__,
              device, d.world, out)
+    # A forced backend (setting or DSRB_BACKEND) that cannot serve an op is a settings error, before the run starts.
+    served = check_backend(cfg.backend, device, name="setting 'backend'")
     log.info("ops on %s: %s (python -m dsrb.info says why a backend is passed over)", device.type,
-             ", ".join(f"{op} {name}" for op, name in op_backends(device, cfg.backend).items()))
+             ", ".join(f"{op} {name}" for op, name in served.items()))
     seed_everything(derived_seed(cfg.seed, 0, 0, d.rank))
 
     resumed = cfg.resume and os.path.exists(last_path)
@@ -584,10 +588,12 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
         set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)])
         log.info("resumed from %s at epoch %d (best mAP %.2f at epoch %d)", last_path, start_epoch,
                  100 * best["mAP"], best["epoch"])
+        _warn_inexact_resume(cfg, state, d.world)
 
     # Every setting is checked: now the run directory.
     if d.main:
         os.makedirs(out, exist_ok=True)
+        remove_stale_temporaries(out)  # a checkpoint write killed half-way
         log_to_file(out)
         if save_partial is not None:
             save_partial()

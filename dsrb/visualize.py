@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .config import check_device
-from .inference import device_arg, load_images, load_model, open_image, positive_int, run_main, sanitize
+from .inference import (BACKENDS, device_arg, load_images, load_model, open_image, positive_int, run_main,
+                        sanitize)
 
 __all__ = ["visualize", "colormap", "attention_maps", "overlay", "main"]
 
@@ -113,6 +114,7 @@ def visualize(
     top_k: Optional[int] = None,
     out_dir: Union[str, os.PathLike] = "attention",
     device: str = "auto",
+    backend: str = "auto",
     image_size: Optional[int] = None,
     alpha: float = 0.5,
 ) -> List[str]:
@@ -126,6 +128,7 @@ def visualize(
         top_k: number of most probable classes when ``classes`` is None (default 3; capped at C).
         out_dir: output folder (created).
         device: "auto", "cpu", "cuda", ...
+        backend: op backend, "auto" or one of "torch", "cpu", "cuda", "triton" (:func:`dsrb.inference.check_backend`).
         image_size: input side; default the checkpoint's training image size. The PNGs have this size.
         alpha: weight of the heat map in the blend, in [0, 1].
     """
@@ -142,7 +145,7 @@ def visualize(
         raise ValueError(f"argument 'out_dir' (--out-dir): expected a folder, but {out_dir} is an existing file")
     paths = load_images(images)
     dev = check_device(device, name="argument 'device'")
-    model, info = load_model(checkpoint, device=dev)
+    model, info = load_model(checkpoint, device=dev, backend=backend)
     names = info["class_names"]
     chosen = _resolve_classes(classes, names)
     k = min(top_k if top_k is not None else DEFAULT_TOP_K, len(names))
@@ -155,9 +158,9 @@ def visualize(
         x = transform(open_image(path))[None].to(dev)
         S, a, X = model.extract(x)
         H, W = X.shape[-2:]
-        if chosen is None:
-            probs = torch.sigmoid(model.classify(S))[0].float().cpu()
-            picked = torch.sort(probs, descending=True, stable=True).indices[:k].tolist()
+        if chosen is None:  # by logit: float32 probabilities of logits above ~17 all round to 1.0
+            logits = model.classify(S)[0].float().cpu()
+            picked = torch.sort(logits, descending=True, stable=True).indices[:k].tolist()
         else:
             picked = chosen
         maps = attention_maps(a[0, picked], H, W, size).cpu().numpy()
@@ -185,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", default="attention", help="output folder (default attention/)")
     parser.add_argument("--device", type=device_arg, default="auto",
                         help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="op backend (default auto: the first that serves --device; the checkpoint's training "
+                             "backend is not inherited)")
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help="input side (default: the checkpoint's training image size)")
     parser.add_argument("--alpha", type=float, default=0.5, help="heat-map weight in the blend (default 0.5)")
@@ -194,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> List[str]:
     args = build_parser().parse_args(argv)
     written = visualize(args.checkpoint, args.images, classes=args.classes, top_k=args.top_k, out_dir=args.out_dir,
-                        device=args.device, image_size=args.image_size, alpha=args.alpha)
+                        device=args.device, backend=args.backend, image_size=args.image_size, alpha=args.alpha)
     for path in written:
         print(path)
     return written

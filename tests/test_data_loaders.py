@@ -123,6 +123,20 @@ def test_coco_missing_files(tmp_path):
         load_coco(tmp_path, "test")
 
 
+def test_missing_image_is_found_when_the_dataset_is_built(tmp_path):
+    """A listed image that is not a file is an error naming it when the dataset is built, not at its turn in an
+    epoch; skip_bad drops it instead."""
+    _coco(tmp_path)
+    (tmp_path / "train2014" / "img2.jpg").unlink()
+    missing = str(tmp_path / "train2014" / "img2.jpg")
+    with pytest.raises(FileNotFoundError, match="dataset 'coco' .*1 of the 3 images are missing, the first "
+                       f"{missing}; .*--skip-bad-images"):
+        build_dataset("coco", "train", root=tmp_path)
+    ds = build_dataset("coco", "train", root=tmp_path, skip_bad=True)
+    assert len(ds) == 2 and missing not in ds.image_paths
+    assert load_coco(tmp_path, "train").missing_images() == [missing]
+
+
 def test_corrupt_image_getitem_and_verify(tmp_path):
     _coco(tmp_path, bad_image=True)
     ds = load_coco(tmp_path, "train")

@@ -294,6 +294,78 @@ def test_evaluate_class_mismatch(setup, tmp_path):
         evaluate_checkpoint(setup["ckpt"], data_root=str(data), workers=0, device="cpu")
 
 
+def _variant(setup, path, *, model_kwargs=None, weights=None):
+    """A copy of the fixture checkpoint at ``path`` with some model_kwargs and weights replaced."""
+    state = torch.load(setup["ckpt"], weights_only=False)
+    state["model_kwargs"].update(model_kwargs or {})
+    state["model"].update(weights or {})
+    torch.save(state, path)
+    return str(path)
+
+
+def test_training_backend_is_not_inherited(setup, tmp_path, monkeypatch):
+    """A run trained with --backend cuda saves backend="cuda" among the model kwargs: the tools load it with backend
+    auto (or --backend), so it still evaluates, predicts and visualizes on a CPU."""
+    from dsrb.evaluate import evaluate_checkpoint
+    from dsrb.evaluate import main as evaluate_main
+    from dsrb.predict import main as predict_main
+    from dsrb.visualize import main as visualize_main
+
+    ckpt = _variant(setup, tmp_path / "cuda.pt", model_kwargs={"backend": "cuda"})
+    model, info = load_model(ckpt, device="cpu")
+    assert model.backend == "auto" and info["model_kwargs"]["backend"] == "cuda"
+    assert load_model(ckpt, device="cpu", backend="torch")[0].backend == "torch"
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), setup["model"](x))
+    got = evaluate_main(["--checkpoint", ckpt, "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "e.json")])
+    want = evaluate_checkpoint(setup["ckpt"], workers=0, device="cpu", backend="torch")
+    assert got["metrics"] == pytest.approx(want["metrics"]) and got["num_images"] == 6
+    assert len(predict_main(["--checkpoint", ckpt, setup["images"][0], "--device", "cpu", "--backend", "torch"])) == 1
+    assert len(visualize_main(["--checkpoint", ckpt, setup["images"][0], "--device", "cpu",
+                               "--out-dir", str(tmp_path / "att")])) == 3
+
+    # A forced backend that cannot serve the device is a settings error naming it, before the checkpoint is read.
+    missing = str(tmp_path / "missing.pt")
+    for main in (evaluate_main, predict_main, visualize_main):
+        args = ["--checkpoint", missing, "--device", "cpu"] + ([] if main is evaluate_main else [setup["images"][0]])
+        with pytest.raises(ValueError, match=r"^argument 'backend': cuda cannot serve device cpu: (.|\n)*  cuda: "):
+            main(args + ["--backend", "cuda"])
+        with pytest.raises(SystemExit, match="2"):  # argparse: invalid choice
+            main(args + ["--backend", "gpu"])
+    with pytest.raises(ValueError, match=r"^argument 'backend': expected one of \['auto', "):
+        load_model(missing, backend="gpu")
+    monkeypatch.setenv("DSRB_BACKEND", "cuda")
+    with pytest.raises(ValueError, match=r"^argument 'backend': cuda \(from DSRB_BACKEND\) cannot serve device cpu"):
+        load_model(ckpt, device="cpu")
+    monkeypatch.delenv("DSRB_BACKEND")
+    proc = subprocess.run([sys.executable, "-m", "dsrb.evaluate", "--checkpoint", ckpt, "--device", "cpu",
+                           "--backend", "cuda"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("python -m dsrb.evaluate: error: argument 'backend': cuda cannot serve"), proc.stderr
+
+
+def test_ranking_by_logit_not_saturated_probability(setup, tmp_path):
+    """Logits 20 and 30 both have the float32 probability 1.0: the higher logit (the higher class index here) still
+    ranks first in predict's labels and top-k and in visualize's top-k."""
+    from dsrb.predict import predict, select_labels
+    from dsrb.visualize import visualize
+
+    bias = torch.tensor([20.0, 30.0, -5.0])
+    assert torch.sigmoid(bias)[0] == torch.sigmoid(bias)[1] == 1.0
+    ckpt = _variant(setup, tmp_path / "confident.pt",
+                    weights={"classifier.weight": torch.zeros(3, KWARGS["feature_dim"]), "classifier.bias": bias})
+    image = setup["images"][0]
+    assert predict(ckpt, image, top_k=1, device="cpu")[0]["labels"] == ["dog house"]
+    res = predict(ckpt, image, device="cpu")[0]
+    assert res["labels"] == ["dog house", "cat"] and res["scores"]["cat"] == res["scores"]["dog house"] == 1.0
+    assert predict(ckpt, image, threshold=0.9, top_k=2, device="cpu")[0]["labels"] == ["dog house", "cat"]
+    assert select_labels(bias[None], top_k=1).tolist() == [[False, True, False]]
+    assert select_labels(bias[None]).tolist() == [[True, True, False]]  # the threshold is on probabilities
+    written = visualize(ckpt, image, top_k=1, out_dir=str(tmp_path / "att"), device="cpu")
+    assert [os.path.basename(p) for p in written] == ["img_0_dog_house.png"]
+
+
 # -------------------------------------------------------------------------------------------------- visualize
 
 
@@ -322,7 +394,8 @@ def test_visualize(setup, tmp_path, capsys):
 
     size = 192
     big_dir = str(tmp_path / "att_big")
-    big = visualize(setup["ckpt"], setup["images"][0], out_dir=big_dir, device="cpu", image_size=size)
+    # backend="torch", the fixture model's: the same operations as the reference below.
+    big = visualize(setup["ckpt"], setup["images"][0], out_dir=big_dir, device="cpu", image_size=size, backend="torch")
     assert {os.path.basename(p) for p in big} == names
     x = TestTransform(size)(Image.open(setup["images"][0]).convert("RGB"))[None]
     with torch.no_grad():

@@ -1,15 +1,18 @@
 """The training CLI end to end on a tiny built-in dataset: a short run, exact resume, DDP on gloo."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 
 from dsrb import ops, train
+from dsrb.config import TrainConfig
 from dsrb.data.builtin import ensure_builtin
 from dsrb.models import DSRB
 
@@ -59,30 +62,124 @@ def test_short_run_writes_every_output(data_root, tmp_path):
         train.main(args(data_root, out, 3))
 
 
-def test_console_reader_going_away_does_not_stop_the_run(data_root, tmp_path):
-    """``python -m dsrb.train ... | head -1``: the run goes on and finishes, logged to train.log, with no logging
-    error printed for each later line."""
+@pytest.mark.parametrize("streams", ["stdout", "stdout+stderr"])
+def test_console_reader_going_away_does_not_stop_the_run(data_root, tmp_path, streams):
+    """``python -m dsrb.train ... | head -1`` (or ``2>&1 | head -1``, which takes the progress bar's stderr too): the
+    run goes on and finishes, logged to train.log, with no logging error printed for each later line."""
     read, write = os.pipe()
     proc = subprocess.Popen([sys.executable, "-m", "dsrb.train", *args(data_root, tmp_path / "run", 2)],
-                            stdout=write, stderr=subprocess.PIPE, text=True)
+                            stdout=write, stderr=write if streams == "stdout+stderr" else subprocess.PIPE, text=True)
     os.close(write)
     os.close(read)
     _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0 and "Traceback" not in err and "Logging error" not in err, err
+    assert proc.returncode == 0 and "Traceback" not in (err or "") and "Logging error" not in (err or ""), err
     assert [r["epoch"] for r in read_metrics(tmp_path / "run")] == [0, 1]
     assert "done: best mAP" in (tmp_path / "run" / "train.log").read_text()
 
 
-def test_resume_equals_uninterrupted_run(data_root, tmp_path):
+# Exact resume under settings where every restored piece of state changes the result if it is not restored: blending
+# and prototype passes from epoch 0 every 2 epochs, so the resume epoch (3) has no prototype pass and trains with the
+# bank saved in last.pt; StepLR(2), so the lr has decayed before the resume and decays again after it, and the resume
+# epoch is not a multiple of the step (a scheduler restarted from 0 would decay one epoch late).
+RESUME_SETTINGS = ("--blend-start-epoch", "0", "--prototype-interval", "2", "--lr-step", "2")
+EPOCHS, RESUME_AT = 5, 3
+# Keys (at any depth of a checkpoint or summary.json) that differ between two runs of the same training.
+NOT_RESULTS = (*train.TIMING_KEYS, "out", "resume")
+
+
+def assert_same(a, b, where):
+    """a == b, bit for bit, with tensors and arrays at any depth (NaN equals NaN), keys in NOT_RESULTS left out."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
+    if isinstance(a, dict):
+        keys = [k for k in a if k not in NOT_RESULTS]
+        assert sorted(map(str, keys)) == sorted(str(k) for k in b if k not in NOT_RESULTS), where
+        for k in keys:
+            assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{where}: {m}")
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"), where
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b), where
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+@pytest.mark.parametrize("settings, again", [((), ()), (("--workers", "2"), ("--workers", "2")),
+                                             (("--amp", "fp16"), ())], ids=["workers0", "workers2", "fp16"])
+def test_resume_equals_uninterrupted_run(data_root, tmp_path, settings, again):
+    """A run stopped after RESUME_AT epochs and resumed in a new process (``again``: the flags given to --resume) ends
+    exactly where an uninterrupted one ends: metrics.jsonl, last.pt and best.pt (model, optimizer, scheduler, AMP
+    scaler, RNG states, epoch, best, metrics) and summary.json, bit for bit but for timings and the run directory."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train.main(args(data_root, straight, 3))
-    train.main(args(data_root, resumed, 2))
-    train.main(["--out", str(resumed), "--resume", "--epochs", "3"])
-    assert without_timing(read_metrics(resumed)) == without_timing(read_metrics(straight))
-    a = torch.load(straight / "last.pt", weights_only=False)["model"]
-    b = torch.load(resumed / "last.pt", weights_only=False)["model"]
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    train.main(args(data_root, straight, EPOCHS, *RESUME_SETTINGS, *settings))
+    train.main(args(data_root, resumed, RESUME_AT, *RESUME_SETTINGS, *settings))
+
+    # The settings test what they should: the bank is in use at the resume epoch, which has no prototype pass; the lr
+    # decays before and after the resume, and not at it; fp16 has a scaler state.
+    cfg = TrainConfig(**json.loads((resumed / "config.json").read_text()))
+    assert any(train.prototype_epoch(cfg, e) for e in range(RESUME_AT)) and not train.prototype_epoch(cfg, RESUME_AT)
+    half = torch.load(resumed / "last.pt", weights_only=False)
+    assert half["epoch"] == RESUME_AT and bool(half["model"]["prototype_bank.ready"])
+    records = read_metrics(straight)
+    assert records[RESUME_AT]["loss_prototype"] > 0
+    lrs = [r["lr"] for r in records]
+    assert lrs[RESUME_AT] < lrs[0] and lrs[-1] < lrs[RESUME_AT] and RESUME_AT % cfg.lr_step != 0, lrs
+    assert bool(half["scaler"]) == (cfg.amp == "fp16")
+
+    # Resume in a new process, as after a real interruption, on this dsrb and this process's thread count (CPU results
+    # depend on it).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(train.__file__)))
+    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=pythonpath)
+    result = subprocess.run([sys.executable, "-m", "dsrb.train", "--out", str(resumed), "--resume", "--epochs",
+                             str(EPOCHS), *again], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "resumed from" in (resumed / "train.log").read_text()
+
+    assert without_timing(read_metrics(resumed)) == without_timing(records)
+    assert_same(torch.load(straight / "last.pt", weights_only=False),
+                torch.load(resumed / "last.pt", weights_only=False), "last.pt")
+    # best.pt as well, but for its settings: written before the resume when the best epoch came first, it holds the
+    # first half's (--epochs RESUME_AT).
+    best = [torch.load(run / "best.pt", weights_only=False) for run in (straight, resumed)]
+    assert_same(*[{k: v for k, v in state.items() if k != "config"} for state in best], "best.pt")
+    assert_same(json.loads((straight / "summary.json").read_text()), json.loads((resumed / "summary.json").read_text()),
+                "summary.json")
+
+
+class _Draws(torch.utils.data.Dataset):
+    """What an augmentation draws: one number from the torch RNG of the process that loads the item."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return torch.rand(())
+
+
+def test_ddp_ranks_workers_draw_different_augmentations():
+    """Under DDP each rank loads its own images, and its workers must draw their own crops and flips: a worker seed
+    shared by the ranks would give image k of every rank the same augmentation."""
+    cfg = TrainConfig(batch_size=2, workers=1)
+    draws = [torch.cat(list(train.make_loader(_Draws(), cfg, train.Dist(rank=rank, world=2), train=True, seed=5,
+                                              device=torch.device("cpu")))) for rank in (0, 1)]
+    assert not torch.equal(draws[0], draws[1])
+
+
+def test_resume_with_another_worker_count_warns(data_root, tmp_path):
+    """The worker count decides which random stream each image's augmentations come from: allowed, but logged."""
+    out = tmp_path / "run"
+    train.main(args(data_root, out, 1))
+    (out / ".tmp-x-last.pt").write_bytes(b"a checkpoint write killed half-way")
+    train.main(["--out", str(out), "--resume", "--epochs", "2", "--workers", "1"])
+    assert "resumed with --workers 1 (the run was made with 0): from here on the augmentations differ" in \
+        (out / "train.log").read_text()
+    assert not (out / ".tmp-x-last.pt").exists()
 
 
 def test_resume_after_a_kill_between_metrics_line_and_checkpoint(data_root, tmp_path):

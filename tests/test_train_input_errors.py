@@ -102,6 +102,7 @@ def test_malformed_config_file_is_named(tmp_path, name, text, match):
     (["--device", "foo"], r"'device' \(--device\): expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'foo'"),
     (["--device", "meta"], r"'device' \(--device\): expected .* got 'meta'"),
     (["--label-seed", "-1"], r"'label_seed' \(--label-seed\): expected an integer in \[0, 2\*\*32\)"),
+    (["--seed", str(2**64)], r"'seed' \(--seed\): expected an integer in \[0, 2\*\*63\)"),
     (["--image-size", "7"], r"'image_size' \(--image-size\): expected at least 33 with --avgpool"),
     (["--backbone", "vgg"], r"'backbone' \(--backbone\): expected one of"),
     (["--backend", "foo"], r"'backend' \(--backend\): expected one of"),
@@ -124,7 +125,7 @@ def test_forced_backend_that_cannot_serve_the_run_is_a_settings_error(data_root,
     """--backend cuda (or DSRB_BACKEND=cuda) on the CPU: every backend's reason before the run, not a traceback at
     the first forward."""
     fails_cleanly(data_root, tmp_path / "run", ["--backend", "cuda"], ValueError,
-                  r"setting 'backend': cuda cannot serve this run: .*'cuda' was requested for device=cpu(.|\n)*"
+                  r"setting 'backend': cuda cannot serve device cpu: .*'cuda' was requested for device=cpu(.|\n)*"
                   r"  cuda: device=cpu")
     monkeypatch.setenv("DSRB_BACKEND", "cuda")
     fails_cleanly(data_root, tmp_path / "run", [], ValueError, r"setting 'backend': cuda \(from DSRB_BACKEND\)")
@@ -240,6 +241,18 @@ def test_missing_listed_image_named_before_the_run(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(FileNotFoundError, match=r"train.csv: line 3: image not found: .*missing.png \(1 of the 3"):
         train.main(["--dataset", "list", "--data-root", str(root), "--out", str(out), *TINY])
+    assert not out.exists()
+
+
+def test_missing_image_named_before_the_run(tmp_path):
+    """Every dataset (here the built-in one, in the COCO layout): not at the image's turn in an epoch."""
+    root = ensure_builtin(tmp_path / "data", num_train=24, num_test=8, image_size=64, seed=0)
+    gone = sorted((root / "images" / "test").iterdir())[3]
+    gone.unlink()
+    out = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match=f"dataset 'builtin' \\(test, .*1 of the 8 images are missing, the "
+                       f"first {gone}"):
+        train.main(args(str(root), out))
     assert not out.exists()
 
 

@@ -8,7 +8,8 @@ the run through :meth:`MultiLabelDataset.set_targets`. Images are read lazily wi
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
 import numpy as np
 import torch
@@ -126,6 +127,23 @@ class MultiLabelDataset(Dataset):
         image = pil_to_tensor(image) if self.transform is None else self.transform(image)
         target = self.targets[index].to(torch.float32)
         return image, target, index
+
+    def missing_images(self) -> List[str]:
+        """The image paths that are not files, in order: one listing per folder, so a check of COCO's 82,783 images
+        costs a fraction of a second, not a stat each."""
+        files: Dict[str, Set[str]] = {}
+        missing = []
+        for path in self.image_paths:
+            folder, name = os.path.split(path)
+            if folder not in files:
+                try:
+                    with os.scandir(folder or ".") as entries:
+                        files[folder] = {e.name for e in entries if e.is_file()}
+                except OSError:  # a missing folder: every image in it is missing
+                    files[folder] = set()
+            if name not in files[folder]:
+                missing.append(path)
+        return missing
 
     def verify_images(self, skip_bad: bool) -> int:
         """Open every image and check it with ``PIL.Image.verify``.

@@ -22,12 +22,13 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import tempfile
 import zipfile
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+
+from ..checkpoint import atomic_write
 
 __all__ = [
     "make_partial_labels",
@@ -111,8 +112,8 @@ def save_partial_labels(
 ) -> str:
     """Write ``targets`` and their provenance to ``path`` (an .npz archive, written exactly at ``path``).
 
-    The write is atomic: a temporary file in the same directory is written, flushed, fsync'ed and then moved over
-    ``path`` with ``os.replace``, so readers see either the old file or the complete new one. Stored keys:
+    The write is atomic (:func:`dsrb.checkpoint.atomic_write`): readers see either the old file or the complete new
+    one. Stored keys:
     ``targets`` (int8, N x C), ``proportion`` (float64), ``seed`` (int64), ``class_names`` (unicode, may be empty)
     and ``format_version``. Returns ``path`` as a string.
     """
@@ -131,35 +132,9 @@ def save_partial_labels(
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"save_partial_labels: directory of '{path}' does not exist: '{directory}'")
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                targets=arr,
-                proportion=np.float64(p),
-                seed=np.int64(seed),
-                class_names=names,
-                has_class_names=np.bool_(class_names is not None),
-                format_version=np.int64(_FORMAT_VERSION),
-            )
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename durable; not possible on every platform
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    atomic_write(path, lambda f: np.savez(
+        f, targets=arr, proportion=np.float64(p), seed=np.int64(seed), class_names=names,
+        has_class_names=np.bool_(class_names is not None), format_version=np.int64(_FORMAT_VERSION)))
     return path
 
 

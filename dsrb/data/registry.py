@@ -10,7 +10,7 @@ from typing import Callable, Optional, Union
 from .builtin import ensure_builtin
 from .coco import load_coco
 from .dataset import MultiLabelDataset
-from .listfile import load_list, read_list
+from .listfile import check_list_images, load_list, read_list
 from .vg import load_vg200
 from .voc import load_voc2007
 
@@ -59,7 +59,8 @@ def build_dataset(
 
     ``root`` is the dataset folder; for "builtin" it defaults to :func:`ensure_builtin` (generated on first use),
     for the others it is required. With ``skip_bad`` every image is checked first and unreadable ones are dropped;
-    their number is logged and kept in the dataset's ``skipped`` attribute.
+    their number is logged and kept in the dataset's ``skipped`` attribute. Without it, a listed image that is not a
+    file is a FileNotFoundError naming it (an unreadable one is found when it is read).
     """
     if name not in DATASETS:
         raise ValueError(f"argument 'name': unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
@@ -85,4 +86,12 @@ def build_dataset(
         if skipped:
             logger.warning("dataset '%s' (%s): skipped %d unreadable image(s) of %d", name, split, skipped,
                            skipped + len(ds))
+    elif name == "list":  # names the list file and the line
+        check_list_images(root / f"{split}.csv")
+    else:  # now, not at the missing image's turn hours into training
+        missing = ds.missing_images()
+        if missing:
+            raise FileNotFoundError(f"dataset '{name}' ({split}, {root}): {len(missing)} of the {len(ds)} images are "
+                                    f"missing, the first {missing[0]}; restore them, or drop them with skip_bad "
+                                    "(--skip-bad-images)")
     return ds

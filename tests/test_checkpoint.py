@@ -1,0 +1,68 @@
+"""dsrb.checkpoint.atomic_write: complete or untouched files, the usual permissions, and a full disk as a clear
+error naming the file."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from dsrb.checkpoint import TMP_PREFIX, atomic_write, remove_stale_temporaries, save_checkpoint
+
+
+@pytest.fixture
+def umask_022():
+    before = os.umask(0o022)
+    yield
+    os.umask(before)
+
+
+def test_atomic_write_gives_new_files_the_umask_permissions(tmp_path, umask_022):
+    """mkstemp makes private 0600 files; a checkpoint is an ordinary file (0644 under umask 022)."""
+    path = tmp_path / "last.pt"
+    save_checkpoint(str(path), {"x": torch.arange(3)})
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert torch.equal(torch.load(path)["x"], torch.arange(3))
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), RuntimeError("unexpected pos 390336")])
+def test_failed_write_names_the_file_and_keeps_the_old_one(tmp_path, error):
+    """A write that fails half-way (torch.save reports a full disk as a RuntimeError) leaves the previous file and
+    no temporary behind, and says which file and how much space is free."""
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"old")
+
+    def write(f):
+        f.write(b"half of a new checkpoint")
+        raise error
+
+    with pytest.raises(OSError, match=rf"could not write {path} \({type(error).__name__}: .*MiB free in {tmp_path}"):
+        atomic_write(str(path), write)
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_full_disk_during_torch_save(tmp_path):
+    """A real short write: torch.save under a file-size limit (as on a full disk) is the same OSError."""
+    script = textwrap.dedent(f"""
+        import resource, signal, torch
+        from dsrb.checkpoint import save_checkpoint
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+        save_checkpoint({str(tmp_path / "last.pt")!r}, {{"w": torch.zeros(1 << 16)}})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"OSError: could not write {tmp_path / 'last.pt'}" in proc.stderr, proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_remove_stale_temporaries(tmp_path):
+    """What a write killed half-way leaves (a whole checkpoint each) goes; nothing else does."""
+    (tmp_path / f"{TMP_PREFIX}abc-last.pt").write_bytes(b"partial")
+    (tmp_path / "last.pt").write_bytes(b"complete")
+    remove_stale_temporaries(str(tmp_path))
+    assert os.listdir(tmp_path) == ["last.pt"]
