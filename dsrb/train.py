@@ -14,7 +14,8 @@ resume (the checkpoints are written atomically). ``--resume`` continues the run 
 optimizer, scheduler, AMP scaler, prototype bank, RNG states, epoch and best score) with its saved settings; of the
 settings given again, only those in :data:`dsrb.config.RESUMABLE` (epochs, device, workers, ...) may differ from the
 saved ones. Every epoch's randomness is derived from (seed, epoch), so a resumed run ends exactly where an
-uninterrupted one ends, given the same worker and process counts (another count is allowed, with a warning).
+uninterrupted one ends, given the same worker and process counts and, on the CPU, thread count (another count is
+allowed, with a warning).
 Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m dsrb.train ...`` (DDP; only rank 0 writes).
 """
 
@@ -468,15 +469,18 @@ def _resolve_settings(cfg: TrainConfig, explicit: Dict[str, Any]) -> TrainConfig
     return TrainConfig(**saved).validate()
 
 
-def _warn_inexact_resume(cfg: TrainConfig, state: Dict[str, Any], world: int) -> None:
-    """A resumed run ends exactly where an uninterrupted one ends only with the same worker and process counts:
-    they decide which random stream each image's crop and flip come from. Other values are allowed, with a warning."""
-    saved = (("--workers", cfg.workers, state.get("config", {}).get("workers", cfg.workers)),
-             ("processes", world, len(state["rng"])))
+def _warn_inexact_resume(cfg: TrainConfig, state: Dict[str, Any], world: int, device: torch.device) -> None:
+    """A resumed run ends exactly where an uninterrupted one ends only with the same worker and process counts (they
+    decide which random stream each image's crop and flip come from) and, on the CPU, the same thread count (it
+    decides how sums are split, and with it the rounding). Other values are allowed, with a warning."""
+    saved = [("--workers", cfg.workers, state.get("config", {}).get("workers", cfg.workers)),
+             ("processes", world, len(state["rng"]))]
+    if device.type == "cpu":
+        saved.append(("threads", torch.get_num_threads(), state.get("threads", torch.get_num_threads())))
     changes = [f"{what} {now} (the run was made with {then})" for what, now, then in saved if now != then]
     if changes:
-        log.warning("resumed with %s: from here on the augmentations differ from those of an uninterrupted run, "
-                    "which this run will not match exactly", " and ".join(changes))
+        log.warning("resumed with %s: from here on the run differs from an uninterrupted one (augmentation draws, "
+                    "rounding) and will not match it exactly", " and ".join(changes))
 
 
 def _truncate_metrics(path: str, start_epoch: int) -> None:
@@ -588,7 +592,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
         set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)])
         log.info("resumed from %s at epoch %d (best mAP %.2f at epoch %d)", last_path, start_epoch,
                  100 * best["mAP"], best["epoch"])
-        _warn_inexact_resume(cfg, state, d.world)
+        _warn_inexact_resume(cfg, state, d.world, device)
 
     # Every setting is checked: now the run directory.
     if d.main:
@@ -641,7 +645,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
                 os.fsync(f.fileno())
             state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                     "best": best, "rng": rngs, "config": dataclasses.asdict(cfg), "model_kwargs": kwargs,
+                     "best": best, "rng": rngs, "threads": torch.get_num_threads(),
+                     "config": dataclasses.asdict(cfg), "model_kwargs": kwargs,
                      "num_classes": train_set.num_classes, "class_names": list(train_set.class_names),
                      "metrics": record, "versions": versions()}
             if improved:

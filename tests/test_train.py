@@ -171,14 +171,20 @@ def test_ddp_ranks_workers_draw_different_augmentations():
     assert not torch.equal(draws[0], draws[1])
 
 
-def test_resume_with_another_worker_count_warns(data_root, tmp_path):
-    """The worker count decides which random stream each image's augmentations come from: allowed, but logged."""
+def test_resume_with_other_worker_and_thread_counts_warns(data_root, tmp_path):
+    """The worker count decides which random stream each image's augmentations come from, the CPU thread count the
+    rounding: another count is allowed on resume, but logged. A write killed half-way left a temporary: removed."""
     out = tmp_path / "run"
+    threads = torch.get_num_threads()
     train.main(args(data_root, out, 1))
     (out / ".tmp-x-last.pt").write_bytes(b"a checkpoint write killed half-way")
-    train.main(["--out", str(out), "--resume", "--epochs", "2", "--workers", "1"])
-    assert "resumed with --workers 1 (the run was made with 0): from here on the augmentations differ" in \
-        (out / "train.log").read_text()
+    try:
+        torch.set_num_threads(threads + 1)
+        train.main(["--out", str(out), "--resume", "--epochs", "2", "--workers", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert f"resumed with --workers 1 (the run was made with 0) and threads {threads + 1} (the run was made with " \
+           f"{threads}): from here on the run differs" in (out / "train.log").read_text()
     assert not (out / ".tmp-x-last.pt").exists()
 
 
