@@ -392,6 +392,9 @@ def parse_args(argv=None):
     explicit.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
     cfg = dataclasses.asdict(preset_config(explicit.get("preset", "demo")))
     cfg.update(explicit)
+    if explicit.get("resume"):  # checks across settings wait for the run's saved ones (dsrb.train merges them)
+        check_values(check_types(cfg, "TrainConfig"))
+        return TrainConfig(**cfg), explicit
     return TrainConfig(**cfg).validate(), explicit
 
 

@@ -265,6 +265,18 @@ def test_tensorboard_missing_is_a_clear_error(data_root, tmp_path, monkeypatch, 
     assert not out.exists()
 
 
+def test_resume_checks_settings_against_the_runs_own(data_root, tmp_path):
+    """A setting given again with --resume is checked against the run's saved settings, not the demo preset's: the
+    image size of a run without the 2x2 pool is below what the pool would need."""
+    out = tmp_path / "run"
+    train.main(args(data_root, out, "--no-avgpool", "--image-size", "32"))
+    train.main(["--out", str(out), "--resume", "--epochs", "2", "--image-size", "32"])
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    with pytest.raises(ValueError, match=r"setting 'avgpool': the run in .* was made with False, --resume was given "
+                                         "True"):  # not the preset's image-size check
+        train.main(["--out", str(out), "--resume", "--epochs", "2", "--avgpool"])
+
+
 def test_ctrl_c_exits_130_and_the_run_resumes(data_root, tmp_path, monkeypatch, capsys):
     real = train.train_epoch
 
