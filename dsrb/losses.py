@@ -159,7 +159,7 @@ def contrastive_loss(
         (eps 1e-9): pos-pos (both +1) loss 1 - cos, pos-neg 1 + cos, neg-neg 1 + cos; pairs with an unknown are
         excluded. With P = |pos-pos| > 0, pos-neg and neg-neg are each replaced by a random subset of min(n, 2P)
         of their entries plus their min(P, n) largest losses (an entry in both counts twice, as officially; the
-        official code takes exactly P and crashes when n < P). With P = 0 both are used in full. The result is
+        official slice of the sorted losses also gives min(P, n)). With P = 0 both are used in full. The result is
         the mean over the three sets, 0 when they are empty (B < 2). Equal to
         ``dsrb.reference.losses.contrastive_loss`` to rounding for the same keys.
     """

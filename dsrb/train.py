@@ -549,6 +549,13 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
     served = check_backend(cfg.backend, device, name="setting 'backend'")
     log.info("ops on %s: %s (python -m dsrb.info says why a backend is passed over)", device.type,
              ", ".join(f"{op} {name}" for op, name in served.items()))
+    if cfg.preset in ("coco", "voc", "vg"):
+        missing = [flag for flag, value in (("--pretrained", cfg.pretrained), ("--word-vectors", cfg.word_vectors))
+                   if value is None]
+        if missing:
+            log.warning("preset %s without %s: the paper starts from ImageNet weights (stem..layer3 frozen) and "
+                        "GloVe class vectors; this run uses random ones and will not reach its numbers", cfg.preset,
+                        " and ".join(missing))
     seed_everything(derived_seed(cfg.seed, 0, 0, d.rank))
 
     resumed = cfg.resume and os.path.exists(last_path)

@@ -188,6 +188,13 @@ def test_resume_with_other_worker_and_thread_counts_warns(data_root, tmp_path):
     assert not (out / ".tmp-x-last.pt").exists()
 
 
+def test_paper_preset_without_pretrained_weights_or_word_vectors_warns(data_root, tmp_path):
+    out = tmp_path / "run"
+    train.main(args(data_root, out, 1, "--preset", "voc", "--dataset", "builtin", "--backbone", "resnet18"))
+    assert "preset voc without --pretrained and --word-vectors: the paper starts from ImageNet weights" in \
+        (out / "train.log").read_text()
+
+
 def test_resume_after_a_kill_between_metrics_line_and_checkpoint(data_root, tmp_path):
     """A run killed after writing epoch 1's metrics line (and half of another) but before epoch 1's checkpoint
     repeats epoch 1 on resume; metrics.jsonl must not keep the stale lines."""

@@ -79,9 +79,8 @@ def contrastive_loss(features: torch.Tensor, targets: torch.Tensor, keys: torch.
     Returns:
         0-dim tensor: the mean over pos-pos (loss 1 - cos), mined pos-neg (1 + cos) and mined neg-neg (1 + cos);
         pairs with an unknown are excluded. With P = |pos-pos| > 0 each of the two other sets is replaced by its
-        random min(n, 2P) subset followed by its min(P, n) largest losses (duplicates allowed, as officially). The
-        official code takes exactly P largest and would crash when n < P; we take min(P, n). With P = 0 both sets
-        are used in full. Zero (attached to ``features``) when all three sets are empty, e.g. B = 1.
+        random min(n, 2P) subset followed by its min(P, n) largest losses (duplicates allowed, as officially; the
+        official slice of the sorted losses also gives min(P, n)). With P = 0 both sets are used in full. Zero (attached to ``features``) when all three sets are empty, e.g. B = 1.
     """
     num_classes = features.shape[1]
     pos_pos: list[torch.Tensor] = []
