@@ -15,16 +15,53 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 namespace dsrb::autograd {
 
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+
+// A new autograd node held as this torch holds them: std::shared_ptr in older releases, c10::intrusive_ptr in newer.
+using NodePtr = std::invoke_result_t<const torch::autograd::function_constructor&, torch::autograd::edge_list&&>;
+template <class N, class... Args>
+NodePtr make_node(Args&&... args) {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<N>(std::forward<Args>(args)...);
+  } else {
+    return c10::make_intrusive<N>(std::forward<Args>(args)...);
+  }
+}
+
+// The backward kernels have no derivative of their own. They run without autograd, and under create_graph=True their
+// results get a node that raises when differentiated, linked to what they depend on (the saved inputs and the
+// incoming gradients): double backward is this error, never the silent zeros of kernels autograd cannot see.
+// ``create_graph``: whether grad mode was on when the backward was called.
+template <class... Grads>
+variable_list once_differentiable(bool create_graph, const char* op, variable_list depends_on, Grads&&... grads) {
+  variable_list out{std::forward<Grads>(grads)...};
+  if (!create_graph) return out;
+  const std::string msg = std::string("dsrb::") + op + ": the extension's backward cannot be differentiated "
+      "(double backward, or a gradient of a gradient taken with create_graph=True); no backend of dsrb supports it";
+  return torch::autograd::wrap_outputs(depends_on, std::move(out), [&](torch::autograd::edge_list&& next) {
+    return make_node<torch::autograd::Error>(msg, std::move(next));
+  });
+}
+
+// Saved inputs and incoming gradients: what a backward's results depend on.
+inline variable_list inputs_of(const variable_list& saved, const variable_list& grad) {
+  variable_list all = saved;
+  all.insert(all.end(), grad.begin(), grad.end());
+  return all;
+}
 
 // "<op>_<backend>" and the typed dispatcher handle of "dsrb::<op>_<backend><suffix>".
 inline std::string op_name(const char* op, const char* backend) { return std::string(op) + "_" + backend; }
@@ -54,8 +91,12 @@ struct SemanticAttention : torch::autograd::Function<SemanticAttention<Backend>>
   static variable_list backward(AutogradContext* ctx, variable_list grad) {
     static const auto op = find_op<Bwd>(kOp, Backend, "_backward");
     const auto s = ctx->get_saved_variables();
-    auto [gx, gu, ge, gv] = op.call(grad[0], grad[1], s[0], s[1], s[2], s[3], s[4]);
-    return {gx, gu, ge, gv};
+    const bool create_graph = at::GradMode::is_enabled();
+    auto [gx, gu, ge, gv] = [&] {
+      at::NoGradGuard no_grad;
+      return op.call(grad[0], grad[1], s[0], s[1], s[2], s[3], s[4]);
+    }();
+    return once_differentiable(create_graph, kOp, inputs_of(s, grad), gx, gu, ge, gv);
   }
 
   static std::tuple<Tensor, Tensor> kernel(const Tensor& x, const Tensor& u, const Tensor& e, const Tensor& v) {
@@ -84,8 +125,12 @@ struct InstanceBlend : torch::autograd::Function<InstanceBlend<Backend>> {
   static variable_list backward(AutogradContext* ctx, variable_list grad) {
     static const auto op = find_op<Bwd>(kOp, Backend, "_backward");
     const auto s = ctx->get_saved_variables();
-    auto [gS, galpha] = op.call(grad[0], grad[1], s[0], s[1], s[2], s[3], ctx->saved_data["detach_target"].toBool());
-    return {gS, Tensor(), galpha, Tensor(), Tensor()};
+    const bool create_graph = at::GradMode::is_enabled();
+    auto [gS, galpha] = [&] {
+      at::NoGradGuard no_grad;
+      return op.call(grad[0], grad[1], s[0], s[1], s[2], s[3], ctx->saved_data["detach_target"].toBool());
+    }();
+    return once_differentiable(create_graph, kOp, inputs_of(s, grad), gS, Tensor(), galpha, Tensor(), Tensor());
   }
 
   static std::tuple<Tensor, Tensor> kernel(const Tensor& S, const Tensor& T, const Tensor& alpha,
@@ -119,9 +164,14 @@ struct PrototypeBlend : torch::autograd::Function<PrototypeBlend<Backend>> {
     static const auto op = find_op<Bwd>(kOp, Backend, "_backward");
     const auto s = ctx->get_saved_variables();
     const bool bank_grad = ctx->needs_input_grad(3);
-    auto [gS, gbeta, gbank] = op.call(grad[0], grad[1], s[0], s[1], s[2], s[3], s[4], s[5],
-                                      ctx->saved_data["detach_target"].toBool(), bank_grad);
-    return {gS, Tensor(), gbeta, bank_grad ? gbank : Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    const bool create_graph = at::GradMode::is_enabled();
+    auto [gS, gbeta, gbank] = [&] {
+      at::NoGradGuard no_grad;
+      return op.call(grad[0], grad[1], s[0], s[1], s[2], s[3], s[4], s[5], ctx->saved_data["detach_target"].toBool(),
+                     bank_grad);
+    }();
+    return once_differentiable(create_graph, kOp, inputs_of(s, grad), gS, Tensor(), gbeta,
+                               bank_grad ? gbank : Tensor(), Tensor(), Tensor(), Tensor(), Tensor());
   }
 
   static std::tuple<Tensor, Tensor> kernel(const Tensor& S, const Tensor& T, const Tensor& beta, const Tensor& bank,

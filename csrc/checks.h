@@ -3,6 +3,7 @@
 // target values) are done by each kernel where it reads the value, so a bad value is an error, never a bad read.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -130,8 +131,10 @@ inline void quadrant_index(const at::Tensor& a, const at::Tensor& x_sum, int64_t
   shape(x_sum, "x_sum", {a.size(0), a.size(2)});
   same_device(x_sum, "x_sum", a, "a");
   dtype(x_sum, "x_sum", a.scalar_type(), "the dtype of 'a'");
-  TORCH_CHECK(height >= 1 && width >= 1 && height * width == a.size(2), "arguments 'height', 'width': expected ",
-              "height * width == N = ", a.size(2), ", got ", height, " x ", width);
+  // width <= N / height first: the product of two huge ints must not wrap around to N.
+  TORCH_CHECK(height >= 1 && width >= 1 && width <= a.size(2) / height && height * width == a.size(2),
+              "arguments 'height', 'width': expected height * width == N = ", a.size(2), ", got ", height, " x ",
+              width);
 }
 
 // The functional form takes T in S's dtype; the in-place form (in_place) takes T of any real dtype and needs sums and
@@ -160,6 +163,19 @@ inline void prototype_bank_update(const at::Tensor& sums, const at::Tensor& coun
   }
   index(quadrant, "quadrant", S, {B, C});
   TORCH_CHECK(cap >= 0, "argument 'cap': expected a non-negative integer, got ", cap);
+  if (in_place) {  // the kernel reads S, T and quadrant while it writes sums and counts
+    const std::pair<const at::Tensor*, const char*> written[] = {{&sums, "sums"}, {&counts, "counts"}};
+    const std::pair<const at::Tensor*, const char*> read[] = {{&S, "S"}, {&T, "T"}, {&quadrant, "quadrant"}};
+    for (const auto& [w, w_name] : written) {
+      for (const auto& [r, r_name] : read) {
+        const auto status = at::get_overlap_status(*w, *r);
+        const bool shared = status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial ||
+                            (status == at::MemOverlapStatus::TooHard && w->is_alias_of(*r));
+        TORCH_CHECK(!shared, "argument '", w_name, "': it shares memory with '", r_name,
+                    "', which the in-place update reads while it writes '", w_name, "'");
+      }
+    }
+  }
 }
 
 }  // namespace checks

@@ -232,6 +232,30 @@ def test_cpp_autograd_one_output_and_frozen_inputs(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_cpp_autograd_double_backward_is_an_error(backend):
+    """Gradients taken with create_graph=True are right (a gradient penalty elsewhere may need the graph), but
+    differentiating them through the extension's backward raises: before, its kernels, invisible to autograd, gave a
+    silent zero (d2/dalpha2 of instance_blend) or a partial second derivative (semantic_attention)."""
+    dev = _device(backend)
+    x, u, e, v = sa_inputs(2, 13, 5, 16, 8, torch.float64, dev)
+    S, T, coef, bank, quadrant, shift, select, partner = blend_inputs(4, 5, 6, torch.float64, dev)
+    T[0], T[3] = 0, 1  # blended entries for the batch flip
+    cases = [
+        (lambda b: ops.semantic_attention(x, u, e, v, backend=b), [x, u, e, v]),
+        (lambda b: ops.instance_blend(S, T, coef, partner, backend=b), [S, coef]),
+        (lambda b: ops.prototype_blend(S, T, coef, bank, quadrant, shift, select, backend=b), [S, coef, bank]),
+    ]
+    for run, leaves in cases:
+        loss = lambda b: sum((o * o).sum() for o in run(b))  # noqa: E731
+        got = torch.autograd.grad(loss(backend), leaves, create_graph=True)
+        want = torch.autograd.grad(loss("torch"), leaves)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_close(g, w, dtype=torch.float64, what=f"gradient {i}")
+        with pytest.raises(RuntimeError, match="the extension's backward cannot be differentiated"):
+            torch.autograd.grad(sum(g.sum() for g in got), leaves)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_blend_gradcheck(backend):
     S, T, coef, bank, quadrant, shift, select, partner = blend_inputs(3, 5, 4, torch.float64, _device(backend))
     T[0], T[2] = 0, 1  # some blended entries for the batch flip
@@ -425,6 +449,34 @@ def test_prototype_bank_update_in_place_targets_and_errors(backend):
     assert not sums.any() and not counts.any()
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_prototype_bank_update_in_place_is_an_in_place_op(backend):
+    """What autograd expects of an in-place op: version counters bumped (a graph that saved sums fails loudly
+    instead of using the new values), no update of a tensor that requires grad, and (the cpu kernel reads S, T and
+    quadrant while it writes) no inputs sharing memory with sums or counts."""
+    g = torch.Generator().manual_seed(8)
+    B, C, D = 4, 3, 5
+    S, T = torch.randn(B, C, D, generator=g), torch.randint(-1, 2, (B, C), generator=g)
+    quadrant = torch.randint(0, 4, (B, C), generator=g)
+    w = torch.ones(C, 4, D, requires_grad=True)
+    sums, counts = torch.rand(C, 4, D, generator=g), torch.zeros(C, 4, dtype=torch.int64)
+    loss = (w * sums).sum()  # saves sums for w's gradient
+    ops.prototype_bank_update_(sums, counts, S, T, quadrant, 3, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    with pytest.raises(ValueError, match="argument 'sums': expected a tensor that does not require grad"):
+        ops.prototype_bank_update_(w, counts, S, T, quadrant, 3, backend=backend)
+    if backend == "cpu":
+        bank = torch.zeros(B * C * D + C * 4 * D)
+        views = bank[:C * 4 * D].view(C, 4, D), bank[-B * C * D:].view(B, C, D)  # disjoint: allowed
+        ops.prototype_bank_update_(views[0], counts.clone(), views[1], T, quadrant, 3, backend=backend)
+        shared = torch.zeros(C * 4 * D).view(C, 4, D)
+        with pytest.raises(RuntimeError, match="argument 'sums': it shares memory with 'S'"):
+            ops.prototype_bank_update_(shared, counts, shared.view(4, C, D)[:B], T, quadrant, 3, backend=backend)
+        with pytest.raises(RuntimeError, match="argument 'counts': it shares memory with 'quadrant'"):
+            ops.prototype_bank_update_(sums, counts, S, T, counts.view(4, C)[:B], 3, backend=backend)
+
+
 @pytest.mark.parametrize("sums_dtype, S_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float32),
                                                  (torch.float32, torch.bfloat16), (torch.float16, torch.float16)],
                          ids=str)
@@ -536,6 +588,8 @@ def test_compile_fullgraph_matches_eager(backend):
                                                     torch.ones(1, 2, dtype=torch.bool), False), "argument 'bank'"),
         (lambda: torch.ops.dsrb.quadrant_index_cpu(torch.ones(1, 2, 6), torch.ones(1, 6), 4, 2),
          "arguments 'height', 'width'"),
+        (lambda: torch.ops.dsrb.quadrant_index_cpu(torch.ones(1, 2, 0), torch.ones(1, 0), 2**32, 2**32),
+         "arguments 'height', 'width'"),  # 2**64 wraps around to N = 0 in int64
         (lambda: torch.ops.dsrb.prototype_bank_update_cpu(torch.zeros(2, 4, 3), torch.zeros(2, 4).long(),
                                                           torch.ones(1, 2, 3), torch.ones(1, 2), torch.tensor([[0, 9]]),
                                                           5), "argument 'quadrant'"),

@@ -116,13 +116,18 @@ def prototype_bank_update_(
     """:func:`prototype_bank_update` in place: ``sums`` and ``counts`` take the new sums and counts.
 
     Same arguments, errors and backend choice (the backend serving :func:`prototype_bank_update` for these tensors);
-    nothing is written when an argument is rejected. The buckets the batch reaches get the values the functional op
+    nothing is written when an argument is rejected. ``sums`` must not require grad, nor share memory with S, T or
+    quadrant (the kernel reads them while it writes); like any in-place op, it bumps the version counters of ``sums``
+    and ``counts``. The buckets the batch reaches get the values the functional op
     returns, bit for bit; with the ``cpu`` kernel the others are left untouched (the functional op returns sums + 0
     there, which differs only in the sign of a -0 entry, a value the bank's own updates never produce). The ``cpu``
     kernel checks the values of T and quadrant itself, as it reads them, and takes T in its own dtype, so a batch is
     one call through the dispatcher.
     """
     cap = _check_layout(sums, counts, S, T, quadrant, cap)
+    if sums.requires_grad and torch.is_grad_enabled():
+        raise ValueError("argument 'sums': expected a tensor that does not require grad (the bank update is not "
+                         "differentiable; update it under torch.no_grad(), or pass sums.detach())")
     fn = select("prototype_bank_update", S.device, S.dtype, backend)
     in_place = _IN_PLACE.get(fn)
     if in_place is not None and counts.dtype == torch.int64 and sums.is_contiguous() and counts.is_contiguous():
@@ -130,6 +135,8 @@ def prototype_bank_update_(
             _check_values(T, quadrant)  # the kernel compares in T's dtype, where 255 == -1 in uint8
         try:
             in_place(sums, counts, plain(S), plain(T), plain(quadrant, torch.int64), cap)
+            # The kernel wrote through data pointers: tell autograd, so a graph that saved them fails loudly.
+            torch.autograd.graph.increment_version((sums, counts))
             return
         except ValueError as error:  # a value the kernel rejects (nothing written) ...
             rejected = error
