@@ -27,7 +27,7 @@ import platform
 import statistics
 import tempfile
 import zlib
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import pytest
 import torch
@@ -337,8 +337,9 @@ def run_case(benchmark, fn: Callable, *, device, info: dict, setup: Optional[Cal
     Args:
         fn: the timed callable; with ``setup``, it receives the arguments ``setup()`` returns as ``(args, kwargs)``
             (built again, untimed, before every round).
-        device: where the tensors live. On CUDA the timed callable ends with ``torch.cuda.synchronize`` so the
-            host clock is valid; a CUDA-event median of the same number of rounds goes into extra_info too.
+        device: where the tensors live. On CUDA each timed round is also bracketed by CUDA events and ends with
+            their synchronisation, so the host clock is valid; the events' median, minimum and IQR over the same
+            rounds go into extra_info (what the report shows on a GPU).
         info: op, provider, pass, shape, dims, dtype (recorded as given; ``benchmark.group`` is set from it).
         rounds: timed rounds, one iteration each.
 
@@ -354,9 +355,17 @@ def run_case(benchmark, fn: Callable, *, device, info: dict, setup: Optional[Cal
     extra.update(environment(device))
     extra["rounds"] = rounds
 
+    event_ms: List[float] = []  # on CUDA: each timed round's device time, from CUDA events around the call
+
     def timed(*args, **kwargs):
+        if not cuda:
+            return fn(*args, **kwargs)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         out = fn(*args, **kwargs)
-        _sync(device)
+        end.record()
+        end.synchronize()  # the host clock pytest-benchmark reads is valid too
+        event_ms.append(start.elapsed_time(end))
         return out
 
     def timed_setup():
@@ -389,19 +398,6 @@ def run_case(benchmark, fn: Callable, *, device, info: dict, setup: Optional[Cal
         extra["peak_memory_note"] = ("max_memory_allocated during one run minus the memory allocated before it "
                                      "(inputs, parameters and, for bwd, the saved forward graph)")
         del args, kwargs
-        times = []
-        for _ in range(rounds):
-            args, kwargs = _args(setup)
-            _sync(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(*args, **kwargs)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-            del args, kwargs
-        extra["cuda_event_median_ms"] = statistics.median(times)
-        extra["cuda_event_min_ms"] = min(times)
     else:
         args, kwargs = _args(setup)
         extra["peak_memory_bytes"] = cpu_peak_bytes(lambda: fn(*args, **kwargs))
@@ -409,7 +405,14 @@ def run_case(benchmark, fn: Callable, *, device, info: dict, setup: Optional[Cal
                                      "profiler's allocation events (torch's CPU allocator; inputs excluded)")
         del args, kwargs
 
+    event_ms.clear()  # the warm-up's
+    _sync(device)
     benchmark.pedantic(timed, setup=timed_setup if setup else None, rounds=rounds, iterations=1, warmup_rounds=0)
+    if cuda:
+        extra["cuda_event_median_ms"] = statistics.median(event_ms)
+        extra["cuda_event_min_ms"] = min(event_ms)
+        quartiles = statistics.quantiles(event_ms, n=4) if len(event_ms) > 1 else [event_ms[0]] * 3
+        extra["cuda_event_iqr_ms"] = quartiles[2] - quartiles[0]
 
 
 def measure(benchmark, bench, op: str, provider: str, pass_: str, shape: str, dims, device, dtype, rounds, *,

@@ -73,7 +73,7 @@ def _groups(cases: List[dict]) -> Dict[str, Dict[str, dict]]:
         groups[bench["group"]][provider] = {
             # CUDA-event timings where recorded (GPU), else pytest-benchmark's host clock.
             "median_ms": info.get("cuda_event_median_ms") or stats["median"] * 1e3,
-            "iqr_ms": stats["iqr"] * 1e3,
+            "iqr_ms": info["cuda_event_iqr_ms"] if "cuda_event_iqr_ms" in info else stats["iqr"] * 1e3,
             "peak": info.get("peak_memory_bytes"),
             "rounds": stats["rounds"],
             "notes": ", ".join(f"{k} {_num(info[k])}" for k in NOTES if info.get(k) is not None),
@@ -102,7 +102,8 @@ def render(groups: Dict[str, Dict[str, dict]], baseline: str = "torch") -> str:
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for group in names:
             row = groups[group]
-            off, base = row.get("official", {}), row.get(baseline, {})
+            # Each provider's largest-batch case runs at its own batch size: its time and memory do not compare.
+            off, base = ({}, {}) if op == "largest_batch" else (row.get("official", {}), row.get(baseline, {}))
             for provider in sorted(row, key=lambda p: ORDER.index(p) if p in ORDER else len(ORDER)):
                 r = row[provider]
                 lines.append(
@@ -226,7 +227,8 @@ def header(runs: List[dict]) -> str:
         f"- Device: {info.get('device_name', '?')}",
         f"- Versions: torch {info.get('torch')}, triton {info.get('triton')}, dsrb {info.get('dsrb')}, "
         f"CUDA runtime {info.get('cuda_runtime')}",
-        f"- Commit: {', '.join(commits)}",
+        f"- Commit: {', '.join(commits)}" + (f" (DSRB_COMMIT {os.environ['DSRB_COMMIT']})"
+                                              if os.environ.get("DSRB_COMMIT") else ""),
         "- Files: " + ", ".join(f"{os.path.basename(r['path'])} ({r['cases']} cases)" for r in runs),
         *([f"- Unreadable, left out: {', '.join(os.path.basename(r['path']) for r in unread)}"] if unread else []),
         "",

@@ -184,8 +184,9 @@ def _model(inp, backend: str) -> DSRB:
 def _step(model, X, T, choices, keys):
     """One head-path step: the training forward on X and the loss; (loss, logits, instance_logits,
     prototype_logits)."""
-    out = model(X, T, prototype_choices=choices)
-    loss, _ = dsrb_loss(out, T, epoch=1, progress=0.0, keys=keys)
+    # As dsrb.train: no device read of the values in the step (they were checked once); the official model has none.
+    out = model(X, T, prototype_choices=choices, **({"validate": False} if isinstance(model, DSRB) else {}))
+    loss, _ = dsrb_loss(out, T, epoch=1, progress=0.0, keys=keys, validate=False)
     return loss, out.logits, out.instance_logits, out.prototype_logits
 
 

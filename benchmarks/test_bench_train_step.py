@@ -238,7 +238,9 @@ def _train_step_case(benchmark, bench, provider, preset, size, device, dtype, ro
         # dsrb.train.train_epoch, one batch of a blending epoch (the choices are drawn outside the model, as there).
         choices = draw_prototype_choices(T, cfg.top_k, generator, compat=cfg.compat, valid=valid)
         with autocast(cfg, device):
-            out = model(images, T, instance_blend=True, prototype_blend=True, prototype_choices=choices)
+            # As dsrb.train: no device read of the values in the step; the official model has none.
+            out = model(images, T, instance_blend=True, prototype_blend=True, prototype_choices=choices,
+                        **({} if provider == "official" else {"validate": False}))
             loss = _loss(out, inp, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

@@ -22,3 +22,22 @@ def test_profile_table_has_every_op_and_provider(tmp_path):
         assert [r[2] for r in mine] == want and all(r[1] == "tiny" for r in mine)
         for r in mine:  # wall and host time are numbers (an error row would hold its message instead)
             assert float(r[3].replace(",", "")) > 0 and float(r[4].replace(",", "")) > 0, r
+
+
+def test_preflight_runs_every_op_at_the_gpu_shapes_and_fails_on_non_finite(monkeypatch, capsys):
+    """benchmarks/preflight.py, which gpu_session.sh runs per fused backend before the benchmarks (here on the CPU,
+    with the torch backend): every op at coco and vg-b32 passes; a non-finite gradient is exit status 1."""
+    from benchmarks import preflight
+
+    assert preflight.main(["torch", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.count(": ok") == 6
+    if not torch.cuda.is_available():
+        assert preflight.main(["cuda"]) == 0 and "no GPU, nothing to check" in capsys.readouterr().out
+
+    def nan_op(op, backend):
+        fn = profile_ops._call(op, backend)
+        return lambda *args: tuple(o * float("nan") if i == 0 else o for i, o in enumerate(fn(*args)))
+
+    monkeypatch.setattr(preflight, "_call", nan_op)
+    assert preflight.main(["torch", "--device", "cpu"]) == 1
+    assert "preflight torch: semantic_attention at coco: non-finite values" in capsys.readouterr().out
