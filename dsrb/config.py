@@ -88,6 +88,10 @@ class TrainConfig:
         if self.image_size < minimum:
             _bad("image_size", self.image_size, f"at least {minimum} with --avgpool (the 2x2 pool after layer4 needs "
                  "a 2x2 map; or --no-avgpool)")
+        if self.batch_size == 1 and _map_side(self.image_size, self.avgpool) == 1:
+            _bad("batch_size", self.batch_size, f"at least 2 with a 1x1 feature map (--image-size {self.image_size}"
+                 f"{'' if self.avgpool else ' --no-avgpool'}): BatchNorm in training needs more than one value per "
+                 "channel; or a larger --image-size")
         return self
 
     @property
@@ -116,6 +120,14 @@ def _choices() -> Dict[str, tuple]:
     return {"method": METHODS, "amp": AMP_MODES, "matmul_precision": MATMUL_PRECISIONS, "compat": ("fixed", "official"),
             "preset": tuple(PRESETS), "dataset": tuple(DATASETS), "backbone": tuple(BACKBONES),
             "backend": ("auto",) + tuple(KNOWN_BACKENDS)}
+
+
+def _map_side(image_size: int, avgpool: bool) -> int:
+    """Side of the backbone's (square) feature map for square images of ``image_size`` (dsrb.models.resnet)."""
+    from .models.resnet import _STRIDE
+
+    side = -(-image_size // _STRIDE)
+    return side // 2 if avgpool else side
 
 
 def _min_image_size(avgpool: bool) -> int:

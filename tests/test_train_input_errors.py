@@ -103,6 +103,8 @@ def test_malformed_config_file_is_named(tmp_path, name, text, match):
     (["--device", "meta"], r"'device' \(--device\): expected .* got 'meta'"),
     (["--label-seed", "-1"], r"'label_seed' \(--label-seed\): expected an integer in \[0, 2\*\*32\)"),
     (["--seed", str(2**64)], r"'seed' \(--seed\): expected an integer in \[0, 2\*\*63\)"),
+    (["--batch-size", "1", "--image-size", "64"], r"'batch_size' \(--batch-size\): expected at least 2 with a 1x1 "
+                                                  r"feature map \(--image-size 64\)"),
     (["--image-size", "7"], r"'image_size' \(--image-size\): expected at least 33 with --avgpool"),
     (["--backbone", "vgg"], r"'backbone' \(--backbone\): expected one of"),
     (["--backend", "foo"], r"'backend' \(--backend\): expected one of"),
