@@ -115,11 +115,11 @@ def _bad(name: str, value, expected: str):
 def _choices() -> Dict[str, tuple]:
     from .data.registry import DATASETS
     from .models.resnet import BACKBONES
-    from .ops import KNOWN_BACKENDS
+    from .ops import BACKEND_CHOICES
 
     return {"method": METHODS, "amp": AMP_MODES, "matmul_precision": MATMUL_PRECISIONS, "compat": ("fixed", "official"),
             "preset": tuple(PRESETS), "dataset": tuple(DATASETS), "backbone": tuple(BACKBONES),
-            "backend": ("auto",) + tuple(KNOWN_BACKENDS)}
+            "backend": BACKEND_CHOICES}
 
 
 def _map_side(image_size: int, avgpool: bool) -> int:

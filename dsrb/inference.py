@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from .checkpoint import load_checkpoint
 from .config import check_device
 from .models import DSRB
-from .ops import KNOWN_BACKENDS, OPS, selected_backend
+from .ops import BACKEND_CHOICES as BACKENDS  # --backend choices, as dsrb.train's
+from .ops import OPS, selected_backend
 
 __all__ = [
     "BACKENDS",
@@ -40,7 +41,6 @@ __all__ = [
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 REQUIRED_KEYS = ("model", "model_kwargs", "num_classes")
 DEFAULT_IMAGE_SIZE = 448
-BACKENDS = ("auto",) + tuple(KNOWN_BACKENDS)  # --backend choices, as dsrb.train's
 # Constructor arguments that a checkpoint's model_kwargs must not override: the state dict supplies the word
 # vectors and the graph, no ImageNet weights are needed for a trained model, and the op backend is how this machine
 # computes, not part of the model (a run trained with --backend cuda is still evaluated on a CPU).

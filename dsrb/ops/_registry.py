@@ -25,6 +25,7 @@ import torch
 
 OPS = ("semantic_attention", "instance_blend", "prototype_blend", "quadrant_index", "prototype_bank_update")
 KNOWN_BACKENDS = ("torch", "cpu", "cuda", "triton")
+BACKEND_CHOICES = ("auto",) + KNOWN_BACKENDS  # what backend= and --backend take
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
