@@ -24,10 +24,10 @@ the fused bank) + the peak of what one call allocates, batch inputs included: on
 (:func:`benchmarks.conftest.cpu_peak_bytes`). Budget: ``DSRB_BENCH_MEMORY_BUDGET`` (bytes) or by default 128 MiB on
 CPU (512 MiB made the quick search and timing take about 2 minutes on 2 cores) and on CUDA 16 GiB, at most 45 % of
 the free device memory, so that a probe at twice the largest batch still fits: nothing is driven out of memory on
-purpose (a CUDA out-of-memory error counts as "does not fit"). Search: B = 1, 2, 4, ... until the budget is exceeded,
-then a bisection of the last interval whose probes cycle through the linear interpolation of the measured peaks
-(memory is close to affine in B, so this usually lands on B* or B* + 1), its neighbour on the other side and the
-midpoint. The result is exact, peak(B*) <= budget < peak(B* + 1), typically 1-2 probes after the doubling.
+purpose (a CUDA out-of-memory error, or a cuBLAS/cuDNN allocation failure, counts as "does not fit"). Search:
+B = 1, 2, 4, ... until the budget is exceeded, then a bisection of the last interval whose probes cycle through the
+linear interpolation of the measured peaks (memory is close to affine in B, so this usually lands on B* or B* + 1),
+its neighbour on the other side and the midpoint. The result is exact, peak(B*) <= budget < peak(B* + 1), typically 1-2 probes after the doubling.
 
 Shapes: full size ``vg200`` = the VG-200 head (7x7 map, N 49, C 200, D 1024, I 512, E 300), meant for a GPU; quick
 size ``vg200-small`` = C 200 with the demo preset's map and head (2x2, N 4, D 256, I 128, E 300), so that the search
@@ -184,6 +184,13 @@ def _fwd_bwd(forward, st, dims, device, dtype, seed):
     return call
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """A failed CUDA allocation: the caching allocator's OutOfMemoryError, or a library's own workspace allocation
+    (cuBLAS, cuDNN: a RuntimeError naming ``*_STATUS_ALLOC_FAILED``). Neither leaves the CUDA context broken."""
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (isinstance(err, RuntimeError)
+                                                              and "STATUS_ALLOC_FAILED" in str(err))
+
+
 def _peak(call, B: int, device, cpu_peak_bytes) -> Optional[int]:
     """Peak bytes one call(B) allocates (None: out of memory on CUDA)."""
     if device.type == "cuda":
@@ -194,7 +201,9 @@ def _peak(call, B: int, device, cpu_peak_bytes) -> Optional[int]:
         try:
             call(B)
             torch.cuda.synchronize(device)
-        except torch.cuda.OutOfMemoryError:
+        except RuntimeError as err:
+            if not out_of_memory(err):
+                raise
             torch.cuda.empty_cache()
             return None
         return torch.cuda.max_memory_allocated(device) - before

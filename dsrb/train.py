@@ -180,6 +180,10 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool):
                                   skip_bad=cfg.skip_bad_images)
     test_set = build_dataset(cfg.dataset, "test", root=cfg.data_root, transform=TestTransform(cfg.image_size),
                              skip_bad=cfg.skip_bad_images)
+    if not bool((test_set.labels > 0).any()):  # empty included
+        # The test mAP selects best.pt: without a positive label it is NaN every epoch and no best.pt is written.
+        raise ValueError(f"dataset '{cfg.dataset}' (test): its {len(test_set)} images have no positive label, so the "
+                         "test mAP that selects best.pt is undefined; give a test split with labelled images")
     path = os.path.join(out, "partial_labels.npz")
     save = None
     if resumed and os.path.exists(path):

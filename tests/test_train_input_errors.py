@@ -246,6 +246,25 @@ def test_missing_listed_image_named_before_the_run(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("test_rows", ["b.png,\na.png,\n", ""])
+def test_test_split_without_a_positive_label_is_refused_before_the_run(tmp_path, test_rows):
+    """Its mAP (which selects best.pt) would be NaN every epoch, and the run would end without a best.pt."""
+    from PIL import Image
+
+    root = tmp_path / "list"
+    root.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (64, 64)).save(root / name)
+    (root / "train.csv").write_text("path,labels\n" + "a.png,cat\nb.png,dog\n" * 4)
+    (root / "test.csv").write_text("path,labels\n" + test_rows)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=rf"dataset 'list' \(test\): its {test_rows.count('png')} images have no "
+                       "positive label, so the test mAP that selects best.pt is undefined"):
+        train.main(["--dataset", "list", "--data-root", str(root), "--out", str(out), "--known-proportion", "1",
+                    *TINY])
+    assert not out.exists()
+
+
 def test_missing_image_named_before_the_run(tmp_path):
     """Every dataset (here the built-in one, in the COCO layout): not at the image's turn in an epoch."""
     root = ensure_builtin(tmp_path / "data", num_train=24, num_test=8, image_size=64, seed=0)
