@@ -81,9 +81,16 @@ def extension():
 
 ext_modules, cmdclass = extension()
 
+# The license is set here, not in pyproject.toml: setuptools >= 77 takes only an SPDX string there (the table form is
+# deprecated, an error from 2027), and setuptools < 77 (Python 3.11's venv default is 65.5, used by
+# --no-build-isolation) takes only the table.
+LICENSE = "Apache-2.0"
+_license = {"license_expression": LICENSE} if int(setuptools.__version__.split(".")[0]) >= 77 else {"license": LICENSE}
+
 setup(
     packages=find_packages(include=["dsrb", "dsrb.*"]) + ["dsrb.kernels"],
     package_dir={"dsrb.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    **_license,
 )

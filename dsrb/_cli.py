@@ -26,3 +26,13 @@ def discard(stream) -> None:
     """Send what is still written to ``stream`` (whose reader went away) nowhere: else the flush at exit fails too,
     with an "Exception ignored" message."""
     os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+
+def error_line(prog: str, err: BaseException) -> str:
+    """"<prog>: error: <message>" for a user error. One raised in a DataLoader worker reaches the main process with
+    the worker's traceback in its message ("Caught X in DataLoader worker process 0. Original Traceback ..."): only
+    the original message, its last line, is kept."""
+    text = str(err)
+    if "\nOriginal Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return f"{prog}: error: {text}"

@@ -5,7 +5,7 @@ Where a build comes from, in order:
    sources for the same torch and Python (``<library>.json`` beside it records what it was built from);
 2. the first-use cache ``$DSRB_EXT_CACHE`` (default ``~/.cache/dsrb/extensions``), one folder per
    (sources, torch, Python, CUDA, arch list): a plain ``pip install -e .`` cannot build against torch (pip builds in
-   an isolated environment), so the first ``import dsrb.ops`` compiles the extension there, once (a few minutes on
+   an isolated environment), so the first ``import dsrb.ops`` compiles the extension there, once (about a minute on
    2 cores; torch's ninja builder), and later imports load it in milliseconds.
 
 ``DSRB_BUILD_ON_FIRST_USE=0`` skips step 2's compile (report only); ``DSRB_DISABLE_EXT=1`` skips the extension
@@ -138,7 +138,7 @@ def _first_use_build(root: str, want: Dict[str, object]) -> Extension:
             return Extension(reason="not built yet and DSRB_BUILD_ON_FIRST_USE=0 (unset it, or "
                                     "`pip install -e . --no-build-isolation`)")
         print(f"dsrb: building the C++{'/CUDA' if nvcc else ''} extension for torch {want['torch']} (first use, "
-              f"a few minutes; cached in {folder})", file=sys.stderr, flush=True)
+              f"about a minute on 2 cores; cached in {folder})", file=sys.stderr, flush=True)
         start = time.time()
         log = []
         try:

@@ -17,6 +17,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ._cli import error_line
 from .checkpoint import load_checkpoint
 from .config import check_device
 from .models import DSRB
@@ -310,4 +311,4 @@ def run_main(prog: str, main) -> None:
     try:
         main()
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError; OSError: FileNotFoundError, ...
-        sys.exit(f"{prog}: error: {err}")
+        sys.exit(error_line(prog, err))

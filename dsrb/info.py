@@ -8,12 +8,13 @@ if __name__ == "__main__":  # before the imports below, which take seconds (torc
     quiet_interrupt("python -m dsrb.info")
 
 import importlib.util
+import os
 import platform
 
 import torch
 
 from . import __version__, _ext
-from .ops import KNOWN_BACKENDS, OPS, reasons
+from .ops import KNOWN_BACKENDS, OPS, reasons, selected_backend
 
 
 def _optional_version(module: str) -> str:
@@ -55,17 +56,29 @@ def report() -> str:
     ]
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     width = max(len(op) for op in OPS)
+    forced = os.environ.get("DSRB_BACKEND")
     for device in devices:
         header = f"ops on {device.type} (float32)"
-        lines.append(f"{header:<{width + 4}}" + "  ".join(f"{n:<6}" for n in KNOWN_BACKENDS))
+        lines.append(f"{header:<{width + 4}}" + "  ".join(f"{n:<6}" for n in ("serves",) + KNOWN_BACKENDS))
         notes = {}
         for op in OPS:
             why = reasons(op, device, torch.float32)
             notes.update({n: r for n, r in why.items() if r is not None})
-            cells = "  ".join(f"{'yes' if why[n] is None else 'no':<6}" for n in KNOWN_BACKENDS)
+            cells = "  ".join(f"{c:<6}" for c in [_serves(op, device)] + ["yes" if why[n] is None else "no"
+                                                                           for n in KNOWN_BACKENDS])
             lines.append(f"  {op:<{width}}  {cells}".rstrip())
         lines += [f"  {name}: {why}" for name, why in notes.items()] + [""]
+    lines.append("serves: what backend='auto' (the default) runs"
+                 + (f", here DSRB_BACKEND={forced}" if forced else "; DSRB_BACKEND=<name> forces one") + "; yes/no: "
+                 "what each backend can serve")
     return "\n".join(lines)
+
+
+def _serves(op: str, device: torch.device) -> str:
+    try:
+        return selected_backend(op, device, torch.float32)
+    except (RuntimeError, ValueError):  # a DSRB_BACKEND that cannot serve it, or not a backend's name
+        return "none"
 
 
 def main() -> None:

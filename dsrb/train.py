@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from . import __version__
-from ._cli import discard
+from ._cli import discard, error_line
 from .checkpoint import (atomic_write, load_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint, save_json,
                          set_rng_state)
 from .config import RESUMABLE, TrainConfig, check_device, load_config_file, parse_args
@@ -122,7 +122,9 @@ class _Console(logging.StreamHandler):
 
     def handleError(self, record: logging.LogRecord) -> None:
         if isinstance(sys.exc_info()[1], BrokenPipeError):
-            log.removeHandler(self)
+            # Silenced, not removed: the logger is iterating over its handlers, and removing this one from the list
+            # would skip the next handler (train.log) for this record.
+            self.setLevel(logging.CRITICAL + 1)
             discard(self.stream)
         else:
             super().handleError(record)
@@ -723,7 +725,7 @@ def cli(argv=None) -> None:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
     except (ValueError, OSError, ImportError) as err:  # OSError: FileNotFoundError, FileExistsError, ...
-        sys.exit(f"{prog}: error: {err}")
+        sys.exit(error_line(prog, err))
 
 
 if __name__ == "__main__":

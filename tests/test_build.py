@@ -6,6 +6,8 @@ import ctypes
 import os
 import re
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -95,3 +97,15 @@ def test_cuda_glue_gets_torchs_current_stream():
             handle = ctypes.c_void_p()
             assert current(torch.cuda.current_device(), ctypes.byref(handle)) == 0
             assert (handle.value or 0) == stream.cuda_stream
+
+
+def test_package_metadata_builds_without_deprecated_license_forms(tmp_path):
+    """setuptools >= 77 deprecates pyproject's license table (an error from 2027) and setuptools < 77 refuses the SPDX
+    string: setup.py gives the form the running setuptools takes, and the metadata says Apache-2.0 without a warning."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(_build.__file__)))
+    res = subprocess.run([sys.executable, "-W", "always", "setup.py", "-q", "egg_info", "-e", str(tmp_path)], cwd=root,
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ, DSRB_BUILD_CUDA="0"))
+    assert res.returncode == 0, res.stderr
+    assert "licen" not in (res.stdout + res.stderr).lower(), res.stdout + res.stderr
+    (info,) = tmp_path.glob("*.egg-info/PKG-INFO")
+    assert re.search(r"^License(-Expression)?: Apache-2\.0$", info.read_text(), re.M)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from dsrb.data.coco import load_coco
-from dsrb.data.dataset import MultiLabelDataset
+from dsrb.data.dataset import MultiLabelDataset, UnreadableImageError
 from dsrb.data.listfile import load_list
 from dsrb.data.registry import DATASETS, build_dataset
 from dsrb.data.vg import load_vg200
@@ -142,10 +142,10 @@ def test_corrupt_image_getitem_and_verify(tmp_path):
     ds = load_coco(tmp_path, "train")
     bad = str(tmp_path / "train2014" / "img1.jpg")
     ds[0]
-    with pytest.raises(RuntimeError, match="cannot read image .*img1.jpg") as info:
+    with pytest.raises(UnreadableImageError, match="cannot read image .*img1.jpg.*--skip-bad-images") as info:
         ds[1]
     assert bad in str(info.value)
-    with pytest.raises(RuntimeError, match="img1.jpg"):
+    with pytest.raises(UnreadableImageError, match="img1.jpg"):
         ds.verify_images(skip_bad=False)
     partial = torch.tensor([[0, -1, 1], [1, 0, 0], [0, 1, 0]])
     ds.set_targets(partial)
@@ -158,7 +158,7 @@ def test_corrupt_image_getitem_and_verify(tmp_path):
 
 def test_missing_image_names_path(tmp_path):
     ds = MultiLabelDataset([str(tmp_path / "nope.png")], [[1, -1]], ["a", "b"])
-    with pytest.raises(RuntimeError, match="nope.png"):
+    with pytest.raises(UnreadableImageError, match="nope.png"):
         ds[0]
 
 

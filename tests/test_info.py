@@ -16,14 +16,23 @@ def test_info_reports_versions_build_and_every_op():
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert f"torch {torch.__version__}" in out and "C++/CUDA extension: " in out
-    assert re.search(r"^ops on cpu \(float32\)\s+" + r"\s+".join(ops.KNOWN_BACKENDS) + "$", out, re.M), out
+    assert re.search(r"^ops on cpu \(float32\)\s+serves\s+" + r"\s+".join(ops.KNOWN_BACKENDS) + "$", out, re.M), out
     for op in ops.OPS:
-        cells = re.search(rf"^  {op}\s+((?:(?:yes|no)\s*){{{len(ops.KNOWN_BACKENDS)}}})$", out, re.M)
+        cells = re.search(rf"^  {op}\s+(\w+)\s+((?:(?:yes|no)\s*){{{len(ops.KNOWN_BACKENDS)}}})$", out, re.M)
         assert cells, (op, out)
+        assert cells[1] == ops.selected_backend(op, torch.device("cpu"), torch.float32)
         why = ops.reasons(op, torch.device("cpu"), torch.float32)
-        assert cells[1].split() == ["yes" if why[b] is None else "no" for b in ops.KNOWN_BACKENDS]
+        assert cells[2].split() == ["yes" if why[b] is None else "no" for b in ops.KNOWN_BACKENDS]
     for backend, why in ops.reasons("semantic_attention", torch.device("cpu"), torch.float32).items():
         assert why is None or f"  {backend}: {why}" in out
+
+
+@pytest.mark.parametrize("forced, serves", [("torch", "torch"), ("cuda", "none"), ("nonsense", "none")])
+def test_info_shows_the_backend_dsrb_backend_forces(monkeypatch, forced, serves):
+    monkeypatch.setenv("DSRB_BACKEND", forced)  # cuda never serves the CPU section
+    out = info.report()
+    assert all(re.search(rf"^  {op}\s+{serves}\s", out, re.M) for op in ops.OPS), out
+    assert f"here DSRB_BACKEND={forced}" in out
 
 
 def test_info_says_why_the_cuda_kernels_cannot_run_on_this_gpu(gpus):

@@ -265,6 +265,31 @@ def test_test_split_without_a_positive_label_is_refused_before_the_run(tmp_path,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_unreadable_image_is_one_error_line_with_the_way_out(tmp_path, capsys, workers):
+    """Found when it is read (in a DataLoader worker with --workers 2, where torch wraps the error in the worker's
+    traceback): one "error:" line naming the image and --skip-bad-images, not a traceback."""
+    from PIL import Image
+
+    root = tmp_path / "list"
+    root.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (64, 64)).save(root / name)
+    (root / "bad.png").write_bytes(b"not an image")
+    (root / "train.csv").write_text("path,labels\n" + "a.png,cat\nb.png,dog\n" * 4 + "bad.png,cat\n")
+    (root / "test.csv").write_text("path,labels\na.png,cat\nb.png,dog\n")
+    argv = ["--dataset", "list", "--data-root", str(root), "--out", str(tmp_path / "run"), "--known-proportion", "1",
+            *TINY, "--workers", workers, "--batch-size", "9"]  # one batch: every image
+    with pytest.raises(SystemExit) as exit_:
+        train.cli(argv)
+    message = str(exit_.value.code)
+    assert re.fullmatch(r"python -m dsrb\.train: error: cannot read image \S*bad\.png: .*; drop unreadable images "
+                        r"with skip_bad \(--skip-bad-images\)", message), message
+    skipping = ["--out", str(tmp_path / "skipping"), "--skip-bad-images", "--batch-size", "4"]
+    train.main(argv + skipping)  # the way out works
+    assert (tmp_path / "skipping" / "best.pt").exists()
+
+
 def test_missing_image_named_before_the_run(tmp_path):
     """Every dataset (here the built-in one, in the COCO layout): not at the image's turn in an epoch."""
     root = ensure_builtin(tmp_path / "data", num_train=24, num_test=8, image_size=64, seed=0)

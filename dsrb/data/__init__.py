@@ -7,7 +7,7 @@
 
 from .builtin import BUILTIN_CLASSES, ensure_builtin
 from .coco import load_coco
-from .dataset import MultiLabelDataset
+from .dataset import MultiLabelDataset, UnreadableImageError
 from .listfile import load_list
 from .partial import (format_known_fraction, known_fraction, load_partial_labels, make_partial_labels,
                       save_partial_labels)
@@ -18,8 +18,8 @@ from .voc import load_voc2007
 from .words import load_word_vectors
 
 __all__ = [
-    "BUILTIN_CLASSES", "DATASETS", "MultiLabelDataset", "TestTransform", "TrainTransform", "build_dataset",
-    "denormalize", "ensure_builtin", "format_known_fraction", "known_fraction", "load_coco", "load_list",
-    "load_partial_labels", "load_vg200", "load_voc2007", "load_word_vectors", "make_partial_labels",
+    "BUILTIN_CLASSES", "DATASETS", "MultiLabelDataset", "TestTransform", "TrainTransform", "UnreadableImageError",
+    "build_dataset", "denormalize", "ensure_builtin", "format_known_fraction", "known_fraction", "load_coco",
+    "load_list", "load_partial_labels", "load_vg200", "load_voc2007", "load_word_vectors", "make_partial_labels",
     "save_partial_labels",
 ]

@@ -15,7 +15,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["MultiLabelDataset", "pil_to_tensor"]
+__all__ = ["MultiLabelDataset", "UnreadableImageError", "pil_to_tensor"]
+
+
+class UnreadableImageError(OSError):
+    """A listed image that Pillow cannot read (truncated, corrupt, not an image); the message names its path."""
+
+    @classmethod
+    def of(cls, path: str, err: BaseException) -> "UnreadableImageError":
+        return cls(f"cannot read image {path}: {err}; drop unreadable images with skip_bad (--skip-bad-images)")
 
 
 def pil_to_tensor(image) -> torch.Tensor:
@@ -119,7 +127,7 @@ class MultiLabelDataset(Dataset):
             with Image.open(path) as im:
                 return im.convert("RGB")
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
-            raise RuntimeError(f"cannot read image {path}: {err}") from err
+            raise UnreadableImageError.of(path, err) from err
 
     def __getitem__(self, index: int):
         index = int(index)
@@ -148,9 +156,9 @@ class MultiLabelDataset(Dataset):
     def verify_images(self, skip_bad: bool) -> int:
         """Open every image and check it with ``PIL.Image.verify``.
 
-        With ``skip_bad`` False the first bad image raises a RuntimeError naming its path. With ``skip_bad`` True
-        the bad images are dropped (from ``image_paths``, ``labels`` and ``targets``) and their number is returned
-        (also kept in ``skipped``).
+        With ``skip_bad`` False the first bad image raises an UnreadableImageError naming its path. With ``skip_bad``
+        True the bad images are dropped (from ``image_paths``, ``labels`` and ``targets``) and their number is
+        returned (also kept in ``skipped``).
         """
         from PIL import Image
 
@@ -161,7 +169,7 @@ class MultiLabelDataset(Dataset):
                     im.verify()
             except Exception as err:
                 if not skip_bad:
-                    raise RuntimeError(f"cannot read image {path}: {err}") from err
+                    raise UnreadableImageError.of(path, err) from err
                 continue
             keep.append(i)
         skipped = len(self.image_paths) - len(keep)

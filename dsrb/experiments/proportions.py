@@ -46,6 +46,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+from dsrb._cli import error_line
 from dsrb.checkpoint import save_json
 from dsrb.config import PRESETS, parse_args
 from dsrb.config import build_parser as build_train_parser
@@ -409,7 +410,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        sys.exit(f"python -m dsrb.experiments.proportions: error: {err}")
+    except (ValueError, OSError, ImportError) as err:
+        sys.exit(error_line("python -m dsrb.experiments.proportions", err))
     except KeyboardInterrupt:
         sys.exit("python -m dsrb.experiments.proportions: interrupted; rerun the same command to continue")
