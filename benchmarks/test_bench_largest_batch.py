@@ -27,7 +27,8 @@ the free device memory, so that a probe at twice the largest batch still fits: n
 purpose (a CUDA out-of-memory error, or a cuBLAS/cuDNN allocation failure, counts as "does not fit"). Search:
 B = 1, 2, 4, ... until the budget is exceeded, then a bisection of the last interval whose probes cycle through the
 linear interpolation of the measured peaks (memory is close to affine in B, so this usually lands on B* or B* + 1),
-its neighbour on the other side and the midpoint. The result is exact, peak(B*) <= budget < peak(B* + 1), typically 1-2 probes after the doubling.
+its neighbour on the other side and the midpoint. The result is exact, peak(B*) <= budget < peak(B* + 1), typically
+1-2 probes after the doubling (``tests/test_largest_batch_search.py``).
 
 Shapes: full size ``vg200`` = the VG-200 head (7x7 map, N 49, C 200, D 1024, I 512, E 300), meant for a GPU; quick
 size ``vg200-small`` = C 200 with the demo preset's map and head (2x2, N 4, D 256, I 128, E 300), so that the search

@@ -231,54 +231,45 @@ def test_resume_rejects_changed_settings_and_unreadable_files(data_root, tmp_pat
 # ------------------------------------------------------------------------------------- 10: the command line
 
 
-def test_missing_listed_image_named_before_the_run(tmp_path):
+def list_dataset(tmp_path, train_rows, test_rows) -> str:
+    """A `list` dataset with two blank images a.png and b.png, and the CSV rows given (header added)."""
     from PIL import Image
 
     root = tmp_path / "list"
     root.mkdir()
     for name in ("a.png", "b.png"):
         Image.new("RGB", (64, 64)).save(root / name)
-    (root / "train.csv").write_text("path,labels\na.png,cat\nmissing.png,dog\nb.png,dog\n")
-    (root / "test.csv").write_text("path,labels\nb.png,cat\n")
+    (root / "train.csv").write_text("path,labels\n" + train_rows)
+    (root / "test.csv").write_text("path,labels\n" + test_rows)
+    return str(root)
+
+
+def test_missing_listed_image_named_before_the_run(tmp_path):
+    root = list_dataset(tmp_path, "a.png,cat\nmissing.png,dog\nb.png,dog\n", "b.png,cat\n")
     out = tmp_path / "run"
     with pytest.raises(FileNotFoundError, match=r"train.csv: line 3: image not found: .*missing.png \(1 of the 3"):
-        train.main(["--dataset", "list", "--data-root", str(root), "--out", str(out), *TINY])
+        train.main(["--dataset", "list", "--data-root", root, "--out", str(out), *TINY])
     assert not out.exists()
 
 
 @pytest.mark.parametrize("test_rows", ["b.png,\na.png,\n", ""])
 def test_test_split_without_a_positive_label_is_refused_before_the_run(tmp_path, test_rows):
     """Its mAP (which selects best.pt) would be NaN every epoch, and the run would end without a best.pt."""
-    from PIL import Image
-
-    root = tmp_path / "list"
-    root.mkdir()
-    for name in ("a.png", "b.png"):
-        Image.new("RGB", (64, 64)).save(root / name)
-    (root / "train.csv").write_text("path,labels\n" + "a.png,cat\nb.png,dog\n" * 4)
-    (root / "test.csv").write_text("path,labels\n" + test_rows)
+    root = list_dataset(tmp_path, "a.png,cat\nb.png,dog\n" * 4, test_rows)
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=rf"dataset 'list' \(test\): its {test_rows.count('png')} images have no "
                        "positive label, so the test mAP that selects best.pt is undefined"):
-        train.main(["--dataset", "list", "--data-root", str(root), "--out", str(out), "--known-proportion", "1",
-                    *TINY])
+        train.main(["--dataset", "list", "--data-root", root, "--out", str(out), "--known-proportion", "1", *TINY])
     assert not out.exists()
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])
-def test_unreadable_image_is_one_error_line_with_the_way_out(tmp_path, capsys, workers):
+def test_unreadable_image_is_one_error_line_with_the_way_out(tmp_path, workers):
     """Found when it is read (in a DataLoader worker with --workers 2, where torch wraps the error in the worker's
     traceback): one "error:" line naming the image and --skip-bad-images, not a traceback."""
-    from PIL import Image
-
-    root = tmp_path / "list"
-    root.mkdir()
-    for name in ("a.png", "b.png"):
-        Image.new("RGB", (64, 64)).save(root / name)
-    (root / "bad.png").write_bytes(b"not an image")
-    (root / "train.csv").write_text("path,labels\n" + "a.png,cat\nb.png,dog\n" * 4 + "bad.png,cat\n")
-    (root / "test.csv").write_text("path,labels\na.png,cat\nb.png,dog\n")
-    argv = ["--dataset", "list", "--data-root", str(root), "--out", str(tmp_path / "run"), "--known-proportion", "1",
+    root = list_dataset(tmp_path, "a.png,cat\nb.png,dog\n" * 4 + "bad.png,cat\n", "a.png,cat\nb.png,dog\n")
+    (tmp_path / "list" / "bad.png").write_bytes(b"not an image")
+    argv = ["--dataset", "list", "--data-root", root, "--out", str(tmp_path / "run"), "--known-proportion", "1",
             *TINY, "--workers", workers, "--batch-size", "9"]  # one batch: every image
     with pytest.raises(SystemExit) as exit_:
         train.cli(argv)
