@@ -4,6 +4,7 @@
   included when nvcc is found (``DSRB_BUILD_CUDA``, ``TORCH_CUDA_ARCH_LIST`` default 9.0, ``MAX_JOBS``).
 - ``pip install -e .`` builds in an isolated environment without torch, so it installs the Python package only;
   the extension is then compiled on first use (see dsrb/_ext.py) or explained by ``python -m dsrb.info``.
+- ``pip install .`` (a wheel) is the same, with the C++/CUDA sources copied into the package for that first-use build.
 - ``DSRB_REQUIRE_EXT=1``: a failure to compile here is an error, not a warning (torch being absent is not a
   failure: the first-use build takes over, and fails loudly under the same variable).
 The recipe (sources, flags, nvcc step) lives in dsrb/_build.py and is shared with the first-use build.
@@ -15,6 +16,7 @@ import sys
 
 import setuptools
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -79,7 +81,23 @@ def extension():
     return [ext], {"build_ext": Build}
 
 
+class BuildPy(build_py):
+    """Copies the C++/CUDA sources into the package as dsrb/_csrc, so that an installed wheel (``pip install .``,
+    ``pip install git+...``) can build its extension on first use; an editable install reads csrc/ in place."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        root = os.path.join(ROOT, "csrc")
+        for src in build.source_files(root):
+            dst = os.path.join(self.build_lib, "dsrb", "_csrc", os.path.relpath(src, root))
+            self.mkpath(os.path.dirname(dst))
+            self.copy_file(src, dst)
+
+
 ext_modules, cmdclass = extension()
+cmdclass["build_py"] = BuildPy
 
 # The license is set here, not in pyproject.toml: setuptools >= 77 takes only an SPDX string there (the table form is
 # deprecated, an error from 2027), and setuptools < 77 (Python 3.11's venv default is 65.5, used by

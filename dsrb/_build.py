@@ -8,6 +8,7 @@ Standard library only at import (``setup.py`` loads this file by path, before to
 
 The ``.cu`` files are compiled here with nvcc and linked with the static CUDA runtime into an ordinary C++
 extension, so the CPU build of torch links them too: a machine without a GPU still compiles every CUDA line.
+A wheel (``pip install .``) carries the same tree as ``dsrb/_csrc``, so the first-use build works outside a checkout.
 
 Environment: ``DSRB_BUILD_CUDA`` (1/0; default 1 when nvcc is found), ``TORCH_CUDA_ARCH_LIST`` (default "9.0";
 e.g. "8.0;9.0+PTX"), ``MAX_JOBS`` (parallel compiler processes), ``CUDA_HOME`` (toolkit location).
@@ -37,10 +38,24 @@ class BuildError(RuntimeError):
     """The extension could not be built; the message says why and where the log is."""
 
 
+# What the build reads under the source root; setup.py ships exactly these files in a wheel (dsrb/_csrc).
+SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
+
+
 def source_root() -> Optional[str]:
-    """The csrc/ folder of a source checkout or editable install, or None (installed without sources)."""
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
-    return root if os.path.isfile(os.path.join(root, "registration.cpp")) else None
+    """The C++/CUDA sources: ``dsrb/_csrc`` of an installed wheel (setup.py copies them there), else ``csrc/`` of a
+    source checkout or editable install; None if neither holds them."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for root in (os.path.join(here, "_csrc"), os.path.join(os.path.dirname(here), "csrc")):
+        if os.path.isfile(os.path.join(root, "registration.cpp")):
+            return root
+    return None
+
+
+def source_files(root: str) -> List[str]:
+    """Every file under ``root`` the build reads (SOURCE_SUFFIXES), sorted."""
+    files = glob.glob(os.path.join(root, "**", "*"), recursive=True)
+    return sorted(p for p in files if p.endswith(SOURCE_SUFFIXES) and os.path.isfile(p))
 
 
 def cpp_sources(root: str, with_cuda: bool) -> List[str]:
@@ -58,14 +73,14 @@ def cuda_sources(root: str) -> List[str]:
 
 
 def source_hash(root: str) -> str:
-    """Digest of every file under csrc/ and of this build recipe: a change to either means a rebuild."""
+    """Digest of the sources under ``root`` and of this build recipe: a change to either means a rebuild. Paths are
+    taken relative to ``root``, so a checkout's csrc/ and a wheel's copy of it give the same digest."""
     digest = hashlib.sha256()
-    files = sorted(glob.glob(os.path.join(root, "**", "*"), recursive=True)) + [os.path.abspath(__file__)]
-    for path in files:
-        if os.path.isfile(path) and not path.endswith(".md"):
-            digest.update(os.path.relpath(path, os.path.dirname(root)).encode())
-            with open(path, "rb") as f:
-                digest.update(f.read())
+    recipe = os.path.abspath(__file__)
+    for name, path in [(os.path.relpath(p, root), p) for p in source_files(root)] + [("<recipe>", recipe)]:
+        digest.update(name.encode())
+        with open(path, "rb") as f:
+            digest.update(f.read())
     return digest.hexdigest()[:16]
 
 

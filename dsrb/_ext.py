@@ -111,7 +111,8 @@ def _load() -> Extension:
             stale.append(f"{os.path.basename(library)} is stale ({why})")
 
     if root is None:
-        return Extension(reason="; ".join(stale + ["no csrc/ sources to build from (install from a source checkout)"]))
+        missing = "no C++ sources to build from (neither dsrb/_csrc of a wheel nor csrc/ of a checkout): reinstall dsrb"
+        return Extension(reason="; ".join(stale + [missing]))
     try:
         return _first_use_build(root, want)
     except _build.BuildError as exc:

@@ -3,17 +3,22 @@ torch does; a GPU machine whose nvcc is only in /usr/local/cuda/bin still gets t
 glue (csrc/cuda/glue.cpp) needs of the torch it runs with."""
 
 import ctypes
+import importlib.util
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
+import tarfile
+import zipfile
 
 import pytest
 import torch
 
 from dsrb import _build
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(_build.__file__)))
 
 def _fake_nvcc(folder) -> str:
     path = os.path.join(folder, "bin", "nvcc")
@@ -102,10 +107,83 @@ def test_cuda_glue_gets_torchs_current_stream():
 def test_package_metadata_builds_without_deprecated_license_forms(tmp_path):
     """setuptools >= 77 deprecates pyproject's license table (an error from 2027) and setuptools < 77 refuses the SPDX
     string: setup.py gives the form the running setuptools takes, and the metadata says Apache-2.0 without a warning."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(_build.__file__)))
-    res = subprocess.run([sys.executable, "-W", "always", "setup.py", "-q", "egg_info", "-e", str(tmp_path)], cwd=root,
+    res = subprocess.run([sys.executable, "-W", "always", "setup.py", "-q", "egg_info", "-e", str(tmp_path)], cwd=ROOT,
                          capture_output=True, text=True, timeout=300, env=dict(os.environ, DSRB_BUILD_CUDA="0"))
     assert res.returncode == 0, res.stderr
     assert "licen" not in (res.stdout + res.stderr).lower(), res.stdout + res.stderr
     (info,) = tmp_path.glob("*.egg-info/PKG-INFO")
     assert re.search(r"^License(-Expression)?: Apache-2\.0$", info.read_text(), re.M)
+
+
+def _build_without_torch(kind: str, tmp_path) -> str:
+    """Builds a wheel or sdist of a copy of the checkout the way pip's isolated build does, without torch (so without
+    the compiled extension: seconds); returns its path."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
+        shutil.copy2(os.path.join(ROOT, name), src / name)
+    for name in ("dsrb", "kernels", "csrc"):
+        shutil.copytree(os.path.join(ROOT, name), src / name, ignore=shutil.ignore_patterns("__pycache__", "*.so*"))
+    code = ("import sys; sys.modules['torch'] = None; from setuptools import build_meta; "
+            "print(getattr(build_meta, sys.argv[1])(sys.argv[2]))")
+    res = subprocess.run([sys.executable, "-c", code, f"build_{kind}", str(out)], cwd=src, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return str(out / res.stdout.strip().splitlines()[-1])
+
+
+def _load_build_module(path: str):
+    spec = importlib.util.spec_from_file_location("dsrb_build_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_wheel_carries_the_sources_of_the_first_use_build(tmp_path):
+    """`pip install .` (a wheel built without torch) has no compiled extension: it must carry csrc/ as dsrb/_csrc,
+    found by source_root() and with the checkout's source hash, so the first-use build works and a wheel built with
+    --no-build-isolation finds its own library current."""
+    wheel = _build_without_torch("wheel", tmp_path)
+    csrc = os.path.join(ROOT, "csrc")
+    sources = {os.path.relpath(p, csrc) for p in _build.source_files(csrc)}
+    assert {"registration.cpp", os.path.join("cpu", "common.h"), os.path.join("cuda", "common.cuh")} <= sources
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        zf.extractall(tmp_path / "site")
+    assert {n[len("dsrb/_csrc/"):] for n in names if n.startswith("dsrb/_csrc/")} == sources
+    assert "dsrb/kernels/semantic_attention.py" in names
+    assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in names), names
+
+    installed = _load_build_module(str(tmp_path / "site" / "dsrb" / "_build.py"))
+    root = installed.source_root()
+    assert root == str(tmp_path / "site" / "dsrb" / "_csrc")
+    assert installed.source_hash(root) == _build.source_hash(csrc)
+    for listing in ("cpp_sources", "cuda_sources"):
+        kwargs = {"with_cuda": True} if listing == "cpp_sources" else {}
+        got = [os.path.relpath(p, root) for p in getattr(installed, listing)(root, **kwargs)]
+        assert got == [os.path.relpath(p, csrc) for p in getattr(_build, listing)(csrc, **kwargs)]
+
+
+def test_sdist_carries_the_sources_and_the_license(tmp_path):
+    sdist = _build_without_torch("sdist", tmp_path)
+    with tarfile.open(sdist) as tf:
+        names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
+    csrc = os.path.join(ROOT, "csrc")
+    assert {os.path.join("csrc", os.path.relpath(p, csrc)) for p in _build.source_files(csrc)} <= names
+    assert {"LICENSE", "kernels/semantic_attention.py", "dsrb/_build.py"} <= names
+
+
+def test_source_hash_follows_sources_not_location(tmp_path):
+    """The digest keys the first-use cache and the stale check: same files anywhere give the same digest, a changed
+    source or a new one another, a README does not count."""
+    csrc = os.path.join(ROOT, "csrc")
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(csrc, copy)
+    assert _build.source_hash(str(copy)) == _build.source_hash(csrc)
+    (copy / "README.md").write_text("notes")
+    assert _build.source_hash(str(copy)) == _build.source_hash(csrc)
+    (copy / "cpu" / "extra.h").write_text("#pragma once\n")
+    changed = _build.source_hash(str(copy))
+    assert changed != _build.source_hash(csrc)
+    (copy / "cpu" / "extra.h").write_text("#pragma once // edited\n")
+    assert _build.source_hash(str(copy)) not in (changed, _build.source_hash(csrc))
