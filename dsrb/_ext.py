@@ -11,7 +11,9 @@ Where a build comes from, in order:
 ``DSRB_BUILD_ON_FIRST_USE=0`` skips step 2's compile (report only); ``DSRB_DISABLE_EXT=1`` skips the extension
 entirely; ``DSRB_REQUIRE_EXT=1`` turns a missing extension into an ImportError (CI). A failed first-use build is
 remembered (``FAILED`` + ``build.log`` in its cache folder) and not retried until that folder is deleted, so a
-broken toolchain costs one attempt, not one per import. ``python -m dsrb.info`` prints the outcome.
+broken toolchain costs one attempt, not one per import. A finished build loads from a read-only cache; a cache that
+cannot be written is a reason like any other (the package runs on its other backends). ``python -m dsrb.info``
+prints the outcome.
 """
 
 from __future__ import annotations
@@ -111,12 +113,19 @@ def _load() -> Extension:
             stale.append(f"{os.path.basename(library)} is stale ({why})")
 
     if root is None:
-        missing = "no C++ sources to build from (neither dsrb/_csrc of a wheel nor csrc/ of a checkout): reinstall dsrb"
-        return Extension(reason="; ".join(stale + [missing]))
-    try:
-        return _first_use_build(root, want)
-    except _build.BuildError as exc:
-        return Extension(reason=str(exc))
+        ext = Extension(reason="no C++ sources to build from (neither dsrb/_csrc of a wheel nor csrc/ of a "
+                               "checkout): reinstall dsrb")
+    else:
+        try:
+            ext = _first_use_build(root, want)
+        except _build.BuildError as exc:
+            ext = Extension(reason=str(exc))
+        except OSError as exc:  # a read-only home, a file in the way: the package still runs on its other backends
+            ext = Extension(reason=f"the extension cache {cache_root()} cannot be written ({exc}); set "
+                                   "DSRB_EXT_CACHE to a writable folder")
+    if not ext.loaded and stale:
+        ext.reason = "; ".join(stale + [ext.reason])
+    return ext
 
 
 def _first_use_build(root: str, want: Dict[str, object]) -> Extension:
@@ -128,6 +137,9 @@ def _first_use_build(root: str, want: Dict[str, object]) -> Extension:
     folder = os.path.join(cache_root(), key)
     library = os.path.join(folder, "dsrb_ext.so")
     failed = os.path.join(folder, "FAILED")
+    # A finished build needs no lock (its record is written last, atomically), so a read-only cache still loads.
+    if os.path.isfile(library) and _read_info(library):
+        return _open(library, _read_info(library), "first-use build (cache)")
     os.makedirs(folder, exist_ok=True)
     with FileLock(os.path.join(folder, ".lock")):  # concurrent processes (DDP ranks, pytest-xdist) build once
         if os.path.isfile(library) and _read_info(library):

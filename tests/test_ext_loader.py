@@ -1,0 +1,113 @@
+"""The first-use build of the extension (dsrb/_ext.py), with the compiler and the library loader replaced by fakes:
+a finished build is reused, also from a cache this process cannot write; a failed build is remembered, not retried;
+an unusable cache or a disabled build is a reason (the package runs on its other backends), never an exception
+from ``import dsrb.ops``; DSRB_REQUIRE_EXT=1 turns any reason into an ImportError."""
+
+import importlib.machinery
+import os
+
+import pytest
+import torch
+
+from dsrb import _build, _ext, checkpoint
+
+
+@pytest.fixture
+def loader(tmp_path, monkeypatch):
+    """A cache under tmp_path, CPU-only builds, no library inside the package, and a fake compiler (a call count;
+    it "builds" by writing the library file) and loader."""
+    monkeypatch.setenv("DSRB_EXT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DSRB_BUILD_CUDA", "0")
+    for var in ("DSRB_BUILD_ON_FIRST_USE", "DSRB_DISABLE_EXT", "DSRB_REQUIRE_EXT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(importlib.machinery, "EXTENSION_SUFFIXES", [".no-such-suffix"])
+    calls = []
+
+    def compile_(root, folder, nvcc, log):
+        calls.append(folder)
+        if getattr(compile_, "fail", False):
+            raise RuntimeError("g++: fatal error: no input files")
+        with open(os.path.join(folder, "dsrb_ext.so"), "wb") as f:
+            f.write(b"\x7fELF")
+
+    monkeypatch.setattr(_ext, "_compile", compile_)
+    monkeypatch.setattr(_ext, "_open", lambda library, info, origin: _ext.Extension(path=library, info=info,
+                                                                                     origin=origin))
+    compile_.calls = calls
+    return compile_
+
+
+def test_builds_once_then_reuses_the_cache(loader):
+    first = _ext._load()
+    assert first.loaded and first.origin == "first-use build (cache)", first
+    assert first.info["source_hash"] == _build.source_hash(_build.source_root())
+    assert os.path.dirname(first.path).startswith(_ext.cache_root())
+    again = _ext._load()
+    assert again.loaded and again.path == first.path
+    assert len(loader.calls) == 1
+
+
+def test_a_finished_build_loads_from_a_cache_it_cannot_write(loader, monkeypatch):
+    """A shared, read-only cache of a finished build (a lock file cannot be created there) still loads."""
+    built = _ext._load()
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied", self.path)
+
+    monkeypatch.setattr(checkpoint.FileLock, "__enter__", refuse)
+    reused = _ext._load()
+    assert reused.loaded and reused.path == built.path, reused
+    assert len(loader.calls) == 1
+
+
+def test_an_unwritable_cache_is_a_reason_not_an_exception(loader, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("DSRB_EXT_CACHE", str(blocker / "cache"))
+    ext = _ext._load()
+    assert not ext.loaded
+    assert "cannot be written" in ext.reason and "DSRB_EXT_CACHE" in ext.reason and str(blocker) in ext.reason
+    assert loader.calls == []
+    monkeypatch.setattr(_ext, "_STATE", None)
+    monkeypatch.setenv("DSRB_REQUIRE_EXT", "1")
+    with pytest.raises(ImportError, match="DSRB_REQUIRE_EXT=1.*cannot be written"):
+        _ext.load()
+
+
+def test_a_failed_build_is_remembered_and_not_retried(loader):
+    loader.fail = True
+    first = _ext._load()
+    assert not first.loaded
+    assert "the first-use build failed" in first.reason and "no input files" in first.reason
+    folder = loader.calls[0]
+    with open(os.path.join(folder, "build.log")) as f:
+        assert "no input files" in f.read()
+    assert os.path.isfile(os.path.join(folder, "FAILED"))
+    loader.fail = False
+    again = _ext._load()
+    assert not again.loaded and "failed earlier" in again.reason and folder in again.reason
+    assert len(loader.calls) == 1
+
+
+def test_build_on_first_use_disabled_and_extension_disabled(loader, monkeypatch):
+    monkeypatch.setenv("DSRB_BUILD_ON_FIRST_USE", "0")
+    ext = _ext._load()
+    assert not ext.loaded and "DSRB_BUILD_ON_FIRST_USE=0" in ext.reason
+    monkeypatch.setenv("DSRB_DISABLE_EXT", "1")
+    assert _ext._load().reason == "disabled by DSRB_DISABLE_EXT=1"
+    assert loader.calls == []
+
+
+def test_a_library_built_for_other_sources_is_stale(loader, monkeypatch, tmp_path):
+    """A library in the package whose record names other sources is passed over, with the reason kept."""
+    package = tmp_path / "dsrb"
+    package.mkdir()
+    monkeypatch.setattr(_ext, "__file__", str(package / "_ext.py"))
+    monkeypatch.setattr(importlib.machinery, "EXTENSION_SUFFIXES", [".so"])
+    library = str(package / "_C.so")
+    open(library, "wb").close()
+    _build.write_info(library, {"torch": torch.__version__, "python": "0.0", "source_hash": "x"})
+    monkeypatch.setenv("DSRB_BUILD_ON_FIRST_USE", "0")
+    ext = _ext._load()
+    assert not ext.loaded
+    assert "_C.so is stale (python 0.0 != " in ext.reason and "DSRB_BUILD_ON_FIRST_USE=0" in ext.reason, ext.reason
