@@ -25,6 +25,7 @@ if __name__ == "__main__":  # before the imports below, which take seconds (torc
     quiet_interrupt("python -m dsrb.pretrain")
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -40,6 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from . import __version__
+from ._cli import error_line
 from .checkpoint import FileLock, atomic_write, save_json
 from .config import check_device
 from .data import TestTransform, TrainTransform, build_dataset
@@ -155,8 +157,13 @@ def builtin_pretrained(backbone: str, width: int, image_size: int, *, root: Unio
     path = cache_path(backbone, width, image_size, root, recipe)
     if path.is_file():
         return str(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
+    with contextlib.ExitStack() as held:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            held.enter_context(FileLock(str(path) + ".lock"))
+        except OSError as exc:  # a read-only home, a file in the way
+            raise OSError(f"cannot write the pre-trained weights under {path.parent} ({exc.strerror or exc}): set "
+                          "DSRB_DATA to a writable folder") from exc
         if not path.is_file():
             log.info("pre-training a %s backbone (width %d, %d px) on the built-in pre-training set, once; cached in "
                      "%s", backbone, width, image_size, path)
@@ -180,13 +187,26 @@ def main(argv=None) -> None:
         p.error(str(err))
     if args.out is not None and (os.path.isdir(args.out) or args.out.endswith(os.sep)):
         p.error(f"argument --out: {args.out} is a directory; expected the path of the weights file to write")
+    if args.out is not None:
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            p.error(f"argument --out: {folder} is a file, not a folder")
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as err:
+            p.error(f"argument --out: cannot create its folder {folder} ({err.strerror or err})")
+        if not os.access(folder, os.W_OK):
+            p.error(f"argument --out: its folder {folder} is not writable")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
-    if args.out is None:
-        print(builtin_pretrained(args.backbone, args.backbone_width, args.image_size, device=device))
-    else:
-        state, info = pretrain_backbone(args.backbone, args.backbone_width, args.image_size, device=device)
-        _save(Path(args.out), state, info)
-        print(args.out)
+    try:
+        if args.out is None:
+            print(builtin_pretrained(args.backbone, args.backbone_width, args.image_size, device=device))
+        else:
+            state, info = pretrain_backbone(args.backbone, args.backbone_width, args.image_size, device=device)
+            _save(Path(args.out), state, info)
+            print(args.out)
+    except OSError as err:  # an unwritable cache or --out, a full disk, an unreadable image
+        sys.exit(error_line(p.prog, err))
 
 
 if __name__ == "__main__":

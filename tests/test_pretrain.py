@@ -58,3 +58,24 @@ def test_train_with_builtin_pretrained_backbone(tmp_path, monkeypatch):
     assert not torch.equal(model["backbone.layer4.0.conv1.weight"], weights["layer4.0.conv1.weight"])  # trained
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["pretrained"] == "builtin"
+
+
+def test_unwritable_places_are_clear_errors_before_training(tmp_path, monkeypatch, capsys):
+    """A data root or --out that cannot be written (a read-only home; here a file in the way, which holds for root
+    too) is an error naming the place and what to set, before any minute of pre-training is spent."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(OSError, match=f"cannot write the pre-trained weights under {blocker}.*DSRB_DATA"):
+        pretrain.builtin_pretrained("resnet18", 4, 32, root=blocker / "data", recipe=TINY_RECIPE)
+    with pytest.raises(OSError, match=f"cannot write the built-in data under {blocker}.*DSRB_DATA"):
+        ensure_builtin(blocker / "data", num_train=4, num_test=2, image_size=32)
+
+    trained = []
+    monkeypatch.setattr(pretrain, "pretrain_backbone", lambda *a, **k: trained.append(a))
+    monkeypatch.setenv("DSRB_DATA", str(blocker / "data"))
+    with pytest.raises(SystemExit, match="python -m dsrb.pretrain: error: cannot write the pre-trained weights"):
+        pretrain.main([])
+    with pytest.raises(SystemExit) as exit_:
+        pretrain.main(["--out", str(blocker / "w.pth")])
+    assert exit_.value.code == 2 and f"argument --out: {blocker} is a file, not a folder" in capsys.readouterr().err
+    assert trained == []

@@ -401,10 +401,14 @@ def ensure_builtin(
     if _is_complete(target, params, variant):
         return target
     parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{target.name}.tmp-"
-    _remove_stale_tmp(parent, prefix)
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_tmp(parent, prefix)
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    except OSError as exc:  # a read-only home, a file in the way
+        raise OSError(f"cannot write the built-in data under {parent} ({exc.strerror or exc}): set DSRB_DATA (or "
+                      "the data root, --data-root) to a writable folder") from exc
     try:
         generate_builtin(tmp / "data", variant=variant, **params)
         if target.exists() and not _is_complete(target, params, variant):
