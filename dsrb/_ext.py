@@ -22,6 +22,7 @@ import glob
 import importlib.machinery
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -150,6 +151,9 @@ def _first_use_build(root: str, want: Dict[str, object]) -> Extension:
         if os.environ.get("DSRB_BUILD_ON_FIRST_USE") == "0":
             return Extension(reason="not built yet and DSRB_BUILD_ON_FIRST_USE=0 (unset it, or "
                                     "`pip install -e . --no-build-isolation`)")
+        cxx = (os.environ.get("CXX") or "c++").split()[0]  # the compiler torch's builder calls (CXX="ccache g++")
+        if shutil.which(cxx) is None:  # not remembered as a failure: installing one is enough
+            return Extension(reason=f"no C++ compiler to build it: {cxx!r} is not on PATH (install g++, or set CXX)")
         print(f"dsrb: building the C++{'/CUDA' if nvcc else ''} extension for torch {want['torch']} (first use, "
               f"about a minute on 2 cores; cached in {folder})", file=sys.stderr, flush=True)
         start = time.time()
@@ -160,6 +164,8 @@ def _first_use_build(root: str, want: Dict[str, object]) -> Extension:
             with open(os.path.join(folder, "build.log"), "w") as f:
                 f.write("\n\n".join(log + [str(exc)]))
             open(failed, "w").close()
+            print(f"dsrb: the extension build failed; the ops run on their other backends (log: {folder}"
+                  f"{os.sep}build.log; `python -m dsrb.info` says more)", file=sys.stderr, flush=True)
             raise _build.BuildError(f"the first-use build failed: {str(exc).strip()[-2000:]}\n(log: "
                                     f"{os.path.join(folder, 'build.log')}; delete {folder} to retry)") from None
         info = _build.build_info(root, nvcc)

@@ -5,6 +5,7 @@ from ``import dsrb.ops``; DSRB_REQUIRE_EXT=1 turns any reason into an ImportErro
 
 import importlib.machinery
 import os
+import sys
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ def loader(tmp_path, monkeypatch):
     it "builds" by writing the library file) and loader."""
     monkeypatch.setenv("DSRB_EXT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("DSRB_BUILD_CUDA", "0")
+    monkeypatch.setenv("CXX", sys.executable)  # a compiler is found (the fake below never calls it)
     for var in ("DSRB_BUILD_ON_FIRST_USE", "DSRB_DISABLE_EXT", "DSRB_REQUIRE_EXT"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(importlib.machinery, "EXTENSION_SUFFIXES", [".no-such-suffix"])
@@ -74,9 +76,10 @@ def test_an_unwritable_cache_is_a_reason_not_an_exception(loader, tmp_path, monk
         _ext.load()
 
 
-def test_a_failed_build_is_remembered_and_not_retried(loader):
+def test_a_failed_build_is_remembered_and_not_retried(loader, capsys):
     loader.fail = True
     first = _ext._load()
+    assert "dsrb: the extension build failed; the ops run on their other backends" in capsys.readouterr().err
     assert not first.loaded
     assert "the first-use build failed" in first.reason and "no input files" in first.reason
     folder = loader.calls[0]
@@ -87,6 +90,18 @@ def test_a_failed_build_is_remembered_and_not_retried(loader):
     again = _ext._load()
     assert not again.loaded and "failed earlier" in again.reason and folder in again.reason
     assert len(loader.calls) == 1
+
+
+def test_no_compiler_is_a_reason_not_a_remembered_failure(loader, monkeypatch):
+    """Without a C++ compiler nothing is attempted (no torch builder warning, no build log) and nothing is marked
+    failed: once one is installed, the next import builds."""
+    monkeypatch.setenv("CXX", "dsrb-no-such-compiler --flag")
+    ext = _ext._load()
+    assert not ext.loaded
+    assert ext.reason == "no C++ compiler to build it: 'dsrb-no-such-compiler' is not on PATH (install g++, or set CXX)"
+    assert loader.calls == []
+    monkeypatch.setenv("CXX", f"{sys.executable} --flag")
+    assert _ext._load().loaded and len(loader.calls) == 1
 
 
 def test_build_on_first_use_disabled_and_extension_disabled(loader, monkeypatch):
