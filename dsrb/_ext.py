@@ -154,6 +154,10 @@ def _first_use_build(root: str, want: Dict[str, object]) -> Extension:
         cxx = (os.environ.get("CXX") or "c++").split()[0]  # the compiler torch's builder calls (CXX="ccache g++")
         if shutil.which(cxx) is None:  # not remembered as a failure: installing one is enough
             return Extension(reason=f"no C++ compiler to build it: {cxx!r} is not on PATH (install g++, or set CXX)")
+        from torch.utils.cpp_extension import is_ninja_available
+
+        if not is_ninja_available():
+            return Extension(reason="ninja, torch's builder, is not installed (pip install ninja)")
         print(f"dsrb: building the C++{'/CUDA' if nvcc else ''} extension for torch {want['torch']} (first use, "
               f"about a minute on 2 cores; cached in {folder})", file=sys.stderr, flush=True)
         start = time.time()

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils import cpp_extension
 
 from dsrb import _build, _ext, checkpoint
 
@@ -92,15 +93,20 @@ def test_a_failed_build_is_remembered_and_not_retried(loader, capsys):
     assert len(loader.calls) == 1
 
 
-def test_no_compiler_is_a_reason_not_a_remembered_failure(loader, monkeypatch):
-    """Without a C++ compiler nothing is attempted (no torch builder warning, no build log) and nothing is marked
-    failed: once one is installed, the next import builds."""
+def test_no_compiler_or_ninja_is_a_reason_not_a_remembered_failure(loader, monkeypatch):
+    """Without a C++ compiler or ninja nothing is attempted (no torch builder warning, no build log) and nothing is
+    marked failed: once they are installed, the next import builds."""
     monkeypatch.setenv("CXX", "dsrb-no-such-compiler --flag")
     ext = _ext._load()
     assert not ext.loaded
     assert ext.reason == "no C++ compiler to build it: 'dsrb-no-such-compiler' is not on PATH (install g++, or set CXX)"
     assert loader.calls == []
     monkeypatch.setenv("CXX", f"{sys.executable} --flag")
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
+    ext = _ext._load()
+    assert not ext.loaded and ext.reason == "ninja, torch's builder, is not installed (pip install ninja)"
+    assert loader.calls == []
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
     assert _ext._load().loaded and len(loader.calls) == 1
 
 
