@@ -47,14 +47,24 @@ def extension():
             try:
                 nvcc = build.want_cuda()
                 ext, root = self.extensions[0], build.source_root()
+                cuda_failed = None
                 if nvcc:
-                    ext.extra_objects += build.compile_cuda(build.cuda_sources(root),
-                                                            os.path.join(self.build_temp, "cuda"), nvcc, root, [])
+                    try:
+                        ext.extra_objects += build.compile_cuda(build.cuda_sources(root),
+                                                                os.path.join(self.build_temp, "cuda"), nvcc, root, [])
+                    except build.BuildError as exc:  # e.g. an nvcc that rejects this host compiler
+                        if os.environ.get("DSRB_BUILD_CUDA") == "1":
+                            raise
+                        cuda_failed, nvcc = f"its CUDA kernels failed to build at install time: {exc}", None
+                        print(f"dsrb: WARNING: {cuda_failed}\ndsrb: building the CPU kernels alone")
+                if nvcc:
                     ext.sources += [os.path.relpath(p, ROOT) for p in build.cuda_glue_sources(root)]
                     ext.extra_compile_args["cxx"].append("-DDSRB_WITH_CUDA")
                     ext.extra_link_args += build.cuda_link_flags(nvcc)
                 super().build_extensions()
                 self.dsrb_info = build.build_info(root, nvcc)
+                if cuda_failed:
+                    self.dsrb_info["cuda_failed"] = cuda_failed
                 build.write_info(self.get_ext_fullpath(ext.name), self.dsrb_info)
             except Exception as exc:  # noqa: BLE001 - reported; the first-use build or dsrb.info explains later
                 if os.environ.get("DSRB_REQUIRE_EXT") == "1":

@@ -11,7 +11,8 @@ Where a build comes from, in order:
 ``DSRB_BUILD_ON_FIRST_USE=0`` skips step 2's compile (report only); ``DSRB_DISABLE_EXT=1`` skips the extension
 entirely; ``DSRB_REQUIRE_EXT=1`` turns a missing extension into an ImportError (CI). A failed first-use build is
 remembered (``FAILED`` + ``build.log`` in its cache folder) and not retried until that folder is deleted, so a
-broken toolchain costs one attempt, not one per import. A finished build loads from a read-only cache; a cache that
+broken toolchain costs one attempt, not one per import; CUDA kernels that fail to build (DSRB_BUILD_CUDA unset)
+leave a build of the CPU kernels alone. A finished build loads from a read-only cache; a cache that
 cannot be written is a reason like any other (the package runs on its other backends). ``python -m dsrb.info``
 prints the outcome.
 """
@@ -39,6 +40,7 @@ class Extension:
     info: Dict[str, object] = field(default_factory=dict)
     reason: Optional[str] = None
     origin: str = ""  # "setup.py build" or "first-use build (cache)"
+    cuda_reason: Optional[str] = None  # loaded without CUDA kernels because they failed to build (set or recorded)
 
     @property
     def loaded(self) -> bool:
@@ -91,7 +93,7 @@ def _open(library: str, info: Dict[str, object], origin: str) -> Extension:
         torch.ops.load_library(library)
     except OSError as exc:  # e.g. built for another torch ABI despite the record
         return Extension(reason=f"{library} could not be loaded: {exc}")
-    return Extension(path=library, info=info, origin=origin)
+    return Extension(path=library, info=info, origin=origin, cuda_reason=info.get("cuda_failed"))
 
 
 def _load() -> Extension:
@@ -130,9 +132,26 @@ def _load() -> Extension:
 
 
 def _first_use_build(root: str, want: Dict[str, object]) -> Extension:
+    """The cached build of these sources, with the CUDA kernels when nvcc is found. Where those fail to build and
+    DSRB_BUILD_CUDA is not 1 (an nvcc that rejects this host compiler, say), the CPU kernels alone: a broken CUDA
+    toolchain costs the ``cuda`` backend, not the ``cpu`` one. Raises BuildError when nothing could be built."""
+    nvcc = _build.want_cuda()
+    fallback = bool(nvcc) and os.environ.get("DSRB_BUILD_CUDA") != "1"
+    try:
+        return _cached_build(root, want, nvcc, fallback)
+    except _build.BuildError as exc:
+        if not fallback:
+            raise
+        cuda_failed = str(exc)
+    ext = _cached_build(root, want, None, False)
+    ext.cuda_reason = f"its CUDA kernels failed to build: {cuda_failed}"
+    return ext
+
+
+def _cached_build(root: str, want: Dict[str, object], nvcc: Optional[str], fallback: bool) -> Extension:
+    """The build in its cache folder, made now if needed; raises BuildError for a failure, now or earlier."""
     from .checkpoint import FileLock
 
-    nvcc = _build.want_cuda()
     key = f"{want['source_hash']}-torch{want['torch']}-py{want['python']}-" + (
         f"cuda{_build.arch_list().replace(';', '_').replace(' ', '_')}" if nvcc else "cpu")
     folder = os.path.join(cache_root(), key)
@@ -146,7 +165,7 @@ def _first_use_build(root: str, want: Dict[str, object]) -> Extension:
         if os.path.isfile(library) and _read_info(library):
             return _open(library, _read_info(library), "first-use build (cache)")
         if os.path.isfile(failed):
-            return Extension(reason=f"the first-use build failed earlier (log: {os.path.join(folder, 'build.log')}); "
+            raise _build.BuildError(f"the first-use build failed earlier (log: {os.path.join(folder, 'build.log')}); "
                                     f"delete {folder} to retry")
         if os.environ.get("DSRB_BUILD_ON_FIRST_USE") == "0":
             return Extension(reason="not built yet and DSRB_BUILD_ON_FIRST_USE=0 (unset it, or "
@@ -168,8 +187,9 @@ def _first_use_build(root: str, want: Dict[str, object]) -> Extension:
             with open(os.path.join(folder, "build.log"), "w") as f:
                 f.write("\n\n".join(log + [str(exc)]))
             open(failed, "w").close()
-            print(f"dsrb: the extension build failed; the ops run on their other backends (log: {folder}"
-                  f"{os.sep}build.log; `python -m dsrb.info` says more)", file=sys.stderr, flush=True)
+            then = "building the CPU kernels alone" if fallback else "the ops run on their other backends"
+            print(f"dsrb: the extension build failed; {then} (log: {folder}{os.sep}build.log; `python -m dsrb.info` "
+                  "says more)", file=sys.stderr, flush=True)
             raise _build.BuildError(f"the first-use build failed: {str(exc).strip()[-2000:]}\n(log: "
                                     f"{os.path.join(folder, 'build.log')}; delete {folder} to retry)") from None
         info = _build.build_info(root, nvcc)

@@ -37,7 +37,8 @@ def _extension_lines() -> list:
         return [f"C++/CUDA extension: not available: {ext.reason}"]
     info = ext.info
     cuda = (f"CUDA kernels for arch {info.get('cuda_arch_list')} ({info.get('nvcc')})" if info.get("cuda")
-            else "no CUDA kernels (nvcc not found at build time, or DSRB_BUILD_CUDA=0)")
+            else "no CUDA kernels (" + ("they failed to build: see the cuda backend below" if ext.cuda_reason else
+                                        "nvcc not found at build time, or DSRB_BUILD_CUDA=0") + ")")
     return [
         f"C++/CUDA extension: {ext.path} ({ext.origin})",
         f"  built for torch {info.get('torch')}, python {info.get('python')}, sources {info.get('source_hash')}",

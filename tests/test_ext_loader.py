@@ -21,14 +21,14 @@ def loader(tmp_path, monkeypatch):
     monkeypatch.setenv("DSRB_EXT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("DSRB_BUILD_CUDA", "0")
     monkeypatch.setenv("CXX", sys.executable)  # a compiler is found (the fake below never calls it)
-    for var in ("DSRB_BUILD_ON_FIRST_USE", "DSRB_DISABLE_EXT", "DSRB_REQUIRE_EXT"):
+    for var in ("DSRB_BUILD_ON_FIRST_USE", "DSRB_DISABLE_EXT", "DSRB_REQUIRE_EXT", "TORCH_CUDA_ARCH_LIST"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(importlib.machinery, "EXTENSION_SUFFIXES", [".no-such-suffix"])
     calls = []
 
     def compile_(root, folder, nvcc, log):
         calls.append(folder)
-        if getattr(compile_, "fail", False):
+        if getattr(compile_, "fail", False) or (nvcc and getattr(compile_, "fail_cuda", False)):
             raise RuntimeError("g++: fatal error: no input files")
         with open(os.path.join(folder, "dsrb_ext.so"), "wb") as f:
             f.write(b"\x7fELF")
@@ -132,3 +132,28 @@ def test_a_library_built_for_other_sources_is_stale(loader, monkeypatch, tmp_pat
     ext = _ext._load()
     assert not ext.loaded
     assert "_C.so is stale (python 0.0 != " in ext.reason and "DSRB_BUILD_ON_FIRST_USE=0" in ext.reason, ext.reason
+
+
+def test_cuda_kernels_that_fail_to_build_leave_the_cpu_kernels(loader, monkeypatch):
+    """nvcc found (the default DSRB_BUILD_CUDA) but the CUDA step fails (an nvcc that rejects the host compiler):
+    the CPU kernels are built alone and the cuda backend's reason says why; later imports reuse both outcomes.
+    With DSRB_BUILD_CUDA=1 the failure stands."""
+    from dsrb.ops import _registry
+
+    monkeypatch.delenv("DSRB_BUILD_CUDA")
+    monkeypatch.setattr(_build, "want_cuda", lambda: "/opt/fake-cuda/bin/nvcc")
+    loader.fail_cuda = True
+    ext = _ext._load()
+    assert ext.loaded and ext.backends == ("cpu",), ext
+    assert len(loader.calls) == 2 and loader.calls[0].endswith("-cuda9.0") and loader.calls[1].endswith("-cpu")
+    assert ext.cuda_reason.startswith("its CUDA kernels failed to build: the first-use build failed")
+    monkeypatch.setattr(_ext, "_STATE", ext)
+    assert _registry._extension_unavailable("cuda") == ext.cuda_reason
+    assert _registry._extension_unavailable("cpu") is None
+    again = _ext._load()
+    assert again.loaded and again.path == ext.path and "failed earlier" in again.cuda_reason
+    assert len(loader.calls) == 2
+
+    monkeypatch.setenv("DSRB_BUILD_CUDA", "1")
+    strict = _ext._load()
+    assert not strict.loaded and "failed earlier" in strict.reason and "-cuda9.0" in strict.reason

@@ -43,3 +43,19 @@ def test_info_says_why_the_cuda_kernels_cannot_run_on_this_gpu(gpus):
     gpus.append((1, 0))  # a GPU no arch list covers
     assert re.search(r"  cuda: its CUDA kernels were built for TORCH_CUDA_ARCH_LIST=\S+, which does not cover "
                      r"cuda:0 \(Fake GPU 0, compute capability 1\.0\); rebuild: ", info.report())
+
+
+def test_info_says_the_cuda_kernels_failed_to_build(monkeypatch):
+    """An extension loaded without its CUDA kernels because they failed to build (the CPU kernels were built alone)
+    says so, and the cuda backend's reason is the failure."""
+    from dsrb import _ext
+
+    built = _ext.load()
+    if not built.loaded:
+        pytest.skip(f"no extension here: {built.reason}")
+    failed = _ext.Extension(path=built.path, info=dict(built.info, cuda=False), origin=built.origin,
+                            cuda_reason="its CUDA kernels failed to build: nvcc failed on instance_blend.cu")
+    monkeypatch.setattr(_ext, "_STATE", failed)
+    out = info.report()
+    assert "; no CUDA kernels (they failed to build: see the cuda backend below)" in out, out
+    assert "  cuda: its CUDA kernels failed to build: nvcc failed on instance_blend.cu" in out, out

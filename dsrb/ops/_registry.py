@@ -207,7 +207,8 @@ def _extension_unavailable(backend: str) -> Optional[str]:
     if not ext.loaded:
         return f"the C++ extension is not available: {ext.reason}"
     if backend not in ext.backends:
-        return "the C++ extension was built without CUDA kernels (no nvcc at build time, or DSRB_BUILD_CUDA=0)"
+        return ext.cuda_reason or ("the C++ extension was built without CUDA kernels (no nvcc at build time, or "
+                                   "DSRB_BUILD_CUDA=0)")
     if backend == "cuda":
         return _cuda_kernels_unusable(str(ext.info.get("cuda_arch_list")), str(ext.info.get("nvcc")))
     return None
