@@ -187,9 +187,10 @@ def _cached_build(root: str, want: Dict[str, object], nvcc: Optional[str], fallb
             with open(os.path.join(folder, "build.log"), "w") as f:
                 f.write("\n\n".join(log + [str(exc)]))
             open(failed, "w").close()
-            then = "building the CPU kernels alone" if fallback else "the ops run on their other backends"
-            print(f"dsrb: the extension build failed; {then} (log: {folder}{os.sep}build.log; `python -m dsrb.info` "
-                  "says more)", file=sys.stderr, flush=True)
+            what = ("the build with the CUDA kernels failed; building the CPU kernels alone" if fallback else
+                    "the extension build failed; the ops run on their other backends")
+            print(f"dsrb: {what} (log: {folder}{os.sep}build.log; `python -m dsrb.info` says more)", file=sys.stderr,
+                  flush=True)
             raise _build.BuildError(f"the first-use build failed: {str(exc).strip()[-2000:]}\n(log: "
                                     f"{os.path.join(folder, 'build.log')}; delete {folder} to retry)") from None
         info = _build.build_info(root, nvcc)
