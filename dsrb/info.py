@@ -36,9 +36,12 @@ def _extension_lines() -> list:
     if not ext.loaded:
         return [f"C++/CUDA extension: not available: {ext.reason}"]
     info = ext.info
-    cuda = (f"CUDA kernels for arch {info.get('cuda_arch_list')} ({info.get('nvcc')})" if info.get("cuda")
-            else "no CUDA kernels (" + ("they failed to build: see the cuda backend below" if ext.cuda_reason else
-                                        "nvcc not found at build time, or DSRB_BUILD_CUDA=0") + ")")
+    if info.get("cuda"):
+        cuda = f"CUDA kernels for arch {info.get('cuda_arch_list')} ({info.get('nvcc')})"
+    elif ext.cuda_reason:
+        cuda = "no CUDA kernels (they failed to build: see the cuda backend below)"
+    else:
+        cuda = "no CUDA kernels (nvcc not found at build time, or DSRB_BUILD_CUDA=0)"
     return [
         f"C++/CUDA extension: {ext.path} ({ext.origin})",
         f"  built for torch {info.get('torch')}, python {info.get('python')}, sources {info.get('source_hash')}",
