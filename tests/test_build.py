@@ -20,6 +20,7 @@ from dsrb import _build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout these tests are in
 
+
 def _fake_nvcc(folder) -> str:
     path = os.path.join(folder, "bin", "nvcc")
     os.makedirs(os.path.dirname(path))
