@@ -1,7 +1,8 @@
 """The first-use build of the extension (dsrb/_ext.py), with the compiler and the library loader replaced by fakes:
-a finished build is reused, also from a cache this process cannot write; a failed build is remembered, not retried;
-an unusable cache or a disabled build is a reason (the package runs on its other backends), never an exception
-from ``import dsrb.ops``; DSRB_REQUIRE_EXT=1 turns any reason into an ImportError."""
+a finished build is reused, also from a cache this process cannot write; a failed build is remembered, not retried,
+while a missing compiler or ninja is not; CUDA kernels that fail to build leave the CPU kernels; an unusable cache or
+a disabled build is a reason (the package runs on its other backends), never an exception from ``import dsrb.ops``;
+DSRB_REQUIRE_EXT=1 turns any reason into an ImportError."""
 
 import importlib.machinery
 import os
