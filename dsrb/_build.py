@@ -44,11 +44,12 @@ SOURCE_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
 
 def source_root() -> Optional[str]:
     """The C++/CUDA sources: ``dsrb/_csrc`` of an installed wheel (setup.py copies them there), else ``csrc/`` of a
-    source checkout or editable install; None if neither holds them."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for root in (os.path.join(here, "_csrc"), os.path.join(os.path.dirname(here), "csrc")):
-        if os.path.isfile(os.path.join(root, "registration.cpp")):
-            return root
+    source checkout or editable install; None if neither holds them. A strict editable install runs this file
+    through a symlink in a link tree (build/__editable__...): the checkout is where the link points."""
+    for here in dict.fromkeys(os.path.dirname(f) for f in (os.path.abspath(__file__), os.path.realpath(__file__))):
+        for root in (os.path.join(here, "_csrc"), os.path.join(os.path.dirname(here), "csrc")):
+            if os.path.isfile(os.path.join(root, "registration.cpp")):
+                return root
     return None
 
 

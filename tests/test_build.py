@@ -165,6 +165,16 @@ def test_wheel_carries_the_sources_of_the_first_use_build(tmp_path):
         assert got == [os.path.relpath(p, csrc) for p in getattr(_build, listing)(csrc, **kwargs)]
 
 
+def test_strict_editable_install_finds_the_checkouts_sources(tmp_path):
+    """pip install -e . --config-settings editable_mode=strict runs the package from a tree of symlinks
+    (build/__editable__...): the sources are found where dsrb/_build.py really lives."""
+    tree = tmp_path / "build" / "__editable__.dsrb" / "dsrb"
+    tree.mkdir(parents=True)
+    (tree / "_build.py").symlink_to(_build.__file__)
+    linked = _load_build_module(str(tree / "_build.py"))
+    assert _build.source_root() is not None and linked.source_root() == _build.source_root()
+
+
 def test_sdist_carries_the_sources_and_the_license(tmp_path):
     sdist = _build_without_torch("sdist", tmp_path)
     with tarfile.open(sdist) as tf:
