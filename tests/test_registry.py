@@ -1,6 +1,8 @@
 """Backend selection: auto falls back silently, a forced backend never does and explains every rejection."""
 
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -153,6 +155,15 @@ def test_gpu_coverage_check_is_not_traced_by_the_compiler(gpus, monkeypatch):
         return x + (1 if _registry._cuda_kernels_unusable("9.0", "Build cuda_13.0.r13.0") else 0)
 
     assert f(torch.zeros(2)).tolist() == [1.0, 1.0]
+
+
+def test_importing_the_ops_leaves_the_compiler_unloaded():
+    """Every tool imports dsrb.ops at start; torch._dynamo (1.3 s to import) is for runs that compile or train (an
+    optimizer step imports it), not for `--help`, `dsrb.info` or `dsrb.predict`."""
+    code = "import sys, dsrb.ops; print(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[-2] == "[]", res.stdout
 
 
 class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):

@@ -237,7 +237,6 @@ def _driver_cuda_version() -> Optional[Tuple[int, int]]:
     return version.value // 1000, version.value % 1000 // 10
 
 
-@torch.compiler.assume_constant_result  # asked once per process, never traced into a compiled graph
 def _cuda_kernels_unusable(archs: str, nvcc: str) -> Optional[str]:
     """Why the CUDA kernels, built for ``archs`` by ``nvcc`` (its ``--version`` line), cannot serve every visible
     GPU, or None. Such a launch would fail ("no kernel image" on a GPU the arch list does not cover, e.g. the default
@@ -269,6 +268,12 @@ def _cuda_kernels_unusable(archs: str, nvcc: str) -> Optional[str]:
             why += f"; rebuild: TORCH_CUDA_ARCH_LIST=\"{wanted}\" pip install -e . --no-build-isolation"
         _CUDA_UNUSABLE[key] = why
     return _CUDA_UNUSABLE[key]
+
+
+# Asked once per process and never traced into a compiled graph: what torch.compiler.assume_constant_result marks,
+# set without it because it imports torch._dynamo, 1.3 s at every `import dsrb.ops` (every tool's start).
+# test_registry checks that the compiler still calls it as a constant.
+_cuda_kernels_unusable._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _triton_unavailable() -> Optional[str]:
