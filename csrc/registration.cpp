@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "autograd.h"
+#include "no_autocast.h"
 #include "ops.h"
 
 namespace {
@@ -32,15 +33,15 @@ TORCH_LIBRARY_FRAGMENT(dsrb, m) {
 }
 
 TORCH_LIBRARY_IMPL(dsrb, CPU, m) {
-  m.impl("semantic_attention_cpu", &dsrb::semantic_attention_cpu);
-  m.impl("semantic_attention_cpu_backward", &dsrb::semantic_attention_cpu_backward);
-  m.impl("instance_blend_cpu", &dsrb::instance_blend_cpu);
-  m.impl("instance_blend_cpu_backward", &dsrb::instance_blend_cpu_backward);
-  m.impl("prototype_blend_cpu", &dsrb::prototype_blend_cpu);
-  m.impl("prototype_blend_cpu_backward", &dsrb::prototype_blend_cpu_backward);
-  m.impl("quadrant_index_cpu", &dsrb::quadrant_index_cpu);
-  m.impl("prototype_bank_update_cpu", &dsrb::prototype_bank_update_cpu);
-  m.impl("prototype_bank_update_cpu_", &dsrb::prototype_bank_update_cpu_);
+  m.impl("semantic_attention_cpu", dsrb::no_autocast<&dsrb::semantic_attention_cpu>);
+  m.impl("semantic_attention_cpu_backward", dsrb::no_autocast<&dsrb::semantic_attention_cpu_backward>);
+  m.impl("instance_blend_cpu", dsrb::no_autocast<&dsrb::instance_blend_cpu>);
+  m.impl("instance_blend_cpu_backward", dsrb::no_autocast<&dsrb::instance_blend_cpu_backward>);
+  m.impl("prototype_blend_cpu", dsrb::no_autocast<&dsrb::prototype_blend_cpu>);
+  m.impl("prototype_blend_cpu_backward", dsrb::no_autocast<&dsrb::prototype_blend_cpu_backward>);
+  m.impl("quadrant_index_cpu", dsrb::no_autocast<&dsrb::quadrant_index_cpu>);
+  m.impl("prototype_bank_update_cpu", dsrb::no_autocast<&dsrb::prototype_bank_update_cpu>);
+  m.impl("prototype_bank_update_cpu_", dsrb::no_autocast<&dsrb::prototype_bank_update_cpu_>);
 }
 
 TORCH_LIBRARY_IMPL(dsrb, Autograd, m) { dsrb::autograd::register_ops<kCpu>(m); }

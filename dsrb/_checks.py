@@ -95,6 +95,8 @@ def check_int(name: str, value, *, minimum: Optional[int] = None) -> int:
     if minimum is not None and index < minimum:
         kind = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
         raise ValueError(f"argument '{name}': expected {kind}, got {index}")
+    if not -2**63 <= index < 2**63:  # the ops' schemas take int64
+        raise ValueError(f"argument '{name}': expected an int that fits in 64 bits, got {index}")
     return index
 
 

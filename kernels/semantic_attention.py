@@ -286,7 +286,9 @@ def _sa_bwd_kernel(a_ptr, gat_ptr, dot_ptr, u_ptr, e_ptr, v_ptr, gu_ptr, ge_part
             gat = tl.load(gat_ptr + bcn, mask=mask_cr, other=0.0)
             dot = tl.load(dot_ptr + b[None, :] * C + offs_c[:, None], mask=mask_cr, other=0.0)
             gsv = a * (gat - dot)  # (BLOCK_C, BLOCK_R): dL/ds, the softmax backward
-            z = _tanh(u[None, :, :] * e[:, None, :])  # (BLOCK_C, BLOCK_R, BLOCK_K)
+            # (BLOCK_C, BLOCK_R, BLOCK_K). Padding lanes hold 0, whose product with an infinite u or e of a real
+            # lane is NaN: they are set to 0, or the sums over classes and rows would carry it into real gradients.
+            z = tl.where(mask_cr[:, :, None], _tanh(u[None, :, :] * e[:, None, :]), 0.0)
             gz = gsv[:, :, None] * z
             acc_v += tl.sum(tl.sum(gz, axis=1), axis=0)
             t = gsv[:, :, None] - gz * z  # gs * (1 - z^2)

@@ -93,6 +93,24 @@ def noncontiguous(t: torch.Tensor) -> torch.Tensor:
     return out.requires_grad_(t.requires_grad)
 
 
+def tanh_extreme_inputs(dtype=torch.float32, device="cpu"):
+    """semantic_attention inputs (x, u, e, v; u and e require grad) whose tanh arguments w = u e are tiny, moderate,
+    saturated (to 1e30) and infinite, one per k, each k's gradients apart from the others': in the first half of k
+    u[0, 0] = w with e = 1 (1 - tanh(w)^2 times a huge u in grad e), in the second u[0, 0] = 1 with e = w (the same
+    in grad u; finite w only, as u[0, 1] = 0 multiplies e). v is small and of both signs, so that the score stays
+    moderate and the softmax gives every position a gradient."""
+    inf = float("inf")
+    w = torch.tensor([0.0, 1e-8, -1e-3, 0.3, -0.7, 2.5, -8.9, 9.005, 9.5, -9.5, 12.0, 40.0, 1e30, -1e30],
+                     dtype=dtype)
+    u_side = torch.cat([w, torch.tensor([inf, -inf], dtype=dtype)])
+    I = len(u_side) + len(w)
+    u = torch.stack([torch.cat([u_side, torch.ones_like(w)]), torch.zeros(I, dtype=dtype)])[None]  # (1, 2, I)
+    e = torch.cat([torch.ones_like(u_side), w])[None]  # (1, I)
+    v = 0.05 * torch.tensor([(-1.0) ** k for k in range(I)], dtype=dtype)
+    x = torch.tensor([[[1.0, 0.5], [-0.5, 2.0]]], dtype=dtype)  # (1, 2, 2)
+    return tuple(t.to(device).requires_grad_(t is u or t is e) for t in (x, u, e, v))
+
+
 def dsrb_training_outputs(backend: str, device) -> list:
     """One training forward and backward of a tiny DSRB (both blends, the prototype pass) with every op on
     ``backend``: the outputs and gradients that backend-equality tests compare."""

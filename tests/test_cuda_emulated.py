@@ -20,7 +20,7 @@ import torch
 
 import cuda_emulator
 from dsrb import ops, reference
-from helpers import assert_close, noncontiguous
+from helpers import assert_close, noncontiguous, tanh_extreme_inputs
 from test_ext_backends import (BLEND_SHAPES, LOW, QUADRANT_SHAPES, QUADRANT_SPECIAL_SHAPES, SA_SHAPES, _leaf64,
                                blend_inputs, compare, grads, quadrant_inputs, quadrant_special_inputs, sa_inputs,
                                sa_oracle)
@@ -181,6 +181,14 @@ def test_semantic_attention_tanh_at_extremes(emu, dtype):
     for g, r in zip(got + grads(got[:1], [u]), want + grads(want[:1], [u])):
         torch.testing.assert_close(g, r, equal_nan=True)
     assert got[1][:-1].isfinite().all() and got[1][-1].isnan().all()
+
+
+def test_semantic_attention_saturated_tanh_gradients(emu):
+    """Where tanh(u e) rounds to +-1, a huge u or e adds no gradient (1 - tanh^2 is 0, as in the torch backend)."""
+    inputs = tanh_extreme_inputs()
+    got, want = semantic_attention(*inputs), ops.semantic_attention(*inputs, backend="torch")
+    for g, r in zip(list(got) + grads(got, inputs[1:3]), list(want) + grads(want, inputs[1:3])):
+        torch.testing.assert_close(g, r, equal_nan=True)
 
 
 def test_semantic_attention_gradcheck(emu):

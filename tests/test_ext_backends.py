@@ -11,7 +11,8 @@ import torch
 
 import dsrb.ops as ops
 from dsrb import _ext, reference
-from helpers import TOLERANCES, assert_close, assert_within_baseline, dsrb_training_outputs, noncontiguous
+from helpers import (TOLERANCES, assert_close, assert_within_baseline, dsrb_training_outputs, noncontiguous,
+                     tanh_extreme_inputs)
 
 EXT = _ext.load()
 pytestmark = [
@@ -116,6 +117,16 @@ def test_semantic_attention_cpu_tanh_at_extremes():
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, equal_nan=True)
     assert results[0][1][:-1].isfinite().all() and results[0][1][-1].isnan().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_semantic_attention_saturated_tanh_gradients(backend):
+    """Where tanh(u e) rounds to +-1, 1 - tanh^2 is 0, as torch computes it, so a huge u or e adds no gradient: the
+    cpu kernel's tanh once stopped at tanh(9) = 1 - 2^-24, and u = 1e30 gave grad e = 1e23 instead of 0."""
+    inputs = tanh_extreme_inputs(device=_device(backend))
+    got, want = (ops.semantic_attention(*inputs, backend=b) for b in (backend, "torch"))
+    for g, w in zip(list(got) + grads(got, inputs[1:3]), list(want) + grads(want, inputs[1:3])):
+        torch.testing.assert_close(g, w, equal_nan=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

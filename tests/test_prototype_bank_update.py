@@ -39,6 +39,26 @@ def test_cap_keeps_the_first_samples_in_batch_order():
     assert counts[0, 0] == 3 and sums[0, 0, 0] == 0 + 1 + 2
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_non_finite_samples_reach_only_their_own_bucket(backend):
+    """A sample left out (not a known positive, or over the cap) adds nothing, even a NaN or inf one, and a kept one
+    only to its own bucket, as in the official loop, which adds samples one by one. The torch backend once
+    multiplied by a 0/1 mask, and 0 * nan = nan spread one such sample over its class's four buckets."""
+    why = ops.reasons("prototype_bank_update", torch.device("cpu"), torch.float32)[backend]
+    if why:
+        pytest.skip(f"{backend}: {why}")
+    nan, inf = float("nan"), float("inf")
+    S = torch.tensor([[[nan], [inf]], [[1.0], [2.0]], [[nan], [3.0]], [[4.0], [-inf]]])  # (B 4, C 2, D 1)
+    T = torch.tensor([[0, 1], [1, 1], [1, -1], [1, 1]])
+    q = torch.tensor([[2, 1], [0, 1], [3, 1], [0, 1]])
+    sums, counts = torch.zeros(2, 4, 1), torch.zeros(2, 4, dtype=torch.int64)
+    got = ops.prototype_bank_update(sums, counts, S, T, q, cap=2, backend=backend)
+    want = reference.prototype_bank_update(sums, counts, S, T, q, 2)
+    assert want[0].flatten().tolist()[4:] == [0, inf, 0, 0]  # class 1: the -inf is over the cap
+    assert want[0][0, :3].flatten().tolist() == [5, 0, 0] and want[0][0, 3].isnan().all()
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
+
+
 def test_inputs_unchanged_opcheck_compile():
     S, T, q = batch(4, 3, 5, 0)
     sums = torch.zeros(3, 4, 5, dtype=torch.float64)
@@ -58,6 +78,8 @@ def test_errors():
         ops.prototype_bank_update(sums[:2], counts, S, T, q)
     with pytest.raises(TypeError, match="'counts'.*integer"):
         ops.prototype_bank_update(sums, counts.float(), S, T, q)
+    with pytest.raises(ValueError, match="'cap'.*64 bits"):
+        ops.prototype_bank_update(sums, counts, S, T, q, cap=2**63)
     with pytest.raises(ValueError, match="'quadrant'.*range"):
         ops.prototype_bank_update(sums, counts, S, T, q + 4)
     with pytest.raises(ValueError, match="'T'.*-1, 0, 1"):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import dsrb.ops as ops
-from helpers import assert_close, dsrb_training_outputs, noncontiguous, triton_interpreter_problem
+from helpers import (assert_close, dsrb_training_outputs, noncontiguous, tanh_extreme_inputs,
+                     triton_interpreter_problem)
 
 pytest.importorskip("triton", reason="the optional triton package is not installed")
 
@@ -34,6 +35,12 @@ def both(fn, inputs):
         out = fn(*inputs, backend=backend)
         results.append(list(out) + list(grads(out, [t for t in inputs if t.requires_grad])))
     return results
+
+
+def test_semantic_attention_saturated_tanh_gradients():
+    """Where tanh(u e) rounds to +-1, a huge u or e adds no gradient (1 - tanh^2 is 0, as in the torch backend)."""
+    for got, want in zip(*both(ops.semantic_attention, tanh_extreme_inputs(device=DEVICE))):
+        torch.testing.assert_close(got, want, equal_nan=True)
 
 
 def test_auto_never_picks_triton_on_cpu():

@@ -44,13 +44,15 @@ DSRB_INLINE float bit_cast_float(int32_t bits) {
 
 // tanh as plain arithmetic, so that the loops calling it vectorise (a libm call keeps them scalar):
 // tanh(w) = sign(w) (1 - 2 / (exp(2|w|) + 1)), exp by Cody-Waite reduction to r in [-ln2/2, ln2/2] and the degree-7
-// Taylor polynomial (relative error < 6e-9), |w| clamped at 9 where tanh rounds to 1 in fp32. Absolute error
-// < 2e-7. Every select is a min/max pattern (no branch), and a NaN input flows through r into the result.
+// Taylor polynomial (relative error < 6e-9), |w| clamped at 10, past 9.01 from where tanh rounds to 1 in fp32, so that
+// it returns 1 exactly there as torch.tanh does: the backward's 1 - z^2 is then 0, not the 1.2e-7 of
+// tanh(9) = 1 - 2^-24, which a large u or e turned into a wrong gradient. Absolute error < 2e-7. Every select is a
+// min/max pattern (no branch), and a NaN input flows through r into the result.
 DSRB_INLINE float tanh_arith(float w) {
   float a = std::fabs(w);
-  a = a > 9.0f ? 9.0f : a;              // keeps NaN
+  a = a > 10.0f ? 10.0f : a;              // keeps NaN
   const float y = 2.0f * a;
-  const float yi = y < 18.0f ? y : 18.0f;  // NaN -> 18: the integer part must stay defined
+  const float yi = y < 20.0f ? y : 20.0f;  // NaN -> 20: the integer part must stay defined
   const int32_t n = static_cast<int32_t>(yi * 1.44269504088896341f + 0.5f);  // yi >= 0: truncation rounds
   const float nf = static_cast<float>(n);
   const float r = (y - nf * 0.693145751953125f) - nf * 1.42860682030941723e-6f;
@@ -62,7 +64,7 @@ DSRB_INLINE float tanh_arith(float w) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const float scale = bit_cast_float((n + 127) << 23);  // 2^n, n in [0, 26]
+  const float scale = bit_cast_float((n + 127) << 23);  // 2^n, n in [0, 29]
   return std::copysign(1.0f - 2.0f / (p * scale + 1.0f), w);
 }
 

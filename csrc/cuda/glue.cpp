@@ -21,6 +21,7 @@
 #include "autograd.h"
 #include "checks.h"
 #include "cuda/launchers.h"
+#include "no_autocast.h"
 #include "ops.h"
 
 namespace dsrb {
@@ -342,14 +343,14 @@ TORCH_LIBRARY_FRAGMENT(DSRB_CUDA_LIBRARY, m) {
 }
 
 TORCH_LIBRARY_IMPL(DSRB_CUDA_LIBRARY, DSRB_CUDA_KEY, m) {
-  m.impl("semantic_attention_cuda", &dsrb::semantic_attention_cuda);
-  m.impl("semantic_attention_cuda_backward", &dsrb::semantic_attention_cuda_backward);
-  m.impl("instance_blend_cuda", &dsrb::instance_blend_cuda);
-  m.impl("instance_blend_cuda_backward", &dsrb::instance_blend_cuda_backward);
-  m.impl("prototype_blend_cuda", &dsrb::prototype_blend_cuda);
-  m.impl("prototype_blend_cuda_backward", &dsrb::prototype_blend_cuda_backward);
-  m.impl("quadrant_index_cuda", &dsrb::quadrant_index_cuda);
-  m.impl("prototype_bank_update_cuda", &dsrb::prototype_bank_update_cuda);
+  m.impl("semantic_attention_cuda", dsrb::no_autocast<&dsrb::semantic_attention_cuda>);
+  m.impl("semantic_attention_cuda_backward", dsrb::no_autocast<&dsrb::semantic_attention_cuda_backward>);
+  m.impl("instance_blend_cuda", dsrb::no_autocast<&dsrb::instance_blend_cuda>);
+  m.impl("instance_blend_cuda_backward", dsrb::no_autocast<&dsrb::instance_blend_cuda_backward>);
+  m.impl("prototype_blend_cuda", dsrb::no_autocast<&dsrb::prototype_blend_cuda>);
+  m.impl("prototype_blend_cuda_backward", dsrb::no_autocast<&dsrb::prototype_blend_cuda_backward>);
+  m.impl("quadrant_index_cuda", dsrb::no_autocast<&dsrb::quadrant_index_cuda>);
+  m.impl("prototype_bank_update_cuda", dsrb::no_autocast<&dsrb::prototype_bank_update_cuda>);
 }
 
 #ifndef DSRB_CUDA_EMULATION

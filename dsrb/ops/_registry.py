@@ -129,8 +129,66 @@ def define_op(name: str, schema: str, impl: Optional[Callable] = None):
     are then registered by name for both, autograd only for the Python-defined ones (:func:`register_python_op`;
     the extension registers its own in C++, csrc/autograd.h, which saves the Python autograd's host time)."""
     if impl is not None:
-        torch.library.custom_op(f"dsrb::{name}", impl, mutates_args=(), schema=schema)
+        torch.library.custom_op(f"dsrb::{name}", without_autocast(impl), mutates_args=(), schema=schema)
     return getattr(torch.ops.dsrb, name).default
+
+
+def without_autocast(fn: Callable) -> Callable:
+    """``fn`` (its first argument a tensor) with autocast off inside: every backend computes in its inputs' dtype
+    (half precision accumulating in fp32), the dtype its fake implementation declares, whatever autocast would make
+    of the products inside; the C++ kernels do the same (csrc/no_autocast.h). Before, a backward run under autocast
+    got bf16 products where the ``cpu`` kernels expected fp32 (an error), and the ``torch`` backend's results
+    depended on the autocast state."""
+
+    @functools.wraps(fn)
+    def run(*args):
+        device = args[0].device.type
+        if not torch.is_autocast_enabled(device):
+            return fn(*args)
+        with torch.autocast(device, enabled=False):
+            return fn(*args)
+
+    return run
+
+
+class _NotDifferentiable(torch.autograd.Function):
+    """The identity on a backward's results, whose own backward raises: recorded under create_graph=True with edges
+    to what those results depend on, so that any gradient through them reaches the error. (torch's
+    once_differentiable links its error to detached copies instead, so a second derivative taken with
+    torch.autograd.grad w.r.t. the op's inputs silently left the op's part out.) The C++ extension does the same
+    (csrc/autograd.h)."""
+
+    @staticmethod
+    def forward(ctx, op: str, n: int, *tensors):
+        ctx.op = op
+        return tensors[:n]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"dsrb.ops.{ctx.op}: its backward cannot be differentiated (double backward, or a gradient "
+                           "of a gradient taken with create_graph=True); no backend of dsrb supports it")
+
+
+def _once_differentiable(op: str, backward: Callable) -> Callable:
+    """``backward(ctx, *grads)`` run without autograd; under create_graph=True its results lead to an error when
+    differentiated (:class:`_NotDifferentiable`), never to a silent zero."""
+
+    def run(ctx, *grads):
+        if not torch.is_grad_enabled():  # no create_graph: the common case, nothing to record
+            return backward(ctx, *grads)
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        depends_on = [t for t in (*ctx.saved_tensors, *grads) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not depends_on:
+            return out
+        results = [i for i, t in enumerate(out) if t is not None]
+        wrapped = _NotDifferentiable.apply(op, len(results), *(out[i] for i in results), *depends_on)
+        out = list(out)
+        for i, t in zip(results, wrapped):
+            out[i] = t
+        return tuple(out)
+
+    return run
 
 
 @contextlib.contextmanager
@@ -168,8 +226,9 @@ def register_python_op(backend: str, op: str, fwd, bwd, forward: Callable, backw
     time (on a GPU the host often bounds these ops at training sizes). Neither supports double backward: an error,
     not a silent zero.
     """
+    forward, backward = without_autocast(forward), without_autocast(backward)
     torch.library.register_autograd(fwd, functools.partial(backward_fn, bwd), setup_context=setup_context)
-    eager_backward = torch.autograd.function.once_differentiable(functools.partial(backward_fn, backward))
+    eager_backward = _once_differentiable(op, functools.partial(backward_fn, backward))
 
     class Eager(torch.autograd.Function):
         @staticmethod

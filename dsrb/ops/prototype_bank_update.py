@@ -24,11 +24,20 @@ from ._registry import define_op, extension_backends, register_impl, select
 
 
 def _torch_update(sums: Tensor, counts: Tensor, S: Tensor, T: Tensor, quadrant: Tensor, cap: int):
-    onehot = torch.nn.functional.one_hot(quadrant, 4) * (T == 1)[..., None].long()  # (B, C, 4) candidates
+    # (B, C, 4) candidates; a quadrant outside [0, 3] (validate=False) matches no bucket.
+    candidate = (quadrant[..., None] == torch.arange(4, device=quadrant.device)) & (T == 1)[..., None]
+    onehot = candidate.long()
     rank = torch.cumsum(onehot, dim=0) - onehot  # earlier candidates of the same bucket in this batch
-    keep = (onehot > 0) & (counts[None] + rank < cap)
-    new_sums = sums + torch.einsum("bcq,bcd->cqd", keep.to(sums.dtype), S.to(sums.dtype))
-    return new_sums.contiguous(), (counts + keep.sum(0)).contiguous()
+    keep = candidate & (counts[None] + rank < cap)
+    # The kept samples are added one by one in batch order, in the accumulation dtype (fp32 for half precision), as in
+    # the official loop and the fused kernels, bit for bit; selected, never multiplied by a 0/1 mask, so that a sample
+    # left out adds nothing even when it is NaN or inf (0 * nan = nan would spread it over its class's buckets).
+    acc_dtype = torch.promote_types(sums.dtype, torch.float32)
+    S = S.to(sums.dtype).to(acc_dtype)
+    acc = torch.zeros(sums.shape, dtype=acc_dtype, device=sums.device)
+    for b in range(S.shape[0]):
+        acc = acc + torch.where(keep[b, :, :, None], S[b, :, None, :], 0)
+    return (sums + acc.to(sums.dtype)).contiguous(), (counts + keep.sum(0)).contiguous()
 
 
 def _triton_update(sums, counts, S, T, quadrant, cap):
