@@ -2,6 +2,7 @@
 
 import os
 import sys
+from typing import NoReturn
 
 
 def quiet_interrupt(prog: str) -> None:
@@ -36,3 +37,30 @@ def error_line(prog: str, err: BaseException) -> str:
     if "\nOriginal Traceback" in text:
         text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
     return f"{prog}: error: {text}"
+
+
+def exit_on_error(prog: str, err: BaseException) -> NoReturn:
+    """End a tool on a user error with its :func:`error_line`, exit status 1. A BrokenPipeError is no user error
+    but the reader of stdout going away (``| head``): the tool ends silently, exit status 1, as :func:`quiet_interrupt`
+    says."""
+    if isinstance(err, BrokenPipeError):
+        discard(sys.stdout)
+        sys.exit(1)
+    sys.exit(error_line(prog, err))
+
+
+def check_output_file(path: str, *, name: str = "argument --out", what: str = "the file to write") -> None:
+    """Raise a ValueError starting with ``name`` unless a file can be written at ``path``: it is not a directory, and
+    its folder is a writable folder or can be made in one. For a check before long work whose result would be lost
+    (the write itself, atomic, comes at the end). Creates nothing."""
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        raise ValueError(f"{name}: {path} is a directory; expected the path of {what}")
+    folder = os.path.dirname(os.path.abspath(path))
+    existing = folder
+    while not os.path.exists(existing):  # the folders still to make go in the nearest one that exists
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{name}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "its folder" if existing == folder else f"cannot make its folder {folder}:"
+        raise ValueError(f"{name}: {where} {existing} is not writable")

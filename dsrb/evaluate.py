@@ -34,6 +34,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch.utils.data import DataLoader
 
+from ._cli import check_output_file
 from .checkpoint import atomic_write
 from .config import check_device
 from .inference import (BACKENDS, check_finite_logits, device_arg, load_model, non_negative_int, positive_int,
@@ -99,14 +100,17 @@ def evaluate_checkpoint(
         ``per_class_ap`` ([{"class": name, "ap": fraction or None}] in class order), ``checkpoint``, ``dataset``,
         ``data_root``, ``split``, ``num_images``, ``num_classes``, ``image_size`` and ``epoch`` (of the checkpoint).
     """
-    from .data import TestTransform, build_dataset
+    from .data import DATASETS, TestTransform, build_dataset
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"argument 'batch_size': expected a positive int, got {batch_size!r}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"argument 'workers': expected a non-negative int, got {workers!r}")
-    if out is not None and os.path.isdir(out):
-        raise ValueError(f"argument 'out' (--out): expected a JSON file path, but {os.fspath(out)} is a folder")
+    if out is not None:  # before the inference, whose result would be lost
+        check_output_file(os.fspath(out), name="argument 'out' (--out)", what="the JSON file to write")
+    if dataset is not None and dataset not in DATASETS:  # before the model is read; build_dataset says "'name'"
+        raise ValueError(f"argument 'dataset' (--dataset): unknown dataset {dataset!r}; expected one of "
+                         f"{', '.join(DATASETS)}")
     dev = check_device(device, name="argument 'device'")
     path = os.fspath(checkpoint)
     model, info = load_model(path, device=dev, backend=backend)

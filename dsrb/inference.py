@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ._cli import error_line
+from ._cli import exit_on_error
 from .checkpoint import load_checkpoint
 from .config import check_device
 from .models import DSRB
@@ -61,11 +61,8 @@ def _read_checkpoint(path: str) -> Dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is not a file")
     try:
         state = load_checkpoint(path)
-    except Exception as err:  # torch.load raises many kinds (UnpicklingError, RuntimeError, EOFError, ...)
-        raise CheckpointError(
-            f"checkpoint {path} could not be read as a PyTorch file ({type(err).__name__}: {err}); expected a "
-            "best.pt / last.pt written by python -m dsrb.train"
-        ) from err
+    except ValueError as err:  # its message already names the path and the cause
+        raise CheckpointError(str(err)) from err
     if not isinstance(state, dict):
         raise CheckpointError(
             f"{path} is not a dsrb training checkpoint: it holds a {type(state).__name__}, expected a dict with keys "
@@ -210,13 +207,14 @@ def load_images(paths_or_folder: Union[PathLike, Iterable[PathLike]]) -> List[st
 
 
 def open_image(path: str):
-    """The image at ``path`` as an RGB PIL image; an unreadable file raises a ValueError naming it."""
-    from PIL import Image, UnidentifiedImageError
+    """The image at ``path`` as an 8-bit RGB PIL image, read as the dataset loader reads one
+    (:func:`dsrb.data.dataset.open_rgb`: 16-bit grayscale is scaled, a float image is refused); an unreadable file
+    raises a ValueError naming it and why."""
+    from .data.dataset import open_rgb
 
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        return open_rgb(path)
+    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         raise ValueError(f"cannot read image {path}: {err}") from err
 
 
@@ -307,8 +305,10 @@ def device_arg(text: str) -> str:
 
 def run_main(prog: str, main) -> None:
     """Run a command-line ``main()``; a user error (a bad setting, a missing or unreadable file) is printed as
-    "<prog>: error: ..." without a traceback, exit status 1 (as ``python -m dsrb.train``)."""
+    "<prog>: error: ..." without a traceback, exit status 1 (as ``python -m dsrb.train``); output piped to a reader
+    that stopped early ends it silently (:func:`dsrb._cli.exit_on_error`)."""
     try:
         main()
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit ("Exception ignored ...", status 120)
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError; OSError: FileNotFoundError, ...
-        sys.exit(error_line(prog, err))
+        exit_on_error(prog, err)

@@ -86,7 +86,7 @@ def _serves(op: str, device: torch.device) -> str:
 
 
 def main() -> None:
-    print(report())
+    print(report(), flush=True)  # a closed pipe raises here, for quiet_interrupt's hook, not in the flush at exit
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
+from ._cli import check_output_file
 from .checkpoint import atomic_write
 from .config import check_device
 from .inference import (BACKENDS, check_finite_logits, device_arg, image_logits, load_images, load_model,
@@ -161,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> List[Dict]:
     args = build_parser().parse_args(argv)
-    if args.out and os.path.isdir(args.out):
-        raise ValueError(f"argument --out: expected a JSON file path, but {args.out} is a folder")
+    if args.out:  # before the inference, whose result would be lost
+        check_output_file(args.out, what="the JSON file to write")
     results = predict(args.checkpoint, args.images, threshold=args.threshold, top_k=args.top_k, device=args.device,
                       backend=args.backend, batch_size=args.batch_size, workers=args.workers,
                       image_size=args.image_size)

@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from . import __version__
-from ._cli import error_line
+from ._cli import check_output_file, exit_on_error
 from .checkpoint import FileLock, atomic_write, save_json
 from .config import check_device
 from .data import TestTransform, TrainTransform, build_dataset
@@ -185,18 +185,11 @@ def main(argv=None) -> None:
         device = check_device(args.device, name="argument --device")
     except ValueError as err:
         p.error(str(err))
-    if args.out is not None and (os.path.isdir(args.out) or args.out.endswith(os.sep)):
-        p.error(f"argument --out: {args.out} is a directory; expected the path of the weights file to write")
     if args.out is not None:
-        folder = os.path.dirname(os.path.abspath(args.out))
-        if os.path.exists(folder) and not os.path.isdir(folder):
-            p.error(f"argument --out: {folder} is a file, not a folder")
         try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as err:
-            p.error(f"argument --out: cannot create its folder {folder} ({err.strerror or err})")
-        if not os.access(folder, os.W_OK):
-            p.error(f"argument --out: its folder {folder} is not writable")
+            check_output_file(args.out, what="the weights file to write")
+        except ValueError as err:
+            p.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
     try:
         if args.out is None:
@@ -205,8 +198,8 @@ def main(argv=None) -> None:
             state, info = pretrain_backbone(args.backbone, args.backbone_width, args.image_size, device=device)
             _save(Path(args.out), state, info)
             print(args.out)
-    except OSError as err:  # an unwritable cache or --out, a full disk, an unreadable image
-        sys.exit(error_line(p.prog, err))
+    except OSError as err:  # an unwritable cache or --out, a full disk, an unreadable image, a closed stdout
+        exit_on_error(p.prog, err)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ For every image and chosen class c, the attention a[c] (N = H·W positions of th
 own minimum and maximum (so each map shows where that class looks, not how strongly), coloured with a built-in
 jet-like colormap (blue = low, red = high) and blended over the resized, denormalised input image. The result is
 saved as ``<out-dir>/<image stem>_<class name>.png`` (class name made file-name safe), at the model's input size
-(the checkpoint's training ``image_size`` unless ``--image-size`` is given). The paths are printed, one per line.
+(the checkpoint's training ``image_size`` unless ``--image-size`` is given); a name this run already wrote (two
+images with one stem, two class names alike once made safe) gets a suffix ``_2``, ``_3``, ... so that no output
+overwrites another. Each file is written atomically. The paths are printed, one per line.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .checkpoint import atomic_write
 from .config import check_device
 from .inference import (BACKENDS, device_arg, load_images, load_model, open_image, positive_int, run_main,
                         sanitize)
@@ -98,11 +101,15 @@ def _resolve_classes(classes, class_names: List[str]) -> Optional[List[int]]:
     return out
 
 
-def _unique_stem(path: str, used: dict) -> str:
-    stem = sanitize(os.path.splitext(os.path.basename(path))[0])
-    count = used.get(stem, 0)
-    used[stem] = count + 1
-    return stem if count == 0 else f"{stem}_{count + 1}"
+def _unique_path(folder: str, name: str, taken: set) -> str:
+    """``<folder>/<name>.png``, or ``<name>_2.png``, ``<name>_3.png``, ...: the first name not in ``taken`` (the
+    names this run produced so far, casefolded), to which it is added."""
+    candidate, n = name, 1
+    while candidate.casefold() in taken:  # casefold: "A" and "a" are one file on macOS and Windows
+        n += 1
+        candidate = f"{name}_{n}"
+    taken.add(candidate.casefold())
+    return os.path.join(folder, candidate + ".png")
 
 
 @torch.no_grad()
@@ -153,7 +160,7 @@ def visualize(
     transform = TestTransform(size)
     os.makedirs(out_dir, exist_ok=True)
     written: List[str] = []
-    used: dict = {}
+    taken: set = set()
     for path in paths:
         x = transform(open_image(path))[None].to(dev)
         S, a, X = model.extract(x)
@@ -166,10 +173,11 @@ def visualize(
         maps = attention_maps(a[0, picked], H, W, size).cpu().numpy()
         rgb = denormalize(x[0].float().cpu()).clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
         base = rgb.permute(1, 2, 0).contiguous().numpy()
-        stem = _unique_stem(path, used)
+        stem = sanitize(os.path.splitext(os.path.basename(path))[0])
         for c, heat in zip(picked, maps):
-            target = os.path.join(out_dir, f"{stem}_{sanitize(names[c])}.png")
-            overlay(base, heat, alpha).save(target, format="PNG")
+            target = _unique_path(out_dir, f"{stem}_{sanitize(names[c])}", taken)
+            image = overlay(base, heat, alpha)
+            atomic_write(target, lambda f: image.save(f, format="PNG"))  # whole or absent, even after Ctrl-C
             written.append(target)
     return written
 

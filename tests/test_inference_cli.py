@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -96,8 +97,9 @@ def test_load_model_errors(setup, tmp_path):
     garbage = str(tmp_path / "garbage.pt")
     with open(garbage, "wb") as f:
         f.write(b"this is not a checkpoint")
-    with pytest.raises(CheckpointError, match="garbage.pt"):
+    with pytest.raises(CheckpointError, match="garbage.pt") as raised:
         load_model(garbage)
+    assert str(raised.value).count("could not be read") == 1 and "ValueError" not in str(raised.value)  # one sentence
     # The CLIs report the same errors.
     from dsrb import predict as predict_mod
 
@@ -440,3 +442,194 @@ def test_colormap_and_maps():
     assert maps.shape == (2, 8, 8)
     assert float(maps.min()) == 0.0 and math.isclose(float(maps.max()), 1.0, rel_tol=1e-6)
     assert float(attention_maps(torch.full((1, 4), 0.25), 2, 2, 8).abs().max()) == 0.0
+
+
+# ------------------------------------------------------------------------------------------ reading image files
+
+
+def test_16_bit_grayscale_reads_as_its_8_bit_image(setup, tmp_path, monkeypatch):
+    """A 16-bit grayscale PNG made from an 8-bit one (value * 257) reads as the 8-bit one, in the tools and in the
+    dataset loader, not as the near-white image of Pillow's convert("RGB"), which clips to 255."""
+    from dsrb.data import MultiLabelDataset, UnreadableImageError
+    from dsrb.data.transforms import TestTransform
+    from dsrb.inference import open_image
+    from dsrb.predict import predict
+
+    gray = np.random.RandomState(1).randint(0, 256, size=(IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    p8, p16 = str(tmp_path / "gray8.png"), str(tmp_path / "gray16.png")
+    Image.fromarray(gray).save(p8)
+    Image.fromarray(gray.astype(np.uint16) * 257).save(p16)
+    with Image.open(p16) as im:
+        assert im.mode.startswith("I;16")  # a real 16-bit file
+
+    t = TestTransform(IMAGE_SIZE)
+    want = t(open_image(p8))
+    torch.testing.assert_close(t(open_image(p16)), want, rtol=0, atol=0)
+    got = predict(setup["ckpt"], [p8, p16], device="cpu")
+    assert got[0]["scores"] == got[1]["scores"]
+    dataset = MultiLabelDataset([p8, p16], [[1, -1, -1]] * 2, CLASSES)
+    want_ds = dataset[0][0]
+    assert float(want_ds.std()) > 0.2  # the random image itself, not a flat one
+    torch.testing.assert_close(dataset[1][0], want_ds, rtol=0, atol=0)
+
+    # Some Pillow versions open a 16-bit PNG in mode I: the same values. A mode-I image from another format (a
+    # 32-bit TIFF) and a float one have no known range: refused, naming the file and the mode.
+    real_open = Image.open
+    formats = {p16: "PNG", p8: "TIFF"}
+
+    def open_in_mode_i(path, *args, **kwargs):
+        with real_open(path, *args, **kwargs) as im:
+            wide = im.convert("I") if path == p16 else Image.fromarray(np.asarray(im, dtype=np.int32) * 257)
+        wide.format = formats[path]
+        return wide
+
+    monkeypatch.setattr(Image, "open", open_in_mode_i)
+    torch.testing.assert_close(t(open_image(p16)), want, rtol=0, atol=0)
+    torch.testing.assert_close(dataset[1][0], want_ds, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"cannot read image .*gray8\.png: its mode I \(32-bit integer"):
+        open_image(p8)
+    monkeypatch.setattr(Image, "open", real_open)
+    pf = str(tmp_path / "float.tiff")
+    Image.fromarray(gray.astype(np.float32)).save(pf)
+    with pytest.raises(ValueError, match=r"cannot read image .*float\.tiff: its mode F \(32-bit float"):
+        open_image(pf)
+    with pytest.raises(UnreadableImageError, match=r"float\.tiff: its mode F"):
+        MultiLabelDataset([pf], [[1, -1, -1]], CLASSES)[0]
+    # skip_bad's check finds it beforehand (not hours into a run), and keeps the 16-bit image.
+    checked = MultiLabelDataset([p16, pf], [[1, -1, -1]] * 2, CLASSES)
+    assert checked.verify_images(skip_bad=True) == 1 and checked.image_paths == [p16]
+
+
+def _bomb(path):
+    """A 100-byte PNG whose header claims 20000 x 10000 pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20000, 10000, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b""))
+                + chunk(b"IEND", b""))
+    return str(path)
+
+
+def test_decompression_bomb_is_an_unreadable_image(setup, tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    from dsrb.inference import run_main
+    from dsrb.predict import main as predict_main
+    from dsrb.visualize import main as visualize_main
+
+    # Below the claimed size whatever the Pillow version's default (over twice the limit: an error, not a warning).
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 10**7)
+    bomb = _bomb(tmp_path / "bomb.png")
+    for prog, main, extra in (("predict", predict_main, []),
+                              ("visualize", visualize_main, ["--out-dir", str(tmp_path / "att")])):
+        with pytest.raises(SystemExit) as exit_:
+            run_main(prog, lambda: main(["--checkpoint", setup["ckpt"], bomb, "--device", "cpu"] + extra))
+        message = exit_.value.code
+        assert message.startswith(f"{prog}: error: cannot read image {bomb}: ") and "200000000 pixels" in message
+        assert "\n" not in message
+
+
+# -------------------------------------------------------------------------------------------- output files
+
+
+def _with_class_names(setup, path, names):
+    state = torch.load(setup["ckpt"], weights_only=False)
+    state["class_names"] = list(names)
+    torch.save(state, path)
+    return str(path)
+
+
+def test_visualize_never_overwrites_its_own_outputs(setup, tmp_path):
+    """Two images with one stem, an image whose stem is another's renamed one ("a_2"), and two class names that are
+    the same once made file-name safe: every output gets its own file."""
+    from dsrb.visualize import visualize
+
+    first, second = _write_images(str(tmp_path / "x"), 2, seed=1), _write_images(str(tmp_path / "y"), 1, seed=2)
+    a, a_again, a_2 = str(tmp_path / "x" / "a.png"), str(tmp_path / "y" / "a.png"), str(tmp_path / "x" / "a_2.png")
+    os.rename(first[0], a)
+    os.rename(first[1], a_2)
+    os.rename(second[0], a_again)
+    out = tmp_path / "att"
+    written = visualize(setup["ckpt"], [a, a_again, a_2], classes="cat", out_dir=str(out), device="cpu")
+    assert len(set(written)) == 3 and sorted(os.listdir(out)) == sorted(os.path.basename(p) for p in written)
+    assert [os.path.basename(p) for p in written] == ["a_cat.png", "a_cat_2.png", "a_2_cat.png"]
+    # Each file is its own image's overlay (the images differ, so do the overlays).
+    pixels = [np.asarray(Image.open(p)) for p in written]
+    assert not np.array_equal(pixels[0], pixels[1]) and not np.array_equal(pixels[1], pixels[2])
+
+    ckpt = _with_class_names(setup, tmp_path / "names.pt", ["cat dog", "cat/dog", "tree"])
+    out = tmp_path / "att_names"
+    written = visualize(ckpt, a, top_k=3, out_dir=str(out), device="cpu")
+    assert len(set(written)) == 3 and len(os.listdir(out)) == 3
+    assert {os.path.basename(p) for p in written} == {"a_cat_dog.png", "a_cat_dog_2.png", "a_tree.png"}
+
+
+def test_visualize_interrupted_write_leaves_no_partial_png(setup, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of writing a PNG: the file is absent (or the previous run's, whole), never truncated,
+    and no temporary file is left."""
+    import io
+
+    from dsrb.visualize import visualize
+
+    out = tmp_path / "att"
+    first = visualize(setup["ckpt"], setup["images"][0], out_dir=str(out), device="cpu")
+    before = {p: open(p, "rb").read() for p in first}
+    real_save = Image.Image.save
+
+    def interrupted_save(self, fp, format=None, **params):
+        encoded = io.BytesIO()
+        real_save(self, encoded, format="PNG")
+        half = encoded.getvalue()[: len(encoded.getvalue()) // 2]
+        if isinstance(fp, (str, os.PathLike)):
+            with open(fp, "wb") as f:
+                f.write(half)
+        else:
+            fp.write(half)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", interrupted_save)
+    for image in (setup["images"][0], setup["images"][1]):  # over the first run's files, then into new ones
+        with pytest.raises(KeyboardInterrupt):
+            visualize(setup["ckpt"], image, out_dir=str(out), device="cpu")
+        assert sorted(os.listdir(out)) == sorted(os.path.basename(p) for p in first)
+        assert {p: open(p, "rb").read() for p in first} == before
+
+
+def test_out_is_checked_before_inference(setup, tmp_path, monkeypatch):
+    """An --out that cannot be written is an error naming --out before the checkpoint is even read; an --out in
+    folders still to be made is fine."""
+    from dsrb import evaluate, predict
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before --out was checked")
+
+    blocker = tmp_path / "a-file.png"
+    blocker.write_text("")
+    monkeypatch.setattr(predict, "load_model", never)
+    monkeypatch.setattr(evaluate, "load_model", never)
+    for out in (blocker / "p.json", blocker / "sub" / "p.json"):
+        with pytest.raises(ValueError, match=rf"^argument --out: {re.escape(str(blocker))} is a file, not a folder"):
+            predict.main(["--checkpoint", setup["ckpt"], setup["images"][0], "--out", str(out)])
+        with pytest.raises(ValueError, match=r"^argument 'out' \(--out\): .*a-file\.png is a file, not a folder"):
+            evaluate.main(["--checkpoint", setup["ckpt"], "--workers", "0", "--out", str(out)])
+    with pytest.raises(ValueError, match=r"^argument --out: .* is a directory"):
+        predict.main(["--checkpoint", setup["ckpt"], setup["images"][0], "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"^argument 'out' \(--out\): .* is a directory"):
+        evaluate.main(["--checkpoint", setup["ckpt"], "--out", str(tmp_path)])
+    monkeypatch.undo()
+    new = tmp_path / "new" / "sub" / "p.json"
+    predict.main(["--checkpoint", setup["ckpt"], setup["images"][0], "--out", str(new), "--device", "cpu"])
+    assert len(json.loads(new.read_text())) == 1
+
+
+def test_evaluate_names_dataset_argument(setup):
+    from dsrb.evaluate import main
+
+    with pytest.raises(ValueError, match=r"^argument 'dataset' \(--dataset\): unknown dataset 'bogus'; expected "
+                                         r"one of builtin, coco"):
+        main(["--checkpoint", setup["ckpt"], "--dataset", "bogus", "--workers", "0", "--device", "cpu"])

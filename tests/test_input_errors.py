@@ -186,11 +186,20 @@ def test_ctrl_c_during_imports_is_one_line(tool):
     assert proc.stderr == f"python -m dsrb.{tool}: interrupted\n", proc.stderr
 
 
-def test_output_to_a_closed_pipe_ends_quietly():
-    """``python -m dsrb.info | head -1``: the reader goes away before the tool writes; no BrokenPipeError traceback."""
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+@pytest.mark.parametrize("tool", ["info", "predict", "visualize"])
+def test_output_to_a_closed_pipe_ends_quietly(files, tool, buffered):
+    """``python -m dsrb.info | head -1``: the reader goes away before the tool writes; no BrokenPipeError traceback,
+    no error line, and no "Exception ignored" from the flush at exit when stdout is buffered (as it is by default)."""
+    args = {"info": [], "predict": ["--checkpoint", files["ckpt"], files["image"], "--device", "cpu"],
+            "visualize": ["--checkpoint", files["ckpt"], files["image"], "--device", "cpu",
+                          "--out-dir", str(files["tmp"] / f"pipe_{buffered}")]}[tool]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
     read, write = os.pipe()
-    proc = subprocess.Popen([sys.executable, "-m", "dsrb.info"], cwd=ROOT, stdout=write, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, "-m", f"dsrb.{tool}", *args], cwd=ROOT, stdout=write,
+                            stderr=subprocess.PIPE, text=True, env=env)
     os.close(write)
     os.close(read)  # long before the tool has imported torch and prints
     _, err = proc.communicate(timeout=600)

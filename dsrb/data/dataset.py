@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["MultiLabelDataset", "UnreadableImageError", "pil_to_tensor"]
+__all__ = ["MultiLabelDataset", "UnreadableImageError", "open_rgb", "pil_to_tensor"]
 
 
 class UnreadableImageError(OSError):
@@ -24,6 +24,37 @@ class UnreadableImageError(OSError):
     @classmethod
     def of(cls, path: str, err: BaseException) -> "UnreadableImageError":
         return cls(f"cannot read image {path}: {err}; drop unreadable images with skip_bad (--skip-bad-images)")
+
+
+def open_rgb(path: str):
+    """The image at ``path`` as an 8-bit RGB ``PIL.Image``, read whole (the file is closed on return).
+
+    Pillow's ``convert("RGB")`` clips 16-bit values to 255, which turns a 16-bit grayscale image into a near-white
+    one: 16-bit grayscale (modes ``I;16``, ``I;16B``, ..., and ``I`` from a PNG, which some Pillow versions use for
+    16-bit PNGs) is scaled to 8 bits first, value >> 8. Modes whose value range is unknown, 32-bit integer ``I``
+    from another format (TIFF) and float ``F``, raise a ValueError giving the mode rather than return an image that
+    may be silently black or white. Anything Pillow cannot read raises Pillow's error; callers name ``path``.
+    """
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if _is_16_bit(im):
+            values = np.clip(np.asarray(im, dtype=np.int32), 0, 65535) >> 8
+            return Image.fromarray(values.astype(np.uint8)).convert("RGB")
+        _check_value_range(im)
+        return im.convert("RGB")
+
+
+def _is_16_bit(im) -> bool:
+    return im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG")
+
+
+def _check_value_range(im) -> None:
+    """The ValueError of :func:`open_rgb` for an opened image whose value range is unknown (known from its header)."""
+    if im.mode in ("I", "F") and not _is_16_bit(im):
+        kind = "32-bit integer" if im.mode == "I" else "32-bit float"
+        raise ValueError(f"its mode {im.mode} ({kind} pixels) has no known value range; convert it to an 8- or "
+                         "16-bit image")
 
 
 def pil_to_tensor(image) -> torch.Tensor:
@@ -120,12 +151,9 @@ class MultiLabelDataset(Dataset):
 
     def load_image(self, index: int):
         """The RGB ``PIL.Image`` of image ``index``; a missing or unreadable file raises naming its path."""
-        from PIL import Image
-
         path = self.image_paths[index]
         try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
+            return open_rgb(path)
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
             raise UnreadableImageError.of(path, err) from err
 
@@ -154,7 +182,7 @@ class MultiLabelDataset(Dataset):
         return missing
 
     def verify_images(self, skip_bad: bool) -> int:
-        """Open every image and check it with ``PIL.Image.verify``.
+        """Open every image and check it with ``PIL.Image.verify`` (and its mode, as :func:`open_rgb` does).
 
         With ``skip_bad`` False the first bad image raises an UnreadableImageError naming its path. With ``skip_bad``
         True the bad images are dropped (from ``image_paths``, ``labels`` and ``targets``) and their number is
@@ -166,6 +194,7 @@ class MultiLabelDataset(Dataset):
         for i, path in enumerate(self.image_paths):
             try:
                 with Image.open(path) as im:
+                    _check_value_range(im)  # an image open_rgb would refuse later
                     im.verify()
             except Exception as err:
                 if not skip_bad:
