@@ -58,12 +58,14 @@ def atomic_write(path: str, write) -> None:
         pass
 
 
-def remove_stale_temporaries(directory: str) -> None:
-    """Delete the temporary files of writes a killed process left in ``directory`` (each may be a whole checkpoint).
-    Only for a directory no other process writes to."""
-    for name in os.listdir(directory):
-        if name.startswith(TMP_PREFIX):
-            os.unlink(os.path.join(directory, name))
+def remove_stale_temporaries(directory: str, names) -> None:
+    """Delete the temporary files that killed :func:`atomic_write` calls for the files ``names`` left in ``directory``
+    (each may be a whole checkpoint). Only for a directory no other process writes those files to; anything else
+    there, another program's ``.tmp-*`` file or a folder, is left alone."""
+    for entry in os.scandir(directory):
+        if (entry.name.startswith(TMP_PREFIX) and any(entry.name.endswith("-" + n) for n in names)
+                and entry.is_file(follow_symlinks=False)):
+            os.unlink(entry.path)
 
 
 def save_checkpoint(path: str, state: Dict[str, Any]) -> None:

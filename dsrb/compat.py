@@ -50,6 +50,7 @@ import warnings
 from collections import OrderedDict
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 __all__ = ["load_official_checkpoint", "to_official_state_dict", "official_to_dsrb_key", "dsrb_to_official_key"]
@@ -100,6 +101,31 @@ def dsrb_to_official_key(key: str) -> Optional[str]:
         if key.startswith(new) and len(key) > len(new):
             return off + key[len(new):]
     return None
+
+
+def _numpy_scalar_globals() -> list:
+    """What a pickled NumPy scalar names (the official trainer saves its best_mAP as a numpy.float64): the scalar
+    reconstructor under the module names of NumPy 1 and 2, and the dtypes. They build values and run no other code,
+    so allowing them keeps ``weights_only`` loading safe."""
+    scalar = np.float64(0).__reduce__()[0]
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")] if hasattr(np, "dtypes") else []
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype, *dtypes]
+
+
+def _load_file(path, map_location: Any, where: str) -> Any:
+    """``torch.load(weights_only=True)`` allowing NumPy scalars; an unreadable file is a ValueError naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{where} not found")
+    try:
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch.load raises many kinds (UnpicklingError, KeyError, RuntimeError, EOFError, ...)
+        lines = str(err).splitlines()
+        reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+        reason = reason.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "")
+        raise ValueError(f"{where} could not be read ({type(err).__name__}: {reason}); expected a file saved by the "
+                         "official code (a state dict, or a dict holding it under 'state_dict'); a checkpoint of a "
+                         "dsrb run (best.pt, last.pt) loads with dsrb.load_model") from err
 
 
 def _extract(obj: Any, where: str) -> Mapping[str, Any]:
@@ -183,7 +209,7 @@ def load_official_checkpoint(
 
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         where = f"checkpoint {os.fspath(path_or_state_dict)}"
-        raw = _extract(torch.load(path_or_state_dict, map_location=map_location, weights_only=True), where)
+        raw = _extract(_load_file(path_or_state_dict, map_location, where), where)
     else:
         where = "checkpoint"
         raw = _extract(path_or_state_dict, where)
@@ -194,7 +220,13 @@ def load_official_checkpoint(
         raise ValueError(f"cannot load {where}: values that are not tensors: {', '.join(not_tensors)}")
     state: Dict[str, torch.Tensor] = dict(raw)
 
-    inferred = _infer(state)
+    try:
+        inferred = _infer(state)
+    except ValueError as err:
+        hint = ""
+        if any(dsrb_to_official_key(k) not in (None, k) for k in state):  # this library's names, not the official
+            hint = "; this is a dsrb model's state dict: a dsrb run's best.pt or last.pt loads with dsrb.load_model"
+        raise ValueError(f"cannot load {where}: {err}{hint}") from err
     conflicts = []
     for name, value in inferred.items():
         if name in model_kwargs:
@@ -217,12 +249,13 @@ def load_official_checkpoint(
     for key, value in state.items():
         if key in _ALIASES:
             main = _ALIASES[key]
-            if main in state and not _same(value, state[main]):
-                shape_conflicts.append(f"{key} differs from {main}")
-            elif main not in state:
-                mapped[_EXACT[main]] = value
-            continue
-        new = official_to_dsrb_key(key)
+            if main in state:
+                if not _same(value, state[main]):
+                    shape_conflicts.append(f"{key} differs from {main}")
+                continue
+            new = _EXACT[main]  # the alias alone: it stands for the main name, shape checked below
+        else:
+            new = official_to_dsrb_key(key)
         if new is None or new not in expected:
             unexpected.append(key)
             continue
@@ -234,11 +267,12 @@ def load_official_checkpoint(
             continue
         mapped[new] = value
     # Checkpoints written before PyTorch 0.4.1 have no BatchNorm counters; anything else must be there.
+    present = set(state) | {_ALIASES[key] for key in state if key in _ALIASES}
     missing = [
         dsrb_to_official_key(k) or k
         for k in expected
         if k not in mapped and not k.endswith(".num_batches_tracked")
-        and dsrb_to_official_key(k) not in state  # present but rejected for its shape: reported as a conflict
+        and dsrb_to_official_key(k) not in present  # present but rejected for its shape: reported as a conflict
     ]
     problems = []
     if missing:

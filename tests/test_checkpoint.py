@@ -61,8 +61,11 @@ def test_full_disk_during_torch_save(tmp_path):
 
 
 def test_remove_stale_temporaries(tmp_path):
-    """What a write killed half-way leaves (a whole checkpoint each) goes; nothing else does."""
+    """What a write of the named files killed half-way leaves (a whole checkpoint each) goes; nothing else does,
+    not even another program's temporary file or folder of the same prefix."""
     (tmp_path / f"{TMP_PREFIX}abc-last.pt").write_bytes(b"partial")
     (tmp_path / "last.pt").write_bytes(b"complete")
-    remove_stale_temporaries(str(tmp_path))
-    assert os.listdir(tmp_path) == ["last.pt"]
+    (tmp_path / f"{TMP_PREFIX}editor-notes.txt").write_bytes(b"someone else's")
+    (tmp_path / f"{TMP_PREFIX}x-best.pt").mkdir()
+    remove_stale_temporaries(str(tmp_path), ("last.pt", "best.pt"))
+    assert sorted(os.listdir(tmp_path)) == [f"{TMP_PREFIX}editor-notes.txt", f"{TMP_PREFIX}x-best.pt", "last.pt"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -361,7 +362,9 @@ def test_load_official_checkpoint_gives_same_logits(wrap, tmp_path):
         src = {wrap: sd, "epoch": 7}
     elif wrap == "file":
         src = tmp_path / "checkpoint.pth"
-        torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "best_mAP": 0.5}, src)
+        # As the official trainer saves it: its best_mAP is a NumPy scalar (np.mean of the APs).
+        torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}, "best_mAP": np.float64(80.1),
+                    "epoch": 7}, src)
     else:
         src = sd
     model = load_official_checkpoint(src)
@@ -416,6 +419,25 @@ def test_shape_conflicts_are_listed():
     sd["fc.bias"] = torch.zeros(16)
     with pytest.raises(ValueError, match="GraphNeuralNetwork.inMatrix differs from inMatrix"):
         load_official_checkpoint(sd)
+    sd["GraphNeuralNetwork.inMatrix"] = sd.pop("inMatrix")[:2, :2]  # the duplicate name alone, of another shape
+    with pytest.raises(ValueError, match=r"shape conflicts: GraphNeuralNetwork\.inMatrix \(expected \(3, 3\)"):
+        load_official_checkpoint(sd)
+
+
+def test_unreadable_files_and_dsrb_checkpoints_are_clear_errors(tmp_path):
+    """A file that is not a checkpoint, or a dsrb run's checkpoint, is a ValueError naming the file (not torch's
+    KeyError or UnpicklingError); a dsrb state dict is pointed to dsrb.load_model."""
+    with pytest.raises(FileNotFoundError, match="checkpoint .*absent.pth not found"):
+        load_official_checkpoint(tmp_path / "absent.pth")
+    (tmp_path / "text.pth").write_text("hello")
+    with pytest.raises(ValueError, match=r"checkpoint .*text\.pth could not be read \(KeyError"):
+        load_official_checkpoint(tmp_path / "text.pth")
+    model = load_official_checkpoint(official_checkpoint()[1])
+    torch.save({"model": model.state_dict(), "rng": np.random.get_state()}, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match=r"last\.pt could not be read \(UnpicklingError: Unsupported global"):
+        load_official_checkpoint(tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="dsrb model's state dict.*dsrb.load_model"):
+        load_official_checkpoint({"model": model.state_dict()})
 
 
 def test_not_a_state_dict_and_non_tensor_values():
