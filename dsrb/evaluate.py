@@ -51,22 +51,6 @@ def _json_float(value) -> Optional[float]:
     return value if math.isfinite(value) else None
 
 
-def _column_order(dataset_names, model_names, where: str):
-    """Indices that put the dataset's label columns in the model's class order."""
-    dataset_names = list(dataset_names)
-    if dataset_names == list(model_names):
-        return None
-    if sorted(dataset_names) != sorted(model_names):
-        missing = [n for n in model_names if n not in dataset_names]
-        extra = [n for n in dataset_names if n not in model_names]
-        raise ValueError(
-            f"{where}: the dataset's {len(dataset_names)} classes do not match the checkpoint's {len(model_names)} "
-            f"classes (in the checkpoint only: {missing[:10]}; in the dataset only: {extra[:10]})"
-        )
-    position = {n: i for i, n in enumerate(dataset_names)}
-    return torch.tensor([position[n] for n in model_names])
-
-
 @torch.no_grad()
 def evaluate_checkpoint(
     checkpoint: Union[str, os.PathLike],
@@ -123,7 +107,8 @@ def evaluate_checkpoint(
     skip = skip_bad if skip_bad is not None else bool(cfg.get("skip_bad_images", False))
 
     ds = build_dataset(dataset, split, root=data_root, transform=TestTransform(size), skip_bad=skip)
-    order = _column_order(ds.class_names, info["class_names"], f"dataset '{dataset}' ({split}) vs checkpoint {path}")
+    ds.align_classes(info["class_names"], f"dataset '{dataset}' ({split}) vs checkpoint {path}", ours="the dataset",
+                     theirs="the checkpoint")
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=dev.type == "cuda")
     scores, indices = [], []
@@ -135,8 +120,6 @@ def evaluate_checkpoint(
     index_t = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
     check_finite_logits(scores_t, path)
     labels = torch.as_tensor(ds.labels)[index_t].float()
-    if order is not None:
-        labels = labels[:, order]
     metrics = compute_metrics(scores_t, labels)
     if scores_t.shape[0]:
         _, ap = voc_map(scores_t, labels)

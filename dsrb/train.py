@@ -58,6 +58,9 @@ from .progress import Progress
 
 log = logging.getLogger("dsrb.train")
 
+# What a run writes atomically in its directory.
+RUN_FILES = ("config.json", "partial_labels.npz", "metrics.jsonl", "last.pt", "best.pt", "summary.json")
+
 # Keys of a metrics.jsonl line that measure time, not results (a resumed run differs only in these).
 TIMING_KEYS = ("time_s", "train_images_per_s")
 
@@ -182,6 +185,9 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool):
                                   skip_bad=cfg.skip_bad_images)
     test_set = build_dataset(cfg.dataset, "test", root=cfg.data_root, transform=TestTransform(cfg.image_size),
                              skip_bad=cfg.skip_bad_images)
+    # COCO reads each split's classes from its own file: the test labels must follow the train (model) order.
+    test_set.align_classes(train_set.class_names, f"dataset '{cfg.dataset}': test split {test_set.source} vs train "
+                           f"split {train_set.source}", ours="the test split", theirs="the train split")
     if not bool((test_set.labels > 0).any()):  # empty included
         # The test mAP selects best.pt: without a positive label it is NaN every epoch and no best.pt is written.
         raise ValueError(f"dataset '{cfg.dataset}' (test): its {len(test_set)} images have no positive label, so the "
@@ -610,7 +616,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
     # Every setting is checked: now the run directory.
     if d.main:
         os.makedirs(out, exist_ok=True)
-        remove_stale_temporaries(out)  # a checkpoint write killed half-way
+        remove_stale_temporaries(out, RUN_FILES)  # a checkpoint write killed half-way
         log_to_file(out)
         if save_partial is not None:
             save_partial()

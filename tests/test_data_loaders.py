@@ -123,6 +123,23 @@ def test_coco_missing_files(tmp_path):
         load_coco(tmp_path, "test")
 
 
+def test_coco_duplicate_names_and_bad_ids_name_the_file(tmp_path):
+    path, data = _coco(tmp_path)
+    data["categories"][2]["name"] = "dog"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"instances_train2014\.json: categories\[2\]: duplicate category name 'dog' "
+                                         r"\(also categories\[0\]\)"):
+        load_coco(tmp_path, "train")
+    for section, i, key, value in (("images", 1, "id", [31]), ("categories", 0, "id", {"a": 7}),
+                                   ("annotations", 2, "image_id", True), ("annotations", 0, "category_id", None)):
+        path, data = _coco(tmp_path)
+        data[section][i][key] = value
+        path.write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=rf"instances_train2014\.json: {section}\[{i}\]: '{key}' must be a "
+                                             "number or a string"):
+            load_coco(tmp_path, "train")
+
+
 def test_missing_image_is_found_when_the_dataset_is_built(tmp_path):
     """A listed image that is not a file is an error naming it when the dataset is built, not at its turn in an
     epoch; skip_bad drops it instead."""
@@ -264,6 +281,18 @@ def test_vg_class_names_file(tmp_path):
         load_vg200(tmp_path, "train")
 
 
+def test_vg_duplicate_class_names_name_the_file(tmp_path):
+    names = [f"thing {i}" for i in range(200)]
+    names[7] = "thing 3"
+    _vg(tmp_path, names=names)
+    with pytest.raises(ValueError, match=r"vg_category_200\.json: class name 'thing 3' appears at indices 3 and 7"):
+        load_vg200(tmp_path, "train")
+    (tmp_path / "vg_category_200.json").unlink()
+    (tmp_path / "vg_category_200.txt").write_text("\n".join(names) + "\n")
+    with pytest.raises(ValueError, match=r"vg_category_200\.txt: line 8: class 'thing 3' already given on line 4"):
+        load_vg200(tmp_path, "train")
+
+
 def test_vg_errors_name_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"vg_category_200_labels_index\.json"):
         load_vg200(tmp_path, "train")
@@ -321,6 +350,65 @@ def test_list_errors(tmp_path):
         load_list(tmp_path / "bad.csv")
     with pytest.raises(FileNotFoundError, match=r"missing\.csv"):
         load_list(tmp_path / "missing.csv")
+
+
+def test_list_rows_end_at_newlines_only(tmp_path):
+    """U+2028, \\x85 and \\x0c are no row ends (str.splitlines would split there); quoted commas and newlines stay in
+    their field, and error lines count the lines of a quoted newline."""
+    names = ["a\u2028b.png", "c\x85d\x0ce.png", "f,g.png", "h\ni.png"]
+    rows = ["path,labels", f"{names[0]},cat", f"{names[1]},dog", f'"{names[2]}",cat', f'"{names[3]}",dog', "j.png,"]
+    (tmp_path / "l.csv").write_text("\r\n".join(rows) + "\r\n", encoding="utf-8", newline="")
+    ds = load_list(tmp_path / "l.csv")
+    assert ds.image_paths == [str(tmp_path / n) for n in names + ["j.png"]]
+    assert ds.labels.tolist() == [[1, -1], [-1, 1], [1, -1], [-1, 1], [-1, -1]]
+    (tmp_path / "classes.txt").write_text("x\u2028y\r\ncat\rdog\n", encoding="utf-8", newline="")
+    assert load_list(tmp_path / "l.csv", classes=tmp_path / "classes.txt").class_names == ["x\u2028y", "cat", "dog"]
+    (tmp_path / "l.csv").write_text("\n".join(rows[:-1] + ["j.png,cow"]) + "\n", encoding="utf-8", newline="")
+    with pytest.raises(ValueError, match=r"l\.csv: line 7: unknown class 'cow'"):
+        load_list(tmp_path / "l.csv", classes=["cat", "dog"])
+
+
+def _text_files(root):
+    """{kind: (text file, loader call)} for every kind of text file the loaders read."""
+    _coco(root / "coco")
+    _voc(root / "voc")
+    _vg(root / "vg")
+    _list_root(root / "list")
+    (root / "list" / "classes.txt").write_text("cat\ndog\nsofa\nzebra\n")
+    for path in (root / "coco" / "annotations" / "instances_train2014.json",
+                 root / "vg" / "vg_category_200_labels_index.json"):
+        path.write_text(json.dumps(json.loads(path.read_text()), indent=1))  # several lines
+    return {
+        "list csv": (root / "list" / "train.csv", lambda: load_list(root / "list" / "train.csv")),
+        "classes.txt": (root / "list" / "classes.txt", lambda: build_dataset("list", "train", root=root / "list")),
+        "coco json": (root / "coco" / "annotations" / "instances_train2014.json", lambda: load_coco(root / "coco",
+                                                                                                    "train")),
+        "voc ids": (root / "voc" / "VOC2007" / "ImageSets" / "Main" / "trainval.txt",
+                    lambda: load_voc2007(root / "voc", "train")),
+        "vg labels": (root / "vg" / "vg_category_200_labels_index.json", lambda: load_vg200(root / "vg", "train")),
+        "vg list": (root / "vg" / "train_list_500.txt", lambda: load_vg200(root / "vg", "train")),
+    }
+
+
+@pytest.mark.parametrize("kind", ["list csv", "classes.txt", "coco json", "voc ids", "vg labels", "vg list"])
+def test_text_file_not_utf8_names_the_file(tmp_path, kind):
+    path, load = _text_files(tmp_path)[kind]
+    text = path.read_bytes()
+    at = text.index(b"\n") + 1  # the start of line 2
+    path.write_bytes(text[:at] + "\u00e9".encode("latin-1") + text[at:])
+    with pytest.raises(ValueError) as info:
+        load()
+    assert str(info.value) == (f"{path}: line 2: not UTF-8 text (byte 0xe9 at byte offset {at}: invalid continuation "
+                               "byte); save the file as UTF-8")
+
+
+@pytest.mark.parametrize("kind", ["coco json", "voc ids", "vg list"])
+def test_text_file_may_start_with_a_byte_order_mark(tmp_path, kind):
+    path, load = _text_files(tmp_path)[kind]
+    expected = load()
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    ds = load()
+    assert ds.image_paths == expected.image_paths and torch.equal(ds.labels, expected.labels)
 
 
 # ---------------------------------------------------------------------------------------------------- build_dataset

@@ -293,6 +293,48 @@ def test_missing_image_named_before_the_run(tmp_path):
     assert not out.exists()
 
 
+def coco_splits(tmp_path, train_categories, test_categories) -> str:
+    """A COCO-layout dataset with two blank images per split, the first of the class with id 2, the second of id 1,
+    and the categories {id: name} given for each split."""
+    from PIL import Image
+
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    for split, folder, categories in (("train", "train2014", train_categories), ("val", "val2014", test_categories)):
+        (root / folder).mkdir()
+        for name in ("a.png", "b.png"):
+            Image.new("RGB", (64, 64)).save(root / folder / name)
+        data = {"images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}],
+                "categories": [{"id": i, "name": n} for i, n in categories.items()],
+                "annotations": [{"image_id": 1, "category_id": 2}, {"image_id": 2, "category_id": 1}]}
+        (root / "annotations" / f"instances_{split}2014.json").write_text(json.dumps(data))
+    return str(root)
+
+
+def test_test_split_classes_are_put_in_the_train_order_by_name(tmp_path):
+    """COCO takes each split's classes from its own file: the same names in another order are the train order in
+    the test labels (which the test mAP and best.pt are computed on), not swapped columns."""
+    root = coco_splits(tmp_path, {1: "cat", 2: "dog"}, {1: "dog", 2: "cat"})
+    cfg, _ = parse_args(["--dataset", "coco", "--data-root", root, "--known-proportion", "1", *TINY])
+    train_set, test_set, _, _ = train.build_data(cfg, str(tmp_path / "run"), train.Dist(), False)
+    assert train_set.class_names == test_set.class_names == ["cat", "dog"]
+    assert train_set.labels.tolist() == [[-1, 1], [1, -1]]
+    assert test_set.labels.tolist() == test_set.targets.tolist() == [[1, -1], [-1, 1]]
+
+
+def test_test_split_with_other_classes_is_refused_before_the_run(tmp_path):
+    root = coco_splits(tmp_path, {1: "cat", 2: "dog"}, {1: "bird", 2: "cat"})
+    out = tmp_path / "run"
+    with pytest.raises(ValueError) as info:
+        train.main(["--dataset", "coco", "--data-root", root, "--out", str(out), "--known-proportion", "1", "--epochs",
+                    "1", *TINY, "--batch-size", "2"])  # settings that train in a second without the check
+    ann = os.path.join(root, "annotations", "instances_")
+    assert str(info.value) == (f"dataset 'coco': test split {ann}val2014.json vs train split {ann}train2014.json: the 2 "
+                               "classes of the test split do not match the 2 classes of the train split (only in the "
+                               "train split: ['dog']; only in the test split: ['bird'])")
+    assert not out.exists()
+
+
 def test_tensorboard_missing_is_a_clear_error(data_root, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import raises ImportError
     out = tmp_path / "run"

@@ -122,3 +122,47 @@ def test_bad_class_names(tmp_path):
         load_word_vectors(None, "abc")
     with pytest.raises(ValueError, match="class_names"):
         load_word_vectors(_write_glove(tmp_path), ["person", "__"])
+
+
+@pytest.mark.parametrize("text, line, values, width, source", [
+    ("the 1 2 3\ncat 1 2\n", 2, 2, 3, "the first vector, line 1"),  # a short line
+    ("the 1 2 3\ncat 1 2 3 4\n", 2, 4, 3, "the first vector, line 1"),  # a long one (not a word with spaces)
+    ("\nthe 1 2\ncat 1 2 3\ndog 4 5 6\n", 3, 3, 2, "the first vector, line 2"),  # a short first line
+    ("2 5\ncat 1 2\ndog 3 4\n", 2, 2, 5, "the word2vec header on line 1"),
+    ("2 2\ncat 1 2 3\ndog 3 4 5\n", 2, 3, 2, "the word2vec header on line 1"),
+])
+def test_glove_width_mismatch_names_the_line_and_both_widths(tmp_path, text, line, values, width, source):
+    """Not dropped and then reported as a missing word (nor every word, when the width was guessed wrong)."""
+    path = _write_glove(tmp_path, text=text)
+    with pytest.raises(ValueError) as info:
+        load_word_vectors(path, ["cat", "dog"])
+    assert not isinstance(info.value, MissingWordsError)
+    assert str(info.value) == (f"word-vector file '{path}', line {line}: {values} values, expected {width} (the width "
+                               f"given by {source})")
+
+
+def test_glove_words_with_spaces_are_no_width_mismatch(tmp_path):
+    """GloVe words holding an ASCII space (". . .") or another white space (U+00A0), which str.split would split;
+    the first line that is a mismatch is found after them."""
+    text = "the 1 2 3\n. . . 4 5 6\n\u00a0 7 8 9\nnew\u00a0york 1 1 1\ncat 0 1 0\ndog 1 2\n"
+    path = _write_glove(tmp_path, text=text)
+    assert load_word_vectors(path, ["cat"]).tolist() == [[0.0, 1.0, 0.0]]
+    with pytest.raises(ValueError, match=r"glove\.txt', line 6: 2 values, expected 3"):
+        load_word_vectors(path, ["cat", "dog"])
+
+
+def test_non_finite_vectors_and_corrupt_gzip_name_the_file(tmp_path):
+    path = _write_glove(tmp_path, text="the 1 2 3\ncat 1 nan 3\ndog 1 2 -inf\n")
+    with pytest.raises(ValueError, match=r"glove\.txt', line 2: the vector of 'cat' holds a non-finite value"):
+        load_word_vectors(path, ["dog", "cat"])
+    npy = tmp_path / "vectors.npy"
+    np.save(npy, np.array([[1.0, 2.0], [3.0, np.inf]]))
+    with pytest.raises(ValueError, match=r"vectors\.npy': row 1 holds a non-finite value \(inf\)"):
+        load_word_vectors(npy, ["a", "b"])
+    gz = tmp_path / "glove.txt.gz"
+    gz.write_bytes(b"plain text, not gzip\n")
+    with pytest.raises(ValueError, match=r"glove\.txt\.gz': cannot decompress it \(Not a gzipped file"):
+        load_word_vectors(gz, ["cat"])
+    gz.write_bytes(gzip.compress(GLOVE.encode() * 50)[:-40])  # truncated
+    with pytest.raises(ValueError, match=r"glove\.txt\.gz': cannot decompress it"):
+        load_word_vectors(gz, ["zebra"])

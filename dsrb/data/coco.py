@@ -14,7 +14,7 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from .dataset import MultiLabelDataset
+from .dataset import MultiLabelDataset, find_duplicate, read_text
 
 __all__ = ["load_coco", "read_coco_labels"]
 
@@ -67,6 +67,14 @@ def _field(record, key: str, where: str, path: Path):
     return record[key]
 
 
+def _id(record, key: str, where: str, path: Path):
+    """An id field: a number or a string (a list would be unhashable, ``true`` would stand for 1)."""
+    value = _field(record, key, where, path)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{path}: {where}: '{key}' must be a number or a string, got {value!r:.40}")
+    return value
+
+
 def read_coco_labels(annotation: PathLike):
     """Parse a COCO instances json -> (file names (N,), labels int8 array (N, C), class names (C,)).
 
@@ -77,8 +85,7 @@ def read_coco_labels(annotation: PathLike):
     if not path.is_file():
         raise FileNotFoundError(f"COCO annotation file not found: {path}; {_LAYOUT}")
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON: {err}") from err
     if not isinstance(data, dict):
@@ -93,12 +100,17 @@ def read_coco_labels(annotation: PathLike):
     cat_ids = []
     names = {}
     for i, cat in enumerate(sections["categories"]):
-        cid = _field(cat, "id", f"categories[{i}]", path)
+        cid = _id(cat, "id", f"categories[{i}]", path)
         name = _field(cat, "name", f"categories[{i}]", path)
         if cid in names:
             raise ValueError(f"{path}: categories[{i}]: duplicate category id {cid!r}")
         names[cid] = str(name)
         cat_ids.append(cid)
+    dup = find_duplicate([names[cid] for cid in cat_ids])  # cat_ids in json order here
+    if dup is not None:
+        first, second = dup
+        raise ValueError(f"{path}: categories[{second}]: duplicate category name {names[cat_ids[second]]!r} (also "
+                         f"categories[{first}]); expected unique class names")
     try:
         cat_ids.sort()
     except TypeError as err:
@@ -109,7 +121,7 @@ def read_coco_labels(annotation: PathLike):
     image_index = {}
     file_names = []
     for i, img in enumerate(sections["images"]):
-        iid = _field(img, "id", f"images[{i}]", path)
+        iid = _id(img, "id", f"images[{i}]", path)
         file_name = _field(img, "file_name", f"images[{i}]", path)
         if iid in image_index:
             raise ValueError(f"{path}: images[{i}]: duplicate image id {iid!r}")
@@ -118,8 +130,8 @@ def read_coco_labels(annotation: PathLike):
 
     rows, cols = [], []
     for i, ann in enumerate(sections["annotations"]):
-        iid = _field(ann, "image_id", f"annotations[{i}]", path)
-        cid = _field(ann, "category_id", f"annotations[{i}]", path)
+        iid = _id(ann, "image_id", f"annotations[{i}]", path)
+        cid = _id(ann, "category_id", f"annotations[{i}]", path)
         try:
             rows.append(image_index[iid])
         except (KeyError, TypeError):
@@ -160,4 +172,4 @@ def load_coco(
     if not images.is_dir():
         raise FileNotFoundError(f"COCO image folder not found: {images} (images listed in {ann}); {_LAYOUT}")
     paths = [str(images / f) for f in file_names]
-    return MultiLabelDataset(paths, labels, class_names, transform=transform, name=name)
+    return MultiLabelDataset(paths, labels, class_names, transform=transform, name=name, source=str(ann))

@@ -8,14 +8,53 @@ the run through :meth:`MultiLabelDataset.set_targets`. Images are read lazily wi
 
 from __future__ import annotations
 
+import codecs
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Set
+import re
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["MultiLabelDataset", "UnreadableImageError", "open_rgb", "pil_to_tensor"]
+__all__ = ["MultiLabelDataset", "UnreadableImageError", "find_duplicate", "open_rgb", "pil_to_tensor", "read_lines",
+           "read_text"]
+
+_NEWLINE = re.compile(r"\r\n?|\n")
+
+
+def read_text(path: Union[str, os.PathLike]) -> str:
+    """The text of the UTF-8 file ``path``, without the byte-order mark some editors write first.
+
+    Every text file the loaders read goes through here, so that a file in another encoding (Latin-1, UTF-16) is one
+    ValueError naming the file, the line and the byte offset, not a UnicodeDecodeError naming nothing.
+    """
+    data = Path(path).read_bytes()
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return (data[start:] if start else data).decode("utf-8")
+    except UnicodeDecodeError as err:
+        pos = start + err.start
+        line = data.count(b"\n", 0, pos) + 1
+        raise ValueError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[pos]:02x} at byte offset {pos}: "
+                         f"{err.reason}); save the file as UTF-8") from None
+
+
+def read_lines(path: Union[str, os.PathLike]) -> List[str]:
+    """The lines of the UTF-8 file ``path`` (:func:`read_text`), split at newlines only: ``\\n``, ``\\r\\n`` or
+    ``\\r``. ``str.splitlines`` also splits at U+2028, ``\\x85``, ``\\x0c``, ..., which may be part of a name."""
+    return _NEWLINE.split(read_text(path))
+
+
+def find_duplicate(names: Sequence[str]) -> Optional[Tuple[int, int]]:
+    """The positions (first, second) of the first name that appears twice in ``names``, or None."""
+    first: Dict[str, int] = {}
+    for i, n in enumerate(names):
+        if n in first:
+            return first[n], i
+        first[n] = i
+    return None
 
 
 class UnreadableImageError(OSError):
@@ -97,6 +136,7 @@ class MultiLabelDataset(Dataset):
         class_names: the C class names, in class-index order.
         transform: callable ``PIL.Image -> Tensor (3, H, W)``; ``None`` gives a float32 tensor in [0, 1].
         name: a short dataset name ("coco", "voc", ...), for messages.
+        source: the file the images are listed in (an annotation or list file), for messages.
 
     ``dataset[i]`` is ``(image, target, i)`` with ``target = targets[i]`` as float32 (C,).
     """
@@ -109,6 +149,7 @@ class MultiLabelDataset(Dataset):
         *,
         transform: Optional[Callable] = None,
         name: str = "",
+        source: str = "",
     ):
         if isinstance(image_paths, (str, bytes)):
             raise TypeError("argument 'image_paths': expected a sequence of paths, got a single string")
@@ -116,20 +157,17 @@ class MultiLabelDataset(Dataset):
             raise TypeError("argument 'class_names': expected a sequence of class names, got a single string")
         self.image_paths = [str(p) for p in image_paths]
         self.class_names = [str(c) for c in class_names]
-        if len(set(self.class_names)) != len(self.class_names):
-            seen, dup = set(), None
-            for c in self.class_names:
-                if c in seen:
-                    dup = c
-                    break
-                seen.add(c)
-            raise ValueError(f"argument 'class_names': expected unique names, '{dup}' appears more than once")
+        dup = find_duplicate(self.class_names)
+        if dup is not None:
+            raise ValueError(f"argument 'class_names': expected unique names, '{self.class_names[dup[1]]}' appears "
+                             "more than once")
         if transform is not None and not callable(transform):
             raise TypeError(f"argument 'transform': expected a callable or None, got {type(transform).__name__}")
         self.labels = _label_matrix("labels", labels, len(self.image_paths), len(self.class_names))
         self.targets = self.labels.clone()
         self.transform = transform
         self.name = str(name)
+        self.source = str(source)
         self.skipped = 0
 
     @property
@@ -148,6 +186,29 @@ class MultiLabelDataset(Dataset):
     def set_targets(self, targets) -> None:
         """Replace the training targets: a (N, C) matrix with values in {-1, 0, 1}, stored as int8."""
         self.targets = _label_matrix("targets", targets, len(self.image_paths), len(self.class_names))
+
+    def align_classes(self, class_names: Sequence[str], where: str, *, ours: str, theirs: str) -> None:
+        """Put the class columns (``class_names``, ``labels``, ``targets``) in the order of ``class_names``, the
+        names of another side (a checkpoint, the train split) that must be this dataset's names in some order.
+
+        Other names raise a ValueError starting with ``where`` and listing the names found on one side only
+        (``ours`` describes this dataset, ``theirs`` the other side).
+        """
+        names = [str(c) for c in class_names]
+        if names == self.class_names:
+            return
+        if sorted(names) != sorted(self.class_names):
+            only_theirs = [n for n in names if n not in self.class_names]
+            only_ours = [n for n in self.class_names if n not in names]
+            raise ValueError(
+                f"{where}: the {len(self.class_names)} classes of {ours} do not match the {len(names)} classes of "
+                f"{theirs} (only in {theirs}: {only_theirs[:10]}; only in {ours}: {only_ours[:10]})"
+            )
+        position = {n: i for i, n in enumerate(self.class_names)}
+        order = torch.tensor([position[n] for n in names])
+        self.labels = self.labels[:, order]  # advanced indexing copies
+        self.targets = self.targets[:, order]
+        self.class_names = names
 
     def load_image(self, index: int):
         """The RGB ``PIL.Image`` of image ``index``; a missing or unreadable file raises naming its path."""

@@ -23,13 +23,15 @@ union of the names in both files.
 from __future__ import annotations
 
 import csv
+import io
 import os
+import re
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .dataset import MultiLabelDataset
+from .dataset import MultiLabelDataset, read_lines, read_text
 
 __all__ = ["check_list_images", "load_list", "read_list", "read_class_file"]
 
@@ -45,7 +47,7 @@ def read_class_file(path: PathLike) -> List[str]:
         raise FileNotFoundError(f"class-name file not found: {path} (expected one class name per line)")
     names = []
     seen = {}
-    for line_no, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for line_no, line in enumerate(read_lines(path), start=1):
         name = line.strip()
         if not name:
             continue
@@ -61,14 +63,16 @@ def read_list(path: PathLike) -> List[Tuple[int, str, List[str]]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"list file not found: {path}; {_FORMAT}")
-    with open(path, "r", encoding="utf-8-sig", newline="") as f:
-        text = f.read()
-    first = text.splitlines()[0] if text else ""
+    text = read_text(path)
+    first = re.match(r"[^\r\n]*", text).group()
     delimiter = "\t" if "\t" in first else ","
-    reader = csv.reader(text.splitlines(), delimiter=delimiter)
+    # Rows end at newlines only (str.splitlines also splits at U+2028, \x85, ...), and a quoted field may hold one.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     rows = []
     header_seen = False
-    for line_no, fields in enumerate(reader, start=1):
+    next_line = 1
+    for fields in reader:
+        line_no, next_line = next_line, reader.line_num + 1  # a row's first line
         if not fields or all(not f.strip() for f in fields):
             continue
         if not header_seen:
@@ -128,7 +132,7 @@ def load_list(
                 raise ValueError(f"{path}: line {line_no}: unknown class '{n}'; known classes: {shown}")
             labels[row, index[n]] = 1
         paths.append(_image_path(image, base))
-    return MultiLabelDataset(paths, labels, class_names, transform=transform, name="list")
+    return MultiLabelDataset(paths, labels, class_names, transform=transform, name="list", source=str(path))
 
 
 def _image_path(image: str, base: Path) -> str:

@@ -19,7 +19,8 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from .dataset import MultiLabelDataset
+from .dataset import MultiLabelDataset, find_duplicate, read_lines, read_text
+from .listfile import read_class_file
 
 __all__ = ["VG_NUM_CLASSES", "load_vg200"]
 
@@ -37,8 +38,7 @@ def _load_json(path: Path, what: str):
     if not path.is_file():
         raise FileNotFoundError(f"VG {what} not found: {path}; {_LAYOUT}")
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON: {err}") from err
 
@@ -47,14 +47,14 @@ def _class_names(root: Path, num_classes: int):
     """Names from the first class-name file present, else class_000 ...; a malformed file raises naming it.
 
     Accepted: a text file with one name per line, a JSON list of names in index order, a JSON object
-    {name: index} or {index: name}.
+    {name: index} or {index: name}. Names must be unique.
     """
     for fname in _NAME_FILES:
         path = root / fname
         if not path.is_file():
             continue
         if path.suffix == ".txt":
-            names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            names = read_class_file(path)  # duplicates raise naming their lines
         else:
             data = _load_json(path, "class-name file")
             names = None
@@ -77,7 +77,12 @@ def _class_names(root: Path, num_classes: int):
                 )
         if len(names) != num_classes:
             raise ValueError(f"{path}: expected {num_classes} class names, found {len(names)}")
-        return [str(n) for n in names]
+        names = [str(n) for n in names]
+        dup = find_duplicate(names)
+        if dup is not None:
+            raise ValueError(f"{path}: class name {names[dup[1]]!r} appears at indices {dup[0]} and {dup[1]}; "
+                             "expected unique names")
+        return names
     return [f"class_{i:03d}" for i in range(num_classes)]
 
 
@@ -113,11 +118,10 @@ def load_vg200(
     if not list_path.is_file():
         raise FileNotFoundError(f"VG image list not found: {list_path}; {_LAYOUT}")
     names = []
-    with open(list_path, "r", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            name = line.strip()
-            if name:
-                names.append((line_no, name))
+    for line_no, line in enumerate(read_lines(list_path), start=1):
+        name = line.strip()
+        if name:
+            names.append((line_no, name))
     images = Path(image_dir) if image_dir is not None else root / "VG_100K"
     if not images.is_dir():
         raise FileNotFoundError(f"VG image folder not found: {images}; {_LAYOUT}")
@@ -136,4 +140,4 @@ def load_vg200(
             labels[row, c] = 1
     class_names = _class_names(root, VG_NUM_CLASSES)
     paths = [str(images / name) for _, name in names]
-    return MultiLabelDataset(paths, labels, class_names, transform=transform, name="vg")
+    return MultiLabelDataset(paths, labels, class_names, transform=transform, name="vg", source=str(list_path))

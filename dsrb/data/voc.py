@@ -14,7 +14,7 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from .dataset import MultiLabelDataset
+from .dataset import MultiLabelDataset, read_lines
 
 __all__ = ["VOC_CLASSES", "load_voc2007"]
 
@@ -64,11 +64,10 @@ def _read_ids(path: Path):
     if not path.is_file():
         raise FileNotFoundError(f"VOC image list not found: {path}; {_LAYOUT}")
     ids = []
-    with open(path, "r", encoding="utf-8") as f:
-        for line in f:
-            fields = line.split()
-            if fields:
-                ids.append(fields[0])
+    for line in read_lines(path):
+        fields = line.split()
+        if fields:
+            ids.append(fields[0])
     return ids
 
 
@@ -110,11 +109,12 @@ def load_voc2007(
     if split not in _VOC_SPLITS:
         raise ValueError(f"argument 'split': expected 'train' or 'test', got {split!r}")
     base = _voc_dir(root)
-    ids = _read_ids(base / "ImageSets" / "Main" / f"{_VOC_SPLITS[split]}.txt")
+    id_file = base / "ImageSets" / "Main" / f"{_VOC_SPLITS[split]}.txt"
+    ids = _read_ids(id_file)
     class_index = {c: i for i, c in enumerate(VOC_CLASSES)}
     labels = np.full((len(ids), len(VOC_CLASSES)), -1, dtype=np.int8)
     for row, image_id in enumerate(ids):
         for c in _parse_annotation(base / "Annotations" / f"{image_id}.xml", class_index):
             labels[row, c] = 1
     paths = [str(base / "JPEGImages" / f"{image_id}.jpg") for image_id in ids]
-    return MultiLabelDataset(paths, labels, VOC_CLASSES, transform=transform, name="voc")
+    return MultiLabelDataset(paths, labels, VOC_CLASSES, transform=transform, name="voc", source=str(id_file))

@@ -5,12 +5,13 @@ Three sources, chosen by ``path``:
 * an ``.npy`` file holding a (C, E) array, e.g. the official ``vectors.npy`` (80 x 300), ``voc07_vector.npy``
   (20 x 300) or ``vg_200_vector.npy`` (200 x 300). Recognised by the ``.npy`` extension or NumPy's magic bytes.
 * a GloVe text file (``word v1 v2 ... vE`` per line, any E; optionally gzip-compressed as ``.gz``; a word2vec
-  ``"<count> <dim>"`` header line is skipped). Each class name is lower-cased and split into words on whitespace,
+  ``"<count> <dim>"`` header line gives the width). Each class name is lower-cased and split into words on whitespace,
   underscores and hyphens (``"Traffic light"`` -> ``traffic``, ``light``; ``"hair_drier"`` -> ``hair``,
   ``drier``; ``"t-shirt"`` -> ``t``, ``shirt``), and the class vector is the mean of its words' vectors, the
   lineage (SSGRL) convention. The file is streamed and only the needed words are parsed, so multi-GB files are
   fine. The first occurrence of a word wins. If any word is missing, :class:`MissingWordsError` lists all of them
-  with their classes.
+  with their classes. Every line read must have the file's width (the header's, else the first vector's); a line
+  with fewer values, or with more whose extra fields are numbers, is an error naming its line.
 * ``None``: ``torch.randn(C, dim, generator=torch.Generator().manual_seed(seed))``. These vectors are deterministic
   but carry **no semantics**: the model still trains, and semantic decoupling then learns its class queries from
   scratch (through its trainable projection of them) instead of starting from related embeddings for related
@@ -22,6 +23,7 @@ from __future__ import annotations
 import gzip
 import os
 import re
+import zlib
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -31,6 +33,7 @@ __all__ = ["load_word_vectors", "class_name_words", "MissingWordsError"]
 
 _NPY_MAGIC = b"\x93NUMPY"
 _SPLIT = re.compile(r"[\s_\-]+")
+_FIELDS = re.compile(r"[ \t]+")
 
 
 class MissingWordsError(KeyError, ValueError):
@@ -91,6 +94,9 @@ def _load_npy(path: str, num_classes: int) -> torch.Tensor:
         )
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise ValueError(f"word-vector file '{path}': expected a numeric array, got dtype {arr.dtype}")
+    bad = np.argwhere(~np.isfinite(arr))
+    if len(bad):
+        raise ValueError(f"word-vector file '{path}': row {bad[0][0]} holds a non-finite value ({arr[tuple(bad[0])]})")
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
 
 
@@ -98,6 +104,19 @@ def _open_text(path: str):
     if path.lower().endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8", errors="replace")
     return open(path, "r", encoding="utf-8", errors="replace")
+
+
+def _fields(line: str) -> List[str]:
+    """A line's fields split at ASCII spaces and tabs only: a GloVe word may hold other white space (U+00A0)."""
+    return _FIELDS.split(line.strip(" \t\r\n"))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _load_glove(path: str, names: List[str]) -> torch.Tensor:
@@ -108,30 +127,47 @@ def _load_glove(path: str, names: List[str]) -> torch.Tensor:
     needed = {w for ws in words_of for w in ws}
     found: Dict[str, np.ndarray] = {}
     dim: Optional[int] = None
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if dim is None:
-                if lineno == 1 and len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
-                    dim = int(fields[1])  # word2vec text header "<count> <dim>"
+    width_from = ""  # where dim comes from, for the messages
+    try:
+        with _open_text(path) as f:
+            for lineno, line in enumerate(f, 1):
+                fields = line.split()
+                if not fields:
                     continue
-                dim = len(fields) - 1
-                if dim < 1:
-                    raise ValueError(f"word-vector file '{path}', line {lineno}: expected 'word v1 ... vE'")
-            if fields[0] not in needed and len(fields) == dim + 1:
-                continue  # the common case, decided without parsing numbers
-            if len(fields) < dim + 1:
-                continue  # malformed or truncated line
-            word = " ".join(fields[: len(fields) - dim])  # a few GloVe tokens contain spaces
-            if word in needed and word not in found:
-                try:
-                    found[word] = np.asarray(fields[len(fields) - dim :], dtype=np.float64)
-                except ValueError as e:
-                    raise ValueError(f"word-vector file '{path}', line {lineno}: bad number ({e})") from e
-                if len(found) == len(needed):
-                    break
+                if dim is None:
+                    if lineno == 1 and len(fields) == 2 and fields[0].isdecimal() and fields[1].isdecimal():
+                        dim, width_from = int(fields[1]), "the word2vec header on line 1"
+                        if dim < 1:
+                            raise ValueError(f"word-vector file '{path}', line 1: the word2vec header gives width "
+                                             f"{dim}, expected at least 1")
+                        continue
+                    fields = _fields(line)
+                    dim, width_from = len(fields) - 1, f"the first vector, line {lineno}"
+                    if dim < 1:
+                        raise ValueError(f"word-vector file '{path}', line {lineno}: expected 'word v1 ... vE'")
+                elif fields[0] not in needed and len(fields) == dim + 1:
+                    continue  # the common case, decided without parsing numbers
+                else:
+                    fields = _fields(line)
+                # Extra fields are a word with spaces (GloVe's ". . ."), unless they are numbers: a longer vector.
+                values = len(fields) - 1
+                if values < dim or (values > dim and all(map(_is_number, fields[1 : len(fields) - dim]))):
+                    raise ValueError(f"word-vector file '{path}', line {lineno}: {values} values, expected {dim} "
+                                     f"(the width given by {width_from})")
+                word = " ".join(fields[: len(fields) - dim])
+                if word in needed and word not in found:
+                    try:
+                        vector = np.asarray(fields[len(fields) - dim :], dtype=np.float64)
+                    except ValueError as e:
+                        raise ValueError(f"word-vector file '{path}', line {lineno}: bad number ({e})") from e
+                    if not np.isfinite(vector).all():
+                        raise ValueError(f"word-vector file '{path}', line {lineno}: the vector of '{word}' holds a "
+                                         "non-finite value (nan or inf)")
+                    found[word] = vector
+                    if len(found) == len(needed):
+                        break
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a .gz file that is not gzip, truncated or corrupt
+        raise ValueError(f"word-vector file '{path}': cannot decompress it ({e})") from e
     if dim is None:
         raise ValueError(f"word-vector file '{path}': no vectors found (empty file)")
     missing: Dict[str, List[str]] = {}
