@@ -12,11 +12,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # `benchmarks
 from benchmarks import report  # noqa: E402
 
 
-def case(group, provider, median_s, *, device="cuda", peak=None, **figures):
-    """One pytest-benchmark record as the suites write it (extra_info from benchmarks/conftest.py::run_case)."""
+def case(group, provider, median_s, *, device="cuda", peak=None, recorded=3, **figures):
+    """One pytest-benchmark record as the suites write it (extra_info from benchmarks/conftest.py::run_case;
+    ``recorded``: the rounds pytest-benchmark timed, ``rounds=`` in figures: the rounds planned)."""
     info = {"provider": provider, "device": device, "peak_memory_bytes": peak, **figures}
     return {"group": group, "name": f"{group}[{provider}]", "fullname": f"bench::{group}[{provider}]",
-            "stats": {"median": median_s, "iqr": 0.0, "rounds": 3}, "extra_info": info}
+            "stats": {"median": median_s, "iqr": 0.0, "rounds": recorded}, "extra_info": info}
 
 
 def write(path, cases, commit="abc"):
@@ -80,7 +81,7 @@ def test_merge_later_file_wins_and_main_prints_targets_first(tmp_path, capsys):
     assert medians == {"official": 1.0, "cpu": 0.005}
 
     assert out.index("### targets") < out.index("### prototype_pass")
-    assert "| prototype_pass-coco-b8-pass | cpu vs official | 200.00× | 100× | met |" in out
+    assert "| prototype_pass-coco-b8-pass | cpu vs official | 200.000× | 100× | met |" in out
     assert "| head-coco-b8-fwd+bwd | cpu vs official | – | 3× | no data |" in out
     assert "semantic_attention fwd+bwd >= 10x official" not in out  # a GPU target, and this is a CPU run
     assert "- Files: a.json (2 cases), b.json (1 cases)" in out and "- Commit: abc, def" in out
@@ -95,12 +96,133 @@ def test_unreadable_file_is_left_out_and_named(tmp_path, capsys):
     merged = tmp_path / "merged.json"
     report.main([a, str(cut), "--merged-json", str(merged)])
     out, err = capsys.readouterr()
-    assert "| prototype_pass-coco-b8-pass | cpu vs official | 50.00× | 100× | NOT met |" in out
+    assert "| prototype_pass-coco-b8-pass | cpu vs official | 50.000× | 100× | NOT met |" in out
     assert "- Files: a.json (2 cases)" in out and "- Unreadable, left out: cut.json" in out
     assert "skipping" in err and "cut.json" in err
     assert len(json.loads(merged.read_text())["benchmarks"]) == 2
     with pytest.raises(SystemExit, match="no dsrb benchmark cases"):
         report.main([str(cut)])
+
+
+def test_interrupted_case_is_incomplete_and_its_group_on_one_clock(tmp_path, capsys):
+    """A case interrupted in its timing loop has fewer rounds than planned and no CUDA-event median: it is marked,
+    never used for a target, and its group's medians are all the host clock's, never the two clocks mixed."""
+    g = "semantic_attention-coco-fwd+bwd"
+    a = write(tmp_path / "a.json", [
+        case(g, "official", 0.100, rounds=20, recorded=20, cuda_event_median_ms=50.0),
+        case(g, "triton", 0.010, rounds=20, recorded=20, cuda_event_median_ms=1.0),
+        case(g, "cuda", 0.001, rounds=20, recorded=5),  # interrupted after 5 rounds
+    ])
+    groups, _ = report.load([a])
+    rows = report.check_targets(groups, ["cuda"])
+    (r,) = rows_for(rows, g, "cuda", "semantic_attention fwd+bwd >= 10x official")
+    assert r["status"] == "no data" and r["value"] is None and "cuda incomplete: 5 of 20 rounds" in r["note"]
+    (r,) = rows_for(rows, g, "cuda", "semantic_attention fwd+bwd: cuda within 10% of triton or faster")
+    assert r["status"] == "no data"
+    (r,) = rows_for(rows, g, "triton", "semantic_attention fwd+bwd >= 10x official")
+    assert r["value"] == pytest.approx(10.0) and r["status"] == "met"  # host clock, not 50 / 1
+    assert "host clock" in r["note"] and "cuda" in r["note"]
+    report.main([a])
+    out = capsys.readouterr().out
+    assert "| 10.000× | 10× | met (host clock: cuda without CUDA-event timings) |" in out
+    assert "| semantic_attention-coco-fwd+bwd | cuda | 1.000 |" in out and "INCOMPLETE: 5 of 20 rounds" in out
+    assert "| semantic_attention-coco-fwd+bwd | official | 100.000 |" in out
+
+
+def test_measured_value_shows_its_side_of_the_threshold(tmp_path, capsys):
+    """2.996 is not 3: printed with 2 decimals it read "3.00× | 3× | NOT met". And a ratio at the threshold is met
+    though floating point puts it a hair below (0.3 / 0.1 = 2.9999999999999996, 0.7 / 0.07 = 9.999999999999998)."""
+    sa, ib = "semantic_attention_op-coco-b8-fwd+bwd", "instance_blend-coco-b8-fwd+bwd"
+    a = write(tmp_path / "a.json", [
+        case(sa, "torch", 2.996e-3, device="cpu"), case(sa, "cpu", 1e-3, device="cpu"),
+        case(ib, "torch", 0.99996e-3, device="cpu"), case(ib, "cpu", 1e-3, device="cpu"),
+        case("head-coco-b8-fwd+bwd", "official", 0.3e-3, device="cpu"),
+        case("head-coco-b8-fwd+bwd", "cpu", 0.1e-3, device="cpu")])
+    g = "semantic_attention-coco-fwd+bwd"
+    vg = "semantic_attention-vg-b32-fwd+bwd"
+    b = write(tmp_path / "b.json", [case(g, "official", 1.0, cuda_event_median_ms=0.7),
+                                    case(g, "triton", 1.0, cuda_event_median_ms=0.07),
+                                    case(g, "cuda", 1.0, cuda_event_median_ms=0.07 * 1.1 * 1.00002),
+                                    case(vg, "triton", 0.07),
+                                    case(vg, "cuda", 0.07 * 1.1 * 0.99999)], commit="def")
+    report.main([a, b])
+    out = capsys.readouterr().out
+    assert "| cpu vs torch | 2.996× | 3× | NOT met |" in out
+    assert "| cpu vs torch | 0.99996× | 1× | NOT met |" in out  # 3 decimals would show 1.000
+    assert "| cpu vs official | 3.000× | 3× | met |" in out
+    assert "| triton vs official | 10.000× | 10× | met |" in out
+    assert "| cuda vs triton | 0.909× | 0.9091× | NOT met |" in out  # 1 / 1.1 required, shown above 0.909
+    assert f"| {vg} | cuda vs triton | 0.9091× | 0.9091× | met |" in out
+
+
+def test_largest_batch_target_reads_the_full_size_shape_only(tmp_path):
+    """The quick shape vg200-small understates the full-size (vg200) ratio: it is never checked against the target."""
+    small, full = "largest_batch-vg200-small-128MiB-fwd+bwd", "largest_batch-vg200-16384MiB-fwd+bwd"
+    a = write(tmp_path / "a.json", [case(small, "official", 1.0, largest_batch=10),
+                                    case(small, "triton", 1.0, largest_batch=45)])
+    what = "largest batch at C 200 >= 4x official"
+    rows = [r for r in report.check_targets(report.load([a])[0], ["cuda"]) if r["what"] == what]
+    assert rows and all(r["group"] != small and r["status"] == "no data" for r in rows)
+    b = write(tmp_path / "b.json", [case(full, "official", 1.0, largest_batch=10),
+                                    case(full, "triton", 1.0, largest_batch=45)])
+    rows = [r for r in report.check_targets(report.load([a, b])[0], ["cuda"]) if r["what"] == what]
+    assert {r["group"] for r in rows} == {full}
+    (r,) = rows_for(rows, full, "triton", what)
+    assert r["value"] == pytest.approx(4.5) and r["status"] == "met"
+
+
+def test_targets_compare_cases_of_one_device(tmp_path):
+    """A CPU file merged by hand with a CUDA one: official's CPU time against triton's CUDA time is no speed-up."""
+    g = "semantic_attention-coco-fwd+bwd"
+    a = write(tmp_path / "cpu.json", [case(g, "official", 2.0, device="cpu")])
+    b = write(tmp_path / "cuda.json", [case(g, "triton", 0.01), case(g, "compile", 0.1)])
+    groups, _ = report.load([a, b])
+    rows = report.check_targets(groups, ["cpu", "cuda"])
+    (r,) = rows_for(rows, g, "triton", "semantic_attention fwd+bwd >= 10x official")
+    assert r["status"] == "no data" and r["note"] == "triton on cuda, official on cpu"
+    (r,) = rows_for(rows, g, "triton", "semantic_attention fwd+bwd >= 2x compile")
+    assert r["status"] == "met"
+
+
+def test_zero_and_nan_figures(tmp_path):
+    """A 0-byte peak against a positive one is an infinite ratio (met), 0 against 0 no data; a NaN median or peak
+    is no data, never "NOT met"."""
+    sa, demo = "semantic_attention_op-coco-b8-fwd+bwd", "semantic_attention_op-demo-fwd+bwd"
+    a = write(tmp_path / "a.json", [
+        case(sa, "torch", 5e-3, device="cpu", peak=1000), case(sa, "cpu", 1e-3, device="cpu", peak=0),
+        case(demo, "torch", float("nan"), device="cpu", peak=0), case(demo, "cpu", 1e-3, device="cpu", peak=0)])
+    rows = report.check_targets(report.load([a])[0], ["cpu"])
+    (r,) = rows_for(rows, sa, "cpu", "semantic_attention peak memory <= 1/10 torch")
+    assert r["value"] == float("inf") and r["status"] == "met"
+    (r,) = rows_for(rows, demo, "cpu", "semantic_attention peak memory <= 1/10 torch")
+    assert r["status"] == "no data" and r["note"] == "both figures 0"
+    (r,) = rows_for(rows, demo, "cpu", "semantic_attention fwd+bwd >= 3x torch")
+    assert r["status"] == "no data" and r["value"] is None
+    b = write(tmp_path / "b.json", [case(sa, "torch", 5e-3, device="cpu", peak=float("nan")),
+                                    case(sa, "cpu", 1e-3, device="cpu", peak=100)])
+    rows = report.check_targets(report.load([b])[0], ["cpu"])
+    (r,) = rows_for(rows, sa, "cpu", "semantic_attention peak memory <= 1/10 torch")
+    assert r["status"] == "no data"
+
+
+def test_other_json_and_malformed_cases_are_left_out(tmp_path, capsys):
+    """Valid JSON that is no pytest-benchmark document is named like an unreadable file; a record without fullname,
+    stats or median is left out and counted; neither stops the report."""
+    g = "prototype_pass-coco-b8-pass"
+    good = [case(g, "official", 1.0, device="cpu"), case(g, "cpu", 0.005, device="cpu")]
+    no_stats, no_median, no_name = (case(g, "torch", 1.0, device="cpu") for _ in range(3))
+    del no_stats["stats"], no_median["stats"]["median"], no_name["fullname"]
+    a = write(tmp_path / "a.json", good + [no_stats, no_median, no_name, 7])
+    others = []
+    for name, text in (("list.json", "[]"), ("null.json", "null"), ("dict.json", '{"benchmarks": {"a": 1}}')):
+        (tmp_path / name).write_text(text)
+        others.append(str(tmp_path / name))
+    report.main([*others, a])
+    out, err = capsys.readouterr()
+    assert "- Files: a.json (2 cases; 4 left out: no fullname or median)" in out
+    assert "- Unreadable, left out: list.json, null.json, dict.json" in out
+    assert "| prototype_pass-coco-b8-pass | cpu vs official | 200.000× | 100× | met |" in out
+    assert err.count("not a pytest-benchmark JSON document") == 3
 
 
 def test_no_cases_is_an_error(tmp_path):
@@ -122,3 +244,43 @@ def test_gpu_session_script_parses_and_names_existing_files():
     assert len(named) >= 10
     missing = sorted(p for p in named if not os.path.isfile(os.path.join(root, p)))
     assert not missing, f"gpu_session.sh names files that do not exist: {missing}"
+
+
+INTERRUPTED_SUITE = '''
+import os, signal, time
+from benchmarks.conftest import run_case
+
+
+def test_a_finished(benchmark):
+    run_case(benchmark, lambda: None, device="cpu", rounds=3,
+             info={"op": "op", "provider": "official", "shape": "tiny", "pass": "fwd"})
+
+
+def test_b_interrupted(benchmark):
+    def fn():
+        if benchmark.stats is not None:  # pedantic has started: this is the first timed round
+            os.kill(os.getpid(), signal.SIGINT)  # what gpu_session.sh's `timeout -s INT` sends at a part's cap
+            time.sleep(30)
+    run_case(benchmark, fn, device="cpu", rounds=3,
+             info={"op": "op", "provider": "torch", "shape": "tiny", "pass": "fwd"})
+'''
+
+
+def test_interrupt_in_first_timed_round_keeps_finished_cases(tmp_path):
+    """SIGINT during a case's first timed round (a part's time cap in gpu_session.sh) left a case without timings,
+    on which pytest-benchmark's JSON writer fails (min() of an empty sequence), writing an empty file: every finished
+    case of the part was lost. The empty case is left out, the finished ones are saved."""
+    import subprocess
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    (tmp_path / "test_interrupted.py").write_text(INTERRUPTED_SUITE)
+    out = tmp_path / "part.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.abspath(root), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
+                           str(tmp_path / "test_interrupted.py"), "--benchmark-json", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr  # interrupted
+    assert "KeyboardInterrupt" in proc.stdout + proc.stderr
+    saved = json.loads(out.read_text())["benchmarks"]
+    assert [b["extra_info"]["provider"] for b in saved] == ["official"]
+    assert saved[0]["stats"]["rounds"] == 3 and saved[0]["extra_info"]["rounds"] == 3
