@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -104,12 +105,25 @@ _POSITIVE_INTS = ("epochs", "batch_size", "image_size", "prototype_interval", "p
 _NON_NEGATIVE_INTS = ("workers", "blend_start_epoch", "top_k", "gnn_steps")
 _BATCH_LIMITS = ("limit_train_batches", "limit_test_batches")  # None: every batch
 _NON_NEGATIVE_FLOATS = ("lr", "weight_decay", "contrastive_weight", "instance_weight", "prototype_weight")
+_PATHS = ("data_root", "word_vectors", "pretrained", "out")  # "" is refused: not silently the current directory
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?|mps")
 DEVICES = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 
 
+class SettingError(ValueError):
+    """A wrong value of the setting ``name``: :func:`parse_args` names the config file when the value came from it."""
+
+    def __init__(self, message: str, name: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
 def _bad(name: str, value, expected: str):
-    raise ValueError(f"setting '{name}' (--{name.replace('_', '-')}): expected {expected}, got {value!r}")
+    raise SettingError(f"setting '{name}' (--{name.replace('_', '-')}): expected {expected}, got {value!r}", name)
+
+
+def _in_file(path: str, err: SettingError) -> SettingError:
+    return SettingError(f"config file {path}: {err}", err.name)
 
 
 def _choices() -> Dict[str, tuple]:
@@ -138,7 +152,8 @@ def _min_image_size(avgpool: bool) -> int:
 
 def check_values(values: Dict[str, Any]) -> None:
     """A ValueError naming the first setting of ``values`` (field name -> value, types already right) whose value is
-    out of range: a choice not offered, a negative count, a non-finite or negative rate, a malformed device."""
+    out of range: a choice not offered, a negative count, a non-finite or negative rate, a malformed device, an
+    empty path."""
     def get(names):
         return [(n, values[n]) for n in names if n in values]
 
@@ -172,6 +187,9 @@ def check_values(values: Dict[str, Any]) -> None:
     for name, value in get(("device",)):
         if not _DEVICE.fullmatch(value):
             _bad(name, value, DEVICES)
+    for name, value in get(_PATHS):
+        if value == "":
+            _bad(name, value, "a path (leave the setting out for its default)")
 
 
 def check_device(device, *, local_rank: Optional[int] = None, name: str = "setting 'device' (--device)"):
@@ -240,8 +258,10 @@ def check_types(data: Dict[str, Any], source: str) -> Dict[str, Any]:
 
 #: The settings a resumed run (--resume) may change: how long and where it runs, what it logs; every other setting
 #: given with --resume must equal the run's saved one (it would change what the saved state means).
+#: The backend, like the device, changes only how the ops round; word_vectors and pretrained may point to where their
+#: file has moved (a resumed run takes what they loaded from last.pt, and dsrb.train refuses adding or removing one).
 RESUMABLE = ("epochs", "device", "workers", "limit_train_batches", "limit_test_batches", "tensorboard", "compile",
-             "channels_last", "data_root", "out", "resume")
+             "channels_last", "backend", "data_root", "word_vectors", "pretrained", "out", "resume")
 
 # Paper protocol (spec §6.4, §12): ResNet-101 at 448, batch 8, Adam 1e-5, coupled L2 5e-4, StepLR(10, 0.1), 20 epochs,
 # blending and prototype passes from epoch 5 every 5 epochs, contrastive weight 0.05 with the epoch-0 ramp, top-K 1.
@@ -273,12 +293,12 @@ def preset_config(name: str) -> TrainConfig:
 
 
 def load_config_file(path: str) -> Dict[str, Any]:
-    """Settings from a .json or .yaml/.yml file (a flat mapping of field names, dashes or underscores), each value
-    checked against its field's type and range; a ValueError names the file and the setting."""
+    """Settings from a .json or .yaml/.yml file (a flat mapping of field names, dashes or underscores, each given
+    once), each value checked against its field's type and range; a ValueError names the file and the setting."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}" + (" (it is a directory)" if os.path.isdir(path)
                                                                      else ""))
-    is_yaml = path.endswith((".yaml", ".yml"))
+    is_yaml = path.lower().endswith((".yaml", ".yml"))
     errors: tuple = (ValueError,)  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
     if is_yaml:
         try:
@@ -288,7 +308,9 @@ def load_config_file(path: str) -> Dict[str, Any]:
         errors = (yaml.YAMLError, ValueError)
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) if is_yaml else json.load(f)
+            data = yaml.load(f, Loader=_yaml_loader()) if is_yaml else json.load(f, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as err:
+        raise ValueError(f"config file {path}: {err}") from None
     except errors as err:
         raise ValueError(f"config file {path}: not valid {'YAML' if is_yaml else 'JSON'}: {err}") from None
     if is_yaml and data is None:  # an empty YAML file
@@ -296,16 +318,59 @@ def load_config_file(path: str) -> Dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {path}: expected a mapping of settings, got {type(data).__name__}")
     known = {f.name for f in fields(TrainConfig)}
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    keys: Dict[str, Any] = {}  # setting name -> the file's key
+    for key in data:
+        name = str(key).replace("-", "_")
+        if name in keys:
+            raise ValueError(f"config file {path}: setting '{name}' is given twice, as {keys[name]!r} and {key!r}")
+        keys[name] = key
+    data = {name: data[key] for name, key in keys.items()}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"config file {path}: unknown settings {unknown}; known: {sorted(known)}")
     data = check_types(data, f"config file {path}")
     try:
         check_values(data)
-    except ValueError as err:
-        raise ValueError(f"config file {path}: {err}") from None
+    except SettingError as err:
+        raise _in_file(path, err) from None
     return data
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs):
+    """A JSON object as a dict; a key given twice is an error (json keeps the last silently)."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(f"key {key!r} is given twice")
+        seen.add(key)
+    return dict(pairs)
+
+
+@functools.lru_cache(maxsize=None)
+def _yaml_loader():
+    """PyYAML's safe loader, but a key given twice is an error (PyYAML keeps the last silently), and a number with an
+    exponent but no dot or no exponent sign (1e-3, 1.0e3) is a float, as in YAML 1.2, not a string (YAML 1.1)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            lines: Dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+                    if key in lines:
+                        raise _DuplicateKey(f"key {key!r} is given twice (lines {lines[key]} and {line})")
+                    lines[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789."))
+    return Loader
 
 
 HELP = {
@@ -375,7 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--preset", default=None, choices=tuple(PRESETS),
                         help="starting settings (default: the config file's preset, else demo)")
-    parser.add_argument("--config", default=None, help="YAML/JSON file of settings (applied after the preset)")
+    # Appended, so that a second --config is an error (parse_args), not the first one silently dropped.
+    parser.add_argument("--config", action="append", default=None,
+                        help="YAML/JSON file of settings (applied after the preset)")
     defaults = TrainConfig()
     for f in fields(TrainConfig):
         if f.name == "preset":
@@ -398,16 +465,28 @@ def parse_args(argv=None):
     preset its other entries start from, and ``--preset`` overrides it like any other setting.
     """
     args = build_parser().parse_args(argv)
-    explicit: Dict[str, Any] = {}
+    path = None
     if args.config:
-        explicit.update(load_config_file(args.config))
-    explicit.update({k: v for k, v in vars(args).items() if k != "config" and v is not None})
+        if len(args.config) > 1:
+            raise ValueError(f"argument --config: given {len(args.config)} times ({', '.join(args.config)}); give "
+                             "one config file")
+        path = args.config[0]
+        if not path:
+            raise ValueError("argument --config: expected a YAML/JSON file, got ''")
+    from_file = load_config_file(path) if path is not None else {}
+    flags = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    explicit = {**from_file, **flags}
     cfg = dataclasses.asdict(preset_config(explicit.get("preset", "demo")))
     cfg.update(explicit)
     if explicit.get("resume"):  # checks across settings wait for the run's saved ones (dsrb.train merges them)
         check_values(check_types(cfg, "TrainConfig"))
         return TrainConfig(**cfg), explicit
-    return TrainConfig(**cfg).validate(), explicit
+    try:
+        return TrainConfig(**cfg).validate(), explicit
+    except SettingError as err:
+        if err.name in from_file and err.name not in flags:
+            raise _in_file(path, err) from None
+        raise
 
 
 def config_from_args(argv=None) -> TrainConfig:

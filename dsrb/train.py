@@ -14,8 +14,8 @@ resume (the checkpoints are written atomically). ``--resume`` continues the run 
 optimizer, scheduler, AMP scaler, prototype bank, RNG states, epoch and best score) with its saved settings; of the
 settings given again, only those in :data:`dsrb.config.RESUMABLE` (epochs, device, workers, ...) may differ from the
 saved ones. Every epoch's randomness is derived from (seed, epoch), so a resumed run ends exactly where an
-uninterrupted one ends, given the same worker and process counts and, on the CPU, thread count (another count is
-allowed, with a warning).
+uninterrupted one ends, given the same worker and process counts, backend and, on the CPU, thread count (another
+count or backend is allowed, with a warning).
 Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m dsrb.train ...`` (DDP; only rank 0 writes).
 """
 
@@ -166,8 +166,9 @@ def log_to_file(out: str) -> None:
 
 
 def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool):
-    """Datasets (train with partial labels, test with full labels), the word vectors, and ``save``: None, or (on the
-    main process, for new partial labels) a function that writes them to ``<out>/partial_labels.npz``."""
+    """Datasets (train with partial labels, test with full labels), the word vectors (None when ``resumed``: last.pt
+    holds them), and ``save``: None, or (on the main process, for new partial labels) a function that writes them to
+    ``<out>/partial_labels.npz``."""
     from .data import (TestTransform, TrainTransform, build_dataset, format_known_fraction, known_fraction,
                        load_partial_labels, load_word_vectors, make_partial_labels, save_partial_labels)
 
@@ -209,6 +210,8 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool):
     train_set.set_targets(partial)
     log.info("data: %s, %d train / %d test images, %d classes; %s", cfg.dataset, len(train_set), len(test_set),
              train_set.num_classes, format_known_fraction(known_fraction(partial, train_set.labels)))
+    if resumed:  # the file is not opened: it may have moved since
+        return train_set, test_set, None, save
     if cfg.word_vectors is not None and not os.path.isfile(cfg.word_vectors):
         what = "is a directory" if os.path.isdir(cfg.word_vectors) else "does not exist"
         raise (ValueError if os.path.isdir(cfg.word_vectors) else FileNotFoundError)(
@@ -459,8 +462,9 @@ def _default_out(cfg: TrainConfig) -> str:
 def _resolve_settings(cfg: TrainConfig, explicit: Dict[str, Any]) -> TrainConfig:
     """On --resume, the run's saved settings with the explicitly given ones that may change re-applied
     (:data:`dsrb.config.RESUMABLE`: epochs, device, workers, limit_*_batches, tensorboard, compile, channels_last,
-    data_root); any other setting given with a value other than the saved one is a ValueError naming it and both
-    values, since the run's saved state (partial labels, weights, optimizer) was made with the saved one."""
+    backend, data_root, and word_vectors and pretrained from one file to another); any other setting given with a
+    value other than the saved one is a ValueError naming it and both values, since the run's saved state (partial
+    labels, weights, optimizer) was made with the saved one."""
     if not cfg.resume:
         return cfg
     if not cfg.out:
@@ -476,6 +480,16 @@ def _resolve_settings(cfg: TrainConfig, explicit: Dict[str, Any]) -> TrainConfig
                 f"setting '{name}': the run in {cfg.out} was made with {saved[name]!r}, --resume was given "
                 f"{value!r}; a resumed run keeps its settings, except {changeable} (start a new run with another "
                 "--out to change it)")
+    for name in ("word_vectors", "pretrained"):  # may point to the file's new place; last.pt holds what it loaded
+        old, new = saved.get(name), explicit.get(name, saved.get(name))
+        if new == old:
+            continue
+        if None in (old, new) or (name == "pretrained" and "builtin" in (old, new)):  # not a moved file
+            raise ValueError(f"setting '{name}': the run in {cfg.out} was made with {old!r}, --resume was given "
+                             f"{new!r}; a resumed run may only give the new place of the file it was made with")
+        if not os.path.isfile(new):
+            raise FileNotFoundError(f"setting '{name}' (--{name.replace('_', '-')}): {new} is not a file; expected "
+                                    f"the new place of {old}, the file the run was made with")
     saved.update(explicit)
     saved["resume"] = True
     return TrainConfig(**saved).validate()
@@ -483,9 +497,12 @@ def _resolve_settings(cfg: TrainConfig, explicit: Dict[str, Any]) -> TrainConfig
 
 def _warn_inexact_resume(cfg: TrainConfig, state: Dict[str, Any], world: int, device: torch.device) -> None:
     """A resumed run ends exactly where an uninterrupted one ends only with the same worker and process counts (they
-    decide which random stream each image's crop and flip come from) and, on the CPU, the same thread count (it
-    decides how sums are split, and with it the rounding). Other values are allowed, with a warning."""
-    saved = [("--workers", cfg.workers, state.get("config", {}).get("workers", cfg.workers)),
+    decide which random stream each image's crop and flip come from), the same backend and, on the CPU, the same
+    thread count (they decide how the ops and sums are computed, and with it the rounding). Other values are allowed,
+    with a warning."""
+    config = state.get("config", {})
+    saved = [("--workers", cfg.workers, config.get("workers", cfg.workers)),
+             ("--backend", cfg.backend, config.get("backend", cfg.backend)),
              ("processes", world, len(state["rng"]))]
     if device.type == "cpu":
         saved.append(("threads", torch.get_num_threads(), state.get("threads", torch.get_num_threads())))
@@ -571,14 +588,23 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
     seed_everything(derived_seed(cfg.seed, 0, 0, d.rank))
 
     resumed = cfg.resume and os.path.exists(last_path)
+    if resumed:
+        state = load_checkpoint(last_path)
+        keys = ("model", "optimizer", "scheduler", "scaler", "epoch", "best", "rng")
+        missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
+        if missing:
+            raise ValueError(f"checkpoint {last_path}: not a dsrb training checkpoint (missing {missing}); expected "
+                             "the last.pt that python -m dsrb.train writes")
     train_set, test_set, words, save_partial = build_data(cfg, out, d, resumed)
     if len(make_loader(train_set, cfg, d, train=True, seed=0, device=device)) == 0:
         images = f"{len(train_set) // d.world} training images per process" if d.enabled else \
             f"{len(train_set)} training images"
         raise ValueError(f"setting 'batch_size' (--batch-size): {cfg.batch_size} is larger than the {images}; the "
                          "training loader drops an incomplete last batch, so it would yield no batch at all")
-    kwargs = model_kwargs(cfg, words.shape[1])
-    pretrained = resolve_pretrained(cfg, d, device)
+    # Resumed, the model is built to the checkpoint's shapes and takes its word vectors and weights from it: the
+    # --word-vectors and --pretrained files are not opened (they may have moved).
+    kwargs = model_kwargs(cfg, state["model"]["word_features"].shape[1] if resumed else words.shape[1])
+    pretrained = None if resumed else resolve_pretrained(cfg, d, device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     core = DSRB(train_set.num_classes, word_features=words, **kwargs)
     if pretrained is not None:
@@ -594,12 +620,6 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
 
     start_epoch, best = 0, {"epoch": -1, "mAP": -1.0}
     if resumed:
-        state = load_checkpoint(last_path)
-        keys = ("model", "optimizer", "scheduler", "scaler", "epoch", "best", "rng")
-        missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
-        if missing:
-            raise ValueError(f"checkpoint {last_path}: not a dsrb training checkpoint (missing {missing}); expected "
-                             "the last.pt that python -m dsrb.train writes")
         core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

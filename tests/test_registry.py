@@ -48,9 +48,11 @@ def test_env_var_forces_backend(monkeypatch):
     assert ops.select("semantic_attention", x.device, x.dtype) is ops.select(
         "semantic_attention", x.device, x.dtype, "torch")
     assert not any(op.startswith("dsrb::semantic_attention_cpu") for op in log.ops), log.ops  # the torch impl ran
-    monkeypatch.setenv("DSRB_BACKEND", "nonsense")
-    with pytest.raises(ValueError, match="'backend'.*nonsense"):
+    monkeypatch.setenv("DSRB_BACKEND", "nonsense")  # named as the variable, not as an argument never given
+    with pytest.raises(ValueError, match="^environment variable DSRB_BACKEND: expected 'auto' or one of .*nonsense"):
         ops.semantic_attention(x, u, e, v)
+    with pytest.raises(ValueError, match="^argument 'backend': expected 'auto' or one of .*bogus"):
+        ops.semantic_attention(x, u, e, v, backend="bogus")
 
 
 def test_unsupported_dtype_is_explained():

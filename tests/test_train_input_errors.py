@@ -51,6 +51,7 @@ def fails_cleanly(data_root, out, extra, error, match):
     ({"lr": None}, r"'lr': expected a number, got null"),
     ({"method": "dsbr"}, r"'method' \(--method\): expected one of"),
     ({"preset": "foo"}, r"'preset' \(--preset\): expected one of"),
+    ({"out": ""}, r"'out' \(--out\): expected a path \(leave the setting out for its default\), got ''"),
 ])
 def test_config_file_values_are_checked(tmp_path, entry, match):
     path = tmp_path / "cfg.json"
@@ -71,6 +72,49 @@ def test_config_file_types_accepted_and_preset_honoured(tmp_path):
     path.write_text('contrastive: "false"\n')
     with pytest.raises(ValueError, match="'contrastive': expected true or false"):
         parse_args(["--config", str(path)])
+
+
+def test_yaml_exponents_without_a_dot_and_upper_case_extensions(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-3 and 1.0e3 as strings; a .YAML file is YAML, not JSON."""
+    for name in ("run.YAML", "run.Yml"):
+        path = tmp_path / name
+        path.write_text("lr: 1e-3\nweight-decay: 1.0e3\nlr-gamma: 5E-1\nepochs: 3\n")
+        cfg, _ = parse_args(["--config", str(path)])
+        assert (cfg.lr, cfg.weight_decay, cfg.lr_gamma, cfg.epochs) == (1e-3, 1e3, 0.5, 3)
+        assert isinstance(cfg.lr, float) and isinstance(cfg.epochs, int)
+
+
+@pytest.mark.parametrize("name, text, match", [
+    ("twice.json", '{"epochs": 2, "lr": 0.1, "epochs": 3}', "key 'epochs' is given twice"),
+    ("twice.yaml", "epochs: 2\nlr: 0.1\nepochs: 3\n", r"key 'epochs' is given twice \(lines 1 and 3\)"),
+    ("spellings.yaml", "batch-size: 2\nbatch_size: 3\n",
+     "setting 'batch_size' is given twice, as 'batch-size' and 'batch_size'"),
+])
+def test_config_file_key_given_twice(tmp_path, name, text, match):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"^config file {re.escape(str(path))}: {match}"):
+        parse_args(["--config", str(path)])
+
+
+def test_config_flag_given_twice_or_empty(tmp_path):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text('{"epochs": 3}')
+    second.write_text('{"lr": 0.5}')
+    with pytest.raises(ValueError, match=f"^argument --config: given 2 times \\({re.escape(str(first))}, "
+                                         f"{re.escape(str(second))}\\); give one config file"):
+        parse_args(["--config", str(first), "--config", str(second)])
+    with pytest.raises(ValueError, match="^argument --config: expected a YAML/JSON file, got ''"):
+        parse_args(["--config", ""])
+
+
+def test_cross_setting_error_names_the_config_file_only_for_its_values(tmp_path):
+    path = tmp_path / "cfg.json"
+    path.write_text('{"image_size": 32}')
+    with pytest.raises(ValueError, match=f"^config file {re.escape(str(path))}: setting 'image_size' "):
+        parse_args(["--config", str(path)])
+    with pytest.raises(ValueError, match="^setting 'image_size' "):  # the flag's value, not the file's
+        parse_args(["--config", str(path), "--image-size", "16"])
 
 
 @pytest.mark.parametrize("name, text, match", [
@@ -108,6 +152,10 @@ def test_malformed_config_file_is_named(tmp_path, name, text, match):
     (["--image-size", "7"], r"'image_size' \(--image-size\): expected at least 33 with --avgpool"),
     (["--backbone", "vgg"], r"'backbone' \(--backbone\): expected one of"),
     (["--backend", "foo"], r"'backend' \(--backend\): expected one of"),
+    (["--out", ""], r"'out' \(--out\): expected a path \(leave the setting out for its default\), got ''"),
+    (["--data-root", ""], r"'data_root' \(--data-root\): expected a path"),
+    (["--word-vectors", ""], r"'word_vectors' \(--word-vectors\): expected a path"),
+    (["--pretrained", ""], r"'pretrained' \(--pretrained\): expected a path"),
 ])
 def test_bad_flag_values(flags, match):
     with pytest.raises(ValueError, match=match):
@@ -131,6 +179,9 @@ def test_forced_backend_that_cannot_serve_the_run_is_a_settings_error(data_root,
                   r"  cuda: device=cpu")
     monkeypatch.setenv("DSRB_BACKEND", "cuda")
     fails_cleanly(data_root, tmp_path / "run", [], ValueError, r"setting 'backend': cuda \(from DSRB_BACKEND\)")
+    monkeypatch.setenv("DSRB_BACKEND", "Torch")  # not the --backend the user never gave
+    fails_cleanly(data_root, tmp_path / "run", [], ValueError,
+                  r"^environment variable DSRB_BACKEND: expected 'auto' or one of \(.*\), got 'Torch'$")
 
 
 def test_one_device_parser_for_every_tool(tmp_path, monkeypatch):
@@ -226,6 +277,49 @@ def test_resume_rejects_changed_settings_and_unreadable_files(data_root, tmp_pat
     (out / "config.json").write_text('{"epochs": 2,')
     with pytest.raises(ValueError, match=r"config.json: not valid JSON"):
         train.main(["--out", str(out), "--resume", "--epochs", "3"])
+
+
+def test_resume_with_moved_word_vector_and_weight_files(data_root, tmp_path):
+    """last.pt holds the word vectors and weights the files gave: a resumed run does not open the files (they may have
+    moved), may be given their new place (recorded in config.json), and ends where an uninterrupted run ends."""
+    from dsrb.data.builtin import BUILTIN_CLASSES
+
+    words, weights = tmp_path / "words.npy", tmp_path / "weights.pth"
+    np.save(words, np.random.RandomState(0).randn(len(BUILTIN_CLASSES), 6).astype(np.float32))
+    torch.save(build_backbone("resnet18", width=4).state_dict(), weights)
+    files = ["--word-vectors", str(words), "--pretrained", str(weights)]
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    train.main(args(data_root, straight, *files, epochs=3))
+    train.main(args(data_root, out, *files))
+    moved = [tmp_path / "moved-words.npy", tmp_path / "moved-weights.pth"]
+    for old, new in zip((words, weights), moved):
+        os.replace(old, new)
+    train.main(["--out", str(out), "--resume", "--epochs", "2"])
+    train.main(["--out", str(out), "--resume", "--epochs", "3", "--word-vectors", str(moved[0]), "--pretrained",
+                str(moved[1])])
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["word_vectors"], saved["pretrained"]) == tuple(map(str, moved))
+    results = [[{k: v for k, v in json.loads(line).items() if k not in train.TIMING_KEYS}
+                for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (straight, out)]
+    assert results[0] == results[1]
+    with pytest.raises(FileNotFoundError, match=r"'word_vectors' \(--word-vectors\): .*nowhere.npy is not a file; "
+                                                r"expected the new place of .*moved-words.npy"):
+        train.main(["--out", str(out), "--resume", "--epochs", "4", "--word-vectors", str(tmp_path / "nowhere.npy")])
+    with pytest.raises(ValueError, match=r"'pretrained': the run in .* was made with '.*moved-weights.pth', --resume "
+                                         r"was given 'builtin'; a resumed run may only give the new place"):
+        train.main(["--out", str(out), "--resume", "--epochs", "4", "--pretrained", "builtin"])
+    assert json.loads((out / "config.json").read_text()) == saved
+
+
+def test_resume_may_change_the_backend_with_a_warning(data_root, tmp_path):
+    """A run made with --backend cuda continues on the CPU with --backend auto: the backend, like the device, changes
+    only how the ops round (here torch, which serves the CPU too)."""
+    out = tmp_path / "run"
+    train.main(args(data_root, out, "--backend", "torch"))
+    train.main(["--out", str(out), "--resume", "--epochs", "2", "--backend", "auto"])
+    assert json.loads((out / "config.json").read_text())["backend"] == "auto"
+    assert "resumed with --backend auto (the run was made with torch): from here on the run differs" in \
+        (out / "train.log").read_text()
 
 
 # ------------------------------------------------------------------------------------- 10: the command line

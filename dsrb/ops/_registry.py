@@ -82,10 +82,11 @@ def reasons(op: str, device: torch.device, dtype: torch.dtype) -> Dict[str, Opti
 
 
 def _requested(backend: str) -> str:
+    source = "argument 'backend'"
     if backend == "auto":
-        backend = os.environ.get("DSRB_BACKEND", "auto") or "auto"
+        source, backend = "environment variable DSRB_BACKEND", os.environ.get("DSRB_BACKEND", "auto") or "auto"
     if backend != "auto" and backend not in KNOWN_BACKENDS:
-        raise ValueError(f"argument 'backend': expected 'auto' or one of {KNOWN_BACKENDS}, got {backend!r}")
+        raise ValueError(f"{source}: expected 'auto' or one of {KNOWN_BACKENDS}, got {backend!r}")
     return backend
 
 
