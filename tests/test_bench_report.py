@@ -259,6 +259,8 @@ def test_a_finished(benchmark):
 def test_b_interrupted(benchmark):
     def fn():
         if benchmark.stats is not None:  # pedantic has started: this is the first timed round
+            # A background job may inherit SIGINT ignored (timeout, in gpu_session.sh, restores it for its child).
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             os.kill(os.getpid(), signal.SIGINT)  # what gpu_session.sh's `timeout -s INT` sends at a part's cap
             time.sleep(30)
     run_case(benchmark, fn, device="cpu", rounds=3,
