@@ -9,7 +9,8 @@ Usage::
 The dataset, its root, the image size and ``skip_bad_images`` default to the settings saved in the checkpoint's
 config; the split defaults to "test". The model's logits over the split are scored with
 :func:`dsrb.metrics.compute_metrics` against the full labels (spec §8). A short table (percent) is printed and a JSON
-file is written atomically to ``--out`` (default ``<checkpoint folder>/eval_<split>.json``) with the metrics as
+file is written atomically to ``--out`` (default ``<checkpoint folder>/eval_<checkpoint name>_<split>.json``, e.g.
+``eval_best_test.json``, so best.pt's and last.pt's results stay apart) with the metrics as
 **fractions** in [0, 1], the per-class VOC AP with the class names, the checkpoint path, the dataset, the split and
 the number of images. Undefined values (a class without a positive image) are written as ``null``.
 
@@ -41,7 +42,7 @@ from .inference import (BACKENDS, check_finite_logits, device_arg, load_model, n
                         run_main)
 from .metrics import METRIC_KEYS, compute_metrics, voc_map
 
-__all__ = ["evaluate_checkpoint", "format_table", "main"]
+__all__ = ["default_out", "evaluate_checkpoint", "format_table", "main"]
 
 _ROW_KEYS = ("OP", "OR", "OF1", "CP", "CR", "CF1")
 
@@ -77,7 +78,7 @@ def evaluate_checkpoint(
         device: "auto", "cpu", "cuda", ...
         backend: op backend, "auto" or one of "torch", "cpu", "cuda", "triton" (:func:`dsrb.inference.check_backend`).
         out: JSON file to write atomically; None writes nothing (the command line defaults to
-            ``<checkpoint folder>/eval_<split>.json``).
+            ``<checkpoint folder>/eval_<checkpoint name>_<split>.json``, :func:`default_out`).
 
     Returns:
         dict with ``metrics`` ({name: fraction in [0, 1] or None}, keys of :data:`dsrb.metrics.METRIC_KEYS`),
@@ -163,6 +164,13 @@ def format_table(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def default_out(checkpoint: Union[str, os.PathLike], split: str) -> str:
+    """The command line's default JSON path: ``runs/x/best.pt`` on "test" -> ``runs/x/eval_best_test.json``."""
+    path = os.path.abspath(os.fspath(checkpoint))
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join(os.path.dirname(path), f"eval_{stem}_{split}.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dsrb.evaluate",
@@ -185,15 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-bad-images", dest="skip_bad", action=argparse.BooleanOptionalAction, default=None,
                         help="drop unreadable images (default: the checkpoint's setting)")
     parser.add_argument("--out", default=None,
-                        help="JSON file to write (default: <checkpoint folder>/eval_<split>.json)")
+                        help="JSON file to write (default: <checkpoint folder>/eval_<checkpoint name>_<split>.json, "
+                             "e.g. eval_best_test.json)")
     return parser
 
 
 def main(argv=None) -> Dict[str, Any]:
     args = build_parser().parse_args(argv)
-    out = args.out
-    if out is None:
-        out = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval_{args.split}.json")
+    out = args.out if args.out is not None else default_out(args.checkpoint, args.split)
     result = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_root=args.data_root, split=args.split,
                                  batch_size=args.batch_size, workers=args.workers, device=args.device,
                                  backend=args.backend, image_size=args.image_size, skip_bad=args.skip_bad, out=out)

@@ -207,13 +207,13 @@ def load_images(paths_or_folder: Union[PathLike, Iterable[PathLike]]) -> List[st
 
 
 def open_image(path: str):
-    """The image at ``path`` as an 8-bit RGB PIL image, read as the dataset loader reads one
-    (:func:`dsrb.data.dataset.open_rgb`: 16-bit grayscale is scaled, a float image is refused); an unreadable file
-    raises a ValueError naming it and why."""
+    """The image at ``path`` as an 8-bit RGB PIL image, shown the way up its EXIF orientation tag says (as a viewer
+    shows a phone photo), otherwise read as the dataset loader reads one (:func:`dsrb.data.dataset.open_rgb`: 16-bit
+    grayscale is scaled, a float image is refused); an unreadable file raises a ValueError naming it and why."""
     from .data.dataset import open_rgb
 
     try:
-        return open_rgb(path)
+        return open_rgb(path, upright=True)
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         raise ValueError(f"cannot read image {path}: {err}") from err
 

@@ -263,9 +263,9 @@ def test_evaluate(setup, tmp_path, capsys):
                                 device="cpu")
     assert again["num_images"] == 3 and "out" not in again
 
-    # The command line's default output path.
+    # The command line's default output path names the checkpoint, so best.pt's and last.pt's results stay apart.
     main(["--checkpoint", setup["ckpt"], "--workers", "0", "--device", "cpu"])
-    default = os.path.join(os.path.dirname(setup["ckpt"]), "eval_test.json")
+    default = os.path.join(os.path.dirname(setup["ckpt"]), "eval_best_test.json")  # the checkpoint is best.pt
     assert os.path.isfile(default)
     os.remove(default)
 
@@ -498,6 +498,31 @@ def test_16_bit_grayscale_reads_as_its_8_bit_image(setup, tmp_path, monkeypatch)
     # skip_bad's check finds it beforehand (not hours into a run), and keeps the 16-bit image.
     checked = MultiLabelDataset([p16, pf], [[1, -1, -1]] * 2, CLASSES)
     assert checked.verify_images(skip_bad=True) == 1 and checked.image_paths == [p16]
+
+
+def test_exif_orientation_is_applied_by_the_tools_not_the_dataset_loader(setup, tmp_path):
+    """A photo stored sideways with EXIF orientation 6 ("rotate 90 degrees clockwise to show") is predicted as the
+    upright image a viewer shows; the dataset loader trains on the stored pixels, as the official pipeline does."""
+    from dsrb.data import MultiLabelDataset
+    from dsrb.data.dataset import pil_to_tensor
+    from dsrb.inference import open_image
+    from dsrb.predict import predict
+
+    stored = np.random.RandomState(2).randint(0, 256, size=(IMAGE_SIZE + 3, IMAGE_SIZE, 3), dtype=np.uint8)
+    upright = np.ascontiguousarray(np.rot90(stored, k=-1))  # clockwise
+    tagged, plain = str(tmp_path / "tagged.png"), str(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tagged, exif=exif)
+    Image.fromarray(upright).save(plain)
+
+    assert np.array_equal(np.asarray(open_image(tagged)), upright)
+    got = predict(setup["ckpt"], [tagged, plain], device="cpu")
+    assert got[0]["scores"] == got[1]["scores"]
+    with Image.open(tagged) as im:
+        assert im.getexif().get(0x0112) == 6  # the tag was written
+    stored_t = MultiLabelDataset([tagged], [[1, -1, -1]], CLASSES)[0][0]  # no transform: the pixels, (3, H, W)
+    torch.testing.assert_close(stored_t, pil_to_tensor(Image.fromarray(stored)), rtol=0, atol=0)
 
 
 def _bomb(path):

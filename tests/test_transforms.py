@@ -67,6 +67,20 @@ def test_test_transform():
         TestTransform(0)
 
 
+def test_16_bit_images_given_directly_are_scaled_not_clipped():
+    """A 16-bit grayscale PIL image passed to a transform (not read by the dataset loader) gives what its 8-bit
+    image gives, not Pillow's convert("RGB"), which clips it to white; modes of unknown range are refused."""
+    gray = np.random.RandomState(3).randint(0, 256, size=(40, 56), dtype=np.uint8)
+    wide = Image.fromarray(gray.astype(np.uint16) * 257)
+    assert wide.mode.startswith("I;16")
+    train = TrainTransform(32)
+    for tf in (to_tensor, TestTransform(32), lambda im: train(im, generator=torch.Generator().manual_seed(0))):
+        torch.testing.assert_close(tf(wide), tf(Image.fromarray(gray)), rtol=0, atol=0)
+    for mode_image in (Image.fromarray(gray.astype(np.int32)), Image.fromarray(gray.astype(np.float32))):
+        with pytest.raises(ValueError, match=rf"argument 'img': its mode {mode_image.mode} \("):
+            TestTransform(32)(mode_image)
+
+
 def test_official_crop_sizes():
     tf = TrainTransform(448)
     assert tf.scale_size == 512

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 __all__ = ["MultiLabelDataset", "UnreadableImageError", "find_duplicate", "open_rgb", "pil_to_tensor", "read_lines",
-           "read_text"]
+           "read_text", "to_rgb"]
 
 _NEWLINE = re.compile(r"\r\n?|\n")
 
@@ -65,23 +65,44 @@ class UnreadableImageError(OSError):
         return cls(f"cannot read image {path}: {err}; drop unreadable images with skip_bad (--skip-bad-images)")
 
 
-def open_rgb(path: str):
-    """The image at ``path`` as an 8-bit RGB ``PIL.Image``, read whole (the file is closed on return).
+def open_rgb(path: str, *, upright: bool = False):
+    """The image at ``path`` as an 8-bit RGB ``PIL.Image`` (:func:`to_rgb`), read whole (the file is closed on
+    return). Anything Pillow cannot read raises Pillow's error; callers name ``path``.
 
-    Pillow's ``convert("RGB")`` clips 16-bit values to 255, which turns a 16-bit grayscale image into a near-white
-    one: 16-bit grayscale (modes ``I;16``, ``I;16B``, ..., and ``I`` from a PNG, which some Pillow versions use for
-    16-bit PNGs) is scaled to 8 bits first, value >> 8. Modes whose value range is unknown, 32-bit integer ``I``
-    from another format (TIFF) and float ``F``, raise a ValueError giving the mode rather than return an image that
-    may be silently black or white. Anything Pillow cannot read raises Pillow's error; callers name ``path``.
+    ``upright=True`` applies the EXIF orientation tag (a phone photo taken sideways is stored sideways with a tag
+    saying how to show it), so the image is the one a viewer shows; the inference tools use it. The dataset loader
+    does not, as the official pipeline and the usual COCO/VOC loaders do not: the stored pixels are trained on.
     """
     from PIL import Image
 
     with Image.open(path) as im:
-        if _is_16_bit(im):
-            values = np.clip(np.asarray(im, dtype=np.int32), 0, 65535) >> 8
-            return Image.fromarray(values.astype(np.uint8)).convert("RGB")
-        _check_value_range(im)
-        return im.convert("RGB")
+        rgb = to_rgb(im)
+        method = _ORIENTATION_TRANSPOSE.get(im.getexif().get(_EXIF_ORIENTATION)) if upright else None
+    return rgb if method is None else rgb.transpose(getattr(Image.Transpose, method))
+
+
+def to_rgb(im):
+    """A ``PIL.Image`` of any mode -> a new, loaded 8-bit RGB one.
+
+    Pillow's ``convert("RGB")`` clips 16-bit values to 255, which turns a 16-bit grayscale image into a near-white
+    one: 16-bit grayscale (modes ``I;16``, ``I;16B``, ..., and ``I`` from a PNG, which some Pillow versions use for
+    16-bit PNGs) is scaled to 8 bits first, value >> 8. Modes whose value range is unknown, 32-bit integer ``I``
+    from elsewhere (a TIFF, or made in memory) and float ``F``, raise a ValueError giving the mode rather than
+    return an image that may be silently black or white.
+    """
+    from PIL import Image
+
+    if _is_16_bit(im):
+        values = np.clip(np.asarray(im, dtype=np.int32), 0, 65535) >> 8
+        return Image.fromarray(values.astype(np.uint8)).convert("RGB")
+    _check_value_range(im)
+    return im.convert("RGB")
+
+
+# EXIF tag 0x0112 (Orientation): its value -> the PIL transpose that shows the stored image as meant (1: as stored).
+_EXIF_ORIENTATION = 0x0112
+_ORIENTATION_TRANSPOSE = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
+                          6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
 
 
 def _is_16_bit(im) -> bool:
@@ -89,7 +110,7 @@ def _is_16_bit(im) -> bool:
 
 
 def _check_value_range(im) -> None:
-    """The ValueError of :func:`open_rgb` for an opened image whose value range is unknown (known from its header)."""
+    """The ValueError of :func:`to_rgb` for an opened image whose value range is unknown (known from its header)."""
     if im.mode in ("I", "F") and not _is_16_bit(im):
         kind = "32-bit integer" if im.mode == "I" else "32-bit float"
         raise ValueError(f"its mode {im.mode} ({kind} pixels) has no known value range; convert it to an 8- or "

@@ -7,7 +7,8 @@
 
 Both return float32 (3, S, S) tensors. Resizing is PIL's bicubic ``Image.resize``, which is what torchvision's
 ``Resize`` does for PIL input, so pixels match the official pipeline for the same crop and flip. Images that are
-not RGB (grayscale, palette, RGBA, CMYK) are converted to RGB first, as the official datasets do on loading.
+not RGB (grayscale, palette, RGBA, CMYK) are converted to RGB first, as the official datasets do on loading, with
+16-bit grayscale scaled to 8 bits (:func:`dsrb.data.dataset.to_rgb`).
 
 Randomness: every random choice is drawn from the **torch** RNG (``torch.randint`` / ``torch.rand``), never from
 Python's ``random`` or NumPy. The official pipeline picks the crop size with ``RandomChoice`` (Python ``random``);
@@ -25,6 +26,8 @@ from typing import List, NamedTuple, Optional
 import numpy as np
 import torch
 from PIL import Image
+
+from .dataset import to_rgb
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -46,7 +49,12 @@ _BICUBIC = Image.Resampling.BICUBIC
 def _check_image(img) -> Image.Image:
     if not isinstance(img, Image.Image):
         raise TypeError(f"argument 'img': expected a PIL.Image.Image, got {type(img).__name__}")
-    return img if img.mode == "RGB" else img.convert("RGB")
+    if img.mode == "RGB":
+        return img
+    try:
+        return to_rgb(img)  # 16-bit grayscale scaled, not clipped to white
+    except ValueError as err:
+        raise ValueError(f"argument 'img': {err}") from None
 
 
 def _check_size(name: str, v) -> int:
