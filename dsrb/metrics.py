@@ -213,9 +213,10 @@ def _threshold(scores: torch.Tensor, targets: torch.Tensor, threshold: float, to
     n_p = predicted.sum(0).to(dt)
     n_g = truth.sum(0).to(dt)
 
+    n_p = n_p.clamp_min(1)  # spec §8 and the official code: N_p := 1 for a class predicted nowhere, in OP and CP
     op = _ratio(n_c.sum(), n_p.sum())
     o_r = _ratio(n_c.sum(), n_g.sum())
-    cp = _ratio(n_c, n_p).mean()  # N_p = 0 means N_c = 0: precision 0, as with the official N_p := 1
+    cp = (n_c / n_p).mean()
     has_pos = n_g > 0
     cr = _ratio(_ratio(n_c, n_g).sum(), has_pos.sum().to(dt))  # classes with N_g = 0 add 0 and are not counted
     out = {
@@ -245,8 +246,10 @@ def threshold_metrics(
     c is also among the image's ``top_k`` highest scores (ties: lower class index first; ``top_k`` larger than C
     means all classes). Per class: N_c correct predictions, N_p predicted positives, N_g positives (targets > 0).
 
+    * N_p is set to 1 for a class predicted nowhere (spec §8, as the official code and ML-GCN's evaluation do), in
+      both sums below: such a class adds 1 to ΣN_p and 0 to CP's mean;
     * OP = ΣN_c / ΣN_p, OR = ΣN_c / ΣN_g, OF1 = 2·OP·OR / (OP + OR);
-    * CP = mean over all classes of N_c / N_p (a class predicted nowhere counts as 0, as with the official N_p := 1);
+    * CP = mean over all classes of N_c / N_p;
     * CR = mean of N_c / N_g over the classes with N_g > 0 (officially NaN otherwise; excluded, as in ``voc_map``);
     * CF1 = 2·CP·CR / (CP + CR), the harmonic mean of CP and CR (not the mean of per-class F1s).
 

@@ -198,7 +198,8 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool):
     if resumed and os.path.exists(path):
         partial, _ = load_partial_labels(path, expected_shape=tuple(train_set.labels.shape))
     else:
-        partial = make_partial_labels(train_set.labels, cfg.known_proportion, seed=cfg.label_seed)
+        partial = make_partial_labels(train_set.labels, cfg.known_proportion, seed=cfg.label_seed,
+                                      rows=train_set.listed_rows)  # images dropped by --skip-bad-images shift none
         if not bool((partial != 0).any()):
             raise ValueError(f"setting 'known_proportion' (--known-proportion): {cfg.known_proportion!r} keeps none "
                              f"of the {partial.numel()} training labels ({len(train_set)} images x "

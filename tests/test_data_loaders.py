@@ -166,8 +166,9 @@ def test_corrupt_image_getitem_and_verify(tmp_path):
         ds.verify_images(skip_bad=False)
     partial = torch.tensor([[0, -1, 1], [1, 0, 0], [0, 1, 0]])
     ds.set_targets(partial)
+    assert ds.listed_rows.tolist() == [0, 1, 2]
     assert ds.verify_images(skip_bad=True) == 1 and ds.skipped == 1
-    assert len(ds) == 2 and bad not in ds.image_paths
+    assert len(ds) == 2 and bad not in ds.image_paths and ds.listed_rows.tolist() == [0, 2]
     assert ds.labels.tolist() == [[1, -1, 1], [-1, 1, -1]]
     assert ds.targets.tolist() == [[0, -1, 1], [0, 1, 0]]
     assert ds[1][1].tolist() == [0.0, 1.0, 0.0]
@@ -336,6 +337,9 @@ def test_list_labels_by_hand(tmp_path):
     (tmp_path / "classes.txt").write_text("dog\ncat\n")
     ds = load_list(tmp_path / "t.tsv", classes=tmp_path / "classes.txt")
     assert ds.class_names == ["dog", "cat"] and ds.labels.tolist() == [[1, -1]]
+    # the delimiter is read from the first line that is not blank (blank lines are skipped)
+    (tmp_path / "t.tsv").write_text("\n \npath\tlabels\nimgs/a.png\tdog\n")
+    assert load_list(tmp_path / "t.tsv", classes=["dog", "cat"]).labels.tolist() == [[1, -1]]
 
 
 def test_list_errors(tmp_path):

@@ -81,6 +81,7 @@ def ref_threshold(scores: torch.Tensor, targets: torch.Tensor, threshold: float,
             np_[k] += pred[i][k]
             nc[k] += truth and pred[i][k]
     div = lambda a, b: a / b if b else 0.0  # noqa: E731
+    np_ = [max(v, 1) for v in np_]  # spec §8: N_p set to 1 where 0, for OP as for CP
     op, o_r = div(sum(nc), sum(np_)), div(sum(nc), sum(ng))
     cp = sum(div(nc[k], np_[k]) for k in range(c)) / c
     with_pos = [k for k in range(c) if ng[k]]
@@ -227,16 +228,17 @@ def test_top3_hand_example():
     # Top-3: img0 keeps {0, 1, 2}; class 3 (score 0.5 >= 0, a positive) is excluded by the top-3 rule.
     # img1's top 3 are {3, 2, 0}; class 0 has a negative logit, so it predicts {2, 3}.
     # (N_c, N_p, N_g): c0 (1,1,1), c1 (0,1,1), c2 (2,2,2), c3 (1,1,2), c4 (0,0,0).
-    # OP = 4/5, OR = 4/6, OF1 = 2 * 4/5 * 2/3 / (22/15) = 8/11.
-    # CP = (1 + 0 + 1 + 1 + 0) / 5 = 3/5 (c4, predicted nowhere, counts 0).
+    # c4, predicted nowhere, has N_p := 1 (spec §8): ΣN_p = 5 + 1. OP = 4/6, OR = 4/6, OF1 = 2/3.
+    # CP = (1 + 0 + 1 + 1 + 0) / 5 = 3/5 (c4 counts 0).
     # CR = (1 + 0 + 1 + 1/2) / 4 = 5/8 (c4 has no positive: excluded). CF1 = 2 * 3/5 * 5/8 / (49/40) = 30/49.
     top = threshold_metrics(scores, targets, top_k=3)
-    expected = dict(OP=4 / 5, OR=2 / 3, OF1=8 / 11, CP=3 / 5, CR=5 / 8, CF1=30 / 49)
+    expected = dict(OP=2 / 3, OR=2 / 3, OF1=2 / 3, CP=3 / 5, CR=5 / 8, CF1=30 / 49)
     for k, v in expected.items():
         assert top[k] == pytest.approx(v, abs=1e-12), k
-    # Without top-3, img0 also predicts class 3: c3 becomes (2, 2, 2). OP = OR = OF1 = 5/6, CP = 3/5, CR = 3/4.
+    # Without top-3, img0 also predicts class 3: c3 becomes (2, 2, 2). ΣN_p = 6 + 1 (c4): OP = 5/7, OR = 5/6,
+    # OF1 = 2 * 5/7 * 5/6 / (65/42) = 10/13, CP = 3/5, CR = 3/4.
     plain = threshold_metrics(scores, targets)
-    expected = dict(OP=5 / 6, OR=5 / 6, OF1=5 / 6, CP=3 / 5, CR=3 / 4, CF1=2 * 0.6 * 0.75 / 1.35)
+    expected = dict(OP=5 / 7, OR=5 / 6, OF1=10 / 13, CP=3 / 5, CR=3 / 4, CF1=2 * 0.6 * 0.75 / 1.35)
     for k, v in expected.items():
         assert plain[k] == pytest.approx(v, abs=1e-12), k
     # top_k >= C is no restriction.
@@ -250,7 +252,7 @@ def test_top3_hand_example():
 
 def test_threshold_zero_denominators():
     s = torch.tensor([[-1.0, -2.0], [-3.0, -4.0]])
-    # Nothing predicted, no positive: every ratio has a zero denominator and is 0.
+    # Nothing predicted, no positive: N_c = 0 and N_g = 0, so every ratio is 0.
     assert threshold_metrics(s, torch.zeros(2, 2)) == dict(OP=0.0, OR=0.0, OF1=0.0, CP=0.0, CR=0.0, CF1=0.0)
     out = threshold_metrics(-s, torch.zeros(2, 2))  # everything predicted, nothing right
     assert all(v == 0.0 for v in out.values())

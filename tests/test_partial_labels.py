@@ -59,6 +59,24 @@ def test_matches_official_generator(p, keep_global_rng):
     np.testing.assert_array_equal(make_partial_labels(labels, p).numpy(), ours.numpy())
 
 
+def test_rows_of_a_dataset_with_images_dropped():
+    """Labels of the images kept, with their rows in the full dataset, get the full dataset's draw for those rows."""
+    labels = _labels()
+    kept = np.array([0, 3, 4, 50, 199])
+    full = make_partial_labels(labels, 0.5)
+    for rows in (kept, torch.from_numpy(kept)):
+        np.testing.assert_array_equal(make_partial_labels(labels[kept], 0.5, rows=rows).numpy(), full.numpy()[kept])
+    assert not np.array_equal(make_partial_labels(labels[kept], 0.5).numpy(), full.numpy()[kept])  # rows matter
+    np.testing.assert_array_equal(make_partial_labels(labels[kept], 1.0, rows=kept).numpy(), labels[kept])
+    np.testing.assert_array_equal(make_partial_labels(labels, 0.5, rows=np.arange(200)).numpy(), full.numpy())
+    assert make_partial_labels(labels[:0], 0.5, rows=kept[:0]).shape == (0, 20)
+    with pytest.raises(ValueError, match=r"argument 'rows': expected shape \(5,\)"):
+        make_partial_labels(labels[kept], 0.5, rows=kept[:4])
+    for bad in (kept[::-1], np.array([0, 3, 3, 50, 199]), np.array([-1, 3, 4, 50, 199])):
+        with pytest.raises(ValueError, match="argument 'rows': expected increasing non-negative"):
+            make_partial_labels(labels[kept], 0.5, rows=bad)
+
+
 def test_seed_argument(keep_global_rng):
     labels = _labels()
     np.random.seed(7)

@@ -109,6 +109,11 @@ def test_plan_order_and_method_settings(tmp_path):
     assert args[:4] == ["--preset", "sweep", "--epochs", "2"]
     assert "--no-instance-blend" in args and args[args.index("--method") + 1] == "dsrb"
     assert args[-6:] == ["--known-proportion", "0.1", "--seed", "0", "--out", runs[1].directory]
+    assert os.path.basename(runs[1].directory) == "no-instance-p0.10-s0"
+    # Proportions equal to two decimals share no run (0.105 would have trained into, or resumed, p0.10's).
+    close = proportions.plan(str(tmp_path), ["dsrb"], [0.1, 0.105, 0.1 + 1e-12], [0])
+    assert [os.path.basename(r.directory) for r in close] == ["dsrb-p0.10-s0", "dsrb-p0.105-s0",
+                                                              f"dsrb-p{0.1 + 1e-12!r}-s0"]
 
 
 # --------------------------------------------------------------------------------------------- real sweeps

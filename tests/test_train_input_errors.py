@@ -375,6 +375,25 @@ def test_unreadable_image_is_one_error_line_with_the_way_out(tmp_path, workers):
     assert (tmp_path / "skipping" / "best.pt").exists()
 
 
+def test_skipped_images_leave_the_other_images_partial_labels_as_without_them(tmp_path):
+    """Partial labels are drawn over the dataset as listed (spec §7.2, the authors' published files): an image
+    dropped by --skip-bad-images must not shift the known labels of every image after it."""
+    from dsrb.data import load_list, make_partial_labels
+
+    rows = "a.png,cat\nb.png,dog\n" + "bad.png,cat;dog\n" + "a.png,dog\nb.png,cat;dog\n" * 3
+    root = list_dataset(tmp_path, rows, "a.png,cat\nb.png,dog\n")
+    (tmp_path / "list" / "bad.png").write_bytes(b"not an image")
+    cfg, _ = parse_args(["--dataset", "list", "--data-root", root, "--known-proportion", "0.5", "--skip-bad-images",
+                         *TINY])
+    train_set, _, _, _ = train.build_data(cfg, str(tmp_path / "run"), train.Dist(), False)
+    assert len(train_set) == 8 and train_set.skipped == 1
+    listed = load_list(os.path.join(root, "train.csv"), image_root=root)
+    kept = [0, 1, 3, 4, 5, 6, 7, 8]
+    want = make_partial_labels(listed.labels, 0.5, seed=cfg.label_seed)[kept]
+    assert train_set.targets.tolist() == want.tolist()
+    assert train_set.targets.tolist() != make_partial_labels(train_set.labels, 0.5, seed=cfg.label_seed).tolist()
+
+
 def test_missing_image_named_before_the_run(tmp_path):
     """Every dataset (here the built-in one, in the COCO layout): not at the image's turn in an epoch."""
     root = ensure_builtin(tmp_path / "data", num_train=24, num_test=8, image_size=64, seed=0)

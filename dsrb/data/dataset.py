@@ -159,7 +159,8 @@ class MultiLabelDataset(Dataset):
         name: a short dataset name ("coco", "voc", ...), for messages.
         source: the file the images are listed in (an annotation or list file), for messages.
 
-    ``dataset[i]`` is ``(image, target, i)`` with ``target = targets[i]`` as float32 (C,).
+    ``dataset[i]`` is ``(image, target, i)`` with ``target = targets[i]`` as float32 (C,). ``listed_rows`` (int64,
+    (N,)) is each image's row in the list it came from: ``arange(N)`` until :meth:`verify_images` drops some.
     """
 
     def __init__(
@@ -190,6 +191,7 @@ class MultiLabelDataset(Dataset):
         self.name = str(name)
         self.source = str(source)
         self.skipped = 0
+        self.listed_rows = torch.arange(len(self.image_paths))
 
     @property
     def num_classes(self) -> int:
@@ -267,8 +269,8 @@ class MultiLabelDataset(Dataset):
         """Open every image and check it with ``PIL.Image.verify`` (and its mode, as :func:`open_rgb` does).
 
         With ``skip_bad`` False the first bad image raises an UnreadableImageError naming its path. With ``skip_bad``
-        True the bad images are dropped (from ``image_paths``, ``labels`` and ``targets``) and their number is
-        returned (also kept in ``skipped``).
+        True the bad images are dropped (from ``image_paths``, ``labels``, ``targets`` and ``listed_rows``) and their
+        number is returned (also kept in ``skipped``).
         """
         from PIL import Image
 
@@ -289,5 +291,6 @@ class MultiLabelDataset(Dataset):
             self.image_paths = [self.image_paths[i] for i in keep]
             self.labels = self.labels[idx].clone()
             self.targets = self.targets[idx].clone()
+            self.listed_rows = self.listed_rows[idx]
         self.skipped = skipped
         return skipped

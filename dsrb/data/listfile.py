@@ -64,7 +64,7 @@ def read_list(path: PathLike) -> List[Tuple[int, str, List[str]]]:
     if not path.is_file():
         raise FileNotFoundError(f"list file not found: {path}; {_FORMAT}")
     text = read_text(path)
-    first = re.match(r"[^\r\n]*", text).group()
+    first = next((line for line in re.split(r"\r\n|\r|\n", text) if line.strip()), "")  # blank lines are skipped
     delimiter = "\t" if "\t" in first else ","
     # Rows end at newlines only (str.splitlines also splits at U+2028, \x85, ...), and a quoted field may hold one.
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)

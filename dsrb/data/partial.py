@@ -78,7 +78,8 @@ def _check_seed(seed) -> int:
     return int(seed)
 
 
-def make_partial_labels(labels: ArrayLike, proportion: float, seed: int = 0) -> torch.Tensor:
+def make_partial_labels(labels: ArrayLike, proportion: float, seed: int = 0, *,
+                        rows: Optional[ArrayLike] = None) -> torch.Tensor:
     """Hide labels as the official generator does; returns int8 (N, C) targets in {-1, 0, 1}.
 
     Args:
@@ -88,13 +89,26 @@ def make_partial_labels(labels: ArrayLike, proportion: float, seed: int = 0) -> 
             ``np.random.seed(seed); np.random.random(labels.shape)``. p == 1 returns the labels unchanged (the
             official code skips the draw).
         seed: NumPy seed (official: 0). NumPy's global RNG is neither read nor modified.
+        rows: (N,) increasing row of each label row in the full dataset, when some images were dropped
+            (``MultiLabelDataset.listed_rows``): row i uses U[rows[i]] of the full dataset's draw, so the images kept
+            get the known labels they get without the drop (those of the authors' published files). None: 0..N-1.
     """
     arr = _as_numpy_labels("labels", labels)
     p = _check_proportion(proportion)
     seed = _check_seed(seed)
+    if rows is not None:
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.shape != arr.shape[:1]:
+            raise ValueError(f"argument 'rows': expected shape ({arr.shape[0]},), one row per label row, got "
+                             f"{tuple(rows.shape)}")
+        if rows.size and (rows[0] < 0 or bool((np.diff(rows) <= 0).any())):
+            raise ValueError("argument 'rows': expected increasing non-negative row indices")
     if p == 1.0:
         return torch.from_numpy(arr.copy())
-    u = np.random.RandomState(seed).random_sample(arr.shape)
+    if rows is None:
+        u = np.random.RandomState(seed).random_sample(arr.shape)
+    else:  # the draw is row-major: the first rows[-1] + 1 rows of the full dataset's U
+        u = np.random.RandomState(seed).random_sample((int(rows[-1]) + 1 if rows.size else 0, arr.shape[1]))[rows]
     out = np.where(u < p, arr, np.int8(0)).astype(np.int8)
     return torch.from_numpy(out)
 

@@ -190,7 +190,10 @@ def _check_train_flags(train_flags: Sequence[str]) -> None:
 
 
 def _run_dir(out: str, method: str, p: float, seed: int) -> str:
-    return os.path.join(out, "runs", f"{method}-p{p:.2f}-s{seed}")
+    """``<out>/runs/<method>-p0.30-s<seed>``; a proportion that two decimals do not give exactly is written in
+    full (p0.105), so every grid point has its own run."""
+    short = f"{p:.2f}"
+    return os.path.join(out, "runs", f"{method}-p{short if float(short) == p else repr(p)}-s{seed}")
 
 
 def plan(out: str, methods: Sequence[str], proportions: Sequence[float], seeds: Sequence[int]) -> List[GridRun]:
