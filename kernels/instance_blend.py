@@ -126,7 +126,7 @@ def _instance_blend_bwd_kernel(
     alpha = tl.load(alpha_ptr).to(COMPUTE)
     t_own = tl.load(T_ptr + b * t_sb + offs_c * t_sc, mask=mask_c, other=0).to(COMPUTE)
     t_par = tl.load(T_ptr + pb * t_sb + offs_c * t_sc, mask=mask_c, other=0).to(COMPUTE)
-    w = ((t_own == 0) & (t_par == 1)).to(COMPUTE)  # (BLOCK_C,) 1 at blended entries of image b
+    blended = (t_own == 0) & (t_par == 1)  # (BLOCK_C,) the blended entries of image b
 
     g_off = offs_c[:, None] * g_sc + offs_d[None, :] * g_sd
     s_off = offs_c[:, None] * s_sc + offs_d[None, :] * s_sd
@@ -134,17 +134,18 @@ def _instance_blend_bwd_kernel(
     s_own = tl.load(S_ptr + b * s_sb + s_off, mask=mask, other=0).to(COMPUTE)
     s_par = tl.load(S_ptr + pb * s_sb + s_off, mask=mask, other=0).to(COMPUTE)
 
-    # grad_alpha partial over this tile: sum w * grad_S1 * (S - S[partner]) (+ the target term once per (b, c)).
-    part = tl.sum(tl.sum(g_own * (s_own - s_par) * w[:, None], axis=1), axis=0)
+    # grad_alpha partial over this tile: sum over blended entries of grad_S1 * (S - S[partner]) (+ the target term
+    # once per (b, c)); selected, never multiplied by a 0/1 mask: an inf at an entry left alone would give NaN.
+    part = tl.sum(tl.sum(tl.where(blended[:, None], g_own * (s_own - s_par), 0), axis=1), axis=0)
     if not DETACH_TARGET:
         if pid_d == 0:
             gt = tl.load(gT1_ptr + b * gt_sb + offs_c * gt_sc, mask=mask_c, other=0).to(COMPUTE)
-            part -= tl.sum(gt * w, axis=0)
+            part -= tl.sum(tl.where(blended, gt, 0), axis=0)
     pid = (b * tl.num_programs(1) + pid_c) * tl.num_programs(2) + pid_d
     tl.store(partial_ptr + pid, part)
 
     # grad_S[b]: own term, then every source image j with partner[j] == b in ascending j (gather, no atomics).
-    acc = g_own * (1 - w + w * alpha)[:, None]
+    acc = tl.where(blended[:, None], g_own * alpha, g_own)
     one_minus_alpha = 1 - alpha
     # Row pointers advance by one image per step (64-bit pointer arithmetic, no int32 index products).
     p_row = partner_ptr
@@ -157,7 +158,7 @@ def _instance_blend_bwd_kernel(
             t_j = tl.load(t_row, mask=mask_c, other=0).to(COMPUTE)
             w_j = (t_j == 0) & (t_own == 1)
             g_j = tl.load(g_row, mask=mask & w_j[:, None], other=0).to(COMPUTE)
-            acc += g_j * (w_j.to(COMPUTE) * one_minus_alpha)[:, None]
+            acc += tl.where(w_j[:, None], g_j * one_minus_alpha, 0)
         p_row += p_s
         t_row += t_sb
         g_row += g_sb

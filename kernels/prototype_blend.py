@@ -137,7 +137,6 @@ def _prototype_blend_bwd_kernel(
         mc = mask_c & row_ok
         m = mask & row_ok
         w = tl.load(sel_ptr + b * e_sb + offs_c * e_sc, mask=mc, other=0) != 0
-        wf = w.to(COMPUTE)
         q = tl.load(q_ptr + b * q_sb + offs_c * q_sc, mask=mc, other=0)
         sh = tl.load(shift_ptr + b * h_sb + offs_c * h_sc, mask=mc, other=0)
         k = ((q - sh) % 4 + 4) % 4
@@ -146,15 +145,16 @@ def _prototype_blend_bwd_kernel(
         p_off = offs_c[:, None] * k_sc + k[:, None] * k_sq + offs_d[None, :] * k_sd
         p = tl.load(bank_ptr + p_off, mask=m & w[:, None], other=0).to(COMPUTE)
 
-        gs = g * (1 - wf + wf * beta)[:, None]
+        # Selected, never multiplied by the 0/1 mask: an inf at an entry left alone would give 0 * inf = NaN.
+        gs = tl.where(w[:, None], g * beta, g)
         tl.store(gS_ptr + b * C * D + offs_c[:, None] * D + offs_d[None, :], gs.to(gS_ptr.dtype.element_ty), mask=m)
-        part_tile += g * (s - p) * wf[:, None]
+        part_tile += tl.where(w[:, None], g * (s - p), 0)
         if not DETACH_TARGET:
             if pid_d == 0:
                 gt = tl.load(gT2_ptr + b * gt_sb + offs_c * gt_sc, mask=mc, other=0).to(COMPUTE)
-                part_t += gt * wf
+                part_t += tl.where(w, gt, 0)
         if BANK_GRAD:
-            contrib = g * (wf * one_minus_beta)[:, None]
+            contrib = tl.where(w[:, None], g * one_minus_beta, 0)
             acc0 += tl.where((k == 0)[:, None], contrib, 0)
             acc1 += tl.where((k == 1)[:, None], contrib, 0)
             acc2 += tl.where((k == 2)[:, None], contrib, 0)

@@ -111,6 +111,81 @@ def tanh_extreme_inputs(dtype=torch.float32, device="cpu"):
     return tuple(t.to(device).requires_grad_(t is u or t is e) for t in (x, u, e, v))
 
 
+def check_blends_ignore_what_they_leave_alone(ib_fwd, ib_bwd, pb_fwd, pb_bwd, *, dtype=torch.float32,
+                                              device="cpu"):
+    """inf and NaN in entries a blend leaves alone (S, the partner's S, the bank, upstream gradients) stay there: the
+    results are those of finite values in their place, except the left-alone entries themselves, which pass through.
+    A backward that multiplies by the 0/1 blend mask instead of selecting gives 0 * inf = NaN in grad alpha / beta
+    and in the partner's or the bank's gradient.
+
+    Raw ops, detach_target False and the bank's gradient on: ib_fwd(S, T, alpha, partner) -> (S1, T1),
+    ib_bwd(gS1, gT1, S, T, alpha, partner) -> (gS, g_alpha), pb_fwd(S, T, beta, bank, quadrant, shift, select) ->
+    (S2, T2), pb_bwd(gS2, gT2, S, beta, bank, quadrant, shift, select) -> (gS, g_beta, g_bank)."""
+    inf, nan = float("inf"), float("nan")
+    g = torch.Generator().manual_seed(7)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    def poison(t, where):
+        out = t.clone()
+        for index, value in where:
+            out[index] = value
+        return out
+
+    def same(got, want, what, poisoned=None):
+        keep = torch.ones_like(want, dtype=torch.bool) if poisoned is None else poisoned.isfinite()
+        assert torch.isfinite(got[keep]).all(), f"{what}: non-finite where the clean run is finite"
+        assert_close(got[keep], want[keep], dtype=dtype, what=what)
+        if poisoned is not None:  # a left-alone entry passes through, itself
+            torch.testing.assert_close(got[~keep], poisoned[~keep], rtol=0, atol=0, equal_nan=True)
+
+    # instance_blend, batch flip: image 0 blends classes 0 and 2 from image 2; nothing else is blended.
+    T = torch.tensor([[0, 1, 0], [1, 0, -1], [1, 1, 1]], dtype=dtype, device=device)
+    partner = torch.tensor([2, 1, 0], device=device)
+    alpha = torch.tensor(0.3, dtype=dtype, device=device)
+    S, gS1, gT1 = rand(3, 3, 4), rand(3, 3, 4), rand(3, 3)
+    S_bad = poison(S, [((0, 1), inf), ((1, 1, 0), nan), ((2, 1, 1), -inf)])
+    gS1_bad = poison(gS1, [((2, 1), inf), ((0, 1, 2), nan)])  # image 0 class 1 is image 2's class 1's partner
+    gT1_bad = poison(gT1, [((1, 0), inf), ((2, 2), nan)])
+    S1, T1 = ib_fwd(S, T, alpha, partner)
+    gS, g_alpha = ib_bwd(gS1, gT1, S, T, alpha, partner)
+    got = ib_fwd(S_bad, T, alpha, partner)
+    same(got[0], S1, "instance_blend S1", S_bad)
+    same(got[1], T1, "instance_blend T1")
+    got = ib_bwd(gS1_bad, gT1_bad, S_bad, T, alpha, partner)
+    same(got[0], gS, "instance_blend grad S", gS1_bad)
+    same(got[1], g_alpha, "instance_blend grad alpha")
+
+    # prototype_blend: (0, 0) and (1, 1) selected, from buckets (0, 3) and (1, 0); class 2 and the other buckets
+    # are never read.
+    T = torch.tensor([[0, 1, 0], [-1, 0, 0]], dtype=dtype, device=device)
+    select = torch.tensor([[True, False, False], [False, True, False]], device=device)
+    quadrant = torch.tensor([[0, 1, 2], [3, 2, 1]], device=device)
+    shift = torch.tensor([[1, 2, 3], [1, 2, 3]], device=device)
+    beta = torch.tensor(0.6, dtype=dtype, device=device)
+    S, bank, gS2, gT2 = rand(2, 3, 4), rand(3, 4, 4), rand(2, 3, 4), rand(2, 3)
+    S_bad = poison(S, [((0, 1), inf), ((1, 2, 0), nan), ((1, 0, 3), -inf)])
+    bank_bad = poison(bank, [((2,), nan), ((0, 1), inf), ((1, 3, 2), -inf)])
+    gS2_bad = poison(gS2, [((0, 2), inf), ((1, 0, 1), nan)])
+    gT2_bad = poison(gT2, [((1, 0), nan), ((0, 1), inf)])
+    S2, T2 = pb_fwd(S, T, beta, bank, quadrant, shift, select)
+    gS, g_beta, g_bank = pb_bwd(gS2, gT2, S, beta, bank, quadrant, shift, select)
+    got = pb_fwd(S_bad, T, beta, bank_bad, quadrant, shift, select)
+    same(got[0], S2, "prototype_blend S2", S_bad)
+    same(got[1], T2, "prototype_blend T2")
+    got = pb_bwd(gS2_bad, gT2_bad, S_bad, beta, bank_bad, quadrant, shift, select)
+    same(got[0], gS, "prototype_blend grad S", gS2_bad)
+    same(got[1], g_beta, "prototype_blend grad beta")
+    same(got[2], g_bank, "prototype_blend grad bank")
+
+
+def grads_of(fn, inputs, grad_outputs):
+    """The gradients of ``fn(*inputs)`` (a tuple of outputs) for ``grad_outputs``, by autograd, inputs as leaves."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    return torch.autograd.grad(fn(*leaves), leaves, grad_outputs)
+
+
 def dsrb_training_outputs(backend: str, device) -> list:
     """One training forward and backward of a tiny DSRB (both blends, the prototype pass) with every op on
     ``backend``: the outputs and gradients that backend-equality tests compare."""

@@ -20,7 +20,7 @@ import torch
 
 import cuda_emulator
 from dsrb import ops, reference
-from helpers import assert_close, noncontiguous, tanh_extreme_inputs
+from helpers import assert_close, check_blends_ignore_what_they_leave_alone, noncontiguous, tanh_extreme_inputs
 from test_ext_backends import (BLEND_SHAPES, LOW, QUADRANT_SHAPES, QUADRANT_SPECIAL_SHAPES, SA_SHAPES, _leaf64,
                                blend_inputs, compare, grads, quadrant_inputs, quadrant_special_inputs, sa_inputs,
                                sa_oracle)
@@ -252,6 +252,16 @@ def test_blends_noncontiguous_deterministic_and_bank_grad_flag(emu):
     with_bank, without = emu.prototype_blend_cuda_backward(*args, True), emu.prototype_blend_cuda_backward(*args, False)
     assert torch.equal(without[2], torch.zeros_like(bank)) and with_bank[2].abs().sum() > 0
     assert torch.equal(with_bank[0], without[0]) and torch.equal(with_bank[1], without[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_blends_ignore_what_they_leave_alone(emu, dtype):
+    check_blends_ignore_what_they_leave_alone(
+        lambda S, T, a, p: emu.instance_blend_cuda(S, T, a, p, False),
+        lambda gS1, gT1, S, T, a, p: emu.instance_blend_cuda_backward(gS1, gT1, S, T, a, p, False),
+        lambda S, T, b, k, q, h, e: emu.prototype_blend_cuda(S, T, b, k, q, h, e, False),
+        lambda gS2, gT2, S, b, k, q, h, e: emu.prototype_blend_cuda_backward(gS2, gT2, S, b, k, q, h, e, False, True),
+        dtype=dtype)
 
 
 def test_blends_gradcheck(emu):

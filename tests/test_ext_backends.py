@@ -11,7 +11,8 @@ import torch
 
 import dsrb.ops as ops
 from dsrb import _ext, reference
-from helpers import (TOLERANCES, assert_close, assert_within_baseline, dsrb_training_outputs, noncontiguous,
+from helpers import (TOLERANCES, assert_close, assert_within_baseline, check_blends_ignore_what_they_leave_alone,
+                     dsrb_training_outputs, noncontiguous,
                      tanh_extreme_inputs)
 
 EXT = _ext.load()
@@ -264,6 +265,19 @@ def test_cpp_autograd_double_backward_is_an_error(backend):
             assert_close(g, w, dtype=torch.float64, what=f"gradient {i}")
         with pytest.raises(RuntimeError, match="the extension's backward cannot be differentiated"):
             torch.autograd.grad(sum(g.sum() for g in got), leaves)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_blends_ignore_what_they_leave_alone(backend, dtype):
+    ib, pb = getattr(torch.ops.dsrb, f"instance_blend_{backend}"), getattr(torch.ops.dsrb, f"prototype_blend_{backend}")
+    ib_bwd = getattr(torch.ops.dsrb, f"instance_blend_{backend}_backward")
+    pb_bwd = getattr(torch.ops.dsrb, f"prototype_blend_{backend}_backward")
+    check_blends_ignore_what_they_leave_alone(
+        lambda S, T, a, p: ib(S, T, a, p, False), lambda gS1, gT1, S, T, a, p: ib_bwd(gS1, gT1, S, T, a, p, False),
+        lambda S, T, b, k, q, h, e: pb(S, T, b, k, q, h, e, False),
+        lambda gS2, gT2, S, b, k, q, h, e: pb_bwd(gS2, gT2, S, b, k, q, h, e, False, True),
+        dtype=dtype, device=_device(backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

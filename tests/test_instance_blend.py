@@ -5,7 +5,7 @@ import torch
 
 import dsrb.ops as ops
 from dsrb import reference
-from helpers import NoValueReads, assert_close, noncontiguous
+from helpers import NoValueReads, assert_close, check_blends_ignore_what_they_leave_alone, grads_of, noncontiguous
 
 SHAPES = [(1, 1, 3), (2, 3, 7), (5, 20, 33), (8, 80, 9), (2, 200, 3), (0, 4, 5), (3, 1, 1)]
 
@@ -161,3 +161,39 @@ def test_validate_false_reads_no_values(backend, monkeypatch):
         with pytest.raises(RuntimeError, match="'partner': expected values in \\[0, 2\\], got 3"):
             ops.instance_blend(S, T, alpha, torch.tensor([0, 1, 3]), validate=False, backend=backend)
 
+
+
+def _autograd_raw_ops(ib, pb):
+    """Raw forward/backward pairs (helpers.check_blends_ignore_what_they_leave_alone) from differentiable blends
+    ib(S, T, alpha, partner) and pb(S, T, beta, bank, quadrant, shift, select); pb's gradients do not depend on T."""
+    def ib_bwd(gS1, gT1, S, T, alpha, partner):
+        return grads_of(lambda s, a: ib(s, T, a, partner), (S, alpha), (gS1, gT1))
+
+    def pb_bwd(gS2, gT2, S, beta, bank, quadrant, shift, select):
+        T = torch.zeros(select.shape, dtype=S.dtype)
+        return grads_of(lambda s, b, k: pb(s, T, b, k, quadrant, shift, select), (S, beta, bank), (gS2, gT2))
+
+    return ib, ib_bwd, pb, pb_bwd
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_blends_ignore_what_they_leave_alone_torch_backend_and_reference(dtype):
+    """inf/NaN in entries left alone reach no other result (0 * inf = NaN in a product with the 0/1 mask): the
+    torch backend's ops, its code as autograd differentiates it (trace_torch_backend), and the oracle."""
+    import importlib
+
+    ib_mod, pb_mod = (importlib.import_module(f"dsrb.ops.{name}") for name in ("instance_blend", "prototype_blend"))
+
+    torch_ops = torch.ops.dsrb
+    check_blends_ignore_what_they_leave_alone(
+        lambda S, T, a, p: torch_ops.instance_blend_torch(S, T, a, p, False),
+        lambda gS1, gT1, S, T, a, p: torch_ops.instance_blend_torch_backward(gS1, gT1, S, T, a, p, False),
+        lambda S, T, b, k, q, h, e: torch_ops.prototype_blend_torch(S, T, b, k, q, h, e, False),
+        lambda gS2, gT2, S, b, k, q, h, e: torch_ops.prototype_blend_torch_backward(gS2, gT2, S, b, k, q, h, e, False,
+                                                                                      True),
+        dtype=dtype)
+    check_blends_ignore_what_they_leave_alone(*_autograd_raw_ops(
+        lambda S, T, a, p: ib_mod._torch_forward(S, T, a, p, False),
+        lambda S, T, b, k, q, h, e: pb_mod._torch_forward(S, T, b, k, q, h, e, False)), dtype=dtype)
+    check_blends_ignore_what_they_leave_alone(*_autograd_raw_ops(reference.instance_blend, reference.prototype_blend),
+                                              dtype=dtype)

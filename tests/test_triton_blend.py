@@ -28,7 +28,8 @@ pytest.importorskip("triton")
 
 import dsrb.ops  # noqa: E402,F401 (registers the torch backend's custom ops used as the second reference)
 from dsrb import reference  # noqa: E402
-from helpers import assert_close, noncontiguous, triton_interpreter_problem  # noqa: E402
+from helpers import (assert_close, check_blends_ignore_what_they_leave_alone, noncontiguous,  # noqa: E402
+                     triton_interpreter_problem)
 
 if triton_interpreter_problem():
     pytest.skip(triton_interpreter_problem(), allow_module_level=True)
@@ -291,6 +292,15 @@ def test_prototype_blend_float64(shape, bank_grad):
     inputs, grads_out = pb_inputs(*shape, torch.float64, seed=1)
     pb_compare(inputs, grads_out, False, bank_grad, torch.float64)
     pb_compare(inputs, grads_out, True, bank_grad, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_blends_ignore_what_they_leave_alone(dtype):
+    check_blends_ignore_what_they_leave_alone(
+        IB.instance_blend_forward, lambda gS1, gT1, S, T, a, p: IB.instance_blend_backward(gS1, gT1, S, T, a, p, False),
+        PB.prototype_blend_forward,
+        lambda gS2, gT2, S, b, k, q, h, e: PB.prototype_blend_backward(gS2, gT2, S, b, k, q, h, e, False, True),
+        dtype=dtype, device=DEVICE)
 
 
 def test_prototype_blend_every_quadrant_and_shift():

@@ -25,7 +25,10 @@ def _blend_mask(T: Tensor, partner: Tensor) -> Tensor:
 
 def _torch_forward(S: Tensor, T: Tensor, alpha: Tensor, partner: Tensor, detach_target: bool):
     blend = _blend_mask(T, partner)
-    S1 = torch.where(blend[..., None], alpha * S + (1 - alpha) * S[partner], S)
+    # Selected, never multiplied by a 0/1 mask: an inf or NaN at an entry left alone reaches no gradient (0 * inf).
+    # m = alpha where blended, else 1, so that autograd (trace_torch_backend) gives alpha no part of those entries.
+    m = torch.where(blend, alpha, 1)[..., None]
+    S1 = torch.where(blend[..., None], m * S + (1 - m) * S[partner], S)
     # alpha * 0 + (1 - alpha) * 1; detached as the backward does, for when autograd differentiates this code
     # (trace_torch_backend)
     T1 = torch.where(blend, 1 - (alpha.detach() if detach_target else alpha), T)
@@ -33,13 +36,16 @@ def _torch_forward(S: Tensor, T: Tensor, alpha: Tensor, partner: Tensor, detach_
 
 
 def _torch_backward(grad_S1, grad_T1, S, T, alpha, partner, detach_target: bool):
-    w = _blend_mask(T, partner).to(S.dtype)  # 1 at blended entries
-    grad_S = grad_S1 * (1 - w + w * alpha)[..., None]
+    # Every term selects the blended entries (never a product with a 0/1 mask: 0 * inf is NaN), as the C++ kernels
+    # branch on them.
+    blend = _blend_mask(T, partner)
+    b3 = blend[..., None]
+    grad_S = torch.where(b3, grad_S1 * alpha, grad_S1)
     # Image b's blended entries pull (1 - alpha) of their gradient back to its partner's features.
-    grad_S = grad_S.index_add(0, partner, grad_S1 * (w * (1 - alpha))[..., None])
-    grad_alpha = (grad_S1 * (S - S[partner]) * w[..., None]).sum()
+    grad_S = grad_S.index_add(0, partner, torch.where(b3, grad_S1 * (1 - alpha), 0))
+    grad_alpha = torch.where(b3, grad_S1 * (S - S[partner]), 0).sum()
     if not detach_target:
-        grad_alpha = grad_alpha - (grad_T1 * w).sum()  # dT1/dalpha = T - T[partner] = -1 where blended
+        grad_alpha = grad_alpha - torch.where(blend, grad_T1, 0).sum()  # dT1/dalpha = T - T[partner] = -1
     return grad_S.contiguous(), grad_alpha.reshape(alpha.shape)
 
 

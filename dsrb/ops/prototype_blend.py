@@ -30,23 +30,24 @@ def _bucket(quadrant: Tensor, shift: Tensor) -> Tensor:
 def _torch_forward(S, T, beta, bank, quadrant, shift, select, detach_target: bool):
     C, _, D = bank.shape
     p = bank.reshape(C * 4, D)[_bucket(quadrant, shift)]  # (B, C, D)
-    S2 = torch.where(select[..., None], beta * S + (1 - beta) * p, S)
+    m = torch.where(select, beta, 1)[..., None]  # selected, never a 0/1 product: see instance_blend's
+    S2 = torch.where(select[..., None], m * S + (1 - m) * p, S)
     T2 = torch.where(select, 1 - (beta.detach() if detach_target else beta), T)  # see instance_blend's
     return S2.contiguous(), T2.contiguous()
 
 
 def _torch_backward(grad_S2, grad_T2, S, beta, bank, quadrant, shift, select, detach_target: bool, bank_grad: bool):
     C, _, D = bank.shape
-    w = select.to(S.dtype)
+    s3 = select[..., None]  # selected, never a 0/1 product (0 * inf is NaN), as the C++ kernels branch
     idx = _bucket(quadrant, shift)
     p = bank.reshape(C * 4, D)[idx]
-    grad_S = grad_S2 * (1 - w + w * beta)[..., None]
-    grad_beta = (grad_S2 * (S - p) * w[..., None]).sum()
+    grad_S = torch.where(s3, grad_S2 * beta, grad_S2)
+    grad_beta = torch.where(s3, grad_S2 * (S - p), 0).sum()
     if not detach_target:
-        grad_beta = grad_beta - (grad_T2 * w).sum()  # dT2/dbeta = -1 where selected
+        grad_beta = grad_beta - torch.where(select, grad_T2, 0).sum()  # dT2/dbeta = -1 where selected
     grad_bank = torch.zeros((C * 4, D), dtype=bank.dtype, device=bank.device)
     if bank_grad:  # the model's bank is a buffer: skip the scatter when nobody asks for it
-        grad_bank.index_add_(0, idx.reshape(-1), (grad_S2 * (w * (1 - beta))[..., None]).reshape(idx.numel(), D))
+        grad_bank.index_add_(0, idx.reshape(-1), torch.where(s3, grad_S2 * (1 - beta), 0).reshape(idx.numel(), D))
     return grad_S.contiguous(), grad_beta.reshape(beta.shape), grad_bank.reshape(C, 4, D)
 
 

@@ -34,9 +34,11 @@ def instance_blend(
     p = _partner(S.shape[0], partner, S.device)
     T = T.to(S.dtype)
     a = alpha.reshape(())
-    m = torch.where((T == 0) & (T[p] == 1), a, torch.ones_like(T))  # (B, C)
-    mt = torch.where((T == 0) & (T[p] == 1), a.detach() if detach_target else a, torch.ones_like(T))
-    S1 = m[..., None] * S + (1 - m[..., None]) * S[p]
+    blend = (T == 0) & (T[p] == 1)
+    m = torch.where(blend, a, torch.ones_like(T))  # (B, C)
+    mt = torch.where(blend, a.detach() if detach_target else a, torch.ones_like(T))
+    # Selected where not blended: 1 * S + 0 * S[p] would be NaN for an inf in the partner's entry left alone.
+    S1 = torch.where(blend[..., None], m[..., None] * S + (1 - m[..., None]) * S[p], S)
     T1 = mt * T + (1 - mt) * T[p]
     return S1, T1
 

@@ -36,9 +36,10 @@ def prototype_blend(
     bt = b.detach() if detach_target else b
     q = torch.remainder(quadrant - shift, 4)
     p = torch.stack([torch.stack([bank[c, q[i, c]] for c in range(C)]) for i in range(B)]) if B * C else S * 0
-    sel = select.to(S.dtype)
-    S2 = sel[..., None] * (b * S + (1 - b) * p) + (1 - sel[..., None]) * S
-    T2 = (1 - sel) * T.to(S.dtype) + sel * (1 - bt)
+    # Selected, as instance_blend's m is: what is left alone (an inf included) reaches neither output nor gradient.
+    m = torch.where(select, b, torch.ones_like(b))[..., None]
+    S2 = torch.where(select[..., None], m * S + (1 - m) * p, S)
+    T2 = torch.where(select, 1 - bt, T.to(S.dtype))
     return S2, T2
 
 
