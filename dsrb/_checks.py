@@ -12,9 +12,11 @@ from typing import Optional, Sequence
 
 import torch
 
+# uint16/32/64 are left out of "int": torch has few kernels for them (no aminmax, which the range checks use).
+_INTEGER = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 _KINDS = {
     "float": (lambda d: d.is_floating_point, "a floating-point tensor"),
-    "int": (lambda d: (not d.is_floating_point) and (not d.is_complex) and d != torch.bool, "an integer tensor"),
+    "int": (lambda d: d in _INTEGER, "an integer tensor (int8, int16, int32, int64 or uint8)"),
     "bool": (lambda d: d == torch.bool, "a bool tensor"),
     "real": (lambda d: not d.is_complex, "a real (float, integer or bool) tensor"),
 }

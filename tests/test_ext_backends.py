@@ -120,6 +120,26 @@ def test_semantic_attention_cpu_tanh_at_extremes():
     assert results[0][1][:-1].isfinite().all() and results[0][1][-1].isnan().all()
 
 
+@pytest.mark.parametrize("scale", [1e-5, 1e-3, 0.1])
+def test_semantic_attention_cpu_tanh_sums_are_accurate_for_small_arguments(scale):
+    """grad v sums tanh(u e) over rows and classes: with the CPU kernel's tanh accurate to a few ulp relative (not
+    1e-7 absolute, which is 1e-2 relative at |u e| = 1e-5), it stays within fp32 rounding of the fp64 oracle."""
+    g = torch.Generator().manual_seed(0)
+    x, u, e, v = (torch.randn(shape, generator=g, dtype=torch.float64) for shape in ((2, 6, 4), (2, 6, 16), (3, 16),
+                                                                                      (16,)))
+    u = u * scale
+    weights = torch.arange(6.0, dtype=torch.float64)
+
+    def grad_v(fn, dtype):
+        vv = v.to(dtype).requires_grad_()
+        S, a = fn(x.to(dtype), u.to(dtype), e.to(dtype), vv)
+        return torch.autograd.grad(S.sum() + (a * weights.to(dtype)).sum(), vv)[0].double()
+
+    truth = grad_v(reference.semantic_attention, torch.float64)
+    got = grad_v(lambda *t: ops.semantic_attention(*t, backend="cpu"), torch.float32)
+    assert float((got - truth).norm() / truth.norm()) < 2e-6
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_semantic_attention_saturated_tanh_gradients(backend):
     """Where tanh(u e) rounds to +-1, 1 - tanh^2 is 0, as torch computes it, so a huge u or e adds no gradient: the

@@ -72,6 +72,27 @@ def test_unsigned_targets_reject_255(dtype):
     assert torch.equal(T1, torch.tensor([[1.0, 0.5, 0.0], [0.5, 1.0, 0.0]]))
 
 
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+@pytest.mark.parametrize("validate", [True, False])
+def test_wide_unsigned_indices_are_refused_by_name(dtype, validate):
+    """uint16/32/64 have no range-check kernels in torch: refused by name, not a NotImplementedError from aminmax."""
+    B, C, D = 2, 3, 2
+    S, T = torch.randn(B, C, D), torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    q, shift = torch.zeros(B, C, dtype=dtype), torch.ones(B, C, dtype=torch.long)
+    sel = torch.ones(B, C, dtype=torch.bool)
+    integer = r"expected an integer tensor \(int8, int16, int32, int64 or uint8\), got .*" + str(dtype).split(".")[1]
+    with pytest.raises(TypeError, match="argument 'partner': " + integer):
+        ops.instance_blend(S, T, torch.tensor(0.3), torch.tensor([1, 0], dtype=dtype), validate=validate)
+    with pytest.raises(TypeError, match="argument 'quadrant': " + integer):
+        ops.prototype_blend(S, T, torch.tensor(0.3), torch.randn(C, 4, D), q, shift, sel, validate=validate)
+    with pytest.raises(TypeError, match="argument 'shift': " + integer):
+        ops.prototype_blend(S, T, torch.tensor(0.3), torch.randn(C, 4, D), q.long(), shift.to(dtype), sel,
+                            validate=validate)
+    with pytest.raises(TypeError, match="argument 'quadrant': " + integer):
+        ops.prototype_bank_update(torch.zeros(C, 4, D), torch.zeros(C, 4, dtype=torch.long), S, T, q, 5,
+                                  validate=validate)
+
+
 def test_model_rejects_uint8_targets_of_255():
     model = _model().train()
     T8 = torch.tensor([[1, 0, 255], [0, 1, 0]], dtype=torch.uint8)
