@@ -10,6 +10,7 @@ from __future__ import annotations
 import operator
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 # uint16/32/64 are left out of "int": torch has few kernels for them (no aminmax, which the range checks use).
@@ -78,6 +79,13 @@ def check_scalar_param(name: str, t) -> None:
         raise ValueError(f"argument '{name}': expected a one-element tensor of shape () or (1,), got {tuple(t.shape)}")
     if not t.dtype.is_floating_point:
         raise TypeError(f"argument '{name}': expected a floating-point tensor, got dtype {t.dtype}")
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` as a Python bool: a bool or a NumPy bool, not another truthy value ("no" would be True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"argument '{name}': expected True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
 
 
 def check_int(name: str, value, *, minimum: Optional[int] = None) -> int:

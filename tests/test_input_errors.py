@@ -93,6 +93,26 @@ def test_wide_unsigned_indices_are_refused_by_name(dtype, validate):
                                   validate=validate)
 
 
+def test_flags_must_be_bools():
+    """detach_target="no" used to mean True (bool("no")); a NumPy bool is a bool."""
+    B, C, D = 2, 3, 2
+    S, T = torch.randn(B, C, D), torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    q, shift, sel = torch.zeros(B, C, dtype=torch.long), torch.ones(B, C, dtype=torch.long), torch.ones(B, C).bool()
+    bank, sums, counts = torch.randn(C, 4, D), torch.zeros(C, 4, D), torch.zeros(C, 4, dtype=torch.long)
+    alpha = torch.tensor(0.3)
+    for name, value in (("detach_target", "no"), ("validate", 1), ("detach_target", None)):
+        with pytest.raises(TypeError, match=f"argument '{name}': expected True or False"):
+            ops.instance_blend(S, T, alpha, **{name: value})
+        with pytest.raises(TypeError, match=f"argument '{name}': expected True or False"):
+            ops.prototype_blend(S, T, alpha, bank, q, shift, sel, **{name: value})
+    for fn in (ops.prototype_bank_update, ops.prototype_bank_update_):
+        with pytest.raises(TypeError, match="argument 'validate': expected True or False"):
+            fn(sums, counts, S, T, q, validate="yes")
+    want = ops.instance_blend(S, T, alpha, detach_target=True)
+    got = ops.instance_blend(S, T, alpha, detach_target=np.bool_(True), validate=np.bool_(False))
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
 def test_model_rejects_uint8_targets_of_255():
     model = _model().train()
     T8 = torch.tensor([[1, 0, 255], [0, 1, 0]], dtype=torch.uint8)

@@ -17,6 +17,21 @@ def test_matches_oracle(B, C, H, W):
     assert torch.equal(q, reference.quadrant_index(a, x_sum, H, W))
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_mixed_dtypes_use_the_wider(backend):
+    """An fp32 x_sum with an fp16 a: products in fp32, as the oracle's a * x_sum (rounding x_sum to fp16 made every
+    value inf here, and the tie gave quadrant 0)."""
+    from dsrb.ops._registry import reasons
+
+    why = reasons("quadrant_index", torch.device("cpu"), torch.float32)[backend]
+    if why is not None:
+        pytest.skip(f"backend {backend!r} does not serve the CPU here: {why}")
+    a = torch.full((1, 1, 4), 0.5, dtype=torch.float16)
+    x_sum = torch.tensor([[1e5, 2e5, 3e5, 4e5]])
+    assert reference.quadrant_index(a, x_sum, 2, 2).item() == 3
+    assert ops.quadrant_index(a, x_sum, 2, 2, backend=backend).item() == 3
+
+
 def test_hand_cases_odd_map():
     """7x7 splits at 3: rows/cols 0-2 are top/left, 3-6 bottom/right (spec §5.1)."""
     H = W = 7

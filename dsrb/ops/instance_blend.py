@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._checks import check_same_device, check_targets, check_tensor
+from .._checks import check_bool, check_same_device, check_targets, check_tensor
 from ._common import check_blend_inputs
 from ._registry import define_op, extension_backends, register_impl, register_python_op, select
 
@@ -144,8 +144,9 @@ def instance_blend(
         check_tensor("partner", partner, shape=(B,), kind="int")
         check_same_device(S=S, partner=partner)
         ranges.append(("partner", partner, 0, B - 1))
-    if validate:
+    detach_target = check_bool("detach_target", detach_target)
+    if check_bool("validate", validate):
         check_targets("T", T, *ranges)  # one device read for both
     partner = partner.long()
     fn = select("instance_blend", S.device, S.dtype, backend)
-    return fn(S, T.to(S.dtype), alpha.to(S.dtype).reshape(()), partner, bool(detach_target))
+    return fn(S, T.to(S.dtype), alpha.to(S.dtype).reshape(()), partner, detach_target)

@@ -18,7 +18,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .._checks import check_int, check_same_device, check_targets, check_tensor
+from .._checks import check_bool, check_int, check_same_device, check_targets, check_tensor
 from ._common import plain
 from ._registry import define_op, extension_backends, register_impl, select
 
@@ -112,6 +112,7 @@ def prototype_bank_update(
         (new_sums, new_counts); the inputs are not modified.
     """
     cap = _check_layout(sums, counts, S, T, quadrant, cap)
+    validate = check_bool("validate", validate)
     if validate:
         _check_values(T, quadrant)
     fn = select("prototype_bank_update", S.device, S.dtype, backend)
@@ -134,6 +135,7 @@ def prototype_bank_update_(
     one call through the dispatcher.
     """
     cap = _check_layout(sums, counts, S, T, quadrant, cap)
+    validate = check_bool("validate", validate)
     if sums.requires_grad and torch.is_grad_enabled():
         raise ValueError("argument 'sums': expected a tensor that does not require grad (the bank update is not "
                          "differentiable; update it under torch.no_grad(), or pass sums.detach())")

@@ -15,7 +15,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from .._checks import check_same_device, check_targets, check_tensor
+from .._checks import check_bool, check_same_device, check_targets, check_tensor
 from ._common import check_blend_inputs
 from ._registry import define_op, extension_backends, register_impl, register_python_op, select as select_backend
 
@@ -157,10 +157,10 @@ def prototype_blend(
     check_tensor("shift", shift, shape=(B, C), kind="int")
     check_tensor("select", select, shape=(B, C), kind="bool")
     check_same_device(S=S, bank=bank, quadrant=quadrant, shift=shift, select=select)
-    if validate:  # one device read for the three
+    detach_target = check_bool("detach_target", detach_target)
+    if check_bool("validate", validate):  # one device read for the three
         check_targets("T", T, ("quadrant", quadrant, 0, 3), ("shift", shift, 1, 3))
     fn = select_backend("prototype_blend", S.device, S.dtype, backend)
     return fn(
-        S, T.to(S.dtype), beta.to(S.dtype).reshape(()), bank, quadrant.long(), shift.long(), select,
-        bool(detach_target),
+        S, T.to(S.dtype), beta.to(S.dtype).reshape(()), bank, quadrant.long(), shift.long(), select, detach_target
     )

@@ -55,6 +55,7 @@ def quadrant_index(a: Tensor, x_sum: Tensor, height: int, width: int, *, backend
 
     Args:
         a: (B, C, N) attention.  x_sum: (B, N) channel sum of the reduced map.  height * width == N.
+            Computed in the wider of their dtypes, as ``a * x_sum`` is (an fp32 x_sum is not rounded to a's fp16).
 
     Returns:
         (B, C) int64 in [0, 3].
@@ -66,5 +67,6 @@ def quadrant_index(a: Tensor, x_sum: Tensor, height: int, width: int, *, backend
     height, width = check_int("height", height), check_int("width", width)
     if height < 1 or width < 1 or height * width != N:
         raise ValueError(f"arguments 'height', 'width': expected height * width == N = {N}, got {height} x {width}")
-    fn = select("quadrant_index", a.device, a.dtype, backend)
-    return fn(plain(a), plain(x_sum, a.dtype), height, width)
+    dtype = torch.promote_types(a.dtype, x_sum.dtype)
+    fn = select("quadrant_index", a.device, dtype, backend)
+    return fn(plain(a, dtype), plain(x_sum, dtype), height, width)
