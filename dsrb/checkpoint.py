@@ -34,15 +34,15 @@ def atomic_write(path: str, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + os.path.basename(path), dir=directory)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            try:
+        try:  # closing is inside: on a full disk, the close's flush of what write() left buffered fails again
+            with os.fdopen(fd, "wb") as f:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
-            except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
-                free = shutil.disk_usage(directory).free
-                raise OSError(f"could not write {path} ({type(err).__name__}: {err}); {free / 2**20:.1f} MiB free "
-                              f"in {directory}; the previous {os.path.basename(path)}, if any, is unchanged") from err
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+            free = shutil.disk_usage(directory).free
+            raise OSError(f"could not write {path} ({type(err).__name__}: {err}); {free / 2**20:.1f} MiB free "
+                          f"in {directory}; the previous {os.path.basename(path)}, if any, is unchanged") from err
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -56,6 +56,21 @@ def atomic_write(path: str, write) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def append_line(path: str, line: str) -> None:
+    """Append ``line`` and a newline to the UTF-8 text file ``path`` (created if missing), flushed and fsynced; a
+    failed write (a full disk) is an OSError naming ``path`` and the free space."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        directory = os.path.dirname(os.path.abspath(path))
+        free = shutil.disk_usage(directory).free
+        raise OSError(f"could not append to {path} ({type(err).__name__}: {err}); {free / 2**20:.1f} MiB free in "
+                      f"{directory}") from err
 
 
 def remove_stale_temporaries(directory: str, names) -> None:

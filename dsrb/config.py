@@ -104,6 +104,7 @@ _POSITIVE_INTS = ("epochs", "batch_size", "image_size", "prototype_interval", "p
                   "backbone_width", "feature_dim", "inter_dim", "word_dim")
 _NON_NEGATIVE_INTS = ("workers", "blend_start_epoch", "top_k", "gnn_steps")
 _BATCH_LIMITS = ("limit_train_batches", "limit_test_batches")  # None: every batch
+_FLOAT32_MAX = 3.4028234663852886e38
 _NON_NEGATIVE_FLOATS = ("lr", "weight_decay", "contrastive_weight", "instance_weight", "prototype_weight")
 _PATHS = ("data_root", "word_vectors", "pretrained", "out")  # "" is refused: not silently the current directory
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?|mps")
@@ -169,12 +170,12 @@ def check_values(values: Dict[str, Any]) -> None:
     for name, value in get(_BATCH_LIMITS):
         if value is not None and value < 1:
             _bad(name, value, "a positive integer (leave it unset for every batch)")
-    for name, value in get(_NON_NEGATIVE_FLOATS):
-        if not (math.isfinite(value) and value >= 0):
-            _bad(name, value, "a finite number >= 0")
+    for name, value in get(_NON_NEGATIVE_FLOATS):  # used in fp32 (the optimizer's lr, the loss weights)
+        if not (math.isfinite(value) and 0 <= value <= _FLOAT32_MAX):
+            _bad(name, value, "a finite number >= 0 within the float32 range (<= 3.4e38)")
     for name, value in get(("lr_gamma",)):
-        if not (math.isfinite(value) and value > 0):
-            _bad(name, value, "a finite number > 0")
+        if not 0 < value <= 1:
+            _bad(name, value, "a decay factor in (0, 1]")
     for name, value in get(("known_proportion",)):
         if not 0.0 < value <= 1.0:
             _bad(name, value, "a number in (0, 1]")

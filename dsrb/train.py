@@ -47,8 +47,8 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 from . import __version__
 from ._cli import discard, error_line
-from .checkpoint import (atomic_write, load_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint, save_json,
-                         set_rng_state)
+from .checkpoint import (append_line, atomic_write, load_checkpoint, remove_stale_temporaries, rng_state,
+                         save_checkpoint, save_json, set_rng_state)
 from .config import RESUMABLE, TrainConfig, check_device, load_config_file, parse_args
 from .inference import check_backend
 from .losses import dsrb_loss
@@ -679,10 +679,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
             rngs = [None] * d.world
             dist.all_gather_object(rngs, rng_state())
         if d.main:
-            with open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8") as f:
-                f.write(json.dumps(record, sort_keys=True) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            append_line(os.path.join(out, "metrics.jsonl"), json.dumps(record, sort_keys=True))
             state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
                      "best": best, "rng": rngs, "threads": torch.get_num_threads(),
@@ -751,8 +748,8 @@ def cli(argv=None) -> None:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
-    except (ValueError, OSError, ImportError) as err:  # OSError: FileNotFoundError, FileExistsError, ...
-        sys.exit(error_line(prog, err))
+    except (ValueError, OSError, ImportError, FloatingPointError) as err:  # OSError: FileNotFoundError, ...
+        sys.exit(error_line(prog, err))  # FloatingPointError: a diverging loss, with what to change
 
 
 if __name__ == "__main__":

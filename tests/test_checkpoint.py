@@ -45,6 +45,39 @@ def test_failed_write_names_the_file_and_keeps_the_old_one(tmp_path, error):
     assert os.listdir(tmp_path) == ["last.pt"]
 
 
+def test_failed_close_names_the_file(tmp_path, monkeypatch):
+    """On a full disk the file's close flushes what the failed write left buffered and fails again; that error,
+    which replaces the first, is named too (it was a bare "[Errno 28] No space left on device")."""
+    import dsrb.checkpoint as checkpoint
+
+    class FullOnClose:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+            raise OSError(28, "No space left on device")
+
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(checkpoint.os, "fdopen", lambda *a, **k: FullOnClose(real_fdopen(*a, **k)))
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"old")
+
+    def write(f):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match=rf"could not write {path} \(OSError: .*No space.*MiB free in {tmp_path}"):
+        atomic_write(str(path), write)
+    monkeypatch.undo()
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["last.pt"]
+
+
 def test_full_disk_during_torch_save(tmp_path):
     """A real short write: torch.save under a file-size limit (as on a full disk) is the same OSError."""
     script = textwrap.dedent(f"""

@@ -385,6 +385,11 @@ def test_logged_loss_is_the_mean_of_the_steps_and_a_nan_stops_the_run(data_root,
     monkeypatch.setattr(train, "dsrb_loss", nan_at_step_1)
     with pytest.raises(FloatingPointError, match="epoch 0, step 1: the loss is nan"):
         train.main(args(data_root, tmp_path / "nan", 1))
+    calls.clear()
+    with pytest.raises(SystemExit) as exit_:  # the command line: one error line, not a traceback
+        train.cli(args(data_root, tmp_path / "nan-cli", 1))
+    assert str(exit_.value.code) == ("python -m dsrb.train: error: epoch 0, step 1: the loss is nan; lower --lr or "
+                                     "check the data")
 
 
 def test_tensorboard_logs(data_root, tmp_path):

@@ -135,10 +135,12 @@ def test_malformed_config_file_is_named(tmp_path, name, text, match):
 
 
 @pytest.mark.parametrize("flags, match", [
-    (["--lr-gamma", "-5"], r"'lr_gamma' \(--lr-gamma\): expected a finite number > 0, got -5.0"),
-    (["--lr-gamma", "nan"], r"'lr_gamma' \(--lr-gamma\): expected a finite number > 0"),
-    (["--lr-gamma", "0"], r"'lr_gamma' \(--lr-gamma\): expected a finite number > 0"),
-    (["--lr", "inf"], r"'lr' \(--lr\): expected a finite number >= 0, got inf"),
+    (["--lr-gamma", "-5"], r"'lr_gamma' \(--lr-gamma\): expected a decay factor in \(0, 1\], got -5.0"),
+    (["--lr-gamma", "nan"], r"'lr_gamma' \(--lr-gamma\): expected a decay factor in \(0, 1\]"),
+    (["--lr-gamma", "0"], r"'lr_gamma' \(--lr-gamma\): expected a decay factor in \(0, 1\]"),
+    (["--lr-gamma", "1e300"], r"'lr_gamma' \(--lr-gamma\): expected a decay factor in \(0, 1\], got 1e\+300"),
+    (["--lr", "inf"], r"'lr' \(--lr\): expected a finite number >= 0 within the float32 range .*, got inf"),
+    (["--lr", "1e300"], r"'lr' \(--lr\): expected a finite number >= 0 within the float32 range \(<= 3.4e38\)"),
     (["--weight-decay", "inf"], r"'weight_decay' \(--weight-decay\): expected a finite number >= 0"),
     (["--contrastive-weight", "nan"], r"'contrastive_weight' \(--contrastive-weight\): expected a finite"),
     (["--limit-test-batches", "-1"], r"'limit_test_batches' \(--limit-test-batches\): expected a positive"),
