@@ -55,12 +55,23 @@ def check_output_file(path: str, *, name: str = "argument --out", what: str = "t
     (the write itself, atomic, comes at the end). Creates nothing."""
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise ValueError(f"{name}: {path} is a directory; expected the path of {what}")
-    folder = os.path.dirname(os.path.abspath(path))
+    _check_folder(os.path.dirname(os.path.abspath(path)), name, "its folder")
+
+
+def check_output_dir(path: str, *, name: str, what: str = "the folder to write to") -> None:
+    """:func:`check_output_file` for a folder: ``path`` is a writable folder or can be made in one (a read-only disk,
+    a file in the way). Creates nothing."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{name}: {path} is a file; expected {what}")
+    _check_folder(os.path.abspath(path), name, what)
+
+
+def _check_folder(folder: str, name: str, what: str) -> None:
     existing = folder
     while not os.path.exists(existing):  # the folders still to make go in the nearest one that exists
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise ValueError(f"{name}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        where = "its folder" if existing == folder else f"cannot make its folder {folder}:"
+    if not os.access(existing, os.W_OK | os.X_OK):  # False on a read-only file system too
+        where = what if existing == folder else f"cannot make {what} {folder}:"
         raise ValueError(f"{name}: {where} {existing} is not writable")

@@ -38,7 +38,7 @@ import random
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from . import __version__
-from ._cli import discard, error_line
+from ._cli import check_output_dir, discard, error_line
 from .checkpoint import (append_line, atomic_write, load_checkpoint, remove_stale_temporaries, rng_state,
                          save_checkpoint, save_json, set_rng_state)
 from .config import RESUMABLE, TrainConfig, check_device, load_config_file, parse_args
@@ -165,10 +165,11 @@ def log_to_file(out: str) -> None:
 # ------------------------------------------------------------------------------------------------------ data
 
 
-def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool):
+def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool, class_names: Optional[Sequence[str]] = None):
     """Datasets (train with partial labels, test with full labels), the word vectors (None when ``resumed``: last.pt
     holds them), and ``save``: None, or (on the main process, for new partial labels) a function that writes them to
-    ``<out>/partial_labels.npz``."""
+    ``<out>/partial_labels.npz``. ``class_names``: a resumed run's classes, in its model's order, which the data
+    (perhaps from a new --data-root) must have."""
     from .data import (TestTransform, TrainTransform, build_dataset, format_known_fraction, known_fraction,
                        load_partial_labels, load_word_vectors, make_partial_labels, save_partial_labels)
 
@@ -184,6 +185,9 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool):
     if not d.main:
         train_set = build_dataset(cfg.dataset, "train", root=cfg.data_root, transform=TrainTransform(cfg.image_size),
                                   skip_bad=cfg.skip_bad_images)
+    if class_names is not None:  # the model's (and the saved partial labels') columns, not the new files' order
+        train_set.align_classes(class_names, f"setting 'data_root' (--data-root): {train_set.source} vs the run in "
+                                f"{out}", ours="the training split", theirs="the run's model")
     test_set = build_dataset(cfg.dataset, "test", root=cfg.data_root, transform=TestTransform(cfg.image_size),
                              skip_bad=cfg.skip_bad_images)
     # COCO reads each split's classes from its own file: the test labels must follow the train (model) order.
@@ -496,11 +500,13 @@ def _resolve_settings(cfg: TrainConfig, explicit: Dict[str, Any]) -> TrainConfig
     return TrainConfig(**saved).validate()
 
 
-def _warn_inexact_resume(cfg: TrainConfig, state: Dict[str, Any], world: int, device: torch.device) -> None:
+def _warn_inexact_resume(cfg: TrainConfig, state: Dict[str, Any], world: int, device: torch.device,
+                         served: Dict[str, str]) -> None:
     """A resumed run ends exactly where an uninterrupted one ends only with the same worker and process counts (they
-    decide which random stream each image's crop and flip come from), the same backend and, on the CPU, the same
-    thread count (they decide how the ops and sums are computed, and with it the rounding). Other values are allowed,
-    with a warning."""
+    decide which random stream each image's crop and flip come from), the same backends serving the ops (``served``
+    against the checkpoint's: --backend auto picks another where the extension is missing, or DSRB_BACKEND forces
+    one) and, on the CPU, the same thread count (they decide how the ops and sums are computed, and with it the
+    rounding). Other values are allowed, with a warning."""
     config = state.get("config", {})
     saved = [("--workers", cfg.workers, config.get("workers", cfg.workers)),
              ("--backend", cfg.backend, config.get("backend", cfg.backend)),
@@ -508,9 +514,12 @@ def _warn_inexact_resume(cfg: TrainConfig, state: Dict[str, Any], world: int, de
     if device.type == "cpu":
         saved.append(("threads", torch.get_num_threads(), state.get("threads", torch.get_num_threads())))
     changes = [f"{what} {now} (the run was made with {then})" for what, now, then in saved if now != then]
+    before = state.get("backends", {})  # checkpoints before 2026-12-05 lack it
+    changes += [f"{op} on {name} (the run used {before[op]})" for op, name in served.items()
+                if before.get(op, name) != name]
     if changes:
         log.warning("resumed with %s: from here on the run differs from an uninterrupted one (augmentation draws, "
-                    "rounding) and will not match it exactly", " and ".join(changes))
+                    "rounding) and will not match it exactly", "; ".join(changes))
 
 
 def _truncate_metrics(path: str, start_epoch: int) -> None:
@@ -568,8 +577,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
     if d.main and not cfg.resume and os.path.exists(last_path):
         raise FileExistsError(f"setting 'out': {out} already holds a run; pass --resume to continue it or "
                               "choose another --out")
-    if d.main and os.path.exists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"setting 'out': {out} is a file; expected a run directory")
+    if d.main:  # before the data is listed and the model built: a read-only disk, a file in the way
+        check_output_dir(out, name="setting 'out' (--out)", what="the run directory")
     if cfg.tensorboard and d.main:
         _summary_writer_class()
     setup_logging(None, d.main)  # the records go to <out>/train.log once the directory exists
@@ -596,7 +605,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
         if missing:
             raise ValueError(f"checkpoint {last_path}: not a dsrb training checkpoint (missing {missing}); expected "
                              "the last.pt that python -m dsrb.train writes")
-    train_set, test_set, words, save_partial = build_data(cfg, out, d, resumed)
+    train_set, test_set, words, save_partial = build_data(cfg, out, d, resumed,
+                                                          state.get("class_names") if resumed else None)
     if len(make_loader(train_set, cfg, d, train=True, seed=0, device=device)) == 0:
         images = f"{len(train_set) // d.world} training images per process" if d.enabled else \
             f"{len(train_set)} training images"
@@ -632,7 +642,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
         set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)])
         log.info("resumed from %s at epoch %d (best mAP %.2f at epoch %d)", last_path, start_epoch,
                  100 * best["mAP"], best["epoch"])
-        _warn_inexact_resume(cfg, state, d.world, device)
+        _warn_inexact_resume(cfg, state, d.world, device, served)
 
     # Every setting is checked: now the run directory.
     if d.main:
@@ -685,7 +695,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
                      "best": best, "rng": rngs, "threads": torch.get_num_threads(),
                      "config": dataclasses.asdict(cfg), "model_kwargs": kwargs,
                      "num_classes": train_set.num_classes, "class_names": list(train_set.class_names),
-                     "metrics": record, "versions": versions()}
+                     "backends": dict(served), "metrics": record, "versions": versions()}
             if improved:
                 save_checkpoint(os.path.join(out, "best.pt"), state)
             save_checkpoint(last_path, state)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ._cli import check_output_dir
 from .checkpoint import atomic_write
 from .config import check_device
 from .inference import (BACKENDS, device_arg, load_images, load_model, open_image, positive_int, run_main,
@@ -148,8 +149,7 @@ def visualize(
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"argument 'alpha': expected a number in [0, 1], got {alpha!r}")
     out_dir = os.fspath(out_dir)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"argument 'out_dir' (--out-dir): expected a folder, but {out_dir} is an existing file")
+    check_output_dir(out_dir, name="argument 'out_dir' (--out-dir)", what="the folder for the PNG files")
     paths = load_images(images)
     dev = check_device(device, name="argument 'device'")
     model, info = load_model(checkpoint, device=dev, backend=backend)

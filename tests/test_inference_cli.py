@@ -628,7 +628,7 @@ def test_visualize_interrupted_write_leaves_no_partial_png(setup, tmp_path, monk
 def test_out_is_checked_before_inference(setup, tmp_path, monkeypatch):
     """An --out that cannot be written is an error naming --out before the checkpoint is even read; an --out in
     folders still to be made is fine."""
-    from dsrb import evaluate, predict
+    from dsrb import evaluate, predict, visualize
 
     def never(*args, **kwargs):
         raise AssertionError("the checkpoint was read before --out was checked")
@@ -637,6 +637,10 @@ def test_out_is_checked_before_inference(setup, tmp_path, monkeypatch):
     blocker.write_text("")
     monkeypatch.setattr(predict, "load_model", never)
     monkeypatch.setattr(evaluate, "load_model", never)
+    monkeypatch.setattr(visualize, "load_model", never)
+    for out_dir in (blocker, blocker / "sub"):
+        with pytest.raises(ValueError, match=r"^argument 'out_dir' \(--out-dir\): .*a-file\.png is a file"):
+            visualize.main(["--checkpoint", setup["ckpt"], setup["images"][0], "--out-dir", str(out_dir)])
     for out in (blocker / "p.json", blocker / "sub" / "p.json"):
         with pytest.raises(ValueError, match=rf"^argument --out: {re.escape(str(blocker))} is a file, not a folder"):
             predict.main(["--checkpoint", setup["ckpt"], setup["images"][0], "--out", str(out)])

@@ -190,7 +190,7 @@ def test_resume_with_other_worker_and_thread_counts_warns(data_root, tmp_path):
         train.main(["--out", str(out), "--resume", "--epochs", "2", "--workers", "1"])
     finally:
         torch.set_num_threads(threads)
-    assert f"resumed with --workers 1 (the run was made with 0) and threads {threads + 1} (the run was made with " \
+    assert f"resumed with --workers 1 (the run was made with 0); threads {threads + 1} (the run was made with " \
            f"{threads}): from here on the run differs" in (out / "train.log").read_text()
     assert not (out / ".tmp-x-last.pt").exists()
 

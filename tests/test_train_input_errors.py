@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -233,6 +234,30 @@ def test_settings_found_wrong_with_the_data_leave_no_run_directory(data_root, tm
     assert not out.exists()
 
 
+def test_out_that_cannot_be_made_is_named_before_the_data_is_read(data_root, tmp_path, monkeypatch):
+    """A file in the way or a read-only disk: an error naming --out before the data is listed (every image opened with
+    --skip-bad-images) and the model built, not an errno at the end of that."""
+    def never(*a, **k):
+        raise AssertionError("the data was read before --out was checked")
+
+    monkeypatch.setattr(train, "build_data", never)
+    blocker = tmp_path / "garbage.pt"
+    blocker.write_text("")
+    for out in (blocker, blocker / "sub"):
+        with pytest.raises(ValueError, match=r"^setting 'out' \(--out\): .*garbage\.pt is a file"):
+            train.main(args(data_root, out))
+    read_only = tmp_path / "mounted-read-only"
+    read_only.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: p != str(read_only) and real_access(p, mode, **k))
+    with pytest.raises(ValueError, match=r"^setting 'out' \(--out\): cannot make the run directory .*run: .*"
+                                         r"mounted-read-only is not writable"):
+        train.main(args(data_root, read_only / "run"))
+    with pytest.raises(ValueError, match=r"^setting 'out' \(--out\): the run directory .*mounted-read-only is not "
+                                         r"writable"):
+        train.main(args(data_root, read_only))
+
+
 # ------------------------------------------------------------------------------------------- 7: --pretrained
 
 
@@ -313,6 +338,32 @@ def test_resume_with_moved_word_vector_and_weight_files(data_root, tmp_path):
     assert json.loads((out / "config.json").read_text()) == saved
 
 
+def test_resume_with_a_new_data_root_keeps_the_runs_classes(tmp_path):
+    """--resume --data-root NEW: the same classes listed in another order are put in the run's (the model's and the
+    saved partial labels') order; other classes stop the resume, before the model is built. It used to go on with
+    the columns swapped and save the new order as last.pt's class names, mislabelling every prediction."""
+    rows = "a.png,cat\nb.png,dog\na.png,bird\nb.png,cat;bird\n" * 3
+    root = list_dataset(tmp_path, rows, "a.png,cat;dog\nb.png,bird\n")
+    (tmp_path / "list" / "classes.txt").write_text("cat\ndog\nbird\n")
+    out = tmp_path / "run"
+    settings = ["--dataset", "list", *TINY, "--known-proportion", "0.5"]
+    train.main(["--data-root", root, "--out", str(out), "--epochs", "1", *settings])
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)
+    (moved / "classes.txt").write_text("bird\ndog\ncat\n")
+    train.main(["--data-root", str(moved), "--out", str(out), "--resume", "--epochs", "2"])
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert state["class_names"] == ["cat", "dog", "bird"]
+    log = (out / "train.log").read_text()
+    assert "disagree" not in log  # the saved partial labels agree with the full labels, column by column
+    (moved / "classes.txt").write_text("bird\ndog\ncow\n")
+    (moved / "train.csv").write_text("path,labels\n" + rows.replace("cat", "cow"))
+    with pytest.raises(ValueError, match=r"setting 'data_root' \(--data-root\): .*train.csv vs the run in .*: the 3 "
+                                         r"classes of the training split do not match .*only in the run's model: "
+                                         r"\['cat'\]; only in the training split: \['cow'\]"):
+        train.main(["--data-root", str(moved), "--out", str(out), "--resume", "--epochs", "3"])
+
+
 def test_resume_may_change_the_backend_with_a_warning(data_root, tmp_path):
     """A run made with --backend cuda continues on the CPU with --backend auto: the backend, like the device, changes
     only how the ops round (here torch, which serves the CPU too)."""
@@ -320,8 +371,29 @@ def test_resume_may_change_the_backend_with_a_warning(data_root, tmp_path):
     train.main(args(data_root, out, "--backend", "torch"))
     train.main(["--out", str(out), "--resume", "--epochs", "2", "--backend", "auto"])
     assert json.loads((out / "config.json").read_text())["backend"] == "auto"
-    assert "resumed with --backend auto (the run was made with torch): from here on the run differs" in \
-        (out / "train.log").read_text()
+    log = (out / "train.log").read_text()
+    assert "resumed with --backend auto (the run was made with torch)" in log and "from here on the run differs" in log
+
+
+def test_resume_warns_when_other_backends_serve_the_ops(data_root, tmp_path, monkeypatch):
+    """--backend auto both times, but other backends serve the ops (DSRB_BACKEND here; a machine without the built
+    extension likewise): last.pt records the backend of each op, and the resumed run warns that it will differ."""
+    from dsrb.ops._registry import reasons
+
+    why = reasons("semantic_attention", torch.device("cpu"), torch.float32)["cpu"]
+    if why is not None:
+        pytest.skip(f"the cpu backend, which --backend auto would pick, is unavailable: {why}")
+    out = tmp_path / "run"
+    train.main(args(data_root, out))
+    served = torch.load(out / "last.pt", weights_only=False)["backends"]
+    assert served["semantic_attention"] == "cpu"
+    monkeypatch.setenv("DSRB_BACKEND", "torch")
+    train.main(["--out", str(out), "--resume", "--epochs", "2"])
+    log = (out / "train.log").read_text()
+    assert "from here on the run differs" in log
+    for op, name in served.items():
+        assert (f"{op} on torch (the run used {name})" in log) == (name != "torch"), op
+    assert torch.load(out / "last.pt", weights_only=False)["backends"] == dict.fromkeys(served, "torch")
 
 
 # ------------------------------------------------------------------------------------- 10: the command line
