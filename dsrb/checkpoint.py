@@ -40,9 +40,8 @@ def atomic_write(path: str, write) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
-            free = shutil.disk_usage(directory).free
-            raise OSError(f"could not write {path} ({type(err).__name__}: {err}); {free / 2**20:.1f} MiB free "
-                          f"in {directory}; the previous {os.path.basename(path)}, if any, is unchanged") from err
+            raise _write_error("write", path, err, f"; the previous {os.path.basename(path)}, if any, is "
+                                                   "unchanged") from err
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -67,10 +66,15 @@ def append_line(path: str, line: str) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as err:
-        directory = os.path.dirname(os.path.abspath(path))
-        free = shutil.disk_usage(directory).free
-        raise OSError(f"could not append to {path} ({type(err).__name__}: {err}); {free / 2**20:.1f} MiB free in "
-                      f"{directory}") from err
+        raise _write_error("append to", path, err) from err
+
+
+def _write_error(verb: str, path: str, err: BaseException, more: str = "") -> OSError:
+    """The OSError of a failed write: the file, the cause and the free space where it goes (a full disk, often)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    free = shutil.disk_usage(directory).free
+    return OSError(f"could not {verb} {path} ({type(err).__name__}: {err}); {free / 2**20:.1f} MiB free in "
+                   f"{directory}{more}")
 
 
 def remove_stale_temporaries(directory: str, names) -> None:

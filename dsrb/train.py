@@ -714,6 +714,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
     if writer is not None:
         writer.close()
     if d.enabled:
+        # The ranks tear the group down together. One CI run saw rank 1 abort at exit in gloo (SIGABRT, "terminate
+        # called without an active exception") after destroying it while rank 0 still wrote summary.json.
+        dist.barrier()
         dist.destroy_process_group()
     return summary
 
