@@ -191,6 +191,21 @@ def test_semantic_attention_saturated_tanh_gradients(emu):
         torch.testing.assert_close(g, r, equal_nan=True)
 
 
+@pytest.mark.parametrize("B, N", [(1, 3), (3, 5)], ids=str)
+def test_semantic_attention_infinite_e_with_padding_rows(emu, B, N):
+    """An infinite e[c, k] with B N not a multiple of the backward's 8-row tile: the padding rows add nothing (they
+    gave 0 * tanh(0 * inf) = NaN in grad e and grad v), as in the torch backend."""
+    g = torch.Generator().manual_seed(0)
+    x, u, e, v = (torch.randn(shape, generator=g) for shape in ((B, N, 4), (B, N, 40), (3, 40), (40,)))
+    e[1, 5] = float("inf")
+    inputs = [x, u.requires_grad_(), e.requires_grad_(), v.requires_grad_()]
+    got, want = semantic_attention(*inputs), ops.semantic_attention(*inputs, backend="torch")
+    got_grads, want_grads = grads(got, inputs[1:]), grads(want, inputs[1:])
+    assert want_grads[1].isfinite().all() and want_grads[2].isfinite().all()
+    for a, b in zip(list(got) + got_grads, list(want) + want_grads):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
 def test_semantic_attention_gradcheck(emu):
     inputs = sa_inputs(2, 5, 3, 4, 6, torch.float64, "cpu")
     assert torch.autograd.gradcheck(semantic_attention, inputs)

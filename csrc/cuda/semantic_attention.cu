@@ -324,7 +324,8 @@ __global__ void __launch_bounds__(kBwdThreads)
       A ae = A(0);
 #pragma unroll
       for (int r = 0; r < kBwdRows; ++r) {
-        const A z = tanh_scaled(us[r] * ec);
+        // Padding rows (B N not a multiple of kBwdRows) add nothing: tanh(0 * inf) would be NaN, and 0 * NaN too.
+        const A z = r0 + r < rows ? tanh_scaled(us[r] * ec) : A(0);
         const A gz = gg[r] * z;
         acc_v += gz;
         const A tt = fma(-gz, z, gg[r]);  // g (1 - z^2)
