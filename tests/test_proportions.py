@@ -89,6 +89,13 @@ def test_bad_arguments(tmp_path, capsys):
         proportions.main(["--out", str(tmp_path / "a"), "--", "--known-proportion", "0.2"])
     with pytest.raises(ValueError, match="sweep's own --preset"):
         proportions.main(["--out", str(tmp_path / "a"), "--", "--preset", "demo"])
+    # A config file is read under the flags, so it could turn the "dsrb" runs' blending off unseen.
+    config = tmp_path / "blend.json"
+    config.write_text('{"instance_blend": false, "contrastive": false, "epochs": 2}')
+    with pytest.raises(ValueError, match=r"config file .*blend.json: \['contrastive', 'instance_blend'\] are set by "
+                                         r"the sweep"):
+        proportions.main(["--out", str(tmp_path / "a"), "--", "--config", str(config)])
+    assert not (tmp_path / "a").exists()
     for flag, value, message in (("--methods", "dsrb,best", "unknown"), ("--proportions", "0,0.5", "(0, 1]"),
                                  ("--seeds", "1,1", "repeat"), ("--jobs", "0", "positive")):
         with pytest.raises(SystemExit):
@@ -165,6 +172,39 @@ def test_rerun_trains_nothing_and_other_settings_are_refused(straight, data_root
         proportions.main(["--out", str(straight), *GRID, *_flags(data_root), "--lr", "1e-2"])
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the sweep's training processes through /proc")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_killed_sweep_stops_its_trainings(data_root, tmp_path, sig):
+    """A kill or a closed terminal stops the running trainings as Ctrl-C does; they used to train on without the
+    sweep, into the directory that a rerun then trained in as well."""
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "dsrb.experiments.proportions", "--out", str(out), *GRID, "--seeds", "0",
+           "--jobs", "1", *_flags(data_root)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first = out / "runs" / "baseline-p0.30-s0" / "config.json"  # the first training has checked its settings
+    deadline = time.monotonic() + 300
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+    def children():
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == proc.pid:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+        return found
+
+    trainings = children()
+    assert trainings, "no training process found under the sweep"
+    proc.send_signal(getattr(signal, sig))
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 130 and "interrupted" in output, output
+    assert not [pid for pid in trainings if os.path.exists(f"/proc/{pid}")]
+
+
 def test_interrupted_sweep_resumes_to_the_same_results(straight, data_root, tmp_path):
     out = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "dsrb.experiments.proportions", "--out", str(out), *GRID, "--seeds", "0",
@@ -179,7 +219,7 @@ def test_interrupted_sweep_resumes_to_the_same_results(straight, data_root, tmp_
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     output = proc.communicate(timeout=120)[0].decode()
-    assert proc.returncode != 0 and "interrupted" in output, output
+    assert proc.returncode == 130 and "interrupted; rerun the same command to continue" in output, output
     assert not (out / "runs" / "baseline-p0.70-s0").exists()  # stopped before the third run
 
     resumed = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)

@@ -41,6 +41,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -48,7 +49,7 @@ from typing import Dict, List, Optional, Sequence
 
 from dsrb._cli import error_line
 from dsrb.checkpoint import save_json
-from dsrb.config import PRESETS, parse_args
+from dsrb.config import PRESETS, load_config_file, parse_args
 from dsrb.config import build_parser as build_train_parser
 from dsrb.inference import positive_int
 
@@ -179,11 +180,17 @@ def _split_argv(argv: Sequence[str]):
 def _check_train_flags(train_flags: Sequence[str]) -> None:
     if any(a == "--preset" or a.startswith("--preset=") for a in train_flags):
         raise ValueError("give the preset as the sweep's own --preset (before '--'), not as a train flag")
-    given = {k for k, v in vars(build_train_parser().parse_args(list(train_flags))).items() if v is not None}
+    flags = vars(build_train_parser().parse_args(list(train_flags)))
+    given = {k for k, v in flags.items() if v is not None}
     clash = sorted(given & _GRID_SETTINGS)
     if clash:
         raise ValueError(f"train flags {clash} are set by the sweep for each run; choose them with --methods, "
                          "--proportions, --seeds and --out instead")
+    for path in flags.get("config") or []:  # a config file's entries lose only to flags: the grid's must not be there
+        clash = sorted(set(load_config_file(path)) & _GRID_SETTINGS)
+        if clash:
+            raise ValueError(f"config file {path}: {clash} are set by the sweep for each run; remove them and choose "
+                             "them with --methods, --proportions, --seeds and --out")
 
 
 # ---------------------------------------------------------------------------------------------------- the grid
@@ -410,10 +417,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    # A kill (SIGTERM) or a closed terminal (SIGHUP) stops the running trainings as Ctrl-C does, rather than leave
+    # them training on without the sweep, into the directories a rerun would then train in too.
+    signal.signal(signal.SIGTERM, _interrupt)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, _interrupt)
     try:
         sys.exit(main())
     except (ValueError, OSError, ImportError) as err:
         sys.exit(error_line("python -m dsrb.experiments.proportions", err))
     except KeyboardInterrupt:
-        sys.exit("python -m dsrb.experiments.proportions: interrupted; rerun the same command to continue")
+        print("python -m dsrb.experiments.proportions: interrupted; rerun the same command to continue",
+              file=sys.stderr)
+        sys.exit(130)
