@@ -45,6 +45,7 @@ def extension():
 
         def build_extensions(self):
             try:
+                build.jobs()  # MAX_JOBS, which torch's builder reads too, is a positive integer (0: ninja -j 0)
                 nvcc = build.want_cuda()
                 ext, root = self.extensions[0], build.source_root()
                 cuda_failed = None
@@ -53,7 +54,7 @@ def extension():
                         ext.extra_objects += build.compile_cuda(build.cuda_sources(root),
                                                                 os.path.join(self.build_temp, "cuda"), nvcc, root, [])
                     except build.BuildError as exc:  # e.g. an nvcc that rejects this host compiler
-                        if os.environ.get("DSRB_BUILD_CUDA") == "1":
+                        if build.env_flag("DSRB_BUILD_CUDA"):
                             raise
                         cuda_failed, nvcc = f"its CUDA kernels failed to build at install time: {exc}", None
                         print(f"dsrb: WARNING: {cuda_failed}\ndsrb: building the CPU kernels alone")
@@ -67,7 +68,7 @@ def extension():
                     self.dsrb_info["cuda_failed"] = cuda_failed
                 build.write_info(self.get_ext_fullpath(ext.name), self.dsrb_info)
             except Exception as exc:  # noqa: BLE001 - reported; the first-use build or dsrb.info explains later
-                if os.environ.get("DSRB_REQUIRE_EXT") == "1":
+                if build.env_flag("DSRB_REQUIRE_EXT"):
                     raise
                 print(f"dsrb: WARNING: the C++ extension was not built ({exc}); the package works on the torch "
                       "backend, and `python -m dsrb.info` says what is missing")
@@ -87,7 +88,7 @@ def extension():
     # instead of failing, so the package still installs and runs on its other backends.
     ext = CppExtension("dsrb._C", [os.path.relpath(p, ROOT) for p in cpp], include_dirs=[root],
                        extra_compile_args={"cxx": list(build.CXX_FLAGS)}, extra_link_args=list(build.LD_FLAGS),
-                       optional=os.environ.get("DSRB_REQUIRE_EXT") != "1")
+                       optional=not build.env_flag("DSRB_REQUIRE_EXT"))
     return [ext], {"build_ext": Build}
 
 

@@ -111,13 +111,29 @@ def _cudart_dir(home: str) -> Optional[str]:
     return None
 
 
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def env_flag(name: str) -> Optional[bool]:
+    """The on/off environment variable ``name``: True (1, true, yes, on), False (0, false, no, off) or None (unset or
+    empty). Any other value is a ValueError naming it: a DSRB_REQUIRE_EXT=ture must not pass CI on the fallback."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    if value.lower() in _ON:
+        return True
+    if value.lower() in _OFF:
+        return False
+    raise ValueError(f"environment variable {name}: expected 1 or 0 (or true/false, yes/no, on/off), got {value!r}")
+
+
 def want_cuda() -> Optional[str]:
     """The nvcc to build the CUDA kernels with, or None. DSRB_BUILD_CUDA=1 without nvcc is an error."""
-    flag = os.environ.get("DSRB_BUILD_CUDA", "")
-    if flag == "0":
+    flag = env_flag("DSRB_BUILD_CUDA")
+    if flag is False:
         return None
     nvcc = find_nvcc()
-    if flag == "1" and nvcc is None:
+    if flag and nvcc is None:
         raise BuildError("DSRB_BUILD_CUDA=1 but nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
     return nvcc
 
@@ -167,10 +183,14 @@ def runs_on(archs: str, capability: Tuple[int, int], ptx: bool = True) -> bool:
 
 
 def jobs() -> int:
-    try:
-        return max(1, int(os.environ.get("MAX_JOBS", "")))
-    except ValueError:
+    """Parallel compile jobs: MAX_JOBS, else the CPU count up to 8. A MAX_JOBS that is not a positive integer is a
+    BuildError (0 would reach ninja as -j 0, which it reads as no limit)."""
+    value = os.environ.get("MAX_JOBS", "").strip()
+    if not value:
         return max(1, min(os.cpu_count() or 1, 8))
+    if not value.isdigit() or int(value) < 1:
+        raise BuildError(f"MAX_JOBS: expected a positive number of parallel compile jobs, got {value!r}")
+    return int(value)
 
 
 def compile_cuda(cu_sources: List[str], out_dir: str, nvcc: str, include_dir: str, log: List[str]) -> List[str]:

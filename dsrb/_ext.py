@@ -60,8 +60,9 @@ def load() -> Extension:
     """Load the extension once per process (building it first if needed); never raises unless DSRB_REQUIRE_EXT=1."""
     global _STATE
     if _STATE is None:
+        required = _build.env_flag("DSRB_REQUIRE_EXT")  # read first: a bad value is an error, built or not
         _STATE = _load()
-        if not _STATE.loaded and os.environ.get("DSRB_REQUIRE_EXT") == "1":
+        if not _STATE.loaded and required:
             raise ImportError(f"dsrb: DSRB_REQUIRE_EXT=1 but the C++ extension is not available: {_STATE.reason}")
     return _STATE
 
@@ -97,8 +98,8 @@ def _open(library: str, info: Dict[str, object], origin: str) -> Extension:
 
 
 def _load() -> Extension:
-    if os.environ.get("DSRB_DISABLE_EXT") == "1":
-        return Extension(reason="disabled by DSRB_DISABLE_EXT=1")
+    if _build.env_flag("DSRB_DISABLE_EXT"):
+        return Extension(reason=f"disabled by DSRB_DISABLE_EXT={os.environ['DSRB_DISABLE_EXT']}")
     import torch
 
     root = _build.source_root()
@@ -136,7 +137,7 @@ def _first_use_build(root: str, want: Dict[str, object]) -> Extension:
     DSRB_BUILD_CUDA is not 1 (an nvcc that rejects this host compiler, say), the CPU kernels alone: a broken CUDA
     toolchain costs the ``cuda`` backend, not the ``cpu`` one. Raises BuildError when nothing could be built."""
     nvcc = _build.want_cuda()
-    fallback = bool(nvcc) and os.environ.get("DSRB_BUILD_CUDA") != "1"
+    fallback = bool(nvcc) and not _build.env_flag("DSRB_BUILD_CUDA")
     try:
         return _cached_build(root, want, nvcc, fallback)
     except _build.BuildError as exc:
@@ -155,19 +156,24 @@ def _cached_build(root: str, want: Dict[str, object], nvcc: Optional[str], fallb
     key = f"{want['source_hash']}-torch{want['torch']}-py{want['python']}-" + (
         f"cuda{_build.arch_list().replace(';', '_').replace(' ', '_')}" if nvcc else "cpu")
     folder = os.path.join(cache_root(), key)
-    library = os.path.join(folder, "dsrb_ext.so")
+    # One name per kind: after a failed CUDA build, torch would give the CPU fallback's library of the same name, built
+    # in the same process, another file name (dsrb_ext_v1.so).
+    name = "dsrb_ext_cuda" if nvcc else "dsrb_ext_cpu"
+    library = os.path.join(folder, name + ".so")
     failed = os.path.join(folder, "FAILED")
-    # A finished build needs no lock (its record is written last, atomically), so a read-only cache still loads.
+    # A finished build, or a failed one, needs no lock (the record and FAILED are written last), so a read-only cache
+    # still loads it, or falls back from it.
     if os.path.isfile(library) and _read_info(library):
         return _open(library, _read_info(library), "first-use build (cache)")
+    if os.path.isfile(failed):
+        raise _failed_earlier(folder)
     os.makedirs(folder, exist_ok=True)
     with FileLock(os.path.join(folder, ".lock")):  # concurrent processes (DDP ranks, pytest-xdist) build once
         if os.path.isfile(library) and _read_info(library):
             return _open(library, _read_info(library), "first-use build (cache)")
         if os.path.isfile(failed):
-            raise _build.BuildError(f"the first-use build failed earlier (log: {os.path.join(folder, 'build.log')}); "
-                                    f"delete {folder} to retry")
-        if os.environ.get("DSRB_BUILD_ON_FIRST_USE") == "0":
+            raise _failed_earlier(folder)
+        if _build.env_flag("DSRB_BUILD_ON_FIRST_USE") is False:
             return Extension(reason="not built yet and DSRB_BUILD_ON_FIRST_USE=0 (unset it, or "
                                     "`pip install -e . --no-build-isolation`)")
         cxx = (os.environ.get("CXX") or "c++").split()[0]  # the compiler torch's builder calls (CXX="ccache g++")
@@ -181,8 +187,14 @@ def _cached_build(root: str, want: Dict[str, object], nvcc: Optional[str], fallb
               f"about a minute on 2 cores; cached in {folder})", file=sys.stderr, flush=True)
         start = time.time()
         log = []
+        # torch's builder guards the folder with its own file "lock", which a build killed by a signal (a time limit,
+        # the OOM killer) leaves behind: every later build would wait on it forever. Under dsrb's lock no other
+        # build of this folder runs, so a "lock" here is such a leftover.
+        if os.path.exists(os.path.join(folder, "lock")):
+            os.remove(os.path.join(folder, "lock"))
+        jobs = _build.jobs()  # a bad MAX_JOBS is the user's to fix, not a build failure to remember
         try:
-            _compile(root, folder, nvcc, log)
+            _compile(root, folder, name, nvcc, jobs, log)
         except Exception as exc:  # noqa: BLE001 - any compiler/toolchain failure becomes a reported reason
             with open(os.path.join(folder, "build.log"), "w") as f:
                 f.write("\n\n".join(log + [str(exc)]))
@@ -200,7 +212,12 @@ def _cached_build(root: str, want: Dict[str, object], nvcc: Optional[str], fallb
         return Extension(path=library, info=info, origin="first-use build (cache)")
 
 
-def _compile(root: str, folder: str, nvcc: Optional[str], log: list) -> None:
+def _failed_earlier(folder: str) -> "_build.BuildError":
+    return _build.BuildError(f"the first-use build failed earlier (log: {os.path.join(folder, 'build.log')}); delete "
+                             f"{folder} to retry")
+
+
+def _compile(root: str, folder: str, name: str, nvcc: Optional[str], jobs: int, log: list) -> None:
     from torch.utils import cpp_extension
 
     cflags, ldflags = list(_build.CXX_FLAGS), list(_build.LD_FLAGS)
@@ -208,8 +225,16 @@ def _compile(root: str, folder: str, nvcc: Optional[str], log: list) -> None:
         objects = _build.compile_cuda(_build.cuda_sources(root), os.path.join(folder, "cuda"), nvcc, root, log)
         cflags.append("-DDSRB_WITH_CUDA")
         ldflags = objects + _build.cuda_link_flags(nvcc) + ldflags
-    os.environ.setdefault("MAX_JOBS", str(_build.jobs()))
     # is_python_module=False: a plain shared library whose static initialisers register the ops; load() dlopens it.
-    cpp_extension.load(name="dsrb_ext", sources=_build.cpp_sources(root, bool(nvcc)), extra_cflags=cflags,
-                       extra_ldflags=ldflags, extra_include_paths=[root], build_directory=folder,
-                       is_python_module=False, verbose=False)
+    # MAX_JOBS, validated (ninja reads 0 as no limit), for this build only.
+    previous = os.environ.get("MAX_JOBS")
+    os.environ["MAX_JOBS"] = str(jobs)
+    try:
+        cpp_extension.load(name=name, sources=_build.cpp_sources(root, bool(nvcc)), extra_cflags=cflags,
+                           extra_ldflags=ldflags, extra_include_paths=[root], build_directory=folder,
+                           is_python_module=False, verbose=False)
+    finally:
+        if previous is None:
+            del os.environ["MAX_JOBS"]
+        else:
+            os.environ["MAX_JOBS"] = previous

@@ -23,16 +23,19 @@ def loader(tmp_path, monkeypatch):
     monkeypatch.setenv("DSRB_EXT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("DSRB_BUILD_CUDA", "0")
     monkeypatch.setenv("CXX", sys.executable)  # a compiler is found (the fake below never calls it)
-    for var in ("DSRB_BUILD_ON_FIRST_USE", "DSRB_DISABLE_EXT", "DSRB_REQUIRE_EXT", "TORCH_CUDA_ARCH_LIST"):
+    for var in ("DSRB_BUILD_ON_FIRST_USE", "DSRB_DISABLE_EXT", "DSRB_REQUIRE_EXT", "TORCH_CUDA_ARCH_LIST", "MAX_JOBS"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(importlib.machinery, "EXTENSION_SUFFIXES", [".no-such-suffix"])
     calls = []
 
-    def compile_(root, folder, nvcc, log):
+    def compile_(root, folder, name, nvcc, jobs, log):
+        # torch's builder would wait forever on a "lock" file a killed build left behind
+        assert not os.path.exists(os.path.join(folder, "lock"))
         calls.append(folder)
+        compile_.jobs = jobs
         if getattr(compile_, "fail", False) or (nvcc and getattr(compile_, "fail_cuda", False)):
             raise RuntimeError("g++: fatal error: no input files")
-        with open(os.path.join(folder, "dsrb_ext.so"), "wb") as f:
+        with open(os.path.join(folder, name + ".so"), "wb") as f:
             f.write(b"\x7fELF")
 
     monkeypatch.setattr(_ext, "_compile", compile_)
@@ -113,12 +116,49 @@ def test_no_compiler_or_ninja_is_a_reason_not_a_remembered_failure(loader, monke
 
 
 def test_build_on_first_use_disabled_and_extension_disabled(loader, monkeypatch):
-    monkeypatch.setenv("DSRB_BUILD_ON_FIRST_USE", "0")
-    ext = _ext._load()
-    assert not ext.loaded and "DSRB_BUILD_ON_FIRST_USE=0" in ext.reason
-    monkeypatch.setenv("DSRB_DISABLE_EXT", "1")
-    assert _ext._load().reason == "disabled by DSRB_DISABLE_EXT=1"
+    for off in ("0", "false", "No"):
+        monkeypatch.setenv("DSRB_BUILD_ON_FIRST_USE", off)
+        ext = _ext._load()
+        assert not ext.loaded and "DSRB_BUILD_ON_FIRST_USE=0" in ext.reason
+    for on in ("1", "true"):
+        monkeypatch.setenv("DSRB_DISABLE_EXT", on)
+        assert _ext._load().reason == f"disabled by DSRB_DISABLE_EXT={on}"
     assert loader.calls == []
+
+
+@pytest.mark.parametrize("var", ["DSRB_DISABLE_EXT", "DSRB_REQUIRE_EXT", "DSRB_BUILD_ON_FIRST_USE", "DSRB_BUILD_CUDA"])
+def test_an_on_off_variable_with_another_value_is_an_error(loader, monkeypatch, var):
+    """DSRB_REQUIRE_EXT=ture used to count as unset: a CI run passed on the torch fallback."""
+    monkeypatch.setenv(var, "ture")
+    monkeypatch.setattr(_ext, "_STATE", None)
+    with pytest.raises(ValueError, match=rf"environment variable {var}: expected 1 or 0 .*got 'ture'"):
+        _ext.load()
+    assert loader.calls == []
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "x"])
+def test_a_bad_max_jobs_is_a_reason_not_a_remembered_failure(loader, monkeypatch, value):
+    """MAX_JOBS=0 reached ninja as -j 0, which it reads as no limit; now it is the user's to fix, and the next import
+    with a good value builds (with exactly that many jobs)."""
+    monkeypatch.setenv("MAX_JOBS", value)
+    ext = _ext._load()
+    assert not ext.loaded and f"MAX_JOBS: expected a positive number of parallel compile jobs, got '{value}'" in \
+        ext.reason
+    assert loader.calls == []
+    monkeypatch.setenv("MAX_JOBS", "3")
+    assert _ext._load().loaded and loader.jobs == 3 and os.environ["MAX_JOBS"] == "3"
+
+
+def test_a_lock_left_by_a_killed_build_is_cleared(loader):
+    """torch's builder's own "lock" file, left by a build killed by a signal (timeout, OOM killer), made every later
+    import wait on it forever; under dsrb's lock it is a leftover, removed before building."""
+    with pytest.MonkeyPatch.context() as m:  # where the build will go: make it, with the leftover inside
+        m.setattr(_ext, "_compile", lambda root, folder, *rest: open(os.path.join(folder, "lock"), "w").close() or
+                  (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            _ext._load()
+    ext = _ext._load()
+    assert ext.loaded and len(loader.calls) == 1
 
 
 def test_a_library_built_for_other_sources_is_stale(loader, monkeypatch, tmp_path):
@@ -153,6 +193,15 @@ def test_cuda_kernels_that_fail_to_build_leave_the_cpu_kernels(loader, monkeypat
     assert _registry._extension_unavailable("cpu") is None
     again = _ext._load()
     assert again.loaded and again.path == ext.path and "failed earlier" in again.cuda_reason
+    assert len(loader.calls) == 2
+
+    def refuse(self):  # a shared cache made read-only since: both outcomes still reused
+        raise PermissionError(13, "Permission denied", self.path)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(checkpoint.FileLock, "__enter__", refuse)
+        read_only = _ext._load()
+        assert read_only.loaded and read_only.path == ext.path and "failed earlier" in read_only.cuda_reason
     assert len(loader.calls) == 2
 
     monkeypatch.setenv("DSRB_BUILD_CUDA", "1")
