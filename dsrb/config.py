@@ -88,7 +88,8 @@ class TrainConfig:
         minimum = _min_image_size(self.avgpool)
         if self.image_size < minimum:
             _bad("image_size", self.image_size, f"at least {minimum} with --avgpool (the 2x2 pool after layer4 needs "
-                 "a 2x2 map; or --no-avgpool)")
+                 "a 2x2 map; or --no-avgpool)" if self.avgpool else f"at least {minimum} (the training crops' "
+                 "smallest side is 4/7 of it)")
         if self.batch_size == 1 and _map_side(self.image_size, self.avgpool) == 1:
             _bad("batch_size", self.batch_size, f"at least 2 with a 1x1 feature map (--image-size {self.image_size}"
                  f"{'' if self.avgpool else ' --no-avgpool'}): BatchNorm in training needs more than one value per "
@@ -148,7 +149,7 @@ def _map_side(image_size: int, avgpool: bool) -> int:
 def _min_image_size(avgpool: bool) -> int:
     from .models.resnet import _STRIDE
 
-    return _STRIDE + 1 if avgpool else 1
+    return _STRIDE + 1 if avgpool else 2  # 2: TrainTransform's smallest crop, round(S * 8/7 * 4/8), is 1 pixel
 
 
 def check_values(values: Dict[str, Any]) -> None:

@@ -85,7 +85,10 @@ def _serves(op: str, device: torch.device) -> str:
         return "none"
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m dsrb.info", description=__doc__.split(":", 1)[1].strip()).parse_args(argv)
     print(report(), flush=True)  # a closed pipe raises here, for quiet_interrupt's hook, not in the flush at exit
 
 

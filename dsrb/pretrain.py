@@ -140,6 +140,7 @@ def cache_path(backbone: str, width: int, image_size: int, root: Union[str, os.P
 
 
 def _save(path: Path, state, info) -> None:
+    """The weights at ``path`` (not a .json name) and their recipe and scores beside them, ``path`` with suffix .json."""
     atomic_write(str(path), lambda f: torch.save(state, f))
     save_json(str(path.with_suffix(".json")), info)
 
@@ -185,7 +186,12 @@ def main(argv=None) -> None:
         device = check_device(args.device, name="argument --device")
     except ValueError as err:
         p.error(str(err))
+    if args.image_size < 2:  # TrainTransform's smallest crop would be 0 pixels
+        p.error(f"argument --image-size: expected at least 2, got {args.image_size}")
     if args.out is not None:
+        if args.out.endswith(".json"):
+            p.error(f"argument --out: {args.out} ends in .json, the name of the info file written beside the "
+                    "weights; give the weights another suffix (.pth)")
         try:
             check_output_file(args.out, what="the weights file to write")
         except ValueError as err:

@@ -27,6 +27,16 @@ def test_info_reports_versions_build_and_every_op():
         assert why is None or f"  {backend}: {why}" in out
 
 
+def test_info_takes_no_arguments(capsys):
+    """--help is help, and an unknown argument an error (both printed the report and exited 0)."""
+    with pytest.raises(SystemExit) as exit_:
+        info.main(["--help"])
+    assert exit_.value.code == 0 and "usage: python -m dsrb.info" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        info.main(["--bogus"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("forced, serves", [("torch", "torch"), ("cuda", "none"), ("nonsense", "none")])
 def test_info_shows_the_backend_dsrb_backend_forces(monkeypatch, forced, serves):
     monkeypatch.setenv("DSRB_BACKEND", forced)  # cuda never serves the CPU section

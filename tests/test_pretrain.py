@@ -80,4 +80,11 @@ def test_unwritable_places_are_clear_errors_before_training(tmp_path, monkeypatc
     with pytest.raises(SystemExit) as exit_:
         pretrain.main(["--out", str(blocker / "w.pth")])
     assert exit_.value.code == 2 and f"argument --out: {blocker} is a file, not a folder" in capsys.readouterr().err
+    # A .json --out would be overwritten by the info file written beside the weights; a 1-pixel image cannot be
+    # cropped: both refused before any pre-training.
+    for argv, message in ((["--out", str(blocker.parent / "w.json")], "argument --out: .*w.json ends in .json"),
+                          (["--image-size", "1"], "argument --image-size: expected at least 2, got 1")):
+        with pytest.raises(SystemExit) as exit_:
+            pretrain.main(argv)
+        assert exit_.value.code == 2 and re.search(message, capsys.readouterr().err)
     assert trained == []

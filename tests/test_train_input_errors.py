@@ -153,6 +153,8 @@ def test_malformed_config_file_is_named(tmp_path, name, text, match):
     (["--batch-size", "1", "--image-size", "64"], r"'batch_size' \(--batch-size\): expected at least 2 with a 1x1 "
                                                   r"feature map \(--image-size 64\)"),
     (["--image-size", "7"], r"'image_size' \(--image-size\): expected at least 33 with --avgpool"),
+    (["--image-size", "1", "--no-avgpool"], r"'image_size' \(--image-size\): expected at least 2 \(the training "
+                                            r"crops' smallest side is 4/7 of it\), got 1"),
     (["--backbone", "vgg"], r"'backbone' \(--backbone\): expected one of"),
     (["--backend", "foo"], r"'backend' \(--backend\): expected one of"),
     (["--out", ""], r"'out' \(--out\): expected a path \(leave the setting out for its default\), got ''"),
