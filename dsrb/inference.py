@@ -118,8 +118,9 @@ def load_model(checkpoint_path: PathLike, *, device: Union[str, torch.device] = 
     Returns:
         (model in eval mode on ``device``, info) with info keys ``class_names`` (list of C names; "class_<i>" when
         the checkpoint has none), ``num_classes``, ``image_size`` (from the saved config; 448 when absent),
-        ``config`` (dict, possibly empty), ``model_kwargs``, ``checkpoint`` (the path), ``epoch`` and ``metrics``
-        (None when absent).
+        ``config`` (dict, possibly empty), ``model_kwargs``, ``checkpoint`` (the path), ``epoch`` (the epoch that
+        produced the weights, numbered from 0 as the training log and summary.json number it) and ``metrics`` (None
+        when absent).
 
     Raises:
         ValueError: ``device`` is malformed or not on this machine, or ``backend`` is unknown or cannot serve
@@ -164,10 +165,19 @@ def load_model(checkpoint_path: PathLike, *, device: Union[str, torch.device] = 
         "image_size": int(image_size),
         "config": config,
         "model_kwargs": dict(state["model_kwargs"]),
-        "epoch": state.get("epoch"),
+        "epoch": _weights_epoch(state),
         "metrics": state.get("metrics"),
     }
     return model, info
+
+
+def _weights_epoch(state) -> Optional[int]:
+    """The epoch whose weights a training checkpoint holds, from 0: its metrics record's, else its ``epoch`` (the
+    number of epochs trained, where a resumed run starts) less one; None when neither is there."""
+    metrics, epoch = state.get("metrics"), state.get("epoch")
+    if isinstance(metrics, dict) and isinstance(metrics.get("epoch"), int):
+        return metrics["epoch"]
+    return epoch - 1 if isinstance(epoch, int) and not isinstance(epoch, bool) else None
 
 
 def _is_image(name: str) -> bool:

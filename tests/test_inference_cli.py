@@ -223,6 +223,12 @@ def test_evaluate(setup, tmp_path, capsys):
         written = json.load(f)
     assert written["num_images"] == 6 and written["split"] == "test" and written["dataset"] == "list"
     assert written["checkpoint"] == setup["ckpt"]
+    # The epoch that produced the weights, as the training log numbers it: the fixture's state says one epoch was
+    # trained (its "epoch", where a resume would start), so epoch 0; a metrics record's own epoch comes first.
+    from dsrb.inference import _weights_epoch
+
+    assert written["epoch"] == 0
+    assert _weights_epoch({"epoch": 5, "metrics": {"epoch": 2}}) == 2 and _weights_epoch({"model": {}}) is None
     assert set(written["metrics"]) == set(METRIC_KEYS)
     for key, value in written["metrics"].items():
         assert value is not None and 0.0 <= value <= 1.0, key
