@@ -565,7 +565,11 @@ def _run(cfg: TrainConfig) -> Dict[str, Any]:
         holder = [out]
         dist.broadcast_object_list(holder, src=0)
         out = holder[0]
-    cfg = dataclasses.replace(cfg, out=out)
+    # Input paths made absolute: config.json and the checkpoints are read from other folders too (evaluate's
+    # defaults, a resume started elsewhere).
+    files = {name: os.path.abspath(value) for name in ("data_root", "word_vectors", "pretrained")
+             if (value := getattr(cfg, name)) is not None and value != "builtin"}
+    cfg = dataclasses.replace(cfg, out=out, **files)
     try:
         return _train(cfg, d, device, out)
     except KeyboardInterrupt as err:

@@ -340,6 +340,16 @@ def test_resume_with_moved_word_vector_and_weight_files(data_root, tmp_path):
     assert json.loads((out / "config.json").read_text()) == saved
 
 
+def test_relative_input_paths_are_saved_absolute(data_root, tmp_path, monkeypatch):
+    """evaluate takes the dataset from the checkpoint's config: a relative --data-root saved as given failed from
+    any other folder."""
+    monkeypatch.chdir(os.path.dirname(data_root))
+    out = tmp_path / "run"
+    train.main(args(os.path.basename(data_root), out))
+    assert json.loads((out / "config.json").read_text())["data_root"] == data_root
+    assert torch.load(out / "last.pt", weights_only=False)["config"]["data_root"] == data_root
+
+
 def test_resume_with_a_new_data_root_keeps_the_runs_classes(tmp_path):
     """--resume --data-root NEW: the same classes listed in another order are put in the run's (the model's and the
     saved partial labels') order; other classes stop the resume, before the model is built. It used to go on with
