@@ -56,14 +56,17 @@ class Extension:
 _STATE: Optional[Extension] = None
 
 
-def load() -> Extension:
-    """Load the extension once per process (building it first if needed); never raises unless DSRB_REQUIRE_EXT=1."""
+def load(required: Optional[bool] = None) -> Extension:
+    """Load the extension once per process (building it first if needed); never raises unless it is missing and
+    ``required`` (default: DSRB_REQUIRE_EXT=1), on every call: a second ``import dsrb.ops`` must not pass on the
+    fallback where the first one failed."""
     global _STATE
-    if _STATE is None:
+    if required is None:
         required = _build.env_flag("DSRB_REQUIRE_EXT")  # read first: a bad value is an error, built or not
+    if _STATE is None:
         _STATE = _load()
-        if not _STATE.loaded and required:
-            raise ImportError(f"dsrb: DSRB_REQUIRE_EXT=1 but the C++ extension is not available: {_STATE.reason}")
+    if not _STATE.loaded and required:
+        raise ImportError(f"dsrb: DSRB_REQUIRE_EXT=1 but the C++ extension is not available: {_STATE.reason}")
     return _STATE
 
 

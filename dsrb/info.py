@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 if __name__ == "__main__":  # before the imports below, which take seconds (torch) or a minute (first-use build)
+    import os
+
     from ._cli import quiet_interrupt
 
     quiet_interrupt("python -m dsrb.info")
+    # info is the tool that says why the extension is missing: DSRB_REQUIRE_EXT=1 (CI) would make the imports below
+    # raise instead, so main() checks it after the report.
+    _REQUIRED = os.environ.pop("DSRB_REQUIRE_EXT", None)
 
 import importlib.util
 import os
 import platform
+import sys
+from typing import Optional
 
 import torch
 
@@ -85,12 +92,20 @@ def _serves(op: str, device: torch.device) -> str:
         return "none"
 
 
-def main(argv=None) -> None:
+def main(argv=None, require: Optional[str] = None) -> None:
+    """``require``: the DSRB_REQUIRE_EXT value to check after the report (exit status 1 if it fails)."""
     import argparse
 
     argparse.ArgumentParser(prog="python -m dsrb.info", description=__doc__.split(":", 1)[1].strip()).parse_args(argv)
     print(report(), flush=True)  # a closed pipe raises here, for quiet_interrupt's hook, not in the flush at exit
+    if require is not None:
+        os.environ["DSRB_REQUIRE_EXT"] = require
+        try:
+            _ext.load()
+        except (ImportError, ValueError) as err:  # the extension is missing, or the value is not an on/off one
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
-    main()
+    main(require=_REQUIRED)

@@ -2,14 +2,16 @@
 
 With no arguments it trains the ``demo`` preset on the built-in dataset (generated on first use) on the CPU. With
 ``--preset coco|voc|vg --data-root PATH`` it runs the paper's protocol (spec §6.4, §12). ``--help`` lists every
-setting. A run directory (``--out``, default ``runs/<preset>-<time>``) receives:
+setting. A run directory (``--out``, default ``runs/<preset>-<time>``, with ``-2``, ``-3``, ... for runs started in
+the same second) receives:
 
 * ``train.log``: the log; ``config.json``: the settings; ``partial_labels.npz``: the known-label mask;
 * ``metrics.jsonl``: one JSON line per epoch with every metric (fractions in [0, 1]) and the training losses;
 * ``last.pt`` (every epoch) and ``best.pt`` (best test mAP so far), written atomically;
 * ``summary.json``: best epoch, best mAP, settings and versions; ``tb/`` with ``--tensorboard``.
 
-Every setting is checked before the run directory is created. Ctrl-C stops with exit status 130 and says how to
+Every setting is checked before anything is written in the run directory (the default one, made at the start, is
+removed again when a setting is wrong). Ctrl-C stops with exit status 130 and says how to
 resume (the checkpoints are written atomically). ``--resume`` continues the run in ``--out`` from ``last.pt`` (model,
 optimizer, scheduler, AMP scaler, prototype bank, RNG states, epoch and best score) with its saved settings; of the
 settings given again, only those in :data:`dsrb.config.RESUMABLE` (epochs, device, workers, ...) may differ from the
@@ -28,6 +30,7 @@ if __name__ == "__main__":  # before the imports below, which take seconds (torc
 
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import logging.handlers
@@ -460,8 +463,19 @@ def evaluate(model, loader, cfg: TrainConfig, d: Dist, device: torch.device) -> 
 # ------------------------------------------------------------------------------------------------------- run
 
 
-def _default_out(cfg: TrainConfig) -> str:
-    return os.path.join("runs", f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+def _claim_default_out(cfg: TrainConfig) -> str:
+    """Create and return ``runs/<preset>-<time>``, or ``...-2``, ``-3``, ... where it exists: two runs started in
+    the same second (a shell loop, a job array) must not share a directory."""
+    base = os.path.join("runs", f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    check_output_dir(base, name="setting 'out' (--out, default runs/<preset>-<time>)", what="the run directory")
+    os.makedirs("runs", exist_ok=True)
+    for n in itertools.count(1):
+        out = base if n == 1 else f"{base}-{n}"
+        try:
+            os.mkdir(out)  # atomic: of two runs, one gets each name
+            return out
+        except FileExistsError:
+            continue
 
 
 def _resolve_settings(cfg: TrainConfig, explicit: Dict[str, Any]) -> TrainConfig:
@@ -550,7 +564,7 @@ def run(cfg: TrainConfig, explicit: Optional[Dict[str, Any]] = None) -> Dict[str
     """Train and evaluate; returns the summary (also written to summary.json).
 
     ``--matmul-precision`` is set for the run and the previous process-wide setting restored after it. Every setting
-    is checked (data, model, pre-trained weights, device) before the run directory is created or written.
+    is checked (data, model, pre-trained weights, device) before anything is written in the run directory.
     """
     cfg = _resolve_settings(cfg, explicit or {})
     with matmul_precision(cfg.matmul_precision):
@@ -560,8 +574,9 @@ def run(cfg: TrainConfig, explicit: Optional[Dict[str, Any]] = None) -> Dict[str
 def _run(cfg: TrainConfig) -> Dict[str, Any]:
     device = check_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     d = setup_distributed(cfg)
-    out = cfg.out or _default_out(cfg)
-    if d.enabled:  # every rank must use rank 0's default directory name
+    claimed = not cfg.out  # the default directory, created here and removed again if the run leaves it empty
+    out = cfg.out or (_claim_default_out(cfg) if d.main else "")
+    if claimed and d.enabled:  # every rank uses the directory rank 0 claimed
         holder = [out]
         dist.broadcast_object_list(holder, src=0)
         out = holder[0]
@@ -574,6 +589,9 @@ def _run(cfg: TrainConfig) -> Dict[str, Any]:
         return _train(cfg, d, device, out)
     except KeyboardInterrupt as err:
         raise Interrupted(out, os.path.isfile(os.path.join(out, "config.json"))) from err
+    finally:
+        if claimed and d.main and os.path.isdir(out) and not os.listdir(out):  # a settings error: nothing written
+            os.rmdir(out)
 
 
 def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[str, Any]:

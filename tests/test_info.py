@@ -1,5 +1,6 @@
 """``python -m dsrb.info``: versions, the extension's build, and which backend serves each op, with the reasons."""
 
+import os
 import re
 import subprocess
 import sys
@@ -25,6 +26,19 @@ def test_info_reports_versions_build_and_every_op():
         assert cells[2].split() == ["yes" if why[b] is None else "no" for b in ops.KNOWN_BACKENDS]
     for backend, why in ops.reasons("semantic_attention", torch.device("cpu"), torch.float32).items():
         assert why is None or f"  {backend}: {why}" in out
+
+
+@pytest.mark.parametrize("value, error", [("1", "the C++ extension is not available: disabled by DSRB_DISABLE_EXT=1"),
+                                          ("ture", "environment variable DSRB_REQUIRE_EXT: expected 1 or 0")])
+def test_info_reports_under_dsrb_require_ext_and_then_fails(value, error):
+    """CI's DSRB_REQUIRE_EXT=1 made info, the tool that says why the extension is missing, end in an ImportError
+    traceback instead; now it reports, then says what the requirement finds, one line, exit status 1."""
+    env = {**os.environ, "DSRB_REQUIRE_EXT": value, "DSRB_DISABLE_EXT": "1"}
+    res = subprocess.run([sys.executable, "-m", "dsrb.info"], capture_output=True, text=True, timeout=900, env=env)
+    assert res.returncode == 1, res.stderr
+    assert "C++/CUDA extension: not available: disabled by DSRB_DISABLE_EXT=1" in res.stdout
+    assert re.search(r"^  semantic_attention\s+torch\s", res.stdout, re.M), res.stdout
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ") and error in res.stderr, res.stderr
 
 
 def test_info_takes_no_arguments(capsys):

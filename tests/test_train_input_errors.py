@@ -236,6 +236,24 @@ def test_settings_found_wrong_with_the_data_leave_no_run_directory(data_root, tm
     assert not out.exists()
 
 
+def test_default_out_of_runs_started_in_the_same_second_are_two_directories(data_root, tmp_path, monkeypatch):
+    """runs/<preset>-<time> is claimed atomically: a run that finds it taken (another run started in the same second)
+    writes to ...-2, and a run stopped by a wrong setting removes the directory it claimed."""
+    monkeypatch.chdir(tmp_path)
+    real = train.time.strftime
+    monkeypatch.setattr(train.time, "strftime", lambda fmt, *a: "20261205-083000" if fmt == "%Y%m%d-%H%M%S"
+                        else real(fmt, *a))
+    taken = tmp_path / "runs" / "demo-20261205-083000"
+    taken.mkdir(parents=True)
+    (taken / "train.log").write_text("the other run\n")
+    train.main(["--data-root", data_root, "--epochs", "1", *TINY])
+    assert (tmp_path / "runs" / "demo-20261205-083000-2" / "last.pt").is_file()
+    assert os.listdir(taken) == ["train.log"] and (taken / "train.log").read_text() == "the other run\n"
+    with pytest.raises(ValueError, match=r"'batch_size'.* larger than the 24 training images"):  # found late
+        train.main(["--data-root", data_root, "--epochs", "1", *TINY, "--batch-size", "100"])
+    assert sorted(os.listdir(tmp_path / "runs")) == ["demo-20261205-083000", "demo-20261205-083000-2"]
+
+
 def test_out_that_cannot_be_made_is_named_before_the_data_is_read(data_root, tmp_path, monkeypatch):
     """A file in the way or a read-only disk: an error naming --out before the data is listed (every image opened with
     --skip-bad-images) and the model built, not an errno at the end of that."""
