@@ -216,6 +216,31 @@ def cuda_link_flags(nvcc: str) -> List[str]:
     return [f"-L{_cudart_dir(cuda_home(nvcc))}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
 
 
+def first_use_build(root: str, folder: str, name: str, nvcc: Optional[str], jobs: int, log: List[str]) -> None:
+    """Build the library ``name`` from the sources under ``root`` into ``folder`` with torch's ninja builder
+    (the first-use build of :mod:`dsrb._ext`; here, so that a change to it changes :func:`source_hash`)."""
+    from torch.utils import cpp_extension
+
+    cflags, ldflags = list(CXX_FLAGS), list(LD_FLAGS)
+    if nvcc:
+        objects = compile_cuda(cuda_sources(root), os.path.join(folder, "cuda"), nvcc, root, log)
+        cflags.append("-DDSRB_WITH_CUDA")
+        ldflags = objects + cuda_link_flags(nvcc) + ldflags
+    # is_python_module=False: a plain shared library whose static initialisers register the ops; load() dlopens it.
+    # MAX_JOBS, validated (ninja reads 0 as no limit), for this build only.
+    previous = os.environ.get("MAX_JOBS")
+    os.environ["MAX_JOBS"] = str(jobs)
+    try:
+        cpp_extension.load(name=name, sources=cpp_sources(root, bool(nvcc)), extra_cflags=cflags,
+                           extra_ldflags=ldflags, extra_include_paths=[root], build_directory=folder,
+                           is_python_module=False, verbose=False)
+    finally:
+        if previous is None:
+            del os.environ["MAX_JOBS"]
+        else:
+            os.environ["MAX_JOBS"] = previous
+
+
 def nvcc_version(nvcc: str) -> str:
     out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
     return out[-1] if out else "unknown"

@@ -197,7 +197,7 @@ def _cached_build(root: str, want: Dict[str, object], nvcc: Optional[str], fallb
             os.remove(os.path.join(folder, "lock"))
         jobs = _build.jobs()  # a bad MAX_JOBS is the user's to fix, not a build failure to remember
         try:
-            _compile(root, folder, name, nvcc, jobs, log)
+            _build.first_use_build(root, folder, name, nvcc, jobs, log)
         except Exception as exc:  # noqa: BLE001 - any compiler/toolchain failure becomes a reported reason
             with open(os.path.join(folder, "build.log"), "w") as f:
                 f.write("\n\n".join(log + [str(exc)]))
@@ -211,33 +211,10 @@ def _cached_build(root: str, want: Dict[str, object], nvcc: Optional[str], fallb
         info = _build.build_info(root, nvcc)
         _build.write_info(library, info)
         print(f"dsrb: extension built in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
-        # cpp_extension.load in _compile has already loaded the library into this process.
+        # cpp_extension.load in _build.first_use_build has already loaded the library into this process.
         return Extension(path=library, info=info, origin="first-use build (cache)")
 
 
 def _failed_earlier(folder: str) -> "_build.BuildError":
     return _build.BuildError(f"the first-use build failed earlier (log: {os.path.join(folder, 'build.log')}); delete "
                              f"{folder} to retry")
-
-
-def _compile(root: str, folder: str, name: str, nvcc: Optional[str], jobs: int, log: list) -> None:
-    from torch.utils import cpp_extension
-
-    cflags, ldflags = list(_build.CXX_FLAGS), list(_build.LD_FLAGS)
-    if nvcc:
-        objects = _build.compile_cuda(_build.cuda_sources(root), os.path.join(folder, "cuda"), nvcc, root, log)
-        cflags.append("-DDSRB_WITH_CUDA")
-        ldflags = objects + _build.cuda_link_flags(nvcc) + ldflags
-    # is_python_module=False: a plain shared library whose static initialisers register the ops; load() dlopens it.
-    # MAX_JOBS, validated (ninja reads 0 as no limit), for this build only.
-    previous = os.environ.get("MAX_JOBS")
-    os.environ["MAX_JOBS"] = str(jobs)
-    try:
-        cpp_extension.load(name=name, sources=_build.cpp_sources(root, bool(nvcc)), extra_cflags=cflags,
-                           extra_ldflags=ldflags, extra_include_paths=[root], build_directory=folder,
-                           is_python_module=False, verbose=False)
-    finally:
-        if previous is None:
-            del os.environ["MAX_JOBS"]
-        else:
-            os.environ["MAX_JOBS"] = previous

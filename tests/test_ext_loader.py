@@ -38,7 +38,7 @@ def loader(tmp_path, monkeypatch):
         with open(os.path.join(folder, name + ".so"), "wb") as f:
             f.write(b"\x7fELF")
 
-    monkeypatch.setattr(_ext, "_compile", compile_)
+    monkeypatch.setattr(_build, "first_use_build", compile_)
     monkeypatch.setattr(_ext, "_open", lambda library, info, origin: _ext.Extension(path=library, info=info,
                                                                                      origin=origin))
     compile_.calls = calls
@@ -154,9 +154,12 @@ def test_a_bad_max_jobs_is_a_reason_not_a_remembered_failure(loader, monkeypatch
 def test_a_lock_left_by_a_killed_build_is_cleared(loader):
     """torch's builder's own "lock" file, left by a build killed by a signal (timeout, OOM killer), made every later
     import wait on it forever; under dsrb's lock it is a leftover, removed before building."""
+    def killed(root, folder, *rest):
+        open(os.path.join(folder, "lock"), "w").close()
+        raise KeyboardInterrupt
+
     with pytest.MonkeyPatch.context() as m:  # where the build will go: make it, with the leftover inside
-        m.setattr(_ext, "_compile", lambda root, folder, *rest: open(os.path.join(folder, "lock"), "w").close() or
-                  (_ for _ in ()).throw(KeyboardInterrupt()))
+        m.setattr(_build, "first_use_build", killed)
         with pytest.raises(KeyboardInterrupt):
             _ext._load()
     ext = _ext._load()
