@@ -319,12 +319,12 @@ def prototype_pass(core: DSRB, loader: DataLoader, cfg: TrainConfig, d: Dist, de
             break
         images, targets = to_device(images, cfg, device), targets.to(device, non_blocking=True)
         with autocast(cfg, device):
-            core.update_prototypes(images, targets, validate=False)  # checked by train_set.set_targets
+            # validate=False: checked by train_set.set_targets. Under DDP the cap counts every rank's samples.
+            core.update_prototypes(images, targets, validate=False, distributed=d.enabled)
         bar.update(images.shape[0])
     bar.close()
-    if d.enabled:  # each rank keeps up to `cap` samples per bucket from its shard
+    if d.enabled:  # counts already cover every rank; each rank summed its own kept samples
         dist.all_reduce(core.prototype_bank.sums)
-        dist.all_reduce(core.prototype_bank.counts)
     core.finalize_prototypes()
     filled = int((core.prototype_bank.counts > 0).sum())
     log.info("prototypes: %d of %d (class, quadrant) buckets filled, %d classes without a prototype", filled,

@@ -86,3 +86,75 @@ def test_errors():
         ops.prototype_bank_update(sums, counts, S, T * 3, q)
     with pytest.raises(ValueError, match="'cap'"):
         ops.prototype_bank_update(sums, counts, S, T, q, -1)
+
+
+DISTRIBUTED = r'''
+import sys
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dsrb.models.prototype_bank import PrototypeBank
+
+C, D, CAP, WORLD, SIZES = 3, 5, 3, 2, [[4, 4], [4, 4], [4, 3]]  # the last step's batches differ in size
+
+
+def batch(step, rank):
+    g = torch.Generator().manual_seed(100 * step + rank)
+    B = SIZES[step][rank]
+    T = torch.where(torch.rand(B, C, generator=g) < 0.8, 1, torch.randint(-1, 1, (B, C), generator=g))
+    return torch.randn(B, C, D, generator=g, dtype=torch.float64), T, torch.randint(0, 2, (B, C), generator=g)
+
+
+def work(rank, out, port):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    bank = PrototypeBank(C, D, CAP, backend="torch").double()
+    for step in range(len(SIZES)):
+        bank.update(*batch(step, rank), distributed=True)
+    dist.all_reduce(bank.sums)
+    if rank == 0:
+        torch.save({"sums": bank.sums, "counts": bank.counts}, out)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mp.spawn(work, args=(sys.argv[1], int(sys.argv[2])), nprocs=WORLD)
+'''
+
+
+def test_distributed_cap_counts_every_rank_in_the_samplers_order(tmp_path):
+    """Under DDP each rank used to cap its own shard and the all-reduce added them: a bucket held up to world * cap
+    samples. Now two gloo ranks keep exactly what one process keeps meeting the samples in the DistributedSampler's
+    global order (step, batch position, rank), batches of unequal size included."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import types
+
+    script = tmp_path / "bank_ddp.py"
+    script.write_text(DISTRIBUTED)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ops.__file__)))  # the dsrb in use, for the script
+    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "bank.pt"), str(port)], capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath))
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = torch.load(tmp_path / "bank.pt")
+
+    spec = {"__name__": "bank_ddp"}  # the script's settings and batches, without running it
+    exec(DISTRIBUTED, spec)
+    spec = types.SimpleNamespace(**spec)
+    sums, counts = torch.zeros(spec.C, 4, spec.D, dtype=torch.float64), torch.zeros(spec.C, 4, dtype=torch.int64)
+    uncapped = torch.zeros_like(counts)
+    for step, sizes in enumerate(spec.SIZES):
+        parts = [spec.batch(step, r) for r in range(spec.WORLD)]
+        order = [(i, r) for i in range(max(sizes)) for r in range(spec.WORLD) if i < sizes[r]]
+        S, T, q = (torch.stack([parts[r][k][i] for i, r in order]) for k in range(3))
+        sums, counts = reference.prototype_bank_update(sums, counts, S, T, q, spec.CAP)
+        uncapped = reference.prototype_bank_update(sums, uncapped, S, T, q, 10 ** 6)[1]
+    assert (uncapped > spec.CAP).any()  # the cap binds, across ranks
+    assert torch.equal(got["counts"], counts) and counts.max() == spec.CAP
+    torch.testing.assert_close(got["sums"], sums, rtol=1e-12, atol=1e-12)

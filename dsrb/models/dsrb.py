@@ -505,7 +505,8 @@ class DSRB(nn.Module):
     # ---------------------------------------------------------------------------------------- prototype pass
 
     @torch.no_grad()
-    def update_prototypes(self, images: torch.Tensor, targets: torch.Tensor, *, validate: bool = True) -> None:
+    def update_prototypes(self, images: torch.Tensor, targets: torch.Tensor, *, validate: bool = True,
+                          distributed: bool = False) -> None:
         """Add one batch to the prototype bank: extract S and the quadrants in the current mode, then update.
 
         The trainer's prototype pass (before blending epochs; spec §5.1)::
@@ -520,11 +521,13 @@ class DSRB(nn.Module):
         Args:
             images: (B, 3, H0, W0) float images.  targets: (B, C) partial targets; only known positives are stored.
             validate: check the values of ``targets`` (see :meth:`forward`).
+            distributed: take the cap over every rank's samples (see :meth:`PrototypeBank.update`).
         """
         self._check_images(images)
         self._check_targets(targets, images, validate=validate)
         S, a, X = self._extract(images)
-        self.prototype_bank.update(S, targets, self._quadrant(a, X), validate=False)  # targets checked above
+        self.prototype_bank.update(S, targets, self._quadrant(a, X), validate=False,  # targets checked above
+                                   distributed=distributed)
 
     def reset_prototypes(self) -> None:
         """Empty the prototype bank (shorthand for ``prototype_bank.reset()``)."""

@@ -87,16 +87,24 @@ class PrototypeBank(nn.Module):
         self._ready_seen = False
 
     @torch.no_grad()
-    def update(self, S: torch.Tensor, T: torch.Tensor, quadrant: torch.Tensor, *, validate: bool = True) -> None:
+    def update(self, S: torch.Tensor, T: torch.Tensor, quadrant: torch.Tensor, *, validate: bool = True,
+               distributed: bool = False) -> None:
         """Add every known-positive S[b, c] (T[b, c] == 1) to bucket (c, quadrant[b, c]) while it holds < ``cap``.
 
         Samples are taken class by class, batch index ascending, as in the official loop. The features are
         accumulated in the bank's dtype (float32 unless the module was converted).
 
+        With ``distributed`` (every rank of the default process group calls it, once per step, as a
+        DistributedSampler's loader yields), the cap counts the samples of every rank, met in the sampler's global
+        order: step, then batch position, then rank (rank r's k-th sample is the sampler's (k * world + r)-th). The
+        first ``cap`` in that order are kept, as one process meets them in its loader order. ``counts`` then holds
+        every rank's samples and ``sums`` this rank's only: all-reduce ``sums`` before :meth:`finalize`.
+
         Args:
             S: (B, C, D) semantic features.  T: (B, C) partial targets in {-1, 0, 1}.
             quadrant: (B, C) int64 quadrant index in [0, 3] (see :func:`dsrb.ops.quadrant_index`).
             validate: check the values of T and quadrant (see :func:`dsrb.ops.prototype_bank_update`).
+            distributed: take the cap over every rank's samples (above).
         """
         check_tensor("S", S, kind="float", shape=(None, self.num_classes, self.dim))
         B = S.shape[0]
@@ -104,8 +112,36 @@ class PrototypeBank(nn.Module):
         check_tensor("quadrant", quadrant, kind="int", shape=(B, self.num_classes))
         if S.requires_grad or S.dtype != self.sums.dtype:
             S = S.detach().to(self.sums.dtype)
-        ops.prototype_bank_update_(self.sums, self.counts, S, T, quadrant, self.cap, validate=validate,
-                                   backend=self.backend)
+        if not distributed:
+            ops.prototype_bank_update_(self.sums, self.counts, S, T, quadrant, self.cap, validate=validate,
+                                       backend=self.backend)
+            return
+        T = self._admit_across_ranks(T, quadrant)  # updates counts; T keeps this rank's admitted known positives
+        ops.prototype_bank_update_(self.sums, torch.zeros_like(self.counts), S, T, quadrant, B + 1,
+                                   validate=validate, backend=self.backend)
+
+    @torch.no_grad()
+    def _admit_across_ranks(self, T: torch.Tensor, quadrant: torch.Tensor) -> torch.Tensor:
+        """``T`` with the known positives that the cap over every rank's samples leaves out set to 0 (unknown);
+        ``counts`` += what every rank keeps. Each rank computes the same decisions from the gathered buckets."""
+        import torch.distributed as dist
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        sizes = [torch.zeros(1, dtype=torch.int64, device=T.device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([T.shape[0]], device=T.device))
+        longest = int(max(s.item() for s in sizes))
+        # (B, C): the quadrant of each known positive, -1 for every other entry and for the rows padding a shorter batch
+        bucket = torch.full((longest, self.num_classes), -1, dtype=torch.int64, device=T.device)
+        bucket[: T.shape[0]] = torch.where(T == 1, quadrant.to(torch.int64), -1)
+        gathered = [torch.empty_like(bucket) for _ in range(world)]
+        dist.all_gather(gathered, bucket)
+        order = torch.stack(gathered, dim=1).reshape(longest * world, self.num_classes)  # batch position, then rank
+        candidate = (order[..., None] == torch.arange(4, device=T.device)).long()  # (longest * world, C, 4)
+        earlier = torch.cumsum(candidate, dim=0) - candidate
+        keep = (candidate == 1) & (self.counts[None] + earlier < self.cap)
+        self.counts += keep.sum(0)
+        mine = keep.any(-1).reshape(longest, world, self.num_classes)[: T.shape[0], rank]
+        return torch.where(mine, T, torch.zeros_like(T))
 
     @torch.no_grad()
     def finalize(self, compat: str = "fixed") -> None:
