@@ -67,8 +67,11 @@ def select_labels(logits: torch.Tensor, threshold: Optional[float] = None, top_k
     if threshold is None and top_k is None:
         threshold = DEFAULT_THRESHOLD
     selected = torch.ones_like(logits, dtype=torch.bool)
-    if threshold is not None:
-        selected &= torch.sigmoid(logits) >= threshold
+    if threshold is not None:  # sigmoid(x) >= T as x >= log(T / (1 - T)), without float32 sigmoid rounding: at
+        # T = 0.5 exactly the metrics' logit >= 0 (a logit of -1e-8 has sigmoid 0.5 in float32), and T = 1 selects none
+        bound = -math.inf if threshold == 0 else math.inf if threshold == 1 else \
+            math.log(threshold) - math.log1p(-threshold)
+        selected &= logits.double() >= bound
     if top_k is not None:
         k = min(top_k, logits.shape[1])
         top = torch.sort(logits, dim=1, descending=True, stable=True).indices[:, :k]

@@ -377,6 +377,22 @@ def test_ranking_by_logit_not_saturated_probability(setup, tmp_path):
 # -------------------------------------------------------------------------------------------------- visualize
 
 
+def test_threshold_on_logits_agrees_with_the_metrics_near_one_half_and_one():
+    """The default threshold selected sigmoid(logit) >= 0.5 in float32: a logit of -1e-8 has sigmoid 0.5 there, so it
+    was selected where the metrics (logit >= 0) count it negative; and threshold 1 selected any logit above ~17."""
+    from dsrb.metrics import compute_metrics
+    from dsrb.predict import select_labels
+
+    logits = torch.tensor([[-1e-8, 0.0, 1e-8, 30.0, -float("inf"), float("inf")]])
+    assert torch.sigmoid(logits)[0, 0] == 0.5 and torch.sigmoid(logits)[0, 3] == 1.0
+    assert select_labels(logits).tolist() == [[False, True, True, True, False, True]]
+    assert select_labels(logits, threshold=1.0).tolist() == [[False, False, False, False, False, True]]
+    assert select_labels(logits, threshold=0.0).tolist() == [[True] * 6]
+    assert select_labels(logits, threshold=0.25).tolist() == [[True, True, True, True, False, True]]
+    targets = torch.ones_like(logits)  # every class positive: OP = 1, OR = what the metrics select
+    assert compute_metrics(logits, targets)["OR"] == pytest.approx(float(select_labels(logits).float().mean()))
+
+
 def test_visualize(setup, tmp_path, capsys):
     from dsrb.visualize import main, visualize
 
