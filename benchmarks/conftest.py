@@ -283,28 +283,47 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cpu_peak_bytes(fn: Callable) -> Optional[int]:
-    """Peak of live CPU tensor memory allocated during ``fn()``: every allocation and free recorded by the profiler
-    (``profile_memory=True``), summed in time order. None where this torch has no allocation events."""
+def cpu_peak_bytes(fn: Callable, setup: Optional[Callable] = None, prime: bool = False) -> Optional[int]:
+    """Peak growth of live CPU tensor memory during one ``fn(*args, **kwargs)``, ``(args, kwargs) = setup()``: the
+    profiler's allocation and free events (``profile_memory=True``), summed in time order, the peak inside the call
+    less the bytes live when it starts. ``setup`` (and, with ``prime``, one ``fn()`` before, for a step that frees
+    the previous step's tensors, like gradients set to None) runs inside the profile, outside that window, so a
+    free inside the call of what they allocated (a bwd pass freeing the saved forward graph) is credited, as CUDA's
+    ``max_memory_allocated - before`` credits it; the profiler cannot size a free of a block allocated before it
+    started. None where this torch has no allocation events."""
     try:
         from torch._C._profiler import _EventType
-        from torch.profiler import ProfilerActivity, profile
+        from torch.profiler import ProfilerActivity, profile, record_function
 
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-        events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+            args, kwargs = _args(setup)
+            if prime:
+                fn(*args, **kwargs)
+            with record_function("dsrb::measured_call"):
+                fn(*args, **kwargs)
+            del args, kwargs
+        events, window, stack = [], None, list(prof.profiler.kineto_results.experimental_event_tree())
     except (ImportError, AttributeError, RuntimeError):
         return None
     while stack:
         event = stack.pop()
         stack.extend(event.children)
-        if event.typed[0] == _EventType.Allocation and event.typed[1].device.type == "cpu":
+        if event.name == "dsrb::measured_call":
+            window = (event.start_time_ns, event.end_time_ns)
+        elif event.typed[0] == _EventType.Allocation and event.typed[1].device.type == "cpu":
             events.append((event.start_time_ns, event.typed[1].alloc_size))
-    live = peak = 0
-    for _, size in sorted(events):
+    if window is None:
+        return None
+    live, start, peak = 0, None, 0
+    for time, size in sorted(events):
+        if start is None and time >= window[0]:
+            start = peak = live
+        if time > window[1]:
+            break
         live += size
-        peak = max(peak, live)
-    return peak
+        if start is not None:
+            peak = max(peak, live)
+    return peak - start if start is not None else 0
 
 
 def _args(setup):
@@ -331,7 +350,7 @@ def _compiled_first_call(call: Callable, info: dict, device: torch.device):
 
 
 def run_case(benchmark, fn: Callable, *, device, info: dict, setup: Optional[Callable] = None,
-             rounds: int = 10) -> None:
+             rounds: int = 10, prime_memory: bool = False) -> None:
     """Warm up once, time ``fn`` with ``benchmark.pedantic`` and record the case in ``benchmark.extra_info``.
 
     Args:
@@ -342,10 +361,12 @@ def run_case(benchmark, fn: Callable, *, device, info: dict, setup: Optional[Cal
             rounds go into extra_info (what the report shows on a GPU).
         info: op, provider, pass, shape, dims, dtype (recorded as given; ``benchmark.group`` is set from it).
         rounds: timed rounds, one iteration each (``extra_info["rounds"]``: an interrupted case has fewer).
+        prime_memory: on CPU, one more run before the measured one inside the profile (a training step frees the
+            previous step's gradients; see :func:`cpu_peak_bytes`).
 
     Peak memory: on CUDA, ``max_memory_allocated`` over one extra run after ``reset_peak_memory_stats``, minus the
     memory allocated before that run (inputs and parameters, plus the saved forward graph for "bwd"). On CPU, the
-    peak of live allocations during one extra run under the profiler (:func:`cpu_peak_bytes`).
+    same growth over one extra run under the profiler (:func:`cpu_peak_bytes`).
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -399,11 +420,10 @@ def run_case(benchmark, fn: Callable, *, device, info: dict, setup: Optional[Cal
                                      "(inputs, parameters and, for bwd, the saved forward graph)")
         del args, kwargs
     else:
-        args, kwargs = _args(setup)
-        extra["peak_memory_bytes"] = cpu_peak_bytes(lambda: fn(*args, **kwargs))
-        extra["peak_memory_note"] = ("peak of the bytes allocated and not yet freed during one run, from the "
-                                     "profiler's allocation events (torch's CPU allocator; inputs excluded)")
-        del args, kwargs
+        extra["peak_memory_bytes"] = cpu_peak_bytes(fn, setup, prime=prime_memory)
+        extra["peak_memory_note"] = ("peak growth of the bytes live during one run over those live when it starts, "
+                                     "from the profiler's allocation events (torch's CPU allocator; inputs and, for "
+                                     "bwd, the saved forward graph allocated before it, its frees credited)")
 
     event_ms.clear()  # the warm-up's
     _sync(device)

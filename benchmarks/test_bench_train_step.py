@@ -4,8 +4,9 @@ One step is what :func:`dsrb.train.train_epoch` does for one batch in a blending
 (:func:`dsrb.models.draw_prototype_choices`), forward with the targets and both blends on, :func:`dsrb.losses.dsrb_loss`
 (partial BCE, contrastive, IPRB and PPRB terms), ``zero_grad``, backward and the Adam step (AMP as the preset sets
 it, ``none`` for every preset). The model is built as ``dsrb.train`` builds it for the preset
-(:func:`dsrb.train.model_kwargs`: backbone, width, D, E, I, GNN steps, top-K, no pretrained weights, hence no frozen
-layers), on random images of the preset's size, random partial targets in {-1, 0, 1}, random word vectors, a label
+(:func:`dsrb.train.model_kwargs`: backbone, width, D, E, I, GNN steps, top-K; for ``coco`` stem..layer3 frozen, as
+in a paper run, which starts from ``--pretrained`` ImageNet weights: the weights' values do not change the cost,
+the frozen layers do; ``demo`` trains from scratch, nothing frozen), on random images of the preset's size, random partial targets in {-1, 0, 1}, random word vectors, a label
 graph from random partial labels and a prototype bank filled with random prototypes (the prototype pass itself is not
 timed: it runs once every few epochs).
 
@@ -112,11 +113,13 @@ def _inputs(bench, preset, device, dtype):
         from dsrb.train import model_kwargs
 
         cfg = preset_config(preset)
+        if preset != "demo":  # a paper run starts from --pretrained weights, which freezes stem..layer3
+            cfg = dataclasses.replace(cfg, freeze_backbone=True)
         C, B, E, D = _num_classes(cfg), cfg.batch_size, cfg.word_dim, cfg.feature_dim
         gen = torch.Generator().manual_seed(bench.seed_for("train_step", preset))
         words = torch.randn(C, E, generator=gen, dtype=dtype)
         labels = torch.randint(-1, 2, (8 * B, C), generator=gen)  # partial labels of a small "training set"
-        kwargs = model_kwargs(cfg, E)  # as dsrb.train: backbone, widths, no pretrained weights, no frozen layers
+        kwargs = model_kwargs(cfg, E)  # as dsrb.train: backbone, widths, frozen layers
         torch.manual_seed(cfg.seed)  # the initial weights dsrb.train would draw
         core = DSRB(C, word_features=words, **{**kwargs, "backend": "torch"})
         core.set_label_graph(labels)
@@ -257,7 +260,7 @@ def _train_step_case(benchmark, bench, provider, preset, size, device, dtype, ro
         ) + "; dsrb_loss, Adam step"
     dims = inp["dims"]
     with matmul_precision(cfg.matmul_precision):
-        bench.run_case(benchmark, step, device=device, rounds=rounds,
+        bench.run_case(benchmark, step, device=device, rounds=rounds, prime_memory=True,
                        info={"op": "train_step", "case": "train_step", "provider": provider, "pass": "step",
                              "shape": f"{preset}-fast" if fast else preset, "dims": dims, "dtype": dtype,
                              "formulation": formulation, "preset": preset, "batch": dims["B"], "amp": cfg.amp,

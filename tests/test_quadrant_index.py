@@ -65,6 +65,19 @@ def test_map_formulation():
     assert torch.equal(ops.quadrant_index(a, X.sum(-1), H, W), reference.quadrant_index_map(F))
 
 
+@pytest.mark.parametrize("B, H, W, C", [(3, 7, 7, 5), (2, 1, 4, 3), (4, 5, 2, 1), (0, 3, 3, 2)])
+def test_map_rule_all_at_once_equals_the_per_sample_loop(B, H, W, C):
+    """quadrant_index_map (the benchmarks' official formulation, all (b, c) at once) equals the per-(b, c) loop of
+    the contract's oracle, ties (integer scores) and NaN included."""
+    g = torch.Generator().manual_seed(B * 100 + H)
+    F = torch.randint(-2, 3, (B, H, W, C, 1), generator=g).double()
+    if B:
+        F[0, 0, -1, 0, 0] = float("nan")
+    G = F.sum(-1).permute(0, 3, 1, 2)  # (B, C, H, W)
+    want = reference.quadrant_index(G.reshape(B, C, H * W), torch.ones(B, H * W, dtype=G.dtype), H, W)
+    assert torch.equal(reference.quadrant_index_map(F), want)
+
+
 def test_opcheck_compile_and_errors():
     a = torch.softmax(torch.randn(2, 3, 12), -1)
     x_sum = torch.randn(2, 12)

@@ -55,11 +55,18 @@ def compute_prototype_maps(
         compat: "official" divides a bucket's sum by n + 1 (the placeholder row is averaged in); "fixed" by n.
 
     Returns:
-        maps: (C, 4, H, W, D) prototype maps; an empty bucket gets the mean of all the class's stored maps.
+        maps: (C, 4, H, W, D) prototype maps, on the device of F; an empty bucket gets the mean of all the class's
+        stored maps.
         valid: (C,) bool, False for a class without any stored map (its maps are zero; the official code crashes).
+
+    As officially, each batch's F is copied to the CPU and the loop runs there, and the buckets hold copies of the
+    stored maps (not views keeping every F alive); they grow by appending, where the official code's torch.cat
+    copies each bucket again at every map (so this is a lower bound on the official cost).
     """
-    buckets = None
+    buckets, device = None, None
     for F, T in batches:
+        device = F.device
+        F, T = F.cpu(), T.cpu()
         B, H, W, C, D = F.shape
         if buckets is None:
             buckets = [[[] for _ in range(4)] for _ in range(C)]
@@ -67,11 +74,11 @@ def compute_prototype_maps(
         for c in range(C):
             for b in range(B):
                 if T[b, c] == 1 and len(buckets[c][int(q[b, c])]) < cap:
-                    buckets[c][int(q[b, c])].append(F[b, :, :, c, :])
+                    buckets[c][int(q[b, c])].append(F[b, :, :, c, :].clone())
     if buckets is None:
         raise ValueError("argument 'batches': expected at least one batch")
-    maps = torch.zeros((C, 4, H, W, D), dtype=F.dtype, device=F.device)
-    valid = torch.zeros(C, dtype=torch.bool, device=F.device)
+    maps = torch.zeros((C, 4, H, W, D), dtype=F.dtype)
+    valid = torch.zeros(C, dtype=torch.bool)
     for c in range(C):
         stored = [m for bucket in buckets[c] for m in bucket]
         if not stored:
@@ -84,4 +91,4 @@ def compute_prototype_maps(
                 maps[c, q] = class_mean
             else:
                 maps[c, q] = torch.stack(buckets[c][q]).sum(0) / (n + 1 if compat == "official" else n)
-    return maps, valid
+    return maps.to(device), valid.to(device)
