@@ -284,12 +284,27 @@ def test_draw_prototype_choices_matches_reference(compat, top_k):
         assert not (select & (DRAW_T != 0)).any()
 
 
-def test_draw_prototype_choices_valid_mask_and_edges():
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_draw_prototype_choices_valid_mask_and_edges(top_k):
+    """Classes without a prototype: officially a drawn one is dropped; fixed, they are no candidates, so an image
+    blends another of its unknowns (it used to lose its blend when the draw fell on such a class)."""
     valid = torch.tensor([True, False, True, True, False, True])
-    for compat in ("fixed", "official"):
-        _, sel_all = draw_prototype_choices(DRAW_T, 2, torch.Generator().manual_seed(3), compat=compat)
-        _, sel = draw_prototype_choices(DRAW_T, 2, torch.Generator().manual_seed(3), compat=compat, valid=valid)
-        assert torch.equal(sel, sel_all & valid)
+    B, Cn = DRAW_T.shape
+    for seed in range(20):
+        for compat in ("fixed", "official"):
+            _, sel_all = draw_prototype_choices(DRAW_T, top_k, torch.Generator().manual_seed(seed), compat=compat)
+            _, sel = draw_prototype_choices(DRAW_T, top_k, torch.Generator().manual_seed(seed), compat=compat,
+                                            valid=valid)
+            g = torch.Generator().manual_seed(seed)
+            torch.randint(1, 4, (B, Cn), generator=g)
+            rho = torch.rand(B, Cn, generator=g)
+            assert torch.equal(sel, reference.select_labels(DRAW_T, rho, top_k, compat, valid))
+            assert not (sel & ~valid).any()
+            if compat == "official":
+                assert torch.equal(sel, sel_all & valid)
+            else:
+                eligible = (DRAW_T == 0) & valid
+                assert torch.equal(sel.sum(1), torch.where(eligible.sum(1) >= top_k, top_k, 0))
     # K larger than C, K = 0, and an empty batch.
     T = torch.zeros(2, 1, dtype=torch.int64)
     for compat in ("fixed", "official"):

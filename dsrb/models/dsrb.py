@@ -135,9 +135,12 @@ def draw_prototype_choices(
     * ``"official"``: the top-K of rho * (T == 0) per image, ties broken by lower class index. When an image has
       fewer than K unknowns this picks known labels (value 0 after masking), which PPRB then turns into soft
       positives (spec §10.2 item 1).
-    * ``"fixed"``: the K unknowns with the largest rho; nothing in an image with fewer than K unknowns.
+    * ``"fixed"``: the K unknowns with the largest rho among the classes that have a prototype (``valid``, all when
+      None); nothing in an image with fewer than K such unknowns. A class without a prototype is skipped (spec §10.2
+      item 3) as a known label is: it is not a candidate, so an image still blends one of its other unknowns.
 
-    Then, when ``valid`` (C,) is given, ``select &= valid``: classes without a prototype are never blended.
+    With ``"official"``, ``select &= valid`` afterwards: a drawn class without a prototype is not blended (the
+    official code crashes there).
 
     Args:
         T: (B, C) partial targets in {-1, 0, 1}.
@@ -163,14 +166,15 @@ def draw_prototype_choices(
     if compat == "official":
         key = rho * unknown.to(rho.dtype)  # known labels score 0 and can still be picked
     else:
-        key = torch.where(unknown, rho, torch.full_like(rho, -1.0))  # known labels rank below every unknown
+        eligible = unknown if valid is None else unknown & valid[None, :]
+        key = torch.where(eligible, rho, torch.full_like(rho, -1.0))  # the others rank below every candidate
     # A stable descending sort keeps equal keys in class order, matching the reference's tie rule (topk does not).
     order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]
     select = torch.zeros(B, C, dtype=torch.bool, device=T.device)
     select.scatter_(1, order, True)
     if compat == "fixed":
-        select &= (unknown.sum(1) >= top_k)[:, None]
-    if valid is not None:
+        select &= (eligible.sum(1) >= top_k)[:, None]
+    elif valid is not None:
         select &= valid[None, :]
     return shift, select
 
@@ -215,7 +219,8 @@ class DSRB(nn.Module):
     Differences from the official code (all documented in spec §10; "official" compat restores the first two):
         * prototype means divide a bucket's sum by n, not by n + 1 (the official zero placeholder row is averaged
           in, shrinking every prototype by n / (n + 1)); ``compat="official"`` divides by n + 1;
-        * PPRB selects its top-K labels among the unknown labels only and skips an image with fewer than K unknowns
+        * PPRB selects its top-K labels among the unknown labels with a prototype only and skips an image with
+          fewer than K of them
           (the official top-K falls back to known labels and turns known negatives into soft positives);
           ``compat="official"`` restores the official selection;
         * the label graph is NaN-free: a class without any known positive gets a zero row (the official 0/0 NaN

@@ -70,12 +70,14 @@ def prototype_blend_map(
     return F2.sum(dim=(1, 2)), T2
 
 
-def select_labels(T: torch.Tensor, rho: torch.Tensor, top_k: int, compat: str = "fixed") -> torch.Tensor:
-    """Which (image, class) entries PPRB blends, one image at a time (spec §5.2 step 3, §10.2 item 1).
+def select_labels(T: torch.Tensor, rho: torch.Tensor, top_k: int, compat: str = "fixed",
+                  valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Which (image, class) entries PPRB blends, one image at a time (spec §5.2 step 3, §10.2 items 1 and 3).
 
     Official: mask the uniform draws rho (B, C) to zero on known labels and take the top-K per image, which picks
-    known labels when an image has fewer than K unknowns. Fixed: pick the K unknowns with the largest rho, and
-    nothing in an image with fewer than K unknowns.
+    known labels when an image has fewer than K unknowns; then drop the classes without a prototype (``valid`` (C,)
+    False). Fixed: pick the K unknowns with the largest rho among the classes with a prototype, and nothing in an
+    image with fewer than K of them.
 
     Returns:
         (B, C) bool selection.
@@ -83,14 +85,15 @@ def select_labels(T: torch.Tensor, rho: torch.Tensor, top_k: int, compat: str = 
     B, C = T.shape
     select = torch.zeros(B, C, dtype=torch.bool, device=T.device)
     k = min(top_k, C)
+    has_prototype = [True] * C if valid is None else [bool(v) for v in valid]
     for b in range(B):
         unknown = T[b] == 0
         if compat == "official":
             masked = rho[b] * unknown.to(rho.dtype)
             order = sorted(range(C), key=lambda c: (-float(masked[c]), c))
-            chosen = order[:k]
+            chosen = [c for c in order[:k] if has_prototype[c]]
         else:
-            candidates = [c for c in range(C) if bool(unknown[c])]
+            candidates = [c for c in range(C) if bool(unknown[c]) and has_prototype[c]]
             if len(candidates) < top_k:
                 continue
             chosen = sorted(candidates, key=lambda c: -float(rho[b, c]))[:k]
