@@ -13,8 +13,9 @@ Shapes: sums (C, 4, D) float; counts (C, 4) int64; S (B, C, D) float; T (B, C) r
 quadrant (B, C) int64 in [0, 3]; cap a non-negative int. Any strides. Outputs: new contiguous (C, 4, D) sums in
 sums' dtype and (C, 4) int64 counts; the inputs are not modified. No gradient.
 
-Dtype policy: the batch sum is accumulated in float32 (float64 when sums or S is float64), added to sums and rounded
-once to sums' dtype.
+Dtype policy, the op contract's (the torch backend's, bit for bit): S rounded to sums' dtype, the batch sum
+accumulated in float32 (float64 for float64 sums), rounded to sums' dtype and added to sums (in half precision two
+roundings, not one).
 
 Determinism: one program per (block of BLOCK_C classes, block of BLOCK_D features) loops over b = 0 .. B-1 in batch
 order, keeping the four running counts of each of its classes in registers; each output element is written by
@@ -72,6 +73,7 @@ def _prototype_bank_update_kernel(
     t_row = T_ptr + offs_c * t_sc
     q_row = q_ptr + offs_c * q_sc
     s_row = S_ptr + offs_c[:, None] * s_sc + offs_d[None, :] * s_sd
+    ty = new_sums_ptr.dtype.element_ty
     for _ in range(0, B):
         t = tl.load(t_row, mask=mask_c, other=0)
         q = tl.load(q_row, mask=mask_c, other=0)
@@ -85,7 +87,8 @@ def _prototype_bank_update_kernel(
         n2 += k2.to(tl.int64)
         n3 += k3.to(tl.int64)
         keep = k0 | k1 | k2 | k3
-        s = tl.load(s_row, mask=mask & keep[:, None], other=0).to(COMPUTE)
+        # rounded to the bank's dtype first, as the op contract (the torch backend) and the CUDA kernel do
+        s = tl.load(s_row, mask=mask & keep[:, None], other=0).to(ty).to(COMPUTE)
         t_row += t_sb
         q_row += q_sb
         s_row += s_sb
@@ -94,17 +97,16 @@ def _prototype_bank_update_kernel(
         acc2 += tl.where(k2[:, None], s, 0)
         acc3 += tl.where(k3[:, None], s, 0)
 
-    ty = new_sums_ptr.dtype.element_ty
     in_base = sums_ptr + offs_c[:, None] * u_sc + offs_d[None, :] * u_sd
     out_base = new_sums_ptr + offs_c[:, None] * (4 * D) + offs_d[None, :]  # new_sums is contiguous (C, 4, D)
     u0 = tl.load(in_base, mask=mask, other=0).to(COMPUTE)
-    tl.store(out_base, (u0 + acc0).to(ty), mask=mask)
+    tl.store(out_base, (u0 + acc0.to(ty).to(COMPUTE)).to(ty), mask=mask)
     u1 = tl.load(in_base + u_sq, mask=mask, other=0).to(COMPUTE)
-    tl.store(out_base + D, (u1 + acc1).to(ty), mask=mask)
+    tl.store(out_base + D, (u1 + acc1.to(ty).to(COMPUTE)).to(ty), mask=mask)
     u2 = tl.load(in_base + 2 * u_sq, mask=mask, other=0).to(COMPUTE)
-    tl.store(out_base + 2 * D, (u2 + acc2).to(ty), mask=mask)
+    tl.store(out_base + 2 * D, (u2 + acc2.to(ty).to(COMPUTE)).to(ty), mask=mask)
     u3 = tl.load(in_base + 3 * u_sq, mask=mask, other=0).to(COMPUTE)
-    tl.store(out_base + 3 * D, (u3 + acc3).to(ty), mask=mask)
+    tl.store(out_base + 3 * D, (u3 + acc3.to(ty).to(COMPUTE)).to(ty), mask=mask)
     if pid_d == 0:
         cnt_out = new_counts_ptr + offs_c * 4  # new_counts is contiguous (C, 4)
         tl.store(cnt_out, n0, mask=mask_c)
@@ -130,7 +132,9 @@ def prototype_bank_update(
     block_d = min(next_power_of_2(max(D, 1)), _MAX_BLOCK_D)
     block_c = min(next_power_of_2(C), max(1, _MAX_TILE // block_d))
     grid = (cdiv(C, block_c), max(1, cdiv(D, block_d)))
-    compute = tl.float64 if torch.float64 in (sums.dtype, S.dtype) else tl.float32
+    # The op contract: S rounded to the bank's dtype, summed in it (float32 for half precision), the sum rounded to it
+    # and added to the bank (two roundings in half precision, as the torch backend).
+    compute = tl.float64 if sums.dtype == torch.float64 else tl.float32
     Tv = T.view(torch.uint8) if T.dtype == torch.bool else T
     with device_guard(S):
         _prototype_bank_update_kernel[grid](
