@@ -278,7 +278,9 @@ def check_targets(groups: Dict[str, Dict[str, dict]], devices: Sequence[str]) ->
                 status = "no data" if value is None else (
                     "met" if value >= t.at_least * (1 - 1e-9) else "NOT met")
                 if value is not None and t.metric == "time":
-                    note = _host_clock_only(row)
+                    single = [p for p in (provider, t.against) if row[p]["rounds"] == 1]
+                    note = "; ".join(n for n in (_host_clock_only(row), single and (
+                        f"one round of {' and '.join(single)}: no spread measured")) if n) or None
                 rows.append({"issue": t.issue, "what": t.what, "group": name, "provider": provider,
                              "against": t.against, "value": value, "at_least": t.at_least, "status": status,
                              "note": note})

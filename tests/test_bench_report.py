@@ -67,6 +67,21 @@ def test_targets_met_not_met_and_missing(tmp_path):
     assert len(with_cpu) > len(rows) and any(r["group"] == "head-coco-b8-fwd+bwd" for r in with_cpu)
 
 
+def test_a_time_target_from_one_round_says_so(tmp_path):
+    """The CPU head path at coco-b8 runs one round per provider (seconds each): its ratio has no spread, and the
+    targets table says so instead of a bare "met"."""
+    g = "head-coco-b8-fwd+bwd"
+    groups, _ = report.load([write(tmp_path / "a.json", [
+        case(g, "official", 4.0, device="cpu", recorded=1), case(g, "cpu", 1.0, device="cpu", recorded=1)])])
+    (r,) = rows_for(report.check_targets(groups, ["cpu"]), g, "cpu", "head path fwd+bwd >= 3x official")
+    assert r["status"] == "met" and r["note"] == "one round of cpu and official: no spread measured"
+    groups, _ = report.load([write(tmp_path / "b.json", [
+        case(g, "official", 4.0, device="cpu", recorded=1), case(g, "cpu", 1.0, device="cpu", recorded=5)])])
+    (r,) = rows_for(report.check_targets(groups, ["cpu"]), g, "cpu", "head path fwd+bwd >= 3x official")
+    assert r["note"] == "one round of official: no spread measured"
+    assert "met (one round of official: no spread measured)" in report.render_targets([r])
+
+
 def test_merge_later_file_wins_and_main_prints_targets_first(tmp_path, capsys):
     g = "prototype_pass-coco-b8-pass"
     a = write(tmp_path / "a.json", [case(g, "official", 1.0, device="cpu"), case(g, "cpu", 0.02, device="cpu")])
