@@ -67,6 +67,10 @@ def test_report_files(tmp_path):
     sweep = Sweep(results, ["baseline", "dsrb"], [0.3, 0.7], [0, 1])
     paths = write_reports(str(tmp_path), sweep, "final")
     assert read_results_csv(paths["results.csv"]) == sorted(results, key=lambda r: (r.method, r.proportion, r.seed))
+    # Every number read back exactly (4 decimals turned a proportion of 1/3 into 0.3333, another grid point).
+    odd = [_result("dsrb", 1 / 3, 0, 67.123456789), _result("dsrb", 0.12345, 1, 50.0)]
+    odd_csv = write_reports(str(tmp_path / "odd"), Sweep(odd, ["dsrb"], [0.12345, 1 / 3], [0, 1]), "final")
+    assert read_results_csv(odd_csv["results.csv"]) == sorted(odd, key=lambda r: (r.method, r.proportion, r.seed))
     with open(paths["summary.csv"], newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 2 * 3  # selections x methods x (2 proportions + avg)

@@ -2,7 +2,7 @@
 
 One :class:`RunResult` per training run (method, proportion, seed). From them:
 
-* ``results.csv``: one row per run;
+* ``results.csv``: one row per run, every number exact (Python's shortest round-trip form);
 * ``summary.csv``: per method and proportion (and ``avg``), mean, sample standard deviation, n, min and max over
   seeds, for both selections of the epoch;
 * ``table.md``: the paper's table format (methods in rows, proportions in columns, then the average over
@@ -175,8 +175,10 @@ def _write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence]) -> No
     atomic_write(path, write)
 
 
-def _fmt(v: float) -> str:
-    return "" if isinstance(v, float) and math.isnan(v) else (f"{v:.4f}" if isinstance(v, float) else str(v))
+def _fmt(v: float, exact: bool = False) -> str:
+    if not isinstance(v, float):
+        return str(v)
+    return "" if math.isnan(v) else repr(v) if exact else f"{v:.4f}"
 
 
 def summary_rows(sweep: Sweep) -> List[List[str]]:
@@ -238,7 +240,8 @@ def write_reports(out: str, sweep: Sweep, selection: str = "best", *, make_plot:
     paths = {name: os.path.join(out, name) for name in ("results.csv", "summary.csv", "table.md")}
     ordered = sorted(sweep.results.values(), key=lambda r: (r.method, r.proportion, r.seed))
     header = [f.name for f in fields(RunResult)]
-    _write_csv(paths["results.csv"], header, [[_fmt(v) for v in asdict(r).values()] for r in ordered])
+    # results.csv is the runs' data: every float as Python writes it back exactly (a proportion of 0.125 or 1/3 kept)
+    _write_csv(paths["results.csv"], header, [[_fmt(v, exact=True) for v in asdict(r).values()] for r in ordered])
     _write_csv(paths["summary.csv"], ["selection", "method", "proportion_pct", "mean", "std", "n", "min", "max"],
                summary_rows(sweep))
     _write_text(paths["table.md"], markdown(sweep, selection, notes=notes) + "\n")
