@@ -146,7 +146,8 @@ bench compile_op 30 90 "fwd+bwd and ($SIZE_TARGETS) and compile" "$SA::test_sema
 bench ops_rest 30 120 "not (fwd+bwd and ($SIZE_TARGETS)) or (compile and not semantic_attention)" "${OPS[@]}"
 bench head_rest 30 90 "not fwd+bwd or compile" benchmarks/test_bench_head.py
 bench train_step_fast 30 90 "fast and not compile" benchmarks/test_bench_train_step.py
-# coco only: the official per-sample loop takes about 4 s per round there, 10 s at each VG shape.
+# coco only: the official per-sample loop takes seconds per round there (2 s estimated), 2.5 times that at each VG
+# shape.
 PASS_SHAPES="coco"
 [ "$DSRB_BENCH_SIZE" = quick ] && PASS_SHAPES="coco-b8 or demo"
 bench prototype_pass 30 90 "$PASS_SHAPES" benchmarks/test_bench_prototype_pass.py

@@ -13,6 +13,10 @@ Label selection (probabilities are ``sigmoid(logits)``):
 * ``--top-k K`` alone: the K most probable classes, whatever their probability;
 * both: the top-K classes among those with probability >= T (so at most K, possibly none).
 
+The threshold is exact: a class is selected when its logit is >= log(T / (1 - T)), which is what probability >= T
+means before the float32 rounding of the printed scores; so at 0.5 exactly the metrics' logit >= 0 (a logit of -1e-8
+prints 0.5 and is not selected), and ``--threshold 1`` selects no finite logit (one of 30 prints 1.0).
+
 Labels are listed from the most to the least probable (ties: lower class index first), and ``--top-k`` takes the
 first K of that order. The ranking is by logit, the same order as by probability without the ties of float32
 probabilities, which round to 1.0 above a logit of about 17. The output is a JSON list with one object per image:
@@ -68,7 +72,7 @@ def select_labels(logits: torch.Tensor, threshold: Optional[float] = None, top_k
         threshold = DEFAULT_THRESHOLD
     selected = torch.ones_like(logits, dtype=torch.bool)
     if threshold is not None:  # sigmoid(x) >= T as x >= log(T / (1 - T)), without float32 sigmoid rounding: at
-        # T = 0.5 exactly the metrics' logit >= 0 (a logit of -1e-8 has sigmoid 0.5 in float32), and T = 1 selects none
+        # T = 0.5 exactly the metrics' logit >= 0 (a logit of -1e-8 has sigmoid 0.5 in float32); T = 1: +inf only
         bound = -math.inf if threshold == 0 else math.inf if threshold == 1 else \
             math.log(threshold) - math.log1p(-threshold)
         selected &= logits.double() >= bound

@@ -41,7 +41,7 @@ import random
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -463,17 +463,23 @@ def evaluate(model, loader, cfg: TrainConfig, d: Dist, device: torch.device) -> 
 # ------------------------------------------------------------------------------------------------------- run
 
 
-def _claim_default_out(cfg: TrainConfig) -> str:
-    """Create and return ``runs/<preset>-<time>``, or ``...-2``, ``-3``, ... where it exists: two runs started in
-    the same second (a shell loop, a job array) must not share a directory."""
+def _claim_default_out(cfg: TrainConfig) -> Tuple[str, List[str]]:
+    """Create ``runs/<preset>-<time>``, or ``...-2``, ``-3``, ... where it exists: two runs started in the same
+    second (a shell loop, a job array) must not share a directory. Returns it and the folders made, innermost first
+    (removed again when a setting is wrong)."""
     base = os.path.join("runs", f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     check_output_dir(base, name="setting 'out' (--out, default runs/<preset>-<time>)", what="the run directory")
-    os.makedirs("runs", exist_ok=True)
+    made = []
+    try:
+        os.mkdir("runs")
+        made.append("runs")
+    except FileExistsError:
+        pass
     for n in itertools.count(1):
         out = base if n == 1 else f"{base}-{n}"
         try:
             os.mkdir(out)  # atomic: of two runs, one gets each name
-            return out
+            return out, [out] + made
         except FileExistsError:
             continue
 
@@ -575,7 +581,7 @@ def _run(cfg: TrainConfig) -> Dict[str, Any]:
     device = check_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     d = setup_distributed(cfg)
     claimed = not cfg.out  # the default directory, created here and removed again if the run leaves it empty
-    out = cfg.out or (_claim_default_out(cfg) if d.main else "")
+    out, made = (cfg.out, []) if cfg.out else _claim_default_out(cfg) if d.main else ("", [])
     if claimed and d.enabled:  # every rank uses the directory rank 0 claimed
         holder = [out]
         dist.broadcast_object_list(holder, src=0)
@@ -590,8 +596,9 @@ def _run(cfg: TrainConfig) -> Dict[str, Any]:
     except KeyboardInterrupt as err:
         raise Interrupted(out, os.path.isfile(os.path.join(out, "config.json"))) from err
     finally:
-        if claimed and d.main and os.path.isdir(out) and not os.listdir(out):  # a settings error: nothing written
-            os.rmdir(out)
+        for folder in made:  # a settings error: nothing written
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
 
 
 def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[str, Any]:

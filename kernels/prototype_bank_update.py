@@ -50,7 +50,7 @@ def _prototype_bank_update_kernel(
     s_sb, s_sc, s_sd,
     t_sb, t_sc,
     q_sb, q_sc,
-    COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, S_VIA_F32: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -87,8 +87,12 @@ def _prototype_bank_update_kernel(
         n2 += k2.to(tl.int64)
         n3 += k3.to(tl.int64)
         keep = k0 | k1 | k2 | k3
-        # rounded to the bank's dtype first, as the op contract (the torch backend) and the CUDA kernel do
-        s = tl.load(s_row, mask=mask & keep[:, None], other=0).to(ty).to(COMPUTE)
+        # rounded to the bank's dtype first, as the op contract (the torch backend) and the CUDA kernel do; float64
+        # to half precision through float32, as torch converts
+        s = tl.load(s_row, mask=mask & keep[:, None], other=0)
+        if S_VIA_F32:
+            s = s.to(tl.float32)
+        s = s.to(ty).to(COMPUTE)
         t_row += t_sb
         q_row += q_sb
         s_row += s_sb
@@ -146,5 +150,6 @@ def prototype_bank_update(
             Tv.stride(0), Tv.stride(1),
             quadrant.stride(0), quadrant.stride(1),
             COMPUTE=compute, BLOCK_C=block_c, BLOCK_D=block_d,
+            S_VIA_F32=S.dtype == torch.float64 and sums.dtype in (torch.float16, torch.bfloat16),
         )
     return new_sums, new_counts

@@ -56,6 +56,8 @@ def test_prime_credits_what_the_previous_step_left():
     """A training step frees the previous step's gradients (set to None) before making new ones: with ``prime`` the
     previous step runs inside the profile, so the step's growth is what it adds, not its gross allocations."""
     state = {}
+    if cpu_peak_bytes(lambda: _floats(1)) is None:
+        pytest.skip("this torch's profiler records no allocation events")
 
     def step():
         state.pop("grad", None)

@@ -252,6 +252,10 @@ def test_default_out_of_runs_started_in_the_same_second_are_two_directories(data
     with pytest.raises(ValueError, match=r"'batch_size'.* larger than the 24 training images"):  # found late
         train.main(["--data-root", data_root, "--epochs", "1", *TINY, "--batch-size", "100"])
     assert sorted(os.listdir(tmp_path / "runs")) == ["demo-20261205-083000", "demo-20261205-083000-2"]
+    shutil.rmtree(tmp_path / "runs")  # and where runs/ did not exist, it is not left behind either
+    with pytest.raises(ValueError, match=r"'batch_size'"):
+        train.main(["--data-root", data_root, "--epochs", "1", *TINY, "--batch-size", "100"])
+    assert not (tmp_path / "runs").exists()
 
 
 def test_out_that_cannot_be_made_is_named_before_the_data_is_read(data_root, tmp_path, monkeypatch):

@@ -476,7 +476,8 @@ def test_prototype_bank_update_target_dtypes(t_dtype):
 
 
 @pytest.mark.parametrize("sums_dtype, s_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
-                                                  (torch.float32, torch.float64), (torch.float16, torch.float16)])
+                                                  (torch.float32, torch.float64), (torch.float16, torch.float16),
+                                                  (torch.float16, torch.float64)])
 def test_prototype_bank_update_rounds_as_the_torch_backend(sums_dtype, s_dtype):
     """A bank converted to half precision, or S wider than it: the kernel rounded once, (sums + sum of S).to(dtype),
     with S unrounded, where the contract rounds S to the bank's dtype and the batch sum before adding (1 ulp apart in
@@ -490,6 +491,8 @@ def test_prototype_bank_update_rounds_as_the_torch_backend(sums_dtype, s_dtype):
     S, T, quadrant = bu_batch(6, 3, 16, torch.float32, g)
     S = (S * 3).to(s_dtype)
     T = torch.ones_like(T)
+    if s_dtype == torch.float64:  # alone in its bucket, 1 + 2^-11 + 2^-40: float16 1 + 2^-10 directly, 1 through
+        S[0, 0, 0], T[1:, 0], sums[0] = 1 + 2 ** -11 + 2 ** -40, 0, 0  # float32 (a tie, to even), as torch does
     new_sums, new_counts = BU.prototype_bank_update(sums, counts, S, T, quadrant, 100)
     t_sums, t_counts = torch.ops.dsrb.prototype_bank_update_torch(sums, counts, S, T, quadrant, 100)
     assert new_sums.dtype == sums_dtype and torch.equal(new_counts, t_counts)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import dsrb.ops as ops
-from dsrb._checks import check_tensor
+from dsrb._checks import check_bool, check_same_device, check_targets, check_tensor
 
 __all__ = ["PrototypeBank", "COMPAT_MODES"]
 
@@ -98,7 +98,9 @@ class PrototypeBank(nn.Module):
         DistributedSampler's loader yields), the cap counts the samples of every rank, met in the sampler's global
         order: step, then batch position, then rank (rank r's k-th sample is the sampler's (k * world + r)-th). The
         first ``cap`` in that order are kept, as one process meets them in its loader order. ``counts`` then holds
-        every rank's samples and ``sums`` this rank's only: all-reduce ``sums`` before :meth:`finalize`.
+        every rank's samples and ``sums`` this rank's only: all-reduce ``sums`` before :meth:`finalize`. A value
+        error is raised on the rank that holds the bad value only (the others then wait in the next collective, until
+        the launcher stops them).
 
         Args:
             S: (B, C, D) semantic features.  T: (B, C) partial targets in {-1, 0, 1}.
@@ -116,9 +118,14 @@ class PrototypeBank(nn.Module):
             ops.prototype_bank_update_(self.sums, self.counts, S, T, quadrant, self.cap, validate=validate,
                                        backend=self.backend)
             return
+        # Checked here, before any collective and before counts change: the admission below sets every entry it
+        # leaves out to 0, so the op's own check would no longer see a bad value there.
+        check_same_device(sums=self.sums, S=S, T=T, quadrant=quadrant)
+        if check_bool("validate", validate):
+            check_targets("T", T, ("quadrant", quadrant, 0, 3))
         T = self._admit_across_ranks(T, quadrant)  # updates counts; T keeps this rank's admitted known positives
         ops.prototype_bank_update_(self.sums, torch.zeros_like(self.counts), S, T, quadrant, B + 1,
-                                   validate=validate, backend=self.backend)
+                                   validate=False, backend=self.backend)
 
     @torch.no_grad()
     def _admit_across_ranks(self, T: torch.Tensor, quadrant: torch.Tensor) -> torch.Tensor:
