@@ -175,6 +175,10 @@ inline void prototype_bank_update(const at::Tensor& sums, const at::Tensor& coun
                     "', which the in-place update reads while it writes '", w_name, "'");
       }
     }
+    const auto both = at::get_overlap_status(sums, counts);  // each would overwrite the other's values
+    TORCH_CHECK(both != at::MemOverlapStatus::Full && both != at::MemOverlapStatus::Partial &&
+                    !(both == at::MemOverlapStatus::TooHard && sums.is_alias_of(counts)),
+                "argument 'counts': it shares memory with 'sums'; the bank update writes both");
   }
 }
 

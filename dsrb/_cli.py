@@ -5,6 +5,15 @@ import sys
 from typing import NoReturn
 
 
+def start(prog: str) -> None:
+    """The first lines of every tool's ``__main__``: :func:`quiet_interrupt`, and ``-h``/``--help`` answered without
+    compiling the extension (the tools' imports build it on first use, a minute; help needs none of it)."""
+    quiet_interrupt(prog)
+    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):  # argparse then prints help or an error, never runs
+        os.environ["DSRB_BUILD_ON_FIRST_USE"] = "0"
+        os.environ.pop("DSRB_REQUIRE_EXT", None)
+
+
 def quiet_interrupt(prog: str) -> None:
     """Ctrl-C that no handler of the tool catches (while torch is imported or the extension is built on first use,
     before ``main`` runs) prints one "<prog>: interrupted" line instead of a traceback; the exit status stays the

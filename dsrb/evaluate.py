@@ -21,9 +21,9 @@ columns are reordered to the checkpoint's order.
 from __future__ import annotations
 
 if __name__ == "__main__":  # before the imports below, which take seconds (torch) or a minute (first-use build)
-    from ._cli import quiet_interrupt
+    from ._cli import start
 
-    quiet_interrupt("python -m dsrb.evaluate")
+    start("python -m dsrb.evaluate")
 
 import argparse
 import json

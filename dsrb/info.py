@@ -5,9 +5,9 @@ from __future__ import annotations
 if __name__ == "__main__":  # before the imports below, which take seconds (torch) or a minute (first-use build)
     import os
 
-    from ._cli import quiet_interrupt
+    from ._cli import start
 
-    quiet_interrupt("python -m dsrb.info")
+    start("python -m dsrb.info")
     # info is the tool that says why the extension is missing: DSRB_REQUIRE_EXT=1 (CI) would make the imports below
     # raise instead, so main() checks it after the report.
     _REQUIRED = os.environ.pop("DSRB_REQUIRE_EXT", None)

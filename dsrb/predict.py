@@ -27,9 +27,9 @@ written atomically to ``--out`` or printed to stdout.
 from __future__ import annotations
 
 if __name__ == "__main__":  # before the imports below, which take seconds (torch) or a minute (first-use build)
-    from ._cli import quiet_interrupt
+    from ._cli import start
 
-    quiet_interrupt("python -m dsrb.predict")
+    start("python -m dsrb.predict")
 
 import argparse
 import json

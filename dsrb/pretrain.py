@@ -20,9 +20,9 @@ backbone, width and image size, pre-training them first when they are not cached
 from __future__ import annotations
 
 if __name__ == "__main__":  # before the imports below, which take seconds (torch) or a minute (first-use build)
-    from ._cli import quiet_interrupt
+    from ._cli import start
 
-    quiet_interrupt("python -m dsrb.pretrain")
+    start("python -m dsrb.pretrain")
 
 import argparse
 import contextlib

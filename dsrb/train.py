@@ -24,9 +24,9 @@ Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m dsrb.train ...`` (DDP; 
 from __future__ import annotations
 
 if __name__ == "__main__":  # before the imports below, which take seconds (torch) or a minute (first-use build)
-    from ._cli import quiet_interrupt
+    from ._cli import start
 
-    quiet_interrupt("python -m dsrb.train")
+    start("python -m dsrb.train")
 
 import dataclasses
 import functools

@@ -18,9 +18,9 @@ overwrites another. Each file is written atomically. The paths are printed, one 
 from __future__ import annotations
 
 if __name__ == "__main__":  # before the imports below, which take seconds (torch) or a minute (first-use build)
-    from ._cli import quiet_interrupt
+    from ._cli import start
 
-    quiet_interrupt("python -m dsrb.visualize")
+    start("python -m dsrb.visualize")
 
 import argparse
 import os

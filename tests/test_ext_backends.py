@@ -520,6 +520,17 @@ def test_prototype_bank_update_in_place_is_an_in_place_op(backend):
             ops.prototype_bank_update_(shared, counts, shared.view(4, C, D)[:B], T, quadrant, 3, backend=backend)
         with pytest.raises(RuntimeError, match="argument 'counts': it shares memory with 'quadrant'"):
             ops.prototype_bank_update_(sums, counts, S, T, counts.view(4, C)[:B], 3, backend=backend)
+        raw = torch.zeros(C * 4 * D)  # called directly, past the Python check below
+        with pytest.raises(RuntimeError, match="argument 'counts': it shares memory with 'sums'"):
+            torch.ops.dsrb.prototype_bank_update_cpu_(raw.view(C, 4, D), raw.view(torch.int64)[:C * 4].view(C, 4),
+                                                      S, T, quadrant, 3)
+    # sums and counts in one buffer: each write corrupted the other (the cpu kernel's from several threads)
+    buffer = torch.zeros(C * 4 * D)
+    before = buffer.clone()
+    with pytest.raises(ValueError, match="argument 'counts': it shares memory with 'sums'"):
+        ops.prototype_bank_update_(buffer.view(C, 4, D), buffer.view(torch.int64)[:C * 4].view(C, 4), S, T, quadrant,
+                                   3, backend=backend)
+    assert torch.equal(buffer, before)
 
 
 @pytest.mark.parametrize("sums_dtype, S_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float32),

@@ -204,6 +204,19 @@ def test_cli_user_errors_exit_without_traceback(files):
         assert message in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("tool", ["train", "evaluate", "predict", "visualize", "pretrain", "info",
+                                  "experiments.proportions"])
+def test_help_does_not_build_the_extension(tool, tmp_path):
+    """--help waited a minute for the first-use build (the tools' imports build the extension), and under
+    DSRB_REQUIRE_EXT=1 without it ended in an ImportError; it needs none of it."""
+    env = {**os.environ, "DSRB_EXT_CACHE": str(tmp_path / "cache"), "DSRB_REQUIRE_EXT": "1"}
+    env.pop("DSRB_DISABLE_EXT", None)
+    proc = subprocess.run([sys.executable, "-m", f"dsrb.{tool}", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0 and "usage: python -m dsrb." in proc.stdout, proc.stderr[-2000:]
+    assert not list((tmp_path / "cache").rglob("*.so")), "the extension was built"
+
+
 # Ctrl-C while a tool imports torch (or builds the extension on first use), before its own handler runs: the import
 # of torch is made to raise KeyboardInterrupt, as a Ctrl-C there would.
 _INTERRUPT_IMPORT = """

@@ -33,9 +33,9 @@ Resumable: a finished run is never trained again, an interrupted one continues f
 from __future__ import annotations
 
 if __name__ == "__main__":  # before the imports below, which take seconds (torch) or a minute (first-use build)
-    from .._cli import quiet_interrupt
+    from .._cli import start
 
-    quiet_interrupt("python -m dsrb.experiments.proportions")
+    start("python -m dsrb.experiments.proportions")
 
 import argparse
 import dataclasses

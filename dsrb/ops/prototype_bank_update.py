@@ -90,6 +90,19 @@ def _check_layout(sums: Tensor, counts: Tensor, S: Tensor, T: Tensor, quadrant: 
     return check_int("cap", cap, minimum=0)
 
 
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether the bytes a and b span (first to last element, strides included) intersect."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t: Tensor):
+        last = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
 def _check_values(T: Tensor, quadrant: Tensor) -> None:
     """T in {-1, 0, 1}, quadrant in [0, 3]: reductions over the values, one device-to-host read for both."""
     check_targets("T", T, ("quadrant", quadrant, 0, 3))
@@ -127,7 +140,7 @@ def prototype_bank_update_(
 
     Same arguments, errors and backend choice (the backend serving :func:`prototype_bank_update` for these tensors);
     nothing is written when an argument is rejected. ``sums`` must not require grad, nor share memory with S, T or
-    quadrant (the kernel reads them while it writes); like any in-place op, it bumps the version counters of ``sums``
+    quadrant (the kernel reads them while it writes), nor ``counts`` with ``sums``; like any in-place op, it bumps the version counters of ``sums``
     and ``counts``. The buckets the batch reaches get the values the functional op
     returns, bit for bit; with the ``cpu`` kernel the others are left untouched (the functional op returns sums + 0
     there, which differs only in the sign of a -0 entry, a value the bank's own updates never produce). The ``cpu``
@@ -136,6 +149,8 @@ def prototype_bank_update_(
     """
     cap = _check_layout(sums, counts, S, T, quadrant, cap)
     validate = check_bool("validate", validate)
+    if _overlap(sums, counts):  # every backend writes both (the cpu kernel from several threads)
+        raise ValueError("argument 'counts': it shares memory with 'sums'; the bank update writes both")
     if sums.requires_grad and torch.is_grad_enabled():
         raise ValueError("argument 'sums': expected a tensor that does not require grad (the bank update is not "
                          "differentiable; update it under torch.no_grad(), or pass sums.detach())")
