@@ -19,15 +19,16 @@ official key                               DSRB key                    shape
 ``wordFeatures``                           ``word_features``           (C, E)
 ``inMatrix``                               ``in_matrix``               (C, C), the label graph A
 ``outMatrix``                              ``out_matrix``              (C, C), A transposed
-``GraphNeuralNetwork.inMatrix``            (same as ``inMatrix``)      optional duplicate, must equal ``inMatrix``
-``GraphNeuralNetwork.outMatrix``           (same as ``outMatrix``)     optional duplicate, must equal ``outMatrix``
+``GraphNeuralNetwork.inMatrix``            (same as ``inMatrix``)      duplicate, must equal ``inMatrix``
+``GraphNeuralNetwork.outMatrix``           (same as ``outMatrix``)     duplicate, must equal ``outMatrix``
 ``alpha``, ``beta``                        ``alpha``, ``beta``         () officially; (1,) also accepted
 (none)                                     ``prototype_bank.*``        not in official checkpoints; left empty
 =========================================  ==========================  ==========================================
 
-The optional duplicates: a checkpoint whose graph network registered the model's ``inMatrix``/``outMatrix``
-Parameters again would carry them twice; such copies are accepted (and must agree with the top-level ones) but
-never required, and :func:`to_official_state_dict` writes only the top-level keys.
+The duplicates: the official graph network keeps the model's ``inMatrix``/``outMatrix`` Parameters as attributes,
+which registers them a second time, so an official state dict carries them twice. The loader accepts them (they
+must agree with the top-level ones) but does not require them; :func:`to_official_state_dict` writes both, so that
+the official model loads its output with ``strict=True``.
 
 Sizes are all inferred from the tensors: C and D from ``classifiers.weight``, E from ``wordFeatures``, I from
 ``SemanticDecoupling.fc1.weight``, the backbone depth from the number of blocks per layer and whether ``conv3``
@@ -303,8 +304,9 @@ def load_official_checkpoint(
 def to_official_state_dict(model) -> "OrderedDict[str, torch.Tensor]":
     """The state dict of a :class:`dsrb.models.DSRB` under the official names (inverse of the loader).
 
-    The prototype bank is dropped (the official code does not save it) and ``alpha``/``beta`` become 0-dim; the
-    result loads into :class:`dsrb.reference.model.ReferenceDSRB` with ``strict=True``. Tensors are the
+    The prototype bank is dropped (the official code does not save it), ``alpha``/``beta`` become 0-dim and the graph
+    matrices appear under both official names; the result loads into the official model, and into
+    :class:`dsrb.reference.model.ReferenceDSRB`, with ``strict=True``. Tensors are the
     model's own (detached, sharing storage), not copies.
 
     Raises:
@@ -322,4 +324,6 @@ def to_official_state_dict(model) -> "OrderedDict[str, torch.Tensor]":
         out[off] = value.reshape(()) if off in ("alpha", "beta") else value
     if unknown:
         raise ValueError(f"keys without an official name: {', '.join(unknown)}")
+    for duplicate, top in _ALIASES.items():  # registered twice by the official model (see the module docstring)
+        out[duplicate] = out[top]
     return out

@@ -660,10 +660,15 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
 
     start_epoch, best = 0, {"epoch": -1, "mAP": -1.0}
     if resumed:
-        core.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        try:
+            core.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError) as err:  # torch's size mismatches, parameter groups
+            raise ValueError(f"checkpoint {last_path}: it does not fit the run's settings in "
+                             f"{os.path.join(out, 'config.json')} (was it copied from another run?): "
+                             f"{' '.join(str(err).split())}") from err  # torch's message, on one line
         start_epoch, best = state["epoch"], state["best"]
         if cfg.epochs < start_epoch:
             raise ValueError(f"setting 'epochs' (--epochs): the run in {out} has already trained {start_epoch} "
@@ -682,6 +687,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
             save_partial()
         save_json(os.path.join(out, "config.json"), dataclasses.asdict(dataclasses.replace(cfg, resume=False)))
         _truncate_metrics(os.path.join(out, "metrics.jsonl"), start_epoch)
+        if resumed and best["epoch"] == start_epoch - 1:  # last.pt is written first, best.pt then: a kill between
+            save_checkpoint(os.path.join(out, "best.pt"), state)  # left best.pt an epoch behind; last.pt holds it
     if d.enabled:
         dist.barrier()
 
@@ -725,9 +732,12 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
                      "config": dataclasses.asdict(cfg), "model_kwargs": kwargs,
                      "num_classes": train_set.num_classes, "class_names": list(train_set.class_names),
                      "backends": dict(served), "metrics": record, "versions": versions()}
+            # last.pt first: best.pt then never holds an epoch that last.pt does not record (a kill between the two
+            # writes would otherwise leave best.pt from an epoch a resumed run recomputes, perhaps otherwise); a
+            # resume rewrites a best.pt the kill left behind from last.pt, which holds the same state.
+            save_checkpoint(last_path, state)
             if improved:
                 save_checkpoint(os.path.join(out, "best.pt"), state)
-            save_checkpoint(last_path, state)
             if writer is not None:
                 for key, value in record.items():
                     if isinstance(value, (int, float)) and key != "epoch":

@@ -110,11 +110,13 @@ def test_reference_state_dict_has_official_keys():
         | {f"SemanticDecoupling.fc{i}.{s}" for i in (3, 4) for s in ("weight", "bias")}
         | {"fc.weight", "fc.bias", "classifiers.weight", "classifiers.bias"}
         | {"wordFeatures", "inMatrix", "outMatrix"}
+        | {"GraphNeuralNetwork.inMatrix", "GraphNeuralNetwork.outMatrix"}  # registered twice, as officially
         | {"alpha", "beta"}
         | bn
         | gnn
     )
     assert keys == expected
+    assert ref.GraphNeuralNetwork.inMatrix is ref.inMatrix and ref.GraphNeuralNetwork.outMatrix is ref.outMatrix
     sd = ref.state_dict()
     assert sd["alpha"].shape == () and float(sd["alpha"]) == 0.5 and float(sd["beta"]) == 0.5
     assert not ref.wordFeatures.requires_grad and not ref.inMatrix.requires_grad
@@ -481,6 +483,7 @@ def test_nan_graph_rows_become_zero_with_a_warning():
     A = sd["inMatrix"].clone()
     A[1] = float("nan")  # the official 0/0 row of a class without a known positive
     sd = {**sd, "inMatrix": A, "outMatrix": A.t().contiguous()}
+    sd.update({"GraphNeuralNetwork.inMatrix": A.clone(), "GraphNeuralNetwork.outMatrix": A.t().clone()})  # NaN == NaN
     with pytest.warns(RuntimeWarning, match="NaN"):
         model = load_official_checkpoint(sd)
     assert torch.isfinite(model.in_matrix).all() and model.in_matrix[1].abs().sum() == 0

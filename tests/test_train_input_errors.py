@@ -320,14 +320,42 @@ def test_resume_rejects_changed_settings_and_unreadable_files(data_root, tmp_pat
     assert summary["settings"]["epochs"] == 2 and summary["settings"]["known_proportion"] == 0.5
     with pytest.raises(ValueError, match=r"'epochs' \(--epochs\): .*already trained 2 epochs"):
         train.main(["--out", str(out), "--resume", "--epochs", "1"])
-    # A truncated last.pt and a corrupt config.json are named.
+    # A last.pt copied from a run of another model: one error naming it, not torch's traceback.
+    other = tmp_path / "other"
+    train.main(args(data_root, other, "--feature-dim", "8"))
     data = (out / "last.pt").read_bytes()
+    shutil.copy(other / "last.pt", out / "last.pt")
+    with pytest.raises(ValueError, match=r"checkpoint .*last.pt: it does not fit the run's settings in .*config.json "
+                                         r"\(was it copied from another run\?\): .*size mismatch"):
+        train.main(["--out", str(out), "--resume", "--epochs", "3"])
+    (out / "last.pt").write_bytes(data)
+    # A truncated last.pt and a corrupt config.json are named.
     (out / "last.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"checkpoint .*last.pt could not be read"):
         train.main(["--out", str(out), "--resume", "--epochs", "3"])
     (out / "config.json").write_text('{"epochs": 2,')
     with pytest.raises(ValueError, match=r"config.json: not valid JSON"):
         train.main(["--out", str(out), "--resume", "--epochs", "3"])
+
+
+def test_best_pt_never_holds_an_epoch_last_pt_does_not_record(data_root, tmp_path, monkeypatch):
+    """best.pt was written before last.pt: a kill between the two left best.pt from an epoch that a resumed run
+    recomputes (differently after an allowed change of workers or backend) and summary.json did not name. Now last.pt
+    comes first, and a resume rewrites a best.pt left an epoch behind from last.pt, which holds the same state."""
+    written = []
+    real = train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda path, state: written.append(os.path.basename(path)) or
+                        real(path, state))
+    out = tmp_path / "run"
+    train.main(args(data_root, out, epochs=1))  # epoch 0 always improves on the initial best (-1)
+    assert written == ["last.pt", "best.pt"]
+    (out / "best.pt").unlink()  # killed after last.pt, before best.pt
+    written.clear()
+    train.main(["--out", str(out), "--resume", "--epochs", "1"])
+    assert written == ["best.pt"]
+    best, last = (torch.load(out / name, weights_only=False) for name in ("best.pt", "last.pt"))
+    assert best["epoch"] == last["epoch"] == 1 and best["best"] == last["best"]
+    assert all(torch.equal(best["model"][k], v) for k, v in last["model"].items())
 
 
 def test_resume_with_moved_word_vector_and_weight_files(data_root, tmp_path):

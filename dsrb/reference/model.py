@@ -23,6 +23,7 @@ Its ``state_dict()`` uses the official key names, so it *is* a checkpoint of the
     fc.{weight,bias}                             Linear(2D, D)
     classifiers.{weight,bias}                    (C, D) and (C,)
     wordFeatures (C, E), inMatrix (C, C), outMatrix (C, C)   Parameters with requires_grad=False
+    GraphNeuralNetwork.{inMatrix,outMatrix}      the same two Parameters, registered again by the graph network
     alpha, beta                                  one-element Parameters at 0.5 (stored 0-dim here)
 
 Deliberate differences from the released (non-running, spec §10.1) code, none of which changes a computed value:
@@ -180,6 +181,9 @@ class ReferenceDSRB(nn.Module):
 
         self.SemanticDecoupling = _SemanticDecoupling(D, E, inter_dim)
         self.GraphNeuralNetwork = _GatedGNN(D, gnn_steps)
+        # As officially: the graph network keeps the model's matrices as attributes, which registers the same
+        # Parameters a second time, so the state dict holds them under both names.
+        self.GraphNeuralNetwork.inMatrix, self.GraphNeuralNetwork.outMatrix = self.inMatrix, self.outMatrix
         self.fc = nn.Linear(2 * D, D)
         self.classifiers = _ElementWiseLayer(C, D)
         self.alpha = nn.Parameter(torch.tensor(0.5), requires_grad=learn_alpha)
