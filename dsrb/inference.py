@@ -70,9 +70,13 @@ def _read_checkpoint(path: str) -> Dict[str, Any]:
         )
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
+        official = isinstance(state.get("state_dict"), dict) and any(
+            str(k).replace("module.", "", 1).startswith("SemanticDecoupling.") for k in state["state_dict"])
         raise CheckpointError(
             f"{path} is not a dsrb training checkpoint: missing keys {missing} (found {sorted(map(str, state))[:12]}); "
-            "expected a best.pt / last.pt written by python -m dsrb.train"
+            "expected a best.pt / last.pt written by python -m dsrb.train" + (
+                "; this looks like a checkpoint of the official DSRB code: load it with "
+                "dsrb.compat.load_official_checkpoint (README, 'Loading an official checkpoint')" if official else "")
         )
     if not isinstance(state["model_kwargs"], dict) or not isinstance(state["model"], dict):
         raise CheckpointError(f"{path} is not a dsrb training checkpoint: 'model' and 'model_kwargs' must be dicts")

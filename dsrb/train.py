@@ -627,6 +627,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
     seed_everything(derived_seed(cfg.seed, 0, 0, d.rank))
 
     resumed = cfg.resume and os.path.exists(last_path)
+    if resumed and not os.path.isfile(last_path):
+        raise ValueError(f"checkpoint {last_path}: not a file; expected the last.pt that python -m dsrb.train writes")
     if resumed:
         state = load_checkpoint(last_path)
         keys = ("model", "optimizer", "scheduler", "scaler", "epoch", "best", "rng")

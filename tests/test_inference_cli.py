@@ -92,8 +92,15 @@ def test_load_model_errors(setup, tmp_path):
         load_model(missing)
     other = str(tmp_path / "other.pt")
     torch.save({"state_dict": {}}, other)
-    with pytest.raises(CheckpointError, match=r"other\.pt.*not a dsrb training checkpoint"):
+    with pytest.raises(CheckpointError, match=r"other\.pt.*not a dsrb training checkpoint") as raised:
         load_model(other)
+    assert "official" not in str(raised.value)
+    official = str(tmp_path / "checkpoint_best.pth")  # the official trainer's dict, its model saved from DataParallel
+    torch.save({"epoch": 3, "best_mAP": 0.7, "state_dict": {"module.SemanticDecoupling.fc1.weight": torch.zeros(2)}},
+               official)
+    with pytest.raises(CheckpointError, match=r"checkpoint of the official DSRB code: load it with "
+                                              r"dsrb\.compat\.load_official_checkpoint"):
+        load_model(official)
     garbage = str(tmp_path / "garbage.pt")
     with open(garbage, "wb") as f:
         f.write(b"this is not a checkpoint")

@@ -329,6 +329,12 @@ def test_resume_rejects_changed_settings_and_unreadable_files(data_root, tmp_pat
                                          r"\(was it copied from another run\?\): .*size mismatch"):
         train.main(["--out", str(out), "--resume", "--epochs", "3"])
     (out / "last.pt").write_bytes(data)
+    (out / "last.pt").rename(out / "kept.pt")
+    (out / "last.pt").mkdir()  # a folder in its place: it was reported as "not found"
+    with pytest.raises(ValueError, match=r"checkpoint .*last.pt: not a file"):
+        train.main(["--out", str(out), "--resume", "--epochs", "3"])
+    (out / "last.pt").rmdir()
+    (out / "kept.pt").rename(out / "last.pt")
     # A truncated last.pt and a corrupt config.json are named.
     (out / "last.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"checkpoint .*last.pt could not be read"):
