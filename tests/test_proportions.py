@@ -225,6 +225,9 @@ def test_interrupted_sweep_resumes_to_the_same_results(straight, data_root, tmp_
     output = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode == 130 and "interrupted; rerun the same command to continue" in output, output
     assert not (out / "runs" / "baseline-p0.70-s0").exists()  # stopped before the third run
+    # The interrupted launch's time is kept: the resumed run's time is that of both launches (it was the last one's).
+    interrupted = json.loads((out / "runs" / "dsrb-p0.30-s0" / "sweep_time.json").read_text())["seconds"]
+    assert interrupted > 0 and not (out / "runs" / "dsrb-p0.30-s0" / "sweep_run.json").exists()
 
     resumed = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
     text = resumed.stdout.decode()
@@ -235,6 +238,8 @@ def test_interrupted_sweep_resumes_to_the_same_results(straight, data_root, tmp_
     want = {(r.method, r.proportion): r for r in read_results_csv(straight / "results.csv") if r.seed == 0}
     got = {(r.method, r.proportion): r for r in read_results_csv(out / "results.csv")}
     assert set(got) == set(want)
+    resumed_run = json.loads((out / "runs" / "dsrb-p0.30-s0" / "sweep_run.json").read_text())["seconds"]
+    assert resumed_run > interrupted and got[("dsrb", 0.3)].seconds == resumed_run
     for key, r in got.items():  # a resumed run ends exactly where an uninterrupted one ends
         assert (r.best_mAP, r.best_epoch, r.final_mAP) == (want[key].best_mAP, want[key].best_epoch,
                                                            want[key].final_mAP), key

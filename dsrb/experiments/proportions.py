@@ -23,7 +23,8 @@ Output folder (``--out``, default ``runs/proportions-<preset>``):
 * ``sweep.json``: the grid's shared settings; a later call with other shared settings is refused (use another
   ``--out``), while methods, proportions and seeds may be added;
 * ``runs/<method>-p<proportion>-s<seed>/``: each run's own directory (see ``python -m dsrb.train``), plus
-  ``sweep_run.json`` (wall time, threads, command) once it has finished and ``stdout.log``;
+  ``sweep_run.json`` (the wall time of all its launches, threads, command) once it has finished, ``sweep_time.json``
+  (the launches' time so far) and ``stdout.log``;
 * ``results.csv``, ``summary.csv``, ``table.md``, ``plot.png``: see :mod:`dsrb.experiments.report`.
 
 Resumable: a finished run is never trained again, an interrupted one continues from its ``last.pt`` (exactly, see
@@ -292,6 +293,21 @@ def _launch(run: GridRun, preset: str, train_flags: Sequence[str], threads: int)
     return proc, log, cmd, time.perf_counter()
 
 
+def _spent(run: GridRun, add: float = 0.0) -> float:
+    """Seconds the run's launches took so far (``sweep_time.json``), ``add`` added to it and saved first: a run
+    interrupted or failed, then resumed, costs the time of all its launches."""
+    path = os.path.join(run.directory, "sweep_time.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            seconds = float(json.load(f)["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):  # none yet (or torn by a kill: the earlier time is lost)
+        seconds = 0.0
+    if add:
+        seconds += add
+        save_json(path, {"seconds": seconds})
+    return seconds
+
+
 def _tail(path: str, lines: int = 15) -> str:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -328,29 +344,30 @@ def run_sweep(runs: Sequence[GridRun], preset: str, train_flags: Sequence[str], 
                     continue
                 active.remove(item)
                 log.close()
-                seconds = time.perf_counter() - t0
+                total_seconds = _spent(run, add=time.perf_counter() - t0)
                 if proc.returncode != 0:
                     failed.append(run)
                     print(f"  FAILED {run.name} (exit {proc.returncode}); last lines of "
                           f"{os.path.join(run.directory, 'stdout.log')}:\n{_tail(log.name)}", flush=True)
                     continue
                 save_json(os.path.join(run.directory, "sweep_run.json"),
-                          {"seconds": seconds, "threads": threads, "command": cmd})
+                          {"seconds": total_seconds, "threads": threads, "command": cmd})
                 done += 1
                 result = _result(run)
                 elapsed = time.perf_counter() - start
                 eta = elapsed / done * (total - done - len(failed))
                 print(f"[{done}/{total}] {run.name}: mAP best {result.best_mAP:.2f} (epoch {result.best_epoch}), "
-                      f"final {result.final_mAP:.2f}, {_clock(seconds)}; elapsed {_clock(elapsed)}, "
+                      f"final {result.final_mAP:.2f}, {_clock(total_seconds)}; elapsed {_clock(elapsed)}, "
                       f"about {_clock(eta)} left", flush=True)
                 if on_finish is not None:
                     on_finish()
     except KeyboardInterrupt:
         for run, proc, log, *_ in active:
             proc.terminate()
-        for run, proc, log, *_ in active:
+        for run, proc, log, _, t0 in active:
             proc.wait()
             log.close()
+            _spent(run, add=time.perf_counter() - t0)
         raise
     return failed
 

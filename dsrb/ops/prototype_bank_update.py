@@ -149,7 +149,9 @@ def prototype_bank_update_(
     """
     cap = _check_layout(sums, counts, S, T, quadrant, cap)
     validate = check_bool("validate", validate)
-    if _overlap(sums, counts):  # every backend writes both (the cpu kernel from several threads)
+    # Every backend writes both (the cpu kernel from several threads). Not traced: storage pointers break a
+    # torch.compile graph, and the cpu kernel checks it again itself.
+    if not torch.compiler.is_compiling() and _overlap(sums, counts):
         raise ValueError("argument 'counts': it shares memory with 'sums'; the bank update writes both")
     if sums.requires_grad and torch.is_grad_enabled():
         raise ValueError("argument 'sums': expected a tensor that does not require grad (the bank update is not "
