@@ -56,13 +56,12 @@ class Extension:
 _STATE: Optional[Extension] = None
 
 
-def load(required: Optional[bool] = None) -> Extension:
+def load() -> Extension:
     """Load the extension once per process (building it first if needed); never raises unless it is missing and
-    ``required`` (default: DSRB_REQUIRE_EXT=1), on every call: a second ``import dsrb.ops`` must not pass on the
-    fallback where the first one failed."""
+    DSRB_REQUIRE_EXT=1, checked on every call: a second ``import dsrb.ops`` must not pass on the fallback where the
+    first one failed."""
     global _STATE
-    if required is None:
-        required = _build.env_flag("DSRB_REQUIRE_EXT")  # read first: a bad value is an error, built or not
+    required = _build.env_flag("DSRB_REQUIRE_EXT")  # read first: a bad value is an error, built or not
     if _STATE is None:
         _STATE = _load()
     if not _STATE.loaded and required:
