@@ -127,6 +127,15 @@ def env_flag(name: str) -> Optional[bool]:
     raise ValueError(f"environment variable {name}: expected 1 or 0 (or true/false, yes/no, on/off), got {value!r}")
 
 
+ENV_FLAGS = ("DSRB_BUILD_CUDA", "DSRB_REQUIRE_EXT", "DSRB_BUILD_ON_FIRST_USE", "DSRB_DISABLE_EXT")
+
+
+def check_env_flags() -> None:
+    """Every on/off variable read, so that a bad value is an error whether or not the code path reading it runs."""
+    for name in ENV_FLAGS:
+        env_flag(name)
+
+
 def want_cuda() -> Optional[str]:
     """The nvcc to build the CUDA kernels with, or None. DSRB_BUILD_CUDA=1 without nvcc is an error."""
     flag = env_flag("DSRB_BUILD_CUDA")

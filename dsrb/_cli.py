@@ -6,12 +6,20 @@ from typing import NoReturn
 
 
 def start(prog: str) -> None:
-    """The first lines of every tool's ``__main__``: :func:`quiet_interrupt`, and ``-h``/``--help`` answered without
-    compiling the extension (the tools' imports build it on first use, a minute; help needs none of it)."""
+    """The first lines of every tool's ``__main__``: :func:`quiet_interrupt`; ``-h``/``--help`` answered without
+    compiling the extension (the tools' imports build it on first use, a minute; help needs none of it); and the
+    extension's on/off environment variables checked (one error line for a bad value)."""
     quiet_interrupt(prog)
     if any(arg in ("-h", "--help") for arg in sys.argv[1:]):  # argparse then prints help or an error, never runs
         os.environ["DSRB_BUILD_ON_FIRST_USE"] = "0"
         os.environ.pop("DSRB_REQUIRE_EXT", None)
+        return
+    from ._build import check_env_flags  # standard library only
+
+    try:  # a bad value is one error line here, not a traceback from the imports that read it
+        check_env_flags()
+    except ValueError as err:
+        sys.exit(f"{prog}: error: {err}")
 
 
 def quiet_interrupt(prog: str) -> None:

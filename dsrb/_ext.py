@@ -61,7 +61,8 @@ def load() -> Extension:
     DSRB_REQUIRE_EXT=1, checked on every call: a second ``import dsrb.ops`` must not pass on the fallback where the
     first one failed."""
     global _STATE
-    required = _build.env_flag("DSRB_REQUIRE_EXT")  # read first: a bad value is an error, built or not
+    _build.check_env_flags()  # first: a bad value is an error, built or not
+    required = _build.env_flag("DSRB_REQUIRE_EXT")
     if _STATE is None:
         _STATE = _load()
     if not _STATE.loaded and required:

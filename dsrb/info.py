@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from . import __version__, _ext
-from .ops import KNOWN_BACKENDS, OPS, reasons, selected_backend
+from .ops import BACKEND_CHOICES, KNOWN_BACKENDS, OPS, reasons, selected_backend
 
 
 def _optional_version(module: str) -> str:
@@ -93,18 +93,26 @@ def _serves(op: str, device: torch.device) -> str:
 
 
 def main(argv=None, require: Optional[str] = None) -> None:
-    """``require``: the DSRB_REQUIRE_EXT value to check after the report (exit status 1 if it fails)."""
+    """``require``: the DSRB_REQUIRE_EXT value to check after the report. Exit status 1, after the report, where it
+    fails or DSRB_BACKEND is not a backend's name."""
     import argparse
 
     argparse.ArgumentParser(prog="python -m dsrb.info", description=__doc__.split(":", 1)[1].strip()).parse_args(argv)
     print(report(), flush=True)  # a closed pipe raises here, for quiet_interrupt's hook, not in the flush at exit
+    errors = []
+    forced = os.environ.get("DSRB_BACKEND") or "auto"
+    if forced not in BACKEND_CHOICES:  # every tool refuses it; the report shows it serving nothing
+        errors.append(f"environment variable DSRB_BACKEND: expected one of {BACKEND_CHOICES}, got {forced!r}")
     if require is not None:
         os.environ["DSRB_REQUIRE_EXT"] = require
         try:
             _ext.load()
-        except (ImportError, ValueError) as err:  # the extension is missing, or the value is not an on/off one
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(1) from None
+        except ImportError as err:  # the extension is missing
+            errors.append(str(err))
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    if errors:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

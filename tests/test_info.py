@@ -28,17 +28,39 @@ def test_info_reports_versions_build_and_every_op():
         assert why is None or f"  {backend}: {why}" in out
 
 
-@pytest.mark.parametrize("value, error", [("1", "the C++ extension is not available: disabled by DSRB_DISABLE_EXT=1"),
-                                          ("ture", "environment variable DSRB_REQUIRE_EXT: expected 1 or 0")])
-def test_info_reports_under_dsrb_require_ext_and_then_fails(value, error):
+def _info(**env):
+    return subprocess.run([sys.executable, "-m", "dsrb.info"], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, **env})
+
+
+def test_info_reports_under_dsrb_require_ext_and_then_fails():
     """CI's DSRB_REQUIRE_EXT=1 made info, the tool that says why the extension is missing, end in an ImportError
     traceback instead; now it reports, then says what the requirement finds, one line, exit status 1."""
-    env = {**os.environ, "DSRB_REQUIRE_EXT": value, "DSRB_DISABLE_EXT": "1"}
-    res = subprocess.run([sys.executable, "-m", "dsrb.info"], capture_output=True, text=True, timeout=900, env=env)
+    res = _info(DSRB_REQUIRE_EXT="1", DSRB_DISABLE_EXT="1")
     assert res.returncode == 1, res.stderr
     assert "C++/CUDA extension: not available: disabled by DSRB_DISABLE_EXT=1" in res.stdout
     assert re.search(r"^  semantic_attention\s+torch\s", res.stdout, re.M), res.stdout
-    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ") and error in res.stderr, res.stderr
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ") and \
+        "the C++ extension is not available: disabled by DSRB_DISABLE_EXT=1" in res.stderr, res.stderr
+
+
+def test_info_reports_then_refuses_a_dsrb_backend_that_is_no_backend():
+    """DSRB_BACKEND=nonsense: every tool refuses it, while info showed "none" serving every op and exited 0."""
+    res = _info(DSRB_BACKEND="nonsense")
+    assert res.returncode == 1 and "here DSRB_BACKEND=nonsense" in res.stdout, res.stderr
+    assert res.stderr == ("error: environment variable DSRB_BACKEND: expected one of ('auto', 'torch', 'cpu', "
+                          "'cuda', 'triton'), got 'nonsense'\n"), res.stderr
+    assert _info(DSRB_BACKEND="torch").returncode == 0
+
+
+@pytest.mark.parametrize("name", ["DSRB_REQUIRE_EXT", "DSRB_DISABLE_EXT", "DSRB_BUILD_CUDA", "DSRB_BUILD_ON_FIRST_USE"])
+def test_a_bad_on_off_value_is_one_error_line(name):
+    """A bad DSRB_DISABLE_EXT or DSRB_BUILD_CUDA ended every tool in a traceback from its imports, and a bad
+    DSRB_BUILD_ON_FIRST_USE passed unnoticed once the extension was built (it is read only to build)."""
+    res = _info(**{name: "ture"})
+    assert res.returncode == 1 and res.stdout == "", res.stderr
+    assert res.stderr == (f"python -m dsrb.info: error: environment variable {name}: expected 1 or 0 (or "
+                          "true/false, yes/no, on/off), got 'ture'\n"), res.stderr
 
 
 def test_info_takes_no_arguments(capsys):
