@@ -6,9 +6,9 @@ One step is what :func:`dsrb.train.train_epoch` does for one batch in a blending
 it, ``none`` for every preset). The model is built as ``dsrb.train`` builds it for the preset
 (:func:`dsrb.train.model_kwargs`: backbone, width, D, E, I, GNN steps, top-K; for ``coco`` stem..layer3 frozen, as
 in a paper run, which starts from ``--pretrained`` ImageNet weights: the weights' values do not change the cost,
-the frozen layers do; ``demo`` trains from scratch, nothing frozen), on random images of the preset's size, random partial targets in {-1, 0, 1}, random word vectors, a label
-graph from random partial labels and a prototype bank filled with random prototypes (the prototype pass itself is not
-timed: it runs once every few epochs).
+the frozen layers do; ``demo`` trains from scratch, nothing frozen), on random images of the preset's size, random
+partial targets in {-1, 0, 1}, random word vectors, a label graph from random partial labels and a prototype bank
+filled with random prototypes (the prototype pass itself is not timed: it runs once every few epochs).
 
 Presets: quick size = ``demo`` (ResNet-18 of width 16 at 128x128, batch 16, C 16, D 256, I 128, E 64: meant for a
 CPU); full size = ``coco`` (ResNet-101 at 448x448, batch 8, C 80, D 1024, I 512, E 300: meant for a GPU, skipped on

@@ -136,8 +136,8 @@ def prototype_bank_update(
     block_d = min(next_power_of_2(max(D, 1)), _MAX_BLOCK_D)
     block_c = min(next_power_of_2(C), max(1, _MAX_TILE // block_d))
     grid = (cdiv(C, block_c), max(1, cdiv(D, block_d)))
-    # The op contract: S rounded to the bank's dtype, summed in it (float32 for half precision), the sum rounded to it
-    # and added to the bank (two roundings in half precision, as the torch backend).
+    # The op contract: S rounded to the bank's dtype, summed in float32 (float64 for a float64 bank), the sum rounded
+    # to the bank's dtype and added to it (two roundings in half precision, as the torch backend).
     compute = tl.float64 if sums.dtype == torch.float64 else tl.float32
     Tv = T.view(torch.uint8) if T.dtype == torch.bool else T
     with device_guard(S):

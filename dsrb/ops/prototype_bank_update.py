@@ -140,8 +140,8 @@ def prototype_bank_update_(
 
     Same arguments, errors and backend choice (the backend serving :func:`prototype_bank_update` for these tensors);
     nothing is written when an argument is rejected. ``sums`` must not require grad, nor share memory with S, T or
-    quadrant (the kernel reads them while it writes), nor ``counts`` with ``sums``; like any in-place op, it bumps the version counters of ``sums``
-    and ``counts``. The buckets the batch reaches get the values the functional op
+    quadrant (the kernel reads them while it writes), nor ``counts`` with ``sums``; like any in-place op, it bumps the
+    version counters of ``sums`` and ``counts``. The buckets the batch reaches get the values the functional op
     returns, bit for bit; with the ``cpu`` kernel the others are left untouched (the functional op returns sums + 0
     there, which differs only in the sign of a -0 entry, a value the bank's own updates never produce). The ``cpu``
     kernel checks the values of T and quadrant itself, as it reads them, and takes T in its own dtype, so a batch is
