@@ -114,6 +114,7 @@ def work(rank, out, port):
     dist.all_reduce(bank.sums)
     if rank == 0:
         torch.save({"sums": bank.sums, "counts": bank.counts}, out)
+    dist.barrier()  # gloo aborts a rank whose peer tears down its connection before it is done with it
     dist.destroy_process_group()
 
 
