@@ -12,8 +12,13 @@ import dsrb.ops as ops
 from dsrb import info
 
 
+def _info(**env):
+    return subprocess.run([sys.executable, "-m", "dsrb.info"], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, **env})
+
+
 def test_info_reports_versions_build_and_every_op():
-    res = subprocess.run([sys.executable, "-m", "dsrb.info"], capture_output=True, text=True, timeout=900)
+    res = _info()
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert f"torch {torch.__version__}" in out and "C++/CUDA extension: " in out
@@ -26,11 +31,6 @@ def test_info_reports_versions_build_and_every_op():
         assert cells[2].split() == ["yes" if why[b] is None else "no" for b in ops.KNOWN_BACKENDS]
     for backend, why in ops.reasons("semantic_attention", torch.device("cpu"), torch.float32).items():
         assert why is None or f"  {backend}: {why}" in out
-
-
-def _info(**env):
-    return subprocess.run([sys.executable, "-m", "dsrb.info"], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, **env})
 
 
 def test_info_reports_under_dsrb_require_ext_and_then_fails():
