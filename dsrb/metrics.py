@@ -202,7 +202,10 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 def _threshold(scores: torch.Tensor, targets: torch.Tensor, threshold: float, top_k: Optional[int]) -> dict:
     dt = _work_dtype(scores.device)
     scores = scores.detach()
-    predicted = scores >= threshold
+    # scores >= threshold exactly: torch would round the threshold to the scores' dtype first. With t that rounding,
+    # a threshold rounded down (t < threshold) is met by the scores above t only (the next one up is >= threshold).
+    t = torch.tensor(threshold, dtype=scores.dtype).item()
+    predicted = scores > t if t < threshold else scores >= t
     if top_k is not None:
         k = min(top_k, scores.shape[1])
         top = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
@@ -231,8 +234,14 @@ def _threshold(scores: torch.Tensor, targets: torch.Tensor, threshold: float, to
 
 
 def _check_threshold_args(threshold, top_k) -> None:
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or math.isnan(threshold):
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
         raise TypeError(f"argument 'threshold': expected a real number, got {threshold!r}")
+    try:
+        if math.isnan(threshold):
+            raise TypeError(f"argument 'threshold': expected a real number, got {threshold!r}")
+    except OverflowError:  # an int beyond float range
+        raise ValueError("argument 'threshold': expected a number in float range (magnitude below 1.8e308), got "
+                         "an integer beyond it") from None
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
         raise ValueError(f"argument 'top_k': expected None or a positive integer, got {top_k!r}")
 

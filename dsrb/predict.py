@@ -13,9 +13,10 @@ Label selection (probabilities are ``sigmoid(logits)``):
 * ``--top-k K`` alone: the K most probable classes, whatever their probability;
 * both: the top-K classes among those with probability >= T (so at most K, possibly none).
 
-The threshold is exact: a class is selected when its logit is >= log(T / (1 - T)), which is what probability >= T
-means before the float32 rounding of the printed scores; so at 0.5 exactly the metrics' logit >= 0 (a logit of -1e-8
-prints 0.5 and is not selected), and ``--threshold 1`` selects no finite logit (one of 30 prints 1.0).
+The threshold is compared on the logits: a class is selected when its logit is >= log(T / (1 - T)) (in float64, so
+up to one rounding of a double), which is what probability >= T means before the float32 rounding of the printed
+scores; so at 0.5 exactly the metrics' logit >= 0 (a logit of -1e-8 prints 0.5 and is not selected), and
+``--threshold 1`` selects no finite logit (one of 30 prints 1.0).
 
 Labels are listed from the most to the least probable (ties: lower class index first), and ``--top-k`` takes the
 first K of that order. The ranking is by logit, the same order as by probability without the ties of float32
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> List[Dict]:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # images may come before, between and after options
     if args.out:  # before the inference, whose result would be lost
         check_output_file(args.out, what="the JSON file to write")
     results = predict(args.checkpoint, args.images, threshold=args.threshold, top_k=args.top_k, device=args.device,

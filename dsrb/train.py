@@ -174,7 +174,7 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool, class_names: 
     ``<out>/partial_labels.npz``. ``class_names``: a resumed run's classes, in its model's order, which the data
     (perhaps from a new --data-root) must have."""
     from .data import (TestTransform, TrainTransform, build_dataset, format_known_fraction, known_fraction,
-                       load_partial_labels, load_word_vectors, make_partial_labels, save_partial_labels)
+                       load_word_vectors, make_partial_labels, save_partial_labels)
 
     if cfg.data_root is None and cfg.dataset != "builtin":
         raise ValueError(f"setting 'data_root': dataset '{cfg.dataset}' needs --data-root (see the README's dataset "
@@ -188,6 +188,10 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool, class_names: 
     if not d.main:
         train_set = build_dataset(cfg.dataset, "train", root=cfg.data_root, transform=TrainTransform(cfg.image_size),
                                   skip_bad=cfg.skip_bad_images)
+    if len(train_set) == 0:
+        found = (f"all {train_set.skipped} images {train_set.source} lists are unreadable (--skip-bad-images "
+                 "skipped them)" if train_set.skipped else f"{train_set.source} lists no image")
+        raise ValueError(f"dataset '{cfg.dataset}' (train): {found}; give a training split with images")
     if class_names is not None:  # the model's (and the saved partial labels') columns, not the new files' order
         train_set.align_classes(class_names, f"setting 'data_root' (--data-root): {train_set.source} vs the run in "
                                 f"{out}", ours="the training split", theirs="the run's model")
@@ -203,7 +207,7 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool, class_names: 
     path = os.path.join(out, "partial_labels.npz")
     save = None
     if resumed and os.path.exists(path):
-        partial, _ = load_partial_labels(path, expected_shape=tuple(train_set.labels.shape))
+        partial = _resumed_partial_labels(path, train_set)
     else:
         partial = make_partial_labels(train_set.labels, cfg.known_proportion, seed=cfg.label_seed,
                                       rows=train_set.listed_rows)  # images dropped by --skip-bad-images shift none
@@ -214,7 +218,8 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool, class_names: 
                              "learn from; give a larger proportion")
         if d.main:  # written by the caller once the run directory exists
             save = functools.partial(save_partial_labels, path, partial, proportion=cfg.known_proportion,
-                                     seed=cfg.label_seed, class_names=train_set.class_names)
+                                     seed=cfg.label_seed, class_names=train_set.class_names,
+                                     image_keys=train_set.image_keys())
     train_set.set_targets(partial)
     log.info("data: %s, %d train / %d test images, %d classes; %s", cfg.dataset, len(train_set), len(test_set),
              train_set.num_classes, format_known_fraction(known_fraction(partial, train_set.labels)))
@@ -227,6 +232,44 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool, class_names: 
             "dimensions) or a GloVe text file")
     words = load_word_vectors(cfg.word_vectors, train_set.class_names, dim=cfg.word_dim, seed=cfg.seed)
     return train_set, test_set, words, save
+
+
+def _resumed_partial_labels(path: str, train_set) -> torch.Tensor:
+    """The run's saved partial labels, one row per image of ``train_set``, matched by image key (the images may be
+    listed in another order, or another set skipped, than when the run started). An image without a saved row is an
+    error; a saved image no longer in the data is left out with a warning."""
+    from .data import load_partial_labels
+
+    partial, meta = load_partial_labels(path, expected_shape=(None, train_set.num_classes))
+    saved = meta["image_keys"]
+    if saved is None:  # written before the keys were stored: rows in listing order
+        if partial.shape[0] != len(train_set):
+            raise ValueError(f"partial-label file '{path}': {partial.shape[0]} rows for the {len(train_set)} training "
+                             "images; resume with the run's data")
+        return partial
+    rows: Dict[str, List[int]] = {}
+    for i, key in enumerate(saved):
+        rows.setdefault(key, []).append(i)
+    keys = train_set.image_keys()
+    taken = {key: 0 for key in rows}  # an image listed twice takes its saved rows in order
+    order, missing = [], []
+    for key in keys:
+        n = taken.get(key)
+        if n is None or n == len(rows[key]):
+            missing.append(key)
+            continue
+        order.append(rows[key][n])
+        taken[key] = n + 1
+    if missing:
+        raise ValueError(f"setting 'data_root' (--data-root): {len(missing)} of the {len(keys)} training images have "
+                         f"no row in the run's partial labels {path}, the first '{missing[0]}': they were not among "
+                         "the run's training images when it started (skipped by --skip-bad-images then, or new); "
+                         "resume with the run's data")
+    if len(order) < len(saved):
+        log.warning("%d of the run's %d training images are no longer in the data (skipped by --skip-bad-images, or "
+                    "removed): the resumed run trains without them, so it does not end as an uninterrupted one "
+                    "would", len(saved) - len(order), len(saved))
+    return partial[torch.tensor(order, dtype=torch.long)]
 
 
 def make_loader(dataset, cfg: TrainConfig, d: Dist, *, train: bool, seed: int, device: torch.device) -> DataLoader:

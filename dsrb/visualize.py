@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> List[str]:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # images may come before, between and after options
     written = visualize(args.checkpoint, args.images, classes=args.classes, top_k=args.top_k, out_dir=args.out_dir,
                         device=args.device, backend=args.backend, image_size=args.image_size, alpha=args.alpha)
     for path in written:

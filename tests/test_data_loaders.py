@@ -140,6 +140,24 @@ def test_coco_duplicate_names_and_bad_ids_name_the_file(tmp_path):
             load_coco(tmp_path, "train")
 
 
+def test_coco_ids_written_as_digit_strings_sort_as_numbers_and_file_names_are_strings(tmp_path):
+    path, data = _coco(tmp_path)
+    for cat in data["categories"]:  # 7 dog, 2 cat, 5 bird -> "7", "10", "5"
+        cat["id"] = {7: "7", 2: "10", 5: "5"}[cat["id"]]
+    for ann in data["annotations"]:
+        ann["category_id"] = {7: "7", 2: "10", 5: "5"}[ann["category_id"]]
+    path.write_text(json.dumps(data))
+    ds = load_coco(tmp_path, "train")
+    assert ds.class_names == ["bird", "dog", "cat"]  # 5, 7, 10 (as text: "10", "5", "7")
+    assert ds.labels.tolist() == [[-1, 1, 1], [-1, -1, -1], [1, -1, -1]]
+    for value in (None, 7, ""):
+        data["images"][1]["file_name"] = value
+        path.write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=r"instances_train2014\.json: images\[1\]: 'file_name' must be a "
+                                             "non-empty string"):
+            load_coco(tmp_path, "train")
+
+
 def test_missing_image_is_found_when_the_dataset_is_built(tmp_path):
     """A listed image that is not a file is an error naming it when the dataset is built, not at its turn in an
     epoch; skip_bad drops it instead."""
@@ -172,6 +190,34 @@ def test_corrupt_image_getitem_and_verify(tmp_path):
     assert ds.labels.tolist() == [[1, -1, 1], [-1, 1, -1]]
     assert ds.targets.tolist() == [[0, -1, 1], [0, 1, 0]]
     assert ds[1][1].tolist() == [0.0, 1.0, 0.0]
+
+
+def test_skip_bad_decodes_every_image(tmp_path):
+    """A truncated JPEG passes PIL's verify() (which reads no image data) and fails when decoded: skip_bad drops it
+    beforehand instead of the run failing at its turn."""
+    _coco(tmp_path)
+    big = tmp_path / "train2014" / "img1.jpg"
+    noise = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(big, format="JPEG")
+    big.write_bytes(big.read_bytes()[:-400])
+    ds = load_coco(tmp_path, "train")
+    with pytest.raises(UnreadableImageError, match="img1.jpg.*truncated"):
+        ds[1]
+    with pytest.raises(UnreadableImageError, match="img1.jpg.*truncated"):
+        ds.verify_images(skip_bad=False)
+    assert ds.verify_images(skip_bad=True) == 1 and ds.listed_rows.tolist() == [0, 2]
+
+
+def test_image_keys_stay_when_the_folder_moves_or_images_are_dropped(tmp_path):
+    _coco(tmp_path / "a", bad_image=True)
+    _coco(tmp_path / "b" / "deeper")
+    ds = load_coco(tmp_path / "a", "train")
+    assert ds.image_keys() == ["img0.jpg", "img1.jpg", "img2.jpg"]
+    ds.verify_images(skip_bad=True)
+    assert ds.image_keys() == ["img0.jpg", "img2.jpg"]
+    assert load_coco(tmp_path / "b" / "deeper", "train").image_keys() == ["img0.jpg", "img1.jpg", "img2.jpg"]
+    ds = MultiLabelDataset([str(tmp_path / "x" / "1.jpg"), str(tmp_path / "y" / "z" / "1.jpg")], [[1], [1]], ["c"])
+    assert ds.image_keys() == ["x/1.jpg", "y/z/1.jpg"]
 
 
 def test_missing_image_names_path(tmp_path):
@@ -241,6 +287,8 @@ def test_voc_errors_name_path(tmp_path):
         load_voc2007(tmp_path, "train")
     with pytest.raises(FileNotFoundError, match=r"VOC2007.*ImageSets.*layout"):
         load_voc2007(tmp_path / "elsewhere", "train")
+    with pytest.raises(ValueError, match=r"argument 'root': expected the VOC 2007 folder, got None"):
+        load_voc2007(None, "train")
     (base / "ImageSets" / "Main" / "test.txt").unlink()
     with pytest.raises(FileNotFoundError, match=r"test\.txt"):
         load_voc2007(tmp_path, "test")
@@ -354,6 +402,8 @@ def test_list_errors(tmp_path):
         load_list(tmp_path / "bad.csv")
     with pytest.raises(FileNotFoundError, match=r"missing\.csv"):
         load_list(tmp_path / "missing.csv")
+    with pytest.raises(ValueError, match=r"argument 'path': expected the list file, got None"):
+        load_list(None)
 
 
 def test_list_rows_end_at_newlines_only(tmp_path):
@@ -428,12 +478,21 @@ def test_build_dataset_dispatch(tmp_path):
     assert build_dataset("voc", "test", root=tmp_path / "voc").num_classes == 20
     assert len(build_dataset("vg", "train", root=str(tmp_path / "vg"))) == 2
     tr = build_dataset("list", "train", root=tmp_path / "list", transform=lambda im: torch.ones(3, 2, 2))
+    assert tr.class_names == ["cat", "dog", "sofa"] and tr[0][0].shape == (3, 2, 2)
+    # without classes.txt both splits take train.csv's classes: one only in test.csv is an error, not a class that
+    # has no training positive
+    train_csv = tmp_path / "list" / "train.csv"
+    with pytest.raises(ValueError, match=r"test\.csv: line 2: unknown class 'zebra'; known classes \(the classes of "
+                       f"{train_csv}\\): cat, dog, sofa"):
+        build_dataset("list", "test", root=tmp_path / "list")
+    (tmp_path / "list" / "test.csv").write_text("path,labels\nimgs/b.png,dog\nimgs/a.png,\n")
     te = build_dataset("list", "test", root=tmp_path / "list")
-    # one class order for both splits: the union over train.csv and test.csv
-    assert tr.class_names == te.class_names == ["cat", "dog", "sofa", "zebra"]
-    assert te.labels.tolist() == [[-1, -1, -1, 1]] and tr[0][0].shape == (3, 2, 2)
+    assert te.class_names == ["cat", "dog", "sofa"] and te.labels.tolist() == [[-1, 1, -1], [-1, -1, -1]]
     (tmp_path / "list" / "classes.txt").write_text("zebra\nsofa\ndog\ncat\n")
     assert build_dataset("list", "test", root=tmp_path / "list").class_names == ["zebra", "sofa", "dog", "cat"]
+    (tmp_path / "list" / "test.csv").write_text("path,labels\nimgs/b.png,gnu\n")
+    with pytest.raises(ValueError, match=r"unknown class 'gnu'; known classes \(the classes of .*classes\.txt\)"):
+        build_dataset("list", "test", root=tmp_path / "list")
     assert set(DATASETS) == {"builtin", "coco", "voc", "vg", "list"}
 
 

@@ -196,6 +196,10 @@ def test_predict_stdout(setup, capsys):
     main(["--checkpoint", setup["ckpt"], setup["images"][0], "--top-k", "1", "--device", "cpu"])
     printed = json.loads(capsys.readouterr().out)
     assert len(printed) == 1 and printed[0]["path"] == setup["images"][0] and len(printed[0]["labels"]) == 1
+    # images before, between and after options
+    main([setup["images"][0], "--checkpoint", setup["ckpt"], setup["images"][1], "--top-k", "1", setup["images"][2],
+          "--device", "cpu"])
+    assert [r["path"] for r in json.loads(capsys.readouterr().out)] == setup["images"][:3]
 
 
 def test_predict_empty_folder(setup, tmp_path):
@@ -457,6 +461,10 @@ def test_visualize(setup, tmp_path, capsys):
 
     with pytest.raises(ValueError, match=r"classes.*'bird'"):
         main(["--checkpoint", setup["ckpt"], setup["images"][0], "--classes", "cat,bird", "--out-dir", out_dir])
+    # images between options
+    split = main([setup["images"][0], "--checkpoint", setup["ckpt"], setup["images"][1], "--top-k", "1",
+                  "--out-dir", str(tmp_path / "split"), "--device", "cpu"])
+    assert sorted(os.path.basename(p).split("_")[1] for p in split) == ["0", "1"]
 
 
 def test_colormap_and_maps():

@@ -371,6 +371,24 @@ def test_threshold_argument_errors():
     for th in ("0", None, math.nan):
         with pytest.raises(TypeError, match="'threshold'"):
             threshold_metrics(s, t, threshold=th)
+    with pytest.raises(ValueError, match="'threshold': expected a number in float range"):
+        threshold_metrics(s, t, threshold=10**400)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_threshold_is_compared_exactly_not_after_rounding_it_to_the_scores_dtype(dtype):
+    """scores >= threshold for the scores' own values: torch rounds a Python threshold to the scores' dtype, which
+    selected a score just below a threshold that rounds down onto it."""
+    s = (torch.tensor([0.1, 0.3, -2.0, 7.0]).to(dtype)[None, :] * torch.ones(3, 1, dtype=dtype)).contiguous()
+    t = torch.tensor([[1, -1, 1, 1], [1, 1, -1, 1], [-1, -1, 1, 1]])
+    exact = s.double()
+    for v in (0.1, 0.3, -2.0, 7.0):  # each score, and the doubles either side of it
+        for threshold in (math.nextafter(float(torch.tensor(v, dtype=dtype)), -math.inf),
+                          float(torch.tensor(v, dtype=dtype)),
+                          math.nextafter(float(torch.tensor(v, dtype=dtype)), math.inf)):
+            want = threshold_metrics(exact, t, threshold=threshold)  # float64 scores: no rounding of the threshold
+            assert threshold_metrics(s, t, threshold=threshold) == want, (v, threshold)
+    assert threshold_metrics(s, t, threshold=math.inf)["OP"] == 0.0
 
 
 def test_module_exports():

@@ -196,7 +196,7 @@ def test_save_load_round_trip(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["train_proportion_0.3.npz"]  # no temp file left behind
     loaded, meta = load_partial_labels(path, expected_shape=(30, 4))
     assert loaded.dtype == torch.int8 and torch.equal(loaded, t)
-    assert meta == {"proportion": 0.3, "seed": 2, "class_names": ["a", "b c", "d", "e"]}
+    assert meta == {"proportion": 0.3, "seed": 2, "class_names": ["a", "b c", "d", "e"], "image_keys": None}
     # overwrite in place (atomic replace), without class names, exact path even without .npz suffix
     save_partial_labels(path, t[:10], proportion=0.5, seed=0)
     loaded, meta = load_partial_labels(path, expected_shape=(None, 4))
@@ -205,6 +205,21 @@ def test_save_load_round_trip(tmp_path):
     save_partial_labels(plain, t, proportion=0.3, seed=2)
     assert plain.exists() and torch.equal(load_partial_labels(plain)[0], t)
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_image_keys_round_trip(tmp_path):
+    t = make_partial_labels(_labels(3, 2), 0.5, seed=1)
+    path = tmp_path / "p.npz"
+    save_partial_labels(path, t, proportion=0.5, seed=1, image_keys=["a/1.jpg", "b/1.jpg", "a/1.jpg"])
+    assert load_partial_labels(path)[1]["image_keys"] == ["a/1.jpg", "b/1.jpg", "a/1.jpg"]
+    save_partial_labels(path, t[:0], proportion=0.5, seed=1, image_keys=[])  # stored, although empty
+    assert load_partial_labels(path)[1]["image_keys"] == []
+    with pytest.raises(ValueError, match=r"'image_keys': expected 3 keys \(one per row of 'targets'\), got 2"):
+        save_partial_labels(path, t, proportion=0.5, seed=1, image_keys=["a", "b"])
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, targets=t.numpy(), proportion=0.5, seed=1, image_keys=np.array(["a"]), has_image_keys=True)
+    with pytest.raises(ValueError, match=r"bad\.npz': 1 image keys for 3 target rows"):
+        load_partial_labels(bad)
 
 
 def test_save_failure_leaves_no_temp(tmp_path):

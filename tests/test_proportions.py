@@ -59,6 +59,12 @@ def test_rows_pair_by_seed_and_average_complete_seeds_only():
     assert "| baseline | 42.0 ± 2.8 | 62.0 ± 2.8 | 52.0 ± 2.8 |" in text
     assert "| dsrb − baseline | +4.0 ± 1.4 | +1.0 | +3.0 |" in text
     assert "**incomplete**: 1 run(s)" in text
+    # the avg is the paper's only over the paper's 9 proportions
+    assert "avg: the mean over this grid's 2 proportions (the paper averages 9, 10 % to 90 %, so this avg is not " \
+           "comparable with the paper's)" in text
+    nine = [k / 10 for k in range(1, 10)]
+    text = markdown(Sweep([_result("dsrb", p, 0, 50.0) for p in nine], ["dsrb"], nine, [0]), "best")
+    assert "avg: the mean over the paper's 9 proportions (10 %, 20 %, ..., 90 %) per seed" in text
 
 
 def test_report_files(tmp_path):
@@ -99,6 +105,12 @@ def test_bad_arguments(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"config file .*blend.json: \['contrastive', 'instance_blend'\] are set by "
                                          r"the sweep"):
         proportions.main(["--out", str(tmp_path / "a"), "--", "--config", str(config)])
+    config.write_text('{"preset": "demo", "epochs": 2}')  # the sweep's own --preset would win over it unseen
+    with pytest.raises(ValueError, match=r"config file .*blend.json: give the preset as the sweep's own --preset"):
+        proportions.main(["--out", str(tmp_path / "a"), "--", "--config", str(config)])
+    # a flag dsrb.train does not know: one error of the sweep's, not dsrb.train's usage and exit
+    with pytest.raises(ValueError, match=r"train flags after '--': unrecognized arguments: --bogus"):
+        proportions.main(["--out", str(tmp_path / "a"), "--", "--bogus"])
     assert not (tmp_path / "a").exists()
     for flag, value, message in (("--methods", "dsrb,best", "unknown"), ("--proportions", "0,0.5", "(0, 1]"),
                                  ("--seeds", "1,1", "repeat"), ("--jobs", "0", "positive")):

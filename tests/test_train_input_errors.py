@@ -4,6 +4,7 @@ result."""
 
 import argparse
 import json
+import logging
 import os
 import re
 import shutil
@@ -534,6 +535,57 @@ def test_skipped_images_leave_the_other_images_partial_labels_as_without_them(tm
     want = make_partial_labels(listed.labels, 0.5, seed=cfg.label_seed)[kept]
     assert train_set.targets.tolist() == want.tolist()
     assert train_set.targets.tolist() != make_partial_labels(train_set.labels, 0.5, seed=cfg.label_seed).tolist()
+
+
+def test_resume_matches_the_saved_partial_labels_by_image(tmp_path, caplog, monkeypatch):
+    """partial_labels.npz names each row's image: a resumed run whose images are listed in another order, or with
+    another set skipped, gives every image its own saved labels, refuses an image without a saved row, and warns of
+    a saved image now left out (before, rows were taken by position: another image's labels, with no error)."""
+    from PIL import Image
+
+    names = [f"i{k}.png" for k in range(8)]
+    rows = [f"{n},{'cat' if k % 2 else 'dog'}" + (";fox" if k % 3 == 0 else "") for k, n in enumerate(names)]
+    root = list_dataset(tmp_path, "\n".join(rows) + "\n", "a.png,cat\nb.png,dog;fox\n")
+    for n in names:
+        Image.new("RGB", (8, 8)).save(os.path.join(root, n))
+    cfg, _ = parse_args(["--dataset", "list", "--data-root", root, "--known-proportion", "0.5", *TINY])
+    out = tmp_path / "run"
+    out.mkdir()
+    first, _, _, save = train.build_data(cfg, str(out), train.Dist(), False)
+    save()
+    saved = dict(zip(first.image_keys(), first.targets.tolist()))
+    assert len(set(map(tuple, saved.values()))) > 2  # the rows differ, so a shift shows
+
+    def resumed(listed):
+        (tmp_path / "list" / "train.csv").write_text("path,labels\n" + "\n".join(listed) + "\n")
+        ds, _, _, _ = train.build_data(cfg, str(out), train.Dist(), True, class_names=first.class_names)
+        return ds
+
+    ds = resumed(rows[::-1])
+    assert ds.image_keys() == names[::-1] and ds.targets.tolist() == [saved[n] for n in names[::-1]]
+    monkeypatch.setattr(train.log, "propagate", True)  # an earlier run in this process turned it off
+    with caplog.at_level(logging.WARNING, logger="dsrb.train"):
+        ds = resumed(rows[3:])
+    assert ds.targets.tolist() == [saved[n] for n in names[3:]]
+    assert "3 of the run's 8 training images are no longer in the data" in caplog.text
+    Image.new("RGB", (8, 8)).save(os.path.join(root, "new.png"))
+    with pytest.raises(ValueError, match=r"setting 'data_root' \(--data-root\): 1 of the 9 training images have no "
+                       r"row in the run's partial labels .*partial_labels\.npz, the first 'new\.png'"):
+        resumed(rows + ["new.png,cat"])
+
+
+def test_empty_training_split_is_named(tmp_path):
+    root = list_dataset(tmp_path, "", "a.png,cat\n")
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"dataset 'list' \(train\): .*train\.csv lists no image; give a training "
+                       "split with images"):
+        train.main(["--dataset", "list", "--data-root", root, "--out", str(out), *TINY])
+    (tmp_path / "list" / "train.csv").write_text("path,labels\nbad.png,cat\n")
+    (tmp_path / "list" / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"dataset 'list' \(train\): all 1 images .*train\.csv lists are "
+                       r"unreadable \(--skip-bad-images skipped them\)"):
+        train.main(["--dataset", "list", "--data-root", root, "--out", str(out), "--skip-bad-images", *TINY])
+    assert not out.exists()
 
 
 def test_missing_image_named_before_the_run(tmp_path):

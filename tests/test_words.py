@@ -49,6 +49,11 @@ def test_npy_class_count_mismatch(tmp_path):
     np.save(path, np.zeros(5))
     with pytest.raises(ValueError, match=r"vectors\.npy.*2-D"):
         load_word_vectors(path, ["a"])
+    whole = path.read_bytes()
+    for cut in (b"", whole[:len(whole) - 8]):  # empty, and cut inside the data (numpy raises EOFError for the first)
+        path.write_bytes(cut)
+        with pytest.raises(ValueError, match=r"word-vector file '.*vectors\.npy': cannot read it as a \.npy array"):
+            load_word_vectors(path, ["a"])
 
 
 def test_missing_file(tmp_path):

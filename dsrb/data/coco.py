@@ -111,8 +111,10 @@ def read_coco_labels(annotation: PathLike):
         first, second = dup
         raise ValueError(f"{path}: categories[{second}]: duplicate category name {names[cat_ids[second]]!r} (also "
                          f"categories[{first}]); expected unique class names")
+    # ids written as strings of digits ("1", "2", "10") sort by their numbers, as the same ids written as ints do
+    numeric = all(isinstance(c, str) and c.strip().lstrip("+-").isdecimal() for c in cat_ids)
     try:
-        cat_ids.sort()
+        cat_ids.sort(key=int if numeric else None)
     except TypeError as err:
         raise ValueError(f"{path}: categories: ids must be mutually comparable (e.g. all ints): {err}") from err
     cat_index = {cid: k for k, cid in enumerate(cat_ids)}
@@ -123,6 +125,8 @@ def read_coco_labels(annotation: PathLike):
     for i, img in enumerate(sections["images"]):
         iid = _id(img, "id", f"images[{i}]", path)
         file_name = _field(img, "file_name", f"images[{i}]", path)
+        if not isinstance(file_name, str) or not file_name:
+            raise ValueError(f"{path}: images[{i}]: 'file_name' must be a non-empty string, got {file_name!r:.40}")
         if iid in image_index:
             raise ValueError(f"{path}: images[{i}]: duplicate image id {iid!r}")
         image_index[iid] = i

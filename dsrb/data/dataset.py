@@ -148,6 +148,14 @@ def _label_matrix(name: str, value, rows: int, cols: int) -> torch.Tensor:
     return t.to(torch.int8).clone()
 
 
+def _common_folder(paths: Sequence[str]) -> Optional[str]:
+    """The deepest folder holding every path (made absolute), or None (no path, or paths on several drives)."""
+    try:
+        return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]) if paths else None
+    except ValueError:  # paths on different drives (Windows)
+        return None
+
+
 class MultiLabelDataset(Dataset):
     """Multi-label images with full labels and (partial) training targets.
 
@@ -161,6 +169,7 @@ class MultiLabelDataset(Dataset):
 
     ``dataset[i]`` is ``(image, target, i)`` with ``target = targets[i]`` as float32 (C,). ``listed_rows`` (int64,
     (N,)) is each image's row in the list it came from: ``arange(N)`` until :meth:`verify_images` drops some.
+    :meth:`image_keys` names each image independently of where the dataset folder is and of the images dropped.
     """
 
     def __init__(
@@ -192,6 +201,7 @@ class MultiLabelDataset(Dataset):
         self.source = str(source)
         self.skipped = 0
         self.listed_rows = torch.arange(len(self.image_paths))
+        self._listed_folder = _common_folder(self.image_paths)
 
     @property
     def num_classes(self) -> int:
@@ -205,6 +215,13 @@ class MultiLabelDataset(Dataset):
             f"MultiLabelDataset(name={self.name!r}, images={len(self)}, classes={self.num_classes}, "
             f"transform={self.transform!r})"
         )
+
+    def image_keys(self) -> List[str]:
+        """Each image's path relative to the deepest folder holding every listed image (dropped ones included), with
+        '/' separators: what stays the same when the dataset folder moves or :meth:`verify_images` drops images."""
+        if self._listed_folder is None:
+            return [p.replace(os.sep, "/") for p in self.image_paths]
+        return [os.path.relpath(p, self._listed_folder).replace(os.sep, "/") for p in self.image_paths]
 
     def set_targets(self, targets) -> None:
         """Replace the training targets: a (N, C) matrix with values in {-1, 0, 1}, stored as int8."""
@@ -266,7 +283,9 @@ class MultiLabelDataset(Dataset):
         return missing
 
     def verify_images(self, skip_bad: bool) -> int:
-        """Open every image and check it with ``PIL.Image.verify`` (and its mode, as :func:`open_rgb` does).
+        """Open every image, check it with ``PIL.Image.verify`` (and its mode, as :func:`open_rgb` does), then decode
+        it: ``verify`` does not read a JPEG's image data, so it passes a truncated file. A JPEG decodes at 1/8 scale
+        (``draft``), which still reads every byte of its data.
 
         With ``skip_bad`` False the first bad image raises an UnreadableImageError naming its path. With ``skip_bad``
         True the bad images are dropped (from ``image_paths``, ``labels``, ``targets`` and ``listed_rows``) and their
@@ -280,6 +299,9 @@ class MultiLabelDataset(Dataset):
                 with Image.open(path) as im:
                     _check_value_range(im)  # an image open_rgb would refuse later
                     im.verify()
+                with Image.open(path) as im:  # verify() leaves the image unusable: open it again
+                    im.draft(None, (1, 1))
+                    im.load()
             except Exception as err:
                 if not skip_bad:
                     raise UnreadableImageError.of(path, err) from err

@@ -17,7 +17,7 @@ Classes: by default the sorted union of the names found in the file. Pass ``clas
 of a text file with one name per line) to fix the class order, e.g. to make a train and a test file agree; then a
 name not in ``classes`` is an error naming the file and the line. :func:`dsrb.data.registry.build_dataset` reads
 ``<root>/train.csv`` / ``<root>/test.csv`` with the classes of ``<root>/classes.txt`` when present, else the sorted
-union of the names in both files.
+names of ``train.csv`` (a name only in ``test.csv`` is then an error).
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ def load_list(
     classes: Union[Sequence[str], PathLike, None] = None,
     image_root: Optional[PathLike] = None,
     transform: Optional[Callable] = None,
+    classes_source: Optional[str] = None,
 ) -> MultiLabelDataset:
     """A list file (see the module docstring) -> :class:`MultiLabelDataset`.
 
@@ -112,13 +113,17 @@ def load_list(
             names in the file.
         image_root: the folder relative image paths start from (default: the list file's folder).
         transform: passed to the dataset.
+        classes_source: where a list of ``classes`` came from, for the message of an unknown class.
     """
+    if path is None:
+        raise ValueError(f"argument 'path': expected the list file, got None; {_FORMAT}")
     path = Path(path)
     rows = read_list(path)
     if classes is None:
         class_names = sorted({n for _, _, names in rows for n in names})
     elif isinstance(classes, (str, os.PathLike)):
         class_names = read_class_file(classes)
+        classes_source = f"the classes of {classes}"
     else:
         class_names = [str(c) for c in classes]
     index = {c: i for i, c in enumerate(class_names)}
@@ -129,7 +134,8 @@ def load_list(
         for n in names:
             if n not in index:
                 shown = ", ".join(class_names[:20]) + (", ..." if len(class_names) > 20 else "")
-                raise ValueError(f"{path}: line {line_no}: unknown class '{n}'; known classes: {shown}")
+                known = f"known classes ({classes_source})" if classes_source else "known classes"
+                raise ValueError(f"{path}: line {line_no}: unknown class '{n}'; {known}: {shown}")
             labels[row, index[n]] = 1
         paths.append(_image_path(image, base))
     return MultiLabelDataset(paths, labels, class_names, transform=transform, name="list", source=str(path))

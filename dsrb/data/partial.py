@@ -123,13 +123,15 @@ def save_partial_labels(
     proportion: float,
     seed: int,
     class_names: Optional[Sequence[str]] = None,
+    image_keys: Optional[Sequence[str]] = None,
 ) -> str:
     """Write ``targets`` and their provenance to ``path`` (an .npz archive, written exactly at ``path``).
 
     The write is atomic (:func:`dsrb.checkpoint.atomic_write`): readers see either the old file or the complete new
     one. Stored keys:
-    ``targets`` (int8, N x C), ``proportion`` (float64), ``seed`` (int64), ``class_names`` (unicode, may be empty)
-    and ``format_version``. Returns ``path`` as a string.
+    ``targets`` (int8, N x C), ``proportion`` (float64), ``seed`` (int64), ``class_names`` (unicode, may be empty),
+    ``image_keys`` (unicode, one per row, e.g. ``MultiLabelDataset.image_keys()``, or empty) and ``format_version``.
+    Returns ``path`` as a string.
     """
     path = os.fspath(path)
     arr = _as_numpy_labels("targets", targets)
@@ -142,13 +144,20 @@ def save_partial_labels(
                 f"argument 'class_names': expected {arr.shape[1]} names (one per column of 'targets'), "
                 f"got {len(class_names)}"
             )
+    if image_keys is not None:
+        image_keys = [str(k) for k in image_keys]
+        if len(image_keys) != arr.shape[0]:
+            raise ValueError(f"argument 'image_keys': expected {arr.shape[0]} keys (one per row of 'targets'), "
+                             f"got {len(image_keys)}")
     names = np.asarray(class_names if class_names is not None else [], dtype=np.str_)
+    keys = np.asarray(image_keys if image_keys is not None else [], dtype=np.str_)
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"save_partial_labels: directory of '{path}' does not exist: '{directory}'")
     atomic_write(path, lambda f: np.savez(
         f, targets=arr, proportion=np.float64(p), seed=np.int64(seed), class_names=names,
-        has_class_names=np.bool_(class_names is not None), format_version=np.int64(_FORMAT_VERSION)))
+        has_class_names=np.bool_(class_names is not None), image_keys=keys,
+        has_image_keys=np.bool_(image_keys is not None), format_version=np.int64(_FORMAT_VERSION)))
     return path
 
 
@@ -158,7 +167,7 @@ def load_partial_labels(
     """Read a file written by :func:`save_partial_labels`.
 
     Returns ``(targets, meta)``: int8 (N, C) targets and ``{"proportion": float, "seed": int, "class_names":
-    list[str] | None}``. ``expected_shape`` (N, C), entries may be None for "any", is checked against the stored
+    list[str] | None, "image_keys": list[str] | None}`` (None: not stored, as in files written before they were). ``expected_shape`` (N, C), entries may be None for "any", is checked against the stored
     targets. Every error names the path.
     """
     path = os.fspath(path)
@@ -177,6 +186,8 @@ def load_partial_labels(
             seed = int(z["seed"])
             names = [str(s) for s in z["class_names"].tolist()] if "class_names" in z.files else []
             has_names = bool(z["has_class_names"]) if "has_class_names" in z.files else bool(names)
+            keys = [str(s) for s in z["image_keys"].tolist()] if "image_keys" in z.files else []
+            has_keys = bool(z["has_image_keys"]) if "has_image_keys" in z.files else False
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
         if isinstance(e, FileNotFoundError):
             raise
@@ -201,7 +212,10 @@ def load_partial_labels(
         raise ValueError(
             f"partial-label file '{path}': {len(names)} class names for {targets.shape[1]} target columns"
         )
-    meta = {"proportion": proportion, "seed": seed, "class_names": names if has_names else None}
+    if has_keys and len(keys) != targets.shape[0]:
+        raise ValueError(f"partial-label file '{path}': {len(keys)} image keys for {targets.shape[0]} target rows")
+    meta = {"proportion": proportion, "seed": seed, "class_names": names if has_names else None,
+            "image_keys": keys if has_keys else None}
     return torch.from_numpy(targets.astype(np.int8)), meta
 
 

@@ -36,15 +36,12 @@ def _list_dataset(root: Path, split: str, transform) -> MultiLabelDataset:
         raise FileNotFoundError(f"list file not found: {path}; expected {_LAYOUTS['list']}")
     class_file = root / "classes.txt"
     if class_file.is_file():
-        classes: Union[list, Path] = class_file
-    else:  # one class order for both splits: the sorted union over the files present
-        names = set()
-        for s in _SPLITS:
-            p = root / f"{s}.csv"
-            if p.is_file():
-                names.update(n for _, _, row in read_list(p) for n in row)
-        classes = sorted(names)
-    return load_list(path, classes=classes, transform=transform)
+        return load_list(path, classes=class_file, transform=transform)
+    # The train split's classes for both splits: a name only in test.csv (a typo, or a class never trained on) is an
+    # error naming it, not a class without a training positive.
+    train = root / "train.csv"
+    classes = sorted({n for _, _, row in read_list(train) for n in row}) if split == "test" and train.is_file() else None
+    return load_list(path, classes=classes, transform=transform, classes_source=f"the classes of {train}")
 
 
 def build_dataset(

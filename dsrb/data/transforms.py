@@ -21,6 +21,7 @@ explicit ``generator=`` (a CPU ``torch.Generator``) for tests. The draws per ima
 
 from __future__ import annotations
 
+import numbers
 from typing import List, NamedTuple, Optional
 
 import numpy as np
@@ -143,7 +144,7 @@ class TrainTransform:
         if scale_size is None:
             scale_size = round(image_size * 8 / 7)
         self.scale_size = _check_size("scale_size", scale_size)
-        if not (0.0 <= float(flip_p) <= 1.0):
+        if isinstance(flip_p, bool) or not isinstance(flip_p, numbers.Real) or not (0.0 <= float(flip_p) <= 1.0):
             raise ValueError(f"argument 'flip_p': expected a probability in [0, 1], got {flip_p!r}")
         self.flip_p = float(flip_p)
         sizes: List[int] = [round(self.scale_size * k / 8) for k in (8, 7, 6, 5, 4)]

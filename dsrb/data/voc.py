@@ -50,6 +50,8 @@ _LAYOUT = (
 
 
 def _voc_dir(root: Union[str, os.PathLike]) -> Path:
+    if root is None:
+        raise ValueError(f"argument 'root': expected the VOC 2007 folder, got None; {_LAYOUT}")
     root = Path(root)
     for base in (root / "VOC2007", root):
         if (base / "ImageSets" / "Main").is_dir():

@@ -80,7 +80,7 @@ def _is_npy(path: str) -> bool:
 def _load_npy(path: str, num_classes: int) -> torch.Tensor:
     try:
         arr = np.load(path, allow_pickle=False)
-    except ValueError as e:
+    except (ValueError, EOFError) as e:  # EOFError: an empty or cut file
         raise ValueError(f"word-vector file '{path}': cannot read it as a .npy array ({e})") from e
     if not isinstance(arr, np.ndarray):
         raise ValueError(f"word-vector file '{path}': expected a .npy array, got an .npz archive")

@@ -181,14 +181,23 @@ def _split_argv(argv: Sequence[str]):
 def _check_train_flags(train_flags: Sequence[str]) -> None:
     if any(a == "--preset" or a.startswith("--preset=") for a in train_flags):
         raise ValueError("give the preset as the sweep's own --preset (before '--'), not as a train flag")
-    flags = vars(build_train_parser().parse_args(list(train_flags)))
+    parser = build_train_parser()
+
+    def refuse(message):  # argparse would print dsrb.train's usage and exit under its name
+        raise ValueError(f"train flags after '--': {message}")
+
+    parser.error = refuse
+    flags = vars(parser.parse_args(list(train_flags)))
     given = {k for k, v in flags.items() if v is not None}
     clash = sorted(given & _GRID_SETTINGS)
     if clash:
         raise ValueError(f"train flags {clash} are set by the sweep for each run; choose them with --methods, "
                          "--proportions, --seeds and --out instead")
     for path in flags.get("config") or []:  # a config file's entries lose only to flags: the grid's must not be there
-        clash = sorted(set(load_config_file(path)) & _GRID_SETTINGS)
+        settings = load_config_file(path)
+        if "preset" in settings:  # the sweep passes its own --preset, which would win over the file's silently
+            raise ValueError(f"config file {path}: give the preset as the sweep's own --preset, not in a config file")
+        clash = sorted(set(settings) & _GRID_SETTINGS)
         if clash:
             raise ValueError(f"config file {path}: {clash} are set by the sweep for each run; remove them and choose "
                              "them with --methods, --proportions, --seeds and --out")

@@ -137,8 +137,12 @@ def markdown(sweep: Sweep, selection: str = "best", title: str = "mAP (%) by kno
     n_seeds = len(sweep.seeds)
     out = [f"# {title}", ""]
     out += [f"- {n}" for n in notes]
+    paper = [round(k / 10, 1) for k in range(1, 10)]
+    grid = ("the paper's 9 proportions (10 %, 20 %, ..., 90 %)" if list(sweep.proportions) == paper else
+            f"this grid's {len(sweep.proportions)} proportions (the paper averages 9, 10 % to 90 %, so this avg is "
+            "not comparable with the paper's)")
     out += [f"- cells: mean ± sample standard deviation over {n_seeds} seed(s) {sweep.seeds}; avg: the mean over "
-            "proportions per seed (as in the paper), then mean ± std over seeds",
+            f"{grid} per seed, then mean ± std over seeds",
             "- differences are paired by seed: the same seed gives both methods the same initial weights, data "
             "order and augmentations"]
     at_last = sum(r.best_epoch == r.epochs - 1 for r in sweep.results.values())
