@@ -114,10 +114,7 @@ def _inputs(bench, shape, dims, device, dtype):
         base.reduction = nn.Identity()
         ref.changeChannel = nn.Identity()
         maps = torch.randn(C, 4, H, W, D, generator=gen, dtype=dtype) / N  # of the scale of F (a ~ 1/N)
-        with torch.no_grad():  # the finalized bank: spatial sums of the official prototype maps
-            base.prototype_bank.prototypes.copy_(maps.sum(dim=(2, 3)))
-            base.prototype_bank.valid.fill_(True)
-            base.prototype_bank.ready.fill_(True)
+        base.prototype_bank.set_prototypes(maps.sum(dim=(2, 3)))  # the spatial sums of the official prototype maps
         ref.set_prototype_maps(maps.to(device))
         base.to(device=device, dtype=dtype).train()
         ref.to(device=device, dtype=dtype).train()

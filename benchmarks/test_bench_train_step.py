@@ -129,11 +129,7 @@ def _inputs(bench, preset, device, dtype):
             core.eval()
             H, W = core.reduction(core.backbone(images[:1])).shape[-2:]
         maps = 0.1 * torch.randn(C, 4, H, W, D, generator=gen, dtype=dtype)  # official prototype maps
-        with torch.no_grad():
-            bank = core.prototype_bank
-            bank.prototypes.copy_(maps.sum((2, 3)))  # their spatial sums: the fused bank (spec §5.2)
-            bank.valid.fill_(True)
-            bank.ready.fill_(True)
+        core.prototype_bank.set_prototypes(maps.sum((2, 3)))  # their spatial sums: the fused bank (spec §5.2)
         T = torch.randint(-1, 2, (B, C), generator=gen)
         keys = torch.rand(B * (B - 1) // 2, C, generator=gen)
         state = {k: v.clone() for k, v in core.state_dict().items()}

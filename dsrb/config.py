@@ -106,6 +106,10 @@ _POSITIVE_INTS = ("epochs", "batch_size", "image_size", "prototype_interval", "p
 _NON_NEGATIVE_INTS = ("workers", "blend_start_epoch", "top_k", "gnn_steps")
 _BATCH_LIMITS = ("limit_train_batches", "limit_test_batches")  # None: every batch
 _FLOAT32_MAX = 3.4028234663852886e38
+# Sizes and counts go to torch and its kernels as int32/int64; beyond this they fail deep inside (or, for workers, a
+# DataLoader starts processes without end).
+_INT32_MAX = 2**31 - 1
+_MAX_WORKERS = 1024
 _NON_NEGATIVE_FLOATS = ("lr", "weight_decay", "contrastive_weight", "instance_weight", "prototype_weight")
 _PATHS = ("data_root", "word_vectors", "pretrained", "out")  # "" is refused: not silently the current directory
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?|mps")
@@ -163,14 +167,14 @@ def check_values(values: Dict[str, Any]) -> None:
         if name in values and values[name] not in options:
             _bad(name, values[name], f"one of {options}")
     for name, value in get(_POSITIVE_INTS):
-        if value < 1:
-            _bad(name, value, "a positive integer")
+        if not 1 <= value <= _INT32_MAX:
+            _bad(name, value, f"a positive integer (at most {_INT32_MAX})")
     for name, value in get(_NON_NEGATIVE_INTS):
-        if value < 0:
-            _bad(name, value, "a non-negative integer")
+        if not 0 <= value <= (_MAX_WORKERS if name == "workers" else _INT32_MAX):
+            _bad(name, value, f"a non-negative integer (at most {_MAX_WORKERS if name == 'workers' else _INT32_MAX})")
     for name, value in get(_BATCH_LIMITS):
-        if value is not None and value < 1:
-            _bad(name, value, "a positive integer (leave it unset for every batch)")
+        if value is not None and not 1 <= value <= _INT32_MAX:
+            _bad(name, value, f"a positive integer (at most {_INT32_MAX}; leave it unset for every batch)")
     for name, value in get(_NON_NEGATIVE_FLOATS):  # used in fp32 (the optimizer's lr, the loss weights)
         if not (math.isfinite(value) and 0 <= value <= _FLOAT32_MAX):
             _bad(name, value, "a finite number >= 0 within the float32 range (<= 3.4e38)")
@@ -247,7 +251,11 @@ def check_types(data: Dict[str, Any], source: str) -> Dict[str, Any]:
             ok = optional
         elif kind == "float":
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            value = float(value) if ok else value
+            try:
+                value = float(value) if ok else value
+            except OverflowError:  # an integer beyond the float range
+                raise ValueError(f"{source}: setting '{f.name}': expected a number in float range, got an integer "
+                                 f"of {value.bit_length()} bits") from None
         else:
             ok = isinstance(value, {"bool": bool, "int": int, "str": str}[kind]) and (
                 kind == "bool" or not isinstance(value, bool))

@@ -22,7 +22,7 @@ from .checkpoint import load_checkpoint
 from .config import check_device
 from .models import DSRB
 from .ops import BACKEND_CHOICES as BACKENDS  # --backend choices, as dsrb.train's
-from .ops import OPS, selected_backend
+from .ops import OPS, reasons, selected_backend
 
 __all__ = [
     "BACKENDS",
@@ -98,11 +98,19 @@ def check_backend(backend: str, device: torch.device, *, name: str = "argument '
     """
     if backend not in BACKENDS:
         raise ValueError(f"{name}: expected one of {list(BACKENDS)}, got {backend!r}")
-    try:
-        return {op: selected_backend(op, device, torch.float32, backend) for op in OPS}
-    except RuntimeError as err:
-        forced = backend if backend != "auto" else f"{os.environ.get('DSRB_BACKEND')} (from DSRB_BACKEND)"
-        raise ValueError(f"{name}: {forced} cannot serve device {device}: {err}") from None
+    served = {}
+    for op in OPS:
+        try:
+            served[op] = selected_backend(op, device, torch.float32, backend)
+        except RuntimeError as err:  # one line: the forced backend's reason, and the backends that would serve
+            chosen = backend if backend != "auto" else os.environ.get("DSRB_BACKEND", "")
+            forced = backend if backend != "auto" else f"{chosen} (from DSRB_BACKEND)"
+            table = reasons(op, device, torch.float32)
+            why = table.get(chosen) or str(err).replace("\n", ";")
+            serving = ", ".join(b for b, reason in table.items() if reason is None) or "none"
+            raise ValueError(f"{name}: {forced} cannot serve device {device}: {why} (op {op}; backends serving it: "
+                             f"{serving})") from None
+    return served
 
 
 def load_model(checkpoint_path: PathLike, *, device: Union[str, torch.device] = "cpu",

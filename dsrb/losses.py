@@ -106,6 +106,10 @@ def _contrastive_loss(features: torch.Tensor, targets: torch.Tensor, keys: torch
     # F.cosine_similarity computes it (each vector divided by max(norm, eps)). A Gram matrix per class rather than
     # features[first] / features[second]: the backward of indexing with repeated indices accumulates in a
     # thread-dependent order, which made training irreproducible across runs.
+    # In float32 at least, as autocast runs F.cosine_similarity: in fp16 the eps 1e-9 rounds to 0, so an all-zero
+    # feature vector would give 0/0 = NaN.
+    dtype = features.dtype
+    features = features.to(torch.promote_types(dtype, torch.float32))
     unit = features / torch.linalg.vector_norm(features, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
     gram = torch.einsum("icd,jcd->cij", unit, unit)  # (C, B, B)
     cos = gram[:, first, second].transpose(0, 1).flatten()
@@ -132,7 +136,7 @@ def _contrastive_loss(features: torch.Tensor, targets: torch.Tensor, keys: torch
         total = total + torch.where(multiplicity > 0, away * multiplicity, torch.zeros_like(away)).sum()
         count = count + multiplicity.sum().to(count.dtype)
     # Mean over the three concatenated sets; 0 when all are empty (e.g. B < 2) without a host sync.
-    return total / count.clamp_min(1)
+    return (total / count.clamp_min(1)).to(dtype)
 
 
 def contrastive_loss(
@@ -155,7 +159,7 @@ def contrastive_loss(
             (ties to the lower entry index).
 
     Returns:
-        0-dim tensor of ``features.dtype``. For every pair i < j and class c with cos = cosine(S[i,c], S[j,c])
+        0-dim tensor of ``features.dtype`` (computed in float32 at least). For every pair i < j and class c with cos = cosine(S[i,c], S[j,c])
         (eps 1e-9): pos-pos (both +1) loss 1 - cos, pos-neg 1 + cos, neg-neg 1 + cos; pairs with an unknown are
         excluded. With P = |pos-pos| > 0, pos-neg and neg-neg are each replaced by a random subset of min(n, 2P)
         of their entries plus their min(P, n) largest losses (an entry in both counts twice, as officially; the

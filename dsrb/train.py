@@ -686,6 +686,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
             f"{len(train_set)} training images"
         raise ValueError(f"setting 'batch_size' (--batch-size): {cfg.batch_size} is larger than the {images}; the "
                          "training loader drops an incomplete last batch, so it would yield no batch at all")
+    if cfg.top_k > train_set.num_classes:
+        raise ValueError(f"setting 'top_k' (--top-k): expected at most the dataset's {train_set.num_classes} "
+                         f"classes, got {cfg.top_k}")
     # Resumed, the model is built to the checkpoint's shapes and takes its word vectors and weights from it: the
     # --word-vectors and --pretrained files are not opened (they may have moved).
     kwargs = model_kwargs(cfg, state["model"]["word_features"].shape[1] if resumed else words.shape[1])

@@ -200,6 +200,24 @@ def test_contrastive_hand_computed():
         assert ref.contrastive_loss(features, targets, keys).item() == pytest.approx(expected, abs=1e-15)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_contrastive_half_precision_is_computed_in_float32(dtype):
+    """As autocast runs F.cosine_similarity: in fp16 the eps 1e-9 rounds to 0, so an all-zero feature vector gave
+    0/0 = NaN. The result is the float32 loss of the same values, in the features' dtype."""
+    targets, _ = REGIMES["p_small"]
+    keys = torch.rand(28, targets.shape[1], generator=_gen(10))
+    features = torch.randn(*targets.shape, D, generator=_gen(9)).to(dtype)
+    features[0, :3] = 0
+    features.requires_grad_(True)
+    got = losses.contrastive_loss(features, targets, keys=keys)
+    want = losses.contrastive_loss(features.detach().float(), targets, keys=keys)
+    assert got.dtype == dtype and torch.isfinite(got) and got == want.to(dtype)
+    got.backward()  # the zero vectors' own gradient is ~1/eps (inf in fp16, as in float32 autocast: the scaler's job)
+    zero = torch.zeros(features.shape[:2], dtype=torch.bool)
+    zero[0, :3] = True
+    assert torch.isfinite(features.grad[~zero]).all()
+
+
 def test_contrastive_generator_reproducible():
     targets, _ = REGIMES["p_small"]
     features = torch.randn(*targets.shape, D, generator=_gen(8), dtype=torch.float64)

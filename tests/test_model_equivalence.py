@@ -176,11 +176,8 @@ def test_train_forward_and_gradients_match_reference(B, C, hw):
     select = torch.rand(B, C, generator=g) < 0.5
 
     ref.set_prototype_maps(P)
-    bank = model.prototype_bank
+    model.prototype_bank.set_prototypes(P.sum((2, 3)))
     with torch.no_grad():
-        bank.prototypes.copy_(P.sum((2, 3)))
-        bank.valid.fill_(True)
-        bank.ready.fill_(True)
         # alpha and beta away from 0.5 so that the blend is asymmetric in the pair.
         for m, (a, b) in ((model, (0.3, 0.65)), (ref, (0.3, 0.65))):
             m.alpha.fill_(a)
@@ -247,10 +244,8 @@ def test_alpha_beta_clamped_in_place_like_official():
     T = torch.tensor([[0, 1, -1], [1, 0, 0], [0, 1, 1], [1, -1, 0]])
     P = torch.randn(C, 4, 5, 6, 16, generator=g, dtype=torch.float64)
     ref.set_prototype_maps(P)
+    model.prototype_bank.set_prototypes(P.sum((2, 3)))
     with torch.no_grad():
-        model.prototype_bank.prototypes.copy_(P.sum((2, 3)))
-        model.prototype_bank.valid.fill_(True)
-        model.prototype_bank.ready.fill_(True)
         for m in (model, ref):
             m.alpha.fill_(1.4)
             m.beta.fill_(-0.3)

@@ -739,6 +739,75 @@ def test_dsrb_compiles_fullgraph_and_matches_eager(backend):
             assert_close(a, b, dtype=DT, what=name)
 
 
+def test_dsrb_two_training_forwards_before_one_backward():
+    """Two views (or summed batches) before one backward: the clamp of alpha and beta in the second forward must not
+    invalidate the first graph, which saved them (an in-place clamp under no_grad bumped their versions). The
+    gradients equal the sum of the two forwards' own gradients."""
+    model = ready_model()
+    x1, x2, T = images(4, seed=1), images(4, seed=2), TARGETS
+    g = torch.Generator().manual_seed(3)
+    choices = [draw_prototype_choices(T, model.top_k, g, valid=model.prototype_bank.valid) for _ in range(2)]
+
+    def loss(x, c):
+        out = model(x, T, prototype_choices=c)
+        return out.logits.sum() + out.instance_targets.sum() + out.prototype_targets.square().sum()
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    both = torch.autograd.grad(loss(x1, choices[0]) + loss(x2, choices[1]), params, allow_unused=True)
+    one = torch.autograd.grad(loss(x1, choices[0]), params, allow_unused=True)
+    two = torch.autograd.grad(loss(x2, choices[1]), params, allow_unused=True)
+    for p, got, a, b in zip(params, both, one, two):
+        if a is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, a + b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_compiled_model_needs_a_ready_bank_too(fullgraph):
+    """Under torch.compile the bank check used to be skipped: PPRB blended with zero prototypes (or nothing)."""
+    model = ready_model()
+    model.prototype_bank.reset()
+    x, T = images(4), TARGETS
+    choices = draw_prototype_choices(T, model.top_k, torch.Generator().manual_seed(3))
+    compiled = torch.compile(model, fullgraph=fullgraph, backend="aot_eager")
+    with pytest.raises(RuntimeError, match="the prototype bank is not ready"):
+        compiled(x, T, prototype_choices=choices)
+    model.prototype_bank.set_prototypes(torch.randn(C, 4, 16, dtype=DT))
+    out = compiled(x, T, prototype_choices=choices)
+    assert torch.equal(out.prototype_logits, model(x, T, prototype_choices=choices).prototype_logits)
+    state = model.state_dict()  # a ready bank loaded: ready for the compiled model without a read of the buffer
+    fresh = ready_model()
+    fresh.prototype_bank.reset()
+    fresh.load_state_dict(state)
+    assert fresh.prototype_bank._ready_seen
+    torch.compile(fresh, fullgraph=fullgraph, backend="aot_eager")(x, T, prototype_choices=choices)
+
+
+def test_set_prototypes_checks_its_arguments():
+    bank = PrototypeBank(C, 16)
+    with pytest.raises(ValueError, match=r"argument 'prototypes': expected shape \(5, 4, 16\)"):
+        bank.set_prototypes(torch.zeros(C, 4, 8))
+    with pytest.raises(TypeError, match="argument 'valid': expected a bool tensor"):
+        bank.set_prototypes(torch.zeros(C, 4, 16), torch.ones(C))
+    valid = torch.tensor([True, False, True, True, False])
+    bank.set_prototypes(torch.ones(C, 4, 16), valid)
+    assert bank.is_ready() and torch.equal(bank.valid, valid) and bool(bank.prototypes.eq(1).all())
+
+
+def test_model_flags_are_bools_and_one_image_with_a_1x1_map_is_named():
+    model = ready_model()
+    for name in ("instance_blend", "prototype_blend", "validate"):
+        with pytest.raises(TypeError, match=f"argument '{name}': expected True or False, got str 'no'"):
+            model(images(2), TARGETS[:2], **{name: "no"})
+    with pytest.raises(ValueError, match=r"argument 'images': training on one image of 64x64 px gives a 1x1 feature "
+                       "map"):
+        model(images(1, 64, 64), TARGETS[:1])
+    model(images(2, 64, 64), TARGETS[:2])  # two images: two values per channel
+    model.eval()
+    assert model(images(1, 64, 64)).shape == (1, C)
+
+
 @pytest.mark.parametrize("B", [1, 4])
 def test_dsrb_channels_last_matches_contiguous(B):
     """--channels-last (the 4-D weights and the images in channels-last format) computes the same training outputs

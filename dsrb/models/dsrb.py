@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import dsrb.ops as ops
-from dsrb._checks import check_same_device, check_targets, check_tensor
+from dsrb._checks import check_bool, check_same_device, check_targets, check_tensor
 
 from .gnn import GatedGNN
 from .graph import label_graph
@@ -367,13 +367,20 @@ class DSRB(nn.Module):
     def _check_targets(self, targets, images, *ranges, validate: bool = True) -> None:
         check_tensor("targets", targets, kind="real", shape=(images.shape[0], self.num_classes))
         check_same_device(images=images, targets=targets)
-        if validate:
+        if check_bool("validate", validate):
             check_targets("targets", targets, *ranges)
 
     # ------------------------------------------------------------------------------------------------- pipeline
 
     def _extract(self, images: torch.Tensor):
-        X = self.reduction(self.backbone(images))  # (B, D, H, W)
+        features = self.backbone(images)
+        norm_training = any(isinstance(m, nn.BatchNorm2d) and m.training for m in self.reduction.modules())
+        if norm_training and features.shape[0] * features.shape[2] * features.shape[3] == 1:
+            # the reduction's BatchNorm in training mode would fail deep inside with one value per channel
+            raise ValueError(f"argument 'images': training on one image of {images.shape[2]}x{images.shape[3]} px "
+                             "gives a 1x1 feature map, and BatchNorm in training needs more than one value per "
+                             "channel; train on batches of at least 2 images, or on larger images")
+        X = self.reduction(features)  # (B, D, H, W)
         if X.requires_grad:
             X = _ContiguousGrad.apply(X)  # works around a BatchNorm backward bug at B = 1 (see the class)
         x = X.flatten(2).transpose(1, 2)  # (B, N, D), position n = h * W + w
@@ -425,6 +432,8 @@ class DSRB(nn.Module):
                 of device memory, a synchronisation on a GPU). Shapes, dtypes and devices are always checked. False
                 only for values checked before (``dsrb.train`` checks the training set's targets once, when it sets
                 them); out-of-range values then give wrong results or a kernel's error, never an out-of-bounds access.
+                Under torch.compile the value check is skipped (it would read device memory mid-graph): check the
+                values eagerly before.
 
         Returns:
             eval mode: logits (B, C). Train mode: :class:`DSRBOutput`.
@@ -437,8 +446,8 @@ class DSRB(nn.Module):
             return self.classify(S)
 
         B = images.shape[0]
-        run_instance = targets is not None and bool(instance_blend)
-        run_prototype = targets is not None and bool(prototype_blend)
+        run_instance = check_bool("instance_blend", instance_blend) and targets is not None
+        run_prototype = check_bool("prototype_blend", prototype_blend) and targets is not None
         # Every value is checked here, in one device-to-host copy (a GPU synchronisation); the ops then trust them
         # (validate=False), and the quadrants and draws the model makes itself.
         ranges = []
@@ -456,7 +465,7 @@ class DSRB(nn.Module):
             ranges.append(("prototype_choices[0] (shift)", prototype_choices[0], 1, 3))
         if targets is not None:
             self._check_targets(targets, images, *ranges, validate=validate)
-        if run_prototype and not torch.compiler.is_compiling() and not self.prototype_bank.is_ready():
+        if run_prototype and not self.prototype_bank.is_ready():
             raise RuntimeError(
                 "prototype blending (PPRB) needs prototypes, but the prototype bank is not ready: run the prototype "
                 "pass first (model.eval(); model.prototype_bank.reset(); model.update_prototypes(images, targets) "
@@ -467,9 +476,14 @@ class DSRB(nn.Module):
         parts = [S]
         T1 = T2 = None
         if run_instance or run_prototype:
-            with torch.no_grad():  # the official code clamps .data before each blending forward
-                self.alpha.clamp_(0, 1)
-                self.beta.clamp_(0, 1)
+            # The official code clamps .data before each blending forward, which leaves the version counters alone:
+            # a second training forward before the backward (two views, summed losses) must not invalidate the
+            # first one's graph, which saved alpha and beta. Between two forwards the clamp changes nothing unless
+            # something else (an optimizer step, which bumps the version itself) changed them.
+            with torch.no_grad():
+                for coefficient in (self.alpha, self.beta):
+                    with torch.autograd._unsafe_preserve_version_counter(coefficient):
+                        coefficient.clamp_(0, 1)
             T = targets.to(S.dtype)
         if run_instance:
             S1, T1 = ops.instance_blend(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -61,17 +63,20 @@ class PrototypeBank(nn.Module):
         self.register_buffer("prototypes", torch.zeros(num_classes, 4, dim))
         self.register_buffer("valid", torch.zeros(num_classes, dtype=torch.bool))
         self.register_buffer("ready", torch.zeros((), dtype=torch.bool))
-        # is_ready()'s host copy of `ready` once it was read True: training asks every step, and on a GPU each read
-        # of the buffer is a device synchronisation. Forgotten by reset() and by loading a state dict.
+        # is_ready()'s host copy of `ready` once it is True: training asks every step, and on a GPU each read of the
+        # buffer is a device synchronisation. Set by finalize(), cleared by reset(), read from the buffer when a
+        # state dict is loaded. Under torch.compile it is a Python constant the graph is guarded on, so a compiled
+        # forward needs no read of the buffer once the bank is ready.
         self._ready_seen = False
-        self.register_load_state_dict_post_hook(PrototypeBank._forget_ready)
+        self.register_load_state_dict_post_hook(PrototypeBank._read_ready)
 
     @staticmethod
-    def _forget_ready(module, incompatible_keys) -> None:
-        module._ready_seen = False
+    def _read_ready(module, incompatible_keys) -> None:
+        module._ready_seen = module.ready.device.type != "meta" and bool(module.ready)
 
     def is_ready(self) -> bool:
-        """``bool(ready)``, read from the device only until it is first True (see ``_ready_seen``)."""
+        """``bool(ready)``, read from the device only while the host copy says False (see ``_ready_seen``): after a
+        direct write to the buffer (under torch.compile that read is a graph break; fullgraph refuses it)."""
         if not self._ready_seen:
             self._ready_seen = bool(self.ready)
         return self._ready_seen
@@ -170,6 +175,22 @@ class PrototypeBank(nn.Module):
             self.prototypes[c, q] = self.sums.sum(1)[c] / total.clamp(min=1).unsqueeze(-1)
         torch.gt(self.counts.sum(1), 0, out=self.valid)
         self.ready.fill_(True)
+        self._ready_seen = True
+
+    @torch.no_grad()
+    def set_prototypes(self, prototypes: torch.Tensor, valid: Optional[torch.Tensor] = None) -> None:
+        """Use the given prototypes instead of a prototype pass (e.g. the spatial sums of official prototype maps):
+        ``prototypes`` (C, 4, D) float, ``valid`` (C,) bool (default: every class). The bank is then ready."""
+        check_tensor("prototypes", prototypes, kind="float", shape=(self.num_classes, 4, self.dim))
+        if valid is not None:
+            check_tensor("valid", valid, kind="bool", shape=(self.num_classes,))
+        self.prototypes.copy_(prototypes)
+        if valid is None:
+            self.valid.fill_(True)
+        else:
+            self.valid.copy_(valid)
+        self.ready.fill_(True)
+        self._ready_seen = True
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, dim={self.dim}, cap={self.cap}"
