@@ -159,13 +159,13 @@ def contrastive_loss(
             (ties to the lower entry index).
 
     Returns:
-        0-dim tensor of ``features.dtype`` (computed in float32 at least). For every pair i < j and class c with cos = cosine(S[i,c], S[j,c])
-        (eps 1e-9): pos-pos (both +1) loss 1 - cos, pos-neg 1 + cos, neg-neg 1 + cos; pairs with an unknown are
-        excluded. With P = |pos-pos| > 0, pos-neg and neg-neg are each replaced by a random subset of min(n, 2P)
-        of their entries plus their min(P, n) largest losses (an entry in both counts twice, as officially; the
-        official slice of the sorted losses also gives min(P, n)). With P = 0 both are used in full. The result is
-        the mean over the three sets, 0 when they are empty (B < 2). Equal to
-        ``dsrb.reference.losses.contrastive_loss`` to rounding for the same keys.
+        0-dim tensor of ``features.dtype`` (computed in float32 at least). For every pair i < j and class c with cos =
+        cosine(S[i,c], S[j,c]) (eps 1e-9): pos-pos (both +1) loss 1 - cos, pos-neg 1 + cos, neg-neg 1 + cos; pairs with
+        an unknown are excluded. With P = |pos-pos| > 0, pos-neg and neg-neg are each replaced by a random subset of
+        min(n, 2P) of their entries plus their min(P, n) largest losses (an entry in both counts twice, as officially;
+        the official slice of the sorted losses also gives min(P, n)). With P = 0 both are used in full. The result is
+        the mean over the three sets, 0 when they are empty (B < 2). Equal to ``dsrb.reference.losses.contrastive_loss``
+        to rounding for the same keys.
     """
     check_tensor("features", features, ndim=3, kind="float")
     check_tensor("targets", targets, shape=tuple(features.shape[:2]), kind="real")

@@ -167,8 +167,9 @@ def load_partial_labels(
     """Read a file written by :func:`save_partial_labels`.
 
     Returns ``(targets, meta)``: int8 (N, C) targets and ``{"proportion": float, "seed": int, "class_names":
-    list[str] | None, "image_keys": list[str] | None}`` (None: not stored, as in files written before they were). ``expected_shape`` (N, C), entries may be None for "any", is checked against the stored
-    targets. Every error names the path.
+    list[str] | None, "image_keys": list[str] | None}`` (None: not stored, as in files written before the keys were).
+    ``expected_shape`` (N, C), entries may be None for "any", is checked against the stored targets. Every error
+    names the path.
     """
     path = os.fspath(path)
     if not os.path.exists(path):

@@ -40,7 +40,9 @@ def _list_dataset(root: Path, split: str, transform) -> MultiLabelDataset:
     # The train split's classes for both splits: a name only in test.csv (a typo, or a class never trained on) is an
     # error naming it, not a class without a training positive.
     train = root / "train.csv"
-    classes = sorted({n for _, _, row in read_list(train) for n in row}) if split == "test" and train.is_file() else None
+    classes = None
+    if split == "test" and train.is_file():
+        classes = sorted({n for _, _, row in read_list(train) for n in row})
     return load_list(path, classes=classes, transform=transform, classes_source=f"the classes of {train}")
 
 
