@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -212,6 +213,8 @@ def compile_cuda(cu_sources: List[str], out_dir: str, nvcc: str, include_dir: st
         cmd = [nvcc, "-c", src, "-o", obj, *flags]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         log.append(" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
+        if proc.returncode < 0:
+            raise BuildError(f"nvcc was killed by signal {-proc.returncode} on {os.path.basename(src)}")
         if proc.returncode != 0:
             raise BuildError(f"nvcc failed on {os.path.basename(src)}:\n{proc.stderr.strip()[-4000:]}")
         return obj
@@ -234,7 +237,9 @@ def first_use_build(root: str, folder: str, name: str, nvcc: Optional[str], jobs
     if nvcc:
         objects = compile_cuda(cuda_sources(root), os.path.join(folder, "cuda"), nvcc, root, log)
         cflags.append("-DDSRB_WITH_CUDA")
-        ldflags = objects + cuda_link_flags(nvcc) + ldflags
+        # torch writes the link flags into build.ninja joined by spaces, unquoted, and ninja hands the command to
+        # the shell: quote the paths (the cache folder may hold a space), and double ninja's '$'.
+        ldflags = [shlex.quote(flag).replace("$", "$$") for flag in objects + cuda_link_flags(nvcc)] + ldflags
     # is_python_module=False: a plain shared library whose static initialisers register the ops; load() dlopens it.
     # MAX_JOBS, validated (ninja reads 0 as no limit), for this build only.
     previous = os.environ.get("MAX_JOBS")

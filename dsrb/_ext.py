@@ -23,11 +23,13 @@ import glob
 import importlib.machinery
 import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from . import _build
 
@@ -170,15 +172,18 @@ def _cached_build(root: str, want: Dict[str, object], nvcc: Optional[str], fallb
         return _open(library, _read_info(library), "first-use build (cache)")
     if os.path.isfile(failed):
         raise _failed_earlier(folder)
+    if _build.env_flag("DSRB_BUILD_ON_FIRST_USE") is False:  # nothing to build: no lock to wait for
+        return Extension(reason="not built yet and DSRB_BUILD_ON_FIRST_USE=0 (unset it, or "
+                                "`pip install -e . --no-build-isolation`)")
     os.makedirs(folder, exist_ok=True)
-    with FileLock(os.path.join(folder, ".lock")):  # concurrent processes (DDP ranks, pytest-xdist) build once
+    waiting = (f"dsrb: waiting for another process's first-use build in {folder} (if that process is stopped, "
+               "resume or end it)")
+    # concurrent processes (DDP ranks, pytest-xdist) build once
+    with FileLock(os.path.join(folder, ".lock"), waiting=waiting):
         if os.path.isfile(library) and _read_info(library):
             return _open(library, _read_info(library), "first-use build (cache)")
         if os.path.isfile(failed):
             raise _failed_earlier(folder)
-        if _build.env_flag("DSRB_BUILD_ON_FIRST_USE") is False:
-            return Extension(reason="not built yet and DSRB_BUILD_ON_FIRST_USE=0 (unset it, or "
-                                    "`pip install -e . --no-build-isolation`)")
         cxx = (os.environ.get("CXX") or "c++").split()[0]  # the compiler torch's builder calls (CXX="ccache g++")
         if shutil.which(cxx) is None:  # not remembered as a failure: installing one is enough
             return Extension(reason=f"no C++ compiler to build it: {cxx!r} is not on PATH (install g++, or set CXX)")
@@ -201,6 +206,12 @@ def _cached_build(root: str, want: Dict[str, object], nvcc: Optional[str], fallb
         except Exception as exc:  # noqa: BLE001 - any compiler/toolchain failure becomes a reported reason
             with open(os.path.join(folder, "build.log"), "w") as f:
                 f.write("\n\n".join(log + [str(exc)]))
+            if _killed(exc, log):  # not remembered: the next import builds again
+                print(f"dsrb: the first-use build was killed (the OOM killer, a time limit?); the next import builds "
+                      f"again (MAX_JOBS=1 needs less memory; log: {folder}{os.sep}build.log)", file=sys.stderr,
+                      flush=True)
+                raise _build.BuildError(f"the first-use build was killed (log: {os.path.join(folder, 'build.log')}); "
+                                        "the next import builds again") from None
             open(failed, "w").close()
             what = ("the build with the CUDA kernels failed; building the CPU kernels alone" if fallback else
                     "the extension build failed; the ops run on their other backends")
@@ -213,6 +224,21 @@ def _cached_build(root: str, want: Dict[str, object], nvcc: Optional[str], fallb
         print(f"dsrb: extension built in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
         # cpp_extension.load in _build.first_use_build has already loaded the library into this process.
         return Extension(path=library, info=info, origin="first-use build (cache)")
+
+
+# What a compiler driver or nvcc prints when the OOM killer or a time limit ends one of its programs.
+_KILLED = re.compile(r"Killed signal terminated program|died due to signal|unable to execute command: Killed|"
+                     r"killed by signal")
+
+
+def _killed(exc: BaseException, log: List[str]) -> bool:
+    """Whether the build failed because a process was killed by a signal, rather than on the sources."""
+    seen: Optional[BaseException] = exc
+    while seen is not None:
+        if isinstance(seen, subprocess.CalledProcessError) and seen.returncode < 0:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return bool(_KILLED.search(str(exc)) or any(_KILLED.search(entry) for entry in log))
 
 
 def _failed_earlier(folder: str) -> "_build.BuildError":

@@ -6,8 +6,9 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -79,8 +80,8 @@ def _write_error(verb: str, path: str, err: BaseException, more: str = "") -> OS
 
 def remove_stale_temporaries(directory: str, names) -> None:
     """Delete the temporary files that killed :func:`atomic_write` calls for the files ``names`` left in ``directory``
-    (each may be a whole checkpoint). Only for a directory no other process writes those files to; anything else
-    there, another program's ``.tmp-*`` file or a folder, is left alone."""
+    (each may be a whole checkpoint). Only for a directory no other process writes those files to (dsrb.train locks
+    its run directory); anything else there, another program's ``.tmp-*`` file or a folder, is left alone."""
     for entry in os.scandir(directory):
         if (entry.name.startswith(TMP_PREFIX) and any(entry.name.endswith("-" + n) for n in names)
                 and entry.is_file(follow_symlinks=False)):
@@ -126,19 +127,25 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 class FileLock:
-    """An exclusive advisory file lock (POSIX) held while inside ``with``; a no-op where fcntl is missing."""
+    """An exclusive advisory file lock (POSIX) held while inside ``with``; a no-op where fcntl is missing. The lock
+    goes with the process: one killed, even by SIGKILL, leaves none behind. Held by another process, it is waited
+    for, after printing ``waiting`` (if given) to stderr, so that a wait on a stopped holder is never silent."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, *, waiting: Optional[str] = None):
+        self.path, self.waiting = path, waiting
 
     def __enter__(self):
         self.file = open(self.path, "w")
         try:
             import fcntl
-
-            fcntl.flock(self.file, fcntl.LOCK_EX)
         except ImportError:  # pragma: no cover - Windows
-            pass
+            return self
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if self.waiting:
+                print(self.waiting, file=sys.stderr, flush=True)
+            fcntl.flock(self.file, fcntl.LOCK_EX)
         return self
 
     def __exit__(self, *exc):

@@ -38,6 +38,7 @@ import math
 import os
 import platform
 import random
+import shlex
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -634,14 +635,48 @@ def _run(cfg: TrainConfig) -> Dict[str, Any]:
     files = {name: os.path.abspath(value) for name in ("data_root", "word_vectors", "pretrained")
              if (value := getattr(cfg, name)) is not None and value != "builtin"}
     cfg = dataclasses.replace(cfg, out=out, **files)
+    lock = None
     try:
+        if d.main:  # before the data is listed and the model built: a read-only disk, a file in the way
+            check_output_dir(out, name="setting 'out' (--out)", what="the run directory")
+            missing, folder = [], os.path.abspath(out)
+            while not os.path.exists(folder):  # the folders made here, innermost first, removed if left empty
+                missing.append(folder)
+                folder = os.path.dirname(folder)
+            os.makedirs(out, exist_ok=True)
+            made[:0] = missing
+            lock = _lock_run_directory(out)
         return _train(cfg, d, device, out)
     except KeyboardInterrupt as err:
         raise Interrupted(out, os.path.isfile(os.path.join(out, "config.json"))) from err
     finally:
+        if lock is not None:
+            os.close(lock)
         for folder in made:  # a settings error: nothing written
             if os.path.isdir(folder) and not os.listdir(folder):
                 os.rmdir(folder)
+
+
+def _lock_run_directory(out: str) -> Optional[int]:
+    """An exclusive lock on the run directory (a flock on the folder itself: no file in it), held by the main process
+    while the run lives, so that a second run, or a resume, in it stops with an error instead of mixing both runs'
+    checkpoints and metrics. Returns the descriptor to close, or None where locks are missing (no fcntl; a file
+    system without flock)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"setting 'out' (--out): another process is training in {out}; wait for it to end, or "
+                         "choose another --out") from None
+    except OSError:  # some network file systems: unguarded, as before
+        os.close(fd)
+        return None
+    return fd
 
 
 def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[str, Any]:
@@ -649,8 +684,6 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
     if d.main and not cfg.resume and os.path.exists(last_path):
         raise FileExistsError(f"setting 'out': {out} already holds a run; pass --resume to continue it or "
                               "choose another --out")
-    if d.main:  # before the data is listed and the model built: a read-only disk, a file in the way
-        check_output_dir(out, name="setting 'out' (--out)", what="the run directory")
     if cfg.tensorboard and d.main:
         _summary_writer_class()
     setup_logging(None, d.main)  # the records go to <out>/train.log once the directory exists
@@ -842,7 +875,7 @@ def cli(argv=None) -> None:
     try:
         main(argv)
     except Interrupted as err:
-        hint = f"resume with --resume --out {err.out}" if err.resumable else "nothing was saved yet"
+        hint = f"resume with --resume --out {shlex.quote(err.out)}" if err.resumable else "nothing was saved yet"
         print(f"{prog}: interrupted; {hint}", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:

@@ -4,9 +4,12 @@ while a missing compiler or ninja is not; CUDA kernels that fail to build leave 
 a disabled build is a reason (the package runs on its other backends), never an exception from ``import dsrb.ops``;
 DSRB_REQUIRE_EXT=1 turns any reason into an ImportError."""
 
+import fcntl
 import importlib.machinery
 import os
+import shlex
 import sys
+import threading
 
 import pytest
 import torch
@@ -99,6 +102,67 @@ def test_a_failed_build_is_remembered_and_not_retried(loader, capsys):
     again = _ext._load()
     assert not again.loaded and "failed earlier" in again.reason and folder in again.reason
     assert len(loader.calls) == 1
+
+
+@pytest.mark.parametrize("message", ["c++: fatal error: Killed signal terminated program cc1plus",
+                                     "nvcc error   : 'cicc' died due to signal 9 (Kill signal)",
+                                     "nvcc was killed by signal 9 on semantic_attention.cu"])
+def test_a_build_killed_by_a_signal_is_not_remembered(loader, capsys, message):
+    """A compiler the OOM killer (or a time limit) ended is no failure of the sources: the next import builds again,
+    where it used to be remembered as failed until the folder was deleted."""
+    def killed(root, folder, name, nvcc, jobs, log):
+        loader.calls.append(folder)
+        raise RuntimeError(f"Error building extension 'dsrb_ext_cpu': {message}")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_build, "first_use_build", killed)
+        first = _ext._load()
+    assert not first.loaded and "the first-use build was killed" in first.reason
+    assert "the next import builds again" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(loader.calls[0], "FAILED"))
+    assert _ext._load().loaded and len(loader.calls) == 2
+
+
+def test_a_wait_for_another_processs_build_says_so(loader, capfd, monkeypatch):
+    """An import that finds another process building (or stopped mid-build, Ctrl-Z) says what it waits for, rather
+    than hanging silently; with DSRB_BUILD_ON_FIRST_USE=0 it does not wait at all."""
+    ext = _ext._load()  # where the build goes; then a fresh cache entry for the same key
+    folder = os.path.dirname(ext.path)
+    os.remove(ext.path)
+
+    def load_in_thread():
+        result = []
+        thread = threading.Thread(target=lambda: result.append(_ext._load()), daemon=True)
+        thread.start()
+        return thread, result
+
+    with open(os.path.join(folder, ".lock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another open file: conflicts as another process's would
+        with monkeypatch.context() as m:
+            m.setenv("DSRB_BUILD_ON_FIRST_USE", "0")
+            thread, result = load_in_thread()
+            thread.join(10.0)
+            assert result and "DSRB_BUILD_ON_FIRST_USE=0" in result[0].reason  # returned without waiting
+        thread, result = load_in_thread()
+        thread.join(2.0)
+        assert thread.is_alive() and not result  # waiting ...
+        assert f"dsrb: waiting for another process's first-use build in {folder}" in capfd.readouterr().err
+    thread.join(30.0)  # ... until the lock is released
+    assert result and result[0].loaded
+
+
+def test_cuda_objects_reach_the_link_quoted(monkeypatch, tmp_path):
+    """torch writes the link flags into build.ninja joined by spaces, unquoted, for the shell: a cache folder with a
+    space split each CUDA object's path in two and failed the CUDA build."""
+    folder = str(tmp_path / "cache with space $HOME")
+    objects = [os.path.join(folder, "cuda", name) for name in ("a.cu.o", "b.cu.o")]
+    seen = {}
+    monkeypatch.setattr(_build, "compile_cuda", lambda *a: objects)
+    monkeypatch.setattr(_build, "cuda_link_flags", lambda nvcc: ["-L/opt/cuda dir/lib64", "-lcudart_static"])
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: seen.update(kw))
+    _build.first_use_build(_build.source_root(), folder, "dsrb_ext_cuda", "/opt/cuda/bin/nvcc", 1, [])
+    line = " ".join(seen["extra_ldflags"]).replace("$$", "$")  # as build.ninja holds it, after ninja's unescaping
+    assert shlex.split(line)[:3] == objects + ["-L/opt/cuda dir/lib64"]
 
 
 def test_no_compiler_or_ninja_is_a_reason_not_a_remembered_failure(loader, monkeypatch):

@@ -669,6 +669,32 @@ def test_tensorboard_missing_is_a_clear_error(data_root, tmp_path, monkeypatch, 
     assert not out.exists()
 
 
+def test_a_run_directory_in_use_is_refused(data_root, tmp_path):
+    """A second run, or a resume, in a directory another process is training in stops before it writes anything:
+    they used to interleave metrics.jsonl, overwrite each other's checkpoints and delete each other's temporaries."""
+    import fcntl
+
+    out = tmp_path / "run"
+    train.main(args(data_root, out))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    held = os.open(out, os.O_RDONLY)  # as the other process's run holds it
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        for extra in (["--resume", "--epochs", "2"], []):
+            with pytest.raises(ValueError, match=r"setting 'out' \(--out\): another process is training in "):
+                train.main(args(data_root, out, *extra))
+        fresh = tmp_path / "new" / "deeper"
+        train.main(args(data_root, fresh))  # other directories are free
+    finally:
+        os.close(held)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    train.main(args(data_root, out, "--resume", "--epochs", "2"))  # released: the resume runs
+    # an explicit --out made here and left empty by a settings error is removed, with the folders made for it
+    with pytest.raises(ValueError, match="top_k"):  # found once the data is read, after the lock is taken
+        train.main(args(data_root, tmp_path / "a" / "b", "--top-k", "17"))
+    assert not (tmp_path / "a").exists()
+
+
 def test_resume_checks_settings_against_the_runs_own(data_root, tmp_path):
     """A setting given again with --resume is checked against the run's saved settings, not the demo preset's: the
     image size of a run without the 2x2 pool is below what the pool would need."""
@@ -690,12 +716,12 @@ def test_ctrl_c_exits_130_and_the_run_resumes(data_root, tmp_path, monkeypatch, 
         return real(*a, **k)
 
     monkeypatch.setattr(train, "train_epoch", interrupted_in_epoch_1)
-    out = tmp_path / "run"
+    out = tmp_path / "my run"  # a space: the hint quotes it for the shell
     with pytest.raises(SystemExit) as info:
         train.cli(args(data_root, out, epochs=2))
     assert info.value.code == 130
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
-    assert err == f"python -m dsrb.train: interrupted; resume with --resume --out {out}"
+    assert err == f"python -m dsrb.train: interrupted; resume with --resume --out '{out}'"
     assert torch.load(out / "last.pt", weights_only=False)["epoch"] == 1  # epoch 0 kept
     monkeypatch.setattr(train, "train_epoch", real)
     train.main(["--out", str(out), "--resume"])
