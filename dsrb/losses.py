@@ -12,12 +12,12 @@ value in (0, 1] at blended entries. Logits (B, C). Semantic features S (B, C, D)
 from __future__ import annotations
 
 import numbers
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from dsrb._checks import check_same_device, check_targets, check_tensor
+from dsrb._checks import check_bool, check_same_device, check_targets, check_tensor
 
 __all__ = ["partial_bce", "contrastive_loss", "dsrb_loss", "COSINE_EPS"]
 
@@ -33,6 +33,13 @@ def _check_bce(logits, targets, logits_name: str, targets_name: str) -> None:
 
 
 def _partial_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    total, count = _partial_bce_sum(logits, targets)
+    # Flat mean over known entries; clamping the count gives 0 with no known entry, without a host sync.
+    return total / count.clamp_min(1)
+
+
+def _partial_bce_sum(logits: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the known entries' losses, number of known entries)."""
     targets = targets.to(logits.dtype)
     neg = targets < 0
     known = neg | (targets > 0)
@@ -42,9 +49,7 @@ def _partial_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         torch.where(neg, -logits, logits), torch.where(neg, torch.ones_like(targets), targets), reduction="none"
     )
     # where, not a multiply: unknown entries must not leak inf/NaN into the sum or the gradient.
-    total = torch.where(known, per_entry, torch.zeros_like(per_entry)).sum()
-    # Flat mean over known entries; clamping the count gives 0 with no known entry, without a host sync.
-    return total / known.sum().clamp_min(1)
+    return torch.where(known, per_entry, torch.zeros_like(per_entry)).sum(), known.sum()
 
 
 def partial_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -198,6 +203,7 @@ def dsrb_loss(
     generator: Optional[torch.Generator] = None,
     keys: Optional[torch.Tensor] = None,
     validate: bool = True,
+    distributed: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total DSRB loss of one iteration (spec §6.3).
 
@@ -218,6 +224,11 @@ def dsrb_loss(
         generator, keys: passed to :func:`contrastive_loss`.
         validate: check that ``targets`` holds only -1, 0 and 1 (it reads the values: a device synchronisation on
             a GPU). ``dsrb.train`` passes False: the model's forward has checked the same targets.
+        distributed: every rank of the default process group calls it, each on its own batch (DDP): the BCE terms'
+            flat means are then over the known entries of all the ranks' batches (the counts all-reduced, one
+            collective), so that DDP's average of the ranks' gradients is the gradient of the combined batch's
+            loss; each rank's term is its own sum over the mean count per rank. The contrastive term stays each
+            rank's own (its pairs are within the rank's batch).
 
     Returns:
         (total, parts): total is a 0-dim tensor; parts maps "bce", "contrastive", "instance", "prototype" to the
@@ -228,6 +239,7 @@ def dsrb_loss(
         raise ValueError(f"argument 'epoch': expected a non-negative integer, got {epoch!r}")
     if isinstance(progress, bool) or not isinstance(progress, numbers.Real) or not 0.0 <= float(progress) <= 1.0:
         raise ValueError(f"argument 'progress': expected a number in [0, 1], got {progress!r}")
+    distributed = check_bool("distributed", distributed)
     w_con = _check_weight("contrastive_weight", contrastive_weight)
     w_ins = _check_weight("instance_weight", instance_weight)
     w_pro = _check_weight("prototype_weight", prototype_weight)
@@ -265,7 +277,18 @@ def dsrb_loss(
                          **{f"output.{n}_logits": lg for n, _, lg, _ in blend_terms}})
 
     zero = logits.new_zeros(())
-    bce = _partial_bce(logits, targets)
+    # The BCE terms: sums and counts of known entries, the counts summed over the ranks under DDP (one collective).
+    sums, counts = zip(*(_partial_bce_sum(lg, tg) for lg, tg in
+                         [(logits, targets)] + [(lg, tg) for _, _, lg, tg in blend_terms]))
+    counts = torch.stack(counts)
+    if distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(counts)
+        counts = counts.to(logits.dtype) / dist.get_world_size()  # the mean count per rank
+    # 0 for a term without known entries, without a host sync
+    means = [term_sum / torch.where(count > 0, count, torch.ones_like(count)) for term_sum, count in zip(sums, counts)]
+    bce = means[0]
     total = bce
     parts = {"bce": bce.detach(), "contrastive": zero, "instance": zero, "prototype": zero,
              "contrastive_weight": logits.new_tensor(w_con)}
@@ -273,8 +296,7 @@ def dsrb_loss(
         con = _contrastive_loss(features, targets, _get_keys(features, generator, keys))
         total = total + w_con * con
         parts["contrastive"] = con.detach()
-    for name, weight, blend_logits, blend_targets in blend_terms:
-        term = _partial_bce(blend_logits, blend_targets)
+    for (name, weight, _, _), term in zip(blend_terms, means[1:]):
         total = total + weight * term
         parts[name] = term.detach()
     return total, parts

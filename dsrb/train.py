@@ -365,7 +365,7 @@ def prototype_pass(core: DSRB, loader: DataLoader, cfg: TrainConfig, d: Dist, de
         with autocast(cfg, device):
             # validate=False: checked by train_set.set_targets. Under DDP the cap counts every rank's samples.
             core.update_prototypes(images, targets, validate=False, distributed=d.enabled)
-        bar.update(images.shape[0])
+        bar.update(images.shape[0] * d.world)  # every rank's images, as the training bar
     bar.close()
     if d.enabled:  # counts already cover every rank; each rank summed its own kept samples
         dist.all_reduce(core.prototype_bank.sums)
@@ -444,7 +444,7 @@ def train_epoch(model, core: DSRB, loader, optimizer, scaler, cfg: TrainConfig, 
                         prototype_choices=choices, validate=False)
             loss, parts = dsrb_loss(out, targets, epoch=epoch, progress=step / total, contrastive_weight=con_weight,
                                     instance_weight=cfg.instance_weight, prototype_weight=cfg.prototype_weight,
-                                    generator=generator, validate=False)
+                                    generator=generator, validate=False, distributed=d.enabled)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

@@ -424,3 +424,84 @@ def test_contrastive_gradient_is_bitwise_reproducible():
         grads.append(torch.autograd.grad(losses.contrastive_loss(f, targets, keys=keys), f)[0])
     for other in grads[1:]:
         assert torch.equal(other, grads[0])
+
+
+DISTRIBUTED = r'''
+import sys
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dsrb import losses
+
+C, ROWS = 4, [[0, 1, 2], [3, 4, 5, 6, 7]]  # rank 0 and rank 1's rows of the combined batch: unequal known counts
+
+
+class Out:
+    def __init__(self, theta, x):
+        self.logits, self.features = x * theta, x[:, :, None]
+        self.instance_logits, self.instance_targets = 0.5 * x * theta, torch.sigmoid(x).detach()
+        self.prototype_logits, self.prototype_targets = -x * theta, torch.sigmoid(-x).detach()
+
+
+def batch():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, C, generator=g, dtype=torch.float64)
+    T = torch.randint(-1, 2, (8, C), generator=g)
+    T[:3] = torch.where(torch.rand(3, C, generator=g) < 0.7, 0, T[:3])  # rank 0's rows: mostly unknown
+    return x, T
+
+
+def loss_and_grad(rows, distributed):
+    theta = torch.linspace(0.5, 2.0, C, dtype=torch.float64).requires_grad_(True)
+    x, T = batch()
+    total, _ = losses.dsrb_loss(Out(theta, x[rows]), T[rows], epoch=1, progress=0.0, contrastive_weight=0.0,
+                                distributed=distributed)
+    return total.detach(), torch.autograd.grad(total, theta)[0]
+
+
+def work(rank, out, port):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    total, grad = loss_and_grad(ROWS[rank], True)
+    both = torch.stack([total, *grad])
+    dist.all_reduce(both)  # as DDP averages the ranks' gradients
+    if rank == 0:
+        torch.save(both / 2, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mp.spawn(work, args=(sys.argv[1], int(sys.argv[2])), nprocs=2)
+'''
+
+
+def test_distributed_loss_is_the_combined_batchs(tmp_path):
+    """Under DDP each rank's BCE terms were flat means over its own batch's known labels, and DDP averaged them: a
+    mean of means, not the spec's flat mean over the (combined) batch, whenever the ranks' known counts differ. With
+    the counts all-reduced, two gloo ranks' averaged loss and gradient equal one process's on the combined batch."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import types
+
+    script = tmp_path / "loss_ddp.py"
+    script.write_text(DISTRIBUTED)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(losses.__file__)))
+    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "loss.pt"), str(port)], capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath))
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = torch.load(tmp_path / "loss.pt")
+    spec = {"__name__": "loss_ddp"}  # the script's data, without running it
+    exec(DISTRIBUTED, spec)
+    spec = types.SimpleNamespace(**spec)
+    total, grad = spec.loss_and_grad(list(range(8)), False)
+    torch.testing.assert_close(got, torch.stack([total, *grad]), rtol=1e-12, atol=1e-12)
+    per_rank = [spec.loss_and_grad(rows, False) for rows in spec.ROWS]  # what the ranks used to average
+    mean_of_means = torch.stack([torch.stack([t, *g]) for t, g in per_rank]).mean(0)
+    assert (mean_of_means - got).abs().max() > 1e-3
