@@ -38,8 +38,8 @@ from torch.utils.data import DataLoader
 from ._cli import check_output_file
 from .checkpoint import atomic_write
 from .config import check_device
-from .inference import (BACKENDS, check_finite_logits, device_arg, load_model, non_negative_int, positive_int,
-                        run_main)
+from .inference import (AMP_CHOICES, BACKENDS, amp_autocast, check_finite_logits, device_arg, load_model,
+                        non_negative_int, positive_int, run_main)
 from .metrics import METRIC_KEYS, compute_metrics, voc_map
 
 __all__ = ["default_out", "evaluate_checkpoint", "format_table", "main"]
@@ -65,6 +65,7 @@ def evaluate_checkpoint(
     backend: str = "auto",
     image_size: Optional[int] = None,
     skip_bad: Optional[bool] = None,
+    amp: Optional[str] = None,
     out: Union[str, os.PathLike, None] = None,
 ) -> Dict[str, Any]:
     """Evaluate ``checkpoint`` on ``split`` of a dataset; returns the result dict (the JSON written to ``out``).
@@ -77,13 +78,16 @@ def evaluate_checkpoint(
         batch_size, workers: DataLoader settings.
         device: "auto", "cpu", "cuda", ...
         backend: op backend, "auto" or one of "torch", "cpu", "cuda", "triton" (:func:`dsrb.inference.check_backend`).
+        amp: autocast of the forward, "none", "bf16" or "fp16"; default the run's ``--amp``, under which its
+            per-epoch test mAP (the one that chose best.pt) was computed.
         out: JSON file to write atomically; None writes nothing (the command line defaults to
             ``<checkpoint folder>/eval_<checkpoint name>_<split>.json``, :func:`default_out`).
 
     Returns:
         dict with ``metrics`` ({name: fraction in [0, 1] or None}, keys of :data:`dsrb.metrics.METRIC_KEYS`),
         ``per_class_ap`` ([{"class": name, "ap": fraction or None}] in class order), ``checkpoint``, ``dataset``,
-        ``data_root``, ``split``, ``num_images``, ``num_classes``, ``image_size`` and ``epoch`` (of the checkpoint).
+        ``data_root``, ``split``, ``num_images``, ``num_classes``, ``image_size``, ``amp`` and ``epoch`` (of the
+        checkpoint).
     """
     from .data import DATASETS, TestTransform, build_dataset
 
@@ -96,6 +100,8 @@ def evaluate_checkpoint(
     if dataset is not None and dataset not in DATASETS:  # before the model is read; build_dataset says "'name'"
         raise ValueError(f"argument 'dataset' (--dataset): unknown dataset {dataset!r}; expected one of "
                          f"{', '.join(DATASETS)}")
+    if amp is not None and amp not in AMP_CHOICES:
+        raise ValueError(f"argument 'amp' (--amp): expected one of {AMP_CHOICES}, got {amp!r}")
     dev = check_device(device, name="argument 'device'")
     path = os.fspath(checkpoint)
     model, info = load_model(path, device=dev, backend=backend)
@@ -106,6 +112,7 @@ def evaluate_checkpoint(
     data_root = data_root if data_root is not None else cfg.get("data_root")
     size = image_size if image_size is not None else info["image_size"]
     skip = skip_bad if skip_bad is not None else bool(cfg.get("skip_bad_images", False))
+    amp = amp if amp is not None else cfg.get("amp", "none")
 
     ds = build_dataset(dataset, split, root=data_root, transform=TestTransform(size), skip_bad=skip)
     ds.align_classes(info["class_names"], f"dataset '{dataset}' ({split}) vs checkpoint {path}", ours="the dataset",
@@ -114,7 +121,8 @@ def evaluate_checkpoint(
                         pin_memory=dev.type == "cuda")
     scores, indices = [], []
     for images, _, index in loader:
-        scores.append(model(images.to(dev, non_blocking=True)).float().cpu())
+        with amp_autocast(amp, dev):
+            scores.append(model(images.to(dev, non_blocking=True)).float().cpu())
         indices.append(torch.as_tensor(index).long())
     C = info["num_classes"]
     scores_t = torch.cat(scores) if scores else torch.zeros(0, C)
@@ -136,6 +144,7 @@ def evaluate_checkpoint(
         "num_images": int(scores_t.shape[0]),
         "num_classes": C,
         "image_size": size,
+        "amp": amp,
         "metrics": {k: _json_float(metrics[k]) for k in METRIC_KEYS if k in metrics},
         "per_class_ap": [{"class": n, "ap": _json_float(v)} for n, v in zip(info["class_names"], ap_list)],
     }
@@ -192,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="input side (default: the checkpoint's training image size)")
     parser.add_argument("--skip-bad-images", dest="skip_bad", action=argparse.BooleanOptionalAction, default=None,
                         help="drop unreadable images (default: the checkpoint's setting)")
+    parser.add_argument("--amp", choices=AMP_CHOICES, default=None,
+                        help="autocast of the forward (default: the run's --amp, as its logged test mAP)")
     parser.add_argument("--out", default=None,
                         help="JSON file to write (default: <checkpoint folder>/eval_<checkpoint name>_<split>.json, "
                              "e.g. eval_best_test.json)")
@@ -203,7 +214,8 @@ def main(argv=None) -> Dict[str, Any]:
     out = args.out if args.out is not None else default_out(args.checkpoint, args.split)
     result = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_root=args.data_root, split=args.split,
                                  batch_size=args.batch_size, workers=args.workers, device=args.device,
-                                 backend=args.backend, image_size=args.image_size, skip_bad=args.skip_bad, out=out)
+                                 backend=args.backend, image_size=args.image_size, skip_bad=args.skip_bad,
+                                 amp=args.amp, out=out)
     print(format_table(result))
     print(f"wrote {out}", file=sys.stderr)
     return result

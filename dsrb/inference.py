@@ -10,6 +10,7 @@ dict) are used when present. Checkpoints are Python pickles (they hold NumPy RNG
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -87,6 +88,16 @@ def _read_checkpoint(path: str) -> Dict[str, Any]:
                 "its predictions would be meaningless"
             )
     return state
+
+
+AMP_CHOICES = ("none", "bf16", "fp16")
+
+
+def amp_autocast(amp: str, device: torch.device):
+    """The autocast context of an ``--amp`` setting ("none", "bf16", "fp16") on ``device``."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def check_backend(backend: str, device: torch.device, *, name: str = "argument 'backend'") -> Dict[str, str]:

@@ -41,7 +41,7 @@ import random
 import shlex
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -54,7 +54,7 @@ from ._cli import check_output_dir, discard, error_line
 from .checkpoint import (append_line, atomic_write, load_checkpoint, remove_stale_temporaries, rng_state,
                          save_checkpoint, save_json, set_rng_state)
 from .config import RESUMABLE, TrainConfig, check_device, load_config_file, parse_args
-from .inference import check_backend
+from .inference import amp_autocast, check_backend
 from .losses import dsrb_loss
 from .metrics import compute_metrics
 from .models import DSRB, draw_prototype_choices
@@ -340,9 +340,7 @@ def matmul_precision(value: str):
 
 
 def autocast(cfg: TrainConfig, device: torch.device):
-    if cfg.amp == "none":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
+    return amp_autocast(cfg.amp, device)
 
 
 def prototype_epoch(cfg: TrainConfig, epoch: int) -> bool:
@@ -569,11 +567,13 @@ def _warn_inexact_resume(cfg: TrainConfig, state: Dict[str, Any], world: int, de
     """A resumed run ends exactly where an uninterrupted one ends only with the same worker and process counts (they
     decide which random stream each image's crop and flip come from), the same backends serving the ops (``served``
     against the checkpoint's: --backend auto picks another where the extension is missing, or DSRB_BACKEND forces
-    one) and, on the CPU, the same thread count (they decide how the ops and sums are computed, and with it the
-    rounding). Other values are allowed, with a warning."""
+    one), the same --compile and --channels-last, and, on the CPU, the same thread count (they decide how the ops
+    and sums are computed, and with it the rounding). Other values are allowed, with a warning."""
     config = state.get("config", {})
     saved = [("--workers", cfg.workers, config.get("workers", cfg.workers)),
              ("--backend", cfg.backend, config.get("backend", cfg.backend)),
+             ("--compile", cfg.compile, config.get("compile", cfg.compile)),
+             ("--channels-last", cfg.channels_last, config.get("channels_last", cfg.channels_last)),
              ("processes", world, len(state["rng"]))]
     if device.type == "cpu":
         saved.append(("threads", torch.get_num_threads(), state.get("threads", torch.get_num_threads())))

@@ -142,6 +142,19 @@ def _expected_logits(model, paths):
         return model(x)
 
 
+def _test_list(setup):
+    """The fixture's test images and their labels (N, C), read back from its list file, in the checkpoint's class
+    order."""
+    paths, label_rows = [], []
+    with open(os.path.join(setup["data"], "test.csv"), encoding="utf-8") as f:
+        next(f)  # header
+        for line in f:
+            rel, labels = line.rstrip("\n").split(",", 1)
+            paths.append(os.path.join(setup["data"], rel))
+            label_rows.append([n for n in labels.split(";") if n])
+    return paths, torch.tensor([[1.0 if name in row else 0.0 for name in CLASSES] for row in label_rows])
+
+
 def _expected_probs(setup):
     return torch.sigmoid(_expected_logits(setup["model"], setup["images"]))
 
@@ -253,14 +266,7 @@ def test_evaluate(setup, tmp_path, capsys):
     # list's order, against the labels read back from the list (columns in the checkpoint's class order).
     from dsrb.metrics import compute_metrics, voc_map
 
-    paths, label_rows = [], []
-    with open(os.path.join(setup["data"], "test.csv"), encoding="utf-8") as f:
-        next(f)  # header
-        for line in f:
-            rel, labels = line.rstrip("\n").split(",", 1)
-            paths.append(os.path.join(setup["data"], rel))
-            label_rows.append([n for n in labels.split(";") if n])
-    targets = torch.tensor([[1.0 if name in row else 0.0 for name in CLASSES] for row in label_rows])
+    paths, targets = _test_list(setup)
     logits = _expected_logits(setup["model"], paths)
     expected = compute_metrics(logits, targets)
     for key in METRIC_KEYS:
@@ -285,6 +291,34 @@ def test_evaluate(setup, tmp_path, capsys):
     default = os.path.join(os.path.dirname(setup["ckpt"]), "eval_best_test.json")  # the checkpoint is best.pt
     assert os.path.isfile(default)
     os.remove(default)
+
+
+def test_evaluate_runs_under_the_runs_amp(setup, tmp_path, monkeypatch):
+    """A run trained with --amp bf16 logs (and picks best.pt by) the test mAP of bf16-autocast forwards; evaluate ran
+    in float32 and reported another mAP. It now follows the run's --amp unless told otherwise."""
+    import dsrb.evaluate
+    from dsrb.evaluate import evaluate_checkpoint
+
+    used = []  # this fixture's scores rank alike in bf16 and float32: the autocast asked for is checked directly
+    real = dsrb.evaluate.amp_autocast
+    monkeypatch.setattr(dsrb.evaluate, "amp_autocast", lambda amp, dev: used.append(amp) or real(amp, dev))
+    state = torch.load(setup["ckpt"], weights_only=False)
+    state["config"]["amp"] = "bf16"
+    path = str(tmp_path / "bf16.pt")
+    torch.save(state, path)
+    from dsrb.metrics import compute_metrics
+
+    paths, labels = _test_list(setup)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = _expected_logits(setup["model"], paths).float()
+    got = evaluate_checkpoint(path, workers=0, device="cpu", backend="torch")
+    assert got["amp"] == "bf16" and set(used) == {"bf16"}
+    assert got["metrics"]["mAP"] == pytest.approx(float(compute_metrics(logits, labels)["mAP"]), abs=1e-12)
+    plain = evaluate_checkpoint(path, workers=0, device="cpu", backend="torch", amp="none")
+    assert plain["amp"] == "none" and plain["metrics"] == evaluate_checkpoint(setup["ckpt"], workers=0, device="cpu",
+                                                                                backend="torch")["metrics"]
+    with pytest.raises(ValueError, match=r"argument 'amp' \(--amp\): expected one of"):
+        evaluate_checkpoint(path, workers=0, device="cpu", amp="fp8")
 
 
 def test_evaluate_reorders_the_datasets_classes(setup, tmp_path):

@@ -193,6 +193,10 @@ def test_resume_with_other_worker_and_thread_counts_warns(data_root, tmp_path):
     assert f"resumed with --workers 1 (the run was made with 0); threads {threads + 1} (the run was made with " \
            f"{threads}): from here on the run differs" in (out / "train.log").read_text()
     assert not (out / ".tmp-x-last.pt").exists()
+    # --channels-last (and --compile) may change on resume too, but they change the rounding: logged as well
+    train.main(["--out", str(out), "--resume", "--epochs", "3", "--channels-last"])
+    assert "--channels-last True (the run was made with False)" in (out / "train.log").read_text().split(
+        "resumed from")[-1]
 
 
 def test_paper_preset_without_pretrained_weights_or_word_vectors_warns(data_root, tmp_path):
