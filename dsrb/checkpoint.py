@@ -123,7 +123,10 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU visible when saved: a resume that sees fewer (or more) restores those both have, where
+        # set_rng_state_all would fail with an IndexError.
+        for index, generator_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(generator_state, index)
 
 
 class FileLock:

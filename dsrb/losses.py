@@ -291,7 +291,7 @@ def dsrb_loss(
     bce = means[0]
     total = bce
     parts = {"bce": bce.detach(), "contrastive": zero, "instance": zero, "prototype": zero,
-             "contrastive_weight": logits.new_tensor(w_con)}
+             "contrastive_weight": torch.full((), w_con, dtype=logits.dtype, device=logits.device)}  # no host copy
     if w_con != 0.0:
         con = _contrastive_loss(features, targets, _get_keys(features, generator, keys))
         total = total + w_con * con

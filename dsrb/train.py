@@ -395,7 +395,7 @@ class _StepLosses:
             host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
             host.copy_(values, non_blocking=True)
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(values.device))  # the copy's stream (cuda:N, not the current GPU)
             values = host
         self.flush()
         self.pending = (step, images, values, event)
@@ -624,6 +624,8 @@ def run(cfg: TrainConfig, explicit: Optional[Dict[str, Any]] = None) -> Dict[str
 def _run(cfg: TrainConfig) -> Dict[str, Any]:
     device = check_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     d = setup_distributed(cfg)
+    if device.type == "cuda":  # torch.cuda calls without a device (streams, events, memory stats) then mean this one
+        torch.cuda.set_device(device)
     claimed = not cfg.out  # the default directory, created here and removed again if the run leaves it empty
     out, made = (cfg.out, []) if cfg.out else _claim_default_out(cfg) if d.main else ("", [])
     if claimed and d.enabled:  # every rank uses the directory rank 0 claimed

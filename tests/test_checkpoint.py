@@ -102,3 +102,30 @@ def test_remove_stale_temporaries(tmp_path):
     (tmp_path / f"{TMP_PREFIX}x-best.pt").mkdir()
     remove_stale_temporaries(str(tmp_path), ("last.pt", "best.pt"))
     assert sorted(os.listdir(tmp_path)) == [f"{TMP_PREFIX}editor-notes.txt", f"{TMP_PREFIX}x-best.pt", "last.pt"]
+
+
+
+@pytest.mark.parametrize("visible", [1, 3])
+def test_rng_state_of_another_gpu_count_restores_what_both_have(monkeypatch, visible):
+    """A checkpoint saved with 2 visible GPUs, resumed where ``visible`` are: the states of the GPUs both have are
+    restored, where torch.cuda.set_rng_state_all (mocked as it behaves) fails with an IndexError for fewer GPUs; the
+    CPU generators as always."""
+    from dsrb.checkpoint import rng_state, set_rng_state
+
+    restored = []
+
+    def set_one(state, device):
+        if device >= visible:
+            raise IndexError(f"no GPU {device}")
+        restored.append((device, state.tolist()))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_one)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: [set_one(s, i) for i, s in enumerate(states)])
+    state = rng_state()
+    cuda = [torch.full((8,), i, dtype=torch.uint8) for i in range(2)]
+    expected = torch.rand(3)
+    set_rng_state({**state, "cuda": cuda})
+    assert torch.equal(torch.rand(3), expected)
+    assert restored == [(i, cuda[i].tolist()) for i in range(min(2, visible))]
