@@ -21,9 +21,12 @@ def _clock(seconds: float) -> str:
 
 class Progress:
     def __init__(self, total: int, desc: str, *, enabled: bool = True, stream=None, every: Optional[int] = None):
-        self.total, self.desc, self.enabled = total, desc, enabled
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.stream = stream or sys.stderr  # None when the process was started with stderr closed (2>&-)
+        self.total, self.desc, self.enabled = total, desc, enabled and self.stream is not None
+        try:
+            self.tty = self.enabled and self.stream.isatty()
+        except (OSError, ValueError, AttributeError):  # a closed stream, or one without isatty
+            self.tty = False
         self.every = every or max(1, total // 10)
         self.start = time.perf_counter()
         self.items = 0
@@ -48,11 +51,12 @@ class Progress:
         return time.perf_counter() - self.start
 
     def _write(self, text: str) -> None:
-        # A reader that went away (``2>&1 | head``) ends the bar, not the run.
+        # A stream that fails (a reader that went away, ``2>&1 | head``; a full disk, ``2>/dev/full``; a closed
+        # stream) ends the bar, not the run.
         try:
             self.stream.write(text)
             self.stream.flush()
-        except (BrokenPipeError, ValueError):  # ValueError: the stream was closed
+        except (OSError, ValueError):  # OSError includes BrokenPipeError; ValueError: the stream was closed
             self.enabled = False
             try:
                 discard(self.stream)  # what is left in its buffer, else the flush at exit fails too

@@ -84,6 +84,22 @@ def test_console_reader_going_away_does_not_stop_the_run(data_root, tmp_path, st
     assert records("run") == records("read") and records("run")[-1] == ["done:"]
 
 
+@pytest.mark.parametrize("stderr", ["full", "closed"])
+def test_failing_stderr_does_not_stop_the_run(data_root, tmp_path, stderr):
+    """``python -m dsrb.train ... 2>/dev/full`` (writes fail with ENOSPC) or ``2>&-`` (sys.stderr is None): the
+    progress bar turns itself off and the run finishes, train.log complete."""
+    if stderr == "full" and not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    kwargs = {"preexec_fn": lambda: os.close(2)} if stderr == "closed" else {}
+    with open("/dev/full" if stderr == "full" else os.devnull, "w") as sink:
+        proc = subprocess.run([sys.executable, "-m", "dsrb.train", *args(data_root, tmp_path / "run", 2)],
+                              stdout=subprocess.DEVNULL, stderr=sink if stderr == "full" else None, timeout=600,
+                              **kwargs)
+    assert proc.returncode == 0
+    assert [r["epoch"] for r in read_metrics(tmp_path / "run")] == [0, 1]
+    assert (tmp_path / "run" / "train.log").read_text().splitlines()[-1].split()[1] == "done:"
+
+
 # Exact resume under settings where every restored piece of state changes the result if it is not restored: blending
 # and prototype passes from epoch 0 every 2 epochs, so the resume epoch (3) has no prototype pass and trains with the
 # bank saved in last.pt; StepLR(2), so the lr has decayed before the resume and decays again after it, and the resume
