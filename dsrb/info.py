@@ -27,7 +27,10 @@ from .ops import BACKEND_CHOICES, KNOWN_BACKENDS, OPS, reasons, selected_backend
 def _optional_version(module: str) -> str:
     if importlib.util.find_spec(module) is None:
         return "not installed"
-    mod = __import__(module)
+    try:
+        mod = __import__(module)
+    except Exception as exc:  # this tool says why a backend is missing: a broken install is one of the reasons
+        return f"installed but fails to import ({type(exc).__name__}: {exc})"
     return getattr(mod, "__version__", "installed")
 
 

@@ -33,6 +33,17 @@ def test_info_reports_versions_build_and_every_op():
         assert why is None or f"  {backend}: {why}" in out
 
 
+def test_info_reports_a_triton_that_fails_to_import(tmp_path):
+    """A triton that is installed but fails to import (a broken or mismatched install): info reports it, in the
+    versions line and as the triton backend's reason, where it used to end in that import's traceback."""
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "__init__.py").write_text("raise RuntimeError('broken triton install')\n")
+    res = _info(PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    assert res.returncode == 0, res.stderr
+    assert "triton installed but fails to import (RuntimeError: broken triton install)" in res.stdout, res.stdout
+    assert "  triton: triton is installed but fails to import (RuntimeError: broken triton install)" in res.stdout
+
+
 def test_info_reports_under_dsrb_require_ext_and_then_fails():
     """CI's DSRB_REQUIRE_EXT=1 made info, the tool that says why the extension is missing, end in an ImportError
     traceback instead; now it reports, then says what the requirement finds, one line, exit status 1."""

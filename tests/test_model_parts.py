@@ -407,6 +407,11 @@ def test_dsrb_constructor_validation():
         DSRB(C, adjacency=torch.full((C, C), float("nan")), **TINY)
     with pytest.raises(ValueError, match="num_classes"):
         DSRB(0, **TINY)
+    for backend in ("foo", 123, None):  # a typo fails when the model is built, not at its first forward
+        for build in (lambda: DSRB(C, backend=backend, **TINY), lambda: SemanticDecoupling(8, 6, 4, backend=backend),
+                      lambda: PrototypeBank(C, 8, backend=backend)):
+            with pytest.raises(ValueError, match="argument 'backend': expected 'auto' or one of"):
+                build()
     A = torch.rand(C, C)
     model = DSRB(C, adjacency=A, word_features=torch.ones(C, 6).numpy(), **TINY)
     torch.testing.assert_close(model.in_matrix, A)
@@ -562,7 +567,8 @@ def test_dsrb_training_step_reads_device_values_once():
     """A training step (forward with both blends, loss, backward) reads tensor values on the host once: the model's
     one check of targets, partner and shift together; with validate=False (dsrb.train, whose targets were checked
     when the dataset took them) not at all. On a GPU every read is a device synchronisation; the ops, the bank's
-    ready flag and the loss trust what the model checked."""
+    ready flag and the loss trust what the model checked. Nor does it build a tensor from host data (``new_tensor``,
+    ``torch.tensor``: ``lift_fresh``), which on a GPU is a copy that waits for the device's queue too."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from dsrb import _checks
@@ -576,7 +582,7 @@ def test_dsrb_training_step_reads_device_values_once():
 
     class ValueReads(TorchDispatchMode):  # .item(), bool(), int() and float() of a tensor all land here
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default:
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default):
                 reads.append(func)
             return func(*args, **(kwargs or {}))
 
@@ -586,8 +592,10 @@ def test_dsrb_training_step_reads_device_values_once():
         reads.append(len(pairs))
         return real_read(pairs)
 
+    partner = torch.tensor([1, 0, 3, 2])
+
     def step(targets, validate=True):
-        out = model(x, targets, partner=torch.tensor([1, 0, 3, 2]), prototype_choices=choices, validate=validate)
+        out = model(x, targets, partner=partner, prototype_choices=choices, validate=validate)
         dsrb_loss(out, targets, epoch=1, progress=0.5, validate=False)[0].backward()
 
     step(TARGETS)  # the first step reads the bank's ready flag once

@@ -268,7 +268,7 @@ class DSRB(nn.Module):
         _positive_int("prototype_cap", prototype_cap)
         self.compat = check_compat(compat)
         self.detach_blend_targets = bool(detach_blend_targets)
-        self.backend = backend
+        self.backend = ops.check_backend_choice(backend)
 
         if isinstance(backbone, str):
             self.backbone = build_backbone(backbone, pretrained=pretrained, avgpool=avgpool, width=backbone_width)

@@ -57,7 +57,7 @@ class PrototypeBank(nn.Module):
         self.num_classes = num_classes
         self.dim = dim
         self.cap = cap
-        self.backend = backend
+        self.backend = ops.check_backend_choice(backend)
         self.register_buffer("sums", torch.zeros(num_classes, 4, dim))
         self.register_buffer("counts", torch.zeros(num_classes, 4, dtype=torch.int64))
         self.register_buffer("prototypes", torch.zeros(num_classes, 4, dim))

@@ -45,7 +45,7 @@ class SemanticDecoupling(nn.Module):
         self.feature_dim = _positive_int("feature_dim", feature_dim)
         self.word_dim = _positive_int("word_dim", word_dim)
         self.inter_dim = _positive_int("inter_dim", inter_dim)
-        self.backend = backend
+        self.backend = ops.check_backend_choice(backend)
         self.fc1 = nn.Linear(feature_dim, inter_dim, bias=False)
         self.fc2 = nn.Linear(word_dim, inter_dim, bias=False)
         self.fc3 = nn.Linear(inter_dim, inter_dim)

@@ -11,7 +11,8 @@ signatures live in :mod:`dsrb.reference`. ``prototype_bank_update_`` is the in-p
 that the prototype bank uses.
 """
 
-from ._registry import BACKEND_CHOICES, KNOWN_BACKENDS, OPS, reasons, select, selected_backend, trace_torch_backend
+from ._registry import (BACKEND_CHOICES, KNOWN_BACKENDS, OPS, check_backend_choice, reasons, select, selected_backend,
+                        trace_torch_backend)
 from .instance_blend import instance_blend
 from .prototype_bank_update import prototype_bank_update, prototype_bank_update_
 from .prototype_blend import prototype_blend
@@ -28,6 +29,7 @@ __all__ = [
     "reasons",
     "select",
     "selected_backend",
+    "check_backend_choice",
     "trace_torch_backend",
     "OPS",
     "BACKEND_CHOICES",

@@ -81,13 +81,19 @@ def reasons(op: str, device: torch.device, dtype: torch.dtype) -> Dict[str, Opti
     return out
 
 
-def _requested(backend: str) -> str:
-    source = "argument 'backend'"
-    if backend == "auto":
-        source, backend = "environment variable DSRB_BACKEND", os.environ.get("DSRB_BACKEND", "auto") or "auto"
-    if backend != "auto" and backend not in KNOWN_BACKENDS:
+def check_backend_choice(backend, source: str = "argument 'backend'") -> str:
+    """``backend`` if it is 'auto' or a known backend's name, else a ValueError naming ``source``: for modules that
+    keep a backend for later op calls, so a typo fails when they are built, not at their first forward."""
+    if not (isinstance(backend, str) and backend in BACKEND_CHOICES):
         raise ValueError(f"{source}: expected 'auto' or one of {KNOWN_BACKENDS}, got {backend!r}")
     return backend
+
+
+def _requested(backend: str) -> str:
+    if backend == "auto":
+        return check_backend_choice(os.environ.get("DSRB_BACKEND", "auto") or "auto",
+                                    "environment variable DSRB_BACKEND")
+    return check_backend_choice(backend)
 
 
 def select(op: str, device: torch.device, dtype: torch.dtype, backend: str = "auto") -> Callable:
@@ -336,9 +342,14 @@ def _cuda_kernels_unusable(archs: str, nvcc: str) -> Optional[str]:
 _cuda_kernels_unusable._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_unavailable() -> Optional[str]:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton, or the triton that matches your torch)"
+    try:  # installed is not enough: a broken or mismatched install fails here, not inside the first kernel call
+        importlib.import_module("triton")
+    except Exception as exc:  # any error of its import (ImportError, a RuntimeError from its driver probing, ...)
+        return f"triton is installed but fails to import ({type(exc).__name__}: {exc})"
     return None
 
 
