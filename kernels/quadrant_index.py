@@ -13,7 +13,9 @@ Dtype policy: the product is formed in float32 (float64 for float64 inputs) and 
 any comparison, so G holds exactly the values the torch backend compares (the product of two float16 / bfloat16 /
 float32 numbers rounded once) and ties, including those created by rounding, resolve the same way. Ties resolve to
 the first index, as ``torch.argmax`` does: the arg-max is computed as the smallest index whose value equals the
-maximum. NaN scores are not supported (their result is unspecified).
+maximum. NaN scores follow ``torch.amax`` / ``torch.argmax`` too (a NaN is the maximum, the first NaN wins): a row
+or column holding a NaN has a NaN maximum, so the first such one is the arg-max (``tl.max`` itself does not order
+NaNs).
 
 Launch: one program per (b, block of BLOCK_C classes); the whole (H, W) grid of each class is one register tile
 (BLOCK_H x BLOCK_W, powers of two, masked to -inf outside the map). An empty problem (B * C == 0) launches nothing.
@@ -57,12 +59,17 @@ def _quadrant_index_kernel(
     g = (a.to(COMPUTE) * x[None, :, :]).to(a_ptr.dtype.element_ty).to(COMPUTE)
     g = tl.where(mask3, g, float("-inf"))
 
+    nan = (g != g).to(tl.int32)
     row_max = tl.max(g, axis=2)  # (BLOCK_C, BLOCK_H): the maximum of every row
     row_peak = tl.max(row_max, axis=1)
     row = tl.min(tl.where(row_max == row_peak[:, None], offs_h[None, :], BLOCK_H), axis=1)
+    row_nan = tl.min(tl.where(tl.max(nan, axis=2) > 0, offs_h[None, :], BLOCK_H), axis=1)  # first row with a NaN
+    row = tl.where(row_nan < BLOCK_H, row_nan, row)
     col_max = tl.max(g, axis=1)  # (BLOCK_C, BLOCK_W): the maximum of every column
     col_peak = tl.max(col_max, axis=1)
     col = tl.min(tl.where(col_max == col_peak[:, None], offs_w[None, :], BLOCK_W), axis=1)
+    col_nan = tl.min(tl.where(tl.max(nan, axis=1) > 0, offs_w[None, :], BLOCK_W), axis=1)
+    col = tl.where(col_nan < BLOCK_W, col_nan, col)
 
     q = 2 * (row >= H // 2).to(tl.int64) + (col >= W // 2).to(tl.int64)
     tl.store(out_ptr + b * C + offs_c, q, mask=mask_c)

@@ -409,6 +409,20 @@ def test_quadrant_index_noncontiguous():
     qi_compare(a_t, x, 7, 7)
 
 
+@pytest.mark.parametrize("B, C, H, W", [(4, 50, 7, 7), (3, 40, 5, 6), (2, 30, 1, 9), (2, 30, 9, 1), (2, 20, 1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_quadrant_index_special_values(B, C, H, W, dtype):
+    """The torch.amax / torch.argmax rules on special scores, as the other backends (test_ext_backends): a NaN (either
+    sign, any payload) is the maximum and the first NaN wins, -0 ties with +0, +-inf order as numbers."""
+    if INTERPRETED and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter rounds float32 to bfloat16 by truncation, a GPU to nearest: bit equality "
+                    "with torch in bfloat16 is a GPU check")
+    from test_ext_backends import quadrant_special_inputs
+
+    a, x = (t.to(DEVICE) for t in quadrant_special_inputs(B, C, H, W, dtype))
+    qi_compare(a, x, H, W)
+
+
 def test_quadrant_index_empty(monkeypatch):
     monkeypatch.setattr(QI, "_quadrant_index_kernel", _NoLaunch())
     a, x = qi_inputs(0, 4, 7, 7, torch.float32)
