@@ -285,15 +285,18 @@ def load_official_checkpoint(
     if problems:
         raise ValueError(f"cannot load {where} into DSRB: " + "; ".join(problems))
 
-    for key in ("in_matrix", "out_matrix"):
-        if bool(torch.isnan(mapped[key]).any()):
-            rows = sorted({int(i) for i in torch.nonzero(torch.isnan(mapped[key]))[:, 0]})
-            warnings.warn(
-                f"{where}: the label graph '{dsrb_to_official_key(key)}' holds NaN (rows {rows}: classes without a "
-                f"known positive); replaced by 0. The official model would output NaN logits.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+    # A class without a known positive is a NaN row of inMatrix = A and a NaN column of outMatrix = Aᵀ (whose every
+    # row then holds a NaN): the classes are those rows and columns, named once.
+    nan_in, nan_out = torch.isnan(mapped["in_matrix"]), torch.isnan(mapped["out_matrix"])
+    if bool(nan_in.any() or nan_out.any()):
+        classes = torch.nonzero(nan_in.any(1) | nan_out.any(0)).flatten().tolist()
+        warnings.warn(
+            f"{where}: the label graph (inMatrix, outMatrix) holds NaN for classes {classes} (without a known "
+            "positive); replaced by 0. The official model would output NaN logits.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        for key in ("in_matrix", "out_matrix"):
             mapped[key] = torch.nan_to_num(mapped[key], nan=0.0)
     for key, value in own.items():
         mapped.setdefault(key, value)

@@ -14,6 +14,7 @@ from dsrb.data.listfile import load_list
 from dsrb.data.registry import DATASETS, build_dataset
 from dsrb.data.vg import load_vg200
 from dsrb.data.voc import VOC_CLASSES, load_voc2007
+from dsrb.data.words import load_word_vectors
 
 
 def _image(path, size=(12, 10), colour=(10, 200, 30), fmt=None):
@@ -328,6 +329,18 @@ def test_vg_class_names_file(tmp_path):
     (tmp_path / "vg_category_200.json").write_text(json.dumps(names[:3]))
     with pytest.raises(ValueError, match=r"vg_category_200\.json: expected 200 class names, found 3"):
         load_vg200(tmp_path, "train")
+
+
+def test_vg_placeholder_names_refuse_glove_text_files(tmp_path):
+    """'class_007' would be looked up as 'class' and '007': meaningless vectors, so an error pointing to the names."""
+    _vg(tmp_path / "vg")
+    names = load_vg200(tmp_path / "vg", "train").class_names
+    glove = tmp_path / "glove.txt"
+    glove.write_text("class 1 2\n" + "".join(f"{i:03d} 0 {i}\n" for i in range(200)))
+    with pytest.raises(ValueError, match=r"placeholders .*vg_category_200\.json.*\.npy"):
+        load_word_vectors(glove, names)
+    np.save(tmp_path / "v.npy", np.ones((200, 2)))  # rows by index: no names needed
+    assert load_word_vectors(tmp_path / "v.npy", names).shape == (200, 2)
 
 
 def test_vg_duplicate_class_names_name_the_file(tmp_path):

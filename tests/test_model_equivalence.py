@@ -479,8 +479,12 @@ def test_nan_graph_rows_become_zero_with_a_warning():
     A[1] = float("nan")  # the official 0/0 row of a class without a known positive
     sd = {**sd, "inMatrix": A, "outMatrix": A.t().contiguous()}
     sd.update({"GraphNeuralNetwork.inMatrix": A.clone(), "GraphNeuralNetwork.outMatrix": A.t().clone()})  # NaN == NaN
-    with pytest.warns(RuntimeWarning, match="NaN"):
+    with pytest.warns(RuntimeWarning) as record:
         model = load_official_checkpoint(sd)
+    # One warning naming class 1 only: each row of outMatrix = Aᵀ holds a NaN, yet no other class lacks positives.
+    assert [str(w.message) for w in record] == [
+        "checkpoint: the label graph (inMatrix, outMatrix) holds NaN for classes [1] (without a known positive); "
+        "replaced by 0. The official model would output NaN logits."]
     assert torch.isfinite(model.in_matrix).all() and model.in_matrix[1].abs().sum() == 0
     with torch.no_grad():
         ref.inMatrix.copy_(torch.nan_to_num(A, nan=0.0))

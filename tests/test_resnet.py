@@ -285,3 +285,24 @@ def test_load_not_a_state_dict(tmp_path):
     torch.save([torch.zeros(1)], tmp_path / "list.pth")
     with pytest.raises(ValueError, match="state dict"):
         load_pretrained(build_backbone("resnet18", width=4), tmp_path / "list.pth")
+
+
+def test_load_non_string_keys_is_a_value_error(tmp_path):
+    """Not an AttributeError, which the training command's error handler would not catch."""
+    sd = _checkpoint(build_backbone("resnet18", width=4), prefix="")
+    torch.save({0: torch.zeros(1), **sd}, tmp_path / "intkey.pth")
+    with pytest.raises(ValueError, match=r"intkey\.pth: keys that are not strings: 0"):
+        load_pretrained(build_backbone("resnet18", width=4), tmp_path / "intkey.pth")
+
+
+def test_load_whole_dsrb_state_dict_is_named_and_keys_listed_briefly(tmp_path):
+    from dsrb.models import DSRB
+
+    model = DSRB(3, backbone="resnet18", backbone_width=4, feature_dim=16, word_dim=8, inter_dim=8)
+    torch.save(model.state_dict(), tmp_path / "dsrb.pth")
+    with pytest.raises(ValueError) as info:
+        load_pretrained(build_backbone("resnet18", width=4), tmp_path / "dsrb.pth")
+    msg = str(info.value)
+    assert "keys start with 'backbone.'" in msg and "DSRB model's state dict" in msg
+    assert re.search(r"missing keys: conv1\.weight, bn1\.weight, bn1\.bias, .* and \d+ more;", msg)
+    assert len(msg) < 1000, len(msg)

@@ -171,3 +171,29 @@ def test_non_finite_vectors_and_corrupt_gzip_name_the_file(tmp_path):
     gz.write_bytes(gzip.compress(GLOVE.encode() * 50)[:-40])  # truncated
     with pytest.raises(ValueError, match=r"glove\.txt\.gz': cannot decompress it"):
         load_word_vectors(gz, ["zebra"])
+
+
+def test_voc_joined_class_names_average_their_words(tmp_path):
+    """VOC writes 'diningtable', 'pottedplant', 'tvmonitor' as one token: looked up as their words, averaged, even
+    where the file also holds the rare joined token."""
+    text = "diningtable 50 50\ndining 1 2\ntable 3 4\npotted 0 0\nplant 2 2\ntv 1 1\nmonitor 3 -1\n"
+    path = _write_glove(tmp_path, text=text)
+    v = load_word_vectors(path, ["diningtable", "pottedplant", "tvmonitor"])
+    assert v.tolist() == [[2.0, 3.0], [1.0, 1.0], [2.0, 0.0]]
+    assert class_name_words("TVMonitor") == ["tv", "monitor"]
+
+
+def test_values_beyond_float32_name_the_file(tmp_path):
+    """1e300 passes a float64 finiteness check but is inf as float32."""
+    path = _write_glove(tmp_path, text="cat 1 2 3\ndog 1e300 0 0\n")
+    with pytest.raises(ValueError, match=r"glove\.txt', line 2: the vector of 'dog' holds .*float32"):
+        load_word_vectors(path, ["cat", "dog"])
+    npy = tmp_path / "vectors.npy"
+    np.save(npy, np.array([[1.0, 2.0], [-1e300, 0.0]]))
+    with pytest.raises(ValueError, match=r"vectors\.npy': row 1 holds a value beyond the float32 range \(-1e\+300\)"):
+        load_word_vectors(npy, ["a", "b"])
+
+
+def test_directory_is_not_called_missing(tmp_path):
+    with pytest.raises(IsADirectoryError, match=r"'.*' is a directory \(argument 'path'\): expected an \.npy file"):
+        load_word_vectors(tmp_path, ["a"])

@@ -22,12 +22,15 @@ import numpy as np
 from .dataset import MultiLabelDataset, find_duplicate, read_lines, read_text
 from .listfile import read_class_file
 
-__all__ = ["VG_NUM_CLASSES", "load_vg200"]
+__all__ = ["VG_NAME_FILES", "VG_NUM_CLASSES", "VG_PLACEHOLDER_NAMES", "load_vg200"]
 
 VG_NUM_CLASSES = 200
 _VG_SPLITS = {"train": "train_list_500.txt", "test": "test_list_500.txt"}
 _LABEL_FILE = "vg_category_200_labels_index.json"
-_NAME_FILES = ("vg_category_200.json", "vg_category_200_names.json", "vg_category_200.txt")
+VG_NAME_FILES = ("vg_category_200.json", "vg_category_200_names.json", "vg_category_200.txt")
+#: The class names without a class-name file. Their words ('class' and a number) mean nothing, so word vectors from a
+#: text file refuse them (:func:`dsrb.data.words.load_word_vectors`).
+VG_PLACEHOLDER_NAMES = tuple(f"class_{i:03d}" for i in range(VG_NUM_CLASSES))
 _LAYOUT = (
     f"expected <root>/{_LABEL_FILE}, <root>/train_list_500.txt, <root>/test_list_500.txt and the images in "
     "<root>/VG_100K/"
@@ -44,12 +47,12 @@ def _load_json(path: Path, what: str):
 
 
 def _class_names(root: Path, num_classes: int):
-    """Names from the first class-name file present, else class_000 ...; a malformed file raises naming it.
+    """Names from the first class-name file present, else the placeholders; a malformed file raises naming it.
 
     Accepted: a text file with one name per line, a JSON list of names in index order, a JSON object
     {name: index} or {index: name}. Names must be unique.
     """
-    for fname in _NAME_FILES:
+    for fname in VG_NAME_FILES:
         path = root / fname
         if not path.is_file():
             continue
@@ -83,7 +86,7 @@ def _class_names(root: Path, num_classes: int):
             raise ValueError(f"{path}: class name {names[dup[1]]!r} appears at indices {dup[0]} and {dup[1]}; "
                              "expected unique names")
         return names
-    return [f"class_{i:03d}" for i in range(num_classes)]
+    return list(VG_PLACEHOLDER_NAMES)
 
 
 def load_vg200(

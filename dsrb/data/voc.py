@@ -16,7 +16,7 @@ import numpy as np
 
 from .dataset import MultiLabelDataset, read_lines
 
-__all__ = ["VOC_CLASSES", "load_voc2007"]
+__all__ = ["VOC_CLASSES", "VOC_CLASS_PHRASES", "load_voc2007"]
 
 #: The 20 VOC classes in the standard (alphabetical) order: the class index.
 VOC_CLASSES = (
@@ -41,6 +41,10 @@ VOC_CLASSES = (
     "train",
     "tvmonitor",
 )
+
+#: The words of the names VOC writes as one token, for word-vector lookups: GloVe files hold 'dining' and 'table', and
+#: the rare joined token some hold is not the average of the words that the other multi-word names get.
+VOC_CLASS_PHRASES = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
 
 _VOC_SPLITS = {"train": "trainval", "test": "test"}
 _LAYOUT = (

@@ -7,11 +7,13 @@ Three sources, chosen by ``path``:
 * a GloVe text file (``word v1 v2 ... vE`` per line, any E; optionally gzip-compressed as ``.gz``; a word2vec
   ``"<count> <dim>"`` header line gives the width). Each class name is lower-cased and split into words on whitespace,
   underscores and hyphens (``"Traffic light"`` -> ``traffic``, ``light``; ``"hair_drier"`` -> ``hair``,
-  ``drier``; ``"t-shirt"`` -> ``t``, ``shirt``), and the class vector is the mean of its words' vectors, the
-  lineage (SSGRL) convention. The file is streamed and only the needed words are parsed, so multi-GB files are
-  fine. The first occurrence of a word wins. If any word is missing, :class:`MissingWordsError` lists all of them
-  with their classes. Every line read must have the file's width (the header's, else the first vector's); a line
-  with fewer values, or with more whose extra fields are numbers, is an error naming its line.
+  ``drier``; ``"t-shirt"`` -> ``t``, ``shirt``; VOC's ``"tvmonitor"`` -> ``tv``, ``monitor``, and likewise
+  ``diningtable`` and ``pottedplant``), and the class vector is the mean of its words' vectors, the lineage (SSGRL)
+  convention. VG-200's placeholder names (``class_000`` ..., without a class-name file) are refused. The file is
+  streamed and only the needed words are parsed, so multi-GB files are fine. The first occurrence of a word wins. If
+  any word is missing, :class:`MissingWordsError` lists all of them with their classes. Every line read must have
+  the file's width (the header's, else the first vector's); a line with fewer values, or with more whose extra
+  fields are numbers, is an error naming its line.
 * ``None``: ``torch.randn(C, dim, generator=torch.Generator().manual_seed(seed))``. These vectors are deterministic
   but carry **no semantics**: the model still trains, and semantic decoupling then learns its class queries from
   scratch (through its trainable projection of them) instead of starting from related embeddings for related
@@ -28,6 +30,9 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from .vg import VG_NAME_FILES, VG_PLACEHOLDER_NAMES
+from .voc import VOC_CLASS_PHRASES
 
 __all__ = ["load_word_vectors", "class_name_words", "MissingWordsError"]
 
@@ -52,8 +57,10 @@ class MissingWordsError(KeyError, ValueError):
 
 
 def class_name_words(name: str) -> List[str]:
-    """The GloVe words of a class name: lower-cased, split on whitespace, underscores and hyphens."""
-    return [w for w in _SPLIT.split(name.lower()) if w]
+    """The GloVe words of a class name: lower-cased, VOC's joined names spelt out ("tvmonitor" -> "tv monitor"), split
+    on whitespace, underscores and hyphens."""
+    name = name.lower()
+    return [w for w in _SPLIT.split(VOC_CLASS_PHRASES.get(name, name)) if w]
 
 
 def _check_class_names(class_names) -> List[str]:
@@ -94,10 +101,14 @@ def _load_npy(path: str, num_classes: int) -> torch.Tensor:
         )
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise ValueError(f"word-vector file '{path}': expected a numeric array, got dtype {arr.dtype}")
-    bad = np.argwhere(~np.isfinite(arr))
+    with np.errstate(over="ignore"):  # checked after the cast: a float64 beyond float32's range becomes inf
+        out = np.ascontiguousarray(arr, dtype=np.float32)
+    bad = np.argwhere(~np.isfinite(out))
     if len(bad):
-        raise ValueError(f"word-vector file '{path}': row {bad[0][0]} holds a non-finite value ({arr[tuple(bad[0])]})")
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        value = arr[tuple(bad[0])]
+        what = "a value beyond the float32 range" if np.isfinite(value) else "a non-finite value"
+        raise ValueError(f"word-vector file '{path}': row {bad[0][0]} holds {what} ({value})")
+    return torch.from_numpy(out)
 
 
 def _open_text(path: str):
@@ -120,6 +131,14 @@ def _is_number(text: str) -> bool:
 
 
 def _load_glove(path: str, names: List[str]) -> torch.Tensor:
+    placeholders = [n for n in names if n in VG_PLACEHOLDER_NAMES]
+    if placeholders:
+        raise ValueError(
+            f"word-vector file '{path}': class names such as {placeholders[0]!r} are the VG-200 loader's "
+            "placeholders (the data root has no class-name file), whose words mean nothing; put one of "
+            f"{', '.join(VG_NAME_FILES)} in the data root, or pass an .npy file of class vectors (such as the "
+            "official vg_200_vector.npy)"
+        )
     words_of = [class_name_words(n) for n in names]
     empty = [n for n, ws in zip(names, words_of) if not ws]
     if empty:
@@ -160,9 +179,11 @@ def _load_glove(path: str, names: List[str]) -> torch.Tensor:
                         vector = np.asarray(fields[len(fields) - dim :], dtype=np.float64)
                     except ValueError as e:
                         raise ValueError(f"word-vector file '{path}', line {lineno}: bad number ({e})") from e
-                    if not np.isfinite(vector).all():
+                    with np.errstate(over="ignore"):  # the class vectors are float32: 1e300 becomes inf there
+                        finite = np.isfinite(vector.astype(np.float32)).all()
+                    if not finite:
                         raise ValueError(f"word-vector file '{path}', line {lineno}: the vector of '{word}' holds a "
-                                         "non-finite value (nan or inf)")
+                                         "non-finite value (nan or inf) or one beyond the float32 range (±3.4e38)")
                     found[word] = vector
                     if len(found) == len(needed):
                         break
@@ -207,6 +228,9 @@ def load_word_vectors(
         g = torch.Generator().manual_seed(seed)
         return torch.randn(len(names), dim, generator=g, dtype=torch.float32)
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"word-vector file '{path}' is a directory (argument 'path'): expected an .npy file "
+                                "or a GloVe text file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"word-vector file '{path}' does not exist (argument 'path')")
     if _is_npy(path):
