@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from importlib import metadata
 from typing import Optional, Tuple
 
+import pytest
 import torch
 import torch.utils._python_dispatch
 
@@ -16,6 +18,39 @@ TOLERANCES = {
     torch.float16: dict(rtol=5e-3, atol=5e-3),
     torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
 }
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_backend_problem() -> Optional[str]:
+    """Why the extension's ``cuda`` backend cannot run here (no GPU, no CUDA kernels, or kernels this GPU or driver
+    cannot run), or None."""
+    if not torch.cuda.is_available():
+        return "no GPU"
+    import dsrb.ops as ops
+
+    return ops.reasons("semantic_attention", torch.device("cuda"), torch.float32)["cuda"]
+
+
+def requires_cuda_backend():
+    """Skip mark for a test (or a case) that runs the ``cuda`` backend, with the reason it cannot run here."""
+    why = cuda_backend_problem()
+    return pytest.mark.skipif(why is not None,
+                              reason=f"needs a CUDA GPU the extension's CUDA kernels can run on: {why}")
+
+
+def backend_param(name: str):
+    """A ``backend`` parameter with a readable id; ``cuda`` skips where the cuda backend cannot run."""
+    return pytest.param(name, id=name, marks=requires_cuda_backend() if name == "cuda" else ())
+
+
+# The backends the op tests on CPU tensors run: ``torch`` named explicitly, and ``auto``, what users get (the ``cpu``
+# backend where the C++ extension is loaded, else ``torch``; DSRB_BACKEND can force another).
+TORCH_AND_AUTO = ["torch", "auto"]
+
+
+def device_of(backend: str) -> str:
+    """The device of the inputs a backend runs on in the tests: the GPU for ``cuda``, else the CPU."""
+    return "cuda" if backend == "cuda" else "cpu"
 
 
 class NoValueReads(torch.utils._python_dispatch.TorchDispatchMode):

@@ -5,7 +5,8 @@ import torch
 
 import dsrb.ops as ops
 from dsrb import reference
-from helpers import NoValueReads, assert_close, check_blends_ignore_what_they_leave_alone, grads_of, noncontiguous
+from helpers import (TORCH_AND_AUTO, NoValueReads, assert_close, backend_param,
+                     check_blends_ignore_what_they_leave_alone, device_of, grads_of, noncontiguous)
 
 SHAPES = [(1, 1, 3), (2, 3, 7), (5, 20, 33), (8, 80, 9), (2, 200, 3), (0, 4, 5), (3, 1, 1)]
 
@@ -68,20 +69,22 @@ def test_map_formulation_equals_vectors(B, H, W, C, D):
         assert_close(a, b)
 
 
-def test_explicit_partner_and_noncontiguous():
+@pytest.mark.parametrize("backend", TORCH_AND_AUTO)
+def test_explicit_partner_and_noncontiguous(backend):
     S, T, alpha = make(5, 4, 6)
     partner = torch.tensor([2, 0, 1, 4, 3])
     Sn = noncontiguous(S)
-    got = run(lambda *a, **k: ops.instance_blend(*a, **k), Sn, T, alpha, partner=partner)
+    got = run(lambda *a, **k: ops.instance_blend(*a, **k, backend=backend), Sn, T, alpha, partner=partner)
     want = run(reference.instance_blend, S, T, alpha, partner=partner)
     for o, r in zip(got, want):
         assert_close(o, r)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_lower_precision(dtype):
+@pytest.mark.parametrize("backend", TORCH_AND_AUTO)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_lower_precision(dtype, backend):
     S, T, alpha = make(4, 20, 16, dtype=dtype)
-    got = run(lambda *a: ops.instance_blend(*a), S, T, alpha)
+    got = run(lambda *a: ops.instance_blend(*a, backend=backend), S, T, alpha)
     S64, T64, a64 = (t.detach().double().requires_grad_(t.requires_grad) for t in (S, T, alpha))
     want = run(reference.instance_blend, S64, T64, a64)
     for o, r in zip(got, want):
@@ -89,11 +92,19 @@ def test_lower_precision(dtype):
         assert_close(o, r, dtype=dtype)
 
 
-def test_gradcheck_and_opcheck():
+@pytest.mark.parametrize("backend", TORCH_AND_AUTO)
+def test_gradcheck(backend):
     S, T, alpha = make(3, 4, 2)
     T[0] = 0
     T[2] = 1
-    assert torch.autograd.gradcheck(lambda s, a: ops.instance_blend(s, T, a), (S, alpha))
+    assert torch.autograd.gradcheck(lambda s, a: ops.instance_blend(s, T, a, backend=backend), (S, alpha))
+
+
+def test_opcheck():
+    """The torch backend's registered op (the extension's are opchecked in test_ext_backends.py)."""
+    S, T, alpha = make(3, 4, 2)
+    T[0] = 0
+    T[2] = 1
     partner = torch.arange(2, -1, -1)
     for detach in (False, True):
         torch.library.opcheck(torch.ops.dsrb.instance_blend_torch.default, (S, T, alpha.reshape(()), partner, detach))
@@ -101,10 +112,12 @@ def test_gradcheck_and_opcheck():
                           (noncontiguous(S), noncontiguous(T), alpha.reshape(()), partner, False))
 
 
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("backend", TORCH_AND_AUTO)
+def test_compile_fullgraph_matches_eager(backend):
     S, T, alpha = make(4, 6, 5, dtype=torch.float32)
-    compiled = torch.compile(lambda s, t, a: ops.instance_blend(s, t, a), fullgraph=True)
-    for o, r in zip(run(compiled, S, T, alpha), run(lambda *a: ops.instance_blend(*a), S, T, alpha)):
+    compiled = torch.compile(lambda s, t, a: ops.instance_blend(s, t, a, backend=backend), fullgraph=True)
+    eager = run(lambda *a: ops.instance_blend(*a, backend=backend), S, T, alpha)
+    for o, r in zip(run(compiled, S, T, alpha), eager):
         assert_close(o, r)
 
 
@@ -133,16 +146,18 @@ def test_bad_partner():
         ops.instance_blend(S, T, alpha, torch.tensor([0, 1]))
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", backend_param("cuda")])
 def test_validate_false_reads_no_values(backend, monkeypatch):
     """validate=False (what the model passes for targets it has checked) reads no tensor value; the shape checks
-    stay. The cpu kernels still reject bad values, as they read them anyway."""
+    stay. On a GPU (cuda) each read would be a device synchronisation, which is what validate=False saves. The cpu
+    kernels still reject bad values, as they read them anyway."""
     from dsrb import _checks
 
     if backend == "cpu" and ops.reasons("instance_blend", torch.device("cpu"), torch.float64)["cpu"]:
         pytest.skip("the C++ extension is not available")
-    S, T, alpha = (t.detach() for t in make(3, 4, 5))
-    partner = torch.tensor([2, 0, 1])
+    dev = device_of(backend)
+    S, T, alpha = (t.detach().to(dev) for t in make(3, 4, 5))
+    partner = torch.tensor([2, 0, 1], device=dev)
     want = ops.instance_blend(S, T, alpha, partner, backend=backend)
 
     def no_reads(tensors):
@@ -156,8 +171,8 @@ def test_validate_false_reads_no_values(backend, monkeypatch):
         ops.instance_blend(S, T, alpha, partner[:2], validate=False, backend=backend)
     monkeypatch.undo()
     with pytest.raises(ValueError, match="'partner'.*range"):
-        ops.instance_blend(S, T, alpha, torch.tensor([0, 1, 3]), validate=True, backend=backend)
-    if backend == "cpu":  # the C++ kernel checks what it reads
+        ops.instance_blend(S, T, alpha, torch.tensor([0, 1, 3], device=dev), validate=True, backend=backend)
+    if backend == "cpu":  # the C++ kernel checks what it reads (a cuda kernel cannot raise: it blends nothing)
         with pytest.raises(RuntimeError, match="'partner': expected values in \\[0, 2\\], got 3"):
             ops.instance_blend(S, T, alpha, torch.tensor([0, 1, 3]), validate=False, backend=backend)
 

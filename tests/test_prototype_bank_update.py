@@ -5,6 +5,7 @@ import torch
 
 import dsrb.ops as ops
 from dsrb import reference
+from helpers import TORCH_AND_AUTO, backend_param, device_of
 
 
 def batch(B, C, D, seed):
@@ -30,21 +31,23 @@ def test_matches_oracle_over_batches(C, D, cap):
     torch.testing.assert_close(sums, ref_sums, rtol=1e-12, atol=1e-12)
 
 
-def test_cap_keeps_the_first_samples_in_batch_order():
+@pytest.mark.parametrize("backend", TORCH_AND_AUTO)
+def test_cap_keeps_the_first_samples_in_batch_order(backend):
     S = torch.arange(6, dtype=torch.float64).reshape(6, 1, 1)
     T = torch.ones(6, 1)
     q = torch.zeros(6, 1, dtype=torch.int64)
     sums, counts = ops.prototype_bank_update(torch.zeros(1, 4, 1), torch.zeros(1, 4, dtype=torch.int64),
-                                             S.float(), T, q, cap=3)
+                                             S.float(), T, q, cap=3, backend=backend)
     assert counts[0, 0] == 3 and sums[0, 0, 0] == 0 + 1 + 2
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", backend_param("cuda")])
 def test_non_finite_samples_reach_only_their_own_bucket(backend):
     """A sample left out (not a known positive, or over the cap) adds nothing, even a NaN or inf one, and a kept one
     only to its own bucket, as in the official loop, which adds samples one by one. The torch backend once
     multiplied by a 0/1 mask, and 0 * nan = nan spread one such sample over its class's four buckets."""
-    why = ops.reasons("prototype_bank_update", torch.device("cpu"), torch.float32)[backend]
+    dev = device_of(backend)
+    why = ops.reasons("prototype_bank_update", torch.device(dev), torch.float32)[backend]
     if why:
         pytest.skip(f"{backend}: {why}")
     nan, inf = float("nan"), float("inf")
@@ -52,23 +55,35 @@ def test_non_finite_samples_reach_only_their_own_bucket(backend):
     T = torch.tensor([[0, 1], [1, 1], [1, -1], [1, 1]])
     q = torch.tensor([[2, 1], [0, 1], [3, 1], [0, 1]])
     sums, counts = torch.zeros(2, 4, 1), torch.zeros(2, 4, dtype=torch.int64)
-    got = ops.prototype_bank_update(sums, counts, S, T, q, cap=2, backend=backend)
+    got = ops.prototype_bank_update(sums.to(dev), counts.to(dev), S.to(dev), T.to(dev), q.to(dev), cap=2,
+                                    backend=backend)
+    got = tuple(t.cpu() for t in got)
     want = reference.prototype_bank_update(sums, counts, S, T, q, 2)
     assert want[0].flatten().tolist()[4:] == [0, inf, 0, 0]  # class 1: the -inf is over the cap
     assert want[0][0, :3].flatten().tolist() == [5, 0, 0] and want[0][0, 3].isnan().all()
     torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
 
 
-def test_inputs_unchanged_opcheck_compile():
+@pytest.mark.parametrize("backend", TORCH_AND_AUTO)
+def test_inputs_unchanged_and_compile(backend):
     S, T, q = batch(4, 3, 5, 0)
     sums = torch.zeros(3, 4, 5, dtype=torch.float64)
     counts = torch.zeros(3, 4, dtype=torch.int64)
-    new_sums, new_counts = ops.prototype_bank_update(sums, counts, S, T, q)
+    new_sums, new_counts = ops.prototype_bank_update(sums, counts, S, T, q, backend=backend)
     assert sums.abs().sum() == 0 and counts.sum() == 0 and new_counts.sum() == (T == 1).sum()
-    torch.library.opcheck(torch.ops.dsrb.prototype_bank_update_torch.default, (sums, counts, S, T, q, 100))
-    compiled = torch.compile(lambda *a: ops.prototype_bank_update(*a), fullgraph=True)
+    ref_sums, ref_counts = reference.prototype_bank_update(sums, counts, S, T, q, 100)
+    assert torch.equal(new_counts, ref_counts)
+    torch.testing.assert_close(new_sums, ref_sums, rtol=1e-12, atol=1e-12)
+    compiled = torch.compile(lambda *a: ops.prototype_bank_update(*a, backend=backend), fullgraph=True)
     for o, r in zip(compiled(sums, counts, S, T, q), (new_sums, new_counts)):
         assert torch.equal(o, r)
+
+
+def test_opcheck():
+    """The torch backend's registered op (the extension's are opchecked in test_ext_backends.py)."""
+    S, T, q = batch(4, 3, 5, 0)
+    sums, counts = torch.zeros(3, 4, 5, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.int64)
+    torch.library.opcheck(torch.ops.dsrb.prototype_bank_update_torch.default, (sums, counts, S, T, q, 100))
 
 
 def test_errors():

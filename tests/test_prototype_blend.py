@@ -5,7 +5,7 @@ import torch
 
 import dsrb.ops as ops
 from dsrb import reference
-from helpers import NoValueReads, assert_close, noncontiguous
+from helpers import TORCH_AND_AUTO, NoValueReads, assert_close, noncontiguous
 
 SHAPES = [(1, 1, 3), (2, 3, 7), (5, 20, 33), (8, 80, 9), (2, 200, 3), (0, 4, 5)]
 
@@ -66,19 +66,21 @@ def test_map_formulation_equals_vectors(B, H, W, C, D):
         assert_close(a, b)
 
 
-def test_noncontiguous():
+@pytest.mark.parametrize("backend", TORCH_AND_AUTO)
+def test_noncontiguous(backend):
     args = make(4, 5, 6)
     strided = (noncontiguous(args[0]),) + args[1:3] + (noncontiguous(args[3]),) + args[4:]
-    got = run(lambda *a: ops.prototype_blend(*a), *strided)
+    got = run(lambda *a: ops.prototype_blend(*a, backend=backend), *strided)
     want = run(reference.prototype_blend, *args)
     for o, r in zip(got, want):
         assert_close(o, r)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_lower_precision(dtype):
+@pytest.mark.parametrize("backend", TORCH_AND_AUTO)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_lower_precision(dtype, backend):
     args = make(4, 20, 16, dtype=dtype)
-    got = run(lambda *a: ops.prototype_blend(*a), *args)
+    got = run(lambda *a: ops.prototype_blend(*a, backend=backend), *args)
     ref_args = [t.detach().double().requires_grad_(t.requires_grad) if t.is_floating_point() else t for t in args]
     want = run(reference.prototype_blend, *ref_args)
     for o, r in zip(got, want):
@@ -94,9 +96,16 @@ def test_beta_gradient_through_both_paths():
     assert torch.autograd.grad(T2.sum(), beta)[0] == -select.sum()
 
 
-def test_gradcheck_and_opcheck():
+@pytest.mark.parametrize("backend", TORCH_AND_AUTO)
+def test_gradcheck(backend):
     S, T, beta, bank, q, shift, select = make(3, 4, 2)
-    assert torch.autograd.gradcheck(lambda s, b, k: ops.prototype_blend(s, T, b, k, q, shift, select), (S, beta, bank))
+    assert torch.autograd.gradcheck(lambda s, b, k: ops.prototype_blend(s, T, b, k, q, shift, select, backend=backend),
+                                    (S, beta, bank))
+
+
+def test_opcheck():
+    """The torch backend's registered op (the extension's are opchecked in test_ext_backends.py)."""
+    S, T, beta, bank, q, shift, select = make(3, 4, 2)
     for detach in (False, True):
         torch.library.opcheck(
             torch.ops.dsrb.prototype_blend_torch.default, (S, T, beta.reshape(()), bank, q, shift, select, detach)
@@ -107,10 +116,11 @@ def test_gradcheck_and_opcheck():
     )
 
 
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("backend", TORCH_AND_AUTO)
+def test_compile_fullgraph_matches_eager(backend):
     args = make(4, 6, 5, dtype=torch.float32)
-    compiled = torch.compile(lambda *a: ops.prototype_blend(*a), fullgraph=True)
-    for o, r in zip(run(compiled, *args), run(lambda *a: ops.prototype_blend(*a), *args)):
+    compiled = torch.compile(lambda *a: ops.prototype_blend(*a, backend=backend), fullgraph=True)
+    for o, r in zip(run(compiled, *args), run(lambda *a: ops.prototype_blend(*a, backend=backend), *args)):
         assert_close(o, r)
 
 

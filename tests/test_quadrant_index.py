@@ -5,6 +5,7 @@ import torch
 
 import dsrb.ops as ops
 from dsrb import reference
+from helpers import TORCH_AND_AUTO, backend_param, device_of
 
 
 @pytest.mark.parametrize("B, C, H, W", [(1, 1, 7, 7), (2, 3, 5, 6), (5, 20, 1, 1), (3, 4, 13, 2), (0, 3, 7, 7)])
@@ -17,22 +18,24 @@ def test_matches_oracle(B, C, H, W):
     assert torch.equal(q, reference.quadrant_index(a, x_sum, H, W))
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", backend_param("cuda")])
 def test_mixed_dtypes_use_the_wider(backend):
     """An fp32 x_sum with an fp16 a: products in fp32, as the oracle's a * x_sum (rounding x_sum to fp16 made every
     value inf here, and the tie gave quadrant 0)."""
     from dsrb.ops._registry import reasons
 
-    why = reasons("quadrant_index", torch.device("cpu"), torch.float32)[backend]
+    dev = device_of(backend)
+    why = reasons("quadrant_index", torch.device(dev), torch.float32)[backend]
     if why is not None:
-        pytest.skip(f"backend {backend!r} does not serve the CPU here: {why}")
+        pytest.skip(f"backend {backend!r} does not serve the {dev} device here: {why}")
     a = torch.full((1, 1, 4), 0.5, dtype=torch.float16)
     x_sum = torch.tensor([[1e5, 2e5, 3e5, 4e5]])
     assert reference.quadrant_index(a, x_sum, 2, 2).item() == 3
-    assert ops.quadrant_index(a, x_sum, 2, 2, backend=backend).item() == 3
+    assert ops.quadrant_index(a.to(dev), x_sum.to(dev), 2, 2, backend=backend).item() == 3
 
 
-def test_hand_cases_odd_map():
+@pytest.mark.parametrize("backend", TORCH_AND_AUTO)
+def test_hand_cases_odd_map(backend):
     """7x7 splits at 3: rows/cols 0-2 are top/left, 3-6 bottom/right (spec §5.1)."""
     H = W = 7
     a = torch.ones(1, 4, H * W)
@@ -41,28 +44,30 @@ def test_hand_cases_odd_map():
     scores = torch.zeros(4, H, W)
     for c, (r, col) in enumerate(peaks):
         scores[c, r, col] = 1.0
-    q = ops.quadrant_index(scores.reshape(1, 4, H * W), torch.ones(1, H * W), H, W)
+    q = ops.quadrant_index(scores.reshape(1, 4, H * W), torch.ones(1, H * W), H, W, backend=backend)
     assert q.tolist() == [[0, 1, 2, 3]]
     del a, x_sum
 
 
-def test_row_column_rule_differs_from_flat_argmax_on_ties():
+@pytest.mark.parametrize("backend", TORCH_AND_AUTO)
+def test_row_column_rule_differs_from_flat_argmax_on_ties(backend):
     """Ties at different cells: the official rule combines the first peak row with the first peak column."""
     scores = torch.zeros(1, 1, 4, 4)
     scores[0, 0, 0, 3] = 1.0  # top-right
     scores[0, 0, 3, 0] = 1.0  # bottom-left
-    q = ops.quadrant_index(scores.reshape(1, 1, 16), torch.ones(1, 16), 4, 4)
+    q = ops.quadrant_index(scores.reshape(1, 1, 16), torch.ones(1, 16), 4, 4, backend=backend)
     assert q.item() == 0  # row 0 and column 0: top-left, a cell that is not a maximum
     assert torch.equal(q, reference.quadrant_index(scores.reshape(1, 1, 16), torch.ones(1, 16), 4, 4))
 
 
-def test_map_formulation():
+@pytest.mark.parametrize("backend", TORCH_AND_AUTO)
+def test_map_formulation(backend):
     g = torch.Generator().manual_seed(1)
     B, H, W, C, D = 2, 5, 6, 3, 4
     X = torch.randn(B, H * W, D, generator=g, dtype=torch.float64)
     a = torch.softmax(torch.randn(B, C, H * W, generator=g, dtype=torch.float64), -1)
     F = (a.transpose(1, 2)[..., None] * X[:, :, None, :]).reshape(B, H, W, C, D)
-    assert torch.equal(ops.quadrant_index(a, X.sum(-1), H, W), reference.quadrant_index_map(F))
+    assert torch.equal(ops.quadrant_index(a, X.sum(-1), H, W, backend=backend), reference.quadrant_index_map(F))
 
 
 @pytest.mark.parametrize("B, H, W, C", [(3, 7, 7, 5), (2, 1, 4, 3), (4, 5, 2, 1), (0, 3, 3, 2)])
@@ -78,15 +83,23 @@ def test_map_rule_all_at_once_equals_the_per_sample_loop(B, H, W, C):
     assert torch.equal(reference.quadrant_index_map(F), want)
 
 
-def test_opcheck_compile_and_errors():
+def test_opcheck():
+    """The torch backend's registered op (the extension's are opchecked in test_ext_backends.py)."""
     a = torch.softmax(torch.randn(2, 3, 12), -1)
-    x_sum = torch.randn(2, 12)
-    torch.library.opcheck(torch.ops.dsrb.quadrant_index_torch.default, (a, x_sum, 3, 4))
-    compiled = torch.compile(lambda a, s: ops.quadrant_index(a, s, 3, 4), fullgraph=True)
-    assert torch.equal(compiled(a, x_sum), ops.quadrant_index(a, x_sum, 3, 4))
+    torch.library.opcheck(torch.ops.dsrb.quadrant_index_torch.default, (a, torch.randn(2, 12), 3, 4))
+
+
+@pytest.mark.parametrize("backend", TORCH_AND_AUTO)
+def test_compile_and_errors(backend):
+    g = torch.Generator().manual_seed(2)
+    a = torch.softmax(torch.randn(2, 3, 12, generator=g), -1)
+    x_sum = torch.randn(2, 12, generator=g)
+    compiled = torch.compile(lambda a, s: ops.quadrant_index(a, s, 3, 4, backend=backend), fullgraph=True)
+    got, want = compiled(a, x_sum), ops.quadrant_index(a, x_sum, 3, 4, backend=backend)
+    assert torch.equal(got, want) and torch.equal(want, reference.quadrant_index(a, x_sum, 3, 4))
     with pytest.raises(ValueError, match="'height', 'width'"):
-        ops.quadrant_index(a, x_sum, 5, 4)
+        ops.quadrant_index(a, x_sum, 5, 4, backend=backend)
     with pytest.raises(ValueError, match="'x_sum'.*shape"):
-        ops.quadrant_index(a, x_sum[:, :-1], 3, 4)
+        ops.quadrant_index(a, x_sum[:, :-1], 3, 4, backend=backend)
     with pytest.raises(TypeError, match="'a'.*floating"):
-        ops.quadrant_index(a.long(), x_sum, 3, 4)
+        ops.quadrant_index(a.long(), x_sum, 3, 4, backend=backend)

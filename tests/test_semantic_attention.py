@@ -8,7 +8,7 @@ import torch
 
 import dsrb.ops as ops
 from dsrb import reference
-from helpers import assert_close, noncontiguous
+from helpers import TORCH_AND_AUTO, assert_close, noncontiguous
 
 # The package re-exports the function under the module's name, so fetch the module itself.
 sa_module = importlib.import_module("dsrb.ops.semantic_attention")
@@ -120,15 +120,16 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.dsrb.semantic_attention_torch.default, (x, *inputs[1:]))
 
 
-@pytest.mark.parametrize("strided", [False, True])
-def test_compile_fullgraph_matches_eager(strided):
+@pytest.mark.parametrize("backend", TORCH_AND_AUTO)
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_compile_fullgraph_matches_eager(strided, backend):
     """Strided x as the model passes it (a transposed view): inductor checks the declared output strides."""
     inputs = make_inputs(2, 13, 5, 9, 6, dtype=torch.float32)
     if strided:
         inputs[0] = inputs[0].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
-    compiled = torch.compile(lambda *t: ops.semantic_attention(*t), fullgraph=True)
+    compiled = torch.compile(lambda *t: ops.semantic_attention(*t, backend=backend), fullgraph=True)
     out, grads = run(compiled, inputs)
-    out_ref, grads_ref = run(lambda *t: ops.semantic_attention(*t), inputs)
+    out_ref, grads_ref = run(lambda *t: ops.semantic_attention(*t, backend=backend), inputs)
     for o, r in zip(out + grads, out_ref + grads_ref):
         assert_close(o, r)
 
