@@ -1,5 +1,6 @@
 """What every command-line tool does first, before its heavy imports (standard library only)."""
 
+import argparse
 import os
 import sys
 from typing import NoReturn
@@ -20,6 +21,14 @@ def start(prog: str) -> None:
         check_env_flags()
     except ValueError as err:
         sys.exit(f"{prog}: error: {err}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors (a flag of the wrong type, an unknown one) are one line, as the tools'
+    other errors are: the usage it prints first is dozens of lines for dsrb.train. Exit status 2, as argparse's."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
 def quiet_interrupt(prog: str) -> None:

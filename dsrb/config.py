@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional
 
+from ._cli import ArgumentParser
+
 METHODS = ("dsrb", "baseline")
 AMP_MODES = ("none", "bf16", "fp16")
 MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision
@@ -443,7 +445,7 @@ def _flag_type(f: dataclasses.Field):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m dsrb.train",
         description="Train DSRB (or the partial-BCE baseline) on a built-in or real multi-label dataset.",
         epilog="Every setting defaults to the chosen preset's value; see dsrb/config.py for the presets.",

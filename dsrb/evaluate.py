@@ -35,7 +35,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch.utils.data import DataLoader
 
-from ._cli import check_output_file
+from ._cli import ArgumentParser, check_output_file
 from .checkpoint import atomic_write
 from .config import check_device
 from .inference import (AMP_CHOICES, BACKENDS, amp_autocast, check_finite_logits, device_arg, load_model,
@@ -181,7 +181,7 @@ def default_out(checkpoint: Union[str, os.PathLike], split: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m dsrb.evaluate",
         description="Evaluate a DSRB training checkpoint on a dataset split (full labels); dataset settings default "
                     "to those saved in the checkpoint.",

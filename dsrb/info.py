@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from . import __version__, _ext
+from ._cli import ArgumentParser
 from .ops import BACKEND_CHOICES, KNOWN_BACKENDS, OPS, reasons, selected_backend
 
 
@@ -98,9 +99,7 @@ def _serves(op: str, device: torch.device) -> str:
 def main(argv=None, require: Optional[str] = None) -> None:
     """``require``: the DSRB_REQUIRE_EXT value to check after the report. Exit status 1, after the report, where it
     fails or DSRB_BACKEND is not a backend's name."""
-    import argparse
-
-    argparse.ArgumentParser(prog="python -m dsrb.info", description=__doc__.split(":", 1)[1].strip()).parse_args(argv)
+    ArgumentParser(prog="python -m dsrb.info", description=__doc__.split(":", 1)[1].strip()).parse_args(argv)
     print(report(), flush=True)  # a closed pipe raises here, for quiet_interrupt's hook, not in the flush at exit
     errors = []
     forced = os.environ.get("DSRB_BACKEND") or "auto"

@@ -42,7 +42,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from ._cli import check_output_file
+from ._cli import ArgumentParser, check_output_file
 from .checkpoint import atomic_write
 from .config import check_device
 from .inference import (BACKENDS, check_finite_logits, device_arg, image_logits, load_images, load_model,
@@ -144,7 +144,7 @@ def _probability(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m dsrb.predict",
         description="Predict labels with a trained DSRB checkpoint. Without --threshold/--top-k: probability >= 0.5; "
                     "--top-k K alone: the K most probable classes; both: the top K among those >= the threshold.",

@@ -24,7 +24,6 @@ if __name__ == "__main__":  # before the imports below, which take seconds (torc
 
     start("python -m dsrb.pretrain")
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -41,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from . import __version__
-from ._cli import check_output_file, exit_on_error
+from ._cli import ArgumentParser, check_output_file, exit_on_error
 from .checkpoint import FileLock, atomic_write, save_json
 from .config import check_device
 from .data import TestTransform, TrainTransform, build_dataset
@@ -174,7 +173,7 @@ def builtin_pretrained(backbone: str, width: int, image_size: int, *, root: Unio
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m dsrb.pretrain", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m dsrb.pretrain", description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", default="resnet18", choices=tuple(BACKBONES))
     p.add_argument("--backbone-width", type=positive_int, default=16, help="ResNet base width (64 = standard)")
     p.add_argument("--image-size", type=positive_int, default=96, help="the training image size the weights are for")

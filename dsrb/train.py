@@ -42,7 +42,7 @@ import shlex
 import sys
 import time
 from contextlib import contextmanager
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -99,6 +99,26 @@ def setup_distributed(cfg: TrainConfig) -> Dist:
     if use_cuda:
         torch.cuda.set_device(d.local_rank)
     return d
+
+
+def main_first(d: Dist, work: Callable[[], Any]) -> Any:
+    """``work()`` on the main process while the other ranks wait (a rank-0-first step: files it writes, data it
+    generates), its result there and None elsewhere. If it fails, rank 0 raises its error and every other rank stops
+    with one line pointing to it, instead of a traceback from a barrier whose peer left."""
+    result, failure = None, None
+    if d.main:
+        try:
+            result = work()
+        except BaseException as err:  # KeyboardInterrupt too: the other ranks must not wait for a rank that left
+            failure = err
+    if d.enabled:
+        status = [None if failure is None else type(failure).__name__]
+        dist.broadcast_object_list(status, src=0)  # also the barrier
+        if status[0] is not None and not d.main:
+            raise ValueError(f"rank {d.rank} stops: rank 0 failed ({status[0]}, its error above)")
+    if failure is not None:
+        raise failure
+    return result
 
 
 def seed_everything(seed: int) -> None:
@@ -180,15 +200,14 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool, class_names: 
     if cfg.data_root is None and cfg.dataset != "builtin":
         raise ValueError(f"setting 'data_root': dataset '{cfg.dataset}' needs --data-root (see the README's dataset "
                          "layouts); only the built-in dataset is generated on first use")
+    def train_split():
+        return build_dataset(cfg.dataset, "train", root=cfg.data_root, transform=TrainTransform(cfg.image_size),
+                             skip_bad=cfg.skip_bad_images)
+
     # The built-in dataset is generated on first use: by rank 0 alone, the others wait.
-    if d.main:
-        train_set = build_dataset(cfg.dataset, "train", root=cfg.data_root, transform=TrainTransform(cfg.image_size),
-                                  skip_bad=cfg.skip_bad_images)
-    if d.enabled:
-        dist.barrier()
+    train_set = main_first(d, train_split)
     if not d.main:
-        train_set = build_dataset(cfg.dataset, "train", root=cfg.data_root, transform=TrainTransform(cfg.image_size),
-                                  skip_bad=cfg.skip_bad_images)
+        train_set = train_split()
     if len(train_set) == 0:
         found = (f"all {train_set.skipped} images {train_set.source} lists are unreadable (--skip-bad-images "
                  "skipped them)" if train_set.skipped else f"{train_set.source} lists no image")
@@ -314,10 +333,7 @@ def resolve_pretrained(cfg: TrainConfig, d: Dist, device: torch.device) -> Optio
     def resolve():
         return builtin_pretrained(cfg.backbone, cfg.backbone_width, cfg.image_size, device=device)
 
-    path = resolve() if d.main else None
-    if d.enabled:
-        dist.barrier()
-    path = path or resolve()
+    path = main_first(d, resolve) or resolve()
     log.info("backbone: pre-trained on the built-in pre-training set, %s", path)
     return path
 
@@ -761,8 +777,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
                  100 * best["mAP"], best["epoch"])
         _warn_inexact_resume(cfg, state, d.world, device, served)
 
-    # Every setting is checked: now the run directory.
-    if d.main:
+    def start_run_directory():  # every setting is checked: now the run directory
         os.makedirs(out, exist_ok=True)
         remove_stale_temporaries(out, RUN_FILES)  # a checkpoint write killed half-way
         log_to_file(out)
@@ -772,8 +787,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
         _truncate_metrics(os.path.join(out, "metrics.jsonl"), start_epoch)
         if resumed and best["epoch"] == start_epoch - 1:  # last.pt is written first, best.pt then: a kill between
             save_checkpoint(os.path.join(out, "best.pt"), state)  # left best.pt an epoch behind; last.pt holds it
-    if d.enabled:
-        dist.barrier()
+
+    main_first(d, start_run_directory)
 
     model = core
     if d.enabled:  # alpha/beta (and unused blends) leave parameters without gradient in some epochs
@@ -807,7 +822,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
         if d.enabled:
             rngs = [None] * d.world
             dist.all_gather_object(rngs, rng_state())
-        if d.main:
+
+        def write_epoch():
             append_line(os.path.join(out, "metrics.jsonl"), json.dumps(record, sort_keys=True))
             state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
@@ -825,14 +841,17 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
                 for key, value in record.items():
                     if isinstance(value, (int, float)) and key != "epoch":
                         writer.add_scalar(key, value, epoch)
-        if d.enabled:
-            dist.barrier()
+
+        main_first(d, write_epoch)
 
     summary = {"best_epoch": best["epoch"], "best_mAP": best["mAP"], "epochs": cfg.epochs, "out": out,
                "settings": dataclasses.asdict(cfg), "versions": versions()}
-    if d.main:
+
+    def finish():
         save_json(os.path.join(out, "summary.json"), summary)
         log.info("done: best mAP %.2f at epoch %d; results in %s", 100 * best["mAP"], best["epoch"], out)
+
+    main_first(d, finish)
     if writer is not None:
         writer.close()
     if d.enabled:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ._cli import check_output_dir
+from ._cli import ArgumentParser, check_output_dir
 from .checkpoint import atomic_write
 from .config import check_device
 from .inference import (BACKENDS, device_arg, load_images, load_model, open_image, positive_int, run_main,
@@ -183,7 +183,7 @@ def visualize(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m dsrb.visualize",
         description="Overlay DSRB's category-wise attention maps on images; writes <out-dir>/<stem>_<class>.png.",
     )

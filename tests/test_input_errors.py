@@ -258,3 +258,16 @@ def test_output_to_a_closed_pipe_ends_quietly(files, tool, buffered):
     os.close(read)  # long before the tool has imported torch and prints
     _, err = proc.communicate(timeout=600)
     assert (proc.returncode, err) == (1, ""), (proc.returncode, err)
+
+
+@pytest.mark.parametrize("tool, argv", [("train", ["--epochs", "abc"]), ("train", ["--no-such-flag"]),
+                                        ("evaluate", ["--checkpoint", "x.pt", "--batch-size", "two"]),
+                                        ("info", ["--verbose"]), ("experiments.proportions", ["--seeds"])])
+def test_a_flag_of_the_wrong_type_or_unknown_is_one_error_line(tool, argv):
+    """argparse prints its whole usage before the error (38 lines for dsrb.train); the tools print the error alone,
+    one line, as their other errors, with the hint that --help lists the options (exit status 2, argparse's)."""
+    proc = subprocess.run([sys.executable, "-m", f"dsrb.{tool}", *argv], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"python -m dsrb.{tool}: error: "), proc.stderr
+    assert lines[0].endswith("(--help lists the options)")

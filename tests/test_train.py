@@ -326,6 +326,27 @@ def test_ddp_two_processes_gloo(data_root, tmp_path):
         assert torch.equal(saved[name], value), name
 
 
+def test_ddp_rank_zero_failure_is_one_line_per_rank(tmp_path):
+    """Under torchrun, a step rank 0 does first (here: reading the training data, from an empty folder) fails: rank 0
+    prints its error line, the other rank one line pointing to it; no traceback from a barrier whose peer left."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dsrb.train",
+           *args(str(empty), tmp_path / "run", 1)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode != 0
+    err = result.stderr
+    # torchrun prints a traceback of its own (ChildFailedError); none from the ranks (a barrier's "Connection closed")
+    frames = [line for line in err.splitlines() if line.lstrip().startswith("File ")]
+    assert not any(os.path.join("dsrb", "train.py") in line for line in frames), err[-3000:]
+    assert "Connection closed" not in err and "gloo" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if "python -m dsrb.train: error:" in line]
+    assert len(lines) == 2, err[-3000:]
+    assert any("rank 1 stops: rank 0 failed (" in line for line in lines), lines
+    assert any(str(empty) in line and "rank 1 stops" not in line for line in lines), lines
+
+
 def test_bf16_autocast_run(data_root, tmp_path, monkeypatch):
     """--amp bf16 runs every training (and evaluation) forward under CPU autocast to bfloat16: the model's forward sees
     autocast enabled with dtype bfloat16, its nn.Linear head computes in bfloat16 while the weights stay float32."""

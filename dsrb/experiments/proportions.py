@@ -48,7 +48,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from dsrb._cli import error_line
+from dsrb._cli import ArgumentParser, error_line
 from dsrb.checkpoint import save_json
 from dsrb.config import PRESETS, load_config_file, parse_args
 from dsrb.config import build_parser as build_train_parser
@@ -146,7 +146,7 @@ def _seeds(text: str) -> List[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m dsrb.experiments.proportions",
         description="Train methods over known-label proportions and seeds; write the paper-style mAP table, a CSV "
                     "and a plot. Train settings for every run go after '--' (see python -m dsrb.train --help).",

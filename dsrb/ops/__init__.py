@@ -2,7 +2,7 @@
 
 ``semantic_attention``, ``instance_blend``, ``prototype_blend``, ``quadrant_index`` and ``prototype_bank_update``
 take ``backend="auto"`` (the first available of cuda -> triton -> torch on GPU, cpu -> torch on CPU) or a backend
-name; the environment variable ``DSRB_BACKEND`` forces one for every call. Every backend implementation is a
+name; the environment variable ``DSRB_BACKEND`` forces one wherever ``backend`` is left at ``"auto"``. Every backend implementation is a
 ``torch.library`` custom op (namespace ``dsrb``) with a fake implementation and autograd, so
 ``torch.compile(fullgraph=True)`` traces the model without graph breaks (:func:`trace_torch_backend` makes it trace the
 ``torch`` backend's PyTorch code instead). Every implementation returns contiguous
