@@ -468,8 +468,8 @@ class DSRB(nn.Module):
         if run_prototype and not self.prototype_bank.is_ready():
             raise RuntimeError(
                 "prototype blending (PPRB) needs prototypes, but the prototype bank is not ready: run the prototype "
-                "pass first (model.eval(); model.prototype_bank.reset(); model.update_prototypes(images, targets) "
-                "over the training set; model.prototype_bank.finalize(model.compat)), or pass prototype_blend=False"
+                "pass first (model.eval(); model.reset_prototypes(); model.update_prototypes(images, targets) "
+                "over the training set; model.finalize_prototypes()), or pass prototype_blend=False"
             )
 
         S, a, X = self._extract(images)
@@ -531,10 +531,10 @@ class DSRB(nn.Module):
         The trainer's prototype pass (before blending epochs; spec §5.1)::
 
             model.eval()
-            model.prototype_bank.reset()
+            model.reset_prototypes()
             for images, targets in train_loader:
                 model.update_prototypes(images, targets)
-            model.prototype_bank.finalize(model.compat)   # or model.finalize_prototypes()
+            model.finalize_prototypes()                  # the bank's finalize with the model's compat
             model.train()
 
         Args:
