@@ -789,6 +789,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
             save_checkpoint(os.path.join(out, "best.pt"), state)  # left best.pt an epoch behind; last.pt holds it
 
     main_first(d, start_run_directory)
+    state = None  # the resumed checkpoint (model, optimizer): restored, not kept for the whole run
 
     model = core
     if d.enabled:  # alpha/beta (and unused blends) leave parameters without gradient in some epochs
