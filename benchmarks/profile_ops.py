@@ -6,14 +6,19 @@ The benchmark suites give the wall time of a call; this splits it. For each op (
 for semantic_attention the official (B, N, C, I) formulation, for the blends the vector formula rather than the
 official maps; ``torch``; then every fused backend that can run here), after two warm-up calls:
 
-* wall: median over the rounds of one call, synchronised (what the suites time);
+* wall: median over the rounds of one call, synchronised;
 * host: median of the time the call takes to return without synchronising: on a GPU, the host's cost of queueing
   it (checks, dispatch, autograd, launches), plus any wait for the device inside it;
 * device: on CUDA, the summed time of the device events of one call (kernels, copies, fills) and their number
-  (torch.profiler over the rounds). When wall ~ host >> device, the call is bound by the host, not by its kernels.
+  (torch.profiler over ``--profile-rounds`` calls). When wall ~ host >> device, the call is bound by the host, not
+  by its kernels.
 
-It is a diagnosis, not a benchmark (no pytest-benchmark, no targets): ``benchmarks/gpu_session.sh`` writes it to
-``$OUT/profile.md`` beside the benchmark report.
+The backward is that of a fixed dL/dS (as the ``semantic_attention_op`` and blend suites take it; for the blends also
+dL/dT). Every row is timed first, with no profiler attached (CUPTI left attached after a profiling session slows
+later calls), and profiled after; ``--out`` is rewritten after each row, so a run stopped at its time cap keeps the
+rows it finished. ``--skip BACKEND`` leaves out a fused backend (``gpu_session.sh`` passes those whose preflight
+failed). It is a diagnosis, not a benchmark (no pytest-benchmark, no targets): ``benchmarks/gpu_session.sh`` writes
+it to ``$OUT/profile.md`` beside the benchmark report.
 """
 
 from __future__ import annotations
@@ -76,27 +81,34 @@ def _call(op: str, provider: str) -> Callable:
     return lambda S, b, T, bank, q, h, sel: ops.prototype_blend(S, T, b, bank, q, h, sel, backend=provider)
 
 
-def _providers(op: str, device: torch.device, dtype: torch.dtype) -> List[str]:
+def _providers(op: str, device: torch.device, dtype: torch.dtype, skip=()) -> List[str]:
     import dsrb.ops as ops
 
     reasons = ops.reasons(op, device, dtype)
-    return ["reference", "torch"] + [b for b in FUSED if reasons.get(b) is None]
+    return ["reference", "torch"] + [b for b in FUSED if reasons.get(b) is None and b not in skip]
 
 
-def profile(op: str, provider: str, dims: Dict[str, int], device: torch.device, dtype: torch.dtype,
-            rounds: int) -> Dict[str, Optional[float]]:
+def _once(op: str, provider: str, dims: Dict[str, int], device: torch.device, dtype: torch.dtype) -> Callable:
+    """One fwd+bwd of ``op`` by ``provider`` on fixed inputs, warmed up twice."""
     leaves, others, grad_shapes = _inputs(op, dims, device, dtype)
+    if op == "semantic_attention":  # from dL/dS alone, as the semantic_attention_op suite (preflight: dL/da too)
+        grad_shapes = grad_shapes[:1]
     leaves = [t.requires_grad_() for t in leaves]
     grads = [torch.ones(s, device=device, dtype=dtype) for s in grad_shapes]
     fn = _call(op, provider)
 
     def once():
         out = fn(*leaves, *others)
-        return torch.autograd.grad(out, leaves, grads)
+        return torch.autograd.grad(out[: len(grads)], leaves, grads)
 
     for _ in range(2):
         once()
     _sync(device)
+    return once
+
+
+def time_call(once: Callable, device: torch.device, rounds: int) -> Dict[str, float]:
+    """Median wall (synchronised) and host (unsynchronised) microseconds of ``once()``."""
     wall, host = [], []
     for _ in range(rounds):
         _sync(device)
@@ -106,24 +118,25 @@ def profile(op: str, provider: str, dims: Dict[str, int], device: torch.device, 
         _sync(device)
         host.append((t1 - t0) * 1e6)
         wall.append((time.perf_counter() - t0) * 1e6)
-    row = {"wall_us": statistics.median(wall), "host_us": statistics.median(host), "device_us": None,
-           "kernels": None}
-    if device.type == "cuda":
-        try:
-            from torch.autograd import DeviceType
-            from torch.profiler import ProfilerActivity
-            from torch.profiler import profile as torch_profile
+    return {"wall_us": statistics.median(wall), "host_us": statistics.median(host)}
 
-            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(rounds):
-                    once()
-                _sync(device)
-            events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-            row["kernels"] = len(events) / rounds
-            row["device_us"] = sum(e.time_range.elapsed_us() for e in events) / rounds
-        except Exception as err:  # noqa: BLE001 - the timings above stand without the profile
-            print(f"profile_ops: torch.profiler failed for {op}/{provider}: {err}", file=sys.stderr)
-    return row
+
+def profile_call(once: Callable, device: torch.device, rounds: int) -> Dict[str, Optional[float]]:
+    """Device microseconds and device events per call of ``once()`` (CUDA; None where none were recorded)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:  # the host's own events are not used
+        for _ in range(rounds):
+            once()
+        _sync(device)
+    # Kernels, copies and fills; not user annotations (spans over them), which none of these calls makes anyway.
+    events = [e for e in prof.events()
+              if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    if not events:  # CUPTI unavailable or failing: no figure rather than a 0 that reads as "host-bound"
+        return {"device_us": None, "kernels": None}
+    return {"kernels": len(events) / rounds, "device_us": sum(e.time_range.elapsed_us() for e in events) / rounds}
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -134,32 +147,59 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     shapes = {**SHAPES["full"], **SHAPES["quick"], **TINY}
     parser.add_argument("--shape", action="append", choices=sorted(shapes),
-                        help="shape(s) from benchmarks/conftest.py (default: coco and tiny)")
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--out", help="also write the markdown here")
+                        help="shape(s) from benchmarks/conftest.py (default: tiny and coco)")
+    parser.add_argument("--rounds", type=int, default=20, help="timed calls per row")
+    parser.add_argument("--profile-rounds", type=int, default=5, help="profiled calls per row (CUDA)")
+    parser.add_argument("--skip", action="append", default=[], choices=FUSED, help="a fused backend to leave out")
+    parser.add_argument("--out", help="also write the markdown here (rewritten after each row)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float32
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    lines = [f"### where one fwd+bwd goes ({name}, {dtype}, median of {args.rounds} calls)", "",
-             "| op | shape | provider | wall (us) | host, unsynchronised (us) | device events (us) | events |",
-             "|---|---|---|---:|---:|---:|---:|"]
-    for shape in args.shape or ["coco", "tiny"]:
-        for op in OPS:
-            for provider in _providers(op, device, dtype):
+    skipped = f"; left out: {', '.join(args.skip)}" if args.skip else ""
+    header = [f"### where one fwd+bwd goes ({name}, {dtype}, median of {args.rounds} calls, device events over "
+              f"{args.profile_rounds} profiled calls{skipped})", "",
+              "| op | shape | provider | wall (us) | host, unsynchronised (us) | device events (us) | events |",
+              "|---|---|---|---:|---:|---:|---:|"]
+    rows: List[list] = []  # [op, shape, provider, timing or error text, profile]
+
+    def write():
+        lines = list(header)
+        for op, shape, provider, timing, prof in rows:
+            if isinstance(timing, str):
+                lines.append(f"| {op} | {shape} | {provider} | {timing} | | | |")
+                continue
+            prof = prof or {}
+            lines.append(f"| {op} | {shape} | {provider} | {_fmt(timing['wall_us'])} | {_fmt(timing['host_us'])} | "
+                         f"{_fmt(prof.get('device_us'))} | {_fmt(prof.get('kernels'))} |")
+        if device.type == "cuda" and any(isinstance(r[3], dict) and r[4] is None for r in rows):
+            lines += ["", "–: not profiled (the run stopped first), or no device event recorded (CUPTI)."]
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+        return lines
+
+    calls = {}
+    try:
+        for shape in args.shape or ["tiny", "coco"]:
+            for op in OPS:
+                for provider in _providers(op, device, dtype, args.skip):
+                    try:
+                        calls[len(rows)] = once = _once(op, provider, shapes[shape], device, dtype)
+                        rows.append([op, shape, provider, time_call(once, device, args.rounds), None])
+                    except Exception as err:  # noqa: BLE001 - reported in the table; the other rows still run
+                        rows.append([op, shape, provider, f"error: {type(err).__name__}: {err}", None])
+                    print(write()[-1], file=sys.stderr, flush=True)
+        if device.type == "cuda":  # after every timing: a profiler session leaves CUPTI attached
+            for i, once in calls.items():
                 try:
-                    r = profile(op, provider, shapes[shape], device, dtype, args.rounds)
-                except Exception as err:  # noqa: BLE001 - reported in the table; the other rows still run
-                    lines.append(f"| {op} | {shape} | {provider} | error: {type(err).__name__}: {err} | | | |")
-                    continue
-                lines.append(f"| {op} | {shape} | {provider} | {_fmt(r['wall_us'])} | {_fmt(r['host_us'])} | "
-                             f"{_fmt(r['device_us'])} | {_fmt(r['kernels'])} |")
-                print(lines[-1], file=sys.stderr, flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text)
+                    rows[i][4] = profile_call(once, device, args.profile_rounds)
+                except Exception as err:  # noqa: BLE001 - the timings stand without the profile
+                    print(f"profile_ops: torch.profiler failed for {rows[i][0]}/{rows[i][2]}: {err}",
+                          file=sys.stderr)
+                write()
+    finally:
+        print("\n".join(write()))
     return 0
 
 

@@ -96,6 +96,7 @@ def _groups(cases: List[dict]) -> Dict[str, Dict[str, dict]]:
         rounds, planned = stats.get("rounds"), info.get("rounds")  # recorded; planned (conftest.run_case)
         iqr = stats.get("iqr")
         groups[bench["group"]][provider] = {
+            "provider": provider,
             "host_ms": (stats["median"] * 1e3, iqr * 1e3 if _number(iqr) else None),
             "event_ms": (info.get("cuda_event_median_ms"), info.get("cuda_event_iqr_ms")),
             "peak": info.get("peak_memory_bytes"),
@@ -108,21 +109,20 @@ def _groups(cases: List[dict]) -> Dict[str, Dict[str, dict]]:
             "device": info.get("device"),
         }
     for row in groups.values():
-        # CUDA-event timings where every case of the group has them (GPU), else pytest-benchmark's host clock for
-        # all: an interrupted case has none, and the two clocks must not meet in one comparison.
-        events = all(_number(r["event_ms"][0]) for r in row.values())
-        for r in row.values():
-            r["mixed_clock"] = not events and _number(r["event_ms"][0])
-            r["median_ms"], r["iqr_ms"] = r["event_ms"] if events else r["host_ms"]
+        for r in row.values():  # shown: the CUDA-event timings on a GPU, else pytest-benchmark's host clock
+            r["median_ms"], r["iqr_ms"] = r["event_ms"] if _number(r["event_ms"][0]) else r["host_ms"]
     return dict(groups)
 
 
-def _host_clock_only(row: Dict[str, dict]) -> Optional[str]:
-    """Why a group's medians are the host clock's though some of its cases have CUDA-event ones, or None."""
-    if any(r["mixed_clock"] for r in row.values()):
-        lacking = sorted(p for p, r in row.items() if not _number(r["event_ms"][0]))
-        return f"host clock: {', '.join(lacking)} without CUDA-event timings"
-    return None
+def _pair_ms(a: dict, b: dict) -> Tuple[Optional[float], Optional[float], Optional[str]]:
+    """The medians of two cases on one clock: CUDA events where both have them, else the host clock (an interrupted
+    case has no event median), with a note naming the case that lacks them; the two clocks never meet in a ratio."""
+    if _number(a["event_ms"][0]) and _number(b["event_ms"][0]):
+        return a["event_ms"][0], b["event_ms"][0], None
+    lacking = [r["provider"] for r in (a, b) if not _number(r["event_ms"][0])]
+    note = (f"host clock: {' and '.join(lacking)} without CUDA-event timings"
+            if len(lacking) < 2 else None)
+    return a["host_ms"][0], b["host_ms"][0], note
 
 
 def load(paths: Sequence[str]) -> Tuple[Dict[str, Dict[str, dict]], List[dict]]:
@@ -142,28 +142,24 @@ def render(groups: Dict[str, Dict[str, dict]], baseline: str = "torch") -> str:
                   f"| group | provider | median (ms) | IQR (ms) | vs official | vs {baseline} | peak memory (MiB) | "
                   f"memory vs official | memory vs {baseline} | notes |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
-        clock_notes = []
         for group in names:
             row = groups[group]
-            clock = _host_clock_only(row)
-            if clock:
-                clock_notes.append(f"{group}: {clock}")
             # Each provider's largest-batch case runs at its own batch size: its time and memory do not compare.
             off, base = ({}, {}) if op == "largest_batch" else (row.get("official", {}), row.get(baseline, {}))
             for provider in sorted(row, key=lambda p: ORDER.index(p) if p in ORDER else len(ORDER)):
                 r = row[provider]
-                notes = "; ".join(n for n in (f"INCOMPLETE: {r['incomplete']}" if r["incomplete"] else "",
+                clock = "host clock" if any(_number(o["event_ms"][0]) for o in row.values()) and not _number(
+                    r["event_ms"][0]) else ""  # an interrupted case among CUDA-event ones
+                notes = "; ".join(n for n in (f"INCOMPLETE: {r['incomplete']}" if r["incomplete"] else "", clock,
                                               r["notes"]) if n)
                 lines.append(
                     f"| {group} | {provider} | {_ms(r['median_ms'])} | {_ms(r['iqr_ms'])} | "
-                    f"{_ratio(off.get('median_ms'), r['median_ms'])} | "
-                    f"{_ratio(base.get('median_ms'), r['median_ms'])} | "
+                    f"{_ratio(*_pair_ms(off, r)[:2]) if off else '–'} | "
+                    f"{_ratio(*_pair_ms(base, r)[:2]) if base else '–'} | "
                     f"{_mib(r['peak'])} | {_ratio(off.get('peak'), r['peak'])} | "
                     f"{_ratio(base.get('peak'), r['peak'])} | "
                     f"{notes} |")
         lines.append("")
-        if clock_notes:
-            lines += [f"Medians of {n} (the two clocks do not compare)." for n in clock_notes] + [""]
     return "\n".join(lines)
 
 
@@ -237,7 +233,7 @@ def _measure(target: Target, provider: str, mine: dict, other: dict) -> Tuple[Op
     if mine["device"] != target.device:
         return None, f"measured on {mine['device']}, a {target.device} target"
     if target.metric == "time":
-        num, den = other["median_ms"], mine["median_ms"]
+        num, den, _ = _pair_ms(other, mine)
     elif target.metric == "memory":
         num, den = other["peak"], mine["peak"]
     else:
@@ -263,7 +259,7 @@ def _shown(value: float, at_least: float, met: bool) -> str:
 def check_targets(groups: Dict[str, Dict[str, dict]], devices: Sequence[str]) -> List[dict]:
     """One row per (target, matching group, provider) for the targets of ``devices``: the measured ratio and its
     status ("met", "NOT met", or "no data" where the group or a provider is missing from the run) and a note (why
-    there is no data where the cases exist; the host clock where a group's cases lack CUDA-event timings)."""
+    there is no data where the cases exist; the host clock where one of the two cases lacks CUDA-event timings)."""
     rows = []
     for t in TARGETS:
         if t.device not in devices:
@@ -279,7 +275,7 @@ def check_targets(groups: Dict[str, Dict[str, dict]], devices: Sequence[str]) ->
                     "met" if value >= t.at_least * (1 - 1e-9) else "NOT met")
                 if value is not None and t.metric == "time":
                     single = [p for p in (provider, t.against) if row[p]["rounds"] == 1]
-                    note = "; ".join(n for n in (_host_clock_only(row), single and (
+                    note = "; ".join(n for n in (_pair_ms(row[provider], row[t.against])[2], single and (
                         f"one round of {' and '.join(single)}: no spread measured")) if n) or None
                 rows.append({"issue": t.issue, "what": t.what, "group": name, "provider": provider,
                              "against": t.against, "value": value, "at_least": t.at_least, "status": status,
@@ -320,7 +316,9 @@ def header(runs: List[dict]) -> str:
         *([f"- Unreadable, left out: {', '.join(os.path.basename(r['path']) for r in unread)}"] if unread else []),
         "",
         "Speed-up = the other provider's median / this provider's median; memory ratio = the other's peak / this "
-        "peak (higher is better for both).",
+        "peak (higher is better for both). Medians and IQR: on a GPU the time of one call between CUDA events, on a "
+        "CPU pytest-benchmark's host clock; a GPU case without event timings (interrupted) says \"host clock\", and a "
+        "ratio with it is taken on the host clock of both cases.",
         "",
     ])
 

@@ -1,5 +1,6 @@
 """benchmarks/profile_ops.py, the GPU session's host-vs-device breakdown, runs and fills its table (here on CPU)."""
 
+import pytest
 import torch
 
 import dsrb.ops as ops
@@ -41,3 +42,27 @@ def test_preflight_runs_every_op_at_the_gpu_shapes_and_fails_on_non_finite(monke
     monkeypatch.setattr(preflight, "_call", nan_op)
     assert preflight.main(["torch", "--device", "cpu"]) == 1
     assert "preflight torch: semantic_attention at coco: non-finite values" in capsys.readouterr().out
+
+
+def test_profile_skips_a_backend_and_keeps_the_rows_before_an_interrupt(tmp_path, monkeypatch):
+    """--skip leaves a fused backend out (gpu_session.sh passes those whose preflight failed); --out is rewritten
+    after each row, so a run stopped at its time cap (SIGINT: KeyboardInterrupt) keeps the rows it finished."""
+    out = tmp_path / "profile.md"
+    real, calls = profile_ops.time_call, []
+
+    def stop_at_the_fourth(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(profile_ops, "time_call", stop_at_the_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        profile_ops.main(["--shape", "tiny", "--rounds", "1", "--skip", "cpu", "--out", str(out)])
+    text = out.read_text()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    order = [(op, p) for op in profile_ops.OPS for p in profile_ops._providers(op, device, torch.float32, ["cpu"])]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| op |")]
+    assert [(r[0], r[2]) for r in rows] == order[:3], text  # the three rows timed before the interrupt
+    assert all(p != "cpu" for _, p in order) and "left out: cpu" in text
