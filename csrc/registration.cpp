@@ -3,6 +3,8 @@
 // Each backend is its own op, dsrb::<op>_<backend> (+ _backward), with the same schema as the Python-defined
 // backends in dsrb/ops/<op>.py (a test compares them); the CUDA ops are defined in csrc/cuda/glue.cpp. Autograd is
 // registered here in C++ (csrc/autograd.h), fakes from Python (dsrb/ops).
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
 
 #include "autograd.h"
@@ -11,6 +13,26 @@
 
 namespace {
 constexpr char kCpu[] = "cpu";
+
+// Autograd kernel of the in-place bank update, so that a direct torch.ops call is as safe as any in-place torch op:
+// it refuses to write a tensor that requires grad while grad mode is on, and it bumps the version counters of
+// sums and counts, so a graph that saved them fails loudly in backward instead of using the new values.
+void prototype_bank_update_cpu_autograd_(at::Tensor& sums, at::Tensor& counts, const at::Tensor& S,
+                                         const at::Tensor& T, const at::Tensor& quadrant, int64_t cap) {
+  TORCH_CHECK_VALUE(!(c10::GradMode::is_enabled() && (sums.requires_grad() || counts.requires_grad())),
+                    "argument '", sums.requires_grad() ? "sums" : "counts", "': expected a tensor that does not require "
+                    "grad (the bank update is not differentiable; update it under torch.no_grad(), or pass a "
+                    "detached tensor)");
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("dsrb::prototype_bank_update_cpu_", "")
+      .typed<void(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.call(sums, counts, S, T, quadrant, cap);
+  }
+  torch::autograd::increment_version(sums);
+  torch::autograd::increment_version(counts);
+}
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dsrb, m) {
@@ -44,4 +66,7 @@ TORCH_LIBRARY_IMPL(dsrb, CPU, m) {
   m.impl("prototype_bank_update_cpu_", dsrb::no_autocast<&dsrb::prototype_bank_update_cpu_>);
 }
 
-TORCH_LIBRARY_IMPL(dsrb, Autograd, m) { dsrb::autograd::register_ops<kCpu>(m); }
+TORCH_LIBRARY_IMPL(dsrb, Autograd, m) {
+  dsrb::autograd::register_ops<kCpu>(m);
+  m.impl("prototype_bank_update_cpu_", TORCH_FN(prototype_bank_update_cpu_autograd_));
+}

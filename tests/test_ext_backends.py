@@ -476,6 +476,28 @@ def test_prototype_bank_update_in_place_cpu_kernel():
     assert torch.equal(sums, want_sums) and torch.equal(counts, want_counts)
 
 
+def test_prototype_bank_update_in_place_cpu_kernel_is_safe_for_autograd():
+    """Called directly through torch.ops, the cpu in-place kernel bumps the versions of sums and counts (a graph
+    that saved them fails in backward) and refuses a sums or counts that requires grad while grad mode is on."""
+    B, C, D = 3, 2, 4
+    S, T, quadrant = torch.randn(B, C, D), torch.ones(B, C), torch.zeros(B, C, dtype=torch.int64)
+    sums, counts = torch.zeros(C, 4, D), torch.zeros(C, 4, dtype=torch.int64)
+    versions = sums._version, counts._version
+    w = torch.randn(C, 4, D, requires_grad=True)
+    loss = (w * sums).sum()  # saves sums
+    torch.ops.dsrb.prototype_bank_update_cpu_(sums, counts, S, T, quadrant, 100)
+    assert (sums._version, counts._version) == (versions[0] + 1, versions[1] + 1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    leaf = torch.zeros(C, 4, D, requires_grad=True)
+    with pytest.raises(ValueError, match="argument 'sums': expected a tensor that does not require grad"):
+        torch.ops.dsrb.prototype_bank_update_cpu_(leaf, counts, S, T, quadrant, 100)
+    assert not leaf.any()  # nothing written
+    with torch.no_grad():  # as an optimizer updates a parameter
+        torch.ops.dsrb.prototype_bank_update_cpu_(leaf, torch.zeros_like(counts), S, T, quadrant, 100)
+    assert torch.equal(leaf.detach(), sums)
+
+
 @pytest.mark.parametrize("backend", BANK_BACKENDS)
 def test_prototype_bank_update_in_place_targets_and_errors(backend):
     """T in any real dtype (the cpu kernel reads it as given, compared in its dtype as torch compares it); the errors

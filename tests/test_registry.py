@@ -159,6 +159,20 @@ def test_gpu_coverage_check_is_not_traced_by_the_compiler(gpus, monkeypatch):
     assert f(torch.zeros(2)).tolist() == [1.0, 1.0]
 
 
+def test_triton_import_check_is_not_traced_by_the_compiler(monkeypatch):
+    """Nor the triton backend's import check (importlib.import_module, which the compiler refuses to trace), asked
+    when the first op call that may pick triton happens inside torch.compile(fullgraph=True)."""
+    from dsrb.ops import _registry
+
+    monkeypatch.setattr(_registry, "_TRITON_UNAVAILABLE", {})  # not asked yet
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x):
+        return x + (1 if _registry._triton_unavailable() is None else 0)
+
+    assert f(torch.zeros(2)).tolist() == [1.0, 1.0]  # triton 3.7.1 is a test dependency: it imports
+
+
 def test_importing_the_ops_leaves_the_compiler_unloaded():
     """Every tool imports dsrb.ops at start; torch._dynamo (1.3 s to import) is for runs that compile or train (an
     optimizer step imports it), not for `--help`, `dsrb.info` or `dsrb.predict`."""

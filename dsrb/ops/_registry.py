@@ -342,15 +342,26 @@ def _cuda_kernels_unusable(archs: str, nvcc: str) -> Optional[str]:
 _cuda_kernels_unusable._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_UNAVAILABLE: Dict[str, Optional[str]] = {}  # _triton_unavailable()'s answer, once asked
+
+
 def _triton_unavailable() -> Optional[str]:
+    if "why" in _TRITON_UNAVAILABLE:
+        return _TRITON_UNAVAILABLE["why"]
+    why = None
     if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install triton, or the triton that matches your torch)"
-    try:  # installed is not enough: a broken or mismatched install fails here, not inside the first kernel call
-        importlib.import_module("triton")
-    except Exception as exc:  # any error of its import (ImportError, a RuntimeError from its driver probing, ...)
-        return f"triton is installed but fails to import ({type(exc).__name__}: {exc})"
-    return None
+        why = "triton is not installed (pip install triton, or the triton that matches your torch)"
+    else:
+        try:  # installed is not enough: a broken or mismatched install fails here, not inside the first kernel call
+            importlib.import_module("triton")
+        except Exception as exc:  # any error of its import (ImportError, a RuntimeError from its driver probing, ...)
+            why = f"triton is installed but fails to import ({type(exc).__name__}: {exc})"
+    _TRITON_UNAVAILABLE["why"] = why
+    return why
+
+
+# Asked once per process and never traced, as _cuda_kernels_unusable (the compiler refuses importlib.import_module).
+_triton_unavailable._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 TORCH = register_backend(Backend("torch", devices=None, dtypes=FLOAT_DTYPES))

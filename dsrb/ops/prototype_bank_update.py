@@ -162,9 +162,7 @@ def prototype_bank_update_(
         if validate and not T.dtype.is_signed and T.dtype != torch.bool:
             _check_values(T, quadrant)  # the kernel compares in T's dtype, where 255 == -1 in uint8
         try:
-            in_place(sums, counts, plain(S), plain(T), plain(quadrant, torch.int64), cap)
-            # The kernel wrote through data pointers: tell autograd, so a graph that saved them fails loudly.
-            torch.autograd.graph.increment_version((sums, counts))
+            in_place(sums, counts, plain(S), plain(T), plain(quadrant, torch.int64), cap)  # bumps their versions
             return
         except ValueError as error:  # a value the kernel rejects (nothing written) ...
             rejected = error
