@@ -102,6 +102,16 @@ def test_merge_later_file_wins_and_main_prints_targets_first(tmp_path, capsys):
     assert "- Files: a.json (2 cases), b.json (1 cases)" in out and "- Commit: abc, def" in out
 
 
+def test_baseline_names_the_second_reference_column(tmp_path, capsys):
+    g = "instance_blend-demo-fwd"
+    a = write(tmp_path / "a.json", [case(g, "official", 0.008, device="cpu"), case(g, "torch", 0.004, device="cpu"),
+                                    case(g, "cpu", 0.001, device="cpu")])
+    report.main([a, "--baseline", "cpu"])
+    out = capsys.readouterr().out
+    assert "| vs official | vs cpu |" in out and "| memory vs cpu |" in out
+    assert f"| {g} | torch | 4.000 | 0.000 | 2.00× | 0.25× |" in out  # torch against cpu, not against itself
+
+
 def test_unreadable_file_is_left_out_and_named(tmp_path, capsys):
     """A part killed while writing its JSON (gpu_session.sh) must not cost the report of the other parts."""
     g = "prototype_pass-coco-b8-pass"

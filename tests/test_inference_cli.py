@@ -291,6 +291,11 @@ def test_evaluate(setup, tmp_path, capsys):
     default = os.path.join(os.path.dirname(setup["ckpt"]), "eval_best_test.json")  # the checkpoint is best.pt
     assert os.path.isfile(default)
     os.remove(default)
+    main(["--checkpoint", setup["ckpt"], "--workers", "0", "--device", "cpu", "--split", "train"])
+    default = os.path.join(os.path.dirname(setup["ckpt"]), "eval_best_train.json")
+    with open(default, encoding="utf-8") as f:
+        assert json.load(f)["num_images"] == 3  # the train list
+    os.remove(default)
 
 
 def test_evaluate_runs_under_the_runs_amp(setup, tmp_path, monkeypatch):

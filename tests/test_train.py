@@ -244,6 +244,28 @@ def test_baseline_and_ablation_switches(data_root, tmp_path):
     assert all(r["loss_contrastive"] == 0 for r in records)
 
 
+def test_loss_weights_and_model_settings_reach_the_run(data_root, tmp_path, monkeypatch):
+    """--instance-weight / --prototype-weight weight the logged blending losses in the logged total (without the
+    contrastive term, whose weight follows the epoch's progress), and the model settings reach the model the run
+    trains and the checkpoint it saves."""
+    built = []
+    monkeypatch.setattr(train, "DSRB", lambda *a, **k: built.append(DSRB(*a, **k)) or built[-1])
+    out = tmp_path / "run"
+    train.main(args(data_root, out, 2, "--instance-weight", "2", "--prototype-weight", "3", "--no-contrastive",
+                    "--gnn-steps", "1", "--compat", "official", "--detach-blend-targets", "--freeze-backbone"))
+    records = read_metrics(out)
+    assert records[1]["loss_instance"] > 0 and records[1]["loss_prototype"] > 0
+    for r in records:
+        assert r["loss"] == pytest.approx(r["loss_bce"] + 2 * r["loss_instance"] + 3 * r["loss_prototype"], rel=1e-6)
+    state = torch.load(out / "last.pt", weights_only=False)
+    kwargs = state["model_kwargs"]
+    assert (kwargs["gnn_steps"], kwargs["compat"], kwargs["detach_blend_targets"], kwargs["freeze_backbone"]) == (
+        1, "official", True, True)
+    (model,) = built
+    assert (model.gnn.steps, model.compat, model.detach_blend_targets, model.backbone.frozen) == (
+        1, "official", True, True)
+
+
 def test_config_file_and_bad_settings(data_root, tmp_path):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"epochs": 1, "known-proportion": 0.3}))
