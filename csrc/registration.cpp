@@ -14,21 +14,34 @@
 namespace {
 constexpr char kCpu[] = "cpu";
 
-// Autograd kernel of the in-place bank update, so that a direct torch.ops call is as safe as any in-place torch op:
-// it refuses to write a tensor that requires grad while grad mode is on, and it bumps the version counters of
-// sums and counts, so a graph that saved them fails loudly in backward instead of using the new values.
-void prototype_bank_update_cpu_autograd_(at::Tensor& sums, at::Tensor& counts, const at::Tensor& S,
-                                         const at::Tensor& T, const at::Tensor& quadrant, int64_t cap) {
+// The in-place bank update is as safe as any in-place torch op when called directly through torch.ops: its
+// Autograd kernel refuses to write a tensor that requires grad while grad mode is on, and its ADInplaceOrView kernel
+// bumps the version counters of sums and counts (in inference mode too), so a graph that saved them fails loudly in
+// backward instead of using the new values.
+using BankUpdateFn = void(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t);
+
+const c10::TypedOperatorHandle<BankUpdateFn>& bank_update_op() {
+  static const auto op = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("dsrb::prototype_bank_update_cpu_", "")
+      .typed<BankUpdateFn>();
+  return op;
+}
+
+void bank_update_autograd(at::Tensor& sums, at::Tensor& counts, const at::Tensor& S, const at::Tensor& T,
+                          const at::Tensor& quadrant, int64_t cap) {
   TORCH_CHECK_VALUE(!(c10::GradMode::is_enabled() && (sums.requires_grad() || counts.requires_grad())),
                     "argument '", sums.requires_grad() ? "sums" : "counts", "': expected a tensor that does not require "
                     "grad (the bank update is not differentiable; update it under torch.no_grad(), or pass a "
                     "detached tensor)");
-  static const auto op = c10::Dispatcher::singleton()
-      .findSchemaOrThrow("dsrb::prototype_bank_update_cpu_", "")
-      .typed<void(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
+  at::AutoDispatchBelowAutograd guard;
+  bank_update_op().call(sums, counts, S, T, quadrant, cap);
+}
+
+void bank_update_version_bump(at::Tensor& sums, at::Tensor& counts, const at::Tensor& S, const at::Tensor& T,
+                              const at::Tensor& quadrant, int64_t cap) {
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    op.call(sums, counts, S, T, quadrant, cap);
+    bank_update_op().call(sums, counts, S, T, quadrant, cap);
   }
   torch::autograd::increment_version(sums);
   torch::autograd::increment_version(counts);
@@ -68,5 +81,9 @@ TORCH_LIBRARY_IMPL(dsrb, CPU, m) {
 
 TORCH_LIBRARY_IMPL(dsrb, Autograd, m) {
   dsrb::autograd::register_ops<kCpu>(m);
-  m.impl("prototype_bank_update_cpu_", TORCH_FN(prototype_bank_update_cpu_autograd_));
+  m.impl("prototype_bank_update_cpu_", TORCH_FN(bank_update_autograd));
+}
+
+TORCH_LIBRARY_IMPL(dsrb, ADInplaceOrView, m) {
+  m.impl("prototype_bank_update_cpu_", TORCH_FN(bank_update_version_bump));
 }

@@ -478,7 +478,8 @@ def test_prototype_bank_update_in_place_cpu_kernel():
 
 def test_prototype_bank_update_in_place_cpu_kernel_is_safe_for_autograd():
     """Called directly through torch.ops, the cpu in-place kernel bumps the versions of sums and counts (a graph
-    that saved them fails in backward) and refuses a sums or counts that requires grad while grad mode is on."""
+    that saved them fails in backward; in inference mode too) and refuses a sums or counts that requires grad while
+    grad mode is on."""
     B, C, D = 3, 2, 4
     S, T, quadrant = torch.randn(B, C, D), torch.ones(B, C), torch.zeros(B, C, dtype=torch.int64)
     sums, counts = torch.zeros(C, 4, D), torch.zeros(C, 4, dtype=torch.int64)
@@ -487,15 +488,19 @@ def test_prototype_bank_update_in_place_cpu_kernel_is_safe_for_autograd():
     loss = (w * sums).sum()  # saves sums
     torch.ops.dsrb.prototype_bank_update_cpu_(sums, counts, S, T, quadrant, 100)
     assert (sums._version, counts._version) == (versions[0] + 1, versions[1] + 1)
+    once = sums.clone()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+    with torch.inference_mode():  # as torch's own in-place ops do on a normal tensor there
+        torch.ops.dsrb.prototype_bank_update_cpu_(sums, counts, S, T, quadrant, 100)
+    assert (sums._version, counts._version) == (versions[0] + 2, versions[1] + 2)
     leaf = torch.zeros(C, 4, D, requires_grad=True)
     with pytest.raises(ValueError, match="argument 'sums': expected a tensor that does not require grad"):
         torch.ops.dsrb.prototype_bank_update_cpu_(leaf, counts, S, T, quadrant, 100)
     assert not leaf.any()  # nothing written
     with torch.no_grad():  # as an optimizer updates a parameter
         torch.ops.dsrb.prototype_bank_update_cpu_(leaf, torch.zeros_like(counts), S, T, quadrant, 100)
-    assert torch.equal(leaf.detach(), sums)
+    assert torch.equal(leaf.detach(), once)
 
 
 @pytest.mark.parametrize("backend", BANK_BACKENDS)
