@@ -8,7 +8,7 @@ traces, where they would break the graph.
 from __future__ import annotations
 
 import operator
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -177,3 +177,10 @@ def check_targets(name: str, t: torch.Tensor, *ranges) -> None:
             )
         raise ValueError(f"argument '{name}': expected values in {{-1, 0, 1}}, found {found}")
     _report_ranges(ranges, values)
+
+
+def brief(items: Iterable[str], shown: int = 5) -> str:
+    """The first ``shown`` items and how many more: a whole model's keys would make a message of 30,000 characters."""
+    items = list(items)
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import shutil
+import stat
 import sys
 import tempfile
 from typing import Any, Dict, Optional
@@ -29,8 +30,24 @@ def atomic_write(path: str, write) -> None:
     ``path``, and the directory entry is fsynced too. The file gets the permissions of any new file (0666 less the
     umask), not mkstemp's private 0600. A failed write (a full disk, say) is an OSError naming ``path`` and the free
     space; ``path`` is then unchanged and the temporary file removed.
+
+    A symbolic link is followed (its target is replaced, the link stays), and a path that exists but is not a regular
+    file or a directory (``/dev/null``, ``/dev/stdout``, a named pipe) is written to directly: renaming over it would
+    replace the device or pipe with a file.
     """
-    directory = os.path.dirname(os.path.abspath(path))
+    path = os.path.realpath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # absent (or unreadable: the rename below reports it)
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        try:
+            with open(path, "wb") as f:
+                write(f)
+        except (OSError, RuntimeError) as err:
+            raise _write_error("write", path, err, "") from err
+        return
+    directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + os.path.basename(path), dir=directory)
     try:

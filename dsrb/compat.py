@@ -126,7 +126,7 @@ def _load_file(path, map_location: Any, where: str) -> Any:
         reason = reason.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "")
         raise ValueError(f"{where} could not be read ({type(err).__name__}: {reason}); expected a file saved by the "
                          "official code (a state dict, or a dict holding it under 'state_dict'); a checkpoint of a "
-                         "dsrb run (best.pt, last.pt) loads with dsrb.load_model") from err
+                         "dsrb run (best.pt, last.pt) loads with dsrb.inference.load_model") from err
 
 
 def _extract(obj: Any, where: str) -> Mapping[str, Any]:
@@ -226,7 +226,8 @@ def load_official_checkpoint(
     except ValueError as err:
         hint = ""
         if any(dsrb_to_official_key(k) not in (None, k) for k in state):  # this library's names, not the official
-            hint = "; this is a dsrb model's state dict: a dsrb run's best.pt or last.pt loads with dsrb.load_model"
+            hint = ("; this is a dsrb model's state dict: a dsrb run's best.pt or last.pt loads with "
+                    "dsrb.inference.load_model")
         raise ValueError(f"cannot load {where}: {err}{hint}") from err
     conflicts = []
     for name, value in inferred.items():

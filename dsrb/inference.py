@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ._checks import brief
 from ._cli import exit_on_error
 from .checkpoint import load_checkpoint
 from .config import check_device
@@ -47,6 +48,9 @@ DEFAULT_IMAGE_SIZE = 448
 # vectors and the graph, no ImageNet weights are needed for a trained model, and the op backend is how this machine
 # computes, not part of the model (a run trained with --backend cuda is still evaluated on a CPU).
 _NOT_KWARGS = ("num_classes", "word_features", "pretrained", "adjacency", "backend")
+# Settings that shape the forward pass without a parameter of their own: a checkpoint that lacks one would load into
+# the default model without an error and answer differently, so they are required.
+_REQUIRED_KWARGS = ("avgpool", "gnn_steps")
 
 PathLike = Union[str, os.PathLike]
 
@@ -160,6 +164,10 @@ def load_model(checkpoint_path: PathLike, *, device: Union[str, torch.device] = 
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise CheckpointError(f"checkpoint {path}: 'num_classes' must be a positive int, got {num_classes!r}")
     kwargs = {k: v for k, v in state["model_kwargs"].items() if k not in _NOT_KWARGS}
+    missing = [k for k in _REQUIRED_KWARGS if k not in kwargs]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: its model_kwargs lack {', '.join(map(repr, missing))}, which decide "
+                              "the model's forward pass; expected a checkpoint written by python -m dsrb.train")
     class_names = state.get("class_names")
     if class_names is None:
         class_names = [f"class_{i}" for i in range(num_classes)]
@@ -178,7 +186,8 @@ def load_model(checkpoint_path: PathLike, *, device: Union[str, torch.device] = 
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
-        raise CheckpointError(f"checkpoint {path}: the saved weights do not fit the model: {err}") from err
+        raise CheckpointError(f"checkpoint {path}: the saved weights do not fit the model its model_kwargs describe: "
+                              f"{_mismatch(model.state_dict(), state['model'])}") from err
     model.to(dev).eval()
     image_size = config.get("image_size") or DEFAULT_IMAGE_SIZE
     info = {
@@ -192,6 +201,17 @@ def load_model(checkpoint_path: PathLike, *, device: Union[str, torch.device] = 
         "metrics": state.get("metrics"),
     }
     return model, info
+
+
+def _mismatch(own: Dict[str, torch.Tensor], saved) -> str:
+    """What differs between a model's state dict and saved weights, briefly (torch's message lists every key)."""
+    shapes = [f"{k} {tuple(saved[k].shape)} for {tuple(v.shape)}" for k, v in own.items()
+              if k in saved and isinstance(saved[k], torch.Tensor) and saved[k].shape != v.shape]
+    parts = [(f"{len(keys)} {what}", keys) for what, keys in (
+        ("missing", [k for k in own if k not in saved]),
+        ("unexpected", [k for k in saved if k not in own]),
+        ("of another shape (saved for model)", shapes)) if keys]
+    return "; ".join(f"{head}: {brief(map(str, keys), 3)}" for head, keys in parts) or "another layout"
 
 
 def _weights_epoch(state) -> Optional[int]:

@@ -2,6 +2,7 @@
 error naming the file."""
 
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -129,3 +130,23 @@ def test_rng_state_of_another_gpu_count_restores_what_both_have(monkeypatch, vis
     set_rng_state({**state, "cuda": cuda})
     assert torch.equal(torch.rand(3), expected)
     assert restored == [(i, cuda[i].tolist()) for i in range(min(2, visible))]
+
+
+def test_atomic_write_follows_links_and_writes_into_pipes(tmp_path):
+    """A symlink's target is replaced (the link stays); a named pipe (like /dev/null or /dev/stdout, which a rename
+    would replace with a file) is written to, not replaced."""
+    target, link = tmp_path / "target.json", tmp_path / "link.json"
+    target.write_text("old")
+    link.symlink_to(target)
+    atomic_write(str(link), lambda f: f.write(b"new"))
+    assert link.is_symlink() and target.read_text() == "new"
+
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader, so the write does not wait for one
+    try:
+        atomic_write(str(fifo), lambda f: f.write(b"through the pipe"))
+        assert os.read(reader, 100) == b"through the pipe"
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)

@@ -86,6 +86,16 @@ def test_load_model_round_trip(setup):
     torch.testing.assert_close(model.in_matrix, setup["model"].in_matrix)
 
 
+def test_submodules_are_attributes_of_the_package():
+    """``import dsrb; dsrb.inference.load_model(...)``, as the README writes it, without importing the ops (and the
+    extension) at ``import dsrb``."""
+    code = ("import sys, dsrb; assert 'dsrb.ops' not in sys.modules; print(dsrb.inference.load_model.__name__); "
+            "print(hasattr(dsrb, 'nope'), 'inference' in dir(dsrb))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["load_model", "False", "True"]
+
+
 def test_load_model_errors(setup, tmp_path):
     missing = str(tmp_path / "nope.pt")
     with pytest.raises(FileNotFoundError, match="nope.pt"):
@@ -107,6 +117,23 @@ def test_load_model_errors(setup, tmp_path):
     with pytest.raises(CheckpointError, match="garbage.pt") as raised:
         load_model(garbage)
     assert str(raised.value).count("could not be read") == 1 and "ValueError" not in str(raised.value)  # one sentence
+    # Weights that do not fit: one line that counts and names a few keys (torch's own message lists every key).
+    state = torch.load(setup["ckpt"], weights_only=False)
+    for name, change, expect in [
+        ("classes", lambda s: s.update(num_classes=5, class_names=None),
+         r"9 of another shape \(saved for model\): word_features \(3, 6\) for \(5, 6\), .* and 6 more$"),
+        ("width", lambda s: s.update(model_kwargs={**s["model_kwargs"], "backbone_width": 8}),
+         r"\d+ of another shape \(saved for model\): backbone\..* and \d+ more$"),
+        ("steps", lambda s: s.update(model_kwargs={k: v for k, v in s["model_kwargs"].items() if k != "gnn_steps"}),
+         r"its model_kwargs lack 'gnn_steps', which decide the model's forward pass"),  # loaded silently before
+    ]:
+        bad = dict(state)
+        change(bad)
+        path = str(tmp_path / f"{name}.pt")
+        torch.save(bad, path)
+        with pytest.raises(CheckpointError, match=expect) as raised:
+            load_model(path)
+        assert "\n" not in str(raised.value) and len(str(raised.value)) < 600, str(raised.value)
     # The CLIs report the same errors.
     from dsrb import predict as predict_mod
 

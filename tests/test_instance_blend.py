@@ -93,6 +93,19 @@ def test_lower_precision(dtype, backend):
 
 
 @pytest.mark.parametrize("backend", TORCH_AND_AUTO)
+def test_fp16_alpha_gradient_whose_difference_exceeds_fp16(backend):
+    """grad alpha = sum grad_S1 * (S - S[partner]): here 0.1 * (6e4 + 6e4) = 1.2e4 fits fp16, S - S[partner] does not;
+    computed in fp32, as the fused kernels do (the torch backend returned inf)."""
+    h = torch.float16
+    S = torch.tensor([[[6e4]], [[-6e4]]], dtype=h)
+    T = torch.tensor([[0], [1]], dtype=h)  # image 0's unknown label takes image 1's known positive
+    alpha = torch.tensor(0.5, dtype=h, requires_grad=True)
+    S1, T1 = ops.instance_blend(S, T, alpha, torch.tensor([1, 0]), backend=backend)
+    (grad,) = torch.autograd.grad((S1, T1), alpha, (torch.full_like(S1, 0.1), torch.zeros_like(T1)))
+    assert grad.dtype == h and grad.item() == pytest.approx(0.1 * 1.2e5, rel=1e-3)
+
+
+@pytest.mark.parametrize("backend", TORCH_AND_AUTO)
 def test_gradcheck(backend):
     S, T, alpha = make(3, 4, 2)
     T[0] = 0

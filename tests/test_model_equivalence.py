@@ -423,7 +423,7 @@ def test_shape_conflicts_are_listed():
 
 def test_unreadable_files_and_dsrb_checkpoints_are_clear_errors(tmp_path):
     """A file that is not a checkpoint, or a dsrb run's checkpoint, is a ValueError naming the file (not torch's
-    KeyError or UnpicklingError); a dsrb state dict is pointed to dsrb.load_model."""
+    KeyError or UnpicklingError); a dsrb state dict is pointed to dsrb.inference.load_model."""
     with pytest.raises(FileNotFoundError, match="checkpoint .*absent.pth not found"):
         load_official_checkpoint(tmp_path / "absent.pth")
     (tmp_path / "text.pth").write_text("hello")
@@ -433,7 +433,7 @@ def test_unreadable_files_and_dsrb_checkpoints_are_clear_errors(tmp_path):
     torch.save({"model": model.state_dict(), "rng": np.random.get_state()}, tmp_path / "last.pt")
     with pytest.raises(ValueError, match=r"last\.pt could not be read \(UnpicklingError: Unsupported global"):
         load_official_checkpoint(tmp_path / "last.pt")
-    with pytest.raises(ValueError, match="dsrb model's state dict.*dsrb.load_model"):
+    with pytest.raises(ValueError, match=r"dsrb model's state dict.*dsrb\.inference\.load_model"):
         load_official_checkpoint({"model": model.state_dict()})
 
 

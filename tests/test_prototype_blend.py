@@ -97,6 +97,22 @@ def test_beta_gradient_through_both_paths():
 
 
 @pytest.mark.parametrize("backend", TORCH_AND_AUTO)
+def test_fp16_beta_gradient_whose_difference_exceeds_fp16(backend):
+    """grad beta = sum grad_S2 * (S - p): here 0.1 * (6e4 + 6e4) = 1.2e4 fits fp16, S - p does not; computed in fp32,
+    as the fused kernels do (the torch backend returned inf)."""
+    h = torch.float16
+    bank = torch.zeros(1, 4, 1, dtype=h)
+    bank[0, 3, 0] = -6e4  # the bucket of quadrant 0 shifted by 1
+    S, T = torch.tensor([[[6e4]]], dtype=h), torch.zeros(1, 1, dtype=h)
+    quadrant, shift = torch.zeros(1, 1, dtype=torch.int64), torch.ones(1, 1, dtype=torch.int64)
+    beta = torch.tensor(0.5, dtype=h, requires_grad=True)
+    S2, T2 = ops.prototype_blend(S, T, beta, bank, quadrant, shift, torch.ones(1, 1, dtype=torch.bool),
+                                 backend=backend)
+    (grad,) = torch.autograd.grad((S2, T2), beta, (torch.full_like(S2, 0.1), torch.zeros_like(T2)))
+    assert grad.dtype == h and grad.item() == pytest.approx(0.1 * 1.2e5, rel=1e-3)
+
+
+@pytest.mark.parametrize("backend", TORCH_AND_AUTO)
 def test_gradcheck(backend):
     S, T, beta, bank, q, shift, select = make(3, 4, 2)
     assert torch.autograd.gradcheck(lambda s, b, k: ops.prototype_blend(s, T, b, k, q, shift, select, backend=backend),

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import os
 import pickle
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
 
-from dsrb._checks import check_tensor
+from dsrb._checks import brief, check_tensor
 
 __all__ = [
     "BACKBONES",
@@ -252,13 +252,6 @@ def _extract_state_dict(obj: object, path: str) -> Mapping[str, torch.Tensor]:
     )
 
 
-def _brief(items: Iterable[str], shown: int = 5) -> str:
-    """The first ``shown`` items and how many more: a whole model's keys would make a message of 30,000 characters."""
-    items = list(items)
-    more = f" and {len(items) - shown} more" if len(items) > shown else ""
-    return ", ".join(items[:shown]) + more
-
-
 def load_pretrained(model: ResNet, path: Union[str, "os.PathLike[str]"]) -> None:
     """Load ImageNet weights from the local file ``path`` into ``model`` in place.
 
@@ -287,7 +280,7 @@ def load_pretrained(model: ResNet, path: Union[str, "os.PathLike[str]"]) -> None
     not_str = [k for k in raw if not isinstance(k, str)]
     if not_str:
         raise ValueError(f"cannot load pretrained weights from {path}: keys that are not strings: "
-                         f"{_brief(map(repr, not_str))}; {expected}")
+                         f"{brief(map(repr, not_str))}; {expected}")
     state: Dict[str, torch.Tensor] = {}
     not_tensors = []
     for key, value in raw.items():
@@ -300,21 +293,21 @@ def load_pretrained(model: ResNet, path: Union[str, "os.PathLike[str]"]) -> None
             not_tensors.append(key)
 
     own = model.state_dict()
-    problems = [f"values that are not tensors: {_brief(not_tensors)}"] if not_tensors else []
+    problems = [f"values that are not tensors: {brief(not_tensors)}"] if not_tensors else []
     # Checkpoints written before PyTorch 0.4.1 (torchvision's ResNet files among them) have no BN counters.
     missing = [k for k in own if k not in state and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     if missing:
-        problems.append(f"missing keys: {_brief(missing)}")
+        problems.append(f"missing keys: {brief(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {_brief(unexpected)}")
+        problems.append(f"unexpected keys: {brief(unexpected)}")
     mismatched = [
         f"{k} (expected {tuple(own[k].shape)}, found {tuple(v.shape)})"
         for k, v in state.items()
         if k in own and tuple(v.shape) != tuple(own[k].shape)
     ]
     if mismatched:
-        problems.append(f"shape mismatches: {_brief(mismatched)}")
+        problems.append(f"shape mismatches: {brief(mismatched)}")
     if problems:
         if any(k.startswith("backbone.") for k in state):  # the backbone inside a whole model (DSRB's own name)
             problems = ["its keys start with 'backbone.': it looks like a whole DSRB model's state dict (a dsrb or "

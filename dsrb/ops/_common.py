@@ -10,6 +10,11 @@ from torch import Tensor
 from .._checks import check_scalar_param, check_same_device, check_tensor
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the torch backend computes in for inputs of ``dtype``: half precision in fp32, as the fused kernels do."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def check_blend_inputs(S: Tensor, T: Tensor, coef_name: str, coef: Tensor):
     """S (B, C, D) float, T (B, C) real, a one-element coefficient, on one device; returns (B, C, D). T's values are
     checked by the op, with its indices, in one device read (``check_targets``)."""

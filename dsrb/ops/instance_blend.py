@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_bool, check_same_device, check_targets, check_tensor
-from ._common import check_blend_inputs
+from ._common import check_blend_inputs, compute_dtype
 from ._registry import define_op, extension_backends, register_impl, register_python_op, select
 
 
@@ -43,10 +43,12 @@ def _torch_backward(grad_S1, grad_T1, S, T, alpha, partner, detach_target: bool)
     grad_S = torch.where(b3, grad_S1 * alpha, grad_S1)
     # Image b's blended entries pull (1 - alpha) of their gradient back to its partner's features.
     grad_S = grad_S.index_add(0, partner, torch.where(b3, grad_S1 * (1 - alpha), 0))
-    grad_alpha = torch.where(b3, grad_S1 * (S - S[partner]), 0).sum()
+    # In fp32 for half-precision inputs, as the fused kernels: S - S[partner] alone may exceed the fp16 range.
+    cd = compute_dtype(S.dtype)
+    grad_alpha = torch.where(b3, grad_S1.to(cd) * (S.to(cd) - S[partner].to(cd)), 0).sum()
     if not detach_target:
-        grad_alpha = grad_alpha - torch.where(blend, grad_T1, 0).sum()  # dT1/dalpha = T - T[partner] = -1
-    return grad_S.contiguous(), grad_alpha.reshape(alpha.shape)
+        grad_alpha = grad_alpha - torch.where(blend, grad_T1, 0).sum(dtype=cd)  # dT1/dalpha = T - T[partner] = -1
+    return grad_S.contiguous(), grad_alpha.to(alpha.dtype).reshape(alpha.shape)
 
 
 def _triton_forward(S, T, alpha, partner, detach_target):

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_bool, check_same_device, check_targets, check_tensor
-from ._common import check_blend_inputs
+from ._common import check_blend_inputs, compute_dtype
 from ._registry import define_op, extension_backends, register_impl, register_python_op, select as select_backend
 
 
@@ -42,13 +42,14 @@ def _torch_backward(grad_S2, grad_T2, S, beta, bank, quadrant, shift, select, de
     idx = _bucket(quadrant, shift)
     p = bank.reshape(C * 4, D)[idx]
     grad_S = torch.where(s3, grad_S2 * beta, grad_S2)
-    grad_beta = torch.where(s3, grad_S2 * (S - p), 0).sum()
+    cd = compute_dtype(S.dtype)  # fp32 for half precision, as the fused kernels: S - p may exceed the fp16 range
+    grad_beta = torch.where(s3, grad_S2.to(cd) * (S.to(cd) - p.to(cd)), 0).sum()
     if not detach_target:
-        grad_beta = grad_beta - torch.where(select, grad_T2, 0).sum()  # dT2/dbeta = -1 where selected
+        grad_beta = grad_beta - torch.where(select, grad_T2, 0).sum(dtype=cd)  # dT2/dbeta = -1 where selected
     grad_bank = torch.zeros((C * 4, D), dtype=bank.dtype, device=bank.device)
     if bank_grad:  # the model's bank is a buffer: skip the scatter when nobody asks for it
         grad_bank.index_add_(0, idx.reshape(-1), torch.where(s3, grad_S2 * (1 - beta), 0).reshape(idx.numel(), D))
-    return grad_S.contiguous(), grad_beta.reshape(beta.shape), grad_bank.reshape(C, 4, D)
+    return grad_S.contiguous(), grad_beta.to(beta.dtype).reshape(beta.shape), grad_bank.reshape(C, 4, D)
 
 
 def _triton_forward(S, T, beta, bank, quadrant, shift, select, detach_target):

@@ -16,15 +16,11 @@ import torch
 from torch import Tensor
 
 from .._checks import check_same_device, check_same_dtype, check_tensor
+from ._common import compute_dtype
 from ._registry import define_op, extension_backends, register_impl, register_python_op, select
 
 # Elements of one (B, N, C_chunk, I) temporary: 8 Mi elements = 32 MiB in fp32.
 _CHUNK_ELEMENTS = 8 * 1024 * 1024
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Half-precision inputs accumulate in fp32, as the fused kernels do.
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _class_chunks(B: int, N: int, C: int, I: int):
@@ -38,7 +34,7 @@ def _tanh_terms(u: Tensor, e: Tensor) -> Tensor:
 
 
 def _torch_forward(x: Tensor, u: Tensor, e: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
-    cd = _compute_dtype(x.dtype)
+    cd = compute_dtype(x.dtype)
     xc, uc, ec, vc = x.to(cd), u.to(cd), e.to(cd), v.to(cd)
     B, N, _ = x.shape
     C, I = e.shape
@@ -53,7 +49,7 @@ def _torch_forward(x: Tensor, u: Tensor, e: Tensor, v: Tensor) -> Tuple[Tensor, 
 def _torch_backward(
     grad_S: Tensor, grad_a: Tensor, x: Tensor, u: Tensor, e: Tensor, v: Tensor, a: Tensor
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    cd = _compute_dtype(x.dtype)
+    cd = compute_dtype(x.dtype)
     xc, uc, ec, vc, ac = x.to(cd), u.to(cd), e.to(cd), v.to(cd), a.to(cd)
     gS, ga = grad_S.to(cd), grad_a.to(cd)
     B, N, _ = x.shape
