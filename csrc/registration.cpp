@@ -30,9 +30,9 @@ const c10::TypedOperatorHandle<BankUpdateFn>& bank_update_op() {
 void bank_update_autograd(at::Tensor& sums, at::Tensor& counts, const at::Tensor& S, const at::Tensor& T,
                           const at::Tensor& quadrant, int64_t cap) {
   TORCH_CHECK_VALUE(!(c10::GradMode::is_enabled() && (sums.requires_grad() || counts.requires_grad())),
-                    "argument '", sums.requires_grad() ? "sums" : "counts", "': expected a tensor that does not require "
-                    "grad (the bank update is not differentiable; update it under torch.no_grad(), or pass a "
-                    "detached tensor)");
+                    "argument '", sums.requires_grad() ? "sums" : "counts",
+                    "': expected a tensor that does not require grad (the bank update is not differentiable; update "
+                    "it under torch.no_grad(), or pass a detached tensor)");
   at::AutoDispatchBelowAutograd guard;
   bank_update_op().call(sums, counts, S, T, quadrant, cap);
 }

@@ -31,22 +31,31 @@ def atomic_write(path: str, write) -> None:
     umask), not mkstemp's private 0600. A failed write (a full disk, say) is an OSError naming ``path`` and the free
     space; ``path`` is then unchanged and the temporary file removed.
 
-    A symbolic link is followed (its target is replaced, the link stays), and a path that exists but is not a regular
-    file or a directory (``/dev/null``, ``/dev/stdout``, a named pipe) is written to directly: renaming over it would
-    replace the device or pipe with a file.
+    A symbolic link is followed (its target is replaced, the link stays). A path that exists but is not a regular file
+    or a directory (``/dev/null``, a named pipe) is written to directly, and ``/dev/stdout``, ``/dev/stderr`` and
+    ``/dev/fd/N`` through the process's own stream: renaming over them would replace the device or pipe with a file,
+    or the file a shell redirected the stream to, behind the shell's back.
     """
-    path = os.path.realpath(path)
+    stream = _standard_stream(path)
     try:
         mode = os.stat(path).st_mode
-    except OSError:  # absent (or unreadable: the rename below reports it)
+    except OSError:  # absent, a dangling link (or unreadable: the rename below reports it)
         mode = None
-    if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+    if stream is not None or (mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
         try:
-            with open(path, "wb") as f:
+            if stream is not None:  # a duplicate shares the offset into a file the shell redirected the stream to
+                for buffered in (sys.stdout, sys.stderr):
+                    if buffered is not None and not buffered.closed:
+                        buffered.flush()
+                f = os.fdopen(os.dup(stream), "wb")
+            else:
+                f = open(path, "wb")
+            with f:
                 write(f)
         except (OSError, RuntimeError) as err:
             raise _write_error("write", path, err, "") from err
         return
+    path = os.path.realpath(path)
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + os.path.basename(path), dir=directory)
@@ -85,6 +94,18 @@ def append_line(path: str, line: str) -> None:
             os.fsync(f.fileno())
     except OSError as err:
         raise _write_error("append to", path, err) from err
+
+
+def _standard_stream(path: str) -> Optional[int]:
+    """The file descriptor ``path`` names (/dev/stdout, /dev/stderr, /dev/fd/N, /proc/self/fd/N), else None."""
+    names = {"/dev/stdout": 1, "/dev/stderr": 2}
+    path = os.path.abspath(path)
+    if path in names:
+        return names[path]
+    for prefix in ("/dev/fd/", "/proc/self/fd/"):
+        if path.startswith(prefix) and path[len(prefix):].isdigit():
+            return int(path[len(prefix):])
+    return None
 
 
 def _write_error(verb: str, path: str, err: BaseException, more: str = "") -> OSError:

@@ -196,7 +196,9 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool, class_names: 
     """Datasets (train with partial labels, test with full labels), the word vectors (None when ``resumed``: last.pt
     holds them), and ``save``: None, or (on the main process, for new partial labels) a function that writes them to
     ``<out>/partial_labels.npz``. ``class_names``: a resumed run's classes, in its model's order, which the data
-    (perhaps from a new --data-root) must have."""
+    (perhaps from a new --data-root) must have. ``resumed`` (there is a last.pt to continue): the partial labels are
+    read from ``<out>/partial_labels.npz``, and a missing file is an error (a run stopped before its first checkpoint
+    is not resumed: it starts afresh and draws them again)."""
     from .data import (TestTransform, TrainTransform, build_dataset, format_known_fraction, known_fraction,
                        load_word_vectors, make_partial_labels, save_partial_labels)
 
@@ -229,7 +231,11 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool, class_names: 
                          "test mAP that selects best.pt is undefined; give a test split with labelled images")
     path = os.path.join(out, "partial_labels.npz")
     save = None
-    if resumed and os.path.exists(path):
+    if resumed:
+        if not os.path.exists(path):  # written before the first epoch: next to a last.pt, only a removed one is missing
+            raise FileNotFoundError(f"partial-label file {path}: not found; the run in {out} was trained with the "
+                                    "known labels drawn into it when it started, and that draw cannot be recovered "
+                                    "without it; restore the file, or start a new run with another --out")
         partial = _resumed_partial_labels(path, train_set)
     else:
         partial = make_partial_labels(train_set.labels, cfg.known_proportion, seed=cfg.label_seed,

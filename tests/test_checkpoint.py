@@ -150,3 +150,15 @@ def test_atomic_write_follows_links_and_writes_into_pipes(tmp_path):
     finally:
         os.close(reader)
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_atomic_write_to_dev_stdout_redirected_to_a_file(tmp_path):
+    """--out /dev/stdout with the output redirected to a file: written after what the process printed before (not
+    truncating it, not renamed over it)."""
+    out = tmp_path / "out.txt"
+    code = ("from dsrb.checkpoint import atomic_write; print('before'); "
+            "atomic_write('/dev/stdout', lambda f: f.write(b'written\\n')); print('after')")
+    with open(out, "wb") as f:
+        res = subprocess.run([sys.executable, "-c", code], stdout=f, stderr=subprocess.PIPE, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert out.read_text() == "before\nwritten\nafter\n"

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -141,6 +142,17 @@ def test_coco_duplicate_names_and_bad_ids_name_the_file(tmp_path):
             load_coco(tmp_path, "train")
 
 
+def test_coco_category_name_must_be_a_non_empty_string(tmp_path):
+    """A null, list, number or empty name used to become a class named 'None', "['a']", '7' or ''."""
+    for value in (None, ["a"], 7, "", "  "):
+        path, data = _coco(tmp_path)
+        data["categories"][1]["name"] = value
+        path.write_text(json.dumps(data))
+        with pytest.raises(ValueError) as info:
+            load_coco(tmp_path, "train")
+        assert str(info.value) == f"{path}: categories[1]: 'name' must be a non-empty string, got {value!r}"
+
+
 def test_coco_ids_written_as_digit_strings_sort_as_numbers_and_file_names_are_strings(tmp_path):
     path, data = _coco(tmp_path)
     for cat in data["categories"]:  # 7 dog, 2 cat, 5 bird -> "7", "10", "5"
@@ -219,6 +231,35 @@ def test_image_keys_stay_when_the_folder_moves_or_images_are_dropped(tmp_path):
     assert load_coco(tmp_path / "b" / "deeper", "train").image_keys() == ["img0.jpg", "img1.jpg", "img2.jpg"]
     ds = MultiLabelDataset([str(tmp_path / "x" / "1.jpg"), str(tmp_path / "y" / "z" / "1.jpg")], [[1], [1]], ["c"])
     assert ds.image_keys() == ["x/1.jpg", "y/z/1.jpg"]
+
+
+def test_image_keys_of_images_outside_the_root_are_absolute_and_the_others_move_with_the_root(tmp_path):
+    """An image named by absolute path outside the loader's folder used to move the folder the keys start from up to
+    what holds it too, so the keys of every other image took the data root's own path, and a resume from a moved
+    root found none of them in partial_labels.npz."""
+    outside = _list_root(tmp_path / "a" / "list")  # imgs/a.png, <absolute>/c.png, imgs/b.png
+    _coco(tmp_path / "a" / "coco")
+    coco_json = tmp_path / "a" / "coco" / "annotations" / "instances_train2014.json"
+    data = json.loads(coco_json.read_text())
+    data["images"][1]["file_name"] = str(outside)
+    coco_json.write_text(json.dumps(data))
+    _vg(tmp_path / "a" / "vg")
+    labels = {"3.jpg": [5], str(outside): [7]}
+    (tmp_path / "a" / "vg" / "vg_category_200_labels_index.json").write_text(json.dumps(labels))
+    (tmp_path / "a" / "vg" / "train_list_500.txt").write_text(f"3.jpg\n{outside}\n")
+    absolute = outside.as_posix()
+    expected = {"list": ["a.png", absolute, "b.png"], "coco": ["img0.jpg", absolute, "img2.jpg"],
+                "vg": ["3.jpg", absolute]}
+    for root in (tmp_path / "a", tmp_path / "moved" / "deeper"):
+        if not root.exists():
+            shutil.copytree(tmp_path / "a", root)
+        assert load_list(root / "list" / "train.csv").image_keys() == expected["list"]
+        assert load_coco(root / "coco", "train").image_keys() == expected["coco"]
+        assert load_vg200(root / "vg", "train").image_keys() == expected["vg"]
+    ds = MultiLabelDataset([str(tmp_path / "r" / "x" / "1.jpg"), str(outside), str(tmp_path / "r" / "y" / "1.jpg"),
+                            str(tmp_path / "r2" / "z.jpg")], [[1]] * 4, ["c"], image_root=tmp_path / "r")
+    assert ds.image_keys() == ["x/1.jpg", absolute, "y/1.jpg", (tmp_path / "r2" / "z.jpg").as_posix()]
+    assert MultiLabelDataset([str(outside)], [[1]], ["c"], image_root=tmp_path / "r").image_keys() == [absolute]
 
 
 def test_missing_image_names_path(tmp_path):
@@ -433,6 +474,19 @@ def test_list_rows_end_at_newlines_only(tmp_path):
     (tmp_path / "l.csv").write_text("\n".join(rows[:-1] + ["j.png,cow"]) + "\n", encoding="utf-8", newline="")
     with pytest.raises(ValueError, match=r"l\.csv: line 7: unknown class 'cow'"):
         load_list(tmp_path / "l.csv", classes=["cat", "dog"])
+
+
+def test_list_quoted_field_after_a_space_is_unquoted(tmp_path):
+    """'path, labels' is accepted, so is a space after the comma in a row; a quoted field after it used to keep its
+    quotes, giving the classes '"cat' and 'dog"'."""
+    _image(tmp_path / "imgs" / "a.png")
+    _image(tmp_path / "imgs" / "b,c.png")
+    (tmp_path / "l.csv").write_text('path, labels\nimgs/a.png, "cat;dog"\n "imgs/b,c.png" ,  cat\n')
+    ds = load_list(tmp_path / "l.csv")
+    assert ds.class_names == ["cat", "dog"] and ds.labels.tolist() == [[1, 1], [1, -1]]
+    assert ds.image_paths == [str(tmp_path / "imgs" / "a.png"), str(tmp_path / "imgs" / "b,c.png")]
+    (tmp_path / "t.tsv").write_text('path\t labels\nimgs/a.png\t "cat;dog"\n')
+    assert load_list(tmp_path / "t.tsv").class_names == ["cat", "dog"]
 
 
 def _text_files(root):

@@ -569,6 +569,11 @@ def test_16_bit_grayscale_reads_as_its_8_bit_image(setup, tmp_path, monkeypatch)
     t = TestTransform(IMAGE_SIZE)
     want = t(open_image(p8))
     torch.testing.assert_close(t(open_image(p16)), want, rtol=0, atol=0)
+    pgm = tmp_path / "gray16.pgm"  # 16-bit PGM: Pillow opens it in mode I, format PPM (it was refused as 32-bit)
+    pgm.write_bytes(b"P5\n%d %d\n65535\n" % (IMAGE_SIZE, IMAGE_SIZE) + (gray.astype(">u2") * 257).tobytes())
+    with Image.open(pgm) as im:
+        assert (im.mode, im.format) == ("I", "PPM")
+    torch.testing.assert_close(t(open_image(str(pgm))), want, rtol=0, atol=0)
     got = predict(setup["ckpt"], [p8, p16], device="cpu")
     assert got[0]["scores"] == got[1]["scores"]
     dataset = MultiLabelDataset([p8, p16], [[1, -1, -1]] * 2, CLASSES)

@@ -592,6 +592,50 @@ def test_resume_matches_the_saved_partial_labels_by_image(tmp_path, caplog, monk
         resumed(rows + ["new.png,cat"])
 
 
+def test_resume_from_a_moved_data_root_with_an_image_named_by_absolute_path(tmp_path):
+    """An image listed by absolute path outside the data root used to put the root's own path into every other
+    image's key in partial_labels.npz, so a resume from the moved root found none of them."""
+    from PIL import Image
+
+    outside = tmp_path / "elsewhere" / "c.png"
+    outside.parent.mkdir()
+    Image.new("RGB", (64, 64)).save(outside)
+    root = list_dataset(tmp_path, f"a.png,cat\nb.png,dog\n{outside},cat;dog\nb.png,cat\n", "a.png,cat\nb.png,dog\n")
+    out = tmp_path / "run"
+    train.main(["--dataset", "list", "--data-root", root, "--out", str(out), "--epochs", "1", *TINY,
+                "--batch-size", "2", "--limit-train-batches", "1", "--limit-test-batches", "1", "--image-size", "32",
+                "--no-avgpool", "--known-proportion", "0.5"])
+    saved = np.load(out / "partial_labels.npz")
+    moved = tmp_path / "moved" / "list"
+    shutil.copytree(root, moved)
+    shutil.rmtree(root)
+    train.main(["--data-root", str(moved), "--out", str(out), "--resume", "--epochs", "2"])
+    assert torch.load(out / "last.pt", weights_only=False)["epoch"] == 2
+    again = np.load(out / "partial_labels.npz")
+    assert again["image_keys"].tolist() == saved["image_keys"].tolist() == ["a.png", "b.png", outside.as_posix(),
+                                                                            "b.png"]
+    assert np.array_equal(again["targets"], saved["targets"])
+
+
+def test_resume_without_the_partial_labels_file_is_an_error(data_root, tmp_path):
+    """A resumed run whose partial_labels.npz is gone used to draw new known labels silently and train on with them;
+    a run stopped before its first checkpoint (no last.pt) starts afresh and draws them again."""
+    out = tmp_path / "run"
+    train.main(args(data_root, out, "--no-avgpool", "--image-size", "32"))
+    (out / "partial_labels.npz").unlink()
+    before = (out / "last.pt").read_bytes()
+    with pytest.raises(FileNotFoundError) as info:
+        train.main(["--out", str(out), "--resume", "--epochs", "2"])
+    path = out / "partial_labels.npz"
+    assert str(info.value) == (f"partial-label file {path}: not found; the run in {out} was trained with the known "
+                               "labels drawn into it when it started, and that draw cannot be recovered without it; "
+                               "restore the file, or start a new run with another --out")
+    assert not path.exists() and (out / "last.pt").read_bytes() == before
+    (out / "last.pt").unlink()  # as if stopped before the first checkpoint: nothing trained on a draw yet
+    train.main(["--out", str(out), "--resume", "--epochs", "1"])
+    assert path.exists() and torch.load(out / "last.pt", weights_only=False)["epoch"] == 1
+
+
 def test_empty_training_split_is_named(tmp_path):
     root = list_dataset(tmp_path, "", "a.png,cat\n")
     out = tmp_path / "run"

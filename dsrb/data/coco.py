@@ -102,9 +102,11 @@ def read_coco_labels(annotation: PathLike):
     for i, cat in enumerate(sections["categories"]):
         cid = _id(cat, "id", f"categories[{i}]", path)
         name = _field(cat, "name", f"categories[{i}]", path)
+        if not isinstance(name, str) or not name.strip():  # str() would make null a class named 'None'
+            raise ValueError(f"{path}: categories[{i}]: 'name' must be a non-empty string, got {name!r:.40}")
         if cid in names:
             raise ValueError(f"{path}: categories[{i}]: duplicate category id {cid!r}")
-        names[cid] = str(name)
+        names[cid] = name
         cat_ids.append(cid)
     dup = find_duplicate([names[cid] for cid in cat_ids])  # cat_ids in json order here
     if dup is not None:
@@ -176,4 +178,5 @@ def load_coco(
     if not images.is_dir():
         raise FileNotFoundError(f"COCO image folder not found: {images} (images listed in {ann}); {_LAYOUT}")
     paths = [str(images / f) for f in file_names]
-    return MultiLabelDataset(paths, labels, class_names, transform=transform, name=name, source=str(ann))
+    return MultiLabelDataset(paths, labels, class_names, transform=transform, name=name, source=str(ann),
+                             image_root=images)

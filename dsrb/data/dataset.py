@@ -106,7 +106,8 @@ _ORIENTATION_TRANSPOSE = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BO
 
 
 def _is_16_bit(im) -> bool:
-    return im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG")
+    # Pillow opens 16-bit PNG and PGM (format "PPM") grayscale as mode I: their values are in [0, 65535].
+    return im.mode.startswith("I;16") or (im.mode == "I" and im.format in ("PNG", "PPM"))
 
 
 def _check_value_range(im) -> None:
@@ -156,6 +157,16 @@ def _common_folder(paths: Sequence[str]) -> Optional[str]:
         return None
 
 
+def _is_inside(path: str, folder: Optional[str]) -> bool:
+    """Whether ``path`` (made absolute) lies in the absolute ``folder``; every path does when ``folder`` is None."""
+    if folder is None:
+        return True
+    try:
+        return os.path.commonpath([os.path.abspath(path), folder]) == folder
+    except ValueError:  # another drive (Windows)
+        return False
+
+
 class MultiLabelDataset(Dataset):
     """Multi-label images with full labels and (partial) training targets.
 
@@ -166,6 +177,8 @@ class MultiLabelDataset(Dataset):
         transform: callable ``PIL.Image -> Tensor (3, H, W)``; ``None`` gives a float32 tensor in [0, 1].
         name: a short dataset name ("coco", "voc", ...), for messages.
         source: the file the images are listed in (an annotation or list file), for messages.
+        image_root: the folder the loader resolves relative image paths from (a list file's folder, COCO's image
+            folder), for :meth:`image_keys`: an image outside it (named by absolute path) does not move with it.
 
     ``dataset[i]`` is ``(image, target, i)`` with ``target = targets[i]`` as float32 (C,). ``listed_rows`` (int64,
     (N,)) is each image's row in the list it came from: ``arange(N)`` until :meth:`verify_images` drops some.
@@ -181,6 +194,7 @@ class MultiLabelDataset(Dataset):
         transform: Optional[Callable] = None,
         name: str = "",
         source: str = "",
+        image_root: Union[str, os.PathLike, None] = None,
     ):
         if isinstance(image_paths, (str, bytes)):
             raise TypeError("argument 'image_paths': expected a sequence of paths, got a single string")
@@ -201,7 +215,8 @@ class MultiLabelDataset(Dataset):
         self.source = str(source)
         self.skipped = 0
         self.listed_rows = torch.arange(len(self.image_paths))
-        self._listed_folder = _common_folder(self.image_paths)
+        self._image_root = None if image_root is None else os.path.abspath(image_root)
+        self._listed_folder = _common_folder([p for p in self.image_paths if _is_inside(p, self._image_root)])
 
     @property
     def num_classes(self) -> int:
@@ -218,10 +233,19 @@ class MultiLabelDataset(Dataset):
 
     def image_keys(self) -> List[str]:
         """Each image's path relative to the deepest folder holding every listed image (dropped ones included), with
-        '/' separators: what stays the same when the dataset folder moves or :meth:`verify_images` drops images."""
-        if self._listed_folder is None:
-            return [p.replace(os.sep, "/") for p in self.image_paths]
-        return [os.path.relpath(p, self._listed_folder).replace(os.sep, "/") for p in self.image_paths]
+        '/' separators: what stays the same when the dataset folder moves or :meth:`verify_images` drops images.
+
+        With ``image_root``, only the images inside it count for that folder, and an image outside it is keyed by
+        its absolute path: it stays where it is when the root moves, and must not move the others' keys.
+        """
+        keys = []
+        for p in self.image_paths:
+            if self._listed_folder is not None and _is_inside(p, self._image_root):
+                p = os.path.relpath(p, self._listed_folder)
+            elif self._image_root is not None:
+                p = os.path.abspath(p)
+            keys.append(p.replace(os.sep, "/"))
+        return keys
 
     def set_targets(self, targets) -> None:
         """Replace the training targets: a (N, C) matrix with values in {-1, 0, 1}, stored as int8."""

@@ -10,8 +10,8 @@ Format: a UTF-8 CSV file whose first line is the header ``path,labels``; each fo
 * ``path``: the image file, relative to ``image_root`` (default: the list file's folder) or absolute.
 * ``labels``: the names of the classes present, separated by ``;`` (surrounding spaces are ignored, so class names
   cannot contain ``;``). Every class not listed is absent (-1); an empty field means no class is present.
-* Standard CSV quoting applies (quote a path that contains a comma). A tab-separated file (header
-  ``path<TAB>labels``) is accepted too. Blank lines are skipped.
+* Standard CSV quoting applies (quote a path that contains a comma); spaces after the delimiter are ignored, also
+  before a quoted field. A tab-separated file (header ``path<TAB>labels``) is accepted too. Blank lines are skipped.
 
 Classes: by default the sorted union of the names found in the file. Pass ``classes`` (a list of names, or the path
 of a text file with one name per line) to fix the class order, e.g. to make a train and a test file agree; then a
@@ -67,7 +67,8 @@ def read_list(path: PathLike) -> List[Tuple[int, str, List[str]]]:
     first = next((line for line in re.split(r"\r\n|\r|\n", text) if line.strip()), "")  # blank lines are skipped
     delimiter = "\t" if "\t" in first else ","
     # Rows end at newlines only (str.splitlines also splits at U+2028, \x85, ...), and a quoted field may hold one.
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    # skipinitialspace: 'a.png, "cat;dog"' (a space after the delimiter, as 'path, labels' allows) is unquoted too.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, skipinitialspace=True)
     rows = []
     header_seen = False
     next_line = 1
@@ -138,7 +139,8 @@ def load_list(
                 raise ValueError(f"{path}: line {line_no}: unknown class '{n}'; {known}: {shown}")
             labels[row, index[n]] = 1
         paths.append(_image_path(image, base))
-    return MultiLabelDataset(paths, labels, class_names, transform=transform, name="list", source=str(path))
+    return MultiLabelDataset(paths, labels, class_names, transform=transform, name="list", source=str(path),
+                             image_root=base)
 
 
 def _image_path(image: str, base: Path) -> str:

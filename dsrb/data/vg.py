@@ -143,4 +143,5 @@ def load_vg200(
             labels[row, c] = 1
     class_names = _class_names(root, VG_NUM_CLASSES)
     paths = [str(images / name) for _, name in names]
-    return MultiLabelDataset(paths, labels, class_names, transform=transform, name="vg", source=str(list_path))
+    return MultiLabelDataset(paths, labels, class_names, transform=transform, name="vg", source=str(list_path),
+                             image_root=images)

@@ -122,5 +122,7 @@ def load_voc2007(
     for row, image_id in enumerate(ids):
         for c in _parse_annotation(base / "Annotations" / f"{image_id}.xml", class_index):
             labels[row, c] = 1
-    paths = [str(base / "JPEGImages" / f"{image_id}.jpg") for image_id in ids]
-    return MultiLabelDataset(paths, labels, VOC_CLASSES, transform=transform, name="voc", source=str(id_file))
+    images = base / "JPEGImages"
+    paths = [str(images / f"{image_id}.jpg") for image_id in ids]
+    return MultiLabelDataset(paths, labels, VOC_CLASSES, transform=transform, name="voc", source=str(id_file),
+                             image_root=images)
