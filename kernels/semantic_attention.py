@@ -291,7 +291,7 @@ def _sa_bwd_kernel(a_ptr, gat_ptr, dot_ptr, u_ptr, e_ptr, v_ptr, gu_ptr, ge_part
             z = tl.where(mask_cr[:, :, None], _tanh(u[None, :, :] * e[:, None, :]), 0.0)
             gz = gsv[:, :, None] * z
             acc_v += tl.sum(tl.sum(gz, axis=1), axis=0)
-            t = gsv[:, :, None] - gz * z  # gs * (1 - z^2)
+            t = gsv[:, :, None] * (1.0 - z * z)  # not gs - gz * z: an infinite gs would give inf - inf = NaN
             acc_u += tl.sum(t * e[:, None, :], axis=0)
             ge_ptrs = ge_g + offs_c[:, None] * I + offs_k[None, :]
             ge = tl.load(ge_ptrs, mask=mask_ck & (rt != g), other=0.0)  # the first row tile writes it

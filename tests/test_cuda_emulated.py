@@ -206,6 +206,18 @@ def test_semantic_attention_infinite_e_with_padding_rows(emu, B, N):
         torch.testing.assert_close(a, b, equal_nan=True)
 
 
+def test_semantic_attention_infinite_x(emu):
+    """An infinite x makes the softmax backward's gs infinite: grad u is then +-inf where the torch backend's is (the
+    backward formed g (1 - z^2) as g - g z z, inf - inf = NaN)."""
+    x, u, e, v = (torch.tensor(t) for t in ([[[1.0], [float("inf")]]], [[[0.5], [-0.3]]], [[0.7]], [1.2]))
+    inputs = [x, u.requires_grad_(), e.requires_grad_(), v.requires_grad_()]
+    got, want = semantic_attention(*inputs), ops.semantic_attention(*inputs, backend="torch")
+    got_grads, want_grads = grads(got, inputs[1:]), grads(want, inputs[1:])
+    assert want_grads[0].isinf().any()  # the case itself: an infinite grad u
+    for a, b in zip(list(got) + got_grads, list(want) + want_grads):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
 def test_semantic_attention_gradcheck(emu):
     inputs = sa_inputs(2, 5, 3, 4, 6, torch.float64, "cpu")
     assert torch.autograd.gradcheck(semantic_attention, inputs)

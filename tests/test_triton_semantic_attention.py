@@ -183,6 +183,18 @@ def test_deterministic():
         assert torch.equal(t1, t2)
 
 
+def test_infinite_x_gives_the_torch_backends_non_finite_gradients():
+    """An infinite x makes the softmax backward's gs infinite: grad u is then +-inf where the torch backend's is (the
+    backward formed gs (1 - z^2) as gs - gs z z, inf - inf = NaN)."""
+    x, u, e, v = (torch.tensor(t, device=DEVICE) for t in ([[[1.0], [float("inf")]]], [[[0.5], [-0.3]]], [[0.7]],
+                                                           [1.2]))
+    grads_out = (torch.ones(1, 1, 1, device=DEVICE), torch.zeros(1, 1, 2, device=DEVICE))
+    got, want = fused((x, u, e, v), grads_out), torch_backend((x, u, e, v), grads_out)
+    assert want[1][1].isinf().any()  # the case itself: an infinite grad u
+    for g, w in zip(got[0] + tuple(got[1]), want[0] + tuple(want[1])):
+        torch.testing.assert_close(g, w, equal_nan=True)
+
+
 def test_empty_batch():
     (x, u, e, v), (gS, ga) = make_inputs(0, 13, 5, 9, 6)
     S, a = K.semantic_attention_forward(x, u, e, v)

@@ -328,7 +328,7 @@ __global__ void __launch_bounds__(kBwdThreads)
         const A z = r0 + r < rows ? tanh_scaled(us[r] * ec) : A(0);
         const A gz = gg[r] * z;
         acc_v += gz;
-        const A tt = fma(-gz, z, gg[r]);  // g (1 - z^2)
+        const A tt = gg[r] * fma(-z, z, A(1));  // g (1 - z^2); g - gz z would be inf - inf = NaN for an infinite g
         ae = fma(tt, us[r], ae);
         au[r] = fma(tt, ec, au[r]);
       }
