@@ -88,6 +88,16 @@ def check_bool(name: str, value) -> bool:
     return bool(value)
 
 
+def random_kwargs(name: str, generator) -> dict:
+    """``{"generator": generator}`` for torch.rand & co., or ``{}`` for None: an explicit ``generator=None`` breaks
+    torch.compile at a second batch size (dynamic shapes). Anything but a torch.Generator or None is a TypeError."""
+    if generator is None:
+        return {}
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"argument '{name}': expected a torch.Generator or None, got {type(generator).__name__}")
+    return {"generator": generator}
+
+
 def check_int(name: str, value, *, minimum: Optional[int] = None) -> int:
     """``value`` as a Python int: an int or an integer scalar (NumPy, one-element integer tensor), not a bool nor a
     float (never truncated); at least ``minimum`` when given. A size traced by torch.compile (SymInt) is specialised.

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from dsrb._checks import check_bool, check_same_device, check_targets, check_tensor
+from dsrb._checks import check_bool, check_same_device, check_targets, check_tensor, random_kwargs
 
 __all__ = ["partial_bce", "contrastive_loss", "dsrb_loss", "COSINE_EPS"]
 
@@ -44,7 +44,9 @@ def _partial_bce_sum(logits: torch.Tensor, targets: torch.Tensor) -> Tuple[torch
     neg = targets < 0
     known = neg | (targets > 0)
     # A negative's loss is BCE(-x, 1), exactly as officially; a positive's is BCE(x, t). One elementwise call for
-    # both; the constant 1 at negatives also keeps the target gradient there at zero, as officially.
+    # both; the constant 1 at negatives also keeps the target gradient there at zero, as officially. Unknown
+    # entries' logits are replaced by 0 first: BCE's backward at a NaN logit is NaN even for a zero incoming gradient.
+    logits = torch.where(known, logits, torch.zeros_like(logits))
     per_entry = F.binary_cross_entropy_with_logits(
         torch.where(neg, -logits, logits), torch.where(neg, torch.ones_like(targets), targets), reduction="none"
     )
@@ -99,8 +101,8 @@ def _get_keys(features: torch.Tensor, generator: Optional[torch.Generator], keys
     """The caller's keys after a shape check, or fresh uniform ones, one per (pair, class) entry."""
     num_pairs = features.shape[0] * (features.shape[0] - 1) // 2
     if keys is None:
-        return torch.rand((num_pairs, features.shape[1]), generator=generator, device=features.device,
-                          dtype=torch.float32)
+        return torch.rand((num_pairs, features.shape[1]), device=features.device, dtype=torch.float32,
+                          **random_kwargs("generator", generator))
     check_tensor("keys", keys, shape=(num_pairs, features.shape[1]), kind="float")
     return keys
 
@@ -115,6 +117,9 @@ def _contrastive_loss(features: torch.Tensor, targets: torch.Tensor, keys: torch
     # feature vector would give 0/0 = NaN.
     dtype = features.dtype
     features = features.to(torch.promote_types(dtype, torch.float32))
+    # An unknown entry is in no pair: zeroed, so that an inf or NaN there reaches no gradient (through the Gram
+    # matrix's backward it would reach every image's gradient of that class).
+    features = torch.where((targets != 0)[..., None], features, torch.zeros_like(features))
     unit = features / torch.linalg.vector_norm(features, dim=-1, keepdim=True).clamp_min(COSINE_EPS)
     gram = torch.einsum("icd,jcd->cij", unit, unit)  # (C, B, B)
     cos = gram[:, first, second].transpose(0, 1).flatten()
@@ -253,7 +258,7 @@ def dsrb_loss(
                             f"{type(output).__name__}")
     logits, features = output.logits, output.features
     _check_bce(logits, targets, "output.logits", "targets")
-    if validate:
+    if check_bool("validate", validate):
         check_targets("targets", targets)
     if w_con != 0.0:
         # targets are already checked against logits (shape and values), so features need only match them.

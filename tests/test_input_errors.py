@@ -176,6 +176,15 @@ def test_image_dtype_must_match_the_model():
         model.float()
         with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the inputs itself
             model(torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bfloat16))
+        # ... but not float64, and a BatchNorm takes bf16 inputs with float32 or bf16 parameters only: these failed
+        # deep inside torch.
+        for model_dtype in (torch.float64, torch.float16):
+            model.to(model_dtype)
+            with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
+                    TypeError, match=rf"argument 'images': expected dtype {model_dtype}.*got torch.float32 under "
+                                     r"torch.bfloat16 autocast"):
+                model(torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE))
+        model.float()
 
 
 # ------------------------------------------------------------------------------------ 6. command-line errors

@@ -410,6 +410,45 @@ def test_dsrb_loss_bad_arguments():
         losses.dsrb_loss(out, targets, instance_weight="1", **kw)
     with _raises(ValueError, "'targets' on meta"):
         losses.dsrb_loss(out, targets.to("meta"), **kw)
+    with _raises(TypeError, "argument 'validate': expected True or False, got str 'no'"):  # "no" validated
+        losses.dsrb_loss(out, targets, validate="no", **kw)
+    with _raises(TypeError, "argument 'generator': expected a torch.Generator or None, got int"):
+        losses.dsrb_loss(out, targets, generator=1, **kw)
+
+
+def test_non_finite_values_at_unknown_entries_reach_no_gradient():
+    """An inf or NaN logit or feature at an unknown entry (excluded from the loss) gives the reference's finite
+    gradients: BCE's backward at a NaN logit, and the Gram matrix's backward through an inf feature, spread NaN."""
+    g = _gen(21)
+    targets = torch.tensor([[1.0, 0.0, -1.0], [-1.0, 1.0, 1.0], [1.0, -1.0, 0.0]])
+    logits = torch.randn(3, 3, generator=g, dtype=torch.float64)
+    features = torch.randn(3, 3, D, generator=g, dtype=torch.float64)
+    keys = _keys(3, 3, g)
+    for bad in (float("inf"), float("nan")):
+        x, f = logits.clone(), features.clone()
+        x[0, 1] = x[2, 2] = bad
+        f[0, 1, 0] = f[2, 2, 3] = bad
+        for name, fn, want_fn, t in [
+            ("partial_bce", losses.partial_bce, ref.partial_bce, x),
+            ("contrastive", lambda v, T: losses.contrastive_loss(v, T, keys=keys),
+             lambda v, T: ref.contrastive_loss(v, T, keys), f),
+        ]:
+            got_in, want_in = t.clone().requires_grad_(), t.clone().requires_grad_()
+            got, want = fn(got_in, targets), want_fn(want_in, targets)
+            (got_grad,), (want_grad,) = torch.autograd.grad(got, got_in), torch.autograd.grad(want, want_in)
+            assert torch.isfinite(want_grad).all(), name  # the reference's: finite
+            _assert_close(got, want, f"{name} value, {bad}")
+            _assert_close(got_grad, want_grad, f"{name} grad, {bad}")
+
+
+def test_compiled_losses_draw_keys_at_a_second_batch_size():
+    """dsrb_loss without keys under torch.compile: a second batch size (the epoch's last batch) recompiles with
+    dynamic shapes, where an explicit generator=None made torch.rand fail."""
+    compiled = torch.compile(lambda out, t: losses.dsrb_loss(out, t, epoch=1, progress=0.0, validate=False)[0],
+                             backend="aot_eager")
+    for batch in (6, 5, 4):
+        out, targets, _ = _output(_gen(batch), batch=batch)
+        assert torch.isfinite(compiled(out, targets))
 
 
 def test_contrastive_gradient_is_bitwise_reproducible():

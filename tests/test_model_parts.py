@@ -798,9 +798,28 @@ def test_set_prototypes_checks_its_arguments():
         bank.set_prototypes(torch.zeros(C, 4, 8))
     with pytest.raises(TypeError, match="argument 'valid': expected a bool tensor"):
         bank.set_prototypes(torch.zeros(C, 4, 16), torch.ones(C))
+    for bad in (float("nan"), float("inf")):  # they made every blended logit, and the loss, NaN
+        prototypes = torch.ones(C, 4, 16)
+        prototypes[2, 1, 3] = bad
+        with pytest.raises(ValueError, match="argument 'prototypes': expected finite values"):
+            bank.set_prototypes(prototypes)
+    assert not bank.is_ready()
     valid = torch.tensor([True, False, True, True, False])
     bank.set_prototypes(torch.ones(C, 4, 16), valid)
     assert bank.is_ready() and torch.equal(bank.valid, valid) and bool(bank.prototypes.eq(1).all())
+
+
+def test_compiled_training_forward_draws_at_a_second_batch_size():
+    """A compiled model drawing its PPRB choices from the global RNG (generator None, as the forward's docstring
+    offers): a second batch size recompiles with dynamic shapes, where an explicit generator=None failed. A
+    generator of another type is an error, also where no draw happens."""
+    model = ready_model()
+    compiled = torch.compile(model, backend="aot_eager")
+    for B in (4, 3, 2):
+        out = compiled(images(B, seed=B), TARGETS[:B])
+        assert out.prototype_logits is not None and torch.isfinite(out.logits).all()
+    with pytest.raises(TypeError, match="argument 'generator': expected a torch.Generator or None, got int"):
+        model(images(2), TARGETS[:2], prototype_blend=False, generator=0)
 
 
 def test_model_flags_are_bools_and_one_image_with_a_1x1_map_is_named():

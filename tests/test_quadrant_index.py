@@ -97,8 +97,10 @@ def test_compile_and_errors(backend):
     compiled = torch.compile(lambda a, s: ops.quadrant_index(a, s, 3, 4, backend=backend), fullgraph=True)
     got, want = compiled(a, x_sum), ops.quadrant_index(a, x_sum, 3, 4, backend=backend)
     assert torch.equal(got, want) and torch.equal(want, reference.quadrant_index(a, x_sum, 3, 4))
-    with pytest.raises(ValueError, match="'height', 'width'"):
+    with pytest.raises(ValueError, match=r"'height', 'width': expected height \* width == N = 12, got 5 x 4"):
         ops.quadrant_index(a, x_sum, 5, 4, backend=backend)
+    with pytest.raises(ValueError, match=r"'height', 'width': expected positive sizes, got 0 x 3"):  # N = 0 too
+        ops.quadrant_index(a[..., :0], x_sum[:, :0], 0, 3, backend=backend)
     with pytest.raises(ValueError, match="'x_sum'.*shape"):
         ops.quadrant_index(a, x_sum[:, :-1], 3, 4, backend=backend)
     with pytest.raises(TypeError, match="'a'.*floating"):

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import dsrb.ops as ops
-from dsrb._checks import check_bool, check_same_device, check_targets, check_tensor
+from dsrb._checks import check_bool, check_same_device, check_targets, check_tensor, random_kwargs
 
 from .gnn import GatedGNN
 from .graph import label_graph
@@ -159,8 +159,9 @@ def draw_prototype_choices(
     if valid is not None:
         check_tensor("valid", valid, kind="bool", shape=(C,))
         check_same_device(T=T, valid=valid)
-    shift = torch.randint(1, 4, (B, C), generator=generator, device=T.device)
-    rho = torch.rand(B, C, generator=generator, device=T.device)
+    rng = random_kwargs("generator", generator)
+    shift = torch.randint(1, 4, (B, C), device=T.device, **rng)
+    rho = torch.rand(B, C, device=T.device, **rng)
     unknown = T == 0
     k = min(top_k, C)
     if compat == "official":
@@ -356,12 +357,17 @@ class DSRB(nn.Module):
                 f"argument 'images': expected a tensor on the model's device {self.word_features.device}, "
                 f"got {images.device}"
             )
-        # Under autocast the layers cast their inputs; otherwise a mismatch fails deep inside the first conv.
-        dtype = self.reduction[0].weight.dtype
-        if images.dtype != dtype and not torch.is_autocast_enabled(images.device.type):
+        # A mismatch fails deep inside the first conv, or under autocast in a BatchNorm. Autocast casts the convs'
+        # half- or single-precision inputs to its dtype, and BatchNorm takes those with float32 or same-dtype
+        # parameters: other parameters (float64, fp16 under bf16 autocast) fail there too.
+        dtype, where = self.reduction[0].weight.dtype, images.device.type
+        if images.dtype != dtype and not (
+                torch.is_autocast_enabled(where) and images.dtype in (torch.float16, torch.bfloat16, torch.float32)
+                and dtype in (torch.float32, torch.get_autocast_dtype(where))):
+            autocast = f" under {torch.get_autocast_dtype(where)} autocast" if torch.is_autocast_enabled(where) else ""
             raise TypeError(
-                f"argument 'images': expected dtype {dtype} (the model's parameters), got {images.dtype}; convert "
-                f"the images (images.to({dtype})) or the model (model.to({images.dtype}))"
+                f"argument 'images': expected dtype {dtype} (the model's parameters), got {images.dtype}{autocast}; "
+                f"convert the images (images.to({dtype})) or the model (model.to({images.dtype}))"
             )
 
     def _check_targets(self, targets, images, *ranges, validate: bool = True) -> None:
@@ -446,6 +452,7 @@ class DSRB(nn.Module):
             return self.classify(S)
 
         B = images.shape[0]
+        random_kwargs("generator", generator)  # checked where no draw happens too
         run_instance = check_bool("instance_blend", instance_blend) and targets is not None
         run_prototype = check_bool("prototype_blend", prototype_blend) and targets is not None
         # Every value is checked here, in one device-to-host copy (a GPU synchronisation); the ops then trust them

@@ -182,6 +182,8 @@ class PrototypeBank(nn.Module):
         """Use the given prototypes instead of a prototype pass (e.g. the spatial sums of official prototype maps):
         ``prototypes`` (C, 4, D) float, ``valid`` (C,) bool (default: every class). The bank is then ready."""
         check_tensor("prototypes", prototypes, kind="float", shape=(self.num_classes, 4, self.dim))
+        if not bool(torch.isfinite(prototypes).all()):  # they would make every blended logit NaN
+            raise ValueError("argument 'prototypes': expected finite values, found NaN or inf")
         if valid is not None:
             check_tensor("valid", valid, kind="bool", shape=(self.num_classes,))
         self.prototypes.copy_(prototypes)

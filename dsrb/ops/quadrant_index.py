@@ -65,7 +65,9 @@ def quadrant_index(a: Tensor, x_sum: Tensor, height: int, width: int, *, backend
     check_tensor("x_sum", x_sum, shape=(B, N), kind="float")
     check_same_device(a=a, x_sum=x_sum)
     height, width = check_int("height", height), check_int("width", width)
-    if height < 1 or width < 1 or height * width != N:
+    if height < 1 or width < 1:
+        raise ValueError(f"arguments 'height', 'width': expected positive sizes, got {height} x {width}")
+    if height * width != N:
         raise ValueError(f"arguments 'height', 'width': expected height * width == N = {N}, got {height} x {width}")
     dtype = torch.promote_types(a.dtype, x_sum.dtype)
     fn = select("quadrant_index", a.device, dtype, backend)
