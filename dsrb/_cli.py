@@ -49,6 +49,21 @@ def quiet_interrupt(prog: str) -> None:
     sys.excepthook = hook
 
 
+def stop_on_termination() -> None:
+    """A kill (SIGTERM: a scheduler's preemption, ``docker stop``) or a closed terminal (SIGHUP) stops the tool as
+    Ctrl-C does, with its clean-up and its one line, instead of ending it mid-write without a word. A signal the
+    process was started ignoring (``nohup`` ignores SIGHUP) stays ignored."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    for name in ("SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
+            signal.signal(number, interrupt)
+
+
 def discard(stream) -> None:
     """Send what is still written to ``stream`` (whose reader went away) nowhere: else the flush at exit fails too,
     with an "Exception ignored" message."""

@@ -57,8 +57,12 @@ def atomic_write(path: str, write) -> None:
         return
     path = os.path.realpath(path)
     directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + os.path.basename(path), dir=directory)
+    try:  # a folder that became read-only names the file meant, not the temporary one
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + os.path.basename(path), dir=directory)
+    except OSError as err:
+        raise _write_error("write", path, err, f"; the previous {os.path.basename(path)}, if any, is unchanged") \
+            from err
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         try:  # closing is inside: on a full disk, the close's flush of what write() left buffered fails again
@@ -111,9 +115,11 @@ def _standard_stream(path: str) -> Optional[int]:
 def _write_error(verb: str, path: str, err: BaseException, more: str = "") -> OSError:
     """The OSError of a failed write: the file, the cause and the free space where it goes (a full disk, often)."""
     directory = os.path.dirname(os.path.abspath(path))
-    free = shutil.disk_usage(directory).free
-    return OSError(f"could not {verb} {path} ({type(err).__name__}: {err}); {free / 2**20:.1f} MiB free in "
-                   f"{directory}{more}")
+    try:
+        free = f"; {shutil.disk_usage(directory).free / 2**20:.1f} MiB free in {directory}"
+    except OSError:  # the folder is missing or unreadable
+        free = ""
+    return OSError(f"could not {verb} {path} ({type(err).__name__}: {err}){free}{more}")
 
 
 def remove_stale_temporaries(directory: str, names) -> None:

@@ -324,7 +324,8 @@ def load_config_file(path: str) -> Dict[str, Any]:
     except _DuplicateKey as err:
         raise ValueError(f"config file {path}: {err}") from None
     except errors as err:
-        raise ValueError(f"config file {path}: not valid {'YAML' if is_yaml else 'JSON'}: {err}") from None
+        detail = " ".join(str(err).split())  # PyYAML's message spans lines (the problem, then where): one line
+        raise ValueError(f"config file {path}: not valid {'YAML' if is_yaml else 'JSON'}: {detail}") from None
     if is_yaml and data is None:  # an empty YAML file
         data = {}
     if not isinstance(data, dict):

@@ -50,7 +50,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from . import __version__
-from ._cli import check_output_dir, discard, error_line
+from ._cli import check_output_dir, discard, error_line, stop_on_termination
 from .checkpoint import (append_line, atomic_write, load_checkpoint, remove_stale_temporaries, rng_state,
                          save_checkpoint, save_json, set_rng_state)
 from .config import RESUMABLE, TrainConfig, check_device, load_config_file, parse_args
@@ -711,6 +711,14 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
     if d.main and not cfg.resume and os.path.exists(last_path):
         raise FileExistsError(f"setting 'out': {out} already holds a run; pass --resume to continue it or "
                               "choose another --out")
+    if d.main and not os.path.exists(last_path):
+        # best.pt and summary.json are written after a last.pt: their run trained, and starting afresh (what a
+        # folder without last.pt means) would overwrite them and its metrics.
+        trained = [name for name in ("best.pt", "summary.json") if os.path.exists(os.path.join(out, name))]
+        if trained:
+            raise FileExistsError(f"setting 'out': {out} holds {' and '.join(trained)} of a run that trained, but no "
+                                  "last.pt (removed?), which a resume continues from; restore last.pt, or choose "
+                                  "another --out")
     if cfg.tensorboard and d.main:
         _summary_writer_class()
     setup_logging(None, d.main)  # the records go to <out>/train.log once the directory exists
@@ -903,6 +911,7 @@ def cli(argv=None) -> None:
     """``main`` for the command line: a setting or a file to fix is one "error:" line (exit status 1), Ctrl-C one
     "interrupted" line saying how to resume (exit status 130); no traceback for either."""
     prog = "python -m dsrb.train"
+    stop_on_termination()
     try:
         main(argv)
     except Interrupted as err:

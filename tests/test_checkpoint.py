@@ -162,3 +162,19 @@ def test_atomic_write_to_dev_stdout_redirected_to_a_file(tmp_path):
         res = subprocess.run([sys.executable, "-c", code], stdout=f, stderr=subprocess.PIPE, timeout=600)
     assert res.returncode == 0, res.stderr
     assert out.read_text() == "before\nwritten\nafter\n"
+
+
+def test_a_folder_that_refuses_new_files_names_the_file_meant(tmp_path, monkeypatch):
+    """A run directory that became read-only mid-run (a remount; chmod does not stop root): the error names
+    last.pt and the free space, not the temporary file that could not be created; last.pt is unchanged."""
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"old")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted", str(tmp_path / ".tmp-x-last.pt"))
+
+    monkeypatch.setattr("tempfile.mkstemp", refuse)
+    with pytest.raises(OSError, match=rf"could not write {path} \(PermissionError: .*MiB free in {tmp_path}; the "
+                                      r"previous last.pt, if any, is unchanged"):
+        atomic_write(str(path), lambda f: f.write(b"new"))
+    assert path.read_bytes() == b"old"

@@ -196,7 +196,9 @@ def test_killed_sweep_stops_its_trainings(data_root, tmp_path, sig):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "dsrb.experiments.proportions", "--out", str(out), *GRID, "--seeds", "0",
            "--jobs", "1", *_flags(data_root)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # The signal back to its default in the child: one the process starts ignoring (nohup) stays ignored.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(getattr(signal, sig), signal.SIG_DFL))
     first = out / "runs" / "baseline-p0.30-s0" / "config.json"  # the first training has checked its settings
     deadline = time.monotonic() + 300
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:

@@ -3,8 +3,10 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 import types
 
 import numpy as np
@@ -232,6 +234,41 @@ def test_resume_after_a_kill_between_metrics_line_and_checkpoint(data_root, tmp_
         f.write(json.dumps({**read_metrics(straight)[1], "mAP": -1.0}) + "\n" + '{"epoch": 1, "mA')
     train.main(["--out", str(killed), "--resume", "--epochs", "2"])
     assert without_timing(read_metrics(killed)) == without_timing(read_metrics(straight))
+
+
+def test_a_run_that_lost_its_last_checkpoint_is_not_restarted(data_root, tmp_path):
+    """Without last.pt a run directory starts afresh; one that also holds best.pt (written after a last.pt) trained:
+    --resume, or a new run there, is an error, not a restart that overwrites its metrics and best.pt."""
+    out = tmp_path / "run"
+    train.main(args(data_root, out, 2))
+    os.remove(out / "last.pt")
+    kept = {name: (out / name).read_bytes() for name in ("metrics.jsonl", "best.pt", "summary.json")}
+    for argv in (["--out", str(out), "--resume", "--epochs", "3"], args(data_root, out, 3)):
+        with pytest.raises(FileExistsError, match="holds best.pt and summary.json of a run that trained, but no "
+                                                  r"last.pt \(removed\?\)"):
+            train.main(argv)
+    assert kept == {name: (out / name).read_bytes() for name in kept}
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(data_root, tmp_path):
+    """A scheduler's SIGTERM ends the command-line run with the interrupted line and exit status 130 (it ended
+    silently, mid-epoch, status -15); the run resumes. A signal the process was started ignoring stays ignored."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "dsrb.train", *args(data_root, out, 50)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    deadline = time.monotonic() + 300
+    while not (out / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and f"interrupted; resume with --resume --out {out}" in err, err
+    train.main(["--out", str(out), "--resume", "--epochs", str(read_metrics(out)[-1]["epoch"] + 2)])
+    code = ("import signal; signal.signal(signal.SIGHUP, signal.SIG_IGN); from dsrb._cli import stop_on_termination; "
+            "stop_on_termination(); print(signal.getsignal(signal.SIGHUP) is signal.SIG_IGN, "
+            "signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.stdout.split() == ["True", "True"], res.stderr  # nohup's ignored SIGHUP is kept
 
 
 def test_baseline_and_ablation_switches(data_root, tmp_path):

@@ -42,13 +42,12 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from dsrb._cli import ArgumentParser, error_line
+from dsrb._cli import ArgumentParser, error_line, stop_on_termination
 from dsrb.checkpoint import save_json
 from dsrb.config import PRESETS, load_config_file, parse_args
 from dsrb.config import build_parser as build_train_parser
@@ -443,16 +442,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 if __name__ == "__main__":
     # A kill (SIGTERM) or a closed terminal (SIGHUP) stops the running trainings as Ctrl-C does, rather than leave
     # them training on without the sweep, into the directories a rerun would then train in too.
-    signal.signal(signal.SIGTERM, _interrupt)
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, _interrupt)
+    stop_on_termination()
     try:
         sys.exit(main())
     except (ValueError, OSError, ImportError) as err:
