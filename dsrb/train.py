@@ -908,8 +908,8 @@ def main(argv=None) -> None:
 
 
 def cli(argv=None) -> None:
-    """``main`` for the command line: a setting or a file to fix is one "error:" line (exit status 1), Ctrl-C one
-    "interrupted" line saying how to resume (exit status 130); no traceback for either."""
+    """``main`` for the command line: a setting or a file to fix is one "error:" line (exit status 1), Ctrl-C (or
+    SIGTERM, SIGHUP) one "interrupted" line saying how to resume (exit status 130); no traceback for either."""
     prog = "python -m dsrb.train"
     stop_on_termination()
     try:
