@@ -47,6 +47,8 @@ def extension():
             try:
                 build.jobs()  # MAX_JOBS, which torch's builder reads too, is a positive integer (0: ninja -j 0)
                 nvcc = build.want_cuda()
+                if nvcc:  # a bad TORCH_CUDA_ARCH_LIST is the user's error, not CUDA kernels failing to build
+                    build.arch_list()
                 ext, root = self.extensions[0], build.source_root()
                 cuda_failed = None
                 if nvcc:

@@ -96,6 +96,42 @@ def bench_size(config) -> str:
     return size
 
 
+def env_rounds() -> Optional[int]:
+    """DSRB_BENCH_ROUNDS as a positive int (None when unset); a pytest.UsageError naming it otherwise."""
+    text = os.environ.get("DSRB_BENCH_ROUNDS")
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise pytest.UsageError(f"DSRB_BENCH_ROUNDS: expected a positive integer (timed rounds per case), got {text!r}")
+    return value
+
+
+def _check_memory_budget() -> None:
+    """DSRB_BENCH_MEMORY_BUDGET (bytes, read by test_bench_largest_batch.py) as a positive number."""
+    text = os.environ.get("DSRB_BENCH_MEMORY_BUDGET")
+    if not text:
+        return
+    try:
+        ok = int(float(text)) >= 1
+    except (ValueError, OverflowError):  # "abc"; "inf", "nan"
+        ok = False
+    if not ok:
+        raise pytest.UsageError(f"DSRB_BENCH_MEMORY_BUDGET: expected a positive number of bytes (e.g. 134217728 or "
+                                f"1.5e9), got {text!r}")
+
+
+def pytest_configure(config):
+    # The environment is checked once, before collection: a bad value is one usage error, not an error in every
+    # case after its warm-up and memory profile (or a collection error per module).
+    bench_size(config)
+    env_rounds()
+    _check_memory_budget()
+
+
 def pytest_generate_tests(metafunc):
     # Shape outermost, then pass, then provider: consecutive cases share the cached inputs of one shape.
     if "shape" in metafunc.fixturenames:
@@ -129,8 +165,7 @@ def dtype() -> torch.dtype:
 
 @pytest.fixture(scope="session")
 def rounds(size) -> int:
-    env = os.environ.get("DSRB_BENCH_ROUNDS")
-    return int(env) if env else ROUNDS[size]
+    return env_rounds() or ROUNDS[size]
 
 
 # ----------------------------------------------------------------------------------------------- provider checks

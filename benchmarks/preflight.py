@@ -22,7 +22,9 @@ from benchmarks.profile_ops import OPS, _call, _inputs
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.preflight", description=__doc__.split("\n\n")[0])
-    parser.add_argument("backend", help="a fused backend: cuda, triton (or cpu, with --device cpu)")
+    # A typo used to pass as "nothing to check" without a GPU, and fail with a traceback with one.
+    parser.add_argument("backend", choices=("cuda", "triton", "cpu", "torch"),
+                        help="a fused backend: cuda, triton (or cpu, with --device cpu; torch checks the harness)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="default cuda")
     args = parser.parse_args(argv)
     backend, device, dtype = args.backend, torch.device(args.device), torch.float32

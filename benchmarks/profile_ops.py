@@ -24,6 +24,7 @@ it to ``$OUT/profile.md`` beside the benchmark report.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -32,6 +33,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from benchmarks.conftest import SHAPES, TINY
+from dsrb._cli import check_output_file
+from dsrb.inference import positive_int  # rounds of 0: a StatisticsError in every row
 
 OPS = ("semantic_attention", "instance_blend", "prototype_blend")
 FUSED = ("cuda", "triton", "cpu")
@@ -144,15 +147,21 @@ def _fmt(v: Optional[float]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_ops", description=__doc__.split("\n\n")[0])
     shapes = {**SHAPES["full"], **SHAPES["quick"], **TINY}
     parser.add_argument("--shape", action="append", choices=sorted(shapes),
                         help="shape(s) from benchmarks/conftest.py (default: tiny and coco)")
-    parser.add_argument("--rounds", type=int, default=20, help="timed calls per row")
-    parser.add_argument("--profile-rounds", type=int, default=5, help="profiled calls per row (CUDA)")
+    parser.add_argument("--rounds", type=positive_int, default=20, help="timed calls per row")
+    parser.add_argument("--profile-rounds", type=positive_int, default=5, help="profiled calls per row (CUDA)")
     parser.add_argument("--skip", action="append", default=[], choices=FUSED, help="a fused backend to leave out")
     parser.add_argument("--out", help="also write the markdown here (rewritten after each row)")
     args = parser.parse_args(argv)
+    if args.out is not None:  # checked before the first row: a bad path used to fail after it, with a traceback
+        try:
+            check_output_file(args.out, what="the markdown file to write")
+        except ValueError as err:
+            parser.error(str(err))
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)  # a folder still to make
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float32
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

@@ -20,6 +20,9 @@ import sys
 from collections import defaultdict
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+from dsrb._cli import check_output_file  # these two modules use the standard library only: the report needs no torch
+from dsrb._files import atomic_write
+
 ORDER = ("official", "torch", "compile", "cpu", "cuda", "triton")
 # extra_info figures some suites add (train step, largest batch, scaling, prototype pass), shown in a notes column.
 NOTES = ("images_per_s", "largest_batch", "per_image_ms", "time_vs_x1", "peak_vs_x1")
@@ -55,24 +58,36 @@ def _is_case(bench) -> bool:
             and isinstance(bench.get("extra_info", {}), dict))
 
 
+def _load_json(path: str) -> dict:
+    """The pytest-benchmark document in ``path``; an OSError or a ValueError saying what the file is instead."""
+    with open(path) as f:
+        text = f.read()
+    if not text.strip():  # what pytest-benchmark leaves when it timed nothing
+        raise ValueError("empty file: pytest-benchmark writes nothing when no case was timed (a run with "
+                         "--benchmark-disable, or one whose every case was deselected, skipped or failed)")
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON ({exc}); a part killed while writing it?") from None
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+        raise ValueError("not a pytest-benchmark JSON document (no list of benchmarks)")
+    return data
+
+
 def _read(paths: Sequence[str]) -> Tuple[dict, List[dict]]:
     """(merged, runs): the files' cases in one pytest-benchmark document (a later file's case replaces an earlier
     one's of the same name; machine, commit and date from the first file), and each file's path, date, commit,
-    environment and case count for the header. A file that cannot be read (a part killed while writing it) is
-    reported on stderr and in the header, and the others still make the report; so is valid JSON that is not a
-    pytest-benchmark document. A record without a fullname or a median is left out and counted in the header."""
+    environment and case count for the header; a file that cannot be read (a part killed while writing it, an empty
+    one, valid JSON that is not a pytest-benchmark document) has its "error" there instead, and the others still
+    make the report. A record without a fullname or a median is left out and counted in the header."""
     merged: Optional[dict] = None
     cases: Dict[str, dict] = {}
     runs: List[dict] = []
     for path in paths:
         try:
-            with open(path) as f:
-                data = json.load(f)
-            if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
-                raise ValueError("not a pytest-benchmark JSON document (no list of benchmarks)")
-        except (OSError, ValueError) as exc:
-            print(f"benchmarks.report: skipping {path}: {exc}", file=sys.stderr)
-            runs.append({"path": path, "error": str(exc)})
+            data = _load_json(path)
+        except (OSError, ValueError) as exc:  # an OSError's text repeats the path: its reason alone
+            runs.append({"path": path, "error": getattr(exc, "strerror", None) or str(exc)})
             continue
         merged = merged or data
         found = [b for b in data["benchmarks"] if _is_case(b)]
@@ -326,19 +341,39 @@ def header(runs: List[dict]) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("json", nargs="+", help="files written by pytest --benchmark-json (merged in order)")
-    parser.add_argument("--baseline", default="torch", help="second reference provider (default: torch)")
+    parser.add_argument("--baseline", help="second reference provider (default: torch)")
     parser.add_argument("--merged-json", metavar="PATH", help="also write the merged cases as one pytest-benchmark "
                         "JSON file (the first file's machine and commit information)")
     args = parser.parse_args(argv)
+    if args.merged_json:  # checked first: a folder in the way is a usage error, not a traceback after the work
+        try:
+            check_output_file(args.merged_json, name="argument --merged-json", what="the merged JSON to write")
+        except ValueError as err:
+            parser.error(str(err))
     merged, runs = _read(args.json)
+    unread = [r for r in runs if "error" in r]
+    if len(unread) == len(runs):  # nothing to report: each file's reason, without the advice for a readable one
+        sys.exit("benchmarks.report: error: " + "; ".join(f"{r['path']}: {r['error']}" for r in unread))
+    for r in unread:
+        print(f"benchmarks.report: skipping {r['path']}: {r['error']}", file=sys.stderr)
     if args.merged_json:
-        with open(args.merged_json, "w") as f:
-            json.dump(merged, f, indent=1)
+        try:
+            # Whole or not at all: gpu_session.sh's time budget may stop the report mid-write.
+            atomic_write(args.merged_json, lambda f: f.write(json.dumps(merged, indent=1).encode()))
+        except OSError as err:
+            sys.exit(f"benchmarks.report: error: argument --merged-json: {err}")
     groups = _groups(merged["benchmarks"])
     if not groups:
-        sys.exit(f"{', '.join(args.json)}: no dsrb benchmark cases found (was it written with --benchmark-only?)")
+        sys.exit(f"benchmarks.report: error: {', '.join(args.json)}: no dsrb benchmark cases found (was it written "
+                 "with --benchmark-only?)")
+    providers = {p for row in groups.values() for p in row}
+    if args.baseline is not None and args.baseline not in providers:  # a typo: every "vs" column "–", unexplained
+        known = sorted(providers, key=lambda p: (ORDER.index(p) if p in ORDER else len(ORDER), p))
+        parser.error(f"argument --baseline: no case of provider {args.baseline!r} in the run; its providers: "
+                     f"{', '.join(known)}")
     devices = sorted({r["device"] for row in groups.values() for r in row.values() if r["device"]})
-    print(header(runs) + render_targets(check_targets(groups, devices)) + "\n" + render(groups, args.baseline))
+    print(header(runs) + render_targets(check_targets(groups, devices)) + "\n"
+          + render(groups, args.baseline or "torch"))
 
 
 if __name__ == "__main__":

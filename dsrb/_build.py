@@ -149,7 +149,11 @@ def want_cuda() -> Optional[str]:
 
 
 def arch_list() -> str:
-    return os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
+    """TORCH_CUDA_ARCH_LIST (unset or blank: the default), checked: a bad entry is a BuildError naming the variable
+    before anything is built, not a CUDA build failure that is remembered or falls back to the CPU kernels alone."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or DEFAULT_ARCH_LIST
+    parse_arch_list(archs)
+    return archs
 
 
 _ARCH_ENTRY = re.compile(r"(\d+)\.?(\d)([af]?)")  # 9.0, 90, 10.0, 9.0a, 10.0f
@@ -164,6 +168,9 @@ def parse_arch_list(archs: str) -> List[Tuple[int, int, str, bool]]:
         if m is None:
             raise BuildError(f"TORCH_CUDA_ARCH_LIST: cannot read {item!r} (expected entries like 8.0, 9.0, 9.0+PTX)")
         entries.append((int(m[1]), int(m[2]), m[3], ptx))
+    if not entries:  # ";" alone: nvcc would pick its own default GPU, which no recorded list would name
+        raise BuildError(f"TORCH_CUDA_ARCH_LIST: no architecture in {archs!r} (expected entries like 8.0, 9.0, "
+                         "9.0+PTX)")
     return entries
 
 
@@ -198,7 +205,7 @@ def jobs() -> int:
     value = os.environ.get("MAX_JOBS", "").strip()
     if not value:
         return max(1, min(os.cpu_count() or 1, 8))
-    if not value.isdigit() or int(value) < 1:
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:  # isdigit alone takes "²", which int() refuses
         raise BuildError(f"MAX_JOBS: expected a positive number of parallel compile jobs, got {value!r}")
     return int(value)
 
@@ -279,8 +286,28 @@ def info_path(library: str) -> str:
     return library + ".json"
 
 
+def library_digest(library: str) -> str:
+    """SHA-256 of the built library: recorded with it, so that a truncated or overwritten copy is found before it is
+    loaded (dlopen of a truncated library ends the process with SIGBUS, no Python error)."""
+    digest = hashlib.sha256()
+    with open(library, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def library_damaged(library: str, info: Dict[str, object]) -> Optional[str]:
+    """None if ``library`` is the file its build record ``info`` was written for, else what is wrong with it."""
+    if not os.path.isfile(library):
+        return "the library is missing"
+    if library_digest(library) != info.get("library_sha256"):
+        return "the library does not match its build record: truncated or changed since it was built"
+    return None
+
+
 def write_info(library: str, info: Dict[str, object]) -> None:
+    """The build record beside ``library``, with the library's digest; written last, atomically."""
     tmp = info_path(library) + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(info, f, indent=1, sort_keys=True)
+        json.dump(dict(info, library_sha256=library_digest(library)), f, indent=1, sort_keys=True)
     os.replace(tmp, info_path(library))

@@ -6,15 +6,21 @@ import sys
 from typing import NoReturn
 
 
-def start(prog: str) -> None:
+def start(prog: str, *, one_process: bool = True) -> None:
     """The first lines of every tool's ``__main__``: :func:`quiet_interrupt`; ``-h``/``--help`` answered without
-    compiling the extension (the tools' imports build it on first use, a minute; help needs none of it); and the
-    extension's on/off environment variables checked (one error line for a bad value)."""
+    compiling the extension (the tools' imports build it on first use, a minute; help needs none of it); a
+    ``one_process`` tool started as one of several processes (torchrun: WORLD_SIZE > 1) stops with one error line;
+    and the extension's on/off environment variables checked (one error line for a bad value)."""
     quiet_interrupt(prog)
     if any(arg in ("-h", "--help") for arg in sys.argv[1:]):  # argparse then prints help or an error, never runs
         os.environ["DSRB_BUILD_ON_FIRST_USE"] = "0"
         os.environ.pop("DSRB_REQUIRE_EXT", None)
         return
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    if one_process and world not in ("", "0", "1"):  # each process would do all the work and write the same files
+        sys.exit(f"{prog}: error: it runs in one process, but WORLD_SIZE={world} (torchrun) started it as one of "
+                 "several; run it without torchrun (only python -m dsrb.train uses several processes), with "
+                 "WORLD_SIZE=1 where the environment sets it for every process")
     from ._build import check_env_flags  # standard library only
 
     try:  # a bad value is one error line here, not a traceback from the imports that read it

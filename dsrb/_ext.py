@@ -73,7 +73,10 @@ def load() -> Extension:
 
 
 def cache_root() -> str:
-    return os.environ.get("DSRB_EXT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dsrb", "extensions")
+    """DSRB_EXT_CACHE, absolute: a quoted "~/..." (not expanded by the shell, or set in a Dockerfile) made a folder
+    named "~" in the working directory, and a relative path another cache, and a rebuild, in every directory."""
+    folder = os.environ.get("DSRB_EXT_CACHE", "").strip() or os.path.join("~", ".cache", "dsrb", "extensions")
+    return os.path.abspath(os.path.expanduser(folder))
 
 
 def _matches(info: Dict[str, object], want: Dict[str, object]) -> Optional[str]:
@@ -116,7 +119,8 @@ def _load() -> Extension:
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         for library in sorted(glob.glob(os.path.join(here, "_C" + suffix))):
             info = _read_info(library)
-            why = _matches(info, want) if info else "no build record beside it"
+            why = (_matches(info, want) or _build.library_damaged(library, info)) if info else \
+                "no build record beside it"
             if why is None:
                 return _open(library, info, "setup.py build")
             stale.append(f"{os.path.basename(library)} is stale ({why})")
@@ -142,6 +146,8 @@ def _first_use_build(root: str, want: Dict[str, object]) -> Extension:
     DSRB_BUILD_CUDA is not 1 (an nvcc that rejects this host compiler, say), the CPU kernels alone: a broken CUDA
     toolchain costs the ``cuda`` backend, not the ``cpu`` one. Raises BuildError when nothing could be built."""
     nvcc = _build.want_cuda()
+    if nvcc:  # a bad TORCH_CUDA_ARCH_LIST is the user's to fix: a reason, neither a fallback nor a remembered failure
+        _build.arch_list()
     fallback = bool(nvcc) and not _build.env_flag("DSRB_BUILD_CUDA")
     try:
         return _cached_build(root, want, nvcc, fallback)
@@ -168,22 +174,28 @@ def _cached_build(root: str, want: Dict[str, object], nvcc: Optional[str], fallb
     failed = os.path.join(folder, "FAILED")
     # A finished build, or a failed one, needs no lock (the record and FAILED are written last), so a read-only cache
     # still loads it, or falls back from it.
-    if os.path.isfile(library) and _read_info(library):
-        return _open(library, _read_info(library), "first-use build (cache)")
+    info = _finished(library)
+    if info:
+        return _open(library, info, "first-use build (cache)")
     if os.path.isfile(failed):
         raise _failed_earlier(folder)
     if _build.env_flag("DSRB_BUILD_ON_FIRST_USE") is False:  # nothing to build: no lock to wait for
-        return Extension(reason="not built yet and DSRB_BUILD_ON_FIRST_USE=0 (unset it, or "
+        recorded = _read_info(library)
+        state = (f"the cached build {library} is damaged ({_build.library_damaged(library, recorded)})" if recorded
+                 else "not built yet")
+        return Extension(reason=f"{state} and DSRB_BUILD_ON_FIRST_USE=0 (unset it, or "
                                 "`pip install -e . --no-build-isolation`)")
     os.makedirs(folder, exist_ok=True)
     waiting = (f"dsrb: waiting for another process's first-use build in {folder} (if that process is stopped, "
                "resume or end it)")
     # concurrent processes (DDP ranks, pytest-xdist) build once
     with FileLock(os.path.join(folder, ".lock"), waiting=waiting):
-        if os.path.isfile(library) and _read_info(library):
-            return _open(library, _read_info(library), "first-use build (cache)")
+        info = _finished(library)
+        if info:
+            return _open(library, info, "first-use build (cache)")
         if os.path.isfile(failed):
             raise _failed_earlier(folder)
+        _discard_damaged(library)
         cxx = (os.environ.get("CXX") or "c++").split()[0]  # the compiler torch's builder calls (CXX="ccache g++")
         if shutil.which(cxx) is None:  # not remembered as a failure: installing one is enough
             return Extension(reason=f"no C++ compiler to build it: {cxx!r} is not on PATH (install g++, or set CXX)")
@@ -224,6 +236,26 @@ def _cached_build(root: str, want: Dict[str, object], nvcc: Optional[str], fallb
         print(f"dsrb: extension built in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
         # cpp_extension.load in _build.first_use_build has already loaded the library into this process.
         return Extension(path=library, info=info, origin="first-use build (cache)")
+
+
+def _finished(library: str) -> Dict[str, object]:
+    """The build record of ``library`` if it is a finished build (the record is there, and the library is the file it
+    was written for), else {}."""
+    info = _read_info(library)
+    return info if info and _build.library_damaged(library, info) is None else {}
+
+
+def _discard_damaged(library: str) -> None:
+    """Under the lock, before building: a library its record does not vouch for (truncated or overwritten since its
+    build, or left without a record) is removed with the record, so that it is linked again, not taken as up to date
+    by ninja and loaded (a truncated library ends the process with SIGBUS)."""
+    info = _read_info(library)
+    if info:
+        why = _build.library_damaged(library, info)
+        print(f"dsrb: the cached build {library} is damaged ({why}); building it again", file=sys.stderr, flush=True)
+    for path in (_build.info_path(library), library):
+        if os.path.exists(path):
+            os.remove(path)
 
 
 # What a compiler driver or nvcc prints when the OOM killer or a time limit ends one of its programs.

@@ -115,6 +115,8 @@ def _numpy_scalar_globals() -> list:
 
 def _load_file(path, map_location: Any, where: str) -> Any:
     """``torch.load(weights_only=True)`` allowing NumPy scalars; an unreadable file is a ValueError naming it."""
+    if os.path.isdir(path):  # "not found" would send the user looking for a file that is there
+        raise IsADirectoryError(f"{where} is a folder; expected the checkpoint file (a .pth)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{where} not found")
     try:
@@ -147,6 +149,18 @@ def _block_counts(state: Mapping[str, torch.Tensor]) -> Tuple[int, ...]:
     return tuple(counts)
 
 
+# The tensors the sizes are read from, with their dimensions: a wrong count was an unpacking or an index error.
+_SIZE_KEYS = {"classifiers.weight": "(C, D)", "SemanticDecoupling.fc1.weight": "(I, D)", "wordFeatures": "(C, E)",
+              "SemanticDecoupling.fc2.weight": "(I, E)", "backbone.conv1.weight": "(width, 3, 7, 7)"}
+
+
+def _check_dims(state: Mapping[str, torch.Tensor]) -> None:
+    wrong = [f"{key} (expected {dims}, found {tuple(state[key].shape)})" for key, dims in _SIZE_KEYS.items()
+             if key in state and state[key].dim() != dims.count(",") + 1]
+    if wrong:
+        raise ValueError(f"shape conflicts: {', '.join(wrong)}")
+
+
 def _infer(state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
     needed = ["classifiers.weight", "SemanticDecoupling.fc1.weight", "backbone.conv1.weight"]
     absent = [k for k in needed if k not in state]
@@ -154,6 +168,7 @@ def _infer(state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
         absent.append("wordFeatures")
     if absent:
         raise ValueError(f"cannot infer the model sizes: missing keys: {', '.join(absent)}")
+    _check_dims(state)
     C, D = state["classifiers.weight"].shape
     I = state["SemanticDecoupling.fc1.weight"].shape[0]
     E = state["wordFeatures"].shape[1] if "wordFeatures" in state else state["SemanticDecoupling.fc2.weight"].shape[1]
@@ -216,6 +231,9 @@ def load_official_checkpoint(
         raw = _extract(path_or_state_dict, where)
     if raw and all(isinstance(k, str) and k.startswith("module.") for k in raw):
         raw = {k[len("module."):]: v for k, v in raw.items()}
+    not_names = [repr(k) for k in raw if not isinstance(k, str)]
+    if not_names:
+        raise ValueError(f"cannot load {where}: keys that are not names (strings): {', '.join(not_names)}")
     not_tensors = [str(k) for k, v in raw.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise ValueError(f"cannot load {where}: values that are not tensors: {', '.join(not_tensors)}")
@@ -242,7 +260,10 @@ def load_official_checkpoint(
     kwargs = {**inferred, **model_kwargs}
     kwargs.setdefault("pretrained", None)
     num_classes = kwargs.pop("num_classes")
-    model = DSRB(num_classes, **kwargs)
+    try:
+        model = DSRB(num_classes, **kwargs)
+    except ValueError as err:  # e.g. a (0, D) classifiers.weight: say that it comes from this checkpoint
+        raise ValueError(f"cannot load {where}: {err}") from err
 
     own = model.state_dict()
     expected = {k: v for k, v in own.items() if not k.startswith(_NOT_IN_OFFICIAL)}

@@ -26,7 +26,7 @@ from __future__ import annotations
 if __name__ == "__main__":  # before the imports below, which take seconds (torch) or a minute (first-use build)
     from ._cli import start
 
-    start("python -m dsrb.train")
+    start("python -m dsrb.train", one_process=False)
 
 import dataclasses
 import functools
@@ -649,10 +649,28 @@ def run(cfg: TrainConfig, explicit: Optional[Dict[str, Any]] = None) -> Dict[str
 def _run(cfg: TrainConfig) -> Dict[str, Any]:
     device = check_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     d = setup_distributed(cfg)
+    try:
+        return _run_rank(cfg, d, device)
+    except RuntimeError as err:
+        if d.enabled and _peer_left(err):  # gloo's traceback would bury the error line of the rank that failed
+            raise ValueError(f"rank {d.rank} stops: another process of the run failed or left (its error is "
+                             "printed above)") from None
+        raise
+    finally:
+        # A rank ending on an error (or Ctrl-C) leaves the group first: exiting with it alive aborted in gloo in 3 of
+        # 6 runs (SIGABRT, "terminate called without an active exception"). The normal end has left it already.
+        # NCCL's is left as before: its teardown may wait for the collectives a failed peer never joins.
+        if d.enabled and dist.is_initialized() and dist.get_backend() == "gloo":
+            dist.destroy_process_group()
+
+
+def _run_rank(cfg: TrainConfig, d: Dist, device: torch.device) -> Dict[str, Any]:
     if device.type == "cuda":  # torch.cuda calls without a device (streams, events, memory stats) then mean this one
         torch.cuda.set_device(device)
     claimed = not cfg.out  # the default directory, created here and removed again if the run leaves it empty
-    out, made = (cfg.out, []) if cfg.out else _claim_default_out(cfg) if d.main else ("", [])
+    out, made = cfg.out, []
+    if claimed:  # by rank 0, through main_first: if it fails, the other ranks stop with one line
+        out, made = main_first(d, lambda: _claim_default_out(cfg)) or ("", [])
     if claimed and d.enabled:  # every rank uses the directory rank 0 claimed
         holder = [out]
         dist.broadcast_object_list(holder, src=0)
@@ -662,17 +680,21 @@ def _run(cfg: TrainConfig) -> Dict[str, Any]:
     files = {name: os.path.abspath(value) for name in ("data_root", "word_vectors", "pretrained")
              if (value := getattr(cfg, name)) is not None and value != "builtin"}
     cfg = dataclasses.replace(cfg, out=out, **files)
+
+    def claim_directory() -> Optional[int]:
+        # Before the data is listed and the model built: a read-only disk, a file in the way.
+        check_output_dir(out, name="setting 'out' (--out)", what="the run directory")
+        missing, folder = [], os.path.abspath(out)
+        while not os.path.exists(folder):  # the folders made here, innermost first, removed if left empty
+            missing.append(folder)
+            folder = os.path.dirname(folder)
+        os.makedirs(out, exist_ok=True)
+        made[:0] = missing
+        return _lock_run_directory(out)
+
     lock = None
     try:
-        if d.main:  # before the data is listed and the model built: a read-only disk, a file in the way
-            check_output_dir(out, name="setting 'out' (--out)", what="the run directory")
-            missing, folder = [], os.path.abspath(out)
-            while not os.path.exists(folder):  # the folders made here, innermost first, removed if left empty
-                missing.append(folder)
-                folder = os.path.dirname(folder)
-            os.makedirs(out, exist_ok=True)
-            made[:0] = missing
-            lock = _lock_run_directory(out)
+        lock = main_first(d, claim_directory)  # rank 0's checks: if one fails, the other ranks stop with one line
         return _train(cfg, d, device, out)
     except KeyboardInterrupt as err:
         raise Interrupted(out, os.path.isfile(os.path.join(out, "config.json"))) from err
@@ -682,6 +704,13 @@ def _run(cfg: TrainConfig) -> Dict[str, Any]:
         for folder in made:  # a settings error: nothing written
             if os.path.isdir(folder) and not os.listdir(folder):
                 os.rmdir(folder)
+
+
+def _peer_left(err: RuntimeError) -> bool:
+    """Whether ``err`` is gloo's report of a collective whose peer process went away (it failed, or was stopped)."""
+    text = str(err)
+    return "gloo" in text and any(what in text for what in ("Connection closed by peer", "Connection reset by peer",
+                                                             "Broken pipe"))
 
 
 def _lock_run_directory(out: str) -> Optional[int]:
@@ -708,19 +737,8 @@ def _lock_run_directory(out: str) -> Optional[int]:
 
 def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[str, Any]:
     last_path = os.path.join(out, "last.pt")
-    if d.main and not cfg.resume and os.path.exists(last_path):
-        raise FileExistsError(f"setting 'out': {out} already holds a run; pass --resume to continue it or "
-                              "choose another --out")
-    if d.main and not os.path.exists(last_path):
-        # best.pt and summary.json are written after a last.pt: their run trained, and starting afresh (what a
-        # folder without last.pt means) would overwrite them and its metrics.
-        trained = [name for name in ("best.pt", "summary.json") if os.path.exists(os.path.join(out, name))]
-        if trained:
-            raise FileExistsError(f"setting 'out': {out} holds {' and '.join(trained)} of a run that trained, but no "
-                                  "last.pt (removed?), which a resume continues from; restore last.pt, or choose "
-                                  "another --out")
-    if cfg.tensorboard and d.main:
-        _summary_writer_class()
+    # Rank 0's checks, through main_first: if one fails, the other ranks stop with one line, not gloo's traceback.
+    main_first(d, lambda: _check_run_directory(cfg, out))
     setup_logging(None, d.main)  # the records go to <out>/train.log once the directory exists
     log.info("dsrb %s, torch %s, device %s, %d process(es); run directory %s", __version__, torch.__version__,
              device, d.world, out)
@@ -878,6 +896,24 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
         dist.barrier()
         dist.destroy_process_group()
     return summary
+
+
+def _check_run_directory(cfg: TrainConfig, out: str) -> None:
+    """The run directory holds no run (or, with --resume, one to continue), and --tensorboard can write."""
+    last_path = os.path.join(out, "last.pt")
+    if not cfg.resume and os.path.exists(last_path):
+        raise FileExistsError(f"setting 'out': {out} already holds a run; pass --resume to continue it or "
+                              "choose another --out")
+    if not os.path.exists(last_path):
+        # best.pt and summary.json are written after a last.pt: their run trained, and starting afresh (what a
+        # folder without last.pt means) would overwrite them and its metrics.
+        trained = [name for name in ("best.pt", "summary.json") if os.path.exists(os.path.join(out, name))]
+        if trained:
+            raise FileExistsError(f"setting 'out': {out} holds {' and '.join(trained)} of a run that trained, but no "
+                                  "last.pt (removed?), which a resume continues from; restore last.pt, or choose "
+                                  "another --out")
+    if cfg.tensorboard:
+        _summary_writer_class()
 
 
 def _summary_writer_class():

@@ -125,7 +125,7 @@ def test_unreadable_file_is_left_out_and_named(tmp_path, capsys):
     assert "- Files: a.json (2 cases)" in out and "- Unreadable, left out: cut.json" in out
     assert "skipping" in err and "cut.json" in err
     assert len(json.loads(merged.read_text())["benchmarks"]) == 2
-    with pytest.raises(SystemExit, match="no dsrb benchmark cases"):
+    with pytest.raises(SystemExit, match="cut.json: not valid JSON .*; a part killed while writing it"):
         report.main([str(cut)])
 
 
@@ -258,6 +258,49 @@ def test_no_cases_is_an_error(tmp_path):
         report.main([empty])
 
 
+def test_unreadable_files_alone_are_one_error_each_with_its_reason(tmp_path, capsys):
+    """Nothing readable: one error line with each file's own reason, not a hint to use --benchmark-only (the file
+    was missing) after a separate "skipping" line; an empty file (what --benchmark-disable, or a run that timed
+    nothing, leaves) says so rather than "Expecting value: line 1 column 1"."""
+    empty = tmp_path / "disabled.json"
+    empty.write_text("")
+    missing = str(tmp_path / "missing.json")
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(empty), missing])
+    message = str(exit_info.value.code)
+    assert "\n" not in message and "--benchmark-only" not in message
+    assert f"{empty}: empty file: pytest-benchmark writes nothing when no case was timed" in message
+    assert f"{missing}: No such file or directory" in message and "Errno" not in message
+    assert capsys.readouterr().err == ""  # the reasons are in the one error, not printed before it too
+
+
+def test_merged_json_destination_checked_first_and_written_whole(tmp_path, capsys):
+    g = "prototype_pass-coco-b8-pass"
+    a = write(tmp_path / "a.json", [case(g, "official", 1.0, device="cpu"), case(g, "cpu", 0.02, device="cpu")])
+    (tmp_path / "file").write_text("")
+    for bad, says in ((str(tmp_path), "is a directory"), (str(tmp_path / "file" / "m.json"), "is a file")):
+        with pytest.raises(SystemExit) as exit_info:
+            report.main([a, "--merged-json", bad])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "argument --merged-json: " in err and says in err and "Traceback" not in err
+    merged = tmp_path / "new" / "merged.json"  # a folder still to make is made
+    report.main([a, "--merged-json", str(merged)])
+    assert len(json.loads(merged.read_text())["benchmarks"]) == 2
+    assert os.listdir(merged.parent) == ["merged.json"]  # no temporary file left
+
+
+def test_unknown_baseline_is_an_error(tmp_path, capsys):
+    g = "instance_blend-demo-fwd"
+    a = write(tmp_path / "a.json", [case(g, "official", 0.008, device="cpu"), case(g, "cpu", 0.001, device="cpu")])
+    with pytest.raises(SystemExit):
+        report.main([a, "--baseline", "cuad"])
+    assert "argument --baseline: no case of provider 'cuad' in the run; its providers: official, cpu" in \
+        capsys.readouterr().err
+    report.main([a])  # no torch cases: the default baseline's columns are "–", no error
+    assert f"| {g} | cpu | 1.000 | 0.000 | 8.00× | – |" in capsys.readouterr().out
+
+
 def test_gpu_session_script_parses_and_names_existing_files():
     """benchmarks/gpu_session.sh runs only on a lent GPU: at least its syntax and every test or benchmark file it
     names are checked here, so a rename cannot break the one call a GPU session gets."""
@@ -271,6 +314,41 @@ def test_gpu_session_script_parses_and_names_existing_files():
     assert len(named) >= 10
     missing = sorted(p for p in named if not os.path.isfile(os.path.join(root, p)))
     assert not missing, f"gpu_session.sh names files that do not exist: {missing}"
+
+
+def test_bench_environment_values_are_checked(monkeypatch):
+    """benchmarks/conftest.py: DSRB_BENCH_ROUNDS and DSRB_BENCH_MEMORY_BUDGET are checked once, before collection;
+    a bad value used to be a ValueError in every case (after its warm-up), or a failed case for rounds 0."""
+    from benchmarks import conftest
+
+    monkeypatch.delenv("DSRB_BENCH_MEMORY_BUDGET", raising=False)
+    for text, want in (("", None), ("7", 7)):
+        monkeypatch.setenv("DSRB_BENCH_ROUNDS", text)
+        assert conftest.env_rounds() == want
+    for text in ("abc", "0", "-3", "2.5"):
+        monkeypatch.setenv("DSRB_BENCH_ROUNDS", text)
+        with pytest.raises(pytest.UsageError, match=f"DSRB_BENCH_ROUNDS: expected a positive integer .*'{text}'"):
+            conftest.env_rounds()
+    monkeypatch.delenv("DSRB_BENCH_ROUNDS")
+    for text in ("134217728", "1.5e9"):
+        monkeypatch.setenv("DSRB_BENCH_MEMORY_BUDGET", text)
+        conftest._check_memory_budget()
+    for text in ("lots", "nan", "inf", "-1", "0.5"):
+        monkeypatch.setenv("DSRB_BENCH_MEMORY_BUDGET", text)
+        with pytest.raises(pytest.UsageError, match="DSRB_BENCH_MEMORY_BUDGET: expected a positive number"):
+            conftest._check_memory_budget()
+
+
+def test_bad_bench_rounds_stops_pytest_before_collection():
+    import subprocess
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    env = dict(os.environ, DSRB_BENCH_ROUNDS="abc")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
+                           "benchmarks/test_bench_instance_blend.py"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 4, proc.stdout + proc.stderr  # pytest's usage error
+    assert "ERROR: DSRB_BENCH_ROUNDS: expected a positive integer" in proc.stderr, proc.stdout + proc.stderr
 
 
 INTERRUPTED_SUITE = '''

@@ -199,3 +199,41 @@ def test_source_hash_follows_sources_not_location(tmp_path):
     assert changed != _build.source_hash(csrc)
     (copy / "cpu" / "extra.h").write_text("#pragma once // edited\n")
     assert _build.source_hash(str(copy)) not in (changed, _build.source_hash(csrc))
+
+
+@pytest.mark.parametrize("value, archs", [(None, "9.0"), ("", "9.0"), ("  ", "9.0"), (" 8.0;9.0+PTX ", "8.0;9.0+PTX")])
+def test_arch_list_default_and_value(monkeypatch, value, archs):
+    if value is None:
+        monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    else:
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", value)
+    assert _build.arch_list() == archs
+
+
+@pytest.mark.parametrize("value, message", [("9.0a;foo", "cannot read 'foo'"), (";", "no architecture in ';'"),
+                                            ("../x", "cannot read '../x'")])
+def test_a_bad_arch_list_is_an_error_naming_the_variable(monkeypatch, value, message):
+    """A bad TORCH_CUDA_ARCH_LIST was read as is: ';' built for nvcc's own default GPU, a path ended up in the
+    first-use cache's folder name, and a typo surfaced only as CUDA kernels that failed to build."""
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", value)
+    with pytest.raises(_build.BuildError, match=f"^TORCH_CUDA_ARCH_LIST: {re.escape(message)}"):
+        _build.arch_list()
+
+
+def test_setup_refuses_a_bad_arch_list_before_building(tmp_path):
+    """setup.py with nvcc found and TORCH_CUDA_ARCH_LIST=9.0;foo built the CPU kernels alone (a minute), reporting
+    CUDA kernels that failed to build; now it is an error naming the variable, before any compile."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
+        shutil.copy2(os.path.join(ROOT, name), src / name)
+    for name in ("dsrb", "kernels", "csrc"):
+        shutil.copytree(os.path.join(ROOT, name), src / name, ignore=shutil.ignore_patterns("__pycache__", "*.so*"))
+    _fake_nvcc(tmp_path / "cuda")
+    env = {k: v for k, v in os.environ.items() if k not in ("DSRB_BUILD_CUDA", "CUDA_PATH")}
+    env.update(CUDA_HOME=str(tmp_path / "cuda"), TORCH_CUDA_ARCH_LIST="9.0;foo", DSRB_REQUIRE_EXT="1")
+    res = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "-b", str(tmp_path / "lib"), "-t",
+                          str(tmp_path / "tmp")], cwd=src, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode != 0, res.stdout + res.stderr
+    assert "TORCH_CUDA_ARCH_LIST: cannot read 'foo'" in res.stderr, res.stderr
+    assert not list((tmp_path / "lib").rglob("_C*.so")), "nothing is built"

@@ -164,6 +164,33 @@ def test_atomic_write_to_dev_stdout_redirected_to_a_file(tmp_path):
     assert out.read_text() == "before\nwritten\nafter\n"
 
 
+def test_ctrl_c_inside_torch_save_is_an_interrupt_and_keeps_the_old_file(tmp_path):
+    """A Ctrl-C that lands in one of torch.save's writes reaches atomic_write as a RuntimeError whose context is the
+    KeyboardInterrupt: it is raised as KeyboardInterrupt (the tools then stop as interrupted, exit 130), not reported
+    as a failed write; the old file stays and no temporary file is left."""
+    import torch
+
+    path = tmp_path / "best.pt"
+    path.write_bytes(b"old")
+
+    def write(f):
+        real = f.write
+        calls = []
+
+        def interrupted_write(data):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return real(data)
+
+        f.write = interrupted_write
+        torch.save({"w": torch.zeros(1000)}, f)
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(str(path), write)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["best.pt"]
+
+
 def test_a_folder_that_refuses_new_files_names_the_file_meant(tmp_path, monkeypatch):
     """A run directory that became read-only mid-run (a remount; chmod does not stop root): the error names
     last.pt and the free space, not the temporary file that could not be created; last.pt is unchanged."""

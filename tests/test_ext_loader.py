@@ -203,7 +203,7 @@ def test_an_on_off_variable_with_another_value_is_an_error(loader, monkeypatch, 
     assert loader.calls == []
 
 
-@pytest.mark.parametrize("value", ["0", "-2", "x"])
+@pytest.mark.parametrize("value", ["0", "-2", "x", "²"])  # "²".isdigit(), but int("²") fails
 def test_a_bad_max_jobs_is_a_reason_not_a_remembered_failure(loader, monkeypatch, value):
     """MAX_JOBS=0 reached ninja as -j 0, which it reads as no limit; now it is the user's to fix, and the next import
     with a good value builds (with exactly that many jobs)."""
@@ -277,3 +277,80 @@ def test_cuda_kernels_that_fail_to_build_leave_the_cpu_kernels(loader, monkeypat
     monkeypatch.setenv("DSRB_BUILD_CUDA", "1")
     strict = _ext._load()
     assert not strict.loaded and "failed earlier" in strict.reason and "-cuda9.0" in strict.reason
+
+
+def test_a_bad_arch_list_is_a_reason_not_a_fallback(loader, monkeypatch):
+    """nvcc found and TORCH_CUDA_ARCH_LIST="9.0a;foo": the CUDA build "failed", was remembered in a folder named after
+    the bad value, and the CPU kernels were built alone; now the variable is named, nothing is built or remembered,
+    and the next import with a good value builds."""
+    monkeypatch.delenv("DSRB_BUILD_CUDA")
+    monkeypatch.setattr(_build, "want_cuda", lambda: "/opt/fake-cuda/bin/nvcc")
+    monkeypatch.setattr(_build, "nvcc_version", lambda nvcc: "Build cuda_13.0")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a;foo")
+    ext = _ext._load()
+    assert not ext.loaded and "TORCH_CUDA_ARCH_LIST: cannot read 'foo'" in ext.reason, ext
+    assert loader.calls == [] and not os.path.exists(_ext.cache_root())
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
+    ext = _ext._load()
+    assert ext.loaded and ext.backends == ("cpu", "cuda") and loader.calls[0].endswith("-cuda9.0a"), ext
+
+
+def test_a_damaged_cached_library_is_built_again(loader, capsys):
+    """A cached library truncated after its build (a full disk, a copy cut short) crashed the process with SIGBUS
+    when loaded; its recorded digest finds it, and it is built again."""
+    first = _ext._load()
+    with open(first.path, "r+b") as f:
+        f.truncate(2)
+    again = _ext._load()
+    assert again.loaded and again.path == first.path and len(loader.calls) == 2, again
+    assert f"dsrb: the cached build {first.path} is damaged" in capsys.readouterr().err
+    assert _ext._load().loaded and len(loader.calls) == 2  # the rebuilt one is reused
+
+
+def test_a_library_without_a_valid_record_is_not_kept_for_the_rebuild(loader, monkeypatch):
+    """A truncated library beside a broken record (both cut short by a full disk) is removed before the build, so
+    that the builder links it again instead of finding it up to date and loading it."""
+    first = _ext._load()
+    with open(first.path, "r+b") as f:
+        f.truncate(2)
+    with open(_build.info_path(first.path), "w") as f:
+        f.write('{"torch": ')
+    seen = []
+
+    def compile_(root, folder, name, nvcc, jobs, log):
+        seen.append(os.path.exists(os.path.join(folder, name + ".so")))
+        loader(root, folder, name, nvcc, jobs, log)
+
+    monkeypatch.setattr(_build, "first_use_build", compile_)
+    assert _ext._load().loaded and seen == [False]
+
+
+def test_a_damaged_library_in_the_package_is_passed_over(loader, monkeypatch, tmp_path):
+    """The same for the library setup.py built into the package: passed over with the reason, never loaded."""
+    package = tmp_path / "dsrb"
+    package.mkdir()
+    monkeypatch.setattr(_ext, "__file__", str(package / "_C.py"))
+    monkeypatch.setattr(importlib.machinery, "EXTENSION_SUFFIXES", [".so"])
+    library = str(package / "_C.so")
+    with open(library, "wb") as f:
+        f.write(b"\x7fELF and more")
+    _build.write_info(library, _build.build_info(_build.source_root(), None))
+    assert _ext._load().origin == "setup.py build"
+    with open(library, "r+b") as f:
+        f.truncate(4)
+    monkeypatch.setenv("DSRB_BUILD_ON_FIRST_USE", "0")
+    ext = _ext._load()
+    assert not ext.loaded and "_C.so is stale (the library does not match its build record" in ext.reason, ext
+
+
+def test_the_cache_folder_is_absolute_and_expands_home(monkeypatch, tmp_path):
+    """DSRB_EXT_CACHE="~/cache" (quoted, so the shell leaves the ~) built into a folder named "~" under the working
+    directory, and a relative folder meant one cache, and one rebuild, per working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DSRB_EXT_CACHE", "~/cache")
+    assert _ext.cache_root() == str(tmp_path / "home" / "cache")
+    monkeypatch.setenv("DSRB_EXT_CACHE", "rel/cache")
+    assert _ext.cache_root() == str(tmp_path / "rel" / "cache")
+    monkeypatch.setenv("DSRB_EXT_CACHE", "")
+    assert _ext.cache_root() == str(tmp_path / "home" / ".cache" / "dsrb" / "extensions")

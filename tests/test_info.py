@@ -116,3 +116,24 @@ def test_info_says_the_cuda_kernels_failed_to_build(monkeypatch):
     out = info.report()
     assert "; no CUDA kernels (they failed to build: see the cuda backend below)" in out, out
     assert "  cuda: its CUDA kernels failed to build: nvcc failed on instance_blend.cu" in out, out
+
+
+def test_info_reports_a_truncated_cached_library_instead_of_crashing(tmp_path):
+    """A cached build whose library was truncated after its record was written (a full disk, a copy cut short):
+    loading it ended info, and every import of dsrb.ops, with SIGBUS and no word; now it is reported as damaged."""
+    from dsrb import _ext
+
+    built = _ext.load()
+    if built.origin != "first-use build (cache)":
+        pytest.skip(f"no first-use build to copy here: {built.reason or built.origin}")
+    folder = tmp_path / "cache" / os.path.basename(os.path.dirname(built.path))
+    folder.mkdir(parents=True)
+    library = folder / os.path.basename(built.path)
+    with open(built.path, "rb") as f:
+        library.write_bytes(f.read(100_000))
+    with open(built.path + ".json") as f:
+        (folder / (library.name + ".json")).write_text(f.read())
+    res = _info(DSRB_EXT_CACHE=str(tmp_path / "cache"), DSRB_BUILD_ON_FIRST_USE="0")
+    assert res.returncode == 0, (res.returncode, res.stderr)
+    assert (f"C++/CUDA extension: not available: the cached build {library} is damaged (the library does not match "
+            "its build record: truncated or changed since it was built)") in res.stdout, res.stdout

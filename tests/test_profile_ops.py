@@ -66,3 +66,34 @@ def test_profile_skips_a_backend_and_keeps_the_rows_before_an_interrupt(tmp_path
             if line.startswith("| ") and not line.startswith("| op |")]
     assert [(r[0], r[2]) for r in rows] == order[:3], text  # the three rows timed before the interrupt
     assert all(p != "cpu" for _, p in order) and "left out: cpu" in text
+
+
+def test_bad_arguments_are_refused_before_any_row(tmp_path, capsys):
+    """--rounds 0 filled every row with a StatisticsError (exit status 0); --out in a folder that cannot be made
+    failed with a traceback after the first row; a folder still to make was never made (FileNotFoundError)."""
+    (tmp_path / "file").write_text("")
+    for args, says in ((["--rounds", "0"], "argument --rounds: expected a positive integer, got '0'"),
+                       (["--profile-rounds", "-1"], "argument --profile-rounds: expected a positive integer"),
+                       (["--out", str(tmp_path / "file" / "p.md")], "argument --out: "),
+                       (["--out", str(tmp_path)], "argument --out: ")):
+        with pytest.raises(SystemExit) as exit_info:
+            profile_ops.main(["--shape", "tiny", *args])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert says in err, err
+    out = tmp_path / "new" / "profile.md"
+    assert profile_ops.main(["--shape", "tiny", "--rounds", "1", "--skip", "cpu", "--skip", "cuda", "--skip", "triton",
+                             "--out", str(out)]) == 0
+    assert "| semantic_attention | tiny | torch |" in out.read_text()
+
+
+def test_preflight_refuses_an_unknown_backend(capsys):
+    """A typo passed as "no GPU, nothing to check" (exit status 0) on a CPU machine, and failed with a traceback
+    with --device cpu."""
+    from benchmarks import preflight
+
+    for args in (["cdua"], ["cdua", "--device", "cpu"]):
+        with pytest.raises(SystemExit) as exit_info:
+            preflight.main(args)
+        assert exit_info.value.code == 2
+        assert "argument backend: invalid choice: 'cdua'" in capsys.readouterr().err

@@ -124,6 +124,46 @@ def test_bad_arguments(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "a")
 
 
+def test_device_and_out_are_checked_before_the_folder_is_claimed(tmp_path, monkeypatch):
+    """A --device this machine lacks failed with a traceback in the backbone's pre-training, after sweep.json was
+    written; an --out that is a file was an "[Errno 17] File exists" naming no argument."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "a"
+    with pytest.raises(ValueError, match="train flag --device: 'cuda' was requested but no CUDA device is available"):
+        proportions.main(["--out", str(out), "--no-plot", "--", "--device", "cuda"])
+    assert not out.exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"argument --out: .*file is a file; expected the sweep folder"):
+        proportions.main(["--out", str(tmp_path / "file"), "--no-plot"])
+
+
+def test_a_failed_run_ends_the_sweep(tmp_path, monkeypatch, capsys):
+    """After a failure no new run starts; with none left running, run_sweep used to wait forever on the runs left
+    to do instead of returning the failed one (the command never printed its "run(s) failed" line)."""
+    import threading
+
+    def launch(run, preset, train_flags, threads):  # a training that fails at once
+        os.makedirs(run.directory, exist_ok=True)
+        log = open(os.path.join(run.directory, "stdout.log"), "ab")
+        cmd = [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"]
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, cmd, time.perf_counter()
+
+    monkeypatch.setattr(proportions, "_launch", launch)
+    runs = proportions.plan(str(tmp_path), ["baseline", "dsrb"], [0.3, 0.7], [0])
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(failed=proportions.run_sweep(
+        runs, "demo", [], jobs=1, threads=1)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "run_sweep did not return after a failed run"
+    assert [r.name for r in result["failed"]] == ["baseline-p0.30-s0"]
+    assert not os.path.exists(runs[1].directory)  # nothing started after the failure
+    out = capsys.readouterr().out
+    assert "FAILED baseline-p0.30-s0 (exit 3)" in out and "boom" in out
+
+
 def test_plan_order_and_method_settings(tmp_path):
     runs = proportions.plan(str(tmp_path), ["baseline", "no-instance"], [0.1, 0.5], [0, 1])
     assert [(r.seed, r.proportion, r.method) for r in runs[:3]] == [(0, 0.1, "baseline"), (0, 0.1, "no-instance"),

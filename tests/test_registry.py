@@ -78,13 +78,40 @@ def test_cuda_backend_passes_over_gpus_its_kernels_do_not_cover(gpus):
     gpus += [(9, 0), (8, 0)] if archs == "9.0" else [(1, 0)]  # (1, 0): no build covers it
     why = ops.reasons("semantic_attention", cuda, f32)["cuda"]
     assert f"built for TORCH_CUDA_ARCH_LIST={archs}, which does not cover cuda:" in why, why
-    assert "pip install -e . --no-build-isolation" in why
     if archs == "9.0":
         assert "cuda:1 (Fake GPU 1, compute capability 8.0)" in why and "cuda:0" not in why
         assert 'TORCH_CUDA_ARCH_LIST="8.0;9.0"' in why
     assert ops.select("semantic_attention", cuda, f32) is ops.select("semantic_attention", cuda, f32, "triton")
     with pytest.raises(RuntimeError, match="'cuda' was requested(.|\n)*does not cover"):
         ops.select("semantic_attention", cuda, f32, "cuda")
+
+
+@pytest.mark.parametrize("origin, hint", [
+    ("setup.py build", 'TORCH_CUDA_ARCH_LIST="8.0;9.0" pip install -e . --no-build-isolation, or your non-editable'),
+    ("first-use build (cache)", 'export TORCH_CUDA_ARCH_LIST="8.0;9.0" in every run\'s environment'),
+])
+def test_the_rebuild_hint_fits_how_the_extension_was_built(gpus, origin, hint):
+    """An installed library is replaced by reinstalling; the first-use cache keeps one build per arch list, so the
+    list must stay set in every run (a reinstall would not be used while the cache holds the old list's build)."""
+    from dsrb.ops import _registry
+
+    gpus += [(8, 0)]
+    why = _registry._cuda_kernels_unusable("9.0", "Build cuda_13.0.r13.0/compiler.0_0", origin, "/c/x/ext.so")
+    assert f"rebuild: {hint}" in why, why
+
+
+@pytest.mark.parametrize("origin, hint", [
+    ("setup.py build", "(CUDA_HOME=... pip install -e . --no-build-isolation, or your non-editable install command)"),
+    ("first-use build (cache)", "(export CUDA_HOME=... and delete /c/x, which the first-use build would reuse)"),
+])
+def test_the_driver_hint_fits_how_the_extension_was_built(gpus, monkeypatch, origin, hint):
+    """The first-use cache is kept per arch list, not per CUDA toolkit: another toolkit needs the old build gone."""
+    from dsrb.ops import _registry
+
+    monkeypatch.setattr(_registry, "_driver_cuda_version", lambda: (12, 8))
+    gpus += [(9, 0)]
+    why = _registry._cuda_kernels_unusable("9.0", "Build cuda_13.0.r13.0/compiler.0_0", origin, "/c/x/ext.so")
+    assert why.endswith(f"toolkit {hint}"), why
 
 
 def test_cuda_backend_serves_gpus_its_kernels_cover(gpus):
@@ -131,7 +158,7 @@ def test_cuda_backend_passes_over_ptx_newer_than_the_driver(gpus, monkeypatch, d
     if not served and driver[0] == 13:
         assert "does not cover cuda:1 (Fake GPU 1, compute capability 10.0) with a cubin (its PTX, from CUDA 13.1, " \
                "is newer than this machine's driver, CUDA 13.0, can compile" in why, why
-        assert 'rebuild: TORCH_CUDA_ARCH_LIST="10.0;9.0+PTX" pip install' in why, why
+        assert 'rebuild: export TORCH_CUDA_ARCH_LIST="10.0;9.0+PTX"' in why, why
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -406,6 +406,165 @@ def test_ddp_rank_zero_failure_is_one_line_per_rank(tmp_path):
     assert any(str(empty) in line and "rank 1 stops" not in line for line in lines), lines
 
 
+# One rank of a 2-process run: dsrb.train's command line, where the rank named by the first argument fails in its
+# first epoch's training; then whether the process group is still alive at exit.
+RANK_LAUNCHER = """
+import os, sys
+import torch.distributed as dist
+from dsrb import train
+
+failing_rank, argv = int(sys.argv[1]), sys.argv[2:]
+real = train.train_epoch
+
+
+def train_epoch(*a, **k):
+    if int(os.environ["RANK"]) == failing_rank:
+        raise ValueError(f"bad data on rank {failing_rank}")
+    return real(*a, **k)
+
+
+train.train_epoch = train_epoch
+try:
+    train.cli(argv)
+finally:
+    print(f"group alive at exit: {dist.is_initialized()}", file=sys.stderr)
+"""
+
+
+def launch_ranks(tmp_path, failing_rank, argv, script=RANK_LAUNCHER):
+    """Both ranks of a gloo run of ``script`` started by hand, without torchrun (whose agent would stop the other
+    rank when one fails): each must end on its own. Returns each rank's (exit status, stderr)."""
+    import socket
+
+    launcher = tmp_path / "launch_rank.py"
+    launcher.write_text(script)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(train.__file__)))
+    pythonpath = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), root) if p)
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath, MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
+        procs.append(subprocess.Popen([sys.executable, str(launcher), str(failing_rank), *argv], env=env,
+                                      cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    try:
+        return [(p.wait(timeout=300), p.stderr.read()) for p in procs]  # a hang fails here
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.stderr.close()
+
+
+def test_ddp_one_rank_failing_stops_the_others_with_one_line(data_root, tmp_path):
+    """An error on rank 1 alone (bad data, say) while rank 0 waits in a collective: rank 1 prints its error line,
+    rank 0 one line pointing to it instead of gloo's traceback ("Connection closed by peer"), both exit with status 1
+    on their own, no hang, and both leave the process group first (exiting with it alive aborted at random in gloo,
+    "terminate called without an active exception")."""
+    (rc0, err0), (rc1, err1) = launch_ranks(tmp_path, 1, args(data_root, tmp_path / "run", 1))
+    assert rc1 == 1 and "python -m dsrb.train: error: bad data on rank 1" in err1, err1[-3000:]
+    assert rc0 == 1 and "python -m dsrb.train: error: rank 0 stops: another process of the run failed" in err0, \
+        err0[-3000:]
+    for err in (err0, err1):
+        assert "Traceback" not in err and "terminate called" not in err, err[-3000:]
+        assert "group alive at exit: False" in err, err[-3000:]
+
+
+@pytest.mark.parametrize("case", ["run in --out", "file named runs"])
+def test_ddp_rank_zero_check_failure_is_one_line_per_rank(data_root, tmp_path, case):
+    """A check that rank 0 alone makes stops the other rank with one line pointing to rank 0's error, not with gloo's
+    traceback from its next collective: --out already holds a run (and no --resume), or the default run directory
+    cannot be made (a file named runs in the way)."""
+    run = tmp_path / "run"
+    if case == "run in --out":
+        run.mkdir()
+        (run / "last.pt").write_bytes(b"")
+        argv, expected = args(data_root, run, 1), "already holds a run; pass --resume"
+    else:
+        (tmp_path / "runs").write_text("")
+        argv, expected = ["--data-root", data_root, "--epochs", "1", *TINY], "runs is a file"
+    (rc0, err0), (rc1, err1) = launch_ranks(tmp_path, -1, argv)
+    assert rc0 == 1 and expected in err0, err0[-3000:]
+    assert rc1 == 1 and "python -m dsrb.train: error: rank 1 stops: rank 0 failed (its error above)" in err1, \
+        err1[-3000:]
+    for err in (err0, err1):
+        assert "Traceback" not in err and "group alive at exit: False" in err, err[-3000:]
+
+
+# Under a 2-rank gloo group, 7 images (image i is the number i): the training loader (also the prototype pass's) and
+# predict_scores (the evaluation's), where DistributedSampler pads the test split to 8 with a repeated image.
+UNEVEN_SPLIT = """
+import torch, torch.distributed as dist
+from dsrb import train
+from dsrb.config import TrainConfig
+
+dist.init_process_group("gloo")
+d = train.Dist(dist.get_rank(), dist.get_world_size())
+
+
+class Images(torch.utils.data.Dataset):
+    num_classes = 2
+
+    def __len__(self):
+        return 7
+
+    def __getitem__(self, i):
+        return torch.full((1, 1, 1), float(i)), torch.zeros(2), i
+
+
+def model(x):
+    return torch.cat([x, -x], 1).flatten(1)
+model.eval = lambda: None
+
+cfg, cpu = TrainConfig(batch_size=1, workers=0), torch.device("cpu")
+seen = torch.cat([index for _, _, index in train.make_loader(Images(), cfg, d, train=True, seed=3, device=cpu)])
+everyone = [torch.zeros_like(seen) for _ in range(2)]
+dist.all_gather(everyone, seen)
+everyone = torch.cat(everyone)
+assert len(everyone) == 6 and len(set(everyone.tolist())) == 6, everyone  # the odd image left out, none twice
+scores, indices = train.predict_scores(model, train.make_loader(Images(), cfg, d, train=False, seed=0, device=cpu),
+                                       cfg, d, cpu)
+assert indices.tolist() == list(range(7)), indices  # each image once, the padding's repeat dropped
+assert torch.equal(scores, torch.stack([torch.arange(7.0), -torch.arange(7.0)], 1)), scores
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_uneven_split_counts_each_image_once(tmp_path):
+    """Under DDP an odd number of images: the training loader (which the prototype pass reads) gives every image at
+    most once over the ranks (DistributedSampler drops the odd one; padding would repeat one), and the evaluation's
+    scores hold each test image exactly once, in dataset order, though the sampler pads rank 1 with a repeat."""
+    results = launch_ranks(tmp_path, -1, [], script=UNEVEN_SPLIT)
+    for rc, err in results:
+        assert rc == 0, err[-3000:]
+
+
+@pytest.mark.parametrize("tool", ["dsrb.evaluate", "dsrb.experiments.proportions"])
+def test_single_process_tools_refuse_torchrun(tmp_path, tool):
+    """Only dsrb.train uses several processes: another tool under torchrun (WORLD_SIZE > 1) would run whole in every
+    process, each writing the same files (the sweep launching its runs as if each were a rank), so it stops with one
+    error line naming WORLD_SIZE, before its work."""
+    env = dict(os.environ, WORLD_SIZE="2", RANK="1", LOCAL_RANK="1")
+    # An unknown option: a tool that is not stopped first ends at once on it (exit status 2), doing no work.
+    result = subprocess.run([sys.executable, "-m", tool, "--no-such-option"], capture_output=True, text=True,
+                            timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip() == (f"python -m {tool}: error: it runs in one process, but WORLD_SIZE=2 (torchrun) "
+                                     "started it as one of several; run it without torchrun (only python -m "
+                                     "dsrb.train uses several processes), with WORLD_SIZE=1 where the environment "
+                                     "sets it for every process"), result.stderr[-3000:]
+
+
+def test_info_runs_under_torchrun(tmp_path):
+    """dsrb.info only reports: under torchrun it is not refused (here it reaches its own argument error)."""
+    env = dict(os.environ, WORLD_SIZE="2", RANK="1", LOCAL_RANK="1")
+    result = subprocess.run([sys.executable, "-m", "dsrb.info", "--no-such-option"], capture_output=True, text=True,
+                            timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 2 and "unrecognized arguments: --no-such-option" in result.stderr, result.stderr
+
+
 def test_bf16_autocast_run(data_root, tmp_path, monkeypatch):
     """--amp bf16 runs every training (and evaluation) forward under CPU autocast to bfloat16: the model's forward sees
     autocast enabled with dtype bfloat16, its nn.Linear head computes in bfloat16 while the weights stay float32."""

@@ -47,9 +47,9 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from dsrb._cli import ArgumentParser, error_line, stop_on_termination
+from dsrb._cli import ArgumentParser, check_output_dir, error_line, stop_on_termination
 from dsrb.checkpoint import save_json
-from dsrb.config import PRESETS, load_config_file, parse_args
+from dsrb.config import PRESETS, check_device, load_config_file, parse_args
 from dsrb.config import build_parser as build_train_parser
 from dsrb.inference import positive_int
 
@@ -283,8 +283,7 @@ def _prepare(shared: Dict[str, object]) -> None:
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
                             stream=sys.stdout)
-        device = str(shared["device"])
-        device = ("cuda" if _cuda_available() else "cpu") if device == "auto" else device
+        device = check_device(shared["device"], name="train flag --device")
         print("sweep: backbone " + builtin_pretrained(str(shared["backbone"]), int(shared["backbone_width"]),
                                                       int(shared["image_size"]), device=device), flush=True)
 
@@ -340,7 +339,9 @@ def run_sweep(runs: Sequence[GridRun], preset: str, train_flags: Sequence[str], 
     print(f"sweep: {len(runs) - total} of {len(runs)} runs already finished, {total} to train, {jobs} at a time "
           f"with {threads} thread(s) each", flush=True)
     try:
-        while todo or active:
+        # After a failure nothing new starts, so the loop ends with the last active run (it used to wait on forever
+        # for the runs left to do).
+        while active or (todo and not failed):
             while todo and len(active) < jobs and not failed:
                 run = todo.pop(0)
                 print(f"  start {run.name}" + (" (resuming)" if run.started else ""), flush=True)
@@ -404,6 +405,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     shared = _shared_settings(args.preset, train_flags, runs[0])
     for run in runs:  # every run's settings are valid before anything trains
         parse_args(run.train_args(args.preset, train_flags))
+    # Before the folder is claimed and the backbone pre-trained: a --device this machine lacks failed there with a
+    # traceback, and in every run after it.
+    check_device(shared["device"], name="train flag --device")
+    if not args.report_only:
+        check_output_dir(out, name="argument --out", what="the sweep folder")
     make_plot = not args.no_plot
     if make_plot:
         try:

@@ -276,11 +276,12 @@ def _extension_unavailable(backend: str) -> Optional[str]:
         return ext.cuda_reason or ("the C++ extension was built without CUDA kernels (no nvcc at build time, or "
                                    "DSRB_BUILD_CUDA=0)")
     if backend == "cuda":
-        return _cuda_kernels_unusable(str(ext.info.get("cuda_arch_list")), str(ext.info.get("nvcc")))
+        return _cuda_kernels_unusable(str(ext.info.get("cuda_arch_list")), str(ext.info.get("nvcc")), ext.origin,
+                                      ext.path)
     return None
 
 
-_CUDA_UNUSABLE: Dict[Tuple[str, str], Optional[str]] = {}
+_CUDA_UNUSABLE: Dict[Tuple[str, str, str, str], Optional[str]] = {}
 
 
 def _visible_gpus() -> List[Tuple[int, str, Tuple[int, int]]]:
@@ -303,14 +304,24 @@ def _driver_cuda_version() -> Optional[Tuple[int, int]]:
     return version.value // 1000, version.value % 1000 // 10
 
 
-def _cuda_kernels_unusable(archs: str, nvcc: str) -> Optional[str]:
+def _rebuild(origin: str, library: str, setting: str) -> str:
+    """How to rebuild the extension of ``origin`` (at ``library``) with ``setting`` (``NAME=value``) in the
+    environment."""
+    if origin == "setup.py build":  # the library installed with the package: only a reinstall replaces it
+        return f"{setting} pip install -e . --no-build-isolation, or your non-editable install command"
+    if setting.startswith("TORCH_CUDA_ARCH_LIST="):  # the first-use cache keeps one build per arch list
+        return f"export {setting} in every run's environment; the next import builds and caches it"
+    return f"export {setting} and delete {os.path.dirname(library)}, which the first-use build would reuse"
+
+
+def _cuda_kernels_unusable(archs: str, nvcc: str, origin: str = "", library: str = "") -> Optional[str]:
     """Why the CUDA kernels, built for ``archs`` by ``nvcc`` (its ``--version`` line), cannot serve every visible
     GPU, or None. Such a launch would fail ("no kernel image" on a GPU the arch list does not cover, e.g. the default
     9.0 on an A100, or one only PTX covers and the driver is older than that PTX; "driver version is insufficient"
     when the static CUDA runtime is of a newer CUDA major than the driver); instead
     ``auto`` passes over the ``cuda`` backend (to ``triton``) and the reason says what to do. The ``cuda`` backend
     serves all visible GPUs or none."""
-    key = (archs, nvcc)
+    key = (archs, nvcc, origin, library)
     if key not in _CUDA_UNUSABLE:
         from .. import _build
 
@@ -323,7 +334,7 @@ def _cuda_kernels_unusable(archs: str, nvcc: str) -> Optional[str]:
         if driver is not None and driver[0] < int(built[1]):
             why = (f"its CUDA kernels were built with CUDA {built[1]}.{built[2]} (nvcc), newer than this machine's "
                    f"driver supports (CUDA {driver[0]}.{driver[1]}): update the driver, or rebuild with the nvcc of a "
-                   f"CUDA {driver[0]} toolkit (CUDA_HOME=... pip install -e . --no-build-isolation)")
+                   f"CUDA {driver[0]} toolkit ({_rebuild(origin, library, 'CUDA_HOME=...')})")
         elif missing:
             gpus_text = ", ".join(f"cuda:{i} ({name}, compute capability {c[0]}.{c[1]})" for i, name, c in missing)
             wanted = ";".join(sorted({f"{c[0]}.{c[1]}" for _, _, c in missing}) + archs.replace(";", " ").split())
@@ -331,7 +342,8 @@ def _cuda_kernels_unusable(archs: str, nvcc: str) -> Optional[str]:
             if not ptx_ok and any(_build.runs_on(archs, cap) for _, _, cap in missing):
                 why += (f" with a cubin (its PTX, from CUDA {built[1]}.{built[2]}, is newer than this machine's "
                         f"driver, CUDA {driver[0]}.{driver[1]}, can compile; a driver update also helps)")
-            why += f"; rebuild: TORCH_CUDA_ARCH_LIST=\"{wanted}\" pip install -e . --no-build-isolation"
+            setting = f'TORCH_CUDA_ARCH_LIST="{wanted}"'
+            why += f"; rebuild: {_rebuild(origin, library, setting)}"
         _CUDA_UNUSABLE[key] = why
     return _CUDA_UNUSABLE[key]
 

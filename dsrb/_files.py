@@ -1,0 +1,140 @@
+"""Crash-safe writes with the standard library only (the benchmark report imports them without torch): a file
+replaced whole or not at all, a line appended durably, and the temporaries a killed write leaves."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import sys
+import tempfile
+from typing import Optional
+
+TMP_PREFIX = ".tmp-"  # atomic_write's temporary files
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str, write) -> None:
+    """Write a file so that ``path`` holds either the old or the complete new content, never a torn one.
+
+    ``write(f)`` fills a temporary file in the same directory (binary mode); it is flushed, fsynced and renamed over
+    ``path``, and the directory entry is fsynced too. The file gets the permissions of any new file (0666 less the
+    umask), not mkstemp's private 0600. A failed write (a full disk, say) is an OSError naming ``path`` and the free
+    space; ``path`` is then unchanged and the temporary file removed.
+
+    A symbolic link is followed (its target is replaced, the link stays). A path that exists but is not a regular file
+    or a directory (``/dev/null``, a named pipe) is written to directly, and ``/dev/stdout``, ``/dev/stderr`` and
+    ``/dev/fd/N`` through the process's own stream: renaming over them would replace the device or pipe with a file,
+    or the file a shell redirected the stream to, behind the shell's back.
+    """
+    stream = _standard_stream(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # absent, a dangling link (or unreadable: the rename below reports it)
+        mode = None
+    if stream is not None or (mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
+        try:
+            if stream is not None:  # a duplicate shares the offset into a file the shell redirected the stream to
+                for buffered in (sys.stdout, sys.stderr):
+                    if buffered is not None and not buffered.closed:
+                        buffered.flush()
+                f = os.fdopen(os.dup(stream), "wb")
+            else:
+                f = open(path, "wb")
+            with f:
+                write(f)
+        except (OSError, RuntimeError) as err:
+            _reraise_interrupt(err)
+            raise _write_error("write", path, err, "") from err
+        return
+    path = os.path.realpath(path)
+    directory = os.path.dirname(path)
+    try:  # a folder that became read-only names the file meant, not the temporary one
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + os.path.basename(path), dir=directory)
+    except OSError as err:
+        raise _write_error("write", path, err, f"; the previous {os.path.basename(path)}, if any, is unchanged") \
+            from err
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        try:  # closing is inside: on a full disk, the close's flush of what write() left buffered fails again
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+            _reraise_interrupt(err)
+            raise _write_error("write", path, err, f"; the previous {os.path.basename(path)}, if any, is "
+                                                   "unchanged") from err
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename durable; not possible on every platform
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def append_line(path: str, line: str) -> None:
+    """Append ``line`` and a newline to the UTF-8 text file ``path`` (created if missing), flushed and fsynced; a
+    failed write (a full disk) is an OSError naming ``path`` and the free space."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise _write_error("append to", path, err) from err
+
+
+def _reraise_interrupt(err: BaseException) -> None:
+    """torch.save turns a Ctrl-C that lands in one of its writes into a RuntimeError ("unexpected pos"), the
+    KeyboardInterrupt only its context: raise that, so that the tools stop as interrupted, not on a failed write."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            raise KeyboardInterrupt from err
+        seen = seen.__cause__ or seen.__context__
+
+
+def _standard_stream(path: str) -> Optional[int]:
+    """The file descriptor ``path`` names (/dev/stdout, /dev/stderr, /dev/fd/N, /proc/self/fd/N), else None."""
+    names = {"/dev/stdout": 1, "/dev/stderr": 2}
+    path = os.path.abspath(path)
+    if path in names:
+        return names[path]
+    for prefix in ("/dev/fd/", "/proc/self/fd/"):
+        if path.startswith(prefix) and path[len(prefix):].isdigit():
+            return int(path[len(prefix):])
+    return None
+
+
+def _write_error(verb: str, path: str, err: BaseException, more: str = "") -> OSError:
+    """The OSError of a failed write: the file, the cause and the free space where it goes (a full disk, often)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        free = f"; {shutil.disk_usage(directory).free / 2**20:.1f} MiB free in {directory}"
+    except OSError:  # the folder is missing or unreadable
+        free = ""
+    return OSError(f"could not {verb} {path} ({type(err).__name__}: {err}){free}{more}")
+
+
+def remove_stale_temporaries(directory: str, names) -> None:
+    """Delete the temporary files that killed :func:`atomic_write` calls for the files ``names`` left in ``directory``
+    (each may be a whole checkpoint). Only for a directory no other process writes those files to (dsrb.train locks
+    its run directory); anything else there, another program's ``.tmp-*`` file or a folder, is left alone."""
+    for entry in os.scandir(directory):
+        if (entry.name.startswith(TMP_PREFIX) and any(entry.name.endswith("-" + n) for n in names)
+                and entry.is_file(follow_symlinks=False)):
+            os.unlink(entry.path)
