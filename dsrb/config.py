@@ -103,9 +103,10 @@ class TrainConfig:
         return self.method == "dsrb" and (self.instance_blend or self.prototype_blend)
 
 
+# top_k 0 would blend no label while the prototype passes still run: PPRB off in all but name (--no-prototype-blend).
 _POSITIVE_INTS = ("epochs", "batch_size", "image_size", "prototype_interval", "prototype_cap", "lr_step",
-                  "backbone_width", "feature_dim", "inter_dim", "word_dim")
-_NON_NEGATIVE_INTS = ("workers", "blend_start_epoch", "top_k", "gnn_steps")
+                  "backbone_width", "feature_dim", "inter_dim", "word_dim", "top_k")
+_NON_NEGATIVE_INTS = ("workers", "blend_start_epoch", "gnn_steps")
 _BATCH_LIMITS = ("limit_train_batches", "limit_test_batches")  # None: every batch
 _FLOAT32_MAX = 3.4028234663852886e38
 # Sizes and counts go to torch and its kernels as int32/int64; beyond this they fail deep inside (or, for workers, a
@@ -114,7 +115,9 @@ _INT32_MAX = 2**31 - 1
 _MAX_WORKERS = 1024
 _NON_NEGATIVE_FLOATS = ("lr", "weight_decay", "contrastive_weight", "instance_weight", "prototype_weight")
 _PATHS = ("data_root", "word_vectors", "pretrained", "out")  # "" is refused: not silently the current directory
-_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?|mps")
+# A CUDA index in plain decimal: torch.device refuses leading zeros ("cuda:01", a traceback) and keeps the index in
+# 8 bits ("cuda:256" is cuda:0), so the index is read and checked here before torch sees it.
+_DEVICE = re.compile(r"auto|cpu|cuda(:(0|[1-9][0-9]*))?|mps")
 DEVICES = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
 
 
@@ -180,6 +183,9 @@ def check_values(values: Dict[str, Any]) -> None:
     for name, value in get(_NON_NEGATIVE_FLOATS):  # used in fp32 (the optimizer's lr, the loss weights)
         if not (math.isfinite(value) and 0 <= value <= _FLOAT32_MAX):
             _bad(name, value, "a finite number >= 0 within the float32 range (<= 3.4e38)")
+    for name, value in get(("lr",)):  # 0 (or -0.0) would leave the weights where they start: a run that trains nothing
+        if not value > 0:
+            _bad(name, value, "a positive number (a learning rate of 0 trains nothing)")
     for name, value in get(("lr_gamma",)):
         if not 0 < value <= 1:
             _bad(name, value, "a decay factor in (0, 1]")
@@ -219,20 +225,27 @@ def check_device(device, *, local_rank: Optional[int] = None, name: str = "setti
         raise ValueError(f"{name}: expected {DEVICES}, got {device!r}")
     if text == "auto":
         text = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(text)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"{name}: {text!r} was requested but no CUDA device is available (use --device cpu)")
-        if dev.index is None and local_rank is not None:
-            dev = torch.device("cuda", local_rank)
-        count = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= count:
-            rank = f" (GPU {dev.index}: LOCAL_RANK)" if text == "cuda" else ""
-            raise ValueError(f"{name}: {text!r}{rank} was requested but this machine has {count} CUDA device(s): "
-                             f"cuda:0 .. cuda:{count - 1}")
-    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+    if text.startswith("cuda"):
+        return _cuda_device(text, local_rank, name)
+    if text.startswith("mps") and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ValueError(f"{name}: {text!r} was requested but MPS is not available (use --device cpu)")
-    return dev
+    return torch.device(text)
+
+
+def _cuda_device(text: str, local_rank: Optional[int], name: str):
+    """'cuda' or 'cuda:N' as a torch.device of a GPU this machine has (:func:`check_device`). The index is compared
+    with the GPU count as the integer written: torch.device keeps it in 8 bits, and 'cuda:256' would be cuda:0."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError(f"{name}: {text!r} was requested but no CUDA device is available (use --device cpu)")
+    index = int(text[len("cuda:"):]) if ":" in text else local_rank
+    count = torch.cuda.device_count()
+    if index is not None and index >= count:
+        rank = f" (GPU {index}: LOCAL_RANK)" if text == "cuda" else ""
+        raise ValueError(f"{name}: {text!r}{rank} was requested but this machine has {count} CUDA device(s): "
+                         f"cuda:0 .. cuda:{count - 1}")
+    return torch.device("cuda") if index is None else torch.device("cuda", index)
 
 
 _TYPE_NAMES = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
@@ -319,7 +332,7 @@ def load_config_file(path: str) -> Dict[str, Any]:
             raise ImportError(f"reading {path} needs PyYAML (pip install pyyaml), or use a .json file") from err
         errors = (yaml.YAMLError, ValueError)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is no error
             data = yaml.load(f, Loader=_yaml_loader()) if is_yaml else json.load(f, object_pairs_hook=_unique_keys)
     except _DuplicateKey as err:
         raise ValueError(f"config file {path}: {err}") from None
@@ -365,8 +378,10 @@ def _unique_keys(pairs):
 
 @functools.lru_cache(maxsize=None)
 def _yaml_loader():
-    """PyYAML's safe loader, but a key given twice is an error (PyYAML keeps the last silently), and a number with an
-    exponent but no dot or no exponent sign (1e-3, 1.0e3) is a float, as in YAML 1.2, not a string (YAML 1.1)."""
+    """PyYAML's safe loader, but a key given twice is an error (PyYAML keeps the last silently), and numbers read as
+    in YAML 1.2, not 1.1: one with an exponent but no dot or no exponent sign (1e-3, 1.0e3) is a float, not a
+    string; 010 is ten, not octal eight (as --epochs 010 is); 1:30 is a string, not 90 in base 60 (then refused
+    with the setting's name)."""
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -380,10 +395,33 @@ def _yaml_loader():
                     lines[key] = line
             return super().construct_mapping(node, deep=deep)
 
+    Loader.add_constructor("tag:yaml.org,2002:int", _yaml_int)
+    Loader.add_constructor("tag:yaml.org,2002:float", _yaml_float)
     Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                                  re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
                                  list("-+0123456789."))
     return Loader
+
+
+_LEADING_ZERO = re.compile(r"[-+]?0[0-9_]+")
+
+
+def _yaml_int(loader, node):
+    import yaml
+
+    text = loader.construct_scalar(node)
+    if ":" in text:  # YAML 1.1's base 60
+        return text
+    if _LEADING_ZERO.fullmatch(text):  # YAML 1.1's octal
+        return int(text.replace("_", ""), 10)
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+def _yaml_float(loader, node):
+    import yaml
+
+    text = loader.construct_scalar(node)
+    return text if ":" in text else yaml.SafeLoader.construct_yaml_float(loader, node)
 
 
 HELP = {
@@ -450,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m dsrb.train",
         description="Train DSRB (or the partial-BCE baseline) on a built-in or real multi-label dataset.",
         epilog="Every setting defaults to the chosen preset's value; see dsrb/config.py for the presets.",
+        # argparse would take --weight for --weight-decay and --epoch for --epochs: a typo setting another setting
+        allow_abbrev=False,
     )
     parser.add_argument("--preset", default=None, choices=tuple(PRESETS),
                         help="starting settings (default: the config file's preset, else demo)")
@@ -488,7 +528,7 @@ def parse_args(argv=None):
             raise ValueError("argument --config: expected a YAML/JSON file, got ''")
     from_file = load_config_file(path) if path is not None else {}
     flags = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
-    explicit = {**from_file, **flags}
+    explicit = _expand_home({**from_file, **flags})
     cfg = dataclasses.asdict(preset_config(explicit.get("preset", "demo")))
     cfg.update(explicit)
     if explicit.get("resume"):  # checks across settings wait for the run's saved ones (dsrb.train merges them)
@@ -500,6 +540,13 @@ def parse_args(argv=None):
         if err.name in from_file and err.name not in flags:
             raise _in_file(path, err) from None
         raise
+
+
+def _expand_home(values: Dict[str, Any]) -> Dict[str, Any]:
+    """The path settings with a leading ~ made the home folder: no shell expands it in a config file (or in
+    --out=~/x), and a literal ~ folder would be made in the current one."""
+    return {name: os.path.expanduser(value) if name in _PATHS and isinstance(value, str) else value
+            for name, value in values.items()}
 
 
 def config_from_args(argv=None) -> TrainConfig:

@@ -753,6 +753,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
             log.warning("preset %s without %s: the paper starts from ImageNet weights (stem..layer3 frozen) and "
                         "GloVe class vectors; this run uses random ones and will not reach its numbers", cfg.preset,
                         " and ".join(missing))
+    if cfg.blending and cfg.blend_start_epoch >= cfg.epochs:  # legitimate (a smoke run), but it is the baseline
+        log.warning("blend_start_epoch %d >= epochs %d: no epoch blends, so this run trains as --method baseline "
+                    "does", cfg.blend_start_epoch, cfg.epochs)
     seed_everything(derived_seed(cfg.seed, 0, 0, d.rank))
 
     resumed = cfg.resume and os.path.exists(last_path)
@@ -945,7 +948,8 @@ def main(argv=None) -> None:
 
 def cli(argv=None) -> None:
     """``main`` for the command line: a setting or a file to fix is one "error:" line (exit status 1), Ctrl-C (or
-    SIGTERM, SIGHUP) one "interrupted" line saying how to resume (exit status 130); no traceback for either."""
+    SIGTERM, SIGHUP) one "interrupted" line saying how to resume (exit status 130), running out of memory one
+    "error:" line saying what to reduce; no traceback for any."""
     prog = "python -m dsrb.train"
     stop_on_termination()
     try:
@@ -959,6 +963,18 @@ def cli(argv=None) -> None:
         sys.exit(130)
     except (ValueError, OSError, ImportError, FloatingPointError) as err:  # OSError: FileNotFoundError, ...
         sys.exit(error_line(prog, err))  # FloatingPointError: a diverging loss, with what to change
+    except (MemoryError, torch.OutOfMemoryError) as err:
+        sys.exit(_out_of_memory(prog, err))
+    except RuntimeError as err:
+        if "can't allocate memory" not in str(err):  # the CPU allocator's out-of-memory error
+            raise
+        sys.exit(_out_of_memory(prog, err))
+
+
+def _out_of_memory(prog: str, err: BaseException) -> str:
+    """One error line for a run that ran out of memory: what to change, and torch's own message (its first line)."""
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"{prog}: error: out of memory ({detail}); reduce --batch-size, --image-size or the model's sizes"
 
 
 if __name__ == "__main__":

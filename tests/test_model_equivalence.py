@@ -493,3 +493,25 @@ def test_nan_graph_rows_become_zero_with_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_official_checkpoint(official_checkpoint(C=3)[1])  # no warning without NaN
+
+
+def test_internal_draws_leave_classes_without_a_prototype_unblended_in_both_models():
+    """compat="official" with the PPRB draws made inside forward: a class the prototype pass never saw (valid False;
+    the official code crashes there) is not blended by DSRB, nor by the reference, which used to blend it with
+    all-zero maps. Image 0's only unknown label is that class, so its top-1 draw lands on it."""
+    C, B, (H, W) = 4, 2, (1, 1)
+    model, ref = make_pair(C, seed=7, compat="official")
+    g = torch.Generator().manual_seed(8)
+    images = torch.randn(B, 3, *IMAGE_SIZE[(H, W)], generator=g, dtype=torch.float64)
+    T = torch.tensor([[0, 1, -1, 1], [0, 0, 1, -1]])
+    P = torch.randn(C, 4, H, W, SMALL["feature_dim"], generator=g, dtype=torch.float64)
+    valid = torch.tensor([False, True, True, True])
+    P[0] = 0
+    ref.set_prototype_maps(P, valid)
+    model.prototype_bank.set_prototypes(P.sum((2, 3)), valid)
+    set_train(model, ref, B, H, W)
+    out = model(images, T, generator=torch.Generator().manual_seed(3))
+    exp = ref(images, T, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(out.prototype_targets[0], T[0].double()), "image 0 blended the class without a prototype"
+    for field in FIELDS:
+        close(getattr(out, field), getattr(exp, field), field)

@@ -220,8 +220,10 @@ def test_resume_with_other_worker_and_thread_counts_warns(data_root, tmp_path):
 def test_paper_preset_without_pretrained_weights_or_word_vectors_warns(data_root, tmp_path):
     out = tmp_path / "run"
     train.main(args(data_root, out, 1, "--preset", "voc", "--dataset", "builtin", "--backbone", "resnet18"))
-    assert "preset voc without --pretrained and --word-vectors: the paper starts from ImageNet weights" in \
-        (out / "train.log").read_text()
+    log = (out / "train.log").read_text()
+    assert "preset voc without --pretrained and --word-vectors: the paper starts from ImageNet weights" in log
+    # TINY blends from epoch 1: a 1-epoch run is the baseline, and says so.
+    assert "blend_start_epoch 1 >= epochs 1: no epoch blends, so this run trains as --method baseline does" in log
 
 
 def test_resume_after_a_kill_between_metrics_line_and_checkpoint(data_root, tmp_path):

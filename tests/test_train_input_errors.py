@@ -57,6 +57,7 @@ def fails_cleanly(data_root, out, extra, error, match):
     ({"lr": 10**400}, r"'lr': expected a number in float range, got an integer of 1329 bits"),
     ({"feature_dim": 10**20}, r"'feature_dim' \(--feature-dim\): expected a positive integer \(at most 2147483647\)"),
     ({"workers": 10**20}, r"'workers' \(--workers\): expected a non-negative integer \(at most 1024\)"),
+    ({"lr": 0}, r"'lr' \(--lr\): expected a positive number \(a learning rate of 0 trains nothing\), got 0.0"),
 ])
 def test_config_file_values_are_checked(tmp_path, entry, match):
     path = tmp_path / "cfg.json"
@@ -102,6 +103,17 @@ def test_config_file_key_given_twice(tmp_path, name, text, match):
         parse_args(["--config", str(path)])
 
 
+def test_paths_starting_with_a_tilde_are_in_the_home_folder(tmp_path, monkeypatch):
+    """No shell expands ~ in a config file or in --out=~/x: it would be a folder named ~ in the current one."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = tmp_path / "run.yaml"
+    path.write_text("data_root: ~/data\nword_vectors: ~/glove.txt\npretrained: builtin\n")
+    cfg, explicit = parse_args(["--config", str(path), "--out=~/runs/x"])
+    home = str(tmp_path / "home")
+    assert (cfg.data_root, cfg.word_vectors, cfg.out) == (f"{home}/data", f"{home}/glove.txt", f"{home}/runs/x")
+    assert cfg.pretrained == "builtin" and explicit["out"] == cfg.out  # what a resume compares with
+
+
 def test_config_flag_given_twice_or_empty(tmp_path):
     first, second = tmp_path / "a.json", tmp_path / "b.json"
     first.write_text('{"epochs": 3}')
@@ -136,6 +148,21 @@ def test_malformed_config_file_is_named(tmp_path, name, text, match):
     assert str(path) in str(info.value) and "\n" not in str(info.value)  # PyYAML's message spans lines
 
 
+def test_yaml_numbers_read_as_in_yaml_1_2_and_json_with_a_byte_order_mark(tmp_path):
+    """PyYAML (YAML 1.1) reads 010 as octal 8 and 1:30 as 90 (base 60): a run of other settings than written."""
+    path = tmp_path / "run.yaml"
+    path.write_text("epochs: 010\nseed: 0_7\nlabel_seed: 0x10\n")
+    assert load_config_file(str(path)) == {"epochs": 10, "seed": 7, "label_seed": 16}  # as --epochs 010 reads
+    for text, shown in (("epochs: 1:30\n", "'epochs': expected an integer, got '1:30'"),
+                        ("lr: 1:30.5\n", "'lr': expected a number, got '1:30.5'")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=f"^config file {re.escape(str(path))}: setting {shown}"):
+            load_config_file(str(path))
+    path = tmp_path / "run.json"  # as Windows editors save it
+    path.write_bytes(b'\xef\xbb\xbf{"epochs": 3}')
+    assert load_config_file(str(path)) == {"epochs": 3}
+
+
 # --------------------------------------------------------------------------------------- 2, 5, 6, 12: flags
 
 
@@ -152,6 +179,10 @@ def test_malformed_config_file_is_named(tmp_path, name, text, match):
     (["--limit-train-batches", "0"], r"'limit_train_batches' \(--limit-train-batches\): expected a positive"),
     (["--device", "foo"], r"'device' \(--device\): expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'foo'"),
     (["--device", "meta"], r"'device' \(--device\): expected .* got 'meta'"),
+    (["--device", "cuda:01"], r"'device' \(--device\): expected .* got 'cuda:01'"),  # torch.device: a RuntimeError
+    (["--lr", "0"], r"'lr' \(--lr\): expected a positive number \(a learning rate of 0 trains nothing\), got 0.0"),
+    (["--lr", "-0.0"], r"'lr' \(--lr\): expected a positive number .*, got -0.0"),
+    (["--top-k", "0"], r"'top_k' \(--top-k\): expected a positive integer .*, got 0"),
     (["--label-seed", "-1"], r"'label_seed' \(--label-seed\): expected an integer in \[0, 2\*\*32\)"),
     (["--seed", str(2**64)], r"'seed' \(--seed\): expected an integer in \[0, 2\*\*63\)"),
     (["--batch-size", "1", "--image-size", "64"], r"'batch_size' \(--batch-size\): expected at least 2 with a 1x1 "
@@ -169,6 +200,27 @@ def test_malformed_config_file_is_named(tmp_path, name, text, match):
 def test_bad_flag_values(flags, match):
     with pytest.raises(ValueError, match=match):
         parse_args(flags)
+
+
+@pytest.mark.parametrize("typo", [["--epoch", "3"], ["--weight", "0.1"], ["--known", "0.1"]])
+def test_abbreviated_flags_are_refused(typo, capsys):
+    """argparse would read --weight as --weight-decay, --epoch as --epochs: one typo setting another setting."""
+    with pytest.raises(SystemExit) as info:
+        parse_args(typo)
+    assert info.value.code == 2
+    assert f"error: unrecognized arguments: {' '.join(typo)}" in capsys.readouterr().err
+
+
+def test_cuda_index_is_checked_as_written(monkeypatch):
+    """torch.device keeps a CUDA index in 8 bits: 'cuda:256' would be cuda:0 and 'cuda:255' the current GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for device in ("cuda:128", "cuda:255", "cuda:256"):
+        with pytest.raises(ValueError, match=f"'{device}' was requested but this machine has 1 CUDA device"):
+            check_device(device)
+    assert check_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match="expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'cuda:00'"):
+        check_device("cuda:00")
 
 
 def test_cuda_device_checked_before_the_run(data_root, tmp_path, monkeypatch):
@@ -791,3 +843,32 @@ def test_pretrain_checks_device_and_out_before_training(tmp_path, monkeypatch, c
             pretrain.main(flags)
         assert info.value.code == 2
         assert re.search(match, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("error, detail", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore advice"),
+     "CUDA out of memory. Tried to allocate 20.00 GiB"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                  "to allocate 8000000000 bytes."), "[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: "
+                                                    "can't allocate memory: you tried to allocate 8000000000 bytes."),
+    (MemoryError(), "MemoryError"),
+])
+def test_out_of_memory_is_one_error_line(monkeypatch, error, detail):
+    """A model or batch too large for the machine: one line saying what to reduce, with torch's first line."""
+    def main(argv):
+        raise error
+
+    monkeypatch.setattr(train, "main", main)
+    with pytest.raises(SystemExit) as exit_:
+        train.cli([])
+    assert exit_.value.code == (f"python -m dsrb.train: error: out of memory ({detail}); reduce --batch-size, "
+                                "--image-size or the model's sizes")
+
+
+def test_other_runtime_errors_keep_their_traceback(monkeypatch):
+    def main(argv):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(train, "main", main)
+    with pytest.raises(RuntimeError, match="a bug"):
+        train.cli([])

@@ -191,6 +191,7 @@ class ReferenceDSRB(nn.Module):
 
         # Official: an attribute set by the prototype pass, not a registered buffer (not in checkpoints).
         self.prototype_maps: Optional[torch.Tensor] = None
+        self.prototype_valid: Optional[torch.Tensor] = None  # (C,) bool: the classes the pass stored a sample of
 
     # ------------------------------------------------------------------------------------------------ pieces
 
@@ -206,13 +207,17 @@ class ReferenceDSRB(nn.Module):
         o = torch.tanh(self.fc(torch.cat((h.reshape(B * C, D), S.reshape(B * C, D)), dim=1)))
         return self.classifiers(o.reshape(B, C, -1))
 
-    def set_prototype_maps(self, maps: torch.Tensor) -> None:
-        """Set the (C, 4, H, W, D) prototype maps used by PPRB."""
+    def set_prototype_maps(self, maps: torch.Tensor, valid: Optional[torch.Tensor] = None) -> None:
+        """Set the (C, 4, H, W, D) prototype maps used by PPRB, and the (C,) bool classes that have one (default:
+        every class)."""
         if maps.dim() != 5 or maps.shape[0] != self.num_classes or maps.shape[1] != 4:
             raise ValueError(
                 f"argument 'maps': expected shape (C={self.num_classes}, 4, H, W, D), got {tuple(maps.shape)}"
             )
-        self.prototype_maps = maps
+        if valid is not None and (valid.dtype != torch.bool or valid.shape != (self.num_classes,)):
+            raise ValueError(f"argument 'valid': expected a ({self.num_classes},) bool tensor, got {valid.dtype} "
+                             f"of shape {tuple(valid.shape)}")
+        self.prototype_maps, self.prototype_valid = maps, valid
 
     @torch.no_grad()
     def compute_prototypes(
@@ -231,7 +236,7 @@ class ReferenceDSRB(nn.Module):
         finally:
             self.train(was_training)
         maps, valid = compute_prototype_maps(pairs, cap=cap, compat=compat)
-        self.prototype_maps = maps
+        self.set_prototype_maps(maps, valid)
         return maps, valid
 
     # ------------------------------------------------------------------------------------------------ forward
@@ -279,7 +284,8 @@ class ReferenceDSRB(nn.Module):
             if prototype_choices is None:
                 shift = torch.randint(1, 4, (B, C), generator=generator, device=S.device)
                 rho = torch.rand(B, C, generator=generator, device=S.device)
-                select = select_labels(T, rho, self.top_k, compat="official")
+                # A class without a prototype is not blended (the official code crashes there), as in DSRB.
+                select = select_labels(T, rho, self.top_k, compat="official", valid=self.prototype_valid)
             else:
                 shift, select = prototype_choices
             maps = self.prototype_maps.to(device=F.device, dtype=F.dtype)
