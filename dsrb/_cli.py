@@ -31,7 +31,13 @@ def start(prog: str, *, one_process: bool = True) -> None:
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser whose usage errors (a flag of the wrong type, an unknown one) are one line, as the tools'
-    other errors are: the usage it prints first is dozens of lines for dsrb.train. Exit status 2, as argparse's."""
+    other errors are: the usage it prints first is dozens of lines for dsrb.train. Exit status 2, as argparse's.
+    Flags are not abbreviated: argparse would take a typo such as --epoch or --weight for --epochs or
+    --weight-decay, setting another setting."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")

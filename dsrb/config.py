@@ -488,8 +488,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m dsrb.train",
         description="Train DSRB (or the partial-BCE baseline) on a built-in or real multi-label dataset.",
         epilog="Every setting defaults to the chosen preset's value; see dsrb/config.py for the presets.",
-        # argparse would take --weight for --weight-decay and --epoch for --epochs: a typo setting another setting
-        allow_abbrev=False,
     )
     parser.add_argument("--preset", default=None, choices=tuple(PRESETS),
                         help="starting settings (default: the config file's preset, else demo)")
