@@ -132,9 +132,16 @@ ENV_FLAGS = ("DSRB_BUILD_CUDA", "DSRB_REQUIRE_EXT", "DSRB_BUILD_ON_FIRST_USE", "
 
 
 def check_env_flags() -> None:
-    """Every on/off variable read, so that a bad value is an error whether or not the code path reading it runs."""
+    """Every on/off variable read, and MAX_JOBS and TORCH_CUDA_ARCH_LIST checked, so that a bad value is a ValueError
+    naming it whether or not the code path reading it runs (a bad build variable was only the extension's reason to
+    be missing, and the tools ran on the torch backend)."""
     for name in ENV_FLAGS:
         env_flag(name)
+    for check in (jobs, arch_list):
+        try:
+            check()
+        except BuildError as err:
+            raise ValueError(str(err)) from None
 
 
 def want_cuda() -> Optional[str]:

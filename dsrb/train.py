@@ -781,6 +781,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
     # Resumed, the model is built to the checkpoint's shapes and takes its word vectors and weights from it: the
     # --word-vectors and --pretrained files are not opened (they may have moved).
     kwargs = model_kwargs(cfg, state["model"]["word_features"].shape[1] if resumed else words.shape[1])
+    # A --word-vectors file sets E: config.json and summary.json record its size, not the preset's word_dim.
+    cfg = dataclasses.replace(cfg, word_dim=kwargs["word_dim"])
     pretrained = None if resumed else resolve_pretrained(cfg, d, device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     core = DSRB(train_set.num_classes, word_features=words, **kwargs)

@@ -7,6 +7,7 @@ DSRB_REQUIRE_EXT=1 turns any reason into an ImportError."""
 import fcntl
 import importlib.machinery
 import os
+import re
 import shlex
 import sys
 import threading
@@ -201,6 +202,22 @@ def test_an_on_off_variable_with_another_value_is_an_error(loader, monkeypatch, 
     with pytest.raises(ValueError, match=rf"environment variable {var}: expected 1 or 0 .*got 'ture'"):
         _ext.load()
     assert loader.calls == []
+
+
+@pytest.mark.parametrize("var, value, match", [
+    ("MAX_JOBS", "abc", "MAX_JOBS: expected a positive number of parallel compile jobs, got 'abc'"),
+    ("TORCH_CUDA_ARCH_LIST", "9.0;foo", "TORCH_CUDA_ARCH_LIST: cannot read 'foo'"),
+    ("TORCH_CUDA_ARCH_LIST", ";", "TORCH_CUDA_ARCH_LIST: no architecture in ';'"),
+])
+def test_a_bad_build_variable_is_an_error_built_or_not(loader, monkeypatch, var, value, match):
+    """A bad MAX_JOBS or TORCH_CUDA_ARCH_LIST was only the extension's reason to be missing: a tool ran on the torch
+    backend, passing over a finished build, and said nothing. Like the on/off variables, it is an error."""
+    assert _ext._load().loaded
+    monkeypatch.setenv(var, value)
+    monkeypatch.setattr(_ext, "_STATE", None)
+    with pytest.raises(ValueError, match=re.escape(match)):
+        _ext.load()
+    assert len(loader.calls) == 1
 
 
 @pytest.mark.parametrize("value", ["0", "-2", "x", "²"])  # "²".isdigit(), but int("²") fails

@@ -74,6 +74,13 @@ def test_a_bad_on_off_value_is_one_error_line(name):
                           "true/false, yes/no, on/off), got 'ture'\n"), res.stderr
 
 
+def test_a_bad_build_variable_is_one_error_line():
+    res = _info(TORCH_CUDA_ARCH_LIST="garbage")
+    assert res.returncode == 1 and res.stdout == "", res.stderr
+    assert res.stderr == ("python -m dsrb.info: error: TORCH_CUDA_ARCH_LIST: cannot read 'garbage' (expected entries "
+                          "like 8.0, 9.0, 9.0+PTX)\n"), res.stderr
+
+
 def test_info_takes_no_arguments(capsys):
     """--help is help, and an unknown argument an error (both printed the report and exited 0)."""
     with pytest.raises(SystemExit) as exit_:

@@ -426,7 +426,7 @@ def test_resume_with_moved_word_vector_and_weight_files(data_root, tmp_path):
     from dsrb.data.builtin import BUILTIN_CLASSES
 
     words, weights = tmp_path / "words.npy", tmp_path / "weights.pth"
-    np.save(words, np.random.RandomState(0).randn(len(BUILTIN_CLASSES), 6).astype(np.float32))
+    np.save(words, np.random.RandomState(0).randn(len(BUILTIN_CLASSES), 5).astype(np.float32))
     torch.save(build_backbone("resnet18", width=4).state_dict(), weights)
     files = ["--word-vectors", str(words), "--pretrained", str(weights)]
     straight, out = tmp_path / "straight", tmp_path / "run"
@@ -440,6 +440,7 @@ def test_resume_with_moved_word_vector_and_weight_files(data_root, tmp_path):
                 str(moved[1])])
     saved = json.loads((out / "config.json").read_text())
     assert (saved["word_vectors"], saved["pretrained"]) == tuple(map(str, moved))
+    assert saved["word_dim"] == 5  # the file's E, not the --word-dim it overrides
     results = [[{k: v for k, v in json.loads(line).items() if k not in train.TIMING_KEYS}
                 for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (straight, out)]
     assert results[0] == results[1]
