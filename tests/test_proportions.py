@@ -228,6 +228,16 @@ def test_rerun_trains_nothing_and_other_settings_are_refused(straight, data_root
         proportions.main(["--out", str(straight), *GRID, *_flags(data_root), "--lr", "1e-2"])
 
 
+
+def test_report_without_plot_names_the_old_plot(straight, data_root, capsys):
+    """--no-plot leaves an earlier plot.png, which may no longer match table.md: the report says so."""
+    assert proportions.main(["--out", str(straight), *GRID, "--seeds", "0,1", "--report-only", "--no-plot",
+                             *_flags(data_root)]) == 0
+    captured = capsys.readouterr()
+    assert "plot.png" not in captured.out.splitlines()[-1]  # the "written:" line
+    assert f"note: {straight / 'plot.png'} is from an earlier report and was not updated" in captured.err
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the sweep's training processes through /proc")
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
 def test_killed_sweep_stops_its_trainings(data_root, tmp_path, sig):

@@ -445,6 +445,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with open(paths["table.md"], encoding="utf-8") as f:
         print(f.read())
     print("written: " + ", ".join(paths.values()))
+    stale = os.path.join(out, "plot.png")
+    if "plot.png" not in paths and os.path.isfile(stale):  # --no-plot: kept, but it no longer matches table.md
+        print(f"note: {stale} is from an earlier report and was not updated", file=sys.stderr)
     return 0
 
 
