@@ -212,6 +212,59 @@ def skip_if_too_big(estimate_bytes: int, device: torch.device, what: str, fracti
                     f"{fraction:.0%} of the {free / 2**30:.1f} GiB free on {device.type}")
 
 
+def assert_grads_close(provider: str, names, got, want, tol: float) -> None:
+    """Each gradient a provider computes equals the official one (None: not reached, taken as zeros). Before timing a
+    backward: the forward check alone let a wrong gradient be timed as a valid "bwd" case. atol is ``tol`` times the
+    larger of the tensor's own scale and 1 % of the largest reference gradient (a gradient that is zero in exact
+    arithmetic, fc3/fc4's biases, is rounding noise in the official one and None in the fused ones)."""
+    got, want, names = list(got), list(want), list(names)
+    if not len(got) == len(want) == len(names):
+        raise AssertionError(f"{provider}: {len(got)} gradients against {len(want)} official ones ({names})")
+    scales = [float(w.detach().abs().max()) if w is not None and w.numel() else 0.0 for w in want]
+    floor = 1e-2 * max(scales, default=0.0)
+    for name, g, w, scale in zip(names, got, want, scales):
+        if g is None and w is None:
+            continue
+        like = w if w is not None else g
+        g = torch.zeros_like(like) if g is None else g.detach()
+        w = torch.zeros_like(like) if w is None else w.detach()
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol * max(scale, floor),
+                                   msg=lambda m: f"{provider}: gradient w.r.t. {name} disagrees with the official: {m}")
+
+
+def dsrb_ops_run(fn: Callable) -> List[str]:
+    """The dsrb custom ops (``dsrb::<op>_<backend>[_backward]``) that one ``fn()`` runs, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sorted({e.key for e in prof.key_averages() if e.key.startswith("dsrb::")})
+
+
+def _op_backend(name: str) -> str:
+    base = name[len("dsrb::"):].rstrip("_")  # prototype_bank_update_cpu_ is the in-place form
+    if base.endswith("_backward"):
+        base = base[: -len("_backward")]
+    return base.rsplit("_", 1)[-1]
+
+
+def check_served(provider: str, backend: Optional[str], fn: Callable) -> Optional[List[str]]:
+    """Assert that ``fn()`` (a forward and backward of the case) ran ``backend``'s kernels and no other backend's:
+    a ``cpu`` case that some path served with the ``torch`` code would otherwise be timed and reported as ``cpu``.
+    The extension's backends (cpu, cuda) must show their ops; the Python-defined ones (torch, triton) run their
+    code without a custom-op record in eager mode, so for them only the absence of any other backend's op is
+    checked. Returns the ops seen (recorded in extra_info["served_by"]); None for the official provider."""
+    if backend is None:
+        return None
+    names = dsrb_ops_run(fn)
+    foreign = [n for n in names if _op_backend(n) != backend]
+    if foreign:
+        raise AssertionError(f"{provider}: expected only backend {backend!r} to run, but {foreign} ran")
+    if backend in ("cpu", "cuda") and not names:
+        raise AssertionError(f"{provider}: no dsrb::*_{backend} op ran: the case would not time the {backend} kernels")
+    return names
+
+
 # ------------------------------------------------------------------------------------------------ environment
 
 
@@ -492,12 +545,16 @@ def measure(benchmark, bench, op: str, provider: str, pass_: str, shape: str, di
     inp = inputs(bench, shape, dims, device, dtype)
     fwd, leaves = forward(provider, backend, inp, bench)
     validate(provider, fwd, inp, device)
+    served = inp.setdefault("served", {})  # once per shape and provider, outside the timing
+    key = f"{case or op}:{provider}"
+    if key not in served:
+        served[key] = check_served(provider, backend, pass_callables("fwd+bwd", fwd, leaves, inp["grad_outputs"])[0])
     fn, setup = pass_callables(pass_, fwd, leaves, inp["grad_outputs"])
     formulation = official if provider == "official" else fused.format(backend=backend) + (
         " under torch.compile(fullgraph=True), torch backend traced" if provider == "compile" else "")
     run_case(benchmark, fn, setup=setup, device=device, rounds=rounds,
              info={"op": op, "case": case or op, "provider": provider, "pass": pass_, "shape": shape, "dims": dims,
-                   "dtype": dtype, "formulation": formulation, **info})
+                   "dtype": dtype, "formulation": formulation, "served_by": served[key], **info})
 
 
 # Fixtures for the suites (they use these instead of importing this module).
@@ -519,5 +576,7 @@ def bench():
         attention_weighted_map=attention_weighted_map,
         cpu_peak_bytes=cpu_peak_bytes,
         seeded_linear=seeded_linear,
+        assert_grads_close=assert_grads_close,
+        check_served=check_served,
         available_memory=available_memory,
     )

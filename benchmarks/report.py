@@ -257,8 +257,8 @@ def _measure(target: Target, provider: str, mine: dict, other: dict) -> Tuple[Op
         return None, None
     if not (_number(num) and _number(den) and math.isfinite(num) and math.isfinite(den) and num >= 0 and den >= 0):
         return None, f"figures {num} and {den}"
-    if den == 0:  # nothing measured on the provider's side: infinitely better than a positive figure
-        return (math.inf, None) if num > 0 else (None, "both figures 0")
+    if den == 0:  # a fused case allocates its outputs: 0 means the measurement missed them, not a win
+        return None, "both figures 0" if num == 0 else f"{provider}'s figure is 0: nothing measured, no ratio"
     return num / den, None
 
 

@@ -129,7 +129,7 @@ def _inputs(bench, shape, dims, device, dtype):
         _STATE["value"] = dict(
             base=base, ref=ref, dims=dict(dims), X=X, T=T, choices=(shift, select), keys=keys,
             grad_outputs=(torch.ones((), dtype=dtype, device=device),),
-            models={}, compiled=None, reference=None, validated=set(),
+            models={}, compiled=None, reference=None, validated=set(), reference_grads=None,
         )
         _STATE["key"] = key
     return _STATE["value"]
@@ -206,21 +206,44 @@ def _forward(provider, backend, inp, bench):
     return (lambda: _step(model, X, T, choices, keys)), _leaves(model, X)
 
 
-def _validate(provider, step, inp, device):
+def _named_grads(model, X, loss):
+    """{official name: gradient of the loss} for X and every trainable parameter (DSRB names mapped to the
+    official ones, so that the two models' gradients pair up)."""
+    from dsrb.compat import dsrb_to_official_key
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, [X] + [p for _, p in named], allow_unused=True)
+    names = ["X"] + [n if isinstance(model, ReferenceDSRB) else dsrb_to_official_key(n) for n, _ in named]
+    return {n: (g.reshape(()) if n in ("alpha", "beta") and g is not None else g) for n, g in zip(names, grads)}
+
+
+def _validate(provider, step, inp, device, bench):
     """Once per shape and provider, outside the timing: the provider's loss and three logits equal the official
-    ones. The provider runs with grad enabled, as timed (so torch.compile compiles the graph it will run)."""
+    ones, and so do the gradients of the loss w.r.t. X and every trainable parameter (what the bwd pass times).
+    The provider runs with grad enabled, as timed (so torch.compile compiles the graph it will run)."""
     if provider in inp["validated"]:
         return
     if inp["reference"] is None:
-        with torch.no_grad():
-            inp["reference"] = _step(inp["ref"], inp["X"], inp["T"], inp["choices"], inp["keys"])
+        out = _step(inp["ref"], inp["X"], inp["T"], inp["choices"], inp["keys"])
+        inp["reference_grads"] = _named_grads(inp["ref"], inp["X"], out[0])
+        inp["reference"] = tuple(t.detach() for t in out)
     if provider != "official":
         tol = 2e-3 if device.type == "cuda" else 1e-4
         names = ("loss", "logits", "instance_logits", "prototype_logits")
-        for name, got, want in zip(names, step(), inp["reference"]):
+        outputs = step()
+        for name, got, want in zip(names, outputs, inp["reference"]):
             torch.testing.assert_close(got.detach(), want, rtol=tol, atol=tol,
                                        msg=lambda m: f"{provider} disagrees with the official {name}: {m}")
+        model = inp["models"][_backend_of(provider)]
+        got, want = _named_grads(model, inp["X"], outputs[0]), inp["reference_grads"]
+        assert set(got) == set(want), f"{provider}: parameters differ from the official: {set(got) ^ set(want)}"
+        keys = sorted(want)
+        bench.assert_grads_close(provider, keys, [got[k] for k in keys], [want[k] for k in keys], 10 * tol)
     inp["validated"].add(provider)
+
+
+def _backend_of(provider: str) -> str:
+    return "torch" if provider == "compile" else provider
 
 
 def test_head(benchmark, bench, provider, pass_, shape, dims, device, dtype, rounds):
@@ -231,7 +254,11 @@ def test_head(benchmark, bench, provider, pass_, shape, dims, device, dtype, rou
         bench.skip_if_too_big(_official_estimate(dims), device, f"official head path at {shape}")
     inp = _inputs(bench, shape, dims, device, dtype)
     step, leaves = _forward(provider, backend, inp, bench)
-    _validate(provider, step, inp, device)
+    _validate(provider, step, inp, device, bench)
+    served = inp.setdefault("served", {})  # once per shape and provider: which backend's kernels ran
+    if provider not in served:
+        served[provider] = bench.check_served(
+            provider, backend, bench.pass_callables("fwd+bwd", lambda: step()[:1], leaves, inp["grad_outputs"])[0])
     fn, setup = bench.pass_callables(pass_, lambda: step()[:1], leaves, inp["grad_outputs"])
     formulation = (
         "ReferenceDSRB train forward on X: fc4(fc3(tanh(u*e))) on (B,N,C,I), (B,H,W,C,D) map, IPRB/PPRB on maps, "
@@ -242,6 +269,6 @@ def test_head(benchmark, bench, provider, pass_, shape, dims, device, dtype, rou
             "dtype": dtype, "formulation": formulation,
             "grad_wrt": "X and every trainable head-path parameter, from the scalar loss",
             "loss": "dsrb.losses.dsrb_loss(epoch=1): partial BCE x3 + 0.05 contrastive",
-            "ggnn_head_gflop_fwd": round(_head_gflop(dims), 1)}
+            "ggnn_head_gflop_fwd": round(_head_gflop(dims), 1), "served_by": served[provider]}
     rounds = _rounds(rounds, dims, pass_, device, info)
     bench.run_case(benchmark, fn, setup=setup, device=device, rounds=rounds, info=info)

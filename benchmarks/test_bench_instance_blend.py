@@ -53,7 +53,7 @@ def _inputs(bench, shape, dims, device, dtype):
         grads = (torch.randn(B, C, D, generator=gen, dtype=dtype).to(device),
                  torch.randn(B, C, generator=gen, dtype=dtype).to(device))
         _STATE["value"] = dict(F=F, S=S, T=T, alpha=alpha, grad_outputs=grads, compiled=None, reference=None,
-                               validated=set())
+                               reference_grads=None, validated=set(), check_grads=bench.assert_grads_close)
         _STATE["key"] = key
     return _STATE["value"]
 
@@ -78,8 +78,10 @@ def _forward(provider, backend, inp, bench):
 
 
 def _validate(provider, forward, inp, device):
-    """Once per shape and provider, outside the timing: the provider computes the official (S1, T1). The provider
-    runs with grad enabled, as timed (so torch.compile compiles the graph it will run, once)."""
+    """Once per shape and provider, outside the timing: the provider computes the official (S1, T1) and, from the
+    fixed output gradients, the official gradients (w.r.t. S, the official one w.r.t. F at any position: F enters
+    only through its spatial sum; and alpha). The provider runs with grad enabled, as timed (so torch.compile
+    compiles the graph it will run, once)."""
     if provider in inp["validated"]:
         return
     if inp["reference"] is None:
@@ -87,9 +89,16 @@ def _validate(provider, forward, inp, device):
             inp["reference"] = instance_blend_map(inp["F"], inp["T"], inp["alpha"])
     if provider != "official":
         tol = 1e-3 if device.type == "cuda" else 1e-4
-        for name, got, want in zip(("S1", "T1"), forward(), inp["reference"]):
+        outputs = forward()
+        for name, got, want in zip(("S1", "T1"), outputs, inp["reference"]):
             torch.testing.assert_close(got.detach(), want, rtol=tol, atol=tol,
                                        msg=lambda m: f"{provider} disagrees with the official {name}: {m}")
+        if inp["reference_grads"] is None:
+            F, alpha = inp["F"], inp["alpha"]
+            gF, ga = torch.autograd.grad(instance_blend_map(F, inp["T"], alpha), (F, alpha), inp["grad_outputs"])
+            inp["reference_grads"] = (gF[:, 0, 0], ga)
+        got = torch.autograd.grad(outputs, (inp["S"], inp["alpha"]), inp["grad_outputs"], allow_unused=True)
+        inp["check_grads"](provider, ("S", "alpha"), got, inp["reference_grads"], tol)
     inp["validated"].add(provider)
 
 

@@ -113,7 +113,7 @@ def _state(bench, shape, dims, device, dtype):
         _STATE["value"] = dict(
             fc=fc, word=word, maps=maps, bank=bank, alpha=alpha, beta=beta, w_S=w_S, w_T=w_T, params=params,
             fixed={"official": common + _nbytes(maps), "fused": common + _nbytes(bank)},
-            reference=None,
+            reference=None, reference_grads=None,
         )
         _STATE["key"] = key
     return _STATE["value"]
@@ -257,21 +257,28 @@ def largest_batch(peak_of: Callable[[int], Optional[int]], budget: int, limit: i
     return lo, probes
 
 
-def _check(provider, forward, st, dims, device, dtype, seed):
-    """Once per provider, outside the search: the provider computes the official outputs at B = 2."""
+def _check(provider, backend, forward, st, dims, device, dtype, seed, bench):
+    """Once per provider, outside the search: the provider computes the official outputs at B = 2, and the official
+    gradients of the fixed loss (what every probe and timed call computes); its calls run ``backend``'s kernels
+    only. Returns the dsrb ops seen (None for the official provider)."""
     names = ("S", "S1", "T1", "S2", "T2")
+    grad_names = ("x",) + tuple(f"param{i}" for i in range(len(st["params"]))) + ("alpha", "beta")
     if st["reference"] is None:
         official = _path("official", None, st, dims)
         with torch.no_grad():
             st["reference"] = official(*_batch(2, dims, device, dtype, seed))
+        st["reference_grads"] = _fwd_bwd(official, st, dims, device, dtype, seed)(2)
     if provider == "official":
-        return
+        return None
     with torch.no_grad():
         got = forward(*_batch(2, dims, device, dtype, seed))
     tol = 5e-3 if device.type == "cuda" else 1e-4
     for name, g, want in zip(names, got, st["reference"]):
         torch.testing.assert_close(g, want, rtol=tol, atol=tol,
                                    msg=lambda m: f"{provider} disagrees with the official {name}: {m}")
+    call = _fwd_bwd(forward, st, dims, device, dtype, seed)
+    bench.assert_grads_close(provider, grad_names, call(2), st["reference_grads"], tol)
+    return bench.check_served(provider, backend, lambda: call(2))
 
 
 def _mib(n: Optional[int]) -> str:
@@ -297,7 +304,7 @@ def test_largest_batch(benchmark, bench, provider, size, device, dtype, rounds):
 
     st = _state(bench, shape, dims, device, dtype)
     forward = _path(provider, backend, st, dims)
-    _check(provider, forward, st, dims, device, dtype, seed)
+    served = _check(provider, backend, forward, st, dims, device, dtype, seed, bench)
     call = _fwd_bwd(forward, st, dims, device, dtype, seed)
     fixed = st["fixed"]["official" if provider == "official" else "fused"]
 
@@ -326,7 +333,8 @@ def test_largest_batch(benchmark, bench, provider, size, device, dtype, rounds):
     bench.run_case(benchmark, lambda: call(best), device=device, rounds=min(rounds, 10),
                    info={"op": "largest_batch", "case": "largest_batch", "provider": provider, "pass": "fwd+bwd",
                          "shape": label, "dims": dims, "dtype": dtype, "formulation": formulation,
-                         "grad_wrt": "x, fc1..fc4, alpha and beta, from a fixed linear loss of S, S1, T1, S2, T2"})
+                         "grad_wrt": "x, fc1..fc4, alpha and beta, from a fixed linear loss of S, S1, T1, S2, T2",
+                         "served_by": served})
     extra = benchmark.extra_info
     extra["peak_memory_call_bytes"] = extra.get("peak_memory_bytes")  # run_case's own measure: the call only
     extra.update({

@@ -69,7 +69,8 @@ def _inputs(bench, shape, dims, device, dtype):
         grads = (torch.randn(B, C, D, generator=gen, dtype=dtype).to(device),
                  torch.randn(B, C, generator=gen, dtype=dtype).to(device))
         _STATE["value"] = dict(F=F, S=S, T=T, beta=beta, maps=maps, bank=bank, quadrant=quadrant, shift=shift,
-                               select=select, grad_outputs=grads, compiled=None, reference=None, validated=set())
+                               select=select, grad_outputs=grads, compiled=None, reference=None,
+                               reference_grads=None, validated=set(), check_grads=bench.assert_grads_close)
         _STATE["key"] = key
     return _STATE["value"]
 
@@ -106,9 +107,22 @@ def _validate(provider, forward, inp, device):
             inp["reference"] = prototype_blend_map(inp["F"], inp["T"], inp["beta"], inp["maps"], inp["shift"],
                                                    inp["select"])
     tol = 1e-3 if device.type == "cuda" else 1e-4
-    for name, got, want in zip(("S2", "T2"), forward(), inp["reference"]):
+    outputs = forward()
+    for name, got, want in zip(("S2", "T2"), outputs, inp["reference"]):
         torch.testing.assert_close(got.detach(), want, rtol=tol, atol=tol,
                                    msg=lambda m: f"{provider} disagrees with the official {name}: {m}")
+    # The gradients too, from the fixed output gradients: w.r.t. S (the official one w.r.t. F at any position, F
+    # entering only through its spatial sum) and beta.
+    if inp["reference_grads"] is None:
+        F, beta = inp["F"], inp["beta"]
+        out = prototype_blend_map(F, inp["T"], beta, inp["maps"], inp["shift"], inp["select"])
+        gF, gb = torch.autograd.grad(out, (F, beta), inp["grad_outputs"])
+        inp["reference_grads"] = (gF[:, 0, 0], gb)
+    leaves = (inp["F"], inp["beta"]) if provider == "official" else (inp["S"], inp["beta"])
+    got = torch.autograd.grad(outputs, leaves, inp["grad_outputs"], allow_unused=True)
+    if provider == "official":
+        got = (got[0][:, 0, 0], got[1])
+    inp["check_grads"](provider, ("S", "beta"), got, inp["reference_grads"], tol)
     inp["validated"].add(provider)
 
 

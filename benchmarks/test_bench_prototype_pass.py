@@ -211,6 +211,8 @@ def test_prototype_pass(benchmark, bench, provider, shape, size, dims, device, d
                                + f"dsrb.ops.quadrant_index and PrototypeBank.update (dsrb.ops.prototype_bank_update_,"
                                f" backend='{backend}'); PrototypeBank.finalize")
     _validate(provider, scope, run, inp, dims, device)
+    with torch.no_grad():  # the epoch ran ``backend``'s kernels only (outside the timing)
+        info["served_by"] = bench.check_served(provider, backend, run)
     with torch.no_grad():
         bench.run_case(benchmark, run, device=device, rounds=rounds, info=info)
     if not benchmark.disabled and benchmark.stats is not None:

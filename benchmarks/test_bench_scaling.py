@@ -122,7 +122,8 @@ def _inputs(bench, point, device, dtype):
         v = torch.randn(I, generator=gen, dtype=dtype)
         grad_S = torch.randn(B, C, D, generator=gen, dtype=dtype)
         leaves = tuple(t.to(device).requires_grad_() for t in (x, u, e, v))
-        _STATE["value"] = dict(leaves=leaves, grad_outputs=(grad_S.to(device),), reference=None, compiled=None)
+        _STATE["value"] = dict(leaves=leaves, grad_outputs=(grad_S.to(device),), reference=None, compiled=None,
+                               reference_grads=None)
         _STATE["key"] = key
     return _STATE["value"]
 
@@ -166,8 +167,16 @@ def test_scaling(benchmark, bench, provider, point, device, dtype, rounds):
             inp["reference"] = official_op(*leaves)[0]
     if provider != "official":
         tol = 5e-3 if device.type == "cuda" else 1e-4
-        torch.testing.assert_close(forward()[0].detach(), inp["reference"], rtol=tol, atol=tol,
+        outputs = forward()
+        torch.testing.assert_close(outputs[0].detach(), inp["reference"], rtol=tol, atol=tol,
                                    msg=lambda m: f"{provider} disagrees with the official S at {label}: {m}")
+        if inp["reference_grads"] is None:  # and the gradients the timed backward computes
+            inp["reference_grads"] = torch.autograd.grad(official_op(*leaves)[0], leaves, inp["grad_outputs"])
+        got = torch.autograd.grad(outputs, leaves, inp["grad_outputs"], allow_unused=True)
+        bench.assert_grads_close(f"{provider} at {label}", ("x", "u", "e", "v"), got, inp["reference_grads"], tol)
+
+    fn_check = bench.pass_callables("fwd+bwd", forward, leaves, inp["grad_outputs"])[0]
+    served = bench.check_served(provider, backend, fn_check)
 
     fn, setup = bench.pass_callables("fwd+bwd", forward, leaves, inp["grad_outputs"])
     formulation = ("dsrb.reference.semantic_attention: (B,N,C,I) tanh tensor, (B,N,C,D) map" if provider == "official"
@@ -181,7 +190,8 @@ def test_scaling(benchmark, bench, provider, point, device, dtype, rounds):
                        info={"op": OP, "case": f"scaling_{point['axis']}", "provider": provider, "pass": "fwd+bwd",
                              "shape": label, "dims": dims, "dtype": dtype, "formulation": formulation,
                              "axis": point["axis"], "value": point["value"], "multiplier": point["mult"],
-                             "base": point["base"], "grad_wrt": "x, u, e and v, from a fixed dL/dS"})
+                             "base": point["base"], "grad_wrt": "x, u, e and v, from a fixed dL/dS",
+                             "served_by": served})
     extra = benchmark.extra_info
     stats = getattr(benchmark, "stats", None)
     if stats is not None and not benchmark.disabled:

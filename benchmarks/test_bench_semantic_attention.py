@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import dsrb.ops
+from dsrb.reference import semantic_attention as semantic_attention_oracle
 from dsrb.reference import semantic_decoupling_official
 
 OP = "semantic_attention"
@@ -67,6 +68,7 @@ def _inputs(bench, shape, dims, device, dtype):
         _STATE["value"] = dict(
             X=X, x=x, word=word, fc=(fc1, fc2, fc3, fc4), params=params, grad_outputs=(grad_S,),
             compiled=None, reference=None, validated=set(), op_leaves=None, compiled_op=None,
+            reference_grads=None, op_reference_grads=None, check_grads=bench.assert_grads_close,
         )
         _STATE["key"] = key
     return _STATE["value"]
@@ -103,10 +105,29 @@ def _validate(provider, forward, inp, device):
         with torch.no_grad():
             inp["reference"] = semantic_decoupling_official(inp["X"], inp["word"], *inp["fc"])[0]
     if not provider.endswith("official"):
-        S = forward()[0].detach()
+        outputs = forward()
         tol = 5e-3 if device.type == "cuda" else 1e-4
-        torch.testing.assert_close(S, inp["reference"], rtol=tol, atol=tol,
+        torch.testing.assert_close(outputs[0].detach(), inp["reference"], rtol=tol, atol=tol,
                                    msg=lambda m: f"{provider} disagrees with the official S: {m}")
+        # The gradients too, from the fixed dL/dS, against the official formulation's.
+        if provider.startswith("op:"):
+            names, leaves = ("x", "u", "e", "v"), inp["op_leaves"]
+            if inp["op_reference_grads"] is None:
+                inp["op_reference_grads"] = torch.autograd.grad(
+                    semantic_attention_oracle(*leaves)[0], leaves, inp["grad_outputs"])
+            want = inp["op_reference_grads"]
+        else:
+            names = ("x", "fc1.weight", "fc2.weight", "fc3.weight", "fc3.bias", "fc4.weight", "fc4.bias")
+            leaves = (inp["x"],) + inp["params"]
+            if inp["reference_grads"] is None:
+                X = inp["X"]
+                g = torch.autograd.grad(semantic_decoupling_official(X, inp["word"], *inp["fc"])[0],
+                                        (X,) + inp["params"], inp["grad_outputs"])
+                B, D, H, W = X.shape  # the official gradient w.r.t. X (B, D, H, W) in x's (B, N, D) layout
+                inp["reference_grads"] = (g[0].permute(0, 2, 3, 1).reshape(B, H * W, D),) + tuple(g[1:])
+            want = inp["reference_grads"]
+        got = torch.autograd.grad(outputs, leaves, inp["grad_outputs"], allow_unused=True)
+        inp["check_grads"](provider, names, got, want, tol)
     inp["validated"].add(provider)
 
 

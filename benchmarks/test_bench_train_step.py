@@ -158,9 +158,10 @@ def _loss(out, inp, **kw):
                      **kw)[0]  # as dsrb.train: the model's forward has checked the targets
 
 
-def _check(provider, model, inp, device):
+def _check(provider, model, inp, device, backend=None, check_served=None):
     """Once per provider, outside the timing: the forward and the loss on a fixed batch, choices and contrastive
-    keys agree with the official model's (grad enabled, as timed, so torch.compile compiles the graph it runs)."""
+    keys agree with the official model's (grad enabled, as timed, so torch.compile compiles the graph it runs), and
+    that forward ran ``backend``'s kernels only (``check_served``). Returns the dsrb ops seen (None for official)."""
     from dsrb.models import draw_prototype_choices
 
     cfg = inp["cfg"]
@@ -180,12 +181,15 @@ def _check(provider, model, inp, device):
         inp["reference"] = run(official)
         del official
     if provider == "official":
-        return
-    got = run(model)
+        return None
+    box = {}
+    served = check_served(provider, backend, lambda: box.setdefault("got", run(model)))
+    got = box["got"]
     tol = 5e-3 if device.type == "cuda" else 1e-3  # fp32 through a whole network (TF32 convolutions on a GPU)
     for name, want in inp["reference"].items():
         torch.testing.assert_close(got[name], want, rtol=tol, atol=tol,
                                    msg=lambda m: f"{provider} disagrees with the official {name}: {m}")
+    return served
 
 
 @pytest.mark.parametrize("preset", list(PRESET_SIZE))
@@ -223,7 +227,7 @@ def _train_step_case(benchmark, bench, provider, preset, size, device, dtype, ro
     cfg, images, T = inp["cfg"], inp["images"], inp["T"]
     core, optimizer = _build(inp, provider, backend, device)
     model = bench.compile_torch(core) if provider == "compile" else core
-    _check(provider, model, inp, device)
+    served = _check(provider, model, inp, device, backend, bench.check_served)
     if fast:
         cfg = dataclasses.replace(cfg, **FAST)
         core.to(memory_format=torch.channels_last)  # parameters converted in place: the optimizer keeps them
@@ -262,6 +266,7 @@ def _train_step_case(benchmark, bench, provider, preset, size, device, dtype, ro
                              "formulation": formulation, "preset": preset, "batch": dims["B"], "amp": cfg.amp,
                              "channels_last": cfg.channels_last, "matmul_precision": cfg.matmul_precision,
                              "optimizer": "Adam", "freeze_backbone": inp["kwargs"]["freeze_backbone"],
+                             "served_by": served,
                              "step": "draw_prototype_choices, forward (targets, IPRB + PPRB), dsrb_loss, zero_grad, "
                                      "backward, optimizer step"})
     stats = getattr(benchmark, "stats", None)

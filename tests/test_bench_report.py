@@ -212,15 +212,16 @@ def test_targets_compare_cases_of_one_device(tmp_path):
 
 
 def test_zero_and_nan_figures(tmp_path):
-    """A 0-byte peak against a positive one is an infinite ratio (met), 0 against 0 no data; a NaN median or peak
-    is no data, never "NOT met"."""
+    """A 0-byte peak is no data (a fused case allocates at least its outputs: 0 is a measurement that missed them,
+    not an infinite improvement), 0 against 0 too; a NaN median or peak is no data, never "NOT met"."""
     sa, demo = "semantic_attention_op-coco-b8-fwd+bwd", "semantic_attention_op-demo-fwd+bwd"
     a = write(tmp_path / "a.json", [
         case(sa, "torch", 5e-3, device="cpu", peak=1000), case(sa, "cpu", 1e-3, device="cpu", peak=0),
         case(demo, "torch", float("nan"), device="cpu", peak=0), case(demo, "cpu", 1e-3, device="cpu", peak=0)])
     rows = report.check_targets(report.load([a])[0], ["cpu"])
     (r,) = rows_for(rows, sa, "cpu", "semantic_attention peak memory <= 1/10 torch")
-    assert r["value"] == float("inf") and r["status"] == "met"
+    assert r["value"] is None and r["status"] == "no data", r
+    assert r["note"] == "cpu's figure is 0: nothing measured, no ratio"
     (r,) = rows_for(rows, demo, "cpu", "semantic_attention peak memory <= 1/10 torch")
     assert r["status"] == "no data" and r["note"] == "both figures 0"
     (r,) = rows_for(rows, demo, "cpu", "semantic_attention fwd+bwd >= 3x torch")
