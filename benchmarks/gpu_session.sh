@@ -97,7 +97,14 @@ else
 fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
   echo "commit: ${DSRB_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo "unknown (pass DSRB_COMMIT)")}"
-  python3 -m dsrb.info; } 2>&1 | tee "$OUT/info.txt"
+  python3 -m dsrb.info
+  # On 2026-12-05 every cpu-kernel error whose message held a number crashed the process here (SIGSEGV): the host
+  # compiler that built the extension and one such error, now formatted without std::ostream (csrc/checks.h).
+  for c in ${CXX:+"$CXX"} c++ g++; do echo "compiler $c: $(command -v "$c") ($("$c" --version 2>&1 | head -1))"; done
+  python3 -c "import torch, dsrb.ops; torch.ops.dsrb.prototype_bank_update_cpu(torch.zeros(2, 4, 3),
+    torch.zeros(2, 4).long(), torch.ones(1, 2, 3), torch.ones(1, 2), torch.zeros(1, 2).long(), -1)" 2>/dev/null
+  echo "a cpu-kernel error with a number in its message: exit $? (1: raised, as it should; 139: SIGSEGV)"
+} 2>&1 | tee "$OUT/info.txt"
 
 # 2. The GPU tests: the C++/CUDA and Triton backends against the oracles on the GPU, every test file with cases
 #    for CUDA tensors (CI runs the rest on CPU), in 8 processes where pytest-xdist is installed (the image has it):

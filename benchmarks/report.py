@@ -323,8 +323,10 @@ def header(runs: List[dict]) -> str:
         f"- Device: {'; '.join(names)}",
         f"- Versions: torch {info.get('torch')}, triton {info.get('triton')}, dsrb {info.get('dsrb')}, "
         f"CUDA runtime {info.get('cuda_runtime')}",
-        f"- Commit: {', '.join(commits)}" + (f" (DSRB_COMMIT {os.environ['DSRB_COMMIT']})"
-                                              if os.environ.get("DSRB_COMMIT") else ""),
+        # DSRB_COMMIT (gpu_session.sh) names the tree that ran: a copied tree's .git, which pytest-benchmark reads,
+        # can be stale (the H200 session of 2026-12-05 read 053e246, "dirty", for a clean c99db7c).
+        (f"- Commit: {os.environ['DSRB_COMMIT']} (DSRB_COMMIT; pytest-benchmark read the tree's git as "
+         f"{', '.join(commits)})" if os.environ.get("DSRB_COMMIT") else f"- Commit: {', '.join(commits)}"),
         "- Files: " + ", ".join(f"{os.path.basename(r['path'])} ({r['cases']} cases"
                                 + (f"; {r['malformed']} left out: no fullname or median)" if r["malformed"] else ")")
                                 for r in runs),

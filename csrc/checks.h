@@ -7,12 +7,36 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cstdio>
 #include <initializer_list>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 namespace dsrb {
 namespace checks {
+
+// Numbers and sizes reach the messages as text made here (std::to_string, snprintf: no locale facet), never through
+// std::ostream's number formatting compiled into this library. On the GPU machine, where the extension was built by
+// that machine's own g++ (/opt/gcc), every cpu-kernel error whose message streamed a number killed the process with
+// SIGSEGV, while those without one raised (GPU session of 2026-12-05, benchmarks/RESULTS.md); the cause there is not
+// established.
+template <typename T, typename = std::enable_if_t<std::is_integral_v<T>>>
+std::string text(T v) {
+  return std::to_string(v);
+}
+
+inline std::string text(double v) {  // as std::ostream writes a double by default ("%g"): 0.5, 3, nan
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
+
+inline std::string text(c10::IntArrayRef sizes) {  // as c10 prints sizes: [2, 4, 5]
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
+}
 
 inline void device(const at::Tensor& t, const char* name, c10::DeviceType type) {
   TORCH_CHECK(t.device().type() == type, "argument '", name, "': expected a ", c10::DeviceTypeName(type, true),
@@ -42,7 +66,7 @@ inline void shape(const at::Tensor& t, const char* name, std::initializer_list<i
     i = 0;
     for (int64_t want : sizes) expected += (i++ ? ", " : "") + (want < 0 ? std::string("*") : std::to_string(want));
     expected += ")";
-    TORCH_CHECK(false, "argument '", name, "': expected shape ", expected, ", got ", t.sizes());
+    TORCH_CHECK(false, "argument '", name, "': expected shape ", expected, ", got ", text(t.sizes()));
   }
 }
 
@@ -90,7 +114,7 @@ inline void blend(const at::Tensor& S, const at::Tensor& T, const at::Tensor& co
   shape(S, "S", {-1, -1, -1});
   shape(T, "T", {S.size(0), S.size(1)});
   TORCH_CHECK(coef.numel() == 1 && coef.dim() <= 1, "argument '", coef_name,
-              "': expected a one-element tensor of shape () or (1,), got ", coef.sizes());
+              "': expected a one-element tensor of shape () or (1,), got ", text(coef.sizes()));
   for (auto [t, n] : {std::pair<const at::Tensor&, const char*>{T, "T"}, {coef, coef_name}}) {
     same_device(t, n, S, "S");
     dtype(t, n, S.scalar_type(), "the dtype of 'S'");
@@ -133,8 +157,8 @@ inline void quadrant_index(const at::Tensor& a, const at::Tensor& x_sum, int64_t
   dtype(x_sum, "x_sum", a.scalar_type(), "the dtype of 'a'");
   // width <= N / height first: the product of two huge ints must not wrap around to N.
   TORCH_CHECK(height >= 1 && width >= 1 && width <= a.size(2) / height && height * width == a.size(2),
-              "arguments 'height', 'width': expected height * width == N = ", a.size(2), ", got ", height, " x ",
-              width);
+              "arguments 'height', 'width': expected height * width == N = ", text(a.size(2)), ", got ",
+              text(height), " x ", text(width));
 }
 
 // The functional form takes T in S's dtype; the in-place form (in_place) takes T of any real dtype and needs sums and
@@ -162,7 +186,7 @@ inline void prototype_bank_update(const at::Tensor& sums, const at::Tensor& coun
     dtype(T, "T", S.scalar_type(), "the dtype of 'S'");
   }
   index(quadrant, "quadrant", S, {B, C});
-  TORCH_CHECK(cap >= 0, "argument 'cap': expected a non-negative integer, got ", cap);
+  TORCH_CHECK(cap >= 0, "argument 'cap': expected a non-negative integer, got ", text(cap));
   if (in_place) {  // the kernel reads S, T and quadrant while it writes sums and counts
     const std::pair<const at::Tensor*, const char*> written[] = {{&sums, "sums"}, {&counts, "counts"}};
     const std::pair<const at::Tensor*, const char*> read[] = {{&S, "S"}, {&T, "T"}, {&quadrant, "quadrant"}};

@@ -102,6 +102,15 @@ def test_merge_later_file_wins_and_main_prints_targets_first(tmp_path, capsys):
     assert "- Files: a.json (2 cases), b.json (1 cases)" in out and "- Commit: abc, def" in out
 
 
+def test_dsrb_commit_names_the_commit_and_keeps_what_git_said(tmp_path, capsys, monkeypatch):
+    """gpu_session.sh passes the commit that ran: the device's copy of .git can be stale (it read 053e246, dirty, for a
+    clean c99db7c), so DSRB_COMMIT leads and what pytest-benchmark read is kept beside it."""
+    a = write(tmp_path / "a.json", [case("prototype_pass-coco-b8-pass", "cpu", 0.02, device="cpu")])
+    monkeypatch.setenv("DSRB_COMMIT", "c99db7c")
+    report.main([a])
+    assert "- Commit: c99db7c (DSRB_COMMIT; pytest-benchmark read the tree's git as abc)" in capsys.readouterr().out
+
+
 def test_baseline_names_the_second_reference_column(tmp_path, capsys):
     g = "instance_blend-demo-fwd"
     a = write(tmp_path / "a.json", [case(g, "official", 0.008, device="cpu"), case(g, "torch", 0.004, device="cpu"),

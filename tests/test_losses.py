@@ -11,7 +11,7 @@ import torch
 
 from dsrb import losses
 from dsrb.reference import losses as ref
-from helpers import version_of
+from helpers import run_gloo_script, version_of
 
 D = 7
 BATCHES = [0, 1, 2, 5, 8]
@@ -519,23 +519,9 @@ def test_distributed_loss_is_the_combined_batchs(tmp_path):
     """Under DDP each rank's BCE terms were flat means over its own batch's known labels, and DDP averaged them: a
     mean of means, not the spec's flat mean over the (combined) batch, whenever the ranks' known counts differ. With
     the counts all-reduced, two gloo ranks' averaged loss and gradient equal one process's on the combined batch."""
-    import os
-    import socket
-    import subprocess
-    import sys
     import types
 
-    script = tmp_path / "loss_ddp.py"
-    script.write_text(DISTRIBUTED)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(losses.__file__)))
-    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    res = subprocess.run([sys.executable, str(script), str(tmp_path / "loss.pt"), str(port)], capture_output=True,
-                         text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath))
-    assert res.returncode == 0, res.stderr[-3000:]
-    got = torch.load(tmp_path / "loss.pt")
+    got = run_gloo_script(DISTRIBUTED, tmp_path, "loss_ddp")
     spec = {"__name__": "loss_ddp"}  # the script's data, without running it
     exec(DISTRIBUTED, spec)
     spec = types.SimpleNamespace(**spec)

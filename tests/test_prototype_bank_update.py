@@ -5,7 +5,7 @@ import torch
 
 import dsrb.ops as ops
 from dsrb import reference
-from helpers import TORCH_AND_AUTO, backend_param, device_of
+from helpers import TORCH_AND_AUTO, backend_param, device_of, run_gloo_script
 
 
 def batch(B, C, D, seed):
@@ -142,23 +142,9 @@ def test_distributed_cap_counts_every_rank_in_the_samplers_order(tmp_path):
     """Under DDP each rank used to cap its own shard and the all-reduce added them: a bucket held up to world * cap
     samples. Now two gloo ranks keep exactly what one process keeps meeting the samples in the DistributedSampler's
     global order (step, batch position, rank), batches of unequal size included."""
-    import os
-    import socket
-    import subprocess
-    import sys
     import types
 
-    script = tmp_path / "bank_ddp.py"
-    script.write_text(DISTRIBUTED)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(ops.__file__)))  # the dsrb in use, for the script
-    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    res = subprocess.run([sys.executable, str(script), str(tmp_path / "bank.pt"), str(port)], capture_output=True,
-                         text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath))
-    assert res.returncode == 0, res.stderr[-3000:]
-    got = torch.load(tmp_path / "bank.pt")
+    got = run_gloo_script(DISTRIBUTED, tmp_path, "bank_ddp")
 
     spec = {"__name__": "bank_ddp"}  # the script's settings and batches, without running it
     exec(DISTRIBUTED, spec)

@@ -36,8 +36,8 @@ void gather_class(const s_t* s, const Positive& positive, const int64_t* quad, i
   for (int64_t b = 0; b < B; ++b) {
     const int64_t r = b * C + c;
     const int64_t q = quad[r];
-    TORCH_CHECK(q >= 0 && q <= 3, "argument 'quadrant': expected values in [0, 3], got ", q, " at index (", b, ", ",
-                c, ")");
+    TORCH_CHECK(q >= 0 && q <= 3, "argument 'quadrant': expected values in [0, 3], got ", checks::text(q),
+                " at index (", checks::text(b), ", ", checks::text(c), ")");
     if (!positive(r) || cnt[q] >= cap) continue;
     ++cnt[q];
     const s_t* __restrict__ src = s + r * D;
@@ -142,16 +142,17 @@ void prototype_bank_update_cpu_(Tensor& sums, Tensor& counts, const Tensor& S_, 
     const auto zero = static_cast<scalar_t>(0), one = static_cast<scalar_t>(1), minus_one = static_cast<scalar_t>(-1);
     for (int64_t i = 0; i < n; ++i) {
       TORCH_CHECK_VALUE(t[i] == zero || t[i] == one || t[i] == minus_one,
-                        "argument 'T': expected values in {-1, 0, 1}, found ", static_cast<double>(t[i]),
-                        " at index (", i / C, ", ", i % C, ")");
+                        "argument 'T': expected values in {-1, 0, 1}, found ",
+                        checks::text(static_cast<double>(t[i])), " at index (", checks::text(i / C), ", ",
+                        checks::text(i % C), ")");
       positive[i] = t[i] == one;
     }
   }), AT_EXPAND(AT_ALL_TYPES), AT_EXPAND(AT_BAREBONES_UNSIGNED_TYPES), at::kHalf, at::kBFloat16, at::kBool);
   const int64_t* quad = quadrant.data_ptr<int64_t>();
   if (n > 0) {
     const auto [lo, hi] = std::minmax_element(quad, quad + n);
-    TORCH_CHECK_VALUE(*lo >= 0 && *hi <= 3, "argument 'quadrant': expected values in [0, 3], found range [", *lo,
-                      ", ", *hi, "]");
+    TORCH_CHECK_VALUE(*lo >= 0 && *hi <= 3, "argument 'quadrant': expected values in [0, 3], found range [",
+                      checks::text(*lo), ", ", checks::text(*hi), "]");
   }
   int64_t* cnt = counts.data_ptr<int64_t>();
   const uint8_t* pos = positive.data();
