@@ -26,6 +26,7 @@ import os
 import platform
 import statistics
 import tempfile
+import time
 import zlib
 from typing import Callable, Dict, List, Optional
 
@@ -438,7 +439,7 @@ def _compiled_first_call(call: Callable, info: dict, device: torch.device):
 
 
 def run_case(benchmark, fn: Callable, *, device, info: dict, setup: Optional[Callable] = None,
-             rounds: int = 10, prime_memory: bool = False) -> None:
+             rounds: int = 10, prime_memory: bool = False, warmup_s: float = 0.0) -> None:
     """Warm up once, time ``fn`` with ``benchmark.pedantic`` and record the case in ``benchmark.extra_info``.
 
     Args:
@@ -451,6 +452,9 @@ def run_case(benchmark, fn: Callable, *, device, info: dict, setup: Optional[Cal
         rounds: timed rounds, one iteration each (``extra_info["rounds"]``: an interrupted case has fewer).
         prime_memory: on CPU, one more run before the measured one inside the profile (a training step frees the
             previous step's gradients; see :func:`cpu_peak_bytes`).
+        warmup_s: on CUDA, untimed calls after the first until this many seconds have passed (the training step on
+            the H200, 2026-12-05, ran 30-40 % slower for its first 12-14 timed rounds after a single warm-up call;
+            the op cases showed no such start).
 
     Peak memory: on CUDA, ``max_memory_allocated`` over one extra run after ``reset_peak_memory_stats``, minus the
     memory allocated before that run (inputs and parameters, plus the saved forward graph for "bwd"). On CPU, the
@@ -494,6 +498,10 @@ def run_case(benchmark, fn: Callable, *, device, info: dict, setup: Optional[Cal
         timed(*args, **kwargs)
 
     _compiled_first_call(warm_up, info, device)
+    if cuda:
+        deadline = time.perf_counter() + warmup_s
+        while time.perf_counter() < deadline:
+            warm_up()
 
     if cuda:
         args, kwargs = _args(setup)

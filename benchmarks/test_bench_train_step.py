@@ -260,7 +260,7 @@ def _train_step_case(benchmark, bench, provider, preset, size, device, dtype, ro
         ) + "; dsrb_loss, Adam step"
     dims = inp["dims"]
     with matmul_precision(cfg.matmul_precision):
-        bench.run_case(benchmark, step, device=device, rounds=rounds, prime_memory=True,
+        bench.run_case(benchmark, step, device=device, rounds=rounds, prime_memory=True, warmup_s=1.0,
                        info={"op": "train_step", "case": "train_step", "provider": provider, "pass": "step",
                              "shape": f"{preset}-fast" if fast else preset, "dims": dims, "dtype": dtype,
                              "formulation": formulation, "preset": preset, "batch": dims["B"], "amp": cfg.amp,

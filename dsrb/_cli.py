@@ -6,11 +6,13 @@ import sys
 from typing import NoReturn
 
 
-def start(prog: str, *, one_process: bool = True) -> None:
+def start(prog: str, *, one_process: bool = True, require_ext: bool = True) -> None:
     """The first lines of every tool's ``__main__``: :func:`quiet_interrupt`; ``-h``/``--help`` answered without
     compiling the extension (the tools' imports build it on first use, a minute; help needs none of it); a
     ``one_process`` tool started as one of several processes (torchrun: WORLD_SIZE > 1) stops with one error line;
-    and the extension's on/off environment variables checked (one error line for a bad value)."""
+    the extension's on/off environment variables checked (one error line for a bad value); and, with
+    ``require_ext``, a missing extension under DSRB_REQUIRE_EXT=1 one error line with the reason, where the tool's
+    imports would raise it as a traceback (dsrb.info passes False: it reports first, then fails)."""
     quiet_interrupt(prog)
     if any(arg in ("-h", "--help") for arg in sys.argv[1:]):  # argparse then prints help or an error, never runs
         os.environ["DSRB_BUILD_ON_FIRST_USE"] = "0"
@@ -21,12 +23,19 @@ def start(prog: str, *, one_process: bool = True) -> None:
         sys.exit(f"{prog}: error: it runs in one process, but WORLD_SIZE={world} (torchrun) started it as one of "
                  "several; run it without torchrun (only python -m dsrb.train uses several processes), with "
                  "WORLD_SIZE=1 where the environment sets it for every process")
-    from ._build import check_env_flags  # standard library only
+    from ._build import check_env_flags, env_flag  # standard library only
 
     try:  # a bad value is one error line here, not a traceback from the imports that read it
         check_env_flags()
     except ValueError as err:
         sys.exit(f"{prog}: error: {err}")
+    if require_ext and env_flag("DSRB_REQUIRE_EXT"):
+        from . import _ext  # imports torch, which the tool's imports do next anyway
+
+        try:
+            _ext.load()
+        except ImportError as err:
+            sys.exit(f"{prog}: error: {err}")
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -7,7 +7,7 @@ if __name__ == "__main__":  # before the imports below, which take seconds (torc
 
     from ._cli import start
 
-    start("python -m dsrb.info", one_process=False)  # a report, harmless in every rank
+    start("python -m dsrb.info", one_process=False, require_ext=False)  # a report, harmless in every rank
     # info is the tool that says why the extension is missing: DSRB_REQUIRE_EXT=1 (CI) would make the imports below
     # raise instead, so main() checks it after the report.
     _REQUIRED = os.environ.pop("DSRB_REQUIRE_EXT", None)

@@ -226,6 +226,17 @@ def test_help_does_not_build_the_extension(tool, tmp_path):
     assert not list((tmp_path / "cache").rglob("*.so")), "the extension was built"
 
 
+@pytest.mark.parametrize("tool", ["train", "evaluate", "predict", "visualize", "pretrain", "experiments.proportions"])
+def test_a_required_missing_extension_is_one_error_line(tool):
+    """DSRB_REQUIRE_EXT=1 without the extension: the tools' imports raised the ImportError as a traceback."""
+    env = {**os.environ, "DSRB_REQUIRE_EXT": "1", "DSRB_DISABLE_EXT": "1"}
+    proc = subprocess.run([sys.executable, "-m", f"dsrb.{tool}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"python -m dsrb.{tool}: error: dsrb: DSRB_REQUIRE_EXT=1 but the C++ extension is "
+                                  "not available: ") and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+
+
 # Ctrl-C while a tool imports torch (or builds the extension on first use), before its own handler runs: the import
 # of torch is made to raise KeyboardInterrupt, as a Ctrl-C there would.
 _INTERRUPT_IMPORT = """
