@@ -248,14 +248,20 @@ def test_a_lock_left_by_a_killed_build_is_cleared(loader):
     assert ext.loaded and len(loader.calls) == 1
 
 
-def test_a_library_built_for_other_sources_is_stale(loader, monkeypatch, tmp_path):
-    """A library in the package whose record names other sources is passed over, with the reason kept."""
+def _library_in_package(monkeypatch, tmp_path, contents: bytes) -> str:
+    """A library file ``_C.so`` holding ``contents`` in a stand-in package folder that the loader looks in."""
     package = tmp_path / "dsrb"
     package.mkdir()
     monkeypatch.setattr(_ext, "__file__", str(package / "_ext.py"))
     monkeypatch.setattr(importlib.machinery, "EXTENSION_SUFFIXES", [".so"])
-    library = str(package / "_C.so")
-    open(library, "wb").close()
+    library = package / "_C.so"
+    library.write_bytes(contents)
+    return str(library)
+
+
+def test_a_library_built_for_other_sources_is_stale(loader, monkeypatch, tmp_path):
+    """A library in the package whose record names other sources is passed over, with the reason kept."""
+    library = _library_in_package(monkeypatch, tmp_path, b"")
     _build.write_info(library, {"torch": torch.__version__, "python": "0.0", "source_hash": "x"})
     monkeypatch.setenv("DSRB_BUILD_ON_FIRST_USE", "0")
     ext = _ext._load()
@@ -344,13 +350,7 @@ def test_a_library_without_a_valid_record_is_not_kept_for_the_rebuild(loader, mo
 
 def test_a_damaged_library_in_the_package_is_passed_over(loader, monkeypatch, tmp_path):
     """The same for the library setup.py built into the package: passed over with the reason, never loaded."""
-    package = tmp_path / "dsrb"
-    package.mkdir()
-    monkeypatch.setattr(_ext, "__file__", str(package / "_C.py"))
-    monkeypatch.setattr(importlib.machinery, "EXTENSION_SUFFIXES", [".so"])
-    library = str(package / "_C.so")
-    with open(library, "wb") as f:
-        f.write(b"\x7fELF and more")
+    library = _library_in_package(monkeypatch, tmp_path, b"\x7fELF and more")
     _build.write_info(library, _build.build_info(_build.source_root(), None))
     assert _ext._load().origin == "setup.py build"
     with open(library, "r+b") as f:
