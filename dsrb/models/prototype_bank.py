@@ -169,10 +169,10 @@ class PrototypeBank(nn.Module):
         counts = self.counts.to(self.sums.dtype)  # (C, 4)
         denom = counts + 1 if compat == "official" else counts.clamp(min=1)
         torch.div(self.sums, denom.unsqueeze(-1), out=self.prototypes)  # every bucket's mean, in place
-        c, q = (self.counts == 0).nonzero(as_tuple=True)  # the empty buckets take their class's mean
-        if c.numel():  # (zero for a class without samples)
-            total = counts.sum(1)[c]  # (K,)
-            self.prototypes[c, q] = self.sums.sum(1)[c] / total.clamp(min=1).unsqueeze(-1)
+        # The empty buckets take their class's mean (zero for a class without samples), selected with a mask: no
+        # nonzero() and indexing, which cost a device synchronisation on a GPU and most of this call's host time.
+        class_mean = self.sums.sum(1) / counts.sum(1).clamp(min=1).unsqueeze(-1)  # (C, D)
+        torch.where((self.counts == 0).unsqueeze(-1), class_mean.unsqueeze(1), self.prototypes, out=self.prototypes)
         torch.gt(self.counts.sum(1), 0, out=self.valid)
         self.ready.fill_(True)
         self._ready_seen = True
