@@ -6,6 +6,23 @@ import sys
 from typing import NoReturn
 
 
+def say(line: str) -> None:
+    """``line`` and its newline on stderr in one write: the lines that the processes of one run print at the same
+    moment (every rank's error, or "rank N stops" beside the failing rank's) never run into each other, as the two
+    writes of ``print()`` and ``sys.exit(message)`` let them (seen under torchrun)."""
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # stderr closed or gone: as sys.exit(message), say nothing; the status still tells
+        pass
+
+
+def fail(line: str, status: int = 1) -> NoReturn:
+    """End the process with one line on stderr (:func:`say`) and ``status``."""
+    say(line)
+    sys.exit(status)
+
+
 def start(prog: str, *, one_process: bool = True, require_ext: bool = True) -> None:
     """The first lines of every tool's ``__main__``: :func:`quiet_interrupt`; ``-h``/``--help`` answered without
     compiling the extension (the tools' imports build it on first use, a minute; help needs none of it); a
@@ -20,22 +37,22 @@ def start(prog: str, *, one_process: bool = True, require_ext: bool = True) -> N
         return
     world = os.environ.get("WORLD_SIZE", "1").strip()
     if one_process and world not in ("", "0", "1"):  # each process would do all the work and write the same files
-        sys.exit(f"{prog}: error: it runs in one process, but WORLD_SIZE={world} (torchrun) started it as one of "
-                 "several; run it without torchrun (only python -m dsrb.train uses several processes), with "
-                 "WORLD_SIZE=1 where the environment sets it for every process")
+        fail(f"{prog}: error: it runs in one process, but WORLD_SIZE={world} (torchrun) started it as one of "
+             "several; run it without torchrun (only python -m dsrb.train uses several processes), with "
+             "WORLD_SIZE=1 where the environment sets it for every process")
     from ._build import check_env_flags, env_flag  # standard library only
 
     try:  # a bad value is one error line here, not a traceback from the imports that read it
         check_env_flags()
     except ValueError as err:
-        sys.exit(f"{prog}: error: {err}")
+        fail(f"{prog}: error: {err}")
     if require_ext and env_flag("DSRB_REQUIRE_EXT"):
         from . import _ext  # imports torch, which the tool's imports do next anyway
 
         try:
             _ext.load()
         except ImportError as err:
-            sys.exit(f"{prog}: error: {err}")
+            fail(f"{prog}: error: {err}")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -61,7 +78,7 @@ def quiet_interrupt(prog: str) -> None:
 
     def hook(kind, value, tb):
         if issubclass(kind, KeyboardInterrupt):
-            print(f"{prog}: interrupted", file=sys.stderr)
+            say(f"{prog}: interrupted")
         elif issubclass(kind, BrokenPipeError):
             discard(sys.stdout)
         else:
@@ -108,7 +125,7 @@ def exit_on_error(prog: str, err: BaseException) -> NoReturn:
     if isinstance(err, BrokenPipeError):
         discard(sys.stdout)
         sys.exit(1)
-    sys.exit(error_line(prog, err))
+    fail(error_line(prog, err))
 
 
 def check_output_file(path: str, *, name: str = "argument --out", what: str = "the file to write") -> None:

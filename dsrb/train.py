@@ -41,6 +41,7 @@ import random
 import shlex
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -50,7 +51,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from . import __version__
-from ._cli import check_output_dir, discard, error_line, stop_on_termination
+from ._cli import check_output_dir, discard, error_line, fail, stop_on_termination
 from .checkpoint import (append_line, atomic_write, load_checkpoint, remove_stale_temporaries, rng_state,
                          save_checkpoint, save_json, set_rng_state)
 from .config import RESUMABLE, TrainConfig, check_device, load_config_file, parse_args
@@ -162,7 +163,8 @@ class _Console(logging.StreamHandler):
 
 def setup_logging(out: Optional[str], main: bool) -> None:
     """Log to stdout, and on the main process to ``<out>/train.log``; with ``out`` None, the records are kept until
-    :func:`log_to_file` names the file (the run directory is created only once the settings are checked)."""
+    :func:`log_to_file` names the file (the run directory is created only once the settings are checked). The other
+    ranks print errors and the Python warnings raised in their process only (not rank 0's lines once per rank)."""
     for handler in list(log.handlers):  # a previous run's in this process: its train.log is closed
         log.removeHandler(handler)
         if not isinstance(handler, _Console):  # sys.stdout is not ours to close
@@ -171,11 +173,33 @@ def setup_logging(out: Optional[str], main: bool) -> None:
     log.propagate = False
     stream = _Console(sys.stdout)
     stream.setFormatter(_LOG_FORMAT)
+    if not main:  # the run's own warnings (settings, resume) are the same on every rank: rank 0 logs them
+        stream.addFilter(lambda record: record.levelno >= logging.ERROR or getattr(record, "this_rank", False))
     log.addHandler(stream)
     if main and out:
         log_to_file(out)
     elif main:
         log.addHandler(logging.handlers.MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 1))
+
+
+@contextmanager
+def run_logging(main: bool):
+    """The run's log (:func:`setup_logging`, records kept until :func:`log_to_file`) with Python's warnings in it:
+    a warning raised during the run (e.g. :mod:`dsrb.metrics`' class without a positive image, a torch warning) is
+    one line of the log, on the console and in train.log, instead of stderr only. Each is still shown once per place
+    as the warning filters say; the previous display of warnings is restored after the run."""
+    setup_logging(None, main)
+    shown = warnings.showwarning
+    warnings.showwarning = _log_warning
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    log.warning("warning: %s (%s: %s:%d)", message, category.__name__, os.path.basename(filename), lineno,
+                extra={"this_rank": True})  # raised in this process: every rank logs its own
 
 
 def log_to_file(out: str) -> None:
@@ -695,7 +719,8 @@ def _run_rank(cfg: TrainConfig, d: Dist, device: torch.device) -> Dict[str, Any]
     lock = None
     try:
         lock = main_first(d, claim_directory)  # rank 0's checks: if one fails, the other ranks stop with one line
-        return _train(cfg, d, device, out)
+        with run_logging(d.main):  # the records go to <out>/train.log once the directory is checked
+            return _train(cfg, d, device, out)
     except KeyboardInterrupt as err:
         raise Interrupted(out, os.path.isfile(os.path.join(out, "config.json"))) from err
     finally:
@@ -739,7 +764,6 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
     last_path = os.path.join(out, "last.pt")
     # Rank 0's checks, through main_first: if one fails, the other ranks stop with one line, not gloo's traceback.
     main_first(d, lambda: _check_run_directory(cfg, out))
-    setup_logging(None, d.main)  # the records go to <out>/train.log once the directory exists
     log.info("dsrb %s, torch %s, device %s, %d process(es); run directory %s", __version__, torch.__version__,
              device, d.world, out)
     # A forced backend (setting or DSRB_BACKEND) that cannot serve an op is a settings error, before the run starts.
@@ -958,19 +982,17 @@ def cli(argv=None) -> None:
         main(argv)
     except Interrupted as err:
         hint = f"resume with --resume --out {shlex.quote(err.out)}" if err.resumable else "nothing was saved yet"
-        print(f"{prog}: interrupted; {hint}", file=sys.stderr)
-        sys.exit(130)
+        fail(f"{prog}: interrupted; {hint}", 130)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
+        fail(f"{prog}: interrupted", 130)
     except (ValueError, OSError, ImportError, FloatingPointError) as err:  # OSError: FileNotFoundError, ...
-        sys.exit(error_line(prog, err))  # FloatingPointError: a diverging loss, with what to change
+        fail(error_line(prog, err))  # FloatingPointError: a diverging loss, with what to change
     except (MemoryError, torch.OutOfMemoryError) as err:
-        sys.exit(_out_of_memory(prog, err))
+        fail(_out_of_memory(prog, err))
     except RuntimeError as err:
         if "can't allocate memory" not in str(err):  # the CPU allocator's out-of-memory error
             raise
-        sys.exit(_out_of_memory(prog, err))
+        fail(_out_of_memory(prog, err))
 
 
 def _out_of_memory(prog: str, err: BaseException) -> str:

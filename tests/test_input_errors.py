@@ -291,3 +291,39 @@ def test_a_flag_of_the_wrong_type_or_unknown_is_one_error_line(tool, argv):
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"python -m dsrb.{tool}: error: "), proc.stderr
     assert lines[0].endswith("(--help lists the options)")
+
+
+class _Writes:
+    """A stream that records each write: what another process's writes could land between."""
+
+    def __init__(self):
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+
+    def flush(self):
+        pass
+
+
+def test_an_error_line_is_one_write(monkeypatch):
+    """The ranks of a run that fail together print at once: each line and its newline go out in one write, so two
+    ranks' lines never run into each other (sys.exit(message) writes the newline apart; under torchrun that made
+    "...images/{train,test}/python -m dsrb.train: error: rank 1 stops ..." one line). A closed stderr says nothing,
+    as sys.exit's message does, and the status is kept."""
+    from dsrb import _cli
+
+    stream = _Writes()
+    monkeypatch.setattr(sys, "stderr", stream)
+    with pytest.raises(SystemExit) as stop:
+        _cli.fail("python -m dsrb.train: interrupted", 130)
+    assert stop.value.code == 130 and stream.writes == ["python -m dsrb.train: interrupted\n"]
+
+    class Closed(_Writes):
+        def write(self, text):
+            raise ValueError("I/O operation on closed file")
+
+    monkeypatch.setattr(sys, "stderr", Closed())
+    with pytest.raises(SystemExit) as stop:
+        _cli.fail("python -m dsrb.train: error: x")
+    assert stop.value.code == 1

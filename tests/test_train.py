@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -224,6 +225,42 @@ def test_paper_preset_without_pretrained_weights_or_word_vectors_warns(data_root
     assert "preset voc without --pretrained and --word-vectors: the paper starts from ImageNet weights" in log
     # TINY blends from epoch 1: a 1-epoch run is the baseline, and says so.
     assert "blend_start_epoch 1 >= epochs 1: no epoch blends, so this run trains as --method baseline does" in log
+
+
+def test_python_warnings_of_the_run_are_in_its_log(data_root, tmp_path, monkeypatch, capsys):
+    """A warning raised during the run (here by the evaluation, as dsrb.metrics warns of a class without a positive
+    image) is a line of train.log and of the console log, not only a line on stderr; the display of warnings is
+    the caller's again after the run."""
+    evaluate = train.compute_metrics
+
+    def warning_evaluation(*a, **k):
+        warnings.warn("3 of 20 classes have no positive image", RuntimeWarning)
+        return evaluate(*a, **k)
+
+    monkeypatch.setattr(train, "compute_metrics", warning_evaluation)
+    shown = warnings.showwarning
+    out = tmp_path / "run"
+    train.main(args(data_root, out, 1))
+    line = "warning: 3 of 20 classes have no positive image (RuntimeWarning: test_train.py:"
+    assert line in (out / "train.log").read_text()
+    streams = capsys.readouterr()
+    assert line in streams.out and "no positive image" not in streams.err
+    assert warnings.showwarning is shown
+
+
+def test_other_ranks_print_errors_and_their_own_python_warnings_only(capsys):
+    """Under DDP a rank other than 0 does not repeat rank 0's lines (its settings warnings are the same on every
+    rank); it prints its errors and the Python warnings raised in its own process."""
+    shown = warnings.showwarning
+    with train.run_logging(main=False):
+        train.log.info("an info line")
+        train.log.warning("a settings warning, the same on every rank")
+        warnings.warn("raised in this process", RuntimeWarning)
+        train.log.error("an error")
+    out = capsys.readouterr().out
+    assert "an info line" not in out and "settings warning" not in out
+    assert "warning: raised in this process (RuntimeWarning: test_train.py:" in out and "an error" in out
+    assert warnings.showwarning is shown
 
 
 def test_resume_after_a_kill_between_metrics_line_and_checkpoint(data_root, tmp_path):
