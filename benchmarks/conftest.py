@@ -51,6 +51,9 @@ import dsrb  # noqa: E402  (the version only: dsrb.ops is imported lazily, after
 
 PROVIDERS = ("official", "torch", "compile", "triton", "cuda", "cpu")
 PASSES = ("fwd", "bwd", "fwd+bwd")
+# fwd+bwd captured once in a CUDA graph and timed by replay, for every provider alike (on CUDA only; see run_case):
+# the device's own time without the host's cost of queueing the call, which bounds these ops at the issues' shapes.
+GRAPH_PASS = "graph"
 DTYPE = torch.float32
 
 # N = H * W. E is the word-vector size (300 in the paper), used by semantic decoupling only.
@@ -139,7 +142,7 @@ def pytest_generate_tests(metafunc):
         extra = list(TINY) if getattr(metafunc.module, "HOST_OVERHEAD_SHAPE", False) else []
         metafunc.parametrize("shape", list(SHAPES[bench_size(metafunc.config)]) + extra)
     if "pass_" in metafunc.fixturenames:
-        metafunc.parametrize("pass_", PASSES)
+        metafunc.parametrize("pass_", PASSES + ((GRAPH_PASS,) if torch.cuda.is_available() else ()))
     if "provider" in metafunc.fixturenames:
         metafunc.parametrize("provider", PROVIDERS)
 
@@ -351,7 +354,8 @@ def pass_callables(pass_: str, forward: Callable, leaves, grad_outputs):
 
     forward() returns the tuple of differentiable outputs; grad_outputs matches it. The backward is
     ``torch.autograd.grad`` w.r.t. ``leaves`` (no ``.grad`` accumulation between rounds). "bwd" builds a fresh
-    forward graph in the untimed setup of every round and times only the backward.
+    forward graph in the untimed setup of every round and times only the backward. ``GRAPH_PASS`` is the fwd+bwd
+    callable, which :func:`run_case` captures in a CUDA graph.
     """
     leaves = tuple(leaves)
 
@@ -362,9 +366,9 @@ def pass_callables(pass_: str, forward: Callable, leaves, grad_outputs):
         return forward, None
     if pass_ == "bwd":
         return backward, lambda: ((forward(),), {})
-    if pass_ == "fwd+bwd":
+    if pass_ in ("fwd+bwd", GRAPH_PASS):
         return (lambda: backward(forward())), None
-    raise ValueError(f"unknown pass {pass_!r}; expected one of {PASSES}")
+    raise ValueError(f"unknown pass {pass_!r}; expected one of {PASSES + (GRAPH_PASS,)}")
 
 
 def _sync(device: torch.device) -> None:
@@ -404,10 +408,10 @@ def cpu_peak_bytes(fn: Callable, setup: Optional[Callable] = None, prime: bool =
     if window is None:
         return None
     live, start, peak = 0, None, 0
-    for time, size in sorted(events):
-        if start is None and time >= window[0]:
+    for when, size in sorted(events):
+        if start is None and when >= window[0]:
             start = peak = live
-        if time > window[1]:
+        if when > window[1]:
             break
         live += size
         if start is not None:
@@ -438,6 +442,28 @@ def _compiled_first_call(call: Callable, info: dict, device: torch.device):
                     f"({type(err).__name__}: {first}); torch 2.7 and later can")
 
 
+def capture_cuda_graph(fn: Callable, device: torch.device) -> "torch.cuda.CUDAGraph":
+    """``fn()`` captured in a CUDA graph, after three calls on a side stream (what ``torch.cuda.graph`` asks of a
+    first capture). A call that cannot be captured (a device-to-host read or a synchronisation inside it, e.g. a
+    value check) skips the case with the capture's error: that provider has no graph timing, nothing else is lost."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as err:  # noqa: BLE001 - a failed capture raises RuntimeErrors from many places
+        graph.reset()
+        torch.cuda.synchronize(device)
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        pytest.skip(f"not capturable in a CUDA graph ({type(err).__name__}: {first})")
+    return graph
+
+
 def run_case(benchmark, fn: Callable, *, device, info: dict, setup: Optional[Callable] = None,
              rounds: int = 10, prime_memory: bool = False, warmup_s: float = 0.0) -> None:
     """Warm up once, time ``fn`` with ``benchmark.pedantic`` and record the case in ``benchmark.extra_info``.
@@ -459,9 +485,16 @@ def run_case(benchmark, fn: Callable, *, device, info: dict, setup: Optional[Cal
     Peak memory: on CUDA, ``max_memory_allocated`` over one extra run after ``reset_peak_memory_stats``, minus the
     memory allocated before that run (inputs and parameters, plus the saved forward graph for "bwd"). On CPU, the
     same growth over one extra run under the profiler (:func:`cpu_peak_bytes`).
+
+    The pass ``GRAPH_PASS`` (CUDA only): after the warm-up, ``fn`` (a fwd+bwd) is captured once in a CUDA graph
+    (:func:`capture_cuda_graph`) and each round times one replay of it, so the host's checks, dispatch, autograd and
+    launches are left out for every provider alike; no peak memory (the graph keeps its own memory pool).
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
+    graphed = info["pass"] == GRAPH_PASS
+    if graphed and not cuda:
+        pytest.skip("the graph pass captures a CUDA graph: CUDA only")
     benchmark.group = f"{info.get('case') or info['op']}-{info['shape']}-{info['pass']}"
     extra = benchmark.extra_info
     extra.update({k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in info.items()})
@@ -489,6 +522,9 @@ def run_case(benchmark, fn: Callable, *, device, info: dict, setup: Optional[Cal
     if benchmark.disabled:  # smoke run: once, untimed, nothing measured
         extra["peak_memory_bytes"] = None
         extra["peak_memory_note"] = "not measured (benchmark disabled)"
+        if graphed:  # the eager call compiles what torch.compile would, then the capture
+            _compiled_first_call(fn, info, device)
+            fn = capture_cuda_graph(fn, device).replay  # what timed() calls from here on
         _compiled_first_call(lambda: benchmark.pedantic(timed, setup=timed_setup if setup else None, rounds=1,
                                                         iterations=1), info, device)
         return
@@ -503,7 +539,13 @@ def run_case(benchmark, fn: Callable, *, device, info: dict, setup: Optional[Cal
         while time.perf_counter() < deadline:
             warm_up()
 
-    if cuda:
+    if graphed:
+        fn = capture_cuda_graph(fn, device).replay  # what timed() calls from here on
+        extra["formulation"] = (f"{extra.get('formulation', '')} (fwd+bwd captured once in a CUDA graph; each round "
+                                "times one replay)").lstrip()
+        extra["peak_memory_bytes"] = None
+        extra["peak_memory_note"] = "not measured for a CUDA-graph replay (the graph keeps its own memory pool)"
+    elif cuda:
         args, kwargs = _args(setup)
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)

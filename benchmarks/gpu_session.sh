@@ -80,6 +80,7 @@ bench() {
 }
 BENCH_PARTS=0
 LEFT_OUT=""  # "not cuda and not triton": fused backends whose preflight failed
+SKIP=()  # the same for profile_ops: --skip cuda --skip triton
 
 # 1. Install and build (-v: the compilers' output goes to build.log). A failed build is reported by setup.py, the
 #    package installs without the extension (setup.py marks it optional) and the rest runs on the triton backend.
@@ -127,12 +128,13 @@ for backend in cuda triton; do
     if ! part "preflight $backend" 20 90 python3 -m benchmarks.preflight "$backend" >>"$OUT/bench.log" 2>&1; then
         echo "== $backend is left out of the benchmarks: its preflight failed (bench.log)" >&3
         LEFT_OUT="${LEFT_OUT:+$LEFT_OUT and }not $backend"
+        SKIP+=(--skip "$backend")
     fi
 done
 
 # 4. The benchmarks, in the order of the targets: the ops at the issues' shapes, the training step, the largest
 #    batch, the two torch.compile cases a target names (slow to compile, so after the quicker targets) and the head
-#    path; then the diagnosis of where
+#    path; the same fwd+bwd replayed from CUDA graphs; then the diagnosis of where
 #    each op call goes, the other passes and shapes, the training step with a GPU user's settings (bf16,
 #    channels-last, TF32), the prototype pass and the scaling sweep. Each part has a cap.
 SIZE_TARGETS="coco or vg-b32 or tiny"  # tiny: the host cost of one call, which bounds every op at these sizes on a GPU
@@ -146,6 +148,10 @@ DSRB_BENCH_ROUNDS=60 bench train_step 40 100 "not compile and not fast" benchmar
 bench largest_batch 40 100 "not compile" benchmarks/test_bench_largest_batch.py
 bench compile 40 150 "fwd+bwd and ($TARGET_SHAPES) and compile" "$SA::test_semantic_attention"
 bench head 40 120 "fwd+bwd and not compile" benchmarks/test_bench_head.py
+# The same fwd+bwd captured in a CUDA graph and replayed, every provider alike (the "graph" pass, conftest.run_case):
+# the device's time without the host's, which the first GPU session found bounds every op at these shapes.
+bench graph 30 120 "graph and ($SIZE_TARGETS) and not compile" "${OPS[@]}" benchmarks/test_bench_head.py
+bench graph_compile 30 90 "graph and ($TARGET_SHAPES) and compile" "$SA::test_semantic_attention"
 # Where those calls go (host vs device time, device events per call): benchmarks/profile_ops.py.
 # tiny first: the host cost of one call, the row a cap would otherwise cut.
 PROFILE_SHAPES=(--shape tiny --shape coco)
@@ -156,8 +162,9 @@ part profile 20 60 python3 -m benchmarks.profile_ops "${PROFILE_SHAPES[@]}" "${S
 bench compile_rest 30 90 "fwd+bwd and ($SIZE_TARGETS) and compile and not ($TARGET_SHAPES)" \
     "$SA::test_semantic_attention"
 bench compile_op 30 90 "fwd+bwd and ($SIZE_TARGETS) and compile" "$SA::test_semantic_attention_op"
-bench ops_rest 30 120 "not (fwd+bwd and ($SIZE_TARGETS)) or (compile and not semantic_attention)" "${OPS[@]}"
-bench head_rest 30 90 "not fwd+bwd or compile" benchmarks/test_bench_head.py
+bench ops_rest 30 120 "not graph and (not (fwd+bwd and ($SIZE_TARGETS)) or (compile and not semantic_attention))" \
+    "${OPS[@]}"
+bench head_rest 30 90 "not graph and (not fwd+bwd or compile)" benchmarks/test_bench_head.py
 DSRB_BENCH_ROUNDS=60 bench train_step_fast 30 90 "fast and not compile" benchmarks/test_bench_train_step.py
 # coco only: the official per-sample loop takes seconds per round there (2 s estimated), 2.5 times that at each VG
 # shape.
