@@ -5,15 +5,24 @@ skip of a call that cannot be captured, what extra_info records), not CUDA graph
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import sys
 import types
 
 import pytest
 import torch
 
 pytest.importorskip("pytest_benchmark")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # `benchmarks` is not an installed package
 
-from benchmarks import conftest as bench  # noqa: E402
+
+@pytest.fixture
+def bench():
+    """benchmarks/conftest.py as a module, imported when a test runs (it sets the inductor cache folder)."""
+    from benchmarks import conftest
+
+    return conftest
 
 
 class _FakeCuda:
@@ -70,7 +79,7 @@ class _FakeCuda:
         self.log.append("capture" if self.capturing else "eager")
 
 
-INFO = {"op": "op", "provider": "cuda", "shape": "tiny", "pass": bench.GRAPH_PASS, "formulation": "the op"}
+INFO = {"op": "op", "provider": "cuda", "shape": "tiny", "pass": "graph", "formulation": "the op"}  # GRAPH_PASS
 
 
 def _unused_benchmark():
@@ -78,7 +87,7 @@ def _unused_benchmark():
     return types.SimpleNamespace(group=None, extra_info={}, disabled=False)
 
 
-def test_graph_pass_times_replays_of_one_capture(benchmark, monkeypatch):
+def test_graph_pass_times_replays_of_one_capture(bench, benchmark, monkeypatch):
     cuda = _FakeCuda(monkeypatch)
     bench.run_case(benchmark, cuda.call, device="cuda", info=dict(INFO), rounds=4)
     log = cuda.log
@@ -93,7 +102,7 @@ def test_graph_pass_times_replays_of_one_capture(benchmark, monkeypatch):
     assert extra["formulation"].startswith("the op (fwd+bwd captured once in a CUDA graph")
 
 
-def test_a_call_that_cannot_be_captured_skips_the_case(monkeypatch):
+def test_a_call_that_cannot_be_captured_skips_the_case(bench, monkeypatch):
     cuda = _FakeCuda(monkeypatch)
 
     def syncs():
@@ -106,12 +115,13 @@ def test_a_call_that_cannot_be_captured_skips_the_case(monkeypatch):
     assert cuda.log == ["reset"]
 
 
-def test_graph_pass_is_cuda_only():
+def test_graph_pass_is_cuda_only(bench):
     with pytest.raises(pytest.skip.Exception, match="CUDA only"):
         bench.run_case(_unused_benchmark(), lambda: None, device="cpu", info=dict(INFO), rounds=2)
 
 
-def test_graph_pass_is_the_fwd_bwd_callable():
+def test_graph_pass_is_the_fwd_bwd_callable(bench):
+    assert bench.GRAPH_PASS == INFO["pass"]
     x = torch.ones(3, requires_grad=True)
     fn, setup = bench.pass_callables(bench.GRAPH_PASS, lambda: ((x * 2).sum(),), [x], (torch.ones(()),))
     assert setup is None
