@@ -125,7 +125,7 @@ def exit_on_error(prog: str, err: BaseException) -> NoReturn:
     if isinstance(err, BrokenPipeError):
         discard(sys.stdout)
         sys.exit(1)
-    fail(error_line(prog, err))
+    sys.exit(error_line(prog, err))  # one process: nothing else writes to stderr at the same moment
 
 
 def check_output_file(path: str, *, name: str = "argument --out", what: str = "the file to write") -> None:

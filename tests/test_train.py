@@ -672,7 +672,7 @@ def test_compiled_run_matches_the_eager_one(data_root, tmp_path):
     assert keys == torch.load(eager / "last.pt", weights_only=False)["model"].keys()
 
 
-def test_logged_loss_is_the_mean_of_the_steps_and_a_nan_stops_the_run(data_root, tmp_path, monkeypatch):
+def test_logged_loss_is_the_mean_of_the_steps_and_a_nan_stops_the_run(data_root, tmp_path, monkeypatch, capsys):
     """The loss terms are read one step late (no device wait inside an epoch): the logged epoch loss is still the mean
     of its steps, and a non-finite loss stops the run naming its step."""
     seen, real = [], train.dsrb_loss
@@ -698,10 +698,11 @@ def test_logged_loss_is_the_mean_of_the_steps_and_a_nan_stops_the_run(data_root,
     with pytest.raises(FloatingPointError, match="epoch 0, step 1: the loss is nan"):
         train.main(args(data_root, tmp_path / "nan", 1))
     calls.clear()
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:  # the command line: one error line, not a traceback
         train.cli(args(data_root, tmp_path / "nan-cli", 1))
-    assert str(exit_.value.code) == ("python -m dsrb.train: error: epoch 0, step 1: the loss is nan; lower --lr or "
-                                     "check the data")
+    assert exit_.value.code == 1 and capsys.readouterr().err.splitlines()[-1] == (
+        "python -m dsrb.train: error: epoch 0, step 1: the loss is nan; lower --lr or check the data")
 
 
 def test_tensorboard_logs(data_root, tmp_path):
