@@ -17,7 +17,8 @@ official maps; ``torch``; then every fused backend that can run here), after two
   >> device, the call is bound by the host, not by its kernels.
 
 The backward is that of a fixed dL/dS (as the ``semantic_attention_op`` and blend suites take it; for the blends also
-dL/dT). The blends run with ``validate=False``, as the blend suites time them (see ``test_bench_instance_blend``). Every row is timed first, with no profiler attached (CUPTI left attached after a profiling session slows
+dL/dT). The blends run with ``validate=False``, as the blend suites time them (see ``test_bench_instance_blend``).
+Every row is timed first, with no profiler attached (CUPTI left attached after a profiling session slows
 later calls), and profiled after; ``--out`` is rewritten after each row, so a run stopped at its time cap keeps the
 rows it finished. ``--skip BACKEND`` leaves out a fused backend (``gpu_session.sh`` passes those whose preflight
 failed). It is a diagnosis, not a benchmark (no pytest-benchmark, no targets): ``benchmarks/gpu_session.sh`` writes
