@@ -522,8 +522,7 @@ def run_case(benchmark, fn: Callable, *, device, info: dict, setup: Optional[Cal
     if benchmark.disabled:  # smoke run: once, untimed, nothing measured
         extra["peak_memory_bytes"] = None
         extra["peak_memory_note"] = "not measured (benchmark disabled)"
-        if graphed:  # the eager call compiles what torch.compile would, then the capture
-            _compiled_first_call(fn, info, device)
+        if graphed:  # its calls on the side stream compile what torch.compile would, then the capture
             fn = capture_cuda_graph(fn, device).replay  # what timed() calls from here on
         _compiled_first_call(lambda: benchmark.pedantic(timed, setup=timed_setup if setup else None, rounds=1,
                                                         iterations=1), info, device)
