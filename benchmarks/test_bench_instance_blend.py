@@ -13,10 +13,10 @@ targets T in {-1, 0, 1}, alpha = 0.5 and the batch-flip pairing. The backward ta
   (``compile_torch``), compiled once outside the timing.
 
 Every provider times the blend without the check of T's and partner's values (``validate=False``): the official
-formulation checks none, a compiled call skips the check anyway, and the model's forward calls the op so once its
-targets have been checked, once per step (that check is timed in the ``head`` and ``train_step`` cases). With
-``validate=True``, the op's default, a call adds that check: a few reductions and one device-to-host read, on a GPU
-a synchronisation.
+formulation checks none, and the model's forward calls the op so once its targets have been checked, once per step
+(that check is timed in the ``head`` and ``train_step`` cases). With ``validate=True``, the op's default, a call adds
+that check: a few reductions and one device-to-host read, on a GPU a synchronisation (compiled: an assertion on the
+device).
 """
 
 from __future__ import annotations

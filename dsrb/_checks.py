@@ -1,8 +1,9 @@
 """Input validation shared by the public API.
 
 Every error names the argument, what was expected and what was given, so a user can fix the call without reading
-the source. Value checks that need a device-to-host sync (``check_targets``) are skipped while ``torch.compile``
-traces, where they would break the graph.
+the source. The value checks of ``check_targets`` read the values back to the host (one synchronisation on a GPU);
+while ``torch.compile`` traces they become asynchronous assertions on the device instead, which would otherwise break
+the graph.
 """
 
 from __future__ import annotations
@@ -161,12 +162,13 @@ def check_targets(name: str, t: torch.Tensor, *ranges) -> None:
 
     ``ranges``: (name, tensor, low, high) checks on t's device: an integer tensor with every value in [low, high]
     (inclusive), read in the same device-to-host copy as the targets' own check (one synchronisation for all,
-    whatever t's dtype). Skipped while compiling.
+    whatever t's dtype). While compiling, asserted on the device instead (:func:`_assert_targets_on_device`).
     """
     check_tensor(name, t, kind="real")
     for r in ranges:
         check_tensor(r[0], r[1], kind="int")
     if _compiling():
+        _assert_targets_on_device(name, t, ranges)
         return
     ranges = [r for r in ranges if r[1].numel()]
     own = None
@@ -187,6 +189,21 @@ def check_targets(name: str, t: torch.Tensor, *ranges) -> None:
             )
         raise ValueError(f"argument '{name}': expected values in {{-1, 0, 1}}, found {found}")
     _report_ranges(ranges, values)
+
+
+def _assert_targets_on_device(name: str, t: torch.Tensor, ranges) -> None:
+    """:func:`check_targets` inside a graph torch.compile traces: no value is read back (that would break the
+    graph), each check is an asynchronous assertion on the device (``torch._assert_async``), so a bad value still
+    stops the call, when the graph runs, instead of giving a silent wrong answer. On the CPU it raises a RuntimeError
+    with the message below; on CUDA it is a device-side assert (the error message says where, and the process must
+    restart its CUDA work), as for an index out of range in torch's own kernels."""
+    for r_name, r, low, high in ranges:
+        torch._assert_async(((r >= low) & (r <= high)).all(),
+                            f"argument '{r_name}': expected values in [{low}, {high}] (asserted under torch.compile)")
+    if t.dtype != torch.bool:
+        allowed = "{0, 1}" if _unsigned(t.dtype) else "{-1, 0, 1}"
+        torch._assert_async(torch.logical_not(_bad_targets(t).any()),
+                            f"argument '{name}': expected values in {allowed} (asserted under torch.compile)")
 
 
 def brief(items: Iterable[str], shown: int = 5) -> str:

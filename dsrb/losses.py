@@ -3,7 +3,7 @@
 These are the fast, vectorised versions of the oracles in ``dsrb.reference.losses``; they agree with them to
 rounding, values and gradients alike. The hot paths never synchronise with the host and never build a tensor whose
 shape depends on data, so they run on any device and trace under ``torch.compile(fullgraph=True)``. Only the
-value check of hard targets (``check_targets``) reads tensor values; it is skipped while compiling.
+value check of hard targets (``check_targets``) reads tensor values; under torch.compile it is a device-side assertion.
 
 Notation: targets T (B, C) hold -1 (known absent), 0 (unknown), +1 (known present); blended soft targets hold a
 value in (0, 1] at blended entries. Logits (B, C). Semantic features S (B, C, D).

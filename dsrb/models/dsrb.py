@@ -438,8 +438,8 @@ class DSRB(nn.Module):
                 of device memory, a synchronisation on a GPU). Shapes, dtypes and devices are always checked. False
                 only for values checked before (``dsrb.train`` checks the training set's targets once, when it sets
                 them); out-of-range values then give wrong results or a kernel's error, never an out-of-bounds access.
-                Under torch.compile the value check is skipped (it would read device memory mid-graph): check the
-                values eagerly before.
+                Under torch.compile the value check is an assertion on the device (no read back): a bad value stops
+                the call when the graph runs (on CUDA a device-side assert), so check the values eagerly before.
 
         Returns:
             eval mode: logits (B, C). Train mode: :class:`DSRBOutput`.

@@ -169,10 +169,14 @@ class PrototypeBank(nn.Module):
         counts = self.counts.to(self.sums.dtype)  # (C, 4)
         denom = counts + 1 if compat == "official" else counts.clamp(min=1)
         torch.div(self.sums, denom.unsqueeze(-1), out=self.prototypes)  # every bucket's mean, in place
-        # The empty buckets take their class's mean (zero for a class without samples), selected with a mask: no
-        # nonzero() and indexing, which cost a device synchronisation on a GPU and most of this call's host time.
+        # The empty buckets take their class's mean (zero for a class without samples).
         class_mean = self.sums.sum(1) / counts.sum(1).clamp(min=1).unsqueeze(-1)  # (C, D)
-        torch.where((self.counts == 0).unsqueeze(-1), class_mean.unsqueeze(1), self.prototypes, out=self.prototypes)
+        empty = self.counts == 0
+        if self.sums.device.type == "cpu":  # copied row by row: torch.where over (C, 4, D) is 100 us at C 80, D 1024
+            rows = empty.view(-1).nonzero().squeeze(1)
+            self.prototypes.view(-1, self.dim).index_copy_(0, rows, class_mean.index_select(0, rows // 4))
+        else:  # selected with a mask: nonzero() would be a device synchronisation
+            torch.where(empty.unsqueeze(-1), class_mean.unsqueeze(1), self.prototypes, out=self.prototypes)
         torch.gt(self.counts.sum(1), 0, out=self.valid)
         self.ready.fill_(True)
         self._ready_seen = True
