@@ -1,12 +1,19 @@
 """Under torch.compile the value checks of targets and indices (``check_targets``) are asynchronous assertions on the
 device, not skipped: a bad value still stops the call when the compiled graph runs (here, on the CPU, with a
-RuntimeError carrying the check's message), and good values pass with the same results as eager."""
+RuntimeError carrying the check's message; on CUDA as a device-side assert, checked in a subprocess), and good values
+pass with the same results as eager."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
+import dsrb
 import dsrb.ops as ops
 from dsrb import losses
 from dsrb._checks import check_targets
@@ -99,3 +106,41 @@ def test_public_calls_assert_under_compile():
     loss = _compiled(lambda S, T: losses.contrastive_loss(S, T, generator=None))
     with pytest.raises(RuntimeError, match=r"argument 'targets': expected values in \{-1, 0, 1\}"):
         loss(S, bad)
+
+
+_CUDA_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from dsrb._checks import check_targets
+
+    def f(T):
+        check_targets("T", T)
+        return T * 2
+
+    compiled = torch.compile(f, fullgraph=True)
+    T = torch.tensor([[1, 0, -1], [0, 1, 0]], device="cuda")
+    assert torch.equal(compiled(T), T * 2)
+    print("good values passed", flush=True)
+    if sys.argv[1] == "bad":
+        T[1, 2] = 5
+        compiled(T)
+        torch.cuda.synchronize()
+        print("bad values passed", flush=True)
+""")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_compiled_check_is_a_device_side_assert():
+    """On CUDA the assertion runs on the device: a bad value ends the process's CUDA work with an error (a subprocess,
+    since a device-side assert leaves the CUDA context unusable), never a silent wrong answer."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(dsrb.__file__)))  # the dsrb in use, for the script
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+
+    def run(values):
+        return subprocess.run([sys.executable, "-c", _CUDA_SCRIPT, values], capture_output=True, text=True,
+                              timeout=600, env=env)
+
+    good = run("good")
+    assert good.returncode == 0 and "good values passed" in good.stdout, good.stderr[-3000:]
+    bad = run("bad")
+    assert bad.returncode != 0 and "good values passed" in bad.stdout and "bad values passed" not in bad.stdout
+    assert "device-side assert" in bad.stderr or "expected values in" in bad.stderr, bad.stderr[-3000:]
