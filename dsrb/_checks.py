@@ -195,8 +195,8 @@ def _assert_targets_on_device(name: str, t: torch.Tensor, ranges) -> None:
     """:func:`check_targets` inside a graph torch.compile traces: no value is read back (that would break the
     graph), each check is an asynchronous assertion on the device (``torch._assert_async``), so a bad value still
     stops the call, when the graph runs, instead of giving a silent wrong answer. On the CPU it raises a RuntimeError
-    with the message below; on CUDA it is a device-side assert (the error message says where, and the process must
-    restart its CUDA work), as for an index out of range in torch's own kernels."""
+    with the message below; on CUDA it is a device-side assert, after which the process's CUDA context is unusable
+    (as after an index out of range in torch's own kernels)."""
     for r_name, r, low, high in ranges:
         torch._assert_async(((r >= low) & (r <= high)).all(),
                             f"argument '{r_name}': expected values in [{low}, {high}] (asserted under torch.compile)")

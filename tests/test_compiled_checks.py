@@ -18,13 +18,11 @@ import dsrb.ops as ops
 from dsrb import losses
 from dsrb._checks import check_targets
 
-torch._dynamo.config.cache_size_limit = 64  # one graph per dtype and backend below
-
 B, C, D = 3, 4, 5
 
 
 def _compiled(fn, backend: str = "aot_eager"):
-    torch._dynamo.reset()
+    torch._dynamo.reset()  # each case compiles afresh: the parametrized cases would exceed the recompilation limit
     return torch.compile(fn, fullgraph=True, backend=backend)
 
 
