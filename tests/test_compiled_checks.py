@@ -136,3 +136,18 @@ def test_cuda_compiled_check_is_a_device_side_assert():
     assert "good values passed" in res.stdout, res.stderr[-3000:]
     assert res.returncode != 0 and "bad values passed" not in res.stdout
     assert "device-side assert" in res.stderr or "expected values in" in res.stderr, res.stderr[-3000:]
+
+
+def test_compiled_model_rejects_bad_targets():
+    """The model's own check of its targets (validate=True, the default) under torch.compile(fullgraph=True)."""
+    from dsrb.models import DSRB
+
+    torch.manual_seed(0)
+    model = DSRB(C, backbone="resnet18", backbone_width=4, feature_dim=16, word_dim=6, inter_dim=8).train()
+    x = torch.randn(2, 3, 64, 64)
+    T = torch.tensor([[1, 0, -1, 1], [0, 1, 0, -1]])
+    compiled = _compiled(model)
+    compiled(x, T, instance_blend=False, prototype_blend=False)
+    T[1, 1] = 2
+    with pytest.raises(RuntimeError, match=r"argument 'targets': expected values in \{-1, 0, 1\}"):
+        compiled(x, T, instance_blend=False, prototype_blend=False)

@@ -200,6 +200,24 @@ def test_triton_import_check_is_not_traced_by_the_compiler(monkeypatch):
     assert f(torch.zeros(2)).tolist() == [1.0, 1.0]  # triton 3.7.1 is a test dependency: it imports
 
 
+@pytest.mark.parametrize("backend", ["auto", "cpu"])
+def test_first_op_call_inside_a_compiled_graph(monkeypatch, backend):
+    """The first op call of a process may be the first forward of a model under torch.compile(fullgraph=True): choosing
+    the backend then asks whether the C++ extension is loaded, which reads the environment and the build (e.g.
+    os.cpu_count, which the compiler cannot trace); it is asked as a constant. Before, that first call failed."""
+    from dsrb.ops import _registry
+
+    monkeypatch.setattr(_registry, "_SELECTED", {})  # no choice made yet in this process
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x, u, e, v):
+        return ops.semantic_attention(x, u, e, v, backend=backend)
+
+    args = (torch.randn(2, 3, 4), torch.randn(2, 3, 5), torch.randn(6, 5), torch.randn(5))
+    for got, want in zip(f(*args), ops.semantic_attention(*args, backend=backend)):
+        torch.testing.assert_close(got, want)
+
+
 def test_importing_the_ops_leaves_the_compiler_unloaded():
     """Every tool imports dsrb.ops at start; torch._dynamo (1.3 s to import) is for runs that compile or train (an
     optimizer step imports it), not for `--help`, `dsrb.info` or `dsrb.predict`."""

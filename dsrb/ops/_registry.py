@@ -5,9 +5,11 @@ Backends in priority order per device type (architecture §4): on CUDA ``cuda`` 
 first backend that can serve the inputs and falls back silently. A backend named explicitly (argument or
 ``DSRB_BACKEND``) never falls back: if it cannot serve the inputs, the error lists every backend and its reason.
 
-Everything here looks only at device types and dtypes, so ``torch.compile`` traces it without a graph break; the
-one device query, whether the CUDA kernels can run on the visible GPUs, is made once and taken by the compiler as a
-constant (:func:`_cuda_kernels_unusable`).
+Everything here looks only at device types and dtypes, so ``torch.compile`` traces it without a graph break; what
+it cannot trace, whether the C++ extension is loaded, whether its CUDA kernels can run on the visible GPUs and whether
+triton imports, is asked once and taken by the compiler as a constant (:func:`_extension_unavailable`,
+:func:`_cuda_kernels_unusable`, :func:`_triton_unavailable`), so a process's first op call may be inside a compiled
+graph.
 """
 
 from __future__ import annotations
@@ -280,6 +282,11 @@ def _extension_unavailable(backend: str) -> Optional[str]:
                                       ext.path)
     return None
 
+
+# Never traced, as _cuda_kernels_unusable below: the first op call of a process may happen inside
+# torch.compile(fullgraph=True), and loading the extension reads the environment and the build (os.cpu_count, files),
+# which the compiler cannot trace; what it returns does not change within a process once the extension is loaded.
+_extension_unavailable._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 _CUDA_UNUSABLE: Dict[Tuple[str, str, str, str], Optional[str]] = {}
 
