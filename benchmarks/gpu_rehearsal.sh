@@ -27,6 +27,7 @@ TORCH="${DSRB_REHEARSAL_TORCH:-2.11.0}"
 TRITON="${DSRB_REHEARSAL_TRITON:-3.6.0}"
 OUT="${OUT:-/tmp/dsrb-gpu-rehearsal}"
 WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT  # the venv with a CUDA torch is about 5 GB
 mkdir -p "$OUT"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 export DSRB_EXT_CACHE="$WORK/ext" TORCHINDUCTOR_CACHE_DIR="$WORK/inductor"

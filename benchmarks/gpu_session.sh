@@ -28,10 +28,12 @@ set -uo pipefail
 START=$SECONDS
 BUDGET="${DSRB_GPU_BUDGET:-540}"
 OUT="${OUT:-$PWD/gpu-out}"
-PARTS="$(mktemp -d)"
-mkdir -p "$OUT"
+SCRATCH="$(mktemp -d)"  # the parts' logs and fresh caches, removed on exit (a rehearsal runs this on a CPU machine)
+trap 'rm -rf "$SCRATCH"' EXIT
+PARTS="$SCRATCH/parts"
+mkdir -p "$OUT" "$PARTS"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1  # the machine reaches no package registry
-export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" DSRB_EXT_CACHE="${DSRB_EXT_CACHE:-$(mktemp -d)}"
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR="$SCRATCH/inductor" DSRB_EXT_CACHE="${DSRB_EXT_CACHE:-$SCRATCH/ext}"
 export DSRB_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
 export DSRB_BENCH_SIZE="${DSRB_BENCH_SIZE:-full}" DSRB_BENCH_ROUNDS="${DSRB_BENCH_ROUNDS:-20}"
 # Carried wheels (device/README.md), for packages the machine lacks.
