@@ -2,7 +2,7 @@
 //   a (B, C, N), x_sum (B, N) in a's dtype, height * width == N  ->  (B, C) int64 in [0, 3]
 // G[b, c, h, w] = a[b, c, h * W + w] * x_sum[b, h * W + w]; row = argmax_h max_w G, col = argmax_w max_h G (first
 // index on ties, NaN counts as the maximum and the first NaN wins, as torch.amax/argmax);
-// quadrant = 2 * (row >= H / 2) + (col >= W / 2). One (b, c) map per iteration of a parallel loop.
+// quadrant = 2 * (row >= H / 2) + (col >= W / 2). A block of kLanes maps per iteration of a parallel loop.
 //
 // Branch-free: each score becomes an integer key with the same order (keys equal exactly when the scores compare
 // equal, every NaN the largest key), so the maxima are integer maxima and the argmax a conditional move. Branches on
@@ -51,17 +51,66 @@ inline typename KeyOf<opmath_t>::type order_key(opmath_t g) {
   return g != g ? kMagnitude : key;
 }
 
-// First index of the maximum of v[0, n), n >= 1.
-template <typename key_t>
-inline int64_t first_argmax(const key_t* v, int64_t n) {
-  key_t best = v[0];
-  int64_t index = 0;
-  for (int64_t i = 1; i < n; ++i) {
-    const bool greater = v[i] > best;
-    best = greater ? v[i] : best;
-    index = greater ? i : index;
+// Maps per block. A block's keys are stored lane-major (key[n * kLanes + j] for its map j), so that every step below
+// is one operation over kLanes maps, which the compiler vectorises; a map at a time, the rows and columns (7 long at
+// the COCO shape) are too short for vectors. 4 int32 keys fill one 16-byte vector of the baseline x86-64 build: 35 %
+// faster than a map at a time at the COCO shape, where 8 lanes were 25 % faster and 16 slower (2026-12-06, AMD EPYC).
+constexpr int64_t kLanes = 4;
+
+// The quadrants of maps r0 .. r0 + count - 1 (count <= kLanes; the lanes past count repeat the last map and are not
+// stored). key: N * kLanes, col_max: W * kLanes of scratch.
+template <typename scalar_t, typename opmath_t, typename key_t>
+void quadrant_block(const scalar_t* pa, const scalar_t* px, int64_t r0, int64_t count, int64_t C, int64_t N,
+                    int64_t H, int64_t W, key_t* key, key_t* col_max, int64_t* q) {
+  constexpr int64_t L = kLanes;
+  const scalar_t* ar[L];
+  const scalar_t* xr[L];
+  for (int64_t j = 0; j < L; ++j) {
+    const int64_t r = r0 + std::min(j, count - 1);
+    ar[j] = pa + r * N;
+    xr[j] = px + (r / C) * N;
   }
-  return index;
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t j = 0; j < L; ++j) {
+      // Rounded to a's dtype, like the torch backend's product, so ties and the order are the same.
+      key[n * L + j] = order_key(static_cast<opmath_t>(
+          static_cast<scalar_t>(static_cast<opmath_t>(ar[j][n]) * static_cast<opmath_t>(xr[j][n]))));
+    }
+  }
+  // Row maxima, their first argmax (a later row replaces the best only when strictly greater) and column maxima.
+  auto row_max = [&](int64_t h, key_t* m) {
+    const key_t* kr = key + h * W * L;
+    std::copy(kr, kr + L, m);
+    for (int64_t w = 1; w < W; ++w) {
+      for (int64_t j = 0; j < L; ++j) m[j] = std::max(m[j], kr[w * L + j]);
+    }
+  };
+  key_t best_row[L], row[L], best_col[L], col[L], m[L];
+  row_max(0, best_row);
+  std::fill(row, row + L, key_t(0));
+  std::copy(key, key + W * L, col_max);
+  for (int64_t h = 1; h < H; ++h) {
+    row_max(h, m);
+    for (int64_t j = 0; j < L; ++j) {
+      const bool greater = m[j] > best_row[j];
+      best_row[j] = greater ? m[j] : best_row[j];
+      row[j] = greater ? static_cast<key_t>(h) : row[j];
+    }
+    const key_t* kr = key + h * W * L;
+    for (int64_t i = 0; i < W * L; ++i) col_max[i] = std::max(col_max[i], kr[i]);
+  }
+  std::copy(col_max, col_max + L, best_col);
+  std::fill(col, col + L, key_t(0));
+  for (int64_t w = 1; w < W; ++w) {
+    for (int64_t j = 0; j < L; ++j) {
+      const bool greater = col_max[w * L + j] > best_col[j];
+      best_col[j] = greater ? col_max[w * L + j] : best_col[j];
+      col[j] = greater ? static_cast<key_t>(w) : col[j];
+    }
+  }
+  for (int64_t j = 0; j < count; ++j) {
+    q[r0 + j] = 2 * (row[j] >= H / 2 ? 1 : 0) + (col[j] >= W / 2 ? 1 : 0);
+  }
 }
 
 }  // namespace
@@ -72,35 +121,20 @@ Tensor quadrant_index_cpu(const Tensor& a_, const Tensor& x_sum_, int64_t height
   const int64_t B = a.size(0), C = a.size(1), N = a.size(2), H = height, W = width;
   Tensor out = at::empty({B, C}, a.options().dtype(at::kLong));
   int64_t* q = out.data_ptr<int64_t>();
+  const int64_t maps = B * C, blocks = (maps + kLanes - 1) / kLanes;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "quadrant_index_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     using key_t = typename KeyOf<opmath_t>::type;
     const scalar_t* pa = a.data_ptr<scalar_t>();
     const scalar_t* px = x_sum.data_ptr<scalar_t>();
-    const int64_t grain = cpu::grain_for(4 * N);  // a score costs a few elementwise operations
-    at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) {
-      std::vector<key_t> key(N), row_max(H), col_max(W);
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* ar = pa + r * N;
-        const scalar_t* xr = px + (r / C) * N;
-        for (int64_t n = 0; n < N; ++n) {
-          // Rounded to a's dtype, like the torch backend's product, so ties and the order are the same.
-          key[n] = order_key(static_cast<opmath_t>(
-              static_cast<scalar_t>(static_cast<opmath_t>(ar[n]) * static_cast<opmath_t>(xr[n]))));
-        }
-        std::copy(key.begin(), key.begin() + W, col_max.begin());
-        for (int64_t h = 0; h < H; ++h) {
-          const key_t* kr = key.data() + h * W;
-          key_t m = kr[0];
-          for (int64_t w = 0; w < W; ++w) {
-            m = std::max(m, kr[w]);
-            col_max[w] = std::max(col_max[w], kr[w]);
-          }
-          row_max[h] = m;
-        }
-        const int64_t row = first_argmax(row_max.data(), H), col = first_argmax(col_max.data(), W);
-        q[r] = 2 * (row >= H / 2 ? 1 : 0) + (col >= W / 2 ? 1 : 0);
+    const int64_t grain = cpu::grain_for(4 * N * kLanes);  // a score costs a few elementwise operations
+    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+      std::vector<key_t> key(N * kLanes), col_max(W * kLanes);
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t r0 = blk * kLanes;
+        quadrant_block<scalar_t, opmath_t>(pa, px, r0, std::min(kLanes, maps - r0), C, N, H, W, key.data(),
+                                           col_max.data(), q);
       }
     });
   });
