@@ -319,6 +319,23 @@ def attention_weighted_map(gen: torch.Generator, dims: Dict[str, int], device, d
     return (a.transpose(1, 2)[..., None] * x[:, :, None, :]).reshape(B, H, W, C, D)
 
 
+def clear_peaks(a: torch.Tensor, x: torch.Tensor, margin: float = 1e-3) -> torch.Tensor:
+    """``a`` with every (image, class) peak of the quadrant score a[b, c, n] * x[b, n, :].sum() at least ``margin``
+    (relative) above the runner-up. The official pass finds the peak on F.sum(-1), the others on a * x.sum(-1):
+    the same number in exact arithmetic, rounded differently, and differently again on each device, so a near-tie
+    (vg-b32 holds a gap of 3.6e-6) could put one sample in another quadrant and fail the check before timing. The
+    peak's weight is scaled by 1 + 2 * margin * sign(score) (the peak moves away from the runner-up, the others stay),
+    then the row renormalised (all scores scaled alike): the gap becomes at least 2 * margin / (1 + 2 * margin)."""
+    G = a.double() * x.double().sum(-1)[:, None, :]  # (B, C, N)
+    top = G.topk(2, dim=-1)
+    first, second = top.values.unbind(-1)
+    near = (first - second) < margin * first.abs()
+    scale = torch.where(near, 1 + 2 * margin * torch.sign(first), torch.ones_like(first)).to(a.dtype)
+    a = a.clone()
+    a.scatter_(-1, top.indices[..., :1], a.gather(-1, top.indices[..., :1]) * scale[..., None])
+    return a / a.sum(-1, keepdim=True)
+
+
 def seeded_linear(gen: torch.Generator, fan_in: int, fan_out: int, bias: bool, device, dtype) -> torch.nn.Linear:
     """nn.Linear with its default init range, drawn from ``gen`` (the same weights for every provider)."""
     layer = torch.nn.Linear(fan_in, fan_out, bias=bias, device=device, dtype=dtype)
@@ -623,6 +640,7 @@ def bench():
         compile_torch=compile_torch,
         seed_for=seed_for,
         attention_weighted_map=attention_weighted_map,
+        clear_peaks=clear_peaks,
         cpu_peak_bytes=cpu_peak_bytes,
         seeded_linear=seeded_linear,
         assert_grads_close=assert_grads_close,

@@ -139,7 +139,7 @@ done
 #    batch, the two torch.compile cases a target names (slow to compile, so after the quicker targets) and the head
 #    path; the same fwd+bwd replayed from CUDA graphs; then the diagnosis of where
 #    each op call goes, the other passes and shapes, the training step with a GPU user's settings (bf16,
-#    channels-last, TF32), the prototype pass and the scaling sweep. Each part has a cap.
+#    channels-last, TF32), the prototype pass, the two no-gradient ops and the scaling sweep. Each part has a cap.
 SIZE_TARGETS="coco or vg-b32 or tiny"  # tiny: the host cost of one call, which bounds every op at these sizes on a GPU
 TARGET_SHAPES="coco or vg-b32"
 if [ "$DSRB_BENCH_SIZE" = quick ]; then SIZE_TARGETS="coco-b8 or demo or tiny"; TARGET_SHAPES="coco-b8 or demo"; fi
@@ -177,6 +177,7 @@ DSRB_BENCH_ROUNDS=60 bench train_step_fast 30 90 "fast and not compile" benchmar
 PASS_SHAPES="coco"
 [ "$DSRB_BENCH_SIZE" = quick ] && PASS_SHAPES="coco-b8 or demo"
 bench prototype_pass 30 90 "$PASS_SHAPES" benchmarks/test_bench_prototype_pass.py
+bench no_grad_ops 20 60 "" benchmarks/test_bench_quadrant_index.py benchmarks/test_bench_prototype_bank_update.py
 bench scaling 30 90 "" benchmarks/test_bench_scaling.py
 
 # 5. Only when asked (DSRB_GPU_SESSION_REST_TESTS=1): the rest of the test suite on this host (CPU paths, which CI
