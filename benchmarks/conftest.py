@@ -310,18 +310,24 @@ def seed_for(*parts: str) -> int:
     return zlib.crc32("/".join(parts).encode())
 
 
+def official_map(a: torch.Tensor, x: torch.Tensor, dims: Dict[str, int]) -> torch.Tensor:
+    """F (B, H, W, C, D) = a[b, c, n] * x[b, n, :], from a (B, C, N) and x (B, N, D): the attention-weighted map
+    the official semantic decoupling builds (spec §3.3 step 5) and hands to the blends and the prototype pass."""
+    B, H, W, C, D = (dims[k] for k in "BHWCD")
+    return (a.transpose(1, 2)[..., None] * x[:, :, None, :]).reshape(B, H, W, C, D)
+
+
 def attention_weighted_map(gen: torch.Generator, dims: Dict[str, int], device, dtype) -> torch.Tensor:
-    """F (B, H, W, C, D) = a[b, c, n] * x[b, n, :] with a a spatial softmax: the map the official semantic
-    decoupling builds (spec §3.3 step 5), from random x and scores drawn from ``gen``."""
-    B, H, W, N, C, D = (dims[k] for k in "BHWNCD")
+    """:func:`official_map` of random x and a spatial softmax a drawn from ``gen``."""
+    B, N, C, D = (dims[k] for k in "BNCD")
     x = torch.randn(B, N, D, generator=gen, dtype=dtype).to(device)
     a = torch.softmax(torch.randn(B, C, N, generator=gen, dtype=dtype), dim=-1).to(device)
-    return (a.transpose(1, 2)[..., None] * x[:, :, None, :]).reshape(B, H, W, C, D)
+    return official_map(a, x, dims)
 
 
 def clear_peaks(a: torch.Tensor, x: torch.Tensor, margin: float = 1e-3) -> torch.Tensor:
     """``a`` with every (image, class) peak of the quadrant score a[b, c, n] * x[b, n, :].sum() at least ``margin``
-    (relative) above the runner-up. The official pass finds the peak on F.sum(-1), the others on a * x.sum(-1):
+    (relative) above the runner-up. The official search finds the peak on F.sum(-1), the others on a * x.sum(-1):
     the same number in exact arithmetic, rounded differently, and differently again on each device, so a near-tie
     (vg-b32 holds a gap of 3.6e-6) could put one sample in another quadrant and fail the check before timing. The
     peak's weight is scaled by 1 + 2 * margin * sign(score) (the peak moves away from the runner-up, the others stay),
@@ -639,6 +645,7 @@ def bench():
         pass_callables=pass_callables,
         compile_torch=compile_torch,
         seed_for=seed_for,
+        official_map=official_map,
         attention_weighted_map=attention_weighted_map,
         clear_peaks=clear_peaks,
         cpu_peak_bytes=cpu_peak_bytes,

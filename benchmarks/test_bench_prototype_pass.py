@@ -105,17 +105,11 @@ def _epoch(bench, size, shape, dims, device, dtype):
     return _STATE["value"]
 
 
-def _official_map(a, x, dims):
-    """What the official forward hands to the pass: F (B, H, W, C, D) = a[b, c, n] * x[b, n]."""
-    B, H, W, C, D = (dims[k] for k in "BHWCD")
-    return (a.transpose(1, 2)[..., None] * x[:, :, None, :]).reshape(B, H, W, C, D)
-
-
-def _official_epoch(batches, dims, maps=None):
+def _official_epoch(bench, batches, dims, maps=None):
     """F per batch (or the given maps), then the official prototype pass over the epoch: (maps (C, 4, H, W, D),
     valid (C,))."""
     if maps is None:
-        maps = (_official_map(a, x, dims) for a, x, _ in batches)
+        maps = (bench.official_map(a, x, dims) for a, x, _ in batches)
     return compute_prototype_maps(zip(maps, (T for _, _, T in batches)), cap=CAP, compat=COMPAT)
 
 
@@ -138,13 +132,13 @@ def _official_estimate(dims, batches: int) -> int:
     return int(4 * 1.1 * batches * dims["B"] * dims["N"] * dims["C"] * dims["D"])
 
 
-def _validate(provider, scope, run, inp, dims, device):
+def _validate(bench, provider, scope, run, inp, dims, device):
     """Once per shape and provider, outside the timing: the provider's prototypes equal the official maps summed
     over space (the bank holds spatial sums), and the valid classes agree."""
     if (provider, scope) in inp["validated"]:
         return
     if inp["reference"] is None:
-        maps, valid = _official_epoch(inp["batches"], dims)
+        maps, valid = _official_epoch(bench, inp["batches"], dims)
         inp["reference"] = (maps.sum(dim=(2, 3)), valid)
     if provider != "official":
         prototypes, valid = run()
@@ -174,8 +168,8 @@ def test_prototype_pass(benchmark, bench, provider, shape, size, dims, device, d
     batches = inp["batches"]
     given = scope == "pass"  # the forward's outputs built here, outside the timing
     if provider == "official":
-        maps = [_official_map(a, x, dims) for a, x, _ in batches] if given else None
-        run = lambda: _official_epoch(batches, dims, maps)  # noqa: E731
+        maps = [bench.official_map(a, x, dims) for a, x, _ in batches] if given else None
+        run = lambda: _official_epoch(bench, batches, dims, maps)  # noqa: E731
         info["formulation"] = (("given F per batch; " if given else "per batch F (B,H,W,C,D) = a * x; ")
                                + "dsrb.reference.compute_prototype_maps over the epoch (official quadrant search on "
                                "F, per-sample loop storing maps, averaging)")
@@ -193,7 +187,7 @@ def test_prototype_pass(benchmark, bench, provider, shape, size, dims, device, d
         info["formulation"] = (("given S per batch; " if given else "per batch S = a @ x; ")
                                + f"dsrb.ops.quadrant_index and PrototypeBank.update (dsrb.ops.prototype_bank_update_,"
                                f" backend='{backend}'); PrototypeBank.finalize")
-    _validate(provider, scope, run, inp, dims, device)
+    _validate(bench, provider, scope, run, inp, dims, device)
     with torch.no_grad():  # the epoch ran ``backend``'s kernels only (outside the timing)
         info["served_by"] = bench.check_served(provider, backend, run)
     with torch.no_grad():

@@ -47,12 +47,12 @@ def _inputs(bench, shape, dims, device, dtype):
         _STATE["key"] = _STATE["value"] = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        B, H, W, N, C, D = (dims[k] for k in "BHWNCD")
+        B, N, C, D = (dims[k] for k in "BNCD")
         gen = torch.Generator().manual_seed(bench.seed_for(OP, shape))
         x = torch.randn(B, N, D, generator=gen, dtype=dtype)
         a = bench.clear_peaks(torch.softmax(2 * torch.randn(B, C, N, generator=gen, dtype=dtype), dim=-1), x)
         a, x = a.to(device), x.to(device)
-        F = (a.transpose(1, 2)[..., None] * x[:, :, None, :]).reshape(B, H, W, C, D)
+        F = bench.official_map(a, x, dims)
         _STATE["value"] = dict(a=a, x=x, F=F, reference=quadrant_index_map(F), compiled=None, validated=set())
         _STATE["key"] = key
     return _STATE["value"]
