@@ -629,7 +629,24 @@ def measure(benchmark, bench, op: str, provider: str, pass_: str, shape: str, di
                    "dtype": dtype, "formulation": formulation, "served_by": served[key], **info})
 
 
+def drop_inputs(state: Dict[str, object], device: torch.device) -> None:
+    """Forget a suite's cached inputs (its module's ``_STATE``: the inputs of one shape at a time), before the next
+    shape's are built, and on CUDA return the allocator's cache: two shapes never hold the device's memory at once."""
+    state["key"] = state["value"] = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 # Fixtures for the suites (they use these instead of importing this module).
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_suite_inputs(request):
+    """Drop a suite's cached inputs (its module's ``_STATE``) when it ends, so the next suite has the device memory."""
+    yield
+    state = getattr(request.module, "_STATE", None)
+    if isinstance(state, dict):
+        state["key"] = state["value"] = None
 
 
 @pytest.fixture(scope="session")
@@ -642,6 +659,7 @@ def bench():
         measure=measure,
         require_provider=require_provider,
         skip_if_too_big=skip_if_too_big,
+        drop_inputs=drop_inputs,
         pass_callables=pass_callables,
         compile_torch=compile_torch,
         seed_for=seed_for,

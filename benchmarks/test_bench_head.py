@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 from torch import nn
 
@@ -62,13 +61,6 @@ OPS = ("semantic_attention", "instance_blend", "quadrant_index", "prototype_blen
 # rounds of a case are cut to fit about this many GFLOP (unless DSRB_BENCH_ROUNDS is set; never on CUDA).
 CPU_BUDGET_GFLOP = 200.0
 _STATE = {"key": None, "value": None}  # the inputs and models of one shape at a time
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _release_inputs():
-    """Drop this suite's cached inputs and models when it ends, so the next suite has the device memory."""
-    yield
-    _STATE["key"] = _STATE["value"] = None
 
 
 class _FeatureMapInput(nn.Identity):
@@ -94,9 +86,7 @@ def _dsrb(dims, backend: str) -> DSRB:
 def _inputs(bench, shape, dims, device, dtype):
     key = (shape, str(device), str(dtype))
     if _STATE["key"] != key:
-        _STATE["key"] = _STATE["value"] = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        bench.drop_inputs(_STATE, device)
         B, H, W, N, C, D, I, E = (dims[k] for k in "BHWNCDIE")
         seed = bench.seed_for(CASE, shape)
         gen = torch.Generator().manual_seed(seed)

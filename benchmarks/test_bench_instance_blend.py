@@ -21,7 +21,6 @@ device).
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import dsrb.ops
@@ -32,13 +31,6 @@ HOST_OVERHEAD_SHAPE = True  # also the conftest's "tiny" shape: the host cost of
 _STATE = {"key": None, "value": None}  # the inputs of one shape at a time
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _release_inputs():
-    """Drop this suite's cached inputs when it ends, so the next suite has the device memory."""
-    yield
-    _STATE["key"] = _STATE["value"] = None
-
-
 def _blend(S, T, alpha, backend="torch"):
     return dsrb.ops.instance_blend(S, T, alpha, backend=backend, validate=False)
 
@@ -46,9 +38,7 @@ def _blend(S, T, alpha, backend="torch"):
 def _inputs(bench, shape, dims, device, dtype):
     key = (shape, str(device), str(dtype))
     if _STATE["key"] != key:
-        _STATE["key"] = _STATE["value"] = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        bench.drop_inputs(_STATE, device)
         B, C, D = dims["B"], dims["C"], dims["D"]
         gen = torch.Generator().manual_seed(bench.seed_for(OP, shape))
         F = bench.attention_weighted_map(gen, dims, device, dtype)

@@ -68,13 +68,6 @@ _STATE = {"key": None, "value": None}  # the fixed state of one shape at a time
 _RESULTS: Dict[tuple, Dict[str, int]] = {}  # (shape, device, budget) -> {provider: largest batch}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _release_inputs():
-    """Drop this suite's cached state when it ends, so the next suite has the device memory."""
-    yield
-    _STATE["key"] = _STATE["value"] = None
-
-
 def _budget(device: torch.device, bench_available) -> Tuple[int, str]:
     env = os.environ.get("DSRB_BENCH_MEMORY_BUDGET")
     if env:
@@ -94,9 +87,7 @@ def _nbytes(*tensors) -> int:
 def _state(bench, shape, dims, device, dtype):
     key = (shape, str(device), str(dtype))
     if _STATE["key"] != key:
-        _STATE["key"] = _STATE["value"] = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        bench.drop_inputs(_STATE, device)
         H, W, C, D, I, E = (dims[k] for k in "HWCDIE")
         gen = torch.Generator().manual_seed(bench.seed_for("largest_batch", shape))
         fc = tuple(bench.seeded_linear(gen, fan_in, fan_out, bias, device, dtype)

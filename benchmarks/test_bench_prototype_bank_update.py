@@ -32,13 +32,6 @@ CAP = 100
 _STATE = {"key": None, "value": None}  # the inputs of one shape at a time
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _release_inputs():
-    """Drop this suite's cached inputs when it ends, so the next suite has the device memory."""
-    yield
-    _STATE["key"] = _STATE["value"] = None
-
-
 def _update(sums, counts, S, T, quadrant, backend="torch"):
     dsrb.ops.prototype_bank_update_(sums, counts, S, T, quadrant, CAP, validate=False, backend=backend)
 
@@ -46,9 +39,7 @@ def _update(sums, counts, S, T, quadrant, backend="torch"):
 def _inputs(bench, shape, dims, device, dtype):
     key = (shape, str(device), str(dtype))
     if _STATE["key"] != key:
-        _STATE["key"] = _STATE["value"] = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        bench.drop_inputs(_STATE, device)
         B, C, D = dims["B"], dims["C"], dims["D"]
         gen = torch.Generator().manual_seed(bench.seed_for(OP, shape))
         S = torch.randn(B, C, D, generator=gen, dtype=dtype)

@@ -22,7 +22,6 @@ the ``instance_blend`` suite does and for the same reasons (see its docstring).
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import dsrb.ops
@@ -31,13 +30,6 @@ from dsrb.reference import prototype_blend_map, quadrant_index_map, select_label
 OP = "prototype_blend"
 HOST_OVERHEAD_SHAPE = True  # also the conftest's "tiny" shape: the host cost of one call
 _STATE = {"key": None, "value": None}  # the inputs of one shape at a time
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _release_inputs():
-    """Drop this suite's cached inputs when it ends, so the next suite has the device memory."""
-    yield
-    _STATE["key"] = _STATE["value"] = None
 
 
 def official_prototype_blend_map(F, T, beta, prototype_maps, quadrant, shift, select):
@@ -52,9 +44,7 @@ def _blend(S, T, beta, bank, quadrant, shift, select, backend="torch"):
 def _inputs(bench, shape, dims, device, dtype):
     key = (shape, str(device), str(dtype))
     if _STATE["key"] != key:
-        _STATE["key"] = _STATE["value"] = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        bench.drop_inputs(_STATE, device)
         B, H, W, N, C, D = (dims[k] for k in "BHWNCD")
         gen = torch.Generator().manual_seed(bench.seed_for(OP, shape))
         F = bench.attention_weighted_map(gen, dims, device, dtype)

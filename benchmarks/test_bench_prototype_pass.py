@@ -72,13 +72,6 @@ OFFICIAL_BUDGET_S = 20.0
 _STATE = {"key": None, "value": None}  # the epoch of one shape at a time
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _release_inputs():
-    """Drop this suite's cached epoch when it ends, so the next suite has the device memory."""
-    yield
-    _STATE["key"] = _STATE["value"] = None
-
-
 def _batches(size, dims) -> int:
     return min(BATCHES[size], max(1, MAX_IMAGES[size] // dims["B"]))
 
@@ -86,9 +79,7 @@ def _batches(size, dims) -> int:
 def _epoch(bench, size, shape, dims, device, dtype):
     key = (size, shape, str(device), str(dtype))
     if _STATE["key"] != key:
-        _STATE["key"] = _STATE["value"] = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        bench.drop_inputs(_STATE, device)
         B, N, C, D = dims["B"], dims["N"], dims["C"], dims["D"]
         gen = torch.Generator().manual_seed(bench.seed_for(CASE, shape))
         batches = []

@@ -30,13 +30,6 @@ PASSES = ("fwd", "graph") if torch.cuda.is_available() else ("fwd",)
 _STATE = {"key": None, "value": None}  # the inputs of one shape at a time
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _release_inputs():
-    """Drop this suite's cached inputs when it ends, so the next suite has the device memory."""
-    yield
-    _STATE["key"] = _STATE["value"] = None
-
-
 def _quadrants(a, x, height, width, backend="torch"):
     return dsrb.ops.quadrant_index(a, x.sum(-1), height, width, backend=backend)
 
@@ -44,9 +37,7 @@ def _quadrants(a, x, height, width, backend="torch"):
 def _inputs(bench, shape, dims, device, dtype):
     key = (shape, str(device), str(dtype))
     if _STATE["key"] != key:
-        _STATE["key"] = _STATE["value"] = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        bench.drop_inputs(_STATE, device)
         B, N, C, D = (dims[k] for k in "BNCD")
         gen = torch.Generator().manual_seed(bench.seed_for(OP, shape))
         x = torch.randn(B, N, D, generator=gen, dtype=dtype)

@@ -78,9 +78,8 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(autouse=True, scope="module")
 def _summary(request):
     """After the sweep: the ratios to the base point of every provider and axis, into each point's extra_info, and
-    a table on the terminal. Also drops the cached inputs."""
+    a table on the terminal."""
     yield
-    _STATE["key"] = _STATE["value"] = None
     base = {(p["provider"], p["axis"]): p for p in _POINTS if p["multiplier"] == 1}
     lines = []
     for p in _POINTS:
@@ -110,9 +109,7 @@ def _summary(request):
 def _inputs(bench, point, device, dtype):
     key = (point["label"], str(device), str(dtype))
     if _STATE["key"] != key:
-        _STATE["key"] = _STATE["value"] = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        bench.drop_inputs(_STATE, device)
         dims = point["dims"]
         B, N, C, D, I = (dims[k] for k in "BNCDI")
         gen = torch.Generator().manual_seed(bench.seed_for(OP, "scaling", point["label"]))

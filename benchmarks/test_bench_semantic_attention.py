@@ -28,13 +28,6 @@ HOST_OVERHEAD_SHAPE = True  # also the conftest's "tiny" shape: the host cost of
 _STATE = {"key": None, "value": None}  # the inputs of one shape at a time
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _release_inputs():
-    """Drop this suite's cached inputs when it ends, so the next suite has the device memory."""
-    yield
-    _STATE["key"] = _STATE["value"] = None
-
-
 def _stage(x, word, fc1, fc2, fc3, fc4, backend):
     u = fc1(x)
     e = fc2(word)
@@ -50,9 +43,7 @@ def _stage_torch(x, word, fc1, fc2, fc3, fc4):
 def _inputs(bench, shape, dims, device, dtype):
     key = (shape, str(device), str(dtype))
     if _STATE["key"] != key:
-        _STATE["key"] = _STATE["value"] = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        bench.drop_inputs(_STATE, device)
         B, H, W, N, C, D, I, E = (dims[k] for k in "BHWNCDIE")
         gen = torch.Generator().manual_seed(bench.seed_for(OP, shape))
         X = torch.randn(B, D, H, W, generator=gen, dtype=dtype)

@@ -60,13 +60,6 @@ NUM_CLASSES = {"coco": 80, "voc": 20, "vg": 200}  # the built-in dataset's count
 _STATE = {"key": None, "value": None}  # the shared inputs of one preset at a time
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _release_inputs():
-    """Drop this suite's cached inputs when it ends, so the next suite has the device memory."""
-    yield
-    _STATE["key"] = _STATE["value"] = None
-
-
 def _num_classes(cfg) -> int:
     if cfg.dataset == "builtin":
         from dsrb.data import BUILTIN_CLASSES
@@ -104,9 +97,7 @@ def _build(inp, provider, backend, device):
 def _inputs(bench, preset, device, dtype):
     key = (preset, str(device), str(dtype))
     if _STATE["key"] != key:
-        _STATE["key"] = _STATE["value"] = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        bench.drop_inputs(_STATE, device)
         from dsrb.compat import to_official_state_dict
         from dsrb.config import preset_config
         from dsrb.models import DSRB
