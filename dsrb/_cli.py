@@ -105,7 +105,11 @@ def stop_on_termination() -> None:
 def discard(stream) -> None:
     """Send what is still written to ``stream`` (whose reader went away) nowhere: else the flush at exit fails too,
     with an "Exception ignored" message."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, stream.fileno())
+    finally:
+        os.close(null)  # the stream's descriptor now points at the null device too
 
 
 def error_line(prog: str, err: BaseException) -> str:

@@ -36,6 +36,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ._cli import ArgumentParser, check_output_file
+from ._loader import batches
 from .checkpoint import atomic_write
 from .config import check_device
 from .inference import (AMP_CHOICES, BACKENDS, amp_autocast, check_finite_logits, device_arg, load_model,
@@ -120,7 +121,7 @@ def evaluate_checkpoint(
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=dev.type == "cuda")
     scores, indices = [], []
-    for images, _, index in loader:
+    for images, _, index in batches(loader):
         with amp_autocast(amp, dev):
             scores.append(model(images.to(dev, non_blocking=True)).float().cpu())
         indices.append(torch.as_tensor(index).long())

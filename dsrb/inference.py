@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ._checks import brief
 from ._cli import exit_on_error
+from ._loader import batches
 from .checkpoint import load_checkpoint
 from .config import check_device
 from .models import DSRB
@@ -304,7 +305,7 @@ def image_logits(model: DSRB, paths: Sequence[str], image_size: int, *, batch_si
     loader = DataLoader(ImageFiles(paths, TestTransform(image_size)), batch_size=batch_size, shuffle=False,
                         num_workers=workers)
     model.eval()
-    chunks = [model(images.to(device)).float().cpu() for images, _ in loader]
+    chunks = [model(images.to(device)).float().cpu() for images, _ in batches(loader)]
     if not chunks:
         return torch.zeros(0, model.num_classes)
     return torch.cat(chunks)

@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from . import __version__
 from ._cli import ArgumentParser, check_output_file, exit_on_error
+from ._loader import batches
 from .checkpoint import FileLock, atomic_write, save_json
 from .config import check_device
 from .data import TestTransform, TrainTransform, build_dataset
@@ -106,7 +107,7 @@ def pretrain_backbone(backbone: str = "resnet18", width: int = 16, image_size: i
         model.train()
         loader = _loader(train_set, recipe["batch_size"], True, recipe["seed"] * 1000 + epoch, workers)
         bar = Progress(len(loader), f"pretrain epoch {epoch}")
-        for images, targets, _ in loader:
+        for images, targets, _ in batches(loader):
             logits = model(images.to(device))
             loss = nn.functional.binary_cross_entropy_with_logits(logits, (targets.to(device) > 0).to(logits.dtype))
             optimizer.zero_grad(set_to_none=True)
@@ -118,7 +119,7 @@ def pretrain_backbone(backbone: str = "resnet18", width: int = 16, image_size: i
     model.eval()
     scores = []
     with torch.no_grad():
-        for images, _, _ in _loader(test_set, 64, False, 0, workers):
+        for images, _, _ in batches(_loader(test_set, 64, False, 0, workers)):
             scores.append(model(images.to(device)).float().cpu())
     metrics = compute_metrics(torch.cat(scores), test_set.labels.float())
     info = {"backbone": backbone, "width": width, "image_size": image_size, "recipe": recipe,

@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 from . import __version__
 from ._cli import check_output_dir, discard, error_line, fail, stop_on_termination
+from ._loader import batches
 from .checkpoint import (append_line, atomic_write, load_checkpoint, remove_stale_temporaries, rng_state,
                          save_checkpoint, save_json, set_rng_state)
 from .config import RESUMABLE, TrainConfig, check_device, load_config_file, parse_args
@@ -405,7 +406,7 @@ def prototype_pass(core: DSRB, loader: DataLoader, cfg: TrainConfig, d: Dist, de
     core.reset_prototypes()
     total = _limit(loader, cfg.limit_train_batches)
     bar = Progress(total, "prototypes", enabled=d.main)
-    for step, (images, targets, _) in enumerate(loader):
+    for step, (images, targets, _) in enumerate(batches(loader)):
         if step >= total:
             break
         images, targets = to_device(images, cfg, device), targets.to(device, non_blocking=True)
@@ -476,7 +477,7 @@ def train_epoch(model, core: DSRB, loader, optimizer, scaler, cfg: TrainConfig, 
     total = _limit(loader, cfg.limit_train_batches)
     bar = Progress(total, f"epoch {epoch}", enabled=d.main)
     losses = _StepLosses(epoch, bar)
-    for step, (images, targets, _) in enumerate(loader):
+    for step, (images, targets, _) in enumerate(batches(loader)):
         if step >= total:
             break
         images, targets = to_device(images, cfg, device), targets.to(device, non_blocking=True)
@@ -515,7 +516,7 @@ def predict_scores(model, loader, cfg: TrainConfig, d: Dist, device: torch.devic
     model.eval()
     total = _limit(loader, limit)
     scores, indices = [], []
-    for step, (images, _, index) in enumerate(loader):
+    for step, (images, _, index) in enumerate(batches(loader)):
         if step >= total:
             break
         with autocast(cfg, device):

@@ -606,3 +606,58 @@ def test_set_targets_validation():
     ds = MultiLabelDataset(["a.png"], src, ["x", "y"])
     src[0, 0] = -1
     assert ds.labels.tolist() == [[1, 1]]
+
+
+# ------------------------------------------------------------------------------------------------- worker lifetime
+
+
+class _FailsAt(torch.utils.data.Dataset):
+    """Item ``bad`` raises (an unreadable image, in a worker); the others are their index."""
+
+    def __init__(self, bad):
+        self.bad = bad
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        if index == self.bad:
+            raise ValueError(f"cannot read item {index}")
+        return torch.tensor(index)
+
+
+@pytest.mark.parametrize("end", ["worker error", "error in the loop", "break", "exhausted"])
+def test_batches_stops_the_workers_when_the_loop_ends(end):
+    """dsrb._loader.batches: however the loop ends, no worker process outlives it, even while the error, whose
+    traceback holds the DataLoader's iterator in a reference cycle, is still alive (in torch's own iterator the
+    workers of a worker error live until the garbage collector runs)."""
+    import multiprocessing
+
+    from dsrb._loader import batches
+
+    before = set(multiprocessing.active_children())
+    loader = torch.utils.data.DataLoader(_FailsAt(5 if end == "worker error" else -1), batch_size=2, num_workers=2)
+    seen, error = [], None
+    try:
+        for batch in batches(loader):
+            assert set(multiprocessing.active_children()) - before  # the workers run
+            seen += batch.tolist()
+            if len(seen) == 4 and end != "exhausted":
+                if end == "break":
+                    break
+                if end == "error in the loop":
+                    raise KeyError("in the loop")
+    except (ValueError, KeyError) as err:
+        error = err
+    assert (error is not None) == (end in ("worker error", "error in the loop"))
+    if end == "worker error":
+        assert "cannot read item 5" in str(error)
+    assert seen == (list(range(8)) if end == "exhausted" else [0, 1, 2, 3])
+    assert set(multiprocessing.active_children()) - before == set(), end
+
+
+def test_batches_without_workers():
+    from dsrb._loader import batches
+
+    loader = torch.utils.data.DataLoader(_FailsAt(-1), batch_size=3)
+    assert [b.tolist() for b in batches(loader)] == [[0, 1, 2], [3, 4, 5], [6, 7]]

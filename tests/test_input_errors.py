@@ -327,3 +327,22 @@ def test_an_error_line_is_one_write(monkeypatch):
     with pytest.raises(SystemExit) as stop:
         _cli.fail("python -m dsrb.train: error: x")
     assert stop.value.code == 1
+
+
+def test_discarding_a_stream_whose_reader_left_opens_no_descriptor():
+    """After ``| head`` goes away the stream's descriptor is pointed at the null device: later writes and the flush
+    at exit succeed, and no descriptor is left open for it (one leaked per call before)."""
+    from dsrb import _cli
+
+    read, write = os.pipe()
+    os.close(read)  # the reader went away
+    with os.fdopen(write, "w") as stream:
+        with pytest.raises(BrokenPipeError):
+            stream.write("x" * 100)
+            stream.flush()
+        before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+        _cli.discard(stream)
+        if before is not None:
+            assert len(os.listdir("/proc/self/fd")) == before
+        stream.write("y" * 100)
+        stream.flush()

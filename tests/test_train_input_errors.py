@@ -566,13 +566,18 @@ def test_test_split_without_a_positive_label_is_refused_before_the_run(tmp_path,
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_unreadable_image_is_one_error_line_with_the_way_out(tmp_path, workers, capsys):
     """Found when it is read (in a DataLoader worker with --workers 2, where torch wraps the error in the worker's
-    traceback): one "error:" line naming the image and --skip-bad-images, not a traceback."""
+    traceback): one "error:" line naming the image and --skip-bad-images, not a traceback. The workers end with the
+    error, not when the garbage collector reaches the iterator its traceback holds."""
+    import multiprocessing
+
+    children = set(multiprocessing.active_children())
     root = list_dataset(tmp_path, "a.png,cat\nb.png,dog\n" * 4 + "bad.png,cat\n", "a.png,cat\nb.png,dog\n")
     (tmp_path / "list" / "bad.png").write_bytes(b"not an image")
     argv = ["--dataset", "list", "--data-root", root, "--out", str(tmp_path / "run"), "--known-proportion", "1",
             *TINY, "--workers", workers, "--batch-size", "9"]  # one batch: every image
     with pytest.raises(SystemExit) as exit_:
         train.cli(argv)
+    assert set(multiprocessing.active_children()) == children
     message = error_line(exit_, capsys)
     assert re.fullmatch(r"python -m dsrb\.train: error: cannot read image \S*bad\.png: .*; drop unreadable images "
                         r"with skip_bad \(--skip-bad-images\)", message), message

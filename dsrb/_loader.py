@@ -1,0 +1,29 @@
+"""Iterating a DataLoader so that its worker processes end with the loop, whatever ends it."""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+__all__ = ["batches"]
+
+
+def batches(loader: Iterable) -> Iterator:
+    """The batches of ``loader`` (``for batch in batches(loader)``); its worker processes are stopped as soon as the
+    loop ends: at the end, at a ``break`` or an exception in the loop (when the generator is closed), and at an error
+    raised in a worker.
+
+    The last is the reason for it: a worker's error (an unreadable image) reaches the caller with a traceback whose
+    frames hold the DataLoader's iterator in a reference cycle, so that without this its workers and queues live on
+    in the caller's process (a notebook, a test session) until the garbage collector runs, and on Python 3.12 that
+    late clean-up can close a queue's pipe twice ("Exception in thread QueueFeederThread ... Bad file descriptor").
+    Meant for loaders without ``persistent_workers``, whose workers belong to one iteration (this package's own).
+    """
+    iterator = iter(loader)
+    try:
+        yield from iterator
+    finally:
+        # torch's own clean-up of a multi-process iterator (a private method, absent with num_workers=0): what the
+        # iterator runs when it is exhausted or deleted; it does nothing the second time.
+        stop = getattr(iterator, "_shutdown_workers", None)
+        if stop is not None:
+            stop()
