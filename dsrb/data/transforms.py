@@ -131,6 +131,10 @@ class CropParams(NamedTuple):
 class TrainTransform:
     """The official training augmentation (spec §7.4); all randomness from the torch RNG.
 
+    Crop sides are scale * k / 8 for k = 8..4: the official list {512, 448, 384, 320, 256} at scale 512 (the paper
+    presets). For the official code's other scale, 640, the spec gives only {640, ..., 320}; this rule's 640, 560, 480,
+    400, 320 may differ from it there.
+
     Args:
         image_size: output side S (official 448).
         scale_size: side of the first resize (official 512). Default round(S * 8 / 7), i.e. 512 for S = 448.
