@@ -16,6 +16,10 @@ Providers:
               (:func:`compile_torch`; compiled once, outside the timed region)
     triton, cuda, cpu   the fused backends, each skipped with the reason from :func:`dsrb.ops.reasons` where it
               cannot run (Triton is timed on CUDA only: the CPU interpreter's timings mean nothing)
+
+The memory-bound ops' suites (the blends, the quadrant index, the bank update) also record ``traffic_bytes``, what
+an ideal kernel of the pass moves (each tensor it reads or writes, once), from which the report gives GB/s;
+``test_bench_copy.py`` times a plain copy of S-sized data, the bandwidth to read those figures against.
 """
 
 from __future__ import annotations

@@ -144,7 +144,10 @@ SIZE_TARGETS="coco or vg-b32 or tiny"  # tiny: the host cost of one call, which 
 TARGET_SHAPES="coco or vg-b32"
 if [ "$DSRB_BENCH_SIZE" = quick ]; then SIZE_TARGETS="coco-b8 or demo or tiny"; TARGET_SHAPES="coco-b8 or demo"; fi
 SA=benchmarks/test_bench_semantic_attention.py
-OPS=("$SA" benchmarks/test_bench_instance_blend.py benchmarks/test_bench_prototype_blend.py)
+# The copy suite comes along: its graph cases (the device's bandwidth at each shape, what the blends' GB/s is read
+# against) with the graph part, its plain copies with ops_rest.
+OPS=("$SA" benchmarks/test_bench_instance_blend.py benchmarks/test_bench_prototype_blend.py
+     benchmarks/test_bench_copy.py)
 bench ops 40 150 "fwd+bwd and ($SIZE_TARGETS) and not compile" "${OPS[@]}"
 # 60 rounds: on the H200 (2026-12-05) the steps' times fell by a third after 12-14 of 20 rounds.
 DSRB_BENCH_ROUNDS=60 bench train_step 40 100 "not compile and not fast" benchmarks/test_bench_train_step.py

@@ -122,10 +122,14 @@ def _groups(cases: List[dict]) -> Dict[str, Dict[str, dict]]:
             "notes": ", ".join(f"{k} {_num(info[k])}" for k in NOTES if info.get(k) is not None),
             "figures": {k: info[k] for k in NOTES if _number(info.get(k))},
             "device": info.get("device"),
+            "traffic": info.get("traffic_bytes"),
         }
     for row in groups.values():
         for r in row.values():  # shown: the CUDA-event timings on a GPU, else pytest-benchmark's host clock
             r["median_ms"], r["iqr_ms"] = r["event_ms"] if _number(r["event_ms"][0]) else r["host_ms"]
+            if _number(r["traffic"]) and r["median_ms"] > 0:  # bytes per ms / 1e6 = GB/s
+                rate = f"{r['traffic'] / r['median_ms'] / 1e6:.3g} GB/s"
+                r["notes"] = f"{rate}, {r['notes']}" if r["notes"] else rate
     return dict(groups)
 
 
@@ -335,7 +339,9 @@ def header(runs: List[dict]) -> str:
         "Speed-up = the other provider's median / this provider's median; memory ratio = the other's peak / this "
         "peak (higher is better for both). Medians and IQR: on a GPU the time of one call between CUDA events, on a "
         "CPU pytest-benchmark's host clock; a GPU case without event timings (interrupted) says \"host clock\", and a "
-        "ratio with it is taken on the host clock of both cases.",
+        "ratio with it is taken on the host clock of both cases. GB/s (notes): the bytes an ideal kernel of the "
+        "case moves (each tensor the pass reads or writes, once; listed in its suite's traffic_bytes) over the "
+        "median; the copy case gives what a plain copy of S-sized data reaches on the same device.",
         "",
     ])
 

@@ -54,6 +54,15 @@ def _inputs(bench, shape, dims, device, dtype):
     return _STATE["value"]
 
 
+def traffic_bytes(dims, pass_, dtype) -> int:
+    """Bytes an ideal kernel moves in the pass, each tensor read or written once (the GB/s of the report): fwd reads S,
+    T, alpha and writes S1, T1; bwd reads grad_S1, grad_T1, S, T, alpha and writes grad_S, grad_alpha; fwd+bwd (and
+    the graph pass) both. No partner tensor: the batch flip."""
+    e, BCD, BC = dtype.itemsize, dims["B"] * dims["C"] * dims["D"], dims["B"] * dims["C"]
+    fwd, bwd = e * (2 * BCD + 2 * BC + 1), e * (3 * BCD + 2 * BC + 2)
+    return {"fwd": fwd, "bwd": bwd}.get(pass_, fwd + bwd)
+
+
 def _official_estimate(dims) -> int:
     """Rough fp32 bytes of the official forward + backward: about 9 live (B, H, W, C, D) tensors (spec §11.1)."""
     return 4 * 9 * dims["B"] * dims["N"] * dims["C"] * dims["D"]
@@ -104,4 +113,5 @@ def test_instance_blend(benchmark, bench, provider, pass_, shape, dims, device, 
         estimate=_official_estimate, inputs=_inputs, forward=_forward, validate=_validate,
         official="dsrb.reference.instance_blend_map on the (B,H,W,C,D) map, summed over space; grad w.r.t. F and alpha",
         fused="dsrb.ops.instance_blend(backend='{backend}', validate=False) on (B,C,D); grad w.r.t. S and alpha",
+        traffic_bytes=traffic_bytes(dims, pass_, dtype),
     )

@@ -55,6 +55,14 @@ def _inputs(bench, shape, dims, device, dtype):
     return _STATE["value"]
 
 
+def traffic_bytes(dims, dtype) -> int:
+    """Bytes an ideal kernel moves, each tensor read or written once (the GB/s of the report): it reads S, T, the int64
+    quadrants and the bank (float32 sums (C, 4, D), int64 counts (C, 4)) and writes the bank. An upper bound of what
+    the update needs: it reads only the rows of S it stores and writes only the buckets they go to."""
+    B, C, D = dims["B"], dims["C"], dims["D"]
+    return dtype.itemsize * (B * C * D + B * C) + 8 * B * C + 2 * (4 * 4 * C * D + 8 * 4 * C)
+
+
 def test_prototype_bank_update(benchmark, bench, provider, shape, dims, device, dtype, rounds):
     if provider == "official":
         pytest.skip("official: the official code has no per-batch bank of vectors (its per-sample loop over maps "
@@ -87,4 +95,5 @@ def test_prototype_bank_update(benchmark, bench, provider, shape, dims, device, 
     served = bench.check_served(provider, backend, lambda: run(*fresh_bank()[0]))  # ran ``backend``'s kernels only
     bench.run_case(benchmark, run, setup=fresh_bank, device=device, rounds=rounds,
                    info={"op": OP, "case": OP, "provider": provider, "pass": "fwd", "shape": shape, "dims": dims,
-                         "dtype": dtype, "formulation": formulation, "served_by": served, "cap": CAP})
+                         "dtype": dtype, "formulation": formulation, "served_by": served, "cap": CAP,
+                         "traffic_bytes": traffic_bytes(dims, dtype)})

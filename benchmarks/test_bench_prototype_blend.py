@@ -68,6 +68,19 @@ def _inputs(bench, shape, dims, device, dtype):
     return _STATE["value"]
 
 
+def traffic_bytes(dims, pass_, dtype) -> int:
+    """Bytes an ideal kernel moves in the pass, each tensor read or written once (the GB/s of the report): fwd reads S,
+    T, beta, the (C, 4, D) bank, quadrant and shift (int64) and select (bool) and writes S2, T2; bwd reads grad_S2,
+    grad_T2, S, the bank, beta, quadrant, shift and select and writes grad_S, grad_beta; fwd+bwd (and the graph pass)
+    both."""
+    B, C, D = dims["B"], dims["C"], dims["D"]
+    e, BCD, BC, bank = dtype.itemsize, B * C * D, B * C, 4 * C * D
+    indices = (8 + 8 + 1) * BC  # quadrant, shift, select
+    fwd = e * (2 * BCD + 2 * BC + bank + 1) + indices
+    bwd = e * (3 * BCD + BC + bank + 2) + indices
+    return {"fwd": fwd, "bwd": bwd}.get(pass_, fwd + bwd)
+
+
 def _official_estimate(dims) -> int:
     """Rough fp32 bytes of the official forward + backward: about 10 live (B, H, W, C, D) tensors plus the
     (C, 4, H, W, D) prototype maps (spec §11.1)."""
@@ -127,4 +140,5 @@ def test_prototype_blend(benchmark, bench, provider, pass_, shape, dims, device,
                  "space (dsrb.reference.prototype_blend_map with the quadrant given); grad w.r.t. F and beta",
         fused="dsrb.ops.prototype_blend(backend='{backend}', validate=False) on (B,C,D) with the (C,4,D) bank; "
               "grad w.r.t. S and beta",
+        traffic_bytes=traffic_bytes(dims, pass_, dtype),
     )

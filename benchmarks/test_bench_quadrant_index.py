@@ -49,6 +49,13 @@ def _inputs(bench, shape, dims, device, dtype):
     return _STATE["value"]
 
 
+def traffic_bytes(dims, dtype) -> int:
+    """Bytes an ideal kernel moves, each tensor read or written once (the GB/s of the report): it reads a (B, C, N)
+    and x (B, N, D), whose channel sum the timed call takes, and writes the (B, C) int64 quadrants."""
+    B, N, C, D = (dims[k] for k in "BNCD")
+    return dtype.itemsize * (B * C * N + B * N * D) + 8 * B * C
+
+
 @pytest.mark.parametrize("pass_name", PASSES)
 def test_quadrant_index(benchmark, bench, provider, shape, dims, device, dtype, rounds, pass_name):
     backend = bench.require_provider(OP, provider, device, dtype)
@@ -78,4 +85,5 @@ def test_quadrant_index(benchmark, bench, provider, shape, dims, device, dtype, 
     served = bench.check_served(provider, backend, run)  # ran ``backend``'s kernels only
     bench.run_case(benchmark, run, device=device, rounds=rounds,
                    info={"op": OP, "case": OP, "provider": provider, "pass": pass_name, "shape": shape, "dims": dims,
-                         "dtype": dtype, "formulation": formulation, "served_by": served})
+                         "dtype": dtype, "formulation": formulation, "served_by": served,
+                         "traffic_bytes": traffic_bytes(dims, dtype)})

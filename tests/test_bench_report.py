@@ -1,4 +1,5 @@
-"""benchmarks/report.py (merging a split run's JSON, checking the issues' targets) and a check of gpu_session.sh."""
+"""benchmarks/report.py (merging a split run's JSON, checking the issues' targets, GB/s), the suites' traffic
+counts and a check of gpu_session.sh."""
 
 import json
 import os
@@ -6,6 +7,7 @@ import pathlib
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # `benchmarks` is not an installed package
 
@@ -100,6 +102,25 @@ def test_merge_later_file_wins_and_main_prints_targets_first(tmp_path, capsys):
     assert "| head-coco-b8-fwd+bwd | cpu vs official | – | 3× | no data |" in out
     assert "semantic_attention fwd+bwd >= 10x official" not in out  # a GPU target, and this is a CPU run
     assert "- Files: a.json (2 cases), b.json (1 cases)" in out and "- Commit: abc, def" in out
+
+
+def test_gb_per_s_from_the_traffic_over_the_median_shown(tmp_path):
+    """GB/s = traffic_bytes / median: the CUDA-event median on a GPU (the host clock of an interrupted case), the host
+    clock on a CPU; none without traffic_bytes."""
+    g = "instance_blend-coco-fwd"
+    a = write(tmp_path / "a.json", [
+        case(g, "cuda", 0.010, traffic_bytes=5e6, cuda_event_median_ms=0.5),  # 5 MB in 0.5 ms: 10 GB/s
+        case(g, "torch", 0.004, traffic_bytes=6e6, rounds=3, recorded=1),  # interrupted: host clock, 4 ms
+        case(g, "official", 0.020),
+        case("copy-tiny-fwd", "torch", 2e-5, device="cpu", traffic_bytes=1024),  # small figures keep 3 digits
+        case("copy-coco-fwd", "torch", 0.001, device="cpu", traffic_bytes=2e6, images_per_s=3.0),
+    ])
+    groups, _ = report.load([a])
+    assert groups[g]["cuda"]["notes"] == "10 GB/s"
+    assert groups[g]["torch"]["notes"] == "1.5 GB/s"
+    assert groups[g]["official"]["notes"] == ""
+    assert groups["copy-coco-fwd"]["torch"]["notes"] == "2 GB/s, images_per_s 3"
+    assert groups["copy-tiny-fwd"]["torch"]["notes"] == "0.0512 GB/s"
 
 
 def test_dsrb_commit_names_the_commit_and_keeps_what_git_said(tmp_path, capsys, monkeypatch):
@@ -401,3 +422,45 @@ def test_interrupt_in_first_timed_round_keeps_finished_cases(tmp_path):
     saved = json.loads(out.read_text())["benchmarks"]
     assert [b["extra_info"]["provider"] for b in saved] == ["official"]
     assert saved[0]["stats"]["rounds"] == 3 and saved[0]["extra_info"]["rounds"] == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_traffic_bytes_count_each_tensor_of_the_pass_once(dtype):
+    """Each memory-bound suite's traffic_bytes equals the bytes of the tensors its pass reads and writes, counted from
+    real calls of the ops (odd sizes, so that a dimension counted in the wrong term shows)."""
+    import dsrb.ops as ops
+    from benchmarks import (test_bench_instance_blend as ib, test_bench_prototype_bank_update as bu,
+                            test_bench_prototype_blend as pb, test_bench_quadrant_index as qi)
+
+    B, C, D, H, W = 3, 5, 7, 2, 3
+    dims = dict(B=B, C=C, D=D, H=H, W=W, N=H * W)
+    size = lambda *ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    S = torch.randn(B, C, D, dtype=dtype, requires_grad=True)
+    T = torch.randint(-1, 2, (B, C)).to(dtype)
+    coef = torch.full((1,), 0.5, dtype=dtype, requires_grad=True)
+
+    S1, T1 = ops.instance_blend(S, T, coef)
+    gS1, gT1 = torch.ones_like(S1), torch.ones_like(T1)
+    gS, ga = torch.autograd.grad((S1, T1), (S, coef), (gS1, gT1))
+    assert ib.traffic_bytes(dims, "fwd", dtype) == size(S, T, coef, S1, T1)
+    assert ib.traffic_bytes(dims, "bwd", dtype) == size(gS1, gT1, S, T, coef, gS, ga)
+    assert ib.traffic_bytes(dims, "fwd+bwd", dtype) == ib.traffic_bytes(dims, "graph", dtype) == (
+        size(S, T, coef, S1, T1) + size(gS1, gT1, S, T, coef, gS, ga))
+
+    bank = torch.randn(C, 4, D, dtype=dtype)
+    quadrant, shift = torch.randint(0, 4, (B, C)), torch.randint(1, 4, (B, C))
+    select = torch.rand(B, C) < 0.5
+    S2, T2 = ops.prototype_blend(S, T, coef, bank, quadrant, shift, select)
+    gS2, gT2 = torch.ones_like(S2), torch.ones_like(T2)
+    gS, gb = torch.autograd.grad((S2, T2), (S, coef), (gS2, gT2))
+    assert pb.traffic_bytes(dims, "fwd", dtype) == size(S, T, coef, bank, quadrant, shift, select, S2, T2)
+    assert pb.traffic_bytes(dims, "bwd", dtype) == size(gS2, gT2, S, bank, coef, quadrant, shift, select, gS, gb)
+
+    a = torch.softmax(torch.randn(B, C, H * W, dtype=dtype), -1)
+    x = torch.randn(B, H * W, D, dtype=dtype)
+    q = ops.quadrant_index(a, x.sum(-1), H, W)
+    assert qi.traffic_bytes(dims, dtype) == size(a, x, q)
+
+    sums, counts = torch.zeros(C, 4, D), torch.zeros(C, 4, dtype=torch.int64)
+    new_sums, new_counts = ops.prototype_bank_update(sums, counts, S.detach(), T, quadrant, cap=2)
+    assert bu.traffic_bytes(dims, dtype) == size(S, T, quadrant, sums, counts, new_sums, new_counts)
