@@ -16,7 +16,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from ._cli import ArgumentParser
 
@@ -453,7 +453,14 @@ HELP = {
     "prototype_interval": "epochs between prototype passes",
     "prototype_cap": "samples kept per (class, quadrant) prototype bucket",
     "top_k": "labels per image blended by PPRB",
+    "contrastive_weight": "weight of the contrastive loss (ramped up over the first epoch)",
+    "instance_weight": "weight of the instance-blended BCE term",
+    "prototype_weight": "weight of the prototype-blended BCE term",
     "detach_blend_targets": "stop alpha/beta gradients through the soft targets",
+    "epochs": "training epochs",
+    "batch_size": "images per batch (per process under torchrun)",
+    "lr": "Adam learning rate",
+    "weight_decay": "Adam's L2 weight decay (coupled, as officially)",
     "lr_step": "StepLR step size (epochs)",
     "lr_gamma": "StepLR decay factor",
     "amp": "none | bf16 | fp16 autocast",
@@ -472,6 +479,28 @@ HELP = {
 }
 
 
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "none"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _preset_defaults(name: str) -> str:
+    """``name``'s value in each preset for --help, presets of one value grouped ("[demo, sweep: 0.001; coco, voc, vg:
+    1e-05]", "[default 0.5]"); empty where no preset sets it (the help text says what happens then)."""
+    values = {preset: getattr(preset_config(preset), name) for preset in PRESETS}
+    if all(v is None for v in values.values()):
+        return ""
+    groups: Dict[str, List[str]] = {}
+    for preset, value in values.items():
+        groups.setdefault(_shown(value), []).append(preset)
+    if len(groups) == 1:
+        return f" [default {next(iter(groups))}]"
+    return " [" + "; ".join(f"{', '.join(presets)}: {value}" for value, presets in groups.items()) + "]"
+
+
 def _flag_type(f: dataclasses.Field):
     t = str(f.type)
     if "int" in t and "Optional" in t:
@@ -487,7 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="python -m dsrb.train",
         description="Train DSRB (or the partial-BCE baseline) on a built-in or real multi-label dataset.",
-        epilog="Every setting defaults to the chosen preset's value; see dsrb/config.py for the presets.",
+        epilog="Every setting defaults to the chosen preset's value, shown in brackets (the README's preset table "
+               "describes them).",
     )
     parser.add_argument("--preset", default=None, choices=tuple(PRESETS),
                         help="starting settings (default: the config file's preset, else demo)")
@@ -499,12 +529,12 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "preset":
             continue
         flag = "--" + f.name.replace("_", "-")
+        text = (HELP[f.name] + _preset_defaults(f.name)).replace("%", "%%")  # argparse formats help with %
         if f.type in ("bool", "Optional[bool]") or isinstance(getattr(defaults, f.name), bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=HELP.get(f.name))
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             parser.add_argument(flag, dest=f.name, type=_flag_type(f), default=None, metavar=f.name.upper(),
-                                help=HELP.get(f.name))
+                                help=text)
     return parser
 
 

@@ -3,6 +3,7 @@ key) and what was expected, raised before the run directory is created; never a 
 result."""
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -885,3 +886,19 @@ def test_other_runtime_errors_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(train, "main", main)
     with pytest.raises(RuntimeError, match="a bug"):
         train.cli([])
+
+
+def test_help_describes_every_setting_with_each_presets_default():
+    """--help gives every setting a description and its value in each preset (grouped where presets agree), so the
+    defaults need no reading of dsrb/config.py; settings no preset sets show no bracket."""
+    from dsrb import config
+
+    text = " ".join(config.build_parser().format_help().split())  # argparse wraps lines
+    for f in dataclasses.fields(config.TrainConfig):
+        if f.name != "preset":
+            assert config.HELP[f.name] in text, f.name
+    assert "Adam learning rate [demo, sweep: 0.001; coco, voc, vg: 1e-05]" in text
+    assert "fraction of training labels kept known, in (0, 1] [default 0.5]" in text
+    assert "[demo, coco, voc, vg: none; sweep: builtin]" in text  # --pretrained
+    assert "none | bf16 | fp16 autocast [default none]" in text  # a string "none", not an unset value
+    assert "cap batches per epoch (smoke runs) --limit-test-batches" in text  # unset in every preset: no bracket
