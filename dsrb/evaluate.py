@@ -190,8 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="training checkpoint (best.pt / last.pt)")
     parser.add_argument("--dataset", default=None, help="builtin, coco, voc, vg or list (default: the checkpoint's)")
     parser.add_argument("--data-root", default=None, help="dataset folder (default: the checkpoint's)")
-    parser.add_argument("--split", default="test", choices=("train", "test"), help="default test")
-    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--split", default="test", choices=("train", "test"),
+                        help="split to evaluate, with its full labels (default test)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default 16)")
     parser.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader workers (default 2)")
     parser.add_argument("--device", type=device_arg, default="auto",
                         help="auto, cpu, cuda, cuda:N or mps (default auto)")
