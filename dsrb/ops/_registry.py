@@ -107,7 +107,9 @@ def select(op: str, device: torch.device, dtype: torch.dtype, backend: str = "au
     key = (op, device.type, dtype, requested)
     fn = _SELECTED.get(key)
     if fn is None:
-        fn = _SELECTED[key] = _select(op, device, dtype, requested)
+        fn = _select(op, device, dtype, requested)
+        if not torch.compiler.is_compiling():  # a traced write to module state is a side effect strict export warns of
+            _SELECTED[key] = fn
     return fn
 
 
