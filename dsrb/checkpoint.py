@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import sys
 from typing import Any, Dict, Optional
@@ -15,7 +16,7 @@ import torch
 from ._files import TMP_PREFIX, append_line, atomic_write, remove_stale_temporaries
 
 __all__ = ["TMP_PREFIX", "append_line", "atomic_write", "remove_stale_temporaries", "save_checkpoint", "save_json",
-           "load_checkpoint", "rng_state", "set_rng_state", "FileLock"]
+           "load_checkpoint", "numpy_globals", "rng_state", "set_rng_state", "FileLock"]
 
 
 def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
@@ -27,14 +28,36 @@ def save_json(path: str, obj: Any) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
 
 
+def numpy_globals() -> list:
+    """What pickled NumPy values name: the array and scalar reconstructors under the module names of NumPy 1 and 2,
+    ndarray and the dtypes. They build values and run no other code, so allowing them keeps ``torch.load(...,
+    weights_only=True)`` safe."""
+    scalar, array = np.float64(0).__reduce__()[0], np.zeros(1).__reduce__()[0]
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")] if hasattr(np, "dtypes") else []
+    return [*((f, f"{module}.multiarray.{name}") for f, name in ((scalar, "scalar"), (array, "_reconstruct"))
+              for module in ("numpy.core", "numpy._core")), np.ndarray, np.dtype, *dtypes]
+
+
 def load_checkpoint(path: str) -> Dict[str, Any]:
-    """The dict saved by :func:`save_checkpoint`; a ValueError naming ``path`` if it cannot be read (truncated)."""
+    """The dict saved by :func:`save_checkpoint`; a ValueError naming ``path`` if it cannot be read (truncated), or if
+    it holds anything a dsrb checkpoint does not.
+
+    Loaded with ``weights_only=True``: a checkpoint is unpickled, and a file from elsewhere could otherwise run code
+    as it loads. Besides tensors and plain Python values ours hold NumPy's RNG state and scalars, and (written before
+    2026-12-06) torch's version as its ``TorchVersion`` string; those are allowed, nothing else.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    # Our checkpoints hold numpy RNG state and plain Python values besides tensors.
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals([*numpy_globals(), torch.torch_version.TorchVersion]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many kinds (OSError, UnpicklingError, RuntimeError, EOFError, ...)
+        marker = "Unsupported global: GLOBAL "  # weights_only's refusal (a truncated file is an UnpicklingError too)
+        refused = next((line.split(marker)[1].split(" ")[0] for line in str(err).splitlines() if marker in line),
+                       None) if isinstance(err, pickle.UnpicklingError) else None
+        if refused is not None:
+            raise ValueError(f"checkpoint {path} holds a {refused}, which no checkpoint of python -m dsrb.train "
+                             "holds; not loaded, since unpickling it could run code") from None
         raise ValueError(f"checkpoint {path} could not be read ({type(err).__name__}: {err}); the file is truncated "
                          "or not a checkpoint written by python -m dsrb.train") from err
     return state

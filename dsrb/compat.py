@@ -51,8 +51,9 @@ import warnings
 from collections import OrderedDict
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
-import numpy as np
 import torch
+
+from .checkpoint import numpy_globals
 
 __all__ = ["load_official_checkpoint", "to_official_state_dict", "official_to_dsrb_key", "dsrb_to_official_key"]
 
@@ -104,23 +105,15 @@ def dsrb_to_official_key(key: str) -> Optional[str]:
     return None
 
 
-def _numpy_scalar_globals() -> list:
-    """What a pickled NumPy scalar names (the official trainer saves its best_mAP as a numpy.float64): the scalar
-    reconstructor under the module names of NumPy 1 and 2, and the dtypes. They build values and run no other code,
-    so allowing them keeps ``weights_only`` loading safe."""
-    scalar = np.float64(0).__reduce__()[0]
-    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")] if hasattr(np, "dtypes") else []
-    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype, *dtypes]
-
-
 def _load_file(path, map_location: Any, where: str) -> Any:
-    """``torch.load(weights_only=True)`` allowing NumPy scalars; an unreadable file is a ValueError naming it."""
+    """``torch.load(weights_only=True)`` allowing NumPy values (the official trainer saves its best_mAP as a
+    numpy.float64); an unreadable file is a ValueError naming it."""
     if os.path.isdir(path):  # "not found" would send the user looking for a file that is there
         raise IsADirectoryError(f"{where} is a folder; expected the checkpoint file (a .pth)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{where} not found")
     try:
-        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+        with torch.serialization.safe_globals(numpy_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch.load raises many kinds (UnpicklingError, KeyError, RuntimeError, EOFError, ...)
         lines = str(err).splitlines()

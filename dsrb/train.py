@@ -141,7 +141,7 @@ def derived_seed(*parts: int) -> int:
 
 
 def versions() -> Dict[str, str]:
-    return {"dsrb": __version__, "torch": torch.__version__, "numpy": np.__version__,
+    return {"dsrb": __version__, "torch": str(torch.__version__), "numpy": np.__version__,
             "python": platform.python_version()}
 
 

@@ -205,3 +205,41 @@ def test_a_folder_that_refuses_new_files_names_the_file_meant(tmp_path, monkeypa
                                       r"previous last.pt, if any, is unchanged"):
         atomic_write(str(path), lambda f: f.write(b"new"))
     assert path.read_bytes() == b"old"
+
+
+class _Payload:
+    """Unpickling it runs ``open(path, "w")``: what a hostile checkpoint could do with any function instead."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def test_loading_refuses_a_checkpoint_that_would_run_code(tmp_path):
+    """load_checkpoint (every tool's --checkpoint, load_model, --resume) unpickles with weights_only=True: a file
+    holding anything but what a dsrb checkpoint holds is refused, naming it, and its code does not run."""
+    import numpy as np
+
+    from dsrb.checkpoint import load_checkpoint, rng_state
+
+    ran = tmp_path / "ran"
+    save_checkpoint(str(tmp_path / "bad.pt"), {"model": {}, "epoch": 1, "extra": _Payload(ran)})
+    with pytest.raises(ValueError, match=r"bad\.pt holds a io\.open, which no checkpoint of python -m dsrb\."
+                                         r"train holds; not loaded, since unpickling it could run code"):
+        load_checkpoint(str(tmp_path / "bad.pt"))
+    assert not ran.exists()
+
+    # What a checkpoint does hold loads as saved: NumPy's RNG state and scalars, and torch's version as the
+    # TorchVersion that checkpoints written before 2026-12-06 hold.
+    state = {"rng": [rng_state()], "metrics": {"mAP": np.float64(0.5)}, "versions": {"torch": torch.__version__},
+             "model": {"w": torch.ones(2)}, "config": {"lr": 1e-3, "out": None, "amp": "none"}}
+    save_checkpoint(str(tmp_path / "good.pt"), state)
+    got = load_checkpoint(str(tmp_path / "good.pt"))
+    assert got["rng"][0]["numpy"][0] == "MT19937"
+    np.testing.assert_array_equal(got["rng"][0]["numpy"][1], state["rng"][0]["numpy"][1])
+    assert got["rng"][0]["python"] == state["rng"][0]["python"] and torch.equal(got["rng"][0]["torch"],
+                                                                                 state["rng"][0]["torch"])
+    assert got["metrics"] == state["metrics"] and got["versions"] == {"torch": str(torch.__version__)}
+    assert torch.equal(got["model"]["w"], torch.ones(2)) and got["config"] == state["config"]

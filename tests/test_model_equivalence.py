@@ -431,8 +431,17 @@ def test_unreadable_files_and_dsrb_checkpoints_are_clear_errors(tmp_path):
         load_official_checkpoint(tmp_path / "text.pth")
     model = load_official_checkpoint(official_checkpoint()[1])
     torch.save({"model": model.state_dict(), "rng": np.random.get_state()}, tmp_path / "last.pt")
-    with pytest.raises(ValueError, match=r"last\.pt could not be read \(UnpicklingError: Unsupported global"):
-        load_official_checkpoint(tmp_path / "last.pt")
+    with pytest.raises(ValueError, match=r"last\.pt: .*dsrb model's state dict.*dsrb\.inference\.load_model"):
+        load_official_checkpoint(tmp_path / "last.pt")  # read (NumPy values are allowed), then pointed to load_model
+
+    class Payload:  # unpickling it would run open(...): what a hostile file could do with any function
+        def __reduce__(self):
+            return open, (str(tmp_path / "ran"), "w")
+
+    torch.save({"state_dict": model.state_dict(), "x": Payload()}, tmp_path / "hostile.pth")
+    with pytest.raises(ValueError, match=r"hostile\.pth could not be read \(UnpicklingError: Unsupported global"):
+        load_official_checkpoint(tmp_path / "hostile.pth")
+    assert not (tmp_path / "ran").exists()
     with pytest.raises(ValueError, match=r"dsrb model's state dict.*dsrb\.inference\.load_model"):
         load_official_checkpoint({"model": model.state_dict()})
 
