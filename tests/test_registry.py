@@ -218,6 +218,31 @@ def test_first_op_call_inside_a_compiled_graph(monkeypatch, backend):
         torch.testing.assert_close(got, want)
 
 
+def test_compiled_op_calls_neither_read_nor_write_the_choice_cache(monkeypatch):
+    """Traced, an op's backend choice is made afresh as a constant of the graph: reading the cache made the compiler
+    guard on its contents, so a graph traced before any eager call was compiled again once an eager call (a
+    prototype pass, an evaluation) filled it; writing it inside the trace is a side effect, which strict torch.export
+    warns of (tests/test_export.py)."""
+    from dsrb.ops import _registry
+
+    monkeypatch.setattr(_registry, "_SELECTED", {})
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    f = torch.compile(lambda *a: ops.instance_blend(*a, validate=False), backend=counting, fullgraph=True)
+    args = (torch.randn(4, 3, 8), torch.randint(-1, 2, (4, 3)).float(), torch.full((1,), 0.5))
+    f(*args)
+    assert _registry._SELECTED == {}  # not written while traced
+    ops.instance_blend(*args, validate=False)  # an eager call fills it
+    assert len(_registry._SELECTED) == 1
+    for got, want in zip(f(*args), ops.instance_blend(*args, validate=False)):
+        torch.testing.assert_close(got, want)
+    assert len(graphs) == 1, "the compiled call was traced again after the eager call"
+
+
 def test_importing_the_ops_leaves_the_compiler_unloaded():
     """Every tool imports dsrb.ops at start; torch._dynamo (1.3 s to import) is for runs that compile or train (an
     optimizer step imports it), not for `--help`, `dsrb.info` or `dsrb.predict`."""

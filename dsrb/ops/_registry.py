@@ -104,12 +104,14 @@ def select(op: str, device: torch.device, dtype: torch.dtype, backend: str = "au
     Choices are remembered per (op, device type, dtype, requested backend): what a backend can serve does not change
     within a process once the registry is filled, and every op call asks (a few microseconds of host time saved)."""
     requested = _requested(backend)
+    if torch.compiler.is_compiling():
+        # Traced, the choice is a constant of the graph; the cache is neither read (the compiler would guard on its
+        # contents and recompile once an eager call fills it) nor written (a side effect, which strict export warns of).
+        return _select(op, device, dtype, requested)
     key = (op, device.type, dtype, requested)
     fn = _SELECTED.get(key)
     if fn is None:
-        fn = _select(op, device, dtype, requested)
-        if not torch.compiler.is_compiling():  # a traced write to module state is a side effect strict export warns of
-            _SELECTED[key] = fn
+        fn = _SELECTED[key] = _select(op, device, dtype, requested)
     return fn
 
 
