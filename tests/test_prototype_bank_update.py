@@ -103,6 +103,49 @@ def test_errors():
         ops.prototype_bank_update(sums, counts, S, T, q, -1)
 
 
+
+@pytest.mark.parametrize("backend", TORCH_AND_AUTO)
+@pytest.mark.parametrize("case", ["expanded counts", "expanded sums", "inference tensors", "int8 counts"])
+def test_in_place_update_writes_nothing_when_refused(backend, case):
+    """Each of these was refused only after ``sums`` was written (``copy_`` into an expanded or an inference tensor),
+    or not at all (an int8 count wrapped around at 127): now refused before either buffer is touched."""
+    S, T, q = batch(4, 3, 5, 0)
+    S, T, q = S.float(), torch.ones_like(T), torch.zeros_like(q)
+    sums, counts = torch.zeros(3, 4, 5), torch.zeros(3, 4, dtype=torch.int64)
+    cap, match = 100, "distinct"
+    if case == "expanded counts":
+        counts = torch.zeros(1, 1, dtype=torch.int64).expand(3, 4)
+    elif case == "expanded sums":
+        sums = torch.zeros(3, 1, 5).expand(3, 4, 5)
+    elif case == "inference tensors":
+        with torch.inference_mode():
+            sums, counts = torch.zeros(3, 4, 5), torch.zeros(3, 4, dtype=torch.int64)
+        match = "inference_mode"
+    else:
+        counts, cap, match = torch.full((3, 4), 126, dtype=torch.int8), 200, "'cap'.*127"
+    with pytest.raises(ValueError, match=match):
+        ops.prototype_bank_update_(sums, counts, S, T, q, cap, backend=backend)
+    assert not sums.any() and (counts == counts.reshape(-1)[0]).all()
+    if case == "int8 counts":  # a cap the dtype holds is accepted
+        ops.prototype_bank_update_(sums, counts, S, T, q, 127, backend=backend)
+        assert counts[:, 0].tolist() == [127] * 3
+
+
+def test_meta_tensors_run_through_the_torch_backend():
+    """``torch`` serves every device type, meta included: shapes only, no value check (there are no values)."""
+    S, T, q = (t.to("meta") for t in batch(4, 3, 5, 0))
+    sums, counts = torch.zeros(3, 4, 5, dtype=S.dtype, device="meta"), torch.zeros(3, 4, dtype=torch.int64,
+                                                                                    device="meta")
+    new_sums, new_counts = ops.prototype_bank_update(sums, counts, S, T, q, backend="torch")
+    assert new_sums.shape == sums.shape and new_counts.device.type == "meta"
+    S1, T1 = ops.instance_blend(S, T, torch.tensor(0.5, dtype=S.dtype, device="meta"), backend="torch")
+    assert S1.shape == S.shape and T1.device.type == "meta"
+    x, u = torch.zeros(2, 4, 5, device="meta"), torch.zeros(2, 4, 6, device="meta")
+    S2, a = ops.semantic_attention(x, u, torch.zeros(3, 6, device="meta"), torch.zeros(6, device="meta"),
+                                   backend="torch")
+    assert S2.shape == (2, 3, 5) and a.shape == (2, 3, 4)
+
+
 DISTRIBUTED = r'''
 import sys
 import torch

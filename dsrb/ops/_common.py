@@ -1,4 +1,10 @@
-"""Argument checks shared by the blending ops; what the ops hand to their implementations."""
+"""Argument checks shared by the ops; what the ops hand to their implementations.
+
+Two layers of checks: the public functions check what a user passes (``check_blend_inputs``, ``check_tensor``), and
+the backend ops ``dsrb::<op>_<backend>`` check their own stricter contract (``raw_*`` below, the Python mirror of
+csrc/checks.h), since they can be called directly through ``torch.ops.dsrb``: a wrong shape there must be an error,
+never a kernel reading past a tensor's end.
+"""
 
 from __future__ import annotations
 
@@ -32,3 +38,28 @@ def plain(t: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     if t.requires_grad:
         t = t.detach()
     return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+def raw_tensor(name: str, t: Tensor, shape, ref: Tensor, ref_name: str, dtype: Optional[torch.dtype] = None) -> None:
+    """A backend op's argument (csrc/checks.h): a tensor of ``shape`` (None: any size) on ``ref``'s device, of
+    ``dtype`` (default: ``ref``'s)."""
+    check_tensor(name, t, shape=shape)
+    if t.device != ref.device:
+        raise ValueError(f"argument '{name}': expected it on {ref.device} (the device of '{ref_name}'), got {t.device}")
+    want = ref.dtype if dtype is None else dtype
+    if t.dtype != want:
+        why = f"the dtype of '{ref_name}'" if dtype is None else ("a mask" if want == torch.bool else "an index")
+        raise TypeError(f"argument '{name}': expected dtype {want} ({why}), got {t.dtype}")
+
+
+def raw_blend(S: Tensor, T: Tensor, coef_name: str, coef: Tensor):
+    """A blending backend op's S (B, C, D) float, T (B, C) and one-element coefficient in S's dtype; returns
+    (B, C, D)."""
+    check_tensor("S", S, ndim=3, kind="float")
+    B, C, D = S.shape
+    raw_tensor("T", T, (B, C), S, "S")
+    if not isinstance(coef, Tensor) or coef.numel() != 1 or coef.dim() > 1:
+        shape = tuple(coef.shape) if isinstance(coef, Tensor) else type(coef).__name__
+        raise ValueError(f"argument '{coef_name}': expected a one-element tensor of shape () or (1,), got {shape}")
+    raw_tensor(coef_name, coef, None, S, "S")
+    return B, C, D

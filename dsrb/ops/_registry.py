@@ -136,13 +136,27 @@ def _select(op: str, device: torch.device, dtype: torch.dtype, requested: str) -
     raise RuntimeError(f"dsrb.ops.{op}: {what} for device={device.type}, dtype={dtype}. Backends:\n{table}")
 
 
-def define_op(name: str, schema: str, impl: Optional[Callable] = None):
+def define_op(name: str, schema: str, impl: Optional[Callable] = None, check: Optional[Callable] = None):
     """The op ``dsrb::<name>``: defined here from a Python implementation, or (``impl`` None) already defined by the
     C++ extension with the same schema (csrc/registration.cpp, csrc/cuda/glue.cpp). Returns its OpOverload; fakes
     are then registered by name for both, autograd only for the Python-defined ones (:func:`register_python_op`;
-    the extension registers its own in C++, csrc/autograd.h, which saves the Python autograd's host time)."""
+    the extension registers its own in C++, csrc/autograd.h, which saves the Python autograd's host time).
+
+    ``check(*args)``, called before ``impl`` whenever the op runs, checks the op's own contract (the shapes, dtypes
+    and devices csrc/checks.h checks for the C++ ops): the op can be called directly, through ``torch.ops.dsrb``,
+    and neither ``impl`` nor its kernels check shapes. The public functions check their arguments before they call
+    an op, and their eager path calls ``impl`` itself (:func:`register_python_op`), without this second check."""
     if impl is not None:
-        torch.library.custom_op(f"dsrb::{name}", without_autocast(impl), mutates_args=(), schema=schema)
+        run = without_autocast(impl)
+        if check is not None:
+            unchecked = run
+
+            @functools.wraps(unchecked)
+            def run(*args):
+                check(*args)
+                return unchecked(*args)
+
+        torch.library.custom_op(f"dsrb::{name}", run, mutates_args=(), schema=schema)
     return getattr(torch.ops.dsrb, name).default
 
 
@@ -156,7 +170,7 @@ def without_autocast(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def run(*args):
         device = args[0].device.type
-        if not torch.is_autocast_enabled(device):
+        if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):  # meta: none
             return fn(*args)
         with torch.autocast(device, enabled=False):
             return fn(*args)

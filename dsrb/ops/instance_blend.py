@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_bool, check_same_device, check_targets, check_tensor
-from ._common import check_blend_inputs, compute_dtype
+from ._common import check_blend_inputs, compute_dtype, raw_blend, raw_tensor
 from ._registry import define_op, extension_backends, register_impl, register_python_op, select
 
 
@@ -63,18 +63,32 @@ def _triton_backward(grad_S1, grad_T1, S, T, alpha, partner, detach_target):
     return instance_blend_backward(grad_S1, grad_T1, S, T, alpha, partner, detach_target)
 
 
+def _check_op(S, T, alpha, partner, detach_target):
+    """The backend op's contract (csrc/checks.h): T and alpha in S's dtype, partner int64."""
+    B, _, _ = raw_blend(S, T, "alpha", alpha)
+    raw_tensor("partner", partner, (B,), S, "S", torch.int64)
+
+
+def _check_backward_op(grad_S1, grad_T1, S, T, alpha, partner, detach_target):
+    _check_op(S, T, alpha, partner, detach_target)
+    raw_tensor("grad_S1", grad_S1, S.shape, S, "S")
+    raw_tensor("grad_T1", grad_T1, T.shape, S, "S")
+
+
 def _define(backend: str, forward=None, backward=None):
     """Register one backend as the ops ``dsrb::instance_blend_<backend>`` (+ ``_backward``), from Python
     implementations or (None) from the C++ extension."""
     name = f"instance_blend_{backend}"
     fwd = define_op(
-        name, "(Tensor S, Tensor T, Tensor alpha, Tensor partner, bool detach_target) -> (Tensor, Tensor)", forward
+        name, "(Tensor S, Tensor T, Tensor alpha, Tensor partner, bool detach_target) -> (Tensor, Tensor)", forward,
+        _check_op,
     )
     bwd = define_op(
         f"{name}_backward",
         "(Tensor grad_S1, Tensor grad_T1, Tensor S, Tensor T, Tensor alpha, Tensor partner, "
         "bool detach_target) -> (Tensor, Tensor)",
         backward,
+        _check_backward_op,
     )
 
     @torch.library.register_fake(fwd)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_bool, check_int, check_same_device, check_targets, check_tensor
-from ._common import plain
+from ._common import plain, raw_tensor
 from ._registry import define_op, extension_backends, register_impl, select
 
 
@@ -46,6 +46,21 @@ def _triton_update(sums, counts, S, T, quadrant, cap):
     return kernel(sums, counts, S, T, quadrant, cap)
 
 
+def _check_op(sums, counts, S, T, quadrant, cap):
+    """The backend op's contract (csrc/checks.h): float sums, int64 counts and quadrant, T of any real dtype (the
+    ``torch`` and ``triton`` kernels compare it with 1 in its own dtype; the C++ functional op takes S's)."""
+    check_tensor("S", S, ndim=3, kind="float")
+    B, C, D = S.shape
+    check_tensor("sums", sums, shape=(C, 4, D), kind="float")
+    raw_tensor("sums", sums, None, S, "S", sums.dtype)
+    raw_tensor("counts", counts, (C, 4), S, "S", torch.int64)
+    check_tensor("T", T, kind="real")
+    raw_tensor("T", T, (B, C), S, "S", T.dtype)
+    raw_tensor("quadrant", quadrant, (B, C), S, "S", torch.int64)
+    if cap < 0:
+        raise ValueError(f"argument 'cap': expected a non-negative integer, got {cap}")
+
+
 def _define(backend: str, impl=None):
     """Register one backend as the op ``dsrb::prototype_bank_update_<backend>`` (impl None: from the C++
     extension)."""
@@ -53,6 +68,7 @@ def _define(backend: str, impl=None):
         f"prototype_bank_update_{backend}",
         "(Tensor sums, Tensor counts, Tensor S, Tensor T, Tensor quadrant, int cap) -> (Tensor, Tensor)",
         impl,
+        _check_op,
     )
 
     @torch.library.register_fake(op)
@@ -103,6 +119,17 @@ def _overlap(a: Tensor, b: Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
+def _check_written(name: str, t: Tensor) -> None:
+    """What would refuse the in-place write of ``t`` (``copy_``, the version counter), checked before either buffer
+    is written: a refusal after ``sums`` was written would leave samples in it that ``counts`` does not hold."""
+    if any(n > 1 and s == 0 for n, s in zip(t.shape, t.stride())):
+        raise ValueError(f"argument '{name}': expected a tensor whose elements are distinct (it is updated in place), "
+                         f"got an expanded one, strides {tuple(t.stride())}")
+    if not torch.compiler.is_compiling() and t.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(f"argument '{name}': it was made under torch.inference_mode(), so it cannot be updated in "
+                         "place outside it (update it there, or pass a clone made outside it)")
+
+
 def _check_values(T: Tensor, quadrant: Tensor) -> None:
     """T in {-1, 0, 1}, quadrant in [0, 3]: reductions over the values, one device-to-host read for both."""
     check_targets("T", T, ("quadrant", quadrant, 0, 3))
@@ -140,8 +167,10 @@ def prototype_bank_update_(
 
     Same arguments, errors and backend choice (the backend serving :func:`prototype_bank_update` for these tensors);
     nothing is written when an argument is rejected. ``sums`` must not require grad, nor share memory with S, T or
-    quadrant (the kernel reads them while it writes), nor ``counts`` with ``sums``; like any in-place op, it bumps the
-    version counters of ``sums`` and ``counts``. The buckets the batch reaches get the values the functional op
+    quadrant (the kernel reads them while it writes), nor ``counts`` with ``sums`` (under ``torch.compile`` only the
+    ``cpu`` kernel can check that one: a traced call cannot read storage addresses); neither may be expanded, nor an
+    inference tensor outside ``torch.inference_mode()``, and a ``counts`` narrower than int64 must hold ``cap``. Like
+    any in-place op, it bumps the version counters of ``sums`` and ``counts``. The buckets the batch reaches get the values the functional op
     returns, bit for bit; with the ``cpu`` kernel the others are left untouched (the functional op returns sums + 0
     there, which differs only in the sign of a -0 entry, a value the bank's own updates never produce). The ``cpu``
     kernel checks the values of T and quadrant itself, as it reads them, and takes T in its own dtype, so a batch is
@@ -156,6 +185,11 @@ def prototype_bank_update_(
     if sums.requires_grad and torch.is_grad_enabled():
         raise ValueError("argument 'sums': expected a tensor that does not require grad (the bank update is not "
                          "differentiable; update it under torch.no_grad(), or pass sums.detach())")
+    _check_written("sums", sums)
+    _check_written("counts", counts)
+    if counts.dtype != torch.int64 and cap > torch.iinfo(counts.dtype).max:  # copied back, a count would wrap around
+        raise ValueError(f"argument 'cap': expected at most {torch.iinfo(counts.dtype).max}, the largest count that "
+                         f"'counts' of dtype {counts.dtype} holds, got {cap}")
     fn = select("prototype_bank_update", S.device, S.dtype, backend)
     in_place = _IN_PLACE.get(fn)
     if in_place is not None and counts.dtype == torch.int64 and sums.is_contiguous() and counts.is_contiguous():

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_bool, check_same_device, check_targets, check_tensor
-from ._common import check_blend_inputs, compute_dtype
+from ._common import check_blend_inputs, compute_dtype, raw_blend, raw_tensor
 from ._registry import define_op, extension_backends, register_impl, register_python_op, select as select_backend
 
 
@@ -65,6 +65,22 @@ def _triton_backward(grad_S2, grad_T2, S, beta, bank, quadrant, shift, select, d
                                     bank_grad)
 
 
+def _check_op(S, T, beta, bank, quadrant, shift, select, detach_target):
+    """The backend op's contract (csrc/checks.h): T, beta and bank in S's dtype, int64 indices, a bool mask."""
+    B, C, D = raw_blend(S, T, "beta", beta)
+    raw_tensor("bank", bank, (C, 4, D), S, "S")
+    raw_tensor("quadrant", quadrant, (B, C), S, "S", torch.int64)
+    raw_tensor("shift", shift, (B, C), S, "S", torch.int64)
+    raw_tensor("select", select, (B, C), S, "S", torch.bool)
+
+
+def _check_backward_op(grad_S2, grad_T2, S, beta, bank, quadrant, shift, select, detach_target, bank_grad):
+    check_tensor("S", S, ndim=3, kind="float")
+    raw_tensor("grad_S2", grad_S2, S.shape, S, "S")
+    raw_tensor("grad_T2", grad_T2, S.shape[:2], S, "S")
+    _check_op(S, grad_T2, beta, bank, quadrant, shift, select, detach_target)
+
+
 def _define(backend: str, forward=None, backward=None):
     """Register one backend as the ops ``dsrb::prototype_blend_<backend>`` (+ ``_backward``), from Python
     implementations or (None) from the C++ extension."""
@@ -74,12 +90,14 @@ def _define(backend: str, forward=None, backward=None):
         "(Tensor S, Tensor T, Tensor beta, Tensor bank, Tensor quadrant, Tensor shift, Tensor select, "
         "bool detach_target) -> (Tensor, Tensor)",
         forward,
+        _check_op,
     )
     bwd = define_op(
         f"{name}_backward",
         "(Tensor grad_S2, Tensor grad_T2, Tensor S, Tensor beta, Tensor bank, Tensor quadrant, "
         "Tensor shift, Tensor select, bool detach_target, bool bank_grad) -> (Tensor, Tensor, Tensor)",
         backward,
+        _check_backward_op,
     )
 
     @torch.library.register_fake(fwd)

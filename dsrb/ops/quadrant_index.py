@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_int, check_same_device, check_tensor
-from ._common import plain
+from ._common import plain, raw_tensor
 from ._registry import define_op, extension_backends, register_impl, select
 
 
@@ -33,9 +33,20 @@ def _triton_quadrant_index(a, x_sum, height, width):
     return kernel(a, x_sum, height, width)
 
 
+def _check_op(a, x_sum, height, width):
+    """The backend op's contract (csrc/checks.h): x_sum in a's dtype, height * width == N."""
+    check_tensor("a", a, ndim=3, kind="float")
+    B, _, N = a.shape
+    raw_tensor("x_sum", x_sum, (B, N), a, "a")
+    # width <= N // height first: as in C++, no product of two huge ints is trusted.
+    if not (height >= 1 and 1 <= width <= N // height and height * width == N):
+        raise ValueError(f"arguments 'height', 'width': expected height * width == N = {N}, got {height} x {width}")
+
+
 def _define(backend: str, impl=None):
     """Register one backend as the op ``dsrb::quadrant_index_<backend>`` (impl None: from the C++ extension)."""
-    op = define_op(f"quadrant_index_{backend}", "(Tensor a, Tensor x_sum, int height, int width) -> Tensor", impl)
+    op = define_op(f"quadrant_index_{backend}", "(Tensor a, Tensor x_sum, int height, int width) -> Tensor", impl,
+                   _check_op)
 
     @torch.library.register_fake(op)
     def _(a, x_sum, height, width):

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_same_device, check_same_dtype, check_tensor
-from ._common import compute_dtype
+from ._common import compute_dtype, raw_tensor
 from ._registry import define_op, extension_backends, register_impl, register_python_op, select
 
 # Elements of one (B, N, C_chunk, I) temporary: 8 Mi elements = 32 MiB in fp32.
@@ -84,17 +84,38 @@ def _triton_backward(grad_S, grad_a, x, u, e, v, a):
     return semantic_attention_backward(grad_S, grad_a, x, u, e, v, a)
 
 
+def _check_op(x, u, e, v):
+    """The backend op's contract (csrc/checks.h): u, e and v in x's dtype and on its device, N > 0."""
+    check_tensor("x", x, ndim=3, kind="float")
+    B, N, _ = x.shape
+    if N == 0:
+        raise ValueError("argument 'x': expected at least one spatial position, got N = 0")
+    check_tensor("u", u, ndim=3)
+    I = u.shape[2]
+    for name, t, shape in (("u", u, (B, N, I)), ("e", e, (None, I)), ("v", v, (I,))):
+        raw_tensor(name, t, shape, x, "x")
+
+
+def _check_backward_op(grad_S, grad_a, x, u, e, v, a):
+    _check_op(x, u, e, v)
+    B, N, D = x.shape
+    C = e.shape[0]
+    for name, t, shape in (("grad_S", grad_S, (B, C, D)), ("grad_a", grad_a, (B, C, N)), ("a", a, (B, C, N))):
+        raw_tensor(name, t, shape, x, "x")
+
+
 def _define(backend: str, forward=None, backward=None):
     """Register one backend as the ops ``dsrb::semantic_attention_<backend>`` (+ ``_backward``), from Python
     implementations or (None) from the C++ extension, with fake implementations and (Python-defined ones) autograd,
     and add it to the registry."""
     name = f"semantic_attention_{backend}"
-    fwd = define_op(name, "(Tensor x, Tensor u, Tensor e, Tensor v) -> (Tensor, Tensor)", forward)
+    fwd = define_op(name, "(Tensor x, Tensor u, Tensor e, Tensor v) -> (Tensor, Tensor)", forward, _check_op)
     bwd = define_op(
         f"{name}_backward",
         "(Tensor grad_S, Tensor grad_a, Tensor x, Tensor u, Tensor e, Tensor v, Tensor a) "
         "-> (Tensor, Tensor, Tensor, Tensor)",
         backward,
+        _check_backward_op,
     )
 
     @torch.library.register_fake(fwd)
