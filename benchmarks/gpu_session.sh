@@ -121,6 +121,7 @@ part "GPU tests" 60 180 python3 -m pytest tests/test_ext_backends.py tests/test_
     tests/test_quadrant_index.py tests/test_build.py::test_cuda_glue_finds_torchs_current_stream_function \
     tests/test_build.py::test_cuda_glue_gets_torchs_current_stream \
     tests/test_compiled_checks.py::test_cuda_compiled_check_is_a_device_side_assert tests/test_export.py \
+    tests/test_backend_op_contract.py \
     "${WORKERS[@]}" -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
 
 # 3. Each fused backend once at the target shapes, in a process of its own (benchmarks/preflight.py): one that

@@ -3,7 +3,7 @@
 import argparse
 import os
 import sys
-from typing import NoReturn
+from typing import Iterable, NoReturn, Tuple
 
 
 def say(line: str) -> None:
@@ -132,12 +132,19 @@ def exit_on_error(prog: str, err: BaseException) -> NoReturn:
     sys.exit(error_line(prog, err))  # one process: nothing else writes to stderr at the same moment
 
 
-def check_output_file(path: str, *, name: str = "argument --out", what: str = "the file to write") -> None:
-    """Raise a ValueError starting with ``name`` unless a file can be written at ``path``: it is not a directory, and
+def check_output_file(path: str, *, name: str = "argument --out", what: str = "the file to write",
+                      inputs: Iterable[Tuple[str, str]] = ()) -> None:
+    """Raise a ValueError starting with ``name`` unless a file can be written at ``path``: it is not a directory, nor
+    one of the ``inputs`` ((what it is, path) pairs: the checkpoint, the images, which the write would replace), and
     its folder is a writable folder or can be made in one. For a check before long work whose result would be lost
     (the write itself, atomic, comes at the end). Creates nothing."""
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise ValueError(f"{name}: {path} is a directory; expected the path of {what}")
+    if os.path.exists(path):
+        for label, source in inputs:
+            if os.path.exists(source) and os.path.samefile(path, source):
+                raise ValueError(f"{name}: {path} is {label}, which writing there would replace; expected the path "
+                                 f"of {what}, another file")
     _check_folder(os.path.dirname(os.path.abspath(path)), name, "its folder")
 
 

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+import itertools
+from typing import Iterable, Iterator, Optional
 
 __all__ = ["batches"]
 
 
-def batches(loader: Iterable) -> Iterator:
-    """The batches of ``loader`` (``for batch in batches(loader)``); its worker processes are stopped as soon as the
-    loop ends: at the end, at a ``break`` or an exception in the loop (when the generator is closed), and at an error
-    raised in a worker.
+def batches(loader: Iterable, limit: Optional[int] = None) -> Iterator:
+    """The batches of ``loader``, the first ``limit`` only when given (``for batch in batches(loader, limit)``); its
+    worker processes are stopped as soon as the loop ends: at the end, at a ``break`` or an exception in the loop
+    (when the generator is closed), and at an error raised in a worker.
+
+    Stop a loop early with ``limit`` rather than ``break``: after a ``break`` the generator is closed when it is
+    garbage, where Python prints and drops any exception, so a Ctrl-C that came while the workers were being stopped
+    was lost and the run went on. With ``limit`` the generator ends by itself, inside the loop's ``next()``, from
+    which that KeyboardInterrupt propagates.
 
     The last is the reason for it: a worker's error (an unreadable image) reaches the caller with a traceback whose
     frames hold the DataLoader's iterator in a reference cycle, so that without this its workers and queues live on
@@ -20,7 +26,7 @@ def batches(loader: Iterable) -> Iterator:
     """
     iterator = iter(loader)
     try:
-        yield from iterator
+        yield from iterator if limit is None else itertools.islice(iterator, limit)
     finally:
         # torch's own clean-up of a multi-process iterator (a private method, absent with num_workers=0): what the
         # iterator runs when it is exhausted or deleted; it does nothing the second time.

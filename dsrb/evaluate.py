@@ -97,7 +97,8 @@ def evaluate_checkpoint(
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"argument 'workers': expected a non-negative int, got {workers!r}")
     if out is not None:  # before the inference, whose result would be lost
-        check_output_file(os.fspath(out), name="argument 'out' (--out)", what="the JSON file to write")
+        check_output_file(os.fspath(out), name="argument 'out' (--out)", what="the JSON file to write",
+                          inputs=[("the checkpoint", os.fspath(checkpoint))])
     if dataset is not None and dataset not in DATASETS:  # before the model is read; build_dataset says "'name'"
         raise ValueError(f"argument 'dataset' (--dataset): unknown dataset {dataset!r}; expected one of "
                          f"{', '.join(DATASETS)}")

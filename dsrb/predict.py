@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> List[Dict]:
     args = build_parser().parse_intermixed_args(argv)  # images may come before, between and after options
     if args.out:  # before the inference, whose result would be lost
-        check_output_file(args.out, what="the JSON file to write")
+        inputs = [("the checkpoint", args.checkpoint)] + [("an input image", p) for p in load_images(args.images)]
+        check_output_file(args.out, what="the JSON file to write", inputs=inputs)
     results = predict(args.checkpoint, args.images, threshold=args.threshold, top_k=args.top_k, device=args.device,
                       backend=args.backend, batch_size=args.batch_size, workers=args.workers,
                       image_size=args.image_size)

@@ -338,7 +338,7 @@ def make_loader(dataset, cfg: TrainConfig, d: Dist, *, train: bool, seed: int, d
         sampler = RandomSampler(dataset, generator=generator) if train else SequentialSampler(dataset)
     return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                       drop_last=train, pin_memory=device.type == "cuda", generator=generator,
-                      persistent_workers=False)
+                      persistent_workers=False, worker_init_fn=_release_run_lock if cfg.workers else None)
 
 
 def _limit(loader: DataLoader, limit: Optional[int]) -> int:
@@ -406,9 +406,7 @@ def prototype_pass(core: DSRB, loader: DataLoader, cfg: TrainConfig, d: Dist, de
     core.reset_prototypes()
     total = _limit(loader, cfg.limit_train_batches)
     bar = Progress(total, "prototypes", enabled=d.main)
-    for step, (images, targets, _) in enumerate(batches(loader)):
-        if step >= total:
-            break
+    for step, (images, targets, _) in enumerate(batches(loader, total)):
         images, targets = to_device(images, cfg, device), targets.to(device, non_blocking=True)
         with autocast(cfg, device):
             # validate=False: checked by train_set.set_targets. Under DDP the cap counts every rank's samples.
@@ -477,9 +475,7 @@ def train_epoch(model, core: DSRB, loader, optimizer, scaler, cfg: TrainConfig, 
     total = _limit(loader, cfg.limit_train_batches)
     bar = Progress(total, f"epoch {epoch}", enabled=d.main)
     losses = _StepLosses(epoch, bar)
-    for step, (images, targets, _) in enumerate(batches(loader)):
-        if step >= total:
-            break
+    for step, (images, targets, _) in enumerate(batches(loader, total)):
         images, targets = to_device(images, cfg, device), targets.to(device, non_blocking=True)
         choices = None
         if use_prototype:  # drawn outside the model so a compiled model needs no Generator
@@ -516,9 +512,7 @@ def predict_scores(model, loader, cfg: TrainConfig, d: Dist, device: torch.devic
     model.eval()
     total = _limit(loader, limit)
     scores, indices = [], []
-    for step, (images, _, index) in enumerate(batches(loader)):
-        if step >= total:
-            break
+    for step, (images, _, index) in enumerate(batches(loader, total)):
         with autocast(cfg, device):
             scores.append(model(to_device(images, cfg, device)).float())
         indices.append(index.to(device))
@@ -717,15 +711,17 @@ def _run_rank(cfg: TrainConfig, d: Dist, device: torch.device) -> Dict[str, Any]
         made[:0] = missing
         return _lock_run_directory(out)
 
+    global _RUN_LOCK
     lock = None
     try:
-        lock = main_first(d, claim_directory)  # rank 0's checks: if one fails, the other ranks stop with one line
+        lock = _RUN_LOCK = main_first(d, claim_directory)  # rank 0's checks: if one fails, the other ranks stop
         with run_logging(d.main):  # the records go to <out>/train.log once the directory is checked
             return _train(cfg, d, device, out)
     except KeyboardInterrupt as err:
         raise Interrupted(out, os.path.isfile(os.path.join(out, "config.json"))) from err
     finally:
         if lock is not None:
+            _RUN_LOCK = None
             os.close(lock)
         for folder in made:  # a settings error: nothing written
             if os.path.isdir(folder) and not os.listdir(folder):
@@ -737,6 +733,34 @@ def _peer_left(err: RuntimeError) -> bool:
     text = str(err)
     return "gloo" in text and any(what in text for what in ("Connection closed by peer", "Connection reset by peer",
                                                              "Broken pipe"))
+
+
+# The descriptor holding the run directory's lock while a run lives in this process (_lock_run_directory).
+_RUN_LOCK: Optional[int] = None
+
+
+def _release_run_lock(worker_id: int) -> None:
+    """The loaders' ``worker_init_fn``: a forked worker inherits the descriptor holding the run directory's flock,
+    which is released only when every process holding it has closed it, so after a SIGKILL of the main process the
+    workers kept the directory locked for the seconds they take to notice it is gone, and a resume at once (a
+    scheduler's restart after a preemption) was refused. The worker closes its copy (the main process's lock holds)."""
+    if _RUN_LOCK is not None:
+        try:
+            os.close(_RUN_LOCK)
+        except OSError:  # pragma: no cover - not open in this worker (a spawned one)
+            pass
+
+
+def _check_same_run(cfg: TrainConfig, state: Dict[str, Any], last_path: str, out: str) -> None:
+    """``last.pt`` was written by the run of ``config.json``: every setting a resume keeps (not in
+    :data:`dsrb.config.RESUMABLE`) as the checkpoint records it. A ``last.pt`` of another run with the same shapes
+    loaded without an error, and its weights and optimizer went on under this run's schedule."""
+    current = dataclasses.asdict(cfg)
+    for name, value in (state.get("config") or {}).items():  # checkpoints without it: nothing to compare
+        if name not in RESUMABLE and name in current and current[name] != value:
+            raise ValueError(f"checkpoint {last_path}: it was written by a run with {name} = {value!r}, where the "
+                             f"run's settings in {os.path.join(out, 'config.json')} have {current[name]!r} (was it "
+                             "copied from another run?); resume the run it came from, or start this one afresh")
 
 
 def _lock_run_directory(out: str) -> Optional[int]:
@@ -824,6 +848,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
 
     start_epoch, best = 0, {"epoch": -1, "mAP": -1.0}
     if resumed:
+        _check_same_run(cfg, state, last_path, out)
         try:
             core.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])

@@ -661,3 +661,35 @@ def test_batches_without_workers():
 
     loader = torch.utils.data.DataLoader(_FailsAt(-1), batch_size=3)
     assert [b.tolist() for b in batches(loader)] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert [b.tolist() for b in batches(loader, 2)] == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_an_interrupt_while_the_workers_stop_reaches_the_loop():
+    """A Ctrl-C that lands while ``batches`` stops the workers of a loop cut short propagates. After a ``break`` the
+    generator was closed as garbage, where Python prints and drops the KeyboardInterrupt: the run went on. The
+    training loops now stop with ``limit`` (the generator ends inside their ``next()``)."""
+    from dsrb._loader import batches
+
+    class Iterator:
+        def __init__(self):
+            self.n = 0
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            self.n += 1
+            return self.n
+
+        def _shutdown_workers(self):  # what a DataLoader iterator with workers runs at the end
+            raise KeyboardInterrupt
+
+    class Loader:
+        def __iter__(self):
+            return Iterator()
+
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        for step, batch in enumerate(batches(Loader(), 3)):
+            seen.append(batch)
+    assert seen == [1, 2, 3]

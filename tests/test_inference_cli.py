@@ -251,6 +251,24 @@ def test_predict_empty_folder(setup, tmp_path):
         main(["--checkpoint", setup["ckpt"], str(empty)])
 
 
+def test_out_may_not_replace_an_input(setup, tmp_path):
+    """``--out`` naming the checkpoint or an input image replaced it with the JSON, without a word: refused before
+    anything runs, the file left as it was."""
+    from dsrb.evaluate import main as evaluate_main
+    from dsrb.predict import main as predict_main
+
+    image = setup["images"][0]
+    kept = {path: open(path, "rb").read() for path in (setup["ckpt"], image)}
+    for argv in (["--checkpoint", setup["ckpt"], image, "--out", setup["ckpt"]],
+                 ["--checkpoint", setup["ckpt"], os.path.dirname(image), "--out", image]):
+        with pytest.raises(ValueError, match="argument --out: .* is (the checkpoint|an input image), which writing "
+                                             "there would replace"):
+            predict_main(argv)
+    with pytest.raises(ValueError, match="argument 'out' \\(--out\\): .* is the checkpoint"):
+        evaluate_main(["--checkpoint", setup["ckpt"], "--device", "cpu", "--out", setup["ckpt"]])
+    assert kept == {path: open(path, "rb").read() for path in kept}
+
+
 def test_predict_module_help():
     proc = subprocess.run([sys.executable, "-m", "dsrb.predict", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)

@@ -289,6 +289,36 @@ def test_a_run_that_lost_its_last_checkpoint_is_not_restarted(data_root, tmp_pat
     assert kept == {name: (out / name).read_bytes() for name in kept}
 
 
+def test_a_last_checkpoint_of_another_run_is_not_resumed(data_root, tmp_path):
+    """A last.pt copied from a run with other settings but the same shapes loaded without an error, and its weights
+    and optimizer went on under this run's schedule: refused, naming the setting."""
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    train.main(args(data_root, mine, 1))
+    train.main(args(data_root, other, 1, "--seed", "5"))
+    (mine / "last.pt").write_bytes((other / "last.pt").read_bytes())
+    with pytest.raises(ValueError, match=r"last.pt: it was written by a run with seed = 5, where the run's settings "
+                                         r"in .*config.json have 0 \(was it copied from another run\?\)"):
+        train.main(["--out", str(mine), "--resume", "--epochs", "2"])
+
+
+def test_a_killed_runs_directory_can_be_resumed_at_once(data_root, tmp_path):
+    """After a SIGKILL of the main process, its loader workers (forked, holding the run directory's lock) lived on
+    for seconds, so a resume at once, as a scheduler restarts a preempted job, was refused as "another process is
+    training". The workers close their copy of the lock now."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "dsrb.train", *args(data_root, out, 50, "--workers", "2")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (out / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside the next epoch, its workers running
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.kill()
+    proc.wait(timeout=60)
+    lock = train._lock_run_directory(str(out))  # "another process is training" while a worker holds it
+    os.close(lock)
+
+
 def test_sigterm_stops_a_run_as_ctrl_c_does(data_root, tmp_path):
     """A scheduler's SIGTERM ends the command-line run with the interrupted line and exit status 130 (it ended
     silently, mid-epoch, status -15); the run resumes. A signal the process was started ignoring stays ignored."""

@@ -389,6 +389,13 @@ def test_resume_rejects_changed_settings_and_unreadable_files(data_root, tmp_pat
     train.main(args(data_root, other, "--feature-dim", "8"))
     data = (out / "last.pt").read_bytes()
     shutil.copy(other / "last.pt", out / "last.pt")
+    with pytest.raises(ValueError, match=r"checkpoint .*last.pt: it was written by a run with feature_dim = 8, where "
+                                         r"the run's settings in .*config.json have 16 \(was it copied from another "
+                                         r"run\?\)"):
+        train.main(["--out", str(out), "--resume", "--epochs", "3"])
+    # The same from a checkpoint that records no settings: torch's size mismatch, on one line.
+    torch.save({k: v for k, v in torch.load(other / "last.pt", weights_only=False).items() if k != "config"},
+               out / "last.pt")
     with pytest.raises(ValueError, match=r"checkpoint .*last.pt: it does not fit the run's settings in .*config.json "
                                          r"\(was it copied from another run\?\): .*size mismatch"):
         train.main(["--out", str(out), "--resume", "--epochs", "3"])
