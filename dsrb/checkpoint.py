@@ -58,8 +58,11 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         if refused is not None:
             raise ValueError(f"checkpoint {path} holds a {refused}, which no checkpoint of python -m dsrb.train "
                              "holds; not loaded, since unpickling it could run code") from None
-        raise ValueError(f"checkpoint {path} could not be read ({type(err).__name__}: {err}); the file is truncated "
-                         "or not a checkpoint written by python -m dsrb.train") from err
+        reason = str(err)
+        if "WeightsUnpickler error:" in reason:  # not torch's advice to load it with weights_only=False
+            reason = reason.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+        raise ValueError(f"checkpoint {path} could not be read ({type(err).__name__}: {' '.join(reason.split())}); "
+                         "the file is truncated or not a checkpoint written by python -m dsrb.train") from err
     return state
 
 

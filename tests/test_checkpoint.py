@@ -243,3 +243,22 @@ def test_loading_refuses_a_checkpoint_that_would_run_code(tmp_path):
                                                                                  state["rng"][0]["torch"])
     assert got["metrics"] == state["metrics"] and got["versions"] == {"torch": str(torch.__version__)}
     assert torch.equal(got["model"]["w"], torch.ones(2)) and got["config"] == state["config"]
+
+
+def test_a_pickle_that_is_no_checkpoint_is_one_line_without_torchs_advice(tmp_path):
+    """torch's refusal of an unknown pickle opcode comes with its advice to load with weights_only=False, the unsafe
+    load this library refuses: the message keeps torch's reason only."""
+    import pickle
+    import warnings
+
+    from dsrb.checkpoint import load_checkpoint
+
+    path = tmp_path / "notes.pt"
+    path.write_bytes(pickle.dumps({"x": 1}, protocol=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns of the pickle protocol
+        with pytest.raises(ValueError) as raised:
+            load_checkpoint(str(path))
+    message = str(raised.value)
+    assert message.startswith(f"checkpoint {path} could not be read (UnpicklingError: ")
+    assert "weights_only" not in message and "\n" not in message, message
