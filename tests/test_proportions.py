@@ -36,6 +36,7 @@ def test_stat_and_cells():
     assert s.cell() == "2.3 ± 1.5" and s.cell(signed=True) == "+2.3 ± 1.5"
     assert Stat.of([5.0]).cell() == "5.0" and math.isnan(Stat.of([5.0]).std)
     assert Stat.of([]).cell() == "–"
+    assert Stat.of([-0.04]).cell(signed=True) == "+0.0" and Stat.of([-0.04]).cell() == "0.0"  # never "-0.0"
 
 
 def test_rows_pair_by_seed_and_average_complete_seeds_only():
@@ -116,7 +117,8 @@ def test_bad_arguments(tmp_path, capsys):
                                  ("--seeds", "1,1", "repeat"), ("--jobs", "0", "positive")):
         with pytest.raises(SystemExit):
             proportions.main(["--out", str(tmp_path / "a"), flag, value])
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err and err.count(flag) == 1, err  # argparse names the flag once
     with pytest.raises(ValueError, match="epochs"):  # train settings are validated before anything trains
         proportions.main(["--out", str(tmp_path / "a"), "--no-plot", "--", "--epochs", "0"])
     with pytest.raises(FileNotFoundError, match="no sweep"):

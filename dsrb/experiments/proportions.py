@@ -105,42 +105,44 @@ class GridRun:
 # --------------------------------------------------------------------------------------------------- arguments
 
 
-def _csv_list(kind, name: str):
+def _csv_list(kind):
+    """A comma-separated list of ``kind``, for an argparse ``type`` (argparse names the flag in its message)."""
+
     def parse(text: str):
         try:
             values = [kind(v.strip()) for v in text.split(",") if v.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: expected a comma-separated list of {kind.__name__}, got "
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got "
                                              f"{text!r}") from None
         if not values:
-            raise argparse.ArgumentTypeError(f"{name}: expected at least one value, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected at least one value, got {text!r}")
         if len(set(values)) != len(values):
-            raise argparse.ArgumentTypeError(f"{name}: values repeat in {text!r}")
+            raise argparse.ArgumentTypeError(f"values repeat in {text!r}")
         return values
     return parse
 
 
 def _methods(text: str) -> List[str]:
-    names = list(METHODS) if text == "all" else _csv_list(str, "--methods")(text)
+    names = list(METHODS) if text == "all" else _csv_list(str)(text)
     unknown = [m for m in names if m not in METHODS]
     if unknown:
-        raise argparse.ArgumentTypeError(f"--methods: unknown {unknown}; expected 'all' or names from "
+        raise argparse.ArgumentTypeError(f"unknown {unknown}; expected 'all' or names from "
                                          f"{list(METHODS)}")
     return names
 
 
 def _proportions(text: str) -> List[float]:
-    values = _csv_list(float, "--proportions")(text)
+    values = _csv_list(float)(text)
     bad = [p for p in values if not 0.0 < p <= 1.0]
     if bad:
-        raise argparse.ArgumentTypeError(f"--proportions: expected values in (0, 1], got {bad}")
+        raise argparse.ArgumentTypeError(f"expected values in (0, 1], got {bad}")
     return sorted(values)
 
 
 def _seeds(text: str) -> List[int]:
-    values = _csv_list(int, "--seeds")(text)
+    values = _csv_list(int)(text)
     if any(s < 0 for s in values):
-        raise argparse.ArgumentTypeError(f"--seeds: expected non-negative integers, got {values}")
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {values}")
     return values
 
 

@@ -72,8 +72,14 @@ class Stat:
     def cell(self, signed: bool = False) -> str:
         if self.n == 0:
             return "–"
-        text = f"{self.mean:+.1f}" if signed else f"{self.mean:.1f}"
+        text = one_decimal(self.mean, signed)
         return text if self.n < 2 else f"{text} ± {self.std:.1f}"
+
+
+def one_decimal(value: float, signed: bool = False) -> str:
+    """``value`` to one decimal, "0.0" (or "+0.0") for what rounds to zero: Python writes -0.04 as "-0.0"."""
+    value = round(value, 1) + 0.0  # -0.0 + 0.0 is 0.0
+    return f"{value:+.1f}" if signed else f"{value:.1f}"
 
 
 class Sweep:
@@ -221,7 +227,7 @@ def plot(sweep: Sweep, path: str, selection: str = "best", title: str = "") -> N
             cells, avg = sweep.row(m, selection, reference)
             ys = [c.mean for c in cells]
             err = [0.0 if math.isnan(c.std) else c.std for c in cells]
-            label = f"{m} (avg {avg.mean:.1f})" if reference is None else f"{m} (avg {avg.mean:+.1f})"
+            label = f"{m} (avg {one_decimal(avg.mean, signed=reference is not None)})"
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label, color=colours[m])
         ax.set_xlabel("known labels (%)")
         ax.set_xticks(xs)
