@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import os
 import sys
+import warnings
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -360,9 +361,19 @@ def device_arg(text: str) -> str:
 def run_main(prog: str, main) -> None:
     """Run a command-line ``main()``; a user error (a bad setting, a missing or unreadable file) is printed as
     "<prog>: error: ..." without a traceback, exit status 1 (as ``python -m dsrb.train``); output piped to a reader
-    that stopped early ends it silently (:func:`dsrb._cli.exit_on_error`)."""
+    that stopped early ends it silently (:func:`dsrb._cli.exit_on_error`). A Python warning raised meanwhile (a class
+    without a positive image in :func:`dsrb.metrics.compute_metrics`) is one line, "<prog>: warning: ...", as
+    ``dsrb.train`` logs them, not Python's two lines with the source path."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"{prog}: warning: {message} ({category.__name__}: {os.path.basename(filename)}:{lineno})",
+              file=sys.stderr if file is None else file)
+
+    shown, warnings.showwarning = warnings.showwarning, show
     try:
         main()
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit ("Exception ignored ...", status 120)
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError; OSError: FileNotFoundError, ...
         exit_on_error(prog, err)
+    finally:
+        warnings.showwarning = shown

@@ -789,3 +789,21 @@ def test_evaluate_names_dataset_argument(setup):
     with pytest.raises(ValueError, match=r"^argument 'dataset' \(--dataset\): unknown dataset 'bogus'; expected "
                                          r"one of builtin, coco"):
         main(["--checkpoint", setup["ckpt"], "--dataset", "bogus", "--workers", "0", "--device", "cpu"])
+
+
+def test_tools_show_a_python_warning_on_one_line(capsys):
+    """A warning raised while a tool runs (a class without a positive image in ``evaluate``'s metrics) came as
+    Python's two lines with the source path; now one line naming the tool, as dsrb.train logs it."""
+    import warnings
+
+    from dsrb.inference import run_main
+
+    shown = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        run_main("python -m dsrb.evaluate", lambda: warnings.warn("3 of 16 classes have no positive image",
+                                                                 RuntimeWarning))
+    err = capsys.readouterr().err
+    assert err.startswith("python -m dsrb.evaluate: warning: 3 of 16 classes have no positive image (RuntimeWarning: "
+                          "test_inference_cli.py:") and err.count("\n") == 1, err
+    assert warnings.showwarning is shown  # restored
