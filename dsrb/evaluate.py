@@ -39,8 +39,8 @@ from ._cli import ArgumentParser, check_output_file
 from ._loader import batches
 from .checkpoint import atomic_write
 from .config import check_device
-from .inference import (AMP_CHOICES, BACKENDS, amp_autocast, check_finite_logits, device_arg, load_model,
-                        non_negative_int, positive_int, run_main)
+from .inference import (AMP_CHOICES, BACKENDS, amp_autocast, check_finite_logits, check_image_size, device_arg,
+                        load_model, non_negative_int, positive_int, run_main)
 from .metrics import METRIC_KEYS, compute_metrics, voc_map
 
 __all__ = ["default_out", "evaluate_checkpoint", "format_table", "main"]
@@ -73,8 +73,9 @@ def evaluate_checkpoint(
 
     Args:
         checkpoint: training checkpoint (best.pt / last.pt).
-        dataset, data_root, image_size, skip_bad: default to the checkpoint config's ``dataset``, ``data_root``,
-            ``image_size`` and ``skip_bad_images``.
+        dataset, data_root, image_size, skip_bad: default to the checkpoint config's ``dataset``, ``data_root``
+            (only for the checkpoint's own dataset: another one takes its default root), ``image_size`` and
+            ``skip_bad_images``.
         split: "train" or "test" (labels are always the full ground truth).
         batch_size, workers: DataLoader settings.
         device: "auto", "cpu", "cuda", ...
@@ -111,8 +112,10 @@ def evaluate_checkpoint(
     dataset = dataset if dataset is not None else cfg.get("dataset")
     if dataset is None:
         raise ValueError(f"argument 'dataset': checkpoint {path} saves no dataset setting; pass --dataset")
-    data_root = data_root if data_root is not None else cfg.get("data_root")
+    if data_root is None and dataset == cfg.get("dataset"):  # another dataset's root is not this one's
+        data_root = cfg.get("data_root")
     size = image_size if image_size is not None else info["image_size"]
+    check_image_size(model, size)
     skip = skip_bad if skip_bad is not None else bool(cfg.get("skip_bad_images", False))
     amp = amp if amp is not None else cfg.get("amp", "none")
 

@@ -294,6 +294,15 @@ def _positive(name: str, value) -> int:
 
 
 @torch.no_grad()
+def check_image_size(model: DSRB, size: int) -> None:
+    """The tools' ``--image-size`` (or the checkpoint's): at least what the model's backbone takes, checked before
+    any image is read."""
+    least = getattr(model.backbone, "min_image_size", 1)
+    if size < least:
+        raise ValueError(f"argument 'image_size' (--image-size): expected at least {least} pixels for this "
+                         f"checkpoint's backbone (its 2x2 average pool needs a 2x2 layer4 map), got {size}")
+
+
 def image_logits(model: DSRB, paths: Sequence[str], image_size: int, *, batch_size: int = 16, workers: int = 0,
                  device: Optional[torch.device] = None) -> torch.Tensor:
     """Logits (len(paths), C) on the CPU for the images at ``paths`` (test transform at ``image_size``)."""

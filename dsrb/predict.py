@@ -45,8 +45,8 @@ import torch
 from ._cli import ArgumentParser, check_output_file
 from .checkpoint import atomic_write
 from .config import check_device
-from .inference import (BACKENDS, check_finite_logits, device_arg, image_logits, load_images, load_model,
-                        non_negative_int, positive_int, run_main)
+from .inference import (BACKENDS, check_finite_logits, check_image_size, device_arg, image_logits, load_images,
+                        load_model, non_negative_int, positive_int, run_main)
 
 __all__ = ["predict", "select_labels", "main"]
 
@@ -117,6 +117,7 @@ def predict(
     dev = check_device(device, name="argument 'device'")
     model, info = load_model(checkpoint, device=dev, backend=backend)
     size = image_size if image_size is not None else info["image_size"]
+    check_image_size(model, size)
     logits = image_logits(model, paths, size, batch_size=batch_size, workers=workers, device=dev)
     check_finite_logits(logits, checkpoint, paths)
     probs = torch.sigmoid(logits)

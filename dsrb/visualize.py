@@ -34,8 +34,8 @@ from PIL import Image
 from ._cli import ArgumentParser, check_output_dir
 from .checkpoint import atomic_write
 from .config import check_device
-from .inference import (BACKENDS, device_arg, load_images, load_model, open_image, positive_int, run_main,
-                        sanitize)
+from .inference import (BACKENDS, check_image_size, device_arg, load_images, load_model, open_image, positive_int,
+                        run_main, sanitize)
 
 __all__ = ["visualize", "colormap", "attention_maps", "overlay", "main"]
 
@@ -157,6 +157,7 @@ def visualize(
     chosen = _resolve_classes(classes, names)
     k = min(top_k if top_k is not None else DEFAULT_TOP_K, len(names))
     size = image_size if image_size is not None else info["image_size"]
+    check_image_size(model, size)
     transform = TestTransform(size)
     os.makedirs(out_dir, exist_ok=True)
     written: List[str] = []

@@ -807,3 +807,37 @@ def test_tools_show_a_python_warning_on_one_line(capsys):
     assert err.startswith("python -m dsrb.evaluate: warning: 3 of 16 classes have no positive image (RuntimeWarning: "
                           "test_inference_cli.py:") and err.count("\n") == 1, err
     assert warnings.showwarning is shown  # restored
+
+
+def test_an_image_size_below_the_backbones_least_names_the_flag(setup, tmp_path):
+    """``--image-size 20`` with a backbone that average-pools after layer4 was refused from inside the model, naming
+    neither the flag nor its least value, and suggesting a model setting a tool's user cannot change."""
+    from dsrb.evaluate import main as evaluate_main
+    from dsrb.predict import main as predict_main
+    from dsrb.visualize import main as visualize_main
+
+    match = r"argument 'image_size' \(--image-size\): expected at least 33 pixels .*, got 20"
+    for main, extra in ((predict_main, [setup["images"][0]]), (evaluate_main, ["--device", "cpu"]),
+                        (visualize_main, [setup["images"][0], "--out-dir", str(tmp_path / "att")])):
+        with pytest.raises(ValueError, match=match):
+            main(["--checkpoint", setup["ckpt"], *extra, "--image-size", "20"])
+    assert predict_main(["--checkpoint", setup["ckpt"], setup["images"][0], "--image-size", "33"])
+
+
+def test_evaluate_on_another_dataset_does_not_take_the_checkpoints_root(setup, monkeypatch):
+    """The checkpoint's data root belongs to its own dataset: ``--dataset`` naming another one used it anyway (a
+    list-dataset run evaluated on ``builtin`` looked for the builtin data in the list's folder)."""
+    import dsrb.evaluate as evaluate
+
+    roots = []
+
+    def build_dataset(name, split, *, root, transform, skip_bad):
+        roots.append((name, root))
+        raise ValueError("stop here")
+
+    monkeypatch.setattr("dsrb.data.build_dataset", build_dataset)
+    for dataset in (None, "list", "builtin"):
+        with pytest.raises(ValueError, match="stop here"):
+            evaluate.evaluate_checkpoint(setup["ckpt"], dataset=dataset, device="cpu")
+    own = load_model(setup["ckpt"])[1]["config"]["data_root"]
+    assert roots == [("list", own), ("list", own), ("builtin", None)]

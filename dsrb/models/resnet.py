@@ -179,6 +179,11 @@ class ResNet(nn.Module):
                 part.eval()
         return self
 
+    @property
+    def min_image_size(self) -> int:
+        """The smallest image side this trunk takes: with the 2x2 average pool, one that gives a 2x2 layer4 map."""
+        return _STRIDE + 1 if self.avgpool is not None else 1
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) float -> features (B, out_channels, h, w)."""
         check_tensor("images", images, kind="float", shape=(None, 3, None, None))
