@@ -117,7 +117,11 @@ def evaluate_checkpoint(
     size = image_size if image_size is not None else info["image_size"]
     check_image_size(model, size)
     skip = skip_bad if skip_bad is not None else bool(cfg.get("skip_bad_images", False))
-    amp = amp if amp is not None else cfg.get("amp", "none")
+    if amp is None:
+        amp = cfg.get("amp", "none")
+        if amp not in AMP_CHOICES:  # a config edited by hand: not silently another precision
+            raise ValueError(f"checkpoint {path}: its config holds amp {amp!r}, expected one of {AMP_CHOICES}; pass "
+                             "--amp")
 
     ds = build_dataset(dataset, split, root=data_root, transform=TestTransform(size), skip_bad=skip)
     ds.align_classes(info["class_names"], f"dataset '{dataset}' ({split}) vs checkpoint {path}", ours="the dataset",

@@ -612,12 +612,16 @@ def _warn_inexact_resume(cfg: TrainConfig, state: Dict[str, Any], world: int, de
     decide which random stream each image's crop and flip come from), the same backends serving the ops (``served``
     against the checkpoint's: --backend auto picks another where the extension is missing, or DSRB_BACKEND forces
     one), the same --compile and --channels-last, and, on the CPU, the same thread count (they decide how the ops
-    and sums are computed, and with it the rounding). Other values are allowed, with a warning."""
+    and sums are computed, and with it the rounding), and the same --limit-*-batches (they decide which batches an
+    epoch trains and scores). Other values are allowed, with a warning."""
     config = state.get("config", {})
     saved = [("--workers", cfg.workers, config.get("workers", cfg.workers)),
              ("--backend", cfg.backend, config.get("backend", cfg.backend)),
              ("--compile", cfg.compile, config.get("compile", cfg.compile)),
              ("--channels-last", cfg.channels_last, config.get("channels_last", cfg.channels_last)),
+             ("--limit-train-batches", cfg.limit_train_batches,
+              config.get("limit_train_batches", cfg.limit_train_batches)),
+             ("--limit-test-batches", cfg.limit_test_batches, config.get("limit_test_batches", cfg.limit_test_batches)),
              ("processes", world, len(state["rng"]))]
     if device.type == "cpu":
         saved.append(("threads", torch.get_num_threads(), state.get("threads", torch.get_num_threads())))
@@ -707,7 +711,10 @@ def _run_rank(cfg: TrainConfig, d: Dist, device: torch.device) -> Dict[str, Any]
         while not os.path.exists(folder):  # the folders made here, innermost first, removed if left empty
             missing.append(folder)
             folder = os.path.dirname(folder)
-        os.makedirs(out, exist_ok=True)
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as err:  # what the check above cannot foresee (a virtual file system such as /proc)
+            raise ValueError(f"setting 'out' (--out): cannot make the run directory {out}: {err.strerror}") from err
         made[:0] = missing
         return _lock_run_directory(out)
 

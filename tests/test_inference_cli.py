@@ -841,3 +841,16 @@ def test_evaluate_on_another_dataset_does_not_take_the_checkpoints_root(setup, m
             evaluate.evaluate_checkpoint(setup["ckpt"], dataset=dataset, device="cpu")
     own = load_model(setup["ckpt"])[1]["config"]["data_root"]
     assert roots == [("list", own), ("list", own), ("builtin", None)]
+
+
+def test_evaluate_refuses_a_checkpoint_config_amp_it_does_not_know(setup, tmp_path):
+    """A config edited by hand (``amp: fp8``) evaluated silently in fp16; now an error, and --amp overrides it."""
+    from dsrb.evaluate import evaluate_checkpoint
+
+    state = torch.load(setup["ckpt"], weights_only=False)
+    state["config"] = {**state["config"], "amp": "fp8"}
+    path = tmp_path / "edited.pt"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"edited.pt: its config holds amp 'fp8', expected one of"):
+        evaluate_checkpoint(path, device="cpu")
+    assert evaluate_checkpoint(path, device="cpu", amp="none")["amp"] == "none"

@@ -216,6 +216,10 @@ def test_resume_with_other_worker_and_thread_counts_warns(data_root, tmp_path):
     train.main(["--out", str(out), "--resume", "--epochs", "3", "--channels-last"])
     assert "--channels-last True (the run was made with False)" in (out / "train.log").read_text().split(
         "resumed from")[-1]
+    # --limit-*-batches decide which batches an epoch trains and scores: another is allowed, and logged
+    train.main(["--out", str(out), "--resume", "--epochs", "4", "--limit-train-batches", "2"])
+    assert "--limit-train-batches 2 (the run was made with 3)" in (out / "train.log").read_text().split(
+        "resumed from")[-1]
 
 
 def test_paper_preset_without_pretrained_weights_or_word_vectors_warns(data_root, tmp_path):

@@ -909,3 +909,9 @@ def test_help_describes_every_setting_with_each_presets_default():
     assert "[demo, coco, voc, vg: none; sweep: builtin]" in text  # --pretrained
     assert "none | bf16 | fp16 autocast [default none]" in text  # a string "none", not an unset value
     assert "cap batches per epoch (smoke runs) --limit-test-batches" in text  # unset in every preset: no bracket
+
+
+def test_an_out_the_file_system_refuses_names_the_setting():
+    """A folder that cannot be made although its parent looks writable (/proc, as root) was a bare "[Errno 2]"."""
+    with pytest.raises(ValueError, match=r"^setting 'out' \(--out\): "):
+        train.main(["--out", "/proc/dsrb-cannot-be-made", "--epochs", "1"])
