@@ -16,8 +16,10 @@ import torch
 
 # uint16/32/64 are left out of "int": torch has few kernels for them (no aminmax, which the range checks use).
 _INTEGER = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _KINDS = {
-    "float": (lambda d: d.is_floating_point, "a floating-point tensor"),
+    # float8 is floating point too, but no op computes in it (torch itself has few kernels for it)
+    "float": (lambda d: d in _FLOAT, "a floating-point tensor (float16, bfloat16, float32 or float64)"),
     "int": (lambda d: d in _INTEGER, "an integer tensor (int8, int16, int32, int64 or uint8)"),
     "bool": (lambda d: d == torch.bool, "a bool tensor"),
     "real": (lambda d: not d.is_complex, "a real (float, integer or bool) tensor"),

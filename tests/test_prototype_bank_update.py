@@ -101,6 +101,9 @@ def test_errors():
         ops.prototype_bank_update(sums, counts, S, T * 3, q)
     with pytest.raises(ValueError, match="'cap'"):
         ops.prototype_bank_update(sums, counts, S, T, q, -1)
+    with pytest.raises(TypeError, match=r"'sums': expected a floating-point tensor \(float16, bfloat16, float32 or "
+                                        r"float64\), got dtype torch.float8_e4m3fn"):  # no kernel computes in it
+        ops.prototype_bank_update_(sums.to(torch.float8_e4m3fn), counts, S, T, q)
 
 
 
