@@ -47,7 +47,8 @@ def _args(op: str, device: str) -> dict:
     if op == "instance_blend":
         return dict(S=S, T=T, alpha=torch.tensor(0.3, **f), partner=torch.arange(B, **i64), detach_target=False)
     if op == "instance_blend_backward":
-        return dict(grad_S1=torch.randn(B, C, D, **f), grad_T1=torch.randn(B, C, **f), **_args("instance_blend", device))
+        return dict(grad_S1=torch.randn(B, C, D, **f), grad_T1=torch.randn(B, C, **f),
+                    **_args("instance_blend", device))
     if op == "prototype_blend":
         return dict(S=S, T=T, beta=torch.tensor(0.3, **f), bank=torch.randn(C, 4, D, **f), quadrant=quadrant,
                     shift=quadrant + 1, select=torch.ones(B, C, device=device, dtype=torch.bool), detach_target=False)

@@ -51,8 +51,8 @@ def _check_op(sums, counts, S, T, quadrant, cap):
     ``torch`` and ``triton`` kernels compare it with 1 in its own dtype; the C++ functional op takes S's)."""
     check_tensor("S", S, ndim=3, kind="float")
     B, C, D = S.shape
-    check_tensor("sums", sums, shape=(C, 4, D), kind="float")
-    raw_tensor("sums", sums, None, S, "S", sums.dtype)
+    check_tensor("sums", sums, kind="float")
+    raw_tensor("sums", sums, (C, 4, D), S, "S", sums.dtype)  # any float dtype: shape and device
     raw_tensor("counts", counts, (C, 4), S, "S", torch.int64)
     check_tensor("T", T, kind="real")
     raw_tensor("T", T, (B, C), S, "S", T.dtype)
@@ -170,11 +170,11 @@ def prototype_bank_update_(
     quadrant (the kernel reads them while it writes), nor ``counts`` with ``sums`` (under ``torch.compile`` only the
     ``cpu`` kernel can check that one: a traced call cannot read storage addresses); neither may be expanded, nor an
     inference tensor outside ``torch.inference_mode()``, and a ``counts`` narrower than int64 must hold ``cap``. Like
-    any in-place op, it bumps the version counters of ``sums`` and ``counts``. The buckets the batch reaches get the values the functional op
-    returns, bit for bit; with the ``cpu`` kernel the others are left untouched (the functional op returns sums + 0
-    there, which differs only in the sign of a -0 entry, a value the bank's own updates never produce). The ``cpu``
-    kernel checks the values of T and quadrant itself, as it reads them, and takes T in its own dtype, so a batch is
-    one call through the dispatcher.
+    any in-place op, it bumps the version counters of ``sums`` and ``counts``. The buckets the batch reaches get the
+    values the functional op returns, bit for bit; with the ``cpu`` kernel the others are left untouched (the
+    functional op returns sums + 0 there, which differs only in the sign of a -0 entry, a value the bank's own updates
+    never produce). The ``cpu`` kernel checks the values of T and quadrant itself, as it reads them, and takes T in
+    its own dtype, so a batch is one call through the dispatcher.
     """
     cap = _check_layout(sums, counts, S, T, quadrant, cap)
     validate = check_bool("validate", validate)
