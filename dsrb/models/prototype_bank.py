@@ -76,8 +76,9 @@ class PrototypeBank(nn.Module):
 
     def is_ready(self) -> bool:
         """``bool(ready)``, read from the device only while the host copy says False (see ``_ready_seen``): after a
-        direct write to the buffer (under torch.compile that read is a graph break; fullgraph refuses it)."""
-        if not self._ready_seen:
+        direct write to the buffer. Not while torch.compile traces, where the read would be a graph break (fullgraph
+        refused it with Dynamo's data-dependent error instead of the bank's own): there the host copy decides."""
+        if not self._ready_seen and not torch.compiler.is_compiling():
             self._ready_seen = bool(self.ready)
         return self._ready_seen
 
