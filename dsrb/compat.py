@@ -313,6 +313,12 @@ def load_official_checkpoint(
         )
         for key in ("in_matrix", "out_matrix"):
             mapped[key] = torch.nan_to_num(mapped[key], nan=0.0)
+    # Any other NaN or inf (the graph's inf too) makes every logit meaningless: refused, as load_model refuses it.
+    bad = [dsrb_to_official_key(k) or k for k, v in mapped.items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"cannot load {where}: NaN or inf values in {', '.join(bad)}; its predictions would be "
+                         "meaningless")
     for key, value in own.items():
         mapped.setdefault(key, value)
     model.load_state_dict(mapped, strict=True)

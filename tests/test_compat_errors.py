@@ -59,3 +59,17 @@ def test_files_that_are_no_checkpoint(tmp_path):
     text.write_text("hello")
     with pytest.raises(ValueError, match=r"checkpoint .*notes.pth could not be read"):
         load_official_checkpoint(text)
+
+
+@pytest.mark.parametrize("key", ["wordFeatures", "classifiers.weight", "inMatrix"])
+def test_non_finite_weights_are_refused_as_load_model_refuses_them(official, key):
+    """A NaN anywhere but the label graph's NaN rows (replaced, with a warning) made every logit NaN; an inf in the
+    graph too."""
+    value = official[key].clone()
+    value.view(-1)[0] = float("inf") if key == "inMatrix" else float("nan")
+    state = dict(official, **{key: value})
+    if key == "inMatrix":  # both official names of each matrix
+        state.update({"outMatrix": value.T.contiguous(), "GraphNeuralNetwork.inMatrix": value,
+                      "GraphNeuralNetwork.outMatrix": value.T.contiguous()})
+    with pytest.raises(ValueError, match=f"cannot load checkpoint: NaN or inf values in {key}"):
+        load_official_checkpoint(state)

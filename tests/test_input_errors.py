@@ -346,3 +346,34 @@ def test_discarding_a_stream_whose_reader_left_opens_no_descriptor():
             assert len(os.listdir("/proc/self/fd")) == before
         stream.write("y" * 100)
         stream.flush()
+
+
+# ------------------------------------------------------------------------------- the model's own arguments
+
+
+@pytest.mark.parametrize("name, value", [("detach_blend_targets", "false"), ("learn_alpha", "no"),
+                                         ("learn_beta", 0), ("freeze_backbone", None), ("avgpool", 1)])
+def test_model_flags_are_bools_not_truthy_values(name, value):
+    """``bool("false")`` is True: the constructor took any truthy value for these, where forward checks its own."""
+    with pytest.raises(TypeError, match=f"argument '{name}': expected True or False"):
+        _model(**{name: value})
+
+
+def test_model_sizes_take_numpy_integers():
+    model = _model(feature_dim=np.int64(16), top_k=np.int64(1))
+    assert type(model.feature_dim) is int and model.feature_dim == 16 and type(model.top_k) is int
+    with pytest.raises(ValueError, match="argument 'feature_dim': expected a positive int, got 16.0"):
+        _model(feature_dim=16.0)
+
+
+def test_word_features_and_adjacency_are_checked_as_the_model_holds_them():
+    model = _model()
+    with pytest.raises(TypeError, match="argument 'word_features': expected a tensor or an array, got NoneType"):
+        model.set_word_features(None)
+    with pytest.raises(TypeError, match="argument 'adjacency': expected a tensor or an array, got str"):
+        model.set_adjacency("graph")
+    half = _model().half()  # 1e5 is finite in float32 but inf in the model's float16 buffers
+    with pytest.raises(ValueError, match=r"'word_features': expected finite values in torch.float16"):
+        half.set_word_features(torch.full((len(CLASSES), 6), 1e5))
+    with pytest.raises(ValueError, match=r"'adjacency': expected finite values in torch.float16"):
+        half.set_adjacency(torch.full((len(CLASSES), len(CLASSES)), 1e5))

@@ -23,8 +23,10 @@ exactly through the identities of spec §3.3, §4 and §5.2, on (B, C, D) vector
 from __future__ import annotations
 
 import math
+import operator
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -63,10 +65,25 @@ class DSRBOutput(NamedTuple):
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """``value`` as an int (a NumPy integer too, not a bool nor a float), at least ``minimum``."""
+    try:
+        index = None if isinstance(value, (bool, np.bool_)) else operator.index(value)
+    except TypeError:
+        index = None
+    if index is None or index < minimum:
         kind = "positive" if minimum == 1 else "non-negative"
         raise ValueError(f"argument '{name}': expected a {kind} int, got {value!r}")
-    return value
+    return index
+
+
+def _as_tensor(name: str, value) -> torch.Tensor:
+    """A tensor or array-like argument as a tensor; anything else is a TypeError naming it."""
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"argument '{name}': expected a tensor or an array, got {type(value).__name__}") from None
 
 
 class ElementWiseLinear(nn.Module):
@@ -258,21 +275,24 @@ class DSRB(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.num_classes = _positive_int("num_classes", num_classes)
-        self.feature_dim = _positive_int("feature_dim", feature_dim)
-        self.word_dim = _positive_int("word_dim", word_dim)
-        _positive_int("inter_dim", inter_dim)
-        _positive_int("gnn_steps", gnn_steps, minimum=0)
-        self.top_k = _positive_int("top_k", top_k, minimum=0)
+        self.num_classes = num_classes = _positive_int("num_classes", num_classes)
+        self.feature_dim = feature_dim = _positive_int("feature_dim", feature_dim)
+        self.word_dim = word_dim = _positive_int("word_dim", word_dim)
+        inter_dim = _positive_int("inter_dim", inter_dim)
+        gnn_steps = _positive_int("gnn_steps", gnn_steps, minimum=0)
+        self.top_k = top_k = _positive_int("top_k", top_k, minimum=0)
         if top_k > num_classes:  # PPRB would then never blend anything (it needs top_k unknown labels per image)
             raise ValueError(f"argument 'top_k': expected at most num_classes = {num_classes}, got {top_k}")
-        _positive_int("prototype_cap", prototype_cap)
+        prototype_cap = _positive_int("prototype_cap", prototype_cap)
         self.compat = check_compat(compat)
-        self.detach_blend_targets = bool(detach_blend_targets)
+        self.detach_blend_targets = check_bool("detach_blend_targets", detach_blend_targets)
+        learn_alpha, learn_beta = check_bool("learn_alpha", learn_alpha), check_bool("learn_beta", learn_beta)
+        freeze_backbone = check_bool("freeze_backbone", freeze_backbone)
         self.backend = ops.check_backend_choice(backend)
 
         if isinstance(backbone, str):
-            self.backbone = build_backbone(backbone, pretrained=pretrained, avgpool=avgpool, width=backbone_width)
+            self.backbone = build_backbone(backbone, pretrained=pretrained, avgpool=check_bool("avgpool", avgpool),
+                                           width=backbone_width)
         elif isinstance(backbone, nn.Module):
             if pretrained is not None:
                 raise ValueError(
@@ -313,8 +333,8 @@ class DSRB(nn.Module):
         if adjacency is not None:
             self.set_adjacency(adjacency)
 
-        self.alpha = nn.Parameter(torch.full((1,), 0.5), requires_grad=bool(learn_alpha))
-        self.beta = nn.Parameter(torch.full((1,), 0.5), requires_grad=bool(learn_beta))
+        self.alpha = nn.Parameter(torch.full((1,), 0.5), requires_grad=learn_alpha)
+        self.beta = nn.Parameter(torch.full((1,), 0.5), requires_grad=learn_beta)
         self.prototype_bank = PrototypeBank(num_classes, feature_dim, cap=prototype_cap, backend=backend)
 
     # ------------------------------------------------------------------------------------------- graph and words
@@ -322,19 +342,21 @@ class DSRB(nn.Module):
     @torch.no_grad()
     def set_word_features(self, word_features) -> None:
         """Replace the class word vectors: (C, word_dim) tensor or array, copied into the buffer's dtype/device."""
-        w = word_features if isinstance(word_features, torch.Tensor) else torch.as_tensor(word_features)
+        w = _as_tensor("word_features", word_features)
         check_tensor("word_features", w, kind="float", shape=(self.num_classes, self.word_dim))
+        w = w.to(self.word_features)  # checked in the buffer's dtype: 1e5 is inf in a half-precision model
         if not bool(torch.isfinite(w).all()):
-            raise ValueError("argument 'word_features': expected finite values, found NaN or inf")
+            raise ValueError(f"argument 'word_features': expected finite values in {w.dtype}, found NaN or inf")
         self.word_features.copy_(w)
 
     @torch.no_grad()
     def set_adjacency(self, adjacency) -> None:
         """Set the label graph: in_matrix = A and out_matrix = Aᵀ for a (C, C) tensor or array A."""
-        A = adjacency if isinstance(adjacency, torch.Tensor) else torch.as_tensor(adjacency)
+        A = _as_tensor("adjacency", adjacency)
         check_tensor("adjacency", A, kind="float", shape=(self.num_classes, self.num_classes))
+        A = A.to(self.in_matrix)  # checked in the buffer's dtype
         if not bool(torch.isfinite(A).all()):
-            raise ValueError("argument 'adjacency': expected finite values, found NaN or inf")
+            raise ValueError(f"argument 'adjacency': expected finite values in {A.dtype}, found NaN or inf")
         self.in_matrix.copy_(A)
         self.out_matrix.copy_(A.T)
 
