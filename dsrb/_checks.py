@@ -51,7 +51,8 @@ def check_tensor(
     if shape is not None:
         for i, (got, want) in enumerate(zip(t.shape, shape)):
             if want is not None and got != want:
-                expected = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+                sizes = ["*" if s is None else str(s) for s in shape]
+                expected = f"({', '.join(sizes)}{',' if len(sizes) == 1 else ''})"  # as Python writes (4,)
                 raise ValueError(
                     f"argument '{name}': expected shape {expected}, got {tuple(t.shape)} (dimension {i} differs)"
                 )
