@@ -191,12 +191,15 @@ def load_model(checkpoint_path: PathLike, *, device: Union[str, torch.device] = 
         raise CheckpointError(f"checkpoint {path}: the saved weights do not fit the model its model_kwargs describe: "
                               f"{_mismatch(model.state_dict(), state['model'])}") from err
     model.to(dev).eval()
-    image_size = config.get("image_size") or DEFAULT_IMAGE_SIZE
+    image_size = config.get("image_size", DEFAULT_IMAGE_SIZE)
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:  # a config edited by hand
+        raise CheckpointError(f"checkpoint {path}: its config holds image_size {image_size!r}, expected a positive "
+                              "int")
     info = {
         "checkpoint": path,
         "class_names": class_names,
         "num_classes": num_classes,
-        "image_size": int(image_size),
+        "image_size": image_size,
         "config": config,
         "model_kwargs": dict(state["model_kwargs"]),
         "epoch": _weights_epoch(state),

@@ -377,3 +377,23 @@ def test_word_features_and_adjacency_are_checked_as_the_model_holds_them():
         half.set_word_features(torch.full((len(CLASSES), 6), 1e5))
     with pytest.raises(ValueError, match=r"'adjacency': expected finite values in torch.float16"):
         half.set_adjacency(torch.full((len(CLASSES), len(CLASSES)), 1e5))
+
+
+def test_classify_names_its_argument():
+    """A wrong C was blamed on the graph's 'in_matrix', a wrong D on the GNN's 'nodes'."""
+    model = _model()
+    for shape in ((2, len(CLASSES) + 1, 16), (2, len(CLASSES), 15)):
+        with pytest.raises(ValueError, match=r"argument 'S': expected shape \(\*, 3, 16\)"):
+            model.classify(torch.zeros(shape))
+    assert model.classify(torch.zeros(2, len(CLASSES), 16)).shape == (2, len(CLASSES))
+
+
+@pytest.mark.parametrize("size", [0, "abc", 64.7])
+def test_load_model_refuses_a_config_image_size_that_is_no_size(files, tmp_path, size):
+    """0 became the default 448 and 64.7 became 64 silently; "abc" was int()'s bare error."""
+    state = torch.load(files["ckpt"], weights_only=False)
+    state["config"] = {**state["config"], "image_size": size}
+    torch.save(state, tmp_path / "edited.pt")
+    with pytest.raises(CheckpointError, match=f"edited.pt: its config holds image_size {size!r}, expected a positive "
+                                              "int"):
+        inference.load_model(str(tmp_path / "edited.pt"))

@@ -422,6 +422,10 @@ class DSRB(nn.Module):
 
     def classify(self, S: torch.Tensor) -> torch.Tensor:
         """S (B, C, D) -> logits (B, C): gated GNN, head on [h ; S], tanh, element-wise classifier."""
+        check_tensor("S", S, kind="float", shape=(None, self.num_classes, self.feature_dim))
+        return self._classify(S)
+
+    def _classify(self, S: torch.Tensor) -> torch.Tensor:
         h = self.gnn(S, self.in_matrix, self.out_matrix)
         o = torch.tanh(self.head(torch.cat([h, S], dim=-1)))
         return self.classifier(o)
@@ -471,7 +475,7 @@ class DSRB(nn.Module):
             if targets is not None:
                 self._check_targets(targets, images, validate=validate)
             S, _, _ = self._extract(images)
-            return self.classify(S)
+            return self._classify(S)
 
         B = images.shape[0]
         random_kwargs("generator", generator)  # checked where no draw happens too
@@ -543,7 +547,7 @@ class DSRB(nn.Module):
             parts.append(S2)
 
         # One batched pass through the head (GNN, head and classifier treat images independently).
-        all_logits = self.classify(torch.cat(parts, dim=0)) if len(parts) > 1 else self.classify(S)
+        all_logits = self._classify(torch.cat(parts, dim=0)) if len(parts) > 1 else self._classify(S)
         chunks = [all_logits[i * B:(i + 1) * B] for i in range(len(parts))]
         logits = chunks[0]
         instance_logits = chunks[1] if run_instance else None
