@@ -200,3 +200,9 @@ def test_draws_follow_the_documented_order():
             left = int(torch.randint(512 - size + 1, (1,), generator=r))
         flip = bool(torch.rand(1, generator=r) < 0.5)
         assert tf.sample_params(torch.Generator().manual_seed(seed)) == (size, top, left, flip), seed
+
+
+def test_train_transform_names_a_generator_of_the_wrong_type():
+    """``generator=3`` was torch.randint's dump of its signatures."""
+    with pytest.raises(TypeError, match="argument 'generator': expected a torch.Generator or None, got int"):
+        TrainTransform(64)(Image.new("RGB", (80, 80)), generator=3)

@@ -158,6 +158,8 @@ class TrainTransform:
 
     def sample_params(self, generator: Optional[torch.Generator] = None) -> CropParams:
         """Draw one crop size, position and flip from the torch RNG (or ``generator``)."""
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"argument 'generator': expected a torch.Generator or None, got {type(generator).__name__}")
         k = int(torch.randint(len(self.crop_sizes), (1,), generator=generator))
         size = self.crop_sizes[k]
         top = left = 0
