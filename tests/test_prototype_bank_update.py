@@ -134,6 +134,22 @@ def test_in_place_update_writes_nothing_when_refused(backend, case):
         assert counts[:, 0].tolist() == [127] * 3
 
 
+@pytest.mark.parametrize("backend", TORCH_AND_AUTO)
+def test_in_place_update_compiles_with_fullgraph(backend):
+    """Its checks run while torch.compile traces (an inference-tensor check read there stopped fullgraph)."""
+    S, T, q = batch(5, 3, 4, 1)
+    S = S.float()
+
+    def update(sums, counts):
+        ops.prototype_bank_update_(sums, counts, S, T, q, 2, backend=backend)
+
+    eager = torch.zeros(3, 4, 4), torch.zeros(3, 4, dtype=torch.int64)
+    compiled = torch.zeros(3, 4, 4), torch.zeros(3, 4, dtype=torch.int64)
+    update(*eager)
+    torch.compile(update, fullgraph=True)(*compiled)
+    assert torch.equal(compiled[1], eager[1]) and torch.equal(compiled[0], eager[0])
+
+
 def test_meta_tensors_run_through_the_torch_backend():
     """``torch`` serves every device type, meta included: shapes only, no value check (there are no values)."""
     S, T, q = (t.to("meta") for t in batch(4, 3, 5, 0))

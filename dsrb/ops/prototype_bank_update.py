@@ -125,7 +125,7 @@ def _check_written(name: str, t: Tensor) -> None:
     if not t.is_contiguous() and any(n > 1 and s == 0 for n, s in zip(t.shape, t.stride())):
         raise ValueError(f"argument '{name}': expected a tensor whose elements are distinct (it is updated in place), "
                          f"got an expanded one, strides {tuple(t.stride())}")
-    if t.is_inference() and not torch.is_inference_mode_enabled() and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and t.is_inference() and not torch.is_inference_mode_enabled():
         raise ValueError(f"argument '{name}': it was made under torch.inference_mode(), so it cannot be updated in "
                          "place outside it (update it there, or pass a clone made outside it)")
 
