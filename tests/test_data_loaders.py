@@ -465,13 +465,13 @@ def test_list_rows_end_at_newlines_only(tmp_path):
     their field, and error lines count the lines of a quoted newline."""
     names = ["a\u2028b.png", "c\x85d\x0ce.png", "f,g.png", "h\ni.png"]
     rows = ["path,labels", f"{names[0]},cat", f"{names[1]},dog", f'"{names[2]}",cat', f'"{names[3]}",dog', "j.png,"]
-    (tmp_path / "l.csv").write_text("\r\n".join(rows) + "\r\n", encoding="utf-8", newline="")
+    (tmp_path / "l.csv").write_bytes(("\r\n".join(rows) + "\r\n").encode("utf-8"))
     ds = load_list(tmp_path / "l.csv")
     assert ds.image_paths == [str(tmp_path / n) for n in names + ["j.png"]]
     assert ds.labels.tolist() == [[1, -1], [-1, 1], [1, -1], [-1, 1], [-1, -1]]
-    (tmp_path / "classes.txt").write_text("x\u2028y\r\ncat\rdog\n", encoding="utf-8", newline="")
+    (tmp_path / "classes.txt").write_bytes("x\u2028y\r\ncat\rdog\n".encode("utf-8"))
     assert load_list(tmp_path / "l.csv", classes=tmp_path / "classes.txt").class_names == ["x\u2028y", "cat", "dog"]
-    (tmp_path / "l.csv").write_text("\n".join(rows[:-1] + ["j.png,cow"]) + "\n", encoding="utf-8", newline="")
+    (tmp_path / "l.csv").write_bytes(("\n".join(rows[:-1] + ["j.png,cow"]) + "\n").encode("utf-8"))
     with pytest.raises(ValueError, match=r"l\.csv: line 7: unknown class 'cow'"):
         load_list(tmp_path / "l.csv", classes=["cat", "dog"])
 
