@@ -6,13 +6,14 @@ Usage::
     python -m dsrb.visualize --checkpoint runs/x/best.pt photo.jpg --classes dog,person --out-dir attention/
 
 For every image and chosen class c, the attention a[c] (N = H·W positions of the reduced feature map, from
-``model.extract``) is reshaped to (H, W), upsampled bilinearly to the model's input size, scaled to [0, 1] by its
-own minimum and maximum (so each map shows where that class looks, not how strongly), coloured with a built-in
-jet-like colormap (blue = low, red = high) and blended over the resized, denormalised input image. The result is
-saved as ``<out-dir>/<image stem>_<class name>.png`` (class name made file-name safe), at the model's input size
-(the checkpoint's training ``image_size`` unless ``--image-size`` is given); a name this run already wrote (two
-images with one stem, two class names alike once made safe) gets a suffix ``_2``, ``_3``, ... so that no output
-overwrites another. Each file is written atomically. The paths are printed, one per line.
+``model.extract``) is reshaped to (H, W), upsampled bilinearly to the model's input size, scaled to [0, 1] by its own
+minimum and maximum (so each map shows where that class looks, not how strongly), coloured with a built-in jet-like
+colormap (blue = low, red = high) and blended over the resized, denormalised input image. The result is saved as
+``<out-dir>/<image stem>_<class name>.png`` (class name made file-name safe), at the model's input size (the
+checkpoint's training ``image_size`` unless ``--image-size`` is given); a name this run already wrote (two images with
+one stem, two class names alike once made safe), or the name of an input image in ``--out-dir``, gets a suffix ``_2``,
+``_3``, ... so that no output overwrites another or an input. Each file is written atomically. The paths are printed,
+one per line.
 """
 
 from __future__ import annotations
@@ -161,7 +162,9 @@ def visualize(
     transform = TestTransform(size)
     os.makedirs(out_dir, exist_ok=True)
     written: List[str] = []
-    taken: set = set()
+    # An input image in out_dir is never written over: its name counts as taken from the start.
+    taken = {os.path.splitext(os.path.basename(p))[0].casefold() for p in paths
+             if p.lower().endswith(".png") and os.path.samefile(os.path.dirname(os.path.abspath(p)), out_dir)}
     for path in paths:
         x = transform(open_image(path))[None].to(dev)
         S, a, X = model.extract(x)

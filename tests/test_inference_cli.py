@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -713,6 +714,15 @@ def test_visualize_never_overwrites_its_own_outputs(setup, tmp_path):
     # Each file is its own image's overlay (the images differ, so do the overlays).
     pixels = [np.asarray(Image.open(p)) for p in written]
     assert not np.array_equal(pixels[0], pixels[1]) and not np.array_equal(pixels[1], pixels[2])
+
+    # Written into the images' own folder: the output for "x.png" and "cat" would have replaced the input "x_cat.png".
+    x, x_cat = str(tmp_path / "x" / "x.png"), str(tmp_path / "x" / "x_cat.png")
+    shutil.copy(a, x)
+    shutil.copy(a_2, x_cat)
+    kept = open(x_cat, "rb").read()
+    written = visualize(setup["ckpt"], [x, x_cat], classes="cat", out_dir=str(tmp_path / "x"), device="cpu")
+    assert [os.path.basename(p) for p in written] == ["x_cat_2.png", "x_cat_cat.png"]
+    assert open(x_cat, "rb").read() == kept
 
     ckpt = _with_class_names(setup, tmp_path / "names.pt", ["cat dog", "cat/dog", "tree"])
     out = tmp_path / "att_names"
