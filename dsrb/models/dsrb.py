@@ -23,15 +23,13 @@ exactly through the identities of spec §3.3, §4 and §5.2, on (B, C, D) vector
 from __future__ import annotations
 
 import math
-import operator
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 from torch import nn
 
 import dsrb.ops as ops
-from dsrb._checks import check_bool, check_same_device, check_targets, check_tensor, random_kwargs
+from dsrb._checks import check_bool, check_int, check_same_device, check_targets, check_tensor, random_kwargs
 
 from .gnn import GatedGNN
 from .graph import label_graph
@@ -65,15 +63,13 @@ class DSRBOutput(NamedTuple):
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
-    """``value`` as an int (a NumPy integer too, not a bool nor a float), at least ``minimum``."""
+    """``value`` as an int (a NumPy integer too, not a bool nor a float), at least ``minimum``: :func:`check_int`,
+    every refusal a ValueError with this message."""
     try:
-        index = None if isinstance(value, (bool, np.bool_)) else operator.index(value)
-    except TypeError:
-        index = None
-    if index is None or index < minimum:
+        return check_int(name, value, minimum=minimum)
+    except (TypeError, ValueError):
         kind = "positive" if minimum == 1 else "non-negative"
-        raise ValueError(f"argument '{name}': expected a {kind} int, got {value!r}")
-    return index
+        raise ValueError(f"argument '{name}': expected a {kind} int, got {value!r}") from None
 
 
 def _as_tensor(name: str, value) -> torch.Tensor:
