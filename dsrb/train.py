@@ -809,9 +809,12 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
             log.warning("preset %s without %s: the paper starts from ImageNet weights (stem..layer3 frozen) and "
                         "GloVe class vectors; this run uses random ones and will not reach its numbers", cfg.preset,
                         " and ".join(missing))
-    if cfg.blending and cfg.blend_start_epoch >= cfg.epochs:  # legitimate (a smoke run), but it is the baseline
-        log.warning("blend_start_epoch %d >= epochs %d: no epoch blends, so this run trains as --method baseline "
-                    "does", cfg.blend_start_epoch, cfg.epochs)
+    if cfg.blending and cfg.blend_start_epoch >= cfg.epochs:  # legitimate (a smoke run), but nothing blends
+        # The contrastive loss is DSRB's from epoch 0, not the baseline's: say which of the two this run is.
+        contrastive = cfg.contrastive and cfg.contrastive_weight > 0
+        log.warning("blend_start_epoch %d >= epochs %d: no epoch blends, so this run trains %s", cfg.blend_start_epoch,
+                    cfg.epochs, "the partial BCE and the contrastive loss only (--method baseline has no contrastive "
+                    "loss)" if contrastive else "as --method baseline does")
     seed_everything(derived_seed(cfg.seed, 0, 0, d.rank))
 
     resumed = cfg.resume and os.path.exists(last_path)

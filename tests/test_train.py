@@ -227,8 +227,22 @@ def test_paper_preset_without_pretrained_weights_or_word_vectors_warns(data_root
     train.main(args(data_root, out, 1, "--preset", "voc", "--dataset", "builtin", "--backbone", "resnet18"))
     log = (out / "train.log").read_text()
     assert "preset voc without --pretrained and --word-vectors: the paper starts from ImageNet weights" in log
-    # TINY blends from epoch 1: a 1-epoch run is the baseline, and says so.
-    assert "blend_start_epoch 1 >= epochs 1: no epoch blends, so this run trains as --method baseline does" in log
+    # TINY blends from epoch 1: a 1-epoch run blends nothing, and says so (it keeps DSRB's contrastive loss).
+    assert ("blend_start_epoch 1 >= epochs 1: no epoch blends, so this run trains the partial BCE and the contrastive "
+            "loss only (--method baseline has no contrastive loss)") in log
+
+
+def test_a_run_that_blends_nothing_without_the_contrastive_loss_is_the_baseline(data_root, tmp_path):
+    """What the log says is true: the weights equal those of --method baseline with the same seed."""
+    few = ["--limit-train-batches", "2", "--limit-test-batches", "1"]
+    train.main(args(data_root, tmp_path / "dsrb", 1, "--no-contrastive", *few))
+    train.main(args(data_root, tmp_path / "base", 1, "--method", "baseline", *few))
+    assert ("blend_start_epoch 1 >= epochs 1: no epoch blends, so this run trains as --method baseline does"
+            in (tmp_path / "dsrb" / "train.log").read_text())
+    got, want = (torch.load(tmp_path / name / "last.pt", weights_only=False)["model"] for name in ("dsrb", "base"))
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
 
 
 def test_python_warnings_of_the_run_are_in_its_log(data_root, tmp_path, monkeypatch, capsys):
