@@ -136,7 +136,7 @@ def evaluate_checkpoint(
     C = info["num_classes"]
     scores_t = torch.cat(scores) if scores else torch.zeros(0, C)
     index_t = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
-    check_finite_logits(scores_t, path)
+    check_finite_logits(scores_t, path, [ds.image_paths[i] for i in index_t.tolist()])
     labels = torch.as_tensor(ds.labels)[index_t].float()
     metrics = compute_metrics(scores_t, labels)
     if scores_t.shape[0]:

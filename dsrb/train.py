@@ -28,6 +28,7 @@ if __name__ == "__main__":  # before the imports below, which take seconds (torc
 
     start("python -m dsrb.train", one_process=False)
 
+import collections
 import dataclasses
 import functools
 import itertools
@@ -277,6 +278,7 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool, class_names: 
     train_set.set_targets(partial)
     log.info("data: %s, %d train / %d test images, %d classes; %s", cfg.dataset, len(train_set), len(test_set),
              train_set.num_classes, format_known_fraction(known_fraction(partial, train_set.labels)))
+    _warn_on_repeated_images(cfg.dataset, train_set, test_set)
     if resumed:  # the file is not opened: it may have moved since
         return train_set, test_set, None, save
     if cfg.word_vectors is not None and not os.path.isfile(cfg.word_vectors):
@@ -286,6 +288,29 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool, class_names: 
             "dimensions) or a GloVe text file")
     words = load_word_vectors(cfg.word_vectors, train_set.class_names, dim=cfg.word_dim, seed=cfg.seed)
     return train_set, test_set, words, save
+
+
+def _warn_on_repeated_images(name: str, train_set, test_set) -> None:
+    """Log an image file listed twice in a split, or in both splits. Neither is refused (the official readers take
+    both, and a published split may hold them), but each listing of a file trains or scores it once more, and a test
+    image that is also trained on makes the test mAP, which selects best.pt, no held-out score."""
+    def files(dataset) -> List[str]:  # the same file under two spellings ('a/./x.jpg', 'a/x.jpg') counts once
+        return [os.path.normcase(os.path.abspath(p)) for p in dataset.image_paths]
+
+    train_files, test_files = files(train_set), files(test_set)
+    for split, dataset, listed in (("train", train_set, train_files), ("test", test_set, test_files)):
+        counts = collections.Counter(listed)
+        repeated = [f for f, n in counts.items() if n > 1]
+        if repeated:
+            log.warning("dataset '%s' (%s): %d image files are listed more than once in %s (first: %s); each listing "
+                        "is %s once more", name, split, len(repeated), dataset.source, repeated[0],
+                        "trained" if split == "train" else "scored")
+    trained = set(train_files)
+    shared = [f for f in dict.fromkeys(test_files) if f in trained]
+    if shared:
+        log.warning("dataset '%s': %d of the %d test image files are also in the training split (first: %s): the "
+                    "test mAP, which selects best.pt, is not a held-out score", name, len(shared),
+                    len(set(test_files)), shared[0])
 
 
 def _resumed_partial_labels(path: str, train_set) -> torch.Tensor:

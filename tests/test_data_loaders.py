@@ -70,6 +70,13 @@ def test_coco_labels_by_hand(tmp_path):
     assert image.shape == (3, 10, 12) and image.dtype == torch.float32
     assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
     assert target.dtype == torch.float32 and target.tolist() == [-1.0, 1.0, -1.0] and index == 2
+    # From the end, the index returned still names the image; past either end, or not an int, is an error.
+    assert ds[-1][2] == 2 and ds[np.int64(-3)][2] == 0 and ds[torch.tensor(1)][2] == 1
+    for bad in (3, -4):
+        with pytest.raises(IndexError, match=rf"coco index {bad} is out of range for its 3 images"):
+            ds[bad]
+    with pytest.raises(TypeError):
+        ds[1.5]
 
 
 def test_coco_test_split_is_val2014_and_transform(tmp_path):

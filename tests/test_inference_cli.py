@@ -864,3 +864,21 @@ def test_evaluate_refuses_a_checkpoint_config_amp_it_does_not_know(setup, tmp_pa
     with pytest.raises(ValueError, match=r"edited.pt: its config holds amp 'fp8', expected one of"):
         evaluate_checkpoint(path, device="cpu")
     assert evaluate_checkpoint(path, device="cpu", amp="none")["amp"] == "none"
+
+
+def test_evaluate_names_the_image_a_non_finite_score_came_from(setup, monkeypatch):
+    """By its file, as predict does, not by its row in the evaluation."""
+    from dsrb.evaluate import evaluate_checkpoint
+
+    calls = []
+    forward = DSRB.forward
+
+    def second_batch_starts_with_nan(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        calls.append(1)
+        return torch.cat([torch.full_like(out[:1], math.nan), out[1:]]) if len(calls) == 2 else out
+
+    monkeypatch.setattr(DSRB, "forward", second_batch_starts_with_nan)
+    fifth = os.path.join(setup["data"], "images", os.path.basename(setup["images"][4]))
+    with pytest.raises(CheckpointError, match=r"non-finite scores \(NaN or inf\) for image " + re.escape(fifth)):
+        evaluate_checkpoint(setup["ckpt"], device="cpu", batch_size=4, workers=0)

@@ -9,6 +9,7 @@ the run through :meth:`MultiLabelDataset.set_targets`. Images are read lazily wi
 from __future__ import annotations
 
 import codecs
+import operator
 import os
 import re
 from pathlib import Path
@@ -283,7 +284,11 @@ class MultiLabelDataset(Dataset):
             raise UnreadableImageError.of(path, err) from err
 
     def __getitem__(self, index: int):
-        index = int(index)
+        n = len(self)
+        i = operator.index(index)  # ints of any kind (NumPy, 0-d tensors), not 2.5
+        if not -n <= i < n:
+            raise IndexError(f"{self.name or 'dataset'} index {i} is out of range for its {n} images")
+        index = i % n  # the index returned names the image, also when asked from the end
         image = self.load_image(index)
         image = pil_to_tensor(image) if self.transform is None else self.transform(image)
         target = self.targets[index].to(torch.float32)
