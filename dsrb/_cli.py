@@ -31,6 +31,12 @@ def start(prog: str, *, one_process: bool = True, require_ext: bool = True) -> N
     ``require_ext``, a missing extension under DSRB_REQUIRE_EXT=1 one error line with the reason, where the tool's
     imports would raise it as a traceback (dsrb.info passes False: it reports first, then fails)."""
     quiet_interrupt(prog)
+    from ._build import check_env_flags, env_flag  # standard library only
+
+    try:  # a bad value is one error line here, not a traceback from the imports that read it (--help's too)
+        check_env_flags()
+    except ValueError as err:
+        fail(f"{prog}: error: {err}")
     if any(arg in ("-h", "--help") for arg in sys.argv[1:]):  # argparse then prints help or an error, never runs
         os.environ["DSRB_BUILD_ON_FIRST_USE"] = "0"
         os.environ.pop("DSRB_REQUIRE_EXT", None)
@@ -40,12 +46,6 @@ def start(prog: str, *, one_process: bool = True, require_ext: bool = True) -> N
         fail(f"{prog}: error: it runs in one process, but WORLD_SIZE={world} (torchrun) started it as one of "
              "several; run it without torchrun (only python -m dsrb.train uses several processes), with "
              "WORLD_SIZE=1 where the environment sets it for every process")
-    from ._build import check_env_flags, env_flag  # standard library only
-
-    try:  # a bad value is one error line here, not a traceback from the imports that read it
-        check_env_flags()
-    except ValueError as err:
-        fail(f"{prog}: error: {err}")
     if require_ext and env_flag("DSRB_REQUIRE_EXT"):
         from . import _ext  # imports torch, which the tool's imports do next anyway
 

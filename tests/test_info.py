@@ -74,6 +74,16 @@ def test_a_bad_on_off_value_is_one_error_line(name):
                           "true/false, yes/no, on/off), got 'ture'\n"), res.stderr
 
 
+@pytest.mark.parametrize("tool", ["dsrb.info", "dsrb.train"])
+def test_a_bad_on_off_value_is_one_error_line_with_help_too(tool):
+    """--help skips the extension's build, but the tools' imports still read the variables: a traceback before."""
+    res = subprocess.run([sys.executable, "-m", tool, "--help"], capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "DSRB_DISABLE_EXT": "ture"})
+    assert res.returncode == 1 and res.stdout == "", res.stderr
+    assert res.stderr == (f"python -m {tool}: error: environment variable DSRB_DISABLE_EXT: expected 1 or 0 (or "
+                          "true/false, yes/no, on/off), got 'ture'\n"), res.stderr
+
+
 def test_a_bad_build_variable_is_one_error_line():
     res = _info(TORCH_CUDA_ARCH_LIST="garbage")
     assert res.returncode == 1 and res.stdout == "", res.stderr
