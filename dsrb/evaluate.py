@@ -138,7 +138,7 @@ def evaluate_checkpoint(
     index_t = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
     check_finite_logits(scores_t, path, [ds.image_paths[i] for i in index_t.tolist()])
     labels = torch.as_tensor(ds.labels)[index_t].float()
-    metrics = compute_metrics(scores_t, labels)
+    metrics = compute_metrics(scores_t, labels, class_names=info["class_names"])
     if scores_t.shape[0]:
         _, ap = voc_map(scores_t, labels)
         ap_list = ap.tolist()

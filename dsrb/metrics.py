@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -83,10 +83,11 @@ def _warn_empty(what: str, scores: torch.Tensor) -> None:
     )
 
 
-def _warn_no_positive(what: str, ap: torch.Tensor) -> None:
+def _warn_no_positive(what: str, ap: torch.Tensor, class_names: Optional[Sequence[str]] = None) -> None:
     bad = torch.isnan(ap).nonzero().flatten().tolist()
     if bad:
-        shown = ", ".join(map(str, bad[:20])) + (", ..." if len(bad) > 20 else "")
+        named = [f"{i} ({class_names[i]})" if class_names is not None else str(i) for i in bad[:20]]
+        shown = ", ".join(named) + (", ..." if len(bad) > 20 else "")
         warnings.warn(
             f"{what}: {len(bad)} of {ap.numel()} classes have no positive image (targets > 0), so their AP is "
             f"undefined (NaN) and they are excluded from the mean: classes [{shown}]",
@@ -276,19 +277,24 @@ def threshold_metrics(
 # ----------------------------------------------------------------------------------------------------- summary
 
 
-def compute_metrics(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+def compute_metrics(scores: torch.Tensor, targets: torch.Tensor, *,
+                    class_names: Optional[Sequence[str]] = None) -> dict[str, float]:
     """Everything the trainer logs per epoch, as fractions in [0, 1]; keys in the order of ``METRIC_KEYS``.
 
     ``mAP`` (``voc_map``, the reported/selection metric), ``averageAP`` (``average_precision``), and the threshold
     metrics at logit >= 0: ``OP``, ``OR``, ``OF1``, ``CP``, ``CR``, ``CF1`` and their top-3 variants with the suffix
-    ``_top3``. Classes without a positive are warned about once. N = 0 or C = 0: all NaN, with one warning.
+    ``_top3``. Classes without a positive are warned about once, by index and, given the C ``class_names``, by name.
+    N = 0 or C = 0: all NaN, with one warning.
     """
     _check_inputs(scores, targets)
+    if class_names is not None and (isinstance(class_names, (str, bytes)) or len(class_names) != scores.shape[1]):
+        raise ValueError(f"argument 'class_names': expected the {scores.shape[1]} names of the classes of 'scores', "
+                         f"got {class_names!r:.80}")
     if _is_empty(scores):
         _warn_empty("compute_metrics", scores)
         return {k: math.nan for k in METRIC_KEYS}
     ap = _voc_ap(scores, targets)
-    _warn_no_positive("compute_metrics", ap)
+    _warn_no_positive("compute_metrics", ap, class_names)
     out = {"mAP": _nanmean(ap), "averageAP": _nanmean(_plain_ap(scores, targets))}
     out.update(_threshold(scores, targets, 0.0, None))
     out.update({k + "_top3": v for k, v in _threshold(scores, targets, 0.0, 3).items()})

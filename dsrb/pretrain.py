@@ -121,7 +121,7 @@ def pretrain_backbone(backbone: str = "resnet18", width: int = 16, image_size: i
     with torch.no_grad():
         for images, _, _ in batches(_loader(test_set, 64, False, 0, workers)):
             scores.append(model(images.to(device)).float().cpu())
-    metrics = compute_metrics(torch.cat(scores), test_set.labels.float())
+    metrics = compute_metrics(torch.cat(scores), test_set.labels.float(), class_names=test_set.class_names)
     info = {"backbone": backbone, "width": width, "image_size": image_size, "recipe": recipe,
             "classes": list(train_set.class_names), "test_mAP": metrics["mAP"], "test_OF1": metrics["OF1"],
             "seconds": time.perf_counter() - start, "threads": torch.get_num_threads(),

@@ -568,7 +568,7 @@ def _gather(t: torch.Tensor, d: Dist) -> torch.Tensor:
 
 def evaluate(model, loader, cfg: TrainConfig, d: Dist, device: torch.device) -> Dict[str, float]:
     scores, indices = predict_scores(model, loader, cfg, d, device, cfg.limit_test_batches)
-    return compute_metrics(scores, loader.dataset.labels[indices].float())
+    return compute_metrics(scores, loader.dataset.labels[indices].float(), class_names=loader.dataset.class_names)
 
 
 # ------------------------------------------------------------------------------------------------------- run

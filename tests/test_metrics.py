@@ -184,6 +184,12 @@ def test_class_without_positive_is_nan_and_excluded():
     with pytest.warns(RuntimeWarning, match="2 of 2 classes"):
         m, ap = voc_map(s, -torch.ones_like(t))
     assert math.isnan(m) and torch.isnan(ap).all()
+    # The trainer, evaluate and pretrain pass the class names, which the warning adds to the indices.
+    with pytest.warns(RuntimeWarning, match=r"1 of 2 classes have no positive.*: classes \[1 \(dog\)\]$"):
+        assert compute_metrics(s, t, class_names=["cat", "dog"])["mAP"] == pytest.approx(5 / 6)
+    for bad in (["cat"], "cd"):
+        with pytest.raises(ValueError, match="argument 'class_names': expected the 2 names of the classes"):
+            compute_metrics(s, t, class_names=bad)
 
 
 def test_empty_inputs_are_nan_with_warning():
