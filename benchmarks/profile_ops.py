@@ -3,8 +3,9 @@ each fused op goes on this device, per provider, as a markdown table.
 
 The benchmark suites give the wall time of a call; this splits it. For each op (``semantic_attention``,
 ``instance_blend``, ``prototype_blend``), shape and provider (``reference``: the plain oracle of ``dsrb.reference``,
-for semantic_attention the official (B, N, C, I) formulation, for the blends the vector formula rather than the
-official maps; ``torch``; then every fused backend that can run here), after two warm-up calls:
+for semantic_attention the (B, N, C, I) formulation with v = W3^T w4 collapsed, leaner than the official fc3/fc4
+chain on (B, N, C, I), so its device time understates the official one; for the blends the vector formula rather
+than the official maps; ``torch``; then every fused backend that can run here), after two warm-up calls:
 
 * wall: median over the rounds of one call, synchronised;
 * host: median of the time the call takes to return without synchronising: on a GPU, the host's cost of queueing

@@ -25,7 +25,8 @@ from dsrb._files import atomic_write
 
 ORDER = ("official", "torch", "compile", "cpu", "cuda", "triton")
 # extra_info figures some suites add (train step, largest batch, scaling, prototype pass), shown in a notes column.
-NOTES = ("images_per_s", "largest_batch", "per_image_ms", "time_vs_x1", "peak_vs_x1")
+NOTES = ("images_per_s", "largest_batch", "per_image_ms", "time_vs_x1", "peak_vs_x1", "time_linearity",
+         "peak_linearity")
 
 
 def _ratio(num: Optional[float], den: Optional[float]) -> str:
@@ -81,7 +82,7 @@ def _read(paths: Sequence[str]) -> Tuple[dict, List[dict]]:
     one, valid JSON that is not a pytest-benchmark document) has its "error" there instead, and the others still
     make the report. A record without a fullname or a median is left out and counted in the header."""
     merged: Optional[dict] = None
-    cases: Dict[str, dict] = {}
+    cases: Dict[Tuple[Optional[str], str], dict] = {}
     runs: List[dict] = []
     for path in paths:
         try:
@@ -96,7 +97,8 @@ def _read(paths: Sequence[str]) -> Tuple[dict, List[dict]]:
                      "commit": commit if isinstance(commit, dict) else {},
                      "info": next((b.get("extra_info", {}) for b in found), {}), "cases": len(found),
                      "malformed": len(data["benchmarks"]) - len(found)})
-        cases.update((b["fullname"], b) for b in found)
+        # Keyed by device too: a case of another device is not a rerun of this one (main refuses the mix).
+        cases.update(((b.get("extra_info", {}).get("device"), b["fullname"]), b) for b in found)
     return dict(merged or {}, benchmarks=list(cases.values())), runs
 
 
@@ -127,7 +129,8 @@ def _groups(cases: List[dict]) -> Dict[str, Dict[str, dict]]:
     for row in groups.values():
         for r in row.values():  # shown: the CUDA-event timings on a GPU, else pytest-benchmark's host clock
             r["median_ms"], r["iqr_ms"] = r["event_ms"] if _number(r["event_ms"][0]) else r["host_ms"]
-            if _number(r["traffic"]) and r["median_ms"] > 0:  # bytes per ms / 1e6 = GB/s
+            # The ideal bytes of the fused pass: no rate of the official formulation, which moves 5-D maps.
+            if _number(r["traffic"]) and r["median_ms"] > 0 and r["provider"] != "official":  # bytes/ms / 1e6 = GB/s
                 rate = f"{r['traffic'] / r['median_ms'] / 1e6:.3g} GB/s"
                 r["notes"] = f"{rate}, {r['notes']}" if r["notes"] else rate
     return dict(groups)
@@ -341,7 +344,7 @@ def header(runs: List[dict]) -> str:
         "CPU pytest-benchmark's host clock; a GPU case without event timings (interrupted) says \"host clock\", and a "
         "ratio with it is taken on the host clock of both cases. GB/s (notes): the bytes an ideal kernel of the "
         "case moves (each tensor the pass reads or writes, once; listed in its suite's traffic_bytes) over the "
-        "median; the copy case gives what a plain copy of S-sized data reaches on the same device.",
+        "median, for the fused providers only (the official formulation moves its 5-D maps); the copy case gives what a plain copy of S-sized data reaches on the same device.",
         "",
     ])
 
@@ -380,6 +383,9 @@ def main(argv=None) -> None:
         parser.error(f"argument --baseline: no case of provider {args.baseline!r} in the run; its providers: "
                      f"{', '.join(known)}")
     devices = sorted({r["device"] for row in groups.values() for r in row.values() if r["device"]})
+    if len(devices) > 1:  # one table row per (group, provider): another device's case would stand in for it
+        sys.exit(f"benchmarks.report: error: {', '.join(args.json)}: cases of several devices ({', '.join(devices)}); "
+                 "report each device's files separately")
     print(header(runs) + render_targets(check_targets(groups, devices)) + "\n"
           + render(groups, args.baseline or "torch"))
 

@@ -39,8 +39,9 @@ not, so the quick shape understates the full-size ratio.
 Reading the results: ``extra_info`` holds ``largest_batch``, ``budget_bytes``, ``peak_at_largest_bytes`` (= the
 report's peak memory column, fixed state included), ``fixed_state_bytes``, ``peak_next_batch_bytes``, every probe
 (``probes``: {B: bytes}), ``largest_batch_vs_official`` and ``images_per_s``. The timed part (what the report's
-median shows) is one forward + backward at the provider's own largest batch (at most 10 rounds), so the report's time
-columns compare calls on different batch sizes: compare ``images_per_s`` (largest batch / median) instead. The group is
+median shows) is one forward + backward at the provider's own largest batch (at most 10 rounds; its inputs drawn
+before, the blends without their per-call value check, as in training), so the report's time columns compare calls
+on different batch sizes: compare ``images_per_s`` (largest batch / median) instead. The group is
 ``largest_batch-<shape>-<budget in MiB>MiB-fwd+bwd``.
 
 Target (GPU, ``--bench-size full``): the fused backends' largest batch >= 4x the official one
@@ -111,7 +112,7 @@ def _state(bench, shape, dims, device, dtype):
 
 
 def _batch(B: int, dims, device, dtype, seed: int):
-    """The per-batch inputs (drawn on the device, inside the measured call): x (B, N, D), T, shift, select."""
+    """The per-batch inputs (drawn on the device, inside the measured peak): x (B, N, D), T, shift, select."""
     C, D, N = dims["C"], dims["D"], dims["H"] * dims["W"]
     gen = torch.Generator(device=device).manual_seed(seed + B)
     x = torch.randn(B, N, D, generator=gen, dtype=dtype, device=device)
@@ -154,26 +155,28 @@ def _path(provider: str, backend: Optional[str], st, dims) -> Callable:
         v = fc3.weight.t() @ fc4.weight[0]
         S, a = ops.semantic_attention(x, u, e, v, backend=backend)
         q = ops.quadrant_index(a.detach(), x.detach().sum(-1), H, W, backend=backend)
-        S1, T1 = ops.instance_blend(S, T, alpha, backend=backend)
-        S2, T2 = ops.prototype_blend(S, T, beta, bank, q, shift, select, backend=backend)
+        # No value check of T, shift and select per call, as the model's training step and the blend suites.
+        S1, T1 = ops.instance_blend(S, T, alpha, backend=backend, validate=False)
+        S2, T2 = ops.prototype_blend(S, T, beta, bank, q, shift, select, backend=backend, validate=False)
         return S, S1, T1, S2, T2
 
     return forward
 
 
 def _fwd_bwd(forward, st, dims, device, dtype, seed):
-    """call(B): draw the batch, forward, the gradient of the fixed linear loss w.r.t. x and the parameters."""
+    """(call, step): step(batch) is the forward and the gradient of the fixed linear loss w.r.t. x and the
+    parameters; call(B) draws the batch of B first (the peak of a batch size counts its inputs)."""
     w_S, w_T = st["w_S"], st["w_T"]
     leaves_fixed = st["params"] + (st["alpha"], st["beta"])
 
-    def call(B: int):
-        x, T, shift, select = _batch(B, dims, device, dtype, seed)
+    def step(batch):
+        x, T, shift, select = batch
         x.requires_grad_()
         S, S1, T1, S2, T2 = forward(x, T, shift, select)
         loss = (S * w_S).sum() + (S1 * w_S).sum() + (S2 * w_S).sum() + (T1 * w_T).sum() + (T2 * w_T).sum()
         return torch.autograd.grad(loss, (x,) + leaves_fixed, allow_unused=True)
 
-    return call
+    return (lambda B: step(_batch(B, dims, device, dtype, seed))), step
 
 
 def out_of_memory(err: BaseException) -> bool:
@@ -258,7 +261,7 @@ def _check(provider, backend, forward, st, dims, device, dtype, seed, bench):
         official = _path("official", None, st, dims)
         with torch.no_grad():
             st["reference"] = official(*_batch(2, dims, device, dtype, seed))
-        st["reference_grads"] = _fwd_bwd(official, st, dims, device, dtype, seed)(2)
+        st["reference_grads"] = _fwd_bwd(official, st, dims, device, dtype, seed)[0](2)
     if provider == "official":
         return None
     with torch.no_grad():
@@ -267,7 +270,7 @@ def _check(provider, backend, forward, st, dims, device, dtype, seed, bench):
     for name, g, want in zip(names, got, st["reference"]):
         torch.testing.assert_close(g, want, rtol=tol, atol=tol,
                                    msg=lambda m: f"{provider} disagrees with the official {name}: {m}")
-    call = _fwd_bwd(forward, st, dims, device, dtype, seed)
+    call = _fwd_bwd(forward, st, dims, device, dtype, seed)[0]
     bench.assert_grads_close(provider, grad_names, call(2), st["reference_grads"], tol)
     return bench.check_served(provider, backend, lambda: call(2))
 
@@ -296,7 +299,7 @@ def test_largest_batch(benchmark, bench, provider, size, device, dtype, rounds):
     st = _state(bench, shape, dims, device, dtype)
     forward = _path(provider, backend, st, dims)
     served = _check(provider, backend, forward, st, dims, device, dtype, seed, bench)
-    call = _fwd_bwd(forward, st, dims, device, dtype, seed)
+    call, step = _fwd_bwd(forward, st, dims, device, dtype, seed)
     fixed = st["fixed"]["official" if provider == "official" else "fused"]
 
     # Smoke run (--benchmark-disable): the search is exercised up to B = 2 only.
@@ -320,8 +323,9 @@ def test_largest_batch(benchmark, bench, provider, size, device, dtype, rounds):
     else:
         formulation = ("dsrb.ops semantic_attention, quadrant_index, instance_blend, prototype_blend "
                        f"(backend='{backend}')")
-    # At most 10 timed rounds: the timed call is secondary here, and it runs at the largest batch.
-    bench.run_case(benchmark, lambda: call(best), device=device, rounds=min(rounds, 10),
+    # At most 10 timed rounds: the timed call is secondary here, and it runs at the largest batch, drawn untimed.
+    batch = _batch(best, dims, device, dtype, seed)
+    bench.run_case(benchmark, lambda: step(batch), device=device, rounds=min(rounds, 10),
                    info={"op": "largest_batch", "case": "largest_batch", "provider": provider, "pass": "fwd+bwd",
                          "shape": label, "dims": dims, "dtype": dtype, "formulation": formulation,
                          "grad_wrt": "x, fc1..fc4, alpha and beta, from a fixed linear loss of S, S1, T1, S2, T2",

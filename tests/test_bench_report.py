@@ -111,7 +111,7 @@ def test_gb_per_s_from_the_traffic_over_the_median_shown(tmp_path):
     a = write(tmp_path / "a.json", [
         case(g, "cuda", 0.010, traffic_bytes=5e6, cuda_event_median_ms=0.5),  # 5 MB in 0.5 ms: 10 GB/s
         case(g, "torch", 0.004, traffic_bytes=6e6, rounds=3, recorded=1),  # interrupted: host clock, 4 ms
-        case(g, "official", 0.020),
+        case(g, "official", 0.020, traffic_bytes=5e6),  # the fused pass's bytes: no rate of the 5-D official
         case("copy-tiny-fwd", "torch", 2e-5, device="cpu", traffic_bytes=1024),  # small figures keep 3 digits
         case("copy-coco-fwd", "torch", 0.001, device="cpu", traffic_bytes=2e6, images_per_s=3.0),
     ])
@@ -202,7 +202,8 @@ def test_measured_value_shows_its_side_of_the_threshold(tmp_path, capsys):
                                     case(g, "cuda", 1.0, cuda_event_median_ms=0.07 * 1.1 * 1.00002),
                                     case(vg, "triton", 0.07),
                                     case(vg, "cuda", 0.07 * 1.1 * 0.99999)], commit="def")
-    report.main([a, b])
+    report.main([a])  # a CPU run and a GPU run: one report each
+    report.main([b])
     out = capsys.readouterr().out
     assert "| cpu vs torch | 2.996× | 3× | NOT met |" in out
     assert "| cpu vs torch | 0.99996× | 1× | NOT met |" in out  # 3 decimals would show 1.000
@@ -239,6 +240,27 @@ def test_targets_compare_cases_of_one_device(tmp_path):
     assert r["status"] == "no data" and r["note"] == "triton on cuda, official on cpu"
     (r,) = rows_for(rows, g, "triton", "semantic_attention fwd+bwd >= 2x compile")
     assert r["status"] == "met"
+
+
+def test_the_report_refuses_cases_of_several_devices(tmp_path, capsys):
+    """Its tables have one row per (group, provider): a CUDA case replaced the CPU one of the same name, or stood
+    beside the CPU official as if of one run."""
+    g = "instance_blend-tiny-fwd+bwd"
+    a = write(tmp_path / "cpu.json", [case(g, "official", 2.0, device="cpu"), case(g, "cpu", 0.1, device="cpu")])
+    b = write(tmp_path / "cuda.json", [case(g, "official", 5.0), case(g, "triton", 0.01)])
+    with pytest.raises(SystemExit, match=r"cpu.json, .*cuda.json: cases of several devices \(cpu, cuda\); report "
+                       "each device's files separately"):
+        report.main([a, b])
+    report.main([a])  # each alone is a report
+    assert "| instance_blend-tiny-fwd+bwd | cpu | 100.000 |" in capsys.readouterr().out
+
+
+def test_the_scaling_sweeps_linearity_is_a_note(tmp_path):
+    g = "scaling_B-B=064-fwd+bwd"
+    a = write(tmp_path / "a.json", [case(g, "cpu", 0.1, device="cpu", time_vs_x1=3.5, peak_vs_x1=4.0,
+                                         time_linearity=0.875, peak_linearity=1.0)])
+    groups, _ = report.load([a])
+    assert groups[g]["cpu"]["notes"] == "time_vs_x1 3.5, peak_vs_x1 4, time_linearity 0.875, peak_linearity 1"
 
 
 def test_zero_and_nan_figures(tmp_path):
