@@ -90,10 +90,18 @@ def quiet_interrupt(prog: str) -> None:
 def stop_on_termination() -> None:
     """A kill (SIGTERM: a scheduler's preemption, ``docker stop``) or a closed terminal (SIGHUP) stops the tool as
     Ctrl-C does, with its clean-up and its one line, instead of ending it mid-write without a word. A signal the
-    process was started ignoring (``nohup`` ignores SIGHUP) stays ignored."""
+    process was started ignoring (``nohup`` ignores SIGHUP) stays ignored.
+
+    A forked child inherits the handler: there (a DataLoader worker before torch has set its own) the signal ends
+    the child with status 0, since a process group's signal stops its parent too; a KeyboardInterrupt raised there
+    printed a traceback from multiprocessing's start-up and made torch report the worker's failure."""
     import signal
 
+    parent = os.getpid()
+
     def interrupt(signum, frame):
+        if os.getpid() != parent:
+            os._exit(0)
         raise KeyboardInterrupt
 
     for name in ("SIGTERM", "SIGHUP"):

@@ -3,9 +3,39 @@
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 from typing import Iterable, Iterator, Optional
 
-__all__ = ["batches"]
+__all__ = ["batches", "end_quietly_on_sigterm", "worker_stopped_with_us"]
+
+
+def end_quietly_on_sigterm(worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: a SIGTERM ends the worker with status 0, whoever sends it.
+
+    torch's worker handler does so only for its parent's SIGTERM and dies of any other, and torchrun, schedulers and
+    ``kill -- -PGID`` signal the whole process group: the main process, stopping on the same signal with its one
+    line, then raised "DataLoader worker (pid N) is killed by signal: Terminated" over it, a traceback per rank. A
+    worker that ends while its main process goes on is still reported by torch ("exited unexpectedly").
+    """
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
+def worker_stopped_with_us(err: BaseException) -> bool:
+    """Whether ``err`` is torch's report of a DataLoader worker's death raised while a KeyboardInterrupt (Ctrl-C,
+    or SIGTERM through :func:`dsrb._cli.stop_on_termination`) unwinds this process: the signal that stops the
+    process reached its workers too (a process group's), so the report is no news. It covers what
+    :func:`end_quietly_on_sigterm` cannot: a worker signalled before torch has called its ``worker_init_fn``."""
+    if not (isinstance(err, RuntimeError) and str(err).startswith("DataLoader worker (pid")):
+        return False
+    seen = set()
+    cause = err.__context__
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            return True
+        seen.add(id(cause))
+        cause = cause.__context__
+    return False
 
 
 def batches(loader: Iterable, limit: Optional[int] = None) -> Iterator:
@@ -25,11 +55,21 @@ def batches(loader: Iterable, limit: Optional[int] = None) -> Iterator:
     Meant for loaders without ``persistent_workers``, whose workers belong to one iteration (this package's own).
     """
     iterator = iter(loader)
+    ending = None
     try:
         yield from iterator if limit is None else itertools.islice(iterator, limit)
+    except BaseException as err:  # a KeyboardInterrupt in next(); GeneratorExit when the loop left early
+        ending = err
+        raise
     finally:
         # torch's own clean-up of a multi-process iterator (a private method, absent with num_workers=0): what the
         # iterator runs when it is exhausted or deleted; it does nothing the second time.
         stop = getattr(iterator, "_shutdown_workers", None)
         if stop is not None:
-            stop()
+            try:
+                stop()
+            except RuntimeError as err:
+                # A worker's death while the loop already ends (interrupted, or left) is no news, and raised here
+                # it would replace the interrupt, or be printed as "Exception ignored" when the generator is closed.
+                if ending is None or not str(err).startswith("DataLoader worker (pid"):
+                    raise

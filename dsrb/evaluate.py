@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ._cli import ArgumentParser, check_output_file
-from ._loader import batches
+from ._loader import batches, end_quietly_on_sigterm
 from .checkpoint import atomic_write
 from .config import check_device
 from .inference import (AMP_CHOICES, BACKENDS, amp_autocast, check_finite_logits, check_image_size, device_arg,
@@ -127,7 +127,7 @@ def evaluate_checkpoint(
     ds.align_classes(info["class_names"], f"dataset '{dataset}' ({split}) vs checkpoint {path}", ours="the dataset",
                      theirs="the checkpoint")
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=dev.type == "cuda")
+                        pin_memory=dev.type == "cuda", worker_init_fn=end_quietly_on_sigterm)
     scores, indices = [], []
     for images, _, index in batches(loader):
         with amp_autocast(amp, dev):

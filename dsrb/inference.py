@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ._checks import brief
 from ._cli import exit_on_error
-from ._loader import batches
+from ._loader import batches, end_quietly_on_sigterm, worker_stopped_with_us
 from .checkpoint import load_checkpoint
 from .config import check_device
 from .models import DSRB
@@ -316,7 +316,7 @@ def image_logits(model: DSRB, paths: Sequence[str], image_size: int, *, batch_si
         raise ValueError(f"argument 'workers': expected a non-negative int, got {workers!r}")
     device = device if device is not None else next(model.parameters()).device
     loader = DataLoader(ImageFiles(paths, TestTransform(image_size)), batch_size=batch_size, shuffle=False,
-                        num_workers=workers)
+                        num_workers=workers, worker_init_fn=end_quietly_on_sigterm)
     model.eval()
     chunks = [model(images.to(device)).float().cpu() for images, _ in batches(loader)]
     if not chunks:
@@ -387,5 +387,9 @@ def run_main(prog: str, main) -> None:
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit ("Exception ignored ...", status 120)
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError; OSError: FileNotFoundError, ...
         exit_on_error(prog, err)
+    except RuntimeError as err:
+        if not worker_stopped_with_us(err):
+            raise
+        raise KeyboardInterrupt from None  # the interrupt it was raised over: one "interrupted" line (quiet_interrupt)
     finally:
         warnings.showwarning = shown

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from . import __version__
 from ._cli import ArgumentParser, check_output_file, exit_on_error
-from ._loader import batches
+from ._loader import batches, end_quietly_on_sigterm, worker_stopped_with_us
 from .checkpoint import FileLock, atomic_write, save_json
 from .config import check_device
 from .data import TestTransform, TrainTransform, build_dataset
@@ -77,7 +77,7 @@ def _loader(dataset, batch_size: int, train: bool, seed: int, workers: int) -> D
     generator = torch.Generator().manual_seed(seed)
     sampler = RandomSampler(dataset, generator=generator) if train else SequentialSampler(dataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=train,
-                      generator=generator)
+                      generator=generator, worker_init_fn=end_quietly_on_sigterm)
 
 
 def pretrain_backbone(backbone: str = "resnet18", width: int = 16, image_size: int = 96, *,
@@ -206,6 +206,10 @@ def main(argv=None) -> None:
             print(args.out)
     except OSError as err:  # an unwritable cache or --out, a full disk, an unreadable image, a closed stdout
         exit_on_error(p.prog, err)
+    except RuntimeError as err:
+        if not worker_stopped_with_us(err):
+            raise
+        raise KeyboardInterrupt from None  # the interrupt it was raised over: one "interrupted" line
 
 
 if __name__ == "__main__":

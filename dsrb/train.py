@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 from . import __version__
 from ._cli import check_output_dir, discard, error_line, fail, stop_on_termination
-from ._loader import batches
+from ._loader import batches, end_quietly_on_sigterm, worker_stopped_with_us
 from .checkpoint import (append_line, atomic_write, load_checkpoint, remove_stale_temporaries, rng_state,
                          save_checkpoint, save_json, set_rng_state)
 from .config import RESUMABLE, TrainConfig, check_device, load_config_file, parse_args
@@ -363,7 +363,7 @@ def make_loader(dataset, cfg: TrainConfig, d: Dist, *, train: bool, seed: int, d
         sampler = RandomSampler(dataset, generator=generator) if train else SequentialSampler(dataset)
     return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                       drop_last=train, pin_memory=device.type == "cuda", generator=generator,
-                      persistent_workers=False, worker_init_fn=_release_run_lock if cfg.workers else None)
+                      persistent_workers=False, worker_init_fn=_init_worker if cfg.workers else None)
 
 
 def _limit(loader: DataLoader, limit: Optional[int]) -> int:
@@ -749,7 +749,9 @@ def _run_rank(cfg: TrainConfig, d: Dist, device: torch.device) -> Dict[str, Any]
         lock = _RUN_LOCK = main_first(d, claim_directory)  # rank 0's checks: if one fails, the other ranks stop
         with run_logging(d.main):  # the records go to <out>/train.log once the directory is checked
             return _train(cfg, d, device, out)
-    except KeyboardInterrupt as err:
+    except (KeyboardInterrupt, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and not worker_stopped_with_us(err):
+            raise
         raise Interrupted(out, os.path.isfile(os.path.join(out, "config.json"))) from err
     finally:
         if lock is not None:
@@ -771,11 +773,14 @@ def _peer_left(err: RuntimeError) -> bool:
 _RUN_LOCK: Optional[int] = None
 
 
-def _release_run_lock(worker_id: int) -> None:
-    """The loaders' ``worker_init_fn``: a forked worker inherits the descriptor holding the run directory's flock,
-    which is released only when every process holding it has closed it, so after a SIGKILL of the main process the
-    workers kept the directory locked for the seconds they take to notice it is gone, and a resume at once (a
-    scheduler's restart after a preemption) was refused. The worker closes its copy (the main process's lock holds)."""
+def _init_worker(worker_id: int) -> None:
+    """The loaders' ``worker_init_fn``: :func:`end_quietly_on_sigterm`, and the run directory's lock released.
+
+    A forked worker inherits the descriptor holding the run directory's flock, which is released only when every
+    process holding it has closed it, so after a SIGKILL of the main process the workers kept the directory locked
+    for the seconds they take to notice it is gone, and a resume at once (a scheduler's restart after a preemption)
+    was refused. The worker closes its copy (the main process's lock holds)."""
+    end_quietly_on_sigterm(worker_id)
     if _RUN_LOCK is not None:
         try:
             os.close(_RUN_LOCK)

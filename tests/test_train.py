@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -356,6 +357,31 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(data_root, tmp_path):
             "signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.stdout.split() == ["True", "True"], res.stderr  # nohup's ignored SIGHUP is kept
+
+
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"),
+                    reason="finds the loader's workers through Linux's /proc")
+def test_sigterm_to_the_process_group_stops_a_run_with_workers_in_one_line(data_root, tmp_path):
+    """torchrun, schedulers and ``kill -- -PGID`` signal the loader workers too: torch's worker handler died of a
+    SIGTERM its parent did not send, and the main process raised "DataLoader worker (pid N) is killed by signal:
+    Terminated" over its interrupted line."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "dsrb.train", *args(data_root, out, 50), "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    def workers() -> int:  # the run's child processes (Linux): its loader's workers, while an epoch loads data
+        try:
+            return len(pathlib.Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split())
+        except OSError:
+            return 0
+
+    deadline = time.monotonic() + 300
+    while not ((out / "last.pt").exists() and workers() >= 2) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and f"interrupted; resume with --resume --out {out}" in err, err
+    assert "Traceback" not in err and "killed by signal" not in err, err
 
 
 def test_baseline_and_ablation_switches(data_root, tmp_path):
