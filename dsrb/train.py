@@ -877,6 +877,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
     core = DSRB(train_set.num_classes, word_features=words, **kwargs)
     if pretrained is not None:
         _load_pretrained(core, pretrained)
+    _check_onednn_layout(core, cfg, device)
     core.set_label_graph(train_set.targets)
     core.to(device)
     if cfg.channels_last:  # the 4-D weights; the images follow in to_device
@@ -1022,6 +1023,25 @@ def _summary_writer_class():
 
 def _tensorboard(out: str):
     return _summary_writer_class()(os.path.join(out, "tb"))
+
+
+def _check_onednn_layout(core: DSRB, cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse a CPU run whose trained convolutions meet oneDNN's channels-last bug (oneDNN issue 6035, in torch
+    2.13's CPU build): the weight gradient of a 1x1 convolution with stride 2 and fewer input channels than its AVX2
+    block (8) writes past its workspace on channels-last tensors, a crash, a hang or wrong gradients. ``--compile``
+    gets there too: the compiler puts convolutions in channels-last on the CPU. ResNets of width 8 and more never
+    have such a layer (ResNet-18's layer2 downsampling has the width's channels)."""
+    flags = [setting for setting, on in (("'channels_last' (--channels-last)", cfg.channels_last),
+                                         ("'compile' (--compile)", cfg.compile)) if on]
+    if device.type != "cpu" or not flags:
+        return
+    for name, m in core.named_modules():
+        if (isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1) and m.in_channels < 8
+                and m.weight.requires_grad):
+            raise ValueError(f"setting {flags[0]}: on the CPU, oneDNN computes the weight gradient of a 1x1 "
+                             f"convolution with stride {m.stride[0]} and {m.in_channels} input channels (here "
+                             f"{name}) out of bounds in channels-last layout (a crash or wrong gradients; oneDNN "
+                             "issue 6035); give --backbone-width 8 or more, or leave the setting off")
 
 
 def _load_pretrained(core: DSRB, path: str) -> None:

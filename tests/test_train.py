@@ -203,7 +203,7 @@ def test_resume_with_other_worker_and_thread_counts_warns(data_root, tmp_path):
     rounding: another count is allowed on resume, but logged. A write killed half-way left a temporary: removed."""
     out = tmp_path / "run"
     threads = torch.get_num_threads()
-    train.main(args(data_root, out, 1))
+    train.main(args(data_root, out, 1, "--backbone-width", "8"))  # resumed with --channels-last below
     (out / ".tmp-x-last.pt").write_bytes(b"a checkpoint write killed half-way")
     try:
         torch.set_num_threads(threads + 1)
@@ -716,7 +716,7 @@ def test_channels_last_and_matmul_precision(data_root, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "train_epoch", spy)
     before = torch.get_float32_matmul_precision()
-    extra = ("--channels-last", "--matmul-precision", "medium")
+    extra = ("--channels-last", "--matmul-precision", "medium", "--backbone-width", "8")  # 4: oneDNN's bug
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train.main(args(data_root, straight, 2, *extra))
     train.main(args(data_root, resumed, 1, *extra))
@@ -736,14 +736,33 @@ def test_compiled_run_matches_the_eager_one(data_root, tmp_path):
     """--compile trains the torch.compile'd model (both blends from epoch 1, the prototype pass before it) to the
     eager run's losses, up to the compiler's rounding, and its checkpoint holds the plain model's keys."""
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    train.main(args(data_root, eager, 2))
-    train.main(args(data_root, compiled, 2, "--compile"))
+    # Width 8: at width 4 the compiled backward meets oneDNN's channels-last bug (test_onednn_layout_bug_is_refused).
+    # The compiler runs the convolutions channels-last on the CPU: the eager run does too, for the same rounding (Adam
+    # makes the two layouts' rounding differ by 1e-3 in the second epoch's loss).
+    train.main(args(data_root, eager, 2, "--backbone-width", "8", "--channels-last"))
+    train.main(args(data_root, compiled, 2, "--compile", "--backbone-width", "8"))
     want, got = read_metrics(eager), read_metrics(compiled)
     assert got[1]["loss_instance"] > 0 and got[1]["loss_prototype"] > 0
     for key, tol in (("loss", 1e-5), ("loss_instance", 1e-5), ("loss_prototype", 1e-5), ("mAP", 1e-3)):
         assert [r[key] for r in got] == pytest.approx([r[key] for r in want], rel=tol), key  # 2e-7 seen
     keys = torch.load(compiled / "last.pt", weights_only=False)["model"].keys()
     assert keys == torch.load(eager / "last.pt", weights_only=False)["model"].keys()
+
+
+@pytest.mark.parametrize("flag", ["--channels-last", "--compile"])
+def test_onednn_layout_bug_is_refused(data_root, tmp_path, flag):
+    """oneDNN's channels-last weight gradient of a 1x1, stride-2 convolution with fewer than 8 input channels writes
+    out of bounds (oneDNN issue 6035): ResNet-18 of width 4 aborted with "double free or corruption" at one thread,
+    under --compile too. Refused before the run; width 8, or a frozen layer, has no such backward."""
+    setting = "channels_last" if flag == "--channels-last" else "compile"
+    with pytest.raises(ValueError, match=rf"setting '{setting}' \({flag}\): on the CPU, oneDNN computes the weight "
+                       r"gradient of a 1x1 convolution with stride 2 and 4 input channels \(here "
+                       r"backbone\.layer2\.0\.downsample\.0\) out of bounds"):
+        train.main(args(data_root, tmp_path / "run", 1, flag))
+    core = DSRB(4, word_features=torch.randn(4, 6), backbone="resnet18", backbone_width=4, feature_dim=16,
+                inter_dim=8, word_dim=6, freeze_backbone=True)  # stem..layer3 frozen: no weight gradient there
+    cfg = TrainConfig(channels_last=True)
+    train._check_onednn_layout(core, cfg, torch.device("cpu"))
 
 
 def test_logged_loss_is_the_mean_of_the_steps_and_a_nan_stops_the_run(data_root, tmp_path, monkeypatch, capsys):
