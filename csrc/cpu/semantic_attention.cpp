@@ -17,7 +17,11 @@
 #include "ops.h"
 
 // One clone of the hot loops per vector width, chosen at load time by the CPU (GCC/Clang function multiversioning).
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+// GCC 12 takes the x86-64 levels: v3 is AVX2 with FMA (a bare "avx2" clone has no FMA: its tanh polynomial and sums
+// were separate multiplies and adds), v4 AVX-512; the others keep the plain ISA clones.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define DSRB_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
 #define DSRB_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define DSRB_VECTOR_CLONES
