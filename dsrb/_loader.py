@@ -21,12 +21,17 @@ def end_quietly_on_sigterm(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
+def _worker_died(err: BaseException) -> bool:
+    """torch's report of a worker that ended by a signal or an exit status, from its SIGCHLD handler or its loop."""
+    return isinstance(err, RuntimeError) and str(err).startswith("DataLoader worker (pid")
+
+
 def worker_stopped_with_us(err: BaseException) -> bool:
     """Whether ``err`` is torch's report of a DataLoader worker's death raised while a KeyboardInterrupt (Ctrl-C,
     or SIGTERM through :func:`dsrb._cli.stop_on_termination`) unwinds this process: the signal that stops the
     process reached its workers too (a process group's), so the report is no news. It covers what
     :func:`end_quietly_on_sigterm` cannot: a worker signalled before torch has called its ``worker_init_fn``."""
-    if not (isinstance(err, RuntimeError) and str(err).startswith("DataLoader worker (pid")):
+    if not _worker_died(err):
         return False
     seen = set()
     cause = err.__context__
@@ -71,5 +76,5 @@ def batches(loader: Iterable, limit: Optional[int] = None) -> Iterator:
             except RuntimeError as err:
                 # A worker's death while the loop already ends (interrupted, or left) is no news, and raised here
                 # it would replace the interrupt, or be printed as "Exception ignored" when the generator is closed.
-                if ending is None or not str(err).startswith("DataLoader worker (pid"):
+                if ending is None or not _worker_died(err):
                     raise
