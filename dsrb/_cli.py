@@ -1,9 +1,10 @@
 """What every command-line tool does first, before its heavy imports (standard library only)."""
 
 import argparse
+import contextlib
 import os
 import sys
-from typing import Iterable, NoReturn, Tuple
+from typing import Iterable, Iterator, NoReturn, Tuple
 
 
 def say(line: str) -> None:
@@ -87,6 +88,10 @@ def quiet_interrupt(prog: str) -> None:
     sys.excepthook = hook
 
 
+_TERMINATED = False  # set by stop_on_termination's handler, for check_termination
+_DEFERRING = 0  # how many termination_deferred blocks are open
+
+
 def stop_on_termination() -> None:
     """A kill (SIGTERM: a scheduler's preemption, ``docker stop``) or a closed terminal (SIGHUP) stops the tool as
     Ctrl-C does, with its clean-up and its one line, instead of ending it mid-write without a word. A signal the
@@ -94,20 +99,50 @@ def stop_on_termination() -> None:
 
     A forked child inherits the handler: there (a DataLoader worker before torch has set its own) the signal ends
     the child with status 0, since a process group's signal stops its parent too; a KeyboardInterrupt raised there
-    printed a traceback from multiprocessing's start-up and made torch report the worker's failure."""
+    printed a traceback from multiprocessing's start-up and made torch report the worker's failure.
+
+    The signal is also remembered for :func:`check_termination`: Python prints and drops an exception raised where
+    it cannot propagate (an at-fork callback such as logging's, run as a DataLoader starts its workers; a
+    ``__del__``), and a SIGTERM that landed there was lost: the run trained on to its end. Within
+    :func:`termination_deferred` the signal is only remembered."""
     import signal
 
     parent = os.getpid()
 
     def interrupt(signum, frame):
+        global _TERMINATED
         if os.getpid() != parent:
             os._exit(0)
-        raise KeyboardInterrupt
+        _TERMINATED = True
+        if not _DEFERRING:
+            raise KeyboardInterrupt
 
     for name in ("SIGTERM", "SIGHUP"):
         number = getattr(signal, name, None)
         if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
             signal.signal(number, interrupt)
+
+
+def check_termination() -> None:
+    """Raise KeyboardInterrupt if :func:`stop_on_termination`'s signal came: a no-op while none did, and the way a
+    signal whose KeyboardInterrupt Python dropped still stops the tool. Called where a loop can stop cleanly (each
+    batch of :func:`dsrb._loader.batches`)."""
+    if _TERMINATED:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def termination_deferred() -> Iterator[None]:
+    """Within the block :func:`stop_on_termination`'s signal is only remembered, for :func:`check_termination` after
+    it. For a step that an exception would leave half done: a DataLoader's iterator, interrupted as it starts its
+    workers, printed "Exception ignored ... _workers_status" when deleted, and the at-fork callbacks run there drop
+    an exception (logging's: the lost SIGTERM above)."""
+    global _DEFERRING
+    _DEFERRING += 1
+    try:
+        yield
+    finally:
+        _DEFERRING -= 1
 
 
 def discard(stream) -> None:

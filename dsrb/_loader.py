@@ -7,6 +7,8 @@ import os
 import signal
 from typing import Iterable, Iterator, Optional
 
+from ._cli import check_termination, termination_deferred
+
 __all__ = ["batches", "end_quietly_on_sigterm", "worker_stopped_with_us"]
 
 
@@ -58,11 +60,17 @@ def batches(loader: Iterable, limit: Optional[int] = None) -> Iterator:
     in the caller's process (a notebook, a test session) until the garbage collector runs, and on Python 3.12 that
     late clean-up can close a queue's pipe twice ("Exception in thread QueueFeederThread ... Bad file descriptor").
     Meant for loaders without ``persistent_workers``, whose workers belong to one iteration (this package's own).
+    A SIGTERM (:func:`dsrb._cli.stop_on_termination`) that comes while the iterator starts its workers stops the
+    loop once the iterator is made; one whose KeyboardInterrupt Python dropped stops it at the next batch.
     """
-    iterator = iter(loader)
+    with termination_deferred():
+        iterator = iter(loader)
     ending = None
     try:
-        yield from iterator if limit is None else itertools.islice(iterator, limit)
+        check_termination()  # a SIGTERM that came as the workers started
+        for batch in iterator if limit is None else itertools.islice(iterator, limit):
+            check_termination()  # a SIGTERM whose KeyboardInterrupt Python dropped (in a __del__)
+            yield batch
     except BaseException as err:  # a KeyboardInterrupt in next(); GeneratorExit when the loop left early
         ending = err
         raise

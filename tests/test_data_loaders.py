@@ -2,7 +2,10 @@
 
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -700,3 +703,39 @@ def test_an_interrupt_while_the_workers_stop_reaches_the_loop():
         for step, batch in enumerate(batches(Loader(), 3)):
             seen.append(batch)
     assert seen == [1, 2, 3]
+
+
+_SIGTERM_IN_A_LOOP = """
+import os, signal, sys, torch
+from dsrb._cli import stop_on_termination
+from dsrb._loader import batches
+
+stop_on_termination()
+if sys.argv[1] == "at fork":  # logging's at-fork callbacks run there: what a process-group SIGTERM can hit
+    os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGTERM))
+else:
+    class Drops:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+    Drops()
+loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2, num_workers=2, multiprocessing_context="fork")
+seen = 0
+try:
+    for batch in batches(loader):
+        seen += 1
+except KeyboardInterrupt:
+    sys.exit(f"interrupted after {seen} batches")
+print(f"ended after {seen} batches")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="forks the loader's workers (POSIX)")
+@pytest.mark.parametrize("where", ["at fork", "in a __del__"])
+def test_a_sigterm_whose_interrupt_python_drops_still_stops_the_loop(where):
+    """Python prints and drops an exception raised in an at-fork callback or a ``__del__``: a SIGTERM whose
+    KeyboardInterrupt was raised there was lost, and the run trained on to its end (exit status 0). The signal is
+    remembered and ``batches`` stops before the first batch; as the workers start it raises nothing at all."""
+    res = subprocess.run([sys.executable, "-c", _SIGTERM_IN_A_LOOP, where], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 1 and res.stderr.endswith("interrupted after 0 batches\n"), (res.stdout, res.stderr)
+    assert ("Exception ignored" in res.stderr) == (where == "in a __del__"), res.stderr
