@@ -566,8 +566,16 @@ def _gather(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
 
-def evaluate(model, loader, cfg: TrainConfig, d: Dist, device: torch.device) -> Dict[str, float]:
+def evaluate(model, loader, cfg: TrainConfig, d: Dist, device: torch.device, epoch: int) -> Dict[str, float]:
+    """The test metrics after ``epoch``. A non-finite score stops the run as a non-finite loss does, naming the
+    image: a NaN made compute_metrics's error about its argument, and an inf was ranked, in a checkpoint that
+    ``dsrb.evaluate`` then refuses (an inf logit on an unknown label leaves the training loss finite)."""
     scores, indices = predict_scores(model, loader, cfg, d, device, cfg.limit_test_batches)
+    bad = ~torch.isfinite(scores).all(1)
+    if bool(bad.any()):
+        image = loader.dataset.image_paths[int(indices[bad][0])]
+        raise FloatingPointError(f"epoch {epoch}: the model gives non-finite scores (NaN or inf) for test image "
+                                 f"{image}; lower --lr or check the data")
     return compute_metrics(scores, loader.dataset.labels[indices].float(), class_names=loader.dataset.class_names)
 
 
@@ -941,7 +949,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
         lr = optimizer.param_groups[0]["lr"]
         stats = train_epoch(model, core, loader, optimizer, scaler, cfg, epoch, d, device)
         scheduler.step()
-        metrics = evaluate(model, make_loader(test_set, cfg, d, train=False, seed=0, device=device), cfg, d, device)
+        metrics = evaluate(model, make_loader(test_set, cfg, d, train=False, seed=0, device=device), cfg, d, device,
+                           epoch)
         record = {"epoch": epoch, "lr": lr, "alpha": float(core.alpha.detach()), "beta": float(core.beta.detach()),
                   **stats, **metrics}
         improved = metrics["mAP"] > best["mAP"]

@@ -801,6 +801,27 @@ def test_logged_loss_is_the_mean_of_the_steps_and_a_nan_stops_the_run(data_root,
         "python -m dsrb.train: error: epoch 0, step 1: the loss is nan; lower --lr or check the data")
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_test_score_stops_the_run_naming_the_image(data_root, tmp_path, monkeypatch, capsys, value):
+    """As a non-finite loss does: a NaN score made compute_metrics's error about its argument 'scores', and an inf
+    score was ranked, in a checkpoint that dsrb.evaluate then refused."""
+    real, seen = train.predict_scores, []
+
+    def broken(*a, **k):
+        scores, indices = real(*a, **k)
+        scores[2, 1] = value
+        seen.append(a[1].dataset.image_paths[int(indices[2])])  # a[1]: the test loader
+        return scores, indices
+
+    monkeypatch.setattr(train, "predict_scores", broken)
+    with pytest.raises(SystemExit) as exit_:
+        train.cli(args(data_root, tmp_path / "run", 1))
+    assert exit_.value.code == 1 and capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m dsrb.train: error: epoch 0: the model gives non-finite scores (NaN or inf) for test image "
+        f"{seen[0]}; "
+        "lower --lr or check the data")
+
+
 def test_tensorboard_logs(data_root, tmp_path):
     pytest.importorskip("tensorboard", reason="the optional tensorboard package is not installed")
     train.main(args(data_root, tmp_path / "tb", 1, "--tensorboard"))
