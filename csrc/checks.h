@@ -106,19 +106,20 @@ inline void semantic_attention_backward(const at::Tensor& grad_S, const at::Tens
   }
 }
 
-// S (B, C, D) float on `type`; T (B, C) and the coefficient in S's dtype.
+// S (B, C, D) float on `type`; T (B, C) in S's dtype; the coefficient floating, of any floating dtype (rounded to
+// S's for the arithmetic; its gradient comes in its own dtype).
 inline void blend(const at::Tensor& S, const at::Tensor& T, const at::Tensor& coef, const char* coef_name,
                   c10::DeviceType type) {
   device(S, "S", type);
   floating(S, "S");
   shape(S, "S", {-1, -1, -1});
   shape(T, "T", {S.size(0), S.size(1)});
+  same_device(T, "T", S, "S");
+  dtype(T, "T", S.scalar_type(), "the dtype of 'S'");
   TORCH_CHECK(coef.numel() == 1 && coef.dim() <= 1, "argument '", coef_name,
               "': expected a one-element tensor of shape () or (1,), got ", text(coef.sizes()));
-  for (auto [t, n] : {std::pair<const at::Tensor&, const char*>{T, "T"}, {coef, coef_name}}) {
-    same_device(t, n, S, "S");
-    dtype(t, n, S.scalar_type(), "the dtype of 'S'");
-  }
+  floating(coef, coef_name);
+  same_device(coef, coef_name, S, "S");
 }
 
 inline void index(const at::Tensor& t, const char* name, const at::Tensor& S, std::initializer_list<int64_t> sizes,

@@ -13,7 +13,7 @@ Backward, for upstream gradients grad_S1 (B, C, D) and grad_T1 (B, C):
     grad_alpha = sum w * <grad_S1, S - S[partner]>  -  (0 if detach_target else sum w * grad_T1)
 
 Shapes: S (B, C, D) floating point; T (B, C) in S's dtype with values in {-1, 0, 1}; alpha a one-element tensor
-(0-d or (1,)); partner (B,) int64 with values in [0, B). Every input may have arbitrary strides (they are passed to
+(0-d or (1,)) of any floating dtype, rounded to S's for the arithmetic; partner (B,) int64 with values in [0, B). Every input may have arbitrary strides (they are passed to
 the kernels); every output is a new contiguous tensor: S1 (B, C, D) and T1 (B, C) in S's dtype, grad_S like S,
 grad_alpha shaped and typed like alpha.
 
@@ -180,7 +180,7 @@ def instance_blend_forward(S: Tensor, T: Tensor, alpha: Tensor, partner: Tensor)
     grid = (B, cdiv(C, block_c), max(1, cdiv(D, block_d)))
     with device_guard(S):
         _instance_blend_fwd_kernel[grid](
-            S, T, alpha, partner, S1, T1,
+            S, T, alpha.to(S.dtype), partner, S1, T1,
             C, D,
             S.stride(0), S.stride(1), S.stride(2),
             T.stride(0), T.stride(1),
@@ -207,7 +207,7 @@ def instance_blend_backward(
     partials = torch.empty(grid[0] * grid[1] * grid[2], dtype=acc_dtype(S.dtype), device=S.device)
     with device_guard(S):
         _instance_blend_bwd_kernel[grid](
-            grad_S1, grad_T1, S, T, alpha, partner, grad_S, partials,
+            grad_S1, grad_T1, S, T, alpha.to(S.dtype), partner, grad_S, partials,
             B, C, D,
             grad_S1.stride(0), grad_S1.stride(1), grad_S1.stride(2),
             grad_T1.stride(0), grad_T1.stride(1),

@@ -13,9 +13,10 @@ Backward, with w = select as 0/1, for upstream gradients grad_S2 (B, C, D) and g
     grad_beta         = sum w * <grad_S2, S - p>  -  (0 if detach_target else sum w * grad_T2)
     grad_bank[c, q]   = sum_{b : k[b, c] == q} w[b, c] * (1 - beta) * grad_S2[b, c]     (zeros unless bank_grad)
 
-Shapes: S (B, C, D) float; T (B, C) in S's dtype; beta one-element tensor (0-d or (1,)); bank (C, 4, D) in S's dtype;
-quadrant, shift (B, C) int64; select (B, C) bool. Inputs may have arbitrary strides (passed to the kernels); outputs
-are new contiguous tensors: S2, T2 in S's dtype; grad_S like S; grad_beta like beta; grad_bank (C, 4, D) like bank.
+Shapes: S (B, C, D) float; T (B, C) in S's dtype; beta one-element tensor (0-d or (1,)) of any floating dtype,
+rounded to S's for the arithmetic; bank (C, 4, D) in S's dtype; quadrant, shift (B, C) int64; select (B, C) bool.
+Inputs may have arbitrary strides (passed to the kernels); outputs are new contiguous tensors: S2, T2 in S's
+dtype; grad_S like S; grad_beta like beta; grad_bank (C, 4, D) like bank.
 
 Dtype policy: arithmetic in float32 for float16 / bfloat16 / float32 inputs, float64 for float64; one rounding to the
 output dtype. beta is read from device memory (no host sync).
@@ -187,7 +188,7 @@ def prototype_blend_forward(
     sel = _as_bytes(select)
     with device_guard(S):
         _prototype_blend_fwd_kernel[grid](
-            S, T, beta, bank, quadrant, shift, sel, S2, T2,
+            S, T, beta.to(S.dtype), bank, quadrant, shift, sel, S2, T2,
             C, D,
             S.stride(0), S.stride(1), S.stride(2),
             T.stride(0), T.stride(1),
@@ -222,7 +223,7 @@ def prototype_blend_backward(
     sel = _as_bytes(select)
     with device_guard(S):
         _prototype_blend_bwd_kernel[grid](
-            grad_S2, grad_T2, S, beta, bank, quadrant, shift, sel, grad_S, grad_bank, partials,
+            grad_S2, grad_T2, S, beta.to(S.dtype), bank, quadrant, shift, sel, grad_S, grad_bank, partials,
             B, C, D, b_per_prog,
             grad_S2.stride(0), grad_S2.stride(1), grad_S2.stride(2),
             grad_T2.stride(0), grad_T2.stride(1),

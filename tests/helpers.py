@@ -279,3 +279,30 @@ def run_gloo_script(script: str, tmp_path, name: str, attempts: int = 3):
         if not (GLOO_TEARDOWN_ABORT in res.stderr and out.exists()) or attempt == attempts:
             raise AssertionError(f"{name} failed (exit {res.returncode}, run {attempt}):\n{res.stderr[-3000:]}")
         warnings.warn(f"{name}: gloo aborted a rank at teardown, after the result was saved; running it again")
+
+
+def check_half_blends_take_a_wider_coefficient(ib_fwd, ib_bwd, pb_fwd, pb_bwd, *, dtype, device="cpu"):
+    """Under autocast the model passes half S with its float32 alpha / beta: the raw ops round the coefficient to
+    S's dtype for the arithmetic (results equal to those of the rounded coefficient, bit for bit) and return its
+    gradient in float32. That gradient, a sum over every blended feature, here 79997 and 159998, overflowed float16
+    (inf) when it was returned in S's dtype. Raw ops as in :func:`check_blends_ignore_what_they_leave_alone`."""
+    def on(t):
+        return t.to(device)
+
+    S = on(torch.tensor([1000.0, -1000.0])[:, None, None].expand(2, 3, 40).to(dtype))
+    T = on(torch.tensor([[0, 0, 1], [1, 1, 0]], dtype=dtype))  # blended: (0, 0), (0, 1) and (1, 2)
+    select = on(torch.tensor([[True, True, False], [False, False, False]]))
+    bank = on(torch.full((3, 4, 40), -1000.0, dtype=dtype))
+    quadrant, shift = on(torch.zeros(2, 3, dtype=torch.long)), on(torch.ones(2, 3, dtype=torch.long))
+    partner = on(torch.tensor([1, 0]))
+    gS, gT = torch.ones_like(S), torch.ones_like(T)
+    coef = on(torch.tensor(0.3))
+    cases = [("instance_blend", ib_fwd, ib_bwd, (gS, gT, S, T), (partner,), 80000 - 3),  # minus the targets' sum
+             ("prototype_blend", pb_fwd, pb_bwd, (gS, gT, S), (bank, quadrant, shift, select), 160000 - 2)]
+    for name, fwd, bwd, grads_and_inputs, rest, want in cases:
+        for got, ref in zip(fwd(S, T, coef, *rest), fwd(S, T, coef.to(dtype), *rest)):
+            torch.testing.assert_close(got, ref, rtol=0, atol=0, msg=lambda m: f"{name} forward: {m}")
+        g_wide, g_rounded = bwd(*grads_and_inputs, coef, *rest), bwd(*grads_and_inputs, coef.to(dtype), *rest)
+        torch.testing.assert_close(g_wide[0], g_rounded[0], rtol=0, atol=0, msg=lambda m: f"{name} grad S: {m}")
+        assert g_wide[1].dtype == torch.float32 and g_wide[1].shape == coef.shape, (name, g_wide[1])
+        assert float(g_wide[1]) == want, (name, float(g_wide[1]))  # integers, exact in float32

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dsrb.ops._registry import extension_backends  # importing dsrb.ops registers the backend ops
-from helpers import backend_param, triton_interpreter_problem
+from helpers import backend_param, check_half_blends_take_a_wider_coefficient, triton_interpreter_problem
 
 B, C, D, N, I = 3, 2, 4, 4, 5
 BACKENDS = ["torch", "triton", *extension_backends()]
@@ -76,12 +76,13 @@ CASES = [
     ("semantic_attention_backward", "a", lambda a: a[:, :1]),
     ("instance_blend", "T", lambda a: a[:1]),
     ("instance_blend", "alpha", lambda a: a.reshape(1)[:0]),
-    ("instance_blend", "alpha", lambda a: a.double()),
+    ("instance_blend", "alpha", lambda a: a.int()),
     ("instance_blend", "partner", lambda a: a[:0]),
     ("instance_blend", "partner", lambda a: a.int()),
     ("instance_blend_backward", "grad_S1", lambda a: a[:1]),
     ("instance_blend_backward", "grad_T1", lambda a: a[:, :1]),
     ("prototype_blend", "beta", lambda a: a.reshape(1)[:0]),
+    ("prototype_blend", "beta", lambda a: a.bool()),
     ("prototype_blend", "bank", lambda a: a[:1, :, :1]),
     ("prototype_blend", "quadrant", lambda a: a[:1]),
     ("prototype_blend", "shift", lambda a: a.int()),
@@ -115,3 +116,16 @@ def test_backend_op_refuses_a_breach_naming_the_argument(backend, op, name, brea
     named = "'height', 'width'" if name in ("height", "width") else f"'{name}'"
     with pytest.raises((ValueError, TypeError, RuntimeError), match=f"argument.*{named}"):
         fn(*args.values())
+
+
+@pytest.mark.parametrize("backend", [backend_param(b) for b in BACKENDS])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_blend_takes_a_float32_coefficient_and_returns_its_gradient_in_float32(backend, dtype):
+    if not _runs(backend):
+        pytest.skip("the triton kernels need triton and, on a CPU, its interpreter")
+    ops = torch.ops.dsrb
+    ib, pb = getattr(ops, f"instance_blend_{backend}"), getattr(ops, f"prototype_blend_{backend}")
+    ib_b, pb_b = getattr(ops, f"instance_blend_{backend}_backward"), getattr(ops, f"prototype_blend_{backend}_backward")
+    check_half_blends_take_a_wider_coefficient(
+        lambda *a: ib(*a, False), lambda *a: ib_b(*a, False), lambda *a: pb(*a, False),
+        lambda *a: pb_b(*a, False, True), dtype=dtype, device=_device(backend))

@@ -20,7 +20,8 @@ import torch
 
 import cuda_emulator
 from dsrb import ops, reference
-from helpers import assert_close, check_blends_ignore_what_they_leave_alone, noncontiguous, tanh_extreme_inputs
+from helpers import (assert_close, check_blends_ignore_what_they_leave_alone, check_half_blends_take_a_wider_coefficient,
+                     noncontiguous, tanh_extreme_inputs)
 from test_ext_backends import (BLEND_SHAPES, LOW, QUADRANT_SHAPES, QUADRANT_SPECIAL_SHAPES, SA_SHAPES, _leaf64,
                                blend_inputs, compare, grads, quadrant_inputs, quadrant_special_inputs, sa_inputs,
                                sa_oracle)
@@ -288,6 +289,14 @@ def test_blends_ignore_what_they_leave_alone(emu, dtype):
         lambda gS1, gT1, S, T, a, p: emu.instance_blend_cuda_backward(gS1, gT1, S, T, a, p, False),
         lambda S, T, b, k, q, h, e: emu.prototype_blend_cuda(S, T, b, k, q, h, e, False),
         lambda gS2, gT2, S, b, k, q, h, e: emu.prototype_blend_cuda_backward(gS2, gT2, S, b, k, q, h, e, False, True),
+        dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_blends_take_a_float32_coefficient(emu, dtype):
+    check_half_blends_take_a_wider_coefficient(
+        lambda *a: emu.instance_blend_cuda(*a, False), lambda *a: emu.instance_blend_cuda_backward(*a, False),
+        lambda *a: emu.prototype_blend_cuda(*a, False), lambda *a: emu.prototype_blend_cuda_backward(*a, False, True),
         dtype=dtype)
 
 

@@ -106,6 +106,27 @@ def test_fp16_alpha_gradient_whose_difference_exceeds_fp16(backend):
 
 
 @pytest.mark.parametrize("backend", TORCH_AND_AUTO)
+def test_float32_alpha_with_fp16_features_gets_a_float32_gradient(backend):
+    """Autocast's case: the model's float32 alpha with fp16 S. The gradient, 0.5 * (1e3 + 1e3) * 128 = 128000, was
+    returned in S's dtype: inf."""
+    S = torch.tensor([[[1e3] * 128], [[-1e3] * 128]], dtype=torch.float16)
+    T = torch.tensor([[0.0], [1.0]])  # image 0's unknown label takes image 1's known positive
+    alpha = torch.tensor([0.5], requires_grad=True)
+    S1, T1 = ops.instance_blend(S, T, alpha, torch.tensor([1, 0]), backend=backend)
+    (grad,) = torch.autograd.grad(S1, alpha, torch.full_like(S1, 0.5))
+    assert S1.dtype == T1.dtype == torch.float16 and grad.dtype == torch.float32 and grad.item() == 128000
+
+
+@pytest.mark.parametrize("backend", TORCH_AND_AUTO)
+def test_targets_with_gradient_are_refused(backend):
+    """The soft targets depend on alpha only: T's gradient was None, silently, where a reading of the formula
+    m * T + (1 - m) * T[partner] gives one."""
+    S, T, alpha = make(3, 4, 2)
+    with pytest.raises(ValueError, match="argument 'T': expected targets without gradient"):
+        ops.instance_blend(S, T.requires_grad_(), alpha, backend=backend)
+
+
+@pytest.mark.parametrize("backend", TORCH_AND_AUTO)
 def test_gradcheck(backend):
     S, T, alpha = make(3, 4, 2)
     T[0] = 0

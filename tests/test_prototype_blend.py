@@ -67,6 +67,25 @@ def test_map_formulation_equals_vectors(B, H, W, C, D):
 
 
 @pytest.mark.parametrize("backend", TORCH_AND_AUTO)
+def test_float32_beta_with_fp16_features_gets_a_float32_gradient(backend):
+    """As instance_blend's alpha: 0.5 * (1e3 + 1e3) * 128 = 128000, returned in S's dtype, was inf."""
+    S = torch.full((1, 1, 128), 1e3, dtype=torch.float16)
+    bank = torch.full((1, 4, 128), -1e3, dtype=torch.float16)
+    beta = torch.tensor([0.5], requires_grad=True)
+    q, shift, select = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.long), torch.ones(1, 1) > 0
+    S2, T2 = ops.prototype_blend(S, torch.zeros(1, 1), beta, bank, q, shift, select, backend=backend)
+    (grad,) = torch.autograd.grad(S2, beta, torch.full_like(S2, 0.5))
+    assert S2.dtype == T2.dtype == torch.float16 and grad.dtype == torch.float32 and grad.item() == 128000
+
+
+@pytest.mark.parametrize("backend", TORCH_AND_AUTO)
+def test_targets_with_gradient_are_refused(backend):
+    S, T, beta, bank, quadrant, shift, select = make(3, 4, 2)
+    with pytest.raises(ValueError, match="argument 'T': expected targets without gradient"):
+        ops.prototype_blend(S, T.requires_grad_(), beta, bank, quadrant, shift, select, backend=backend)
+
+
+@pytest.mark.parametrize("backend", TORCH_AND_AUTO)
 def test_noncontiguous(backend):
     args = make(4, 5, 6)
     strided = (noncontiguous(args[0]),) + args[1:3] + (noncontiguous(args[3]),) + args[4:]

@@ -2,6 +2,8 @@
 #pragma once
 
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/full.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -32,6 +34,15 @@ opmath_t dot_diff(const scalar_t* g, const scalar_t* s, const scalar_t* p, int64
     tail += static_cast<opmath_t>(g[d]) * (static_cast<opmath_t>(s[d]) - static_cast<opmath_t>(p[d]));
   }
   return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7])) + tail;
+}
+
+// A blend coefficient's gradient, reduced in double: rounded to the op-math type (as the torch backend's sum is),
+// then to the coefficient's own dtype (a float32 alpha with fp16 S gets no fp16 overflow), in its shape.
+template <typename opmath_t>
+at::Tensor coefficient_grad(double total, const at::Tensor& coef) {
+  const auto op_dtype = c10::CppTypeToScalarType<opmath_t>::value;
+  return at::full(coef.sizes(), static_cast<double>(static_cast<opmath_t>(total)), coef.options().dtype(op_dtype))
+      .to(coef.scalar_type());
 }
 
 }  // namespace cpu

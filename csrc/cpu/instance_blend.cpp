@@ -52,7 +52,8 @@ std::tuple<Tensor, Tensor> instance_blend_cpu(const Tensor& S_, const Tensor& T_
                                               const Tensor& partner_, bool detach_target) {
   checks::instance_blend(S_, T_, alpha_, partner_, c10::DeviceType::CPU);
   (void)detach_target;  // only the backward depends on it
-  const Tensor S = S_.contiguous(), T = T_.contiguous(), alpha = alpha_.contiguous(), partner_t = partner_.contiguous();
+  const Tensor S = S_.contiguous(), T = T_.contiguous(), alpha = alpha_.to(S_.scalar_type()).contiguous(),
+               partner_t = partner_.contiguous();
   const int64_t B = S.size(0), C = S.size(1), D = S.size(2);
   Tensor S1 = at::empty({B, C, D}, S.options());
   Tensor T1 = at::empty({B, C}, S.options());
@@ -104,9 +105,9 @@ std::tuple<Tensor, Tensor> instance_blend_cpu_backward(const Tensor& grad_S1_, c
   checks::dtype(grad_T1_, "grad_T1", S_.scalar_type(), "the dtype of 'S'");
 
   const Tensor gS1 = grad_S1_.contiguous(), gT1 = grad_T1_.contiguous(), S = S_.contiguous(), T = T_.contiguous(),
-               alpha = alpha_.contiguous(), partner_t = partner_.contiguous();
+               alpha = alpha_.to(S_.scalar_type()).contiguous(), partner_t = partner_.contiguous();
   Tensor grad_S = at::empty({B, C, D}, S.options());
-  Tensor grad_alpha = at::empty(alpha_.sizes(), S.options());
+  Tensor grad_alpha;
   const std::vector<int64_t> partner = read_partner(partner_t, B);
 
   // Inverse of partner as CSR lists: the images b' with partner[b'] == b, in increasing b' order, so each grad_S row
@@ -167,7 +168,7 @@ std::tuple<Tensor, Tensor> instance_blend_cpu_backward(const Tensor& grad_S1_, c
       }
       total -= target;
     }
-    grad_alpha.data_ptr<scalar_t>()[0] = static_cast<scalar_t>(static_cast<opmath_t>(total));
+    grad_alpha = cpu::coefficient_grad<opmath_t>(total, alpha_);
   });
   return {grad_S, grad_alpha};
 }

@@ -44,8 +44,8 @@ std::tuple<Tensor, Tensor> prototype_blend_cpu(const Tensor& S_, const Tensor& T
                                                const Tensor& select_, bool detach_target) {
   checks::prototype_blend(S_, T_, beta_, bank_, quadrant_, shift_, select_, c10::DeviceType::CPU);
   (void)detach_target;  // only the backward depends on it
-  const Tensor S = S_.contiguous(), T = T_.contiguous(), beta = beta_.contiguous(), bank = bank_.contiguous(),
-               select = select_.contiguous();
+  const Tensor S = S_.contiguous(), T = T_.contiguous(), beta = beta_.to(S_.scalar_type()).contiguous(),
+               bank = bank_.contiguous(), select = select_.contiguous();
   const int64_t B = S.size(0), C = S.size(1), D = S.size(2);
   Tensor S2 = at::empty({B, C, D}, S.options());
   Tensor T2 = at::empty({B, C}, S.options());
@@ -103,9 +103,10 @@ std::tuple<Tensor, Tensor, Tensor> prototype_blend_cpu_backward(
   checks::prototype_blend(S_, grad_T2_, beta_, bank_, quadrant_, shift_, select_, c10::DeviceType::CPU);
 
   const Tensor gS2 = grad_S2_.contiguous(), gT2 = grad_T2_.contiguous(), S = S_.contiguous(),
-               beta = beta_.contiguous(), bank = bank_.contiguous(), select = select_.contiguous();
+               beta = beta_.to(S_.scalar_type()).contiguous(), bank = bank_.contiguous(),
+               select = select_.contiguous();
   Tensor grad_S = at::empty({B, C, D}, S.options());
-  Tensor grad_beta = at::empty(beta_.sizes(), S.options());
+  Tensor grad_beta;
   Tensor grad_bank = at::zeros({C, 4, D}, bank.options());
   const std::vector<uint8_t> bucket = buckets(quadrant_.contiguous(), shift_.contiguous(), B, C);
   const bool* sel = select.data_ptr<bool>();
@@ -144,7 +145,7 @@ std::tuple<Tensor, Tensor, Tensor> prototype_blend_cpu_backward(
       }
       total -= target;
     }
-    grad_beta.data_ptr<scalar_t>()[0] = static_cast<scalar_t>(static_cast<opmath_t>(total));
+    grad_beta = cpu::coefficient_grad<opmath_t>(total, beta_);
 
     if (bank_grad) {
       // One task per bank row (c, q): it gathers its selected rows in increasing b (the index_add order).

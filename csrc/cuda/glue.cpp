@@ -176,7 +176,8 @@ std::tuple<Tensor, Tensor> instance_blend_cuda(const Tensor& S_, const Tensor& T
   checks::instance_blend(S_, T_, alpha_, partner_, kCUDA);
   const DType dt = dtype_tag(S_, "S");
   c10::DeviceGuard guard(S_.device());
-  const Tensor S = S_.contiguous(), T = T_.contiguous(), alpha = alpha_.contiguous(), partner = partner_.contiguous();
+  const Tensor S = S_.contiguous(), T = T_.contiguous(), alpha = alpha_.to(S_.scalar_type()).contiguous(),
+               partner = partner_.contiguous();
   const int64_t B = S.size(0), C = S.size(1), D = S.size(2);
   Tensor S1 = at::empty({B, C, D}, S.options());
   Tensor T1 = at::empty({B, C}, S.options());
@@ -197,7 +198,8 @@ std::tuple<Tensor, Tensor> instance_blend_cuda_backward(const Tensor& grad_S1_, 
   check_grad(grad_T1_, "grad_T1", S_, "S", {B, C});
   const DType dt = dtype_tag(S_, "S");
   c10::DeviceGuard guard(S_.device());
-  const Tensor S = S_.contiguous(), T = T_.contiguous(), alpha = alpha_.contiguous(), partner = partner_.contiguous();
+  const Tensor S = S_.contiguous(), T = T_.contiguous(), alpha = alpha_.to(S_.scalar_type()).contiguous(),
+               partner = partner_.contiguous();
   const Tensor gS1 = grad_S1_.contiguous(), gT1 = grad_T1_.contiguous();
   Tensor grad_S = at::empty({B, C, D}, S.options());
   if (B == 0 || C == 0) {
@@ -222,7 +224,8 @@ std::tuple<Tensor, Tensor> prototype_blend_cuda(const Tensor& S_, const Tensor& 
   checks::prototype_blend(S_, T_, beta_, bank_, quadrant_, shift_, select_, kCUDA);
   const DType dt = dtype_tag(S_, "S");
   c10::DeviceGuard guard(S_.device());
-  const Tensor S = S_.contiguous(), T = T_.contiguous(), beta = beta_.contiguous(), bank = bank_.contiguous();
+  const Tensor S = S_.contiguous(), T = T_.contiguous(), beta = beta_.to(S_.scalar_type()).contiguous(),
+               bank = bank_.contiguous();
   const Tensor quadrant = quadrant_.contiguous(), shift = shift_.contiguous(), select = select_.contiguous();
   const int64_t B = S.size(0), C = S.size(1), D = S.size(2);
   Tensor S2 = at::empty({B, C, D}, S.options());
@@ -251,7 +254,7 @@ std::tuple<Tensor, Tensor, Tensor> prototype_blend_cuda_backward(const Tensor& g
   checks::prototype_blend(S_, grad_T2_, beta_, bank_, quadrant_, shift_, select_, kCUDA);
   const DType dt = dtype_tag(S_, "S");
   c10::DeviceGuard guard(S_.device());
-  const Tensor S = S_.contiguous(), beta = beta_.contiguous(), bank = bank_.contiguous();
+  const Tensor S = S_.contiguous(), beta = beta_.to(S_.scalar_type()).contiguous(), bank = bank_.contiguous();
   const Tensor quadrant = quadrant_.contiguous(), shift = shift_.contiguous(), select = select_.contiguous();
   const Tensor gS2 = grad_S2_.contiguous(), gT2 = grad_T2_.contiguous();
   Tensor grad_S = at::empty({B, C, D}, S.options());

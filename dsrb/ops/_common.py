@@ -22,11 +22,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_blend_inputs(S: Tensor, T: Tensor, coef_name: str, coef: Tensor):
-    """S (B, C, D) float, T (B, C) real, a one-element coefficient, on one device; returns (B, C, D). T's values are
-    checked by the op, with its indices, in one device read (``check_targets``)."""
+    """S (B, C, D) float, T (B, C) real without gradient, a one-element coefficient, on one device; returns
+    (B, C, D). T's values are checked by the op, with its indices, in one device read (``check_targets``)."""
     check_tensor("S", S, ndim=3, kind="float")
     B, C, D = S.shape
     check_tensor("T", T, shape=(B, C), kind="real")
+    if T.requires_grad:  # the soft targets are a function of the coefficient only: a gradient to T would be None
+        raise ValueError("argument 'T': expected targets without gradient (the blends give T none); pass T.detach()")
     check_scalar_param(coef_name, coef)
     check_same_device(S=S, T=T, **{coef_name: coef})
     return B, C, D
@@ -53,13 +55,14 @@ def raw_tensor(name: str, t: Tensor, shape, ref: Tensor, ref_name: str, dtype: O
 
 
 def raw_blend(S: Tensor, T: Tensor, coef_name: str, coef: Tensor):
-    """A blending backend op's S (B, C, D) float, T (B, C) and one-element coefficient in S's dtype; returns
-    (B, C, D)."""
+    """A blending backend op's S (B, C, D) float, T (B, C) in S's dtype and one-element floating coefficient (any
+    floating dtype: it is rounded to S's for the arithmetic, and its gradient comes in its own); returns (B, C, D)."""
     check_tensor("S", S, ndim=3, kind="float")
     B, C, D = S.shape
     raw_tensor("T", T, (B, C), S, "S")
     if not isinstance(coef, Tensor) or coef.numel() != 1 or coef.dim() > 1:
         shape = tuple(coef.shape) if isinstance(coef, Tensor) else type(coef).__name__
         raise ValueError(f"argument '{coef_name}': expected a one-element tensor of shape () or (1,), got {shape}")
-    raw_tensor(coef_name, coef, None, S, "S")
+    check_tensor(coef_name, coef, kind="float")
+    raw_tensor(coef_name, coef, None, S, "S", coef.dtype)  # on S's device, in its own dtype
     return B, C, D

@@ -24,6 +24,7 @@ def _blend_mask(T: Tensor, partner: Tensor) -> Tensor:
 
 
 def _torch_forward(S: Tensor, T: Tensor, alpha: Tensor, partner: Tensor, detach_target: bool):
+    alpha = alpha.to(S.dtype)  # a float32 alpha with half S (autocast): the arithmetic in S's dtype
     blend = _blend_mask(T, partner)
     # Selected, never multiplied by a 0/1 mask: an inf or NaN at an entry left alone reaches no gradient (0 * inf).
     # m = alpha where blended, else 1, so that autograd (trace_torch_backend) gives alpha no part of those entries.
@@ -40,9 +41,10 @@ def _torch_backward(grad_S1, grad_T1, S, T, alpha, partner, detach_target: bool)
     # branch on them.
     blend = _blend_mask(T, partner)
     b3 = blend[..., None]
-    grad_S = torch.where(b3, grad_S1 * alpha, grad_S1)
+    a = alpha.to(S.dtype)
+    grad_S = torch.where(b3, grad_S1 * a, grad_S1)
     # Image b's blended entries pull (1 - alpha) of their gradient back to its partner's features.
-    grad_S = grad_S.index_add(0, partner, torch.where(b3, grad_S1 * (1 - alpha), 0))
+    grad_S = grad_S.index_add(0, partner, torch.where(b3, grad_S1 * (1 - a), 0))
     # In fp32 for half-precision inputs, as the fused kernels: S - S[partner] alone may exceed the fp16 range.
     cd = compute_dtype(S.dtype)
     grad_alpha = torch.where(b3, grad_S1.to(cd) * (S.to(cd) - S[partner].to(cd)), 0).sum()
@@ -64,7 +66,7 @@ def _triton_backward(grad_S1, grad_T1, S, T, alpha, partner, detach_target):
 
 
 def _check_op(S, T, alpha, partner, detach_target):
-    """The backend op's contract (csrc/checks.h): T and alpha in S's dtype, partner int64."""
+    """The backend op's contract (csrc/checks.h): T in S's dtype, alpha floating, partner int64."""
     B, _, _ = raw_blend(S, T, "alpha", alpha)
     raw_tensor("partner", partner, (B,), S, "S", torch.int64)
 
@@ -138,8 +140,10 @@ def instance_blend(
 
     Args:
         S: (B, C, D) semantic features.
-        T: (B, C) partial targets in {-1, 0, 1} (any real dtype).
-        alpha: one-element float tensor (the model clamps it to [0, 1] before calling).
+        T: (B, C) partial targets in {-1, 0, 1} (any real dtype, without gradient).
+        alpha: one-element float tensor (the model clamps it to [0, 1] before calling), of any floating dtype:
+            the blend rounds it to S's dtype, and its gradient is reduced in fp32 (fp64 for fp64 S) and returned
+            in alpha's own dtype, so a float32 alpha with float16 S (autocast) gets no fp16 overflow.
         partner: (B,) int64 partner index of each image; default the batch flip b -> B - 1 - b.
         detach_target: if True, alpha gets no gradient through the soft target T1 (the official code keeps it).
         validate: check the values of T (in {-1, 0, 1}) and partner (in [0, B)) first, in one read of device
@@ -165,4 +169,4 @@ def instance_blend(
         check_targets("T", T, *ranges)  # one device read for both
     partner = partner.long()
     fn = select("instance_blend", S.device, S.dtype, backend)
-    return fn(S, T.to(S.dtype), alpha.to(S.dtype).reshape(()), partner, detach_target)
+    return fn(S, T.to(S.dtype), alpha.reshape(()), partner, detach_target)

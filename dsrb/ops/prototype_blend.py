@@ -28,6 +28,7 @@ def _bucket(quadrant: Tensor, shift: Tensor) -> Tensor:
 
 
 def _torch_forward(S, T, beta, bank, quadrant, shift, select, detach_target: bool):
+    beta = beta.to(S.dtype)  # see instance_blend's
     C, _, D = bank.shape
     p = bank.reshape(C * 4, D)[_bucket(quadrant, shift)]  # (B, C, D)
     m = torch.where(select, beta, 1)[..., None]  # selected, never a 0/1 product: see instance_blend's
@@ -41,14 +42,15 @@ def _torch_backward(grad_S2, grad_T2, S, beta, bank, quadrant, shift, select, de
     s3 = select[..., None]  # selected, never a 0/1 product (0 * inf is NaN), as the C++ kernels branch
     idx = _bucket(quadrant, shift)
     p = bank.reshape(C * 4, D)[idx]
-    grad_S = torch.where(s3, grad_S2 * beta, grad_S2)
+    b = beta.to(S.dtype)
+    grad_S = torch.where(s3, grad_S2 * b, grad_S2)
     cd = compute_dtype(S.dtype)  # fp32 for half precision, as the fused kernels: S - p may exceed the fp16 range
     grad_beta = torch.where(s3, grad_S2.to(cd) * (S.to(cd) - p.to(cd)), 0).sum()
     if not detach_target:
         grad_beta = grad_beta - torch.where(select, grad_T2, 0).sum(dtype=cd)  # dT2/dbeta = -1 where selected
     grad_bank = torch.zeros((C * 4, D), dtype=bank.dtype, device=bank.device)
     if bank_grad:  # the model's bank is a buffer: skip the scatter when nobody asks for it
-        grad_bank.index_add_(0, idx.reshape(-1), torch.where(s3, grad_S2 * (1 - beta), 0).reshape(idx.numel(), D))
+        grad_bank.index_add_(0, idx.reshape(-1), torch.where(s3, grad_S2 * (1 - b), 0).reshape(idx.numel(), D))
     return grad_S.contiguous(), grad_beta.to(beta.dtype).reshape(beta.shape), grad_bank.reshape(C, 4, D)
 
 
@@ -66,7 +68,8 @@ def _triton_backward(grad_S2, grad_T2, S, beta, bank, quadrant, shift, select, d
 
 
 def _check_op(S, T, beta, bank, quadrant, shift, select, detach_target):
-    """The backend op's contract (csrc/checks.h): T, beta and bank in S's dtype, int64 indices, a bool mask."""
+    """The backend op's contract (csrc/checks.h): T and bank in S's dtype, beta floating, int64 indices, a bool
+    mask."""
     B, C, D = raw_blend(S, T, "beta", beta)
     raw_tensor("bank", bank, (C, 4, D), S, "S")
     raw_tensor("quadrant", quadrant, (B, C), S, "S", torch.int64)
@@ -153,8 +156,9 @@ def prototype_blend(
 
     Args:
         S: (B, C, D) semantic features.
-        T: (B, C) partial targets in {-1, 0, 1}.
-        beta: one-element float tensor (clamped to [0, 1] by the model).
+        T: (B, C) partial targets in {-1, 0, 1}, without gradient.
+        beta: one-element float tensor (clamped to [0, 1] by the model), of any floating dtype (see
+            :func:`instance_blend`'s alpha).
         bank: (C, 4, D) pooled prototypes, S's dtype.
         quadrant: (B, C) int64 own quadrant in [0, 3] (see :func:`quadrant_index`).
         shift: (B, C) int64 in {1, 2, 3}; the prototype comes from quadrant (quadrant - shift) mod 4.
@@ -181,5 +185,5 @@ def prototype_blend(
         check_targets("T", T, ("quadrant", quadrant, 0, 3), ("shift", shift, 1, 3))
     fn = select_backend("prototype_blend", S.device, S.dtype, backend)
     return fn(
-        S, T.to(S.dtype), beta.to(S.dtype).reshape(()), bank, quadrant.long(), shift.long(), select, detach_target
+        S, T.to(S.dtype), beta.reshape(()), bank, quadrant.long(), shift.long(), select, detach_target
     )
