@@ -108,10 +108,12 @@ def test_errors():
 
 
 @pytest.mark.parametrize("backend", TORCH_AND_AUTO)
-@pytest.mark.parametrize("case", ["expanded counts", "expanded sums", "inference tensors", "int8 counts"])
+@pytest.mark.parametrize("case", ["expanded counts", "expanded sums", "overlapping counts", "inference tensors",
+                                  "int8 counts"])
 def test_in_place_update_writes_nothing_when_refused(backend, case):
     """Each of these was refused only after ``sums`` was written (``copy_`` into an expanded or an inference tensor),
-    or not at all (an int8 count wrapped around at 127): now refused before either buffer is touched."""
+    or not at all (an int8 count wrapped around at 127; overlapping counts came out wrong): now refused before either
+    buffer is touched."""
     S, T, q = batch(4, 3, 5, 0)
     S, T, q = S.float(), torch.ones_like(T), torch.zeros_like(q)
     sums, counts = torch.zeros(3, 4, 5), torch.zeros(3, 4, dtype=torch.int64)
@@ -120,6 +122,8 @@ def test_in_place_update_writes_nothing_when_refused(backend, case):
         counts = torch.zeros(1, 1, dtype=torch.int64).expand(3, 4)
     elif case == "expanded sums":
         sums = torch.zeros(3, 1, 5).expand(3, 4, 5)
+    elif case == "overlapping counts":  # no stride 0, yet counts[i, j] and counts[i + 1, j - 1] are one element
+        counts = torch.zeros(6, dtype=torch.int64).as_strided((3, 4), (1, 1))
     elif case == "inference tensors":
         with torch.inference_mode():
             sums, counts = torch.zeros(3, 4, 5), torch.zeros(3, 4, dtype=torch.int64)
@@ -157,6 +161,8 @@ def test_meta_tensors_run_through_the_torch_backend():
                                                                                     device="meta")
     new_sums, new_counts = ops.prototype_bank_update(sums, counts, S, T, q, backend="torch")
     assert new_sums.shape == sums.shape and new_counts.device.type == "meta"
+    # In place too: every meta storage address reads 0, which said "'counts' shares memory with 'sums'"
+    ops.prototype_bank_update_(sums, counts, S, T, q, backend="torch")
     S1, T1 = ops.instance_blend(S, T, torch.tensor(0.5, dtype=S.dtype, device="meta"), backend="torch")
     assert S1.shape == S.shape and T1.device.type == "meta"
     x, u = torch.zeros(2, 4, 5, device="meta"), torch.zeros(2, 4, 6, device="meta")

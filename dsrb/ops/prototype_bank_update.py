@@ -107,8 +107,10 @@ def _check_layout(sums: Tensor, counts: Tensor, S: Tensor, T: Tensor, quadrant: 
 
 
 def _overlap(a: Tensor, b: Tensor) -> bool:
-    """Whether the bytes a and b span (first to last element, strides included) intersect."""
-    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+    """Whether the bytes a and b span (first to last element, strides included) intersect. Meta tensors have no
+    memory (every storage address reads 0)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device.type == "meta" or (
+            a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()):
         return False
 
     def span(t: Tensor):
@@ -119,12 +121,32 @@ def _overlap(a: Tensor, b: Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
+def _distinct(t: Tensor) -> bool:
+    """Whether no two elements of ``t`` share memory: with the dimensions sorted by stride, each steps past the
+    extent of those below it (every dense, sliced or permuted layout), else an exact count of the elements' offsets
+    (an expanded or interleaved ``as_strided`` layout; refused while torch.compile traces, where it cannot count)."""
+    extent = 1
+    for stride, size in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n > 1):
+        if stride < extent:
+            break
+        extent = stride * size
+    else:
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    offsets = torch.zeros((), dtype=torch.int64)
+    for n, s in zip(t.shape, t.stride()):
+        offsets = offsets[..., None] + torch.arange(n) * s
+    return offsets.unique().numel() == offsets.numel()
+
+
 def _check_written(name: str, t: Tensor) -> None:
-    """What would refuse the in-place write of ``t`` (``copy_``, the version counter), checked before either buffer
-    is written: a refusal after ``sums`` was written would leave samples in it that ``counts`` does not hold."""
-    if not t.is_contiguous() and any(n > 1 and s == 0 for n, s in zip(t.shape, t.stride())):
+    """What would refuse the in-place write of ``t`` (``copy_``, the version counter) or make it wrong (elements
+    that share memory: ``copy_`` writes one over another, silently), checked before either buffer is written: a
+    refusal after ``sums`` was written would leave samples in it that ``counts`` does not hold."""
+    if not _distinct(t):
         raise ValueError(f"argument '{name}': expected a tensor whose elements are distinct (it is updated in place), "
-                         f"got an expanded one, strides {tuple(t.stride())}")
+                         f"got one whose elements share memory: shape {tuple(t.shape)}, strides {tuple(t.stride())}")
     if not torch.compiler.is_compiling() and t.is_inference() and not torch.is_inference_mode_enabled():
         raise ValueError(f"argument '{name}': it was made under torch.inference_mode(), so it cannot be updated in "
                          "place outside it (update it there, or pass a clone made outside it)")
@@ -168,12 +190,12 @@ def prototype_bank_update_(
     Same arguments, errors and backend choice (the backend serving :func:`prototype_bank_update` for these tensors);
     nothing is written when an argument is rejected. ``sums`` must not require grad, nor share memory with S, T or
     quadrant (the kernel reads them while it writes), nor ``counts`` with ``sums`` (under ``torch.compile`` only the
-    ``cpu`` kernel can check that one: a traced call cannot read storage addresses); neither may be expanded, nor an
-    inference tensor outside ``torch.inference_mode()``, and a ``counts`` narrower than int64 must hold ``cap``. Like
-    any in-place op, it bumps the version counters of ``sums`` and ``counts``. The buckets the batch reaches get the
-    values the functional op returns, bit for bit; with the ``cpu`` kernel the others are left untouched (the
-    functional op returns sums + 0 there, which differs only in the sign of a -0 entry, a value the bank's own updates
-    never produce). The ``cpu`` kernel checks the values of T and quadrant itself, as it reads them, and takes T in
+    ``cpu`` kernel can check that one: a traced call cannot read storage addresses); neither may have elements that
+    share memory (an expanded tensor), nor be an inference tensor outside ``torch.inference_mode()``, and a
+    ``counts`` narrower than int64 must hold ``cap``. Like any in-place op, it bumps the version counters of ``sums``
+    and ``counts``. The buckets the batch reaches get the values the functional op returns, bit for bit; with the
+    ``cpu`` kernel the others are left untouched (the functional op returns sums + 0 there, which differs only in the
+    sign of a -0 entry, a value the bank's own updates never produce). The ``cpu`` kernel checks the values of T and quadrant itself, as it reads them, and takes T in
     its own dtype, so a batch is one call through the dispatcher.
     """
     cap = _check_layout(sums, counts, S, T, quadrant, cap)
