@@ -18,6 +18,9 @@ TOLERANCES = {
     torch.float16: dict(rtol=5e-3, atol=5e-3),
     torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
 }
+# Relative error norms |got - truth| / |truth| against the fp64 oracle, where the table's atol would hide the error of
+# small values (sums of tanh at tiny arguments).
+NORM_TOLERANCES = {torch.float32: 2e-6}
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,14 +67,14 @@ class NoValueReads(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def assert_close(actual, expected, *, dtype=None, what=""):
-    """assert_close with the table's tolerance for ``dtype`` (default: actual's dtype).
+def assert_close(actual, expected, *, dtype=None, what="", equal_nan=False):
+    """assert_close with the table's tolerance for ``dtype`` (default: actual's dtype); ``equal_nan`` as torch's.
 
     torch.testing reports the greatest difference with its index and the fraction of mismatched elements.
     """
     tol = TOLERANCES[dtype or actual.dtype]
     torch.testing.assert_close(
-        actual.to(expected.dtype), expected, **tol, msg=lambda m: f"{what}: {m}" if what else m
+        actual.to(expected.dtype), expected, **tol, equal_nan=equal_nan, msg=lambda m: f"{what}: {m}" if what else m
     )
 
 

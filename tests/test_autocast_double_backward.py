@@ -78,8 +78,9 @@ def test_autocast_does_not_reach_inside_the_ops(op, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_second_derivative_through_an_op_is_an_error(backend):
-    """d/dalpha of dL/dalpha with L = |blend(S; alpha)|^2 + alpha^3, and d/dx of dL/dx with L = |S|^2 + sum x^3: the
-    op's part cannot be computed, so both raise instead of returning the x^3 (alpha^3) part alone."""
+    """d/dalpha of dL/dalpha with L = |blend(S; alpha)|^2 + alpha^3 (both blends), and d/dx of dL/dx with
+    L = |S|^2 + sum x^3: the op's part cannot be computed, so each raises instead of returning the x^3 (alpha^3) part
+    alone."""
     _skip_unavailable("instance_blend", backend)
     inputs = _inputs()
     x = inputs["semantic_attention"][1][0]
@@ -88,6 +89,10 @@ def test_second_derivative_through_an_op_is_an_error(backend):
         (lambda: (ops.instance_blend(S.detach(), S.new_tensor([[0.0] * 5, [1.0] * 5, [1.0] * 5]), alpha,
                                      backend=backend)[0] ** 2).sum() + alpha ** 3, alpha),
         (lambda: (inputs["semantic_attention"][0](backend)[0] ** 2).sum() + (x ** 3).sum(), x),
+        (lambda: (ops.prototype_blend(S.detach(), S.new_zeros(3, 5), alpha, S.new_ones(5, 4, 7),
+                                      *(S.new_zeros(3, 5, dtype=torch.int64) + k for k in (0, 1)),
+                                      S.new_ones(3, 5, dtype=torch.bool), backend=backend)[0] ** 2).sum()
+         + alpha ** 3, alpha),
     ]
     for loss, leaf in cases:
         g, = torch.autograd.grad(loss(), leaf, create_graph=True)

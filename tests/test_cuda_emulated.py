@@ -180,7 +180,7 @@ def test_semantic_attention_tanh_at_extremes(emu, dtype):
     got = list(semantic_attention(x, u, e, v))
     want = list(ops.semantic_attention(x, u, e, v, backend="torch"))
     for g, r in zip(got + grads(got[:1], [u]), want + grads(want[:1], [u])):
-        torch.testing.assert_close(g, r, equal_nan=True)
+        assert_close(g, r, equal_nan=True)
     assert got[1][:-1].isfinite().all() and got[1][-1].isnan().all()
 
 
@@ -189,7 +189,7 @@ def test_semantic_attention_saturated_tanh_gradients(emu):
     inputs = tanh_extreme_inputs()
     got, want = semantic_attention(*inputs), ops.semantic_attention(*inputs, backend="torch")
     for g, r in zip(list(got) + grads(got, inputs[1:3]), list(want) + grads(want, inputs[1:3])):
-        torch.testing.assert_close(g, r, equal_nan=True)
+        assert_close(g, r, equal_nan=True)
 
 
 @pytest.mark.parametrize("B, N", [(1, 3), (3, 5)], ids=str)
@@ -204,7 +204,7 @@ def test_semantic_attention_infinite_e_with_padding_rows(emu, B, N):
     got_grads, want_grads = grads(got, inputs[1:]), grads(want, inputs[1:])
     assert want_grads[1].isfinite().all() and want_grads[2].isfinite().all()
     for a, b in zip(list(got) + got_grads, list(want) + want_grads):
-        torch.testing.assert_close(a, b, equal_nan=True)
+        assert_close(a, b, equal_nan=True)
 
 
 def test_semantic_attention_infinite_x(emu):
@@ -216,7 +216,7 @@ def test_semantic_attention_infinite_x(emu):
     got_grads, want_grads = grads(got, inputs[1:]), grads(want, inputs[1:])
     assert want_grads[0].isinf().any()  # the case itself: an infinite grad u
     for a, b in zip(list(got) + got_grads, list(want) + want_grads):
-        torch.testing.assert_close(a, b, equal_nan=True)
+        assert_close(a, b, equal_nan=True)
 
 
 def test_semantic_attention_gradcheck(emu):

@@ -5,7 +5,7 @@ import torch
 
 import dsrb.ops as ops
 from dsrb import reference
-from helpers import TORCH_AND_AUTO, backend_param, device_of, run_gloo_script
+from helpers import TORCH_AND_AUTO, assert_close, backend_param, device_of, noncontiguous, run_gloo_script
 
 
 def batch(B, C, D, seed):
@@ -28,7 +28,7 @@ def test_matches_oracle_over_batches(C, D, cap):
         ref_sums, ref_counts = reference.prototype_bank_update(ref_sums, ref_counts, S, T, q, cap)
     assert torch.equal(counts, ref_counts)
     assert counts.max() <= cap
-    torch.testing.assert_close(sums, ref_sums, rtol=1e-12, atol=1e-12)
+    assert_close(sums, ref_sums)
 
 
 @pytest.mark.parametrize("backend", TORCH_AND_AUTO)
@@ -73,7 +73,7 @@ def test_inputs_unchanged_and_compile(backend):
     assert sums.abs().sum() == 0 and counts.sum() == 0 and new_counts.sum() == (T == 1).sum()
     ref_sums, ref_counts = reference.prototype_bank_update(sums, counts, S, T, q, 100)
     assert torch.equal(new_counts, ref_counts)
-    torch.testing.assert_close(new_sums, ref_sums, rtol=1e-12, atol=1e-12)
+    assert_close(new_sums, ref_sums)
     compiled = torch.compile(lambda *a: ops.prototype_bank_update(*a, backend=backend), fullgraph=True)
     for o, r in zip(compiled(sums, counts, S, T, q), (new_sums, new_counts)):
         assert torch.equal(o, r)
@@ -105,6 +105,21 @@ def test_errors():
                                         r"float64\), got dtype torch.float8_e4m3fn"):  # no kernel computes in it
         ops.prototype_bank_update_(sums.to(torch.float8_e4m3fn), counts, S, T, q)
 
+
+
+@pytest.mark.parametrize("backend", TORCH_AND_AUTO)
+def test_noncontiguous_inputs(backend):
+    """Strided S, T, quadrant, sums and counts (every other element of a wider buffer) give the contiguous result,
+    functional and in place."""
+    S, T, q = batch(6, 3, 5, 2)
+    sums, counts = torch.randn(3, 4, 5, dtype=S.dtype), torch.randint(0, 3, (3, 4))
+    want = ops.prototype_bank_update(sums, counts, S, T, q, 4, backend=backend)
+    strided = [noncontiguous(t) for t in (sums, counts, S, T, q)]
+    got = ops.prototype_bank_update(*strided, 4, backend=backend)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    ops.prototype_bank_update_(*strided, 4, backend=backend)
+    assert torch.equal(strided[0], want[0]) and torch.equal(strided[1], want[1])
 
 
 @pytest.mark.parametrize("backend", TORCH_AND_AUTO)
@@ -227,7 +242,7 @@ def test_distributed_cap_counts_every_rank_in_the_samplers_order(tmp_path):
         uncapped = reference.prototype_bank_update(sums, uncapped, S, T, q, 10 ** 6)[1]
     assert (uncapped > spec.CAP).any()  # the cap binds, across ranks
     assert torch.equal(got["counts"], counts) and counts.max() == spec.CAP
-    torch.testing.assert_close(got["sums"], sums, rtol=1e-12, atol=1e-12)
+    assert_close(got["sums"], sums)
 
 
 def test_distributed_update_checks_values_before_counting(tmp_path):
@@ -249,6 +264,6 @@ def test_distributed_update_checks_values_before_counting(tmp_path):
             assert int(bank.counts.sum()) == 0 and float(bank.sums.abs().sum()) == 0
         bank.update(S, torch.ones(2, 2), torch.tensor([[0, 1], [0, 3]]), distributed=True)
         assert bank.counts.tolist() == [[2, 0, 0, 0], [0, 1, 0, 1]]
-        torch.testing.assert_close(bank.sums[0, 0], S[0, 0] + S[1, 0])
+        assert_close(bank.sums[0, 0], S[0, 0] + S[1, 0])
     finally:
         dist.destroy_process_group()

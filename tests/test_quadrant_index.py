@@ -5,7 +5,7 @@ import torch
 
 import dsrb.ops as ops
 from dsrb import reference
-from helpers import TORCH_AND_AUTO, backend_param, device_of
+from helpers import TORCH_AND_AUTO, backend_param, device_of, noncontiguous
 
 
 @pytest.mark.parametrize("B, C, H, W", [(1, 1, 7, 7), (2, 3, 5, 6), (5, 20, 1, 1), (3, 4, 13, 2), (0, 3, 7, 7)])
@@ -32,6 +32,26 @@ def test_mixed_dtypes_use_the_wider(backend):
     x_sum = torch.tensor([[1e5, 2e5, 3e5, 4e5]])
     assert reference.quadrant_index(a, x_sum, 2, 2).item() == 3
     assert ops.quadrant_index(a.to(dev), x_sum.to(dev), 2, 2, backend=backend).item() == 3
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", backend_param("cuda")])
+def test_noncontiguous_inputs(backend):
+    """Strided a and x_sum (every other element of a wider buffer, a transposed a) give the contiguous result."""
+    from dsrb.ops._registry import reasons
+
+    dev = device_of(backend)
+    why = reasons("quadrant_index", torch.device(dev), torch.float32)[backend]
+    if why is not None:
+        pytest.skip(f"backend {backend!r} does not serve the {dev} device here: {why}")
+    g = torch.Generator().manual_seed(3)
+    a = torch.softmax(torch.randn(3, 5, 6 * 7, generator=g), -1).to(dev)
+    x_sum = torch.randn(3, 6 * 7, generator=g).to(dev)
+    want = ops.quadrant_index(a, x_sum, 6, 7, backend=backend)
+    assert torch.equal(want.cpu(), reference.quadrant_index(a.cpu(), x_sum.cpu(), 6, 7))
+    transposed = a.transpose(0, 1).contiguous().transpose(0, 1)
+    for a_, x_ in [(noncontiguous(a), noncontiguous(x_sum)), (transposed, x_sum)]:
+        assert not a_.is_contiguous()
+        assert torch.equal(ops.quadrant_index(a_, x_, 6, 7, backend=backend), want)
 
 
 @pytest.mark.parametrize("backend", TORCH_AND_AUTO)

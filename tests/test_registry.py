@@ -215,7 +215,7 @@ def test_first_op_call_inside_a_compiled_graph(monkeypatch, backend):
 
     args = (torch.randn(2, 3, 4), torch.randn(2, 3, 5), torch.randn(6, 5), torch.randn(5))
     for got, want in zip(f(*args), ops.semantic_attention(*args, backend=backend)):
-        torch.testing.assert_close(got, want)
+        assert_close(got, want)
 
 
 def test_compiled_op_calls_neither_read_nor_write_the_choice_cache(monkeypatch):
@@ -239,7 +239,7 @@ def test_compiled_op_calls_neither_read_nor_write_the_choice_cache(monkeypatch):
     ops.instance_blend(*args, validate=False)  # an eager call fills it
     assert len(_registry._SELECTED) == 1
     for got, want in zip(f(*args), ops.instance_blend(*args, validate=False)):
-        torch.testing.assert_close(got, want)
+        assert_close(got, want)
     assert len(graphs) == 1, "the compiled call was traced again after the eager call"
 
 

@@ -40,7 +40,7 @@ def both(fn, inputs):
 def test_semantic_attention_saturated_tanh_gradients():
     """Where tanh(u e) rounds to +-1, a huge u or e adds no gradient (1 - tanh^2 is 0, as in the torch backend)."""
     for got, want in zip(*both(ops.semantic_attention, tanh_extreme_inputs(device=DEVICE))):
-        torch.testing.assert_close(got, want, equal_nan=True)
+        assert_close(got, want, equal_nan=True)
 
 
 def test_auto_never_picks_triton_on_cpu():

@@ -27,7 +27,7 @@ def check_blend_inputs(S: Tensor, T: Tensor, coef_name: str, coef: Tensor):
     check_tensor("S", S, ndim=3, kind="float")
     B, C, D = S.shape
     check_tensor("T", T, shape=(B, C), kind="real")
-    if T.requires_grad:  # the soft targets are a function of the coefficient only: a gradient to T would be None
+    if T.requires_grad and torch.is_grad_enabled():  # no backend differentiates T: its gradient would be None
         raise ValueError("argument 'T': expected targets without gradient (the blends give T none); pass T.detach()")
     check_scalar_param(coef_name, coef)
     check_same_device(S=S, T=T, **{coef_name: coef})
