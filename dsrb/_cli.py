@@ -180,7 +180,10 @@ def check_output_file(path: str, *, name: str = "argument --out", what: str = "t
     """Raise a ValueError starting with ``name`` unless a file can be written at ``path``: it is not a directory, nor
     one of the ``inputs`` ((what it is, path) pairs: the checkpoint, the images, which the write would replace), and
     its folder is a writable folder or can be made in one. For a check before long work whose result would be lost
-    (the write itself, atomic, comes at the end). Creates nothing."""
+    (the write itself, atomic, comes at the end). An empty ``path`` is refused (it names the current folder). Creates
+    nothing."""
+    if not path:  # "" (--out "") would be the current folder, found only by the write at the end
+        raise ValueError(f"{name}: expected the path of {what}, got an empty string")
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise ValueError(f"{name}: {path} is a directory; expected the path of {what}")
     if os.path.exists(path):
@@ -193,7 +196,9 @@ def check_output_file(path: str, *, name: str = "argument --out", what: str = "t
 
 def check_output_dir(path: str, *, name: str, what: str = "the folder to write to") -> None:
     """:func:`check_output_file` for a folder: ``path`` is a writable folder or can be made in one (a read-only disk,
-    a file in the way). Creates nothing."""
+    a file or a broken symbolic link in the way; an empty ``path``). Creates nothing."""
+    if not path:  # os.makedirs("") fails, after the work
+        raise ValueError(f"{name}: expected {what}, got an empty string")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{name}: {path} is a file; expected {what}")
     _check_folder(os.path.abspath(path), name, what)
@@ -202,6 +207,9 @@ def check_output_dir(path: str, *, name: str, what: str = "the folder to write t
 def _check_folder(folder: str, name: str, what: str) -> None:
     existing = folder
     while not os.path.exists(existing):  # the folders still to make go in the nearest one that exists
+        if os.path.islink(existing):  # os.makedirs cannot make a folder where a broken link is ("File exists")
+            raise ValueError(f"{name}: {existing} is a broken symbolic link (to {os.readlink(existing)}); expected "
+                             f"{what if existing == folder else 'a folder there'}")
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise ValueError(f"{name}: {existing} is a file, not a folder")

@@ -11,6 +11,7 @@ import tempfile
 from typing import Optional
 
 TMP_PREFIX = ".tmp-"  # atomic_write's temporary files
+_RANDOM_CHARS = 8  # the length of the random part of tempfile.mkstemp's names
 
 
 def _umask() -> int:
@@ -32,7 +33,7 @@ def atomic_write(path: str, write) -> None:
     ``/dev/fd/N`` through the process's own stream: renaming over them would replace the device or pipe with a file,
     or the file a shell redirected the stream to, behind the shell's back.
     """
-    stream = _standard_stream(path)
+    stream = standard_stream(path)
     try:
         mode = os.stat(path).st_mode
     except OSError:  # absent, a dangling link (or unreadable: the rename below reports it)
@@ -56,7 +57,8 @@ def atomic_write(path: str, write) -> None:
     directory = os.path.dirname(path)
     try:  # a folder that became read-only names the file meant, not the temporary one
         os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + os.path.basename(path), dir=directory)
+        suffix = _temporary_suffix(directory, os.path.basename(path))
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=directory)
     except OSError as err:
         raise _write_error("write", path, err, f"; the previous {os.path.basename(path)}, if any, is unchanged") \
             from err
@@ -86,6 +88,25 @@ def atomic_write(path: str, write) -> None:
         pass
 
 
+def name_max(directory: str) -> int:
+    """The longest file name (in bytes) the file system of ``directory`` takes; 255 where it cannot be asked."""
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or no such limit reported
+        return 255
+
+
+def _temporary_suffix(directory: str, name: str) -> str:
+    """``"-" + name``, the end of the temporary name of ``name``'s :func:`atomic_write`, cut from the front so that
+    the whole temporary name (``TMP_PREFIX``, mkstemp's random characters and this) fits the file system's limit: a
+    ``name`` of 245 characters is a valid file but its temporary name was "File name too long"."""
+    suffix = "-" + name
+    room = name_max(directory) - len(os.fsencode(TMP_PREFIX)) - _RANDOM_CHARS
+    while len(os.fsencode(suffix)) > room and len(suffix) > 1:  # by characters: a UTF-8 one is never split
+        suffix = "-" + suffix[2:]
+    return suffix
+
+
 def append_line(path: str, line: str) -> None:
     """Append ``line`` and a newline to the UTF-8 text file ``path`` (created if missing), flushed and fsynced; a
     failed write (a full disk) is an OSError naming ``path`` and the free space."""
@@ -108,7 +129,7 @@ def _reraise_interrupt(err: BaseException) -> None:
         seen = seen.__cause__ or seen.__context__
 
 
-def _standard_stream(path: str) -> Optional[int]:
+def standard_stream(path: str) -> Optional[int]:
     """The file descriptor ``path`` names (/dev/stdout, /dev/stderr, /dev/fd/N, /proc/self/fd/N), else None."""
     names = {"/dev/stdout": 1, "/dev/stderr": 2}
     path = os.path.abspath(path)
@@ -134,7 +155,8 @@ def remove_stale_temporaries(directory: str, names) -> None:
     """Delete the temporary files that killed :func:`atomic_write` calls for the files ``names`` left in ``directory``
     (each may be a whole checkpoint). Only for a directory no other process writes those files to (dsrb.train locks
     its run directory); anything else there, another program's ``.tmp-*`` file or a folder, is left alone."""
+    suffixes = tuple(_temporary_suffix(directory, n) for n in names)  # what atomic_write gave them
     for entry in os.scandir(directory):
-        if (entry.name.startswith(TMP_PREFIX) and any(entry.name.endswith("-" + n) for n in names)
+        if (entry.name.startswith(TMP_PREFIX) and entry.name.endswith(suffixes)
                 and entry.is_file(follow_symlinks=False)):
             os.unlink(entry.path)

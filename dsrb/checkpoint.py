@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import random
+import re
 import sys
 from typing import Any, Dict, Optional
 
@@ -52,15 +53,20 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         with torch.serialization.safe_globals([*numpy_globals(), torch.torch_version.TorchVersion]):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many kinds (OSError, UnpicklingError, RuntimeError, EOFError, ...)
-        marker = "Unsupported global: GLOBAL "  # weights_only's refusal (a truncated file is an UnpicklingError too)
-        refused = next((line.split(marker)[1].split(" ")[0] for line in str(err).splitlines() if marker in line),
-                       None) if isinstance(err, pickle.UnpicklingError) else None
+        # weights_only's refusal of a global (a truncated file is an UnpicklingError too): one not allowed, or one of
+        # a module it blocks outright ("Trying to load unsupported GLOBAL posix.system whose module posix is blocked")
+        refused = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module \S+ is blocked)",
+                            str(err)) if isinstance(err, pickle.UnpicklingError) else None
         if refused is not None:
-            raise ValueError(f"checkpoint {path} holds a {refused}, which no checkpoint of python -m dsrb.train "
-                             "holds; not loaded, since unpickling it could run code") from None
-        reason = str(err)
-        if "WeightsUnpickler error:" in reason:  # not torch's advice to load it with weights_only=False
-            reason = reason.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+            raise ValueError(f"checkpoint {path} holds a {refused.group(1)}, which no checkpoint of python -m "
+                             "dsrb.train holds; not loaded, since unpickling it could run code") from None
+        reason = str(err)  # without torch's advice to load it with weights_only=False, the unsafe load refused here
+        if "WeightsUnpickler error:" in reason:
+            reason = reason.split("WeightsUnpickler error:", 1)[1]
+        reason = reason.split("Check the documentation", 1)[0].replace("Weights only load failed.", "")
+        advice = getattr(torch.serialization, "UNSAFE_MESSAGE", "")  # also where no "WeightsUnpickler error:" is
+        if advice:
+            reason = reason.replace(advice, "")
         raise ValueError(f"checkpoint {path} could not be read ({type(err).__name__}: {' '.join(reason.split())}); "
                          "the file is truncated or not a checkpoint written by python -m dsrb.train") from err
     return state

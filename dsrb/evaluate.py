@@ -8,8 +8,9 @@ Usage::
 
 The dataset, its root, the image size and ``skip_bad_images`` default to the settings saved in the checkpoint's
 config; the split defaults to "test". The model's logits over the split are scored with
-:func:`dsrb.metrics.compute_metrics` against the full labels (spec §8). A short table (percent) is printed and a JSON
-file is written atomically to ``--out`` (default ``<checkpoint folder>/eval_<checkpoint name>_<split>.json``, e.g.
+:func:`dsrb.metrics.compute_metrics` against the full labels (spec §8). A short table (percent) is printed (to stderr
+when the JSON goes to standard output, ``--out /dev/stdout``, which then holds the JSON only) and a JSON file is
+written atomically to ``--out`` (default ``<checkpoint folder>/eval_<checkpoint name>_<split>.json``, e.g.
 ``eval_best_test.json``, so best.pt's and last.pt's results stay apart) with the metrics as
 **fractions** in [0, 1], the per-class VOC AP with the class names, the checkpoint path, the dataset, the split and
 the number of images. Undefined values (a class without a positive image) are written as ``null``.
@@ -30,17 +31,19 @@ import json
 import math
 import os
 import sys
+import warnings
 from typing import Any, Dict, Optional, Union
 
 import torch
 from torch.utils.data import DataLoader
 
 from ._cli import ArgumentParser, check_output_file
+from ._files import standard_stream
 from ._loader import batches, end_quietly_on_sigterm
 from .checkpoint import atomic_write
 from .config import check_device
-from .inference import (AMP_CHOICES, BACKENDS, amp_autocast, check_finite_logits, check_image_size, device_arg,
-                        load_model, non_negative_int, positive_int, run_main)
+from .inference import (AMP_CHOICES, BACKENDS, amp_autocast, check_finite_logits, check_image_size, check_non_negative,
+                        check_positive, device_arg, load_model, non_negative_int, positive_int, print_out, run_main)
 from .metrics import METRIC_KEYS, compute_metrics, voc_map
 
 __all__ = ["default_out", "evaluate_checkpoint", "format_table", "main"]
@@ -92,11 +95,12 @@ def evaluate_checkpoint(
         checkpoint).
     """
     from .data import DATASETS, TestTransform, build_dataset
+    from .data.registry import check_root
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"argument 'batch_size': expected a positive int, got {batch_size!r}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ValueError(f"argument 'workers': expected a non-negative int, got {workers!r}")
+    check_positive("batch_size", batch_size)
+    check_non_negative("workers", workers)
+    if image_size is not None:  # before the model is read; check_image_size, after it, compares it
+        check_positive("image_size", image_size)
     if out is not None:  # before the inference, whose result would be lost
         check_output_file(os.fspath(out), name="argument 'out' (--out)", what="the JSON file to write",
                           inputs=[("the checkpoint", os.fspath(checkpoint))])
@@ -112,8 +116,12 @@ def evaluate_checkpoint(
     dataset = dataset if dataset is not None else cfg.get("dataset")
     if dataset is None:
         raise ValueError(f"argument 'dataset': checkpoint {path} saves no dataset setting; pass --dataset")
+    root_name = "argument 'data_root' (--data-root)"  # build_dataset would name its own argument, 'root'
     if data_root is None and dataset == cfg.get("dataset"):  # another dataset's root is not this one's
         data_root = cfg.get("data_root")
+        if data_root is not None:
+            root_name = f"the data_root saved in checkpoint {path} (--data-root gives another)"
+    check_root(dataset, data_root, name_of_root=root_name)
     size = image_size if image_size is not None else info["image_size"]
     check_image_size(model, size)
     skip = skip_bad if skip_bad is not None else bool(cfg.get("skip_bad_images", False))
@@ -140,7 +148,9 @@ def evaluate_checkpoint(
     labels = torch.as_tensor(ds.labels)[index_t].float()
     metrics = compute_metrics(scores_t, labels, class_names=info["class_names"])
     if scores_t.shape[0]:
-        _, ap = voc_map(scores_t, labels)
+        with warnings.catch_warnings():  # compute_metrics warned of the classes without a positive, with names
+            warnings.filterwarnings("ignore", r"voc_map: .* classes have no positive image", RuntimeWarning)
+            _, ap = voc_map(scores_t, labels)
         ap_list = ap.tolist()
     else:
         ap_list = [math.nan] * C
@@ -226,7 +236,10 @@ def main(argv=None) -> Dict[str, Any]:
                                  batch_size=args.batch_size, workers=args.workers, device=args.device,
                                  backend=args.backend, image_size=args.image_size, skip_bad=args.skip_bad,
                                  amp=args.amp, out=out)
-    print(format_table(result))
+    if standard_stream(out) == 1:  # the JSON went to standard output: the table would make it invalid JSON
+        print(format_table(result), file=sys.stderr)
+    else:
+        print_out(format_table(result) + "\n")
     print(f"wrote {out}", file=sys.stderr)
     return result
 

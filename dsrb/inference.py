@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import stat
 import sys
 import warnings
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -20,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ._checks import brief
-from ._cli import exit_on_error
+from ._cli import discard, exit_on_error, fail
 from ._loader import batches, end_quietly_on_sigterm, worker_stopped_with_us
 from .checkpoint import load_checkpoint
 from .config import check_device
@@ -239,8 +240,9 @@ def load_images(paths_or_folder: Union[PathLike, Iterable[PathLike]]) -> List[st
     by name; a file is taken as given, whatever its extension.
 
     Raises:
-        FileNotFoundError: a path does not exist (named in the message).
-        ValueError: a folder holds no image file (named), or nothing was given at all.
+        FileNotFoundError: a path does not exist, or is a broken symbolic link (named in the message).
+        ValueError: a path is neither a file nor a folder (a device such as /dev/null, a named pipe: named, with what
+        it is), a folder holds no image file (named), or nothing was given at all.
     """
     if isinstance(paths_or_folder, (str, bytes, os.PathLike)):
         items: Sequence = [paths_or_folder]
@@ -259,9 +261,22 @@ def load_images(paths_or_folder: Union[PathLike, Iterable[PathLike]]) -> List[st
             out.extend(found)
         elif os.path.isfile(p):
             out.append(p)
+        elif os.path.islink(p) and not os.path.exists(p):
+            raise FileNotFoundError(f"image path {p} is a broken symbolic link (to {os.readlink(p)})")
+        elif os.path.exists(p):  # read as an image it would fail, or wait forever on a pipe without a writer
+            raise ValueError(f"image path {p} is {_file_kind(p)}, not a regular file; expected an image file or a "
+                             "folder")
         else:
             raise FileNotFoundError(f"image path not found: {p}")
     return out
+
+
+def _file_kind(path: str) -> str:
+    """What ``path``, neither a regular file nor a folder, is: "a named pipe", "a character device", ..."""
+    mode = os.stat(path).st_mode
+    kinds = [(stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket")]
+    return next((kind for test, kind in kinds if test(mode)), "a special file")
 
 
 def open_image(path: str):
@@ -290,9 +305,15 @@ class ImageFiles(Dataset):
         return self.transform(open_image(self.paths[i])), i
 
 
-def _positive(name: str, value) -> int:
+def check_positive(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"argument '{name}': expected a positive int, got {value!r}")
+    return value
+
+
+def check_non_negative(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"argument '{name}': expected a non-negative int, got {value!r}")
     return value
 
 
@@ -311,9 +332,8 @@ def image_logits(model: DSRB, paths: Sequence[str], image_size: int, *, batch_si
     """Logits (len(paths), C) on the CPU for the images at ``paths`` (test transform at ``image_size``)."""
     from .data.transforms import TestTransform
 
-    _positive("batch_size", batch_size)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ValueError(f"argument 'workers': expected a non-negative int, got {workers!r}")
+    check_positive("batch_size", batch_size)
+    check_non_negative("workers", workers)
     device = device if device is not None else next(model.parameters()).device
     loader = DataLoader(ImageFiles(paths, TestTransform(image_size)), batch_size=batch_size, shuffle=False,
                         num_workers=workers, worker_init_fn=end_quietly_on_sigterm)
@@ -370,12 +390,44 @@ def device_arg(text: str) -> str:
     return text
 
 
-def run_main(prog: str, main) -> None:
+def print_out(text: str) -> None:
+    """Write ``text`` to standard output and flush it. A write that fails (a full disk behind ``> file``) is an
+    OSError saying it was standard output, not a bare "[Errno 28] ..."; a reader that went away stays a
+    BrokenPipeError, which :func:`run_main` ends quietly on."""
+    if sys.stdout is None:  # started with it closed (>&-): Python sets None
+        raise OSError("could not write to standard output: it is closed")
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as err:
+        discard(sys.stdout)  # else the flush at exit fails again, with an "Exception ignored" message
+        raise OSError(f"could not write to standard output ({type(err).__name__}: {err})") from err
+
+
+def _out_of_memory(prog: str, err: BaseException, reduce: str) -> str:
+    """One error line for running out of memory, as ``python -m dsrb.train`` words it: what to reduce, and the first
+    line of the error (the original one, for an error raised in a DataLoader worker)."""
+    text = str(err).strip()
+    if "\nOriginal Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    detail = text.splitlines()[0] if text else type(err).__name__
+    return f"{prog}: error: out of memory ({detail}); reduce {reduce}"
+
+
+def run_main(prog: str, main, *, reduce: str = "--batch-size or --image-size") -> None:
     """Run a command-line ``main()``; a user error (a bad setting, a missing or unreadable file) is printed as
     "<prog>: error: ..." without a traceback, exit status 1 (as ``python -m dsrb.train``); output piped to a reader
-    that stopped early ends it silently (:func:`dsrb._cli.exit_on_error`). A Python warning raised meanwhile (a class
-    without a positive image in :func:`dsrb.metrics.compute_metrics`) is one line, "<prog>: warning: ...", as
-    ``dsrb.train`` logs them, not Python's two lines with the source path."""
+    that stopped early ends it silently (:func:`dsrb._cli.exit_on_error`). Running out of memory (a large
+    ``--image-size``) is one error line saying to reduce ``reduce`` (the flags the tool has). Started with standard
+    output closed (``>&-``), it stops with one error line before doing anything: what it prints would be lost, and a
+    file it opens could take the closed stream's place. A Python warning raised meanwhile (a class without a positive
+    image in :func:`dsrb.metrics.compute_metrics`) is one line, "<prog>: warning: ...", as ``dsrb.train`` logs them,
+    not Python's two lines with the source path."""
+    if sys.stdout is None:
+        fail(f"{prog}: error: standard output is closed (>&-); expected an open one: redirect it (> /dev/null to "
+             "discard what the tool prints) instead")
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         print(f"{prog}: warning: {message} ({category.__name__}: {os.path.basename(filename)}:{lineno})",
@@ -384,10 +436,14 @@ def run_main(prog: str, main) -> None:
     shown, warnings.showwarning = warnings.showwarning, show
     try:
         main()
-        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit ("Exception ignored ...", status 120)
+        print_out("")  # the flush, here, where a closed pipe is caught, not at exit ("Exception ignored ...", 120)
+    except (MemoryError, torch.OutOfMemoryError) as err:
+        fail(_out_of_memory(prog, err, reduce))
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError; OSError: FileNotFoundError, ...
         exit_on_error(prog, err)
     except RuntimeError as err:
+        if "can't allocate memory" in str(err):  # the CPU allocator's out-of-memory error
+            fail(_out_of_memory(prog, err, reduce))
         if not worker_stopped_with_us(err):
             raise
         raise KeyboardInterrupt from None  # the interrupt it was raised over: one "interrupted" line (quiet_interrupt)

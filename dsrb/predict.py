@@ -45,8 +45,8 @@ import torch
 from ._cli import ArgumentParser, check_output_file
 from .checkpoint import atomic_write
 from .config import check_device
-from .inference import (BACKENDS, check_finite_logits, check_image_size, device_arg, image_logits, load_images,
-                        load_model, non_negative_int, positive_int, run_main)
+from .inference import (BACKENDS, check_finite_logits, check_image_size, check_non_negative, check_positive, device_arg,
+                        image_logits, load_images, load_model, non_negative_int, positive_int, print_out, run_main)
 
 __all__ = ["predict", "select_labels", "main"]
 
@@ -113,6 +113,10 @@ def predict(
         rounded to 4 decimals, class order).
     """
     _check_args(threshold, top_k)
+    for name, value in (("batch_size", batch_size), ("image_size", image_size)):  # before the model is read
+        if value is not None:
+            check_positive(name, value)
+    check_non_negative("workers", workers)
     paths = load_images(images)
     dev = check_device(device, name="argument 'device'")
     model, info = load_model(checkpoint, device=dev, backend=backend)
@@ -171,18 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> List[Dict]:
     args = build_parser().parse_intermixed_args(argv)  # images may come before, between and after options
-    if args.out:  # before the inference, whose result would be lost
+    if args.out is not None:  # before the inference, whose result would be lost; --out "" is an error there
         inputs = [("the checkpoint", args.checkpoint)] + [("an input image", p) for p in load_images(args.images)]
         check_output_file(args.out, what="the JSON file to write", inputs=inputs)
     results = predict(args.checkpoint, args.images, threshold=args.threshold, top_k=args.top_k, device=args.device,
                       backend=args.backend, batch_size=args.batch_size, workers=args.workers,
                       image_size=args.image_size)
     text = json.dumps(results, indent=2) + "\n"
-    if args.out:
+    if args.out is not None:
         atomic_write(args.out, lambda f: f.write(text.encode("utf-8")))
         print(f"wrote predictions for {len(results)} image(s) to {args.out}", file=sys.stderr)
     else:
-        sys.stdout.write(text)
+        print_out(text)
     return results
 
 

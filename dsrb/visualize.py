@@ -12,8 +12,8 @@ colormap (blue = low, red = high) and blended over the resized, denormalised inp
 ``<out-dir>/<image stem>_<class name>.png`` (class name made file-name safe), at the model's input size (the
 checkpoint's training ``image_size`` unless ``--image-size`` is given); a name this run already wrote (two images with
 one stem, two class names alike once made safe), or the name of an input image in ``--out-dir``, gets a suffix ``_2``,
-``_3``, ... so that no output overwrites another or an input. Each file is written atomically. The paths are printed,
-one per line.
+``_3``, ... so that no output overwrites another or an input. A name longer than the file system takes (255 bytes,
+usually) has its image stem shortened. Each file is written atomically. The paths are printed, one per line.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ if __name__ == "__main__":  # before the imports below, which take seconds (torc
     start("python -m dsrb.visualize")
 
 import argparse
+import numbers
 import os
 from typing import List, Optional, Sequence, Union
 
@@ -33,10 +34,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ._cli import ArgumentParser, check_output_dir
+from ._files import name_max
 from .checkpoint import atomic_write
 from .config import check_device
-from .inference import (BACKENDS, check_image_size, device_arg, load_images, load_model, open_image, positive_int,
-                        run_main, sanitize)
+from .inference import (BACKENDS, check_image_size, check_positive, device_arg, load_images, load_model, open_image,
+                        positive_int, print_out, run_main, sanitize)
 
 __all__ = ["visualize", "colormap", "attention_maps", "overlay", "main"]
 
@@ -103,13 +105,24 @@ def _resolve_classes(classes, class_names: List[str]) -> Optional[List[int]]:
     return out
 
 
-def _unique_path(folder: str, name: str, taken: set) -> str:
-    """``<folder>/<name>.png``, or ``<name>_2.png``, ``<name>_3.png``, ...: the first name not in ``taken`` (the
-    names this run produced so far, casefolded), to which it is added."""
-    candidate, n = name, 1
+def _png_name(stem: str, label: str, limit: int, end: str = "") -> str:
+    """``<stem>_<label><end>``, its stem (then its label) cut so that the name with ".png" has at most ``limit``
+    characters (the names are ASCII: :func:`~dsrb.inference.sanitize`), where the file system takes no longer one."""
+    over = len(stem) + 1 + len(label) + len(end) + len(".png") - limit
+    if over > 0:
+        cut = min(over, len(stem) - 1)  # one character of the stem stays
+        stem, over = stem[:len(stem) - cut], over - cut
+        label = label[:max(1, len(label) - over)]
+    return f"{stem}_{label}{end}"
+
+
+def _unique_path(folder: str, stem: str, label: str, taken: set, limit: int = 255) -> str:
+    """``<folder>/<stem>_<label>.png``, or ``..._2.png``, ``..._3.png``, ...: the first name not in ``taken`` (the
+    names this run produced so far, casefolded), to which it is added; shortened (:func:`_png_name`) to ``limit``."""
+    candidate, n = _png_name(stem, label, limit), 1
     while candidate.casefold() in taken:  # casefold: "A" and "a" are one file on macOS and Windows
         n += 1
-        candidate = f"{name}_{n}"
+        candidate = _png_name(stem, label, limit, f"_{n}")
     taken.add(candidate.casefold())
     return os.path.join(folder, candidate + ".png")
 
@@ -147,8 +160,10 @@ def visualize(
         raise ValueError("arguments 'classes' and 'top_k' are exclusive: give one or the other")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"argument 'top_k': expected a positive int, got {top_k!r}")
-    if not 0.0 <= float(alpha) <= 1.0:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= alpha <= 1.0:  # NaN too
         raise ValueError(f"argument 'alpha': expected a number in [0, 1], got {alpha!r}")
+    if image_size is not None:  # before the model is read; check_image_size, after it, compares it
+        check_positive("image_size", image_size)
     out_dir = os.fspath(out_dir)
     check_output_dir(out_dir, name="argument 'out_dir' (--out-dir)", what="the folder for the PNG files")
     paths = load_images(images)
@@ -161,6 +176,7 @@ def visualize(
     check_image_size(model, size)
     transform = TestTransform(size)
     os.makedirs(out_dir, exist_ok=True)
+    limit = name_max(out_dir)
     written: List[str] = []
     # An input image in out_dir is never written over: its name counts as taken from the start.
     taken = {os.path.splitext(os.path.basename(p))[0].casefold() for p in paths
@@ -179,7 +195,7 @@ def visualize(
         base = rgb.permute(1, 2, 0).contiguous().numpy()
         stem = sanitize(os.path.splitext(os.path.basename(path))[0])
         for c, heat in zip(picked, maps):
-            target = _unique_path(out_dir, f"{stem}_{sanitize(names[c])}", taken)
+            target = _unique_path(out_dir, stem, sanitize(names[c]), taken, limit)
             image = overlay(base, heat, alpha)
             atomic_write(target, lambda f: image.save(f, format="PNG"))  # whole or absent, even after Ctrl-C
             written.append(target)
@@ -214,9 +230,9 @@ def main(argv=None) -> List[str]:
     written = visualize(args.checkpoint, args.images, classes=args.classes, top_k=args.top_k, out_dir=args.out_dir,
                         device=args.device, backend=args.backend, image_size=args.image_size, alpha=args.alpha)
     for path in written:
-        print(path)
+        print_out(path + "\n")
     return written
 
 
 if __name__ == "__main__":
-    run_main("python -m dsrb.visualize", main)
+    run_main("python -m dsrb.visualize", main, reduce="--image-size")  # one image at a time: no --batch-size

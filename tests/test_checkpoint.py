@@ -262,3 +262,50 @@ def test_a_pickle_that_is_no_checkpoint_is_one_line_without_torchs_advice(tmp_pa
     message = str(raised.value)
     assert message.startswith(f"checkpoint {path} could not be read (UnpicklingError: ")
     assert "weights_only" not in message and "\n" not in message, message
+
+
+class _Shell:
+    """Unpickling it runs ``os.system(command)``: os (posix) is a module torch's weights_only unpickler blocks
+    outright, with a message of its own."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_a_checkpoint_naming_a_blocked_module_is_refused_as_unsafe(tmp_path):
+    """torch words the refusal of a blocked module's global ("Trying to load unsupported GLOBAL posix.system whose
+    module posix is blocked") unlike that of a global not allowed: it was reported as a file that "could not be
+    read", truncated, with torch's advice to load it with weights_only=False. Now the refusal any unsafe global
+    gets, without that advice."""
+    from dsrb.checkpoint import load_checkpoint
+
+    ran = tmp_path / "ran"
+    save_checkpoint(str(tmp_path / "shell.pt"), {"model": {}, "extra": _Shell(f"touch {ran}")})
+    refusal = (r"shell\.pt holds a (posix|nt|os)\.system, which no checkpoint of python -m dsrb\.train holds; not "
+               r"loaded, since unpickling it could run code")
+    with pytest.raises(ValueError, match=refusal) as raised:
+        load_checkpoint(str(tmp_path / "shell.pt"))
+    assert "weights_only" not in str(raised.value) and "\n" not in str(raised.value)
+    assert not ran.exists()
+
+
+@pytest.mark.parametrize("stem", ["p" * 245, "é" * 122])  # 250 bytes with ".json": a name that can be made
+def test_a_name_the_file_system_takes_can_be_written(tmp_path, stem):
+    """A name of up to the file system's limit (255 bytes) is written: the temporary name, which adds ".tmp-" and 8
+    random characters, was "File name too long" after all the work. What a killed write of it leaves is still found
+    by remove_stale_temporaries."""
+    name = stem + ".json"
+    path = tmp_path / name
+    atomic_write(str(path), lambda f: f.write(b"{}"))
+    assert path.read_bytes() == b"{}" and os.listdir(tmp_path) == [name]
+
+    code = ("import os, sys; from dsrb._files import atomic_write; "
+            "atomic_write(sys.argv[1], lambda f: (f.write(b'half'), f.flush(), os._exit(0)))")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], check=True, timeout=600)
+    left = [n for n in os.listdir(tmp_path) if n != name]
+    assert len(left) == 1 and left[0].startswith(TMP_PREFIX) and len(os.fsencode(left[0])) <= 255, left
+    remove_stale_temporaries(str(tmp_path), (name, "last.pt"))
+    assert os.listdir(tmp_path) == [name] and path.read_bytes() == b"{}"

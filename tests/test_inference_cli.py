@@ -882,3 +882,214 @@ def test_evaluate_names_the_image_a_non_finite_score_came_from(setup, monkeypatc
     fifth = os.path.join(setup["data"], "images", os.path.basename(setup["images"][4]))
     with pytest.raises(CheckpointError, match=r"non-finite scores \(NaN or inf\) for image " + re.escape(fifth)):
         evaluate_checkpoint(setup["ckpt"], device="cpu", batch_size=4, workers=0)
+
+
+# ------------------------------------------------------------------------------------------- bad input, bad output
+
+
+def _tool(tool, *args, **kwargs):
+    return subprocess.run([sys.executable, "-m", f"dsrb.{tool}", *args], cwd=ROOT, stderr=subprocess.PIPE,
+                          text=True, timeout=600, **kwargs)
+
+
+def test_a_closed_stdout_is_one_error_line_before_any_work(setup, tmp_path):
+    """Started with standard output closed (``>&-``), sys.stdout is None: predict and evaluate, and visualize, ended
+    in an AttributeError traceback after all their work. Now one error line first, exit status 1."""
+    image = setup["images"][0]
+    for tool, args in (("predict", [image]), ("evaluate", ["--workers", "0"]),
+                       ("visualize", [image, "--out-dir", str(tmp_path / "att")])):
+        proc = _tool(tool, "--checkpoint", setup["ckpt"], "--device", "cpu", *args, preexec_fn=lambda: os.close(1))
+        assert proc.returncode == 1 and proc.stderr == (f"python -m dsrb.{tool}: error: standard output is closed "
+                                                        "(>&-); expected an open one: redirect it (> /dev/null to "
+                                                        "discard what the tool prints) instead\n"), proc.stderr
+    assert not (tmp_path / "att").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_stdout_that_cannot_be_written_is_named(setup):
+    """``> /dev/full`` (a full disk) said only "[Errno 28] No space left on device", not what it was writing."""
+    with open("/dev/full", "w") as full:
+        proc = _tool("predict", "--checkpoint", setup["ckpt"], setup["images"][0], "--device", "cpu", stdout=full)
+    assert proc.returncode == 1 and proc.stderr == ("python -m dsrb.predict: error: could not write to standard "
+                                                    "output (OSError: [Errno 28] No space left on device)\n")
+
+
+@pytest.mark.parametrize("error, detail", [
+    (MemoryError(), "MemoryError"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                  "to allocate 3072000000000 bytes. Error code 12 (Cannot allocate memory)"),
+     "[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+     "3072000000000 bytes. Error code 12 (Cannot allocate memory)"),
+    (RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                  "  File ...\nRuntimeError: DefaultCPUAllocator: can't allocate memory: you tried to allocate 7 "
+                  "bytes"),
+     "DefaultCPUAllocator: can't allocate memory: you tried to allocate 7 bytes"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore"),
+     "CUDA out of memory. Tried to allocate 20.00 GiB"),
+])
+def test_running_out_of_memory_is_one_line_saying_what_to_reduce(setup, monkeypatch, capsys, error, detail):
+    """A large --image-size (16000) ended in a MemoryError or torch's "can't allocate memory" traceback: now one
+    line, as dsrb.train words it, naming the flags the tool has (visualize has no --batch-size)."""
+    from dsrb import predict, visualize
+    from dsrb.inference import run_main
+
+    def out_of_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(predict, "image_logits", out_of_memory)
+    monkeypatch.setattr("dsrb.data.transforms.TestTransform", out_of_memory)  # visualize's first step at that size
+    for tool, reduce, extra in (("predict", {}, []),  # its default
+                                ("visualize", {"reduce": "--image-size"}, ["--out-dir", str(setup["tmp"] / "oom")])):
+        args = ["--checkpoint", setup["ckpt"], setup["images"][0], "--device", "cpu", "--image-size", "16000", *extra]
+        with pytest.raises(SystemExit) as raised:
+            run_main(f"python -m dsrb.{tool}", lambda: {"predict": predict, "visualize": visualize}[tool].main(args),
+                     **reduce)
+        assert raised.value.code == 1
+        flags = reduce.get("reduce", "--batch-size or --image-size")
+        assert capsys.readouterr().err == f"python -m dsrb.{tool}: error: out of memory ({detail}); reduce {flags}\n"
+
+
+def test_long_output_names_are_written(setup, tmp_path):
+    """An --out name of 250 characters can be made, but the atomic write's temporary name (".tmp-XXXXXXXX-" before
+    it) could not: "File name too long" after all the work. visualize's PNG names, the image's name and a class
+    name, are shortened to fit; each still distinct."""
+    from dsrb.predict import main as predict_main
+    from dsrb.visualize import visualize
+
+    out = tmp_path / ("p" * 245 + ".json")
+    predict_main(["--checkpoint", setup["ckpt"], setup["images"][0], "--device", "cpu", "--out", str(out)])
+    assert len(json.loads(out.read_text())) == 1 and os.listdir(tmp_path) == [out.name]
+
+    image = tmp_path / ("i" * 246 + ".png")  # 250 characters, as is each PNG below before shortening
+    shutil.copy(setup["images"][0], image)
+    written = visualize(setup["ckpt"], [str(image), str(image)], out_dir=str(tmp_path / "att"), device="cpu")
+    names = [os.path.basename(p) for p in written]
+    assert len(names) == 6 and len(set(names)) == 6 and all(len(n) <= 255 for n in names), names
+    assert sorted(names) == sorted(os.listdir(tmp_path / "att"))
+    assert {n.lstrip("i") for n in names} == {f"_{c}{n}.png" for c in ("cat", "dog_house", "tree") for n in ("", "_2")}
+
+
+def test_empty_and_broken_output_paths_are_refused_before_any_work(setup, tmp_path, monkeypatch):
+    """``--out ""`` passed the check and failed after the evaluation ("Is a directory"), or (predict) printed to
+    stdout; ``--out-dir ""`` failed late ("No such file or directory: ''"), and a broken symlink as --out-dir with
+    "File exists". Now errors naming the flag, before the checkpoint is read."""
+    from dsrb import evaluate, predict, visualize
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the output was checked")
+
+    for module in (predict, evaluate, visualize):
+        monkeypatch.setattr(module, "load_model", never)
+    image = setup["images"][0]
+    with pytest.raises(ValueError, match=r"^argument --out: expected the path of the JSON file to write, got an empty "
+                                         r"string$"):
+        predict.main(["--checkpoint", setup["ckpt"], image, "--out", ""])
+    with pytest.raises(ValueError, match=r"^argument 'out' \(--out\): expected the path of the JSON file to write, got "
+                                         r"an empty string$"):
+        evaluate.main(["--checkpoint", setup["ckpt"], "--out", ""])
+    with pytest.raises(ValueError, match=r"^argument 'out_dir' \(--out-dir\): expected the folder for the PNG files, "
+                                         r"got an empty string$"):
+        visualize.main(["--checkpoint", setup["ckpt"], image, "--out-dir", ""])
+    broken = tmp_path / "broken"
+    broken.symlink_to(tmp_path / "nowhere")
+    for out_dir in (broken, broken / "sub"):
+        with pytest.raises(ValueError, match=rf"^argument 'out_dir' \(--out-dir\): {re.escape(str(broken))} is a "
+                                             r"broken symbolic link \(to .*nowhere\); expected"):
+            visualize.main(["--checkpoint", setup["ckpt"], image, "--out-dir", str(out_dir)])
+    with pytest.raises(ValueError, match=r"^argument --out: .*broken is a broken symbolic link"):
+        predict.main(["--checkpoint", setup["ckpt"], image, "--out", str(broken / "p.json")])
+
+
+def test_evaluate_to_stdout_is_json_only(setup, capfd):
+    """README: --out /dev/stdout is written directly; the table printed after it made standard output invalid JSON.
+    Now the table goes to stderr there."""
+    from dsrb.evaluate import main
+
+    result = main(["--checkpoint", setup["ckpt"], "--workers", "0", "--device", "cpu", "--out", "/dev/stdout"])
+    out, err = capfd.readouterr()
+    assert json.loads(out)["metrics"] == result["metrics"]
+    assert "mAP" in err and "CF1" in err
+
+
+def test_an_image_that_is_not_a_regular_file_says_what_it_is(tmp_path):
+    """/dev/null, a named pipe or a broken symlink given as an image was "image path not found"."""
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=rf"^image path {re.escape(str(fifo))} is a named pipe, not a regular file"):
+        load_images([str(fifo)])
+    if os.path.exists("/dev/null"):
+        with pytest.raises(ValueError, match=r"^image path /dev/null is a character device, not a regular file"):
+            load_images("/dev/null")
+    broken = tmp_path / "broken.png"
+    broken.symlink_to(tmp_path / "gone.png")
+    with pytest.raises(FileNotFoundError, match=r"broken\.png is a broken symbolic link \(to .*gone\.png\)"):
+        load_images(str(broken))
+
+
+def test_evaluate_names_data_root_as_the_command_line_does(setup, tmp_path):
+    """A dataset without a root said "argument 'root'" (build_dataset's own argument) where the flag is
+    --data-root; a --data-root that does not exist, or a file, said only that its annotation file was missing.
+    The checkpoint's own saved root, gone, is named as that."""
+    from dsrb.data import build_dataset
+    from dsrb.evaluate import evaluate_checkpoint, main
+
+    base = ["--checkpoint", setup["ckpt"], "--workers", "0", "--device", "cpu"]
+    with pytest.raises(ValueError, match=r"^argument 'data_root' \(--data-root\): dataset 'coco' needs root, the "
+                                         r"MS-COCO 2014 folder"):
+        main([*base, "--dataset", "coco"])
+    with pytest.raises(FileNotFoundError, match=r"^argument 'data_root' \(--data-root\): .*nope does not exist; "
+                                                r"expected the MS-COCO 2014 folder"):
+        main([*base, "--dataset", "coco", "--data-root", str(tmp_path / "nope")])
+    with pytest.raises(NotADirectoryError, match=r"^argument 'data_root' \(--data-root\): .*best\.pt is a file, not "
+                                                 r"a folder; expected a folder with train\.csv"):
+        main([*base, "--data-root", setup["ckpt"]])
+    state = torch.load(setup["ckpt"], weights_only=False)
+    state["config"] = {**state["config"], "data_root": str(tmp_path / "moved")}
+    torch.save(state, tmp_path / "moved.pt")
+    with pytest.raises(FileNotFoundError, match=r"^the data_root saved in checkpoint .*moved\.pt \(--data-root gives "
+                                                r"another\): .*moved does not exist"):
+        evaluate_checkpoint(tmp_path / "moved.pt", device="cpu", workers=0)
+    with pytest.raises(FileNotFoundError, match=r"^argument 'root': .*nope does not exist"):  # the API's own name
+        build_dataset("coco", "test", root=tmp_path / "nope")
+
+
+def test_api_arguments_are_checked_before_the_model_is_read(setup, monkeypatch):
+    """``image_size="64"`` was a TypeError ("'<' not supported ...") after the model was loaded; ``alpha="x"``
+    "could not convert string to float" without naming alpha."""
+    from dsrb import evaluate, predict, visualize
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the arguments were checked")
+
+    for module in (predict, evaluate, visualize):
+        monkeypatch.setattr(module, "load_model", never)
+    image = setup["images"][0]
+    for call in (lambda: predict.predict(setup["ckpt"], image, image_size="64"),
+                 lambda: evaluate.evaluate_checkpoint(setup["ckpt"], image_size="64"),
+                 lambda: visualize.visualize(setup["ckpt"], image, image_size="64")):
+        with pytest.raises(ValueError, match=r"^argument 'image_size': expected a positive int, got '64'$"):
+            call()
+    for alpha in ("x", float("nan"), True):
+        with pytest.raises(ValueError, match=r"^argument 'alpha': expected a number in \[0, 1\], got"):
+            visualize.visualize(setup["ckpt"], image, alpha=alpha)
+    with pytest.raises(ValueError, match=r"^argument 'batch_size'"):
+        predict.predict(setup["ckpt"], image, batch_size=0)
+
+
+def test_evaluate_warns_once_of_classes_without_a_positive(setup, tmp_path):
+    """compute_metrics warned of them by name, and the per-class AP's voc_map again by index: one warning now."""
+    import warnings
+
+    from dsrb.evaluate import evaluate_checkpoint
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "images").symlink_to(os.path.dirname(setup["images"][0]))
+    (data / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    (data / "test.csv").write_text("path,labels\nimages/img_0.png,cat\nimages/img_1.png,cat;tree\n")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = evaluate_checkpoint(setup["ckpt"], data_root=str(data), workers=0, device="cpu")
+    said = [str(w.message) for w in seen if "no positive image" in str(w.message)]
+    assert len(said) == 1 and "1 (dog house)" in said[0], said
+    assert [e["ap"] is None for e in result["per_class_ap"]] == [False, True, False]

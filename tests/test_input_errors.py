@@ -204,7 +204,7 @@ def test_cli_user_errors_exit_without_traceback(files):
         ("predict", ["--checkpoint", ckpt, image, "--device", "foo"], 2, "argument --device"),
         ("visualize", ["--checkpoint", ckpt, image, "--out-dir", str(tmp / "a_file")], 1, "--out-dir"),
         ("visualize", ["--checkpoint", ckpt, image, "--alpha", "5"], 1, "argument 'alpha'"),
-        ("evaluate", ["--checkpoint", ckpt, "--dataset", "coco"], 1, "argument 'root'"),
+        ("evaluate", ["--checkpoint", ckpt, "--dataset", "coco"], 1, "(--data-root)"),
     ]
     for tool, args, code, message in cases:
         proc = _cli(tool, *args)

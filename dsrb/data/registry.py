@@ -14,7 +14,7 @@ from .listfile import check_list_images, load_list, read_list
 from .vg import load_vg200
 from .voc import load_voc2007
 
-__all__ = ["DATASETS", "build_dataset"]
+__all__ = ["DATASETS", "build_dataset", "check_root"]
 
 logger = logging.getLogger("dsrb.data")
 
@@ -46,6 +46,26 @@ def _list_dataset(root: Path, split: str, transform) -> MultiLabelDataset:
     return load_list(path, classes=classes, transform=transform, classes_source=f"the classes of {train}")
 
 
+def check_root(name: str, root: Union[str, os.PathLike, None], *, name_of_root: str = "argument 'root'") -> None:
+    """Raise unless ``root`` can be the folder of dataset ``name`` (one of :data:`DATASETS`): None only for
+    "builtin", else a folder that exists. A ValueError for None or an empty path, FileNotFoundError for a path that
+    does not exist, NotADirectoryError for a file (where the dataset's loader would say only that its first file is
+    missing). Each message starts with ``name_of_root``, which a tool sets to its own argument and flag."""
+    layout = _LAYOUTS.get(name, "the dataset folder")
+    if root is None:
+        if name != "builtin":
+            raise ValueError(f"{name_of_root}: dataset '{name}' needs root, {layout}")
+        return
+    if not os.fspath(root):  # Path("") is the current folder
+        raise ValueError(f"{name_of_root}: expected a path, got an empty string")
+    path = Path(root).expanduser()
+    if not path.exists():
+        what = "is a broken symbolic link" if path.is_symlink() else "does not exist"
+        raise FileNotFoundError(f"{name_of_root}: {root} {what}; expected {layout}")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{name_of_root}: {root} is a file, not a folder; expected {layout}")
+
+
 def build_dataset(
     name: str,
     split: str,
@@ -57,17 +77,17 @@ def build_dataset(
     """Load dataset ``name`` ("builtin", "coco", "voc", "vg" or "list"), split "train" or "test".
 
     ``root`` is the dataset folder; for "builtin" it defaults to :func:`ensure_builtin` (generated on first use),
-    for the others it is required. With ``skip_bad`` every image is checked first and unreadable ones are dropped;
-    their number is logged and kept in the dataset's ``skipped`` attribute. Without it, a listed image that is not a
-    file is a FileNotFoundError naming it (an unreadable one is found when it is read).
+    for the others it is required (:func:`check_root`: a missing root, or a file, is an error naming it). With
+    ``skip_bad`` every image is checked first and unreadable ones are dropped; their number is logged and kept in the
+    dataset's ``skipped`` attribute. Without it, a listed image that is not a file is a FileNotFoundError naming it
+    (an unreadable one is found when it is read).
     """
     if name not in DATASETS:
         raise ValueError(f"argument 'name': unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     if split not in _SPLITS:
         raise ValueError(f"argument 'split': expected 'train' or 'test', got {split!r}")
+    check_root(name, root)
     if root is None:
-        if name != "builtin":
-            raise ValueError(f"argument 'root': dataset '{name}' needs root, {_LAYOUTS[name]}")
         root = ensure_builtin()
     root = Path(root).expanduser()
     if name in ("builtin", "coco"):
