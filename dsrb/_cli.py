@@ -107,6 +107,8 @@ def stop_on_termination() -> None:
     :func:`termination_deferred` the signal is only remembered."""
     import signal
 
+    global _TERMINATED
+    _TERMINATED = False  # a new run: a signal an earlier one in this process stopped on is handled
     parent = os.getpid()
 
     def interrupt(signum, frame):

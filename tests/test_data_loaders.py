@@ -713,6 +713,12 @@ from dsrb._loader import batches
 stop_on_termination()
 if sys.argv[1] == "at fork":  # logging's at-fork callbacks run there: what a process-group SIGTERM can hit
     os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGTERM))
+elif sys.argv[1] == "handled by an earlier run":
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+    except KeyboardInterrupt:
+        pass
+    stop_on_termination()  # the next run in this process
 else:
     class Drops:
         def __del__(self):
@@ -730,12 +736,16 @@ print(f"ended after {seen} batches")
 
 
 @pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="forks the loader's workers (POSIX)")
-@pytest.mark.parametrize("where", ["at fork", "in a __del__"])
+@pytest.mark.parametrize("where", ["at fork", "in a __del__", "handled by an earlier run"])
 def test_a_sigterm_whose_interrupt_python_drops_still_stops_the_loop(where):
     """Python prints and drops an exception raised in an at-fork callback or a ``__del__``: a SIGTERM whose
     KeyboardInterrupt was raised there was lost, and the run trained on to its end (exit status 0). The signal is
-    remembered and ``batches`` stops before the first batch; as the workers start it raises nothing at all."""
+    remembered and ``batches`` stops before the first batch; as the workers start it raises nothing at all. One
+    that an earlier run in the process stopped on does not stop the next."""
     res = subprocess.run([sys.executable, "-c", _SIGTERM_IN_A_LOOP, where], capture_output=True, text=True,
                          timeout=120)
+    if where == "handled by an earlier run":
+        assert res.returncode == 0 and res.stdout == "ended after 4 batches\n", (res.stdout, res.stderr)
+        return
     assert res.returncode == 1 and res.stderr.endswith("interrupted after 0 batches\n"), (res.stdout, res.stderr)
     assert ("Exception ignored" in res.stderr) == (where == "in a __del__"), res.stderr
