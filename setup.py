@@ -44,11 +44,15 @@ def extension():
         """Compiles csrc/cuda/*.cu with nvcc first, then the C++ sources with the objects and the CUDA runtime."""
 
         def build_extensions(self):
+            # The user's settings first, outside the fallback below: a bad value (MAX_JOBS, which torch's builder
+            # reads too; TORCH_CUDA_ARCH_LIST; an on/off variable) or DSRB_BUILD_CUDA=1 without nvcc fails the
+            # install. Reported as a warning there, pip showed it only under -v and the install "succeeded".
             try:
-                build.jobs()  # MAX_JOBS, which torch's builder reads too, is a positive integer (0: ninja -j 0)
+                build.check_env_flags()
                 nvcc = build.want_cuda()
-                if nvcc:  # a bad TORCH_CUDA_ARCH_LIST is the user's error, not CUDA kernels failing to build
-                    build.arch_list()
+            except (ValueError, build.BuildError) as exc:
+                sys.exit(f"dsrb: error: {exc}")
+            try:
                 ext, root = self.extensions[0], build.source_root()
                 cuda_failed = None
                 if nvcc:

@@ -19,6 +19,7 @@ prints the outcome.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.machinery
 import json
@@ -27,6 +28,8 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -59,9 +62,10 @@ _STATE: Optional[Extension] = None
 
 
 def load() -> Extension:
-    """Load the extension once per process (building it first if needed); never raises unless it is missing and
-    DSRB_REQUIRE_EXT=1, checked on every call: a second ``import dsrb.ops`` must not pass on the fallback where the
-    first one failed."""
+    """Load the extension once per process (building it first if needed); never raises unless a setting is bad (a
+    ValueError naming the variable: a value that is not one, DSRB_BUILD_CUDA=1 without nvcc where a build is needed)
+    or the extension is missing and DSRB_REQUIRE_EXT=1, checked on every call: a second ``import dsrb.ops`` must not
+    pass on the fallback where the first one failed."""
     global _STATE
     _build.check_env_flags()  # first: a bad value is an error, built or not
     required = _build.env_flag("DSRB_REQUIRE_EXT")
@@ -72,11 +76,36 @@ def load() -> Extension:
     return _STATE
 
 
+@contextlib.contextmanager
+def _scripts_on_path():
+    """This interpreter's scripts folder (a virtual environment's bin, where ``pip install ninja`` puts ninja) on
+    PATH while torch's builder looks for ninja and runs it: it looks on PATH only, so a venv's python run without
+    activating the venv (cron, an IDE, a service) found no ninja and built nothing."""
+    scripts, path = sysconfig.get_path("scripts"), os.environ.get("PATH")
+    if not scripts or scripts in (path or "").split(os.pathsep):
+        yield
+        return
+    os.environ["PATH"] = scripts + (os.pathsep + path if path else "")
+    try:
+        yield
+    finally:
+        if path is None:
+            del os.environ["PATH"]
+        else:
+            os.environ["PATH"] = path
+
+
 def cache_root() -> str:
     """DSRB_EXT_CACHE, absolute: a quoted "~/..." (not expanded by the shell, or set in a Dockerfile) made a folder
-    named "~" in the working directory, and a relative path another cache, and a rebuild, in every directory."""
+    named "~" in the working directory, and a relative path another cache, and a rebuild, in every directory. Where
+    "~" has no meaning (no HOME, and no home folder for this user id: a container run as an arbitrary user), it
+    stands for ``<temporary folder>/dsrb-home-<uid>``, not a folder "~" in the working directory."""
     folder = os.environ.get("DSRB_EXT_CACHE", "").strip() or os.path.join("~", ".cache", "dsrb", "extensions")
-    return os.path.abspath(os.path.expanduser(folder))
+    path = os.path.expanduser(folder)
+    if path == "~" or path.startswith(("~/", "~" + os.sep)):
+        home = os.path.join(tempfile.gettempdir(), f"dsrb-home-{getattr(os, 'getuid', lambda: 'user')()}")
+        path = os.path.join(home, path[2:])
+    return os.path.abspath(path)
 
 
 def _matches(info: Dict[str, object], want: Dict[str, object]) -> Optional[str]:
@@ -145,7 +174,10 @@ def _first_use_build(root: str, want: Dict[str, object]) -> Extension:
     """The cached build of these sources, with the CUDA kernels when nvcc is found. Where those fail to build and
     DSRB_BUILD_CUDA is not 1 (an nvcc that rejects this host compiler, say), the CPU kernels alone: a broken CUDA
     toolchain costs the ``cuda`` backend, not the ``cpu`` one. Raises BuildError when nothing could be built."""
-    nvcc = _build.want_cuda()
+    try:
+        nvcc = _build.want_cuda()
+    except _build.BuildError as exc:  # DSRB_BUILD_CUDA=1 without nvcc: the user's setting, an error as a bad value is
+        raise ValueError(str(exc)) from None
     if nvcc:  # a bad TORCH_CUDA_ARCH_LIST is the user's to fix: a reason, neither a fallback nor a remembered failure
         _build.arch_list()
     fallback = bool(nvcc) and not _build.env_flag("DSRB_BUILD_CUDA")
@@ -201,7 +233,9 @@ def _cached_build(root: str, want: Dict[str, object], nvcc: Optional[str], fallb
             return Extension(reason=f"no C++ compiler to build it: {cxx!r} is not on PATH (install g++, or set CXX)")
         from torch.utils.cpp_extension import is_ninja_available
 
-        if not is_ninja_available():
+        with _scripts_on_path():
+            ninja = is_ninja_available()
+        if not ninja:
             return Extension(reason="ninja, torch's builder, is not installed (pip install ninja)")
         print(f"dsrb: building the C++{'/CUDA' if nvcc else ''} extension for torch {want['torch']} (first use, "
               f"about a minute on 2 cores; cached in {folder})", file=sys.stderr, flush=True)
@@ -214,7 +248,8 @@ def _cached_build(root: str, want: Dict[str, object], nvcc: Optional[str], fallb
             os.remove(os.path.join(folder, "lock"))
         jobs = _build.jobs()  # a bad MAX_JOBS is the user's to fix, not a build failure to remember
         try:
-            _build.first_use_build(root, folder, name, nvcc, jobs, log)
+            with _scripts_on_path():
+                _build.first_use_build(root, folder, name, nvcc, jobs, log)
         except Exception as exc:  # noqa: BLE001 - any compiler/toolchain failure becomes a reported reason
             with open(os.path.join(folder, "build.log"), "w") as f:
                 f.write("\n\n".join(log + [str(exc)]))
@@ -225,8 +260,10 @@ def _cached_build(root: str, want: Dict[str, object], nvcc: Optional[str], fallb
                 raise _build.BuildError(f"the first-use build was killed (log: {os.path.join(folder, 'build.log')}); "
                                         "the next import builds again") from None
             open(failed, "w").close()
+            # DSRB_REQUIRE_EXT=1 stops the tool next: no word of other backends
             what = ("the build with the CUDA kernels failed; building the CPU kernels alone" if fallback else
-                    "the extension build failed; the ops run on their other backends")
+                    "the extension build failed" + ("" if _build.env_flag("DSRB_REQUIRE_EXT") else
+                                                    "; the ops run on their other backends"))
             print(f"dsrb: {what} (log: {folder}{os.sep}build.log; `python -m dsrb.info` says more)", file=sys.stderr,
                   flush=True)
             raise _build.BuildError(f"the first-use build failed: {str(exc).strip()[-2000:]}\n(log: "

@@ -123,7 +123,7 @@ def _build_without_torch(kind: str, tmp_path) -> str:
     src.mkdir()
     for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
         shutil.copy2(os.path.join(ROOT, name), src / name)
-    for name in ("dsrb", "kernels", "csrc"):
+    for name in ("dsrb", "kernels", "csrc", "tests", "benchmarks"):
         shutil.copytree(os.path.join(ROOT, name), src / name, ignore=shutil.ignore_patterns("__pycache__", "*.so*"))
     code = ("import sys; sys.modules['torch'] = None; from setuptools import build_meta; "
             "print(getattr(build_meta, sys.argv[1])(sys.argv[2]))")
@@ -183,6 +183,10 @@ def test_sdist_carries_the_sources_and_the_license(tmp_path):
     csrc = os.path.join(ROOT, "csrc")
     assert {os.path.join("csrc", os.path.relpath(p, csrc)) for p in _build.source_files(csrc)} <= names
     assert {"LICENSE", "kernels/semantic_attention.py", "dsrb/_build.py"} <= names
+    # the test suite whole, or not at all: its test files alone fail to import helpers, conftest's fixtures, ...
+    tests = {p for p in names if p.startswith(("tests/", "benchmarks/"))}
+    assert {f"tests/{n}" for n in ("conftest.py", "helpers.py", "cuda_emulator.py", "cuda_emu/runtime.cpp")} <= tests
+    assert "benchmarks/conftest.py" in tests
 
 
 def test_source_hash_follows_sources_not_location(tmp_path):
@@ -220,9 +224,16 @@ def test_a_bad_arch_list_is_an_error_naming_the_variable(monkeypatch, value, mes
         _build.arch_list()
 
 
-def test_setup_refuses_a_bad_arch_list_before_building(tmp_path):
+@pytest.mark.parametrize("var, value, message", [
+    ("TORCH_CUDA_ARCH_LIST", "9.0;foo", "TORCH_CUDA_ARCH_LIST: cannot read 'foo'"),
+    ("MAX_JOBS", "abc", "MAX_JOBS: expected a positive number of parallel compile jobs, got 'abc'"),
+    ("DSRB_BUILD_CUDA", "ture", "environment variable DSRB_BUILD_CUDA: expected 1 or 0"),
+])
+def test_setup_refuses_a_bad_setting_before_building(tmp_path, var, value, message):
     """setup.py with nvcc found and TORCH_CUDA_ARCH_LIST=9.0;foo built the CPU kernels alone (a minute), reporting
-    CUDA kernels that failed to build; now it is an error naming the variable, before any compile."""
+    CUDA kernels that failed to build; and a bad setting (or DSRB_BUILD_CUDA=1 without nvcc) was a warning pip
+    shows only under -v, the install "succeeding" without the extension. Now each is an error naming the variable,
+    before any compile, with or without DSRB_REQUIRE_EXT."""
     src = tmp_path / "src"
     src.mkdir()
     for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
@@ -230,10 +241,10 @@ def test_setup_refuses_a_bad_arch_list_before_building(tmp_path):
     for name in ("dsrb", "kernels", "csrc"):
         shutil.copytree(os.path.join(ROOT, name), src / name, ignore=shutil.ignore_patterns("__pycache__", "*.so*"))
     _fake_nvcc(tmp_path / "cuda")
-    env = {k: v for k, v in os.environ.items() if k not in ("DSRB_BUILD_CUDA", "CUDA_PATH")}
-    env.update(CUDA_HOME=str(tmp_path / "cuda"), TORCH_CUDA_ARCH_LIST="9.0;foo", DSRB_REQUIRE_EXT="1")
+    env = {k: v for k, v in os.environ.items() if k not in ("DSRB_BUILD_CUDA", "CUDA_PATH", "DSRB_REQUIRE_EXT")}
+    env.update(CUDA_HOME=str(tmp_path / "cuda"), **{var: value})
     res = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "-b", str(tmp_path / "lib"), "-t",
                           str(tmp_path / "tmp")], cwd=src, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode != 0, res.stdout + res.stderr
-    assert "TORCH_CUDA_ARCH_LIST: cannot read 'foo'" in res.stderr, res.stderr
+    assert message in res.stderr, res.stderr
     assert not list((tmp_path / "lib").rglob("_C*.so")), "nothing is built"

@@ -105,6 +105,16 @@ def test_a_failed_build_is_remembered_and_not_retried(loader, capsys):
     assert len(loader.calls) == 1
 
 
+def test_a_failed_build_under_require_ext_does_not_promise_other_backends(loader, capsys, monkeypatch):
+    """With DSRB_REQUIRE_EXT=1 the tool stops on the missing extension next: "the ops run on their other backends"
+    said the opposite, one line above the error."""
+    loader.fail = True
+    monkeypatch.setenv("DSRB_REQUIRE_EXT", "1")
+    assert not _ext._load().loaded
+    err = capsys.readouterr().err
+    assert "dsrb: the extension build failed (log: " in err and "other backends" not in err
+
+
 @pytest.mark.parametrize("message", ["c++: fatal error: Killed signal terminated program cc1plus",
                                      "nvcc error   : 'cicc' died due to signal 9 (Kill signal)",
                                      "nvcc was killed by signal 9 on semantic_attention.cu"])
@@ -358,6 +368,48 @@ def test_a_damaged_library_in_the_package_is_passed_over(loader, monkeypatch, tm
     monkeypatch.setenv("DSRB_BUILD_ON_FIRST_USE", "0")
     ext = _ext._load()
     assert not ext.loaded and "_C.so is stale (the library does not match its build record" in ext.reason, ext
+
+
+def test_the_cache_folder_without_a_home_is_a_temporary_one(monkeypatch, tmp_path):
+    """No HOME and no home folder for the user id (a container's arbitrary uid): "~" stayed "~", and the cache went
+    to a folder named "~" in the working directory (whichever it was)."""
+    monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # what it returns there
+    monkeypatch.setattr(_ext.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DSRB_EXT_CACHE", raising=False)
+    home = tmp_path / "tmp" / f"dsrb-home-{os.getuid()}"
+    assert _ext.cache_root() == str(home / ".cache" / "dsrb" / "extensions")
+    monkeypatch.setenv("DSRB_EXT_CACHE", "~/cache")
+    assert _ext.cache_root() == str(home / "cache")
+
+
+def test_ninja_in_the_interpreters_scripts_folder_is_found_without_an_activated_venv(monkeypatch, tmp_path):
+    """A venv's python run without activating the venv (cron, an IDE): torch's builder looks for ninja on PATH only,
+    and the venv's own ninja, a dependency, was "not installed"; the extension was never built."""
+    scripts = tmp_path / "venv-bin"
+    monkeypatch.setattr(_ext.sysconfig, "get_path", lambda name: str(scripts))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    with _ext._scripts_on_path():
+        assert os.environ["PATH"] == f"{scripts}{os.pathsep}/usr/bin:/bin"
+    assert os.environ["PATH"] == "/usr/bin:/bin"
+    seen = []
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: seen.append(os.environ["PATH"]) or False)
+    monkeypatch.setenv("DSRB_EXT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DSRB_BUILD_CUDA", "0")
+    monkeypatch.setenv("CXX", sys.executable)
+    monkeypatch.setattr(importlib.machinery, "EXTENSION_SUFFIXES", [".no-such-suffix"])
+    assert "ninja" in _ext._load().reason and seen == [f"{scripts}{os.pathsep}/usr/bin:/bin"]
+
+
+def test_build_cuda_1_without_nvcc_is_an_error_where_a_build_is_needed(loader, monkeypatch):
+    """README: DSRB_BUILD_CUDA=1 is an error without nvcc. The first-use build kept it as the extension's reason, and
+    every op ran on the torch backend without a word."""
+    monkeypatch.setenv("DSRB_BUILD_CUDA", "1")
+    monkeypatch.setattr(_build, "find_nvcc", lambda: None)
+    monkeypatch.setattr(_ext, "_STATE", None)
+    with pytest.raises(ValueError, match=r"^DSRB_BUILD_CUDA=1 but nvcc was not found"):
+        _ext.load()
+    assert loader.calls == []
 
 
 def test_the_cache_folder_is_absolute_and_expands_home(monkeypatch, tmp_path):
