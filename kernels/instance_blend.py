@@ -12,10 +12,10 @@ Backward, for upstream gradients grad_S1 (B, C, D) and grad_T1 (B, C):
     grad_S[b]  = grad_S1[b] * (1 - w[b] + w[b] * alpha) + sum_{j : partner[j] == b} grad_S1[j] * w[j] * (1 - alpha)
     grad_alpha = sum w * <grad_S1, S - S[partner]>  -  (0 if detach_target else sum w * grad_T1)
 
-Shapes: S (B, C, D) floating point; T (B, C) in S's dtype with values in {-1, 0, 1}; alpha a one-element tensor
-(0-d or (1,)) of any floating dtype, rounded to S's for the arithmetic; partner (B,) int64 with values in [0, B). Every input may have arbitrary strides (they are passed to
-the kernels); every output is a new contiguous tensor: S1 (B, C, D) and T1 (B, C) in S's dtype, grad_S like S,
-grad_alpha shaped and typed like alpha.
+Shapes: S (B, C, D) floating point; T (B, C) in S's dtype with values in {-1, 0, 1}; alpha a one-element tensor (0-d
+or (1,)) of any floating dtype, rounded to S's for the arithmetic; partner (B,) int64 with values in [0, B). Every
+input may have arbitrary strides (they are passed to the kernels); every output is a new contiguous tensor: S1 (B,
+C, D) and T1 (B, C) in S's dtype, grad_S like S, grad_alpha shaped and typed like alpha.
 
 Dtype policy: arithmetic runs in float32 for float16 / bfloat16 / float32 inputs and in float64 for float64 inputs;
 results are rounded once to the output dtype. alpha is read from device memory (no host sync).

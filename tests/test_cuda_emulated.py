@@ -20,8 +20,8 @@ import torch
 
 import cuda_emulator
 from dsrb import ops, reference
-from helpers import (assert_close, check_blends_ignore_what_they_leave_alone, check_half_blends_take_a_wider_coefficient,
-                     noncontiguous, tanh_extreme_inputs)
+from helpers import (assert_close, check_blends_ignore_what_they_leave_alone,
+                     check_half_blends_take_a_wider_coefficient, noncontiguous, tanh_extreme_inputs)
 from test_ext_backends import (BLEND_SHAPES, LOW, QUADRANT_SHAPES, QUADRANT_SPECIAL_SHAPES, SA_SHAPES, _leaf64,
                                blend_inputs, compare, grads, quadrant_inputs, quadrant_special_inputs, sa_inputs,
                                sa_oracle)

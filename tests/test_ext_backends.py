@@ -326,8 +326,8 @@ def test_blend_gradcheck(backend):
 
 # The cpu kernel takes 4 maps at a time (csrc/cpu/quadrant_index.cpp): one map, a partial last block, blocks that
 # straddle two images (C not a multiple of 4) and whole blocks.
-QUADRANT_SHAPES = [(2, 3, 7, 7), (1, 20, 5, 6), (3, 2, 1, 1), (2, 4, 3, 1), (1, 80, 14, 14), (2, 200, 3, 4), (1, 1, 2, 3),
-                   (3, 7, 4, 5)]
+QUADRANT_SHAPES = [(2, 3, 7, 7), (1, 20, 5, 6), (3, 2, 1, 1), (2, 4, 3, 1), (1, 80, 14, 14), (2, 200, 3, 4),
+                   (1, 1, 2, 3), (3, 7, 4, 5)]
 
 
 def quadrant_inputs(B, C, H, W, dtype):

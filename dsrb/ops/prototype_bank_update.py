@@ -195,8 +195,8 @@ def prototype_bank_update_(
     ``counts`` narrower than int64 must hold ``cap``. Like any in-place op, it bumps the version counters of ``sums``
     and ``counts``. The buckets the batch reaches get the values the functional op returns, bit for bit; with the
     ``cpu`` kernel the others are left untouched (the functional op returns sums + 0 there, which differs only in the
-    sign of a -0 entry, a value the bank's own updates never produce). The ``cpu`` kernel checks the values of T and quadrant itself, as it reads them, and takes T in
-    its own dtype, so a batch is one call through the dispatcher.
+    sign of a -0 entry, a value the bank's own updates never produce). The ``cpu`` kernel checks the values of T and
+    quadrant itself, as it reads them, and takes T in its own dtype, so a batch is one call through the dispatcher.
     """
     cap = _check_layout(sums, counts, S, T, quadrant, cap)
     validate = check_bool("validate", validate)
