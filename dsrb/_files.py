@@ -14,6 +14,18 @@ TMP_PREFIX = ".tmp-"  # atomic_write's temporary files
 _RANDOM_CHARS = 8  # the length of the random part of tempfile.mkstemp's names
 
 
+def expand_home(path: str) -> str:
+    """``path`` with a leading ``~`` made the home folder, as :func:`os.path.expanduser` does; where "~" has no
+    meaning (no HOME, and no home folder for this user id: a container run as an arbitrary user) it stands for
+    ``<temporary folder>/dsrb-home-<uid>``, neither a folder named "~" in the working directory (expanduser leaves
+    it) nor pathlib's RuntimeError "Could not determine home directory"."""
+    path = os.path.expanduser(path)
+    if path == "~" or path.startswith(("~/", "~" + os.sep)):
+        home = os.path.join(tempfile.gettempdir(), f"dsrb-home-{getattr(os, 'getuid', lambda: 'user')()}")
+        path = os.path.join(home, path[2:])
+    return path
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

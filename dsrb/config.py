@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 from ._cli import ArgumentParser
+from ._files import expand_home
 
 METHODS = ("dsrb", "baseline")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -573,7 +574,7 @@ def parse_args(argv=None):
 def _expand_home(values: Dict[str, Any]) -> Dict[str, Any]:
     """The path settings with a leading ~ made the home folder: no shell expands it in a config file (or in
     --out=~/x), and a literal ~ folder would be made in the current one."""
-    return {name: os.path.expanduser(value) if name in _PATHS and isinstance(value, str) else value
+    return {name: expand_home(value) if name in _PATHS and isinstance(value, str) else value
             for name, value in values.items()}
 
 

@@ -40,18 +40,21 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from . import __version__
-from ._cli import ArgumentParser, check_output_file, exit_on_error
-from ._loader import batches, end_quietly_on_sigterm, worker_stopped_with_us
+from ._cli import ArgumentParser, check_output_file, fail, stop_on_termination
+from ._files import expand_home
+from ._loader import batches, end_quietly_on_sigterm
 from .checkpoint import FileLock, atomic_write, save_json
 from .config import check_device
 from .data import TestTransform, TrainTransform, build_dataset
 from .data.builtin import default_data_root, ensure_builtin
-from .inference import positive_int
+from .inference import positive_int, print_out, run_main
 from .metrics import compute_metrics
 from .models.resnet import BACKBONES, build_backbone
 from .progress import Progress
 
-__all__ = ["RECIPE", "builtin_pretrained", "pretrain_backbone", "main"]
+__all__ = ["RECIPE", "builtin_pretrained", "pretrain_backbone", "main", "cli"]
+
+PROG = "python -m dsrb.pretrain"
 
 log = logging.getLogger("dsrb.pretrain")
 
@@ -135,14 +138,16 @@ def cache_path(backbone: str, width: int, image_size: int, root: Union[str, os.P
                recipe: Optional[Dict[str, Any]] = None) -> Path:
     """Where :func:`builtin_pretrained` keeps the weights of this backbone, width, image size and recipe."""
     digest = hashlib.sha1(json.dumps({**RECIPE, **(recipe or {})}, sort_keys=True).encode()).hexdigest()[:10]
-    base = Path(root).expanduser() if root is not None else default_data_root()
+    base = Path(expand_home(os.fspath(root))) if root is not None else default_data_root()
     return base / "pretrained" / f"{backbone}-w{width}-s{image_size}-{digest}.pth"
 
 
 def _save(path: Path, state, info) -> None:
-    """The weights at ``path`` (not a .json name) and their recipe and scores beside them, ``path`` with suffix .json."""
-    atomic_write(str(path), lambda f: torch.save(state, f))
+    """The weights at ``path`` (not a .json name) and their recipe and scores beside them, ``path`` with suffix .json.
+    The info first: the weights file marks the cache complete, and a stop between the two writes left weights that
+    were never given their info file."""
     save_json(str(path.with_suffix(".json")), info)
+    atomic_write(str(path), lambda f: torch.save(state, f))
 
 
 def builtin_pretrained(backbone: str, width: int, image_size: int, *, root: Union[str, os.PathLike, None] = None,
@@ -161,7 +166,9 @@ def builtin_pretrained(backbone: str, width: int, image_size: int, *, root: Unio
     with contextlib.ExitStack() as held:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            held.enter_context(FileLock(str(path) + ".lock"))
+            # said, not silent: the holder (another run's pre-training, minutes) may also be a stopped process
+            held.enter_context(FileLock(str(path) + ".lock", waiting=f"waiting for another process pre-training "
+                                        f"{path} (it holds {path}.lock)"))
         except OSError as exc:  # a read-only home, a file in the way
             raise OSError(f"cannot write the pre-trained weights under {path.parent} ({exc.strerror or exc}): set "
                           "DSRB_DATA to a writable folder") from exc
@@ -174,7 +181,7 @@ def builtin_pretrained(backbone: str, width: int, image_size: int, *, root: Unio
 
 
 def main(argv=None) -> None:
-    p = ArgumentParser(prog="python -m dsrb.pretrain", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", default="resnet18", choices=tuple(BACKBONES))
     p.add_argument("--backbone-width", type=positive_int, default=16, help="ResNet base width (64 = standard)")
     p.add_argument("--image-size", type=positive_int, default=96, help="the training image size the weights are for")
@@ -194,23 +201,36 @@ def main(argv=None) -> None:
                     "weights; give the weights another suffix (.pth)")
         try:
             check_output_file(args.out, what="the weights file to write")
+            # the info file is written beside the weights: a folder in its way failed after the pre-training
+            check_output_file(str(Path(args.out).with_suffix(".json")),
+                              what=f"the info file written beside the weights {args.out}")
         except ValueError as err:
             p.error(str(err))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
-    try:
+
+    def work() -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                            stream=sys.stdout)
         if args.out is None:
-            print(builtin_pretrained(args.backbone, args.backbone_width, args.image_size, device=device))
+            path = builtin_pretrained(args.backbone, args.backbone_width, args.image_size, device=device)
         else:
             state, info = pretrain_backbone(args.backbone, args.backbone_width, args.image_size, device=device)
             _save(Path(args.out), state, info)
-            print(args.out)
-    except OSError as err:  # an unwritable cache or --out, a full disk, an unreadable image, a closed stdout
-        exit_on_error(p.prog, err)
-    except RuntimeError as err:
-        if not worker_stopped_with_us(err):
-            raise
-        raise KeyboardInterrupt from None  # the interrupt it was raised over: one "interrupted" line
+            path = args.out
+        print_out(path + "\n")
+
+    # An unwritable cache or --out, a full disk, an unreadable image: one error line; out of memory: what to reduce.
+    run_main(PROG, work, reduce="--image-size or --backbone-width")
+
+
+def cli(argv=None) -> None:
+    """``main`` for the command line: a kill (SIGTERM) or a closed terminal (SIGHUP) stops it as Ctrl-C does, which
+    removes a half-written weights file and releases the cache's lock; one "interrupted" line, exit status 130."""
+    stop_on_termination()
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        fail(f"{PROG}: interrupted", 130)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1,6 +1,7 @@
 """The built-in synthetic dataset: determinism, statistics, atomic generation, loading through load_coco."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -54,6 +55,28 @@ def test_default_folder_name(tmp_path, monkeypatch):
     monkeypatch.setenv("DSRB_DATA", str(tmp_path / "env"))
     assert builtin_dir() == tmp_path / "env" / "builtin-v1"
     assert builtin_dir(**SMALL) != builtin_dir()
+
+
+def test_without_a_home_folder_the_data_goes_under_the_temporary_folder(tmp_path, monkeypatch):
+    """No HOME and no home folder for the user id (a container run as an arbitrary uid): the default data root
+    raised pathlib's RuntimeError "Could not determine home directory" from `python -m dsrb.train`, and a "~/..."
+    --data-root or --out was a folder named "~" in the working directory."""
+    import tempfile
+
+    from dsrb.config import parse_args
+
+    monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # what it does there
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.delenv("DSRB_DATA", raising=False)
+    home = tmp_path / "tmp" / f"dsrb-home-{os.getuid()}"
+    assert builtin_dir() == home / ".cache" / "dsrb" / "builtin-v1"
+    assert builtin_dir("~/data") == home / "data" / "builtin-v1"
+    monkeypatch.setenv("DSRB_DATA", "~/env")
+    assert builtin_dir() == home / "env" / "builtin-v1"
+    cfg, _ = parse_args(["--out", "~/runs", "--data-root", "~/coco", "--dataset", "coco"])
+    assert (cfg.out, cfg.data_root) == (str(home / "runs"), str(home / "coco"))
+    with pytest.raises(FileNotFoundError, match="~/coco does not exist"):
+        build_dataset("coco", "train", root="~/coco")
 
 
 def test_deterministic(small, tmp_path):

@@ -3,6 +3,11 @@
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -82,9 +87,91 @@ def test_unwritable_places_are_clear_errors_before_training(tmp_path, monkeypatc
     assert exit_.value.code == 2 and f"argument --out: {blocker} is a file, not a folder" in capsys.readouterr().err
     # A .json --out would be overwritten by the info file written beside the weights; a 1-pixel image cannot be
     # cropped: both refused before any pre-training.
+    (tmp_path / "x.json").mkdir()  # where the info file beside --out x.pth goes: it failed after pre-training
     for argv, message in ((["--out", str(blocker.parent / "w.json")], "argument --out: .*w.json ends in .json"),
-                          (["--image-size", "1"], "argument --image-size: expected at least 2, got 1")):
+                          (["--image-size", "1"], "argument --image-size: expected at least 2, got 1"),
+                          (["--out", str(tmp_path / "x.pth")], "argument --out: .*x.json is a directory; expected "
+                                                               "the path of the info file written beside")):
         with pytest.raises(SystemExit) as exit_:
             pretrain.main(argv)
         assert exit_.value.code == 2 and re.search(message, capsys.readouterr().err)
     assert trained == []
+
+
+def test_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
+    """Running out of memory (a large --image-size or --backbone-width) was a traceback; it is one error line saying
+    what to reduce, as in the other tools."""
+    def oom(*args, **kwargs):
+        raise MemoryError("can't allocate 40 GB")
+
+    monkeypatch.setattr(pretrain, "pretrain_backbone", oom)
+    with pytest.raises(SystemExit) as exit_:
+        pretrain.main(["--out", str(tmp_path / "w.pth")])
+    assert exit_.value.code == 1 and capsys.readouterr().err == ("python -m dsrb.pretrain: error: out of memory "
+                                                                 "(can't allocate 40 GB); reduce --image-size or "
+                                                                 "--backbone-width\n")
+
+
+def test_a_stop_between_the_writes_leaves_no_weights_without_info(tmp_path, monkeypatch):
+    """The weights file marks the cache complete: a stop (Ctrl-C, SIGTERM) after it was written but before its .json
+    left cached weights that never got their info file."""
+    monkeypatch.setattr(pretrain, "pretrain_backbone", lambda *a, **k: ({"w": torch.zeros(1)}, {"test_mAP": 0.5}))
+    real = pretrain.save_json
+    calls = []
+
+    def stopped(path, obj):
+        calls.append(path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain, "save_json", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.builtin_pretrained("resnet18", 4, 32, root=tmp_path)
+    monkeypatch.setattr(pretrain, "save_json", real)
+    path = pretrain.builtin_pretrained("resnet18", 4, 32, root=tmp_path)  # trained again, both files written
+    assert calls and os.path.isfile(path[: -len(".pth")] + ".json")
+
+
+def test_waiting_for_the_lock_is_said(tmp_path, monkeypatch, capsys):
+    """A pre-training that waits for another process's (minutes; or a stopped one: forever) says so on stderr."""
+    monkeypatch.setattr(pretrain, "pretrain_backbone", lambda *a, **k: ({"w": torch.zeros(1)}, {}))
+    path = pretrain.cache_path("resnet18", 4, 32, tmp_path)
+    path.parent.mkdir(parents=True)
+    done = []
+    with pretrain.FileLock(str(path) + ".lock"):  # another process's pre-training (flock: per open file)
+        waiter = threading.Thread(target=lambda: done.append(pretrain.builtin_pretrained("resnet18", 4, 32,
+                                                                                         root=tmp_path)))
+        waiter.start()
+        deadline = time.monotonic() + 30
+        err = ""
+        while "waiting" not in err and time.monotonic() < deadline:
+            time.sleep(0.05)
+            err += capsys.readouterr().err
+        assert f"waiting for another process pre-training {path} (it holds {path}.lock)" in err
+        assert not done
+    waiter.join(timeout=30)
+    assert done == [str(path)]
+
+
+def test_killed_pretraining_stops_cleanly(tmp_path):
+    """A kill (SIGTERM, as schedulers send) ended the process mid-training with no word and status -15, leaving a
+    half-written weights file behind if it landed in the write; it stops as Ctrl-C does: one line, exit status 130,
+    no temporary file."""
+    recipe = {**TINY_RECIPE, "epochs": 10_000}  # still training when the signal comes
+    code = (f"from dsrb import pretrain; pretrain.RECIPE.update({recipe!r}); "
+            "pretrain.cli(['--backbone-width', '4', '--image-size', '32'])")
+    env = dict(os.environ, DSRB_DATA=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("builtin-pretrain-*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # the pre-training set is written: the training starts
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and err.decode().strip().endswith("python -m dsrb.pretrain: interrupted"), err
+    assert [p.name for p in (tmp_path / "pretrained").iterdir()] == [
+        pretrain.cache_path("resnet18", 4, 32, tmp_path, recipe).name + ".lock"]  # no weights, no temporary file

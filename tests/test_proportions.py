@@ -90,6 +90,21 @@ def test_report_files(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_legend_without_a_complete_seed(tmp_path, monkeypatch):
+    """No seed has every proportion yet (an unfinished sweep's report): the legend said "avg nan"."""
+    import matplotlib.pyplot as plt
+
+    from dsrb.experiments import report
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    sweep = Sweep([_result("baseline", 0.1, 0, 30.0), _result("baseline", 0.5, 0, 50.0), _result("dsrb", 0.1, 0, 40.0)],
+                  ["baseline", "dsrb"], [0.1, 0.5], [0])
+    report.plot(sweep, str(tmp_path / "plot.png"))
+    legends = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in figures[0].axes]
+    assert legends == [["baseline (avg 40.0)", "dsrb"], ["dsrb"]]
+
+
 # --------------------------------------------------------------------------------------------- arguments
 
 
@@ -139,6 +154,62 @@ def test_device_and_out_are_checked_before_the_folder_is_claimed(tmp_path, monke
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match=r"argument --out: .*file is a file; expected the sweep folder"):
         proportions.main(["--out", str(tmp_path / "file"), "--no-plot"])
+
+
+def test_empty_out_is_refused(tmp_path, monkeypatch):
+    """--out "" fell back to the default runs/proportions-<preset>: another sweep's folder, trained into or reported
+    on without a word."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(proportions, "_prepare", lambda shared: pytest.fail("the sweep started"))
+    for extra in ([], ["--report-only"]):
+        with pytest.raises(ValueError, match="^argument --out: expected the sweep folder, got an empty string$"):
+            proportions.main(["--out", "", "--no-plot", *extra])
+    assert os.listdir(tmp_path) == []
+
+
+def test_report_only_needs_no_device(tmp_path, monkeypatch):
+    """--report-only trains nothing: the tables of a sweep trained on a GPU are redrawn on a machine without one (the
+    device was checked and refused)."""
+    import torch
+
+    out = str(tmp_path / "gpu-sweep")
+    flags = ["--", "--device", "cuda", "--epochs", "2"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    probe = proportions.plan(out, ["baseline"], [0.5], [0])[0]
+    proportions._claim_folder(out, proportions._shared_settings("demo", flags[1:], probe))  # as on the GPU machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert proportions.main(["--out", out, "--preset", "demo", "--report-only", "--no-plot", *flags]) == 0
+    assert os.path.isfile(os.path.join(out, "table.md"))
+
+
+def test_a_failing_sweep_stops_its_trainings(tmp_path, monkeypatch):
+    """A failure of the sweep itself (a report it cannot write, a closed stdout) left the running trainings training
+    on without it, into directories that a rerun trains in too; they stop with it, as on Ctrl-C."""
+    procs = []
+
+    def launch(run, preset, train_flags, threads):  # the first run ends at once, the second trains on
+        os.makedirs(run.directory, exist_ok=True)
+        log = open(os.path.join(run.directory, "stdout.log"), "ab")
+        cmd = [sys.executable, "-c", "import time; time.sleep(0 if %r else 120)" % (not procs)]
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+        return procs[-1], log, cmd, time.perf_counter()
+
+    def unwritable(run):
+        raise OSError("could not write results.csv (disk full)")
+
+    monkeypatch.setattr(proportions, "_launch", launch)
+    monkeypatch.setattr(proportions, "_result", unwritable)
+    runs = proportions.plan(str(tmp_path), ["baseline", "dsrb"], [0.3], [0])
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            proportions.run_sweep(runs, "demo", [], jobs=2, threads=1)
+        assert len(procs) == 2 and procs[1].poll() is not None, "the second training still runs"
+        assert json.loads((tmp_path / "runs" / "dsrb-p0.30-s0" / "sweep_time.json").read_text())["seconds"] > 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def test_a_failed_run_ends_the_sweep(tmp_path, monkeypatch, capsys):
@@ -238,6 +309,17 @@ def test_report_without_plot_names_the_old_plot(straight, data_root, capsys):
     captured = capsys.readouterr()
     assert "plot.png" not in captured.out.splitlines()[-1]  # the "written:" line
     assert f"note: {straight / 'plot.png'} is from an earlier report and was not updated" in captured.err
+
+
+def test_closed_stdout_ends_quietly(straight, data_root):
+    """A reader of stdout that went away (``| head``) ends the sweep without an "error: [Errno 32] Broken pipe"
+    line, as the other tools end, exit status 1."""
+    cmd = [sys.executable, "-m", "dsrb.experiments.proportions", "--out", str(straight), *GRID, "--seeds", "0,1",
+           "--report-only", "--no-plot", *_flags(data_root)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before anything is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1 and err == ""
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the sweep's training processes through /proc")

@@ -37,6 +37,8 @@ from typing import Dict, NamedTuple, Tuple, Union
 
 import numpy as np
 
+from .._files import expand_home
+
 __all__ = [
     "BUILTIN_CLASSES",
     "CO_OCCURRING",
@@ -132,9 +134,8 @@ VARIANTS = tuple(_CLASS_SETS)
 
 
 def default_data_root() -> Path:
-    """``$DSRB_DATA`` if set, else ``~/.cache/dsrb``."""
-    env = os.environ.get("DSRB_DATA")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "dsrb"
+    """``$DSRB_DATA`` if set, else ``~/.cache/dsrb`` (without a home folder, see :func:`dsrb._files.expand_home`)."""
+    return Path(expand_home(os.environ.get("DSRB_DATA") or os.path.join("~", ".cache", "dsrb")))
 
 
 def _params(num_train: int, num_test: int, image_size: int, seed: int) -> dict:
@@ -155,7 +156,7 @@ def _check_variant(variant: str) -> str:
 def builtin_dir(root: Union[str, os.PathLike, None] = None, *, variant: str = "target", **params) -> Path:
     """The folder :func:`ensure_builtin` uses for these parameters (``builtin-v1`` for the defaults)."""
     p = _params(**{**_DEFAULTS, **params})
-    base = Path(root).expanduser() if root is not None else default_data_root()
+    base = Path(expand_home(os.fspath(root))) if root is not None else default_data_root()
     prefix = "builtin" if _check_variant(variant) == "target" else f"builtin-{variant}"
     name = f"{prefix}-v{BUILTIN_VERSION}"
     if p != _DEFAULTS:

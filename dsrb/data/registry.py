@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+from .._files import expand_home
 from .builtin import ensure_builtin
 from .coco import load_coco
 from .dataset import MultiLabelDataset
@@ -58,7 +59,7 @@ def check_root(name: str, root: Union[str, os.PathLike, None], *, name_of_root: 
         return
     if not os.fspath(root):  # Path("") is the current folder
         raise ValueError(f"{name_of_root}: expected a path, got an empty string")
-    path = Path(root).expanduser()
+    path = Path(expand_home(os.fspath(root)))
     if not path.exists():
         what = "is a broken symbolic link" if path.is_symlink() else "does not exist"
         raise FileNotFoundError(f"{name_of_root}: {root} {what}; expected {layout}")
@@ -89,7 +90,7 @@ def build_dataset(
     check_root(name, root)
     if root is None:
         root = ensure_builtin()
-    root = Path(root).expanduser()
+    root = Path(expand_home(os.fspath(root)))
     if name in ("builtin", "coco"):
         ds = load_coco(root, split, transform=transform)
     elif name == "voc":

@@ -47,7 +47,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from dsrb._cli import ArgumentParser, check_output_dir, error_line, stop_on_termination
+from dsrb._cli import ArgumentParser, check_output_dir, exit_on_error, fail, stop_on_termination
 from dsrb.checkpoint import save_json
 from dsrb.config import PRESETS, check_device, load_config_file, parse_args
 from dsrb.config import build_parser as build_train_parser
@@ -55,7 +55,9 @@ from dsrb.inference import positive_int
 
 from .report import SELECTIONS, RunResult, Sweep, write_reports
 
-__all__ = ["METHODS", "GridRun", "main", "plan", "run_sweep"]
+__all__ = ["METHODS", "GridRun", "cli", "main", "plan", "run_sweep"]
+
+PROG = "python -m dsrb.experiments.proportions"
 
 #: method name -> the train settings that define it (on top of the shared ones)
 METHODS: Dict[str, Dict[str, object]] = {
@@ -148,7 +150,7 @@ def _seeds(text: str) -> List[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
-        prog="python -m dsrb.experiments.proportions",
+        prog=PROG,
         description="Train methods over known-label proportions and seeds; write the paper-style mAP table, a CSV "
                     "and a plot. Train settings for every run go after '--' (see python -m dsrb.train --help).",
         epilog=f"methods: {', '.join(METHODS)}",
@@ -233,7 +235,7 @@ def _claim_folder(out: str, shared: Dict[str, object]) -> None:
             saved = json.load(f)
         if saved != json.loads(json.dumps(shared)):
             diff = sorted(k for k in set(saved) | set(shared) if saved.get(k) != shared.get(k))
-            raise ValueError(f"setting 'out': {out} holds a sweep with other shared settings (differing: {diff}); "
+            raise ValueError(f"argument --out: {out} holds a sweep with other shared settings (differing: {diff}); "
                              "use the same preset and train flags to continue it, or another --out")
     else:
         os.makedirs(out, exist_ok=True)
@@ -372,7 +374,9 @@ def run_sweep(runs: Sequence[GridRun], preset: str, train_flags: Sequence[str], 
                       f"about {_clock(eta)} left", flush=True)
                 if on_finish is not None:
                     on_finish()
-    except KeyboardInterrupt:
+    except BaseException:  # Ctrl-C, SIGTERM, or a failure of the sweep itself (a report it could not write, a
+        # closed stdout): the trainings stop with it, resumable, instead of training on unwatched into the
+        # directories that a rerun trains in too
         for run, proc, log, *_ in active:
             proc.terminate()
         for run, proc, log, _, t0 in active:
@@ -402,15 +406,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     own, train_flags = _split_argv(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(own)
     _check_train_flags(train_flags)
-    out = args.out or os.path.join("runs", f"proportions-{args.preset}")
+    out = os.path.join("runs", f"proportions-{args.preset}") if args.out is None else args.out
+    if not out:  # "" fell back to the default folder, another sweep's perhaps
+        raise ValueError("argument --out: expected the sweep folder, got an empty string")
     runs = plan(out, args.methods, args.proportions, args.seeds)
     shared = _shared_settings(args.preset, train_flags, runs[0])
     for run in runs:  # every run's settings are valid before anything trains
         parse_args(run.train_args(args.preset, train_flags))
-    # Before the folder is claimed and the backbone pre-trained: a --device this machine lacks failed there with a
-    # traceback, and in every run after it.
-    check_device(shared["device"], name="train flag --device")
-    if not args.report_only:
+    if not args.report_only:  # --report-only trains nothing: it redraws a GPU sweep's tables on a laptop too
+        # Before the folder is claimed and the backbone pre-trained: a --device this machine lacks failed there with
+        # a traceback, and in every run after it.
+        check_device(shared["device"], name="train flag --device")
         check_output_dir(out, name="argument --out", what="the sweep folder")
     make_plot = not args.no_plot
     if make_plot:
@@ -430,7 +436,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if args.report_only:
         if not os.path.isfile(os.path.join(out, "sweep.json")):
-            raise FileNotFoundError(f"setting 'out': no sweep in {out} (sweep.json is missing)")
+            raise FileNotFoundError(f"argument --out: no sweep in {out} (sweep.json is missing)")
         _claim_folder(out, shared)
     else:
         _claim_folder(out, shared)
@@ -446,22 +452,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     paths = report()
     with open(paths["table.md"], encoding="utf-8") as f:
         print(f.read())
-    print("written: " + ", ".join(paths.values()))
+    print("written: " + ", ".join(paths.values()), flush=True)  # a closed pipe fails here, not at exit
     stale = os.path.join(out, "plot.png")
     if "plot.png" not in paths and os.path.isfile(stale):  # --no-plot: kept, but it no longer matches table.md
         print(f"note: {stale} is from an earlier report and was not updated", file=sys.stderr)
     return 0
 
 
-if __name__ == "__main__":
+def cli(argv: Optional[Sequence[str]] = None) -> None:
+    """``main`` for the command line: one error line for a setting or file to fix (exit status 1), none for a reader
+    of stdout that went away (``| head``: exit status 1, the trainings stopped), one line for Ctrl-C (130)."""
     # A kill (SIGTERM) or a closed terminal (SIGHUP) stops the running trainings as Ctrl-C does, rather than leave
     # them training on without the sweep, into the directories a rerun would then train in too.
     stop_on_termination()
     try:
-        sys.exit(main())
+        sys.exit(main(argv))
     except (ValueError, OSError, ImportError) as err:
-        sys.exit(error_line("python -m dsrb.experiments.proportions", err))
+        exit_on_error(PROG, err)
     except KeyboardInterrupt:
-        print("python -m dsrb.experiments.proportions: interrupted; rerun the same command to continue",
-              file=sys.stderr)
-        sys.exit(130)
+        fail(f"{PROG}: interrupted; rerun the same command to continue", 130)
+
+
+if __name__ == "__main__":
+    cli()

@@ -227,7 +227,8 @@ def plot(sweep: Sweep, path: str, selection: str = "best", title: str = "") -> N
             cells, avg = sweep.row(m, selection, reference)
             ys = [c.mean for c in cells]
             err = [0.0 if math.isnan(c.std) else c.std for c in cells]
-            label = f"{m} (avg {one_decimal(avg.mean, signed=reference is not None)})"
+            # no avg while no seed has every proportion (an unfinished sweep): "avg nan" was printed
+            label = f"{m} (avg {one_decimal(avg.mean, signed=reference is not None)})" if avg.n else m
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label, color=colours[m])
         ax.set_xlabel("known labels (%)")
         ax.set_xticks(xs)
