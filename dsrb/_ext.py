@@ -10,11 +10,11 @@ Where a build comes from, in order:
 
 ``DSRB_BUILD_ON_FIRST_USE=0`` skips step 2's compile (report only); ``DSRB_DISABLE_EXT=1`` skips the extension
 entirely; ``DSRB_REQUIRE_EXT=1`` turns a missing extension into an ImportError (CI). A failed first-use build is
-remembered (``FAILED`` + ``build.log`` in its cache folder) and not retried until that folder is deleted, so a
-broken toolchain costs one attempt, not one per import; CUDA kernels that fail to build (DSRB_BUILD_CUDA unset)
-leave a build of the CPU kernels alone. A finished build loads from a read-only cache; a cache that
-cannot be written is a reason like any other (the package runs on its other backends). ``python -m dsrb.info``
-prints the outcome.
+remembered (``FAILED``, with the compilers and settings it used, + ``build.log`` in its cache folder) and not
+retried until those change or that folder is deleted, so a broken toolchain costs one attempt, not one per import;
+CUDA kernels that fail to build (DSRB_BUILD_CUDA unset) leave a build of the CPU kernels alone. A finished build
+loads from a read-only cache; a cache that cannot be written is a reason like any other (the package runs on its
+other backends). ``python -m dsrb.info`` prints the outcome.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from . import _build
+from ._files import expand_home
 
 
 @dataclass
@@ -101,11 +101,7 @@ def cache_root() -> str:
     "~" has no meaning (no HOME, and no home folder for this user id: a container run as an arbitrary user), it
     stands for ``<temporary folder>/dsrb-home-<uid>``, not a folder "~" in the working directory."""
     folder = os.environ.get("DSRB_EXT_CACHE", "").strip() or os.path.join("~", ".cache", "dsrb", "extensions")
-    path = os.path.expanduser(folder)
-    if path == "~" or path.startswith(("~/", "~" + os.sep)):
-        home = os.path.join(tempfile.gettempdir(), f"dsrb-home-{getattr(os, 'getuid', lambda: 'user')()}")
-        path = os.path.join(home, path[2:])
-    return os.path.abspath(path)
+    return os.path.abspath(expand_home(folder))
 
 
 def _matches(info: Dict[str, object], want: Dict[str, object]) -> Optional[str]:
@@ -209,7 +205,8 @@ def _cached_build(root: str, want: Dict[str, object], nvcc: Optional[str], fallb
     info = _finished(library)
     if info:
         return _open(library, info, "first-use build (cache)")
-    if os.path.isfile(failed):
+    toolchain = _toolchain(nvcc)
+    if _failed_with(failed, toolchain):
         raise _failed_earlier(folder)
     if _build.env_flag("DSRB_BUILD_ON_FIRST_USE") is False:  # nothing to build: no lock to wait for
         recorded = _read_info(library)
@@ -225,8 +222,12 @@ def _cached_build(root: str, want: Dict[str, object], nvcc: Optional[str], fallb
         info = _finished(library)
         if info:
             return _open(library, info, "first-use build (cache)")
-        if os.path.isfile(failed):
+        if _failed_with(failed, toolchain):
             raise _failed_earlier(folder)
+        if os.path.isfile(failed):
+            print("dsrb: the compiler or its settings changed since the first-use build failed; building again",
+                  file=sys.stderr, flush=True)
+            os.remove(failed)
         _discard_damaged(library)
         cxx = (os.environ.get("CXX") or "c++").split()[0]  # the compiler torch's builder calls (CXX="ccache g++")
         if shutil.which(cxx) is None:  # not remembered as a failure: installing one is enough
@@ -259,7 +260,8 @@ def _cached_build(root: str, want: Dict[str, object], nvcc: Optional[str], fallb
                       flush=True)
                 raise _build.BuildError(f"the first-use build was killed (log: {os.path.join(folder, 'build.log')}); "
                                         "the next import builds again") from None
-            open(failed, "w").close()
+            with open(failed, "w") as f:
+                json.dump(toolchain, f)
             # DSRB_REQUIRE_EXT=1 stops the tool next: no word of other backends
             what = ("the build with the CUDA kernels failed; building the CPU kernels alone" if fallback else
                     "the extension build failed" + ("" if _build.env_flag("DSRB_REQUIRE_EXT") else
@@ -267,7 +269,8 @@ def _cached_build(root: str, want: Dict[str, object], nvcc: Optional[str], fallb
             print(f"dsrb: {what} (log: {folder}{os.sep}build.log; `python -m dsrb.info` says more)", file=sys.stderr,
                   flush=True)
             raise _build.BuildError(f"the first-use build failed: {str(exc).strip()[-2000:]}\n(log: "
-                                    f"{os.path.join(folder, 'build.log')}; delete {folder} to retry)") from None
+                                    f"{os.path.join(folder, 'build.log')}; change the compiler or its settings, or "
+                                    f"delete {folder}, to retry)") from None
         info = _build.build_info(root, nvcc)
         _build.write_info(library, info)
         print(f"dsrb: extension built in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
@@ -310,6 +313,31 @@ def _killed(exc: BaseException, log: List[str]) -> bool:
     return bool(_KILLED.search(str(exc)) or any(_KILLED.search(entry) for entry in log))
 
 
+# What a user changes to fix a failed build, besides the sources and torch (the cache folder's name).
+_TOOLCHAIN_VARIABLES = ("CXX", "CC", "CFLAGS", "CXXFLAGS", "LDFLAGS", "CUDAHOSTCXX", "NVCC_CCBIN", "NVCC_APPEND_FLAGS",
+                        "NVCC_PREPEND_FLAGS")
+
+
+def _toolchain(nvcc: Optional[str]) -> Dict[str, object]:
+    """The compilers a build would use (their real paths: an upgrade or another alternative changes them) and the
+    settings they read."""
+    cxx = shutil.which((os.environ.get("CXX") or "c++").split()[0])
+    return {"cxx": cxx and os.path.realpath(cxx), "nvcc": nvcc and os.path.realpath(nvcc),
+            "env": {name: os.environ[name] for name in _TOOLCHAIN_VARIABLES if name in os.environ}}
+
+
+def _failed_with(failed: str, toolchain: Dict[str, object]) -> bool:
+    """Whether a failed build (its FAILED file) was made with this toolchain: a build that failed with another
+    compiler or other settings is tried again. A record that cannot be read (an older dsrb's empty file) counts."""
+    if not os.path.isfile(failed):
+        return False
+    try:
+        with open(failed) as f:
+            return json.load(f) == toolchain
+    except (OSError, ValueError):
+        return True
+
+
 def _failed_earlier(folder: str) -> "_build.BuildError":
-    return _build.BuildError(f"the first-use build failed earlier (log: {os.path.join(folder, 'build.log')}); delete "
-                             f"{folder} to retry")
+    return _build.BuildError(f"the first-use build failed earlier (log: {os.path.join(folder, 'build.log')}); "
+                             f"change the compiler or its settings, or delete {folder}, to retry")

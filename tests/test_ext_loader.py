@@ -9,7 +9,9 @@ import importlib.machinery
 import os
 import re
 import shlex
+import shutil
 import sys
+import tempfile
 import threading
 
 import pytest
@@ -103,6 +105,32 @@ def test_a_failed_build_is_remembered_and_not_retried(loader, capsys):
     again = _ext._load()
     assert not again.loaded and "failed earlier" in again.reason and folder in again.reason
     assert len(loader.calls) == 1
+
+
+@pytest.mark.parametrize("change", ["CXX", "CXXFLAGS"])
+def test_a_failed_build_is_retried_with_another_compiler_or_settings(loader, capsys, monkeypatch, change):
+    """A build that failed was retried only after its cache folder was deleted, though the fix is usually another
+    compiler (CXX) or other flags: with either changed, the next import builds again."""
+    loader.fail = True
+    assert not _ext._load().loaded
+    loader.fail = False
+    assert "failed earlier" in _ext._load().reason  # the same toolchain: remembered
+    monkeypatch.setenv(change, shutil.which("sh") if change == "CXX" else "-O1")
+    capsys.readouterr()
+    again = _ext._load()
+    assert again.loaded and len(loader.calls) == 2, again
+    assert "the compiler or its settings changed since the first-use build failed" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(loader.calls[0], "FAILED"))
+
+
+def test_an_older_dsrbs_failure_record_still_counts(loader, monkeypatch):
+    """An older dsrb's FAILED file is empty: it counts as a failure with any toolchain, as it did."""
+    loader.fail = True
+    assert not _ext._load().loaded
+    loader.fail = False
+    open(os.path.join(loader.calls[0], "FAILED"), "w").close()
+    monkeypatch.setenv("CXXFLAGS", "-O1")
+    assert "failed earlier" in _ext._load().reason and len(loader.calls) == 1
 
 
 def test_a_failed_build_under_require_ext_does_not_promise_other_backends(loader, capsys, monkeypatch):
@@ -374,7 +402,7 @@ def test_the_cache_folder_without_a_home_is_a_temporary_one(monkeypatch, tmp_pat
     """No HOME and no home folder for the user id (a container's arbitrary uid): "~" stayed "~", and the cache went
     to a folder named "~" in the working directory (whichever it was)."""
     monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # what it returns there
-    monkeypatch.setattr(_ext.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DSRB_EXT_CACHE", raising=False)
     home = tmp_path / "tmp" / f"dsrb-home-{os.getuid()}"
