@@ -69,6 +69,26 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
+    def parse_intermixed_args(self, args=None, namespace=None):
+        """argparse's, with "--" ending the options: everything after it is a positional, "-x.jpg" included.
+        argparse's own (Python 3.11) rejected such names as unrecognized arguments and made the positionals
+        before "--" a missing argument. For parsers with one positional argument (a list of names)."""
+        args = list(sys.argv[1:] if args is None else args)
+        if "--" not in args:
+            return super().parse_intermixed_args(args, namespace)
+        end = args.index("--")
+        rest = args[end + 1:]
+        if not rest:
+            return super().parse_intermixed_args(args[:end], namespace)
+        # A placeholder positional stands for the names after "--", so that a required list is not missing
+        # (a name without a leading "-" cannot be taken for an option).
+        placeholder = "\0"
+        parsed = super().parse_intermixed_args(args[:end] + [placeholder], namespace)
+        (action,) = [a for a in self._actions if not a.option_strings]
+        names = getattr(parsed, action.dest)
+        setattr(parsed, action.dest, names[:-1] + rest)
+        return parsed
+
 
 def quiet_interrupt(prog: str) -> None:
     """Ctrl-C that no handler of the tool catches (while torch is imported or the extension is built on first use,
@@ -104,7 +124,8 @@ def stop_on_termination() -> None:
     The signal is also remembered for :func:`check_termination`: Python prints and drops an exception raised where
     it cannot propagate (an at-fork callback such as logging's, run as a DataLoader starts its workers; a
     ``__del__``), and a SIGTERM that landed there was lost: the run trained on to its end. Within
-    :func:`termination_deferred` the signal is only remembered."""
+    :func:`termination_deferred` the signal is only remembered. Ctrl-C (SIGINT) is handled the same way where its
+    handler is Python's own (not where the process ignores it, as a shell's background job does, or set another)."""
     import signal
 
     global _TERMINATED
@@ -123,6 +144,8 @@ def stop_on_termination() -> None:
         number = getattr(signal, name, None)
         if number is not None and signal.getsignal(number) is not signal.SIG_IGN:
             signal.signal(number, interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, interrupt)
 
 
 def check_termination() -> None:

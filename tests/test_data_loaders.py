@@ -705,24 +705,27 @@ def test_an_interrupt_while_the_workers_stop_reaches_the_loop():
     assert seen == [1, 2, 3]
 
 
-_SIGTERM_IN_A_LOOP = """
+_SIGNAL_IN_A_LOOP = """
 import os, signal, sys, torch
 from dsrb._cli import stop_on_termination
 from dsrb._loader import batches
 
+# Python's own Ctrl-C handler, as in a terminal (a shell's background job, which may run this suite, ignores SIGINT)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 stop_on_termination()
-if sys.argv[1] == "at fork":  # logging's at-fork callbacks run there: what a process-group SIGTERM can hit
-    os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGTERM))
+sig = getattr(signal, sys.argv[2])
+if sys.argv[1] == "at fork":  # logging's at-fork callbacks run there: what a process-group signal can hit
+    os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), sig))
 elif sys.argv[1] == "handled by an earlier run":
     try:
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), sig)
     except KeyboardInterrupt:
         pass
     stop_on_termination()  # the next run in this process
 else:
     class Drops:
         def __del__(self):
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
     Drops()
 loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2, num_workers=2, multiprocessing_context="fork")
 seen = 0
@@ -736,13 +739,14 @@ print(f"ended after {seen} batches")
 
 
 @pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="forks the loader's workers (POSIX)")
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize("where", ["at fork", "in a __del__", "handled by an earlier run"])
-def test_a_sigterm_whose_interrupt_python_drops_still_stops_the_loop(where):
-    """Python prints and drops an exception raised in an at-fork callback or a ``__del__``: a SIGTERM whose
+def test_a_signal_whose_interrupt_python_drops_still_stops_the_loop(where, signame):
+    """Python prints and drops an exception raised in an at-fork callback or a ``__del__``: a SIGTERM or Ctrl-C whose
     KeyboardInterrupt was raised there was lost, and the run trained on to its end (exit status 0). The signal is
     remembered and ``batches`` stops before the first batch; as the workers start it raises nothing at all. One
     that an earlier run in the process stopped on does not stop the next."""
-    res = subprocess.run([sys.executable, "-c", _SIGTERM_IN_A_LOOP, where], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-c", _SIGNAL_IN_A_LOOP, where, signame], capture_output=True, text=True,
                          timeout=120)
     if where == "handled by an earlier run":
         assert res.returncode == 0 and res.stdout == "ended after 4 batches\n", (res.stdout, res.stderr)

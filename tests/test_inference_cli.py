@@ -243,6 +243,24 @@ def test_predict_stdout(setup, capsys):
     assert [r["path"] for r in json.loads(capsys.readouterr().out)] == setup["images"][:3]
 
 
+def test_double_dash_ends_the_options(setup, tmp_path, monkeypatch, capsys):
+    """"--" then names starting with "-" (argparse's intermixed parsing in Python 3.11 rejected them as unrecognized
+    arguments, and the names before "--" as missing)."""
+    from dsrb.predict import main
+    from dsrb.visualize import build_parser
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(setup["images"][1], "-dash.jpg")
+    shutil.copy(setup["images"][2], "--top-k")  # a name, not the option, after "--"
+    main([setup["images"][0], "--checkpoint", setup["ckpt"], "--device", "cpu", "--", "-dash.jpg", "--top-k"])
+    assert [r["path"] for r in json.loads(capsys.readouterr().out)] == [setup["images"][0], "-dash.jpg", "--top-k"]
+    parse = build_parser().parse_intermixed_args
+    assert parse(["--checkpoint", "c", "--", "-a.jpg"]).images == ["-a.jpg"]
+    assert parse(["a.jpg", "--checkpoint", "c", "--"]).images == ["a.jpg"]
+    with pytest.raises(SystemExit):  # no image at all is still argparse's usage error
+        parse(["--checkpoint", "c", "--"])
+
+
 def test_predict_empty_folder(setup, tmp_path):
     from dsrb.predict import main
 
