@@ -500,6 +500,7 @@ def train_epoch(model, core: DSRB, loader, optimizer, scaler, cfg: TrainConfig, 
     total = _limit(loader, cfg.limit_train_batches)
     bar = Progress(total, f"epoch {epoch}", enabled=d.main)
     losses = _StepLosses(epoch, bar)
+    idle = _idle_coefficients(core, cfg, use_instance, use_prototype) if d.enabled else []
     for step, (images, targets, _) in enumerate(batches(loader, total)):
         images, targets = to_device(images, cfg, device), targets.to(device, non_blocking=True)
         choices = None
@@ -515,7 +516,11 @@ def train_epoch(model, core: DSRB, loader, optimizer, scaler, cfg: TrainConfig, 
                                     instance_weight=cfg.instance_weight, prototype_weight=cfg.prototype_weight,
                                     generator=generator, validate=False, distributed=d.enabled)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        # A coefficient this epoch does not use joins the graph with a zero gradient, for DDP's all-reduce, and
+        # leaves it without one, as a single process does (the optimizer skips it: no weight decay, no momentum).
+        scaler.scale(sum((0.0 * p.sum() for p in idle), loss)).backward()
+        for p in idle:
+            p.grad = None
         scaler.step(optimizer)
         scaler.update()
         losses.push(step, images.shape[0] * d.world, loss, parts)
@@ -529,6 +534,15 @@ def train_epoch(model, core: DSRB, loader, optimizer, scaler, cfg: TrainConfig, 
     stats["time_s"] = elapsed
     stats["train_images_per_s"] = total * cfg.batch_size * d.world / elapsed if elapsed > 0 else 0.0
     return stats
+
+
+def _idle_coefficients(core: DSRB, cfg: TrainConfig, use_instance: bool,
+                       use_prototype: bool) -> List[torch.nn.Parameter]:
+    """The learnt blending coefficients that no loss term of this epoch uses (alpha without a weighted instance
+    term, beta without a weighted prototype term): every other parameter takes part in every step."""
+    used = ((core.alpha, use_instance and cfg.instance_weight != 0),
+            (core.beta, use_prototype and cfg.prototype_weight != 0))
+    return [p for p, in_loss in used if p.requires_grad and not in_loss]
 
 
 @torch.no_grad()
@@ -931,9 +945,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
     state = None  # the resumed checkpoint (model, optimizer): restored, not kept for the whole run
 
     model = core
-    if d.enabled:  # alpha/beta (and unused blends) leave parameters without gradient in some epochs
+    if d.enabled:  # every parameter gets a gradient in every step (train_epoch's idle coefficients): no search
         model = torch.nn.parallel.DistributedDataParallel(core, device_ids=[device.index] if device.type == "cuda"
-                                                          else None, find_unused_parameters=True)
+                                                          else None)
     if cfg.compile:
         model = torch.compile(model)
     writer = _tensorboard(out) if cfg.tensorboard and d.main else None

@@ -460,6 +460,20 @@ train.main(argv)
 """
 
 
+def test_ddp_with_a_coefficient_no_loss_term_uses(data_root, tmp_path):
+    """Without DDP's search for unused parameters, a coefficient no loss term uses (alpha with --instance-weight 0,
+    beta with --no-prototype-blend) still gets its all-reduced zero gradient, then none, as in one process: the
+    optimizer leaves it untouched (weight decay included)."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dsrb.train",
+           *args(data_root, out, 2, "--instance-weight", "0", "--no-prototype-blend", "--weight-decay", "0.1")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "find_unused_parameters" not in result.stderr, result.stderr
+    model = torch.load(out / "last.pt", weights_only=False)["model"]
+    assert model["alpha"].tolist() == [0.5] and model["beta"].tolist() == [0.5], (model["alpha"], model["beta"])
+
+
 def test_ddp_two_processes_gloo(data_root, tmp_path):
     """Two gloo ranks: rank 0 alone writes, and the gradients are all-reduced, so after every epoch both ranks hold
     the same parameters (each rank trains on its own shard, so without the all-reduce they drift apart)."""
@@ -475,6 +489,8 @@ def test_ddp_two_processes_gloo(data_root, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath)
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # DDP searched the graph for unused parameters at every step, and warned on both ranks when it found none
+    assert "find_unused_parameters" not in result.stderr, result.stderr
     records = read_metrics(out)
     assert [r["epoch"] for r in records] == [0, 1]
     assert all(0.0 <= r["mAP"] <= 1.0 for r in records)
