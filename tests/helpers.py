@@ -284,11 +284,11 @@ def run_gloo_script(script: str, tmp_path, name: str, attempts: int = 3):
         warnings.warn(f"{name}: gloo aborted a rank at teardown, after the result was saved; running it again")
 
 
-def check_half_blends_take_a_wider_coefficient(ib_fwd, ib_bwd, pb_fwd, pb_bwd, *, dtype, device="cpu"):
-    """Under autocast the model passes half S with its float32 alpha / beta: the raw ops round the coefficient to
-    S's dtype for the arithmetic (results equal to those of the rounded coefficient, bit for bit) and return its
-    gradient in float32. That gradient, a sum over every blended feature, here 79997 and 159998, overflowed float16
-    (inf) when it was returned in S's dtype. Raw ops as in :func:`check_blends_ignore_what_they_leave_alone`."""
+def wide_coefficient_cases(dtype, device="cpu"):
+    """Half S (``dtype``) with a float32 coefficient whose gradient, a sum over every blended feature, here 79997 and
+    159998 (integers, exact in float32; 80000 per blended entry), exceeds float16's range. For each blend: (name, S,
+    T, coef, rest, (gS, gT), want), the blend being fwd(S, T, coef, *rest) in the raw ops' order and ``want`` the
+    coefficient's gradient for the upstream gradients (gS, gT)."""
     def on(t):
         return t.to(device)
 
@@ -297,15 +297,43 @@ def check_half_blends_take_a_wider_coefficient(ib_fwd, ib_bwd, pb_fwd, pb_bwd, *
     select = on(torch.tensor([[True, True, False], [False, False, False]]))
     bank = on(torch.full((3, 4, 40), -1000.0, dtype=dtype))
     quadrant, shift = on(torch.zeros(2, 3, dtype=torch.long)), on(torch.ones(2, 3, dtype=torch.long))
-    partner = on(torch.tensor([1, 0]))
-    gS, gT = torch.ones_like(S), torch.ones_like(T)
-    coef = on(torch.tensor(0.3))
-    cases = [("instance_blend", ib_fwd, ib_bwd, (gS, gT, S, T), (partner,), 80000 - 3),  # minus the targets' sum
-             ("prototype_blend", pb_fwd, pb_bwd, (gS, gT, S), (bank, quadrant, shift, select), 160000 - 2)]
-    for name, fwd, bwd, grads_and_inputs, rest, want in cases:
+    grads, coef = (torch.ones_like(S), torch.ones_like(T)), on(torch.tensor(0.3))
+    return [("instance_blend", S, T, coef, (on(torch.tensor([1, 0])),), grads, 80000 - 3),  # minus the targets' sum
+            ("prototype_blend", S, T, coef, (bank, quadrant, shift, select), grads, 160000 - 2)]
+
+
+def check_half_blends_take_a_wider_coefficient(ib_fwd, ib_bwd, pb_fwd, pb_bwd, *, dtype, device="cpu"):
+    """Under autocast the model passes half S with its float32 alpha / beta: the raw ops round the coefficient to
+    S's dtype for the arithmetic (results equal to those of the rounded coefficient, bit for bit) and return its
+    gradient in float32. That gradient (:func:`wide_coefficient_cases`) overflowed float16 (inf) when it was
+    returned in S's dtype. Raw ops as in :func:`check_blends_ignore_what_they_leave_alone`."""
+    for name, S, T, coef, rest, (gS, gT), want in wide_coefficient_cases(dtype, device):
+        fwd, bwd, grads_and_inputs = ((ib_fwd, ib_bwd, (gS, gT, S, T)) if name == "instance_blend" else
+                                      (pb_fwd, pb_bwd, (gS, gT, S)))
         for got, ref in zip(fwd(S, T, coef, *rest), fwd(S, T, coef.to(dtype), *rest)):
             torch.testing.assert_close(got, ref, rtol=0, atol=0, msg=lambda m: f"{name} forward: {m}")
         g_wide, g_rounded = bwd(*grads_and_inputs, coef, *rest), bwd(*grads_and_inputs, coef.to(dtype), *rest)
         torch.testing.assert_close(g_wide[0], g_rounded[0], rtol=0, atol=0, msg=lambda m: f"{name} grad S: {m}")
         assert g_wide[1].dtype == torch.float32 and g_wide[1].shape == coef.shape, (name, g_wide[1])
-        assert float(g_wide[1]) == want, (name, float(g_wide[1]))  # integers, exact in float32
+        assert float(g_wide[1]) == want, (name, float(g_wide[1]))
+
+
+def check_autograd_takes_a_wider_coefficient(op, traced, eager, *, dtype):
+    """``traced(S, T, coef, *rest)``, the torch backend's code differentiated by autograd (as trace_torch_backend has
+    the compiler do it), with half S and a float32 coefficient: values and grad S those of ``eager`` (the torch
+    backend's op and hand-written backward) bit for bit, and the coefficient's gradient (:func:`wide_coefficient_cases`)
+    reduced and returned in float32 as the hand-written one. Reduced in S's dtype, it was inf or NaN in float16, a
+    bf16-rounded sum in bfloat16."""
+    (_, S, T, coef, rest, grads, want), = (case for case in wide_coefficient_cases(dtype) if case[0] == op)
+
+    def run(fn):
+        s, c = S.clone().requires_grad_(), coef.clone().requires_grad_()
+        out = fn(s, T, c, *rest)
+        return [*out, *torch.autograd.grad(out, (s, c), grads)]
+
+    got, ref = run(traced), run(eager)
+    assert float(ref[3]) == want, (op, float(ref[3]))  # the hand-written backward's, exact
+    for what, g, r in zip(("values", "soft targets", "grad S"), got, ref):
+        torch.testing.assert_close(g, r, rtol=0, atol=0, msg=lambda m: f"{op} {what}: {m}")
+    assert got[3].dtype == torch.float32 and got[3].shape == coef.shape, (op, got[3])
+    assert_close(got[3], ref[3], what=f"{op} grad coefficient")

@@ -1,12 +1,15 @@
 """instance_blend (torch backend) against the oracle on vectors and on the official feature maps."""
 
+import importlib
+
 import pytest
 import torch
 
 import dsrb.ops as ops
 from dsrb import reference
 from helpers import (TORCH_AND_AUTO, NoValueReads, assert_close, backend_param,
-                     check_blends_ignore_what_they_leave_alone, device_of, grads_of, noncontiguous)
+                     check_autograd_takes_a_wider_coefficient, check_blends_ignore_what_they_leave_alone, device_of,
+                     grads_of, noncontiguous)
 
 SHAPES = [(1, 1, 3), (2, 3, 7), (5, 20, 33), (8, 80, 9), (2, 200, 3), (0, 4, 5), (3, 1, 1)]
 
@@ -247,3 +250,29 @@ def test_blends_ignore_what_they_leave_alone_torch_backend_and_reference(dtype):
         lambda S, T, b, k, q, h, e: pb_mod._torch_forward(S, T, b, k, q, h, e, False)), dtype=dtype)
     check_blends_ignore_what_they_leave_alone(*_autograd_raw_ops(reference.instance_blend, reference.prototype_blend),
                                               dtype=dtype)
+
+
+def _eager_torch_instance_blend(*args):
+    return ops.instance_blend(*args, backend="torch")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_autograd_of_the_torch_code_reduces_a_float32_alpha_gradient_in_float32(dtype):
+    """Inside ops.trace_torch_backend() autograd differentiates the torch backend's _torch_forward. With half S and
+    the model's float32 alpha (autocast) it reduced alpha's gradient in S's dtype: inf (NaN) in float16 where the
+    hand-written backward's is finite, a bf16-rounded sum in bfloat16."""
+    module = importlib.import_module("dsrb.ops.instance_blend")
+    check_autograd_takes_a_wider_coefficient("instance_blend", lambda *a: module._torch_forward(*a, False),
+                                             _eager_torch_instance_blend, dtype=dtype)
+
+
+def test_compiled_torch_code_reduces_a_float32_alpha_gradient_in_float32():
+    """The same through torch.compile(fullgraph=True) inside ops.trace_torch_backend(). Inductor told to round where
+    the graph casts (emulate_precision_casts), as eager float16 arithmetic rounds after every op: by default
+    it fuses the roundings away, and the values differ in their last bits, as they did before the fix."""
+    import torch._inductor.config
+
+    compiled = torch.compile(_eager_torch_instance_blend, fullgraph=True)
+    with ops.trace_torch_backend(), torch._inductor.config.patch(emulate_precision_casts=True):
+        check_autograd_takes_a_wider_coefficient("instance_blend", compiled, _eager_torch_instance_blend,
+                                                 dtype=torch.float16)

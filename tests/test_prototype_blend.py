@@ -1,11 +1,14 @@
 """prototype_blend (torch backend) against the oracle on vectors and on the official prototype maps."""
 
+import importlib
+
 import pytest
 import torch
 
 import dsrb.ops as ops
 from dsrb import reference
-from helpers import TORCH_AND_AUTO, NoValueReads, assert_close, noncontiguous
+from helpers import (TORCH_AND_AUTO, NoValueReads, assert_close, check_autograd_takes_a_wider_coefficient,
+                     noncontiguous)
 
 SHAPES = [(1, 1, 3), (2, 3, 7), (5, 20, 33), (8, 80, 9), (2, 200, 3), (0, 4, 5)]
 
@@ -211,3 +214,28 @@ def test_validate_reads_targets_and_indices_once(monkeypatch):
     ops.instance_blend(args[0], args[1], args[2], torch.tensor([2, 0, 1]), backend="torch")
     assert reads == [3, 2]
 
+
+def _eager_torch_prototype_blend(*args):
+    return ops.prototype_blend(*args, backend="torch")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_autograd_of_the_torch_code_reduces_a_float32_beta_gradient_in_float32(dtype):
+    """Inside ops.trace_torch_backend() autograd differentiates the torch backend's _torch_forward. With half S and
+    the model's float32 beta (autocast) it reduced beta's gradient in S's dtype: inf (NaN) in float16 where the
+    hand-written backward's is finite, a bf16-rounded sum in bfloat16."""
+    module = importlib.import_module("dsrb.ops.prototype_blend")
+    check_autograd_takes_a_wider_coefficient("prototype_blend", lambda *a: module._torch_forward(*a, False),
+                                             _eager_torch_prototype_blend, dtype=dtype)
+
+
+def test_compiled_torch_code_reduces_a_float32_beta_gradient_in_float32():
+    """The same through torch.compile(fullgraph=True) inside ops.trace_torch_backend(). Inductor told to round where
+    the graph casts (emulate_precision_casts), as eager bfloat16 arithmetic rounds after every op: by default
+    it fuses the roundings away, and the values differ in their last bits, as they did before the fix."""
+    import torch._inductor.config
+
+    compiled = torch.compile(_eager_torch_prototype_blend, fullgraph=True)
+    with ops.trace_torch_backend(), torch._inductor.config.patch(emulate_precision_casts=True):
+        check_autograd_takes_a_wider_coefficient("prototype_blend", compiled, _eager_torch_prototype_blend,
+                                                 dtype=torch.bfloat16)

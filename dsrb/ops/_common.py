@@ -66,3 +66,35 @@ def raw_blend(S: Tensor, T: Tensor, coef_name: str, coef: Tensor):
     check_tensor(coef_name, coef, kind="float")
     raw_tensor(coef_name, coef, None, S, "S", coef.dtype)  # on S's device, in its own dtype
     return B, C, D
+
+
+def torch_blend(sel: Tensor, coef: Tensor, S: Tensor, Y: Tensor, T: Tensor, detach_target: bool):
+    """The torch backend's blend of both ops: where ``sel`` (B, C), ``coef * S + (1 - coef) * Y`` and ``1 - coef``,
+    else S and T; values in S's dtype (the coefficient rounded to it), bit for bit as that dtype's arithmetic.
+
+    Written for autograd too (trace_torch_backend): the coefficient's gradient, a sum over every blended feature, is
+    reduced in ``compute_dtype`` and returned in its own dtype, as the hand-written backwards do (in half precision
+    it overflowed: inf beyond 65504 in fp16). So half S is then computed in fp32, rounded to S's dtype after every
+    op: the same values, since fp32's 24 bits are at least 2 * 11 + 2 (an fp32 sum or product of fp16 or bf16
+    numbers, rounded to their dtype, is the exact result rounded once). Without that gradient (the eager op, whose
+    backward is hand-written) S's dtype gives them faster (fp16 on a CPU: 3x)."""
+    wide = coef.requires_grad and torch.is_grad_enabled() and compute_dtype(S.dtype) != S.dtype
+    cd = compute_dtype(S.dtype) if wide else S.dtype
+
+    def rnd(x):  # x rounded to S's dtype, in cd; its gradient passes unrounded: it is grad S1's, in S's dtype
+        return x.to(S.dtype).to(cd) if wide else x
+
+    def rounded(x: Tensor) -> Tensor:  # x.to(S.dtype), in cd, differentiated as x: no half scalar sums a gradient
+        if not wide:
+            return x.to(S.dtype)
+        w = x.to(cd)
+        return w - (w - x.to(S.dtype).to(cd)).detach()  # exact for finite w: rounded, it is 0, inf or within 2x of w
+
+    # Selected, never multiplied by a 0/1 mask: an inf or NaN at an entry left alone reaches no gradient (0 * inf):
+    # m = coef where blended, else 1, and the where's backward gives the coefficient no part of the others.
+    m = torch.where(sel, rounded(coef), 1)
+    n = rounded(1 - m)  # per entry: the coefficient's gradient nets S's and Y's parts per entry, then sums them
+    S_c = S.to(cd)
+    S1 = torch.where(sel[..., None], rnd(m[..., None] * S_c) + rnd(n[..., None] * Y.to(cd)), S_c).to(S.dtype)
+    T1 = torch.where(sel, n.detach() if detach_target else n, T.to(cd)).to(S.dtype)  # as the backward detaches
+    return S1.contiguous(), T1.contiguous()

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_bool, check_same_device, check_targets, check_tensor
-from ._common import check_blend_inputs, compute_dtype, raw_blend, raw_tensor
+from ._common import check_blend_inputs, compute_dtype, raw_blend, raw_tensor, torch_blend
 from ._registry import define_op, extension_backends, register_impl, register_python_op, select
 
 
@@ -24,16 +24,8 @@ def _blend_mask(T: Tensor, partner: Tensor) -> Tensor:
 
 
 def _torch_forward(S: Tensor, T: Tensor, alpha: Tensor, partner: Tensor, detach_target: bool):
-    alpha = alpha.to(S.dtype)  # a float32 alpha with half S (autocast): the arithmetic in S's dtype
-    blend = _blend_mask(T, partner)
-    # Selected, never multiplied by a 0/1 mask: an inf or NaN at an entry left alone reaches no gradient (0 * inf).
-    # m = alpha where blended, else 1, so that autograd (trace_torch_backend) gives alpha no part of those entries.
-    m = torch.where(blend, alpha, 1)[..., None]
-    S1 = torch.where(blend[..., None], m * S + (1 - m) * S[partner], S)
-    # alpha * 0 + (1 - alpha) * 1; detached as the backward does, for when autograd differentiates this code
-    # (trace_torch_backend)
-    T1 = torch.where(blend, 1 - (alpha.detach() if detach_target else alpha), T)
-    return S1.contiguous(), T1.contiguous()
+    # T1 = m * T + (1 - m) * T[partner] = alpha * 0 + (1 - alpha) * 1 at the blended entries
+    return torch_blend(_blend_mask(T, partner), alpha, S, S[partner], T, detach_target)
 
 
 def _torch_backward(grad_S1, grad_T1, S, T, alpha, partner, detach_target: bool):

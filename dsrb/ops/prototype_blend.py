@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_bool, check_same_device, check_targets, check_tensor
-from ._common import check_blend_inputs, compute_dtype, raw_blend, raw_tensor
+from ._common import check_blend_inputs, compute_dtype, raw_blend, raw_tensor, torch_blend
 from ._registry import define_op, extension_backends, register_impl, register_python_op, select as select_backend
 
 
@@ -28,13 +28,9 @@ def _bucket(quadrant: Tensor, shift: Tensor) -> Tensor:
 
 
 def _torch_forward(S, T, beta, bank, quadrant, shift, select, detach_target: bool):
-    beta = beta.to(S.dtype)  # see instance_blend's
     C, _, D = bank.shape
     p = bank.reshape(C * 4, D)[_bucket(quadrant, shift)]  # (B, C, D)
-    m = torch.where(select, beta, 1)[..., None]  # selected, never a 0/1 product: see instance_blend's
-    S2 = torch.where(select[..., None], m * S + (1 - m) * p, S)
-    T2 = torch.where(select, 1 - (beta.detach() if detach_target else beta), T)  # see instance_blend's
-    return S2.contiguous(), T2.contiguous()
+    return torch_blend(select, beta, S, p, T, detach_target)
 
 
 def _torch_backward(grad_S2, grad_T2, S, beta, bank, quadrant, shift, select, detach_target: bool, bank_grad: bool):
