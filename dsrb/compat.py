@@ -38,9 +38,10 @@ pass ``gnn_steps=`` / ``avgpool=`` to override.
 
 NaN in the label graph: the official graph divides by the number of known positives of each class, so a class
 without any known positive gets a NaN row, which the official model propagates to every logit. The loader replaces
-NaN by 0 in ``inMatrix``/``outMatrix`` and warns (a zero row means "no incoming messages", the fixed graph of
-spec §10.2 item 3). Logits of such a checkpoint are then finite, where the official model would return NaN; for a
-checkpoint without NaN, ``model(images)`` in eval mode equals the official model's logits.
+NaN by 0 in those rows of ``inMatrix`` and columns of ``outMatrix`` and warns (a zero row means "no incoming
+messages", the fixed graph of spec §10.2 item 3). Logits of such a checkpoint are then finite, where the official
+model would return NaN; for a checkpoint without NaN, ``model(images)`` in eval mode equals the official model's
+logits. Any other NaN or inf, and a negative BatchNorm running variance (NaN logits), is an error naming the key.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
+from ._checks import brief
 from .checkpoint import numpy_globals
 
 __all__ = ["load_official_checkpoint", "to_official_state_dict", "official_to_dsrb_key", "dsrb_to_official_key"]
@@ -117,7 +119,8 @@ def _load_file(path, map_location: Any, where: str) -> Any:
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch.load raises many kinds (UnpicklingError, KeyError, RuntimeError, EOFError, ...)
         lines = str(err).splitlines()
-        reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+        empty = "the file is empty" if os.path.getsize(path) == 0 else "no message"  # torch's EOFError says nothing
+        reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0] if lines else empty)
         reason = reason.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "")
         raise ValueError(f"{where} could not be read ({type(err).__name__}: {reason}); expected a file saved by the "
                          "official code (a state dict, or a dict holding it under 'state_dict'); a checkpoint of a "
@@ -211,8 +214,10 @@ def load_official_checkpoint(
         The model, in eval mode, with an empty prototype bank.
 
     Raises:
-        ValueError: listing every missing key, unexpected key and shape conflict, or a size argument that disagrees
-            with the checkpoint.
+        ValueError: listing every missing key, unexpected key, shape conflict and dtype conflict (a complex, bool or
+            integer tensor where a floating-point one belongs, or the converse); naming the tensors that hold NaN or
+            inf (other than the label graph's NaN rows, see the module docstring) or a negative BatchNorm running
+            variance; or a size argument that disagrees with the checkpoint.
     """
     from dsrb.models import DSRB  # lazy: keeps ``import dsrb.compat`` light
 
@@ -261,7 +266,7 @@ def load_official_checkpoint(
     own = model.state_dict()
     expected = {k: v for k, v in own.items() if not k.startswith(_NOT_IN_OFFICIAL)}
     mapped: Dict[str, torch.Tensor] = {}
-    unexpected, shape_conflicts = [], []
+    unexpected, shape_conflicts, dtype_conflicts = [], [], []
     for key, value in state.items():
         if key in _ALIASES:
             main = _ALIASES[key]
@@ -281,6 +286,11 @@ def load_official_checkpoint(
         if tuple(value.shape) != tuple(want.shape):
             shape_conflicts.append(f"{key} (expected {tuple(want.shape)}, found {tuple(value.shape)})")
             continue
+        # load_state_dict would cast silently: a complex value loses its imaginary part, a bool weight becomes 0/1.
+        if value.is_floating_point() != want.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            kind = "a floating-point" if want.is_floating_point() else "an integer"
+            dtype_conflicts.append(f"{key} (expected {kind} tensor, found {value.dtype})")
+            continue
         mapped[new] = value
     # Checkpoints written before PyTorch 0.4.1 have no BatchNorm counters; anything else must be there.
     present = set(state) | {_ALIASES[key] for key in state if key in _ALIASES}
@@ -297,28 +307,36 @@ def load_official_checkpoint(
         problems.append(f"unexpected keys: {', '.join(unexpected)}")
     if shape_conflicts:
         problems.append(f"shape conflicts: {', '.join(shape_conflicts)}")
+    if dtype_conflicts:
+        problems.append(f"dtype conflicts: {', '.join(dtype_conflicts)}")
     if problems:
         raise ValueError(f"cannot load {where} into DSRB: " + "; ".join(problems))
 
     # A class without a known positive is a NaN row of inMatrix = A and a NaN column of outMatrix = Aᵀ (whose every
-    # row then holds a NaN): the classes are those rows and columns, named once.
-    nan_in, nan_out = torch.isnan(mapped["in_matrix"]), torch.isnan(mapped["out_matrix"])
-    if bool(nan_in.any() or nan_out.any()):
-        classes = torch.nonzero(nan_in.any(1) | nan_out.any(0)).flatten().tolist()
+    # row then holds a NaN): the classes are those rows and columns, named once. Any other NaN is damage, refused below.
+    rows, cols = torch.isnan(mapped["in_matrix"]).all(1), torch.isnan(mapped["out_matrix"]).all(0)
+    if bool(rows.any() or cols.any()):
+        classes = torch.nonzero(rows | cols).flatten().tolist()
         warnings.warn(
             f"{where}: the label graph (inMatrix, outMatrix) holds NaN for classes {classes} (without a known "
             "positive); replaced by 0. The official model would output NaN logits.",
             RuntimeWarning,
             stacklevel=2,
         )
-        for key in ("in_matrix", "out_matrix"):
-            mapped[key] = torch.nan_to_num(mapped[key], nan=0.0)
+        mapped["in_matrix"] = mapped["in_matrix"].masked_fill(rows[:, None], 0.0)
+        mapped["out_matrix"] = mapped["out_matrix"].masked_fill(cols[None, :], 0.0)
     # Any other NaN or inf (the graph's inf too) makes every logit meaningless: refused, as load_model refuses it.
     bad = [dsrb_to_official_key(k) or k for k, v in mapped.items()
            if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise ValueError(f"cannot load {where}: NaN or inf values in {', '.join(bad)}; its predictions would be "
                          "meaningless")
+    # BatchNorm divides by sqrt(running_var + eps): a negative variance made NaN logits, without a word.
+    negative = [f"{dsrb_to_official_key(k)} (min {v.min().item():g})" for k, v in mapped.items()
+                if k.endswith(".running_var") and bool((v < 0).any())]
+    if negative:
+        raise ValueError(f"cannot load {where}: negative BatchNorm running variances in {', '.join(negative)}; "
+                         "expected values >= 0 (its predictions would be NaN)")
     for key, value in own.items():
         mapped.setdefault(key, value)
     model.load_state_dict(mapped, strict=True)
@@ -333,12 +351,28 @@ def to_official_state_dict(model) -> "OrderedDict[str, torch.Tensor]":
     :class:`dsrb.reference.model.ReferenceDSRB`, with ``strict=True``. Tensors are the
     model's own (detached, sharing storage), not copies.
 
+    ``model`` may also be wrapped as ``dsrb.train`` wraps it (``torch.compile``, DistributedDataParallel, or
+    DataParallel): its state dict's keys carry the wrapper's prefix, which the official model does not know.
+
     Raises:
-        ValueError: listing the model's keys that have no official name.
+        TypeError: ``model`` is not a DSRB (nor one of those wrappers of it).
+        ValueError: naming the model's keys that have no official name.
     """
+    from dsrb.models import DSRB  # lazy: keeps ``import dsrb.compat`` light
+
+    inner = model
+    while isinstance(inner, torch.nn.Module) and not isinstance(inner, DSRB):
+        wrapped = getattr(inner, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if wrapped is None and isinstance(inner, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            wrapped = inner.module
+        if wrapped is None:
+            break
+        inner = wrapped
+    if not isinstance(inner, DSRB):
+        raise TypeError(f"argument 'model': expected a dsrb.models.DSRB, got {type(model).__name__}")
     out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     unknown = []
-    for key, value in model.state_dict().items():
+    for key, value in inner.state_dict().items():
         if key.startswith(_NOT_IN_OFFICIAL):
             continue
         off = dsrb_to_official_key(key)
@@ -347,7 +381,7 @@ def to_official_state_dict(model) -> "OrderedDict[str, torch.Tensor]":
             continue
         out[off] = value.reshape(()) if off in ("alpha", "beta") else value
     if unknown:
-        raise ValueError(f"keys without an official name: {', '.join(unknown)}")
+        raise ValueError(f"keys without an official name: {brief(unknown)}")
     for duplicate, top in _ALIASES.items():  # registered twice by the official model (see the module docstring)
         out[duplicate] = out[top]
     return out

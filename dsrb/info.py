@@ -22,6 +22,7 @@ import torch
 
 from . import __version__, _ext
 from ._cli import ArgumentParser
+from .inference import print_out, run_main
 from .ops import BACKEND_CHOICES, KNOWN_BACKENDS, OPS, reasons, selected_backend
 
 
@@ -100,7 +101,7 @@ def main(argv=None, require: Optional[str] = None) -> None:
     """``require``: the DSRB_REQUIRE_EXT value to check after the report. Exit status 1, after the report, where it
     fails or DSRB_BACKEND is not a backend's name."""
     ArgumentParser(prog="python -m dsrb.info", description=__doc__.split(":", 1)[1].strip()).parse_args(argv)
-    print(report(), flush=True)  # a closed pipe raises here, for quiet_interrupt's hook, not in the flush at exit
+    print_out(report() + "\n")  # a failed write (a full disk) is one error line, a closed pipe a quiet exit (run_main)
     errors = []
     forced = os.environ.get("DSRB_BACKEND") or "auto"
     if forced not in BACKEND_CHOICES:  # every tool refuses it; the report shows it serving nothing
@@ -117,5 +118,5 @@ def main(argv=None, require: Optional[str] = None) -> None:
         raise SystemExit(1)
 
 
-if __name__ == "__main__":
-    main(require=_REQUIRED)
+if __name__ == "__main__":  # a closed stdout, or one that cannot be written, is one error line, as in the other tools
+    run_main("python -m dsrb.info", lambda: main(require=_REQUIRED))

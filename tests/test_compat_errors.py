@@ -73,3 +73,47 @@ def test_non_finite_weights_are_refused_as_load_model_refuses_them(official, key
                       "GraphNeuralNetwork.outMatrix": value.T.contiguous()})
     with pytest.raises(ValueError, match=f"cannot load checkpoint: NaN or inf values in {key}"):
         load_official_checkpoint(state)
+
+
+@pytest.mark.parametrize("key", ["changeChannel.1.running_var", "backbone.layer4.1.bn2.running_var"])
+def test_a_negative_batchnorm_variance_is_refused_naming_the_key(official, key):
+    """BatchNorm takes sqrt(running_var + eps): a negative variance loaded silently and made every logit NaN."""
+    value = official[key].clone()
+    value[1] = -0.5
+    with pytest.raises(ValueError, match=rf"cannot load checkpoint: negative BatchNorm running variances in "
+                                         rf"{key.replace('.', '[.]')} \(min -0\.5\); expected values >= 0"):
+        load_official_checkpoint(dict(official, **{key: value}))
+    value[1] = 0.0  # a zero variance is a valid statistic (a constant channel)
+    load_official_checkpoint(dict(official, **{key: value}))
+
+
+def test_a_nan_that_is_not_a_whole_graph_row_is_refused(official):
+    """Only a class without a known positive gives NaN (its whole row of A, 0/0): it is replaced with a warning. A
+    lone NaN was replaced too, with a warning blaming a class that has known positives."""
+    A = official["inMatrix"].clone()
+    A[0, 2] = float("nan")
+    state = dict(official, **{"inMatrix": A, "GraphNeuralNetwork.inMatrix": A})
+    with pytest.raises(ValueError, match="cannot load checkpoint: NaN or inf values in inMatrix"):
+        load_official_checkpoint(state)
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("classifiers.bias", torch.ones(C, dtype=torch.complex64), "a floating-point tensor, found torch.complex64"),
+    ("classifiers.bias", torch.ones(C, dtype=torch.bool), "a floating-point tensor, found torch.bool"),
+    ("fc.bias", torch.ones(16, dtype=torch.int64), "a floating-point tensor, found torch.int64"),
+    ("changeChannel.1.num_batches_tracked", torch.tensor(2.5), "an integer tensor, found torch.float32"),
+])
+def test_a_tensor_of_the_wrong_kind_of_dtype_is_refused(official, key, value, expected):
+    """load_state_dict cast them silently: a complex weight lost its imaginary part, a bool one became 0/1."""
+    escaped = key.replace(".", "[.]")
+    with pytest.raises(ValueError, match=rf"into DSRB: dtype conflicts: {escaped} \(expected {expected}\)"):
+        load_official_checkpoint(dict(official, **{key: value}))
+    if official[key].is_floating_point():  # another floating-point dtype is no conflict
+        load_official_checkpoint(dict(official, **{key: official[key].double()}))
+
+
+def test_an_empty_file_says_so(tmp_path):
+    """torch.load's EOFError has no message: the error read "could not be read (EOFError: )"."""
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.pth could not be read \(EOFError: the file is empty\)"):
+        load_official_checkpoint(tmp_path / "empty.pth")

@@ -155,3 +155,18 @@ def test_info_reports_a_truncated_cached_library_instead_of_crashing(tmp_path):
     assert res.returncode == 0, (res.returncode, res.stderr)
     assert (f"C++/CUDA extension: not available: the cached build {library} is damaged (the library does not match "
             "its build record: truncated or changed since it was built)") in res.stdout, res.stdout
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_standard_output_that_cannot_be_written_is_one_error_line():
+    """Output to a full disk ended in an OSError traceback; started with stdout closed (>&-), info printed nothing
+    and exited 0, as if the report had been written. Now one error line each, exit status 1, as the other tools."""
+    with open("/dev/full", "w") as full:
+        res = subprocess.run([sys.executable, "-m", "dsrb.info"], stdout=full, stderr=subprocess.PIPE, text=True,
+                             timeout=900)
+    assert res.returncode == 1 and res.stderr == ("python -m dsrb.info: error: could not write to standard output "
+                                                  "(OSError: [Errno 28] No space left on device)\n"), res.stderr
+    res = subprocess.run([sys.executable, "-m", "dsrb.info"], stderr=subprocess.PIPE, text=True, timeout=900,
+                         preexec_fn=lambda: os.close(1))
+    assert res.returncode == 1 and res.stderr.startswith("python -m dsrb.info: error: standard output is closed"), \
+        res.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import warnings
 
 import numpy as np
 import pytest
@@ -197,3 +198,76 @@ def test_values_beyond_float32_name_the_file(tmp_path):
 def test_directory_is_not_called_missing(tmp_path):
     with pytest.raises(IsADirectoryError, match=r"'.*' is a directory \(argument 'path'\): expected an \.npy file"):
         load_word_vectors(tmp_path, ["a"])
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_word(tmp_path):
+    """Editors (Notepad) write a UTF-8 BOM first: it became part of the first word, reported missing, and with a
+    word2vec header made the header a one-value vector (every line then a width mismatch)."""
+    for text in ("cat 1 2\ndog 3 4\n", "2 2\ncat 1 2\ndog 3 4\n"):
+        path = tmp_path / "bom.txt"
+        path.write_text(text, encoding="utf-8-sig")
+        assert load_word_vectors(path, ["cat", "dog"]).tolist() == [[1.0, 2.0], [3.0, 4.0]]
+    gz = tmp_path / "bom.txt.gz"
+    gz.write_bytes(gzip.compress("cat 1 2\n".encode("utf-8-sig")))
+    assert load_word_vectors(gz, ["cat"]).tolist() == [[1.0, 2.0]]
+
+
+def test_gzip_data_is_read_whatever_its_name(tmp_path):
+    """Recognised by its magic bytes, as an .npy is: a gzipped file named otherwise was parsed as text ("line 1:
+    expected 'word v1 ... vE'")."""
+    path = tmp_path / "glove.6B.50d"
+    path.write_bytes(gzip.compress(GLOVE.encode()))
+    assert load_word_vectors(path, ["light"]).tolist() == [[3.0, 4.0, 5.0]]
+
+
+def test_binary_files_are_named_as_such(tmp_path):
+    """An .npz archive, word2vec's binary format or UTF-16 text were parsed as text: a width mismatch on some line."""
+    npz = tmp_path / "vectors.npz"
+    np.savez(npz, vectors=np.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"vectors\.npz': a zip archive \(an \.npz file"):
+        load_word_vectors(npz, ["cat", "dog"])
+    w2v = tmp_path / "vectors.bin"
+    w2v.write_bytes(b"2 3\ncat " + np.ones(3, np.float32).tobytes() + b"\ndog " + np.ones(3, np.float32).tobytes())
+    with pytest.raises(ValueError, match=r"vectors\.bin': binary data \(a NUL byte at offset 8\), not text.*word2vec"):
+        load_word_vectors(w2v, ["cat", "dog"])
+    utf16 = tmp_path / "glove16.txt"
+    utf16.write_text("cat 1 2\ndog 3 4\n", encoding="utf-16")
+    with pytest.raises(ValueError, match=r"glove16\.txt': binary data .*UTF-16 text are not read"):
+        load_word_vectors(utf16, ["cat", "dog"])
+
+
+def test_an_npy_array_without_columns_names_the_file(tmp_path):
+    """A (C, 0) array was returned, and the model refused it later as its argument 'word_dim'."""
+    path = tmp_path / "vectors.npy"
+    np.save(path, np.zeros((2, 0)))
+    with pytest.raises(ValueError, match=r"vectors\.npy': expected at least one column \(E >= 1\), got shape \(2, 0\)"):
+        load_word_vectors(path, ["a", "b"])
+
+
+def test_an_npy_array_of_the_wrong_size_is_not_read_whole(tmp_path):
+    """A vocabulary-sized array (millions of rows) was read into memory whole before its row count was checked."""
+    import tracemalloc
+
+    path = tmp_path / "vocabulary.npy"
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(200_000, 64)).flush()  # 51 MB, sparse
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"expected 3 rows \(one per class name\), got shape \(200000, 64\)"):
+            load_word_vectors(path, ["a", "b", "c"])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak
+    small = tmp_path / "vectors.npy"
+    np.save(small, np.ones((3, 2), np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a tensor on the read-only mapped file would warn that it is not writable
+        vectors = load_word_vectors(small, ["a", "b", "c"])
+    vectors.add_(1)  # its own memory, not the file's
+    assert np.load(small).tolist() == [[1.0, 1.0]] * 3
+
+
+def test_duplicate_class_names_are_refused(tmp_path):
+    """Two classes got the same vector, the same attention query, without a word."""
+    with pytest.raises(ValueError, match=r"'class_names': expected unique names, 'cat' is entry 0 and entry 2"):
+        load_word_vectors(_write_glove(tmp_path, text="cat 1 2\ndog 3 4\n"), ["cat", "dog", "cat"])

@@ -3,9 +3,12 @@
 Three sources, chosen by ``path``:
 
 * an ``.npy`` file holding a (C, E) array, e.g. the official ``vectors.npy`` (80 x 300), ``voc07_vector.npy``
-  (20 x 300) or ``vg_200_vector.npy`` (200 x 300). Recognised by the ``.npy`` extension or NumPy's magic bytes.
-* a GloVe text file (``word v1 v2 ... vE`` per line, any E; optionally gzip-compressed as ``.gz``; a word2vec
-  ``"<count> <dim>"`` header line gives the width). Each class name is lower-cased and split into words on whitespace,
+  (20 x 300) or ``vg_200_vector.npy`` (200 x 300). Recognised by the ``.npy`` extension or NumPy's magic bytes. Its
+  shape is checked before its data is read.
+* a GloVe text file (``word v1 v2 ... vE`` per line, any E; UTF-8, a byte-order mark ignored; optionally
+  gzip-compressed, recognised by the ``.gz`` extension or gzip's magic bytes; a word2vec ``"<count> <dim>"`` header
+  line gives the width). Binary data (a NUL byte in the first 64 KiB: word2vec's binary format, UTF-16 text) and zip
+  archives (``.npz``) are refused. Each class name is lower-cased and split into words on whitespace,
   underscores and hyphens (``"Traffic light"`` -> ``traffic``, ``light``; ``"hair_drier"`` -> ``hair``,
   ``drier``; ``"t-shirt"`` -> ``t``, ``shirt``; VOC's ``"tvmonitor"`` -> ``tv``, ``monitor``, and likewise
   ``diningtable`` and ``pottedplant``), and the class vector is the mean of its words' vectors, the lineage (SSGRL)
@@ -31,12 +34,16 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .dataset import find_duplicate
 from .vg import VG_NAME_FILES, VG_PLACEHOLDER_NAMES
 from .voc import VOC_CLASS_PHRASES
 
 __all__ = ["load_word_vectors", "class_name_words", "MissingWordsError"]
 
 _NPY_MAGIC = b"\x93NUMPY"
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZIP_MAGIC = b"PK\x03\x04"  # an .npz archive, or a zipped GloVe download not yet unpacked
+_SNIFF = 1 << 16  # bytes read to tell text from binary data
 _SPLIT = re.compile(r"[\s_\-]+")
 _FIELDS = re.compile(r"[ \t]+")
 
@@ -74,22 +81,25 @@ def _check_class_names(class_names) -> List[str]:
     for i, n in enumerate(names):
         if not isinstance(n, str):
             raise TypeError(f"argument 'class_names': expected str entries, entry {i} is {type(n).__name__}")
+    dup = find_duplicate(names)
+    if dup is not None:  # two classes would get the same vector (the same attention query), silently
+        raise ValueError(f"argument 'class_names': expected unique names, {names[dup[1]]!r} is entry {dup[0]} and "
+                         f"entry {dup[1]}")
     return names
 
 
-def _is_npy(path: str) -> bool:
-    if path.lower().endswith(".npy"):
-        return True
+def _head(path: str) -> bytes:
     with open(path, "rb") as f:
-        return f.read(len(_NPY_MAGIC)) == _NPY_MAGIC
+        return f.read(len(_NPY_MAGIC))
 
 
 def _load_npy(path: str, num_classes: int) -> torch.Tensor:
-    try:
-        arr = np.load(path, allow_pickle=False)
+    try:  # mapped, not read: the shape is checked before the data is (a vocabulary-sized array would be GBs)
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, EOFError) as e:  # EOFError: an empty or cut file
         raise ValueError(f"word-vector file '{path}': cannot read it as a .npy array ({e})") from e
     if not isinstance(arr, np.ndarray):
+        arr.close()
         raise ValueError(f"word-vector file '{path}': expected a .npy array, got an .npz archive")
     if arr.ndim != 2:
         raise ValueError(
@@ -99,10 +109,12 @@ def _load_npy(path: str, num_classes: int) -> torch.Tensor:
         raise ValueError(
             f"word-vector file '{path}': expected {num_classes} rows (one per class name), got shape {arr.shape}"
         )
+    if arr.shape[1] == 0:  # the model refused E = 0 later, as its argument 'word_dim', not naming the file
+        raise ValueError(f"word-vector file '{path}': expected at least one column (E >= 1), got shape {arr.shape}")
     if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
         raise ValueError(f"word-vector file '{path}': expected a numeric array, got dtype {arr.dtype}")
     with np.errstate(over="ignore"):  # checked after the cast: a float64 beyond float32's range becomes inf
-        out = np.ascontiguousarray(arr, dtype=np.float32)
+        out = np.array(arr, dtype=np.float32, order="C")  # a copy: arr is the read-only mapped file
     bad = np.argwhere(~np.isfinite(out))
     if len(bad):
         value = arr[tuple(bad[0])]
@@ -112,9 +124,23 @@ def _load_npy(path: str, num_classes: int) -> torch.Tensor:
 
 
 def _open_text(path: str):
-    if path.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, "r", encoding="utf-8", errors="replace")
+    """The text stream of a GloVe file: gunzipped when named .gz or when it is gzip data; UTF-8 without the byte-order
+    mark some editors write first (it became part of the first word). Binary data is a ValueError: parsed as text, it
+    was a width mismatch on some line or every word missing."""
+    zipped = path.lower().endswith(".gz") or _head(path).startswith(_GZIP_MAGIC)
+    with (gzip.open(path, "rb") if zipped else open(path, "rb")) as f:
+        head = f.read(_SNIFF)
+    if head.startswith(_ZIP_MAGIC):
+        raise ValueError(f"word-vector file '{path}': a zip archive (an .npz file, or a download still to unzip); "
+                         "expected an .npy (C, E) array (numpy.save) or a GloVe text file")
+    nul = head.find(b"\0")
+    if nul >= 0:
+        raise ValueError(f"word-vector file '{path}': binary data (a NUL byte at offset {nul}), not text; expected "
+                         "an .npy (C, E) array or a GloVe text file in UTF-8 (word2vec's binary format and UTF-16 "
+                         "text are not read)")
+    if zipped:
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")
+    return open(path, "r", encoding="utf-8-sig", errors="replace")
 
 
 def _fields(line: str) -> List[str]:
@@ -218,6 +244,7 @@ def load_word_vectors(
 
     ``path``: an .npy (C, E) array, a GloVe text file (any E), or None for seeded random vectors of width ``dim``
     (see the module docstring: they carry no semantics). ``dim`` and ``seed`` are used only when ``path`` is None.
+    ``class_names`` must be unique (two classes would get the same vector).
     """
     names = _check_class_names(class_names)
     if path is None:
@@ -233,6 +260,6 @@ def load_word_vectors(
                                 "or a GloVe text file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"word-vector file '{path}' does not exist (argument 'path')")
-    if _is_npy(path):
+    if path.lower().endswith(".npy") or _head(path) == _NPY_MAGIC:
         return _load_npy(path, len(names))
     return _load_glove(path, names)
