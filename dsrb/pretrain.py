@@ -185,7 +185,8 @@ def main(argv=None) -> None:
     p.add_argument("--backbone", default="resnet18", choices=tuple(BACKBONES))
     p.add_argument("--backbone-width", type=positive_int, default=16, help="ResNet base width (64 = standard)")
     p.add_argument("--image-size", type=positive_int, default=96, help="the training image size the weights are for")
-    p.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available, as dsrb.train) | cpu | cuda | cuda:N | "
+                   "mps")
     p.add_argument("--out", default=None, help="weights file (default: the cache file that --pretrained builtin uses)")
     args = p.parse_args(argv)
     # Checked before pre-training, which takes minutes: its result must not be lost to a bad setting.

@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -165,6 +166,21 @@ def test_empty_out_is_refused(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match="^argument --out: expected the sweep folder, got an empty string$"):
             proportions.main(["--out", "", "--no-plot", *extra])
     assert os.listdir(tmp_path) == []
+
+
+def test_a_damaged_sweep_file_is_named(tmp_path):
+    """sweep.json edited by hand into invalid JSON: a bare "Expecting value: line 1 column 1", no file named."""
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "sweep.json").write_text("{not json")
+    with pytest.raises(ValueError, match=f"^argument --out: {re.escape(str(out / 'sweep.json'))} cannot be read "):
+        proportions._claim_folder(str(out), {"preset": "demo"})
+
+
+def test_one_proportion_is_one_proportion(tmp_path):
+    sweep = Sweep([_result("dsrb", 0.5, 0, 50.0)], ["dsrb"], [0.5], [0])
+    text = open(write_reports(str(tmp_path), sweep, "final", make_plot=False)["table.md"]).read()
+    assert "this grid's 1 proportion (" in text, text
 
 
 def test_report_only_needs_no_device(tmp_path, monkeypatch):

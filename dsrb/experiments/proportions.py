@@ -231,8 +231,12 @@ def _shared_settings(preset: str, train_flags: Sequence[str], probe: GridRun) ->
 def _claim_folder(out: str, shared: Dict[str, object]) -> None:
     path = os.path.join(out, "sweep.json")
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+        except ValueError as err:  # written atomically, so damaged by hand: a bare JSON error named no file
+            raise ValueError(f"argument --out: {path} cannot be read ({err}); restore it, or use another --out") \
+                from None
         if saved != json.loads(json.dumps(shared)):
             diff = sorted(k for k in set(saved) | set(shared) if saved.get(k) != shared.get(k))
             raise ValueError(f"argument --out: {out} holds a sweep with other shared settings (differing: {diff}); "

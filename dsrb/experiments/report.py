@@ -144,9 +144,9 @@ def markdown(sweep: Sweep, selection: str = "best", title: str = "mAP (%) by kno
     out = [f"# {title}", ""]
     out += [f"- {n}" for n in notes]
     paper = [round(k / 10, 1) for k in range(1, 10)]
+    count = f"{len(sweep.proportions)} proportion{'' if len(sweep.proportions) == 1 else 's'}"
     grid = ("the paper's 9 proportions (10 %, 20 %, ..., 90 %)" if list(sweep.proportions) == paper else
-            f"this grid's {len(sweep.proportions)} proportions (the paper averages 9, 10 % to 90 %, so this avg is "
-            "not comparable with the paper's)")
+            f"this grid's {count} (the paper averages 9, 10 % to 90 %, so this avg is not comparable with the paper's)")
     out += [f"- cells: mean ± sample standard deviation over {n_seeds} seed(s) {sweep.seeds}; avg: the mean over "
             f"{grid} per seed, then mean ± std over seeds",
             "- differences are paired by seed: the same seed gives both methods the same initial weights, data "
