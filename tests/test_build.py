@@ -21,6 +21,16 @@ from dsrb import _build
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout these tests are in
 
 
+def _copy_for_setup(src, folders=("dsrb", "kernels", "csrc")):
+    """What setup.py needs of the checkout, copied to ``src`` (no built library): a build there leaves ROOT alone."""
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
+        shutil.copy2(os.path.join(ROOT, name), src / name)
+    for name in folders:
+        shutil.copytree(os.path.join(ROOT, name), src / name, ignore=shutil.ignore_patterns("__pycache__", "*.so*"))
+    return src
+
+
 def _fake_nvcc(folder) -> str:
     path = os.path.join(folder, "bin", "nvcc")
     os.makedirs(os.path.dirname(path))
@@ -119,12 +129,7 @@ def test_package_metadata_builds_without_deprecated_license_forms(tmp_path):
 def _build_without_torch(kind: str, tmp_path) -> str:
     """Builds a wheel or sdist of a copy of the checkout the way pip's isolated build does, without torch (so without
     the compiled extension: seconds); returns its path."""
-    src, out = tmp_path / "src", tmp_path / "out"
-    src.mkdir()
-    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
-        shutil.copy2(os.path.join(ROOT, name), src / name)
-    for name in ("dsrb", "kernels", "csrc", "tests", "benchmarks"):
-        shutil.copytree(os.path.join(ROOT, name), src / name, ignore=shutil.ignore_patterns("__pycache__", "*.so*"))
+    src, out = _copy_for_setup(tmp_path / "src", ("dsrb", "kernels", "csrc", "tests", "benchmarks")), tmp_path / "out"
     code = ("import sys; sys.modules['torch'] = None; from setuptools import build_meta; "
             "print(getattr(build_meta, sys.argv[1])(sys.argv[2]))")
     res = subprocess.run([sys.executable, "-c", code, f"build_{kind}", str(out)], cwd=src, capture_output=True,
@@ -234,12 +239,7 @@ def test_setup_refuses_a_bad_setting_before_building(tmp_path, var, value, messa
     CUDA kernels that failed to build; and a bad setting (or DSRB_BUILD_CUDA=1 without nvcc) was a warning pip
     shows only under -v, the install "succeeding" without the extension. Now each is an error naming the variable,
     before any compile, with or without DSRB_REQUIRE_EXT."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
-        shutil.copy2(os.path.join(ROOT, name), src / name)
-    for name in ("dsrb", "kernels", "csrc"):
-        shutil.copytree(os.path.join(ROOT, name), src / name, ignore=shutil.ignore_patterns("__pycache__", "*.so*"))
+    src = _copy_for_setup(tmp_path / "src")
     _fake_nvcc(tmp_path / "cuda")
     env = {k: v for k, v in os.environ.items() if k not in ("DSRB_BUILD_CUDA", "CUDA_PATH", "DSRB_REQUIRE_EXT")}
     env.update(CUDA_HOME=str(tmp_path / "cuda"), **{var: value})
@@ -253,12 +253,7 @@ def test_setup_refuses_a_bad_setting_before_building(tmp_path, var, value, messa
 def test_the_install_time_build_leaves_out_debug_information(tmp_path):
     """setuptools compiles with Python's own CFLAGS first, which carry -g: the CPU kernels an install built were
     18 MB, nearly all debug sections, against 1 MB. A compiler that records its arguments shows -g0 after every -g."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in ("setup.py", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"):
-        shutil.copy2(os.path.join(ROOT, name), src / name)
-    for name in ("dsrb", "kernels", "csrc"):
-        shutil.copytree(os.path.join(ROOT, name), src / name, ignore=shutil.ignore_patterns("__pycache__", "*.so*"))
+    src = _copy_for_setup(tmp_path / "src")
     record = tmp_path / "args.txt"
     compiler = tmp_path / "cc"  # answers the version checks with the real compiler, records and fails the rest
     compiler.write_text(f'#!/bin/sh\ncase "$1" in -v|--version|-dumpversion|-dumpfullversion) exec c++ "$@";; esac\n'
