@@ -205,7 +205,8 @@ def load_official_checkpoint(
         path_or_state_dict: a file path (loaded with ``torch.load(weights_only=True)`` on ``map_location``), a state
             dict, or a dict holding it under ``"state_dict"`` or ``"model"``. A ``module.`` prefix (DataParallel) on
             every key is stripped.
-        map_location: passed to ``torch.load`` for a path.
+        map_location: passed to ``torch.load`` for a path (a device this machine has, or what torch.load takes);
+            the model is built on the CPU whatever it is (``.to(device)`` moves it).
         **model_kwargs: further ``DSRB`` arguments (``gnn_steps``, ``avgpool``, ``top_k``, ``compat``, ...). Sizes
             inferred from the tensors (``num_classes``, ``feature_dim``, ``word_dim``, ``inter_dim``, ``backbone``,
             ``backbone_width``) may be given only with the inferred value (``backbone`` may also be a module).
@@ -223,6 +224,10 @@ def load_official_checkpoint(
 
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         where = f"checkpoint {os.fspath(path_or_state_dict)}"
+        if isinstance(map_location, (str, torch.device)):  # a device this machine lacks read as a damaged file
+            from .config import check_device
+
+            check_device(map_location, name="argument 'map_location'")
         raw = _extract(_load_file(path_or_state_dict, map_location, where), where)
     else:
         where = "checkpoint"

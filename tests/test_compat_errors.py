@@ -117,3 +117,16 @@ def test_an_empty_file_says_so(tmp_path):
     (tmp_path / "empty.pth").write_bytes(b"")
     with pytest.raises(ValueError, match=r"empty\.pth could not be read \(EOFError: the file is empty\)"):
         load_official_checkpoint(tmp_path / "empty.pth")
+
+
+def test_a_map_location_this_machine_lacks_is_named(official, tmp_path, monkeypatch):
+    """map_location="cuda" on a machine without CUDA was "could not be read ... expected a file saved by the official
+    code", sending the user to check a file that is fine."""
+    path = tmp_path / "official.pth"
+    torch.save(official, path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for bad in ("cuda", torch.device("cuda:0"), "meta"):
+        with pytest.raises(ValueError, match="^argument 'map_location': "):
+            load_official_checkpoint(str(path), map_location=bad)
+    assert load_official_checkpoint(str(path), map_location=torch.device("cpu")).classifier.weight.shape == (C, 16)
+
