@@ -200,6 +200,16 @@ def exit_on_error(prog: str, err: BaseException) -> NoReturn:
     sys.exit(error_line(prog, err))  # one process: nothing else writes to stderr at the same moment
 
 
+def out_of_memory_line(prog: str, err: BaseException, reduce: str) -> str:
+    """One error line for running out of memory: what to reduce, and the first line of the error (the original one,
+    for an error raised in a DataLoader worker, which torch wraps in "Caught ... in DataLoader worker process")."""
+    text = str(err).strip()
+    if "\nOriginal Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    detail = text.splitlines()[0] if text else type(err).__name__
+    return f"{prog}: error: out of memory ({detail}); reduce {reduce}"
+
+
 def check_output_file(path: str, *, name: str = "argument --out", what: str = "the file to write",
                       inputs: Iterable[Tuple[str, str]] = ()) -> None:
     """Raise a ValueError starting with ``name`` unless a file can be written at ``path``: it is not a directory, nor

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ._checks import brief
-from ._cli import discard, exit_on_error, fail
+from ._cli import discard, exit_on_error, fail, out_of_memory_line
 from ._loader import batches, end_quietly_on_sigterm, worker_stopped_with_us
 from .checkpoint import load_checkpoint
 from .config import check_device
@@ -406,16 +406,6 @@ def print_out(text: str) -> None:
         raise OSError(f"could not write to standard output ({type(err).__name__}: {err})") from err
 
 
-def _out_of_memory(prog: str, err: BaseException, reduce: str) -> str:
-    """One error line for running out of memory, as ``python -m dsrb.train`` words it: what to reduce, and the first
-    line of the error (the original one, for an error raised in a DataLoader worker)."""
-    text = str(err).strip()
-    if "\nOriginal Traceback" in text:
-        text = text.splitlines()[-1].split(": ", 1)[-1]
-    detail = text.splitlines()[0] if text else type(err).__name__
-    return f"{prog}: error: out of memory ({detail}); reduce {reduce}"
-
-
 def run_main(prog: str, main, *, reduce: str = "--batch-size or --image-size") -> None:
     """Run a command-line ``main()``; a user error (a bad setting, a missing or unreadable file) is printed as
     "<prog>: error: ..." without a traceback, exit status 1 (as ``python -m dsrb.train``); output piped to a reader
@@ -438,12 +428,12 @@ def run_main(prog: str, main, *, reduce: str = "--batch-size or --image-size") -
         main()
         print_out("")  # the flush, here, where a closed pipe is caught, not at exit ("Exception ignored ...", 120)
     except (MemoryError, torch.OutOfMemoryError) as err:
-        fail(_out_of_memory(prog, err, reduce))
+        fail(out_of_memory_line(prog, err, reduce))
     except (ValueError, OSError) as err:  # CheckpointError is a ValueError; OSError: FileNotFoundError, ...
         exit_on_error(prog, err)
     except RuntimeError as err:
         if "can't allocate memory" in str(err):  # the CPU allocator's out-of-memory error
-            fail(_out_of_memory(prog, err, reduce))
+            fail(out_of_memory_line(prog, err, reduce))
         if not worker_stopped_with_us(err):
             raise
         raise KeyboardInterrupt from None  # the interrupt it was raised over: one "interrupted" line (quiet_interrupt)

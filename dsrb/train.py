@@ -52,7 +52,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
 from . import __version__
-from ._cli import check_output_dir, discard, error_line, fail, stop_on_termination
+from ._cli import check_output_dir, discard, error_line, fail, out_of_memory_line, stop_on_termination
 from ._loader import batches, end_quietly_on_sigterm, worker_stopped_with_us
 from .checkpoint import (append_line, atomic_write, load_checkpoint, remove_stale_temporaries, rng_state,
                          save_checkpoint, save_json, set_rng_state)
@@ -1081,6 +1081,9 @@ def main(argv=None) -> None:
     run(cfg, explicit)
 
 
+_REDUCE = "--batch-size, --image-size or the model's sizes"  # what an out-of-memory error says to reduce
+
+
 def cli(argv=None) -> None:
     """``main`` for the command line: a setting or a file to fix is one "error:" line (exit status 1), Ctrl-C (or
     SIGTERM, SIGHUP) one "interrupted" line saying how to resume (exit status 130), running out of memory one
@@ -1097,17 +1100,11 @@ def cli(argv=None) -> None:
     except (ValueError, OSError, ImportError, FloatingPointError) as err:  # OSError: FileNotFoundError, ...
         fail(error_line(prog, err))  # FloatingPointError: a diverging loss, with what to change
     except (MemoryError, torch.OutOfMemoryError) as err:
-        fail(_out_of_memory(prog, err))
+        fail(out_of_memory_line(prog, err, _REDUCE))
     except RuntimeError as err:
         if "can't allocate memory" not in str(err):  # the CPU allocator's out-of-memory error
             raise
-        fail(_out_of_memory(prog, err))
-
-
-def _out_of_memory(prog: str, err: BaseException) -> str:
-    """One error line for a run that ran out of memory: what to change, and torch's own message (its first line)."""
-    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return f"{prog}: error: out of memory ({detail}); reduce --batch-size, --image-size or the model's sizes"
+        fail(out_of_memory_line(prog, err, _REDUCE))
 
 
 if __name__ == "__main__":

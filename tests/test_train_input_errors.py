@@ -873,9 +873,13 @@ def test_pretrain_checks_device_and_out_before_training(tmp_path, monkeypatch, c
                   "to allocate 8000000000 bytes."), "[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: "
                                                     "can't allocate memory: you tried to allocate 8000000000 bytes."),
     (MemoryError(), "MemoryError"),
+    (RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                  "  File ...\nRuntimeError: DefaultCPUAllocator: can't allocate memory: you tried to allocate 7 "
+                  "bytes"), "DefaultCPUAllocator: can't allocate memory: you tried to allocate 7 bytes"),
 ])
 def test_out_of_memory_is_one_error_line(monkeypatch, capsys, error, detail):
-    """A model or batch too large for the machine: one line saying what to reduce, with torch's first line."""
+    """A model or batch too large for the machine: one line saying what to reduce, with torch's first line (the
+    original error's for one raised in a DataLoader worker, not torch's "Caught ... in DataLoader worker")."""
     def main(argv):
         raise error
 
