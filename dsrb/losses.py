@@ -251,6 +251,10 @@ def dsrb_loss(
     if epoch == 0:
         w_con = w_con * float(progress)  # official warm-up ramp over the first epoch
 
+    if isinstance(output, torch.Tensor):  # what the model returns in eval mode
+        raise TypeError("argument 'output': expected the model's training output (a DSRBOutput), got a Tensor: in "
+                        "eval mode the model returns the logits only; call model.train() before the training "
+                        "forward, or score eval logits with partial_bce(logits, targets)")
     for attr in ("logits", "features", "instance_logits", "instance_targets", "prototype_logits",
                  "prototype_targets"):
         if not hasattr(output, attr):

@@ -527,6 +527,7 @@ def test_dsrb_empty_batch():
     assert out.logits.shape == (0, C) and out.features.shape == (0, C, 16) and out.attention.shape == (0, C, 2)
     assert out.instance_logits.shape == (0, C) and out.prototype_targets.shape == (0, C)
     model.eval()
+    model.reset_prototypes()  # a finalized bank takes no samples
     model.update_prototypes(x0, TARGETS[:0])
 
 

@@ -370,22 +370,27 @@ class DSRB(nn.Module):
 
     def _check_images(self, images) -> None:
         check_tensor("images", images, kind="float", shape=(None, 3, None, None))
-        if images.device != self.word_features.device:
+        self._check_device_and_dtype("images", images)
+
+    def _check_device_and_dtype(self, name: str, t: torch.Tensor) -> None:
+        """``t`` (images, or S for :meth:`classify`) on the model's device, in its parameters' dtype or one that
+        autocast turns into it."""
+        if t.device != self.word_features.device:
             raise ValueError(
-                f"argument 'images': expected a tensor on the model's device {self.word_features.device}, "
-                f"got {images.device}"
+                f"argument '{name}': expected a tensor on the model's device {self.word_features.device}, "
+                f"got {t.device}"
             )
-        # A mismatch fails deep inside the first conv, or under autocast in a BatchNorm. Autocast casts the convs'
-        # half- or single-precision inputs to its dtype, and BatchNorm takes those with float32 or same-dtype
-        # parameters: other parameters (float64, fp16 under bf16 autocast) fail there too.
-        dtype, where = self.reduction[0].weight.dtype, images.device.type
-        if images.dtype != dtype and not (
-                torch.is_autocast_enabled(where) and images.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        # A mismatch fails deep inside the first conv (or linear), or under autocast in a BatchNorm. Autocast casts
+        # the convs' half- or single-precision inputs to its dtype, and BatchNorm takes those with float32 or
+        # same-dtype parameters: other parameters (float64, fp16 under bf16 autocast) fail there too.
+        dtype, where = self.reduction[0].weight.dtype, t.device.type
+        if t.dtype != dtype and not (
+                torch.is_autocast_enabled(where) and t.dtype in (torch.float16, torch.bfloat16, torch.float32)
                 and dtype in (torch.float32, torch.get_autocast_dtype(where))):
             autocast = f" under {torch.get_autocast_dtype(where)} autocast" if torch.is_autocast_enabled(where) else ""
             raise TypeError(
-                f"argument 'images': expected dtype {dtype} (the model's parameters), got {images.dtype}{autocast}; "
-                f"convert the images (images.to({dtype})) or the model (model.to({images.dtype}))"
+                f"argument '{name}': expected dtype {dtype} (the model's parameters), got {t.dtype}{autocast}; "
+                f"convert {name} ({name}.to({dtype})) or the model (model.to({t.dtype}))"
             )
 
     def _check_targets(self, targets, images, *ranges, validate: bool = True) -> None:
@@ -419,6 +424,7 @@ class DSRB(nn.Module):
     def classify(self, S: torch.Tensor) -> torch.Tensor:
         """S (B, C, D) -> logits (B, C): gated GNN, head on [h ; S], tanh, element-wise classifier."""
         check_tensor("S", S, kind="float", shape=(None, self.num_classes, self.feature_dim))
+        self._check_device_and_dtype("S", S)
         return self._classify(S)
 
     def _classify(self, S: torch.Tensor) -> torch.Tensor:
@@ -555,7 +561,7 @@ class DSRB(nn.Module):
     @torch.no_grad()
     def update_prototypes(self, images: torch.Tensor, targets: torch.Tensor, *, validate: bool = True,
                           distributed: bool = False) -> None:
-        """Add one batch to the prototype bank: extract S and the quadrants in the current mode, then update.
+        """Add one batch to the prototype bank: extract S and the quadrants in eval mode, then update.
 
         The trainer's prototype pass (before blending epochs; spec §5.1)::
 
@@ -566,6 +572,10 @@ class DSRB(nn.Module):
             model.finalize_prototypes()                  # the bank's finalize with the model's compat
             model.train()
 
+        A model in train mode is a RuntimeError (the official pass runs in eval mode; in train mode BatchNorm would
+        normalise with each batch's statistics and move its running statistics), as is a bank finalized since its
+        last reset (see :meth:`PrototypeBank.update`).
+
         Args:
             images: (B, 3, H0, W0) float images.  targets: (B, C) partial targets; only known positives are stored.
             validate: check the values of ``targets`` (see :meth:`forward`).
@@ -573,6 +583,11 @@ class DSRB(nn.Module):
         """
         self._check_images(images)
         self._check_targets(targets, images, validate=validate)
+        if self.training:
+            raise RuntimeError("update_prototypes: the model is in train mode; the prototype pass runs in eval mode "
+                               "(model.eval() first, model.train() after finalize_prototypes()), where BatchNorm "
+                               "uses and keeps its running statistics")
+        self.prototype_bank._check_open()  # before the backbone's work
         S, a, X = self._extract(images)
         self.prototype_bank.update(S, targets, self._quadrant(a, X), validate=False,  # targets checked above
                                    distributed=distributed)
