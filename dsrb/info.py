@@ -70,7 +70,7 @@ def report() -> str:
         *_extension_lines(),
         "",
     ]
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices = _devices()
     width = max(len(op) for op in OPS)
     forced = os.environ.get("DSRB_BACKEND")
     for device in devices:
@@ -90,6 +90,10 @@ def report() -> str:
     return "\n".join(lines)
 
 
+def _devices() -> list:
+    return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+
+
 def _serves(op: str, device: torch.device) -> str:
     try:
         return selected_backend(op, device, torch.float32)
@@ -99,13 +103,17 @@ def _serves(op: str, device: torch.device) -> str:
 
 def main(argv=None, require: Optional[str] = None) -> None:
     """``require``: the DSRB_REQUIRE_EXT value to check after the report. Exit status 1, after the report, where it
-    fails or DSRB_BACKEND is not a backend's name."""
+    fails or DSRB_BACKEND is not a backend's name or names one that serves no op here."""
     ArgumentParser(prog="python -m dsrb.info", description=__doc__.split(":", 1)[1].strip()).parse_args(argv)
     print_out(report() + "\n")  # a failed write (a full disk) is one error line, a closed pipe a quiet exit (run_main)
     errors = []
     forced = os.environ.get("DSRB_BACKEND") or "auto"
     if forced not in BACKEND_CHOICES:  # every tool refuses it; the report shows it serving nothing
         errors.append(f"environment variable DSRB_BACKEND: expected one of {BACKEND_CHOICES}, got {forced!r}")
+    elif all(_serves(op, device) == "none" for op in OPS for device in _devices()):  # every op would fail
+        device = _devices()[-1]
+        errors.append(f"environment variable DSRB_BACKEND={forced}: serves no op on this machine "
+                      f"({device.type}: {reasons(OPS[0], device, torch.float32)[forced]})")
     if require is not None:
         os.environ["DSRB_REQUIRE_EXT"] = require
         try:

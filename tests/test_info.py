@@ -64,6 +64,14 @@ def test_info_reports_then_refuses_a_dsrb_backend_that_is_no_backend():
     assert _info(DSRB_BACKEND="torch").returncode == 0
 
 
+def test_info_reports_then_refuses_a_dsrb_backend_that_serves_nothing_here():
+    """DSRB_BACKEND=cpu without the extension: every tool stops at its first op, while info exited 0."""
+    res = _info(DSRB_BACKEND="cpu", DSRB_DISABLE_EXT="1")
+    assert res.returncode == 1 and re.search(r"^  semantic_attention\s+none\s", res.stdout, re.M), res.stderr
+    assert res.stderr == ("error: environment variable DSRB_BACKEND=cpu: serves no op on this machine (cpu: the C++ "
+                          "extension is not available: disabled by DSRB_DISABLE_EXT=1)\n"), res.stderr
+
+
 @pytest.mark.parametrize("name", ["DSRB_REQUIRE_EXT", "DSRB_DISABLE_EXT", "DSRB_BUILD_CUDA", "DSRB_BUILD_ON_FIRST_USE"])
 def test_a_bad_on_off_value_is_one_error_line(name):
     """A bad DSRB_DISABLE_EXT or DSRB_BUILD_CUDA ended every tool in a traceback from its imports, and a bad
