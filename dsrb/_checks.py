@@ -196,6 +196,18 @@ def check_targets(name: str, t: torch.Tensor, *ranges) -> None:
     _report_ranges(ranges, values)
 
 
+def check_signed_targets(name: str, t: torch.Tensor) -> None:
+    """Targets given by a user (model, losses) must be able to say "known absent": a bool or unsigned tensor cannot
+    hold -1, so full labels passed as ``labels.bool()`` would train on their positives only, every False read as
+    unknown. Refused by dtype (the ops, fed by the model, still take {0, 1} in these dtypes)."""
+    if t.dtype == torch.bool or _unsigned(t.dtype):
+        raise TypeError(
+            f"argument '{name}': expected a signed integer or floating-point tensor holding -1 (known absent), "
+            f"0 (unknown) and +1 (known present), got {t.dtype}, which cannot hold -1; for full 0/1 labels pass "
+            f"{name}.float() * 2 - 1, for positives with everything else unknown {name}.to(torch.int8)"
+        )
+
+
 def _assert_targets_on_device(name: str, t: torch.Tensor, ranges) -> None:
     """:func:`check_targets` inside a graph torch.compile traces: no value is read back (that would break the
     graph), each check is an asynchronous assertion on the device (``torch._assert_async``), so a bad value still

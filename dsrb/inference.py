@@ -94,6 +94,10 @@ def _read_checkpoint(path: str) -> Dict[str, Any]:
                 f"checkpoint {path}: the saved weight '{key}' holds NaN or inf values (a diverged training run?); "
                 "its predictions would be meaningless"
             )
+        # BatchNorm divides by sqrt(running_var + eps): a negative variance (a hand-edited file) gives NaN scores.
+        if str(key).endswith(".running_var") and isinstance(value, torch.Tensor) and bool((value < 0).any()):
+            raise CheckpointError(f"checkpoint {path}: the saved BatchNorm running variance '{key}' holds negative "
+                                  f"values (min {value.min().item():g}); expected values >= 0")
     return state
 
 
@@ -156,7 +160,7 @@ def load_model(checkpoint_path: PathLike, *, device: Union[str, torch.device] = 
         ValueError: ``device`` is malformed or not on this machine, or ``backend`` is unknown or cannot serve
         ``device`` (both checked first, each message naming its argument).
         FileNotFoundError: no such file. CheckpointError (a ValueError): not a dsrb training checkpoint, its
-        weights hold NaN or inf, or they do not fit the model its model_kwargs describe. Every message names the
+        weights hold NaN or inf (or a negative BatchNorm variance), or they do not fit the model its model_kwargs describe. Every message names the
         path.
     """
     path = os.fspath(checkpoint_path)

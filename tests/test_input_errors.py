@@ -4,6 +4,7 @@ checkpoints, non-integer sizes, image dtype, and the command-line tools' exit wi
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -113,11 +114,18 @@ def test_flags_must_be_bools():
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
-def test_model_rejects_uint8_targets_of_255():
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8])
+def test_model_refuses_targets_that_cannot_say_absent(dtype):
+    """Full labels given as labels.bool() (or uint8 0/1) used to train on their positives only, False read as
+    unknown; now refused by dtype, in training and in the prototype pass."""
     model = _model().train()
-    T8 = torch.tensor([[1, 0, 255], [0, 1, 0]], dtype=torch.uint8)
-    with pytest.raises(ValueError, match="argument 'targets'.*found 255"):
-        model(torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE), T8, prototype_blend=False)
+    x, T = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE), torch.tensor([[1, 0, 1], [0, 1, 0]], dtype=dtype)
+    hint = r"argument 'targets': expected a signed integer or floating-point tensor .* got torch\.\w+, which cannot"
+    with pytest.raises(TypeError, match=hint):
+        model(x, T, prototype_blend=False)
+    with pytest.raises(TypeError, match=hint):
+        model.eval().update_prototypes(x, T)
+    model.train()(x, T.to(torch.int8) * 2 - 1, prototype_blend=False)  # what the message suggests works
 
 
 # ------------------------------------------------------------------------------------------------ 2. top_k
@@ -138,6 +146,18 @@ def test_predict_rejects_nan_checkpoint(files):
     with pytest.raises(CheckpointError, match=r"best\.pt.*non-finite.*b\.png"):
         logits = torch.tensor([[0.0, 1.0], [float("inf"), 0.0]])
         inference.check_finite_logits(logits, files["ckpt"], ["a.png", "b.png"])
+
+
+def test_load_model_rejects_a_negative_batchnorm_variance(files, tmp_path):
+    """Finite but impossible: sqrt(running_var + eps) of a negative variance gave NaN scores (refused only after the
+    forward pass, as non-finite scores); now named when the checkpoint is read, as dsrb.compat does."""
+    state = torch.load(files["ckpt"], weights_only=True)
+    key = next(k for k in state["model"] if k.endswith(".running_var"))
+    state["model"][key][1] = -2.5
+    torch.save(state, tmp_path / "negative.pt")
+    with pytest.raises(CheckpointError, match=rf"negative\.pt: .*'{re.escape(key)}' holds negative values "
+                                              r"\(min -2\.5\); expected values >= 0"):
+        inference.load_model(tmp_path / "negative.pt")
 
 
 # --------------------------------------------------------------------------------------- 4. integer arguments

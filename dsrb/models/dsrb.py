@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 import dsrb.ops as ops
-from dsrb._checks import check_bool, check_int, check_same_device, check_targets, check_tensor, random_kwargs
+from dsrb._checks import (check_bool, check_int, check_same_device, check_signed_targets, check_targets, check_tensor,
+                          random_kwargs)
 
 from .gnn import GatedGNN
 from .graph import label_graph
@@ -395,6 +396,7 @@ class DSRB(nn.Module):
 
     def _check_targets(self, targets, images, *ranges, validate: bool = True) -> None:
         check_tensor("targets", targets, kind="real", shape=(images.shape[0], self.num_classes))
+        check_signed_targets("targets", targets)
         check_same_device(images=images, targets=targets)
         if check_bool("validate", validate):
             check_targets("targets", targets, *ranges)
@@ -453,7 +455,8 @@ class DSRB(nn.Module):
 
         Args:
             images: (B, 3, H0, W0) float images on the model's device.
-            targets: (B, C) partial targets in {-1, 0, 1} (training only; enables blending).
+            targets: (B, C) partial targets in {-1, 0, 1}, of a signed integer or float dtype (training only;
+                enables blending).
             instance_blend: run IPRB (when targets are given).
             prototype_blend: run PPRB (when targets are given); needs a finalized prototype bank.
             partner: (B,) int64 IPRB partner of each image; None = the batch flip b -> B-1-b (official).
