@@ -11,13 +11,15 @@ value in (0, 1] at blended entries. Logits (B, C). Semantic features S (B, C, D)
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from dsrb._checks import check_bool, check_same_device, check_targets, check_tensor, random_kwargs
+from dsrb._checks import (check_bool, check_same_device, check_signed_targets, check_targets, check_tensor,
+                          random_kwargs)
 
 __all__ = ["partial_bce", "contrastive_loss", "dsrb_loss", "COSINE_EPS"]
 
@@ -29,20 +31,25 @@ COSINE_EPS = 1e-9  # the official eps of the cosine similarity
 def _check_bce(logits, targets, logits_name: str, targets_name: str) -> None:
     check_tensor(logits_name, logits, ndim=2, kind="float")
     check_tensor(targets_name, targets, shape=tuple(logits.shape), kind="real")
+    # By dtype, no value read: bool/unsigned targets cannot hold -1, so full 0/1 labels as labels.bool() trained on
+    # their positives only, every False read as unknown.
+    check_signed_targets(targets_name, targets)
     check_same_device(**{logits_name: logits, targets_name: targets})
 
 
 def _partial_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    total, count = _partial_bce_sum(logits, targets)
+    total, count, dtype = _partial_bce_sum(logits, targets)
     # Flat mean over known entries; clamping the count gives 0 with no known entry, without a host sync.
-    return total / count.clamp_min(1)
+    return (total / count.clamp_min(1)).to(dtype)
 
 
-def _partial_bce_sum(logits: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(sum of the known entries' losses, number of known entries)."""
+def _partial_bce_sum(logits: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """(sum of the known entries' losses in float32 at least, number of known entries, the losses' own dtype)."""
     targets = targets.to(logits.dtype)
     neg = targets < 0
-    known = neg | (targets > 0)
+    # A NaN target is neither a label nor "unknown" (0): it counts as known, so the loss is NaN rather than the
+    # entry silently dropped (a NaN blending coefficient gives NaN soft targets).
+    known = neg | (targets > 0) | torch.isnan(targets)
     # A negative's loss is BCE(-x, 1), exactly as officially; a positive's is BCE(x, t). One elementwise call for
     # both; the constant 1 at negatives also keeps the target gradient there at zero, as officially. Unknown
     # entries' logits are replaced by 0 first: BCE's backward at a NaN logit is NaN even for a zero incoming gradient.
@@ -50,8 +57,11 @@ def _partial_bce_sum(logits: torch.Tensor, targets: torch.Tensor) -> Tuple[torch
     per_entry = F.binary_cross_entropy_with_logits(
         torch.where(neg, -logits, logits), torch.where(neg, torch.ones_like(targets), targets), reduction="none"
     )
-    # where, not a multiply: unknown entries must not leak inf/NaN into the sum or the gradient.
-    return torch.where(known, per_entry, torch.zeros_like(per_entry)).sum(), known.sum()
+    # where, not a multiply: unknown entries must not leak inf/NaN into the sum or the gradient. Summed in float32
+    # at least: a float16 sum overflows to inf from about 10^5 known entries (a batch of 64 x 2000 classes).
+    acc = torch.promote_types(per_entry.dtype, torch.float32)
+    total = torch.where(known, per_entry, torch.zeros_like(per_entry)).sum(dtype=acc)
+    return total, known.sum(), per_entry.dtype
 
 
 def partial_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -60,10 +70,13 @@ def partial_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     Args:
         logits: (B, C) floating-point raw scores.
         targets: (B, C); > 0 positive (hard +1 or a soft blended target in (0, 1]), < 0 negative, 0 unknown.
-            Values are not checked, so soft targets pass; any real dtype, converted to ``logits.dtype``.
+            Values are not checked, so soft targets pass; a signed integer or floating dtype (bool and unsigned,
+            which cannot hold -1, are refused), converted to ``logits.dtype``. A NaN target is not taken for
+            unknown: the loss is then NaN.
 
     Returns:
-        0-dim tensor of ``logits.dtype``: BCE-with-logits(x, t) on positives, -log sigmoid(-x) on negatives,
+        0-dim tensor of ``logits.dtype`` (float32 under autocast, which runs BCE in float32; a float16 or bfloat16
+        loss is summed in float32): BCE-with-logits(x, t) on positives, -log sigmoid(-x) on negatives,
         averaged over all known entries; 0 when there is none (B = 0 included). Differentiable w.r.t. ``logits``
         and, through the positive entries, w.r.t. ``targets`` when it requires grad (the learnable blending
         coefficients get their target-path gradient this way, spec §4).
@@ -160,7 +173,7 @@ def contrastive_loss(
 
     Args:
         features: (B, C, D) floating-point semantic features S (before the GGNN).
-        targets: (B, C) hard targets in {-1, 0, +1}, any real dtype.
+        targets: (B, C) hard targets in {-1, 0, +1}, a signed integer or floating dtype.
         generator: draws ``keys`` when they are not given.
         keys: (B*(B-1)//2, C) floating-point uniform random numbers, one per (pair, class) entry, pairs in the
             order (0,1), (0,2), ..., (1,2), ... When None they are drawn with
@@ -179,6 +192,7 @@ def contrastive_loss(
     """
     check_tensor("features", features, ndim=3, kind="float")
     check_tensor("targets", targets, shape=tuple(features.shape[:2]), kind="real")
+    check_signed_targets("targets", targets)
     check_same_device(features=features, targets=targets, keys=keys)
     check_targets("targets", targets)  # after the device check: it reads values
     return _contrastive_loss(features, targets, _get_keys(features, generator, keys))
@@ -191,8 +205,9 @@ def _check_weight(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"argument '{name}': expected a real number, got {type(value).__name__}")
     value = float(value)
-    if not value >= 0.0:  # also rejects NaN
-        raise ValueError(f"argument '{name}': expected a non-negative number, got {value}")
+    # Finite too: an inf weight made the loss inf, or NaN (inf x 0) in epoch 0's warm-up at progress 0.
+    if not 0.0 <= value < math.inf:  # also rejects NaN
+        raise ValueError(f"argument '{name}': expected a finite non-negative number, got {value}")
     return value
 
 
@@ -287,16 +302,17 @@ def dsrb_loss(
 
     zero = logits.new_zeros(())
     # The BCE terms: sums and counts of known entries, the counts summed over the ranks under DDP (one collective).
-    sums, counts = zip(*(_partial_bce_sum(lg, tg) for lg, tg in
-                         [(logits, targets)] + [(lg, tg) for _, _, lg, tg in blend_terms]))
+    sums, counts, dtypes = zip(*(_partial_bce_sum(lg, tg) for lg, tg in
+                                 [(logits, targets)] + [(lg, tg) for _, _, lg, tg in blend_terms]))
     counts = torch.stack(counts)
     if distributed:
         import torch.distributed as dist
 
         dist.all_reduce(counts)
-        counts = counts.to(logits.dtype) / dist.get_world_size()  # the mean count per rank
-    # 0 for a term without known entries, without a host sync
-    means = [term_sum / torch.where(count > 0, count, torch.ones_like(count)) for term_sum, count in zip(sums, counts)]
+        counts = counts.to(sums[0].dtype) / dist.get_world_size()  # the mean count per rank (float16 overflows)
+    # 0 for a term without known entries, without a host sync; each in its losses' dtype, summed in float32 at least
+    means = [(term_sum / torch.where(count > 0, count, torch.ones_like(count))).to(dtype)
+             for term_sum, count, dtype in zip(sums, counts, dtypes)]
     bce = means[0]
     total = bce
     parts = {"bce": bce.detach(), "contrastive": zero, "instance": zero, "prototype": zero,

@@ -9,6 +9,9 @@ Conventions shared by every function here:
 * ``scores`` (N, C) are raw logits (any floating dtype); ``targets`` (N, C) are the full test labels, any real
   dtype. Ground truth is ``targets > 0``: both -1 and 0 are negatives, as the official code maps -1 to 0 before
   evaluating (spec §8).
+* Either may be a NumPy array (of bool, integers or float16/32/64): it is read as the CPU tensor of the same values
+  (without a copy where torch can share its memory), so the results are those of ``torch.from_numpy`` of it and the
+  per-class AP comes back as a tensor.
 * **All metrics are fractions in [0, 1], not percent.** Multiply by 100 to compare with the paper's tables.
 * **Ties in scores** are broken by a stable descending sort: among images with equal scores in a class, the one
   that comes first in the input is ranked first. The official code uses ``np.argsort`` / ``torch.sort``, whose tie
@@ -30,6 +33,7 @@ import numbers
 import warnings
 from typing import Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 
 from dsrb._checks import check_same_device, check_tensor
@@ -56,7 +60,34 @@ def _work_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _check_inputs(scores, targets) -> None:
+# What torch.from_numpy reads; NumPy's other kinds (longdouble, complex, strings, objects) are refused by name.
+_NUMPY_REAL = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+               np.float16, np.float32, np.float64)
+# Target dtypes that torch can compare with 0 on every device; the others (uint16/32/64, float8) are read as floats,
+# which keeps each value's sign. They raised a NotImplementedError from inside torch ("gt_cpu" not implemented).
+_COMPARABLE = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+               torch.bfloat16, torch.float32, torch.float64)
+
+
+def _as_tensor(name: str, value):
+    """A NumPy array of real numbers as a CPU tensor of the same values; a tensor unchanged; else a TypeError."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"argument '{name}': expected a torch.Tensor or a NumPy array, got {type(value).__name__}")
+    if value.dtype.type not in _NUMPY_REAL:
+        raise TypeError(f"argument '{name}': expected a NumPy array of bool, integers or float16/32/64, got dtype "
+                        f"{value.dtype}")
+    if not value.dtype.isnative or not value.flags.writeable:
+        # torch.from_numpy refuses a byte order other than the machine's, and warns on a read-only array (a
+        # memory map opened read-only); a copy in native order is neither.
+        value = value.astype(value.dtype.newbyteorder("="))
+    return torch.from_numpy(value)
+
+
+def _check_inputs(scores, targets) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checked ``(scores, targets)``: NumPy arrays read as tensors, targets in a dtype torch compares."""
+    scores, targets = _as_tensor("scores", scores), _as_tensor("targets", targets)
     check_tensor("scores", scores, ndim=2, kind="float")
     check_tensor("targets", targets, ndim=2, kind="real")
     if targets.shape != scores.shape:
@@ -66,8 +97,11 @@ def _check_inputs(scores, targets) -> None:
     check_same_device(scores=scores, targets=targets)
     if scores.numel() and bool(torch.isnan(scores).any()):
         raise ValueError("argument 'scores': contains NaN; the ranking of images is undefined")
+    if targets.dtype not in _COMPARABLE:
+        targets = targets.to(_work_dtype(targets.device))
     if targets.is_floating_point() and targets.numel() and bool(torch.isnan(targets).any()):
         raise ValueError("argument 'targets': contains NaN; expected real labels (> 0 positive, <= 0 negative)")
+    return scores, targets
 
 
 def _is_empty(scores: torch.Tensor) -> bool:
@@ -155,7 +189,7 @@ def voc_map(scores: torch.Tensor, targets: torch.Tensor) -> tuple[float, torch.T
         positive (excluded from the mean with a RuntimeWarning; mAP is NaN if every class is). N = 0 or C = 0
         gives NaN with a RuntimeWarning.
     """
-    _check_inputs(scores, targets)
+    scores, targets = _check_inputs(scores, targets)
     if _is_empty(scores):
         _warn_empty("voc_map", scores)
         return math.nan, _nan_ap(scores)
@@ -182,7 +216,7 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> tuple[floa
         ``(mean, ap)`` as in ``voc_map``: a float in [0, 1] and a (C,) tensor, NaN for classes without a positive
         (excluded from the mean with a RuntimeWarning; the official code would divide by zero there).
     """
-    _check_inputs(scores, targets)
+    scores, targets = _check_inputs(scores, targets)
     if _is_empty(scores):
         _warn_empty("average_precision", scores)
         return math.nan, _nan_ap(scores)
@@ -266,7 +300,7 @@ def threshold_metrics(
     Every ratio whose denominator is 0 is 0 (e.g. OR and CR when there is no positive at all, OF1 when OP = OR = 0).
     Returns floats in [0, 1] (fractions, not percent); all NaN, with a RuntimeWarning, when N = 0 or C = 0.
     """
-    _check_inputs(scores, targets)
+    scores, targets = _check_inputs(scores, targets)
     _check_threshold_args(threshold, top_k)
     if _is_empty(scores):
         _warn_empty("threshold_metrics", scores)
@@ -286,8 +320,9 @@ def compute_metrics(scores: torch.Tensor, targets: torch.Tensor, *,
     ``_top3``. Classes without a positive are warned about once, by index and, given the C ``class_names``, by name.
     N = 0 or C = 0: all NaN, with one warning.
     """
-    _check_inputs(scores, targets)
-    if class_names is not None and (isinstance(class_names, (str, bytes)) or len(class_names) != scores.shape[1]):
+    scores, targets = _check_inputs(scores, targets)
+    if class_names is not None and (isinstance(class_names, (str, bytes)) or not hasattr(class_names, "__getitem__")
+                                    or not hasattr(class_names, "__len__") or len(class_names) != scores.shape[1]):
         raise ValueError(f"argument 'class_names': expected the {scores.shape[1]} names of the classes of 'scores', "
                          f"got {class_names!r:.80}")
     if _is_empty(scores):

@@ -132,6 +132,60 @@ def test_no_known_entry_gives_zero(shape):
         assert torch.equal(g, torch.zeros_like(features))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_partial_bce_is_summed_in_float32(dtype):
+    """A float16 sum of the known entries' losses overflowed to inf from about 10^5 entries (here 64 x 1600 known
+    entries of log 2 each: 7.1e4 > 65504), so the loss of a large batch was inf; the reference's mean is finite."""
+    logits = torch.zeros(64, 1600, dtype=dtype, requires_grad=True)
+    targets = torch.ones(64, 1600)
+    want = torch.tensor(math.log(2.0), dtype=dtype)
+    loss = losses.partial_bce(logits, targets)
+    assert loss.dtype == dtype and torch.equal(loss.detach(), want), loss
+    total, parts = losses.dsrb_loss(Out(logits, logits[..., None], logits, targets), targets, epoch=1, progress=0.0,
+                                    contrastive_weight=0.0, prototype_weight=0.0)
+    assert torch.equal(parts["bce"], want) and torch.equal(parts["instance"], want), parts
+    (g,) = torch.autograd.grad(loss, logits)
+    assert torch.isfinite(g).all() and (g < 0).all()
+    # Small batches: a float32 accumulation rounded once, within one ulp of the float64 loss.
+    x, t = torch.randn(8, 80, generator=_gen(40)), torch.randint(-1, 2, (8, 80), generator=_gen(41))
+    exact = losses.partial_bce(x.to(dtype).double(), t)
+    torch.testing.assert_close(losses.partial_bce(x.to(dtype), t).double(), exact, rtol=torch.finfo(dtype).eps,
+                               atol=0)
+
+
+def test_losses_refuse_targets_that_cannot_hold_minus_one():
+    """Full 0/1 labels given as labels.bool() (or uint8) trained on their positives only: every False was read as
+    unknown, not as a known negative. The model refuses such targets; the losses did not."""
+    logits, features = torch.randn(4, 3), torch.randn(4, 3, D)
+    out = Out(logits, features)
+    for dtype in (torch.bool, torch.uint8):
+        targets = torch.ones(4, 3, dtype=dtype)
+        for call in (lambda: losses.partial_bce(logits, targets),
+                     lambda: losses.contrastive_loss(features, targets),
+                     lambda: losses.dsrb_loss(out, targets, epoch=1, progress=0.0)):
+            with _raises(TypeError, f"argument 'targets': expected a signed integer or floating-point tensor "
+                                    f"holding -1 (known absent), 0 (unknown) and +1 (known present), got {dtype}"):
+                call()
+    # Signed integer and floating targets are taken, the same values giving the same loss.
+    signed = torch.tensor([[1, -1, 0]] * 4)
+    assert losses.partial_bce(logits, signed.to(torch.int8)) == losses.partial_bce(logits, signed.float())
+
+
+def test_nan_target_makes_the_loss_nan():
+    """A NaN target (e.g. a soft target from a NaN blending coefficient) was neither > 0 nor < 0, so it was dropped
+    like an unknown label and the loss came out finite: a silent wrong answer. It is NaN now, as in the reference."""
+    logits = torch.randn(3, 4, generator=_gen(42), dtype=torch.float64)
+    targets = torch.tensor([[1.0, -1.0, 0.0, 1.0], [0.0, 1.0, -1.0, -1.0], [1.0, 0.0, 0.0, -1.0]], dtype=torch.float64)
+    soft = targets.clone()
+    soft[1, 0] = math.nan
+    assert math.isfinite(losses.partial_bce(logits, targets).item())
+    assert math.isnan(losses.partial_bce(logits, soft).item())
+    assert math.isnan(ref.partial_bce(logits, soft).item())
+    total, parts = losses.dsrb_loss(Out(logits, logits[..., None], logits, soft), targets, epoch=1, progress=0.0,
+                                    contrastive_weight=0.0)
+    assert math.isnan(total.item()) and math.isnan(parts["instance"].item()) and math.isfinite(parts["bce"].item())
+
+
 # ------------------------------------------------------------------------------------------- contrastive loss
 
 
@@ -406,6 +460,10 @@ def test_dsrb_loss_bad_arguments():
         losses.dsrb_loss(out, targets, epoch=-1, progress=0.0)
     with _raises(ValueError, "'contrastive_weight'"):
         losses.dsrb_loss(out, targets, contrastive_weight=-0.1, **kw)
+    # An inf weight gave an inf loss, or NaN (inf x 0) under epoch 0's warm-up at progress 0.
+    for name in ("contrastive_weight", "instance_weight", "prototype_weight"):
+        with _raises(ValueError, f"argument '{name}': expected a finite non-negative number, got inf"):
+            losses.dsrb_loss(out, targets, epoch=0, progress=0.0, **{name: math.inf})
     with _raises(TypeError, "'instance_weight'"):
         losses.dsrb_loss(out, targets, instance_weight="1", **kw)
     with _raises(ValueError, "'targets' on meta"):

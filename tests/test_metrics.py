@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -319,6 +320,45 @@ def test_input_variants():
     assert voc_map(s, col(1, 0, 1))[0] == pytest.approx(1 / 2 + 1 / 2 * 2 / 3)
 
 
+@pytest.mark.parametrize("fn", [voc_map, average_precision, threshold_metrics, compute_metrics])
+def test_numpy_inputs_give_the_tensors_metrics(fn):
+    """NumPy scores and targets (predictions saved as .npy) were refused with a TypeError; they are read as the CPU
+    tensors of the same values, read-only (a memory map) and big-endian arrays included."""
+    scores, targets = random_case(11, ties=True)
+    want = fn(scores, targets)
+    s, t = scores.numpy(), targets.numpy()
+    read_only = s.copy()
+    read_only.flags.writeable = False
+    cases = [(s, t, want), (s, targets, want), (scores, t, want), (read_only, t.astype(np.int8), want),
+             (s.astype(">f4"), t.astype(">i8"), want), (s, t > 0, want), (s, (t > 0).astype(np.uint16), want),
+             (s.astype(np.float16), t, fn(scores.half(), targets))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.from_numpy warns on a read-only array
+        for s_in, t_in, expected in cases:
+            got = fn(s_in, t_in)
+            if isinstance(expected, tuple):
+                assert got[0] == expected[0] and torch.equal(got[1], expected[1])
+            else:
+                assert got == expected
+
+
+def test_targets_of_dtypes_torch_cannot_compare():
+    """uint16/32/64 and float8 targets raised NotImplementedError ("gt_cpu" not implemented) from inside torch."""
+    scores, targets = random_case(12, ties=False)
+    truth = targets > 0
+    want = compute_metrics(scores, truth)
+    for dtype in (torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn):
+        assert compute_metrics(scores, truth.to(dtype)) == want, dtype
+    assert compute_metrics(scores, torch.where(truth, 2**40, 0).to(torch.uint64)) == want
+
+
+def test_class_names_without_length_or_order():
+    scores, targets = random_case(13, ties=False)
+    for names in ((n for n in "abcdefg"), set("abcdefg")):
+        with pytest.raises(ValueError, match="argument 'class_names': expected the 7 names"):
+            compute_metrics(scores, targets, class_names=names)
+
+
 # ---------------------------------------------------------------------------------- average over proportions
 
 
@@ -345,8 +385,11 @@ def test_average_over_proportions():
 @pytest.mark.parametrize("fn", [voc_map, average_precision, threshold_metrics, compute_metrics])
 def test_errors(fn):
     s, t = torch.randn(4, 3), torch.ones(4, 3)
-    with pytest.raises(TypeError, match="'scores'.*torch.Tensor"):
-        fn(s.numpy(), t)
+    with pytest.raises(TypeError, match="'scores': expected a torch.Tensor or a NumPy array, got list"):
+        fn(s.tolist(), t)
+    with pytest.raises(TypeError, match="'targets': expected a NumPy array of bool, integers or float16/32/64, got "
+                                        "dtype object"):
+        fn(s, t.numpy().astype(object))
     with pytest.raises(ValueError, match="'scores'.*2-D"):
         fn(s[0], t[0])
     with pytest.raises(TypeError, match="'scores'.*floating-point"):

@@ -20,7 +20,8 @@ def partial_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
     Args:
         logits: (B, C) raw scores.
-        targets: (B, C); > 0 positive (hard 1 or a soft blended target), < 0 negative, 0 unknown (ignored).
+        targets: (B, C); > 0 positive (hard 1 or a soft blended target), < 0 negative, 0 unknown (ignored). A NaN
+            target makes the loss NaN.
 
     Returns:
         0-dim tensor. Positive entry: BCE-with-logits(x, t); negative entry: BCE-with-logits(-x, 1) =
@@ -38,6 +39,8 @@ def partial_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
                 terms.append(F.binary_cross_entropy_with_logits(x, t))
             elif t < 0:
                 terms.append(F.binary_cross_entropy_with_logits(-x, torch.ones_like(x)))
+            elif torch.isnan(t):  # not a label, nor "unknown": the loss is NaN, never a silently dropped entry
+                terms.append(F.binary_cross_entropy_with_logits(x, t))
             # t == 0: unknown, ignored
     if not terms:
         return logits.sum() * 0.0
