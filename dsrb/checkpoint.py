@@ -8,6 +8,7 @@ import pickle
 import random
 import re
 import sys
+import zipfile
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -40,8 +41,8 @@ def numpy_globals() -> list:
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
-    """The dict saved by :func:`save_checkpoint`; a ValueError naming ``path`` if it cannot be read (truncated), or if
-    it holds anything a dsrb checkpoint does not.
+    """The dict saved by :func:`save_checkpoint`; a ValueError naming ``path`` if it cannot be read (truncated), if a
+    record's CRC-32 shows it damaged (:func:`_damaged_record`), or if it holds anything a dsrb checkpoint does not.
 
     Loaded with ``weights_only=True``: a checkpoint is unpickled, and a file from elsewhere could otherwise run code
     as it loads. Besides tensors and plain Python values ours hold NumPy's RNG state and scalars, and (written before
@@ -49,6 +50,11 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    damaged = _damaged_record(path)
+    if damaged is not None:
+        raise ValueError(f"checkpoint {path} is damaged: its record {damaged}, so the file changed after it was "
+                         "saved (a disk or copy error); not loaded, since its values could be silently wrong; restore "
+                         "it from a copy")
     try:
         with torch.serialization.safe_globals([*numpy_globals(), torch.torch_version.TorchVersion]):
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -70,6 +76,35 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         raise ValueError(f"checkpoint {path} could not be read ({type(err).__name__}: {' '.join(reason.split())}); "
                          "the file is truncated or not a checkpoint written by python -m dsrb.train") from err
     return state
+
+
+def _damaged_record(path: str) -> Optional[str]:
+    """Why the zip archive ``path`` (torch.save's format) is damaged: its first record whose bytes do not match the
+    CRC-32 stored with it, whose header zipfile cannot follow, or that is marked as a folder; None if none is.
+    torch.load checks no CRC-32: a changed byte in a tensor's data, or in a header (a name length shifts where the
+    data is read; an attribute makes the record a folder, read as nothing), loaded silently as other values. A record
+    stored without a CRC-32 (0: ``torch.serialization.set_crc32_options(False)``) is not checked; a file that is no zip
+    archive (truncated, the legacy format) is left to torch.load to report."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except Exception:  # BadZipFile, NotImplementedError, ... (what torch.load then says is the error to show)
+        return None
+    with archive:
+        for info in archive.infolist():
+            # torch.save writes no folders; a record marked as one (the DOS attribute bit 0x10) is read as empty
+            if info.is_dir() or info.external_attr & 0x10:
+                return f"{info.filename} is marked as a folder"
+            if info.CRC == 0:
+                continue
+            try:
+                with archive.open(info) as f:
+                    while f.read(1 << 24):  # zipfile compares the CRC-32 when the record's end is read
+                        pass
+            except Exception as err:  # BadZipFile (a bad CRC-32, headers that disagree), or what they lead to
+                if str(err).startswith("Bad CRC-32"):
+                    return f"{info.filename} does not match the CRC-32 checksum written with it"
+                return f"{info.filename} cannot be read ({type(err).__name__}: {' '.join(str(err).split())})"
+    return None
 
 
 def rng_state() -> Dict[str, Any]:

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import reprlib
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
@@ -250,6 +251,10 @@ def _cuda_device(text: str, local_rank: Optional[int], name: str):
 
 
 _TYPE_NAMES = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+# A wrong value shown in part: a YAML list of aliases (&a [1, 1], &b [*a, *a], ...) is small in the file and on
+# reading, but its full repr grows exponentially (a hang, then out of memory).
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 200, 200
 
 
 def check_types(data: Dict[str, Any], source: str) -> Dict[str, Any]:
@@ -277,7 +282,7 @@ def check_types(data: Dict[str, Any], source: str) -> Dict[str, Any]:
                 kind == "bool" or not isinstance(value, bool))
         if not ok:
             expected = _TYPE_NAMES[kind] + (" or null" if optional else "")
-            shown = "null" if value is None else f"{value!r} ({type(value).__name__})"
+            shown = "null" if value is None else f"{_REPR.repr(value)} ({type(value).__name__})"
             raise ValueError(f"{source}: setting '{f.name}': expected {expected}, got {shown}")
         out[f.name] = value
     return out
@@ -321,9 +326,11 @@ def preset_config(name: str) -> TrainConfig:
 def load_config_file(path: str) -> Dict[str, Any]:
     """Settings from a .json or .yaml/.yml file (a flat mapping of field names, dashes or underscores, each given
     once), each value checked against its field's type and range; a ValueError names the file and the setting."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path) or os.path.isdir(path):  # a pipe is read: --config <(...) is /dev/fd/63
         raise FileNotFoundError(f"config file not found: {path}" + (" (it is a directory)" if os.path.isdir(path)
                                                                      else ""))
+    if path.lower().endswith(".toml"):  # it was parsed as JSON: "not valid JSON ... line 1 column 1"
+        raise ValueError(f"config file {path}: TOML is not read; expected a YAML (.yaml, .yml) or JSON file")
     is_yaml = path.lower().endswith((".yaml", ".yml"))
     errors: tuple = (ValueError,)  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
     if is_yaml:
@@ -555,6 +562,7 @@ def parse_args(argv=None):
         path = args.config[0]
         if not path:
             raise ValueError("argument --config: expected a YAML/JSON file, got ''")
+        path = expand_home(path)  # --config=~/run.yaml: no shell expands that ~
     from_file = load_config_file(path) if path is not None else {}
     flags = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
     explicit = _expand_home({**from_file, **flags})

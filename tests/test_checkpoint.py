@@ -1,7 +1,9 @@
 """dsrb.checkpoint.atomic_write: complete or untouched files, the usual permissions, and a full disk as a clear
 error naming the file."""
 
+import io
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -309,3 +311,70 @@ def test_a_name_the_file_system_takes_can_be_written(tmp_path, stem):
     assert len(left) == 1 and left[0].startswith(TMP_PREFIX) and len(os.fsencode(left[0])) <= 255, left
     remove_stale_temporaries(str(tmp_path), (name, "last.pt"))
     assert os.listdir(tmp_path) == [name] and path.read_bytes() == b"{}"
+
+
+def _damage(raw: bytes, where: str) -> bytes:
+    """``raw`` (a torch.save zip archive) with one byte of its first tensor record changed: in the data, in the local
+    header's name length (the data is then read from one byte further on), or the folder bit of the central
+    directory's attributes (the record is then read as empty)."""
+    import struct
+    import zipfile
+
+    archive = zipfile.ZipFile(io.BytesIO(raw))
+    infos = archive.infolist()
+    index, info = next((i, x) for i, x in enumerate(infos) if "/data/" in x.filename)
+    data = bytearray(raw)
+    if where == "data":
+        name_length, extra_length = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+        data[info.header_offset + 30 + name_length + extra_length + 5] ^= 0x01
+    elif where == "name length":
+        data[info.header_offset + 26] ^= 0x01
+    else:  # the central directory: entries of 46 bytes and their name, extra field and comment
+        offset = archive.start_dir
+        for entry in infos[:index]:
+            offset += 46 + len(entry.orig_filename.encode()) + len(entry.extra) + len(entry.comment)
+        assert raw[offset:offset + 4] == b"PK\x01\x02"
+        data[offset + 38] ^= 0x10
+    return bytes(data)
+
+
+@pytest.mark.parametrize("where", ["data", "name length", "folder attribute"])
+def test_a_checkpoint_with_a_changed_byte_is_refused_as_damaged(tmp_path, where):
+    """torch.load checks no CRC-32: one byte changed on disk (or in a copy) loaded without an error as other weights
+    (shifted or empty data). load_checkpoint checks the CRC-32 each record was written with, and names the file and
+    the record."""
+    from dsrb.checkpoint import load_checkpoint
+
+    path = tmp_path / "last.pt"
+    state = {"model": {"w": torch.arange(64, dtype=torch.float32)}, "epoch": 3}
+    save_checkpoint(str(path), state)
+    path.write_bytes(_damage(path.read_bytes(), where))
+    with pytest.raises(ValueError, match=rf"^checkpoint {re.escape(str(path))} is damaged: its record "
+                                         r"archive/data/0 .*changed after it was saved .*restore it from a copy"):
+        load_checkpoint(str(path))
+
+
+def test_checkpoints_without_a_crc_or_in_the_legacy_format_still_load(tmp_path):
+    """What the CRC-32 check leaves alone: a checkpoint written with torch's CRC-32s turned off (stored as 0) and one
+    in torch's pre-zip format load as saved; a truncated one is still reported as such."""
+    from dsrb.checkpoint import load_checkpoint
+
+    state = {"model": {"w": torch.arange(64, dtype=torch.float32)}, "epoch": 3}
+    torch.save(state, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    written = [tmp_path / "legacy.pt"]
+    if hasattr(torch.serialization, "set_crc32_options"):  # torch >= 2.6
+        torch.serialization.set_crc32_options(False)
+        try:
+            save_checkpoint(str(tmp_path / "no-crc.pt"), state)
+        finally:
+            torch.serialization.set_crc32_options(True)
+        written.append(tmp_path / "no-crc.pt")
+    for path in written:
+        got = load_checkpoint(str(path))
+        assert got["epoch"] == 3 and torch.equal(got["model"]["w"], state["model"]["w"]), path
+    save_checkpoint(str(tmp_path / "last.pt"), state)
+    raw = (tmp_path / "last.pt").read_bytes()
+    (tmp_path / "last.pt").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match=rf"^checkpoint {re.escape(str(tmp_path / 'last.pt'))} could not be read .*"
+                                         "the file is truncated"):
+        load_checkpoint(str(tmp_path / "last.pt"))

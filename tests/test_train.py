@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -432,6 +433,60 @@ def test_config_file_and_bad_settings(data_root, tmp_path):
         train.main(["--config", str(cfg), "--out", str(tmp_path / "bad2")])
     with pytest.raises(FileNotFoundError, match="no run to resume"):
         train.main(["--out", str(tmp_path / "nothing"), "--resume"])
+
+
+def test_config_flag_with_a_tilde_reads_the_file_in_the_home_folder(tmp_path, monkeypatch):
+    """--config=~/run.json (no shell expands that ~) was "config file not found: ~/run.json", where --out=~/x is
+    the home folder's."""
+    from dsrb.config import parse_args
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "run.json").write_text(json.dumps({"epochs": 2}))
+    cfg, explicit = parse_args(["--config=~/run.json"])
+    assert cfg.epochs == 2 and explicit == {"epochs": 2}
+
+
+def test_config_file_from_a_pipe_is_read():
+    """--config <(...) (bash's process substitution, a pipe as /dev/fd/N) was "config file not found"."""
+    from dsrb.config import parse_args
+
+    if not os.path.isdir("/dev/fd"):
+        pytest.skip("no /dev/fd on this system")
+    read, write = os.pipe()
+    try:
+        os.write(write, json.dumps({"epochs": 3}).encode())
+        os.close(write)
+        cfg, explicit = parse_args(["--config", f"/dev/fd/{read}"])
+    finally:
+        os.close(read)
+    assert cfg.epochs == 3 and explicit == {"epochs": 3}
+
+
+def test_a_toml_config_file_is_refused_as_such(tmp_path):
+    """A .toml file was read as JSON: "not valid JSON: Expecting value: line 1 column 1", whatever it held."""
+    from dsrb.config import parse_args
+
+    path = tmp_path / "run.toml"
+    path.write_text("epochs = 2\n")
+    with pytest.raises(ValueError, match=rf"^config file {re.escape(str(path))}: TOML is not read; expected a YAML "
+                                         r"\(.yaml, .yml\) or JSON file$"):
+        parse_args(["--config", str(path)])
+
+
+def test_a_wrong_value_built_of_yaml_aliases_is_shown_in_part(tmp_path):
+    """A value of nested YAML aliases is small in the file and in memory, but its repr grows exponentially: the error
+    message showed it whole (10 levels of 10: a hang, then out of memory). Here 9 levels of 5 (about 2 million
+    numbers), and the message stays one short line naming the setting."""
+    pytest.importorskip("yaml")
+    from dsrb.config import load_config_file
+
+    levels = ["&l0 [1, 1, 1, 1, 1]"] + [f"&l{i} [{', '.join([f'*l{i - 1}'] * 5)}]" for i in range(1, 9)]
+    path = tmp_path / "run.yaml"
+    path.write_text(f"epochs: [{', '.join(levels)}]\n")
+    with pytest.raises(ValueError, match=rf"^config file {re.escape(str(path))}: setting 'epochs': expected an "
+                                         r"integer, got \[\[1, 1, 1, 1, 1\], \[\[") as raised:
+        load_config_file(str(path))
+    assert len(str(raised.value)) < 1000 and str(raised.value).endswith("(list)")
 
 
 # Run under torchrun: dsrb.train.main with train_epoch wrapped so that every rank saves its own parameters after each
