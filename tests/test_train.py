@@ -799,6 +799,8 @@ def test_channels_last_and_matmul_precision(data_root, tmp_path, monkeypatch):
     saved = json.loads((straight / "config.json").read_text())
     assert saved["channels_last"] is True and saved["matmul_precision"] == "medium"
     weights = torch.load(straight / "last.pt", weights_only=False)["model"]
+    again = torch.load(resumed / "last.pt", weights_only=False)["model"]  # exactly: the weights too, not the log only
+    assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
     convs = [k for k, v in weights.items() if v.dim() == 4]
     assert convs and all(weights[k].is_contiguous(memory_format=torch.channels_last) for k in convs)
     with pytest.raises(ValueError, match="matmul_precision"):
