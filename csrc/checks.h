@@ -43,9 +43,13 @@ inline void device(const at::Tensor& t, const char* name, c10::DeviceType type) 
               " tensor, got one on ", t.device());
 }
 
+// The dtypes every kernel computes in, as the Python twins' check_tensor(kind="float"): at::isFloatingType also takes
+// float8 and float4, which semantic_attention_cpu computed in and returned, and the other kernels' dispatch refused
+// with an error naming no argument.
 inline void floating(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "argument '", name, "': expected a floating-point tensor, got ",
-              t.scalar_type());
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kHalf || s == at::kBFloat16 || s == at::kFloat || s == at::kDouble, "argument '", name,
+              "': expected a floating-point tensor (float16, bfloat16, float32 or float64), got ", s);
 }
 
 inline void dtype(const at::Tensor& t, const char* name, at::ScalarType want, const char* why) {
@@ -118,7 +122,9 @@ inline void blend(const at::Tensor& S, const at::Tensor& T, const at::Tensor& co
   dtype(T, "T", S.scalar_type(), "the dtype of 'S'");
   TORCH_CHECK(coef.numel() == 1 && coef.dim() <= 1, "argument '", coef_name,
               "': expected a one-element tensor of shape () or (1,), got ", text(coef.sizes()));
-  floating(coef, coef_name);
+  // Any floating dtype, float8 included, as the public ops take it: it is rounded to S's dtype.
+  TORCH_CHECK(at::isFloatingType(coef.scalar_type()), "argument '", coef_name,
+              "': expected a floating-point tensor, got ", coef.scalar_type());
   same_device(coef, coef_name, S, "S");
 }
 

@@ -132,7 +132,9 @@ std::tuple<Tensor, Tensor> prototype_bank_update_cpu(const Tensor& sums_, const 
 void prototype_bank_update_cpu_(Tensor& sums, Tensor& counts, const Tensor& S_, const Tensor& T_,
                                 const Tensor& quadrant_, int64_t cap) {
   checks::prototype_bank_update(sums, counts, S_, T_, quadrant_, cap, c10::DeviceType::CPU, /*in_place=*/true);
-  const Tensor S = S_.contiguous(), T = T_.contiguous(), quadrant = quadrant_.contiguous();
+  // A float8 T, which the other backends take, is compared in float32 (exact widening), as the dispatch has no float8.
+  const Tensor S = S_.contiguous(), T = (at::isFloat8Type(T_.scalar_type()) ? T_.to(at::kFloat) : T_).contiguous(),
+               quadrant = quadrant_.contiguous();
   const int64_t C = S.size(1), D = S.size(2), n = T.numel();
   // Every value is checked before anything is written, so an error leaves sums and counts as they were. T holds
   // -1, 0 or +1 (compared in T's dtype, as torch compares it with those numbers); positive[r]: T == +1.
