@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import acc_dtype, cdiv, device_guard, next_power_of_2, tl_acc
+from ._launch import acc_dtype, cdiv, device_guard, idx, needs_int64, next_power_of_2, tl_acc
 
 __all__ = ["instance_blend_forward", "instance_blend_backward"]
 
@@ -73,13 +73,13 @@ def _instance_blend_fwd_kernel(
     s_sb, s_sc, s_sd,
     t_sb, t_sc,
     p_s,
-    COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, IDX64: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1)
     pid_d = tl.program_id(2)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_c = idx(pid_c * BLOCK_C + tl.arange(0, BLOCK_C), IDX64)
+    offs_d = idx(pid_d * BLOCK_D + tl.arange(0, BLOCK_D), IDX64)
     mask_c = offs_c < C
     mask_d = offs_d < D
     mask = mask_c[:, None] & mask_d[None, :]
@@ -112,12 +112,13 @@ def _instance_blend_bwd_kernel(
     t_sb, t_sc,
     p_s,
     DETACH_TARGET: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    IDX64: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1)
     pid_d = tl.program_id(2)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_c = idx(pid_c * BLOCK_C + tl.arange(0, BLOCK_C), IDX64)
+    offs_d = idx(pid_d * BLOCK_D + tl.arange(0, BLOCK_D), IDX64)
     mask_c = offs_c < C
     mask_d = offs_d < D
     mask = mask_c[:, None] & mask_d[None, :]
@@ -185,7 +186,7 @@ def instance_blend_forward(S: Tensor, T: Tensor, alpha: Tensor, partner: Tensor)
             S.stride(0), S.stride(1), S.stride(2),
             T.stride(0), T.stride(1),
             partner.stride(0),
-            COMPUTE=tl_acc(S.dtype), BLOCK_C=block_c, BLOCK_D=block_d,
+            COMPUTE=tl_acc(S.dtype), BLOCK_C=block_c, BLOCK_D=block_d, IDX64=needs_int64(S, T, S1),
         )
     return S1, T1
 
@@ -215,6 +216,7 @@ def instance_blend_backward(
             T.stride(0), T.stride(1),
             partner.stride(0),
             DETACH_TARGET=bool(detach_target), COMPUTE=tl_acc(S.dtype), BLOCK_C=block_c, BLOCK_D=block_d,
+            IDX64=needs_int64(grad_S1, grad_T1, S, T, grad_S),
         )
     grad_alpha = partials.sum().to(alpha.dtype).reshape(alpha.shape)
     return grad_S, grad_alpha

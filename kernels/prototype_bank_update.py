@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import cdiv, device_guard, next_power_of_2
+from ._launch import cdiv, device_guard, idx, needs_int64, next_power_of_2
 
 __all__ = ["prototype_bank_update"]
 
@@ -50,15 +50,16 @@ def _prototype_bank_update_kernel(
     s_sb, s_sc, s_sd,
     t_sb, t_sc,
     q_sb, q_sc,
-    COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, S_VIA_F32: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, S_VIA_F32: tl.constexpr, IDX64: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_d = tl.program_id(1)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_c = idx(pid_c * BLOCK_C + tl.arange(0, BLOCK_C), IDX64)
+    offs_d = idx(pid_d * BLOCK_D + tl.arange(0, BLOCK_D), IDX64)
     mask_c = offs_c < C
     mask_d = offs_d < D
     mask = mask_c[:, None] & mask_d[None, :]
+    n_sq, u_sq, D4 = idx(n_sq, IDX64), idx(u_sq, IDX64), 4 * idx(D, IDX64)  # their multiples below too
 
     cnt_base = counts_ptr + offs_c * n_sc
     n0 = tl.load(cnt_base, mask=mask_c, other=0).to(tl.int64)
@@ -102,7 +103,7 @@ def _prototype_bank_update_kernel(
         acc3 += tl.where(k3[:, None], s, 0)
 
     in_base = sums_ptr + offs_c[:, None] * u_sc + offs_d[None, :] * u_sd
-    out_base = new_sums_ptr + offs_c[:, None] * (4 * D) + offs_d[None, :]  # new_sums is contiguous (C, 4, D)
+    out_base = new_sums_ptr + offs_c[:, None] * D4 + offs_d[None, :]  # new_sums is contiguous (C, 4, D)
     u0 = tl.load(in_base, mask=mask, other=0).to(COMPUTE)
     tl.store(out_base, (u0 + acc0.to(ty).to(COMPUTE)).to(ty), mask=mask)
     u1 = tl.load(in_base + u_sq, mask=mask, other=0).to(COMPUTE)
@@ -150,6 +151,7 @@ def prototype_bank_update(
             Tv.stride(0), Tv.stride(1),
             quadrant.stride(0), quadrant.stride(1),
             COMPUTE=compute, BLOCK_C=block_c, BLOCK_D=block_d,
+            IDX64=needs_int64(sums, counts, S, Tv, quadrant, new_sums),
             S_VIA_F32=S.dtype == torch.float64 and sums.dtype in (torch.float16, torch.bfloat16),
         )
     return new_sums, new_counts

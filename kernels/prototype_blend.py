@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import acc_dtype, cdiv, device_guard, next_power_of_2, tl_acc
+from ._launch import acc_dtype, cdiv, device_guard, idx, needs_int64, next_power_of_2, tl_acc
 
 __all__ = ["prototype_blend_forward", "prototype_blend_backward"]
 
@@ -72,13 +72,13 @@ def _prototype_blend_fwd_kernel(
     q_sb, q_sc,
     h_sb, h_sc,
     e_sb, e_sc,
-    COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, IDX64: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1)
     pid_d = tl.program_id(2)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_c = idx(pid_c * BLOCK_C + tl.arange(0, BLOCK_C), IDX64)
+    offs_d = idx(pid_d * BLOCK_D + tl.arange(0, BLOCK_D), IDX64)
     mask_c = offs_c < C
     mask_d = offs_d < D
     mask = mask_c[:, None] & mask_d[None, :]
@@ -112,13 +112,13 @@ def _prototype_blend_bwd_kernel(
     h_sb, h_sc,
     e_sb, e_sc,
     DETACH_TARGET: tl.constexpr, BANK_GRAD: tl.constexpr, COMPUTE: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, IDX64: tl.constexpr,
 ):
     pid_b = tl.program_id(0)  # axis 0: the only one without the 65535 limit
     pid_c = tl.program_id(1)
     pid_d = tl.program_id(2)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_c = idx(pid_c * BLOCK_C + tl.arange(0, BLOCK_C), IDX64)
+    offs_d = idx(pid_d * BLOCK_D + tl.arange(0, BLOCK_D), IDX64)
     mask_c = offs_c < C
     mask_d = offs_d < D
     mask = mask_c[:, None] & mask_d[None, :]
@@ -166,7 +166,7 @@ def _prototype_blend_bwd_kernel(
     tl.store(partial_ptr + pid, part)
     if BANK_GRAD:
         # grad_bank is contiguous (C, 4, D)
-        base = gbank_ptr + offs_c[:, None] * (4 * D) + offs_d[None, :]
+        base = gbank_ptr + offs_c[:, None] * (4 * idx(D, IDX64)) + offs_d[None, :]
         ty = gbank_ptr.dtype.element_ty
         tl.store(base, acc0.to(ty), mask=mask)
         tl.store(base + D, acc1.to(ty), mask=mask)
@@ -197,6 +197,7 @@ def prototype_blend_forward(
             shift.stride(0), shift.stride(1),
             sel.stride(0), sel.stride(1),
             COMPUTE=tl_acc(S.dtype), BLOCK_C=block_c, BLOCK_D=block_d,
+            IDX64=needs_int64(S, T, bank, quadrant, shift, sel, S2),
         )
     return S2, T2
 
@@ -234,6 +235,7 @@ def prototype_blend_backward(
             sel.stride(0), sel.stride(1),
             DETACH_TARGET=bool(detach_target), BANK_GRAD=bool(bank_grad), COMPUTE=tl_acc(S.dtype),
             BLOCK_C=block_c, BLOCK_D=block_d,
+            IDX64=needs_int64(grad_S2, grad_T2, S, bank, quadrant, shift, sel, grad_S),
         )
     grad_beta = partials.sum().to(beta.dtype).reshape(beta.shape)
     return grad_S, grad_beta, grad_bank

@@ -59,7 +59,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import acc_dtype, cdiv, device_guard, next_power_of_2, tl_acc
+from ._launch import acc_dtype, cdiv, device_guard, idx, needs_int64, next_power_of_2, tl_acc
 
 __all__ = ["semantic_attention_forward", "semantic_attention_backward", "block_sizes", "k_split", "bwd_groups"]
 
@@ -150,13 +150,14 @@ def _sa_scores_kernel(u_ptr, e_ptr, v_ptr, part_ptr,
                       R, N, C, I, K_PER,
                       stride_ub, stride_un, stride_uk,
                       stride_ec, stride_ek, stride_vk,
-                      ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                      ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                      IDX64: tl.constexpr):
     """part[ks, b, c, n] = sum_{k in split ks} v[k] * tanh(u[b, n, k] * e[c, k]) for a (BLOCK_C, BLOCK_R) tile.
 
     Rows r = b * N + n are flattened over the batch, so odd N (49) wastes nothing but the last tile's tail.
     """
     offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_c = idx(tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C), IDX64)
     ks = tl.program_id(2)
     mask_r = offs_r < R
     mask_c = offs_c < C
@@ -166,7 +167,7 @@ def _sa_scores_kernel(u_ptr, e_ptr, v_ptr, part_ptr,
     k_end = tl.minimum(I, (ks + 1) * K_PER)
     acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=ACC)
     for k0 in range(ks * K_PER, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = k0 + idx(tl.arange(0, BLOCK_K), IDX64)
         mask_k = offs_k < k_end
         e = tl.load(e_ptr + offs_c[:, None] * stride_ec + offs_k[None, :] * stride_ek,
                     mask=mask_c[:, None] & mask_k[None, :], other=0.0).to(ACC)
@@ -197,7 +198,7 @@ def _sa_softmax_product_kernel(part_ptr, x_ptr, S_ptr, a_ptr,
                                KSPLIT, N, C, D,
                                stride_xb, stride_xn, stride_xd,
                                ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_D: tl.constexpr):
+                               BLOCK_D: tl.constexpr, IDX64: tl.constexpr):
     """a = softmax_n(scores) and S[:, d-block] = a @ x[:, d-block] for one (image, class block, D block).
 
     Two passes over the N blocks (one block for N <= BLOCK_N): the online row max and sum of exponentials, then
@@ -205,12 +206,12 @@ def _sa_softmax_product_kernel(part_ptr, x_ptr, S_ptr, a_ptr,
     stores a.
     """
     b = tl.program_id(0).to(tl.int64)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_c = idx(tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C), IDX64)
     pid_d = tl.program_id(2)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_d = idx(pid_d * BLOCK_D + tl.arange(0, BLOCK_D), IDX64)
     mask_c = offs_c < C
     mask_d = offs_d < D
-    arange_n = tl.arange(0, BLOCK_N)
+    arange_n = idx(tl.arange(0, BLOCK_N), IDX64)
     ks_stride = tl.num_programs(0).to(tl.int64) * C * N  # B * C * N
     part_b = part_ptr + b * C * N
     x_b = x_ptr + b * stride_xb
@@ -247,7 +248,8 @@ def _sa_bwd_kernel(a_ptr, gat_ptr, dot_ptr, u_ptr, e_ptr, v_ptr, gu_ptr, ge_part
                    R, N, C, I, ROW_TILES,
                    stride_ub, stride_un, stride_uk,
                    stride_ec, stride_ek, stride_vk,
-                   ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+                   ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                   IDX64: tl.constexpr):
     """One pass over the (row, class, k) triples of row tiles g, g + G, g + 2G, ... and one k tile.
 
     Per row tile (rows r = b * N + n flattened over the batch) and class block, the softmax backward
@@ -259,7 +261,7 @@ def _sa_bwd_kernel(a_ptr, gat_ptr, dot_ptr, u_ptr, e_ptr, v_ptr, gu_ptr, ge_part
     """
     g = tl.program_id(0)
     G = tl.num_programs(0)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_k = idx(tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K), IDX64)
     mask_k = offs_k < I
     v = tl.load(v_ptr + offs_k * stride_vk, mask=mask_k, other=0.0).to(ACC)
     ge_g = ge_part_ptr + g.to(tl.int64) * C * I  # ge_part: contiguous (G, C, I) in ACC
@@ -275,7 +277,7 @@ def _sa_bwd_kernel(a_ptr, gat_ptr, dot_ptr, u_ptr, e_ptr, v_ptr, gu_ptr, ge_part
         bcn_rows = b * C * N + n  # a and ga_total: contiguous (B, C, N); dot: contiguous (B, C)
         acc_u = tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC)
         for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
+            offs_c = c0 + idx(tl.arange(0, BLOCK_C), IDX64)
             mask_c = offs_c < C
             mask_ck = mask_c[:, None] & mask_k[None, :]
             e = tl.load(e_ptr + offs_c[:, None] * stride_ec + offs_k[None, :] * stride_ek,
@@ -304,19 +306,19 @@ def _sa_bwd_kernel(a_ptr, gat_ptr, dot_ptr, u_ptr, e_ptr, v_ptr, gu_ptr, ge_part
 
 @triton.jit
 def _sa_bwd_finalize_kernel(ge_part_ptr, gv_part_ptr, v_ptr, ge_ptr, gv_ptr, G, C, I, stride_vk,
-                            ACC: tl.constexpr, BLOCK_K: tl.constexpr):
+                            ACC: tl.constexpr, BLOCK_K: tl.constexpr, IDX64: tl.constexpr):
     """grad_e[c] = v * sum_g ge_part[g, c] for rows c < C, and grad_v = sum_g gv_part[g] for row C: the groups summed
     in order (deterministic), v applied once, each result rounded once to its output's dtype. One launch instead of
     the sums, the product and the casts."""
-    row = tl.program_id(0)
+    row = idx(tl.program_id(0), IDX64)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < I
     acc = tl.zeros((BLOCK_K,), dtype=ACC)
     if row < C:
-        src = ge_part_ptr + row * I + offs_k  # ge_part: contiguous (G, C, I); C * I is far below 2**31
+        src = ge_part_ptr + row * I + offs_k  # ge_part: contiguous (G, C, I); C * I below 2**31 unless IDX64
         for _ in range(0, G):
             acc += tl.load(src, mask=mask_k, other=0.0)
-            src += C * I
+            src += idx(C, IDX64) * I
         acc *= tl.load(v_ptr + offs_k * stride_vk, mask=mask_k, other=0.0).to(ACC)
         tl.store(ge_ptr + row * I + offs_k, acc.to(ge_ptr.dtype.element_ty), mask=mask_k)
     else:
@@ -370,18 +372,19 @@ def semantic_attention_forward(x: Tensor, u: Tensor, e: Tensor, v: Tensor, *,
     acc = acc_dtype(x.dtype)
     part = torch.empty((ksplit, B, C, N), dtype=acc, device=x.device)
     R = B * N
+    idx64 = needs_int64(x, u, e, v, S, a, part)
     with device_guard(x):
         _sa_scores_kernel[(cdiv(R, sc["BLOCK_R"]), cdiv(C, sc["BLOCK_C"]), ksplit)](
             u, e, v, part, R, N, C, I, k_per,
             u.stride(0), u.stride(1), u.stride(2), e.stride(0), e.stride(1), v.stride(0),
-            ACC=tl_acc(x.dtype), BLOCK_R=sc["BLOCK_R"], BLOCK_C=sc["BLOCK_C"], BLOCK_K=sc["BLOCK_K"],
+            ACC=tl_acc(x.dtype), BLOCK_R=sc["BLOCK_R"], BLOCK_C=sc["BLOCK_C"], BLOCK_K=sc["BLOCK_K"], IDX64=idx64,
             num_warps=sc["num_warps"],
         )
         # max(1, ...): at D = 0 the D-block 0 programs still write a.
         _sa_softmax_product_kernel[(B, cdiv(C, pc["BLOCK_C"]), max(1, cdiv(D, pc["BLOCK_D"])))](
             part, x, S, a, ksplit, N, C, D, x.stride(0), x.stride(1), x.stride(2),
             ACC=tl_acc(x.dtype), BLOCK_C=pc["BLOCK_C"], BLOCK_N=pc["BLOCK_N"],
-            BLOCK_D=pc["BLOCK_D"], num_warps=pc["num_warps"],
+            BLOCK_D=pc["BLOCK_D"], IDX64=idx64, num_warps=pc["num_warps"],
         )
     return S, a
 
@@ -421,14 +424,16 @@ def semantic_attention_backward(
         ge_part = torch.empty((G, C, I), dtype=acc, device=x.device)
         gv_part = torch.empty((G, I), dtype=acc, device=x.device)
         k_tiles = cdiv(I, cfg["BLOCK_K"])
+        idx64 = needs_int64(x, u, e, v, ac, grad_u, ge_part)
         with device_guard(x):
             _sa_bwd_kernel[(G, k_tiles)](
                 ac, ga_total, dot, u, e, v, grad_u, ge_part, gv_part, R, N, C, I, row_tiles,
                 u.stride(0), u.stride(1), u.stride(2), e.stride(0), e.stride(1), v.stride(0),
                 ACC=tl_acc(x.dtype), BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"],
-                num_warps=cfg["num_warps"],
+                IDX64=idx64, num_warps=cfg["num_warps"],
             )
             _sa_bwd_finalize_kernel[(C + 1, k_tiles)](
                 ge_part, gv_part, v, grad_e, grad_v, G, C, I, v.stride(0), ACC=tl_acc(x.dtype), BLOCK_K=cfg["BLOCK_K"],
+                IDX64=idx64,
             )
     return grad_x.to(x.dtype).contiguous(), grad_u, grad_e, grad_v

@@ -148,6 +148,28 @@ def _launches(sms: int) -> Tuple[List[Tuple[str, Any, tuple, dict]], List[str], 
             if side * side == N:
                 qi.quadrant_index(z(B, C, N), z(B, N), side, side)
             out += [(f"{label}/{str(dtype).replace('torch.', '')}",) + rec for rec in log[start:]]
+    # A map too large for one register tile (100 x 100: the tiled quadrant kernel).
+    for dtype in (torch.float32, torch.bfloat16):
+        start = len(log)
+        qi.quadrant_index(torch.zeros((2, 3, 100 * 100), dtype=dtype), torch.zeros((2, 100 * 100), dtype=dtype), 100,
+                          100)
+        out += [(f"map100/{str(dtype).replace('torch.', '')}",) + rec for rec in log[start:]]
+    # The int64-offset variants (IDX64, for tensors spanning 2**31 elements or more), at the odd shape.
+    for mod in mods.values():
+        mod.needs_int64 = lambda *tensors: True
+    start = len(log)
+    B, N, C, D, I = 2, 13, 20, 33, 17
+    x, u, e, v, S, T = (torch.zeros(s) for s in ((B, N, D), (B, N, I), (C, I), (I,), (B, C, D), (B, C)))
+    q, partner = torch.zeros((B, C), dtype=torch.int64), torch.arange(B).flip(0)
+    select = torch.zeros((B, C), dtype=torch.bool)
+    sa.semantic_attention_backward(S, torch.zeros(B, C, N), x, u, e, v, sa.semantic_attention_forward(x, u, e, v)[1])
+    ib.instance_blend_forward(S, T, torch.zeros(()), partner)
+    ib.instance_blend_backward(S, T, S, T, torch.zeros(()), partner, False)
+    pb.prototype_blend_forward(S, T, torch.zeros(()), torch.zeros(C, 4, D), q, q + 1, select)
+    pb.prototype_blend_backward(S, T, S, torch.zeros(()), torch.zeros(C, 4, D), q, q + 1, select, False, True)
+    bu.prototype_bank_update(torch.zeros(C, 4, D), torch.zeros((C, 4), dtype=torch.int64), S, T, q, 100)
+    qi.quadrant_index(torch.zeros(B, C, 49), torch.zeros(B, 49), 7, 7)
+    out += [("idx64/float32",) + rec for rec in log[start:]]
     return out, kernels, sorted(unguarded)
 
 
