@@ -2,7 +2,9 @@
 register tile. Each case compares the triton backend with the torch backend through the public ops.
 
 Without a GPU the kernels run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1), which
-computes int32 index arithmetic as the GPU does (it wraps round), so the int32 cases reproduce here.
+computes int32 index arithmetic as the GPU does (it wraps round), so the int32 cases reproduce here; they build 8 GiB
+CPU views and run there only. On a GPU the compiled kernels run the other cases: the int64-offset variants forced at
+small shapes, and the tiled quadrant index.
 """
 
 import pytest
@@ -16,8 +18,7 @@ pytest.importorskip("triton", reason="the optional triton package is not install
 if triton_interpreter_problem():
     pytest.skip(triton_interpreter_problem(), allow_module_level=True)
 
-if torch.cuda.is_available():
-    pytest.skip("the cases build CPU tensors (interpreter); the GPU runs the same kernels", allow_module_level=True)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # A float16 storage of 2**32 + 2**20 elements (8 GiB of address space, of which the cases touch a few pages): a view
 # starting at element 2**31 with a stride of 2**30 along one dimension puts its third entry at offset 2**31 from its
@@ -29,6 +30,9 @@ SENTINEL = 100.0
 
 @pytest.fixture(scope="module")
 def storage():
+    if DEVICE == "cuda":
+        pytest.skip("the int32-wrap cases build CPU views for the interpreter; on a GPU the forced IDX64 case below "
+                    "runs the int64 code")
     try:
         base = torch.empty(2**32 + 2**20, dtype=torch.float16)
     except RuntimeError as exc:  # an address space or overcommit limit
@@ -139,6 +143,7 @@ def test_quadrant_index_map_beyond_one_tile():
     a = torch.rand(1, 1, H * W, generator=g)
     x_sum = torch.rand(1, H * W, generator=g)
     a[0, 0, (H - 1) * W + 600] = 5.0  # the peak: bottom right (row 1024 >= 512, column 600 >= 512)
+    a, x_sum = a.to(DEVICE), x_sum.to(DEVICE)
     q = ops.quadrant_index(a, x_sum, H, W, backend="triton")
     assert q.tolist() == [[3]]
     assert torch.equal(q, ops.quadrant_index(a, x_sum, H, W, backend="torch"))
@@ -169,6 +174,56 @@ def test_quadrant_index_tiled_kernel_matches_torch(monkeypatch, H, W, case):
     monkeypatch.setattr(kernel, "_MAX_TILE", 16)
     monkeypatch.setattr(kernel, "_TILED_TILE", 16)
     for dtype in (torch.float32, torch.float16):
-        a, x_sum = _maps(2, 3, H, W, dtype, case)
+        a, x_sum = (t.to(DEVICE) for t in _maps(2, 3, H, W, dtype, case))
         got = ops.quadrant_index(a, x_sum, H, W, backend="triton")
         assert torch.equal(got, ops.quadrant_index(a, x_sum, H, W, backend="torch")), (dtype, got)
+
+
+def test_forced_int64_offsets_match_torch(monkeypatch):
+    """The IDX64 variants of every kernel, forced at small odd shapes (they run only past int32 otherwise): forward
+    and every gradient equal the torch backend's, as the int32 code's do. On a GPU this is the compiled int64 code."""
+    import importlib
+
+    for name in ("semantic_attention", "instance_blend", "prototype_blend", "prototype_bank_update", "quadrant_index"):
+        monkeypatch.setattr(importlib.import_module(f"dsrb.kernels.{name}"), "needs_int64", lambda *tensors: True)
+    g = torch.Generator().manual_seed(5)
+    B, N, C, D, I = 3, 5, 7, 6, 9
+
+    def rand(*shape):
+        return torch.randn(shape, generator=g).to(DEVICE)
+
+    T = torch.randint(-1, 2, (B, C), generator=g).float().to(DEVICE)
+    q = torch.randint(0, 4, (B, C), generator=g).to(DEVICE)
+    shift = torch.randint(1, 4, (B, C), generator=g).to(DEVICE)
+    select = (torch.rand(B, C, generator=g) < 0.5).to(DEVICE)
+    x_sum = rand(B, 6).abs()
+    cases = [
+        (ops.semantic_attention, [rand(B, N, D), rand(B, N, I), rand(C, I), rand(I)], (0, 1, 2, 3)),
+        (lambda S, a, backend: ops.instance_blend(S, T, a, backend=backend), [rand(B, C, D), torch.tensor(0.3)],
+         (0, 1)),
+        (lambda S, b, k, backend: ops.prototype_blend(S, T, b, k, q, shift, select, backend=backend),
+         [rand(B, C, D), torch.tensor(0.3), rand(C, 4, D)], (0, 1, 2)),
+        (lambda S, backend: ops.prototype_bank_update(torch.zeros(C, 4, D, device=DEVICE),
+                                                      torch.zeros(C, 4, dtype=torch.long, device=DEVICE), S, T, q, 2,
+                                                      backend=backend), [rand(B, C, D)], ()),
+        (lambda a, backend: ops.quadrant_index(a, x_sum, 2, 3, backend=backend),
+         [torch.rand(B, C, 6, generator=g).to(DEVICE)], ()),
+    ]
+    for fn, inputs, differentiable in cases:
+        inputs = [t.to(DEVICE) for t in inputs]
+        results = []
+        for backend in ("triton", "torch"):
+            ins = [t.detach().clone().requires_grad_(i in differentiable) for i, t in enumerate(inputs)]
+            out = fn(*ins, backend=backend)
+            out = out if isinstance(out, tuple) else (out,)
+            grads = ()
+            if differentiable:
+                weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE) for o in out]
+                loss = sum((o * w).sum() for o, w in zip(out, weights) if o.is_floating_point())
+                grads = torch.autograd.grad(loss, [ins[i] for i in differentiable])
+            results.append(list(out) + list(grads))
+        for got, want in zip(*results):
+            if got.is_floating_point():
+                assert_close(got, want)
+            else:
+                assert torch.equal(got, want)
