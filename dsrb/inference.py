@@ -160,8 +160,8 @@ def load_model(checkpoint_path: PathLike, *, device: Union[str, torch.device] = 
         ValueError: ``device`` is malformed or not on this machine, or ``backend`` is unknown or cannot serve
         ``device`` (both checked first, each message naming its argument).
         FileNotFoundError: no such file. CheckpointError (a ValueError): not a dsrb training checkpoint, its
-        weights hold NaN or inf (or a negative BatchNorm variance), or they do not fit the model its model_kwargs describe. Every message names the
-        path.
+        weights hold NaN or inf (or a negative BatchNorm variance), or they do not fit the model its model_kwargs
+        describe. Every message names the path.
     """
     path = os.fspath(checkpoint_path)
     dev = check_device(device, name="argument 'device'")  # before reading what may be a large file

@@ -175,7 +175,8 @@ def test_nan_target_makes_the_loss_nan():
     """A NaN target (e.g. a soft target from a NaN blending coefficient) was neither > 0 nor < 0, so it was dropped
     like an unknown label and the loss came out finite: a silent wrong answer. It is NaN now, as in the reference."""
     logits = torch.randn(3, 4, generator=_gen(42), dtype=torch.float64)
-    targets = torch.tensor([[1.0, -1.0, 0.0, 1.0], [0.0, 1.0, -1.0, -1.0], [1.0, 0.0, 0.0, -1.0]], dtype=torch.float64)
+    targets = torch.tensor([[1.0, -1.0, 0.0, 1.0], [0.0, 1.0, -1.0, -1.0], [1.0, 0.0, 0.0, -1.0]],
+                           dtype=torch.float64)
     soft = targets.clone()
     soft[1, 0] = math.nan
     assert math.isfinite(losses.partial_bce(logits, targets).item())
