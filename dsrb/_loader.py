@@ -61,10 +61,19 @@ def batches(loader: Iterable, limit: Optional[int] = None) -> Iterator:
     late clean-up can close a queue's pipe twice ("Exception in thread QueueFeederThread ... Bad file descriptor").
     Meant for loaders without ``persistent_workers``, whose workers belong to one iteration (this package's own).
     A SIGTERM (:func:`dsrb._cli.stop_on_termination`) that comes while the iterator starts its workers stops the
-    loop once the iterator is made; one whose KeyboardInterrupt Python dropped stops it at the next batch.
+    loop once the iterator is made (or as it fails, where a worker died of it); one whose KeyboardInterrupt Python
+    dropped stops it at the next batch.
     """
     with termination_deferred():
-        iterator = iter(loader)
+        try:
+            iterator = iter(loader)
+        except RuntimeError as err:
+            # A worker that the same signal reached before torch had set its handler died of it, and torch's SIGCHLD
+            # handler (run after ours: signals are handled in number order) reported that while the iterator started
+            # the workers: no news, the run stops on the signal.
+            if _worker_died(err):
+                check_termination()
+            raise
     ending = None
     try:
         check_termination()  # a SIGTERM that came as the workers started

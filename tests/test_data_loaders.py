@@ -705,6 +705,30 @@ def test_an_interrupt_while_the_workers_stop_reaches_the_loop():
     assert seen == [1, 2, 3]
 
 
+def test_a_worker_dead_of_our_signal_as_the_workers_start_is_the_interrupt(monkeypatch):
+    """A process group's SIGTERM that lands while the iterator starts its workers: ours is only remembered there, and
+    a worker that died of it before torch set its handler is reported by torch's SIGCHLD handler as a RuntimeError
+    from ``iter(loader)``. That ended a run with a traceback instead of its interrupted line (seen under load); it
+    is the interrupt now. A worker's death without our signal is still the error."""
+    from dsrb import _cli
+    from dsrb._loader import batches
+
+    class Loader:
+        def __init__(self, signalled):
+            self.signalled = signalled
+
+        def __iter__(self):
+            if self.signalled:
+                monkeypatch.setattr(_cli, "_TERMINATED", True)  # what the deferred handler does
+            raise RuntimeError("DataLoader worker (pid 12345) is killed by signal: Terminated. ")
+
+    monkeypatch.setattr(_cli, "_TERMINATED", False)
+    with pytest.raises(RuntimeError, match=r"^DataLoader worker \(pid 12345\) is killed by signal"):
+        next(batches(Loader(signalled=False)))
+    with pytest.raises(KeyboardInterrupt):
+        next(batches(Loader(signalled=True)))
+
+
 _SIGNAL_IN_A_LOOP = """
 import os, signal, sys, torch
 from dsrb._cli import stop_on_termination
