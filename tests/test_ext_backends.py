@@ -88,6 +88,22 @@ def test_semantic_attention_matches_oracle(backend, shape, dtype):
             baseline=list(base) + grads(base, inputs))
 
 
+@pytest.mark.parametrize("backend", [backend_param("cpu")])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_semantic_attention_cpu_at_one_and_two_threads(backend, threads):
+    """The CPU backward gives each thread a chunk of rows, whose grad_v sums over the chunk's rows and classes: at one
+    thread that was one float32 sum of B N C terms, 3.7e-5 off the oracle at the VG shape (the table allows 1e-5)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        inputs = sa_inputs(2, 9, 200, 7, 12, torch.float32, "cpu")
+        out = ops.semantic_attention(*inputs, backend=backend)
+        got = list(out) + grads(out, inputs)
+    finally:
+        torch.set_num_threads(before)
+    compare(got, sa_oracle(inputs), torch.float32, ["S", "a", "grad x", "grad u", "grad e", "grad v"])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_semantic_attention_noncontiguous_and_deterministic(backend):
     inputs = [noncontiguous(t) for t in sa_inputs(2, 49, 20, 33, 17, torch.float32, _device(backend))]

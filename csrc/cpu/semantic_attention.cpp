@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "checks.h"
 #include "ops.h"
@@ -95,13 +96,18 @@ DSRB_INLINE void scores_impl(const T* u, const T* e, const T* v, T* s, int64_t N
 }
 
 // With gs = dL/ds (B, C, N): grad_u rows [r0, r1) (owned), and this chunk's partial grad_e (C, I) and grad_v (I).
+// grad_v sums over rows and classes: each row's classes are summed apart first, else one thread's sum ran over
+// B N C terms in a row (3,600 at B 2, N 9, C 200: off the torch oracle by 4e-5 relative in float32).
 template <typename T>
 DSRB_INLINE void score_grads_impl(const T* u, const T* e, const T* v, const T* gs, T* gu, T* ge, T* gv, int64_t N,
                              int64_t C, int64_t I, int64_t r0, int64_t r1) {
+  std::vector<T> row_gv(I);
+  T* gvr = row_gv.data();
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / N, n = r % N;
     const T* ur = u + r * I;
     T* gur = gu + r * I;
+    std::fill(row_gv.begin(), row_gv.end(), T(0));
     for (int64_t c = 0; c < C; ++c) {
       const T g = gs[(b * C + c) * N + n];
       const T* ec = e + c * I;
@@ -110,11 +116,13 @@ DSRB_INLINE void score_grads_impl(const T* u, const T* e, const T* v, const T* g
       for (int64_t k = 0; k < I; ++k) {
         const T z = tanh_arith(ur[k] * ec[k]);
         const T t = g * v[k] * (T(1) - z * z);  // d/d(u e) of g v tanh(u e)
-        gv[k] += g * z;
+        gvr[k] += g * z;
         gur[k] += t * ec[k];
         gec[k] += t * ur[k];
       }
     }
+#pragma omp simd
+    for (int64_t k = 0; k < I; ++k) gv[k] += gvr[k];
   }
 }
 
