@@ -88,6 +88,8 @@ def _unused_benchmark():
 
 
 def test_graph_pass_times_replays_of_one_capture(bench, benchmark, monkeypatch):
+    # Timed even where pytest-benchmark disables its fixture (under pytest-xdist, or --benchmark-disable).
+    monkeypatch.setattr(benchmark, "disabled", False)
     cuda = _FakeCuda(monkeypatch)
     bench.run_case(benchmark, cuda.call, device="cuda", info=dict(INFO), rounds=4)
     log = cuda.log

@@ -435,7 +435,9 @@ def test_interrupt_in_first_timed_round_keeps_finished_cases(tmp_path):
     root = os.path.join(os.path.dirname(__file__), "..")
     (tmp_path / "test_interrupted.py").write_text(INTERRUPTED_SUITE)
     out = tmp_path / "part.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.abspath(root), os.environ.get("PYTHONPATH", "")]))
+    # Not a pytest-xdist worker's variables: pytest-benchmark would take the inner session for one and time nothing.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.abspath(root), os.environ.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
                            str(tmp_path / "test_interrupted.py"), "--benchmark-json", str(out)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
