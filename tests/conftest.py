@@ -14,6 +14,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (the README's `-n auto`) the workers share the cores: torch's default of a thread per core in
+# each of them would oversubscribe the machine.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _WORKERS))
+
 # Inductor's on-disk graph cache does not notice a change to a custom op's schema or fake implementation, so a
 # stale entry can fail a compile test for no reason: key the cache folder on the package sources.
 _digest = hashlib.sha1()

@@ -17,6 +17,9 @@ from dsrb.data.builtin import ensure_builtin
 from dsrb.experiments import proportions
 from dsrb.experiments.report import RunResult, Stat, Sweep, markdown, read_results_csv, write_reports
 
+# One worker under pytest-xdist's --dist loadgroup (the README's command): the module's sweeps run once.
+pytestmark = pytest.mark.xdist_group("proportions")
+
 TINY = ["--backbone-width", "4", "--feature-dim", "16", "--inter-dim", "8", "--word-dim", "6", "--batch-size", "4",
         "--image-size", "64", "--workers", "0", "--blend-start-epoch", "1", "--prototype-interval", "1",
         "--limit-train-batches", "3", "--limit-test-batches", "3", "--lr", "1e-3", "--device", "cpu", "--epochs", "3"]

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -37,9 +38,16 @@ def max_threads(registers: int) -> int:
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
-@pytest.fixture(scope="module", params=[90, 80], ids=["sm90", "sm80"])
-def report(request):
-    """(arch, kernels line, launch records) of ``gpu_compile.py --arch``."""
+ARCHS = (90, 80)
+# Under pytest-xdist (`-n auto --dist loadgroup`, the README's command) this file's tests share one worker, which
+# compiles once; otherwise each worker that ran one of them would compile everything again.
+pytestmark = pytest.mark.xdist_group("gpu_compile")
+
+
+@pytest.fixture(scope="module")
+def reports():
+    """{arch: (exit status, stdout, stderr)} of ``gpu_compile.py --arch`` for each of ARCHS, run side by side (each
+    is one busy core for a minute or two on a cold Triton cache)."""
     if not os.path.exists(PTXAS):
         pytest.skip(f"this triton build ships no ptxas ({PTXAS}): cannot compile for a GPU here")
     from triton.compiler import ASTSource
@@ -48,10 +56,32 @@ def report(request):
         pytest.skip(f"triton {triton.__version__} has the older ASTSource(constants, AttrsDescriptor) interface, "
                     "which gpu_compile.py does not speak (CI and the GPU host have triton 3.7 and 3.6)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, SCRIPT, "--arch", str(request.param)], capture_output=True, text=True,
-                         env=env, timeout=900)
-    assert res.returncode == 0, res.stderr[-4000:]
-    lines = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+    runs = {}
+    try:
+        for arch in ARCHS:  # output to files: a full pipe would stall one compile until the other had finished
+            out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+            runs[arch] = (subprocess.Popen([sys.executable, SCRIPT, "--arch", str(arch)], stdout=out, stderr=err,
+                                           text=True, env=env), out, err)
+        results = {}
+        for arch, (proc, out, err) in runs.items():
+            proc.wait(timeout=900)
+            out.seek(0), err.seek(0)
+            results[arch] = (proc.returncode, out.read(), err.read())
+        return results
+    finally:
+        for proc, out, err in runs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            out.close(), err.close()
+
+
+@pytest.fixture(params=ARCHS, ids=[f"sm{a}" for a in ARCHS])
+def report(request, reports):
+    """(arch, kernels line, launch records) of ``gpu_compile.py --arch``."""
+    returncode, stdout, stderr = reports[request.param]
+    assert returncode == 0, stderr[-4000:]
+    lines = [json.loads(line) for line in stdout.splitlines() if line.strip()]
     return request.param, lines[0], lines[1:]
 
 
