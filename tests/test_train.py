@@ -818,8 +818,12 @@ def test_compiled_run_matches_the_eager_one(data_root, tmp_path):
     train.main(args(data_root, compiled, 2, "--compile", "--backbone-width", "8"))
     want, got = read_metrics(eager), read_metrics(compiled)
     assert got[1]["loss_instance"] > 0 and got[1]["loss_prototype"] > 0
+    # Epoch 0 (3 steps) to 1e-5 (2e-7 seen). By epoch 1 Adam has turned rounding noise in tiny gradients into steps of
+    # the learning rate's size: 8.5e-5 seen once in `pytest -n auto` (the two layouts above: 1e-3). A compiled graph
+    # that dropped a blend or a loss term is off by far more; its maths is checked in float64 in test_model_parts.py.
     for key, tol in (("loss", 1e-5), ("loss_instance", 1e-5), ("loss_prototype", 1e-5), ("mAP", 1e-3)):
-        assert [r[key] for r in got] == pytest.approx([r[key] for r in want], rel=tol), key  # 2e-7 seen
+        assert got[0][key] == pytest.approx(want[0][key], rel=tol), key
+        assert got[1][key] == pytest.approx(want[1][key], rel=max(tol, 1e-3)), key
     keys = torch.load(compiled / "last.pt", weights_only=False)["model"].keys()
     assert keys == torch.load(eager / "last.pt", weights_only=False)["model"].keys()
 
