@@ -1,6 +1,8 @@
 // Argument checks shared by the CPU and CUDA entry points: every message names the argument, what was expected and
 // what was given (architecture §10). Shape/dtype/device checks only; value checks that need data (index ranges,
 // target values) are done by each kernel where it reads the value, so a bad value is an error, never a bad read.
+// A wrong dtype raises TORCH_CHECK_TYPE (Python's TypeError), any other breach TORCH_CHECK_VALUE (ValueError): the
+// errors of the Python twins (dsrb/_checks.py, dsrb/ops/_common.py), so one call fails alike in every backend.
 #pragma once
 
 #include <ATen/MemoryOverlap.h>
@@ -39,8 +41,8 @@ inline std::string text(c10::IntArrayRef sizes) {  // as c10 prints sizes: [2, 4
 }
 
 inline void device(const at::Tensor& t, const char* name, c10::DeviceType type) {
-  TORCH_CHECK(t.device().type() == type, "argument '", name, "': expected a ", c10::DeviceTypeName(type, true),
-              " tensor, got one on ", t.device());
+  TORCH_CHECK_VALUE(t.device().type() == type, "argument '", name, "': expected a ", c10::DeviceTypeName(type, true),
+                    " tensor, got one on ", t.device());
 }
 
 // The dtypes every kernel computes in, as the Python twins' check_tensor(kind="float"): at::isFloatingType also takes
@@ -48,13 +50,13 @@ inline void device(const at::Tensor& t, const char* name, c10::DeviceType type) 
 // with an error naming no argument.
 inline void floating(const at::Tensor& t, const char* name) {
   const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kHalf || s == at::kBFloat16 || s == at::kFloat || s == at::kDouble, "argument '", name,
-              "': expected a floating-point tensor (float16, bfloat16, float32 or float64), got ", s);
+  TORCH_CHECK_TYPE(s == at::kHalf || s == at::kBFloat16 || s == at::kFloat || s == at::kDouble, "argument '", name,
+                   "': expected a floating-point tensor (float16, bfloat16, float32 or float64), got ", s);
 }
 
 inline void dtype(const at::Tensor& t, const char* name, at::ScalarType want, const char* why) {
-  TORCH_CHECK(t.scalar_type() == want, "argument '", name, "': expected dtype ", want, " (", why, "), got ",
-              t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == want, "argument '", name, "': expected dtype ", want, " (", why, "), got ",
+                   t.scalar_type());
 }
 
 // sizes: -1 matches any size.
@@ -70,13 +72,13 @@ inline void shape(const at::Tensor& t, const char* name, std::initializer_list<i
     i = 0;
     for (int64_t want : sizes) expected += (i++ ? ", " : "") + (want < 0 ? std::string("*") : std::to_string(want));
     expected += ")";
-    TORCH_CHECK(false, "argument '", name, "': expected shape ", expected, ", got ", text(t.sizes()));
+    TORCH_CHECK_VALUE(false, "argument '", name, "': expected shape ", expected, ", got ", text(t.sizes()));
   }
 }
 
 inline void same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), "argument '", name, "': expected it on ", ref.device(), " (the device of '",
-              ref_name, "'), got ", t.device());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "argument '", name, "': expected it on ", ref.device(),
+                    " (the device of '", ref_name, "'), got ", t.device());
 }
 
 // ---- per op --------------------------------------------------------------------------------------------------------
@@ -86,7 +88,7 @@ inline void semantic_attention(const at::Tensor& x, const at::Tensor& u, const a
   device(x, "x", type);
   floating(x, "x");
   shape(x, "x", {-1, -1, -1});
-  TORCH_CHECK(x.size(1) > 0, "argument 'x': expected at least one spatial position, got N = 0");
+  TORCH_CHECK_VALUE(x.size(1) > 0, "argument 'x': expected at least one spatial position, got N = 0");
   shape(u, "u", {x.size(0), x.size(1), -1});
   shape(e, "e", {-1, u.size(2)});
   shape(v, "v", {u.size(2)});
@@ -120,11 +122,11 @@ inline void blend(const at::Tensor& S, const at::Tensor& T, const at::Tensor& co
   shape(T, "T", {S.size(0), S.size(1)});
   same_device(T, "T", S, "S");
   dtype(T, "T", S.scalar_type(), "the dtype of 'S'");
-  TORCH_CHECK(coef.numel() == 1 && coef.dim() <= 1, "argument '", coef_name,
-              "': expected a one-element tensor of shape () or (1,), got ", text(coef.sizes()));
+  TORCH_CHECK_VALUE(coef.numel() == 1 && coef.dim() <= 1, "argument '", coef_name,
+                    "': expected a one-element tensor of shape () or (1,), got ", text(coef.sizes()));
   // Any floating dtype, float8 included, as the public ops take it: it is rounded to S's dtype.
-  TORCH_CHECK(at::isFloatingType(coef.scalar_type()), "argument '", coef_name,
-              "': expected a floating-point tensor, got ", coef.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(coef.scalar_type()), "argument '", coef_name,
+                   "': expected a floating-point tensor, got ", coef.scalar_type());
   same_device(coef, coef_name, S, "S");
 }
 
@@ -163,9 +165,9 @@ inline void quadrant_index(const at::Tensor& a, const at::Tensor& x_sum, int64_t
   same_device(x_sum, "x_sum", a, "a");
   dtype(x_sum, "x_sum", a.scalar_type(), "the dtype of 'a'");
   // width <= N / height first: the product of two huge ints must not wrap around to N.
-  TORCH_CHECK(height >= 1 && width >= 1 && width <= a.size(2) / height && height * width == a.size(2),
-              "arguments 'height', 'width': expected height * width == N = ", text(a.size(2)), ", got ",
-              text(height), " x ", text(width));
+  TORCH_CHECK_VALUE(height >= 1 && width >= 1 && width <= a.size(2) / height && height * width == a.size(2),
+                    "arguments 'height', 'width': expected height * width == N = ", text(a.size(2)), ", got ",
+                    text(height), " x ", text(width));
 }
 
 // The functional form takes T in S's dtype; the in-place form (in_place) takes T of any real dtype and needs sums and
@@ -182,18 +184,20 @@ inline void prototype_bank_update(const at::Tensor& sums, const at::Tensor& coun
   same_device(sums, "sums", S, "S");
   index(counts, "counts", S, {C, 4});
   if (in_place) {
-    TORCH_CHECK(sums.is_contiguous(), "argument 'sums': expected a contiguous tensor (it is updated in place)");
-    TORCH_CHECK(counts.is_contiguous(), "argument 'counts': expected a contiguous tensor (it is updated in place)");
+    TORCH_CHECK_VALUE(sums.is_contiguous(), "argument 'sums': expected a contiguous tensor (it is updated in place)");
+    TORCH_CHECK_VALUE(counts.is_contiguous(),
+                      "argument 'counts': expected a contiguous tensor (it is updated in place)");
   }
   shape(T, "T", {B, C});
   same_device(T, "T", S, "S");
   if (in_place) {
-    TORCH_CHECK(!at::isComplexType(T.scalar_type()), "argument 'T': expected a real tensor, got ", T.scalar_type());
+    TORCH_CHECK_TYPE(!at::isComplexType(T.scalar_type()), "argument 'T': expected a real tensor, got ",
+                     T.scalar_type());
   } else {
     dtype(T, "T", S.scalar_type(), "the dtype of 'S'");
   }
   index(quadrant, "quadrant", S, {B, C});
-  TORCH_CHECK(cap >= 0, "argument 'cap': expected a non-negative integer, got ", text(cap));
+  TORCH_CHECK_VALUE(cap >= 0, "argument 'cap': expected a non-negative integer, got ", text(cap));
   if (in_place) {  // the kernel reads S, T and quadrant while it writes sums and counts
     const std::pair<const at::Tensor*, const char*> written[] = {{&sums, "sums"}, {&counts, "counts"}};
     const std::pair<const at::Tensor*, const char*> read[] = {{&S, "S"}, {&T, "T"}, {&quadrant, "quadrant"}};
@@ -202,14 +206,14 @@ inline void prototype_bank_update(const at::Tensor& sums, const at::Tensor& coun
         const auto status = at::get_overlap_status(*w, *r);
         const bool shared = status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial ||
                             (status == at::MemOverlapStatus::TooHard && w->is_alias_of(*r));
-        TORCH_CHECK(!shared, "argument '", w_name, "': it shares memory with '", r_name,
-                    "', which the in-place update reads while it writes '", w_name, "'");
+        TORCH_CHECK_VALUE(!shared, "argument '", w_name, "': it shares memory with '", r_name,
+                          "', which the in-place update reads while it writes '", w_name, "'");
       }
     }
     const auto both = at::get_overlap_status(sums, counts);  // each would overwrite the other's values
-    TORCH_CHECK(both != at::MemOverlapStatus::Full && both != at::MemOverlapStatus::Partial &&
+    TORCH_CHECK_VALUE(both != at::MemOverlapStatus::Full && both != at::MemOverlapStatus::Partial &&
                     !(both == at::MemOverlapStatus::TooHard && sums.is_alias_of(counts)),
-                "argument 'counts': it shares memory with 'sums'; the bank update writes both");
+                      "argument 'counts': it shares memory with 'sums'; the bank update writes both");
   }
 }
 

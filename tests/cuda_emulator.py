@@ -106,9 +106,16 @@ def load():
         with open(path) as f:
             text = emulated_source(f.read(), os.path.basename(path))
         out = os.path.join(build, "src", os.path.splitext(os.path.basename(path))[0] + ".cpp")
-        with open(out + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(out + ".tmp", out)
+        try:
+            with open(out) as f:
+                same = f.read() == text
+        except OSError:
+            same = False
+        if not same:  # rewritten only when changed (a new mtime makes ninja compile it again)
+            tmp = f"{out}.{os.getpid()}.tmp"  # per process: xdist workers build the same emulator at once
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, out)
         sources.append(out)
     # The shim comes first so that #include <cuda_runtime.h> finds it; the toolkit's headers after it.
     flags = ["-O1", "-DDSRB_CUDA_EMULATION", "-ffp-contract=off", "-fno-strict-aliasing", "-Wno-unknown-pragmas",

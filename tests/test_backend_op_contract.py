@@ -2,7 +2,9 @@
 checks of ``dsrb.ops``) refuse arguments outside their contract with an error naming the argument, in every backend:
 the C++ ones through csrc/checks.h, the Python ones (``torch``, ``triton``) through the same contract in
 ``dsrb/ops`` (``_check_op``). Before, the ``triton`` launchers read past a too-short tensor (a segfault on an empty
-alpha, garbage from a short T) and the ``torch`` backend broadcast a short one into a silent wrong answer.
+alpha, garbage from a short T) and the ``torch`` backend broadcast a short one into a silent wrong answer. The
+error is the one the ``torch`` backend raises (TypeError for a dtype, ValueError otherwise): the C++ checks raised a
+RuntimeError for every breach until 2026-12-07.
 
 Every case is checked before any kernel runs, so the ``triton`` backend needs neither a GPU nor its interpreter here.
 """
@@ -107,15 +109,22 @@ CASES = [
 def test_backend_op_refuses_a_breach_naming_the_argument(backend, op, name, breach):
     args = _args(op, _device(backend))
     base, _, rest = op.partition("_backward")
-    fn = getattr(torch.ops.dsrb, f"{base}_{backend}{'_backward' if op.endswith('_backward') else ''}")
+    name_of = lambda b: f"{base}_{b}{'_backward' if op.endswith('_backward') else ''}"  # noqa: E731
+    fn = getattr(torch.ops.dsrb, name_of(backend))
     assert not rest
     if _runs(backend):
         fn(*args.values())  # the valid call runs
     args[name] = breach(args[name])
     # The C++ checks name height and width together ("arguments 'height', 'width'"), as does the Python mirror.
     named = "'height', 'width'" if name in ("height", "width") else f"'{name}'"
-    with pytest.raises((ValueError, TypeError, RuntimeError), match=f"argument.*{named}"):
+    with pytest.raises((ValueError, TypeError), match=f"argument.*{named}") as err:
         fn(*args.values())
+    # the same kind of error in every backend: TypeError for a dtype, ValueError for any other breach
+    twin = _args(op, "cpu")
+    twin[name] = breach(twin[name])
+    with pytest.raises((ValueError, TypeError)) as twin_err:
+        getattr(torch.ops.dsrb, name_of("torch"))(*twin.values())
+    assert type(err.value) is type(twin_err.value), (err.value, twin_err.value)
 
 
 @pytest.mark.parametrize("backend", [backend_param(b) for b in BACKENDS])

@@ -39,9 +39,9 @@ def test_cpu_ops_refuse_float8_by_name(dt):
     """semantic_attention_cpu computed in float32 and returned float8 where the torch op refuses; the other cpu
     kernels failed in their dtype dispatch ("not implemented for 'Float8_e4m3fn'"), naming no argument."""
     for name, call, arg in _raw_calls(torch.ops.dsrb, "cpu", dt):
-        with pytest.raises(RuntimeError, match=rf"argument '{arg}': {FLOAT_MSG}"):
+        with pytest.raises(TypeError, match=rf"argument '{arg}': {FLOAT_MSG}"):
             call()
-    with pytest.raises(RuntimeError, match=rf"argument 'sums': {FLOAT_MSG}"):
+    with pytest.raises(TypeError, match=rf"argument 'sums': {FLOAT_MSG}"):
         torch.ops.dsrb.prototype_bank_update_cpu_(torch.zeros(3, 4, 4, dtype=dt), torch.zeros(3, 4).long(),
                                                   torch.randn(2, 3, 4), torch.zeros(2, 3),
                                                   torch.zeros(2, 3, dtype=torch.long), 2)
@@ -56,7 +56,7 @@ def test_cuda_glue_refuses_float8_by_name():
     """The CUDA glue shares csrc/checks.h: the same error, before its own dtype switch."""
     emu = cuda_emulator.load()
     for name, call, arg in _raw_calls(emu, "cuda", torch.float8_e4m3fn):
-        with pytest.raises(RuntimeError, match=rf"argument '{arg}': {FLOAT_MSG}"):
+        with pytest.raises(TypeError, match=rf"argument '{arg}': {FLOAT_MSG}"):
             call()
 
 
@@ -109,7 +109,7 @@ def test_cpu_quadrant_index_refuses_sizes_past_its_int32_lanes(dtype, height, wi
     N = height * width
     a = torch.ones(1, 1, 1, dtype=dtype).expand(1, 1, N)
     x_sum = torch.ones(1, 1, dtype=dtype).expand(1, N)
-    with pytest.raises(RuntimeError, match=r"arguments 'height', 'width': the cpu kernel takes each at most "
+    with pytest.raises(ValueError, match=r"arguments 'height', 'width': the cpu kernel takes each at most "
                                            rf"2147483647 for a of dtype \w+ \(float64: any\), got {height} x {width}"):
         torch.ops.dsrb.quadrant_index_cpu(a, x_sum, height, width)
 

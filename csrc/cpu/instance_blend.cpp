@@ -26,8 +26,8 @@ std::vector<int64_t> read_partner(const Tensor& partner, int64_t B) {
   const int64_t* p = partner.data_ptr<int64_t>();
   std::vector<int64_t> out(p, p + B);
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(out[b] >= 0 && out[b] < B, "argument 'partner': expected values in [0, ", checks::text(B - 1),
-                "], got ", checks::text(out[b]), " at index ", checks::text(b));
+    TORCH_CHECK_VALUE(out[b] >= 0 && out[b] < B, "argument 'partner': expected values in [0, ", checks::text(B - 1),
+                      "], got ", checks::text(out[b]), " at index ", checks::text(b));
   }
   return out;
 }

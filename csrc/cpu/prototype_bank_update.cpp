@@ -36,8 +36,8 @@ void gather_class(const s_t* s, const Positive& positive, const int64_t* quad, i
   for (int64_t b = 0; b < B; ++b) {
     const int64_t r = b * C + c;
     const int64_t q = quad[r];
-    TORCH_CHECK(q >= 0 && q <= 3, "argument 'quadrant': expected values in [0, 3], got ", checks::text(q),
-                " at index (", checks::text(b), ", ", checks::text(c), ")");
+    TORCH_CHECK_VALUE(q >= 0 && q <= 3, "argument 'quadrant': expected values in [0, 3], got ", checks::text(q),
+                      " at index (", checks::text(b), ", ", checks::text(c), ")");
     if (!positive(r) || cnt[q] >= cap) continue;
     ++cnt[q];
     const s_t* __restrict__ src = s + r * D;

@@ -28,10 +28,10 @@ std::vector<uint8_t> buckets(const Tensor& quadrant, const Tensor& shift, int64_
   const int64_t* s = shift.data_ptr<int64_t>();
   std::vector<uint8_t> out(B * C);
   for (int64_t r = 0; r < B * C; ++r) {
-    TORCH_CHECK(q[r] >= 0 && q[r] <= 3, "argument 'quadrant': expected values in [0, 3], got ", checks::text(q[r]),
-                " at index (", checks::text(r / C), ", ", checks::text(r % C), ")");
-    TORCH_CHECK(s[r] >= 1 && s[r] <= 3, "argument 'shift': expected values in [1, 3], got ", checks::text(s[r]),
-                " at index (", checks::text(r / C), ", ", checks::text(r % C), ")");
+    TORCH_CHECK_VALUE(q[r] >= 0 && q[r] <= 3, "argument 'quadrant': expected values in [0, 3], got ",
+                      checks::text(q[r]), " at index (", checks::text(r / C), ", ", checks::text(r % C), ")");
+    TORCH_CHECK_VALUE(s[r] >= 1 && s[r] <= 3, "argument 'shift': expected values in [1, 3], got ", checks::text(s[r]),
+                      " at index (", checks::text(r / C), ", ", checks::text(r % C), ")");
     out[r] = static_cast<uint8_t>((q[r] - s[r] + 4) % 4);  // q - s >= -3: the non-negative remainder
   }
   return out;

@@ -119,10 +119,10 @@ Tensor quadrant_index_cpu(const Tensor& a_, const Tensor& x_sum_, int64_t height
   checks::quadrant_index(a_, x_sum_, height, width, c10::DeviceType::CPU);
   // Below fp64 the row and column indices live in the int32 lanes of the keys: a larger one would wrap around into a
   // wrong quadrant. Checked before a's copy (an expanded a of that size costs nothing until then).
-  TORCH_CHECK(a_.scalar_type() == at::kDouble ||
-                  std::max(height, width) <= static_cast<int64_t>(std::numeric_limits<int32_t>::max()),
-              "arguments 'height', 'width': the cpu kernel takes each at most 2147483647 for a of dtype ",
-              a_.scalar_type(), " (float64: any), got ", checks::text(height), " x ", checks::text(width));
+  TORCH_CHECK_VALUE(a_.scalar_type() == at::kDouble ||
+                        std::max(height, width) <= static_cast<int64_t>(std::numeric_limits<int32_t>::max()),
+                    "arguments 'height', 'width': the cpu kernel takes each at most 2147483647 for a of dtype ",
+                    a_.scalar_type(), " (float64: any), got ", checks::text(height), " x ", checks::text(width));
   const Tensor a = a_.contiguous(), x_sum = x_sum_.contiguous();
   const int64_t B = a.size(0), C = a.size(1), N = a.size(2), H = height, W = width;
   Tensor out = at::empty({B, C}, a.options().dtype(at::kLong));

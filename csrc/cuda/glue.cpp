@@ -53,8 +53,8 @@ DType dtype_tag(const at::Tensor& t, const char* name) {
     default:
       break;
   }
-  TORCH_CHECK(false, "argument '", name, "': dtype ", t.scalar_type(),
-              " is not supported by the CUDA backend (float16, bfloat16, float32, float64)");
+  TORCH_CHECK_TYPE(false, "argument '", name, "': dtype ", t.scalar_type(),
+                   " is not supported by the CUDA backend (float16, bfloat16, float32, float64)");
 }
 
 // fp32 accumulation for the half types, fp64 for fp64.
