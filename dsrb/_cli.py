@@ -3,7 +3,9 @@
 import argparse
 import contextlib
 import os
+import stat
 import sys
+import tempfile
 from typing import Iterable, Iterator, NoReturn, Tuple
 
 
@@ -215,8 +217,9 @@ def check_output_file(path: str, *, name: str = "argument --out", what: str = "t
     """Raise a ValueError starting with ``name`` unless a file can be written at ``path``: it is not a directory, nor
     one of the ``inputs`` ((what it is, path) pairs: the checkpoint, the images, which the write would replace), and
     its folder is a writable folder or can be made in one. For a check before long work whose result would be lost
-    (the write itself, atomic, comes at the end). An empty ``path`` is refused (it names the current folder). Creates
-    nothing."""
+    (the write itself, atomic, comes at the end). An empty ``path`` is refused (it names the current folder). A
+    device, a pipe or a standard stream (``/dev/null``, ``/dev/stdout``), written to directly, needs no folder.
+    Leaves nothing behind (:func:`_check_folder` makes and removes a probe)."""
     if not path:  # "" (--out "") would be the current folder, found only by the write at the end
         raise ValueError(f"{name}: expected the path of {what}, got an empty string")
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
@@ -226,7 +229,23 @@ def check_output_file(path: str, *, name: str = "argument --out", what: str = "t
             if os.path.exists(source) and os.path.samefile(path, source):
                 raise ValueError(f"{name}: {path} is {label}, which writing there would replace; expected the path "
                                  f"of {what}, another file")
+    if special_file(path):
+        return
     _check_folder(os.path.dirname(os.path.abspath(path)), name, "its folder")
+
+
+def special_file(path: str) -> bool:
+    """Whether ``path`` is written to in place, not replaced by an atomic rename (:func:`dsrb._files.atomic_write`):
+    a standard stream, or an existing file that is neither a regular file nor a folder (a device, a pipe)."""
+    from ._files import standard_stream
+
+    if standard_stream(path) is not None:
+        return True
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def check_output_dir(path: str, *, name: str, what: str = "the folder to write to") -> None:
@@ -248,6 +267,15 @@ def _check_folder(folder: str, name: str, what: str) -> None:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         raise ValueError(f"{name}: {existing} is a file, not a folder")
+    where = what if existing == folder else f"cannot make {what} {folder}:"
     if not os.access(existing, os.W_OK | os.X_OK):  # False on a read-only file system too
-        where = what if existing == folder else f"cannot make {what} {folder}:"
         raise ValueError(f"{name}: {where} {existing} is not writable")
+    try:  # root passes os.access where nothing can be made (/proc, /sys): a probe, made and removed at once
+        if existing == folder:
+            fd, probe = tempfile.mkstemp(prefix=".dsrb-probe-", dir=existing)
+            os.close(fd)
+            os.unlink(probe)
+        else:
+            os.rmdir(tempfile.mkdtemp(prefix=".dsrb-probe-", dir=existing))
+    except OSError as err:
+        raise ValueError(f"{name}: {where} {existing} is not writable ({err.strerror or err})") from None

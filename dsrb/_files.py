@@ -172,3 +172,24 @@ def remove_stale_temporaries(directory: str, names) -> None:
         if (entry.name.startswith(TMP_PREFIX) and entry.name.endswith(suffixes)
                 and entry.is_file(follow_symlinks=False)):
             os.unlink(entry.path)
+
+
+def lock_directory(path: str) -> Optional[int]:
+    """An exclusive, non-blocking lock on the folder ``path`` (a flock on the folder itself: no file in it), released
+    when the returned descriptor is closed or the process ends, a kill included. BlockingIOError when another
+    process holds it; None where locks are missing (no fcntl; a file system without flock: unguarded). The
+    descriptor is not inherited by subprocesses (PEP 446)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:  # some network file systems
+        os.close(fd)
+        return None
+    return fd

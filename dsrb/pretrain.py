@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from . import __version__
-from ._cli import ArgumentParser, check_output_file, fail, stop_on_termination
+from ._cli import ArgumentParser, check_output_file, fail, special_file, stop_on_termination
 from ._files import expand_home
 from ._loader import batches, end_quietly_on_sigterm
 from .checkpoint import FileLock, atomic_write, save_json
@@ -145,8 +145,12 @@ def cache_path(backbone: str, width: int, image_size: int, root: Union[str, os.P
 def _save(path: Path, state, info) -> None:
     """The weights at ``path`` (not a .json name) and their recipe and scores beside them, ``path`` with suffix .json.
     The info first: the weights file marks the cache complete, and a stop between the two writes left weights that
-    were never given their info file."""
-    save_json(str(path.with_suffix(".json")), info)
+    were never given their info file. A ``path`` written in place (``/dev/null``, a pipe) has no info file: beside it
+    would be a new file in /dev."""
+    if special_file(str(path)):
+        log.info("no info file beside %s (not a regular file): %s", path, json.dumps(info, sort_keys=True))
+    else:
+        save_json(str(path.with_suffix(".json")), info)
     atomic_write(str(path), lambda f: torch.save(state, f))
 
 
@@ -203,8 +207,9 @@ def main(argv=None) -> None:
         try:
             check_output_file(args.out, what="the weights file to write")
             # the info file is written beside the weights: a folder in its way failed after the pre-training
-            check_output_file(str(Path(args.out).with_suffix(".json")),
-                              what=f"the info file written beside the weights {args.out}")
+            if not special_file(args.out):
+                check_output_file(str(Path(args.out).with_suffix(".json")),
+                                  what=f"the info file written beside the weights {args.out}")
         except ValueError as err:
             p.error(str(err))
 

@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 from . import __version__
 from ._cli import check_output_dir, discard, error_line, fail, out_of_memory_line, stop_on_termination
+from ._files import lock_directory
 from ._loader import batches, end_quietly_on_sigterm, worker_stopped_with_us
 from .checkpoint import (append_line, atomic_write, load_checkpoint, remove_stale_temporaries, rng_state,
                          save_checkpoint, save_json, set_rng_state)
@@ -632,10 +633,14 @@ def _resolve_settings(cfg: TrainConfig, explicit: Dict[str, Any]) -> TrainConfig
         raise FileNotFoundError(f"setting 'resume': no run to resume in {cfg.out} ({path} is missing)")
     saved = load_config_file(path)
     changeable = ", ".join(n for n in RESUMABLE if n not in ("out", "resume"))
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for name, value in explicit.items():
-        if name not in RESUMABLE and name in saved and saved[name] != value:
+        # A setting newer than the run's config.json: the run was made with its default (TrainConfig(**saved) below)
+        made_with = saved.get(name, defaults.get(name))
+        if name not in RESUMABLE and made_with != value:
+            newer = "" if name in saved else f" (its default: {path} predates the setting)"
             raise ValueError(
-                f"setting '{name}': the run in {cfg.out} was made with {saved[name]!r}, --resume was given "
+                f"setting '{name}': the run in {cfg.out} was made with {made_with!r}{newer}, --resume was given "
                 f"{value!r}; a resumed run keeps its settings, except {changeable} (start a new run with another "
                 "--out to change it)")
     for name in ("word_vectors", "pretrained"):  # may point to the file's new place; last.pt holds what it loaded
@@ -823,25 +828,14 @@ def _check_same_run(cfg: TrainConfig, state: Dict[str, Any], last_path: str, out
 
 
 def _lock_run_directory(out: str) -> Optional[int]:
-    """An exclusive lock on the run directory (a flock on the folder itself: no file in it), held by the main process
-    while the run lives, so that a second run, or a resume, in it stops with an error instead of mixing both runs'
-    checkpoints and metrics. Returns the descriptor to close, or None where locks are missing (no fcntl; a file
-    system without flock)."""
+    """An exclusive lock on the run directory (:func:`dsrb._files.lock_directory`), held by the main process while the
+    run lives, so that a second run, or a resume, in it stops with an error instead of mixing both runs' checkpoints
+    and metrics. Returns the descriptor to close, or None where locks are missing."""
     try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        return None
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return lock_directory(out)
     except BlockingIOError:
-        os.close(fd)
         raise ValueError(f"setting 'out' (--out): another process is training in {out}; wait for it to end, or "
                          "choose another --out") from None
-    except OSError:  # some network file systems: unguarded, as before
-        os.close(fd)
-        return None
-    return fd
 
 
 def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[str, Any]:

@@ -811,6 +811,32 @@ def test_out_is_checked_before_inference(setup, tmp_path, monkeypatch):
     assert len(json.loads(new.read_text())) == 1
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_out_in_a_folder_where_nothing_can_be_made_is_refused_before_inference(setup, tmp_path, monkeypatch):
+    """Root passes os.access on /proc, where no file can be made: ``evaluate --out /proc/nope/x.json`` ran the whole
+    inference, then failed to write. The check now makes a probe there (and removes it). A device or a standard stream
+    is written in place, so its folder (/dev, which only root may write) is not checked."""
+    from dsrb import evaluate
+    from dsrb._cli import check_output_file
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before --out was checked")
+
+    monkeypatch.setattr(evaluate, "load_model", never)
+    for out, where in (("/proc/nope/x.json", "cannot make its folder /proc/nope: /proc"),
+                       ("/proc/x.json", "its folder /proc")):
+        with pytest.raises(ValueError, match=rf"^argument 'out' \(--out\): {re.escape(where)} is not writable"):
+            evaluate.main(["--checkpoint", setup["ckpt"], "--workers", "0", "--out", out])
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: p != "/dev" and real_access(p, mode, **k))
+    for out in ("/dev/null", "/dev/stdout"):
+        check_output_file(out)
+    made = tmp_path / "made"
+    check_output_file(str(made / "sub" / "x.json"))
+    check_output_file(str(tmp_path / "x.json"))
+    assert sorted(os.listdir(tmp_path)) == []  # the probes are gone, and no folder was made
+
+
 def test_evaluate_names_dataset_argument(setup):
     from dsrb.evaluate import main
 

@@ -1,5 +1,6 @@
 """Backbone pre-training on the built-in pre-training set, its cache, and ``dsrb.train --pretrained builtin``."""
 
+import io
 import json
 import os
 import re
@@ -129,6 +130,24 @@ def test_a_stop_between_the_writes_leaves_no_weights_without_info(tmp_path, monk
     monkeypatch.setattr(pretrain, "save_json", real)
     path = pretrain.builtin_pretrained("resnet18", 4, 32, root=tmp_path)  # trained again, both files written
     assert calls and os.path.isfile(path[: -len(".pth")] + ".json")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_out_to_a_pipe_or_device_writes_no_info_file_beside_it(tmp_path, monkeypatch, caplog):
+    """``--out /dev/null`` wrote the info file /dev/null.json (as root, a new file in /dev). A --out that is written
+    in place (a device, a named pipe) gets the weights only; the info goes to the log."""
+    monkeypatch.setattr(pretrain, "pretrain_backbone", lambda *a, **k: ({"w": torch.zeros(3)}, {"test_mAP": 0.5}))
+    pipe = tmp_path / "weights.pth"
+    os.mkfifo(pipe)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(pipe.read_bytes()))
+    reader.start()
+    with caplog.at_level("INFO", logger=pretrain.log.name):
+        pretrain.main(["--out", str(pipe)])
+    reader.join(timeout=60)
+    assert torch.load(io.BytesIO(received[0]))["w"].shape == (3,)
+    assert sorted(os.listdir(tmp_path)) == ["weights.pth"]  # no weights.json, no temporary file
+    assert re.search(r"no info file beside .*weights\.pth \(not a regular file\): .*test_mAP", caplog.text)
 
 
 def test_waiting_for_the_lock_is_said(tmp_path, monkeypatch, capsys):

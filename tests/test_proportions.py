@@ -171,6 +171,41 @@ def test_empty_out_is_refused(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_second_sweep_in_its_folder_is_refused_and_a_killed_ones_temporaries_go(tmp_path, monkeypatch):
+    """Two sweeps in one --out trained the same runs (each refused by the other's training lock) and rewrote the same
+    report; and a sweep killed in one of its atomic writes left the temporary file for good. The sweep now locks its
+    folder and, holding the lock, removes its own temporaries (not another program's)."""
+    from dsrb._files import lock_directory
+
+    out = tmp_path / "sweep"
+    run_dir = out / "runs" / "baseline-p0.30-s0"
+    run_dir.mkdir(parents=True)
+    stale = [out / ".tmp-k1ll3d00-table.md", out / ".tmp-k1ll3d00-sweep.json", run_dir / ".tmp-k1ll3d00-sweep_run.json"]
+    kept = [out / ".tmp-k1ll3d00-notes.txt", run_dir / ".tmp-k1ll3d00-last.pt"]  # not the sweep's (train's own)
+    for path in stale + kept:
+        path.write_text("torn")
+
+    class Started(Exception):
+        pass
+
+    def prepare(shared):
+        raise Started
+
+    monkeypatch.setattr(proportions, "_prepare", prepare)
+    argv = ["--out", str(out), "--no-plot", "--methods", "baseline", "--proportions", "0.3"]
+    held = lock_directory(str(out))  # another sweep's (a second open file conflicts as another process's would)
+    try:
+        with pytest.raises(ValueError, match=rf"^argument --out: another sweep is running in {re.escape(str(out))}"):
+            proportions.main(argv)
+        assert all(path.exists() for path in stale)  # nothing removed without the lock
+    finally:
+        os.close(held)
+    for _ in range(2):  # the lock is released when main ends (here by an exception), so the second call gets it
+        with pytest.raises(Started):
+            proportions.main(argv)
+    assert not any(path.exists() for path in stale) and all(path.exists() for path in kept)
+
+
 def test_a_damaged_sweep_file_is_named(tmp_path):
     """sweep.json edited by hand into invalid JSON: a bare "Expecting value: line 1 column 1", no file named."""
     out = tmp_path / "sweep"
@@ -254,6 +289,42 @@ def test_a_failed_run_ends_the_sweep(tmp_path, monkeypatch, capsys):
     assert not os.path.exists(runs[1].directory)  # nothing started after the failure
     out = capsys.readouterr().out
     assert "FAILED baseline-p0.30-s0 (exit 3)" in out and "boom" in out
+
+
+def test_a_second_ctrl_c_while_the_trainings_end_kills_them(tmp_path):
+    """The sweep's clean-up waits for each training it stopped; a second Ctrl-C in that wait escaped it, leaving the
+    trainings still ending unwatched, their logs open and their time unrecorded. Now it kills them (each resumes from
+    its last checkpoint) and the clean-up finishes."""
+    run = proportions.plan(str(tmp_path), ["baseline"], [0.3], [0])[0]
+    os.makedirs(run.directory)
+    log = open(os.path.join(run.directory, "stdout.log"), "ab")
+    # a training slow to end: it ignores SIGTERM
+    code = "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ok', flush=True); " \
+           "time.sleep(120)"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert child.stdout.readline() == b"ok\n"  # its handler is set
+
+    class SecondCtrlC:  # the first wait is interrupted, as by Ctrl-C pressed again
+        interrupted = False
+
+        def __getattr__(self, name):
+            return getattr(child, name)
+
+        def wait(self, timeout=None):
+            if not SecondCtrlC.interrupted:
+                SecondCtrlC.interrupted = True
+                raise KeyboardInterrupt
+            return child.wait(timeout)
+
+    try:
+        proportions._stop([(run, SecondCtrlC(), log, [], time.perf_counter())])
+        assert SecondCtrlC.interrupted and child.returncode == -signal.SIGKILL and log.closed
+        assert json.loads((tmp_path / "runs" / run.name / "sweep_time.json").read_text())["seconds"] > 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()
 
 
 def test_plan_order_and_method_settings(tmp_path):

@@ -825,6 +825,21 @@ def test_resume_checks_settings_against_the_runs_own(data_root, tmp_path):
         train.main(["--out", str(out), "--resume", "--epochs", "2", "--avgpool"])
 
 
+def test_resume_refuses_a_setting_newer_than_the_runs_config(data_root, tmp_path):
+    """A run saved before a setting existed was made with that setting's default (a resume gives it the default);
+    --resume with another value of it was taken without a word, so the run went on under a setting it never had."""
+    out = tmp_path / "run"
+    train.main(args(data_root, out))
+    config = json.loads((out / "config.json").read_text())
+    del config["lr_gamma"]  # as written by a version without it
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"^setting 'lr_gamma': the run in .* was made with 0.1 \(its default: "
+                                         r".*config.json predates the setting\), --resume was given 0.5"):
+        train.main(["--out", str(out), "--resume", "--epochs", "2", "--lr-gamma", "0.5"])
+    train.main(["--out", str(out), "--resume", "--epochs", "2", "--lr-gamma", "0.1"])  # its default: the same run
+    assert json.loads((out / "summary.json").read_text())["settings"]["lr_gamma"] == 0.1
+
+
 def test_ctrl_c_exits_130_and_the_run_resumes(data_root, tmp_path, monkeypatch, capsys):
     real = train.train_epoch
 

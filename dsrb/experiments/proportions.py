@@ -29,6 +29,7 @@ Output folder (``--out``, default ``runs/proportions-<preset>``):
 
 Resumable: a finished run is never trained again, an interrupted one continues from its ``last.pt`` (exactly, see
 ``dsrb.train --resume``); rerun the same command after a crash or Ctrl-C. The report is rewritten after every run.
+The folder is locked while a sweep runs in it: a second one there is refused (``--report-only`` is not).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from dsrb._cli import ArgumentParser, check_output_dir, exit_on_error, fail, stop_on_termination
+from dsrb._files import lock_directory, remove_stale_temporaries
 from dsrb.checkpoint import save_json
 from dsrb.config import PRESETS, check_device, load_config_file, parse_args
 from dsrb.config import build_parser as build_train_parser
@@ -246,6 +248,28 @@ def _claim_folder(out: str, shared: Dict[str, object]) -> None:
         save_json(path, shared)
 
 
+# What the sweep writes with atomic_write (a kill mid-write leaves a temporary file): in --out, and in each run's folder
+SWEEP_FILES = ("sweep.json", "results.csv", "summary.csv", "table.md", "plot.png")
+RUN_FILES = ("sweep_run.json", "sweep_time.json")
+
+
+def _lock_folder(out: str, runs: Sequence[GridRun]) -> Optional[int]:
+    """The sweep folder made and locked (:func:`dsrb._files.lock_directory`) while this sweep lives: a second sweep
+    there would train the same runs (each refused as "another process is training") and rewrite the same report.
+    Under the lock, the temporary files a killed sweep left are removed. Returns the descriptor to close."""
+    os.makedirs(out, exist_ok=True)
+    try:
+        lock = lock_directory(out)
+    except BlockingIOError:
+        raise ValueError(f"argument --out: another sweep is running in {out}; wait for it to end, or choose another "
+                         "--out") from None
+    remove_stale_temporaries(out, SWEEP_FILES)
+    for run in runs:
+        if os.path.isdir(run.directory):
+            remove_stale_temporaries(run.directory, RUN_FILES)
+    return lock
+
+
 def _result(run: GridRun) -> RunResult:
     with open(os.path.join(run.directory, "summary.json"), encoding="utf-8") as f:
         summary = json.load(f)
@@ -381,14 +405,29 @@ def run_sweep(runs: Sequence[GridRun], preset: str, train_flags: Sequence[str], 
     except BaseException:  # Ctrl-C, SIGTERM, or a failure of the sweep itself (a report it could not write, a
         # closed stdout): the trainings stop with it, resumable, instead of training on unwatched into the
         # directories that a rerun trains in too
-        for run, proc, log, *_ in active:
-            proc.terminate()
-        for run, proc, log, _, t0 in active:
-            proc.wait()
-            log.close()
-            _spent(run, add=time.perf_counter() - t0)
+        _stop(active)
         raise
     return failed
+
+
+def _stop(active) -> None:
+    """Stop the running trainings (SIGTERM: each stops as on Ctrl-C, resumable) and wait for them, recording their
+    time. A second Ctrl-C while they end kills them: a killed training resumes from its last checkpoint, where an
+    interrupt that escaped the wait left them running on unwatched and their time unrecorded."""
+    procs = [item[1] for item in active]
+    for proc in procs:
+        proc.terminate()
+    for run, proc, log, _, t0 in active:
+        while True:
+            try:
+                proc.wait()
+                break
+            except KeyboardInterrupt:
+                for other in procs:
+                    if other.poll() is None:
+                        other.kill()
+        log.close()
+        _spent(run, add=time.perf_counter() - t0)
 
 
 # --------------------------------------------------------------------------------------------------------- main
@@ -438,22 +477,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return write_reports(out, sweep, args.selection, make_plot=make_plot,
                              notes=_notes(args.preset, train_flags, shared, results))
 
-    if args.report_only:
-        if not os.path.isfile(os.path.join(out, "sweep.json")):
-            raise FileNotFoundError(f"argument --out: no sweep in {out} (sweep.json is missing)")
-        _claim_folder(out, shared)
-    else:
-        _claim_folder(out, shared)
-        _prepare(shared)
-        start = time.perf_counter()
-        failed = run_sweep(runs, args.preset, train_flags, jobs=jobs, threads=threads, on_finish=report)
-        print(f"sweep: {_clock(time.perf_counter() - start)} wall time", flush=True)
-        if failed:
-            report()
-            print(f"sweep: {len(failed)} run(s) failed: {', '.join(r.name for r in failed)}; fix the cause and "
-                  "rerun the same command to continue", file=sys.stderr)
-            return 1
-    paths = report()
+    lock = None
+    try:
+        if args.report_only:
+            if not os.path.isfile(os.path.join(out, "sweep.json")):
+                raise FileNotFoundError(f"argument --out: no sweep in {out} (sweep.json is missing)")
+            _claim_folder(out, shared)
+        else:
+            lock = _lock_folder(out, runs)
+            _claim_folder(out, shared)
+            _prepare(shared)
+            start = time.perf_counter()
+            failed = run_sweep(runs, args.preset, train_flags, jobs=jobs, threads=threads, on_finish=report)
+            print(f"sweep: {_clock(time.perf_counter() - start)} wall time", flush=True)
+            if failed:
+                report()
+                print(f"sweep: {len(failed)} run(s) failed: {', '.join(r.name for r in failed)}; fix the cause and "
+                      "rerun the same command to continue", file=sys.stderr)
+                return 1
+        return _print_report(out, report())
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _print_report(out: str, paths: Dict[str, str]) -> int:
+    """The table on stdout, then what was written; 0, main's exit status."""
     with open(paths["table.md"], encoding="utf-8") as f:
         print(f.read())
     print("written: " + ", ".join(paths.values()), flush=True)  # a closed pipe fails here, not at exit
