@@ -815,6 +815,25 @@ def _init_worker(worker_id: int) -> None:
             pass
 
 
+def _check_ranks_resume_alike(d: Dist, state: Optional[Dict[str, Any]], last_path: str) -> None:
+    """Every rank reads its own ``last_path``: on nodes that do not share --out, one rank resumed while another
+    started afresh (or resumed an older copy), and with their optimizer states and epochs apart the replicas trained
+    on, silently diverging, until the ranks' collectives no longer matched. One all-reduce of each rank's epoch (-1
+    for no checkpoint) finds it on every rank at once, so all stop with the same error."""
+    if not d.enabled:
+        return
+    device = torch.cuda.current_device() if dist.get_backend() == "nccl" else "cpu"
+    mine = int(state["epoch"]) if state is not None else -1
+    low = torch.tensor([mine], dtype=torch.int64, device=device)
+    high = low.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if low.item() != high.item():
+        raise ValueError(f"setting 'out' (--out): the ranks do not see the same {last_path} (the epochs done by the "
+                         f"checkpoint each rank found, -1 for none, range from {low.item()} to {high.item()}; rank "
+                         f"{d.rank}: {mine}); a run on several nodes needs --out on a folder that every node shares")
+
+
 def _check_same_run(cfg: TrainConfig, state: Dict[str, Any], last_path: str, out: str) -> None:
     """``last.pt`` was written by the run of ``config.json``: every setting a resume keeps (not in
     :data:`dsrb.config.RESUMABLE`) as the checkpoint records it. A ``last.pt`` of another run with the same shapes
@@ -873,6 +892,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
         if missing:
             raise ValueError(f"checkpoint {last_path}: not a dsrb training checkpoint (missing {missing}); expected "
                              "the last.pt that python -m dsrb.train writes")
+    _check_ranks_resume_alike(d, state if resumed else None, last_path)
     train_set, test_set, words, save_partial = build_data(cfg, out, d, resumed,
                                                           state.get("class_names") if resumed else None)
     if len(make_loader(train_set, cfg, d, train=True, seed=0, device=device)) == 0:

@@ -5,6 +5,7 @@ import math
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -656,6 +657,40 @@ def test_ddp_one_rank_failing_stops_the_others_with_one_line(data_root, tmp_path
     for err in (err0, err1):
         assert "Traceback" not in err and "terminate called" not in err, err[-3000:]
         assert "group alive at exit: False" in err, err[-3000:]
+
+
+# Rank 1 on "another node": the same --out names its own folder there (here: the run's folder with -copy appended).
+OWN_FOLDER_LAUNCHER = """
+import os, sys
+import torch.distributed as dist
+from dsrb import train
+
+argv = sys.argv[2:]
+if os.environ["RANK"] == "1":
+    argv[argv.index("--out") + 1] += "-copy"
+try:
+    train.cli(argv)
+finally:
+    print(f"group alive at exit: {dist.is_initialized()}", file=sys.stderr)
+"""
+
+
+def test_ddp_resume_from_folders_that_differ_by_node_stops_every_rank(data_root, tmp_path):
+    """Each rank reads last.pt from its own --out: where the nodes do not share it (here rank 1 finds an older copy of
+    the run), one rank resumed a later epoch than the other and their optimizers went apart, the replicas diverging
+    without a word. Every rank now stops with the same error before training."""
+    run = tmp_path / "run"
+    train.main(args(data_root, run, 1))
+    shutil.copytree(run, tmp_path / "run-copy")  # a copy on the other node, one epoch behind
+    train.main(["--out", str(run), "--resume", "--epochs", "2"])
+    (rc0, err0), (rc1, err1) = launch_ranks(tmp_path, -1, ["--out", str(run), "--resume", "--epochs", "3"],
+                                            script=OWN_FOLDER_LAUNCHER)
+    for rank, rc, err in ((0, rc0, err0), (1, rc1, err1)):
+        assert rc == 1 and re.search(rf"error: setting 'out' \(--out\): the ranks do not see the same .*last.pt "
+                                     rf"\(.* range from 1 to 2; rank {rank}: {2 - rank}\); a run on several nodes",
+                                     err), err[-3000:]
+        assert "Traceback" not in err and "group alive at exit: False" in err, err[-3000:]
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1]
 
 
 @pytest.mark.parametrize("case", ["run in --out", "file named runs"])
