@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from . import __version__
 from ._cli import ArgumentParser, check_output_file, fail, special_file, stop_on_termination
-from ._files import expand_home
+from ._files import expand_home, standard_stream
 from ._loader import batches, end_quietly_on_sigterm
 from .checkpoint import FileLock, atomic_write, save_json
 from .config import check_device
@@ -213,16 +213,20 @@ def main(argv=None) -> None:
         except ValueError as err:
             p.error(str(err))
 
+    # --out /dev/stdout: standard output holds the weights alone (the log goes to stderr, no path after them)
+    weights_on_stdout = args.out is not None and standard_stream(args.out) == 1
+
     def work() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
-                            stream=sys.stdout)
+                            stream=sys.stderr if weights_on_stdout else sys.stdout)
         if args.out is None:
             path = builtin_pretrained(args.backbone, args.backbone_width, args.image_size, device=device)
         else:
             state, info = pretrain_backbone(args.backbone, args.backbone_width, args.image_size, device=device)
             _save(Path(args.out), state, info)
             path = args.out
-        print_out(path + "\n")
+        if not weights_on_stdout:
+            print_out(path + "\n")
 
     # An unwritable cache or --out, a full disk, an unreadable image: one error line; out of memory: what to reduce.
     run_main(PROG, work, reduce="--image-size or --backbone-width")

@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import os
 import re
 import signal
@@ -148,6 +149,21 @@ def test_out_to_a_pipe_or_device_writes_no_info_file_beside_it(tmp_path, monkeyp
     assert torch.load(io.BytesIO(received[0]))["w"].shape == (3,)
     assert sorted(os.listdir(tmp_path)) == ["weights.pth"]  # no weights.json, no temporary file
     assert re.search(r"no info file beside .*weights\.pth \(not a regular file\): .*test_mAP", caplog.text)
+
+
+def test_weights_to_stdout_are_alone_there(monkeypatch, capfdbinary):
+    """``--out /dev/stdout`` put the log lines and the printed path on standard output around the weights, so the
+    stream (``> weights.pth``, a pipe) was no loadable file; the log goes to stderr then, and no path is printed."""
+    def pretrain_backbone(*args, **kwargs):
+        pretrain.log.info("pre-training")
+        return {"w": torch.arange(3.0)}, {"test_mAP": 0.5}
+
+    monkeypatch.setattr(pretrain, "pretrain_backbone", pretrain_backbone)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # basicConfig configures afresh, as in a new process
+    pretrain.main(["--out", "/dev/stdout"])
+    out, err = capfdbinary.readouterr()
+    assert torch.equal(torch.load(io.BytesIO(out))["w"], torch.arange(3.0))
+    assert b"pre-training" in err and b"/dev/stdout" not in out
 
 
 def test_waiting_for_the_lock_is_said(tmp_path, monkeypatch, capsys):
