@@ -716,16 +716,29 @@ def run(cfg: TrainConfig, explicit: Optional[Dict[str, Any]] = None) -> Dict[str
     ``--matmul-precision`` is set for the run and the previous process-wide setting restored after it. Every setting
     is checked (data, model, pre-trained weights, device) before anything is written in the run directory.
     """
-    cfg = _resolve_settings(cfg, explicit or {})
-    with matmul_precision(cfg.matmul_precision):
-        return _run(cfg)
+    failure = None
+    try:
+        cfg = _resolve_settings(cfg, explicit or {})
+    except Exception as err:  # a file that this rank's node lacks (the run to resume): the other ranks stop too
+        failure = err
+    return _run(cfg, failure)
 
 
-def _run(cfg: TrainConfig) -> Dict[str, Any]:
-    device = check_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+def _run(cfg: TrainConfig, failure: Optional[Exception] = None) -> Dict[str, Any]:
+    """:func:`run` with ``cfg`` resolved, or ``failure``: the error that resolving it (or the command line) raised.
+    Under torchrun a failing rank still joins the process group, to stop the other ranks with it: before, they
+    waited there for it (30 minutes, gloo's and NCCL's default timeout)."""
+    device = None
+    if failure is None:
+        try:
+            device = check_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+        except Exception as err:  # no GPU for this rank's LOCAL_RANK on its node, say
+            failure = err
     d = setup_distributed(cfg)
     try:
-        return _run_rank(cfg, d, device)
+        _raise_if_a_rank_failed(d, failure)
+        with matmul_precision(cfg.matmul_precision):
+            return _run_rank(cfg, d, device)
     except RuntimeError as err:
         if d.enabled and _peer_left(err):  # gloo's traceback would bury the error line of the rank that failed
             raise ValueError(f"rank {d.rank} stops: another process of the run failed or left (its error is "
@@ -787,6 +800,21 @@ def _run_rank(cfg: TrainConfig, d: Dist, device: torch.device) -> Dict[str, Any]
         for folder in made:  # a settings error: nothing written
             if os.path.isdir(folder) and not os.listdir(folder):
                 os.rmdir(folder)
+
+
+def _raise_if_a_rank_failed(d: Dist, failure: Optional[Exception]) -> None:
+    """Raise ``failure`` (this rank's error before the process group existed: its settings, its device), and on every
+    other rank, if any rank has one, a one-line error pointing to the first such rank. One all-reduce of a flag per
+    rank, which every rank makes after joining the group."""
+    if d.enabled:
+        device = torch.cuda.current_device() if dist.get_backend() == "nccl" else "cpu"
+        failed = torch.zeros(d.world, dtype=torch.int32, device=device)
+        failed[d.rank] = failure is not None
+        dist.all_reduce(failed)
+        if failure is None and bool(failed.any()):
+            raise ValueError(f"rank {d.rank} stops: rank {int(failed.nonzero()[0])} failed (its error above)")
+    if failure is not None:
+        raise failure
 
 
 def _peer_left(err: RuntimeError) -> bool:
@@ -1091,7 +1119,10 @@ def _load_pretrained(core: DSRB, path: str) -> None:
 
 
 def main(argv=None) -> None:
-    cfg, explicit = parse_args(argv)
+    try:
+        cfg, explicit = parse_args(argv)
+    except Exception as err:  # a --config file that this rank's node lacks: the other ranks stop too
+        _run(TrainConfig(), err)
     run(cfg, explicit)
 
 

@@ -620,7 +620,8 @@ finally:
 
 def launch_ranks(tmp_path, failing_rank, argv, script=RANK_LAUNCHER):
     """Both ranks of a gloo run of ``script`` started by hand, without torchrun (whose agent would stop the other
-    rank when one fails): each must end on its own. Returns each rank's (exit status, stderr)."""
+    rank when one fails): each must end on its own. ``failing_rank`` is the script's first argument (for
+    OWN_FOLDER_LAUNCHER: its flags). Returns each rank's (exit status, stderr)."""
     import socket
 
     launcher = tmp_path / "launch_rank.py"
@@ -659,15 +660,17 @@ def test_ddp_one_rank_failing_stops_the_others_with_one_line(data_root, tmp_path
         assert "group alive at exit: False" in err, err[-3000:]
 
 
-# Rank 1 on "another node": the same --out names its own folder there (here: the run's folder with -copy appended).
+# Rank 1 on "another node": the path after each flag named by the first argument (comma-separated; --out, say)
+# names its own file or folder there (here: the path with -copy appended).
 OWN_FOLDER_LAUNCHER = """
 import os, sys
 import torch.distributed as dist
 from dsrb import train
 
-argv = sys.argv[2:]
+flags, argv = sys.argv[1].split(","), sys.argv[2:]
 if os.environ["RANK"] == "1":
-    argv[argv.index("--out") + 1] += "-copy"
+    for flag in flags:
+        argv[argv.index(flag) + 1] += "-copy"
 try:
     train.cli(argv)
 finally:
@@ -683,7 +686,7 @@ def test_ddp_resume_from_folders_that_differ_by_node_stops_every_rank(data_root,
     train.main(args(data_root, run, 1))
     shutil.copytree(run, tmp_path / "run-copy")  # a copy on the other node, one epoch behind
     train.main(["--out", str(run), "--resume", "--epochs", "2"])
-    (rc0, err0), (rc1, err1) = launch_ranks(tmp_path, -1, ["--out", str(run), "--resume", "--epochs", "3"],
+    (rc0, err0), (rc1, err1) = launch_ranks(tmp_path, "--out", ["--out", str(run), "--resume", "--epochs", "3"],
                                             script=OWN_FOLDER_LAUNCHER)
     for rank, rc, err in ((0, rc0, err0), (1, rc1, err1)):
         assert rc == 1 and re.search(rf"error: setting 'out' \(--out\): the ranks do not see the same .*last.pt "
@@ -691,6 +694,32 @@ def test_ddp_resume_from_folders_that_differ_by_node_stops_every_rank(data_root,
                                      err), err[-3000:]
         assert "Traceback" not in err and "group alive at exit: False" in err, err[-3000:]
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+
+
+@pytest.mark.parametrize("lacking", ["run folder", "config file"])
+def test_ddp_settings_file_one_node_lacks_stops_every_rank(data_root, tmp_path, lacking):
+    """Rank 1's node lacks a file that the settings are read from (the run to resume in --out, the --config file): it
+    failed before joining the process group, and rank 0 waited for it there (the default timeout: 30 minutes). It
+    now joins the group to say so: rank 1 prints its error line, rank 0 one line pointing to it, before training."""
+    run, settings = tmp_path / "run", tmp_path / "settings.json"
+    if lacking == "run folder":
+        train.main(args(data_root, run, 1))
+        flag, argv = "--out", ["--out", str(run), "--resume", "--epochs", "2"]
+        expected = "setting 'resume': no run to resume in"
+    else:
+        settings.write_text('{"seed": 1}')
+        flag, argv = "--config", ["--config", str(settings), *args(data_root, run, 1)]
+        expected = "config file not found"
+    (rc0, err0), (rc1, err1) = launch_ranks(tmp_path, flag, argv, script=OWN_FOLDER_LAUNCHER)
+    assert rc1 == 1 and f"python -m dsrb.train: error: {expected}" in err1 and "-copy" in err1, err1[-3000:]
+    assert rc0 == 1 and "python -m dsrb.train: error: rank 0 stops: rank 1 failed (its error above)" in err0, \
+        err0[-3000:]
+    for err in (err0, err1):
+        assert "Traceback" not in err and "group alive at exit: False" in err, err[-3000:]
+    if lacking == "run folder":  # rank 0 stopped before training
+        assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0]
+    else:
+        assert not run.exists()
 
 
 @pytest.mark.parametrize("case", ["run in --out", "file named runs"])
