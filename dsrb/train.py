@@ -31,6 +31,7 @@ if __name__ == "__main__":  # before the imports below, which take seconds (torc
 import collections
 import dataclasses
 import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -862,6 +863,40 @@ def _check_ranks_resume_alike(d: Dist, state: Optional[Dict[str, Any]], last_pat
                          f"{d.rank}: {mine}); a run on several nodes needs --out on a folder that every node shares")
 
 
+def _check_ranks_data_alike(d: Dist, train_set, test_set) -> None:
+    """Every rank lists the data in its own --data-root (and drops its own unreadable images with --skip-bad-images):
+    where the nodes' copies differ, the ranks split one shuffle of different image lists, training some images twice
+    and others never, and with an uneven count took different numbers of steps, hanging in mismatched collectives.
+    A fingerprint of each split (image count, then a hash of its classes, image keys and labels) is compared with
+    two all-reduces, so all ranks stop with the same error."""
+    if not d.enabled:
+        return
+    splits = (("train", train_set, train_set.targets), ("test", test_set, test_set.labels))
+    mine = []
+    for _, dataset, labels in splits:
+        digest = hashlib.blake2b(digest_size=7)  # 56 bits: an int64 the all-reduce orders
+        for text in ("\n".join(dataset.class_names), "\n".join(dataset.image_keys())):
+            digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+        digest.update(labels.numpy().tobytes())
+        mine += [len(dataset), int.from_bytes(digest.digest(), "little")]
+    device = torch.cuda.current_device() if dist.get_backend() == "nccl" else "cpu"
+    low = torch.tensor(mine, dtype=torch.int64, device=device)
+    high = low.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    for i, (split, _, _) in enumerate(splits):
+        count, lo, hi = mine[2 * i], int(low[2 * i]), int(high[2 * i])
+        if lo != hi:
+            found = f"the {split} split has from {lo} to {hi} images over the ranks; rank {d.rank}: {count}"
+        elif low[2 * i + 1] != high[2 * i + 1]:
+            found = f"the {split} split's {count} images, their classes or labels differ between the ranks"
+        else:
+            continue
+        raise ValueError(f"setting 'data_root' (--data-root): the ranks do not see the same data ({found}); a run on "
+                         "several nodes needs the same dataset on every node (and no image that only some nodes can "
+                         "read, with --skip-bad-images)")
+
+
 def _check_same_run(cfg: TrainConfig, state: Dict[str, Any], last_path: str, out: str) -> None:
     """``last.pt`` was written by the run of ``config.json``: every setting a resume keeps (not in
     :data:`dsrb.config.RESUMABLE`) as the checkpoint records it. A ``last.pt`` of another run with the same shapes
@@ -923,6 +958,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
     _check_ranks_resume_alike(d, state if resumed else None, last_path)
     train_set, test_set, words, save_partial = build_data(cfg, out, d, resumed,
                                                           state.get("class_names") if resumed else None)
+    _check_ranks_data_alike(d, train_set, test_set)
     if len(make_loader(train_set, cfg, d, train=True, seed=0, device=device)) == 0:
         images = f"{len(train_set) // d.world} training images per process" if d.enabled else \
             f"{len(train_set)} training images"

@@ -696,6 +696,25 @@ def test_ddp_resume_from_folders_that_differ_by_node_stops_every_rank(data_root,
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1]
 
 
+def test_ddp_data_that_differs_by_node_stops_every_rank(data_root, tmp_path):
+    """Each rank lists the images in its own --data-root: where a node's copy differs (here rank 1's has an unreadable
+    image, which --skip-bad-images drops), the ranks split one shuffle of different image lists, training some images
+    twice and others never, and with an uneven count took different numbers of steps (the ranks hung in mismatched
+    collectives). Every rank now stops with the same error before training."""
+    data, copy = tmp_path / "data", tmp_path / "data-copy"
+    shutil.copytree(data_root, data)
+    shutil.copytree(data_root, copy)
+    sorted((copy / "images" / "train").iterdir())[0].write_bytes(b"not an image")
+    argv = args(str(data), tmp_path / "run", 1, "--skip-bad-images")
+    (rc0, err0), (rc1, err1) = launch_ranks(tmp_path, "--data-root", argv, script=OWN_FOLDER_LAUNCHER)
+    for rank, rc, err in ((0, rc0, err0), (1, rc1, err1)):
+        assert rc == 1 and re.search(r"error: setting 'data_root' \(--data-root\): the ranks do not see the same data "
+                                     rf"\(the train split has from 47 to 48 images over the ranks; rank {rank}: "
+                                     rf"{48 - rank}\); a run on several nodes", err), err[-3000:]
+        assert "Traceback" not in err and "group alive at exit: False" in err, err[-3000:]
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 @pytest.mark.parametrize("lacking", ["run folder", "config file"])
 def test_ddp_settings_file_one_node_lacks_stops_every_rank(data_root, tmp_path, lacking):
     """Rank 1's node lacks a file that the settings are read from (the run to resume in --out, the --config file): it
