@@ -572,6 +572,32 @@ def test_ddp_two_processes_gloo(data_root, tmp_path):
         assert torch.equal(saved[name], value), name
 
 
+def test_sigterm_to_torchrun_stops_every_rank_as_interrupted(data_root, tmp_path):
+    """The README's promise: SIGTERM to torchrun (a scheduler's stop) ends every rank with the "interrupted; resume
+    with" line, none with "another process of the run failed" (a rank that saw its peer leave first), and the run
+    resumes."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dsrb.train",
+           *args(data_root, out, 100)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(train.__file__)))
+    pythonpath = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), root) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=pythonpath)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # the ranks are training (the first epoch's line is written)
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=120)[0].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert output.count(f"python -m dsrb.train: interrupted; resume with --resume --out {out}") == 2, output[-3000:]
+    assert "rank 0 stops" not in output and "rank 1 stops" not in output, output[-3000:]
+    train.main(["--out", str(out), "--resume", "--epochs", str(len(read_metrics(out)) + 1)])  # one more epoch
+
+
 def test_ddp_rank_zero_failure_is_one_line_per_rank(tmp_path):
     """Under torchrun, a step rank 0 does first (here: reading the training data, from an empty folder) fails: rank 0
     prints its error line, the other rank one line pointing to it; no traceback from a barrier whose peer left."""
