@@ -844,6 +844,40 @@ def _init_worker(worker_id: int) -> None:
             pass
 
 
+# Settings that may differ between the ranks: paths each node names in its own way, and what each process uses
+# (its device, its loader workers, the event log only rank 0 writes).
+_PER_NODE_SETTINGS = ("out", "data_root", "word_vectors", "pretrained", "device", "workers", "tensorboard")
+
+
+def _check_ranks_settings_alike(d: Dist, cfg: TrainConfig) -> None:
+    """Every rank resolves its own settings (its node's --config file, the run's config.json on --resume): where a
+    node's copy differs, the replicas trained with other settings (a learning rate, a loss weight), silently apart.
+    Rank 0's settings are broadcast and compared on every rank; the ranks that differ name the settings, the others
+    stop with one line pointing to them."""
+    if not d.enabled:
+        return
+    device = torch.cuda.current_device() if dist.get_backend() == "nccl" else "cpu"
+    mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _PER_NODE_SETTINGS}
+    payload = json.dumps(mine, sort_keys=True).encode()
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=0)
+    data = torch.zeros(int(size.item()), dtype=torch.uint8, device=device)
+    if d.main:
+        data.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+    dist.broadcast(data, src=0)
+    rank0 = json.loads(bytes(data.cpu().numpy()).decode())
+    differing = sorted(k for k in set(mine) | set(rank0) if json.loads(json.dumps(mine.get(k))) != rank0.get(k))
+    flag = torch.tensor([int(bool(differing))], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if differing:
+        listing = ", ".join(f"{k} = {mine.get(k)!r} (rank 0: {rank0.get(k)!r})" for k in differing)
+        raise ValueError(f"rank {d.rank}'s settings differ from rank 0's: {listing}; a run on several nodes needs the "
+                         "same settings on every node (the same --config file, and --out on a folder every node "
+                         "shares)")
+    if flag.item():
+        raise ValueError(f"rank {d.rank} stops: another rank's settings differ from rank 0's (its error above)")
+
+
 def _check_ranks_resume_alike(d: Dist, state: Optional[Dict[str, Any]], last_path: str) -> None:
     """Every rank reads its own ``last_path``: on nodes that do not share --out, one rank resumed while another
     started afresh (or resumed an older copy), and with their optimizer states and epochs apart the replicas trained
@@ -922,6 +956,7 @@ def _lock_run_directory(out: str) -> Optional[int]:
 
 def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[str, Any]:
     last_path = os.path.join(out, "last.pt")
+    _check_ranks_settings_alike(d, cfg)
     # Rank 0's checks, through main_first: if one fails, the other ranks stop with one line, not gloo's traceback.
     main_first(d, lambda: _check_run_directory(cfg, out))
     log.info("dsrb %s, torch %s, device %s, %d process(es); run directory %s", __version__, torch.__version__,

@@ -741,6 +741,23 @@ def test_ddp_data_that_differs_by_node_stops_every_rank(data_root, tmp_path):
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+def test_ddp_settings_that_differ_by_node_stop_every_rank(data_root, tmp_path):
+    """Each rank reads its own node's --config file: where the copies differ (here the seed), the replicas trained
+    with other settings, silently apart. The rank that differs names the setting, the other stops with one line."""
+    settings = tmp_path / "settings.json"
+    settings.write_text('{"seed": 1}')
+    (tmp_path / "settings.json-copy").write_text('{"seed": 2}')
+    argv = ["--config", str(settings), *args(data_root, tmp_path / "run", 1)]
+    (rc0, err0), (rc1, err1) = launch_ranks(tmp_path, "--config", argv, script=OWN_FOLDER_LAUNCHER)
+    assert rc1 == 1 and "python -m dsrb.train: error: rank 1's settings differ from rank 0's: seed = 2 (rank 0: 1); " \
+        "a run on several nodes needs the same settings" in err1, err1[-3000:]
+    assert rc0 == 1 and "python -m dsrb.train: error: rank 0 stops: another rank's settings differ from rank 0's " \
+        "(its error above)" in err0, err0[-3000:]
+    for err in (err0, err1):
+        assert "Traceback" not in err and "group alive at exit: False" in err, err[-3000:]
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 @pytest.mark.parametrize("lacking", ["run folder", "config file"])
 def test_ddp_settings_file_one_node_lacks_stops_every_rank(data_root, tmp_path, lacking):
     """Rank 1's node lacks a file that the settings are read from (the run to resume in --out, the --config file): it
