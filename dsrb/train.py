@@ -106,6 +106,20 @@ def setup_distributed(cfg: TrainConfig) -> Dist:
     return d
 
 
+def _group_device():
+    """Where the process group's collectives take their tensors: the current GPU under NCCL, else the CPU."""
+    return torch.cuda.current_device() if dist.get_backend() == "nccl" else "cpu"
+
+
+def _range_over_ranks(values: Sequence[int]) -> Tuple[List[int], List[int]]:
+    """The element-wise minimum and maximum of the int64 ``values`` over the ranks (two all-reduces)."""
+    low = torch.tensor(list(values), dtype=torch.int64, device=_group_device())
+    high = low.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return low.tolist(), high.tolist()
+
+
 def main_first(d: Dist, work: Callable[[], Any]) -> Any:
     """``work()`` on the main process while the other ranks wait (a rank-0-first step: files it writes, data it
     generates), its result there and None elsewhere. If it fails, rank 0 raises its error and every other rank stops
@@ -120,7 +134,7 @@ def main_first(d: Dist, work: Callable[[], Any]) -> Any:
     # a 2-rank gloo run under CPU load aborted at exit in 3 of 6 runs ("terminate called without an active exception").
     if d.enabled:
         failed = torch.tensor([failure is not None], dtype=torch.int32,
-                              device=torch.cuda.current_device() if dist.get_backend() == "nccl" else "cpu")
+                              device=_group_device())
         dist.broadcast(failed, src=0)
         if not d.main and bool(failed):
             raise ValueError(f"rank {d.rank} stops: rank 0 failed (its error above)")
@@ -808,7 +822,7 @@ def _raise_if_a_rank_failed(d: Dist, failure: Optional[Exception]) -> None:
     other rank, if any rank has one, a one-line error pointing to the first such rank. One all-reduce of a flag per
     rank, which every rank makes after joining the group."""
     if d.enabled:
-        device = torch.cuda.current_device() if dist.get_backend() == "nccl" else "cpu"
+        device = _group_device()
         failed = torch.zeros(d.world, dtype=torch.int32, device=device)
         failed[d.rank] = failure is not None
         dist.all_reduce(failed)
@@ -856,7 +870,7 @@ def _check_ranks_settings_alike(d: Dist, cfg: TrainConfig) -> None:
     stop with one line pointing to them."""
     if not d.enabled:
         return
-    device = torch.cuda.current_device() if dist.get_backend() == "nccl" else "cpu"
+    device = _group_device()
     mine = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _PER_NODE_SETTINGS}
     payload = json.dumps(mine, sort_keys=True).encode()
     size = torch.tensor([len(payload)], dtype=torch.int64, device=device)
@@ -885,16 +899,12 @@ def _check_ranks_resume_alike(d: Dist, state: Optional[Dict[str, Any]], last_pat
     for no checkpoint) finds it on every rank at once, so all stop with the same error."""
     if not d.enabled:
         return
-    device = torch.cuda.current_device() if dist.get_backend() == "nccl" else "cpu"
     mine = int(state["epoch"]) if state is not None else -1
-    low = torch.tensor([mine], dtype=torch.int64, device=device)
-    high = low.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    if low.item() != high.item():
+    (low,), (high,) = _range_over_ranks([mine])
+    if low != high:
         raise ValueError(f"setting 'out' (--out): the ranks do not see the same {last_path} (the epochs done by the "
-                         f"checkpoint each rank found, -1 for none, range from {low.item()} to {high.item()}; rank "
-                         f"{d.rank}: {mine}); a run on several nodes needs --out on a folder that every node shares")
+                         f"checkpoint each rank found, -1 for none, range from {low} to {high}; rank {d.rank}: "
+                         f"{mine}); a run on several nodes needs --out on a folder that every node shares")
 
 
 def _check_ranks_data_alike(d: Dist, train_set, test_set) -> None:
@@ -913,13 +923,9 @@ def _check_ranks_data_alike(d: Dist, train_set, test_set) -> None:
             digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
         digest.update(labels.numpy().tobytes())
         mine += [len(dataset), int.from_bytes(digest.digest(), "little")]
-    device = torch.cuda.current_device() if dist.get_backend() == "nccl" else "cpu"
-    low = torch.tensor(mine, dtype=torch.int64, device=device)
-    high = low.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    low, high = _range_over_ranks(mine)
     for i, (split, _, _) in enumerate(splits):
-        count, lo, hi = mine[2 * i], int(low[2 * i]), int(high[2 * i])
+        count, lo, hi = mine[2 * i], low[2 * i], high[2 * i]
         if lo != hi:
             found = f"the {split} split has from {lo} to {hi} images over the ranks; rank {d.rank}: {count}"
         elif low[2 * i + 1] != high[2 * i + 1]:
