@@ -3,7 +3,6 @@
 import argparse
 import contextlib
 import os
-import stat
 import sys
 import tempfile
 from typing import Iterable, Iterator, NoReturn, Tuple
@@ -229,23 +228,11 @@ def check_output_file(path: str, *, name: str = "argument --out", what: str = "t
             if os.path.exists(source) and os.path.samefile(path, source):
                 raise ValueError(f"{name}: {path} is {label}, which writing there would replace; expected the path "
                                  f"of {what}, another file")
+    from ._files import special_file
+
     if special_file(path):
         return
     _check_folder(os.path.dirname(os.path.abspath(path)), name, "its folder")
-
-
-def special_file(path: str) -> bool:
-    """Whether ``path`` is written to in place, not replaced by an atomic rename (:func:`dsrb._files.atomic_write`):
-    a standard stream, or an existing file that is neither a regular file nor a folder (a device, a pipe)."""
-    from ._files import standard_stream
-
-    if standard_stream(path) is not None:
-        return True
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return False
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def check_output_dir(path: str, *, name: str, what: str = "the folder to write to") -> None:

@@ -46,11 +46,7 @@ def atomic_write(path: str, write) -> None:
     or the file a shell redirected the stream to, behind the shell's back.
     """
     stream = standard_stream(path)
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:  # absent, a dangling link (or unreadable: the rename below reports it)
-        mode = None
-    if stream is not None or (mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
+    if special_file(path):
         try:
             if stream is not None:  # a duplicate shares the offset into a file the shell redirected the stream to
                 for buffered in (sys.stdout, sys.stderr):
@@ -98,6 +94,19 @@ def atomic_write(path: str, write) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def special_file(path: str) -> bool:
+    """Whether :func:`atomic_write` writes ``path`` in place rather than replacing it by a rename: a standard stream,
+    or an existing file that is neither a regular file nor a folder (a device, a pipe). An absent path, a dangling
+    link or an unreadable one is not (the rename reports the last)."""
+    if standard_stream(path) is not None:
+        return True
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def name_max(directory: str) -> int:

@@ -40,8 +40,8 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from . import __version__
-from ._cli import ArgumentParser, check_output_file, fail, special_file, stop_on_termination
-from ._files import expand_home, standard_stream
+from ._cli import ArgumentParser, check_output_file, fail, stop_on_termination
+from ._files import expand_home, special_file, standard_stream
 from ._loader import batches, end_quietly_on_sigterm
 from .checkpoint import FileLock, atomic_write, save_json
 from .config import check_device

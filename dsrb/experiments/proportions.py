@@ -55,7 +55,7 @@ from dsrb.config import PRESETS, check_device, load_config_file, parse_args
 from dsrb.config import build_parser as build_train_parser
 from dsrb.inference import positive_int
 
-from .report import SELECTIONS, RunResult, Sweep, write_reports
+from .report import REPORT_FILES, SELECTIONS, RunResult, Sweep, write_reports
 
 __all__ = ["METHODS", "GridRun", "cli", "main", "plan", "run_sweep"]
 
@@ -249,7 +249,7 @@ def _claim_folder(out: str, shared: Dict[str, object]) -> None:
 
 
 # What the sweep writes with atomic_write (a kill mid-write leaves a temporary file): in --out, and in each run's folder
-SWEEP_FILES = ("sweep.json", "results.csv", "summary.csv", "table.md", "plot.png")
+SWEEP_FILES = ("sweep.json", *REPORT_FILES)
 RUN_FILES = ("sweep_run.json", "sweep_time.json")
 
 

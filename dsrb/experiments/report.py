@@ -245,10 +245,13 @@ def plot(sweep: Sweep, path: str, selection: str = "best", title: str = "") -> N
     plt.close(fig)
 
 
+REPORT_FILES = ("results.csv", "summary.csv", "table.md", "plot.png")  # what write_reports writes
+
+
 def write_reports(out: str, sweep: Sweep, selection: str = "best", *, make_plot: bool = True,
                   notes: Sequence[str] = ()) -> Dict[str, str]:
     """Write results.csv, summary.csv, table.md (and plot.png) into ``out``; returns name -> path."""
-    paths = {name: os.path.join(out, name) for name in ("results.csv", "summary.csv", "table.md")}
+    paths = {name: os.path.join(out, name) for name in REPORT_FILES[:3]}
     ordered = sorted(sweep.results.values(), key=lambda r: (r.method, r.proportion, r.seed))
     header = [f.name for f in fields(RunResult)]
     # results.csv is the runs' data: every float as Python writes it back exactly (a proportion of 0.125 or 1/3 kept)
