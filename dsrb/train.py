@@ -1198,9 +1198,26 @@ def _load_pretrained(core: DSRB, path: str) -> None:
 def main(argv=None) -> None:
     try:
         cfg, explicit = parse_args(argv)
-    except Exception as err:  # a --config file that this rank's node lacks: the other ranks stop too
-        _run(TrainConfig(), err)
+    except (Exception, SystemExit) as err:  # a --config file, or a flag, that only this rank's node gets wrong
+        if isinstance(err, SystemExit) and (not err.code or int(os.environ.get("WORLD_SIZE", "1")) <= 1):
+            raise  # --help, or argparse's usage error (already printed) in a run of one process
+        _run(TrainConfig(device=_device_given(argv)), err)  # joins the group to stop the other ranks with it
     run(cfg, explicit)
+
+
+def _device_given(argv) -> str:
+    """The last ``--device`` of the command line, else the default: the device, and so the process group's backend
+    (NCCL or gloo, as the other ranks pick it), of a rank whose settings cannot be read."""
+    device = TrainConfig.device
+    args = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg == "--device" and i + 1 < len(args):
+            device = args[i + 1]
+        elif arg.startswith("--device="):
+            device = arg.partition("=")[2]
+    return device
 
 
 _REDUCE = "--batch-size, --image-size or the model's sizes"  # what an out-of-memory error says to reduce

@@ -784,6 +784,41 @@ def test_ddp_settings_file_one_node_lacks_stops_every_rank(data_root, tmp_path, 
         assert not run.exists()
 
 
+def test_ddp_flag_that_one_node_gets_wrong_stops_every_rank(data_root, tmp_path):
+    """A command line that argparse refuses on one node only (there: --epochs 1-copy; an older dsrb without a new
+    flag, say): that rank exited at once with argparse's usage error (status 2), and rank 0 waited for it in
+    init_process_group (the default timeout: 30 minutes). It now joins the group first: its usage line, then rank 0's
+    line pointing to it."""
+    argv = args(data_root, tmp_path / "run", 1)
+    (rc0, err0), (rc1, err1) = launch_ranks(tmp_path, "--epochs", argv, script=OWN_FOLDER_LAUNCHER)
+    assert rc1 == 2 and "error: argument --epochs: invalid int value: '1-copy'" in err1, err1[-3000:]
+    assert rc0 == 1 and "python -m dsrb.train: error: rank 0 stops: rank 1 failed (its error above)" in err0, \
+        err0[-3000:]
+    for err in (err0, err1):
+        assert "Traceback" not in err and "group alive at exit: False" in err, err[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, device", [([], "auto"), (["--device", "cpu"], "cpu"), (["--device=cuda:1"], "cuda:1"),
+                                          (["--device", "cpu", "--device", "cuda"], "cuda"), (["--device"], "auto"),
+                                          (["--", "--device", "cpu"], "auto")])
+def test_a_rank_whose_settings_fail_joins_the_group_for_the_device_given(monkeypatch, capsys, argv, device):
+    """The process group's backend follows the device (NCCL for CUDA, gloo otherwise): a rank whose command line
+    argparse refuses joins it for the --device given there, as the other ranks do, not for the default."""
+    joined = []
+
+    def joining(cfg, failure):
+        joined.append((cfg.device, failure))
+        raise failure
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(train, "_run", joining)
+    with pytest.raises(SystemExit):
+        train.main(["--epochs", "x", *argv])
+    assert [(d, type(f), f.code) for d, f in joined] == [(device, SystemExit, 2)]
+    assert "argument --epochs: invalid int value: 'x'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case", ["run in --out", "file named runs"])
 def test_ddp_rank_zero_check_failure_is_one_line_per_rank(data_root, tmp_path, case):
     """A check that rank 0 alone makes stops the other rank with one line pointing to rank 0's error, not with gloo's
