@@ -5,7 +5,7 @@ import contextlib
 import os
 import sys
 import tempfile
-from typing import Iterable, Iterator, NoReturn, Tuple
+from typing import Iterable, Iterator, NoReturn, Optional, Tuple
 
 
 def say(line: str) -> None:
@@ -25,13 +25,20 @@ def fail(line: str, status: int = 1) -> NoReturn:
     sys.exit(status)
 
 
+# The missing extension under DSRB_REQUIRE_EXT=1 of a tool that runs in several processes (dsrb.train under torchrun):
+# start() leaves it to the tool, which joins the other ranks to stop them with it. Exiting alone, the rank left them
+# waiting for it in init_process_group (its default timeout: 30 minutes) where its node alone lacked the extension.
+deferred_failure: Optional[ImportError] = None
+
+
 def start(prog: str, *, one_process: bool = True, require_ext: bool = True) -> None:
     """The first lines of every tool's ``__main__``: :func:`quiet_interrupt`; ``-h``/``--help`` answered without
     compiling the extension (the tools' imports build it on first use, a minute; help needs none of it); a
     ``one_process`` tool started as one of several processes (torchrun: WORLD_SIZE > 1) stops with one error line;
     the extension's on/off environment variables checked (one error line for a bad value); and, with
     ``require_ext``, a missing extension under DSRB_REQUIRE_EXT=1 one error line with the reason, where the tool's
-    imports would raise it as a traceback (dsrb.info passes False: it reports first, then fails)."""
+    imports would raise it as a traceback (dsrb.info passes False: it reports first, then fails; dsrb.train under
+    torchrun gets it as :data:`deferred_failure`)."""
     quiet_interrupt(prog)
     from ._build import check_env_flags, env_flag  # standard library only
 
@@ -54,7 +61,11 @@ def start(prog: str, *, one_process: bool = True, require_ext: bool = True) -> N
         try:
             _ext.load()
         except ImportError as err:
-            fail(f"{prog}: error: {err}")
+            if one_process or world in ("", "0", "1"):
+                fail(f"{prog}: error: {err}")
+            global deferred_failure
+            deferred_failure = err
+            os.environ["DSRB_REQUIRE_EXT"] = "0"  # the tool's imports pass (on the fallback), the tool stops
 
 
 class ArgumentParser(argparse.ArgumentParser):

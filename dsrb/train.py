@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-from . import __version__
+from . import __version__, _cli
 from ._cli import check_output_dir, discard, error_line, fail, out_of_memory_line, stop_on_termination
 from ._files import lock_directory
 from ._loader import batches, end_quietly_on_sigterm, worker_stopped_with_us
@@ -1197,6 +1197,8 @@ def _load_pretrained(core: DSRB, path: str) -> None:
 
 def main(argv=None) -> None:
     try:
+        if _cli.deferred_failure is not None:  # under torchrun: this node lacks the extension that it requires
+            raise _cli.deferred_failure
         cfg, explicit = parse_args(argv)
     except (Exception, SystemExit) as err:  # a --config file, or a flag, that only this rank's node gets wrong
         if isinstance(err, SystemExit) and (not err.code or int(os.environ.get("WORLD_SIZE", "1")) <= 1):
