@@ -331,9 +331,11 @@ def check_image_size(model: DSRB, size: int) -> None:
                          f"checkpoint's backbone (its 2x2 average pool needs a 2x2 layer4 map), got {size}")
 
 
+@torch.no_grad()  # else every batch's autograd graph stayed alive with its logits: memory grew with the images
 def image_logits(model: DSRB, paths: Sequence[str], image_size: int, *, batch_size: int = 16, workers: int = 0,
                  device: Optional[torch.device] = None) -> torch.Tensor:
-    """Logits (len(paths), C) on the CPU for the images at ``paths`` (test transform at ``image_size``)."""
+    """Logits (len(paths), C) on the CPU for the images at ``paths`` (test transform at ``image_size``), without
+    autograd."""
     from .data.transforms import TestTransform
 
     check_positive("batch_size", batch_size)
