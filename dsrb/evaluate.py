@@ -134,6 +134,10 @@ def evaluate_checkpoint(
     ds = build_dataset(dataset, split, root=data_root, transform=TestTransform(size), skip_bad=skip)
     ds.align_classes(info["class_names"], f"dataset '{dataset}' ({split}) vs checkpoint {path}", ours="the dataset",
                      theirs="the checkpoint")
+    if out is not None:  # nor one of the split's files, known now: the JSON would replace it after the inference
+        inputs = [(f"the list of the {split} split's images", ds.source)]
+        inputs += [(f"an image of the {split} split", p) for p in ds.image_paths]
+        check_output_file(os.fspath(out), name="argument 'out' (--out)", what="the JSON file to write", inputs=inputs)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
                         pin_memory=dev.type == "cuda", worker_init_fn=end_quietly_on_sigterm)
     scores, indices = [], []

@@ -300,6 +300,25 @@ def test_out_may_not_replace_an_input(setup, tmp_path):
     assert kept == {path: open(path, "rb").read() for path in kept}
 
 
+def test_evaluate_out_may_not_replace_the_datasets_files(setup, tmp_path, monkeypatch):
+    """``evaluate --out`` naming an image of the split it scores, or the split's list file, replaced it with the JSON
+    after the inference (the image then unreadable for the next run): refused before the inference, the file kept."""
+    import dsrb.evaluate as evaluate
+    from dsrb.evaluate import main
+
+    data = tmp_path / "data"
+    shutil.copytree(setup["data"], data)
+    image, listing = str(data / "images" / os.path.basename(setup["images"][0])), str(data / "test.csv")
+    kept = {path: open(path, "rb").read() for path in (image, listing)}
+    monkeypatch.setattr(evaluate, "compute_metrics", lambda *a, **k: pytest.fail("the inference ran"))
+    for out, what in ((image, "an image of the test split"), (listing, "the list of the test split's images")):
+        with pytest.raises(ValueError, match=f"argument 'out' \\(--out\\): .* is {what}, which writing there "
+                                             "would replace"):
+            main(["--checkpoint", setup["ckpt"], "--data-root", str(data), "--workers", "0", "--device", "cpu",
+                  "--out", out])
+    assert kept == {path: open(path, "rb").read() for path in kept}
+
+
 def test_predict_module_help():
     proc = subprocess.run([sys.executable, "-m", "dsrb.predict", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
