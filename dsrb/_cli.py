@@ -227,13 +227,17 @@ def check_output_file(path: str, *, name: str = "argument --out", what: str = "t
     """Raise a ValueError starting with ``name`` unless a file can be written at ``path``: it is not a directory, nor
     one of the ``inputs`` ((what it is, path) pairs: the checkpoint, the images, which the write would replace), and
     its folder is a writable folder or can be made in one. For a check before long work whose result would be lost
-    (the write itself, atomic, comes at the end). An empty ``path`` is refused (it names the current folder). A
-    device, a pipe or a standard stream (``/dev/null``, ``/dev/stdout``), written to directly, needs no folder.
-    Leaves nothing behind (:func:`_check_folder` makes and removes a probe)."""
+    (the write itself, atomic, comes at the end). An empty ``path`` is refused (it names the current folder), and so
+    is a broken symbolic link (the write would follow it, making its target's folders). A device, a pipe or a
+    standard stream (``/dev/null``, ``/dev/stdout``), written to directly, needs no folder. Leaves nothing behind
+    (:func:`_check_folder` makes and removes a probe)."""
     if not path:  # "" (--out "") would be the current folder, found only by the write at the end
         raise ValueError(f"{name}: expected the path of {what}, got an empty string")
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise ValueError(f"{name}: {path} is a directory; expected the path of {what}")
+    if os.path.islink(path) and not os.path.exists(path):  # the write would make its target's folders, anywhere
+        raise ValueError(f"{name}: {path} is a broken symbolic link (to {os.readlink(path)}); expected the path of "
+                         f"{what}")
     if os.path.exists(path):
         for label, source in inputs:
             if os.path.exists(source) and os.path.samefile(path, source):

@@ -1075,6 +1075,26 @@ def test_empty_and_broken_output_paths_are_refused_before_any_work(setup, tmp_pa
         predict.main(["--checkpoint", setup["ckpt"], image, "--out", str(broken / "p.json")])
 
 
+def test_out_that_is_a_broken_symlink_is_refused_before_any_work(setup, tmp_path, monkeypatch):
+    """README: a broken symlink as the output is an error. ``--out link.json`` (a link to a file in a folder that does
+    not exist) passed the check, and the write made the target's folders and wrote there (as root: /nonexistent/)."""
+    from dsrb import evaluate, predict
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the output was checked")
+
+    for module in (predict, evaluate):
+        monkeypatch.setattr(module, "load_model", never)
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "nowhere" / "p.json")
+    with pytest.raises(ValueError, match=rf"^argument --out: {re.escape(str(link))} is a broken symbolic link \(to "
+                                         r".*nowhere/p\.json\); expected the path of the JSON file to write$"):
+        predict.main(["--checkpoint", setup["ckpt"], setup["images"][0], "--out", str(link)])
+    with pytest.raises(ValueError, match=r"^argument 'out' \(--out\): .*link\.json is a broken symbolic link"):
+        evaluate.main(["--checkpoint", setup["ckpt"], "--out", str(link)])
+    assert not (tmp_path / "nowhere").exists()
+
+
 def test_evaluate_to_stdout_is_json_only(setup, capfd):
     """README: --out /dev/stdout is written directly; the table printed after it made standard output invalid JSON.
     Now the table goes to stderr there."""
