@@ -399,11 +399,20 @@ def device_arg(text: str) -> str:
 def print_out(text: str) -> None:
     """Write ``text`` to standard output and flush it. A write that fails (a full disk behind ``> file``) is an
     OSError saying it was standard output, not a bare "[Errno 28] ..."; a reader that went away stays a
-    BrokenPipeError, which :func:`run_main` ends quietly on."""
+    BrokenPipeError, which :func:`run_main` ends quietly on. A file name of bytes that are no UTF-8, which Python
+    holds as ``\\udcxx``, is written as those bytes where the stream's encoding refuses it."""
     if sys.stdout is None:  # started with it closed (>&-): Python sets None
         raise OSError("could not write to standard output: it is closed")
     try:
-        sys.stdout.write(text)
+        try:
+            sys.stdout.write(text)
+        except UnicodeEncodeError:  # a path of bytes that are no UTF-8 (\udcxx) on a strict stdout: write its bytes
+            encoding, buffer = sys.stdout.encoding or "utf-8", getattr(sys.stdout, "buffer", None)
+            if buffer is None:
+                sys.stdout.write(text.encode(encoding, "backslashreplace").decode(encoding))
+            else:
+                sys.stdout.flush()
+                buffer.write(text.encode(encoding, "surrogateescape"))
         sys.stdout.flush()
     except BrokenPipeError:
         raise

@@ -980,6 +980,21 @@ def test_a_closed_stdout_is_one_error_line_before_any_work(setup, tmp_path):
     assert not (tmp_path / "att").exists()
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="a file name of bytes that are no UTF-8 needs Linux")
+def test_a_path_of_undecodable_bytes_is_printed_as_its_bytes(setup, tmp_path):
+    """A file name that is no UTF-8 (``vis\\xff``) reaches Python as ``vis\\udcff``, which a strict UTF-8 standard
+    output (the usual en_US.UTF-8 locale; PYTHONIOENCODING=utf-8 here, where C.UTF-8 escapes) cannot encode:
+    visualize wrote every PNG, then ended on "error: 'utf-8' codec can't encode character '\\udcff'", exit status 1,
+    printing none of their paths (evaluate the same, on its table). Now the path is printed as its own bytes."""
+    out_dir = os.path.join(os.fsencode(tmp_path), b"vis\xff")
+    proc = subprocess.run([sys.executable, "-m", "dsrb.visualize", "--checkpoint", setup["ckpt"], "--device", "cpu",
+                           setup["images"][0], "--top-k", "1", "--out-dir", out_dir], cwd=ROOT, capture_output=True,
+                          timeout=600, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert proc.returncode == 0, proc.stderr
+    [written] = os.listdir(out_dir)
+    assert proc.stdout == os.path.join(out_dir, written) + b"\n"
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_a_stdout_that_cannot_be_written_is_named(setup):
     """``> /dev/full`` (a full disk) said only "[Errno 28] No space left on device", not what it was writing."""
