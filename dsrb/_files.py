@@ -36,8 +36,8 @@ def atomic_write(path: str, write) -> None:
     """Write a file so that ``path`` holds either the old or the complete new content, never a torn one.
 
     ``write(f)`` fills a temporary file in the same directory (binary mode); it is flushed, fsynced and renamed over
-    ``path``, and the directory entry is fsynced too. The file gets the permissions of any new file (0666 less the
-    umask), not mkstemp's private 0600. A failed write (a full disk, say) is an OSError naming ``path`` and the free
+    ``path``, and the directory entry is fsynced too. A new file gets the permissions of any new file (0666 less the
+    umask), not mkstemp's private 0600; a file replaced keeps its own. A failed write (a full disk, say) is an OSError naming ``path`` and the free
     space; ``path`` is then unchanged and the temporary file removed.
 
     A symbolic link is followed (its target is replaced, the link stays). A path that exists but is not a regular file
@@ -63,6 +63,10 @@ def atomic_write(path: str, write) -> None:
         return
     path = os.path.realpath(path)
     directory = os.path.dirname(path)
+    try:  # the file replaced keeps its permissions (a private 0600 one stays private); a new one, the umask's
+        mode = stat.S_IMODE(os.stat(path).st_mode) & 0o777
+    except OSError:
+        mode = 0o666 & ~_umask()
     try:  # a folder that became read-only names the file meant, not the temporary one
         os.makedirs(directory, exist_ok=True)
         suffix = _temporary_suffix(directory, os.path.basename(path))
@@ -71,7 +75,7 @@ def atomic_write(path: str, write) -> None:
         raise _write_error("write", path, err, f"; the previous {os.path.basename(path)}, if any, is unchanged") \
             from err
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, mode)
         try:  # closing is inside: on a full disk, the close's flush of what write() left buffered fails again
             with os.fdopen(fd, "wb") as f:
                 write(f)

@@ -31,6 +31,17 @@ def test_atomic_write_gives_new_files_the_umask_permissions(tmp_path, umask_022)
     assert os.listdir(tmp_path) == ["last.pt"]
 
 
+@pytest.mark.parametrize("mode", [0o600, 0o664])
+def test_atomic_write_keeps_the_permissions_of_the_file_it_replaces(tmp_path, umask_022, mode):
+    """A file replaced took the permissions of a new one: ``predict --out private.json`` over a 0600 file left it
+    0644, readable by every user, and a group-writable 0664 one lost its group's write. Now they stay."""
+    path = tmp_path / "predictions.json"
+    path.write_bytes(b"old")
+    path.chmod(mode)
+    atomic_write(str(path), lambda f: f.write(b"new"))
+    assert path.read_bytes() == b"new" and path.stat().st_mode & 0o777 == mode
+
+
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"), RuntimeError("unexpected pos 390336")])
 def test_failed_write_names_the_file_and_keeps_the_old_one(tmp_path, error):
     """A write that fails half-way (torch.save reports a full disk as a RuntimeError) leaves the previous file and
