@@ -107,6 +107,8 @@ def evaluate_checkpoint(
     if dataset is not None and dataset not in DATASETS:  # before the model is read; build_dataset says "'name'"
         raise ValueError(f"argument 'dataset' (--dataset): unknown dataset {dataset!r}; expected one of "
                          f"{', '.join(DATASETS)}")
+    if skip_bad is not None and not isinstance(skip_bad, bool):  # "no" was true: bad images dropped without a word
+        raise ValueError(f"argument 'skip_bad' (--skip-bad-images): expected True, False or None, got {skip_bad!r}")
     if amp is not None and amp not in AMP_CHOICES:
         raise ValueError(f"argument 'amp' (--amp): expected one of {AMP_CHOICES}, got {amp!r}")
     dev = check_device(device, name="argument 'device'")

@@ -1186,6 +1186,18 @@ def test_api_arguments_are_checked_before_the_model_is_read(setup, monkeypatch):
         predict.predict(setup["ckpt"], image, batch_size=0)
 
 
+def test_evaluate_skip_bad_must_be_a_bool(setup, monkeypatch):
+    """``evaluate_checkpoint(skip_bad="no")`` (a value read from a text config) was taken as true: unreadable images
+    were dropped from the score without an error. Now an error naming the argument, before the model is read."""
+    from dsrb import evaluate
+
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("the checkpoint was read"))
+    for value in ("no", 0, 1.0):
+        with pytest.raises(ValueError, match=r"^argument 'skip_bad' \(--skip-bad-images\): expected True, False or "
+                                             rf"None, got {re.escape(repr(value))}$"):
+            evaluate.evaluate_checkpoint(setup["ckpt"], skip_bad=value)
+
+
 def test_evaluate_warns_once_of_classes_without_a_positive(setup, tmp_path):
     """compute_metrics warned of them by name, and the per-class AP's voc_map again by index: one warning now."""
     import warnings
