@@ -50,6 +50,8 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:  # torch.load's EOFError says nothing
+        raise ValueError(f"checkpoint {path} is empty (0 bytes); expected a checkpoint written by python -m dsrb.train")
     damaged = _damaged_record(path)
     if damaged is not None:
         raise ValueError(f"checkpoint {path} is damaged: its record {damaged}, so the file changed after it was "

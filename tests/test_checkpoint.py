@@ -277,6 +277,18 @@ def test_a_pickle_that_is_no_checkpoint_is_one_line_without_torchs_advice(tmp_pa
     assert "weights_only" not in message and "\n" not in message, message
 
 
+def test_an_empty_checkpoint_says_it_is_empty(tmp_path):
+    """A 0-byte file (a copy that failed at once, a full disk) said "could not be read (EOFError: )": torch's error
+    has no message. Now it says the file is empty."""
+    from dsrb.checkpoint import load_checkpoint
+
+    path = tmp_path / "best.pt"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"^checkpoint {re.escape(str(path))} is empty \(0 bytes\); expected a "
+                                         r"checkpoint written by python -m dsrb\.train$"):
+        load_checkpoint(str(path))
+
+
 class _Shell:
     """Unpickling it runs ``os.system(command)``: os (posix) is a module torch's weights_only unpickler blocks
     outright, with a message of its own."""
