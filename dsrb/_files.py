@@ -37,8 +37,8 @@ def atomic_write(path: str, write) -> None:
 
     ``write(f)`` fills a temporary file in the same directory (binary mode); it is flushed, fsynced and renamed over
     ``path``, and the directory entry is fsynced too. A new file gets the permissions of any new file (0666 less the
-    umask), not mkstemp's private 0600; a file replaced keeps its own. A failed write (a full disk, say) is an OSError naming ``path`` and the free
-    space; ``path`` is then unchanged and the temporary file removed.
+    umask), not mkstemp's private 0600; a file replaced keeps its own. A failed write (a full disk, say) is an
+    OSError naming ``path`` and the free space; ``path`` is then unchanged and the temporary file removed.
 
     A symbolic link is followed (its target is replaced, the link stays). A path that exists but is not a regular file
     or a directory (``/dev/null``, a named pipe) is written to directly, and ``/dev/stdout``, ``/dev/stderr`` and
