@@ -248,6 +248,7 @@ def check_output_file(path: str, *, name: str = "argument --out", what: str = "t
     if special_file(path):
         return
     _check_folder(os.path.dirname(os.path.abspath(path)), name, "its folder")
+    _check_name_lengths(path, name)
 
 
 def check_output_dir(path: str, *, name: str, what: str = "the folder to write to") -> None:
@@ -258,6 +259,24 @@ def check_output_dir(path: str, *, name: str, what: str = "the folder to write t
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{name}: {path} is a file; expected {what}")
     _check_folder(os.path.abspath(path), name, what)
+    _check_name_lengths(path, name)
+
+
+def _check_name_lengths(path: str, name: str) -> None:
+    """Raise a ValueError starting with ``name`` if a name in ``path`` still to make (the file, folders to make) is
+    longer than its file system takes: os.makedirs, or the rename that ends an atomic write, failed with "File name
+    too long" only after the work."""
+    from ._files import name_max
+
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):  # False for a name too long too
+        existing = os.path.dirname(existing)
+    limit = name_max(existing)
+    for part in os.path.relpath(os.path.abspath(path), existing).split(os.sep):
+        size = len(os.fsencode(part))
+        if size > limit:
+            raise ValueError(f"{name}: {path} has a name of {size} bytes, {part[:12]}...; the file system takes at "
+                             f"most {limit}; expected a shorter name")
 
 
 def _check_folder(folder: str, name: str, what: str) -> None:

@@ -1059,6 +1059,26 @@ def test_long_output_names_are_written(setup, tmp_path):
     assert {n.lstrip("i") for n in names} == {f"_{c}{n}.png" for c in ("cat", "dog_house", "tree") for n in ("", "_2")}
 
 
+def test_an_output_name_longer_than_the_file_system_takes_is_refused_before_any_work(setup, tmp_path, monkeypatch):
+    """An --out of 300 characters (or in a folder to make of that many) passed the check; after all the work the
+    rename failed with "[Errno 36] File name too long" naming the temporary file. Now an error naming --out first."""
+    from dsrb import evaluate, predict
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the output was checked")
+
+    for module in (predict, evaluate):
+        monkeypatch.setattr(module, "load_model", never)
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    for out in (tmp_path / ("p" * 300 + ".json"), tmp_path / ("d" * 300) / "p.json"):
+        with pytest.raises(ValueError, match=rf"^argument --out: .* has a name of 30\d bytes, .*; the file system "
+                                             rf"takes at most {limit}"):
+            predict.main(["--checkpoint", setup["ckpt"], setup["images"][0], "--out", str(out)])
+        with pytest.raises(ValueError, match=r"^argument 'out' \(--out\): .* has a name of 30\d bytes"):
+            evaluate.main(["--checkpoint", setup["ckpt"], "--out", str(out)])
+    assert os.listdir(tmp_path) == []
+
+
 def test_empty_and_broken_output_paths_are_refused_before_any_work(setup, tmp_path, monkeypatch):
     """``--out ""`` passed the check and failed after the evaluation ("Is a directory"), or (predict) printed to
     stdout; ``--out-dir ""`` failed late ("No such file or directory: ''"), and a broken symlink as --out-dir with
