@@ -78,10 +78,11 @@ def _as_tensor(name: str, value):
     if value.dtype.type not in _NUMPY_REAL:
         raise TypeError(f"argument '{name}': expected a NumPy array of bool, integers or float16/32/64, got dtype "
                         f"{value.dtype}")
-    if not value.dtype.isnative or not value.flags.writeable:
-        # torch.from_numpy refuses a byte order other than the machine's, and warns on a read-only array (a
-        # memory map opened read-only); a copy in native order is neither.
-        value = value.astype(value.dtype.newbyteorder("="))
+    if not value.dtype.isnative or not value.flags.writeable or any(s < 0 for s in value.strides):
+        # torch.from_numpy refuses a byte order other than the machine's and negative strides (a reversed view,
+        # np.flip), and warns on a read-only array (a memory map opened read-only); a C-order copy in native order
+        # is none of these.
+        value = np.array(value, dtype=value.dtype.newbyteorder("="), order="C")
     return torch.from_numpy(value)
 
 

@@ -342,6 +342,20 @@ def test_numpy_inputs_give_the_tensors_metrics(fn):
                 assert got == expected
 
 
+@pytest.mark.parametrize("fn", [voc_map, average_precision, threshold_metrics, compute_metrics])
+def test_numpy_views_with_negative_strides_are_read(fn):
+    """A reversed NumPy view (``scores[::-1]``, ``np.flip``) raised torch.from_numpy's ValueError about negative
+    strides; it is a NumPy array of real numbers like any other and gives the metrics of its values."""
+    scores, targets = random_case(14, ties=True)
+    s, t = scores.numpy()[::-1], targets.numpy()[:, ::-1]
+    want = fn(torch.tensor(s.copy()), torch.tensor(t.copy()))
+    got = fn(s, t)
+    if isinstance(want, tuple):
+        assert got[0] == want[0] and torch.equal(got[1], want[1])
+    else:
+        assert got == want
+
+
 def test_targets_of_dtypes_torch_cannot_compare():
     """uint16/32/64 and float8 targets raised NotImplementedError ("gt_cpu" not implemented) from inside torch."""
     scores, targets = random_case(12, ties=False)
