@@ -611,6 +611,14 @@ def test_set_targets_validation():
         MultiLabelDataset(["a.png", "b.png"], [[1, -1, 1]], ["x", "y", "z"])
     with pytest.raises(ValueError, match="'class_names'.*'x'"):
         MultiLabelDataset(["a.png"], [[1, -1]], ["x", "x"])
+    # A reversed NumPy view (negative strides) or a big-endian array is a matrix like any other: torch.as_tensor
+    # refused them, and the TypeError called them no matrix of -1/0/1 values.
+    full = np.array([[1, -1, -1], [-1, 1, 1]], dtype=np.int8)
+    ds.set_targets(full[::-1, ::-1])
+    assert ds.targets.tolist() == [[1, 1, -1], [-1, -1, 1]]
+    ds.set_targets(full.astype(">i2"))
+    assert ds.targets.tolist() == full.tolist()
+    assert MultiLabelDataset(["a.png", "b.png"], full[::-1], ["x", "y", "z"]).labels.tolist() == full[::-1].tolist()
     # labels copied, not aliased
     src = torch.ones(1, 2, dtype=torch.int8)
     ds = MultiLabelDataset(["a.png"], src, ["x", "y"])

@@ -133,7 +133,9 @@ def _label_matrix(name: str, value, rows: int, cols: int) -> torch.Tensor:
         t = value.detach().cpu()
     else:
         try:
-            t = torch.as_tensor(np.asarray(value))
+            # A native-order copy: torch refuses a view with negative strides (arr[::-1]) and a big-endian array.
+            array = np.array(value)
+            t = torch.as_tensor(array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("=")))
         except (TypeError, ValueError) as err:
             raise TypeError(f"argument '{name}': expected a ({rows}, {cols}) matrix of -1/0/1 values, got {err}")
     if t.is_complex() or t.dtype == torch.bool:
