@@ -470,6 +470,15 @@ def test_list_errors(tmp_path):
         load_list(None)
 
 
+def test_list_stray_quote_in_a_long_file_names_the_file_and_line(tmp_path):
+    """A field opened by a quote that is never closed runs on to the end of the file; past csv's field size limit
+    (128 KiB: a list of a few thousand images) that was a bare _csv.Error traceback naming neither file nor line."""
+    rows = ["path,labels", "a.png,cat", '"b.png,dog'] + [f"img{i:06d}.png,cat" for i in range(10000)]
+    (tmp_path / "l.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=r"l\.csv: line 3: .*field larger than field limit"):
+        load_list(tmp_path / "l.csv")
+
+
 def test_list_rows_end_at_newlines_only(tmp_path):
     """U+2028, \\x85 and \\x0c are no row ends (str.splitlines would split there); quoted commas and newlines stay in
     their field, and error lines count the lines of a quoted newline."""

@@ -71,9 +71,7 @@ def read_list(path: PathLike) -> List[Tuple[int, str, List[str]]]:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, skipinitialspace=True)
     rows = []
     header_seen = False
-    next_line = 1
-    for fields in reader:
-        line_no, next_line = next_line, reader.line_num + 1  # a row's first line
+    for line_no, fields in _csv_rows(path, reader):
         if not fields or all(not f.strip() for f in fields):
             continue
         if not header_seen:
@@ -96,6 +94,21 @@ def read_list(path: PathLike) -> List[Tuple[int, str, List[str]]]:
     if not header_seen:
         raise ValueError(f"{path}: empty file; {_FORMAT}")
     return rows
+
+
+def _csv_rows(path: Path, reader):
+    """(first line number, fields) of each row of ``reader``; a csv.Error is a ValueError naming the file and line."""
+    next_line = 1
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:  # a field past the size limit: mostly a stray quote that ran on to the end
+            raise ValueError(f"{path}: line {next_line}: {err}; a field that starts with a quote ends at the next "
+                             "quote (write a quote inside a quoted field as two)") from None
+        yield next_line, fields
+        next_line = reader.line_num + 1
 
 
 def load_list(
