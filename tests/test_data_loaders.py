@@ -542,6 +542,19 @@ def test_text_file_not_utf8_names_the_file(tmp_path, kind):
                                "byte); save the file as UTF-8")
 
 
+@pytest.mark.parametrize("newline", [b"\r\n", b"\r"])
+@pytest.mark.parametrize("kind", ["list csv", "classes.txt", "voc ids", "vg list"])
+def test_text_file_not_utf8_names_the_line_whatever_the_line_ends(tmp_path, kind, newline):
+    """The lines are split at \\r\\n, \\r or \\n (read_lines); the line of a byte that is not UTF-8 counted \\n only, so
+    with classic Mac line ends (\\r) every such byte was on line 1."""
+    path, load = _text_files(tmp_path)[kind]
+    lines = path.read_bytes().splitlines()
+    lines[1] = "\u00e9".encode("latin-1") + lines[1]
+    path.write_bytes(newline.join(lines) + newline)
+    with pytest.raises(ValueError, match=r": line 2: not UTF-8 text \(byte 0xe9"):
+        load()
+
+
 @pytest.mark.parametrize("kind", ["coco json", "voc ids", "vg list"])
 def test_text_file_may_start_with_a_byte_order_mark(tmp_path, kind):
     path, load = _text_files(tmp_path)[kind]

@@ -23,6 +23,7 @@ __all__ = ["MultiLabelDataset", "UnreadableImageError", "find_duplicate", "open_
            "read_text", "to_rgb"]
 
 _NEWLINE = re.compile(r"\r\n?|\n")
+_NEWLINE_BYTES = re.compile(rb"\r\n?|\n")
 
 
 def read_text(path: Union[str, os.PathLike]) -> str:
@@ -37,7 +38,7 @@ def read_text(path: Union[str, os.PathLike]) -> str:
         return (data[start:] if start else data).decode("utf-8")
     except UnicodeDecodeError as err:
         pos = start + err.start
-        line = data.count(b"\n", 0, pos) + 1
+        line = len(_NEWLINE_BYTES.findall(data, 0, pos)) + 1  # lines as read_lines splits them
         raise ValueError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[pos]:02x} at byte offset {pos}: "
                          f"{err.reason}); save the file as UTF-8") from None
 
