@@ -135,6 +135,18 @@ def test_bad_inputs():
         make_partial_labels(_labels(4, 3), 0.5, seed=-1)
 
 
+def test_labels_that_cannot_hold_minus_one_are_refused():
+    """0/1 multi-hot labels in an unsigned dtype were taken as positives and unknowns: every negative became unknown,
+    so the 'partial' labels held no known negative (a bool matrix was refused, a uint8 one was not). Refused by
+    dtype, as the losses refuse such targets."""
+    multi_hot = (_labels(6, 4) > 0).astype(np.uint8)
+    for labels in (multi_hot, multi_hot.astype(np.uint16), torch.from_numpy(multi_hot), multi_hot.astype(bool)):
+        with pytest.raises(TypeError, match="argument 'labels': .*cannot hold -1"):
+            make_partial_labels(labels, 0.5)
+    with pytest.raises(TypeError, match="argument 'targets': .*cannot hold -1"):
+        known_fraction(multi_hot, _labels(6, 4))
+
+
 # ------------------------------------------------------------------------------------------------ statistics
 
 

@@ -53,7 +53,11 @@ def _as_numpy_labels(name: str, labels) -> np.ndarray:
         raise TypeError(f"argument '{name}': expected a torch.Tensor or numpy.ndarray, got {type(labels).__name__}")
     if arr.ndim != 2:
         raise ValueError(f"argument '{name}': expected a 2-D (N, C) array, got shape {tuple(arr.shape)}")
-    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+    if arr.dtype == np.bool_ or np.issubdtype(arr.dtype, np.unsignedinteger):
+        # 0/1 multi-hot labels would read as positives and unknowns: every negative silently unknown.
+        raise TypeError(f"argument '{name}': expected a signed integer or floating-point array of -1/0/1, got dtype "
+                        f"{arr.dtype}, which cannot hold -1; for 0/1 labels pass labels.astype(np.int8) * 2 - 1")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise TypeError(f"argument '{name}': expected an integer or floating-point array, got dtype {arr.dtype}")
     bad = (arr != 0) & (arr != 1) & (arr != -1)
     if bad.any():
