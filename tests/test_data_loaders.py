@@ -629,6 +629,11 @@ def test_set_targets_validation():
         ds.set_targets(np.full((2, 3), 0.5))
     with pytest.raises(TypeError, match="'targets'"):
         ds.set_targets(torch.zeros(2, 3, dtype=torch.bool))
+    # 0/1 labels in an unsigned dtype cannot say "absent": every negative read as unknown, silently.
+    for multi_hot in (np.array([[1, 0, 0], [0, 1, 1]], dtype=np.uint8), torch.tensor([[1, 0, 0], [0, 1, 1]],
+                                                                                      dtype=torch.uint8)):
+        with pytest.raises(TypeError, match="'labels': .*cannot hold -1"):
+            MultiLabelDataset(["a.png", "b.png"], multi_hot, ["x", "y", "z"])
     with pytest.raises(ValueError, match=r"'labels': expected shape \(2, 3\)"):
         MultiLabelDataset(["a.png", "b.png"], [[1, -1, 1]], ["x", "y", "z"])
     with pytest.raises(ValueError, match="'class_names'.*'x'"):

@@ -141,6 +141,9 @@ def _label_matrix(name: str, value, rows: int, cols: int) -> torch.Tensor:
             raise TypeError(f"argument '{name}': expected a ({rows}, {cols}) matrix of -1/0/1 values, got {err}")
     if t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"argument '{name}': expected a real (integer or float) matrix, got dtype {t.dtype}")
+    if not t.dtype.is_signed:  # 0/1 labels there would read as positives and unknowns, every negative unknown
+        raise TypeError(f"argument '{name}': expected a signed integer or float matrix of -1/0/1, got dtype "
+                        f"{t.dtype}, which cannot hold -1")
     if t.dim() != 2 or tuple(t.shape) != (rows, cols):
         raise ValueError(
             f"argument '{name}': expected shape ({rows}, {cols}) (images, classes), got {tuple(t.shape)}"
