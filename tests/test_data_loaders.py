@@ -173,6 +173,13 @@ def test_coco_ids_written_as_digit_strings_sort_as_numbers_and_file_names_are_st
     ds = load_coco(tmp_path, "train")
     assert ds.class_names == ["bird", "dog", "cat"]  # 5, 7, 10 (as text: "10", "5", "7")
     assert ds.labels.tolist() == [[-1, 1, 1], [-1, -1, -1], [1, -1, -1]]
+    # Signs: "+5" and "-5" are numbers; "+-5" or "--5" is no number (int() raised a bare ValueError): text order.
+    for ids, names in ((["+7", "10", "-5"], ["bird", "dog", "cat"]), (["7", "10", "+-5"], ["bird", "cat", "dog"])):
+        for cat, cid in zip(data["categories"], ids):
+            cat["id"] = cid
+        data["annotations"] = []
+        path.write_text(json.dumps(data))
+        assert load_coco(tmp_path, "train").class_names == names
     for value in (None, 7, ""):
         data["images"][1]["file_name"] = value
         path.write_text(json.dumps(data))

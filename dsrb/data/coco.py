@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -19,6 +20,7 @@ from .dataset import MultiLabelDataset, find_duplicate, read_text
 __all__ = ["load_coco", "read_coco_labels"]
 
 PathLike = Union[str, os.PathLike]
+_INTEGER = re.compile(r"\s*[+-]?\d+\s*")  # what int() reads ("+-5" is not)
 
 _COCO_SPLITS = {"train": "train2014", "test": "val2014"}
 _LAYOUT = (
@@ -114,7 +116,7 @@ def read_coco_labels(annotation: PathLike):
         raise ValueError(f"{path}: categories[{second}]: duplicate category name {names[cat_ids[second]]!r} (also "
                          f"categories[{first}]); expected unique class names")
     # ids written as strings of digits ("1", "2", "10") sort by their numbers, as the same ids written as ints do
-    numeric = all(isinstance(c, str) and c.strip().lstrip("+-").isdecimal() for c in cat_ids)
+    numeric = all(isinstance(c, str) and _INTEGER.fullmatch(c) is not None for c in cat_ids)
     try:
         cat_ids.sort(key=int if numeric else None)
     except TypeError as err:
