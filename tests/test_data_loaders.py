@@ -387,6 +387,11 @@ def test_vg_class_names_file(tmp_path):
     (tmp_path / "vg_category_200.json").write_text(json.dumps(names[:3]))
     with pytest.raises(ValueError, match=r"vg_category_200\.json: expected 200 class names, found 3"):
         load_vg200(tmp_path, "train")
+    # A key that isdigit() but int() cannot read ('²') raised int()'s bare ValueError, naming no file.
+    (tmp_path / "vg_category_200.json").write_text(json.dumps({"\u00b2": "a", **{str(i): n for i, n in
+                                                                                  enumerate(names[1:], 1)}}))
+    with pytest.raises(ValueError, match=r"vg_category_200\.json: expected a list of class names"):
+        load_vg200(tmp_path, "train")
 
 
 def test_vg_placeholder_names_refuse_glove_text_files(tmp_path):

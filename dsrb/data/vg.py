@@ -70,7 +70,7 @@ def _class_names(root: Path, num_classes: int):
                         names = [None] * len(values)
                         for k, v in data.items():
                             names[v] = str(k)
-                elif all(isinstance(v, str) for v in values) and all(str(k).isdigit() for k in keys):
+                elif all(isinstance(v, str) for v in values) and all(str(k).isdecimal() for k in keys):  # int() reads
                     if sorted(int(k) for k in keys) == list(range(len(keys))):
                         names = [data[k] for k in sorted(keys, key=int)]
             if names is None:
