@@ -58,6 +58,22 @@ def check_tensor(
                 )
 
 
+def as_tensor(name: str, value) -> torch.Tensor:
+    """A tensor argument unchanged, anything else through ``torch.as_tensor``; what it cannot read is a TypeError
+    naming the argument."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray) and (not value.dtype.isnative or not value.flags.writeable
+                                          or any(s < 0 for s in value.strides)):
+        # torch refuses a byte order other than the machine's and negative strides (a reversed view, np.flip), and
+        # warns on a read-only array; a C-order copy in native order is none of these (as in dsrb.metrics).
+        value = np.array(value, dtype=value.dtype.newbyteorder("="), order="C")
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"argument '{name}': expected a tensor or an array, got {type(value).__name__}") from None
+
+
 def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
     """Raise a ValueError listing every argument's device unless all given tensors share one device."""
     present = {k: v for k, v in tensors.items() if v is not None}

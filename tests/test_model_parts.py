@@ -6,7 +6,9 @@ Everything runs in float64 on the CPU with tiny sizes (ResNet-18 of width 4, D =
 from __future__ import annotations
 
 import math
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -142,6 +144,42 @@ def test_label_graph_rejects_bad_labels():
     model = DSRB(3, **TINY)
     with pytest.raises(ValueError, match="labels"):
         model.set_label_graph(torch.tensor([[1, 0]]))
+
+
+
+def test_label_graph_and_model_buffers_take_any_numpy_layout():
+    """A reversed NumPy view (negative strides), a big-endian or a read-only array raised torch's own ValueError about
+    strides or byte order (or warned) in label_graph, set_word_features and set_adjacency; each is an array like
+    any other."""
+    labels = np.array([[1, 1, -1], [1, 0, 0], [0, 1, -1], [1, 1, 0], [0, 1, 0]], dtype=np.int8)
+    want = label_graph(torch.from_numpy(labels))
+    for rows_only in (labels[::-1], labels.astype(">i2"), labels.astype(">f8")):  # the graph ignores row order
+        torch.testing.assert_close(label_graph(rows_only), want)
+    torch.testing.assert_close(label_graph(np.flip(labels, 1)), want.flip(0, 1))  # classes reversed
+    readonly = labels.copy()
+    readonly.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns on a read-only array
+        torch.testing.assert_close(label_graph(readonly), label_graph(torch.from_numpy(labels)))
+    # 0/1 labels in a bool or unsigned dtype: only known positives count, so the graph is that of the -1/1 labels.
+    multi_hot = (labels == 1)
+    torch.testing.assert_close(label_graph(multi_hot.astype(np.uint8)), label_graph(multi_hot.astype(np.int8) * 2 - 1))
+    with pytest.raises(TypeError, match="argument 'labels': expected a tensor or an array"):
+        label_graph([[1, 0], [1]])
+
+    model = DSRB(3, **TINY)
+    words = np.arange(18, dtype=np.float32).reshape(3, 6)
+    model.set_word_features(words[::-1, ::-1])
+    assert model.word_features.tolist() == words[::-1, ::-1].tolist()
+    model.set_word_features(words.astype(">f4"))
+    assert model.word_features.tolist() == words.tolist()
+    A = np.linspace(0, 1, 9).reshape(3, 3)
+    model.set_adjacency(A[::-1])
+    torch.testing.assert_close(model.in_matrix, torch.tensor(A[::-1].copy(), dtype=torch.float32))
+    model.set_adjacency(A.astype(">f8"))
+    torch.testing.assert_close(model.out_matrix, torch.tensor(A.T.copy(), dtype=torch.float32))
+    model.set_label_graph(labels[::-1])
+    torch.testing.assert_close(model.in_matrix, want.float())
 
 
 # -------------------------------------------------------------------------------------------------- prototype bank

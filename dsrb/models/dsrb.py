@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 import dsrb.ops as ops
-from dsrb._checks import (check_bool, check_int, check_same_device, check_signed_targets, check_targets, check_tensor,
-                          random_kwargs)
+from dsrb._checks import (as_tensor, check_bool, check_int, check_same_device, check_signed_targets, check_targets,
+                          check_tensor, random_kwargs)
 
 from .gnn import GatedGNN
 from .graph import label_graph
@@ -71,16 +71,6 @@ def _positive_int(name: str, value, minimum: int = 1) -> int:
     except (TypeError, ValueError):
         kind = "positive" if minimum == 1 else "non-negative"
         raise ValueError(f"argument '{name}': expected a {kind} int, got {value!r}") from None
-
-
-def _as_tensor(name: str, value) -> torch.Tensor:
-    """A tensor or array-like argument as a tensor; anything else is a TypeError naming it."""
-    if isinstance(value, torch.Tensor):
-        return value
-    try:
-        return torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"argument '{name}': expected a tensor or an array, got {type(value).__name__}") from None
 
 
 class ElementWiseLinear(nn.Module):
@@ -339,7 +329,7 @@ class DSRB(nn.Module):
     @torch.no_grad()
     def set_word_features(self, word_features) -> None:
         """Replace the class word vectors: (C, word_dim) tensor or array, copied into the buffer's dtype/device."""
-        w = _as_tensor("word_features", word_features)
+        w = as_tensor("word_features", word_features)
         check_tensor("word_features", w, kind="float", shape=(self.num_classes, self.word_dim))
         w = w.to(self.word_features)  # checked in the buffer's dtype: 1e5 is inf in a half-precision model
         if not bool(torch.isfinite(w).all()):
@@ -349,7 +339,7 @@ class DSRB(nn.Module):
     @torch.no_grad()
     def set_adjacency(self, adjacency) -> None:
         """Set the label graph: in_matrix = A and out_matrix = Aᵀ for a (C, C) tensor or array A."""
-        A = _as_tensor("adjacency", adjacency)
+        A = as_tensor("adjacency", adjacency)
         check_tensor("adjacency", A, kind="float", shape=(self.num_classes, self.num_classes))
         A = A.to(self.in_matrix)  # checked in the buffer's dtype
         if not bool(torch.isfinite(A).all()):

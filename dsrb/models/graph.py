@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dsrb._checks import check_targets, check_tensor
+from dsrb._checks import as_tensor, check_targets, check_tensor
 
 __all__ = ["label_graph"]
 
@@ -20,13 +20,14 @@ def label_graph(labels) -> torch.Tensor:
     resulting NaN row and column poison every node of the graph network (spec §10.2 item 3).
 
     Args:
-        labels: (N, C) partial training labels in {-1, 0, 1} (a tensor or anything ``torch.as_tensor`` accepts).
+        labels: (N, C) partial training labels in {-1, 0, 1} (a tensor, a NumPy array in any layout or byte order,
+            or anything else ``torch.as_tensor`` accepts). Only known positives count, so 0/1 labels in a bool or
+            unsigned dtype give the graph of the same labels in -1/1.
 
     Returns:
         A: (C, C) float64 on the labels' device. DSRB uses ``in_matrix = A`` and ``out_matrix = A.T``.
     """
-    if not isinstance(labels, torch.Tensor):
-        labels = torch.as_tensor(labels)
+    labels = as_tensor("labels", labels)
     check_tensor("labels", labels, ndim=2, kind="real")
     check_targets("labels", labels)
     P = (labels == 1).to(torch.float64)  # (N, C)
