@@ -44,7 +44,8 @@ __all__ = [
     "sanitize",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# What a folder contributes: formats Pillow reads (.tif, .tiff and .gif were skipped silently before).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 REQUIRED_KEYS = ("model", "model_kwargs", "num_classes")
 DEFAULT_IMAGE_SIZE = 448
 # Constructor arguments that a checkpoint's model_kwargs must not override: the state dict supplies the word
@@ -233,15 +234,20 @@ def _weights_epoch(state) -> Optional[int]:
     return epoch - 1 if isinstance(epoch, int) and not isinstance(epoch, bool) else None
 
 
+def _is_apple_double(name: str) -> bool:
+    """``._photo.jpg``: the metadata file (no image) that macOS leaves beside each file it copies to another disk."""
+    return name.startswith("._")
+
+
 def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not _is_apple_double(name)
 
 
 def load_images(paths_or_folder: Union[PathLike, Iterable[PathLike]]) -> List[str]:
     """The image files named by a path, a folder or a list of both, in order.
 
-    A folder contributes its files (not sub-folders) ending in .jpg, .jpeg, .png, .bmp or .webp (any case), sorted
-    by name; a file is taken as given, whatever its extension.
+    A folder contributes its files (not sub-folders) ending in one of :data:`IMAGE_EXTENSIONS` (any case), sorted by
+    name, except macOS metadata files named ``._*``; a file is taken as given, whatever its name.
 
     Raises:
         FileNotFoundError: a path does not exist, or is a broken symbolic link (named in the message).
@@ -261,7 +267,9 @@ def load_images(paths_or_folder: Union[PathLike, Iterable[PathLike]]) -> List[st
             found = sorted(os.path.join(p, n) for n in os.listdir(p)
                            if _is_image(n) and os.path.isfile(os.path.join(p, n)))
             if not found:
-                raise ValueError(f"folder {p} holds no image file ({', '.join(IMAGE_EXTENSIONS)})")
+                skipped = "; names starting with '._' (macOS metadata) are skipped" if any(
+                    _is_apple_double(n) for n in os.listdir(p)) else ""
+                raise ValueError(f"folder {p} holds no image file ({', '.join(IMAGE_EXTENSIONS)}{skipped})")
             out.extend(found)
         elif os.path.isfile(p):
             out.append(p)

@@ -45,8 +45,9 @@ import torch
 from ._cli import ArgumentParser, check_output_file
 from .checkpoint import atomic_write
 from .config import check_device
-from .inference import (BACKENDS, check_finite_logits, check_image_size, check_non_negative, check_positive, device_arg,
-                        image_logits, load_images, load_model, non_negative_int, positive_int, print_out, run_main)
+from .inference import (BACKENDS, IMAGE_EXTENSIONS, check_finite_logits, check_image_size, check_non_negative,
+                        check_positive, device_arg, image_logits, load_images, load_model, non_negative_int,
+                        positive_int, print_out, run_main)
 
 __all__ = ["predict", "select_labels", "main"]
 
@@ -156,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--checkpoint", required=True, help="training checkpoint (best.pt / last.pt)")
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER",
-                        help="image files and/or folders (.jpg .jpeg .png .bmp .webp)")
+                        help=f"image files and/or folders ({' '.join(IMAGE_EXTENSIONS)})")
     parser.add_argument("--threshold", type=_probability, default=None,
                         help="probability threshold (default 0.5 unless --top-k is given)")
     parser.add_argument("--top-k", type=positive_int, default=None, help="return the K most probable classes")

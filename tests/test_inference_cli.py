@@ -157,6 +157,34 @@ def test_load_images(setup, tmp_path):
         load_images([setup["images"][0], str(tmp_path / "missing.png")])
 
 
+
+def test_folders_skip_macos_metadata_and_list_tiff_and_gif(setup, tmp_path):
+    """A folder copied from a Mac holds a ._<name> metadata file beside every image: it was listed, and the run
+    stopped at it with "cannot identify image file"; .tif, .tiff and .gif images, which Pillow reads, were skipped
+    silently. A ._ file named itself is still read (and refused as no image)."""
+    from dsrb.predict import predict
+
+    folder = tmp_path / "copied"
+    folder.mkdir()
+    shutil.copy(setup["images"][0], folder / "photo.png")
+    pixels = np.asarray(Image.open(setup["images"][0]))
+    for name in ("scan.tif", "scan2.TIFF", "anim.gif"):
+        Image.fromarray(pixels).save(folder / name)
+    for name in ("._photo.png", "._scan.tif", "._anim.gif"):
+        (folder / name).write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    want = [str(folder / n) for n in ("anim.gif", "photo.png", "scan.tif", "scan2.TIFF")]
+    assert load_images(str(folder)) == want
+    assert [r["path"] for r in predict(setup["ckpt"], str(folder), device="cpu")] == want
+    with pytest.raises(ValueError, match="cannot read image .*_photo.png"):
+        predict(setup["ckpt"], [str(folder / "._photo.png")], device="cpu")
+    # A folder holding only metadata files is an error naming it, the extensions taken and the skipped names.
+    mac_only = tmp_path / "mac_only"
+    mac_only.mkdir()
+    (mac_only / "._photo.jpg").write_bytes(b"\x00\x05\x16\x07")
+    with pytest.raises(ValueError, match=r"folder .*mac_only holds no image file \(\.jpg, .*\.gif; names starting "
+                                         r"with '\._' \(macOS metadata\) are skipped\)"):
+        load_images(str(mac_only))
+
 # ---------------------------------------------------------------------------------------------------- predict
 
 
