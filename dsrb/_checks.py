@@ -140,6 +140,16 @@ def check_int(name: str, value, *, minimum: Optional[int] = None) -> int:
     return index
 
 
+def check_count(name: str, value, minimum: int = 1) -> int:
+    """A count or size (``minimum`` 1, or 0 for a count that may be zero) as a Python int: any integer
+    (:func:`check_int`: a NumPy integer too, not a bool nor a float), every refusal a ValueError with this message."""
+    try:
+        return check_int(name, value, minimum=minimum)
+    except (TypeError, ValueError):
+        kind = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
+        raise ValueError(f"argument '{name}': expected {kind}, got {value!r}") from None
+
+
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
 

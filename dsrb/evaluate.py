@@ -97,10 +97,10 @@ def evaluate_checkpoint(
     from .data import DATASETS, TestTransform, build_dataset
     from .data.registry import check_root
 
-    check_positive("batch_size", batch_size)
-    check_non_negative("workers", workers)
+    # As Python ints (a NumPy integer too): the loader and the transform take no other.
+    batch_size, workers = check_positive("batch_size", batch_size), check_non_negative("workers", workers)
     if image_size is not None:  # before the model is read; check_image_size, after it, compares it
-        check_positive("image_size", image_size)
+        image_size = check_positive("image_size", image_size)
     if out is not None:  # before the inference, whose result would be lost
         check_output_file(os.fspath(out), name="argument 'out' (--out)", what="the JSON file to write",
                           inputs=[("the checkpoint", os.fspath(checkpoint))])

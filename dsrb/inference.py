@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ._checks import brief
+from ._checks import brief, check_count
 from ._cli import discard, exit_on_error, fail, out_of_memory_line
 from ._loader import batches, end_quietly_on_sigterm, worker_stopped_with_us
 from .checkpoint import load_checkpoint
@@ -318,15 +318,12 @@ class ImageFiles(Dataset):
 
 
 def check_positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"argument '{name}': expected a positive int, got {value!r}")
-    return value
+    """``value`` as a Python int >= 1: any integer (a NumPy one too, as the model's sizes), not a bool nor a float."""
+    return check_count(name, value)
 
 
 def check_non_negative(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"argument '{name}': expected a non-negative int, got {value!r}")
-    return value
+    return check_count(name, value, minimum=0)
 
 
 @torch.no_grad()
@@ -346,8 +343,8 @@ def image_logits(model: DSRB, paths: Sequence[str], image_size: int, *, batch_si
     autograd."""
     from .data.transforms import TestTransform
 
-    check_positive("batch_size", batch_size)
-    check_non_negative("workers", workers)
+    # As Python ints: the DataLoader refuses a NumPy integer batch size.
+    batch_size, workers = check_positive("batch_size", batch_size), check_non_negative("workers", workers)
     device = device if device is not None else next(model.parameters()).device
     loader = DataLoader(ImageFiles(paths, TestTransform(image_size)), batch_size=batch_size, shuffle=False,
                         num_workers=workers, worker_init_fn=end_quietly_on_sigterm)

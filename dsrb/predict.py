@@ -58,8 +58,8 @@ def _check_args(threshold, top_k) -> None:
     if threshold is not None:
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 <= threshold <= 1.0:
             raise ValueError(f"argument 'threshold': expected a probability in [0, 1], got {threshold!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"argument 'top_k': expected a positive int, got {top_k!r}")
+    if top_k is not None:
+        check_positive("top_k", top_k)
 
 
 def select_labels(logits: torch.Tensor, threshold: Optional[float] = None, top_k: Optional[int] = None) -> torch.Tensor:
@@ -114,10 +114,9 @@ def predict(
         rounded to 4 decimals, class order).
     """
     _check_args(threshold, top_k)
-    for name, value in (("batch_size", batch_size), ("image_size", image_size)):  # before the model is read
-        if value is not None:
-            check_positive(name, value)
-    check_non_negative("workers", workers)
+    # Before the model is read; as Python ints (a NumPy integer too), which the loader and the transform take.
+    batch_size, workers = check_positive("batch_size", batch_size), check_non_negative("workers", workers)
+    image_size = None if image_size is None else check_positive("image_size", image_size)
     paths = load_images(images)
     dev = check_device(device, name="argument 'device'")
     model, info = load_model(checkpoint, device=dev, backend=backend)

@@ -158,12 +158,11 @@ def visualize(
 
     if classes is not None and top_k is not None:
         raise ValueError("arguments 'classes' and 'top_k' are exclusive: give one or the other")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"argument 'top_k': expected a positive int, got {top_k!r}")
+    top_k = None if top_k is None else check_positive("top_k", top_k)  # a Python int, as for image_size
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= alpha <= 1.0:  # NaN too
         raise ValueError(f"argument 'alpha': expected a number in [0, 1], got {alpha!r}")
     if image_size is not None:  # before the model is read; check_image_size, after it, compares it
-        check_positive("image_size", image_size)
+        image_size = check_positive("image_size", image_size)
     out_dir = os.fspath(out_dir)
     check_output_dir(out_dir, name="argument 'out_dir' (--out-dir)", what="the folder for the PNG files")
     paths = load_images(images)

@@ -184,6 +184,49 @@ def test_sizes_must_be_ints():
     assert int(new_counts.sum()) == 3
 
 
+
+def test_counts_take_numpy_integers_as_the_model_does(files, tmp_path):
+    """top_k, batch_size, workers and image_size of the tools' Python API, the model parts' sizes, the transforms'
+    sides and the random word vectors' dim and seed refused a NumPy integer ("expected a positive int, got
+    np.int64(3)") where DSRB's own sizes took one; every one takes any integer now, as a Python int, and still
+    refuses a bool or a float."""
+    from dsrb.data.builtin import _params
+    from dsrb.data.transforms import TestTransform, TrainTransform
+    from dsrb.data.words import load_word_vectors
+    from dsrb.models import GatedGNN, PrototypeBank, SemanticDecoupling, build_backbone
+    from dsrb.predict import select_labels
+    from dsrb.visualize import visualize
+
+    n = np.int64
+    want = predict(files["ckpt"], files["image"], device="cpu", top_k=2, batch_size=2, image_size=IMAGE_SIZE)
+    assert predict(files["ckpt"], files["image"], device="cpu", top_k=n(2), batch_size=n(2), workers=np.uint8(0),
+                   image_size=n(IMAGE_SIZE)) == want
+    assert torch.equal(select_labels(torch.tensor([[0.0, 2.0, 1.0]]), top_k=n(2)), torch.tensor([[False, True, True]]))
+    written = visualize(files["ckpt"], files["image"], top_k=n(1), out_dir=str(tmp_path / "att"), device="cpu",
+                        image_size=n(IMAGE_SIZE))
+    assert len(written) == 1
+    logits = inference.image_logits(_model().eval(), [files["image"]], n(IMAGE_SIZE), batch_size=n(1), workers=n(0))
+    assert logits.shape == (1, len(CLASSES))
+    for bad in (True, np.True_, 2.0):
+        with pytest.raises(ValueError, match=f"argument 'batch_size': expected a positive int, got {bad!r}"):
+            predict(files["ckpt"], files["image"], device="cpu", batch_size=bad)
+        with pytest.raises(ValueError, match=f"argument 'top_k': expected a positive int, got {bad!r}"):
+            visualize(files["ckpt"], files["image"], top_k=bad, out_dir=str(tmp_path / "att"), device="cpu")
+
+    bank = PrototypeBank(n(3), np.int32(4), cap=np.uint8(5))
+    assert (bank.num_classes, bank.dim, bank.cap) == (3, 4, 5) and type(bank.cap) is int
+    assert GatedGNN(n(4), n(0)).steps == 0
+    assert SemanticDecoupling(n(8), n(6), n(4)).inter_dim == 4
+    assert build_backbone("resnet18", width=n(4)).out_channels == build_backbone("resnet18", width=4).out_channels
+    assert _model(backbone_width=n(4)).feature_dim == 16  # the backbone's width was refused inside DSRB
+    assert TestTransform(n(32)).image_size == 32 and TrainTransform(n(32), scale_size=n(40)).scale_size == 40
+    assert torch.equal(load_word_vectors(None, ["a", "b"], dim=n(4), seed=n(1)),
+                       load_word_vectors(None, ["a", "b"], dim=4, seed=1))
+    assert _params(n(4), n(2), n(32), n(0)) == _params(4, 2, 32, 0)
+    for build in (lambda: PrototypeBank(3, True), lambda: GatedGNN(4, 1.0), lambda: TestTransform(False)):
+        with pytest.raises(ValueError, match="expected a (positive|non-negative) int"):
+            build()
+
 # --------------------------------------------------------------------------------------------- 5. image dtype
 
 

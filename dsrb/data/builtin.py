@@ -37,6 +37,7 @@ from typing import Dict, NamedTuple, Tuple, Union
 
 import numpy as np
 
+from .._checks import check_count
 from .._files import expand_home
 
 __all__ = [
@@ -139,11 +140,9 @@ def default_data_root() -> Path:
 
 
 def _params(num_train: int, num_test: int, image_size: int, seed: int) -> dict:
-    for name, value, low in (("num_train", num_train, 1), ("num_test", num_test, 1), ("image_size", image_size, 32)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"argument '{name}': expected an int >= {low}, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"argument 'seed': expected a non-negative int, got {seed!r}")
+    # Any integer (a NumPy one too), as Python ints: they are written to the data set's JSON.
+    num_train, num_test = check_count("num_train", num_train), check_count("num_test", num_test)
+    image_size, seed = check_count("image_size", image_size, minimum=32), check_count("seed", seed, minimum=0)
     return dict(num_train=num_train, num_test=num_test, image_size=image_size, seed=seed)
 
 

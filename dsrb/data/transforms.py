@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .._checks import check_count
 from .dataset import to_rgb
 
 __all__ = [
@@ -59,9 +60,7 @@ def _check_image(img) -> Image.Image:
 
 
 def _check_size(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"argument '{name}': expected a positive int, got {v!r}")
-    return v
+    return check_count(name, v)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .._checks import check_count, check_int
 from .dataset import find_duplicate
 from .vg import VG_NAME_FILES, VG_PLACEHOLDER_NAMES
 from .voc import VOC_CLASS_PHRASES
@@ -248,10 +249,7 @@ def load_word_vectors(
     """
     names = _check_class_names(class_names)
     if path is None:
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"argument 'dim': expected a positive int, got {dim!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"argument 'seed': expected an int, got {type(seed).__name__}")
+        dim, seed = check_count("dim", dim), check_int("seed", seed)  # any integer, as Python ints
         g = torch.Generator().manual_seed(seed)
         return torch.randn(len(names), dim, generator=g, dtype=torch.float32)
     path = os.fspath(path)

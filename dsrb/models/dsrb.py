@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 import dsrb.ops as ops
-from dsrb._checks import (as_tensor, check_bool, check_int, check_same_device, check_signed_targets, check_targets,
-                          check_tensor, random_kwargs)
+from dsrb._checks import (as_tensor, check_bool, check_count, check_same_device, check_signed_targets,
+                          check_targets, check_tensor, random_kwargs)
 
 from .gnn import GatedGNN
 from .graph import label_graph
@@ -63,16 +63,6 @@ class DSRBOutput(NamedTuple):
     prototype_targets: Optional[torch.Tensor] = None
 
 
-def _positive_int(name: str, value, minimum: int = 1) -> int:
-    """``value`` as an int (a NumPy integer too, not a bool nor a float), at least ``minimum``: :func:`check_int`,
-    every refusal a ValueError with this message."""
-    try:
-        return check_int(name, value, minimum=minimum)
-    except (TypeError, ValueError):
-        kind = "positive" if minimum == 1 else "non-negative"
-        raise ValueError(f"argument '{name}': expected a {kind} int, got {value!r}") from None
-
-
 class ElementWiseLinear(nn.Module):
     """Per-class linear classifier: logit[b, c] = <o[b, c], weight[c]> + bias[c].
 
@@ -82,8 +72,8 @@ class ElementWiseLinear(nn.Module):
 
     def __init__(self, num_classes: int, dim: int) -> None:
         super().__init__()
-        self.num_classes = _positive_int("num_classes", num_classes)
-        self.dim = _positive_int("dim", dim)
+        self.num_classes = check_count("num_classes", num_classes)
+        self.dim = check_count("dim", dim)
         self.weight = nn.Parameter(torch.empty(num_classes, dim))
         self.bias = nn.Parameter(torch.empty(num_classes))
         self.reset_parameters()
@@ -157,7 +147,7 @@ def draw_prototype_choices(
         shift (B, C) int64 in {1, 2, 3} and select (B, C) bool.
     """
     check_tensor("T", T, ndim=2, kind="real")
-    _positive_int("top_k", top_k, minimum=0)
+    check_count("top_k", top_k, minimum=0)
     check_compat(compat)
     B, C = T.shape
     if valid is not None:
@@ -262,15 +252,15 @@ class DSRB(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.num_classes = num_classes = _positive_int("num_classes", num_classes)
-        self.feature_dim = feature_dim = _positive_int("feature_dim", feature_dim)
-        self.word_dim = word_dim = _positive_int("word_dim", word_dim)
-        inter_dim = _positive_int("inter_dim", inter_dim)
-        gnn_steps = _positive_int("gnn_steps", gnn_steps, minimum=0)
-        self.top_k = top_k = _positive_int("top_k", top_k, minimum=0)
+        self.num_classes = num_classes = check_count("num_classes", num_classes)
+        self.feature_dim = feature_dim = check_count("feature_dim", feature_dim)
+        self.word_dim = word_dim = check_count("word_dim", word_dim)
+        inter_dim = check_count("inter_dim", inter_dim)
+        gnn_steps = check_count("gnn_steps", gnn_steps, minimum=0)
+        self.top_k = top_k = check_count("top_k", top_k, minimum=0)
         if top_k > num_classes:  # PPRB would then never blend anything (it needs top_k unknown labels per image)
             raise ValueError(f"argument 'top_k': expected at most num_classes = {num_classes}, got {top_k}")
-        prototype_cap = _positive_int("prototype_cap", prototype_cap)
+        prototype_cap = check_count("prototype_cap", prototype_cap)
         self.compat = check_compat(compat)
         self.detach_blend_targets = check_bool("detach_blend_targets", detach_blend_targets)
         learn_alpha, learn_beta = check_bool("learn_alpha", learn_alpha), check_bool("learn_beta", learn_beta)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsrb._checks import check_tensor
+from dsrb._checks import check_count, check_tensor
 
 __all__ = ["GatedGNN"]
 
@@ -31,10 +31,7 @@ class GatedGNN(nn.Module):
 
     def __init__(self, dim: int = 1024, steps: int = 3) -> None:
         super().__init__()
-        for name, value in (("dim", dim), ("steps", steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "dim" else 0):
-                raise ValueError(f"argument '{name}': expected a {'positive' if name == 'dim' else 'non-negative'} "
-                                 f"int, got {value!r}")
+        dim, steps = check_count("dim", dim), check_count("steps", steps, minimum=0)
         self.dim = dim
         self.steps = steps
         self.fc_1_w = nn.Linear(2 * dim, dim)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import dsrb.ops as ops
-from dsrb._checks import brief, check_bool, check_same_device, check_targets, check_tensor
+from dsrb._checks import brief, check_bool, check_count, check_same_device, check_targets, check_tensor
 
 __all__ = ["PrototypeBank", "COMPAT_MODES"]
 
@@ -51,9 +51,8 @@ class PrototypeBank(nn.Module):
 
     def __init__(self, num_classes: int, dim: int, cap: int = 100, *, backend: str = "auto") -> None:
         super().__init__()
-        for name, value in (("num_classes", num_classes), ("dim", dim), ("cap", cap)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"argument '{name}': expected a positive int, got {value!r}")
+        num_classes, dim = check_count("num_classes", num_classes), check_count("dim", dim)
+        cap = check_count("cap", cap)
         self.num_classes = num_classes
         self.dim = dim
         self.cap = cap

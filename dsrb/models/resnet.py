@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Typ
 import torch
 from torch import nn
 
-from dsrb._checks import brief, check_tensor
+from dsrb._checks import brief, check_count, check_tensor
 
 __all__ = [
     "BACKBONES",
@@ -114,8 +114,7 @@ class ResNet(nn.Module):
 
     def __init__(self, block: Block, layers: Sequence[int], *, width: int = 64, avgpool: bool = True) -> None:
         super().__init__()
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"argument 'width': expected a positive int, got {width!r}")
+        width = check_count("width", width)
         if len(layers) != 4 or any(int(n) < 1 for n in layers):
             raise ValueError(f"argument 'layers': expected 4 positive block counts, got {list(layers)}")
         self.inplanes = width

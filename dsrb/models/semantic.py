@@ -6,15 +6,9 @@ import torch
 from torch import nn
 
 import dsrb.ops as ops
-from dsrb._checks import check_tensor
+from dsrb._checks import check_count, check_tensor
 
 __all__ = ["SemanticDecoupling"]
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"argument '{name}': expected a positive int, got {value!r}")
-    return value
 
 
 class SemanticDecoupling(nn.Module):
@@ -42,9 +36,9 @@ class SemanticDecoupling(nn.Module):
 
     def __init__(self, feature_dim: int = 1024, word_dim: int = 300, inter_dim: int = 512, backend: str = "auto"):
         super().__init__()
-        self.feature_dim = _positive_int("feature_dim", feature_dim)
-        self.word_dim = _positive_int("word_dim", word_dim)
-        self.inter_dim = _positive_int("inter_dim", inter_dim)
+        self.feature_dim = feature_dim = check_count("feature_dim", feature_dim)
+        self.word_dim = word_dim = check_count("word_dim", word_dim)
+        self.inter_dim = inter_dim = check_count("inter_dim", inter_dim)
         self.backend = ops.check_backend_choice(backend)
         self.fc1 = nn.Linear(feature_dim, inter_dim, bias=False)
         self.fc2 = nn.Linear(word_dim, inter_dim, bias=False)
