@@ -243,8 +243,9 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not _is_apple_double(name)
 
 
-def load_images(paths_or_folder: Union[PathLike, Iterable[PathLike]]) -> List[str]:
-    """The image files named by a path, a folder or a list of both, in order.
+def load_images(paths_or_folder: Union[PathLike, Iterable[PathLike]], *, name: str = "paths_or_folder") -> List[str]:
+    """The image files named by a path, a folder or a list of both, in order (``name``: the argument named in errors,
+    ``images`` in the tools' Python API).
 
     A folder contributes its files (not sub-folders) ending in one of :data:`IMAGE_EXTENSIONS` (any case), sorted by
     name, except macOS metadata files named ``._*``; a file is taken as given, whatever its name.
@@ -252,16 +253,24 @@ def load_images(paths_or_folder: Union[PathLike, Iterable[PathLike]]) -> List[st
     Raises:
         FileNotFoundError: a path does not exist, or is a broken symbolic link (named in the message).
         ValueError: a path is neither a file nor a folder (a device such as /dev/null, a named pipe: named, with what
-        it is), a folder holds no image file (named), or nothing was given at all.
+        it is), a folder holds no image file (named), or nothing was given at all (an empty list).
+        TypeError: neither a path nor a list of paths (None), or a list holding something else.
     """
+    expected = f"argument '{name}': expected an image path, a folder or a list of them"
     if isinstance(paths_or_folder, (str, bytes, os.PathLike)):
         items: Sequence = [paths_or_folder]
     else:
-        items = list(paths_or_folder)
+        try:
+            items = list(paths_or_folder)
+        except TypeError:  # None, a number: Python's "'NoneType' object is not iterable" named nothing
+            raise TypeError(f"{expected}, got {type(paths_or_folder).__name__}") from None
     if not items:
-        raise ValueError("no image paths given")
+        raise ValueError(f"{expected}, got an empty {type(paths_or_folder).__name__}")
     out: List[str] = []
     for item in items:
+        if not isinstance(item, (str, bytes, os.PathLike)):
+            raise TypeError(f"{expected}, got a {type(paths_or_folder).__name__} holding {type(item).__name__} "
+                            f"{item!r}")
         p = os.fsdecode(item)
         if os.path.isdir(p):
             found = sorted(os.path.join(p, n) for n in os.listdir(p)

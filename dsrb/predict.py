@@ -117,7 +117,7 @@ def predict(
     # Before the model is read; as Python ints (a NumPy integer too), which the loader and the transform take.
     batch_size, workers = check_positive("batch_size", batch_size), check_non_negative("workers", workers)
     image_size = None if image_size is None else check_positive("image_size", image_size)
-    paths = load_images(images)
+    paths = load_images(images, name="images")
     dev = check_device(device, name="argument 'device'")
     model, info = load_model(checkpoint, device=dev, backend=backend)
     size = image_size if image_size is not None else info["image_size"]

@@ -165,7 +165,7 @@ def visualize(
         image_size = check_positive("image_size", image_size)
     out_dir = os.fspath(out_dir)
     check_output_dir(out_dir, name="argument 'out_dir' (--out-dir)", what="the folder for the PNG files")
-    paths = load_images(images)
+    paths = load_images(images, name="images")
     dev = check_device(device, name="argument 'device'")
     model, info = load_model(checkpoint, device=dev, backend=backend)
     names = info["class_names"]

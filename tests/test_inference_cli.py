@@ -157,6 +157,27 @@ def test_load_images(setup, tmp_path):
         load_images([setup["images"][0], str(tmp_path / "missing.png")])
 
 
+def test_no_images_is_an_error_naming_the_argument(setup, tmp_path):
+    """load_images([]) said "no image paths given" and load_images(None) raised Python's "'NoneType' object is not
+    iterable" (a None in the list: "expected str, bytes or os.PathLike object"), naming no argument; predict and
+    visualize gave the same through their 'images'."""
+    from dsrb.predict import predict
+    from dsrb.visualize import visualize
+
+    expected = "expected an image path, a folder or a list of them, got"
+    with pytest.raises(ValueError, match=f"^argument 'paths_or_folder': {expected} an empty list$"):
+        load_images([])
+    for bad, got in ((None, "NoneType"), (3, "int"), ([setup["images"][0], None], "a list holding NoneType None")):
+        with pytest.raises(TypeError, match=f"^argument 'paths_or_folder': {expected} {got}$"):
+            load_images(bad)
+    for run in (lambda images: predict(setup["ckpt"], images, device="cpu"),
+                lambda images: visualize(setup["ckpt"], images, out_dir=str(tmp_path / "att"), device="cpu")):
+        with pytest.raises(ValueError, match=f"^argument 'images': {expected} an empty tuple$"):
+            run(())
+        with pytest.raises(TypeError, match=f"^argument 'images': {expected} NoneType$"):
+            run(None)
+
+
 
 def test_folders_skip_macos_metadata_and_list_tiff_and_gif(setup, tmp_path):
     """A folder copied from a Mac holds a ._<name> metadata file beside every image: it was listed, and the run
