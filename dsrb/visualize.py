@@ -160,7 +160,7 @@ def visualize(
         raise ValueError("arguments 'classes' and 'top_k' are exclusive: give one or the other")
     top_k = None if top_k is None else check_positive("top_k", top_k)  # a Python int, as for image_size
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= alpha <= 1.0:  # NaN too
-        raise ValueError(f"argument 'alpha': expected a number in [0, 1], got {alpha!r}")
+        raise ValueError(f"argument 'alpha' (--alpha): expected a number in [0, 1], got {alpha!r}")
     if image_size is not None:  # before the model is read; check_image_size, after it, compares it
         image_size = check_positive("image_size", image_size)
     out_dir = os.fspath(out_dir)

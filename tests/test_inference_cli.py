@@ -1248,9 +1248,12 @@ def test_api_arguments_are_checked_before_the_model_is_read(setup, monkeypatch):
                  lambda: visualize.visualize(setup["ckpt"], image, image_size="64")):
         with pytest.raises(ValueError, match=r"^argument 'image_size': expected a positive int, got '64'$"):
             call()
+    # Named with its flag, as 'out_dir' (--out-dir) is: --alpha 2 reaches this check (argparse reads any float).
     for alpha in ("x", float("nan"), True):
-        with pytest.raises(ValueError, match=r"^argument 'alpha': expected a number in \[0, 1\], got"):
+        with pytest.raises(ValueError, match=r"^argument 'alpha' \(--alpha\): expected a number in \[0, 1\], got"):
             visualize.visualize(setup["ckpt"], image, alpha=alpha)
+    with pytest.raises(ValueError, match=r"^argument 'alpha' \(--alpha\): expected a number in \[0, 1\], got 2.0$"):
+        visualize.main(["--checkpoint", setup["ckpt"], image, "--alpha", "2"])
     with pytest.raises(ValueError, match=r"^argument 'batch_size'"):
         predict.predict(setup["ckpt"], image, batch_size=0)
 
