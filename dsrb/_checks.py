@@ -58,16 +58,22 @@ def check_tensor(
                 )
 
 
+def native_array(value: np.ndarray) -> np.ndarray:
+    """``value``, or a C-order copy in the machine's byte order where torch cannot take it as it is: torch refuses a
+    byte order other than the machine's and negative strides (a reversed view, np.flip), and warns on a read-only
+    array (a memory map opened read-only)."""
+    if value.dtype.isnative and value.flags.writeable and all(s >= 0 for s in value.strides):
+        return value
+    return np.array(value, dtype=value.dtype.newbyteorder("="), order="C")
+
+
 def as_tensor(name: str, value) -> torch.Tensor:
     """A tensor argument unchanged, anything else through ``torch.as_tensor``; what it cannot read is a TypeError
     naming the argument."""
     if isinstance(value, torch.Tensor):
         return value
-    if isinstance(value, np.ndarray) and (not value.dtype.isnative or not value.flags.writeable
-                                          or any(s < 0 for s in value.strides)):
-        # torch refuses a byte order other than the machine's and negative strides (a reversed view, np.flip), and
-        # warns on a read-only array; a C-order copy in native order is none of these (as in dsrb.metrics).
-        value = np.array(value, dtype=value.dtype.newbyteorder("="), order="C")
+    if isinstance(value, np.ndarray):
+        value = native_array(value)
     try:
         return torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError):

@@ -36,7 +36,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from dsrb._checks import check_same_device, check_tensor
+from dsrb._checks import check_same_device, check_tensor, native_array
 
 __all__ = [
     "voc_map",
@@ -78,12 +78,7 @@ def _as_tensor(name: str, value):
     if value.dtype.type not in _NUMPY_REAL:
         raise TypeError(f"argument '{name}': expected a NumPy array of bool, integers or float16/32/64, got dtype "
                         f"{value.dtype}")
-    if not value.dtype.isnative or not value.flags.writeable or any(s < 0 for s in value.strides):
-        # torch.from_numpy refuses a byte order other than the machine's and negative strides (a reversed view,
-        # np.flip), and warns on a read-only array (a memory map opened read-only); a C-order copy in native order
-        # is none of these.
-        value = np.array(value, dtype=value.dtype.newbyteorder("="), order="C")
-    return torch.from_numpy(value)
+    return torch.from_numpy(native_array(value))
 
 
 def _check_inputs(scores, targets) -> tuple[torch.Tensor, torch.Tensor]:

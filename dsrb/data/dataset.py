@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .._checks import native_array
+
 __all__ = ["MultiLabelDataset", "UnreadableImageError", "find_duplicate", "open_rgb", "pil_to_tensor", "read_lines",
            "read_text", "to_rgb"]
 
@@ -134,9 +136,7 @@ def _label_matrix(name: str, value, rows: int, cols: int) -> torch.Tensor:
         t = value.detach().cpu()
     else:
         try:
-            # A native-order copy: torch refuses a view with negative strides (arr[::-1]) and a big-endian array.
-            array = np.array(value)
-            t = torch.as_tensor(array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("=")))
+            t = torch.as_tensor(native_array(np.array(value)))  # a copy: a reversed view, a big-endian array
         except (TypeError, ValueError) as err:
             raise TypeError(f"argument '{name}': expected a ({rows}, {cols}) matrix of -1/0/1 values, got {err}")
     if t.is_complex() or t.dtype == torch.bool:
