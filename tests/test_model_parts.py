@@ -475,6 +475,37 @@ def test_dsrb_custom_backbone_module():
         DSRB(C, backbone=nn.Identity(), **opts)
 
 
+@pytest.mark.parametrize("returns, error, match", [
+    ("dict", TypeError, r"backbone Odd returned a dict; DSRB expects a \(B, out_channels, H, W\) tensor"),
+    ("tuple", TypeError, "backbone Odd returned a tuple"),
+    ("flat", ValueError, r"backbone Odd returned a torch.float64 tensor of shape \(2, 7, 16\)"),
+    ("channels", ValueError, r"shape \(2, 5, 4, 4\) .* expected a float \(2, 7, H, W\) map .*'out_channels'"),
+    ("empty", ValueError, r"shape \(2, 7, 0, 4\) .* with H, W >= 1"),
+])
+@pytest.mark.parametrize("train", [False, True])
+def test_dsrb_names_a_backbone_output_that_is_no_map(returns, error, match, train):
+    """A module passed as backbone that returns something else than its (B, out_channels, H, W) map (a feature
+    extractor's dict, a tuple, a flattened map, other channels) stopped deep inside: an AttributeError on .shape in
+    training, conv2d's 'invalid combination of arguments' or its channel count in eval mode."""
+
+    class Odd(nn.Module):
+        out_channels = 7
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 7, 4, stride=4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return {"dict": lambda: {"out": y}, "tuple": lambda: (y,), "flat": lambda: y.flatten(2),
+                    "channels": lambda: y[:, :5], "empty": lambda: y[:, :, :0]}[returns]()
+
+    opts = {k: v for k, v in TINY.items() if k not in ("backbone", "backbone_width")}
+    model = DSRB(C, backbone=Odd(), **opts).to(DT).train(train)
+    with pytest.raises(error, match=match):
+        model(images(2, 16, 16), TARGETS[:2] if train else None, prototype_blend=False)
+
+
 def test_dsrb_eval_returns_logits_and_train_returns_output():
     model = ready_model()
     x = images(4)

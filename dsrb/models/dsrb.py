@@ -383,8 +383,26 @@ class DSRB(nn.Module):
 
     # ------------------------------------------------------------------------------------------------- pipeline
 
+    def _check_backbone_output(self, features, images: torch.Tensor) -> None:
+        """The backbone's map must be a (B, out_channels, H, W) float tensor with H, W >= 1: a module passed as
+        ``backbone`` that returns a dict or tuple (a feature extractor), a 3-D map or other channels stopped deep
+        inside the reduction conv (or with an AttributeError on ``.shape``), naming neither the module nor its
+        ``out_channels``. Shape checks only: no read of device memory."""
+        where = f"the backbone {type(self.backbone).__name__}"
+        if not isinstance(features, torch.Tensor):
+            raise TypeError(f"{where} returned a {type(features).__name__}; DSRB expects a (B, out_channels, H, W) "
+                            "tensor (a module returning several maps needs a wrapper that returns the last one)")
+        C_out = self.reduction[0].in_channels
+        if (features.dim() != 4 or features.shape[0] != images.shape[0] or features.shape[1] != C_out
+                or features.shape[2] * features.shape[3] == 0 or not features.is_floating_point()):
+            raise ValueError(f"{where} returned a {features.dtype} tensor of shape {tuple(features.shape)} for "
+                             f"images of shape {tuple(images.shape)}; expected a float ({images.shape[0]}, {C_out}, "
+                             "H, W) map with H, W >= 1 (its 'out_channels' attribute says "
+                             f"{C_out} channels)")
+
     def _extract(self, images: torch.Tensor):
         features = self.backbone(images)
+        self._check_backbone_output(features, images)
         norm_training = any(isinstance(m, nn.BatchNorm2d) and m.training for m in self.reduction.modules())
         if norm_training and features.shape[0] * features.shape[2] * features.shape[3] == 1:
             # the reduction's BatchNorm in training mode would fail deep inside with one value per channel
