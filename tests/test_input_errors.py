@@ -422,6 +422,22 @@ def test_model_flags_are_bools_not_truthy_values(name, value):
         _model(**{name: value})
 
 
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_the_prototype_pass_distributed_flag_is_a_bool(value):
+    """distributed="no" (or 1) took the collective path and stopped with torch's "Default process group has not been
+    initialized", naming no argument; None was taken for False. Refused by name, the bank left empty."""
+    from dsrb.models import PrototypeBank
+
+    model = _model().eval()
+    x, T = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE), torch.tensor([[1, 0, 1], [0, 1, -1]])
+    with pytest.raises(TypeError, match="argument 'distributed': expected True or False"):
+        model.update_prototypes(x, T, distributed=value)
+    bank = PrototypeBank(3, 4)
+    with pytest.raises(TypeError, match="argument 'distributed': expected True or False"):
+        bank.update(torch.randn(2, 3, 4), T, torch.zeros(2, 3, dtype=torch.long), distributed=value)
+    assert int(model.prototype_bank.counts.sum()) == 0 and int(bank.counts.sum()) == 0
+
+
 def test_model_sizes_take_numpy_integers():
     model = _model(feature_dim=np.int64(16), top_k=np.int64(1))
     assert type(model.feature_dim) is int and model.feature_dim == 16 and type(model.top_k) is int

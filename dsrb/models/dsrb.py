@@ -584,6 +584,7 @@ class DSRB(nn.Module):
         """
         self._check_images(images)
         self._check_targets(targets, images, validate=validate)
+        check_bool("distributed", distributed)  # before the backbone's work, as the bank checks it
         if self.training:
             raise RuntimeError("update_prototypes: the model is in train mode; the prototype pass runs in eval mode "
                                "(model.eval() first, model.train() after finalize_prototypes()), where BatchNorm "

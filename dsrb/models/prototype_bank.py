@@ -128,6 +128,9 @@ class PrototypeBank(nn.Module):
         B = S.shape[0]
         check_tensor("T", T, kind="real", shape=(B, self.num_classes))
         check_tensor("quadrant", quadrant, kind="int", shape=(B, self.num_classes))
+        # A bool, as every flag: "no" or 1 took the collective path (torch's "Default process group has not been
+        # initialized", naming no argument), and None the single-process one.
+        distributed = check_bool("distributed", distributed)
         self._check_open()
         if S.requires_grad or S.dtype != self.sums.dtype:
             S = S.detach().to(self.sums.dtype)
