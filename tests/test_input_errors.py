@@ -241,13 +241,34 @@ def test_image_dtype_must_match_the_model():
             model(torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bfloat16))
         # ... but not float64, and a BatchNorm takes bf16 inputs with float32 or bf16 parameters only: these failed
         # deep inside torch.
-        for model_dtype in (torch.float64, torch.float16):
-            model.to(model_dtype)
-            with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
-                    TypeError, match=rf"argument 'images': expected dtype {model_dtype}.*got torch.float32 under "
-                                     r"torch.bfloat16 autocast"):
-                model(torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE))
+        model.double()
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(
+                TypeError, match=r"argument 'images': expected dtype torch.float64.*got torch.float32 under "
+                                 r"torch.bfloat16 autocast"):
+            model(torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE))
         model.float()
+
+
+@pytest.mark.parametrize("model_dtype, autocast", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
+@pytest.mark.parametrize("image_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_half_model_under_the_other_half_autocast_is_refused_whatever_the_images(model_dtype, autocast, image_dtype):
+    """A float16 model under bfloat16 autocast (or the reverse) cannot run: autocast gives the convs' outputs in its
+    dtype, which the BatchNorms with the model's parameters refuse. Images in the model's own dtype passed the check
+    and stopped deep inside ("mixed dtype (CPU): expect parameter to have scalar type of Float"); float32 images were
+    told to convert to the model's dtype, which then failed the same way. Eval and train, and the prototype pass."""
+    model = _model().to(model_dtype)
+    x, T = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=image_dtype), torch.tensor([[1, 0, 1], [0, 1, -1]])
+    hint = (rf"argument 'images': the model's parameters are {model_dtype}, which {autocast} autocast cannot run .*"
+            rf"autocast in {model_dtype}, or convert the model \(model.float\(\)\)")
+    with torch.no_grad(), torch.autocast("cpu", dtype=autocast):
+        for call in (lambda: model.eval()(x), lambda: model.eval().update_prototypes(x, T),
+                     lambda: model.train()(x, T, prototype_blend=False)):
+            with pytest.raises(TypeError, match=hint):
+                call()
+        # S skips the BatchNorms: classify runs there as it did
+        model.eval().classify(torch.randn(2, 3, 16, dtype=model_dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=model_dtype):  # autocast in the model's dtype runs
+        assert model.eval()(x).shape == (2, 3)
 
 
 # ------------------------------------------------------------------------------------ 6. command-line errors

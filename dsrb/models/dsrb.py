@@ -351,11 +351,12 @@ class DSRB(nn.Module):
 
     def _check_images(self, images) -> None:
         check_tensor("images", images, kind="float", shape=(None, 3, None, None))
-        self._check_device_and_dtype("images", images)
+        self._check_device_and_dtype("images", images, norms=True)
 
-    def _check_device_and_dtype(self, name: str, t: torch.Tensor) -> None:
+    def _check_device_and_dtype(self, name: str, t: torch.Tensor, norms: bool = False) -> None:
         """``t`` (images, or S for :meth:`classify`) on the model's device, in its parameters' dtype or one that
-        autocast turns into it."""
+        autocast turns into it; ``norms``: ``t`` goes through the BatchNorms (images), which no half-precision
+        autocast of another dtype than the parameters' can run."""
         if t.device != self.word_features.device:
             raise ValueError(
                 f"argument '{name}': expected a tensor on the model's device {self.word_features.device}, "
@@ -365,6 +366,16 @@ class DSRB(nn.Module):
         # the convs' half- or single-precision inputs to its dtype, and BatchNorm takes those with float32 or
         # same-dtype parameters: other parameters (float64, fp16 under bf16 autocast) fail there too.
         dtype, where = self.reduction[0].weight.dtype, t.device.type
+        if norms and torch.is_autocast_enabled(where) and dtype in (torch.float16, torch.bfloat16) and (
+                dtype != torch.get_autocast_dtype(where)):
+            # Whatever t's dtype, its own included: the convs' outputs come in autocast's half dtype, which the
+            # BatchNorms' parameters of the other one refuse deep inside ("mixed dtype (CPU): expect parameter to
+            # have scalar type of Float"), so converting t would not help.
+            raise TypeError(
+                f"argument '{name}': the model's parameters are {dtype}, which {torch.get_autocast_dtype(where)} "
+                f"autocast cannot run (its BatchNorms take float32 or {torch.get_autocast_dtype(where)} parameters); "
+                f"autocast in {dtype}, or convert the model (model.float())"
+            )
         if t.dtype != dtype and not (
                 torch.is_autocast_enabled(where) and t.dtype in (torch.float16, torch.bfloat16, torch.float32)
                 and dtype in (torch.float32, torch.get_autocast_dtype(where))):
