@@ -165,6 +165,8 @@ def load_model(checkpoint_path: PathLike, *, device: Union[str, torch.device] = 
         describe. Every message names the path.
     """
     path = os.fspath(checkpoint_path)
+    if isinstance(path, bytes):  # os.fspath passes bytes on, which torch.load reads as a buffer: "truncated?"
+        path = os.fsdecode(path)
     dev = check_device(device, name="argument 'device'")  # before reading what may be a large file
     check_backend(backend, dev)
     state = _read_checkpoint(path)

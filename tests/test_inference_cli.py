@@ -87,6 +87,17 @@ def test_load_model_round_trip(setup):
     torch.testing.assert_close(model.in_matrix, setup["model"].in_matrix)
 
 
+def test_load_model_takes_a_path_of_bytes(setup):
+    """os.fspath passes a bytes path on, and torch.load took it for the file's contents: an intact checkpoint was
+    reported as "could not be read (AttributeError: 'bytes' object has no attribute 'seek' ...); the file is truncated
+    or not a checkpoint". A bytes path is a path, as for open() and os.path."""
+    model, info = load_model(os.fsencode(setup["ckpt"]))
+    assert info["checkpoint"] == setup["ckpt"] and info["class_names"] == CLASSES
+    x = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), setup["model"](x), rtol=0, atol=0)
+
+
 def test_submodules_are_attributes_of_the_package():
     """``import dsrb; dsrb.inference.load_model(...)``, as the README writes it, without importing the ops (and the
     extension) at ``import dsrb``."""
