@@ -180,6 +180,16 @@ def test_freeze_requires_grad():
     assert m.training and all(bn.training for bn in _bns(m))
 
 
+@pytest.mark.parametrize("value", ["False", 0, None])
+def test_freeze_takes_a_bool_only(value):
+    """freeze("False") froze the stem and layer1-layer3 (bool("False") is True), and freeze(None) unfroze them;
+    now a TypeError naming the argument, the backbone left as it was."""
+    m = build_backbone("resnet18", width=4)
+    with pytest.raises(TypeError, match="argument 'frozen': expected True or False"):
+        m.freeze(value)
+    assert not m.frozen and all(p.requires_grad for p in m.parameters())
+
+
 def test_frozen_bn_stays_in_eval_and_keeps_stats():
     torch.manual_seed(0)
     m = build_backbone("resnet18", width=4).freeze().train()

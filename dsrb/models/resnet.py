@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Typ
 import torch
 from torch import nn
 
-from dsrb._checks import brief, check_count, check_tensor
+from dsrb._checks import brief, check_bool, check_count, check_tensor
 
 __all__ = [
     "BACKBONES",
@@ -164,7 +164,7 @@ class ResNet(nn.Module):
         Frozen parts get ``requires_grad=False`` and are kept in eval mode by :meth:`train`, so their BatchNorm
         running statistics never move. Returns ``self``.
         """
-        self._frozen = bool(frozen)
+        self._frozen = check_bool("frozen", frozen)  # bool("False") is True: freeze("False") froze the stem
         for part in self._frozen_parts():
             for p in part.parameters():
                 p.requires_grad_(not self._frozen)
