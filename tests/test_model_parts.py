@@ -631,6 +631,14 @@ def test_dsrb_bad_inputs_name_the_argument():
         model(x, TARGETS[:2], prototype_choices=(shift, torch.ones(2, C).bool()))
     with pytest.raises(ValueError, match=r"'partner': expected values in \[0, 1\], found range \[0, 2\]"):
         model(x, TARGETS[:2], partner=torch.tensor([0, 2]), prototype_choices=(shift.clamp(max=3), shift > 0))
+    # Targets that want a gradient were refused as the blend op's 'T', after the backbone's work.
+    wants_grad = TARGETS[:2].to(DT).requires_grad_()
+    for flags in ({}, {"prototype_blend": False}, {"instance_blend": False}):
+        with pytest.raises(ValueError, match=r"argument 'targets': expected targets without gradient"):
+            model(x, wants_grad, **flags)
+    assert model(x, wants_grad, instance_blend=False, prototype_blend=False).logits.shape == (2, C)  # no blend
+    with torch.no_grad():
+        assert model(x, wants_grad).prototype_logits.shape == (2, C)
 
 
 def test_dsrb_training_step_reads_device_values_once():

@@ -512,6 +512,11 @@ class DSRB(nn.Module):
             ranges.append(("prototype_choices[0] (shift)", prototype_choices[0], 1, 3))
         if targets is not None:
             self._check_targets(targets, images, *ranges, validate=validate)
+        if (run_instance or run_prototype) and targets.requires_grad and torch.is_grad_enabled():
+            # The blends give targets no gradient (as the ops refuse T that wants one): named here, before the
+            # backbone's work, rather than as the op's 'T' after it.
+            raise ValueError("argument 'targets': expected targets without gradient (the blended soft targets give "
+                             "them none); pass targets.detach(), or instance_blend=False and prototype_blend=False")
         if run_prototype and not self.prototype_bank.is_ready():
             raise RuntimeError(
                 "prototype blending (PPRB) needs prototypes, but the prototype bank is not ready: run the prototype "
