@@ -180,6 +180,16 @@ def test_freeze_requires_grad():
     assert m.training and all(bn.training for bn in _bns(m))
 
 
+@pytest.mark.parametrize("value", ["no", 0, None])
+def test_avgpool_takes_a_bool_only(value):
+    """build_backbone(..., avgpool="no") kept the 2x2 average pool (a truthy value), halving the map silently, and
+    None or 0 dropped it; DSRB checks its own avgpool flag, the backbone builders did not."""
+    with pytest.raises(TypeError, match="argument 'avgpool': expected True or False"):
+        build_backbone("resnet18", width=4, avgpool=value)
+    with pytest.raises(TypeError, match="argument 'avgpool': expected True or False"):
+        resnet18(width=4, avgpool=value)
+
+
 @pytest.mark.parametrize("value", ["False", 0, None])
 def test_freeze_takes_a_bool_only(value):
     """freeze("False") froze the stem and layer1-layer3 (bool("False") is True), and freeze(None) unfroze them;

@@ -117,6 +117,7 @@ class ResNet(nn.Module):
         width = check_count("width", width)
         if len(layers) != 4 or any(int(n) < 1 for n in layers):
             raise ValueError(f"argument 'layers': expected 4 positive block counts, got {list(layers)}")
+        avgpool = check_bool("avgpool", avgpool)  # "no" is truthy: it kept the pool, halving the map silently
         self.inplanes = width
         self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
