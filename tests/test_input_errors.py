@@ -464,6 +464,11 @@ def test_model_sizes_take_numpy_integers():
     assert type(model.feature_dim) is int and model.feature_dim == 16 and type(model.top_k) is int
     with pytest.raises(ValueError, match="argument 'feature_dim': expected a positive int, got 16.0"):
         _model(feature_dim=16.0)
+    # backbone_width too: a NumPy int was refused, and every refusal named the builder's 'width'
+    assert _model(backbone_width=np.int64(4)).backbone.out_channels == 32
+    for width in (0, 4.0, np.int64(0)):
+        with pytest.raises(ValueError, match="argument 'backbone_width': expected a positive int"):
+            _model(backbone_width=width)
 
 
 def test_word_features_and_adjacency_are_checked_as_the_model_holds_them():

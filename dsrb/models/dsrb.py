@@ -268,6 +268,7 @@ class DSRB(nn.Module):
         self.backend = ops.check_backend_choice(backend)
 
         if isinstance(backbone, str):
+            backbone_width = check_count("backbone_width", backbone_width)  # by its own name: the builder says 'width'
             self.backbone = build_backbone(backbone, pretrained=pretrained, avgpool=check_bool("avgpool", avgpool),
                                            width=backbone_width)
         elif isinstance(backbone, nn.Module):
