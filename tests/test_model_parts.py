@@ -360,6 +360,9 @@ def test_draw_prototype_choices_valid_mask_and_edges(top_k):
         draw_prototype_choices(DRAW_T, -1)
     with pytest.raises(ValueError, match="valid"):
         draw_prototype_choices(DRAW_T, 1, valid=torch.ones(3, dtype=torch.bool))
+    for dtype in (torch.bool, torch.uint8):  # 0/1 labels: every known absent label (False) was drawn as unknown
+        with pytest.raises(TypeError, match="argument 'T': expected a signed .* cannot hold -1"):
+            draw_prototype_choices((DRAW_T == 1).to(dtype), 1)
 
 
 # ---------------------------------------------------------------------------------------- semantic decoupling

@@ -147,6 +147,7 @@ def draw_prototype_choices(
         shift (B, C) int64 in {1, 2, 3} and select (B, C) bool.
     """
     check_tensor("T", T, ndim=2, kind="real")
+    check_signed_targets("T", T)  # as the model and the losses: 0/1 labels would read every False as unknown
     check_count("top_k", top_k, minimum=0)
     check_compat(compat)
     B, C = T.shape
