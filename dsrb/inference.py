@@ -14,6 +14,7 @@ import contextlib
 import os
 import stat
 import sys
+import unicodedata
 import warnings
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -379,8 +380,11 @@ def check_finite_logits(logits: torch.Tensor, checkpoint, paths: Optional[Sequen
 
 
 def sanitize(name: str) -> str:
-    """A file-name-safe version of a class name: characters other than letters, digits, '.', '-', '_' become '_'."""
-    safe = "".join(ch if (ch.isascii() and ch.isalnum()) or ch in "._-" else "_" for ch in name).strip(".")
+    """A file-name-safe version of a class or image name: characters other than letters and digits (of any script, in
+    Unicode's composed form), '.', '-' and '_' become '_'. ASCII alone made names in other scripts all '_' (three
+    Chinese class names gave img_0__.png, img_0___2.png, img_0___3.png: which class each showed was lost)."""
+    name = unicodedata.normalize("NFC", name)
+    safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name).strip(".")
     return safe or "class"
 
 

@@ -106,13 +106,21 @@ def _resolve_classes(classes, class_names: List[str]) -> Optional[List[int]]:
 
 
 def _png_name(stem: str, label: str, limit: int, end: str = "") -> str:
-    """``<stem>_<label><end>``, its stem (then its label) cut so that the name with ".png" has at most ``limit``
-    characters (the names are ASCII: :func:`~dsrb.inference.sanitize`), where the file system takes no longer one."""
-    over = len(stem) + 1 + len(label) + len(end) + len(".png") - limit
+    """``<stem>_<label><end>``, its stem (then its label) cut by whole characters so that the name with ".png" takes
+    at most ``limit`` bytes (file systems count the bytes of a name, several per character outside ASCII), where the
+    file system takes no longer one."""
+    def size(text: str) -> int:
+        return len(os.fsencode(text))
+
+    def cut(text: str, over: int) -> str:  # the last characters, until ``over`` bytes are gone; one stays
+        while over > 0 and len(text) > 1:
+            over, text = over - size(text[-1]), text[:-1]
+        return text
+
+    over = size(stem) + 1 + size(label) + size(end) + len(".png") - limit
     if over > 0:
-        cut = min(over, len(stem) - 1)  # one character of the stem stays
-        stem, over = stem[:len(stem) - cut], over - cut
-        label = label[:max(1, len(label) - over)]
+        stem = cut(stem, over)
+        label = cut(label, size(stem) + 1 + size(label) + size(end) + len(".png") - limit)
     return f"{stem}_{label}{end}"
 
 

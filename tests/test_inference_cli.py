@@ -1119,6 +1119,30 @@ def test_long_output_names_are_written(setup, tmp_path):
     assert {n.lstrip("i") for n in names} == {f"_{c}{n}.png" for c in ("cat", "dog_house", "tree") for n in ("", "_2")}
 
 
+def test_visualize_names_keep_letters_of_every_script(setup, tmp_path):
+    """Class and image names outside ASCII were all '_' in the PNG names (three Chinese class names gave img_0__.png,
+    img_0___2.png and img_0___3.png: which class each showed was lost). Letters of every script are kept now, in
+    Unicode's composed form, and a long name is cut by whole characters to the file system's limit in bytes."""
+    from dsrb.visualize import visualize
+
+    state = torch.load(setup["ckpt"], weights_only=False)
+    state["class_names"] = ["猫", "狗 屋", "cafe\u0301"]  # the last one decomposed: an e and a combining accent
+    ckpt = tmp_path / "best.pt"
+    torch.save(state, ckpt)
+    image = tmp_path / "照片.png"
+    shutil.copy(setup["images"][0], image)
+    written = visualize(str(ckpt), [str(image)], out_dir=str(tmp_path / "att"), device="cpu")
+    assert sorted(os.path.basename(p) for p in written) == sorted(["照片_猫.png", "照片_狗_屋.png", "照片_café.png"])
+
+    long = tmp_path / ("长" * 83 + ".png")  # 253 bytes in UTF-8: 82 of the 83 characters fit beside "_猫.png"
+    shutil.copy(setup["images"][0], long)
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")  # the usual 255 bytes (the figures above assume it)
+    written = visualize(str(ckpt), [str(long)], out_dir=str(tmp_path / "long"), device="cpu", classes=["猫"])
+    name = os.path.basename(written[0])
+    assert limit == 255 and name == "长" * 82 + "_猫.png", name
+    assert os.listdir(tmp_path / "long") == [name]
+
+
 def test_an_output_name_longer_than_the_file_system_takes_is_refused_before_any_work(setup, tmp_path, monkeypatch):
     """An --out of 300 characters (or in a folder to make of that many) passed the check; after all the work the
     rename failed with "[Errno 36] File name too long" naming the temporary file. Now an error naming --out first."""
