@@ -480,6 +480,12 @@ def test_list_errors(tmp_path):
         load_list(tmp_path / "missing.csv")
     with pytest.raises(ValueError, match=r"argument 'path': expected the list file, got None"):
         load_list(None)
+    # A class whose name holds the labels' separator: no row could name it, so it silently had no positive.
+    (tmp_path / "classes.txt").write_text("cat\nsofa;bed\ndog\n")
+    with pytest.raises(ValueError, match=r"classes\.txt: class 'sofa;bed' contains ';', which separates"):
+        load_list(tmp_path / "train.csv", classes=tmp_path / "classes.txt")
+    with pytest.raises(ValueError, match=r"^argument 'classes': class 'sofa;bed' contains ';'"):
+        load_list(tmp_path / "train.csv", classes=["cat", "sofa;bed", "dog"])
 
 
 def test_list_stray_quote_in_a_long_file_names_the_file_and_line(tmp_path):

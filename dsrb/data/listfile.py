@@ -9,7 +9,8 @@ Format: a UTF-8 CSV file whose first line is the header ``path,labels``; each fo
 
 * ``path``: the image file, relative to ``image_root`` (default: the list file's folder) or absolute.
 * ``labels``: the names of the classes present, separated by ``;`` (surrounding spaces are ignored, so class names
-  cannot contain ``;``). Every class not listed is absent (-1); an empty field means no class is present.
+  cannot contain ``;``: a given class name that does is an error). Every class not listed is absent (-1); an empty
+  field means no class is present.
 * Standard CSV quoting applies (quote a path that contains a comma); spaces after the delimiter are ignored, also
   before a quoted field. A tab-separated file (header ``path<TAB>labels``) is accepted too. Blank lines are skipped.
 
@@ -140,6 +141,11 @@ def load_list(
         classes_source = f"the classes of {classes}"
     else:
         class_names = [str(c) for c in classes]
+    for name in class_names:  # no row could name it: the class would silently have no positive
+        if ";" in name:
+            where = classes if isinstance(classes, (str, os.PathLike)) else "argument 'classes'"
+            raise ValueError(f"{where}: class '{name}' contains ';', which separates the class names of a row in "
+                             f"{path}, so no row can name it; rename the class")
     index = {c: i for i, c in enumerate(class_names)}
     base = Path(image_root) if image_root is not None else path.parent
     labels = np.full((len(rows), len(class_names)), -1, dtype=np.int8)
