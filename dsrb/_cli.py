@@ -25,10 +25,11 @@ def fail(line: str, status: int = 1) -> NoReturn:
     sys.exit(status)
 
 
-# The missing extension under DSRB_REQUIRE_EXT=1 of a tool that runs in several processes (dsrb.train under torchrun):
-# start() leaves it to the tool, which joins the other ranks to stop them with it. Exiting alone, the rank left them
-# waiting for it in init_process_group (its default timeout: 30 minutes) where its node alone lacked the extension.
-deferred_failure: Optional[ImportError] = None
+# The failure of a tool that runs in several processes (dsrb.train under torchrun) that start() leaves to the tool,
+# which joins the other ranks to stop them with it: a bad value of an extension variable, the missing extension under
+# DSRB_REQUIRE_EXT=1. Exiting alone, the rank left them waiting for it in init_process_group (its default timeout: 30
+# minutes) where its node alone had that environment.
+deferred_failure: Optional[Exception] = None
 
 
 def start(prog: str, *, one_process: bool = True, require_ext: bool = True) -> None:
@@ -37,20 +38,27 @@ def start(prog: str, *, one_process: bool = True, require_ext: bool = True) -> N
     ``one_process`` tool started as one of several processes (torchrun: WORLD_SIZE > 1) stops with one error line;
     the extension's on/off environment variables checked (one error line for a bad value); and, with
     ``require_ext``, a missing extension under DSRB_REQUIRE_EXT=1 one error line with the reason, where the tool's
-    imports would raise it as a traceback (dsrb.info passes False: it reports first, then fails; dsrb.train under
-    torchrun gets it as :data:`deferred_failure`)."""
+    imports would raise it as a traceback (dsrb.info passes False: it reports first, then fails). dsrb.train under
+    torchrun gets these two errors as :data:`deferred_failure` instead."""
+    global deferred_failure
     quiet_interrupt(prog)
-    from ._build import check_env_flags, env_flag  # standard library only
+    from ._build import ENV_FLAGS, check_env_flags, env_flag  # standard library only
 
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    several = not one_process and world not in ("", "0", "1")
     try:  # a bad value is one error line here, not a traceback from the imports that read it (--help's too)
         check_env_flags()
     except ValueError as err:
-        fail(f"{prog}: error: {err}")
+        if not several:
+            fail(f"{prog}: error: {err}")
+        deferred_failure = err
+        for name in (*ENV_FLAGS, "MAX_JOBS", "TORCH_CUDA_ARCH_LIST"):  # the tool's imports read them: they pass,
+            os.environ.pop(name, None)
+        os.environ["DSRB_DISABLE_EXT"] = "1"  # without the extension (the tool stops before using it)
     if any(arg in ("-h", "--help") for arg in sys.argv[1:]):  # argparse then prints help or an error, never runs
         os.environ["DSRB_BUILD_ON_FIRST_USE"] = "0"
         os.environ.pop("DSRB_REQUIRE_EXT", None)
         return
-    world = os.environ.get("WORLD_SIZE", "1").strip()
     if one_process and world not in ("", "0", "1"):  # each process would do all the work and write the same files
         fail(f"{prog}: error: it runs in one process, but WORLD_SIZE={world} (torchrun) started it as one of "
              "several; run it without torchrun (only python -m dsrb.train uses several processes), with "
@@ -61,9 +69,8 @@ def start(prog: str, *, one_process: bool = True, require_ext: bool = True) -> N
         try:
             _ext.load()
         except ImportError as err:
-            if one_process or world in ("", "0", "1"):
+            if not several:
                 fail(f"{prog}: error: {err}")
-            global deferred_failure
             deferred_failure = err
             os.environ["DSRB_REQUIRE_EXT"] = "0"  # the tool's imports pass (on the fallback), the tool stops
 

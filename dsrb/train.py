@@ -1197,8 +1197,9 @@ def _load_pretrained(core: DSRB, path: str) -> None:
 
 def main(argv=None) -> None:
     try:
-        if _cli.deferred_failure is not None:  # under torchrun: this node lacks the extension that it requires
-            raise _cli.deferred_failure
+        deferred, _cli.deferred_failure = _cli.deferred_failure, None
+        if deferred is not None:  # under torchrun: this node's extension variables, or its missing extension
+            raise deferred
         cfg, explicit = parse_args(argv)
     except (Exception, SystemExit) as err:  # a --config file, or a flag, that only this rank's node gets wrong
         if isinstance(err, SystemExit) and (not err.code or int(os.environ.get("WORLD_SIZE", "1")) <= 1):

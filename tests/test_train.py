@@ -799,14 +799,15 @@ def test_ddp_flag_that_one_node_gets_wrong_stops_every_rank(data_root, tmp_path)
     assert not (tmp_path / "run").exists()
 
 
-# python -m dsrb.train, where the rank named by the first argument runs on "a node that lacks the extension" that the
-# run requires (DSRB_REQUIRE_EXT=1; the extension disabled there).
-NO_EXTENSION_LAUNCHER = """
+# python -m dsrb.train, where the rank named by the first argument ("<rank>|NAME=value,...") runs on "a node" whose
+# environment alone has those variables.
+NODE_ENV_LAUNCHER = """
 import os, runpy, sys
 import torch.distributed as dist
 
-if os.environ["RANK"] == sys.argv[1]:
-    os.environ.update(DSRB_REQUIRE_EXT="1", DSRB_DISABLE_EXT="1")
+rank, _, assignments = sys.argv[1].partition("|")
+if os.environ["RANK"] == rank:
+    os.environ.update(a.split("=", 1) for a in assignments.split(","))
 sys.argv = ["dsrb.train", *sys.argv[2:]]
 try:
     runpy.run_module("dsrb.train", run_name="__main__", alter_sys=True)
@@ -815,14 +816,20 @@ finally:
 """
 
 
-def test_ddp_extension_that_one_node_lacks_stops_every_rank(data_root, tmp_path):
-    """DSRB_REQUIRE_EXT=1 where one node lacks the extension (no compiler there, say): that rank exited at once with
-    the reason, before joining the process group, and the others waited for it there (30 minutes). It now joins the
-    group first: its error line, then rank 0's line pointing to it."""
+@pytest.mark.parametrize("env, expected", [
+    ("DSRB_REQUIRE_EXT=1,DSRB_DISABLE_EXT=1",
+     "dsrb: DSRB_REQUIRE_EXT=1 but the C++ extension is not available: disabled by DSRB_DISABLE_EXT=1"),
+    ("MAX_JOBS=many", "MAX_JOBS: expected a positive number"),
+    ("DSRB_BUILD_CUDA=maybe", "environment variable DSRB_BUILD_CUDA: expected 1 or 0"),
+])
+def test_ddp_extension_environment_of_one_node_stops_every_rank(data_root, tmp_path, env, expected):
+    """One node's environment that dsrb.train's start refuses (the extension missing under DSRB_REQUIRE_EXT=1, no
+    compiler there, say; a bad value of an extension variable): that rank exited at once with the reason, before
+    joining the process group, and the others waited for it there (30 minutes). It now joins the group first: its
+    error line, then rank 0's line pointing to it."""
     argv = args(data_root, tmp_path / "run", 1)
-    (rc0, err0), (rc1, err1) = launch_ranks(tmp_path, 1, argv, script=NO_EXTENSION_LAUNCHER)
-    assert rc1 == 1 and "python -m dsrb.train: error: dsrb: DSRB_REQUIRE_EXT=1 but the C++ extension is not " \
-        "available: disabled by DSRB_DISABLE_EXT=1" in err1, err1[-3000:]
+    (rc0, err0), (rc1, err1) = launch_ranks(tmp_path, f"1|{env}", argv, script=NODE_ENV_LAUNCHER)
+    assert rc1 == 1 and f"python -m dsrb.train: error: {expected}" in err1, err1[-3000:]
     assert rc0 == 1 and "python -m dsrb.train: error: rank 0 stops: rank 1 failed (its error above)" in err0, \
         err0[-3000:]
     for err in (err0, err1):
