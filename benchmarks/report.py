@@ -30,7 +30,9 @@ NOTES = ("images_per_s", "largest_batch", "per_image_ms", "time_vs_x1", "peak_vs
 
 
 def _ratio(num: Optional[float], den: Optional[float]) -> str:
-    if not num or not den:
+    # As the targets read figures (_measure): only finite positive numbers make a ratio; a NaN, an infinity, a
+    # negative or a non-numeric figure (a foreign or hand-edited JSON) is no ratio, not "nan×" or a traceback.
+    if not all(_number(v) and math.isfinite(v) and v > 0 for v in (num, den)):
         return "–"
     return f"{num / den:.2f}×"
 

@@ -285,6 +285,20 @@ def test_zero_and_nan_figures(tmp_path):
     assert r["status"] == "no data"
 
 
+def test_table_ratios_only_from_finite_positive_figures(tmp_path, capsys):
+    """The tables' ratio columns read figures as the targets do: a NaN, an infinity, a negative or a non-numeric
+    peak or median (a foreign or hand-edited JSON) is "–", never "nan×", "-0.05×" or a TypeError."""
+    g = "semantic_attention_op-coco-b8-fwd+bwd"
+    a = write(tmp_path / "a.json", [case(g, "official", float("nan"), device="cpu", peak="12"),
+                                    case(g, "torch", float("inf"), device="cpu", peak=-5),
+                                    case(g, "cpu", 1e-3, device="cpu", peak=100)])
+    report.main([a])
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[1]: line.split(" | ")[4:9] for line in out.splitlines() if line.startswith(f"| {g} ")}
+    assert rows["cpu"] == ["–", "–", "0.00", "–", "–"], rows  # vs official, vs torch, peak, memory ratios
+    assert rows["torch"][0] == rows["torch"][1] == "–" and "nan×" not in out and "inf×" not in out, rows
+
+
 def test_other_json_and_malformed_cases_are_left_out(tmp_path, capsys):
     """Valid JSON that is no pytest-benchmark document is named like an unreadable file; a record without fullname,
     stats or median is left out and counted; neither stops the report."""
