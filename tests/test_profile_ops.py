@@ -97,3 +97,22 @@ def test_preflight_refuses_an_unknown_backend(capsys):
             preflight.main(args)
         assert exit_info.value.code == 2
         assert "argument backend: invalid choice: 'cdua'" in capsys.readouterr().err
+
+
+def test_progress_on_a_gpu_prints_each_row(monkeypatch, capsys):
+    """Each row is printed to stderr as it is timed (gpu_session.sh's bench.log). On CUDA the table ends with the
+    footnote on rows not yet profiled, which was printed instead of every row. A GPU simulated: fixed timings."""
+    import benchmarks.conftest
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Simulated GPU")
+    monkeypatch.setattr(profile_ops, "_providers", lambda op, device, dtype, skip=(): ["reference", "torch"])
+    monkeypatch.setattr(profile_ops, "_once", lambda *args: (lambda: None))
+    monkeypatch.setattr(profile_ops, "time_call", lambda *args: {"wall_us": 2.0, "host_us": 1.0})
+    monkeypatch.setattr(profile_ops, "event_time", lambda *args: 1.5)
+    monkeypatch.setattr(profile_ops, "profile_call", lambda *args: {"device_us": 1.0, "kernels": 3, "names": []})
+    monkeypatch.setattr(benchmarks.conftest, "dsrb_ops_run", lambda fn: [])
+    assert profile_ops.main(["--shape", "tiny", "--rounds", "1"]) == 0
+    progress = capsys.readouterr().err.splitlines()
+    want = [f"| {op} | tiny | {p} |" for op in profile_ops.OPS for p in ("reference", "torch")]
+    assert [line[: len(w)] for line, w in zip(progress, want)] == want and len(progress) == len(want), progress
