@@ -234,7 +234,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                         timing["event_us"] = event_time(once, device, args.rounds)
                         rows.append([op, shape, provider, timing, None])
                     except Exception as err:  # noqa: BLE001 - reported in the table; the other rows still run
-                        rows.append([op, shape, provider, f"error: {type(err).__name__}: {err}", None])
+                        # One table row: a CUDA error's text (a Triton compilation error's too) runs over several
+                        # lines, which ended the table inside the row, and a '|' in it would split the cell.
+                        text = " / ".join(line.strip() for line in str(err).splitlines() if line.strip())
+                        rows.append([op, shape, provider, f"error: {type(err).__name__}: {text}".replace("|", "\\|"),
+                                     None])
                     # This row by its place: on CUDA the table's last line is the footnote on rows not yet profiled.
                     print(write()[len(header) + len(rows) - 1], file=sys.stderr, flush=True)
         if device.type == "cuda":  # after every timing: a profiler session leaves CUPTI attached

@@ -1,5 +1,7 @@
 """benchmarks/profile_ops.py, the GPU session's host-vs-device breakdown, runs and fills its table (here on CPU)."""
 
+import re
+
 import pytest
 import torch
 
@@ -116,3 +118,29 @@ def test_progress_on_a_gpu_prints_each_row(monkeypatch, capsys):
     progress = capsys.readouterr().err.splitlines()
     want = [f"| {op} | tiny | {p} |" for op in profile_ops.OPS for p in ("reference", "torch")]
     assert [line[: len(w)] for line, w in zip(progress, want)] == want and len(progress) == len(want), progress
+
+
+def test_an_error_row_stays_one_table_row(tmp_path, monkeypatch):
+    """A row whose call fails holds the error in the table. A CUDA error's text has several lines (and could hold a
+    '|'): written as it was, it ended the markdown table inside the row; now its lines are joined by ' / ', '|'
+    escaped."""
+    real = profile_ops._once
+
+    def fail_torch(op, provider, *args):
+        if provider == "torch":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered | x\nCUDA kernel errors might be "
+                               "asynchronously reported at some other API call\nFor debugging consider passing "
+                               "CUDA_LAUNCH_BLOCKING=1")
+        return real(op, provider, *args)
+
+    monkeypatch.setattr(profile_ops, "_once", fail_torch)
+    out = tmp_path / "profile.md"
+    assert profile_ops.main(["--shape", "tiny", "--rounds", "1", "--skip", "cpu", "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    table = lines[2:lines.index("", 2) if "" in lines[2:] else len(lines)]  # the table: header row to blank line
+    assert all(line.startswith("|") for line in table), table
+    errors = [line for line in table if "| torch |" in line]
+    assert len(errors) == len(profile_ops.OPS), table
+    cells = [re.split(r"(?<!\\)\|", line)[1:-1] for line in errors]  # split at unescaped '|' only
+    assert all(len(c) == 9 and "illegal memory access was encountered \\| x / CUDA kernel errors" in c[3]
+               and c[3].endswith("CUDA_LAUNCH_BLOCKING=1 ") for c in cells), errors
