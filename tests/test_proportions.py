@@ -133,7 +133,8 @@ def test_bad_arguments(tmp_path, capsys):
         proportions.main(["--out", str(tmp_path / "a"), "--", "--bogus"])
     assert not (tmp_path / "a").exists()
     for flag, value, message in (("--methods", "dsrb,best", "unknown"), ("--proportions", "0,0.5", "(0, 1]"),
-                                 ("--seeds", "1,1", "repeat"), ("--jobs", "0", "positive")):
+                                 ("--seeds", "1,1", "repeat"), ("--jobs", "0", "positive"),
+                                 ("--seeds", "0,-1", "[0, 2**63)"), ("--seeds", f"0,{2**63}", "[0, 2**63)")):
         with pytest.raises(SystemExit):
             proportions.main(["--out", str(tmp_path / "a"), flag, value])
         err = capsys.readouterr().err
