@@ -2,6 +2,7 @@
 interrupted and resumed."""
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -107,6 +108,16 @@ def test_plot_legend_without_a_complete_seed(tmp_path, monkeypatch):
     report.plot(sweep, str(tmp_path / "plot.png"))
     legends = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in figures[0].axes]
     assert legends == [["baseline (avg 40.0)", "dsrb"], ["dsrb"]]
+
+
+def test_notes_give_every_thread_count():
+    """A sweep resumed with another --threads has runs of each count (results depend on it in rounding): the note
+    said the first run's count of all of them ("1 thread(s) each")."""
+    shared = {"dataset": "builtin", "epochs": 3, "batch_size": 4, "image_size": 64, "backbone": "resnet18",
+              "backbone_width": 4, "feature_dim": 16, "label_seed": 0}
+    mixed = [dataclasses.replace(_result("dsrb", 0.5, s, 50.0), threads=t) for s, t in ((0, 1), (1, 2), (2, 1))]
+    assert "1 or 2 threads a run" in proportions._notes("demo", [], shared, mixed)[1]
+    assert "1 thread(s) each" in proportions._notes("demo", [], shared, mixed[::2])[1]
 
 
 # --------------------------------------------------------------------------------------------- arguments

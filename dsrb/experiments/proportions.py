@@ -442,8 +442,12 @@ def _notes(preset: str, train_flags: Sequence[str], shared: Dict[str, object], r
              f"D {shared['feature_dim']}, partial labels seed {shared['label_seed']}"]
     if results:
         seconds = sum(r.seconds for r in results)
+        # a sweep resumed with another --threads has runs of each count: the first run's was said of all of them
+        threads = sorted({r.threads for r in results})
+        each = f"{threads[0]} thread(s) each" if len(threads) == 1 else \
+            f"{' or '.join(map(str, threads))} threads a run, as results.csv says"
         notes.append(f"{len(results)} runs, {_clock(seconds)} of run time in all "
-                     f"({seconds / len(results):.0f} s a run, {results[0].threads} thread(s) each)")
+                     f"({seconds / len(results):.0f} s a run, {each})")
     return notes
 
 
