@@ -233,6 +233,36 @@ def test_one_proportion_is_one_proportion(tmp_path):
     assert "this grid's 1 proportion (" in text, text
 
 
+def test_an_extended_sweep_interrupted_at_once_reports_itself_incomplete(tmp_path, monkeypatch):
+    """A finished grid extended by a seed and interrupted before a new run finished kept the earlier call's table.md,
+    which said nothing of the new runs and read as complete."""
+    def finish(runs, preset, train_flags, *, jobs, threads, on_finish):  # each run as a finished training leaves it
+        for run in runs:
+            os.makedirs(run.directory)
+            for name, value in (("summary.json", {"best_mAP": 0.5, "best_epoch": 0}),
+                                ("sweep_run.json", {"seconds": 1.0, "threads": 1, "command": []})):
+                with open(os.path.join(run.directory, name), "w") as f:
+                    json.dump(value, f)
+            with open(os.path.join(run.directory, "metrics.jsonl"), "w") as f:
+                f.write(json.dumps({"epoch": 0, "mAP": 0.5}) + "\n")
+            on_finish()
+        return []
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(proportions, "_prepare", lambda shared: None)
+    monkeypatch.setattr(proportions, "run_sweep", finish)
+    argv = ["--out", str(tmp_path), "--preset", "demo", "--methods", "baseline", "--proportions", "0.3", "--no-plot"]
+    assert proportions.main([*argv, "--seeds", "0", "--", "--device", "cpu"]) == 0
+    assert "incomplete" not in (tmp_path / "table.md").read_text()
+    monkeypatch.setattr(proportions, "run_sweep", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        proportions.main([*argv, "--seeds", "0,1", "--", "--device", "cpu"])
+    text = (tmp_path / "table.md").read_text()
+    assert "**incomplete**: 1 run(s)" in text and "over 2 seed(s) [0, 1]" in text, text
+
+
 def test_report_only_needs_no_device(tmp_path, monkeypatch):
     """--report-only trains nothing: the tables of a sweep trained on a GPU are redrawn on a machine without one (the
     device was checked and refused)."""

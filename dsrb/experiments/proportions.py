@@ -28,7 +28,8 @@ Output folder (``--out``, default ``runs/proportions-<preset>``):
 * ``results.csv``, ``summary.csv``, ``table.md``, ``plot.png``: see :mod:`dsrb.experiments.report`.
 
 Resumable: a finished run is never trained again, an interrupted one continues from its ``last.pt`` (exactly, see
-``dsrb.train --resume``); rerun the same command after a crash or Ctrl-C. The report is rewritten after every run.
+``dsrb.train --resume``); rerun the same command after a crash or Ctrl-C. The report is written before the
+first run, then after every run.
 The folder is locked while a sweep runs in it: a second one there is refused (``--report-only`` is not).
 """
 
@@ -492,6 +493,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             lock = _lock_folder(out, runs)
             _claim_folder(out, shared)
+            # The report of this grid before anything trains: an interrupt before a run finished left the previous
+            # call's report, which for a grid since extended (seeds, proportions, methods added) read as complete
+            if not all(r.finished for r in runs):
+                report()
             _prepare(shared)
             start = time.perf_counter()
             failed = run_sweep(runs, args.preset, train_flags, jobs=jobs, threads=threads, on_finish=report)
