@@ -206,12 +206,21 @@ def runs_on(archs: str, capability: Tuple[int, int], ptx: bool = True) -> bool:
     return False
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a cpuset, taskset), as torch sizes its thread pool, where
+    os.cpu_count() counts every CPU of the machine (a container limited to 2 of 64 ran 64 compilers or threads)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity to ask (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
+
+
 def jobs() -> int:
-    """Parallel compile jobs: MAX_JOBS, else the CPU count up to 8. A MAX_JOBS that is not a positive integer is a
+    """Parallel compile jobs: MAX_JOBS, else the usable CPUs up to 8. A MAX_JOBS that is not a positive integer is a
     BuildError (0 would reach ninja as -j 0, which it reads as no limit)."""
     value = os.environ.get("MAX_JOBS", "").strip()
     if not value:
-        return max(1, min(os.cpu_count() or 1, 8))
+        return min(usable_cpus(), 8)
     if not (value.isascii() and value.isdigit()) or int(value) < 1:  # isdigit alone takes "²", which int() refuses
         raise BuildError(f"MAX_JOBS: expected a positive number of parallel compile jobs, got {value!r}")
     return int(value)

@@ -123,6 +123,20 @@ def test_notes_give_every_thread_count():
 # --------------------------------------------------------------------------------------------- arguments
 
 
+def test_jobs_and_threads_count_the_cpus_this_process_may_use(monkeypatch):
+    """os.cpu_count() counts every CPU of the machine: in a container limited to 2 of 64 (a cpuset, taskset) the
+    sweep ran 4 runs of 16 threads each, and a first-use build 8 compilers. Both count the affinity's CPUs now."""
+    from dsrb import _build
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 5}, raising=False)
+    monkeypatch.delenv("MAX_JOBS", raising=False)
+    assert _build.usable_cpus() == 2 and _build.jobs() == 2
+    assert proportions._auto_jobs({"device": "cpu"}) == 2
+    monkeypatch.delattr(os, "sched_getaffinity")  # macOS, Windows: the machine's count
+    assert _build.usable_cpus() == 64 and _build.jobs() == 8 and proportions._auto_jobs({"device": "cpu"}) == 4
+
+
 def test_bad_arguments(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"\['seed'\] are set by the sweep"):
         proportions.main(["--out", str(tmp_path / "a"), "--", "--seed", "3"])

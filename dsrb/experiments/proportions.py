@@ -49,6 +49,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+from dsrb._build import usable_cpus
 from dsrb._cli import ArgumentParser, check_output_dir, exit_on_error, fail, stop_on_termination
 from dsrb._files import lock_directory, remove_stale_temporaries
 from dsrb.checkpoint import save_json
@@ -168,9 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_seeds, default=list(DEFAULT_SEEDS), help="comma-separated seeds (default: 0,1,2)")
     p.add_argument("--out", default=None, help="sweep folder (default: runs/proportions-<preset>)")
     p.add_argument("--jobs", type=positive_int, default=None,
-                   help="runs trained at the same time (default: on the CPU one per core, at most 4; on a GPU 1)")
+                   help="runs trained at the same time (default: on the CPU one per CPU it may use, at most 4; on a "
+                        "GPU 1)")
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads per run (default: the machine's cores / jobs); results depend on it in rounding")
+                   help="CPU threads per run (default: the CPUs it may use / jobs); results depend on it in rounding")
     p.add_argument("--selection", choices=tuple(SELECTIONS), default="best",
                    help="headline epoch: best (best test epoch, the official protocol) or final (last epoch)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the tables and plot from finished runs")
@@ -287,12 +289,12 @@ def _result(run: GridRun) -> RunResult:
 
 
 def _auto_jobs(shared: Dict[str, object]) -> int:
-    """One run per core on the CPU (single-threaded small models use cores better side by side than with two
-    threads each), at most 4; one at a time on a GPU."""
+    """One run per CPU this process may use (single-threaded small models use cores better side by side than with
+    two threads each), at most 4; one at a time on a GPU."""
     device = str(shared.get("device"))
     if device.startswith("cuda") or (device == "auto" and _cuda_available()):
         return 1
-    return max(1, min(4, os.cpu_count() or 1))
+    return min(4, usable_cpus())
 
 
 def _cuda_available() -> bool:
@@ -476,7 +478,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ImportError("plot.png needs matplotlib: pip install matplotlib (or pip install -e \".[plot]\"), "
                               "or pass --no-plot") from None
     jobs = args.jobs or _auto_jobs(shared)
-    threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
+    threads = args.threads or max(1, usable_cpus() // jobs)
 
     def report() -> Dict[str, str]:
         results = [_result(r) for r in runs if r.finished]
