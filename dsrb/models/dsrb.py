@@ -405,7 +405,7 @@ class DSRB(nn.Module):
         if not isinstance(features, torch.Tensor):
             raise TypeError(f"{where} returned a {type(features).__name__}; DSRB expects a (B, out_channels, H, W) "
                             "tensor (a module returning several maps needs a wrapper that returns the last one)")
-        C_out = self.reduction[0].in_channels
+        C_out = self.backbone.out_channels  # checked at construction (a module replacing the reduction keeps it)
         if (features.dim() != 4 or features.shape[0] != images.shape[0] or features.shape[1] != C_out
                 or features.shape[2] * features.shape[3] == 0 or not features.is_floating_point()):
             raise ValueError(f"{where} returned a {features.dtype} tensor of shape {tuple(features.shape)} for "
