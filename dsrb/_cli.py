@@ -7,6 +7,8 @@ import sys
 import tempfile
 from typing import Iterable, Iterator, NoReturn, Optional, Tuple
 
+from ._files import name_max, special_file  # standard library only, as this module
+
 
 def say(line: str) -> None:
     """``line`` and its newline on stderr in one write: the lines that the processes of one run print at the same
@@ -250,8 +252,6 @@ def check_output_file(path: str, *, name: str = "argument --out", what: str = "t
             if os.path.exists(source) and os.path.samefile(path, source):
                 raise ValueError(f"{name}: {path} is {label}, which writing there would replace; expected the path "
                                  f"of {what}, another file")
-    from ._files import special_file
-
     if special_file(path):
         return
     _check_folder(os.path.dirname(os.path.abspath(path)), name, "its folder")
@@ -273,8 +273,6 @@ def _check_name_lengths(path: str, name: str) -> None:
     """Raise a ValueError starting with ``name`` if a name in ``path`` still to make (the file, folders to make) is
     longer than its file system takes: os.makedirs, or the rename that ends an atomic write, failed with "File name
     too long" only after the work."""
-    from ._files import name_max
-
     existing = os.path.abspath(path)
     while not os.path.exists(existing):  # False for a name too long too
         existing = os.path.dirname(existing)
