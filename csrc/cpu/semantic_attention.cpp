@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "common.h"
 #include "ops.h"
 
 // One clone of the hot loops per vector width, chosen at load time by the CPU (GCC/Clang function multiversioning).
@@ -144,10 +145,15 @@ void score_grads(const double* u, const double* e, const double* v, const double
   score_grads_impl(u, e, v, gs, gu, ge, gv, N, C, I, r0, r1);
 }
 
+// Rows (b, n) per parallel chunk of the score loops: a row costs C I tanh terms, each a few elementwise operations.
+// At small sizes the loops run on one thread: a parallel region there cost more than its work, many times more when
+// other processes hold the cores (a descheduled thread stalls the region's barrier).
+int64_t score_row_grain(int64_t C, int64_t I) { return cpu::grain_for(4 * C * I); }
+
 // g <- a * (g - sum_n a g) per (image, class) row: the softmax backward, in place.
 template <typename T>
 void softmax_backward_rows(const T* a, T* g, int64_t rows, int64_t N) {
-  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, cpu::grain_for(2 * N), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* ar = a + r * N;
       T* gr = g + r * N;
@@ -177,7 +183,8 @@ std::tuple<at::Tensor, at::Tensor> semantic_attention_cpu(const at::Tensor& x, c
     const scalar_t *pu = uc.const_data_ptr<scalar_t>(), *pe = ec.const_data_ptr<scalar_t>(),
                    *pv = vc.const_data_ptr<scalar_t>();
     scalar_t* ps = s.data_ptr<scalar_t>();
-    at::parallel_for(0, B * N, 1, [&](int64_t r0, int64_t r1) { scores(pu, pe, pv, ps, N, C, I, r0, r1); });
+    at::parallel_for(0, B * N, score_row_grain(C, I),
+                     [&](int64_t r0, int64_t r1) { scores(pu, pe, pv, ps, N, C, I, r0, r1); });
   });
   at::Tensor a = at::_softmax(s, -1, false);
   at::Tensor S = at::bmm(a, xc);
@@ -198,8 +205,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> semantic_attention_cp
 
   // Rows are split into P fixed chunks; each chunk owns its grad_u rows and accumulates its own grad_e, grad_v
   // partials, summed in chunk order below: no atomics, the same result on every run with the same thread count.
+  // No more chunks than the work fills (score_row_grain rows each).
   const int64_t rows = B * N;
-  const int64_t P = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+  const int64_t filled = (rows + score_row_grain(C, I) - 1) / score_row_grain(C, I);
+  const int64_t P = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), filled));
   at::Tensor grad_u = at::zeros({B, N, I}, xc.options());
   at::Tensor ge_part = at::zeros({P, C, I}, xc.options());
   at::Tensor gv_part = at::zeros({P, I}, xc.options());
