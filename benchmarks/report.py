@@ -46,7 +46,12 @@ def _num(value) -> str:
 
 
 def _mib(value: Optional[float]) -> str:
-    return f"{value / 2**20:.2f}" if _number(value) else "–"
+    """MiB with 2 decimals, and below 1 MiB 3 significant digits: a tiny case's peak (a few KiB) showed as 0.00."""
+    if not _number(value):
+        return "–"
+    mib = value / 2**20
+    small = math.isfinite(mib) and 0 < abs(mib) < 1
+    return f"{mib:.{2 - math.floor(math.log10(abs(mib))) if small else 2}f}"
 
 
 def _ms(value: Optional[float]) -> str:

@@ -295,8 +295,21 @@ def test_table_ratios_only_from_finite_positive_figures(tmp_path, capsys):
     report.main([a])
     out = capsys.readouterr().out
     rows = {line.split(" | ")[1]: line.split(" | ")[4:9] for line in out.splitlines() if line.startswith(f"| {g} ")}
-    assert rows["cpu"] == ["–", "–", "0.00", "–", "–"], rows  # vs official, vs torch, peak, memory ratios
+    assert rows["cpu"] == ["–", "–", "0.0000954", "–", "–"], rows  # vs official, vs torch, peak, memory ratios
     assert rows["torch"][0] == rows["torch"][1] == "–" and "nan×" not in out and "inf×" not in out, rows
+
+
+def test_a_tiny_peak_shows_its_digits(tmp_path, capsys):
+    """A peak under 1 MiB (a tiny CPU case's few KiB) showed as 0.00 MiB, like no memory at all: below 1 MiB it has
+    3 significant digits, from 1 MiB up 2 decimals as before."""
+    g = "semantic_attention_op-demo-fwd+bwd"
+    report.main([write(tmp_path / "a.json", [case(g, "torch", 2e-3, device="cpu", peak=3 * 2**20),
+                                             case(g, "cpu", 1e-3, device="cpu", peak=1000),
+                                             case(g, "official", 4e-3, device="cpu", peak=2**19)])])
+    out = capsys.readouterr().out
+    peaks = {line.split(" | ")[1]: line.split(" | ")[6] for line in out.splitlines() if line.startswith(f"| {g} ")}
+    assert peaks == {"official": "0.500", "torch": "3.00", "cpu": "0.000954"}, peaks
+    assert report._mib(0) == "0.00" and report._mib(2**20 - 1) == "1.000" and report._mib(None) == "–"
 
 
 def test_other_json_and_malformed_cases_are_left_out(tmp_path, capsys):
