@@ -24,6 +24,7 @@ an ideal kernel of the pass moves (each tensor it reads or writes, once), from w
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import os
@@ -276,11 +277,21 @@ def check_served(provider: str, backend: Optional[str], fn: Callable) -> Optiona
 # ------------------------------------------------------------------------------------------------ environment
 
 
-def _version(dist: str) -> Optional[str]:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+# Triton as PyTorch's wheels bring it: version("triton") knew none of these, and the report read "triton None".
+_TRITON_DISTRIBUTIONS = ("triton", "pytorch-triton", "pytorch-triton-rocm", "pytorch-triton-xpu")
+
+
+@functools.lru_cache(maxsize=None)  # environment() runs for every case; the lookup reads every installed package
+def _triton_version() -> Optional[str]:
+    """The version of the distribution that installs the ``triton`` module, whatever its name; None if none does."""
+    find = getattr(importlib.metadata, "packages_distributions", None)  # Python 3.10+
+    names = [*(find().get("triton", []) if find else []), *_TRITON_DISTRIBUTIONS]
+    for name in dict.fromkeys(names):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def device_name(device: torch.device) -> str:
@@ -303,7 +314,7 @@ def environment(device: torch.device) -> Dict[str, object]:
         "device": device.type,
         "device_name": device_name(device),
         "torch": torch.__version__,
-        "triton": _version("triton"),
+        "triton": _triton_version(),
         "dsrb": dsrb.__version__,
         "cuda_runtime": torch.version.cuda,
     }

@@ -419,6 +419,34 @@ def test_bench_environment_values_are_checked(monkeypatch):
             conftest._check_memory_budget()
 
 
+def test_bench_environment_finds_triton_under_pytorchs_name(monkeypatch):
+    """PyTorch's wheels install the triton module as the distribution pytorch-triton: the environment recorded
+    triton None, as if it were missing. The distribution that installs the module is asked, whatever its name."""
+    import importlib.metadata
+
+    from benchmarks import conftest
+
+    def installed(versions, owners):
+        def version(name):
+            if name not in versions:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return versions[name]
+        monkeypatch.setattr(importlib.metadata, "version", version)
+        monkeypatch.setattr(importlib.metadata, "packages_distributions", lambda: owners, raising=False)
+        conftest._triton_version.cache_clear()  # read once per session
+        return conftest.environment(torch.device("cpu"))["triton"]
+
+    try:
+        assert installed({"pytorch-triton": "3.2.0"}, {"triton": ["pytorch-triton"]}) == "3.2.0"
+        assert installed({"triton-nightly": "3.9.0"}, {"triton": ["triton-nightly"]}) == "3.9.0"
+        assert installed({"pytorch-triton-rocm": "3.1.0"}, {}) == "3.1.0"  # no owner listed (Python 3.9): known names
+        assert installed({"triton": "3.3.1"}, {"triton": ["triton"]}) == "3.3.1"
+        assert installed({}, {}) is None
+    finally:
+        monkeypatch.undo()
+        conftest._triton_version.cache_clear()
+
+
 def test_bad_bench_rounds_stops_pytest_before_collection():
     import subprocess
 
