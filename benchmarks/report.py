@@ -312,7 +312,11 @@ def check_targets(groups: Dict[str, Dict[str, dict]], devices: Sequence[str]) ->
     return rows
 
 
-def render_targets(rows: List[dict]) -> str:
+def render_targets(rows: List[dict], devices: Sequence[str] = ()) -> str:
+    if not rows:  # an empty table alone did not say why nothing was checked
+        why = (f"none is set for {' or '.join(devices)} runs" if devices else "no case records its device "
+               "(extra_info.device, which benchmarks/conftest.py writes), and each target is for one device")
+        return f"### targets\n\nNo target checked: {why}.\n"
     lines = ["### targets", "", "| issue | target | case | provider | measured | required | status |",
              "|---|---|---|---|---:|---:|---|"]
     for r in rows:
@@ -393,7 +397,7 @@ def main(argv=None) -> None:
     if len(devices) > 1:  # one table row per (group, provider): another device's case would stand in for it
         sys.exit(f"benchmarks.report: error: {', '.join(args.json)}: cases of several devices ({', '.join(devices)}); "
                  "report each device's files separately")
-    print(header(runs) + render_targets(check_targets(groups, devices)) + "\n"
+    print(header(runs) + render_targets(check_targets(groups, devices), devices) + "\n"
           + render(groups, args.baseline or "torch"))
 
 

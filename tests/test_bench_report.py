@@ -312,6 +312,21 @@ def test_a_tiny_peak_shows_its_digits(tmp_path, capsys):
     assert report._mib(0) == "0.00" and report._mib(2**20 - 1) == "1.000" and report._mib(None) == "–"
 
 
+def test_no_target_checked_says_why(tmp_path, capsys):
+    """Cases without extra_info.device (a foreign or older JSON) match no target: the report printed an empty
+    targets table without a word of why; a device without targets is named."""
+    g = "semantic_attention_op-demo-fwd+bwd"
+    bare = [case(g, "torch", 2e-3, device="cpu"), case(g, "cpu", 1e-3, device="cpu")]
+    for c in bare:
+        del c["extra_info"]["device"]
+    report.main([write(tmp_path / "a.json", bare)])
+    out = capsys.readouterr().out
+    assert "### targets\n\nNo target checked: no case records its device (extra_info.device" in out, out
+    assert "| issue | target |" not in out and f"| {g} | cpu | 1.000 |" in out
+    report.main([write(tmp_path / "b.json", [case(g, p, 1e-3, device="mps") for p in ("torch", "cpu")])])
+    assert "No target checked: none is set for mps runs." in capsys.readouterr().out
+
+
 def test_other_json_and_malformed_cases_are_left_out(tmp_path, capsys):
     """Valid JSON that is no pytest-benchmark document is named like an unreadable file; a record without fullname,
     stats or median is left out and counted; neither stops the report."""
