@@ -95,6 +95,21 @@ def test_report_files(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_proportions_equal_to_6_digits_get_their_own_columns(tmp_path):
+    """0.1234561 and 0.1234562 were both "12.3456": one column header and one summary.csv key for two grid points.
+    Labels that would collide are written exactly; others keep their 6 significant digits."""
+    close = [0.1234561, 0.1234562]
+    sweep = Sweep([_result("dsrb", p, 0, v) for p, v in zip(close, (40.0, 60.0))], ["dsrb"], close, [0])
+    paths = write_reports(str(tmp_path), sweep, make_plot=False)
+    assert "| method | 12.34561 | 12.34562 | avg |" in open(paths["table.md"]).read()
+    with open(paths["summary.csv"], newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["selection"] == "best"]
+    assert [(r["proportion_pct"], r["mean"]) for r in rows] == [("12.34561", "40.0000"), ("12.34562", "60.0000"),
+                                                                 ("avg", "50.0000")]
+    usual = Sweep([_result("dsrb", 1 / 3, 0, 1.0)], ["dsrb"], [0.1, 1 / 3], [0])
+    assert "| method | 10 | 33.3333 | avg |" in markdown(usual)
+
+
 def test_plot_legend_without_a_complete_seed(tmp_path, monkeypatch):
     """No seed has every proportion yet (an unfinished sweep's report): the legend said "avg nan"."""
     import matplotlib.pyplot as plt

@@ -21,6 +21,7 @@ import csv
 import math
 import os
 from dataclasses import asdict, dataclass, fields
+from decimal import Decimal
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from dsrb.checkpoint import atomic_write
@@ -120,12 +121,17 @@ class Sweep:
         return all((m, p, s) in self.results for m in self.methods for p in self.proportions for s in self.seeds)
 
 
-def _pct(p: float) -> str:
-    return f"{100 * p:g}"
+def _pct_labels(proportions: Sequence[float]) -> List[str]:
+    """Each proportion in percent to 6 significant digits, or, where two would share a label (0.1234561 and
+    0.1234562 both 12.3456: one column header and one summary.csv key for two grid points), each exactly."""
+    labels = [f"{100 * p:g}" for p in proportions]
+    if len(set(labels)) == len(labels):
+        return labels
+    return [format(Decimal(repr(p)).scaleb(2), "f") for p in proportions]  # repr: distinct floats, distinct text
 
 
 def _table(sweep: Sweep, selection: str, reference: Optional[str]) -> List[str]:
-    head = "| method | " + " | ".join(_pct(p) for p in sweep.proportions) + " | avg |"
+    head = "| method | " + " | ".join(_pct_labels(sweep.proportions)) + " | avg |"
     lines = [head, "|---|" + "---:|" * (len(sweep.proportions) + 1)]
     for m in sweep.methods:
         if reference is not None and m == reference:
@@ -196,7 +202,7 @@ def summary_rows(sweep: Sweep) -> List[List[str]]:
     for sel in SELECTIONS:
         for m in sweep.methods:
             cells, avg = sweep.row(m, sel)
-            for p, s in list(zip(map(_pct, sweep.proportions), cells)) + [("avg", avg)]:
+            for p, s in list(zip(_pct_labels(sweep.proportions), cells)) + [("avg", avg)]:
                 rows.append([sel, m, p] + [_fmt(x) for x in (s.mean, s.std, s.n, s.low, s.high)])
     return rows
 
