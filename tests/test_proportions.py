@@ -135,6 +135,22 @@ def test_notes_give_every_thread_count():
     assert "1 thread(s) each" in proportions._notes("demo", [], shared, mixed[::2])[1]
 
 
+def test_notes_quote_the_train_flags():
+    """table.md gave the train flags joined by spaces: a value with a space (a data root "my data") could not be
+    copied back into a shell, and a backtick ended the code span. They are quoted as a shell reads them."""
+    import shlex
+
+    shared = {"dataset": "builtin", "epochs": 3, "batch_size": 4, "image_size": 64, "backbone": "resnet18",
+              "backbone_width": 4, "feature_dim": 16, "label_seed": 0}
+    note = proportions._notes("demo", ["--epochs", "4"], shared, [])[0]
+    assert note.startswith("preset `demo`, train flags `--epochs 4`: dataset builtin"), note
+    flags = ["--data-root", "my data|x", "--word-vectors", "v`1.npy"]
+    note = proportions._notes("demo", flags, shared, [])[0]
+    span = re.fullmatch(r"preset `demo`, train flags (`+)(.*?)\1: dataset builtin.*", note)
+    assert span and span.group(1) == "``" and shlex.split(span.group(2)) == flags, note
+    assert proportions._code("`x`") == "`` `x` ``"
+
+
 # --------------------------------------------------------------------------------------------- arguments
 
 

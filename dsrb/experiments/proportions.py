@@ -44,6 +44,8 @@ import argparse
 import dataclasses
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -438,8 +440,15 @@ def _stop(active) -> None:
 # --------------------------------------------------------------------------------------------------------- main
 
 
+def _code(text: str) -> str:
+    """``text`` as one markdown code span, even where it holds backticks (a longer fence, CommonMark's rule)."""
+    fence = "`" * (1 + max((len(run) for run in re.findall("`+", text)), default=0))
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def _notes(preset: str, train_flags: Sequence[str], shared: Dict[str, object], results: Sequence[RunResult]):
-    notes = [f"preset `{preset}`" + (f", train flags `{' '.join(train_flags)}`" if train_flags else "") +
+    notes = [f"preset `{preset}`" + (f", train flags {_code(shlex.join(train_flags))}" if train_flags else "") +
              f": dataset {shared['dataset']}, {shared['epochs']} epochs, batch {shared['batch_size']}, image "
              f"{shared['image_size']}, backbone {shared['backbone']} (width {shared['backbone_width']}), "
              f"D {shared['feature_dim']}, partial labels seed {shared['label_seed']}"]
