@@ -151,6 +151,18 @@ def test_notes_quote_the_train_flags():
     assert proportions._code("`x`") == "`` `x` ``"
 
 
+def test_the_logged_command_is_quoted(tmp_path, monkeypatch):
+    """stdout.log's "$ command" line joined the arguments by spaces: a data root with a space did not copy back."""
+    import shlex
+
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, **kwargs: None)
+    run = proportions.plan(str(tmp_path / "my sweep"), ["dsrb"], [0.5], [0])[0]
+    _, log, cmd, _ = proportions._launch(run, "demo", ["--data-root", "my data"], 1)
+    log.close()
+    line = open(os.path.join(run.directory, "stdout.log")).read().splitlines()[-1]
+    assert line.startswith("$ ") and shlex.split(line[2:]) == cmd and "my data" in cmd, line
+
+
 # --------------------------------------------------------------------------------------------- arguments
 
 

@@ -333,7 +333,7 @@ def _launch(run: GridRun, preset: str, train_flags: Sequence[str], threads: int)
     os.makedirs(run.directory, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     log = open(os.path.join(run.directory, "stdout.log"), "ab")
-    log.write(("\n$ " + " ".join(cmd) + "\n").encode())
+    log.write(("\n$ " + shlex.join(cmd) + "\n").encode())  # quoted: a value with a space copies back whole
     log.flush()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     return proc, log, cmd, time.perf_counter()
