@@ -290,24 +290,28 @@ def test_one_proportion_is_one_proportion(tmp_path):
     assert "this grid's 1 proportion (" in text, text
 
 
+def _finish(runs, preset, train_flags, *, jobs, threads, on_finish):
+    """run_sweep without training: each run's files as a finished training leaves them."""
+    for run in runs:
+        os.makedirs(run.directory)
+        for name, value in (("summary.json", {"best_mAP": 0.5, "best_epoch": 0}),
+                            ("sweep_run.json", {"seconds": 1.0, "threads": 1, "command": []})):
+            with open(os.path.join(run.directory, name), "w") as f:
+                json.dump(value, f)
+        with open(os.path.join(run.directory, "metrics.jsonl"), "w") as f:
+            f.write(json.dumps({"epoch": 0, "mAP": 0.5}) + "\n")
+        on_finish()
+    return []
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
 def test_an_extended_sweep_interrupted_at_once_reports_itself_incomplete(tmp_path, monkeypatch):
     """A finished grid extended by a seed and interrupted before a new run finished kept the earlier call's table.md,
     which said nothing of the new runs and read as complete."""
-    def finish(runs, preset, train_flags, *, jobs, threads, on_finish):  # each run as a finished training leaves it
-        for run in runs:
-            os.makedirs(run.directory)
-            for name, value in (("summary.json", {"best_mAP": 0.5, "best_epoch": 0}),
-                                ("sweep_run.json", {"seconds": 1.0, "threads": 1, "command": []})):
-                with open(os.path.join(run.directory, name), "w") as f:
-                    json.dump(value, f)
-            with open(os.path.join(run.directory, "metrics.jsonl"), "w") as f:
-                f.write(json.dumps({"epoch": 0, "mAP": 0.5}) + "\n")
-            on_finish()
-        return []
-
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-
+    finish, interrupt = _finish, _interrupt
     monkeypatch.setattr(proportions, "_prepare", lambda shared: None)
     monkeypatch.setattr(proportions, "run_sweep", finish)
     argv = ["--out", str(tmp_path), "--preset", "demo", "--methods", "baseline", "--proportions", "0.3", "--no-plot"]
@@ -318,6 +322,21 @@ def test_an_extended_sweep_interrupted_at_once_reports_itself_incomplete(tmp_pat
         proportions.main([*argv, "--seeds", "0,1", "--", "--device", "cpu"])
     text = (tmp_path / "table.md").read_text()
     assert "**incomplete**: 1 run(s)" in text and "over 2 seed(s) [0, 1]" in text, text
+
+
+def test_a_new_grid_leaves_no_plot_of_the_old_one(tmp_path, monkeypatch):
+    """Another grid in the same folder (other proportions), stopped before its first run finished: its table.md
+    was written, but the earlier grid's plot.png stayed beside it, a figure of runs the table does not hold."""
+    monkeypatch.setattr(proportions, "_prepare", lambda shared: None)
+    monkeypatch.setattr(proportions, "run_sweep", _finish)
+    argv = ["--out", str(tmp_path), "--preset", "demo", "--methods", "baseline", "--seeds", "0"]
+    assert proportions.main([*argv, "--proportions", "0.3", "--", "--device", "cpu"]) == 0
+    assert (tmp_path / "plot.png").is_file()
+    monkeypatch.setattr(proportions, "run_sweep", _interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        proportions.main([*argv, "--proportions", "0.7", "--", "--device", "cpu"])
+    assert "| method | 70 | avg |" in (tmp_path / "table.md").read_text()
+    assert not (tmp_path / "plot.png").exists()
 
 
 def test_report_only_needs_no_device(tmp_path, monkeypatch):

@@ -492,8 +492,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def report() -> Dict[str, str]:
         results = [_result(r) for r in runs if r.finished]
         sweep = Sweep(results, args.methods, args.proportions, args.seeds)
-        return write_reports(out, sweep, args.selection, make_plot=make_plot,
-                             notes=_notes(args.preset, train_flags, shared, results))
+        paths = write_reports(out, sweep, args.selection, make_plot=make_plot,
+                              notes=_notes(args.preset, train_flags, shared, results))
+        if make_plot and "plot.png" not in paths:  # no run of this grid has finished: the plot is an earlier grid's
+            try:
+                os.remove(os.path.join(out, "plot.png"))
+            except FileNotFoundError:
+                pass
+        return paths
 
     lock = None
     try:
