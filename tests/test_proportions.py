@@ -284,6 +284,23 @@ def test_a_damaged_sweep_file_is_named(tmp_path):
         proportions._claim_folder(str(out), {"preset": "demo"})
 
 
+def test_one_path_spelled_two_ways_is_one_setting(tmp_path, monkeypatch):
+    """--data-root data, then ./data/ (or a symlink to it) to continue the sweep: refused as another sweep's settings
+    ("differing: ['data_root']"). Paths that name the same file are one setting; other paths still differ."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "other").mkdir()
+    os.symlink("data", "link")
+    proportions._claim_folder("out", {"data_root": "data", "pretrained": "builtin", "lr": 1e-3})
+    for spelling in ("./data/", "link", str(tmp_path / "data")):
+        proportions._claim_folder("out", {"data_root": spelling, "pretrained": "builtin", "lr": 1e-3})
+    with pytest.raises(ValueError, match=r"other shared settings \(differing: \['data_root'\]\)"):
+        proportions._claim_folder("out", {"data_root": "other", "pretrained": "builtin", "lr": 1e-3})
+    with pytest.raises(ValueError, match=r"\(differing: \['pretrained'\]\)"):  # the built-in backbone, not a file
+        proportions._claim_folder("out", {"data_root": "data", "pretrained": "./builtin", "lr": 1e-3})
+    assert json.loads((tmp_path / "out" / "sweep.json").read_text())["data_root"] == "data"
+
+
 def test_one_proportion_is_one_proportion(tmp_path):
     sweep = Sweep([_result("dsrb", 0.5, 0, 50.0)], ["dsrb"], [0.5], [0])
     text = open(write_reports(str(tmp_path), sweep, "final", make_plot=False)["table.md"]).read()

@@ -237,6 +237,17 @@ def _shared_settings(preset: str, train_flags: Sequence[str], probe: GridRun) ->
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _GRID_SETTINGS}
 
 
+# Settings that name files: two spellings of one path (data, ./data/, a symlink to it) are one setting.
+_PATH_SETTINGS = ("data_root", "word_vectors", "pretrained")
+
+
+def _same_setting(key: str, saved: object, given: object) -> bool:
+    if saved == given:
+        return True
+    return (key in _PATH_SETTINGS and isinstance(saved, str) and isinstance(given, str)
+            and "builtin" not in (saved, given) and os.path.realpath(saved) == os.path.realpath(given))
+
+
 def _claim_folder(out: str, shared: Dict[str, object]) -> None:
     path = os.path.join(out, "sweep.json")
     if os.path.isfile(path):
@@ -246,8 +257,9 @@ def _claim_folder(out: str, shared: Dict[str, object]) -> None:
         except ValueError as err:  # written atomically, so damaged by hand: a bare JSON error named no file
             raise ValueError(f"argument --out: {path} cannot be read ({err}); restore it, or use another --out") \
                 from None
-        if saved != json.loads(json.dumps(shared)):
-            diff = sorted(k for k in set(saved) | set(shared) if saved.get(k) != shared.get(k))
+        shared = json.loads(json.dumps(shared))
+        diff = sorted(k for k in set(saved) | set(shared) if not _same_setting(k, saved.get(k), shared.get(k)))
+        if diff:
             raise ValueError(f"argument --out: {out} holds a sweep with other shared settings (differing: {diff}); "
                              "use the same preset and train flags to continue it, or another --out")
     else:
