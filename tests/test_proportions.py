@@ -282,6 +282,9 @@ def test_a_damaged_sweep_file_is_named(tmp_path):
     (out / "sweep.json").write_text("{not json")
     with pytest.raises(ValueError, match=f"^argument --out: {re.escape(str(out / 'sweep.json'))} cannot be read "):
         proportions._claim_folder(str(out), {"preset": "demo"})
+    (out / "sweep.json").write_text("[1]")  # valid JSON, but no settings: an AttributeError's traceback
+    with pytest.raises(ValueError, match=r"cannot be read \(expected an object of settings, got list\); restore it"):
+        proportions._claim_folder(str(out), {"preset": "demo"})
 
 
 def test_one_path_spelled_two_ways_is_one_setting(tmp_path, monkeypatch):

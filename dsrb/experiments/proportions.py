@@ -254,6 +254,8 @@ def _claim_folder(out: str, shared: Dict[str, object]) -> None:
         try:
             with open(path, encoding="utf-8") as f:
                 saved = json.load(f)
+            if not isinstance(saved, dict):  # valid JSON, but no settings: an AttributeError's traceback
+                raise ValueError(f"expected an object of settings, got {type(saved).__name__}")
         except ValueError as err:  # written atomically, so damaged by hand: a bare JSON error named no file
             raise ValueError(f"argument --out: {path} cannot be read ({err}); restore it, or use another --out") \
                 from None
