@@ -263,12 +263,14 @@ def _measure(target: Target, provider: str, mine: dict, other: dict) -> Tuple[Op
         return None, f"measured on {mine['device']}, a {target.device} target"
     if target.metric == "time":
         num, den, _ = _pair_ms(other, mine)
-    elif target.metric == "memory":
-        num, den = other["peak"], mine["peak"]
     else:
-        num, den = mine["figures"].get(target.metric), other["figures"].get(target.metric)
-    if num is None or den is None:
-        return None, None
+        memory = target.metric == "memory"
+        figure = "peak_memory_bytes" if memory else target.metric
+        values = [r["peak"] if memory else r["figures"].get(figure) for r in (mine, other)]
+        lacking = [name for name, v in zip((provider, target.against), values) if v is None]
+        if lacking:  # a bare "no data" read as a missing case
+            return None, f"no {figure} recorded for {' and '.join(lacking)}"
+        num, den = values[::-1] if memory else values  # less memory, more images/s or batch: better
     if not (_number(num) and _number(den) and math.isfinite(num) and math.isfinite(den) and num >= 0 and den >= 0):
         return None, f"figures {num} and {den}"
     if den == 0:  # a fused case allocates its outputs: 0 means the measurement missed them, not a win

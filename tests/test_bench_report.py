@@ -285,6 +285,24 @@ def test_zero_and_nan_figures(tmp_path):
     assert r["status"] == "no data"
 
 
+def test_no_data_names_the_missing_figure(tmp_path):
+    """Cases present but a figure missing (no peak recorded, no images/s): the target said a bare "no data", as for a
+    case the run lacks; it names the figure and the provider without it."""
+    g, step = "semantic_attention-coco-fwd+bwd", "train_step-coco-step"
+    groups, _ = report.load([write(tmp_path / "a.json", [
+        case(g, "official", 0.1), case(g, "triton", 0.005, peak=100),
+        case(step, "official", 1.0), case(step, "triton", 1.0, images_per_s=160.0)])])
+    rows = report.check_targets(groups, ["cuda"])
+    (r,) = rows_for(rows, g, "triton", "semantic_attention peak memory <= 1/20 official")
+    assert r["status"] == "no data" and r["note"] == "no peak_memory_bytes recorded for official", r
+    (r,) = rows_for(rows, g, "cuda", "semantic_attention peak memory <= 1/20 official")
+    assert r["status"] == "no data" and r["note"] is None  # no cuda case at all
+    (r,) = rows_for(rows, step, "triton", "train step (coco preset) >= 1.5x official images/s")
+    assert r["status"] == "no data" and r["note"] == "no images_per_s recorded for official", r
+    (r,) = rows_for(rows, g, "triton", "semantic_attention fwd+bwd >= 10x official")
+    assert r["status"] == "met" and r["note"] is None
+
+
 def test_table_ratios_only_from_finite_positive_figures(tmp_path, capsys):
     """The tables' ratio columns read figures as the targets do: a NaN, an infinity, a negative or a non-numeric
     peak or median (a foreign or hand-edited JSON) is "–", never "nan×", "-0.05×" or a TypeError."""
