@@ -59,11 +59,14 @@ def _ms(value: Optional[float]) -> str:
 
 
 def _is_case(bench) -> bool:
-    """Whether a JSON record has what the report reads unguarded: a fullname and a numeric stats.median."""
+    """Whether a JSON record has what the report reads unguarded: a fullname, a numeric stats.median, and a group,
+    provider and device that are text where given (a number or a list there was a TypeError's traceback)."""
     if not isinstance(bench, dict) or not isinstance(bench.get("stats"), dict):
         return False
+    info = bench.get("extra_info", {})
     return (isinstance(bench.get("fullname"), str) and _number(bench["stats"].get("median"))
-            and isinstance(bench.get("extra_info", {}), dict))
+            and isinstance(info, dict) and all(isinstance(v, (str, type(None))) for v in (
+                bench.get("group"), info.get("provider"), info.get("device"))))
 
 
 def _load_json(path: str) -> dict:
@@ -87,7 +90,7 @@ def _read(paths: Sequence[str]) -> Tuple[dict, List[dict]]:
     one's of the same name; machine, commit and date from the first file), and each file's path, date, commit,
     environment and case count for the header; a file that cannot be read (a part killed while writing it, an empty
     one, valid JSON that is not a pytest-benchmark document) has its "error" there instead, and the others still
-    make the report. A record without a fullname or a median is left out and counted in the header."""
+    make the report. A record that is no case (:func:`_is_case`) is left out and counted in the header."""
     merged: Optional[dict] = None
     cases: Dict[Tuple[Optional[str], str], dict] = {}
     runs: List[dict] = []
@@ -348,7 +351,8 @@ def header(runs: List[dict]) -> str:
         (f"- Commit: {os.environ['DSRB_COMMIT']} (DSRB_COMMIT; pytest-benchmark read the tree's git as "
          f"{', '.join(commits)})" if os.environ.get("DSRB_COMMIT") else f"- Commit: {', '.join(commits)}"),
         "- Files: " + ", ".join(f"{os.path.basename(r['path'])} ({r['cases']} cases"
-                                + (f"; {r['malformed']} left out: no fullname or median)" if r["malformed"] else ")")
+                                + (f"; {r['malformed']} left out: no fullname or median, or a group, provider or "
+                                   "device that is not text)" if r["malformed"] else ")")
                                 for r in runs),
         *([f"- Unreadable, left out: {', '.join(os.path.basename(r['path']) for r in unread)}"] if unread else []),
         "",

@@ -347,19 +347,23 @@ def test_no_target_checked_says_why(tmp_path, capsys):
 
 def test_other_json_and_malformed_cases_are_left_out(tmp_path, capsys):
     """Valid JSON that is no pytest-benchmark document is named like an unreadable file; a record without fullname,
-    stats or median is left out and counted; neither stops the report."""
+    stats or median, or with a group, provider or device that is not text (a TypeError's traceback) is left out and
+    counted; neither stops the report."""
     g = "prototype_pass-coco-b8-pass"
     good = [case(g, "official", 1.0, device="cpu"), case(g, "cpu", 0.005, device="cpu")]
-    no_stats, no_median, no_name = (case(g, "torch", 1.0, device="cpu") for _ in range(3))
+    no_stats, no_median, no_name, int_group, list_provider, list_device = (
+        case(g, "torch", 1.0, device="cpu") for _ in range(6))
     del no_stats["stats"], no_median["stats"]["median"], no_name["fullname"]
-    a = write(tmp_path / "a.json", good + [no_stats, no_median, no_name, 7])
+    int_group["group"], list_provider["extra_info"]["provider"], list_device["extra_info"]["device"] = 5, ["t"], ["cpu"]
+    a = write(tmp_path / "a.json", good + [no_stats, no_median, no_name, 7, int_group, list_provider, list_device])
     others = []
     for name, text in (("list.json", "[]"), ("null.json", "null"), ("dict.json", '{"benchmarks": {"a": 1}}')):
         (tmp_path / name).write_text(text)
         others.append(str(tmp_path / name))
     report.main([*others, a])
     out, err = capsys.readouterr()
-    assert "- Files: a.json (2 cases; 4 left out: no fullname or median)" in out
+    assert ("- Files: a.json (2 cases; 7 left out: no fullname or median, or a group, provider or device that "
+            "is not text)") in out
     assert "- Unreadable, left out: list.json, null.json, dict.json" in out
     assert "| prototype_pass-coco-b8-pass | cpu vs official | 200.000× | 100× | met |" in out
     assert err.count("not a pytest-benchmark JSON document") == 3
