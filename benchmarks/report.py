@@ -42,7 +42,11 @@ def _number(value) -> bool:
 
 
 def _num(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+    """3 significant digits, but from 1000 up every digit: 4983.2 images/s printed as 4.98e+03 beside 704."""
+    if not isinstance(value, float):
+        return str(value)
+    text = f"{value:.3g}"
+    return f"{value:.0f}" if "e+" in text else text
 
 
 def _mib(value: Optional[float]) -> str:
@@ -141,7 +145,7 @@ def _groups(cases: List[dict]) -> Dict[str, Dict[str, dict]]:
             r["median_ms"], r["iqr_ms"] = r["event_ms"] if _number(r["event_ms"][0]) else r["host_ms"]
             # The ideal bytes of the fused pass: no rate of the official formulation, which moves 5-D maps.
             if _number(r["traffic"]) and r["median_ms"] > 0 and r["provider"] != "official":  # bytes/ms / 1e6 = GB/s
-                rate = f"{r['traffic'] / r['median_ms'] / 1e6:.3g} GB/s"
+                rate = f"{_num(r['traffic'] / r['median_ms'] / 1e6)} GB/s"
                 r["notes"] = f"{rate}, {r['notes']}" if r["notes"] else rate
     return dict(groups)
 

@@ -121,6 +121,10 @@ def test_gb_per_s_from_the_traffic_over_the_median_shown(tmp_path):
     assert groups[g]["official"]["notes"] == ""
     assert groups["copy-coco-fwd"]["torch"]["notes"] == "2 GB/s, images_per_s 3"
     assert groups["copy-tiny-fwd"]["torch"]["notes"] == "0.0512 GB/s"
+    # From 1000 up every digit, no exponent: "1.68e+03 GB/s", "images_per_s 4.98e+03" (RESULTS.md) beside 704.
+    b = write(tmp_path / "b.json", [case(g, "cuda", 0.01, traffic_bytes=1.6804e9, cuda_event_median_ms=1.0,
+                                         images_per_s=4983.2, time_linearity=0.875)])
+    assert report.load([b])[0][g]["cuda"]["notes"] == "1680 GB/s, images_per_s 4983, time_linearity 0.875"
 
 
 def test_dsrb_commit_names_the_commit_and_keeps_what_git_said(tmp_path, capsys, monkeypatch):
