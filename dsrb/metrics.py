@@ -13,10 +13,12 @@ Conventions shared by every function here:
   (without a copy where torch can share its memory), so the results are those of ``torch.from_numpy`` of it and the
   per-class AP comes back as a tensor.
 * **All metrics are fractions in [0, 1], not percent.** Multiply by 100 to compare with the paper's tables.
-* **Ties in scores** are broken by a stable descending sort: among images with equal scores in a class, the one
-  that comes first in the input is ranked first. The official code uses ``np.argsort`` / ``torch.sort``, whose tie
-  order is implementation-defined; ours is deterministic, but with ties the AP still depends on image order. For
-  top-k selection, ties between classes of one image are broken the same way (the lower class index wins).
+* **Ties in scores** (frequent with bf16 logits) count as one step of the ranking: precision and recall are taken
+  only after all images of a score are included, so tied images share the precision at the end of their group
+  (the convention of scikit-learn's ``average_precision_score``). The AP therefore does not depend on the order of
+  the images, and without ties it is exactly the official AP. The official code ranks with ``np.argsort`` /
+  ``torch.sort``, whose tie order is implementation-defined, so its AP with ties depends on image order. For
+  top-k selection, ties between classes of one image are broken by the lower class index.
 * **A class with no positive image** has an undefined AP (0/0 recall): its AP is NaN, exactly as officially, and it
   is **excluded from the mean** with a ``RuntimeWarning`` naming the classes. If every class is undefined, the mean
   is NaN. The same classes are excluded from CR (officially a NaN there too).
@@ -140,38 +142,43 @@ def _nanmean(ap: torch.Tensor) -> float:
 
 
 def _ranked(scores: torch.Tensor, targets: torch.Tensor):
-    """Per-class ranking: (positives in ranked order as 0/1 (N, C), cumulative TP (N, C), #positives (C,)).
+    """Per-class ranking by descending score, ties grouped: (hit, tp, rank, #positives).
 
-    Stable descending sort of each column: equal scores keep their input order.
+    ``hit`` (N, C) marks the positives in ranked order (0/1); ``tp`` and ``rank`` (N, C) are the TP and TP + FP at
+    the end of the tie group of each rank, so every image of a group of equal scores gets the same values whatever
+    their input order; ``#positives`` (C,).
     """
     dt = _work_dtype(scores.device)
-    order = torch.sort(scores.detach(), dim=0, descending=True, stable=True).indices
+    ordered, order = torch.sort(scores.detach(), dim=0, descending=True, stable=True)
     hit = (targets > 0).gather(0, order).to(dt)
     tp = hit.cumsum(0)
-    return hit, tp, tp[-1]
+    n = scores.shape[0]
+    # Last rank of each tie group: where the next score differs; each rank then reads its group's last rank.
+    is_end = torch.ones_like(ordered, dtype=torch.bool)
+    is_end[:-1] = ordered[:-1] != ordered[1:]
+    pos = torch.arange(n, device=scores.device).unsqueeze(1).expand_as(ordered)
+    end = torch.where(is_end, pos, torch.full_like(pos, n - 1)).flip(0).cummin(0).values.flip(0)
+    return hit, tp.gather(0, end), (end + 1).to(dt), tp[-1]
 
 
 # ------------------------------------------------------------------------------------------------------ AP
 
 
 def _voc_ap(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    hit, tp, npos = _ranked(scores, targets)
-    n = scores.shape[0]
-    rank = torch.arange(1, n + 1, dtype=tp.dtype, device=tp.device).unsqueeze(1)  # TP + FP at each rank
+    hit, tp, rank, npos = _ranked(scores, targets)
     precision = tp / rank.clamp_min(PRECISION_EPS)
-    recall = tp / npos  # NaN for a class without positives (0/0), as officially
     # Envelope: precision made monotone non-increasing from the right (running max from the end).
     envelope = precision.flip(0).cummax(0).values.flip(0)
-    delta = torch.diff(recall, dim=0, prepend=torch.zeros_like(recall[:1]))
-    # Recall only changes at positive ranks, where the envelope is taken: the official sum over change points.
-    ap = (delta * envelope).sum(0)
+    # Recall rises by 1/#positives at each positive rank, where the envelope is taken: the official sum over change
+    # points (a tie group's positives all take the group's envelope). NaN without positives (0/0), as officially.
+    ap = (hit * envelope).sum(0) / npos
     return torch.where(npos > 0, ap, torch.full_like(ap, math.nan))
 
 
 def voc_map(scores: torch.Tensor, targets: torch.Tensor) -> tuple[float, torch.Tensor]:
     """The reported metric (spec §8, ``Compute_mAP_VOC2012``): VOC2012 all-point interpolated AP per class.
 
-    Per class: rank images by descending score (stable: ties keep input order), accumulate TP and FP,
+    Per class: rank images by descending score (equal scores as one step, see the module), accumulate TP and FP,
     recall = TP / #positives, precision = TP / max(TP + FP, eps); make precision non-increasing from the right
     (the envelope) and sum Δrecall × envelope precision over the ranks.
 
@@ -195,9 +202,7 @@ def voc_map(scores: torch.Tensor, targets: torch.Tensor) -> tuple[float, torch.T
 
 
 def _plain_ap(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    hit, tp, npos = _ranked(scores, targets)
-    n = scores.shape[0]
-    rank = torch.arange(1, n + 1, dtype=tp.dtype, device=tp.device).unsqueeze(1)
+    hit, tp, rank, npos = _ranked(scores, targets)
     ap = (hit * (tp / rank)).sum(0) / npos
     return torch.where(npos > 0, ap, torch.full_like(ap, math.nan))
 
@@ -205,7 +210,8 @@ def _plain_ap(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Non-interpolated AP (spec §8, ``AveragePrecisionMeter`` "averageAP", logged only, never used for selection).
 
-    Per class: the mean over the positive images of precision@rank, with the same stable ranking as ``voc_map``
+    Per class: the mean over the positive images of precision@rank, with the same ranking as ``voc_map`` (tied images
+    share the precision at the end of their group)
     (``difficult_examples=False``: 0 and -1 are both negatives). It is never above the interpolated AP.
 
     Returns:

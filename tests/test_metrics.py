@@ -29,41 +29,49 @@ def col(*values) -> torch.Tensor:
 
 
 def ref_ranking(scores_c: list[float]) -> list[int]:
-    # Descending score; Python's sort is stable, so equal scores keep input order (the documented tie rule).
+    # Descending score; Python's sort is stable, so equal scores keep input order (they are then grouped below).
     return sorted(range(len(scores_c)), key=lambda i: -scores_c[i])
 
 
-def ref_voc_ap(scores_c: list[float], truth_c: list[bool]) -> float:
+def ref_points(scores_c: list[float], truth_c: list[bool], grouped: bool = True):
+    """(positives, TP, TP + FP) after each image of the ranking; grouped: after each group of equal scores only."""
     order = ref_ranking(scores_c)
-    n_pos = sum(truth_c)
     tp = fp = 0
-    rec, prec = [], []
-    for i in order:
-        if truth_c[i]:
-            tp += 1
-        else:
-            fp += 1
-        rec.append(tp / n_pos if n_pos else math.nan)
-        prec.append(tp / max(tp + fp, 2.220446049250313e-16))
+    points = []
+    for j, i in enumerate(order):
+        tp, fp = tp + truth_c[i], fp + (not truth_c[i])
+        if grouped and j + 1 < len(order) and scores_c[order[j + 1]] == scores_c[i]:
+            continue  # the tie group goes on: no precision/recall point inside it
+        points.append((tp, tp + fp))
+    return points
+
+
+def ref_voc_ap(scores_c: list[float], truth_c: list[bool], grouped: bool = True) -> float:
+    """The official Compute_mAP_VOC2012 loop (grouped=False); grouped, its points are taken at distinct scores."""
+    n_pos = sum(truth_c)
+    if n_pos == 0:
+        return math.nan
+    points = ref_points(scores_c, truth_c, grouped)
+    rec = [tp / n_pos for tp, _ in points]
+    prec = [tp / max(total, 2.220446049250313e-16) for tp, total in points]
     # VOC all-point interpolation with sentinels, made monotone from the right, summed at recall changes.
     mrec = [0.0] + rec + [1.0]
     mpre = [0.0] + prec + [0.0]
     for i in range(len(mpre) - 1, 0, -1):
         mpre[i - 1] = max(mpre[i - 1], mpre[i])
-    if n_pos == 0:
-        return math.nan
     return sum((mrec[i + 1] - mrec[i]) * mpre[i + 1] for i in range(len(mrec) - 1) if mrec[i + 1] != mrec[i])
 
 
-def ref_plain_ap(scores_c: list[float], truth_c: list[bool]) -> float:
-    pos = total = 0
-    acc = 0.0
-    for i in ref_ranking(scores_c):
-        total += 1
-        if truth_c[i]:
-            pos += 1
-            acc += pos / total
-    return acc / pos if pos else math.nan
+def ref_plain_ap(scores_c: list[float], truth_c: list[bool], grouped: bool = True) -> float:
+    """Σ Δrecall × precision over the points (grouped: a tie group's positives share its precision)."""
+    n_pos = sum(truth_c)
+    if n_pos == 0:
+        return math.nan
+    acc, prev = 0.0, 0
+    for tp, total in ref_points(scores_c, truth_c, grouped):
+        acc += (tp - prev) * tp / total
+        prev = tp
+    return acc / n_pos
 
 
 def ref_threshold(scores: torch.Tensor, targets: torch.Tensor, threshold: float, top_k) -> dict:
@@ -165,11 +173,18 @@ def test_minus_one_and_zero_are_both_negative():
     assert torch.equal(average_precision(s, t)[1], average_precision(s, t.clamp_min(0))[1])
 
 
-def test_ties_keep_input_order():
-    # All scores equal: the ranking is the input order. Labels 0 1 -> AP 1/2; labels 1 0 -> AP 1.
-    s = col(0.5, 0.5)
-    assert voc_map(s, col(0, 1))[0] == pytest.approx(0.5)
-    assert voc_map(s, col(1, 0))[0] == pytest.approx(1.0)
+def test_ties_count_as_one_step():
+    """Tied scores (frequent with bf16 logits) were ranked in input order, so the AP depended on the order of the
+    images; a group of equal scores is now one step of the ranking, its positives sharing its end precision."""
+    s = col(0.5, 0.5)  # one group: precision 1/2 at recall 1, whichever image comes first
+    for t in (col(0, 1), col(1, 0)):
+        assert voc_map(s, t)[0] == pytest.approx(0.5) and average_precision(s, t)[0] == pytest.approx(0.5)
+    # Scores 3, 2, 2, 1 with the positives at 3 and one of the 2s: points (1/2, 1), (1, 2/3), (1, 1/2).
+    # VOC AP = 1/2 * 1 + 1/2 * 2/3 = 5/6, non-interpolated (1 + 2/3) / 2 = 5/6, in either order of the tie.
+    s = col(3, 2, 2, 1)
+    for t in (col(1, 1, 0, 0), col(1, 0, 1, 0)):
+        assert voc_map(s, t)[0] == pytest.approx(5 / 6, abs=1e-12)
+        assert average_precision(s, t)[0] == pytest.approx(5 / 6, abs=1e-12)
 
 
 def test_class_without_positive_is_nan_and_excluded():
@@ -297,12 +312,37 @@ def test_against_reference(seed, ties):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_invariant_to_image_order(seed):
-    scores, targets = random_case(seed, ties=False)
+@pytest.mark.parametrize("ties", [True, False])
+def test_invariant_to_image_order(seed, ties):
+    scores, targets = random_case(seed, ties=ties)
     perm = torch.randperm(scores.shape[0], generator=torch.Generator().manual_seed(100 + seed))
     a, b = compute_metrics(scores, targets), compute_metrics(scores[perm], targets[perm])
     assert b == pytest.approx(a, abs=1e-12)
     torch.testing.assert_close(voc_map(scores[perm], targets[perm])[1], voc_map(scores, targets)[1])
+    torch.testing.assert_close(average_precision(scores[perm], targets[perm])[1], average_precision(scores, targets)[1])
+
+
+def test_bf16_logits_ap_does_not_depend_on_image_order():
+    """--amp bf16: logits rounded to bf16 tie often; the mAP of the same logits in another image order differed."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(500, 5, generator=g).bfloat16().float()
+    targets = (torch.rand(500, 5, generator=g) < 0.3).float()
+    perm = torch.randperm(500, generator=g)
+    assert voc_map(scores[perm], targets[perm])[0] == pytest.approx(voc_map(scores, targets)[0], abs=1e-12)
+    assert (average_precision(scores[perm], targets[perm])[0]
+            == pytest.approx(average_precision(scores, targets)[0], abs=1e-12))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_without_ties_the_official_ap(seed):
+    """Without ties, the grouped AP is the official per-image loop's (Compute_mAP_VOC2012, averageAP)."""
+    scores, targets = random_case(seed, ties=False)
+    _, ap = voc_map(scores, targets)
+    _, pap = average_precision(scores, targets)
+    for k in range(scores.shape[1]):
+        s_c, g_c = scores[:, k].tolist(), [v > 0 for v in targets[:, k].tolist()]
+        assert ap[k].item() == pytest.approx(ref_voc_ap(s_c, g_c, grouped=False), abs=1e-12)
+        assert pap[k].item() == pytest.approx(ref_plain_ap(s_c, g_c, grouped=False), abs=1e-12)
 
 
 def test_input_variants():
