@@ -266,3 +266,13 @@ def test_load_errors(tmp_path):
     np.save(npy, np.ones((2, 2)))
     with pytest.raises(ValueError, match=r"plain\.npy.*npz"):
         load_partial_labels(npy)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint64])
+def test_load_refuses_unsigned_targets(tmp_path, dtype):
+    """A hand-made file of unsigned targets (0/1 multi-hot labels saved as uint8) was read as positives and unknowns,
+    every negative silently unknown; as the generator and the saver do, the loader refuses a dtype without -1."""
+    path = tmp_path / "u.npz"
+    np.savez(path, targets=np.array([[1, 0], [0, 1]], dtype=dtype), proportion=0.5, seed=0)
+    with pytest.raises(ValueError, match=rf"u\.npz.*signed integer targets.*got dtype {np.dtype(dtype)}.*-1"):
+        load_partial_labels(path)

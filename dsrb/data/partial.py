@@ -206,8 +206,10 @@ def load_partial_labels(
             raise ValueError(
                 f"partial-label file '{path}': expected targets of shape {shown}, got {tuple(targets.shape)}"
             )
-    if targets.dtype == np.bool_ or not np.issubdtype(targets.dtype, np.integer):
-        raise ValueError(f"partial-label file '{path}': expected integer targets, got dtype {targets.dtype}")
+    if targets.dtype == np.bool_ or not np.issubdtype(targets.dtype, np.signedinteger):
+        # Unsigned 0/1 (multi-hot) targets would read as positives and unknowns: every negative silently unknown.
+        raise ValueError(f"partial-label file '{path}': expected signed integer targets of -1/0/1, got dtype "
+                         f"{targets.dtype}" + (", which cannot hold -1" if targets.dtype.kind in "bu" else ""))
     bad = (targets != 0) & (targets != 1) & (targets != -1)
     if bad.any():
         raise ValueError(
