@@ -353,6 +353,16 @@ def test_voc_errors_name_path(tmp_path):
         load_voc2007(tmp_path, "test")
 
 
+def test_voc_class_names_in_any_case(tmp_path):
+    """A <name> in upper case ('Chair', as annotation tools write it) stopped the dataset with "unknown class"; the
+    VOC names are distinct in any case, so it is the class of that name."""
+    base = _voc(tmp_path)
+    want = load_voc2007(tmp_path, "train").labels
+    (base / "Annotations" / "000005.xml").write_text(_voc_xml([("Chair", 0), ("CHAIR", 1), (" Person ", 0)]))
+    (base / "Annotations" / "000009.xml").write_text(_voc_xml([("DOG", 1), ("horse", 0)]))
+    assert torch.equal(load_voc2007(tmp_path, "train").labels, want)
+
+
 # --------------------------------------------------------------------------------------------------------------- VG
 
 

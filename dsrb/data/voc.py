@@ -1,8 +1,9 @@
 """PASCAL VOC 2007 from the devkit layout (spec §7.1).
 
 Images are listed by ``ImageSets/Main/{trainval,test}.txt`` (that order is the dataset order), labels come from the
-``Annotations/<id>.xml`` files; objects flagged ``<difficult>1</difficult>`` are skipped, as the official code
-does, so a class present only as difficult objects is -1. trainval and test must live in one ``VOC2007`` folder.
+``Annotations/<id>.xml`` files (a ``<name>`` matches its class in any case); objects flagged
+``<difficult>1</difficult>`` are skipped, as the official code does, so a class present only as difficult objects is
+-1. trainval and test must live in one ``VOC2007`` folder.
 """
 
 from __future__ import annotations
@@ -91,8 +92,12 @@ def _parse_annotation(path: Path, class_index: dict):
         if name is None or not name.strip():
             raise ValueError(f"{path}: object {k}: missing <name>")
         name = name.strip()
-        if name not in class_index:
-            raise ValueError(f"{path}: object {k}: unknown class '{name}'; expected one of {', '.join(VOC_CLASSES)}")
+        # The VOC names are lower case and distinct in any case, so a 'Dog' written by an annotation tool is 'dog'
+        # (as py-faster-rcnn's VOC reader folds case); the strict match stopped the whole dataset on it.
+        if name.lower() not in class_index:
+            raise ValueError(f"{path}: object {k}: unknown class '{name}'; expected one of {', '.join(VOC_CLASSES)} "
+                             "(in any case)")
+        name = name.lower()
         difficult = (obj.findtext("difficult") or "0").strip()
         if difficult not in ("0", "1"):
             raise ValueError(f"{path}: object {k}: <difficult> must be 0 or 1, got '{difficult}'")
