@@ -119,6 +119,21 @@ def test_coco_unknown_category_and_missing_key(tmp_path):
         load_coco(tmp_path, "train")
 
 
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_json_errors_count_lines_as_an_editor(tmp_path, newline):
+    """json's line numbers count only \\n: a file of \\r line ends reported its error on line 1 at column 33."""
+    path, _ = _coco(tmp_path)
+    path.write_bytes(newline.join(['{', '"images": [],', '  "annotations": [,]', '}']).encode())
+    with pytest.raises(ValueError, match=r"train2014\.json: not valid JSON: Expecting value: line 3 column 19 \(char"):
+        load_coco(tmp_path, "train")
+    path.write_bytes(newline.join(['{', '"images": []', '']).encode())  # the error at the end of the file
+    with pytest.raises(ValueError, match=r"not valid JSON: Expecting ',' delimiter: line 3 column 1 "):
+        load_coco(tmp_path, "train")
+    path.write_bytes(newline.join(['{"images": []', '']).encode() + b"x")  # right after a line end
+    with pytest.raises(ValueError, match=r"not valid JSON: Expecting ',' delimiter: line 2 column 1 "):
+        load_coco(tmp_path, "train")
+
+
 def test_coco_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"instances_train2014\.json.*layout"):
         load_coco(tmp_path, "train")

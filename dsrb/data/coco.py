@@ -7,7 +7,6 @@ index 0..C-1); a class is +1 for an image when any of its annotations (crowd one
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from .dataset import MultiLabelDataset, find_duplicate, read_text
+from .dataset import MultiLabelDataset, find_duplicate, read_json
 
 __all__ = ["load_coco", "read_coco_labels"]
 
@@ -86,10 +85,7 @@ def read_coco_labels(annotation: PathLike):
     path = Path(annotation)
     if not path.is_file():
         raise FileNotFoundError(f"COCO annotation file not found: {path}; {_LAYOUT}")
-    try:
-        data = json.loads(read_text(path))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from err
+    data = read_json(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object with 'images', 'annotations' and 'categories'")
     sections = {}

@@ -9,6 +9,7 @@ the run through :meth:`MultiLabelDataset.set_targets`. Images are read lazily wi
 from __future__ import annotations
 
 import codecs
+import json
 import operator
 import os
 import re
@@ -21,8 +22,8 @@ from torch.utils.data import Dataset
 
 from .._checks import native_array
 
-__all__ = ["MultiLabelDataset", "UnreadableImageError", "find_duplicate", "open_rgb", "pil_to_tensor", "read_lines",
-           "read_text", "to_rgb"]
+__all__ = ["MultiLabelDataset", "UnreadableImageError", "find_duplicate", "open_rgb", "pil_to_tensor", "read_json",
+           "read_lines", "read_text", "to_rgb"]
 
 _NEWLINE = re.compile(r"\r\n?|\n")
 _NEWLINE_BYTES = re.compile(rb"\r\n?|\n")
@@ -43,6 +44,23 @@ def read_text(path: Union[str, os.PathLike]) -> str:
         line = len(_NEWLINE_BYTES.findall(data, 0, pos)) + 1  # lines as read_lines splits them
         raise ValueError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[pos]:02x} at byte offset {pos}: "
                          f"{err.reason}); save the file as UTF-8") from None
+
+
+def read_json(path: Union[str, os.PathLike]):
+    """The JSON value in the UTF-8 file ``path`` (:func:`read_text`); a syntax error is a ValueError naming the file
+    and the line and column as an editor shows them: json's own count only ``\\n``, so a file of ``\\r`` line ends was
+    all "line 1", with the error at a column of thousands."""
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        line, start = 1, 0  # the error's line (\n, \r\n or \r ends one, as read_lines splits) and where it starts
+        for end in _NEWLINE.finditer(text):
+            if end.end() > err.pos:  # at or past the error (its \n of a \r\n too: on the line the \r ends)
+                break
+            line, start = line + 1, end.end()
+        raise ValueError(f"{path}: not valid JSON: {err.msg}: line {line} column {err.pos - start + 1} "
+                         f"(char {err.pos})") from None
 
 
 def read_lines(path: Union[str, os.PathLike]) -> List[str]:

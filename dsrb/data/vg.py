@@ -12,14 +12,13 @@ Labels default to -1, with +1 for the listed classes.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Callable, Optional, Union
 
 import numpy as np
 
-from .dataset import MultiLabelDataset, find_duplicate, read_lines, read_text
+from .dataset import MultiLabelDataset, find_duplicate, read_json, read_lines
 from .listfile import read_class_file
 
 __all__ = ["VG_NAME_FILES", "VG_NUM_CLASSES", "VG_PLACEHOLDER_NAMES", "load_vg200"]
@@ -40,10 +39,7 @@ _LAYOUT = (
 def _load_json(path: Path, what: str):
     if not path.is_file():
         raise FileNotFoundError(f"VG {what} not found: {path}; {_LAYOUT}")
-    try:
-        return json.loads(read_text(path))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from err
+    return read_json(path)
 
 
 def _class_names(root: Path, num_classes: int):
