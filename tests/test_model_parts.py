@@ -478,6 +478,37 @@ def test_dsrb_custom_backbone_module():
         DSRB(C, backbone=nn.Identity(), **opts)
 
 
+def test_dsrb_names_a_backbone_of_another_dtype_or_device():
+    """A module passed as backbone in another dtype (or on another device) than the model failed deep inside its
+    first conv ("Input type (float) and bias type (double) should be the same"), naming neither; a backbone that
+    returns a map of another dtype failed inside the reduction."""
+
+    class Tiny(nn.Module):
+        out_channels = 7
+
+        def __init__(self, cast=None):
+            super().__init__()
+            self.conv, self.cast = nn.Conv2d(3, 7, 3, stride=4), cast
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y if self.cast is None else y.to(self.cast)
+
+    opts = {k: v for k, v in TINY.items() if k not in ("backbone", "backbone_width")}
+    with pytest.raises(TypeError, match=r"argument 'backbone': its parameter 'conv.weight' is torch.float64, the "
+                                        r"model's parameters are torch.float32; convert the backbone before"):
+        DSRB(C, backbone=Tiny().double(), **opts)
+    with pytest.raises(ValueError, match=r"argument 'backbone': its parameter 'conv.weight' is on meta, the model's "
+                                         r"parameters are on cpu"):
+        DSRB(C, backbone=Tiny().to("meta"), **opts)
+    model = DSRB(C, backbone=Tiny(), **opts).double().eval()  # converted as a whole: one dtype
+    assert model(torch.randn(2, 3, 16, 16, dtype=torch.float64)).dtype == torch.float64
+    model = DSRB(C, backbone=Tiny(cast=torch.float32), **opts).double().eval()
+    with pytest.raises(TypeError, match=r"backbone Tiny returned a torch.float32 map; expected the model's dtype "
+                                        r"torch.float64"):
+        model(torch.randn(2, 3, 16, 16, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("returns, error, match", [
     ("dict", TypeError, r"backbone Odd returned a dict; DSRB expects a \(B, out_channels, H, W\) tensor"),
     ("tuple", TypeError, "backbone Odd returned a tuple"),

@@ -295,6 +295,8 @@ class DSRB(nn.Module):
             nn.Conv2d(out_channels, feature_dim, kernel_size=1, bias=False),
             nn.BatchNorm2d(feature_dim),
         )
+        if not isinstance(backbone, str):
+            self._check_backbone_parameters()
         self.semantic = SemanticDecoupling(feature_dim, word_dim, inter_dim, backend=backend)
         self.gnn = GatedGNN(feature_dim, gnn_steps)
         self.head = nn.Linear(2 * feature_dim, feature_dim)
@@ -387,6 +389,24 @@ class DSRB(nn.Module):
                 f"convert {name} ({name}.to({dtype})) or the model (model.to({t.dtype}))"
             )
 
+    def _check_backbone_parameters(self) -> None:
+        """A module passed as ``backbone`` holds floating parameters of the model's dtype and device: the images,
+        checked against the model's, then failed deep inside its first conv ("Input type (float) and bias type
+        (double) should be the same"), naming neither the backbone nor the fix."""
+        own = self.reduction[0].weight
+        for name, p in self.backbone.named_parameters():
+            if not p.is_floating_point():
+                continue
+            if p.dtype != own.dtype:
+                raise TypeError(f"argument 'backbone': its parameter '{name}' is {p.dtype}, the model's parameters "
+                                f"are {own.dtype}; convert the backbone before (backbone.to({own.dtype})), or the "
+                                f"whole model after construction (model.to({p.dtype}))")
+            if p.device != own.device:
+                raise ValueError(f"argument 'backbone': its parameter '{name}' is on {p.device}, the model's "
+                                 f"parameters are on {own.device}; move the backbone before "
+                                 f"(backbone.to('{own.device}')), or the whole model after construction "
+                                 f"(model.to('{p.device}'))")
+
     def _check_targets(self, targets, images, *ranges, validate: bool = True) -> None:
         check_tensor("targets", targets, kind="real", shape=(images.shape[0], self.num_classes))
         check_signed_targets("targets", targets)
@@ -412,6 +432,11 @@ class DSRB(nn.Module):
                              f"images of shape {tuple(images.shape)}; expected a float ({images.shape[0]}, {C_out}, "
                              "H, W) map with H, W >= 1 (its 'out_channels' attribute says "
                              f"{C_out} channels)")
+        # Not the reduction's weight: the head benchmark replaces the reduction with nn.Identity.
+        dtype = self.word_features.dtype
+        if features.dtype != dtype and not torch.is_autocast_enabled(features.device.type):  # else deep inside
+            raise TypeError(f"{where} returned a {features.dtype} map; expected the model's dtype {dtype} (convert the "
+                            f"backbone, or the whole model: model.to({dtype}))")
 
     def _extract(self, images: torch.Tensor):
         features = self.backbone(images)
