@@ -117,3 +117,28 @@ def test_classify_checks_the_dtype_and_device_of_s():
         assert model.classify(S.to(torch.bfloat16)).shape == (2, C)
     with pytest.raises(TypeError, match=r"argument 'images': expected dtype torch.float32 .*convert images "):
         model(images(2).double())
+
+
+def test_a_meta_model_runs_shapes_only():
+    """A model on meta (shapes only, no values) stopped in the images' check asking meta's autocast state ("unknown
+    device type for autocast"), and with the prototype path in the bank's is_ready ("Tensor.item() cannot be called
+    on meta tensors"); the bank's readiness is its host copy there, as under torch.compile."""
+    with torch.device("meta"):
+        model = DSRB(C, **TINY)
+    x, T = torch.empty(2, 3, 128, 96, device="meta"), TARGETS[:2].to("meta")
+    logits = model.eval()(x)
+    assert logits.shape == (2, C) and logits.device.type == "meta"
+    model.train()
+    with pytest.raises(RuntimeError, match="the prototype bank is not ready"):  # a fresh bank, as on the CPU
+        model(x, T, validate=False)
+    assert model(x, T, prototype_blend=False, validate=False).logits.shape == (2, C)
+    model.prototype_bank.set_prototypes(torch.empty(C, 4, 16, device="meta"))
+    out = model(x, T, validate=False)
+    assert out.logits.shape == (2, C) and out.logits.device.type == "meta"
+    model.eval().reset_prototypes()  # the prototype pass runs on meta too
+    model.update_prototypes(x, T, validate=False)
+    model.finalize_prototypes()
+    assert model.prototype_bank.is_ready() and model.train()(x, T, validate=False).logits.shape == (2, C)
+    ready = tiny_model()  # a ready bank moved to meta keeps its host copy
+    ready.prototype_bank.set_prototypes(torch.zeros(C, 4, 16))
+    assert ready.to("meta").prototype_bank.is_ready()

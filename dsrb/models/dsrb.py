@@ -92,6 +92,12 @@ class ElementWiseLinear(nn.Module):
         return f"num_classes={self.num_classes}, dim={self.dim}"
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; meta has no autocast state (torch raises "unknown device type for
+    autocast"), and a meta forward (shapes only) runs none."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
 class _ContiguousGrad(torch.autograd.Function):
     """Identity in the forward; makes the incoming gradient contiguous in the backward.
 
@@ -370,7 +376,7 @@ class DSRB(nn.Module):
         # the convs' half- or single-precision inputs to its dtype, and BatchNorm takes those with float32 or
         # same-dtype parameters: other parameters (float64, fp16 under bf16 autocast) fail there too.
         dtype, where = self.reduction[0].weight.dtype, t.device.type
-        if norms and torch.is_autocast_enabled(where) and dtype in (torch.float16, torch.bfloat16) and (
+        if norms and _autocast_on(where) and dtype in (torch.float16, torch.bfloat16) and (
                 dtype != torch.get_autocast_dtype(where)):
             # Whatever t's dtype, its own included: the convs' outputs come in autocast's half dtype, which the
             # BatchNorms' parameters of the other one refuse deep inside ("mixed dtype (CPU): expect parameter to
@@ -381,9 +387,9 @@ class DSRB(nn.Module):
                 f"autocast in {dtype}, or convert the model (model.float())"
             )
         if t.dtype != dtype and not (
-                torch.is_autocast_enabled(where) and t.dtype in (torch.float16, torch.bfloat16, torch.float32)
+                _autocast_on(where) and t.dtype in (torch.float16, torch.bfloat16, torch.float32)
                 and dtype in (torch.float32, torch.get_autocast_dtype(where))):
-            autocast = f" under {torch.get_autocast_dtype(where)} autocast" if torch.is_autocast_enabled(where) else ""
+            autocast = f" under {torch.get_autocast_dtype(where)} autocast" if _autocast_on(where) else ""
             raise TypeError(
                 f"argument '{name}': expected dtype {dtype} (the model's parameters), got {t.dtype}{autocast}; "
                 f"convert {name} ({name}.to({dtype})) or the model (model.to({t.dtype}))"
@@ -434,7 +440,7 @@ class DSRB(nn.Module):
                              f"{C_out} channels)")
         # Not the reduction's weight: the head benchmark replaces the reduction with nn.Identity.
         dtype = self.word_features.dtype
-        if features.dtype != dtype and not torch.is_autocast_enabled(features.device.type):  # else deep inside
+        if features.dtype != dtype and not _autocast_on(features.device.type):  # else deep inside
             raise TypeError(f"{where} returned a {features.dtype} map; expected the model's dtype {dtype} (convert the "
                             f"backbone, or the whole model: model.to({dtype}))")
 

@@ -76,8 +76,9 @@ class PrototypeBank(nn.Module):
     def is_ready(self) -> bool:
         """``bool(ready)``, read from the device only while the host copy says False (see ``_ready_seen``): after a
         direct write to the buffer. Not while torch.compile traces, where the read would be a graph break (fullgraph
-        refused it with Dynamo's data-dependent error instead of the bank's own): there the host copy decides."""
-        if not self._ready_seen and not torch.compiler.is_compiling():
+        refused it with Dynamo's data-dependent error instead of the bank's own), nor on meta, which holds no value
+        (the read failed with "Tensor.item() cannot be called on meta tensors"): there the host copy decides."""
+        if not self._ready_seen and not torch.compiler.is_compiling() and self.ready.device.type != "meta":
             self._ready_seen = bool(self.ready)
         return self._ready_seen
 
@@ -218,7 +219,7 @@ class PrototypeBank(nn.Module):
         check_tensor("prototypes", prototypes, kind="float", shape=(self.num_classes, 4, self.dim))
         # Checked in the bank's dtype: 1e5 is inf in a half-precision bank, and either makes every blended logit NaN.
         prototypes = prototypes.to(self.prototypes)
-        if not bool(torch.isfinite(prototypes).all()):
+        if prototypes.device.type != "meta" and not bool(torch.isfinite(prototypes).all()):  # meta: no values
             raise ValueError(f"argument 'prototypes': expected finite values in {prototypes.dtype} (the bank's "
                              "dtype), found NaN or inf")
         if valid is not None:
