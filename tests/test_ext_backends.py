@@ -564,7 +564,8 @@ def test_prototype_bank_update_in_place_targets_and_errors(backend):
 def test_prototype_bank_update_in_place_is_an_in_place_op(backend):
     """What autograd expects of an in-place op: version counters bumped (a graph that saved sums fails loudly
     instead of using the new values), no update of a tensor that requires grad, and (the cpu kernel reads S, T and
-    quadrant while it writes) no inputs sharing memory with sums or counts."""
+    quadrant while it writes) no inputs sharing memory with sums or counts: refused by every backend, though the
+    others write a copy back (they accepted an S aliasing sums, which the cpu backend refused)."""
     g = torch.Generator().manual_seed(8)
     B, C, D, dev = 4, 3, 5, _device(backend)
     S, T = torch.randn(B, C, D, generator=g).to(dev), torch.randint(-1, 2, (B, C), generator=g).to(dev)
@@ -578,15 +579,20 @@ def test_prototype_bank_update_in_place_is_an_in_place_op(backend):
         loss.backward()
     with pytest.raises(ValueError, match="argument 'sums': expected a tensor that does not require grad"):
         ops.prototype_bank_update_(w, counts, S, T, quadrant, 3, backend=backend)
-    if backend == "cpu":  # only the cpu kernel writes in place while it reads: the others write a copy back
-        bank = torch.zeros(B * C * D + C * 4 * D)
-        views = bank[:C * 4 * D].view(C, 4, D), bank[-B * C * D:].view(B, C, D)  # disjoint: allowed
-        ops.prototype_bank_update_(views[0], counts.clone(), views[1], T, quadrant, 3, backend=backend)
-        shared = torch.zeros(C * 4 * D).view(C, 4, D)
-        with pytest.raises(ValueError, match="argument 'sums': it shares memory with 'S'"):
-            ops.prototype_bank_update_(shared, counts, shared.view(4, C, D)[:B], T, quadrant, 3, backend=backend)
-        with pytest.raises(ValueError, match="argument 'counts': it shares memory with 'quadrant'"):
-            ops.prototype_bank_update_(sums, counts, S, T, counts.view(4, C)[:B], 3, backend=backend)
+    bank = torch.zeros(B * C * D + C * 4 * D, device=dev)
+    views = bank[:C * 4 * D].view(C, 4, D), bank[-B * C * D:].view(B, C, D)  # disjoint: allowed
+    ops.prototype_bank_update_(views[0], counts.clone(), views[1], T, quadrant, 3, backend=backend)
+    shared = torch.zeros(C * 4 * D, device=dev).view(C, 4, D)
+    with pytest.raises(ValueError, match="argument 'sums': it shares memory with 'S', which the in-place update"):
+        ops.prototype_bank_update_(shared, counts, shared.view(4, C, D)[:B], T, quadrant, 3, backend=backend)
+    with pytest.raises(ValueError, match="argument 'sums': it shares memory with 'S'"):  # a strided view too
+        ops.prototype_bank_update_(shared, counts, shared[:, 0].unsqueeze(0), T[:1], quadrant[:1], 3, backend=backend)
+    with pytest.raises(ValueError, match="argument 'counts': it shares memory with 'quadrant'"):
+        ops.prototype_bank_update_(sums, counts, S, T, counts.view(4, C)[:B], 3, backend=backend)
+    fresh = torch.zeros(C, 4, dtype=torch.int64, device=dev)  # T of valid values (0), read from counts
+    with pytest.raises(ValueError, match="argument 'counts': it shares memory with 'T'"):
+        ops.prototype_bank_update_(sums, fresh, S, fresh.view(4, C)[:B], quadrant, 3, backend=backend)
+    if backend == "cpu":
         raw = torch.zeros(C * 4 * D)  # called directly, past the Python check below
         with pytest.raises(ValueError, match="argument 'counts': it shares memory with 'sums'"):
             torch.ops.dsrb.prototype_bank_update_cpu_(raw.view(C, 4, D), raw.view(torch.int64)[:C * 4].view(C, 4),

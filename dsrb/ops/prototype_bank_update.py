@@ -188,9 +188,10 @@ def prototype_bank_update_(
     """:func:`prototype_bank_update` in place: ``sums`` and ``counts`` take the new sums and counts.
 
     Same arguments, errors and backend choice (the backend serving :func:`prototype_bank_update` for these tensors);
-    nothing is written when an argument is rejected. ``sums`` must not require grad, nor share memory with S, T or
-    quadrant (the kernel reads them while it writes), nor ``counts`` with ``sums`` (under ``torch.compile`` only the
-    ``cpu`` kernel can check that one: a traced call cannot read storage addresses); neither may have elements that
+    nothing is written when an argument is rejected. ``sums`` must not require grad; neither ``sums`` nor ``counts``
+    may share memory with S, T or quadrant (the kernel reads them while it writes), nor ``counts`` with ``sums``
+    (refused by every backend; under ``torch.compile`` only the ``cpu`` kernel can check these: a traced call cannot
+    read storage addresses); neither may have elements that
     share memory (an expanded tensor), nor be an inference tensor outside ``torch.inference_mode()``, and a
     ``counts`` narrower than int64 must hold ``cap``. Like any in-place op, it bumps the version counters of ``sums``
     and ``counts``. The buckets the batch reaches get the values the functional op returns, bit for bit; with the
@@ -202,8 +203,16 @@ def prototype_bank_update_(
     validate = check_bool("validate", validate)
     # Every backend writes both (the cpu kernel from several threads). Not traced: storage pointers break a
     # torch.compile graph, and the cpu kernel checks it again itself.
-    if not torch.compiler.is_compiling() and _overlap(sums, counts):
-        raise ValueError("argument 'counts': it shares memory with 'sums'; the bank update writes both")
+    if not torch.compiler.is_compiling():
+        if _overlap(sums, counts):
+            raise ValueError("argument 'counts': it shares memory with 'sums'; the bank update writes both")
+        # As the cpu kernel refuses it (csrc/checks.h): the other backends, and the cpu one on buckets it copies
+        # back, accepted a read input that aliases a written one, so the same call failed or not by backend.
+        for w_name, w in (("sums", sums), ("counts", counts)):
+            for r_name, r in (("S", S), ("T", T), ("quadrant", quadrant)):
+                if _overlap(w, r):
+                    raise ValueError(f"argument '{w_name}': it shares memory with '{r_name}', which the in-place "
+                                     f"update reads while it writes '{w_name}'")
     if sums.requires_grad and torch.is_grad_enabled():
         raise ValueError("argument 'sums': expected a tensor that does not require grad (the bank update is not "
                          "differentiable; update it under torch.no_grad(), or pass sums.detach())")
