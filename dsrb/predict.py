@@ -22,7 +22,9 @@ Labels are listed from the most to the least probable (ties: lower class index f
 first K of that order. The ranking is by logit, the same order as by probability without the ties of float32
 probabilities, which round to 1.0 above a logit of about 17. The output is a JSON list with one object per image:
 ``{"path": ..., "labels": [names], "scores": {class name: probability rounded to 4 decimals, in class order}}``,
-written atomically to ``--out`` or printed to stdout.
+written atomically to ``--out`` or printed to stdout. The JSON is ASCII: a file name of bytes that are no UTF-8,
+which Python holds as ``\\udcxx``, is written as that escape, which ``os.fsencode(json.load(f)[i]["path"])`` turns
+back into the name's bytes (readers other than Python's may show U+FFFD there).
 """
 
 from __future__ import annotations
