@@ -638,7 +638,8 @@ def _resolve_settings(cfg: TrainConfig, explicit: Dict[str, Any]) -> TrainConfig
     (:data:`dsrb.config.RESUMABLE`: epochs, device, workers, limit_*_batches, tensorboard, compile, channels_last,
     backend, data_root, and word_vectors and pretrained from one file to another); any other setting given with a
     value other than the saved one is a ValueError naming it and both values, since the run's saved state (partial
-    labels, weights, optimizer) was made with the saved one."""
+    labels, weights, optimizer) was made with the saved one. The word_dim of a run made with a word-vector file is
+    not compared: the file's width overrode the --word-dim the run was given, as it does again."""
     if not cfg.resume:
         return cfg
     if not cfg.out:
@@ -652,6 +653,8 @@ def _resolve_settings(cfg: TrainConfig, explicit: Dict[str, Any]) -> TrainConfig
     for name, value in explicit.items():
         # A setting newer than the run's config.json: the run was made with its default (TrainConfig(**saved) below)
         made_with = saved.get(name, defaults.get(name))
+        if name == "word_dim" and saved.get("word_vectors") is not None:
+            continue  # the file set E (config.json records its width), whatever --word-dim the run was given
         if name not in RESUMABLE and made_with != value:
             newer = "" if name in saved else f" (its default: {path} predates the setting)"
             raise ValueError(

@@ -468,6 +468,24 @@ def test_resume_with_moved_word_vector_and_weight_files(data_root, tmp_path):
     assert json.loads((out / "config.json").read_text()) == saved
 
 
+def test_resume_with_the_same_command_and_a_word_dim_the_file_overrode(data_root, tmp_path):
+    """A --word-vectors file sets E over --word-dim (config.json records the file's width): the command that started
+    the run, given again with --resume, was refused for a changed word_dim."""
+    from dsrb.data.builtin import BUILTIN_CLASSES
+
+    words = tmp_path / "words.npy"
+    np.save(words, np.random.RandomState(0).randn(len(BUILTIN_CLASSES), 5).astype(np.float32))
+    out = tmp_path / "run"
+    train.main(args(data_root, out, "--word-vectors", str(words)))  # TINY gives --word-dim 6
+    train.main(args(data_root, out, "--word-vectors", str(words), "--resume", epochs=2))
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert json.loads((out / "config.json").read_text())["word_dim"] == 5
+    other = tmp_path / "other"  # without a file, --word-dim is the model's E: a change is refused
+    train.main(args(data_root, other))
+    with pytest.raises(ValueError, match=r"setting 'word_dim': the run in .* was made with 6, --resume was given 7"):
+        train.main(args(data_root, other, "--word-dim", "7", "--resume", epochs=2))
+
+
 def test_relative_input_paths_are_saved_absolute(data_root, tmp_path, monkeypatch):
     """evaluate takes the dataset from the checkpoint's config: a relative --data-root saved as given failed from
     any other folder."""
