@@ -897,17 +897,32 @@ def _check_ranks_settings_alike(d: Dist, cfg: TrainConfig) -> None:
 
 def _check_ranks_resume_alike(d: Dist, state: Optional[Dict[str, Any]], last_path: str) -> None:
     """Every rank reads its own ``last_path``: on nodes that do not share --out, one rank resumed while another
-    started afresh (or resumed an older copy), and with their optimizer states and epochs apart the replicas trained
-    on, silently diverging, until the ranks' collectives no longer matched. One all-reduce of each rank's epoch (-1
-    for no checkpoint) finds it on every rank at once, so all stop with the same error."""
+    started afresh (or resumed an older copy, or another run's, or one resumed otherwise since it was copied), and
+    with their optimizer states and epochs apart the replicas trained on, silently diverging, until the ranks'
+    collectives no longer matched. Two all-reduces of each rank's epoch (-1 for no checkpoint) and a fingerprint of
+    its checkpoint find it on every rank at once, so all stop with the same error."""
     if not d.enabled:
         return
-    mine = int(state["epoch"]) if state is not None else -1
-    (low,), (high,) = _range_over_ranks([mine])
-    if low != high:
-        raise ValueError(f"setting 'out' (--out): the ranks do not see the same {last_path} (the epochs done by the "
-                         f"checkpoint each rank found, -1 for none, range from {low} to {high}; rank {d.rank}: "
-                         f"{mine}); a run on several nodes needs --out on a folder that every node shares")
+    mine = [int(state["epoch"]), _checkpoint_fingerprint(state)] if state is not None else [-1, 0]
+    low, high = _range_over_ranks(mine)
+    if low[0] != high[0]:
+        found = (f"the epochs done by the checkpoint each rank found, -1 for none, range from {low[0]} to {high[0]}; "
+                 f"rank {d.rank}: {mine[0]}")
+    elif low[1] != high[1]:
+        found = f"each rank's checkpoint is at epoch {mine[0]}, but they record other results: not one run's same file"
+    else:
+        return
+    raise ValueError(f"setting 'out' (--out): the ranks do not see the same {last_path} ({found}); a run on several "
+                     "nodes needs --out on a folder that every node shares")
+
+
+def _checkpoint_fingerprint(state: Dict[str, Any]) -> int:
+    """A 56-bit hash (an int64 the all-reduce orders) of what a training checkpoint records of its run's results: the
+    best score and the last epoch's metrics and losses, without their timings (two copies of one file agree; the same
+    epoch of another run, or of a run resumed otherwise, does not). Cheap: no tensor is read."""
+    record = {k: v for k, v in (state.get("metrics") or {}).items() if k not in TIMING_KEYS}
+    text = json.dumps({"best": state.get("best"), "metrics": record}, sort_keys=True, default=repr)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "little")
 
 
 def _check_ranks_data_alike(d: Dist, train_set, test_set) -> None:

@@ -722,6 +722,26 @@ def test_ddp_resume_from_folders_that_differ_by_node_stops_every_rank(data_root,
     assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1]
 
 
+def test_ddp_resume_from_different_checkpoints_at_one_epoch_stops_every_rank(data_root, tmp_path):
+    """The ranks compared only their checkpoints' epochs: a node's copy of the run resumed otherwise since (here with
+    other --limit-train-batches, a change a resume allows) is at the same epoch with other optimizer states, and
+    the ranks trained on from both, silently apart. Every rank now stops with the same error before training."""
+    run = tmp_path / "run"
+    train.main(args(data_root, run, 1))
+    shutil.copytree(run, tmp_path / "run-copy")
+    train.main(["--out", str(run), "--resume", "--epochs", "2"])
+    train.main(["--out", str(tmp_path / "run-copy"), "--resume", "--epochs", "2", "--limit-train-batches", "2"])
+    (rc0, err0), (rc1, err1) = launch_ranks(tmp_path, "--out", ["--out", str(run), "--resume", "--epochs", "3",
+                                                                "--limit-train-batches", "3"],
+                                            script=OWN_FOLDER_LAUNCHER)
+    for rc, err in ((rc0, err0), (rc1, err1)):
+        assert rc == 1 and re.search(r"error: setting 'out' \(--out\): the ranks do not see the same .*last.pt "
+                                     r"\(each rank's checkpoint is at epoch 2, but they record other results", err), \
+            err[-3000:]
+        assert "Traceback" not in err and "group alive at exit: False" in err, err[-3000:]
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+
+
 def test_ddp_data_that_differs_by_node_stops_every_rank(data_root, tmp_path):
     """Each rank lists the images in its own --data-root: where a node's copy differs (here rank 1's has an unreadable
     image, which --skip-bad-images drops), the ranks split one shuffle of different image lists, training some images
