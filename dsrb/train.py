@@ -640,8 +640,8 @@ def _resolve_settings(cfg: TrainConfig, explicit: Dict[str, Any]) -> TrainConfig
     value other than the saved one is a ValueError naming it and both values, since the run's saved state (partial
     labels, weights, optimizer) was made with the saved one. The word_dim of a run made with a word-vector file is
     not compared: the file's width overrode the --word-dim the run was given, as it does again."""
-    if not cfg.resume:
-        return cfg
+    if not cfg.resume:  # checked again: run() is also called with a TrainConfig made in Python, not parse_args's
+        return cfg.validate()
     if not cfg.out:
         raise ValueError("setting 'resume': give the run directory to resume with --out")
     path = os.path.join(cfg.out, "config.json")

@@ -210,6 +210,20 @@ def test_bad_flag_values(flags, match):
         parse_args(flags)
 
 
+def test_python_api_run_checks_its_settings(data_root, tmp_path):
+    """dsrb.train.run(TrainConfig(...)), the Python entry point, checked the settings only on --resume: a decay
+    factor of 5 trained with a growing learning rate, and epochs=0 wrote a run of no epoch."""
+    from dsrb.config import SettingError, TrainConfig
+
+    base = dict(parse_args(args(data_root, tmp_path / "run"))[0].__dict__)
+    for change, match in (({"lr_gamma": 5.0}, r"^setting 'lr_gamma' \(--lr-gamma\): expected a decay factor"),
+                          ({"epochs": 0}, r"^setting 'epochs' \(--epochs\): expected a positive integer"),
+                          ({"image_size": 16}, r"^setting 'image_size' \(--image-size\): expected at least 33")):
+        with pytest.raises(SettingError, match=match):
+            train.run(TrainConfig(**{**base, **change}))
+        assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("typo", [["--epoch", "3"], ["--weight", "0.1"], ["--known", "0.1"]])
 def test_abbreviated_flags_are_refused(typo, capsys):
     """argparse would read --weight as --weight-decay, --epoch as --epochs: one typo setting another setting."""
