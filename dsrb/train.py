@@ -243,11 +243,14 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool, class_names: 
     is not resumed: it starts afresh and draws them again)."""
     from .data import (TestTransform, TrainTransform, build_dataset, format_known_fraction, known_fraction,
                        load_word_vectors, make_partial_labels, save_partial_labels)
+    from .data.registry import check_root
 
     if cfg.data_root is None and cfg.dataset != "builtin":
         raise ValueError(f"setting 'data_root': dataset '{cfg.dataset}' needs --data-root (see the README's dataset "
                          "layouts); only the built-in dataset is generated on first use")
     def train_split():
+        # build_dataset's own check of the root names its argument ('root'), not the setting
+        check_root(cfg.dataset, cfg.data_root, name_of_root="setting 'data_root' (--data-root)")
         return build_dataset(cfg.dataset, "train", root=cfg.data_root, transform=TrainTransform(cfg.image_size),
                              skip_bad=cfg.skip_bad_images)
 

@@ -303,15 +303,20 @@ def test_one_device_parser_for_every_tool(tmp_path, monkeypatch):
 
 def test_settings_found_wrong_with_the_data_leave_no_run_directory(data_root, tmp_path):
     out = tmp_path / "run"
+    (tmp_path / "w.npy").write_bytes(b"")
     fails_cleanly(data_root, out, ["--known-proportion", "1e-9"], ValueError,
                   r"'known_proportion' .*keeps none of the \d+ training labels")
     fails_cleanly(data_root, out, ["--batch-size", "5000"], ValueError,
                   r"'batch_size' .*5000 is larger than the 24 training images")
     fails_cleanly(data_root, out, ["--word-vectors", str(tmp_path)], ValueError,
                   r"'word_vectors' .*is a directory")
-    with pytest.raises(FileNotFoundError):
-        train.main(["--data-root", str(tmp_path / "nowhere"), "--out", str(out), *TINY])
+    # The data root is named as the flag, not as build_dataset's own argument ("argument 'root'").
+    with pytest.raises(FileNotFoundError, match=r"^setting 'data_root' \(--data-root\): .*nowhere does not exist; "
+                                                r"expected the VOC devkit folder"):
+        train.main(["--data-root", str(tmp_path / "nowhere"), "--out", str(out), *TINY, "--dataset", "voc"])
     assert not out.exists()
+    fails_cleanly(data_root, out, ["--data-root", str(tmp_path / "w.npy")], NotADirectoryError,
+                  r"^setting 'data_root' \(--data-root\): .*w.npy is a file, not a folder; expected the dataset folder")
 
 
 def test_default_out_of_runs_started_in_the_same_second_are_two_directories(data_root, tmp_path, monkeypatch):
