@@ -206,6 +206,9 @@ def check_values(values: Dict[str, Any]) -> None:
     for name, value in get(_PATHS):
         if value == "":
             _bad(name, value, "a path (leave the setting out for its default)")
+        # Only a file's string can hold one; the OS calls' error, "embedded null byte", named no setting.
+        if value is not None and "\0" in value:
+            _bad(name, value, "a path without a NUL character")
 
 
 def check_device(device, *, local_rank: Optional[int] = None, name: str = "setting 'device' (--device)"):

@@ -62,6 +62,8 @@ def fails_cleanly(data_root, out, extra, error, match):
     ({"method": "dsbr"}, r"'method' \(--method\): expected one of"),
     ({"preset": "foo"}, r"'preset' \(--preset\): expected one of"),
     ({"out": ""}, r"'out' \(--out\): expected a path \(leave the setting out for its default\), got ''"),
+    ({"out": "a\0b"}, r"'out' \(--out\): expected a path without a NUL character, got 'a\\x00b'"),
+    ({"data_root": "\0"}, r"'data_root' \(--data-root\): expected a path without a NUL character"),
     ({"lr": 10**400}, r"'lr': expected a number in float range, got an integer of 1329 bits"),
     ({"feature_dim": 10**20}, r"'feature_dim' \(--feature-dim\): expected a positive integer \(at most 2147483647\)"),
     ({"workers": 10**20}, r"'workers' \(--workers\): expected a non-negative integer \(at most 1024\)"),
