@@ -347,6 +347,9 @@ def load_config_file(path: str) -> Dict[str, Any]:
             data = yaml.load(f, Loader=_yaml_loader()) if is_yaml else json.load(f, object_pairs_hook=_unique_keys)
     except _DuplicateKey as err:
         raise ValueError(f"config file {path}: {err}") from None
+    except RecursionError:  # lists or mappings nested thousands deep: the parsers recurse per level
+        raise ValueError(f"config file {path}: values nested too deeply to read; expected a flat mapping of "
+                         "settings") from None
     except errors as err:
         detail = " ".join(str(err).split())  # PyYAML's message spans lines (the problem, then where): one line
         raise ValueError(f"config file {path}: not valid {'YAML' if is_yaml else 'JSON'}: {detail}") from None
