@@ -352,6 +352,8 @@ def load_config_file(path: str) -> Dict[str, Any]:
                          "settings") from None
     except errors as err:
         detail = " ".join(str(err).split())  # PyYAML's message spans lines (the problem, then where): one line
+        if not is_yaml and not path.lower().endswith(".json"):  # YAML in run.cfg: say why it was read as JSON
+            detail += " (the name decides: only a .yaml or .yml file is read as YAML, any other as JSON)"
         raise ValueError(f"config file {path}: not valid {'YAML' if is_yaml else 'JSON'}: {detail}") from None
     if is_yaml and data is None:  # an empty YAML file
         data = {}
@@ -537,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="starting settings (default: the config file's preset, else demo)")
     # Appended, so that a second --config is an error (parse_args), not the first one silently dropped.
     parser.add_argument("--config", action="append", default=None,
-                        help="YAML/JSON file of settings (applied after the preset)")
+                        help="YAML (.yaml, .yml) or JSON file of settings (applied after the preset)")
     defaults = TrainConfig()
     for f in fields(TrainConfig):
         if f.name == "preset":

@@ -149,6 +149,7 @@ def test_cross_setting_error_names_the_config_file_only_for_its_values(tmp_path)
     ("bad.json", '{"epochs": 1,}', "not valid JSON"),
     ("empty.json", "", "not valid JSON"),
     ("list.json", "[1]", "expected a mapping"),
+    ("run.cfg", "epochs: 3\n", r"not valid JSON: .* \(the name decides: only a .yaml or .yml file is read as YAML"),
     # a RecursionError's traceback
     ("deep.json", '{"epochs": ' + "[" * 100000 + "]" * 100000 + "}", "values nested too deeply to read"),
     ("deep.yaml", "epochs: " + "[" * 100000 + "]" * 100000, "values nested too deeply to read"),
