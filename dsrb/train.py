@@ -16,8 +16,8 @@ resume (the checkpoints are written atomically). ``--resume`` continues the run 
 optimizer, scheduler, AMP scaler, prototype bank, RNG states, epoch and best score) with its saved settings; of the
 settings given again, only those in :data:`dsrb.config.RESUMABLE` (epochs, device, workers, ...) may differ from the
 saved ones. Every epoch's randomness is derived from (seed, epoch), so a resumed run ends exactly where an
-uninterrupted one ends, given the same worker and process counts, backend and, on the CPU, thread count (another
-count or backend is allowed, with a warning).
+uninterrupted one ends, given the same worker and process counts, kind of device, backend and, on the CPU, thread
+count (another count, device or backend is allowed, with a warning).
 Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m dsrb.train ...`` (DDP; only rank 0 writes).
 """
 
@@ -682,11 +682,12 @@ def _resolve_settings(cfg: TrainConfig, explicit: Dict[str, Any]) -> TrainConfig
 def _warn_inexact_resume(cfg: TrainConfig, state: Dict[str, Any], world: int, device: torch.device,
                          served: Dict[str, str]) -> None:
     """A resumed run ends exactly where an uninterrupted one ends only with the same worker and process counts (they
-    decide which random stream each image's crop and flip come from), the same backends serving the ops (``served``
-    against the checkpoint's: --backend auto picks another where the extension is missing, or DSRB_BACKEND forces
-    one), the same --compile and --channels-last, and, on the CPU, the same thread count (they decide how the ops
-    and sums are computed, and with it the rounding), and the same --limit-*-batches (they decide which batches an
-    epoch trains and scores). Other values are allowed, with a warning."""
+    decide which random stream each image's crop and flip come from), the same kind of device (a GPU's convolutions
+    and random streams are not the CPU's, even where one backend serves both), the same backends serving the ops
+    (``served`` against the checkpoint's: --backend auto picks another where the extension is missing, or
+    DSRB_BACKEND forces one), the same --compile and --channels-last, and, on the CPU, the same thread count (they
+    decide how the ops and sums are computed, and with it the rounding), and the same --limit-*-batches (they decide
+    which batches an epoch trains and scores). Other values are allowed, with a warning."""
     config = state.get("config", {})
     saved = [("--workers", cfg.workers, config.get("workers", cfg.workers)),
              ("--backend", cfg.backend, config.get("backend", cfg.backend)),
@@ -695,7 +696,8 @@ def _warn_inexact_resume(cfg: TrainConfig, state: Dict[str, Any], world: int, de
              ("--limit-train-batches", cfg.limit_train_batches,
               config.get("limit_train_batches", cfg.limit_train_batches)),
              ("--limit-test-batches", cfg.limit_test_batches, config.get("limit_test_batches", cfg.limit_test_batches)),
-             ("processes", world, len(state["rng"]))]
+             ("processes", world, len(state["rng"])),
+             ("device", device.type, state.get("device", device.type))]  # checkpoints before 2026-12-07 lack it
     if device.type == "cpu":
         saved.append(("threads", torch.get_num_threads(), state.get("threads", torch.get_num_threads())))
     changes = [f"{what} {now} (the run was made with {then})" for what, now, then in saved if now != then]
@@ -1122,7 +1124,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
             append_line(os.path.join(out, "metrics.jsonl"), json.dumps(record, sort_keys=True))
             state = {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                     "best": best, "rng": rngs, "threads": torch.get_num_threads(),
+                     "best": best, "rng": rngs, "threads": torch.get_num_threads(), "device": device.type,
                      "config": dataclasses.asdict(cfg), "model_kwargs": kwargs,
                      "num_classes": train_set.num_classes, "class_names": list(train_set.class_names),
                      "backends": dict(served), "metrics": record, "versions": versions()}

@@ -558,6 +558,21 @@ def test_resume_may_change_the_backend_with_a_warning(data_root, tmp_path):
     assert "resumed with --backend auto (the run was made with torch)" in log and "from here on the run differs" in log
 
 
+def test_resume_on_another_kind_of_device_warns(data_root, tmp_path):
+    """A run continued on another kind of device (made on a GPU, resumed on the CPU) does not end where an
+    uninterrupted one ends, even where one backend (torch) serves both: it was resumed without the warning that
+    another backend or thread count gets. last.pt records the device's kind."""
+    out = tmp_path / "run"
+    train.main(args(data_root, out, "--backend", "torch"))
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert state["device"] == "cpu"
+    state["device"] = "cuda"  # as written on a GPU
+    torch.save(state, out / "last.pt")
+    train.main(["--out", str(out), "--resume", "--epochs", "2"])
+    log = (out / "train.log").read_text()
+    assert "resumed with device cpu (the run was made with cuda)" in log and "from here on the run differs" in log
+
+
 def test_resume_warns_when_other_backends_serve_the_ops(data_root, tmp_path, monkeypatch):
     """--backend auto both times, but other backends serve the ops (DSRB_BACKEND here; a machine without the built
     extension likewise): last.pt records the backend of each op, and the resumed run warns that it will differ."""
