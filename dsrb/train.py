@@ -738,6 +738,11 @@ def run(cfg: TrainConfig, explicit: Optional[Dict[str, Any]] = None) -> Dict[str
 
     ``--matmul-precision`` is set for the run and the previous process-wide setting restored after it. Every setting
     is checked (data, model, pre-trained weights, device) before anything is written in the run directory.
+
+    With ``cfg.resume`` the run in ``cfg.out`` goes on with its saved settings, and only those in ``explicit`` (setting
+    name -> value, as :func:`dsrb.config.parse_args` returns them) are applied over them: ``cfg``'s other values are
+    not read, so ``run(replace(cfg, resume=True), {"epochs": 30})`` extends a run, where ``epochs=30`` in ``cfg``
+    alone does not.
     """
     failure = None
     try:
