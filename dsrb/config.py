@@ -396,8 +396,8 @@ def _unique_keys(pairs):
 def _yaml_loader():
     """PyYAML's safe loader, but a key given twice is an error (PyYAML keeps the last silently), and numbers read as
     in YAML 1.2, not 1.1: one with an exponent but no dot or no exponent sign (1e-3, 1.0e3) is a float, not a
-    string; 010 is ten, not octal eight (as --epochs 010 is); 1:30 is a string, not 90 in base 60 (then refused
-    with the setting's name)."""
+    string; 010 is ten, not octal eight (as --epochs 010 is), and 08 eight, not a string; 1:30 is a string, not 90
+    in base 60 (then refused with the setting's name)."""
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -416,10 +416,12 @@ def _yaml_loader():
     Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                                  re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
                                  list("-+0123456789."))
+    # 08, 09, 018: no YAML 1.1 octal, so PyYAML read them as strings (refused), where 010 is read as ten
+    Loader.add_implicit_resolver("tag:yaml.org,2002:int", _LEADING_ZERO, list("-+0"))
     return Loader
 
 
-_LEADING_ZERO = re.compile(r"[-+]?0[0-9_]+")
+_LEADING_ZERO = re.compile(r"^[-+]?0[0-9_]+$")
 
 
 def _yaml_int(loader, node):

@@ -167,6 +167,8 @@ def test_yaml_numbers_read_as_in_yaml_1_2_and_json_with_a_byte_order_mark(tmp_pa
     path = tmp_path / "run.yaml"
     path.write_text("epochs: 010\nseed: 0_7\nlabel_seed: 0x10\n")
     assert load_config_file(str(path)) == {"epochs": 10, "seed": 7, "label_seed": 16}  # as --epochs 010 reads
+    path.write_text("epochs: 08\nseed: +0_9\nlabel_seed: 019\n")  # no octal digits: strings in YAML 1.1
+    assert load_config_file(str(path)) == {"epochs": 8, "seed": 9, "label_seed": 19}
     for text, shown in (("epochs: 1:30\n", "'epochs': expected an integer, got '1:30'"),
                         ("lr: 1:30.5\n", "'lr': expected a number, got '1:30.5'")):
         path.write_text(text)
