@@ -43,6 +43,16 @@ def extension():
     class Build(BuildExtension):
         """Compiles csrc/cuda/*.cu with nvcc first, then the C++ sources with the objects and the CUDA runtime."""
 
+        def finalize_options(self):
+            # Always link: distutils skips an extension whose library is newer than its .cpp files, blind to the
+            # headers and the CUDA objects, and the record written below would then vouch for the old library.
+            super().finalize_options()
+            self.force = True
+
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            self.dsrb_built = True  # not reached on a failure, which setuptools only warns of for an optional one
+
         def build_extensions(self):
             # The user's settings first, outside the fallback below: a bad value (MAX_JOBS, which torch's builder
             # reads too; TORCH_CUDA_ARCH_LIST; an on/off variable) or DSRB_BUILD_CUDA=1 without nvcc fails the
@@ -69,10 +79,13 @@ def extension():
                     ext.extra_compile_args["cxx"].append("-DDSRB_WITH_CUDA")
                     ext.extra_link_args += build.cuda_link_flags(nvcc)
                 super().build_extensions()
-                self.dsrb_info = build.build_info(root, nvcc)
+                if not getattr(self, "dsrb_built", False):
+                    raise build.BuildError("the compiler or the linker failed (its output is above)")
+                info = build.build_info(root, nvcc)
                 if cuda_failed:
-                    self.dsrb_info["cuda_failed"] = cuda_failed
-                build.write_info(self.get_ext_fullpath(ext.name), self.dsrb_info)
+                    info["cuda_failed"] = cuda_failed
+                build.write_info(self.get_ext_fullpath(ext.name), info)
+                self.dsrb_info = info  # what copy_extensions_to_source records: only a library built here
             except Exception as exc:  # noqa: BLE001 - reported; the first-use build or dsrb.info explains later
                 if build.env_flag("DSRB_REQUIRE_EXT"):
                     raise

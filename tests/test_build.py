@@ -3,6 +3,7 @@ torch does; a GPU machine whose nvcc is only in /usr/local/cuda/bin still gets t
 glue (csrc/cuda/glue.cpp) needs of the torch it runs with."""
 
 import ctypes
+import importlib.machinery
 import importlib.util
 import os
 import re
@@ -268,3 +269,34 @@ def test_the_install_time_build_leaves_out_debug_information(tmp_path):
     for args in compiles:
         last_g = max((i for i, a in enumerate(args) if a.startswith("-g")), default=-1)
         assert last_g >= 0 and args[last_g] == "-g0", args
+
+
+@pytest.mark.parametrize("old_library", ["older", "newer"])
+def test_a_failed_install_time_build_records_no_library(tmp_path, old_library):
+    """Without ninja (an environment given torch alone before `pip install --no-build-isolation`), setuptools only
+    warns of the optional extension's failed compile, and skips the build of a library newer than the .cpp files
+    (blind to a changed header or .cu file): setup.py then wrote a record with the new sources' hash beside the
+    library of an earlier build, which loaded as current, and an in-place (editable) install without one failed on
+    the missing file. Now the build always runs, and a failed one leaves no record and the install goes on."""
+    src = _copy_for_setup(tmp_path / "src")
+    compiler = tmp_path / "cc"  # answers the version checks with the real compiler, fails every compile
+    compiler.write_text('#!/bin/sh\ncase "$1" in -v|--version|-dumpversion|-dumpfullversion) exec c++ "$@";; esac\n'
+                        'exit 1\n')
+    compiler.chmod(0o755)
+    library = src / "build-lib" / "dsrb" / f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    library.parent.mkdir(parents=True)
+    library.write_bytes(b"an earlier build")
+    if old_library == "older":
+        os.utime(library, (0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("DSRB_REQUIRE_EXT", "CFLAGS", "CXXFLAGS")}
+    env.update(DSRB_BUILD_CUDA="0", MAX_JOBS="1", CC=str(compiler), CXX=str(compiler))
+    no_ninja = ("import runpy, sys; import torch.utils.cpp_extension as c; c.is_ninja_available = lambda: False; "
+                "sys.argv = ['setup.py', *sys.argv[1:]]; runpy.run_path('setup.py', run_name='__main__')")
+    for inplace in ([], ["--inplace"]):
+        res = subprocess.run([sys.executable, "-c", no_ninja, "build_ext", *inplace, "-b", "build-lib", "-t", "tmp"],
+                             cwd=src, capture_output=True, text=True, timeout=300, env=env)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "dsrb: WARNING: the C++ extension was not built" in res.stdout, res.stdout
+        assert library.read_bytes() == b"an earlier build"
+        assert not [p.name for p in src.rglob("_C*.json*")], "no build record for a library not built"
+        assert not list((src / "dsrb").glob("_C*"))
