@@ -11,7 +11,8 @@ extension, so the CPU build of torch links them too: a machine without a GPU sti
 A wheel (``pip install .``) carries the same tree as ``dsrb/_csrc``, so the first-use build works outside a checkout.
 
 Environment: ``DSRB_BUILD_CUDA`` (1/0; default 1 when nvcc is found), ``TORCH_CUDA_ARCH_LIST`` (default "9.0";
-e.g. "8.0;9.0+PTX"), ``MAX_JOBS`` (parallel compiler processes), ``CUDA_HOME`` (toolkit location).
+e.g. "8.0;9.0+PTX"), ``MAX_JOBS`` (parallel compiler processes), ``CUDA_HOME`` (toolkit location), ``CUDAHOSTCXX``
+(nvcc's host compiler).
 """
 
 from __future__ import annotations
@@ -226,10 +227,22 @@ def jobs() -> int:
     return int(value)
 
 
+def host_compiler_flags() -> List[str]:
+    """``-ccbin $CUDAHOSTCXX``: nvcc does not read CUDAHOSTCXX (CMake's name for its host compiler), so setting it to
+    fix an nvcc that rejects the default g++ changed nothing. Not where nvcc is given one already (NVCC_CCBIN, or a
+    -ccbin in NVCC_PREPEND_FLAGS or NVCC_APPEND_FLAGS: older nvcc refuse a second)."""
+    host = os.environ.get("CUDAHOSTCXX", "").strip()
+    given = " ".join(os.environ.get(name, "") for name in ("NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS"))
+    if not host or os.environ.get("NVCC_CCBIN", "").strip() or re.search(r"(^|\s)(-ccbin|--compiler-bindir)", given):
+        return []
+    return ["-ccbin", host]
+
+
 def compile_cuda(cu_sources: List[str], out_dir: str, nvcc: str, include_dir: str, log: List[str]) -> List[str]:
     """Compile each .cu to an object in ``out_dir`` (in parallel); returns the object paths."""
     os.makedirs(out_dir, exist_ok=True)
-    flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", f"-I{include_dir}", *gencode_flags(arch_list())]
+    flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", f"-I{include_dir}", *gencode_flags(arch_list()),
+             *host_compiler_flags()]
 
     def one(src: str) -> str:
         obj = os.path.join(out_dir, os.path.basename(src) + ".o")

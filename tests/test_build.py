@@ -300,3 +300,30 @@ def test_a_failed_install_time_build_records_no_library(tmp_path, old_library):
         assert library.read_bytes() == b"an earlier build"
         assert not [p.name for p in src.rglob("_C*.json*")], "no build record for a library not built"
         assert not list((src / "dsrb").glob("_C*"))
+
+
+@pytest.mark.parametrize("env, ccbin", [
+    ({"CUDAHOSTCXX": "g++-12"}, ["-ccbin", "g++-12"]),
+    ({}, None),
+    ({"CUDAHOSTCXX": "g++-12", "NVCC_CCBIN": "g++-11"}, None),  # nvcc reads NVCC_CCBIN itself
+    ({"CUDAHOSTCXX": "g++-12", "NVCC_PREPEND_FLAGS": "-ccbin g++-11"}, None),
+    ({"CUDAHOSTCXX": "g++-12", "NVCC_APPEND_FLAGS": "-G --compiler-bindir=g++-11"}, None),
+])
+def test_cudahostcxx_is_nvccs_host_compiler(tmp_path, monkeypatch, env, ccbin):
+    """CUDAHOSTCXX, the setting a failed build retries on (an nvcc that rejects the default g++), reached no command:
+    nvcc does not read it. It is passed as -ccbin, unless nvcc is given a host compiler already."""
+    nvcc = tmp_path / "nvcc"  # records its arguments, writes the object
+    nvcc.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "args.txt"}\nwhile [ "$1" != -o ]; do shift; done\n'
+                    'touch "$2"\n')
+    nvcc.chmod(0o755)
+    for var in ("CUDAHOSTCXX", "NVCC_CCBIN", "NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS", "TORCH_CUDA_ARCH_LIST"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    src = tmp_path / "k.cu"
+    src.write_text("")
+    (obj,) = _build.compile_cuda([str(src)], str(tmp_path / "out"), str(nvcc), str(tmp_path), [])
+    assert os.path.isfile(obj)
+    args = (tmp_path / "args.txt").read_text().split()
+    found = [args[i:i + 2] for i, a in enumerate(args) if a == "-ccbin"]
+    assert found == ([ccbin] if ccbin else []), args
