@@ -2,7 +2,8 @@
 
 Where a build comes from, in order:
 1. ``dsrb/_C*.so``, built by ``pip install -e . --no-build-isolation`` (setup.py), if it was built from the same
-   sources for the same torch and Python (``<library>.json`` beside it records what it was built from);
+   sources for the same torch and Python (``<library>.json`` beside it records what it was built from), and with
+   its CUDA kernels where DSRB_BUILD_CUDA=1;
 2. the first-use cache ``$DSRB_EXT_CACHE`` (default ``~/.cache/dsrb/extensions``), one folder per
    (sources, torch, Python, CUDA, arch list): a plain ``pip install -e .`` cannot build against torch (pip builds in
    an isolated environment), so the first ``import dsrb.ops`` compiles the extension there, once (about a minute on
@@ -146,6 +147,9 @@ def _load() -> Extension:
             info = _read_info(library)
             why = (_matches(info, want) or _build.library_damaged(library, info)) if info else \
                 "no build record beside it"
+            if why is None and not info.get("cuda") and _build.env_flag("DSRB_BUILD_CUDA"):
+                # as a first-use build would be: its CUDA kernels or an error, never the CPU kernels alone unsaid
+                why = "built without its CUDA kernels, and DSRB_BUILD_CUDA=1"
             if why is None:
                 return _open(library, info, "setup.py build")
             stale.append(f"{os.path.basename(library)} is stale ({why})")

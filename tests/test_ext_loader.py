@@ -451,3 +451,27 @@ def test_the_cache_folder_is_absolute_and_expands_home(monkeypatch, tmp_path):
     assert _ext.cache_root() == str(tmp_path / "rel" / "cache")
     monkeypatch.setenv("DSRB_EXT_CACHE", "")
     assert _ext.cache_root() == str(tmp_path / "home" / ".cache" / "dsrb" / "extensions")
+
+
+def test_build_cuda_1_passes_over_a_library_in_the_package_without_cuda_kernels(loader, monkeypatch, tmp_path):
+    """DSRB_BUILD_CUDA=1 asks for the CUDA kernels: a first-use build gives them or an error, but a library setup.py
+    built without them (DSRB_BUILD_CUDA=0 or no nvcc at install, or kernels that failed to build there) was loaded
+    as it was, and CUDA tensors went to the other backends without a word, DSRB_REQUIRE_EXT=1 or not."""
+    library = _library_in_package(monkeypatch, tmp_path, b"\x7fELF")
+    _build.write_info(library, _build.build_info(_build.source_root(), None))
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text("#!/bin/sh\necho 'Build cuda_12.8.r12.8/compiler.0'\n")
+    nvcc.chmod(0o755)
+    monkeypatch.setattr(_build, "find_nvcc", lambda: str(nvcc))
+    assert _ext._load().origin == "setup.py build"  # DSRB_BUILD_CUDA=0 (the fixture's)
+    monkeypatch.delenv("DSRB_BUILD_CUDA")
+    assert _ext._load().origin == "setup.py build"
+    monkeypatch.setenv("DSRB_BUILD_CUDA", "1")
+    ext = _ext._load()
+    assert ext.loaded and ext.origin == "first-use build (cache)" and ext.info["cuda"], ext
+    assert len(loader.calls) == 1
+    monkeypatch.setenv("DSRB_BUILD_ON_FIRST_USE", "0")
+    monkeypatch.setenv("DSRB_EXT_CACHE", str(tmp_path / "empty-cache"))
+    ext = _ext._load()
+    assert not ext.loaded and "_C.so is stale (built without its CUDA kernels, and DSRB_BUILD_CUDA=1)" in ext.reason
