@@ -177,6 +177,8 @@ def _first_use_build(root: str, want: Dict[str, object]) -> Extension:
     try:
         nvcc = _build.want_cuda()
     except _build.BuildError as exc:  # DSRB_BUILD_CUDA=1 without nvcc: the user's setting, an error as a bad value is
+        if _build.env_flag("DSRB_BUILD_ON_FIRST_USE") is False:  # where no build is made (a tool's --help): a reason
+            return Extension(reason=f"{exc}, and DSRB_BUILD_ON_FIRST_USE=0")
         raise ValueError(str(exc)) from None
     if nvcc:  # a bad TORCH_CUDA_ARCH_LIST is the user's to fix: a reason, neither a fallback nor a remembered failure
         _build.arch_list()

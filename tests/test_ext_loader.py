@@ -438,6 +438,12 @@ def test_build_cuda_1_without_nvcc_is_an_error_where_a_build_is_needed(loader, m
     with pytest.raises(ValueError, match=r"^DSRB_BUILD_CUDA=1 but nvcc was not found"):
         _ext.load()
     assert loader.calls == []
+    # No build is needed where none is made: a tool's --help (which sets DSRB_BUILD_ON_FIRST_USE=0) ended in this
+    # ValueError's traceback
+    monkeypatch.setenv("DSRB_BUILD_ON_FIRST_USE", "0")
+    ext = _ext.load()
+    assert not ext.loaded and ext.reason.startswith("DSRB_BUILD_CUDA=1 but nvcc was not found"), ext
+    assert ext.reason.endswith("and DSRB_BUILD_ON_FIRST_USE=0") and loader.calls == []
 
 
 def test_the_cache_folder_is_absolute_and_expands_home(monkeypatch, tmp_path):
