@@ -38,7 +38,8 @@ def start(prog: str, *, one_process: bool = True, require_ext: bool = True) -> N
     """The first lines of every tool's ``__main__``: :func:`quiet_interrupt`; ``-h``/``--help`` answered without
     compiling the extension (the tools' imports build it on first use, a minute; help needs none of it); a
     ``one_process`` tool started as one of several processes (torchrun: WORLD_SIZE > 1) stops with one error line;
-    the extension's on/off environment variables checked (one error line for a bad value); and, with
+    the extension's on/off environment variables checked (one error line for a bad value, or for DSRB_BUILD_CUDA=1
+    without nvcc where a build is needed); and, with
     ``require_ext``, a missing extension under DSRB_REQUIRE_EXT=1 one error line with the reason, where the tool's
     imports would raise it as a traceback (dsrb.info passes False: it reports first, then fails). dsrb.train under
     torchrun gets these two errors as :data:`deferred_failure` instead."""
@@ -65,6 +66,19 @@ def start(prog: str, *, one_process: bool = True, require_ext: bool = True) -> N
         fail(f"{prog}: error: it runs in one process, but WORLD_SIZE={world} (torchrun) started it as one of "
              "several; run it without torchrun (only python -m dsrb.train uses several processes), with "
              "WORLD_SIZE=1 where the environment sets it for every process")
+    if env_flag("DSRB_BUILD_CUDA"):  # without nvcc where a build is needed a ValueError, raised by the imports
+        from . import _ext  # imports torch, which the tool's imports do next anyway
+
+        try:
+            _ext.load()
+        except ValueError as err:
+            if not several:
+                fail(f"{prog}: error: {err}")
+            deferred_failure = err
+            os.environ["DSRB_DISABLE_EXT"] = "1"  # as for a bad value: the imports pass, the tool stops
+            os.environ.pop("DSRB_REQUIRE_EXT", None)
+        except ImportError:  # DSRB_REQUIRE_EXT=1's, reported below (or by dsrb.info, after its report)
+            pass
     if require_ext and env_flag("DSRB_REQUIRE_EXT"):
         from . import _ext  # imports torch, which the tool's imports do next anyway
 

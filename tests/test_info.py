@@ -99,6 +99,21 @@ def test_a_bad_build_variable_is_one_error_line():
                           "like 8.0, 9.0, 9.0+PTX)\n"), res.stderr
 
 
+@pytest.mark.parametrize("tool", ["dsrb.info", "dsrb.train"])
+def test_build_cuda_1_without_nvcc_is_one_error_line(tool, tmp_path):
+    """DSRB_BUILD_CUDA=1 without nvcc, where a first-use build is needed, is a ValueError from `import dsrb.ops`: every
+    tool ended in its traceback (dsrb.info included, the tool meant to say what is missing)."""
+    code = ("import importlib.machinery, runpy, sys; import dsrb._build as b; b.find_nvcc = lambda: None; "
+            "importlib.machinery.EXTENSION_SUFFIXES = ['.no-such-suffix']; sys.argv = [sys.argv[0]]; "
+            f"runpy.run_module({tool!r}, run_name='__main__')")
+    env = {**os.environ, "DSRB_BUILD_CUDA": "1", "DSRB_EXT_CACHE": str(tmp_path / "cache")}
+    env.pop("DSRB_BUILD_ON_FIRST_USE", None)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
+    assert res.returncode == 1 and res.stdout == "", res.stderr
+    assert res.stderr == (f"python -m {tool}: error: DSRB_BUILD_CUDA=1 but nvcc was not found (set CUDA_HOME or put "
+                          "nvcc on PATH)\n"), res.stderr
+
+
 def test_info_takes_no_arguments(capsys):
     """--help is help, and an unknown argument an error (both printed the report and exited 0)."""
     with pytest.raises(SystemExit) as exit_:
