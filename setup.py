@@ -101,6 +101,10 @@ def extension():
             super().copy_extensions_to_source()
             build.write_info(self.get_ext_fullpath(self.extensions[0].name), self.dsrb_info)
 
+    try:  # read here, before build_extensions' check of every setting: one error line, not a traceback
+        required = build.env_flag("DSRB_REQUIRE_EXT")
+    except ValueError as exc:
+        sys.exit(f"dsrb: error: {exc}")
     root = build.source_root()
     cpp = build.cpp_sources(root, with_cuda=False)
     # optional: after a failed build (reported above) an editable install skips copying the missing library
@@ -108,7 +112,7 @@ def extension():
     # -g0 last: Python's own CFLAGS, which setuptools puts first, carry -g (the CPU kernels: 18 MB, 1 MB without).
     ext = CppExtension("dsrb._C", [os.path.relpath(p, ROOT) for p in cpp], include_dirs=[root],
                        extra_compile_args={"cxx": [*build.CXX_FLAGS, "-g0"]}, extra_link_args=list(build.LD_FLAGS),
-                       optional=not build.env_flag("DSRB_REQUIRE_EXT"))
+                       optional=not required)
     return [ext], {"build_ext": Build}
 
 

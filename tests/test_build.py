@@ -234,6 +234,7 @@ def test_a_bad_arch_list_is_an_error_naming_the_variable(monkeypatch, value, mes
     ("TORCH_CUDA_ARCH_LIST", "9.0;foo", "TORCH_CUDA_ARCH_LIST: cannot read 'foo'"),
     ("MAX_JOBS", "abc", "MAX_JOBS: expected a positive number of parallel compile jobs, got 'abc'"),
     ("DSRB_BUILD_CUDA", "ture", "environment variable DSRB_BUILD_CUDA: expected 1 or 0"),
+    ("DSRB_REQUIRE_EXT", "ture", "environment variable DSRB_REQUIRE_EXT: expected 1 or 0"),  # was a traceback
 ])
 def test_setup_refuses_a_bad_setting_before_building(tmp_path, var, value, message):
     """setup.py with nvcc found and TORCH_CUDA_ARCH_LIST=9.0;foo built the CPU kernels alone (a minute), reporting
@@ -247,7 +248,7 @@ def test_setup_refuses_a_bad_setting_before_building(tmp_path, var, value, messa
     res = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "-b", str(tmp_path / "lib"), "-t",
                           str(tmp_path / "tmp")], cwd=src, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode != 0, res.stdout + res.stderr
-    assert message in res.stderr, res.stderr
+    assert res.stderr.startswith(f"dsrb: error: {message}") and "Traceback" not in res.stderr, res.stderr
     assert not list((tmp_path / "lib").rglob("_C*.so")), "nothing is built"
 
 
