@@ -165,16 +165,25 @@ def arch_list() -> str:
 
 
 _ARCH_ENTRY = re.compile(r"(\d+)\.?(\d)([af]?)")  # 9.0, 90, 10.0, 9.0a, 10.0f
+# torch's names for architectures in TORCH_CUDA_ARCH_LIST (torch.utils.cpp_extension, 2.13): the variable is torch's,
+# set for every extension ("Ampere;Hopper" in a Dockerfile), so each name means here what it means to torch.
+NAMED_ARCHS = {"Kepler+Tesla": "3.7", "Kepler": "3.5+PTX", "Maxwell+Tegra": "5.3", "Maxwell": "5.0;5.2+PTX",
+               "Pascal": "6.0;6.1+PTX", "Volta+Tegra": "7.2", "Volta": "7.0+PTX", "Turing": "7.5+PTX",
+               "Ampere+Tegra": "8.7", "Ampere": "8.0;8.6+PTX", "Ada": "8.9+PTX", "Hopper": "9.0+PTX",
+               "Blackwell+Tegra": "11.0", "Blackwell": "10.0;10.3;12.0;12.1+PTX"}
 
 
 def parse_arch_list(archs: str) -> List[Tuple[int, int, str, bool]]:
-    """TORCH_CUDA_ARCH_LIST syntax ("8.0;9.0+PTX", "9.0a", spaces or semicolons) -> (major, minor, suffix, ptx)."""
+    """TORCH_CUDA_ARCH_LIST syntax ("8.0;9.0+PTX", "9.0a", torch's names such as "Hopper", spaces or semicolons) ->
+    (major, minor, suffix, ptx)."""
     entries = []
-    for item in archs.replace(";", " ").split():
+    items = archs.replace(";", " ").split()
+    for item in [entry for item in items for entry in NAMED_ARCHS.get(item, item).split(";")]:
         ptx = item.endswith("+PTX")
         m = _ARCH_ENTRY.fullmatch(item[:-4] if ptx else item)
         if m is None:
-            raise BuildError(f"TORCH_CUDA_ARCH_LIST: cannot read {item!r} (expected entries like 8.0, 9.0, 9.0+PTX)")
+            raise BuildError(f"TORCH_CUDA_ARCH_LIST: cannot read {item!r} (expected entries like 8.0, 9.0, 9.0+PTX, "
+                             "or torch's names such as Hopper)")
         entries.append((int(m[1]), int(m[2]), m[3], ptx))
     if not entries:  # ";" alone: nvcc would pick its own default GPU, which no recorded list would name
         raise BuildError(f"TORCH_CUDA_ARCH_LIST: no architecture in {archs!r} (expected entries like 8.0, 9.0, "

@@ -62,9 +62,33 @@ def test_arch_list_gencode_flags():
         "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
         "-gencode=arch=compute_90,code=compute_90", "-gencode=arch=compute_90a,code=sm_90a",
         "-gencode=arch=compute_100f,code=sm_100f", "-gencode=arch=compute_90,code=sm_90"]
-    for bad in ("Hopper", "9.0x", "9.", "9.0+ptx"):
+    for bad in ("hopper", "Hopper+PTX", "9.0x", "9.", "9.0+ptx"):  # torch's names are case-sensitive, end in PTX
         with pytest.raises(_build.BuildError, match=f"TORCH_CUDA_ARCH_LIST: cannot read '{re.escape(bad)}'"):
             _build.gencode_flags(bad)
+
+
+def test_arch_list_takes_torchs_names(monkeypatch):
+    """TORCH_CUDA_ARCH_LIST is torch's variable, whose names (Ampere, Hopper, ...) an environment set for every
+    extension may use: they were an error at every import, DSRB_BUILD_CUDA=0 included. Each means what it means to
+    torch."""
+    assert _build.parse_arch_list("Ampere;Hopper") == _build.parse_arch_list("8.0;8.6+PTX;9.0+PTX")
+    assert _build.parse_arch_list("Ampere+Tegra Kepler") == _build.parse_arch_list("8.7 3.5+PTX")
+    assert _build.gencode_flags("Hopper") == ["-gencode=arch=compute_90,code=sm_90",
+                                              "-gencode=arch=compute_90,code=compute_90"]
+    assert _build.runs_on("Ampere", (8, 9)) and _build.runs_on("Ampere", (9, 0))  # 8.6+PTX
+    assert not _build.runs_on("Ampere", (9, 0), ptx=False)
+    from torch.utils import cpp_extension
+
+    compared = 0
+    for name in _build.NAMED_ARCHS:  # the same -gencode flags as torch's builder, where this torch knows the name
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", name)
+        try:
+            torchs = cpp_extension._get_cuda_arch_flags()
+        except ValueError:  # a name (or an architecture) this torch does not know
+            continue
+        assert sorted(set(_build.gencode_flags(name))) == torchs, name
+        compared += 1
+    assert compared >= 10
 
 
 @pytest.mark.parametrize("archs, capability, runs", [

@@ -96,7 +96,7 @@ def test_a_bad_build_variable_is_one_error_line():
     res = _info(TORCH_CUDA_ARCH_LIST="garbage")
     assert res.returncode == 1 and res.stdout == "", res.stderr
     assert res.stderr == ("python -m dsrb.info: error: TORCH_CUDA_ARCH_LIST: cannot read 'garbage' (expected entries "
-                          "like 8.0, 9.0, 9.0+PTX)\n"), res.stderr
+                          "like 8.0, 9.0, 9.0+PTX, or torch's names such as Hopper)\n"), res.stderr
 
 
 @pytest.mark.parametrize("tool", ["dsrb.info", "dsrb.train"])
