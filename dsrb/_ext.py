@@ -96,6 +96,28 @@ def _scripts_on_path():
             os.environ["PATH"] = path
 
 
+def _cxx() -> str:
+    """The compiler torch's builder calls: CXX's first word (CXX="ccache g++"), c++ where CXX is unset or blank."""
+    words = os.environ.get("CXX", "").split()
+    return words[0] if words else "c++"
+
+
+@contextlib.contextmanager
+def _blank_cxx_unset():
+    """A blank CXX unset while torch's builder runs: here, as for every variable, blank means unset (the compiler
+    c++), but torch's builder took it for the compiler's name, so a build with CXX="" failed on every source
+    ("/bin/sh: 1: : Permission denied") and was remembered."""
+    value = os.environ.get("CXX")
+    if value is None or value.strip():
+        yield
+        return
+    del os.environ["CXX"]
+    try:
+        yield
+    finally:
+        os.environ["CXX"] = value
+
+
 def cache_root() -> str:
     """DSRB_EXT_CACHE, absolute: a quoted "~/..." (not expanded by the shell, or set in a Dockerfile) made a folder
     named "~" in the working directory, and a relative path another cache, and a rebuild, in every directory. Where
@@ -235,7 +257,7 @@ def _cached_build(root: str, want: Dict[str, object], nvcc: Optional[str], fallb
                   file=sys.stderr, flush=True)
             os.remove(failed)
         _discard_damaged(library)
-        cxx = (os.environ.get("CXX") or "c++").split()[0]  # the compiler torch's builder calls (CXX="ccache g++")
+        cxx = _cxx()
         if shutil.which(cxx) is None:  # not remembered as a failure: installing one is enough
             return Extension(reason=f"no C++ compiler to build it: {cxx!r} is not on PATH (install g++, or set CXX)")
         from torch.utils.cpp_extension import is_ninja_available
@@ -255,7 +277,7 @@ def _cached_build(root: str, want: Dict[str, object], nvcc: Optional[str], fallb
             os.remove(os.path.join(folder, "lock"))
         jobs = _build.jobs()  # a bad MAX_JOBS is the user's to fix, not a build failure to remember
         try:
-            with _scripts_on_path():
+            with _scripts_on_path(), _blank_cxx_unset():
                 _build.first_use_build(root, folder, name, nvcc, jobs, log)
         except Exception as exc:  # noqa: BLE001 - any compiler/toolchain failure becomes a reported reason
             with open(os.path.join(folder, "build.log"), "w") as f:
@@ -327,7 +349,7 @@ _TOOLCHAIN_VARIABLES = ("CXX", "CC", "CFLAGS", "CXXFLAGS", "LDFLAGS", "CUDAHOSTC
 def _toolchain(nvcc: Optional[str]) -> Dict[str, object]:
     """The compilers a build would use (their real paths: an upgrade or another alternative changes them) and the
     settings they read."""
-    cxx = shutil.which((os.environ.get("CXX") or "c++").split()[0])
+    cxx = shutil.which(_cxx())
     return {"cxx": cxx and os.path.realpath(cxx), "nvcc": nvcc and os.path.realpath(nvcc),
             "env": {name: os.environ[name] for name in _TOOLCHAIN_VARIABLES if name in os.environ}}
 

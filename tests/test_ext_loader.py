@@ -481,3 +481,26 @@ def test_build_cuda_1_passes_over_a_library_in_the_package_without_cuda_kernels(
     monkeypatch.setenv("DSRB_EXT_CACHE", str(tmp_path / "empty-cache"))
     ext = _ext._load()
     assert not ext.loaded and "_C.so is stale (built without its CUDA kernels, and DSRB_BUILD_CUDA=1)" in ext.reason
+
+
+@pytest.mark.parametrize("blank", ["", " "])
+def test_a_blank_cxx_builds_with_cpp(loader, monkeypatch, tmp_path, blank):
+    """A blank CXX means c++ where dsrb looks for the compiler, but torch's builder took "" for the compiler's name:
+    every compile failed ("/bin/sh: 1: : Permission denied"), and the failure was remembered; CXX=" " ended
+    `import dsrb.ops` in an IndexError. It is unset for the build."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "c++").write_text("#!/bin/sh\n")
+    (bin_dir / "c++").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("CXX", blank)
+    seen = []
+
+    def compile_(*args):
+        seen.append(os.environ.get("CXX"))
+        loader(*args)
+
+    monkeypatch.setattr(_build, "first_use_build", compile_)
+    ext = _ext._load()
+    assert ext.loaded and seen == [None], (ext, seen)
+    assert os.environ["CXX"] == blank
