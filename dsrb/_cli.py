@@ -66,29 +66,24 @@ def start(prog: str, *, one_process: bool = True, require_ext: bool = True) -> N
         fail(f"{prog}: error: it runs in one process, but WORLD_SIZE={world} (torchrun) started it as one of "
              "several; run it without torchrun (only python -m dsrb.train uses several processes), with "
              "WORLD_SIZE=1 where the environment sets it for every process")
-    if env_flag("DSRB_BUILD_CUDA"):  # without nvcc where a build is needed a ValueError, raised by the imports
+    required = require_ext and env_flag("DSRB_REQUIRE_EXT")
+    if required or env_flag("DSRB_BUILD_CUDA"):  # what the tool's imports would raise as a traceback, one line here
         from . import _ext  # imports torch, which the tool's imports do next anyway
 
         try:
             _ext.load()
-        except ValueError as err:
+        except ValueError as err:  # DSRB_BUILD_CUDA=1 without nvcc, where a build is needed
             if not several:
                 fail(f"{prog}: error: {err}")
             deferred_failure = err
             os.environ["DSRB_DISABLE_EXT"] = "1"  # as for a bad value: the imports pass, the tool stops
             os.environ.pop("DSRB_REQUIRE_EXT", None)
-        except ImportError:  # DSRB_REQUIRE_EXT=1's, reported below (or by dsrb.info, after its report)
-            pass
-    if require_ext and env_flag("DSRB_REQUIRE_EXT"):
-        from . import _ext  # imports torch, which the tool's imports do next anyway
-
-        try:
-            _ext.load()
-        except ImportError as err:
-            if not several:
-                fail(f"{prog}: error: {err}")
-            deferred_failure = err
-            os.environ["DSRB_REQUIRE_EXT"] = "0"  # the tool's imports pass (on the fallback), the tool stops
+        except ImportError as err:  # missing under DSRB_REQUIRE_EXT=1 (dsrb.info reports it after its report)
+            if required:
+                if not several:
+                    fail(f"{prog}: error: {err}")
+                deferred_failure = err
+                os.environ["DSRB_REQUIRE_EXT"] = "0"  # the tool's imports pass (on the fallback), the tool stops
 
 
 class ArgumentParser(argparse.ArgumentParser):
