@@ -305,13 +305,19 @@ def nvcc_version(nvcc: str) -> str:
     return out[-1] if out else "unknown"
 
 
+def python_version() -> str:
+    """The Python a build is for: "3.11", or "3.13t" for a free-threaded one (another ABI: its builds load only in
+    it, yet the two shared one cache folder and one record's "python")."""
+    return f"{sys.version_info.major}.{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+
+
 def build_info(root: str, nvcc: Optional[str]) -> Dict[str, object]:
     """What a build was made from; stored beside the library and compared before loading it."""
     import torch
 
     return {
         "torch": torch.__version__,
-        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        "python": python_version(),
         "source_hash": source_hash(root),
         "cuda": bool(nvcc),
         "cuda_arch_list": arch_list() if nvcc else None,

@@ -159,7 +159,7 @@ def _load() -> Extension:
     import torch
 
     root = _build.source_root()
-    want = {"torch": torch.__version__, "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+    want = {"torch": torch.__version__, "python": _build.python_version(),
             "source_hash": _build.source_hash(root) if root else None}
 
     stale = []

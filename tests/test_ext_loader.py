@@ -307,6 +307,21 @@ def test_a_library_built_for_other_sources_is_stale(loader, monkeypatch, tmp_pat
     assert "_C.so is stale (python 0.0 != " in ext.reason and "DSRB_BUILD_ON_FIRST_USE=0" in ext.reason, ext.reason
 
 
+def test_a_free_threaded_python_has_builds_of_its_own(loader, monkeypatch, tmp_path):
+    """A free-threaded Python (abiflags "t") is another ABI: a record made for the same version without it is stale
+    there, where both read "python": "3.11" and shared one cache folder."""
+    library = _library_in_package(monkeypatch, tmp_path, b"")
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    monkeypatch.setattr(sys, "abiflags", "", raising=False)
+    _build.write_info(library, {"torch": torch.__version__, "python": _build.python_version(),
+                                "source_hash": _build.source_hash(_build.source_root())})
+    monkeypatch.setattr(sys, "abiflags", "t")
+    monkeypatch.setenv("DSRB_BUILD_ON_FIRST_USE", "0")
+    ext = _ext._load()
+    assert not ext.loaded
+    assert f"_C.so is stale (python {version} != {version}t)" in ext.reason, ext.reason
+
+
 def test_cuda_kernels_that_fail_to_build_leave_the_cpu_kernels(loader, monkeypatch, capsys):
     """nvcc found (the default DSRB_BUILD_CUDA) but the CUDA step fails (an nvcc that rejects the host compiler):
     the CPU kernels are built alone and the cuda backend's reason says why; later imports reuse both outcomes.
