@@ -47,6 +47,11 @@ def start(prog: str, *, one_process: bool = True, require_ext: bool = True) -> N
     quiet_interrupt(prog)
     from ._build import ENV_FLAGS, check_env_flags, env_flag  # standard library only
 
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):  # a typo in one set by hand was int()'s traceback
+        value = os.environ.get(name, "").strip()
+        if value and not (value.isascii() and value.isdigit()):
+            fail(f"{prog}: error: environment variable {name}={os.environ[name]!r}: expected a whole number "
+                 "(torchrun sets it; unset it to run one process)")
     world = os.environ.get("WORLD_SIZE", "1").strip()
     several = not one_process and world not in ("", "0", "1")
     try:  # a bad value is one error line here, not a traceback from the imports that read it (--help's too)
@@ -84,6 +89,12 @@ def start(prog: str, *, one_process: bool = True, require_ext: bool = True) -> N
                     fail(f"{prog}: error: {err}")
                 deferred_failure = err
                 os.environ["DSRB_REQUIRE_EXT"] = "0"  # the tool's imports pass (on the fallback), the tool stops
+
+
+def env_int(name: str, default: int) -> int:
+    """torchrun's WORLD_SIZE, RANK or LOCAL_RANK (checked by :func:`start`); blank is unset."""
+    value = os.environ.get(name, "").strip()
+    return int(value) if value else default
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -94,13 +94,13 @@ class Dist:
 
 def setup_distributed(cfg: TrainConfig) -> Dist:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); NCCL on CUDA, gloo otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _cli.env_int("WORLD_SIZE", 1)
     if world <= 1:
         return Dist()
     use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    d = Dist(dist.get_rank(), dist.get_world_size(), _cli.env_int("LOCAL_RANK", 0))
     if use_cuda:
         torch.cuda.set_device(d.local_rank)
     return d
@@ -759,7 +759,7 @@ def _run(cfg: TrainConfig, failure: Optional[Exception] = None) -> Dict[str, Any
     device = None
     if failure is None:
         try:
-            device = check_device(cfg.device, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+            device = check_device(cfg.device, local_rank=_cli.env_int("LOCAL_RANK", 0))
         except Exception as err:  # no GPU for this rank's LOCAL_RANK on its node, say
             failure = err
     d = setup_distributed(cfg)
@@ -1230,7 +1230,7 @@ def main(argv=None) -> None:
             raise deferred
         cfg, explicit = parse_args(argv)
     except (Exception, SystemExit) as err:  # a --config file, or a flag, that only this rank's node gets wrong
-        if isinstance(err, SystemExit) and (not err.code or int(os.environ.get("WORLD_SIZE", "1")) <= 1):
+        if isinstance(err, SystemExit) and (not err.code or _cli.env_int("WORLD_SIZE", 1) <= 1):
             raise  # --help, or argparse's usage error (already printed) in a run of one process
         _run(TrainConfig(device=_device_given(argv)), err)  # joins the group to stop the other ranks with it
     run(cfg, explicit)

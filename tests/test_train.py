@@ -962,6 +962,18 @@ def test_single_process_tools_refuse_torchrun(tmp_path, tool):
                                      "sets it for every process"), result.stderr[-3000:]
 
 
+@pytest.mark.parametrize("name, value", [("WORLD_SIZE", "2x"), ("LOCAL_RANK", "-1"), ("RANK", "\uff11")])
+def test_torchrun_variables_that_are_no_whole_number_are_named(tmp_path, name, value):
+    """WORLD_SIZE, RANK and LOCAL_RANK set by hand: a value int() cannot read (or a negative one, a full-width digit)
+    is one error line naming the variable, where dsrb.train ended in int()'s traceback."""
+    env = dict(os.environ, **{name: value})
+    result = subprocess.run([sys.executable, "-m", "dsrb.train", "--no-such-option"], capture_output=True, text=True,
+                            timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip() == (f"python -m dsrb.train: error: environment variable {name}={value!r}: expected "
+                                     "a whole number (torchrun sets it; unset it to run one process)"), result.stderr
+
+
 def test_info_runs_under_torchrun(tmp_path):
     """dsrb.info only reports: under torchrun it is not refused (here it reaches its own argument error)."""
     env = dict(os.environ, WORLD_SIZE="2", RANK="1", LOCAL_RANK="1")
