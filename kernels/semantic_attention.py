@@ -221,8 +221,11 @@ def _sa_softmax_product_kernel(part_ptr, x_ptr, S_ptr, a_ptr,
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + arange_n
         s = _load_scores(part_b, ks_stride, KSPLIT, offs_c, mask_c, offs_n, offs_n < N, N, ACC, BLOCK_C, BLOCK_N)
-        m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every block holds at least one valid position
-        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        # -inf while every score so far is -inf (a sum of v overflowed): shifting by it gave exp(-inf - -inf) = NaN
+        # in l for good; shifted by 0 those terms are 0, as torch.softmax gives them.
+        m_sh = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp(m - m_sh) + tl.sum(tl.exp(s - m_sh[:, None]), axis=1)
         m = m_new
     out = tl.zeros((BLOCK_C, BLOCK_D), dtype=ACC)
     for n0 in range(0, N, BLOCK_N):

@@ -174,6 +174,24 @@ def test_several_n_blocks(shape):
     compare(*make_inputs(*shape), dtype=torch.float32)
 
 
+@pytest.mark.parametrize("cut", [64, 130], ids=lambda c: f"first{c}")
+def test_scores_of_minus_inf_filling_the_first_n_blocks(cut):
+    """Scores of -inf (v's sum overflows) at every position of the first N block(s), finite ones after: the online
+    softmax's running max is -inf after those blocks, and exp(-inf - -inf) made the running sum, a and S NaN; the
+    oracle (and torch.softmax) gives those positions 0 and a softmax over the rest."""
+    N = 150
+    x = torch.randn(1, N, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64).float().to(DEVICE)
+    u = torch.zeros(1, N, 2, device=DEVICE)
+    u[0, :cut] = 1  # tanh(10) rounds to 1: s = -3e38 - 3e38 = -inf in fp32 at the first `cut` positions, 0 after
+    e, v = torch.full((1, 2), 10.0, device=DEVICE), torch.full((2,), -3e38, device=DEVICE)
+    assert K.block_sizes(N, 1, 3, 2)["product"]["BLOCK_N"] <= cut
+    S, a = K.semantic_attention_forward(x, u, e, v)
+    S_ref, a_ref = reference.semantic_attention(x, u, e, v)  # fp32: the same -inf scores
+    assert a_ref[0, 0, :cut].eq(0).all() and a_ref.isfinite().all()
+    assert_close(a, a_ref, what="a")
+    assert_close(S, S_ref, what="S")
+
+
 def test_deterministic():
     """No atomics: two runs give bitwise-equal outputs and gradients."""
     inputs, grads_out = make_inputs(2, 49, 20, 33, 17)
