@@ -402,3 +402,14 @@ def test_prototype_bank_update_equals_oracle(emu, cap, sums_dtype, S_dtype):
     want = ops.prototype_bank_update(sums, counts, S, T, quadrant, cap, backend="torch")
     assert torch.equal(got[1], want[1]) and got[0].dtype == sums_dtype
     assert torch.equal(got[0], want[0])  # the same additions in the same order, in the sums' dtype
+
+
+def test_prototype_bank_update_counts_near_the_int64_maximum(emu):
+    """The running count advanced with every candidate, so a bucket one sample short of a cap of 2**63 - 1
+    overflowed (undefined in C++; it wrapped round here, keeping every candidate): it now counts kept samples only."""
+    from test_prototype_bank_update import counts_near_the_int64_maximum
+
+    (sums, counts, S, T, quadrant, cap), want = counts_near_the_int64_maximum()
+    got = emu.prototype_bank_update_cuda(sums, counts, S, T.to(S.dtype), quadrant, cap)
+    assert torch.equal(got[1], want[1])
+    assert_close(got[0], want[0])

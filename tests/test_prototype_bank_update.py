@@ -64,6 +64,34 @@ def test_non_finite_samples_reach_only_their_own_bucket(backend):
     torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
 
 
+def counts_near_the_int64_maximum():
+    """Buckets one or two samples short of a cap of 2**63 - 1, and four candidates each: counts + rank overflowed
+    int64 (the torch backend's sum, the CUDA kernel's running count), wrapping round to keep every candidate and to
+    store negative counts."""
+    big = 2**63 - 1
+    g = torch.Generator().manual_seed(0)
+    S = torch.randn(4, 2, 3, generator=g, dtype=torch.float64)
+    counts = torch.tensor([[big - 1] * 4, [big - 2] * 4])
+    sums, T, quadrant = torch.zeros(2, 4, 3, dtype=torch.float64), torch.ones(4, 2), torch.zeros(4, 2, dtype=torch.long)
+    args = (sums, counts, S, T, quadrant, big)
+    want = reference.prototype_bank_update(*args)
+    assert want[1][:, 0].tolist() == [big, big] and torch.equal(want[0][1, 0], S[0, 1] + S[1, 1])
+    return args, want
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", backend_param("cuda")])
+def test_counts_near_the_int64_maximum_do_not_wrap_round(backend):
+    dev = device_of(backend)
+    why = ops.reasons("prototype_bank_update", torch.device(dev), torch.float64)[backend]
+    if why:
+        pytest.skip(f"{backend}: {why}")
+    args, want = counts_near_the_int64_maximum()
+    got = ops.prototype_bank_update(*(t.to(dev) if isinstance(t, torch.Tensor) else t for t in args),
+                                    backend=backend)
+    assert torch.equal(got[1].cpu(), want[1])
+    assert_close(got[0].cpu(), want[0])
+
+
 @pytest.mark.parametrize("backend", TORCH_AND_AUTO)
 def test_inputs_unchanged_and_compile(backend):
     S, T, q = batch(4, 3, 5, 0)

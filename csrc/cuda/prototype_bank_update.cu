@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(kThreads)
   A acc[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    run[i] = counts[c * 4 + i];  // counts + rank of the next candidate
+    run[i] = counts[c * 4 + i];  // counts + the kept candidates: at most cap, so it never overflows
     kept[i] = 0;
     acc[i] = A(0);
   }
@@ -53,9 +53,9 @@ __global__ void __launch_bounds__(kThreads)
       if (q == i) {
         if (run[i] < cap) {
           ++kept[i];
+          ++run[i];  // only when kept: a count near INT64_MAX counting every candidate wrapped round to keep more
           if (!counts_only) acc[i] = add_rn(acc[i], to_acc(S[row * D + d]));
         }
-        ++run[i];
       }
     }
   }

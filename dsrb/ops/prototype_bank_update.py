@@ -28,7 +28,7 @@ def _torch_update(sums: Tensor, counts: Tensor, S: Tensor, T: Tensor, quadrant: 
     candidate = (quadrant[..., None] == torch.arange(4, device=quadrant.device)) & (T == 1)[..., None]
     onehot = candidate.long()
     rank = torch.cumsum(onehot, dim=0) - onehot  # earlier candidates of the same bucket in this batch
-    keep = candidate & (counts[None] + rank < cap)
+    keep = candidate & (counts[None] < cap - rank)  # counts + rank < cap, whose sum overflowed near the int64 maximum
     # The kept samples are added one by one in batch order, in the accumulation dtype (fp32 for half precision), as in
     # the official loop and the fused kernels, bit for bit; selected, never multiplied by a 0/1 mask, so that a sample
     # left out adds nothing even when it is NaN or inf (0 * nan = nan would spread it over its class's buckets).
