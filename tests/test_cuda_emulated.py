@@ -300,6 +300,28 @@ def test_half_blends_take_a_float32_coefficient(emu, dtype):
         dtype=dtype)
 
 
+def test_half_coefficient_gradients_whose_terms_exceed_fp16(emu):
+    """grad alpha (beta) sums grad_S1 * (S - S[partner]) (S - p) in fp32, as the other backends do: each difference
+    and product was rounded to fp16, so 6e4 - -6e4 gave inf, and two terms of +-1.2e5 that cancel gave inf - inf =
+    NaN, where the torch, cpu and triton backends return 0.1 * 1.2e5 and 0."""
+    h = torch.float16
+    S = torch.tensor([[[6e4, 6e4]], [[-6e4, -6e4]]], dtype=h)
+    T = torch.tensor([[0], [1]], dtype=h)  # image 0's unknown label takes image 1's known positive
+    coef, partner = torch.tensor(0.5, dtype=h), torch.tensor([1, 0])
+    for g, want in (([0.1, 0.0], 0.1 * 1.2e5), ([1.0, -1.0], 0.0)):
+        gS = torch.tensor([[g], [[0.0, 0.0]]], dtype=h)
+        args = (gS, torch.zeros_like(T), S, T, coef, partner, False)
+        for grad in (emu.instance_blend_cuda_backward(*args)[1],
+                     torch.ops.dsrb.instance_blend_torch_backward(*args)[1]):
+            assert_close(grad, torch.tensor(want, dtype=torch.float64), dtype=h)
+        bank, q = torch.zeros(1, 4, 2, dtype=h), torch.zeros(2, 1, dtype=torch.int64)
+        sel = torch.tensor([[True], [False]])
+        args = (gS, torch.zeros_like(T), S, coef, bank - 6e4, q, q + 1, sel, False, True)
+        for grad in (emu.prototype_blend_cuda_backward(*args)[1],
+                     torch.ops.dsrb.prototype_blend_torch_backward(*args)[1]):
+            assert_close(grad, torch.tensor(want, dtype=torch.float64), dtype=h)
+
+
 def test_blends_gradcheck(emu):
     S, T, coef, bank, quadrant, shift, select, partner = blend_inputs(3, 5, 4, torch.float64, "cpu")
     T[0], T[2] = 0, 1  # some blended entries for the batch flip

@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(kRowWarps * 32)
     const T* s = S + row * D;
     const T* sp = S + (p * C + c) * D;
     for (int64_t d = lane; d < D; d += 32)
-      part += tmul<T>(to_acc(g[d]), tsub<T>(to_acc(s[d]), to_acc(sp[d])));
+      part += mul_rn(to_acc(g[d]), sub_rn(to_acc(s[d]), to_acc(sp[d])));  // unrounded: S - S[p] may pass 65504
   }
   part = warp_sum(part);
   if (lane == 0) row_partial[row] = blend ? part - (detach_target ? A(0) : to_acc(gT1[row])) : A(0);

@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kRowWarps * 32)
   for (int64_t d = lane; d < D; d += 32) {
     const A gd = to_acc(g[d]);
     out[d] = from_acc<T>(tmul<T>(gd, bt));
-    part += tmul<T>(gd, tsub<T>(to_acc(s[d]), to_acc(p[d])));
+    part += mul_rn(gd, sub_rn(to_acc(s[d]), to_acc(p[d])));  // unrounded (fp32 for half): S - p may pass 65504
   }
   part = warp_sum(part);
   if (lane == 0) row_partial[row] = part - (detach_target ? A(0) : to_acc(gT2[row]));
