@@ -219,6 +219,25 @@ def test_semantic_attention_infinite_x(emu):
         assert_close(a, b, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_semantic_attention_finite_operands_beyond_the_tanh_prescale(emu, dtype):
+    """e (forward) and u (backward) were pre-scaled by 2 / ln 2 for the exp2 tanh: a finite value beyond 1.2e38
+    became inf, so tanh(0 * e) was NaN (a, S and every gradient NaN) and a saturated tanh's zero derivative times
+    u gave NaN in grad e, where the torch backend and the oracle are finite; the product u e is scaled now. The
+    last two: unsaturated tanh terms with such a u or e (a clamped pre-scale would give finite, wrong values)."""
+    x = torch.tensor([[[1.0], [2.0], [-1.0]]], dtype=dtype)
+    for u, e in (([[0.0], [0.5], [-1.0]], [[2e38]]), ([[3e38], [0.5], [-1.0]], [[1.5]]),
+                 ([[3e38], [0.5], [-1.0]], [[0.0]]), ([[1e-38], [0.5], [-1.0]], [[2e38]])):
+        u, e = torch.tensor([u], dtype=dtype), torch.tensor(e, dtype=dtype)
+        inputs = [x.requires_grad_(), u.requires_grad_(), e.requires_grad_(), torch.ones(1, dtype=dtype,
+                                                                                       requires_grad=True)]
+        got, want = semantic_attention(*inputs), ops.semantic_attention(*inputs, backend="torch")
+        got, want = list(got) + grads(got, inputs), list(want) + grads(want, inputs)
+        assert all(w.isfinite().all() for w in want)  # the case itself
+        for a, b in zip(got, want):
+            assert_close(a, b)
+
+
 def test_semantic_attention_gradcheck(emu):
     inputs = sa_inputs(2, 5, 3, 4, 6, torch.float64, "cpu")
     assert torch.autograd.gradcheck(semantic_attention, inputs)

@@ -8,10 +8,10 @@
 //
 // Forward kernels
 //  * sa_scores_kernel: one block (128 threads) per tile of 8 rows x 16 classes and per k-split; the k range is
-//    staged through shared memory in chunks of KC (64 floats / 32 doubles) of u (8 x KC), e (16 x KC, pre-scaled by
-//    2 log2(e) for the exp2-based tanh) and v (KC); each thread owns one (row, class) output and walks the chunk
-//    with 128-bit shared loads (conflict-free: row stride 272 bytes). Small problems split k over a few blocks
-//    (grid.y) so that the grid fills the GPU; the partial sums go to a (ksplit, B*C, N) buffer.
+//    staged through shared memory in chunks of KC (64 floats / 32 doubles) of u (8 x KC), e (16 x KC) and v (KC)
+//    (the products u e are scaled by 2 log2(e) for the exp2-based tanh); each thread owns one (row, class) output
+//    and walks the chunk with 128-bit shared loads (conflict-free: row stride 272 bytes). Small problems split k
+//    over a few blocks (grid.y) so that the grid fills the GPU; the partial sums go to a (ksplit, B*C, N) buffer.
 //  * sa_softmax_kernel: one warp per (b, c): sums the k-split partials in order, NaN-propagating max, sum of
 //    exponentials, a = exp(s - max) / sum in the acc type (for the glue's bmm) and in the input dtype.
 // Backward kernels (the glue has computed ga_total = grad_a + grad_S @ x^T and grad_x = a^T @ grad_S)
@@ -50,18 +50,17 @@ namespace {
 
 // ---- tanh ------------------------------------------------------------------------------------------------------------
 
-// The score kernels pre-scale one operand by kTanhScale so that the argument of tanh_scaled is 2 log2(e) w.
+// The argument of tanh_scaled is 2 log2(e) w, the product u e scaled: an operand pre-scaled instead overflowed past
+// 1.2e38 (inf, then tanh(0 * inf) and 0 * inf NaN where the oracle is finite); this is one more multiply a term.
 template <typename A>
 struct TanhScale;
 template <>
 struct TanhScale<float> {
   static constexpr float scale = 2.8853900817779268f;  // 2 / ln(2)
-  static constexpr float inv = 0.34657359027997264f;   // ln(2) / 2
 };
 template <>
 struct TanhScale<double> {
   static constexpr double scale = 1.0;
-  static constexpr double inv = 1.0;
 };
 
 __device__ __forceinline__ float ex2_approx(float x) {
@@ -194,7 +193,7 @@ __global__ void __launch_bounds__(kFwdThreads)
     for (int i = tid; i < kFwdClasses * KC; i += kFwdThreads) {
       const int cc = i / KC, kk = i % KC;
       const int64_t c = c0 + cc, k = k0 + kk;
-      e_s[cc][kk] = (c < C && k < kb1) ? to_acc(e[c * I + k]) * TanhScale<A>::scale : A(0);
+      e_s[cc][kk] = (c < C && k < kb1) ? to_acc(e[c * I + k]) : A(0);
     }
     for (int i = tid; i < KC; i += kFwdThreads) {
       const int64_t k = k0 + i;
@@ -208,7 +207,7 @@ __global__ void __launch_bounds__(kFwdThreads)
       lds4(&e_s[cl][kk], ee);
       lds4(&v_s[kk], vv);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) acc = fma(vv[j], tanh_scaled(uu[j] * ee[j]), acc);
+      for (int j = 0; j < 4; ++j) acc = fma(vv[j], tanh_scaled(uu[j] * ee[j] * TanhScale<A>::scale), acc);
     }
   }
 
@@ -310,7 +309,7 @@ __global__ void __launch_bounds__(kBwdThreads)
 #pragma unroll
     for (int r = 0; r < kBwdRows; ++r) {
       const int64_t row = r0 + r;
-      us[r] = (kval && row < rows) ? to_acc(u[row * I + k]) * TanhScale<A>::scale : A(0);
+      us[r] = (kval && row < rows) ? to_acc(u[row * I + k]) : A(0);
       au[r] = A(0);
     }
     const bool first = t == t_begin;
@@ -325,7 +324,7 @@ __global__ void __launch_bounds__(kBwdThreads)
 #pragma unroll
       for (int r = 0; r < kBwdRows; ++r) {
         // Padding rows (B N not a multiple of kBwdRows) add nothing: tanh(0 * inf) would be NaN, and 0 * NaN too.
-        const A z = r0 + r < rows ? tanh_scaled(us[r] * ec) : A(0);
+        const A z = r0 + r < rows ? tanh_scaled(us[r] * ec * TanhScale<A>::scale) : A(0);
         const A gz = gg[r] * z;
         acc_v += gz;
         const A tt = gg[r] * fma(-z, z, A(1));  // g (1 - z^2); g - gz z would be inf - inf = NaN for an infinite g
@@ -370,8 +369,7 @@ __global__ void __launch_bounds__(256)
     const int64_t k = idx % I;
     A s = pe[idx];
     for (int64_t g = 1; g < groups; ++g) s += pe[g * CI + idx];
-    // The fused kernel accumulated t * (scale * u): undo the tanh pre-scaling here.
-    grad_e[idx] = from_acc<T>(s * (to_acc(v[k]) * TanhScale<A>::inv));
+    grad_e[idx] = from_acc<T>(s * to_acc(v[k]));
   } else if (idx < CI + I) {
     const int64_t k = idx - CI;
     A s = pv[k];
