@@ -9,6 +9,28 @@ import torch
 # Tests import their helpers as `helpers` from this folder.
 sys.path.insert(0, os.path.dirname(__file__))
 
+
+
+def _check_kernels_beside_dsrb() -> None:
+    """dsrb.kernels is the checkout's top-level kernels/ (setup.py's package_dir). A dsrb imported from another
+    checkout (PYTHONPATH on a git worktree) still took dsrb.kernels from the editable install's tree, so the Triton
+    tests silently ran the other checkout's kernels: stop instead."""
+    import importlib.util
+
+    import dsrb
+
+    beside = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(dsrb.__file__))), "kernels")
+    spec = importlib.util.find_spec("dsrb.kernels")
+    if os.path.isdir(beside) and spec is not None and spec.origin is not None:
+        found = os.path.dirname(os.path.abspath(spec.origin))
+        if not os.path.samefile(found, beside):
+            raise pytest.UsageError(f"dsrb comes from {os.path.dirname(dsrb.__file__)} but dsrb.kernels from {found}, "
+                                    f"not {beside}: install this checkout (pip install -e .), or link its kernels "
+                                    "folder as dsrb/kernels")
+
+
+_check_kernels_beside_dsrb()
+
 # Without a GPU the Triton kernels run under the interpreter on CPU tensors. The flag must be set before triton is
 # imported (and before dsrb.ops registers the triton backend's devices).
 if not torch.cuda.is_available():
