@@ -326,3 +326,27 @@ def test_load_whole_dsrb_state_dict_is_named_and_keys_listed_briefly(tmp_path):
     assert "keys start with 'backbone.'" in msg and "DSRB model's state dict" in msg
     assert re.search(r"missing keys: conv1\.weight, bn1\.weight, bn1\.bias, .* and \d+ more;", msg)
     assert len(msg) < 1000, len(msg)
+
+
+@pytest.mark.parametrize("key, value, found", [
+    ("conv1.weight", lambda v: v.round().long(), r"wrong kind of dtype .*conv1\.weight \(found torch\.int64\)"),
+    ("conv1.weight", lambda v: v > 0, r"wrong kind of dtype .*conv1\.weight \(found torch\.bool\)"),
+    ("conv1.weight", lambda v: v.to(torch.complex64), r"conv1\.weight \(found torch\.complex64\)"),
+    ("bn1.num_batches_tracked", lambda v: v.float(), r"bn1\.num_batches_tracked \(found torch\.float32\)"),
+    ("layer3.0.conv2.weight", lambda v: v.index_fill(0, torch.tensor([1]), float("nan")),
+     r"NaN or inf values in layer3\.0\.conv2\.weight"),
+    ("bn1.weight", lambda v: v.fill_(float("inf")), r"NaN or inf values in bn1\.weight"),
+    ("layer1.0.bn1.running_var", lambda v: -v, r"negative BatchNorm running variances in layer1\.0\.bn1\.running_var"),
+])
+def test_load_refuses_values_that_would_load_wrong(tmp_path, key, value, found):
+    """load_state_dict cast an integer, bool or complex weight silently, and NaN, inf or a negative running variance
+    gave NaN features, seen only as a NaN training loss: each is an error naming the file and the tensor."""
+    sd = {k: v.clone() for k, v in build_backbone("resnet18", width=4).state_dict().items()}
+    sd[key] = value(sd[key])
+    path = tmp_path / "bad.pth"
+    torch.save(sd, path)
+    model = build_backbone("resnet18", width=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + found):
+        load_pretrained(model, path)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing loaded

@@ -261,8 +261,9 @@ def load_pretrained(model: ResNet, path: Union[str, "os.PathLike[str]"]) -> None
     """Load ImageNet weights from the local file ``path`` into ``model`` in place.
 
     Accepts a plain state dict or one stored under ``"state_dict"`` or ``"model"``; a leading ``"module."`` (from
-    ``DataParallel``) is stripped and the ``fc.*`` head is ignored. Every other key must match the model's name and
-    shape, otherwise a ValueError lists the offending keys. Works for any ``width`` whose shapes match the file.
+    ``DataParallel``) is stripped and the ``fc.*`` head is ignored. Every other key must match the model's name,
+    shape and kind of dtype, with finite values and running variances >= 0, otherwise a ValueError lists the
+    offending keys (the model is then unchanged). Works for any ``width`` whose shapes match the file.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -313,6 +314,20 @@ def load_pretrained(model: ResNet, path: Union[str, "os.PathLike[str]"]) -> None
     ]
     if mismatched:
         problems.append(f"shape mismatches: {brief(mismatched)}")
+    # load_state_dict casts silently (an integer or bool weight, a complex one's imaginary part dropped), and NaN, inf
+    # or a negative running variance gave NaN features, found only as a NaN training loss blamed on --lr.
+    wrong_kind = [f"{k} (found {v.dtype})" for k, v in state.items() if k in own and (
+        v.is_floating_point() != own[k].is_floating_point() or v.is_complex() or v.dtype == torch.bool)]
+    if wrong_kind:
+        problems.append(f"tensors of the wrong kind of dtype (floating point for weights and statistics, integer for "
+                        f"num_batches_tracked): {brief(wrong_kind)}")
+    non_finite = [k for k, v in state.items() if k in own and v.is_floating_point() and not bool(v.isfinite().all())]
+    if non_finite:
+        problems.append(f"NaN or inf values in {brief(non_finite)}")
+    negative = [k for k, v in state.items() if k in own and k.endswith(".running_var") and v.is_floating_point()
+                and bool((v < 0).any())]
+    if negative:
+        problems.append(f"negative BatchNorm running variances in {brief(negative)}")
     if problems:
         if any(k.startswith("backbone.") for k in state):  # the backbone inside a whole model (DSRB's own name)
             problems = ["its keys start with 'backbone.': it looks like a whole DSRB model's state dict (a dsrb or "
