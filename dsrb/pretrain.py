@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from . import __version__
+from ._checks import check_count
 from ._cli import ArgumentParser, check_output_file, fail, stop_on_termination
 from ._files import expand_home, special_file, standard_stream
 from ._loader import batches, end_quietly_on_sigterm
@@ -83,6 +84,20 @@ def _loader(dataset, batch_size: int, train: bool, seed: int, workers: int) -> D
                       generator=generator, worker_init_fn=end_quietly_on_sigterm)
 
 
+def _checked(backbone: str, width: int, image_size: int, recipe: Optional[Dict[str, Any]]):
+    """The arguments as used, or a ValueError naming the bad one: before the pre-training set is generated (a
+    minute) and a lock file is left under the cache's name."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"argument 'backbone': expected one of {tuple(BACKBONES)}, got {backbone!r}")
+    # image_size 1 failed in TrainTransform, naming its own argument ('scale_size'); its smallest crop is 0 pixels
+    width, image_size = check_count("width", width), check_count("image_size", image_size, minimum=2)
+    recipe = {**RECIPE, **(recipe or {})}
+    unknown = sorted(set(recipe) - set(RECIPE))
+    if unknown:
+        raise ValueError(f"argument 'recipe': unknown entries {unknown}; known: {sorted(RECIPE)}")
+    return width, image_size, recipe
+
+
 def pretrain_backbone(backbone: str = "resnet18", width: int = 16, image_size: int = 96, *,
                       data_root: Union[str, os.PathLike, None] = None, device: Union[str, torch.device] = "cpu",
                       recipe: Optional[Dict[str, Any]] = None):
@@ -90,10 +105,7 @@ def pretrain_backbone(backbone: str = "resnet18", width: int = 16, image_size: i
 
     Returns (the backbone's state dict, torchvision key names; info: recipe, test metrics, seconds, versions).
     """
-    recipe = {**RECIPE, **(recipe or {})}
-    unknown = sorted(set(recipe) - set(RECIPE))
-    if unknown:
-        raise ValueError(f"argument 'recipe': unknown entries {unknown}; known: {sorted(RECIPE)}")
+    width, image_size, recipe = _checked(backbone, width, image_size, recipe)
     device, workers = torch.device(device), recipe["workers"]
     root = ensure_builtin(data_root, variant="pretrain", num_train=recipe["num_train"],
                           num_test=recipe["num_test"], image_size=recipe["data_image_size"], seed=recipe["data_seed"])
@@ -162,8 +174,7 @@ def builtin_pretrained(backbone: str, width: int, image_size: int, *, root: Unio
     ``recipe``: entries that replace :data:`RECIPE`'s. Concurrent callers (DDP ranks, parallel sweep runs)
     pre-train once: the first holds a file lock, the others wait and then read the file it wrote.
     """
-    if backbone not in BACKBONES:
-        raise ValueError(f"argument 'backbone': expected one of {tuple(BACKBONES)}, got {backbone!r}")
+    width, image_size, _ = _checked(backbone, width, image_size, recipe)
     path = cache_path(backbone, width, image_size, root, recipe)
     if path.is_file():
         return str(path)

@@ -50,6 +50,38 @@ def test_bad_arguments(tmp_path):
         pretrain.pretrain_backbone("resnet18", 4, 32, data_root=tmp_path, recipe={"epoch": 1})
 
 
+@pytest.mark.parametrize("args, message", [
+    (("resnet18", 4, 1), "argument 'image_size': expected an int >= 2, got 1"),
+    (("resnet18", 0, 32), "argument 'width': expected a positive int, got 0"),
+    (("resnet18", 4, 32.5), "argument 'image_size': expected an int >= 2, got 32.5"),
+    (("resnet18", "4", 32), "argument 'width': expected a positive int, got '4'"),
+    (("resnet18", 4, 32, {"epoch": 1}), "argument 'recipe': unknown entries ['epoch']"),
+])
+@pytest.mark.parametrize("function", ["builtin_pretrained", "pretrain_backbone"])
+def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, function, args, message):
+    """They were refused after the pre-training set was generated (a minute for the real recipe), leaving a lock file
+    under the bad name; image size 1 named TrainTransform's argument 'scale_size', not 'image_size'."""
+    *args, recipe = args if len(args) == 4 else (*args, TINY_RECIPE)
+    call = getattr(pretrain, function)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        if function == "pretrain_backbone":
+            call(*args, data_root=tmp_path, recipe=recipe)
+        else:
+            call(*args, root=tmp_path, recipe=recipe)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_numpy_sizes_are_plain_ints_in_the_info_file(tmp_path):
+    """A NumPy integer width or image size went into the info dict as given: json could not write it, a TypeError
+    after the whole pre-training."""
+    import numpy as np
+
+    path = pretrain.builtin_pretrained("resnet18", np.int64(4), np.int32(32), root=tmp_path, recipe=TINY_RECIPE)
+    info = json.loads(open(path[:-len(".pth")] + ".json").read())
+    assert (info["width"], info["image_size"]) == (4, 32)
+    assert path == str(pretrain.cache_path("resnet18", 4, 32, tmp_path, TINY_RECIPE))
+
+
 def test_train_with_builtin_pretrained_backbone(tmp_path, monkeypatch):
     """--pretrained builtin pre-trains on first use, loads the weights and freezes stem..layer3: after training,
     the frozen layers still hold exactly the pre-trained weights."""
