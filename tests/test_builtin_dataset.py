@@ -2,6 +2,8 @@
 
 import json
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -149,8 +151,40 @@ def test_partial_folder_is_regenerated(tmp_path, small):
     (target / "meta.json").write_text(json.dumps({**meta, "seed": 99}))
     assert ensure_builtin(tmp_path, **SMALL) == target
     assert json.loads((target / "meta.json").read_text()) == meta
-    # only the target and the (young) leftover remain: no stray temporary folders of ours
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, leftover.name])
+    # only the target, the (young) leftover and the generators' lock file remain: no stray temporary folders of ours
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, leftover.name, f".{target.name}.lock"])
+
+
+def test_concurrent_callers_generate_it_once(tmp_path, small, monkeypatch, capsys):
+    """Two callers at once (parallel runs on a fresh data root) each generated the whole set, and one could move
+    aside as stale the folder the other had just renamed into place: the second now waits, saying so, and uses the
+    first's folder."""
+    calls, started = [], threading.Event()
+    generate = builtin.generate_builtin
+
+    def slow_generate(*args, **kwargs):
+        calls.append(threading.current_thread().name)
+        started.set()
+        time.sleep(2)  # long enough for the other caller to reach the generation too, if nothing stops it
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(builtin, "generate_builtin", slow_generate)
+    results = {}
+
+    def call(name):
+        results[name] = ensure_builtin(tmp_path, **SMALL)
+
+    first = threading.Thread(target=call, args=("first",), name="first")
+    first.start()
+    assert started.wait(30)
+    second = threading.Thread(target=call, args=("second",), name="second")
+    second.start()
+    first.join(60)
+    second.join(60)
+    assert calls == ["first"]
+    assert results == {"first": builtin_dir(tmp_path, **SMALL), "second": builtin_dir(tmp_path, **SMALL)}
+    assert _read(results["second"], "train") == _read(small, "train")
+    assert "waiting for another process generating" in capsys.readouterr().err
 
 
 def test_bad_parameters(tmp_path):

@@ -27,6 +27,7 @@ folder that looks complete. The version in the folder name changes whenever the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -392,38 +393,50 @@ def ensure_builtin(
 
     ``root`` is the data root (default ``$DSRB_DATA`` or ``~/.cache/dsrb``); the dataset lives in
     :func:`builtin_dir` under it. ``variant``: "target" (the built-in dataset, :data:`BUILTIN_CLASSES`) or
-    "pretrain" (the pre-training set, :data:`PRETRAIN_CLASSES`). A complete folder (``DONE`` marker and matching ``meta.json``) is returned at once.
-    Otherwise it is generated in a temporary sibling folder and renamed into place; an incomplete or stale folder at
-    the target is removed first. Generation is deterministic given the parameters: the same bytes every time.
+    "pretrain" (the pre-training set, :data:`PRETRAIN_CLASSES`). A complete folder (``DONE`` marker and matching
+    ``meta.json``) is returned at once. Otherwise it is generated in a temporary sibling folder and renamed into
+    place; an incomplete or stale folder at the target is removed first. Concurrent callers generate it once: the
+    first holds a file lock (``.<folder name>.lock`` beside it), the others say that they wait, then use its folder.
+    Generation is deterministic given the parameters: the same bytes every time.
     """
     params = _params(num_train, num_test, image_size, seed)
     target = builtin_dir(root, variant=variant, **params)
     if _is_complete(target, params, variant):
         return target
+    from ..checkpoint import FileLock  # lazy: it imports torch
+
     parent = target.parent
     prefix = f".{target.name}.tmp-"
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_tmp(parent, prefix)
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    except OSError as exc:  # a read-only home, a file in the way
-        raise OSError(f"cannot write the built-in data under {parent} ({exc.strerror or exc}): set DSRB_DATA (or "
-                      "the data root, --data-root) to a writable folder") from exc
-    try:
-        generate_builtin(tmp / "data", variant=variant, **params)
-        if target.exists() and not _is_complete(target, params, variant):
-            # Half-written, stale or foreign: move it aside (rename is atomic), then delete it.
-            trash = Path(tempfile.mkdtemp(prefix=prefix, dir=parent)) / "old"
-            try:
-                os.replace(target, trash)
-            except OSError:
-                pass
-            shutil.rmtree(trash.parent, ignore_errors=True)
+    lock = parent / f".{target.name}.lock"
+    with contextlib.ExitStack() as held:
         try:
-            os.replace(tmp / "data", target)
-        except OSError:
-            if not _is_complete(target, params, variant):  # not a concurrent generator that finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            parent.mkdir(parents=True, exist_ok=True)
+            # Concurrent callers (parallel runs on a fresh data root) generate it once: without the lock each made
+            # the whole set, and one could move aside, as stale, the folder another had just renamed into place.
+            held.enter_context(FileLock(str(lock), waiting=f"waiting for another process generating {target} (it "
+                                        f"holds {lock})"))
+            if _is_complete(target, params, variant):  # made while this one waited
+                return target
+            _remove_stale_tmp(parent, prefix)
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        except OSError as exc:  # a read-only home, a file in the way
+            raise OSError(f"cannot write the built-in data under {parent} ({exc.strerror or exc}): set DSRB_DATA (or "
+                          "the data root, --data-root) to a writable folder") from exc
+        try:
+            generate_builtin(tmp / "data", variant=variant, **params)
+            if target.exists() and not _is_complete(target, params, variant):
+                # Half-written, stale or foreign: move it aside (rename is atomic), then delete it.
+                trash = Path(tempfile.mkdtemp(prefix=prefix, dir=parent)) / "old"
+                try:
+                    os.replace(target, trash)
+                except OSError:
+                    pass
+                shutil.rmtree(trash.parent, ignore_errors=True)
+            try:
+                os.replace(tmp / "data", target)
+            except OSError:
+                if not _is_complete(target, params, variant):  # not a concurrent generator that finished first
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
