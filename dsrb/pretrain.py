@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -125,10 +126,14 @@ def pretrain_backbone(backbone: str = "resnet18", width: int = 16, image_size: i
         for images, targets, _ in batches(loader):
             logits = model(images.to(device))
             loss = nn.functional.binary_cross_entropy_with_logits(logits, (targets.to(device) > 0).to(logits.dtype))
+            value = float(loss.detach())
+            if not math.isfinite(value):  # NaN from here on; said now, not at the end
+                # a ValueError: one error line from python -m dsrb.pretrain and dsrb.train, not a traceback
+                raise ValueError(f"pre-training epoch {epoch}: the loss is {value}; nothing is saved (recipe {recipe})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            bar.update(images.shape[0], loss=float(loss.detach()))
+            bar.update(images.shape[0], loss=value)
         bar.close()
         scheduler.step()
     model.eval()

@@ -82,6 +82,19 @@ def test_numpy_sizes_are_plain_ints_in_the_info_file(tmp_path):
     assert path == str(pretrain.cache_path("resnet18", 4, 32, tmp_path, TINY_RECIPE))
 
 
+def test_a_non_finite_loss_stops_pretraining_and_caches_nothing(tmp_path, monkeypatch):
+    """A diverging pre-training (a recipe's lr too high) ran every epoch on NaN and then stopped in the test
+    scoring with "argument 'scores': contains NaN", an argument of no command: a NaN loss now stops it at once,
+    naming the epoch and recipe, and nothing is saved."""
+    real = torch.nn.functional.binary_cross_entropy_with_logits
+    monkeypatch.setattr(torch.nn.functional, "binary_cross_entropy_with_logits",
+                        lambda *args, **kwargs: real(*args, **kwargs) * float("nan"))
+    with pytest.raises(ValueError, match=r"pre-training epoch 0: the loss is nan; nothing is saved"):
+        pretrain.builtin_pretrained("resnet18", 4, 32, root=tmp_path, recipe=TINY_RECIPE)
+    path = pretrain.cache_path("resnet18", 4, 32, tmp_path, TINY_RECIPE)
+    assert not path.exists() and not path.with_suffix(".json").exists()
+
+
 def test_train_with_builtin_pretrained_backbone(tmp_path, monkeypatch):
     """--pretrained builtin pre-trains on first use, loads the weights and freezes stem..layer3: after training,
     the frozen layers still hold exactly the pre-trained weights."""
