@@ -187,6 +187,15 @@ def test_concurrent_callers_generate_it_once(tmp_path, small, monkeypatch, capsy
     assert "waiting for another process generating" in capsys.readouterr().err
 
 
+def test_a_seed_numpy_cannot_take_is_refused_naming_it(tmp_path):
+    """seed 2**32 failed inside the generation with NumPy's "Seed must be between 0 and 2**32 - 1", naming no
+    argument, after the folders were made."""
+    with pytest.raises(ValueError, match=r"^argument 'seed': expected an int from 0 to 2\*\*32 - 1, got 4294967296$"):
+        ensure_builtin(tmp_path, num_train=2, num_test=1, image_size=32, seed=2**32)
+    assert list(tmp_path.iterdir()) == []
+    assert ensure_builtin(tmp_path, num_train=2, num_test=1, image_size=32, seed=2**32 - 1).is_dir()
+
+
 def test_bad_parameters(tmp_path):
     with pytest.raises(ValueError, match="'image_size'"):
         ensure_builtin(tmp_path, image_size=8)

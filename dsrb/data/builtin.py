@@ -144,6 +144,8 @@ def _params(num_train: int, num_test: int, image_size: int, seed: int) -> dict:
     # Any integer (a NumPy one too), as Python ints: they are written to the data set's JSON.
     num_train, num_test = check_count("num_train", num_train), check_count("num_test", num_test)
     image_size, seed = check_count("image_size", image_size, minimum=32), check_count("seed", seed, minimum=0)
+    if seed >= 2**32:  # else NumPy's "Seed must be between 0 and 2**32 - 1", naming no argument, mid-generation
+        raise ValueError(f"argument 'seed': expected an int from 0 to 2**32 - 1, got {seed}")
     return dict(num_train=num_train, num_test=num_test, image_size=image_size, seed=seed)
 
 
