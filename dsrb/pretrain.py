@@ -96,6 +96,11 @@ def _checked(backbone: str, width: int, image_size: int, recipe: Optional[Dict[s
     unknown = sorted(set(recipe) - set(RECIPE))
     if unknown:
         raise ValueError(f"argument 'recipe': unknown entries {unknown}; known: {sorted(RECIPE)}")
+    count = check_count("recipe['num_train']", recipe["num_train"])
+    batch = check_count("recipe['batch_size']", recipe["batch_size"])
+    if count < batch:  # the partial last batch is dropped: no step at all, and the untrained weights were cached
+        raise ValueError(f"argument 'recipe': num_train {count} is less than batch_size {batch}; expected at least "
+                         "one full training batch (the last, partial one is dropped)")
     return width, image_size, recipe
 
 

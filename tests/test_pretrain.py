@@ -56,11 +56,16 @@ def test_bad_arguments(tmp_path):
     (("resnet18", 4, 32.5), "argument 'image_size': expected an int >= 2, got 32.5"),
     (("resnet18", "4", 32), "argument 'width': expected a positive int, got '4'"),
     (("resnet18", 4, 32, {"epoch": 1}), "argument 'recipe': unknown entries ['epoch']"),
+    (("resnet18", 4, 32, {**TINY_RECIPE, "batch_size": 32}),
+     "argument 'recipe': num_train 24 is less than batch_size 32; expected at least one full training batch"),
+    (("resnet18", 4, 32, {**TINY_RECIPE, "batch_size": 0}), "argument 'recipe['batch_size']': expected a positive int"),
 ])
 @pytest.mark.parametrize("function", ["builtin_pretrained", "pretrain_backbone"])
 def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, function, args, message):
     """They were refused after the pre-training set was generated (a minute for the real recipe), leaving a lock file
-    under the bad name; image size 1 named TrainTransform's argument 'scale_size', not 'image_size'."""
+    under the bad name; image size 1 named TrainTransform's argument 'scale_size', not 'image_size'. A recipe with
+    fewer training images than a batch trained nothing (the partial batch is dropped) and cached the untrained
+    weights as pre-trained."""
     *args, recipe = args if len(args) == 4 else (*args, TINY_RECIPE)
     call = getattr(pretrain, function)
     with pytest.raises(ValueError, match=re.escape(message)):
