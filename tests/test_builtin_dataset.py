@@ -141,7 +141,10 @@ def test_partial_folder_is_regenerated(tmp_path, small):
     (target / "annotations" / "instances_train.json").write_text('{"images": []}')
     (target / "meta.json").write_text(json.dumps({"version": 1}))
     leftover = tmp_path / f".{target.name}.tmp-crashed"
-    (leftover / "data").mkdir(parents=True)
+    (leftover / "data" / "images").mkdir(parents=True)
+    (leftover / "data" / "images" / "000000.png").write_bytes(b"a generation killed half-way")
+    other = tmp_path / ".builtin-v1-n1-1-s32-seed0.tmp-crashed"  # another folder's: not this generation's to remove
+    other.mkdir()
     out = ensure_builtin(tmp_path, **SMALL)
     assert out == target and (target / "DONE").is_file()
     assert _read(target, "train") == _read(small, "train")
@@ -151,8 +154,9 @@ def test_partial_folder_is_regenerated(tmp_path, small):
     (target / "meta.json").write_text(json.dumps({**meta, "seed": 99}))
     assert ensure_builtin(tmp_path, **SMALL) == target
     assert json.loads((target / "meta.json").read_text()) == meta
-    # only the target, the (young) leftover and the generators' lock file remain: no stray temporary folders of ours
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, leftover.name, f".{target.name}.lock"])
+    # only the target and the generators' lock file remain: no stray temporary folders; the killed generation's
+    # (young) one is gone too, where it was kept for a day and then for good, since the set was complete by then
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, f".{target.name}.lock", other.name])
 
 
 def test_concurrent_callers_generate_it_once(tmp_path, small, monkeypatch, capsys):
