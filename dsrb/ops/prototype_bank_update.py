@@ -188,15 +188,16 @@ def prototype_bank_update_(
     """:func:`prototype_bank_update` in place: ``sums`` and ``counts`` take the new sums and counts.
 
     Same arguments, errors and backend choice (the backend serving :func:`prototype_bank_update` for these tensors);
-    nothing is written when an argument is rejected. ``sums`` must not require grad; neither ``sums`` nor ``counts``
-    may share memory with S, T or quadrant (the kernel reads them while it writes), nor ``counts`` with ``sums``
-    (refused by every backend; under ``torch.compile`` only the ``cpu`` kernel can check these: a traced call cannot
-    read storage addresses); neither may have elements that share memory (an expanded tensor), nor be an inference
-    tensor outside ``torch.inference_mode()``, and a ``counts`` narrower than int64 must hold ``cap``. Like any
-    in-place op, it bumps the version counters of ``sums`` and ``counts``. The buckets the batch reaches get the values the functional op returns, bit for bit; with the
-    ``cpu`` kernel the others are left untouched (the functional op returns sums + 0 there, which differs only in the
-    sign of a -0 entry, a value the bank's own updates never produce). The ``cpu`` kernel checks the values of T and
-    quadrant itself, as it reads them, and takes T in its own dtype, so a batch is one call through the dispatcher.
+    nothing is written when an argument is rejected. ``sums`` must not require grad; neither ``sums`` nor ``counts`` may
+    share memory with S, T or quadrant (the kernel reads them while it writes), nor ``counts`` with ``sums`` (refused by
+    every backend; under ``torch.compile`` only the ``cpu`` kernel can check these: a traced call cannot read storage
+    addresses); neither may have elements that share memory (an expanded tensor), nor be an inference tensor outside
+    ``torch.inference_mode()``, and a ``counts`` narrower than int64 must hold ``cap``. Like any in-place op, it bumps
+    the version counters of ``sums`` and ``counts``. The buckets the batch reaches get the values the functional op
+    returns, bit for bit; with the ``cpu`` kernel the others are left untouched (the functional op returns sums + 0
+    there, which differs only in the sign of a -0 entry, a value the bank's own updates never produce). The ``cpu``
+    kernel checks the values of T and quadrant itself, as it reads them, and takes T in its own dtype, so a batch is one
+    call through the dispatcher.
     """
     cap = _check_layout(sums, counts, S, T, quadrant, cap)
     validate = check_bool("validate", validate)
