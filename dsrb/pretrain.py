@@ -48,6 +48,7 @@ from ._loader import batches, end_quietly_on_sigterm
 from .checkpoint import FileLock, atomic_write, save_json
 from .config import check_device
 from .data import TestTransform, TrainTransform, build_dataset
+from .data import builtin
 from .data.builtin import default_data_root, ensure_builtin
 from .inference import positive_int, print_out, run_main
 from .metrics import compute_metrics
@@ -159,7 +160,10 @@ def pretrain_backbone(backbone: str = "resnet18", width: int = 16, image_size: i
 def cache_path(backbone: str, width: int, image_size: int, root: Union[str, os.PathLike, None] = None,
                recipe: Optional[Dict[str, Any]] = None) -> Path:
     """Where :func:`builtin_pretrained` keeps the weights of this backbone, width, image size and recipe."""
-    digest = hashlib.sha1(json.dumps({**RECIPE, **(recipe or {})}, sort_keys=True).encode()).hexdigest()[:10]
+    key = {**RECIPE, **(recipe or {})}
+    if builtin.BUILTIN_VERSION != 1:  # weights trained on another version's data are not these (v1 keeps its names)
+        key["data_version"] = builtin.BUILTIN_VERSION
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     base = Path(expand_home(os.fspath(root))) if root is not None else default_data_root()
     return base / "pretrained" / f"{backbone}-w{width}-s{image_size}-{digest}.pth"
 

@@ -43,6 +43,18 @@ def test_builtin_pretrained_trains_once_and_loads(tmp_path):
         "resnet18", 4, 32, tmp_path, TINY_RECIPE)
 
 
+def test_the_cache_names_the_built_in_data_version(tmp_path, monkeypatch):
+    """Weights pre-trained on one version of the generated data are not cached under another's name: a change to the
+    generator (BUILTIN_VERSION) would have reused the old set's weights. Version 1 keeps the names it always had."""
+    from dsrb.data import builtin
+
+    v1 = pretrain.cache_path("resnet18", 4, 32, tmp_path, TINY_RECIPE)
+    monkeypatch.setattr(builtin, "BUILTIN_VERSION", 2)
+    assert pretrain.cache_path("resnet18", 4, 32, tmp_path, TINY_RECIPE) != v1
+    monkeypatch.setattr(builtin, "BUILTIN_VERSION", 1)
+    assert pretrain.cache_path("resnet18", 4, 32, tmp_path, TINY_RECIPE) == v1
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="backbone"):
         pretrain.builtin_pretrained("vgg16", 4, 32, root=tmp_path)
