@@ -350,3 +350,14 @@ def test_load_refuses_values_that_would_load_wrong(tmp_path, key, value, found):
     with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + found):
         load_pretrained(model, path)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing loaded
+
+
+def test_load_refuses_a_key_given_with_and_without_module_prefix(tmp_path):
+    """A file holding both "X" and "module.X" (a DataParallel state dict merged into a plain one) loaded whichever came
+    last, silently: now an error naming the key."""
+    sd = {k: v.clone() for k, v in build_backbone("resnet18", width=4).state_dict().items()}
+    sd["module.conv1.weight"] = torch.zeros_like(sd["conv1.weight"])
+    path = tmp_path / "both.pth"
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match=r"keys given both with and without the prefix 'module\.': conv1\.weight"):
+        load_pretrained(build_backbone("resnet18", width=4), path)

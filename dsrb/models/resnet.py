@@ -288,11 +288,13 @@ def load_pretrained(model: ResNet, path: Union[str, "os.PathLike[str]"]) -> None
         raise ValueError(f"cannot load pretrained weights from {path}: keys that are not strings: "
                          f"{brief(map(repr, not_str))}; {expected}")
     state: Dict[str, torch.Tensor] = {}
-    not_tensors = []
+    not_tensors, twice = [], []
     for key, value in raw.items():
         key = key[len("module."):] if key.startswith("module.") else key
         if key.startswith("fc."):
             continue
+        if key in state or key in not_tensors:  # "X" and "module.X": the last one was kept silently
+            twice.append(key)
         if isinstance(value, torch.Tensor):
             state[key] = value
         else:
@@ -300,6 +302,8 @@ def load_pretrained(model: ResNet, path: Union[str, "os.PathLike[str]"]) -> None
 
     own = model.state_dict()
     problems = [f"values that are not tensors: {brief(not_tensors)}"] if not_tensors else []
+    if twice:
+        problems.append(f"keys given both with and without the prefix 'module.': {brief(twice)}")
     # Checkpoints written before PyTorch 0.4.1 (torchvision's ResNet files among them) have no BN counters.
     missing = [k for k in own if k not in state and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
