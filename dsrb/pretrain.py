@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
 import platform
 import sys
@@ -65,6 +66,9 @@ log = logging.getLogger("dsrb.pretrain")
 RECIPE: Dict[str, Any] = dict(num_train=4000, num_test=500, data_image_size=128, data_seed=0, epochs=8,
                               batch_size=32, lr=1e-3, weight_decay=1e-4, lr_step=6, lr_gamma=0.1, seed=0, workers=2)
 # workers belongs to the recipe: the augmentations a sample gets depend on which loader worker draws them.
+_RECIPE_COUNTS = dict(num_train=1, num_test=1, data_image_size=32, data_seed=0, epochs=1, batch_size=1, lr_step=1,
+                      seed=0, workers=0)  # each integer entry and its minimum
+_RECIPE_REALS = dict(lr=True, weight_decay=False, lr_gamma=True)  # each real entry: whether it must be > 0
 
 
 class _Classifier(nn.Module):
@@ -97,8 +101,18 @@ def _checked(backbone: str, width: int, image_size: int, recipe: Optional[Dict[s
     unknown = sorted(set(recipe) - set(RECIPE))
     if unknown:
         raise ValueError(f"argument 'recipe': unknown entries {unknown}; known: {sorted(RECIPE)}")
-    count = check_count("recipe['num_train']", recipe["num_train"])
-    batch = check_count("recipe['batch_size']", recipe["batch_size"])
+    # Each entry as a plain Python number: a string ("8") ended in a TypeError deep in the run, and a NumPy one in
+    # json after the whole pre-training (the info file); the digest of the cache name hashes them as JSON too.
+    for key, minimum in _RECIPE_COUNTS.items():
+        recipe[key] = check_count(f"recipe['{key}']", recipe[key], minimum=minimum)
+    for key, positive in _RECIPE_REALS.items():
+        value = recipe[key]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or (
+                value <= 0 if positive else value < 0):
+            kind = "positive" if positive else "non-negative"
+            raise ValueError(f"argument 'recipe['{key}']': expected a finite {kind} number, got {value!r}")
+        recipe[key] = float(value)
+    count, batch = recipe["num_train"], recipe["batch_size"]
     if count < batch:  # the partial last batch is dropped: no step at all, and the untrained weights were cached
         raise ValueError(f"argument 'recipe': num_train {count} is less than batch_size {batch}; expected at least "
                          "one full training batch (the last, partial one is dropped)")

@@ -71,6 +71,16 @@ def test_bad_arguments(tmp_path):
     (("resnet18", 4, 32, {**TINY_RECIPE, "batch_size": 32}),
      "argument 'recipe': num_train 24 is less than batch_size 32; expected at least one full training batch"),
     (("resnet18", 4, 32, {**TINY_RECIPE, "batch_size": 0}), "argument 'recipe['batch_size']': expected a positive int"),
+    # Every entry's type and range: a string ended in a TypeError deep in the run, NaN trained NaN weights.
+    (("resnet18", 4, 32, {**TINY_RECIPE, "epochs": "8"}),
+     "argument 'recipe['epochs']': expected a positive int, got '8'"),
+    (("resnet18", 4, 32, {**TINY_RECIPE, "lr": float("nan")}),
+     "argument 'recipe['lr']': expected a finite positive number, got nan"),
+    (("resnet18", 4, 32, {**TINY_RECIPE, "weight_decay": -1e-4}),
+     "argument 'recipe['weight_decay']': expected a finite non-negative number, got -0.0001"),
+    (("resnet18", 4, 32, {**TINY_RECIPE, "workers": -1}), "argument 'recipe['workers']': expected a non-negative int"),
+    (("resnet18", 4, 32, {**TINY_RECIPE, "data_image_size": 16}),
+     "argument 'recipe['data_image_size']': expected an int >= 32, got 16"),
 ])
 @pytest.mark.parametrize("function", ["builtin_pretrained", "pretrain_backbone"])
 def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, function, args, message):
