@@ -443,6 +443,16 @@ def test_vg_duplicate_class_names_name_the_file(tmp_path):
         load_vg200(tmp_path, "train")
 
 
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_vg_blank_class_name_names_the_file(tmp_path, blank):
+    """A JSON list with a blank name (a text file skips blank lines) gave a class no table or plot could name."""
+    names = [f"thing {i}" for i in range(200)]
+    names[42] = blank
+    _vg(tmp_path, names=names)
+    with pytest.raises(ValueError, match=rf"vg_category_200\.json: class 42 has a blank name {blank!r}"):
+        load_vg200(tmp_path, "train")
+
+
 def test_vg_errors_name_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"vg_category_200_labels_index\.json"):
         load_vg200(tmp_path, "train")

@@ -77,6 +77,9 @@ def _class_names(root: Path, num_classes: int):
         if len(names) != num_classes:
             raise ValueError(f"{path}: expected {num_classes} class names, found {len(names)}")
         names = [str(n) for n in names]
+        blank = next((i for i, n in enumerate(names) if not n.strip()), None)
+        if blank is not None:  # a text file skips blank lines; a JSON one gave a class no report could name
+            raise ValueError(f"{path}: class {blank} has a blank name {names[blank]!r}; expected a name for each class")
         dup = find_duplicate(names)
         if dup is not None:
             raise ValueError(f"{path}: class name {names[dup[1]]!r} appears at indices {dup[0]} and {dup[1]}; "
