@@ -22,8 +22,25 @@ def expand_home(path: str) -> str:
     path = os.path.expanduser(path)
     if path == "~" or path.startswith(("~/", "~" + os.sep)):
         home = os.path.join(tempfile.gettempdir(), f"dsrb-home-{getattr(os, 'getuid', lambda: 'user')()}")
-        path = os.path.join(home, path[2:])
+        path = os.path.join(_private(home), path[2:])
     return path
+
+
+def _private(home: str) -> str:
+    """``home`` (the stand-in home folder in the shared temporary folder), made 0700 if new. One that another user made
+    first, a link or writable by others, is refused: its caches would be theirs, the extension's build included,
+    which this process would load."""
+    try:
+        os.makedirs(home, mode=0o700, exist_ok=True)
+        st = os.lstat(home)
+    except OSError:  # a read-only temporary folder: what writes there says so, as before
+        return home
+    uid = getattr(os, "getuid", None)
+    if not stat.S_ISDIR(st.st_mode) or (uid is not None and st.st_uid != uid()) or st.st_mode & 0o022:
+        raise PermissionError(f"{home}, the stand-in for a home folder (there is none: no HOME, and no home folder "
+                              "for this user id), is not a private folder of this user (a link, another user's, or "
+                              "writable by others); set HOME to a folder of yours")
+    return home
 
 
 def _umask() -> int:

@@ -254,3 +254,33 @@ def test_pretrain_variant(tmp_path, small):
     assert ds.num_classes == 48 and len(ds) == 20
     with pytest.raises(ValueError, match="variant"):
         ensure_builtin(tmp_path, variant="imagenet")
+
+
+def test_the_stand_in_home_is_private_and_another_users_is_refused(tmp_path, monkeypatch):
+    """Without a home folder, "~" is <temporary folder>/dsrb-home-<uid>, a name anyone can make first in the shared
+    temporary folder: as a link into their folders, or writable by them, its caches (the extension's build, loaded
+    by this process, among them) would be theirs. It is made 0700, and one that is not this user's own is refused."""
+    import stat
+    import tempfile
+
+    from dsrb._files import expand_home
+
+    monkeypatch.setattr(os.path, "expanduser", lambda path: path)
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    home = tmp_path / f"dsrb-home-{os.getuid()}"
+    assert expand_home("~/data") == str(home / "data")
+    assert stat.S_IMODE(os.lstat(home).st_mode) & 0o077 == 0
+    home.chmod(0o777)
+    with pytest.raises(PermissionError, match=r"dsrb-home-\d+, the stand-in for a home folder .* set HOME"):
+        expand_home("~/data")
+    home.rmdir()
+    (tmp_path / "theirs").mkdir(mode=0o700)
+    home.symlink_to(tmp_path / "theirs")
+    with pytest.raises(PermissionError, match="not a private folder of this user"):
+        expand_home("~")
+    if os.geteuid() == 0:  # only root can give a folder to another user
+        home.unlink()
+        home.mkdir(mode=0o700)
+        os.chown(home, 12345, -1)
+        with pytest.raises(PermissionError, match="not a private folder of this user"):
+            expand_home("~")
