@@ -125,6 +125,8 @@ def _distinct(t: Tensor) -> bool:
     """Whether no two elements of ``t`` share memory: with the dimensions sorted by stride, each steps past the
     extent of those below it (every dense, sliced or permuted layout), else an exact count of the elements' offsets
     (an expanded or interleaved ``as_strided`` layout; refused while torch.compile traces, where it cannot count)."""
+    if t.is_contiguous():
+        return True
     extent = 1
     for stride, size in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n > 1):
         if stride < extent:
@@ -200,30 +202,31 @@ def prototype_bank_update_(
     call through the dispatcher.
     """
     cap = _check_layout(sums, counts, S, T, quadrant, cap)
+    update_in_place(sums, counts, S, T, quadrant, cap, validate=validate, backend=backend)
+
+
+def update_in_place(sums: Tensor, counts: Tensor, S: Tensor, T: Tensor, quadrant: Tensor, cap: int, *,
+                    validate: bool, backend: str) -> None:
+    """:func:`prototype_bank_update_` past its layout checks (``_check_layout``), which the caller has made: for
+    :class:`dsrb.models.prototype_bank.PrototypeBank`, which checks S, T and quadrant against its own buffers and calls
+    this once per batch of a prototype pass, where each microsecond of host time counts."""
     validate = check_bool("validate", validate)
-    # Every backend writes both (the cpu kernel from several threads). Not traced: storage pointers break a
-    # torch.compile graph, and the cpu kernel checks it again itself.
-    if not torch.compiler.is_compiling():
-        if _overlap(sums, counts):
-            raise ValueError("argument 'counts': it shares memory with 'sums'; the bank update writes both")
-        # As the cpu kernel refuses it (csrc/checks.h): the other backends, and the cpu one on buckets it copies
-        # back, accepted a read input that aliases a written one, so the same call failed or not by backend.
-        for w_name, w in (("sums", sums), ("counts", counts)):
-            for r_name, r in (("S", S), ("T", T), ("quadrant", quadrant)):
-                if _overlap(w, r):
-                    raise ValueError(f"argument '{w_name}': it shares memory with '{r_name}', which the in-place "
-                                     f"update reads while it writes '{w_name}'")
     if sums.requires_grad and torch.is_grad_enabled():
         raise ValueError("argument 'sums': expected a tensor that does not require grad (the bank update is not "
                          "differentiable; update it under torch.no_grad(), or pass sums.detach())")
-    _check_written("sums", sums)
-    _check_written("counts", counts)
     if counts.dtype != torch.int64 and cap > torch.iinfo(counts.dtype).max:  # copied back, a count would wrap around
         raise ValueError(f"argument 'cap': expected at most {torch.iinfo(counts.dtype).max}, the largest count that "
                          f"'counts' of dtype {counts.dtype} holds, got {cap}")
     fn = select("prototype_bank_update", S.device, S.dtype, backend)
     in_place = _IN_PLACE.get(fn)
-    if in_place is not None and counts.dtype == torch.int64 and sums.is_contiguous() and counts.is_contiguous():
+    if in_place is None or counts.dtype != torch.int64 or not (sums.is_contiguous() and counts.is_contiguous()):
+        in_place = None
+        _check_aliasing(sums, counts, S, T, quadrant)
+    # else the cpu kernel checks the same pairs itself, with the same messages (csrc/checks.h), and contiguous
+    # buffers have distinct elements: only the inference-tensor check is left
+    _check_written("sums", sums)
+    _check_written("counts", counts)
+    if in_place is not None:
         if validate and not T.dtype.is_signed and T.dtype != torch.bool:
             _check_values(T, quadrant)  # the kernel compares in T's dtype, where 255 == -1 in uint8
         try:
@@ -239,3 +242,19 @@ def prototype_bank_update_(
                               plain(quadrant, torch.int64), cap)
     sums.copy_(new_sums)
     counts.copy_(new_counts)
+
+
+def _check_aliasing(sums: Tensor, counts: Tensor, S: Tensor, T: Tensor, quadrant: Tensor) -> None:
+    """No written buffer shares memory with the other or with a read input (every backend writes both, the cpu kernel
+    from several threads). Not traced: storage pointers break a torch.compile graph."""
+    if torch.compiler.is_compiling():
+        return
+    if _overlap(sums, counts):
+        raise ValueError("argument 'counts': it shares memory with 'sums'; the bank update writes both")
+    # As the cpu kernel refuses it (csrc/checks.h): the other backends, and the cpu one on buckets it copies back,
+    # accepted a read input that aliases a written one, so the same call failed or not by backend.
+    for w_name, w in (("sums", sums), ("counts", counts)):
+        for r_name, r in (("S", S), ("T", T), ("quadrant", quadrant)):
+            if _overlap(w, r):
+                raise ValueError(f"argument '{w_name}': it shares memory with '{r_name}', which the in-place "
+                                 f"update reads while it writes '{w_name}'")
