@@ -249,14 +249,17 @@ def host_compiler_flags() -> List[str]:
 
 def compile_cuda(cu_sources: List[str], out_dir: str, nvcc: str, include_dir: str, log: List[str]) -> List[str]:
     """Compile each .cu to an object in ``out_dir`` (in parallel); returns the object paths."""
+    out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", f"-I{include_dir}", *gencode_flags(arch_list()),
-             *host_compiler_flags()]
+    flags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", f"-I{os.path.abspath(include_dir)}",
+             *gencode_flags(arch_list()), *host_compiler_flags()]
 
     def one(src: str) -> str:
         obj = os.path.join(out_dir, os.path.basename(src) + ".o")
-        cmd = [nvcc, "-c", src, "-o", obj, *flags]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        cmd = [nvcc, "-c", os.path.abspath(src), "-o", obj, *flags]
+        # Run in the build folder, as torch runs ninja: an nvcc left running by a killed build is then found by its
+        # working directory (dsrb._ext waits for it before building there again).
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=out_dir)
         log.append(" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
         if proc.returncode < 0:
             raise BuildError(f"nvcc was killed by signal {-proc.returncode} on {os.path.basename(src)}")

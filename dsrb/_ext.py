@@ -270,6 +270,7 @@ def _cached_build(root: str, want: Dict[str, object], nvcc: Optional[str], fallb
               f"about a minute on 2 cores; cached in {folder})", file=sys.stderr, flush=True)
         start = time.time()
         log = []
+        _wait_for_orphaned_build(folder)
         # torch's builder guards the folder with its own file "lock", which a build killed by a signal (a time limit,
         # the OOM killer) leaves behind: every later build would wait on it forever. Under dsrb's lock no other
         # build of this folder runs, so a "lock" here is such a leftover.
@@ -304,6 +305,44 @@ def _cached_build(root: str, want: Dict[str, object], nvcc: Optional[str], fallb
         print(f"dsrb: extension built in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
         # cpp_extension.load in _build.first_use_build has already loaded the library into this process.
         return Extension(path=library, info=info, origin="first-use build (cache)")
+
+
+# Programs a build runs in its folder (ninja and what it starts, nvcc and its stages), by their /proc comm name.
+_BUILD_PROGRAMS = frozenset({"ninja", "c++", "g++", "gcc", "cc", "cc1plus", "clang", "clang++", "as", "ld", "collect2",
+                             "ld.bfd", "ld.gold", "ld.lld", "nvcc", "cicc", "ptxas", "cudafe++", "fatbinary", "nvlink"})
+
+
+def _build_processes(folder: str) -> List[int]:
+    """The build programs running in ``folder`` or below it (Linux: their /proc working directory), but this process."""
+    found, folder = [], os.path.realpath(folder)  # as /proc gives working directories
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # no /proc (macOS): nothing to find
+        return found
+    for pid in filter(str.isdigit, entries):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                comm = f.read().strip()
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:  # gone, or another user's
+            continue
+        if comm in _BUILD_PROGRAMS and int(pid) != os.getpid() and (cwd == folder or cwd.startswith(folder + os.sep)):
+            found.append(int(pid))
+    return found
+
+
+def _wait_for_orphaned_build(folder: str, poll_s: float = 0.5) -> None:
+    """Under the lock, before building: wait for the build programs still running in ``folder``. A process killed
+    during its build (SIGKILL, a time limit) releases the lock, but ninja and the compilers it started run on, writing
+    the same objects and link as a new build would: the two together could leave a broken library, remembered as a
+    failed build."""
+    pids = _build_processes(folder)
+    if pids:
+        print(f"dsrb: waiting for the build programs (pids {', '.join(map(str, pids))}) that a killed process left "
+              f"running in {folder} (end them to stop waiting)", file=sys.stderr, flush=True)
+    while pids:
+        time.sleep(poll_s)
+        pids = _build_processes(folder)
 
 
 def _finished(library: str) -> Dict[str, object]:

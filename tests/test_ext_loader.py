@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -284,6 +285,42 @@ def test_a_lock_left_by_a_killed_build_is_cleared(loader):
             _ext._load()
     ext = _ext._load()
     assert ext.loaded and len(loader.calls) == 1
+
+
+def test_a_build_waits_for_the_programs_a_killed_build_left_running(loader, tmp_path, capfd):
+    """A process killed during its build releases dsrb's lock, but ninja and the compilers it started run on in the
+    build folder; a new build there at the same time could write the same objects and link. It waits for them (found
+    by their working directory) and says so; programs elsewhere, or of another name, are not waited for."""
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs /proc (Linux)")
+    killed = []
+
+    def start_left_running(root, build_folder, *rest):  # the killed build: its "ninja" outlives it
+        ninja = tmp_path / "ninja"
+        ninja.symlink_to(shutil.which("sleep"))  # /proc/<pid>/comm is the name it was started by
+        killed.append(subprocess.Popen([str(ninja), "1"], cwd=build_folder))
+        # elsewhere, and another program in the folder: neither is waited for
+        killed.append(subprocess.Popen([str(ninja), "600"], cwd=tmp_path))
+        killed.append(subprocess.Popen([shutil.which("sleep"), "600"], cwd=build_folder))
+        raise KeyboardInterrupt
+
+    try:
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(_build, "first_use_build", start_left_running)
+            with pytest.raises(KeyboardInterrupt):
+                _ext._load()
+        assert killed[0].poll() is None
+        capfd.readouterr()
+        ext = _ext._load()
+        assert ext.loaded and len(loader.calls) == 1
+        assert killed[0].poll() == 0  # the build ran after the left-over ninja had ended
+        assert killed[1].poll() is None and killed[2].poll() is None
+        err = capfd.readouterr().err
+        assert f"waiting for the build programs (pids {killed[0].pid})" in err, err
+    finally:
+        for proc in killed:
+            proc.kill()
+            proc.wait()
 
 
 def _library_in_package(monkeypatch, tmp_path, contents: bytes) -> str:
