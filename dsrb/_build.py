@@ -21,11 +21,13 @@ import glob
 import hashlib
 import json
 import os
+import platform
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
@@ -107,7 +109,12 @@ def cuda_home(nvcc: str) -> str:
 
 
 def _cudart_dir(home: str) -> Optional[str]:
-    for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):
+    """The folder of ``home`` holding libcudart_static.a: NVIDIA's installers and conda (lib64, lib, targets/<arch>/lib)
+    or a Debian/Ubuntu package (nvcc in /usr/bin, the library in /usr/lib/<multiarch>)."""
+    machine = platform.machine()
+    targets = {"x86_64": ("x86_64-linux",), "aarch64": ("sbsa-linux", "aarch64-linux")}.get(machine, ())
+    multiarch = sysconfig.get_config_var("MULTIARCH") or f"{machine}-linux-gnu"
+    for sub in ("lib64", "lib", *(os.path.join("targets", t, "lib") for t in targets), os.path.join("lib", multiarch)):
         if os.path.isfile(os.path.join(home, sub, "libcudart_static.a")):
             return os.path.join(home, sub)
     return None

@@ -57,6 +57,26 @@ def test_find_nvcc_order(tmp_path, monkeypatch):
     assert _build.find_nvcc() is None
 
 
+@pytest.mark.parametrize("machine, sub", [
+    ("x86_64", "lib64"), ("x86_64", "lib"), ("x86_64", "targets/x86_64-linux/lib"),
+    ("aarch64", "targets/sbsa-linux/lib"), ("x86_64", "lib/x86_64-linux-gnu"), ("aarch64", "lib/aarch64-linux-gnu"),
+])
+def test_the_static_cuda_runtime_is_found_where_installers_and_distributions_put_it(tmp_path, monkeypatch, machine,
+                                                                                     sub):
+    """NVIDIA's installers and conda put libcudart_static.a in lib64, lib or targets/<arch>/lib of the toolkit; a
+    Debian/Ubuntu package (nvcc in /usr/bin) in /usr/lib/<multiarch>, where a build found none and stopped."""
+    monkeypatch.setattr(_build.platform, "machine", lambda: machine)
+    monkeypatch.setattr(_build.sysconfig, "get_config_var", lambda name: None)  # as where Python has no MULTIARCH
+    nvcc = _fake_nvcc(tmp_path / "usr")
+    (tmp_path / "usr" / sub).mkdir(parents=True, exist_ok=True)
+    (tmp_path / "usr" / sub / "libcudart_static.a").write_bytes(b"!<arch>\n")
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    home = _build.cuda_home(nvcc)
+    assert home == str(tmp_path / "usr")
+    assert _build.cuda_link_flags(nvcc)[0] == f"-L{tmp_path / 'usr' / sub}"
+
+
 def test_arch_list_gencode_flags():
     assert _build.gencode_flags("8.0;9.0+PTX 9.0a 10.0f 90") == [
         "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
