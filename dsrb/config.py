@@ -205,7 +205,8 @@ def check_values(values: Dict[str, Any]) -> None:
             _bad(name, value, DEVICES)
     for name, value in get(_PATHS):
         if value == "":
-            _bad(name, value, "a path (leave the setting out for its default)")
+            _bad(name, value, f"a path (leave the setting out for its default; {UNSET_WORD} on the command line, "
+                 "null in a config file, unsets it)")
         # Only a file's string can hold one; the OS calls' error, "embedded null byte", named no setting.
         if value is not None and "\0" in value:
             _bad(name, value, "a path without a NUL character")
@@ -501,7 +502,7 @@ def _shown(value) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if value is None:
-        return "none"
+        return UNSET_WORD
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -522,20 +523,56 @@ def _preset_defaults(name: str) -> str:
 def _flag_type(f: dataclasses.Field):
     t = str(f.type)
     if "int" in t and "Optional" in t:
-        return int
+        return _or_none(int)
     if "float" in t:
         return float
     if "int" in t:
         return int
-    return str
+    return _or_none(str) if t.startswith("Optional[") else str
+
+
+UNSET_WORD = "none"  # as --help shows an unset value: "[demo, coco, voc, vg: none; sweep: builtin]"
+# A flag's "none": the setting unset, overriding a config file's value (parse_args makes it None). Not None itself,
+# which argparse's defaults use for "not given".
+_UNSET = object()
+
+
+def _or_none(kind):
+    """An argparse ``type`` for an Optional setting: ``none`` unsets it, anything else is read by ``kind`` (a file
+    named none is ./none)."""
+
+    def parse(text: str):
+        return _UNSET if text == UNSET_WORD else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse's "invalid int value: 'x'" names it
+    return parse
+
+
+class _OptionalBooleanAction(argparse.BooleanOptionalAction):
+    """``--name`` / ``--no-name`` for an Optional[bool] setting, and ``--name none`` to unset it (its automatic
+    default), as for the other Optional settings."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.nargs = "?"  # the optional value: none
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if values is None:
+            super().__call__(parser, namespace, values, option_string)
+        elif values == UNSET_WORD:
+            setattr(namespace, self.dest, _UNSET)
+        else:
+            raise argparse.ArgumentError(self, f"expected no value, or {UNSET_WORD} to unset it, got {values!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    optional = ", ".join("--" + f.name.replace("_", "-") for f in fields(TrainConfig) if f.type.startswith("Optional["))
     parser = ArgumentParser(
         prog="python -m dsrb.train",
         description="Train DSRB (or the partial-BCE baseline) on a built-in or real multi-label dataset.",
         epilog="Every setting defaults to the chosen preset's value, shown in brackets (the README's preset table "
-               "describes them).",
+               f"describes them). The value {UNSET_WORD} unsets a setting that may be unset ({optional}), a config "
+               f"file's value too, as null does in the file; a file named {UNSET_WORD} is ./{UNSET_WORD}.",
     )
     parser.add_argument("--preset", default=None, choices=tuple(PRESETS),
                         help="starting settings (default: the config file's preset, else demo)")
@@ -548,7 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         flag = "--" + f.name.replace("_", "-")
         text = (HELP[f.name] + _preset_defaults(f.name)).replace("%", "%%")  # argparse formats help with %
-        if f.type in ("bool", "Optional[bool]") or isinstance(getattr(defaults, f.name), bool):
+        if f.type == "Optional[bool]":
+            parser.add_argument(flag, dest=f.name, action=_OptionalBooleanAction, default=None, metavar=UNSET_WORD,
+                                help=text)
+        elif f.type == "bool" or isinstance(getattr(defaults, f.name), bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             parser.add_argument(flag, dest=f.name, type=_flag_type(f), default=None, metavar=f.name.upper(),
@@ -574,7 +614,7 @@ def parse_args(argv=None):
             raise ValueError("argument --config: expected a YAML/JSON file, got ''")
         path = expand_home(path)  # --config=~/run.yaml: no shell expands that ~
     from_file = load_config_file(path) if path is not None else {}
-    flags = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    flags = {k: None if v is _UNSET else v for k, v in vars(args).items() if k != "config" and v is not None}
     explicit = _expand_home({**from_file, **flags})
     cfg = dataclasses.asdict(preset_config(explicit.get("preset", "demo")))
     cfg.update(explicit)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dsrb import pretrain, train
-from dsrb.config import check_device, load_config_file, parse_args
+from dsrb.config import TrainConfig, build_parser, check_device, load_config_file, parse_args
 from dsrb.data.builtin import ensure_builtin
 from dsrb.models.resnet import build_backbone, load_pretrained
 
@@ -61,7 +61,8 @@ def fails_cleanly(data_root, out, extra, error, match):
     ({"lr": None}, r"'lr': expected a number, got null"),
     ({"method": "dsbr"}, r"'method' \(--method\): expected one of"),
     ({"preset": "foo"}, r"'preset' \(--preset\): expected one of"),
-    ({"out": ""}, r"'out' \(--out\): expected a path \(leave the setting out for its default\), got ''"),
+    ({"out": ""}, r"'out' \(--out\): expected a path \(leave the setting out for its default; none on the command "
+                  r"line, null in a config file, unsets it\), got ''"),
     ({"out": "a\0b"}, r"'out' \(--out\): expected a path without a NUL character, got 'a\\x00b'"),
     ({"data_root": "\0"}, r"'data_root' \(--data-root\): expected a path without a NUL character"),
     ({"lr": 10**400}, r"'lr': expected a number in float range, got an integer of 1329 bits"),
@@ -208,7 +209,8 @@ def test_yaml_numbers_read_as_in_yaml_1_2_and_json_with_a_byte_order_mark(tmp_pa
                                             r"crops' smallest side is 4/7 of it\), got 1"),
     (["--backbone", "vgg"], r"'backbone' \(--backbone\): expected one of"),
     (["--backend", "foo"], r"'backend' \(--backend\): expected one of"),
-    (["--out", ""], r"'out' \(--out\): expected a path \(leave the setting out for its default\), got ''"),
+    (["--out", ""], r"'out' \(--out\): expected a path \(leave the setting out for its default; none on the "
+                    r"command line, null in a config file, unsets it\), got ''"),
     (["--data-root", ""], r"'data_root' \(--data-root\): expected a path"),
     (["--word-vectors", ""], r"'word_vectors' \(--word-vectors\): expected a path"),
     (["--pretrained", ""], r"'pretrained' \(--pretrained\): expected a path"),
@@ -216,6 +218,39 @@ def test_yaml_numbers_read_as_in_yaml_1_2_and_json_with_a_byte_order_mark(tmp_pa
 def test_bad_flag_values(flags, match):
     with pytest.raises(ValueError, match=match):
         parse_args(flags)
+
+
+def test_none_unsets_every_optional_setting_a_config_file_or_preset_set(tmp_path):
+    """--pretrained none read "none" as a file's name: no flag could unset a setting that a config file (or the sweep
+    preset's pretrained) set. none unsets each one that may be unset; a file named none is ./none."""
+    optional = [f.name for f in dataclasses.fields(TrainConfig) if f.type.startswith("Optional[")]
+    path = tmp_path / "run.yaml"
+    path.write_text("data_root: data\nword_vectors: w.npy\npretrained: w.pth\nfreeze_backbone: true\nout: runs/x\n"
+                    "limit_train_batches: 2\nlimit_test_batches: 3\n")
+    assert sorted(load_config_file(str(path))) == sorted(optional)  # the file sets every one
+    unset = [arg for name in optional for arg in ("--" + name.replace("_", "-"), "none")]
+    cfg, explicit = parse_args(["--config", str(path), *unset])
+    assert explicit == dict.fromkeys(optional)  # what a resume re-applies: unset too
+    assert all(getattr(cfg, name) is None for name in optional)
+    assert parse_args(["--preset", "sweep", "--pretrained", "none"])[0].pretrained is None
+    for flags, value in ((["--freeze-backbone=none"], None), (["--freeze-backbone", "--epochs", "2"], True),
+                         (["--no-freeze-backbone"], False), (["--freeze-backbone", "--freeze-backbone", "none"], None)):
+        assert parse_args(["--config", str(path), *flags])[0].freeze_backbone is value, flags
+    cfg, _ = parse_args(["--pretrained", "./none", "--word-vectors", "./none", "--out", "./none"])
+    assert (cfg.pretrained, cfg.word_vectors, cfg.out) == ("./none", "./none", "./none")
+    help_text = " ".join(build_parser().format_help().split())
+    assert "The value none unsets a setting that may be unset (--data-root, " in help_text
+    assert "a file named none is ./none" in help_text
+
+
+def test_none_is_the_only_value_that_unsets(capsys):
+    for flags, match in ((["--freeze-backbone", "no"], "argument --freeze-backbone/--no-freeze-backbone: expected no "
+                                                       "value, or none to unset it, got 'no'"),
+                         (["--limit-train-batches", "None"], "argument --limit-train-batches: invalid int value: "
+                                                            "'None'")):
+        with pytest.raises(SystemExit) as info:
+            parse_args(flags)
+        assert info.value.code == 2 and match in capsys.readouterr().err
 
 
 def test_python_api_run_checks_its_settings(data_root, tmp_path):
