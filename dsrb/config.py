@@ -117,6 +117,7 @@ _INT32_MAX = 2**31 - 1
 _MAX_WORKERS = 1024
 _NON_NEGATIVE_FLOATS = ("lr", "weight_decay", "contrastive_weight", "instance_weight", "prototype_weight")
 _PATHS = ("data_root", "word_vectors", "pretrained", "out")  # "" is refused: not silently the current directory
+_NULL_WORDS = ("none", "null")  # a path setting's value that means unset, never a file's name (./none is one)
 # A CUDA index in plain decimal: torch.device refuses leading zeros ("cuda:01", a traceback) and keeps the index in
 # 8 bits ("cuda:256" is cuda:0), so the index is read and checked here before torch sees it.
 _DEVICE = re.compile(r"auto|cpu|cuda(:(0|[1-9][0-9]*))?|mps")
@@ -166,7 +167,7 @@ def _min_image_size(avgpool: bool) -> int:
 def check_values(values: Dict[str, Any]) -> None:
     """A ValueError naming the first setting of ``values`` (field name -> value, types already right) whose value is
     out of range: a choice not offered, a negative count, a non-finite or negative rate, a malformed device, an
-    empty path."""
+    empty path or one that reads as unset (None, null)."""
     def get(names):
         return [(n, values[n]) for n in names if n in values]
 
@@ -210,6 +211,10 @@ def check_values(values: Dict[str, Any]) -> None:
         # Only a file's string can hold one; the OS calls' error, "embedded null byte", named no setting.
         if value is not None and "\0" in value:
             _bad(name, value, "a path without a NUL character")
+        # YAML reads None (and a quoted null) as a string: "out: None" made a run folder named None. Meant unset.
+        if isinstance(value, str) and value.lower() in _NULL_WORDS:
+            _bad(name, value, f"a path (to leave the setting unset: null, not the string {value!r}, in a config file; "
+                 f"{UNSET_WORD} on the command line; a file so named: ./{value})")
 
 
 def check_device(device, *, local_rank: Optional[int] = None, name: str = "setting 'device' (--device)"):

@@ -243,6 +243,34 @@ def test_none_unsets_every_optional_setting_a_config_file_or_preset_set(tmp_path
     assert "a file named none is ./none" in help_text
 
 
+@pytest.mark.parametrize("name, text", [
+    ("run.yaml", "out: None\n"),  # YAML's null is null or ~: None is a string
+    ("run.yaml", "pretrained: none\n"),
+    ("run.yml", "data_root: 'null'\n"),
+    ("run.json", '{"word_vectors": "None"}'),
+])
+def test_a_path_setting_given_none_as_a_string_is_refused(tmp_path, monkeypatch, name, text):
+    """A YAML file's "out: None" made a run folder named None: the string is refused for every path setting, with the
+    way to leave the setting unset and to name such a file."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / name
+    path.write_text(text)
+    value = text.split(":")[1].strip(" \n'\"}")
+    setting = next(n for n in ("out", "pretrained", "data_root", "word_vectors") if n in text)
+    with pytest.raises(ValueError, match=f"^config file {re.escape(str(path))}: setting '{setting}' .*: expected a "
+                                         rf"path \(to leave the setting unset: null, not the string '{value}', in a "
+                                         rf"config file; none on the command line; a file so named: \./{value}\), "
+                                         f"got '{value}'$"):
+        parse_args(["--config", str(path)])
+    if value != "none":  # a flag's none unsets the setting
+        with pytest.raises(ValueError, match=f"^setting '{setting}' .*: expected a path "):
+            parse_args(["--" + setting.replace("_", "-"), value])
+    with pytest.raises(ValueError, match=f"^setting '{setting}' .*: expected a path "):
+        train.run(TrainConfig(**{setting: value}))
+    assert os.listdir(tmp_path) == [name]  # no run folder, named None or else
+    assert getattr(parse_args(["--" + setting.replace("_", "-"), "./" + value])[0], setting) == "./" + value
+
+
 def test_none_is_the_only_value_that_unsets(capsys):
     for flags, match in ((["--freeze-backbone", "no"], "argument --freeze-backbone/--no-freeze-backbone: expected no "
                                                        "value, or none to unset it, got 'no'"),
