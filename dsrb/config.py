@@ -82,7 +82,9 @@ class TrainConfig:
     tensorboard: bool = False
     limit_train_batches: Optional[int] = None
     limit_test_batches: Optional[int] = None
-    preset: str = field(default="demo")
+    # The preset the settings started from (parse_args names one); None: made in Python without one, as TrainConfig()
+    # is, whose defaults are no preset's.
+    preset: Optional[str] = field(default=None)
 
     def validate(self) -> "TrainConfig":
         """Every setting's type (:func:`check_types`) and value (:func:`check_values`), and the image size against
@@ -172,7 +174,7 @@ def check_values(values: Dict[str, Any]) -> None:
         return [(n, values[n]) for n in names if n in values]
 
     for name, options in _choices().items():
-        if name in values and values[name] not in options:
+        if name in values and values[name] not in options and not (name == "preset" and values[name] is None):
             _bad(name, values[name], f"one of {options}")
     for name, value in get(_POSITIVE_INTS):
         if not 1 <= value <= _INT32_MAX:
@@ -571,7 +573,8 @@ class _OptionalBooleanAction(argparse.BooleanOptionalAction):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    optional = ", ".join("--" + f.name.replace("_", "-") for f in fields(TrainConfig) if f.type.startswith("Optional["))
+    optional = ", ".join("--" + f.name.replace("_", "-") for f in fields(TrainConfig)
+                         if f.type.startswith("Optional[") and f.name != "preset")  # --preset: one of the presets
     parser = ArgumentParser(
         prog="python -m dsrb.train",
         description="Train DSRB (or the partial-BCE baseline) on a built-in or real multi-label dataset.",
@@ -621,6 +624,8 @@ def parse_args(argv=None):
     from_file = load_config_file(path) if path is not None else {}
     flags = {k: None if v is _UNSET else v for k, v in vars(args).items() if k != "config" and v is not None}
     explicit = _expand_home({**from_file, **flags})
+    if "preset" in explicit and explicit["preset"] is None:  # a config file's null: unset, so the default preset
+        del explicit["preset"]
     cfg = dataclasses.asdict(preset_config(explicit.get("preset", "demo")))
     cfg.update(explicit)
     if explicit.get("resume"):  # checks across settings wait for the run's saved ones (dsrb.train merges them)

@@ -3,7 +3,7 @@
 With no arguments it trains the ``demo`` preset on the built-in dataset (generated on first use) on the CPU. With
 ``--preset coco|voc|vg --data-root PATH`` it runs the paper's protocol (spec §6.4, §12). ``--help`` lists every
 setting. A run directory (``--out``, default ``runs/<preset>-<time>``, with ``-2``, ``-3``, ... for runs started in
-the same second) receives:
+the same second; ``runs/custom-<time>`` for a :class:`TrainConfig` made in Python without a preset) receives:
 
 * ``train.log``: the log; ``config.json``: the settings; ``partial_labels.npz``: the known-label mask;
 * ``metrics.jsonl``: one JSON line per epoch with every metric (fractions in [0, 1]) and the training losses;
@@ -618,8 +618,10 @@ def evaluate(model, loader, cfg: TrainConfig, d: Dist, device: torch.device, epo
 def _claim_default_out(cfg: TrainConfig) -> Tuple[str, List[str]]:
     """Create ``runs/<preset>-<time>``, or ``...-2``, ``-3``, ... where it exists: two runs started in the same
     second (a shell loop, a job array) must not share a directory. Returns it and the folders made, innermost first
-    (removed again when a setting is wrong)."""
-    base = os.path.join("runs", f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    (removed again when a setting is wrong). Settings made in Python without a preset are ``custom``: they were
+    named after the demo preset, whose settings they are not."""
+    label = cfg.preset if cfg.preset is not None else "custom"
+    base = os.path.join("runs", f"{label}-{time.strftime('%Y%m%d-%H%M%S')}")
     check_output_dir(base, name="setting 'out' (--out, default runs/<preset>-<time>)", what="the run directory")
     made = []
     try:

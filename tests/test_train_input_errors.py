@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dsrb import pretrain, train
-from dsrb.config import TrainConfig, build_parser, check_device, load_config_file, parse_args
+from dsrb.config import TrainConfig, build_parser, check_device, load_config_file, parse_args, preset_config
 from dsrb.data.builtin import ensure_builtin
 from dsrb.models.resnet import build_backbone, load_pretrained
 
@@ -223,7 +223,8 @@ def test_bad_flag_values(flags, match):
 def test_none_unsets_every_optional_setting_a_config_file_or_preset_set(tmp_path):
     """--pretrained none read "none" as a file's name: no flag could unset a setting that a config file (or the sweep
     preset's pretrained) set. none unsets each one that may be unset; a file named none is ./none."""
-    optional = [f.name for f in dataclasses.fields(TrainConfig) if f.type.startswith("Optional[")]
+    optional = [f.name for f in dataclasses.fields(TrainConfig)
+                if f.type.startswith("Optional[") and f.name != "preset"]  # --preset: one of the presets
     path = tmp_path / "run.yaml"
     path.write_text("data_root: data\nword_vectors: w.npy\npretrained: w.pth\nfreeze_backbone: true\nout: runs/x\n"
                     "limit_train_batches: 2\nlimit_test_batches: 3\n")
@@ -410,6 +411,28 @@ def test_default_out_of_runs_started_in_the_same_second_are_two_directories(data
     with pytest.raises(ValueError, match=r"'batch_size'"):
         train.main(["--data-root", data_root, "--epochs", "1", *TINY, "--batch-size", "100"])
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_started_in_python_without_a_preset_is_named_custom(data_root, tmp_path, monkeypatch):
+    """dsrb.train.run(TrainConfig(...)) named its run directory runs/demo-<time>, after a preset whose settings it
+    does not have (TrainConfig's defaults are no preset's); config.json said preset demo too."""
+    monkeypatch.chdir(tmp_path)
+    real = train.time.strftime
+    monkeypatch.setattr(train.time, "strftime", lambda fmt, *a: "20261205-083000" if fmt == "%Y%m%d-%H%M%S"
+                        else real(fmt, *a))
+    cfg = TrainConfig(data_root=data_root, epochs=1, backbone="resnet18", backbone_width=4, feature_dim=16,
+                      inter_dim=8, word_dim=6, batch_size=4, image_size=64, workers=0, limit_train_batches=2,
+                      limit_test_batches=2, lr=1e-3, device="cpu")
+    out = os.path.join("runs", "custom-20261205-083000")
+    assert train.run(cfg)["out"] == out and sorted(os.listdir("runs")) == ["custom-20261205-083000"]
+    assert json.loads((tmp_path / out / "config.json").read_text())["preset"] is None
+    assert train.run(dataclasses.replace(cfg, out=out, resume=True), {"epochs": 2})["epochs"] == 2  # it resumes
+    demo = dataclasses.replace(preset_config("demo"), **{k: v for k, v in dataclasses.asdict(cfg).items()
+                                                          if k != "preset"})
+    assert train.run(demo)["out"] == os.path.join("runs", "demo-20261205-083000")  # started from the preset
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: null\n")  # unset: the default preset, as on the command line
+    assert parse_args(["--config", str(path)])[0].preset == "demo"
 
 
 def test_out_that_cannot_be_made_is_named_before_the_data_is_read(data_root, tmp_path, monkeypatch):
