@@ -344,6 +344,41 @@ def test_an_extended_sweep_interrupted_at_once_reports_itself_incomplete(tmp_pat
     assert "**incomplete**: 1 run(s)" in text and "over 2 seed(s) [0, 1]" in text, text
 
 
+def test_a_finished_run_without_a_result_is_named_and_the_others_reported(tmp_path, monkeypatch, capsys):
+    """A finished run whose metrics.jsonl is empty (the run stopped before its first epoch ended) ended the report
+    with an IndexError's traceback, the other runs' table with it: it is named as having no result, and left out."""
+    run_sweep = proportions.run_sweep
+    monkeypatch.setattr(proportions, "_prepare", lambda shared: None)
+    monkeypatch.setattr(proportions, "run_sweep", _finish)
+    argv = ["--out", str(tmp_path), "--preset", "demo", "--methods", "baseline,dsrb", "--proportions", "0.3",
+            "--seeds", "0", "--no-plot", "--", "--device", "cpu"]
+    assert proportions.main(argv) == 0
+    (tmp_path / "runs" / "dsrb-p0.30-s0" / "metrics.jsonl").write_text("")
+    (tmp_path / "runs" / "baseline-p0.30-s0" / "summary.json").write_text('{"best_mAP": 0.4, "best_epoch": 0}')
+    capsys.readouterr()
+    assert proportions.main(["--report-only", *argv]) == 0
+    text = (tmp_path / "table.md").read_text()
+    assert ("**no result** from 1 finished run(s), left out of the tables (remove a run's folder to train it again): "
+            "runs/dsrb-p0.30-s0: metrics.jsonl holds no epoch (the run stopped before its first epoch ended)") in text
+    assert "| baseline | 40.0 | 40.0 |" in text and "| dsrb | – | – |" in text, text
+    assert "**incomplete**: 1 run(s) of the grid have not finished or gave no result" in text
+    assert text in capsys.readouterr().out
+    assert [r.run for r in read_results_csv(tmp_path / "results.csv")] == ["runs/baseline-p0.30-s0"]
+
+    def launch(run, preset, train_flags, threads):  # a training that ends without an epoch's line
+        with open(os.path.join(run.directory, "summary.json"), "w") as f:
+            json.dump({"best_mAP": -1.0, "best_epoch": -1}, f)
+        open(os.path.join(run.directory, "metrics.jsonl"), "w").close()
+        cmd = [sys.executable, "-c", ""]
+        return subprocess.Popen(cmd), open(os.devnull, "ab"), cmd, time.perf_counter()
+
+    monkeypatch.setattr(proportions, "_launch", launch)
+    run = proportions.plan(str(tmp_path / "more"), ["dsrb"], [0.5], [0])[0]
+    os.makedirs(run.directory)
+    assert run_sweep([run], "demo", [], jobs=1, threads=1) == []  # the sweep goes on
+    assert "[1/1] dsrb-p0.50-s0: no result (runs/dsrb-p0.50-s0: metrics.jsonl holds no epoch" in capsys.readouterr().out
+
+
 def test_a_new_grid_leaves_no_plot_of_the_old_one(tmp_path, monkeypatch):
     """Another grid in the same folder (other proportions), stopped before its first run finished: its table.md
     was written, but the earlier grid's plot.png stayed beside it, a figure of runs the table does not hold."""

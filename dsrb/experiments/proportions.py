@@ -291,17 +291,36 @@ def _lock_folder(out: str, runs: Sequence[GridRun]) -> Optional[int]:
     return lock
 
 
+class NoResult(ValueError):
+    """A finished run (``sweep_run.json``) whose files hold no result: the report leaves it out and names it."""
+
+
 def _result(run: GridRun) -> RunResult:
-    with open(os.path.join(run.directory, "summary.json"), encoding="utf-8") as f:
-        summary = json.load(f)
-    with open(os.path.join(run.directory, "metrics.jsonl"), encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    with open(os.path.join(run.directory, "sweep_run.json"), encoding="utf-8") as f:
-        info = json.load(f)
-    return RunResult(method=run.method, proportion=run.proportion, seed=run.seed,
-                     best_mAP=100 * summary["best_mAP"], best_epoch=int(summary["best_epoch"]),
-                     final_mAP=100 * records[-1]["mAP"], epochs=len(records), seconds=float(info["seconds"]),
-                     threads=int(info["threads"]), run=os.path.join("runs", run.name))
+    """The run's result from its files, or :class:`NoResult` naming the run and why: a metrics.jsonl without an
+    epoch's line (the run stopped before its first epoch ended), a result file missing or damaged. Its IndexError
+    (an empty metrics.jsonl) or JSON error ended the whole report, the other runs' results with it."""
+    where = os.path.join("runs", run.name)
+
+    def read(name: str, lines: bool = False):
+        try:
+            with open(os.path.join(run.directory, name), encoding="utf-8") as f:
+                return [json.loads(line) for line in f if line.strip()] if lines else json.load(f)
+        except FileNotFoundError:
+            raise NoResult(f"{where}: {name} is missing") from None
+        except ValueError as err:  # torn or damaged: json's and UTF-8's errors
+            raise NoResult(f"{where}: {name} cannot be read ({err})") from None
+
+    summary, records, info = read("summary.json"), read("metrics.jsonl", lines=True), read("sweep_run.json")
+    if not records:
+        raise NoResult(f"{where}: metrics.jsonl holds no epoch (the run stopped before its first epoch ended)")
+    try:
+        return RunResult(method=run.method, proportion=run.proportion, seed=run.seed,
+                         best_mAP=100 * summary["best_mAP"], best_epoch=int(summary["best_epoch"]),
+                         final_mAP=100 * records[-1]["mAP"], epochs=len(records), seconds=float(info["seconds"]),
+                         threads=int(info["threads"]), run=where)
+    except (KeyError, TypeError, ValueError) as err:
+        raise NoResult(f"{where}: its summary.json, metrics.jsonl or sweep_run.json lacks a value ({err!r})") \
+            from None
 
 
 def _auto_jobs(shared: Dict[str, object]) -> int:
@@ -415,11 +434,15 @@ def run_sweep(runs: Sequence[GridRun], preset: str, train_flags: Sequence[str], 
                 save_json(os.path.join(run.directory, "sweep_run.json"),
                           {"seconds": total_seconds, "threads": threads, "command": cmd})
                 done += 1
-                result = _result(run)
                 elapsed = time.perf_counter() - start
                 eta = elapsed / done * (total - done - len(failed))
-                print(f"[{done}/{total}] {run.name}: mAP best {result.best_mAP:.2f} (epoch {result.best_epoch}), "
-                      f"final {result.final_mAP:.2f}, {_clock(total_seconds)}; elapsed {_clock(elapsed)}, "
+                try:
+                    result = _result(run)
+                    said = (f"mAP best {result.best_mAP:.2f} (epoch {result.best_epoch}), final "
+                            f"{result.final_mAP:.2f}")
+                except NoResult as err:  # the report names it too
+                    said = f"no result ({err})"
+                print(f"[{done}/{total}] {run.name}: {said}, {_clock(total_seconds)}; elapsed {_clock(elapsed)}, "
                       f"about {_clock(eta)} left", flush=True)
                 if on_finish is not None:
                     on_finish()
@@ -461,7 +484,8 @@ def _code(text: str) -> str:
     return f"{fence}{pad}{text}{pad}{fence}"
 
 
-def _notes(preset: str, train_flags: Sequence[str], shared: Dict[str, object], results: Sequence[RunResult]):
+def _notes(preset: str, train_flags: Sequence[str], shared: Dict[str, object], results: Sequence[RunResult],
+           no_result: Sequence[str] = ()):
     notes = [f"preset `{preset}`" + (f", train flags {_code(shlex.join(train_flags))}" if train_flags else "") +
              f": dataset {shared['dataset']}, {shared['epochs']} epochs, batch {shared['batch_size']}, image "
              f"{shared['image_size']}, backbone {shared['backbone']} (width {shared['backbone_width']}), "
@@ -474,6 +498,9 @@ def _notes(preset: str, train_flags: Sequence[str], shared: Dict[str, object], r
             f"{' or '.join(map(str, threads))} threads a run, as results.csv says"
         notes.append(f"{len(results)} runs, {_clock(seconds)} of run time in all "
                      f"({seconds / len(results):.0f} s a run, {each})")
+    if no_result:  # finished, so never trained again: the way to train it again is said
+        notes.append(f"**no result** from {len(no_result)} finished run(s), left out of the tables (remove a run's "
+                     f"folder to train it again): {'; '.join(no_result)}")
     return notes
 
 
@@ -504,10 +531,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     threads = args.threads or max(1, usable_cpus() // jobs)
 
     def report() -> Dict[str, str]:
-        results = [_result(r) for r in runs if r.finished]
+        results, no_result = [], []
+        for run in runs:
+            if run.finished:
+                try:
+                    results.append(_result(run))
+                except NoResult as err:  # one run's missing result leaves the others' table
+                    no_result.append(str(err))
         sweep = Sweep(results, args.methods, args.proportions, args.seeds)
         paths = write_reports(out, sweep, args.selection, make_plot=make_plot,
-                              notes=_notes(args.preset, train_flags, shared, results))
+                              notes=_notes(args.preset, train_flags, shared, results, no_result))
         if make_plot and "plot.png" not in paths:  # no run of this grid has finished: the plot is an earlier grid's
             try:
                 os.remove(os.path.join(out, "plot.png"))

@@ -164,7 +164,8 @@ def markdown(sweep: Sweep, selection: str = "best", title: str = "mAP (%) by kno
     if not sweep.complete:
         missing = sum((m, p, s) not in sweep.results for m in sweep.methods for p in sweep.proportions
                       for s in sweep.seeds)
-        out.append(f"- **incomplete**: {missing} run(s) of the grid have not finished; their cells have fewer seeds")
+        out.append(f"- **incomplete**: {missing} run(s) of the grid have not finished or gave no result; their cells "
+                   "have fewer seeds")
     out.append("")
     for sel in [selection] + [s for s in SELECTIONS if s != selection]:
         out += [f"## mAP at the {SELECTIONS[sel][1]}", ""] + _table(sweep, sel, None) + [""]
