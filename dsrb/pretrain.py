@@ -11,7 +11,7 @@ classes that are *not* its 16 classes. It learns colours and shapes, never a tar
 ``python -m dsrb.train --pretrained builtin`` (the ``sweep`` preset does) loads these weights for the run's
 backbone, width and image size, pre-training them first when they are not cached yet: once per recipe, under
 ``$DSRB_DATA/pretrained/`` (default ``~/.cache/dsrb/pretrained/``), written atomically under a file lock, with a
-``.json`` beside the weights (recipe, pre-training test mAP, time, versions)::
+``.json`` beside the weights, written after them (recipe, pre-training test mAP, time, versions)::
 
     python -m dsrb.pretrain                                  # resnet18, width 16, 96 px: the sweep preset's
     python -m dsrb.pretrain --backbone-width 32 --image-size 128 --out weights.pth
@@ -182,16 +182,29 @@ def cache_path(backbone: str, width: int, image_size: int, root: Union[str, os.P
     return base / "pretrained" / f"{backbone}-w{width}-s{image_size}-{digest}.pth"
 
 
+def _complete(path: Path) -> bool:
+    """Whether the cache holds the weights at ``path`` whole: the weights and their info file, written last."""
+    return path.is_file() and path.with_suffix(".json").is_file()
+
+
 def _save(path: Path, state, info) -> None:
-    """The weights at ``path`` (not a .json name) and their recipe and scores beside them, ``path`` with suffix .json.
-    The info first: the weights file marks the cache complete, and a stop between the two writes left weights that
-    were never given their info file. A ``path`` written in place (``/dev/null``, a pipe) has no info file: beside it
-    would be a new file in /dev."""
+    """The weights at ``path`` (not a .json name), then their recipe and scores beside them (``path`` with suffix
+    .json), each written atomically, an earlier info file removed first: an info file describes the weights beside
+    it or is missing, never other weights. Written first, a stop (or a full disk) before the weights left it beside
+    the previous weights at --out, or beside none. Weights without their info file are no complete cache
+    (:func:`_complete`): they are trained again. A ``path`` written in place (``/dev/null``, a pipe) has no info file:
+    beside it would be a new file in /dev."""
     if special_file(str(path)):
+        atomic_write(str(path), lambda f: torch.save(state, f))
         log.info("no info file beside %s (not a regular file): %s", path, json.dumps(info, sort_keys=True))
-    else:
-        save_json(str(path.with_suffix(".json")), info)
+        return
+    info_path = path.with_suffix(".json")
+    try:
+        os.remove(info_path)  # it describes the weights about to be replaced
+    except FileNotFoundError:
+        pass
     atomic_write(str(path), lambda f: torch.save(state, f))
+    save_json(str(info_path), info)
 
 
 def builtin_pretrained(backbone: str, width: int, image_size: int, *, root: Union[str, os.PathLike, None] = None,
@@ -204,7 +217,7 @@ def builtin_pretrained(backbone: str, width: int, image_size: int, *, root: Unio
     """
     width, image_size, _ = _checked(backbone, width, image_size, recipe)
     path = cache_path(backbone, width, image_size, root, recipe)
-    if path.is_file():
+    if _complete(path):
         return str(path)
     with contextlib.ExitStack() as held:
         try:
@@ -215,7 +228,7 @@ def builtin_pretrained(backbone: str, width: int, image_size: int, *, root: Unio
         except OSError as exc:  # a read-only home, a file in the way
             raise OSError(f"cannot write the pre-trained weights under {path.parent} ({exc.strerror or exc}): set "
                           "DSRB_DATA to a writable folder") from exc
-        if not path.is_file():
+        if not _complete(path):
             log.info("pre-training a %s backbone (width %d, %d px) on the built-in pre-training set, once; cached in "
                      "%s", backbone, width, image_size, path)
             state, info = pretrain_backbone(backbone, width, image_size, data_root=root, device=device, recipe=recipe)

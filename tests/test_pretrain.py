@@ -205,6 +205,38 @@ def test_a_stop_between_the_writes_leaves_no_weights_without_info(tmp_path, monk
     assert calls and os.path.isfile(path[: -len(".pth")] + ".json")
 
 
+@pytest.mark.parametrize("failing", ["weights", "info"])
+@pytest.mark.parametrize("earlier", [False, True])
+def test_a_failed_write_leaves_no_info_file_beside_other_weights(tmp_path, monkeypatch, failing, earlier):
+    """--out wrote the info file first: a stop or a full disk before the weights left it describing the weights of
+    an earlier call beside it, or none. The weights are written first and the info last, an earlier info file removed
+    before them: whichever write fails, an info file on disk describes the weights beside it, or there is none."""
+    out, info = tmp_path / "w.pth", tmp_path / "w.json"
+    if earlier:  # an earlier call's pair
+        torch.save({"w": torch.zeros(1)}, out)
+        info.write_text(json.dumps({"test_mAP": 0.1}))
+    monkeypatch.setattr(pretrain, "pretrain_backbone", lambda *a, **k: ({"w": torch.ones(1)}, {"test_mAP": 0.9}))
+
+    def full_disk(*args, **kwargs):
+        raise OSError("could not write (disk full)")
+
+    monkeypatch.setattr(pretrain, "atomic_write" if failing == "weights" else "save_json", full_disk)
+    with pytest.raises(SystemExit, match=r"^python -m dsrb.pretrain: error: could not write \(disk full\)$"):
+        pretrain.main(["--out", str(out)])
+    assert not info.exists()  # none describes the weights beside it: the new ones, the earlier ones or none
+    weights = torch.load(out, weights_only=True)["w"] if out.exists() else None
+    if failing == "info":
+        assert weights is not None and torch.equal(weights, torch.ones(1))  # written whole: the first write
+    else:
+        assert weights is None if not earlier else torch.equal(weights, torch.zeros(1))
+    assert sorted(os.listdir(tmp_path)) == (["w.pth"] if earlier or failing == "info" else [])
+    monkeypatch.undo()
+    monkeypatch.setattr(pretrain, "pretrain_backbone", lambda *a, **k: ({"w": torch.ones(1)}, {"test_mAP": 0.9}))
+    pretrain.main(["--out", str(out)])  # written again, the pair whole
+    assert torch.equal(torch.load(out, weights_only=True)["w"], torch.ones(1))
+    assert json.loads(info.read_text()) == {"test_mAP": 0.9}
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
 def test_out_to_a_pipe_or_device_writes_no_info_file_beside_it(tmp_path, monkeypatch, caplog):
     """``--out /dev/null`` wrote the info file /dev/null.json (as root, a new file in /dev). A --out that is written
