@@ -108,20 +108,30 @@ def test_a_failed_build_is_remembered_and_not_retried(loader, capsys):
     assert len(loader.calls) == 1
 
 
-@pytest.mark.parametrize("change", ["CXX", "CXXFLAGS"])
+@pytest.mark.parametrize("change", ["CXX", "CPATH"])
 def test_a_failed_build_is_retried_with_another_compiler_or_settings(loader, capsys, monkeypatch, change):
     """A build that failed was retried only after its cache folder was deleted, though the fix is usually another
-    compiler (CXX) or other flags: with either changed, the next import builds again."""
+    compiler (CXX) or another search path for its headers (CPATH): with either changed, the next import builds
+    again."""
     loader.fail = True
     assert not _ext._load().loaded
     loader.fail = False
     assert "failed earlier" in _ext._load().reason  # the same toolchain: remembered
-    monkeypatch.setenv(change, shutil.which("sh") if change == "CXX" else "-O1")
+    monkeypatch.setenv(change, shutil.which("sh") if change == "CXX" else "/opt/include")
     capsys.readouterr()
     again = _ext._load()
     assert again.loaded and len(loader.calls) == 2, again
     assert "the compiler or its settings changed since the first-use build failed" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(loader.calls[0], "FAILED"))
+
+
+@pytest.mark.parametrize("var", ["CC", "CFLAGS", "CXXFLAGS", "LDFLAGS"])
+def test_a_failed_build_is_not_retried_for_a_setting_the_build_does_not_read(loader, monkeypatch, var):
+    """torch's ninja builder reads CXX but not these: a change to one retried a build that would fail the same way."""
+    loader.fail = True
+    assert not _ext._load().loaded
+    monkeypatch.setenv(var, "-O1")
+    assert "failed earlier" in _ext._load().reason and len(loader.calls) == 1
 
 
 def test_an_older_dsrbs_failure_record_still_counts(loader, monkeypatch):
@@ -130,7 +140,7 @@ def test_an_older_dsrbs_failure_record_still_counts(loader, monkeypatch):
     assert not _ext._load().loaded
     loader.fail = False
     open(os.path.join(loader.calls[0], "FAILED"), "w").close()
-    monkeypatch.setenv("CXXFLAGS", "-O1")
+    monkeypatch.setenv("CPATH", "/opt/include")
     assert "failed earlier" in _ext._load().reason and len(loader.calls) == 1
 
 
