@@ -35,8 +35,9 @@ deferred_failure: Optional[Exception] = None
 
 
 def start(prog: str, *, one_process: bool = True, require_ext: bool = True) -> None:
-    """The first lines of every tool's ``__main__``: :func:`quiet_interrupt`; ``-h``/``--help`` answered without
-    compiling the extension (the tools' imports build it on first use, a minute; help needs none of it); a
+    """The first lines of every tool's ``__main__``: :func:`quiet_interrupt`; a Python without torch one error line
+    saying how to install it; ``-h``/``--help`` answered without compiling the extension (the tools' imports build it
+    on first use, a minute; help needs none of it); a
     ``one_process`` tool started as one of several processes (torchrun: WORLD_SIZE > 1) stops with one error line;
     the extension's on/off environment variables checked (one error line for a bad value, or for DSRB_BUILD_CUDA=1
     without nvcc where a build is needed); and, with
@@ -45,6 +46,14 @@ def start(prog: str, *, one_process: bool = True, require_ext: bool = True) -> N
     torchrun gets these two errors as :data:`deferred_failure` instead."""
     global deferred_failure
     quiet_interrupt(prog)
+    import importlib.util
+
+    # Without torch every tool's imports (dsrb.info's too, the tool run to diagnose an install) ended in
+    # ModuleNotFoundError's traceback. find_spec looks without importing. The version: pyproject.toml's dependency.
+    if importlib.util.find_spec("torch") is None:
+        fail(f"{prog}: error: torch is not installed in this Python ({sys.executable}); install PyTorch >= 2.6 "
+             "first, the build that fits your machine (CPU or CUDA: https://pytorch.org/get-started/locally gives "
+             "the command)")
     from ._build import ENV_FLAGS, check_env_flags, env_flag  # standard library only
 
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):  # a typo in one set by hand was int()'s traceback

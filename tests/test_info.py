@@ -114,6 +114,24 @@ def test_build_cuda_1_without_nvcc_is_one_error_line(tool, tmp_path):
                           "nvcc on PATH)\n"), res.stderr
 
 
+@pytest.mark.parametrize("tool", ["dsrb.info", "dsrb.train", "dsrb.predict"])
+def test_a_python_without_torch_is_one_error_line_saying_how_to_install_it(tool):
+    """Every tool, dsrb.info (run to diagnose an install) included, ended in ModuleNotFoundError's traceback. torch
+    is hidden as an uninstalled one is: the path finder does not find it (no ImportError from a finder)."""
+    code = ("import importlib.machinery as m, runpy, sys\n"
+            "class Hide(m.PathFinder):\n"
+            "    @classmethod\n"
+            "    def find_spec(cls, name, path=None, target=None):\n"
+            "        return None if name.partition('.')[0] == 'torch' else super().find_spec(name, path, target)\n"
+            "sys.meta_path[sys.meta_path.index(m.PathFinder)] = Hide\n"
+            f"sys.argv = [sys.argv[0]]; runpy.run_module({tool!r}, run_name='__main__')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=os.environ)
+    assert res.returncode == 1 and res.stdout == "", res.stderr
+    assert res.stderr == (f"python -m {tool}: error: torch is not installed in this Python ({sys.executable}); "
+                          "install PyTorch >= 2.6 first, the build that fits your machine (CPU or CUDA: "
+                          "https://pytorch.org/get-started/locally gives the command)\n"), res.stderr
+
+
 def test_info_takes_no_arguments(capsys):
     """--help is help, and an unknown argument an error (both printed the report and exited 0)."""
     with pytest.raises(SystemExit) as exit_:
