@@ -93,14 +93,26 @@ class Dist:
 
 
 def setup_distributed(cfg: TrainConfig) -> Dist:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); NCCL on CUDA, gloo otherwise."""
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); NCCL on CUDA, gloo otherwise. Under NCCL
+    a LOCAL_RANK with no GPU of its own is a ValueError, before joining."""
     world = _cli.env_int("WORLD_SIZE", 1)
     if world <= 1:
         return Dist()
     use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    local_rank = _cli.env_int("LOCAL_RANK", 0)
+    count = torch.cuda.device_count() if use_cuda else 0
+    if use_cuda and local_rank >= count:
+        # More processes on the node than GPUs: set_device below failed with CUDA's "invalid device ordinal"
+        # traceback. Such a rank cannot join an NCCL group (its collectives need a GPU of their own); torchrun stops
+        # the other ranks when it exits.
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        seen = f"{count} GPU(s)" + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
+        raise ValueError(f"environment variable LOCAL_RANK={local_rank}: NCCL needs a GPU for each process of a "
+                         f"node, but this one sees {seen}; start at most {count} processes per node (torchrun "
+                         f"--nproc_per_node {count}), or train on the CPUs with --device cpu (gloo)")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    d = Dist(dist.get_rank(), dist.get_world_size(), _cli.env_int("LOCAL_RANK", 0))
+    d = Dist(dist.get_rank(), dist.get_world_size(), local_rank)
     if use_cuda:
         torch.cuda.set_device(d.local_rank)
     return d

@@ -962,6 +962,48 @@ def test_single_process_tools_refuse_torchrun(tmp_path, tool):
                                      "sets it for every process"), result.stderr[-3000:]
 
 
+def test_nccl_rank_without_a_gpu_of_its_own_is_one_error_before_joining(monkeypatch):
+    """torchrun starting more processes on a node than it has GPUs: the rank whose LOCAL_RANK has none joined the
+    NCCL group, then ended in CUDA's "invalid device ordinal" traceback from torch.cuda.set_device. Now a ValueError
+    names LOCAL_RANK, the GPUs the rank sees and what to do, before joining. Without CUDA (or with --device cpu) the
+    rank joins a gloo group, whatever its LOCAL_RANK."""
+    import torch.distributed as dist
+
+    class Joined(Exception):
+        pass
+
+    def join(backend):
+        raise Joined(backend)
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", join)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    message = ("environment variable LOCAL_RANK=3: NCCL needs a GPU for each process of a node, but this one sees 2 "
+               "GPU(s){}; start at most 2 processes per node (torchrun --nproc_per_node 2), or train on the CPUs "
+               "with --device cpu (gloo)")
+    for device in ("auto", "cuda"):
+        with pytest.raises(ValueError) as err:
+            train.setup_distributed(TrainConfig(device=device))
+        assert str(err.value) == message.format(""), err.value
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(ValueError) as err:
+        train.setup_distributed(TrainConfig())
+    assert str(err.value) == message.format(" (CUDA_VISIBLE_DEVICES='0,1')"), err.value
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a GPU of its own
+    with pytest.raises(Joined, match="^nccl$"):
+        train.setup_distributed(TrainConfig())
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    with pytest.raises(Joined, match="^gloo$"):
+        train.setup_distributed(TrainConfig(device="cpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(Joined, match="^gloo$"):
+        train.setup_distributed(TrainConfig())
+
+
 @pytest.mark.parametrize("name, value", [("WORLD_SIZE", "2x"), ("LOCAL_RANK", "-1"), ("RANK", "\uff11")])
 def test_torchrun_variables_that_are_no_whole_number_are_named(tmp_path, name, value):
     """WORLD_SIZE, RANK and LOCAL_RANK set by hand: a value int() cannot read (or a negative one, a full-width digit)
