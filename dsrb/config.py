@@ -300,10 +300,11 @@ def check_types(data: Dict[str, Any], source: str) -> Dict[str, Any]:
 
 #: The settings a resumed run (--resume) may change: how long and where it runs, what it logs; every other setting
 #: given with --resume must equal the run's saved one (it would change what the saved state means).
-#: The backend, like the device, changes only how the ops round; word_vectors and pretrained may point to where their
-#: file has moved (a resumed run takes what they loaded from last.pt, and dsrb.train refuses adding or removing one).
+#: The backend and matmul_precision (TF32 for float32 products), like the device, change only how the ops round, and
+#: no saved state depends on them; word_vectors and pretrained may point to where their file has moved (a resumed run
+#: takes what they loaded from last.pt, and dsrb.train refuses adding or removing one).
 RESUMABLE = ("epochs", "device", "workers", "limit_train_batches", "limit_test_batches", "tensorboard", "compile",
-             "channels_last", "backend", "data_root", "word_vectors", "pretrained", "out", "resume")
+             "channels_last", "matmul_precision", "backend", "data_root", "word_vectors", "pretrained", "out", "resume")
 
 # Paper protocol (spec §6.4, §12): ResNet-101 at 448, batch 8, Adam 1e-5, coupled L2 5e-4, StepLR(10, 0.1), 20 epochs,
 # blending and prototype passes from epoch 5 every 5 epochs, contrastive weight 0.05 with the epoch-0 ramp, top-K 1.

@@ -17,7 +17,7 @@ optimizer, scheduler, AMP scaler, prototype bank, RNG states, epoch and best sco
 settings given again, only those in :data:`dsrb.config.RESUMABLE` (epochs, device, workers, ...) may differ from the
 saved ones. Every epoch's randomness is derived from (seed, epoch), so a resumed run ends exactly where an
 uninterrupted one ends, given the same worker and process counts, kind of device, backend and, on the CPU, thread
-count (another count, device or backend is allowed, with a warning).
+count (another count, device, backend or matmul precision is allowed, with a warning).
 Multi-GPU / multi-node: ``torchrun --nproc_per_node N -m dsrb.train ...`` (DDP; only rank 0 writes).
 """
 
@@ -653,10 +653,10 @@ def _claim_default_out(cfg: TrainConfig) -> Tuple[str, List[str]]:
 def _resolve_settings(cfg: TrainConfig, explicit: Dict[str, Any]) -> TrainConfig:
     """On --resume, the run's saved settings with the explicitly given ones that may change re-applied
     (:data:`dsrb.config.RESUMABLE`: epochs, device, workers, limit_*_batches, tensorboard, compile, channels_last,
-    backend, data_root, and word_vectors and pretrained from one file to another); any other setting given with a
-    value other than the saved one is a ValueError naming it and both values, since the run's saved state (partial
-    labels, weights, optimizer) was made with the saved one. The word_dim of a run made with a word-vector file is
-    not compared: the file's width overrode the --word-dim the run was given, as it does again."""
+    matmul_precision, backend, data_root, and word_vectors and pretrained from one file to another); any other
+    setting given with a value other than the saved one is a ValueError naming it and both values, since the run's
+    saved state (partial labels, weights, optimizer) was made with the saved one. The word_dim of a run made with a
+    word-vector file is not compared: the file's width overrode the --word-dim the run was given, as it does again."""
     if not cfg.resume:  # checked again: run() is also called with a TrainConfig made in Python, not parse_args's
         return cfg.validate()
     if not cfg.out:
@@ -699,14 +699,16 @@ def _warn_inexact_resume(cfg: TrainConfig, state: Dict[str, Any], world: int, de
     decide which random stream each image's crop and flip come from), the same kind of device (a GPU's convolutions
     and random streams are not the CPU's, even where one backend serves both), the same backends serving the ops
     (``served`` against the checkpoint's: --backend auto picks another where the extension is missing, or
-    DSRB_BACKEND forces one), the same --compile and --channels-last, and, on the CPU, the same thread count (they
-    decide how the ops and sums are computed, and with it the rounding), and the same --limit-*-batches (they decide
-    which batches an epoch trains and scores). Other values are allowed, with a warning."""
+    DSRB_BACKEND forces one), the same --compile, --channels-last and --matmul-precision, and, on the CPU, the same
+    thread count (they decide how the ops and sums are computed, and with it the rounding), and the same
+    --limit-*-batches (they decide which batches an epoch trains and scores). Other values are allowed, with a
+    warning."""
     config = state.get("config", {})
     saved = [("--workers", cfg.workers, config.get("workers", cfg.workers)),
              ("--backend", cfg.backend, config.get("backend", cfg.backend)),
              ("--compile", cfg.compile, config.get("compile", cfg.compile)),
              ("--channels-last", cfg.channels_last, config.get("channels_last", cfg.channels_last)),
+             ("--matmul-precision", cfg.matmul_precision, config.get("matmul_precision", cfg.matmul_precision)),
              ("--limit-train-batches", cfg.limit_train_batches,
               config.get("limit_train_batches", cfg.limit_train_batches)),
              ("--limit-test-batches", cfg.limit_test_batches, config.get("limit_test_batches", cfg.limit_test_batches)),

@@ -225,6 +225,30 @@ def test_resume_with_other_worker_and_thread_counts_warns(data_root, tmp_path):
         "resumed from")[-1]
 
 
+def test_resume_with_another_matmul_precision_warns(data_root, tmp_path, monkeypatch):
+    """--matmul-precision (TF32 for float32 products) changes only the rounding, as --backend or the device does, and
+    no saved state depends on it: a resume may change it (it was refused as a change of the run's settings), logged
+    as an inexact resume, and the resumed epochs run with the new one, which config.json then keeps."""
+    seen = []
+    train_epoch = train.train_epoch
+
+    def spy(*a, **k):
+        seen.append(torch.get_float32_matmul_precision())
+        return train_epoch(*a, **k)
+
+    monkeypatch.setattr(train, "train_epoch", spy)
+    out = tmp_path / "run"
+    train.main(args(data_root, out, 1))
+    train.main(["--out", str(out), "--resume", "--epochs", "2", "--matmul-precision", "high"])
+    assert seen == ["highest", "high"]
+    assert "resumed with --matmul-precision high (the run was made with highest): from here on the run differs" in \
+        (out / "train.log").read_text().split("resumed from")[-1]
+    assert json.loads((out / "config.json").read_text())["matmul_precision"] == "high"
+    train.main(["--out", str(out), "--resume", "--epochs", "3"])  # the run's setting now, not a change
+    assert seen == ["highest", "high", "high"]
+    assert "resumed with" not in (out / "train.log").read_text().split("resumed from")[-1]
+
+
 def test_paper_preset_without_pretrained_weights_or_word_vectors_warns(data_root, tmp_path):
     out = tmp_path / "run"
     train.main(args(data_root, out, 1, "--preset", "voc", "--dataset", "builtin", "--backbone", "resnet18"))
