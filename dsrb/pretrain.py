@@ -126,7 +126,13 @@ def pretrain_backbone(backbone: str = "resnet18", width: int = 16, image_size: i
 
     Returns (the backbone's state dict, torchvision key names; info: recipe, test metrics, seconds, versions).
     """
-    width, image_size, recipe = _checked(backbone, width, image_size, recipe)
+    return _pretrain(backbone, *_checked(backbone, width, image_size, recipe), data_root, device)
+
+
+def _pretrain(backbone: str, width: int, image_size: int, recipe: Dict[str, Any],
+              data_root: Union[str, os.PathLike, None], device: Union[str, torch.device]):
+    """:func:`pretrain_backbone` on arguments that :func:`_checked` has checked (``recipe``: the whole recipe it
+    returns), once per entry point: :func:`builtin_pretrained` checks them before taking the cache's lock."""
     device, workers = torch.device(device), recipe["workers"]
     root = ensure_builtin(data_root, variant="pretrain", num_train=recipe["num_train"],
                           num_test=recipe["num_test"], image_size=recipe["data_image_size"], seed=recipe["data_seed"])
@@ -215,7 +221,7 @@ def builtin_pretrained(backbone: str, width: int, image_size: int, *, root: Unio
     ``recipe``: entries that replace :data:`RECIPE`'s. Concurrent callers (DDP ranks, parallel sweep runs)
     pre-train once: the first holds a file lock, the others wait and then read the file it wrote.
     """
-    width, image_size, _ = _checked(backbone, width, image_size, recipe)
+    width, image_size, checked = _checked(backbone, width, image_size, recipe)
     path = cache_path(backbone, width, image_size, root, recipe)
     if _complete(path):
         return str(path)
@@ -231,7 +237,7 @@ def builtin_pretrained(backbone: str, width: int, image_size: int, *, root: Unio
         if not _complete(path):
             log.info("pre-training a %s backbone (width %d, %d px) on the built-in pre-training set, once; cached in "
                      "%s", backbone, width, image_size, path)
-            state, info = pretrain_backbone(backbone, width, image_size, data_root=root, device=device, recipe=recipe)
+            state, info = _pretrain(backbone, width, image_size, checked, root, device)
             _save(path, state, info)
     return str(path)
 

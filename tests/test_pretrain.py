@@ -98,6 +98,21 @@ def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, function
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("function", ["builtin_pretrained", "pretrain_backbone"])
+def test_each_entry_point_checks_its_arguments_once(tmp_path, monkeypatch, function):
+    """builtin_pretrained checks before taking the cache's lock, and then called pretrain_backbone, which checked the
+    same arguments again; both now hand the checked ones to the pre-training itself, each checking them once."""
+    checks, check, trained = [], pretrain._checked, []
+    monkeypatch.setattr(pretrain, "_checked", lambda *a: checks.append(a) or check(*a))
+    monkeypatch.setattr(pretrain, "_pretrain", lambda *a: trained.append(a) or ({"w": torch.zeros(1)}, {}))
+    if function == "pretrain_backbone":
+        pretrain.pretrain_backbone("resnet18", 4, 32, data_root=tmp_path, recipe=TINY_RECIPE)
+    else:
+        pretrain.builtin_pretrained("resnet18", 4, 32, root=tmp_path, recipe=TINY_RECIPE)
+    assert checks == [("resnet18", 4, 32, TINY_RECIPE)]
+    assert trained == [("resnet18", 4, 32, {**pretrain.RECIPE, **TINY_RECIPE}, tmp_path, "cpu")]
+
+
 def test_numpy_sizes_are_plain_ints_in_the_info_file(tmp_path):
     """A NumPy integer width or image size went into the info dict as given: json could not write it, a TypeError
     after the whole pre-training."""
@@ -152,7 +167,7 @@ def test_unwritable_places_are_clear_errors_before_training(tmp_path, monkeypatc
         ensure_builtin(blocker / "data", num_train=4, num_test=2, image_size=32)
 
     trained = []
-    monkeypatch.setattr(pretrain, "pretrain_backbone", lambda *a, **k: trained.append(a))
+    monkeypatch.setattr(pretrain, "_pretrain", lambda *a, **k: trained.append(a))  # both entry points' work
     monkeypatch.setenv("DSRB_DATA", str(blocker / "data"))
     with pytest.raises(SystemExit, match="python -m dsrb.pretrain: error: cannot write the pre-trained weights"):
         pretrain.main([])
@@ -189,7 +204,7 @@ def test_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
 def test_a_stop_between_the_writes_leaves_no_weights_without_info(tmp_path, monkeypatch):
     """The weights file marks the cache complete: a stop (Ctrl-C, SIGTERM) after it was written but before its .json
     left cached weights that never got their info file."""
-    monkeypatch.setattr(pretrain, "pretrain_backbone", lambda *a, **k: ({"w": torch.zeros(1)}, {"test_mAP": 0.5}))
+    monkeypatch.setattr(pretrain, "_pretrain", lambda *a, **k: ({"w": torch.zeros(1)}, {"test_mAP": 0.5}))
     real = pretrain.save_json
     calls = []
 
@@ -272,7 +287,7 @@ def test_weights_to_stdout_are_alone_there(monkeypatch, capfdbinary):
 
 def test_waiting_for_the_lock_is_said(tmp_path, monkeypatch, capsys):
     """A pre-training that waits for another process's (minutes; or a stopped one: forever) says so on stderr."""
-    monkeypatch.setattr(pretrain, "pretrain_backbone", lambda *a, **k: ({"w": torch.zeros(1)}, {}))
+    monkeypatch.setattr(pretrain, "_pretrain", lambda *a, **k: ({"w": torch.zeros(1)}, {}))
     path = pretrain.cache_path("resnet18", 4, 32, tmp_path)
     path.parent.mkdir(parents=True)
     done = []
