@@ -179,8 +179,16 @@ def _pretrain(backbone: str, width: int, image_size: int, recipe: Dict[str, Any]
 
 def cache_path(backbone: str, width: int, image_size: int, root: Union[str, os.PathLike, None] = None,
                recipe: Optional[Dict[str, Any]] = None) -> Path:
-    """Where :func:`builtin_pretrained` keeps the weights of this backbone, width, image size and recipe."""
-    key = {**RECIPE, **(recipe or {})}
+    """Where :func:`builtin_pretrained` keeps the weights of this backbone, width, image size and recipe; a ValueError
+    names a bad argument."""
+    return _cache_path(backbone, *_checked(backbone, width, image_size, recipe), root)
+
+
+def _cache_path(backbone: str, width: int, image_size: int, recipe: Dict[str, Any],
+                root: Union[str, os.PathLike, None]) -> Path:
+    """:func:`cache_path` of checked arguments. The name hashes the recipe as checked: a NumPy number in it was json's
+    TypeError, and weight_decay 0 and 0.0 named two caches of the same weights."""
+    key = dict(recipe)
     if builtin.BUILTIN_VERSION != 1:  # weights trained on another version's data are not these (v1 keeps its names)
         key["data_version"] = builtin.BUILTIN_VERSION
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
@@ -221,8 +229,8 @@ def builtin_pretrained(backbone: str, width: int, image_size: int, *, root: Unio
     ``recipe``: entries that replace :data:`RECIPE`'s. Concurrent callers (DDP ranks, parallel sweep runs)
     pre-train once: the first holds a file lock, the others wait and then read the file it wrote.
     """
-    width, image_size, checked = _checked(backbone, width, image_size, recipe)
-    path = cache_path(backbone, width, image_size, root, recipe)
+    width, image_size, recipe = _checked(backbone, width, image_size, recipe)
+    path = _cache_path(backbone, width, image_size, recipe, root)
     if _complete(path):
         return str(path)
     with contextlib.ExitStack() as held:
@@ -237,7 +245,7 @@ def builtin_pretrained(backbone: str, width: int, image_size: int, *, root: Unio
         if not _complete(path):
             log.info("pre-training a %s backbone (width %d, %d px) on the built-in pre-training set, once; cached in "
                      "%s", backbone, width, image_size, path)
-            state, info = _pretrain(backbone, width, image_size, checked, root, device)
+            state, info = _pretrain(backbone, width, image_size, recipe, root, device)
             _save(path, state, info)
     return str(path)
 

@@ -82,12 +82,12 @@ def test_bad_arguments(tmp_path):
     (("resnet18", 4, 32, {**TINY_RECIPE, "data_image_size": 16}),
      "argument 'recipe['data_image_size']': expected an int >= 32, got 16"),
 ])
-@pytest.mark.parametrize("function", ["builtin_pretrained", "pretrain_backbone"])
+@pytest.mark.parametrize("function", ["builtin_pretrained", "pretrain_backbone", "cache_path"])
 def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, function, args, message):
     """They were refused after the pre-training set was generated (a minute for the real recipe), leaving a lock file
     under the bad name; image size 1 named TrainTransform's argument 'scale_size', not 'image_size'. A recipe with
     fewer training images than a batch trained nothing (the partial batch is dropped) and cached the untrained
-    weights as pre-trained."""
+    weights as pre-trained. cache_path named a cache for any of them."""
     *args, recipe = args if len(args) == 4 else (*args, TINY_RECIPE)
     call = getattr(pretrain, function)
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -111,6 +111,20 @@ def test_each_entry_point_checks_its_arguments_once(tmp_path, monkeypatch, funct
         pretrain.builtin_pretrained("resnet18", 4, 32, root=tmp_path, recipe=TINY_RECIPE)
     assert checks == [("resnet18", 4, 32, TINY_RECIPE)]
     assert trained == [("resnet18", 4, 32, {**pretrain.RECIPE, **TINY_RECIPE}, tmp_path, "cpu")]
+
+
+def test_the_cache_is_named_by_the_recipe_as_checked(tmp_path, monkeypatch):
+    """The cache's name hashed the recipe as given, not as checked: a NumPy number in it ended in json's TypeError,
+    and weight_decay 0 and 0.0 (lr 1 and 1.0) named two caches of one recipe, pre-trained twice."""
+    import numpy as np
+
+    monkeypatch.setattr(pretrain, "_pretrain", lambda *a: ({"w": torch.zeros(1)}, {}))
+    plain = {**TINY_RECIPE, "weight_decay": 0.0, "lr": 1.0}
+    path = pretrain.builtin_pretrained("resnet18", 4, 32, root=tmp_path, recipe=plain)
+    for recipe in ({**plain, "weight_decay": 0, "lr": 1},
+                   {**plain, "epochs": np.int64(1), "weight_decay": np.float32(0), "lr": np.float64(1)}):
+        assert str(pretrain.cache_path("resnet18", 4, 32, tmp_path, recipe)) == path
+        assert pretrain.builtin_pretrained("resnet18", 4, 32, root=tmp_path, recipe=recipe) == path
 
 
 def test_numpy_sizes_are_plain_ints_in_the_info_file(tmp_path):
