@@ -55,14 +55,15 @@ void gather_class(const s_t* s, const Positive& positive, const int64_t* quad, i
 }
 
 // For each class of the chunk: gather the batch (gather_class), then finish(c, cnt, reached, acc) writes it.
+// work_per_class: the elements a class costs on average (class_work): how many classes a thread takes.
 template <typename s_t, typename scalar_t, typename Positive, typename Finish>
 void for_each_class(const Tensor& S, const Positive& positive, const Tensor& quadrant, const int64_t* cnt_in,
-                    int64_t cap, const Finish& finish) {
+                    int64_t cap, int64_t work_per_class, const Finish& finish) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t B = S.size(0), C = S.size(1), D = S.size(2);
   const s_t* s = S.data_ptr<s_t>();
   const int64_t* quad = quadrant.data_ptr<int64_t>();
-  at::parallel_for(0, C, cpu::grain_for(B * D), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, C, cpu::grain_for(work_per_class), [&](int64_t begin, int64_t end) {
     std::unique_ptr<opmath_t[]> acc(new opmath_t[4 * D]);  // uninitialised: a bucket is written before it is read
     for (int64_t c = begin; c < end; ++c) {
       int64_t cnt[4] = {cnt_in[c * 4], cnt_in[c * 4 + 1], cnt_in[c * 4 + 2], cnt_in[c * 4 + 3]};
@@ -88,6 +89,14 @@ void add_row(const scalar_t* __restrict__ in, const opmath_t* __restrict__ add, 
 template <typename scalar_t, typename opmath_t>
 void add_into(scalar_t* __restrict__ row, const opmath_t* __restrict__ add, int64_t D) {
   for (int64_t d = 0; d < D; ++d) row[d] = static_cast<scalar_t>(static_cast<opmath_t>(row[d]) + add[d]);
+}
+
+// The elements a class costs on average: its B targets, its share of the batch's known positives (each read into the
+// accumulator and added once more to its bucket: 2 D), and `written` per class. Only the positives' rows of S are
+// read: at the demo shape a batch is a few thousand elements, which a parallel region would cost more than it saves
+// (and, on a loaded machine, stall on a descheduled thread), where B * D per class counted every row.
+inline int64_t class_work(int64_t positives, int64_t B, int64_t C, int64_t D, int64_t written) {
+  return B + (positives * 2 * D) / std::max<int64_t>(C, 1) + written;
 }
 
 #define DSRB_DISPATCH_BANK(S, sums, ...)                                                                   \
@@ -116,9 +125,13 @@ std::tuple<Tensor, Tensor> prototype_bank_update_cpu(const Tensor& sums_, const 
     scalar_t* out = new_sums.data_ptr<scalar_t>();
     const s_t* t = T.data_ptr<s_t>();
     const auto positive = [t](int64_t r) { return static_cast<at::opmath_type<s_t>>(t[r]) == 1; };
+    int64_t positives = 0;
+    for (int64_t r = 0; r < T.numel(); ++r) positives += positive(r) ? 1 : 0;
     // Every bucket is written: sums + the batch's sum where reached, sums + 0 elsewhere (as torch's sums + einsum).
-    for_each_class<s_t, scalar_t>(S, positive, quadrant, cnt_in, cap, [&](int64_t c, const int64_t* cnt,
-                                                                          const bool* reached, const opmath_t* acc) {
+    const int64_t work = class_work(positives, S.size(0), C, D, 4 * D);
+    for_each_class<s_t, scalar_t>(S, positive, quadrant, cnt_in, cap, work, [&](int64_t c, const int64_t* cnt,
+                                                                                const bool* reached,
+                                                                                const opmath_t* acc) {
       for (int q = 0; q < 4; ++q) {
         cnt_out[c * 4 + q] = cnt[q];
         const int64_t row = (c * 4 + q) * D;
@@ -139,6 +152,7 @@ void prototype_bank_update_cpu_(Tensor& sums, Tensor& counts, const Tensor& S_, 
   // Every value is checked before anything is written, so an error leaves sums and counts as they were. T holds
   // -1, 0 or +1 (compared in T's dtype, as torch compares it with those numbers); positive[r]: T == +1.
   std::vector<uint8_t> positive(n);
+  int64_t positives = 0;
   AT_DISPATCH_V2(T.scalar_type(), "prototype_bank_update_cpu_", AT_WRAP([&] {
     const scalar_t* t = T.data_ptr<scalar_t>();
     const auto zero = static_cast<scalar_t>(0), one = static_cast<scalar_t>(1), minus_one = static_cast<scalar_t>(-1);
@@ -148,6 +162,7 @@ void prototype_bank_update_cpu_(Tensor& sums, Tensor& counts, const Tensor& S_, 
                         checks::text(static_cast<double>(t[i])), " at index (", checks::text(i / C), ", ",
                         checks::text(i % C), ")");
       positive[i] = t[i] == one;
+      positives += positive[i];
     }
   }), AT_EXPAND(AT_ALL_TYPES), AT_EXPAND(AT_BAREBONES_UNSIGNED_TYPES), at::kHalf, at::kBFloat16, at::kBool);
   const int64_t* quad = quadrant.data_ptr<int64_t>();
@@ -163,7 +178,8 @@ void prototype_bank_update_cpu_(Tensor& sums, Tensor& counts, const Tensor& S_, 
     using opmath_t = at::opmath_type<scalar_t>;
     scalar_t* out = sums.data_ptr<scalar_t>();
     // Only the reached buckets are written (sums + the batch's sum); the others are left as they are.
-    for_each_class<s_t, scalar_t>(S, [pos](int64_t r) { return pos[r] != 0; }, quadrant, cnt, cap,
+    const int64_t work = class_work(positives, S.size(0), C, D, 0);
+    for_each_class<s_t, scalar_t>(S, [pos](int64_t r) { return pos[r] != 0; }, quadrant, cnt, cap, work,
                                   [&](int64_t c, const int64_t* new_cnt, const bool* reached, const opmath_t* acc) {
                                     for (int q = 0; q < 4; ++q) {
                                       cnt[c * 4 + q] = new_cnt[q];
