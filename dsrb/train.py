@@ -94,11 +94,17 @@ class Dist:
 
 def setup_distributed(cfg: TrainConfig) -> Dist:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); NCCL on CUDA, gloo otherwise. Under NCCL
-    a LOCAL_RANK with no GPU of its own is a ValueError, before joining."""
+    a LOCAL_RANK with no GPU of its own is a ValueError, before joining, as is a device with an index (cuda:N)."""
     world = _cli.env_int("WORLD_SIZE", 1)
     if world <= 1:
         return Dist()
     use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    if use_cuda and str(cfg.device).startswith("cuda:"):
+        # The process group took LOCAL_RANK's GPU (set_device below) and the model GPU N, on every rank: NCCL's
+        # "Duplicate GPU detected" where ranks share a node.
+        raise ValueError(f"setting 'device' (--device): {cfg.device!r} would put every rank of the torchrun job on "
+                         "one GPU; give --device cuda (each rank takes the GPU of its LOCAL_RANK) and choose the GPUs "
+                         "with CUDA_VISIBLE_DEVICES")
     local_rank = _cli.env_int("LOCAL_RANK", 0)
     count = torch.cuda.device_count() if use_cuda else 0
     if use_cuda and local_rank >= count:

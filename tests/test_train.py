@@ -1028,6 +1028,27 @@ def test_nccl_rank_without_a_gpu_of_its_own_is_one_error_before_joining(monkeypa
         train.setup_distributed(TrainConfig())
 
 
+def test_a_gpu_index_under_torchrun_is_one_error_before_joining(monkeypatch):
+    """--device cuda:1 under torchrun put the model of every rank on GPU 1 while the process group took LOCAL_RANK's
+    GPU: NCCL's "Duplicate GPU detected" where ranks share a node. It is refused, naming what to give instead."""
+    import torch.distributed as dist
+
+    def join(backend):
+        raise AssertionError(f"joined {backend}")
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", join)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(ValueError, match=r"^setting 'device' \(--device\): 'cuda:1' would put every rank of the "
+                                         r"torchrun job on one GPU; give --device cuda \(each rank"):
+        train.setup_distributed(TrainConfig(device="cuda:1"))
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: its GPU as given
+    assert not train.setup_distributed(TrainConfig(device="cuda:1")).enabled
+
+
 @pytest.mark.parametrize("name, value", [("WORLD_SIZE", "2x"), ("LOCAL_RANK", "-1"), ("RANK", "\uff11")])
 def test_torchrun_variables_that_are_no_whole_number_are_named(tmp_path, name, value):
     """WORLD_SIZE, RANK and LOCAL_RANK set by hand: a value int() cannot read (or a negative one, a full-width digit)
