@@ -134,6 +134,10 @@ def evaluate_checkpoint(
                              "--amp")
 
     ds = build_dataset(dataset, split, root=data_root, transform=TestTransform(size), skip_bad=skip)
+    if len(ds) == 0:  # every metric of no image is undefined: a JSON of nulls, exit 0, replaced an earlier result
+        skipped = f", all {ds.skipped} unreadable (skip_bad, --skip-bad-images)" if ds.skipped else ""
+        raise ValueError(f"dataset '{dataset}' ({split}, {ds.source or data_root}): no image to evaluate{skipped}; "
+                         "expected a split with at least one readable image")
     ds.align_classes(info["class_names"], f"dataset '{dataset}' ({split}) vs checkpoint {path}", ours="the dataset",
                      theirs="the checkpoint")
     if out is not None:  # nor one of the split's files, known now: the JSON would replace it after the inference

@@ -1322,3 +1322,25 @@ def test_evaluate_warns_once_of_classes_without_a_positive(setup, tmp_path):
     said = [str(w.message) for w in seen if "no positive image" in str(w.message)]
     assert len(said) == 1 and "1 (dog house)" in said[0], said
     assert [e["ap"] is None for e in result["per_class_ap"]] == [False, True, False]
+
+
+def test_evaluate_refuses_a_split_without_a_readable_image(setup, tmp_path):
+    """A split listing no image, or only unreadable ones dropped by --skip-bad-images, gave a JSON of null metrics
+    and exit status 0, replacing an earlier result at --out: now an error naming the split, the earlier file kept."""
+    from dsrb.evaluate import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "images").mkdir()
+    (data / "images" / "bad.png").write_bytes(b"not an image")
+    (data / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    out = tmp_path / "eval.json"
+    out.write_text("earlier result\n")
+    for listed, extra, said in (("", [], "no image to evaluate; expected"),
+                                ("images/bad.png,cat\n", ["--skip-bad-images"],
+                                 "no image to evaluate, all 1 unreadable")):
+        (data / "test.csv").write_text("path,labels\n" + listed)
+        with pytest.raises(ValueError, match=rf"^dataset 'list' \(test, .*test\.csv\): {re.escape(said)}"):
+            main(["--checkpoint", setup["ckpt"], "--data-root", str(data), "--workers", "0", "--device", "cpu",
+                  "--out", str(out), *extra])
+    assert out.read_text() == "earlier result\n"
