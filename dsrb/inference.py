@@ -254,7 +254,8 @@ def load_images(paths_or_folder: Union[PathLike, Iterable[PathLike]], *, name: s
     name, except macOS metadata files named ``._*``; a file is taken as given, whatever its name.
 
     Raises:
-        FileNotFoundError: a path does not exist, or is a broken symbolic link (named in the message).
+        FileNotFoundError: a path does not exist, or is a broken symbolic link (named in the message), as is an
+        image name in a folder.
         ValueError: a path is neither a file nor a folder (a device such as /dev/null, a named pipe: named, with what
         it is), a folder holds no image file (named), or nothing was given at all (an empty list).
         TypeError: neither a path nor a list of paths (None), or a list holding something else.
@@ -276,6 +277,14 @@ def load_images(paths_or_folder: Union[PathLike, Iterable[PathLike]], *, name: s
                             f"{item!r}")
         p = os.fsdecode(item)
         if os.path.isdir(p):
+            # An image name whose link leads nowhere (a moved target, a loop) was left out without a word: the result
+            # silently lacked that image, where the same link named itself is an error.
+            broken = sorted(n for n in os.listdir(p) if _is_image(n) and not os.path.exists(os.path.join(p, n)))
+            if broken:
+                link = os.path.join(p, broken[0])
+                raise FileNotFoundError(f"folder {p}: image {link} is a broken symbolic link (to {os.readlink(link)})"
+                                        f"{f', and {len(broken) - 1} more' if len(broken) > 1 else ''}; restore its "
+                                        "target or remove the link")
             found = sorted(os.path.join(p, n) for n in os.listdir(p)
                            if _is_image(n) and os.path.isfile(os.path.join(p, n)))
             if not found:

@@ -217,6 +217,30 @@ def test_folders_skip_macos_metadata_and_list_tiff_and_gif(setup, tmp_path):
                                          r"with '\._' \(macOS metadata\) are skipped\)"):
         load_images(str(mac_only))
 
+
+def test_a_broken_symlink_in_a_folder_is_an_error_not_left_out(setup, tmp_path):
+    """An image name in a folder whose link leads nowhere (a moved target, a loop) was left out silently: predict
+    answered for the other images only, where the link named itself is an error. Now an error naming it."""
+    from dsrb.predict import main
+
+    folder = tmp_path / "linked"
+    folder.mkdir()
+    shutil.copy(setup["images"][0], folder / "a.png")
+    (folder / "b.png").symlink_to(tmp_path / "moved.png")
+    (folder / "note.txt").symlink_to(tmp_path / "gone.txt")  # no image name: not listed, as before
+    with pytest.raises(FileNotFoundError, match=r"^folder .*linked: image .*b\.png is a broken symbolic link \(to "
+                                                r".*moved\.png\); restore its target or remove the link$"):
+        main(["--checkpoint", setup["ckpt"], "--device", "cpu", str(folder)])
+    (folder / "b.png").unlink()
+    (folder / "c.jpg").symlink_to("d.jpg")  # a loop
+    (folder / "d.jpg").symlink_to("c.jpg")
+    with pytest.raises(FileNotFoundError, match=r"image .*c\.jpg is a broken symbolic link \(to d\.jpg\), and 1 "
+                                                "more"):
+        load_images(str(folder))
+    (folder / "c.jpg").unlink()
+    (folder / "d.jpg").unlink()
+    assert load_images(str(folder)) == [str(folder / "a.png")]
+
 # ---------------------------------------------------------------------------------------------------- predict
 
 
