@@ -13,7 +13,8 @@ colormap (blue = low, red = high) and blended over the resized, denormalised inp
 checkpoint's training ``image_size`` unless ``--image-size`` is given); a name this run already wrote (two images with
 one stem, two class names alike once made safe), or the name of an input image in ``--out-dir``, gets a suffix ``_2``,
 ``_3``, ... so that no output overwrites another or an input. A name longer than the file system takes (255 bytes,
-usually) has its image stem shortened. Each file is written atomically. The paths are printed, one per line.
+usually) has its image stem shortened. Each file is written atomically, and none before every image has been read:
+an unreadable one stops the run with nothing written. The paths are printed, one per line.
 """
 
 from __future__ import annotations
@@ -182,6 +183,8 @@ def visualize(
     size = image_size if image_size is not None else info["image_size"]
     check_image_size(model, size)
     transform = TestTransform(size)
+    for path in paths:  # all readable before the first PNG: else one that is not stopped the run after the earlier
+        open_image(path)  # images' PNGs had replaced those of an earlier run, a result of some images only
     os.makedirs(out_dir, exist_ok=True)
     limit = name_max(out_dir)
     written: List[str] = []

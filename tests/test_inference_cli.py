@@ -864,6 +864,22 @@ def test_visualize_never_overwrites_its_own_outputs(setup, tmp_path):
     assert {os.path.basename(p) for p in written} == {"a_cat_dog.png", "a_cat_dog_2.png", "a_tree.png"}
 
 
+def test_visualize_reads_every_image_before_writing_a_png(setup, tmp_path):
+    """An unreadable image stopped the run only at its turn, after the earlier images' PNGs had replaced those of an
+    earlier run: a failed run left the folder with some images' new overlays. Now it stops before writing any."""
+    from dsrb.visualize import main
+
+    out = tmp_path / "att"
+    out.mkdir()
+    (out / "img_0_cat.png").write_bytes(b"earlier overlay")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"^cannot read image .*bad\.png: "):
+        main(["--checkpoint", setup["ckpt"], "--device", "cpu", "--classes", "cat,tree", "--out-dir", str(out),
+              setup["images"][0], str(bad)])
+    assert os.listdir(out) == ["img_0_cat.png"] and (out / "img_0_cat.png").read_bytes() == b"earlier overlay"
+
+
 def test_visualize_interrupted_write_leaves_no_partial_png(setup, tmp_path, monkeypatch):
     """Ctrl-C in the middle of writing a PNG: the file is absent (or the previous run's, whole), never truncated,
     and no temporary file is left."""
