@@ -26,6 +26,7 @@ from ._cli import discard, exit_on_error, fail, out_of_memory_line
 from ._loader import batches, end_quietly_on_sigterm, worker_stopped_with_us
 from .checkpoint import load_checkpoint
 from .config import check_device
+from .data.dataset import find_duplicate
 from .models import DSRB
 from .ops import BACKEND_CHOICES as BACKENDS  # --backend choices, as dsrb.train's
 from .ops import OPS, reasons, selected_backend
@@ -187,6 +188,10 @@ def load_model(checkpoint_path: PathLike, *, device: Union[str, torch.device] = 
         raise CheckpointError(
             f"checkpoint {path}: {len(class_names)} class names for {num_classes} classes"
         )
+    dup = find_duplicate(class_names)
+    if dup is not None:  # predict's scores, keyed by name, kept one of the two classes; --classes showed the first
+        raise CheckpointError(f"checkpoint {path}: class names {dup[0]} and {dup[1]} are both "
+                              f"{class_names[dup[0]]!r}; expected distinct names (as every dataset has)")
     config = state.get("config") or {}
     if not isinstance(config, dict):
         config = dict(config) if hasattr(config, "keys") else {}

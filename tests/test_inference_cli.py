@@ -155,6 +155,17 @@ def test_load_model_errors(setup, tmp_path):
         predict_mod.main(["--checkpoint", other, setup["images"][0]])
 
 
+def test_a_checkpoint_with_two_classes_of_one_name_is_refused(setup, tmp_path):
+    """Class names alike once made strings (1 and "1") or alike in a hand-edited file: predict's scores, a dict keyed
+    by name, silently held one of the two classes. Now a CheckpointError naming both."""
+    from dsrb.predict import predict
+
+    for names, said in ((["cat", "tree", "cat"], "0 and 2 are both 'cat'"), ([1, "1", "x"], "0 and 1 are both '1'")):
+        ckpt = _with_class_names(setup, tmp_path / "dup.pt", names)
+        with pytest.raises(CheckpointError, match=rf"^checkpoint .*dup\.pt: class names {said}; expected distinct"):
+            predict(ckpt, setup["images"][0], device="cpu")
+
+
 def test_load_images(setup, tmp_path):
     folder = os.path.dirname(setup["images"][0])
     assert load_images(folder) == sorted(setup["images"])
