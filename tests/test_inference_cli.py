@@ -1150,6 +1150,31 @@ def test_running_out_of_memory_is_one_line_saying_what_to_reduce(setup, monkeypa
         assert capsys.readouterr().err == f"python -m dsrb.{tool}: error: out of memory ({detail}); reduce {flags}\n"
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the worker inherits the patch through fork")
+def test_a_killed_data_loading_worker_is_one_error_line(setup, monkeypatch, capsys):
+    """A --workers process killed without an error of its own (the kernel's out-of-memory killer, a crash in an image
+    decoder) ended predict and evaluate in torch's RuntimeError traceback: now one line saying what to do."""
+    import signal
+
+    from dsrb import inference, predict
+
+    parent = os.getpid()
+
+    def killed(self, i):
+        if os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE), i
+
+    monkeypatch.setattr(inference.ImageFiles, "__getitem__", killed)
+    args = ["--checkpoint", setup["ckpt"], setup["images"][0], "--device", "cpu", "--workers", "1"]
+    with pytest.raises(SystemExit) as raised:
+        inference.run_main("python -m dsrb.predict", lambda: predict.main(args))
+    assert raised.value.code == 1
+    assert re.fullmatch(r"python -m dsrb\.predict: error: DataLoader worker \(pid[^\n]*: a data-loading worker "
+                        r"process was killed \(out of memory\?\) or crashed; reduce --workers, --batch-size or "
+                        r"--image-size, or pass --workers 0 to read the images here\n", capsys.readouterr().err)
+
+
 def test_long_output_names_are_written(setup, tmp_path):
     """An --out name of 250 characters can be made, but the atomic write's temporary name (".tmp-XXXXXXXX-" before
     it) could not: "File name too long" after all the work. visualize's PNG names, the image's name and a class
