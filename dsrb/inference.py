@@ -183,6 +183,9 @@ def load_model(checkpoint_path: PathLike, *, device: Union[str, torch.device] = 
     class_names = state.get("class_names")
     if class_names is None:
         class_names = [f"class_{i}" for i in range(num_classes)]
+    if not isinstance(class_names, (list, tuple)):  # an int was a TypeError traceback; a string, one class a letter
+        raise CheckpointError(f"checkpoint {path}: 'class_names' must be a list of {num_classes} names, got a "
+                              f"{type(class_names).__name__}")
     class_names = [str(c) for c in class_names]
     if len(class_names) != num_classes:
         raise CheckpointError(

@@ -166,6 +166,19 @@ def test_a_checkpoint_with_two_classes_of_one_name_is_refused(setup, tmp_path):
             predict(ckpt, setup["images"][0], device="cpu")
 
 
+def test_a_checkpoint_whose_class_names_are_no_list_is_refused(setup, tmp_path):
+    """class_names 5 (a hand-edited file) ended the tools in a TypeError traceback, and "abc" gave three classes
+    named a, b and c. Now a CheckpointError naming the key."""
+    for names, kind in ((5, "int"), ("abc", "str")):
+        ckpt = _with_class_names(setup, tmp_path / "names.pt", [])
+        state = torch.load(ckpt, weights_only=False)
+        state["class_names"] = names
+        torch.save(state, ckpt)
+        with pytest.raises(CheckpointError, match=rf"^checkpoint .*names\.pt: 'class_names' must be a list of 3 names, "
+                                                  rf"got a {kind}$"):
+            load_model(ckpt)
+
+
 def test_load_images(setup, tmp_path):
     folder = os.path.dirname(setup["images"][0])
     assert load_images(folder) == sorted(setup["images"])
