@@ -23,7 +23,7 @@ def end_quietly_on_sigterm(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
-def _worker_died(err: BaseException) -> bool:
+def worker_died(err: BaseException) -> bool:
     """torch's report of a worker that ended by a signal or an exit status, from its SIGCHLD handler or its loop."""
     return isinstance(err, RuntimeError) and str(err).startswith("DataLoader worker (pid")
 
@@ -33,7 +33,7 @@ def worker_stopped_with_us(err: BaseException) -> bool:
     or SIGTERM through :func:`dsrb._cli.stop_on_termination`) unwinds this process: the signal that stops the
     process reached its workers too (a process group's), so the report is no news. It covers what
     :func:`end_quietly_on_sigterm` cannot: a worker signalled before torch has called its ``worker_init_fn``."""
-    if not _worker_died(err):
+    if not worker_died(err):
         return False
     seen = set()
     cause = err.__context__
@@ -71,7 +71,7 @@ def batches(loader: Iterable, limit: Optional[int] = None) -> Iterator:
             # A worker that the same signal reached before torch had set its handler died of it, and torch's SIGCHLD
             # handler (run after ours: signals are handled in number order) reported that while the iterator started
             # the workers: no news, the run stops on the signal.
-            if _worker_died(err):
+            if worker_died(err):
                 check_termination()
             raise
     ending = None
@@ -93,5 +93,5 @@ def batches(loader: Iterable, limit: Optional[int] = None) -> Iterator:
             except RuntimeError as err:
                 # A worker's death while the loop already ends (interrupted, or left) is no news, and raised here
                 # it would replace the interrupt, or be printed as "Exception ignored" when the generator is closed.
-                if ending is None or not _worker_died(err):
+                if ending is None or not worker_died(err):
                     raise

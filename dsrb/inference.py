@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ._checks import brief, check_count
 from ._cli import discard, exit_on_error, fail, out_of_memory_line
-from ._loader import _worker_died, batches, end_quietly_on_sigterm, worker_stopped_with_us
+from ._loader import worker_died, batches, end_quietly_on_sigterm, worker_stopped_with_us
 from .checkpoint import load_checkpoint
 from .config import check_device
 from .data.dataset import find_duplicate
@@ -487,7 +487,7 @@ def run_main(prog: str, main, *, reduce: str = "--batch-size or --image-size") -
         if "can't allocate memory" in str(err):  # the CPU allocator's out-of-memory error
             fail(out_of_memory_line(prog, err, reduce))
         stopped = worker_stopped_with_us(err)
-        if _worker_died(err) and not stopped:  # killed without an error of its own (the kernel's out-of-memory
+        if worker_died(err) and not stopped:  # killed without an error of its own (the kernel's out-of-memory
             # killer, a crash in a decoder): torch's RuntimeError was a traceback
             fail(f"{prog}: error: {str(err).strip().splitlines()[0]}: a data-loading worker process was killed (out "
                  f"of memory?) or crashed; reduce --workers, {reduce}, or pass --workers 0 to read the images here")
