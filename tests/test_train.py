@@ -225,10 +225,8 @@ def test_resume_with_other_worker_and_thread_counts_warns(data_root, tmp_path):
         "resumed from")[-1]
 
 
-def test_resume_with_another_matmul_precision_warns(data_root, tmp_path, monkeypatch):
-    """--matmul-precision (TF32 for float32 products) changes only the rounding, as --backend or the device does, and
-    no saved state depends on it: a resume may change it (it was refused as a change of the run's settings), logged
-    as an inexact resume, and the resumed epochs run with the new one, which config.json then keeps."""
+def _spy_matmul_precision(monkeypatch):
+    """The float32 matmul precision each training epoch starts with, appended to the list returned."""
     seen = []
     train_epoch = train.train_epoch
 
@@ -237,6 +235,14 @@ def test_resume_with_another_matmul_precision_warns(data_root, tmp_path, monkeyp
         return train_epoch(*a, **k)
 
     monkeypatch.setattr(train, "train_epoch", spy)
+    return seen
+
+
+def test_resume_with_another_matmul_precision_warns(data_root, tmp_path, monkeypatch):
+    """--matmul-precision (TF32 for float32 products) changes only the rounding, as --backend or the device does, and
+    no saved state depends on it: a resume may change it (it was refused as a change of the run's settings), logged
+    as an inexact resume, and the resumed epochs run with the new one, which config.json then keeps."""
+    seen = _spy_matmul_precision(monkeypatch)
     out = tmp_path / "run"
     train.main(args(data_root, out, 1))
     train.main(["--out", str(out), "--resume", "--epochs", "2", "--matmul-precision", "high"])
@@ -1098,14 +1104,7 @@ def test_bf16_autocast_run(data_root, tmp_path, monkeypatch):
 def test_channels_last_and_matmul_precision(data_root, tmp_path, monkeypatch):
     """--channels-last trains with channels-last weights and resumes exactly; --matmul-precision holds during the run
     and the previous process-wide setting is back after it."""
-    seen = []
-    train_epoch = train.train_epoch
-
-    def spy(*a, **k):
-        seen.append(torch.get_float32_matmul_precision())
-        return train_epoch(*a, **k)
-
-    monkeypatch.setattr(train, "train_epoch", spy)
+    seen = _spy_matmul_precision(monkeypatch)
     before = torch.get_float32_matmul_precision()
     extra = ("--channels-last", "--matmul-precision", "medium", "--backbone-width", "8")  # 4: oneDNN's bug
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
