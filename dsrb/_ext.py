@@ -383,8 +383,8 @@ def _killed(exc: BaseException, log: List[str]) -> bool:
 # What a user changes to fix a failed build, besides the sources and torch (the cache folder's name): what the
 # first-use build reads (torch's ninja builder takes CXX, not CC, CFLAGS, CXXFLAGS or LDFLAGS, so a change to those
 # retried a build that would fail the same way), the search paths g++ reads, and nvcc's settings.
-_TOOLCHAIN_VARIABLES = ("CXX", "CPATH", "CPLUS_INCLUDE_PATH", "C_INCLUDE_PATH", "LIBRARY_PATH", "CUDA_HOME", "CUDA_PATH",
-                        "CUDAHOSTCXX", "NVCC_CCBIN", "NVCC_APPEND_FLAGS", "NVCC_PREPEND_FLAGS")
+_TOOLCHAIN_VARIABLES = ("CXX", "CPATH", "CPLUS_INCLUDE_PATH", "C_INCLUDE_PATH", "LIBRARY_PATH", "CUDA_HOME",
+                        "CUDA_PATH", "CUDAHOSTCXX", "NVCC_CCBIN", "NVCC_APPEND_FLAGS", "NVCC_PREPEND_FLAGS")
 
 
 def _toolchain(nvcc: Optional[str]) -> Dict[str, object]:
