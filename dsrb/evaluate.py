@@ -12,8 +12,8 @@ config; the split defaults to "test". The model's logits over the split are scor
 when the JSON goes to standard output, ``--out /dev/stdout``, which then holds the JSON only) and a JSON file is
 written atomically to ``--out`` (default ``<checkpoint folder>/eval_<checkpoint name>_<split>.json``, e.g.
 ``eval_best_test.json``, so best.pt's and last.pt's results stay apart) with the metrics as
-**fractions** in [0, 1], the per-class VOC AP with the class names, the checkpoint path, the dataset, the split and
-the number of images. Undefined values (a class without a positive image) are written as ``null``.
+**fractions** in [0, 1], the per-class VOC AP with the class names, the checkpoint path, the dataset, the split, the
+number of images scored and the number left out as unreadable (``--skip-bad-images``). Undefined values (a class without a positive image) are written as ``null``.
 
 The dataset's classes must be the checkpoint's classes; when they are the same names in another order the label
 columns are reordered to the checkpoint's order.
@@ -37,7 +37,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch.utils.data import DataLoader
 
-from ._cli import ArgumentParser, check_output_file
+from ._cli import ArgumentParser, check_output_file, stop_on_termination
 from ._files import standard_stream
 from ._loader import batches, end_quietly_on_sigterm
 from .checkpoint import atomic_write
@@ -91,8 +91,8 @@ def evaluate_checkpoint(
     Returns:
         dict with ``metrics`` ({name: fraction in [0, 1] or None}, keys of :data:`dsrb.metrics.METRIC_KEYS`),
         ``per_class_ap`` ([{"class": name, "ap": fraction or None}] in class order), ``checkpoint``, ``dataset``,
-        ``data_root``, ``split``, ``num_images``, ``num_classes``, ``image_size``, ``amp`` and ``epoch`` (of the
-        checkpoint).
+        ``data_root``, ``split``, ``num_images`` (scored), ``skipped_images`` (unreadable ones left out by
+        ``skip_bad``), ``num_classes``, ``image_size``, ``amp`` and ``epoch`` (of the checkpoint).
     """
     from .data import DATASETS, TestTransform, build_dataset
     from .data.registry import check_root
@@ -171,6 +171,7 @@ def evaluate_checkpoint(
         "data_root": None if data_root is None else os.fspath(data_root),
         "split": split,
         "num_images": int(scores_t.shape[0]),
+        "skipped_images": int(ds.skipped),  # unreadable, left out (skip_bad): the metrics are of the others only
         "num_classes": C,
         "image_size": size,
         "amp": amp,
@@ -255,4 +256,7 @@ def main(argv=None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
+    # A kill (SIGTERM, SIGHUP) stops it as Ctrl-C does, one "interrupted" line: its atomic writes remove their
+    # temporary files, where a kill left one, which a later run on that folder took for an image.
+    stop_on_termination()
     run_main("python -m dsrb.evaluate", main)

@@ -197,7 +197,10 @@ def load_model(checkpoint_path: PathLike, *, device: Union[str, torch.device] = 
                               f"{class_names[dup[0]]!r}; expected distinct names (as every dataset has)")
     config = state.get("config") or {}
     if not isinstance(config, dict):
-        config = dict(config) if hasattr(config, "keys") else {}
+        if not hasattr(config, "keys"):  # a list or a string was ignored: the image size fell back to 448
+            raise CheckpointError(f"checkpoint {path}: 'config' must be a mapping of the run's settings, got a "
+                                  f"{type(config).__name__}")
+        config = dict(config)
     try:
         model = DSRB(num_classes, word_features=None, pretrained=None, backend=backend, **kwargs)
     except (TypeError, ValueError) as err:

@@ -44,7 +44,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from ._cli import ArgumentParser, check_output_file
+from ._cli import ArgumentParser, check_output_file, stop_on_termination
 from .checkpoint import atomic_write
 from .config import check_device
 from .inference import (BACKENDS, IMAGE_EXTENSIONS, check_finite_logits, check_image_size, check_non_negative,
@@ -193,4 +193,7 @@ def main(argv=None) -> List[Dict]:
 
 
 if __name__ == "__main__":
+    # A kill (SIGTERM, SIGHUP) stops it as Ctrl-C does, one "interrupted" line: its atomic writes remove their
+    # temporary files, where a kill left one, which a later run on that folder took for an image.
+    stop_on_termination()
     run_main("python -m dsrb.predict", main)

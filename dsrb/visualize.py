@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ._cli import ArgumentParser, check_output_dir
+from ._cli import ArgumentParser, check_output_dir, stop_on_termination
 from ._files import name_max
 from .checkpoint import atomic_write
 from .config import check_device
@@ -245,4 +245,7 @@ def main(argv=None) -> List[str]:
 
 
 if __name__ == "__main__":
+    # A kill (SIGTERM, SIGHUP) stops it as Ctrl-C does, one "interrupted" line: its atomic writes remove their
+    # temporary files, where a kill left one, which a later run on that folder took for an image.
+    stop_on_termination()
     run_main("python -m dsrb.visualize", main, reduce="--image-size")  # one image at a time: no --batch-size

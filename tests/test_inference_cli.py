@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -177,6 +179,21 @@ def test_a_checkpoint_whose_class_names_are_no_list_is_refused(setup, tmp_path):
         with pytest.raises(CheckpointError, match=rf"^checkpoint .*names\.pt: 'class_names' must be a list of 3 names, "
                                                   rf"got a {kind}$"):
             load_model(ckpt)
+
+
+def test_a_checkpoint_whose_config_is_no_mapping_is_refused(setup, tmp_path):
+    """A config that is no mapping (a hand-edited file) was ignored: the image size and the dataset fell back to the
+    defaults (448), which gave other scores without a word. Now a CheckpointError naming the key; a mapping that is
+    no dict is still read."""
+    state = torch.load(setup["ckpt"], weights_only=False)
+    ckpt = str(tmp_path / "config.pt")
+    for config, kind in ((["image_size", 64], "list"), ("image_size: 64", "str")):
+        torch.save({**state, "config": config}, ckpt)
+        with pytest.raises(CheckpointError, match=rf"^checkpoint .*config\.pt: 'config' must be a mapping of the "
+                                                  rf"run's settings, got a {kind}$"):
+            load_model(ckpt)
+    torch.save({**state, "config": collections.OrderedDict(state["config"])}, ckpt)
+    assert load_model(ckpt)[1]["image_size"] == load_model(setup["ckpt"])[1]["image_size"]
 
 
 def test_load_images(setup, tmp_path):
@@ -904,6 +921,35 @@ def test_visualize_reads_every_image_before_writing_a_png(setup, tmp_path):
     assert os.listdir(out) == ["img_0_cat.png"] and (out / "img_0_cat.png").read_bytes() == b"earlier overlay"
 
 
+@pytest.mark.parametrize("tool", ["predict", "evaluate", "visualize"])
+def test_a_kill_stops_the_tool_as_ctrl_c_does(setup, tmp_path, tool):
+    """SIGTERM (a scheduler, ``docker stop``) ended dsrb.predict, evaluate and visualize mid-write without a word,
+    leaving the atomic write's temporary file beside --out (in visualize's --out-dir, taken for an image by a later
+    run on that folder). They stop as Ctrl-C does: the temporary file removed, one "interrupted" line."""
+    out = tmp_path / "out"
+    given = {"predict": [setup["images"][0], "--out", str(out)], "evaluate": ["--workers", "0", "--out", str(out)],
+             "visualize": [setup["images"][0], "--out-dir", str(out)]}[tool]
+    code = "\n".join([
+        "import os, runpy, signal, sys",
+        "import dsrb.checkpoint as checkpoint",
+        "real = checkpoint.atomic_write",
+        "def killed(path, write):",  # the kill comes while the file is half written
+        "    def partial(f):",
+        "        f.write(b'{')",
+        "        os.kill(os.getpid(), signal.SIGTERM)",
+        "        write(f)",
+        "    real(path, partial)",
+        "checkpoint.atomic_write = killed",
+        f"sys.argv = ['dsrb.{tool}', '--checkpoint', {setup['ckpt']!r}, '--device', 'cpu', *{given!r}]",
+        f"runpy.run_module('dsrb.{tool}', run_name='__main__', alter_sys=True)",
+    ])
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode in (-signal.SIGINT, 128 + signal.SIGINT), (proc.returncode, proc.stderr)
+    assert proc.stderr.strip().splitlines()[-1] == f"python -m dsrb.{tool}: interrupted", proc.stderr
+    left = [os.path.join(d, n) for d, _, names in os.walk(tmp_path) for n in names]
+    assert left == [], left  # neither a result nor a temporary file
+
+
 def test_visualize_interrupted_write_leaves_no_partial_png(setup, tmp_path, monkeypatch):
     """Ctrl-C in the middle of writing a PNG: the file is absent (or the previous run's, whole), never truncated,
     and no temporary file is left."""
@@ -1411,6 +1457,29 @@ def test_evaluate_warns_once_of_classes_without_a_positive(setup, tmp_path):
     said = [str(w.message) for w in seen if "no positive image" in str(w.message)]
     assert len(said) == 1 and "1 (dog house)" in said[0], said
     assert [e["ap"] is None for e in result["per_class_ap"]] == [False, True, False]
+
+
+def test_evaluate_records_the_images_it_left_out_as_unreadable(setup, tmp_path):
+    """--skip-bad-images scores the readable images only; the JSON said how many it scored, not that any were left
+    out (a warning on stderr only), so a result file alone could not tell a partial split from a whole one."""
+    from dsrb.evaluate import main
+
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(setup["data"], "images"), data / "images")
+    (data / "images" / "bad.png").write_bytes(b"not an image")
+    (data / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    good = sorted(p for p in os.listdir(data / "images") if p != "bad.png")[:2]
+    (data / "test.csv").write_text("path,labels\n" + "".join(f"images/{p},cat\n" for p in good)
+                                   + "images/bad.png,tree\n")
+    out = tmp_path / "eval.json"
+    main(["--checkpoint", setup["ckpt"], "--data-root", str(data), "--workers", "0", "--device", "cpu", "--out",
+          str(out), "--skip-bad-images"])
+    written = json.loads(out.read_text())
+    assert (written["num_images"], written["skipped_images"]) == (2, 1), written
+    (data / "test.csv").write_text("path,labels\n" + "".join(f"images/{p},cat\n" for p in good))
+    main(["--checkpoint", setup["ckpt"], "--data-root", str(data), "--workers", "0", "--device", "cpu", "--out",
+          str(out)])
+    assert json.loads(out.read_text())["skipped_images"] == 0
 
 
 def test_evaluate_refuses_a_split_without_a_readable_image(setup, tmp_path):
