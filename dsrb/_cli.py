@@ -144,7 +144,8 @@ def quiet_interrupt(prog: str) -> None:
     """Ctrl-C that no handler of the tool catches (while torch is imported or the extension is built on first use,
     before ``main`` runs) prints one "<prog>: interrupted" line instead of a traceback; the exit status stays the
     interrupted one (130). Output piped to a reader that stopped early (``| head``) ends the tool silently, exit
-    status 1. Other uncaught exceptions are printed as before."""
+    status 1. A torch that is installed but fails to import (a missing CUDA library, a broken install) is one error
+    line, exit status 1. Other uncaught exceptions are printed as before."""
     default = sys.excepthook
 
     def hook(kind, value, tb):
@@ -152,10 +153,26 @@ def quiet_interrupt(prog: str) -> None:
             say(f"{prog}: interrupted")
         elif issubclass(kind, BrokenPipeError):
             discard(sys.stdout)
+        elif _raised_importing_torch(tb):
+            first = (str(value).strip().splitlines() or [""])[0]
+            say(f"{prog}: error: torch is installed but cannot be imported ({kind.__name__}: {first}); reinstall the "
+                f"PyTorch build that fits this machine (CPU or CUDA: https://pytorch.org/get-started/locally gives "
+                f"the command) in this Python ({sys.executable})")
         else:
             default(kind, value, tb)
 
     sys.excepthook = hook
+
+
+def _raised_importing_torch(tb) -> bool:
+    """Whether a traceback passes through the module code of torch/__init__.py: the error came as torch was imported."""
+    suffix = os.path.join("torch", "__init__.py")
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "<module>" and code.co_filename.endswith(suffix):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 _TERMINATED = False  # set by stop_on_termination's handler, for check_termination

@@ -11,6 +11,8 @@ import torch
 import dsrb.ops as ops
 from dsrb import info
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def _info(**env):
     return subprocess.run([sys.executable, "-m", "dsrb.info"], capture_output=True, text=True, timeout=900,
@@ -130,6 +132,23 @@ def test_a_python_without_torch_is_one_error_line_saying_how_to_install_it(tool)
     assert res.stderr == (f"python -m {tool}: error: torch is not installed in this Python ({sys.executable}); "
                           "install PyTorch >= 2.6 first, the build that fits your machine (CPU or CUDA: "
                           "https://pytorch.org/get-started/locally gives the command)\n"), res.stderr
+
+
+@pytest.mark.parametrize("tool", ["dsrb.info", "dsrb.train"])
+def test_a_torch_that_fails_to_import_is_one_error_line(tmp_path, tool):
+    """A torch that is installed but cannot be imported (a CUDA library missing, a broken install) ended every tool,
+    dsrb.info included, in a traceback from inside torch's import: now one error line with torch's own message."""
+    broken = tmp_path / "torch"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise OSError('libtorch_cuda.so: cannot open shared object file')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), ROOT])}
+    res = subprocess.run([sys.executable, "-m", tool], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=tmp_path)
+    assert res.returncode == 1 and res.stdout == "", res.stderr
+    assert res.stderr == (f"python -m {tool}: error: torch is installed but cannot be imported (OSError: "
+                          "libtorch_cuda.so: cannot open shared object file); reinstall the PyTorch build that fits "
+                          "this machine (CPU or CUDA: https://pytorch.org/get-started/locally gives the command) in "
+                          f"this Python ({sys.executable})\n"), res.stderr
 
 
 def test_info_takes_no_arguments(capsys):
