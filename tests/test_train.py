@@ -992,15 +992,13 @@ def test_single_process_tools_refuse_torchrun(tmp_path, tool):
                                      "sets it for every process"), result.stderr[-3000:]
 
 
-def test_nccl_rank_without_a_gpu_of_its_own_is_one_error_before_joining(monkeypatch):
-    """torchrun starting more processes on a node than it has GPUs: the rank whose LOCAL_RANK has none joined the
-    NCCL group, then ended in CUDA's "invalid device ordinal" traceback from torch.cuda.set_device. Now a ValueError
-    names LOCAL_RANK, the GPUs the rank sees and what to do, before joining. Without CUDA (or with --device cpu) the
-    rank joins a gloo group, whatever its LOCAL_RANK."""
-    import torch.distributed as dist
+class Joined(Exception):
+    """Raised, with the backend's name, by the faked ``init_process_group`` of :func:`_node_of_two_gpus`."""
 
-    class Joined(Exception):
-        pass
+
+def _node_of_two_gpus(monkeypatch):
+    """A node with two GPUs, as torch sees it, where joining a process group raises :class:`Joined` instead."""
+    import torch.distributed as dist
 
     def join(backend):
         raise Joined(backend)
@@ -1009,6 +1007,15 @@ def test_nccl_rank_without_a_gpu_of_its_own_is_one_error_before_joining(monkeypa
     monkeypatch.setattr(dist, "init_process_group", join)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    return Joined
+
+
+def test_nccl_rank_without_a_gpu_of_its_own_is_one_error_before_joining(monkeypatch):
+    """torchrun starting more processes on a node than it has GPUs: the rank whose LOCAL_RANK has none joined the
+    NCCL group, then ended in CUDA's "invalid device ordinal" traceback from torch.cuda.set_device. Now a ValueError
+    names LOCAL_RANK, the GPUs the rank sees and what to do, before joining. Without CUDA (or with --device cpu) the
+    rank joins a gloo group, whatever its LOCAL_RANK."""
+    _node_of_two_gpus(monkeypatch)
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -1037,15 +1044,7 @@ def test_nccl_rank_without_a_gpu_of_its_own_is_one_error_before_joining(monkeypa
 def test_a_gpu_index_under_torchrun_is_one_error_before_joining(monkeypatch):
     """--device cuda:1 under torchrun put the model of every rank on GPU 1 while the process group took LOCAL_RANK's
     GPU: NCCL's "Duplicate GPU detected" where ranks share a node. It is refused, naming what to give instead."""
-    import torch.distributed as dist
-
-    def join(backend):
-        raise AssertionError(f"joined {backend}")
-
-    monkeypatch.setattr(dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(dist, "init_process_group", join)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    _node_of_two_gpus(monkeypatch)  # joining would raise Joined, not the ValueError expected
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(ValueError, match=r"^setting 'device' \(--device\): 'cuda:1' would put every rank of the "
