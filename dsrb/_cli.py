@@ -35,17 +35,18 @@ deferred_failure: Optional[Exception] = None
 
 
 def start(prog: str, *, one_process: bool = True, require_ext: bool = True) -> None:
-    """The first lines of every tool's ``__main__``: :func:`quiet_interrupt`; a Python without torch one error line
-    saying how to install it; ``-h``/``--help`` answered without compiling the extension (the tools' imports build it
-    on first use, a minute; help needs none of it); a
-    ``one_process`` tool started as one of several processes (torchrun: WORLD_SIZE > 1) stops with one error line;
-    the extension's on/off environment variables checked (one error line for a bad value, or for DSRB_BUILD_CUDA=1
-    without nvcc where a build is needed); and, with
-    ``require_ext``, a missing extension under DSRB_REQUIRE_EXT=1 one error line with the reason, where the tool's
-    imports would raise it as a traceback (dsrb.info passes False: it reports first, then fails). dsrb.train under
-    torchrun gets these two errors as :data:`deferred_failure` instead."""
+    """The first lines of every tool's ``__main__``: :func:`quiet_interrupt` and :func:`stop_on_termination` (a kill
+    while torch is imported or the extension built is then one "interrupted" line, not a silent end); a Python
+    without torch one error line saying how to install it; ``-h``/``--help`` answered without compiling the
+    extension (the tools' imports build it on first use, a minute; help needs none of it); a ``one_process`` tool
+    started as one of several processes (torchrun: WORLD_SIZE > 1) stops with one error line; the extension's on/off
+    environment variables checked (one error line for a bad value, or for DSRB_BUILD_CUDA=1 without nvcc where a
+    build is needed); and, with ``require_ext``, a missing extension under DSRB_REQUIRE_EXT=1 one error line with
+    the reason, where the tool's imports would raise it as a traceback (dsrb.info passes False: it reports first,
+    then fails). dsrb.train under torchrun gets these two errors as :data:`deferred_failure` instead."""
     global deferred_failure
     quiet_interrupt(prog)
+    stop_on_termination()
     import importlib.util
 
     # Without torch every tool's imports (dsrb.info's too, the tool run to diagnose an install) ended in

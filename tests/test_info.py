@@ -2,6 +2,7 @@
 
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -149,6 +150,21 @@ def test_a_torch_that_fails_to_import_is_one_error_line(tmp_path, tool):
                           "libtorch_cuda.so: cannot open shared object file); reinstall the PyTorch build that fits "
                           "this machine (CPU or CUDA: https://pytorch.org/get-started/locally gives the command) in "
                           f"this Python ({sys.executable})\n"), res.stderr
+
+
+@pytest.mark.parametrize("tool", ["dsrb.info", "dsrb.train", "dsrb.predict"])
+def test_a_kill_while_torch_is_imported_is_the_interrupted_line(tmp_path, tool):
+    """A SIGTERM before the tool's main (torch's import, the first-use build) ended it at once, without a word and
+    with status -15; now as Ctrl-C there: one interrupted line and the interrupted status. The torch imported here
+    sends itself the signal, then waits."""
+    slow = tmp_path / "torch"
+    slow.mkdir()
+    (slow / "__init__.py").write_text("import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(60)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), ROOT])}
+    res = subprocess.run([sys.executable, "-m", tool], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=tmp_path, preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    assert res.returncode == -signal.SIGINT and res.stdout == "", (res.returncode, res.stderr)
+    assert res.stderr == f"python -m {tool}: interrupted\n", res.stderr
 
 
 def test_info_takes_no_arguments(capsys):
