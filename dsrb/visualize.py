@@ -85,11 +85,25 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> Image.Im
     return Image.blend(base, Image.fromarray(colormap(heat)), alpha)
 
 
+def _split_names(text: str, class_names: List[str]) -> List[str]:
+    """A comma-separated list of names, where a class whose name holds commas is matched whole: at each piece the
+    longest run of pieces that joins into a class name is one name (a piece that starts none is kept as given, for
+    the unknown-name error)."""
+    pieces = text.split(",")
+    known = {n.strip() for n in class_names}
+    names, i = [], 0
+    while i < len(pieces):
+        end = next((j for j in range(len(pieces), i + 1, -1) if ",".join(pieces[i:j]).strip() in known), i + 1)
+        names.append(",".join(pieces[i:end]))
+        i = end
+    return names
+
+
 def _resolve_classes(classes, class_names: List[str]) -> Optional[List[int]]:
     if classes is None:
         return None
     if isinstance(classes, str):
-        classes = [c for c in classes.split(",")]
+        classes = _split_names(classes, class_names)
     names = [str(c).strip() for c in classes]
     names = [n for n in names if n]
     if not names:
@@ -154,8 +168,8 @@ def visualize(
     Args:
         checkpoint: training checkpoint (best.pt / last.pt).
         images: an image path, a folder, or a list of paths and folders.
-        classes: class names (a list or a comma-separated string) to show for every image; default: each image's
-            ``top_k`` most probable classes.
+        classes: class names (a list or a comma-separated string, where a name holding commas is matched whole,
+            the longest first) to show for every image; default: each image's ``top_k`` most probable classes.
         top_k: number of most probable classes when ``classes`` is None (default 3; capped at C).
         out_dir: output folder (created).
         device: "auto", "cpu", "cuda", ...
@@ -220,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="training checkpoint (best.pt / last.pt)")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files and/or folders")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--classes", default=None, help="comma-separated class names to show (default: top-k)")
+    group.add_argument("--classes", default=None,
+                       help="comma-separated class names to show; a name holding commas is matched whole (default: "
+                            "top-k)")
     group.add_argument("--top-k", type=positive_int, default=None,
                        help=f"show the K most probable classes of each image (default {DEFAULT_TOP_K})")
     parser.add_argument("--out-dir", default="attention", help="output folder (default attention/)")

@@ -727,6 +727,20 @@ def test_visualize(setup, tmp_path, capsys):
     assert sorted(os.path.basename(p).split("_")[1] for p in split) == ["0", "1"]
 
 
+def test_visualize_classes_take_a_name_that_holds_commas():
+    """A class named "bed, double" could not be chosen: --classes split it into "bed" and "double". A name holding
+    commas is matched whole, the longest first; other names are split at commas as before."""
+    from dsrb.visualize import _resolve_classes
+
+    names = ["bed", "bed, double", "bed, double, bunk", "cat", "dog"]
+    assert _resolve_classes("bed, double", names) == [1]
+    assert _resolve_classes("cat,bed, double, bunk,dog", names) == [3, 2, 4]
+    assert _resolve_classes("bed,cat", names) == [0, 3]
+    assert _resolve_classes(["bed, double", "cat"], names) == [1, 3]  # a list holds names, never split
+    with pytest.raises(ValueError, match=r"unknown class name\(s\) \['double', 'bunk'\]"):
+        _resolve_classes("cat,double, bunk", names)  # no class starts at "double": each piece is a name
+
+
 def test_colormap_and_maps():
     from dsrb.visualize import attention_maps, colormap
 
