@@ -94,7 +94,8 @@ class Dist:
 
 def setup_distributed(cfg: TrainConfig) -> Dist:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); NCCL on CUDA, gloo otherwise. Under NCCL
-    a LOCAL_RANK with no GPU of its own is a ValueError, before joining, as is a device with an index (cuda:N)."""
+    a LOCAL_RANK with no GPU of its own is a ValueError, before joining, as is a device with an index (cuda:N), and
+    so are ranks that would join with different backends (:func:`_join_group`)."""
     world = _cli.env_int("WORLD_SIZE", 1)
     if world <= 1:
         return Dist()
@@ -117,11 +118,31 @@ def setup_distributed(cfg: TrainConfig) -> Dist:
                          f"node, but this one sees {seen}; start at most {count} processes per node (torchrun "
                          f"--nproc_per_node {count}), or train on the CPUs with --device cpu (gloo)")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        _join_group("nccl" if use_cuda else "gloo")
     d = Dist(dist.get_rank(), dist.get_world_size(), local_rank)
     if use_cuda:
         torch.cuda.set_device(d.local_rank)
     return d
+
+
+def _join_group(backend: str) -> None:
+    """``init_process_group(backend)`` over torchrun's store (env://), once every rank has said there with which
+    backend it joins: the ranks of nodes with and without a GPU (or of ``--device cpu`` on some nodes only) chose
+    NCCL and gloo, and each waited in its own backend's set-up for the others until the timeout (30 minutes). Now
+    every rank stops with one ValueError naming the ranks of each backend."""
+    store, rank, world = next(dist.rendezvous("env://"))
+    # Keys of their own (the group's are under "default_pg/", as init_process_group puts them), per restart of an
+    # elastic job, whose store may outlive a round.
+    prefix = f"dsrb/backend/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    store.set(f"{prefix}{rank}", backend)
+    chosen = [store.get(f"{prefix}{r}").decode() for r in range(world)]  # each waits for that rank to set it
+    if len(set(chosen)) > 1:
+        ranks = {b: [str(r) for r, c in enumerate(chosen) if c == b] for b in ("nccl", "gloo")}
+        raise ValueError(f"the ranks would join the process group with different backends: NCCL (a GPU each) on "
+                         f"rank(s) {', '.join(ranks['nccl'])}, gloo (no GPU, or --device cpu) on rank(s) "
+                         f"{', '.join(ranks['gloo'])}; give every rank --device cpu to train on the CPUs, or start "
+                         "the job on nodes that all have GPUs")
+    dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world)
 
 
 def _group_device():

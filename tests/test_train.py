@@ -1004,7 +1004,7 @@ def _node_of_two_gpus(monkeypatch):
         raise Joined(backend)
 
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(dist, "init_process_group", join)
+    monkeypatch.setattr(train, "_join_group", join)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     return Joined
@@ -1052,6 +1052,29 @@ def test_a_gpu_index_under_torchrun_is_one_error_before_joining(monkeypatch):
         train.setup_distributed(TrainConfig(device="cuda:1"))
     monkeypatch.setenv("WORLD_SIZE", "1")  # one process: its GPU as given
     assert not train.setup_distributed(TrainConfig(device="cuda:1")).enabled
+
+
+MIXED_NODES_LAUNCHER = """
+import os, sys
+import torch
+if os.environ["RANK"] == "0":  # a node with GPUs, as torch sees it; rank 1's has none
+    torch.cuda.is_available = lambda: True
+    torch.cuda.device_count = lambda: 2
+from dsrb import train
+train.cli(sys.argv[2:])
+"""
+
+
+def test_ranks_on_nodes_with_and_without_gpus_stop_instead_of_waiting(data_root, tmp_path):
+    """Under --device auto a node with GPUs joined with NCCL and one without with gloo: each rank waited in its own
+    backend's set-up for the other, 30 minutes (launch_ranks' 300 s here). Every rank now stops with one error
+    naming the ranks of each backend, before joining."""
+    (rc0, err0), (rc1, err1) = launch_ranks(tmp_path, 0, args(data_root, tmp_path / "run", 1, "--device", "auto"),
+                                            script=MIXED_NODES_LAUNCHER)
+    line = ("python -m dsrb.train: error: the ranks would join the process group with different backends: NCCL (a "
+            "GPU each) on rank(s) 0, gloo (no GPU, or --device cpu) on rank(s) 1; give every rank --device cpu to "
+            "train on the CPUs, or start the job on nodes that all have GPUs\n")
+    assert (rc0, err0) == (1, line) and (rc1, err1) == (1, line), (err0, err1)
 
 
 @pytest.mark.parametrize("name, value", [("WORLD_SIZE", "2x"), ("LOCAL_RANK", "-1"), ("RANK", "\uff11")])
