@@ -328,6 +328,22 @@ def _interrupt(*args, **kwargs):
     raise KeyboardInterrupt
 
 
+def test_a_run_whose_test_map_was_nan_every_epoch_has_no_result(tmp_path):
+    """A run whose test mAP was NaN every epoch (no scored test image with a positive label, e.g. a small
+    --limit-test-batches) keeps the trainer's initial best, epoch -1 and mAP -1.0, in summary.json: the report read it
+    as a best mAP of -100 % and averaged it into the table. It is a run without a result, named as such."""
+    run = proportions.plan(str(tmp_path), ["dsrb"], [0.5], [0])[0]
+    os.makedirs(run.directory)
+    for name, value in (("summary.json", {"best_mAP": -1.0, "best_epoch": -1}),
+                        ("sweep_run.json", {"seconds": 1.0, "threads": 1, "command": []})):
+        with open(os.path.join(run.directory, name), "w") as f:
+            json.dump(value, f)
+    with open(os.path.join(run.directory, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"epoch": 0, "mAP": math.nan}) + "\n")
+    with pytest.raises(proportions.NoResult, match=r"runs/dsrb-p0\.50-s0: no epoch has a test mAP"):
+        proportions._result(run)
+
+
 def test_an_extended_sweep_interrupted_at_once_reports_itself_incomplete(tmp_path, monkeypatch):
     """A finished grid extended by a seed and interrupted before a new run finished kept the earlier call's table.md,
     which said nothing of the new runs and read as complete."""
