@@ -345,6 +345,64 @@ def test_without_ties_the_official_ap(seed):
         assert pap[k].item() == pytest.approx(ref_plain_ap(s_c, g_c, grouped=False), abs=1e-12)
 
 
+
+def definition_ap(scores_c: list[float], truth_c: list[bool], interpolated: bool) -> float:
+    """AP straight from its definition, independent of any ranking loop: the mean over the positives of the precision
+    of the threshold at the positive's score, P(t) = #positives with score >= t / #images with score >= t (ties
+    grouped); interpolated (VOC), the best P(t) at that recall or beyond, i.e. over the thresholds t <= the score."""
+    positives = [s for s, g in zip(scores_c, truth_c) if g]
+    if not positives:
+        return math.nan
+
+    def precision(t):
+        return sum(s >= t for s in positives) / sum(s >= t for s in scores_c)
+
+    if interpolated:
+        return sum(max(precision(t) for t in scores_c if t <= s) for s in positives) / len(positives)
+    return sum(precision(s) for s in positives) / len(positives)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided", "one image"])
+def test_ap_from_its_definition(dtype, layout):
+    """Per-class AP and its mean, against the definition, with ties, -1 and 0 negatives, a class without a positive
+    (NaN, out of the mean), low-precision and non-contiguous scores and a single image."""
+    scores, targets = random_case(7, n=40, c=5, ties=True, empty_class=True)
+    scores = scores.to(dtype) + torch.randn(40, 5, generator=torch.Generator().manual_seed(1)).to(dtype) * (
+        torch.arange(5) % 2).to(dtype)  # odd classes without ties (beyond their dtype's rounding)
+    if layout == "transposed":
+        scores, targets = scores.t().contiguous().t(), targets.t().contiguous().t()
+    elif layout == "strided":
+        scores, targets = scores[::3], targets[::3]
+    elif layout == "one image":
+        scores, targets = scores[:1], targets[:1]
+    exact = scores.double()  # the metrics of the scores as they are in their dtype
+    want_voc = [definition_ap(exact[:, k].tolist(), (targets[:, k] > 0).tolist(), True) for k in range(5)]
+    want_plain = [definition_ap(exact[:, k].tolist(), (targets[:, k] > 0).tolist(), False) for k in range(5)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the class(es) without a positive
+        m, ap = voc_map(scores, targets)
+        a, pap = average_precision(scores, targets)
+    torch.testing.assert_close(ap, torch.tensor(want_voc, dtype=torch.float64), rtol=0, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(pap, torch.tensor(want_plain, dtype=torch.float64), rtol=0, atol=1e-12,
+                               equal_nan=True)
+    assert math.isnan(ap[2]) and math.isnan(pap[2])
+    for got, want in ((m, want_voc), (a, want_plain)):
+        defined = [v for v in want if not math.isnan(v)]
+        assert (got == pytest.approx(sum(defined) / len(defined), abs=1e-12)) if defined else math.isnan(got)
+
+
+@pytest.mark.parametrize("ties", [True, False])
+def test_average_precision_is_scikit_learns(ties):
+    """The non-interpolated AP is scikit-learn's average_precision_score (ties as one threshold), per class."""
+    sk = pytest.importorskip("sklearn.metrics")
+    scores, targets = random_case(5, ties=ties)
+    _, ap = average_precision(scores, targets)
+    for k in range(scores.shape[1]):
+        want = sk.average_precision_score((targets[:, k] > 0).numpy(), scores[:, k].numpy())
+        assert ap[k].item() == pytest.approx(want, abs=1e-12), k
+
+
 def test_input_variants():
     scores, targets = random_case(7, ties=False)
     base = compute_metrics(scores, targets)

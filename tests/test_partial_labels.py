@@ -109,6 +109,21 @@ def test_nested_across_proportions():
         assert torch.equal(t[k].long(), torch.from_numpy(labels)[k])
 
 
+
+def test_hidden_per_entry_positives_and_negatives_alike():
+    """Spec §7.2: one draw per (image, label) entry, neither per image nor per class nor class-balanced: about p of
+    the positives and p of the negatives stay known, and most images keep some of their labels and hide others."""
+    labels = _labels(2000, 20)
+    for p in (0.1, 0.5, 0.9):
+        d = known_fraction(make_partial_labels(labels, p), labels)
+        assert d["mismatched"] == 0
+        for key in ("fraction", "positive_fraction", "negative_fraction"):
+            assert abs(d[key] - p) < 0.03, (p, key, d[key])
+        known = make_partial_labels(labels, p).numpy() != 0
+        mixed = known.any(1) & ~known.all(1)
+        assert mixed.mean() > 0.8, p
+
+
 def test_zero_labels_stay_zero():
     labels = np.array([[1, 0, -1], [0, 0, 1]])
     for p in (0.5, 1.0):
