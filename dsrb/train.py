@@ -720,6 +720,13 @@ def _resolve_settings(cfg: TrainConfig, explicit: Dict[str, Any]) -> TrainConfig
     return TrainConfig(**saved).validate()
 
 
+def _best_text(best: Dict[str, Any]) -> str:
+    """The log's words for the best epoch so far; the starting best (epoch -1, mAP -1) is no result to show."""
+    if best["epoch"] < 0:
+        return "no epoch has a test mAP yet"
+    return f"best mAP {100 * best['mAP']:.2f} at epoch {best['epoch']}"
+
+
 def _warn_inexact_resume(cfg: TrainConfig, state: Dict[str, Any], world: int, device: torch.device,
                          served: Dict[str, str]) -> None:
     """A resumed run ends exactly where an uninterrupted one ends only with the same worker and process counts (they
@@ -1116,8 +1123,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
             raise ValueError(f"setting 'epochs' (--epochs): the run in {out} has already trained {start_epoch} "
                              f"epochs; give --epochs {start_epoch} or more to resume it, got {cfg.epochs}")
         set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)])
-        log.info("resumed from %s at epoch %d (best mAP %.2f at epoch %d)", last_path, start_epoch,
-                 100 * best["mAP"], best["epoch"])
+        log.info("resumed from %s at epoch %d (%s)", last_path, start_epoch, _best_text(best))
         _warn_inexact_resume(cfg, state, d.world, device, served)
 
     def start_run_directory():  # every setting is checked: now the run directory
@@ -1160,9 +1166,9 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
         improved = metrics["mAP"] > best["mAP"]
         if improved:
             best = {"epoch": epoch, "mAP": metrics["mAP"]}
-        log.info("epoch %d: mAP %.2f (best %.2f at %d), OF1 %.2f, CF1 %.2f, loss %.4f, %.1f img/s", epoch,
-                 100 * metrics["mAP"], 100 * best["mAP"], best["epoch"], 100 * metrics["OF1"], 100 * metrics["CF1"],
-                 stats["loss"], stats["train_images_per_s"])
+        log.info("epoch %d: mAP %.2f (%s), OF1 %.2f, CF1 %.2f, loss %.4f, %.1f img/s", epoch, 100 * metrics["mAP"],
+                 _best_text(best), 100 * metrics["OF1"], 100 * metrics["CF1"], stats["loss"],
+                 stats["train_images_per_s"])
         rngs = [rng_state()]
         if d.enabled:
             rngs = [None] * d.world
@@ -1189,12 +1195,14 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
 
         main_first(d, write_epoch)
 
-    summary = {"best_epoch": best["epoch"], "best_mAP": best["mAP"], "epochs": cfg.epochs, "out": out,
+    found = best["epoch"] >= 0  # else no epoch had a test mAP (NaN: no scored test image with a positive label)
+    summary = {"best_epoch": best["epoch"] if found else None, "best_mAP": best["mAP"] if found else None,
+               "epochs": cfg.epochs, "out": out,
                "settings": dataclasses.asdict(cfg), "versions": versions()}
 
     def finish():
         save_json(os.path.join(out, "summary.json"), summary)
-        log.info("done: best mAP %.2f at epoch %d; results in %s", 100 * best["mAP"], best["epoch"], out)
+        log.info("done: %s; results in %s", _best_text(best), out)
 
     main_first(d, finish)
     if writer is not None:

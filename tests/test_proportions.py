@@ -328,13 +328,15 @@ def _interrupt(*args, **kwargs):
     raise KeyboardInterrupt
 
 
-def test_a_run_whose_test_map_was_nan_every_epoch_has_no_result(tmp_path):
+@pytest.mark.parametrize("best", [None, -1])
+def test_a_run_whose_test_map_was_nan_every_epoch_has_no_result(tmp_path, best):
     """A run whose test mAP was NaN every epoch (no scored test image with a positive label, e.g. a small
-    --limit-test-batches) keeps the trainer's initial best, epoch -1 and mAP -1.0, in summary.json: the report read it
-    as a best mAP of -100 % and averaged it into the table. It is a run without a result, named as such."""
+    --limit-test-batches) has null best_epoch and best_mAP in summary.json; before 2026-12-07 the trainer's initial
+    best, epoch -1 and mAP -1.0, which the report read as a best mAP of -100 % and averaged into the table. It is a
+    run without a result, named as such."""
     run = proportions.plan(str(tmp_path), ["dsrb"], [0.5], [0])[0]
     os.makedirs(run.directory)
-    for name, value in (("summary.json", {"best_mAP": -1.0, "best_epoch": -1}),
+    for name, value in (("summary.json", {"best_mAP": None if best is None else -1.0, "best_epoch": best}),
                         ("sweep_run.json", {"seconds": 1.0, "threads": 1, "command": []})):
         with open(os.path.join(run.directory, name), "w") as f:
             json.dump(value, f)

@@ -36,6 +36,25 @@ def args(data_root, out, epochs, *extra):
     return ["--data-root", data_root, "--out", str(out), "--epochs", str(epochs), *TINY, *extra]
 
 
+def test_a_run_without_a_test_map_says_so_instead_of_a_best_of_minus_one(data_root, tmp_path, monkeypatch):
+    """Where no epoch has a test mAP (NaN: no scored test image with a positive label, a small
+    --limit-test-batches), summary.json held the trainer's starting best, epoch -1 and mAP -1.0, as a result, and
+    the log said "best -100.00 at -1". Now summary.json holds null for both and the log says there is none."""
+    real = train.evaluate
+
+    def without_map(*a, **k):
+        return {**real(*a, **k), "mAP": math.nan}
+
+    monkeypatch.setattr(train, "evaluate", without_map)
+    out = tmp_path / "run"
+    train.main(args(data_root, out, 1))
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["best_epoch"], summary["best_mAP"]) == (None, None)
+    log = (out / "train.log").read_text()
+    assert "mAP nan (no epoch has a test mAP yet)" in log and "done: no epoch has a test mAP yet" in log, log
+    assert "-100" not in log, log
+
+
 def read_metrics(out):
     with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
         return [json.loads(line) for line in f]

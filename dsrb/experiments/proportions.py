@@ -313,19 +313,17 @@ def _result(run: GridRun) -> RunResult:
     summary, records, info = read("summary.json"), read("metrics.jsonl", lines=True), read("sweep_run.json")
     if not records:
         raise NoResult(f"{where}: metrics.jsonl holds no epoch (the run stopped before its first epoch ended)")
+    if isinstance(summary, dict) and summary.get("best_epoch", 0) in (None, -1):  # null; -1 before 2026-12-07
+        raise NoResult(f"{where}: no epoch has a test mAP (NaN every epoch: no scored test image has a positive "
+                       "label; --limit-test-batches too small?)")
     try:
-        best_epoch = int(summary["best_epoch"])
-        result = RunResult(method=run.method, proportion=run.proportion, seed=run.seed,
-                           best_mAP=100 * summary["best_mAP"], best_epoch=best_epoch,
-                           final_mAP=100 * records[-1]["mAP"], epochs=len(records), seconds=float(info["seconds"]),
-                           threads=int(info["threads"]), run=where)
+        return RunResult(method=run.method, proportion=run.proportion, seed=run.seed,
+                         best_mAP=100 * summary["best_mAP"], best_epoch=int(summary["best_epoch"]),
+                         final_mAP=100 * records[-1]["mAP"], epochs=len(records), seconds=float(info["seconds"]),
+                         threads=int(info["threads"]), run=where)
     except (KeyError, TypeError, ValueError) as err:
         raise NoResult(f"{where}: its summary.json, metrics.jsonl or sweep_run.json lacks a value ({err!r})") \
             from None
-    if best_epoch < 0:  # the trainer's initial best (epoch -1, mAP -1.0) was never beaten: it is no -100 % mAP
-        raise NoResult(f"{where}: no epoch has a test mAP (NaN every epoch: no scored test image has a positive "
-                       "label; --limit-test-batches too small?)")
-    return result
 
 
 def _auto_jobs(shared: Dict[str, object]) -> int:
