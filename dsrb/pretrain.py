@@ -167,7 +167,11 @@ def _pretrain(backbone: str, width: int, image_size: int, recipe: Dict[str, Any]
     with torch.no_grad():
         for images, _, _ in batches(_loader(test_set, 64, False, 0, workers)):
             scores.append(model(images.to(device)).float().cpu())
-    metrics = compute_metrics(torch.cat(scores), test_set.labels.float(), class_names=test_set.class_names)
+    scores = torch.cat(scores)
+    if not bool(torch.isfinite(scores).all()):  # NaN: metrics' error about its argument; inf: ranked, a wrong mAP
+        raise ValueError(f"pre-training: the test logits are not all finite (the loss stayed finite); nothing is "
+                         f"saved (recipe {recipe})")
+    metrics = compute_metrics(scores, test_set.labels.float(), class_names=test_set.class_names)
     info = {"backbone": backbone, "width": width, "image_size": image_size, "recipe": recipe,
             "classes": list(train_set.class_names), "test_mAP": metrics["mAP"], "test_OF1": metrics["OF1"],
             "seconds": time.perf_counter() - start, "threads": torch.get_num_threads(),

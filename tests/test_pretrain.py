@@ -151,6 +151,19 @@ def test_a_non_finite_loss_stops_pretraining_and_caches_nothing(tmp_path, monkey
     assert not path.exists() and not path.with_suffix(".json").exists()
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_test_logits_stop_pretraining_and_cache_nothing(tmp_path, monkeypatch, value):
+    """Test logits that are not finite after a finite loss: a NaN stopped the run with "argument 'scores': contains
+    NaN" (no command has such an argument) and an inf was ranked into the logged mAP. Now one error, nothing saved."""
+    real = pretrain._Classifier.forward
+    monkeypatch.setattr(pretrain._Classifier, "forward",
+                        lambda self, x: real(self, x) if self.training else torch.full_like(real(self, x), value))
+    with pytest.raises(ValueError, match=r"pre-training: the test logits are not all finite .*; nothing is saved"):
+        pretrain.builtin_pretrained("resnet18", 4, 32, root=tmp_path, recipe=TINY_RECIPE)
+    path = pretrain.cache_path("resnet18", 4, 32, tmp_path, TINY_RECIPE)
+    assert not path.exists() and not path.with_suffix(".json").exists()
+
+
 def test_train_with_builtin_pretrained_backbone(tmp_path, monkeypatch):
     """--pretrained builtin pre-trains on first use, loads the weights and freezes stem..layer3: after training,
     the frozen layers still hold exactly the pre-trained weights."""
