@@ -334,8 +334,13 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool, class_names: 
                                      seed=cfg.label_seed, class_names=train_set.class_names,
                                      image_keys=train_set.image_keys())
     train_set.set_targets(partial)
+    fraction = known_fraction(partial, train_set.labels)
     log.info("data: %s, %d train / %d test images, %d classes; %s", cfg.dataset, len(train_set), len(test_set),
-             train_set.num_classes, format_known_fraction(known_fraction(partial, train_set.labels)))
+             train_set.num_classes, format_known_fraction(fraction))
+    if resumed and fraction["mismatched"]:  # the data's labels were edited since the run drew its known labels
+        log.warning("%d of the run's known labels disagree with the labels in the data now (edited since the run "
+                    "started?): the resumed run goes on training with the labels it started with; start a new run "
+                    "to train on the new ones", fraction["mismatched"])
     _warn_on_repeated_images(cfg.dataset, train_set, test_set)
     if resumed:  # the file is not opened: it may have moved since
         return train_set, test_set, None, save

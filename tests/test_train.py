@@ -257,6 +257,23 @@ def _spy_matmul_precision(monkeypatch):
     return seen
 
 
+def test_resume_on_data_whose_labels_were_edited_warns(data_root, tmp_path):
+    """A resume on data whose labels changed since the run started trains on the known labels the run drew then
+    (partial_labels.npz): said only inside the data line at info level, now a warning that says what happens."""
+    out, edited = tmp_path / "run", tmp_path / "edited"
+    train.main(args(data_root, out, 1))
+    shutil.copytree(data_root, edited)
+    path = edited / "annotations" / "instances_train.json"
+    instances = json.loads(path.read_text())
+    instances["annotations"] = []  # every training label negative now
+    path.write_text(json.dumps(instances))
+    train.main(["--out", str(out), "--resume", "--epochs", "2", "--data-root", str(edited)])
+    log = (out / "train.log").read_text().split("resumed from")[0].split("data: ")[-1]
+    assert re.search(r"\d+ of the run's known labels disagree with the labels in the data now \(edited "
+                     r"since the run started\?\): the resumed run goes on training with the labels it started with",
+                     log), log
+
+
 def test_resume_with_another_matmul_precision_warns(data_root, tmp_path, monkeypatch):
     """--matmul-precision (TF32 for float32 products) changes only the rounding, as --backend or the device does, and
     no saved state depends on it: a resume may change it (it was refused as a change of the run's settings), logged
