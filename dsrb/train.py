@@ -239,19 +239,45 @@ def setup_logging(out: Optional[str], main: bool) -> None:
         log.addHandler(logging.handlers.MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 1))
 
 
+#: The library's loggers whose records belong to a run's log: the images --skip-bad-images skipped (dsrb.data) and
+#: --pretrained builtin's pre-training (dsrb.pretrain). Without a handler they went to stderr only (logging's last
+#: resort), or nowhere at INFO.
+_LIBRARY_LOGGERS = ("dsrb.data", "dsrb.pretrain")
+
+
+class _ToRunLog(logging.Handler):
+    """Hands a library logger's records to the run's log (its console and train.log)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log.handle(record)
+
+
 @contextmanager
 def run_logging(main: bool):
-    """The run's log (:func:`setup_logging`, records kept until :func:`log_to_file`) with Python's warnings in it:
-    a warning raised during the run (e.g. :mod:`dsrb.metrics`' class without a positive image, a torch warning) is
-    one line of the log, on the console and in train.log, instead of stderr only. Each is still shown once per place
-    as the warning filters say; the previous display of warnings is restored after the run."""
+    """The run's log (:func:`setup_logging`, records kept until :func:`log_to_file`) with Python's warnings and the
+    records of :data:`_LIBRARY_LOGGERS` in it: a warning raised during the run (e.g. :mod:`dsrb.metrics`' class
+    without a positive image, a torch warning) is one line of the log, on the console and in train.log, instead of
+    stderr only. Each is still shown once per place as the warning filters say; the previous display of warnings and
+    the library loggers' settings are restored after the run."""
     setup_logging(None, main)
     shown = warnings.showwarning
     warnings.showwarning = _log_warning
+    to_run_log = _ToRunLog()
+    saved = []
+    for name in _LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        saved.append((library, library.level, library.propagate))
+        library.addHandler(to_run_log)
+        library.setLevel(log.level)
+        library.propagate = False  # once, through the run's log
     try:
         yield
     finally:
         warnings.showwarning = shown
+        for library, level, propagate in saved:
+            library.removeHandler(to_run_log)
+            library.setLevel(level)
+            library.propagate = propagate
 
 
 def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -1,6 +1,7 @@
 """The training CLI end to end on a tiny built-in dataset: a short run, exact resume, DDP on gloo."""
 
 import json
+import logging
 import math
 import os
 import pathlib
@@ -85,6 +86,24 @@ def test_short_run_writes_every_output(data_root, tmp_path):
     assert state["epoch"] == 3 and bool(state["model"]["prototype_bank.ready"])
     with pytest.raises(FileExistsError, match="--resume"):
         train.main(args(data_root, out, 3))
+
+
+def test_library_records_are_in_the_run_log(data_root, tmp_path, capsys):
+    """train.log is the console's log: the count of images --skip-bad-images skipped (logged by dsrb.data) is a line
+    of the run's log, on stdout and in train.log. It went to stderr through logging's last resort and was missing
+    from train.log; dsrb.pretrain's lines (--pretrained builtin's pre-training, INFO) were not shown at all."""
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    (root / "images" / "train" / "000001.png").write_bytes(b"not an image")
+    out = tmp_path / "run"
+    train.main(args(str(root), out, 1, "--skip-bad-images"))
+    line = "dataset 'builtin' (train): skipped 1 unreadable image(s) of 48"
+    captured = capsys.readouterr()
+    assert line in (out / "train.log").read_text() and line in captured.out and line not in captured.err
+    with train.run_logging(True):  # the lines of --pretrained builtin's pre-training, which logs at INFO
+        logging.getLogger("dsrb.pretrain").info("pre-training a backbone")
+    assert "pre-training a backbone" in capsys.readouterr().out
+    assert not logging.getLogger("dsrb.data").handlers and not logging.getLogger("dsrb.pretrain").handlers
 
 
 @pytest.mark.parametrize("streams", ["stdout", "stdout+stderr"])
