@@ -708,6 +708,11 @@ def _claim_default_out(cfg: TrainConfig) -> Tuple[str, List[str]]:
             continue
 
 
+# Settings that every config.json dsrb has written holds (TrainConfig's from its first version).
+_FIRST_SETTINGS = ("dataset", "known_proportion", "image_size", "backbone", "feature_dim", "method", "epochs",
+                   "batch_size", "lr", "seed")
+
+
 def _resolve_settings(cfg: TrainConfig, explicit: Dict[str, Any]) -> TrainConfig:
     """On --resume, the run's saved settings with the explicitly given ones that may change re-applied
     (:data:`dsrb.config.RESUMABLE`: epochs, device, workers, limit_*_batches, tensorboard, compile, channels_last,
@@ -723,6 +728,10 @@ def _resolve_settings(cfg: TrainConfig, explicit: Dict[str, Any]) -> TrainConfig
     if not os.path.isfile(path):
         raise FileNotFoundError(f"setting 'resume': no run to resume in {cfg.out} ({path} is missing)")
     saved = load_config_file(path)
+    missing = [name for name in _FIRST_SETTINGS if name not in saved]
+    if missing:  # {} (an emptied file) resumed as a new run of the bare defaults: ResNet-101 at 448 px, say
+        raise ValueError(f"setting 'resume': {path} does not hold the run's settings (no {', '.join(missing)}), as "
+                         "the config.json of every dsrb run does; restore it, or start a new run with another --out")
     changeable = ", ".join(n for n in RESUMABLE if n not in ("out", "resume"))
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for name, value in explicit.items():

@@ -293,6 +293,20 @@ def test_resume_on_data_whose_labels_were_edited_warns(data_root, tmp_path):
                      log), log
 
 
+def test_resume_refuses_a_config_json_without_the_runs_settings(data_root, tmp_path):
+    """A config.json emptied to {} (or missing a setting every run's has) resumed the run from the bare defaults, a
+    ResNet-101 at 448 px, where its last.pt was not written yet; it is refused, naming what it lacks."""
+    out = tmp_path / "run"
+    train.main(args(data_root, out, 1))
+    (out / "last.pt").unlink()  # a run stopped before its first checkpoint restarts from config.json alone
+    without_lr = {k: v for k, v in json.loads((out / "config.json").read_text()).items() if k != "lr"}
+    for config, lacking in (({}, "dataset, known_proportion, image_size"), (without_lr, "lr")):
+        (out / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=rf"^setting 'resume': {re.escape(str(out / 'config.json'))} does not hold "
+                                             rf"the run's settings \(no {lacking}"):
+            train.main(["--out", str(out), "--resume"])
+
+
 def test_resume_with_another_matmul_precision_warns(data_root, tmp_path, monkeypatch):
     """--matmul-precision (TF32 for float32 products) changes only the rounding, as --backend or the device does, and
     no saved state depends on it: a resume may change it (it was refused as a change of the run's settings), logged
