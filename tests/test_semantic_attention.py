@@ -56,6 +56,19 @@ def test_matches_oracle_float64(shape):
             assert_close(g, g_ref, what=f"grad {name}")
 
 
+@pytest.mark.parametrize("backend", TORCH_AND_AUTO)
+@pytest.mark.parametrize("shape", [(2, 3, 0, 4, 2), (0, 3, 2, 4, 2)], ids=["C=0", "B=0"])
+def test_empty_sums_give_zero_gradients_whatever_v(shape, backend):
+    """grad u sums over classes and grad e over rows: with none, they are 0 even where v is inf or NaN (as the
+    oracle); the torch backend multiplied the empty sums by v afterwards, NaN."""
+    inputs = make_inputs(*shape)
+    with torch.no_grad():
+        inputs[3][:] = torch.tensor([float("inf"), float("nan")])
+    _, grads = run(lambda *t: ops.semantic_attention(*t, backend=backend), inputs)
+    for name, g in zip("xuev", grads):
+        assert g is None or torch.equal(g, torch.zeros_like(g)), f"grad {name}: {g}"
+
+
 def test_official_decoupling_collapses_to_op():
     """The two chained linears fc3 -> fc4 of the official module equal scoring with v = W3^T w4 (spec §3.3)."""
     torch.manual_seed(0)

@@ -67,8 +67,12 @@ def _torch_backward(
         t = z.square_().neg_().add_(1).mul_(g[..., None])  # g * (1 - z^2), in z's buffer; v is applied below
         grad_e[c0:c1] = (t * uc[:, :, None, :]).sum((0, 1))
         grad_u += t.mul_(ec[c0:c1]).sum(2)
-    grad_u *= vc
-    grad_e *= vc
+    # v is factored out of the sums over classes (grad u) and rows (grad e): an empty one (C = 0, B = 0) is 0 whatever
+    # v holds, where 0 * inf or 0 * nan is NaN.
+    if C:
+        grad_u *= vc
+    if B:
+        grad_e *= vc
     return tuple(g.to(t.dtype).contiguous() for g, t in ((grad_x, x), (grad_u, u), (grad_e, e), (grad_v, v)))
 
 
