@@ -611,8 +611,9 @@ def test_prototype_bank_update_in_place_is_an_in_place_op(backend):
                          ids=str)
 def test_prototype_bank_update_cpu_rounding_order(sums_dtype, S_dtype):
     """The cpu kernel's exact arithmetic: a bucket's kept samples of the batch are summed from +0 in batch order in
-    the opmath type of sums (S first rounded to sums' dtype), then added to sums; an untouched bucket is sums + 0.
-    Signed zeros included (+0 + -0 == +0)."""
+    the opmath type of sums (S first rounded to sums' dtype), that sum rounded to sums' dtype and added to sums (two
+    roundings in half precision, as the other backends); an untouched bucket is sums + 0. Signed zeros included
+    (+0 + -0 == +0)."""
     g = torch.Generator().manual_seed(3)
     B, C, D, cap = 12, 6, 37, 5
     S = torch.randn(B, C, D, generator=g).to(S_dtype)
@@ -633,7 +634,7 @@ def test_prototype_bank_update_cpu_rounding_order(sums_dtype, S_dtype):
             if T[b, c] == 1 and want_counts[c, q] < cap:
                 acc[q] = acc[q] + S[b, c].to(sums_dtype).to(acc_dtype)
                 want_counts[c, q] += 1
-        want_sums[c] = (sums[c].to(acc_dtype) + acc).to(sums_dtype)
+        want_sums[c] = (sums[c].to(acc_dtype) + acc.to(sums_dtype).to(acc_dtype)).to(sums_dtype)
     bits = {torch.float16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}[sums_dtype]
     assert torch.equal(got_counts, want_counts)
     assert torch.equal(got_sums.view(bits), want_sums.view(bits))  # bitwise: the signs of zeros too
