@@ -142,3 +142,19 @@ def test_a_meta_model_runs_shapes_only():
     ready = tiny_model()  # a ready bank moved to meta keeps its host copy
     ready.prototype_bank.set_prototypes(torch.zeros(C, 4, 16))
     assert ready.to("meta").prototype_bank.is_ready()
+
+
+def test_the_graph_and_word_vectors_of_a_meta_model_and_meta_arguments():
+    """A model on meta was built, and took its graph and word vectors, only without them: their finiteness check
+    read meta values ("Tensor.item() cannot be called on meta tensors"), as set_prototypes' no longer did. A meta
+    argument for a model with values was torch's "Cannot copy out of meta tensor", naming no argument."""
+    with torch.device("meta"):
+        model = DSRB(C, word_features=torch.ones(C, 6, device="cpu"), adjacency=torch.eye(C, device="cpu"), **TINY)
+    assert model.in_matrix.device.type == "meta" and model.word_features.device.type == "meta"
+    model.set_label_graph(TARGETS)
+    model = tiny_model()
+    calls = ((model.set_adjacency, "adjacency", (C, C)), (model.set_word_features, "word_features", (C, 6)),
+             (model.prototype_bank.set_prototypes, "prototypes", (C, 4, 16)))
+    for call, name, shape in calls:
+        with pytest.raises(ValueError, match=rf"argument '{name}': expected a tensor holding values, got one on meta"):
+            call(torch.ones(shape, device="meta"))

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import dsrb.ops as ops
-from dsrb._checks import (as_tensor, check_bool, check_count, check_same_device, check_signed_targets,
+from dsrb._checks import (as_finite, as_tensor, check_bool, check_count, check_same_device, check_signed_targets,
                           check_targets, check_tensor, random_kwargs)
 
 from .gnn import GatedGNN
@@ -331,19 +331,14 @@ class DSRB(nn.Module):
         """Replace the class word vectors: (C, word_dim) tensor or array, copied into the buffer's dtype/device."""
         w = as_tensor("word_features", word_features)
         check_tensor("word_features", w, kind="float", shape=(self.num_classes, self.word_dim))
-        w = w.to(self.word_features)  # checked in the buffer's dtype: 1e5 is inf in a half-precision model
-        if not bool(torch.isfinite(w).all()):
-            raise ValueError(f"argument 'word_features': expected finite values in {w.dtype}, found NaN or inf")
-        self.word_features.copy_(w)
+        self.word_features.copy_(as_finite("word_features", w, self.word_features))
 
     @torch.no_grad()
     def set_adjacency(self, adjacency) -> None:
         """Set the label graph: in_matrix = A and out_matrix = Aᵀ for a (C, C) tensor or array A."""
         A = as_tensor("adjacency", adjacency)
         check_tensor("adjacency", A, kind="float", shape=(self.num_classes, self.num_classes))
-        A = A.to(self.in_matrix)  # checked in the buffer's dtype
-        if not bool(torch.isfinite(A).all()):
-            raise ValueError(f"argument 'adjacency': expected finite values in {A.dtype}, found NaN or inf")
+        A = as_finite("adjacency", A, self.in_matrix)
         self.in_matrix.copy_(A)
         self.out_matrix.copy_(A.T)
 

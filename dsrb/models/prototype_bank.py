@@ -9,7 +9,7 @@ from torch import nn
 
 import dsrb.ops as ops
 from dsrb.ops.prototype_bank_update import update_in_place
-from dsrb._checks import brief, check_bool, check_count, check_same_device, check_targets, check_tensor
+from dsrb._checks import as_finite, brief, check_bool, check_count, check_same_device, check_targets, check_tensor
 
 __all__ = ["PrototypeBank", "COMPAT_MODES"]
 
@@ -217,11 +217,7 @@ class PrototypeBank(nn.Module):
         """Use the given prototypes instead of a prototype pass (e.g. the spatial sums of official prototype maps):
         ``prototypes`` (C, 4, D) float, ``valid`` (C,) bool (default: every class). The bank is then ready."""
         check_tensor("prototypes", prototypes, kind="float", shape=(self.num_classes, 4, self.dim))
-        # Checked in the bank's dtype: 1e5 is inf in a half-precision bank, and either makes every blended logit NaN.
-        prototypes = prototypes.to(self.prototypes)
-        if prototypes.device.type != "meta" and not bool(torch.isfinite(prototypes).all()):  # meta: no values
-            raise ValueError(f"argument 'prototypes': expected finite values in {prototypes.dtype} (the bank's "
-                             "dtype), found NaN or inf")
+        prototypes = as_finite("prototypes", prototypes, self.prototypes, " (the bank's dtype)")
         if valid is not None:
             check_tensor("valid", valid, kind="bool", shape=(self.num_classes,))
         self.prototypes.copy_(prototypes)
