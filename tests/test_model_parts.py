@@ -6,6 +6,7 @@ Everything runs in float64 on the CPU with tiny sizes (ResNet-18 of width 4, D =
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -282,6 +283,40 @@ def test_prototype_bank_update_reset_and_state_dict():
     bank.reset()
     assert not bool(bank.ready) and int(bank.counts.sum()) == 0 and not bank.valid.any()
     assert float(bank.sums.abs().sum()) == 0.0 and float(bank.prototypes.abs().sum()) == 0.0
+
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("counts", lambda s: s["counts"].index_fill_(0, torch.tensor([1]), -1), r"state 'counts': expected counts >= 0"),
+    ("sums", lambda s: s["sums"].index_fill_(0, torch.tensor([2]), 1.0),  # class 2 has no stored sample
+     r"state 'sums': nonzero sums in buckets whose count in 'counts' is 0"),
+    ("sums", lambda s: s["sums"].index_fill_(0, torch.tensor([0]), float("inf")), r"state 'sums': expected finite"),
+    ("prototypes", lambda s: s["prototypes"].index_fill_(0, torch.tensor([0]), float("nan")),
+     r"state 'prototypes': expected finite"),
+    ("counts", lambda s: s["counts"].float() + 0.5, r"state 'counts': expected an integer tensor"),
+    ("valid", lambda s: s["valid"].float() / 2, r"state 'valid': expected a bool tensor"),
+    ("ready", lambda s: s["ready"].long(), r"state 'ready': expected a bool tensor"),
+    ("sums", lambda s: s["sums"] * 1j, r"state 'sums': expected a floating-point tensor"),
+])
+def test_prototype_bank_refuses_a_state_it_cannot_hold(key, value, match):
+    """load_state_dict took any value and cast silently: a negative count admitted samples past the cap and made
+    its bucket's official-mode prototype inf in a valid class, a sum without a count joined its class's mean, a NaN
+    prototype of a ready bank made its class's blended logits NaN, a count of 2.5 became 2 and a flag of 0.5 True."""
+    bank = PrototypeBank(3, 4, cap=2)
+    bank.update(torch.ones(2, 3, 4), torch.tensor([[1, 1, 0], [1, 0, 0]]), torch.zeros(2, 3, dtype=torch.int64))
+    bank.finalize()
+    state = {k: v.clone() for k, v in bank.state_dict().items()}
+    state[key] = value(state)
+    other = PrototypeBank(3, 4, cap=2)
+    with pytest.raises(RuntimeError, match=match):
+        other.load_state_dict(state)
+    holder = nn.Module()  # named with its prefix from a parent (a DSRB)
+    holder.bank = PrototypeBank(3, 4, cap=2)
+    with pytest.raises(RuntimeError, match=re.sub(r"'(?=\w)", "'bank.", match)):
+        holder.load_state_dict({f"bank.{k}": v for k, v in state.items()})
+    other.load_state_dict(bank.state_dict())  # half-precision sums and int32 counts are the same values
+    other.load_state_dict({**bank.state_dict(), "sums": bank.sums.half(), "counts": bank.counts.int()})
+    assert torch.equal(other.counts, bank.counts) and torch.equal(other.sums, bank.sums) and other.is_ready()
 
 
 # ------------------------------------------------------------------------------------------ PPRB label selection

@@ -74,6 +74,38 @@ class PrototypeBank(nn.Module):
     def _read_ready(module, incompatible_keys) -> None:
         module._ready_seen = module.ready.device.type != "meta" and bool(module.ready)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Refuse a state the bank cannot hold, each problem named by its key: nn.Module casts silently (a count of
+        2.7 became 2, a flag of 0.5 True, a complex sum lost its imaginary part) and takes any value, and a negative
+        count admitted samples past the cap and made its bucket's "official" prototype inf in a valid class, a sum
+        without a count joined its class's mean, a NaN prototype made every blended logit of its class NaN."""
+        kinds = {"sums": "float", "counts": "int", "prototypes": "float", "valid": "bool", "ready": "bool"}
+        given = {}
+        for name, kind in kinds.items():
+            t = state_dict.get(prefix + name)
+            if not isinstance(t, torch.Tensor):
+                continue  # missing, or no tensor: nn.Module says so
+            try:
+                check_tensor(prefix + name, t, kind=kind)
+            except TypeError as err:
+                error_msgs.append(str(err).replace("argument", "state", 1))
+                continue
+            if t.shape == getattr(self, name).shape and t.device.type != "meta":  # else nn.Module names the shape;
+                given[name] = t                                                  # meta holds no values
+        sums, counts, prototypes = map(given.get, ("sums", "counts", "prototypes"))
+        if counts is not None and bool((counts < 0).any()):
+            error_msgs.append(f"state '{prefix}counts': expected counts >= 0, got {int(counts.min())}")
+        elif counts is not None and sums is not None:
+            if bool((sums.ne(0).any(-1) & (counts.to(sums.device) == 0)).any()):  # a count of 0 holds no sample
+                error_msgs.append(f"state '{prefix}sums': nonzero sums in buckets whose count in '{prefix}counts' "
+                                  "is 0")
+        for name, t in (("sums", sums), ("prototypes", prototypes)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                error_msgs.append(f"state '{prefix}{name}': expected finite values, found NaN or inf")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def is_ready(self) -> bool:
         """``bool(ready)``, read from the device only while the host copy says False (see ``_ready_seen``): after a
         direct write to the buffer. Not while torch.compile traces, where the read would be a graph break (fullgraph
