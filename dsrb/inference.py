@@ -92,6 +92,9 @@ def _read_checkpoint(path: str) -> Dict[str, Any]:
     if not isinstance(state["model_kwargs"], dict) or not isinstance(state["model"], dict):
         raise CheckpointError(f"{path} is not a dsrb training checkpoint: 'model' and 'model_kwargs' must be dicts")
     for key, value in state["model"].items():
+        if isinstance(value, torch.Tensor) and value.device.type == "meta":  # the checks below failed on it, unnamed
+            raise CheckpointError(f"checkpoint {path}: the saved weight '{key}' is a meta tensor, which holds no "
+                                  "values (the state of a model built on meta, for shapes only)")
         if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise CheckpointError(
                 f"checkpoint {path}: the saved weight '{key}' holds NaN or inf values (a diverged training run?); "
@@ -208,8 +211,12 @@ def load_model(checkpoint_path: PathLike, *, device: Union[str, torch.device] = 
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
+        mismatch = _mismatch(model.state_dict(), state["model"])
+        if not mismatch:  # a value the model refuses (a prototype bank's negative count): torch's lines, as one
+            reasons = "; ".join(line.strip() for line in str(err).splitlines()[1:] if line.strip())
+            raise CheckpointError(f"checkpoint {path}: its saved weights cannot be loaded: {reasons}") from err
         raise CheckpointError(f"checkpoint {path}: the saved weights do not fit the model its model_kwargs describe: "
-                              f"{_mismatch(model.state_dict(), state['model'])}") from err
+                              f"{mismatch}") from err
     model.to(dev).eval()
     image_size = config.get("image_size", DEFAULT_IMAGE_SIZE)
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:  # a config edited by hand
@@ -229,14 +236,15 @@ def load_model(checkpoint_path: PathLike, *, device: Union[str, torch.device] = 
 
 
 def _mismatch(own: Dict[str, torch.Tensor], saved) -> str:
-    """What differs between a model's state dict and saved weights, briefly (torch's message lists every key)."""
+    """What differs between a model's state dict and saved weights, briefly (torch's message lists every key); ""
+    when their keys and shapes agree."""
     shapes = [f"{k} {tuple(saved[k].shape)} for {tuple(v.shape)}" for k, v in own.items()
               if k in saved and isinstance(saved[k], torch.Tensor) and saved[k].shape != v.shape]
     parts = [(f"{len(keys)} {what}", keys) for what, keys in (
         ("missing", [k for k in own if k not in saved]),
         ("unexpected", [k for k in saved if k not in own]),
         ("of another shape (saved for model)", shapes)) if keys]
-    return "; ".join(f"{head}: {brief(map(str, keys), 3)}" for head, keys in parts) or "another layout"
+    return "; ".join(f"{head}: {brief(map(str, keys), 3)}" for head, keys in parts)
 
 
 def _weights_epoch(state) -> Optional[int]:

@@ -157,6 +157,25 @@ def test_load_model_errors(setup, tmp_path):
         predict_mod.main(["--checkpoint", other, setup["images"][0]])
 
 
+def test_a_checkpoint_of_values_the_model_refuses_says_which(setup, tmp_path):
+    """Keys and shapes that fit but values the model refuses were reported as weights that "do not fit the model its
+    model_kwargs describe: another layout", and a meta tensor was a RuntimeError traceback ("Tensor.item() cannot be
+    called on meta tensors") naming neither the file nor the key."""
+    counts = torch.zeros(len(CLASSES), 4, dtype=torch.int64)
+    counts[1, 2] = -3
+    for name, weights, expect in [
+        ("counts", {"prototype_bank.counts": counts},
+         r"counts\.pt: its saved weights cannot be loaded: state 'prototype_bank\.counts': expected counts >= 0"),
+        ("alpha", {"alpha": 0.5},
+         r"alpha\.pt: its saved weights cannot be loaded: .*\"alpha\", expected torch\.Tensor"),
+        ("meta", {"word_features": torch.zeros(len(CLASSES), 6, device="meta")},
+         r"meta\.pt: the saved weight 'word_features' is a meta tensor, which holds no values"),
+    ]:
+        with pytest.raises(CheckpointError, match=expect) as raised:
+            load_model(_variant(setup, tmp_path / f"{name}.pt", weights=weights))
+        assert "\n" not in str(raised.value), str(raised.value)
+
+
 def test_a_checkpoint_with_two_classes_of_one_name_is_refused(setup, tmp_path):
     """Class names alike once made strings (1 and "1") or alike in a hand-edited file: predict's scores, a dict keyed
     by name, silently held one of the two classes. Now a CheckpointError naming both."""
