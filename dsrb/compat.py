@@ -240,6 +240,9 @@ def load_official_checkpoint(
     not_tensors = [str(k) for k, v in raw.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise ValueError(f"cannot load {where}: values that are not tensors: {', '.join(not_tensors)}")
+    on_meta = [str(k) for k, v in raw.items() if v.device.type == "meta"]  # the value checks below failed on them
+    if on_meta:
+        raise ValueError(f"cannot load {where}: meta tensors, which hold no values: {brief(on_meta)}")
     state: Dict[str, torch.Tensor] = dict(raw)
 
     try:

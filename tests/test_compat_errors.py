@@ -45,6 +45,13 @@ def test_keys_that_are_not_strings(official):
         load_official_checkpoint(state)
 
 
+def test_meta_tensors_are_named(official):
+    """A meta tensor (no values) failed in the graph's NaN check: "Tensor.item() cannot be called on meta tensors"."""
+    state = dict(official, wordFeatures=official["wordFeatures"].to("meta"))
+    with pytest.raises(ValueError, match=r"cannot load checkpoint: meta tensors, which hold no values: wordFeatures$"):
+        load_official_checkpoint(state)
+
+
 def test_no_classes_is_named_as_the_checkpoint(official):
     with pytest.raises(ValueError, match=r"cannot load checkpoint: argument 'num_classes': expected a positive int"):
         load_official_checkpoint(dict(official, **{"classifiers.weight": torch.zeros(0, 16)}))
