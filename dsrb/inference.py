@@ -208,15 +208,15 @@ def load_model(checkpoint_path: PathLike, *, device: Union[str, torch.device] = 
         model = DSRB(num_classes, word_features=None, pretrained=None, backend=backend, **kwargs)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path}: its model_kwargs do not build a DSRB model: {err}") from err
+    mismatch = _mismatch(model.state_dict(), state["model"])
+    if mismatch:
+        raise CheckpointError(f"checkpoint {path}: the saved weights do not fit the model its model_kwargs describe: "
+                              f"{mismatch}")
     try:
         model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        mismatch = _mismatch(model.state_dict(), state["model"])
-        if not mismatch:  # a value the model refuses (a prototype bank's negative count): torch's lines, as one
-            reasons = "; ".join(line.strip() for line in str(err).splitlines()[1:] if line.strip())
-            raise CheckpointError(f"checkpoint {path}: its saved weights cannot be loaded: {reasons}") from err
-        raise CheckpointError(f"checkpoint {path}: the saved weights do not fit the model its model_kwargs describe: "
-                              f"{mismatch}") from err
+    except RuntimeError as err:  # a value the model refuses (a prototype bank's negative count): torch's lines, as one
+        reasons = "; ".join(line.strip() for line in str(err).splitlines()[1:] if line.strip())
+        raise CheckpointError(f"checkpoint {path}: its saved weights cannot be loaded: {reasons}") from err
     model.to(dev).eval()
     image_size = config.get("image_size", DEFAULT_IMAGE_SIZE)
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:  # a config edited by hand
@@ -237,14 +237,23 @@ def load_model(checkpoint_path: PathLike, *, device: Union[str, torch.device] = 
 
 def _mismatch(own: Dict[str, torch.Tensor], saved) -> str:
     """What differs between a model's state dict and saved weights, briefly (torch's message lists every key); ""
-    when their keys and shapes agree."""
-    shapes = [f"{k} {tuple(saved[k].shape)} for {tuple(v.shape)}" for k, v in own.items()
-              if k in saved and isinstance(saved[k], torch.Tensor) and saved[k].shape != v.shape]
+    when their keys, shapes and kinds of dtype agree. load_state_dict casts another kind silently: a complex weight
+    lost its imaginary part, an int one became float."""
+    both = [(k, v, saved[k]) for k, v in own.items() if k in saved and isinstance(saved[k], torch.Tensor)]
+    shapes = [f"{k} {tuple(s.shape)} for {tuple(v.shape)}" for k, v, s in both if s.shape != v.shape]
+    kinds = [f"{k} {s.dtype} for {v.dtype}" for k, v, s in both if _dtype_kind(s) != _dtype_kind(v)]
     parts = [(f"{len(keys)} {what}", keys) for what, keys in (
         ("missing", [k for k in own if k not in saved]),
         ("unexpected", [k for k in saved if k not in own]),
-        ("of another shape (saved for model)", shapes)) if keys]
+        ("of another shape (saved for model)", shapes),
+        ("of another kind of dtype (saved for model)", kinds)) if keys]
     return "; ".join(f"{head}: {brief(map(str, keys), 3)}" for head, keys in parts)
+
+
+def _dtype_kind(t: torch.Tensor) -> str:
+    if t.is_complex():
+        return "complex"
+    return "float" if t.is_floating_point() else "bool" if t.dtype == torch.bool else "int"
 
 
 def _weights_epoch(state) -> Optional[int]:

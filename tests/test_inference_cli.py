@@ -170,6 +170,13 @@ def test_a_checkpoint_of_values_the_model_refuses_says_which(setup, tmp_path):
          r"alpha\.pt: its saved weights cannot be loaded: .*\"alpha\", expected torch\.Tensor"),
         ("meta", {"word_features": torch.zeros(len(CLASSES), 6, device="meta")},
          r"meta\.pt: the saved weight 'word_features' is a meta tensor, which holds no values"),
+        # Another kind of dtype was cast silently: a complex weight lost its imaginary part, a bool count became 0/1.
+        ("complex", {"word_features": torch.ones(len(CLASSES), 6, dtype=torch.complex64) * 1j},
+         r"complex\.pt: the saved weights do not fit .*: 1 of another kind of dtype \(saved for model\): "
+         r"word_features torch\.complex64 for torch\.float32$"),
+        ("flags", {"prototype_bank.counts": torch.ones(len(CLASSES), 4, dtype=torch.bool)},
+         r"flags\.pt: .* of another kind of dtype \(saved for model\): prototype_bank\.counts torch\.bool for "
+         r"torch\.int64$"),
     ]:
         with pytest.raises(CheckpointError, match=expect) as raised:
             load_model(_variant(setup, tmp_path / f"{name}.pt", weights=weights))
