@@ -8,6 +8,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import traceback
 from typing import Optional
 
 TMP_PREFIX = ".tmp-"  # atomic_write's temporary files
@@ -73,7 +74,7 @@ def atomic_write(path: str, write) -> None:
             else:
                 f = open(path, "wb")
             with f:
-                write(f)
+                _write(write, f)
         except (OSError, RuntimeError) as err:
             _reraise_interrupt(err)
             raise _write_error("write", path, err, "") from err
@@ -95,7 +96,7 @@ def atomic_write(path: str, write) -> None:
         os.fchmod(fd, mode)
         try:  # closing is inside: on a full disk, the close's flush of what write() left buffered fails again
             with os.fdopen(fd, "wb") as f:
-                write(f)
+                _write(write, f)
                 f.flush()
                 os.fsync(f.fileno())
         except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
@@ -115,6 +116,25 @@ def atomic_write(path: str, write) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def _write(write, f) -> None:
+    """``write(f)``; if it raises, the locals of the frames it went through are dropped while ``f`` is still open.
+    torch.save's zip writer, interrupted after it was made but before its ``with`` block began (a Ctrl-C or SIGTERM
+    as the write starts), is never finished, and finishes the archive when destroyed: kept alive by the traceback
+    until the interpreter exited, it wrote to the closed file there and aborted the process (SIGABRT, "terminate
+    called ... write to closed file"). Destroyed now, it writes to the temporary file, which is then removed."""
+    try:
+        write(f)
+    except BaseException as err:
+        chained, seen = [err], set()
+        while chained:
+            e = chained.pop()
+            if e is not None and id(e) not in seen:
+                seen.add(id(e))
+                traceback.clear_frames(e.__traceback__)  # frames still running (ours) are left as they are
+                chained += [e.__cause__, e.__context__]
+        raise
 
 
 def special_file(path: str) -> bool:

@@ -204,6 +204,34 @@ def test_ctrl_c_inside_torch_save_is_an_interrupt_and_keeps_the_old_file(tmp_pat
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["best.pt"]
 
 
+def test_ctrl_c_as_torch_save_starts_ends_the_process_without_an_abort(tmp_path):
+    """A Ctrl-C (or SIGTERM) right as torch.save has made its zip writer, before the writer's ``with`` block began (a
+    kill soak hit it when signalling as the temporary file of last.pt appeared): the writer, never finished, lived on
+    in the traceback's frames until the interpreter exited, when it wrote the archive's end to the closed file and
+    aborted the process (SIGABRT, "terminate called ... write to closed file") after the tool's interrupted line.
+    Now the process exits with its own status, and no temporary file is left."""
+    import torch.serialization
+
+    if not hasattr(torch.serialization, "_open_zipfile_writer_buffer"):
+        pytest.skip("this torch makes its zip writer otherwise")
+    script = textwrap.dedent(f"""
+        import torch, torch.serialization
+        from dsrb.checkpoint import save_checkpoint
+
+        def interrupted(self):  # the signal lands as the writer is made, before torch.save's with block
+            raise KeyboardInterrupt
+
+        torch.serialization._open_zipfile_writer_buffer.__enter__ = interrupted
+        try:
+            save_checkpoint({str(tmp_path / "last.pt")!r}, {{"w": torch.zeros(4)}})
+        except KeyboardInterrupt:
+            raise SystemExit(130)  # as the tools stop: inside the except, the traceback kept as the context
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130 and "terminate called" not in proc.stderr, (proc.returncode, proc.stderr)
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_folder_that_refuses_new_files_names_the_file_meant(tmp_path, monkeypatch):
     """A run directory that became read-only mid-run (a remount; chmod does not stop root): the error names
     last.pt and the free space, not the temporary file that could not be created; last.pt is unchanged."""
