@@ -137,6 +137,11 @@ def _join_group(backend: str) -> None:
     store.set(f"{prefix}{rank}", backend)
     chosen = [store.get(f"{prefix}{r}").decode() for r in range(world)]  # each waits for that rank to set it
     if len(set(chosen)) > 1:
+        # Rank 0 may host the store (started by hand, not by torchrun): it leaves once every rank has read it all,
+        # else a rank still reading failed with "Connection was likely closed" instead of this error.
+        store.set(f"{prefix}read/{rank}", "1")
+        if rank == 0:
+            store.wait([f"{prefix}read/{r}" for r in range(world)])
         ranks = {b: [str(r) for r, c in enumerate(chosen) if c == b] for b in ("nccl", "gloo")}
         raise ValueError(f"the ranks would join the process group with different backends: NCCL (a GPU each) on "
                          f"rank(s) {', '.join(ranks['nccl'])}, gloo (no GPU, or --device cpu) on rank(s) "
