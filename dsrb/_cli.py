@@ -4,10 +4,9 @@ import argparse
 import contextlib
 import os
 import sys
-import tempfile
 from typing import Iterable, Iterator, NoReturn, Optional, Tuple
 
-from ._files import name_max, special_file  # standard library only, as this module
+from ._files import name_max, probe_folder, special_file  # standard library only, as this module
 
 
 def say(line: str) -> None:
@@ -343,12 +342,7 @@ def _check_folder(folder: str, name: str, what: str) -> None:
     where = what if existing == folder else f"cannot make {what} {folder}:"
     if not os.access(existing, os.W_OK | os.X_OK):  # False on a read-only file system too
         raise ValueError(f"{name}: {where} {existing} is not writable")
-    try:  # root passes os.access where nothing can be made (/proc, /sys): a probe, made and removed at once
-        if existing == folder:
-            fd, probe = tempfile.mkstemp(prefix=".dsrb-probe-", dir=existing)
-            os.close(fd)
-            os.unlink(probe)
-        else:
-            os.rmdir(tempfile.mkdtemp(prefix=".dsrb-probe-", dir=existing))
+    try:  # root passes os.access where nothing can be made (/proc, /sys)
+        probe_folder(existing)
     except OSError as err:
         raise ValueError(f"{name}: {where} {existing} is not writable ({err.strerror or err})") from None

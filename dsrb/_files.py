@@ -4,6 +4,7 @@ replaced whole or not at all, a line appended durably, and the temporaries a kil
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import stat
 import sys
@@ -12,7 +13,8 @@ import traceback
 from typing import Optional
 
 TMP_PREFIX = ".tmp-"  # atomic_write's temporary files
-_RANDOM_CHARS = 8  # the length of the random part of tempfile.mkstemp's names
+_RANDOM_CHARS = 8  # the length of the random part of the temporary names, as tempfile.mkstemp's
+_NAME_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"
 
 
 def expand_home(path: str) -> str:
@@ -85,14 +87,15 @@ def atomic_write(path: str, write) -> None:
         mode = stat.S_IMODE(os.stat(path).st_mode) & 0o777
     except OSError:
         mode = 0o666 & ~_umask()
-    try:  # a folder that became read-only names the file meant, not the temporary one
-        os.makedirs(directory, exist_ok=True)
-        suffix = _temporary_suffix(directory, os.path.basename(path))
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix, dir=directory)
-    except OSError as err:
-        raise _write_error("write", path, err, f"; the previous {os.path.basename(path)}, if any, is unchanged") \
-            from err
+    made = []  # the temporary file's name, known before it exists: a signal as it is made still finds it
     try:
+        try:  # a folder that became read-only names the file meant, not the temporary one
+            os.makedirs(directory, exist_ok=True)
+            fd = _make_temporary(directory, _temporary_suffix(directory, os.path.basename(path)), made)
+        except OSError as err:
+            raise _write_error("write", path, err, f"; the previous {os.path.basename(path)}, if any, is "
+                                                   "unchanged") from err
+        tmp = made[0]
         os.fchmod(fd, mode)
         try:  # closing is inside: on a full disk, the close's flush of what write() left buffered fails again
             with os.fdopen(fd, "wb") as f:
@@ -105,8 +108,7 @@ def atomic_write(path: str, write) -> None:
                                                    "unchanged") from err
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _remove(made)
         raise
     try:  # make the rename durable; not possible on every platform
         dir_fd = os.open(directory, os.O_RDONLY)
@@ -116,6 +118,41 @@ def atomic_write(path: str, write) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def _make_temporary(directory: str, suffix: str, made: list) -> int:
+    """Create ``<directory>/<TMP_PREFIX><random><suffix>`` exclusively, mode 0600 (as tempfile.mkstemp does), and
+    return its descriptor; its name is put in ``made`` before it is created. mkstemp gives the name only once the
+    file exists, so a Ctrl-C or SIGTERM landing in between left the file behind."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    draw = random.SystemRandom()
+    for _ in range(100):
+        made[:] = [os.path.join(directory, TMP_PREFIX + "".join(draw.choices(_NAME_CHARS, k=_RANDOM_CHARS)) + suffix)]
+        try:
+            return os.open(made[0], flags | getattr(os, "O_BINARY", 0), 0o600)
+        except OSError as err:  # not made: another file of that name, or a folder refusing new files
+            made.clear()
+            if not isinstance(err, FileExistsError):
+                raise
+    raise FileExistsError(f"no unused temporary file name in {directory}")
+
+
+def _remove(made: list) -> None:
+    for name in made:
+        try:
+            os.unlink(name)
+        except OSError:  # not made yet or already renamed; any other failure must not hide the error being raised
+            pass
+
+
+def probe_folder(directory: str) -> None:
+    """Make a file in ``directory`` and remove it at once: an OSError where none can be made (root passes
+    ``os.access`` on /proc or a read-only mount). Nothing is left, even if a signal lands in between."""
+    made = []
+    try:
+        os.close(_make_temporary(directory, "", made))
+    finally:
+        _remove(made)
 
 
 def _write(write, f) -> None:

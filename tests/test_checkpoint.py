@@ -12,6 +12,7 @@ import textwrap
 import pytest
 import torch
 
+from dsrb._files import probe_folder
 from dsrb.checkpoint import TMP_PREFIX, atomic_write, remove_stale_temporaries, save_checkpoint
 
 
@@ -238,14 +239,44 @@ def test_a_folder_that_refuses_new_files_names_the_file_meant(tmp_path, monkeypa
     path = tmp_path / "last.pt"
     path.write_bytes(b"old")
 
-    def refuse(*args, **kwargs):
-        raise PermissionError(1, "Operation not permitted", str(tmp_path / ".tmp-x-last.pt"))
+    real_open = os.open
 
-    monkeypatch.setattr("tempfile.mkstemp", refuse)
+    def refuse(name, *args, **kwargs):
+        if os.path.basename(name).startswith(TMP_PREFIX):
+            raise PermissionError(1, "Operation not permitted", name)
+        return real_open(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
     with pytest.raises(OSError, match=rf"could not write {path} \(PermissionError: .*MiB free in {tmp_path}; the "
                                       r"previous last.pt, if any, is unchanged"):
         atomic_write(str(path), lambda f: f.write(b"new"))
     assert path.read_bytes() == b"old"
+
+
+@pytest.mark.parametrize("writer", ["atomic_write", "probe_folder"])
+def test_a_signal_as_the_temporary_file_is_made_leaves_no_file(tmp_path, monkeypatch, writer):
+    """A Ctrl-C (or SIGTERM, raised as an exception by the tools) that lands right after the temporary file (or the
+    tools' probe of an output folder) was created, before its name was known: tempfile.mkstemp hands the name back
+    only then, so it was left behind."""
+    path = tmp_path / "predictions.json"
+    path.write_bytes(b"old")
+    real_open = os.open
+
+    def open_then_interrupt(name, *args, **kwargs):
+        fd = real_open(name, *args, **kwargs)
+        if os.path.basename(name).startswith(TMP_PREFIX):
+            os.close(fd)
+            raise KeyboardInterrupt  # as a signal handler would, between the open and the caller's next step
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        if writer == "atomic_write":
+            atomic_write(str(path), lambda f: f.write(b"new"))
+        else:
+            probe_folder(str(tmp_path))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["predictions.json"] and path.read_bytes() == b"old"
 
 
 class _Payload:
