@@ -156,12 +156,18 @@ def check_count(name: str, value, minimum: int = 1) -> int:
         raise ValueError(f"argument '{name}': expected {kind}, got {value!r}") from None
 
 
+def check_holds_values(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
+    """A ValueError naming ``name`` where ``t`` is on meta (shapes only) and is to be copied into ``like``, which
+    holds values: torch said "Cannot copy out of meta tensor", naming no argument."""
+    if t.device.type == "meta" and like.device.type != "meta":
+        raise ValueError(f"argument '{name}': expected a tensor holding values, got one on meta (shapes only)")
+
+
 def as_finite(name: str, t: torch.Tensor, like: torch.Tensor, where: str = "") -> torch.Tensor:
     """``t`` in ``like``'s dtype and device, checked finite there (1e5 is inf in half precision: a NaN in every logit
     that reads it); a ValueError naming ``name`` otherwise. Nothing is checked on meta (a model built for shapes
     only), which holds no values; a meta ``t`` has none to give a ``like`` that holds some."""
-    if t.device.type == "meta" and like.device.type != "meta":  # torch said "Cannot copy out of meta tensor"
-        raise ValueError(f"argument '{name}': expected a tensor holding values, got one on meta (shapes only)")
+    check_holds_values(name, t, like)
     t = t.to(like)
     if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
         raise ValueError(f"argument '{name}': expected finite values in {t.dtype}{where}, found NaN or inf")

@@ -158,3 +158,6 @@ def test_the_graph_and_word_vectors_of_a_meta_model_and_meta_arguments():
     for call, name, shape in calls:
         with pytest.raises(ValueError, match=rf"argument '{name}': expected a tensor holding values, got one on meta"):
             call(torch.ones(shape, device="meta"))
+    with pytest.raises(ValueError, match=r"argument 'valid': expected a tensor holding values, got one on meta"):
+        model.prototype_bank.set_prototypes(torch.zeros(C, 4, 16), torch.ones(C, dtype=torch.bool, device="meta"))
+    assert not model.prototype_bank.is_ready()  # nothing was set

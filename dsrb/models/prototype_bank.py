@@ -9,7 +9,8 @@ from torch import nn
 
 import dsrb.ops as ops
 from dsrb.ops.prototype_bank_update import update_in_place
-from dsrb._checks import as_finite, brief, check_bool, check_count, check_same_device, check_targets, check_tensor
+from dsrb._checks import (as_finite, brief, check_bool, check_count, check_holds_values, check_same_device,
+                          check_targets, check_tensor)
 
 __all__ = ["PrototypeBank", "COMPAT_MODES"]
 
@@ -252,6 +253,7 @@ class PrototypeBank(nn.Module):
         prototypes = as_finite("prototypes", prototypes, self.prototypes, " (the bank's dtype)")
         if valid is not None:
             check_tensor("valid", valid, kind="bool", shape=(self.num_classes,))
+            check_holds_values("valid", valid, self.valid)
         self.prototypes.copy_(prototypes)
         if valid is None:
             self.valid.fill_(True)
