@@ -1,6 +1,9 @@
 """benchmarks/profile_ops.py, the GPU session's host-vs-device breakdown, runs and fills its table (here on CPU)."""
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -87,6 +90,19 @@ def test_bad_arguments_are_refused_before_any_row(tmp_path, capsys):
     assert profile_ops.main(["--shape", "tiny", "--rounds", "1", "--skip", "cpu", "--skip", "cuda", "--skip", "triton",
                              "--out", str(out)]) == 0
     assert "| semantic_attention | tiny | torch |" in out.read_text()
+
+
+def test_help_does_not_load_the_extension():
+    """--help (and the tools' argument errors) answer before anything loads the extension: importing dsrb.ops (which
+    dsrb.inference did, for an argparse type) loads it, and so waited for another process's build of it to finish."""
+    code = ("import sys, runpy\nsys.argv = ['profile_ops', '--help']\ntry:\n"
+            "    runpy.run_module('benchmarks.profile_ops', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m in ('dsrb.ops', 'dsrb._ext')))")
+    root = os.path.join(os.path.dirname(__file__), "..")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--profile-rounds" in done.stdout, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]", done.stdout.splitlines()[-1]
 
 
 def test_preflight_refuses_an_unknown_backend(capsys):
