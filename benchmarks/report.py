@@ -365,7 +365,8 @@ def header(runs: List[dict]) -> str:
         "CPU pytest-benchmark's host clock; a GPU case without event timings (interrupted) says \"host clock\", and a "
         "ratio with it is taken on the host clock of both cases. GB/s (notes): the bytes an ideal kernel of the "
         "case moves (each tensor the pass reads or writes, once; listed in its suite's traffic_bytes) over the "
-        "median, for the fused providers only (the official formulation moves its 5-D maps); the copy case gives what a plain copy of S-sized data reaches on the same device.",
+        "median, for every provider but official (the official formulation moves its 5-D maps); the copy case gives "
+        "what a plain copy of S-sized data reaches on the same device.",
         "",
     ])
 

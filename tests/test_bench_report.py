@@ -121,6 +121,8 @@ def test_gb_per_s_from_the_traffic_over_the_median_shown(tmp_path):
     assert groups[g]["official"]["notes"] == ""
     assert groups["copy-coco-fwd"]["torch"]["notes"] == "2 GB/s, images_per_s 3"
     assert groups["copy-tiny-fwd"]["torch"]["notes"] == "0.0512 GB/s"
+    # The header says so: it read "for the fused providers only" above torch's and compile's rates.
+    assert "over the median, for every provider but official (" in report.header(report.load([a])[1])
     # From 1000 up every digit, no exponent: "1.68e+03 GB/s", "images_per_s 4.98e+03" (RESULTS.md) beside 704.
     b = write(tmp_path / "b.json", [case(g, "cuda", 0.01, traffic_bytes=1.6804e9, cuda_event_median_ms=1.0,
                                          images_per_s=4983.2, time_linearity=0.875)])
