@@ -270,6 +270,7 @@ def _measure(target: Target, provider: str, mine: dict, other: dict) -> Tuple[Op
         return None, f"measured on {mine['device']}, a {target.device} target"
     if target.metric == "time":
         num, den, _ = _pair_ms(other, mine)
+        values = [den, num]
     else:
         memory = target.metric == "memory"
         figure = "peak_memory_bytes" if memory else target.metric
@@ -280,8 +281,12 @@ def _measure(target: Target, provider: str, mine: dict, other: dict) -> Tuple[Op
         num, den = values[::-1] if memory else values  # less memory, more images/s or batch: better
     if not (_number(num) and _number(den) and math.isfinite(num) and math.isfinite(den) and num >= 0 and den >= 0):
         return None, f"figures {num} and {den}"
-    if den == 0:  # a fused case allocates its outputs: 0 means the measurement missed them, not a win
-        return None, "both figures 0" if num == 0 else f"{provider}'s figure is 0: nothing measured, no ratio"
+    # Either side: every case allocates its outputs and takes time, so a 0 is a measurement that missed them, neither
+    # a win (0 in the denominator) nor a "NOT met" at 0x (0 in the numerator: the reference's figure for time and
+    # memory, the provider's own for images/s and batch).
+    zero = [name for name, v in zip((provider, target.against), values) if v == 0]
+    if zero:
+        return None, "both figures 0" if len(zero) == 2 else f"{zero[0]}'s figure is 0: nothing measured, no ratio"
     return num / den, None
 
 

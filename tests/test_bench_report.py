@@ -284,6 +284,20 @@ def test_zero_and_nan_figures(tmp_path):
     assert r["status"] == "no data" and r["note"] == "both figures 0"
     (r,) = rows_for(rows, demo, "cpu", "semantic_attention fwd+bwd >= 3x torch")
     assert r["status"] == "no data" and r["value"] is None
+    # The reference's 0 (the numerator of a memory ratio) was 0.000x "NOT met"; an official largest batch or images/s
+    # of 0 (the denominator there) was blamed on the provider.
+    step, big = "train_step-coco-step", "largest_batch-vg200-16384MiB-fwd+bwd"
+    z = write(tmp_path / "z.json", [
+        case(sa, "torch", 5e-3, device="cpu", peak=0), case(sa, "cpu", 1e-3, device="cpu", peak=100),
+        case(step, "official", 1.0, images_per_s=0.0), case(step, "cuda", 1.0, images_per_s=5.0),
+        case(big, "official", 1.0, largest_batch=0), case(big, "cuda", 1.0, largest_batch=39)])
+    groups = report.load([z])[0]
+    (r,) = rows_for(report.check_targets(groups, ["cpu"]), sa, "cpu", "semantic_attention peak memory <= 1/10 torch")
+    assert (r["status"], r["note"]) == ("no data", "torch's figure is 0: nothing measured, no ratio"), r
+    for g, what in ((step, "train step (coco preset) >= 1.5x official images/s"),
+                    (big, "largest batch at C 200 >= 4x official")):
+        (r,) = rows_for(report.check_targets(groups, ["cuda"]), g, "cuda", what)
+        assert (r["status"], r["note"]) == ("no data", "official's figure is 0: nothing measured, no ratio"), r
     b = write(tmp_path / "b.json", [case(sa, "torch", 5e-3, device="cpu", peak=float("nan")),
                                     case(sa, "cpu", 1e-3, device="cpu", peak=100)])
     rows = report.check_targets(report.load([b])[0], ["cpu"])
