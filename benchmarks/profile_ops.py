@@ -38,21 +38,10 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from benchmarks.conftest import SHAPES, TINY
-from dsrb._cli import check_output_file
+from dsrb._cli import check_output_file, positive_int
 
 # Nothing here may import dsrb.ops at import time (dsrb.inference does): it loads the extension, so --help waited for
 # a build in progress. dsrb.ops is imported where a row is timed.
-
-
-def positive_int(text: str) -> int:
-    """argparse type of --rounds and --profile-rounds: 0 rounds was a StatisticsError in every row."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 OPS = ("semantic_attention", "instance_blend", "prototype_blend")
 FUSED = ("cuda", "triton", "cpu")

@@ -330,6 +330,25 @@ def _check_name_lengths(path: str, name: str) -> None:
                              f"most {limit}; expected a shorter name")
 
 
+def _int_at_least(minimum: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}")
+        return value
+
+    return parse
+
+
+# argparse types shared by the command-line tools (here, not in dsrb.inference, which loads the extension: a tool's
+# --help does not wait for a build).
+positive_int = _int_at_least(1, "positive")
+non_negative_int = _int_at_least(0, "non-negative")
+
+
 def _check_folder(folder: str, name: str, what: str) -> None:
     existing = folder
     while not os.path.exists(existing):  # the folders still to make go in the nearest one that exists

@@ -37,13 +37,13 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch.utils.data import DataLoader
 
-from ._cli import ArgumentParser, check_output_file, stop_on_termination
+from ._cli import ArgumentParser, check_output_file, non_negative_int, positive_int, stop_on_termination
 from ._files import standard_stream
 from ._loader import batches, end_quietly_on_sigterm
 from .checkpoint import atomic_write
 from .config import check_device
 from .inference import (AMP_CHOICES, BACKENDS, amp_autocast, check_finite_logits, check_image_size, check_non_negative,
-                        check_positive, device_arg, load_model, non_negative_int, positive_int, print_out, run_main)
+                        check_positive, device_arg, load_model, print_out, run_main)
 from .metrics import METRIC_KEYS, compute_metrics, voc_map
 
 __all__ = ["default_out", "evaluate_checkpoint", "format_table", "main"]

@@ -425,24 +425,6 @@ def sanitize(name: str) -> str:
     return safe or "class"
 
 
-def _int_at_least(minimum: int, what: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}")
-        return value
-
-    return parse
-
-
-# argparse types shared by the command-line tools.
-positive_int = _int_at_least(1, "positive")
-non_negative_int = _int_at_least(0, "non-negative")
-
-
 def device_arg(text: str) -> str:
     """argparse type of --device: the text, once :func:`~dsrb.config.check_device` accepts it (argparse then names
     --device)."""

@@ -44,12 +44,12 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from ._cli import ArgumentParser, check_output_file, stop_on_termination
+from ._cli import ArgumentParser, check_output_file, non_negative_int, positive_int, stop_on_termination
 from .checkpoint import atomic_write
 from .config import check_device
 from .inference import (BACKENDS, IMAGE_EXTENSIONS, check_finite_logits, check_image_size, check_non_negative,
-                        check_positive, device_arg, image_logits, load_images, load_model, non_negative_int,
-                        positive_int, print_out, run_main)
+                        check_positive, device_arg, image_logits, load_images, load_model, print_out,
+                        run_main)
 
 __all__ = ["predict", "select_labels", "main"]
 

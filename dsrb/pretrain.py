@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from . import __version__
 from ._checks import check_count
-from ._cli import ArgumentParser, check_output_file, fail, stop_on_termination
+from ._cli import ArgumentParser, check_output_file, fail, positive_int, stop_on_termination
 from ._files import expand_home, special_file, standard_stream
 from ._loader import batches, end_quietly_on_sigterm
 from .checkpoint import FileLock, atomic_write, save_json
@@ -51,7 +51,7 @@ from .config import check_device
 from .data import TestTransform, TrainTransform, build_dataset
 from .data import builtin
 from .data.builtin import default_data_root, ensure_builtin
-from .inference import positive_int, print_out, run_main
+from .inference import print_out, run_main
 from .metrics import compute_metrics
 from .models.resnet import BACKBONES, build_backbone
 from .progress import Progress

@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ._cli import ArgumentParser, check_output_dir, stop_on_termination
+from ._cli import ArgumentParser, check_output_dir, positive_int, stop_on_termination
 from ._files import name_max
 from .checkpoint import atomic_write
 from .config import check_device
 from .inference import (BACKENDS, check_image_size, check_positive, device_arg, load_images, load_model, open_image,
-                        positive_int, print_out, run_main, sanitize)
+                        print_out, run_main, sanitize)
 
 __all__ = ["visualize", "colormap", "attention_maps", "overlay", "main"]
 

@@ -52,12 +52,11 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from dsrb._build import usable_cpus
-from dsrb._cli import ArgumentParser, check_output_dir, exit_on_error, fail, stop_on_termination
+from dsrb._cli import ArgumentParser, check_output_dir, exit_on_error, fail, positive_int, stop_on_termination
 from dsrb._files import lock_directory, remove_stale_temporaries
 from dsrb.checkpoint import save_json
 from dsrb.config import PRESETS, check_device, load_config_file, parse_args
 from dsrb.config import build_parser as build_train_parser
-from dsrb.inference import positive_int
 
 from .report import REPORT_FILES, SELECTIONS, RunResult, Sweep, write_reports
 
