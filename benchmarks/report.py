@@ -138,6 +138,7 @@ def _groups(cases: List[dict]) -> Dict[str, Dict[str, dict]]:
             "notes": ", ".join(f"{k} {_num(info[k])}" for k in NOTES if info.get(k) is not None),
             "figures": {k: info[k] for k in NOTES if _number(info.get(k))},
             "device": info.get("device"),
+            "device_name": info.get("device_name"),
             "traffic": info.get("traffic_bytes"),
         }
     for row in groups.values():
@@ -413,6 +414,11 @@ def main(argv=None) -> None:
     if len(devices) > 1:  # one table row per (group, provider): another device's case would stand in for it
         sys.exit(f"benchmarks.report: error: {', '.join(args.json)}: cases of several devices ({', '.join(devices)}); "
                  "report each device's files separately")
+    # Likewise two GPUs (or CPUs, or thread counts): a ratio would set one machine's time against another's.
+    machines = sorted({str(r["device_name"]) for row in groups.values() for r in row.values() if r["device_name"]})
+    if len(machines) > 1:
+        sys.exit(f"benchmarks.report: error: {', '.join(args.json)}: cases of several machines "
+                 f"({'; '.join(machines)}); report each machine's files separately")
     print(header(runs) + render_targets(check_targets(groups, devices), devices) + "\n"
           + render(groups, args.baseline or "torch"))
 

@@ -261,6 +261,19 @@ def test_the_report_refuses_cases_of_several_devices(tmp_path, capsys):
     assert "| instance_blend-tiny-fwd+bwd | cpu | 100.000 |" in capsys.readouterr().out
 
 
+def test_the_report_refuses_cases_of_several_machines(tmp_path):
+    """Two GPUs of one device type (an H100 file merged with an H200 one): official's H100 time against cuda's H200
+    time was reported as a speed-up, the machines named only together in the header."""
+    g = "instance_blend-coco-fwd+bwd"
+    a = write(tmp_path / "h100.json", [case(g, "official", 2.0, device_name="NVIDIA H100")])
+    b = write(tmp_path / "h200.json", [case(g, "cuda", 0.1, device_name="NVIDIA H200")])
+    with pytest.raises(SystemExit, match=r"h100.json, .*h200.json: cases of several machines \(NVIDIA H100; NVIDIA "
+                       r"H200\); report each machine's files separately"):
+        report.main([a, b])
+    c = write(tmp_path / "h200-more.json", [case(g, "official", 2.0, device_name="NVIDIA H200")])
+    report.main([b, c])  # parts of one machine's run merge
+
+
 def test_the_scaling_sweeps_linearity_is_a_note(tmp_path):
     g = "scaling_B-B=064-fwd+bwd"
     a = write(tmp_path / "a.json", [case(g, "cpu", 0.1, device="cpu", time_vs_x1=3.5, peak_vs_x1=4.0,
