@@ -424,6 +424,10 @@ def _resumed_partial_labels(path: str, train_set) -> torch.Tensor:
     for i, key in enumerate(saved):
         rows.setdefault(key, []).append(i)
     keys = train_set.image_keys()
+    if not rows.keys() >= set(keys):  # perhaps written with the keys of an earlier dsrb, which started elsewhere
+        legacy = train_set.legacy_image_keys()
+        if sum(k not in rows for k in legacy) < sum(k not in rows for k in keys):
+            keys = legacy
     taken = {key: 0 for key in rows}  # an image listed twice takes its saved rows in order
     order, missing = [], []
     for key in keys:

@@ -280,7 +280,7 @@ def test_image_keys_of_images_outside_the_root_are_absolute_and_the_others_move_
     (tmp_path / "a" / "vg" / "vg_category_200_labels_index.json").write_text(json.dumps(labels))
     (tmp_path / "a" / "vg" / "train_list_500.txt").write_text(f"3.jpg\n{outside}\n")
     absolute = outside.as_posix()
-    expected = {"list": ["a.png", absolute, "b.png"], "coco": ["img0.jpg", absolute, "img2.jpg"],
+    expected = {"list": ["imgs/a.png", absolute, "imgs/b.png"], "coco": ["img0.jpg", absolute, "img2.jpg"],
                 "vg": ["3.jpg", absolute]}
     for root in (tmp_path / "a", tmp_path / "moved" / "deeper"):
         if not root.exists():

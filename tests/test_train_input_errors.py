@@ -811,6 +811,45 @@ def test_resume_matches_the_saved_partial_labels_by_image(tmp_path, caplog, monk
         resumed(rows + ["new.png,cat"])
 
 
+def test_resume_keys_images_by_their_path_in_the_data_root_whatever_the_list_lost(tmp_path, caplog, monkeypatch):
+    """partial_labels.npz keyed images from the deepest folder holding every listed image, not the data root: a list
+    of img/a/*.png and img/b/*.png that lost its img/b rows keyed the img/a images anew ('0.png', not 'a/0.png'), and
+    the resume refused all of them instead of leaving img/b out with a warning. A file written with those keys (an
+    earlier dsrb's) is still resumed."""
+    from PIL import Image
+
+    rows = []
+    for k in range(8):
+        name = f"img/{'a' if k < 5 else 'b'}/{k}.png"
+        os.makedirs(tmp_path / "list" / os.path.dirname(name), exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "list" / name)
+        rows.append(f"{name},{'cat' if k % 2 else 'dog'}" + (";fox" if k % 3 == 0 else ""))
+    root = tmp_path / "list"
+    (root / "train.csv").write_text("path,labels\n" + "\n".join(rows) + "\n")
+    (root / "test.csv").write_text("path,labels\n" + "\n".join(rows[:2]) + "\n")
+    cfg, _ = parse_args(["--dataset", "list", "--data-root", str(root), "--known-proportion", "0.5", *TINY])
+    out = tmp_path / "run"
+    out.mkdir()
+    first, _, _, save = train.build_data(cfg, str(out), train.Dist(), False)
+    save()
+    assert first.image_keys() == [r.split(",")[0] for r in rows]
+    saved = first.targets.tolist()
+    (root / "train.csv").write_text("path,labels\n" + "\n".join(rows[:5]) + "\n")
+    monkeypatch.setattr(train.log, "propagate", True)  # an earlier run in this process turned it off
+    with caplog.at_level(logging.WARNING, logger="dsrb.train"):
+        ds, _, _, _ = train.build_data(cfg, str(out), train.Dist(), True, class_names=first.class_names)
+    assert ds.targets.tolist() == saved[:5]
+    assert "3 of the run's 8 training images are no longer in the data" in caplog.text
+    # keys of an earlier dsrb: from the deepest folder holding the listed images, here img/a
+    from dsrb.data import load_partial_labels, save_partial_labels
+
+    targets, meta = load_partial_labels(out / "partial_labels.npz")
+    save_partial_labels(out / "partial_labels.npz", targets[:5], proportion=0.5, seed=meta["seed"],
+                        class_names=meta["class_names"], image_keys=[f"{k}.png" for k in range(5)])
+    ds, _, _, _ = train.build_data(cfg, str(out), train.Dist(), True, class_names=first.class_names)
+    assert ds.targets.tolist() == saved[:5]
+
+
 def test_resume_from_a_moved_data_root_with_an_image_named_by_absolute_path(tmp_path):
     """An image listed by absolute path outside the data root used to put the root's own path into every other
     image's key in partial_labels.npz, so a resume from the moved root found none of them."""

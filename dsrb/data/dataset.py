@@ -257,16 +257,24 @@ class MultiLabelDataset(Dataset):
         )
 
     def image_keys(self) -> List[str]:
-        """Each image's path relative to the deepest folder holding every listed image (dropped ones included), with
-        '/' separators: what stays the same when the dataset folder moves or :meth:`verify_images` drops images.
-
-        With ``image_root``, only the images inside it count for that folder, and an image outside it is keyed by
-        its absolute path: it stays where it is when the root moves, and must not move the others' keys.
+        """Each image's path inside ``image_root`` with '/' separators: what stays the same when the dataset folder
+        moves, :meth:`verify_images` drops images or the list loses some. An image outside ``image_root`` is keyed by
+        its absolute path: it stays where it is when the root moves. Without ``image_root``, the paths are relative
+        to the deepest folder holding every listed image (dropped ones included).
         """
+        return self._keys(self._listed_folder if self._image_root is None else self._image_root)
+
+    def legacy_image_keys(self) -> List[str]:
+        """The keys partial_labels.npz files were written with before :meth:`image_keys` started from
+        ``image_root``: relative to the deepest folder holding the listed images inside it. That folder moved with the
+        listing (a list that lost its only images of one subfolder keyed every other image anew)."""
+        return self._keys(self._listed_folder)
+
+    def _keys(self, base: Optional[str]) -> List[str]:
         keys = []
         for p in self.image_paths:
-            if self._listed_folder is not None and _is_inside(p, self._image_root):
-                p = os.path.relpath(p, self._listed_folder)
+            if base is not None and _is_inside(p, self._image_root):
+                p = os.path.relpath(p, base)
             elif self._image_root is not None:
                 p = os.path.abspath(p)
             keys.append(p.replace(os.sep, "/"))
