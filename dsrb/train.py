@@ -342,8 +342,11 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool, class_names: 
                            f"split {train_set.source}", ours="the test split", theirs="the train split")
     if not bool((test_set.labels > 0).any()):  # empty included
         # The test mAP selects best.pt: without a positive label it is NaN every epoch and no best.pt is written.
-        raise ValueError(f"dataset '{cfg.dataset}' (test): its {len(test_set)} images have no positive label, so the "
-                         "test mAP that selects best.pt is undefined; give a test split with labelled images")
+        found = (f"its {len(test_set)} images have no positive label" if len(test_set) else
+                 f"all {test_set.skipped} images {test_set.source} lists are unreadable (--skip-bad-images skipped "
+                 "them)" if test_set.skipped else f"{test_set.source} lists no image")
+        raise ValueError(f"dataset '{cfg.dataset}' (test): {found}, so the test mAP that selects best.pt is undefined; "
+                         "give a test split with labelled images")
     path = os.path.join(out, "partial_labels.npz")
     save = None
     if resumed:

@@ -909,6 +909,23 @@ def test_empty_training_split_is_named(tmp_path):
     assert not out.exists()
 
 
+def test_empty_test_split_is_named(tmp_path):
+    """An empty test split said "its 0 images have no positive label"."""
+    root = list_dataset(tmp_path, "a.png,cat\nb.png,dog\n", "")
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"dataset 'list' \(test\): .*test\.csv lists no image, so the test mAP"):
+        train.main(["--dataset", "list", "--data-root", root, "--out", str(out), *TINY])
+    (tmp_path / "list" / "test.csv").write_text("path,labels\nbad.png,cat\n")
+    (tmp_path / "list" / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"dataset 'list' \(test\): all 1 images .*test\.csv lists are "
+                       r"unreadable \(--skip-bad-images skipped them\), so the test mAP"):
+        train.main(["--dataset", "list", "--data-root", root, "--out", str(out), "--skip-bad-images", *TINY])
+    (tmp_path / "list" / "test.csv").write_text("path,labels\na.png,\n")
+    with pytest.raises(ValueError, match=r"dataset 'list' \(test\): its 1 images have no positive label, so"):
+        train.main(["--dataset", "list", "--data-root", root, "--out", str(out), *TINY])
+    assert not out.exists()
+
+
 def test_missing_image_named_before_the_run(tmp_path):
     """Every dataset (here the built-in one, in the COCO layout): not at the image's turn in an epoch."""
     root = ensure_builtin(tmp_path / "data", num_train=24, num_test=8, image_size=64, seed=0)
