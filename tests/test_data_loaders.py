@@ -523,6 +523,25 @@ def test_list_errors(tmp_path):
         load_list(tmp_path / "train.csv", classes=["cat", "sofa;bed", "dog"])
 
 
+def test_a_list_of_no_class_is_named(tmp_path):
+    """No class at all (rows without labels, an empty classes.txt, ``classes=[]``) was a dataset of C = 0, which
+    failed later as a test split without a positive or an unknown class among "known classes: " and none listed; a
+    classes.txt that is a folder was passed over for train.csv's names."""
+    (tmp_path / "train.csv").write_text("path,labels\na.png,\nb.png,\n")
+    with pytest.raises(ValueError, match=r"train\.csv: no row names a class, so there is nothing to learn"):
+        load_list(tmp_path / "train.csv")
+    (tmp_path / "classes.txt").write_text("\n")
+    with pytest.raises(ValueError, match=r"classes\.txt: expected at least one class name, got none"):
+        load_list(tmp_path / "train.csv", classes=tmp_path / "classes.txt")
+    with pytest.raises(ValueError, match=r"^argument 'classes': expected at least one class name, got none"):
+        load_list(tmp_path / "train.csv", classes=[])
+    (tmp_path / "classes.txt").unlink()
+    (tmp_path / "classes.txt").mkdir()
+    (tmp_path / "train.csv").write_text("path,labels\na.png,cat\n")
+    with pytest.raises(ValueError, match=r"classes\.txt: a folder; expected a file of class names"):
+        build_dataset("list", "train", root=tmp_path)
+
+
 def test_list_stray_quote_in_a_long_file_names_the_file_and_line(tmp_path):
     """A field opened by a quote that is never closed runs on to the end of the file; past csv's field size limit
     (128 KiB: a list of a few thousand images) that was a bare _csv.Error traceback naming neither file nor line."""

@@ -141,6 +141,12 @@ def load_list(
         classes_source = f"the classes of {classes}"
     else:
         class_names = [str(c) for c in classes]
+    if not class_names:  # a model of no class; an unknown class's error listed no known one
+        if classes is None:
+            raise ValueError(f"{path}: no row names a class, so there is nothing to learn; label the images (or give "
+                             "the class names: classes.txt in a list dataset's folder)")
+        where = classes if isinstance(classes, (str, os.PathLike)) else "argument 'classes'"
+        raise ValueError(f"{where}: expected at least one class name, got none")
     for name in class_names:  # no row could name it: the class would silently have no positive
         if ";" in name:
             where = classes if isinstance(classes, (str, os.PathLike)) else "argument 'classes'"

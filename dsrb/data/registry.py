@@ -36,6 +36,8 @@ def _list_dataset(root: Path, split: str, transform) -> MultiLabelDataset:
     if not path.is_file():
         raise FileNotFoundError(f"list file not found: {path}; expected {_LAYOUTS['list']}")
     class_file = root / "classes.txt"
+    if class_file.is_dir():  # not passed over for train.csv's names without a word
+        raise ValueError(f"{class_file}: a folder; expected a file of class names, one per line, or none")
     if class_file.is_file():
         return load_list(path, classes=class_file, transform=transform)
     # The train split's classes for both splits: a name only in test.csv (a typo, or a class never trained on) is an
