@@ -347,6 +347,9 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool, class_names: 
                  "them)" if test_set.skipped else f"{test_set.source} lists no image")
         raise ValueError(f"dataset '{cfg.dataset}' (test): {found}, so the test mAP that selects best.pt is undefined; "
                          "give a test split with labelled images")
+    if not bool((train_set.labels > 0).any()):  # allowed (images without labels are kept), but likely a mistake
+        log.warning("dataset '%s' (train): none of its %d images has a positive label, so every class is learned as "
+                    "absent; check the labels of %s", cfg.dataset, len(train_set), train_set.source)
     path = os.path.join(out, "partial_labels.npz")
     save = None
     if resumed:

@@ -706,13 +706,13 @@ def test_missing_listed_image_named_before_the_run(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("test_rows", ["b.png,\na.png,\n", ""])
-def test_test_split_without_a_positive_label_is_refused_before_the_run(tmp_path, test_rows):
-    """Its mAP (which selects best.pt) would be NaN every epoch, and the run would end without a best.pt."""
-    root = list_dataset(tmp_path, "a.png,cat\nb.png,dog\n" * 4, test_rows)
+def test_test_split_without_a_positive_label_is_refused_before_the_run(tmp_path):
+    """Its mAP (which selects best.pt) would be NaN every epoch, and the run would end without a best.pt (an empty
+    test split: test_empty_test_split_is_named)."""
+    root = list_dataset(tmp_path, "a.png,cat\nb.png,dog\n" * 4, "b.png,\na.png,\n")
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match=rf"dataset 'list' \(test\): its {test_rows.count('png')} images have no "
-                       "positive label, so the test mAP that selects best.pt is undefined"):
+    with pytest.raises(ValueError, match=r"dataset 'list' \(test\): its 2 images have no positive label, so the test "
+                       "mAP that selects best.pt is undefined"):
         train.main(["--dataset", "list", "--data-root", root, "--out", str(out), "--known-proportion", "1", *TINY])
     assert not out.exists()
 
@@ -924,6 +924,17 @@ def test_empty_test_split_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"dataset 'list' \(test\): its 1 images have no positive label, so"):
         train.main(["--dataset", "list", "--data-root", root, "--out", str(out), *TINY])
     assert not out.exists()
+
+
+def test_a_training_split_without_a_positive_label_is_a_warning(tmp_path):
+    """It trained every class as absent without a word (classes.txt named the classes, no row of train.csv did)."""
+    root = list_dataset(tmp_path, "a.png,\nb.png,\n" * 2, "a.png,cat\n")
+    (tmp_path / "list" / "classes.txt").write_text("cat\ndog\n")
+    out = tmp_path / "run"
+    train.main(["--dataset", "list", "--data-root", root, "--out", str(out), "--known-proportion", "1", *TINY,
+                "--epochs", "1"])
+    assert (f"dataset 'list' (train): none of its 4 images has a positive label, so every class is learned as "
+            f"absent; check the labels of {os.path.join(root, 'train.csv')}") in (out / "train.log").read_text()
 
 
 def test_missing_image_named_before_the_run(tmp_path):
