@@ -114,6 +114,21 @@ def check_bool(name: str, value) -> bool:
     return bool(value)
 
 
+def check_distributed(name: str, value) -> bool:
+    """``value`` as a bool (:func:`check_bool`); True needs torch.distributed's default process group, without which
+    the first collective stopped with torch's "Default process group has not been initialized", naming no argument
+    (in the prototype pass after the backbone's work)."""
+    value = check_bool(name, value)
+    if value:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(f"argument '{name}': True needs torch.distributed's default process group, which is not "
+                             "initialized (torchrun's ranks call torch.distributed.init_process_group); in a single "
+                             f"process pass {name}=False")
+    return value
+
+
 def random_kwargs(name: str, generator) -> dict:
     """``{"generator": generator}`` for torch.rand & co., or ``{}`` for None: an explicit ``generator=None`` breaks
     torch.compile at a second batch size (dynamic shapes). Anything but a torch.Generator or None is a TypeError."""

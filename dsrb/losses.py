@@ -18,8 +18,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from dsrb._checks import (check_bool, check_same_device, check_signed_targets, check_targets, check_tensor,
-                          random_kwargs)
+from dsrb._checks import (check_bool, check_distributed, check_same_device, check_signed_targets, check_targets,
+                          check_tensor, random_kwargs)
 
 __all__ = ["partial_bce", "contrastive_loss", "dsrb_loss", "COSINE_EPS"]
 
@@ -259,7 +259,7 @@ def dsrb_loss(
         raise ValueError(f"argument 'epoch': expected a non-negative integer, got {epoch!r}")
     if isinstance(progress, bool) or not isinstance(progress, numbers.Real) or not 0.0 <= float(progress) <= 1.0:
         raise ValueError(f"argument 'progress': expected a number in [0, 1], got {progress!r}")
-    distributed = check_bool("distributed", distributed)
+    distributed = check_distributed("distributed", distributed)
     w_con = _check_weight("contrastive_weight", contrastive_weight)
     w_ins = _check_weight("instance_weight", instance_weight)
     w_pro = _check_weight("prototype_weight", prototype_weight)

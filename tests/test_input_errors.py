@@ -459,6 +459,27 @@ def test_the_prototype_pass_distributed_flag_is_a_bool(value):
     assert int(model.prototype_bank.counts.sum()) == 0 and int(bank.counts.sum()) == 0
 
 
+def test_distributed_without_a_process_group_is_named():
+    """distributed=True in a single process stopped with torch's "Default process group has not been initialized",
+    naming no argument (the prototype pass after the backbone's work). Refused by name, before any work."""
+    from dsrb.models import PrototypeBank
+
+    assert not torch.distributed.is_initialized()
+    model = _model().eval()
+    x, T = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE), torch.tensor([[1, 0, 1], [0, 1, -1]])
+    match = r"argument 'distributed': True needs torch.distributed's default process group, which is not initialized"
+    with pytest.raises(ValueError, match=match):
+        model.update_prototypes(x, T, distributed=True)
+    bank = PrototypeBank(3, 4)
+    with pytest.raises(ValueError, match=match):
+        bank.update(torch.randn(2, 3, 4), T, torch.zeros(2, 3, dtype=torch.long), distributed=True)
+    assert int(model.prototype_bank.counts.sum()) == 0 and int(bank.counts.sum()) == 0
+    out = model.train()(x, T, prototype_blend=False)
+    with pytest.raises(ValueError, match=match):
+        losses.dsrb_loss(out, T, epoch=1, progress=0.0, distributed=True)
+    losses.dsrb_loss(out, T, epoch=1, progress=0.0, distributed=False)
+
+
 def test_model_sizes_take_numpy_integers():
     model = _model(feature_dim=np.int64(16), top_k=np.int64(1))
     assert type(model.feature_dim) is int and model.feature_dim == 16 and type(model.top_k) is int

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 import dsrb.ops as ops
-from dsrb._checks import (as_finite, as_tensor, check_bool, check_count, check_same_device, check_signed_targets,
-                          check_targets, check_tensor, random_kwargs)
+from dsrb._checks import (as_finite, as_tensor, check_bool, check_count, check_distributed, check_same_device,
+                          check_signed_targets, check_targets, check_tensor, random_kwargs)
 
 from .gnn import GatedGNN
 from .graph import label_graph
@@ -628,7 +628,7 @@ class DSRB(nn.Module):
         """
         self._check_images(images)
         self._check_targets(targets, images, validate=validate)
-        check_bool("distributed", distributed)  # before the backbone's work, as the bank checks it
+        check_distributed("distributed", distributed)  # before the backbone's work, as the bank checks it
         if self.training:
             raise RuntimeError("update_prototypes: the model is in train mode; the prototype pass runs in eval mode "
                                "(model.eval() first, model.train() after finalize_prototypes()), where BatchNorm "

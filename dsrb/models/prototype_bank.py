@@ -9,8 +9,8 @@ from torch import nn
 
 import dsrb.ops as ops
 from dsrb.ops.prototype_bank_update import update_in_place
-from dsrb._checks import (as_finite, brief, check_bool, check_count, check_holds_values, check_same_device,
-                          check_targets, check_tensor)
+from dsrb._checks import (as_finite, brief, check_bool, check_count, check_distributed, check_holds_values,
+                          check_same_device, check_targets, check_tensor)
 
 __all__ = ["PrototypeBank", "COMPAT_MODES"]
 
@@ -165,7 +165,7 @@ class PrototypeBank(nn.Module):
         check_tensor("quadrant", quadrant, kind="int", shape=(B, self.num_classes))
         # A bool, as every flag: "no" or 1 took the collective path (torch's "Default process group has not been
         # initialized", naming no argument), and None the single-process one.
-        distributed = check_bool("distributed", distributed)
+        distributed = check_distributed("distributed", distributed)
         check_same_device(sums=self.sums, S=S, T=T, quadrant=quadrant)
         self._check_open()
         if S.requires_grad or S.dtype != self.sums.dtype:
