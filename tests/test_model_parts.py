@@ -319,6 +319,24 @@ def test_prototype_bank_refuses_a_state_it_cannot_hold(key, value, match):
     assert torch.equal(other.counts, bank.counts) and torch.equal(other.sums, bank.sums) and other.is_ready()
 
 
+@pytest.mark.parametrize("key", ["sums", "prototypes"])
+def test_prototype_bank_state_is_checked_finite_in_the_banks_dtype(key):
+    """A float32 state loaded into a half-precision model (model.half(), then load_state_dict of a checkpoint) made
+    values past float16's range inf in the copy, silently: an inf prototype made its class's blended logits NaN.
+    Refused as set_prototypes refuses such prototypes; the same state loads into a float32 bank."""
+    state = {k: v.clone() for k, v in PrototypeBank(3, 4).state_dict().items()}
+    state["counts"][1, 2] = 1
+    state["ready"].fill_(True)
+    state["valid"][1] = True
+    state[key][1, 2, 3] = 1e5  # finite in float32, inf in float16
+    bank = PrototypeBank(3, 4).half()
+    with pytest.raises(RuntimeError, match=rf"state '{key}': expected finite values in torch.float16 \(the bank's"):
+        bank.load_state_dict(state)
+    bank = PrototypeBank(3, 4)
+    bank.load_state_dict(state)
+    assert float(getattr(bank, key).max()) == 1e5
+
+
 # ------------------------------------------------------------------------------------------ PPRB label selection
 
 DRAW_T = torch.tensor(

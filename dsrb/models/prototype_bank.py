@@ -102,8 +102,12 @@ class PrototypeBank(nn.Module):
                 error_msgs.append(f"state '{prefix}sums': nonzero sums in buckets whose count in '{prefix}counts' "
                                   "is 0")
         for name, t in (("sums", sums), ("prototypes", prototypes)):
-            if t is not None and not bool(torch.isfinite(t).all()):
-                error_msgs.append(f"state '{prefix}{name}': expected finite values, found NaN or inf")
+            # In the bank's dtype, as set_prototypes checks: a float32 state loaded into a half-precision model made
+            # values past its range inf in the copy.
+            own = getattr(self, name).dtype
+            if t is not None and not bool(torch.isfinite(t.to(own)).all()):
+                error_msgs.append(f"state '{prefix}{name}': expected finite values in {own} (the bank's dtype), found "
+                                  "NaN or inf")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
