@@ -314,6 +314,11 @@ def test_prototype_bank_refuses_a_state_it_cannot_hold(key, value, match):
     holder.bank = PrototypeBank(3, 4, cap=2)
     with pytest.raises(RuntimeError, match=re.sub(r"'(?=\w)", "'bank.", match)):
         holder.load_state_dict({f"bank.{k}": v for k, v in state.items()})
+    # A refused state is not loaded: nn.Module copied it all the same before raising (a ready bank with NaN
+    # prototypes or negative counts, for code that catches the error and goes on).
+    for refused in (other, holder.bank):
+        assert not refused.is_ready() and not refused.counts.any() and not refused.sums.any()
+        assert not refused.prototypes.any() and not refused.valid.any()
     other.load_state_dict(bank.state_dict())  # half-precision sums and int32 counts are the same values
     other.load_state_dict({**bank.state_dict(), "sums": bank.sums.half(), "counts": bank.counts.int()})
     assert torch.equal(other.counts, bank.counts) and torch.equal(other.sums, bank.sums) and other.is_ready()

@@ -82,6 +82,7 @@ class PrototypeBank(nn.Module):
         count admitted samples past the cap and made its bucket's "official" prototype inf in a valid class, a sum
         without a count joined its class's mean, a NaN prototype made every blended logit of its class NaN."""
         kinds = {"sums": "float", "counts": "int", "prototypes": "float", "valid": "bool", "ready": "bool"}
+        refused = len(error_msgs)
         given = {}
         for name, kind in kinds.items():
             t = state_dict.get(prefix + name)
@@ -108,6 +109,10 @@ class PrototypeBank(nn.Module):
             if t is not None and not bool(torch.isfinite(t.to(own)).all()):
                 error_msgs.append(f"state '{prefix}{name}': expected finite values in {own} (the bank's dtype), found "
                                   "NaN or inf")
+        if len(error_msgs) > refused:
+            # nn.Module copies every tensor and raises at the end: a refused state was loaded all the same (a ready
+            # bank with a NaN prototype or a negative count, for code that goes on after the error). Left unchanged.
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
