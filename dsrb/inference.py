@@ -389,7 +389,7 @@ def check_image_size(model: DSRB, size: int) -> None:
 def image_logits(model: DSRB, paths: Sequence[str], image_size: int, *, batch_size: int = 16, workers: int = 0,
                  device: Optional[torch.device] = None) -> torch.Tensor:
     """Logits (len(paths), C) on the CPU for the images at ``paths`` (test transform at ``image_size``), without
-    autograd."""
+    autograd, in eval mode; the model is left in the mode it was given in."""
     from .data.transforms import TestTransform
 
     # As Python ints: the DataLoader refuses a NumPy integer batch size.
@@ -397,8 +397,13 @@ def image_logits(model: DSRB, paths: Sequence[str], image_size: int, *, batch_si
     device = device if device is not None else next(model.parameters()).device
     loader = DataLoader(ImageFiles(paths, TestTransform(image_size)), batch_size=batch_size, shuffle=False,
                         num_workers=workers, worker_init_fn=end_quietly_on_sigterm)
+    # Restored after: a training loop's model was left in eval mode, its next steps silently without batch statistics.
+    training = model.training
     model.eval()
-    chunks = [model(images.to(device)).float().cpu() for images, _ in batches(loader)]
+    try:
+        chunks = [model(images.to(device)).float().cpu() for images, _ in batches(loader)]
+    finally:
+        model.train(training)
     if not chunks:
         return torch.zeros(0, model.num_classes)
     return torch.cat(chunks)

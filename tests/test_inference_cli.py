@@ -394,6 +394,23 @@ def test_predict_keeps_no_autograd_graph(setup):
     assert torch.is_grad_enabled()
 
 
+def test_image_logits_leaves_a_training_model_in_train_mode(setup):
+    """image_logits switched the model to eval mode and left it there: a training loop that scored images with it
+    went on training with BatchNorm in eval mode, silently. It scores in eval mode and gives the model back as it
+    was (in train mode with its frozen stem still in eval mode)."""
+    from dsrb.inference import image_logits
+
+    model, _ = load_model(setup["ckpt"])
+    expected = image_logits(model, setup["images"][:3], IMAGE_SIZE, batch_size=2)
+    assert not model.training
+    model.backbone.freeze()
+    model.train()
+    logits = image_logits(model, setup["images"][:3], IMAGE_SIZE, batch_size=2)
+    assert torch.equal(logits, expected)
+    assert model.training and model.reduction[1].training and not model.backbone.layer1.training
+    assert torch.equal(image_logits(model, [], IMAGE_SIZE), torch.zeros(0, len(CLASSES))) and model.training
+
+
 def test_predict_stdout(setup, capsys):
     from dsrb.predict import main
 
