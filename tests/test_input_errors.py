@@ -249,6 +249,20 @@ def test_image_dtype_must_match_the_model():
         model.float()
 
 
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.float8_e4m3fn])
+def test_a_model_converted_to_a_dtype_it_cannot_run_says_so(dtype):
+    """model.to() takes complex and float8 dtypes; the images were then told to convert to it ("convert images
+    (images.to(torch.complex64))"), which the images' own check refuses: advice that led nowhere."""
+    model = _model().eval().to(dtype)
+    with pytest.raises(TypeError, match=rf"the model's parameters are {dtype}, in which DSRB cannot run .*"
+                                        r"convert the model \(model.to\(torch.float32\)\)"):
+        model(torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE))
+    with pytest.raises(TypeError, match=rf"the model's parameters are {dtype}"):
+        model.update_prototypes(torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE), torch.tensor([[1, 0, -1]]))
+    with torch.no_grad():
+        assert model.to(torch.float32)(torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)).dtype == torch.float32
+
+
 @pytest.mark.parametrize("model_dtype, autocast", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
 @pytest.mark.parametrize("image_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_a_half_model_under_the_other_half_autocast_is_refused_whatever_the_images(model_dtype, autocast, image_dtype):

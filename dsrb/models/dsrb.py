@@ -371,6 +371,11 @@ class DSRB(nn.Module):
         # the convs' half- or single-precision inputs to its dtype, and BatchNorm takes those with float32 or
         # same-dtype parameters: other parameters (float64, fp16 under bf16 autocast) fail there too.
         dtype, where = self.reduction[0].weight.dtype, t.device.type
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            # model.to() takes complex and float8 dtypes: the advice below (convert the images to it) then failed on
+            # the images' own check, which takes no such dtype.
+            raise TypeError(f"the model's parameters are {dtype}, in which DSRB cannot run (float16, bfloat16, float32 "
+                            "or float64); convert the model (model.to(torch.float32))")
         if norms and _autocast_on(where) and dtype in (torch.float16, torch.bfloat16) and (
                 dtype != torch.get_autocast_dtype(where)):
             # Whatever t's dtype, its own included: the convs' outputs come in autocast's half dtype, which the
