@@ -297,7 +297,7 @@ def _cached_build(root: str, want: Dict[str, object], nvcc: Optional[str], fallb
                                                     "; the ops run on their other backends"))
             print(f"dsrb: {what} (log: {folder}{os.sep}build.log; `python -m dsrb.info` says more)", file=sys.stderr,
                   flush=True)
-            raise _build.BuildError(f"the first-use build failed: {str(exc).strip()[-2000:]}\n(log: "
+            raise _build.BuildError(f"the first-use build failed: {_first_error(str(exc))} (log: "
                                     f"{os.path.join(folder, 'build.log')}; change the compiler or its settings, or "
                                     f"delete {folder}, to retry)") from None
         info = _build.build_info(root, nvcc)
@@ -405,6 +405,19 @@ def _failed_with(failed: str, toolchain: Dict[str, object]) -> bool:
             return json.load(f) == toolchain
     except (OSError, ValueError):
         return True
+
+
+# A compiler's or nvcc's error line: "x.cpp:3:5: error: ...", "g++: fatal error: ...", "nvcc fatal   : ...".
+_ERROR_LINE = re.compile(r"(error|fatal)\s*:", re.IGNORECASE)
+
+
+def _first_error(output: str, limit: int = 300) -> str:
+    """The line of a failed build's output that says why (its first error line, else its first line), cut to
+    ``limit`` characters: the reason is one line, as a tool's error under DSRB_REQUIRE_EXT=1 must be (torch's message
+    is ninja's whole output, command lines included); build.log keeps all of it."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    line = next((line for line in lines if _ERROR_LINE.search(line)), lines[0] if lines else "no output")
+    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def _failed_earlier(folder: str) -> "_build.BuildError":

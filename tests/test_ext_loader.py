@@ -41,7 +41,7 @@ def loader(tmp_path, monkeypatch):
         calls.append(folder)
         compile_.jobs = jobs
         if getattr(compile_, "fail", False) or (nvcc and getattr(compile_, "fail_cuda", False)):
-            raise RuntimeError("g++: fatal error: no input files")
+            raise RuntimeError(getattr(compile_, "message", "g++: fatal error: no input files"))
         with open(os.path.join(folder, name + ".so"), "wb") as f:
             f.write(b"\x7fELF")
 
@@ -152,6 +152,28 @@ def test_a_failed_build_under_require_ext_does_not_promise_other_backends(loader
     assert not _ext._load().loaded
     err = capsys.readouterr().err
     assert "dsrb: the extension build failed (log: " in err and "other backends" not in err
+
+
+def test_a_failed_build_is_one_line_with_the_compilers_first_error(loader, monkeypatch):
+    """torch's message for a failed build is ninja's whole output, compiler command lines included: under
+    DSRB_REQUIRE_EXT=1 a tool's one error line was a dozen, the last 2,000 characters starting mid-command. The
+    reason is now one line: the compiler's first error, then the log."""
+    command = "[1/7] c++ -MMD -MF instance_blend.o.d " + "-I/opt/include " * 200
+    loader.fail, loader.message = True, (
+        f"Error building extension 'dsrb_ext_cpu': {command}\nFAILED: [code=1] instance_blend.o\n{command}\n"
+        "instance_blend.cpp:12:5: error: 'foo' was not declared in this scope\n"
+        "instance_blend.cpp:13:5: error: 'bar' was not declared in this scope\n"
+        "ninja: build stopped: subcommand failed.\n")
+    monkeypatch.setenv("DSRB_REQUIRE_EXT", "1")
+    monkeypatch.setattr(_ext, "_STATE", None)
+    with pytest.raises(ImportError) as err:
+        _ext.load()
+    message = str(err.value)
+    assert "\n" not in message, message
+    assert re.search(r"the first-use build failed: instance_blend\.cpp:12:5: error: 'foo' was not declared in this "
+                     r"scope \(log: .*build\.log; change the compiler", message), message
+    with open(os.path.join(loader.calls[0], "build.log")) as f:
+        assert "'bar' was not declared" in f.read()  # the whole output stays in the log
 
 
 @pytest.mark.parametrize("message", ["c++: fatal error: Killed signal terminated program cc1plus",
