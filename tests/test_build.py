@@ -204,6 +204,9 @@ def test_wheel_carries_the_sources_of_the_first_use_build(tmp_path):
     assert {n[len("dsrb/_csrc/"):] for n in names if n.startswith("dsrb/_csrc/")} == sources
     assert "dsrb/kernels/semantic_attention.py" in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in names), names
+    # the package alone: not the tests or benchmarks the sdist carries (and this build's source folder holds), no
+    # top-level package of theirs, no bytecode or library
+    assert all(n.startswith(("dsrb/", "dsrb-")) and not n.endswith((".pyc", ".so")) for n in names), sorted(names)
 
     installed = _load_build_module(str(tmp_path / "site" / "dsrb" / "_build.py"))
     root = installed.source_root()
