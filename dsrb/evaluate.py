@@ -70,6 +70,7 @@ def evaluate_checkpoint(
     image_size: Optional[int] = None,
     skip_bad: Optional[bool] = None,
     amp: Optional[str] = None,
+    channels_last: Optional[bool] = None,
     out: Union[str, os.PathLike, None] = None,
 ) -> Dict[str, Any]:
     """Evaluate ``checkpoint`` on ``split`` of a dataset; returns the result dict (the JSON written to ``out``).
@@ -85,6 +86,8 @@ def evaluate_checkpoint(
         backend: op backend, "auto" or one of "torch", "cpu", "cuda", "triton" (:func:`dsrb.inference.check_backend`).
         amp: autocast of the forward, "none", "bf16" or "fp16"; default the run's ``--amp``, under which its
             per-epoch test mAP (the one that chose best.pt) was computed.
+        channels_last: run the network on channels-last weights and images; default the run's
+            ``--channels-last``, whose rounding (notably under ``amp``) its logged test mAP has.
         out: JSON file to write atomically; None writes nothing (the command line defaults to
             ``<checkpoint folder>/eval_<checkpoint name>_<split>.json``, :func:`default_out`).
 
@@ -92,7 +95,7 @@ def evaluate_checkpoint(
         dict with ``metrics`` ({name: fraction in [0, 1] or None}, keys of :data:`dsrb.metrics.METRIC_KEYS`),
         ``per_class_ap`` ([{"class": name, "ap": fraction or None}] in class order), ``checkpoint``, ``dataset``,
         ``data_root``, ``split``, ``num_images`` (scored), ``skipped_images`` (unreadable ones left out by
-        ``skip_bad``), ``num_classes``, ``image_size``, ``amp`` and ``epoch`` (of the checkpoint).
+        ``skip_bad``), ``num_classes``, ``image_size``, ``amp``, ``channels_last`` and ``epoch`` (of the checkpoint).
     """
     from .data import DATASETS, TestTransform, build_dataset
     from .data.registry import check_root
@@ -111,6 +114,9 @@ def evaluate_checkpoint(
         raise ValueError(f"argument 'skip_bad' (--skip-bad-images): expected True, False or None, got {skip_bad!r}")
     if amp is not None and amp not in AMP_CHOICES:
         raise ValueError(f"argument 'amp' (--amp): expected one of {AMP_CHOICES}, got {amp!r}")
+    if channels_last is not None and not isinstance(channels_last, bool):
+        raise ValueError(f"argument 'channels_last' (--channels-last): expected True, False or None, got "
+                         f"{channels_last!r}")
     dev = check_device(device, name="argument 'device'")
     path = os.fspath(checkpoint)
     model, info = load_model(path, device=dev, backend=backend)
@@ -133,6 +139,12 @@ def evaluate_checkpoint(
             raise ValueError(f"checkpoint {path}: its config holds amp {amp!r}, expected one of {AMP_CHOICES}; pass "
                              "--amp")
 
+    if channels_last is None:
+        channels_last = bool(cfg.get("channels_last", False))
+    fmt = torch.channels_last if channels_last else torch.preserve_format
+    if channels_last:  # the layout the run's test forwards had: under autocast bf16 it moves scores by 1e-3
+        model.to(memory_format=torch.channels_last)
+
     ds = build_dataset(dataset, split, root=data_root, transform=TestTransform(size), skip_bad=skip)
     if len(ds) == 0:  # every metric of no image is undefined: a JSON of nulls, exit 0, replaced an earlier result
         skipped = f", all {ds.skipped} unreadable (skip_bad, --skip-bad-images)" if ds.skipped else ""
@@ -149,7 +161,7 @@ def evaluate_checkpoint(
     scores, indices = [], []
     for images, _, index in batches(loader):
         with amp_autocast(amp, dev):
-            scores.append(model(images.to(dev, non_blocking=True)).float().cpu())
+            scores.append(model(images.to(dev, non_blocking=True, memory_format=fmt)).float().cpu())
         indices.append(torch.as_tensor(index).long())
     C = info["num_classes"]
     scores_t = torch.cat(scores) if scores else torch.zeros(0, C)
@@ -175,6 +187,7 @@ def evaluate_checkpoint(
         "num_classes": C,
         "image_size": size,
         "amp": amp,
+        "channels_last": channels_last,
         "metrics": {k: _json_float(metrics[k]) for k in METRIC_KEYS if k in metrics},
         "per_class_ap": [{"class": n, "ap": _json_float(v)} for n, v in zip(info["class_names"], ap_list)],
     }
@@ -234,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="drop unreadable images (default: the checkpoint's setting)")
     parser.add_argument("--amp", choices=AMP_CHOICES, default=None,
                         help="autocast of the forward (default: the run's --amp, as its logged test mAP)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="channels-last weights and images (default: the run's --channels-last, as its logged "
+                             "test mAP)")
     parser.add_argument("--out", default=None,
                         help="JSON file to write (default: <checkpoint folder>/eval_<checkpoint name>_<split>.json, "
                              "e.g. eval_best_test.json)")
@@ -246,7 +262,7 @@ def main(argv=None) -> Dict[str, Any]:
     result = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_root=args.data_root, split=args.split,
                                  batch_size=args.batch_size, workers=args.workers, device=args.device,
                                  backend=args.backend, image_size=args.image_size, skip_bad=args.skip_bad,
-                                 amp=args.amp, out=out)
+                                 amp=args.amp, channels_last=args.channels_last, out=out)
     if standard_stream(out) == 1:  # the JSON went to standard output: the table would make it invalid JSON
         print(format_table(result), file=sys.stderr)
     else:

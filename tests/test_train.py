@@ -1215,6 +1215,36 @@ def test_channels_last_and_matmul_precision(data_root, tmp_path, monkeypatch):
         train.main(args(data_root, tmp_path / "bad", 1, "--matmul-precision", "tf32"))
 
 
+def test_evaluate_gives_the_logged_scores_of_a_channels_last_bf16_run(data_root, tmp_path, monkeypatch):
+    """dsrb.evaluate reproduces the test scores (and so the mAP) that a run logged: under its --amp and, now, its
+    --channels-last too. It ran the model contiguous, whose bf16 rounding moved the scores by about 1e-3 (the demo's
+    logged mAP 0.2211964 was evaluated as 0.2211986)."""
+    import dsrb.evaluate
+    from dsrb.evaluate import evaluate_checkpoint
+
+    scores = {}  # the logits each tool's metrics are computed from
+
+    def spy(name, real):
+        def compute_metrics(logits, *a, **k):
+            scores.setdefault(name, logits.clone())
+            return real(logits, *a, **k)
+        return compute_metrics
+
+    for module, name in ((train, "train"), (dsrb.evaluate, "evaluate")):
+        monkeypatch.setattr(module, "compute_metrics", spy(name, module.compute_metrics))
+    run = tmp_path / "run"  # width 16, the demo's: at 8 the two layouts round alike here
+    train.main(args(data_root, run, 1, "--channels-last", "--amp", "bf16", "--backbone-width", "16",
+                    "--limit-test-batches", "none"))  # every test image, as evaluate scores them
+    got = evaluate_checkpoint(run / "last.pt", workers=0, batch_size=4, device="cpu")
+    torch.testing.assert_close(scores["evaluate"], scores["train"], rtol=0, atol=0)
+    assert got["metrics"]["mAP"] == read_metrics(run)[0]["mAP"]
+    assert got["amp"] == "bf16" and got["channels_last"] is True and got["num_images"] == 24
+    # Contiguous on request. (This CPU's oneDNN rounds the two layouts' bf16 scores apart, up to 2e-3: the test above
+    # failed before the fix; another CPU may round them alike.)
+    assert evaluate_checkpoint(run / "last.pt", workers=0, batch_size=4, device="cpu",
+                               channels_last=False)["channels_last"] is False
+
+
 def test_compiled_run_matches_the_eager_one(data_root, tmp_path):
     """--compile trains the torch.compile'd model (both blends from epoch 1, the prototype pass before it) to the
     eager run's losses, up to the compiler's rounding, and its checkpoint holds the plain model's keys."""
