@@ -141,7 +141,7 @@ def load_list(
         classes_source = f"the classes of {classes}"
     else:
         class_names = [str(c) for c in classes]
-    if not class_names:  # a model of no class; an unknown class's error listed no known one
+    if not class_names and (rows or classes is not None):  # a model of no class (a list of no row: no image)
         if classes is None:
             raise ValueError(f"{path}: no row names a class, so there is nothing to learn; label the images (or give "
                              "the class names: classes.txt in a list dataset's folder)")
