@@ -95,6 +95,15 @@ def test_report_files(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_results_csv_reads_back_a_nan_map(tmp_path):
+    # results.csv writes a NaN as an empty field; reading it back raised ValueError (float(''))
+    nan_final = _result("dsrb", 0.3, 0, 40.0, final=math.nan)
+    paths = write_reports(str(tmp_path), Sweep([nan_final], ["dsrb"], [0.3], [0]), "best", make_plot=False)
+    (back,) = read_results_csv(paths["results.csv"])
+    assert math.isnan(back.final_mAP)
+    assert dataclasses.replace(back, final_mAP=0.0) == dataclasses.replace(nan_final, final_mAP=0.0)
+
+
 def test_proportions_equal_to_6_digits_get_their_own_columns(tmp_path):
     """0.1234561 and 0.1234562 were both "12.3456": one column header and one summary.csv key for two grid points.
     Labels that would collide are written exactly; others keep their 6 significant digits."""

@@ -210,7 +210,8 @@ def summary_rows(sweep: Sweep) -> List[List[str]]:
 
 def read_results_csv(path: str) -> List[RunResult]:
     types = {f.name: f.type for f in fields(RunResult)}
-    casts = {"str": str, "int": int, "float": float}
+    # _fmt writes a NaN (a hand-edited run's mAP) as an empty field, which float() refused with a traceback
+    casts = {"str": str, "int": int, "float": lambda v: math.nan if v == "" else float(v)}
     with open(path, newline="", encoding="utf-8") as f:
         return [RunResult(**{k: casts[types[k]](v) for k, v in row.items()}) for row in csv.DictReader(f)]
 
