@@ -212,7 +212,8 @@ def load_official_checkpoint(
             ``backbone_width``) may be given only with the inferred value (``backbone`` may also be a module).
 
     Returns:
-        The model, in eval mode, with an empty prototype bank.
+        The model, in eval mode, with an empty prototype bank; in float64 if the checkpoint holds float64 tensors
+        (nothing is rounded), otherwise in float32.
 
     Raises:
         ValueError: listing every missing key, unexpected key, shape conflict and dtype conflict (a complex, bool or
@@ -345,6 +346,11 @@ def load_official_checkpoint(
     if negative:
         raise ValueError(f"cannot load {where}: negative BatchNorm running variances in {', '.join(negative)}; "
                          "expected values >= 0 (its predictions would be NaN)")
+    # load_state_dict casts into the model's float32: a float64 checkpoint (to_official_state_dict of a float64
+    # model) lost its precision, so the round trip was not exact. Narrower floats (fp16, bf16) widen exactly.
+    if any(v.dtype == torch.float64 for v in mapped.values()):
+        model = model.double()
+        own = model.state_dict()
     for key, value in own.items():
         mapped.setdefault(key, value)
     model.load_state_dict(mapped, strict=True)

@@ -1,6 +1,8 @@
 """dsrb.compat round trips: load -> to_official_state_dict -> load gives the same model bit for bit, and the
 writer takes the model as dsrb.train wraps it."""
 
+import copy
+
 import pytest
 import torch
 
@@ -52,3 +54,17 @@ def test_the_writer_names_what_it_was_given_instead_of_a_model(model):
         to_official_state_dict(model.state_dict())  # an AttributeError before
     with pytest.raises(TypeError, match=r"argument 'model': expected a dsrb\.models\.DSRB, got Linear"):
         to_official_state_dict(torch.nn.Linear(2, 2))
+
+
+def test_a_float64_model_comes_back_in_float64_bit_for_bit(model):
+    # The loader built a float32 model whatever the checkpoint held: a float64 model came back rounded.
+    wide = copy.deepcopy(model).double()
+    with torch.no_grad():  # values that float32 cannot hold
+        wide.classifier.weight.add_(1e-12)
+    loaded = load_official_checkpoint(to_official_state_dict(wide))
+    _same_state(wide, loaded)
+    # Narrower floats widen exactly into a float32 model.
+    half = {k: v.half() if v.is_floating_point() else v for k, v in to_official_state_dict(model).items()}
+    loaded = load_official_checkpoint(half)
+    assert loaded.classifier.weight.dtype == torch.float32
+    assert torch.equal(loaded.classifier.weight, half["classifiers.weight"].float())
