@@ -1150,7 +1150,7 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     core = DSRB(train_set.num_classes, word_features=words, **kwargs)
     if pretrained is not None:
-        _load_pretrained(core, pretrained)
+        _load_pretrained(core, pretrained, builtin=cfg.pretrained == "builtin")
     _check_onednn_layout(core, cfg, device)
     core.set_label_graph(train_set.targets)
     core.to(device)
@@ -1320,13 +1320,17 @@ def _check_onednn_layout(core: DSRB, cfg: TrainConfig, device: torch.device) -> 
                              "issue 6035); give --backbone-width 8 or more, or leave the setting off")
 
 
-def _load_pretrained(core: DSRB, path: str) -> None:
+def _load_pretrained(core: DSRB, path: str, builtin: bool = False) -> None:
     from .models.resnet import load_pretrained
 
     try:
         load_pretrained(core.backbone, path)
     except (ValueError, OSError) as err:
-        raise ValueError(f"setting 'pretrained' (--pretrained): {err}") from err
+        # A damaged cache file (a truncated copy, another width's weights) failed every run the same way, with
+        # nothing saying that the file was the cache, nor how to get it pre-trained again.
+        hint = (f"; it is the cached file of --pretrained builtin: remove it and "
+                f"{os.path.splitext(path)[0]}.json to pre-train it again") if builtin else ""
+        raise ValueError(f"setting 'pretrained' (--pretrained): {err}{hint}") from err
 
 
 def main(argv=None) -> None:

@@ -182,6 +182,29 @@ def test_train_with_builtin_pretrained_backbone(tmp_path, monkeypatch):
     assert saved["pretrained"] == "builtin"
 
 
+
+@pytest.mark.parametrize("damage", ["truncated", "another width"])
+def test_a_damaged_builtin_cache_says_it_is_the_cache_and_how_to_redo_it(tmp_path, monkeypatch, damage):
+    """A truncated cache file, or one holding another width's weights, failed every run with an error that told
+    the user to give torchvision-style weights, not that the file was --pretrained builtin's cache to remove."""
+    monkeypatch.setenv("DSRB_DATA", str(tmp_path / "data"))
+    for key, value in TINY_RECIPE.items():
+        monkeypatch.setitem(pretrain.RECIPE, key, value)
+    monkeypatch.setattr(pretrain, "_pretrain", lambda *a, **k: pytest.fail("the cache was complete"))
+    path = pretrain.cache_path("resnet18", 4, 48)
+    path.parent.mkdir(parents=True)
+    torch.save(build_backbone("resnet18", width=8 if damage == "another width" else 4).state_dict(), path)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    path.with_suffix(".json").write_text("{}")
+    target = ensure_builtin(tmp_path / "target", num_train=24, num_test=12, image_size=48, seed=0)
+    with pytest.raises(ValueError) as err:
+        train.main(["--data-root", str(target), "--out", str(tmp_path / "run"), "--epochs", "1", "--pretrained",
+                    "builtin", *TINY_TRAIN])
+    assert f"cannot load pretrained weights from {path}" in str(err.value)
+    assert f"it is the cached file of --pretrained builtin: remove it and {path.with_suffix('.json')}" in str(err.value)
+
+
 def test_unwritable_places_are_clear_errors_before_training(tmp_path, monkeypatch, capsys):
     """A data root or --out that cannot be written (a read-only home; here a file in the way, which holds for root
     too) is an error naming the place and what to set, before any minute of pre-training is spent."""
