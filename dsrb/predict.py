@@ -48,8 +48,7 @@ from ._cli import ArgumentParser, check_output_file, non_negative_int, positive_
 from .checkpoint import atomic_write
 from .config import check_device
 from .inference import (BACKENDS, IMAGE_EXTENSIONS, check_finite_logits, check_image_size, check_non_negative,
-                        check_positive, device_arg, image_logits, load_images, load_model, print_out,
-                        run_main)
+                        check_positive, device_arg, image_logits, load_images, load_model, print_out, run_main)
 
 __all__ = ["predict", "select_labels", "main"]
 

@@ -329,9 +329,7 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool, class_names: 
     if not d.main:
         train_set = train_split()
     if len(train_set) == 0:
-        found = (f"all {train_set.skipped} images {train_set.source} lists are unreadable (--skip-bad-images "
-                 "skipped them)" if train_set.skipped else f"{train_set.source} lists no image")
-        raise ValueError(f"dataset '{cfg.dataset}' (train): {found}; give a training split with images")
+        raise ValueError(f"dataset '{cfg.dataset}' (train): {_no_image(train_set)}; give a training split with images")
     if class_names is not None:  # the model's (and the saved partial labels') columns, not the new files' order
         train_set.align_classes(class_names, f"setting 'data_root' (--data-root): {train_set.source} vs the run in "
                                 f"{out}", ours="the training split", theirs="the run's model")
@@ -342,9 +340,7 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool, class_names: 
                            f"split {train_set.source}", ours="the test split", theirs="the train split")
     if not bool((test_set.labels > 0).any()):  # empty included
         # The test mAP selects best.pt: without a positive label it is NaN every epoch and no best.pt is written.
-        found = (f"its {len(test_set)} images have no positive label" if len(test_set) else
-                 f"all {test_set.skipped} images {test_set.source} lists are unreadable (--skip-bad-images skipped "
-                 "them)" if test_set.skipped else f"{test_set.source} lists no image")
+        found = f"its {len(test_set)} images have no positive label" if len(test_set) else _no_image(test_set)
         raise ValueError(f"dataset '{cfg.dataset}' (test): {found}, so the test mAP that selects best.pt is undefined; "
                          "give a test split with labelled images")
     if not bool((train_set.labels > 0).any()):  # allowed (images without labels are kept), but likely a mistake
@@ -388,6 +384,13 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool, class_names: 
             "dimensions) or a GloVe text file")
     words = load_word_vectors(cfg.word_vectors, train_set.class_names, dim=cfg.word_dim, seed=cfg.seed)
     return train_set, test_set, words, save
+
+
+def _no_image(dataset) -> str:
+    """Why a split holds no image: its listing is empty, or --skip-bad-images left out every image it lists."""
+    if dataset.skipped:
+        return f"all {dataset.skipped} images {dataset.source} lists are unreadable (--skip-bad-images skipped them)"
+    return f"{dataset.source} lists no image"
 
 
 def _warn_on_repeated_images(name: str, train_set, test_set) -> None:
