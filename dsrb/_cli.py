@@ -20,6 +20,11 @@ def say(line: str) -> None:
         pass
 
 
+def count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: "1 image", "0 images", "3 training images"."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def fail(line: str, status: int = 1) -> NoReturn:
     """End the process with one line on stderr (:func:`say`) and ``status``."""
     say(line)

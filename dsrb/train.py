@@ -340,12 +340,13 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool, class_names: 
                            f"split {train_set.source}", ours="the test split", theirs="the train split")
     if not bool((test_set.labels > 0).any()):  # empty included
         # The test mAP selects best.pt: without a positive label it is NaN every epoch and no best.pt is written.
-        found = f"its {len(test_set)} images have no positive label" if len(test_set) else _no_image(test_set)
+        found = f"no positive label in its {_cli.count(len(test_set), 'image')}" if len(test_set) else \
+            _no_image(test_set)
         raise ValueError(f"dataset '{cfg.dataset}' (test): {found}, so the test mAP that selects best.pt is undefined; "
                          "give a test split with labelled images")
     if not bool((train_set.labels > 0).any()):  # allowed (images without labels are kept), but likely a mistake
-        log.warning("dataset '%s' (train): none of its %d images has a positive label, so every class is learned as "
-                    "absent; check the labels of %s", cfg.dataset, len(train_set), train_set.source)
+        log.warning("dataset '%s' (train): no positive label in its %s, so every class is learned as absent; check "
+                    "the labels of %s", cfg.dataset, _cli.count(len(train_set), "image"), train_set.source)
     path = os.path.join(out, "partial_labels.npz")
     save = None
     if resumed:
@@ -389,7 +390,8 @@ def build_data(cfg: TrainConfig, out: str, d: Dist, resumed: bool, class_names: 
 def _no_image(dataset) -> str:
     """Why a split holds no image: its listing is empty, or --skip-bad-images left out every image it lists."""
     if dataset.skipped:
-        return f"all {dataset.skipped} images {dataset.source} lists are unreadable (--skip-bad-images skipped them)"
+        return (f"{dataset.source} lists {_cli.count(dataset.skipped, 'image')} and none is readable "
+                "(--skip-bad-images skipped every one)")
     return f"{dataset.source} lists no image"
 
 
@@ -1137,8 +1139,8 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
                                                           state.get("class_names") if resumed else None)
     _check_ranks_data_alike(d, train_set, test_set)
     if len(make_loader(train_set, cfg, d, train=True, seed=0, device=device)) == 0:
-        images = f"{len(train_set) // d.world} training images per process" if d.enabled else \
-            f"{len(train_set)} training images"
+        images = _cli.count(len(train_set) // d.world if d.enabled else len(train_set), "training image")
+        images += " per process" if d.enabled else ""
         raise ValueError(f"setting 'batch_size' (--batch-size): {cfg.batch_size} is larger than the {images}; the "
                          "training loader drops an incomplete last batch, so it would yield no batch at all")
     if cfg.top_k > train_set.num_classes:

@@ -711,7 +711,7 @@ def test_test_split_without_a_positive_label_is_refused_before_the_run(tmp_path)
     test split: test_empty_split_is_named)."""
     root = list_dataset(tmp_path, "a.png,cat\nb.png,dog\n" * 4, "b.png,\na.png,\n")
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match=r"dataset 'list' \(test\): its 2 images have no positive label, so the test "
+    with pytest.raises(ValueError, match=r"dataset 'list' \(test\): no positive label in its 2 images, so the test "
                        "mAP that selects best.pt is undefined"):
         train.main(["--dataset", "list", "--data-root", root, "--out", str(out), "--known-proportion", "1", *TINY])
     assert not out.exists()
@@ -907,8 +907,8 @@ def test_empty_split_is_named(tmp_path, split, end):
         train.main(["--dataset", "list", "--data-root", root, "--out", str(out), *TINY])
     (tmp_path / "list" / f"{split}.csv").write_text("path,labels\nbad.png,cat\n")
     (tmp_path / "list" / "bad.png").write_bytes(b"not an image")
-    with pytest.raises(ValueError, match=rf"dataset 'list' \({split}\): all 1 images .*{split}\.csv lists are "
-                       rf"unreadable \(--skip-bad-images skipped them\){re.escape(end)}"):
+    with pytest.raises(ValueError, match=rf"dataset 'list' \({split}\): .*{split}\.csv lists 1 image and none is "
+                       rf"readable \(--skip-bad-images skipped every one\){re.escape(end)}"):
         train.main(["--dataset", "list", "--data-root", root, "--out", str(out), "--skip-bad-images", *TINY])
     assert not out.exists()
 
@@ -920,8 +920,8 @@ def test_a_training_split_without_a_positive_label_is_a_warning(tmp_path):
     out = tmp_path / "run"
     train.main(["--dataset", "list", "--data-root", root, "--out", str(out), "--known-proportion", "1", *TINY,
                 "--epochs", "1"])
-    assert (f"dataset 'list' (train): none of its 4 images has a positive label, so every class is learned as "
-            f"absent; check the labels of {os.path.join(root, 'train.csv')}") in (out / "train.log").read_text()
+    assert (f"dataset 'list' (train): no positive label in its 4 images, so every class is learned as absent; "
+            f"check the labels of {os.path.join(root, 'train.csv')}") in (out / "train.log").read_text()
 
 
 def test_missing_image_named_before_the_run(tmp_path):

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .._checks import native_array
+from .._cli import count
 
 __all__ = ["MultiLabelDataset", "UnreadableImageError", "find_duplicate", "open_rgb", "pil_to_tensor", "read_json",
            "read_lines", "read_text", "to_rgb"]
@@ -319,7 +320,7 @@ class MultiLabelDataset(Dataset):
         n = len(self)
         i = operator.index(index)  # ints of any kind (NumPy, 0-d tensors), not 2.5
         if not -n <= i < n:
-            raise IndexError(f"{self.name or 'dataset'} index {i} is out of range for its {n} images")
+            raise IndexError(f"{self.name or 'dataset'} index {i} is out of range for its {count(n, 'image')}")
         index = i % n  # the index returned names the image, also when asked from the end
         image = self.load_image(index)
         image = pil_to_tensor(image) if self.transform is None else self.transform(image)
