@@ -38,7 +38,21 @@ def fail(line: str, status: int = 1) -> NoReturn:
 deferred_failure: Optional[Exception] = None
 
 
-def start(prog: str, *, one_process: bool = True, require_ext: bool = True) -> None:
+# dsrb.ops.BACKEND_CHOICES, repeated here (standard library only; tests/test_info.py checks that they agree).
+BACKEND_CHOICES = ("auto", "torch", "cpu", "cuda", "triton")
+
+
+def check_backend_env() -> None:
+    """DSRB_BACKEND, blank or unset for auto, else a backend's name: a ValueError naming it, as the ops raise at their
+    first call. A tool checks it first, since its imports build the extension on first use (minutes) before any op
+    runs."""
+    value = os.environ.get("DSRB_BACKEND", "") or "auto"
+    if value not in BACKEND_CHOICES:
+        raise ValueError(f"environment variable DSRB_BACKEND: expected 'auto' or one of {BACKEND_CHOICES[1:]}, got "
+                         f"{value!r}")
+
+
+def start(prog: str, *, one_process: bool = True, require_ext: bool = True, backend_env: bool = True) -> None:
     """The first lines of every tool's ``__main__``: :func:`quiet_interrupt` and :func:`stop_on_termination` (a kill
     while torch is imported or the extension built is then one "interrupted" line, not a silent end); a Python
     without torch one error line saying how to install it; ``-h``/``--help`` answered without compiling the
@@ -47,7 +61,9 @@ def start(prog: str, *, one_process: bool = True, require_ext: bool = True) -> N
     environment variables checked (one error line for a bad value, or for DSRB_BUILD_CUDA=1 without nvcc where a
     build is needed); and, with ``require_ext``, a missing extension under DSRB_REQUIRE_EXT=1 one error line with
     the reason, where the tool's imports would raise it as a traceback (dsrb.info passes False: it reports first,
-    then fails). dsrb.train under torchrun gets these two errors as :data:`deferred_failure` instead."""
+    then fails); with ``backend_env``, a DSRB_BACKEND that names no backend one error line, before the imports build
+    the extension (dsrb.info passes False, as for ``require_ext``). dsrb.train under torchrun gets these errors as
+    :data:`deferred_failure` instead."""
     global deferred_failure
     quiet_interrupt(prog)
     stop_on_termination()
@@ -70,11 +86,14 @@ def start(prog: str, *, one_process: bool = True, require_ext: bool = True) -> N
     several = not one_process and world not in ("", "0", "1")
     try:  # a bad value is one error line here, not a traceback from the imports that read it (--help's too)
         check_env_flags()
+        if backend_env:  # dsrb.info passes False: it reports first, then refuses it
+            check_backend_env()
     except ValueError as err:
         if not several:
             fail(f"{prog}: error: {err}")
         deferred_failure = err
-        for name in (*ENV_FLAGS, "MAX_JOBS", "TORCH_CUDA_ARCH_LIST"):  # the tool's imports read them: they pass,
+        # the tool's imports (and its backend check) read them: they pass,
+        for name in (*ENV_FLAGS, "MAX_JOBS", "TORCH_CUDA_ARCH_LIST", "DSRB_BACKEND"):
             os.environ.pop(name, None)
         os.environ["DSRB_DISABLE_EXT"] = "1"  # without the extension (the tool stops before using it)
     if any(arg in ("-h", "--help") for arg in sys.argv[1:]):  # argparse then prints help or an error, never runs

@@ -7,7 +7,8 @@ if __name__ == "__main__":  # before the imports below, which take seconds (torc
 
     from ._cli import start
 
-    start("python -m dsrb.info", one_process=False, require_ext=False)  # a report, harmless in every rank
+    # a report, harmless in every rank, that shows a DSRB_BACKEND typo before refusing it
+    start("python -m dsrb.info", one_process=False, require_ext=False, backend_env=False)
     # info is the tool that says why the extension is missing: DSRB_REQUIRE_EXT=1 (CI) would make the imports below
     # raise instead, so main() checks it after the report.
     _REQUIRED = os.environ.pop("DSRB_REQUIRE_EXT", None)

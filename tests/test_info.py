@@ -117,6 +117,39 @@ def test_build_cuda_1_without_nvcc_is_one_error_line(tool, tmp_path):
                           "nvcc on PATH)\n"), res.stderr
 
 
+@pytest.mark.parametrize("tool", ["dsrb.train", "dsrb.evaluate", "dsrb.predict"])
+def test_a_dsrb_backend_that_is_no_backend_is_one_error_line_before_any_build(tool, tmp_path):
+    """DSRB_BACKEND=troch was refused at the first op only, after the tool's imports had built the extension on first
+    use (minutes). Here a first-use build ends the process: the tools now refuse the name before their imports."""
+    code = ("import importlib.machinery, runpy, sys; import dsrb._ext as e; "
+            "e._first_use_build = lambda *a: sys.exit('the first-use build started'); "
+            "importlib.machinery.EXTENSION_SUFFIXES = ['.no-such-suffix']; sys.argv = [sys.argv[0]]; "
+            f"runpy.run_module({tool!r}, run_name='__main__')")
+    env = {**os.environ, "DSRB_BACKEND": "troch", "DSRB_EXT_CACHE": str(tmp_path / "cache")}
+    for name in ("DSRB_DISABLE_EXT", "DSRB_BUILD_ON_FIRST_USE"):
+        env.pop(name, None)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
+    assert res.returncode == 1 and res.stdout == "", res.stderr
+    assert res.stderr == (f"python -m {tool}: error: environment variable DSRB_BACKEND: expected 'auto' or one of "
+                          "('torch', 'cpu', 'cuda', 'triton'), got 'troch'\n"), res.stderr
+
+
+@pytest.mark.parametrize("value", ["troch", "Torch", " cpu", "auto", "", "torch"])
+def test_the_tools_check_of_dsrb_backend_is_the_ops_check(monkeypatch, value):
+    """The tools check DSRB_BACKEND before torch is imported (dsrb._cli): the same names and message as the ops."""
+    from dsrb import _cli
+
+    assert _cli.BACKEND_CHOICES == ops.BACKEND_CHOICES
+    monkeypatch.setenv("DSRB_BACKEND", value)
+    try:
+        ops.select("instance_blend", torch.device("cpu"), torch.float32)
+    except ValueError as err:
+        with pytest.raises(ValueError, match=f"^{re.escape(str(err))}$"):
+            _cli.check_backend_env()
+    else:
+        _cli.check_backend_env()
+
+
 @pytest.mark.parametrize("tool", ["dsrb.info", "dsrb.train", "dsrb.predict"])
 def test_a_python_without_torch_is_one_error_line_saying_how_to_install_it(tool):
     """Every tool, dsrb.info (run to diagnose an install) included, ended in ModuleNotFoundError's traceback. torch

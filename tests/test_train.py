@@ -940,6 +940,7 @@ finally:
      "dsrb: DSRB_REQUIRE_EXT=1 but the C++ extension is not available: disabled by DSRB_DISABLE_EXT=1"),
     ("MAX_JOBS=many", "MAX_JOBS: expected a positive number"),
     ("DSRB_BUILD_CUDA=maybe", "environment variable DSRB_BUILD_CUDA: expected 1 or 0"),
+    ("DSRB_BACKEND=troch", "environment variable DSRB_BACKEND: expected 'auto' or one of"),
 ])
 def test_ddp_extension_environment_of_one_node_stops_every_rank(data_root, tmp_path, env, expected):
     """One node's environment that dsrb.train's start refuses (the extension missing under DSRB_REQUIRE_EXT=1, no
