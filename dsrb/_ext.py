@@ -421,5 +421,13 @@ def _first_error(output: str, limit: int = 300) -> str:
 
 
 def _failed_earlier(folder: str) -> "_build.BuildError":
-    return _build.BuildError(f"the first-use build failed earlier (log: {os.path.join(folder, 'build.log')}); "
-                             f"change the compiler or its settings, or delete {folder}, to retry")
+    """The remembered failure, with its log's error line: the failed build said that `python -m dsrb.info` says
+    more, which later found only that it had failed."""
+    log = os.path.join(folder, "build.log")
+    try:
+        with open(log, errors="replace") as f:
+            why = f": {_first_error(f.read())}"
+    except OSError:  # removed or unreadable: the rest of the reason stands
+        why = ""
+    return _build.BuildError(f"the first-use build failed earlier{why} (log: {log}); change the compiler or its "
+                             f"settings, or delete {folder}, to retry")

@@ -108,6 +108,20 @@ def test_a_failed_build_is_remembered_and_not_retried(loader, capsys):
     assert len(loader.calls) == 1
 
 
+def test_a_build_that_failed_earlier_still_says_why(loader):
+    """The failed build says `python -m dsrb.info` says more; later processes (info among them) said only that it
+    had failed earlier. They now give the log's error line too."""
+    loader.fail, loader.message = True, "ninja output\nx.cpp:3:5: error: 'foo' was not declared\nmore output"
+    _ext._load()
+    loader.fail = False
+    again = _ext._load()
+    assert again.reason.startswith("the first-use build failed earlier: x.cpp:3:5: error: 'foo' was not declared "
+                                   "(log: "), again.reason
+    assert len(loader.calls) == 1
+    os.remove(os.path.join(loader.calls[0], "build.log"))  # the failure stays remembered, without its line
+    assert _ext._load().reason.startswith("the first-use build failed earlier (log: ")
+
+
 @pytest.mark.parametrize("change", ["CXX", "CPATH"])
 def test_a_failed_build_is_retried_with_another_compiler_or_settings(loader, capsys, monkeypatch, change):
     """A build that failed was retried only after its cache folder was deleted, though the fix is usually another
