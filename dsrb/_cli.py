@@ -38,7 +38,7 @@ def fail(line: str, status: int = 1) -> NoReturn:
 deferred_failure: Optional[Exception] = None
 
 
-# dsrb.ops.BACKEND_CHOICES, repeated here (standard library only; tests/test_info.py checks that they agree).
+# The backends' names, "auto" first: dsrb.ops.BACKEND_CHOICES, kept here for the tools' check before torch loads.
 BACKEND_CHOICES = ("auto", "torch", "cpu", "cuda", "triton")
 
 

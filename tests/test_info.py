@@ -136,10 +136,9 @@ def test_a_dsrb_backend_that_is_no_backend_is_one_error_line_before_any_build(to
 
 @pytest.mark.parametrize("value", ["troch", "Torch", " cpu", "auto", "", "torch"])
 def test_the_tools_check_of_dsrb_backend_is_the_ops_check(monkeypatch, value):
-    """The tools check DSRB_BACKEND before torch is imported (dsrb._cli): the same names and message as the ops."""
+    """The tools check DSRB_BACKEND before torch is imported (dsrb._cli): the same message as the ops."""
     from dsrb import _cli
 
-    assert _cli.BACKEND_CHOICES == ops.BACKEND_CHOICES
     monkeypatch.setenv("DSRB_BACKEND", value)
     try:
         ops.select("instance_blend", torch.device("cpu"), torch.float32)

@@ -25,9 +25,11 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .. import _cli
+
 OPS = ("semantic_attention", "instance_blend", "prototype_blend", "quadrant_index", "prototype_bank_update")
-KNOWN_BACKENDS = ("torch", "cpu", "cuda", "triton")
-BACKEND_CHOICES = ("auto",) + KNOWN_BACKENDS  # what backend= and --backend take
+BACKEND_CHOICES = _cli.BACKEND_CHOICES  # what backend= and --backend take (the tools check DSRB_BACKEND with them)
+KNOWN_BACKENDS = BACKEND_CHOICES[1:]
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
