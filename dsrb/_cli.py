@@ -154,6 +154,10 @@ class ArgumentParser(argparse.ArgumentParser):
         rest = args[end + 1:]
         if not rest:
             return super().parse_intermixed_args(args[:end], namespace)
+        if end:  # an option left without its value ("--out -- a.jpg") would take the placeholder below as it
+            option = next((a for a in self._actions if args[end - 1] in a.option_strings and a.nargs != 0), None)
+            if option is not None:
+                self.error(f"argument {'/'.join(option.option_strings)}: expected one argument")
         # A placeholder positional stands for the names after "--", so that a required list is not missing
         # (a name without a leading "-" cannot be taken for an option).
         placeholder = "\0"

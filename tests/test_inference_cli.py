@@ -441,6 +441,23 @@ def test_double_dash_ends_the_options(setup, tmp_path, monkeypatch, capsys):
         parse(["--checkpoint", "c", "--"])
 
 
+@pytest.mark.parametrize("tool, option", [("predict", "--out"), ("predict", "--checkpoint"),
+                                          ("visualize", "--classes"), ("visualize", "--out-dir")])
+def test_an_option_without_its_value_before_double_dash_is_argparses_error(tool, option, capsys):
+    """"--out -- a.jpg b.jpg": --out took the parser's stand-in for the names after "--" as its value, and the last
+    name before "--" was dropped; the run then failed with "embedded null byte", naming no argument."""
+    import importlib
+
+    parser = importlib.import_module(f"dsrb.{tool}").build_parser()
+    argv = ["--checkpoint", "c.pt", "a.jpg", option, "--", "b.jpg"]
+    if option == "--checkpoint":
+        argv = ["a.jpg", "--checkpoint", "--", "b.jpg"]
+    with pytest.raises(SystemExit) as stop:
+        parser.parse_intermixed_args(argv)
+    assert stop.value.code == 2
+    assert f"error: argument {option}: expected one argument" in capsys.readouterr().err
+
+
 def test_predict_empty_folder(setup, tmp_path):
     from dsrb.predict import main
 
