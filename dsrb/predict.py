@@ -44,6 +44,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
+from ._checks import check_tensor
 from ._cli import ArgumentParser, check_output_file, non_negative_int, positive_int, stop_on_termination
 from .checkpoint import atomic_write
 from .config import check_device
@@ -70,6 +71,7 @@ def select_labels(logits: torch.Tensor, threshold: Optional[float] = None, top_k
     order, without float32 probabilities tying at 1.0). threshold None and top_k None means threshold 0.5; top_k
     larger than C means all classes.
     """
+    check_tensor("logits", logits, ndim=2, kind="real")  # a 1-D row was an IndexError from inside
     _check_args(threshold, top_k)
     if threshold is None and top_k is None:
         threshold = DEFAULT_THRESHOLD

@@ -724,6 +724,18 @@ def test_threshold_on_logits_agrees_with_the_metrics_near_one_half_and_one():
     assert compute_metrics(logits, targets)["OR"] == pytest.approx(float(select_labels(logits).float().mean()))
 
 
+def test_select_labels_names_logits_that_are_no_matrix():
+    """One image's logits as a 1-D row (or a NumPy array) failed inside with an IndexError (a TypeError from
+    ones_like), naming no argument."""
+    from dsrb.predict import select_labels
+
+    with pytest.raises(ValueError, match=r"argument 'logits': expected a 2-D tensor, got shape \(3,\)"):
+        select_labels(torch.tensor([0.0, 2.0, 1.0]), top_k=2)
+    with pytest.raises(TypeError, match="argument 'logits': expected a torch.Tensor, got ndarray"):
+        select_labels(np.zeros((1, 3)), top_k=2)
+    assert select_labels(torch.tensor([[0.0, 2.0, 1.0]]), top_k=2).tolist() == [[False, True, True]]
+
+
 def test_visualize(setup, tmp_path, capsys):
     from dsrb.visualize import main, visualize
 
