@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Iterable, Iterator, NoReturn, Optional, Tuple
 
-from ._files import name_max, probe_folder, special_file  # standard library only, as this module
+from ._files import expand_home, name_max, probe_folder, special_file  # standard library only, as this module
 
 
 def say(line: str) -> None:
@@ -23,6 +23,12 @@ def say(line: str) -> None:
 def count(n: int, noun: str) -> str:
     """``n`` and ``noun``, plural unless ``n`` is 1: "1 image", "0 images", "3 training images"."""
     return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def path_arg(text: str) -> str:
+    """argparse type of the tools' file and folder options: a leading ``~`` is the home folder, as in dsrb.train's
+    paths (the shell expands it in a word of its own only: ``--out=~/p.json`` keeps it)."""
+    return expand_home(text)
 
 
 def fail(line: str, status: int = 1) -> NoReturn:

@@ -13,7 +13,8 @@ when the JSON goes to standard output, ``--out /dev/stdout``, which then holds t
 written atomically to ``--out`` (default ``<checkpoint folder>/eval_<checkpoint name>_<split>.json``, e.g.
 ``eval_best_test.json``, so best.pt's and last.pt's results stay apart) with the metrics as
 **fractions** in [0, 1], the per-class VOC AP with the class names, the checkpoint path, the dataset, the split, the
-number of images scored and the number left out as unreadable (``--skip-bad-images``). Undefined values (a class without a positive image) are written as ``null``.
+number of images scored and the number left out as unreadable (``--skip-bad-images``). Undefined values (a class
+without a positive image) are written as ``null``.
 
 The dataset's classes must be the checkpoint's classes; when they are the same names in another order the label
 columns are reordered to the checkpoint's order.
@@ -37,7 +38,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch.utils.data import DataLoader
 
-from ._cli import ArgumentParser, check_output_file, non_negative_int, positive_int, stop_on_termination
+from ._cli import ArgumentParser, check_output_file, non_negative_int, path_arg, positive_int, stop_on_termination
 from ._files import standard_stream
 from ._loader import batches, end_quietly_on_sigterm
 from .checkpoint import atomic_write
@@ -229,9 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a DSRB training checkpoint on a dataset split (full labels); dataset settings default "
                     "to those saved in the checkpoint.",
     )
-    parser.add_argument("--checkpoint", required=True, help="training checkpoint (best.pt / last.pt)")
+    parser.add_argument("--checkpoint", type=path_arg, required=True, help="training checkpoint (best.pt / last.pt)")
     parser.add_argument("--dataset", default=None, help="builtin, coco, voc, vg or list (default: the checkpoint's)")
-    parser.add_argument("--data-root", default=None, help="dataset folder (default: the checkpoint's)")
+    parser.add_argument("--data-root", type=path_arg, default=None, help="dataset folder (default: the checkpoint's)")
     parser.add_argument("--split", default="test", choices=("train", "test"),
                         help="split to evaluate, with its full labels (default test)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default 16)")
@@ -250,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="channels-last weights and images (default: the run's --channels-last, as its logged "
                              "test mAP)")
-    parser.add_argument("--out", default=None,
+    parser.add_argument("--out", type=path_arg, default=None,
                         help="JSON file to write (default: <checkpoint folder>/eval_<checkpoint name>_<split>.json, "
                              "e.g. eval_best_test.json)")
     return parser

@@ -45,7 +45,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from ._checks import check_tensor
-from ._cli import ArgumentParser, check_output_file, non_negative_int, positive_int, stop_on_termination
+from ._cli import ArgumentParser, check_output_file, non_negative_int, path_arg, positive_int, stop_on_termination
 from .checkpoint import atomic_write
 from .config import check_device
 from .inference import (BACKENDS, IMAGE_EXTENSIONS, check_finite_logits, check_image_size, check_non_negative,
@@ -157,13 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Predict labels with a trained DSRB checkpoint. Without --threshold/--top-k: probability >= 0.5; "
                     "--top-k K alone: the K most probable classes; both: the top K among those >= the threshold.",
     )
-    parser.add_argument("--checkpoint", required=True, help="training checkpoint (best.pt / last.pt)")
+    parser.add_argument("--checkpoint", type=path_arg, required=True, help="training checkpoint (best.pt / last.pt)")
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER",
                         help=f"image files and/or folders ({' '.join(IMAGE_EXTENSIONS)})")
     parser.add_argument("--threshold", type=_probability, default=None,
                         help="probability threshold (default 0.5 unless --top-k is given)")
     parser.add_argument("--top-k", type=positive_int, default=None, help="return the K most probable classes")
-    parser.add_argument("--out", default=None, help="JSON file to write (default: print to stdout)")
+    parser.add_argument("--out", type=path_arg, default=None, help="JSON file to write (default: print to stdout)")
     parser.add_argument("--device", type=device_arg, default="auto",
                         help="auto, cpu, cuda, cuda:N or mps (default auto)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",

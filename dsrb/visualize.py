@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ._cli import ArgumentParser, check_output_dir, positive_int, stop_on_termination
+from ._cli import ArgumentParser, check_output_dir, path_arg, positive_int, stop_on_termination
 from ._files import name_max
 from .checkpoint import atomic_write
 from .config import check_device
@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m dsrb.visualize",
         description="Overlay DSRB's category-wise attention maps on images; writes <out-dir>/<stem>_<class>.png.",
     )
-    parser.add_argument("--checkpoint", required=True, help="training checkpoint (best.pt / last.pt)")
+    parser.add_argument("--checkpoint", type=path_arg, required=True, help="training checkpoint (best.pt / last.pt)")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files and/or folders")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--classes", default=None,
@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "top-k)")
     group.add_argument("--top-k", type=positive_int, default=None,
                        help=f"show the K most probable classes of each image (default {DEFAULT_TOP_K})")
-    parser.add_argument("--out-dir", default="attention", help="output folder (default attention/)")
+    parser.add_argument("--out-dir", type=path_arg, default="attention", help="output folder (default attention/)")
     parser.add_argument("--device", type=device_arg, default="auto",
                         help="auto, cpu, cuda, cuda:N or mps (default auto)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",

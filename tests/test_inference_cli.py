@@ -458,6 +458,26 @@ def test_an_option_without_its_value_before_double_dash_is_argparses_error(tool,
     assert f"error: argument {option}: expected one argument" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("tool, options", [("evaluate", ("--checkpoint", "--data-root", "--out")),
+                                           ("predict", ("--checkpoint", "--out")),
+                                           ("visualize", ("--checkpoint", "--out-dir")),
+                                           ("experiments.proportions", ("--out",))])
+def test_a_leading_tilde_is_the_home_folder(tool, options, tmp_path, monkeypatch):
+    """"--out=~/p.json" (no shell expands that "~") wrote to a folder named "~" in the working directory, and
+    "--checkpoint=~/run/best.pt" was not found; dsrb.train expanded its paths already."""
+    import importlib
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    parser = importlib.import_module(f"dsrb.{tool}").build_parser()
+    argv = [f"{option}=~/{option[2:]}" for option in options]
+    if tool in ("predict", "visualize"):
+        args = parser.parse_intermixed_args(argv + ["a.jpg"])
+    else:
+        args = parser.parse_args(argv)
+    for option in options:
+        assert getattr(args, option[2:].replace("-", "_")) == str(tmp_path / option[2:])
+
+
 def test_predict_empty_folder(setup, tmp_path):
     from dsrb.predict import main
 

@@ -52,7 +52,8 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from dsrb._build import usable_cpus
-from dsrb._cli import ArgumentParser, check_output_dir, exit_on_error, fail, positive_int, stop_on_termination
+from dsrb._cli import (ArgumentParser, check_output_dir, exit_on_error, fail, path_arg, positive_int,
+                       stop_on_termination)
 from dsrb._files import lock_directory, remove_stale_temporaries
 from dsrb.checkpoint import save_json
 from dsrb.config import PRESETS, check_device, load_config_file, parse_args
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proportions", type=_proportions, default=list(DEFAULT_PROPORTIONS),
                    help="comma-separated known-label proportions (default: 0.1,0.3,0.5,0.7,0.9)")
     p.add_argument("--seeds", type=_seeds, default=list(DEFAULT_SEEDS), help="comma-separated seeds (default: 0,1,2)")
-    p.add_argument("--out", default=None, help="sweep folder (default: runs/proportions-<preset>)")
+    p.add_argument("--out", type=path_arg, default=None, help="sweep folder (default: runs/proportions-<preset>)")
     p.add_argument("--jobs", type=positive_int, default=None,
                    help="runs trained at the same time (default: on the CPU one per CPU it may use, at most 4; on a "
                         "GPU 1)")
