@@ -2,6 +2,7 @@
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 from typing import Iterable, Iterator, NoReturn, Optional, Tuple
@@ -377,10 +378,25 @@ def _int_at_least(minimum: int, what: str):
     return parse
 
 
+def _in_unit_interval(what: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not 0.0 <= value <= 1.0:  # NaN too
+            raise argparse.ArgumentTypeError(f"expected {what} in [0, 1], got {text!r}")
+        return value
+
+    return parse
+
+
 # argparse types shared by the command-line tools (here, not in dsrb.inference, which loads the extension: a tool's
 # --help does not wait for a build).
 positive_int = _int_at_least(1, "positive")
 non_negative_int = _int_at_least(0, "non-negative")
+probability = _in_unit_interval("a probability")
+unit_number = _in_unit_interval("a number")
 
 
 def _check_folder(folder: str, name: str, what: str) -> None:

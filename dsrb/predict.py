@@ -45,7 +45,8 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from ._checks import check_tensor
-from ._cli import ArgumentParser, check_output_file, non_negative_int, path_arg, positive_int, stop_on_termination
+from ._cli import (ArgumentParser, check_output_file, non_negative_int, path_arg, positive_int, probability,
+                   stop_on_termination)
 from .checkpoint import atomic_write
 from .config import check_device
 from .inference import (BACKENDS, IMAGE_EXTENSIONS, check_finite_logits, check_image_size, check_non_negative,
@@ -141,16 +142,6 @@ def predict(
     return results
 
 
-def _probability(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="python -m dsrb.predict",
@@ -160,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=path_arg, required=True, help="training checkpoint (best.pt / last.pt)")
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER",
                         help=f"image files and/or folders ({' '.join(IMAGE_EXTENSIONS)})")
-    parser.add_argument("--threshold", type=_probability, default=None,
+    parser.add_argument("--threshold", type=probability, default=None,
                         help="probability threshold (default 0.5 unless --top-k is given)")
     parser.add_argument("--top-k", type=positive_int, default=None, help="return the K most probable classes")
     parser.add_argument("--out", type=path_arg, default=None, help="JSON file to write (default: print to stdout)")

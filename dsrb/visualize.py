@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ._cli import ArgumentParser, check_output_dir, path_arg, positive_int, stop_on_termination
+from ._cli import ArgumentParser, check_output_dir, path_arg, positive_int, stop_on_termination, unit_number
 from ._files import name_max
 from .checkpoint import atomic_write
 from .config import check_device
@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "backend is not inherited)")
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help="input side (default: the checkpoint's training image size)")
-    parser.add_argument("--alpha", type=float, default=0.5, help="heat-map weight in the blend (default 0.5)")
+    parser.add_argument("--alpha", type=unit_number, default=0.5, help="heat-map weight in the blend (default 0.5)")
     return parser
 
 

@@ -1508,7 +1508,7 @@ def test_evaluate_names_data_root_as_the_command_line_does(setup, tmp_path):
         build_dataset("coco", "test", root=tmp_path / "nope")
 
 
-def test_api_arguments_are_checked_before_the_model_is_read(setup, monkeypatch):
+def test_api_arguments_are_checked_before_the_model_is_read(setup, monkeypatch, capsys):
     """``image_size="64"`` was a TypeError ("'<' not supported ...") after the model was loaded; ``alpha="x"``
     "could not convert string to float" without naming alpha."""
     from dsrb import evaluate, predict, visualize
@@ -1524,12 +1524,16 @@ def test_api_arguments_are_checked_before_the_model_is_read(setup, monkeypatch):
                  lambda: visualize.visualize(setup["ckpt"], image, image_size="64")):
         with pytest.raises(ValueError, match=r"^argument 'image_size': expected a positive int, got '64'$"):
             call()
-    # Named with its flag, as 'out_dir' (--out-dir) is: --alpha 2 reaches this check (argparse reads any float).
+    # Named with its flag, as 'out_dir' (--out-dir) is.
     for alpha in ("x", float("nan"), True):
         with pytest.raises(ValueError, match=r"^argument 'alpha' \(--alpha\): expected a number in \[0, 1\], got"):
             visualize.visualize(setup["ckpt"], image, alpha=alpha)
-    with pytest.raises(ValueError, match=r"^argument 'alpha' \(--alpha\): expected a number in \[0, 1\], got 2.0$"):
-        visualize.main(["--checkpoint", setup["ckpt"], image, "--alpha", "2"])
+    # --alpha 2 is refused while the options are read (exit status 2), as predict's --threshold 1.5: it was status 1.
+    for alpha in ("2", "nan", "x"):
+        with pytest.raises(SystemExit) as stop:
+            visualize.main(["--checkpoint", setup["ckpt"], image, "--alpha", alpha])
+        assert stop.value.code == 2
+        assert f"error: argument --alpha: expected a number in [0, 1], got '{alpha}'" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"^argument 'batch_size'"):
         predict.predict(setup["ckpt"], image, batch_size=0)
 
