@@ -181,6 +181,10 @@ def visualize(
 
     if classes is not None and top_k is not None:
         raise ValueError("arguments 'classes' and 'top_k' are exclusive: give one or the other")
+    if not (classes is None or isinstance(classes, str) or
+            isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes)):  # before the model
+        raise ValueError(f"argument 'classes': expected a list of class names or a comma-separated string, got "
+                         f"{classes!r}")
     top_k = None if top_k is None else check_positive("top_k", top_k)  # a Python int, as for image_size
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= alpha <= 1.0:  # NaN too
         raise ValueError(f"argument 'alpha' (--alpha): expected a number in [0, 1], got {alpha!r}")

@@ -1524,6 +1524,9 @@ def test_api_arguments_are_checked_before_the_model_is_read(setup, monkeypatch, 
                  lambda: visualize.visualize(setup["ckpt"], image, image_size="64")):
         with pytest.raises(ValueError, match=r"^argument 'image_size': expected a positive int, got '64'$"):
             call()
+    for classes in (5, ["cat", 3], {"cat"}):  # 5 was "'int' object is not iterable", after the model was read
+        with pytest.raises(ValueError, match=r"^argument 'classes': expected a list of class names or a comma-"):
+            visualize.visualize(setup["ckpt"], image, classes=classes)
     # Named with its flag, as 'out_dir' (--out-dir) is.
     for alpha in ("x", float("nan"), True):
         with pytest.raises(ValueError, match=r"^argument 'alpha' \(--alpha\): expected a number in \[0, 1\], got"):
