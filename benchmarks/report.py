@@ -419,9 +419,13 @@ def main(argv=None) -> None:
     if len(machines) > 1:
         sys.exit(f"benchmarks.report: error: {', '.join(args.json)}: cases of several machines "
                  f"({'; '.join(machines)}); report each machine's files separately")
+    # flushed here, so that a reader gone (`| head`) fails the write inside main, where quiet_interrupt's hook ends it
     print(header(runs) + render_targets(check_targets(groups, devices), devices) + "\n"
-          + render(groups, args.baseline or "torch"))
+          + render(groups, args.baseline or "torch"), flush=True)
 
 
 if __name__ == "__main__":
+    from dsrb._cli import quiet_interrupt
+
+    quiet_interrupt("python -m benchmarks.report")  # `| head` ends it silently, Ctrl-C in one line: no traceback
     main()

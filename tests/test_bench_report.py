@@ -408,6 +408,20 @@ def test_no_cases_is_an_error(tmp_path):
         report.main([empty])
 
 
+def test_a_reader_that_stops_early_ends_the_report_quietly(tmp_path):
+    """``python -m benchmarks.report bench.json | head`` ended in a BrokenPipeError traceback once the reader had
+    gone; now it ends silently, exit status 1, as the dsrb tools do."""
+    import subprocess
+
+    g = "prototype_pass-coco-b8-pass"
+    path = write(tmp_path / "a.json", [case(g, "official", 1.0, device="cpu"), case(g, "cpu", 0.02, device="cpu")])
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.report", path], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=os.path.join(os.path.dirname(__file__), ".."))
+    proc.stdout.close()  # before anything is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1 and err == "", err
+
+
 def test_unreadable_files_alone_are_one_error_each_with_its_reason(tmp_path, capsys):
     """Nothing readable: one error line with each file's own reason, not a hint to use --benchmark-only (the file
     was missing) after a separate "skipping" line; an empty file (what --benchmark-disable, or a run that timed
