@@ -265,9 +265,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                           file=sys.stderr)
                 write()
     finally:
-        print("\n".join(write()))
+        # flushed here, so that a reader gone (`| head`) fails the write inside main, where quiet_interrupt's hook
+        # ends it
+        print("\n".join(write()), flush=True)
     return 0
 
 
 if __name__ == "__main__":
+    from dsrb._cli import quiet_interrupt
+
+    quiet_interrupt("python -m benchmarks.profile_ops")  # `| head` ends it silently, Ctrl-C in one line
     sys.exit(main())

@@ -105,6 +105,19 @@ def test_help_does_not_load_the_extension():
     assert done.stdout.splitlines()[-1] == "[]", done.stdout.splitlines()[-1]
 
 
+def test_a_reader_that_stops_early_ends_the_table_quietly():
+    """``python -m benchmarks.profile_ops | head`` ended in a BrokenPipeError traceback from the table printed last,
+    once the reader had gone; now it ends silently, exit status 1, as the dsrb tools do (the rows it printed to
+    stderr as it went stay)."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "benchmarks.profile_ops", "--shape", "tiny", "--rounds", "1", "--profile-rounds", "1"]
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before anything is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 1 and "| semantic_attention | tiny |" in err and "Traceback" not in err, err
+
+
 def test_preflight_refuses_an_unknown_backend(capsys):
     """A typo passed as "no GPU, nothing to check" (exit status 0) on a CPU machine, and failed with a traceback
     with --device cpu."""
