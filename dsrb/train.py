@@ -407,15 +407,16 @@ def _warn_on_repeated_images(name: str, train_set, test_set) -> None:
         counts = collections.Counter(listed)
         repeated = [f for f, n in counts.items() if n > 1]
         if repeated:
-            log.warning("dataset '%s' (%s): %d image files are listed more than once in %s (first: %s); each listing "
-                        "is %s once more", name, split, len(repeated), dataset.source, repeated[0],
+            log.warning("dataset '%s' (%s): %s %s listed more than once in %s (first: %s); each listing is %s once "
+                        "more", name, split, _cli.count(len(repeated), "image file"),
+                        "is" if len(repeated) == 1 else "are", dataset.source, repeated[0],
                         "trained" if split == "train" else "scored")
     trained = set(train_files)
     shared = [f for f in dict.fromkeys(test_files) if f in trained]
     if shared:
-        log.warning("dataset '%s': %d of the %d test image files are also in the training split (first: %s): the "
+        log.warning("dataset '%s': %d of the %d test image files %s also in the training split (first: %s): the "
                     "test mAP, which selects best.pt, is not a held-out score", name, len(shared),
-                    len(set(test_files)), shared[0])
+                    len(set(test_files)), "is" if len(shared) == 1 else "are", shared[0])
 
 
 def _resumed_partial_labels(path: str, train_set) -> torch.Tensor:

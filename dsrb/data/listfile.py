@@ -184,4 +184,4 @@ def check_list_images(path: PathLike, *, image_root: Optional[PathLike] = None) 
     if missing:
         line_no, image = missing[0]
         raise FileNotFoundError(f"{path}: line {line_no}: image not found: {image} ({len(missing)} of the "
-                                f"{len(rows)} listed images are missing)")
+                                f"{len(rows)} listed images {'is' if len(missing) == 1 else 'are'} missing)")
