@@ -1316,6 +1316,8 @@ def test_running_out_of_memory_is_one_line_saying_what_to_reduce(setup, monkeypa
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="the worker inherits the patch through fork")
+# Python 3.12 warns of a fork in a multi-threaded process; pytest shows it, a tool (its filters the defaults) does not
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_killed_data_loading_worker_is_one_error_line(setup, monkeypatch, capsys):
     """A --workers process killed without an error of its own (the kernel's out-of-memory killer, a crash in an image
     decoder) ended predict and evaluate in torch's RuntimeError traceback: now one line saying what to do."""
