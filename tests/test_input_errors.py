@@ -301,7 +301,7 @@ def test_cli_user_errors_exit_without_traceback(files):
         ("predict", ["--checkpoint", ckpt, str(tmp / "not_image.png")], 1, "cannot read image"),
         ("predict", ["--checkpoint", ckpt, image, "--device", "foo"], 2, "argument --device"),
         ("visualize", ["--checkpoint", ckpt, image, "--out-dir", str(tmp / "a_file")], 1, "--out-dir"),
-        ("visualize", ["--checkpoint", ckpt, image, "--alpha", "5"], 1, "argument 'alpha'"),
+        ("visualize", ["--checkpoint", ckpt, image, "--alpha", "5"], 2, "argument --alpha"),
         ("evaluate", ["--checkpoint", ckpt, "--dataset", "coco"], 1, "(--data-root)"),
     ]
     for tool, args, code, message in cases:
