@@ -701,7 +701,8 @@ def list_dataset(tmp_path, train_rows, test_rows) -> str:
 def test_missing_listed_image_named_before_the_run(tmp_path):
     root = list_dataset(tmp_path, "a.png,cat\nmissing.png,dog\nb.png,dog\n", "b.png,cat\n")
     out = tmp_path / "run"
-    with pytest.raises(FileNotFoundError, match=r"train.csv: line 3: image not found: .*missing.png \(1 of the 3 listed images is missing\)"):
+    with pytest.raises(FileNotFoundError, match=r"train.csv: line 3: image not found: .*missing.png \(1 of the 3 "
+                       r"listed images is missing\)"):
         train.main(["--dataset", "list", "--data-root", root, "--out", str(out), *TINY])
     assert not out.exists()
 
