@@ -1117,12 +1117,6 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
             log.warning("preset %s without %s: the paper starts from ImageNet weights (stem..layer3 frozen) and "
                         "GloVe class vectors; this run uses random ones and will not reach its numbers", cfg.preset,
                         " and ".join(missing))
-    if cfg.blending and cfg.blend_start_epoch >= cfg.epochs:  # legitimate (a smoke run), but nothing blends
-        # The contrastive loss is DSRB's from epoch 0, not the baseline's: say which of the two this run is.
-        contrastive = cfg.contrastive and cfg.contrastive_weight > 0
-        log.warning("blend_start_epoch %d >= epochs %d: no epoch blends, so this run trains %s", cfg.blend_start_epoch,
-                    cfg.epochs, "the partial BCE and the contrastive loss only (--method baseline has no contrastive "
-                    "loss)" if contrastive else "as --method baseline does")
     seed_everything(derived_seed(cfg.seed, 0, 0, d.rank))
 
     resumed = cfg.resume and os.path.exists(last_path)
@@ -1136,6 +1130,16 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
             raise ValueError(f"checkpoint {last_path}: not a dsrb training checkpoint (missing {missing}); expected "
                              "the last.pt that python -m dsrb.train writes")
     _check_ranks_resume_alike(d, state if resumed else None, last_path)
+    # Before the data is listed (minutes for a large dataset), and before the warning below, which it makes moot.
+    if resumed and cfg.epochs < state["epoch"]:
+        raise ValueError(f"setting 'epochs' (--epochs): the run in {out} has already trained {state['epoch']} "
+                         f"epochs; give --epochs {state['epoch']} or more to resume it, got {cfg.epochs}")
+    if cfg.blending and cfg.blend_start_epoch >= cfg.epochs:  # legitimate (a smoke run), but nothing blends
+        # The contrastive loss is DSRB's from epoch 0, not the baseline's: say which of the two this run is.
+        contrastive = cfg.contrastive and cfg.contrastive_weight > 0
+        log.warning("blend_start_epoch %d >= epochs %d: no epoch blends, so this run trains %s", cfg.blend_start_epoch,
+                    cfg.epochs, "the partial BCE and the contrastive loss only (--method baseline has no contrastive "
+                    "loss)" if contrastive else "as --method baseline does")
     train_set, test_set, words, save_partial = build_data(cfg, out, d, resumed,
                                                           state.get("class_names") if resumed else None)
     _check_ranks_data_alike(d, train_set, test_set)
@@ -1180,9 +1184,6 @@ def _train(cfg: TrainConfig, d: Dist, device: torch.device, out: str) -> Dict[st
                              f"{os.path.join(out, 'config.json')} (was it copied from another run?): "
                              f"{' '.join(str(err).split())}") from err  # torch's message, on one line
         start_epoch, best = state["epoch"], state["best"]
-        if cfg.epochs < start_epoch:
-            raise ValueError(f"setting 'epochs' (--epochs): the run in {out} has already trained {start_epoch} "
-                             f"epochs; give --epochs {start_epoch} or more to resume it, got {cfg.epochs}")
         set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)])
         log.info("resumed from %s at epoch %d (%s)", last_path, start_epoch, _best_text(best))
         _warn_inexact_resume(cfg, state, d.world, device, served)

@@ -482,7 +482,7 @@ def test_unusable_pretrained_file_names_the_setting(data_root, tmp_path):
 # ------------------------------------------------------------------------------------ 3, 8: resuming a run
 
 
-def test_resume_rejects_changed_settings_and_unreadable_files(data_root, tmp_path):
+def test_resume_rejects_changed_settings_and_unreadable_files(data_root, tmp_path, capsys):
     out = tmp_path / "run"
     train.main(args(data_root, out))
     saved = (out / "config.json").read_text()
@@ -495,8 +495,12 @@ def test_resume_rejects_changed_settings_and_unreadable_files(data_root, tmp_pat
                 "--known-proportion", "0.5"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["epochs"] == 2 and summary["settings"]["known_proportion"] == 0.5
+    capsys.readouterr()
     with pytest.raises(ValueError, match=r"'epochs' \(--epochs\): .*already trained 2 epochs"):
         train.main(["--out", str(out), "--resume", "--epochs", "1"])
+    # Refused before the data is listed, and before a warning that no epoch of the (refused) 1 would blend.
+    logged = capsys.readouterr().out
+    assert "ops on cpu" in logged and "data: " not in logged and "no epoch blends" not in logged
     # A last.pt copied from a run of another model: one error naming it, not torch's traceback.
     other = tmp_path / "other"
     train.main(args(data_root, other, "--feature-dim", "8"))
