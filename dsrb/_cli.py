@@ -49,14 +49,15 @@ deferred_failure: Optional[Exception] = None
 BACKEND_CHOICES = ("auto", "torch", "cpu", "cuda", "triton")
 
 
-def check_backend_env() -> None:
-    """DSRB_BACKEND, blank or unset for auto, else a backend's name: a ValueError naming it, as the ops raise at their
-    first call. A tool checks it first, since its imports build the extension on first use (minutes) before any op
-    runs."""
+def check_backend_env() -> str:
+    """DSRB_BACKEND, blank or unset for "auto", else a backend's name; any other value a ValueError naming it. The ops
+    read it at their call (dsrb.ops), and a tool checks it first, since its imports build the extension on first use
+    (minutes) before any op runs."""
     value = os.environ.get("DSRB_BACKEND", "") or "auto"
     if value not in BACKEND_CHOICES:
         raise ValueError(f"environment variable DSRB_BACKEND: expected 'auto' or one of {BACKEND_CHOICES[1:]}, got "
                          f"{value!r}")
+    return value
 
 
 def start(prog: str, *, one_process: bool = True, require_ext: bool = True, backend_env: bool = True) -> None:

@@ -95,8 +95,7 @@ def check_backend_choice(backend, source: str = "argument 'backend'") -> str:
 
 def _requested(backend: str) -> str:
     if backend == "auto":
-        return check_backend_choice(os.environ.get("DSRB_BACKEND", "auto") or "auto",
-                                    "environment variable DSRB_BACKEND")
+        return _cli.check_backend_env()
     return check_backend_choice(backend)
 
 
