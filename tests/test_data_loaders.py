@@ -253,6 +253,20 @@ def test_skip_bad_decodes_every_image(tmp_path):
     assert ds.verify_images(skip_bad=True) == 1 and ds.listed_rows.tolist() == [0, 2]
 
 
+def test_skip_bad_checks_each_file_whole(tmp_path):
+    """As the README says: skip_bad also drops a damaged file whose pixels still decode (a PNG without its end
+    marker), which the dataset loads without it."""
+    _coco(tmp_path)
+    png = tmp_path / "train2014" / "img1.jpg"  # Pillow reads the format from the bytes, not the name
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(png, format="PNG")
+    png.write_bytes(png.read_bytes()[:-12])  # the IEND chunk: length, type and CRC
+    ds = load_coco(tmp_path, "train")
+    assert ds[1][0].shape == (3, 8, 8)
+    with pytest.raises(UnreadableImageError, match="img1.jpg.*truncated PNG"):
+        ds.verify_images(skip_bad=False)
+    assert ds.verify_images(skip_bad=True) == 1 and ds.listed_rows.tolist() == [0, 2]
+
+
 def test_image_keys_stay_when_the_folder_moves_or_images_are_dropped(tmp_path):
     _coco(tmp_path / "a", bad_image=True)
     _coco(tmp_path / "b" / "deeper")
