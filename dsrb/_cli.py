@@ -32,6 +32,12 @@ def path_arg(text: str) -> str:
     return expand_home(text)
 
 
+def out_arg(text: str) -> str:
+    """argparse type of the tools' ``--out``: ``-`` is standard output (``/dev/stdout``), as in most command-line
+    tools, not a file named ``-``; any other value as :func:`path_arg`."""
+    return "/dev/stdout" if text == "-" else path_arg(text)
+
+
 def fail(line: str, status: int = 1) -> NoReturn:
     """End the process with one line on stderr (:func:`say`) and ``status``."""
     say(line)

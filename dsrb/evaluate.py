@@ -38,7 +38,8 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch.utils.data import DataLoader
 
-from ._cli import ArgumentParser, check_output_file, non_negative_int, path_arg, positive_int, stop_on_termination
+from ._cli import (ArgumentParser, check_output_file, non_negative_int, out_arg, path_arg, positive_int,
+                   stop_on_termination)
 from ._files import standard_stream
 from ._loader import batches, end_quietly_on_sigterm
 from .checkpoint import atomic_write
@@ -251,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="channels-last weights and images (default: the run's --channels-last, as its logged "
                              "test mAP)")
-    parser.add_argument("--out", type=path_arg, default=None,
+    parser.add_argument("--out", type=out_arg, default=None,
                         help="JSON file to write (default: <checkpoint folder>/eval_<checkpoint name>_<split>.json, "
                              "e.g. eval_best_test.json)")
     return parser

@@ -45,7 +45,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from ._checks import check_tensor
-from ._cli import (ArgumentParser, check_output_file, non_negative_int, path_arg, positive_int, probability,
+from ._cli import (ArgumentParser, check_output_file, non_negative_int, out_arg, path_arg, positive_int, probability,
                    stop_on_termination)
 from .checkpoint import atomic_write
 from .config import check_device
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=probability, default=None,
                         help="probability threshold (default 0.5 unless --top-k is given)")
     parser.add_argument("--top-k", type=positive_int, default=None, help="return the K most probable classes")
-    parser.add_argument("--out", type=path_arg, default=None, help="JSON file to write (default: print to stdout)")
+    parser.add_argument("--out", type=out_arg, default=None, help="JSON file to write (default: print to stdout)")
     parser.add_argument("--device", type=device_arg, default="auto",
                         help="auto, cpu, cuda, cuda:N or mps (default auto)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",

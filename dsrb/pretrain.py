@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from . import __version__
 from ._checks import check_count
-from ._cli import ArgumentParser, check_output_file, fail, path_arg, positive_int, stop_on_termination
+from ._cli import ArgumentParser, check_output_file, fail, out_arg, positive_int, stop_on_termination
 from ._files import expand_home, special_file, standard_stream
 from ._loader import batches, end_quietly_on_sigterm
 from .checkpoint import FileLock, atomic_write, save_json
@@ -261,7 +261,7 @@ def main(argv=None) -> None:
     p.add_argument("--image-size", type=positive_int, default=96, help="the training image size the weights are for")
     p.add_argument("--device", default="auto", help="auto (CUDA when available, as dsrb.train) | cpu | cuda | cuda:N | "
                    "mps")
-    p.add_argument("--out", type=path_arg, default=None,
+    p.add_argument("--out", type=out_arg, default=None,
                    help="weights file (default: the cache file that --pretrained builtin uses)")
     args = p.parse_args(argv)
     # Checked before pre-training, which takes minutes: its result must not be lost to a bad setting.

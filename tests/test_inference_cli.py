@@ -423,6 +423,16 @@ def test_predict_stdout(setup, capsys):
     assert [r["path"] for r in json.loads(capsys.readouterr().out)] == setup["images"][:3]
 
 
+def test_predict_out_dash_is_stdout(setup, tmp_path, monkeypatch, capfd):
+    """``--out -`` wrote a file named ``-``; it is standard output, as in most command-line tools."""
+    from dsrb.predict import main
+
+    monkeypatch.chdir(tmp_path)
+    main(["--checkpoint", setup["ckpt"], setup["images"][0], "--top-k", "1", "--device", "cpu", "--out", "-"])
+    assert [r["path"] for r in json.loads(capfd.readouterr().out)] == setup["images"][:1]
+    assert os.listdir(tmp_path) == []
+
+
 def test_double_dash_ends_the_options(setup, tmp_path, monkeypatch, capsys):
     """"--" then names starting with "-" (argparse's intermixed parsing in Python 3.11 rejected them as unrecognized
     arguments, and the names before "--" as missing)."""
@@ -1457,12 +1467,15 @@ def test_out_that_is_a_broken_symlink_is_refused_before_any_work(setup, tmp_path
     assert not (tmp_path / "nowhere").exists()
 
 
-def test_evaluate_to_stdout_is_json_only(setup, capfd):
+@pytest.mark.parametrize("out", ["/dev/stdout", "-"])
+def test_evaluate_to_stdout_is_json_only(setup, capfd, out, tmp_path, monkeypatch):
     """README: --out /dev/stdout is written directly; the table printed after it made standard output invalid JSON.
-    Now the table goes to stderr there."""
+    Now the table goes to stderr there. ``--out -`` is standard output too (it wrote a file named ``-``)."""
     from dsrb.evaluate import main
 
-    result = main(["--checkpoint", setup["ckpt"], "--workers", "0", "--device", "cpu", "--out", "/dev/stdout"])
+    monkeypatch.chdir(tmp_path)
+    result = main(["--checkpoint", setup["ckpt"], "--workers", "0", "--device", "cpu", "--out", out])
+    assert os.listdir(tmp_path) == []
     out, err = capfd.readouterr()
     assert json.loads(out)["metrics"] == result["metrics"]
     assert "mAP" in err and "CF1" in err

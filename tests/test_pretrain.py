@@ -320,7 +320,8 @@ def test_out_to_a_pipe_or_device_writes_no_info_file_beside_it(tmp_path, monkeyp
     assert re.search(r"no info file beside .*weights\.pth \(not a regular file\): .*test_mAP", caplog.text)
 
 
-def test_weights_to_stdout_are_alone_there(monkeypatch, capfdbinary):
+@pytest.mark.parametrize("out", ["/dev/stdout", "-"])
+def test_weights_to_stdout_are_alone_there(monkeypatch, capfdbinary, out):
     """``--out /dev/stdout`` put the log lines and the printed path on standard output around the weights, so the
     stream (``> weights.pth``, a pipe) was no loadable file; the log goes to stderr then, and no path is printed."""
     def pretrain_backbone(*args, **kwargs):
@@ -329,7 +330,7 @@ def test_weights_to_stdout_are_alone_there(monkeypatch, capfdbinary):
 
     monkeypatch.setattr(pretrain, "pretrain_backbone", pretrain_backbone)
     monkeypatch.setattr(logging.getLogger(), "handlers", [])  # basicConfig configures afresh, as in a new process
-    pretrain.main(["--out", "/dev/stdout"])
+    pretrain.main(["--out", out])
     out, err = capfdbinary.readouterr()
     assert torch.equal(torch.load(io.BytesIO(out))["w"], torch.arange(3.0))
     assert b"pre-training" in err and b"/dev/stdout" not in out
