@@ -17,7 +17,7 @@ import importlib.util
 import os
 import platform
 import sys
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -84,20 +84,42 @@ def report() -> str:
             cells = "  ".join(f"{c:<6}" for c in [_serves(op, device)] + ["yes" if why[n] is None else "no"
                                                                            for n in KNOWN_BACKENDS])
             lines.append(f"  {op:<{width}}  {cells}".rstrip())
-        lines += [f"  {name}: {why}" for name, why in notes.items()] + [""]
+        lines += [f"  {name}: {why}" for name, why in notes.items()] + _other_dtypes(device) + [""]
     lines.append("serves: what backend='auto' (the default) runs"
                  + (f", here DSRB_BACKEND={forced}" if forced else "; DSRB_BACKEND=<name> forces one") + "; yes/no: "
                  "what each backend can serve")
     return "\n".join(lines)
 
 
+def _other_dtypes(device: torch.device) -> list:
+    """Lines saying how the table, made for float32, reads for the other dtypes the ops take: alike, or each
+    (op, backend) whose answer differs, with the reason (float64 on a GPU: triton serves none)."""
+    alike, lines = [], []
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        name = str(dtype).replace("torch.", "")
+        changes: Dict[str, list] = {}  # what changes -> the ops it changes for
+        for op in OPS:
+            if _serves(op, device, dtype) != _serves(op, device):
+                changes.setdefault(f"served by {_serves(op, device, dtype)}", []).append(op)
+            base, here = reasons(op, device, torch.float32), reasons(op, device, dtype)
+            for b in KNOWN_BACKENDS:
+                if (base[b] is None) != (here[b] is None):
+                    changes.setdefault(f"{b} {'no: ' + here[b] if here[b] else 'yes'}", []).append(op)
+        diffs = [f"{'all ops' if ops == list(OPS) else ', '.join(ops)} {change}" for change, ops in changes.items()]
+        if diffs:
+            lines.append(f"  {name}: " + "; ".join(diffs))
+        else:
+            alike.append(name)
+    return ([f"  {', '.join(alike)}: as float32"] if alike else []) + lines
+
+
 def _devices() -> list:
     return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 
 
-def _serves(op: str, device: torch.device) -> str:
+def _serves(op: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     try:
-        return selected_backend(op, device, torch.float32)
+        return selected_backend(op, device, dtype)
     except (RuntimeError, ValueError):  # a DSRB_BACKEND that cannot serve it, or not a backend's name
         return "none"
 

@@ -36,6 +36,19 @@ def test_info_reports_versions_build_and_every_op():
         assert why is None or f"  {backend}: {why}" in out
 
 
+def test_info_says_how_the_float32_table_reads_for_the_other_dtypes():
+    """The table is made for float32; a line says whether bfloat16, float16 and float64 read alike (it did not say,
+    and triton serves no float64)."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    alike = all(ops.reasons(op, cpu, dt) == ops.reasons(op, cpu, torch.float32)
+                for op in ops.OPS for dt in (torch.bfloat16, torch.float16, torch.float64))
+    assert ("\n  bfloat16, float16, float64: as float32\n" in info.report()) == alike
+    if ops.reasons("instance_blend", cuda, torch.float32)["triton"] is None:  # triton takes CUDA float32 here
+        why = ops.reasons("instance_blend", cuda, torch.float64)["triton"]
+        assert why.startswith("dtype=torch.float64")
+        assert info._other_dtypes(cuda) == ["  bfloat16, float16: as float32", f"  float64: all ops triton no: {why}"]
+
+
 def test_info_reports_a_triton_that_fails_to_import(tmp_path):
     """A triton that is installed but fails to import (a broken or mismatched install): info reports it, in the
     versions line and as the triton backend's reason, where it used to end in that import's traceback."""
