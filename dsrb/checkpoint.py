@@ -27,6 +27,7 @@ def save_checkpoint(path: str, state: Dict[str, Any]) -> None:
 
 
 def save_json(path: str, obj: Any) -> None:
+    """Write ``obj`` as JSON (indented, keys sorted, a final newline) to ``path`` atomically."""
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
 
 
@@ -118,6 +119,7 @@ def rng_state() -> Dict[str, Any]:
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore the RNGs saved by :func:`rng_state`; CUDA's only for the GPUs visible both then and now."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])

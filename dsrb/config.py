@@ -330,6 +330,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 
 def preset_config(name: str) -> TrainConfig:
+    """The :class:`TrainConfig` of preset ``name`` (a key of ``PRESETS``), else a ValueError naming the setting."""
     if name not in PRESETS:
         raise ValueError(f"setting 'preset': expected one of {tuple(PRESETS)}, got {name!r}")
     return TrainConfig(preset=name, **PRESETS[name])
@@ -574,6 +575,8 @@ class _OptionalBooleanAction(argparse.BooleanOptionalAction):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m dsrb.train``: --preset, --config and a flag per :class:`TrainConfig` field, each
+    defaulting to None, so that :func:`parse_args` tells the flags given from the preset's values."""
     optional = ", ".join("--" + f.name.replace("_", "-") for f in fields(TrainConfig)
                          if f.type.startswith("Optional[") and f.name != "preset")  # --preset: one of the presets
     parser = ArgumentParser(

@@ -79,6 +79,7 @@ class ElementWiseLinear(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Draw weight and bias again from U(-1/sqrt(D), 1/sqrt(D))."""
         bound = 1.0 / math.sqrt(self.dim)
         with torch.no_grad():
             self.weight.uniform_(-bound, bound)

@@ -164,6 +164,7 @@ def prototype_blend(
             in one read of device memory (a synchronisation on a GPU). False trusts them (the model passes False
             for targets it has checked and indices it made): out-of-range values then give unspecified results,
             never an out-of-bounds access.
+        backend: "auto" or a backend name (see :mod:`dsrb.ops`).
 
     Returns:
         S2: (B, C, D) and T2: (B, C) in S's dtype. Gradients flow to S, beta and bank.
