@@ -120,6 +120,13 @@ def _get_keys(features: torch.Tensor, generator: Optional[torch.Generator], keys
     return keys
 
 
+def _check_keys(keys) -> None:
+    """Given ``keys`` is a float matrix, checked before the device check that reads its ``.device``: a list failed
+    there with an AttributeError, a NumPy array with "expected all tensors on one device, got ... 'keys' on cpu"."""
+    if keys is not None:
+        check_tensor("keys", keys, ndim=2, kind="float")
+
+
 def _contrastive_loss(features: torch.Tensor, targets: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     first, second = _pair_indices(features.shape[0], features.device)
     # (pairs, C): cosine of S[i, c] and S[j, c] for every pair i < j and every class at once, as
@@ -193,6 +200,7 @@ def contrastive_loss(
     check_tensor("features", features, ndim=3, kind="float")
     check_tensor("targets", targets, shape=tuple(features.shape[:2]), kind="real")
     check_signed_targets("targets", targets)
+    _check_keys(keys)
     check_same_device(features=features, targets=targets, keys=keys)
     check_targets("targets", targets)  # after the device check: it reads values
     return _contrastive_loss(features, targets, _get_keys(features, generator, keys))
@@ -296,6 +304,7 @@ def dsrb_loss(
                 raise ValueError(f"argument 'output.{name}_logits': expected {logits.shape[1]} classes like "
                                  f"'output.logits', got shape {tuple(blend_logits.shape)}")
             blend_terms.append((name, weight, blend_logits, blend_targets))
+    _check_keys(keys)
     check_same_device(**{"output.logits": logits, "targets": targets,
                          "output.features": features if w_con != 0.0 else None, "keys": keys,
                          **{f"output.{n}_logits": lg for n, _, lg, _ in blend_terms}})

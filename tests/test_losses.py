@@ -6,6 +6,7 @@ import math
 import re
 from typing import NamedTuple, Optional
 
+import numpy as np
 import pytest
 import torch
 
@@ -433,6 +434,10 @@ def test_contrastive_bad_arguments():
         losses.contrastive_loss(s, torch.zeros(4, 3, device="meta"))
     with _raises(ValueError, "'keys' on meta"):
         losses.contrastive_loss(s, t, keys=torch.rand(6, 3, device="meta"))
+    # checked before the device check, which read a list's .device (AttributeError) and a NumPy array's "cpu"
+    for keys in (torch.rand(6, 3).tolist(), np.random.rand(6, 3)):
+        with _raises(TypeError, "argument 'keys': expected a torch.Tensor, got"):
+            losses.contrastive_loss(s, t, keys=keys)
 
 
 def test_dsrb_loss_bad_arguments():
@@ -473,6 +478,9 @@ def test_dsrb_loss_bad_arguments():
         losses.dsrb_loss(out, targets, validate="no", **kw)
     with _raises(TypeError, "argument 'generator': expected a torch.Generator or None, got int"):
         losses.dsrb_loss(out, targets, generator=1, **kw)
+    for keys in (torch.rand(28, 5).tolist(), np.random.rand(28, 5)):  # as contrastive_loss's keys
+        with _raises(TypeError, "argument 'keys': expected a torch.Tensor, got"):
+            losses.dsrb_loss(out, targets, keys=keys, **kw)
 
 
 def test_non_finite_values_at_unknown_entries_reach_no_gradient():
