@@ -14,6 +14,8 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
+from ._checks import as_path
+
 # The writers live in dsrb._files (no torch); imported here, where the tools and tests have always taken them.
 from ._files import TMP_PREFIX, append_line, atomic_write, remove_stale_temporaries
 
@@ -49,6 +51,7 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     as it loads. Besides tensors and plain Python values ours hold NumPy's RNG state and scalars, and (written before
     2026-12-06) torch's version as its ``TorchVersion`` string; those are allowed, nothing else.
     """
+    path = as_path("path", path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if os.path.getsize(path) == 0:  # torch.load's EOFError says nothing

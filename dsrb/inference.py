@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ._checks import brief, check_count
+from ._checks import as_path, brief, check_count
 from ._cli import discard, exit_on_error, fail, out_of_memory_line
 from ._loader import worker_died, batches, end_quietly_on_sigterm, worker_stopped_with_us
 from .checkpoint import load_checkpoint
@@ -169,9 +169,7 @@ def load_model(checkpoint_path: PathLike, *, device: Union[str, torch.device] = 
         weights hold NaN or inf (or a negative BatchNorm variance), or they do not fit the model its model_kwargs
         describe. Every message names the path.
     """
-    path = os.fspath(checkpoint_path)
-    if isinstance(path, bytes):  # os.fspath passes bytes on, which torch.load reads as a buffer: "truncated?"
-        path = os.fsdecode(path)
+    path = as_path("checkpoint_path", checkpoint_path)  # bytes decoded: torch.load reads them as a buffer
     dev = check_device(device, name="argument 'device'")  # before reading what may be a large file
     check_backend(backend, dev)
     state = _read_checkpoint(path)

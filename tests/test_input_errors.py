@@ -537,3 +537,22 @@ def test_load_model_refuses_a_config_image_size_that_is_no_size(files, tmp_path,
     with pytest.raises(CheckpointError, match=f"edited.pt: its config holds image_size {size!r}, expected a positive "
                                               "int"):
         inference.load_model(str(tmp_path / "edited.pt"))
+
+
+@pytest.mark.parametrize("value", [None, 3, np.zeros(2)])
+def test_path_arguments_are_named(value):
+    """A path argument given None or a number failed in os.fspath ("expected str, bytes or os.PathLike object, not
+    NoneType"), naming no argument; load_checkpoint took a NumPy array for a path and said "checkpoint not found: [0.
+    0.]"."""
+    from dsrb.checkpoint import load_checkpoint
+    from dsrb.data import load_partial_labels, save_partial_labels
+
+    expected = r"argument '{}': expected a path \(str or os.PathLike\), got "
+    with pytest.raises(TypeError, match=expected.format("checkpoint_path")):
+        inference.load_model(value)
+    with pytest.raises(TypeError, match=expected.format("path")):
+        load_checkpoint(value)
+    with pytest.raises(TypeError, match=expected.format("path")):
+        load_partial_labels(value)
+    with pytest.raises(TypeError, match=expected.format("path")):
+        save_partial_labels(value, torch.zeros(2, 3, dtype=torch.int8), proportion=0.5, seed=0)

@@ -28,6 +28,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .._checks import as_path
 from ..checkpoint import atomic_write
 
 __all__ = [
@@ -137,7 +138,7 @@ def save_partial_labels(
     ``image_keys`` (unicode, one per row, e.g. ``MultiLabelDataset.image_keys()``, or empty) and ``format_version``.
     Returns ``path`` as a string.
     """
-    path = os.fspath(path)
+    path = as_path("path", path)
     arr = _as_numpy_labels("targets", targets)
     p = _check_proportion(proportion)
     seed = _check_seed(seed)
@@ -175,7 +176,7 @@ def load_partial_labels(
     ``expected_shape`` (N, C), entries may be None for "any", is checked against the stored targets. Every error
     names the path.
     """
-    path = os.fspath(path)
+    path = as_path("path", path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"partial-label file '{path}' does not exist")
     try:
