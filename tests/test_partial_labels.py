@@ -75,6 +75,12 @@ def test_rows_of_a_dataset_with_images_dropped():
     for bad in (kept[::-1], np.array([0, 3, 3, 50, 199]), np.array([-1, 3, 4, 50, 199])):
         with pytest.raises(ValueError, match="argument 'rows': expected increasing non-negative"):
             make_partial_labels(labels[kept], 0.5, rows=bad)
+    # A cast to int64 truncated them: 3.5 read as row 3 (another image's draw); "x" failed in int()
+    for bad in (kept + 0.5, ["0", "3", "4", "50", "199"], "x"):
+        with pytest.raises(TypeError, match="argument 'rows': expected integer row indices, got dtype"):
+            make_partial_labels(labels[kept], 0.5, rows=bad)
+    np.testing.assert_array_equal(make_partial_labels(labels[kept], 0.5, rows=kept.astype(np.uint8)).numpy(),
+                                  full.numpy()[kept])
 
 
 def test_seed_argument(keep_global_rng):

@@ -102,7 +102,10 @@ def make_partial_labels(labels: ArrayLike, proportion: float, seed: int = 0, *,
     p = _check_proportion(proportion)
     seed = _check_seed(seed)
     if rows is not None:
-        rows = np.asarray(rows, dtype=np.int64)
+        given = np.asarray(rows)
+        if given.size and given.dtype.kind not in "iu":  # a cast to int64 truncated 2.7 to 2: another image's row
+            raise TypeError(f"argument 'rows': expected integer row indices, got dtype {given.dtype}")
+        rows = given.astype(np.int64)
         if rows.shape != arr.shape[:1]:
             raise ValueError(f"argument 'rows': expected shape ({arr.shape[0]},), one row per label row, got "
                              f"{tuple(rows.shape)}")
