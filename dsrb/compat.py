@@ -86,8 +86,14 @@ _BACKBONES = {
 }
 
 
+def _check_key(key) -> None:
+    if not isinstance(key, str):  # None failed in key.startswith with an AttributeError
+        raise TypeError(f"argument 'key': expected a state-dict key (str), got {type(key).__name__}")
+
+
 def official_to_dsrb_key(key: str) -> Optional[str]:
     """DSRB state-dict name of an official key (aliases excluded), or None if the key is not an official one."""
+    _check_key(key)
     if key in _EXACT:
         return _EXACT[key]
     for off, new in _PREFIXES:
@@ -98,6 +104,7 @@ def official_to_dsrb_key(key: str) -> Optional[str]:
 
 def dsrb_to_official_key(key: str) -> Optional[str]:
     """Official name of a DSRB state-dict key, or None for a key with no official counterpart."""
+    _check_key(key)
     for off, new in _EXACT.items():
         if key == new:
             return off

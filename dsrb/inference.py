@@ -124,7 +124,7 @@ def check_backend(backend: str, device: torch.device, *, name: str = "argument '
     ``DSRB_BACKEND`` forces) or one of :data:`dsrb.ops.KNOWN_BACKENDS`, forced. A name not in :data:`BACKENDS`, or a
     forced backend that cannot serve ``device``, raises a ValueError starting with ``name``.
     """
-    if backend not in BACKENDS:
+    if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"{name}: expected one of {list(BACKENDS)}, got {backend!r}")
     served = {}
     for op in OPS:

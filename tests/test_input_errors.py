@@ -556,3 +556,28 @@ def test_path_arguments_are_named(value):
         load_partial_labels(value)
     with pytest.raises(TypeError, match=expected.format("path")):
         save_partial_labels(value, torch.zeros(2, 3, dtype=torch.int8), proportion=0.5, seed=0)
+
+
+@pytest.mark.parametrize("value", [np.array(["fixed", "torch"]), None, [1]])
+def test_choice_and_key_arguments_that_are_no_strings_are_named(value):
+    """An array compared with `in` raised NumPy's "truth value of an array ... is ambiguous", a list was unhashable
+    (a dict's `in`), and the compat key helpers failed in key.startswith, none naming the argument."""
+    from dsrb.compat import dsrb_to_official_key, official_to_dsrb_key
+    from dsrb.data import build_dataset
+    from dsrb.models import PrototypeBank, draw_prototype_choices
+
+    with pytest.raises(ValueError, match="argument 'compat'"):
+        _model(compat=value)
+    with pytest.raises(ValueError, match="argument 'compat'"):
+        PrototypeBank(3, 4).finalize(value)
+    with pytest.raises(ValueError, match="argument 'compat'"):
+        draw_prototype_choices(torch.zeros(2, 3), 1, compat=value)
+    with pytest.raises(ValueError, match="argument 'backend'"):
+        inference.check_backend(value, torch.device("cpu"))
+    with pytest.raises(ValueError, match="argument 'name'"):
+        build_dataset(value, "train")
+    with pytest.raises(ValueError, match="argument 'split'"):
+        build_dataset("builtin", value)
+    for helper in (official_to_dsrb_key, dsrb_to_official_key):
+        with pytest.raises(TypeError, match=r"argument 'key': expected a state-dict key \(str\), got"):
+            helper(value)

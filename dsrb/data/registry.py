@@ -85,9 +85,9 @@ def build_dataset(
     dataset's ``skipped`` attribute. Without it, a listed image that is not a file is a FileNotFoundError naming it
     (an unreadable one is found when it is read).
     """
-    if name not in DATASETS:
+    if not isinstance(name, str) or name not in DATASETS:
         raise ValueError(f"argument 'name': unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
-    if split not in _SPLITS:
+    if not isinstance(split, str) or split not in _SPLITS:
         raise ValueError(f"argument 'split': expected 'train' or 'test', got {split!r}")
     check_root(name, root)
     if root is None:

@@ -18,7 +18,7 @@ COMPAT_MODES = ("fixed", "official")
 
 
 def check_compat(compat) -> str:
-    if compat not in COMPAT_MODES:
+    if not isinstance(compat, str) or compat not in COMPAT_MODES:  # an array's `in` raised "truth value ..."
         raise ValueError(f"argument 'compat': expected one of {', '.join(map(repr, COMPAT_MODES))}, got {compat!r}")
     return compat
 
