@@ -98,6 +98,18 @@ def test_unknown_name_lists_valid_names():
         build_backbone("resnet152")
 
 
+def test_a_name_or_path_of_the_wrong_type_is_named():
+    """A list as the name was unhashable; a number or list as the weights' path failed in os.fspath, naming neither
+    argument."""
+    with pytest.raises(ValueError, match=r"unknown backbone \['resnet18'\]; valid names are"):
+        build_backbone(["resnet18"])
+    for path in (1, ["w.pth"]):
+        with pytest.raises(TypeError, match=r"argument 'pretrained': expected a path \(str or os.PathLike\), got"):
+            build_backbone("resnet18", pretrained=path)
+        with pytest.raises(TypeError, match=r"argument 'path': expected a path \(str or os.PathLike\), got"):
+            load_pretrained(resnet18(width=4), path)
+
+
 def test_bad_width():
     with pytest.raises(ValueError, match="width"):
         build_backbone("resnet18", width=0)

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Typ
 import torch
 from torch import nn
 
-from dsrb._checks import brief, check_bool, check_count, check_tensor
+from dsrb._checks import as_path, brief, check_bool, check_count, check_tensor
 
 __all__ = [
     "BACKBONES",
@@ -222,8 +222,10 @@ def build_backbone(
     ``pretrained`` is a path to a torchvision-style checkpoint (see :func:`load_pretrained`); nothing is downloaded.
     The result is not frozen; call :meth:`ResNet.freeze` for the DSRB training protocol.
     """
-    if name not in _SPECS:
+    if not isinstance(name, str) or name not in _SPECS:  # a list was unhashable
         raise ValueError(f"unknown backbone {name!r}; valid names are {', '.join(sorted(_SPECS))}")
+    if pretrained is not None:  # before the build, by the name the caller used (os.fspath's error named none)
+        pretrained = as_path("pretrained", pretrained)
     block, layers = _SPECS[name]
     model = ResNet(block, layers, width=width, avgpool=avgpool)
     if pretrained is not None:
@@ -265,7 +267,7 @@ def load_pretrained(model: ResNet, path: Union[str, "os.PathLike[str]"]) -> None
     shape and kind of dtype, with finite values and running variances >= 0, otherwise a ValueError lists the
     offending keys (the model is then unchanged). Works for any ``width`` whose shapes match the file.
     """
-    path = os.fspath(path)
+    path = as_path("path", path)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"pretrained weights not found at {path!r}: weights must be a local file (nothing is downloaded)"
