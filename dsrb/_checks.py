@@ -9,11 +9,12 @@ the graph.
 from __future__ import annotations
 
 import operator
-import os
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
+
+from ._files import as_path  # here with the other checks; defined without torch for dsrb.config
 
 # uint16/32/64 are left out of "int": torch has few kernels for them (no aminmax, which the range checks use).
 _INTEGER = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -79,16 +80,6 @@ def as_tensor(name: str, value) -> torch.Tensor:
         return torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"argument '{name}': expected a tensor or an array, got {type(value).__name__}") from None
-
-
-def as_path(name: str, value) -> str:
-    """``value`` (a str, bytes or os.PathLike) as a str path; anything else is a TypeError naming the argument:
-    os.fspath's own error names none, and a path test on a NumPy array reported it "not found" as printed."""
-    try:
-        path = os.fspath(value)
-    except TypeError:
-        raise TypeError(f"argument '{name}': expected a path (str or os.PathLike), got {type(value).__name__}") from None
-    return os.fsdecode(path) if isinstance(path, bytes) else path
 
 
 def check_same_device(**tensors: Optional[torch.Tensor]) -> None:

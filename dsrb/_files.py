@@ -17,6 +17,17 @@ _RANDOM_CHARS = 8  # the length of the random part of the temporary names, as te
 _NAME_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"
 
 
+def as_path(name: str, value) -> str:
+    """``value`` (a str, bytes or os.PathLike) as a str path; anything else is a TypeError naming the argument:
+    os.fspath's own error names none, and a path test on a NumPy array reported it "not found" as printed."""
+    try:
+        path = os.fspath(value)
+    except TypeError:
+        raise TypeError(f"argument '{name}': expected a path (str or os.PathLike), got "
+                        f"{type(value).__name__}") from None
+    return os.fsdecode(path) if isinstance(path, bytes) else path
+
+
 def expand_home(path: str) -> str:
     """``path`` with a leading ``~`` made the home folder, as :func:`os.path.expanduser` does; where "~" has no
     meaning (no HOME, and no home folder for this user id: a container run as an arbitrary user) it stands for

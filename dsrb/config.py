@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 from ._cli import ArgumentParser
-from ._files import expand_home
+from ._files import as_path, expand_home
 
 METHODS = ("dsrb", "baseline")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -339,6 +339,7 @@ def preset_config(name: str) -> TrainConfig:
 def load_config_file(path: str) -> Dict[str, Any]:
     """Settings from a .json or .yaml/.yml file (a flat mapping of field names, dashes or underscores, each given
     once), each value checked against its field's type and range; a ValueError names the file and the setting."""
+    path = as_path("path", path)  # a pathlib.Path failed at path.lower() below
     if not os.path.exists(path) or os.path.isdir(path):  # a pipe is read: --config <(...) is /dev/fd/63
         raise FileNotFoundError(f"config file not found: {path}" + (" (it is a directory)" if os.path.isdir(path)
                                                                      else ""))

@@ -698,6 +698,34 @@ def test_build_dataset_errors(tmp_path, caplog):
     assert "skipped 1 unreadable image" in caplog.text
 
 
+@pytest.mark.parametrize("value", [3, ["a"]])
+def test_a_root_path_or_split_of_the_wrong_type_is_named(tmp_path, value):
+    """A number or a list for a folder or file failed in pathlib or os.fspath ("expected str, bytes or os.PathLike
+    object, not int"), a list for a split was unhashable: none named the argument. A config file given as a
+    pathlib.Path failed at path.lower() (AttributeError)."""
+    from dsrb.config import load_config_file
+    from dsrb.data.builtin import ensure_builtin
+
+    path = r"argument '{}': expected a path \(str or os.PathLike\), got "
+    for load in (load_coco, load_voc2007, load_vg200):
+        with pytest.raises(TypeError, match=path.format("root")):
+            load(value, "train")
+        with pytest.raises(ValueError, match="argument 'split': expected 'train' or 'test'"):
+            load(tmp_path, value)
+    with pytest.raises(TypeError, match=path.format("root")):
+        build_dataset("coco", "train", root=value)
+    with pytest.raises(TypeError, match=path.format("root")):
+        ensure_builtin(value)
+    with pytest.raises(TypeError, match=path.format("path")):
+        load_list(value)
+    with pytest.raises(TypeError, match=path.format("path")):
+        load_word_vectors(value, ["cat"])
+    with pytest.raises(TypeError, match=path.format("path")):
+        load_config_file(value)
+    (tmp_path / "c.json").write_text('{"epochs": 3}')
+    assert load_config_file(tmp_path / "c.json")["epochs"] == 3
+
+
 # ---------------------------------------------------------------------------------------------------- set_targets
 
 

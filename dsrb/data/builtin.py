@@ -38,7 +38,7 @@ from typing import Dict, NamedTuple, Tuple, Union
 import numpy as np
 
 from .._checks import check_count
-from .._files import expand_home
+from .._files import as_path, expand_home
 
 __all__ = [
     "BUILTIN_CLASSES",
@@ -157,7 +157,7 @@ def _check_variant(variant: str) -> str:
 def builtin_dir(root: Union[str, os.PathLike, None] = None, *, variant: str = "target", **params) -> Path:
     """The folder :func:`ensure_builtin` uses for these parameters (``builtin-v1`` for the defaults)."""
     p = _params(**{**_DEFAULTS, **params})
-    base = Path(expand_home(os.fspath(root))) if root is not None else default_data_root()
+    base = Path(expand_home(as_path("root", root))) if root is not None else default_data_root()
     prefix = "builtin" if _check_variant(variant) == "target" else f"builtin-{variant}"
     name = f"{prefix}-v{BUILTIN_VERSION}"
     if p != _DEFAULTS:

@@ -14,6 +14,7 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
+from .._files import as_path
 from .dataset import MultiLabelDataset, find_duplicate, read_json
 
 __all__ = ["load_coco", "read_coco_labels"]
@@ -30,7 +31,7 @@ _LAYOUT = (
 
 
 def _check_split(split) -> str:
-    if split not in _COCO_SPLITS:
+    if not isinstance(split, str) or split not in _COCO_SPLITS:  # a list was unhashable
         raise ValueError(f"argument 'split': expected 'train' or 'test', got {split!r}")
     return split
 
@@ -43,7 +44,7 @@ def _resolve(root: Optional[PathLike], split: str, annotation, image_dir):
         raise ValueError(
             "argument 'root': required unless both 'annotation' and 'image_dir' are given; " + _LAYOUT
         )
-    root = Path(root)
+    root = Path(as_path("root", root))
     coco_ann = root / "annotations" / f"instances_{_COCO_SPLITS[split]}.json"
     builtin_ann = root / "annotations" / f"instances_{split}.json"
     if annotation is not None:

@@ -32,6 +32,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .._files import as_path
 from .dataset import MultiLabelDataset, read_lines, read_text
 
 __all__ = ["check_list_images", "load_list", "read_list", "read_class_file"]
@@ -132,7 +133,7 @@ def load_list(
     """
     if path is None:
         raise ValueError(f"argument 'path': expected the list file, got None; {_FORMAT}")
-    path = Path(path)
+    path = Path(as_path("path", path))
     rows = read_list(path)
     if classes is None:
         class_names = sorted({n for _, _, names in rows for n in names})

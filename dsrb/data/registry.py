@@ -59,6 +59,8 @@ def check_root(name: str, root: Union[str, os.PathLike, None], *, name_of_root: 
         if name != "builtin":
             raise ValueError(f"{name_of_root}: dataset '{name}' needs root, {layout}")
         return
+    if not isinstance(root, (str, bytes, os.PathLike)):  # os.fspath's error named no argument
+        raise TypeError(f"{name_of_root}: expected a path (str or os.PathLike), got {type(root).__name__}")
     if not os.fspath(root):  # Path("") is the current folder
         raise ValueError(f"{name_of_root}: expected a path, got an empty string")
     path = Path(expand_home(os.fspath(root)))

@@ -18,6 +18,7 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
+from .._files import as_path
 from .dataset import MultiLabelDataset, find_duplicate, read_json, read_lines
 from .listfile import read_class_file
 
@@ -107,11 +108,11 @@ def load_vg200(
     ``vg_category_200_names.json`` or ``vg_category_200.txt`` (one per line) when present, else ``class_000`` ...
     A listed image missing from the label json, or a class index outside 0..199, raises ValueError naming the file.
     """
-    if split not in _VG_SPLITS:
+    if not isinstance(split, str) or split not in _VG_SPLITS:  # a list was unhashable
         raise ValueError(f"argument 'split': expected 'train' or 'test', got {split!r}")
     if root is None:
         raise ValueError(f"argument 'root': expected the VG-200 folder, got None; {_LAYOUT}")
-    root = Path(root)
+    root = Path(as_path("root", root))
     label_path = root / _LABEL_FILE
     label_map = _load_json(label_path, "label file")
     if not isinstance(label_map, dict):

@@ -15,6 +15,7 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
+from .._files import as_path
 from .dataset import MultiLabelDataset, read_lines
 
 __all__ = ["VOC_CLASSES", "VOC_CLASS_PHRASES", "load_voc2007"]
@@ -57,7 +58,7 @@ _LAYOUT = (
 def _voc_dir(root: Union[str, os.PathLike]) -> Path:
     if root is None:
         raise ValueError(f"argument 'root': expected the VOC 2007 folder, got None; {_LAYOUT}")
-    root = Path(root)
+    root = Path(as_path("root", root))
     for base in (root / "VOC2007", root):
         if (base / "ImageSets" / "Main").is_dir():
             return base
@@ -117,7 +118,7 @@ def load_voc2007(
         split: "train" (trainval, 5,011 images) or "test" (4,952 images).
         transform: passed to the dataset.
     """
-    if split not in _VOC_SPLITS:
+    if not isinstance(split, str) or split not in _VOC_SPLITS:  # a list was unhashable
         raise ValueError(f"argument 'split': expected 'train' or 'test', got {split!r}")
     base = _voc_dir(root)
     id_file = base / "ImageSets" / "Main" / f"{_VOC_SPLITS[split]}.txt"

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .._checks import check_count, check_int
+from .._checks import as_path, check_count, check_int
 from .dataset import find_duplicate
 from .vg import VG_NAME_FILES, VG_PLACEHOLDER_NAMES
 from .voc import VOC_CLASS_PHRASES
@@ -252,7 +252,7 @@ def load_word_vectors(
         dim, seed = check_count("dim", dim), check_int("seed", seed)  # any integer, as Python ints
         g = torch.Generator().manual_seed(seed)
         return torch.randn(len(names), dim, generator=g, dtype=torch.float32)
-    path = os.fspath(path)
+    path = as_path("path", path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"word-vector file '{path}' is a directory (argument 'path'): expected an .npy file "
                                 "or a GloVe text file")
