@@ -729,6 +729,15 @@ def test_a_root_path_or_split_of_the_wrong_type_is_named(tmp_path, value):
 # ---------------------------------------------------------------------------------------------------- set_targets
 
 
+@pytest.mark.parametrize("value", [None, 3])
+def test_dataset_paths_and_class_names_must_be_sequences(value):
+    """None failed with Python's "'NoneType' object is not iterable", naming no argument."""
+    with pytest.raises(TypeError, match="argument 'image_paths': expected a sequence of paths, got"):
+        MultiLabelDataset(value, np.ones((1, 1)), ["x"])
+    with pytest.raises(TypeError, match="argument 'class_names': expected a sequence of class names, got"):
+        MultiLabelDataset(["a.png"], np.ones((1, 1)), value)
+
+
 def test_set_targets_validation():
     ds = MultiLabelDataset(["a.png", "b.png"], np.array([[1, -1, -1], [-1, 1, 1]]), ["x", "y", "z"], name="t")
     assert ds.labels.dtype == torch.int8 and ds.targets.dtype == torch.int8

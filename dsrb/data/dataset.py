@@ -14,7 +14,7 @@ import operator
 import os
 import re
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
@@ -226,6 +226,9 @@ class MultiLabelDataset(Dataset):
             raise TypeError("argument 'image_paths': expected a sequence of paths, got a single string")
         if isinstance(class_names, (str, bytes)):
             raise TypeError("argument 'class_names': expected a sequence of class names, got a single string")
+        for arg, value, what in (("image_paths", image_paths, "paths"), ("class_names", class_names, "class names")):
+            if not isinstance(value, Iterable):  # None was Python's "'NoneType' object is not iterable"
+                raise TypeError(f"argument '{arg}': expected a sequence of {what}, got {type(value).__name__}")
         self.image_paths = [str(p) for p in image_paths]
         self.class_names = [str(c) for c in class_names]
         dup = find_duplicate(self.class_names)
