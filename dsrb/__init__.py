@@ -1,3 +1,11 @@
+"""DSRB (Pu et al., ESWA 2024): multi-label image recognition with partial labels, with fused ops.
+
+``import dsrb`` is cheap: each submodule is imported on first use (``dsrb.models``, ``dsrb.losses``, ``dsrb.metrics``,
+``dsrb.ops``, ``dsrb.data``, ``dsrb.inference``, ``dsrb.compat``, ``dsrb.checkpoint``, ``dsrb.config``,
+``dsrb.reference``, and the tools ``dsrb.train``, ``dsrb.evaluate``, ``dsrb.predict``, ``dsrb.visualize``,
+``dsrb.pretrain``, ``dsrb.info``, ``dsrb.experiments``). README.md is the user's guide.
+"""
+
 from .version import __version__
 
 __all__ = ["__version__"]

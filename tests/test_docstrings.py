@@ -306,6 +306,11 @@ def test_partial_labels_docstrings():
 # ------------------------------------------------------------------------------------------------------ help
 
 
+def test_help_of_the_package_names_every_submodule():
+    text = pydoc.render_doc(dsrb, renderer=pydoc.plaintext)
+    assert all(f"dsrb.{name}" in dsrb.__doc__ for name in dsrb._SUBMODULES) and dsrb.__doc__.split("\n")[0] in text
+
+
 @pytest.mark.parametrize("name", ["checkpoint", "compat", "config", "data", "inference", "losses", "metrics",
                                   "models", "ops"])
 def test_help_renders(name):
@@ -323,3 +328,65 @@ def test_help_renders(name):
             for method, f in vars(obj).items() if isinstance(obj, type) else ():
                 if callable(f) and not method.startswith("_") and method not in ("forward", "extra_repr"):
                     assert f.__doc__, f"dsrb.{name}.{public}.{method} has no docstring"
+
+
+# ------------------------------------------------------------------------------------------- stated behaviour
+
+
+def test_freeze_backbone_as_documented():
+    """freeze_backbone: stem and layer1-layer3 get no gradient and keep BatchNorm in eval mode; layer4 is trained."""
+    model = tiny_model().train()
+    backbone = model.backbone
+    for part in (backbone.conv1, backbone.layer1, backbone.layer3):
+        assert not any(p.requires_grad for p in part.parameters())
+    assert not backbone.layer3[0].bn1.training and not backbone.bn1.training
+    assert all(p.requires_grad for p in backbone.layer4.parameters()) and backbone.layer4[0].bn1.training
+    assert all(p.requires_grad for p in tiny_model(freeze_backbone=False).backbone.parameters())
+
+
+def test_blend_coefficient_gradient_comes_in_its_own_dtype():
+    """instance_blend: alpha of any floating dtype; its gradient is returned in alpha's own dtype, S1 in S's."""
+    S = torch.randn(B, C, D, dtype=torch.float64, requires_grad=True)
+    alpha = torch.full((1,), 0.5, dtype=torch.float32, requires_grad=True)
+    S1, T1 = ops.instance_blend(S, TARGETS.double(), alpha)
+    assert S1.dtype == T1.dtype == torch.float64
+    (S1.sum() + T1.sum()).backward()
+    assert alpha.grad.dtype == torch.float32 and alpha.grad.shape == (1,) and S.grad.dtype == torch.float64
+
+
+def test_bank_keeps_the_first_cap_samples_in_batch_order():
+    """update: samples class by class, batch index ascending, while a bucket holds < cap."""
+    bank = PrototypeBank(1, 2, cap=1)
+    S = torch.tensor([[[1.0, 1.0]], [[5.0, 5.0]]])
+    bank.update(S, torch.ones(2, 1), torch.zeros(2, 1, dtype=torch.int64))
+    assert bank.counts[0, 0] == 1 and bank.sums[0, 0].tolist() == [1.0, 1.0]
+
+
+def test_official_selection_falls_back_to_known_labels():
+    """compat="official": the top-K of rho * (T == 0), so an image with fewer than K unknowns picks known ones."""
+    T = torch.tensor([[1, 0, -1, 1]])
+    _, select = draw_prototype_choices(T, 2, torch.Generator().manual_seed(0), compat="official")
+    assert int(select.sum()) == 2 and bool(select[0, 1])  # the unknown, and one known label
+    _, select = draw_prototype_choices(T, 2, torch.Generator().manual_seed(0))
+    assert not select.any()  # "fixed": nothing
+
+
+def test_contrastive_keys_are_drawn_as_documented():
+    """keys None: torch.rand((B*(B-1)//2, C), generator=generator, dtype=torch.float32); a zero effective weight
+    draws none."""
+    torch.manual_seed(0)
+    features = torch.randn(B, C, D)
+    keys = torch.rand(B * (B - 1) // 2, C, generator=torch.Generator().manual_seed(5), dtype=torch.float32)
+    drawn = contrastive_loss(features, TARGETS, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(drawn, contrastive_loss(features, TARGETS, keys=keys))
+    g = torch.Generator().manual_seed(5)
+    state = g.get_state()
+    dsrb_loss(DSRBOutput(torch.randn(B, C), features, None), TARGETS, epoch=0, progress=0.0, generator=g)
+    assert torch.equal(g.get_state(), state)  # epoch 0 at progress 0: contrastive weight 0, no draw
+
+
+def test_label_graph_takes_arrays_in_any_layout():
+    """labels: a NumPy array in any layout or byte order."""
+    labels = np.array([[1, 1, -1, 0], [1, 0, 0, -1], [0, 1, 1, 0]], dtype=np.int8)
+    swapped = labels.astype(">i4")[::-1].T.copy().T  # big-endian, Fortran order, rows reversed
+    assert torch.equal(label_graph(swapped), label_graph(labels[::-1].copy()))
