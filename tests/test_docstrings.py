@@ -390,3 +390,21 @@ def test_label_graph_takes_arrays_in_any_layout():
     labels = np.array([[1, 1, -1, 0], [1, 0, 0, -1], [0, 1, 1, 0]], dtype=np.int8)
     swapped = labels.astype(">i4")[::-1].T.copy().T  # big-endian, Fortran order, rows reversed
     assert torch.equal(label_graph(swapped), label_graph(labels[::-1].copy()))
+
+
+def test_load_model_returns_what_its_docstring_lists(tmp_path):
+    """(model in eval mode on device, info) with the listed keys; class names "class_<i>" and image size 448 when
+    the checkpoint has none; the checkpoint's backend is not inherited."""
+    from dsrb.inference import load_model
+
+    kwargs = {**TINY, "avgpool": True, "gnn_steps": 3, "backend": "torch"}
+    torch.manual_seed(0)
+    model = DSRB(C, **kwargs)
+    torch.save({"model": model.state_dict(), "model_kwargs": kwargs, "num_classes": C}, tmp_path / "best.pt")
+    loaded, info = load_model(tmp_path / "best.pt")
+    assert not loaded.training and loaded.word_features.device.type == "cpu" and loaded.backend == "auto"
+    assert {"class_names", "num_classes", "image_size", "config", "model_kwargs", "checkpoint", "epoch",
+            "metrics"} <= set(info)
+    assert info["class_names"] == [f"class_{i}" for i in range(C)] and info["image_size"] == 448
+    assert info["num_classes"] == C and info["metrics"] is None
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
