@@ -255,6 +255,17 @@ def test_image_keys_round_trip(tmp_path):
         load_partial_labels(bad)
 
 
+@pytest.mark.parametrize("value", ["abc", 3])
+def test_names_that_are_no_sequence_are_refused(tmp_path, value):
+    """A string was stored as its characters (class names "a", "b", "c" for "abc"), a number failed with Python's
+    "'int' object is not iterable"."""
+    t = make_partial_labels(_labels(3, 3), 0.5)
+    for name in ("class_names", "image_keys"):
+        with pytest.raises(TypeError, match=f"argument '{name}': expected a sequence of names, got"):
+            save_partial_labels(tmp_path / "p.npz", t, proportion=0.5, seed=0, **{name: value})
+    assert os.listdir(tmp_path) == []
+
+
 def test_save_failure_leaves_no_temp(tmp_path):
     with pytest.raises(ValueError, match="class_names"):
         save_partial_labels(tmp_path / "x.npz", np.ones((2, 3)), proportion=0.5, seed=0, class_names=["a"])

@@ -124,6 +124,14 @@ def make_partial_labels(labels: ArrayLike, proportion: float, seed: int = 0, *,
 # ------------------------------------------------------------------------------------------------ save / load
 
 
+def _check_sequence(name: str, value):
+    """A sequence of names: a string was read as its characters (class names "cat" for three classes became "c",
+    "a", "t"), a number was Python's "'int' object is not iterable"."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"argument '{name}': expected a sequence of names, got {type(value).__name__}")
+    return value
+
+
 def save_partial_labels(
     path: Union[str, os.PathLike],
     targets: ArrayLike,
@@ -146,14 +154,14 @@ def save_partial_labels(
     p = _check_proportion(proportion)
     seed = _check_seed(seed)
     if class_names is not None:
-        class_names = [str(c) for c in class_names]
+        class_names = [str(c) for c in _check_sequence("class_names", class_names)]
         if len(class_names) != arr.shape[1]:
             raise ValueError(
                 f"argument 'class_names': expected {arr.shape[1]} names (one per column of 'targets'), "
                 f"got {len(class_names)}"
             )
     if image_keys is not None:
-        image_keys = [str(k) for k in image_keys]
+        image_keys = [str(k) for k in _check_sequence("image_keys", image_keys)]
         if len(image_keys) != arr.shape[0]:
             raise ValueError(f"argument 'image_keys': expected {arr.shape[0]} keys (one per row of 'targets'), "
                              f"got {len(image_keys)}")
