@@ -408,3 +408,20 @@ def test_load_model_returns_what_its_docstring_lists(tmp_path):
     assert info["class_names"] == [f"class_{i}" for i in range(C)] and info["image_size"] == 448
     assert info["num_classes"] == C and info["metrics"] is None
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_dataset_items_as_documented(tmp_path):
+    """dataset[i] = (image, target, i): without a transform a float32 (3, H, W) image in [0, 1], target float32 (C,);
+    labels stored int8; listed_rows int64 arange(N)."""
+    from dsrb.data import MultiLabelDataset
+
+    for i in range(2):
+        Image.fromarray(np.full((5, 7, 3), 255 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    ds = MultiLabelDataset([str(tmp_path / f"{i}.png") for i in range(2)], np.array([[1, -1, 1], [-1, 1, -1]]),
+                           ["a", "b", "c"])
+    ds.set_targets(np.array([[1, 0, 0], [0, 0, -1]]))
+    image, target, index = ds[1]
+    assert image.shape == (3, 5, 7) and image.dtype == torch.float32 and float(image.max()) == 1.0
+    assert target.dtype == torch.float32 and target.tolist() == [0.0, 0.0, -1.0] and index == 1
+    assert ds.labels.dtype == torch.int8 and torch.equal(ds.listed_rows, torch.arange(2))
+    assert ds.num_classes == 3 and len(ds) == 2
