@@ -14,8 +14,6 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
-from ._files import as_path  # here with the other checks; defined without torch for dsrb.config
-
 # uint16/32/64 are left out of "int": torch has few kernels for them (no aminmax, which the range checks use).
 _INTEGER = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

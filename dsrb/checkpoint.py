@@ -14,10 +14,8 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from ._checks import as_path
-
 # The writers live in dsrb._files (no torch); imported here, where the tools and tests have always taken them.
-from ._files import TMP_PREFIX, append_line, atomic_write, remove_stale_temporaries
+from ._files import TMP_PREFIX, append_line, as_path, atomic_write, remove_stale_temporaries
 
 __all__ = ["TMP_PREFIX", "append_line", "atomic_write", "remove_stale_temporaries", "save_checkpoint", "save_json",
            "load_checkpoint", "numpy_globals", "rng_state", "set_rng_state", "FileLock"]

@@ -21,8 +21,9 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ._checks import as_path, brief, check_count
+from ._checks import brief, check_count
 from ._cli import discard, exit_on_error, fail, out_of_memory_line
+from ._files import as_path
 from ._loader import worker_died, batches, end_quietly_on_sigterm, worker_stopped_with_us
 from .checkpoint import load_checkpoint
 from .config import check_device

@@ -55,7 +55,7 @@ def test_dsrb_class_docstring_state_and_defaults():
     assert torch.equal(model.word_features, torch.randn(C, E, generator=torch.Generator().manual_seed(0)))
     assert torch.equal(model.in_matrix, torch.eye(C)) and torch.equal(model.out_matrix, torch.eye(C))
     for p in (model.alpha, model.beta):
-        assert p.shape == (1,) and float(p) == 0.5 and p.requires_grad
+        assert p.shape == (1,) and p.item() == 0.5 and p.requires_grad
     assert model.compat == "fixed" and model.top_k == 1 and model.prototype_bank.cap == 100
     assert {"backbone", "reduction", "semantic", "gnn", "head", "classifier", "prototype_bank"} <= set(
         dict(model.named_children()))
@@ -105,7 +105,7 @@ def test_element_wise_linear():
     layer = ElementWiseLinear(C, D)
     bound = 1 / math.sqrt(D)
     assert layer.weight.shape == (C, D) and layer.bias.shape == (C,)
-    assert float(layer.weight.abs().max()) <= bound and float(layer.bias.abs().max()) <= bound
+    assert layer.weight.abs().max().item() <= bound and layer.bias.abs().max().item() <= bound
     o = torch.randn(B, C, D)
     assert torch.allclose(layer(o), (o * layer.weight).sum(-1) + layer.bias)
 
@@ -252,13 +252,13 @@ def test_losses_docstrings():
 def test_metrics_docstrings():
     scores = torch.tensor([[2.0, -1.0, 0.5], [1.0, 3.0, -2.0], [-1.0, 0.0, 0.1]])
     targets = torch.tensor([[1, -1, 0], [0, 1, -1], [1, 0, -1]])
-    mAP, ap = voc_map(scores, targets)
+    with pytest.warns(RuntimeWarning, match="no positive"):
+        mAP, ap = voc_map(scores, targets)
     assert isinstance(mAP, float) and ap.shape == (3,) and ap.dtype == torch.float64
     # class 0 ranks positive, negative, positive: (1 + 2/3) / 2; class 2 has no positive: NaN, excluded
     assert ap[:2].tolist() == pytest.approx([5 / 6, 1.0]) and math.isnan(ap[2]) and mAP == pytest.approx(11 / 12)
     with pytest.warns(RuntimeWarning, match="no positive"):
-        voc_map(scores, targets)
-    mean, ap2 = average_precision(scores.numpy(), targets.numpy())  # NumPy arrays are read as CPU tensors
+        mean, ap2 = average_precision(scores.numpy(), targets.numpy())  # NumPy arrays are read as CPU tensors
     assert isinstance(mean, float) and ap2.shape == (3,)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -28,7 +28,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .._checks import as_path
+from .._files import as_path
 from ..checkpoint import atomic_write
 
 __all__ = [

@@ -34,7 +34,8 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .._checks import as_path, check_count, check_int
+from .._checks import check_count, check_int
+from .._files import as_path
 from .dataset import find_duplicate
 from .vg import VG_NAME_FILES, VG_PLACEHOLDER_NAMES
 from .voc import VOC_CLASS_PHRASES

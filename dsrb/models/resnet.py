@@ -20,7 +20,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Typ
 import torch
 from torch import nn
 
-from dsrb._checks import as_path, brief, check_bool, check_count, check_tensor
+from dsrb._checks import brief, check_bool, check_count, check_tensor
+from dsrb._files import as_path
 
 __all__ = [
     "BACKBONES",
