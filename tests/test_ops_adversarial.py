@@ -8,6 +8,7 @@ import itertools
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 
 import dsrb.ops as ops
 from dsrb import reference
@@ -25,6 +26,8 @@ def _runs(backend: str, dtype=F32) -> bool:
 
 BACKENDS = [b for b in ("torch", "cpu", "triton") if _runs(b)]
 F64_BACKENDS = [b for b in ("torch", "cpu") if _runs(b, torch.float64)]  # triton leaves float64 to the others
+# the backends whose ops are defined in Python (torch.library.custom_op), as torch.ops.dsrb.<op>_<backend>
+PYTHON_BACKENDS = [b for b in ("torch", "triton") if _runs(b)]
 
 
 def _gen(seed=0):
@@ -323,6 +326,33 @@ def test_deterministic_algorithms_run_every_op(backend):
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+# ---- forward-mode AD and torch.func transforms ------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", PYTHON_BACKENDS)
+def test_backend_ops_refuse_forward_mode_ad_instead_of_a_zero_tangent(backend):
+    """The torch and triton backend ops (torch.ops.dsrb.*), defined with torch.library.custom_op, whose autograd has
+    no forward-mode rule: torch.func.jvp gave a zero tangent and a forward_ad dual no tangent, silently (the C++ ops
+    of the extension raise). Now an error naming the op."""
+    d = torch.ops.dsrb
+    x, u, e, v = _attention_inputs(2, 5, 3, 4, 6)
+    S, T, coef, bank, quadrant, shift, select = _blend_inputs(4, 3, 5)
+    partner = torch.arange(3, -1, -1)
+    calls = [
+        (f"semantic_attention_{backend}", v, lambda t: getattr(d, f"semantic_attention_{backend}")(x, u, e, t)[0]),
+        (f"instance_blend_{backend}", coef,
+         lambda t: getattr(d, f"instance_blend_{backend}")(S, T, t, partner, False)[0]),
+        (f"prototype_blend_{backend}", coef,
+         lambda t: getattr(d, f"prototype_blend_{backend}")(S, T, t, bank, quadrant, shift, select, False)[0]),
+    ]
+    for name, t, f in calls:
+        with pytest.raises(RuntimeError, match=rf"^dsrb::{name}: forward-mode AD \(torch\.func\.jvp, jacfwd, "
+                                               r"torch\.autograd\.forward_ad\) is not supported"):
+            torch.func.jvp(f, (t,), (torch.ones_like(t),))
+        with fwAD.dual_level():
+            with pytest.raises(RuntimeError, match=rf"^dsrb::{name}: forward-mode AD"):
+                f(fwAD.make_dual(t, torch.ones_like(t)))
 
 
 # ---- 4. mixed devices, dtypes and ranks ----------------------------------------------------------------------------

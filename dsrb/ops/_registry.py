@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from .. import _cli
 
@@ -137,7 +138,8 @@ def _select(op: str, device: torch.device, dtype: torch.dtype, requested: str) -
     raise RuntimeError(f"dsrb.ops.{op}: {what} for device={device.type}, dtype={dtype}. Backends:\n{table}")
 
 
-def define_op(name: str, schema: str, impl: Optional[Callable] = None, check: Optional[Callable] = None):
+def define_op(name: str, schema: str, impl: Optional[Callable] = None, check: Optional[Callable] = None,
+              differentiable: bool = False):
     """The op ``dsrb::<name>``: defined here from a Python implementation, or (``impl`` None) already defined by the
     C++ extension with the same schema (csrc/registration.cpp, csrc/cuda/glue.cpp). Returns its OpOverload; fakes
     are then registered by name for both, autograd only for the Python-defined ones (:func:`register_python_op`;
@@ -146,7 +148,9 @@ def define_op(name: str, schema: str, impl: Optional[Callable] = None, check: Op
     ``check(*args)``, called before ``impl`` whenever the op runs, checks the op's own contract (the shapes, dtypes
     and devices csrc/checks.h checks for the C++ ops): the op can be called directly, through ``torch.ops.dsrb``,
     and neither ``impl`` nor its kernels check shapes. The public functions check their arguments before they call
-    an op, and their eager path calls ``impl`` itself (:func:`register_python_op`), without this second check."""
+    an op, and their eager path calls ``impl`` itself (:func:`register_python_op`), without this second check.
+    ``differentiable``: the op or its backward has autograd (:func:`register_python_op`), which has no forward-mode
+    rule: an error under forward-mode AD."""
     if impl is not None:
         run = without_autocast(impl)
         if check is not None:
@@ -156,6 +160,19 @@ def define_op(name: str, schema: str, impl: Optional[Callable] = None, check: Op
             def run(*args):
                 check(*args)
                 return unchecked(*args)
+
+        if differentiable:
+            no_forward_ad = run
+
+            @functools.wraps(no_forward_ad)
+            def run(*args):
+                # The autograd torch.library gives a custom op has no forward-mode rule, and no error either: under
+                # torch.func.jvp or a forward_ad.dual_level it returned a zero tangent (or none). Inside the op a
+                # tangent is not always visible (torch.func.jvp hides it), so an active forward-AD level is refused.
+                if forward_ad._current_level >= 0:
+                    raise RuntimeError(f"dsrb::{name}: forward-mode AD (torch.func.jvp, jacfwd, "
+                                       "torch.autograd.forward_ad) is not supported; differentiate with torch.autograd")
+                return no_forward_ad(*args)
 
         torch.library.custom_op(f"dsrb::{name}", run, mutates_args=(), schema=schema)
     return getattr(torch.ops.dsrb, name).default

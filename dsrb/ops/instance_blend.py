@@ -75,7 +75,7 @@ def _define(backend: str, forward=None, backward=None):
     name = f"instance_blend_{backend}"
     fwd = define_op(
         name, "(Tensor S, Tensor T, Tensor alpha, Tensor partner, bool detach_target) -> (Tensor, Tensor)", forward,
-        _check_op,
+        _check_op, differentiable=True,
     )
     bwd = define_op(
         f"{name}_backward",
@@ -83,6 +83,7 @@ def _define(backend: str, forward=None, backward=None):
         "bool detach_target) -> (Tensor, Tensor)",
         backward,
         _check_backward_op,
+        differentiable=True,
     )
 
     @torch.library.register_fake(fwd)

@@ -90,6 +90,7 @@ def _define(backend: str, forward=None, backward=None):
         "bool detach_target) -> (Tensor, Tensor)",
         forward,
         _check_op,
+        differentiable=True,
     )
     bwd = define_op(
         f"{name}_backward",
@@ -97,6 +98,7 @@ def _define(backend: str, forward=None, backward=None):
         "Tensor shift, Tensor select, bool detach_target, bool bank_grad) -> (Tensor, Tensor, Tensor)",
         backward,
         _check_backward_op,
+        differentiable=True,
     )
 
     @torch.library.register_fake(fwd)

@@ -113,13 +113,15 @@ def _define(backend: str, forward=None, backward=None):
     implementations or (None) from the C++ extension, with fake implementations and (Python-defined ones) autograd,
     and add it to the registry."""
     name = f"semantic_attention_{backend}"
-    fwd = define_op(name, "(Tensor x, Tensor u, Tensor e, Tensor v) -> (Tensor, Tensor)", forward, _check_op)
+    fwd = define_op(name, "(Tensor x, Tensor u, Tensor e, Tensor v) -> (Tensor, Tensor)", forward, _check_op,
+                    differentiable=True)
     bwd = define_op(
         f"{name}_backward",
         "(Tensor grad_S, Tensor grad_a, Tensor x, Tensor u, Tensor e, Tensor v, Tensor a) "
         "-> (Tensor, Tensor, Tensor, Tensor)",
         backward,
         _check_backward_op,
+        differentiable=True,
     )
 
     @torch.library.register_fake(fwd)
