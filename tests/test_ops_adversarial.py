@@ -330,6 +330,52 @@ def test_deterministic_algorithms_run_every_op(backend):
 
 # ---- forward-mode AD and torch.func transforms ------------------------------------------------------------
 
+def _differentiable_calls(backend):
+    """(op, function of one tensor) for each op with a gradient: the tensor is x, S or the coefficient."""
+    x, u, e, v = _attention_inputs(2, 5, 3, 4, 6)
+    S, T, coef, bank, quadrant, shift, select = _blend_inputs(4, 3, 5)
+    return [
+        ("semantic_attention", x, lambda t: ops.semantic_attention(t, u, e, v, backend=backend)[0]),
+        ("instance_blend", S, lambda t: ops.instance_blend(t, T, coef, backend=backend)[0]),
+        ("instance_blend", coef, lambda t: ops.instance_blend(S, T, t, backend=backend)[0]),
+        ("prototype_blend", S, lambda t: ops.prototype_blend(t, T, coef, bank, quadrant, shift, select,
+                                                            backend=backend)[0]),
+    ]
+
+
+TRANSFORMS = {
+    "vmap": lambda f, t: torch.func.vmap(f)(t[None].expand(2, *t.shape)),
+    "grad": lambda f, t: torch.func.grad(lambda s: f(s).sum())(t),
+    "jacrev": lambda f, t: torch.func.jacrev(f)(t),
+    "jvp": lambda f, t: torch.func.jvp(f, (t,), (torch.ones_like(t),)),
+    "vjp": lambda f, t: torch.func.vjp(f, t),
+}
+
+
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_func_transforms_are_one_error_naming_the_op(backend, transform):
+    """No backend has vmap or forward-mode rules, and the torch and triton backends' autograd cannot run under
+    torch.func: every backend refuses with the same error. Before, torch and triton failed inside PyTorch asking to
+    give "an autograd.Function" a setup_context method, while cpu ran vmap and refused grad in PyTorch's words."""
+    for op, t, f in _differentiable_calls(backend):
+        with pytest.raises(RuntimeError, match=rf"^dsrb\.ops\.{op}: torch\.func transforms \(vmap, grad, vjp, jvp, "
+                                               r"jacrev, jacfwd, hessian\) are not supported by any backend; call the "
+                                               r"op on the whole batch"):
+            TRANSFORMS[transform](f, t)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_mode_ad_of_a_public_op_is_one_error_naming_the_op(backend):
+    for op, t, f in _differentiable_calls(backend):
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(t, torch.ones_like(t))
+            with pytest.raises(RuntimeError, match=rf"^dsrb\.ops\.{op}: forward-mode AD \(torch\.autograd\.forward_ad"
+                                                   r"\) is not supported by any backend"):
+                f(dual)
+            f(t)  # no tangent on any input: runs
+
+
 @pytest.mark.parametrize("backend", PYTHON_BACKENDS)
 def test_backend_ops_refuse_forward_mode_ad_instead_of_a_zero_tangent(backend):
     """The torch and triton backend ops (torch.ops.dsrb.*), defined with torch.library.custom_op, whose autograd has

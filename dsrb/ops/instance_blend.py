@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_bool, check_same_device, check_targets, check_tensor
-from ._common import check_blend_inputs, compute_dtype, raw_blend, raw_tensor, torch_blend
+from ._common import check_blend_inputs, compute_dtype, raw_blend, raw_tensor, refuse_transforms, torch_blend
 from ._registry import define_op, extension_backends, register_impl, register_python_op, select
 
 
@@ -158,6 +158,7 @@ def instance_blend(
         check_same_device(S=S, partner=partner)
         ranges.append(("partner", partner, 0, B - 1))
     detach_target = check_bool("detach_target", detach_target)
+    refuse_transforms("instance_blend", S, T, alpha)
     if check_bool("validate", validate):
         check_targets("T", T, *ranges)  # one device read for both
     partner = partner.long()

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_bool, check_same_device, check_targets, check_tensor
-from ._common import check_blend_inputs, compute_dtype, raw_blend, raw_tensor, torch_blend
+from ._common import check_blend_inputs, compute_dtype, raw_blend, raw_tensor, refuse_transforms, torch_blend
 from ._registry import define_op, extension_backends, register_impl, register_python_op, select as select_backend
 
 
@@ -180,6 +180,7 @@ def prototype_blend(
     check_tensor("select", select, shape=(B, C), kind="bool")
     check_same_device(S=S, bank=bank, quadrant=quadrant, shift=shift, select=select)
     detach_target = check_bool("detach_target", detach_target)
+    refuse_transforms("prototype_blend", S, T, beta, bank)
     if check_bool("validate", validate):  # one device read for the three
         check_targets("T", T, ("quadrant", quadrant, 0, 3), ("shift", shift, 1, 3))
     fn = select_backend("prototype_blend", S.device, S.dtype, backend)

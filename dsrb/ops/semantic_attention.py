@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_same_device, check_same_dtype, check_tensor
-from ._common import compute_dtype, raw_tensor
+from ._common import compute_dtype, raw_tensor, refuse_transforms
 from ._registry import define_op, extension_backends, register_impl, register_python_op, select
 
 # Elements of one (B, N, C_chunk, I) temporary: 8 Mi elements = 32 MiB in fp32.
@@ -186,4 +186,5 @@ def semantic_attention(x: Tensor, u: Tensor, e: Tensor, v: Tensor, *, backend: s
     check_same_dtype(x=x, u=u, e=e, v=v)
     if N == 0:
         raise ValueError("argument 'x': expected at least one spatial position, got N = 0")
+    refuse_transforms("semantic_attention", x, u, e, v)
     return select("semantic_attention", x.device, x.dtype, backend)(x, u, e, v)
