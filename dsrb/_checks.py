@@ -224,6 +224,14 @@ def _report_ranges(checks, values) -> None:
             raise ValueError(f"argument '{name}': expected values in [{low}, {high}], found range [{lo}, {hi}]")
 
 
+def _unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without torch.func's wrappers, whose values cannot be read back (torch.func.vmap's batched tensor: "Cannot
+    access data pointer of Tensor that doesn't have storage"); below them, every sample's values are checked."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
 def check_targets(name: str, t: torch.Tensor, *ranges) -> None:
     """Partial targets must hold only -1 (known absent), 0 (unknown) and +1 (known present); an unsigned integer
     tensor, which cannot hold -1, only 0 and 1.
@@ -240,6 +248,7 @@ def check_targets(name: str, t: torch.Tensor, *ranges) -> None:
     if _compiling():
         _assert_targets_on_device(name, t, ranges)
         return
+    t, ranges = _unwrapped(t), [(r[0], _unwrapped(r[1]), *r[2:]) for r in ranges]
     ranges = [r for r in ranges if r[1].numel()]
     own = None
     if t.numel() and t.dtype != torch.bool:

@@ -1,8 +1,8 @@
 """The public ops against adversarial use, every backend that runs here (`torch`, `cpu`, `triton` under the
 interpreter) giving the same answer or the same error: empty and one-element dimensions, values that overflow a
 naive softmax, inf, NaN and subnormals, autograd with some inputs frozen, expanded (stride 0) and transposed views,
-outputs used twice and backward run twice, inference tensors, deterministic algorithms, and mixed devices, dtypes
-and ranks."""
+outputs used twice and backward run twice, inference tensors, deterministic algorithms, torch.func transforms and
+forward-mode AD, and mixed devices, dtypes and ranks."""
 
 import itertools
 
@@ -328,7 +328,7 @@ def test_deterministic_algorithms_run_every_op(backend):
         assert torch.equal(g, w)
 
 
-# ---- forward-mode AD and torch.func transforms ------------------------------------------------------------
+# ---- torch.func transforms and forward-mode AD ------------------------------------------------------------------
 
 def _differentiable_calls(backend):
     """(op, function of one tensor) for each op with a gradient: the tensor is x, S or the coefficient."""
@@ -399,6 +399,46 @@ def test_backend_ops_refuse_forward_mode_ad_instead_of_a_zero_tangent(backend):
         with fwAD.dual_level():
             with pytest.raises(RuntimeError, match=rf"^dsrb::{name}: forward-mode AD"):
                 f(fwAD.make_dual(t, torch.ones_like(t)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quadrant_index_and_the_functional_bank_update_run_under_vmap(backend):
+    """The ops without a gradient run under torch.func.vmap (PyTorch's per-sample fallback) with the per-sample
+    results, the bank update with validate=True too: its value check read the batched tensor's values and failed
+    inside PyTorch ("Cannot access data pointer of Tensor that doesn't have storage"). A bad value in any sample is
+    still reported."""
+    K, B, C, D, H, W = 3, 4, 3, 5, 2, 3
+    g = _gen(4)
+    a, x_sum = torch.rand(K, B, C, H * W, generator=g), torch.randn(K, B, H * W, generator=g)
+    S, T = torch.randn(K, B, C, D, generator=g), torch.randint(-1, 2, (K, B, C), generator=g).float()
+    quadrant = torch.randint(0, 4, (K, B, C), generator=g)
+    sums, counts = torch.randn(K, C, 4, D, generator=g), torch.randint(0, 2, (K, C, 4), generator=g)
+    got = torch.func.vmap(lambda a, x: ops.quadrant_index(a, x, H, W, backend=backend))(a, x_sum)
+    assert torch.equal(got, torch.stack([ops.quadrant_index(a[k], x_sum[k], H, W, backend=backend) for k in range(K)]))
+    update = torch.func.vmap(lambda *t: ops.prototype_bank_update(*t, 2, backend=backend))
+    got = update(sums, counts, S, T, quadrant)
+    want = [ops.prototype_bank_update(sums[k], counts[k], S[k], T[k], quadrant[k], 2, backend=backend)
+            for k in range(K)]
+    for i in range(2):
+        assert torch.equal(got[i], torch.stack([w[i] for w in want]))
+    with pytest.raises(ValueError, match=r"^argument 'T': expected values in \{-1, 0, 1\}, found 2\.0$"):
+        update(sums, counts, S, _with(T, 2 * B * C + 1, 2.0), quadrant)
+    with pytest.raises(ValueError, match=r"^argument 'quadrant': expected values in \[0, 3\], found range \[0, 4\]$"):
+        update(sums, counts, S, T, _with(quadrant, B * C, 4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_place_bank_update_under_vmap_is_one_error_naming_it(backend):
+    """Before: "Cannot access storage of BatchedTensorImpl" (torch, triton: the aliasing checks) or PyTorch's "Batching
+    rule not implemented for dsrb::prototype_bank_update_cpu_" (cpu)."""
+    K, B, C, D = 2, 4, 3, 5
+    sums, counts = torch.zeros(K, C, 4, D), torch.zeros(K, C, 4, dtype=torch.long)
+    S, T = torch.randn(K, B, C, D, generator=_gen(5)), torch.ones(K, B, C)
+    quadrant = torch.zeros(K, B, C, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"^dsrb\.ops\.prototype_bank_update_: torch\.func transforms .* not "
+                                           r"supported by any backend; under vmap call prototype_bank_update"):
+        torch.func.vmap(lambda *t: ops.prototype_bank_update_(*t, 2, backend=backend))(sums, counts, S, T, quadrant)
+    assert not sums.any() and not counts.any()
 
 
 # ---- 4. mixed devices, dtypes and ranks ----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_bool, check_int, check_same_device, check_targets, check_tensor
-from ._common import plain, raw_tensor
+from ._common import plain, raw_tensor, refuse_transforms
 from ._registry import define_op, extension_backends, register_impl, select
 
 
@@ -211,6 +211,10 @@ def update_in_place(sums: Tensor, counts: Tensor, S: Tensor, T: Tensor, quadrant
     :class:`dsrb.models.prototype_bank.PrototypeBank`, which checks S, T and quadrant against its own buffers and calls
     this once per batch of a prototype pass, where each microsecond of host time counts."""
     validate = check_bool("validate", validate)
+    # Under vmap its storage checks failed inside PyTorch ("Cannot access storage of BatchedTensorImpl"), and the cpu
+    # kernel has no batching rule
+    refuse_transforms("prototype_bank_update_", instead="under vmap call prototype_bank_update, which returns the "
+                      "new sums and counts")
     if sums.requires_grad and torch.is_grad_enabled():
         raise ValueError("argument 'sums': expected a tensor that does not require grad (the bank update is not "
                          "differentiable; update it under torch.no_grad(), or pass sums.detach())")
