@@ -105,6 +105,7 @@ def _blend_inputs(B, C, D, dtype=F32, seed=1):
 
 # ---- 1. empty and one-element dimensions ------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("uninitialized_memory_is_nan")
 @pytest.mark.parametrize("B, N, C, D, I", [(0, 3, 2, 4, 5), (2, 3, 0, 4, 5), (2, 3, 2, 0, 5), (2, 3, 2, 4, 0),
                                            (2, 1, 2, 4, 5), (2, 3, 2, 1, 5), (1, 1, 1, 1, 1), (0, 1, 0, 0, 0)])
 def test_attention_empty_and_single_dimensions_agree(B, N, C, D, I):
@@ -125,6 +126,7 @@ def test_attention_without_positions_is_one_error_on_every_backend():
             ops.semantic_attention(x, u, e, v, backend=backend)
 
 
+@pytest.mark.usefixtures("uninitialized_memory_is_nan")
 @pytest.mark.parametrize("B, C, D", [(0, 3, 4), (2, 0, 4), (2, 3, 0), (1, 3, 4), (1, 1, 1)])
 def test_blends_quadrants_and_bank_update_empty_and_single_dimensions_agree(B, C, D):
     """B = 1 (the batch flip is the identity, nothing blends), and empty batches, classes or features: the same
@@ -283,6 +285,48 @@ def test_outputs_used_twice_and_backward_run_twice(backend):
         grads.append([t.grad for t in leaves])
     for g, w in zip(*grads):
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad", [g for g in itertools.product([False, True], repeat=3) if any(g)],
+                         ids=lambda g: "+".join(n for n, r in zip(("S", "coef", "bank"), g) if r))
+def test_blend_gradients_of_every_subset_of_inputs(backend, grad):
+    """Both blends with any of S, the coefficient and the bank frozen: the torch backend's gradients, None for an
+    input that takes no part (the bank in instance_blend)."""
+    S, T, coef, bank, quadrant, shift, select = _blend_inputs(4, 3, 5)
+    results = []
+    for run in (backend, "torch"):
+        leaves = [t.clone().requires_grad_(g) for t, g in zip((S, coef, bank), grad)]
+        S1, T1 = ops.instance_blend(leaves[0], T, leaves[1], backend=run)
+        S2, T2 = ops.prototype_blend(leaves[0], T, leaves[1], leaves[2], quadrant, shift, select, backend=run)
+        loss = (S1 ** 2).sum() + T1.sum() + (S2 * S1).sum() + T2.sum()
+        results.append(torch.autograd.grad(loss, [t for t in leaves if t.requires_grad]))
+    for g, w in zip(*results):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_input_changed_in_place_before_backward_is_refused(backend):
+    """Every saved input is checked against its version at the forward, the C++ autograd's too: changed in place
+    before the backward (a prototype bank updated between forward and backward), it is torch's error, never a
+    gradient computed from the new values."""
+    x, u, e, v = _attention_inputs(2, 5, 3, 4, 6)
+    S, T, coef, bank, quadrant, shift, select = _blend_inputs(4, 3, 5)
+    S.requires_grad_()
+    cases = [
+        (x, lambda t: ops.semantic_attention(t, u, e, v, backend=backend)[0]),
+        (u, lambda t: ops.semantic_attention(x, t, e, v, backend=backend)[0]),
+        (e, lambda t: ops.semantic_attention(x, u, t, v, backend=backend)[0]),
+        (v, lambda t: ops.semantic_attention(x, u, e, t, backend=backend)[0]),
+        (S, lambda t: ops.instance_blend(t, T, coef, backend=backend)[0]),
+        (bank, lambda t: ops.prototype_blend(S, T, coef, t, quadrant, shift, select, backend=backend)[0]),
+    ]
+    for i, (t, call) in enumerate(cases):
+        arg = t.detach().clone().requires_grad_() * 1 if t is not bank else t.clone()  # the bank: a frozen buffer
+        out = call(arg)
+        arg.add_(1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
