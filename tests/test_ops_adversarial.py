@@ -393,6 +393,7 @@ TRANSFORMS = {
     "jacrev": lambda f, t: torch.func.jacrev(f)(t),
     "jvp": lambda f, t: torch.func.jvp(f, (t,), (torch.ones_like(t),)),
     "vjp": lambda f, t: torch.func.vjp(f, t),
+    "functionalize": lambda f, t: torch.func.functionalize(f)(t),
 }
 
 
@@ -404,8 +405,8 @@ def test_torch_func_transforms_are_one_error_naming_the_op(backend, transform):
     give "an autograd.Function" a setup_context method, while cpu ran vmap and refused grad in PyTorch's words."""
     for op, t, f in _differentiable_calls(backend):
         with pytest.raises(RuntimeError, match=rf"^dsrb\.ops\.{op}: torch\.func transforms \(vmap, grad, vjp, jvp, "
-                                               r"jacrev, jacfwd, hessian\) are not supported by any backend; call the "
-                                               r"op on the whole batch"):
+                                               r"jacrev, jacfwd, hessian, functionalize\) are not supported by any "
+                                               r"backend; call the op on the whole batch"):
             TRANSFORMS[transform](f, t)
 
 
@@ -471,17 +472,20 @@ def test_quadrant_index_and_the_functional_bank_update_run_under_vmap(backend):
         update(sums, counts, S, T, _with(quadrant, B * C, 4))
 
 
+@pytest.mark.parametrize("transform", ["vmap", "functionalize"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_in_place_bank_update_under_vmap_is_one_error_naming_it(backend):
-    """Before: "Cannot access storage of BatchedTensorImpl" (torch, triton: the aliasing checks) or PyTorch's "Batching
-    rule not implemented for dsrb::prototype_bank_update_cpu_" (cpu)."""
+def test_in_place_bank_update_under_vmap_is_one_error_naming_it(backend, transform):
+    """Before, under vmap: "Cannot access storage of BatchedTensorImpl" (torch, triton: the aliasing checks) or
+    PyTorch's "Batching rule not implemented for dsrb::prototype_bank_update_cpu_" (cpu); under functionalize, on
+    cpu, PyTorch's "Found a custom (non-ATen) operator whose output has alias annotations"."""
     K, B, C, D = 2, 4, 3, 5
     sums, counts = torch.zeros(K, C, 4, D), torch.zeros(K, C, 4, dtype=torch.long)
     S, T = torch.randn(K, B, C, D, generator=_gen(5)), torch.ones(K, B, C)
     quadrant = torch.zeros(K, B, C, dtype=torch.long)
     with pytest.raises(RuntimeError, match=r"^dsrb\.ops\.prototype_bank_update_: torch\.func transforms .* not "
                                            r"supported by any backend; under vmap call prototype_bank_update"):
-        torch.func.vmap(lambda *t: ops.prototype_bank_update_(*t, 2, backend=backend))(sums, counts, S, T, quadrant)
+        args = (sums, counts, S, T, quadrant) if transform == "vmap" else (sums[0], counts[0], S[0], T[0], quadrant[0])
+        getattr(torch.func, transform)(lambda *t: ops.prototype_bank_update_(*t, 2, backend=backend))(*args)
     assert not sums.any() and not counts.any()
 
 

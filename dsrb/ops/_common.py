@@ -38,20 +38,16 @@ def check_blend_inputs(S: Tensor, T: Tensor, coef_name: str, coef: Tensor):
 def refuse_transforms(op: str, *tensors: Tensor,
                       instead: str = "call the op on the whole batch (it is batched already) and differentiate it with "
                                      "torch.autograd") -> None:
-    """A RuntimeError naming the op under torch.func's vmap, grad or jvp (and jacrev, jacfwd, hessian, vjp, built on
-    them), or with a forward-mode tangent (torch.autograd.forward_ad) on one of ``tensors``: no backend has their
-    rules. Before, the torch and triton backends failed inside PyTorch, asking the user to give "an autograd.Function"
-    (they wrote none) a setup_context method, and the cpu backend ran vmap through PyTorch's per-sample fallback but
-    refused grad with a message of its own. torch.func.functionalize, which changes no value, is let through."""
+    """A RuntimeError naming the op under any torch.func transform (vmap, grad, jvp, functionalize, and jacrev,
+    jacfwd, hessian, vjp, built on them), or with a forward-mode tangent (torch.autograd.forward_ad) on one of
+    ``tensors``: no backend has their rules. Before, the torch and triton backends failed inside PyTorch, asking the
+    user to give "an autograd.Function" (they wrote none) a setup_context method, and the cpu backend ran vmap and
+    functionalize through PyTorch's fallbacks but refused grad with a message of its own."""
     if torch.compiler.is_compiling():  # traced: the compiler's own transforms are not the user's
         return
     if torch._C._functorch.peek_interpreter_stack() is not None:
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-        kinds = {i.key().name for i in retrieve_all_functorch_interpreters()} - {"Functionalize"}
-        if kinds:
-            raise RuntimeError(f"dsrb.ops.{op}: torch.func transforms (vmap, grad, vjp, jvp, jacrev, jacfwd, hessian) "
-                               f"are not supported by any backend; {instead}")
+        raise RuntimeError(f"dsrb.ops.{op}: torch.func transforms (vmap, grad, vjp, jvp, jacrev, jacfwd, hessian, "
+                           f"functionalize) are not supported by any backend; {instead}")
     if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         raise RuntimeError(f"dsrb.ops.{op}: forward-mode AD (torch.autograd.forward_ad) is not supported by any "
                            "backend; differentiate it with torch.autograd.grad or backward()")
