@@ -46,7 +46,11 @@ def test_info_says_how_the_float32_table_reads_for_the_other_dtypes():
     if ops.reasons("instance_blend", cuda, torch.float32)["triton"] is None:  # triton takes CUDA float32 here
         why = ops.reasons("instance_blend", cuda, torch.float64)["triton"]
         assert why.startswith("dtype=torch.float64")
-        assert info._other_dtypes(cuda) == ["  bfloat16, float16: as float32", f"  float64: all ops triton no: {why}"]
+        lines = info._other_dtypes(cuda)
+        assert lines[0] == "  bfloat16, float16: as float32" and lines[1].startswith("  float64: ")
+        assert f"all ops triton no: {why}" in lines[1] and len(lines) == 2
+        served = {info._serves(op, cuda, torch.float64) for op in ops.OPS}  # torch where triton served float32
+        assert (f"all ops served by {served.pop()}" in lines[1]) == (info._serves("instance_blend", cuda) == "triton")
 
 
 def test_info_reports_a_triton_that_fails_to_import(tmp_path):
