@@ -146,7 +146,8 @@ def check_int(name: str, value, *, minimum: Optional[int] = None) -> int:
     if isinstance(value, torch.SymInt):
         index = int(value)
     else:
-        is_bool = isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+        # NumPy 2.0 still takes np.True_ as an index (1), with a DeprecationWarning; later ones refuse it
+        is_bool = isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)
         try:
             index = None if is_bool else operator.index(value)
         except TypeError:
