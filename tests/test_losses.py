@@ -289,10 +289,10 @@ def test_contrastive_generator_reproducible():
     assert len(others | {first.item()}) > 1
 
 
-@pytest.mark.xfail(version_of("torch") < (2, 7), strict=False,
+@pytest.mark.xfail(version_of("torch") < (2, 7), strict=True,
                    reason="inductor's CPU code generation fails on this backward in torch 2.6 (AssertionError in "
-                          "CppTile2DKernel.store: a scatter with atomic_add); passes from torch 2.7 on (2.7, 2.8, 2.9, 2.10, 2.11 and 2.13 seen). "
-                          "dsrb.train --compile compiles the model, not the loss")
+                          "CppTile2DKernel.store: a scatter with atomic_add); passes from torch 2.7 on (2.7, 2.8, "
+                          "2.9, 2.10, 2.11 and 2.13 seen). dsrb.train --compile compiles the model, not the loss")
 def test_contrastive_compiles_fullgraph():
     g = _gen(9)
     targets = _targets(8, 20, 0.4, 0.4, g)
