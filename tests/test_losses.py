@@ -12,7 +12,7 @@ import torch
 
 from dsrb import losses
 from dsrb.reference import losses as ref
-from helpers import run_gloo_script, version_of
+from helpers import assert_close, run_gloo_script, version_of
 
 D = 7
 BATCHES = [0, 1, 2, 5, 8]
@@ -50,7 +50,8 @@ def _regime(targets: torch.Tensor) -> tuple[int, int, int]:
 
 
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12, msg=lambda m: f"{what}: {m}")
+    """The losses against the fp64 reference: the table's fp64 tolerance (both are fp64 here)."""
+    assert_close(actual, expected, dtype=torch.float64, what=what)
 
 
 def _check_contrastive(features: torch.Tensor, targets: torch.Tensor, keys: torch.Tensor) -> None:
@@ -99,6 +100,7 @@ def test_partial_bce_hand_computed():
     # (0,0): -log s(0) = log 2; (0,1): -log s(-ln 3) = log 4; (1,0) unknown; (1,1): softplus(2) - 0.5 * 2.
     expected = (math.log(2) + math.log(4) + math.log1p(math.exp(2)) - 1.0) / 3
     loss = losses.partial_bce(logits, targets)
+    # float64 hand maths of four terms: the loss is a few roundings away, far inside the table's 1e-9
     assert loss.item() == pytest.approx(expected, rel=1e-14)
     assert ref.partial_bce(logits, targets).item() == pytest.approx(expected, rel=1e-14)
     g_logits, g_targets = torch.autograd.grad(loss, (logits, targets))
@@ -251,7 +253,7 @@ def test_contrastive_hand_computed():
     unmined = torch.tensor([[1.0, -1.0], [-1.0, -1.0]])
     # An unknown in the only pos-pos pair: excluded, only the neg-neg pair remains.
     with_unknown = torch.tensor([[0.0, -1.0], [1.0, -1.0]])
-    for targets, expected in ((mined, 2 / 3), (unmined, 1.5), (with_unknown, 1.0)):
+    for targets, expected in ((mined, 2 / 3), (unmined, 1.5), (with_unknown, 1.0)):  # float64: a rounding or two
         assert losses.contrastive_loss(features, targets, keys=keys).item() == pytest.approx(expected, abs=1e-15)
         assert ref.contrastive_loss(features, targets, keys).item() == pytest.approx(expected, abs=1e-15)
 
@@ -344,7 +346,7 @@ def test_dsrb_loss_matches_reference_and_warmup(epoch, progress, weight):
     pro = ref.partial_bce(out.prototype_logits, out.prototype_targets)
     expected = bce + weight * con + ins + pro
     _assert_close(total, expected, "total")
-    assert parts["contrastive_weight"].item() == pytest.approx(weight, rel=1e-15)
+    assert parts["contrastive_weight"].item() == pytest.approx(weight, rel=1e-15)  # one float64 product
     _assert_close(parts["bce"], bce.detach(), "bce part")
     _assert_close(parts["instance"], ins.detach(), "instance part")
     _assert_close(parts["prototype"], pro.detach(), "prototype part")
@@ -593,7 +595,7 @@ def test_distributed_loss_is_the_combined_batchs(tmp_path):
     exec(DISTRIBUTED, spec)
     spec = types.SimpleNamespace(**spec)
     total, grad = spec.loss_and_grad(list(range(8)), False)
-    torch.testing.assert_close(got, torch.stack([total, *grad]), rtol=1e-12, atol=1e-12)
+    assert_close(got, torch.stack([total, *grad]), dtype=torch.float64, what="two ranks against one process")
     per_rank = [spec.loss_and_grad(rows, False) for rows in spec.ROWS]  # what the ranks used to average
     mean_of_means = torch.stack([torch.stack([t, *g]) for t, g in per_rank]).mean(0)
     assert (mean_of_means - got).abs().max() > 1e-3
