@@ -26,8 +26,9 @@ from dsrb.compat import dsrb_to_official_key, load_official_checkpoint, to_offic
 from dsrb.models import DSRB, DSRBOutput
 from dsrb.models.resnet import BasicBlock, Bottleneck, build_backbone
 from dsrb.reference.model import ReferenceDSRB, ReferenceOutput
+from helpers import TOLERANCES
 
-F64 = dict(rtol=1e-9, atol=1e-10)
+F64 = TOLERANCES[torch.float64]
 SMALL = dict(backbone_width=4, feature_dim=16, word_dim=6, inter_dim=8)
 IMAGE_SIZE = {(7, 7): (448, 448), (5, 6): (320, 384), (1, 1): (64, 64)}
 
@@ -215,9 +216,10 @@ def test_train_forward_and_gradients_match_reference(B, C, hw):
         checked += 1
     assert checked == sum(1 for p in ref.parameters() if p.requires_grad)
 
-    # Spot checks: the official fc3/fc4 biases get an exactly-zero loss gradient; alpha and beta and layer4 learn.
+    # Spot checks: the official fc3/fc4 biases get a zero loss gradient (up to float64 rounding, about 1e-15); alpha
+    # and beta and layer4 learn.
     for name in ("SemanticDecoupling.fc3.bias", "SemanticDecoupling.fc4.bias"):
-        torch.testing.assert_close(ref_params[name].grad, torch.zeros_like(ref_params[name]), rtol=0, atol=1e-10)
+        close(ref_params[name].grad, torch.zeros_like(ref_params[name]), f"gradient of {name}")
     assert model.backbone.layer4[0].conv1.weight.grad.abs().sum() > 0
     T_ = T.double()
     if bool(((T_ == 0) & (T_.flip(0) == 1)).any()):
