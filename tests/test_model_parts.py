@@ -92,7 +92,7 @@ def test_gated_gnn_matches_hand_written_step():
             r = torch.sigmoid(lin(gnn.fc_2_w, a) + lin(gnn.fc_2_u, h[b, c]))
             hh = torch.tanh(lin(gnn.fc_3_w, a) + lin(gnn.fc_3_u, r * h[b, c]))
             want[b, c] = (1 - z) * h[b, c] + z * hh
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert_close(got, want)
 
     # Three steps = the one-step module applied three times with the same weights.
     gnn3 = GatedGNN(D, steps=3).to(DT)
@@ -438,8 +438,8 @@ def test_semantic_decoupling_matches_official_and_bias_grads_are_zero():
     S, a = sd(fmap.flatten(2).transpose(1, 2), words)
     S_ref, _, a_ref = reference.semantic_decoupling_official(fmap, words, sd.fc1, sd.fc2, sd.fc3, sd.fc4)
     a_ref = a_ref.reshape(B, H * W, Cn).transpose(1, 2)
-    torch.testing.assert_close(S, S_ref, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(a, a_ref, rtol=1e-10, atol=1e-12)
+    assert_close(S, S_ref, what="S")
+    assert_close(a, a_ref, what="a")
 
     weight = torch.randn(B, Cn, D, dtype=DT)
     (S * weight).sum().backward()
@@ -450,7 +450,7 @@ def test_semantic_decoupling_matches_official_and_bias_grads_are_zero():
     sd.zero_grad()
     (S_ref * weight).sum().backward()
     for n in ("fc1.weight", "fc2.weight", "fc3.weight", "fc4.weight"):
-        torch.testing.assert_close(grads[n], dict(sd.named_parameters())[n].grad, rtol=1e-9, atol=1e-12)
+        assert_close(grads[n], dict(sd.named_parameters())[n].grad, what=n)
 
 
 # ----------------------------------------------------------------------------------------------------- DSRB
@@ -876,7 +876,7 @@ def test_dsrb_gradients_at_batch_size_one(B):
     S, _, _ = reference.semantic_decoupling_official(X, model.word_features, sd.fc1, sd.fc2, sd.fc3, sd.fc4)
     want = torch.autograd.grad((model.classify(S) * w1).sum() + (S * w2).sum(), params)
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+        assert_close(a, b)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -938,7 +938,7 @@ def test_dsrb_two_training_forwards_before_one_backward():
         if a is None:
             assert got is None
         else:
-            torch.testing.assert_close(got, a + b, rtol=1e-12, atol=1e-12)
+            assert_close(got, a + b)
 
 
 @pytest.mark.parametrize("fullgraph", [False, True])
@@ -1023,7 +1023,7 @@ def test_dsrb_channels_last_matches_contiguous(B):
     want = ref(x, T, prototype_choices=choices)
     got = model(x_cl, T, prototype_choices=choices)
     for name in DSRBOutput._fields:
-        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-9, atol=1e-11, msg=name)
+        assert_close(getattr(got, name), getattr(want, name), what=name)
 
     def loss(out):
         return out.logits.sum() + out.instance_logits.square().sum() + out.prototype_logits.sum() + out.features.sum()
@@ -1035,4 +1035,4 @@ def test_dsrb_channels_last_matches_contiguous(B):
         if w is None:
             assert g is None, name
         else:
-            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11, msg=name)
+            assert_close(g, w, what=name)
