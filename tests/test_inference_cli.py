@@ -353,6 +353,7 @@ def test_predict_json_and_semantics(setup, tmp_path):
         assert set(r) == {"path", "labels", "scores"}
         assert list(r["scores"]) == CLASSES
         for c, name in enumerate(CLASSES):
+            # written rounded to 4 decimals (5e-5), from float32 probabilities
             assert r["scores"][name] == pytest.approx(float(p[c]), abs=6e-5)
         # default: probability >= 0.5, most probable first
         expected = sorted((c for c in range(3) if p[c] >= 0.5), key=lambda c: -float(p[c]))
@@ -579,6 +580,7 @@ def test_evaluate(setup, tmp_path, capsys):
     paths, targets = _test_list(setup)
     logits = _expected_logits(setup["model"], paths)
     expected = compute_metrics(logits, targets)
+    # float64 metrics of the same ranking (float32 logits of other batches), a float64 rounding or two apart
     for key in METRIC_KEYS:
         assert written["metrics"][key] == pytest.approx(float(expected[key]), abs=1e-9), key
     _, expected_ap = voc_map(logits, targets)

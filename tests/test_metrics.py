@@ -1,4 +1,7 @@
-"""dsrb.metrics: hand-computed cases, a loop-style reference written from the spec text (§8), invariances, errors."""
+"""dsrb.metrics: hand-computed cases, a loop-style reference written from the spec text (§8), invariances, errors.
+
+The metrics are float64: abs=1e-12 compares them with exact fractions or a Python-float reference (a few roundings
+apart); plain approx() (rel 1e-6) only where the value is a small fraction such as 1/2."""
 
 from __future__ import annotations
 

@@ -508,7 +508,7 @@ def test_loss_weights_and_model_settings_reach_the_run(data_root, tmp_path, monk
                     "--gnn-steps", "1", "--compat", "official", "--detach-blend-targets", "--freeze-backbone"))
     records = read_metrics(out)
     assert records[1]["loss_instance"] > 0 and records[1]["loss_prototype"] > 0
-    for r in records:
+    for r in records:  # float32 losses, summed in another order
         assert r["loss"] == pytest.approx(r["loss_bce"] + 2 * r["loss_instance"] + 3 * r["loss_prototype"], rel=1e-6)
     state = torch.load(out / "last.pt", weights_only=False)
     kwargs = state["model_kwargs"]
@@ -1296,6 +1296,7 @@ def test_logged_loss_is_the_mean_of_the_steps_and_a_nan_stops_the_run(data_root,
     monkeypatch.setattr(train, "dsrb_loss", spy)
     train.main(args(data_root, tmp_path / "run", 1))
     assert len(seen) == 3
+    # float32 batch losses, averaged in another order
     assert read_metrics(tmp_path / "run")[0]["loss"] == pytest.approx(sum(seen) / 3, rel=1e-6)
 
     calls = []
