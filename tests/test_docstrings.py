@@ -21,6 +21,7 @@ from dsrb.losses import contrastive_loss, dsrb_loss, partial_bce
 from dsrb.metrics import METRIC_KEYS, average_precision, compute_metrics, threshold_metrics, voc_map
 from dsrb.models import (DSRB, DSRBOutput, ElementWiseLinear, GatedGNN, PrototypeBank, SemanticDecoupling,
                          draw_prototype_choices, label_graph)
+from helpers import assert_close
 
 B, C, D, E, I = 3, 4, 16, 6, 8
 TINY = dict(backbone="resnet18", backbone_width=4, feature_dim=D, word_dim=E, inter_dim=I)
@@ -67,9 +68,10 @@ def test_dsrb_set_adjacency_and_label_graph():
     model = tiny_model()
     A = torch.rand(C, C, dtype=torch.float64)
     model.set_adjacency(A.numpy())
-    assert torch.allclose(model.in_matrix, A.float()) and torch.allclose(model.out_matrix, A.T.float())
+    assert_close(model.in_matrix, A.float(), what="in_matrix")
+    assert_close(model.out_matrix, A.T.float(), what="out_matrix")
     model.set_label_graph(TARGETS)
-    assert torch.allclose(model.in_matrix, label_graph(TARGETS).float())
+    assert_close(model.in_matrix, label_graph(TARGETS).float())
 
 
 def test_dsrb_forward_shapes_in_both_modes():
@@ -91,7 +93,7 @@ def test_dsrb_forward_shapes_in_both_modes():
     blended = (TARGETS == 0) & (TARGETS[partner] == 1)
     assert blended.any()
     expected = torch.where(blended, 1 - model.alpha.detach(), TARGETS.float())
-    assert torch.allclose(out.instance_targets.detach(), expected)
+    assert_close(out.instance_targets.detach(), expected)
 
     plain = model(x, TARGETS, instance_blend=False, prototype_blend=False)
     assert plain.instance_logits is None and plain.prototype_targets is None
@@ -107,7 +109,7 @@ def test_element_wise_linear():
     assert layer.weight.shape == (C, D) and layer.bias.shape == (C,)
     assert layer.weight.abs().max().item() <= bound and layer.bias.abs().max().item() <= bound
     o = torch.randn(B, C, D)
-    assert torch.allclose(layer(o), (o * layer.weight).sum(-1) + layer.bias)
+    assert_close(layer(o), (o * layer.weight).sum(-1) + layer.bias)
 
 
 def test_gated_gnn_and_semantic_decoupling_shapes():
@@ -119,7 +121,7 @@ def test_gated_gnn_and_semantic_decoupling_shapes():
     assert sd.collapsed_score_vector().shape == (I,)
     S, a = sd(torch.randn(B, 5, D), torch.randn(C, E))
     assert S.shape == (B, C, D) and a.shape == (B, C, 5)
-    assert torch.allclose(a.sum(-1), torch.ones(B, C))  # softmax over positions
+    assert_close(a.sum(-1), torch.ones(B, C))  # softmax over positions
 
 
 def test_label_graph_docstring():
@@ -186,7 +188,8 @@ def test_ops_shapes_and_dtypes(dtype):
     assert S.shape == (B, C, D) and a.shape == (B, C, N) and S.dtype == a.dtype == dtype
     # the docstring's equivalent PyTorch
     a_ref = torch.softmax((torch.tanh(u[:, :, None] * e) @ v).transpose(1, 2), -1)
-    assert torch.allclose(a, a_ref, atol=1e-5) and torch.allclose(S, a_ref @ x, atol=1e-5)
+    assert_close(a, a_ref, what="a")
+    assert_close(S, a_ref @ x, what="S")
 
     T = TARGETS[:, :C].to(dtype)
     S1, T1 = ops.instance_blend(S, T, torch.full((1,), 0.25))
@@ -226,7 +229,7 @@ def test_losses_docstrings():
     signed = torch.where(TARGETS < 0, -logits, logits)
     expected = torch.nn.functional.binary_cross_entropy_with_logits(signed[known], torch.ones(int(known.sum()),
                                                                                                 dtype=torch.float64))
-    assert torch.allclose(loss, expected)  # flat mean over the known entries
+    assert_close(loss, expected)  # flat mean over the known entries
     assert float(partial_bce(logits, torch.zeros(B, C))) == 0.0  # no known entry
 
     features = torch.randn(B, C, D, dtype=torch.float64)
@@ -241,7 +244,7 @@ def test_losses_docstrings():
     assert set(parts) == {"bce", "contrastive", "instance", "prototype", "contrastive_weight"}
     assert float(parts["contrastive_weight"]) == pytest.approx(0.05 * 0.5)  # epoch 0: ramped by progress
     assert float(parts["instance"]) == 0.0 and total.dim() == 0
-    assert torch.allclose(total, parts["bce"] + 0.025 * parts["contrastive"])
+    assert_close(total, parts["bce"] + 0.025 * parts["contrastive"])
     _, parts = dsrb_loss(out, TARGETS, epoch=1, progress=0.5, keys=keys)
     assert float(parts["contrastive_weight"]) == pytest.approx(0.05)
 
@@ -280,7 +283,7 @@ def test_transforms_docstrings():
     t = to_tensor(img)
     assert t.shape == (3, 5, 7) and t.dtype == torch.float32 and float(t.max()) <= 1.0
     assert float(t[2, 4, 6]) == pytest.approx((5 * 7 * 3 - 1) / 255)
-    assert torch.allclose(denormalize(normalize(t)), t, atol=1e-6)
+    assert_close(denormalize(normalize(t)), t)
     assert to_tensor(img.convert("L")).shape == (3, 5, 7)  # non-RGB is converted
     assert TestTransform(9)(img).shape == (3, 9, 9)
     train = TrainTransform(14)
