@@ -88,6 +88,8 @@ def assert_within_baseline(actual, expected, baseline, *, dtype, what=""):
     bound): a baseline can be luckier than twice another summation order's rounding (the torch backend's fp32 grad u
     at the COCO shape is 2.1e-4 off under torch 2.11 and about 5e-4 under 2.13, the emulated CUDA kernel's 5.3e-4,
     with values up to about 300), and that is no fault."""
+    # the shapes first: the difference below broadcasts, and an empty ``expected`` returns at once
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
     r = expected.detach().cpu().double()
     if not r.numel():
         return

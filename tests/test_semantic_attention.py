@@ -8,7 +8,7 @@ import torch
 
 import dsrb.ops as ops
 from dsrb import reference
-from helpers import TORCH_AND_AUTO, assert_close, noncontiguous
+from helpers import TORCH_AND_AUTO, assert_close, assert_within_baseline, noncontiguous
 
 # The package re-exports the function under the module's name, so fetch the module itself.
 sa_module = importlib.import_module("dsrb.ops.semantic_attention")
@@ -164,3 +164,16 @@ def test_bad_input_names_the_argument(change, match):
     x, u, e, v = (t.detach() for t in make_inputs(2, 5, 3, 4, 3))
     with pytest.raises((TypeError, ValueError), match=match):
         ops.semantic_attention(*change(x, u, e, v))
+
+
+def test_within_baseline_compares_shapes():
+    """assert_within_baseline (the half-precision criterion of the extension's and the Triton kernels' tests) passed
+    an output of another shape: any output when the expected one is empty (an empty batch), and one that broadcasts
+    against it (a kernel writing one row of B)."""
+    want = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(AssertionError, match=r"S: shape \(2, 4\), expected \(0, 4\)"):
+        assert_within_baseline(torch.zeros(2, 4, dtype=torch.half), want[:0], want[:0], dtype=torch.half, what="S")
+    with pytest.raises(AssertionError, match=r"a: shape \(1, 4\), expected \(3, 4\)"):
+        assert_within_baseline(want[:1].half(), want[:1].expand(3, 4), want[:1].expand(3, 4), dtype=torch.half,
+                               what="a")
+    assert_within_baseline(want.half(), want, want.half(), dtype=torch.half)
