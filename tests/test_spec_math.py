@@ -300,7 +300,7 @@ def test_prototype_draws(compat):
     shift, select = draw_prototype_choices(T, 2, torch.Generator().manual_seed(0), compat=compat)
     assert set(shift.unique().tolist()) == {1, 2, 3}
     counts = torch.bincount(shift.flatten(), minlength=4)[1:].to(DT)
-    assert (counts / counts.sum() - 1 / 3).abs().max() < 0.03
+    assert (counts / counts.sum() - 1 / 3).abs().max() < 0.03  # 3000 draws: 0.03 is 3.5 standard deviations
     g = torch.Generator().manual_seed(0)
     torch.randint(1, 4, T.shape, generator=g)
     rho = torch.rand(T.shape, generator=g)
