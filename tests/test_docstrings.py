@@ -19,7 +19,7 @@ from dsrb.data.partial import format_known_fraction, known_fraction
 from dsrb.data.transforms import TestTransform, TrainTransform, denormalize, normalize, to_tensor
 from dsrb.losses import contrastive_loss, dsrb_loss, partial_bce
 from dsrb.metrics import METRIC_KEYS, average_precision, compute_metrics, threshold_metrics, voc_map
-from dsrb.models import (DSRB, DSRBOutput, ElementWiseLinear, GatedGNN, PrototypeBank, SemanticDecoupling,
+from dsrb.models import (DSRB, DSRBOutput, GatedGNN, PrototypeBank, SemanticDecoupling,
                          draw_prototype_choices, label_graph)
 from helpers import assert_close
 
@@ -99,17 +99,6 @@ def test_dsrb_forward_shapes_in_both_modes():
     assert plain.instance_logits is None and plain.prototype_targets is None
     no_targets = model(x)
     assert isinstance(no_targets, DSRBOutput) and no_targets.instance_logits is None
-
-
-def test_element_wise_linear():
-    """weight (C, D), bias (C,) in U(-1/sqrt(D), 1/sqrt(D)); o (B, C, D) -> (B, C) = <o, weight> + bias."""
-    torch.manual_seed(0)
-    layer = ElementWiseLinear(C, D)
-    bound = 1 / math.sqrt(D)
-    assert layer.weight.shape == (C, D) and layer.bias.shape == (C,)
-    assert layer.weight.abs().max().item() <= bound and layer.bias.abs().max().item() <= bound
-    o = torch.randn(B, C, D)
-    assert_close(layer(o), (o * layer.weight).sum(-1) + layer.bias)
 
 
 def test_gated_gnn_and_semantic_decoupling_shapes():

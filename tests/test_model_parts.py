@@ -457,9 +457,11 @@ def test_semantic_decoupling_matches_official_and_bias_grads_are_zero():
 
 
 def test_element_wise_linear():
+    """As its docstring says: weight (C, D), bias (C,) in U(-1/sqrt(D), 1/sqrt(D)); o (B, C, D) -> (B, C)."""
     torch.manual_seed(0)
     layer = ElementWiseLinear(3, 16)
     bound = 1 / math.sqrt(16)
+    assert layer.weight.shape == (3, 16) and layer.bias.shape == (3,)
     assert float(layer.weight.detach().abs().max()) <= bound and float(layer.bias.detach().abs().max()) <= bound
     o = torch.randn(2, 3, 16)
     want = torch.stack([torch.stack([o[b, c] @ layer.weight[c] + layer.bias[c] for c in range(3)]) for b in range(2)])
