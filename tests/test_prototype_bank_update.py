@@ -300,25 +300,38 @@ def test_distributed_cap_counts_every_rank_in_the_samplers_order(tmp_path):
     assert_close(got["sums"], sums)
 
 
+CHECKS_FIRST = r'''
+import sys
+import torch
+import torch.distributed as dist
+
+from dsrb.models.prototype_bank import PrototypeBank
+
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[2]}", rank=0, world_size=1)
+bank = PrototypeBank(2, 3, cap=4, backend="torch")
+S = torch.randn(2, 2, 3, generator=torch.Generator().manual_seed(0))
+errors, untouched = [], []
+for T, q in ((torch.tensor([[1, 2], [1, 1]]), torch.zeros(2, 2, dtype=torch.long)),
+             (torch.ones(2, 2), torch.tensor([[0, 7], [1, 1]]))):
+    try:
+        bank.update(S, T, q, distributed=True)
+        errors.append("")
+    except ValueError as err:
+        errors.append(str(err))
+    untouched.append(int(bank.counts.sum()) == 0 and float(bank.sums.abs().sum()) == 0)
+bank.update(S, torch.ones(2, 2), torch.tensor([[0, 1], [0, 3]]), distributed=True)
+torch.save({"errors": errors, "untouched": untouched, "counts": bank.counts, "sums": bank.sums, "S": S}, sys.argv[1])
+dist.destroy_process_group()
+'''
+
+
 def test_distributed_update_checks_values_before_counting(tmp_path):
     """The admission across ranks sets the entries it leaves out to 0, so the op's check saw a bad target (2)
     as unknown and accepted it, and counts had changed before a bad quadrant was rejected. Now both are rejected
-    first, with nothing written (one gloo process)."""
-    import torch.distributed as dist
-
-    from dsrb.models.prototype_bank import PrototypeBank
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        bank = PrototypeBank(2, 3, cap=4, backend="torch")
-        S = torch.randn(2, 2, 3)
-        for T, q, match in ((torch.tensor([[1, 2], [1, 1]]), torch.zeros(2, 2, dtype=torch.long), "'T'"),
-                            (torch.ones(2, 2), torch.tensor([[0, 7], [1, 1]]), "'quadrant'")):
-            with pytest.raises(ValueError, match=match):
-                bank.update(S, T, q, distributed=True)
-            assert int(bank.counts.sum()) == 0 and float(bank.sums.abs().sum()) == 0
-        bank.update(S, torch.ones(2, 2), torch.tensor([[0, 1], [0, 3]]), distributed=True)
-        assert bank.counts.tolist() == [[2, 0, 0, 0], [0, 1, 0, 1]]
-        assert_close(bank.sums[0, 0], S[0, 0] + S[1, 0])
-    finally:
-        dist.destroy_process_group()
+    first, with nothing written (one gloo process, in a child process: with torch 2.6 the group's teardown inside
+    the whole suite's process once waited forever on a thread of gloo's)."""
+    got = run_gloo_script(CHECKS_FIRST, tmp_path, "checks_first")
+    assert "argument 'T'" in got["errors"][0] and "argument 'quadrant'" in got["errors"][1], got["errors"]
+    assert got["untouched"] == [True, True]
+    assert got["counts"].tolist() == [[2, 0, 0, 0], [0, 1, 0, 1]]
+    assert_close(got["sums"][0, 0], got["S"][0, 0] + got["S"][1, 0])
