@@ -106,7 +106,9 @@ def _peak_index(a_bc, x_b, a_sn, x_sn, n_out, n_in, so, si,
             nan = tl.maximum(nan, tl.max((g != g).to(tl.int32), axis=1))
         peak = tl.max(m, axis=0)
         o_peak = tl.min(tl.where(m == peak, offs_o, n_out), axis=0)
-        take = (peak > best) | (o0 == 0)  # a later block only with a strictly larger peak: the first index wins ties
+        # A later block only with a strictly larger peak: the first index wins ties. A first block whose peak is -inf
+        # keeps best_o = 0, its first index (triton 3.2's interpreter cannot compare the loop index: no int1 type).
+        take = peak > best
         best_o = tl.where(take, o_peak, best_o)
         best = tl.where(take, peak, best)
         first_nan = tl.minimum(first_nan, tl.min(tl.where(nan > 0, offs_o, n_out), axis=0))

@@ -329,8 +329,12 @@ def test_cuda_device_checked_before_the_run(data_root, tmp_path, monkeypatch):
 def test_forced_backend_that_cannot_serve_the_run_is_a_settings_error(data_root, tmp_path, monkeypatch):
     """--backend cuda (or DSRB_BACKEND=cuda) on the CPU: every backend's reason before the run, not a traceback at
     the first forward."""
+    import dsrb.ops as ops
+
+    # the cuda backend's reason here: the device, or an extension built without CUDA kernels (no nvcc)
+    why = ops.reasons("semantic_attention", torch.device("cpu"), torch.float32)["cuda"]
     fails_cleanly(data_root, tmp_path / "run", ["--backend", "cuda"], ValueError,
-                  r"^setting 'backend': cuda cannot serve device cpu: device=cpu \(supported: cuda\) \(op "
+                  rf"^setting 'backend': cuda cannot serve device cpu: {re.escape(why)} \(op "
                   r"semantic_attention; backends serving it: torch[a-z, ]*\)$")
     monkeypatch.setenv("DSRB_BACKEND", "cuda")
     fails_cleanly(data_root, tmp_path / "run", [], ValueError, r"setting 'backend': cuda \(from DSRB_BACKEND\)")
