@@ -1001,6 +1001,7 @@ def test_ddp_rank_zero_check_failure_is_one_line_per_rank(data_root, tmp_path, c
 # Under a 2-rank gloo group, 7 images (image i is the number i): the training loader (also the prototype pass's) and
 # predict_scores (the evaluation's), where DistributedSampler pads the test split to 8 with a repeated image.
 UNEVEN_SPLIT = """
+import os
 import torch, torch.distributed as dist
 from dsrb import train
 from dsrb.config import TrainConfig
@@ -1033,7 +1034,10 @@ scores, indices = train.predict_scores(model, train.make_loader(Images(), cfg, d
                                        cfg, d, cpu)
 assert indices.tolist() == list(range(7)), indices  # each image once, the padding's repeat dropped
 assert torch.equal(scores, torch.stack([torch.arange(7.0), -torch.arange(7.0)], 1)), scores
-dist.destroy_process_group()
+# Both ranks done, then out without the group's teardown: torch 2.6's could deadlock right after a collective (the
+# main thread, holding the GIL, joins gloo's worker thread, which waits for the GIL to free the work's tensors).
+dist.barrier()
+os._exit(0)
 """
 
 
