@@ -166,9 +166,10 @@ def prototype_bank_update(
     """Accumulate one batch into the prototype buckets.
 
     Args:
-        sums: (C, 4, D) float running sums.  counts: (C, 4) int64 running counts.
+        sums: (C, 4, D) float running sums.  counts: (C, 4) int64 running counts, each in [0, cap] (as the bank's
+            own updates leave them; not read by ``validate``: a negative count admits samples past the cap).
         S: (B, C, D) semantic features.  T: (B, C) partial targets.  quadrant: (B, C) int64 in [0, 3].
-        cap: samples kept per bucket (100 officially).
+        cap: samples kept per bucket (100 officially; 0 keeps none).
         validate: check the values of T (in {-1, 0, 1}) and quadrant first (one read of device memory, a
             synchronisation on a GPU); False trusts them: other values are then never stored, nor used as an index.
 
