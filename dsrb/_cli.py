@@ -372,14 +372,15 @@ def _check_name_lengths(path: str, name: str) -> None:
                              f"most {limit}; expected a shorter name")
 
 
-def _int_at_least(minimum: int, what: str):
+def _int_at_least(minimum: int, what: str, maximum: Optional[int] = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}")
+        if value < minimum or (maximum is not None and value > maximum):
+            most = "" if maximum is None else f" (at most {maximum})"
+            raise argparse.ArgumentTypeError(f"expected a {what} integer{most}, got {text!r}")
         return value
 
     return parse
@@ -401,7 +402,10 @@ def _in_unit_interval(what: str):
 # argparse types shared by the command-line tools (here, not in dsrb.inference, which loads the extension: a tool's
 # --help does not wait for a build).
 positive_int = _int_at_least(1, "positive")
-non_negative_int = _int_at_least(0, "non-negative")
+# DataLoader worker processes: a DataLoader starts every one it is given, whatever the data's size, and --workers
+# 100000 started processes until the machine ran out (dsrb.train's setting has the same bound).
+MAX_WORKERS = 1024
+worker_count = _int_at_least(0, "non-negative", MAX_WORKERS)
 probability = _in_unit_interval("a probability")
 unit_number = _in_unit_interval("a number")
 

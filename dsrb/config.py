@@ -19,7 +19,7 @@ import reprlib
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
-from ._cli import ArgumentParser
+from ._cli import MAX_WORKERS, ArgumentParser
 from ._files import as_path, expand_home
 
 METHODS = ("dsrb", "baseline")
@@ -116,7 +116,7 @@ _FLOAT32_MAX = 3.4028234663852886e38
 # Sizes and counts go to torch and its kernels as int32/int64; beyond this they fail deep inside (or, for workers, a
 # DataLoader starts processes without end).
 _INT32_MAX = 2**31 - 1
-_MAX_WORKERS = 1024
+_MAX_WORKERS = MAX_WORKERS
 _NON_NEGATIVE_FLOATS = ("lr", "weight_decay", "contrastive_weight", "instance_weight", "prototype_weight")
 _PATHS = ("data_root", "word_vectors", "pretrained", "out")  # "" is refused: not silently the current directory
 _NULL_WORDS = ("none", "null")  # a path setting's value that means unset, never a file's name (./none is one)

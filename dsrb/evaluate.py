@@ -38,14 +38,14 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch.utils.data import DataLoader
 
-from ._cli import (ArgumentParser, check_output_file, non_negative_int, out_arg, path_arg, positive_int,
-                   stop_on_termination)
+from ._cli import (ArgumentParser, check_output_file, out_arg, path_arg, positive_int, stop_on_termination,
+                   worker_count)
 from ._files import standard_stream
 from ._loader import batches, end_quietly_on_sigterm
 from .checkpoint import atomic_write
 from .config import check_device
-from .inference import (AMP_CHOICES, BACKENDS, amp_autocast, check_finite_logits, check_image_size, check_non_negative,
-                        check_positive, device_arg, load_model, print_out, run_main)
+from .inference import (AMP_CHOICES, BACKENDS, amp_autocast, check_finite_logits, check_image_size, check_positive,
+                        check_workers, device_arg, load_model, print_out, run_main)
 from .metrics import METRIC_KEYS, compute_metrics, voc_map
 
 __all__ = ["default_out", "evaluate_checkpoint", "format_table", "main"]
@@ -103,7 +103,7 @@ def evaluate_checkpoint(
     from .data.registry import check_root
 
     # As Python ints (a NumPy integer too): the loader and the transform take no other.
-    batch_size, workers = check_positive("batch_size", batch_size), check_non_negative("workers", workers)
+    batch_size, workers = check_positive("batch_size", batch_size), check_workers("workers", workers)
     if image_size is not None:  # before the model is read; check_image_size, after it, compares it
         image_size = check_positive("image_size", image_size)
     if out is not None:  # before the inference, whose result would be lost
@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="test", choices=("train", "test"),
                         help="split to evaluate, with its full labels (default test)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default 16)")
-    parser.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader workers (default 2)")
+    parser.add_argument("--workers", type=worker_count, default=2, help="DataLoader workers (default 2)")
     parser.add_argument("--device", type=device_arg, default="auto",
                         help="auto, cpu, cuda, cuda:N or mps (default auto)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ._checks import brief, check_count
-from ._cli import discard, exit_on_error, fail, out_of_memory_line
+from ._cli import MAX_WORKERS, discard, exit_on_error, fail, out_of_memory_line
 from ._files import as_path
 from ._loader import worker_died, batches, end_quietly_on_sigterm, worker_stopped_with_us
 from .checkpoint import load_checkpoint
@@ -374,6 +374,14 @@ def check_non_negative(name: str, value) -> int:
     return check_count(name, value, minimum=0)
 
 
+def check_workers(name: str, value) -> int:
+    """A DataLoader's worker count as a Python int in [0, MAX_WORKERS]: the loader starts every worker it is given."""
+    value = check_non_negative(name, value)
+    if value > MAX_WORKERS:
+        raise ValueError(f"argument '{name}': expected a non-negative int (at most {MAX_WORKERS}), got {value}")
+    return value
+
+
 @torch.no_grad()
 def check_image_size(model: DSRB, size: int) -> None:
     """The tools' ``--image-size`` (or the checkpoint's): at least what the model's backbone takes, checked before
@@ -392,7 +400,7 @@ def image_logits(model: DSRB, paths: Sequence[str], image_size: int, *, batch_si
     from .data.transforms import TestTransform
 
     # As Python ints: the DataLoader refuses a NumPy integer batch size.
-    batch_size, workers = check_positive("batch_size", batch_size), check_non_negative("workers", workers)
+    batch_size, workers = check_positive("batch_size", batch_size), check_workers("workers", workers)
     device = device if device is not None else next(model.parameters()).device
     loader = DataLoader(ImageFiles(paths, TestTransform(image_size)), batch_size=batch_size, shuffle=False,
                         num_workers=workers, worker_init_fn=end_quietly_on_sigterm)

@@ -45,12 +45,12 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from ._checks import check_tensor
-from ._cli import (ArgumentParser, check_output_file, non_negative_int, out_arg, path_arg, positive_int, probability,
-                   stop_on_termination)
+from ._cli import (ArgumentParser, check_output_file, out_arg, path_arg, positive_int, probability,
+                   stop_on_termination, worker_count)
 from .checkpoint import atomic_write
 from .config import check_device
-from .inference import (BACKENDS, IMAGE_EXTENSIONS, check_finite_logits, check_image_size, check_non_negative,
-                        check_positive, device_arg, image_logits, load_images, load_model, print_out, run_main)
+from .inference import (BACKENDS, IMAGE_EXTENSIONS, check_finite_logits, check_image_size, check_positive,
+                        check_workers, device_arg, image_logits, load_images, load_model, print_out, run_main)
 
 __all__ = ["predict", "select_labels", "main"]
 
@@ -119,7 +119,7 @@ def predict(
     """
     _check_args(threshold, top_k)
     # Before the model is read; as Python ints (a NumPy integer too), which the loader and the transform take.
-    batch_size, workers = check_positive("batch_size", batch_size), check_non_negative("workers", workers)
+    batch_size, workers = check_positive("batch_size", batch_size), check_workers("workers", workers)
     image_size = None if image_size is None else check_positive("image_size", image_size)
     paths = load_images(images, name="images")
     dev = check_device(device, name="argument 'device'")
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="op backend (default auto: the first that serves --device; the checkpoint's training "
                              "backend is not inherited)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default 16)")
-    parser.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers (default 0)")
+    parser.add_argument("--workers", type=worker_count, default=0, help="DataLoader workers (default 0)")
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help="input side (default: the checkpoint's training image size)")
     return parser

@@ -1164,6 +1164,27 @@ def test_evaluate_names_dataset_argument(setup):
         main(["--checkpoint", setup["ckpt"], "--dataset", "bogus", "--workers", "0", "--device", "cpu"])
 
 
+@pytest.mark.parametrize("tool", ["evaluate", "predict"])
+def test_workers_beyond_trains_bound_are_refused_before_any_process_starts(setup, tool, capsys):
+    """--workers 100000 started that many DataLoader processes (evaluate ran on for minutes, 300 workers for a
+    tiny test set: every one was started); dsrb.train refused it. Now the same bound, 1024, in every tool."""
+    from dsrb import evaluate, predict
+
+    module = {"evaluate": evaluate, "predict": predict}[tool]
+    images = [setup["images"][0]] if tool == "predict" else []
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--checkpoint", setup["ckpt"], *images, "--device", "cpu", "--workers", "1025"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m dsrb.{tool}: error: argument --workers: expected a non-negative integer (at most 1024), got "
+        "'1025' (--help lists the options)")
+    call = {"evaluate": lambda w: evaluate.evaluate_checkpoint(setup["ckpt"], device="cpu", workers=w),
+            "predict": lambda w: predict.predict(setup["ckpt"], images, device="cpu", workers=w)}[tool]
+    with pytest.raises(ValueError, match=r"^argument 'workers': expected a non-negative int \(at most 1024\), got "
+                                         r"100000$"):
+        call(100000)
+
+
 def test_tools_show_a_python_warning_on_one_line(capsys):
     """A warning raised while a tool runs (a class without a positive image in ``evaluate``'s metrics) came as
     Python's two lines with the source path; now one line naming the tool, as dsrb.train logs it."""
