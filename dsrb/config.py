@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import functools
 import json
 import math
@@ -378,15 +379,27 @@ def load_config_file(path: str) -> Dict[str, Any]:
             raise ValueError(f"config file {path}: setting '{name}' is given twice, as {keys[name]!r} and {key!r}")
         keys[name] = key
     data = {name: data[key] for name, key in keys.items()}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(str(keys[name]) for name in set(data) - known)  # as the file spells them
     if unknown:
-        raise ValueError(f"config file {path}: unknown settings {unknown}; known: {sorted(known)}")
+        raise ValueError(f"config file {path}: unknown settings {unknown}{_suggestions(unknown, known)}; known: "
+                         f"{sorted(known)}")
     data = check_types(data, f"config file {path}")
     try:
         check_values(data)
     except SettingError as err:
         raise _in_file(path, err) from None
     return data
+
+
+def _suggestions(unknown: List[str], known) -> str:
+    """" (did you mean 'epochs'?)" for the unknown names close to a known one (a typo, a capital, a plural): the
+    list of the known names alone left the user to find it among fifty."""
+    pairs = []
+    for name in unknown:
+        close = difflib.get_close_matches(name.lower().lstrip("-").replace("-", "_"), sorted(known), n=1)
+        if close:
+            pairs.append(f"{close[0]!r}" if len(unknown) == 1 else f"{close[0]!r} for {name!r}")
+    return f" (did you mean {', '.join(pairs)}?)" if pairs else ""
 
 
 class _DuplicateKey(ValueError):

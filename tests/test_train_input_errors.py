@@ -114,6 +114,21 @@ def test_config_file_key_given_twice(tmp_path, name, text, match):
         parse_args(["--config", str(path)])
 
 
+@pytest.mark.parametrize("text, match", [
+    ("epoch: 2\n", r"unknown settings \['epoch'\] \(did you mean 'epochs'\?\); known: \['amp', "),
+    ("Known-Proportionn: 0.2\n", r"unknown settings \['Known-Proportionn'\] \(did you mean 'known_proportion'\?\)"),
+    ("--seed: 1\nLR: 0.1\nzzz: 1\n",  # as the file spells them; one without a close name gets no suggestion
+     r"unknown settings \['--seed', 'LR', 'zzz'\] \(did you mean 'seed' for '--seed', 'lr' for 'LR'\?\); known:"),
+    ("qqqqq: 1\n", r"unknown settings \['qqqqq'\]; known: \["),
+])
+def test_an_unknown_config_key_suggests_the_setting_meant(tmp_path, text, match):
+    """The error listed the fifty known names alone, leaving the typo to be found among them."""
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"^config file {re.escape(str(path))}: {match}"):
+        parse_args(["--config", str(path)])
+
+
 def test_paths_starting_with_a_tilde_are_in_the_home_folder(tmp_path, monkeypatch):
     """No shell expands ~ in a config file or in --out=~/x: it would be a folder named ~ in the current one."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
