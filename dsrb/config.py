@@ -479,14 +479,16 @@ HELP = {
     "backbone_width": "ResNet base width (64 = standard)",
     "pretrained": "local torchvision ImageNet weights for the backbone (nothing is downloaded), or 'builtin': the "
                   "backbone pre-trained on the built-in pre-training set (python -m dsrb.pretrain; once, then cached)",
-    "freeze_backbone": "freeze stem..layer3 (default: on iff --pretrained is given)",
+    "freeze_backbone": "freeze stem..layer3 (default: on iff pretrained weights are loaded: --pretrained, which the "
+                       f"{', '.join(p for p, v in PRESETS.items() if v.get('pretrained'))} preset sets)",
     "avgpool": "the official 2x2 average pool after layer4",
     "feature_dim": "D, channels after the 1x1 reduction",
     "inter_dim": "I, semantic-decoupling intermediate size",
     "word_dim": "E, word-vector size (taken from the file when one is given)",
     "gnn_steps": "gated-GNN propagation steps",
     "compat": "fixed | official (official quirks of spec 10.2)",
-    "backend": "op backend: auto | torch | cpu | cuda | triton",
+    "backend": "op backend: auto | torch | cpu | cuda | triton (auto: the one $DSRB_BACKEND names where it is set, "
+               "else the first that serves the device)",
     "method": "dsrb | baseline (partial BCE only, same network)",
     "instance_blend": "instance-perspective blending (IPRB)",
     "prototype_blend": "prototype-perspective blending (PPRB)",

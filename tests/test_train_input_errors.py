@@ -1152,6 +1152,11 @@ def test_help_describes_every_setting_with_each_presets_default():
     assert "[demo, coco, voc, vg: none; sweep: builtin]" in text  # --pretrained
     assert "none | bf16 | fp16 autocast [default none]" in text  # a string "none", not an unset value
     assert "cap batches per epoch (smoke runs) --limit-test-batches" in text  # unset in every preset: no bracket
+    # Resolved from other values, so no bracket: the text says where they come from. --freeze-backbone said "on iff
+    # --pretrained is given", where the sweep preset, given no flag, freezes; --backend's auto hid DSRB_BACKEND.
+    assert "(default: on iff pretrained weights are loaded: --pretrained, which the sweep preset sets)" in text
+    assert "(auto: the one $DSRB_BACKEND names where it is set, else the first that serves the device)" in text
+    assert config.preset_config("sweep").pretrained and not config.preset_config("demo").pretrained
 
 
 def test_an_out_the_file_system_refuses_names_the_setting():
