@@ -295,6 +295,9 @@ def check_types(data: Dict[str, Any], source: str) -> Dict[str, Any]:
         if not ok:
             expected = _TYPE_NAMES[kind] + (" or null" if optional else "")
             shown = "null" if value is None else f"{_REPR.repr(value)} ({type(value).__name__})"
+            if kind == "str" and isinstance(value, bool):  # "amp: off" showed as False, which the file did not say
+                shown += " (YAML reads an unquoted yes, no, on, off, true or false as a boolean: quote the word"
+                shown += ", or write null to unset the setting)" if optional else ")"
             raise ValueError(f"{source}: setting '{f.name}': expected {expected}, got {shown}")
         out[f.name] = value
     return out

@@ -129,6 +129,28 @@ def test_an_unknown_config_key_suggests_the_setting_meant(tmp_path, text, match)
         parse_args(["--config", str(path)])
 
 
+@pytest.mark.parametrize("text, match", [
+    ("amp: off\n", r"setting 'amp': expected a string, got False \(bool\) \(YAML reads an unquoted yes, no, on, off, "
+                   r"true or false as a boolean: quote the word\)$"),
+    ("pretrained: no\n", r"setting 'pretrained': expected a string or null, got False \(bool\) \(YAML reads an "
+                         r"unquoted yes, no, on, off, true or false as a boolean: quote the word, or write null to "
+                         r"unset the setting\)$"),
+])
+def test_a_yaml_word_read_as_a_boolean_for_a_string_setting_says_so(tmp_path, text, match):
+    """The file said off or no, the error said False: nothing told why."""
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"^config file {re.escape(str(path))}: {match}"):
+        parse_args(["--config", str(path)])
+    name, word = text.strip().split(": ")
+    path.write_text(f"{name}: '{word}'\n")  # quoted: the string, checked as the setting's value
+    if name == "amp":
+        with pytest.raises(ValueError, match=rf"setting 'amp' \(--amp\): expected one of .*, got '{word}'$"):
+            load_config_file(str(path))
+    else:
+        assert load_config_file(str(path)) == {name: word}
+
+
 def test_paths_starting_with_a_tilde_are_in_the_home_folder(tmp_path, monkeypatch):
     """No shell expands ~ in a config file or in --out=~/x: it would be a folder named ~ in the current one."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
