@@ -117,7 +117,6 @@ _FLOAT32_MAX = 3.4028234663852886e38
 # Sizes and counts go to torch and its kernels as int32/int64; beyond this they fail deep inside (or, for workers, a
 # DataLoader starts processes without end).
 _INT32_MAX = 2**31 - 1
-_MAX_WORKERS = MAX_WORKERS
 _NON_NEGATIVE_FLOATS = ("lr", "weight_decay", "contrastive_weight", "instance_weight", "prototype_weight")
 _PATHS = ("data_root", "word_vectors", "pretrained", "out")  # "" is refused: not silently the current directory
 _NULL_WORDS = ("none", "null")  # a path setting's value that means unset, never a file's name (./none is one)
@@ -181,8 +180,8 @@ def check_values(values: Dict[str, Any]) -> None:
         if not 1 <= value <= _INT32_MAX:
             _bad(name, value, f"a positive integer (at most {_INT32_MAX})")
     for name, value in get(_NON_NEGATIVE_INTS):
-        if not 0 <= value <= (_MAX_WORKERS if name == "workers" else _INT32_MAX):
-            _bad(name, value, f"a non-negative integer (at most {_MAX_WORKERS if name == 'workers' else _INT32_MAX})")
+        if not 0 <= value <= (MAX_WORKERS if name == "workers" else _INT32_MAX):
+            _bad(name, value, f"a non-negative integer (at most {MAX_WORKERS if name == 'workers' else _INT32_MAX})")
     for name, value in get(_BATCH_LIMITS):
         if value is not None and not 1 <= value <= _INT32_MAX:
             _bad(name, value, f"a positive integer (at most {_INT32_MAX}; leave it unset for every batch)")

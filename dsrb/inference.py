@@ -370,13 +370,9 @@ def check_positive(name: str, value) -> int:
     return check_count(name, value)
 
 
-def check_non_negative(name: str, value) -> int:
-    return check_count(name, value, minimum=0)
-
-
 def check_workers(name: str, value) -> int:
     """A DataLoader's worker count as a Python int in [0, MAX_WORKERS]: the loader starts every worker it is given."""
-    value = check_non_negative(name, value)
+    value = check_count(name, value, minimum=0)
     if value > MAX_WORKERS:
         raise ValueError(f"argument '{name}': expected a non-negative int (at most {MAX_WORKERS}), got {value}")
     return value
