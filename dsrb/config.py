@@ -217,6 +217,9 @@ def check_values(values: Dict[str, Any]) -> None:
         if isinstance(value, str) and value.lower() in _NULL_WORDS:
             _bad(name, value, f"a path (to leave the setting unset: null, not the string {value!r}, in a config file; "
                  f"{UNSET_WORD} on the command line; a file so named: ./{value})")
+        if name == "out" and value == "-":  # the other tools' --out - is standard output; a run's folder cannot be
+            _bad(name, value, "a path (- means standard output in dsrb.evaluate, predict and pretrain, which a run's "
+                 "files cannot go to; a folder so named: ./-)")
 
 
 def check_device(device, *, local_rank: Optional[int] = None, name: str = "setting 'device' (--device)"):

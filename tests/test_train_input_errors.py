@@ -309,6 +309,19 @@ def test_a_path_setting_given_none_as_a_string_is_refused(tmp_path, monkeypatch,
     assert getattr(parse_args(["--" + setting.replace("_", "-"), "./" + value])[0], setting) == "./" + value
 
 
+def test_out_dash_is_refused_since_a_run_cannot_write_to_standard_output(tmp_path, monkeypatch):
+    """The other tools' --out - is standard output; dsrb.train's made a run folder named -."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"^setting 'out' \(--out\): expected a path \(- means standard output in "
+                                         r"dsrb.evaluate, predict and pretrain, .*a folder so named: \./-\), got '-'$"):
+        parse_args(["--out", "-"])
+    with pytest.raises(ValueError, match="^setting 'out' "):
+        train.run(TrainConfig(out="-"))
+    assert os.listdir(tmp_path) == []
+    assert parse_args(["--out", "./-"])[0].out == "./-"
+    assert parse_args(["--data-root", "-"])[0].data_root == "-"  # an input folder so named stays allowed
+
+
 def test_none_is_the_only_value_that_unsets(capsys):
     for flags, match in ((["--freeze-backbone", "no"], "argument --freeze-backbone/--no-freeze-backbone: expected no "
                                                        "value, or none to unset it, got 'no'"),
