@@ -483,9 +483,14 @@ def _limit(loader: DataLoader, limit: Optional[int]) -> int:
 # ----------------------------------------------------------------------------------------------------- model
 
 
+def _frozen(freeze_backbone: Optional[bool], pretrained: Optional[str]) -> bool:
+    """Whether the run freezes the backbone: unset (None), iff it loads pretrained weights."""
+    return freeze_backbone if freeze_backbone is not None else pretrained is not None
+
+
 def model_kwargs(cfg: TrainConfig, word_dim: int) -> Dict[str, Any]:
     """DSRB constructor arguments (saved in checkpoints, so evaluate/predict rebuild the same model)."""
-    freeze = cfg.freeze_backbone if cfg.freeze_backbone is not None else cfg.pretrained is not None
+    freeze = _frozen(cfg.freeze_backbone, cfg.pretrained)
     return dict(backbone=cfg.backbone, backbone_width=cfg.backbone_width, avgpool=cfg.avgpool,
                 feature_dim=cfg.feature_dim, word_dim=word_dim, inter_dim=cfg.inter_dim, gnn_steps=cfg.gnn_steps,
                 top_k=cfg.top_k, prototype_cap=cfg.prototype_cap, compat=cfg.compat,
@@ -755,6 +760,9 @@ def _resolve_settings(cfg: TrainConfig, explicit: Dict[str, Any]) -> TrainConfig
                          "the config.json of every dsrb run does; restore it, or start a new run with another --out")
     changeable = ", ".join(n for n in RESUMABLE if n not in ("out", "resume"))
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    if "freeze_backbone" in explicit and _frozen(explicit["freeze_backbone"], saved.get("pretrained")) == _frozen(
+            saved.get("freeze_backbone"), saved.get("pretrained")):  # the same freezing said another way: the saved
+        explicit = {k: v for k, v in explicit.items() if k != "freeze_backbone"}  # word is kept (last.pt has it)
     for name, value in explicit.items():
         # A setting newer than the run's config.json: the run was made with its default (TrainConfig(**saved) below)
         made_with = saved.get(name, defaults.get(name))

@@ -544,9 +544,15 @@ def test_resume_rejects_changed_settings_and_unreadable_files(data_root, tmp_pat
                                          r"0.1; .*except epochs, device, workers"):
         train.main(["--out", str(out), "--resume", "--known-proportion", "0.1"])
     assert (out / "config.json").read_text() == saved
-    # Settings that may change, and an unchanged one given again.
+    # --freeze-backbone on a run made without pretrained weights (unset: no freezing): refused, and
+    # --no-freeze-backbone, the same freezing as unset there, resumes (it was refused as a change from None).
+    with pytest.raises(ValueError, match=r"'freeze_backbone': the run in .* was made with None, --resume was given "
+                                         "True"):
+        train.main(["--out", str(out), "--resume", "--freeze-backbone"])
+    # Settings that may change, and unchanged ones given again.
     train.main(["--out", str(out), "--resume", "--epochs", "2", "--workers", "0", "--device", "cpu",
-                "--known-proportion", "0.5"])
+                "--known-proportion", "0.5", "--no-freeze-backbone"])
+    assert json.loads((out / "config.json").read_text())["freeze_backbone"] is None
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["epochs"] == 2 and summary["settings"]["known_proportion"] == 0.5
     capsys.readouterr()
