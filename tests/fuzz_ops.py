@@ -104,7 +104,6 @@ def _layout(rng, t: torch.Tensor, name: str, info: Dict, allow_expand_dim: Optio
         buf[..., 1] = t
         return buf[..., 1], None
     if kind == "expanded":  # one slice along allow_expand_dim, expanded: the leaf is the slice
-        size = t.shape[allow_expand_dim]
         one = t.narrow(allow_expand_dim, 0, 1).clone()
         shape = list(t.shape)
         return one, (lambda leaf, shape=shape: leaf.expand(shape))
@@ -205,12 +204,15 @@ def draw_semantic_attention(rng, gen, case: Case, backend: str):
     s = _shrink(s, BUDGET[backend], keep=("D",))
     B, N, C, D, I = s["B"], s["N"], s["C"], s["D"], s["I"]
     case.info.update(s)
-    scale_u = _pick(rng, (1.0, 1.0, 0.01, 3.0))
+    scale_u = _pick(rng, (1.0, 1.0, 0.01, 3.0, 30.0))
     case.info["scale_u"] = scale_u
     _add_leaf(case, rng, gen, "x", _values(gen, (B, N, D)), expand_dim=0)
     _add_leaf(case, rng, gen, "u", _values(gen, (B, N, I), scale_u), expand_dim=0)
     _add_leaf(case, rng, gen, "e", _values(gen, (C, I)), expand_dim=0)
-    _add_leaf(case, rng, gen, "v", _values(gen, (I,), 1 / max(1, I) ** 0.5), expand_dim=0)
+    scale_v = _pick(rng, (1.0, 1.0, 1.0, 4.0))  # 4: sharper attention
+    case.info["scale_v"] = scale_v
+    case.scale = scale_u * scale_v  # grad e carries u's scale, and 1 - tanh^2 cancels in fp32 for large u e
+    _add_leaf(case, rng, gen, "v", _values(gen, (I,), scale_v / max(1, I) ** 0.5), expand_dim=0)
     case.n_outputs = 2
 
 
@@ -809,8 +811,9 @@ def main(argv=None) -> int:
             print(f"FAIL case {index}: {case.describe()}", flush=True)
             for line in problems:
                 print(f"    {line}", flush=True)
+            only = f" --ops {args.ops}" if op_names != OPS else ""  # the ops drawn from decide each case too
             print(f"    reproduce: PYTHONPATH=$PWD python tests/fuzz_ops.py --backend {args.backend} "
-                  f"--seed {args.seed} --case {index}", flush=True)
+                  f"--seed {args.seed} --case {index}{only}", flush=True)
         n += 1
         index += 1
     print(f"{n} cases on {args.backend} (seed {args.seed}, {time.monotonic() - start:.0f} s): {failed} failed; "
