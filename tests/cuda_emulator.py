@@ -28,6 +28,8 @@ import os
 import re
 from typing import Optional
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu")
@@ -127,3 +129,54 @@ def load():
     cpp_extension.load(name="dsrb_cuda_emulator", sources=sources, extra_cflags=flags, extra_ldflags=ldflags,
                        build_directory=build, is_python_module=False, verbose=False)
     return torch.ops.dsrb_emu
+
+
+# ---- autograd over the emulated ops (on a GPU it is csrc/autograd.h); an output left out of the loss gets a zero
+# gradient, as autograd gives none
+
+class SemanticAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, u, e, v):
+        S, a = load().semantic_attention_cuda(x, u, e, v)
+        ctx.save_for_backward(x, u, e, v, a)
+        return S, a
+
+    @staticmethod
+    def backward(ctx, gS, ga):
+        x, u, e, v, a = ctx.saved_tensors
+        gS = torch.zeros(x.shape[0], e.shape[0], x.shape[2], dtype=x.dtype) if gS is None else gS
+        ga = torch.zeros_like(a) if ga is None else ga
+        return load().semantic_attention_cuda_backward(gS, ga, x, u, e, v, a)
+
+
+class InstanceBlend(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, S, T, alpha, partner, detach_target):
+        ctx.save_for_backward(S, T, alpha, partner)
+        ctx.detach_target = detach_target
+        return load().instance_blend_cuda(S, T, alpha, partner, detach_target)
+
+    @staticmethod
+    def backward(ctx, gS, gT):
+        S, T, alpha, partner = ctx.saved_tensors
+        gS = torch.zeros_like(S) if gS is None else gS
+        gT = torch.zeros_like(T) if gT is None else gT
+        grad_S, grad_alpha = load().instance_blend_cuda_backward(gS, gT, S, T, alpha, partner, ctx.detach_target)
+        return grad_S, None, grad_alpha, None, None
+
+
+class PrototypeBlend(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, S, T, beta, bank, quadrant, shift, select, detach_target):
+        ctx.save_for_backward(S, beta, bank, quadrant, shift, select)
+        ctx.detach_target = detach_target
+        return load().prototype_blend_cuda(S, T, beta, bank, quadrant, shift, select, detach_target)
+
+    @staticmethod
+    def backward(ctx, gS, gT):
+        S, beta, bank, quadrant, shift, select = ctx.saved_tensors
+        gS = torch.zeros_like(S) if gS is None else gS
+        gT = S.new_zeros(S.shape[:2]) if gT is None else gT
+        grad_S, grad_beta, grad_bank = load().prototype_blend_cuda_backward(
+            gS, gT, S, beta, bank, quadrant, shift, select, ctx.detach_target, ctx.needs_input_grad[3])
+        return grad_S, None, grad_beta, grad_bank, None, None, None, None

@@ -41,6 +41,7 @@ if not torch.cuda.is_available():  # as tests/conftest.py: the Triton kernels ru
 
 import dsrb.ops as ops  # noqa: E402
 from dsrb import reference  # noqa: E402
+import cuda_emulator  # noqa: E402
 from helpers import TOLERANCES  # noqa: E402
 
 BACKENDS = ("torch", "cpu", "triton", "cuda-emu")
@@ -460,82 +461,29 @@ def draw_case(seed: int, index: int, backend: str, op_names=OPS, invalid_share=0
 
 # ---- running ---------------------------------------------------------------------------------------------------------
 
-def _emu():
-    import cuda_emulator
-
-    return cuda_emulator.load()
-
-
-class _EmuSA(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, u, e, v):
-        S, a = _emu().semantic_attention_cuda(x, u, e, v)
-        ctx.save_for_backward(x, u, e, v, a)
-        return S, a
-
-    @staticmethod
-    def backward(ctx, gS, ga):
-        x, u, e, v, a = ctx.saved_tensors
-        gS = torch.zeros(x.shape[0], e.shape[0], x.shape[2], dtype=x.dtype) if gS is None else gS
-        ga = torch.zeros_like(a) if ga is None else ga
-        return _emu().semantic_attention_cuda_backward(gS, ga, x, u, e, v, a)
-
-
-class _EmuIB(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, S, T, alpha, partner, detach_target):
-        ctx.save_for_backward(S, T, alpha, partner)
-        ctx.detach_target = detach_target
-        return _emu().instance_blend_cuda(S, T, alpha, partner, detach_target)
-
-    @staticmethod
-    def backward(ctx, gS, gT):
-        S, T, alpha, partner = ctx.saved_tensors
-        gS = torch.zeros_like(S) if gS is None else gS
-        gT = torch.zeros_like(T) if gT is None else gT
-        grad_S, grad_alpha = _emu().instance_blend_cuda_backward(gS, gT, S, T, alpha, partner, ctx.detach_target)
-        return grad_S, None, grad_alpha, None, None
-
-
-class _EmuPB(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, S, T, beta, bank, quadrant, shift, select, detach_target):
-        ctx.save_for_backward(S, beta, bank, quadrant, shift, select)
-        ctx.detach_target = detach_target
-        return _emu().prototype_blend_cuda(S, T, beta, bank, quadrant, shift, select, detach_target)
-
-    @staticmethod
-    def backward(ctx, gS, gT):
-        S, beta, bank, quadrant, shift, select = ctx.saved_tensors
-        gS = torch.zeros_like(S) if gS is None else gS
-        gT = S.new_zeros(S.shape[:2]) if gT is None else gT
-        grad_S, grad_beta, grad_bank = _emu().prototype_blend_cuda_backward(
-            gS, gT, S, beta, bank, quadrant, shift, select, ctx.detach_target, ctx.needs_input_grad[3])
-        return grad_S, None, grad_beta, grad_bank, None, None, None, None
-
-
 def _emu_op(op: str):
     """The emulated cuda kernels behind the public ops' own argument handling (dtypes, defaults)."""
     if op == "semantic_attention":
-        return lambda x, u, e, v: _EmuSA.apply(x, u, e, v)
+        return lambda x, u, e, v: cuda_emulator.SemanticAttention.apply(x, u, e, v)
     if op == "instance_blend":
         def ib(S, T, alpha, partner=None, *, detach_target=False, validate=True):
             partner = torch.arange(S.shape[0] - 1, -1, -1) if partner is None else partner.long()
-            return _EmuIB.apply(S, T.to(S.dtype), alpha.reshape(()), partner, detach_target)
+            return cuda_emulator.InstanceBlend.apply(S, T.to(S.dtype), alpha.reshape(()), partner, detach_target)
         return ib
     if op == "prototype_blend":
         def pb(S, T, beta, bank, quadrant, shift, select, *, detach_target=False, validate=True):
-            return _EmuPB.apply(S, T.to(S.dtype), beta.reshape(()), bank, quadrant.long(), shift.long(), select,
-                                detach_target)
+            return cuda_emulator.PrototypeBlend.apply(S, T.to(S.dtype), beta.reshape(()), bank, quadrant.long(),
+                                                      shift.long(), select, detach_target)
         return pb
     if op == "quadrant_index":
         def qi(a, x_sum, height, width):
             dtype = torch.promote_types(a.dtype, x_sum.dtype)
-            return _emu().quadrant_index_cuda(a.detach().to(dtype), x_sum.to(dtype), height, width)
+            return cuda_emulator.load().quadrant_index_cuda(a.detach().to(dtype), x_sum.to(dtype), height, width)
         return qi
     if op == "prototype_bank_update":
         def pbu(sums, counts, S, T, quadrant, cap, validate=True):
-            return _emu().prototype_bank_update_cuda(sums, counts.long(), S, T.to(S.dtype), quadrant.long(), cap)
+            return cuda_emulator.load().prototype_bank_update_cuda(sums, counts.long(), S, T.to(S.dtype),
+                                                                   quadrant.long(), cap)
         return pbu
     raise KeyError(op)
 
@@ -787,7 +735,7 @@ def main(argv=None) -> int:
             p.error(f"argument --ops: unknown op {op!r}; expected some of {', '.join(OPS)}")
     if args.backend == "cuda-emu":
         op_names = tuple(o for o in op_names if o != "prototype_bank_update_") or op_names
-        _emu()
+        cuda_emulator.load()
     timeout = args.timeout or (600 if args.backend in ("triton", "cuda-emu") else 120)
     indices = [args.case] if args.case is not None else None
     start, failed, n, stats = time.monotonic(), 0, 0, {}

@@ -1,8 +1,9 @@
 """The CUDA backend's kernels and glue (csrc/cuda/), run on the CPU by the host emulation of tests/cuda_emulator.py,
 against the oracle: the cases of the `cuda` backend in test_ext_backends.py, so every CUDA line runs in CI although
 no GPU is there. The ops are called as ``torch.ops.dsrb_emu.<op>_cuda`` (the real glue, built for CPU tensors) with
-the launch plans of an H200 (132 SMs); their autograd here is a small Python wrapper (on a GPU it is csrc/autograd.h,
-tested through the `cpu` backend). Skips only where no CUDA toolkit headers exist; a build failure is an error.
+the launch plans of an H200 (132 SMs); their autograd is a small Python wrapper in cuda_emulator (on a GPU it is
+csrc/autograd.h, tested through the `cpu` backend). Skips only where no CUDA toolkit headers exist; a build failure
+is an error.
 
 Out-of-bounds accesses: the same tests with the kernels built with AddressSanitizer (exceptions cannot be thrown
 under the preloaded runtime, so the tests that expect one skip there: ``THROWS``):
@@ -42,57 +43,16 @@ def emu():
     return cuda_emulator.load()
 
 
-class _SemanticAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, u, e, v):
-        S, a = torch.ops.dsrb_emu.semantic_attention_cuda(x, u, e, v)
-        ctx.save_for_backward(x, u, e, v, a)
-        return S, a
-
-    @staticmethod
-    def backward(ctx, grad_S, grad_a):
-        return torch.ops.dsrb_emu.semantic_attention_cuda_backward(grad_S, grad_a, *ctx.saved_tensors)
-
-
-class _InstanceBlend(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, S, T, alpha, partner, detach_target):
-        ctx.save_for_backward(S, T, alpha, partner)
-        ctx.detach_target = detach_target
-        return torch.ops.dsrb_emu.instance_blend_cuda(S, T, alpha, partner, detach_target)
-
-    @staticmethod
-    def backward(ctx, grad_S1, grad_T1):
-        grad_S, grad_alpha = torch.ops.dsrb_emu.instance_blend_cuda_backward(grad_S1, grad_T1, *ctx.saved_tensors,
-                                                                             ctx.detach_target)
-        return grad_S, None, grad_alpha, None, None
-
-
-class _PrototypeBlend(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, S, T, beta, bank, quadrant, shift, select, detach_target):
-        ctx.save_for_backward(S, beta, bank, quadrant, shift, select)
-        ctx.detach_target = detach_target
-        return torch.ops.dsrb_emu.prototype_blend_cuda(S, T, beta, bank, quadrant, shift, select, detach_target)
-
-    @staticmethod
-    def backward(ctx, grad_S2, grad_T2):
-        S, beta, bank, quadrant, shift, select = ctx.saved_tensors
-        grad_S, grad_beta, grad_bank = torch.ops.dsrb_emu.prototype_blend_cuda_backward(
-            grad_S2, grad_T2, S, beta, bank, quadrant, shift, select, ctx.detach_target, ctx.needs_input_grad[3])
-        return grad_S, None, grad_beta, grad_bank, None, None, None, None
-
-
 def semantic_attention(x, u, e, v):
-    return _SemanticAttention.apply(x, u, e, v)
+    return cuda_emulator.SemanticAttention.apply(x, u, e, v)
 
 
 def instance_blend(S, T, alpha, partner, detach_target=False):
-    return _InstanceBlend.apply(S, T, alpha, partner, detach_target)
+    return cuda_emulator.InstanceBlend.apply(S, T, alpha, partner, detach_target)
 
 
 def prototype_blend(S, T, beta, bank, quadrant, shift, select, detach_target=False):
-    return _PrototypeBlend.apply(S, T, beta, bank, quadrant, shift, select, detach_target)
+    return cuda_emulator.PrototypeBlend.apply(S, T, beta, bank, quadrant, shift, select, detach_target)
 
 
 # ---- the emulator itself ---------------------------------------------------------------------------------------------
