@@ -217,13 +217,18 @@ def draw_semantic_attention(rng, gen, case: Case, backend: str):
     case.n_outputs = 2
 
 
-def draw_instance_blend(rng, gen, case: Case, backend: str):
+def _blend_sizes(rng, case: Case, backend: str):
+    """B, C, D of a blend case (recorded in case.info): C is sometimes 0, and tiny on the slow backends."""
     small = backend in ("triton", "cuda-emu")
     s = _shrink(dict(B=_size(rng, TINY if small else NARROW, zero=0.03), C=_size(rng, TINY if small else NARROW),
                      D=_size(rng, WIDE, zero=0.03)), BLEND_BUDGET[backend])
     s["C"] = 0 if rng.random() < 0.03 else s["C"]
-    B, C, D = s["B"], s["C"], s["D"]
     case.info.update(s)
+    return s["B"], s["C"], s["D"]
+
+
+def draw_instance_blend(rng, gen, case: Case, backend: str):
+    B, C, D = _blend_sizes(rng, case, backend)
     scale = _pick(rng, (1.0, 1.0, 1e-3, 1e3))
     case.info["scale_S"] = case.scale = scale
     _add_leaf(case, rng, gen, "S", _values(gen, (B, C, D), scale), expand_dim=0)
@@ -252,12 +257,7 @@ def draw_instance_blend(rng, gen, case: Case, backend: str):
 
 
 def draw_prototype_blend(rng, gen, case: Case, backend: str):
-    small = backend in ("triton", "cuda-emu")
-    s = _shrink(dict(B=_size(rng, TINY if small else NARROW, zero=0.03), C=_size(rng, TINY if small else NARROW),
-                     D=_size(rng, WIDE, zero=0.03)), BLEND_BUDGET[backend])
-    s["C"] = 0 if rng.random() < 0.03 else s["C"]
-    B, C, D = s["B"], s["C"], s["D"]
-    case.info.update(s)
+    B, C, D = _blend_sizes(rng, case, backend)
     _add_leaf(case, rng, gen, "S", _values(gen, (B, C, D)), expand_dim=0)
     case.fixed["T"] = _targets(rng, gen, B, C, case)
     _coefficient(rng, case, "beta")
@@ -333,12 +333,7 @@ def draw_quadrant_index(rng, gen, case: Case, backend: str):
 
 
 def draw_prototype_bank_update(rng, gen, case: Case, backend: str):
-    small = backend in ("triton", "cuda-emu")
-    s = _shrink(dict(B=_size(rng, TINY if small else NARROW, zero=0.03), C=_size(rng, TINY if small else NARROW),
-                     D=_size(rng, WIDE, zero=0.03)), BLEND_BUDGET[backend])
-    s["C"] = 0 if rng.random() < 0.03 else s["C"]
-    B, C, D = s["B"], s["C"], s["D"]
-    case.info.update(s)
+    B, C, D = _blend_sizes(rng, case, backend)
     cap = _pick(rng, (0, 1, 2, 3, max(B, 1), 100, 2 ** 31 - 1, 2 ** 63 - 1))
     if cap > 2 ** 30:  # counts near the largest: count + rank must not overflow
         counts = cap - torch.randint(0, 4, (C, 4), generator=gen)
